@@ -1,0 +1,33 @@
+"""Print llmcore vs torch from a pytest-benchmark JSON: median, IQR, GFLOP/s, ratio.
+
+    python benchmarks/compare.py benchmarks/results/attention-pytest.json
+"""
+import json
+import math
+import sys
+from collections import defaultdict
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    groups = defaultdict(dict)
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        groups[(info["case"], info["mode"])][info["impl"]] = (b["stats"]["median"], b["stats"]["iqr"], info["flops"])
+    print(f"{'case':52} {'mode':8} {'impl':10} {'median ms':>10} {'IQR ms':>8} {'GFLOP/s':>8} {'vs torch':>8}")
+    ratios = defaultdict(list)
+    for (case, mode), impls in groups.items():
+        torch_med = impls.get("torch", (None,))[0]
+        for impl, (med, iqr, flops) in impls.items():
+            r = torch_med / med if torch_med else float("nan")
+            if impl == "llmcore" and not case.startswith("varlen"):
+                ratios[mode].append(r)
+            print(f"{case:52} {mode:8} {impl:10} {med * 1e3:10.3f} {iqr * 1e3:8.3f} {flops / med / 1e9:8.1f} {r:7.2f}x")
+    for mode, rs in ratios.items():
+        g = math.exp(sum(map(math.log, rs)) / len(rs))
+        print(f"{mode}: geometric-mean speedup over torch {g:.2f}x, min {min(rs):.2f}x over {len(rs)} cases")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,53 @@
+// Chooses the kernel of the current ISA. The only place that names the per-ISA namespaces.
+#include <stdexcept>
+
+#include "attention/attention.h"
+#include "attention/cpu/philox.h"
+#include "common/cpu_features.h"
+
+namespace llmcore::attention {
+
+#define LLMCORE_DECLARE_ISA(ns)              \
+  namespace ns {                             \
+  void forward(const ForwardArgs& args);     \
+  void backward(const BackwardArgs& args);   \
+  }
+#ifdef LLMCORE_HAVE_AVX512
+LLMCORE_DECLARE_ISA(avx512)
+#endif
+#ifdef LLMCORE_HAVE_AVX2
+LLMCORE_DECLARE_ISA(avx2)
+#endif
+LLMCORE_DECLARE_ISA(portable)
+#undef LLMCORE_DECLARE_ISA
+
+void forward(const ForwardArgs& args) {
+  switch (current_isa()) {
+#ifdef LLMCORE_HAVE_AVX512
+    case Isa::avx512: return avx512::forward(args);
+#endif
+#ifdef LLMCORE_HAVE_AVX2
+    case Isa::avx2: return avx2::forward(args);
+#endif
+    default: return portable::forward(args);
+  }
+}
+
+void backward(const BackwardArgs& args) {
+  switch (current_isa()) {
+#ifdef LLMCORE_HAVE_AVX512
+    case Isa::avx512: return avx512::backward(args);
+#endif
+#ifdef LLMCORE_HAVE_AVX2
+    case Isa::avx2: return avx2::backward(args);
+#endif
+    default: return portable::backward(args);
+  }
+}
+
+void dropout_keep_mask(uint64_t seed, uint64_t offset, float p, int64_t row0, int64_t rows, int64_t cols,
+                       uint8_t* keep) {
+  for (int64_t r = 0; r < rows; ++r) dropout_row(seed, offset, uint64_t(row0 + r), 0, cols, p, keep + r * cols);
+}
+
+}  // namespace llmcore::attention

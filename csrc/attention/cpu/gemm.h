@@ -1,0 +1,120 @@
+// Register-blocked fp32 GEMM for the attention tiles: C[M x N] (+)= A[M x K] * B[K x N].
+// A is row-major (lda); it is read one element at a time and broadcast. B is read in
+// column blocks of simd::MR x (NV * W) (see BlockB); C is row-major (ldc).
+#pragma once
+#include <algorithm>
+
+#include "attention/cpu/simd.h"
+
+namespace llmcore::attention::LLMCORE_ISA_NS {
+
+namespace sv = simd;
+constexpr int NR = sv::NV * sv::W;  // columns of one micro-kernel block, and the width of packed panels
+// Longest run of K one micro-kernel call sums before adding into C: it bounds fp32 rounding
+// on long dot products (head dim 256, key tiles) at a few percent of extra C traffic.
+constexpr int64_t kChainK = 32;
+
+// Where column block [n0, n0 + NR) of B lives: a pointer and the stride between its rows.
+struct BlockB {
+  const float* ptr;
+  int64_t ld;
+};
+
+// B row-major with leading dimension ld.
+struct RowMajorB {
+  const float* b;
+  int64_t ld;
+  BlockB operator()(int64_t n0) const { return {b + n0, ld}; }
+};
+
+// B packed in panels of NR columns: panel p holds columns [p * NR, p * NR + NR) as a K x NR
+// row-major block, panel after panel. col0 is the first column of the GEMM (a multiple of NR).
+struct PanelB {
+  const float* b;
+  int64_t k_total;  // rows of each panel
+  int64_t col0;
+  BlockB operator()(int64_t n0) const { return {b + ((col0 + n0) / NR) * k_total * NR, NR}; }
+};
+
+template <int R, int NVec>
+inline void micro_kernel(int64_t K, const float* A, int64_t lda, BlockB B, float* C, int64_t ldc, int tail,
+                         bool accumulate) {
+  // The products start from zero and C is added last: a block of K terms then rounds like
+  // one chain of K plus one addition, and the driver's K blocking bounds the chain.
+  sv::V acc[R][NVec];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NVec; ++v) acc[r][v] = sv::zero();
+  const float* b = B.ptr;
+  for (int64_t k = 0; k < K; ++k, b += B.ld) {
+    sv::V bv[NVec];
+    for (int v = 0; v < NVec; ++v) bv[v] = (v == NVec - 1) ? sv::load(b + v * sv::W, tail) : sv::load(b + v * sv::W);
+    for (int r = 0; r < R; ++r) {
+      const sv::V a = sv::set1(A[r * lda + k]);
+      for (int v = 0; v < NVec; ++v) acc[r][v] = sv::fmadd(a, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NVec; ++v) {
+      float* c = C + r * ldc + v * sv::W;
+      const bool last = v == NVec - 1;
+      if (accumulate) acc[r][v] = sv::add(acc[r][v], last ? sv::load(c, tail) : sv::load(c));
+      if (last) sv::store(c, acc[r][v], tail);
+      else sv::store(c, acc[r][v]);
+    }
+  }
+}
+
+template <int R>
+inline void micro_kernel_rows(int nvec, int64_t K, const float* A, int64_t lda, BlockB B, float* C, int64_t ldc,
+                              int tail, bool accumulate) {
+  static_assert(sv::NV <= 4, "extend the switch below");
+  switch (nvec) {
+    case 1: micro_kernel<R, 1>(K, A, lda, B, C, ldc, tail, accumulate); break;
+    case 2: if constexpr (sv::NV >= 2) micro_kernel<R, 2>(K, A, lda, B, C, ldc, tail, accumulate); break;
+    case 3: if constexpr (sv::NV >= 3) micro_kernel<R, 3>(K, A, lda, B, C, ldc, tail, accumulate); break;
+    case 4: if constexpr (sv::NV >= 4) micro_kernel<R, 4>(K, A, lda, B, C, ldc, tail, accumulate); break;
+  }
+}
+
+template <int R = sv::MR>
+inline void micro_kernel_dispatch(int rows, int nvec, int64_t K, const float* A, int64_t lda, BlockB B, float* C,
+                                  int64_t ldc, int tail, bool accumulate) {
+  if constexpr (R >= 1) {
+    if (rows == R) return micro_kernel_rows<R>(nvec, K, A, lda, B, C, ldc, tail, accumulate);
+    if constexpr (R > 1) micro_kernel_dispatch<R - 1>(rows, nvec, K, A, lda, B, C, ldc, tail, accumulate);
+  }
+}
+
+// C (+)= A * B for M x N x K. With K == 0 and accumulate == false, C is zeroed.
+// sum_k a[k] * b[k] rounded exactly as gemm() rounds one element of a product with this K.
+inline float dot_like_gemm(const float* a, const float* b, int64_t K) {
+  float total = 0.f;
+  for (int64_t k0 = 0; k0 < K; k0 += kChainK) {
+    float acc = 0.f;
+    for (int64_t k = k0; k < std::min(K, k0 + kChainK); ++k) acc = sv::madd(a[k], b[k], acc);
+    total = k0 == 0 ? acc : acc + total;
+  }
+  return total;
+}
+
+template <class BAt>
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const BAt& b_at, float* C, int64_t ldc,
+                 bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += NR) {
+    const int nb = int(std::min<int64_t>(NR, N - n0));
+    const int nvec = (nb + sv::W - 1) / sv::W;
+    const int tail = nb - (nvec - 1) * sv::W;
+    const BlockB B = b_at(n0);
+    for (int64_t m0 = 0; m0 < M; m0 += sv::MR) {
+      const int mb = int(std::min<int64_t>(sv::MR, M - m0));
+      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kChainK) {
+        const int64_t kb = std::min(kChainK, K - k0);
+        const BlockB Bk{B.ptr + k0 * B.ld, B.ld};
+        micro_kernel_dispatch(mb, nvec, kb, A + m0 * lda + k0, lda, Bk, C + m0 * ldc + n0, ldc, tail,
+                              accumulate || k0 > 0);
+      }
+    }
+  }
+}
+
+}  // namespace llmcore::attention::LLMCORE_ISA_NS

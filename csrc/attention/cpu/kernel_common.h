@@ -1,0 +1,159 @@
+// Shared pieces of the per-ISA attention kernels: addressing, dtype conversion, masks.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attention/attention.h"
+#include "attention/cpu/gemm.h"
+#include "attention/cpu/philox.h"
+#include "common/scratch.h"
+
+namespace llmcore::attention::LLMCORE_ISA_NS {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// One sequence of the batch: where its rows start and how many there are.
+struct Seq {
+  int64_t q_row0, k_row0;  // varlen: first token in the packed tensors; dense: 0
+  int64_t len_q, len_k;
+};
+
+inline Seq sequence(const Problem& p, int64_t b) {
+  if (p.cu_seqlens_q) {
+    const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+    return {q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};
+  }
+  return {0, 0, p.len_q, p.len_k};
+}
+
+// Element offset of row i of head h of sequence b.
+inline int64_t row_offset(const Problem& p, const TensorRef& t, int64_t b, int64_t h, int64_t row0, int64_t i) {
+  const int64_t base = p.cu_seqlens_q ? row0 * t.seq_stride : b * t.batch_stride;
+  return base + h * t.head_stride + i * t.seq_stride;
+}
+
+// Flat index of (b, h, i) in lse: (B, Hq, Lq) dense, (Hq, total_q) varlen. It is also the
+// dropout row id, so the mask of a row is the same whichever kernel draws it.
+inline int64_t lse_index(const Problem& p, int64_t b, int64_t h, const Seq& s, int64_t i) {
+  return p.cu_seqlens_q ? h * p.total_q + s.q_row0 + i : (b * p.heads_q + h) * p.len_q + i;
+}
+
+// Last key row i may see (inclusive), or a huge number without causality.
+inline int64_t causal_limit(const Problem& p, const Seq& s, int64_t i) {
+  if (!p.causal) return INT64_MAX / 4;
+  return p.causal_bottom_right ? i + (s.len_k - s.len_q) : i;
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+inline float f16_to_f32(uint16_t h) {
+  _Float16 x;
+  std::memcpy(&x, &h, 2);
+  return float(x);
+}
+inline uint16_t f32_to_f16(float f) {
+  const _Float16 x = _Float16(f);
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  return h;
+}
+
+// dst[d] = scale * src[d] for a row of n elements of the given dtype.
+inline void load_row(const void* src, DType dt, int64_t n, float scale, float* dst) {
+  switch (dt) {
+    case DType::f32: {
+      const float* s = static_cast<const float*>(src);
+      for (int64_t d = 0; d < n; ++d) dst[d] = s[d] * scale;
+      break;
+    }
+    case DType::bf16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_f32(s[d]) * scale;
+      break;
+    }
+    case DType::f16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t d = 0; d < n; ++d) dst[d] = f16_to_f32(s[d]) * scale;
+      break;
+    }
+  }
+}
+
+// dst[d] = scale * src[d], converted to dt.
+inline void store_row(const float* src, int64_t n, float scale, DType dt, void* dst) {
+  switch (dt) {
+    case DType::f32: {
+      float* o = static_cast<float*>(dst);
+      for (int64_t d = 0; d < n; ++d) o[d] = src[d] * scale;
+      break;
+    }
+    case DType::bf16: {
+      uint16_t* o = static_cast<uint16_t*>(dst);
+      for (int64_t d = 0; d < n; ++d) o[d] = f32_to_bf16(src[d] * scale);
+      break;
+    }
+    case DType::f16: {
+      uint16_t* o = static_cast<uint16_t*>(dst);
+      for (int64_t d = 0; d < n; ++d) o[d] = f32_to_f16(src[d] * scale);
+      break;
+    }
+  }
+}
+
+inline int64_t elem_size(DType dt) { return dt == DType::f32 ? 4 : 2; }
+inline const void* at(const TensorRef& t, DType dt, int64_t off) {
+  return static_cast<const char*>(t.data) + off * elem_size(dt);
+}
+inline void* at_mut(const TensorRef& t, DType dt, int64_t off) { return static_cast<char*>(t.data) + off * elem_size(dt); }
+
+// Applies the user mask to scores s[j] (log2 domain) for query row i and keys
+// [k0, k0 + n) of head h of batch b, scores already scaled to base 2. Boolean false -> -inf;
+// additive adds log2(e) * m.
+inline void apply_user_mask(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t k0, int64_t n, float* s) {
+  const int64_t* st = p.mask_strides;
+  const int64_t base = b * st[0] + h * st[1] + i * st[2] + k0 * st[3];
+  if (p.mask_kind == MaskKind::boolean) {
+    const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
+    for (int64_t j = 0; j < n; ++j) s[j] = m[j * st[3]] ? s[j] : -INFINITY;
+  } else if (p.mask_kind == MaskKind::additive) {
+    const float* m = static_cast<const float*>(p.mask) + base;
+    for (int64_t j = 0; j < n; ++j) s[j] += kLog2e * m[j * st[3]];
+  }
+}
+
+// Packs rows [0, len) of one head into panels of NR rows transposed: out[p][d][c] =
+// scale * src[p * NR + c][d]; rows past len are zero. out holds round_up(len, NR) * dim floats.
+inline void pack_transposed_panels(const void* src, DType dt, int64_t seq_stride, int64_t len, int64_t dim,
+                                   float scale, float* row_buf, float* out) {
+  const int64_t npanels = ceil_div(len, NR);
+  std::memset(out, 0, sizeof(float) * npanels * NR * dim);
+  for (int64_t r = 0; r < len; ++r) {
+    load_row(static_cast<const char*>(src) + r * seq_stride * elem_size(dt), dt, dim, scale, row_buf);
+    float* panel = out + (r / NR) * dim * NR + (r % NR);
+    for (int64_t d = 0; d < dim; ++d) panel[d * NR] = row_buf[d];
+  }
+}
+
+// Packs rows [0, len) of one head row-major fp32: out[r][d] (leading dimension dim).
+inline void pack_rows(const void* src, DType dt, int64_t seq_stride, int64_t len, int64_t dim, float scale,
+                      float* out) {
+  for (int64_t r = 0; r < len; ++r)
+    load_row(static_cast<const char*>(src) + r * seq_stride * elem_size(dt), dt, dim, scale, out + r * dim);
+}
+
+}  // namespace llmcore::attention::LLMCORE_ISA_NS

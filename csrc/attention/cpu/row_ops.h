@@ -1,0 +1,84 @@
+// Vectorized row operations of the online softmax.
+#pragma once
+#include <cmath>
+
+#include "attention/cpu/simd.h"
+
+namespace llmcore::attention::LLMCORE_ISA_NS {
+
+inline float row_max(const float* x, int64_t n) {
+  namespace sv = simd;
+  float m = -INFINITY;
+  int64_t j = 0;
+  if (n >= sv::W) {
+    sv::V acc = sv::load(x);
+    for (j = sv::W; j + sv::W <= n; j += sv::W) acc = sv::max(acc, sv::load(x + j));
+    m = sv::reduce_max(acc);
+  }
+  for (; j < n; ++j) m = std::fmax(m, x[j]);
+  return m;
+}
+
+// x[j] = 2^(x[j] * scale - shift), rounded once before the exp (FMA); returns the sum.
+inline float row_exp2_sum(float* x, int64_t n, float scale, float shift) {
+  namespace sv = simd;
+  const sv::V c = sv::set1(scale), s = sv::set1(-shift);
+  sv::V acc = sv::zero();
+  int64_t j = 0;
+  for (; j + sv::W <= n; j += sv::W) {
+    const sv::V e = sv::exp2(sv::fmadd(sv::load(x + j), c, s));
+    sv::store(x + j, e);
+    acc = sv::add(acc, e);
+  }
+  float sum = sv::reduce_add(acc);
+  if (j < n) {
+    const int t = int(n - j);
+    sv::store(x + j, sv::exp2(sv::fmadd(sv::load(x + j, t), c, s)), t);
+    for (int i = 0; i < t; ++i) sum += x[j + i];
+  }
+  return sum;
+}
+
+// y[i] += x[i]
+inline void add_rows(float* y, const float* x, int64_t n) {
+  namespace sv = simd;
+  int64_t i = 0;
+  for (; i + sv::W <= n; i += sv::W) sv::store(y + i, sv::add(sv::load(y + i), sv::load(x + i)));
+  for (; i < n; ++i) y[i] += x[i];
+}
+
+inline void row_scale(float* x, int64_t n, float a) {
+  namespace sv = simd;
+  const sv::V av = sv::set1(a);
+  int64_t j = 0;
+  for (; j + sv::W <= n; j += sv::W) sv::store(x + j, sv::mul(sv::load(x + j), av));
+  for (; j < n; ++j) x[j] *= a;
+}
+
+// x[i] = 2^(x[i] * scale + bias[i]) (the backward's P from the saved logsumexp, one query
+// per column; bias = -lse).
+inline void row_exp2_fma(float* x, float scale, const float* bias, int64_t n) {
+  namespace sv = simd;
+  const sv::V c = sv::set1(scale);
+  int64_t i = 0;
+  for (; i + sv::W <= n; i += sv::W) sv::store(x + i, sv::exp2(sv::fmadd(sv::load(x + i), c, sv::load(bias + i))));
+  if (i < n) {
+    const int t = int(n - i);
+    sv::store(x + i, sv::exp2(sv::fmadd(sv::load(x + i, t), c, sv::load(bias + i, t))), t);
+  }
+}
+
+// ds[i] = p[i] * (dp[i] * keep_scale[i] - di[i]), keep_scale null meaning 1 (no dropout).
+inline void row_softmax_grad(const float* p, const float* dp, const float* keep_scale, const float* di, float* ds,
+                             int64_t n) {
+  namespace sv = simd;
+  int64_t i = 0;
+  for (; i + sv::W <= n; i += sv::W) {
+    sv::V g = sv::load(dp + i);
+    if (keep_scale) g = sv::mul(g, sv::load(keep_scale + i));
+    sv::store(ds + i, sv::mul(sv::load(p + i), sv::sub(g, sv::load(di + i))));
+  }
+  for (; i < n; ++i) ds[i] = p[i] * ((keep_scale ? dp[i] * keep_scale[i] : dp[i]) - di[i]);
+}
+
+}  // namespace llmcore::attention::LLMCORE_ISA_NS

@@ -1,0 +1,139 @@
+// A thin float-vector layer so one kernel source compiles for AVX-512, AVX2+FMA and a
+// portable fallback. The translation unit is built once per ISA with LLMCORE_ISA_AVX512,
+// LLMCORE_ISA_AVX2 or neither defined, and its symbols land in a namespace of that name.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(LLMCORE_ISA_AVX512) || defined(LLMCORE_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+#ifndef LLMCORE_ISA_NS
+#error "compile kernel sources through CMake's per-ISA targets"
+#endif
+
+namespace llmcore::attention::LLMCORE_ISA_NS::simd {
+
+#if defined(LLMCORE_ISA_AVX512)
+
+constexpr int W = 16;  // floats per vector
+constexpr int MR = 6;  // micro-kernel rows
+constexpr int NV = 4;  // micro-kernel vectors per row: 24 accumulators of 32 registers
+struct V { __m512 x; };
+inline V zero() { return {_mm512_setzero_ps()}; }
+inline V set1(float a) { return {_mm512_set1_ps(a)}; }
+inline __mmask16 tail_mask(int n) { return __mmask16((1u << n) - 1u); }
+inline V load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline V load(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail_mask(n), p)}; }
+inline void store(float* p, V a) { _mm512_storeu_ps(p, a.x); }
+inline void store(float* p, V a, int n) { _mm512_mask_storeu_ps(p, tail_mask(n), a.x); }
+inline V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
+inline float madd(float a, float b, float c) { return std::fma(a, b, c); }  // rounds as fmadd
+inline V add(V a, V b) { return {_mm512_add_ps(a.x, b.x)}; }
+inline V sub(V a, V b) { return {_mm512_sub_ps(a.x, b.x)}; }
+inline V mul(V a, V b) { return {_mm512_mul_ps(a.x, b.x)}; }
+inline V max(V a, V b) { return {_mm512_max_ps(a.x, b.x)}; }
+inline float reduce_add(V a) { return _mm512_reduce_add_ps(a.x); }
+inline float reduce_max(V a) { return _mm512_reduce_max_ps(a.x); }
+
+// 2^x. Degree-7 Taylor polynomial on [-0.5, 0.5] (relative error < 1e-8 before rounding);
+// exactly 0 below -126 so masked scores (-inf) give exactly 0, and NaN propagates.
+inline V exp2(V v) {
+  const __m512 x0 = v.x;
+  const __mmask16 under = _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-126.f), _CMP_LT_OQ);
+  __m512 x = _mm512_min_ps(_mm512_set1_ps(127.f), x0);  // NaN-preserving operand order
+  const __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, r);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return {_mm512_maskz_mov_ps(__mmask16(~under), _mm512_scalef_ps(p, r))};
+}
+
+#elif defined(LLMCORE_ISA_AVX2)
+
+constexpr int W = 8;
+constexpr int MR = 6;
+constexpr int NV = 2;  // 12 accumulators of 16 registers
+struct V { __m256 x; };
+inline __m256i tail_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V zero() { return {_mm256_setzero_ps()}; }
+inline V set1(float a) { return {_mm256_set1_ps(a)}; }
+inline V load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline V load(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
+inline void store(float* p, V a) { _mm256_storeu_ps(p, a.x); }
+inline void store(float* p, V a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a.x); }
+inline V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.x, b.x, c.x)}; }
+inline float madd(float a, float b, float c) { return std::fma(a, b, c); }
+inline V add(V a, V b) { return {_mm256_add_ps(a.x, b.x)}; }
+inline V sub(V a, V b) { return {_mm256_sub_ps(a.x, b.x)}; }
+inline V mul(V a, V b) { return {_mm256_mul_ps(a.x, b.x)}; }
+inline V max(V a, V b) { return {_mm256_max_ps(a.x, b.x)}; }
+inline float reduce_add(V a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.x), _mm256_extractf128_ps(a.x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float reduce_max(V a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.x), _mm256_extractf128_ps(a.x, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline V exp2(V v) {
+  const __m256 x0 = v.x;
+  const __m256 under = _mm256_cmp_ps(x0, _mm256_set1_ps(-126.f), _CMP_LT_OQ);
+  __m256 x = _mm256_min_ps(_mm256_set1_ps(127.f), x0);
+  x = _mm256_max_ps(_mm256_set1_ps(-126.f), x);  // NaN goes to -126 here; restored below
+  const __m256 r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, r);
+  __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381606e-04f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(127)), 23);
+  __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  res = _mm256_andnot_ps(under, res);
+  const __m256 nan = _mm256_cmp_ps(x0, x0, _CMP_UNORD_Q);
+  return {_mm256_blendv_ps(res, x0, nan)};
+}
+
+#else  // portable: plain loops the compiler may vectorize
+
+constexpr int W = 8;
+constexpr int MR = 4;
+constexpr int NV = 2;
+struct V { float x[W]; };
+inline V zero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
+inline V set1(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }
+inline V load(const float* p) { V r; std::memcpy(r.x, p, sizeof r.x); return r; }
+inline V load(const float* p, int n) { V r = zero(); for (int i = 0; i < n; ++i) r.x[i] = p[i]; return r; }
+inline void store(float* p, V a) { std::memcpy(p, a.x, sizeof a.x); }
+inline void store(float* p, V a, int n) { for (int i = 0; i < n; ++i) p[i] = a.x[i]; }
+inline V fmadd(V a, V b, V c) { for (int i = 0; i < W; ++i) c.x[i] += a.x[i] * b.x[i]; return c; }
+inline float madd(float a, float b, float c) { return c += a * b; }
+inline V add(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] += b.x[i]; return a; }
+inline V sub(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] -= b.x[i]; return a; }
+inline V mul(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] *= b.x[i]; return a; }
+inline V max(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = std::fmax(a.x[i], b.x[i]); return a; }
+inline float reduce_add(V a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.x[i]; return s; }
+inline float reduce_max(V a) { float s = -INFINITY; for (int i = 0; i < W; ++i) s = std::fmax(s, a.x[i]); return s; }
+inline V exp2(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::exp2(a.x[i]); return a; }
+
+#endif
+
+}  // namespace llmcore::attention::LLMCORE_ISA_NS::simd

@@ -1,0 +1,26 @@
+// CPU feature detection and the choice of kernel ISA, made once at import time.
+#pragma once
+#include <string>
+
+namespace llmcore {
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_bf16 = false;
+  bool amx_tile = false, amx_bf16 = false;
+};
+
+enum class Isa { portable = 0, avx2 = 1, avx512 = 2 };
+
+const CpuFeatures& cpu_features();
+
+// The best ISA this build and this CPU support; LLMCORE_CPU_ISA overrides it downwards.
+Isa best_isa();
+Isa current_isa();
+// Force an ISA (for tests and benchmarks). Throws std::invalid_argument if the CPU or build lacks it.
+void set_isa(const std::string& name);
+const char* isa_name(Isa isa);
+bool isa_compiled(Isa isa);
+
+}  // namespace llmcore

@@ -1,0 +1,1 @@
+"""Benchmark harnesses shared by `llmcore bench ...` and the pytest-benchmark suites."""

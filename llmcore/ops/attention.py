@@ -1,0 +1,355 @@
+"""Scaled-dot-product attention: torch's semantics, llmcore's kernels.
+
+``scaled_dot_product_attention`` mirrors ``torch.nn.functional.scaled_dot_product_attention``;
+``varlen_attention`` mirrors FlashAttention's ``flash_attn_varlen_func`` for packed batches.
+Both are differentiable in q, k and v, are ``torch.library`` custom ops (so
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work) and pick a backend
+from :mod:`llmcore.ops.dispatch`.
+
+Fully masked rows (no key visible, through the mask, causality or an empty key sequence)
+return 0 and receive zero gradients; torch 2.13's CPU kernels return the same. Their
+logsumexp is -inf.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from llmcore import _C
+from llmcore.ops import _cpu
+from llmcore.ops.dispatch import AttentionCall, select
+from llmcore.ops.reference import sdpa_reference, varlen_reference
+
+__all__ = ["scaled_dot_product_attention", "varlen_attention"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops: dense (B, H, L, D)
+
+
+@torch.library.custom_op("llmcore::sdpa_fwd", mutates_args=(), device_types="cpu")
+def _sdpa_fwd(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+    rng: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    q, k, v = (_cpu.last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, Lq, _ = q.shape
+    out = q.new_empty(B, Hq, Lq, v.size(-1))
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
+    if out.numel() == 0 or k.size(2) == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    p = _cpu.problem(q, k, v, batch=B, len_q=Lq, len_k=k.size(2), scale=scale, is_causal=is_causal,
+                     dropout_p=dropout_p, rng=rng, mask=attn_mask)
+    _C.attention_forward(p, *_cpu.refs([q, k, v, out], packed=False), lse.data_ptr())
+    return out, lse
+
+
+@_sdpa_fwd.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, rng):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty(B, Hq, Lq, v.size(-1)), q.new_empty(B, Hq, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("llmcore::sdpa_bwd", mutates_args=(), device_types="cpu")
+def _sdpa_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
+    dropout_p: float, is_causal: bool, scale: float, rng: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, out, grad_out = (_cpu.last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    p = _cpu.problem(q, k, v, batch=q.size(0), len_q=q.size(2), len_k=k.size(2), scale=scale, is_causal=is_causal,
+                     dropout_p=dropout_p, rng=rng, mask=attn_mask)
+    _C.attention_backward(p, *_cpu.refs([q, k, v, out, grad_out, dq, dk, dv], packed=False), lse.data_ptr())
+    return dq, dk, dv
+
+
+@_sdpa_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, rng):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _sdpa_setup(ctx, inputs, output):
+    q, k, v, attn_mask, dropout_p, is_causal, scale, rng = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, rng)
+    ctx.args = (dropout_p, is_causal, scale)
+
+
+def _sdpa_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
+    dq, dk, dv = _sdpa_bwd(grad_out, q, k, v, out, lse, attn_mask, *ctx.args, rng)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_sdpa_fwd.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops: packed (total, H, D)
+
+
+def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
+    """Value checks, made on real data inside the op so tracing never needs them."""
+    for name, cu, total, mx in (("cu_seqlens_q", cu_q, total_q, max_q), ("cu_seqlens_k", cu_k, total_k, max_k)):
+        if cu[0].item() != 0:
+            raise ValueError(f"{name} must start at 0, got {cu[0].item()}")
+        lens = cu[1:] - cu[:-1]
+        if bool((lens < 0).any()):
+            raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()[:16]}")
+        if cu[-1].item() != total:
+            raise ValueError(f"{name}[-1] = {cu[-1].item()} but the packed tensor has {total} rows")
+        if lens.numel() and lens.max().item() > mx:
+            raise ValueError(f"a sequence of {lens.max().item()} tokens is longer than max_seqlen={mx} ({name})")
+
+
+@torch.library.custom_op("llmcore::varlen_fwd", mutates_args=(), device_types="cpu")
+def _varlen_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float, rng: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    q, k, v = (_cpu.last_dim_contiguous(t) for t in (q, k, v))
+    _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, max_seqlen_k)
+    out = q.new_zeros(q.size(0), q.size(1), v.size(-1))
+    lse = torch.full((q.size(1), q.size(0)), float("-inf"), dtype=torch.float32)
+    if out.numel() == 0 or k.size(0) == 0:
+        return out, lse
+    p = _cpu.problem(q, k, v, batch=cu_seqlens_q.numel() - 1, len_q=max_seqlen_q, len_k=max_seqlen_k, scale=scale,
+                     is_causal=is_causal, dropout_p=dropout_p, rng=rng, cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
+    _C.attention_forward(p, *_cpu.refs([q, k, v, out], packed=True), lse.data_ptr())
+    return out, lse
+
+
+@_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, rng):
+    return q.new_empty(q.size(0), q.size(1), v.size(-1)), q.new_empty(q.size(1), q.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("llmcore::varlen_bwd", mutates_args=(), device_types="cpu")
+def _varlen_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float,
+    rng: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, out, grad_out = (_cpu.last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return dq, dk, dv
+    p = _cpu.problem(q, k, v, batch=cu_seqlens_q.numel() - 1, len_q=max_seqlen_q, len_k=max_seqlen_k, scale=scale,
+                     is_causal=is_causal, dropout_p=dropout_p, rng=rng, cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
+    _C.attention_backward(p, *_cpu.refs([q, k, v, out, grad_out, dq, dk, dv], packed=True), lse.data_ptr())
+    return dq, dk, dv
+
+
+@_varlen_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+      scale, rng):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, rng = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, rng)
+    ctx.args = (max_q, max_k, dropout_p, is_causal, scale)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, rng = ctx.saved_tensors
+    dq, dk, dv = _varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, rng)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+
+
+def _check_tensor(name: str, t, ndim_min: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if t.dim() < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dims, got shape {tuple(t.shape)}")
+
+
+def _check_common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: Optional[float]) -> None:
+    for name, t in (("key", k), ("value", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match query dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
+    if k.size(-1) != q.size(-1):
+        raise ValueError(f"key head dim {k.size(-1)} does not match query head dim {q.size(-1)}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p <= 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+def _draw_rng(dropout_p: float, device) -> Optional[Tensor]:
+    """(seed, offset) for the kernels' Philox dropout, drawn from torch's generator."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Shapes: query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev);
+    returns (..., Hq, Lq, Ev). Leading dims broadcast. ``attn_mask`` is boolean (True =
+    attend) or additive float, broadcastable to (..., Hq, Lq, Lk). ``is_causal`` masks
+    key j > query i (top-left aligned, as torch). With ``enable_gqa``, Hq must be a
+    multiple of Hkv and K/V heads are shared without being copied. Dropout uses a Philox
+    stream seeded from torch's generator, so ``torch.manual_seed`` reproduces it.
+    ``backend`` forces "cpu", "reference", ... (see :mod:`llmcore.ops.dispatch`).
+
+    >>> q = k = v = torch.randn(2, 4, 16, 32)
+    >>> scaled_dot_product_attention(q, k, v, is_causal=True).shape
+    torch.Size([2, 4, 16, 32])
+    """
+    _check_tensor("query", query, 2)
+    _check_tensor("key", key, 2)
+    _check_tensor("value", value, 2)
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
+    _check_common(query, key, value, dropout_p, scale)
+    if key.size(-2) != value.size(-2):
+        raise ValueError(f"key has {key.size(-2)} positions but value has {value.size(-2)}")
+    nd = query.dim()
+    if nd == 2:  # (L, E): one head
+        query, key, value = query[None], key[None], value[None]
+    hq, hkv = query.size(-3), key.size(-3)
+    if value.size(-3) != hkv:
+        raise ValueError(f"key has {hkv} heads but value has {value.size(-3)}")
+    if hq != hkv:
+        if hq % hkv != 0:
+            raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+        if not enable_gqa:
+            raise ValueError(f"query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for grouped-query attention")
+    try:
+        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    except RuntimeError as e:
+        raise ValueError(f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                         f"{tuple(value.shape)} do not broadcast") from e
+    lq, lk, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    full_scores = (*batch, hq, lq, lk)
+    mask_kind = "none"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if is_causal:
+            raise ValueError("pass either attn_mask or is_causal=True, not both")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        try:
+            fits = torch.broadcast_shapes(attn_mask.shape, full_scores) == torch.Size(full_scores)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
+                             f"shape {full_scores}") from None
+        mask_kind = "bool" if attn_mask.dtype == torch.bool else "additive"
+    if scale is None:
+        scale = 1.0 / math.sqrt(e)
+
+    call = AttentionCall(query.device, query.dtype, e, ev, mask_kind,
+                         attn_mask is not None and attn_mask.requires_grad, False, dropout_p > 0)
+    chosen = select(call, backend)
+    if chosen.name == "reference":
+        out = sdpa_reference(query, key, value, attn_mask, is_causal, scale, enable_gqa, dropout_p)
+        return out[0] if nd == 2 else out
+
+    def as4d(t: Tensor, heads: int, rows: int, dim: int) -> Tensor:
+        return t.expand(*batch, heads, rows, dim).reshape(-1, heads, rows, dim)
+
+    q4, k4, v4 = as4d(query, hq, lq, e), as4d(key, hkv, lk, e), as4d(value, hkv, lk, ev)
+    mask4 = None
+    if attn_mask is not None:
+        m = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(torch.float32)
+        mask4 = m.expand(full_scores).reshape(-1, hq, lq, lk)
+    out, _ = _sdpa_fwd(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale),
+                       _draw_rng(dropout_p, query.device))
+    out = out.reshape(*batch, hq, lq, ev)
+    return out[0] if nd == 2 else out
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention over packed sequences, like FlashAttention's ``flash_attn_varlen_func``.
+
+    Shapes: q (total_q, Hq, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev); cu_seqlens_q and
+    cu_seqlens_k are int32 (n + 1,) cumulative lengths starting at 0. Sequence b is rows
+    [cu[b], cu[b + 1]) and attends only to its own keys. Hq must be a multiple of Hkv (GQA).
+    Causal masks are aligned bottom-right (query i sees key j <= i + Lk_b - Lq_b), as in
+    FlashAttention >= 2.1; with equal lengths this is the usual lower triangle. Returns
+    (total_q, Hq, Ev).
+
+    >>> q = torch.randn(7, 2, 16); cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    >>> varlen_attention(q, q, q, cu, cu, 4, 4, is_causal=True).shape
+    torch.Size([7, 2, 16])
+    """
+    _check_tensor("q", q, 3)
+    _check_tensor("k", k, 3)
+    _check_tensor("v", v, 3)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be (total, heads, head_dim), got shape {tuple(t.shape)}")
+    _check_common(q, k, v, dropout_p, scale)
+    if k.size(0) != v.size(0) or k.size(1) != v.size(1):
+        raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must agree in tokens and heads")
+    if q.size(1) % k.size(1) != 0:
+        raise ValueError(f"query heads ({q.size(1)}) must be a multiple of key/value heads ({k.size(1)})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of n + 1 offsets, got {cu.dtype} {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has {cu_seqlens_k.numel()}")
+    for name, mx in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(mx, int) or mx < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {mx!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+
+    call = AttentionCall(q.device, q.dtype, q.size(-1), v.size(-1), "none", False, True, dropout_p > 0)
+    chosen = select(call, backend)
+    if chosen.name == "reference":
+        return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, dropout_p)
+    out, _ = _varlen_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
+                         float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device))
+    return out

@@ -1,0 +1,124 @@
+"""Choosing an attention backend.
+
+Each backend declares what it supports; ``select`` returns the first that fits, or raises
+an error that lists every backend with the reason it was passed over.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["AttentionCall", "Backend", "BACKENDS", "select", "availability"]
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know to decide whether it can run a call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    head_dim_v: int
+    mask: str  # "none", "bool", "additive"
+    mask_requires_grad: bool
+    varlen: bool
+    dropout: bool
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int
+    masks: tuple[str, ...]
+    varlen: bool
+    mask_grad: bool
+    # Returns why the backend cannot run on this machine at all, or None.
+    unavailable: Callable[[], Optional[str]]
+
+    def why_not(self, call: AttentionCall) -> Optional[str]:
+        """The reason this backend cannot run ``call``, or None if it can."""
+        reason = self.unavailable()
+        if reason:
+            return reason
+        if call.device.type not in self.devices:
+            return f"device {call.device.type} not supported (supports {', '.join(self.devices)})"
+        if call.dtype not in self.dtypes:
+            return f"dtype {call.dtype} not supported (supports {', '.join(str(d) for d in self.dtypes)})"
+        if max(call.head_dim, call.head_dim_v) > self.max_head_dim:
+            return f"head dim {max(call.head_dim, call.head_dim_v)} > {self.max_head_dim}"
+        if call.mask not in self.masks:
+            return f"{call.mask} masks not supported"
+        if call.mask_requires_grad and not self.mask_grad:
+            return "attn_mask requires grad, and this backend does not differentiate the mask"
+        if call.varlen and not self.varlen:
+            return "varlen not supported"
+        return None
+
+
+def _probe_cpu() -> Optional[str]:
+    try:
+        from llmcore import _C  # noqa: F401
+    except ImportError as e:  # pragma: no cover - the package imports _C itself
+        return f"native module failed to import: {e}"
+    return None
+
+
+_CPU_REASON = _probe_cpu()  # once, at import: backend checks run inside torch.compile traces
+
+
+def _cpu_unavailable() -> Optional[str]:
+    return _CPU_REASON
+
+
+def _cuda_unavailable() -> Optional[str]:
+    return "CUDA attention kernels are not implemented yet"
+
+
+def _triton_unavailable() -> Optional[str]:
+    return "Triton attention kernels are not implemented yet"
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend("cuda", ("cuda",), (torch.bfloat16, torch.float16), 256, ("none", "bool", "additive"), True, False,
+            _cuda_unavailable),
+    Backend("triton", ("cuda",), _FLOATS, 256, ("none", "bool", "additive"), True, False, _triton_unavailable),
+    Backend("cpu", ("cpu",), _FLOATS, 256, ("none", "bool", "additive"), True, False, _cpu_unavailable),
+    Backend("reference", ("cpu", "cuda", "mps", "xpu", "meta"), _FLOATS + (torch.float64,), 1 << 30,
+            ("none", "bool", "additive"), True, True, lambda: None),
+)
+_BY_NAME = {b.name: b for b in BACKENDS}
+
+
+def select(call: AttentionCall, backend: Optional[str] = None) -> Backend:
+    """The backend to run ``call`` on: ``backend`` if given (and able), else the first that fits.
+
+    ``LLMCORE_ATTENTION_BACKEND`` in the environment acts as a default for ``backend``.
+    """
+    backend = backend or os.environ.get("LLMCORE_ATTENTION_BACKEND") or None
+    if backend is not None:
+        if backend not in _BY_NAME:
+            raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(_BY_NAME)}")
+        chosen = _BY_NAME[backend]
+        reason = chosen.why_not(call)
+        if reason:
+            raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+        return chosen
+    reasons = []
+    for b in BACKENDS:
+        reason = b.why_not(call)
+        if reason is None:
+            return b
+        reasons.append(f"  {b.name}: {reason}")
+    raise RuntimeError("no attention backend fits this call:\n" + "\n".join(reasons))
+
+
+def availability() -> dict[str, Optional[str]]:
+    """Each backend's name -> None if it can run on this machine, else the reason it cannot."""
+    return {b.name: b.unavailable() for b in BACKENDS}

@@ -1,0 +1,244 @@
+"""The custom-op side: dropout reproducibility, opcheck, torch.compile, and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmcore
+from llmcore import _C
+from llmcore.ops.reference import sdpa_reference, varlen_reference
+
+from attention_checks import assert_close_to_ref, forward_backward
+
+
+# --- dropout ---------------------------------------------------------------------------
+
+
+def test_philox_matches_published_test_vectors():
+    # Random123's kat_vectors for philox4x32-10
+    assert _C.philox4x32_10([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert _C.philox4x32_10([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert _C.philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def keep_mask(seed: int, offset: int, p: float, row0: int, rows: int, cols: int) -> torch.Tensor:
+    out = torch.empty(rows, cols, dtype=torch.uint8)
+    _C.dropout_keep_mask(seed, offset, p, row0, rows, cols, out.data_ptr())
+    return out.bool()
+
+
+def drawn_rng(seed: int) -> tuple[int, int]:
+    """The (seed, offset) llmcore draws after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    s, o = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
+    return s, o
+
+
+def test_dropout_keep_rate():
+    keep = keep_mask(123, 7, 0.3, 0, 512, 1000)
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.7) < 0.005, rate  # 512k draws: std 0.0006
+    assert not keep_mask(1, 0, 1.0, 0, 4, 64).any()
+    assert keep_mask(1, 0, 0.0, 0, 4, 64).all()
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_dropout_matches_reference_with_the_same_mask(is_causal, dtype):
+    B, H, L, D, p = 2, 3, 70, 32, 0.25
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(B, H, L, D, dtype=torch.float64, generator=g) for _ in range(4))
+    seed, offset = drawn_rng(5)
+    keep = keep_mask(seed, offset, p, 0, B * H * L, L).view(B, H, L, L)
+    kw = dict(is_causal=is_causal, dropout_p=p, dropout_keep=keep)
+    ref = forward_backward(sdpa_reference, (q, k, v), grad, torch.float64, **kw)
+    theirs = forward_backward(sdpa_reference, (q, k, v), grad, dtype, **kw)
+    torch.manual_seed(5)
+    ours = forward_backward(llmcore.scaled_dot_product_attention, (q, k, v), grad, dtype, is_causal=is_causal,
+                            dropout_p=p)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
+        assert_close_to_ref(name, a, b, r, dtype)
+
+
+def test_varlen_dropout_matches_reference_with_the_same_mask():
+    lens, H, D, p = [5, 0, 40, 1, 17], 2, 32, 0.4
+    cu = torch.tensor([0, 5, 5, 45, 46, 63], dtype=torch.int32)
+    total = sum(lens)
+    g = torch.Generator().manual_seed(1)
+    q, k, v, grad = (torch.randn(total, H, D, dtype=torch.float64, generator=g) for _ in range(4))
+    seed, offset = drawn_rng(9)
+    full = keep_mask(seed, offset, p, 0, H * total, max(lens)).view(H, total, max(lens))  # row = h * total + token
+    keeps = [full[:, cu[b] : cu[b + 1], : lens[b]] for b in range(len(lens))]
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, is_causal=True, dropout_p=p, dropout_keep=keeps)
+    ref = forward_backward(varlen_reference, (q, k, v), grad, torch.float64, **kw)
+    theirs = forward_backward(varlen_reference, (q, k, v), grad, torch.float32, **kw)
+    torch.manual_seed(9)
+    ours = forward_backward(llmcore.varlen_attention, (q, k, v), grad, torch.float32, cu_seqlens_q=cu,
+                            cu_seqlens_k=cu, max_seqlen_q=40, max_seqlen_k=40, is_causal=True, dropout_p=p)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
+        assert_close_to_ref(name, a, b, r, torch.float32)
+
+
+def test_dropout_reproduces_under_manual_seed():
+    q, k, v = (torch.randn(2, 2, 50, 32, requires_grad=True) for _ in range(3))
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out = llmcore.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        return out.detach(), grads
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_dropout_one_zeroes_everything():
+    q = torch.randn(1, 2, 9, 16)
+    assert (llmcore.scaled_dot_product_attention(q, q, q, dropout_p=1.0) == 0).all()
+
+
+# --- custom op: opcheck and torch.compile -----------------------------------------------
+
+
+def _op_args(dropout: bool, mask: bool):
+    q, k, v = (torch.randn(2, 4, 37, 32, requires_grad=True) for _ in range(3))
+    m = (torch.rand(2, 4, 37, 37) > 0.2) if mask else None
+    rng = torch.tensor([11, 3]) if dropout else None
+    return (q, k, v, m, 0.3 if dropout else 0.0, not mask, 0.17, rng)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("mask", [False, True])
+def test_opcheck_sdpa(dropout, mask):
+    torch.library.opcheck(torch.ops.llmcore.sdpa_fwd.default, _op_args(dropout, mask))
+
+
+def test_opcheck_varlen():
+    cu = torch.tensor([0, 3, 3, 20], dtype=torch.int32)
+    q, k, v = (torch.randn(20, 4, 32, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.llmcore.varlen_fwd.default, (q, k, v, cu, cu, 17, 17, 0.0, True, 0.2, None))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    q, k, v = (torch.randn(2, 4, 33, 32, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 10, 33], dtype=torch.int32)
+
+    def f(q, k, v):
+        a = llmcore.scaled_dot_product_attention(q, k, v, is_causal=True)
+        b = llmcore.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 23, 23)
+        return a.sum() + b.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    eager_grads = torch.autograd.grad(f(q, k, v), (q, k, v))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(a, b)
+
+
+# --- bad input: a clear error naming the argument, never a crash ---------------------------
+
+
+def qkv(*shape, dtype=torch.float32):
+    return tuple(torch.randn(*shape, dtype=dtype) for _ in range(3))
+
+
+@pytest.mark.parametrize(
+    "make, err, match",
+    [
+        (lambda: (torch.randn(2, 2, 8, 16, dtype=torch.float32), *qkv(2, 2, 8, 16, dtype=torch.bfloat16)[1:]), TypeError, "key dtype"),
+        (lambda: (torch.randint(0, 5, (2, 2, 8, 16)), *qkv(2, 2, 8, 16)[1:]), TypeError, "query must be float"),
+        (lambda: (torch.randn(16), torch.randn(16), torch.randn(16)), ValueError, "query must have at least 2 dims"),
+        (lambda: (torch.randn(2, 2, 8, 16), torch.randn(2, 8, 16), torch.randn(2, 8, 16)), ValueError, "same rank"),
+        (lambda: (torch.randn(2, 6, 8, 16), *qkv(2, 4, 8, 16)[1:]), ValueError, "multiple of key/value heads"),
+        (lambda: (torch.randn(2, 4, 8, 16), *qkv(2, 2, 8, 16)[1:]), ValueError, "enable_gqa"),
+        (lambda: (torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)), ValueError, "key head dim"),
+        (lambda: (torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 9, 16)), ValueError, "value has 9"),
+        (lambda: (torch.randn(2, 2, 8, 16), torch.randn(3, 2, 8, 16), torch.randn(3, 2, 8, 16)), ValueError, "do not broadcast"),
+        (lambda: (torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16, device="meta"), torch.randn(2, 2, 8, 16)), ValueError, "key is on meta"),
+    ],
+)
+def test_sdpa_bad_input(make, err, match):
+    q, k, v = make()
+    with pytest.raises(err, match=match):
+        llmcore.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(attn_mask=torch.ones(3, 8, 8, dtype=torch.bool)), ValueError, "attn_mask of shape"),
+        (dict(attn_mask=torch.ones(8, 8, dtype=torch.int64)), TypeError, "attn_mask must be bool"),
+        (dict(attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True), ValueError, "not both"),
+        (dict(dropout_p=1.5), ValueError, "dropout_p"),
+        (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+        (dict(scale=float("nan")), ValueError, "scale"),
+        (dict(backend="nope"), ValueError, "backend='nope' is unknown"),
+    ],
+)
+def test_sdpa_bad_options(kwargs, err, match):
+    q, k, v = qkv(2, 2, 8, 16)
+    with pytest.raises(err, match=match):
+        llmcore.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def test_forced_backend_that_cannot_run_explains_why():
+    q, k, v = qkv(1, 1, 4, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run this call: dtype torch.float64"):
+        llmcore.scaled_dot_product_attention(q, k, v, backend="cpu")
+    # auto-selection falls back to the reference for float64
+    torch.testing.assert_close(llmcore.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_no_backend_fits_lists_every_reason():
+    from llmcore.ops.dispatch import AttentionCall, select
+
+    call = AttentionCall(torch.device("cpu"), torch.int8, 64, 64, "none", False, False, False)
+    with pytest.raises(RuntimeError) as e:
+        select(call)
+    for name in ("cuda", "triton", "cpu", "reference"):
+        assert f"  {name}: " in str(e.value)
+
+
+def _cu(*xs):
+    return torch.tensor(xs, dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    "cu_q, cu_k, max_q, max_k, err, match",
+    [
+        (_cu(0, 5, 3, 10), _cu(0, 5, 3, 10), 7, 7, ValueError, "non-decreasing"),
+        (_cu(1, 5, 10), _cu(1, 5, 10), 9, 9, ValueError, "must start at 0"),
+        (_cu(0, 5, 9), _cu(0, 5, 9), 5, 5, ValueError, r"cu_seqlens_q\[-1\] = 9"),
+        (_cu(0, 5, 10), _cu(0, 5, 10), 4, 9, ValueError, "longer than max_seqlen"),
+        (torch.tensor([0, 5, 10]), _cu(0, 5, 10), 5, 5, ValueError, "1-D int32"),
+        (_cu(0, 10), _cu(0, 5, 10), 10, 10, ValueError, "entries"),
+        (_cu(0, 5, 10), _cu(0, 5, 10), -1, 5, ValueError, "max_seqlen_q"),
+    ],
+)
+def test_varlen_bad_input(cu_q, cu_k, max_q, max_k, err, match):
+    q, k, v = qkv(10, 2, 16)
+    with pytest.raises(err, match=match):
+        llmcore.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def test_varlen_bad_shapes():
+    cu = _cu(0, 10)
+    with pytest.raises(ValueError, match="q must be"):
+        llmcore.varlen_attention(torch.randn(1, 10, 2, 16), *qkv(10, 2, 16)[1:], cu, cu, 10, 10)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        llmcore.varlen_attention(torch.randn(10, 3, 16), *qkv(10, 2, 16)[1:], cu, cu, 10, 10)
+
+
+def test_native_module_rejects_bad_problems_without_crashing():
+    p = _C.AttentionProblem()
+    p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.head_dim, p.head_dim_v = 1, 3, 2, 4, 4, 8, 8
+    ref = _C.TensorRef(1, 0, 0, 0)
+    with pytest.raises(ValueError, match="multiple of heads_kv"):
+        _C.attention_forward(p, ref, ref, ref, ref, 1)
+    p.heads_q = 2
+    with pytest.raises(ValueError, match="null data pointer"):
+        _C.attention_forward(p, _C.TensorRef(0, 0, 0, 0), ref, ref, ref, 1)
+    with pytest.raises(ValueError, match="unknown CPU ISA"):
+        _C.set_cpu_isa("sse9")

@@ -1,0 +1,115 @@
+"""llmcore.varlen_attention: packed sequences against a per-sequence float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmcore
+from llmcore.ops.reference import varlen_reference
+
+from attention_checks import assert_close_to_ref, forward_backward
+
+
+def cu(lengths):
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
+    return out
+
+
+def torch_padded_grads(q, k, v, grad, lens_q, lens_k, is_causal, dtype):
+    """torch SDPA on the same batch padded to (n, H, L, D) with a mask: torch's own error baseline.
+
+    The mask hides padded keys, and with is_causal keys past the bottom-right diagonal.
+    """
+    n, mq, mk = len(lens_q), max(lens_q), max(lens_k)
+    leaves = [t.detach().clone().to(dtype).requires_grad_() for t in (q, k, v)]
+    vq = torch.arange(mq)[None, :] < torch.tensor(lens_q)[:, None]  # (n, mq)
+    vk = torch.arange(mk)[None, :] < torch.tensor(lens_k)[:, None]
+
+    def pad(x, valid, rows):
+        out = x.new_zeros(n, rows, x.size(1), x.size(2))
+        out[valid] = x
+        return out.transpose(1, 2)
+
+    mask = vk[:, None, None, :].expand(n, 1, mq, mk)
+    if is_causal:
+        shift = torch.tensor(lens_k) - torch.tensor(lens_q)
+        causal = torch.arange(mk)[None, None, :] <= torch.arange(mq)[None, :, None] + shift[:, None, None]
+        mask = mask & causal[:, None]
+    out = F.scaled_dot_product_attention(pad(leaves[0], vq, mq), pad(leaves[1], vk, mk), pad(leaves[2], vk, mk),
+                                         attn_mask=mask, enable_gqa=True)
+    out = out.transpose(1, 2)[vq]
+    out.backward(grad.to(dtype))
+    return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+
+def check_varlen(lens_q, lens_k, hq, hkv, d, dtype, is_causal, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, hq, d, dtype=torch.float64, generator=g)
+    k = torch.randn(tk, hkv, d, dtype=torch.float64, generator=g)
+    v = torch.randn(tk, hkv, d, dtype=torch.float64, generator=g)
+    grad = torch.randn(tq, hq, d, dtype=torch.float64, generator=g)
+    cq, ck = cu(lens_q), cu(lens_k)
+    mq, mk = max(lens_q, default=0), max(lens_k, default=0)
+    ref = forward_backward(varlen_reference, (q, k, v), grad, torch.float64, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                           is_causal=is_causal)
+    ours = forward_backward(llmcore.varlen_attention, (q, k, v), grad, dtype, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                            max_seqlen_q=mq, max_seqlen_k=mk, is_causal=is_causal)
+    theirs = torch_padded_grads(q, k, v, grad, lens_q, lens_k, is_causal, dtype)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
+        assert_close_to_ref(name, a, b, r, dtype)
+    return ours
+
+
+RAGGED = [
+    [5, 1, 0, 97, 64, 3],
+    [1],
+    [130, 0, 0, 7],
+    [33] * 5,
+]
+
+
+@pytest.mark.parametrize("lens", RAGGED)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_ragged(lens, is_causal, dtype):
+    check_varlen(lens, lens, 4, 2, 64, dtype, is_causal)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_varlen_different_q_and_k_lengths(is_causal):
+    # bottom-right causal; sequence 1 has more queries than keys, so its first rows see nothing
+    check_varlen([4, 9, 1, 70], [10, 3, 5, 70], 2, 2, 80, torch.float32, is_causal)
+
+
+def test_varlen_sequences_never_see_each_other():
+    lens = [7, 12, 1, 30]
+    c = cu(lens)
+    q, k, v = (torch.randn(sum(lens), 2, 32) for _ in range(3))
+    out = llmcore.varlen_attention(q, k, v, c, c, 30, 30)
+    k2, v2 = k.clone(), v.clone()
+    k2[7:19] += 100 * torch.randn(12, 2, 32)  # change only sequence 1's keys and values
+    v2[7:19] += 100
+    out2 = llmcore.varlen_attention(q, k2, v2, c, c, 30, 30)
+    torch.testing.assert_close(out[:7], out2[:7], rtol=0, atol=0)
+    torch.testing.assert_close(out[19:], out2[19:], rtol=0, atol=0)
+    assert not torch.allclose(out[7:19], out2[7:19])
+
+
+def test_varlen_equals_padded_sdpa_with_key_mask():
+    lens = [3, 17, 9]
+    n, L, H, D = len(lens), max(lens), 3, 32
+    c = cu(lens)
+    q, k, v = (torch.randn(sum(lens), H, D) for _ in range(3))
+    packed = llmcore.varlen_attention(q, k, v, c, c, L, L)
+    valid = torch.arange(L)[None, :] < torch.tensor(lens)[:, None]
+    def pad(x):
+        out = x.new_zeros(n, L, H, D)
+        out[valid] = x
+        return out.transpose(1, 2)
+    padded = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :])
+    torch.testing.assert_close(packed, padded.transpose(1, 2)[valid], atol=2e-6, rtol=1e-5)
+
+
+def test_varlen_every_cpu_isa(cpu_isa):
+    check_varlen([5, 1, 0, 97, 3], [5, 1, 0, 97, 3], 4, 2, 48, torch.float32, True)
