@@ -27,16 +27,21 @@ def test_cpu_isa_can_be_lowered_but_not_raised(cpu_isa):
     assert llmcore._C.cpu_isa() == cpu_isa
 
 
-def test_env_var_lowers_the_isa():
-    env = dict(os.environ, LLMCORE_CPU_ISA="portable")
-    out = subprocess.run([sys.executable, "-c", "import llmcore; print(llmcore._C.cpu_isa())"], env=env,
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "portable"
+def run_python(args, tmp_path, **env):
+    """A fresh interpreter, started outside the source tree so it imports the installed package."""
+    out = subprocess.run([sys.executable, *args], env=dict(os.environ, **env), cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
-def test_cli_info_prints_json():
-    out = subprocess.run([sys.executable, "-m", "llmcore.cli", "info"], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout)["backends"]["cpu"]["available"]
+def test_env_var_lowers_the_isa(tmp_path):
+    out = run_python(["-c", "import llmcore; print(llmcore._C.cpu_isa())"], tmp_path, LLMCORE_CPU_ISA="portable")
+    assert out.strip() == "portable"
+
+
+def test_cli_info_prints_json(tmp_path):
+    assert json.loads(run_python(["-m", "llmcore.cli", "info"], tmp_path))["backends"]["cpu"]["available"]
 
 
 def test_cuda_probe_is_safe_without_a_gpu():

@@ -36,25 +36,30 @@ struct PanelB {
   BlockB operator()(int64_t n0) const { return {b + ((col0 + n0) / NR) * k_total * NR, NR}; }
 };
 
+// Fully unrolled so the compiler keeps the R x NVec accumulators in registers (GCC otherwise
+// mirrors an accumulator array to the stack on every k step).
+#define LLMCORE_UNROLL _Pragma("GCC unroll 16")
+
 template <int R, int NVec>
 inline void micro_kernel(int64_t K, const float* A, int64_t lda, BlockB B, float* C, int64_t ldc, int tail,
                          bool accumulate) {
   // The products start from zero and C is added last: a block of K terms then rounds like
   // one chain of K plus one addition, and the driver's K blocking bounds the chain.
   sv::V acc[R][NVec];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NVec; ++v) acc[r][v] = sv::zero();
+  LLMCORE_UNROLL for (int r = 0; r < R; ++r)
+    LLMCORE_UNROLL for (int v = 0; v < NVec; ++v) acc[r][v] = sv::zero();
   const float* b = B.ptr;
   for (int64_t k = 0; k < K; ++k, b += B.ld) {
     sv::V bv[NVec];
-    for (int v = 0; v < NVec; ++v) bv[v] = (v == NVec - 1) ? sv::load(b + v * sv::W, tail) : sv::load(b + v * sv::W);
-    for (int r = 0; r < R; ++r) {
+    LLMCORE_UNROLL for (int v = 0; v < NVec; ++v)
+      bv[v] = (v == NVec - 1) ? sv::load(b + v * sv::W, tail) : sv::load(b + v * sv::W);
+    LLMCORE_UNROLL for (int r = 0; r < R; ++r) {
       const sv::V a = sv::set1(A[r * lda + k]);
-      for (int v = 0; v < NVec; ++v) acc[r][v] = sv::fmadd(a, bv[v], acc[r][v]);
+      LLMCORE_UNROLL for (int v = 0; v < NVec; ++v) acc[r][v] = sv::fmadd(a, bv[v], acc[r][v]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NVec; ++v) {
+  LLMCORE_UNROLL for (int r = 0; r < R; ++r) {
+    LLMCORE_UNROLL for (int v = 0; v < NVec; ++v) {
       float* c = C + r * ldc + v * sv::W;
       const bool last = v == NVec - 1;
       if (accumulate) acc[r][v] = sv::add(acc[r][v], last ? sv::load(c, tail) : sv::load(c));
