@@ -62,7 +62,7 @@ Packed pack(const BackwardArgs& a, int nthreads) {
   pk.kt = make_scratch<float>(nk * pk.D);
   pk.v = make_scratch<float>(nk * pk.Dv);
 
-  const int64_t row_len = std::max(pk.D, pk.Dv);
+  const int64_t row_len = NR * std::max(pk.D, pk.Dv);  // pack_transposed_panels' row buffer
   Scratch<float> rows = make_scratch<float>(2 * row_len * nthreads);
 #pragma omp parallel num_threads(nthreads)
   {
@@ -108,8 +108,8 @@ Packed pack(const BackwardArgs& a, int nthreads) {
         pack_rows(k, p.dtype, a.k.seq_stride, s.len_k, pk.D, 1.f, kr);
         pack_rows(v, p.dtype, a.v.seq_stride, s.len_k, pk.Dv, 1.f, pk.v.get() + base * pk.Dv);
         float* kt = pk.kt.get() + base * pk.D;  // D x pad, row-major
-        for (int64_t d = 0; d < pk.D; ++d)
-          for (int64_t j = 0; j < pad; ++j) kt[d * pad + j] = j < s.len_k ? kr[j * pk.D + d] : 0.f;
+        transpose(kr, pk.D, s.len_k, pk.D, kt, pad);
+        for (int64_t d = 0; d < pk.D; ++d) std::memset(kt + d * pad + s.len_k, 0, sizeof(float) * (pad - s.len_k));
       }
     }
   }

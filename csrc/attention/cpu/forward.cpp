@@ -17,62 +17,44 @@ constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 256;
 static_assert(kBlockK % NR == 0, "key tiles are whole panels");
 
-// K^T panels and V rows of every (sequence, kv head), in fp32, computed once per call.
-struct PackedKV {
-  Scratch<int64_t> offset;  // first padded key row of each sequence; offset[B] = total
-  Scratch<float> kt, v;
+// Where the K^T panels and V rows of each (sequence, kv head) are packed in fp32: in one
+// shared buffer packed up front when many query tiles reuse them, or per work item in the
+// thread's own buffer when the batch has many short heads (then they never leave its cache).
+struct KVLayout {
+  const int64_t* offset;  // first padded key row of each sequence; offset[B] = total
   int64_t total = 0, dim = 0, dim_v = 0;
-  const float* kt_of(int64_t b, int64_t h) const { return kt.get() + (h * total + offset[b]) * dim; }
-  const float* v_of(int64_t b, int64_t h) const { return v.get() + (h * total + offset[b]) * dim_v; }
+  int64_t kt_at(int64_t b, int64_t h) const { return (h * total + offset[b]) * dim; }
+  int64_t v_at(int64_t b, int64_t h) const { return (h * total + offset[b]) * dim_v; }
 };
 
-PackedKV pack_kv(const ForwardArgs& a, int nthreads) {
+void pack_head(const ForwardArgs& a, int64_t b, int64_t h, float* row, float* kt, float* v) {
   const Problem& p = a.p;
-  PackedKV pk;
-  pk.dim = p.head_dim;
-  pk.dim_v = p.head_dim_v;
-  pk.offset = make_scratch<int64_t>(p.batch + 1);
-  pk.offset[0] = 0;
-  for (int64_t b = 0; b < p.batch; ++b) pk.offset[b + 1] = pk.offset[b] + round_up(sequence(p, b).len_k, NR);
-  pk.total = pk.offset[p.batch];
-  pk.kt = make_scratch<float>(p.heads_kv * pk.total * pk.dim);
-  pk.v = make_scratch<float>(p.heads_kv * pk.total * pk.dim_v);
-  Scratch<float> rows = make_scratch<float>(pk.dim * nthreads);
-#pragma omp parallel num_threads(nthreads)
-  {
-    float* row = rows.get() + pk.dim * omp_get_thread_num();
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t b = 0; b < p.batch; ++b) {
-      for (int64_t h = 0; h < p.heads_kv; ++h) {
-        const Seq s = sequence(p, b);
-        const void* k = at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0));
-        const void* v = at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0));
-        pack_transposed_panels(k, p.dtype, a.k.seq_stride, s.len_k, pk.dim, 1.f, row,
-                               const_cast<float*>(pk.kt_of(b, h)));
-        pack_rows(v, p.dtype, a.v.seq_stride, s.len_k, pk.dim_v, 1.f, const_cast<float*>(pk.v_of(b, h)));
-      }
-    }
-  }
-  return pk;
+  const Seq s = sequence(p, b);
+  pack_transposed_panels(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)), p.dtype, a.k.seq_stride, s.len_k,
+                         p.head_dim, 1.f, row, kt);
+  pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, p.head_dim_v,
+            1.f, v);
 }
 
-// Per-thread tile buffers, carved from one allocation made before the parallel region
-// (an allocation failure inside it could not be reported).
+// Per-thread tile buffers, carved from the workspace before the parallel region (an
+// allocation failure inside it could not be reported).
 struct TileBuffers {
-  float *q, *s, *o, *m, *l;
+  float *q, *s, *o, *m, *l, *m_new, *alpha, *row;
   uint8_t* keep;
   static int64_t floats(int64_t dim, int64_t dim_v) {
-    return kBlockQ * dim + kBlockQ * kBlockK + kBlockQ * dim_v + 2 * kBlockQ + kBlockK / 4 + 16;
+    return kBlockQ * dim + kBlockQ * kBlockK + kBlockQ * dim_v + 4 * kBlockQ + NR * dim + kBlockK / 4 + 16;
   }
   TileBuffers(float* base, int64_t dim, int64_t dim_v)
       : q(base), s(q + kBlockQ * dim), o(s + kBlockQ * kBlockK), m(o + kBlockQ * dim_v), l(m + kBlockQ),
-        keep(reinterpret_cast<uint8_t*>(l + kBlockQ)) {}
+        m_new(l + kBlockQ), alpha(m_new + kBlockQ), row(alpha + kBlockQ),
+        keep(reinterpret_cast<uint8_t*>(row + NR * dim)) {}
 };
 
-void forward_tile(const ForwardArgs& a, const PackedKV& pk, int64_t b, int64_t h, int64_t qt, TileBuffers& buf) {
+void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_t b, int64_t h, int64_t qt,
+                  TileBuffers& buf) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, hk = h / (p.heads_q / p.heads_kv);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t q0 = qt * kBlockQ, qb = std::min(kBlockQ, s.len_q - q0);
   float *Q = buf.q, *S = buf.s, *O = buf.o, *m = buf.m, *l = buf.l;
 
@@ -90,8 +72,6 @@ void forward_tile(const ForwardArgs& a, const PackedKV& pk, int64_t b, int64_t h
   }
   std::memset(O, 0, sizeof(float) * qb * Dv);
 
-  const float* kt = pk.kt_of(b, hk);
-  const float* vr = pk.v_of(b, hk);
   const int64_t k_end = std::min(s.len_k, causal_limit(p, s, q0 + qb - 1) + 1);
   const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
   // Columns row r must compute in the tile starting at k0: the causal limit trims them.
@@ -114,6 +94,9 @@ void forward_tile(const ForwardArgs& a, const PackedKV& pk, int64_t b, int64_t h
       }
     }
 
+    // Pass 1: masks and the new running maxima (scaled); then every row's rescale factor
+    // alpha = 2^(m_old - m_new) in one vector pass.
+    float *m_new = buf.m_new, *alpha = buf.alpha;
     for (int64_t r = 0; r < qb; ++r) {
       float* row = S + r * kBlockK;
       const int64_t n = diagonal ? visible(r, k0, kb) : kb;
@@ -121,17 +104,22 @@ void forward_tile(const ForwardArgs& a, const PackedKV& pk, int64_t b, int64_t h
         row_scale(row, n, c);
         apply_user_mask(p, b, h, q0 + r, k0, n, row);
       }
-      const float m_new = std::fmax(m[r], row_max(row, n) * row_c);  // m: running max, scaled
-      if (m_new == -INFINITY) {  // nothing visible so far: this tile adds nothing
+      m_new[r] = std::fmax(m[r], row_max(row, n) * row_c);
+    }
+    exp2_of_difference(m, m_new, alpha, qb);
+    // Pass 2: probabilities, row sums, and the rescaled output accumulator.
+    for (int64_t r = 0; r < qb; ++r) {
+      float* row = S + r * kBlockK;
+      const int64_t n = diagonal ? visible(r, k0, kb) : kb;
+      if (m_new[r] == -INFINITY) {  // nothing visible so far: this tile adds nothing
         std::memset(row, 0, sizeof(float) * kb);
         continue;
       }
-      const float alpha = std::exp2(m[r] - m_new);
-      const float sum = row_exp2_sum(row, n, row_c, m_new);
-      std::memset(row + n, 0, sizeof(float) * (kb - n));
-      l[r] = l[r] * alpha + sum;
-      m[r] = m_new;
-      if (alpha != 1.f) row_scale(O + r * Dv, Dv, alpha);
+      const float sum = row_exp2_sum(row, n, row_c, m_new[r]);
+      if (n < kb) std::memset(row + n, 0, sizeof(float) * (kb - n));
+      if (l[r] > 0.f && alpha[r] != 1.f) row_scale(O + r * Dv, Dv, alpha[r]);
+      l[r] = l[r] * alpha[r] + sum;
+      m[r] = m_new[r];
       if (p.dropout_p > 0.f) {
         uint8_t* keep = buf.keep;
         dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + r), k0, n, p.dropout_p, keep);
@@ -163,27 +151,67 @@ void forward_tile(const ForwardArgs& a, const PackedKV& pk, int64_t b, int64_t h
 void forward(const ForwardArgs& a) {
   const Problem& p = a.p;
   const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-  const PackedKV pk = pack_kv(a, nthreads);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, group = p.heads_q / p.heads_kv;
 
-  // Work items (b, h, query tile), numbered sequence after sequence.
-  Scratch<int64_t> first = make_scratch<int64_t>(p.batch + 1);
-  first[0] = 0;
-  for (int64_t b = 0; b < p.batch; ++b) first[b + 1] = first[b] + p.heads_q * ceil_div(sequence(p, b).len_q, kBlockQ);
-  const int64_t items = first[p.batch];
+  Workspace ws;
+  int64_t max_k = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_k = std::max(max_k, sequence(p, b).len_k);
+  const int64_t head_floats = round_up(max_k, NR) * (D + Dv);
+  const int64_t pairs = p.batch * p.heads_kv;
+  // Short heads, and enough of them to keep every thread busy: pack per work item.
+  const bool local = pairs >= 2 * nthreads && head_floats * 4 <= (512 << 10);
 
-  const int64_t per_thread = TileBuffers::floats(p.head_dim, p.head_dim_v);
-  Scratch<float> scratch = make_scratch<float>(per_thread * nthreads);
+  int64_t total = 0;
+  for (int64_t b = 0; b < p.batch; ++b) total += round_up(sequence(p, b).len_k, NR);
+  const int64_t shared_floats = local ? 0 : p.heads_kv * total * (D + Dv);
+  const int64_t per_thread = TileBuffers::floats(D, Dv) + (local ? head_floats : 0);
+  ws.reserve(2 * ws_bytes(sizeof(int64_t) * (p.batch + 1)) + ws_bytes(sizeof(float) * shared_floats) +
+             ws_bytes(sizeof(float) * per_thread * nthreads));
+  int64_t* offset = ws.carve<int64_t>(p.batch + 1);
+  int64_t* first = ws.carve<int64_t>(p.batch + 1);  // first work item of each sequence
+  float* shared = ws.carve<float>(shared_floats);
+  float* scratch = ws.carve<float>(per_thread * nthreads);
+
+  offset[0] = first[0] = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq s = sequence(p, b);
+    offset[b + 1] = offset[b] + round_up(s.len_k, NR);
+    first[b + 1] = first[b] + p.heads_q * ceil_div(s.len_q, kBlockQ);
+  }
+  const KVLayout kv{offset, total, D, Dv};
+  float* shared_kt = shared;
+  float* shared_v = shared + p.heads_kv * total * D;
+
 #pragma omp parallel num_threads(nthreads)
   {
-    TileBuffers buf(scratch.get() + per_thread * omp_get_thread_num(), p.head_dim, p.head_dim_v);
+    float* mine = scratch + per_thread * omp_get_thread_num();
+    TileBuffers buf(mine, D, Dv);
+    if (local) {
+      float* kt = mine + TileBuffers::floats(D, Dv);
+      float* v = kt + round_up(max_k, NR) * D;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t b = std::upper_bound(first.get(), first.get() + p.batch + 1, it) - first.get() - 1;
-      const int64_t nq = ceil_div(sequence(p, b).len_q, kBlockQ);
-      const int64_t rem = it - first[b], h = rem / nq;
-      // Causal tiles near the end of a sequence cost the most: hand them out first.
-      const int64_t qt = p.causal ? nq - 1 - rem % nq : rem % nq;
-      forward_tile(a, pk, b, h, qt, buf);
+      for (int64_t it = 0; it < pairs; ++it) {
+        const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
+        pack_head(a, b, hk, buf.row, kt, v);
+        const int64_t nq = ceil_div(sequence(p, b).len_q, kBlockQ);
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+          for (int64_t qt = 0; qt < nq; ++qt) forward_tile(a, kt, v, b, h, qt, buf);
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t hk = 0; hk < p.heads_kv; ++hk)
+          pack_head(a, b, hk, buf.row, shared_kt + kv.kt_at(b, hk), shared_v + kv.v_at(b, hk));
+      const int64_t items = first[p.batch];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t b = std::upper_bound(first, first + p.batch + 1, it) - first - 1;
+        const int64_t nq = ceil_div(sequence(p, b).len_q, kBlockQ);
+        const int64_t rem = it - first[b], h = rem / nq, hk = h / group;
+        // Causal tiles near the end of a sequence cost the most: hand them out first.
+        const int64_t qt = p.causal ? nq - 1 - rem % nq : rem % nq;
+        forward_tile(a, shared_kt + kv.kt_at(b, hk), shared_v + kv.v_at(b, hk), b, h, qt, buf);
+      }
     }
   }
 }

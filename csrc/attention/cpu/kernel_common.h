@@ -2,6 +2,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 #include "attention/attention.h"
@@ -136,16 +137,35 @@ inline void apply_user_mask(const Problem& p, int64_t b, int64_t h, int64_t i, i
   }
 }
 
+// dst[c][r] = src[r][c] for an rows x cols block (row strides in floats), in W x W register
+// transposes with scalar edges.
+inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  constexpr int W = simd::W;
+  int64_t r0 = 0;
+  for (; r0 + W <= rows; r0 += W) {
+    int64_t c0 = 0;
+    for (; c0 + W <= cols; c0 += W) simd::transpose_block(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+    for (int64_t c = c0; c < cols; ++c)
+      for (int64_t r = r0; r < r0 + W; ++r) dst[c * ldd + r] = src[r * lds + c];
+  }
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
 // Packs rows [0, len) of one head into panels of NR rows transposed: out[p][d][c] =
 // scale * src[p * NR + c][d]; rows past len are zero. out holds round_up(len, NR) * dim floats.
+// Rows are converted into row_buf (NR x dim floats), then transposed in registers.
 inline void pack_transposed_panels(const void* src, DType dt, int64_t seq_stride, int64_t len, int64_t dim,
                                    float scale, float* row_buf, float* out) {
-  const int64_t npanels = ceil_div(len, NR);
-  std::memset(out, 0, sizeof(float) * npanels * NR * dim);
-  for (int64_t r = 0; r < len; ++r) {
-    load_row(static_cast<const char*>(src) + r * seq_stride * elem_size(dt), dt, dim, scale, row_buf);
-    float* panel = out + (r / NR) * dim * NR + (r % NR);
-    for (int64_t d = 0; d < dim; ++d) panel[d * NR] = row_buf[d];
+  for (int64_t p0 = 0; p0 < len; p0 += NR) {
+    const int64_t rows = std::min<int64_t>(NR, len - p0);
+    for (int64_t c = 0; c < rows; ++c)
+      load_row(static_cast<const char*>(src) + (p0 + c) * seq_stride * elem_size(dt), dt, dim, scale,
+               row_buf + c * dim);
+    float* panel = out + p0 * dim;
+    transpose(row_buf, dim, rows, dim, panel, NR);
+    if (rows < NR)
+      for (int64_t d = 0; d < dim; ++d) std::memset(panel + d * NR + rows, 0, sizeof(float) * (NR - rows));
   }
 }
 

@@ -39,6 +39,17 @@ inline float row_exp2_sum(float* x, int64_t n, float scale, float shift) {
   return sum;
 }
 
+// out[i] = 2^(a[i] - b[i]); lanes where both are -inf give NaN, and callers skip those.
+inline void exp2_of_difference(const float* a, const float* b, float* out, int64_t n) {
+  namespace sv = simd;
+  int64_t i = 0;
+  for (; i + sv::W <= n; i += sv::W) sv::store(out + i, sv::exp2(sv::sub(sv::load(a + i), sv::load(b + i))));
+  if (i < n) {
+    const int t = int(n - i);
+    sv::store(out + i, sv::exp2(sv::sub(sv::load(a + i, t), sv::load(b + i, t))), t);
+  }
+}
+
 // y[i] += x[i]
 inline void add_rows(float* y, const float* x, int64_t n) {
   namespace sv = simd;

@@ -57,6 +57,34 @@ inline V exp2(V v) {
   return {_mm512_maskz_mov_ps(__mmask16(~under), _mm512_scalef_ps(p, r))};
 }
 
+// dst[c][r] = src[r][c] for a W x W block (row strides in floats).
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {  // interleave pairs of rows
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 2x2 blocks of pairs
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // r[4g + j]: in 128-bit lane k, rows 4g..4g+3 of column 4k + j. Now gather lanes across g.
+  for (int g = 0; g < 16; g += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[g + j] = _mm512_shuffle_f32x4(r[g + j], r[g + 4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+      t[g + 4 + j] = _mm512_shuffle_f32x4(r[g + j], r[g + 4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], _MM_SHUFFLE(2, 0, 2, 0));
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], _MM_SHUFFLE(3, 1, 3, 1));
+  }
+  for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * ldd, r[k]);  // r[k] is column k
+}
+
 #elif defined(LLMCORE_ISA_AVX2)
 
 constexpr int W = 8;
@@ -112,6 +140,26 @@ inline V exp2(V v) {
   return {_mm256_blendv_ps(res, x0, nan)};
 }
 
+// dst[c][r] = src[r][c] for a W x W block (row strides in floats).
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // lane k of r[i + j]: rows i..i+3 of column 4k + j
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+    _mm256_storeu_ps(dst + (4 + j) * ldd, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+  }
+}
+
 #else  // portable: plain loops the compiler may vectorize
 
 constexpr int W = 8;
@@ -133,6 +181,10 @@ inline V max(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = std::fmax(a.x[i], 
 inline float reduce_add(V a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.x[i]; return s; }
 inline float reduce_max(V a) { float s = -INFINITY; for (int i = 0; i < W; ++i) s = std::fmax(s, a.x[i]); return s; }
 inline V exp2(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::exp2(a.x[i]); return a; }
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  for (int r = 0; r < W; ++r)
+    for (int c = 0; c < W; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
 
 #endif
 
