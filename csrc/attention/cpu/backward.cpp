@@ -3,9 +3,15 @@
 // every GEMM reads its operands row-major without a per-tile transpose:
 //   dV_j += P^T_j dO_i      dP^T = V_j dO_i^T      dS^T = P^T * (dP^T - D_i)
 //   dK_j += dS^T Q_i        dQ_i^T += K_j^T dS^T
-// Work items are (sequence, kv head, chunk of key tiles), so GQA heads never race on dK/dV
-// and small batch x heads still spread over all threads: each chunk accumulates dQ^T in its
-// own buffer and a final pass sums the chunks. Compiled once per ISA; see simd.h.
+// Work items are (sequence, kv head, chunk of key tiles), so GQA heads never race on dK/dV.
+// Two layouts share that loop:
+//  - local: many short heads. Each item packs its group's operands into the thread's own
+//    buffers, takes every key tile, and writes dQ itself; nothing round-trips through memory.
+//  - shared: long sequences or few heads. Operands are packed once for all items, key tiles
+//    are split into chunks so small batch x heads still fills every thread (torch's CPU
+//    backward stops at batch x heads), each chunk accumulates dQ^T in its own buffer and a
+//    final pass sums the chunks.
+// Compiled once per ISA; see simd.h.
 #include <omp.h>
 
 #include <algorithm>
@@ -22,156 +28,146 @@ constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
 static_assert(kBlockQ % NR == 0, "query tiles are whole panels");
 
-// fp32 copies of the operands, packed once per call. Per (sequence, head) slices start at
-// padded row offsets, so varlen batches waste no space on the longest sequence.
-struct Packed {
-  int64_t D = 0, Dv = 0, q_total = 0, k_total = 0;
-  Scratch<int64_t> q_off, k_off;
-  Scratch<float> qt, q, dot, dout, neg_lse, di;  // per query head
-  Scratch<float> k, kt, v;                    // per kv head
-
-  int64_t q_base(int64_t b, int64_t h) const { return h * q_total + q_off[b]; }
-  int64_t k_base(int64_t b, int64_t h) const { return h * k_total + k_off[b]; }
-  int64_t q_pad(int64_t b) const { return q_off[b + 1] - q_off[b]; }
-  int64_t k_pad(int64_t b) const { return k_off[b + 1] - k_off[b]; }
+// The fp32 operands of one (sequence, kv head) group: its kv head and its query heads.
+// Query head g of the group starts g * q_head_rows rows after head 0 in each q buffer.
+struct GroupView {
+  const float *k, *kt, *v;                          // k, v: kpad x D / Dv rows; kt: D x kpad
+  const float *qt, *q, *dot, *dout, *neg_lse, *di;  // head 0; qt/dot: panels of NR queries
+  int64_t q_head_rows, qpad, kpad;
 };
 
-Packed pack(const BackwardArgs& a, int nthreads) {
-  const Problem& p = a.p;
-  Packed pk;
-  pk.D = p.head_dim;
-  pk.Dv = p.head_dim_v;
-  pk.q_off = make_scratch<int64_t>(p.batch + 1);
-  pk.k_off = make_scratch<int64_t>(p.batch + 1);
-  pk.q_off[0] = pk.k_off[0] = 0;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const Seq s = sequence(p, b);
-    pk.q_off[b + 1] = pk.q_off[b] + round_up(s.len_q, kBlockQ);
-    pk.k_off[b + 1] = pk.k_off[b] + round_up(s.len_k, NR);
-  }
-  pk.q_total = pk.q_off[p.batch];
-  pk.k_total = pk.k_off[p.batch];
-  const int64_t nq = p.heads_q * pk.q_total, nk = p.heads_kv * pk.k_total;
-  pk.qt = make_scratch<float>(nq * pk.D);
-  pk.q = make_scratch<float>(nq * pk.D);
-  pk.dot = make_scratch<float>(nq * pk.Dv);
-  pk.dout = make_scratch<float>(nq * pk.Dv);
-  pk.neg_lse = make_scratch<float>(nq);
-  pk.di = make_scratch<float>(nq);
-  pk.k = make_scratch<float>(nk * pk.D);
-  pk.kt = make_scratch<float>(nk * pk.D);
-  pk.v = make_scratch<float>(nk * pk.Dv);
+int64_t q_floats(int64_t qpad, int64_t D, int64_t Dv) { return qpad * (2 * D + 2 * Dv + 2); }
+int64_t k_floats(int64_t kpad, int64_t D, int64_t Dv) { return kpad * (2 * D + Dv); }
 
-  const int64_t row_len = NR * std::max(pk.D, pk.Dv);  // pack_transposed_panels' row buffer
-  Scratch<float> rows = make_scratch<float>(2 * row_len * nthreads);
-#pragma omp parallel num_threads(nthreads)
-  {
-    float* row = rows.get() + 2 * row_len * omp_get_thread_num();
-    float* row2 = row + row_len;
-#pragma omp for schedule(dynamic, 1) collapse(2) nowait
-    for (int64_t b = 0; b < p.batch; ++b) {
-      for (int64_t h = 0; h < p.heads_q; ++h) {
-        const Seq s = sequence(p, b);
-        const int64_t base = pk.q_base(b, h), pad = pk.q_pad(b);
-        const void* q = at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, 0));
-        const void* dout = at(a.dout, p.dtype, row_offset(p, a.dout, b, h, s.q_row0, 0));
-        // Q^T for the scores carries only the sign of the scale (see forward.cpp).
-        pack_transposed_panels(q, p.dtype, a.q.seq_stride, s.len_q, pk.D, p.scale < 0 ? -1.f : 1.f, row,
-                               pk.qt.get() + base * pk.D);
-        pack_rows(q, p.dtype, a.q.seq_stride, s.len_q, pk.D, 1.f, pk.q.get() + base * pk.D);
-        pack_transposed_panels(dout, p.dtype, a.dout.seq_stride, s.len_q, pk.Dv, 1.f, row, pk.dot.get() + base * pk.Dv);
-        pack_rows(dout, p.dtype, a.dout.seq_stride, s.len_q, pk.Dv, 1.f, pk.dout.get() + base * pk.Dv);
-        for (int64_t i = 0; i < pad; ++i) {
-          float neg_lse = -INFINITY, di = 0.f;  // padding and fully masked rows: P = 0
-          if (i < s.len_q) {
-            const float lse = a.lse[lse_index(p, b, h, s, i)];
-            if (lse != -INFINITY) neg_lse = -lse;
-            load_row(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i)), p.dtype, pk.Dv, 1.f, row2);
-            const float* g = pk.dout.get() + (base + i) * pk.Dv;
-            // D_i = dO . O rounded as the GEMM rounds dP = dO . V: dS = P (dP - D_i) cancels, and
-            // where one key dominates (O = V_j) the cancellation is then exact.
-            di = dot_like_gemm(row2, g, pk.Dv);
-          }
-          pk.neg_lse[base + i] = neg_lse;
-          pk.di[base + i] = di;
-        }
-      }
+// Packs query head h of sequence b at row `row` of the q buffers (rows of q_total).
+struct QBuffers {
+  float *qt, *q, *dot, *dout, *neg_lse, *di;
+  int64_t total;  // rows per head slot
+};
+struct KBuffers {
+  float *k, *kt, *v;
+};
+
+QBuffers carve_q(float* base, int64_t rows, int64_t heads, int64_t D, int64_t Dv) {
+  QBuffers qb;
+  qb.total = rows;
+  qb.qt = base;
+  qb.q = qb.qt + heads * rows * D;
+  qb.dot = qb.q + heads * rows * D;
+  qb.dout = qb.dot + heads * rows * Dv;
+  qb.neg_lse = qb.dout + heads * rows * Dv;
+  qb.di = qb.neg_lse + heads * rows;
+  return qb;
+}
+
+KBuffers carve_k(float* base, int64_t rows, int64_t heads, int64_t D, int64_t Dv) {
+  KBuffers kb;
+  kb.k = base;
+  kb.kt = kb.k + heads * rows * D;
+  kb.v = kb.kt + heads * rows * D;
+  return kb;
+}
+
+// Writes query head h of sequence b into slot `slot` (row offset in the buffers).
+void pack_q_head(const BackwardArgs& a, int64_t b, int64_t h, const QBuffers& qb, int64_t slot, float* rows,
+                 float* row2) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = round_up(s.len_q, kBlockQ);
+  const void* q = at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, 0));
+  const void* dout = at(a.dout, p.dtype, row_offset(p, a.dout, b, h, s.q_row0, 0));
+  // Q^T for the scores carries only the sign of the scale (see forward.cpp).
+  pack_transposed_panels(q, p.dtype, a.q.seq_stride, s.len_q, D, p.scale < 0 ? -1.f : 1.f, rows, qb.qt + slot * D);
+  pack_rows(q, p.dtype, a.q.seq_stride, s.len_q, D, 1.f, qb.q + slot * D);
+  pack_transposed_panels(dout, p.dtype, a.dout.seq_stride, s.len_q, Dv, 1.f, rows, qb.dot + slot * Dv);
+  pack_rows(dout, p.dtype, a.dout.seq_stride, s.len_q, Dv, 1.f, qb.dout + slot * Dv);
+  for (int64_t i = 0; i < pad; ++i) {
+    float neg_lse = -INFINITY, di = 0.f;  // padding and fully masked rows: P = 0
+    if (i < s.len_q) {
+      const float lse = a.lse[lse_index(p, b, h, s, i)];
+      if (lse != -INFINITY) neg_lse = -lse;
+      load_row(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i)), p.dtype, Dv, 1.f, row2);
+      // D_i = dO . O rounded as the GEMM rounds dP = dO . V: dS = P (dP - D_i) cancels, and
+      // where one key dominates (O = V_j) the cancellation is then exact.
+      di = dot_like_gemm(row2, qb.dout + (slot + i) * Dv, Dv);
     }
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t b = 0; b < p.batch; ++b) {
-      for (int64_t h = 0; h < p.heads_kv; ++h) {
-        const Seq s = sequence(p, b);
-        const int64_t base = pk.k_base(b, h), pad = pk.k_pad(b);
-        const void* k = at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0));
-        const void* v = at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0));
-        float* kr = pk.k.get() + base * pk.D;
-        pack_rows(k, p.dtype, a.k.seq_stride, s.len_k, pk.D, 1.f, kr);
-        pack_rows(v, p.dtype, a.v.seq_stride, s.len_k, pk.Dv, 1.f, pk.v.get() + base * pk.Dv);
-        float* kt = pk.kt.get() + base * pk.D;  // D x pad, row-major
-        transpose(kr, pk.D, s.len_k, pk.D, kt, pad);
-        for (int64_t d = 0; d < pk.D; ++d) std::memset(kt + d * pad + s.len_k, 0, sizeof(float) * (pad - s.len_k));
-      }
-    }
+    qb.neg_lse[slot + i] = neg_lse;
+    qb.di[slot + i] = di;
   }
-  return pk;
+}
+
+void pack_k_head(const BackwardArgs& a, int64_t b, int64_t h, const KBuffers& kb, int64_t slot) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = round_up(s.len_k, NR);
+  float* kr = kb.k + slot * D;
+  pack_rows(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)), p.dtype, a.k.seq_stride, s.len_k, D, 1.f, kr);
+  pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, Dv, 1.f,
+            kb.v + slot * Dv);
+  float* kt = kb.kt + slot * D;  // D x pad, row-major
+  transpose(kr, D, s.len_k, D, kt, pad);
+  for (int64_t d = 0; d < D; ++d) std::memset(kt + d * pad + s.len_k, 0, sizeof(float) * (pad - s.len_k));
 }
 
 struct TileBuffers {
-  float *p, *pd, *ds, *keep_scale, *dk, *dv, *partial;
+  float *p, *pd, *ds, *keep_scale, *dk, *dv, *partial, *rows, *row2;
   uint8_t* keep;
   static int64_t floats(int64_t D, int64_t Dv) {
-    return 4 * kBlockK * kBlockQ + kBlockK * (D + Dv + std::max(D, Dv)) + kBlockQ * kBlockK / 4 + 16;
+    const int64_t DD = std::max(D, Dv);
+    return 4 * kBlockK * kBlockQ + kBlockK * (D + Dv + DD) + NR * DD + DD + kBlockQ * kBlockK / 4 + 16;
   }
-  TileBuffers(float* base, int64_t D, int64_t Dv)
-      : p(base), pd(p + kBlockK * kBlockQ), ds(pd + kBlockK * kBlockQ), keep_scale(ds + kBlockK * kBlockQ),
-        dk(keep_scale + kBlockK * kBlockQ), dv(dk + kBlockK * D), partial(dv + kBlockK * Dv),
-        keep(reinterpret_cast<uint8_t*>(partial + kBlockK * std::max(D, Dv))) {}
+  TileBuffers(float* base, int64_t D, int64_t Dv) {
+    const int64_t DD = std::max(D, Dv);
+    p = base;
+    pd = p + kBlockK * kBlockQ;
+    ds = pd + kBlockK * kBlockQ;
+    keep_scale = ds + kBlockK * kBlockQ;
+    dk = keep_scale + kBlockK * kBlockQ;
+    dv = dk + kBlockK * D;
+    partial = dv + kBlockK * Dv;
+    rows = partial + kBlockK * DD;
+    row2 = rows + NR * DD;
+    keep = reinterpret_cast<uint8_t*>(row2 + DD);
+  }
 };
 
-struct Chunking {
-  int64_t chunks;
-  int64_t tiles_per_chunk(int64_t len_k) const { return ceil_div(ceil_div(len_k, kBlockK), chunks); }
-};
-
-void backward_item(const BackwardArgs& a, const Packed& pk, const Chunking& ch, float* dqt, int64_t b, int64_t hk,
-                   int64_t c, TileBuffers& buf) {
+// Key tiles [t_begin, t_end) of one group. dq_t(g) is the D x qpad dQ^T accumulator of the
+// group's query head g.
+template <class DqT>
+void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_t hk, int64_t t_begin, int64_t t_end,
+                    const DqT& dq_t, TileBuffers& buf) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
-  const int64_t D = pk.D, Dv = pk.Dv, group = p.heads_q / p.heads_kv;
-  const int64_t tpc = ch.tiles_per_chunk(s.len_k);
-  const int64_t t_begin = c * tpc, t_end = std::min(ceil_div(s.len_k, kBlockK), t_begin + tpc);
-  const int64_t kbase = pk.k_base(b, hk), kpad = pk.k_pad(b), qpad = pk.q_pad(b);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, group = p.heads_q / p.heads_kv;
   const int64_t off = p.causal ? causal_limit(p, s, 0) : 0;  // row i sees keys j <= i + off
   const bool dropout = p.dropout_p > 0.f;
+  const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
   const float cs = std::fabs(p.scale) * kLog2e;  // as in forward.cpp
   const bool prescale = p.mask_kind != MaskKind::none || cs == 0.f;
   const float row_c = prescale ? 1.f : cs;
-  const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t k0 = t * kBlockK, kb = std::min(kBlockK, s.len_k - k0);
-    std::memset(buf.dk, 0, sizeof(float) * kb * D);
-    std::memset(buf.dv, 0, sizeof(float) * kb * Dv);
-    const float* kr = pk.k.get() + (kbase + k0) * D;
-    const float* vr = pk.v.get() + (kbase + k0) * Dv;
-    const float* kt = pk.kt.get() + kbase * D + k0;
+    const float* kr = g.k + k0 * D;
+    const float* vr = g.v + k0 * Dv;
+    const float* kt = g.kt + k0;
+    bool first_q = true;  // dK and dV start from the first tile's product
     // Queries before q_first cannot see any key of this tile.
     const int64_t q_first = p.causal ? std::max<int64_t>(0, k0 - off) : 0;
 
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      const int64_t qbase = pk.q_base(b, h);
-      const float* neg_lse = pk.neg_lse.get() + qbase;
-      const float* di = pk.di.get() + qbase;
+    for (int64_t gh = 0; gh < group; ++gh) {
+      const int64_t h = hk * group + gh, qrow = gh * g.q_head_rows;
+      const float* neg_lse = g.neg_lse + qrow;
+      const float* di = g.di + qrow;
+      float* dqt = dq_t(gh);
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
         const int64_t qb = std::min(kBlockQ, s.len_q - q0);
         float* P = buf.p;
-        gemm(kb, qb, D, kr, D, PanelB{pk.qt.get() + qbase * D, D, q0}, P, kBlockQ, false);
+        gemm(kb, qb, D, kr, D, PanelB{g.qt + qrow * D, D, q0}, P, kBlockQ, false);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
         for (int64_t j = 0; j < kb; ++j) {
           float* row = P + j * kBlockQ;
-          if (prescale) {
-            row_scale(row, qb, cs);
-          }
+          if (prescale) row_scale(row, qb, cs);
           if (p.mask_kind != MaskKind::none) {
             const int64_t* st = p.mask_strides;
             const int64_t base = b * st[0] + h * st[1] + q0 * st[2] + (k0 + j) * st[3];
@@ -205,20 +201,25 @@ void backward_item(const BackwardArgs& a, const Packed& pk, const Chunking& ch, 
           Pd = buf.pd;
         }
 
-        // dK and dV sum over every query: add each tile's product as one partial sum, which
-        // keeps the fp32 rounding error of long sequences near that of a blocked sum.
-        gemm(kb, Dv, qb, Pd, kBlockQ, RowMajorB{pk.dout.get() + (qbase + q0) * Dv, Dv}, buf.partial, Dv, false);
-        add_rows(buf.dv, buf.partial, kb * Dv);
+        // dK and dV sum over every query: each query tile's product is added as one partial
+        // sum, which keeps fp32 rounding on long sequences near that of a blocked sum.
+        gemm(kb, Dv, qb, Pd, kBlockQ, RowMajorB{g.dout + (qrow + q0) * Dv, Dv}, first_q ? buf.dv : buf.partial, Dv,
+             false);
+        if (!first_q) add_rows(buf.dv, buf.partial, kb * Dv);
         float* dS = buf.ds;
-        gemm(kb, qb, Dv, vr, Dv, PanelB{pk.dot.get() + qbase * Dv, Dv, q0}, dS, kBlockQ, false);
+        gemm(kb, qb, Dv, vr, Dv, PanelB{g.dot + qrow * Dv, Dv, q0}, dS, kBlockQ, false);
         for (int64_t j = 0; j < kb; ++j)
           row_softmax_grad(P + j * kBlockQ, dS + j * kBlockQ, keep_scale ? keep_scale + j * kBlockQ : nullptr, di + q0,
                            dS + j * kBlockQ, qb);
-        gemm(kb, D, qb, dS, kBlockQ, RowMajorB{pk.q.get() + (qbase + q0) * D, D}, buf.partial, D, false);
-        add_rows(buf.dk, buf.partial, kb * D);
-        float* dq_t = dqt + ((c * p.heads_q + h) * pk.q_total + pk.q_off[b]) * D;  // D x qpad
-        gemm(D, qb, kb, kt, kpad, RowMajorB{dS, kBlockQ}, dq_t + q0, qpad, true);
+        gemm(kb, D, qb, dS, kBlockQ, RowMajorB{g.q + (qrow + q0) * D, D}, first_q ? buf.dk : buf.partial, D, false);
+        if (!first_q) add_rows(buf.dk, buf.partial, kb * D);
+        first_q = false;
+        gemm(D, qb, kb, kt, g.kpad, RowMajorB{dS, kBlockQ}, dqt + q0, g.qpad, true);
       }
+    }
+    if (first_q) {  // no query sees this key tile
+      std::memset(buf.dk, 0, sizeof(float) * kb * D);
+      std::memset(buf.dv, 0, sizeof(float) * kb * Dv);
     }
     for (int64_t j = 0; j < kb; ++j) {
       store_row(buf.dk + j * D, D, p.scale, p.dtype, at_mut(a.dk, p.dtype, row_offset(p, a.dk, b, hk, s.k_row0, k0 + j)));
@@ -227,59 +228,134 @@ void backward_item(const BackwardArgs& a, const Packed& pk, const Chunking& ch, 
   }
 }
 
+// dQ rows [0, len_q) of head h = scale * sum over `chunks` dQ^T buffers (D x qpad each,
+// `chunk_stride` floats apart), transposed back.
+void write_dq(const BackwardArgs& a, int64_t b, int64_t h, const float* dqt, int64_t chunks, int64_t chunk_stride,
+              int64_t qpad, float* rows) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const int64_t D = p.head_dim;
+  const int64_t block = std::max<int64_t>(1, (kBlockK * kBlockQ) / D);  // rows per pass; rows holds 4096 floats
+  for (int64_t i0 = 0; i0 < s.len_q; i0 += block) {
+    const int64_t n = std::min(block, s.len_q - i0);
+    transpose(dqt + i0, qpad, D, n, rows, D);
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* src = dqt + c * chunk_stride + i0;
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t i = 0; i < n; ++i) rows[i * D + d] += src[d * qpad + i];
+    }
+    for (int64_t i = 0; i < n; ++i)
+      store_row(rows + i * D, D, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i0 + i)));
+  }
+}
+
 }  // namespace
 
 void backward(const BackwardArgs& a) {
   const Problem& p = a.p;
   const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-  const Packed pk = pack(a, nthreads);
-
-  // Split the key tiles of each (sequence, kv head) into chunks when there are too few of
-  // those pairs to keep every thread busy (torch's CPU backward stops at batch x heads).
-  int64_t max_tiles = 1;
-  for (int64_t b = 0; b < p.batch; ++b) max_tiles = std::max(max_tiles, ceil_div(sequence(p, b).len_k, kBlockK));
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, group = p.heads_q / p.heads_kv;
   const int64_t pairs = p.batch * p.heads_kv;
-  const Chunking ch{pairs >= 4 * nthreads ? 1 : std::min(max_tiles, ceil_div(4 * nthreads, std::max<int64_t>(pairs, 1)))};
 
-  const int64_t dqt_size = ch.chunks * p.heads_q * pk.q_total * pk.D;
-  Scratch<float> dqt = make_scratch<float>(dqt_size);
-  const int64_t per_thread = TileBuffers::floats(pk.D, pk.Dv);
-  Scratch<float> scratch = make_scratch<float>(per_thread * nthreads);
-  const int64_t items = pairs * ch.chunks;
+  int64_t max_q = 0, max_k = 0, q_total = 0, k_total = 0, max_tiles = 1;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq s = sequence(p, b);
+    max_q = std::max(max_q, round_up(s.len_q, kBlockQ));
+    max_k = std::max(max_k, round_up(s.len_k, NR));
+    q_total += round_up(s.len_q, kBlockQ);
+    k_total += round_up(s.len_k, NR);
+    max_tiles = std::max(max_tiles, ceil_div(s.len_k, kBlockK));
+  }
+  // One group's packed operands plus its dQ^T, per thread.
+  const int64_t group_floats = group * q_floats(max_q, D, Dv) + k_floats(max_k, D, Dv) + group * max_q * D;
+  const bool local = pairs >= 2 * nthreads && group_floats * 4 <= (1 << 20);
+  const int64_t chunks = local || pairs >= 4 * nthreads
+                             ? 1
+                             : std::min(max_tiles, ceil_div(4 * nthreads, std::max<int64_t>(pairs, 1)));
+
+  const int64_t tile_floats = TileBuffers::floats(D, Dv);
+  const int64_t per_thread = tile_floats + (local ? group_floats : 0);
+  const int64_t shared_floats =
+      local ? 0 : p.heads_q * q_floats(q_total, D, Dv) + p.heads_kv * k_floats(k_total, D, Dv) +
+                      chunks * p.heads_q * q_total * D;
+  Workspace ws;
+  ws.reserve(2 * ws_bytes(sizeof(int64_t) * (p.batch + 1)) + ws_bytes(sizeof(float) * per_thread * nthreads) +
+             ws_bytes(sizeof(float) * shared_floats));
+  int64_t* q_off = ws.carve<int64_t>(p.batch + 1);
+  int64_t* k_off = ws.carve<int64_t>(p.batch + 1);
+  float* scratch = ws.carve<float>(per_thread * nthreads);
+  float* shared = ws.carve<float>(shared_floats);
+  q_off[0] = k_off[0] = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq s = sequence(p, b);
+    q_off[b + 1] = q_off[b] + round_up(s.len_q, kBlockQ);
+    k_off[b + 1] = k_off[b] + round_up(s.len_k, NR);
+  }
+
+  if (local) {
+#pragma omp parallel num_threads(nthreads)
+    {
+      float* mine = scratch + per_thread * omp_get_thread_num();
+      TileBuffers buf(mine, D, Dv);
+      float* gbase = mine + tile_floats;
+      const QBuffers qb = carve_q(gbase, max_q, group, D, Dv);
+      const KBuffers kb = carve_k(gbase + group * q_floats(max_q, D, Dv), max_k, 1, D, Dv);
+      float* dqt = kb.k + k_floats(max_k, D, Dv);  // group x D x qpad
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < pairs; ++it) {
+        const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
+        const Seq s = sequence(p, b);
+        const int64_t qpad = round_up(s.len_q, kBlockQ), kpad = round_up(s.len_k, NR);
+        for (int64_t gh = 0; gh < group; ++gh)
+          pack_q_head(a, b, hk * group + gh, qb, gh * max_q, buf.rows, buf.row2);
+        pack_k_head(a, b, hk, kb, 0);
+        const GroupView g{kb.k, kb.kt, kb.v, qb.qt, qb.q, qb.dot, qb.dout, qb.neg_lse, qb.di, max_q, qpad, kpad};
+        std::memset(dqt, 0, sizeof(float) * group * D * qpad);
+        backward_tiles(a, g, b, hk, 0, ceil_div(s.len_k, kBlockK), [&](int64_t gh) { return dqt + gh * D * qpad; },
+                       buf);
+        for (int64_t gh = 0; gh < group; ++gh)
+          write_dq(a, b, hk * group + gh, dqt + gh * D * qpad, 1, 0, qpad, buf.p);
+      }
+    }
+    return;
+  }
+
+  const QBuffers qb = carve_q(shared, q_total, p.heads_q, D, Dv);
+  const KBuffers kb = carve_k(shared + p.heads_q * q_floats(q_total, D, Dv), k_total, p.heads_kv, D, Dv);
+  float* dqt = kb.k + p.heads_kv * k_floats(k_total, D, Dv);  // chunks x Hq x (D x qpad per sequence)
+  const int64_t dqt_size = chunks * p.heads_q * q_total * D;
+  auto dqt_of = [&](int64_t c, int64_t h, int64_t b) { return dqt + ((c * p.heads_q + h) * q_total + q_off[b]) * D; };
 
 #pragma omp parallel num_threads(nthreads)
   {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < dqt_size; i += 4096) std::memset(dqt.get() + i, 0, sizeof(float) * std::min<int64_t>(4096, dqt_size - i));
-
-    TileBuffers buf(scratch.get() + per_thread * omp_get_thread_num(), pk.D, pk.Dv);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t c = it % ch.chunks, pair = it / ch.chunks;
-      backward_item(a, pk, ch, dqt.get(), pair / p.heads_kv, pair % p.heads_kv, c, buf);
-    }
-
-    // dQ = scale * sum over chunks of dQ^T, transposed back, block of rows by block of rows.
+    TileBuffers buf(scratch + per_thread * omp_get_thread_num(), D, Dv);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < dqt_size; i += 4096)
+      std::memset(dqt + i, 0, sizeof(float) * std::min<int64_t>(4096, dqt_size - i));
+#pragma omp for schedule(dynamic, 1) collapse(2) nowait
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads_q; ++h) pack_q_head(a, b, h, qb, h * q_total + q_off[b], buf.rows, buf.row2);
 #pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t b = 0; b < p.batch; ++b) {
-      for (int64_t h = 0; h < p.heads_q; ++h) {
-        const Seq s = sequence(p, b);
-        const int64_t qpad = pk.q_pad(b), D = pk.D;
-        float* rows = buf.p;  // kBlockK * kBlockQ floats >= 16 rows of up to 256
-        const int64_t rows_per_block = std::max<int64_t>(1, (kBlockK * kBlockQ) / D);
-        for (int64_t i0 = 0; i0 < s.len_q; i0 += rows_per_block) {
-          const int64_t n = std::min(rows_per_block, s.len_q - i0);
-          std::memset(rows, 0, sizeof(float) * n * D);
-          for (int64_t c = 0; c < ch.chunks; ++c) {
-            const float* src = dqt.get() + ((c * p.heads_q + h) * pk.q_total + pk.q_off[b]) * D;
-            for (int64_t d = 0; d < D; ++d)
-              for (int64_t i = 0; i < n; ++i) rows[i * D + d] += src[d * qpad + i0 + i];
-          }
-          for (int64_t i = 0; i < n; ++i)
-            store_row(rows + i * D, D, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i0 + i)));
-        }
-      }
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads_kv; ++h) pack_k_head(a, b, h, kb, h * k_total + k_off[b]);
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < pairs * chunks; ++it) {
+      const int64_t c = it % chunks, pair = it / chunks, b = pair / p.heads_kv, hk = pair % p.heads_kv;
+      const Seq s = sequence(p, b);
+      const int64_t ntiles = ceil_div(s.len_k, kBlockK), tpc = ceil_div(ntiles, chunks);
+      const int64_t qrow0 = (hk * group) * q_total + q_off[b], krow0 = hk * k_total + k_off[b];
+      const GroupView g{kb.k + krow0 * D, kb.kt + krow0 * D, kb.v + krow0 * Dv, qb.qt + qrow0 * D, qb.q + qrow0 * D,
+                        qb.dot + qrow0 * Dv, qb.dout + qrow0 * Dv, qb.neg_lse + qrow0, qb.di + qrow0, q_total,
+                        q_off[b + 1] - q_off[b], k_off[b + 1] - k_off[b]};
+      backward_tiles(a, g, b, hk, c * tpc, std::min(ntiles, (c + 1) * tpc),
+                     [&](int64_t gh) { return dqt_of(c, hk * group + gh, b); }, buf);
     }
+
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads_q; ++h)
+        write_dq(a, b, h, dqt_of(0, h, b), chunks, p.heads_q * q_total * D, q_off[b + 1] - q_off[b], buf.p);
   }
 }
 
