@@ -159,6 +159,9 @@ PYBIND11_MODULE(_C, m) {
     d["avx512_bf16"] = f.avx512_bf16; d["amx_tile"] = f.amx_tile; d["amx_bf16"] = f.amx_bf16;
     return d;
   });
+  m.def("amx_available", &llmcore::amx_available, "AMX bf16 kernels compiled, supported by the CPU and allowed by the OS.");
+  m.def("amx_enabled", &llmcore::amx_enabled, "Whether bf16 attention runs on AMX now.");
+  m.def("set_amx", &llmcore::set_amx, py::arg("on"), "Switch the AMX bf16 kernels off or on (tests, benchmarks).");
   m.def("num_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the kernels use by default.");
   m.def("set_num_threads", [](int n) {
     require(n > 0, "num_threads must be positive");

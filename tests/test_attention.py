@@ -136,3 +136,15 @@ def test_backend_reference_matches_cpu():
     q, k, v = (torch.randn(2, 2, 33, 32) for _ in range(3))
     torch.testing.assert_close(llmcore.scaled_dot_product_attention(q, k, v, backend="reference"),
                                llmcore.scaled_dot_product_attention(q, k, v, backend="cpu"), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not llmcore._C.amx_available(), reason="this CPU (or OS) offers no AMX bf16")
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_bf16_with_and_without_amx(amx, is_causal):
+    llmcore._C.set_amx(amx)
+    try:
+        check_sdpa((2, 4, 300, 80), (2, 2, 300, 80), torch.bfloat16, is_causal=is_causal, enable_gqa=True)
+        check_sdpa((1, 2, 33, 59), (1, 2, 70, 59), torch.bfloat16, mask=torch.rand(33, 70) > 0.3)
+    finally:
+        llmcore._C.set_amx(True)

@@ -2,10 +2,15 @@
 
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #define LLMCORE_X86 1
+#endif
+#if defined(__linux__) && defined(LLMCORE_X86)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace llmcore {
@@ -86,6 +91,22 @@ Isa initial_isa() {
 
 Isa g_isa = initial_isa();
 
+bool request_amx() {
+#if defined(LLMCORE_HAVE_AMX) && defined(__linux__)
+  const CpuFeatures& f = cpu_features();
+  if (!(f.amx_tile && f.amx_bf16 && f.avx512_bf16 && f.avx512f)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+bool g_amx_on = [] {
+  const char* env = std::getenv("LLMCORE_DISABLE_AMX");
+  return !(env && *env && std::string(env) != "0");
+}();
+
 }  // namespace
 
 const CpuFeatures& cpu_features() {
@@ -114,6 +135,18 @@ void set_isa(const std::string& name) {
   if (!isa_compiled(isa)) throw std::invalid_argument("CPU ISA '" + name + "' was not compiled into this build");
   if (!isa_supported(isa)) throw std::invalid_argument("this CPU does not support the '" + name + "' kernels");
   g_isa = isa;
+}
+
+bool amx_available() {
+  static const bool ok = request_amx();
+  return ok;
+}
+
+bool amx_enabled() { return g_amx_on && amx_available() && g_isa == Isa::avx512; }
+
+void set_amx(bool on) {
+  if (on && !amx_available()) throw std::invalid_argument("AMX bf16 kernels are not available on this CPU/build");
+  g_amx_on = on;
 }
 
 const char* isa_name(Isa isa) {

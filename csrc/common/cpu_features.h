@@ -23,4 +23,11 @@ void set_isa(const std::string& name);
 const char* isa_name(Isa isa);
 bool isa_compiled(Isa isa);
 
+// AMX bf16 kernels: compiled in, CPU support, and the OS's permission to use the tile data
+// (asked once, through arch_prctl). amx_enabled() is that, unless switched off.
+bool amx_available();
+bool amx_enabled();
+// Switch the AMX kernels off or back on (tests, benchmarks). Throws if unavailable.
+void set_amx(bool on);
+
 }  // namespace llmcore

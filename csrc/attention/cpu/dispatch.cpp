@@ -20,8 +20,16 @@ LLMCORE_DECLARE_ISA(avx2)
 #endif
 LLMCORE_DECLARE_ISA(portable)
 #undef LLMCORE_DECLARE_ISA
+#ifdef LLMCORE_HAVE_AMX
+namespace avx512_amx {
+void forward(const ForwardArgs& args);
+}
+#endif
 
 void forward(const ForwardArgs& args) {
+#ifdef LLMCORE_HAVE_AMX
+  if (args.p.dtype == DType::bf16 && amx_enabled()) return avx512_amx::forward(args);
+#endif
   switch (current_isa()) {
 #ifdef LLMCORE_HAVE_AVX512
     case Isa::avx512: return avx512::forward(args);

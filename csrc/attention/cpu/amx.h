@@ -1,0 +1,116 @@
+// AMX (Advanced Matrix Extensions) bf16 tile GEMM for the attention tiles.
+// Compiled only into the avx512_amx kernel build (-mamx-tile -mamx-bf16 -mavx512bf16).
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace llmcore::attention::LLMCORE_ISA_NS {
+
+// Palette 1, every tile 16 rows x 64 bytes. Loaded once per thread per kernel call.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) {
+      colsb[t] = 64;
+      rows[t] = 16;
+    }
+  }
+};
+
+// Holds the tile configuration for its scope (one per OpenMP thread).
+struct AmxScope {
+  AmxScope() {
+    static const TileConfig cfg;
+    _tile_loadconfig(&cfg);
+  }
+  ~AmxScope() { _tile_release(); }
+};
+
+// B operand in VNNI blocks: a K x N matrix (K even) stored as N/16 column blocks, each K/2
+// rows of 16 (b[2k][n], b[2k+1][n]) pairs: 64 bytes a row, block after block (a block is
+// K * 16 elements). The sub-matrix at rows k0.., columns n0.. starts here:
+inline const uint16_t* vnni_at(const uint16_t* b, int64_t K, int64_t k0, int64_t n0) {
+  return b + (n0 / 16) * K * 16 + k0 * 16;
+}
+
+// C (M x N fp32, ldc floats) (+)= A (M x K bf16 row-major, lda elements) * B, where B points
+// at a VNNI sub-matrix (vnni_at) of a matrix whose blocks are block_stride elements apart.
+// M, N and K are multiples of 32; every padded row of A and B must be readable (its
+// values only reach the padded part of C).
+inline void amx_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                     int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
+  const int64_t sa = lda * 2, sc = ldc * 4;
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      float* c = C + m0 * ldc + n0;
+      if (accumulate) {
+        _tile_loadd(0, c, sc);
+        _tile_loadd(1, c + 16, sc);
+        _tile_loadd(2, c + 16 * ldc, sc);
+        _tile_loadd(3, c + 16 * ldc + 16, sc);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      const uint16_t* b0 = B + (n0 / 16) * block_stride;
+      const uint16_t* b1 = b0 + block_stride;
+      const uint16_t* a = A + m0 * lda;
+      for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        _tile_loadd(4, a + k0, sa);
+        _tile_loadd(5, a + 16 * lda + k0, sa);
+        _tile_loadd(6, b0 + k0 * 16, 64);
+        _tile_loadd(7, b1 + k0 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, sc);
+      _tile_stored(1, c + 16, sc);
+      _tile_stored(2, c + 16 * ldc, sc);
+      _tile_stored(3, c + 16 * ldc + 16, sc);
+    }
+  }
+}
+
+// dst[i] = bf16(src[i]) rounded to nearest even (n a multiple of 32).
+inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_si512(dst + i, reinterpret_cast<const __m512i&>(v));
+  }
+}
+
+// VNNI-packs rows [0, rows) of a row-major bf16 matrix (ld elements, `cols` columns) as the
+// B operand with K = rows: out holds round_up(cols, 32) / 16 blocks of round_up(rows, 32) / 2
+// pair-rows; padding is zero.
+inline void pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad, int64_t n_pad,
+                           uint16_t* out) {
+  std::memset(out, 0, sizeof(uint16_t) * k_pad * n_pad);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* s = src + r * ld;
+    for (int64_t n = 0; n < cols; ++n) out[(n / 16) * k_pad * 16 + (r / 2) * 32 + (n % 16) * 2 + (r % 2)] = s[n];
+  }
+}
+
+// VNNI-packs the transpose of a row-major bf16 matrix: B = src^T, so K = cols (the
+// contraction runs along src's rows) and N = rows. Same block layout and padding as above.
+inline void pack_vnni_transposed(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad,
+                                 int64_t n_pad, uint16_t* out) {
+  std::memset(out, 0, sizeof(uint16_t) * k_pad * n_pad);
+  for (int64_t n = 0; n < rows; ++n) {
+    const uint16_t* s = src + n * ld;
+    uint16_t* blk = out + (n / 16) * k_pad * 16 + (n % 16) * 2;
+    for (int64_t k = 0; k < cols; ++k) blk[(k / 2) * 32 + (k % 2)] = s[k];
+  }
+}
+
+}  // namespace llmcore::attention::LLMCORE_ISA_NS

@@ -1,0 +1,213 @@
+// The forward of forward.cpp for bf16 inputs on CPUs with AMX: the two GEMMs of each tile run
+// on AMX tiles (bf16 operands, fp32 accumulation), the online softmax stays in fp32 AVX-512.
+// P is rounded to bf16 before P V, as torch's and FlashAttention's bf16 kernels do; the row
+// sums use the fp32 P. Compiled only into the avx512_amx build.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "attention/cpu/amx.h"
+#include "attention/cpu/kernel_common.h"
+#include "attention/cpu/row_ops.h"
+
+namespace llmcore::attention::LLMCORE_ISA_NS {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+
+struct Dims {
+  int64_t D, Dv, Dp, Dvp;  // head dims, padded to 32
+};
+
+// One (sequence, kv head): K^T and V as VNNI B operands, keys padded to 32.
+struct KVPack {
+  uint16_t *kt, *v;
+  int64_t kpad;
+};
+
+int64_t kv_elems(int64_t kpad, const Dims& d) { return kpad * (d.Dp + d.Dvp); }
+
+void pack_kv(const ForwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t kpad, void*, KVPack& out) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const uint16_t* k = static_cast<const uint16_t*>(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)));
+  const uint16_t* v = static_cast<const uint16_t*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)));
+  out.kpad = kpad;
+  out.v = out.kt + kpad * d.Dp;
+  // B of S = Q K^T: K = head dim, N = keys.
+  pack_vnni_transposed(k, a.k.seq_stride, s.len_k, d.D, d.Dp, kpad, out.kt);
+  // B of O = P V: K = keys, N = value dim. Rows past len_k are zero (P is zero there too,
+  // but 0 * garbage could be NaN).
+  pack_vnni_rows(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v);
+}
+
+struct TileBuffers {
+  float *s, *o, *m, *l, *m_new, *alpha;
+  uint16_t *q, *pb;
+  uint8_t* keep;
+  static int64_t floats(const Dims& d) {
+    return kBlockQ * kBlockK + kBlockQ * d.Dvp + 4 * kBlockQ + (kBlockQ * d.Dp + kBlockQ * kBlockK) / 2 +
+           kBlockK / 4 + 64;
+  }
+  TileBuffers(float* base, const Dims& d) {
+    s = base;
+    o = s + kBlockQ * kBlockK;
+    m = o + kBlockQ * d.Dvp;
+    l = m + kBlockQ;
+    m_new = l + kBlockQ;
+    alpha = m_new + kBlockQ;
+    q = reinterpret_cast<uint16_t*>(alpha + kBlockQ);
+    pb = q + kBlockQ * d.Dp;
+    keep = reinterpret_cast<uint8_t*>(pb + kBlockQ * kBlockK);
+  }
+};
+
+void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t b, int64_t h, int64_t qt,
+                  TileBuffers& buf) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const int64_t q0 = qt * kBlockQ, qb = std::min(kBlockQ, s.len_q - q0);
+  float *S = buf.s, *O = buf.o, *m = buf.m, *l = buf.l;
+
+  const float c = std::fabs(p.scale) * kLog2e;
+  const bool prescale = p.mask_kind != MaskKind::none || c == 0.f;
+  const float row_c = prescale ? 1.f : c;
+  const uint16_t sign = p.scale < 0 ? 0x8000 : 0;  // a negative scale flips Q's sign (exact)
+  std::memset(buf.q, 0, sizeof(uint16_t) * kBlockQ * d.Dp);
+  for (int64_t r = 0; r < qb; ++r) {
+    const uint16_t* src = static_cast<const uint16_t*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0 + r)));
+    for (int64_t x = 0; x < d.D; ++x) buf.q[r * d.Dp + x] = src[x] ^ sign;
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+  }
+  std::memset(O, 0, sizeof(float) * kBlockQ * d.Dvp);
+
+  const int64_t k_end = std::min(s.len_k, causal_limit(p, s, q0 + qb - 1) + 1);
+  const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
+  auto visible = [&](int64_t r, int64_t k0, int64_t kb) {
+    return std::clamp<int64_t>(causal_limit(p, s, q0 + r) + 1 - k0, 0, kb);
+  };
+
+  for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
+    const int64_t kb = std::min(kBlockK, k_end - k0), kb32 = round_up(kb, 32);
+    const bool diagonal = p.causal && visible(0, k0, kb) < kb;
+    amx_gemm(kBlockQ, kb32, d.Dp, buf.q, d.Dp, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16, S, kBlockK, false);
+
+    float *m_new = buf.m_new, *alpha = buf.alpha;
+    for (int64_t r = 0; r < qb; ++r) {
+      float* row = S + r * kBlockK;
+      const int64_t n = diagonal ? visible(r, k0, kb) : kb;
+      if (prescale) {
+        row_scale(row, n, c);
+        apply_user_mask(p, b, h, q0 + r, k0, n, row);
+      }
+      m_new[r] = std::fmax(m[r], row_max(row, n) * row_c);
+    }
+    exp2_of_difference(m, m_new, alpha, qb);
+    for (int64_t r = 0; r < kBlockQ; ++r) {
+      float* row = S + r * kBlockK;
+      uint16_t* prow = buf.pb + r * kBlockK;
+      const int64_t n = r < qb ? (diagonal ? visible(r, k0, kb) : kb) : 0;
+      if (r >= qb || m_new[r] == -INFINITY) {  // padding row, or nothing visible so far
+        std::memset(prow, 0, sizeof(uint16_t) * kb32);
+        continue;
+      }
+      const float sum = row_exp2_sum(row, n, row_c, m_new[r]);
+      if (n < kb32) std::memset(row + n, 0, sizeof(float) * (kb32 - n));
+      if (l[r] > 0.f && alpha[r] != 1.f) row_scale(O + r * d.Dvp, d.Dv, alpha[r]);
+      l[r] = l[r] * alpha[r] + sum;
+      m[r] = m_new[r];
+      if (p.dropout_p > 0.f) {
+        dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + r), k0, n, p.dropout_p, buf.keep);
+        for (int64_t j = 0; j < n; ++j) row[j] = buf.keep[j] ? row[j] * drop_scale : 0.f;
+      }
+      to_bf16(row, prow, kb32);
+    }
+    amx_gemm(kBlockQ, d.Dvp, kb32, buf.pb, kBlockK, vnni_at(kv.v, kv.kpad, k0, 0), kv.kpad * 16, O, d.Dvp, true);
+  }
+
+  for (int64_t r = 0; r < qb; ++r) {
+    const bool any = l[r] > 0.f;
+    store_row(O + r * d.Dvp, d.Dv, any ? 1.f / l[r] : 0.f, p.dtype,
+              at_mut(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, q0 + r)));
+    a.lse[lse_index(p, b, h, s, q0 + r)] = any ? m[r] + std::log2(l[r]) : -INFINITY;
+  }
+}
+
+}  // namespace
+
+void forward(const ForwardArgs& a) {
+  const Problem& p = a.p;
+  const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+  const Dims d{p.head_dim, p.head_dim_v, round_up(p.head_dim, 32), round_up(p.head_dim_v, 32)};
+  const int64_t group = p.heads_q / p.heads_kv, pairs = p.batch * p.heads_kv;
+
+  int64_t max_k = 0, total = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    max_k = std::max(max_k, round_up(sequence(p, b).len_k, 32));
+    total += round_up(sequence(p, b).len_k, 32);
+  }
+  const bool local = pairs >= 2 * nthreads && kv_elems(max_k, d) * 2 <= (512 << 10);
+  const int64_t shared_elems = local ? 0 : p.heads_kv * kv_elems(total, d);
+  const int64_t per_thread = TileBuffers::floats(d) + (local ? kv_elems(max_k, d) / 2 + 16 : 0);
+
+  Workspace ws;
+  ws.reserve(2 * ws_bytes(sizeof(int64_t) * (p.batch + 1)) + ws_bytes(sizeof(uint16_t) * shared_elems) +
+             ws_bytes(sizeof(float) * per_thread * nthreads));
+  int64_t* offset = ws.carve<int64_t>(p.batch + 1);  // padded key offset of each sequence
+  int64_t* first = ws.carve<int64_t>(p.batch + 1);   // first work item of each sequence
+  uint16_t* shared = ws.carve<uint16_t>(shared_elems);
+  float* scratch = ws.carve<float>(per_thread * nthreads);
+  offset[0] = first[0] = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq s = sequence(p, b);
+    offset[b + 1] = offset[b] + round_up(s.len_k, 32);
+    first[b + 1] = first[b] + p.heads_q * ceil_div(s.len_q, kBlockQ);
+  }
+  // Shared packs: kv head h of sequence b at (h * total + offset[b]) * (Dp + Dvp).
+  auto shared_pack = [&](int64_t b, int64_t h) {
+    return KVPack{shared + (h * total + offset[b]) * (d.Dp + d.Dvp), nullptr, offset[b + 1] - offset[b]};
+  };
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    AmxScope amx;
+    float* mine = scratch + per_thread * omp_get_thread_num();
+    TileBuffers buf(mine, d);
+    if (local) {
+      uint16_t* own = reinterpret_cast<uint16_t*>(mine + TileBuffers::floats(d));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < pairs; ++it) {
+        const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
+        KVPack kv{own, nullptr, 0};
+        pack_kv(a, b, hk, d, round_up(sequence(p, b).len_k, 32), nullptr, kv);
+        const int64_t nq = ceil_div(sequence(p, b).len_q, kBlockQ);
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+          for (int64_t qt = 0; qt < nq; ++qt) forward_tile(a, d, kv, b, h, qt, buf);
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t hk = 0; hk < p.heads_kv; ++hk) {
+          KVPack kv = shared_pack(b, hk);
+          pack_kv(a, b, hk, d, kv.kpad, nullptr, kv);
+        }
+      const int64_t items = first[p.batch];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t b = std::upper_bound(first, first + p.batch + 1, it) - first - 1;
+        const int64_t nq = ceil_div(sequence(p, b).len_q, kBlockQ);
+        const int64_t rem = it - first[b], h = rem / nq;
+        const int64_t qt = p.causal ? nq - 1 - rem % nq : rem % nq;
+        KVPack kv = shared_pack(b, h / group);
+        kv.v = kv.kt + kv.kpad * d.Dp;
+        forward_tile(a, d, kv, b, h, qt, buf);
+      }
+    }
+  }
+}
+
+}  // namespace llmcore::attention::LLMCORE_ISA_NS
