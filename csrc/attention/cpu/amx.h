@@ -103,13 +103,28 @@ inline void pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_
 
 // VNNI-packs the transpose of a row-major bf16 matrix: B = src^T, so K = cols (the
 // contraction runs along src's rows) and N = rows. Same block layout and padding as above.
+// Each element is XORed with flip (0x8000 negates a bf16 exactly).
 inline void pack_vnni_transposed(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad,
-                                 int64_t n_pad, uint16_t* out) {
+                                 int64_t n_pad, uint16_t* out, uint16_t flip = 0) {
   std::memset(out, 0, sizeof(uint16_t) * k_pad * n_pad);
   for (int64_t n = 0; n < rows; ++n) {
     const uint16_t* s = src + n * ld;
     uint16_t* blk = out + (n / 16) * k_pad * 16 + (n % 16) * 2;
-    for (int64_t k = 0; k < cols; ++k) blk[(k / 2) * 32 + (k % 2)] = s[k];
+    for (int64_t k = 0; k < cols; ++k) blk[(k / 2) * 32 + (k % 2)] = s[k] ^ flip;
+  }
+}
+
+// Rows [0, rows) x columns [0, cols) of src into a zero-padded rows_pad x cols_pad matrix.
+inline void copy_padded(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t rows_pad,
+                        int64_t cols_pad, uint16_t* out) {
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    uint16_t* o = out + r * cols_pad;
+    if (r < rows) {
+      std::memcpy(o, src + r * ld, sizeof(uint16_t) * cols);
+      std::memset(o + cols, 0, sizeof(uint16_t) * (cols_pad - cols));
+    } else {
+      std::memset(o, 0, sizeof(uint16_t) * cols_pad);
+    }
   }
 }
 

@@ -23,6 +23,7 @@ LLMCORE_DECLARE_ISA(portable)
 #ifdef LLMCORE_HAVE_AMX
 namespace avx512_amx {
 void forward(const ForwardArgs& args);
+void backward(const BackwardArgs& args);
 }
 #endif
 
@@ -42,6 +43,9 @@ void forward(const ForwardArgs& args) {
 }
 
 void backward(const BackwardArgs& args) {
+#ifdef LLMCORE_HAVE_AMX
+  if (args.p.dtype == DType::bf16 && amx_enabled()) return avx512_amx::backward(args);
+#endif
   switch (current_isa()) {
 #ifdef LLMCORE_HAVE_AVX512
     case Isa::avx512: return avx512::backward(args);

@@ -1,0 +1,348 @@
+// The backward of backward.cpp for bf16 inputs on CPUs with AMX: the same transposed
+// formulation and work split, with all five GEMMs of a tile on AMX tiles (bf16 operands,
+// fp32 accumulation) and the softmax gradient in fp32 AVX-512. P and dS are rounded to bf16
+// before they enter a GEMM, as torch's and FlashAttention's bf16 kernels do.
+// Compiled only into the avx512_amx build.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "attention/cpu/amx.h"
+#include "attention/cpu/kernel_common.h"
+#include "attention/cpu/row_ops.h"
+
+namespace llmcore::attention::LLMCORE_ISA_NS {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+struct Dims {
+  int64_t D, Dv, Dp, Dvp;  // head dims, padded to 32
+};
+
+// Per query head (qpad rows): bf16 VNNI operands and fp32 row statistics.
+struct QPack {
+  uint16_t *qt, *q, *dot, *dout;  // B of S^T, dK, dP^T, dV
+  float *neg_lse, *di;
+};
+int64_t q_elems(int64_t qpad, const Dims& d) { return qpad * (2 * d.Dp + 2 * d.Dvp) + 4 * qpad; }  // in bf16 units
+QPack carve_q(uint16_t* base, int64_t qpad, const Dims& d) {
+  QPack q;
+  q.qt = base;
+  q.q = q.qt + qpad * d.Dp;
+  q.dot = q.q + qpad * d.Dp;
+  q.dout = q.dot + qpad * d.Dvp;
+  q.neg_lse = reinterpret_cast<float*>(q.dout + qpad * d.Dvp);
+  q.di = q.neg_lse + qpad;
+  return q;
+}
+
+// Per kv head (kpad rows): A operands of S^T, dP^T (rows) and dQ^T (K^T, Dp x kpad).
+struct KPack {
+  uint16_t *k, *v, *kt;
+};
+int64_t k_elems(int64_t kpad, const Dims& d) { return kpad * (2 * d.Dp + d.Dvp); }
+KPack carve_k(uint16_t* base, int64_t kpad, const Dims& d) {
+  KPack k;
+  k.k = base;
+  k.v = k.k + kpad * d.Dp;
+  k.kt = k.v + kpad * d.Dvp;
+  return k;
+}
+
+void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t qpad, const QPack& out, float* o_row,
+            float* g_row) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const uint16_t* q = static_cast<const uint16_t*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, 0)));
+  const uint16_t* g = static_cast<const uint16_t*>(at(a.dout, p.dtype, row_offset(p, a.dout, b, h, s.q_row0, 0)));
+  pack_vnni_transposed(q, a.q.seq_stride, s.len_q, d.D, d.Dp, qpad, out.qt, p.scale < 0 ? 0x8000 : 0);
+  pack_vnni_rows(q, a.q.seq_stride, s.len_q, d.D, qpad, d.Dp, out.q);
+  pack_vnni_transposed(g, a.dout.seq_stride, s.len_q, d.Dv, d.Dvp, qpad, out.dot);
+  pack_vnni_rows(g, a.dout.seq_stride, s.len_q, d.Dv, qpad, d.Dvp, out.dout);
+  for (int64_t i = 0; i < qpad; ++i) {
+    float neg_lse = -INFINITY, di = 0.f;  // padding and fully masked rows: P = 0
+    if (i < s.len_q) {
+      const float lse = a.lse[lse_index(p, b, h, s, i)];
+      if (lse != -INFINITY) neg_lse = -lse;
+      load_row(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i)), p.dtype, d.Dv, 1.f, o_row);
+      load_row(g + i * a.dout.seq_stride, p.dtype, d.Dv, 1.f, g_row);
+      di = dot_like_gemm(o_row, g_row, d.Dv);
+    }
+    out.neg_lse[i] = neg_lse;
+    out.di[i] = di;
+  }
+}
+
+void pack_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t kpad, const KPack& out) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const uint16_t* k = static_cast<const uint16_t*>(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)));
+  const uint16_t* v = static_cast<const uint16_t*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)));
+  copy_padded(k, a.k.seq_stride, s.len_k, d.D, kpad, d.Dp, out.k);
+  copy_padded(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v);
+  std::memset(out.kt, 0, sizeof(uint16_t) * d.Dp * kpad);
+  for (int64_t j = 0; j < s.len_k; ++j)
+    for (int64_t x = 0; x < d.D; ++x) out.kt[x * kpad + j] = out.k[j * d.Dp + x];
+}
+
+struct TileBuffers {
+  float *p, *dp, *keep_scale, *dk, *dv, *o_row, *g_row;
+  uint16_t *pb, *dsb, *ds_vnni;
+  uint8_t* keep;
+  static int64_t floats(const Dims& d) {
+    const int64_t t = kBlockK * kBlockQ;
+    return 3 * t + kBlockK * (d.Dp + d.Dvp) + 2 * d.Dvp + 3 * t / 2 + t / 4 + 64;
+  }
+  TileBuffers(float* base, const Dims& d) {
+    const int64_t t = kBlockK * kBlockQ;
+    p = base;
+    dp = p + t;
+    keep_scale = dp + t;
+    dk = keep_scale + t;
+    dv = dk + kBlockK * d.Dp;
+    o_row = dv + kBlockK * d.Dvp;
+    g_row = o_row + d.Dvp;
+    pb = reinterpret_cast<uint16_t*>(g_row + d.Dvp);
+    dsb = pb + t;
+    ds_vnni = dsb + t;
+    keep = reinterpret_cast<uint8_t*>(ds_vnni + t);
+  }
+};
+
+// One group (sequence b, kv head hk): its query heads' packs are q_of(g), its dQ^T
+// accumulators (Dp x qpad fp32) dq_of(g). Key tiles [t_begin, t_end).
+template <class QOf, class DqOf>
+void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64_t kpad, int64_t qpad, const QOf& q_of,
+                    const DqOf& dq_of, int64_t b, int64_t hk, int64_t t_begin, int64_t t_end, TileBuffers& buf) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t off = p.causal ? causal_limit(p, s, 0) : 0;
+  const bool dropout = p.dropout_p > 0.f;
+  const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
+  const float cs = std::fabs(p.scale) * kLog2e;
+  const bool prescale = p.mask_kind != MaskKind::none || cs == 0.f;
+  const float row_c = prescale ? 1.f : cs;
+  constexpr int64_t T = kBlockQ;  // row stride of the tile buffers
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t k0 = t * kBlockK, kb = std::min(kBlockK, s.len_k - k0);
+    bool first_q = true;
+    const int64_t q_first = p.causal ? std::max<int64_t>(0, k0 - off) : 0;
+    for (int64_t gh = 0; gh < group; ++gh) {
+      const int64_t h = hk * group + gh;
+      const QPack qp = q_of(gh);
+      float* dqt = dq_of(gh);
+      for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
+        const int64_t qb = std::min(kBlockQ, s.len_q - q0), qb32 = round_up(qb, 32);
+        float* P = buf.p;
+        amx_gemm(kBlockK, qb32, d.Dp, kp.k + k0 * d.Dp, d.Dp, vnni_at(qp.qt, d.Dp, 0, q0), d.Dp * 16, P, T, false);
+        const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
+        for (int64_t j = 0; j < kBlockK; ++j) {
+          float* row = P + j * T;
+          if (j >= kb) {  // padding keys
+            std::memset(row, 0, sizeof(float) * qb32);
+            continue;
+          }
+          if (prescale) row_scale(row, qb, cs);
+          if (p.mask_kind != MaskKind::none) {
+            const int64_t* st = p.mask_strides;
+            const int64_t base = b * st[0] + h * st[1] + q0 * st[2] + (k0 + j) * st[3];
+            if (p.mask_kind == MaskKind::boolean) {
+              const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
+              for (int64_t i = 0; i < qb; ++i) row[i] = m[i * st[2]] ? row[i] : -INFINITY;
+            } else {
+              const float* m = static_cast<const float*>(p.mask) + base;
+              for (int64_t i = 0; i < qb; ++i) row[i] += kLog2e * m[i * st[2]];
+            }
+          }
+          if (diagonal) {
+            const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0, 0, qb);
+            for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
+          }
+          row_exp2_fma(row, row_c, qp.neg_lse + q0, qb32);  // padded queries: neg_lse = -inf -> 0
+        }
+
+        const float* keep_scale = nullptr;
+        if (dropout) {
+          for (int64_t i = 0; i < qb; ++i)
+            dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + i), k0, kb, p.dropout_p, buf.keep + i * kBlockK);
+          for (int64_t j = 0; j < kBlockK; ++j)
+            for (int64_t i = 0; i < qb32; ++i) {
+              const float ks = (j < kb && i < qb && buf.keep[i * kBlockK + j]) ? drop_scale : 0.f;
+              buf.keep_scale[j * T + i] = ks;
+              buf.dp[j * T + i] = P[j * T + i] * ks;
+            }
+          keep_scale = buf.keep_scale;
+          for (int64_t j = 0; j < kBlockK; ++j) to_bf16(buf.dp + j * T, buf.pb + j * T, qb32);
+        } else {
+          for (int64_t j = 0; j < kBlockK; ++j) to_bf16(P + j * T, buf.pb + j * T, qb32);
+        }
+        // dV += P^T dO (keys x Dv), K = queries
+        amx_gemm(kBlockK, d.Dvp, qb32, buf.pb, T, vnni_at(qp.dout, qpad, q0, 0), qpad * 16, buf.dv, d.Dvp, !first_q);
+        // dP^T = V dO^T (keys x queries), K = Dv
+        amx_gemm(kBlockK, qb32, d.Dvp, kp.v + k0 * d.Dvp, d.Dvp, vnni_at(qp.dot, d.Dvp, 0, q0), d.Dvp * 16, buf.dp, T,
+                 false);
+        for (int64_t j = 0; j < kBlockK; ++j) {
+          float* ds = buf.dp + j * T;
+          row_softmax_grad(P + j * T, ds, keep_scale ? keep_scale + j * T : nullptr, qp.di + q0, ds, qb32);
+          to_bf16(ds, buf.dsb + j * T, qb32);
+        }
+        // dK += dS^T Q (keys x D), K = queries
+        amx_gemm(kBlockK, d.Dp, qb32, buf.dsb, T, vnni_at(qp.q, qpad, q0, 0), qpad * 16, buf.dk, d.Dp, !first_q);
+        first_q = false;
+        // dQ^T += K^T dS^T (D x queries), K = keys
+        pack_vnni_rows(buf.dsb, T, kBlockK, qb32, kBlockK, qb32, buf.ds_vnni);
+        amx_gemm(d.Dp, qb32, kBlockK, kp.kt + k0, kpad, buf.ds_vnni, kBlockK * 16, dqt + q0, qpad, true);
+      }
+    }
+    if (first_q) {
+      std::memset(buf.dk, 0, sizeof(float) * kBlockK * d.Dp);
+      std::memset(buf.dv, 0, sizeof(float) * kBlockK * d.Dvp);
+    }
+    for (int64_t j = 0; j < kb; ++j) {
+      store_row(buf.dk + j * d.Dp, d.D, p.scale, p.dtype, at_mut(a.dk, p.dtype, row_offset(p, a.dk, b, hk, s.k_row0, k0 + j)));
+      store_row(buf.dv + j * d.Dvp, d.Dv, 1.f, p.dtype, at_mut(a.dv, p.dtype, row_offset(p, a.dv, b, hk, s.k_row0, k0 + j)));
+    }
+  }
+}
+
+// dQ = scale * sum of `chunks` dQ^T buffers (Dp x qpad, chunk_stride floats apart).
+void write_dq(const BackwardArgs& a, const Dims& d, int64_t b, int64_t h, const float* dqt, int64_t chunks,
+              int64_t chunk_stride, int64_t qpad, float* rows) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const int64_t block = std::max<int64_t>(1, (kBlockK * kBlockQ) / d.D);
+  for (int64_t i0 = 0; i0 < s.len_q; i0 += block) {
+    const int64_t n = std::min(block, s.len_q - i0);
+    transpose(dqt + i0, qpad, d.D, n, rows, d.D);
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* src = dqt + c * chunk_stride + i0;
+      for (int64_t x = 0; x < d.D; ++x)
+        for (int64_t i = 0; i < n; ++i) rows[i * d.D + x] += src[x * qpad + i];
+    }
+    for (int64_t i = 0; i < n; ++i)
+      store_row(rows + i * d.D, d.D, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i0 + i)));
+  }
+}
+
+}  // namespace
+
+void backward(const BackwardArgs& a) {
+  const Problem& p = a.p;
+  const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+  const Dims d{p.head_dim, p.head_dim_v, round_up(p.head_dim, 32), round_up(p.head_dim_v, 32)};
+  const int64_t group = p.heads_q / p.heads_kv, pairs = p.batch * p.heads_kv;
+
+  int64_t max_q = 0, max_k = 0, q_total = 0, k_total = 0, max_tiles = 1;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq s = sequence(p, b);
+    max_q = std::max(max_q, round_up(s.len_q, kBlockQ));
+    max_k = std::max(max_k, round_up(s.len_k, kBlockK));
+    q_total += round_up(s.len_q, kBlockQ);
+    k_total += round_up(s.len_k, kBlockK);
+    max_tiles = std::max(max_tiles, ceil_div(s.len_k, kBlockK));
+  }
+  // In bf16 units: the group's packs, plus its dQ^T (fp32) accumulators.
+  const int64_t group_elems = group * q_elems(max_q, d) + k_elems(max_k, d) + 2 * group * max_q * d.Dp;
+  const bool local = pairs >= 2 * nthreads && group_elems * 2 <= (1 << 20);
+  const int64_t chunks = local || pairs >= 4 * nthreads
+                             ? 1
+                             : std::min(max_tiles, ceil_div(4 * nthreads, std::max<int64_t>(pairs, 1)));
+  const int64_t tile_floats = TileBuffers::floats(d);
+  const int64_t per_thread = tile_floats + (local ? group_elems / 2 + 16 : 0);
+  const int64_t shared_elems = local ? 0
+                                     : p.heads_q * q_elems(q_total, d) + p.heads_kv * k_elems(k_total, d) +
+                                           2 * chunks * p.heads_q * q_total * d.Dp;
+  Workspace ws;
+  ws.reserve(2 * ws_bytes(sizeof(int64_t) * (p.batch + 1)) + ws_bytes(sizeof(float) * per_thread * nthreads) +
+             ws_bytes(sizeof(uint16_t) * shared_elems));
+  int64_t* q_off = ws.carve<int64_t>(p.batch + 1);
+  int64_t* k_off = ws.carve<int64_t>(p.batch + 1);
+  float* scratch = ws.carve<float>(per_thread * nthreads);
+  uint16_t* shared = ws.carve<uint16_t>(shared_elems);
+  q_off[0] = k_off[0] = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq s = sequence(p, b);
+    q_off[b + 1] = q_off[b] + round_up(s.len_q, kBlockQ);
+    k_off[b + 1] = k_off[b] + round_up(s.len_k, kBlockK);
+  }
+
+  if (local) {
+#pragma omp parallel num_threads(nthreads)
+    {
+      AmxScope amx;
+      float* mine = scratch + per_thread * omp_get_thread_num();
+      TileBuffers buf(mine, d);
+      uint16_t* gbase = reinterpret_cast<uint16_t*>(mine + tile_floats);
+      const KPack kp = carve_k(gbase + group * q_elems(max_q, d), max_k, d);
+      float* dqt = reinterpret_cast<float*>(kp.k + k_elems(max_k, d));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < pairs; ++it) {
+        const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
+        const Seq s = sequence(p, b);
+        const int64_t qpad = round_up(s.len_q, kBlockQ), kpad = round_up(s.len_k, kBlockK);
+        auto q_of = [&](int64_t gh) { return carve_q(gbase + gh * q_elems(max_q, d), qpad, d); };
+        for (int64_t gh = 0; gh < group; ++gh) pack_q(a, b, hk * group + gh, d, qpad, q_of(gh), buf.o_row, buf.g_row);
+        const KPack k = carve_k(kp.k, kpad, d);
+        pack_k(a, b, hk, d, kpad, k);
+        std::memset(dqt, 0, sizeof(float) * group * d.Dp * qpad);
+        backward_tiles(a, d, k, kpad, qpad, q_of, [&](int64_t gh) { return dqt + gh * d.Dp * qpad; }, b, hk, 0,
+                       ceil_div(s.len_k, kBlockK), buf);
+        for (int64_t gh = 0; gh < group; ++gh)
+          write_dq(a, d, b, hk * group + gh, dqt + gh * d.Dp * qpad, 1, 0, qpad, buf.p);
+      }
+    }
+    return;
+  }
+
+  // Shared: query head h of sequence b at q_elems offset (h * q_total + q_off[b]) rows, etc.
+  uint16_t* q_base = shared;
+  uint16_t* k_base = q_base + p.heads_q * q_elems(q_total, d);
+  float* dqt = reinterpret_cast<float*>(k_base + p.heads_kv * k_elems(k_total, d));
+  auto q_pack = [&](int64_t b, int64_t h) {
+    return carve_q(q_base + h * q_elems(q_total, d) + q_elems(q_off[b], d), q_off[b + 1] - q_off[b], d);
+  };
+  auto k_pack = [&](int64_t b, int64_t h) {
+    return carve_k(k_base + h * k_elems(k_total, d) + k_elems(k_off[b], d), k_off[b + 1] - k_off[b], d);
+  };
+  auto dqt_of = [&](int64_t c, int64_t h, int64_t b) { return dqt + ((c * p.heads_q + h) * q_total + q_off[b]) * d.Dp; };
+  const int64_t dqt_size = chunks * p.heads_q * q_total * d.Dp;
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    AmxScope amx;
+    TileBuffers buf(scratch + per_thread * omp_get_thread_num(), d);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < dqt_size; i += 4096)
+      std::memset(dqt + i, 0, sizeof(float) * std::min<int64_t>(4096, dqt_size - i));
+#pragma omp for schedule(dynamic, 1) collapse(2) nowait
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads_q; ++h)
+        pack_q(a, b, h, d, q_off[b + 1] - q_off[b], q_pack(b, h), buf.o_row, buf.g_row);
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads_kv; ++h) pack_k(a, b, h, d, k_off[b + 1] - k_off[b], k_pack(b, h));
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < pairs * chunks; ++it) {
+      const int64_t c = it % chunks, pair = it / chunks, b = pair / p.heads_kv, hk = pair % p.heads_kv;
+      const Seq s = sequence(p, b);
+      const int64_t ntiles = ceil_div(s.len_k, kBlockK), tpc = ceil_div(ntiles, chunks);
+      backward_tiles(a, d, k_pack(b, hk), k_off[b + 1] - k_off[b], q_off[b + 1] - q_off[b],
+                     [&](int64_t gh) { return q_pack(b, hk * group + gh); },
+                     [&](int64_t gh) { return dqt_of(c, hk * group + gh, b); }, b, hk, c * tpc,
+                     std::min(ntiles, (c + 1) * tpc), buf);
+    }
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads_q; ++h)
+        write_dq(a, d, b, h, dqt_of(0, h, b), chunks, p.heads_q * q_total * d.Dp, q_off[b + 1] - q_off[b], buf.p);
+  }
+}
+
+}  // namespace llmcore::attention::LLMCORE_ISA_NS
