@@ -110,11 +110,12 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     const int nvec = (nb + sv::W - 1) / sv::W;
     const int tail = nb - (nvec - 1) * sv::W;
     const BlockB B = b_at(n0);
-    for (int64_t m0 = 0; m0 < M; m0 += sv::MR) {
-      const int mb = int(std::min<int64_t>(sv::MR, M - m0));
-      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kChainK) {
-        const int64_t kb = std::min(kChainK, K - k0);
-        const BlockB Bk{B.ptr + k0 * B.ld, B.ld};
+    // K chunk outside the row blocks: the chunk of B (kChainK x NR) stays in L1 for all rows.
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kChainK) {
+      const int64_t kb = std::min(kChainK, K - k0);
+      const BlockB Bk{B.ptr + k0 * B.ld, B.ld};
+      for (int64_t m0 = 0; m0 < M; m0 += sv::MR) {
+        const int mb = int(std::min<int64_t>(sv::MR, M - m0));
         micro_kernel_dispatch(mb, nvec, kb, A + m0 * lda + k0, lda, Bk, C + m0 * ldc + n0, ldc, tail,
                               accumulate || k0 > 0);
       }
