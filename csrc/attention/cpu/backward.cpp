@@ -73,26 +73,34 @@ void pack_q_head(const BackwardArgs& a, int64_t b, int64_t h, const QBuffers& qb
                  float* row2) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = round_up(s.len_q, kBlockQ);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = panel_padded(s.len_q, kBlockQ);
   const void* q = at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, 0));
   const void* dout = at(a.dout, p.dtype, row_offset(p, a.dout, b, h, s.q_row0, 0));
-  // Q^T for the scores carries only the sign of the scale (see forward.cpp).
-  pack_transposed_panels(q, p.dtype, a.q.seq_stride, s.len_q, D, p.scale < 0 ? -1.f : 1.f, rows, qb.qt + slot * D);
-  pack_rows(q, p.dtype, a.q.seq_stride, s.len_q, D, 1.f, qb.q + slot * D);
-  pack_transposed_panels(dout, p.dtype, a.dout.seq_stride, s.len_q, Dv, 1.f, rows, qb.dot + slot * Dv);
-  pack_rows(dout, p.dtype, a.dout.seq_stride, s.len_q, Dv, 1.f, qb.dout + slot * Dv);
+  float* qr = qb.q + slot * D;
+  float* gr = qb.dout + slot * Dv;
+  // Each input is read once: rows first, then the transposed panels from the rows. Q^T for
+  // the scores carries only the sign of the scale (see forward.cpp).
+  pack_rows(q, p.dtype, a.q.seq_stride, s.len_q, D, 1.f, qr);
+  pack_rows(dout, p.dtype, a.dout.seq_stride, s.len_q, Dv, 1.f, gr);
+  panels_from_rows(qr, D, s.len_q, D, p.scale < 0, rows, qb.qt + slot * D);
+  panels_from_rows(gr, Dv, s.len_q, Dv, false, rows, qb.dot + slot * Dv);
+  // D_i = dO . O rounded as the GEMM rounds dP = dO . V: dS = P (dP - D_i) cancels, and
+  // where one key dominates (O = V_j) the cancellation is then exact. O goes through the
+  // tile-sized row2 buffer (NR rows) a block at a time.
+  for (int64_t i0 = 0; i0 < s.len_q; i0 += NR) {
+    const int64_t n = std::min<int64_t>(NR, s.len_q - i0);
+    pack_rows(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i0)), p.dtype, a.o.seq_stride, n, Dv, 1.f, row2);
+    rowwise_dot_like_gemm(row2, Dv, gr + i0 * Dv, Dv, n, Dv, qb.di + slot + i0);
+  }
   for (int64_t i = 0; i < pad; ++i) {
-    float neg_lse = -INFINITY, di = 0.f;  // padding and fully masked rows: P = 0
+    float neg_lse = -INFINITY;  // padding and fully masked rows: P = 0
     if (i < s.len_q) {
       const float lse = a.lse[lse_index(p, b, h, s, i)];
       if (lse != -INFINITY) neg_lse = -lse;
-      load_row(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i)), p.dtype, Dv, 1.f, row2);
-      // D_i = dO . O rounded as the GEMM rounds dP = dO . V: dS = P (dP - D_i) cancels, and
-      // where one key dominates (O = V_j) the cancellation is then exact.
-      di = dot_like_gemm(row2, qb.dout + (slot + i) * Dv, Dv);
+    } else {
+      qb.di[slot + i] = 0.f;
     }
     qb.neg_lse[slot + i] = neg_lse;
-    qb.di[slot + i] = di;
   }
 }
 
@@ -114,7 +122,7 @@ struct TileBuffers {
   uint8_t* keep;
   static int64_t floats(int64_t D, int64_t Dv) {
     const int64_t DD = std::max(D, Dv);
-    return 4 * kBlockK * kBlockQ + kBlockK * (D + Dv + DD) + NR * DD + DD + kBlockQ * kBlockK / 4 + 16;
+    return 4 * kBlockK * kBlockQ + kBlockK * (D + Dv + DD) + 2 * NR * DD + kBlockQ * kBlockK / 4 + 16;
   }
   TileBuffers(float* base, int64_t D, int64_t Dv) {
     const int64_t DD = std::max(D, Dv);
@@ -127,7 +135,7 @@ struct TileBuffers {
     partial = dv + kBlockK * Dv;
     rows = partial + kBlockK * DD;
     row2 = rows + NR * DD;
-    keep = reinterpret_cast<uint8_t*>(row2 + DD);
+    keep = reinterpret_cast<uint8_t*>(row2 + NR * DD);
   }
 };
 
@@ -163,7 +171,7 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
         const int64_t qb = std::min(kBlockQ, s.len_q - q0);
         float* P = buf.p;
-        gemm(kb, qb, D, kr, D, PanelB{g.qt + qrow * D, D, q0}, P, kBlockQ, false);
+        gemm(kb, qb, D, kr, D, PanelB{g.qt + qrow * D, D, q0, panel_width(s.len_q)}, P, kBlockQ, false);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
         for (int64_t j = 0; j < kb; ++j) {
           float* row = P + j * kBlockQ;
@@ -207,7 +215,7 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
              false);
         if (!first_q) add_rows(buf.dv, buf.partial, kb * Dv);
         float* dS = buf.ds;
-        gemm(kb, qb, Dv, vr, Dv, PanelB{g.dot + qrow * Dv, Dv, q0}, dS, kBlockQ, false);
+        gemm(kb, qb, Dv, vr, Dv, PanelB{g.dot + qrow * Dv, Dv, q0, panel_width(s.len_q)}, dS, kBlockQ, false);
         for (int64_t j = 0; j < kb; ++j)
           row_softmax_grad(P + j * kBlockQ, dS + j * kBlockQ, keep_scale ? keep_scale + j * kBlockQ : nullptr, di + q0,
                            dS + j * kBlockQ, qb);
@@ -260,9 +268,9 @@ void backward(const BackwardArgs& a) {
   int64_t max_q = 0, max_k = 0, q_total = 0, k_total = 0, max_tiles = 1;
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
-    max_q = std::max(max_q, round_up(s.len_q, kBlockQ));
+    max_q = std::max(max_q, panel_padded(s.len_q, kBlockQ));
     max_k = std::max(max_k, round_up(s.len_k, NR));
-    q_total += round_up(s.len_q, kBlockQ);
+    q_total += panel_padded(s.len_q, kBlockQ);
     k_total += round_up(s.len_k, NR);
     max_tiles = std::max(max_tiles, ceil_div(s.len_k, kBlockK));
   }
@@ -288,7 +296,7 @@ void backward(const BackwardArgs& a) {
   q_off[0] = k_off[0] = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
-    q_off[b + 1] = q_off[b] + round_up(s.len_q, kBlockQ);
+    q_off[b + 1] = q_off[b] + panel_padded(s.len_q, kBlockQ);
     k_off[b + 1] = k_off[b] + round_up(s.len_k, NR);
   }
 
@@ -305,7 +313,7 @@ void backward(const BackwardArgs& a) {
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
         const Seq s = sequence(p, b);
-        const int64_t qpad = round_up(s.len_q, kBlockQ), kpad = round_up(s.len_k, NR);
+        const int64_t qpad = panel_padded(s.len_q, kBlockQ), kpad = round_up(s.len_k, NR);
         for (int64_t gh = 0; gh < group; ++gh)
           pack_q_head(a, b, hk * group + gh, qb, gh * max_q, buf.rows, buf.row2);
         pack_k_head(a, b, hk, kb, 0);

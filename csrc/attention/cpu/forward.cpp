@@ -83,7 +83,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
     const int64_t kb = std::min(kBlockK, k_end - k0);
     // On a diagonal tile each block of MR rows computes only the columns its last row sees.
     const bool diagonal = p.causal && visible(0, k0, kb) < kb;
-    const PanelB kt_at{kt, D, k0};
+    const PanelB kt_at{kt, D, k0, panel_width(s.len_k)};
     if (!diagonal) {
       gemm(qb, kb, D, Q, D, kt_at, S, kBlockK, false);
     } else {
@@ -155,14 +155,14 @@ void forward(const ForwardArgs& a) {
 
   Workspace ws;
   int64_t max_k = 0;
-  for (int64_t b = 0; b < p.batch; ++b) max_k = std::max(max_k, sequence(p, b).len_k);
-  const int64_t head_floats = round_up(max_k, NR) * (D + Dv);
+  for (int64_t b = 0; b < p.batch; ++b) max_k = std::max(max_k, panel_padded(sequence(p, b).len_k, NR));
+  const int64_t head_floats = max_k * (D + Dv);
   const int64_t pairs = p.batch * p.heads_kv;
   // Short heads, and enough of them to keep every thread busy: pack per work item.
   const bool local = pairs >= 2 * nthreads && head_floats * 4 <= (512 << 10);
 
   int64_t total = 0;
-  for (int64_t b = 0; b < p.batch; ++b) total += round_up(sequence(p, b).len_k, NR);
+  for (int64_t b = 0; b < p.batch; ++b) total += panel_padded(sequence(p, b).len_k, NR);
   const int64_t shared_floats = local ? 0 : p.heads_kv * total * (D + Dv);
   const int64_t per_thread = TileBuffers::floats(D, Dv) + (local ? head_floats : 0);
   ws.reserve(2 * ws_bytes(sizeof(int64_t) * (p.batch + 1)) + ws_bytes(sizeof(float) * shared_floats) +
@@ -175,7 +175,7 @@ void forward(const ForwardArgs& a) {
   offset[0] = first[0] = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
-    offset[b + 1] = offset[b] + round_up(s.len_k, NR);
+    offset[b + 1] = offset[b] + panel_padded(s.len_k, NR);
     first[b + 1] = first[b] + p.heads_q * ceil_div(s.len_q, kBlockQ);
   }
   const KVLayout kv{offset, total, D, Dv};
@@ -188,7 +188,7 @@ void forward(const ForwardArgs& a) {
     TileBuffers buf(mine, D, Dv);
     if (local) {
       float* kt = mine + TileBuffers::floats(D, Dv);
-      float* v = kt + round_up(max_k, NR) * D;
+      float* v = kt + max_k * D;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;

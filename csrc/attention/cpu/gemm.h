@@ -27,13 +27,15 @@ struct RowMajorB {
   BlockB operator()(int64_t n0) const { return {b + n0, ld}; }
 };
 
-// B packed in panels of NR columns: panel p holds columns [p * NR, p * NR + NR) as a K x NR
-// row-major block, panel after panel. col0 is the first column of the GEMM (a multiple of NR).
+// B packed in panels of `width` columns (NR, or less for a matrix narrower than NR): panel p
+// holds columns [p * width, p * width + width) as a K x width row-major block, panel after
+// panel. col0 is the first column of the GEMM (a multiple of width).
 struct PanelB {
   const float* b;
   int64_t k_total;  // rows of each panel
   int64_t col0;
-  BlockB operator()(int64_t n0) const { return {b + ((col0 + n0) / NR) * k_total * NR, NR}; }
+  int64_t width = NR;
+  BlockB operator()(int64_t n0) const { return {b + ((col0 + n0) / width) * k_total * width, width}; }
 };
 
 // Fully unrolled so the compiler keeps the R x NVec accumulators in registers (GCC otherwise
@@ -91,15 +93,24 @@ inline void micro_kernel_dispatch(int rows, int nvec, int64_t K, const float* A,
 }
 
 // C (+)= A * B for M x N x K. With K == 0 and accumulate == false, C is zeroed.
-// sum_k a[k] * b[k] rounded exactly as gemm() rounds one element of a product with this K.
-inline float dot_like_gemm(const float* a, const float* b, int64_t K) {
-  float total = 0.f;
-  for (int64_t k0 = 0; k0 < K; k0 += kChainK) {
-    float acc = 0.f;
-    for (int64_t k = k0; k < std::min(K, k0 + kChainK); ++k) acc = sv::madd(a[k], b[k], acc);
-    total = k0 == 0 ? acc : acc + total;
+// out[r] = sum_k a[r][k] * b[r][k] for n rows (row strides lda, ldb), each rounded exactly as
+// gemm() rounds one element of a product with this K. Eight rows at a time keep eight
+// independent FMA chains in flight.
+inline void rowwise_dot_like_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t K,
+                                  float* out) {
+  constexpr int R = 8;
+  for (int64_t r0 = 0; r0 < n; r0 += R) {
+    const int rows = int(std::min<int64_t>(R, n - r0));
+    float total[R] = {}, acc[R];
+    for (int64_t k0 = 0; k0 < K; k0 += kChainK) {
+      for (int r = 0; r < R; ++r) acc[r] = 0.f;
+      const int64_t k1 = std::min(K, k0 + kChainK);
+      for (int64_t k = k0; k < k1; ++k)
+        for (int r = 0; r < rows; ++r) acc[r] = sv::madd(a[(r0 + r) * lda + k], b[(r0 + r) * ldb + k], acc[r]);
+      for (int r = 0; r < rows; ++r) total[r] = k0 == 0 ? acc[r] : acc[r] + total[r];
+    }
+    for (int r = 0; r < rows; ++r) out[r0 + r] = total[r];
   }
-  return total;
 }
 
 template <class BAt>

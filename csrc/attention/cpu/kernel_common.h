@@ -152,20 +152,50 @@ inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols,
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
-// Packs rows [0, len) of one head into panels of NR rows transposed: out[p][d][c] =
-// scale * src[p * NR + c][d]; rows past len are zero. out holds round_up(len, NR) * dim floats.
-// Rows are converted into row_buf (NR x dim floats), then transposed in registers.
+// Width of the transposed panels of a matrix of len rows: NR, or for fewer rows just enough
+// whole vectors (a 15-token sequence packs 16 columns, not 64).
+inline int64_t panel_width(int64_t len) { return std::min<int64_t>(NR, round_up(std::max<int64_t>(len, 1), simd::W)); }
+// Rows a sequence of len rows occupies when packed in panels and processed in blocks of `block`
+// (a multiple of NR).
+inline int64_t panel_padded(int64_t len, int64_t block) {
+  return len >= block ? round_up(len, block) : round_up(len, panel_width(len));
+}
+
+// Transposes fp32 rows [0, len) (row stride ld) into panels of panel_width(len) columns:
+// out[p][d][c] = rows[p * width + c][d], columns past len zero; `negate` flips every sign
+// (exact). out holds round_up(len, width) * dim floats; row_buf holds NR * dim floats.
+inline void panels_from_rows(const float* rows, int64_t ld, int64_t len, int64_t dim, bool negate, float* row_buf,
+                             float* out) {
+  const int64_t width = panel_width(len);
+  for (int64_t p0 = 0; p0 < len; p0 += width) {
+    const int64_t n = std::min<int64_t>(width, len - p0);
+    const float* src = rows + p0 * ld;
+    int64_t lds = ld;
+    if (n < width) {  // pad the last panel with zero rows, then transpose it whole
+      for (int64_t c = 0; c < n; ++c) std::memcpy(row_buf + c * dim, src + c * ld, sizeof(float) * dim);
+      std::memset(row_buf + n * dim, 0, sizeof(float) * (width - n) * dim);
+      src = row_buf;
+      lds = dim;
+    }
+    float* panel = out + p0 * dim;
+    transpose(src, lds, width, dim, panel, width);
+    if (negate)
+      for (int64_t i = 0; i < width * dim; ++i) panel[i] = -panel[i];
+  }
+}
+
+// Packs rows [0, len) of one head into transposed panels (see panels_from_rows), reading the
+// source once: rows go through row_buf (NR x dim floats) in fp32.
 inline void pack_transposed_panels(const void* src, DType dt, int64_t seq_stride, int64_t len, int64_t dim,
                                    float scale, float* row_buf, float* out) {
-  for (int64_t p0 = 0; p0 < len; p0 += NR) {
-    const int64_t rows = std::min<int64_t>(NR, len - p0);
+  const int64_t width = panel_width(len);
+  for (int64_t p0 = 0; p0 < len; p0 += width) {
+    const int64_t rows = std::min<int64_t>(width, len - p0);
     for (int64_t c = 0; c < rows; ++c)
       load_row(static_cast<const char*>(src) + (p0 + c) * seq_stride * elem_size(dt), dt, dim, scale,
                row_buf + c * dim);
-    float* panel = out + p0 * dim;
-    transpose(row_buf, dim, rows, dim, panel, NR);
-    if (rows < NR)
-      for (int64_t d = 0; d < dim; ++d) std::memset(panel + d * NR + rows, 0, sizeof(float) * (NR - rows));
+    std::memset(row_buf + rows * dim, 0, sizeof(float) * (width - rows) * dim);
+    transpose(row_buf, dim, width, dim, out + p0 * dim, width);
   }
 }
 
