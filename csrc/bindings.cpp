@@ -44,13 +44,26 @@ void check_problem(const at::Problem& p) {
   require(p.cu_seqlens_q == nullptr || p.mask_kind == at::MaskKind::none, "varlen takes no attention mask");
   require(p.mask_kind == at::MaskKind::none || p.mask != nullptr, "mask kind set without a mask pointer");
   if (p.cu_seqlens_q) {
-    for (int64_t b = 0; b < p.batch; ++b) {
-      const int64_t lq = int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b];
-      const int64_t lk = int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b];
-      require(lq >= 0 && lk >= 0, "cu_seqlens must be non-decreasing");
-      require(lq <= p.len_q && lk <= p.len_k, "a sequence is longer than max_seqlen");
+    struct Cu {
+      const char* name;
+      const int32_t* cu;
+      int64_t total, max_len;
+    };
+    for (const Cu& c : {Cu{"cu_seqlens_q", p.cu_seqlens_q, p.total_q, p.len_q},
+                        Cu{"cu_seqlens_k", p.cu_seqlens_k, p.total_k, p.len_k}}) {
+      const std::string name = c.name;
+      require(c.cu[0] == 0, name + " must start at 0, got " + std::to_string(c.cu[0]));
+      for (int64_t b = 0; b < p.batch; ++b) {
+        const int64_t len = int64_t(c.cu[b + 1]) - c.cu[b];
+        require(len >= 0, name + " must be non-decreasing, but entry " + std::to_string(b + 1) + " (" +
+                              std::to_string(c.cu[b + 1]) + ") < entry " + std::to_string(b) + " (" +
+                              std::to_string(c.cu[b]) + ")");
+        require(len <= c.max_len, "a sequence of " + std::to_string(len) + " tokens is longer than max_seqlen=" +
+                                      std::to_string(c.max_len) + " (" + name + ")");
+      }
+      require(c.cu[p.batch] == c.total, name + "[-1] = " + std::to_string(c.cu[p.batch]) +
+                                            " but the packed tensor has " + std::to_string(c.total) + " rows");
     }
-    require(p.cu_seqlens_q[0] == 0 && p.cu_seqlens_q[p.batch] == p.total_q, "cu_seqlens_q must run from 0 to total_q");
   }
 }
 
@@ -83,6 +96,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("head_dim", &at::Problem::head_dim)
       .def_readwrite("head_dim_v", &at::Problem::head_dim_v)
       .def_readwrite("total_q", &at::Problem::total_q)
+      .def_readwrite("total_k", &at::Problem::total_k)
       .def_readwrite("scale", &at::Problem::scale)
       .def_readwrite("causal", &at::Problem::causal)
       .def_readwrite("causal_bottom_right", &at::Problem::causal_bottom_right)

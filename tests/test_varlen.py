@@ -113,3 +113,14 @@ def test_varlen_equals_padded_sdpa_with_key_mask():
 
 def test_varlen_every_cpu_isa(cpu_isa):
     check_varlen([5, 1, 0, 97, 3], [5, 1, 0, 97, 3], 4, 2, 48, torch.float32, True)
+
+
+def test_varlen_without_keys_returns_zeros():
+    q = torch.randn(5, 2, 16, requires_grad=True)
+    k = v = torch.randn(0, 2, 16)
+    out = llmcore.varlen_attention(q, k, v, cu([2, 3]), cu([0, 0]), 3, 0)
+    assert out.shape == (5, 2, 16) and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        llmcore.varlen_attention(q, k, v, cu([2, 3]), cu([0, 1]), 3, 1)

@@ -30,7 +30,7 @@ struct Problem {
   int64_t head_dim = 0, head_dim_v = 0;
   const int32_t* cu_seqlens_q = nullptr;  // varlen when non-null
   const int32_t* cu_seqlens_k = nullptr;
-  int64_t total_q = 0;  // varlen: rows of q
+  int64_t total_q = 0, total_k = 0;  // varlen: rows of q and of k
   float scale = 1.f;
   bool causal = false;
   bool causal_bottom_right = false;  // row i sees keys j <= i + (len_k - len_q); else j <= i

@@ -57,7 +57,7 @@ def problem(
         p.set_mask(mask.data_ptr(), list(mask.stride()))
     if cu_seqlens is not None:
         p.set_cu_seqlens(cu_seqlens[0].data_ptr(), cu_seqlens[1].data_ptr())
-        p.total_q = q.size(0)
+        p.total_q, p.total_k = q.size(0), k.size(0)
     return p
 
 
