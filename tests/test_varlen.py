@@ -111,8 +111,11 @@ def test_varlen_equals_padded_sdpa_with_key_mask():
     torch.testing.assert_close(packed, padded.transpose(1, 2)[valid], atol=2e-6, rtol=1e-5)
 
 
-def test_varlen_every_cpu_isa(cpu_isa):
-    check_varlen([5, 1, 0, 97, 3], [5, 1, 0, 97, 3], 4, 2, 48, torch.float32, True)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_varlen_every_cpu_isa(cpu_isa, is_causal):
+    check_varlen([5, 1, 0, 97, 3], [5, 1, 0, 97, 3], 4, 2, 48, torch.float32, is_causal)
+    # unequal lengths: bottom-right causal tiles start between panel boundaries
+    check_varlen([4, 9, 1, 70, 130], [10, 3, 5, 77, 141], 2, 2, 80, torch.float32, is_causal)
 
 
 def test_varlen_without_keys_returns_zeros():

@@ -169,60 +169,80 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
       const float* di = g.di + qrow;
       float* dqt = dq_t(gh);
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
-        const int64_t qb = std::min(kBlockQ, s.len_q - q0);
-        float* P = buf.p;
-        gemm(kb, qb, D, kr, D, PanelB{g.qt + qrow * D, D, q0, panel_width(s.len_q)}, P, kBlockQ, false);
+        const int64_t qb = std::min(kBlockQ, s.len_q - q0), width = panel_width(s.len_q);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
-        for (int64_t j = 0; j < kb; ++j) {
-          float* row = P + j * kBlockQ;
-          if (prescale) row_scale(row, qb, cs);
-          if (p.mask_kind != MaskKind::none) {
-            const int64_t* st = p.mask_strides;
-            const int64_t base = b * st[0] + h * st[1] + q0 * st[2] + (k0 + j) * st[3];
-            if (p.mask_kind == MaskKind::boolean) {
-              const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
-              for (int64_t i = 0; i < qb; ++i) row[i] = m[i * st[2]] ? row[i] : -INFINITY;
-            } else {
-              const float* m = static_cast<const float*>(p.mask) + base;
-              for (int64_t i = 0; i < qb; ++i) row[i] += kLog2e * m[i * st[2]];
-            }
-          }
-          if (diagonal) {
-            const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0, 0, qb);
-            for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
-          }
-          row_exp2_fma(row, row_c, neg_lse + q0, qb);
-        }
-
-        const float* keep_scale = nullptr;
-        const float* Pd = P;
-        if (dropout) {
+        if (dropout)
           for (int64_t i = 0; i < qb; ++i)
             dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + i), k0, kb, p.dropout_p, buf.keep + i * kBlockK);
-          for (int64_t j = 0; j < kb; ++j)
-            for (int64_t i = 0; i < qb; ++i) {
-              const float ks = buf.keep[i * kBlockK + j] ? drop_scale : 0.f;
-              buf.keep_scale[j * kBlockQ + i] = ks;
-              buf.pd[j * kBlockQ + i] = P[j * kBlockQ + i] * ks;
+        // A diagonal tile runs as two bands of keys; the lower band starts at the first query
+        // its first key is visible to, so the hidden lower-left block is never computed.
+        const int64_t bands = diagonal && kb > kBlockK / 2 ? 2 : 1;
+        for (int64_t band = 0; band < bands; ++band) {
+          const int64_t r0 = band * (kBlockK / 2), r1 = bands == 1 ? kb : std::min(kb, r0 + kBlockK / 2);
+          const int64_t c0 = diagonal ? std::clamp<int64_t>(k0 + r0 - off - q0, 0, qb) : 0;
+          const int64_t m = r1 - r0, n = qb - c0;
+          float* P = buf.p + r0 * kBlockQ + c0;  // band rows, columns from c0; row stride kBlockQ
+          float* dS = buf.ds + r0 * kBlockQ + c0;
+          float* dv = buf.dv + r0 * Dv;
+          float* dk = buf.dk + r0 * D;
+          if (n == 0) {  // this band sees no query of the tile
+            if (first_q) {
+              std::memset(dv, 0, sizeof(float) * m * Dv);
+              std::memset(dk, 0, sizeof(float) * m * D);
             }
-          keep_scale = buf.keep_scale;
-          Pd = buf.pd;
-        }
+            continue;
+          }
+          gemm(m, n, D, kr + r0 * D, D, PanelB{g.qt + qrow * D, D, q0 + c0, width}, P, kBlockQ, false);
+          for (int64_t j = r0; j < r1; ++j) {
+            float* row = P + (j - r0) * kBlockQ;
+            if (prescale) row_scale(row, n, cs);
+            if (p.mask_kind != MaskKind::none) {
+              const int64_t* st = p.mask_strides;
+              const int64_t base = b * st[0] + h * st[1] + (q0 + c0) * st[2] + (k0 + j) * st[3];
+              if (p.mask_kind == MaskKind::boolean) {
+                const uint8_t* mk = static_cast<const uint8_t*>(p.mask) + base;
+                for (int64_t i = 0; i < n; ++i) row[i] = mk[i * st[2]] ? row[i] : -INFINITY;
+              } else {
+                const float* mk = static_cast<const float*>(p.mask) + base;
+                for (int64_t i = 0; i < n; ++i) row[i] += kLog2e * mk[i * st[2]];
+              }
+            }
+            if (diagonal) {
+              const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, n);
+              for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
+            }
+            row_exp2_fma(row, row_c, neg_lse + q0 + c0, n);
+          }
 
-        // dK and dV sum over every query: each query tile's product is added as one partial
-        // sum, which keeps fp32 rounding on long sequences near that of a blocked sum.
-        gemm(kb, Dv, qb, Pd, kBlockQ, RowMajorB{g.dout + (qrow + q0) * Dv, Dv}, first_q ? buf.dv : buf.partial, Dv,
-             false);
-        if (!first_q) add_rows(buf.dv, buf.partial, kb * Dv);
-        float* dS = buf.ds;
-        gemm(kb, qb, Dv, vr, Dv, PanelB{g.dot + qrow * Dv, Dv, q0, panel_width(s.len_q)}, dS, kBlockQ, false);
-        for (int64_t j = 0; j < kb; ++j)
-          row_softmax_grad(P + j * kBlockQ, dS + j * kBlockQ, keep_scale ? keep_scale + j * kBlockQ : nullptr, di + q0,
-                           dS + j * kBlockQ, qb);
-        gemm(kb, D, qb, dS, kBlockQ, RowMajorB{g.q + (qrow + q0) * D, D}, first_q ? buf.dk : buf.partial, D, false);
-        if (!first_q) add_rows(buf.dk, buf.partial, kb * D);
+          const float* keep_scale = nullptr;
+          const float* Pd = P;
+          if (dropout) {
+            float* ks_band = buf.keep_scale + r0 * kBlockQ + c0;
+            float* pd_band = buf.pd + r0 * kBlockQ + c0;
+            for (int64_t j = r0; j < r1; ++j)
+              for (int64_t i = 0; i < n; ++i) {
+                const float ks = buf.keep[(c0 + i) * kBlockK + j] ? drop_scale : 0.f;
+                ks_band[(j - r0) * kBlockQ + i] = ks;
+                pd_band[(j - r0) * kBlockQ + i] = P[(j - r0) * kBlockQ + i] * ks;
+              }
+            keep_scale = ks_band;
+            Pd = pd_band;
+          }
+
+          // dK and dV sum over every query: each query tile's product is added as one
+          // partial sum, which keeps fp32 rounding on long sequences near a blocked sum's.
+          gemm(m, Dv, n, Pd, kBlockQ, RowMajorB{g.dout + (qrow + q0 + c0) * Dv, Dv}, first_q ? dv : buf.partial, Dv,
+               false);
+          if (!first_q) add_rows(dv, buf.partial, m * Dv);
+          gemm(m, n, Dv, vr + r0 * Dv, Dv, PanelB{g.dot + qrow * Dv, Dv, q0 + c0, width}, dS, kBlockQ, false);
+          for (int64_t j = 0; j < m; ++j)
+            row_softmax_grad(P + j * kBlockQ, dS + j * kBlockQ, keep_scale ? keep_scale + j * kBlockQ : nullptr,
+                             di + q0 + c0, dS + j * kBlockQ, n);
+          gemm(m, D, n, dS, kBlockQ, RowMajorB{g.q + (qrow + q0 + c0) * D, D}, first_q ? dk : buf.partial, D, false);
+          if (!first_q) add_rows(dk, buf.partial, m * D);
+          gemm(D, n, m, kt + r0, g.kpad, RowMajorB{dS, kBlockQ}, dqt + q0 + c0, g.qpad, true);
+        }
         first_q = false;
-        gemm(D, qb, kb, kt, g.kpad, RowMajorB{dS, kBlockQ}, dqt + q0, g.qpad, true);
       }
     }
     if (first_q) {  // no query sees this key tile

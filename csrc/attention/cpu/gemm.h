@@ -25,17 +25,23 @@ struct RowMajorB {
   const float* b;
   int64_t ld;
   BlockB operator()(int64_t n0) const { return {b + n0, ld}; }
+  int64_t contiguous_cols(int64_t) const { return NR; }
 };
 
 // B packed in panels of `width` columns (NR, or less for a matrix narrower than NR): panel p
 // holds columns [p * width, p * width + width) as a K x width row-major block, panel after
-// panel. col0 is the first column of the GEMM (a multiple of width).
+// panel. col0 is the first column of the GEMM, anywhere in a panel.
 struct PanelB {
   const float* b;
   int64_t k_total;  // rows of each panel
   int64_t col0;
   int64_t width = NR;
-  BlockB operator()(int64_t n0) const { return {b + ((col0 + n0) / width) * k_total * width, width}; }
+  BlockB operator()(int64_t n0) const {
+    const int64_t c = col0 + n0;
+    return {b + (c / width) * k_total * width + c % width, width};
+  }
+  // Columns from n0 to the end of its panel: a micro-kernel block must not cross panels.
+  int64_t contiguous_cols(int64_t n0) const { return width - (col0 + n0) % width; }
 };
 
 // Fully unrolled so the compiler keeps the R x NVec accumulators in registers (GCC otherwise
@@ -116,10 +122,10 @@ inline void rowwise_dot_like_gemm(const float* a, int64_t lda, const float* b, i
 template <class BAt>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const BAt& b_at, float* C, int64_t ldc,
                  bool accumulate) {
-  for (int64_t n0 = 0; n0 < N; n0 += NR) {
-    const int nb = int(std::min<int64_t>(NR, N - n0));
-    const int nvec = (nb + sv::W - 1) / sv::W;
-    const int tail = nb - (nvec - 1) * sv::W;
+  for (int64_t n0 = 0, nb = 0; n0 < N; n0 += nb) {
+    nb = std::min<int64_t>({NR, N - n0, b_at.contiguous_cols(n0)});
+    const int nvec = int((nb + sv::W - 1) / sv::W);
+    const int tail = int(nb - (nvec - 1) * sv::W);
     const BlockB B = b_at(n0);
     // K chunk outside the row blocks: the chunk of B (kChainK x NR) stays in L1 for all rows.
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kChainK) {
