@@ -73,7 +73,7 @@ void pack_q_head(const BackwardArgs& a, int64_t b, int64_t h, const QBuffers& qb
                  float* row2) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = panel_padded(s.len_q, kBlockQ);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = alias_free(panel_padded(s.len_q, kBlockQ));
   const void* q = at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, 0));
   const void* dout = at(a.dout, p.dtype, row_offset(p, a.dout, b, h, s.q_row0, 0));
   float* qr = qb.q + slot * D;
@@ -107,7 +107,7 @@ void pack_q_head(const BackwardArgs& a, int64_t b, int64_t h, const QBuffers& qb
 void pack_k_head(const BackwardArgs& a, int64_t b, int64_t h, const KBuffers& kb, int64_t slot) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = round_up(s.len_k, NR);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = alias_free(round_up(s.len_k, NR));
   float* kr = kb.k + slot * D;
   pack_rows(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)), p.dtype, a.k.seq_stride, s.len_k, D, 1.f, kr);
   pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, Dv, 1.f,
@@ -288,10 +288,10 @@ void backward(const BackwardArgs& a) {
   int64_t max_q = 0, max_k = 0, q_total = 0, k_total = 0, max_tiles = 1;
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
-    max_q = std::max(max_q, panel_padded(s.len_q, kBlockQ));
-    max_k = std::max(max_k, round_up(s.len_k, NR));
-    q_total += panel_padded(s.len_q, kBlockQ);
-    k_total += round_up(s.len_k, NR);
+    max_q = std::max(max_q, alias_free(panel_padded(s.len_q, kBlockQ)));
+    max_k = std::max(max_k, alias_free(round_up(s.len_k, NR)));
+    q_total += alias_free(panel_padded(s.len_q, kBlockQ));
+    k_total += alias_free(round_up(s.len_k, NR));
     max_tiles = std::max(max_tiles, ceil_div(s.len_k, kBlockK));
   }
   // One group's packed operands plus its dQ^T, per thread.
@@ -316,8 +316,8 @@ void backward(const BackwardArgs& a) {
   q_off[0] = k_off[0] = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
-    q_off[b + 1] = q_off[b] + panel_padded(s.len_q, kBlockQ);
-    k_off[b + 1] = k_off[b] + round_up(s.len_k, NR);
+    q_off[b + 1] = q_off[b] + alias_free(panel_padded(s.len_q, kBlockQ));
+    k_off[b + 1] = k_off[b] + alias_free(round_up(s.len_k, NR));
   }
 
   if (local) {
@@ -333,7 +333,7 @@ void backward(const BackwardArgs& a) {
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
         const Seq s = sequence(p, b);
-        const int64_t qpad = panel_padded(s.len_q, kBlockQ), kpad = round_up(s.len_k, NR);
+        const int64_t qpad = alias_free(panel_padded(s.len_q, kBlockQ)), kpad = alias_free(round_up(s.len_k, NR));
         for (int64_t gh = 0; gh < group; ++gh)
           pack_q_head(a, b, hk * group + gh, qb, gh * max_q, buf.rows, buf.row2);
         pack_k_head(a, b, hk, kb, 0);

@@ -199,6 +199,11 @@ inline void pack_transposed_panels(const void* src, DType dt, int64_t seq_stride
   }
 }
 
+// A leading dimension (in floats) for matrices read down their columns: a multiple of 512
+// floats puts every row in the same L1 set (measured: 8 KB strides on 2048-token heads), so
+// such sizes get 64 more.
+inline int64_t alias_free(int64_t n) { return n >= 512 && n % 512 == 0 ? n + 64 : n; }
+
 // Packs rows [0, len) of one head row-major fp32: out[r][d] (leading dimension dim).
 inline void pack_rows(const void* src, DType dt, int64_t seq_stride, int64_t len, int64_t dim, float scale,
                       float* out) {
