@@ -139,65 +139,89 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
       float* dqt = dq_of(gh);
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
         const int64_t qb = std::min(kBlockQ, s.len_q - q0), qb32 = round_up(qb, 32);
-        float* P = buf.p;
-        amx_gemm(kBlockK, qb32, d.Dp, kp.k + k0 * d.Dp, d.Dp, vnni_at(qp.qt, d.Dp, 0, q0), d.Dp * 16, P, T, false);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
-        for (int64_t j = 0; j < kBlockK; ++j) {
-          float* row = P + j * T;
-          if (j >= kb) {  // padding keys
-            std::memset(row, 0, sizeof(float) * qb32);
-            continue;
-          }
-          if (prescale) row_scale(row, qb, cs);
-          if (p.mask_kind != MaskKind::none) {
-            const int64_t* st = p.mask_strides;
-            const int64_t base = b * st[0] + h * st[1] + q0 * st[2] + (k0 + j) * st[3];
-            if (p.mask_kind == MaskKind::boolean) {
-              const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
-              for (int64_t i = 0; i < qb; ++i) row[i] = m[i * st[2]] ? row[i] : -INFINITY;
-            } else {
-              const float* m = static_cast<const float*>(p.mask) + base;
-              for (int64_t i = 0; i < qb; ++i) row[i] += kLog2e * m[i * st[2]];
-            }
-          }
-          if (diagonal) {
-            const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0, 0, qb);
-            for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
-          }
-          row_exp2_fma(row, row_c, qp.neg_lse + q0, qb32);  // padded queries: neg_lse = -inf -> 0
-        }
-
-        const float* keep_scale = nullptr;
-        if (dropout) {
+        if (dropout)
           for (int64_t i = 0; i < qb; ++i)
             dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + i), k0, kb, p.dropout_p, buf.keep + i * kBlockK);
-          for (int64_t j = 0; j < kBlockK; ++j)
-            for (int64_t i = 0; i < qb32; ++i) {
-              const float ks = (j < kb && i < qb && buf.keep[i * kBlockK + j]) ? drop_scale : 0.f;
-              buf.keep_scale[j * T + i] = ks;
-              buf.dp[j * T + i] = P[j * T + i] * ks;
+        // Diagonal tiles run as two bands of 32 keys; the lower band starts at the 32-column
+        // block holding the first query its first key is visible to (see backward.cpp).
+        const int64_t bands = diagonal ? 2 : 1;
+        for (int64_t band = 0; band < bands; ++band) {
+          const int64_t r0 = band * 32, m = bands == 1 ? kBlockK : 32;
+          const int64_t c0 = diagonal ? std::clamp<int64_t>(k0 + r0 - off - q0, 0, qb) / 32 * 32 : 0;
+          const int64_t n = qb32 - c0;
+          float* P = buf.p + r0 * T + c0;  // band rows, columns from c0; row stride T
+          float* dP = buf.dp + r0 * T + c0;
+          uint16_t* Pb = buf.pb + r0 * T + c0;
+          uint16_t* dSb = buf.dsb + r0 * T + c0;
+          float* dv = buf.dv + r0 * d.Dvp;
+          float* dk = buf.dk + r0 * d.Dp;
+          if (n <= 0) {
+            if (first_q) {
+              std::memset(dv, 0, sizeof(float) * m * d.Dvp);
+              std::memset(dk, 0, sizeof(float) * m * d.Dp);
             }
-          keep_scale = buf.keep_scale;
-          for (int64_t j = 0; j < kBlockK; ++j) to_bf16(buf.dp + j * T, buf.pb + j * T, qb32);
-        } else {
-          for (int64_t j = 0; j < kBlockK; ++j) to_bf16(P + j * T, buf.pb + j * T, qb32);
+            continue;
+          }
+          amx_gemm(m, n, d.Dp, kp.k + (k0 + r0) * d.Dp, d.Dp, vnni_at(qp.qt, d.Dp, 0, q0 + c0), d.Dp * 16, P, T, false);
+          for (int64_t j = r0; j < r0 + m; ++j) {
+            float* row = P + (j - r0) * T;
+            if (j >= kb) {  // padding keys
+              std::memset(row, 0, sizeof(float) * n);
+              continue;
+            }
+            const int64_t valid = std::max<int64_t>(0, qb - c0);  // real queries in the band's columns
+            if (prescale) row_scale(row, valid, cs);
+            if (p.mask_kind != MaskKind::none) {
+              const int64_t* st = p.mask_strides;
+              const int64_t base = b * st[0] + h * st[1] + (q0 + c0) * st[2] + (k0 + j) * st[3];
+              if (p.mask_kind == MaskKind::boolean) {
+                const uint8_t* mk = static_cast<const uint8_t*>(p.mask) + base;
+                for (int64_t i = 0; i < valid; ++i) row[i] = mk[i * st[2]] ? row[i] : -INFINITY;
+              } else {
+                const float* mk = static_cast<const float*>(p.mask) + base;
+                for (int64_t i = 0; i < valid; ++i) row[i] += kLog2e * mk[i * st[2]];
+              }
+            }
+            if (diagonal) {
+              const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, valid);
+              for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
+            }
+            row_exp2_fma(row, row_c, qp.neg_lse + q0 + c0, n);  // padded queries: neg_lse = -inf -> 0
+          }
+
+          const float* keep_scale = nullptr;
+          if (dropout) {
+            float* ks_band = buf.keep_scale + r0 * T + c0;
+            for (int64_t j = 0; j < m; ++j)
+              for (int64_t i = 0; i < n; ++i) {
+                const int64_t key = r0 + j, query = c0 + i;
+                const float ks = (key < kb && query < qb && buf.keep[query * kBlockK + key]) ? drop_scale : 0.f;
+                ks_band[j * T + i] = ks;
+                dP[j * T + i] = P[j * T + i] * ks;  // dP's rows serve as scratch for P * keep here
+              }
+            keep_scale = ks_band;
+            for (int64_t j = 0; j < m; ++j) to_bf16(dP + j * T, Pb + j * T, n);
+          } else {
+            for (int64_t j = 0; j < m; ++j) to_bf16(P + j * T, Pb + j * T, n);
+          }
+          // dV += P^T dO (keys x Dv), K = queries
+          amx_gemm(m, d.Dvp, n, Pb, T, vnni_at(qp.dout, qpad, q0 + c0, 0), qpad * 16, dv, d.Dvp, !first_q);
+          // dP^T = V dO^T (keys x queries), K = Dv
+          amx_gemm(m, n, d.Dvp, kp.v + (k0 + r0) * d.Dvp, d.Dvp, vnni_at(qp.dot, d.Dvp, 0, q0 + c0), d.Dvp * 16, dP, T,
+                   false);
+          for (int64_t j = 0; j < m; ++j) {
+            float* ds = dP + j * T;
+            row_softmax_grad(P + j * T, ds, keep_scale ? keep_scale + j * T : nullptr, qp.di + q0 + c0, ds, n);
+            to_bf16(ds, dSb + j * T, n);
+          }
+          // dK += dS^T Q (keys x D), K = queries
+          amx_gemm(m, d.Dp, n, dSb, T, vnni_at(qp.q, qpad, q0 + c0, 0), qpad * 16, dk, d.Dp, !first_q);
+          // dQ^T += K^T dS^T (D x queries), K = keys
+          pack_vnni_rows(dSb, T, m, n, m, n, buf.ds_vnni);
+          amx_gemm(d.Dp, n, m, kp.kt + k0 + r0, kpad, buf.ds_vnni, m * 16, dqt + q0 + c0, qpad, true);
         }
-        // dV += P^T dO (keys x Dv), K = queries
-        amx_gemm(kBlockK, d.Dvp, qb32, buf.pb, T, vnni_at(qp.dout, qpad, q0, 0), qpad * 16, buf.dv, d.Dvp, !first_q);
-        // dP^T = V dO^T (keys x queries), K = Dv
-        amx_gemm(kBlockK, qb32, d.Dvp, kp.v + k0 * d.Dvp, d.Dvp, vnni_at(qp.dot, d.Dvp, 0, q0), d.Dvp * 16, buf.dp, T,
-                 false);
-        for (int64_t j = 0; j < kBlockK; ++j) {
-          float* ds = buf.dp + j * T;
-          row_softmax_grad(P + j * T, ds, keep_scale ? keep_scale + j * T : nullptr, qp.di + q0, ds, qb32);
-          to_bf16(ds, buf.dsb + j * T, qb32);
-        }
-        // dK += dS^T Q (keys x D), K = queries
-        amx_gemm(kBlockK, d.Dp, qb32, buf.dsb, T, vnni_at(qp.q, qpad, q0, 0), qpad * 16, buf.dk, d.Dp, !first_q);
         first_q = false;
-        // dQ^T += K^T dS^T (D x queries), K = keys
-        pack_vnni_rows(buf.dsb, T, kBlockK, qb32, kBlockK, qb32, buf.ds_vnni);
-        amx_gemm(d.Dp, qb32, kBlockK, kp.kt + k0, kpad, buf.ds_vnni, kBlockK * 16, dqt + q0, qpad, true);
       }
     }
     if (first_q) {

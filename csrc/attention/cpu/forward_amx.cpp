@@ -94,7 +94,14 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
   for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
     const int64_t kb = std::min(kBlockK, k_end - k0), kb32 = round_up(kb, 32);
     const bool diagonal = p.causal && visible(0, k0, kb) < kb;
-    amx_gemm(kBlockQ, kb32, d.Dp, buf.q, d.Dp, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16, S, kBlockK, false);
+    // Columns each 32-row block computes: on a diagonal tile, what its last row sees.
+    int64_t cols[kBlockQ / 32];
+    for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
+      cols[rb] = !diagonal ? kb32 : rb * 32 < qb ? round_up(visible(std::min(rb * 32 + 31, qb - 1), k0, kb), 32) : 0;
+    for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
+      if (cols[rb] > 0)
+        amx_gemm(32, cols[rb], d.Dp, buf.q + rb * 32 * d.Dp, d.Dp, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16,
+                 S + rb * 32 * kBlockK, kBlockK, false);
 
     float *m_new = buf.m_new, *alpha = buf.alpha;
     for (int64_t r = 0; r < qb; ++r) {
@@ -110,13 +117,14 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
     for (int64_t r = 0; r < kBlockQ; ++r) {
       float* row = S + r * kBlockK;
       uint16_t* prow = buf.pb + r * kBlockK;
+      const int64_t width = cols[r / 32];
       const int64_t n = r < qb ? (diagonal ? visible(r, k0, kb) : kb) : 0;
       if (r >= qb || m_new[r] == -INFINITY) {  // padding row, or nothing visible so far
-        std::memset(prow, 0, sizeof(uint16_t) * kb32);
+        std::memset(prow, 0, sizeof(uint16_t) * width);
         continue;
       }
       const float sum = row_exp2_sum(row, n, row_c, m_new[r]);
-      if (n < kb32) std::memset(row + n, 0, sizeof(float) * (kb32 - n));
+      if (n < width) std::memset(row + n, 0, sizeof(float) * (width - n));
       if (l[r] > 0.f && alpha[r] != 1.f) row_scale(O + r * d.Dvp, d.Dv, alpha[r]);
       l[r] = l[r] * alpha[r] + sum;
       m[r] = m_new[r];
@@ -124,9 +132,12 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
         dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + r), k0, n, p.dropout_p, buf.keep);
         for (int64_t j = 0; j < n; ++j) row[j] = buf.keep[j] ? row[j] * drop_scale : 0.f;
       }
-      to_bf16(row, prow, kb32);
+      to_bf16(row, prow, width);
     }
-    amx_gemm(kBlockQ, d.Dvp, kb32, buf.pb, kBlockK, vnni_at(kv.v, kv.kpad, k0, 0), kv.kpad * 16, O, d.Dvp, true);
+    for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
+      if (cols[rb] > 0)
+        amx_gemm(32, d.Dvp, cols[rb], buf.pb + rb * 32 * kBlockK, kBlockK, vnni_at(kv.v, kv.kpad, k0, 0),
+                 kv.kpad * 16, O + rb * 32 * d.Dvp, d.Dvp, true);
   }
 
   for (int64_t r = 0; r < qb; ++r) {
