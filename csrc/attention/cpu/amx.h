@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attention/cpu/simd.h"
+
 namespace llmcore::attention::LLMCORE_ISA_NS {
 
 // Palette 1, every tile 16 rows x 64 bytes. Loaded once per thread per kernel call.
@@ -90,27 +92,47 @@ inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
 }
 
 // VNNI-packs rows [0, rows) of a row-major bf16 matrix (ld elements, `cols` columns) as the
-// B operand with K = rows: out holds round_up(cols, 32) / 16 blocks of round_up(rows, 32) / 2
-// pair-rows; padding is zero.
+// B operand with K = rows: out holds n_pad / 16 blocks of k_pad / 2 pair-rows (k_pad, n_pad
+// multiples of 32 covering rows, cols); padding is zero.
 inline void pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad, int64_t n_pad,
                            uint16_t* out) {
   std::memset(out, 0, sizeof(uint16_t) * k_pad * n_pad);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* s = src + r * ld;
-    for (int64_t n = 0; n < cols; ++n) out[(n / 16) * k_pad * 16 + (r / 2) * 32 + (n % 16) * 2 + (r % 2)] = s[n];
+  const int64_t full_cols = cols / 16 * 16;
+  for (int64_t r = 0; r + 1 < rows; r += 2) {
+    const uint16_t* a = src + r * ld;
+    const uint16_t* b = a + ld;
+    for (int64_t n = 0; n < full_cols; n += 16) {  // interleave 16 columns of the two rows
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + n));
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + n));
+      const __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);
+      uint16_t* o = out + (n / 16) * k_pad * 16 + (r / 2) * 32;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // the odd last row, and the columns past full_cols
+    const int64_t n_from = (rows % 2 == 1 && r == rows - 1) ? 0 : full_cols;
+    for (int64_t n = n_from; n < cols; ++n)
+      out[(n / 16) * k_pad * 16 + (r / 2) * 32 + (n % 16) * 2 + (r % 2)] = src[r * ld + n];
   }
 }
 
 // VNNI-packs the transpose of a row-major bf16 matrix: B = src^T, so K = cols (the
 // contraction runs along src's rows) and N = rows. Same block layout and padding as above.
-// Each element is XORed with flip (0x8000 negates a bf16 exactly).
+// A pair of bf16 along a row is one 32-bit unit, so this is a 32-bit transpose, 16 x 16
+// blocks in registers. Each element is XORed with flip (0x8000 negates a bf16 exactly).
 inline void pack_vnni_transposed(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad,
                                  int64_t n_pad, uint16_t* out, uint16_t flip = 0) {
   std::memset(out, 0, sizeof(uint16_t) * k_pad * n_pad);
+  const int64_t full_rows = (flip || ld % 2) ? 0 : rows / 16 * 16, full_pairs = cols / 32 * 16;
+  for (int64_t n0 = 0; n0 < full_rows; n0 += 16)
+    for (int64_t p0 = 0; p0 < full_pairs; p0 += 16)
+      simd::transpose_block(reinterpret_cast<const float*>(src + n0 * ld + 2 * p0), ld / 2,
+                            reinterpret_cast<float*>(out + (n0 / 16) * k_pad * 16 + p0 * 32), 16);
   for (int64_t n = 0; n < rows; ++n) {
     const uint16_t* s = src + n * ld;
     uint16_t* blk = out + (n / 16) * k_pad * 16 + (n % 16) * 2;
-    for (int64_t k = 0; k < cols; ++k) blk[(k / 2) * 32 + (k % 2)] = s[k] ^ flip;
+    for (int64_t k = n < full_rows ? 2 * full_pairs : 0; k < cols; ++k) blk[(k / 2) * 32 + (k % 2)] = s[k] ^ flip;
   }
 }
 

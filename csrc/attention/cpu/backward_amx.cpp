@@ -85,8 +85,8 @@ void pack_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
   copy_padded(k, a.k.seq_stride, s.len_k, d.D, kpad, d.Dp, out.k);
   copy_padded(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v);
   std::memset(out.kt, 0, sizeof(uint16_t) * d.Dp * kpad);
-  for (int64_t j = 0; j < s.len_k; ++j)
-    for (int64_t x = 0; x < d.D; ++x) out.kt[x * kpad + j] = out.k[j * d.Dp + x];
+  for (int64_t x = 0; x < d.D; ++x)  // contiguous stores, strided loads
+    for (int64_t j = 0; j < s.len_k; ++j) out.kt[x * kpad + j] = out.k[j * d.Dp + x];
 }
 
 struct TileBuffers {

@@ -79,7 +79,11 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
   std::memset(buf.q, 0, sizeof(uint16_t) * kBlockQ * d.Dp);
   for (int64_t r = 0; r < qb; ++r) {
     const uint16_t* src = static_cast<const uint16_t*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0 + r)));
-    for (int64_t x = 0; x < d.D; ++x) buf.q[r * d.Dp + x] = src[x] ^ sign;
+    if (sign) {
+      for (int64_t x = 0; x < d.D; ++x) buf.q[r * d.Dp + x] = src[x] ^ sign;
+    } else {
+      std::memcpy(buf.q + r * d.Dp, src, sizeof(uint16_t) * d.D);
+    }
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
