@@ -104,7 +104,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
         row_scale(row, n, c);
         apply_user_mask(p, b, h, q0 + r, k0, n, row);
       }
-      m_new[r] = std::fmax(m[r], row_max(row, n) * row_c);
+      m_new[r] = max_of(m[r], row_max(row, n) * row_c);
     }
     exp2_of_difference(m, m_new, alpha, qb);
     // Pass 2: probabilities, row sums, and the rescaled output accumulator.

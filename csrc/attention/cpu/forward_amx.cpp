@@ -115,7 +115,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
         row_scale(row, n, c);
         apply_user_mask(p, b, h, q0 + r, k0, n, row);
       }
-      m_new[r] = std::fmax(m[r], row_max(row, n) * row_c);
+      m_new[r] = max_of(m[r], row_max(row, n) * row_c);
     }
     exp2_of_difference(m, m_new, alpha, qb);
     for (int64_t r = 0; r < kBlockQ; ++r) {

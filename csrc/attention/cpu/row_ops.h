@@ -6,6 +6,9 @@
 
 namespace llmcore::attention::LLMCORE_ISA_NS {
 
+// max(a, b) as one compare: std::fmax is a libm call here (its NaN rule has no instruction).
+inline float max_of(float a, float b) { return a > b ? a : b; }
+
 inline float row_max(const float* x, int64_t n) {
   namespace sv = simd;
   float m = -INFINITY;
@@ -15,7 +18,7 @@ inline float row_max(const float* x, int64_t n) {
     for (j = sv::W; j + sv::W <= n; j += sv::W) acc = sv::max(acc, sv::load(x + j));
     m = sv::reduce_max(acc);
   }
-  for (; j < n; ++j) m = std::fmax(m, x[j]);
+  for (; j < n; ++j) m = max_of(m, x[j]);
   return m;
 }
 
