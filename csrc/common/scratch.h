@@ -2,24 +2,11 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 
 namespace llmcore {
 
 void* aligned_alloc_bytes(std::size_t bytes);  // 64-byte aligned; throws std::bad_alloc
 void aligned_free(void* p) noexcept;
-
-struct AlignedDeleter {
-  void operator()(void* p) const noexcept { aligned_free(p); }
-};
-
-template <class T>
-using Scratch = std::unique_ptr<T[], AlignedDeleter>;
-
-template <class T>
-Scratch<T> make_scratch(std::size_t n) {
-  return Scratch<T>(static_cast<T*>(aligned_alloc_bytes(sizeof(T) * (n ? n : 1))));
-}
 
 // A per-calling-thread arena that keeps its memory between kernel calls: fresh multi-MB
 // allocations cost page faults on every call (measured: ~10% of small attention calls).

@@ -150,9 +150,7 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
   const int64_t off = p.causal ? causal_limit(p, s, 0) : 0;  // row i sees keys j <= i + off
   const bool dropout = p.dropout_p > 0.f;
   const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
-  const float cs = std::fabs(p.scale) * kLog2e;  // as in forward.cpp
-  const bool prescale = p.mask_kind != MaskKind::none || cs == 0.f;
-  const float row_c = prescale ? 1.f : cs;
+  const SoftmaxScale sc = softmax_scale(p);
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t k0 = t * kBlockK, kb = std::min(kBlockK, s.len_k - k0);
@@ -195,23 +193,13 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
           gemm(m, n, D, kr + r0 * D, D, PanelB{g.qt + qrow * D, D, q0 + c0, width}, P, kBlockQ, false);
           for (int64_t j = r0; j < r1; ++j) {
             float* row = P + (j - r0) * kBlockQ;
-            if (prescale) row_scale(row, n, cs);
-            if (p.mask_kind != MaskKind::none) {
-              const int64_t* st = p.mask_strides;
-              const int64_t base = b * st[0] + h * st[1] + (q0 + c0) * st[2] + (k0 + j) * st[3];
-              if (p.mask_kind == MaskKind::boolean) {
-                const uint8_t* mk = static_cast<const uint8_t*>(p.mask) + base;
-                for (int64_t i = 0; i < n; ++i) row[i] = mk[i * st[2]] ? row[i] : -INFINITY;
-              } else {
-                const float* mk = static_cast<const float*>(p.mask) + base;
-                for (int64_t i = 0; i < n; ++i) row[i] += kLog2e * mk[i * st[2]];
-              }
-            }
+            if (sc.prescale) row_scale(row, n, sc.c);
+            if (p.mask_kind != MaskKind::none) apply_user_mask_to_key(p, b, h, q0 + c0, k0 + j, n, row);
             if (diagonal) {
               const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, n);
               for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
             }
-            row_exp2_fma(row, row_c, neg_lse + q0 + c0, n);
+            row_exp2_fma(row, sc.row_c, neg_lse + q0 + c0, n);
           }
 
           const float* keep_scale = nullptr;

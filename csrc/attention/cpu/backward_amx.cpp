@@ -124,9 +124,7 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
   const int64_t off = p.causal ? causal_limit(p, s, 0) : 0;
   const bool dropout = p.dropout_p > 0.f;
   const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
-  const float cs = std::fabs(p.scale) * kLog2e;
-  const bool prescale = p.mask_kind != MaskKind::none || cs == 0.f;
-  const float row_c = prescale ? 1.f : cs;
+  const SoftmaxScale sc = softmax_scale(p);
   constexpr int64_t T = kBlockQ;  // row stride of the tile buffers
 
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -171,23 +169,13 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
               continue;
             }
             const int64_t valid = std::max<int64_t>(0, qb - c0);  // real queries in the band's columns
-            if (prescale) row_scale(row, valid, cs);
-            if (p.mask_kind != MaskKind::none) {
-              const int64_t* st = p.mask_strides;
-              const int64_t base = b * st[0] + h * st[1] + (q0 + c0) * st[2] + (k0 + j) * st[3];
-              if (p.mask_kind == MaskKind::boolean) {
-                const uint8_t* mk = static_cast<const uint8_t*>(p.mask) + base;
-                for (int64_t i = 0; i < valid; ++i) row[i] = mk[i * st[2]] ? row[i] : -INFINITY;
-              } else {
-                const float* mk = static_cast<const float*>(p.mask) + base;
-                for (int64_t i = 0; i < valid; ++i) row[i] += kLog2e * mk[i * st[2]];
-              }
-            }
+            if (sc.prescale) row_scale(row, valid, sc.c);
+            if (p.mask_kind != MaskKind::none) apply_user_mask_to_key(p, b, h, q0 + c0, k0 + j, valid, row);
             if (diagonal) {
               const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, valid);
               for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
             }
-            row_exp2_fma(row, row_c, qp.neg_lse + q0 + c0, n);  // padded queries: neg_lse = -inf -> 0
+            row_exp2_fma(row, sc.row_c, qp.neg_lse + q0 + c0, n);  // padded queries: neg_lse = -inf -> 0
           }
 
           const float* keep_scale = nullptr;

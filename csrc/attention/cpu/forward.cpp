@@ -58,12 +58,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
   const int64_t q0 = qt * kBlockQ, qb = std::min(kBlockQ, s.len_q - q0);
   float *Q = buf.q, *S = buf.s, *O = buf.o, *m = buf.m, *l = buf.l;
 
-  // Scores stay unscaled in the GEMM; the softmax applies c = |scale| * log2(e) inside its
-  // FMA. A negative scale flips the sign of Q instead, which is exact.
-  const float c = std::fabs(p.scale) * kLog2e;
-  // Rows with a mask (or a zero scale) are scaled first so the mask adds in the same units.
-  const bool prescale = p.mask_kind != MaskKind::none || c == 0.f;
-  const float row_c = prescale ? 1.f : c;
+  const SoftmaxScale sc = softmax_scale(p);  // Q carries the sign of the scale
   for (int64_t r = 0; r < qb; ++r) {
     load_row(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0 + r)), p.dtype, D, p.scale < 0 ? -1.f : 1.f,
              Q + r * D);
@@ -94,19 +89,9 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
       }
     }
 
-    // Pass 1: masks and the new running maxima (scaled); then every row's rescale factor
-    // alpha = 2^(m_old - m_new) in one vector pass.
     float *m_new = buf.m_new, *alpha = buf.alpha;
-    for (int64_t r = 0; r < qb; ++r) {
-      float* row = S + r * kBlockK;
-      const int64_t n = diagonal ? visible(r, k0, kb) : kb;
-      if (prescale) {
-        row_scale(row, n, c);
-        apply_user_mask(p, b, h, q0 + r, k0, n, row);
-      }
-      m_new[r] = max_of(m[r], row_max(row, n) * row_c);
-    }
-    exp2_of_difference(m, m_new, alpha, qb);
+    online_softmax_maxima(p, b, h, q0, k0, qb, S, kBlockK, [&](int64_t r) { return diagonal ? visible(r, k0, kb) : kb; },
+                          sc, m, m_new, alpha);
     // Pass 2: probabilities, row sums, and the rescaled output accumulator.
     for (int64_t r = 0; r < qb; ++r) {
       float* row = S + r * kBlockK;
@@ -115,7 +100,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
         std::memset(row, 0, sizeof(float) * kb);
         continue;
       }
-      const float sum = row_exp2_sum(row, n, row_c, m_new[r]);
+      const float sum = row_exp2_sum(row, n, sc.row_c, m_new[r]);
       if (n < kb) std::memset(row + n, 0, sizeof(float) * (kb - n));
       if (l[r] > 0.f && alpha[r] != 1.f) row_scale(O + r * Dv, Dv, alpha[r]);
       l[r] = l[r] * alpha[r] + sum;

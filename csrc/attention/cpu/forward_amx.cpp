@@ -72,9 +72,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
   const int64_t q0 = qt * kBlockQ, qb = std::min(kBlockQ, s.len_q - q0);
   float *S = buf.s, *O = buf.o, *m = buf.m, *l = buf.l;
 
-  const float c = std::fabs(p.scale) * kLog2e;
-  const bool prescale = p.mask_kind != MaskKind::none || c == 0.f;
-  const float row_c = prescale ? 1.f : c;
+  const SoftmaxScale sc = softmax_scale(p);
   const uint16_t sign = p.scale < 0 ? 0x8000 : 0;  // a negative scale flips Q's sign (exact)
   std::memset(buf.q, 0, sizeof(uint16_t) * kBlockQ * d.Dp);
   for (int64_t r = 0; r < qb; ++r) {
@@ -108,16 +106,8 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
                  S + rb * 32 * kBlockK, kBlockK, false);
 
     float *m_new = buf.m_new, *alpha = buf.alpha;
-    for (int64_t r = 0; r < qb; ++r) {
-      float* row = S + r * kBlockK;
-      const int64_t n = diagonal ? visible(r, k0, kb) : kb;
-      if (prescale) {
-        row_scale(row, n, c);
-        apply_user_mask(p, b, h, q0 + r, k0, n, row);
-      }
-      m_new[r] = max_of(m[r], row_max(row, n) * row_c);
-    }
-    exp2_of_difference(m, m_new, alpha, qb);
+    online_softmax_maxima(p, b, h, q0, k0, qb, S, kBlockK, [&](int64_t r) { return diagonal ? visible(r, k0, kb) : kb; },
+                          sc, m, m_new, alpha);
     for (int64_t r = 0; r < kBlockQ; ++r) {
       float* row = S + r * kBlockK;
       uint16_t* prow = buf.pb + r * kBlockK;
@@ -127,7 +117,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
         std::memset(prow, 0, sizeof(uint16_t) * width);
         continue;
       }
-      const float sum = row_exp2_sum(row, n, row_c, m_new[r]);
+      const float sum = row_exp2_sum(row, n, sc.row_c, m_new[r]);
       if (n < width) std::memset(row + n, 0, sizeof(float) * (width - n));
       if (l[r] > 0.f && alpha[r] != 1.f) row_scale(O + r * d.Dvp, d.Dv, alpha[r]);
       l[r] = l[r] * alpha[r] + sum;

@@ -8,6 +8,7 @@
 #include "attention/attention.h"
 #include "attention/cpu/gemm.h"
 #include "attention/cpu/philox.h"
+#include "attention/cpu/row_ops.h"
 #include "common/scratch.h"
 
 namespace llmcore::attention::LLMCORE_ISA_NS {
@@ -122,19 +123,64 @@ inline const void* at(const TensorRef& t, DType dt, int64_t off) {
 }
 inline void* at_mut(const TensorRef& t, DType dt, int64_t off) { return static_cast<char*>(t.data) + off * elem_size(dt); }
 
-// Applies the user mask to scores s[j] (log2 domain) for query row i and keys
-// [k0, k0 + n) of head h of batch b, scores already scaled to base 2. Boolean false -> -inf;
-// additive adds log2(e) * m.
-inline void apply_user_mask(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t k0, int64_t n, float* s) {
-  const int64_t* st = p.mask_strides;
-  const int64_t base = b * st[0] + h * st[1] + i * st[2] + k0 * st[3];
+// Adds the user mask to n scores s[t] whose mask entries sit `step` elements apart from
+// mask element `base`, the scores already scaled to base 2. Boolean false -> -inf; additive
+// adds log2(e) * m.
+inline void apply_user_mask_strided(const Problem& p, int64_t base, int64_t step, int64_t n, float* s) {
   if (p.mask_kind == MaskKind::boolean) {
     const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
-    for (int64_t j = 0; j < n; ++j) s[j] = m[j * st[3]] ? s[j] : -INFINITY;
+    for (int64_t t = 0; t < n; ++t) s[t] = m[t * step] ? s[t] : -INFINITY;
   } else if (p.mask_kind == MaskKind::additive) {
     const float* m = static_cast<const float*>(p.mask) + base;
-    for (int64_t j = 0; j < n; ++j) s[j] += kLog2e * m[j * st[3]];
+    for (int64_t t = 0; t < n; ++t) s[t] += kLog2e * m[t * step];
   }
+}
+
+// The mask for query row i of head h of batch b against keys [k0, k0 + n) (forward rows).
+inline void apply_user_mask(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t k0, int64_t n, float* s) {
+  const int64_t* st = p.mask_strides;
+  apply_user_mask_strided(p, b * st[0] + h * st[1] + i * st[2] + k0 * st[3], st[3], n, s);
+}
+
+// The mask for key `key` against queries [q0, q0 + n) (the backward's transposed rows).
+inline void apply_user_mask_to_key(const Problem& p, int64_t b, int64_t h, int64_t q0, int64_t key, int64_t n,
+                                   float* s) {
+  const int64_t* st = p.mask_strides;
+  apply_user_mask_strided(p, b * st[0] + h * st[1] + q0 * st[2] + key * st[3], st[2], n, s);
+}
+
+// How scores become base-2 softmax arguments: the GEMMs produce unscaled q.k; the softmax
+// applies c = |scale| * log2(e) inside its FMA (a negative scale flips Q's sign instead,
+// which is exact). Rows with a mask, or a zero scale, are scaled first (prescale) so the
+// mask adds in the same units; they then use a factor of 1.
+struct SoftmaxScale {
+  float c;
+  bool prescale;
+  float row_c;
+};
+inline SoftmaxScale softmax_scale(const Problem& p) {
+  const float c = std::fabs(p.scale) * kLog2e;
+  const bool prescale = p.mask_kind != MaskKind::none || c == 0.f;
+  return {c, prescale, prescale ? 1.f : c};
+}
+
+// Pass 1 of the online softmax over a tile of scores S (row stride lds) for query rows
+// [q0, q0 + rows) and keys from k0, of which row r sees the first n_of(r): masks, the new
+// running maxima m_new[r] = max(m[r], scaled row max), and alpha[r] = 2^(m[r] - m_new[r]).
+template <class VisibleCols>
+inline void online_softmax_maxima(const Problem& p, int64_t b, int64_t h, int64_t q0, int64_t k0, int64_t rows,
+                                  float* S, int64_t lds, const VisibleCols& n_of, const SoftmaxScale& sc,
+                                  const float* m, float* m_new, float* alpha) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = S + r * lds;
+    const int64_t n = n_of(r);
+    if (sc.prescale) {
+      row_scale(row, n, sc.c);
+      apply_user_mask(p, b, h, q0 + r, k0, n, row);
+    }
+    m_new[r] = max_of(m[r], row_max(row, n) * sc.row_c);
+  }
+  exp2_of_difference(m, m_new, alpha, rows);
 }
 
 // dst[c][r] = src[r][c] for an rows x cols block (row strides in floats), in W x W register
