@@ -33,6 +33,7 @@ def info() -> dict[str, Any]:
         "cpu_isa": _C.cpu_isa(),
         "cpu_isas_compiled": list(_C.compiled_isas()),
         "cpu_features": dict(_C.cpu_features()),
+        "amx_bf16_kernels": bool(_C.amx_enabled()),
         "omp_threads": _C.num_threads(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

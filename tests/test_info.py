@@ -13,7 +13,7 @@ def test_info_reports_build_and_backends():
     assert info["cpu_isa"] in ("avx512", "avx2", "portable")
     assert info["cpu_isa"] in info["cpu_isas_compiled"]
     assert info["omp_threads"] >= 1
-    for key in ("cuda_built", "cuda_available", "triton_available"):
+    for key in ("cuda_built", "cuda_available", "triton_available", "amx_bf16_kernels"):
         assert isinstance(info[key], bool)
     backends = info["backends"]
     assert set(backends) == {"cuda", "triton", "cpu", "reference"}
