@@ -90,7 +90,7 @@ void pack_q_head(const BackwardArgs& a, int64_t b, int64_t h, const QBuffers& qb
   for (int64_t i0 = 0; i0 < s.len_q; i0 += NR) {
     const int64_t n = std::min<int64_t>(NR, s.len_q - i0);
     pack_rows(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i0)), p.dtype, a.o.seq_stride, n, Dv, 1.f, row2);
-    rowwise_dot_like_gemm(row2, Dv, gr + i0 * Dv, Dv, n, Dv, qb.di + slot + i0);
+    rowwise_dot_like_gemm(row2, Dv, gr + i0 * Dv, Dv, n, Dv, qb.di + slot + i0, kHeadDimChainK);
   }
   for (int64_t i = 0; i < pad; ++i) {
     float neg_lse = -INFINITY;  // padding and fully masked rows: P = 0
@@ -190,7 +190,7 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
             }
             continue;
           }
-          gemm(m, n, D, kr + r0 * D, D, PanelB{g.qt + qrow * D, D, q0 + c0, width}, P, kBlockQ, false);
+          gemm(m, n, D, kr + r0 * D, D, PanelB{g.qt + qrow * D, D, q0 + c0, width}, P, kBlockQ, false, kHeadDimChainK);
           for (int64_t j = r0; j < r1; ++j) {
             float* row = P + (j - r0) * kBlockQ;
             if (sc.prescale) row_scale(row, n, sc.c);
@@ -222,7 +222,8 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
           gemm(m, Dv, n, Pd, kBlockQ, RowMajorB{g.dout + (qrow + q0 + c0) * Dv, Dv}, first_q ? dv : buf.partial, Dv,
                false);
           if (!first_q) add_rows(dv, buf.partial, m * Dv);
-          gemm(m, n, Dv, vr + r0 * Dv, Dv, PanelB{g.dot + qrow * Dv, Dv, q0 + c0, width}, dS, kBlockQ, false);
+          gemm(m, n, Dv, vr + r0 * Dv, Dv, PanelB{g.dot + qrow * Dv, Dv, q0 + c0, width}, dS, kBlockQ, false,
+               kHeadDimChainK);
           for (int64_t j = 0; j < m; ++j)
             row_softmax_grad(P + j * kBlockQ, dS + j * kBlockQ, keep_scale ? keep_scale + j * kBlockQ : nullptr,
                              di + q0 + c0, dS + j * kBlockQ, n);

@@ -70,7 +70,7 @@ void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
       if (lse != -INFINITY) neg_lse = -lse;
       load_row(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i)), p.dtype, d.Dv, 1.f, o_row);
       load_row(g + i * a.dout.seq_stride, p.dtype, d.Dv, 1.f, g_row);
-      rowwise_dot_like_gemm(o_row, d.Dv, g_row, d.Dv, 1, d.Dv, &di);
+      rowwise_dot_like_gemm(o_row, d.Dv, g_row, d.Dv, 1, d.Dv, &di, kHeadDimChainK);
     }
     out.neg_lse[i] = neg_lse;
     out.di[i] = di;

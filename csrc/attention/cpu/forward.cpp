@@ -80,12 +80,12 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
     const bool diagonal = p.causal && visible(0, k0, kb) < kb;
     const PanelB kt_at{kt, D, k0, panel_width(s.len_k)};
     if (!diagonal) {
-      gemm(qb, kb, D, Q, D, kt_at, S, kBlockK, false);
+      gemm(qb, kb, D, Q, D, kt_at, S, kBlockK, false, kHeadDimChainK);
     } else {
       for (int64_t r0 = 0; r0 < qb; r0 += simd::MR) {
         const int64_t mb = std::min<int64_t>(simd::MR, qb - r0);
         const int64_t n = visible(r0 + mb - 1, k0, kb);
-        if (n > 0) gemm(mb, n, D, Q + r0 * D, D, kt_at, S + r0 * kBlockK, kBlockK, false);
+        if (n > 0) gemm(mb, n, D, Q + r0 * D, D, kt_at, S + r0 * kBlockK, kBlockK, false, kHeadDimChainK);
       }
     }
 

@@ -13,6 +13,10 @@ constexpr int NR = sv::NV * sv::W;  // columns of one micro-kernel block, and th
 // Longest run of K one micro-kernel call sums before adding into C: it bounds fp32 rounding
 // on long dot products (head dim 256, key tiles) at a few percent of extra C traffic.
 constexpr int64_t kChainK = 32;
+// Products over the head dim (scores, dP) are short sums of similar terms: one chain up to
+// 128 saves the C round trips (~10% of those GEMMs at D = 128) and stayed inside the tests'
+// error bound. D_i must then round like dP: see rowwise_dot_like_gemm.
+constexpr int64_t kHeadDimChainK = 128;
 
 // Where column block [n0, n0 + NR) of B lives: a pointer and the stride between its rows.
 struct BlockB {
@@ -103,14 +107,14 @@ inline void micro_kernel_dispatch(int rows, int nvec, int64_t K, const float* A,
 // gemm() rounds one element of a product with this K. Eight rows at a time keep eight
 // independent FMA chains in flight.
 inline void rowwise_dot_like_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t K,
-                                  float* out) {
+                                  float* out, int64_t chain) {
   constexpr int R = 8;
   for (int64_t r0 = 0; r0 < n; r0 += R) {
     const int rows = int(std::min<int64_t>(R, n - r0));
     float total[R] = {}, acc[R];
-    for (int64_t k0 = 0; k0 < K; k0 += kChainK) {
+    for (int64_t k0 = 0; k0 < K; k0 += chain) {
       for (int r = 0; r < R; ++r) acc[r] = 0.f;
-      const int64_t k1 = std::min(K, k0 + kChainK);
+      const int64_t k1 = std::min(K, k0 + chain);
       for (int64_t k = k0; k < k1; ++k)
         for (int r = 0; r < rows; ++r) acc[r] = sv::madd(a[(r0 + r) * lda + k], b[(r0 + r) * ldb + k], acc[r]);
       for (int r = 0; r < rows; ++r) total[r] = k0 == 0 ? acc[r] : acc[r] + total[r];
@@ -121,15 +125,15 @@ inline void rowwise_dot_like_gemm(const float* a, int64_t lda, const float* b, i
 
 template <class BAt>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const BAt& b_at, float* C, int64_t ldc,
-                 bool accumulate) {
+                 bool accumulate, int64_t chain = kChainK) {
   for (int64_t n0 = 0, nb = 0; n0 < N; n0 += nb) {
     nb = std::min<int64_t>({NR, N - n0, b_at.contiguous_cols(n0)});
     const int nvec = int((nb + sv::W - 1) / sv::W);
     const int tail = int(nb - (nvec - 1) * sv::W);
     const BlockB B = b_at(n0);
-    // K chunk outside the row blocks: the chunk of B (kChainK x NR) stays in L1 for all rows.
-    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kChainK) {
-      const int64_t kb = std::min(kChainK, K - k0);
+    // K chunk outside the row blocks: the chunk of B (chain x NR) stays in L1 for all rows.
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += chain) {
+      const int64_t kb = std::min(chain, K - k0);
       const BlockB Bk{B.ptr + k0 * B.ld, B.ld};
       for (int64_t m0 = 0; m0 < M; m0 += sv::MR) {
         const int mb = int(std::min<int64_t>(sv::MR, M - m0));
