@@ -9,6 +9,7 @@
 #include "attention/attention.h"
 #include "attention/cpu/philox.h"
 #include "common/cpu_features.h"
+#include "common/scratch.h"
 #ifdef LLMCORE_WITH_CUDA
 #include "cuda/probe.h"
 #endif
@@ -176,6 +177,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("amx_available", &llmcore::amx_available, "AMX bf16 kernels compiled, supported by the CPU and allowed by the OS.");
   m.def("amx_enabled", &llmcore::amx_enabled, "Whether bf16 attention runs on AMX now.");
   m.def("set_amx", &llmcore::set_amx, py::arg("on"), "Switch the AMX bf16 kernels off or on (tests, benchmarks).");
+  m.def("release_workspace", &llmcore::release_workspace,
+        "Free the calling thread's kernel workspace (it is kept between calls and regrows on the next).");
   m.def("num_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the kernels use by default.");
   m.def("set_num_threads", [](int n) {
     require(n > 0, "num_threads must be positive");

@@ -50,3 +50,12 @@ def test_cuda_probe_is_safe_without_a_gpu():
         assert n >= 0
         if n > 0:
             assert llmcore._C.cuda_selftest(4096) == ""
+
+
+def test_workspace_can_be_released_and_regrows():
+    import torch
+
+    q = torch.randn(2, 2, 40, 32)
+    first = llmcore.scaled_dot_product_attention(q, q, q)
+    llmcore._C.release_workspace()
+    torch.testing.assert_close(llmcore.scaled_dot_product_attention(q, q, q), first, rtol=0, atol=0)
