@@ -1,5 +1,6 @@
 // Vectorized row operations of the online softmax.
 #pragma once
+#include <algorithm>
 #include <cmath>
 
 #include "attention/cpu/simd.h"
@@ -11,15 +12,13 @@ inline float max_of(float a, float b) { return a > b ? a : b; }
 
 inline float row_max(const float* x, int64_t n) {
   namespace sv = simd;
-  float m = -INFINITY;
-  int64_t j = 0;
-  if (n >= sv::W) {
-    sv::V acc = sv::load(x);
-    for (j = sv::W; j + sv::W <= n; j += sv::W) acc = sv::max(acc, sv::load(x + j));
-    m = sv::reduce_max(acc);
-  }
-  for (; j < n; ++j) m = max_of(m, x[j]);
-  return m;
+  if (n <= 0) return -INFINITY;
+  // Tails go through masked loads: causal diagonal rows rarely end on a vector boundary.
+  sv::V acc = sv::load_or(x, int(std::min<int64_t>(n, sv::W)), -INFINITY);
+  int64_t j = sv::W;
+  for (; j + sv::W <= n; j += sv::W) acc = sv::max(acc, sv::load(x + j));
+  if (j < n) acc = sv::max(acc, sv::load_or(x + j, int(n - j), -INFINITY));
+  return sv::reduce_max(acc);
 }
 
 // x[j] = 2^(x[j] * scale - shift), rounded once before the exp (FMA); returns the sum.
@@ -33,13 +32,13 @@ inline float row_exp2_sum(float* x, int64_t n, float scale, float shift) {
     sv::store(x + j, e);
     acc = sv::add(acc, e);
   }
-  float sum = sv::reduce_add(acc);
   if (j < n) {
     const int t = int(n - j);
-    sv::store(x + j, sv::exp2(sv::fmadd(sv::load(x + j, t), c, s)), t);
-    for (int i = 0; i < t; ++i) sum += x[j + i];
+    const sv::V e = sv::keep_first(sv::exp2(sv::fmadd(sv::load(x + j, t), c, s)), t);
+    sv::store(x + j, e, t);
+    acc = sv::add(acc, e);
   }
-  return sum;
+  return sv::reduce_add(acc);
 }
 
 // out[i] = 2^(a[i] - b[i]); lanes where both are -inf give NaN, and callers skip those.

@@ -27,6 +27,10 @@ inline V set1(float a) { return {_mm512_set1_ps(a)}; }
 inline __mmask16 tail_mask(int n) { return __mmask16((1u << n) - 1u); }
 inline V load(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline V load(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail_mask(n), p)}; }
+// The first n lanes from p, `fill` in the others.
+inline V load_or(const float* p, int n, float fill) { return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(n), p)}; }
+// a with lanes n.. set to zero.
+inline V keep_first(V a, int n) { return {_mm512_maskz_mov_ps(tail_mask(n), a.x)}; }
 inline void store(float* p, V a) { _mm512_storeu_ps(p, a.x); }
 inline void store(float* p, V a, int n) { _mm512_mask_storeu_ps(p, tail_mask(n), a.x); }
 inline V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
@@ -98,6 +102,11 @@ inline V zero() { return {_mm256_setzero_ps()}; }
 inline V set1(float a) { return {_mm256_set1_ps(a)}; }
 inline V load(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline V load(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
+inline V load_or(const float* p, int n, float fill) {
+  const __m256i m = tail_mask(n);
+  return {_mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m))};
+}
+inline V keep_first(V a, int n) { return {_mm256_and_ps(a.x, _mm256_castsi256_ps(tail_mask(n)))}; }
 inline void store(float* p, V a) { _mm256_storeu_ps(p, a.x); }
 inline void store(float* p, V a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a.x); }
 inline V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.x, b.x, c.x)}; }
@@ -170,6 +179,8 @@ inline V zero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
 inline V set1(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }
 inline V load(const float* p) { V r; std::memcpy(r.x, p, sizeof r.x); return r; }
 inline V load(const float* p, int n) { V r = zero(); for (int i = 0; i < n; ++i) r.x[i] = p[i]; return r; }
+inline V load_or(const float* p, int n, float fill) { V r = set1(fill); for (int i = 0; i < n; ++i) r.x[i] = p[i]; return r; }
+inline V keep_first(V a, int n) { for (int i = n; i < W; ++i) a.x[i] = 0.f; return a; }
 inline void store(float* p, V a) { std::memcpy(p, a.x, sizeof a.x); }
 inline void store(float* p, V a, int n) { for (int i = 0; i < n; ++i) p[i] = a.x[i]; }
 inline V fmadd(V a, V b, V c) { for (int i = 0; i < W; ++i) c.x[i] += a.x[i] * b.x[i]; return c; }
