@@ -99,13 +99,21 @@ def test_causal_with_more_queries_than_keys_is_top_left():
     check_sdpa((1, 2, 40, 32), (1, 2, 10, 32), torch.float32, is_causal=True)
 
 
-def test_noncontiguous_and_broadcast_batch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noncontiguous_and_broadcast_batch(dtype):
     B, H, L, D = 2, 4, 50, 32
-    q = torch.randn(B, L, H, D).transpose(1, 2)  # (B, H, L, D) view of a (B, L, H, D) tensor
-    k = torch.randn(1, L, H, D).transpose(1, 2)  # batch broadcasts
-    v = torch.randn(B, H, D, L).transpose(-1, -2)  # last dim strided
-    out = llmcore.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-6, rtol=1e-5)
+    q = torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2).requires_grad_()  # a (B, L, H, D) tensor
+    k = torch.randn(1, L, H, D, dtype=dtype).transpose(1, 2).requires_grad_()  # batch broadcasts
+    v = torch.randn(B, H, D, L, dtype=dtype).transpose(-1, -2).requires_grad_()  # last dim strided
+    grad = torch.randn(B, H, L, D, dtype=dtype)
+    ours = llmcore.scaled_dot_product_attention(q, k, v, is_causal=True)
+    g_ours = torch.autograd.grad(ours, (q, k, v), grad)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    g_theirs = torch.autograd.grad(theirs, (q, k, v), grad)
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(ours, theirs, **tol)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, **tol)
 
 
 @pytest.mark.parametrize("ndim", [2, 3, 5])

@@ -29,12 +29,43 @@ constexpr int64_t kBlockK = 64;
 static_assert(kBlockQ % NR == 0, "query tiles are whole panels");
 
 // The fp32 operands of one (sequence, kv head) group: its kv head and its query heads.
-// Query head g of the group starts g * q_head_rows rows after head 0 in each q buffer.
+// Query head g of the group starts g * q_head_rows rows after head 0 in the packed q
+// buffers (qt, dot, neg_lse, di). The row operands (k, v, q, dout) are either packed copies
+// or, for fp32 inputs, the inputs themselves: hence their own row strides (ld) and the
+// element step from one query head to the next.
 struct GroupView {
-  const float *k, *kt, *v;                          // k, v: kpad x D / Dv rows; kt: D x kpad
-  const float *qt, *q, *dot, *dout, *neg_lse, *di;  // head 0; qt/dot: panels of NR queries
+  const float *kt, *qt, *dot, *neg_lse, *di;  // kt: D x kpad; qt/dot: panels of queries
   int64_t q_head_rows, qpad, kpad;
+  const float *k, *v, *q, *dout;  // head 0 of the group for q and dout
+  int64_t k_ld, v_ld, q_ld, dout_ld, q_step, dout_step;
 };
+
+// fp32 inputs are read in place: the row operands need no copy (a third of the packing time
+// of a 512-token backward).
+bool rows_in_place(const Problem& p) { return p.dtype == DType::f32; }
+
+// The row operands of group (b, hk): the inputs in place, or the packed copies at the given
+// rows (q_row0: the group's first query head; k_row0: the kv head) of buffers whose query
+// heads are q_head_rows apart.
+void set_rows(const BackwardArgs& a, int64_t b, int64_t hk, const float* k, const float* v, const float* q,
+              const float* dout, int64_t q_head_rows, GroupView& g) {
+  const Problem& p = a.p;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  if (rows_in_place(p)) {
+    const Seq s = sequence(p, b);
+    const int64_t h0 = hk * (p.heads_q / p.heads_kv);
+    g.k = static_cast<const float*>(at(a.k, p.dtype, row_offset(p, a.k, b, hk, s.k_row0, 0)));
+    g.v = static_cast<const float*>(at(a.v, p.dtype, row_offset(p, a.v, b, hk, s.k_row0, 0)));
+    g.q = static_cast<const float*>(at(a.q, p.dtype, row_offset(p, a.q, b, h0, s.q_row0, 0)));
+    g.dout = static_cast<const float*>(at(a.dout, p.dtype, row_offset(p, a.dout, b, h0, s.q_row0, 0)));
+    g.k_ld = a.k.seq_stride, g.v_ld = a.v.seq_stride, g.q_ld = a.q.seq_stride, g.dout_ld = a.dout.seq_stride;
+    g.q_step = a.q.head_stride, g.dout_step = a.dout.head_stride;
+  } else {
+    g.k = k, g.v = v, g.q = q, g.dout = dout;
+    g.k_ld = D, g.v_ld = Dv, g.q_ld = D, g.dout_ld = Dv;
+    g.q_step = q_head_rows * D, g.dout_step = q_head_rows * Dv;
+  }
+}
 
 int64_t q_floats(int64_t qpad, int64_t D, int64_t Dv) { return qpad * (2 * D + 2 * Dv + 2); }
 int64_t k_floats(int64_t kpad, int64_t D, int64_t Dv) { return kpad * (2 * D + Dv); }
@@ -76,21 +107,32 @@ void pack_q_head(const BackwardArgs& a, int64_t b, int64_t h, const QBuffers& qb
   const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = alias_free(panel_padded(s.len_q, kBlockQ));
   const void* q = at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, 0));
   const void* dout = at(a.dout, p.dtype, row_offset(p, a.dout, b, h, s.q_row0, 0));
-  float* qr = qb.q + slot * D;
-  float* gr = qb.dout + slot * Dv;
-  // Each input is read once: rows first, then the transposed panels from the rows. Q^T for
-  // the scores carries only the sign of the scale (see forward.cpp).
-  pack_rows(q, p.dtype, a.q.seq_stride, s.len_q, D, 1.f, qr);
-  pack_rows(dout, p.dtype, a.dout.seq_stride, s.len_q, Dv, 1.f, gr);
-  panels_from_rows(qr, D, s.len_q, D, p.scale < 0, rows, qb.qt + slot * D);
-  panels_from_rows(gr, Dv, s.len_q, Dv, false, rows, qb.dot + slot * Dv);
+  // Each input is read once: rows (copied to fp32 unless fp32 already), then the transposed
+  // panels from the rows. Q^T for the scores carries only the sign of the scale (see
+  // forward.cpp).
+  const bool in_place = rows_in_place(p);
+  const float* qr = in_place ? static_cast<const float*>(q) : qb.q + slot * D;
+  const float* gr = in_place ? static_cast<const float*>(dout) : qb.dout + slot * Dv;
+  const int64_t q_ld = in_place ? a.q.seq_stride : D, g_ld = in_place ? a.dout.seq_stride : Dv;
+  if (!in_place) {
+    pack_rows(q, p.dtype, a.q.seq_stride, s.len_q, D, 1.f, qb.q + slot * D);
+    pack_rows(dout, p.dtype, a.dout.seq_stride, s.len_q, Dv, 1.f, qb.dout + slot * Dv);
+  }
+  panels_from_rows(qr, q_ld, s.len_q, D, p.scale < 0, rows, qb.qt + slot * D);
+  panels_from_rows(gr, g_ld, s.len_q, Dv, false, rows, qb.dot + slot * Dv);
   // D_i = dO . O rounded as the GEMM rounds dP = dO . V: dS = P (dP - D_i) cancels, and
-  // where one key dominates (O = V_j) the cancellation is then exact. O goes through the
-  // tile-sized row2 buffer (NR rows) a block at a time.
+  // where one key dominates (O = V_j) the cancellation is then exact. Non-fp32 O goes
+  // through the tile-sized row2 buffer (NR rows) a block at a time.
   for (int64_t i0 = 0; i0 < s.len_q; i0 += NR) {
     const int64_t n = std::min<int64_t>(NR, s.len_q - i0);
-    pack_rows(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i0)), p.dtype, a.o.seq_stride, n, Dv, 1.f, row2);
-    rowwise_dot_like_gemm(row2, Dv, gr + i0 * Dv, Dv, n, Dv, qb.di + slot + i0, kHeadDimChainK);
+    const void* o = at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i0));
+    if (in_place) {
+      rowwise_dot_like_gemm(static_cast<const float*>(o), a.o.seq_stride, gr + i0 * g_ld, g_ld, n, Dv,
+                            qb.di + slot + i0, kHeadDimChainK);
+    } else {
+      pack_rows(o, p.dtype, a.o.seq_stride, n, Dv, 1.f, row2);
+      rowwise_dot_like_gemm(row2, Dv, gr + i0 * g_ld, g_ld, n, Dv, qb.di + slot + i0, kHeadDimChainK);
+    }
   }
   for (int64_t i = 0; i < pad; ++i) {
     float neg_lse = -INFINITY;  // padding and fully masked rows: P = 0
@@ -108,12 +150,18 @@ void pack_k_head(const BackwardArgs& a, int64_t b, int64_t h, const KBuffers& kb
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
   const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = alias_free(round_up(s.len_k, NR));
-  float* kr = kb.k + slot * D;
-  pack_rows(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)), p.dtype, a.k.seq_stride, s.len_k, D, 1.f, kr);
-  pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, Dv, 1.f,
-            kb.v + slot * Dv);
+  const void* k = at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0));
+  const float* kr = static_cast<const float*>(k);
+  int64_t k_ld = a.k.seq_stride;
+  if (!rows_in_place(p)) {
+    pack_rows(k, p.dtype, a.k.seq_stride, s.len_k, D, 1.f, kb.k + slot * D);
+    pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, Dv, 1.f,
+              kb.v + slot * Dv);
+    kr = kb.k + slot * D;
+    k_ld = D;
+  }
   float* kt = kb.kt + slot * D;  // D x pad, row-major
-  transpose(kr, D, s.len_k, D, kt, pad);
+  transpose(kr, k_ld, s.len_k, D, kt, pad);
   for (int64_t d = 0; d < D; ++d) std::memset(kt + d * pad + s.len_k, 0, sizeof(float) * (pad - s.len_k));
 }
 
@@ -154,8 +202,8 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t k0 = t * kBlockK, kb = std::min(kBlockK, s.len_k - k0);
-    const float* kr = g.k + k0 * D;
-    const float* vr = g.v + k0 * Dv;
+    const float* kr = g.k + k0 * g.k_ld;
+    const float* vr = g.v + k0 * g.v_ld;
     const float* kt = g.kt + k0;
     bool first_q = true;  // dK and dV start from the first tile's product
     // Queries before q_first cannot see any key of this tile.
@@ -190,7 +238,8 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
             }
             continue;
           }
-          gemm(m, n, D, kr + r0 * D, D, PanelB{g.qt + qrow * D, D, q0 + c0, width}, P, kBlockQ, false, kHeadDimChainK);
+          gemm(m, n, D, kr + r0 * g.k_ld, g.k_ld, PanelB{g.qt + qrow * D, D, q0 + c0, width}, P, kBlockQ, false,
+               kHeadDimChainK);
           for (int64_t j = r0; j < r1; ++j) {
             float* row = P + (j - r0) * kBlockQ;
             if (sc.prescale) row_scale(row, n, sc.c);
@@ -219,15 +268,16 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
 
           // dK and dV sum over every query: each query tile's product is added as one
           // partial sum, which keeps fp32 rounding on long sequences near a blocked sum's.
-          gemm(m, Dv, n, Pd, kBlockQ, RowMajorB{g.dout + (qrow + q0 + c0) * Dv, Dv}, first_q ? dv : buf.partial, Dv,
-               false);
+          gemm(m, Dv, n, Pd, kBlockQ, RowMajorB{g.dout + gh * g.dout_step + (q0 + c0) * g.dout_ld, g.dout_ld},
+               first_q ? dv : buf.partial, Dv, false);
           if (!first_q) add_rows(dv, buf.partial, m * Dv);
-          gemm(m, n, Dv, vr + r0 * Dv, Dv, PanelB{g.dot + qrow * Dv, Dv, q0 + c0, width}, dS, kBlockQ, false,
+          gemm(m, n, Dv, vr + r0 * g.v_ld, g.v_ld, PanelB{g.dot + qrow * Dv, Dv, q0 + c0, width}, dS, kBlockQ, false,
                kHeadDimChainK);
           for (int64_t j = 0; j < m; ++j)
             row_softmax_grad(P + j * kBlockQ, dS + j * kBlockQ, keep_scale ? keep_scale + j * kBlockQ : nullptr,
                              di + q0 + c0, dS + j * kBlockQ, n);
-          gemm(m, D, n, dS, kBlockQ, RowMajorB{g.q + (qrow + q0 + c0) * D, D}, first_q ? dk : buf.partial, D, false);
+          gemm(m, D, n, dS, kBlockQ, RowMajorB{g.q + gh * g.q_step + (q0 + c0) * g.q_ld, g.q_ld},
+               first_q ? dk : buf.partial, D, false);
           if (!first_q) add_rows(dk, buf.partial, m * D);
           gemm(D, n, m, kt + r0, g.kpad, RowMajorB{dS, kBlockQ}, dqt + q0 + c0, g.qpad, true);
         }
@@ -326,7 +376,8 @@ void backward(const BackwardArgs& a) {
         for (int64_t gh = 0; gh < group; ++gh)
           pack_q_head(a, b, hk * group + gh, qb, gh * max_q, buf.rows, buf.row2);
         pack_k_head(a, b, hk, kb, 0);
-        const GroupView g{kb.k, kb.kt, kb.v, qb.qt, qb.q, qb.dot, qb.dout, qb.neg_lse, qb.di, max_q, qpad, kpad};
+        GroupView g{kb.kt, qb.qt, qb.dot, qb.neg_lse, qb.di, max_q, qpad, kpad};
+        set_rows(a, b, hk, kb.k, kb.v, qb.q, qb.dout, max_q, g);
         std::memset(dqt, 0, sizeof(float) * group * D * qpad);
         backward_tiles(a, g, b, hk, 0, ceil_div(s.len_k, kBlockK), [&](int64_t gh) { return dqt + gh * D * qpad; },
                        buf);
@@ -362,9 +413,9 @@ void backward(const BackwardArgs& a) {
       const Seq s = sequence(p, b);
       const int64_t ntiles = ceil_div(s.len_k, kBlockK), tpc = ceil_div(ntiles, chunks);
       const int64_t qrow0 = (hk * group) * q_total + q_off[b], krow0 = hk * k_total + k_off[b];
-      const GroupView g{kb.k + krow0 * D, kb.kt + krow0 * D, kb.v + krow0 * Dv, qb.qt + qrow0 * D, qb.q + qrow0 * D,
-                        qb.dot + qrow0 * Dv, qb.dout + qrow0 * Dv, qb.neg_lse + qrow0, qb.di + qrow0, q_total,
-                        q_off[b + 1] - q_off[b], k_off[b + 1] - k_off[b]};
+      GroupView g{kb.kt + krow0 * D, qb.qt + qrow0 * D, qb.dot + qrow0 * Dv, qb.neg_lse + qrow0, qb.di + qrow0,
+                  q_total, q_off[b + 1] - q_off[b], k_off[b + 1] - k_off[b]};
+      set_rows(a, b, hk, kb.k + krow0 * D, kb.v + krow0 * Dv, qb.q + qrow0 * D, qb.dout + qrow0 * Dv, q_total, g);
       backward_tiles(a, g, b, hk, c * tpc, std::min(ntiles, (c + 1) * tpc),
                      [&](int64_t gh) { return dqt_of(c, hk * group + gh, b); }, buf);
     }
