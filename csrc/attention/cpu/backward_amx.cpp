@@ -68,9 +68,11 @@ void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
     if (i < s.len_q) {
       const float lse = a.lse[lse_index(p, b, h, s, i)];
       if (lse != -INFINITY) neg_lse = -lse;
+      // D_i = dO . O. AMX rounds dP its own way, so no chain order to match here (unlike
+      // backward.cpp): a vector dot.
       load_row(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i)), p.dtype, d.Dv, 1.f, o_row);
       load_row(g + i * a.dout.seq_stride, p.dtype, d.Dv, 1.f, g_row);
-      rowwise_dot_like_gemm(o_row, d.Dv, g_row, d.Dv, 1, d.Dv, &di, kHeadDimChainK);
+      di = row_dot(o_row, g_row, d.Dv);
     }
     out.neg_lse[i] = neg_lse;
     out.di[i] = di;
@@ -85,8 +87,9 @@ void pack_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
   copy_padded(k, a.k.seq_stride, s.len_k, d.D, kpad, d.Dp, out.k);
   copy_padded(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v);
   std::memset(out.kt, 0, sizeof(uint16_t) * d.Dp * kpad);
-  for (int64_t x = 0; x < d.D; ++x)  // contiguous stores, strided loads
-    for (int64_t j = 0; j < s.len_k; ++j) out.kt[x * kpad + j] = out.k[j * d.Dp + x];
+  for (int64_t j0 = 0; j0 < s.len_k; j0 += 32)  // 32-key blocks keep the strided loads in L1
+    for (int64_t x = 0; x < d.D; ++x)
+      for (int64_t j = j0; j < std::min(s.len_k, j0 + 32); ++j) out.kt[x * kpad + j] = out.k[j * d.Dp + x];
 }
 
 struct TileBuffers {

@@ -52,6 +52,16 @@ inline void exp2_of_difference(const float* a, const float* b, float* out, int64
   }
 }
 
+// sum_i a[i] * b[i] in vector lanes (no particular rounding order).
+inline float row_dot(const float* a, const float* b, int64_t n) {
+  namespace sv = simd;
+  sv::V acc = sv::zero();
+  int64_t i = 0;
+  for (; i + sv::W <= n; i += sv::W) acc = sv::fmadd(sv::load(a + i), sv::load(b + i), acc);
+  if (i < n) acc = sv::fmadd(sv::load(a + i, int(n - i)), sv::load(b + i, int(n - i)), acc);
+  return sv::reduce_add(acc);
+}
+
 // y[i] += x[i]
 inline void add_rows(float* y, const float* x, int64_t n) {
   namespace sv = simd;
