@@ -195,7 +195,6 @@ def run_case(case: Case, modes=("fwd", "fwd+bwd"), budget_s: float = 3.0, min_ro
     results = []
     for mode in modes:
         backward = mode == "fwd+bwd"
-        # The eager reference is far slower; time it with fewer rounds so it does not dominate.
         times = time_round_robin({k: (lambda f=f: f(backward)) for k, f in fns.items()}, min_rounds, budget_s)
         flops = case.flops_fwd * (3.5 if backward else 1.0)
         med = {k: statistics.median(v) for k, v in times.items()}
