@@ -242,3 +242,26 @@ def test_native_module_rejects_bad_problems_without_crashing():
         _C.attention_forward(p, _C.TensorRef(0, 0, 0, 0), ref, ref, ref, 1)
     with pytest.raises(ValueError, match="unknown CPU ISA"):
         _C.set_cpu_isa("sse9")
+
+
+def test_concurrent_calls_from_python_threads():
+    # each calling thread has its own kernel workspace; results must not mix
+    import threading
+
+    inputs = [tuple(torch.randn(2, 4, 100, 32, generator=torch.Generator().manual_seed(s)) for _ in range(3))
+              for s in range(4)]
+    expected = [llmcore.scaled_dot_product_attention(*x, is_causal=True) for x in inputs]
+    failures = []
+
+    def work(i):
+        for _ in range(5):
+            out = llmcore.scaled_dot_product_attention(*inputs[i], is_causal=True)
+            if not torch.equal(out, expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
