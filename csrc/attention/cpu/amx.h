@@ -6,9 +6,18 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attention/attention.h"
 #include "attention/cpu/simd.h"
 
 namespace llmcore::attention::LLMCORE_ISA_NS {
+
+// Head dims and their AMX padding (K and N of every tile GEMM are multiples of 32).
+struct Dims {
+  int64_t D, Dv, Dp, Dvp;
+};
+inline Dims amx_dims(const Problem& p) {
+  return {p.head_dim, p.head_dim_v, (p.head_dim + 31) / 32 * 32, (p.head_dim_v + 31) / 32 * 32};
+}
 
 // Palette 1, every tile 16 rows x 64 bytes. Loaded once per thread per kernel call.
 struct alignas(64) TileConfig {

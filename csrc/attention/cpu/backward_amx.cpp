@@ -19,10 +19,6 @@ namespace {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
 
-struct Dims {
-  int64_t D, Dv, Dp, Dvp;  // head dims, padded to 32
-};
-
 // Per query head (qpad rows): bf16 VNNI operands and fp32 row statistics.
 struct QPack {
   uint16_t *qt, *q, *dot, *dout;  // B of S^T, dK, dP^T, dV
@@ -250,7 +246,7 @@ void write_dq(const BackwardArgs& a, const Dims& d, int64_t b, int64_t h, const 
 void backward(const BackwardArgs& a) {
   const Problem& p = a.p;
   const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-  const Dims d{p.head_dim, p.head_dim_v, round_up(p.head_dim, 32), round_up(p.head_dim_v, 32)};
+  const Dims d = amx_dims(p);
   const int64_t group = p.heads_q / p.heads_kv, pairs = p.batch * p.heads_kv;
 
   int64_t max_q = 0, max_k = 0, q_total = 0, k_total = 0, max_tiles = 1;

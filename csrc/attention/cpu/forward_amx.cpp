@@ -18,10 +18,6 @@ namespace {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 256;
 
-struct Dims {
-  int64_t D, Dv, Dp, Dvp;  // head dims, padded to 32
-};
-
 // One (sequence, kv head): K^T and V as VNNI B operands, keys padded to 32.
 struct KVPack {
   uint16_t *kt, *v;
@@ -147,7 +143,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
 void forward(const ForwardArgs& a) {
   const Problem& p = a.p;
   const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-  const Dims d{p.head_dim, p.head_dim_v, round_up(p.head_dim, 32), round_up(p.head_dim_v, 32)};
+  const Dims d = amx_dims(p);
   const int64_t group = p.heads_q / p.heads_kv, pairs = p.batch * p.heads_kv;
 
   int64_t max_k = 0, total = 0;
