@@ -67,35 +67,46 @@ void set_rows(const BackwardArgs& a, int64_t b, int64_t hk, const float* k, cons
   }
 }
 
-int64_t q_floats(int64_t qpad, int64_t D, int64_t Dv) { return qpad * (2 * D + 2 * Dv + 2); }
-int64_t k_floats(int64_t kpad, int64_t D, int64_t Dv) { return kpad * (2 * D + Dv); }
+// Floats per padded row of the packed buffers: the q side holds Q^T and dO^T panels, -lse and
+// D_i, plus Q and dO row copies unless the inputs are read in place; the k side holds K^T,
+// plus K and V copies likewise.
+int64_t q_floats(int64_t qpad, int64_t D, int64_t Dv, bool copies) {
+  return qpad * (D + Dv + 2 + (copies ? D + Dv : 0));
+}
+int64_t k_floats(int64_t kpad, int64_t D, int64_t Dv, bool copies) { return kpad * (D + (copies ? D + Dv : 0)); }
 
 // Packs query head h of sequence b at row `row` of the q buffers (rows of q_total).
 struct QBuffers {
-  float *qt, *q, *dot, *dout, *neg_lse, *di;
-  int64_t total;  // rows per head slot
+  float *qt, *dot, *neg_lse, *di;
+  float *q = nullptr, *dout = nullptr;  // row copies, when the inputs are not read in place
+  int64_t total;                        // rows per head slot
 };
 struct KBuffers {
-  float *k, *kt, *v;
+  float* kt;
+  float *k = nullptr, *v = nullptr;
 };
 
-QBuffers carve_q(float* base, int64_t rows, int64_t heads, int64_t D, int64_t Dv) {
+QBuffers carve_q(float* base, int64_t rows, int64_t heads, int64_t D, int64_t Dv, bool copies) {
   QBuffers qb;
   qb.total = rows;
   qb.qt = base;
-  qb.q = qb.qt + heads * rows * D;
-  qb.dot = qb.q + heads * rows * D;
-  qb.dout = qb.dot + heads * rows * Dv;
-  qb.neg_lse = qb.dout + heads * rows * Dv;
+  qb.dot = qb.qt + heads * rows * D;
+  qb.neg_lse = qb.dot + heads * rows * Dv;
   qb.di = qb.neg_lse + heads * rows;
+  if (copies) {
+    qb.q = qb.di + heads * rows;
+    qb.dout = qb.q + heads * rows * D;
+  }
   return qb;
 }
 
-KBuffers carve_k(float* base, int64_t rows, int64_t heads, int64_t D, int64_t Dv) {
+KBuffers carve_k(float* base, int64_t rows, int64_t heads, int64_t D, int64_t Dv, bool copies) {
   KBuffers kb;
-  kb.k = base;
-  kb.kt = kb.k + heads * rows * D;
-  kb.v = kb.kt + heads * rows * D;
+  kb.kt = base;
+  if (copies) {
+    kb.k = kb.kt + heads * rows * D;
+    kb.v = kb.k + heads * rows * D;
+  }
   return kb;
 }
 
@@ -334,7 +345,9 @@ void backward(const BackwardArgs& a) {
     max_tiles = std::max(max_tiles, ceil_div(s.len_k, kBlockK));
   }
   // One group's packed operands plus its dQ^T, per thread.
-  const int64_t group_floats = group * q_floats(max_q, D, Dv) + k_floats(max_k, D, Dv) + group * max_q * D;
+  const bool copies = !rows_in_place(p);
+  const int64_t group_floats =
+      group * q_floats(max_q, D, Dv, copies) + k_floats(max_k, D, Dv, copies) + group * max_q * D;
   const bool local = pairs >= 2 * nthreads && group_floats * 4 <= (1 << 20);
   const int64_t chunks = local || pairs >= 4 * nthreads
                              ? 1
@@ -343,7 +356,7 @@ void backward(const BackwardArgs& a) {
   const int64_t tile_floats = TileBuffers::floats(D, Dv);
   const int64_t per_thread = tile_floats + (local ? group_floats : 0);
   const int64_t shared_floats =
-      local ? 0 : p.heads_q * q_floats(q_total, D, Dv) + p.heads_kv * k_floats(k_total, D, Dv) +
+      local ? 0 : p.heads_q * q_floats(q_total, D, Dv, copies) + p.heads_kv * k_floats(k_total, D, Dv, copies) +
                       chunks * p.heads_q * q_total * D;
   Workspace ws;
   ws.reserve(2 * ws_bytes(sizeof(int64_t) * (p.batch + 1)) + ws_bytes(sizeof(float) * per_thread * nthreads) +
@@ -365,9 +378,10 @@ void backward(const BackwardArgs& a) {
       float* mine = scratch + per_thread * omp_get_thread_num();
       TileBuffers buf(mine, D, Dv);
       float* gbase = mine + tile_floats;
-      const QBuffers qb = carve_q(gbase, max_q, group, D, Dv);
-      const KBuffers kb = carve_k(gbase + group * q_floats(max_q, D, Dv), max_k, 1, D, Dv);
-      float* dqt = kb.k + k_floats(max_k, D, Dv);  // group x D x qpad
+      const QBuffers qb = carve_q(gbase, max_q, group, D, Dv, copies);
+      float* kbase = gbase + group * q_floats(max_q, D, Dv, copies);
+      const KBuffers kb = carve_k(kbase, max_k, 1, D, Dv, copies);
+      float* dqt = kbase + k_floats(max_k, D, Dv, copies);  // group x D x qpad
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
@@ -388,9 +402,10 @@ void backward(const BackwardArgs& a) {
     return;
   }
 
-  const QBuffers qb = carve_q(shared, q_total, p.heads_q, D, Dv);
-  const KBuffers kb = carve_k(shared + p.heads_q * q_floats(q_total, D, Dv), k_total, p.heads_kv, D, Dv);
-  float* dqt = kb.k + p.heads_kv * k_floats(k_total, D, Dv);  // chunks x Hq x (D x qpad per sequence)
+  const QBuffers qb = carve_q(shared, q_total, p.heads_q, D, Dv, copies);
+  float* kbase = shared + p.heads_q * q_floats(q_total, D, Dv, copies);
+  const KBuffers kb = carve_k(kbase, k_total, p.heads_kv, D, Dv, copies);
+  float* dqt = kbase + p.heads_kv * k_floats(k_total, D, Dv, copies);  // chunks x Hq x (D x qpad per sequence)
   const int64_t dqt_size = chunks * p.heads_q * q_total * D;
   auto dqt_of = [&](int64_t c, int64_t h, int64_t b) { return dqt + ((c * p.heads_q + h) * q_total + q_off[b]) * D; };
 
@@ -415,7 +430,10 @@ void backward(const BackwardArgs& a) {
       const int64_t qrow0 = (hk * group) * q_total + q_off[b], krow0 = hk * k_total + k_off[b];
       GroupView g{kb.kt + krow0 * D, qb.qt + qrow0 * D, qb.dot + qrow0 * Dv, qb.neg_lse + qrow0, qb.di + qrow0,
                   q_total, q_off[b + 1] - q_off[b], k_off[b + 1] - k_off[b]};
-      set_rows(a, b, hk, kb.k + krow0 * D, kb.v + krow0 * Dv, qb.q + qrow0 * D, qb.dout + qrow0 * Dv, q_total, g);
+      if (copies)
+        set_rows(a, b, hk, kb.k + krow0 * D, kb.v + krow0 * Dv, qb.q + qrow0 * D, qb.dout + qrow0 * Dv, q_total, g);
+      else
+        set_rows(a, b, hk, nullptr, nullptr, nullptr, nullptr, q_total, g);
       backward_tiles(a, g, b, hk, c * tpc, std::min(ntiles, (c + 1) * tpc),
                      [&](int64_t gh) { return dqt_of(c, hk * group + gh, b); }, buf);
     }
