@@ -306,27 +306,6 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
   }
 }
 
-// dQ rows [0, len_q) of head h = scale * sum over `chunks` dQ^T buffers (D x qpad each,
-// `chunk_stride` floats apart), transposed back.
-void write_dq(const BackwardArgs& a, int64_t b, int64_t h, const float* dqt, int64_t chunks, int64_t chunk_stride,
-              int64_t qpad, float* rows) {
-  const Problem& p = a.p;
-  const Seq s = sequence(p, b);
-  const int64_t D = p.head_dim;
-  const int64_t block = std::max<int64_t>(1, (kBlockK * kBlockQ) / D);  // rows per pass; rows holds 4096 floats
-  for (int64_t i0 = 0; i0 < s.len_q; i0 += block) {
-    const int64_t n = std::min(block, s.len_q - i0);
-    transpose(dqt + i0, qpad, D, n, rows, D);
-    for (int64_t c = 1; c < chunks; ++c) {
-      const float* src = dqt + c * chunk_stride + i0;
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t i = 0; i < n; ++i) rows[i * D + d] += src[d * qpad + i];
-    }
-    for (int64_t i = 0; i < n; ++i)
-      store_row(rows + i * D, D, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i0 + i)));
-  }
-}
-
 }  // namespace
 
 void backward(const BackwardArgs& a) {
@@ -349,9 +328,7 @@ void backward(const BackwardArgs& a) {
   const int64_t group_floats =
       group * q_floats(max_q, D, Dv, copies) + k_floats(max_k, D, Dv, copies) + group * max_q * D;
   const bool local = pairs >= 2 * nthreads && group_floats * 4 <= (1 << 20);
-  const int64_t chunks = local || pairs >= 4 * nthreads
-                             ? 1
-                             : std::min(max_tiles, ceil_div(4 * nthreads, std::max<int64_t>(pairs, 1)));
+  const int64_t chunks = backward_chunks(local, pairs, nthreads, max_tiles);
 
   const int64_t tile_floats = TileBuffers::floats(D, Dv);
   const int64_t per_thread = tile_floats + (local ? group_floats : 0);
@@ -396,7 +373,7 @@ void backward(const BackwardArgs& a) {
         backward_tiles(a, g, b, hk, 0, ceil_div(s.len_k, kBlockK), [&](int64_t gh) { return dqt + gh * D * qpad; },
                        buf);
         for (int64_t gh = 0; gh < group; ++gh)
-          write_dq(a, b, hk * group + gh, dqt + gh * D * qpad, 1, 0, qpad, buf.p);
+          write_dq(a, b, hk * group + gh, dqt + gh * D * qpad, 1, 0, qpad, buf.p, kBlockK * kBlockQ);
       }
     }
     return;
@@ -441,7 +418,8 @@ void backward(const BackwardArgs& a) {
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads_q; ++h)
-        write_dq(a, b, h, dqt_of(0, h, b), chunks, p.heads_q * q_total * D, q_off[b + 1] - q_off[b], buf.p);
+        write_dq(a, b, h, dqt_of(0, h, b), chunks, p.heads_q * q_total * D, q_off[b + 1] - q_off[b], buf.p,
+                 kBlockK * kBlockQ);
   }
 }
 

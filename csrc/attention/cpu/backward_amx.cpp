@@ -222,25 +222,6 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
   }
 }
 
-// dQ = scale * sum of `chunks` dQ^T buffers (Dp x qpad, chunk_stride floats apart).
-void write_dq(const BackwardArgs& a, const Dims& d, int64_t b, int64_t h, const float* dqt, int64_t chunks,
-              int64_t chunk_stride, int64_t qpad, float* rows) {
-  const Problem& p = a.p;
-  const Seq s = sequence(p, b);
-  const int64_t block = std::max<int64_t>(1, (kBlockK * kBlockQ) / d.D);
-  for (int64_t i0 = 0; i0 < s.len_q; i0 += block) {
-    const int64_t n = std::min(block, s.len_q - i0);
-    transpose(dqt + i0, qpad, d.D, n, rows, d.D);
-    for (int64_t c = 1; c < chunks; ++c) {
-      const float* src = dqt + c * chunk_stride + i0;
-      for (int64_t x = 0; x < d.D; ++x)
-        for (int64_t i = 0; i < n; ++i) rows[i * d.D + x] += src[x * qpad + i];
-    }
-    for (int64_t i = 0; i < n; ++i)
-      store_row(rows + i * d.D, d.D, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i0 + i)));
-  }
-}
-
 }  // namespace
 
 void backward(const BackwardArgs& a) {
@@ -261,9 +242,7 @@ void backward(const BackwardArgs& a) {
   // In bf16 units: the group's packs, plus its dQ^T (fp32) accumulators.
   const int64_t group_elems = group * q_elems(max_q, d) + k_elems(max_k, d) + 2 * group * max_q * d.Dp;
   const bool local = pairs >= 2 * nthreads && group_elems * 2 <= (1 << 20);
-  const int64_t chunks = local || pairs >= 4 * nthreads
-                             ? 1
-                             : std::min(max_tiles, ceil_div(4 * nthreads, std::max<int64_t>(pairs, 1)));
+  const int64_t chunks = backward_chunks(local, pairs, nthreads, max_tiles);
   const int64_t tile_floats = TileBuffers::floats(d);
   const int64_t per_thread = tile_floats + (local ? group_elems / 2 + 16 : 0);
   const int64_t shared_elems = local ? 0
@@ -305,7 +284,7 @@ void backward(const BackwardArgs& a) {
         backward_tiles(a, d, k, kpad, qpad, q_of, [&](int64_t gh) { return dqt + gh * d.Dp * qpad; }, b, hk, 0,
                        ceil_div(s.len_k, kBlockK), buf);
         for (int64_t gh = 0; gh < group; ++gh)
-          write_dq(a, d, b, hk * group + gh, dqt + gh * d.Dp * qpad, 1, 0, qpad, buf.p);
+          write_dq(a, b, hk * group + gh, dqt + gh * d.Dp * qpad, 1, 0, qpad, buf.p, kBlockK * kBlockQ);
       }
     }
     return;
@@ -352,7 +331,8 @@ void backward(const BackwardArgs& a) {
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads_q; ++h)
-        write_dq(a, d, b, h, dqt_of(0, h, b), chunks, p.heads_q * q_total * d.Dp, q_off[b + 1] - q_off[b], buf.p);
+        write_dq(a, b, h, dqt_of(0, h, b), chunks, p.heads_q * q_total * d.Dp, q_off[b + 1] - q_off[b], buf.p,
+                 kBlockK * kBlockQ);
   }
 }
 

@@ -260,6 +260,35 @@ inline void pack_transposed_panels(const void* src, DType dt, int64_t seq_stride
 // such sizes get 64 more.
 inline int64_t alias_free(int64_t n) { return n >= 512 && n % 512 == 0 ? n + 64 : n; }
 
+// dQ rows [0, len_q) of head h of sequence b = scale * the sum of `chunks` dQ^T accumulators
+// (D x qpad each, chunk_stride floats apart), transposed back through `rows` (room for
+// rows_capacity floats) and stored in the output dtype.
+inline void write_dq(const BackwardArgs& a, int64_t b, int64_t h, const float* dqt, int64_t chunks,
+                     int64_t chunk_stride, int64_t qpad, float* rows, int64_t rows_capacity) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const int64_t D = p.head_dim, block = std::max<int64_t>(1, rows_capacity / D);
+  for (int64_t i0 = 0; i0 < s.len_q; i0 += block) {
+    const int64_t n = std::min(block, s.len_q - i0);
+    transpose(dqt + i0, qpad, D, n, rows, D);
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* src = dqt + c * chunk_stride + i0;
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t i = 0; i < n; ++i) rows[i * D + d] += src[d * qpad + i];
+    }
+    for (int64_t i = 0; i < n; ++i)
+      store_row(rows + i * D, D, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i0 + i)));
+  }
+}
+
+// Chunks the key tiles of each (sequence, kv head) pair are split into in the backward: one
+// when the pairs alone keep every thread busy (or the group is packed per work item), else
+// enough that pairs x chunks reaches four items per thread.
+inline int64_t backward_chunks(bool local, int64_t pairs, int nthreads, int64_t max_tiles) {
+  if (local || pairs >= 4 * nthreads) return 1;
+  return std::min(max_tiles, ceil_div(4 * nthreads, std::max<int64_t>(pairs, 1)));
+}
+
 // Packs rows [0, len) of one head row-major fp32: out[r][d] (leading dimension dim).
 inline void pack_rows(const void* src, DType dt, int64_t seq_stride, int64_t len, int64_t dim, float scale,
                       float* out) {
