@@ -1,4 +1,5 @@
-// The only file that includes pybind11. Every long-running call releases the GIL.
+// The module's entry point; with tokenizer_bindings.cpp the only files that include pybind11.
+// Every long-running call releases the GIL.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -16,6 +17,8 @@
 
 namespace py = pybind11;
 namespace at = llmcore::attention;
+
+void bind_tokenizer(py::module_& m);  // tokenizer_bindings.cpp
 
 namespace {
 
@@ -184,6 +187,8 @@ PYBIND11_MODULE(_C, m) {
     require(n > 0, "num_threads must be positive");
     omp_set_num_threads(n);
   }, py::arg("n"));
+
+  bind_tokenizer(m);
 
 #ifdef LLMCORE_WITH_CUDA
   m.attr("cuda_built") = true;

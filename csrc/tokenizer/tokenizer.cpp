@@ -1,0 +1,292 @@
+#include "tokenizer/tokenizer.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "tokenizer/unicode.h"
+#include "tokenizer/utf8.h"
+
+namespace llmcore::tok {
+namespace {
+
+bool is_word_char(uint32_t cp) { return cp == '_' || (unicode_flags(cp) & (kLetter | kNumber)); }
+
+// Code point ending at byte `end` of valid UTF-8 s (end > 0).
+uint32_t last_codepoint(const uint8_t* s, size_t end) {
+  size_t i = end - 1;
+  while (i > 0 && (s[i] & 0xC0) == 0x80) --i;
+  return decode_utf8(s, i);
+}
+
+// HF's WordPiece decoder cleanup of one token.
+void cleanup(std::string& t) {
+  static const std::pair<const char*, const char*> kRules[] = {
+      {" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"}, {" n't", "n't"},
+      {" 'm", "'m"}, {" do not", " don't"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
+  for (const auto& [from, to] : kRules) {
+    const size_t flen = std::strlen(from), tlen = std::strlen(to);
+    for (size_t pos = t.find(from); pos != std::string::npos; pos = t.find(from, pos + tlen))
+      t.replace(pos, flen, to);
+  }
+}
+
+}  // namespace
+
+Tokenizer Tokenizer::wordpiece(WordPiece model, std::optional<BertOptions> bert, bool decoder_cleanup) {
+  Tokenizer t;
+  // Without a BertNormalizer the BertPreTokenizer still runs: all normalization steps off.
+  t.bert_ = bert.value_or(BertOptions{false, false, false, false});
+  t.decoder_cleanup_ = decoder_cleanup;
+  t.wordpiece_.emplace(std::move(model));
+  return t;
+}
+
+Tokenizer Tokenizer::byte_level_bpe(BytePairEncoder model, Pattern pattern, bool add_prefix_space) {
+  Tokenizer t;
+  t.bpe_.emplace(std::move(model));
+  t.pattern_ = pattern;
+  t.add_prefix_space_ = add_prefix_space;
+  return t;
+}
+
+void Tokenizer::set_token_text(int32_t id, std::string_view bytes, bool special) {
+  if (id < 0) throw std::invalid_argument("negative token id " + std::to_string(id));
+  if (size_t(id) >= decode_text_.size()) {
+    decode_text_.resize(size_t(id) + 1);
+    decode_special_.resize(size_t(id) + 1, 0);
+  }
+  decode_text_[id] = std::string(bytes);
+  decode_special_[id] = special;
+}
+
+void Tokenizer::set_added_tokens(std::vector<AddedToken> tokens) {
+  for (const auto& t : tokens)
+    if (t.content.empty()) throw std::invalid_argument("added token with empty content (id " + std::to_string(t.id) + ")");
+  // Longest first among tokens sharing a first byte: the first match found is the longest.
+  std::sort(tokens.begin(), tokens.end(), [](const AddedToken& a, const AddedToken& b) {
+    return a.content.size() != b.content.size() ? a.content.size() > b.content.size() : a.content < b.content;
+  });
+  for (const auto& t : tokens) set_token_text(t.id, t.content, t.special);
+  added_ = std::move(tokens);
+  added_first_.assign(256, 0);
+  for (const auto& t : added_) added_first_[uint8_t(t.content[0])] = 1;
+}
+
+void Tokenizer::set_template(std::vector<TemplateItem> single, std::vector<TemplateItem> pair) {
+  single_ = std::move(single);
+  pair_ = std::move(pair);
+}
+
+size_t Tokenizer::num_special_tokens(bool pair) const {
+  size_t n = 0;
+  for (const auto& item : pair ? pair_ : single_)
+    if (!item.is_sequence) n += item.ids.size();
+  return n;
+}
+
+// Leftmost match, longest at that position; single_word / lstrip / rstrip as HF applies them.
+void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) const {
+  out.clear();
+  const auto* s = reinterpret_cast<const uint8_t*>(text.data());
+  const size_t n = text.size();
+  size_t plain_begin = 0;
+  if (!added_.empty()) {
+    for (size_t i = 0; i < n; ++i) {
+      if (!added_first_[s[i]]) continue;
+      const AddedToken* hit = nullptr;
+      for (const auto& t : added_)
+        if (t.content.size() <= n - i && std::memcmp(s + i, t.content.data(), t.content.size()) == 0) {
+          hit = &t;
+          break;
+        }
+      if (!hit) continue;
+      size_t start = i, stop = i + hit->content.size();
+      if (hit->single_word) {
+        const bool word_before = start > 0 && is_word_char(last_codepoint(s, start));
+        size_t j = stop;
+        const bool word_after = stop < n && is_word_char(decode_utf8(s, j));
+        if (word_before || word_after) continue;
+      }
+      if (hit->lstrip)
+        while (start > plain_begin) {
+          size_t k = start - 1;
+          while (k > 0 && (s[k] & 0xC0) == 0x80) --k;
+          size_t j = k;
+          if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
+          start = k;
+        }
+      if (hit->rstrip)
+        while (stop < n) {
+          size_t j = stop;
+          if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
+          stop = j;
+        }
+      if (start > plain_begin) out.push_back({uint32_t(plain_begin), uint32_t(start), -1});
+      out.push_back({uint32_t(start), uint32_t(stop), hit->id});
+      plain_begin = stop;
+      i = stop - 1;
+    }
+  }
+  if (plain_begin < n) out.push_back({uint32_t(plain_begin), uint32_t(n), -1});
+}
+
+void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out) const {
+  const auto* s = reinterpret_cast<const uint8_t*>(text.data());
+  if (wordpiece_) {
+    thread_local BertSplitter::Scratch scratch;
+    thread_local std::vector<Piece> pieces;
+    BertSplitter(*bert_).split(s, text.size(), base, scratch, [&](const WordView& w) {
+      pieces.clear();
+      wordpiece_->encode_word(w.bytes, w.size, w.n_chars, pieces);
+      for (const Piece& p : pieces) {
+        out.ids.push_back(p.id);
+        out.start.push_back(w.orig_start[p.start]);
+        out.end.push_back(w.orig_end[p.end - 1]);
+      }
+    });
+    return;
+  }
+  // Byte-level BPE. HF's add_prefix_space prepends a space unless there is one already;
+  // the added space has no width in the original text.
+  thread_local std::string prefixed;
+  size_t n = text.size();
+  size_t shift = 0;
+  if (add_prefix_space_ && (n == 0 || s[0] != ' ')) {
+    if (n == 0) return;
+    prefixed.assign(" ");
+    prefixed.append(text);
+    s = reinterpret_cast<const uint8_t*>(prefixed.data());
+    n = prefixed.size();
+    shift = 1;
+  }
+  for (size_t pos = 0; pos < n;) {
+    const size_t end = next_piece(pattern_, reinterpret_cast<const char*>(s), n, pos);
+    const size_t before = out.ids.size();
+    bpe_->encode(s + pos, end - pos, out.ids);
+    size_t at = pos;
+    for (size_t k = before; k < out.ids.size(); ++k) {
+      const size_t len = bpe_->token_bytes(out.ids[k]).size();
+      out.start.push_back(uint32_t(base + (at > shift ? at - shift : 0)));
+      out.end.push_back(uint32_t(base + (at + len > shift ? at + len - shift : 0)));
+      at += len;
+    }
+    pos = end;
+  }
+}
+
+void Tokenizer::encode_text(std::string_view text, Encoding& out, uint8_t from_pair) const {
+  thread_local std::vector<Segment> segments;
+  split_added(text, segments);
+  for (const Segment& seg : segments) {
+    if (seg.added_id >= 0) {
+      out.ids.push_back(seg.added_id);
+      out.start.push_back(seg.begin);
+      out.end.push_back(seg.end);
+    } else {
+      encode_plain(text.substr(seg.begin, seg.end - seg.begin), seg.begin, out);
+    }
+  }
+  out.from_pair.resize(out.ids.size(), from_pair);
+  out.type_ids.resize(out.ids.size(), 0);
+}
+
+void Tokenizer::encode(std::string_view text, const std::string_view* pair, const EncodeOptions& opt,
+                       Encoding& out) const {
+  out.clear();
+  thread_local Encoding a, b;
+  a.clear();
+  b.clear();
+  encode_text(text, a, 0);
+  if (pair) encode_text(*pair, b, 1);
+
+  if (opt.truncation) {
+    const size_t specials = opt.add_special_tokens ? num_special_tokens(pair != nullptr) : 0;
+    const size_t budget = opt.max_length > specials ? opt.max_length - specials : 0;
+    size_t n1 = a.ids.size(), n2 = b.ids.size();
+    if (!pair) {
+      n1 = std::min(n1, budget);
+    } else if (n1 + n2 > budget) {
+      // HF's LongestFirst: shorten the longer sequence first, then both to half each.
+      const bool swap = n1 > n2;
+      if (swap) std::swap(n1, n2);
+      n2 = n1 > budget ? n1 : std::max(n1, budget - n1);
+      if (n1 + n2 > budget) {
+        n1 = budget / 2;
+        n2 = n1 + budget % 2;
+      }
+      if (swap) std::swap(n1, n2);
+      n1 = std::min(n1, a.ids.size());
+      n2 = std::min(n2, b.ids.size());
+    }
+    for (Encoding* e : {&a, &b}) {
+      const size_t keep = e == &a ? n1 : n2;
+      e->ids.resize(keep), e->type_ids.resize(keep), e->start.resize(keep), e->end.resize(keep),
+          e->from_pair.resize(keep);
+    }
+  }
+
+  const std::vector<TemplateItem>& tmpl = pair ? pair_ : single_;
+  auto append_seq = [&](const Encoding& e, uint8_t type_id) {
+    out.ids.insert(out.ids.end(), e.ids.begin(), e.ids.end());
+    out.type_ids.insert(out.type_ids.end(), e.ids.size(), type_id);
+    out.start.insert(out.start.end(), e.start.begin(), e.start.end());
+    out.end.insert(out.end.end(), e.end.begin(), e.end.end());
+    out.from_pair.insert(out.from_pair.end(), e.from_pair.begin(), e.from_pair.end());
+  };
+  if (tmpl.empty()) {  // no post-processor: the sequences, the pair's with type id 1
+    append_seq(a, 0);
+    if (pair) append_seq(b, 1);
+    return;
+  }
+  for (const TemplateItem& item : tmpl) {
+    if (item.is_sequence) {
+      append_seq(item.sequence == 0 ? a : b, item.type_id);
+    } else if (opt.add_special_tokens) {
+      for (int32_t id : item.ids) {
+        out.ids.push_back(id);
+        out.type_ids.push_back(item.type_id);
+        out.start.push_back(0);
+        out.end.push_back(0);
+        out.from_pair.push_back(0);
+      }
+    }
+  }
+}
+
+std::string Tokenizer::decode(const int32_t* ids, size_t n, bool skip_special_tokens) const {
+  std::string out;
+  bool first = true;
+  const std::string& prefix = wordpiece_ ? wordpiece_->continuing_prefix() : std::string();
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t id = ids[i];
+    std::string_view text;
+    bool special = false;
+    if (id >= 0 && size_t(id) < decode_text_.size() && !decode_text_[id].empty()) {
+      text = decode_text_[id];
+      special = decode_special_[id];
+    } else if (bpe_ && !bpe_->token_bytes(id).empty()) {
+      text = bpe_->token_bytes(id);
+    } else {
+      throw std::out_of_range("decode: unknown token id " + std::to_string(id));
+    }
+    if (skip_special_tokens && special) continue;
+    if (!wordpiece_) {
+      out.append(text);
+      continue;
+    }
+    std::string token(text);
+    if (!first) {
+      if (!prefix.empty() && token.compare(0, prefix.size(), prefix) == 0)
+        token.erase(0, prefix.size());
+      else
+        token.insert(0, " ");
+    }
+    if (decoder_cleanup_) cleanup(token);
+    out += token;
+    first = false;
+  }
+  return out;
+}
+
+}  // namespace llmcore::tok

@@ -1,0 +1,105 @@
+// The tokenizer pipeline: added tokens -> normalizer + pre-tokenizer -> model ->
+// truncation -> post-processing template, for one text or pair, with original byte
+// offsets. A Tokenizer is immutable once built and safe to share between threads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "tokenizer/bert.h"
+#include "tokenizer/bpe.h"
+#include "tokenizer/pretokenize.h"
+#include "tokenizer/wordpiece.h"
+
+namespace llmcore::tok {
+
+struct AddedToken {
+  std::string content;
+  int32_t id;
+  bool special = false;
+  bool single_word = false;
+  bool lstrip = false;
+  bool rstrip = false;
+};
+
+// One element of a post-processing template: a special token (its ids) or sequence A/B.
+struct TemplateItem {
+  bool is_sequence;
+  int sequence;                // 0 = A, 1 = B (is_sequence)
+  std::vector<int32_t> ids;    // the special token's ids (!is_sequence)
+  uint8_t type_id;
+};
+
+// Tokens of one text (or pair) with byte offsets into the original text it came from.
+struct Encoding {
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> type_ids;
+  std::vector<uint32_t> start, end;   // byte offsets; special tokens from templates: 0, 0
+  std::vector<uint8_t> from_pair;     // 1 where the offsets refer to the pair's second text
+  void clear() {
+    ids.clear(), type_ids.clear(), start.clear(), end.clear(), from_pair.clear();
+  }
+};
+
+struct EncodeOptions {
+  bool add_special_tokens = true;
+  bool truncation = false;
+  size_t max_length = 0;  // with truncation
+};
+
+class Tokenizer {
+ public:
+  static Tokenizer wordpiece(WordPiece model, std::optional<BertOptions> bert, bool decoder_cleanup);
+  static Tokenizer byte_level_bpe(BytePairEncoder model, Pattern pattern, bool add_prefix_space);
+
+  // The text decode() gives an id (WordPiece vocab entries; added tokens are registered by
+  // set_added_tokens; BPE ids decode to their bytes without this).
+  void set_token_text(int32_t id, std::string_view text, bool special);
+
+  // Added tokens are matched in the raw text before normalization (leftmost, then longest).
+  void set_added_tokens(std::vector<AddedToken> tokens);
+  void set_template(std::vector<TemplateItem> single, std::vector<TemplateItem> pair);
+
+  // Encodes a text, or a pair when `pair` is non-null, appending to `out` (cleared first).
+  void encode(std::string_view text, const std::string_view* pair, const EncodeOptions& opt, Encoding& out) const;
+
+  // Ids -> text bytes (UTF-8 for WordPiece; raw token bytes for BPE, for the caller to
+  // decode leniently). Throws std::out_of_range naming an unknown id.
+  std::string decode(const int32_t* ids, size_t n, bool skip_special_tokens) const;
+
+  // Special tokens the template adds around one text (pair = false) or a pair.
+  size_t num_special_tokens(bool pair) const;
+  bool is_wordpiece() const { return wordpiece_.has_value(); }
+
+ private:
+  Tokenizer() = default;
+  struct Segment {
+    uint32_t begin, end;  // text range, or the added token's match range
+    int32_t added_id;     // -1 for plain text
+  };
+  void split_added(std::string_view text, std::vector<Segment>& out) const;
+  void encode_text(std::string_view text, Encoding& out, uint8_t from_pair) const;
+  void encode_plain(std::string_view text, uint32_t base, Encoding& out) const;
+
+  std::optional<WordPiece> wordpiece_;
+  std::optional<BertOptions> bert_;
+  bool decoder_cleanup_ = false;
+  std::optional<BytePairEncoder> bpe_;
+  Pattern pattern_ = Pattern::gpt2;
+  bool add_prefix_space_ = false;
+
+  std::vector<AddedToken> added_;        // sorted by content for matching
+  std::vector<uint8_t> added_first_;     // 256 flags: bytes that can start an added token
+  // Decoding: the text (WordPiece) or bytes (BPE) of every id, and which are special.
+  std::vector<std::string> decode_text_;
+  std::vector<uint8_t> decode_special_;
+  std::vector<TemplateItem> single_, pair_;
+};
+
+}  // namespace llmcore::tok

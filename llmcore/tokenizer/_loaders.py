@@ -1,0 +1,367 @@
+"""Readers of tokenizer files: HF ``tokenizer.json``, BERT ``vocab.txt`` + ``tokenizer_config.json``,
+and tiktoken rank files. Each returns a ``Spec``: what the native tokenizer is built from.
+Every malformed input raises ``TokenizerFileError`` naming the file and the problem."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from llmcore import _C
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file is malformed or uses a feature llmcore does not implement."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-ins for the 256 byte values, as byte-level BPE vocabs spell them."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+
+# tiktoken encoding names -> llmcore's pre-tokenizer patterns.
+TIKTOKEN_PATTERNS = {"cl100k_base": "cl100k", "o200k_base": "o200k", "r50k_base": "gpt2", "p50k_base": "gpt2",
+                     "gpt2": "gpt2", "cl100k": "cl100k", "o200k": "o200k", "llama3": "llama3", "qwen2": "qwen2"}
+_PATTERN_NAMES = ("gpt2", "cl100k", "o200k", "llama3", "qwen2")
+
+
+@dataclass
+class AddedToken:
+    content: str
+    id: int
+    special: bool = True
+    single_word: bool = False
+    lstrip: bool = False
+    rstrip: bool = False
+
+
+@dataclass
+class Spec:
+    """Everything needed to build (and rebuild, after unpickling) a native tokenizer."""
+    kind: str  # "wordpiece" | "bpe_ranks" | "bpe_merges"
+    vocab: Any = None  # wordpiece: [(str, id)]; bpe_merges: [(bytes, id)]; bpe_ranks: [bytes]
+    merges: Any = None
+    unk_token: Optional[str] = None
+    prefix: str = "##"
+    max_input_chars_per_word: int = 100
+    bert: Optional[tuple] = None  # (clean_text, handle_chinese_chars, strip_accents, lowercase)
+    cleanup: bool = True
+    pattern: str = "gpt2"
+    add_prefix_space: bool = False
+    ignore_merges: bool = False
+    added_tokens: list = field(default_factory=list)
+    template_single: list = field(default_factory=list)
+    template_pair: list = field(default_factory=list)
+    pad_token: Optional[str] = None
+    pad_id: Optional[int] = None
+    pad_type_id: int = 0
+    # id -> token string as the source spells it (byte-level alphabet for BPE)
+    token_strings: Any = None
+
+    def build(self):
+        if self.kind == "wordpiece":
+            native = _C.Tokenizer.wordpiece(self.vocab, self.unk_token, self.prefix, self.max_input_chars_per_word,
+                                            self.bert, self.cleanup)
+        elif self.kind == "bpe_ranks":
+            native = _C.Tokenizer.bpe_ranks(self.vocab, self.pattern, self.add_prefix_space)
+        else:
+            native = _C.Tokenizer.bpe_merges(self.vocab, self.merges, self.ignore_merges, self.pattern,
+                                             self.add_prefix_space)
+        native.set_added_tokens([(t.content, t.id, t.special, t.single_word, t.lstrip, t.rstrip)
+                                 for t in self.added_tokens])
+        native.set_template(self.template_single, self.template_pair)
+        return native
+
+
+def _fail(path, msg):
+    raise TokenizerFileError(f"{path}: {msg}")
+
+
+def _get(obj, key, path, where, kind=None):
+    if not isinstance(obj, dict) or key not in obj:
+        _fail(path, f"missing '{key}' in {where}")
+    value = obj[key]
+    if kind is not None and not isinstance(value, kind):
+        _fail(path, f"'{where}.{key}' must be {kind.__name__ if isinstance(kind, type) else kind}, "
+                    f"got {type(value).__name__}")
+    return value
+
+
+def _bytes_of(token: str, path) -> bytes:
+    try:
+        return bytes(_BYTE_OF_CHAR[c] for c in token)
+    except KeyError as e:
+        _fail(path, f"token {token!r} has a character outside the byte-level alphabet ({e.args[0]!r}): "
+                    "not a byte-level BPE vocab")
+
+
+def _pattern_of_regex(regex: str, path) -> str:
+    for name in _PATTERN_NAMES:
+        if _C.pattern_regex(name) == regex:
+            return name
+    _fail(path, f"unsupported pre-tokenizer regex {regex!r}; llmcore implements the gpt2, cl100k, o200k, "
+                "llama3 and qwen2 patterns exactly and no others")
+
+
+def _template(items, path, where, vocab_ids):
+    out = []
+    for item in items:
+        if "Sequence" in item:
+            seq = item["Sequence"]
+            out.append(("A" if seq.get("id", "A") == "A" else "B", int(seq.get("type_id", 0))))
+        elif "SpecialToken" in item:
+            tok = item["SpecialToken"]
+            out.append(("special", vocab_ids(tok["id"]), int(tok.get("type_id", 0))))
+        else:
+            _fail(path, f"unknown item {item!r} in {where}")
+    return out
+
+
+def _post_processor(pp, spec: Spec, path, token_id):
+    if pp is None:
+        return
+    kind = _get(pp, "type", path, "post_processor")
+    if kind == "Sequence":
+        for sub in _get(pp, "processors", path, "post_processor", list):
+            _post_processor(sub, spec, path, token_id)
+    elif kind == "TemplateProcessing":
+        specials = _get(pp, "special_tokens", path, "post_processor", dict)
+
+        def ids(name):
+            if name not in specials:
+                _fail(path, f"template uses special token {name!r} that post_processor.special_tokens lacks")
+            return [int(i) for i in specials[name]["ids"]]
+
+        spec.template_single = _template(_get(pp, "single", path, "post_processor", list), path, "single", ids)
+        spec.template_pair = _template(_get(pp, "pair", path, "post_processor", list), path, "pair", ids)
+    elif kind in ("BertProcessing", "RobertaProcessing"):
+        sep, cls = _get(pp, "sep", path, "post_processor"), _get(pp, "cls", path, "post_processor")
+        sep_id, cls_id = [int(sep[1])], [int(cls[1])]
+        spec.template_single = [("special", cls_id, 0), ("A", 0), ("special", sep_id, 0)]
+        if kind == "BertProcessing":
+            spec.template_pair = spec.template_single + [("B", 1), ("special", sep_id, 1)]
+        else:
+            spec.template_pair = spec.template_single + [("special", sep_id, 0), ("B", 0), ("special", sep_id, 0)]
+    elif kind == "ByteLevel":
+        pass  # only trims offsets
+    else:
+        _fail(path, f"unsupported post_processor type {kind!r}")
+
+
+def _normalizer(norm, path):
+    """BertNormalizer options, None for no normalizer."""
+    if norm is None:
+        return None
+    kind = _get(norm, "type", path, "normalizer")
+    if kind == "Sequence" and not norm.get("normalizers"):
+        return None
+    if kind != "BertNormalizer":
+        _fail(path, f"unsupported normalizer {kind!r} (llmcore implements BertNormalizer)")
+    lowercase = bool(norm.get("lowercase", True))
+    strip = norm.get("strip_accents")
+    return (bool(norm.get("clean_text", True)), bool(norm.get("handle_chinese_chars", True)),
+            lowercase if strip is None else bool(strip), lowercase)
+
+
+def _byte_level_pre_tokenizer(pre, path):
+    """(pattern, add_prefix_space) of a byte-level BPE pre-tokenizer."""
+    if pre is None:
+        _fail(path, "a byte-level BPE needs a pre_tokenizer (ByteLevel or Split + ByteLevel)")
+    kind = _get(pre, "type", path, "pre_tokenizer")
+    if kind == "ByteLevel":
+        if not pre.get("use_regex", True):
+            _fail(path, "ByteLevel pre_tokenizer with use_regex=false and no Split before it is not supported")
+        return "gpt2", bool(pre.get("add_prefix_space", False))
+    if kind == "Sequence":
+        subs = _get(pre, "pretokenizers", path, "pre_tokenizer", list)
+        if (len(subs) == 2 and subs[0].get("type") == "Split" and subs[1].get("type") == "ByteLevel"
+                and not subs[1].get("use_regex", True)):
+            split = subs[0]
+            regex = split.get("pattern", {}).get("Regex")
+            if regex is None or split.get("behavior") != "Isolated" or split.get("invert"):
+                _fail(path, f"unsupported Split pre_tokenizer {split!r}")
+            return _pattern_of_regex(regex, path), bool(subs[1].get("add_prefix_space", False))
+    _fail(path, f"unsupported pre_tokenizer {pre!r:.200}")
+
+
+def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
+    if text is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            _fail(path, f"not UTF-8 text ({e})")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        _fail(path, f"not valid JSON: {e}")
+    if not isinstance(cfg, dict):
+        _fail(path, "the top level must be a JSON object")
+    model = _get(cfg, "model", path, "the file", dict)
+    mtype = model.get("type")
+    vocab = _get(model, "vocab", path, "model", dict)
+    added = []
+    for i, t in enumerate(cfg.get("added_tokens") or []):
+        try:
+            added.append(AddedToken(str(t["content"]), int(t["id"]), bool(t.get("special", False)),
+                                    bool(t.get("single_word", False)), bool(t.get("lstrip", False)),
+                                    bool(t.get("rstrip", False))))
+        except (KeyError, TypeError, ValueError) as e:
+            _fail(path, f"added_tokens[{i}] is malformed ({e!r})")
+    for name, value in vocab.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            _fail(path, f"model.vocab[{name!r}] must be a non-negative integer id, got {value!r}")
+
+    if mtype == "WordPiece" or (mtype is None and "continuing_subword_prefix" in model and "merges" not in model):
+        pre = cfg.get("pre_tokenizer")
+        if pre is None or pre.get("type") != "BertPreTokenizer":
+            _fail(path, f"WordPiece with pre_tokenizer {pre and pre.get('type')!r} is not supported "
+                        "(llmcore implements BertPreTokenizer)")
+        bert = _normalizer(cfg.get("normalizer"), path)
+        if bert is not None:
+            for t in added:
+                entry = next(e for e in cfg["added_tokens"] if int(e["id"]) == t.id)
+                if entry.get("normalized", False):
+                    _fail(path, f"added token {t.content!r} is matched after normalization (normalized=true); "
+                                "llmcore matches added tokens in the raw text only")
+        dec = cfg.get("decoder") or {}
+        spec = Spec("wordpiece", vocab=list(vocab.items()),
+                    unk_token=str(_get(model, "unk_token", path, "model", str)),
+                    prefix=str(model.get("continuing_subword_prefix", "##")),
+                    max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
+                    bert=bert, cleanup=bool(dec.get("cleanup", True)), added_tokens=added)
+        strings = {i: s for s, i in vocab.items()}
+    elif mtype == "BPE" or (mtype is None and "merges" in model):
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                _fail(path, f"BPE option {key}={model[key]!r} is not supported")
+        if model.get("byte_fallback"):
+            _fail(path, "BPE byte_fallback (SentencePiece-style BPE) is not supported; llmcore implements byte-level BPE")
+        if _normalizer(cfg.get("normalizer"), path) is not None:
+            _fail(path, "a normalizer on a byte-level BPE is not supported")
+        pattern, add_prefix_space = _byte_level_pre_tokenizer(cfg.get("pre_tokenizer"), path)
+        merges = []
+        for i, m in enumerate(_get(model, "merges", path, "model", list)):
+            if isinstance(m, str):
+                parts = m.split(" ")
+            elif isinstance(m, list):
+                parts = m
+            else:
+                parts = None
+            if not parts or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+                _fail(path, f"model.merges[{i}] must be 'left right' or [left, right], got {m!r}")
+            merges.append((_bytes_of(parts[0], path), _bytes_of(parts[1], path)))
+        spec = Spec("bpe_merges", vocab=[(_bytes_of(s, path), i) for s, i in vocab.items()], merges=merges,
+                    pattern=pattern, add_prefix_space=add_prefix_space,
+                    ignore_merges=bool(model.get("ignore_merges", False)), added_tokens=added)
+        strings = {i: s for s, i in vocab.items()}
+    else:
+        _fail(path, f"unsupported model type {mtype!r} (llmcore implements WordPiece and byte-level BPE)")
+
+    def token_id(name):
+        for t in added:
+            if t.content == name:
+                return t.id
+        if name in vocab:
+            return vocab[name]
+        _fail(path, f"unknown token {name!r}")
+
+    _post_processor(cfg.get("post_processor"), spec, path, token_id)
+    for t in added:
+        strings[t.id] = t.content
+    spec.token_strings = strings
+    pad = cfg.get("padding") or {}
+    spec.pad_token = pad.get("pad_token")
+    spec.pad_id = pad.get("pad_id")
+    spec.pad_type_id = int(pad.get("pad_type_id", 0))
+    if spec.pad_id is None:
+        for name in ("[PAD]", "<pad>", "<|pad|>"):
+            if name in vocab or any(t.content == name for t in added):
+                spec.pad_token, spec.pad_id = name, token_id(name)
+                break
+    return spec
+
+
+def load_bert_vocab(directory: str) -> Spec:
+    """``vocab.txt`` (one token per line; id = line number) + ``tokenizer_config.json``."""
+    vocab_path = os.path.join(directory, "vocab.txt")
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    cfg = {}
+    if os.path.exists(cfg_path):
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            _fail(cfg_path, f"not valid JSON: {e}")
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n").rstrip("\r") for line in f]
+    except UnicodeDecodeError as e:
+        _fail(vocab_path, f"not UTF-8 text ({e})")
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        if tok in vocab:
+            _fail(vocab_path, f"line {i + 1}: token {tok!r} repeats (first on line {vocab[tok] + 1})")
+        vocab[tok] = i
+
+    def special(key, default):
+        v = cfg.get(key, default)
+        if isinstance(v, dict):
+            v = v.get("content", default)
+        if v not in vocab:
+            _fail(vocab_path, f"{key} {v!r} is not in the vocab")
+        return v
+
+    unk, cls, sep = special("unk_token", "[UNK]"), special("cls_token", "[CLS]"), special("sep_token", "[SEP]")
+    pad, mask = special("pad_token", "[PAD]"), special("mask_token", "[MASK]")
+    lower = bool(cfg.get("do_lower_case", True))
+    strip = cfg.get("strip_accents")
+    bert = (True, bool(cfg.get("tokenize_chinese_chars", True)), lower if strip is None else bool(strip), lower)
+    added = [AddedToken(t, vocab[t], True) for t in dict.fromkeys((pad, unk, cls, sep, mask))]
+    single = [("special", [vocab[cls]], 0), ("A", 0), ("special", [vocab[sep]], 0)]
+    return Spec("wordpiece", vocab=list(vocab.items()), unk_token=unk, bert=bert, added_tokens=added,
+                template_single=single, template_pair=single + [("B", 1), ("special", [vocab[sep]], 1)],
+                pad_token=pad, pad_id=vocab[pad], token_strings={i: t for t, i in vocab.items()})
+
+
+def load_tiktoken(path: str, pattern: str, special_tokens: Optional[dict] = None) -> Spec:
+    """A tiktoken rank file: lines of ``base64(token) rank``, ranks 0..n-1."""
+    if pattern not in TIKTOKEN_PATTERNS:
+        raise ValueError(f"unknown pattern {pattern!r}; choose one of {sorted(TIKTOKEN_PATTERNS)}")
+    with open(path, "rb") as f:
+        data = f.read()
+    tokens: list = []
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            _fail(path, f"line {lineno}: expected 'base64-token rank', got {line[:80]!r}")
+        try:
+            token = base64.b64decode(parts[0], validate=True)
+            rank = int(parts[1])
+        except (binascii.Error, ValueError) as e:
+            _fail(path, f"line {lineno}: {e}")
+        if rank != len(tokens):
+            _fail(path, f"line {lineno}: rank {rank} out of order (expected {len(tokens)}); ranks must be 0..n-1")
+        tokens.append(token)
+    if not tokens:
+        _fail(path, "no tokens")
+    added = [AddedToken(s, int(i), True) for s, i in (special_tokens or {}).items()]
+    spec = Spec("bpe_ranks", vocab=tokens, pattern=TIKTOKEN_PATTERNS[pattern], added_tokens=added)
+    spec.token_strings = None  # built lazily from the bytes
+    return spec

@@ -1,0 +1,301 @@
+"""``Tokenizer`` and ``BatchEncoding``."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from llmcore import _C
+from llmcore.tokenizer import _loaders
+from llmcore.tokenizer._loaders import Spec, TokenizerFileError
+
+TextInput = Union[str, bytes]
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class BatchEncoding:
+    """The result of ``encode_batch``: NumPy int32 arrays, never one Python object per token.
+
+    Padded (``padding`` given): ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape
+    (n, L) and ``offsets`` (n, L, 2). Packed (no padding): the texts back to back, shape
+    (total,), with ``cu_seqlens`` (n + 1) marking where each starts; ``attention_mask`` is then
+    all ones. ``lengths`` (n,) counts each text's tokens. Iterating yields one id array per text.
+    """
+
+    def __init__(self, arrays: dict):
+        self._arrays = arrays
+        self.input_ids: np.ndarray = arrays["input_ids"]
+        self.token_type_ids: np.ndarray = arrays["token_type_ids"]
+        self.lengths: np.ndarray = arrays["lengths"]
+        self.cu_seqlens: Optional[np.ndarray] = arrays.get("cu_seqlens")
+        self.offsets: Optional[np.ndarray] = arrays.get("offsets")
+        self.is_padded = self.cu_seqlens is None
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        if "attention_mask" not in self._arrays:  # packed: every token is real
+            self._arrays["attention_mask"] = np.ones_like(self.input_ids)
+        return self._arrays["attention_mask"]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.is_padded:
+            return self.input_ids[i]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} texts")
+        i %= n
+        return self.input_ids[self.cu_seqlens[i]:self.cu_seqlens[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def keys(self):
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        return names + [k for k in ("cu_seqlens", "offsets") if getattr(self, k) is not None]
+
+    def to_numpy(self) -> dict:
+        return {k: getattr(self, k) for k in self.keys()}
+
+    def to_torch(self) -> dict:
+        """The arrays as torch tensors sharing their memory (ids int64 would copy; these stay int32)."""
+        import torch
+
+        return {k: torch.from_numpy(v) for k, v in self.to_numpy().items()}
+
+    def __repr__(self) -> str:
+        layout = f"padded to {self.input_ids.shape[1]}" if self.is_padded else f"packed, {len(self.input_ids)} tokens"
+        return f"BatchEncoding({len(self)} texts, {layout})"
+
+
+class Tokenizer:
+    """A WordPiece or byte-level BPE tokenizer that gives exactly the ids of the library its
+    files come from (HF ``tokenizers``, tiktoken). Immutable, thread-safe and picklable."""
+
+    def __init__(self, spec: Spec, source: tuple):
+        self._spec = spec
+        self._source = source  # how to rebuild after unpickling
+        self._native = spec.build()
+        self._token_to_id: Optional[dict] = None
+
+    # --- constructors -------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
+        """An HF ``tokenizer.json``."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer file at {path!r}")
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerFileError(f"{path}: not UTF-8 text ({e})") from None
+        return cls(_loaders.load_tokenizer_json(path, text), ("json", path, text))
+
+    @classmethod
+    def from_str(cls, json_text: str) -> "Tokenizer":
+        """The contents of a ``tokenizer.json``."""
+        return cls(_loaders.load_tokenizer_json("<string>", json_text), ("json", "<string>", json_text))
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "Tokenizer":
+        """A model folder holding ``tokenizer.json``, or a BERT ``vocab.txt`` (+ ``tokenizer_config.json``)."""
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                f"{directory!r} is not a directory; llmcore loads tokenizers from local folders "
+                "(download hub models first, e.g. with huggingface_hub.snapshot_download)")
+        json_path = os.path.join(directory, "tokenizer.json")
+        if os.path.isfile(json_path):
+            return cls.from_file(json_path)
+        if os.path.isfile(os.path.join(directory, "vocab.txt")):
+            return cls(_loaders.load_bert_vocab(directory), ("vocab", directory))
+        raise FileNotFoundError(f"{directory!r} holds neither tokenizer.json nor vocab.txt")
+
+    @classmethod
+    def from_tiktoken(cls, path: Union[str, os.PathLike], pattern: str = "cl100k_base",
+                      special_tokens: Optional[dict] = None) -> "Tokenizer":
+        """A tiktoken rank file. ``pattern`` names the pre-tokenizer (``cl100k_base``, ``o200k_base``,
+        ``gpt2``, ``llama3``...). Without ``special_tokens``, ``encode`` equals tiktoken's
+        ``encode_ordinary``; with them, those strings in the text become their ids."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tiktoken rank file at {path!r}")
+        specials = dict(special_tokens or {})
+        return cls(_loaders.load_tiktoken(path, pattern, specials), ("tiktoken", path, pattern, specials))
+
+    # --- pickling: rebuilt from the source, which travels with the object ------------------
+    def __getstate__(self):
+        kind = self._source[0]
+        if kind == "json":
+            return {"source": self._source}
+        return {"spec": self._spec, "source": self._source}
+
+    def __setstate__(self, state):
+        if "spec" in state:
+            self.__init__(state["spec"], state["source"])
+        else:
+            _, path, text = state["source"]
+            self.__init__(_loaders.load_tokenizer_json(path, text), state["source"])
+
+    # --- encoding -------------------------------------------------------------------------
+    def encode(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = True) -> list:
+        """The ids of one text (or pair), as a list of ints."""
+        out = self._native.encode_batch([text], None if pair is None else [pair], add_special_tokens, False, 0,
+                                        "none", 0, False, 0, 0, False, 1)
+        return out["input_ids"].tolist()
+
+    def encode_batch(self, texts: Sequence[TextInput], pairs: Optional[Sequence[TextInput]] = None,
+                     add_special_tokens: bool = True, max_length: Optional[int] = None, truncation: bool = False,
+                     padding: Union[bool, str] = False, pad_to_multiple_of: Optional[int] = None,
+                     padding_side: str = "right", return_offsets: bool = False,
+                     num_threads: Optional[int] = None) -> BatchEncoding:
+        """Encode many texts on ``num_threads`` native threads (all cores by default).
+
+        ``truncation`` cuts each text (pairs: longest first) so that with the special tokens it
+        fits ``max_length``. ``padding``: False (packed output), True/"longest", or "max_length".
+        Offsets are character offsets into the original strings, (0, 0) for added specials.
+        """
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("encode_batch takes a sequence of texts; use encode() for one text")
+        texts = texts if isinstance(texts, list) else list(texts)
+        if pairs is not None:
+            pairs = pairs if isinstance(pairs, list) else list(pairs)
+        if padding is True:
+            padding = "longest"
+        if padding is False or padding is None:
+            padding = "none"
+        if padding not in ("none", "longest", "max_length"):
+            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if truncation and max_length is None:
+            raise ValueError("truncation=True needs max_length")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
+        if truncation and max_length is not None:
+            specials = self._native.num_special_tokens(pairs is not None) if add_special_tokens else 0
+            if max_length < specials:
+                raise ValueError(f"max_length={max_length} leaves no room for the {specials} special tokens")
+        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        pad_id = self._spec.pad_id
+        if padding != "none" and pad_id is None:
+            raise ValueError("padding needs a pad token, and this tokenizer has none ([PAD], <pad> or a padding "
+                             "section in tokenizer.json)")
+        if num_threads is None:
+            num_threads = _default_threads()
+        elif not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        arrays = self._native.encode_batch(texts, pairs, add_special_tokens, bool(truncation), max_length or 0,
+                                           padding, pad_to_multiple_of or 0, padding_side == "left", pad_id or 0,
+                                           self._spec.pad_type_id, bool(return_offsets), num_threads)
+        return BatchEncoding(arrays)
+
+    def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=False,
+                 max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                 return_tensors: Optional[str] = None, return_offsets_mapping: bool = False, **unused):
+        """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
+
+        Returns a dict with ``input_ids``, ``attention_mask`` and ``token_type_ids``: lists of
+        lists (one list for a single text), or arrays with ``return_tensors="np"`` / ``"pt"``.
+        """
+        for key in unused:
+            if key not in ("return_attention_mask", "return_token_type_ids", "verbose"):
+                raise TypeError(f"unsupported tokenizer argument {key!r}")
+        single = isinstance(text, (str, bytes))
+        texts = [text] if single else list(text)
+        pairs = None if text_pair is None else ([text_pair] if single else list(text_pair))
+        if truncation is True or truncation == "longest_first":
+            truncation = True
+        elif truncation in (False, None, "do_not_truncate"):
+            truncation = False
+        else:
+            raise ValueError(f"unsupported truncation strategy {truncation!r}")
+        if padding == "do_not_pad":
+            padding = False
+        enc = self.encode_batch(texts, pairs, add_special_tokens, max_length, truncation,
+                                padding if padding is not False else ("longest" if return_tensors else False),
+                                pad_to_multiple_of, return_offsets=return_offsets_mapping)
+        names = ["input_ids", "attention_mask", "token_type_ids"] + (["offsets"] if return_offsets_mapping else [])
+        if return_tensors in ("np", "pt"):
+            if not enc.is_padded:  # pragma: no cover - padding is forced above
+                raise AssertionError
+            out = {("offset_mapping" if k == "offsets" else k): getattr(enc, k) for k in names}
+            if return_tensors == "pt":
+                import torch
+
+                out = {k: torch.from_numpy(v).long() for k, v in out.items()}
+            return out
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
+        out = {}
+        for k in names:
+            arr = getattr(enc, k)
+            if enc.is_padded:
+                rows = arr.tolist()
+            else:
+                cu = enc.cu_seqlens
+                rows = [arr[cu[i]:cu[i + 1]].tolist() for i in range(len(enc))]
+            if k == "offsets":
+                rows = [[tuple(p) for p in r] for r in rows]
+                k = "offset_mapping"
+            out[k] = rows[0] if single else rows
+        return out
+
+    # --- decoding & vocab -----------------------------------------------------------------
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+        data = self._native.decode(ids, skip_special_tokens)
+        return data.decode("utf-8", errors="replace")
+
+    def decode_batch(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    def _strings(self) -> dict:
+        strings = self._spec.token_strings
+        if strings is None:  # tiktoken: show bytes in GPT-2's byte-level alphabet
+            chars = _loaders.bytes_to_unicode()
+            strings = {i: "".join(chars[b] for b in tok) for i, tok in enumerate(self._spec.vocab)}
+            for t in self._spec.added_tokens:
+                strings[t.id] = t.content
+            self._spec.token_strings = strings
+        return strings
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        if self._token_to_id is None:
+            self._token_to_id = {s: i for i, s in self._strings().items()}
+        return self._token_to_id.get(token)
+
+    def id_to_token(self, id: int) -> Optional[str]:
+        return self._strings().get(int(id))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._strings())
+
+    @property
+    def pad_token_id(self) -> Optional[int]:
+        return self._spec.pad_id
+
+    @property
+    def is_wordpiece(self) -> bool:
+        return self._spec.kind == "wordpiece"
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self._spec.kind}, vocab_size={self.vocab_size}, source={self._source[1]!r})"
+
+
+__all__ = ["BatchEncoding", "Tokenizer", "TokenizerFileError", "TextInput"]
