@@ -177,6 +177,18 @@ void bind_tokenizer(py::module_& m) {
     return out;
   }, py::arg("pattern"), py::arg("text"), "Pieces (UTF-8 bytes) of a byte-level pre-tokenizer pattern.");
 
+  m.def("bert_words", [](py::handle text, bool clean_text, bool handle_chinese_chars, bool strip_accents,
+                         bool lowercase) {
+    const std::string_view s = text_view(text, "text");
+    tk::BertSplitter::Scratch scratch;
+    std::vector<py::bytes> out;
+    tk::BertSplitter({clean_text, handle_chinese_chars, strip_accents, lowercase})
+        .split(reinterpret_cast<const uint8_t*>(s.data()), s.size(), 0, scratch,
+               [&](const tk::WordView& w) { out.emplace_back(reinterpret_cast<const char*>(w.bytes), w.size); });
+    return out;
+  }, py::arg("text"), py::arg("clean_text"), py::arg("handle_chinese_chars"), py::arg("strip_accents"),
+     py::arg("lowercase"), "Words (UTF-8) of BertNormalizer + BertPreTokenizer: for tests.");
+
   py::class_<tk::Tokenizer>(m, "Tokenizer", "Native tokenizer; build it through llmcore.Tokenizer.")
       .def_static("wordpiece", [](const std::vector<std::pair<std::string, int32_t>>& vocab, const std::string& unk,
                                   const std::string& prefix, size_t max_chars,

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace llmcore::tok {
@@ -46,8 +47,11 @@ class BertSplitter {
     struct Pending {
       uint32_t cp, start, end;
       uint8_t ccc;
+      bool first;  // first code point of its original character's decomposition
     };
     std::vector<Pending> marks;  // combining marks awaiting canonical reordering
+    std::vector<std::pair<uint32_t, uint32_t>> run_origins;
+    uint32_t prev_start = 0, prev_end = 0;  // origin of the last code point out of NFD
   };
 
   template <class OnWord>

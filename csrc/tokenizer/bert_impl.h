@@ -57,12 +57,33 @@ void BertSplitter::after_nfd(uint32_t cp, uint32_t start, uint32_t end, Scratch&
   }
 }
 
+// Canonical ordering: a stable sort of the run of marks by combining class. The origins
+// follow HF (unicode-normalization-alignments): a code point that starts its character's
+// decomposition takes the next original character of the run, in text order; any other
+// takes the origin of the code point before it, after sorting.
 template <class OnWord>
 void BertSplitter::flush_marks(Scratch& sc, OnWord& on_word) const {
   if (sc.marks.empty()) return;
-  if (sc.marks.size() > 1)  // canonical ordering: a stable sort of the run by combining class
+  if (sc.marks.size() > 1) {
+    sc.run_origins.clear();
+    for (const auto& m : sc.marks)
+      if (m.first) sc.run_origins.emplace_back(m.start, m.end);
     std::stable_sort(sc.marks.begin(), sc.marks.end(),
                      [](const Scratch::Pending& a, const Scratch::Pending& b) { return a.ccc < b.ccc; });
+    size_t next = 0;
+    for (auto& m : sc.marks) {
+      if (m.first) {
+        m.start = sc.run_origins[next].first;
+        m.end = sc.run_origins[next].second;
+        ++next;
+      } else {
+        m.start = sc.prev_start;
+        m.end = sc.prev_end;
+      }
+      sc.prev_start = m.start;
+      sc.prev_end = m.end;
+    }
+  }
   for (const auto& m : sc.marks) after_nfd(m.cp, m.start, m.end, sc, on_word);
   sc.marks.clear();
 }
@@ -81,6 +102,7 @@ void BertSplitter::split(const uint8_t* s, size_t n, uint32_t base, Scratch& sc,
     // ASCII letters and digits: the common case, no table lookups.
     if (sc.marks.empty() && (uint32_t(b | 0x20) - 'a' < 26u || uint32_t(b) - '0' < 10u)) {
       const uint8_t c = (opt_.lowercase && uint32_t(b) - 'A' < 26u) ? uint8_t(b | 0x20) : b;
+      sc.prev_start = start, sc.prev_end = start + 1;
       sc.word.push_back(char(c));
       sc.orig_start.push_back(start);
       sc.orig_end.push_back(start + 1);
@@ -96,6 +118,7 @@ void BertSplitter::split(const uint8_t* s, size_t n, uint32_t base, Scratch& sc,
       if (f & kSpace) {
         flush_marks(sc, on_word);
         end_word(sc, on_word);
+        sc.prev_start = start, sc.prev_end = end;
         continue;
       }
     }
@@ -103,6 +126,7 @@ void BertSplitter::split(const uint8_t* s, size_t n, uint32_t base, Scratch& sc,
       // HF pads CJK characters with spaces: the character becomes a word of its own.
       flush_marks(sc, on_word);
       end_word(sc, on_word);
+      sc.prev_start = start, sc.prev_end = end;
       uint32_t d[kMaxNfd];
       const int k = opt_.strip_accents ? to_nfd(cp, d) : (d[0] = cp, 1);
       for (int j = 0; j < k; ++j) after_nfd(d[j], start, end, sc, on_word);
@@ -119,9 +143,11 @@ void BertSplitter::split(const uint8_t* s, size_t n, uint32_t base, Scratch& sc,
       const uint8_t ccc = combining_class(d[j]);
       if (ccc == 0) {
         flush_marks(sc, on_word);
+        sc.prev_start = start;
+        sc.prev_end = end;
         after_nfd(d[j], start, end, sc, on_word);
       } else {
-        sc.marks.push_back({d[j], start, end, ccc});
+        sc.marks.push_back({d[j], start, end, ccc, j == 0});
       }
     }
   }

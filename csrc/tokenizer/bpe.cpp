@@ -149,8 +149,8 @@ struct BytePairEncoder::Impl {
       blob_ += bytes;
       const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
       const size_t n = bytes.size();
-      const uint64_t key = n <= 8 ? (n ? load_short(p, n) : 0) : hash_long(p, n);
-      uint64_t h = (n <= 8 ? hash_short(key, n) : key) & token_mask_;
+      const uint64_t key = token_key(p, n);
+      uint64_t h = token_home(key, n);
       while (tokens_[h].id >= 0) h = (h + 1) & token_mask_;
       tokens_[h] = TokenSlot{key, uint32_t(n), id};
       std::string().swap(bytes);  // the bytes now live in blob_
@@ -190,20 +190,19 @@ struct BytePairEncoder::Impl {
     }
   }
 
+  // TokenSlot::key of a byte string, and its first probe slot.
+  static uint64_t token_key(const uint8_t* p, size_t n) {
+    return n <= 8 ? (n ? load_short(p, n) : 0) : hash_long(p, n);
+  }
+  uint64_t token_home(uint64_t key, size_t n) const { return (n <= 8 ? hash_short(key, n) : key) & token_mask_; }
+
   int32_t find(const uint8_t* p, size_t n) const {
-    if (n <= 8) {
-      const uint64_t key = n ? load_short(p, n) : 0;
-      for (uint64_t h = hash_short(key, n) & token_mask_;; h = (h + 1) & token_mask_) {
-        const TokenSlot& s = tokens_[h];
-        if (s.id < 0) return -1;
-        if (s.key == key && s.len == n) return s.id;
-      }
-    }
-    const uint64_t key = hash_long(p, n);
-    for (uint64_t h = key & token_mask_;; h = (h + 1) & token_mask_) {
+    const uint64_t key = token_key(p, n);
+    for (uint64_t h = token_home(key, n);; h = (h + 1) & token_mask_) {
       const TokenSlot& s = tokens_[h];
       if (s.id < 0) return -1;
-      if (s.key == key && s.len == n && std::memcmp(blob_.data() + tok_off_[s.id], p, n) == 0) return s.id;
+      // Short keys are exact; long ones are hashes and need the bytes compared.
+      if (s.key == key && s.len == n && (n <= 8 || std::memcmp(blob_.data() + tok_off_[s.id], p, n) == 0)) return s.id;
     }
   }
   int32_t find(std::string_view s) const { return find(reinterpret_cast<const uint8_t*>(s.data()), s.size()); }

@@ -1,0 +1,333 @@
+"""WordPiece (BERT) tokenization against HF ``tokenizers`` on the real MiniLM tokenizer:
+ids, type ids, attention masks and offsets must be identical."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmcore.tokenizer import Tokenizer, TokenizerFileError
+from tests.tokenizer_refs import CORPORA, corpus, minilm_dir
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def path():
+    return os.path.join(minilm_dir(), "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def tok(path):
+    return Tokenizer.from_file(path)
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    t = tokenizers.Tokenizer.from_file(path)
+    t.no_truncation()  # the file configures truncation and padding to 128; compare raw encodings
+    t.no_padding()
+    return t
+
+
+def assert_same(tok, hf, texts, pairs=None, **kw):
+    """Packed encode_batch vs HF encode_batch, text by text."""
+    enc = tok.encode_batch(texts, pairs, return_offsets=True, **kw)
+    ref = hf.encode_batch(list(zip(texts, pairs)) if pairs else list(texts), add_special_tokens=kw.get("add_special_tokens", True))
+    assert len(enc) == len(ref)
+    cu = enc.cu_seqlens
+    for i, r in enumerate(ref):
+        sl = slice(cu[i], cu[i + 1])
+        if enc.input_ids[sl].tolist() != r.ids:
+            raise AssertionError(f"ids differ on text {i} {texts[i][:300]!r}:\n{enc.input_ids[sl].tolist()}\n{r.ids}")
+        assert enc.token_type_ids[sl].tolist() == r.type_ids, i
+        assert [tuple(o) for o in enc.offsets[sl].tolist()] == r.offsets, (i, texts[i][:300])
+        assert enc.attention_mask[sl].tolist() == r.attention_mask
+
+
+@pytest.mark.parametrize("name", CORPORA)
+def test_every_line_of_the_corpora(tok, hf, name):
+    assert_same(tok, hf, list(corpus(name)))
+
+
+def test_padded_truncated_batch_matches_hf(tok, path):
+    texts = list(corpus("imdb")[:300]) + list(corpus("sst2-test")[:300])
+    ref = tokenizers.Tokenizer.from_file(path)
+    ref.enable_truncation(64)
+    ref.enable_padding(pad_id=0, pad_token="[PAD]", pad_to_multiple_of=8)
+    r = ref.encode_batch(texts)
+    enc = tok.encode_batch(texts, max_length=64, truncation=True, padding="longest", pad_to_multiple_of=8,
+                           return_offsets=True)
+    assert enc.input_ids.shape == (len(texts), 64)
+    assert enc.input_ids.tolist() == [e.ids for e in r]
+    assert enc.attention_mask.tolist() == [e.attention_mask for e in r]
+    assert enc.token_type_ids.tolist() == [e.type_ids for e in r]
+    assert [[tuple(o) for o in row] for row in enc.offsets.tolist()] == [e.offsets for e in r]
+
+
+def test_pairs_with_longest_first_truncation(tok, path):
+    a, b = list(corpus("imdb")[:200]), list(corpus("sst2-validation")[:200])
+    for max_length in (16, 33, 128):
+        ref = tokenizers.Tokenizer.from_file(path)
+        ref.enable_truncation(max_length)
+        ref.no_padding()
+        r = ref.encode_batch(list(zip(a, b)) + list(zip(b, a)))
+        enc = tok.encode_batch(a + b, b + a, max_length=max_length, truncation=True, return_offsets=True)
+        cu = enc.cu_seqlens
+        for i, e in enumerate(r):
+            assert enc.input_ids[cu[i]:cu[i + 1]].tolist() == e.ids, (max_length, i)
+            assert enc.token_type_ids[cu[i]:cu[i + 1]].tolist() == e.type_ids
+            assert [tuple(o) for o in enc.offsets[cu[i]:cu[i + 1]].tolist()] == e.offsets
+
+
+def test_without_special_tokens(tok, hf):
+    texts = list(corpus("sst2-test")[:200])
+    assert_same(tok, hf, texts, add_special_tokens=False)
+    assert_same(tok, hf, texts, texts[::-1], add_special_tokens=False)
+
+
+# --- generated text ---------------------------------------------------------------------------
+# Code point pools for the traps of BERT normalization: CJK (newest extensions too), accents
+# and combining marks, emoji, controls and format characters, unusual whitespace, special
+# casing, Hangul, and characters Unicode assigned after 8.0 (HF's category tables are 8.0).
+POOLS = {
+    "ascii": [chr(c) for c in range(0x20, 0x7F)],
+    "cjk": [chr(c) for c in (0x4E00, 0x4E2D, 0x9FFF, 0x3400, 0xF900, 0xFA6D, 0x20000, 0x2A6DF, 0x2A700, 0x2B739,
+                             0x2B740, 0x2B820, 0x2B920, 0x2CEA1, 0x2CEB0, 0x2EBE0, 0x2EBF0, 0x2EE5D, 0x30000,
+                             0x3134A, 0x31350, 0x323AF, 0x2F800, 0x3000, 0x3001, 0x3002, 0xFF01, 0x30A2, 0x3042)],
+    "accents": [chr(c) for c in (0xE9, 0xC9, 0xF1, 0xFC, 0x130, 0x131, 0x1E9E, 0xDF, 0x3A3, 0x3C2, 0x1F88, 0x1E9B,
+                                 0x301, 0x300, 0x308, 0x327, 0x34F, 0x5B0, 0x93C, 0x1AB0, 0x1DC0, 0x20D0, 0xFE20,
+                                 0x1E01, 0x1EA0, 0x212B, 0x2126, 0x1D15E, 0x10D69, 0x1E4EC, 0x11F00, 0x16FF0,
+                                 0x1C89, 0xA7CB, 0x10D50, 0xAC00, 0xD7A3, 0x1100, 0x37E, 0x1FEF, 0x2000)],
+    "emoji": [chr(c) for c in (0x1F600, 0x1F970, 0x1FAE8, 0x1F9D1, 0x200D, 0xFE0F, 0x1F3FB, 0x2764, 0x1F1FA,
+                               0x1FA8F, 0x1FAE9, 0x1F6DC)],
+    "controls": [chr(c) for c in (0x0, 0x1, 0x7, 0x8, 0xB, 0xC, 0x1B, 0x1C, 0x1F, 0x7F, 0x80, 0x85, 0x9F, 0xAD,
+                                  0x200B, 0x200C, 0x200E, 0x202E, 0x2060, 0x2066, 0xFEFF, 0xFFF9, 0xFFFD, 0xE000,
+                                  0xF8FF, 0xF0000, 0x1BCA0, 0xE0001, 0xE0041, 0x110BD, 0x13430, 0x890, 0x8E2)],
+    "spaces": [chr(c) for c in (0x9, 0xA, 0xD, 0x20, 0xA0, 0x1680, 0x2002, 0x2009, 0x200A, 0x2028, 0x2029, 0x202F,
+                                0x205F, 0x3000, 0x180E)],
+    "punct": [chr(c) for c in (0x21, 0x2C, 0x2E, 0x5F, 0x7E, 0xA1, 0xBF, 0x2010, 0x2014, 0x2026, 0x3008, 0x166D,
+                               0x111C9, 0x2E43, 0x2E4F, 0x2E5D, 0x1E95E, 0xA4, 0x24, 0x5E, 0x60)],
+}
+word = st.lists(st.sampled_from(POOLS["ascii"][33:]), min_size=95, max_size=110).map("".join)
+piece = st.one_of([st.sampled_from(p) for p in POOLS.values()] + [word, st.text(max_size=4)])
+texts = st.lists(piece, max_size=60).map("".join)
+
+
+@settings(max_examples=int(os.environ.get("LLMCORE_HYPOTHESIS_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(texts, min_size=1, max_size=8))
+def test_generated_unicode_matches_hf(tok, hf, batch):
+    assert_same(tok, hf, batch)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts, texts)
+def test_generated_pairs_match_hf(tok, hf, a, b):
+    assert_same(tok, hf, [a], [b])
+
+
+def test_long_words_become_unk(tok, hf):
+    for n in (99, 100, 101, 250):
+        text = "x" * n + " ok " + "é" * n
+        assert tok.encode(text) == hf.encode(text).ids
+
+
+# --- loading and errors -------------------------------------------------------------------------
+def test_vocab_txt_folder_matches_tokenizer_json(tok, tmp_path):
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_dir(), name), tmp_path / name)
+    from_vocab = Tokenizer.from_pretrained(tmp_path)
+    texts = list(corpus("imdb")[:300]) + list(corpus("sst2-test"))
+    a, b = from_vocab.encode_batch(texts, padding=True), tok.encode_batch(texts, padding=True)
+    assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.attention_mask, b.attention_mask)
+
+
+def test_from_pretrained_prefers_tokenizer_json(tok):
+    assert Tokenizer.from_pretrained(minilm_dir()).encode("Hello there") == tok.encode("Hello there")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[]", "top level must be a JSON object"),
+    ('{"model": {"type": "Unigram", "vocab": {}}}', "unsupported model type 'Unigram'"),
+    ('{"model": {"type": "WordPiece", "vocab": {"a": 0}, "unk_token": "[UNK]"}, '
+     '"pre_tokenizer": {"type": "BertPreTokenizer"}}', "unk_token '[UNK]' is not in the vocab"),
+    ('{"model": {"type": "WordPiece", "vocab": {"a": -1}}}', "non-negative integer id"),
+    ('{"model": {"type": "WordPiece", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}, '
+     '"pre_tokenizer": {"type": "Whitespace"}}', "BertPreTokenizer"),
+])
+def test_malformed_tokenizer_json(tmp_path, content, message):
+    p = tmp_path / "tokenizer.json"
+    p.write_text(content)
+    with pytest.raises((TokenizerFileError, ValueError), match=message.replace("[", r"\[").replace("]", r"\]")):
+        Tokenizer.from_file(p)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+        Tokenizer.from_file(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor vocab.txt"):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        Tokenizer.from_pretrained("bert-base-uncased")
+
+
+def test_invalid_utf8_and_bad_inputs(tok):
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid UTF-8: invalid byte sequence at byte 3"):
+        tok.encode_batch([b"fine", b"abc\xff"])
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode("a\ud800b")
+    with pytest.raises(TypeError, match=r"texts\[0\] must be str or bytes, not int"):
+        tok.encode_batch([3])
+    with pytest.raises(TypeError, match="sequence of texts"):
+        tok.encode_batch("one text")
+    with pytest.raises(ValueError, match="needs max_length"):
+        tok.encode_batch(["a"], truncation=True)
+    with pytest.raises(ValueError, match="no room for the 2 special tokens"):
+        tok.encode_batch(["a"], truncation=True, max_length=1)
+    with pytest.raises(ValueError, match="texts and pairs differ in length"):
+        tok.encode_batch(["a", "b"], ["c"])
+    assert tok.encode(b"caf\xc3\xa9") == tok.encode("café")
+
+
+def test_empty_inputs(tok, hf):
+    assert_same(tok, hf, ["", " ", "\x00", "\u200b"])
+    empty = tok.encode_batch([])
+    assert len(empty) == 0 and empty.input_ids.shape == (0,)
+    assert tok.encode_batch([], padding=True).input_ids.shape == (0, 0)
+
+
+def test_adversarial_megabyte_inputs(tok, hf):
+    rng = np.random.default_rng(0)
+    for text in ("a" * 10**6, " " * 10**6, "1" * 10**6, "".join(rng.choice(list("abcdefgh"), 10**6)),
+                 "a " * 500_000, "é" * 500_000):
+        t0 = time.perf_counter()
+        ids = tok.encode(text)
+        assert time.perf_counter() - t0 < 1.0, text[:10]
+        if len(text) == 10**6 and text[1] != " ":
+            assert ids == hf.encode(text).ids
+
+
+# --- decode, vocab, adapter -------------------------------------------------------------------
+def test_decode_matches_hf(tok, hf):
+    texts = list(corpus("sst2-test")[:200]) + ["Héllo, wörld! [SEP] don't", "a ## b", "##x y"]
+    for t in texts:
+        ids = hf.encode(t).ids
+        assert tok.decode(ids) == hf.decode(ids)
+        assert tok.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False)
+    batch = [hf.encode(t).ids for t in texts[:10]]
+    assert tok.decode_batch(batch) == hf.decode_batch(batch)
+
+
+def test_vocab_lookups(tok, hf):
+    assert tok.vocab_size == hf.get_vocab_size()
+    for t in ("[CLS]", "the", "##ing", "[PAD]", "nonexistent-token"):
+        assert tok.token_to_id(t) == hf.token_to_id(t)
+    for i in (0, 100, 101, 2000, 30521):
+        assert tok.id_to_token(i) == hf.id_to_token(i)
+    assert tok.pad_token_id == 0
+
+
+def test_transformers_style_call(tok, path):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.BertTokenizerFast(tokenizer_file=path)
+    texts = list(corpus("sst2-test")[:64])
+    for kw in (dict(truncation=True, max_length=24, padding="max_length"), dict(padding=True),
+               dict(truncation=True, max_length=10), dict()):
+        got, want = tok(texts, **kw), ref(texts, **kw)
+        for k in ("input_ids", "attention_mask", "token_type_ids"):
+            assert got[k] == want[k], (kw, k)
+    one = tok(texts[0], return_tensors="pt", truncation=True, max_length=8)
+    assert one["input_ids"].tolist() == ref(texts[0], return_tensors="pt", truncation=True, max_length=8)["input_ids"].tolist()
+    pair = tok(texts[:4], texts[4:8], truncation=True, max_length=20, padding=True, return_tensors="np")
+    want = ref(texts[:4], texts[4:8], truncation=True, max_length=20, padding=True, return_tensors="np")
+    assert all(np.array_equal(pair[k], want[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+
+
+def test_batch_encoding_views(tok):
+    texts = list(corpus("sst2-test")[:5])
+    packed, padded = tok.encode_batch(texts), tok.encode_batch(texts, padding=True)
+    assert packed.input_ids.dtype == np.int32 and padded.input_ids.dtype == np.int32
+    for i, (row, ids) in enumerate(zip(padded, packed)):
+        assert row[: packed.lengths[i]].tolist() == ids.tolist() == tok.encode(texts[i])
+    tensors = packed.to_torch()
+    assert tensors["cu_seqlens"].tolist() == packed.cu_seqlens.tolist()
+    assert tensors["input_ids"].data_ptr() == packed.input_ids.ctypes.data  # no copy
+
+
+# --- threads, processes, pickling -------------------------------------------------------------
+def test_threads_give_identical_results(tok):
+    texts = list(corpus("imdb")) + list(corpus("sst2-validation"))
+    ref = tok.encode_batch(texts, num_threads=1)
+    for n in (2, 3, 8):
+        got = tok.encode_batch(texts, num_threads=n)
+        assert np.array_equal(got.input_ids, ref.input_ids) and np.array_equal(got.cu_seqlens, ref.cu_seqlens)
+
+
+def test_shared_between_python_threads(tok):
+    texts = list(corpus("imdb")[:400])
+    ref = tok.encode_batch(texts, num_threads=1).input_ids
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(np.array_equal(tok.encode_batch(texts, num_threads=2).input_ids, ref))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12 and all(results)
+
+
+def test_pickle_round_trip(tok, tmp_path):
+    clone = pickle.loads(pickle.dumps(tok))
+    texts = list(corpus("sst2-test"))
+    assert np.array_equal(clone.encode_batch(texts).input_ids, tok.encode_batch(texts).input_ids)
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        shutil.copy(os.path.join(minilm_dir(), name), tmp_path / name)
+    from_vocab = Tokenizer.from_pretrained(tmp_path)
+    assert pickle.loads(pickle.dumps(from_vocab)).encode("pickled") == from_vocab.encode("pickled")
+
+
+def test_datasets_map_with_processes(tok):
+    datasets = pytest.importorskip("datasets")
+    texts = list(corpus("sst2-test")[:200])
+    ds = datasets.Dataset.from_dict({"sentence": texts})
+    out = ds.map(lambda b: {"input_ids": list(tok.encode_batch(b["sentence"], num_threads=1))},
+                 batched=True, num_proc=2)
+    assert [list(x) for x in out["input_ids"]] == [tok.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("options", [(True, True, True, True), (True, True, False, False), (False, False, True, False)])
+def test_normalizer_tables_on_every_code_point(options):
+    """BertNormalizer + BertPreTokenizer on each code point alone and between letters: this
+    covers every table (controls, White_Space, punctuation, CJK, NFD, Mn, lowercase)."""
+    from llmcore import _C
+
+    clean, chinese, strip, lower = options
+    norm = tokenizers.normalizers.BertNormalizer(clean_text=clean, handle_chinese_chars=chinese,
+                                                 strip_accents=strip, lowercase=lower)
+    pre = tokenizers.pre_tokenizers.BertPreTokenizer()
+    bad = []
+    for c in range(0x110000):
+        if 0xD800 <= c < 0xE000:
+            continue
+        for text in (chr(c), "x" + chr(c) + "\u0301y"):
+            want = [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text))]
+            got = [w.decode("utf-8") for w in _C.bert_words(text, clean, chinese, strip, lower)]
+            if got != want:
+                bad.append((hex(c), text, got, want))
+    assert not bad, f"{len(bad)} code points differ, e.g. {bad[:5]}"
