@@ -331,3 +331,12 @@ def test_normalizer_tables_on_every_code_point(options):
             if got != want:
                 bad.append((hex(c), text, got, want))
     assert not bad, f"{len(bad)} code points differ, e.g. {bad[:5]}"
+
+
+def test_tokenizing_does_not_import_torch(path):
+    import subprocess
+    import sys
+
+    code = ("import sys, llmcore; t = llmcore.Tokenizer.from_file(sys.argv[1]); "
+            "t.encode_batch(['no torch here'], padding=True); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ})

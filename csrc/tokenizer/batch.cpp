@@ -35,10 +35,16 @@ void to_char_offsets(std::string_view text, std::vector<uint32_t>& scratch, int3
 void encode_block(const Tokenizer& tok, const std::vector<std::string_view>& texts,
                   const std::vector<std::string_view>* pairs, const EncodeOptions& opt, bool offsets,
                   StagedBatch::Block& block, uint32_t* lengths) {
-  thread_local Encoding enc;
-  thread_local std::vector<uint32_t> char_of_byte;
+  struct Scratch {
+    Tokenizer::Workspace ws;
+    Encoding enc;
+    std::vector<uint32_t> char_of_byte;
+  };
+  thread_local Scratch scratch;  // one thread-local lookup per block
+  Encoding& enc = scratch.enc;
+  std::vector<uint32_t>& char_of_byte = scratch.char_of_byte;
   for (size_t i = block.first_text; i < block.first_text + block.count; ++i) {
-    tok.encode(texts[i], pairs ? &(*pairs)[i] : nullptr, opt, enc);
+    tok.encode(texts[i], pairs ? &(*pairs)[i] : nullptr, opt, enc, scratch.ws);
     const size_t n = enc.ids.size();
     lengths[i] = uint32_t(n);
     block.ids.insert(block.ids.end(), enc.ids.begin(), enc.ids.end());

@@ -131,12 +131,11 @@ void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) co
   if (plain_begin < n) out.push_back({uint32_t(plain_begin), uint32_t(n), -1});
 }
 
-void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out) const {
+void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out, Workspace& ws) const {
   const auto* s = reinterpret_cast<const uint8_t*>(text.data());
   if (wordpiece_) {
-    thread_local BertSplitter::Scratch scratch;
-    thread_local std::vector<Piece> pieces;
-    BertSplitter(*bert_).split(s, text.size(), base, scratch, [&](const WordView& w) {
+    std::vector<Piece>& pieces = ws.pieces;
+    BertSplitter(*bert_).split(s, text.size(), base, ws.bert, [&](const WordView& w) {
       pieces.clear();
       wordpiece_->encode_word(w.bytes, w.size, w.n_chars, pieces);
       for (const Piece& p : pieces) {
@@ -149,7 +148,7 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
   }
   // Byte-level BPE. HF's add_prefix_space prepends a space unless there is one already;
   // the added space has no width in the original text.
-  thread_local std::string prefixed;
+  std::string& prefixed = ws.prefixed;
   size_t n = text.size();
   size_t shift = 0;
   if (add_prefix_space_ && (n == 0 || s[0] != ' ')) {
@@ -175,8 +174,8 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
   }
 }
 
-void Tokenizer::encode_text(std::string_view text, Encoding& out, uint8_t from_pair) const {
-  thread_local std::vector<Segment> segments;
+void Tokenizer::encode_text(std::string_view text, Encoding& out, uint8_t from_pair, Workspace& ws) const {
+  std::vector<Segment>& segments = ws.segments;
   split_added(text, segments);
   for (const Segment& seg : segments) {
     if (seg.added_id >= 0) {
@@ -184,7 +183,7 @@ void Tokenizer::encode_text(std::string_view text, Encoding& out, uint8_t from_p
       out.start.push_back(seg.begin);
       out.end.push_back(seg.end);
     } else {
-      encode_plain(text.substr(seg.begin, seg.end - seg.begin), seg.begin, out);
+      encode_plain(text.substr(seg.begin, seg.end - seg.begin), seg.begin, out, ws);
     }
   }
   out.from_pair.resize(out.ids.size(), from_pair);
@@ -192,13 +191,14 @@ void Tokenizer::encode_text(std::string_view text, Encoding& out, uint8_t from_p
 }
 
 void Tokenizer::encode(std::string_view text, const std::string_view* pair, const EncodeOptions& opt,
-                       Encoding& out) const {
+                       Encoding& out, Workspace& ws) const {
   out.clear();
-  thread_local Encoding a, b;
+  Encoding& a = ws.a;
+  Encoding& b = ws.b;
   a.clear();
   b.clear();
-  encode_text(text, a, 0);
-  if (pair) encode_text(*pair, b, 1);
+  encode_text(text, a, 0, ws);
+  if (pair) encode_text(*pair, b, 1, ws);
 
   if (opt.truncation) {
     const size_t specials = opt.add_special_tokens ? num_special_tokens(pair != nullptr) : 0;

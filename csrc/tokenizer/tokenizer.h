@@ -55,6 +55,19 @@ struct EncodeOptions {
 
 class Tokenizer {
  public:
+  struct Segment {
+    uint32_t begin, end;  // text range, or the added token's match range
+    int32_t added_id;     // -1 for plain text
+  };
+  // Per-thread scratch memory of encode(), reused from call to call.
+  struct Workspace {
+    BertSplitter::Scratch bert;
+    std::vector<Piece> pieces;
+    std::string prefixed;
+    std::vector<Segment> segments;
+    Encoding a, b;
+  };
+
   static Tokenizer wordpiece(WordPiece model, std::optional<BertOptions> bert, bool decoder_cleanup);
   static Tokenizer byte_level_bpe(BytePairEncoder model, Pattern pattern, bool add_prefix_space);
 
@@ -66,8 +79,9 @@ class Tokenizer {
   void set_added_tokens(std::vector<AddedToken> tokens);
   void set_template(std::vector<TemplateItem> single, std::vector<TemplateItem> pair);
 
-  // Encodes a text, or a pair when `pair` is non-null, appending to `out` (cleared first).
-  void encode(std::string_view text, const std::string_view* pair, const EncodeOptions& opt, Encoding& out) const;
+  // Encodes a text, or a pair when `pair` is non-null, into `out` (cleared first).
+  void encode(std::string_view text, const std::string_view* pair, const EncodeOptions& opt, Encoding& out,
+              Workspace& ws) const;
 
   // Ids -> text bytes (UTF-8 for WordPiece; raw token bytes for BPE, for the caller to
   // decode leniently). Throws std::out_of_range naming an unknown id.
@@ -79,13 +93,9 @@ class Tokenizer {
 
  private:
   Tokenizer() = default;
-  struct Segment {
-    uint32_t begin, end;  // text range, or the added token's match range
-    int32_t added_id;     // -1 for plain text
-  };
   void split_added(std::string_view text, std::vector<Segment>& out) const;
-  void encode_text(std::string_view text, Encoding& out, uint8_t from_pair) const;
-  void encode_plain(std::string_view text, uint32_t base, Encoding& out) const;
+  void encode_text(std::string_view text, Encoding& out, uint8_t from_pair, Workspace& ws) const;
+  void encode_plain(std::string_view text, uint32_t base, Encoding& out, Workspace& ws) const;
 
   std::optional<WordPiece> wordpiece_;
   std::optional<BertOptions> bert_;
