@@ -141,12 +141,13 @@ def trained(request, tmp_path_factory):
 
 
 def assert_same_as_hf(tok, hf, texts, add_special_tokens=True):
-    enc = tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+    enc = tok.encode_batch(texts, add_special_tokens=add_special_tokens, return_offsets=True)
     ref = hf.encode_batch(texts, add_special_tokens=add_special_tokens)
     cu = enc.cu_seqlens
     for i, r in enumerate(ref):
         got = enc.input_ids[cu[i]:cu[i + 1]].tolist()
         assert got == r.ids, f"text {i} {texts[i][:200]!r}:\n{got[:50]}\n{r.ids[:50]}"
+        assert [tuple(o) for o in enc.offsets[cu[i]:cu[i + 1]].tolist()] == r.offsets, (i, texts[i][:200])
 
 
 @pytest.mark.parametrize("name", ["sst2-validation", "sst2-test", "imdb"])

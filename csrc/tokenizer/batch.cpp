@@ -27,7 +27,10 @@ void to_char_offsets(std::string_view text, std::vector<uint32_t>& scratch, int3
   scratch[text.size()] = chars;
   for (size_t t = 0; t < n_tokens; ++t) {
     if (from_pair[t] != which) continue;
-    pairs[2 * t] = int32_t(scratch[pairs[2 * t]]);
+    // A byte-level token may start inside a character: its offsets then cover that character.
+    const uint32_t b = uint32_t(pairs[2 * t]);
+    const bool inside = b < text.size() && (s[b] & 0xC0) == 0x80;
+    pairs[2 * t] = int32_t(scratch[b] - inside);
     pairs[2 * t + 1] = int32_t(scratch[pairs[2 * t + 1]]);
   }
 }

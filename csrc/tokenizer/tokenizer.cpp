@@ -159,16 +159,32 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
     n = prefixed.size();
     shift = 1;
   }
+  size_t first_char_len = 0;
+  if (shift) {
+    const uint8_t lead = s[1];
+    first_char_len = lead < 0x80 ? 1 : lead < 0xE0 ? 2 : lead < 0xF0 ? 3 : 4;
+  }
   for (size_t pos = 0; pos < n;) {
     const size_t end = next_piece(pattern_, reinterpret_cast<const char*>(s), n, pos);
     const size_t before = out.ids.size();
     bpe_->encode(s + pos, end - pos, out.ids);
     size_t at = pos;
     for (size_t k = before; k < out.ids.size(); ++k) {
-      const size_t len = bpe_->token_bytes(out.ids[k]).size();
-      out.start.push_back(uint32_t(base + (at > shift ? at - shift : 0)));
-      out.end.push_back(uint32_t(base + (at + len > shift ? at + len - shift : 0)));
-      at += len;
+      const std::string_view bytes = bpe_->token_bytes(out.ids[k]);
+      // The added prefix space takes the first character's offsets, as in HF.
+      uint32_t start = uint32_t(base + (at > shift ? at - shift : 0));
+      uint32_t stop = uint32_t(base + (at + bytes.size() > shift ? at + bytes.size() - shift : first_char_len));
+      if (trim_offsets_) {
+        size_t lead = 0, trail = 0;
+        while (lead < bytes.size() && bytes[lead] == ' ') ++lead;
+        while (trail < bytes.size() && bytes[bytes.size() - 1 - trail] == ' ') ++trail;
+        // HF keeps the leading space of the first token when it added that space itself.
+        if (lead > 0 && !(add_prefix_space_ && start == 0)) start = std::min<uint32_t>(start + uint32_t(lead), stop);
+        if (trail > 0 && stop >= trail) stop = std::max<uint32_t>(stop - uint32_t(trail), start);
+      }
+      out.start.push_back(start);
+      out.end.push_back(stop);
+      at += bytes.size();
     }
     pos = end;
   }

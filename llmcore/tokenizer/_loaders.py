@@ -63,6 +63,7 @@ class Spec:
     pattern: str = "gpt2"
     add_prefix_space: bool = False
     ignore_merges: bool = False
+    trim_offsets: bool = False
     added_tokens: list = field(default_factory=list)
     template_single: list = field(default_factory=list)
     template_pair: list = field(default_factory=list)
@@ -84,6 +85,7 @@ class Spec:
         native.set_added_tokens([(t.content, t.id, t.special, t.single_word, t.lstrip, t.rstrip)
                                  for t in self.added_tokens])
         native.set_template(self.template_single, self.template_pair)
+        native.set_trim_offsets(self.trim_offsets)
         return native
 
 
@@ -157,7 +159,7 @@ def _post_processor(pp, spec: Spec, path, token_id):
         else:
             spec.template_pair = spec.template_single + [("special", sep_id, 0), ("B", 0), ("special", sep_id, 0)]
     elif kind == "ByteLevel":
-        pass  # only trims offsets
+        spec.trim_offsets = bool(pp.get("trim_offsets", True))
     else:
         _fail(path, f"unsupported post_processor type {kind!r}")
 
