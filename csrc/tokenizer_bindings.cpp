@@ -226,7 +226,7 @@ void bind_tokenizer(py::module_& m) {
       .def("set_template", [](tk::Tokenizer& t, const py::list& single, const py::list& pair) {
         t.set_template(parse_template(single), parse_template(pair));
       }, py::arg("single"), py::arg("pair"))
-      .def("set_trim_offsets", &tk::Tokenizer::set_trim_offsets, py::arg("on"))
+      .def("set_trim_offsets", &tk::Tokenizer::set_trim_offsets, py::arg("on"), py::arg("keep_first"))
       .def("num_special_tokens", &tk::Tokenizer::num_special_tokens, py::arg("pair"))
       .def("encode_batch", &encode_batch, py::arg("texts"), py::arg("pairs"), py::arg("add_special_tokens"),
            py::arg("truncation"), py::arg("max_length"), py::arg("padding"), py::arg("pad_to_multiple_of"),

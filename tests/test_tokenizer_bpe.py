@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from llmcore import _C
 from llmcore.tokenizer import Tokenizer, TokenizerFileError
-from tests.tokenizer_refs import CORPORA, cl100k_path, corpus
+from tokenizer_refs import CORPORA, cl100k_path, corpus
 
 tiktoken = pytest.importorskip("tiktoken")
 tokenizers = pytest.importorskip("tokenizers")
@@ -95,6 +95,15 @@ def test_cl100k_megabyte_inputs(cl100k, tik, text):
     assert time.perf_counter() - t0 < 1.0
     assert ids == tik.encode_ordinary(text)
     assert cl100k.decode(ids) == text
+
+
+def test_padding_needs_a_pad_id(cl100k, tik):
+    with pytest.raises(ValueError, match="pass pad_id="):
+        cl100k.encode_batch(["a", "b c"], padding=True)
+    enc = cl100k.encode_batch(["a", "hello there world"], padding=True, pad_id=100257, padding_side="left")
+    want = tik.encode_ordinary("a")
+    assert enc.input_ids[0].tolist() == [100257] * (enc.input_ids.shape[1] - len(want)) + want
+    assert enc.attention_mask[0].tolist() == [0] * (enc.input_ids.shape[1] - len(want)) + [1] * len(want)
 
 
 def test_vocab_lookups(cl100k, tik):

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmcore.tokenizer import Tokenizer, TokenizerFileError
-from tests.tokenizer_refs import CORPORA, corpus, minilm_dir
+from tokenizer_refs import CORPORA, corpus, minilm_dir
 
 tokenizers = pytest.importorskip("tokenizers")
 

@@ -178,8 +178,10 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
         size_t lead = 0, trail = 0;
         while (lead < bytes.size() && bytes[lead] == ' ') ++lead;
         while (trail < bytes.size() && bytes[bytes.size() - 1 - trail] == ' ') ++trail;
-        // HF keeps the leading space of the first token when it added that space itself.
-        if (lead > 0 && !(add_prefix_space_ && start == 0)) start = std::min<uint32_t>(start + uint32_t(lead), stop);
+        // As HF's ByteLevel post-processor: with its add_prefix_space, the first token (or
+        // one starting the text) keeps its leading spaces.
+        const bool first = k == 0 || start == 0;
+        if (lead > 0 && !(trim_keeps_first_ && first)) start = std::min<uint32_t>(start + uint32_t(lead), stop);
         if (trail > 0 && stop >= trail) stop = std::max<uint32_t>(stop - uint32_t(trail), start);
       }
       out.start.push_back(start);

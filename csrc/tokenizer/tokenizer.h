@@ -79,8 +79,11 @@ class Tokenizer {
   void set_added_tokens(std::vector<AddedToken> tokens);
   void set_template(std::vector<TemplateItem> single, std::vector<TemplateItem> pair);
   // HF's ByteLevel post-processor trim_offsets: BPE token offsets exclude leading and
-  // trailing spaces.
-  void set_trim_offsets(bool on) { trim_offsets_ = on; }
+  // trailing spaces; with keep_first (its add_prefix_space), not the first token's leading ones.
+  void set_trim_offsets(bool on, bool keep_first) {
+    trim_offsets_ = on;
+    trim_keeps_first_ = keep_first;
+  }
 
   // Encodes a text, or a pair when `pair` is non-null, into `out` (cleared first).
   void encode(std::string_view text, const std::string_view* pair, const EncodeOptions& opt, Encoding& out,
@@ -107,6 +110,7 @@ class Tokenizer {
   Pattern pattern_ = Pattern::gpt2;
   bool add_prefix_space_ = false;
   bool trim_offsets_ = false;
+  bool trim_keeps_first_ = false;
 
   std::vector<AddedToken> added_;        // sorted by content for matching
   std::vector<uint8_t> added_first_;     // 256 flags: bytes that can start an added token

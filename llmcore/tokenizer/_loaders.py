@@ -64,6 +64,7 @@ class Spec:
     add_prefix_space: bool = False
     ignore_merges: bool = False
     trim_offsets: bool = False
+    trim_keeps_first: bool = False  # the ByteLevel post-processor's add_prefix_space
     added_tokens: list = field(default_factory=list)
     template_single: list = field(default_factory=list)
     template_pair: list = field(default_factory=list)
@@ -85,7 +86,7 @@ class Spec:
         native.set_added_tokens([(t.content, t.id, t.special, t.single_word, t.lstrip, t.rstrip)
                                  for t in self.added_tokens])
         native.set_template(self.template_single, self.template_pair)
-        native.set_trim_offsets(self.trim_offsets)
+        native.set_trim_offsets(self.trim_offsets, self.trim_keeps_first)
         return native
 
 
@@ -160,6 +161,7 @@ def _post_processor(pp, spec: Spec, path, token_id):
             spec.template_pair = spec.template_single + [("special", sep_id, 0), ("B", 0), ("special", sep_id, 0)]
     elif kind == "ByteLevel":
         spec.trim_offsets = bool(pp.get("trim_offsets", True))
+        spec.trim_keeps_first = bool(pp.get("add_prefix_space", True))
     else:
         _fail(path, f"unsupported post_processor type {kind!r}")
 

@@ -159,12 +159,13 @@ class Tokenizer:
                      add_special_tokens: bool = True, max_length: Optional[int] = None, truncation: bool = False,
                      padding: Union[bool, str] = False, pad_to_multiple_of: Optional[int] = None,
                      padding_side: str = "right", return_offsets: bool = False,
-                     num_threads: Optional[int] = None) -> BatchEncoding:
+                     num_threads: Optional[int] = None, pad_id: Optional[int] = None) -> BatchEncoding:
         """Encode many texts on ``num_threads`` native threads (all cores by default).
 
         ``truncation`` cuts each text (pairs: longest first) so that with the special tokens it
         fits ``max_length``. ``padding``: False (packed output), True/"longest", or "max_length".
         Offsets are character offsets into the original strings, (0, 0) for added specials.
+        ``pad_id`` overrides the tokenizer's pad token (tiktoken files define none).
         """
         if isinstance(texts, (str, bytes)):
             raise TypeError("encode_batch takes a sequence of texts; use encode() for one text")
@@ -191,10 +192,13 @@ class Tokenizer:
             raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        pad_id = self._spec.pad_id
+        if pad_id is None:
+            pad_id = self._spec.pad_id
+        elif not isinstance(pad_id, int) or not 0 <= pad_id < 2**31:
+            raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
         if padding != "none" and pad_id is None:
             raise ValueError("padding needs a pad token, and this tokenizer has none ([PAD], <pad> or a padding "
-                             "section in tokenizer.json)")
+                             "section in tokenizer.json): pass pad_id=")
         if num_threads is None:
             num_threads = _default_threads()
         elif not isinstance(num_threads, int) or num_threads < 1:
