@@ -333,10 +333,11 @@ def test_normalizer_tables_on_every_code_point(options):
     assert not bad, f"{len(bad)} code points differ, e.g. {bad[:5]}"
 
 
-def test_tokenizing_does_not_import_torch(path):
+def test_tokenizing_does_not_import_torch(path, tmp_path):
     import subprocess
     import sys
 
     code = ("import sys, llmcore; t = llmcore.Tokenizer.from_file(sys.argv[1]); "
             "t.encode_batch(['no torch here'], padding=True); assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ})
+    # cwd elsewhere: from the repository root, `import llmcore` would find the unbuilt sources
+    subprocess.run([sys.executable, "-c", code, path], check=True, cwd=tmp_path)
