@@ -84,6 +84,8 @@ StagedBatch encode_batch(const Tokenizer& tok, const std::vector<std::string_vie
                          int num_threads) {
   StagedBatch batch;
   const size_t n = texts.size();
+  EncodeOptions options = opt;
+  options.offsets = offsets;
   batch.lengths.assign(n, 0);
   batch.has_offsets = offsets;
   size_t bytes = 0;
@@ -105,7 +107,7 @@ StagedBatch encode_batch(const Tokenizer& tok, const std::vector<std::string_vie
   }
   const int threads = int(std::min<size_t>(std::max(num_threads, 1), batch.blocks.size()));
   if (threads <= 1) {
-    for (auto& block : batch.blocks) encode_block(tok, texts, pairs, opt, offsets, block, batch.lengths.data());
+    for (auto& block : batch.blocks) encode_block(tok, texts, pairs, options, offsets, block, batch.lengths.data());
     return batch;
   }
   std::atomic<size_t> next{0};
@@ -114,7 +116,7 @@ StagedBatch encode_batch(const Tokenizer& tok, const std::vector<std::string_vie
   auto worker = [&] {
     try {
       for (size_t b; !failed.load(std::memory_order_relaxed) && (b = next.fetch_add(1)) < batch.blocks.size();)
-        encode_block(tok, texts, pairs, opt, offsets, batch.blocks[b], batch.lengths.data());
+        encode_block(tok, texts, pairs, options, offsets, batch.blocks[b], batch.lengths.data());
     } catch (...) {
       if (!failed.exchange(true)) error = std::current_exception();
     }

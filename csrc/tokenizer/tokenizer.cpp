@@ -138,11 +138,12 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
     BertSplitter(*bert_).split(s, text.size(), base, ws.bert, [&](const WordView& w) {
       pieces.clear();
       wordpiece_->encode_word(w.bytes, w.size, w.n_chars, pieces);
-      for (const Piece& p : pieces) {
-        out.ids.push_back(p.id);
-        out.start.push_back(w.orig_start[p.start]);
-        out.end.push_back(w.orig_end[p.end - 1]);
-      }
+      for (const Piece& p : pieces) out.ids.push_back(p.id);
+      if (ws.offsets)
+        for (const Piece& p : pieces) {
+          out.start.push_back(w.orig_start[p.start]);
+          out.end.push_back(w.orig_end[p.end - 1]);
+        }
     });
     return;
   }
@@ -168,6 +169,10 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
     const size_t end = next_piece(pattern_, reinterpret_cast<const char*>(s), n, pos);
     const size_t before = out.ids.size();
     bpe_->encode(s + pos, end - pos, out.ids);
+    if (!ws.offsets) {
+      pos = end;
+      continue;
+    }
     size_t at = pos;
     for (size_t k = before; k < out.ids.size(); ++k) {
       const std::string_view bytes = bpe_->token_bytes(out.ids[k]);
@@ -198,13 +203,15 @@ void Tokenizer::encode_text(std::string_view text, Encoding& out, uint8_t from_p
   for (const Segment& seg : segments) {
     if (seg.added_id >= 0) {
       out.ids.push_back(seg.added_id);
-      out.start.push_back(seg.begin);
-      out.end.push_back(seg.end);
+      if (ws.offsets) {
+        out.start.push_back(seg.begin);
+        out.end.push_back(seg.end);
+      }
     } else {
       encode_plain(text.substr(seg.begin, seg.end - seg.begin), seg.begin, out, ws);
     }
   }
-  out.from_pair.resize(out.ids.size(), from_pair);
+  if (ws.offsets) out.from_pair.resize(out.ids.size(), from_pair);
   out.type_ids.resize(out.ids.size(), 0);
 }
 
@@ -215,6 +222,7 @@ void Tokenizer::encode(std::string_view text, const std::string_view* pair, cons
   Encoding& b = ws.b;
   a.clear();
   b.clear();
+  ws.offsets = opt.offsets;
   encode_text(text, a, 0, ws);
   if (pair) encode_text(*pair, b, 1, ws);
 
@@ -239,8 +247,8 @@ void Tokenizer::encode(std::string_view text, const std::string_view* pair, cons
     }
     for (Encoding* e : {&a, &b}) {
       const size_t keep = e == &a ? n1 : n2;
-      e->ids.resize(keep), e->type_ids.resize(keep), e->start.resize(keep), e->end.resize(keep),
-          e->from_pair.resize(keep);
+      e->ids.resize(keep), e->type_ids.resize(keep);
+      if (opt.offsets) e->start.resize(keep), e->end.resize(keep), e->from_pair.resize(keep);
     }
   }
 
@@ -264,9 +272,11 @@ void Tokenizer::encode(std::string_view text, const std::string_view* pair, cons
       for (int32_t id : item.ids) {
         out.ids.push_back(id);
         out.type_ids.push_back(item.type_id);
-        out.start.push_back(0);
-        out.end.push_back(0);
-        out.from_pair.push_back(0);
+        if (opt.offsets) {
+          out.start.push_back(0);
+          out.end.push_back(0);
+          out.from_pair.push_back(0);
+        }
       }
     }
   }

@@ -51,6 +51,7 @@ struct EncodeOptions {
   bool add_special_tokens = true;
   bool truncation = false;
   size_t max_length = 0;  // with truncation
+  bool offsets = true;    // fill Encoding::start/end/from_pair (else they stay empty)
 };
 
 class Tokenizer {
@@ -66,6 +67,7 @@ class Tokenizer {
     std::string prefixed;
     std::vector<Segment> segments;
     Encoding a, b;
+    bool offsets = true;  // the current call's EncodeOptions::offsets
   };
 
   static Tokenizer wordpiece(WordPiece model, std::optional<BertOptions> bert, bool decoder_cleanup);
