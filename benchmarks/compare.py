@@ -14,6 +14,8 @@ def main(path: str) -> None:
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         info = b["extra_info"]
+        if "flops" not in info:  # not an attention benchmark (e.g. the tokenizer suite)
+            continue
         groups[(info["case"], info["mode"])][info["impl"]] = (b["stats"]["median"], b["stats"]["iqr"], info["flops"])
     print(f"{'case':52} {'mode':8} {'impl':10} {'median ms':>10} {'IQR ms':>8} {'GFLOP/s':>8} {'vs torch':>8}")
     ratios = defaultdict(list)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from llmcore.bench.attention import data_dir
+from llmcore.bench.data import data_dir
 
 
 def minilm_dir() -> str:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
+from llmcore.bench.data import data_dir
 from llmcore.ops.reference import sdpa_reference
 
 SUITE: tuple[tuple[int, int, int, int], ...] = (
@@ -110,16 +111,6 @@ def wordpiece_lengths(split: str = "sst2", limit: Optional[int] = None) -> list[
     if limit:
         texts = texts[:limit]
     return [len(e.ids) for e in tok.encode_batch(texts)]
-
-
-def data_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.environ.get("LLMCORE_DATA_DIR"), os.path.join(here, "..", "..", "..", "shared", "data"),
-                  os.path.join(os.getcwd(), "..", "shared", "data")]
-    for c in candidates:
-        if c and os.path.isdir(os.path.join(c, "sst2")):
-            return os.path.abspath(c)
-    raise FileNotFoundError("shared data not found: set LLMCORE_DATA_DIR to the folder holding sst2/ and imdb/")
 
 
 def varlen_case(lengths: list[int], heads: int = 12, head_dim: int = 32, dtype=torch.float32, label: str = "sst2",
