@@ -19,6 +19,7 @@ namespace py = pybind11;
 namespace at = llmcore::attention;
 
 void bind_tokenizer(py::module_& m);  // tokenizer_bindings.cpp
+void bind_norm(py::module_& m);       // norm_bindings.cpp
 
 namespace {
 
@@ -189,6 +190,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("n"));
 
   bind_tokenizer(m);
+  bind_norm(m);
 
 #ifdef LLMCORE_WITH_CUDA
   m.attr("cuda_built") = true;

@@ -1,4 +1,4 @@
-"""The `llmcore` command line: `llmcore info`, `llmcore bench attention`, `llmcore bench tokenizer`."""
+"""The `llmcore` command line: `llmcore info`, `llmcore bench attention|tokenizer|train-step`."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,13 @@ def _bench_tokenizer(args: argparse.Namespace) -> int:
     return 0 if out["summary"].get("all outputs exact") else 1
 
 
+def _bench_train_step(args: argparse.Namespace) -> int:
+    from llmcore.bench import train_step
+
+    train_step.main(json_path=args.json, budget_s=args.budget, quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcore", description="llmcore: fast data preparation and fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-adversarial", action="store_true", help="skip the 1 MB adversarial inputs")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.set_defaults(func=_bench_tokenizer)
+    p = bsub.add_parser("train-step", help="one MiniLM training step on 32 SST-2 sentences: llmcore padded and "
+                                           "packed vs transformers, fp32 and bf16 autocast")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="a few rounds only")
+    p.add_argument("--budget", type=float, default=10.0, help="seconds of round-robin timing per dtype (default 10)")
+    p.set_defaults(func=_bench_train_step)
     return parser
 
 

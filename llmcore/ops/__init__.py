@@ -1,4 +1,8 @@
 """llmcore's differentiable ops. One file per op; dispatch.py chooses a backend."""
 from llmcore.ops.attention import scaled_dot_product_attention, varlen_attention
+from llmcore.ops.activation import bias_gelu, swiglu
+from llmcore.ops.cross_entropy import linear_cross_entropy
+from llmcore.ops.norm import layer_norm, rms_norm
 
-__all__ = ["scaled_dot_product_attention", "varlen_attention"]
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "layer_norm", "rms_norm", "bias_gelu", "swiglu",
+           "linear_cross_entropy"]

@@ -1,0 +1,109 @@
+// Row-wise normalizations and fused activations on the CPU: LayerNorm, RMSNorm, bias + GELU
+// and SwiGLU, forward and backward. Everything is raw pointers, sizes and strides.
+//
+// Every operand is a (rows, cols) matrix: its last dim is contiguous and its rows sit
+// `stride` elements apart (0 broadcasts one row). Outputs are contiguous (rows, cols).
+// Arithmetic is float32 whatever the storage dtype; weight and bias are float32 vectors of
+// cols elements (the Python layer converts them). Column sums (weight and bias gradients)
+// are float32 and summed in a fixed order for a given thread count.
+#pragma once
+#include <cstdint>
+
+namespace llmcore::norm {
+
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+// Storage types for the 16-bit floats (bit patterns; the kernels convert through float).
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+
+struct Mat {
+  const void* data = nullptr;  // null: absent (optional operands)
+  int64_t stride = 0;          // elements between rows
+};
+
+// LayerNorm: y = (s - mean) * rstd * weight + bias, rstd = 1 / sqrt(var + eps), var biased.
+// RMSNorm (HF Llama): y = weight * round_dtype(s * rstd), rstd = 1 / sqrt(mean(s^2) + eps);
+// the product is taken in float32 and rounded once to out_dtype.
+// s = x, or round_dtype(x + residual) written to sum_out when a residual is given.
+struct NormForwardArgs {
+  bool rms = false;
+  DType dtype = DType::f32;      // x, residual, sum_out
+  DType out_dtype = DType::f32;  // y: dtype, or f32 (RMSNorm of a 16-bit input with a float32 weight)
+  int64_t rows = 0, cols = 0;
+  float eps = 0.f;
+  Mat x, residual;
+  const float* weight = nullptr;  // cols; required
+  const float* bias = nullptr;    // cols; required for LayerNorm, ignored by RMSNorm
+  void* y = nullptr;
+  void* sum_out = nullptr;  // required with a residual
+  float* mean = nullptr;    // rows; LayerNorm only
+  float* rstd = nullptr;    // rows
+  int num_threads = 1;
+};
+
+// Gradients from the saved statistics. grad_in = d loss / d s (+ grad_sum, the gradient that
+// reached the returned sum directly): with a residual it is the gradient of x and of residual.
+// The rounding of RMSNorm's normalized value passes gradients straight through.
+struct NormBackwardArgs {
+  bool rms = false;
+  DType dtype = DType::f32;      // input, grad_sum, grad_in
+  DType out_dtype = DType::f32;  // grad_out
+  int64_t rows = 0, cols = 0;
+  Mat grad_out;
+  Mat input;     // s, the tensor that was normalized
+  Mat grad_sum;  // optional
+  const float* mean = nullptr;  // LayerNorm only
+  const float* rstd = nullptr;
+  const float* weight = nullptr;  // required
+  void* grad_in = nullptr;
+  float* grad_weight = nullptr;  // cols; optional
+  float* grad_bias = nullptr;    // cols; optional, LayerNorm only
+  int num_threads = 1;
+};
+
+// y = gelu(x + bias), erf GELU or its tanh approximation; bias (cols) is optional.
+// Backward: grad_x = grad_out * gelu'(x + bias), grad_bias = column sums of grad_x.
+struct BiasGeluArgs {
+  DType dtype = DType::f32;
+  bool tanh = false;
+  int64_t rows = 0, cols = 0;
+  Mat x;
+  const float* bias = nullptr;
+  Mat grad_out;               // backward only
+  void* out = nullptr;        // forward: y; backward: grad_x
+  float* grad_bias = nullptr; // backward, optional
+  int num_threads = 1;
+};
+
+// y = silu(gate) * up. Backward writes grad_gate and grad_up.
+struct SwigluArgs {
+  DType dtype = DType::f32;
+  int64_t rows = 0, cols = 0;
+  Mat gate, up;
+  Mat grad_out;  // backward only
+  void* out = nullptr;  // forward
+  void* grad_gate = nullptr;
+  void* grad_up = nullptr;
+  int num_threads = 1;
+};
+
+// The AVX-512 kernels have a twin built with AVX512-BF16's conversion instructions, used when
+// the CPU has them; LLMCORE_DISABLE_AVX512_BF16=1 or set_bf16_instructions(false) turns it off.
+bool bf16_instructions_available();
+bool bf16_instructions_enabled();
+void set_bf16_instructions(bool on);  // throws std::invalid_argument if unavailable
+
+// Entry points; they run the kernels of the current ISA (common/cpu_features.h).
+void norm_forward(const NormForwardArgs& a);
+void norm_backward(const NormBackwardArgs& a);
+void bias_gelu_forward(const BiasGeluArgs& a);
+void bias_gelu_backward(const BiasGeluArgs& a);
+void swiglu_forward(const SwigluArgs& a);
+void swiglu_backward(const SwigluArgs& a);
+
+}  // namespace llmcore::norm

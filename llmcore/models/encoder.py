@@ -1,0 +1,112 @@
+"""BERT-family encoders (BERT, MiniLM, RoBERTa, DistilBERT) for sequence classification."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from llmcore.models.config import EncoderConfig
+from llmcore.models.output import ModelOutput, make_batch
+from llmcore.nn.layers import MLP, Attention, Batch, LayerNorm, init_linear_, positions_of
+
+_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.family = cfg.family
+        self.pad_token_id = cfg.pad_token_id
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor],
+                batch: Batch) -> Tensor:
+        if position_ids is None:
+            if self.family == "roberta" and not batch.packed:
+                # RoBERTa counts positions of non-pad tokens from padding_idx + 1
+                real = input_ids.ne(self.pad_token_id).int()
+                position_ids = (real.cumsum(-1) * real).long() + self.pad_token_id
+            else:
+                position_ids = positions_of(batch, input_ids.shape[-1], input_ids.device)
+                if self.family == "roberta":
+                    position_ids = position_ids + self.pad_token_id + 1
+        x = self.word(input_ids)
+        extra = self.position(position_ids)
+        if self.token_type is not None:
+            extra = extra + (self.token_type(token_type_ids) if token_type_ids is not None
+                             else self.token_type.weight[0])
+        return self.dropout(self.norm(x + extra))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN block: norm(x + attn(x)), then norm(h + mlp(h)), residual adds fused into the norms."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, dropout=cfg.attention_dropout)
+        self.attn_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        if cfg.hidden_act not in _GELU:
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (gelu, gelu_new)")
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, approximate=_GELU[cfg.hidden_act])
+        self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: Tensor, batch: Batch) -> Tensor:
+        x = self.attn_norm(self.dropout(self.attn(x, batch)), residual=x)[0]
+        return self.mlp_norm(self.dropout(self.mlp(x)), residual=x)[0]
+
+
+class ClassificationHead(nn.Module):
+    """The family's head on the first token: BERT pooler + tanh, RoBERTa dense + tanh,
+    DistilBERT pre-classifier + ReLU; then dropout and the output projection."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.family = cfg.family
+        self.hidden = nn.Linear(d, d)
+        self.out = nn.Linear(d, cfg.num_labels)
+        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, first: Tensor) -> Tensor:
+        if self.family == "bert":
+            return self.out(self.dropout(torch.tanh(self.hidden(first))))
+        if self.family == "roberta":
+            return self.out(self.dropout(torch.tanh(self.hidden(self.dropout(first)))))
+        return self.out(self.dropout(torch.relu(self.hidden(first))))
+
+
+class EncoderForSequenceClassification(nn.Module):
+    """``model(input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+    cu_seqlens=None, labels=None)``: padded (B, L) or packed (T,) + cu_seqlens; logits (n, labels)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.head = ClassificationHead(cfg)
+        init_linear_(self, cfg.initializer_range)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
+        batch = make_batch(input_ids, attention_mask, cu_seqlens)
+        x = self.embed(input_ids, token_type_ids, position_ids, batch)
+        for layer in self.layers:
+            x = layer(x, batch)
+        first = x[batch.cu_seqlens[:-1].long()] if batch.packed else x[:, 0]
+        logits = self.head(first)
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = nn.functional.cross_entropy(logits.float(), labels.long())
+        return ModelOutput(loss, logits)

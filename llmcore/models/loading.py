@@ -1,0 +1,232 @@
+"""Checkpoints: HF ``config.json`` + safetensors (single or sharded) in, and back out.
+
+Names are mapped by per-family tables of (HF name, llmcore name) templates; GPT-2's Conv1D
+weights are transposed and its fused c_attn split into q, k and v. transformers' model
+classes are never imported."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from llmcore.models.config import DecoderConfig, EncoderConfig, config_from_hf
+from llmcore.models.decoder import DecoderForCausalLM
+from llmcore.models.encoder import EncoderForSequenceClassification
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+_ENCODER_LAYER = [
+    ("attention.self.query", "attn.q"), ("attention.self.key", "attn.k"), ("attention.self.value", "attn.v"),
+    ("attention.output.dense", "attn.o"), ("attention.output.LayerNorm", "attn_norm"),
+    ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"), ("output.LayerNorm", "mlp_norm"),
+]
+_DISTIL_LAYER = [
+    ("attention.q_lin", "attn.q"), ("attention.k_lin", "attn.k"), ("attention.v_lin", "attn.v"),
+    ("attention.out_lin", "attn.o"), ("sa_layer_norm", "attn_norm"), ("ffn.lin1", "mlp.fc1"),
+    ("ffn.lin2", "mlp.fc2"), ("output_layer_norm", "mlp_norm"),
+]
+_LLAMA_LAYER = [
+    ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn.q"), ("self_attn.k_proj", "attn.k"),
+    ("self_attn.v_proj", "attn.v"), ("self_attn.o_proj", "attn.o"), ("post_attention_layernorm", "mlp_norm"),
+    ("mlp.gate_proj", "mlp.gate"), ("mlp.up_proj", "mlp.up"), ("mlp.down_proj", "mlp.down"),
+]
+_GPT2_LAYER = [("ln_1", "attn_norm"), ("attn.c_proj", "attn.o"), ("ln_2", "mlp_norm"), ("mlp.c_fc", "mlp.fc1"),
+               ("mlp.c_proj", "mlp.fc2")]
+
+
+def _table(family: str):
+    """(prefix, [(hf module, llmcore module)], per-layer prefix pair, ignorable HF names)."""
+    if family in ("bert", "roberta"):
+        top = [("embeddings.word_embeddings", "embed.word"), ("embeddings.position_embeddings", "embed.position"),
+               ("embeddings.token_type_embeddings", "embed.token_type"), ("embeddings.LayerNorm", "embed.norm")]
+        if family == "bert":
+            top += [("pooler.dense", "head.hidden"), ("classifier", "head.out")]
+            ignore = [r"embeddings\.position_ids", r"cls\..*"]
+        else:
+            top += [("classifier.dense", "head.hidden"), ("classifier.out_proj", "head.out")]
+            ignore = [r"embeddings\.position_ids", r"pooler\..*", r"lm_head\..*"]
+        return family, top, ("encoder.layer.{i}", "layers.{i}", _ENCODER_LAYER), ignore
+    if family == "distilbert":
+        top = [("embeddings.word_embeddings", "embed.word"), ("embeddings.position_embeddings", "embed.position"),
+               ("embeddings.LayerNorm", "embed.norm"), ("pre_classifier", "head.hidden"), ("classifier", "head.out")]
+        return "distilbert", top, ("transformer.layer.{i}", "layers.{i}", _DISTIL_LAYER), [
+            r"vocab_.*", r"embeddings\.position_ids"]
+    if family == "gpt2":
+        top = [("wte", "embed.word"), ("wpe", "embed.position"), ("ln_f", "norm")]
+        return "transformer", top, ("h.{i}", "layers.{i}", _GPT2_LAYER), [
+            r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"]
+    top = [("embed_tokens", "embed.word"), ("norm", "norm")]
+    return "model", top, ("layers.{i}", "layers.{i}", _LLAMA_LAYER), [r"layers\.\d+\.self_attn\.rotary_emb\..*"]
+
+
+def _hf_to_internal(family: str, tied: bool):
+    """A function mapping an HF tensor name to (llmcore name or None, ignorable?)."""
+    prefix, top, (hf_layer, our_layer, layer_pairs), ignore = _table(family)
+    rules = [(re.escape(h) + r"\.(weight|bias)", o + r".\1") for h, o in top]
+    for h, o in layer_pairs:
+        rules.append((re.escape(hf_layer).replace(r"\{i\}", r"(\d+)") + r"\." + re.escape(h) + r"\.(weight|bias)",
+                      our_layer.replace("{i}", r"\1") + "." + o + r".\2"))
+    compiled = [(re.compile(p), r) for p, r in rules]
+    ignores = [re.compile(p) for p in ignore]
+
+    def convert(name: str):
+        # base-model checkpoints (e.g. BertModel) are saved without the prefix
+        base = name[len(prefix) + 1:] if name.startswith(prefix + ".") else name
+        if family in ("llama", "mistral", "qwen2") and name == "lm_head.weight":
+            return (None if tied else "lm_head.weight"), tied
+        for pattern, repl in compiled:
+            m = pattern.fullmatch(base)
+            if m:
+                return m.expand(repl), False
+        return None, any(p.fullmatch(base) for p in ignores)
+
+    return convert
+
+
+def _read_safetensors(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(os.path.join(path, shard)))
+        return tensors
+    raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool = False) -> list:
+    """Copy HF-named tensors into model; returns the llmcore names left at their initial
+    values (the new task head). Raises CheckpointError on missing, unexpected or mis-shaped
+    tensors and on non-floating tensors."""
+    tied = isinstance(model, DecoderForCausalLM) and model.lm_head is None
+    convert = _hf_to_internal(family, tied)
+    ours = dict(model.state_dict())
+    loaded: dict = {}
+    unexpected = []
+    for name, t in tensors.items():
+        if family == "gpt2" and re.fullmatch(r"(transformer\.)?h\.\d+\.attn\.c_attn\.(weight|bias)", name):
+            i = re.search(r"h\.(\d+)\.", name).group(1)
+            kind = name.rsplit(".", 1)[1]
+            t = t.t() if kind == "weight" else t
+            if f"layers.{i}.attn.q.{kind}" not in ours:
+                unexpected.append(name)
+                continue
+            for part, chunk in zip("qkv", t.chunk(3, dim=0)):
+                loaded[f"layers.{i}.attn.{part}.{kind}"] = chunk
+            continue
+        target, ignorable = convert(name)
+        if target is None or target not in ours:
+            if not ignorable:
+                unexpected.append(name)
+            continue
+        if family == "gpt2" and target.endswith(".weight") and (".attn.o." in target or ".mlp." in target):
+            t = t.t()  # Conv1D stores (in, out)
+        loaded[target] = t
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors in the checkpoint for a {family} model: {sorted(unexpected)[:10]}"
+                              + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    head_prefixes = ("head.out.", "head.hidden.") if isinstance(model, EncoderForSequenceClassification) else ()
+    missing = [k for k in ours if k not in loaded]
+    fresh = [k for k in missing if k.startswith(head_prefixes)]
+    # BERT checkpoints carry the pooler (head.hidden) but not the classifier; others carry neither
+    missing = [k for k in missing if k not in fresh or strict_head]
+    if missing:
+        raise CheckpointError(f"tensors missing from the checkpoint for a {family} model: {missing[:10]}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    with torch.no_grad():
+        for name, t in loaded.items():
+            if not t.is_floating_point():
+                raise CheckpointError(f"tensor {name!r} is {t.dtype}, expected a floating-point dtype")
+            if tuple(t.shape) != tuple(ours[name].shape):
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, the model expects "
+                                      f"{tuple(ours[name].shape)} (does config.json match the weights?)")
+            ours[name].copy_(t.to(ours[name].dtype))
+    return fresh
+
+
+def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classification",
+                    num_labels: Optional[int] = None, dtype: Optional[torch.dtype] = None):
+    """Build an llmcore model from an HF checkpoint folder (config.json + safetensors)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory; llmcore loads checkpoints from local folders "
+                                "(download hub models first, e.g. with huggingface_hub.snapshot_download)")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        hf = json.load(f)
+    cfg = config_from_hf(hf, task, num_labels)
+    model = EncoderForSequenceClassification(cfg) if task == "sequence-classification" else DecoderForCausalLM(cfg)
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        model.to(dtype)
+    fresh = load_state(model, cfg.family, _read_safetensors(path))
+    model.newly_initialized = fresh
+    return model
+
+
+def _internal_to_hf(model: nn.Module) -> dict:
+    cfg = model.config
+    family = cfg.family
+    prefix, top, (hf_layer, our_layer, layer_pairs), _ = _table(family)
+    heads = {"head.out": "classifier", "head.hidden": {"bert": "bert.pooler.dense", "roberta": "classifier.dense",
+                                                       "distilbert": "pre_classifier"}.get(family)}
+    if family == "roberta":
+        heads["head.out"] = "classifier.out_proj"
+    out = {}
+    state = model.state_dict()
+    for name, t in state.items():
+        t = t.detach().contiguous()
+        mod, kind = name.rsplit(".", 1)
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", mod)
+        if m:
+            i, rest = m.groups()
+            if family == "gpt2" and rest in ("attn.q", "attn.k", "attn.v"):
+                continue  # written fused below
+            hf_rest = {o: h for h, o in layer_pairs}[rest]
+            hf_name = f"{prefix}.{hf_layer.format(i=i)}.{hf_rest}.{kind}"
+            if family == "gpt2" and kind == "weight" and rest in ("attn.o", "mlp.fc1", "mlp.fc2"):
+                t = t.t().contiguous()
+        elif mod in heads and family in ("bert", "roberta", "distilbert"):
+            hf_name = f"{heads[mod]}.{kind}"
+        elif mod == "lm_head":
+            hf_name = f"lm_head.{kind}"
+        else:
+            hf_name = f"{prefix}.{ {o: h for h, o in top}[mod] }.{kind}"
+        out[hf_name] = t
+    if family == "gpt2":
+        for i in range(cfg.num_layers):
+            for kind in ("weight", "bias"):
+                parts = [state[f"layers.{i}.attn.{p}.{kind}"] for p in "qkv"]
+                fused = torch.cat(parts, dim=0)
+                out[f"transformer.h.{i}.attn.c_attn.{kind}"] = (fused.t() if kind == "weight" else fused).contiguous()
+    return out
+
+
+def save_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write config.json + model.safetensors that transformers loads (HF names and layouts)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = _internal_to_hf(model)
+    if isinstance(model, DecoderForCausalLM) and model.lm_head is None:
+        tensors.pop("lm_head.weight", None)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+__all__ = ["CheckpointError", "from_pretrained", "load_state", "save_pretrained", "EncoderConfig", "DecoderConfig"]

