@@ -156,7 +156,7 @@ def test_save_pretrained_round_trips_through_transformers(decoder, minilm, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, ours.eval()(ids).logits, atol=ATOL, rtol=0)
     enc, _ = minilm
-    save_pretrained(enc, tmp_path / "enc")
+    enc.save_pretrained(tmp_path / "enc")
     bert = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "enc").eval()
     padded, _ = sst2_batch
     with torch.no_grad():

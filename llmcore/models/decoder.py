@@ -68,6 +68,12 @@ class DecoderForCausalLM(nn.Module):
     def lm_head_weight(self) -> Tensor:
         return self.embed.word.weight if self.lm_head is None else self.lm_head.weight
 
+    def save_pretrained(self, path) -> None:
+        """Write config.json + model.safetensors in transformers' names and layouts."""
+        from llmcore.models.loading import save_pretrained
+
+        save_pretrained(self, path)
+
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:

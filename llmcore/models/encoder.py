@@ -94,6 +94,12 @@ class EncoderForSequenceClassification(nn.Module):
         self.head = ClassificationHead(cfg)
         init_linear_(self, cfg.initializer_range)
 
+    def save_pretrained(self, path) -> None:
+        """Write config.json + model.safetensors in transformers' names and layouts."""
+        from llmcore.models.loading import save_pretrained
+
+        save_pretrained(self, path)
+
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
