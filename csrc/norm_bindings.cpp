@@ -197,4 +197,27 @@ void bind_norm(py::module_& m) {
         py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("grad_out"), py::arg("grad_out_stride"),
         py::arg("gate"), py::arg("gate_stride"), py::arg("up"), py::arg("up_stride"), py::arg("grad_gate"),
         py::arg("grad_up"), py::arg("num_threads"), "Gradients of swiglu_forward.");
+
+  m.def("dropout_apply",
+        [](int dtype, int64_t numel, double p, float scale, uint64_t seed, uint64_t offset, uintptr_t in,
+           uintptr_t out, int num_threads) {
+          require(numel >= 0, "numel must be >= 0, got " + std::to_string(numel));
+          require(p >= 0.0 && p <= 1.0, "p must be in [0, 1], got " + std::to_string(p));
+          if (numel == 0) return;
+          check_ptr(in, "in"); check_ptr(out, "out");
+          nm::DropoutArgs a;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.numel = numel; a.p = p; a.scale = scale;
+          a.seed = seed; a.offset = offset;
+          a.in = ptr<const void>(in);
+          a.out = ptr<void>(out);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::dropout_apply(a);
+        },
+        py::arg("dtype"), py::arg("numel"), py::arg("p"), py::arg("scale"), py::arg("seed"), py::arg("offset"),
+        py::arg("in"), py::arg("out"), py::arg("num_threads"),
+        "out = in * (keep ? scale : 0) over numel contiguous elements; keep (probability 1 - p) comes from "
+        "Philox4x32-10 keyed by (seed, offset) and the element index, so the same call on the gradient is the "
+        "backward.");
 }

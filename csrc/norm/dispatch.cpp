@@ -17,6 +17,7 @@ namespace llmcore::norm {
   void bias_gelu_backward(const BiasGeluArgs& a);    \
   void swiglu_forward(const SwigluArgs& a);          \
   void swiglu_backward(const SwigluArgs& a);         \
+  void dropout_apply(const DropoutArgs& a);          \
   }
 #ifdef LLMCORE_HAVE_AVX512
 LLMCORE_DECLARE_ISA(avx512)
@@ -86,5 +87,6 @@ LLMCORE_DISPATCH(bias_gelu_forward, BiasGeluArgs)
 LLMCORE_DISPATCH(bias_gelu_backward, BiasGeluArgs)
 LLMCORE_DISPATCH(swiglu_forward, SwigluArgs)
 LLMCORE_DISPATCH(swiglu_backward, SwigluArgs)
+LLMCORE_DISPATCH(dropout_apply, DropoutArgs)
 
 }  // namespace llmcore::norm

@@ -92,6 +92,21 @@ struct SwigluArgs {
   int num_threads = 1;
 };
 
+// Dropout with a regenerated mask: out = in * (keep ? scale : 0) over numel contiguous
+// elements, keep drawn from Philox4x32-10 keyed by (seed, offset) and the element's index
+// only (csrc/norm/dropout_kernels.cpp), so the same call on the gradient is the backward.
+// Kept with probability 1 - p (p >= 1: nothing is kept); scale is usually 1 / (1 - p).
+struct DropoutArgs {
+  DType dtype = DType::f32;
+  int64_t numel = 0;
+  double p = 0.0;
+  float scale = 1.f;
+  uint64_t seed = 0, offset = 0;
+  const void* in = nullptr;
+  void* out = nullptr;
+  int num_threads = 1;
+};
+
 // The AVX-512 kernels have a twin built with AVX512-BF16's conversion instructions, used when
 // the CPU has them; LLMCORE_DISABLE_AVX512_BF16=1 or set_bf16_instructions(false) turns it off.
 bool bf16_instructions_available();
@@ -105,5 +120,6 @@ void bias_gelu_forward(const BiasGeluArgs& a);
 void bias_gelu_backward(const BiasGeluArgs& a);
 void swiglu_forward(const SwigluArgs& a);
 void swiglu_backward(const SwigluArgs& a);
+void dropout_apply(const DropoutArgs& a);
 
 }  // namespace llmcore::norm

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from llmcore import ops
 from llmcore.models.config import DecoderConfig
 from llmcore.models.output import ModelOutput, make_batch
-from llmcore.nn.layers import (MLP, Attention, Batch, GatedMLP, LayerNorm, RMSNorm, RotaryEmbedding, init_linear_,
-                               positions_of)
+from llmcore.nn.layers import (MLP, Attention, Batch, Dropout, GatedMLP, LayerNorm, RMSNorm, RotaryEmbedding,
+                               init_linear_, positions_of)
 
 
 class DecoderLayer(nn.Module):
@@ -29,7 +29,7 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = Norm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = (MLP(cfg.hidden_size, cfg.intermediate_size, approximate="tanh") if gpt2
                     else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, delta: Optional[Tensor], stream: Tensor, batch: Batch, rotary):
         if delta is None:
@@ -58,7 +58,7 @@ class DecoderForCausalLM(nn.Module):
             self.rotary = None
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from llmcore.models.config import EncoderConfig
 from llmcore.models.output import ModelOutput, make_batch
-from llmcore.nn.layers import MLP, Attention, Batch, LayerNorm, init_linear_, positions_of
+from llmcore.nn.layers import MLP, Attention, Batch, Dropout, LayerNorm, init_linear_, positions_of
 
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -22,7 +22,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor],
                 batch: Batch) -> Tensor:
@@ -54,7 +54,7 @@ class EncoderLayer(nn.Module):
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (gelu, gelu_new)")
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, approximate=_GELU[cfg.hidden_act])
         self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, x: Tensor, batch: Batch) -> Tensor:
         x = self.attn_norm(self.dropout(self.attn(x, batch)), residual=x)[0]
@@ -72,7 +72,7 @@ class ClassificationHead(nn.Module):
         self.hidden = nn.Linear(d, d)
         self.out = nn.Linear(d, cfg.num_labels)
         p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
 
     def forward(self, first: Tensor) -> Tensor:
         if self.family == "bert":

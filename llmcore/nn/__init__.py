@@ -3,6 +3,7 @@ activations, the chunked LM-head loss) plus dense projections."""
 from llmcore.nn.layers import (
     Attention,
     Batch,
+    Dropout,
     GatedMLP,
     LayerNorm,
     MLP,
@@ -10,4 +11,4 @@ from llmcore.nn.layers import (
     RotaryEmbedding,
 )
 
-__all__ = ["Attention", "Batch", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "RotaryEmbedding"]
+__all__ = ["Attention", "Batch", "Dropout", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "RotaryEmbedding"]

@@ -57,6 +57,17 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
+class Dropout(nn.Module):
+    """Dropout on llmcore's Philox kernel: the mask is regenerated in the backward, not stored."""
+
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.dropout(x, self.p, self.training)
+
+
 class MLP(nn.Module):
     """fc2(gelu(fc1(x) + b1)) with the bias and GELU fused (BERT: erf GELU; GPT-2: tanh)."""
 
@@ -169,5 +180,5 @@ def init_linear_(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(m.bias)
 
 
-__all__ = ["Attention", "Batch", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "RotaryEmbedding", "apply_rotary",
+__all__ = ["Attention", "Batch", "Dropout", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "RotaryEmbedding", "apply_rotary",
            "positions_of", "init_linear_"]
