@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llmcore import _C
 from llmcore.ops import dropout

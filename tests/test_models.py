@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llmcore
-from llmcore.models import (CheckpointError, DecoderForCausalLM, EncoderConfig, EncoderForSequenceClassification,
+from llmcore.models import (CheckpointError, EncoderConfig, EncoderForSequenceClassification,
                             UnsupportedModelError, from_pretrained, save_pretrained)
 from tokenizer_refs import corpus, minilm_dir
 
@@ -149,7 +149,7 @@ def test_decoder_packed_equals_padded(decoder):
 
 
 def test_save_pretrained_round_trips_through_transformers(decoder, minilm, tmp_path, sst2_batch):
-    ours, ref, _ = decoder
+    ours, _, _ = decoder
     save_pretrained(ours, tmp_path / "dec")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dec").eval()
     ids = torch.randint(0, 101, (2, 9))

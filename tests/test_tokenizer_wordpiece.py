@@ -2,7 +2,6 @@
 ids, type ids, attention masks and offsets must be identical."""
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil

@@ -11,7 +11,7 @@ import re
 from typing import Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from llmcore.models.config import DecoderConfig, EncoderConfig, config_from_hf
 from llmcore.models.decoder import DecoderForCausalLM
@@ -180,7 +180,7 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classif
 def _internal_to_hf(model: nn.Module) -> dict:
     cfg = model.config
     family = cfg.family
-    prefix, top, (hf_layer, our_layer, layer_pairs), _ = _table(family)
+    prefix, top, (hf_layer, _, layer_pairs), _ = _table(family)
     heads = {"head.out": "classifier", "head.hidden": {"bert": "bert.pooler.dense", "roberta": "classifier.dense",
                                                        "distilbert": "pre_classifier"}.get(family)}
     if family == "roberta":

@@ -6,7 +6,6 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from llmcore import _C
 from llmcore.tokenizer import _loaders
 from llmcore.tokenizer._loaders import Spec, TokenizerFileError
 
