@@ -2,11 +2,12 @@
 
 Public surface:
     llmcore.Tokenizer                      (llmcore.tokenizer; does not import torch)
+    llmcore.data.prepare, llmcore.train.Trainer, llmcore.models.from_pretrained, llmcore.hf
     llmcore.ops.scaled_dot_product_attention, llmcore.ops.varlen_attention
     llmcore.info()
 
-torch is imported on first use of ``llmcore.ops`` (or the attention functions), so that data
-preparation runs without it.
+Submodules (ops, nn, models, hf, data, train) are imported on first use: tokenizing and
+``llmcore.data`` run without importing torch.
 """
 from llmcore._version import __version__
 
@@ -21,17 +22,19 @@ except ImportError as e:  # pragma: no cover - only when the package was not bui
 from llmcore._info import info
 from llmcore.tokenizer import BatchEncoding, Tokenizer
 
-_LAZY = {"ops": None, "scaled_dot_product_attention": "ops", "varlen_attention": "ops"}
+_SUBMODULES = ("ops", "nn", "models", "hf", "data", "train")  # imported on first use
+_FROM_OPS = ("scaled_dot_product_attention", "varlen_attention")
 
 
 def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'llmcore' has no attribute {name!r}")
     import importlib
 
-    ops = importlib.import_module("llmcore.ops")
-    return ops if _LAZY[name] is None else getattr(ops, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"llmcore.{name}")
+    if name in _FROM_OPS:
+        return getattr(importlib.import_module("llmcore.ops"), name)
+    raise AttributeError(f"module 'llmcore' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "info", "ops", "scaled_dot_product_attention", "varlen_attention", "Tokenizer",
-           "BatchEncoding"]
+__all__ = ["BatchEncoding", "Tokenizer", "__version__", "data", "hf", "info", "models", "nn", "ops",
+           "scaled_dot_product_attention", "train", "varlen_attention"]

@@ -1,4 +1,4 @@
-"""The `llmcore` command line: `llmcore info`, `llmcore bench attention|tokenizer|train-step`."""
+"""The `llmcore` command line: `llmcore info`, `llmcore prepare`, `llmcore bench attention|tokenizer|train-step`."""
 from __future__ import annotations
 
 import argparse
@@ -42,11 +42,44 @@ def _bench_train_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from llmcore.data import prepare  # no torch on this path
+
+    ds = prepare(args.data, args.tokenizer or args.model, args.max_length, args.output_dir,
+                 text_column=args.text_column, label_column=args.label_column, pack=args.pack,
+                 min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
+                 validation_fraction=args.validation_fraction, seed=args.seed, force=args.force)
+    print(("cache hit: " if ds.cache_hit else "prepared: ") + ds.directory)
+    print(ds.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcore", description="llmcore: fast data preparation and fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, CPU ISA, threads, CUDA/Triton and attention backends (JSON)")
     p.set_defaults(func=_info)
+    p = sub.add_parser("prepare", help="load, clean, de-duplicate, split and tokenize a data set into cached "
+                                       "memory-mappable arrays (no torch)")
+    p.add_argument("--data", required=True, metavar="PATH_OR_NAME",
+                   help="a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of train.*/validation.*/test.*, "
+                        "or a Hugging Face dataset name")
+    p.add_argument("--model", metavar="PATH", help="model folder whose tokenizer is used")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or tokenizer.json (default: --model)")
+    p.add_argument("--max-length", type=int, required=True, help="truncate to this many tokens")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="where the arrays and meta.json go")
+    p.add_argument("--text-column", help="default: detected (text, sentence, review, ...)")
+    p.add_argument("--label-column", help="default: detected (label, sentiment, class, ...)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="packed ids + cu_seqlens (default) or, with --no-pack, padded to each split's longest")
+    p.add_argument("--min-chars", type=int, default=1, help="drop texts shorter than this after cleaning")
+    p.add_argument("--max-chars", type=int, default=None, help="drop texts longer than this after cleaning")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="stratified share of train held out when there is no validation split (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
+    p.set_defaults(func=_prepare)
     bench = sub.add_parser("bench", help="benchmarks against the reference implementations")
     bsub = bench.add_subparsers(dest="what", required=True)
     p = bsub.add_parser("attention", help="llmcore vs torch SDPA vs eager reference: table + JSON")
@@ -78,7 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        if not (args.model or args.tokenizer):
+            parser.error("prepare needs --model (or --tokenizer)")
+        try:
+            return args.func(args)
+        except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+            print(f"llmcore prepare: error: {e}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

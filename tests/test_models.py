@@ -238,3 +238,30 @@ def test_bf16_weights(decoder):
     ids = torch.randint(0, 101, (2, 9))
     with torch.no_grad():
         assert (ours(ids).logits.float() - ref.eval()(input_ids=ids).logits).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama", "qwen2"])
+def test_models_built_from_dataclasses_save_and_reload(family, tmp_path):
+    from llmcore.models import DecoderConfig, DecoderForCausalLM
+
+    torch.manual_seed(0)
+    if family in ("bert", "distilbert"):
+        cfg = EncoderConfig(family=family, vocab_size=60, hidden_size=32, num_layers=2, num_heads=4,
+                            intermediate_size=48, max_position_embeddings=32,
+                            type_vocab_size=2 if family == "bert" else 0, num_labels=3)
+        model, task, auto = EncoderForSequenceClassification(cfg), "sequence-classification", \
+            transformers.AutoModelForSequenceClassification
+    else:
+        cfg = DecoderConfig(family=family, vocab_size=60, hidden_size=32, num_layers=2, num_heads=4,
+                            num_kv_heads=2 if family != "gpt2" else 4, head_dim=8, intermediate_size=48,
+                            max_position_embeddings=32, attention_bias=family in ("gpt2", "qwen2"),
+                            hidden_act="gelu_new" if family == "gpt2" else "silu",
+                            tie_word_embeddings=family == "gpt2")
+        model, task, auto = DecoderForCausalLM(cfg), "causal-lm", transformers.AutoModelForCausalLM
+    model.eval().save_pretrained(tmp_path)
+    again = from_pretrained(tmp_path, task=task).eval()
+    theirs = auto.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 60, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(theirs(input_ids=ids).logits, model(ids).logits, atol=ATOL, rtol=0)

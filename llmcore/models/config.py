@@ -1,7 +1,7 @@
 """Model configs: dataclasses built from (and written back to) HF ``config.json`` dicts."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
@@ -72,9 +72,25 @@ class EncoderConfig:
         if len(out.get("id2label") or {}) != self.num_labels:
             out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
-        if not self.hf:  # built from the dataclass: spell out every field
-            out.update({k: v for k, v in asdict(self).items() if k != "hf"})
+        if not self.hf:  # built from the dataclass: write HF's names for every field
+            out.update(self._hf_fields())
         return out
+
+    def _hf_fields(self) -> dict:
+        if self.family == "distilbert":
+            return {"vocab_size": self.vocab_size, "dim": self.hidden_size, "n_layers": self.num_layers,
+                    "n_heads": self.num_heads, "hidden_dim": self.intermediate_size,
+                    "max_position_embeddings": self.max_position_embeddings, "dropout": self.hidden_dropout,
+                    "attention_dropout": self.attention_dropout, "seq_classif_dropout": self.classifier_dropout or 0.2,
+                    "activation": self.hidden_act, "pad_token_id": self.pad_token_id,
+                    "initializer_range": self.initializer_range}
+        return {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "intermediate_size": self.intermediate_size,
+                "max_position_embeddings": self.max_position_embeddings, "type_vocab_size": self.type_vocab_size,
+                "layer_norm_eps": self.layer_norm_eps, "hidden_dropout_prob": self.hidden_dropout,
+                "attention_probs_dropout_prob": self.attention_dropout, "classifier_dropout": self.classifier_dropout,
+                "hidden_act": self.hidden_act, "pad_token_id": self.pad_token_id,
+                "initializer_range": self.initializer_range}
 
 
 @dataclass
@@ -130,8 +146,29 @@ class DecoderConfig:
         out = dict(self.hf) or {"model_type": self.family}
         out["architectures"] = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                  "qwen2": "Qwen2ForCausalLM"}[self.family]]
-        if not self.hf:
-            out.update({k: v for k, v in asdict(self).items() if k != "hf"})
+        if not self.hf:  # built from the dataclass: write HF's names for every field
+            out.update(self._hf_fields())
+        return out
+
+    def _hf_fields(self) -> dict:
+        if self.family == "gpt2":
+            return {"vocab_size": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.num_layers,
+                    "n_head": self.num_heads, "n_inner": self.intermediate_size,
+                    "n_positions": self.max_position_embeddings, "layer_norm_epsilon": self.norm_eps,
+                    "tie_word_embeddings": self.tie_word_embeddings, "activation_function": self.hidden_act,
+                    "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.attention_dropout,
+                    "initializer_range": self.initializer_range}
+        out = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+               "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+               "head_dim": self.head_dim, "intermediate_size": self.intermediate_size,
+               "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
+               "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_word_embeddings,
+               "hidden_act": self.hidden_act, "attention_dropout": self.attention_dropout,
+               "initializer_range": self.initializer_range}
+        if self.family != "qwen2":
+            out["attention_bias"] = self.attention_bias
+        if self.family == "mistral":
+            out["sliding_window"] = self.sliding_window
         return out
 
 

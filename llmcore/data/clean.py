@@ -1,0 +1,138 @@
+"""Cleaning, filtering, column detection, label ids and the stratified validation split."""
+from __future__ import annotations
+
+import html
+import random
+import re
+import unicodedata
+from typing import Dict, List, Optional, Sequence, Tuple
+
+TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "question", "input")
+LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "category", "y")
+
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_TAG = re.compile(r"</?[A-Za-z][^<>]*>")  # a real tag: '<3' or 'a < b' stay
+# C0/C1 control characters other than the whitespace ones, which split() folds into spaces
+_CONTROL = {c: None for c in list(range(0x00, 0x09)) + [0x0B, 0x0C] + list(range(0x0E, 0x20))
+            + list(range(0x7F, 0xA0)) if c not in (0x85,)}
+_CONTROL.update({0x85: " "})
+
+
+def clean_text(text) -> str:
+    """HTML tags removed (``<br />`` becomes a space) and entities decoded, Unicode NFC, control
+    characters removed, whitespace collapsed to single spaces and stripped.
+
+    >>> clean_text("Great<br /><br />film &amp; <i>cast</i>\\x07  ")
+    'Great film & cast'
+    """
+    if text is None:
+        return ""
+    s = str(text)
+    if "<" in s:
+        s = _BR.sub(" ", s)
+        s = _TAG.sub("", s)
+    if "&" in s:
+        s = html.unescape(s)
+    s = unicodedata.normalize("NFC", s)
+    s = s.translate(_CONTROL)
+    return " ".join(s.split())
+
+
+def detect_columns(columns: Dict[str, list], text_column: Optional[str], label_column: Optional[str],
+                   where: str) -> Tuple[str, Optional[str]]:
+    """The text and label column names: given ones are checked, missing ones detected."""
+    names = [c for c in columns if not c.startswith("__")]
+    lower = {c.lower(): c for c in names}
+    if text_column is not None:
+        if text_column not in columns:
+            raise ValueError(f"text column {text_column!r} not found in {where}; columns are {names}")
+    else:
+        text_column = next((lower[c] for c in TEXT_COLUMNS if c in lower), None)
+        if text_column is None:
+            best, best_len = None, -1.0
+            for c in names:
+                vals = columns[c][:1000]
+                strs = [v for v in vals if isinstance(v, str)]
+                if vals and len(strs) == len(vals):
+                    mean = sum(map(len, strs)) / len(strs)
+                    if mean > best_len and not all(_is_int(v) for v in strs):
+                        best, best_len = c, mean
+            if best is None:
+                raise ValueError(f"no text column found in {where} (columns {names}); pass text_column=")
+            text_column = best
+    if label_column is not None:
+        if label_column not in columns:
+            raise ValueError(f"label column {label_column!r} not found in {where}; columns are {names}")
+    else:
+        label_column = next((lower[c] for c in LABEL_COLUMNS if c in lower and lower[c] != text_column), None)
+    return text_column, label_column
+
+
+def _is_int(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    if isinstance(v, str):
+        s = v.strip()
+        return bool(s) and (s.isdigit() or (s[0] == "-" and s[1:].isdigit()))
+    return False
+
+
+def label_mapping(values: Sequence) -> Optional[List[str]]:
+    """None when the labels are already integers (or integer strings); else the sorted names,
+    whose positions are the ids."""
+    present = [v for v in values if v is not None and v != ""]
+    if all(_is_int(v) for v in present):
+        return None
+    return sorted({str(v) for v in present})
+
+
+def label_ids(values: Sequence, names: Optional[List[str]]) -> List[int]:
+    """Integer label per row; -1 for a missing label."""
+    if names is None:
+        return [-1 if v is None or v == "" else int(v) for v in values]
+    index = {n: i for i, n in enumerate(names)}
+    return [-1 if v is None or v == "" else index[str(v)] for v in values]
+
+
+def filter_rows(texts: List[str], min_chars: int, max_chars: Optional[int], dedup: bool):
+    """Indices of the rows kept, and the counts dropped by reason (checked in this order)."""
+    dropped = {"empty": 0, "too_short": 0, "too_long": 0, "duplicate": 0}
+    seen = set()
+    keep = []
+    for i, t in enumerate(texts):
+        if not t:
+            dropped["empty"] += 1
+        elif len(t) < min_chars:
+            dropped["too_short"] += 1
+        elif max_chars is not None and len(t) > max_chars:
+            dropped["too_long"] += 1
+        elif dedup and t in seen:
+            dropped["duplicate"] += 1
+        else:
+            if dedup:
+                seen.add(t)
+            keep.append(i)
+    return keep, dropped
+
+
+def stratified_split(labels: Optional[Sequence[int]], n: int, fraction: float, seed: int):
+    """(train indices, validation indices): ``fraction`` of each label's rows, at least one per
+    label with two or more rows, drawn with ``seed``. Both lists are shuffled."""
+    rng = random.Random(seed)
+    groups: Dict[int, List[int]] = {}
+    for i in range(n):
+        groups.setdefault(labels[i] if labels is not None else 0, []).append(i)
+    train, val = [], []
+    for key in sorted(groups):
+        idx = groups[key]
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction))
+        if k == 0 and len(idx) >= 2 and fraction > 0:
+            k = 1
+        val.extend(idx[:k])
+        train.extend(idx[k:])
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val

@@ -1,0 +1,321 @@
+"""``prepare``: raw data -> cleaned, filtered, tokenized, cached NumPy arrays; ``PreparedDataset`` to read them.
+
+Output folder layout (every array memory-mappable with ``np.load(mmap_mode="r")``)::
+
+    meta.json                      options, cache key, label names, counts, summary
+    {split}.ids.npy                int32 (total,) packed, or (n, L) padded to the split's longest
+    {split}.cu_seqlens.npy         int32 (n + 1,) packed only: row i is ids[cu[i]:cu[i + 1]]
+    {split}.lengths.npy            int32 (n,) tokens per row
+    {split}.labels.npy             int64 (n,) when there is a label column (-1: missing)
+    {split}.token_type_ids.npy     only when some are non-zero
+    {split}.texts.txt              the cleaned texts, one per line (save_text=True)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from llmcore.data import clean, sources
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    max_length: int = 128
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+    pack: bool = True
+    min_chars: int = 1
+    max_chars: Optional[int] = None
+    dedup: bool = True
+    validation_fraction: float = 0.1
+    seed: int = 0
+    save_text: bool = True
+    hub_config: Optional[str] = None
+
+
+class PreparedSplit:
+    """One split's arrays (NumPy memmaps). ``ids`` is (total,) packed with ``cu_seqlens`` (n + 1,),
+    or (n, L) padded with ``cu_seqlens`` None; ``lengths`` (n,); ``labels`` (n,) or None."""
+
+    def __init__(self, directory: str, name: str, packed: bool):
+        def load(kind):
+            p = os.path.join(directory, f"{name}.{kind}.npy")
+            return np.load(p, mmap_mode="r") if os.path.exists(p) else None
+        self.name = name
+        self.ids = load("ids")
+        self.cu_seqlens = load("cu_seqlens") if packed else None
+        self.lengths = load("lengths")
+        self.labels = load("labels")
+        self.token_type_ids = load("token_type_ids")
+        self._text_path = os.path.join(directory, f"{name}.texts.txt")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """The token ids of row ``i`` (no padding)."""
+        if self.cu_seqlens is not None:
+            return np.asarray(self.ids[self.cu_seqlens[i]:self.cu_seqlens[i + 1]])
+        return np.asarray(self.ids[i, :self.lengths[i]])
+
+    def batches(self, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False):
+        """Length-bucketed batches of row indices (see ``llmcore.data.bucketed_batches``)."""
+        from llmcore.data.batching import bucketed_batches
+        return bucketed_batches(np.asarray(self.lengths), batch_size, seed=seed, shuffle=shuffle,
+                                drop_last=drop_last)
+
+    def texts(self) -> List[str]:
+        """The cleaned texts (when saved), in row order."""
+        with open(self._text_path, encoding="utf-8") as f:
+            return f.read().split("\n")[:len(self)]
+
+    def __repr__(self) -> str:
+        layout = "packed" if self.cu_seqlens is not None else "padded"
+        return f"PreparedSplit({self.name!r}, {len(self)} rows, {int(np.sum(self.lengths))} tokens, {layout})"
+
+
+class PreparedDataset:
+    """The result of ``prepare`` (or ``PreparedDataset.load(dir)``): ``splits`` maps a split name to a
+    ``PreparedSplit``; ``label_names`` (None for integer labels), ``meta`` (the ``meta.json``) and
+    ``cache_hit`` (whether ``prepare`` found the arrays already there)."""
+
+    def __init__(self, directory: str, meta: dict, cache_hit: bool = False):
+        self.directory = directory
+        self.meta = meta
+        self.cache_hit = cache_hit
+        packed = meta["options"]["pack"]
+        self.splits: Dict[str, PreparedSplit] = {s: PreparedSplit(directory, s, packed) for s in meta["splits"]}
+
+    @classmethod
+    def load(cls, directory: Union[str, os.PathLike]) -> "PreparedDataset":
+        directory = os.fspath(directory)
+        path = os.path.join(directory, "meta.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory!r} holds no prepared dataset (no meta.json); run prepare first")
+        with open(path, encoding="utf-8") as f:
+            return cls(directory, json.load(f))
+
+    @property
+    def label_names(self) -> Optional[List[str]]:
+        return self.meta.get("label_names")
+
+    @property
+    def num_labels(self) -> Optional[int]:
+        return self.meta.get("num_labels")
+
+    def __getitem__(self, split: str) -> PreparedSplit:
+        if split not in self.splits:
+            raise KeyError(f"no split {split!r}; splits are {list(self.splits)}")
+        return self.splits[split]
+
+    def __contains__(self, split: str) -> bool:
+        return split in self.splits
+
+    def summary(self) -> str:
+        from llmcore.data.summary import format_summary
+        return format_summary(self.meta)
+
+    def __repr__(self) -> str:
+        return f"PreparedDataset({self.directory!r}, {list(self.splits.values())})"
+
+
+def _tokenizer_and_fingerprint(tokenizer):
+    """(Tokenizer, fingerprint) from a Tokenizer, a model/tokenizer folder or a tokenizer.json path."""
+    from llmcore.tokenizer import Tokenizer
+
+    h = hashlib.sha256()
+    if isinstance(tokenizer, Tokenizer):
+        src = tokenizer._source
+        if src[0] == "json":
+            h.update(src[2].encode("utf-8"))
+        else:
+            h.update(repr(src).encode("utf-8"))
+            path = src[1]
+            files = ([os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path) else [path])
+            for p in files:
+                wanted = p == path or os.path.basename(p) in ("vocab.txt", "tokenizer_config.json",
+                                                               "special_tokens_map.json")
+                if wanted and os.path.isfile(p):
+                    with open(p, "rb") as f:
+                        h.update(f.read())
+        return tokenizer, h.hexdigest()
+    path = os.fspath(tokenizer)
+    if os.path.isdir(path):
+        tok = Tokenizer.from_pretrained(path)
+        for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            p = os.path.join(path, n)
+            if os.path.isfile(p):
+                h.update(n.encode())
+                with open(p, "rb") as f:
+                    h.update(f.read())
+        return tok, h.hexdigest()
+    if os.path.isfile(path):
+        return _tokenizer_and_fingerprint(Tokenizer.from_file(path))
+    raise FileNotFoundError(f"tokenizer {path!r}: expected a model folder, a tokenizer.json or a Tokenizer")
+
+
+def _read_meta(output_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(output_dir, "meta.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_dir: Union[str, os.PathLike],
+            *, text_column: Optional[str] = None, label_column: Optional[str] = None, pack: bool = True,
+            min_chars: int = 1, max_chars: Optional[int] = None, dedup: bool = True,
+            validation_fraction: float = 0.1, seed: int = 0, save_text: bool = True,
+            hub_config: Optional[str] = None, force: bool = False, verbose: bool = False) -> PreparedDataset:
+    """Load ``data`` (a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of ``train.*`` / ``validation.*``
+    / ``test.*`` files, or a Hugging Face dataset name), clean, filter and de-duplicate its texts,
+    add a stratified validation split (``validation_fraction`` of train, seeded) when there is none,
+    tokenize with truncation to ``max_length`` and save the arrays under ``output_dir``.
+
+    ``tokenizer``: a ``llmcore.Tokenizer``, a model folder or a ``tokenizer.json``. When
+    ``output_dir`` already holds the result for the same inputs (files' size and mtime), tokenizer
+    files and options, it is returned at once (``.cache_hit`` True) unless ``force``.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+    opts = PrepareOptions(max_length=max_length, text_column=text_column, label_column=label_column, pack=pack,
+                          min_chars=min_chars, max_chars=max_chars, dedup=dedup,
+                          validation_fraction=validation_fraction, seed=seed, save_text=save_text,
+                          hub_config=hub_config)
+    data = os.fspath(data)
+    output_dir = os.fspath(output_dir)
+    if os.path.exists(data):
+        files = sources.local_files(data)
+        source_fp = sources.fingerprint_files(files)
+    elif sources.looks_like_hub_name(data):
+        files = None
+        source_fp = ["hub", data, hub_config]
+    else:
+        raise FileNotFoundError(f"data {data!r}: no such file or folder (and not a Hugging Face dataset name)")
+    tok, tok_fp = _tokenizer_and_fingerprint(tokenizer)
+    key_src = json.dumps([FORMAT_VERSION, source_fp, tok_fp, dataclasses.asdict(opts)], sort_keys=True)
+    key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
+
+    old = _read_meta(output_dir)
+    if not force and old is not None and old.get("cache_key") == key:
+        return PreparedDataset(output_dir, old, cache_hit=True)
+
+    # --- load --------------------------------------------------------------------------------
+    if files is not None:
+        tables = {split: sources.read_file(path) for split, path in files.items()}
+        where = {split: repr(path) for split, path in files.items()}
+    else:
+        tables = sources.load_hub(data, hub_config)
+        where = {split: f"{data!r} split {split!r}" for split in tables}
+    t_load = time.perf_counter()
+
+    # --- columns and labels ----------------------------------------------------------------------
+    # detected on train (else the first split); the other splits must have the same text column and
+    # may lack the label column (an unlabeled test split)
+    primary = "train" if "train" in tables else next(iter(tables))
+    text_col, label_col = clean.detect_columns(tables[primary], text_column, label_column, where[primary])
+    cols = {}
+    for split, table in tables.items():
+        if text_col not in table:
+            names = [c for c in table if not c.startswith("__")]
+            raise ValueError(f"text column {text_col!r} (of {where[primary]}) not found in {where[split]}; "
+                             f"columns are {names}")
+        cols[split] = (text_col, label_col if label_col in table else None)
+    hub_names = None
+    for table in tables.values():
+        hub_names = (table.get("__label_names__") or {}).get(label_col) or hub_names
+    all_labels = [v for s, t in tables.items() if cols[s][1] for v in t[cols[s][1]]]
+    label_names = hub_names or (clean.label_mapping(all_labels) if label_col else None)
+    string_labels = label_names is not None and hub_names is None
+
+    # --- clean and filter --------------------------------------------------------------------------
+    result: Dict[str, dict] = {}
+    counts: Dict[str, dict] = {}
+    for split, table in tables.items():
+        tc, lc = cols[split]
+        raw = table[tc]
+        texts = [clean.clean_text(t) for t in raw]
+        keep, dropped = clean.filter_rows(texts, min_chars, max_chars, dedup)
+        labels = None
+        if lc is not None:
+            lab = clean.label_ids(table[lc], label_names if string_labels else None)
+            labels = [lab[i] for i in keep]
+        result[split] = {"texts": [texts[i] for i in keep], "labels": labels}
+        counts[split] = {"rows": len(raw), "kept": len(keep), "dropped": dropped}
+
+    if "validation" not in result and "train" in result and validation_fraction > 0:
+        tr = result["train"]
+        tr_idx, va_idx = clean.stratified_split(tr["labels"], len(tr["texts"]), validation_fraction, seed)
+        for name, idx in (("validation", va_idx), ("train", tr_idx)):
+            result[name] = {"texts": [tr["texts"][i] for i in idx],
+                            "labels": None if tr["labels"] is None else [tr["labels"][i] for i in idx]}
+        counts["train"]["split_off_to_validation"] = len(va_idx)
+        counts["validation"] = {"rows": len(va_idx), "kept": len(va_idx), "dropped": {}, "split_from": "train"}
+    t_clean = time.perf_counter()
+
+    # --- tokenize and save -------------------------------------------------------------------------
+    os.makedirs(output_dir, exist_ok=True)
+    meta_path = os.path.join(output_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # meta.json is written last: its presence marks a complete result
+    for fn in os.listdir(output_dir):
+        if fn.endswith((".npy", ".texts.txt")):
+            os.remove(os.path.join(output_dir, fn))
+    from llmcore.data.summary import split_stats
+
+    stats = {}
+    order = [s for s in ("train", "validation", "test") if s in result] + \
+            sorted(s for s in result if s not in ("train", "validation", "test"))
+    for split in order:
+        r = result[split]
+        enc = tok.encode_batch(r["texts"], max_length=max_length, truncation=True,
+                               padding=False if pack else "longest")
+        lengths = np.ascontiguousarray(enc.lengths, dtype=np.int32)
+        _save(output_dir, split, "ids", enc.input_ids)
+        if pack:
+            _save(output_dir, split, "cu_seqlens", enc.cu_seqlens)
+        _save(output_dir, split, "lengths", lengths)
+        if r["labels"] is not None:
+            _save(output_dir, split, "labels", np.asarray(r["labels"], dtype=np.int64))
+        if len(enc.token_type_ids) and np.any(enc.token_type_ids):
+            _save(output_dir, split, "token_type_ids", enc.token_type_ids)
+        if save_text:
+            with open(os.path.join(output_dir, f"{split}.texts.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(r["texts"]))
+        stats[split] = split_stats(lengths, max_length)
+    t_tok = time.perf_counter()
+
+    num_labels = None
+    if label_names is not None:
+        num_labels = len(label_names)
+    elif label_col is not None:
+        present = [v for r in result.values() if r["labels"] for v in r["labels"] if v >= 0]
+        num_labels = (max(present) + 1) if present else None
+    meta = {
+        "format_version": FORMAT_VERSION, "cache_key": key, "data": data, "sources": source_fp,
+        "tokenizer_fingerprint": tok_fp, "options": dataclasses.asdict(opts),
+        "text_column": text_col, "label_column": label_col, "label_names": label_names, "num_labels": num_labels,
+        "splits": order, "counts": counts, "stats": stats,
+        "seconds": {"load": round(t_load - t0, 3), "clean": round(t_clean - t_load, 3),
+                    "tokenize_save": round(t_tok - t_clean, 3)},
+    }
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, meta_path)
+    return PreparedDataset(output_dir, meta, cache_hit=False)
+
+
+def _save(directory: str, split: str, kind: str, arr: np.ndarray) -> None:
+    np.save(os.path.join(directory, f"{split}.{kind}.npy"), np.ascontiguousarray(arr))

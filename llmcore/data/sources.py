@@ -1,0 +1,174 @@
+"""Reading raw data into columns: local files, split folders, or a Hugging Face dataset name.
+
+A table is a ``dict`` of column name -> list of values; a dataset is a ``dict`` of split name -> table.
+Nothing here imports torch, pandas or datasets unless a Hugging Face name is asked for.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import sys
+from typing import Dict, List
+
+Table = Dict[str, list]
+
+EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
+# file stems that name a split inside a folder
+SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+               "dev": "validation", "test": "test"}
+
+
+def _rows_to_table(header: List[str], rows) -> Table:
+    cols: Table = {h: [] for h in header}
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            # a short row (trailing empty fields) is padded; a long one is a format error worth naming
+            if len(row) > len(header):
+                raise ValueError(f"row {i + 2} has {len(row)} fields but the header has {len(header)}")
+            row = list(row) + [""] * (len(header) - len(row))
+        for h, v in zip(header, row):
+            cols[h].append(v)
+    return cols
+
+
+def read_file(path: str) -> Table:
+    """One file as columns. TSV is read with quoting off (SST-2 sentences contain ``"``)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".csv", ".tsv"):
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        with open(path, newline="", encoding="utf-8") as f:
+            if ext == ".tsv":
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            else:
+                reader = csv.reader(f)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise ValueError(f"{path!r} is empty (expected a header row)") from None
+            try:
+                return _rows_to_table(header, reader)
+            except ValueError as e:
+                raise ValueError(f"{path!r}: {e}") from None
+    if ext == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path!r} line {i + 1} is not JSON: {e}") from None
+        return _records_to_table(records, path)
+    if ext == ".json":
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+            return {k: list(v) for k, v in obj.items()}  # column-oriented
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        if not isinstance(obj, list):
+            raise ValueError(f"{path!r}: expected a list of records or a dict of columns")
+        return _records_to_table(obj, path)
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {path!r} needs pyarrow: pip install pyarrow") from None
+        return pq.read_table(path).to_pydict()
+    if ext == ".txt":
+        with open(path, encoding="utf-8") as f:
+            return {"text": [line.rstrip("\n") for line in f]}
+    raise ValueError(f"{path!r}: unsupported file type {ext!r}; expected one of {', '.join(EXTENSIONS)}")
+
+
+def _records_to_table(records: list, path: str) -> Table:
+    header: List[str] = []
+    for r in records:
+        if not isinstance(r, dict):
+            raise ValueError(f"{path!r}: expected JSON objects (records), got {type(r).__name__}")
+        for k in r:
+            if k not in header:
+                header.append(k)
+    return {h: [r.get(h) for r in records] for h in header}
+
+
+def local_files(path: str) -> Dict[str, str]:
+    """Split name -> file for a local file (one ``train`` split) or a folder of ``train.*`` etc."""
+    if os.path.isfile(path):
+        return {"train": path}
+    if os.path.isdir(path):
+        found: Dict[str, str] = {}
+        for name in sorted(os.listdir(path)):
+            stem, ext = os.path.splitext(name)
+            split = SPLIT_NAMES.get(stem.lower())
+            if split and ext.lower() in EXTENSIONS:
+                if split in found:
+                    raise ValueError(f"{path!r} holds two files for split {split!r}: "
+                                     f"{os.path.basename(found[split])} and {name}")
+                found[split] = os.path.join(path, name)
+        if not found:
+            raise FileNotFoundError(f"folder {path!r} holds no train.*, validation.* or test.* file "
+                                    f"({', '.join(EXTENSIONS)}); found {sorted(os.listdir(path))[:10]}")
+        return found
+    raise FileNotFoundError(path)
+
+
+def looks_like_hub_name(data: str) -> bool:
+    parts = data.split("/")
+    return (0 < len(parts) <= 2 and all(parts) and not data.startswith((".", "~"))
+            and os.path.splitext(data)[1].lower() not in EXTENSIONS)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hub(name: str, config: str = None) -> Dict[str, Table]:
+    """A Hugging Face dataset through ``datasets.load_dataset``. Without network access it runs in
+    offline mode (only the local cache), so a missing dataset fails at once instead of retrying."""
+    offline = not _hub_reachable()
+    if offline:
+        # set before datasets/huggingface_hub read them; patch them too in case they were imported already
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{name!r} is not a local path; loading it as a Hugging Face dataset needs "
+                          "`pip install datasets`") from None
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = True
+        try:
+            import huggingface_hub.constants as hc
+            hc.HF_HUB_OFFLINE = True
+        except ImportError:  # pragma: no cover
+            pass
+    try:
+        dd = datasets.load_dataset(name, config)
+    except Exception as e:
+        why = " (no network: only the local Hugging Face cache was searched)" if offline else ""
+        raise RuntimeError(f"could not load Hugging Face dataset {name!r}{why}: {type(e).__name__}: {e}") from e
+    out: Dict[str, Table] = {}
+    for split, ds in dd.items():
+        table = ds.to_dict()
+        for col, feat in ds.features.items():
+            names = getattr(feat, "names", None)  # ClassLabel: keep the label names
+            if names:
+                table.setdefault("__label_names__", {})[col] = list(names)
+        out[SPLIT_NAMES.get(split, split)] = table
+    return out
+
+
+def fingerprint_files(files: Dict[str, str]) -> list:
+    """What identifies the inputs for the cache: path, size and modification time of each file."""
+    out = []
+    for split, path in sorted(files.items()):
+        st = os.stat(path)
+        out.append([split, os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    return out

@@ -1,0 +1,115 @@
+"""Checkpoint folders ``<output_dir>/checkpoint-<step>``: model, optimizer, scheduler, loop position, RNG.
+
+Layout::
+
+    checkpoint-<step>/
+      config.json, model.safetensors   llmcore.models.save_pretrained (loads in transformers too)
+      optimizer.pt, scheduler.pt       state dicts
+      trainer_state.json               global_step, epoch, batches consumed in that epoch, log history
+      rng_state_<rank>.pt              python, numpy, torch CPU (+ CUDA) generator states of each rank
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from llmcore.models import CheckpointError, save_pretrained
+from llmcore.models.loading import load_state
+
+PREFIX = "checkpoint-"
+_STEP = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint folders in ``output_dir``, oldest (lowest step) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
+             if (m := _STEP.match(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer, scheduler, state: dict, rank: int = 0,
+                    write_shared: bool = True) -> None:
+    """Write one checkpoint folder. Every rank writes its RNG file; ``write_shared`` (rank 0) the rest."""
+    os.makedirs(path, exist_ok=True)
+    if write_shared:
+        save_pretrained(model, path)
+        torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+        with open(os.path.join(path, "trainer_state.json"), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2)
+    torch.save(rng_state(), os.path.join(path, f"rng_state_{rank}.pt"))
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG in place; return the trainer state."""
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(f"resume_from_checkpoint={path!r} is not a checkpoint folder "
+                                "(no trainer_state.json)")
+    # Into the existing model, by HF names: the architecture is the caller's, only the weights come back.
+    weights = os.path.join(path, "model.safetensors")
+    fresh = load_state(model, model.config.family, load_file(weights), strict_head=True)
+    if fresh:
+        raise CheckpointError(f"{weights!r} lacks {fresh}")
+    device = next(model.parameters()).device
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device,
+                                         weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    rng_file = os.path.join(path, f"rng_state_{rank}.pt")
+    if os.path.isfile(rng_file):
+        # Our own file: it holds numpy's and python's state tuples, which weights_only cannot read.
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        raise FileNotFoundError(f"{rng_file!r} is missing: the checkpoint was written by fewer ranks, "
+                                "so this rank cannot resume its random state exactly")
+    with open(state_file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> list[str]:
+    """Delete the oldest checkpoints beyond ``save_total_limit``; return the deleted folders."""
+    if save_total_limit is None:
+        return []
+    found = list_checkpoints(output_dir)
+    doomed = found[:max(0, len(found) - save_total_limit)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed

@@ -1,0 +1,119 @@
+"""TrainConfig: the loop's settings, named and meant as in transformers' TrainingArguments."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional, Union
+
+_STRATEGIES = ("no", "steps", "epoch")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :class:`llmcore.train.Trainer`.
+
+    Names and meanings follow ``transformers.TrainingArguments``; some defaults differ
+    (``warmup_steps=500``, ``weight_decay=0.01``, batch 16). ``warmup_steps > 0`` wins over
+    ``warmup_ratio``, as in transformers. ``pack`` is read by the data pipeline that builds the
+    batches; the loop itself accepts padded (B, L) and packed (T,) + ``cu_seqlens`` batches alike.
+    ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
+    ``<output_dir>/logs``.
+
+    >>> TrainConfig("out", max_steps=10, warmup_steps=0).total_steps(steps_per_epoch=4)
+    10
+    """
+
+    output_dir: str
+    num_train_epochs: float = 3.0
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 16
+    warmup_steps: int = 500
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    learning_rate: float = 5e-5
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    bf16: bool = False
+    seed: int = 42
+    logging_steps: int = 50
+    eval_strategy: str = "no"
+    eval_steps: Optional[int] = None
+    save_strategy: str = "steps"
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    max_steps: int = -1
+    resume_from_checkpoint: Optional[Union[str, bool]] = None
+    pack: bool = True
+    logging_dir: Optional[str] = None
+
+    def __post_init__(self):
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
+            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        self.output_dir = os.fspath(self.output_dir)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("warmup_steps", self.warmup_steps, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("max_steps", self.max_steps, minimum=-1)
+        if self.max_steps == 0:
+            raise ValueError("max_steps must be -1 (use num_train_epochs) or a positive number of optimizer steps, "
+                             "got 0")
+        _check_float("num_train_epochs", self.num_train_epochs, lo=0.0, lo_open=True)
+        _check_float("warmup_ratio", self.warmup_ratio, lo=0.0, hi=1.0)
+        _check_float("weight_decay", self.weight_decay, lo=0.0)
+        _check_float("learning_rate", self.learning_rate, lo=0.0, lo_open=True)
+        _check_float("max_grad_norm", self.max_grad_norm, lo=0.0)
+        for name in ("eval_strategy", "save_strategy"):
+            value = getattr(self, name)
+            if value not in _STRATEGIES:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, _STRATEGIES))}, got {value!r}")
+        if self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+        _check_int("eval_steps", self.eval_steps, minimum=1)
+        _check_int("save_steps", self.save_steps, minimum=1)
+        if self.save_total_limit is not None:
+            _check_int("save_total_limit", self.save_total_limit, minimum=1)
+        r = self.resume_from_checkpoint
+        if r is False:
+            self.resume_from_checkpoint = None
+        elif r is not None and r is not True and not isinstance(r, (str, os.PathLike)):
+            raise ValueError("resume_from_checkpoint must be None, True (latest checkpoint in output_dir) or a "
+                             f"checkpoint folder, got {r!r}")
+        elif isinstance(r, os.PathLike):
+            self.resume_from_checkpoint = os.fspath(r)
+        if self.logging_dir is None:
+            self.logging_dir = os.path.join(self.output_dir, "logs")
+        self.logging_dir = os.fspath(self.logging_dir)
+
+    def total_steps(self, steps_per_epoch: Optional[int]) -> int:
+        """Optimizer steps of the whole run: ``max_steps`` if set, else epochs x steps per epoch."""
+        if self.max_steps > 0:
+            return self.max_steps
+        if steps_per_epoch is None:
+            raise ValueError("train_batches(epoch) has no len(): set max_steps, or return a sized iterable "
+                             "(a list) so the number of steps per epoch is known")
+        return max(1, math.ceil(self.num_train_epochs * steps_per_epoch))
+
+    def num_warmup_steps(self, total_steps: int) -> int:
+        """``warmup_steps`` if positive, else ``ceil(warmup_ratio * total_steps)``."""
+        return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total_steps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < lo or (lo_open and value == lo) or value > hi:
+        bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")

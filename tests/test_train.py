@@ -1,0 +1,244 @@
+import json
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmcore.models import EncoderConfig, EncoderForSequenceClassification
+from llmcore.train import (
+    TrainConfig,
+    Trainer,
+    accumulate_gradients,
+    linear_schedule,
+    list_checkpoints,
+    make_optimizer,
+    param_groups,
+)
+
+
+def tiny(seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    cfg = EncoderConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, hidden_dropout=dropout, attention_dropout=dropout)
+    return EncoderForSequenceClassification(cfg)
+
+
+def padded(gen, n, length=7):
+    return {"input_ids": torch.randint(1, 100, (n, length), generator=gen),
+            "attention_mask": torch.ones(n, length, dtype=torch.long),
+            "labels": torch.randint(0, 2, (n,), generator=gen)}
+
+
+def packed(gen, n):
+    lengths = torch.randint(2, 9, (n,), generator=gen)
+    cu = torch.zeros(n + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    return {"input_ids": torch.randint(1, 100, (int(cu[-1]),), generator=gen), "cu_seqlens": cu,
+            "labels": torch.randint(0, 2, (n,), generator=gen)}
+
+
+def factory(n_batches, seed=42, sizes=(3, 5, 2, 4, 6)):
+    """Deterministic per (seed, epoch), independent of the global RNG; mixes padded and packed batches."""
+    def batches(epoch):
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        return [(padded if i % 2 else packed)(gen, sizes[i % len(sizes)]) for i in range(n_batches)]
+    return batches
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), warmup_steps=2, learning_rate=1e-3, logging_steps=1,
+                save_strategy="no", num_train_epochs=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="eval_strategy"):
+        TrainConfig(str(tmp_path), eval_strategy="sometimes")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        TrainConfig(str(tmp_path), gradient_accumulation_steps=0)
+    with pytest.raises(TypeError, match="logging_steps"):
+        TrainConfig(str(tmp_path), logging_steps=1.5)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig(str(tmp_path), learning_rate=-1.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(str(tmp_path), max_steps=0)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainConfig(str(tmp_path), warmup_ratio=1.5)
+    c = TrainConfig(str(tmp_path), warmup_steps=0, warmup_ratio=0.1, logging_steps=7)
+    assert c.eval_steps == 7 and c.num_warmup_steps(100) == 10
+    assert c.logging_dir == os.path.join(str(tmp_path), "logs")
+    assert TrainConfig(str(tmp_path), warmup_steps=5, warmup_ratio=0.5).num_warmup_steps(100) == 5
+    with pytest.raises(ValueError, match="eval_batches"):
+        Trainer(tiny(), TrainConfig(str(tmp_path), eval_strategy="epoch"), factory(2))
+
+
+def test_param_groups_exclude_bias_and_norm():
+    model = tiny()
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 for p in decay["params"])
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "embed.norm.weight" in nd and "layers.0.attn.q.bias" in nd and "layers.1.mlp_norm.weight" in nd
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_linear_schedule_matches_transformers_formula():
+    opt = make_optimizer(tiny(), lr=1.0, weight_decay=0.0)
+    sched = linear_schedule(opt, warmup_steps=2, total_steps=6)
+    lrs = []
+    for _ in range(7):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_uneven_accumulation_equals_one_big_batch():
+    gen = torch.Generator().manual_seed(0)
+    big = padded(gen, 8)
+    parts = [slice(0, 1), slice(1, 4), slice(4, 8)]  # 1 + 3 + 4 examples
+    micro = [{k: v[s] for k, v in big.items()} for s in parts]
+    model = tiny(dropout=0.0)
+    model.train()
+    loss_big, n_big = accumulate_gradients(model, [big])
+    g_big = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_acc, n_acc = accumulate_gradients(model, micro)
+    g_acc = _grads(model)
+    assert n_big == n_acc == 8
+    torch.testing.assert_close(loss_acc, loss_big, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_acc, g_big, rtol=1e-4, atol=1e-6)
+    # The bug being avoided: a mean of per-micro-batch means gives a different gradient.
+    model.zero_grad(set_to_none=True)
+    for mb in micro:
+        out = model(**{k: v for k, v in mb.items() if k != "labels"})
+        (F.cross_entropy(out.logits, mb["labels"]) / len(micro)).backward()
+    assert not torch.allclose(_grads(model), g_big, rtol=1e-3, atol=1e-5)
+
+
+def test_ignored_labels_are_not_counted():
+    gen = torch.Generator().manual_seed(1)
+    b = padded(gen, 4)
+    b["labels"][1] = -100
+    model = tiny(dropout=0.0)
+    loss, n = accumulate_gradients(model, [b])
+    logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert n == 3
+    torch.testing.assert_close(loss, F.cross_entropy(logits, b["labels"], ignore_index=-100), rtol=1e-5,
+                               atol=1e-6)
+
+
+def _losses(history):
+    return [r["loss"] for r in history if "loss" in r]
+
+
+@pytest.mark.parametrize("accum,n_batches,save_at", [(1, 4, 3), (2, 5, 3), (2, 5, 4)])
+def test_resume_is_exact(tmp_path, accum, n_batches, save_at):
+    batches = factory(n_batches)
+    straight = Trainer(tiny(0), config(tmp_path / "a", max_steps=6, gradient_accumulation_steps=accum,
+                                       save_strategy="steps", save_steps=save_at), batches)
+    straight.train()
+    ref = _losses(straight.log_history)
+    assert len(ref) == 6
+    ckpt = os.path.join(straight.config.output_dir, f"checkpoint-{save_at}")
+    assert os.path.isfile(os.path.join(ckpt, "model.safetensors"))
+    # A fresh process-like start: other init, disturbed global RNG; everything must come from the checkpoint.
+    torch.manual_seed(1234)
+    random.seed(99)
+    resumed = Trainer(tiny(7), config(tmp_path / "a", max_steps=6, gradient_accumulation_steps=accum,
+                                      save_strategy="no", resume_from_checkpoint=ckpt), batches)
+    out = resumed.train()
+    assert out["global_step"] == 6
+    assert _losses(resumed.log_history) == ref  # restored history + the same losses afterwards, bit for bit
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_train_logs_evaluates_saves_and_rotates(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(5)
+    eval_set = [padded(gen, 3), packed(gen, 4)]
+    cfg = config(tmp_path, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch", save_total_limit=2,
+                 logging_steps=2)
+    trainer = Trainer(tiny(), cfg, factory(4), eval_batches=eval_set)
+    out = trainer.train()
+    assert out["global_step"] == 12 and out["epoch"] == 3
+    evals = [r for r in trainer.log_history if "eval_loss" in r]
+    assert len(evals) == 3 and all(r["eval_examples"] == 7 and 0 <= r["eval_accuracy"] <= 1 for r in evals)
+    logs = [r for r in trainer.log_history if "loss" in r]
+    assert [r["step"] for r in logs] == [2, 4, 6, 8, 10, 12]
+    assert logs[-1]["lr"] > 0 and logs[0]["samples_per_second"] > 0
+    assert [os.path.basename(p) for p in list_checkpoints(cfg.output_dir)] == ["checkpoint-8", "checkpoint-12"]
+    with open(os.path.join(cfg.logging_dir, "train_log.jsonl")) as f:
+        assert [json.loads(line) for line in f] == trainer.log_history
+    assert '"step": 12' in capsys.readouterr().out
+    with open(os.path.join(cfg.output_dir, "checkpoint-12", "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["epoch"] == 3 and state["batches_in_epoch"] == 0
+
+
+def test_loss_decreases_and_resume_true_picks_latest(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    fixed = [padded(gen, 8) for _ in range(2)]
+    for b in fixed:  # a learnable rule: label = first token is even
+        b["labels"] = (b["input_ids"][:, 0] % 2 == 0).long()
+    cfg = config(tmp_path, num_train_epochs=15, warmup_steps=0, learning_rate=3e-3, save_strategy="steps",
+                 save_steps=10)
+    trainer = Trainer(tiny(dropout=0.0), cfg, fixed, eval_batches=lambda: fixed)
+    trainer.train()
+    losses = _losses(trainer.log_history)
+    assert losses[-1] < losses[0] * 0.5
+    assert trainer.evaluate()["eval_accuracy"] >= 0.9
+    again = Trainer(tiny(dropout=0.0), config(tmp_path, num_train_epochs=15, warmup_steps=0, learning_rate=3e-3,
+                                              save_strategy="no", resume_from_checkpoint=True), fixed)
+    assert again.train()["global_step"] == 30  # resumed at the end: nothing left to do
+
+
+def test_bf16_autocast_step(tmp_path):
+    trainer = Trainer(tiny(), config(tmp_path, max_steps=2, bf16=True), factory(2))
+    out = trainer.train()
+    assert out["global_step"] == 2 and torch.isfinite(torch.tensor(out["train_loss"]))
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        shards = _ddp_shards()
+        cfg = TrainConfig(str(out_dir), max_steps=3, warmup_steps=1, learning_rate=1e-3, logging_steps=1,
+                          save_strategy="steps", save_steps=3, gradient_accumulation_steps=2)
+        trainer = Trainer(tiny(0, dropout=0.0), cfg, [b[rank] for b in shards])
+        trainer.train()
+        if rank == 0:
+            torch.save(trainer.model.state_dict(), os.path.join(str(out_dir), "ddp_final.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_shards():
+    """Per micro-batch, one uneven shard per rank (2 + 5 examples, then 4 + 1, ...)."""
+    gen = torch.Generator().manual_seed(11)
+    return [(padded(gen, a), padded(gen, b)) for a, b in [(2, 5), (4, 1), (3, 3), (1, 6), (5, 2), (2, 2)]]
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), tmp_path / "ddp"), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp" / "ddp_final.pt")
+    # One process seeing both shards of each micro-batch at once must take the same steps.
+    merged = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in _ddp_shards()]
+    single = Trainer(tiny(0, dropout=0.0), TrainConfig(str(tmp_path / "one"), max_steps=3, warmup_steps=1,
+                                                       learning_rate=1e-3, save_strategy="no",
+                                                       gradient_accumulation_steps=2), merged)
+    single.train()
+    for name, t in single.model.state_dict().items():
+        torch.testing.assert_close(ddp[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    assert os.path.isfile(tmp_path / "ddp" / "checkpoint-3" / "rng_state_1.pt")
