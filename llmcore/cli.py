@@ -54,6 +54,31 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_ARGS = (  # (flag, type, default): transformers' TrainingArguments names
+    ("num_train_epochs", float, 3.0), ("per_device_train_batch_size", int, 16), ("per_device_eval_batch_size", int, 16),
+    ("learning_rate", float, 5e-5), ("warmup_steps", int, 500), ("weight_decay", float, 0.01),
+    ("max_grad_norm", float, 1.0), ("gradient_accumulation_steps", int, 1), ("seed", int, 42),
+    ("logging_steps", int, 50), ("eval_strategy", str, "epoch"), ("save_strategy", str, "epoch"),
+    ("save_total_limit", int, None), ("max_steps", int, -1), ("resume_from_checkpoint", str, None),
+    ("logging_dir", str, None),
+)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from llmcore.train.finetune import finetune
+
+    train = {name: getattr(args, name) for name, _, _ in _TRAIN_ARGS if getattr(args, name) is not None}
+    try:
+        metrics = finetune(args.data, args.model, args.output_dir, max_length=args.max_length,
+                           tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
+                           bf16=args.bf16, pack=args.pack, **train)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"llmcore finetune: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in metrics.items() if k != "train"}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcore", description="llmcore: fast data preparation and fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few rounds only")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of round-robin timing per dtype (default 10)")
     p.set_defaults(func=_bench_train_step)
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint for sequence classification on prepared or raw data")
+    p.add_argument("--data", required=True, help="a folder made by `llmcore prepare`, or raw data as prepare takes")
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--tokenizer", help="tokenizer.json or folder, if not the model's")
+    p.add_argument("--text-column")
+    p.add_argument("--label-column")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="packed, padding-free batches (default) or padded ones")
+    for name, typ, default in _TRAIN_ARGS:
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
+    p.set_defaults(func=_finetune)
     return parser
 
 
