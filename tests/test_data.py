@@ -1,5 +1,6 @@
 """llmcore.data: loading, cleaning, splitting, tokenizing and caching real SST-2 / IMDB data."""
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -187,15 +188,17 @@ def test_cli_prepare_without_torch(tmp_path):
             f"rc = main(['prepare', '--data', {os.path.join(data_dir(), 'sst2', 'test.tsv')!r}, '--model', {MODEL!r},"
             f" '--max-length', '32', '--output-dir', {str(out)!r}]); "
             "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    # the llmcore under test, and cwd elsewhere: `-c` puts the cwd first on sys.path, and the
+    # repository root holds the unbuilt sources
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(llmcore.__file__)))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    r = run([sys.executable, "-c", code])
     assert r.returncode == 0, r.stderr
     assert "padding waste" in r.stdout and "[train]" in r.stdout and "[validation]" in r.stdout
-    r2 = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    r2 = run([sys.executable, "-c", code])
     assert r2.returncode == 0 and "cache hit" in r2.stdout
-    bad = subprocess.run([sys.executable, "-m", "llmcore.cli", "prepare", "--data", str(tmp_path / "nope.csv"),
-                          "--model", MODEL, "--max-length", "8", "--output-dir", str(out)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    bad = run([sys.executable, "-m", "llmcore.cli", "prepare", "--data", str(tmp_path / "nope.csv"),
+               "--model", MODEL, "--max-length", "8", "--output-dir", str(out)])
     assert bad.returncode == 2 and "nope.csv" in bad.stderr and "Traceback" not in bad.stderr
 
 
