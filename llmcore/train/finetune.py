@@ -33,7 +33,7 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool):
                 ids = torch.zeros(len(seqs), width, dtype=torch.long)
                 mask = torch.zeros(len(seqs), width, dtype=torch.long)
                 for r, s in enumerate(seqs):
-                    ids[r, :len(s)] = torch.from_numpy(s)
+                    ids[r, :len(s)] = torch.tensor(s)  # memmap rows are read-only
                     mask[r, :len(s)] = 1
                 out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
         return out
