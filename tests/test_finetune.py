@@ -1,46 +1,185 @@
-"""`llmcore finetune` end to end on a slice of SST-2 with the real MiniLM checkpoint."""
+"""`llmcore finetune` end to end on slices of SST-2 with the real MiniLM checkpoint: the CLI and its
+files, accuracy well above chance, packed == padded, SIGKILL + resume bit for bit, torchrun."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from llmcore.bench.data import data_dir
 from llmcore.cli import main
 from tokenizer_refs import minilm_dir
 
 
-def _slice(src, dst, rows):
+def _slice(src, dst, rows, skip=0):
     with open(src, newline="", encoding="utf-8") as f:
         lines = f.read().split("\n")
     with open(dst, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines[: rows + 1]) + "\n")
+        f.write("\n".join([lines[0]] + lines[1 + skip: 1 + skip + rows]) + "\n")
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_finetune_cli_runs_and_saves(tmp_path, pack):
+def _sst2(tmp_path, train_rows, eval_rows=32, test_rows=32, name="sst2"):
     try:
         root = data_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    data = tmp_path / "sst2"
+    data = tmp_path / name
     data.mkdir()
-    for split, rows in (("train", 96), ("validation", 32), ("test", 32)):
+    for split, rows in (("train", train_rows), ("validation", eval_rows), ("test", test_rows)):
         _slice(os.path.join(root, "sst2", f"{split}.tsv"), data / f"{split}.tsv", rows)
+    return data
+
+
+@pytest.fixture(scope="module")
+def minilm_no_dropout(tmp_path_factory):
+    """The MiniLM checkpoint with dropout off (weights linked, config rewritten): runs whose
+    random streams differ (ranks, layouts) then follow the same trajectory up to rounding."""
+    src = minilm_dir()
+    dst = tmp_path_factory.mktemp("minilm_nodrop")
+    for name in os.listdir(src):
+        if name != "config.json" and os.path.isfile(os.path.join(src, name)):
+            os.symlink(os.path.join(src, name), dst / name)
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["hidden_dropout_prob"] = cfg["attention_probs_dropout_prob"] = 0.0
+    with open(dst / "config.json", "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    return str(dst)
+
+
+def _run_cli(args, cwd, env_extra=None, **popen):
+    """`python -m llmcore.cli finetune ...` in a child process (outside the source tree)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "llmcore.cli", "finetune", *args], cwd=cwd, env=env, **popen)
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_finetune_cli_runs_and_writes_results(tmp_path, pack):
+    data = _sst2(tmp_path, 96)
     out = tmp_path / "run"
     argv = ["finetune", "--data", str(data), "--model", minilm_dir(), "--output-dir", str(out),
             "--max-length", "64", "--max-steps", "4", "--per-device-train-batch-size", "16", "--warmup-steps", "1",
-            "--logging-steps", "2", "--save-strategy", "no", "--eval-strategy", "no"] + ([] if pack else ["--no-pack"])
-    assert main(argv) == 0
-    with open(out / "final" / "metrics.json", encoding="utf-8") as f:
-        metrics = json.load(f)["metrics"]
-    assert set(metrics) >= {"train", "validation", "test"} and metrics["train"]["global_step"] == 4
-    assert 0.0 <= metrics["test"]["eval_accuracy"] <= 1.0
+            "--logging-steps", "2", "--save-strategy", "no", "--eval-strategy", "no", "--disable-tqdm"]
+    assert main(argv + ([] if pack else ["--no-pack"])) == 0
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    for key in ("train_runtime", "train_samples_per_second", "train_tokens_per_second", "eval_accuracy", "eval_f1",
+                "eval_loss", "peak_memory_mb", "test_accuracy", "test_f1", "test_loss"):
+        assert isinstance(results[key], float), key
+    assert results["global_step"] == 4 and results["config"]["pack"] is pack
+    assert results["train_tokens_per_second"] > results["train_samples_per_second"] > 0
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and results["eval_examples"] == 32
+    assert results["peak_memory_mb"] > 50  # a process holding torch and MiniLM
+    # logs: JSONL with every logged step, and TensorBoard event files beside it
+    with open(out / "logs" / "train_log.jsonl", encoding="utf-8") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [2, 4]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "logs"))
     from llmcore.models import from_pretrained
+    from llmcore.tokenizer import Tokenizer
 
     assert from_pretrained(out / "final").newly_initialized == []
+    assert Tokenizer.from_pretrained(str(out / "final")).encode("a fine film")[0] == 101  # [CLS]
+
+
+def test_finetune_beats_chance_and_pack_matches_padded(tmp_path, minilm_no_dropout):
+    """A few hundred SST-2 rows, 2 epochs: well above chance on the 872-row GLUE dev set, and the
+    packed and padded layouts (dropout off) land on the same accuracy."""
+    data = _sst2(tmp_path, 400, eval_rows=64, test_rows=872)
+    acc = {}
+    for pack in (True, False):
+        out = tmp_path / f"run_{pack}"
+        argv = ["finetune", "--data", str(data), "--model", minilm_no_dropout, "--output-dir", str(out),
+                "--num-train-epochs", "2", "--per-device-train-batch-size", "16", "--learning-rate", "1e-4",
+                "--warmup-steps", "5", "--save-strategy", "no", "--eval-strategy", "no", "--disable-tqdm",
+                "--report-to", "none"]
+        assert main(argv + ([] if pack else ["--no-pack"])) == 0
+        with open(out / "results.json", encoding="utf-8") as f:
+            acc[pack] = json.load(f)["test_accuracy"]
+    assert acc[True] >= 0.70, acc  # chance is 0.5 (the dev set is 51.7% positive)
+    assert abs(acc[True] - acc[False]) <= 0.01, acc
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    """Kill -9 mid-epoch right after a checkpoint, resume with --resume-from-checkpoint true: the
+    final weights equal an uninterrupted run's bit for bit (dropout on: the RNG state is restored)."""
+    data = _sst2(tmp_path, 320)
+    common = ["--data", str(data), "--model", minilm_dir(), "--max-length", "64", "--max-steps", "40",
+              "--per-device-train-batch-size", "16", "--warmup-steps", "2", "--eval-strategy", "no",
+              "--disable-tqdm", "--report-to", "none", "--logging-steps", "5"]
+    straight = _run_cli(common + ["--output-dir", str(tmp_path / "straight"), "--save-strategy", "no"], tmp_path)
+    assert straight.wait(timeout=600) == 0
+    killed_dir = tmp_path / "killed"
+    victim = _run_cli(common + ["--output-dir", str(killed_dir), "--save-strategy", "steps", "--save-steps", "4"],
+                      tmp_path, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (killed_dir / "checkpoint-4").is_dir():  # published by rename: complete when visible
+        assert victim.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    assert not (killed_dir / "final").exists()  # it really died mid-run (20 steps per epoch, 40 in all)
+    resumed = _run_cli(common + ["--output-dir", str(killed_dir), "--save-strategy", "no",
+                                 "--resume-from-checkpoint", "true"], tmp_path)
+    assert resumed.wait(timeout=600) == 0
+    a, b = _weights(tmp_path / "straight" / "final"), _weights(killed_dir / "final")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, minilm_no_dropout):
+    """torchrun --nproc-per-node 2 (gloo) with batch 8 per rank follows the single-process run with
+    batch 16: same global batches, gradients summed over ranks."""
+    data = _sst2(tmp_path, 160)
+    common = ["--data", str(data), "--model", minilm_no_dropout, "--max-length", "64", "--max-steps", "6",
+              "--warmup-steps", "2", "--learning-rate", "1e-4", "--eval-strategy", "no", "--save-strategy", "no",
+              "--disable-tqdm", "--report-to", "none", "--logging-steps", "1"]
+    one = _run_cli(common + ["--output-dir", str(tmp_path / "one"), "--per-device-train-batch-size", "16"], tmp_path)
+    assert one.wait(timeout=600) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "llmcore.cli", "finetune", *common, "--output-dir", str(tmp_path / "two"),
+                          "--per-device-train-batch-size", "8"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        with open(tmp_path / run / "logs" / "train_log.jsonl", encoding="utf-8") as f:
+            return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    assert len(losses("one")) == 6
+    torch.testing.assert_close(torch.tensor(losses("two")), torch.tensor(losses("one")), rtol=1e-4, atol=1e-5)
+    with open(tmp_path / "two" / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["world_size"] == 2 and results["eval_examples"] == 32  # both ranks' shares of validation
+    a, b = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_finetune_cli_bad_data(tmp_path, capsys):
     assert main(["finetune", "--data", str(tmp_path / "missing"), "--model", minilm_dir(),
                  "--output-dir", str(tmp_path / "o")]) == 2
     assert "llmcore finetune: error:" in capsys.readouterr().err
+
+
+def test_finetune_label_sets_must_match(tmp_path, capsys):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "train.csv").write_text("text,label\n" + "".join(f"good film {i},pos\nbad film {i},neg\n"
+                                                             for i in range(8)))
+    (data / "validation.csv").write_text("text,label\na fine film,pos\nan odd film,neutral\n")
+    assert main(["finetune", "--data", str(data), "--model", minilm_dir(), "--output-dir", str(tmp_path / "o"),
+                 "--disable-tqdm"]) == 2
+    err = capsys.readouterr().err
+    assert "['neutral']" in err and "validation" in err and "train split" in err

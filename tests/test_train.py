@@ -242,3 +242,57 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     for name, t in single.model.state_dict().items():
         torch.testing.assert_close(ddp[name], t, rtol=1e-4, atol=1e-5, msg=name)
     assert os.path.isfile(tmp_path / "ddp" / "checkpoint-3" / "rng_state_1.pt")
+
+
+def test_evaluate_macro_f1_matches_float64_reference(tmp_path):
+    """Streaming per-class counts give scikit-learn's macro-F1: per-class 2TP/(pred+true) in float64,
+    averaged over the classes present among labels or predictions (a 4-way head, one class unused)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=4)
+    model = EncoderForSequenceClassification(cfg).eval()
+    gen = torch.Generator().manual_seed(2)
+    batches = []
+    for n in (5, 9, 3):
+        b = padded(gen, n)
+        b["labels"] = torch.randint(0, 3, (n,), generator=gen)  # class 3 never a label
+        batches.append(b)
+    batches[1]["labels"][0] = -100  # ignored
+    trainer = Trainer(model, config(tmp_path, report_to="none"), batches, eval_batches=batches)
+    out = trainer.evaluate()
+    with torch.no_grad():
+        pred = np.concatenate([model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1).numpy()
+                               for b in batches])
+    gold = np.concatenate([b["labels"].numpy() for b in batches])
+    pred, gold = pred[gold != -100], gold[gold != -100]
+    f1s = []
+    for c in sorted(set(gold) | set(pred)):
+        tp = float(np.sum((pred == c) & (gold == c)))
+        f1s.append(2 * tp / (np.sum(pred == c) + np.sum(gold == c)))
+    assert out["eval_examples"] == 16
+    assert out["eval_accuracy"] == pytest.approx(float(np.mean(pred == gold)), abs=1e-12)
+    assert out["eval_f1"] == pytest.approx(float(np.mean(f1s)), abs=1e-12)
+
+
+def test_checkpoints_are_published_whole(tmp_path):
+    """A checkpoint is written under a hidden .partial name and renamed into place: an interrupted
+    write is never listed, and saving the same step again replaces the folder."""
+    from llmcore.train.checkpoint import partial_path, publish_checkpoint
+
+    out = tmp_path / "o"
+    half = partial_path(str(out / "checkpoint-7"))
+    os.makedirs(half)
+    (out / "checkpoint-3").mkdir()
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-3"]
+    with open(os.path.join(half, "a.txt"), "w") as f:
+        f.write("new")
+    (out / "checkpoint-3" / "a.txt").write_text("old")
+    publish_checkpoint(half, str(out / "checkpoint-3"))
+    assert (out / "checkpoint-3" / "a.txt").read_text() == "new"
+    assert sorted(os.listdir(out)) == ["checkpoint-3"]
+    trainer = Trainer(tiny(), config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1,
+                                     report_to="none"), factory(3))
+    trainer.train()
+    assert sorted(os.listdir(trainer.config.output_dir)) == ["checkpoint-1", "checkpoint-2", "logs"]

@@ -254,6 +254,8 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         result[split] = {"texts": [texts[i] for i in keep], "labels": labels}
         counts[split] = {"rows": len(raw), "kept": len(keep), "dropped": dropped}
 
+    _check_label_sets(result, where, label_names)
+
     if "validation" not in result and "train" in result and validation_fraction > 0:
         tr = result["train"]
         tr_idx, va_idx = clean.stratified_split(tr["labels"], len(tr["texts"]), validation_fraction, seed)
@@ -315,6 +317,24 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         json.dump(meta, f, indent=1)
     os.replace(tmp, meta_path)
     return PreparedDataset(output_dir, meta, cache_hit=False)
+
+
+def _check_label_sets(result: Dict[str, dict], where: Dict[str, str], label_names: Optional[List[str]]) -> None:
+    """Every label of an evaluation split must occur in train: a model never trained on a class
+    cannot be scored on it, and a label set that differs usually means mismatched files."""
+    train = result.get("train")
+    if train is None or train["labels"] is None:
+        return
+    seen = {v for v in train["labels"] if v >= 0}
+    for split, r in result.items():
+        if split == "train" or r["labels"] is None:
+            continue
+        extra = sorted({v for v in r["labels"] if v >= 0} - seen)
+        if extra:
+            shown = [label_names[v] for v in extra] if label_names else extra
+            known = [label_names[v] for v in sorted(seen)] if label_names else sorted(seen)
+            raise ValueError(f"labels {shown[:10]} of {where[split]} do not occur in the train split "
+                             f"({where['train']}, labels {known[:20]}): the label sets of train and {split} differ")
 
 
 def _save(directory: str, split: str, kind: str, arr: np.ndarray) -> None:

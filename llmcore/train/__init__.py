@@ -1,8 +1,22 @@
-"""Fine-tuning: TrainConfig, the Trainer loop, checkpoints with exact resume."""
-from llmcore.train.checkpoint import latest_checkpoint, list_checkpoints
-from llmcore.train.config import TrainConfig
-from llmcore.train.loop import Accuracy, Trainer, accumulate_gradients, example_count, loss_sum
-from llmcore.train.optim import linear_schedule, make_optimizer, param_groups
+"""Fine-tuning: TrainConfig, the Trainer loop, checkpoints with exact resume.
 
-__all__ = ["Accuracy", "TrainConfig", "Trainer", "accumulate_gradients", "example_count", "latest_checkpoint",
-           "linear_schedule", "list_checkpoints", "loss_sum", "make_optimizer", "param_groups"]
+``TrainConfig`` does not need torch (the CLI builds its flags from it without importing torch);
+the other names load their modules on first use."""
+from importlib import import_module
+
+from llmcore.train.config import TrainConfig
+
+_LAZY = {
+    "latest_checkpoint": "checkpoint", "list_checkpoints": "checkpoint",
+    "Accuracy": "loop", "Trainer": "loop", "accumulate_gradients": "loop", "example_count": "loop",
+    "loss_sum": "loop", "macro_f1": "loop",
+    "linear_schedule": "optim", "make_optimizer": "optim", "param_groups": "optim",
+}
+
+__all__ = ["TrainConfig", *sorted(_LAZY)]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f"llmcore.train.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'llmcore.train' has no attribute {name!r}")

@@ -7,6 +7,9 @@ Layout::
       optimizer.pt, scheduler.pt       state dicts
       trainer_state.json               global_step, epoch, batches consumed in that epoch, log history
       rng_state_<rank>.pt              python, numpy, torch CPU (+ CUDA) generator states of each rank
+
+A checkpoint is written into ``.checkpoint-<step>.partial`` and renamed into place when complete
+(``publish_checkpoint``), so a killed run never leaves a half-written ``checkpoint-<step>``.
 """
 from __future__ import annotations
 
@@ -63,6 +66,44 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def latest_checkpoint(output_dir: str) -> Optional[str]:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def partial_path(path: str) -> str:
+    """The hidden folder a checkpoint is written into before ``publish_checkpoint``."""
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.partial")
+
+
+def publish_checkpoint(partial: str, path: str) -> None:
+    """Flush the files of ``partial`` to disk and rename it to ``path`` (replacing an older one)."""
+    for name in os.listdir(partial):
+        fd = os.open(os.path.join(partial, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    stale = None
+    if os.path.exists(path):  # the same step saved again (a resumed run): swap, then delete the old one
+        stale = f"{partial}.old"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(path, stale)
+    os.rename(partial, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+    if stale:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer, scheduler, state: dict, rank: int = 0,

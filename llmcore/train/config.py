@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
 _STRATEGIES = ("no", "steps", "epoch")
+REPORTERS = ("tensorboard",)
 
 
 @dataclass
@@ -18,7 +19,8 @@ class TrainConfig:
     ``warmup_ratio``, as in transformers. ``pack`` is read by the data pipeline that builds the
     batches; the loop itself accepts padded (B, L) and packed (T,) + ``cu_seqlens`` batches alike.
     ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
-    ``<output_dir>/logs``.
+    ``<output_dir>/logs``. Records always go to ``<logging_dir>/train_log.jsonl``; ``report_to``
+    (``"tensorboard"`` (default), ``"all"``, ``"none"`` or a list) adds TensorBoard event files there.
 
     >>> TrainConfig("out", max_steps=10, warmup_steps=0).total_steps(steps_per_epoch=4)
     10
@@ -46,6 +48,8 @@ class TrainConfig:
     resume_from_checkpoint: Optional[Union[str, bool]] = None
     pack: bool = True
     logging_dir: Optional[str] = None
+    report_to: Union[str, list, tuple] = "tensorboard"
+    disable_tqdm: bool = False
 
     def __post_init__(self):
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
@@ -83,6 +87,13 @@ class TrainConfig:
                              f"checkpoint folder, got {r!r}")
         elif isinstance(r, os.PathLike):
             self.resume_from_checkpoint = os.fspath(r)
+        report = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        if "all" in report:
+            report = list(REPORTERS)
+        unknown = [r for r in report if r not in REPORTERS + ("none",)]
+        if unknown:
+            raise ValueError(f"report_to: unknown {unknown}; choose from {list(REPORTERS)}, 'all' or 'none'")
+        self.report_to = tuple(r for r in report if r != "none")
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "logs")
         self.logging_dir = os.fspath(self.logging_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Optional
 
 import numpy as np
@@ -12,14 +13,25 @@ import torch
 
 from llmcore.train.config import TrainConfig
 from llmcore.train.loop import Trainer
+from llmcore.train.reporting import peak_memory_mb
 
 
-def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool):
+def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
     """A factory epoch -> list of model inputs (packed with cu_seqlens, or padded with a mask),
-    length-bucketed and shuffled by (seed, epoch)."""
+    length-bucketed and shuffled by (seed, epoch).
+
+    ``batch_size`` is per rank: the rows are cut into global batches of ``batch_size * world_size``
+    and rank r takes every ``world_size``-th row of each from row r, so one process and N ranks see
+    the same global batches. A last global batch with fewer rows than ranks is dropped (training:
+    every rank must step)."""
     def batches(epoch: int) -> list:
         out = []
-        for rows in split.batches(batch_size, seed=seed + epoch, shuffle=shuffle):
+        for rows in split.batches(batch_size * world_size, seed=seed + epoch, shuffle=shuffle):
+            if shuffle and len(rows) < world_size:
+                continue
+            rows = rows[rank::world_size]
+            if len(rows) == 0:
+                continue
             seqs = [split[int(i)] for i in rows]
             labels = torch.as_tensor(np.asarray(split.labels)[rows], dtype=torch.long)
             if pack:
@@ -33,41 +45,108 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool):
                 ids = torch.zeros(len(seqs), width, dtype=torch.long)
                 mask = torch.zeros(len(seqs), width, dtype=torch.long)
                 for r, s in enumerate(seqs):
-                    ids[r, :len(s)] = torch.tensor(s)  # memmap rows are read-only
+                    ids[r, :len(s)] = torch.from_numpy(np.array(s))  # memmap rows are read-only: copy
                     mask[r, :len(s)] = 1
                 out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
         return out
     return batches
 
 
+def _setup_distributed(device: Optional[str]) -> tuple[int, int, torch.device, bool]:
+    """(rank, world_size, device, whether we initialized the process group). Under ``torchrun``
+    (WORLD_SIZE > 1) the group is initialized here: nccl on GPUs, gloo on the CPU."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    started = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        started = True
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dev, started
+    return 0, 1, dev, started
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                    "merges.txt", "vocab.json")
+
+
 def finetune(data: str, model: str, output_dir: str, max_length: int = 128, tokenizer: Optional[str] = None,
-             text_column: Optional[str] = None, label_column: Optional[str] = None, **train_args) -> dict:
+             text_column: Optional[str] = None, label_column: Optional[str] = None, device: Optional[str] = None,
+             **train_args) -> dict:
     """Prepare ``data`` (cached under ``output_dir/data``; a prepared folder is used as is), fine-tune
     the checkpoint in ``model`` for sequence classification, evaluate on the validation and test
-    splits, save the final model to ``output_dir/final``. Returns the metrics."""
+    splits, save the final model (+ the tokenizer files) to ``output_dir/final`` and the results to
+    ``output_dir/results.json``. Returns the results: ``train_*`` and ``peak_memory_mb`` from
+    ``Trainer.train``, ``eval_*`` on the validation split, ``test_*`` on the test split.
+
+    Under ``torchrun`` every rank trains on its share of each global batch (see ``split_batches``)
+    and rank 0 writes the files. ``device``: default ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU."""
+    import torch.distributed as dist
+
     from llmcore.data import PreparedDataset, prepare
     from llmcore.models import from_pretrained
+    from llmcore.train.checkpoint import seed_everything
 
     config = TrainConfig(output_dir=output_dir, **train_args)
-    if os.path.isfile(os.path.join(data, "meta.json")):
-        prepared = PreparedDataset.load(data)
-    else:
-        prepared = prepare(data, tokenizer or model, max_length, os.path.join(output_dir, "data"),
-                           text_column=text_column, label_column=label_column, pack=True, seed=config.seed)
-    if "train" not in prepared.splits:
-        raise ValueError(f"{data!r} has no train split (splits: {sorted(prepared.splits)})")
-    net = from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels)
-    train = split_batches(prepared["train"], config.per_device_train_batch_size, config.pack, config.seed, True)
-    evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, config.pack, 0, False)(0)
-             for name in ("validation", "test") if name in prepared.splits
-             and prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0}
-    trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
-    result = trainer.train()
-    metrics = {"train": result}
-    for name, batches in evals.items():
-        trainer.eval_batches = batches
-        metrics[name] = trainer.evaluate()
-    net.save_pretrained(os.path.join(output_dir, "final"))
-    with open(os.path.join(output_dir, "final", "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump({"metrics": metrics, "config": dataclasses.asdict(config)}, f, indent=2, default=str)
-    return metrics
+    rank, world, dev, started = _setup_distributed(device)
+    try:
+        if os.path.isfile(os.path.join(data, "meta.json")):
+            prepared = PreparedDataset.load(data)
+        else:
+            def run_prepare():
+                return prepare(data, tokenizer or model, max_length, os.path.join(output_dir, "data"),
+                               text_column=text_column, label_column=label_column, pack=True, seed=config.seed)
+            if rank == 0:
+                prepared = run_prepare()
+            if world > 1:
+                dist.barrier()  # rank 0 prepared; the others find it in the cache
+            if rank != 0:
+                prepared = run_prepare()
+        if "train" not in prepared.splits:
+            raise ValueError(f"{data!r} has no train split (splits: {sorted(prepared.splits)})")
+        if prepared["train"].labels is None:
+            raise ValueError(f"{data!r}: the train split has no label column")
+        seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
+        net = from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels).to(dev)
+        batch = config.per_device_train_batch_size
+        train = split_batches(prepared["train"], batch, config.pack, config.seed, True, rank, world)
+        evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, config.pack, 0, False,
+                                     rank, world)(0)
+                 for name in ("validation", "test") if name in prepared.splits
+                 and prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0}
+        trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
+        results = trainer.train()
+        for name, batches in evals.items():
+            trainer.eval_batches = batches
+            prefix = "eval" if name == "validation" else name
+            results.update({f"{prefix}{k[4:]}": v for k, v in trainer.evaluate().items()})
+        results["peak_memory_mb"] = max(results["peak_memory_mb"], peak_memory_mb(dev))  # evaluation included
+        results["world_size"] = world
+        if rank == 0:
+            final = os.path.join(output_dir, "final")
+            net.save_pretrained(final)
+            src = model if os.path.isdir(model) else None
+            for name in _TOKENIZER_FILES if src else ():
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copyfile(os.path.join(src, name), os.path.join(final, name))
+            tmp = os.path.join(output_dir, "results.json.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({**results, "config": dataclasses.asdict(config), "model": model, "data": data,
+                           "label_names": prepared.label_names}, f, indent=2, default=str)
+            os.replace(tmp, os.path.join(output_dir, "results.json"))
+        if world > 1:
+            dist.barrier()
+        return results
+    finally:
+        if started:
+            dist.destroy_process_group()
+

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import sys
+import shutil
 import time
 from collections.abc import Iterable
 from itertools import islice
@@ -20,12 +19,15 @@ from llmcore.train.checkpoint import (
     PREFIX,
     latest_checkpoint,
     load_checkpoint,
+    partial_path,
+    publish_checkpoint,
     rotate_checkpoints,
     save_checkpoint,
     seed_everything,
 )
 from llmcore.train.config import TrainConfig
 from llmcore.train.optim import linear_schedule, make_optimizer
+from llmcore.train.reporting import Reporter, peak_memory_mb
 
 IGNORE_INDEX = -100
 Batch = dict
@@ -112,6 +114,24 @@ class Accuracy:
         return {"accuracy": self.correct / max(self.total, 1)}
 
 
+def macro_f1(true_positive: Tensor, predicted: Tensor, actual: Tensor) -> float:
+    """Unweighted mean of per-class F1 = 2 TP / (predicted + actual), over the classes that occur
+    among the predictions or the labels; 0.0 when there are none."""
+    present = (predicted + actual) > 0
+    if not bool(present.any()):
+        return 0.0
+    f1 = 2 * true_positive[present].double() / (predicted[present] + actual[present]).double()
+    return float(f1.mean())
+
+
+def token_count(batch: Batch) -> int:
+    """Real (non-padding) tokens of a batch: packed ``input_ids`` (T,), or the ``attention_mask`` sum."""
+    ids = batch["input_ids"]
+    if ids.dim() == 1 or batch.get("attention_mask") is None:
+        return ids.numel()
+    return int(batch["attention_mask"].sum())
+
+
 class Trainer:
     """A lean fine-tuning loop over in-memory batches.
 
@@ -147,33 +167,38 @@ class Trainer:
         self.global_step = 0
         self.optimizer = None
         self.scheduler = None
+        self.reporter: Optional[Reporter] = None
         self._wrapped = model
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        """Append to the history; rank 0 prints it and writes it to ``<logging_dir>/train_log.jsonl``."""
+        """Append to the history; rank 0 prints it and writes it to ``<logging_dir>/train_log.jsonl``
+        (and TensorBoard, per ``report_to``)."""
         self.log_history.append(record)
-        if self.rank != 0:
-            return
-        line = json.dumps(record)
-        print(line, file=sys.stdout, flush=True)
-        os.makedirs(self.config.logging_dir, exist_ok=True)
-        with open(os.path.join(self.config.logging_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        self._reporter().log(record)
+
+    def _reporter(self) -> Reporter:
+        if self.reporter is None:
+            cfg = self.config
+            self.reporter = Reporter(cfg.logging_dir, cfg.report_to, cfg.disable_tqdm, active=self.rank == 0)
+        return self.reporter
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss and accuracy over ``eval_batches`` (+ ``compute_metrics``), reduced over ranks."""
+        """Mean loss, accuracy and macro-F1 over ``eval_batches`` (+ ``compute_metrics``), reduced
+        over ranks. Streaming: only per-class counts are kept, never the logits (transformers #12878).
+        Macro-F1 averages the classes that occur among the labels or the predictions, as
+        scikit-learn's ``f1_score(average="macro")`` does."""
         if self.eval_batches is None:
             raise ValueError("evaluate() needs eval_batches")
         model = self.model
         was_training = model.training
         model.eval()
         batches = self.eval_batches() if callable(self.eval_batches) else self.eval_batches
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, examples
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, examples
+        counts = None  # (3, C): true positives, predicted, actual per class
         custom = self.compute_metrics() if self.compute_metrics is not None else None
-        classification = False
         for batch in batches:
             batch = _to(batch, self.device)
             labels = batch.pop("labels")
@@ -181,36 +206,57 @@ class Trainer:
                 logits = model(**batch).logits
             keep = labels != IGNORE_INDEX
             sums[0] += loss_sum(logits, labels).double()
-            classification = logits.shape[-1] > 1
-            if classification:
-                sums[1] += (logits.argmax(-1)[keep] == labels[keep]).sum()
-            sums[2] += keep.sum()
+            sums[1] += keep.sum()
+            num_classes = logits.shape[-1]
+            if num_classes > 1:
+                pred, gold = logits.argmax(-1)[keep], labels[keep].long()
+                if counts is None:
+                    counts = torch.zeros(3, num_classes, dtype=torch.float64, device=self.device)
+                counts[0] += torch.bincount(gold[pred == gold], minlength=num_classes).double()
+                counts[1] += torch.bincount(pred, minlength=num_classes).double()
+                counts[2] += torch.bincount(gold, minlength=num_classes).double()
             if custom is not None:
                 custom.update(logits.float(), labels)
         if self.world_size > 1:
             dist.all_reduce(sums)
+            if counts is not None:
+                dist.all_reduce(counts)
         model.train(was_training)
-        n = max(float(sums[2]), 1.0)
-        out = {"eval_loss": float(sums[0]) / n, "eval_examples": int(sums[2])}
-        if classification:
-            out["eval_accuracy"] = float(sums[1]) / n
+        n = max(float(sums[1]), 1.0)
+        out = {"eval_loss": float(sums[0]) / n, "eval_examples": int(sums[1])}
+        if counts is not None:
+            out["eval_accuracy"] = float(counts[0].sum()) / n
+            out["eval_f1"] = macro_f1(counts[0], counts[1], counts[2])
         if custom is not None:
             out.update({f"eval_{k}": v for k, v in custom.compute().items()})
         return out
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, epoch: int, batches_in_epoch: int) -> str:
-        """Write ``checkpoint-<global_step>``; resume restarts at (epoch, batches_in_epoch)."""
+        """Write ``checkpoint-<global_step>`` atomically; resume restarts at (epoch, batches_in_epoch).
+
+        Every file goes into a hidden ``.checkpoint-<step>.partial`` folder first (rank 0 the model,
+        optimizer, scheduler and state; each rank its RNG) and rank 0 renames it into place once all
+        ranks are done, so a run killed at any moment leaves either a complete checkpoint or none."""
         path = os.path.join(self.config.output_dir, f"{PREFIX}{self.global_step}")
+        partial = partial_path(path)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        self._barrier()
         state = {"global_step": self.global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "log_history": self.log_history, "config": self.config.to_dict()}
-        save_checkpoint(path, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
+        save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
                         write_shared=self.rank == 0)
-        if self.world_size > 1:
-            dist.barrier()
+        self._barrier()
         if self.rank == 0:
+            publish_checkpoint(partial, path)
             rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
         return path
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
     def _resume_path(self) -> Optional[str]:
         r = self.config.resume_from_checkpoint
@@ -224,8 +270,9 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Run the configured epochs/steps; return global_step, train_loss (mean over this run's
-        steps), epoch, runtime and samples/s."""
+        """Run the configured epochs/steps. Returns global_step, epoch, train_loss (mean over this
+        run's steps), train_runtime, train_samples_per_second, train_tokens_per_second (examples and
+        real tokens of all ranks) and peak_memory_mb (this rank's; see ``peak_memory_mb``)."""
         cfg = self.config
         resume = self._resume_path()
         if not resume:
@@ -245,69 +292,83 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.model.train()
+        reporter = self._reporter()
+        reporter.start(total, self.global_step)
 
         start_step, t_start = self.global_step, time.perf_counter()
         run_loss = torch.zeros((), device=self.device)
         win_loss, win_steps, win_examples, t_win = torch.zeros((), device=self.device), 0, 0, t_start
-        run_examples = 0
-        while self.global_step < total:
-            it = iter(self.train_batches(epoch))
-            consumed = sum(1 for _ in islice(it, skip))
-            skip, exhausted = 0, False
+        run_examples = run_tokens = 0
+        try:
             while self.global_step < total:
-                window = list(islice(it, accum))
-                if not window:
-                    exhausted = True
-                    break
-                consumed += len(window)
-                lr = self.scheduler.get_last_lr()[0]
-                loss, examples = accumulate_gradients(self._wrapped, window, cfg.bf16)
-                grad_norm = None
-                if cfg.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
-                win_loss += loss
-                run_loss += loss
-                win_steps += 1
-                win_examples += examples
-                run_examples += examples
-                at_epoch_end = n_batches is not None and consumed >= n_batches
-                if self.global_step % cfg.logging_steps == 0 or self.global_step == total:
-                    if self.world_size > 1:
-                        dist.all_reduce(win_loss)  # each rank holds its share of the mean
-                        counted = torch.tensor([win_examples], device=self.device)
-                        dist.all_reduce(counted)
-                        win_examples = int(counted.item())
-                    now = time.perf_counter()
-                    self.log({"step": self.global_step, "epoch": round(_epoch_float(epoch, consumed, n_batches), 4),
-                              "loss": float(win_loss) / win_steps, "lr": lr,
-                              "grad_norm": None if grad_norm is None else float(grad_norm),
-                              "samples_per_second": win_examples / max(now - t_win, 1e-9)})
-                    win_loss.zero_()
-                    win_steps, win_examples, t_win = 0, 0, now
-                if cfg.eval_strategy == "steps" and self.global_step % cfg.eval_steps == 0:
-                    self.log({"step": self.global_step, **self.evaluate()})
-                if cfg.save_strategy == "steps" and self.global_step % cfg.save_steps == 0:
-                    # A checkpoint taken at the very end of an epoch resumes at the start of the next.
-                    self.save(epoch + 1, 0) if at_epoch_end else self.save(epoch, consumed)
-            if consumed == 0:
-                raise ValueError(f"train_batches({epoch}) yielded no batches")
-            if exhausted or (n_batches is not None and consumed >= n_batches):
-                if cfg.eval_strategy == "epoch":
-                    self.log({"step": self.global_step, "epoch": epoch + 1, **self.evaluate()})
-                if cfg.save_strategy == "epoch":
-                    self.save(epoch + 1, 0)
-                epoch += 1
+                it = iter(self.train_batches(epoch))
+                consumed = sum(1 for _ in islice(it, skip))
+                skip, exhausted = 0, False
+                while self.global_step < total:
+                    window = list(islice(it, accum))
+                    if not window:
+                        exhausted = True
+                        break
+                    consumed += len(window)
+                    lr = self.scheduler.get_last_lr()[0]
+                    run_tokens += sum(token_count(b) for b in window)
+                    loss, examples = accumulate_gradients(self._wrapped, window, cfg.bf16)
+                    grad_norm = None
+                    if cfg.max_grad_norm > 0:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.global_step += 1
+                    win_loss += loss
+                    run_loss += loss
+                    win_steps += 1
+                    win_examples += examples
+                    run_examples += examples
+                    reporter.step(run_examples * self.world_size / max(time.perf_counter() - t_start, 1e-9))
+                    at_epoch_end = n_batches is not None and consumed >= n_batches
+                    if self.global_step % cfg.logging_steps == 0 or self.global_step == total:
+                        if self.world_size > 1:
+                            dist.all_reduce(win_loss)  # each rank holds its share of the mean
+                            counted = torch.tensor([win_examples], device=self.device)
+                            dist.all_reduce(counted)
+                            win_examples = int(counted.item())
+                        now = time.perf_counter()
+                        self.log({"step": self.global_step,
+                                  "epoch": round(_epoch_float(epoch, consumed, n_batches), 4),
+                                  "loss": float(win_loss) / win_steps, "lr": lr,
+                                  "grad_norm": None if grad_norm is None else float(grad_norm),
+                                  "samples_per_second": win_examples / max(now - t_win, 1e-9)})
+                        win_loss.zero_()
+                        win_steps, win_examples, t_win = 0, 0, now
+                    if cfg.eval_strategy == "steps" and self.global_step % cfg.eval_steps == 0:
+                        self.log({"step": self.global_step, **self.evaluate()})
+                    if cfg.save_strategy == "steps" and self.global_step % cfg.save_steps == 0:
+                        # A checkpoint taken at the very end of an epoch resumes at the start of the next.
+                        self.save(epoch + 1, 0) if at_epoch_end else self.save(epoch, consumed)
+                if consumed == 0:
+                    raise ValueError(f"train_batches({epoch}) yielded no batches")
+                if exhausted or (n_batches is not None and consumed >= n_batches):
+                    if cfg.eval_strategy == "epoch":
+                        self.log({"step": self.global_step, "epoch": epoch + 1, **self.evaluate()})
+                    if cfg.save_strategy == "epoch":
+                        self.save(epoch + 1, 0)
+                    epoch += 1
+        finally:
+            reporter.close()
+            self.reporter = None
         runtime = time.perf_counter() - t_start
         steps = self.global_step - start_step
+        counted = torch.tensor([float(run_loss), run_examples, run_tokens], dtype=torch.float64)
         if self.world_size > 1:
-            dist.all_reduce(run_loss)
+            counted = counted.to(self.device)
+            dist.all_reduce(counted)
+        loss_total, examples_total, tokens_total = counted.tolist()
         return {"global_step": self.global_step, "epoch": epoch,
-                "train_loss": float(run_loss) / max(steps, 1), "train_runtime": runtime,
-                "train_samples_per_second": run_examples * self.world_size / max(runtime, 1e-9)}
+                "train_loss": loss_total / max(steps, 1), "train_runtime": runtime,
+                "train_samples_per_second": examples_total / max(runtime, 1e-9),
+                "train_tokens_per_second": tokens_total / max(runtime, 1e-9),
+                "peak_memory_mb": peak_memory_mb(self.device)}
 
 
 def _len_or_none(batches) -> Optional[int]:
