@@ -348,3 +348,32 @@ def test_torch_compile_fullgraph():
     got = torch.autograd.grad(compiled(x, r, w, b), (x, r, w, b))
     for a, c in zip(eager, got):
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("fn", ["layer_norm", "rms_norm"])
+def test_low_precision_sublayer_output_meets_fp32_residual(fn):
+    """Under bf16 autocast a bf16 sublayer output meets the fp32 residual stream: the fused kernel
+    runs on the promoted (fp32) inputs, like the unfused ``norm(x + residual)``, gradients included."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 96).bfloat16().requires_grad_()
+    res = torch.randn(37, 96, requires_grad=True)
+    w = torch.randn(96, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    if fn == "layer_norm":
+        y, s = layer_norm(x, w, b, residual=res)
+        ry, rs = layer_norm_reference(x.double(), w.double(), b.double(), residual=res.double())
+    else:
+        y, s = rms_norm(x, w, residual=res)
+        ry, rs = rms_norm_reference(x.double(), w.double(), residual=res.double())
+    assert y.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.double(), rs, rtol=0, atol=1e-6)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and res.grad.dtype == torch.float32
+    xd, resd, wd = (t.detach().double().requires_grad_() for t in (x, res, w))
+    ref = (layer_norm_reference(xd, wd, b.detach().double(), residual=resd) if fn == "layer_norm"
+           else rms_norm_reference(xd, wd, residual=resd))[0]
+    (ref * g.double()).sum().backward()
+    torch.testing.assert_close(res.grad.double(), resd.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-2, atol=1e-2)  # rounded to bf16

@@ -56,8 +56,13 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, batch: Batch) -> Tensor:
-        x = self.attn_norm(self.dropout(self.attn(x, batch)), residual=x)[0]
+    def forward(self, x: Tensor, batch: Batch, first_only: bool = False) -> Tensor:
+        """(B, L, D) or (T, D) -> the same; with ``first_only`` only the rows of each sequence's
+        first token are computed past the key/value projections: (B, 1, D) or (n, D)."""
+        h = self.attn(x, batch, first_only=first_only)
+        if first_only:
+            x = x[batch.cu_seqlens[:-1].long()] if batch.packed else x[:, :1]
+        x = self.attn_norm(self.dropout(h), residual=x)[0]
         return self.mlp_norm(self.dropout(self.mlp(x)), residual=x)[0]
 
 
@@ -105,10 +110,14 @@ class EncoderForSequenceClassification(nn.Module):
                 cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
         batch = make_batch(input_ids, attention_mask, cu_seqlens)
         x = self.embed(input_ids, token_type_ids, position_ids, batch)
-        for layer in self.layers:
-            x = layer(x, batch)
-        first = x[batch.cu_seqlens[:-1].long()] if batch.packed else x[:, 0]
-        logits = self.head(first)
+        # The head reads only each sequence's first token, so the last layer computes only those
+        # rows once its keys and values are known (~1/6 fewer FLOPs for 6 layers; exact).
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, first_only=i == last)
+        if not self.layers and batch.packed:
+            x = x[batch.cu_seqlens[:-1].long()]
+        logits = self.head(x if batch.packed else x[:, 0])
         loss = None
         if labels is not None:
             if self.config.num_labels == 1:

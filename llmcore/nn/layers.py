@@ -80,7 +80,10 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = nn.functional.linear(x, self.fc1.weight)
         if self.fc1.bias is not None:
-            h = ops.bias_gelu(h, self.fc1.bias, approximate=self.approximate)
+            bias = self.fc1.bias
+            if bias.dtype != h.dtype and torch.is_autocast_enabled(h.device.type):
+                bias = bias.to(h.dtype)  # autocast's linear adds its bias in the low precision too
+            h = ops.bias_gelu(h, bias, approximate=self.approximate)
         else:
             h = nn.functional.gelu(h, approximate=self.approximate)
         return self.fc2(h)
@@ -136,17 +139,30 @@ class Attention(nn.Module):
         self.causal = causal
         self.dropout = dropout
 
-    def forward(self, x: Tensor, batch: Batch, rotary: Optional[tuple] = None) -> Tensor:
+    def forward(self, x: Tensor, batch: Batch, rotary: Optional[tuple] = None, first_only: bool = False) -> Tensor:
+        """x (B, L, D) padded or (T, D) packed -> the same shape. ``first_only``: queries only at
+        each sequence's first token (keys and values still cover the whole sequence), returning
+        (B, 1, D) or (n, D) -- all that a classification head on the first token reads."""
         shape = x.shape[:-1]
-        q = self.q(x).view(*shape, self.heads, self.head_dim)
+        xq = x
+        if first_only:
+            if self.causal or rotary is not None:
+                raise ValueError("first_only is for bidirectional encoders without rotary embeddings")
+            xq = x[batch.cu_seqlens[:-1].long()] if batch.packed else x[:, :1]
+        q_shape = xq.shape[:-1]
+        q = self.q(xq).view(*q_shape, self.heads, self.head_dim)
         k = self.k(x).view(*shape, self.kv_heads, self.head_dim)
         v = self.v(x).view(*shape, self.kv_heads, self.head_dim)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         p = self.dropout if self.training else 0.0
         if batch.packed:
-            out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
-                                       batch.max_seqlen, dropout_p=p, is_causal=self.causal)
+            cu_q, max_q = batch.cu_seqlens, batch.max_seqlen
+            if first_only:
+                n = batch.cu_seqlens.numel() - 1
+                cu_q, max_q = torch.arange(n + 1, dtype=torch.int32, device=x.device), 1
+            out = ops.varlen_attention(q, k, v, cu_q, batch.cu_seqlens, max_q, batch.max_seqlen, dropout_p=p,
+                                       is_causal=self.causal)
         else:
             mask = batch.attn_mask()
             if mask is not None and self.causal:
@@ -154,7 +170,7 @@ class Attention(nn.Module):
             out = ops.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=p,
                 is_causal=self.causal and mask is None, enable_gqa=self.kv_heads != self.heads).transpose(1, 2)
-        return self.o(out.reshape(*shape, self.heads * self.head_dim))
+        return self.o(out.reshape(*q_shape, self.heads * self.head_dim))
 
 
 def positions_of(batch: Batch, length: int, device) -> Tensor:

@@ -325,6 +325,15 @@ def _native(x: Tensor, params: tuple, residual: Optional[Tensor]) -> bool:
     return all(p is None or p.dtype in _CODES for p in params)
 
 
+def _promote_residual(x: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """x and residual in their promoted dtype, as ``x + residual`` would be: under bf16 autocast a
+    bf16 sublayer output meets the fp32 residual stream, and the fused kernel then runs in fp32."""
+    if residual is None or residual.dtype == x.dtype:
+        return x, residual
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype)
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
                residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """LayerNorm over the last dim, optionally of ``x + residual``.
@@ -343,6 +352,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     _check("weight", weight, x, True)
     _check("bias", bias, x, True)
     _check("residual", residual, x, False)
+    x, residual = _promote_residual(x, residual)
     if not _native(x, (weight, bias), residual):
         return layer_norm_reference(x, weight, bias, eps, residual)
     fn = _layer_norm_fwd if torch.compiler.is_compiling() else _LayerNormEager.apply
@@ -366,6 +376,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6,
     _check_x(x)
     _check("weight", weight, x, True)
     _check("residual", residual, x, False)
+    x, residual = _promote_residual(x, residual)
     if not _native(x, (weight,), residual):
         return rms_norm_reference(x, weight, eps, residual)
     fn = _rms_norm_fwd if torch.compiler.is_compiling() else _RmsNormEager.apply
