@@ -17,7 +17,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
     from llmcore.bench import attention
 
     attention.main(quick=args.quick, json_path=args.json, budget_s=args.budget, with_reference=not args.no_reference,
-                   varlen=not args.no_varlen)
+                   varlen=not args.no_varlen, plot_path=args.plot)
     return 0
 
 
@@ -31,7 +31,7 @@ def _bench_tokenizer(args: argparse.Namespace) -> int:
     command += [f"--{k.replace('_', '-')}" for k in ("quick", "no_adversarial", "no_memory") if getattr(args, k)]
     out = tokenizer.main(quick=args.quick, json_path=args.json, md_path=args.md, min_rounds=args.rounds,
                          budget_s=args.budget, with_adversarial=not args.no_adversarial, with_memory=not args.no_memory,
-                         families=families, command=" ".join(command))
+                         families=families, command=" ".join(command), plot_path=args.plot)
     return 0 if out["summary"].get("all outputs exact") else 1
 
 
@@ -39,6 +39,15 @@ def _bench_train_step(args: argparse.Namespace) -> int:
     from llmcore.bench import train_step
 
     train_step.main(json_path=args.json, budget_s=args.budget, quick=args.quick)
+    return 0
+
+
+def _bench_finetune(args: argparse.Namespace) -> int:
+    from llmcore.bench import finetune
+
+    dtypes = (args.dtype,) if args.dtype else ("fp32", "bf16")
+    finetune.main(rows=args.rows, dtypes=dtypes, json_path=args.json, md_path=args.md, plot_path=args.plot,
+                  quick=args.quick, reference_sampling=args.reference_sampling)
     return 0
 
 
@@ -148,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case and mode (default 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) eager reference")
     p.add_argument("--no-varlen", action="store_true", help="skip the SST-2/IMDB varlen cases")
+    p.add_argument("--plot", metavar="PNG", help="also draw llmcore against torch as a bar chart (needs matplotlib)")
     p.set_defaults(func=_bench_attention)
     p = bsub.add_parser("tokenizer", help="llmcore vs HF tokenizers (WordPiece) and tiktoken (cl100k): "
                                           "exactness, MB/s, adversarial inputs, memory; Markdown table + JSON")
@@ -160,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["wordpiece", "cl100k"], help="run the throughput cases of one tokenizer only")
     p.add_argument("--no-adversarial", action="store_true", help="skip the 1 MB adversarial inputs")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--plot", metavar="PNG", help="also draw llmcore against the references (needs matplotlib)")
     p.set_defaults(func=_bench_tokenizer)
     p = bsub.add_parser("train-step", help="one MiniLM training step on 32 SST-2 sentences: llmcore padded and "
                                            "packed vs transformers, fp32 and bf16 autocast")
@@ -167,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few rounds only")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of round-robin timing per dtype (default 10)")
     p.set_defaults(func=_bench_train_step)
+    p = bsub.add_parser("finetune", help="one epoch of MiniLM on SST-2 rows: llmcore finetune vs transformers "
+                                         "Trainer, fp32 and bf16, each in its own process; samples/s, memory, accuracy")
+    p.add_argument("--rows", type=int, default=4000, help="SST-2 training rows (default 4000)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="one precision only (default: both)")
+    p.add_argument("--reference-sampling", choices=["random", "group_by_length"], default="random",
+                   help="Trainer's batches: random as by default (default) or its group_by_length option")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--md", metavar="PATH", help="also write the Markdown report here")
+    p.add_argument("--plot", metavar="PNG", help="also draw the comparison as a bar chart (needs matplotlib)")
+    p.add_argument("--quick", action="store_true", help="a 256-row smoke run")
+    p.set_defaults(func=_bench_finetune)
     p = sub.add_parser("finetune", help="fine-tune a checkpoint for sequence classification on prepared or raw data")
     p.add_argument("--data", required=True, help="a folder made by `llmcore prepare`, or raw data as prepare takes")
     p.add_argument("--model", help="checkpoint folder (config.json + safetensors + tokenizer); default: the "

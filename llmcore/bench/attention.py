@@ -207,8 +207,9 @@ def geomean(xs: list[float]) -> float:
 
 
 def main(quick: bool = False, json_path: Optional[str] = None, budget_s: float = 3.0, with_reference: bool = True,
-         varlen: bool = True) -> dict:
-    """Run the suite, print the table and a summary of the bars, and optionally write JSON."""
+         varlen: bool = True, plot_path: Optional[str] = None) -> dict:
+    """Run the suite, print the table and a summary of the bars, and optionally write JSON and a
+    chart (``plot_path``: GFLOP/s of llmcore vs torch SDPA per case, the speed-up above each)."""
     impls = ("llmcore", "torch", "reference") if with_reference else ("llmcore", "torch")
     suite = SUITE[:2] if quick else SUITE
     cases = [dense_case(s, dt, c, impls) for s in suite for dt in DTYPES.values() for c in (False, True)]
@@ -245,7 +246,29 @@ def main(quick: bool = False, json_path: Optional[str] = None, budget_s: float =
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1, default=str)
+    if plot_path:
+        plot(results, plot_path)
     return out
+
+
+def plot(results: list[Result], path: str) -> str:
+    """GFLOP/s of llmcore and torch SDPA per case (log scale), one panel per mode, llmcore's
+    speed-up over torch above each case."""
+    from llmcore.bench.plot import Panel, bar_panels
+
+    panels = []
+    for mode, title in (("fwd", "forward"), ("fwd+bwd", "forward + backward")):
+        rows = {(r.case, r.impl): r for r in results if r.mode == mode}
+        cases = list(dict.fromkeys(case for case, impl in rows if impl == "llmcore" and (case, "torch") in rows))
+        if not cases:
+            continue
+        series = {"torch SDPA": [rows[(c, "torch")].gflops for c in cases],
+                  "llmcore": [rows[(c, "llmcore")].gflops for c in cases]}
+        ratios = [f"{rows[(c, 'llmcore')].speedup_vs_torch:.2f}x" for c in cases]
+        panels.append(Panel(cases, series, "GFLOP/s", ratios, title=title, log=True))
+    if not panels:
+        raise ValueError("no case has both llmcore and torch results: nothing to plot")
+    return bar_panels(path, "Attention: llmcore vs torch SDPA (same threads, round-robin)", panels)
 
 
 def summarize(results: list[Result], env: dict) -> dict:

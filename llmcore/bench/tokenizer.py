@@ -605,8 +605,9 @@ def _loadavg() -> Optional[list]:
 
 def main(quick: bool = False, json_path: Optional[str] = None, md_path: Optional[str] = None, min_rounds: int = 7,
          budget_s: float = 20.0, with_adversarial: bool = True, with_memory: bool = True,
-         families=("wordpiece", "cl100k"), command: Optional[str] = None) -> dict:
-    """Run the suite, print the Markdown table, optionally write JSON (and the Markdown)."""
+         families=("wordpiece", "cl100k"), command: Optional[str] = None, plot_path: Optional[str] = None) -> dict:
+    """Run the suite, print the Markdown table, optionally write JSON (and the Markdown) and a chart
+    (``plot_path``: MB/s of llmcore vs each reference per case, the median speed-up above each)."""
     texts = load_corpus(quick)
     so_mtime = _native_module_mtime()
     CRASHES.clear()
@@ -634,7 +635,32 @@ def main(quick: bool = False, json_path: Optional[str] = None, md_path: Optional
                     json.dump(out, f, indent=1, default=str)
                 else:
                     f.write(text)
+    if plot_path:
+        plot(out, plot_path)
     return out
+
+
+def plot(out: dict, path: str) -> str:
+    """MB/s of llmcore and of each reference per (tokenizer, threads) case; above each pair,
+    llmcore's median paired speed-up over that reference."""
+    from llmcore.bench.plot import bar_chart
+
+    groups, ref, ours, ratios = [], [], [], []
+    for case in out["throughput"]:
+        rows = case.get("results") or []
+        mine = next((r for r in rows if r["impl"] == "llmcore"), None)
+        for r in rows:
+            if mine is None or r["impl"] == "llmcore":
+                continue
+            groups.append(f"{r['tokenizer']} x{r['threads']}\nvs {r['impl']}")
+            ref.append(r["mb_s"])
+            ours.append(mine["mb_s"])
+            sp = r.get("llmcore_speedup")
+            ratios.append(f"{sp['median']:.2f}x" if sp else "")
+    if not groups:
+        raise ValueError("no throughput case has results: nothing to plot")
+    return bar_chart(path, "Tokenizers: llmcore vs the references (MB/s of UTF-8 input)", groups,
+                     {"reference": ref, "llmcore": ours}, "MB/s", ratios)
 
 
 # --- a reference-tokenizer server for the pytest-benchmark suite ------------------------------

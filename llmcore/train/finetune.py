@@ -16,39 +16,56 @@ from llmcore.train.loop import Trainer
 from llmcore.train.reporting import peak_memory_mb
 
 
+class SplitBatches:
+    """One epoch of model inputs from a prepared split, built lazily as it is iterated (sized, and
+    re-iterable: each pass rebuilds the same batches). Packed: ``input_ids`` (T,) + int32
+    ``cu_seqlens``; padded: (B, L) + ``attention_mask``; both with ``labels``."""
+
+    def __init__(self, split, rows: list, pack: bool):
+        self.split, self.rows, self.pack = split, rows, pack
+        self.labels = np.asarray(split.labels)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        for rows in self.rows:
+            yield self.batch(rows)
+
+    def batch(self, rows: np.ndarray) -> dict:
+        seqs = [self.split[int(i)] for i in rows]
+        labels = torch.as_tensor(self.labels[rows], dtype=torch.long)
+        if self.pack:
+            lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
+            cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+            np.cumsum(lengths, out=cu[1:])
+            return {"input_ids": torch.from_numpy(np.concatenate(seqs).astype(np.int64)),
+                    "cu_seqlens": torch.from_numpy(cu), "labels": labels}
+        width = max(len(s) for s in seqs)
+        ids = np.zeros((len(seqs), width), dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = s
+            mask[r, :len(s)] = 1
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "labels": labels}
+
+
 def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
-    """A factory epoch -> list of model inputs (packed with cu_seqlens, or padded with a mask),
-    length-bucketed and shuffled by (seed, epoch).
+    """A factory epoch -> ``SplitBatches``: length-bucketed batches shuffled by (seed, epoch).
 
     ``batch_size`` is per rank: the rows are cut into global batches of ``batch_size * world_size``
     and rank r takes every ``world_size``-th row of each from row r, so one process and N ranks see
     the same global batches. A last global batch with fewer rows than ranks is dropped (training:
     every rank must step)."""
-    def batches(epoch: int) -> list:
-        out = []
-        for rows in split.batches(batch_size * world_size, seed=seed + epoch, shuffle=shuffle):
-            if shuffle and len(rows) < world_size:
+    def batches(epoch: int) -> SplitBatches:
+        rows = []
+        for global_rows in split.batches(batch_size * world_size, seed=seed + epoch, shuffle=shuffle):
+            if shuffle and len(global_rows) < world_size:
                 continue
-            rows = rows[rank::world_size]
-            if len(rows) == 0:
-                continue
-            seqs = [split[int(i)] for i in rows]
-            labels = torch.as_tensor(np.asarray(split.labels)[rows], dtype=torch.long)
-            if pack:
-                lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
-                cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-                cu[1:] = torch.cumsum(lengths, 0)
-                out.append({"input_ids": torch.from_numpy(np.concatenate(seqs)).long(), "cu_seqlens": cu,
-                            "labels": labels})
-            else:
-                width = max(len(s) for s in seqs)
-                ids = torch.zeros(len(seqs), width, dtype=torch.long)
-                mask = torch.zeros(len(seqs), width, dtype=torch.long)
-                for r, s in enumerate(seqs):
-                    ids[r, :len(s)] = torch.from_numpy(np.array(s))  # memmap rows are read-only: copy
-                    mask[r, :len(s)] = 1
-                out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-        return out
+            mine = global_rows[rank::world_size]
+            if len(mine):
+                rows.append(mine)
+        return SplitBatches(split, rows, pack)
     return batches
 
 

