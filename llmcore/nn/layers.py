@@ -150,9 +150,14 @@ class Attention(nn.Module):
                 raise ValueError("first_only is for bidirectional encoders without rotary embeddings")
             xq = x[batch.cu_seqlens[:-1].long()] if batch.packed else x[:, :1]
         q_shape = xq.shape[:-1]
-        q = self.q(xq).view(*q_shape, self.heads, self.head_dim)
-        k = self.k(x).view(*shape, self.kv_heads, self.head_dim)
-        v = self.v(x).view(*shape, self.kv_heads, self.head_dim)
+        if first_only:
+            q = self.q(xq)
+            k, v = _fused_linear(x, (self.k, self.v))
+        else:
+            q, k, v = _fused_linear(x, (self.q, self.k, self.v))
+        q = q.view(*q_shape, self.heads, self.head_dim)
+        k = k.view(*shape, self.kv_heads, self.head_dim)
+        v = v.view(*shape, self.kv_heads, self.head_dim)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         p = self.dropout if self.training else 0.0
@@ -171,6 +176,19 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=p,
                 is_causal=self.causal and mask is None, enable_gqa=self.kv_heads != self.heads).transpose(1, 2)
         return self.o(out.reshape(*q_shape, self.heads * self.head_dim))
+
+
+def _fused_linear(x: Tensor, linears: tuple) -> tuple:
+    """``tuple(lin(x) for lin in linears)`` as one GEMM on the concatenated weights: one pass over
+    x (and, under autocast, one cast of it) instead of one per projection, and a wider matrix.
+    The outputs are column slices of one (..., sum of widths) tensor."""
+    weight = torch.cat([lin.weight for lin in linears])
+    biases = [lin.bias for lin in linears]
+    bias = torch.cat(biases) if all(b is not None for b in biases) else None
+    if bias is None and any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else lin.weight.new_zeros(lin.out_features)
+                          for b, lin in zip(biases, linears)])
+    return nn.functional.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
 
 
 def positions_of(batch: Batch, length: int, device) -> Tensor:
