@@ -173,6 +173,27 @@ def test_errors(tmp_path):
         PreparedDataset.load(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("content,kwargs,message", [
+    ("text,label\n", {}, "has no data rows"),
+    ("", {}, "is empty"),
+    ("text,label\ngood,1\nbad,0\n", {"text_column": "label"}, "holds only integers"),
+    ("text,label\ngood,1\nbad,0\n", {"label_column": "text", "text_column": "text"}, "both the text and the label"),
+    ("text,label\n<br />,1\n   ,0\n", {}, "no row of .* is left after cleaning"),
+])
+def test_bad_data_names_the_problem(tmp_path, content, kwargs, message):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        prepare(path, MODEL, 16, tmp_path / "o", **kwargs)
+
+
+def test_non_text_json_column(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": [i], "label": i % 2}) + "\n" for i in range(4)))
+    with pytest.raises(ValueError, match="text column 'text' .* holds list values"):
+        prepare(path, MODEL, 16, tmp_path / "o")
+
+
 def test_hub_name_fails_clearly_offline(tmp_path):
     pytest.importorskip("datasets")
     import time

@@ -68,6 +68,19 @@ def detect_columns(columns: Dict[str, list], text_column: Optional[str], label_c
     return text_column, label_column
 
 
+def check_text_column(values: Sequence, name: str, where: str) -> None:
+    """Raise when a text column holds no text: non-string values (JSON numbers, lists) or only
+    integers (a label or id column passed as --text-column)."""
+    sample = [v for v in values[:1000] if v is not None]
+    odd = next((v for v in sample if not isinstance(v, str)), None)
+    if odd is not None:
+        raise ValueError(f"text column {name!r} of {where} holds {type(odd).__name__} values (e.g. {odd!r}), "
+                         "not text; pick the text column with --text-column")
+    if sample and all(_is_int(v) for v in sample):
+        raise ValueError(f"text column {name!r} of {where} holds only integers (e.g. {sample[0]!r}), not text; "
+                         "pick the text column with --text-column")
+
+
 def _is_int(v) -> bool:
     if isinstance(v, bool):
         return False

@@ -232,6 +232,11 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             raise ValueError(f"text column {text_col!r} (of {where[primary]}) not found in {where[split]}; "
                              f"columns are {names}")
         cols[split] = (text_col, label_col if label_col in table else None)
+        if not table[text_col]:
+            raise ValueError(f"{where[split]} has no data rows")
+        clean.check_text_column(table[text_col], text_col, where[split])
+    if label_col is not None and label_col == text_col:
+        raise ValueError(f"column {text_col!r} cannot be both the text and the label column")
     hub_names = None
     for table in tables.values():
         hub_names = (table.get("__label_names__") or {}).get(label_col) or hub_names
@@ -254,6 +259,10 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         result[split] = {"texts": [texts[i] for i in keep], "labels": labels}
         counts[split] = {"rows": len(raw), "kept": len(keep), "dropped": dropped}
 
+    for split, r in result.items():
+        if not r["texts"]:
+            raise ValueError(f"no row of {where[split]} is left after cleaning and filtering "
+                             f"(dropped: {counts[split]['dropped']})")
     _check_label_sets(result, where, label_names)
 
     if "validation" not in result and "train" in result and validation_fraction > 0:
