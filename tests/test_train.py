@@ -296,3 +296,33 @@ def test_checkpoints_are_published_whole(tmp_path):
                                      report_to="none"), factory(3))
     trainer.train()
     assert sorted(os.listdir(trainer.config.output_dir)) == ["checkpoint-1", "checkpoint-2", "logs"]
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active / inactive
+def test_clip_inside_fused_adamw_matches_clip_then_step(max_norm):
+    """clip_and_step hands the clip coefficient to fused AdamW as its grad_scale: the same update
+    as torch.nn.utils.clip_grad_norm_ followed by step(), to float32 rounding."""
+    from llmcore.train.optim import clip_and_step
+
+    a, b = tiny(0, dropout=0.0), tiny(0, dropout=0.0)
+    opt_a, opt_b = make_optimizer(a, 1e-2, 0.01), make_optimizer(b, 1e-2, 0.01)
+    assert opt_a.param_groups[0]["fused"]
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        batch = padded(gen, 6)
+        for model in (a, b):
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+            F.cross_entropy(out.logits, batch["labels"]).backward()
+        norm_a = torch.nn.utils.clip_grad_norm_(a.parameters(), max_norm)
+        opt_a.step()
+        norm_b = clip_and_step(opt_b, [p for p in b.parameters()], max_norm)
+        torch.testing.assert_close(norm_b, norm_a, rtol=1e-6, atol=0)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+    assert not hasattr(opt_b, "grad_scale")
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6, msg=name)
+        # Adam's update hardly depends on the gradients' scale; its moments do: they show the clip
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_b.state[pb][key], opt_a.state[pa][key], rtol=1e-4, atol=1e-12,
+                                       msg=f"{name} {key}")

@@ -26,7 +26,7 @@ from llmcore.train.checkpoint import (
     seed_everything,
 )
 from llmcore.train.config import TrainConfig
-from llmcore.train.optim import linear_schedule, make_optimizer
+from llmcore.train.optim import clip_and_step, linear_schedule, make_optimizer
 from llmcore.train.reporting import Reporter, peak_memory_mb
 
 IGNORE_INDEX = -100
@@ -291,6 +291,7 @@ class Trainer:
         if self.world_size > 1 and not isinstance(self._wrapped, nn.parallel.DistributedDataParallel):
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
         reporter = self._reporter()
         reporter.start(total, self.global_step)
@@ -315,8 +316,9 @@ class Trainer:
                     loss, examples = accumulate_gradients(self._wrapped, window, cfg.bf16)
                     grad_norm = None
                     if cfg.max_grad_norm > 0:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
+                        grad_norm = clip_and_step(self.optimizer, self._params, cfg.max_grad_norm)
+                    else:
+                        self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1

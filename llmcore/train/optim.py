@@ -40,3 +40,28 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_(parameters, max_norm)`` then ``optimizer.step()``; returns the total norm.
+
+    The clip coefficient ``min(1, max_norm / (norm + 1e-6))`` is transformers' (and torch's).
+    A fused AdamW applies it inside its own pass over the gradients (as the ``grad_scale`` a
+    GradScaler would set: it divides by ``1 / coef``), which saves one read and write of every
+    gradient per step; other optimizers get the usual in-place multiply first."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True) if grads \
+        else torch.zeros(())
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    if fused and not hasattr(optimizer, "grad_scale"):
+        optimizer.grad_scale = (1.0 / coef).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+        optimizer.step()
+    return norm
