@@ -194,6 +194,7 @@ PYBIND11_MODULE(_C, m) {
 
 #ifdef LLMCORE_WITH_CUDA
   m.attr("cuda_built") = true;
+  { void bind_attention_cuda(py::module_&); bind_attention_cuda(m); }  // attention_cuda_bindings.cpp
   m.def("cuda_device_count", &llmcore::cuda::device_count);
   m.def("cuda_runtime_version", &llmcore::cuda::runtime_version);
   m.def("cuda_selftest", [](int n) {

@@ -51,6 +51,14 @@ def _bench_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_prepare(args: argparse.Namespace) -> int:
+    from llmcore.bench import prepare as bench_prepare
+
+    out = bench_prepare.main(rounds=args.rounds, rows=args.rows, json_path=args.json, md_path=args.md,
+                             plot_path=args.plot)
+    return 0 if out["summary"]["bar_met"]["outputs_agree"] else 1
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from llmcore.data import prepare  # no torch on this path
 
@@ -178,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few rounds only")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of round-robin timing per dtype (default 10)")
     p.set_defaults(func=_bench_train_step)
+    p = bsub.add_parser("prepare", help="a whole `llmcore prepare` process on SST-2 train vs datasets.map + the HF "
+                                        "fast tokenizer (same cleaning), and the cached rerun; outputs compared")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side (default 5)")
+    p.add_argument("--rows", type=int, help="only the first ROWS rows of sst2/train.tsv (default: all)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--md", metavar="PATH", help="also write the Markdown report here")
+    p.add_argument("--plot", metavar="PNG", help="also draw the comparison as a bar chart (needs matplotlib)")
+    p.set_defaults(func=_bench_prepare)
     p = bsub.add_parser("finetune", help="one epoch of MiniLM on SST-2 rows: llmcore finetune vs transformers "
                                          "Trainer, fp32 and bf16, each in its own process; samples/s, memory, accuracy")
     p.add_argument("--rows", type=int, default=4000, help="SST-2 training rows (default 4000)")

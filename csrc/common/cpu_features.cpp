@@ -1,5 +1,6 @@
 #include "common/cpu_features.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>

@@ -271,6 +271,16 @@ def scaled_dot_product_attention(
     if chosen.name == "reference":
         out = sdpa_reference(query, key, value, attn_mask, is_causal, scale, enable_gqa, dropout_p)
         return out[0] if nd == 2 else out
+    if chosen.name == "cuda":
+        from llmcore.ops.cuda_attention import sdpa as cuda_sdpa
+
+        out = cuda_sdpa(query, key, value, batch, is_causal, scale)
+        return out[0] if nd == 2 else out
+    if chosen.name == "triton":
+        from llmcore.ops.triton.attention import sdpa as triton_sdpa
+
+        out = triton_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, batch)
+        return out[0] if nd == 2 else out
 
     def as4d(t: Tensor, heads: int, rows: int, dim: int) -> Tensor:
         return t.expand(*batch, heads, rows, dim).reshape(-1, heads, rows, dim)
@@ -342,6 +352,15 @@ def varlen_attention(
     chosen = select(call, backend)
     if chosen.name == "reference":
         return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, dropout_p)
+    if chosen.name == "cuda":
+        from llmcore.ops.cuda_attention import varlen as cuda_varlen
+
+        return cuda_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale)
+    if chosen.name == "triton":
+        from llmcore.ops.triton.attention import varlen as triton_varlen
+
+        return triton_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+                             scale)
     out, _ = _varlen_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
                          float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device))
     return out

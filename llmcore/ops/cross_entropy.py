@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from llmcore.ops import triton as triton_ops
+
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -226,6 +228,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # public API
 
 
+def _use_triton(device: torch.device, compute_dtype: torch.dtype, backend: Optional[str]) -> bool:
+    """Named "triton" (and able, else an error naming why), or no backend named and CUDA tensors."""
+    if backend is None:
+        return device.type == "cuda" and triton_ops.installed() and compute_dtype != torch.float64
+    if backend != "triton":
+        return False
+    from llmcore.ops.triton.cross_entropy import why_not
+
+    reason = triton_ops.unavailable(device) or why_not(compute_dtype)
+    if reason:
+        raise RuntimeError(f"backend='triton' cannot run this call: {reason}")
+    return True
+
+
 def _check_float(name: str, t) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -242,6 +258,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     label_smoothing: float = 0.0,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the full logits.
 
@@ -267,6 +284,10 @@ def linear_cross_entropy(
     (measured up to 1024 chunks) and is accumulated in float32 when the weight is float32
     under autocast. The loss itself is more precise than torch's bf16 composite (float32
     log-softmax) but is returned in the input dtype, as torch does.
+
+    ``backend``: None runs each chunk's softmax as PyTorch ops on the CPU and as a Triton
+    kernel for CUDA tensors (when Triton is installed); "triton" (CPU tensors under
+    TRITON_INTERPRET=1) or "torch" force one. float64 runs on PyTorch ops ("triton" refuses it).
 
     Gradient accumulation: "mean" divides each micro-batch by its own token count, which
     weights tokens unevenly when micro-batches hold different numbers of real tokens. Sum
@@ -316,6 +337,8 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"backend={backend!r} is unknown; choose one of None, 'triton', 'torch'")
 
     out_dtype = compute_dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type) and torch.float64 not in (hidden.dtype, weight.dtype):
@@ -336,8 +359,10 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
+    function = _LinearCrossEntropy
+    if _use_triton(hidden.device, compute_dtype, backend):
+        from llmcore.ops.triton.cross_entropy import LinearCrossEntropy as function
     with torch.autocast(hidden.device.type, enabled=False):
-        out = _LinearCrossEntropy.apply(hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                        labels, ignore_index, reduction, float(label_smoothing), chunk, needs,
-                                        compute_dtype, out_dtype)
+        out = function.apply(hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels,
+                             ignore_index, reduction, float(label_smoothing), chunk, needs, compute_dtype, out_dtype)
     return out.reshape(shape[:-1]) if reduction == "none" else out

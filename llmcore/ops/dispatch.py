@@ -76,20 +76,46 @@ def _cpu_unavailable() -> Optional[str]:
 
 
 def _cuda_unavailable() -> Optional[str]:
-    return "CUDA attention kernels are not implemented yet"
+    from llmcore.ops import cuda_attention  # imports only torch and _C; the answer is cached per device
+
+    return cuda_attention.unavailable()
+
+
+class _CudaBackend(Backend):
+    """The CUDA C++ kernels have no dropout: such calls go to the next backend, with this reason."""
+
+    def why_not(self, call: AttentionCall) -> Optional[str]:
+        return super().why_not(call) or ("dropout not supported" if call.dropout else None)
 
 
 def _triton_unavailable() -> Optional[str]:
-    return "Triton attention kernels are not implemented yet"
+    from llmcore.ops import triton as triton_ops  # light: finds Triton without importing it
+
+    if not triton_ops.installed():
+        return "triton is not installed (pip install triton)"
+    if triton_ops.interpreting() or torch.cuda.is_available():
+        return None
+    return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, in Triton's interpreter)"
+
+
+class _TritonBackend(Backend):
+    """CPU tensors only under TRITON_INTERPRET=1 (how CI tests the kernels). The entry sits after "cpu", so
+    automatic selection keeps the native CPU kernels and only ``backend="triton"`` reaches the interpreter."""
+
+    def why_not(self, call: AttentionCall) -> Optional[str]:
+        if call.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
+        return super().why_not(call)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 BACKENDS: tuple[Backend, ...] = (
-    Backend("cuda", ("cuda",), (torch.bfloat16, torch.float16), 256, ("none", "bool", "additive"), True, False,
-            _cuda_unavailable),
-    Backend("triton", ("cuda",), _FLOATS, 256, ("none", "bool", "additive"), True, False, _triton_unavailable),
+    _CudaBackend("cuda", ("cuda",), (torch.bfloat16, torch.float16), 256, ("none",), True, False,
+                 _cuda_unavailable),
     Backend("cpu", ("cpu",), _FLOATS, 256, ("none", "bool", "additive"), True, False, _cpu_unavailable),
+    _TritonBackend("triton", ("cuda", "cpu"), _FLOATS, 256, ("none", "bool", "additive"), True, False,
+                   _triton_unavailable),
     Backend("reference", ("cpu", "cuda", "mps", "xpu", "meta"), _FLOATS + (torch.float64,), 1 << 30,
             ("none", "bool", "additive"), True, True, lambda: None),
 )

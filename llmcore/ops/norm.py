@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmcore import _C
+from llmcore.ops import triton as triton_ops
+from llmcore.ops.triton import norm as triton_norm
 
 __all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference"]
 
@@ -325,6 +327,30 @@ def _native(x: Tensor, params: tuple, residual: Optional[Tensor]) -> bool:
     return all(p is None or p.dtype in _CODES for p in params)
 
 
+_BACKENDS = (None, "triton", "cpu", "reference")
+
+
+def _use_triton(x: Tensor, params: tuple, backend: Optional[str]) -> bool:
+    """Whether the Triton kernels take this call: asked for by name (and able, else an error naming why), or,
+    when no backend is named, for CUDA tensors when Triton is installed and the kernels fit."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of None, 'triton', 'cpu', 'reference'")
+    if backend is None:
+        return x.device.type == "cuda" and triton_ops.installed() and triton_norm.why_not(x, params) is None
+    if backend != "triton":
+        return False
+    reason = triton_ops.unavailable(x.device) or triton_norm.why_not(x, params)
+    if reason:
+        raise RuntimeError(f"backend='triton' cannot run this call: {reason}")
+    return True
+
+
+def _use_reference(x: Tensor, params: tuple, residual: Optional[Tensor], backend: Optional[str]) -> bool:
+    if backend == "cpu" and not _native(x, params, residual):
+        raise RuntimeError(f"backend='cpu' cannot run this call ({x.device.type} tensor of {x.dtype})")
+    return backend == "reference" or not _native(x, params, residual)
+
+
 def _promote_residual(x: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """x and residual in their promoted dtype, as ``x + residual`` would be: under bf16 autocast a
     bf16 sublayer output meets the fp32 residual stream, and the fused kernel then runs in fp32."""
@@ -335,13 +361,18 @@ def _promote_residual(x: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Op
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
-               residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+               residual: Optional[Tensor] = None,
+               backend: Optional[str] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """LayerNorm over the last dim, optionally of ``x + residual``.
 
     Shapes: x (..., N), weight and bias (N,) or None, residual like x. Returns y (..., N) in
     x's dtype, or ``(y, s)`` with ``s = x + residual`` when a residual is given. Statistics
     are float32 (biased variance, as ``F.layer_norm``). Differentiable in x, weight, bias
     and residual (through y and s).
+
+    ``backend``: None runs the native kernels for CPU tensors and the Triton kernels for
+    CUDA tensors (the plain-PyTorch reference where neither fits); "triton" (CPU tensors
+    under TRITON_INTERPRET=1), "cpu" or "reference" force one.
 
     >>> x = torch.randn(2, 5, 8); w, b = torch.ones(8), torch.zeros(8)
     >>> y, s = layer_norm(x, w, b, residual=torch.randn(2, 5, 8))
@@ -353,21 +384,24 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     _check("bias", bias, x, True)
     _check("residual", residual, x, False)
     x, residual = _promote_residual(x, residual)
-    if not _native(x, (weight, bias), residual):
+    if _use_triton(x, (weight, bias), backend):
+        return triton_norm.layer_norm(x, weight, bias, eps, residual)
+    if _use_reference(x, (weight, bias), residual, backend):
         return layer_norm_reference(x, weight, bias, eps, residual)
     fn = _layer_norm_fwd if torch.compiler.is_compiling() else _LayerNormEager.apply
     y, s, _, _ = fn(x, weight, bias, residual, float(eps))
     return (y, s) if residual is not None else y
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6,
-             residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, residual: Optional[Tensor] = None,
+             backend: Optional[str] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """RMSNorm over the last dim as HF's ``LlamaRMSNorm``, optionally of ``x + residual``.
 
     ``y = weight * (s * rsqrt(mean(s^2) + eps)).to(s.dtype)`` with the statistics in
     float32. Shapes: x (..., N), weight (N,) or None, residual like x. y has the dtype
     ``promote(x.dtype, weight.dtype)`` (x's dtype for a weight of the same dtype); returns
     ``(y, s)`` with ``s = x + residual`` when a residual is given.
+    ``backend`` as in :func:`layer_norm`.
 
     >>> x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
     >>> rms_norm(x, torch.ones(8, dtype=torch.bfloat16)).dtype
@@ -377,7 +411,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6,
     _check("weight", weight, x, True)
     _check("residual", residual, x, False)
     x, residual = _promote_residual(x, residual)
-    if not _native(x, (weight,), residual):
+    if _use_triton(x, (weight,), backend):
+        return triton_norm.rms_norm(x, weight, eps, residual)
+    if _use_reference(x, (weight,), residual, backend):
         return rms_norm_reference(x, weight, eps, residual)
     fn = _rms_norm_fwd if torch.compiler.is_compiling() else _RmsNormEager.apply
     y, s, _ = fn(x, weight, residual, float(eps))

@@ -1,0 +1,21 @@
+// Forward kernels for head dims up to 128, bf16 and fp16 (the files compile in parallel).
+#include "attention/cuda/forward.cuh"
+
+namespace llmcore::attention::cuda {
+
+#define LLMCORE_FWD_CONFIG 128, 128, 64, 4  // kD, kBM, kBN, kWarps (FwdTraits)
+
+template <>
+std::string run_forward<__nv_bfloat16, 128>(const Params& p, cudaStream_t stream) {
+  return launch_forward<__nv_bfloat16, LLMCORE_FWD_CONFIG>(p, stream);
+}
+template <>
+std::string run_forward<__half, 128>(const Params& p, cudaStream_t stream) {
+  return launch_forward<__half, LLMCORE_FWD_CONFIG>(p, stream);
+}
+template <>
+int forward_smem_bytes<128>() {
+  return FwdTraits<__nv_bfloat16, LLMCORE_FWD_CONFIG>::kSmem;
+}
+
+}  // namespace llmcore::attention::cuda

@@ -1,0 +1,297 @@
+"""Launchers and autograd for the Triton attention kernels (``attention_kernels``).
+
+``sdpa`` takes :func:`llmcore.scaled_dot_product_attention`'s checked arguments (any
+leading batch dims, boolean or additive masks of any broadcastable shape, top-left causal,
+GQA, dropout); ``varlen`` those of :func:`llmcore.varlen_attention` (packed sequences,
+bottom-right causal). Both return differentiable outputs in the inputs' dtype.
+
+Block sizes: a fixed table per head dim and dtype on the GPU (H100/H200-class: 128-row
+query tiles, 8 warps up to head dim 128); ``LLMCORE_TRITON_AUTOTUNE=1`` autotunes among a
+few configurations instead (per head dim, dtype and power-of-two sequence length). Under
+the interpreter the blocks are 16 x 16 (``LLMCORE_TRITON_INTERPRET_BLOCK``), small enough
+that tiny test shapes cross several blocks, ragged tails and causal diagonals.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from llmcore.ops.triton._loader import kernels
+
+__all__ = ["sdpa", "varlen"]
+
+_NONE, _BOOL, _ADDITIVE = 0, 1, 2
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool) -> list[dict]:
+    """Candidate blocks for kernel ``kind`` ("fwd", "dkdv", "dq"); the first is the default.
+
+    Sized for 228 KB of shared memory per SM (H100/H200; A100 has 164 KB): a pipeline stage
+    holds a K and a V tile (forward, dQ) or a Q and a dO tile (dK/dV) besides the resident
+    tiles. float32 inputs (``wide``) halve the blocks.
+    """
+    # (BLOCK_M, BLOCK_N, warps, stages), first = default: chosen from Triton's H100/H200 compile reports
+    # (no register spills at the default) pending measurements; the rest are autotuning candidates.
+    if kind == "fwd":
+        table = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+                 128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+                 256: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)]}
+    elif kind == "dkdv":
+        table = {64: [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3)],
+                 128: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 128, 8, 2)],
+                 256: [(32, 32, 8, 2), (16, 32, 4, 2)]}
+    else:
+        table = {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+                 128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+                 256: [(32, 32, 4, 2), (64, 32, 8, 1)]}
+    rows = table[max(64, block_d)]
+    if wide:
+        rows = [(max(16, m // 2), max(16, n // 2), w, max(1, s - 1)) for m, n, w, s in rows]
+    rows = rows if tune else rows[:1]
+    return [_cfg(*r) for r in rows]
+
+
+def _interpreter_config() -> dict:
+    b = int(os.environ.get("LLMCORE_TRITON_INTERPRET_BLOCK", "16"))
+    return _cfg(b, b, 1, 1)
+
+
+_TUNED: dict = {}
+
+
+def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, wide: bool):
+    """Runs kernel ``fn`` with fixed blocks, or through a (cached) autotuner on request."""
+    if mod.INTERPRET:
+        cfg = _interpreter_config()
+    else:
+        tune = os.environ.get("LLMCORE_TRITON_AUTOTUNE", "0") == "1"
+        configs = _gpu_configs(kind, block_d, wide, tune)
+        if tune:
+            import triton
+
+            key = (kind, block_d, wide)
+            tuned = _TUNED.get(key)
+            if tuned is None:
+                tuned = _TUNED[key] = triton.autotune(
+                    [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                                   num_stages=c["num_stages"]) for c in configs],
+                    key=["TUNE_LEN", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT"],
+                )(fn)
+            tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+            return
+        cfg = configs[0]
+    fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
+
+
+def _rows3(t: Tensor, packed: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides: (B, H, L, D) dense, or (total, H, D) packed (batch stride 0)."""
+    return (0, t.stride(1), t.stride(0)) if packed else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+
+
+class _Problem:
+    """Sizes, strides and flags shared by the forward and backward launches."""
+
+    def __init__(self, q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):
+        self.packed = cu_q is not None
+        self.batch = cu_q.numel() - 1 if self.packed else q.size(0)
+        self.heads, self.heads_k = q.size(1), k.size(1)  # dense (B, H, L, D) and packed (total, H, D) alike
+        self.len_q, self.len_k = max_q, max_k
+        self.head_dim, self.head_dim_v = q.size(-1), v.size(-1)
+        self.block_d, self.block_dv = _pow2(self.head_dim), _pow2(self.head_dim_v)
+        self.scale, self.causal, self.dropout_p = scale, causal, dropout_p
+        self.mask = mask
+        self.mask_kind = _NONE if mask is None else (_BOOL if mask.dtype == torch.bool else _ADDITIVE)
+        self.wide = q.dtype == torch.float32
+        self.cu_q, self.cu_k = cu_q, cu_k
+        total_q = q.size(0)
+        # logsumexp / delta rows: (B, H, Lq) dense, (H, total_q) packed
+        self.lse_shape = (self.heads, total_q) if self.packed else (self.batch, self.heads, self.len_q)
+        self.lse_strides = (0, total_q) if self.packed else (self.heads * self.len_q, self.len_q)
+        if dropout_p >= 1.0:
+            self.drop_thresh, self.drop_scale = 0xFFFFFFFF, 0.0
+        else:
+            self.drop_thresh = min(int(dropout_p * 4294967296.0), 0xFFFFFFFF)
+            self.drop_scale = 1.0 / (1.0 - dropout_p)
+
+    def mask_args(self, dummy: Tensor) -> tuple:
+        if self.mask is None:
+            return (dummy, 0, 0, 0, 0)
+        m = self.mask.view(torch.uint8) if self.mask.dtype == torch.bool else self.mask
+        return (m, *self.mask.stride())
+
+    def consts(self) -> dict:
+        return dict(HEAD_DIM=self.head_dim, HEAD_DIM_V=self.head_dim_v, BLOCK_D=self.block_d,
+                    BLOCK_DV=self.block_dv, CAUSAL=self.causal, BOTTOM_RIGHT=self.packed, VARLEN=self.packed,
+                    MASK_KIND=self.mask_kind, DROPOUT=self.dropout_p > 0.0,
+                    PRECISION="ieee" if self.wide else "tf32")
+
+    def tune_len(self) -> int:
+        return _pow2(max(self.len_q, self.len_k))
+
+
+def _forward(p: _Problem, q: Tensor, k: Tensor, v: Tensor, rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    out = q.new_empty(*q.shape[:-1], p.head_dim_v)
+    lse = torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)
+    mod = kernels("attention_kernels", q.device)
+    cu_q = p.cu_q if p.packed else q
+    cu_k = p.cu_k if p.packed else q
+    args = (q, k, v, out, lse, p.mask_args(q)[0], cu_q, cu_k, rng if rng is not None else q,
+            p.scale * math.log2(math.e), p.drop_thresh, p.drop_scale,
+            *_rows3(q, p.packed), *_rows3(k, p.packed), *_rows3(v, p.packed), *_rows3(out, p.packed),
+            *p.mask_args(q)[1:], *p.lse_strides,
+            p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
+    grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
+    _launch(mod, "fwd", mod.attn_fwd, grid, args, p.consts(), p.block_d, p.wide)
+    return out, lse
+
+
+def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              rng: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    mod = kernels("attention_kernels", q.device)
+    do = _last_dim_contiguous(do)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    cu_q = p.cu_q if p.packed else q
+    cu_k = p.cu_k if p.packed else q
+    consts = p.consts()
+    delta_block = 16 if mod.INTERPRET else 64
+    mod.attn_bwd_delta[(triton_cdiv(p.len_q, delta_block), p.heads, p.batch)](
+        out, do, delta, cu_q, *_rows3(out, p.packed), *_rows3(do, p.packed), *p.lse_strides, p.len_q,
+        HEAD_DIM_V=p.head_dim_v, BLOCK_DV=p.block_dv, VARLEN=p.packed, BLOCK_M=delta_block)
+    mask, *mask_strides = p.mask_args(q)
+    common = (p.scale, p.scale * math.log2(math.e), p.drop_thresh, p.drop_scale,
+              *_rows3(q, p.packed), *_rows3(k, p.packed), *_rows3(v, p.packed), *_rows3(do, p.packed))
+    tail = (*mask_strides, *p.lse_strides, p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
+    rng = rng if rng is not None else q
+    args = (q, k, v, do, dk, dv, lse, delta, mask, cu_q, cu_k, rng, *common, *_rows3(dk, p.packed),
+            *_rows3(dv, p.packed), *tail)
+    grid = lambda bm, bn: (triton_cdiv(p.len_k, bn), p.heads_k, p.batch)  # noqa: E731
+    _launch(mod, "dkdv", mod.attn_bwd_dkdv, grid, args, consts, p.block_d, p.wide)
+    args = (q, k, v, do, dq, lse, delta, mask, cu_q, cu_k, rng, *common, *_rows3(dq, p.packed), *tail)
+    grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
+    _launch(mod, "dq", mod.attn_bwd_dq, grid, args, consts, p.block_d, p.wide)
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _Attention(torch.autograd.Function):
+    """q, k, v: dense (B, H, L, D) or packed (total, H, D) with cu_seqlens -> out like q (Dv)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        p = _Problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
+        out, lse = _forward(p, q, k, v, rng)
+        ctx.problem = p
+        ctx.save_for_backward(q, k, v, out, lse, rng)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, rng = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.problem, grad_out, q, k, v, out, lse, rng)
+        return (dq, dk, dv) + (None,) * 9
+
+
+def _draw_rng(dropout_p: float, device) -> Optional[Tensor]:
+    """(seed, offset) for the kernels' Philox dropout, as the CPU backend draws them."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+
+
+class _Zeros(torch.autograd.Function):
+    """An empty problem (no rows, no keys or no heads): zeros out, zero gradients in."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, shape):
+        ctx.save_for_backward(q, k, v)
+        return q.new_zeros(shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return tuple(torch.zeros_like(t) for t in ctx.saved_tensors) + (None,)
+
+
+def _empty_result(q: Tensor, k: Tensor, v: Tensor, out_shape) -> Tensor:
+    return _Zeros.apply(q, k, v, tuple(out_shape))
+
+
+def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+         scale: float, batch: torch.Size) -> Tensor:
+    """query (*batch?, Hq, Lq, E), key/value (*batch?, Hkv, Lk, E / Ev) -> (*batch, Hq, Lq, Ev).
+
+    Leading dims broadcast to ``batch``; ``attn_mask`` broadcasts to (*batch, Hq, Lq, Lk)
+    (its broadcast dims are read with stride 0, never copied).
+    """
+    hq, hkv = query.size(-3), key.size(-3)
+    lq, lk, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+
+    n = math.prod(batch)
+
+    def as4d(t: Tensor, heads: int, rows: int, dim: int) -> Tensor:
+        return t.expand(*batch, heads, rows, dim).reshape(n, heads, rows, dim)
+
+    q4, k4, v4 = as4d(query, hq, lq, e), as4d(key, hkv, lk, e), as4d(value, hkv, lk, ev)
+    if q4.numel() == 0 or k4.numel() == 0 or v4.numel() == 0:
+        return _empty_result(q4, k4, v4, q4.shape[:-1] + (ev,)).reshape(*batch, hq, lq, ev)
+    mask4 = None
+    if attn_mask is not None:
+        mask4 = attn_mask.expand(*batch, hq, lq, lk).reshape(n, hq, lq, lk)
+    rng = _draw_rng(dropout_p, query.device)
+    out, _ = _Attention.apply(q4, k4, v4, mask4, None, None, lq, lk, float(dropout_p), bool(is_causal), float(scale),
+                              rng)
+    return out.reshape(*batch, hq, lq, ev)
+
+
+def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
+    """What the CPU backend checks natively. Only for CPU tensors: on a GPU it would cost a sync per call."""
+    for name, cu, total, mx, mx_name in (("cu_seqlens_q", cu_q, total_q, max_q, "max_seqlen_q"),
+                                         ("cu_seqlens_k", cu_k, total_k, max_k, "max_seqlen_k")):
+        c = cu.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {c[0]}")
+        if any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {c[:16]}")
+        if c[-1] != total:
+            raise ValueError(f"{name}[-1] = {c[-1]} but the tensor has {total} rows")
+        if any(b - a > mx for a, b in zip(c, c[1:])):
+            raise ValueError(f"{name} has a sequence longer than {mx_name} = {mx}")
+
+
+def varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+           max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float) -> Tensor:
+    """q (total_q, Hq, E), k/v (total_k, Hkv, E / Ev), int32 cu_seqlens (n + 1,) -> (total_q, Hq, Ev).
+
+    On a GPU ``cu_seqlens`` are trusted (as FlashAttention does): each sequence must be at
+    most ``max_seqlen`` long, or its tail rows are not computed.
+    """
+    if q.device.type == "cpu":
+        _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, max_seqlen_k)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return _empty_result(q, k, v, (q.size(0), q.size(1), v.size(-1)))
+    rng = _draw_rng(dropout_p, q.device)
+    out, _ = _Attention.apply(q, k, v, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q,
+                              max_seqlen_k, float(dropout_p), bool(is_causal), float(scale), rng)
+    return out

@@ -1,0 +1,60 @@
+"""Cross-entropy over one chunk of logits, in place, in Triton.
+
+For a row of logits z (V classes, any float dtype, read as float32), label y, smoothing
+eps and weight c (1 / #tokens, 1, the upstream gradient, or 0 for ignored rows):
+
+    lse  = log(sum_j exp(z_j))
+    loss = (1 - eps) * (lse - z_y) + eps * (lse - mean_j z_j)
+    z_j <- c * (exp(z_j - lse) - (1 - eps) * [j == y] - eps / V)      (when WRITE_GRAD)
+
+Two sweeps over the row: an online max / sum of exp (and sum of z for the smoothing),
+then the gradient, written over the logits so the chunk's buffer goes straight into the
+next matmuls. Loaded once per mode by :mod:`llmcore.ops.triton._loader`.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+from llmcore.ops.triton import _loader
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_cast = _loader.load("_helpers", INTERPRET).cast
+
+
+@triton.jit
+def ce_rows(
+    Z, Y, COEF, LOSS, stride_z, n_classes, eps,
+    WRITE_GRAD: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    Z += row.to(tl.int64) * stride_z
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per-lane running max and sum
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    z_sum = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(0, n_classes, BLOCK_V):
+        inside = v0 + cols < n_classes
+        z = tl.load(Z + v0 + cols, mask=inside, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp(m - m_use) + tl.exp(z - m_use)
+        m = m_new
+        if SMOOTH:
+            z_sum += tl.where(inside, z, 0.0)
+    m_row = tl.max(m, 0)
+    lse = m_row + tl.log(tl.sum(acc * tl.exp(m - m_row), 0))
+    y = tl.load(Y + row)
+    loss = lse - tl.load(Z + y).to(tl.float32)
+    if SMOOTH:
+        loss = (1.0 - eps) * loss + eps * (lse - tl.sum(z_sum, 0) / n_classes)
+    tl.store(LOSS + row, loss)
+    if WRITE_GRAD:
+        c = tl.load(COEF + row)
+        for v0 in range(0, n_classes, BLOCK_V):
+            idx = v0 + cols
+            inside = idx < n_classes
+            z = tl.load(Z + idx, mask=inside, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse) - eps / n_classes
+            g = tl.where(idx == y, g - (1.0 - eps), g)
+            tl.store(Z + idx, _cast(c * g, Z.dtype.element_ty), mask=inside)

@@ -1,0 +1,155 @@
+"""Launchers and autograd for the Triton LayerNorm / RMSNorm (``norm_kernels``).
+
+Same semantics and return values as :func:`llmcore.ops.layer_norm` and
+:func:`llmcore.ops.rms_norm` (which route here for CUDA tensors, or with
+``backend="triton"``): ``y``, or ``(y, s)`` with ``s = x + residual``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from llmcore.ops.triton._loader import kernels
+
+__all__ = ["layer_norm", "rms_norm", "why_not", "MAX_COLS"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_COLS = 65536  # a whole row lives in one program's registers
+
+
+def why_not(x: Tensor, params: tuple) -> Optional[str]:
+    """Why the kernels cannot take this call (dtypes, row length), or None."""
+    if x.dtype not in _DTYPES:
+        return f"x dtype {x.dtype} not supported (float32, bfloat16, float16)"
+    for p in params:
+        if p is not None and p.dtype not in _DTYPES:
+            return f"parameter dtype {p.dtype} not supported (float32, bfloat16, float16)"
+    if x.size(-1) > MAX_COLS:
+        return f"rows of {x.size(-1)} elements > {MAX_COLS}"
+    return None
+
+
+def _rows(t: Tensor, cols: int) -> Tensor:
+    """t as (rows, cols) with a unit column stride (a view when possible)."""
+    if t.stride(-1) != 1 and cols > 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, cols)
+    except RuntimeError:
+        return t.contiguous().view(-1, cols)
+
+
+def _blocks(cols: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps): about 4K elements per program, whole rows."""
+    block_n = max(16, 1 << (max(cols, 1) - 1).bit_length())
+    rows = 4 if interpret else max(1, min(16, 4096 // block_n))
+    elems = block_n * rows
+    warps = 1 if interpret else (4 if elems <= 2048 else 8 if elems <= 8192 else 16 if elems <= 32768 else 32)
+    return block_n, rows, warps
+
+
+def _dummy(x: Tensor) -> Tensor:
+    return x.new_empty(1)
+
+
+def _forward(rms: bool, x: Tensor, weight, bias, residual, eps: float, out_dtype: torch.dtype):
+    cols = x.size(-1)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    mean = torch.empty(x.shape[:-1] if not rms else (0,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, s, mean, rstd
+    mod = kernels("norm_kernels", x.device)
+    x2, y2 = _rows(x, cols), y.view(-1, cols)
+    r2 = _rows(residual, cols) if residual is not None else None
+    s2 = s.view(-1, cols) if residual is not None else None
+    n_rows = x2.size(0)
+    block_n, rows, warps = _blocks(cols, mod.INTERPRET)
+    d = _dummy(x)
+    mod.norm_fwd[(-(-n_rows // rows),)](
+        x2, d if r2 is None else r2, d if weight is None else weight, d if bias is None else bias, y2,
+        d if s2 is None else s2, mean if not rms else d, rstd,
+        n_rows, cols, x2.stride(0), 0 if r2 is None else r2.stride(0), y2.stride(0), 0 if s2 is None else s2.stride(0),
+        float(eps), RMS=rms, HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+    return y, s, mean, rstd
+
+
+def _programs(n_rows: int, rows: int, device: torch.device, interpret: bool) -> int:
+    blocks = -(-n_rows // rows)
+    if interpret:
+        return min(blocks, 4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(blocks, 4 * sms)
+
+
+def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor, weight, grad_s,
+              need_w: bool, need_b: bool):
+    cols = inp.size(-1)
+    grad_in = torch.empty_like(inp)
+    if inp.numel() == 0:
+        zeros = torch.zeros(cols, dtype=torch.float32, device=inp.device)
+        return grad_in, zeros, zeros
+    mod = kernels("norm_kernels", inp.device)
+    dy2, x2, dx2 = _rows(grad_y, cols), _rows(inp, cols), grad_in.view(-1, cols)
+    ds2 = _rows(grad_s, cols) if grad_s is not None else None
+    n_rows = x2.size(0)
+    block_n, rows, warps = _blocks(cols, mod.INTERPRET)
+    programs = _programs(n_rows, rows, inp.device, mod.INTERPRET)
+    per_program = -(-n_rows // programs)
+    per_program = -(-per_program // rows) * rows
+    programs = -(-n_rows // per_program)
+    dw = torch.empty(programs if need_w else 0, cols, dtype=torch.float32, device=inp.device)
+    db = torch.empty(programs if need_b else 0, cols, dtype=torch.float32, device=inp.device)
+    d = _dummy(inp)
+    mod.norm_bwd[(programs,)](
+        dy2, x2, mean if not rms else d, rstd, d if weight is None else weight, d if ds2 is None else ds2, dx2,
+        dw if need_w else d, db if need_b else d,
+        n_rows, cols, per_program, dy2.stride(0), x2.stride(0), 0 if ds2 is None else ds2.stride(0), dx2.stride(0),
+        RMS=rms, HAS_W=weight is not None, HAS_DS=ds2 is not None, NEED_DW=need_w, NEED_DB=need_b,
+        ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+    return grad_in, dw.sum(0) if need_w else None, db.sum(0) if need_b else None
+
+
+class _Norm(torch.autograd.Function):
+    """(x, weight, bias, residual) -> (y, s); s = x + residual, or an empty tensor without a residual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, rms, out_dtype):
+        y, s, mean, rstd = _forward(rms, x, weight, bias, residual, eps, out_dtype)
+        ctx.rms, ctx.has_residual = rms, residual is not None
+        ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if residual is None:
+            ctx.mark_non_differentiable(s)
+        return y, s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_s):
+        inp, weight, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        if grad_y is None:
+            grad_y = torch.zeros(inp.shape, dtype=torch.float32, device=inp.device)
+        grad_in, dw, db = _backward(ctx.rms, grad_y, inp, mean, rstd, weight,
+                                    grad_s if ctx.has_residual else None, need_w, need_b)
+        return (grad_in if need_x else None, dw.to(weight.dtype) if need_w else None,
+                db.to(ctx.bias_dtype) if need_b else None, grad_in if need_r else None, None, None, None)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
+               residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """x (..., N), weight/bias (N,) or None, residual like x -> y in x's dtype, or (y, s)."""
+    y, s = _Norm.apply(x, weight, bias, residual, float(eps), False, x.dtype)
+    return (y, s) if residual is not None else y
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6,
+             residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """x (..., N), weight (N,) or None -> y in promote(x, weight), or (y, s)."""
+    out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+    y, s = _Norm.apply(x, weight, None, residual, float(eps), True, out_dtype)
+    return (y, s) if residual is not None else y

@@ -1,0 +1,312 @@
+"""The Triton attention kernels (backend="triton") against the float64 reference.
+
+Without a GPU they run on CPU tensors in Triton's interpreter, at small shapes that still
+cross several 16 x 16 blocks, ragged tails and causal diagonals. With a GPU the same tests
+run on CUDA tensors at full shapes, compiled.
+
+How the interpreter is switched on: ``@triton.jit`` reads TRITON_INTERPRET when a kernel
+module is executed, so setting it "early enough" depends on what pytest imported first.
+llmcore avoids the question: ``llmcore.ops.triton._loader`` executes each kernel module
+once per mode (interpreted for CPU tensors, compiled for CUDA ones), whenever it is first
+needed. TRITON_INTERPRET=1 then only has to be set while a test runs, to allow CPU
+tensors; the autouse fixture below does that with monkeypatch, so it never leaks into
+other test files.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_checks import assert_close_to_ref
+
+import llmcore
+from llmcore import _C
+from llmcore.ops import triton as triton_ops
+from llmcore.ops.reference import sdpa_reference, varlen_reference
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+pytestmark = pytest.mark.skipif(not triton_ops.installed(), reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    if not GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def size(cpu: int, gpu: int) -> int:
+    return gpu if GPU else cpu
+
+
+def run(fn, inputs, grad, dtype, **kwargs):
+    """fn on copies of inputs (float64, CPU) cast to dtype on DEVICE; [out, *grads] in float64 on the CPU."""
+    leaves = [t.detach().to(DEVICE, dtype).requires_grad_() for t in inputs]
+    out = fn(*leaves, **kwargs)
+    out.backward(grad.to(DEVICE, dtype))
+    return [out.detach().double().cpu()] + [t.grad.double().cpu() for t in leaves]
+
+
+def reference(fn, inputs, grad, **kwargs):
+    """The float64 truth, on DEVICE (float64 matmuls are fast enough on a GPU too)."""
+    return run(fn, inputs, grad, torch.float64, **kwargs)
+
+
+def no_nan(results):
+    """torch's kernels may return NaN for rows that see no key; llmcore (and torch 2.13 on the CPU) return 0."""
+    return [torch.nan_to_num(t, nan=0.0) for t in results]
+
+
+def check(ours, theirs, ref, dtype, names=("out", "dq", "dk", "dv")):
+    for name, a, b, r in zip(names, ours, theirs, ref):
+        assert_close_to_ref(name, a, b, r, dtype)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def triton_sdpa(q, k, v, **kw):
+    return llmcore.scaled_dot_product_attention(q, k, v, backend="triton", **kw)
+
+
+def torch_sdpa(q, k, v, **kw):
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+# --- dense attention: head dims, dtypes, causal, GQA, Lq != Lk ----------------------------
+
+CASES = [
+    # (B, Hq, Hkv, Lq, Lk, D, dtype, causal)
+    (2, 2, 2, 37, 37, 16, torch.float32, True),
+    (1, 4, 2, 45, 45, 48, torch.bfloat16, True),     # GQA 2:1
+    (2, 2, 2, 33, 50, 80, torch.float16, False),     # Lq < Lk
+    (1, 3, 1, 50, 29, 96, torch.bfloat16, True),     # MQA; Lq > Lk: top-left rows past Lk see all keys
+    (1, 2, 2, 40, 21, 128, torch.float32, True),
+    (1, 2, 1, 24, 40, 128, torch.bfloat16, False),
+]
+GPU_ONLY = [(2, 4, 2, 300, 300, 256, torch.bfloat16, True), (1, 2, 2, 257, 1025, 59, torch.float16, True)]
+
+
+@pytest.mark.parametrize("B, hq, hkv, lq, lk, d, dtype, causal", CASES + (GPU_ONLY if GPU else []))
+def test_sdpa_matches_reference(B, hq, hkv, lq, lk, d, dtype, causal):
+    if GPU:
+        lq, lk = lq * 8 + 3, lk * 8 + 3
+    q, k, v, g = randn(B, hq, lq, d, seed=1), randn(B, hkv, lk, d, seed=2), randn(B, hkv, lk, d, seed=3), \
+        randn(B, hq, lq, d, seed=4)
+    kw = dict(is_causal=causal, enable_gqa=hq != hkv)
+    ref = reference(torch_sdpa, (q, k, v), g, **kw)
+    theirs = run(torch_sdpa, (q, k, v), g, dtype, **kw)
+    ours = run(triton_sdpa, (q, k, v), g, dtype, **kw)
+    check(ours, theirs, ref, dtype)
+
+
+def test_sdpa_strided_inputs_batch_dims_and_value_dim():
+    # (B, L, H, D) memory seen as (B, H, L, D), extra leading dims, Ev != E, a custom scale
+    q = randn(2, 3, 40, 2, 32, seed=5).transpose(2, 3)
+    k = randn(2, 3, 30, 2, 32, seed=6).transpose(2, 3)
+    v = randn(1, 1, 2, 30, 24, seed=7)
+    g = randn(2, 3, 2, 40, 24, seed=8)
+    kw = dict(scale=0.3)
+    ref = reference(sdpa_reference, (q, k, v), g, **kw)
+    theirs = run(torch_sdpa, (q, k, v), g, torch.float32, **kw)
+    ours = run(triton_sdpa, (q, k, v), g, torch.float32, **kw)
+    check(ours, theirs, ref, torch.float32)
+
+
+# --- masks --------------------------------------------------------------------------------
+
+
+def key_padding(B, lk, lens):
+    return torch.arange(lk)[None, :] < torch.tensor(lens)[:, None]  # (B, Lk) True = real key
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_key_padding_mask(kind, dtype):
+    B, H, L, D = 3, 2, size(38, 700), 64
+    valid = key_padding(B, L, [L, 5, 0])  # batch 2: every key padded -> zeros, zero gradients
+    mask = valid[:, None, None, :]  # (B, 1, 1, Lk): read with stride 0 over heads and rows
+    if kind == "additive":
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+        mask[0, ..., ::3] -= 1.5
+    q, k, v, g = (randn(B, H, L, D, seed=s) for s in range(4))
+    ref = reference(sdpa_reference, (q, k, v), g, attn_mask=mask.to(DEVICE))
+    low = (mask if kind == "bool" else mask.to(dtype)).to(DEVICE)
+    theirs = no_nan(run(torch_sdpa, (q, k, v), g, dtype, attn_mask=low))
+    ours = run(triton_sdpa, (q, k, v), g, dtype, attn_mask=low)
+    check(ours, theirs, ref, dtype)
+    assert (ours[0][2] == 0).all() and (ours[1][2] == 0).all()
+
+
+def test_full_bool_mask_with_dead_rows():
+    B, H, L, D = 1, 2, size(35, 300), 32
+    mask = torch.rand(B, H, L, L, generator=torch.Generator().manual_seed(0)) > 0.4
+    mask[0, 1, 3] = False  # a row that sees nothing
+    q, k, v, g = (randn(B, H, L, D, seed=s) for s in range(4))
+    ref = reference(sdpa_reference, (q, k, v), g, attn_mask=mask.to(DEVICE))
+    theirs = no_nan(run(torch_sdpa, (q, k, v), g, torch.float16, attn_mask=mask.to(DEVICE)))
+    ours = run(triton_sdpa, (q, k, v), g, torch.float16, attn_mask=mask.to(DEVICE))
+    check(ours, theirs, ref, torch.float16)
+    assert (ours[0][0, 1, 3] == 0).all() and (ours[1][0, 1, 3] == 0).all()
+
+
+# --- varlen -------------------------------------------------------------------------------
+
+
+def cu(lengths):
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
+    return out
+
+
+def torch_padded(q, k, v, lens_q, lens_k, is_causal):
+    """torch SDPA on the packed batch padded to (n, H, L, D) with a mask: torch's own error baseline."""
+    n, mq, mk = len(lens_q), max(lens_q), max(lens_k)
+    vq, vk = key_padding(n, mq, lens_q).to(q.device), key_padding(n, mk, lens_k).to(q.device)
+
+    def pad(x, valid, rows):
+        out = x.new_zeros(n, rows, x.size(1), x.size(2))
+        out[valid] = x
+        return out.transpose(1, 2)
+
+    mask = vk[:, None, None, :].expand(n, 1, mq, mk)
+    if is_causal:
+        shift = torch.tensor(lens_k) - torch.tensor(lens_q)
+        causal = torch.arange(mk)[None, None, :] <= torch.arange(mq)[None, :, None] + shift[:, None, None]
+        mask = mask & causal[:, None].to(q.device)
+    out = torch_sdpa(pad(q, vq, mq), pad(k, vk, mk), pad(v, vk, mk), attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2)[vq]
+
+
+VARLEN = [
+    # (lens_q, lens_k, Hq, Hkv, D, dtype, causal)
+    ([5, 1, 0, 37, 20, 3], None, 4, 2, 64, torch.bfloat16, True),
+    ([5, 1, 0, 37, 20, 3], None, 2, 2, 80, torch.float32, False),
+    ([4, 19, 1, 33], [10, 3, 5, 40], 2, 1, 48, torch.float16, True),  # bottom-right: sequence 1 has dead rows
+]
+
+
+@pytest.mark.parametrize("lens_q, lens_k, hq, hkv, d, dtype, causal", VARLEN)
+def test_varlen_ragged(lens_q, lens_k, hq, hkv, d, dtype, causal):
+    lens_k = lens_k or lens_q
+    if GPU:
+        lens_q, lens_k = [n * 30 for n in lens_q], [n * 30 for n in lens_k]
+    tq, tk = sum(lens_q), sum(lens_k)
+    q, k, v, g = randn(tq, hq, d, seed=1), randn(tk, hkv, d, seed=2), randn(tk, hkv, d, seed=3), \
+        randn(tq, hq, d, seed=4)
+    cq, ck = cu(lens_q).to(DEVICE), cu(lens_k).to(DEVICE)
+    ref = reference(varlen_reference, (q, k, v), g, cu_seqlens_q=cq, cu_seqlens_k=ck, is_causal=causal)
+    theirs = run(torch_padded, (q, k, v), g, dtype, lens_q=lens_q, lens_k=lens_k, is_causal=causal)
+    ours = run(llmcore.varlen_attention, (q, k, v), g, dtype, cu_seqlens_q=cq, cu_seqlens_k=ck,
+               max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), is_causal=causal, backend="triton")
+    check(ours, theirs, ref, dtype)
+
+
+def test_varlen_checks_cu_seqlens_on_cpu():
+    if GPU:
+        pytest.skip("cu_seqlens are trusted on the GPU (checking them would cost a sync per call)")
+    q = torch.randn(10, 2, 16)
+    with pytest.raises(ValueError, match="longer than max_seqlen_q"):
+        llmcore.varlen_attention(q, q, q, cu([4, 6]), cu([4, 6]), 5, 6, backend="triton")
+
+
+# --- dropout: the CPU backend's Philox keep mask, bit for bit -------------------------------
+
+
+def keep_mask(seed, offset, p, rows, cols):
+    out = torch.empty(rows, cols, dtype=torch.uint8)
+    _C.dropout_keep_mask(seed, offset, p, 0, rows, cols, out.data_ptr())
+    return out.bool()
+
+
+def drawn_rng(seed):
+    """The (seed, offset) the kernels draw after torch.manual_seed(seed), on DEVICE's generator."""
+    torch.manual_seed(seed)
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=DEVICE).tolist()
+
+
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_dropout_uses_the_cpu_backends_mask(p):
+    B, H, L, D = 1, 2, size(40, 300), 32
+    q, k, v, g = (randn(B, H, L, D, seed=s) for s in range(4))
+    seed, offset = drawn_rng(5)
+    keep = keep_mask(seed, offset, p, B * H * L, L).view(B, H, L, L).to(DEVICE)
+    kw = dict(is_causal=True, dropout_p=p, dropout_keep=keep)
+    ref = reference(sdpa_reference, (q, k, v), g, **kw)
+    theirs = run(sdpa_reference, (q, k, v), g, torch.bfloat16, **kw)
+    torch.manual_seed(5)
+    ours = run(triton_sdpa, (q, k, v), g, torch.bfloat16, is_causal=True, dropout_p=p)
+    check(ours, theirs, ref, torch.bfloat16)
+
+
+def test_varlen_dropout_uses_the_cpu_backends_mask():
+    lens, H, D, p = [5, 0, size(40, 400), 17], 2, 32, 0.3
+    c, total, mx = cu(lens).to(DEVICE), sum(lens), max(lens)
+    q, k, v, g = (randn(total, H, D, seed=s) for s in range(4))
+    seed, offset = drawn_rng(9)
+    full = keep_mask(seed, offset, p, H * total, mx).view(H, total, mx)  # row = h * total + token
+    keeps = [full[:, c[b] : c[b + 1], : lens[b]].to(DEVICE) for b in range(len(lens))]
+    kw = dict(cu_seqlens_q=c, cu_seqlens_k=c, is_causal=True, dropout_p=p, dropout_keep=keeps)
+    ref = reference(varlen_reference, (q, k, v), g, **kw)
+    theirs = run(varlen_reference, (q, k, v), g, torch.float32, **kw)
+    torch.manual_seed(9)
+    ours = run(llmcore.varlen_attention, (q, k, v), g, torch.float32, cu_seqlens_q=c, cu_seqlens_k=c,
+               max_seqlen_q=mx, max_seqlen_k=mx, is_causal=True, dropout_p=p, backend="triton")
+    check(ours, theirs, ref, torch.float32)
+
+
+def test_dropout_one_zeroes_everything():
+    q = torch.randn(1, 2, 20, 16, device=DEVICE, requires_grad=True)
+    out = triton_sdpa(q, q, q, dropout_p=1.0)
+    out.sum().backward()
+    assert (out == 0).all() and (q.grad == 0).all()
+
+
+# --- edges and selection ------------------------------------------------------------------
+
+
+def test_no_keys_and_no_queries():
+    q = torch.randn(2, 2, 5, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 2, 0, 16, device=DEVICE, requires_grad=True)
+    out = triton_sdpa(q, k, k)
+    out.sum().backward()
+    assert out.shape == (2, 2, 5, 16) and (out == 0).all() and (q.grad == 0).all()
+    assert triton_sdpa(q[:, :, :0], q, q).shape == (2, 2, 0, 16)
+
+
+@pytest.mark.skipif(GPU, reason="CPU selection rules")
+def test_cpu_selection(monkeypatch):
+    from llmcore.ops.dispatch import AttentionCall, select
+
+    call = AttentionCall(torch.device("cpu"), torch.float32, 64, 64, "none", False, False, False)
+    assert select(call).name == "cpu"  # automatic selection never picks the interpreter
+    assert select(call, "triton").name == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: CPU tensors need"):
+        select(call, "triton")
+
+
+def test_head_dim_limit_and_float64_are_declined():
+    q = torch.randn(1, 1, 4, 300, device=DEVICE)
+    with pytest.raises(RuntimeError, match="head dim 300 > 256"):
+        triton_sdpa(q, q, q)
+    with pytest.raises(RuntimeError, match="dtype torch.float64 not supported"):
+        triton_sdpa(q[..., :16].double(), q[..., :16].double(), q[..., :16].double())
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (automatic selection of the triton backend)")
+def test_cuda_tensors_choose_a_gpu_backend():
+    from llmcore.ops.dispatch import AttentionCall, select
+
+    call = AttentionCall(torch.device("cuda"), torch.bfloat16, 128, 128, "none", False, False, False)
+    assert select(call).name in ("cuda", "triton")
+
+
+def test_identical_keys_give_uniform_weights():
+    q = torch.randn(1, 1, 17, 16, device=DEVICE)
+    k = torch.ones(1, 1, 23, 16, device=DEVICE)
+    v = torch.randn(1, 1, 23, 16, device=DEVICE)
+    out = triton_sdpa(q, k, v, scale=1 / math.sqrt(3))
+    torch.testing.assert_close(out, v.mean(2, keepdim=True).expand_as(out), atol=1e-5, rtol=1e-5)

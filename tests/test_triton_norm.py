@@ -1,0 +1,146 @@
+"""The Triton LayerNorm / RMSNorm (backend="triton") against float64, forward and every gradient.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1 set
+by the autouse fixture for each test only; test_triton_attention.py explains why that is
+enough); with a GPU, on CUDA tensors at full shapes. Accuracy rule as tests/test_norm.py:
+the error against float64 is at most twice torch's own composite's in the same dtype, plus
+a floor of one rounding of the dtype.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmcore.ops import layer_norm, rms_norm
+from llmcore.ops import triton as triton_ops
+from llmcore.ops.norm import layer_norm_reference, rms_norm_reference
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}  # x the largest |truth|
+
+pytestmark = pytest.mark.skipif(not triton_ops.installed(), reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    if not GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _run(fn, inputs, grad_outs):
+    """Outputs of fn on DEVICE and the gradients of sum(out * grad_out) for every input that is not None."""
+    leaves = [None if t is None else t.detach().to(DEVICE).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    used = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(outs, used, [g.to(DEVICE, o.dtype) for o, g in zip(outs, grad_outs)])
+    return [o.detach().cpu() for o in outs], [g.cpu() for g in grads]
+
+
+def _f64(ts):
+    return [None if t is None else t.detach().double() for t in ts]
+
+
+def assert_close_to_truth(ours, theirs, truth, dtype, what):
+    for i, (a, b, t) in enumerate(zip(ours, theirs, truth)):
+        assert a.shape == t.shape and a.dtype == b.dtype, f"{what}[{i}]: {a.shape} {a.dtype} vs {t.shape} {b.dtype}"
+        err = (a.double() - t).abs().max().item()
+        ref_err = (b.double() - t).abs().max().item()
+        floor = FLOOR[dtype] * max(1.0, t.abs().max().item())
+        assert err <= 2 * ref_err + floor, f"{what}[{i}]: error {err:.3g} vs torch's {ref_err:.3g} (floor {floor:.3g})"
+
+
+def _inputs(shape, dtype, residual, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)  # an offset mean tests the variance
+    r = torch.randn(shape, generator=g).to(dtype) if residual else None
+    w = (torch.randn(n, generator=g) * 0.5 + 1).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    gy = torch.randn(shape, generator=g).to(dtype)
+    gs = torch.randn(shape, generator=g).to(dtype)
+    return x, r, w, b, gy, gs
+
+
+def _torch_layer_norm(x, w, b, r=None, eps=1e-5):
+    s = x + r if r is not None else x
+    y = F.layer_norm(s, (s.size(-1),), w, b, eps)
+    return (y, s) if r is not None else y
+
+
+SHAPES = [(5, 1), (3, 33), (2, 5, 97), (4, 768)] if not GPU else [(3, 33), (2, 5, 97), (8, 1000, 4096), (4096, 768)]
+CASES = [(shape, dtype, residual) for shape in SHAPES for dtype, residual in
+         [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)]]
+
+
+@pytest.mark.parametrize("shape, dtype, residual", CASES)
+def test_layer_norm_matches_float64(shape, dtype, residual):
+    x, r, w, b, gy, gs = _inputs(shape, dtype, residual)
+    grad_outs = [gy, gs] if residual else [gy]
+    ours = _run(lambda x, w, b, r=None: layer_norm(x, w, b, 1e-5, r, backend="triton"), [x, w, b, r], grad_outs)
+    theirs = _run(lambda x, w, b, r=None: _torch_layer_norm(x, w, b, r), [x, w, b, r], grad_outs)
+    truth = _run(lambda x, w, b, r=None: layer_norm_reference(x, w, b, 1e-5, r), _f64([x, w, b, r]), grad_outs)
+    assert all(o.dtype == dtype for o in ours[0])
+    for k, what in enumerate(["outputs", "grads"]):
+        assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
+
+
+@pytest.mark.parametrize("shape, dtype, residual", CASES)
+def test_rms_norm_matches_float64(shape, dtype, residual):
+    x, r, w, _, gy, gs = _inputs(shape, dtype, residual)
+    grad_outs = [gy, gs] if residual else [gy]
+    ours = _run(lambda x, w, r=None: rms_norm(x, w, 1e-6, r, backend="triton"), [x, w, r], grad_outs)
+    theirs = _run(lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r), [x, w, r], grad_outs)
+    truth = _run(lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r), _f64([x, w, r]), grad_outs)
+    assert all(o.dtype == dtype for o in ours[0])
+    for k, what in enumerate(["outputs", "grads"]):
+        assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
+
+
+def test_rms_norm_bf16_is_hf_bit_for_bit_forward():
+    # HF rounds the normalized value to bf16 before the weight: the same roundings give the same bits
+    x, r, w, _, _, _ = _inputs((7, 300), torch.bfloat16, True, seed=3)
+    x, r, w = x.to(DEVICE), r.to(DEVICE), w.to(DEVICE)
+    ours = rms_norm(x, w, 1e-6, r, backend="triton")
+    hf = rms_norm_reference(x, w, 1e-6, r)
+    assert torch.equal(ours[1], hf[1])
+    assert (ours[0].float() - hf[0].float()).abs().max() <= 2**-7 * hf[0].float().abs().max()
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_without_weight_or_bias_and_mixed_dtypes(rms):
+    # float32 parameters on a bf16 input (autocast's layout): RMSNorm's y is then float32, as in HF
+    x, r, w, b, gy, gs = _inputs((3, 65), torch.bfloat16, True, seed=1)
+    w32, b32 = w.float(), b.float()
+    for params in ([None, None], [w32, None], [w32, b32]):
+        if rms:
+            ours = _run(lambda x, r, *p: rms_norm(x, *p[:1], 1e-6, r, backend="triton"), [x, r, *params[:1]], [gy, gs])
+            truth = _run(lambda x, r, *p: rms_norm_reference(x, *p[:1], 1e-6, r), [x, r, *params[:1]], [gy, gs])
+        else:
+            ours = _run(lambda x, r, *p: layer_norm(x, *p, 1e-5, r, backend="triton"), [x, r, *params], [gy, gs])
+            truth = _run(lambda x, r, *p: layer_norm_reference(x, *p, 1e-5, r), [x, r, *params], [gy, gs])
+        for a, t in zip(ours[0] + ours[1], truth[0] + truth[1]):
+            assert a.dtype == t.dtype and a.shape == t.shape
+            torch.testing.assert_close(a.float(), t.float(), atol=0.05, rtol=0.02)
+
+
+def test_empty_rows():
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, w, backend="triton")
+    y.sum().backward()
+    assert y.shape == (0, 8) and (w.grad == 0).all()
+
+
+def test_backend_choice_and_refusals(monkeypatch):
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="backend='nope' is unknown"):
+        layer_norm(x, None, None, backend="nope")
+    with pytest.raises(RuntimeError, match="x dtype torch.float64 not supported"):
+        rms_norm(x.double(), None, backend="triton")
+    with pytest.raises(RuntimeError, match="rows of 65537 elements"):
+        rms_norm(torch.randn(1, 65537, device=DEVICE), None, backend="triton")
+    if not GPU:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="CPU tensors need Triton's interpreter"):
+            layer_norm(x, None, None, backend="triton")
