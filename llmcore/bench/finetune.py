@@ -370,8 +370,10 @@ def run_child(spec: dict, timeout_s: float = 3600.0) -> dict:
     t0 = time.perf_counter()
     try:
         with open(log, "w") as f:
+            # cwd outside any source tree: `-m` puts the cwd first on sys.path, and an unbuilt
+            # checkout there would shadow the installed package
             rc = subprocess.run(cmd, env=_child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                check=False).returncode
+                                check=False, cwd=os.path.dirname(os.path.abspath(out))).returncode
     except subprocess.TimeoutExpired:
         rc = f"timed out after {timeout_s:.0f} s"
     wall = time.perf_counter() - t0

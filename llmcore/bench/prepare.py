@@ -196,7 +196,8 @@ def run_process(cmd: list, env: dict, log: str, timeout_s: float = 600.0) -> dic
     stop = threading.Event()
     with open(log, "w") as f:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # cwd outside any source tree: `-m` puts the cwd first on sys.path (an unbuilt checkout would shadow)
+        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(log)))
         watcher = threading.Thread(target=_watch_peak_rss, args=(p.pid, peak, stop), daemon=True)
         watcher.start()
         timer = threading.Timer(timeout_s, p.kill)
