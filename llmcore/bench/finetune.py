@@ -591,6 +591,14 @@ def main(rows: int = 4000, batch_size: int = 32, epochs: float = 1, dtypes=("fp3
     md = format_markdown(out)
     print()
     print(md)
+    write_reports(out, md, json_path, md_path)
+    if plot_path:
+        plot(out, plot_path)
+    return out
+
+
+def write_reports(out: dict, md: str, json_path: str | None, md_path: str | None) -> None:
+    """Write a benchmark's results as JSON and its Markdown report, each when its path is given."""
     for path, text in ((json_path, None), (md_path, md)):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -599,9 +607,6 @@ def main(rows: int = 4000, batch_size: int = 32, epochs: float = 1, dtypes=("fp3
                     json.dump(out, f, indent=1, default=str)
                 else:
                     f.write(text)
-    if plot_path:
-        plot(out, plot_path)
-    return out
 
 
 def _worker_main(argv: list) -> int:

@@ -197,7 +197,8 @@ def run_process(cmd: list, env: dict, log: str, timeout_s: float = 600.0) -> dic
     with open(log, "w") as f:
         t0 = time.perf_counter()
         # cwd outside any source tree: `-m` puts the cwd first on sys.path (an unbuilt checkout would shadow)
-        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(log)))
+        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                             cwd=os.path.dirname(os.path.abspath(log)))
         watcher = threading.Thread(target=_watch_peak_rss, args=(p.pid, peak, stop), daemon=True)
         watcher.start()
         timer = threading.Timer(timeout_s, p.kill)
@@ -479,7 +480,7 @@ def main(rounds: int = 5, json_path: str | None = None, md_path: str | None = No
     Markdown and a chart. ``rows``: only the first ``rows`` rows of SST-2 train. Returns the results
     (``summary["bar_met"]`` among them)."""
     from llmcore.bench.data import data_dir, minilm_dir
-    from llmcore.bench.finetune import _loadavg, environment
+    from llmcore.bench.finetune import _loadavg, environment, write_reports
 
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
@@ -558,14 +559,7 @@ def main(rounds: int = 5, json_path: str | None = None, md_path: str | None = No
     md = format_markdown(out)
     print()
     print(md)
-    for path, text in ((json_path, None), (md_path, md)):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                if text is None:
-                    json.dump(out, f, indent=1, default=str)
-                else:
-                    f.write(text)
+    write_reports(out, md, json_path, md_path)
     if plot_path:
         plot(out, plot_path)
     return out
