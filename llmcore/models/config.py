@@ -144,8 +144,8 @@ class DecoderConfig:
 
     def to_hf(self) -> dict:
         out = dict(self.hf) or {"model_type": self.family}
-        out["architectures"] = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                 "qwen2": "Qwen2ForCausalLM"}[self.family]]
+        out["architectures"] = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                                 "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.family]]
         if not self.hf:  # built from the dataclass: write HF's names for every field
             out.update(self._hf_fields())
         return out

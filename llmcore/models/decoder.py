@@ -9,8 +9,19 @@ from torch import Tensor, nn
 from llmcore import ops
 from llmcore.models.config import DecoderConfig
 from llmcore.models.output import ModelOutput, make_batch
-from llmcore.nn.layers import (MLP, Attention, Batch, Dropout, GatedMLP, LayerNorm, RMSNorm, RotaryEmbedding,
-                               init_linear_, positions_of)
+from llmcore.nn.layers import (
+    MLP,
+    Attention,
+    Batch,
+    Dropout,
+    Embedding,
+    GatedMLP,
+    LayerNorm,
+    RMSNorm,
+    RotaryEmbedding,
+    init_linear_,
+    positions_of,
+)
 
 
 class DecoderLayer(nn.Module):
@@ -52,9 +63,9 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Module()
-        self.embed.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed.word = Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.family == "gpt2":
-            self.embed.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            self.embed.position = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
             self.rotary = None
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)

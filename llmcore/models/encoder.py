@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from llmcore.models.config import EncoderConfig
 from llmcore.models.output import ModelOutput, make_batch
-from llmcore.nn.layers import MLP, Attention, Batch, Dropout, LayerNorm, init_linear_, positions_of
+from llmcore.nn.layers import MLP, Attention, Batch, Dropout, Embedding, LayerNorm, init_linear_, positions_of
 
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -18,9 +18,10 @@ class Embeddings(nn.Module):
         super().__init__()
         self.family = cfg.family
         self.pad_token_id = cfg.pad_token_id
-        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        pad = cfg.pad_token_id if 0 <= cfg.pad_token_id < cfg.vocab_size else None
+        self.word = Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad)  # as transformers: no pad-row gradient
+        self.position = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
 

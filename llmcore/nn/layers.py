@@ -102,6 +102,58 @@ class GatedMLP(nn.Module):
         return self.down(ops.swiglu(self.gate(x), self.up(x)))
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` (same parameters, state-dict names and forward) whose CPU backward writes
+    the dense weight gradient into a buffer it reuses across steps.
+
+    The dense gradient of a large table (30522 x 384 fp32 = 47 MB for BERT-base vocabularies) is
+    mostly zeros; allocating it fresh every step costs page faults on the CPU (~10-40 ms here,
+    more than the scatter itself). The buffer is reused only when nothing else holds it -- after
+    ``zero_grad(set_to_none=True)`` dropped ``weight.grad`` -- so accumulated gradients and
+    tensors a caller kept are never overwritten; otherwise a fresh one is allocated, as torch
+    does. autograd takes the returned gradient as ``weight.grad`` without a copy, so hooks, DDP
+    and gradient accumulation see an ordinary gradient. Rows equal to ``padding_idx`` get none.
+    CUDA tensors, ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` go to ``F.embedding``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        w = self.weight
+        if (w.device.type != "cpu" or not (torch.is_grad_enabled() and w.requires_grad) or self.max_norm is not None
+                or self.scale_grad_by_freq or self.sparse):
+            return super().forward(input)
+        return _RecycledEmbedding.apply(input, w, self)
+
+    def _grad_buffer(self) -> Tensor:
+        """A tensor shaped like the weight, over storage that only this module holds (or fresh)."""
+        w = self.weight
+        store = getattr(self, "_grad_storage", None)
+        nbytes = w.numel() * w.element_size()
+        if (store is None or store.nbytes() != nbytes or store.device != w.device
+                or torch._C._storage_Use_Count(store._cdata) != 1):
+            store = torch.UntypedStorage(nbytes, device=w.device)
+            self._grad_storage = store
+        return torch.empty(0, dtype=w.dtype, device=w.device).set_(store, 0, w.shape, w.stride()).zero_()
+
+
+class _RecycledEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, module: Embedding) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.module = module
+        return nn.functional.embedding(ids, weight, module.padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        ids, = ctx.saved_tensors
+        module = ctx.module
+        flat = ids.reshape(-1)
+        grad = grad_out.reshape(flat.numel(), -1)
+        if module.padding_idx is not None:
+            grad = grad.masked_fill((flat == module.padding_idx)[:, None], 0)
+        grad_weight = module._grad_buffer()
+        grad_weight.index_add_(0, flat, grad.to(grad_weight.dtype))
+        return None, grad_weight, None
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (rotate-half layout, as HF's Llama/Qwen2), default scaling."""
 
@@ -202,10 +254,13 @@ def positions_of(batch: Batch, length: int, device) -> Tensor:
 
 
 def init_linear_(module: nn.Module, std: float) -> None:
-    """HF's initialization: normal(0, std) weights, zero biases, unit norms."""
+    """HF's initialization: normal(0, std) weights, zero biases and padding rows, unit norms."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (LayerNorm, RMSNorm)):
@@ -214,5 +269,5 @@ def init_linear_(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(m.bias)
 
 
-__all__ = ["Attention", "Batch", "Dropout", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "RotaryEmbedding", "apply_rotary",
-           "positions_of", "init_linear_"]
+__all__ = ["Attention", "Batch", "Dropout", "Embedding", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "RotaryEmbedding",
+           "apply_rotary", "positions_of", "init_linear_"]
