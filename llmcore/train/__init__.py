@@ -11,6 +11,7 @@ _LAZY = {
     "Accuracy": "loop", "Trainer": "loop", "accumulate_gradients": "loop", "example_count": "loop",
     "loss_sum": "loop", "macro_f1": "loop",
     "linear_schedule": "optim", "make_optimizer": "optim", "param_groups": "optim",
+    "retain_freed_memory": "runtime",
 }
 
 __all__ = ["TrainConfig", *sorted(_LAZY)]

@@ -14,6 +14,7 @@ import torch
 from llmcore.train.config import TrainConfig
 from llmcore.train.loop import Trainer
 from llmcore.train.reporting import peak_memory_mb
+from llmcore.train.runtime import retain_freed_memory
 
 
 class SplitBatches:
@@ -115,6 +116,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
 
     config = TrainConfig(output_dir=output_dir, **train_args)
     rank, world, dev, started = _setup_distributed(device)
+    if dev.type == "cpu":
+        retain_freed_memory()  # per-step buffers reuse warm pages (see its docstring)
     try:
         if os.path.isfile(os.path.join(data, "meta.json")):
             prepared = PreparedDataset.load(data)
