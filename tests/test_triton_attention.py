@@ -115,6 +115,50 @@ def test_sdpa_strided_inputs_batch_dims_and_value_dim():
     check(ours, theirs, ref, torch.float32)
 
 
+# --- the backward's two ways to dQ: its own kernel, or atomics in the dK/dV kernel -----------
+
+DQ_CASES = [
+    # (B, Hq, Hkv, Lq, Lk, D, dtype, causal); on the GPU Lq and Lk are 8x
+    (2, 4, 2, 48, 48, 64, torch.bfloat16, True),    # Lq a multiple of the query block: no row masks (EVEN_M)
+    (1, 2, 2, 64, 40, 128, torch.bfloat16, False),  # EVEN_M, ragged keys
+    (1, 2, 2, 33, 50, 80, torch.float16, False),    # ragged rows, head dim below its block
+    (1, 3, 1, 50, 29, 32, torch.float32, True),     # MQA; Lq > Lk
+]
+
+
+@pytest.mark.parametrize("mode", ["atomic", "kernel"])
+@pytest.mark.parametrize("B, hq, hkv, lq, lk, d, dtype, causal", DQ_CASES)
+def test_dq_modes_match_reference(monkeypatch, mode, B, hq, hkv, lq, lk, d, dtype, causal):
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", mode)
+    if GPU:
+        lq, lk = lq * 8, lk * 8
+    q, k, v, g = randn(B, hq, lq, d, seed=1), randn(B, hkv, lk, d, seed=2), randn(B, hkv, lk, d, seed=3), \
+        randn(B, hq, lq, d, seed=4)
+    kw = dict(is_causal=causal, enable_gqa=hq != hkv)
+    ref = reference(torch_sdpa, (q, k, v), g, **kw)
+    theirs = run(torch_sdpa, (q, k, v), g, dtype, **kw)
+    ours = run(triton_sdpa, (q, k, v), g, dtype, **kw)
+    check(ours, theirs, ref, dtype)
+
+
+@pytest.mark.parametrize("case", ["packed", "dropout", "mask"])
+def test_dq_atomic_with_packed_dropout_and_masks(monkeypatch, case):
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", "atomic")
+    if case == "packed":
+        test_varlen_ragged(*VARLEN[2])  # bottom-right causal with dead rows, GQA
+    elif case == "dropout":
+        test_dropout_uses_the_cpu_backends_mask(0.2)
+    else:
+        test_key_padding_mask("additive", torch.bfloat16)
+
+
+def test_dq_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", "fast")
+    q = torch.randn(1, 1, 4, 16, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="LLMCORE_TRITON_DQ"):
+        triton_sdpa(q, q, q).sum().backward()
+
+
 # --- masks --------------------------------------------------------------------------------
 
 

@@ -1,52 +1,76 @@
 """llmcore's Triton kernels against torch on one GPU, in the same run; JSON + Markdown out.
 
 Measured with ``triton.testing.do_bench`` (median, 20th-80th percentile spread), every
-kernel validated against torch before it is timed:
+kernel validated against torch before it is timed. In order of priority (a section starts
+only while the ``--budget`` lasts; the JSON and Markdown are rewritten after every step, so
+a run cut short still leaves what it measured):
 
 - the bf16 matmul peak (8192^3 ``torch.matmul``), the yardstick for the attention figures;
 - attention (4, 32, 4096, 128) bf16, causal and not, forward and forward+backward: llmcore's
-  ``triton`` backend against torch SDPA with each of its CUDA backends (the fastest is the
-  baseline); FLOPs as FlashAttention counts them (forward 4 B H L^2 D, halved when causal;
-  forward+backward 3.5x the forward);
+  ``triton`` backend with its default blocks against torch SDPA with each of its CUDA
+  backends (the fastest is the baseline); FLOPs as FlashAttention counts them (forward
+  4 B H L^2 D, halved when causal; forward+backward 3.5x the forward);
+- then a sweep of the attention kernels' block configurations (``attention._TABLES``): the
+  forward, the dK/dV and dQ kernels each timed on their own, and the backward with dQ by
+  atomics in the dK/dV kernel; every candidate's output is checked against the defaults'.
+  The winners (and the faster way to dQ) are then timed like the defaults;
 - LayerNorm and RMSNorm with the residual add fused, (16384, 4096) bf16, forward and
   forward+backward, in GB/s of the bytes the fused op must move, against torch's unfused
   composite (``x + r`` then ``F.layer_norm`` / HF's RMSNorm) and ``F.rms_norm``;
+- ``benchmarks/gpu/bench_cuda.py``'s ``run(results)`` when the ``cuda`` attention backend is
+  available;
 - the chunked LM-head cross-entropy, forward+backward, against torch's
-  ``F.cross_entropy(F.linear(...))`` (which materializes the logits);
-- ``benchmarks/gpu/bench_cuda.py``'s ``run(results)`` when it imports and the ``cuda``
-  attention backend is available.
+  ``F.cross_entropy(F.linear(...))`` (which materializes the logits).
 
-    python benchmarks/gpu/bench.py --out benchmarks/results [--autotune] [--budget 300]
+    python benchmarks/gpu/bench.py --out benchmarks/results [--budget 300] [--no-sweep]
+    python benchmarks/gpu/bench.py --warm-worker 0/6   # compile the sweep's kernels only (no timing)
+    python benchmarks/gpu/bench.py --smoke --out /tmp/x # this script's logic, tiny shapes, CPU interpreter
 
-Each section is independent: a failure is recorded in the JSON and the run goes on.
+``--warm-worker i/n`` compiles every n-th kernel of the sweep into Triton's cache, so that
+``run.sh`` can do that in parallel processes while llmcore is still being built (it imports
+the Triton modules without llmcore's native module). Each section is independent: a
+failure is recorded in the JSON and the run goes on.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import os
 import re
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the source tree, when run as a script
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the source tree, when run as a script
 
 ATTN_SHAPE = (4, 32, 4096, 128)
 NORM_SHAPE = (16384, 4096)
 CE_SHAPE = (8192, 4096, 128256)  # tokens, hidden, vocab (Llama-3's)
 BARS = {"attention_fwd_bwd_causal_vs_sdpa": 1.0, "attention_fwd_noncausal_tflops": 450.0}
+SWEEP_KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic")
+
+DEVICE = "cuda"
+SMOKE = False  # --smoke: tiny shapes on the CPU under Triton's interpreter (checks this script, measures nothing)
 
 
-def bench(fn, grads=None, rep=100) -> dict:
+def bench(fn, grads=None, rep=100, warmup=25) -> dict:
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"ms": ms, "ms_p20": ms, "ms_p80": ms}
     import triton.testing
 
     torch.cuda.synchronize()
-    med, lo, hi = triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
+    med, lo, hi = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
     return {"ms": med, "ms_p20": lo, "ms_p80": hi}
 
 
@@ -63,12 +87,27 @@ def max_diff(a, b) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
+def triton_attention_module():
+    """llmcore.ops.triton.attention, importable before llmcore's native module is built: when ``import llmcore``
+    fails, the packages above it are stubbed (the Triton modules import nothing of llmcore but each other)."""
+    try:
+        import llmcore  # noqa: F401
+    except ImportError:
+        for name in ("llmcore", "llmcore.ops"):
+            if name not in sys.modules or not hasattr(sys.modules[name], "__path__"):
+                pkg = types.ModuleType(name)
+                pkg.__path__ = [str(ROOT.joinpath(*name.split(".")))]
+                sys.modules[name] = pkg
+    return importlib.import_module("llmcore.ops.triton.attention")
+
+
 # ---------------------------------------------------------------------------------------
 
 
-def matmul_peak(results: dict) -> None:
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+def matmul_peak(results: dict, ctx: dict) -> None:
+    n = 256 if SMOKE else 8192
+    dt = torch.float32 if SMOKE else torch.bfloat16
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=dt) for _ in range(2))
     results["matmul_bf16"] = dict(rate(bench(lambda: torch.matmul(a, b)), flops=2.0 * n**3), shape=[n, n, n])
 
 
@@ -77,31 +116,76 @@ def _attn_flops(shape, causal: bool, backward: bool) -> float:
     return 4.0 * b * h * n * n * d * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
 
 
-def attention(results: dict, shape=ATTN_SHAPE, key="attention") -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _attn_shape():
+    return (1, 2, 64, 32) if SMOKE else ATTN_SHAPE
 
+
+def _attn_inputs(shape):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    dt = torch.float32 if SMOKE else torch.bfloat16
+    return tuple(torch.randn(*shape, dtype=dt, device=DEVICE, generator=g) for _ in range(4))
+
+
+def _ours(causal: bool):
     import llmcore
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, grad = (torch.randn(*shape, dtype=torch.bfloat16, device="cuda", generator=g) for _ in range(4))
+    def fn(*t):
+        return llmcore.scaled_dot_product_attention(*t, is_causal=causal, backend="triton")
+
+    return fn
+
+
+def _validate(fn, leaves, grad, causal: bool) -> dict:
+    """Output and gradients of fn against torch's default SDPA in the same dtype."""
+    o = fn(*leaves)
+    got = [o] + list(torch.autograd.grad(o, leaves, grad))
+    r = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+    want = [r] + list(torch.autograd.grad(r, leaves, grad))
+    return {n: max_diff(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+
+
+def _time_ours(fn, data, leaves, shape, causal: bool) -> dict:
+    q, k, v, grad = data
+    fwd_f, fb_f = _attn_flops(shape, causal, False), _attn_flops(shape, causal, True)
+    with torch.no_grad():
+        fwd = rate(bench(lambda: fn(q, k, v)), fwd_f)
+    return {"forward": fwd, "fwd_bwd": rate(bench(lambda: fn(*leaves).backward(grad), leaves), fb_f)}
+
+
+def _speedups(case: dict) -> None:
+    ours = case.get("llmcore_triton")
+    if not ours:
+        return
+    for mode in ("forward", "fwd_bwd"):
+        ok = {n: c[mode]["ms"] for n, c in case.get("torch_sdpa", {}).items() if mode in c}
+        if ok and mode in ours:
+            best = min(ok, key=ok.get)
+            case.setdefault("best_torch", {})[mode] = best
+            case.setdefault("speedup_vs_best_torch", {})[mode] = ok[best] / ours[mode]["ms"]
+
+
+def attention(results: dict, ctx: dict) -> None:
+    """Defaults and torch for both cases first (causal first: the bar), then the block sweep."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    shape = _attn_shape()
+    data = _attn_inputs(shape)
+    q, k, v, grad = data
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = results.setdefault(key, {"shape": list(shape), "dtype": "bfloat16", "cases": {}})
-    for causal in (False, True):
+    out = results.setdefault("attention", {"shape": list(shape), "dtype": str(q.dtype).replace("torch.", ""),
+                                           "cases": {}})
+    for causal in (True, False):
         case = out["cases"].setdefault("causal" if causal else "noncausal", {})
-
-        def ours(*t):
-            return llmcore.scaled_dot_product_attention(*t, is_causal=causal, backend="triton")
-
-        # validate first: output and gradients against torch's default SDPA in the same dtype
-        o = ours(*leaves)
-        got = [o] + list(torch.autograd.grad(o, leaves, grad))
-        r = F.scaled_dot_product_attention(*leaves, is_causal=causal)
-        want = [r] + list(torch.autograd.grad(r, leaves, grad))
-        case["max_abs_diff_vs_torch"] = {n: max_diff(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+        ours = _ours(causal)
+        try:
+            case["max_abs_diff_vs_torch"] = _validate(ours, leaves, grad, causal)
+            case["llmcore_triton_defaults"] = _time_ours(ours, data, leaves, shape, causal)
+            case["llmcore_triton"] = case["llmcore_triton_defaults"]
+        except Exception:
+            results["errors"][f"attention_{'causal' if causal else 'noncausal'}"] = traceback.format_exc()
+            print(traceback.format_exc(), file=sys.stderr)
+        ctx["save"]()
         fwd_f, fb_f = _attn_flops(shape, causal, False), _attn_flops(shape, causal, True)
-        with torch.no_grad():
-            case["llmcore_triton"] = {"forward": rate(bench(lambda: ours(q, k, v)), fwd_f)}
-        case["llmcore_triton"]["fwd_bwd"] = rate(bench(lambda: ours(*leaves).backward(grad), leaves), fb_f)
         torch_cases = case.setdefault("torch_sdpa", {})
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                               ("cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -114,12 +198,294 @@ def attention(results: dict, shape=ATTN_SHAPE, key="attention") -> None:
                 torch_cases[name] = {"forward": fwd, "fwd_bwd": fb}
             except Exception as e:  # a backend torch cannot run here
                 torch_cases[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        for mode in ("forward", "fwd_bwd"):
-            ok = {n: c[mode]["ms"] for n, c in torch_cases.items() if mode in c}
-            if ok:
-                best = min(ok, key=ok.get)
-                case.setdefault("best_torch", {})[mode] = best
-                case.setdefault("speedup_vs_best_torch", {})[mode] = ok[best] / case["llmcore_triton"][mode]["ms"]
+        _speedups(case)
+        ctx["save"]()
+    if ctx.get("sweep", True):
+        for causal in (True, False):
+            case = out["cases"]["causal" if causal else "noncausal"]
+            if time.time() > ctx["sweep_deadline"]:
+                case["sweep"] = {"skipped": "no time left in the budget"}
+                continue
+            try:
+                _sweep_and_time(case, causal, data, leaves, shape, ctx)
+            except Exception:
+                case.setdefault("sweep", {})["error"] = traceback.format_exc()
+                results["errors"][f"attention_sweep_{'causal' if causal else 'noncausal'}"] = case["sweep"]["error"]
+                print(case["sweep"]["error"], file=sys.stderr)
+            _speedups(case)
+            ctx["save"]()
+        del data, leaves
+        for causal in (True, False):  # the winners on ragged shapes, before they become defaults
+            case = out["cases"]["causal" if causal else "noncausal"]
+            tuned = case.get("llmcore_triton_tuned")
+            if not tuned:
+                continue
+            if time.time() > ctx["sweep_deadline"] + 20:
+                case["winners_check"] = {"skipped": "no time left in the budget"}
+                continue
+            try:
+                case["winners_check"] = _check_winners(causal, tuned["blocks"], tuned["dq_mode"])
+            except Exception:
+                case["winners_check"] = {"error": traceback.format_exc()}
+                print(case["winners_check"]["error"], file=sys.stderr)
+            ctx["save"]()
+
+
+def _close_to_ref(ours, theirs, ref) -> dict:
+    """FlashAttention's test rule (tests/attention_checks.py): max error <= 2x torch's own + bf16 rounding."""
+    out = {}
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
+        err, torch_err = float((a - r).abs().max()), float((b - r).abs().max())
+        floor = 2 * float(((r.to(torch.bfloat16) + 0.3 - 0.3).double() - r).abs().max())
+        out[name] = {"err": err, "torch_err": torch_err, "ok": bool(err <= 2 * torch_err + floor)}
+    return out
+
+
+def _check_winners(causal: bool, blocks: dict, dq_mode: str) -> dict:
+    """The sweep's winners against float64 at ragged sizes: GQA with L = 1027, and packed sequences."""
+    import llmcore
+
+    A = triton_attention_module()
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    dt = torch.float32 if SMOKE else torch.bfloat16
+
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=torch.float64, device=DEVICE, generator=g)
+
+    def fb(fn, inputs, grad, dtype, **kw):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        o = fn(*leaves, **kw)
+        o.backward(grad.to(dtype))
+        return [o.detach().double()] + [t.grad.double() for t in leaves]
+
+    res = {"blocks": blocks, "dq_mode": dq_mode}
+    L = 67 if SMOKE else 1027
+    qkv, grad = (rnd(1, 8, L, 128), rnd(1, 2, L, 128), rnd(1, 2, L, 128)), rnd(1, 8, L, 128)
+    kw = dict(is_causal=causal, enable_gqa=True)
+    ref = fb(F.scaled_dot_product_attention, qkv, grad, torch.float64, **kw)
+    theirs = fb(F.scaled_dot_product_attention, qkv, grad, dt, **kw)
+    with _Env(A, dq_mode, **{k: dict(BLOCK_M=r[0], BLOCK_N=r[1], num_warps=r[2], num_stages=r[3])
+                             for k, r in blocks.items()}):
+        ours = fb(lambda *t, **k: llmcore.scaled_dot_product_attention(*t, backend="triton", **k), qkv, grad, dt,
+                  **kw)
+        res["dense_gqa_1x8x1027"] = _close_to_ref(ours, theirs, ref)
+        lens = [30, 1, 37] if SMOKE else [300, 1, 717]
+        cu = torch.tensor([0, lens[0], lens[0] + lens[1], sum(lens)], dtype=torch.int32, device=DEVICE)
+        total = sum(lens)
+        qkv, grad = (rnd(total, 4, 128), rnd(total, 2, 128), rnd(total, 2, 128)), rnd(total, 4, 128)
+
+        def packed_torch(q, k, v):
+            outs = []
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)[0]
+                            .transpose(0, 1))
+            return torch.cat(outs)
+
+        def packed_ours(q, k, v):
+            return llmcore.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), is_causal=causal,
+                                            backend="triton")
+
+        ref = fb(packed_torch, qkv, grad, torch.float64)
+        theirs = fb(packed_torch, qkv, grad, dt)
+        ours = fb(packed_ours, qkv, grad, dt)
+        res["packed_" + "_".join(map(str, lens))] = _close_to_ref(ours, theirs, ref)
+    res["ok"] = all(v["ok"] for key, r in res.items() if isinstance(r, dict) and key != "blocks"
+                    for v in r.values())
+    return res
+
+
+# --- the block sweep ---------------------------------------------------------------------
+
+
+def sweep_candidates(A, causal: bool, block_d: int = 128) -> dict:
+    """kind -> the candidate configs of attention._TABLES (bf16), in table order (the default first)."""
+    return {kind: A._gpu_configs(kind, block_d, False, True, causal) for kind in SWEEP_KINDS}
+
+
+def _cfg_row(cfg: dict) -> list:
+    return [cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]]
+
+
+class _Env:
+    """Sets LLMCORE_TRITON_DQ and attention._OVERRIDE for a block; restores both after."""
+
+    def __init__(self, A, dq_mode=None, **override):
+        self.A, self.dq_mode, self.override = A, dq_mode, override
+
+    def __enter__(self):
+        self.old_env = os.environ.get("LLMCORE_TRITON_DQ")
+        self.old_override = dict(self.A._OVERRIDE)
+        if self.dq_mode:
+            os.environ["LLMCORE_TRITON_DQ"] = self.dq_mode
+        self.A._OVERRIDE.update(self.override)
+        return self
+
+    def __exit__(self, *exc):
+        self.A._OVERRIDE.clear()
+        self.A._OVERRIDE.update(self.old_override)
+        if self.old_env is None:
+            os.environ.pop("LLMCORE_TRITON_DQ", None)
+        else:
+            os.environ["LLMCORE_TRITON_DQ"] = self.old_env
+
+
+def _launch_kind(A, p, kind: str, cfg: dict, q, k, v, do, out, lse):
+    """Runs one sweep candidate: the forward, or the backward with only the kernel of ``kind`` launched."""
+    if kind == "fwd":
+        with _Env(A, fwd=cfg):
+            return A._forward(p, q, k, v, None)
+    if kind == "dkdv":
+        with _Env(A, "kernel", dkdv=cfg, dq=None):
+            return A._backward(p, do, q, k, v, out, lse, None)
+    if kind == "dq":
+        with _Env(A, "kernel", dkdv=None, dq=cfg):
+            return A._backward(p, do, q, k, v, out, lse, None)
+    with _Env(A, "atomic", dkdv_atomic=cfg):
+        return A._backward(p, do, q, k, v, out, lse, None)
+
+
+def _kernel_stats(kernel) -> dict:
+    """Registers per thread, spilled bytes and shared memory of a compiled kernel (where Triton says)."""
+    out = {}
+    for name, get in (("regs", lambda: kernel.n_regs), ("spills", lambda: kernel.n_spills),
+                      ("shared", lambda: kernel.metadata.shared)):
+        try:
+            value = get()
+            if isinstance(value, int):
+                out[name] = value
+        except Exception:
+            pass
+    return out
+
+
+def _sweep_problem(A, causal: bool, q, k, v):
+    L = q.size(2)
+    return A._Problem(q, k, v, None, None, None, L, L, 0.0, causal, q.size(-1) ** -0.5)
+
+
+def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
+    A = triton_attention_module()
+    q, k, v, do = data
+    p = _sweep_problem(A, causal, q, k, v)
+    t0 = time.time()
+    sw = case["sweep"] = {"note": "ms per call of the timed piece: fwd = the forward; dkdv / dq = the backward "
+                                  "with only that kernel (and the small delta kernel); dkdv_atomic = the whole "
+                                  "backward with dQ by atomics. max_err: vs the default blocks' output.",
+                          "candidates": {}}
+    with _Env(A):
+        A._OVERRIDE.clear()  # the defaults, whatever the environment says
+        out_ref, lse_ref = A._forward(p, q, k, v, None)
+        with _Env(A, "kernel"):
+            grads_ref = A._backward(p, do, q, k, v, out_ref, lse_ref, None)  # dq, dk, dv
+    refs = {"fwd": [out_ref], "dkdv": list(grads_ref[1:]), "dq": [grads_ref[0]], "dkdv_atomic": list(grads_ref)}
+    tols = {kind: [0.02 * float(r.float().abs().max()) + 1e-3 for r in rs] for kind, rs in refs.items()}
+    best = {}
+    for kind, cands in sweep_candidates(A, causal, p.block_d).items():
+        rows = sw["candidates"][kind] = []
+        for cfg in cands:
+            if time.time() > ctx["sweep_deadline"]:
+                rows.append({"cfg": _cfg_row(cfg), "skipped": "budget"})
+                continue
+            entry = {"cfg": _cfg_row(cfg)}
+            rows.append(entry)
+            died = ctx.get("suspects", {}).get(_task_key(causal, kind, cfg))
+            if died:
+                entry["skipped"] = f"the warm-up process compiling it died or was stopped ({died})"
+                continue
+            try:
+                A._LAST.pop(kind, None)
+                res = _launch_kind(A, p, kind, cfg, q, k, v, do, out_ref, lse_ref)
+                entry.update(_kernel_stats(A._LAST.get(kind)))
+                got = [res[0]] if kind == "fwd" else ([res[1], res[2]] if kind == "dkdv" else
+                                                      ([res[0]] if kind == "dq" else list(res)))
+                errs = [max_diff(a, b) for a, b in zip(got, refs[kind])]
+                entry["max_err"] = max(errs)
+                if any(not (e <= t) for e, t in zip(errs, tols[kind])):
+                    entry["rejected"] = "output differs from the default blocks'"
+                    continue
+                entry.update(bench(lambda: _launch_kind(A, p, kind, cfg, q, k, v, do, out_ref, lse_ref),
+                                   rep=40, warmup=10))
+            except Exception as e:  # does not compile (shared memory, registers) or fails to launch
+                entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                continue
+            if kind not in best or entry["ms"] < best[kind][1]["ms"]:
+                best[kind] = (cfg, entry)
+            ctx["save"]()
+    sw["winners"] = {kind: _cfg_row(c) for kind, (c, _) in best.items()}
+    # the two ways to dQ, each with its best blocks, timed as a whole backward
+    win = {kind: c for kind, (c, _) in best.items()}
+    split = atomic = None
+    if "dkdv" in win and "dq" in win:
+        with _Env(A, "kernel", dkdv=win["dkdv"], dq=win["dq"]):
+            split = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60, warmup=10)["ms"]
+    if "dkdv_atomic" in win:
+        with _Env(A, "atomic", dkdv_atomic=win["dkdv_atomic"]):
+            atomic = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60, warmup=10)["ms"]
+    sw["backward_ms"] = {"dq_kernel": split, "dq_atomic": atomic}
+    if split is None and atomic is None:
+        sw["seconds"] = round(time.time() - t0, 1)
+        return
+    mode = "atomic" if split is None or (atomic is not None and atomic < split) else "kernel"
+    sw["dq_mode"] = mode
+    override = {kind: win[kind] for kind in ("fwd", "dkdv", "dq", "dkdv_atomic") if kind in win}
+    with _Env(A, mode, **override):
+        ours = _ours(causal)
+        case["max_abs_diff_vs_torch_tuned"] = _validate(ours, leaves, do, causal)
+        case["llmcore_triton_tuned"] = dict(_time_ours(ours, data, leaves, shape, causal),
+                                            blocks={kind: _cfg_row(c) for kind, c in override.items()}, dq_mode=mode)
+    tuned, before = case["llmcore_triton_tuned"], case["llmcore_triton_defaults"]
+    case["llmcore_triton"] = {m: tuned[m] for m in ("forward", "fwd_bwd")}
+    case["tuned_vs_defaults"] = {m: before[m]["ms"] / tuned[m]["ms"] for m in ("forward", "fwd_bwd")}
+    sw["seconds"] = round(time.time() - t0, 1)
+
+
+def _task_key(causal: bool, kind: str, cfg: dict) -> str:
+    return f"{'causal' if causal else 'noncausal'}:{kind}:{','.join(map(str, _cfg_row(cfg)))}"
+
+
+def suspects(log_dir) -> dict:
+    """Sweep candidates a warm-up process was compiling when it died (no summary line): key -> log file."""
+    out = {}
+    for f in sorted(Path(log_dir).glob("warm-*.log")) if log_dir else []:
+        lines = f.read_text(errors="replace").splitlines()
+        if any(re.match(r"^\[warm \S+\] \d+ kernels in", x) or x.startswith("[stopped]") for x in lines):
+            continue
+        begun = [x.split(" ", 1)[1] for x in lines if x.startswith("[begin] ")]
+        if begun:
+            out[begun[-1]] = f.name
+    return out
+
+
+def warm_worker(spec: str) -> int:
+    """Compiles this worker's share (i of n) of the sweep's kernels at the benchmark shape; times nothing."""
+    i, n = (int(x) for x in spec.split("/"))
+    A = triton_attention_module()
+    data = _attn_inputs(_attn_shape())
+    q, k, v, do = data
+    tasks = []
+    for causal in (True, False):
+        for kind, cands in sweep_candidates(A, causal).items():
+            tasks += [(causal, kind, cfg) for cfg in cands]
+    mine = tasks[i::n]
+    t0, failed = time.time(), 0
+    out = torch.randn_like(q)  # any values do for compiling the backward
+    for causal, kind, cfg in mine:
+        print(f"[begin] {_task_key(causal, kind, cfg)}", flush=True)  # a crash leaves this last: the sweep skips it
+        try:
+            p = _sweep_problem(A, causal, q, k, v)
+            lse = torch.zeros(p.lse_shape, dtype=torch.float32, device=q.device)
+            _launch_kind(A, p, kind, cfg, q, k, v, do, out, lse)
+        except Exception as e:
+            failed += 1
+            print(f"[warm {spec}] {kind} {_cfg_row(cfg)} causal={causal}: {type(e).__name__}", file=sys.stderr)
+    if not SMOKE:
+        torch.cuda.synchronize()
+    print(f"[warm {spec}] {len(mine)} kernels in {time.time() - t0:.0f} s ({failed} failed)", flush=True)
+    return 0
+
+
+# --- norms, LM-head loss, cuda backend ---------------------------------------------------
 
 
 def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_bwd) -> dict:
@@ -142,19 +508,22 @@ def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_
     return res
 
 
-def norms(results: dict, shape=NORM_SHAPE) -> None:
+def norms(results: dict, ctx: dict) -> None:
     from llmcore.ops import layer_norm, rms_norm
 
-    rows, n = shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x, r, gy, gs = (torch.randn(rows, n, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
-    w = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1 + 1
-    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
-    e = x.numel() * 2  # one bf16 tensor of the input's size
+    rows, n = (64, 256) if SMOKE else NORM_SHAPE
+    shape = (rows, n)
+    dt = torch.float32 if SMOKE else torch.bfloat16
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x, r, gy, gs = (torch.randn(rows, n, device=DEVICE, dtype=dt, generator=g) for _ in range(4))
+    w = torch.randn(n, device=DEVICE, dtype=dt, generator=g) * 0.1 + 1
+    b = torch.randn(n, device=DEVICE, dtype=dt, generator=g) * 0.1
+    e = x.numel() * x.element_size()  # one tensor of the input's size
     # fused op: forward reads x, r; writes y, s. Backward reads dy, ds, s; writes dx (one tensor, x's and r's grad).
     fwd_bytes, bwd_bytes = 4 * e, 4 * e
     note = "GB/s of the fused op's least traffic: forward reads x, r, writes y, s; backward reads dy, ds, s, writes dx"
-    out = results.setdefault("norms", {"shape": list(shape), "dtype": "bfloat16", "bytes_note": note, "cases": {}})
+    out = results.setdefault("norms", {"shape": list(shape), "dtype": str(dt).replace("torch.", ""),
+                                       "bytes_note": note, "cases": {}})
 
     def ln_ours(x, r, w, b):
         return layer_norm(x, w, b, 1e-5, r, backend="triton")
@@ -177,20 +546,23 @@ def norms(results: dict, shape=NORM_SHAPE) -> None:
         return F.rms_norm(s, (n,), w, 1e-6), s
 
     out["cases"]["layer_norm"] = _norm_case(ln_ours, ln_torch, (x, r), (w, b), (gy, gs), fwd_bytes, bwd_bytes)
+    ctx["save"]()
     out["cases"]["rms_norm"] = _norm_case(rms_ours, rms_torch, (x, r), (w,), (gy, gs), fwd_bytes, bwd_bytes)
+    ctx["save"]()
     if hasattr(F, "rms_norm"):
         out["cases"]["rms_norm_vs_F.rms_norm"] = _norm_case(rms_ours, rms_torch_fused, (x, r), (w,), (gy, gs),
                                                             fwd_bytes, bwd_bytes)
 
 
-def cross_entropy(results: dict, shape=CE_SHAPE) -> None:
+def cross_entropy(results: dict, ctx: dict) -> None:
     from llmcore.ops import linear_cross_entropy
 
-    n, h, vocab = shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=g)
-    weight = torch.randn(vocab, h, device="cuda", dtype=torch.bfloat16, generator=g) * h**-0.5
-    labels = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    n, h, vocab = (64, 32, 1000) if SMOKE else CE_SHAPE
+    dt = torch.float32 if SMOKE else torch.bfloat16
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    hidden = torch.randn(n, h, device=DEVICE, dtype=dt, generator=g)
+    weight = torch.randn(vocab, h, device=DEVICE, dtype=dt, generator=g) * h**-0.5
+    labels = torch.randint(0, vocab, (n,), device=DEVICE, generator=g)
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
     flops = 3 * 2.0 * n * h * vocab  # logits, grad_hidden, grad_weight matmuls
 
@@ -203,19 +575,20 @@ def cross_entropy(results: dict, shape=CE_SHAPE) -> None:
     def torch_plain(hd, w):
         return F.cross_entropy(F.linear(hd, w).float(), labels)
 
-    res = {"shape": {"tokens": n, "hidden": h, "vocab": vocab}, "dtype": "bfloat16",
+    res = {"shape": {"tokens": n, "hidden": h, "vocab": vocab}, "dtype": str(dt).replace("torch.", ""),
            "loss_diff_vs_torch": abs(float(ours(hidden, weight)) - float(torch_plain(hidden, weight)))}
     for name, fn in (("llmcore_triton", ours), ("llmcore_torch_chunks", torch_chunked), ("torch", torch_plain)):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        if not SMOKE:
+            torch.cuda.reset_peak_memory_stats()
+        base = 0 if SMOKE else torch.cuda.memory_allocated()
         t = rate(bench(lambda: fn(*leaves).backward(), leaves, rep=50), flops)
-        t["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        t["peak_extra_mib"] = 0.0 if SMOKE else (torch.cuda.max_memory_allocated() - base) / 2**20
         res[name] = t
     res["speedup_vs_torch"] = res["torch"]["ms"] / res["llmcore_triton"]["ms"]
     results["cross_entropy"] = res
 
 
-def cuda_backend(results: dict) -> None:
+def cuda_backend(results: dict, ctx: dict) -> None:
     from llmcore.ops.dispatch import availability
 
     reason = availability().get("cuda")
@@ -240,50 +613,103 @@ def bars(results: dict) -> dict:
         out["attention_fwd_noncausal_tflops"] = {
             "bar": BARS["attention_fwd_noncausal_tflops"],
             "value": c["noncausal"]["llmcore_triton"]["forward"]["tflops"]}
-        for v in out.values():
-            v["met"] = v["value"] >= v["bar"]
     except KeyError:
         pass
+    for v in out.values():
+        v["met"] = v["value"] >= v["bar"]
     return out
+
+
+def _f(x, fmt="{:.0f}") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [f"# llmcore GPU check: {env.get('device')}", "",
              f"torch {env.get('torch')}, Triton {env.get('triton')}, CUDA {env.get('cuda')}; "
-             f"`triton.testing.do_bench` medians (p20-p80 in the JSON). Written by `benchmarks/gpu/run.sh`.", ""]
+             f"`triton.testing.do_bench` medians (p20-p80 in the JSON). Written by `benchmarks/gpu/bench.py` "
+             f"(run by `benchmarks/gpu/run.sh`), {env.get('date')}.", ""]
     mm = results.get("matmul_bf16")
+    peak = mm["tflops"] if mm else float("nan")
     if mm:
-        lines += [f"bf16 matmul peak (8192^3 torch.matmul): **{mm['tflops']:.0f} TFLOP/s**", ""]
+        lines += [f"bf16 matmul peak (8192^3 torch.matmul): **{peak:.0f} TFLOP/s**", ""]
     att = results.get("attention")
-    if att and "cases" in att:
-        lines += [f"## Attention {tuple(att['shape'])} bf16 (TFLOP/s; % of the matmul peak)", "",
-                  "| case | mode | llmcore triton | best torch SDPA | vs SDPA |", "|---|---|---|---|---|"]
-        peak = mm["tflops"] if mm else float("nan")
+    if att and att.get("cases"):
+        lines += [f"## Attention {tuple(att['shape'])} {att['dtype']} (TFLOP/s; % of the matmul peak)", "",
+                  "`llmcore triton`: with the block sweep's winners where the sweep ran (below), else with the "
+                  "defaults; `before sweep`: with the defaults the run started with.", "",
+                  "| case | mode | llmcore triton | before sweep | best torch SDPA | vs SDPA |",
+                  "|---|---|---|---|---|---|"]
         for cname, c in att["cases"].items():
             for mode in ("forward", "fwd_bwd"):
-                if "llmcore_triton" not in c or mode not in c["llmcore_triton"]:
+                if mode not in c.get("llmcore_triton", {}):
                     continue
                 ours = c["llmcore_triton"][mode]["tflops"]
+                before = c.get("llmcore_triton_defaults", {}).get(mode, {}).get("tflops")
                 best = c.get("best_torch", {}).get(mode)
-                theirs = c["torch_sdpa"][best][mode]["tflops"] if best else float("nan")
-                lines.append(f"| {cname} | {mode} | {ours:.0f} ({100 * ours / peak:.0f}%) | {theirs:.0f} ({best}) | "
-                             f"{c['speedup_vs_best_torch'][mode]:.2f}x |")
+                theirs = c["torch_sdpa"][best][mode]["tflops"] if best else None
+                lines.append(f"| {cname} | {mode} | {ours:.0f} ({100 * ours / peak:.0f}%) | {_f(before)} | "
+                             f"{_f(theirs)} ({best}) | {_f(c.get('speedup_vs_best_torch', {}).get(mode), '{:.2f}x')} |")
         lines.append("")
+        for cname, c in att["cases"].items():
+            sw = c.get("sweep")
+            if not sw:
+                continue
+            lines += [f"### Block sweep, {cname} (BLOCK_M, BLOCK_N, warps, stages): ms", ""]
+            if "skipped" in sw or "candidates" not in sw:
+                lines += [f"not run: {sw.get('skipped') or (sw.get('error') or '').strip().splitlines()[-1:]}", ""]
+                continue
+            for kind, rows in sw["candidates"].items():
+                cells = []
+                for r in rows:
+                    tag = tuple(r["cfg"])
+                    if "ms" in r:
+                        spill = f", {r['spills']} B spilled" if r.get("spills") else ""
+                        cells.append(f"{tag}: {r['ms']:.3f}{spill}")
+                    else:
+                        why = "skipped" if "skipped" in r else ("wrong" if "rejected" in r else "failed")
+                        cells.append(f"{tag}: {why}")
+                lines.append(f"- {kind}: " + "; ".join(cells))
+            bw = sw.get("backward_ms", {})
+            lines += [f"- whole backward with the winners: dQ kernel {_f(bw.get('dq_kernel'), '{:.3f}')} ms, "
+                      f"dQ by atomics {_f(bw.get('dq_atomic'), '{:.3f}')} ms -> {sw.get('dq_mode', '-')}"]
+            wc = c.get("winners_check")
+            if wc:
+                verdict = ("passed" if wc.get("ok") else "FAILED") if "ok" in wc else \
+                    (wc.get("skipped") or "error (see the JSON)")
+                lines.append(f"- the winners against float64 on ragged shapes (GQA L=1027, packed sequences): "
+                             f"{verdict}")
+            lines.append("")
     nm = results.get("norms")
-    if nm and "cases" in nm:
-        lines += [f"## Norms with fused residual {tuple(nm['shape'])} bf16 (GB/s)", "",
+    if nm and nm.get("cases"):
+        lines += [f"## Norms with fused residual {tuple(nm['shape'])} {nm['dtype']} (GB/s)", "",
                   "| op | mode | llmcore triton | torch | speed-up |", "|---|---|---|---|---|"]
         for cname, c in nm["cases"].items():
             for mode in ("forward", "fwd_bwd"):
                 lines.append(f"| {cname} | {mode} | {c['llmcore_triton'][mode]['gbps']:.0f} | "
                              f"{c['torch'][mode]['gbps']:.0f} | {c['speedup_vs_torch'][mode]:.2f}x |")
         lines.append("")
+    cu = results.get("cuda")
+    if cu and cu.get("cases"):
+        lines += ["## llmcore `cuda` backend (CUDA C++ FA2, mma.sync), same attention shape (TFLOP/s)", "",
+                  "| case | mode | llmcore cuda | best torch SDPA | vs SDPA |", "|---|---|---|---|---|"]
+        for c in cu["cases"]:
+            for mode in ("forward", "fwd_bwd"):
+                best = c.get(f"torch_best_{mode}")
+                theirs = c["torch"][best][mode]["tflops"] if best else None
+                lines.append(f"| {'causal' if c['causal'] else 'noncausal'} | {mode} | "
+                             f"{c['llmcore'][mode]['tflops']:.0f} | {_f(theirs)} ({best}) | "
+                             f"{_f(c.get(f'speedup_{mode}'), '{:.2f}x')} |")
+        lines.append("")
+    elif cu:
+        lines += [f"## llmcore `cuda` backend: not measured ({cu.get('skipped', 'see the JSON')})", ""]
     ce = results.get("cross_entropy")
     if ce and "torch" in ce:
         s = ce["shape"]
         lines += [f"## LM-head cross-entropy fwd+bwd ({s['tokens']} tokens, hidden {s['hidden']}, vocab {s['vocab']}, "
-                  "bf16)", "", "| implementation | ms | TFLOP/s | extra peak memory (MiB) |", "|---|---|---|---|"]
+                  f"{ce['dtype']})", "", "| implementation | ms | TFLOP/s | extra peak memory (MiB) |",
+                  "|---|---|---|---|"]
         for name in ("llmcore_triton", "llmcore_torch_chunks", "torch"):
             t = ce[name]
             lines.append(f"| {name} | {t['ms']:.2f} | {t['tflops']:.0f} | {t['peak_extra_mib']:.0f} |")
@@ -294,56 +720,93 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {b['value']:.2f} | {b['bar']} | {'yes' if b['met'] else 'no'} |")
         lines.append("")
     if results.get("errors"):
-        lines += ["## Errors", ""] + [f"- {k}: {v.splitlines()[-1] if v else v}" for k, v in results["errors"].items()]
+        lines += ["## Errors", ""]
+        for k, v in results["errors"].items():
+            last = v.strip().splitlines()[-1] if v and v.strip() else v
+            lines.append(f"- {k}: {last}")
+        lines.append("")
+    if results.get("seconds"):
+        lines += ["Seconds per benchmark section: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()),
+                  ""]
+    if results.get("run_sh"):
+        lines += ["## Build and tests (run.sh, before the benchmarks)", "", "```"] + results["run_sh"] + ["```", ""]
     return "\n".join(lines) + "\n"
 
 
+SECTIONS = (("matmul", matmul_peak), ("attention", attention), ("norms", norms), ("cuda", cuda_backend),
+            ("cross_entropy", cross_entropy))
+
+
 def main(argv=None) -> int:
+    global DEVICE, SMOKE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results", help="folder for gpu-<device>.json and .md")
-    p.add_argument("--autotune", action="store_true", help="autotune the Triton attention blocks (slower start)")
+    p.add_argument("--autotune", action="store_true", help="LLMCORE_TRITON_AUTOTUNE=1 for the default timings")
     p.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip")
+    p.add_argument("--reserve", type=float, default=45.0,
+                   help="seconds of the budget the attention sweep leaves to the sections after it")
+    p.add_argument("--no-sweep", action="store_true", help="no block sweep of the attention kernels")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: " + ",".join(n for n, _ in SECTIONS))
+    p.add_argument("--warm-worker", metavar="I/N", help="only compile the I-th of N shares of the sweep's kernels")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
+    p.add_argument("--notes", help="a text file (run.sh's build and test summary) to copy into the JSON and Markdown")
+    p.add_argument("--warm-logs", help="folder of the --warm-worker logs: candidates one died on are not tried")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        SMOKE, DEVICE = True, "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
         print("no CUDA device: nothing to measure", file=sys.stderr)
         return 2
+    if args.warm_worker:
+        return warm_worker(args.warm_worker)
     if args.autotune:
         os.environ["LLMCORE_TRITON_AUTOTUNE"] = "1"
     import triton
 
-    name = torch.cuda.get_device_name()
+    name = "smoke-cpu" if SMOKE else torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     results = {"environment": {"device": name, "torch": torch.__version__, "triton": triton.__version__,
                                "cuda": torch.version.cuda, "python": sys.version.split()[0],
                                "autotune": args.autotune, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
                "errors": {}, "seconds": {}}
+    if args.notes and Path(args.notes).is_file():
+        results["run_sh"] = Path(args.notes).read_text().splitlines()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"gpu-{slug}.json", out_dir / f"gpu-{slug}.md"
-    skip = set(filter(None, args.skip.split(",")))
     start = time.time()
-    for section, fn in (("matmul", matmul_peak), ("attention", attention), ("norms", norms),
-                        ("cross_entropy", cross_entropy), ("cuda", cuda_backend)):
-        if section in skip:
-            continue
-        if time.time() - start > args.budget:
-            results["errors"][section] = f"skipped: the {args.budget:.0f} s budget was spent"
-            continue
-        t0 = time.time()
-        try:
-            fn(results)
-        except Exception:
-            results["errors"][section] = traceback.format_exc()
-            print(results["errors"][section], file=sys.stderr)
-        results["seconds"][section] = round(time.time() - t0, 1)
+
+    def save():
         results["bars"] = bars(results)
         json_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
         try:
             md_path.write_text(markdown(results))
         except Exception:  # the JSON has everything; a table bug must not end the run
             results["errors"]["markdown"] = traceback.format_exc()
-        print(f"[bench] {section}: {results['seconds'][section]} s", flush=True)
+            json_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+
+    ctx = {"save": save, "sweep": not args.no_sweep, "sweep_deadline": start + args.budget - args.reserve,
+           "suspects": suspects(args.warm_logs)}
+    if ctx["suspects"]:
+        results["warm_up_suspects"] = ctx["suspects"]
+    skip = set(filter(None, args.skip.split(",")))
+    for section, fn in SECTIONS:
+        if section in skip:
+            continue
+        if time.time() - start > args.budget:
+            results["errors"][section] = f"skipped: the {args.budget:.0f} s budget was spent"
+            save()
+            continue
+        t0 = time.time()
+        try:
+            fn(results, ctx)
+        except Exception:
+            results["errors"][section] = traceback.format_exc()
+            print(results["errors"][section], file=sys.stderr)
+        results["seconds"][section] = round(time.time() - t0, 1)
+        save()
+        print(f"[bench {time.time() - start:.0f}s] {section}: {results['seconds'][section]} s", flush=True)
     print(md_path.read_text())
     return 0 if not results["errors"] else 1
 

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check, in one command (at most 8 minutes on an H100/H200 machine):
-#   1. builds llmcore (CMake in place, else pip --no-build-isolation --no-deps --no-index -e .),
-#   2. runs the GPU tests (Triton kernels at full shapes, and the CUDA backend's tests),
-#   3. benchmarks attention, the norms and the LM-head loss against torch (benchmarks/gpu/bench.py),
-#      writing benchmarks/results/gpu-<device>.json and .md.
+# The GPU check, in one command, at most TOTAL_S (480) seconds on an H100/H200 machine:
+#   1. builds llmcore with CMake in place (the module lands in llmcore/; with the CUDA sources when
+#      nvcc is there, else, or if that fails, without them; pip as the last resort), while
+#      bench.py --warm-worker processes compile the Triton attention kernels the benchmark's block
+#      sweep will time (into Triton's cache; they need no llmcore build);
+#   2. runs the GPU tests: the Triton kernels' tests at full shapes and the CUDA backend's tests,
+#      the files side by side (Triton compiles in each process);
+#   3. benchmarks (benchmarks/gpu/bench.py) with the rest of the time, on an otherwise idle GPU,
+#      writing benchmarks/results/gpu-<device>.json and .md (rewritten after every step, so a cut
+#      run leaves what it measured; the build and test summary goes into both).
+# Every phase has a deadline (seconds from the start), so the whole ends within TOTAL_S even when a
+# phase is slow; what a phase could not finish is said in the logs and in the Markdown.
 # It installs nothing and needs no network. Logs go to $LOG_DIR (default build/gpu-check).
 #
 #   benchmarks/gpu/run.sh                      # everything
@@ -15,22 +22,56 @@ ROOT=$(pwd)
 PY=${PYTHON:-python3}
 LOG_DIR=${LOG_DIR:-build/gpu-check}
 TOTAL_S=${TOTAL_S:-480}
+BUILD_DEADLINE=${BUILD_DEADLINE:-180}  # seconds from the start: the build must be in by then
+TEST_DEADLINE=${TEST_DEADLINE:-270}    # the GPU tests stop by then; the benchmarks get the rest
+WARM_WORKERS=${WARM_WORKERS:-6}
 mkdir -p "$LOG_DIR"
+LOG_DIR=$(cd "$LOG_DIR" && pwd)
+NOTES="$LOG_DIR/notes.txt"
+: >"$NOTES"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the source tree, with the module built into llmcore/
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
+left() { local t=$(( $1 - $(elapsed) )); echo $(( t > 1 ? t : 1 )); }  # seconds to a deadline, at least 1
 log() { echo "[gpu-check $(elapsed)s] $*"; }
+note() { log "$*"; echo "[$(elapsed)s] $*" >>"$NOTES"; }
 status=0
+BUILD=build/gpu-cmake
+SO_GLOB="_C*.so"
 
-log "$("$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' 2>&1)"
-command -v nvcc >/dev/null && log "$(nvcc --version | tail -1)"
+note "$("$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' 2>&1 | tail -1)"
+command -v nvcc >/dev/null && note "$(nvcc --version | tail -1)"
+note "$(nproc) CPUs; $(c++ --version 2>/dev/null | head -1)"
 
-# --- 1. build: CMake in place (the module lands in llmcore/, so the source tree imports as is),
-#     else pip's editable build (scikit-build-core) -----------------------------------------
+# --- Triton compiles the sweep's kernels while llmcore builds --------------------------------
+warm_pids=()
+if [ "${SKIP_WARM:-0}" != 1 ] && [ "$WARM_WORKERS" -gt 0 ]; then
+  for i in $(seq 0 $(( WARM_WORKERS - 1 ))); do
+    timeout "$(left "$TEST_DEADLINE")" "$PY" benchmarks/gpu/bench.py --warm-worker "$i/$WARM_WORKERS" \
+      >"$LOG_DIR/warm-$i.log" 2>&1 &
+    warm_pids+=($!)
+  done
+  log "started $WARM_WORKERS processes compiling the attention sweep's Triton kernels"
+fi
+
+install_module() {  # copies the built module into llmcore/ by rename (processes that loaded the old one keep it)
+  local so
+  so=$(ls "$BUILD"/$SO_GLOB 2>/dev/null | head -1)
+  [ -n "$so" ] || return 1
+  cp "$so" "llmcore/.$(basename "$so").tmp" && mv -f "llmcore/.$(basename "$so").tmp" "llmcore/$(basename "$so")"
+}
+
+cmake_build() {  # LLMCORE_CUDA value, extra configure args...: configure, then build
+  local cuda=$1; shift
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
+    -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir 2>/dev/null)" -DLLMCORE_CUDA="$cuda" "$@" && cmake --build "$BUILD"
+}
+export -f cmake_build
+export BUILD PY
+
+# --- 1. build ------------------------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-  log "building llmcore (LLMCORE_CUDA=${LLMCORE_CUDA:-AUTO}, $CMAKE_BUILD_PARALLEL_LEVEL jobs)"
-  BUILD=build/gpu-cmake
   # The tokenizer's Unicode tables are generated at build time with the PyPI package unicodedata2, which
   # the GPU environment lacks (and nothing may be installed there): seed the build with tables generated
   # elsewhere, by `python tools/unicode/gen_tables.py csrc/tokenizer/unicode/{bert_categories_unicode8,
@@ -41,50 +82,79 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
       mkdir -p "$BUILD/generated" && cp "$TABLES" "$BUILD/generated/unicode_tables.inc" \
         && touch "$BUILD/generated/unicode_tables.inc" && log "no unicodedata2: using the Unicode tables in $TABLES"
     else
-      log "no unicodedata2 and no pre-generated $TABLES: the tokenizer's tables cannot be built (see run.sh)"
+      note "no unicodedata2 and no pre-generated $TABLES: the tokenizer's tables cannot be built (see run.sh)"
     fi
   fi
-  if cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
-       -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir 2>/dev/null)" -DLLMCORE_CUDA="${LLMCORE_CUDA:-AUTO}" \
-       >"$LOG_DIR/build.log" 2>&1 && cmake --build "$BUILD" >>"$LOG_DIR/build.log" 2>&1; then
-    cp "$BUILD"/_C*.so llmcore/ && log "built with CMake into llmcore/"
-  else
-    log "CMake build failed (tail of $LOG_DIR/build.log below); trying pip"
-    tail -5 "$LOG_DIR/build.log"
-    if "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >>"$LOG_DIR/build.log" 2>&1; then
-      log "built with pip (editable)"
+  # -include cstdint: some sources use the fixed-width integer types without including <cstdint>, which
+  # newer GCCs no longer pull in through other headers.
+  built=0
+  for cuda in "${LLMCORE_CUDA:-AUTO}" OFF; do
+    note "building llmcore with CMake (LLMCORE_CUDA=$cuda, $CMAKE_BUILD_PARALLEL_LEVEL jobs)"
+    if timeout "$(left "$BUILD_DEADLINE")" bash -c "cmake_build $cuda '-DCMAKE_CXX_FLAGS=-include cstdint'" \
+         >>"$LOG_DIR/build.log" 2>&1 && install_module; then
+      built=1; note "built (LLMCORE_CUDA=$cuda) into llmcore/"; break
+    fi
+    note "CMake build (LLMCORE_CUDA=$cuda) failed or timed out; tail of build.log:"; tail -15 "$LOG_DIR/build.log"
+    status=1
+    [ "$cuda" = OFF ] && break
+  done
+  if [ $built = 0 ]; then
+    if timeout "$(left "$BUILD_DEADLINE")" env CXXFLAGS="-include cstdint" \
+         "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >>"$LOG_DIR/build.log" 2>&1; then
+      note "built with pip (editable)"
     else
-      log "BUILD FAILED (see $LOG_DIR/build.log)"; tail -20 "$LOG_DIR/build.log"; status=1
+      note "BUILD FAILED (see build.log)"; tail -20 "$LOG_DIR/build.log"
     fi
   fi
 fi
-"$PY" -c "import llmcore, json; print(json.dumps(llmcore.info()['backends']))" || status=1
+"$PY" -c "import llmcore, json; print(json.dumps(llmcore.info()['backends']))" >>"$NOTES" 2>&1 || status=1
+tail -1 "$NOTES"
 
-# --- 2. GPU tests: Triton compiles in each process, so the files run side by side -----------
+# --- 2. GPU tests: Triton compiles in each process, so the files run side by side -------------
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  TEST_S=${TEST_S:-210}
-  log "GPU tests (at most ${TEST_S}s)"
-  pids=()
+  log "GPU tests (until ${TEST_DEADLINE}s)"
+  test_pids=()
   run_tests() {  # name, pytest args...
     local name=$1; shift
-    timeout "$TEST_S" "$PY" -m pytest -q -p no:cacheprovider "$@" >"$LOG_DIR/test-$name.log" 2>&1 &
-    pids+=($!)
+    timeout "$(left "$TEST_DEADLINE")" "$PY" -m pytest -v -p no:cacheprovider "$@" >"$LOG_DIR/test-$name.log" 2>&1 &
+    test_pids+=($!)
   }
   run_tests attention-dense tests/test_triton_attention.py -k "sdpa_matches or strided"
-  run_tests attention-masks tests/test_triton_attention.py -k "not sdpa_matches and not strided and not varlen"
-  run_tests attention-varlen tests/test_triton_attention.py -k "varlen"
+  run_tests attention-dq tests/test_triton_attention.py -k "dq_"
+  run_tests attention-masks tests/test_triton_attention.py -k "not sdpa_matches and not strided and not varlen and not dq_"
+  run_tests attention-varlen tests/test_triton_attention.py -k "varlen and not dq_"
   run_tests norm-ce tests/test_triton_norm.py tests/test_triton_cross_entropy.py
   if [ -f tests/test_attention_cuda.py ]; then run_tests cuda tests/test_attention_cuda.py; fi
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  for f in "$LOG_DIR"/test-*.log; do log "$(basename "$f" .log): $(tail -1 "$f")"; done
-  grep -h -E "^(FAILED|ERROR)" "$LOG_DIR"/test-*.log | head -40
+  for pid in "${test_pids[@]}"; do wait "$pid" || status=1; done
+  for f in "$LOG_DIR"/test-*.log; do
+    last=$(grep -E "^=+ .*(passed|failed|error|no tests ran).* =+$" "$f" | tail -1)
+    counts="$(grep -c ' PASSED' "$f") passed, $(grep -c ' FAILED' "$f") failed, $(grep -c ' ERROR' "$f") errors, \
+$(grep -c ' SKIPPED' "$f") skipped"
+    note "$(basename "$f" .log): $counts; ${last:-no pytest summary: cut by its deadline}"
+  done
+  grep -h -E "^(FAILED|ERROR)" "$LOG_DIR"/test-*.log | head -40 | tee -a "$NOTES"
 fi
 
+# --- the warm-up processes must be done before anything is timed -----------------------------
+for i in "${!warm_pids[@]}"; do  # one still running is slow, not broken: mark it so the sweep still tries its kernel
+  pid=${warm_pids[$i]}
+  if kill -0 "$pid" 2>/dev/null; then echo "[stopped] by run.sh" >>"$LOG_DIR/warm-$i.log"; kill "$pid" 2>/dev/null; fi
+  wait "$pid" 2>/dev/null
+done
+[ ${#warm_pids[@]} -gt 0 ] && note "warm-up: $(cat "$LOG_DIR"/warm-*.log 2>/dev/null | grep -c '^\[warm .*kernels in') of ${#warm_pids[@]} processes finished: $(grep -h '^\[warm .*kernels in' "$LOG_DIR"/warm-*.log | tr '\n' ' ')"
+
 # --- 3. benchmarks ------------------------------------------------------------------------
-left=$(( TOTAL_S - $(elapsed) - 15 ))
-log "benchmarks (budget ${left}s)"
-timeout $(( left > 30 ? left : 30 )) "$PY" benchmarks/gpu/bench.py --out benchmarks/results --budget $(( left - 60 > 20 ? left - 60 : 20 )) \
-  ${BENCH_ARGS:-} 2>"$LOG_DIR/bench.err" || status=1
+left_s=$(( TOTAL_S - $(elapsed) - 15 ))
+budget=$(( left_s - 20 > 20 ? left_s - 20 : 20 ))
+note "benchmarks (budget ${budget}s)"
+timeout $(( left_s > 30 ? left_s : 30 )) "$PY" benchmarks/gpu/bench.py --out benchmarks/results --budget "$budget" \
+  --notes "$NOTES" --warm-logs "$LOG_DIR" ${BENCH_ARGS:-} >"$LOG_DIR/bench.log" 2>"$LOG_DIR/bench.err" || status=1
+grep "^\[bench" "$LOG_DIR/bench.log"
 tail -20 "$LOG_DIR/bench.err"
-log "done, status $status"
+md=$(find benchmarks/results -maxdepth 1 -name 'gpu-*.md' -newer "$NOTES" 2>/dev/null | head -1)  # this run's
+if [ -n "$md" ]; then
+  printf '\nrun.sh: %s s in all, status %s.\n' "$(elapsed)" "$status" >>"$md"
+  cp "$NOTES" "$LOG_DIR/notes-final.txt"
+fi
+log "done in $(elapsed)s, status $status"
 exit $status

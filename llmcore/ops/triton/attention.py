@@ -5,11 +5,15 @@ leading batch dims, boolean or additive masks of any broadcastable shape, top-le
 GQA, dropout); ``varlen`` those of :func:`llmcore.varlen_attention` (packed sequences,
 bottom-right causal). Both return differentiable outputs in the inputs' dtype.
 
-Block sizes: a fixed table per head dim and dtype on the GPU (H100/H200-class: 128-row
-query tiles, 8 warps up to head dim 128); ``LLMCORE_TRITON_AUTOTUNE=1`` autotunes among a
-few configurations instead (per head dim, dtype and power-of-two sequence length). Under
-the interpreter the blocks are 16 x 16 (``LLMCORE_TRITON_INTERPRET_BLOCK``), small enough
-that tiny test shapes cross several blocks, ragged tails and causal diagonals.
+Block sizes: a fixed table per kernel, head dim, dtype and causality on the GPU (sized for
+H100/H200; defaults measured there where ``_MEASURED`` says so); ``LLMCORE_TRITON_AUTOTUNE=1``
+autotunes among a few configurations instead (per head dim, dtype and power-of-two sequence
+length). Under the interpreter the blocks are 16 x 16 (``LLMCORE_TRITON_INTERPRET_BLOCK``),
+small enough that tiny test shapes cross several blocks, ragged tails and causal diagonals.
+
+The backward makes dQ with its own kernel (deterministic) or, with ``LLMCORE_TRITON_DQ=atomic``
+(or where measured faster, see ``_DQ_ATOMIC_MEASURED``), inside the dK/dV kernel with float32
+atomics; ``LLMCORE_TRITON_DQ=kernel`` forces the deterministic path.
 """
 from __future__ import annotations
 
@@ -35,28 +39,67 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool) -> list[dict]:
-    """Candidate blocks for kernel ``kind`` ("fwd", "dkdv", "dq"); the first is the default.
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel and head-dim bucket. Sized for 228 KB of shared
+# memory per SM (H100/H200; A100 has 164 KB): a pipeline stage holds a K and a V tile (forward,
+# dQ) or a Q and a dO tile (dK/dV) besides the resident tiles. The first row is the default
+# unless _MEASURED names another; the others are candidates for LLMCORE_TRITON_AUTOTUNE=1 and
+# for benchmarks/gpu/bench.py's sweep (a candidate that does not fit is skipped there).
+_TABLES = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+            128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
+                  (64, 64, 4, 3)],
+            256: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)]},
+    "dkdv": {64: [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3)],
+             128: [(16, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
+                   (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2)],
+             256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+    # dK/dV with dQ by atomics (LLMCORE_TRITON_DQ=atomic)
+    "dkdv_atomic": {64: [(32, 128, 8, 3), (64, 64, 8, 3)],
+                    128: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3),
+                          (64, 64, 4, 3)],
+                    256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+    "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+           128: [(128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+                 (128, 128, 8, 2)],
+           256: [(32, 32, 4, 2), (64, 32, 8, 1)]},
+}
+# Defaults measured on a GPU by benchmarks/gpu/bench.py's sweep: (kind, head-dim bucket, causal) -> row.
+# Measured on an NVIDIA H200 (Triton 3.6, torch 2.11), bf16 (4, 32, 4096, 128), in the run recorded in
+# benchmarks/results/gpu-nvidia-h200.{json,md}: the backward kernels' fastest candidates there. The
+# forward keeps its table default: the sweep's forward picks were not faster in the longer timing.
+_MEASURED: dict = {
+    ("dkdv", 128, True): (32, 64, 4, 3),     # 2.24 ms vs 3.14 ms for the old (16, 128, 8, 3)
+    ("dkdv", 128, False): (64, 128, 8, 3),   # 3.92 ms vs 5.73 ms
+    ("dq", 128, True): (128, 64, 8, 3),      # 1.53 ms vs 2.62 ms for the old (128, 32, 8, 2)
+    ("dq", 128, False): (128, 64, 8, 3),     # 2.71 ms vs 4.43 ms
+    ("dkdv_atomic", 128, True): (64, 128, 8, 3),
+    ("dkdv_atomic", 128, False): (64, 128, 8, 3),
+}
+# Whether the dK/dV kernel also makes dQ (atomics) by default: (head-dim bucket, causal) -> bool, as measured.
+# None so far: on the H200 the whole backward took 3.65 ms (causal) / 6.54 ms with the dQ kernel against
+# 3.97 / 6.91 ms with atomics (each with its best blocks).
+_DQ_ATOMIC_MEASURED: dict = {}
 
-    Sized for 228 KB of shared memory per SM (H100/H200; A100 has 164 KB): a pipeline stage
-    holds a K and a V tile (forward, dQ) or a Q and a dO tile (dK/dV) besides the resident
-    tiles. float32 inputs (``wide``) halve the blocks.
+# Benchmarks only (benchmarks/gpu/bench.py): kind -> config dict forced on CUDA launches, or None to skip
+# that launch altogether (to time one kernel of the backward on its own).
+_OVERRIDE: dict = {}
+_LAST: dict = {}  # kind -> the compiled kernel last launched while _OVERRIDE was set
+
+
+def _bucket(block_d: int) -> int:
+    return max(64, block_d) if block_d <= 256 else 256
+
+
+def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool = False) -> list[dict]:
+    """Candidate blocks for kernel ``kind`` ("fwd", "dkdv", "dkdv_atomic", "dq"); the first is the default.
+
+    float32 inputs (``wide``) halve the blocks.
     """
-    # (BLOCK_M, BLOCK_N, warps, stages), first = default: chosen from Triton's H100/H200 compile reports
-    # (no register spills at the default) pending measurements; the rest are autotuning candidates.
-    if kind == "fwd":
-        table = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-                 128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
-                 256: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)]}
-    elif kind == "dkdv":
-        table = {64: [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3)],
-                 128: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 128, 8, 2)],
-                 256: [(32, 32, 8, 2), (16, 32, 4, 2)]}
-    else:
-        table = {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-                 128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
-                 256: [(32, 32, 4, 2), (64, 32, 8, 1)]}
-    rows = table[max(64, block_d)]
+    bucket = _bucket(block_d)
+    rows = list(_TABLES[kind][bucket])
+    best = None if wide else _MEASURED.get((kind, bucket, causal))
+    if best is not None:
+        rows = [tuple(best)] + [r for r in rows if tuple(r) != tuple(best)]
     if wide:
         rows = [(max(16, m // 2), max(16, n // 2), w, max(1, s - 1)) for m, n, w, s in rows]
     rows = rows if tune else rows[:1]
@@ -68,31 +111,65 @@ def _interpreter_config() -> dict:
     return _cfg(b, b, 1, 1)
 
 
+def _even_m(varlen: bool, len_q: int, block_m: int) -> bool:
+    """Whether every query block is full (dense inputs, len_q a multiple of BLOCK_M): no row masks."""
+    return (not varlen) and len_q % block_m == 0
+
+
 _TUNED: dict = {}
 
 
-def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, wide: bool):
-    """Runs kernel ``fn`` with fixed blocks, or through a (cached) autotuner on request."""
+def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, wide: bool, causal: bool = False,
+            len_q: Optional[int] = None):
+    """Runs kernel ``fn`` with fixed blocks, or through a (cached) autotuner on request.
+
+    ``len_q`` given: the kernel takes an EVEN_M constexpr, derived from it and BLOCK_M.
+    """
     if mod.INTERPRET:
         cfg = _interpreter_config()
+    elif kind in _OVERRIDE:
+        cfg = _OVERRIDE[kind]
+        if cfg is None:
+            return
     else:
         tune = os.environ.get("LLMCORE_TRITON_AUTOTUNE", "0") == "1"
-        configs = _gpu_configs(kind, block_d, wide, tune)
+        configs = _gpu_configs(kind, block_d, wide, tune, causal)
         if tune:
             import triton
 
-            key = (kind, block_d, wide)
+            key = (kind, block_d, wide, causal)
             tuned = _TUNED.get(key)
             if tuned is None:
+                inner = fn
+                if len_q is not None:
+                    inner = triton.heuristics({"EVEN_M": lambda a: _even_m(a["VARLEN"], a["LQ"], a["BLOCK_M"])})(fn)
                 tuned = _TUNED[key] = triton.autotune(
                     [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
                                    num_stages=c["num_stages"]) for c in configs],
                     key=["TUNE_LEN", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT"],
-                )(fn)
+                    reset_to_zero=["DQ_ACC"] if kind == "dkdv_atomic" else None,
+                )(inner)
             tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
             return
         cfg = configs[0]
-    fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
+    if len_q is not None:
+        consts = dict(consts, EVEN_M=_even_m(consts["VARLEN"], len_q, cfg["BLOCK_M"]))
+    compiled = fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
+    if _OVERRIDE:
+        _LAST[kind] = compiled  # for the benchmark's sweep: registers, spills, shared memory
+
+
+def _dq_atomic(p: "_Problem", interpret: bool) -> bool:
+    """Whether the backward makes dQ in the dK/dV kernel with atomics (LLMCORE_TRITON_DQ=atomic) or with its own
+    kernel (=kernel: deterministic). Unset: as measured for this head dim on a GPU, else the dQ kernel."""
+    mode = os.environ.get("LLMCORE_TRITON_DQ", "")
+    if mode in ("atomic", "kernel"):
+        return mode == "atomic"
+    if mode:
+        raise ValueError(f"LLMCORE_TRITON_DQ must be 'atomic' or 'kernel', got {mode!r}")
+    if interpret or p.wide:
+        return False
+    return bool(_DQ_ATOMIC_MEASURED.get((_bucket(p.block_d), p.causal), False))
 
 
 def _rows3(t: Tensor, packed: bool) -> tuple[int, int, int]:
@@ -157,7 +234,7 @@ def _forward(p: _Problem, q: Tensor, k: Tensor, v: Tensor, rng: Optional[Tensor]
             *p.mask_args(q)[1:], *p.lse_strides,
             p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
-    _launch(mod, "fwd", mod.attn_fwd, grid, args, p.consts(), p.block_d, p.wide)
+    _launch(mod, "fwd", mod.attn_fwd, grid, args, p.consts(), p.block_d, p.wide, p.causal)
     return out, lse
 
 
@@ -165,7 +242,7 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
               rng: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     mod = kernels("attention_kernels", q.device)
     do = _last_dim_contiguous(do)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     cu_q = p.cu_q if p.packed else q
     cu_k = p.cu_k if p.packed else q
@@ -179,13 +256,19 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
               *_rows3(q, p.packed), *_rows3(k, p.packed), *_rows3(v, p.packed), *_rows3(do, p.packed))
     tail = (*mask_strides, *p.lse_strides, p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
     rng = rng if rng is not None else q
-    args = (q, k, v, do, dk, dv, lse, delta, mask, cu_q, cu_k, rng, *common, *_rows3(dk, p.packed),
-            *_rows3(dv, p.packed), *tail)
+    atomic = _dq_atomic(p, mod.INTERPRET)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else q
+    args = (q, k, v, do, dk, dv, lse, delta, mask, cu_q, cu_k, rng, dq_acc, *common, *_rows3(dk, p.packed),
+            *_rows3(dv, p.packed), *_rows3(dq_acc, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_k, bn), p.heads_k, p.batch)  # noqa: E731
-    _launch(mod, "dkdv", mod.attn_bwd_dkdv, grid, args, consts, p.block_d, p.wide)
+    _launch(mod, "dkdv_atomic" if atomic else "dkdv", mod.attn_bwd_dkdv, grid, args, dict(consts, DQ_ATOMIC=atomic),
+            p.block_d, p.wide, p.causal, len_q=p.len_q)
+    if atomic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty_like(q)
     args = (q, k, v, do, dq, lse, delta, mask, cu_q, cu_k, rng, *common, *_rows3(dq, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
-    _launch(mod, "dq", mod.attn_bwd_dq, grid, args, consts, p.block_d, p.wide)
+    _launch(mod, "dq", mod.attn_bwd_dq, grid, args, consts, p.block_d, p.wide, p.causal)
     return dq, dk, dv
 
 

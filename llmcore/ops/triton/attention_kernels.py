@@ -13,7 +13,10 @@ Backward, with D_i = dO_i . O_i:
     dQ_i = scale * sum_j dS_ij k_j,   dK_j = scale * sum_i dS_ij q_i
 
 One program owns BLOCK_M query rows (forward, dQ) or BLOCK_N key rows (dK/dV, which also
-loops over the GROUP query heads sharing a key head, so GQA needs no atomics). Key blocks
+loops over the GROUP query heads sharing a key head, so GQA needs no atomics). The dK/dV
+kernel can instead produce dQ as well (DQ_ATOMIC): each of its query blocks adds
+scale * dS^T k into a float32 buffer with atomics, which saves the dQ kernel's two
+recomputed matmuls (S and dP) at the price of a summation order that varies run to run. Key blocks
 wholly visible to a query block run without per-element masking; only the blocks on the
 causal diagonal and the ragged tails are masked. Rows with no visible key get O = 0,
 lse = -inf and zero gradients.
@@ -246,18 +249,25 @@ def attn_bwd_delta(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, m0, offs_n, offs_d, offs_dv, len_q, len_k, shift,
-               stride_qm, stride_dom, stride_mm, stride_mn, scale_log2, seed, offset_lo, lse_row0, drop_thresh,
-               drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, m0, offs_n, offs_d, offs_dv, len_q, len_k, shift,
+               stride_qm, stride_dom, stride_mm, stride_mn, stride_dqam, scale, scale_log2, seed, offset_lo, lse_row0,
+               drop_thresh, drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """One query block against this program's key block, in transposed form (keys as rows)."""
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_M: tl.constexpr):
+    """One query block against this program's key block, in transposed form (keys as rows).
+
+    With DQ_ATOMIC it also adds this block's share of dQ (scale * dS k) into the float32 DQA.
+    EVEN_M: the query count is a multiple of BLOCK_M (dense inputs), so no row is out of range.
+    """
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < len_q
     # Rows past the sequence load as zeros with lse = +inf, so they add nothing (no per-element mask).
     q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM,
-                   True, HEAD_DIM != BLOCK_D)
-    lse = tl.load(LSE + lse_row0 + offs_m, mask=row_ok, other=float("inf"))
+                   EVEN_M == 0, HEAD_DIM != BLOCK_D)
+    if EVEN_M:
+        lse = tl.load(LSE + lse_row0 + offs_m)
+    else:
+        lse = tl.load(LSE + lse_row0 + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see nothing: P = 0
     s_t = _dot(k, tl.trans(q), None, PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
     if MASK_KIND != 0:
@@ -266,7 +276,7 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, m0, offs_n, offs_d, offs_d
         s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse[None, :])
     do = _load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, len_q, offs_dv, HEAD_DIM_V,
-                    True, HEAD_DIM_V != BLOCK_DV)
+                    EVEN_M == 0, HEAD_DIM_V != BLOCK_DV)
     dp_t = _dot(v, tl.trans(do), None, PRECISION)
     if DROPOUT:
         keep_t = _dropout_keep(seed, offset_lo, (lse_row0 + offs_m)[None, :], offs_n[:, None], drop_thresh)
@@ -275,15 +285,22 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, m0, offs_n, offs_d, offs_d
     else:
         pd_t = p_t
     dv = _dot(_cast(pd_t, do.dtype), do, dv, PRECISION)
-    delta = tl.load(DELTA + lse_row0 + offs_m, mask=row_ok, other=0.0)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = _dot(_cast(ds_t, q.dtype), q, dk, PRECISION)
+    if EVEN_M:
+        delta = tl.load(DELTA + lse_row0 + offs_m)
+    else:
+        delta = tl.load(DELTA + lse_row0 + offs_m, mask=row_ok, other=0.0)
+    ds_t = _cast(p_t * (dp_t - delta[None, :]), q.dtype)
+    dk = _dot(ds_t, q, dk, PRECISION)
+    if DQ_ATOMIC:
+        dq = _dot(tl.trans(ds_t), k, None, PRECISION) * scale  # (BLOCK_M, BLOCK_D)
+        tl.atomic_add(DQA + offs_m[:, None] * stride_dqam + offs_d[None, :], dq,
+                      mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, RNG,
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, RNG, DQ_ACC,
     scale, scale_log2, drop_thresh, drop_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -291,14 +308,17 @@ def attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_dqab, stride_dqah, stride_dqam,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh,
     GROUP, LQ, LK, TUNE_LEN,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dK and dV of one key block (over the GROUP query heads sharing it); with DQ_ATOMIC also dQ,
+    added in float32 into the zeroed DQ_ACC (then no attn_bwd_dq launch is needed)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -335,19 +355,18 @@ def attn_bwd_dkdv(
         Qh = Q + b64 * stride_qb + h * stride_qh + q_start * stride_qm
         DOh = DO + b64 * stride_dob + h * stride_doh + q_start * stride_dom
         MASKh = MASK + b64 * stride_mb + h * stride_mh
+        DQAh = DQ_ACC + b64 * stride_dqab + h * stride_dqah + q_start * stride_dqam
         lse_row0 = b64 * stride_lb + h * stride_lh + q_start
         for m0 in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, m0, offs_n, offs_d, offs_dv, len_q, len_k,
-                                shift, stride_qm, stride_dom, stride_mm, stride_mn, scale_log2, seed, offset_lo,
-                                lse_row0, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
-                                True, MASK_KIND,
-                                DROPOUT, PRECISION)
+            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQAh, m0, offs_n, offs_d, offs_dv, len_q,
+                                len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, stride_dqam, scale,
+                                scale_log2, seed, offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V,
+                                BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, EVEN_M)
         for m0 in range(mid, len_q, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, m0, offs_n, offs_d, offs_dv, len_q, len_k,
-                                shift, stride_qm, stride_dom, stride_mm, stride_mn, scale_log2, seed, offset_lo,
-                                lse_row0, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
-                                False, MASK_KIND,
-                                DROPOUT, PRECISION)
+            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQAh, m0, offs_n, offs_d, offs_dv, len_q,
+                                len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, stride_dqam, scale,
+                                scale_log2, seed, offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V,
+                                BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, EVEN_M)
 
     row_ok = offs_n[:, None] < len_k
     dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + (k_start + offs_n)[:, None] * stride_dkn
