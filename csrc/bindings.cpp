@@ -1,5 +1,6 @@
 // The module's entry point; with tokenizer_bindings.cpp the only files that include pybind11.
 // Every long-running call releases the GIL.
+#include <cstdint>
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -1,5 +1,6 @@
 // Python bindings of the tokenizer core. Encoding releases the GIL; texts are read as
 // UTF-8 straight from the Python strings (no copies for ASCII strings).
+#include <cstdint>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

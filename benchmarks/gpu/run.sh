@@ -85,18 +85,20 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
       note "no unicodedata2 and no pre-generated $TABLES: the tokenizer's tables cannot be built (see run.sh)"
     fi
   fi
-  # -include cstdint: some sources use the fixed-width integer types without including <cstdint>, which
-  # newer GCCs no longer pull in through other headers.
+  # Attempts in order: as is; then with -include cstdint (a safety net: a source that uses the fixed-width
+  # integer types without including <cstdint> fails on GCC 13, which no longer pulls it in through other
+  # headers); then without the CUDA sources.
   built=0
-  for cuda in "${LLMCORE_CUDA:-AUTO}" OFF; do
-    note "building llmcore with CMake (LLMCORE_CUDA=$cuda, $CMAKE_BUILD_PARALLEL_LEVEL jobs)"
-    if timeout "$(left "$BUILD_DEADLINE")" bash -c "cmake_build $cuda '-DCMAKE_CXX_FLAGS=-include cstdint'" \
+  for attempt in "${LLMCORE_CUDA:-AUTO}|" "${LLMCORE_CUDA:-AUTO}|-include cstdint" "OFF|-include cstdint"; do
+    cuda=${attempt%%|*}; cxxflags=${attempt#*|}
+    note "building llmcore with CMake (LLMCORE_CUDA=$cuda, CXXFLAGS '${cxxflags}', $CMAKE_BUILD_PARALLEL_LEVEL jobs)"
+    if timeout "$(left "$BUILD_DEADLINE")" bash -c "cmake_build $cuda '-DCMAKE_CXX_FLAGS=$cxxflags'" \
          >>"$LOG_DIR/build.log" 2>&1 && install_module; then
-      built=1; note "built (LLMCORE_CUDA=$cuda) into llmcore/"; break
+      built=1; note "built (LLMCORE_CUDA=$cuda, CXXFLAGS '${cxxflags}') into llmcore/"; break
     fi
-    note "CMake build (LLMCORE_CUDA=$cuda) failed or timed out; tail of build.log:"; tail -15 "$LOG_DIR/build.log"
+    note "CMake build (LLMCORE_CUDA=$cuda, CXXFLAGS '${cxxflags}') failed or timed out; tail of build.log:"
+    tail -15 "$LOG_DIR/build.log"
     status=1
-    [ "$cuda" = OFF ] && break
   done
   if [ $built = 0 ]; then
     if timeout "$(left "$BUILD_DEADLINE")" env CXXFLAGS="-include cstdint" \

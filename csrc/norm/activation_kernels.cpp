@@ -1,5 +1,6 @@
 // Fused activations: gelu(x + bias) (erf or tanh form) and silu(gate) * up, forward and
 // backward, in float32 lanes whatever the storage dtype. Compiled once per ISA (vec.h).
+#include <cstdint>
 #include <stdexcept>
 #include <type_traits>
 

@@ -7,6 +7,7 @@
 // The element is kept when that 32-bit word is >= floor(p * 2^32). One block is 16 calls,
 // vectorized over the counters (AVX-512, AVX2) or a scalar loop (portable build).
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 
 #include "attention/cpu/philox.h"

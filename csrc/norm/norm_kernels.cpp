@@ -2,6 +2,7 @@
 // row per task; a row is read from the cache-resident input two or three times rather than
 // staged in a float copy. Compiled once per ISA (vec.h).
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 
 #include "tokenizer/bert.h"
 #include "tokenizer/unicode.h"

@@ -8,6 +8,8 @@
 //   L = \p{L}, N = \p{N}, S = \s (Unicode White_Space), O = [^\s\p{L}\p{N}] ("other");
 //   P = [^\r\n\p{L}\p{N}] (the optional one-character prefix of a letter run).
 // Every character is in exactly one of L, N, S, O.
+#include <cstdint>
+
 #include "tokenizer/pretokenize.h"
 
 #include "tokenizer/unicode.h"

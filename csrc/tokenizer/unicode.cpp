@@ -1,6 +1,7 @@
 #include "tokenizer/unicode.h"
 
 #include <algorithm>
+#include <cstdint>
 
 namespace llmcore::tok {
 namespace {

@@ -1,5 +1,6 @@
 #include "tokenizer/utf8.h"
 
+#include <cstdint>
 #include <cstring>
 
 namespace llmcore::tok {

@@ -1,5 +1,6 @@
 #include "tokenizer/wordpiece.h"
 
+#include <cstdint>
 #include <stdexcept>
 #include <unordered_set>
 

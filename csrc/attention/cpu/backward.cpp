@@ -12,6 +12,7 @@
 //    backward stops at batch x heads), each chunk accumulates dQ^T in its own buffer and a
 //    final pass sums the chunks.
 // Compiled once per ISA; see simd.h.
+#include <cstdint>
 #include <omp.h>
 
 #include <algorithm>

@@ -3,6 +3,7 @@
 // fp32 accumulation) and the softmax gradient in fp32 AVX-512. P and dS are rounded to bf16
 // before they enter a GEMM, as torch's and FlashAttention's bf16 kernels do.
 // Compiled only into the avx512_amx build.
+#include <cstdint>
 #include <omp.h>
 
 #include <algorithm>
@@ -142,9 +143,11 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + i), k0, kb, p.dropout_p, buf.keep + i * kBlockK);
         // Diagonal tiles run as two bands of 32 keys; the lower band starts at the 32-column
         // block holding the first query its first key is visible to (see backward.cpp).
+        // Keys past the tile's last one (short sequences) are not computed: m covers them to 32.
         const int64_t bands = diagonal ? 2 : 1;
         for (int64_t band = 0; band < bands; ++band) {
-          const int64_t r0 = band * 32, m = bands == 1 ? kBlockK : 32;
+          const int64_t r0 = band * 32, m = bands == 1 ? round_up(kb, 32) : 32;
+          if (r0 >= kb) break;  // a band of padding keys only: never stored
           const int64_t c0 = diagonal ? std::clamp<int64_t>(k0 + r0 - off - q0, 0, qb) / 32 * 32 : 0;
           const int64_t n = qb32 - c0;
           float* P = buf.p + r0 * T + c0;  // band rows, columns from c0; row stride T

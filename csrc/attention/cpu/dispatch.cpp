@@ -1,4 +1,5 @@
 // Chooses the kernel of the current ISA. The only place that names the per-ISA namespaces.
+#include <cstdint>
 #include <stdexcept>
 
 #include "attention/attention.h"

@@ -1,6 +1,7 @@
 // Flash-attention forward on the CPU: per (batch, head, query tile), an online softmax over
 // key tiles in base 2 (the softmax scale folds in log2(e)); lse is saved in base 2 too.
 // Compiled once per ISA; see simd.h.
+#include <cstdint>
 #include <omp.h>
 
 #include <algorithm>

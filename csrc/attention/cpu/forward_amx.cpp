@@ -2,6 +2,7 @@
 // on AMX tiles (bf16 operands, fp32 accumulation), the online softmax stays in fp32 AVX-512.
 // P is rounded to bf16 before P V, as torch's and FlashAttention's bf16 kernels do; the row
 // sums use the fp32 P. Compiled only into the avx512_amx build.
+#include <cstdint>
 #include <omp.h>
 
 #include <algorithm>
@@ -92,10 +93,11 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
   for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
     const int64_t kb = std::min(kBlockK, k_end - k0), kb32 = round_up(kb, 32);
     const bool diagonal = p.causal && visible(0, k0, kb) < kb;
-    // Columns each 32-row block computes: on a diagonal tile, what its last row sees.
+    // Columns each 32-row block computes: on a diagonal tile, what its last row sees; none for a
+    // block past the tile's last query (short sequences use only the first).
     int64_t cols[kBlockQ / 32];
     for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
-      cols[rb] = !diagonal ? kb32 : rb * 32 < qb ? round_up(visible(std::min(rb * 32 + 31, qb - 1), k0, kb), 32) : 0;
+      cols[rb] = rb * 32 >= qb ? 0 : !diagonal ? kb32 : round_up(visible(std::min(rb * 32 + 31, qb - 1), k0, kb), 32);
     for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
       if (cols[rb] > 0)
         amx_gemm(32, cols[rb], d.Dp, buf.q + rb * 32 * d.Dp, d.Dp, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16,
@@ -104,7 +106,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
     float *m_new = buf.m_new, *alpha = buf.alpha;
     online_softmax_maxima(p, b, h, q0, k0, qb, S, kBlockK, [&](int64_t r) { return diagonal ? visible(r, k0, kb) : kb; },
                           sc, m, m_new, alpha);
-    for (int64_t r = 0; r < kBlockQ; ++r) {
+    for (int64_t r = 0; r < round_up(qb, 32); ++r) {  // rows of the blocks computed
       float* row = S + r * kBlockK;
       uint16_t* prow = buf.pb + r * kBlockK;
       const int64_t width = cols[r / 32];

@@ -3,6 +3,7 @@
 // column blocks of simd::MR x (NV * W) (see BlockB); C is row-major (ldc).
 #pragma once
 #include <algorithm>
+#include <cstdint>
 
 #include "attention/cpu/simd.h"
 

@@ -15,6 +15,7 @@
 // on an H200 (sm_90a build) tests/test_attention_cuda.py passes and compute-sanitizer memcheck
 // reports no error. Not run on an sm_80 GPU.
 #pragma once
+#include <cstdint>
 #include <cuda_runtime.h>
 
 #include <atomic>

@@ -18,6 +18,7 @@
 // The head-dim-128 kernel spills a few registers (84 bytes on sm_90a): measured, its 128x64
 // tiles still beat the spill-free 128x32 ones by 6%.
 #pragma once
+#include <cstdint>
 #include <cuda_runtime.h>
 
 #include <atomic>

@@ -2,6 +2,7 @@
 // block and picks the instantiation for the dtype and head-dim bucket (64, 128 or 256; a
 // smaller head dim runs in the next bucket with zero-filled columns).
 #include <climits>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
