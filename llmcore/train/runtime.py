@@ -21,7 +21,8 @@ def retain_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 
     every step. With glibc's defaults many of them are new mappings, and touching a new mapping
     page-faults every 4 KiB page (zero-filled by the kernel): on a 2-core machine that was a tenth
     of a MiniLM step. This is what jemalloc/tcmalloc preloads do for PyTorch on CPUs, in-process.
-    The cost: the process's RSS stays near its peak instead of shrinking between steps.
+    Freed heap memory is reused where a request fits it (fragmentation can still send a block to
+    fresh pages now and then). The cost: RSS stays near its peak instead of shrinking between steps.
 
     Process-wide and idempotent; ``llmcore finetune`` calls it when it trains on the CPU. Returns
     whether the settings were applied (False off glibc, e.g. macOS or musl)."""
