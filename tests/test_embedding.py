@@ -83,3 +83,11 @@ def test_no_grad_and_options_fall_back():
         assert Embedding(10, 4)(torch.tensor([3])).shape == (1, 4)
     with pytest.raises(IndexError):
         Embedding(10, 4)(torch.tensor([10]))
+
+
+def test_double_backward_is_refused_clearly():
+    emb = Embedding(10, 4)
+    out = emb(torch.tensor([1, 2, 2]))
+    (g,) = torch.autograd.grad(out.pow(2).sum(), emb.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from llmcore import ops
 
@@ -142,6 +143,7 @@ class _RecycledEmbedding(torch.autograd.Function):
         return nn.functional.embedding(ids, weight, module.padding_idx)
 
     @staticmethod
+    @once_differentiable  # the buffer is written in place: no double backward through it
     def backward(ctx, grad_out: Tensor):
         ids, = ctx.saved_tensors
         module = ctx.module
