@@ -19,6 +19,9 @@ namespace {
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
+// Packs pad each sequence's queries and keys to the AMX granule only: a 15-token sentence packs 32
+// rows, not a whole 64-row tile (the tile loops never read past round_up(len, 32)).
+constexpr int64_t kPad = 32;
 
 // Per query head (qpad rows): bf16 VNNI operands and fp32 row statistics.
 struct QPack {
@@ -236,10 +239,10 @@ void backward(const BackwardArgs& a) {
   int64_t max_q = 0, max_k = 0, q_total = 0, k_total = 0, max_tiles = 1;
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
-    max_q = std::max(max_q, round_up(s.len_q, kBlockQ));
-    max_k = std::max(max_k, round_up(s.len_k, kBlockK));
-    q_total += round_up(s.len_q, kBlockQ);
-    k_total += round_up(s.len_k, kBlockK);
+    max_q = std::max(max_q, round_up(s.len_q, kPad));
+    max_k = std::max(max_k, round_up(s.len_k, kPad));
+    q_total += round_up(s.len_q, kPad);
+    k_total += round_up(s.len_k, kPad);
     max_tiles = std::max(max_tiles, ceil_div(s.len_k, kBlockK));
   }
   // In bf16 units: the group's packs, plus its dQ^T (fp32) accumulators.
@@ -261,8 +264,8 @@ void backward(const BackwardArgs& a) {
   q_off[0] = k_off[0] = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
-    q_off[b + 1] = q_off[b] + round_up(s.len_q, kBlockQ);
-    k_off[b + 1] = k_off[b] + round_up(s.len_k, kBlockK);
+    q_off[b + 1] = q_off[b] + round_up(s.len_q, kPad);
+    k_off[b + 1] = k_off[b] + round_up(s.len_k, kPad);
   }
 
   if (local) {
@@ -278,7 +281,7 @@ void backward(const BackwardArgs& a) {
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
         const Seq s = sequence(p, b);
-        const int64_t qpad = round_up(s.len_q, kBlockQ), kpad = round_up(s.len_k, kBlockK);
+        const int64_t qpad = round_up(s.len_q, kPad), kpad = round_up(s.len_k, kPad);
         auto q_of = [&](int64_t gh) { return carve_q(gbase + gh * q_elems(max_q, d), qpad, d); };
         for (int64_t gh = 0; gh < group; ++gh) pack_q(a, b, hk * group + gh, d, qpad, q_of(gh), buf.o_row, buf.g_row);
         const KPack k = carve_k(kp.k, kpad, d);
