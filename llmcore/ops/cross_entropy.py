@@ -148,7 +148,58 @@ class _GradSink:
 
 
 # ---------------------------------------------------------------------------------------
-# autograd
+# autograd (the pieces both backends' Functions share: this one and llmcore.ops.triton.cross_entropy)
+
+
+def _inputs(hidden, weight, bias, labels, ignore_index, compute_dtype):
+    """A forward's start: the caller's dtypes (the gradients go back in them), the operands in
+    ``compute_dtype``, the valid rows, labels with ignored rows pointed at class 0, the valid count."""
+    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
+    bias = None if bias is None else bias.to(compute_dtype)
+    valid = labels != ignore_index
+    return dtypes, hidden, weight, bias, valid, torch.where(valid, labels, 0), valid.sum()
+
+
+def _row_coef(valid: Tensor, n_valid: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """d loss / d row loss. torch's mean over zero tokens is nan with zero gradients: clamp only the
+    gradient's divisor."""
+    return valid.to(dtype) / n_valid.clamp(min=1).to(dtype) if reduction == "mean" else valid.to(dtype)
+
+
+def _finish(ctx, rows: Tensor, n_valid: Tensor, out_dtype, reduction: str, eps: float, chunk: int, needs, dtypes,
+            eager_grads, inputs: tuple) -> Tensor:
+    """A forward's end: reduce the (masked) row losses and keep what backward needs -- the gradients
+    finished eagerly, or the inputs to recompute them (reduction "none")."""
+    if reduction == "none":
+        out = rows
+    else:  # N floats: summing them in float64 costs nothing and keeps the mean as exact as its terms
+        out = rows.to(torch.float64).sum()
+        if reduction == "mean":
+            out = out / n_valid
+    ctx.reduction, ctx.eps, ctx.chunk, ctx.needs, ctx.dtypes = reduction, eps, chunk, needs, dtypes
+    if eager_grads is not None:
+        ctx.save_for_backward(*eager_grads)
+    elif reduction == "none" and any(needs):
+        ctx.save_for_backward(*inputs)
+    return out.to(out_dtype)
+
+
+_NONES = (None,) * 8  # the gradients of the non-tensor arguments
+
+
+def _saved_backward(ctx, grad_out):
+    """A backward's answer when no recomputation is needed (nothing needs a gradient, or the forward
+    finished them: scaled by grad_out, out of place as a retained graph may run backward again), else None."""
+    if not any(ctx.needs):
+        return (None, None, None) + _NONES
+    if ctx.reduction != "none":
+        grads = ctx.saved_tensors
+        g_out = grad_out.item()
+        if g_out != 1.0:
+            grads = tuple(None if g is None else g.mul(g_out) for g in grads)
+        return grads + _NONES
+    return None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -161,19 +212,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, eps, chunk, needs, compute_dtype,
                 out_dtype):
-        dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
-        bias = None if bias is None else bias.to(compute_dtype)
+        dtypes, hidden, weight, bias, valid, y, n_valid = _inputs(hidden, weight, bias, labels, ignore_index,
+                                                                  compute_dtype)
         N, V = hidden.size(0), weight.size(0)
-        valid = labels != ignore_index
-        y = torch.where(valid, labels, 0)
-        n_valid = valid.sum()
         scratch = _Scratch(min(chunk, N), V, compute_dtype, hidden.device)
         acc = scratch.acc
         eager = reduction != "none" and any(needs)  # finish the gradients now; see the module docstring
         if eager:
-            # torch's mean over zero tokens is nan with zero gradients: clamp only the gradient's divisor.
-            coef = valid.to(acc) / n_valid.clamp(min=1).to(acc) if reduction == "mean" else valid.to(acc)
+            coef = _row_coef(valid, n_valid, reduction, acc)
             sink = _GradSink(hidden, weight, needs, dtypes, acc, -(-N // chunk))
         rows = torch.empty(N, dtype=acc, device=hidden.device)
         for s in range(0, N, chunk):
@@ -186,32 +232,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if eager:
                 sink.add(scratch.dlogits(logp, yc, coef[s : s + chunk], eps), scratch.low, h, weight, s)
         del scratch
-
-        if reduction == "none":
-            out = rows
-        else:  # N floats: summing them in float64 costs nothing and keeps the mean as exact as its terms
-            out = rows.to(torch.float64).sum()
-            if reduction == "mean":
-                out = out / n_valid
-        ctx.reduction, ctx.eps, ctx.chunk, ctx.needs, ctx.dtypes = reduction, eps, chunk, needs, dtypes
-        if eager:
-            ctx.save_for_backward(*sink.result())
-        elif reduction == "none" and any(needs):
-            ctx.save_for_backward(hidden, weight, bias, y, valid)
-        return out.to(out_dtype)
+        return _finish(ctx, rows, n_valid, out_dtype, reduction, eps, chunk, needs, dtypes,
+                       sink.result() if eager else None, (hidden, weight, bias, y, valid))
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the saved gradients are constants to autograd
     def backward(ctx, grad_out):
-        nones = (None,) * 8
-        if not any(ctx.needs):
-            return (None, None, None) + nones
-        if ctx.reduction != "none":
-            grads = ctx.saved_tensors
-            g_out = grad_out.item()
-            if g_out != 1.0:  # out of place: a retained graph may run backward again
-                grads = tuple(None if g is None else g.mul(g_out) for g in grads)
-            return grads + nones
+        saved = _saved_backward(ctx, grad_out)
+        if saved is not None:
+            return saved
         hidden, weight, bias, y, valid = ctx.saved_tensors
         N, chunk = hidden.size(0), ctx.chunk
         scratch = _Scratch(min(chunk, N), weight.size(0), hidden.dtype, hidden.device)
@@ -221,7 +250,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[s : s + chunk]
             logp = scratch.log_probs(h, weight, bias)
             sink.add(scratch.dlogits(logp, y[s : s + chunk], coef[s : s + chunk], ctx.eps), scratch.low, h, weight, s)
-        return sink.result() + nones
+        return sink.result() + _NONES
 
 
 # ---------------------------------------------------------------------------------------

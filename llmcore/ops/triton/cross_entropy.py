@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llmcore.ops.cross_entropy import _GradSink
+from llmcore.ops.cross_entropy import _NONES, _finish, _GradSink, _inputs, _row_coef, _saved_backward
 from llmcore.ops.triton._loader import kernels
 
 __all__ = ["LinearCrossEntropy", "why_not"]
@@ -76,18 +76,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, eps, chunk, needs, compute_dtype,
                 out_dtype):
-        dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
-        bias = None if bias is None else bias.to(compute_dtype)
+        dtypes, hidden, weight, bias, valid, y, n_valid = _inputs(hidden, weight, bias, labels, ignore_index,
+                                                                  compute_dtype)
         N, V = hidden.size(0), weight.size(0)
-        valid = labels != ignore_index
-        y = torch.where(valid, labels, 0)
-        n_valid = valid.sum()
         z = torch.empty(min(chunk, N), V, dtype=compute_dtype, device=hidden.device)
         eager = reduction != "none" and any(needs)
         coef = None
         if eager:
-            coef = valid.float() / n_valid.clamp(min=1).float() if reduction == "mean" else valid.float()
+            coef = _row_coef(valid, n_valid, reduction, torch.float32)
             sums = _Sums(hidden, weight, needs, dtypes, -(-N // chunk))
         rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
         for s in range(0, N, chunk):
@@ -97,32 +93,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             if eager:
                 sums.add(zc, h, weight, s)
         del z
-        rows = torch.where(valid, rows, 0.0)
-        if reduction == "none":
-            out = rows
-        else:
-            out = rows.to(torch.float64).sum()
-            if reduction == "mean":
-                out = out / n_valid
-        ctx.reduction, ctx.eps, ctx.chunk, ctx.needs, ctx.dtypes = reduction, eps, chunk, needs, dtypes
-        if eager:
-            ctx.save_for_backward(*sums.result())
-        elif reduction == "none" and any(needs):
-            ctx.save_for_backward(hidden, weight, bias, y, valid)
-        return out.to(out_dtype)
+        return _finish(ctx, torch.where(valid, rows, 0.0), n_valid, out_dtype, reduction, eps, chunk, needs, dtypes,
+                       sums.result() if eager else None, (hidden, weight, bias, y, valid))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        nones = (None,) * 8
-        if not any(ctx.needs):
-            return (None, None, None) + nones
-        if ctx.reduction != "none":
-            grads = ctx.saved_tensors
-            g_out = grad_out.item()
-            if g_out != 1.0:
-                grads = tuple(None if g is None else g.mul(g_out) for g in grads)
-            return grads + nones
+        saved = _saved_backward(ctx, grad_out)
+        if saved is not None:
+            return saved
         hidden, weight, bias, y, valid = ctx.saved_tensors
         N, chunk = hidden.size(0), ctx.chunk
         z = torch.empty(min(chunk, N), weight.size(0), dtype=hidden.dtype, device=hidden.device)
@@ -134,4 +113,4 @@ class LinearCrossEntropy(torch.autograd.Function):
             zc = _logits(z, h, weight, bias)
             _ce_rows(zc, y[s : s + chunk], coef[s : s + chunk], scratch_loss[: h.size(0)], ctx.eps)
             sums.add(zc, h, weight, s)
-        return sums.result() + nones
+        return sums.result() + _NONES
