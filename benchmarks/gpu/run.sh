@@ -8,7 +8,9 @@
 #      the files side by side (Triton compiles in each process);
 #   3. benchmarks (benchmarks/gpu/bench.py) with the rest of the time, on an otherwise idle GPU,
 #      writing benchmarks/results/gpu-<device>.json and .md (rewritten after every step, so a cut
-#      run leaves what it measured; the build and test summary goes into both).
+#      run leaves what it measured; the build and test summary goes into both);
+#   4. if time is left and $SMOKE (default build-gpu-smoke, made by make_finetune_smoke.py and
+#      carried) exists: benchmarks/gpu/finetune_smoke.sh, `llmcore finetune` on the GPU.
 # Every phase has a deadline (seconds from the start), so the whole ends within TOTAL_S even when a
 # phase is slow; what a phase could not finish is said in the logs and in the Markdown.
 # It installs nothing and needs no network. Logs go to $LOG_DIR (default build/gpu-check).
@@ -146,7 +148,9 @@ done
 [ ${#warm_pids[@]} -gt 0 ] && note "warm-up: $(cat "$LOG_DIR"/warm-*.log 2>/dev/null | grep -c '^\[warm .*kernels in') of ${#warm_pids[@]} processes finished: $(grep -h '^\[warm .*kernels in' "$LOG_DIR"/warm-*.log | tr '\n' ' ')"
 
 # --- 3. benchmarks ------------------------------------------------------------------------
-left_s=$(( TOTAL_S - $(elapsed) - 15 ))
+SMOKE=${SMOKE:-build-gpu-smoke}
+reserve=0; [ -d "$SMOKE/model" ] && reserve=${SMOKE_S:-90}  # seconds kept for step 4
+left_s=$(( TOTAL_S - $(elapsed) - 15 - reserve ))
 budget=$(( left_s - 20 > 20 ? left_s - 20 : 20 ))
 note "benchmarks (budget ${budget}s)"
 timeout $(( left_s > 30 ? left_s : 30 )) "$PY" benchmarks/gpu/bench.py --out benchmarks/results --budget "$budget" \
@@ -157,6 +161,17 @@ md=$(find benchmarks/results -maxdepth 1 -name 'gpu-*.md' -newer "$NOTES" 2>/dev
 if [ -n "$md" ]; then
   printf '\nrun.sh: %s s in all, status %s.\n' "$(elapsed)" "$status" >>"$md"
   cp "$NOTES" "$LOG_DIR/notes-final.txt"
+fi
+# --- 4. the fine-tuning loop on the GPU, when its inputs were carried (make_finetune_smoke.py) ----
+smoke_s=$(( TOTAL_S - $(elapsed) - 5 ))
+if [ -d "$SMOKE/model" ] && [ "$smoke_s" -ge 60 ]; then
+  log "finetune smoke (at most ${smoke_s}s)"
+  SMOKE="$SMOKE" OUT="$LOG_DIR/finetune-smoke" timeout "$smoke_s" bash benchmarks/gpu/finetune_smoke.sh \
+    >"$LOG_DIR/finetune-smoke.log" 2>&1
+  rc=$?; [ $rc = 0 ] || status=1
+  log "finetune smoke: rc $rc (124: cut by the time limit)"; grep -E "^(===|\{')" "$LOG_DIR/finetune-smoke.log"
+elif [ -d "$SMOKE/model" ]; then
+  log "finetune smoke skipped: ${smoke_s}s left"
 fi
 log "done in $(elapsed)s, status $status"
 exit $status

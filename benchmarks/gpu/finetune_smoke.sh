@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The fine-tuning loop on a GPU, end to end (not yet run on one): `llmcore finetune` on CUDA in bf16 and
+# fp32, packed and padded, then a resume from the last checkpoint. Inputs from make_finetune_smoke.py
+# (carry that folder); llmcore must be built in place first (benchmarks/gpu/run.sh does it).
+#
+#   SMOKE=build-gpu-smoke OUT=$OUT bash benchmarks/gpu/finetune_smoke.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH}
+SMOKE=${SMOKE:-build-gpu-smoke}
+OUT=${OUT:-build/finetune-smoke}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+status=0
+args=(--data "$SMOKE/data" --model "$SMOKE/model" --per-device-train-batch-size 32 --disable-tqdm --report-to none
+      --logging-steps 20 --learning-rate 1e-3 --warmup-steps 5 --save-strategy steps --save-steps 30)
+summary() {  # run folder: the results' headline figures
+  "$PY" -c "import json, sys; r = json.load(open(sys.argv[1] + '/results.json'))
+print({k: r.get(k) for k in ('global_step', 'train_loss', 'train_samples_per_second', 'eval_accuracy', 'peak_memory_mb')})" "$1"
+}
+for prec in bf16 no-bf16; do
+  for pack in pack no-pack; do
+    run="$OUT/ft-$prec-$pack"
+    t0=$(date +%s)
+    timeout 300 "$PY" -m llmcore.cli finetune "${args[@]}" --output-dir "$run" --max-steps 60 --"$prec" --"$pack" \
+      >"$run.log" 2>&1
+    rc=$?; [ $rc = 0 ] || status=1
+    echo "=== $prec $pack: rc $rc in $(( $(date +%s) - t0 )) s"
+    grep '"loss"' "$run.log" | cut -c1-150
+    [ $rc = 0 ] && summary "$run" || tail -5 "$run.log"
+  done
+done
+timeout 300 "$PY" -m llmcore.cli finetune "${args[@]}" --output-dir "$OUT/ft-bf16-pack" --max-steps 80 --bf16 --pack \
+  --resume-from-checkpoint true >"$OUT/resume.log" 2>&1
+rc=$?; [ $rc = 0 ] || status=1
+echo "=== resume bf16 pack from checkpoint-60 to step 80: rc $rc"
+grep '"loss"' "$OUT/resume.log" | cut -c1-150
+exit $status
