@@ -103,6 +103,10 @@ class GatedMLP(nn.Module):
         return self.down(ops.swiglu(self.gate(x), self.up(x)))
 
 
+# How many holders a storage has (a private torch API): without it every gradient is fresh, as torch's.
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
 class Embedding(nn.Embedding):
     """``nn.Embedding`` (same parameters, state-dict names and forward) whose CPU backward writes
     the dense weight gradient into a buffer it reuses across steps.
@@ -128,8 +132,8 @@ class Embedding(nn.Embedding):
         w = self.weight
         store = getattr(self, "_grad_storage", None)
         nbytes = w.numel() * w.element_size()
-        if (store is None or store.nbytes() != nbytes or store.device != w.device
-                or torch._C._storage_Use_Count(store._cdata) != 1):
+        if (store is None or store.nbytes() != nbytes or store.device != w.device or _use_count is None
+                or _use_count(store._cdata) != 1):
             store = torch.UntypedStorage(nbytes, device=w.device)
             self._grad_storage = store
         return torch.empty(0, dtype=w.dtype, device=w.device).set_(store, 0, w.shape, w.stride()).zero_()
