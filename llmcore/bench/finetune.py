@@ -234,7 +234,8 @@ def build_llmcore(data: str, model: str, output_dir: str, dtype: str, max_length
     t1 = time.perf_counter()
     torch.manual_seed(seed)
     net = from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels)
-    train = split_batches(prepared["train"], config.per_device_train_batch_size, config.pack, config.seed, True)
+    train = split_batches(prepared["train"], config.per_device_train_batch_size, config.pack, config.seed, True,
+                          pad_to_multiple_of=config.batch_multiple("cpu"))
     trainer = Trainer(net, config, train)
     lengths = np.asarray(prepared["train"].lengths)
     return {"trainer": trainer, "train_rows": len(lengths), "train_tokens": int(lengths.sum()), "data_s": t1 - t0,
@@ -281,13 +282,25 @@ def run_llmcore(spec: dict) -> dict:
     kwargs, dropped = llmcore_train_args(spec["dtype"], spec["batch_size"], spec["epochs"], spec["learning_rate"],
                                          spec["warmup_steps"], spec["seed"])
     probe = Probe()
+    fed = {"training": False, "tokens": 0}  # tokens fed to training, filler sequences included
 
     class TimedTrainer(ft.Trainer):
         def train(self):
-            with probe:
-                return super().train()
+            fed["training"] = True
+            try:
+                with probe:
+                    return super().train()
+            finally:
+                fed["training"] = False
 
-    ft.Trainer = TimedTrainer
+    class CountedBatches(ft.SplitBatches):
+        def batch(self, rows):
+            out = super().batch(rows)
+            if fed["training"]:
+                fed["tokens"] += out["input_ids"].numel()
+            return out
+
+    ft.Trainer, ft.SplitBatches = TimedTrainer, CountedBatches
     torch.manual_seed(spec["seed"])  # the classifier head's draw, in case finetune() does not seed before it
     t0 = time.perf_counter()
     metrics = ft.finetune(data=spec["data"], model=spec["model"], output_dir=spec["output_dir"],
@@ -304,7 +317,7 @@ def run_llmcore(spec: dict) -> dict:
     t_train = probe.result["start"]
     prep_s = sum((meta.get("seconds") or {}).values())
     return {"train_rows": len(lengths), "train_tokens_per_epoch": int(lengths.sum()),
-            "tokens_fed": None, "train": probe.result, "prepare_counts": meta.get("counts"),
+            "tokens_fed": fed["tokens"], "train": probe.result, "prepare_counts": meta.get("counts"),
             "prepare_seconds": meta.get("seconds"), "train_args_not_supported": dropped,
             "reported": {k: m.get(k) for k in ("train_runtime", "train_samples_per_second", "train_tokens_per_second",
                                                "peak_memory_mb", "train_loss", "global_step")},
@@ -346,8 +359,6 @@ def run_one(spec: dict) -> dict:
                 "reported_samples_per_s": res["reported"]["train_samples_per_second"],
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "train_peak_rss_mb": res["train"]["peak_rss_mb"]})
-    if res["tokens_fed"] is None:  # packed batches: every token fed is a real one
-        res["tokens_fed"] = res["train_tokens_per_epoch"] * spec["epochs"]
     res["padding_fraction"] = 1 - res["train_tokens_per_epoch"] * spec["epochs"] / max(res["tokens_fed"], 1)
     return res
 
@@ -431,8 +442,9 @@ NOTES = (
     ("llmcore's `prepare` (clean, dedup, tokenize, save arrays) and the reference's `datasets.map` are in "
      "'before train s' with model loading, never in the train figures. 'after train s': evaluating validation "
      "and test, saving the model."),
-    ("llmcore trains on packed, length-bucketed batches; the reference pads each random batch to its longest "
-     "row ('padding' = the share of the tokens fed that are padding)."),
+    ("llmcore trains on packed, length-bucketed batches (under bf16, filler sequences round each batch up to a "
+     "multiple of 64 tokens: TrainConfig.pad_to_multiple_of); the reference pads each random batch to its longest "
+     "row, as the guide's DataCollatorWithPadding does ('padding' = the share of the tokens fed that are padding)."),
 )
 
 

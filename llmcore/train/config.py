@@ -16,8 +16,9 @@ class TrainConfig:
 
     Names and meanings follow ``transformers.TrainingArguments``; some defaults differ
     (``warmup_steps=500``, ``weight_decay=0.01``, batch 16). ``warmup_steps > 0`` wins over
-    ``warmup_ratio``, as in transformers. ``pack`` is read by the data pipeline that builds the
-    batches; the loop itself accepts padded (B, L) and packed (T,) + ``cu_seqlens`` batches alike.
+    ``warmup_ratio``, as in transformers. ``pack`` and ``pad_to_multiple_of`` are read by the data
+    pipeline that builds the batches (see ``batch_multiple``); the loop itself accepts padded (B, L)
+    and packed (T,) + ``cu_seqlens`` batches alike.
     ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
     ``<output_dir>/logs``. Records always go to ``<logging_dir>/train_log.jsonl``; ``report_to``
     (``"tensorboard"`` (default), ``"all"``, ``"none"`` or a list) adds TensorBoard event files there.
@@ -47,6 +48,7 @@ class TrainConfig:
     max_steps: int = -1
     resume_from_checkpoint: Optional[Union[str, bool]] = None
     pack: bool = True
+    pad_to_multiple_of: Optional[int] = None
     logging_dir: Optional[str] = None
     report_to: Union[str, list, tuple] = "tensorboard"
     disable_tqdm: bool = False
@@ -77,6 +79,8 @@ class TrainConfig:
             self.eval_steps = self.logging_steps
         _check_int("eval_steps", self.eval_steps, minimum=1)
         _check_int("save_steps", self.save_steps, minimum=1)
+        if self.pad_to_multiple_of is not None:
+            _check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1)
         if self.save_total_limit is not None:
             _check_int("save_total_limit", self.save_total_limit, minimum=1)
         r = self.resume_from_checkpoint
@@ -97,6 +101,17 @@ class TrainConfig:
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "logs")
         self.logging_dir = os.fspath(self.logging_dir)
+
+    def batch_multiple(self, device) -> int:
+        """What the batches' sizes are rounded up to (packed: tokens, padded: length; see
+        ``llmcore.train.finetune.SplitBatches``): ``pad_to_multiple_of`` when set, else 64 tokens
+        packed / 8 padded under bf16 on a CPU, where oneDNN generates kernels for every new GEMM
+        shape, and 1 (no rounding) otherwise."""
+        if self.pad_to_multiple_of is not None:
+            return self.pad_to_multiple_of
+        if self.bf16 and _device_type(device) == "cpu":
+            return 64 if self.pack else 8
+        return 1
 
     def total_steps(self, steps_per_epoch: Optional[int]) -> int:
         """Optimizer steps of the whole run: ``max_steps`` if set, else epochs x steps per epoch."""
@@ -128,3 +143,8 @@ def _check_float(name: str, value, lo: float, hi: float = math.inf, lo_open: boo
     if not math.isfinite(value) or value < lo or (lo_open and value == lo) or value > hi:
         bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
         raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+
+
+def _device_type(device) -> str:
+    """"cpu", "cuda", ... of a torch.device or a device string."""
+    return getattr(device, "type", None) or str(device).split(":")[0]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from llmcore.train.config import TrainConfig
-from llmcore.train.loop import Trainer
+from llmcore.train.loop import IGNORE_INDEX, Trainer
 from llmcore.train.reporting import peak_memory_mb
 from llmcore.train.runtime import retain_freed_memory
 
@@ -20,11 +20,22 @@ from llmcore.train.runtime import retain_freed_memory
 class SplitBatches:
     """One epoch of model inputs from a prepared split, built lazily as it is iterated (sized, and
     re-iterable: each pass rebuilds the same batches). Packed: ``input_ids`` (T,) + int32
-    ``cu_seqlens``; padded: (B, L) + ``attention_mask``; both with ``labels``."""
+    ``cu_seqlens``; padded: (B, L) + ``attention_mask``; both with ``labels``.
 
-    def __init__(self, split, rows: list, pack: bool):
+    ``pad_to_multiple_of`` > 1 keeps the batches' shapes on a few sizes: packed, the token count is
+    rounded up by filler sequences of token id 0 (label -100, so no loss, metric or gradient sees them:
+    attention keeps them to themselves and the heads read only the real sequences' rows); padded,
+    the length (never past the split's longest row). Under bf16 autocast on the CPU, every new GEMM
+    shape makes oneDNN generate kernels (measured ~30 ms per step on MiniLM, a quarter of the step)."""
+
+    def __init__(self, split, rows: list, pack: bool, pad_to_multiple_of: int = 1):
         self.split, self.rows, self.pack = split, rows, pack
         self.labels = np.asarray(split.labels)
+        self.multiple = int(pad_to_multiple_of)
+        if self.multiple < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        # Filler sequences and padded rows stay within the split's longest row, which the model takes.
+        self.longest = max(1, int(np.max(split.lengths))) if len(split.lengths) else 1
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -37,12 +48,20 @@ class SplitBatches:
         seqs = [self.split[int(i)] for i in rows]
         labels = torch.as_tensor(self.labels[rows], dtype=torch.long)
         if self.pack:
-            lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
-            cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+            lengths = [len(s) for s in seqs]
+            total = sum(lengths)
+            filler = -total % self.multiple
+            if filler:
+                whole, rest = divmod(filler, self.longest)
+                lengths += [self.longest] * whole + [rest] * bool(rest)
+                seqs.append(np.zeros(filler, dtype=np.int64))
+                labels = torch.cat([labels, labels.new_full((len(lengths) - len(rows),), IGNORE_INDEX)])
+            cu = np.zeros(len(lengths) + 1, dtype=np.int32)
             np.cumsum(lengths, out=cu[1:])
             return {"input_ids": torch.from_numpy(np.concatenate(seqs).astype(np.int64)),
                     "cu_seqlens": torch.from_numpy(cu), "labels": labels}
         width = max(len(s) for s in seqs)
+        width = max(width, min(-(-width // self.multiple) * self.multiple, self.longest))
         ids = np.zeros((len(seqs), width), dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
         for r, s in enumerate(seqs):
@@ -51,13 +70,14 @@ class SplitBatches:
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "labels": labels}
 
 
-def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
+                  pad_to_multiple_of: int = 1):
     """A factory epoch -> ``SplitBatches``: length-bucketed batches shuffled by (seed, epoch).
 
     ``batch_size`` is per rank: the rows are cut into global batches of ``batch_size * world_size``
     and rank r takes every ``world_size``-th row of each from row r, so one process and N ranks see
     the same global batches. A last global batch with fewer rows than ranks is dropped (training:
-    every rank must step)."""
+    every rank must step). ``pad_to_multiple_of``: see ``SplitBatches``."""
     def batches(epoch: int) -> SplitBatches:
         rows = []
         for global_rows in split.batches(batch_size * world_size, seed=seed + epoch, shuffle=shuffle):
@@ -66,7 +86,7 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, 
             mine = global_rows[rank::world_size]
             if len(mine):
                 rows.append(mine)
-        return SplitBatches(split, rows, pack)
+        return SplitBatches(split, rows, pack, pad_to_multiple_of)
     return batches
 
 
@@ -137,10 +157,10 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
             raise ValueError(f"{data!r}: the train split has no label column")
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
         net = from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels).to(dev)
-        batch = config.per_device_train_batch_size
-        train = split_batches(prepared["train"], batch, config.pack, config.seed, True, rank, world)
+        batch, multiple = config.per_device_train_batch_size, config.batch_multiple(dev)
+        train = split_batches(prepared["train"], batch, config.pack, config.seed, True, rank, world, multiple)
         evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, config.pack, 0, False,
-                                     rank, world)(0)
+                                     rank, world, multiple)(0)
                  for name in ("validation", "test") if name in prepared.splits
                  and prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0}
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))

@@ -125,8 +125,13 @@ def macro_f1(true_positive: Tensor, predicted: Tensor, actual: Tensor) -> float:
 
 
 def token_count(batch: Batch) -> int:
-    """Real (non-padding) tokens of a batch: packed ``input_ids`` (T,), or the ``attention_mask`` sum."""
-    ids = batch["input_ids"]
+    """Real (non-padding) tokens of a batch: the ``attention_mask`` sum, or packed ``input_ids`` (T,)
+    less the sequences labelled ``-100`` when there is one label per sequence (the filler sequences
+    that ``SplitBatches`` adds to round the token count up)."""
+    ids, cu, labels = batch["input_ids"], batch.get("cu_seqlens"), batch.get("labels")
+    if ids.dim() == 1 and cu is not None and labels is not None and labels.numel() == cu.numel() - 1:
+        lengths = (cu[1:] - cu[:-1]).to(labels.device)
+        return int(lengths[labels != IGNORE_INDEX].sum())
     if ids.dim() == 1 or batch.get("attention_mask") is None:
         return ids.numel()
     return int(batch["attention_mask"].sum())
