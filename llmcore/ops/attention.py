@@ -13,6 +13,7 @@ logsumexp is -inf.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 from llmcore import _C
 from llmcore.ops import _cpu
 from llmcore.ops.dispatch import AttentionCall, select
+from llmcore.ops.norm import _eager_function
 from llmcore.ops.reference import sdpa_reference, varlen_reference
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
@@ -29,14 +31,13 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------
-# custom ops: dense (B, H, L, D)
+# CPU kernels, each behind a custom op (what torch.compile sees) and an eager autograd.Function
+# (what eager calls take: the custom-op dispatch measured ~100 us of a ~110 us forward and
+# ~260 us of a ~370 us forward + backward of a tiny call, as much as the kernels of a whole
+# SST-2 batch's attention).
 
 
-@torch.library.custom_op("llmcore::sdpa_fwd", mutates_args=(), device_types="cpu")
-def _sdpa_fwd(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
-    rng: Optional[Tensor],
-) -> tuple[Tensor, Tensor]:
+def _sdpa_fwd_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, rng):
     q, k, v = (_cpu.last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Lq, _ = q.shape
     out = q.new_empty(B, Hq, Lq, v.size(-1))
@@ -47,6 +48,25 @@ def _sdpa_fwd(
                      dropout_p=dropout_p, rng=rng, mask=attn_mask)
     _C.attention_forward(p, *_cpu.refs([q, k, v, out], packed=False), lse.data_ptr())
     return out, lse
+
+
+def _sdpa_bwd_impl(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, rng):
+    q, k, v, out, grad_out = (_cpu.last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    p = _cpu.problem(q, k, v, batch=q.size(0), len_q=q.size(2), len_k=k.size(2), scale=scale, is_causal=is_causal,
+                     dropout_p=dropout_p, rng=rng, mask=attn_mask)
+    _C.attention_backward(p, *_cpu.refs([q, k, v, out, grad_out, dq, dk, dv], packed=False), lse.data_ptr())
+    return dq, dk, dv
+
+
+@torch.library.custom_op("llmcore::sdpa_fwd", mutates_args=(), device_types="cpu")
+def _sdpa_fwd(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+    rng: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    return _sdpa_fwd_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, rng)
 
 
 @_sdpa_fwd.register_fake
@@ -60,14 +80,7 @@ def _sdpa_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
     dropout_p: float, is_causal: bool, scale: float, rng: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v, out, grad_out = (_cpu.last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    p = _cpu.problem(q, k, v, batch=q.size(0), len_q=q.size(2), len_k=k.size(2), scale=scale, is_causal=is_causal,
-                     dropout_p=dropout_p, rng=rng, mask=attn_mask)
-    _C.attention_backward(p, *_cpu.refs([q, k, v, out, grad_out, dq, dk, dv], packed=False), lse.data_ptr())
-    return dq, dk, dv
+    return _sdpa_bwd_impl(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, rng)
 
 
 @_sdpa_bwd.register_fake
@@ -81,24 +94,19 @@ def _sdpa_setup(ctx, inputs, output):
     ctx.args = (dropout_p, is_causal, scale)
 
 
-def _sdpa_backward(ctx, grad_out, grad_lse):
+def _sdpa_backward_with(bwd, ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
-    dq, dk, dv = _sdpa_bwd(grad_out, q, k, v, out, lse, attn_mask, *ctx.args, rng)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, attn_mask, *ctx.args, rng)
     return dq, dk, dv, None, None, None, None, None
 
 
-_sdpa_fwd.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+_sdpa_fwd.register_autograd(partial(_sdpa_backward_with, _sdpa_bwd), setup_context=_sdpa_setup)
+_SdpaEager = _eager_function("_SdpaEager", _sdpa_fwd_impl, _sdpa_setup, partial(_sdpa_backward_with, _sdpa_bwd_impl),
+                             differentiable=1)
 
 
-# ---------------------------------------------------------------------------------------
-# custom ops: packed (total, H, D)
-
-
-@torch.library.custom_op("llmcore::varlen_fwd", mutates_args=(), device_types="cpu")
-def _varlen_fwd(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-    max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float, rng: Optional[Tensor],
-) -> tuple[Tensor, Tensor]:
+def _varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
+                     rng):
     # cu_seqlens values (start at 0, non-decreasing, end at the row count, within max_seqlen)
     # are checked by the native module, on real data, so tracing never needs them.
     q, k, v = (_cpu.last_dim_contiguous(t) for t in (q, k, v))
@@ -108,12 +116,35 @@ def _varlen_fwd(
         return out, lse
     if k.size(0) == 0:  # no keys at all: every row is fully masked (zero pointers never reach C++)
         if bool(cu_seqlens_k.ne(0).any()):
-            raise ValueError(f"cu_seqlens_k must be all zeros for an empty key tensor, got {cu_seqlens_k.tolist()[:16]}")
+            raise ValueError("cu_seqlens_k must be all zeros for an empty key tensor, "
+                             f"got {cu_seqlens_k.tolist()[:16]}")
         return out, lse
     p = _cpu.problem(q, k, v, batch=cu_seqlens_q.numel() - 1, len_q=max_seqlen_q, len_k=max_seqlen_k, scale=scale,
                      is_causal=is_causal, dropout_p=dropout_p, rng=rng, cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
     _C.attention_forward(p, *_cpu.refs([q, k, v, out], packed=True), lse.data_ptr())
     return out, lse
+
+
+def _varlen_bwd_impl(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                     is_causal, scale, rng):
+    q, k, v, out, grad_out = (_cpu.last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # The kernel writes every row: cu_seqlens cover all of q's and k's rows.
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    p = _cpu.problem(q, k, v, batch=cu_seqlens_q.numel() - 1, len_q=max_seqlen_q, len_k=max_seqlen_k, scale=scale,
+                     is_causal=is_causal, dropout_p=dropout_p, rng=rng, cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
+    _C.attention_backward(p, *_cpu.refs([q, k, v, out, grad_out, dq, dk, dv], packed=True), lse.data_ptr())
+    return dq, dk, dv
+
+
+@torch.library.custom_op("llmcore::varlen_fwd", mutates_args=(), device_types="cpu")
+def _varlen_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float, rng: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    return _varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+                            scale, rng)
 
 
 @_varlen_fwd.register_fake
@@ -127,15 +158,8 @@ def _varlen_bwd(
     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float,
     rng: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v, out, grad_out = (_cpu.last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    # The kernel writes every row: cu_seqlens cover all of q's and k's rows.
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    p = _cpu.problem(q, k, v, batch=cu_seqlens_q.numel() - 1, len_q=max_seqlen_q, len_k=max_seqlen_k, scale=scale,
-                     is_causal=is_causal, dropout_p=dropout_p, rng=rng, cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
-    _C.attention_backward(p, *_cpu.refs([q, k, v, out, grad_out, dq, dk, dv], packed=True), lse.data_ptr())
-    return dq, dk, dv
+    return _varlen_bwd_impl(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            dropout_p, is_causal, scale, rng)
 
 
 @_varlen_bwd.register_fake
@@ -150,13 +174,15 @@ def _varlen_setup(ctx, inputs, output):
     ctx.args = (max_q, max_k, dropout_p, is_causal, scale)
 
 
-def _varlen_backward(ctx, grad_out, grad_lse):
+def _varlen_backward_with(bwd, ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_q, cu_k, rng = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, rng)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, rng)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+_varlen_fwd.register_autograd(partial(_varlen_backward_with, _varlen_bwd), setup_context=_varlen_setup)
+_VarlenEager = _eager_function("_VarlenEager", _varlen_fwd_impl, _varlen_setup,
+                               partial(_varlen_backward_with, _varlen_bwd_impl), differentiable=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,8 +316,8 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         m = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(torch.float32)
         mask4 = m.expand(full_scores).reshape(-1, hq, lq, lk)
-    out, _ = _sdpa_fwd(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale),
-                       _draw_rng(dropout_p, query.device))
+    fwd = _sdpa_fwd if torch.compiler.is_compiling() else _SdpaEager.apply
+    out, _ = fwd(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, query.device))
     out = out.reshape(*batch, hq, lq, ev)
     return out[0] if nd == 2 else out
 
@@ -361,6 +387,7 @@ def varlen_attention(
 
         return triton_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                              scale)
-    out, _ = _varlen_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
-                         float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device))
+    fwd = _varlen_fwd if torch.compiler.is_compiling() else _VarlenEager.apply
+    out, _ = fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
+                 float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device))
     return out

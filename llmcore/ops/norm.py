@@ -136,16 +136,17 @@ def _norm_backward(rms: bool, grad_out: Tensor, inp: Tensor, mean: Tensor, rstd:
     return grad_in, gw, gb
 
 
-def _eager_function(name: str, forward_impl, setup_context, backward):
+def _eager_function(name: str, forward_impl, setup_context, backward, differentiable: int = 2):
     """An autograd.Function with a custom op's implementation, setup and backward, for eager
     mode: the custom-op dispatch costs ~100 us per forward + backward, as much as the kernels
-    of a (2048, 384) LayerNorm. torch.compile sees the custom ops instead."""
+    of a (2048, 384) LayerNorm. torch.compile sees the custom ops instead. Outputs past the
+    first ``differentiable`` ones (statistics: mean, rstd, lse) carry no gradient."""
 
     def forward(ctx, *inputs):
         output = forward_impl(*inputs)
         setup_context(ctx, inputs, output)
-        if isinstance(output, tuple):  # only the first two outputs (y, s) carry gradients
-            ctx.mark_non_differentiable(*output[2:])
+        if isinstance(output, tuple):
+            ctx.mark_non_differentiable(*output[differentiable:])
         return output
 
     methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
