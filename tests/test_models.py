@@ -265,3 +265,38 @@ def test_models_built_from_dataclasses_save_and_reload(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
         torch.testing.assert_close(theirs(input_ids=ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [(True, True, True), (True, False, True), (False, False, False)])
+def test_fused_projection_under_autocast_is_exact(bias):
+    """The q/k/v projections run as one GEMM on the concatenated weights; under bf16 autocast the
+    weights are cast before the concatenation: outputs and float32 gradients equal those of
+    casting the concatenated fp32 weights (what autocast itself would do) bit for bit."""
+    from torch import nn
+
+    from llmcore.nn.layers import _fused_linear
+
+    torch.manual_seed(0)
+    linears = [nn.Linear(48, w, bias=b) for w, b in zip((48, 16, 16), bias)]
+    x = torch.randn(2, 7, 48)
+    grads = [torch.randn(2, 7, w) for w in (48, 16, 16)]
+
+    def reference(x):
+        weight = torch.cat([lin.weight for lin in linears])
+        b = None if not any(bias) else torch.cat([lin.bias if lin.bias is not None else
+                                                   torch.zeros(lin.out_features) for lin in linears])
+        return nn.functional.linear(x, weight, b).split([48, 16, 16], dim=-1)
+
+    results = []
+    for fn in (reference, lambda x: _fused_linear(x, tuple(linears))):
+        for lin in linears:
+            lin.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = fn(x)
+        torch.autograd.backward(outs, grads)
+        results.append(([o.detach() for o in outs], [p.grad.clone() for lin in linears for p in lin.parameters()]))
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    assert all(o.dtype == torch.bfloat16 for o in outs_b)
+    assert all(g.dtype == torch.float32 for g in grads_b)
+    for a, b in zip(outs_a + grads_a, outs_b + grads_b):
+        assert torch.equal(a, b)
