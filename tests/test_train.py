@@ -278,6 +278,44 @@ def test_evaluate_macro_f1_matches_float64_reference(tmp_path):
     assert out["eval_f1"] == pytest.approx(float(np.mean(f1s)), abs=1e-12)
 
 
+def test_bf16_evaluate_in_one_autocast_region_matches_per_batch(tmp_path):
+    """bf16 evaluation runs every batch in one autocast region (weights cast once): the loss and
+    counts equal those of each batch run in its own region, and a custom metric sees float32
+    logits outside autocast."""
+    model = tiny(3, dropout=0.0).eval()
+    gen = torch.Generator().manual_seed(8)
+    batches = [padded(gen, 4), packed(gen, 5), padded(gen, 3, length=9)]
+
+    class Seen:
+        def __init__(self):
+            self.autocast, self.dtypes = [], []
+
+        def update(self, logits, labels):
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
+            self.dtypes.append(logits.dtype)
+
+        def compute(self):
+            return {}
+
+    seen = []
+    trainer = Trainer(model, config(tmp_path, bf16=True, report_to="none"), batches, eval_batches=batches,
+                      compute_metrics=lambda: seen.append(Seen()) or seen[-1])
+    out = trainer.evaluate()
+    loss, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for b in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+            loss += float(F.cross_entropy(logits.float(), b["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+            n += b["labels"].numel()
+    assert out["eval_examples"] == n
+    assert out["eval_loss"] == pytest.approx(loss / n, rel=1e-6)
+    assert out["eval_accuracy"] == pytest.approx(correct / n, abs=1e-12)
+    assert seen[0].autocast == [False] * 3 and seen[0].dtypes == [torch.float32] * 3
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_checkpoints_are_published_whole(tmp_path):
     """A checkpoint is written under a hidden .partial name and renamed into place: an interrupted
     write is never listed, and saving the same step again replaces the folder."""
