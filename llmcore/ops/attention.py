@@ -3,8 +3,9 @@
 ``scaled_dot_product_attention`` mirrors ``torch.nn.functional.scaled_dot_product_attention``;
 ``varlen_attention`` mirrors FlashAttention's ``flash_attn_varlen_func`` for packed batches.
 Both are differentiable in q, k and v, are ``torch.library`` custom ops (so
-``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work) and pick a backend
-from :mod:`llmcore.ops.dispatch`.
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work; eager calls run the
+same CPU implementations through plain autograd.Functions, without the custom-op dispatch)
+and pick a backend from :mod:`llmcore.ops.dispatch`.
 
 Fully masked rows (no key visible, through the mask, causality or an empty key sequence)
 return 0 and receive zero gradients; torch 2.13's CPU kernels return the same. Their
