@@ -316,6 +316,28 @@ def test_bf16_evaluate_in_one_autocast_region_matches_per_batch(tmp_path):
     assert not torch.is_autocast_enabled("cpu")
 
 
+def test_custom_metrics_see_only_labelled_rows(tmp_path):
+    """Rows labelled -100 (filler sequences, ignored examples) reach neither the loss nor a
+    compute_metrics object."""
+    model = tiny(1, dropout=0.0).eval()
+    gen = torch.Generator().manual_seed(9)
+    batch = packed(gen, 6)
+    batch["labels"][[1, 5]] = -100
+    rows = []
+
+    class Rows:
+        def update(self, logits, labels):
+            rows.append((logits.shape[0], labels.tolist()))
+
+        def compute(self):
+            return {"rows": sum(n for n, _ in rows)}
+
+    out = Trainer(model, config(tmp_path, report_to="none"), [batch], eval_batches=[batch],
+                  compute_metrics=Rows).evaluate()
+    assert out["eval_examples"] == 4 and out["eval_rows"] == 4
+    assert rows[0][1] == [batch["labels"][i].item() for i in (0, 2, 3, 4)]
+
+
 def test_checkpoints_are_published_whole(tmp_path):
     """A checkpoint is written under a hidden .partial name and renamed into place: an interrupted
     write is never listed, and saving the same step again replaces the folder."""

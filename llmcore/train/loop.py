@@ -147,7 +147,8 @@ class Trainer:
     the same ones as an uninterrupted run. A non-callable iterable is reused for every epoch.
     ``eval_batches`` is an iterable or a zero-argument callable returning one.
     ``compute_metrics`` is a zero-argument factory of objects with ``update(logits, labels)`` and
-    ``compute() -> dict`` (streaming); under torch.distributed they see this rank's batches only.
+    ``compute() -> dict`` (streaming); they see the rows the loss sees (labels other than ``-100``:
+    filler sequences and ignored examples are left out), under torch.distributed this rank's only.
 
     >>> trainer = Trainer(model, TrainConfig("out"), lambda epoch: batches)  # doctest: +SKIP
     >>> trainer.train()["global_step"]  # doctest: +SKIP
@@ -243,6 +244,8 @@ class Trainer:
             counts[1] += torch.bincount(pred, minlength=num_classes).double()
             counts[2] += torch.bincount(gold, minlength=num_classes).double()
         if custom is not None:
+            if logits.shape[0] == labels.shape[0]:  # one label per row: only the labelled rows
+                logits, labels = logits[keep], labels[keep]
             custom.update(logits.float(), labels)
         return counts
 
