@@ -93,6 +93,12 @@ GPU_ONLY = [(2, 4, 2, 300, 300, 256, torch.bfloat16, True), (1, 2, 2, 257, 1025,
 def test_sdpa_matches_reference(B, hq, hkv, lq, lk, d, dtype, causal):
     if GPU:
         lq, lk = lq * 8 + 3, lk * 8 + 3
+    check_dense_case(B, hq, hkv, lq, lk, d, dtype, causal)
+
+
+def check_dense_case(B, hq, hkv, lq, lk, d, dtype, causal):
+    """Triton SDPA forward + backward on seeded (B, H, L, D) inputs against torch SDPA and the
+    float64 reference."""
     q, k, v, g = randn(B, hq, lq, d, seed=1), randn(B, hkv, lk, d, seed=2), randn(B, hkv, lk, d, seed=3), \
         randn(B, hq, lq, d, seed=4)
     kw = dict(is_causal=causal, enable_gqa=hq != hkv)
@@ -132,13 +138,7 @@ def test_dq_modes_match_reference(monkeypatch, mode, B, hq, hkv, lq, lk, d, dtyp
     monkeypatch.setenv("LLMCORE_TRITON_DQ", mode)
     if GPU:
         lq, lk = lq * 8, lk * 8
-    q, k, v, g = randn(B, hq, lq, d, seed=1), randn(B, hkv, lk, d, seed=2), randn(B, hkv, lk, d, seed=3), \
-        randn(B, hq, lq, d, seed=4)
-    kw = dict(is_causal=causal, enable_gqa=hq != hkv)
-    ref = reference(torch_sdpa, (q, k, v), g, **kw)
-    theirs = run(torch_sdpa, (q, k, v), g, dtype, **kw)
-    ours = run(triton_sdpa, (q, k, v), g, dtype, **kw)
-    check(ours, theirs, ref, dtype)
+    check_dense_case(B, hq, hkv, lq, lk, d, dtype, causal)
 
 
 @pytest.mark.parametrize("case", ["packed", "dropout", "mask"])
