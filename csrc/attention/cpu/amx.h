@@ -145,6 +145,57 @@ inline void pack_vnni_transposed(const uint16_t* src, int64_t ld, int64_t rows, 
   }
 }
 
+// dst = src^T for a row-major bf16 matrix (rows x cols, ld elements; rows a multiple of 16, cols
+// of 32, ld even): dst is cols x rows, ldd elements a row. A pair of bf16 along a row is one
+// 32-bit unit, so 16 x 16 blocks of pairs transpose in registers; each transposed row of pairs
+// then splits into its two output rows (low halves, high halves).
+inline void transpose_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd) {
+  alignas(64) float pairs[16 * 16];
+  for (int64_t r0 = 0; r0 < rows; r0 += 16)
+    for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+      simd::transpose_block(reinterpret_cast<const float*>(src + r0 * ld + c0), ld / 2, pairs, 16);
+      for (int64_t q = 0; q < 16; ++q) {  // pairs[q][r] = (src[r0 + r][c0 + 2q], src[r0 + r][c0 + 2q + 1])
+        const __m512i v = _mm512_load_si512(pairs + q * 16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + 2 * q) * ldd + r0), _mm512_cvtepi32_epi16(v));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + 2 * q + 1) * ldd + r0),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+      }
+    }
+}
+
+// Starts loading rows [0, rows) of a bf16 matrix (cols elements from each row start, ld
+// elements apart) into L2. A head's rows sit a stride apart in (T, H, D) and (B, L, H, D)
+// layouts, where the hardware prefetchers do not follow them; touching them one by one in a
+// pack leaves each cache miss exposed, issuing them first overlaps the misses.
+inline void prefetch_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(src + r * ld);
+    for (int64_t byte = 0; byte < 2 * cols; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
+    _mm_prefetch(row + 2 * cols - 1, _MM_HINT_T1);
+  }
+}
+
+// sum_i a[i] * b[i] of two bf16 rows, in fp32 vector lanes (exact products, no particular
+// rounding order for the sum).
+inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
+  auto widen = [](const uint16_t* x) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+  };
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(widen(a + i), widen(b + i), acc);
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) {
+    const uint32_t x = uint32_t(a[i]) << 16, y = uint32_t(b[i]) << 16;
+    float fx, fy;
+    std::memcpy(&fx, &x, 4);
+    std::memcpy(&fy, &y, 4);
+    sum += fx * fy;
+  }
+  return sum;
+}
+
 // Rows [0, rows) x columns [0, cols) of src into a zero-padded rows_pad x cols_pad matrix.
 inline void copy_padded(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t rows_pad,
                         int64_t cols_pad, uint16_t* out) {

@@ -53,12 +53,15 @@ KPack carve_k(uint16_t* base, int64_t kpad, const Dims& d) {
   return k;
 }
 
-void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t qpad, const QPack& out, float* o_row,
-            float* g_row) {
+void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t qpad, const QPack& out) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
   const uint16_t* q = static_cast<const uint16_t*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, 0)));
   const uint16_t* g = static_cast<const uint16_t*>(at(a.dout, p.dtype, row_offset(p, a.dout, b, h, s.q_row0, 0)));
+  const uint16_t* o = static_cast<const uint16_t*>(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, 0)));
+  prefetch_rows(q, a.q.seq_stride, s.len_q, d.D);
+  prefetch_rows(g, a.dout.seq_stride, s.len_q, d.Dv);
+  prefetch_rows(o, a.o.seq_stride, s.len_q, d.Dv);
   pack_vnni_transposed(q, a.q.seq_stride, s.len_q, d.D, d.Dp, qpad, out.qt, p.scale < 0 ? 0x8000 : 0);
   pack_vnni_rows(q, a.q.seq_stride, s.len_q, d.D, qpad, d.Dp, out.q);
   pack_vnni_transposed(g, a.dout.seq_stride, s.len_q, d.Dv, d.Dvp, qpad, out.dot);
@@ -70,9 +73,7 @@ void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
       if (lse != -INFINITY) neg_lse = -lse;
       // D_i = dO . O. AMX rounds dP its own way, so no chain order to match here (unlike
       // backward.cpp): a vector dot.
-      load_row(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, i)), p.dtype, d.Dv, 1.f, o_row);
-      load_row(g + i * a.dout.seq_stride, p.dtype, d.Dv, 1.f, g_row);
-      di = row_dot(o_row, g_row, d.Dv);
+      di = dot_bf16(o + i * a.o.seq_stride, g + i * a.dout.seq_stride, d.Dv);
     }
     out.neg_lse[i] = neg_lse;
     out.di[i] = di;
@@ -84,21 +85,20 @@ void pack_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
   const Seq s = sequence(p, b);
   const uint16_t* k = static_cast<const uint16_t*>(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)));
   const uint16_t* v = static_cast<const uint16_t*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)));
+  prefetch_rows(k, a.k.seq_stride, s.len_k, d.D);
+  prefetch_rows(v, a.v.seq_stride, s.len_k, d.Dv);
   copy_padded(k, a.k.seq_stride, s.len_k, d.D, kpad, d.Dp, out.k);
   copy_padded(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v);
-  std::memset(out.kt, 0, sizeof(uint16_t) * d.Dp * kpad);
-  for (int64_t j0 = 0; j0 < s.len_k; j0 += 32)  // 32-key blocks keep the strided loads in L1
-    for (int64_t x = 0; x < d.D; ++x)
-      for (int64_t j = j0; j < std::min(s.len_k, j0 + 32); ++j) out.kt[x * kpad + j] = out.k[j * d.Dp + x];
+  transpose_bf16(out.k, d.Dp, kpad, d.Dp, out.kt, kpad);  // the padded copy: zeros stay zeros
 }
 
 struct TileBuffers {
-  float *p, *dp, *keep_scale, *dk, *dv, *o_row, *g_row;
+  float *p, *dp, *keep_scale, *dk, *dv;
   uint16_t *pb, *dsb, *ds_vnni;
   uint8_t* keep;
   static int64_t floats(const Dims& d) {
     const int64_t t = kBlockK * kBlockQ;
-    return 3 * t + kBlockK * (d.Dp + d.Dvp) + 2 * d.Dvp + 3 * t / 2 + t / 4 + 64;
+    return 3 * t + kBlockK * (d.Dp + d.Dvp) + 3 * t / 2 + t / 4 + 64;
   }
   TileBuffers(float* base, const Dims& d) {
     const int64_t t = kBlockK * kBlockQ;
@@ -107,9 +107,7 @@ struct TileBuffers {
     keep_scale = dp + t;
     dk = keep_scale + t;
     dv = dk + kBlockK * d.Dp;
-    o_row = dv + kBlockK * d.Dvp;
-    g_row = o_row + d.Dvp;
-    pb = reinterpret_cast<uint16_t*>(g_row + d.Dvp);
+    pb = reinterpret_cast<uint16_t*>(dv + kBlockK * d.Dvp);
     dsb = pb + t;
     ds_vnni = dsb + t;
     keep = reinterpret_cast<uint8_t*>(ds_vnni + t);
@@ -176,11 +174,10 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             const int64_t valid = std::max<int64_t>(0, qb - c0);  // real queries in the band's columns
             if (sc.prescale) row_scale(row, valid, sc.c);
             if (p.mask_kind != MaskKind::none) apply_user_mask_to_key(p, b, h, q0 + c0, k0 + j, valid, row);
-            if (diagonal) {
-              const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, valid);
-              for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
-            }
-            row_exp2_fma(row, sc.row_c, qp.neg_lse + q0 + c0, n);  // padded queries: neg_lse = -inf -> 0
+            // Queries before the key's diagonal see P = 0: zeroed, not exponentiated.
+            const int64_t hidden = diagonal ? std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, valid) : 0;
+            std::memset(row, 0, sizeof(float) * hidden);
+            row_exp2_fma(row + hidden, sc.row_c, qp.neg_lse + q0 + c0 + hidden, n - hidden);  // padded queries: neg_lse = -inf -> 0
           }
 
           const float* keep_scale = nullptr;
@@ -283,7 +280,7 @@ void backward(const BackwardArgs& a) {
         const Seq s = sequence(p, b);
         const int64_t qpad = round_up(s.len_q, kPad), kpad = round_up(s.len_k, kPad);
         auto q_of = [&](int64_t gh) { return carve_q(gbase + gh * q_elems(max_q, d), qpad, d); };
-        for (int64_t gh = 0; gh < group; ++gh) pack_q(a, b, hk * group + gh, d, qpad, q_of(gh), buf.o_row, buf.g_row);
+        for (int64_t gh = 0; gh < group; ++gh) pack_q(a, b, hk * group + gh, d, qpad, q_of(gh));
         const KPack k = carve_k(kp.k, kpad, d);
         pack_k(a, b, hk, d, kpad, k);
         std::memset(dqt, 0, sizeof(float) * group * d.Dp * qpad);
@@ -319,7 +316,7 @@ void backward(const BackwardArgs& a) {
 #pragma omp for schedule(dynamic, 1) collapse(2) nowait
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads_q; ++h)
-        pack_q(a, b, h, d, q_off[b + 1] - q_off[b], q_pack(b, h), buf.o_row, buf.g_row);
+        pack_q(a, b, h, d, q_off[b + 1] - q_off[b], q_pack(b, h));
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads_kv; ++h) pack_k(a, b, h, d, k_off[b + 1] - k_off[b], k_pack(b, h));
