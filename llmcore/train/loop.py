@@ -317,7 +317,8 @@ class Trainer:
         start_step, t_start = self.global_step, time.perf_counter()
         run_loss = torch.zeros((), device=self.device)
         win_loss, win_steps, win_examples, t_win = torch.zeros((), device=self.device), 0, 0, t_start
-        run_examples = run_tokens = 0
+        run_examples = run_tokens = consumed = 0
+        saved_step = None
         try:
             while self.global_step < total:
                 it = iter(self.train_batches(epoch))
@@ -366,6 +367,7 @@ class Trainer:
                     if cfg.save_strategy == "steps" and self.global_step % cfg.save_steps == 0:
                         # A checkpoint taken at the very end of an epoch resumes at the start of the next.
                         self.save(epoch + 1, 0) if at_epoch_end else self.save(epoch, consumed)
+                        saved_step = self.global_step
                 if consumed == 0:
                     raise ValueError(f"train_batches({epoch}) yielded no batches")
                 if exhausted or (n_batches is not None and consumed >= n_batches):
@@ -373,7 +375,12 @@ class Trainer:
                         self.log({"step": self.global_step, "epoch": epoch + 1, **self.evaluate()})
                     if cfg.save_strategy == "epoch":
                         self.save(epoch + 1, 0)
-                    epoch += 1
+                        saved_step = self.global_step
+                    epoch, consumed = epoch + 1, 0
+            if cfg.save_strategy != "no" and self.global_step > start_step and saved_step != self.global_step:
+                # Training stopped between save points (max_steps mid-epoch, or off the save_steps grid):
+                # a last checkpoint, as transformers' Trainer writes, so the run can be resumed or extended.
+                self.save(epoch, consumed)
         finally:
             reporter.close()
             self.reporter = None
