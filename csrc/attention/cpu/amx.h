@@ -163,18 +163,6 @@ inline void transpose_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_
     }
 }
 
-// Starts loading rows [0, rows) of a bf16 matrix (cols elements from each row start, ld
-// elements apart) into L2. A head's rows sit a stride apart in (T, H, D) and (B, L, H, D)
-// layouts, where the hardware prefetchers do not follow them; touching them one by one in a
-// pack leaves each cache miss exposed, issuing them first overlaps the misses.
-inline void prefetch_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(src + r * ld);
-    for (int64_t byte = 0; byte < 2 * cols; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
-    _mm_prefetch(row + 2 * cols - 1, _MM_HINT_T1);
-  }
-}
-
 // sum_i a[i] * b[i] of two bf16 rows, in fp32 vector lanes (exact products, no particular
 // rounding order for the sum).
 inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {

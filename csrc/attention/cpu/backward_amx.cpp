@@ -59,9 +59,6 @@ void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
   const uint16_t* q = static_cast<const uint16_t*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, 0)));
   const uint16_t* g = static_cast<const uint16_t*>(at(a.dout, p.dtype, row_offset(p, a.dout, b, h, s.q_row0, 0)));
   const uint16_t* o = static_cast<const uint16_t*>(at(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, 0)));
-  prefetch_rows(q, a.q.seq_stride, s.len_q, d.D);
-  prefetch_rows(g, a.dout.seq_stride, s.len_q, d.Dv);
-  prefetch_rows(o, a.o.seq_stride, s.len_q, d.Dv);
   pack_vnni_transposed(q, a.q.seq_stride, s.len_q, d.D, d.Dp, qpad, out.qt, p.scale < 0 ? 0x8000 : 0);
   pack_vnni_rows(q, a.q.seq_stride, s.len_q, d.D, qpad, d.Dp, out.q);
   pack_vnni_transposed(g, a.dout.seq_stride, s.len_q, d.Dv, d.Dvp, qpad, out.dot);
@@ -85,8 +82,6 @@ void pack_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
   const Seq s = sequence(p, b);
   const uint16_t* k = static_cast<const uint16_t*>(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)));
   const uint16_t* v = static_cast<const uint16_t*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)));
-  prefetch_rows(k, a.k.seq_stride, s.len_k, d.D);
-  prefetch_rows(v, a.v.seq_stride, s.len_k, d.Dv);
   copy_padded(k, a.k.seq_stride, s.len_k, d.D, kpad, d.Dp, out.k);
   copy_padded(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v);
   transpose_bf16(out.k, d.Dp, kpad, d.Dp, out.kt, kpad);  // the padded copy: zeros stay zeros
