@@ -458,8 +458,7 @@ def test_stop_at_max_steps_mid_epoch_writes_a_last_checkpoint(tmp_path, strategy
     with open(os.path.join(cfg.output_dir, "checkpoint-3", "trainer_state.json")) as f:
         state = json.load(f)
     assert (state["global_step"], state["epoch"], state["batches_in_epoch"]) == (3, 0, 3)
-    # resuming from it continues the same trajectory: a 3-step run resumed to 4 steps vs a straight 4-step one
-    # is not comparable (the schedule's length differs), so resume with the same config: nothing left to do
+    # resume_from_checkpoint=True finds it: the run is complete, nothing left to do
     again = Trainer(tiny(7), config(tmp_path, max_steps=3, save_strategy="no", resume_from_checkpoint=True),
                     factory(4))
     assert again.train()["global_step"] == 3

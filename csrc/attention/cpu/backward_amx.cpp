@@ -169,10 +169,11 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             const int64_t valid = std::max<int64_t>(0, qb - c0);  // real queries in the band's columns
             if (sc.prescale) row_scale(row, valid, sc.c);
             if (p.mask_kind != MaskKind::none) apply_user_mask_to_key(p, b, h, q0 + c0, k0 + j, valid, row);
-            // Queries before the key's diagonal see P = 0: zeroed, not exponentiated.
+            // Queries before the key's diagonal see P = 0: zeroed, not exponentiated. Padded
+            // queries have neg_lse = -inf, so P = 0 there too.
             const int64_t hidden = diagonal ? std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, valid) : 0;
             if (hidden > 0) std::memset(row, 0, sizeof(float) * hidden);
-            row_exp2_fma(row + hidden, sc.row_c, qp.neg_lse + q0 + c0 + hidden, n - hidden);  // padded queries: neg_lse = -inf -> 0
+            row_exp2_fma(row + hidden, sc.row_c, qp.neg_lse + q0 + c0 + hidden, n - hidden);
           }
 
           const float* keep_scale = nullptr;
