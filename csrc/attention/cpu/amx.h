@@ -163,27 +163,6 @@ inline void transpose_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_
     }
 }
 
-// sum_i a[i] * b[i] of two bf16 rows, in fp32 vector lanes (exact products, no particular
-// rounding order for the sum).
-inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
-  auto widen = [](const uint16_t* x) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
-  };
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(widen(a + i), widen(b + i), acc);
-  float sum = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) {
-    const uint32_t x = uint32_t(a[i]) << 16, y = uint32_t(b[i]) << 16;
-    float fx, fy;
-    std::memcpy(&fx, &x, 4);
-    std::memcpy(&fy, &y, 4);
-    sum += fx * fy;
-  }
-  return sum;
-}
-
 // Rows [0, rows) x columns [0, cols) of src into a zero-padded rows_pad x cols_pad matrix.
 inline void copy_padded(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t rows_pad,
                         int64_t cols_pad, uint16_t* out) {

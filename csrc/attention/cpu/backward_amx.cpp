@@ -53,6 +53,21 @@ KPack carve_k(uint16_t* base, int64_t kpad, const Dims& d) {
   return k;
 }
 
+// sum_i a[i] * b[i] of two bf16 rows, in fp32 vector lanes (exact products, no particular
+// rounding order for the sum).
+float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
+  auto widen = [](const uint16_t* x) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+  };
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(widen(a + i), widen(b + i), acc);
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) sum += bf16_to_f32(a[i]) * bf16_to_f32(b[i]);
+  return sum;
+}
+
 void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t qpad, const QPack& out) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
