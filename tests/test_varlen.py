@@ -66,6 +66,9 @@ RAGGED = [
     [1],
     [130, 0, 0, 7],
     [33] * 5,
+    # Many short sequences (SST-2-like): the kernels' local paths then hand out work a whole sequence
+    # (all its kv heads) at a time when there are at least 4 per thread (kernel_common.h, local_chunk).
+    [3, 17, 0, 1, 9, 40, 2, 11, 5, 26, 1, 8, 13, 0, 31, 6, 19, 4, 7, 22],
 ]
 
 

@@ -360,7 +360,7 @@ void backward(const BackwardArgs& a) {
       float* kbase = gbase + group * q_floats(max_q, D, Dv, copies);
       const KBuffers kb = carve_k(kbase, max_k, 1, D, Dv, copies);
       float* dqt = kbase + k_floats(max_k, D, Dv, copies);  // group x D x qpad
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, local_chunk(p, nthreads))
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
         const Seq s = sequence(p, b);

@@ -285,7 +285,7 @@ void backward(const BackwardArgs& a) {
       uint16_t* gbase = reinterpret_cast<uint16_t*>(mine + tile_floats);
       const KPack kp = carve_k(gbase + group * q_elems(max_q, d), max_k, d);
       float* dqt = reinterpret_cast<float*>(kp.k + k_elems(max_k, d));
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, local_chunk(p, nthreads))
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
         const Seq s = sequence(p, b);

@@ -175,7 +175,7 @@ void forward(const ForwardArgs& a) {
     if (local) {
       float* kt = mine + TileBuffers::floats(D, Dv);
       float* v = kt + max_k * D;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, local_chunk(p, nthreads))
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
         pack_head(a, b, hk, buf.row, kt, v);

@@ -182,7 +182,7 @@ void forward(const ForwardArgs& a) {
     TileBuffers buf(mine, d);
     if (local) {
       uint16_t* own = reinterpret_cast<uint16_t*>(mine + TileBuffers::floats(d));
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, local_chunk(p, nthreads))
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
         KVPack kv{own, nullptr, 0};

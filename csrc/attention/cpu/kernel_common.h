@@ -289,6 +289,14 @@ inline int64_t backward_chunks(bool local, int64_t pairs, int nthreads, int64_t 
   return std::min(max_tiles, ceil_div(4 * nthreads, std::max<int64_t>(pairs, 1)));
 }
 
+// OpenMP chunk for the local paths' work items, (sequence, kv head) pairs in sequence-major
+// order: all kv heads of a sequence together when there are enough sequences to keep every
+// thread busy, else single pairs. A thread then walks each token's rows (all heads side by
+// side, the (T, H, D) layout) in order instead of 1/H of them, and takes a new item H times
+// less often. 128 SST-2-length sequences, H12 D32 (interleaved A/B): forward 23% / 12% faster,
+// forward+backward 20% / 11% (fp32 / bf16 AMX); dense (32,12,64,32) and (16,12,128,32) within noise.
+inline int64_t local_chunk(const Problem& p, int nthreads) { return p.batch >= 4 * nthreads ? p.heads_kv : 1; }
+
 // Packs rows [0, len) of one head row-major fp32: out[r][d] (leading dimension dim).
 inline void pack_rows(const void* src, DType dt, int64_t seq_stride, int64_t len, int64_t dim, float scale,
                       float* out) {
