@@ -129,19 +129,33 @@ inline void pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_
 // VNNI-packs the transpose of a row-major bf16 matrix: B = src^T, so K = cols (the
 // contraction runs along src's rows) and N = rows. Same block layout and padding as above.
 // A pair of bf16 along a row is one 32-bit unit, so this is a 32-bit transpose, 16 x 16
-// blocks in registers. Each element is XORed with flip (0x8000 negates a bf16 exactly).
+// blocks in registers; the last rows (fewer than 16: all of a short sequence) go through a
+// zero-padded 16-row copy. Each element is XORed with flip (0x8000 negates a bf16 exactly);
+// with a flip, or an odd ld, everything takes the scalar loop.
 inline void pack_vnni_transposed(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad,
                                  int64_t n_pad, uint16_t* out, uint16_t flip = 0) {
   std::memset(out, 0, sizeof(uint16_t) * k_pad * n_pad);
-  const int64_t full_rows = (flip || ld % 2) ? 0 : rows / 16 * 16, full_pairs = cols / 32 * 16;
-  for (int64_t n0 = 0; n0 < full_rows; n0 += 16)
+  const bool vector = !flip && ld % 2 == 0;
+  const int64_t full_pairs = vector ? cols / 32 * 16 : 0, width = 2 * full_pairs;  // columns done in registers
+  auto transpose_rows = [&](const uint16_t* rows16, int64_t ld16, int64_t n0) {
     for (int64_t p0 = 0; p0 < full_pairs; p0 += 16)
-      simd::transpose_block(reinterpret_cast<const float*>(src + n0 * ld + 2 * p0), ld / 2,
+      simd::transpose_block(reinterpret_cast<const float*>(rows16 + 2 * p0), ld16 / 2,
                             reinterpret_cast<float*>(out + (n0 / 16) * k_pad * 16 + p0 * 32), 16);
+  };
+  const int64_t full_rows = rows / 16 * 16;
+  for (int64_t n0 = 0; n0 < full_rows && full_pairs > 0; n0 += 16) transpose_rows(src + n0 * ld, ld, n0);
+  const bool staged = full_rows < rows && full_pairs > 0 && width <= 256;  // head dims up to 256
+  if (staged) {
+    alignas(64) uint16_t stage[16 * 256];
+    const int64_t rest = rows - full_rows;
+    for (int64_t r = 0; r < rest; ++r) std::memcpy(stage + r * width, src + (full_rows + r) * ld, sizeof(uint16_t) * width);
+    std::memset(stage + rest * width, 0, sizeof(uint16_t) * (16 - rest) * width);
+    transpose_rows(stage, width, full_rows);
+  }
   for (int64_t n = 0; n < rows; ++n) {
     const uint16_t* s = src + n * ld;
     uint16_t* blk = out + (n / 16) * k_pad * 16 + (n % 16) * 2;
-    for (int64_t k = n < full_rows ? 2 * full_pairs : 0; k < cols; ++k) blk[(k / 2) * 32 + (k % 2)] = s[k] ^ flip;
+    for (int64_t k = n < full_rows || staged ? width : 0; k < cols; ++k) blk[(k / 2) * 32 + (k % 2)] = s[k] ^ flip;
   }
 }
 

@@ -71,7 +71,8 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
 
   const SoftmaxScale sc = softmax_scale(p);
   const uint16_t sign = p.scale < 0 ? 0x8000 : 0;  // a negative scale flips Q's sign (exact)
-  std::memset(buf.q, 0, sizeof(uint16_t) * kBlockQ * d.Dp);
+  const int64_t rows = round_up(qb, 32);             // the 32-row blocks the GEMMs read and write
+  std::memset(buf.q, 0, sizeof(uint16_t) * rows * d.Dp);
   for (int64_t r = 0; r < qb; ++r) {
     const uint16_t* src = static_cast<const uint16_t*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0 + r)));
     if (sign) {
@@ -82,7 +83,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
-  std::memset(O, 0, sizeof(float) * kBlockQ * d.Dvp);
+  std::memset(O, 0, sizeof(float) * rows * d.Dvp);
 
   const int64_t k_end = std::min(s.len_k, causal_limit(p, s, q0 + qb - 1) + 1);
   const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
@@ -106,7 +107,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
     float *m_new = buf.m_new, *alpha = buf.alpha;
     online_softmax_maxima(p, b, h, q0, k0, qb, S, kBlockK, [&](int64_t r) { return diagonal ? visible(r, k0, kb) : kb; },
                           sc, m, m_new, alpha);
-    for (int64_t r = 0; r < round_up(qb, 32); ++r) {  // rows of the blocks computed
+    for (int64_t r = 0; r < rows; ++r) {  // rows of the blocks computed
       float* row = S + r * kBlockK;
       uint16_t* prow = buf.pb + r * kBlockK;
       const int64_t width = cols[r / 32];
