@@ -81,9 +81,9 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = nn.functional.linear(x, self.fc1.weight)
         if self.fc1.bias is not None:
-            bias = self.fc1.bias
-            if bias.dtype != h.dtype and torch.is_autocast_enabled(h.device.type):
-                bias = bias.to(h.dtype)  # autocast's linear adds its bias in the low precision too
+            bias, cast = self.fc1.bias, _autocast_dtype(h)
+            if cast is not None and bias.dtype != cast:
+                bias = bias.to(cast)  # autocast's linear adds its bias in the low precision too
             h = ops.bias_gelu(h, bias, approximate=self.approximate)
         else:
             h = nn.functional.gelu(h, approximate=self.approximate)
