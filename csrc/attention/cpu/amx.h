@@ -148,7 +148,8 @@ inline void pack_vnni_transposed(const uint16_t* src, int64_t ld, int64_t rows, 
   if (staged) {
     alignas(64) uint16_t stage[16 * 256];
     const int64_t rest = rows - full_rows;
-    for (int64_t r = 0; r < rest; ++r) std::memcpy(stage + r * width, src + (full_rows + r) * ld, sizeof(uint16_t) * width);
+    for (int64_t r = 0; r < rest; ++r)
+      std::memcpy(stage + r * width, src + (full_rows + r) * ld, sizeof(uint16_t) * width);
     std::memset(stage + rest * width, 0, sizeof(uint16_t) * (16 - rest) * width);
     transpose_rows(stage, width, full_rows);
   }
