@@ -126,6 +126,20 @@ inline void pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_
   }
 }
 
+// Rows [0, rows) x columns [0, cols) of src into a zero-padded rows_pad x cols_pad matrix.
+inline void copy_padded(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t rows_pad,
+                        int64_t cols_pad, uint16_t* out) {
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    uint16_t* o = out + r * cols_pad;
+    if (r < rows) {
+      std::memcpy(o, src + r * ld, sizeof(uint16_t) * cols);
+      std::memset(o + cols, 0, sizeof(uint16_t) * (cols_pad - cols));
+    } else {
+      std::memset(o, 0, sizeof(uint16_t) * cols_pad);
+    }
+  }
+}
+
 // VNNI-packs the transpose of a row-major bf16 matrix: B = src^T, so K = cols (the
 // contraction runs along src's rows) and N = rows. Same block layout and padding as above.
 // A pair of bf16 along a row is one 32-bit unit, so this is a 32-bit transpose, 16 x 16
@@ -147,10 +161,7 @@ inline void pack_vnni_transposed(const uint16_t* src, int64_t ld, int64_t rows, 
   const bool staged = full_rows < rows && full_pairs > 0 && width <= 256;  // head dims up to 256
   if (staged) {
     alignas(64) uint16_t stage[16 * 256];
-    const int64_t rest = rows - full_rows;
-    for (int64_t r = 0; r < rest; ++r)
-      std::memcpy(stage + r * width, src + (full_rows + r) * ld, sizeof(uint16_t) * width);
-    std::memset(stage + rest * width, 0, sizeof(uint16_t) * (16 - rest) * width);
+    copy_padded(src + full_rows * ld, ld, rows - full_rows, width, 16, width, stage);
     transpose_rows(stage, width, full_rows);
   }
   for (int64_t n = 0; n < rows; ++n) {
@@ -176,20 +187,6 @@ inline void transpose_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_
                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
       }
     }
-}
-
-// Rows [0, rows) x columns [0, cols) of src into a zero-padded rows_pad x cols_pad matrix.
-inline void copy_padded(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t rows_pad,
-                        int64_t cols_pad, uint16_t* out) {
-  for (int64_t r = 0; r < rows_pad; ++r) {
-    uint16_t* o = out + r * cols_pad;
-    if (r < rows) {
-      std::memcpy(o, src + r * ld, sizeof(uint16_t) * cols);
-      std::memset(o + cols, 0, sizeof(uint16_t) * (cols_pad - cols));
-    } else {
-      std::memset(o, 0, sizeof(uint16_t) * cols_pad);
-    }
-  }
 }
 
 }  // namespace llmcore::attention::LLMCORE_ISA_NS
