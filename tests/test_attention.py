@@ -56,6 +56,22 @@ def test_sdpa_value_head_dim_differs():
     check_sdpa((2, 2, 50, 64), (2, 2, 70, 64), torch.float32, dv=40)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_negative_scale(dtype, is_causal):
+    # The kernels flip Q's sign for a negative scale (exact) and keep the scale's magnitude.
+    # torch's CPU kernel returns NaN for it when causal (torch 2.13), so the baseline error is
+    # the plain-PyTorch reference run in dtype.
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 3, 130, 64, dtype=torch.float64, generator=g) for _ in range(4))
+    kw = dict(scale=-0.15, is_causal=is_causal)
+    ref = forward_backward(sdpa_reference, (q, k, v), grad, torch.float64, **kw)
+    theirs = forward_backward(sdpa_reference, (q, k, v), grad, dtype, **kw)
+    ours = forward_backward(llmcore.scaled_dot_product_attention, (q, k, v), grad, dtype, **kw)
+    for name, a, b, r in zip(NAMES, ours, theirs, ref):
+        assert_close_to_ref(name, a, b, r, dtype)
+
+
 def test_sdpa_float16_and_custom_scale():
     check_sdpa((2, 2, 65, 64), (2, 2, 65, 64), torch.float16, scale=0.3)
 
@@ -100,8 +116,9 @@ def test_causal_with_more_queries_than_keys_is_top_left():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_noncontiguous_and_broadcast_batch(dtype):
-    B, H, L, D = 2, 4, 50, 32
+@pytest.mark.parametrize("L,D", [(50, 32), (130, 64)])  # 130 x 64: whole 64-row query tiles read in place
+def test_noncontiguous_and_broadcast_batch(dtype, L, D):
+    B, H = 2, 4
     q = torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2).requires_grad_()  # a (B, L, H, D) tensor
     k = torch.randn(1, L, H, D, dtype=dtype).transpose(1, 2).requires_grad_()  # batch broadcasts
     v = torch.randn(B, H, D, L, dtype=dtype).transpose(-1, -2).requires_grad_()  # last dim strided

@@ -1,4 +1,6 @@
 """The custom-op side: dropout reproducibility, opcheck, torch.compile, and bad input."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,33 @@ def test_dropout_one_zeroes_everything():
 
 
 # --- custom op: opcheck and torch.compile -----------------------------------------------
+
+
+@pytest.mark.parametrize("L,D", [(1, 32), (97, 64), (130, 80)])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_logsumexp_matches_float64(cpu_isa, L, D, is_causal, dtype):
+    # The forward saves lse = log2(sum_j 2^(log2(e) * scale * q.k_j)) per row for the backward;
+    # checked here against float64 math. Without causality a boolean mask hides every key
+    # from one row, whose lse is -inf.
+    from llmcore.ops.attention import _sdpa_fwd_impl
+
+    g = torch.Generator().manual_seed(L)
+    q, k, v = (torch.randn(2, 3, L, D, generator=g).to(dtype) for _ in range(3))
+    visible = torch.ones(L, L, dtype=torch.bool)
+    if is_causal:
+        visible = visible.tril()
+        mask = None
+    else:
+        visible[L // 2] = False
+        mask = visible.expand(2, 3, L, L)
+    scale = D**-0.5
+    _, lse = _sdpa_fwd_impl(q, k, v, mask, 0.0, is_causal, scale, None)
+    s = scale * q.double() @ k.double().transpose(-1, -2)
+    ref = torch.logsumexp(s.masked_fill(~visible, float("-inf")), dim=-1) / math.log(2)
+    if mask is not None:
+        assert torch.isneginf(lse[:, :, L // 2]).all()
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=2e-5)
 
 
 def _op_args(dropout: bool, mask: bool):

@@ -100,12 +100,42 @@ inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
+// out[j] = bf16(2^(x[j] * scale - shift)) for j < n and 0 for n <= j < width (a multiple of
+// 32); returns the sum of the fp32 values. x is only read: one pass from fp32 scores to the
+// bf16 P of the P V GEMM.
+inline float exp2_to_bf16(const float* x, int64_t n, int64_t width, float scale, float shift, uint16_t* out) {
+  const __m512 c = _mm512_set1_ps(scale), s = _mm512_set1_ps(-shift);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = simd::exp2({_mm512_fmadd_ps(_mm512_loadu_ps(x + j), c, s)}).x;
+    acc = _mm512_add_ps(acc, e);
+    const __m256bh h = _mm512_cvtneps_pbh(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), reinterpret_cast<const __m256i&>(h));
+  }
+  if (j < n) {
+    const __mmask16 live = __mmask16((1u << (n - j)) - 1u);
+    const __m512 e = _mm512_maskz_mov_ps(live, simd::exp2({_mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, x + j), c, s)}).x);
+    acc = _mm512_add_ps(acc, e);
+    const __m256bh h = _mm512_cvtneps_pbh(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), reinterpret_cast<const __m256i&>(h));
+    j += 16;
+  }
+  for (; j < width; j += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_setzero_si256());
+  return _mm512_reduce_add_ps(acc);
+}
+
 // VNNI-packs rows [0, rows) of a row-major bf16 matrix (ld elements, `cols` columns) as the
 // B operand with K = rows: out holds n_pad / 16 blocks of k_pad / 2 pair-rows (k_pad, n_pad
 // multiples of 32 covering rows, cols); padding is zero.
 inline void pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad, int64_t n_pad,
                            uint16_t* out) {
-  std::memset(out, 0, sizeof(uint16_t) * k_pad * n_pad);
+  // Zero only what the loops below leave unwritten: blocks holding padding columns, and in
+  // the others the pair-rows from the odd last row on (nothing when rows and cols fill the pack).
+  for (int64_t n0 = 0; n0 < n_pad; n0 += 16) {
+    const int64_t from = n0 + 16 <= cols ? rows / 2 : 0;
+    std::memset(out + n0 * k_pad + from * 32, 0, sizeof(uint16_t) * (k_pad / 2 - from) * 32);
+  }
   const int64_t full_cols = cols / 16 * 16;
   for (int64_t r = 0; r + 1 < rows; r += 2) {
     const uint16_t* a = src + r * ld;
@@ -148,7 +178,12 @@ inline void copy_padded(const uint16_t* src, int64_t ld, int64_t rows, int64_t c
 // with a flip, or an odd ld, everything takes the scalar loop.
 inline void pack_vnni_transposed(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad,
                                  int64_t n_pad, uint16_t* out, uint16_t flip = 0) {
-  std::memset(out, 0, sizeof(uint16_t) * k_pad * n_pad);
+  // Zero only what the loops below leave unwritten: the block of the last rows (fewer than 16)
+  // and the blocks past them, and in full blocks the pair-rows from the odd last column on.
+  for (int64_t n0 = 0; n0 < n_pad; n0 += 16) {
+    const int64_t from = n0 + 16 <= rows ? cols / 2 : 0;
+    std::memset(out + n0 * k_pad + from * 32, 0, sizeof(uint16_t) * (k_pad / 2 - from) * 32);
+  }
   const bool vector = !flip && ld % 2 == 0;
   const int64_t full_pairs = vector ? cols / 32 * 16 : 0, width = 2 * full_pairs;  // columns done in registers
   auto transpose_rows = [&](const uint16_t* rows16, int64_t ld16, int64_t n0) {

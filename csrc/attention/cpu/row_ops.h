@@ -53,6 +53,20 @@ inline void exp2_of_difference(const float* a, const float* b, float* out, int64
   }
 }
 
+// The saved logsumexp (base 2) of n rows: lse[r] = m[r] + log2(l[r]), or -inf for a row that
+// saw no key (l[r] = 0).
+inline void row_lse(const float* m, const float* l, int64_t n, float* lse) {
+  namespace sv = simd;
+  int64_t i = 0;
+  for (; i + sv::W <= n; i += sv::W) sv::store(lse + i, sv::add(sv::load(m + i), sv::log2(sv::load(l + i))));
+  if (i < n) {
+    const int t = int(n - i);
+    sv::store(lse + i, sv::add(sv::load(m + i, t), sv::log2(sv::load_or(l + i, t, 1.f))), t);
+  }
+  for (i = 0; i < n; ++i)
+    if (!(l[i] > 0.f)) lse[i] = -INFINITY;
+}
+
 // sum_i a[i] * b[i] in vector lanes (no particular rounding order).
 inline float row_dot(const float* a, const float* b, int64_t n) {
   namespace sv = simd;
