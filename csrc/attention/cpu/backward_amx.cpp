@@ -68,6 +68,18 @@ float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
   return sum;
 }
 
+// x[i] = 2^(x[i] * scale + bias[i]) for hidden <= i < n and 0 for i < hidden, n a multiple of
+// 16: whole vectors, the hidden lanes masked off after the exp (a diagonal tile's rows start
+// at every offset; a memset and an unaligned start per row made the causal backward 8% slower).
+void exp2_fma_from(float* x, float scale, const float* bias, int64_t hidden, int64_t n) {
+  const __m512 c = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 e = simd::exp2({_mm512_fmadd_ps(_mm512_loadu_ps(x + i), c, _mm512_loadu_ps(bias + i))}).x;
+    if (i < hidden) e = _mm512_maskz_mov_ps(hidden - i >= 16 ? 0 : __mmask16(0xffffu << (hidden - i)), e);
+    _mm512_storeu_ps(x + i, e);
+  }
+}
+
 void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t qpad, const QPack& out) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
@@ -184,11 +196,10 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             const int64_t valid = std::max<int64_t>(0, qb - c0);  // real queries in the band's columns
             if (sc.prescale) row_scale(row, valid, sc.c);
             if (p.mask_kind != MaskKind::none) apply_user_mask_to_key(p, b, h, q0 + c0, k0 + j, valid, row);
-            // Queries before the key's diagonal see P = 0: zeroed, not exponentiated. Padded
-            // queries have neg_lse = -inf, so P = 0 there too.
+            // Queries before the key's diagonal see P = 0. Padded queries have neg_lse = -inf,
+            // so P = 0 there too.
             const int64_t hidden = diagonal ? std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, valid) : 0;
-            if (hidden > 0) std::memset(row, 0, sizeof(float) * hidden);
-            row_exp2_fma(row + hidden, sc.row_c, qp.neg_lse + q0 + c0 + hidden, n - hidden);
+            exp2_fma_from(row, sc.row_c, qp.neg_lse + q0 + c0, hidden, n);
           }
 
           const float* keep_scale = nullptr;
