@@ -40,16 +40,27 @@ QPack carve_q(uint16_t* base, int64_t qpad, const Dims& d) {
   return q;
 }
 
-// Per kv head (kpad rows): A operands of S^T, dP^T (rows) and dQ^T (K^T, Dp x kpad).
+// Per kv head (kpad rows): A operands of S^T, dP^T (K and V rows, ldk and ldv elements apart)
+// and dQ^T (K^T, Dp x kpad). The rows are the inputs themselves when they fill whole 32-row
+// blocks and head dims (nothing to pad), else zero-padded copies in the pack.
 struct KPack {
-  uint16_t *k, *v, *kt;
+  const uint16_t *k, *v;
+  int64_t ldk, ldv;
+  uint16_t *k_copy, *v_copy, *kt;
 };
 int64_t k_elems(int64_t kpad, const Dims& d) { return kpad * (2 * d.Dp + d.Dvp); }
-KPack carve_k(uint16_t* base, int64_t kpad, const Dims& d) {
+KPack carve_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, uint16_t* base, int64_t kpad) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
   KPack k;
-  k.k = base;
-  k.v = k.k + kpad * d.Dp;
-  k.kt = k.v + kpad * d.Dvp;
+  k.k_copy = base;
+  k.v_copy = k.k_copy + kpad * d.Dp;
+  k.kt = k.v_copy + kpad * d.Dvp;
+  const bool in_place = s.len_k == kpad && d.D == d.Dp && d.Dv == d.Dvp && a.k.seq_stride % 2 == 0;
+  k.k = in_place ? static_cast<const uint16_t*>(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0))) : k.k_copy;
+  k.v = in_place ? static_cast<const uint16_t*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0))) : k.v_copy;
+  k.ldk = in_place ? a.k.seq_stride : d.Dp;
+  k.ldv = in_place ? a.v.seq_stride : d.Dvp;
   return k;
 }
 
@@ -107,11 +118,13 @@ void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
 void pack_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t kpad, const KPack& out) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
-  const uint16_t* k = static_cast<const uint16_t*>(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)));
-  const uint16_t* v = static_cast<const uint16_t*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)));
-  copy_padded(k, a.k.seq_stride, s.len_k, d.D, kpad, d.Dp, out.k);
-  copy_padded(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v);
-  transpose_bf16(out.k, d.Dp, kpad, d.Dp, out.kt, kpad);  // the padded copy: zeros stay zeros
+  if (out.k == out.k_copy) {
+    const uint16_t* k = static_cast<const uint16_t*>(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)));
+    const uint16_t* v = static_cast<const uint16_t*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)));
+    copy_padded(k, a.k.seq_stride, s.len_k, d.D, kpad, d.Dp, out.k_copy);
+    copy_padded(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v_copy);
+  }
+  transpose_bf16(out.k, out.ldk, kpad, d.Dp, out.kt, kpad);  // a padded copy's zeros stay zeros
 }
 
 struct TileBuffers {
@@ -186,7 +199,7 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             }
             continue;
           }
-          amx_gemm(m, n, d.Dp, kp.k + (k0 + r0) * d.Dp, d.Dp, vnni_at(qp.qt, d.Dp, 0, q0 + c0), d.Dp * 16, P, T, false);
+          amx_gemm(m, n, d.Dp, kp.k + (k0 + r0) * kp.ldk, kp.ldk, vnni_at(qp.qt, d.Dp, 0, q0 + c0), d.Dp * 16, P, T, false);
           for (int64_t j = r0; j < r0 + m; ++j) {
             float* row = P + (j - r0) * T;
             if (j >= kb) {  // padding keys
@@ -220,7 +233,7 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
           // dV += P^T dO (keys x Dv), K = queries
           amx_gemm(m, d.Dvp, n, Pb, T, vnni_at(qp.dout, qpad, q0 + c0, 0), qpad * 16, dv, d.Dvp, !first_q);
           // dP^T = V dO^T (keys x queries), K = Dv
-          amx_gemm(m, n, d.Dvp, kp.v + (k0 + r0) * d.Dvp, d.Dvp, vnni_at(qp.dot, d.Dvp, 0, q0 + c0), d.Dvp * 16, dP, T,
+          amx_gemm(m, n, d.Dvp, kp.v + (k0 + r0) * kp.ldv, kp.ldv, vnni_at(qp.dot, d.Dvp, 0, q0 + c0), d.Dvp * 16, dP, T,
                    false);
           for (int64_t j = 0; j < m; ++j) {
             float* ds = dP + j * T;
@@ -294,8 +307,8 @@ void backward(const BackwardArgs& a) {
       float* mine = scratch + per_thread * omp_get_thread_num();
       TileBuffers buf(mine, d);
       uint16_t* gbase = reinterpret_cast<uint16_t*>(mine + tile_floats);
-      const KPack kp = carve_k(gbase + group * q_elems(max_q, d), max_k, d);
-      float* dqt = reinterpret_cast<float*>(kp.k + k_elems(max_k, d));
+      uint16_t* kbase = gbase + group * q_elems(max_q, d);
+      float* dqt = reinterpret_cast<float*>(kbase + k_elems(max_k, d));
 #pragma omp for schedule(dynamic, local_chunk(p, nthreads))
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
@@ -303,7 +316,7 @@ void backward(const BackwardArgs& a) {
         const int64_t qpad = round_up(s.len_q, kPad), kpad = round_up(s.len_k, kPad);
         auto q_of = [&](int64_t gh) { return carve_q(gbase + gh * q_elems(max_q, d), qpad, d); };
         for (int64_t gh = 0; gh < group; ++gh) pack_q(a, b, hk * group + gh, d, qpad, q_of(gh));
-        const KPack k = carve_k(kp.k, kpad, d);
+        const KPack k = carve_k(a, b, hk, d, kbase, kpad);
         pack_k(a, b, hk, d, kpad, k);
         std::memset(dqt, 0, sizeof(float) * group * d.Dp * qpad);
         backward_tiles(a, d, k, kpad, qpad, q_of, [&](int64_t gh) { return dqt + gh * d.Dp * qpad; }, b, hk, 0,
@@ -323,7 +336,7 @@ void backward(const BackwardArgs& a) {
     return carve_q(q_base + h * q_elems(q_total, d) + q_elems(q_off[b], d), q_off[b + 1] - q_off[b], d);
   };
   auto k_pack = [&](int64_t b, int64_t h) {
-    return carve_k(k_base + h * k_elems(k_total, d) + k_elems(k_off[b], d), k_off[b + 1] - k_off[b], d);
+    return carve_k(a, b, h, d, k_base + h * k_elems(k_total, d) + k_elems(k_off[b], d), k_off[b + 1] - k_off[b]);
   };
   auto dqt_of = [&](int64_t c, int64_t h, int64_t b) { return dqt + ((c * p.heads_q + h) * q_total + q_off[b]) * d.Dp; };
   const int64_t dqt_size = chunks * p.heads_q * q_total * d.Dp;
