@@ -60,9 +60,15 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
   float *Q = buf.q, *S = buf.s, *O = buf.o, *m = buf.m, *l = buf.l;
 
   const SoftmaxScale sc = softmax_scale(p);  // Q carries the sign of the scale
+  // fp32 queries with a positive scale are the A operand as they are; others are converted
+  // (and negated for a negative scale) into the tile buffer.
+  const bool in_place = p.dtype == DType::f32 && p.scale >= 0;
+  const float* A = in_place ? static_cast<const float*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0))) : Q;
+  const int64_t lda = in_place ? a.q.seq_stride : D;
   for (int64_t r = 0; r < qb; ++r) {
-    load_row(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0 + r)), p.dtype, D, p.scale < 0 ? -1.f : 1.f,
-             Q + r * D);
+    if (!in_place)
+      load_row(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0 + r)), p.dtype, D, p.scale < 0 ? -1.f : 1.f,
+               Q + r * D);
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
@@ -81,12 +87,12 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
     const bool diagonal = p.causal && visible(0, k0, kb) < kb;
     const PanelB kt_at{kt, D, k0, panel_width(s.len_k)};
     if (!diagonal) {
-      gemm(qb, kb, D, Q, D, kt_at, S, kBlockK, false, kHeadDimChainK);
+      gemm(qb, kb, D, A, lda, kt_at, S, kBlockK, false, kHeadDimChainK);
     } else {
       for (int64_t r0 = 0; r0 < qb; r0 += simd::MR) {
         const int64_t mb = std::min<int64_t>(simd::MR, qb - r0);
         const int64_t n = visible(r0 + mb - 1, k0, kb);
-        if (n > 0) gemm(mb, n, D, Q + r0 * D, D, kt_at, S + r0 * kBlockK, kBlockK, false, kHeadDimChainK);
+        if (n > 0) gemm(mb, n, D, A + r0 * lda, lda, kt_at, S + r0 * kBlockK, kBlockK, false, kHeadDimChainK);
       }
     }
 
