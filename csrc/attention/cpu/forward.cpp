@@ -28,12 +28,21 @@ struct KVLayout {
   int64_t v_at(int64_t b, int64_t h) const { return (h * total + offset[b]) * dim_v; }
 };
 
+// V rows of kv head h of sequence b as the P V GEMM's B operand: fp32 inputs in place, others
+// converted into v (row stride head_dim_v).
+RowMajorB v_rows(const ForwardArgs& a, int64_t b, int64_t h, const float* v) {
+  const Problem& p = a.p;
+  if (p.dtype != DType::f32) return {v, p.head_dim_v};
+  return {static_cast<const float*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, sequence(p, b).k_row0, 0))),
+          a.v.seq_stride};
+}
+
 void pack_head(const ForwardArgs& a, int64_t b, int64_t h, float* row, float* kt, float* v) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
   pack_transposed_panels(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)), p.dtype, a.k.seq_stride, s.len_k,
                          p.head_dim, 1.f, row, kt);
-  pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, p.head_dim_v,
+  if (p.dtype != DType::f32) pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, p.head_dim_v,
             1.f, v);
 }
 
@@ -51,7 +60,7 @@ struct TileBuffers {
         keep(reinterpret_cast<uint8_t*>(row + NR * dim)) {}
 };
 
-void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_t b, int64_t h, int64_t qt,
+void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, int64_t b, int64_t h, int64_t qt,
                   TileBuffers& buf) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
@@ -119,7 +128,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const float* vr, int64_
       }
     }
 
-    const RowMajorB v_at{vr + k0 * Dv, Dv};
+    const RowMajorB v_at{vr.b + k0 * vr.ld, vr.ld};
     if (!diagonal) {
       gemm(qb, Dv, kb, S, kBlockK, v_at, O, Dv, true);
     } else {
@@ -187,7 +196,7 @@ void forward(const ForwardArgs& a) {
         pack_head(a, b, hk, buf.row, kt, v);
         const int64_t nq = ceil_div(sequence(p, b).len_q, kBlockQ);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-          for (int64_t qt = 0; qt < nq; ++qt) forward_tile(a, kt, v, b, h, qt, buf);
+          for (int64_t qt = 0; qt < nq; ++qt) forward_tile(a, kt, v_rows(a, b, hk, v), b, h, qt, buf);
       }
     } else {
 #pragma omp for schedule(dynamic, 1) collapse(2)
@@ -202,7 +211,7 @@ void forward(const ForwardArgs& a) {
         const int64_t rem = it - first[b], h = rem / nq, hk = h / group;
         // Causal tiles near the end of a sequence cost the most: hand them out first.
         const int64_t qt = p.causal ? nq - 1 - rem % nq : rem % nq;
-        forward_tile(a, shared_kt + kv.kt_at(b, hk), shared_v + kv.v_at(b, hk), b, h, qt, buf);
+        forward_tile(a, shared_kt + kv.kt_at(b, hk), v_rows(a, b, hk, shared_v + kv.v_at(b, hk)), b, h, qt, buf);
       }
     }
   }
