@@ -95,15 +95,9 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
     // On a diagonal tile each block of MR rows computes only the columns its last row sees.
     const bool diagonal = p.causal && visible(0, k0, kb) < kb;
     const PanelB kt_at{kt, D, k0, panel_width(s.len_k)};
-    if (!diagonal) {
-      gemm(qb, kb, D, A, lda, kt_at, S, kBlockK, false, kHeadDimChainK);
-    } else {
-      for (int64_t r0 = 0; r0 < qb; r0 += simd::MR) {
-        const int64_t mb = std::min<int64_t>(simd::MR, qb - r0);
-        const int64_t n = visible(r0 + mb - 1, k0, kb);
-        if (n > 0) gemm(mb, n, D, A + r0 * lda, lda, kt_at, S + r0 * kBlockK, kBlockK, false, kHeadDimChainK);
-      }
-    }
+    // Columns (S) and keys (P V) the row block at r0 needs: on a diagonal tile, what its last row sees.
+    auto block_cols = [&](int64_t r0, int64_t mb) { return diagonal ? visible(r0 + mb - 1, k0, kb) : kb; };
+    gemm(qb, kb, D, A, lda, kt_at, S, kBlockK, false, kHeadDimChainK, block_cols);
 
     float *m_new = buf.m_new, *alpha = buf.alpha;
     online_softmax_maxima(p, b, h, q0, k0, qb, S, kBlockK, [&](int64_t r) { return diagonal ? visible(r, k0, kb) : kb; },
@@ -112,12 +106,14 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
     for (int64_t r = 0; r < qb; ++r) {
       float* row = S + r * kBlockK;
       const int64_t n = diagonal ? visible(r, k0, kb) : kb;
+      const int64_t r0 = r / simd::MR * simd::MR;
+      const int64_t width = block_cols(r0, std::min<int64_t>(simd::MR, qb - r0));  // what P V reads of this row
       if (m_new[r] == -INFINITY) {  // nothing visible so far: this tile adds nothing
-        std::memset(row, 0, sizeof(float) * kb);
+        std::memset(row, 0, sizeof(float) * width);
         continue;
       }
       const float sum = row_exp2_sum(row, n, sc.row_c, m_new[r]);
-      if (n < kb) std::memset(row + n, 0, sizeof(float) * (kb - n));
+      if (n < width) std::memset(row + n, 0, sizeof(float) * (width - n));
       if (l[r] > 0.f && alpha[r] != 1.f) row_scale(O + r * Dv, Dv, alpha[r]);
       l[r] = l[r] * alpha[r] + sum;
       m[r] = m_new[r];
@@ -129,15 +125,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
     }
 
     const RowMajorB v_at{vr.b + k0 * vr.ld, vr.ld};
-    if (!diagonal) {
-      gemm(qb, Dv, kb, S, kBlockK, v_at, O, Dv, true);
-    } else {
-      for (int64_t r0 = 0; r0 < qb; r0 += simd::MR) {
-        const int64_t mb = std::min<int64_t>(simd::MR, qb - r0);
-        const int64_t n = visible(r0 + mb - 1, k0, kb);
-        if (n > 0) gemm(mb, Dv, n, S + r0 * kBlockK, kBlockK, v_at, O + r0 * Dv, Dv, true);
-      }
-    }
+    gemm(qb, Dv, kb, S, kBlockK, v_at, O, Dv, true, kChainK, Whole{}, block_cols);
   }
 
   for (int64_t r = 0; r < qb; ++r) {

@@ -124,13 +124,21 @@ inline void rowwise_dot_like_gemm(const float* a, int64_t lda, const float* b, i
   }
 }
 
-template <class BAt>
+// Every row block takes all N columns and all of K.
+struct Whole {
+  int64_t operator()(int64_t, int64_t) const { return INT64_MAX; }
+};
+
+// cols(m0, mb) and depth(m0, mb) may limit the columns and the K extent the row block of mb rows
+// at m0 needs (a causal diagonal tile: each block stops at what its last row sees). A limited
+// block computes what one gemm() call of its own limits would, in the same order, while the
+// chunk of B stays in L1 for all row blocks. A block whose depth ends before a K chunk skips it
+// (it must then accumulate).
+template <class BAt, class Cols = Whole, class Depth = Whole>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const BAt& b_at, float* C, int64_t ldc,
-                 bool accumulate, int64_t chain = kChainK) {
+                 bool accumulate, int64_t chain = kChainK, const Cols& cols = {}, const Depth& depth = {}) {
   for (int64_t n0 = 0, nb = 0; n0 < N; n0 += nb) {
     nb = std::min<int64_t>({NR, N - n0, b_at.contiguous_cols(n0)});
-    const int nvec = int((nb + sv::W - 1) / sv::W);
-    const int tail = int(nb - (nvec - 1) * sv::W);
     const BlockB B = b_at(n0);
     // K chunk outside the row blocks: the chunk of B (chain x NR) stays in L1 for all rows.
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += chain) {
@@ -138,8 +146,13 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
       const BlockB Bk{B.ptr + k0 * B.ld, B.ld};
       for (int64_t m0 = 0; m0 < M; m0 += sv::MR) {
         const int mb = int(std::min<int64_t>(sv::MR, M - m0));
-        micro_kernel_dispatch(mb, nvec, kb, A + m0 * lda + k0, lda, Bk, C + m0 * ldc + n0, ldc, tail,
-                              accumulate || k0 > 0);
+        const int64_t nc = std::min(nb, cols(m0, mb) - n0);
+        const int64_t kc = std::min(kb, depth(m0, mb) - k0);
+        if (nc <= 0 || (kc <= 0 && (k0 > 0 || accumulate))) continue;
+        const int nvec = int((nc + sv::W - 1) / sv::W);
+        const int tail = int(nc - (nvec - 1) * sv::W);
+        micro_kernel_dispatch(mb, nvec, std::max<int64_t>(kc, 0), A + m0 * lda + k0, lda, Bk, C + m0 * ldc + n0, ldc,
+                              tail, accumulate || k0 > 0);
       }
     }
   }
