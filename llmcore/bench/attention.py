@@ -1,8 +1,10 @@
 """Attention benchmark: llmcore vs torch SDPA vs the eager reference, side by side.
 
 Every case builds its inputs once; the implementations are then timed round-robin (one
-call of each per round) so that machine noise hits them alike. Reported: median and
-inter-quartile range of the wall time, GFLOP/s, and the speedup over torch SDPA.
+call of each per round) so that machine noise hits them alike. The full and causal cases of a
+dense shape share one round robin, so that the causal/full time ratio is measured side by side
+too. Reported: median and inter-quartile range of the wall time, GFLOP/s, and the speedup over
+torch SDPA.
 
 FLOP convention (as FlashAttention's benchmarks): forward = 4 * B * H * Lq * Lk * D
 (two GEMMs) times the fraction of visible (query, key) pairs; forward + backward = 3.5x
@@ -151,7 +153,8 @@ class Result:
     speedup_vs_torch: Optional[float] = None
 
 
-def time_round_robin(fns: dict[str, Callable[[], None]], min_rounds: int = 5, budget_s: float = 3.0) -> dict[str, list[float]]:
+def time_round_robin(fns: dict[object, Callable[[], None]], min_rounds: int = 5,
+                     budget_s: float = 3.0) -> dict[object, list[float]]:
     """Time each function once per round, round after round, until min_rounds and budget_s are met."""
     for fn in fns.values():  # warm-up (allocator, OpenMP pool, lazy init)
         fn()
@@ -174,18 +177,27 @@ def iqr(xs: list[float]) -> float:
     return q[2] - q[0]
 
 
-def run_case(case: Case, modes=("fwd", "fwd+bwd"), budget_s: float = 3.0, min_rounds: int = 5) -> list[Result]:
-    fns = case.make()
+def run_cases(cases: list[Case], modes=("fwd", "fwd+bwd"), budget_s: float = 3.0, min_rounds: int = 5) -> list[Result]:
+    """Time every implementation of every case in one round robin per mode (budget_s per case), so
+    that ratios between the cases (causal / full) are measured side by side, as the speedups are."""
+    made = [(case, case.make()) for case in cases]
     results = []
     for mode in modes:
         backward = mode == "fwd+bwd"
-        times = time_round_robin({k: (lambda f=f: f(backward)) for k, f in fns.items()}, min_rounds, budget_s)
-        flops = case.flops_fwd * (3.5 if backward else 1.0)
+        fns = {(case.name, impl): (lambda f=f: f(backward)) for case, fs in made for impl, f in fs.items()}
+        times = time_round_robin(fns, min_rounds, budget_s * len(cases))
         med = {k: statistics.median(v) for k, v in times.items()}
-        for impl, ts in times.items():
-            sp = med["torch"] / med[impl] if "torch" in med else None
-            results.append(Result(case.name, impl, mode, med[impl], iqr(ts), flops / med[impl] / 1e9, sp))
+        for case, fs in made:
+            flops = case.flops_fwd * (3.5 if backward else 1.0)
+            for impl in fs:
+                m, torch_key = med[(case.name, impl)], (case.name, "torch")
+                sp = med[torch_key] / m if torch_key in med else None
+                results.append(Result(case.name, impl, mode, m, iqr(times[(case.name, impl)]), flops / m / 1e9, sp))
     return results
+
+
+def run_case(case: Case, modes=("fwd", "fwd+bwd"), budget_s: float = 3.0, min_rounds: int = 5) -> list[Result]:
+    return run_cases([case], modes, budget_s, min_rounds)
 
 
 def matmul_gflops(n: int = 2048, dtype=torch.float32, budget_s: float = 2.0) -> float:
@@ -212,16 +224,16 @@ def main(quick: bool = False, json_path: Optional[str] = None, budget_s: float =
     chart (``plot_path``: GFLOP/s of llmcore vs torch SDPA per case, the speed-up above each)."""
     impls = ("llmcore", "torch", "reference") if with_reference else ("llmcore", "torch")
     suite = SUITE[:2] if quick else SUITE
-    cases = [dense_case(s, dt, c, impls) for s in suite for dt in DTYPES.values() for c in (False, True)]
+    groups = [[dense_case(s, dt, c, impls) for c in (False, True)] for s in suite for dt in DTYPES.values()]
     if varlen:
         try:
             lengths = wordpiece_lengths("sst2")
             g = torch.Generator().manual_seed(0)
             pick = torch.randperm(len(lengths), generator=g)[:128].tolist()
-            cases.append(varlen_case([lengths[i] for i in pick], label="sst2"))
+            groups.append([varlen_case([lengths[i] for i in pick], label="sst2")])
             lengths = wordpiece_lengths("imdb")
             pick = torch.randperm(len(lengths), generator=g)[:16].tolist()
-            cases.append(varlen_case([min(lengths[i], 512) for i in pick], label="imdb(<=512)"))
+            groups.append([varlen_case([min(lengths[i], 512) for i in pick], label="imdb(<=512)")])
         except (ImportError, RuntimeError, FileNotFoundError) as e:
             print(f"varlen cases skipped: {e}")
     env = {
@@ -231,8 +243,8 @@ def main(quick: bool = False, json_path: Optional[str] = None, budget_s: float =
         "matmul_bf16_gflops": matmul_gflops(2048, torch.bfloat16),
     }
     results: list[Result] = []
-    for case in cases:
-        rs = run_case(case, budget_s=budget_s)
+    for group in groups:
+        rs = run_cases(group, budget_s=budget_s)
         results.extend(rs)
         print(format_table(rs).split("\n", 1)[1], flush=True)
     summary = summarize(results, env)
