@@ -29,10 +29,11 @@ struct KVLayout {
 };
 
 // V rows of kv head h of sequence b as the P V GEMM's B operand: fp32 inputs in place, others
-// converted into v (row stride head_dim_v).
+// converted into v (row stride head_dim_v) by pack_head.
+inline bool v_packed(const Problem& p) { return p.dtype != DType::f32; }
 RowMajorB v_rows(const ForwardArgs& a, int64_t b, int64_t h, const float* v) {
   const Problem& p = a.p;
-  if (p.dtype != DType::f32) return {v, p.head_dim_v};
+  if (v_packed(p)) return {v, p.head_dim_v};
   return {static_cast<const float*>(at(a.v, p.dtype, row_offset(p, a.v, b, h, sequence(p, b).k_row0, 0))),
           a.v.seq_stride};
 }
@@ -42,8 +43,9 @@ void pack_head(const ForwardArgs& a, int64_t b, int64_t h, float* row, float* kt
   const Seq s = sequence(p, b);
   pack_transposed_panels(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)), p.dtype, a.k.seq_stride, s.len_k,
                          p.head_dim, 1.f, row, kt);
-  if (p.dtype != DType::f32) pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, p.head_dim_v,
-            1.f, v);
+  if (v_packed(p))
+    pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k,
+              p.head_dim_v, 1.f, v);
 }
 
 // Per-thread tile buffers, carved from the workspace before the parallel region (an
@@ -145,14 +147,15 @@ void forward(const ForwardArgs& a) {
   Workspace ws;
   int64_t max_k = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_k = std::max(max_k, panel_padded(sequence(p, b).len_k, NR));
-  const int64_t head_floats = max_k * (D + Dv);
+  const int64_t Dv_packed = v_packed(p) ? Dv : 0;
+  const int64_t head_floats = max_k * (D + Dv_packed);
   const int64_t pairs = p.batch * p.heads_kv;
   // Short heads, and enough of them to keep every thread busy: pack per work item.
   const bool local = pairs >= 2 * nthreads && head_floats * 4 <= (512 << 10);
 
   int64_t total = 0;
   for (int64_t b = 0; b < p.batch; ++b) total += panel_padded(sequence(p, b).len_k, NR);
-  const int64_t shared_floats = local ? 0 : p.heads_kv * total * (D + Dv);
+  const int64_t shared_floats = local ? 0 : p.heads_kv * total * (D + Dv_packed);
   const int64_t per_thread = TileBuffers::floats(D, Dv) + (local ? head_floats : 0);
   ws.reserve(2 * ws_bytes(sizeof(int64_t) * (p.batch + 1)) + ws_bytes(sizeof(float) * shared_floats) +
              ws_bytes(sizeof(float) * per_thread * nthreads));
@@ -167,7 +170,7 @@ void forward(const ForwardArgs& a) {
     offset[b + 1] = offset[b] + panel_padded(s.len_k, NR);
     first[b + 1] = first[b] + p.heads_q * ceil_div(s.len_q, kBlockQ);
   }
-  const KVLayout kv{offset, total, D, Dv};
+  const KVLayout kv{offset, total, D, Dv_packed};
   float* shared_kt = shared;
   float* shared_v = shared + p.heads_kv * total * D;
 
