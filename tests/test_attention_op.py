@@ -100,9 +100,6 @@ def test_dropout_one_zeroes_everything():
     assert (llmcore.scaled_dot_product_attention(q, q, q, dropout_p=1.0) == 0).all()
 
 
-# --- custom op: opcheck and torch.compile -----------------------------------------------
-
-
 @pytest.mark.parametrize("L,D", [(1, 32), (97, 64), (130, 80)])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -128,6 +125,9 @@ def test_saved_logsumexp_matches_float64(cpu_isa, L, D, is_causal, dtype):
     if mask is not None:
         assert torch.isneginf(lse[:, :, L // 2]).all()
     torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=2e-5)
+
+
+# --- custom op: opcheck and torch.compile -----------------------------------------------
 
 
 def _op_args(dropout: bool, mask: bool):
