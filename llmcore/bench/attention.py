@@ -196,10 +196,6 @@ def run_cases(cases: list[Case], modes=("fwd", "fwd+bwd"), budget_s: float = 3.0
     return results
 
 
-def run_case(case: Case, modes=("fwd", "fwd+bwd"), budget_s: float = 3.0, min_rounds: int = 5) -> list[Result]:
-    return run_cases([case], modes, budget_s, min_rounds)
-
-
 def matmul_gflops(n: int = 2048, dtype=torch.float32, budget_s: float = 2.0) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     ts = time_round_robin({"mm": lambda: a @ b}, 5, budget_s)["mm"]
