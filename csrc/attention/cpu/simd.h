@@ -61,23 +61,14 @@ inline V exp2(V v) {
   return {_mm512_maskz_mov_ps(__mmask16(~under), _mm512_scalef_ps(p, r))};
 }
 
-// log2(x) for positive normal x (what a logsumexp takes: row sums >= 1): x = 2^e * m with
-// m in [sqrt(1/2), sqrt(2)), and log2(m) = 2 / ln(2) * atanh(t), t = (m - 1) / (m + 1),
-// |t| < 0.172, through t^9 (relative error of the series < 3e-9).
-inline V log2(V v) {
+inline V div(V a, V b) { return {_mm512_div_ps(a.x, b.x)}; }
+
+// x = 2^e * m for positive normal x, m in [sqrt(1/2), sqrt(2)): returns m, sets e (see log2 below).
+inline V log2_reduce(V v, V& e) {
   __m512 m = _mm512_getmant_ps(v.x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
-  __m512 e = _mm512_getexp_ps(v.x);
   const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GE_OQ);
-  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
-  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.f));
-  const __m512 t = _mm512_div_ps(_mm512_sub_ps(m, _mm512_set1_ps(1.f)), _mm512_add_ps(m, _mm512_set1_ps(1.f)));
-  const __m512 t2 = _mm512_mul_ps(t, t);
-  __m512 p = _mm512_set1_ps(1.f / 9);
-  p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(1.f / 7));
-  p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(1.f / 5));
-  p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(1.f / 3));
-  p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(1.f));
-  return {_mm512_fmadd_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(2.8853900817779268f), e)};  // 2 / ln(2)
+  e = {_mm512_mask_add_ps(_mm512_getexp_ps(v.x), big, _mm512_getexp_ps(v.x), _mm512_set1_ps(1.f))};
+  return {_mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f))};
 }
 
 // dst[c][r] = src[r][c] for a W x W block (row strides in floats).
@@ -168,23 +159,17 @@ inline V exp2(V v) {
   return {_mm256_blendv_ps(res, x0, nan)};
 }
 
-// log2(x) for positive normal x, as the AVX-512 version (exponent and mantissa from the bits).
-inline V log2(V v) {
+inline V div(V a, V b) { return {_mm256_div_ps(a.x, b.x)}; }
+
+// x = 2^e * m for positive normal x, m in [sqrt(1/2), sqrt(2)), from the float's bits.
+inline V log2_reduce(V v, V& e) {
   const __m256i bits = _mm256_castps_si256(v.x);
   const __m256i e_int = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
-  __m256 m = _mm256_castsi256_ps(
+  const __m256 m = _mm256_castsi256_ps(
       _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffff)), _mm256_set1_epi32(0x3f800000)));
   const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GE_OQ);
-  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
-  const __m256 e = _mm256_add_ps(_mm256_cvtepi32_ps(e_int), _mm256_and_ps(big, _mm256_set1_ps(1.f)));
-  const __m256 t = _mm256_div_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.f)), _mm256_add_ps(m, _mm256_set1_ps(1.f)));
-  const __m256 t2 = _mm256_mul_ps(t, t);
-  __m256 p = _mm256_set1_ps(1.f / 9);
-  p = _mm256_fmadd_ps(p, t2, _mm256_set1_ps(1.f / 7));
-  p = _mm256_fmadd_ps(p, t2, _mm256_set1_ps(1.f / 5));
-  p = _mm256_fmadd_ps(p, t2, _mm256_set1_ps(1.f / 3));
-  p = _mm256_fmadd_ps(p, t2, _mm256_set1_ps(1.f));
-  return {_mm256_fmadd_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(2.8853900817779268f), e)};
+  e = {_mm256_add_ps(_mm256_cvtepi32_ps(e_int), _mm256_and_ps(big, _mm256_set1_ps(1.f)))};
+  return {_mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big)};
 }
 
 // dst[c][r] = src[r][c] for a W x W block (row strides in floats).
@@ -236,6 +221,23 @@ inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t l
     for (int c = 0; c < W; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
+#endif
+
+#if defined(LLMCORE_ISA_AVX512) || defined(LLMCORE_ISA_AVX2)
+// log2(x) for positive normal x (what a logsumexp takes: row sums >= 1): x = 2^e * m with
+// m in [sqrt(1/2), sqrt(2)), and log2(m) = 2 / ln(2) * atanh(t), t = (m - 1) / (m + 1),
+// |t| < 0.172, through t^9 (relative error of the series < 3e-9).
+inline V log2(V v) {
+  V e;
+  const V m = log2_reduce(v, e), one = set1(1.f);
+  const V t = div(sub(m, one), add(m, one)), t2 = mul(t, t);
+  V p = set1(1.f / 9);
+  p = fmadd(p, t2, set1(1.f / 7));
+  p = fmadd(p, t2, set1(1.f / 5));
+  p = fmadd(p, t2, set1(1.f / 3));
+  p = fmadd(p, t2, one);
+  return fmadd(mul(p, t), set1(2.8853900817779268f), e);  // 2 / ln(2)
+}
 #endif
 
 }  // namespace llmcore::attention::LLMCORE_ISA_NS::simd
