@@ -133,19 +133,6 @@ inline const void* at(const TensorRef& t, DType dt, int64_t off) {
 }
 inline void* at_mut(const TensorRef& t, DType dt, int64_t off) { return static_cast<char*>(t.data) + off * elem_size(dt); }
 
-// Fetches rows [q0, q0 + rows) of head h's output for writing. A forward tile writes its output
-// once, at the end; asking for the lines at the tile's start overlaps those misses with the
-// tile's work (AMX bf16 causal (4,12,512,64) forward: -7%; the non-causal tiles hide them either
-// way, and the fp32 forward's tiles too: measured no change there, so it does not call this).
-inline void prefetch_output_rows(const ForwardArgs& a, int64_t b, int64_t h, const Seq& s, int64_t q0, int64_t rows) {
-  const Problem& p = a.p;
-  const int64_t bytes = p.head_dim_v * elem_size(p.dtype);
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* o = static_cast<const char*>(at_mut(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, q0 + r)));
-    for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(o + x, 1, 3);
-  }
-}
-
 // Adds the user mask to n scores s[t] whose mask entries sit `step` elements apart from
 // mask element `base`, the scores already scaled to base 2. Boolean false -> -inf; additive
 // adds log2(e) * m.
