@@ -220,4 +220,57 @@ void bind_norm(py::module_& m) {
         "out = in * (keep ? scale : 0) over numel contiguous elements; keep (probability 1 - p) comes from "
         "Philox4x32-10 keyed by (seed, offset) and the element index, so the same call on the gradient is the "
         "backward.");
+
+  m.def("adamw_rows",
+        [](uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t rows, int64_t n_rows,
+           int64_t cols, float decay, float lerp, float beta2, float one_minus_beta2, float neg_step_size,
+           float bc2_sqrt, float eps, float grad_scale, int num_threads) {
+          require(n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(n_rows));
+          require(cols > 0, "cols must be > 0, got " + std::to_string(cols));
+          if (n_rows == 0) return;
+          check_ptr(param, "param"); check_ptr(exp_avg, "exp_avg"); check_ptr(exp_avg_sq, "exp_avg_sq");
+          check_ptr(rows, "rows");
+          nm::AdamWRowsArgs a;
+          a.param = ptr<float>(param);
+          a.grad = ptr<const float>(grad);
+          a.exp_avg = ptr<float>(exp_avg);
+          a.exp_avg_sq = ptr<float>(exp_avg_sq);
+          a.rows = ptr<const int64_t>(rows);
+          a.n_rows = n_rows; a.cols = cols;
+          a.decay = decay; a.lerp = lerp; a.beta2 = beta2; a.one_minus_beta2 = one_minus_beta2;
+          a.neg_step_size = neg_step_size; a.bc2_sqrt = bc2_sqrt; a.eps = eps; a.grad_scale = grad_scale;
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::adamw_rows(a);
+        },
+        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("rows"),
+        py::arg("n_rows"), py::arg("cols"), py::arg("decay"), py::arg("lerp"), py::arg("beta2"),
+        py::arg("one_minus_beta2"), py::arg("neg_step_size"), py::arg("bc2_sqrt"), py::arg("eps"),
+        py::arg("grad_scale"), py::arg("num_threads"),
+        "AdamW (torch's fused CPU update) on the listed int64 rows of contiguous float32 (., cols) tables; "
+        "grad 0: zero gradients; grad_scale 0: none. The caller checks the row indices.");
+
+  m.def("decay_rows",
+        [](uintptr_t param, uintptr_t rows, uintptr_t first, int64_t n_rows, int64_t cols, uintptr_t factors,
+           int64_t end, int num_threads) {
+          require(n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(n_rows));
+          require(cols > 0, "cols must be > 0, got " + std::to_string(cols));
+          if (n_rows == 0) return;
+          check_ptr(param, "param"); check_ptr(rows, "rows"); check_ptr(first, "first");
+          check_ptr(factors, "factors");
+          nm::DecayRowsArgs a;
+          a.param = ptr<float>(param);
+          a.rows = ptr<const int64_t>(rows);
+          a.first = ptr<const int64_t>(first);
+          a.n_rows = n_rows; a.cols = cols;
+          a.factors = ptr<const float>(factors);
+          a.end = end;
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::decay_rows(a);
+        },
+        py::arg("param"), py::arg("rows"), py::arg("first"), py::arg("n_rows"), py::arg("cols"), py::arg("factors"),
+        py::arg("end"), py::arg("num_threads"),
+        "Multiply row rows[i] of a contiguous float32 (., cols) table by factors[s] for s in [first[i], end), in "
+        "order. The caller checks the indices.");
 }

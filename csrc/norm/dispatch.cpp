@@ -18,6 +18,8 @@ namespace llmcore::norm {
   void swiglu_forward(const SwigluArgs& a);          \
   void swiglu_backward(const SwigluArgs& a);         \
   void dropout_apply(const DropoutArgs& a);          \
+  void adamw_rows(const AdamWRowsArgs& a);           \
+  void decay_rows(const DecayRowsArgs& a);           \
   }
 #ifdef LLMCORE_HAVE_AVX512
 LLMCORE_DECLARE_ISA(avx512)
@@ -88,5 +90,7 @@ LLMCORE_DISPATCH(bias_gelu_backward, BiasGeluArgs)
 LLMCORE_DISPATCH(swiglu_forward, SwigluArgs)
 LLMCORE_DISPATCH(swiglu_backward, SwigluArgs)
 LLMCORE_DISPATCH(dropout_apply, DropoutArgs)
+LLMCORE_DISPATCH(adamw_rows, AdamWRowsArgs)
+LLMCORE_DISPATCH(decay_rows, DecayRowsArgs)
 
 }  // namespace llmcore::norm

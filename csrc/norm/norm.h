@@ -107,6 +107,39 @@ struct DropoutArgs {
   int num_threads = 1;
 };
 
+// AdamW (decoupled weight decay, no amsgrad) on chosen rows of float32 (rows x cols) tables,
+// param, grad, exp_avg and exp_avg_sq all contiguous: the update torch's fused CPU kernel
+// (torch.optim.AdamW(fused=True)) makes, element for element and in the same float32
+// operations, but only on the listed rows (llmcore/train/lazy_rows.py keeps the others exact).
+// The constants are torch's, computed in double by the caller and rounded to float:
+// decay = 1 - lr * weight_decay (1: none), lerp = 1 - beta1, beta2, one_minus_beta2,
+// neg_step_size = -lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step), eps. grad_scale
+// (0: none) divides the gradient first, as a GradScaler's scale does; grad null is all zeros.
+struct AdamWRowsArgs {
+  float* param = nullptr;
+  const float* grad = nullptr;
+  float* exp_avg = nullptr;
+  float* exp_avg_sq = nullptr;
+  const int64_t* rows = nullptr;
+  int64_t n_rows = 0, cols = 0;
+  float decay = 1.f, lerp = 0.1f, beta2 = 0.999f, one_minus_beta2 = 0.001f;
+  float neg_step_size = 0.f, bc2_sqrt = 1.f, eps = 1e-8f, grad_scale = 0.f;
+  int num_threads = 1;
+};
+
+// The weight decay AdamW applies to a row whose gradient and moments are all zero, replayed
+// late: row rows[i] of the float32 (., cols) table is multiplied by factors[s] for s from
+// first[i] to end - 1, in order, each product rounded as the step's own would have been.
+struct DecayRowsArgs {
+  float* param = nullptr;
+  const int64_t* rows = nullptr;
+  const int64_t* first = nullptr;
+  int64_t n_rows = 0, cols = 0;
+  const float* factors = nullptr;
+  int64_t end = 0;
+  int num_threads = 1;
+};
+
 // The AVX-512 kernels have a twin built with AVX512-BF16's conversion instructions, used when
 // the CPU has them; LLMCORE_DISABLE_AVX512_BF16=1 or set_bf16_instructions(false) turns it off.
 bool bf16_instructions_available();
@@ -121,5 +154,7 @@ void bias_gelu_backward(const BiasGeluArgs& a);
 void swiglu_forward(const SwigluArgs& a);
 void swiglu_backward(const SwigluArgs& a);
 void dropout_apply(const DropoutArgs& a);
+void adamw_rows(const AdamWRowsArgs& a);
+void decay_rows(const DecayRowsArgs& a);
 
 }  // namespace llmcore::norm

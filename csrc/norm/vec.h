@@ -109,6 +109,7 @@ inline V add(V a, V b) { return {_mm512_add_ps(a.x, b.x)}; }
 inline V sub(V a, V b) { return {_mm512_sub_ps(a.x, b.x)}; }
 inline V mul(V a, V b) { return {_mm512_mul_ps(a.x, b.x)}; }
 inline V div(V a, V b) { return {_mm512_div_ps(a.x, b.x)}; }
+inline V sqrt(V a) { return {_mm512_sqrt_ps(a.x)}; }
 // 1 / a from the 14-bit estimate and one Newton step (within 2 ulp; a divide costs 8x more);
 // kFast: the estimate alone (relative error 6e-5, for 16-bit results).
 template <bool kFast = false>
@@ -187,6 +188,7 @@ inline V add(V a, V b) { return {_mm256_add_ps(a.x, b.x)}; }
 inline V sub(V a, V b) { return {_mm256_sub_ps(a.x, b.x)}; }
 inline V mul(V a, V b) { return {_mm256_mul_ps(a.x, b.x)}; }
 inline V div(V a, V b) { return {_mm256_div_ps(a.x, b.x)}; }
+inline V sqrt(V a) { return {_mm256_sqrt_ps(a.x)}; }
 // 1 / a: a divide; kFast: the 12-bit estimate and one Newton step (22 bits).
 template <bool kFast = false>
 inline V recip(V a) {
@@ -249,6 +251,7 @@ inline V add(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] += b.x[i]; return a;
 inline V sub(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] -= b.x[i]; return a; }
 inline V mul(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] *= b.x[i]; return a; }
 inline V div(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] /= b.x[i]; return a; }
+inline V sqrt(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::sqrt(a.x[i]); return a; }
 template <bool kFast = false>
 inline V recip(V a) { for (int i = 0; i < W; ++i) a.x[i] = 1.f / a.x[i]; return a; }
 inline V fmadd(V a, V b, V c) { for (int i = 0; i < W; ++i) c.x[i] += a.x[i] * b.x[i]; return c; }

@@ -118,9 +118,19 @@ class Embedding(nn.Embedding):
     tensors a caller kept are never overwritten; otherwise a fresh one is allocated, as torch
     does. autograd takes the returned gradient as ``weight.grad`` without a copy, so hooks, DDP
     and gradient accumulation see an ordinary gradient. Rows equal to ``padding_idx`` get none.
-    CUDA tensors, ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` go to ``F.embedding``."""
+    CUDA tensors, ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` go to ``F.embedding``.
+
+    ``row_tracker`` (set by ``llmcore.train.lazy_rows.LazyRowAdamW`` while it trains the table):
+    told the ids before every lookup (``before_read``) and after every backward
+    (``after_backward``), so an optimizer can update only the rows a step touched. When it has
+    zeroed the rows it consumed (``mark_clean``), the next backward skips zeroing the buffer."""
+
+    row_tracker = None
+    _clean_storage = None  # the buffer's storage while it is known to be all zeros
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.row_tracker is not None:
+            self.row_tracker.before_read(input)
         w = self.weight
         if (w.device.type != "cpu" or not (torch.is_grad_enabled() and w.requires_grad) or self.max_norm is not None
                 or self.scale_grad_by_freq or self.sparse):
@@ -136,7 +146,18 @@ class Embedding(nn.Embedding):
                 or _use_count(store._cdata) != 1):
             store = torch.UntypedStorage(nbytes, device=w.device)
             self._grad_storage = store
-        return torch.empty(0, dtype=w.dtype, device=w.device).set_(store, 0, w.shape, w.stride()).zero_()
+        buf = torch.empty(0, dtype=w.dtype, device=w.device).set_(store, 0, w.shape, w.stride())
+        if self._clean_storage is not store:
+            buf.zero_()
+        self._clean_storage = None  # about to be written
+        return buf
+
+    def mark_clean(self, grad: Tensor) -> None:
+        """Say that ``grad`` is all zeros again (its holder zeroed the rows it was given): when it
+        is this module's buffer, the next backward writes into it without zeroing it first."""
+        store = getattr(self, "_grad_storage", None)
+        if store is not None and grad.untyped_storage().data_ptr() == store.data_ptr():
+            self._clean_storage = store
 
 
 class _RecycledEmbedding(torch.autograd.Function):
@@ -157,6 +178,8 @@ class _RecycledEmbedding(torch.autograd.Function):
             grad = grad.masked_fill((flat == module.padding_idx)[:, None], 0)
         grad_weight = module._grad_buffer()
         grad_weight.index_add_(0, flat, grad.to(grad_weight.dtype))
+        if module.row_tracker is not None:
+            module.row_tracker.after_backward(flat)
         return None, grad_weight, None
 
 

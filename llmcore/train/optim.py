@@ -67,25 +67,33 @@ def grad_norm(grads: list) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float) -> torch.Tensor:
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float, lazy=()) -> torch.Tensor:
     """``clip_grad_norm_(parameters, max_norm)`` then ``optimizer.step()``; returns the total norm
     (see ``grad_norm``).
 
     The clip coefficient ``min(1, max_norm / (norm + 1e-6))`` is transformers' (and torch's).
     A fused AdamW applies it inside its own pass over the gradients (as the ``grad_scale`` a
     GradScaler would set: it divides by ``1 / coef``), which saves one read and write of every
-    gradient per step; other optimizers get the usual in-place multiply first."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = grad_norm(grads)
+    gradient per step; other optimizers get the usual in-place multiply first. ``lazy``:
+    ``LazyRowAdamW`` trackers (llmcore/train/lazy_rows.py), whose tables enter the norm by the
+    rows their step touched (the rest are zero) and are stepped by the tracker."""
+    lazy = [t for t in lazy if t.weight.grad is not None]
+    skip = {id(t.weight) for t in lazy}
+    grads = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]
+    norm = grad_norm(grads + [t.grad_rows() for t in lazy])
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     fused = any(g.get("fused") for g in optimizer.param_groups)
     if fused and not hasattr(optimizer, "grad_scale"):
         optimizer.grad_scale = (1.0 / coef).to(torch.float32)
         try:
+            for t in lazy:
+                t.step(optimizer.grad_scale)
             optimizer.step()
         finally:
             del optimizer.grad_scale
     else:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+        for t in lazy:
+            t.step(1.0 / coef)
         optimizer.step()
     return norm
