@@ -17,6 +17,10 @@ from llmcore.train import lazy_rows
 from llmcore.train.lazy_rows import LazyRowAdamW
 from llmcore.train.optim import clip_and_step
 
+# The row kernel makes the float32 operations of torch's AVX2/AVX-512 fused AdamW kernel.
+torch_vector_kernel = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                                         reason="torch runs its scalar AdamW kernel on this CPU")
+
 
 @pytest.fixture
 def each_isa():
@@ -43,6 +47,7 @@ def _fused_dense(p, g, m, v, step, lr, wd, betas, eps, scale):
 @pytest.mark.parametrize("cols", [384, 48, 37])
 @pytest.mark.parametrize("betas,wd,scale", [((0.9, 0.999), 0.01, 1.7), ((0.3, 0.99), 0.0, None),
                                              ((0.9, 0.999), 0.1, None)])
+@torch_vector_kernel
 def test_adamw_rows_matches_torch_fused_kernel(each_isa, cols, betas, wd, scale):
     """Every row updated by _C.adamw_rows equals torch's fused update of the whole table. betas[0]
     = 0.3 takes torch's other lerp branch (weight >= 0.5). With cols = 37 the table's last
@@ -126,6 +131,7 @@ def _assert_same(model_a, opt_a, model_b, opt_b, what):
             assert torch.equal(sa[key], sb[key]), f"{what}: {name} {key}"
 
 
+@torch_vector_kernel
 @pytest.mark.parametrize("clip", [True, False])
 def test_lazy_adamw_is_bitwise_dense_fused_adamw(clip):
     """Two identical models: one trained by torch's fused AdamW on the dense embedding gradient,

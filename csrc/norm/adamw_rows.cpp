@@ -88,7 +88,7 @@ void adamw_rows(const AdamWRowsArgs& a) {
 }
 
 void decay_rows(const DecayRowsArgs& a) {
-  constexpr int kVecs = 4;  // independent products in flight per step
+  constexpr int kVecs = 8;  // independent products in flight per step (two multiplies a cycle)
   const int64_t cols = a.cols;
   for_each_row(a.n_rows, cols, a.num_threads, [&](int64_t i) {
     float* row = a.param + a.rows[i] * cols;
