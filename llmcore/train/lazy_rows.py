@@ -105,13 +105,13 @@ class LazyRowAdamW:
         """Bring the rows ``ids`` names up to date before the lookup reads them."""
         if self.t == 0 or ids.numel() == 0:
             return
-        rows = torch.unique(ids.reshape(-1))
+        rows = torch.unique(ids.reshape(-1)).long()  # int32 ids too: the kernels take int64 rows
         if int(rows[0]) < 0 or int(rows[-1]) >= self.weight.shape[0]:
             return  # out of range: the lookup itself raises
         self._sync(rows)
 
     def after_backward(self, ids: Tensor) -> None:
-        self.touched.append(ids.reshape(-1))
+        self.touched.append(ids.reshape(-1).long())
 
     # -- the step --------------------------------------------------------------------------------
     def _sync(self, rows: Tensor) -> None:
