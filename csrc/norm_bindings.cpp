@@ -2,10 +2,12 @@
 // pointers, sizes and row strides in elements; dtype codes are 0 = float32, 1 = bfloat16,
 // 2 = float16. Every call releases the GIL.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "norm/norm.h"
 
@@ -224,7 +226,7 @@ void bind_norm(py::module_& m) {
   m.def("adamw_rows",
         [](uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t rows, int64_t n_rows,
            int64_t cols, float decay, float lerp, float beta2, float one_minus_beta2, float neg_step_size,
-           float bc2_sqrt, float eps, float grad_scale, int num_threads) {
+           float bc2_sqrt, float eps, float grad_scale, int num_threads, int grad_dtype, uintptr_t shadow) {
           require(n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(n_rows));
           require(cols > 0, "cols must be > 0, got " + std::to_string(cols));
           if (n_rows == 0) return;
@@ -232,7 +234,10 @@ void bind_norm(py::module_& m) {
           check_ptr(rows, "rows");
           nm::AdamWRowsArgs a;
           a.param = ptr<float>(param);
-          a.grad = ptr<const float>(grad);
+          a.grad = ptr<const void>(grad);
+          a.grad_dtype = dtype_of(grad_dtype, "grad_dtype");
+          require(a.grad_dtype != nm::DType::f16, "grad_dtype: float32 or bfloat16 gradients only");
+          a.shadow = ptr<void>(shadow);
           a.exp_avg = ptr<float>(exp_avg);
           a.exp_avg_sq = ptr<float>(exp_avg_sq);
           a.rows = ptr<const int64_t>(rows);
@@ -246,9 +251,10 @@ void bind_norm(py::module_& m) {
         py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("rows"),
         py::arg("n_rows"), py::arg("cols"), py::arg("decay"), py::arg("lerp"), py::arg("beta2"),
         py::arg("one_minus_beta2"), py::arg("neg_step_size"), py::arg("bc2_sqrt"), py::arg("eps"),
-        py::arg("grad_scale"), py::arg("num_threads"),
+        py::arg("grad_scale"), py::arg("num_threads"), py::arg("grad_dtype") = 0, py::arg("shadow") = 0,
         "AdamW (torch's fused CPU update) on the listed int64 rows of contiguous float32 (., cols) tables; "
-        "grad 0: zero gradients; grad_scale 0: none. The caller checks the row indices.");
+        "grad 0: zero gradients, grad_dtype 0 float32 or 1 bfloat16; grad_scale 0: none; shadow (0: none): a "
+        "bfloat16 table that receives the updated rows rounded to bfloat16. The caller checks the row indices.");
 
   m.def("decay_rows",
         [](uintptr_t param, uintptr_t rows, uintptr_t first, int64_t n_rows, int64_t cols, uintptr_t factors,
@@ -273,4 +279,78 @@ void bind_norm(py::module_& m) {
         py::arg("end"), py::arg("num_threads"),
         "Multiply row rows[i] of a contiguous float32 (., cols) table by factors[s] for s in [first[i], end), in "
         "order. The caller checks the indices.");
+
+  m.def("sum_squares",
+        [](const std::vector<uintptr_t>& data, const std::vector<int64_t>& counts, const std::vector<int>& dtypes,
+           int num_threads) {
+          require(data.size() == counts.size() && data.size() == dtypes.size(),
+                  "data, counts and dtypes must have one entry per tensor");
+          std::vector<const void*> ptrs(data.size());
+          std::vector<nm::DType> kinds(data.size());
+          for (size_t i = 0; i < data.size(); ++i) {
+            require(counts[i] >= 0, "counts must be >= 0, got " + std::to_string(counts[i]));
+            if (counts[i]) check_ptr(data[i], "data");
+            kinds[i] = dtype_of(dtypes[i], "dtypes");
+            require(kinds[i] != nm::DType::f16, "dtypes: float32 or bfloat16 only");
+            ptrs[i] = ptr<const void>(data[i]);
+          }
+          double out = 0.0;
+          nm::SumSquaresArgs a;
+          a.n_tensors = int64_t(data.size());
+          a.data = ptrs.data();
+          a.counts = counts.data();
+          a.dtypes = kinds.data();
+          a.out = &out;
+          a.num_threads = num_threads;
+          {
+            py::gil_scoped_release release;
+            nm::sum_squares(a);
+          }
+          return out;
+        },
+        py::arg("data"), py::arg("counts"), py::arg("dtypes"), py::arg("num_threads"),
+        "Sum of the squares of every element of contiguous float32 (0) / bfloat16 (1) arrays, in double; "
+        "the same result for any thread count.");
+
+  m.def("adamw_tensors",
+        [](const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& grads, const std::vector<int>& grad_dtypes,
+           const std::vector<uintptr_t>& exp_avgs, const std::vector<uintptr_t>& exp_avg_sqs,
+           const std::vector<uintptr_t>& shadows, const std::vector<int64_t>& numels, const std::vector<float>& decays,
+           const std::vector<float>& neg_step_sizes, const std::vector<float>& bc2_sqrts, float lerp, float beta2,
+           float one_minus_beta2, float eps, float grad_scale, int num_threads) {
+          const size_t n = params.size();
+          require(grads.size() == n && grad_dtypes.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                      shadows.size() == n && numels.size() == n && decays.size() == n && neg_step_sizes.size() == n &&
+                      bc2_sqrts.size() == n,
+                  "adamw_tensors: every per-tensor list needs one entry per tensor");
+          std::vector<nm::AdamWTensor> ts(n);
+          for (size_t i = 0; i < n; ++i) {
+            require(numels[i] >= 0, "numels must be >= 0, got " + std::to_string(numels[i]));
+            if (numels[i]) { check_ptr(params[i], "params"); check_ptr(exp_avgs[i], "exp_avgs"); check_ptr(exp_avg_sqs[i], "exp_avg_sqs"); }
+            nm::AdamWTensor& t = ts[i];
+            t.param = ptr<float>(params[i]);
+            t.grad = ptr<const void>(grads[i]);
+            t.grad_dtype = dtype_of(grad_dtypes[i], "grad_dtypes");
+            require(t.grad_dtype != nm::DType::f16, "grad_dtypes: float32 or bfloat16 gradients only");
+            t.exp_avg = ptr<float>(exp_avgs[i]);
+            t.exp_avg_sq = ptr<float>(exp_avg_sqs[i]);
+            t.shadow = ptr<void>(shadows[i]);
+            t.numel = numels[i];
+            t.decay = decays[i]; t.neg_step_size = neg_step_sizes[i]; t.bc2_sqrt = bc2_sqrts[i];
+          }
+          nm::AdamWTensorsArgs a;
+          a.tensors = ts.data();
+          a.n_tensors = int64_t(n);
+          a.lerp = lerp; a.beta2 = beta2; a.one_minus_beta2 = one_minus_beta2; a.eps = eps; a.grad_scale = grad_scale;
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::adamw_tensors(a);
+        },
+        py::arg("params"), py::arg("grads"), py::arg("grad_dtypes"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("shadows"), py::arg("numels"), py::arg("decays"), py::arg("neg_step_sizes"), py::arg("bc2_sqrts"),
+        py::arg("lerp"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"), py::arg("grad_scale"),
+        py::arg("num_threads"),
+        "adamw_rows' update on whole contiguous float32 tensors, many in one call; per tensor its decay, "
+        "neg_step_size, bc2_sqrt, gradient dtype (0 float32, 1 bfloat16; pointer 0: zeros) and bf16 shadow "
+        "(0: none).");
 }

@@ -361,8 +361,10 @@ def test_checkpoints_are_published_whole(tmp_path):
 
 
 def test_grad_norm_against_float64():
-    """grad_norm (per-tensor BLAS dots summed in float64) against the float64 norm, on tensors the
-    size of MiniLM's gradients (the 11.7M-element embedding included), bf16 ones, none and inf."""
+    """grad_norm against the float64 norm, on tensors the size of MiniLM's gradients (the
+    11.7M-element embedding included): float32 and bf16 ones (the native sum of squares, exact
+    to the float32 result's rounding and the same for any thread count), a non-contiguous and
+    an fp16 one (per-tensor dots), none, inf and NaN."""
     from llmcore.train.optim import grad_norm
 
     gen = torch.Generator().manual_seed(5)
@@ -371,10 +373,20 @@ def test_grad_norm_against_float64():
     exact = torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt()
     got = grad_norm(grads)
     assert got.dtype == torch.float32 and got.shape == ()
-    torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=0)
-    half = [g.bfloat16() for g in grads[1:]]
+    torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=0)  # the non-contiguous one: a float32 dot
+    contiguous = grads[:3]
+    exact = torch.stack([g.double().pow(2).sum() for g in contiguous]).sum().sqrt()
+    assert float(grad_norm(contiguous)) == float(exact.float())  # one rounding, of the float64 norm
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grad_norm(contiguous)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, grad_norm(contiguous))
+    half = [g.bfloat16() for g in grads[1:3]] + [grads[3].half()]
     torch.testing.assert_close(grad_norm(half).double(),
-                               torch.stack([g.double().pow(2).sum() for g in half]).sum().sqrt(), rtol=1e-5, atol=0)
+                               torch.stack([g.double().pow(2).sum() for g in half]).sum().sqrt(), rtol=1e-6, atol=0)
     assert float(grad_norm([])) == 0.0
     assert grad_norm([torch.tensor([1.0, float("inf")])]).isinf()
     assert grad_norm([torch.tensor([1.0, float("nan")])]).isnan()

@@ -19,7 +19,9 @@ namespace llmcore::norm {
   void swiglu_backward(const SwigluArgs& a);         \
   void dropout_apply(const DropoutArgs& a);          \
   void adamw_rows(const AdamWRowsArgs& a);           \
+  void adamw_tensors(const AdamWTensorsArgs& a);     \
   void decay_rows(const DecayRowsArgs& a);           \
+  void sum_squares(const SumSquaresArgs& a);         \
   }
 #ifdef LLMCORE_HAVE_AVX512
 LLMCORE_DECLARE_ISA(avx512)
@@ -91,6 +93,8 @@ LLMCORE_DISPATCH(swiglu_forward, SwigluArgs)
 LLMCORE_DISPATCH(swiglu_backward, SwigluArgs)
 LLMCORE_DISPATCH(dropout_apply, DropoutArgs)
 LLMCORE_DISPATCH(adamw_rows, AdamWRowsArgs)
+LLMCORE_DISPATCH(adamw_tensors, AdamWTensorsArgs)
 LLMCORE_DISPATCH(decay_rows, DecayRowsArgs)
+LLMCORE_DISPATCH(sum_squares, SumSquaresArgs)
 
 }  // namespace llmcore::norm

@@ -115,15 +115,41 @@ struct DropoutArgs {
 // decay = 1 - lr * weight_decay (1: none), lerp = 1 - beta1, beta2, one_minus_beta2,
 // neg_step_size = -lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step), eps. grad_scale
 // (0: none) divides the gradient first, as a GradScaler's scale does; grad null is all zeros.
+// The gradient may be bf16 (grad_dtype): it is widened exactly, as autocast's cast back would.
+// shadow (optional, bf16, same layout): receives each updated row rounded to bf16, the weight
+// a bf16 autocast forward reads.
 struct AdamWRowsArgs {
   float* param = nullptr;
-  const float* grad = nullptr;
+  const void* grad = nullptr;
+  DType grad_dtype = DType::f32;  // f32 or bf16
+  void* shadow = nullptr;
   float* exp_avg = nullptr;
   float* exp_avg_sq = nullptr;
   const int64_t* rows = nullptr;
   int64_t n_rows = 0, cols = 0;
   float decay = 1.f, lerp = 0.1f, beta2 = 0.999f, one_minus_beta2 = 0.001f;
   float neg_step_size = 0.f, bc2_sqrt = 1.f, eps = 1e-8f, grad_scale = 0.f;
+  int num_threads = 1;
+};
+
+// The same update on whole contiguous float32 tensors, many in one call (torch's multi-tensor
+// fused AdamW): tensor i has its own decay, neg_step_size and bc2_sqrt (its group's lr and
+// weight decay, its step) and gradient dtype; the rest is shared. The work is cut into
+// fixed-size chunks over all tensors, so small tensors share the threads.
+struct AdamWTensor {
+  float* param = nullptr;
+  const void* grad = nullptr;
+  DType grad_dtype = DType::f32;  // f32 or bf16
+  float* exp_avg = nullptr;
+  float* exp_avg_sq = nullptr;
+  void* shadow = nullptr;  // bf16, optional
+  int64_t numel = 0;
+  float decay = 1.f, neg_step_size = 0.f, bc2_sqrt = 1.f;
+};
+struct AdamWTensorsArgs {
+  const AdamWTensor* tensors = nullptr;
+  int64_t n_tensors = 0;
+  float lerp = 0.1f, beta2 = 0.999f, one_minus_beta2 = 0.001f, eps = 1e-8f, grad_scale = 0.f;
   int num_threads = 1;
 };
 
@@ -137,6 +163,17 @@ struct DecayRowsArgs {
   int64_t n_rows = 0, cols = 0;
   const float* factors = nullptr;
   int64_t end = 0;
+  int num_threads = 1;
+};
+
+// The sum of the squares of every element of n_tensors contiguous float32 or bf16 arrays, in
+// double (squares exact), the same for any thread count: *out.
+struct SumSquaresArgs {
+  int64_t n_tensors = 0;
+  const void* const* data = nullptr;
+  const int64_t* counts = nullptr;
+  const DType* dtypes = nullptr;  // f32 or bf16
+  double* out = nullptr;
   int num_threads = 1;
 };
 
@@ -155,6 +192,8 @@ void swiglu_forward(const SwigluArgs& a);
 void swiglu_backward(const SwigluArgs& a);
 void dropout_apply(const DropoutArgs& a);
 void adamw_rows(const AdamWRowsArgs& a);
+void adamw_tensors(const AdamWTensorsArgs& a);
 void decay_rows(const DecayRowsArgs& a);
+void sum_squares(const SumSquaresArgs& a);
 
 }  // namespace llmcore::norm

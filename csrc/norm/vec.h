@@ -81,6 +81,11 @@ inline __m512i bf16_bits(V a) {
   return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
 }
 inline void store(float* p, V a) { _mm512_storeu_ps(p, a.x); }
+// bf16 by integer rounding to nearest even: denormals kept, as torch's conversion keeps them
+// (AVX512-BF16's conversion flushes them).
+inline void store_bf16_exact(bf16_t* p, V a) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(a), 16)));
+}
 #if defined(__AVX512BF16__)
 // The avx512_bf16 build: one conversion instruction (round to nearest even; it flushes values
 // below 1.2e-38 to 0, where the integer path keeps a denormal).
@@ -89,9 +94,7 @@ inline void store(bf16_t* p, V a) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(h));
 }
 #else
-inline void store(bf16_t* p, V a) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(a), 16)));
-}
+inline void store(bf16_t* p, V a) { store_bf16_exact(p, a); }
 #endif
 inline void store(f16_t* p, V a) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(a.x, kNearest));
@@ -168,11 +171,12 @@ inline __m256i bf16_bits(V a) {
   return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(q), nan));
 }
 inline void store(float* p, V a) { _mm256_storeu_ps(p, a.x); }
-inline void store(bf16_t* p, V a) {
+inline void store_bf16_exact(bf16_t* p, V a) {
   const __m256i h = _mm256_srli_epi32(bf16_bits(a), 16);
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
+inline void store(bf16_t* p, V a) { store_bf16_exact(p, a); }
 inline void store(f16_t* p, V a) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a.x, kNearest));
 }
@@ -243,6 +247,7 @@ template <class T>
 inline V load(const T* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = to_f32(p[i]); return r; }
 inline void store(float* p, V a) { std::memcpy(p, a.x, sizeof a.x); }
 inline void store(bf16_t* p, V a) { for (int i = 0; i < W; ++i) p[i] = to_bf16(a.x[i]); }
+inline void store_bf16_exact(bf16_t* p, V a) { store(p, a); }
 inline void store(f16_t* p, V a) { for (int i = 0; i < W; ++i) p[i] = to_f16(a.x[i]); }
 inline V round_bf16(V a) { for (int i = 0; i < W; ++i) a.x[i] = to_f32(to_bf16(a.x[i])); return a; }
 inline V round_f16(V a) { for (int i = 0; i < W; ++i) a.x[i] = to_f32(to_f16(a.x[i])); return a; }

@@ -79,7 +79,7 @@ class MLP(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        h = nn.functional.linear(x, self.fc1.weight)
+        h = nn.functional.linear(x, linear_weight(self.fc1))
         if self.fc1.bias is not None:
             bias, cast = self.fc1.bias, _autocast_dtype(h)
             if cast is not None and bias.dtype != cast:
@@ -87,7 +87,7 @@ class MLP(nn.Module):
             h = ops.bias_gelu(h, bias, approximate=self.approximate)
         else:
             h = nn.functional.gelu(h, approximate=self.approximate)
-        return self.fc2(h)
+        return linear(h, self.fc2)
 
 
 class GatedMLP(nn.Module):
@@ -100,7 +100,7 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(ops.swiglu(self.gate(x), self.up(x)))
+        return linear(ops.swiglu(linear(x, self.gate), linear(x, self.up)), self.down)
 
 
 # How many holders a storage has (a private torch API): without it every gradient is fresh, as torch's.
@@ -232,7 +232,7 @@ class Attention(nn.Module):
             xq = x[batch.cu_seqlens[:-1].long()] if batch.packed else x[:, :1]
         q_shape = xq.shape[:-1]
         if first_only:
-            q = self.q(xq)
+            q = linear(xq, self.q)
             k, v = _fused_linear(x, (self.k, self.v))
         else:
             q, k, v = _fused_linear(x, (self.q, self.k, self.v))
@@ -256,7 +256,20 @@ class Attention(nn.Module):
             out = ops.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=p,
                 is_causal=self.causal and mask is None, enable_gqa=self.kv_heads != self.heads).transpose(1, 2)
-        return self.o(out.reshape(*q_shape, self.heads * self.head_dim))
+        return linear(out.reshape(*q_shape, self.heads * self.head_dim), self.o)
+
+
+def linear_weight(lin: nn.Linear) -> Tensor:
+    """``lin.weight``, or under bf16 autocast the bf16 copy an optimizer keeps of it while
+    training (``llmcore.train.bf16_weights``: then autocast has nothing to cast)."""
+    entry = getattr(lin.weight, "_llmcore_bf16", None)
+    shadow = entry.for_forward() if entry is not None else None
+    return lin.weight if shadow is None else shadow
+
+
+def linear(x: Tensor, lin: nn.Linear) -> Tensor:
+    """``lin(x)`` through ``linear_weight``."""
+    return nn.functional.linear(x, linear_weight(lin), lin.bias)
 
 
 def _fused_linear(x: Tensor, linears: tuple) -> tuple:
@@ -269,7 +282,7 @@ def _fused_linear(x: Tensor, linears: tuple) -> tuple:
     def piece(t: Tensor) -> Tensor:
         return t.to(cast) if cast is not None and t.is_floating_point() else t
 
-    weight = torch.cat([piece(lin.weight) for lin in linears])
+    weight = torch.cat([piece(linear_weight(lin)) for lin in linears])
     biases = [lin.bias for lin in linears]
     bias = torch.cat([piece(b) for b in biases]) if all(b is not None for b in biases) else None
     if bias is None and any(b is not None for b in biases):

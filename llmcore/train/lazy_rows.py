@@ -8,7 +8,7 @@ moments are all zero, AdamW's update is only the decoupled weight decay
 ``p = p * float32(1 - lr * wd)``. ``LazyRowAdamW`` therefore
 
 - updates the rows that have ever had a gradient (*active* rows) with torch's element
-  update, operation for operation (``_C.adamw_rows``, csrc/norm/adamw_rows.cpp);
+  update, operation for operation (``_C.adamw_rows``, csrc/norm/optim_kernels.cpp);
 - replays the weight decay of every other row, one float32 product per missed step, when the
   row is next read (the embedding calls ``before_read``) or at ``flush``;
 - zeroes only the gradient rows it consumed, so the embedding's next backward need not
@@ -127,6 +127,14 @@ class LazyRowAdamW:
             self.rows = (torch.unique(torch.cat(self.touched)) if self.touched
                          else torch.zeros(0, dtype=torch.int64))
         return self.rows
+
+    def params(self) -> list:
+        return [self.weight]
+
+    def grads(self) -> list:
+        """What the table adds to the gradient norm: its touched rows (``grad_rows``)."""
+        rows = self.grad_rows()
+        return [] if rows is None else [rows]
 
     def grad_rows(self) -> Optional[Tensor]:
         """The gradient's rows this step touched (every other row is zero), or None without a gradient."""

@@ -26,6 +26,7 @@ from llmcore.train.checkpoint import (
     seed_everything,
 )
 from llmcore.train.config import TrainConfig
+from llmcore.train.bf16_weights import Bf16Weights
 from llmcore.train.lazy_rows import LazyRowAdamW
 from llmcore.train.optim import clip_and_step, linear_schedule, make_optimizer
 from llmcore.train.reporting import Reporter, peak_memory_mb
@@ -176,7 +177,9 @@ class Trainer:
         self.scheduler = None
         self.reporter: Optional[Reporter] = None
         self._wrapped = model
-        self._lazy: list[LazyRowAdamW] = []  # row-sparse AdamW of the embedding tables, while training
+        # while training: parameters stepped outside torch's AdamW (row-sparse embedding tables,
+        # linear weights with bf16 copies), same update
+        self._steppers: list = []
         # torch.optim.Optimizer's first construction imports torch._dynamo (1.2 s of a 13 s MiniLM
         # epoch here, measured with cProfile): importing it while the Trainer is built, as
         # transformers' Trainer does, keeps that one-time cost out of train().
@@ -204,7 +207,7 @@ class Trainer:
         scikit-learn's ``f1_score(average="macro")`` does."""
         if self.eval_batches is None:
             raise ValueError("evaluate() needs eval_batches")
-        self._flush_lazy()
+        self._flush_steppers()
         model = self.model
         was_training = model.training
         model.eval()
@@ -263,7 +266,7 @@ class Trainer:
         Every file goes into a hidden ``.checkpoint-<step>.partial`` folder first (rank 0 the model,
         optimizer, scheduler and state; each rank its RNG) and rank 0 renames it into place once all
         ranks are done, so a run killed at any moment leaves either a complete checkpoint or none."""
-        self._flush_lazy()
+        self._flush_steppers()
         path = os.path.join(self.config.output_dir, f"{PREFIX}{self.global_step}")
         partial = partial_path(path)
         if self.rank == 0:
@@ -280,8 +283,8 @@ class Trainer:
             rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
         return path
 
-    def _flush_lazy(self) -> None:
-        for t in self._lazy:
+    def _flush_steppers(self) -> None:
+        for t in self._steppers:
             t.flush()
 
     def _barrier(self) -> None:
@@ -322,7 +325,9 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-        self._lazy = LazyRowAdamW.attach(self.model, self.optimizer, self.world_size)
+        self._steppers = (LazyRowAdamW.attach(self.model, self.optimizer, self.world_size)
+                          + Bf16Weights.attach(self.model, self.optimizer, self.world_size,
+                                               bf16=cfg.bf16 and self.device.type == "cpu"))
         self.model.train()
         reporter = self._reporter()
         reporter.start(total, self.global_step)
@@ -348,9 +353,9 @@ class Trainer:
                     loss, examples = accumulate_gradients(self._wrapped, window, cfg.bf16)
                     grad_norm = None
                     if cfg.max_grad_norm > 0:
-                        grad_norm = clip_and_step(self.optimizer, self._params, cfg.max_grad_norm, self._lazy)
+                        grad_norm = clip_and_step(self.optimizer, self._params, cfg.max_grad_norm, self._steppers)
                     else:
-                        for t in self._lazy:
+                        for t in self._steppers:
                             t.step()
                         self.optimizer.step()
                     self.scheduler.step()
@@ -397,9 +402,9 @@ class Trainer:
                 # a last checkpoint, as transformers' Trainer writes, so the run can be resumed or extended.
                 self.save(epoch, consumed)
         finally:
-            for t in self._lazy:
+            for t in self._steppers:
                 t.detach()
-            self._lazy = []
+            self._steppers = []
             reporter.close()
             self.reporter = None
         runtime = time.perf_counter() - t_start

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from llmcore import _C
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed (weight matrices, embeddings) and not decayed (biases, norm weights).
@@ -42,58 +44,74 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return LambdaLR(optimizer, factor)
 
 
+_SUMSQ_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
 @torch.no_grad()
 def grad_norm(grads: list) -> torch.Tensor:
     """L2 norm of all the gradients together (float32, on the first one's device; 0 for none).
 
-    Every gradient takes one BLAS dot, summed in float64: on this 2-core machine
-    2.4x faster than ``torch.nn.utils.get_total_norm`` for MiniLM's gradients read from memory
-    (4.5 vs 10.7 ms), and ~60x closer to the float64 norm (torch's float32 reduction lost 2.4e-4
-    of the norm on the 11.7M-element embedding gradient, the dots 4e-6). bf16/fp16 gradients are
-    upcast to float32 first. Non-finite gradients give a non-finite norm, as torch's; tensor
-    subclasses (FSDP's DTensor) go to ``get_total_norm``."""
+    CPU float32 and bf16 gradients go to one native call (``_C.sum_squares``): squares exact
+    and summed in float64, in a fixed order whatever the thread count, reading each gradient
+    once (bf16 ones are not widened into a copy first). On MiniLM's gradients an earlier
+    per-gradient BLAS dot was 2.4x faster than ``torch.nn.utils.get_total_norm`` (4.5 vs 10.7
+    ms) and ~60x closer to the float64 norm (torch's float32 reduction lost 2.4e-4 of the norm
+    on the 11.7M-element embedding gradient); the native sum is exact to float64 rounding.
+    Other gradients (CUDA, float64, fp16) take one dot each, in float64 or float32, summed in
+    float64. Non-finite gradients give a non-finite norm, as torch's; tensor subclasses (FSDP's
+    DTensor) go to ``get_total_norm``."""
     if not grads:
         return torch.zeros(())
     if any(type(g) is not torch.Tensor for g in grads):  # DTensor (FSDP) and other subclasses: torch's path
         return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
+    native = [g for g in grads if g.device.type == "cpu" and g.dtype in _SUMSQ_CODES and g.is_contiguous()]
+    total = torch.zeros((), dtype=torch.float64)
+    if native:
+        total += _C.sum_squares([g.data_ptr() for g in native], [g.numel() for g in native],
+                                [_SUMSQ_CODES[g.dtype] for g in native], torch.get_num_threads())
     squares = []
     for g in grads:
+        if g.device.type == "cpu" and g.dtype in _SUMSQ_CODES and g.is_contiguous():
+            continue
         flat = g.reshape(-1)
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()
         squares.append(torch.dot(flat, flat).to(torch.float64))
     device = grads[0].device
-    return torch.stack([t.to(device) for t in squares]).sum().sqrt().to(torch.float32)
+    if squares:
+        total = total.to(device) + torch.stack([t.to(device) for t in squares]).sum()
+    return total.to(device).sqrt().to(torch.float32)
 
 
 @torch.no_grad()
-def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float, lazy=()) -> torch.Tensor:
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float, steppers=()) -> torch.Tensor:
     """``clip_grad_norm_(parameters, max_norm)`` then ``optimizer.step()``; returns the total norm
     (see ``grad_norm``).
 
     The clip coefficient ``min(1, max_norm / (norm + 1e-6))`` is transformers' (and torch's).
     A fused AdamW applies it inside its own pass over the gradients (as the ``grad_scale`` a
     GradScaler would set: it divides by ``1 / coef``), which saves one read and write of every
-    gradient per step; other optimizers get the usual in-place multiply first. ``lazy``:
-    ``LazyRowAdamW`` trackers (llmcore/train/lazy_rows.py), whose tables enter the norm by the
-    rows their step touched (the rest are zero) and are stepped by the tracker."""
-    lazy = [t for t in lazy if t.weight.grad is not None]
-    skip = {id(t.weight) for t in lazy}
-    grads = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]
-    norm = grad_norm(grads + [t.grad_rows() for t in lazy])
+    gradient per step; other optimizers get the usual in-place multiply first. ``steppers``:
+    objects that step some parameters themselves (``LazyRowAdamW``, ``Bf16Weights``), with
+    ``grads()`` (their share of the norm), then ``params()`` (whose ``.grad`` that share replaces)
+    and ``step(grad_scale)``."""
+    extra = [g for s in steppers for g in s.grads()]
+    own = {id(p) for s in steppers for p in s.params()}
+    grads = [p.grad for p in parameters if p.grad is not None and id(p) not in own]
+    norm = grad_norm(grads + extra)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     fused = any(g.get("fused") for g in optimizer.param_groups)
     if fused and not hasattr(optimizer, "grad_scale"):
         optimizer.grad_scale = (1.0 / coef).to(torch.float32)
         try:
-            for t in lazy:
-                t.step(optimizer.grad_scale)
+            for s in steppers:
+                s.step(optimizer.grad_scale)
             optimizer.step()
         finally:
             del optimizer.grad_scale
     else:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
-        for t in lazy:
-            t.step(1.0 / coef)
+        for s in steppers:
+            s.step(1.0 / coef)
         optimizer.step()
     return norm

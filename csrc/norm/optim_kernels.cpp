@@ -1,0 +1,229 @@
+// Optimizer kernels: AdamW on chosen rows of a table, the late replay of the weight decay the
+// other rows missed, and gradient sums of squares (norm.h: AdamWRowsArgs, DecayRowsArgs,
+// SumSquaresArgs). The element update is the one torch's fused
+// CPU AdamW makes in its vector loop, operation for operation: this file is compiled with
+// -ffp-contract=off, so each multiply and add rounds where it is written, and the fused
+// multiply-adds are where torch's compiled kernel has them.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "norm/norm.h"
+#include "norm/parallel.h"
+#include "norm/vec.h"
+
+namespace llmcore::norm::LLMCORE_ISA_NS {
+namespace {
+
+using vec::V;
+constexpr int W = vec::W;
+
+// a * b + c rounded once, in every build (the portable vec::fmadd rounds twice).
+inline V fma(V a, V b, V c) {
+#if defined(LLMCORE_ISA_AVX512) || defined(LLMCORE_ISA_AVX2)
+  return vec::fmadd(a, b, c);
+#else
+  for (int i = 0; i < W; ++i) c.x[i] = std::fma(a.x[i], b.x[i], c.x[i]);
+  return c;
+#endif
+}
+
+struct AdamWConsts {
+  V decay, coeff, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, grad_scale;
+  bool decays, scales, base_is_grad;
+};
+
+// One vector of n <= W elements (n < W: a row's tail, through masked copies). G: the
+// gradient's storage (float or bf16_t; null: zeros); shadow (null: none) takes the new
+// parameter rounded to bf16.
+template <class G>
+inline void adamw_vec(const AdamWConsts& k, float* p, const G* g, float* m, float* v, bf16_t* shadow, int n) {
+  const bool whole = n == W;
+  V pv = whole ? vec::load(p) : vec::load_n(p, n);
+  V gv = g == nullptr ? vec::zero() : whole ? vec::load(g) : vec::load_n(g, n);
+  V mv = whole ? vec::load(m) : vec::load_n(m, n);
+  V vv = whole ? vec::load(v) : vec::load_n(v, n);
+  if (k.scales) gv = vec::div(gv, k.grad_scale);
+  if (k.decays) pv = vec::mul(pv, k.decay);
+  // exp_avg.lerp_(grad, 1 - beta1): base + coeff * (grad - exp_avg), one rounding
+  mv = fma(k.coeff, vec::sub(gv, mv), k.base_is_grad ? gv : mv);
+  // exp_avg_sq * beta2 + (1 - beta2) * grad * grad, which torch's build (GCC contracts its
+  // vector intrinsics) computes as one fma of the last product onto the first: checked
+  // bitwise against torch 2.13 (tests/test_lazy_rows.py)
+  vv = fma(vec::mul(k.one_minus_beta2, gv), gv, vec::mul(vv, k.beta2));
+  const V denom = vec::add(vec::div(vec::sqrt(vv), k.bc2_sqrt), k.eps);
+  pv = vec::add(pv, vec::div(vec::mul(k.neg_step_size, mv), denom));
+  if (whole) {
+    vec::store(p, pv);
+    vec::store(m, mv);
+    vec::store(v, vv);
+    if (shadow) vec::store_bf16_exact(shadow, pv);
+  } else {
+    vec::store_n(p, pv, n);
+    vec::store_n(m, mv, n);
+    vec::store_n(v, vv, n);
+    if (shadow) {
+      bf16_t tmp[W];
+      vec::store_bf16_exact(tmp, pv);
+      std::memcpy(shadow, tmp, sizeof(bf16_t) * n);
+    }
+  }
+}
+
+template <class G>
+void adamw_rows_impl(const AdamWRowsArgs& a, const AdamWConsts& k) {
+  const int64_t cols = a.cols;
+  const G* grad = static_cast<const G*>(a.grad);
+  bf16_t* shadow = static_cast<bf16_t*>(a.shadow);
+  for_each_row(a.n_rows, cols, a.num_threads, [&](int64_t i) {
+    const int64_t off = a.rows[i] * cols;
+    for (int64_t c = 0; c < cols; c += W) {
+      adamw_vec(k, a.param + off + c, grad == nullptr ? nullptr : grad + off + c, a.exp_avg + off + c,
+                a.exp_avg_sq + off + c, shadow == nullptr ? nullptr : shadow + off + c,
+                int(std::min<int64_t>(W, cols - c)));
+    }
+  });
+}
+
+AdamWConsts make_consts(float decay, float lerp, float beta2, float one_minus_beta2, float neg_step_size,
+                        float bc2_sqrt, float eps, float grad_scale) {
+  AdamWConsts k;
+  k.decays = decay != 1.f;
+  k.scales = grad_scale != 0.f;
+  // torch blends by |weight| < 0.5: small weights step from exp_avg, large ones from grad
+  k.base_is_grad = !(lerp < 0.5f && lerp > -0.5f);
+  k.decay = vec::set1(decay);
+  k.coeff = vec::set1(k.base_is_grad ? lerp - 1.f : lerp);
+  k.beta2 = vec::set1(beta2);
+  k.one_minus_beta2 = vec::set1(one_minus_beta2);
+  k.neg_step_size = vec::set1(neg_step_size);
+  k.bc2_sqrt = vec::set1(bc2_sqrt);
+  k.eps = vec::set1(eps);
+  k.grad_scale = vec::set1(grad_scale);
+  return k;
+}
+
+// Elements [i0, i1) of one flat tensor.
+template <class G>
+void adamw_span(const AdamWConsts& k, const AdamWTensor& t, int64_t i0, int64_t i1) {
+  const G* g = static_cast<const G*>(t.grad);
+  bf16_t* shadow = static_cast<bf16_t*>(t.shadow);
+  for (int64_t i = i0; i < i1; i += W)
+    adamw_vec(k, t.param + i, g == nullptr ? nullptr : g + i, t.exp_avg + i, t.exp_avg_sq + i,
+              shadow == nullptr ? nullptr : shadow + i, int(std::min<int64_t>(W, i1 - i)));
+}
+
+}  // namespace
+
+void adamw_rows(const AdamWRowsArgs& a) {
+  const AdamWConsts k = make_consts(a.decay, a.lerp, a.beta2, a.one_minus_beta2, a.neg_step_size, a.bc2_sqrt,
+                                    a.eps, a.grad_scale);
+  if (a.grad_dtype == DType::bf16)
+    adamw_rows_impl<bf16_t>(a, k);
+  else
+    adamw_rows_impl<float>(a, k);
+}
+
+void adamw_tensors(const AdamWTensorsArgs& a) {
+  constexpr int64_t kChunk = 1 << 14;  // a multiple of every vector width
+  std::vector<int64_t> first(a.n_tensors + 1, 0);  // each tensor's first chunk
+  for (int64_t t = 0; t < a.n_tensors; ++t) first[t + 1] = first[t] + (a.tensors[t].numel + kChunk - 1) / kChunk;
+  const int64_t chunks = first[a.n_tensors];
+  const int nt = threads_for(chunks, kChunk, a.num_threads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t ti = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const AdamWTensor& t = a.tensors[ti];
+    const int64_t i0 = (c - first[ti]) * kChunk, i1 = std::min(t.numel, i0 + kChunk);
+    const AdamWConsts k = make_consts(t.decay, a.lerp, a.beta2, a.one_minus_beta2, t.neg_step_size, t.bc2_sqrt,
+                                      a.eps, a.grad_scale);
+    if (t.grad_dtype == DType::bf16)
+      adamw_span<bf16_t>(k, t, i0, i1);
+    else
+      adamw_span<float>(k, t, i0, i1);
+  }
+}
+
+void decay_rows(const DecayRowsArgs& a) {
+  constexpr int kVecs = 8;  // independent products in flight per step (two multiplies a cycle)
+  const int64_t cols = a.cols;
+  for_each_row(a.n_rows, cols, a.num_threads, [&](int64_t i) {
+    float* row = a.param + a.rows[i] * cols;
+    const int64_t s0 = a.first[i];
+    int64_t c = 0;
+    for (; c + kVecs * W <= cols; c += kVecs * W) {
+      V x[kVecs];
+      for (int j = 0; j < kVecs; ++j) x[j] = vec::load(row + c + j * W);
+      for (int64_t s = s0; s < a.end; ++s) {
+        const V f = vec::set1(a.factors[s]);
+        for (int j = 0; j < kVecs; ++j) x[j] = vec::mul(x[j], f);
+      }
+      for (int j = 0; j < kVecs; ++j) vec::store(row + c + j * W, x[j]);
+    }
+    for (; c < cols; c += W) {
+      const int n = int(std::min<int64_t>(W, cols - c));
+      V x = vec::load_n(row + c, n);
+      for (int64_t s = s0; s < a.end; ++s) x = vec::mul(x, vec::set1(a.factors[s]));
+      vec::store_n(row + c, x, n);
+    }
+  });
+}
+
+// Squares are exact in double (a float has 24 significant bits); each chunk sums them in
+// kLanes double accumulators (bf16: after float partial sums of 8), and the chunks' sums are
+// added in chunk order, so the result does not depend on the thread count.
+void sum_squares(const SumSquaresArgs& a) {
+  constexpr int kLanes = 8;
+  constexpr int64_t kChunk = 1 << 15;
+  std::vector<int64_t> first(a.n_tensors + 1, 0);  // each tensor's first chunk
+  for (int64_t t = 0; t < a.n_tensors; ++t) first[t + 1] = first[t] + (a.counts[t] + kChunk - 1) / kChunk;
+  const int64_t chunks = first[a.n_tensors];
+  std::vector<double> part(chunks, 0.0);
+  const int nt = threads_for(chunks, kChunk, a.num_threads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t t = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const int64_t i0 = (c - first[t]) * kChunk, i1 = std::min(a.counts[t], i0 + kChunk);
+    double acc[kLanes] = {};
+    if (a.dtypes[t] == DType::bf16) {
+      // A bf16 value has 8 significant bits, so its square is exact in float: lanes add 8 squares
+      // in float (2 chains of 4; relative error below 3e-7), then the partial sums go to double.
+      const bf16_t* x = static_cast<const bf16_t*>(a.data[t]);
+      int64_t i = i0;
+      for (; i + 8 * W <= i1; i += 8 * W) {
+        V s0 = vec::zero(), s1 = vec::zero();
+        for (int j = 0; j < 8; j += 2) {
+          const V v0 = vec::load(x + i + j * W), v1 = vec::load(x + i + (j + 1) * W);
+          s0 = vec::fmadd(v0, v0, s0);
+          s1 = vec::fmadd(v1, v1, s1);
+        }
+        float part[W];
+        vec::store(part, vec::add(s0, s1));
+        for (int l = 0; l < W; ++l) acc[l % kLanes] += double(part[l]);
+      }
+      for (; i < i1; ++i) {
+        const double v = vec::to_f32(x[i]);
+        acc[0] += v * v;
+      }
+    } else {
+      const float* x = static_cast<const float*>(a.data[t]);
+      int64_t i = i0;
+      for (; i + kLanes <= i1; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const double v = x[i + l];
+          acc[l] += v * v;
+        }
+      for (; i < i1; ++i) acc[0] += double(x[i]) * x[i];
+    }
+    double sum = 0.0;
+    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    part[c] = sum;
+  }
+  double total = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) total += part[c];
+  *a.out = total;
+}
+
+}  // namespace llmcore::norm::LLMCORE_ISA_NS
