@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmcore.train.bf16_weights import Bf16Weights
 from llmcore.train.checkpoint import (
     PREFIX,
     latest_checkpoint,
@@ -26,7 +27,6 @@ from llmcore.train.checkpoint import (
     seed_everything,
 )
 from llmcore.train.config import TrainConfig
-from llmcore.train.bf16_weights import Bf16Weights
 from llmcore.train.lazy_rows import LazyRowAdamW
 from llmcore.train.optim import clip_and_step, linear_schedule, make_optimizer
 from llmcore.train.reporting import Reporter, peak_memory_mb
