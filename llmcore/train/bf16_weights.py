@@ -5,8 +5,9 @@ gradient back to fp32 (MiniLM: 74 copies, ~7.5 ms of a ~100 ms step); fused Adam
 fp32 gradient and, to apply the clip coefficient, writes it back. ``Bf16Weights`` keeps a bf16
 copy (the *shadow*) of each tracked weight instead:
 
-- the AdamW row kernel (``_C.adamw_rows``) writes the shadow in the same pass that updates the
-  fp32 weight, rounding as ``weight.to(torch.bfloat16)`` does;
+- the multi-tensor AdamW kernel (``_C.adamw_tensors``, torch's fused update operation for
+  operation) writes the shadow in the same pass that updates the fp32 weight, rounding as
+  ``weight.to(torch.bfloat16)`` does;
 - llmcore's linear layers read it through ``llmcore.nn.layers.linear_weight`` while bf16
   autocast is on, so autocast has nothing to cast;
 - the backward keeps the bf16 gradient, which the kernel widens exactly as the cast back would.
@@ -43,7 +44,6 @@ class _Entry:
         self.weight, self.group = weight, group
         self.shadow = weight.detach().to(torch.bfloat16)
         self.version = weight._version
-        self.rows = torch.arange(weight.shape[0], dtype=torch.int64)
         self.grad: Optional[Tensor] = None
 
     def current_shadow(self) -> Tensor:
