@@ -142,11 +142,14 @@ def _losses(history):
     return [r["loss"] for r in history if "loss" in r]
 
 
-@pytest.mark.parametrize("accum,n_batches,save_at", [(1, 4, 3), (2, 5, 3), (2, 5, 4)])
-def test_resume_is_exact(tmp_path, accum, n_batches, save_at):
+@pytest.mark.parametrize("accum,n_batches,save_at,bf16", [(1, 4, 3, False), (2, 5, 3, False), (2, 5, 4, False),
+                                                           (1, 4, 3, True), (2, 5, 3, True)])
+def test_resume_is_exact(tmp_path, accum, n_batches, save_at, bf16):
+    """Resuming from a checkpoint continues bit for bit; under bf16 the linear weights' bf16
+    copies (llmcore.train.bf16_weights) are rebuilt from the checkpoint's weights."""
     batches = factory(n_batches)
     straight = Trainer(tiny(0), config(tmp_path / "a", max_steps=6, gradient_accumulation_steps=accum,
-                                       save_strategy="steps", save_steps=save_at), batches)
+                                       save_strategy="steps", save_steps=save_at, bf16=bf16), batches)
     straight.train()
     ref = _losses(straight.log_history)
     assert len(ref) == 6
@@ -156,7 +159,7 @@ def test_resume_is_exact(tmp_path, accum, n_batches, save_at):
     torch.manual_seed(1234)
     random.seed(99)
     resumed = Trainer(tiny(7), config(tmp_path / "a", max_steps=6, gradient_accumulation_steps=accum,
-                                      save_strategy="no", resume_from_checkpoint=ckpt), batches)
+                                      save_strategy="no", resume_from_checkpoint=ckpt, bf16=bf16), batches)
     out = resumed.train()
     assert out["global_step"] == 6
     assert _losses(resumed.log_history) == ref  # restored history + the same losses afterwards, bit for bit
