@@ -256,3 +256,59 @@ def test_out_of_range_ids_still_raise_the_lookup_error():
     with pytest.raises(IndexError):
         model(torch.tensor([[1, 5000]]))
     tracker.detach()
+
+
+class TinyLMWithPenalty(TinyLM):
+    """The table also reaches the loss whole (an L2 penalty on every row) once ``dense`` is set."""
+
+    dense = False
+
+    def forward(self, ids):
+        out = super().forward(ids)
+        return out + 1e-3 * self.word.weight.square().sum() if self.dense else out
+
+
+@torch_vector_kernel
+def test_a_gradient_outside_the_lookups_hands_the_table_to_torch():
+    """A weight that also reaches the loss whole gets a dense gradient: the tracker sees it on
+    its sample of untouched rows, flushes and leaves the table to torch's AdamW, and the run stays
+    bitwise the dense one."""
+    dense, lazy = TinyLMWithPenalty(), TinyLMWithPenalty()
+    opt_d, opt_l = _optimizer(dense), _optimizer(lazy)
+    (tracker,) = LazyRowAdamW.attach(lazy, opt_l)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(6):
+        dense.dense = lazy.dense = step >= 3
+        ids, labels = _batch(gen)
+        for model in (dense, lazy):
+            F.cross_entropy(model(ids), labels).backward()
+        for pd, pl in zip(dense.parameters(), lazy.parameters()):
+            pl.grad.copy_(pd.grad)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in dense.parameters()])
+        scale = (1.0 / torch.clamp(1.0 / (norm + 1e-6), max=1.0)).float()
+        opt_d.grad_scale = opt_l.grad_scale = scale
+        assert (tracker.grads() == []) == (step >= 3)
+        tracker.step(scale)
+        opt_d.step()
+        opt_l.step()
+        for opt in (opt_d, opt_l):
+            del opt.grad_scale
+            opt.zero_grad(set_to_none=True)
+        assert tracker.dense == (step >= 3) and (lazy.word.row_tracker is None) == (step >= 3)
+    _assert_same(dense, opt_d, lazy, opt_l, "after the hand-over")
+
+
+def test_tied_lm_head_tables_stay_dense():
+    from llmcore.models import DecoderConfig, DecoderForCausalLM
+
+    def decoder(tied):
+        cfg = DecoderConfig(family="gpt2", vocab_size=5000, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=4,
+                            head_dim=8, intermediate_size=48, max_position_embeddings=32, attention_bias=True,
+                            hidden_act="gelu_new", tie_word_embeddings=tied)
+        return DecoderForCausalLM(cfg)
+
+    tied, untied = decoder(True), decoder(False)
+    assert tied.embed.word.dense_reads and LazyRowAdamW.attach(tied, _optimizer(tied)) == []
+    trackers = LazyRowAdamW.attach(untied, _optimizer(untied))
+    assert [t.module for t in trackers] == [untied.embed.word]
+    trackers[0].detach()

@@ -73,6 +73,7 @@ class DecoderForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.embed.word.dense_reads = cfg.tie_word_embeddings  # the tied head reads the whole table
         init_linear_(self, cfg.initializer_range)
 
     @property

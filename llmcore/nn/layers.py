@@ -126,6 +126,7 @@ class Embedding(nn.Embedding):
     zeroed the rows it consumed (``mark_clean``), the next backward skips zeroing the buffer."""
 
     row_tracker = None
+    dense_reads = False  # the weight is also read whole elsewhere (a tied LM head): its gradient is dense
     _clean_storage = None  # the buffer's storage while it is known to be all zeros
 
     def forward(self, input: Tensor) -> Tensor:

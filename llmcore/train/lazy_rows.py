@@ -19,7 +19,10 @@ The weights and moments it leaves after ``flush`` are bitwise those torch.optim.
 dense in the optimizer's state, so ``state_dict``, checkpoints and resume are unchanged.
 Differences: the step leaves ``weight.grad`` as None (the Trainer drops it next anyway), and a
 non-finite gradient scale spoils only the active rows, where torch's dense update would turn
-every row to NaN.
+every row to NaN. The table must reach the loss only through its lookups: a module that reads
+the whole weight says so (``Embedding.dense_reads``, set for tied LM heads) and is left to torch;
+a stray gradient elsewhere is caught by a check of random untouched rows each step, which hands
+the table back to torch's AdamW (after a flush) for the rest of the run.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from llmcore.nn.layers import Embedding
 
 # Tables smaller than this are touched almost everywhere by a batch (positions, token types).
 MIN_ROWS = 4096
+# Untouched rows checked for a stray gradient each step (a weight also used outside the lookup).
+SAMPLE_ROWS = 32
 ENV_SWITCH = "LLMCORE_LAZY_EMBEDDING"  # "0": the dense torch update for every table
 
 
@@ -51,7 +56,7 @@ def _eligible_group(optimizer: torch.optim.Optimizer, module: nn.Module, uses: i
     if (type(optimizer) is not torch.optim.AdamW or not isinstance(module, Embedding) or uses != 1
             or w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not w.is_contiguous()
             or not w.requires_grad or w.shape[0] < MIN_ROWS or module.max_norm is not None or module.sparse
-            or module.scale_grad_by_freq or w._backward_hooks or getattr(w, "_post_accumulate_grad_hooks", None)):
+            or module.scale_grad_by_freq or module.dense_reads or w._backward_hooks or getattr(w, "_post_accumulate_grad_hooks", None)):
         return None
     group = _group_of(optimizer, w)
     if group is None or not group.get("fused") or group.get("amsgrad") or group.get("maximize") \
@@ -82,6 +87,8 @@ class LazyRowAdamW:
         self.t = 0  # steps taken
         self.touched: list[Tensor] = []
         self.rows: Optional[Tensor] = None  # this step's touched rows, once computed
+        self.dense = False  # a gradient outside the touched rows was seen: torch's AdamW steps the table
+        self.sampler = torch.Generator().manual_seed(0)  # the check's own draws: the global RNG is untouched
         module.row_tracker = self
 
     @classmethod
@@ -128,13 +135,34 @@ class LazyRowAdamW:
                          else torch.zeros(0, dtype=torch.int64))
         return self.rows
 
+    def _gradient_is_row_sparse(self) -> bool:
+        """False when the gradient has values outside the rows the lookups touched (the weight
+        also reached the loss another way): checked on SAMPLE_ROWS random untouched rows a step."""
+        g = self.weight.grad
+        sample = torch.randint(0, g.shape[0], (SAMPLE_ROWS,), generator=self.sampler)
+        sample = sample[~torch.isin(sample, self._touched_rows())]
+        return not bool(g.index_select(0, sample).any())
+
+    def _go_dense(self) -> None:
+        """From now on torch's AdamW steps the table (it holds the same state): flush, stop tracking."""
+        self.detach()
+        self.dense = True
+        self.touched.clear()
+        self.rows = None
+
     def params(self) -> list:
-        return [self.weight]
+        return [] if self.dense else [self.weight]
 
     def grads(self) -> list:
-        """What the table adds to the gradient norm: its touched rows (``grad_rows``)."""
-        rows = self.grad_rows()
-        return [] if rows is None else [rows]
+        """What the table adds to the gradient norm: its touched rows (``grad_rows``). A gradient
+        found outside them hands the table to torch's AdamW for good (then nothing: its ``.grad``
+        is an ordinary one)."""
+        if self.dense or self.weight.grad is None:
+            return []
+        if not self._gradient_is_row_sparse():
+            self._go_dense()
+            return []
+        return [self.grad_rows()]
 
     def grad_rows(self) -> Optional[Tensor]:
         """The gradient's rows this step touched (every other row is zero), or None without a gradient."""
@@ -145,8 +173,13 @@ class LazyRowAdamW:
     def step(self, grad_scale: Optional[Tensor] = None) -> None:
         """AdamW for the table, dividing its gradient by ``grad_scale`` first (as fused AdamW's
         ``grad_scale``); then ``weight.grad`` is None, so ``optimizer.step()`` leaves the table alone.
-        Without a gradient nothing happens, as in torch."""
+        Without a gradient nothing happens, as in torch; nor after ``grads()`` found a dense one."""
         w, g = self.weight, self.weight.grad
+        if self.dense:
+            return
+        if g is not None and not self._gradient_is_row_sparse():
+            self._go_dense()
+            return
         if g is None:
             self.touched.clear()
             self.rows = None
