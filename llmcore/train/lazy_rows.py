@@ -56,7 +56,8 @@ def _eligible_group(optimizer: torch.optim.Optimizer, module: nn.Module, uses: i
     if (type(optimizer) is not torch.optim.AdamW or not isinstance(module, Embedding) or uses != 1
             or w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not w.is_contiguous()
             or not w.requires_grad or w.shape[0] < MIN_ROWS or module.max_norm is not None or module.sparse
-            or module.scale_grad_by_freq or module.dense_reads or w._backward_hooks or getattr(w, "_post_accumulate_grad_hooks", None)):
+            or module.scale_grad_by_freq or module.dense_reads or w._backward_hooks
+            or getattr(w, "_post_accumulate_grad_hooks", None)):
         return None
     group = _group_of(optimizer, w)
     if group is None or not group.get("fused") or group.get("amsgrad") or group.get("maximize") \
