@@ -1,6 +1,6 @@
-// Optimizer kernels: AdamW on chosen rows of a table, the late replay of the weight decay the
-// other rows missed, and gradient sums of squares (norm.h: AdamWRowsArgs, DecayRowsArgs,
-// SumSquaresArgs). The element update is the one torch's fused
+// Optimizer kernels: AdamW on chosen rows of a table or on whole tensors, the late replay of
+// the weight decay untouched rows missed, and gradient sums of squares (norm.h: AdamWRowsArgs,
+// AdamWTensorsArgs, DecayRowsArgs, SumSquaresArgs). The element update is the one torch's fused
 // CPU AdamW makes in its vector loop, operation for operation: this file is compiled with
 // -ffp-contract=off, so each multiply and add rounds where it is written, and the fused
 // multiply-adds are where torch's compiled kernel has them.
@@ -72,18 +72,22 @@ inline void adamw_vec(const AdamWConsts& k, float* p, const G* g, float* m, floa
   }
 }
 
+// Elements [i0, i1) of one flat float32 tensor (and its gradient, moments and shadow).
+template <class G>
+void adamw_range(const AdamWConsts& k, float* param, const void* grad, float* m, float* v, void* shadow, int64_t i0,
+                 int64_t i1) {
+  const G* g = static_cast<const G*>(grad);
+  bf16_t* sh = static_cast<bf16_t*>(shadow);
+  for (int64_t i = i0; i < i1; i += W)
+    adamw_vec(k, param + i, g == nullptr ? nullptr : g + i, m + i, v + i, sh == nullptr ? nullptr : sh + i,
+              int(std::min<int64_t>(W, i1 - i)));
+}
+
 template <class G>
 void adamw_rows_impl(const AdamWRowsArgs& a, const AdamWConsts& k) {
-  const int64_t cols = a.cols;
-  const G* grad = static_cast<const G*>(a.grad);
-  bf16_t* shadow = static_cast<bf16_t*>(a.shadow);
-  for_each_row(a.n_rows, cols, a.num_threads, [&](int64_t i) {
-    const int64_t off = a.rows[i] * cols;
-    for (int64_t c = 0; c < cols; c += W) {
-      adamw_vec(k, a.param + off + c, grad == nullptr ? nullptr : grad + off + c, a.exp_avg + off + c,
-                a.exp_avg_sq + off + c, shadow == nullptr ? nullptr : shadow + off + c,
-                int(std::min<int64_t>(W, cols - c)));
-    }
+  for_each_row(a.n_rows, a.cols, a.num_threads, [&](int64_t i) {
+    const int64_t off = a.rows[i] * a.cols;
+    adamw_range<G>(k, a.param, a.grad, a.exp_avg, a.exp_avg_sq, a.shadow, off, off + a.cols);
   });
 }
 
@@ -103,16 +107,6 @@ AdamWConsts make_consts(float decay, float lerp, float beta2, float one_minus_be
   k.eps = vec::set1(eps);
   k.grad_scale = vec::set1(grad_scale);
   return k;
-}
-
-// Elements [i0, i1) of one flat tensor.
-template <class G>
-void adamw_span(const AdamWConsts& k, const AdamWTensor& t, int64_t i0, int64_t i1) {
-  const G* g = static_cast<const G*>(t.grad);
-  bf16_t* shadow = static_cast<bf16_t*>(t.shadow);
-  for (int64_t i = i0; i < i1; i += W)
-    adamw_vec(k, t.param + i, g == nullptr ? nullptr : g + i, t.exp_avg + i, t.exp_avg_sq + i,
-              shadow == nullptr ? nullptr : shadow + i, int(std::min<int64_t>(W, i1 - i)));
 }
 
 }  // namespace
@@ -140,9 +134,9 @@ void adamw_tensors(const AdamWTensorsArgs& a) {
     const AdamWConsts k = make_consts(t.decay, a.lerp, a.beta2, a.one_minus_beta2, t.neg_step_size, t.bc2_sqrt,
                                       a.eps, a.grad_scale);
     if (t.grad_dtype == DType::bf16)
-      adamw_span<bf16_t>(k, t, i0, i1);
+      adamw_range<bf16_t>(k, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.shadow, i0, i1);
     else
-      adamw_span<float>(k, t, i0, i1);
+      adamw_range<float>(k, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.shadow, i0, i1);
   }
 }
 
