@@ -32,8 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from llmcore import _C
+from llmcore.nn.layers import MLP, Attention, GatedMLP
 
 ENV_SWITCH = "LLMCORE_BF16_WEIGHTS"  # "0": autocast casts the weights, as without llmcore
+# The layers that read their Linears through ``linear_weight``: only their weights get copies (a
+# Linear called directly, as a classification head's, would keep a copy it never reads).
+_READERS = (Attention, MLP, GatedMLP)
 _BF16 = 1  # the kernels' dtype code for bfloat16
 
 
@@ -99,9 +103,10 @@ class Bf16Weights:
     @classmethod
     def attach(cls, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1,
                bf16: bool = True) -> list:
-        """``[Bf16Weights]`` for the CPU float32 ``nn.Linear`` weights in a fused AdamW group
-        (no amsgrad/maximize), not tied, without gradient hooks, in one process under bf16
-        autocast; ``[]`` when none qualifies or ``LLMCORE_BF16_WEIGHTS=0``."""
+        """``[Bf16Weights]`` for the CPU float32 weights of the ``nn.Linear`` children of llmcore's
+        attention and MLP layers, in a fused AdamW group (no amsgrad/maximize), not tied, without
+        gradient hooks, in one process under bf16 autocast; ``[]`` when none qualifies or
+        ``LLMCORE_BF16_WEIGHTS=0``."""
         if not bf16 or world_size > 1 or os.environ.get(ENV_SWITCH, "1") == "0" \
                 or type(optimizer) is not torch.optim.AdamW:
             return []
@@ -111,9 +116,9 @@ class Bf16Weights:
             for p in g["params"]:
                 groups[id(p)] = None if id(p) in groups else g  # in two groups: not ours
         entries = []
-        for module in model.modules():
-            if not isinstance(module, nn.Linear):
-                continue
+        linears = [c for m in model.modules() if isinstance(m, _READERS) for c in m.children()
+                   if isinstance(c, nn.Linear)]
+        for module in linears:
             w = module.weight
             g = groups.get(id(w))
             if (g is None or not g.get("fused") or g.get("amsgrad") or g.get("maximize") or g.get("capturable")
