@@ -83,11 +83,26 @@ void adamw_range(const AdamWConsts& k, float* param, const void* grad, float* m,
               int(std::min<int64_t>(W, i1 - i)));
 }
 
+inline void prefetch_for_write(const void* p, int64_t bytes) {
+  for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(static_cast<const char*>(p) + x, 1, 3);
+}
+
 template <class G>
 void adamw_rows_impl(const AdamWRowsArgs& a, const AdamWConsts& k) {
-  for_each_row(a.n_rows, a.cols, a.num_threads, [&](int64_t i) {
-    const int64_t off = a.rows[i] * a.cols;
-    adamw_range<G>(k, a.param, a.grad, a.exp_avg, a.exp_avg_sq, a.shadow, off, off + a.cols);
+  // Rows are scattered through tables far larger than the caches: the hardware prefetchers
+  // follow a row but not the jump to the next one, so each row asks for the row kAhead later.
+  constexpr int64_t kAhead = 2;
+  const int64_t cols = a.cols;
+  for_each_row(a.n_rows, cols, a.num_threads, [&](int64_t i) {
+    if (i + kAhead < a.n_rows) {
+      const int64_t next = a.rows[i + kAhead] * cols;
+      prefetch_for_write(a.param + next, cols * int64_t(sizeof(float)));
+      prefetch_for_write(a.exp_avg + next, cols * int64_t(sizeof(float)));
+      prefetch_for_write(a.exp_avg_sq + next, cols * int64_t(sizeof(float)));
+      if (a.grad != nullptr) prefetch_for_write(static_cast<const G*>(a.grad) + next, cols * int64_t(sizeof(G)));
+    }
+    const int64_t off = a.rows[i] * cols;
+    adamw_range<G>(k, a.param, a.grad, a.exp_avg, a.exp_avg_sq, a.shadow, off, off + cols);
   });
 }
 
