@@ -40,6 +40,35 @@ void check_sizes(int64_t rows, int64_t cols) {
 
 void check_ptr(uintptr_t p, const char* name) { require(p != 0, std::string(name) + ": null data pointer"); }
 
+// One AdamW operand set; the pointers of a tensor with elements are checked (grad and shadow
+// may be 0: zeros, none).
+nm::AdamWTensor adamw_tensor(uintptr_t param, uintptr_t grad, int grad_dtype, uintptr_t exp_avg, uintptr_t exp_avg_sq,
+                             uintptr_t shadow, int64_t numel, float decay, float neg_step_size, float bc2_sqrt) {
+  require(numel >= 0, "numel must be >= 0, got " + std::to_string(numel));
+  if (numel) {
+    check_ptr(param, "param"); check_ptr(exp_avg, "exp_avg"); check_ptr(exp_avg_sq, "exp_avg_sq");
+  }
+  nm::AdamWTensor t;
+  t.param = ptr<float>(param);
+  t.grad = ptr<const void>(grad);
+  t.grad_dtype = dtype_of(grad_dtype, "grad_dtype");
+  require(t.grad_dtype != nm::DType::f16, "grad_dtype: float32 or bfloat16 gradients only");
+  t.exp_avg = ptr<float>(exp_avg);
+  t.exp_avg_sq = ptr<float>(exp_avg_sq);
+  t.shadow = ptr<void>(shadow);
+  t.numel = numel;
+  t.decay = decay; t.neg_step_size = neg_step_size; t.bc2_sqrt = bc2_sqrt;
+  return t;
+}
+
+nm::AdamWShared adamw_shared(float lerp, float beta2, float one_minus_beta2, float eps, float grad_scale,
+                             int num_threads) {
+  nm::AdamWShared sh;
+  sh.lerp = lerp; sh.beta2 = beta2; sh.one_minus_beta2 = one_minus_beta2; sh.eps = eps; sh.grad_scale = grad_scale;
+  sh.num_threads = num_threads;
+  return sh;
+}
+
 }  // namespace
 
 void bind_norm(py::module_& m) {
@@ -230,21 +259,14 @@ void bind_norm(py::module_& m) {
           require(n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(n_rows));
           require(cols > 0, "cols must be > 0, got " + std::to_string(cols));
           if (n_rows == 0) return;
-          check_ptr(param, "param"); check_ptr(exp_avg, "exp_avg"); check_ptr(exp_avg_sq, "exp_avg_sq");
           check_ptr(rows, "rows");
           nm::AdamWRowsArgs a;
-          a.param = ptr<float>(param);
-          a.grad = ptr<const void>(grad);
-          a.grad_dtype = dtype_of(grad_dtype, "grad_dtype");
-          require(a.grad_dtype != nm::DType::f16, "grad_dtype: float32 or bfloat16 gradients only");
-          a.shadow = ptr<void>(shadow);
-          a.exp_avg = ptr<float>(exp_avg);
-          a.exp_avg_sq = ptr<float>(exp_avg_sq);
+          // numel: the elements the rows cover (the kernel reads rows and cols, not this)
+          a.table = adamw_tensor(param, grad, grad_dtype, exp_avg, exp_avg_sq, shadow, n_rows * cols, decay,
+                                 neg_step_size, bc2_sqrt);
           a.rows = ptr<const int64_t>(rows);
           a.n_rows = n_rows; a.cols = cols;
-          a.decay = decay; a.lerp = lerp; a.beta2 = beta2; a.one_minus_beta2 = one_minus_beta2;
-          a.neg_step_size = neg_step_size; a.bc2_sqrt = bc2_sqrt; a.eps = eps; a.grad_scale = grad_scale;
-          a.num_threads = num_threads;
+          a.shared = adamw_shared(lerp, beta2, one_minus_beta2, eps, grad_scale, num_threads);
           py::gil_scoped_release release;
           nm::adamw_rows(a);
         },
@@ -313,8 +335,9 @@ void bind_norm(py::module_& m) {
         "the same result for any thread count.");
 
   m.def("adamw_tensors",
-        [](const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& grads, const std::vector<int>& grad_dtypes,
-           const std::vector<uintptr_t>& exp_avgs, const std::vector<uintptr_t>& exp_avg_sqs,
+        [](const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& grads,
+           const std::vector<int>& grad_dtypes, const std::vector<uintptr_t>& exp_avgs,
+           const std::vector<uintptr_t>& exp_avg_sqs,
            const std::vector<uintptr_t>& shadows, const std::vector<int64_t>& numels, const std::vector<float>& decays,
            const std::vector<float>& neg_step_sizes, const std::vector<float>& bc2_sqrts, float lerp, float beta2,
            float one_minus_beta2, float eps, float grad_scale, int num_threads) {
@@ -324,25 +347,13 @@ void bind_norm(py::module_& m) {
                       bc2_sqrts.size() == n,
                   "adamw_tensors: every per-tensor list needs one entry per tensor");
           std::vector<nm::AdamWTensor> ts(n);
-          for (size_t i = 0; i < n; ++i) {
-            require(numels[i] >= 0, "numels must be >= 0, got " + std::to_string(numels[i]));
-            if (numels[i]) { check_ptr(params[i], "params"); check_ptr(exp_avgs[i], "exp_avgs"); check_ptr(exp_avg_sqs[i], "exp_avg_sqs"); }
-            nm::AdamWTensor& t = ts[i];
-            t.param = ptr<float>(params[i]);
-            t.grad = ptr<const void>(grads[i]);
-            t.grad_dtype = dtype_of(grad_dtypes[i], "grad_dtypes");
-            require(t.grad_dtype != nm::DType::f16, "grad_dtypes: float32 or bfloat16 gradients only");
-            t.exp_avg = ptr<float>(exp_avgs[i]);
-            t.exp_avg_sq = ptr<float>(exp_avg_sqs[i]);
-            t.shadow = ptr<void>(shadows[i]);
-            t.numel = numels[i];
-            t.decay = decays[i]; t.neg_step_size = neg_step_sizes[i]; t.bc2_sqrt = bc2_sqrts[i];
-          }
+          for (size_t i = 0; i < n; ++i)
+            ts[i] = adamw_tensor(params[i], grads[i], grad_dtypes[i], exp_avgs[i], exp_avg_sqs[i], shadows[i],
+                                 numels[i], decays[i], neg_step_sizes[i], bc2_sqrts[i]);
           nm::AdamWTensorsArgs a;
           a.tensors = ts.data();
           a.n_tensors = int64_t(n);
-          a.lerp = lerp; a.beta2 = beta2; a.one_minus_beta2 = one_minus_beta2; a.eps = eps; a.grad_scale = grad_scale;
-          a.num_threads = num_threads;
+          a.shared = adamw_shared(lerp, beta2, one_minus_beta2, eps, grad_scale, num_threads);
           py::gil_scoped_release release;
           nm::adamw_tensors(a);
         },

@@ -107,50 +107,46 @@ struct DropoutArgs {
   int num_threads = 1;
 };
 
-// AdamW (decoupled weight decay, no amsgrad) on chosen rows of float32 (rows x cols) tables,
-// param, grad, exp_avg and exp_avg_sq all contiguous: the update torch's fused CPU kernel
-// (torch.optim.AdamW(fused=True)) makes, element for element and in the same float32
-// operations, but only on the listed rows (llmcore/train/lazy_rows.py keeps the others exact).
-// The constants are torch's, computed in double by the caller and rounded to float:
-// decay = 1 - lr * weight_decay (1: none), lerp = 1 - beta1, beta2, one_minus_beta2,
-// neg_step_size = -lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step), eps. grad_scale
-// (0: none) divides the gradient first, as a GradScaler's scale does; grad null is all zeros.
-// The gradient may be bf16 (grad_dtype): it is widened exactly, as autocast's cast back would.
-// shadow (optional, bf16, same layout): receives each updated row rounded to bf16, the weight
-// a bf16 autocast forward reads.
-struct AdamWRowsArgs {
-  float* param = nullptr;
-  const void* grad = nullptr;
-  DType grad_dtype = DType::f32;  // f32 or bf16
-  void* shadow = nullptr;
-  float* exp_avg = nullptr;
-  float* exp_avg_sq = nullptr;
-  const int64_t* rows = nullptr;
-  int64_t n_rows = 0, cols = 0;
-  float decay = 1.f, lerp = 0.1f, beta2 = 0.999f, one_minus_beta2 = 0.001f;
-  float neg_step_size = 0.f, bc2_sqrt = 1.f, eps = 1e-8f, grad_scale = 0.f;
-  int num_threads = 1;
-};
+// AdamW (decoupled weight decay, no amsgrad) on float32 tensors: the update torch's fused CPU
+// kernel (torch.optim.AdamW(fused=True)) makes, element for element and in the same float32
+// operations. The constants are torch's, computed in double by the caller and rounded to float:
+// per tensor decay = 1 - lr * weight_decay (1: none), neg_step_size = -lr / (1 - beta1^step),
+// bc2_sqrt = sqrt(1 - beta2^step); shared lerp = 1 - beta1, beta2, one_minus_beta2, eps.
+// grad_scale (0: none) divides the gradient first, as a GradScaler's scale does.
 
-// The same update on whole contiguous float32 tensors, many in one call (torch's multi-tensor
-// fused AdamW): tensor i has its own decay, neg_step_size and bc2_sqrt (its group's lr and
-// weight decay, its step) and gradient dtype; the rest is shared. The work is cut into
-// fixed-size chunks over all tensors, so small tensors share the threads.
+// One contiguous tensor: param, grad (null: all zeros; float32 or bf16, widened exactly as
+// autocast's cast back would), exp_avg, exp_avg_sq, and an optional bf16 shadow that receives
+// the updated values rounded to bf16 (the weight a bf16 autocast forward reads).
 struct AdamWTensor {
   float* param = nullptr;
   const void* grad = nullptr;
   DType grad_dtype = DType::f32;  // f32 or bf16
   float* exp_avg = nullptr;
   float* exp_avg_sq = nullptr;
-  void* shadow = nullptr;  // bf16, optional
-  int64_t numel = 0;
+  void* shadow = nullptr;
+  int64_t numel = 0;  // AdamWTensorsArgs only
   float decay = 1.f, neg_step_size = 0.f, bc2_sqrt = 1.f;
 };
+struct AdamWShared {
+  float lerp = 0.1f, beta2 = 0.999f, one_minus_beta2 = 0.001f, eps = 1e-8f, grad_scale = 0.f;
+  int num_threads = 1;
+};
+
+// The update on the listed rows of one (., cols) table only (llmcore/train/lazy_rows.py keeps
+// the other rows exact).
+struct AdamWRowsArgs {
+  AdamWTensor table;
+  const int64_t* rows = nullptr;
+  int64_t n_rows = 0, cols = 0;
+  AdamWShared shared;
+};
+
+// The update on whole tensors, many in one call (torch's multi-tensor fused AdamW): the work is
+// cut into fixed-size chunks over all tensors, so small tensors share the threads.
 struct AdamWTensorsArgs {
   const AdamWTensor* tensors = nullptr;
   int64_t n_tensors = 0;
-  float lerp = 0.1f, beta2 = 0.999f, one_minus_beta2 = 0.001f, eps = 1e-8f, grad_scale = 0.f;
-  int num_threads = 1;
+  AdamWShared shared;
 };
 
 // The weight decay AdamW applies to a row whose gradient and moments are all zero, replayed

@@ -92,44 +92,43 @@ void adamw_rows_impl(const AdamWRowsArgs& a, const AdamWConsts& k) {
   // Rows are scattered through tables far larger than the caches: the hardware prefetchers
   // follow a row but not the jump to the next one, so each row asks for the row kAhead later.
   constexpr int64_t kAhead = 2;
+  const AdamWTensor& t = a.table;
   const int64_t cols = a.cols;
-  for_each_row(a.n_rows, cols, a.num_threads, [&](int64_t i) {
+  for_each_row(a.n_rows, cols, a.shared.num_threads, [&](int64_t i) {
     if (i + kAhead < a.n_rows) {
       const int64_t next = a.rows[i + kAhead] * cols;
-      prefetch_for_write(a.param + next, cols * int64_t(sizeof(float)));
-      prefetch_for_write(a.exp_avg + next, cols * int64_t(sizeof(float)));
-      prefetch_for_write(a.exp_avg_sq + next, cols * int64_t(sizeof(float)));
-      if (a.grad != nullptr) prefetch_for_write(static_cast<const G*>(a.grad) + next, cols * int64_t(sizeof(G)));
+      prefetch_for_write(t.param + next, cols * int64_t(sizeof(float)));
+      prefetch_for_write(t.exp_avg + next, cols * int64_t(sizeof(float)));
+      prefetch_for_write(t.exp_avg_sq + next, cols * int64_t(sizeof(float)));
+      if (t.grad != nullptr) prefetch_for_write(static_cast<const G*>(t.grad) + next, cols * int64_t(sizeof(G)));
     }
     const int64_t off = a.rows[i] * cols;
-    adamw_range<G>(k, a.param, a.grad, a.exp_avg, a.exp_avg_sq, a.shadow, off, off + cols);
+    adamw_range<G>(k, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.shadow, off, off + cols);
   });
 }
 
-AdamWConsts make_consts(float decay, float lerp, float beta2, float one_minus_beta2, float neg_step_size,
-                        float bc2_sqrt, float eps, float grad_scale) {
+AdamWConsts make_consts(const AdamWTensor& t, const AdamWShared& sh) {
   AdamWConsts k;
-  k.decays = decay != 1.f;
-  k.scales = grad_scale != 0.f;
+  k.decays = t.decay != 1.f;
+  k.scales = sh.grad_scale != 0.f;
   // torch blends by |weight| < 0.5: small weights step from exp_avg, large ones from grad
-  k.base_is_grad = !(lerp < 0.5f && lerp > -0.5f);
-  k.decay = vec::set1(decay);
-  k.coeff = vec::set1(k.base_is_grad ? lerp - 1.f : lerp);
-  k.beta2 = vec::set1(beta2);
-  k.one_minus_beta2 = vec::set1(one_minus_beta2);
-  k.neg_step_size = vec::set1(neg_step_size);
-  k.bc2_sqrt = vec::set1(bc2_sqrt);
-  k.eps = vec::set1(eps);
-  k.grad_scale = vec::set1(grad_scale);
+  k.base_is_grad = !(sh.lerp < 0.5f && sh.lerp > -0.5f);
+  k.decay = vec::set1(t.decay);
+  k.coeff = vec::set1(k.base_is_grad ? sh.lerp - 1.f : sh.lerp);
+  k.beta2 = vec::set1(sh.beta2);
+  k.one_minus_beta2 = vec::set1(sh.one_minus_beta2);
+  k.neg_step_size = vec::set1(t.neg_step_size);
+  k.bc2_sqrt = vec::set1(t.bc2_sqrt);
+  k.eps = vec::set1(sh.eps);
+  k.grad_scale = vec::set1(sh.grad_scale);
   return k;
 }
 
 }  // namespace
 
 void adamw_rows(const AdamWRowsArgs& a) {
-  const AdamWConsts k = make_consts(a.decay, a.lerp, a.beta2, a.one_minus_beta2, a.neg_step_size, a.bc2_sqrt,
-                                    a.eps, a.grad_scale);
-  if (a.grad_dtype == DType::bf16)
+  const AdamWConsts k = make_consts(a.table, a.shared);
+  if (a.table.grad_dtype == DType::bf16)
     adamw_rows_impl<bf16_t>(a, k);
   else
     adamw_rows_impl<float>(a, k);
@@ -140,14 +139,13 @@ void adamw_tensors(const AdamWTensorsArgs& a) {
   std::vector<int64_t> first(a.n_tensors + 1, 0);  // each tensor's first chunk
   for (int64_t t = 0; t < a.n_tensors; ++t) first[t + 1] = first[t] + (a.tensors[t].numel + kChunk - 1) / kChunk;
   const int64_t chunks = first[a.n_tensors];
-  const int nt = threads_for(chunks, kChunk, a.num_threads);
+  const int nt = threads_for(chunks, kChunk, a.shared.num_threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t ti = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
     const AdamWTensor& t = a.tensors[ti];
     const int64_t i0 = (c - first[ti]) * kChunk, i1 = std::min(t.numel, i0 + kChunk);
-    const AdamWConsts k = make_consts(t.decay, a.lerp, a.beta2, a.one_minus_beta2, t.neg_step_size, t.bc2_sqrt,
-                                      a.eps, a.grad_scale);
+    const AdamWConsts k = make_consts(t, a.shared);
     if (t.grad_dtype == DType::bf16)
       adamw_range<bf16_t>(k, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.shadow, i0, i1);
     else
