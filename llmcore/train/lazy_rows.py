@@ -69,7 +69,7 @@ def _eligible_group(optimizer: torch.optim.Optimizer, module: nn.Module, uses: i
 class LazyRowAdamW:
     """The AdamW update of one ``llmcore.nn.Embedding`` table, row-sparse and exact (module doc).
 
-    ``attach`` builds one per eligible table; then, every step: ``grad_rows()`` (the touched
+    ``attach`` builds one per eligible table; then, every step: ``grads()`` (the touched
     gradient rows, for the norm), ``step(grad_scale)`` before ``optimizer.step()``, and
     ``flush()`` before anything reads the whole table (evaluation, checkpoints); ``detach()``
     at the end."""
@@ -89,6 +89,7 @@ class LazyRowAdamW:
         self.touched: list[Tensor] = []
         self.rows: Optional[Tensor] = None  # this step's touched rows, once computed
         self.dense = False  # a gradient outside the touched rows was seen: torch's AdamW steps the table
+        self.checked = False  # this step's gradient was checked (``_still_sparse``)
         self.sampler = torch.Generator().manual_seed(0)  # the check's own draws: the global RNG is untouched
         module.row_tracker = self
 
@@ -144,6 +145,15 @@ class LazyRowAdamW:
         sample = sample[~torch.isin(sample, self._touched_rows())]
         return not bool(g.index_select(0, sample).any())
 
+    def _still_sparse(self) -> bool:
+        """Whether the table is still stepped here: the gradient is checked once a step (by
+        ``grads()`` or, without it, by ``step()``) and a stray one hands the table over."""
+        if not self.checked:
+            self.checked = True
+            if not self._gradient_is_row_sparse():
+                self._go_dense()
+        return not self.dense
+
     def _go_dense(self) -> None:
         """From now on torch's AdamW steps the table (it holds the same state): flush, stop tracking."""
         self.detach()
@@ -158,10 +168,7 @@ class LazyRowAdamW:
         """What the table adds to the gradient norm: its touched rows (``grad_rows``). A gradient
         found outside them hands the table to torch's AdamW for good (then nothing: its ``.grad``
         is an ordinary one)."""
-        if self.dense or self.weight.grad is None:
-            return []
-        if not self._gradient_is_row_sparse():
-            self._go_dense()
+        if self.dense or self.weight.grad is None or not self._still_sparse():
             return []
         return [self.grad_rows()]
 
@@ -176,11 +183,9 @@ class LazyRowAdamW:
         ``grad_scale``); then ``weight.grad`` is None, so ``optimizer.step()`` leaves the table alone.
         Without a gradient nothing happens, as in torch; nor after ``grads()`` found a dense one."""
         w, g = self.weight, self.weight.grad
-        if self.dense:
+        if self.dense or (g is not None and not self._still_sparse()):
             return
-        if g is not None and not self._gradient_is_row_sparse():
-            self._go_dense()
-            return
+        self.checked = False  # the next step checks its own gradient
         if g is None:
             self.touched.clear()
             self.rows = None
