@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from llmcore import _C
 from llmcore.nn.layers import MLP, Attention, GatedMLP
+from llmcore.train.optim import fused_adamw_group
 
 ENV_SWITCH = "LLMCORE_BF16_WEIGHTS"  # "0": autocast casts the weights, as without llmcore
 # The layers that read their Linears through ``linear_weight``: only their weights get copies (a
@@ -103,30 +104,20 @@ class Bf16Weights:
     @classmethod
     def attach(cls, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1,
                bf16: bool = True) -> list:
-        """``[Bf16Weights]`` for the CPU float32 weights of the ``nn.Linear`` children of llmcore's
-        attention and MLP layers, in a fused AdamW group (no amsgrad/maximize), not tied, without
-        gradient hooks, in one process under bf16 autocast; ``[]`` when none qualifies or
-        ``LLMCORE_BF16_WEIGHTS=0``."""
-        if not bf16 or world_size > 1 or os.environ.get(ENV_SWITCH, "1") == "0" \
-                or type(optimizer) is not torch.optim.AdamW:
+        """``[Bf16Weights]`` for the weights of the ``nn.Linear`` children of llmcore's attention
+        and MLP layers that ``fused_adamw_group`` accepts, in one process under bf16 autocast; ``[]``
+        when none qualifies or ``LLMCORE_BF16_WEIGHTS=0``."""
+        if not bf16 or world_size > 1 or os.environ.get(ENV_SWITCH, "1") == "0":
             return []
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-        groups = {}
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                groups[id(p)] = None if id(p) in groups else g  # in two groups: not ours
         entries = []
         linears = [c for m in model.modules() if isinstance(m, _READERS) for c in m.children()
                    if isinstance(c, nn.Linear)]
         for module in linears:
             w = module.weight
-            g = groups.get(id(w))
-            if (g is None or not g.get("fused") or g.get("amsgrad") or g.get("maximize") or g.get("capturable")
-                    or g.get("differentiable") or uses[id(w)] != 1 or w.device.type != "cpu"
-                    or w.dtype != torch.float32 or not w.requires_grad or not w.is_contiguous() or w._backward_hooks
-                    or getattr(w, "_post_accumulate_grad_hooks", None) or hasattr(w, "_llmcore_bf16")):
-                continue
-            entries.append(_Entry(w, g))
+            group = None if hasattr(w, "_llmcore_bf16") else fused_adamw_group(optimizer, w, uses[id(w)])
+            if group is not None:
+                entries.append(_Entry(w, group))
         return [cls(optimizer, entries)] if entries else []
 
     def params(self) -> list:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from llmcore import _C
 from llmcore.nn.layers import Embedding
+from llmcore.train.optim import fused_adamw_group
 
 # Tables smaller than this are touched almost everywhere by a batch (positions, token types).
 MIN_ROWS = 4096
@@ -44,26 +45,15 @@ SAMPLE_ROWS = 32
 ENV_SWITCH = "LLMCORE_LAZY_EMBEDDING"  # "0": the dense torch update for every table
 
 
-def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> Optional[dict]:
-    """The one param group holding ``param``, or None (absent, or in several groups)."""
-    groups = [g for g in optimizer.param_groups if any(p is param for p in g["params"])]
-    return groups[0] if len(groups) == 1 else None
-
-
 def _eligible_group(optimizer: torch.optim.Optimizer, module: nn.Module, uses: int) -> Optional[dict]:
-    """The param group of ``module.weight`` when the lazy update reproduces the optimizer's exactly."""
+    """The param group of ``module.weight`` when the lazy update reproduces the optimizer's exactly:
+    ``fused_adamw_group``'s conditions, a 2-D table of at least MIN_ROWS rows that only its own
+    lookups read."""
     w = module.weight
-    if (type(optimizer) is not torch.optim.AdamW or not isinstance(module, Embedding) or uses != 1
-            or w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not w.is_contiguous()
-            or not w.requires_grad or w.shape[0] < MIN_ROWS or module.max_norm is not None or module.sparse
-            or module.scale_grad_by_freq or module.dense_reads or w._backward_hooks
-            or getattr(w, "_post_accumulate_grad_hooks", None)):
+    if (not isinstance(module, Embedding) or w.dim() != 2 or w.shape[0] < MIN_ROWS or module.max_norm is not None
+            or module.sparse or module.scale_grad_by_freq or module.dense_reads):
         return None
-    group = _group_of(optimizer, w)
-    if group is None or not group.get("fused") or group.get("amsgrad") or group.get("maximize") \
-            or group.get("capturable") or group.get("differentiable"):
-        return None
-    return group
+    return fused_adamw_group(optimizer, w, uses)
 
 
 class LazyRowAdamW:

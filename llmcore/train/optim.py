@@ -1,6 +1,8 @@
 """AdamW with decoupled weight decay on matrices only, and transformers' linear warmup/decay schedule."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -31,6 +33,25 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def fused_adamw_group(optimizer: torch.optim.Optimizer, param: torch.Tensor, uses: int) -> Optional[dict]:
+    """The param group whose update llmcore's AdamW kernels (``_C.adamw_rows``/``adamw_tensors``)
+    can make in place of torch's fused CPU kernel, bit for bit: ``torch.optim.AdamW(fused=True)``
+    without amsgrad/maximize/capturable/differentiable, ``param`` in exactly one group, used once
+    in the model (``uses``: not tied), a CPU float32 contiguous tensor that requires grad, without
+    gradient hooks. None otherwise."""
+    if (type(optimizer) is not torch.optim.AdamW or uses != 1 or param.device.type != "cpu"
+            or param.dtype != torch.float32 or not param.is_contiguous() or not param.requires_grad
+            or param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None)):
+        return None
+    groups = [g for g in optimizer.param_groups if any(p is param for p in g["params"])]
+    if len(groups) != 1:
+        return None
+    g = groups[0]
+    if not g.get("fused") or g.get("amsgrad") or g.get("maximize") or g.get("capturable") or g.get("differentiable"):
+        return None
+    return g
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
