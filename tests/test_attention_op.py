@@ -46,7 +46,7 @@ def test_dropout_keep_rate():
 
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sdpa_dropout_matches_reference_with_the_same_mask(is_causal, dtype):
+def test_sdpa_dropout_matches_reference_with_the_same_mask(cpu_isa, is_causal, dtype):
     B, H, L, D, p = 2, 3, 70, 32, 0.25
     g = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(B, H, L, D, dtype=torch.float64, generator=g) for _ in range(4))
@@ -62,7 +62,7 @@ def test_sdpa_dropout_matches_reference_with_the_same_mask(is_causal, dtype):
         assert_close_to_ref(name, a, b, r, dtype)
 
 
-def test_varlen_dropout_matches_reference_with_the_same_mask():
+def test_varlen_dropout_matches_reference_with_the_same_mask(cpu_isa):
     lens, H, D, p = [5, 0, 40, 1, 17], 2, 32, 0.4
     cu = torch.tensor([0, 5, 5, 45, 46, 63], dtype=torch.int32)
     total = sum(lens)

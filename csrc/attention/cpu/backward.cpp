@@ -229,9 +229,8 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
         const int64_t qb = std::min(kBlockQ, s.len_q - q0), width = panel_width(s.len_q);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
-        if (dropout)
-          for (int64_t i = 0; i < qb; ++i)
-            dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + i), k0, kb, p.dropout_p, buf.keep + i * kBlockK);
+        if (dropout)  // keep[key * kBlockQ + query]
+          dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, true, buf.keep, kBlockQ);
         // A diagonal tile runs as two bands of keys; the lower band starts at the first query
         // its first key is visible to, so the hidden lower-left block is never computed.
         const int64_t bands = diagonal && kb > kBlockK / 2 ? 2 : 1;
@@ -270,7 +269,7 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
             float* pd_band = buf.pd + r0 * kBlockQ + c0;
             for (int64_t j = r0; j < r1; ++j)
               for (int64_t i = 0; i < n; ++i) {
-                const float ks = buf.keep[(c0 + i) * kBlockK + j] ? drop_scale : 0.f;
+                const float ks = buf.keep[j * kBlockQ + c0 + i] ? drop_scale : 0.f;
                 ks_band[(j - r0) * kBlockQ + i] = ks;
                 pd_band[(j - r0) * kBlockQ + i] = P[(j - r0) * kBlockQ + i] * ks;
               }

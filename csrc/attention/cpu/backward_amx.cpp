@@ -174,9 +174,8 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
         const int64_t qb = std::min(kBlockQ, s.len_q - q0), qb32 = round_up(qb, 32);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
-        if (dropout)
-          for (int64_t i = 0; i < qb; ++i)
-            dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + i), k0, kb, p.dropout_p, buf.keep + i * kBlockK);
+        if (dropout)  // keep[key * kBlockQ + query]
+          dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, true, buf.keep, kBlockQ);
         // Diagonal tiles run as two bands of 32 keys; the lower band starts at the 32-column
         // block holding the first query its first key is visible to (see backward.cpp).
         // Keys past the tile's last one (short sequences) are not computed: m covers them to 32.
@@ -221,7 +220,7 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             for (int64_t j = 0; j < m; ++j)
               for (int64_t i = 0; i < n; ++i) {
                 const int64_t key = r0 + j, query = c0 + i;
-                const float ks = (key < kb && query < qb && buf.keep[query * kBlockK + key]) ? drop_scale : 0.f;
+                const float ks = (key < kb && query < qb && buf.keep[key * kBlockQ + query]) ? drop_scale : 0.f;
                 ks_band[j * T + i] = ks;
                 dP[j * T + i] = P[j * T + i] * ks;  // dP's rows serve as scratch for P * keep here
               }

@@ -54,7 +54,7 @@ struct TileBuffers {
   float *q, *s, *o, *m, *l, *m_new, *alpha, *row;
   uint8_t* keep;
   static int64_t floats(int64_t dim, int64_t dim_v) {
-    return kBlockQ * dim + kBlockQ * kBlockK + kBlockQ * dim_v + 4 * kBlockQ + NR * dim + kBlockK / 4 + 16;
+    return kBlockQ * dim + kBlockQ * kBlockK + kBlockQ * dim_v + 4 * kBlockQ + NR * dim + kBlockQ * kBlockK / 4 + 16;
   }
   TileBuffers(float* base, int64_t dim, int64_t dim_v)
       : q(base), s(q + kBlockQ * dim), o(s + kBlockQ * kBlockK), m(o + kBlockQ * dim_v), l(m + kBlockQ),
@@ -104,6 +104,8 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
     float *m_new = buf.m_new, *alpha = buf.alpha;
     online_softmax_maxima(p, b, h, q0, k0, qb, S, kBlockK, [&](int64_t r) { return diagonal ? visible(r, k0, kb) : kb; },
                           sc, m, m_new, alpha);
+    if (p.dropout_p > 0.f)  // keep[r * kBlockK + j]
+      dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, false, buf.keep, kBlockK);
     // Pass 2: probabilities, row sums, and the rescaled output accumulator.
     for (int64_t r = 0; r < qb; ++r) {
       float* row = S + r * kBlockK;
@@ -120,8 +122,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
       l[r] = l[r] * alpha[r] + sum;
       m[r] = m_new[r];
       if (p.dropout_p > 0.f) {
-        uint8_t* keep = buf.keep;
-        dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + r), k0, n, p.dropout_p, keep);
+        const uint8_t* keep = buf.keep + r * kBlockK;
         for (int64_t j = 0; j < n; ++j) row[j] = keep[j] ? row[j] * drop_scale : 0.f;
       }
     }

@@ -60,7 +60,7 @@ struct TileBuffers {
   uint8_t* keep;
   static int64_t floats(const Dims& d) {
     return kBlockQ * kBlockK + kBlockQ * d.Dvp + 4 * kBlockQ + (kBlockQ * d.Dp + kBlockQ * kBlockK) / 2 +
-           kBlockK / 4 + 64;
+           kBlockQ * kBlockK / 4 + 64;
   }
   TileBuffers(float* base, const Dims& d) {
     s = base;
@@ -125,6 +125,8 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
         amx_gemm(32, cols[rb], d.Dp, A + rb * 32 * lda, lda, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16,
                  S + rb * 32 * kBlockK, kBlockK, false);
 
+    if (p.dropout_p > 0.f)  // keep[r * kBlockK + j]
+      dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, false, buf.keep, kBlockK);
     float *m_new = buf.m_new, *alpha = buf.alpha;
     online_softmax_maxima(p, b, h, q0, k0, qb, S, kBlockK, [&](int64_t r) { return diagonal ? visible(r, k0, kb) : kb; },
                           sc, m, m_new, alpha);
@@ -141,8 +143,8 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
       if (p.dropout_p > 0.f) {  // the row sum takes P before dropout
         sum = row_exp2_sum(row, n, sc.row_c, m_new[r]);
         if (n < width) std::memset(row + n, 0, sizeof(float) * (width - n));
-        dropout_row(p.seed, p.offset, lse_index(p, b, h, s, q0 + r), k0, n, p.dropout_p, buf.keep);
-        for (int64_t j = 0; j < n; ++j) row[j] = buf.keep[j] ? row[j] * drop_scale : 0.f;
+        const uint8_t* keep = buf.keep + r * kBlockK;
+        for (int64_t j = 0; j < n; ++j) row[j] = keep[j] ? row[j] * drop_scale : 0.f;
         to_bf16(row, prow, width);
       } else {
         sum = exp2_to_bf16(row, n, width, sc.row_c, m_new[r], prow);

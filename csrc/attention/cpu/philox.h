@@ -3,6 +3,12 @@
 // from (seed, offset, row, column) without storing it.
 #pragma once
 #include <cstdint>
+#include <algorithm>
+#include <cstring>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace llmcore::attention {
 
@@ -23,6 +29,94 @@ static inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint3
   return {{c0, c1, c2, c3}};
 }
 
+#if defined(__AVX512F__)
+// Philox4x32-10 on 16 counters at once: w[k] holds word k of lane l's counter and is replaced by
+// word k of its output, bitwise philox4x32_10's. The even and odd lanes run as two sets in the
+// low halves of 64-bit lanes (vpmuludq then gives whole products; the upper halves carry
+// don't-cares), the high words come from an in-lane shuffle (port 5, beside the multiplies').
+static inline void philox4x32_10_x16(__m512i w[4], uint32_t key0, uint32_t key1) {
+  __m512i c0[2], c1[2], c2[2], c3[2];
+  __m512i* c[4] = {c0, c1, c2, c3};
+  for (int k = 0; k < 4; ++k) {
+    c[k][0] = w[k];
+    c[k][1] = _mm512_shuffle_epi32(w[k], _MM_PERM_CDAB);
+  }
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
+  __m512i k0 = _mm512_set1_epi32(int(key0)), k1 = _mm512_set1_epi32(int(key1));
+  const __m512i w0 = _mm512_set1_epi32(int(0x9E3779B9u)), w1 = _mm512_set1_epi32(int(0xBB67AE85u));
+  for (int r = 0; r < 10; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i p0 = _mm512_mul_epu32(c0[h], m0), p1 = _mm512_mul_epu32(c2[h], m1);
+      const __m512i hi0 = _mm512_shuffle_epi32(p0, _MM_PERM_CDAB), hi1 = _mm512_shuffle_epi32(p1, _MM_PERM_CDAB);
+      c0[h] = _mm512_ternarylogic_epi32(hi1, c1[h], k0, 0x96);  // three-way xor
+      c2[h] = _mm512_ternarylogic_epi32(hi0, c3[h], k1, 0x96);
+      c1[h] = p1;  // low words: lo1, lo0
+      c3[h] = p0;
+    }
+    k0 = _mm512_add_epi32(k0, w0);
+    k1 = _mm512_add_epi32(k1, w1);
+  }
+  // lanes 2i from the even set's low words, lanes 2i + 1 from the odd set's
+  for (int k = 0; k < 4; ++k) w[k] = _mm512_mask_blend_epi32(0xAAAA, c[k][0], _mm512_shuffle_epi32(c[k][1], _MM_PERM_CDAB));
+}
+#endif
+
+#if defined(__AVX2__)
+// philox4x32_10_x16 on 8 counters (AVX2): the same two sets of 4.
+static inline void philox4x32_10_x8(__m256i w[4], uint32_t key0, uint32_t key1) {
+  __m256i c0[2], c1[2], c2[2], c3[2];
+  __m256i* c[4] = {c0, c1, c2, c3};
+  for (int k = 0; k < 4; ++k) {
+    c[k][0] = w[k];
+    c[k][1] = _mm256_shuffle_epi32(w[k], 0xB1);
+  }
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53), m1 = _mm256_set1_epi64x(0xCD9E8D57);
+  __m256i k0 = _mm256_set1_epi32(int(key0)), k1 = _mm256_set1_epi32(int(key1));
+  const __m256i w0 = _mm256_set1_epi32(int(0x9E3779B9u)), w1 = _mm256_set1_epi32(int(0xBB67AE85u));
+  for (int r = 0; r < 10; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i p0 = _mm256_mul_epu32(c0[h], m0), p1 = _mm256_mul_epu32(c2[h], m1);
+      const __m256i hi0 = _mm256_shuffle_epi32(p0, 0xB1), hi1 = _mm256_shuffle_epi32(p1, 0xB1);
+      c0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[h]), k0);
+      c2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[h]), k1);
+      c1[h] = p1;
+      c3[h] = p0;
+    }
+    k0 = _mm256_add_epi32(k0, w0);
+    k1 = _mm256_add_epi32(k1, w1);
+  }
+  for (int k = 0; k < 4; ++k) w[k] = _mm256_blend_epi32(c[k][0], _mm256_shuffle_epi32(c[k][1], 0xB1), 0xAA);
+}
+#endif
+
+// Philox calls per batch of a vector build: word k of call l is words[k][l].
+#if defined(__AVX512F__)
+constexpr int kPhiloxLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kPhiloxLanes = 8;
+#else
+constexpr int kPhiloxLanes = 1;
+#endif
+
+// words[k][l] = word k of philox4x32_10(ctr[0][l], ..., ctr[3][l], key), for l < kPhiloxLanes.
+static inline void philox_lanes(const uint32_t ctr[4][kPhiloxLanes], uint32_t key0, uint32_t key1,
+                                uint32_t words[4][kPhiloxLanes]) {
+#if defined(__AVX512F__)
+  __m512i w[4];
+  for (int k = 0; k < 4; ++k) w[k] = _mm512_loadu_si512(ctr[k]);
+  philox4x32_10_x16(w, key0, key1);
+  for (int k = 0; k < 4; ++k) _mm512_storeu_si512(words[k], w[k]);
+#elif defined(__AVX2__)
+  __m256i w[4];
+  for (int k = 0; k < 4; ++k) w[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctr[k]));
+  philox4x32_10_x8(w, key0, key1);
+  for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(words[k]), w[k]);
+#else
+  const Philox4 r = philox4x32_10(ctr[0][0], ctr[1][0], ctr[2][0], ctr[3][0], key0, key1);
+  for (int k = 0; k < 4; ++k) words[k][0] = r.v[k];
+#endif
+}
+
 // Dropout keeps element (row, col) when its 32-bit draw is at least p * 2^32 (never when p >= 1).
 // static: this header is compiled with several ISAs' flags, and must not share symbols between them.
 // Counter: (col / 4, row low, row high, offset); key: the seed. One call covers four columns.
@@ -31,7 +125,8 @@ static inline uint32_t dropout_threshold(float p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
 }
 
-// keep[j] for columns [col0, col0 + n) of one row; col0 must be a multiple of 4.
+// keep[j] for columns [col0, col0 + n) of one row; col0 must be a multiple of 4. The reference
+// the kernels' dropout_block is tested against.
 static inline void dropout_row(uint64_t seed, uint64_t offset, uint64_t row, int64_t col0, int64_t n, float p,
                                uint8_t* keep) {
   const uint32_t threshold = dropout_threshold(p);
@@ -41,6 +136,64 @@ static inline void dropout_row(uint64_t seed, uint64_t offset, uint64_t row, int
     const uint64_t c = uint64_t(col0 + j) >> 2;
     Philox4 r = philox4x32_10(uint32_t(c), uint32_t(row), uint32_t(row >> 32), uint32_t(offset + (c >> 32)), k0, k1);
     for (int t = 0; t < 4 && j + t < n; ++t) keep[j + t] = p_below_one && r.v[t] >= threshold;
+  }
+}
+
+// dropout_row's draws for rows [row0, row0 + rows) and columns [col0, col0 + cols) (col0 a
+// multiple of 4): keep[r * ld + j] (the forward's query-major tiles), or keep[j * ld + r] with
+// ``transposed`` (the backward's key-major tiles). The lanes of a Philox batch are rows (one call
+// covers four columns of a row), so short rows waste no lanes.
+static inline void dropout_block(uint64_t seed, uint64_t offset, uint64_t row0, int64_t rows, int64_t col0,
+                                 int64_t cols, float p, bool transposed, uint8_t* keep, int64_t ld) {
+  constexpr int N = kPhiloxLanes;
+  const uint32_t threshold = dropout_threshold(p);
+  const bool p_below_one = p < 1.f;
+  const uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  alignas(64) uint32_t ctr[4][N];
+  alignas(64) uint32_t words[4][N];
+  const uint64_t c_first = uint64_t(col0) >> 2;
+  for (int64_t r0 = 0; r0 < rows; r0 += N) {
+    const int64_t m = std::min<int64_t>(N, rows - r0);
+    for (int l = 0; l < N; ++l) {
+      const uint64_t row = row0 + uint64_t(r0 + l);
+      ctr[1][l] = uint32_t(row);
+      ctr[2][l] = uint32_t(row >> 32);
+    }
+    for (int64_t j0 = 0; j0 < cols; j0 += 4) {
+      const uint64_t c = c_first + uint64_t(j0 >> 2);
+      for (int l = 0; l < N; ++l) {
+        ctr[0][l] = uint32_t(c);
+        ctr[3][l] = uint32_t(offset + (c >> 32));
+      }
+      philox_lanes(ctr, k0, k1, words);
+      const int64_t w = std::min<int64_t>(4, cols - j0);
+      if (transposed) {
+        for (int64_t k = 0; k < w; ++k) {
+          uint8_t kept[N];
+          for (int l = 0; l < N; ++l) kept[l] = p_below_one && words[k][l] >= threshold;
+          uint8_t* dst = keep + (j0 + k) * ld + r0;
+          if (m == N)
+            std::memcpy(dst, kept, N);  // a constant size: one store, not a library call
+          else
+            for (int64_t l = 0; l < m; ++l) dst[l] = kept[l];
+        }
+      } else {
+        // lane l's four bytes, columns j0 .. j0 + 3 of row r0 + l
+        uint32_t quad[N];
+        for (int l = 0; l < N; ++l) {
+          uint32_t q = 0;
+          for (int k = 0; k < 4; ++k) q |= uint32_t(p_below_one && words[k][l] >= threshold) << (8 * k);
+          quad[l] = q;
+        }
+        for (int64_t l = 0; l < m; ++l) {
+          uint8_t* dst = keep + (r0 + l) * ld + j0;
+          if (w == 4)
+            std::memcpy(dst, &quad[l], 4);  // little-endian: byte k is column j0 + k
+          else
+            for (int64_t k = 0; k < w; ++k) dst[k] = uint8_t(quad[l] >> (8 * k));
+        }
+      }
+    }
   }
 }
 
