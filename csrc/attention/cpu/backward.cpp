@@ -268,11 +268,8 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
             float* ks_band = buf.keep_scale + r0 * kBlockQ + c0;
             float* pd_band = buf.pd + r0 * kBlockQ + c0;
             for (int64_t j = r0; j < r1; ++j)
-              for (int64_t i = 0; i < n; ++i) {
-                const float ks = buf.keep[j * kBlockQ + c0 + i] ? drop_scale : 0.f;
-                ks_band[(j - r0) * kBlockQ + i] = ks;
-                pd_band[(j - r0) * kBlockQ + i] = P[(j - r0) * kBlockQ + i] * ks;
-              }
+              row_dropout(P + (j - r0) * kBlockQ, buf.keep + j * kBlockQ + c0, n, n, drop_scale,
+                          ks_band + (j - r0) * kBlockQ, pd_band + (j - r0) * kBlockQ);
             keep_scale = ks_band;
             Pd = pd_band;
           }

@@ -217,13 +217,11 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
           const float* keep_scale = nullptr;
           if (dropout) {
             float* ks_band = buf.keep_scale + r0 * T + c0;
-            for (int64_t j = 0; j < m; ++j)
-              for (int64_t i = 0; i < n; ++i) {
-                const int64_t key = r0 + j, query = c0 + i;
-                const float ks = (key < kb && query < qb && buf.keep[key * kBlockQ + query]) ? drop_scale : 0.f;
-                ks_band[j * T + i] = ks;
-                dP[j * T + i] = P[j * T + i] * ks;  // dP's rows serve as scratch for P * keep here
-              }
+            for (int64_t j = 0; j < m; ++j) {  // dP's rows serve as scratch for P * keep here
+              const int64_t key = r0 + j;  // padding keys and queries keep nothing
+              row_dropout(P + j * T, buf.keep + key * kBlockQ + c0, key < kb ? qb - c0 : 0, n, drop_scale,
+                          ks_band + j * T, dP + j * T);
+            }
             keep_scale = ks_band;
             for (int64_t j = 0; j < m; ++j) to_bf16(dP + j * T, Pb + j * T, n);
           } else {

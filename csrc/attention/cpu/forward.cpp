@@ -122,8 +122,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
       l[r] = l[r] * alpha[r] + sum;
       m[r] = m_new[r];
       if (p.dropout_p > 0.f) {
-        const uint8_t* keep = buf.keep + r * kBlockK;
-        for (int64_t j = 0; j < n; ++j) row[j] = keep[j] ? row[j] * drop_scale : 0.f;
+        row_dropout(row, buf.keep + r * kBlockK, n, n, drop_scale, nullptr, row);
       }
     }
 

@@ -143,8 +143,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
       if (p.dropout_p > 0.f) {  // the row sum takes P before dropout
         sum = row_exp2_sum(row, n, sc.row_c, m_new[r]);
         if (n < width) std::memset(row + n, 0, sizeof(float) * (width - n));
-        const uint8_t* keep = buf.keep + r * kBlockK;
-        for (int64_t j = 0; j < n; ++j) row[j] = keep[j] ? row[j] * drop_scale : 0.f;
+        row_dropout(row, buf.keep + r * kBlockK, n, n, drop_scale, nullptr, row);
         to_bf16(row, prow, width);
       } else {
         sum = exp2_to_bf16(row, n, width, sc.row_c, m_new[r], prow);

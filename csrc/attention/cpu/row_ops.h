@@ -106,6 +106,25 @@ inline void row_exp2_fma(float* x, float scale, const float* bias, int64_t n) {
   }
 }
 
+// Dropout on a row of P: keep_scale[i] = keep[i] * scale (keep 0 or 1) for i < valid and 0 up to
+// n, out[i] = p[i] * keep_scale[i] (in place when out is p). keep_scale may be null.
+inline void row_dropout(const float* p, const uint8_t* keep, int64_t valid, int64_t n, float scale, float* keep_scale,
+                        float* out) {
+  namespace sv = simd;
+  const sv::V s = sv::set1(scale);
+  for (int64_t i = 0; i < n; i += sv::W) {
+    const int t = int(std::min<int64_t>(sv::W, n - i)), v = int(std::clamp<int64_t>(valid - i, 0, t));
+    const sv::V ks = v == sv::W ? sv::mul(sv::load_u8(keep + i), s) : v > 0 ? sv::mul(sv::load_u8(keep + i, v), s) : sv::zero();
+    if (t == sv::W) {
+      if (keep_scale) sv::store(keep_scale + i, ks);
+      sv::store(out + i, sv::mul(sv::load(p + i), ks));
+    } else {
+      if (keep_scale) sv::store(keep_scale + i, ks, t);
+      sv::store(out + i, sv::mul(sv::load(p + i, t), ks), t);
+    }
+  }
+}
+
 // ds[i] = p[i] * (dp[i] * keep_scale[i] - di[i]), keep_scale null meaning 1 (no dropout).
 inline void row_softmax_grad(const float* p, const float* dp, const float* keep_scale, const float* di, float* ds,
                              int64_t n) {

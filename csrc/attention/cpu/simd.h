@@ -29,6 +29,11 @@ inline V load(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline V load(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail_mask(n), p)}; }
 // The first n lanes from p, `fill` in the others.
 inline V load_or(const float* p, int n, float fill) { return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(n), p)}; }
+// bytes as floats (W of them; the first n)
+inline V load_u8(const uint8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+inline V load_u8(const uint8_t* p, int n) { return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(tail_mask(n), p)))}; }
 // a with lanes n.. set to zero.
 inline V keep_first(V a, int n) { return {_mm512_maskz_mov_ps(tail_mask(n), a.x)}; }
 inline void store(float* p, V a) { _mm512_storeu_ps(p, a.x); }
@@ -112,6 +117,14 @@ inline V zero() { return {_mm256_setzero_ps()}; }
 inline V set1(float a) { return {_mm256_set1_ps(a)}; }
 inline V load(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline V load(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
+inline V load_u8(const uint8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+inline V load_u8(const uint8_t* p, int n) {
+  uint8_t b[W] = {};
+  std::memcpy(b, p, size_t(n));
+  return load_u8(b);
+}
 inline V load_or(const float* p, int n, float fill) {
   const __m256i m = tail_mask(n);
   return {_mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m))};
@@ -203,6 +216,7 @@ inline V set1(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; 
 inline V load(const float* p) { V r; std::memcpy(r.x, p, sizeof r.x); return r; }
 inline V load(const float* p, int n) { V r = zero(); for (int i = 0; i < n; ++i) r.x[i] = p[i]; return r; }
 inline V load_or(const float* p, int n, float fill) { V r = set1(fill); for (int i = 0; i < n; ++i) r.x[i] = p[i]; return r; }
+inline V load_u8(const uint8_t* p, int n = W) { V r = zero(); for (int i = 0; i < n; ++i) r.x[i] = float(p[i]); return r; }
 inline V keep_first(V a, int n) { for (int i = n; i < W; ++i) a.x[i] = 0.f; return a; }
 inline void store(float* p, V a) { std::memcpy(p, a.x, sizeof a.x); }
 inline void store(float* p, V a, int n) { for (int i = 0; i < n; ++i) p[i] = a.x[i]; }
