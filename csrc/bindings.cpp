@@ -156,6 +156,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("seed"), py::arg("offset"), py::arg("p"), py::arg("row0"), py::arg("rows"), py::arg("cols"),
         py::arg("out"), "The uint8 keep-mask (rows x cols) the kernels draw for flat lse rows [row0, row0 + rows).");
 
+  m.def("dropout_keep_block",
+        [](uint64_t seed, uint64_t offset, float p, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+           bool transposed, uintptr_t out) {
+          require(out != 0 && rows >= 0 && cols >= 0 && col0 >= 0 && col0 % 4 == 0,
+                  "dropout_keep_block: bad arguments (col0 must be a non-negative multiple of 4)");
+          py::gil_scoped_release release;
+          at::dropout_keep_block(seed, offset, p, row0, rows, col0, cols, transposed, ptr<uint8_t>(out));
+        },
+        py::arg("seed"), py::arg("offset"), py::arg("p"), py::arg("row0"), py::arg("rows"), py::arg("col0"),
+        py::arg("cols"), py::arg("transposed"), py::arg("out"),
+        "dropout_keep_mask's draws for key columns [col0, col0 + cols) as the current ISA's kernels make them: "
+        "(rows x cols), or (cols x rows) when transposed.");
+
   m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
     const at::Philox4 r = at::philox4x32_10(ctr[0], ctr[1], ctr[2], ctr[3], key[0], key[1]);
     return std::array<uint32_t, 4>{r.v[0], r.v[1], r.v[2], r.v[3]};

@@ -36,6 +36,20 @@ def drawn_rng(seed: int) -> tuple[int, int]:
     return s, o
 
 
+@pytest.mark.parametrize("row0,rows,col0,cols", [(0, 1, 0, 1), (5, 15, 4, 3), (0, 17, 252, 5), (7, 70, 64, 63),
+                                                (2**32 - 5, 33, 0, 130)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_kernel_dropout_masks_match_the_scalar_reference(cpu_isa, row0, rows, col0, cols, p):
+    # The kernels draw whole tiles, rows as vector lanes (dropout_block); the reference draws one
+    # row at a time, four columns per Philox call. Odd sizes, a row range crossing 2^32.
+    seed, offset = 0x1234_5678_9ABC_DEF0, 2**32 - 1
+    ref = keep_mask(seed, offset, p, row0, rows, col0 + cols)[:, col0:]
+    for transposed in (False, True):
+        out = torch.full((cols, rows) if transposed else (rows, cols), 7, dtype=torch.uint8)
+        _C.dropout_keep_block(seed, offset, p, row0, rows, col0, cols, transposed, out.data_ptr())
+        assert torch.equal(out.T if transposed else out, ref.to(torch.uint8)), (cpu_isa, transposed)
+
+
 def test_dropout_keep_rate():
     keep = keep_mask(123, 7, 0.3, 0, 512, 1000)
     rate = keep.float().mean().item()

@@ -63,4 +63,10 @@ void backward(const BackwardArgs& args);
 void dropout_keep_mask(uint64_t seed, uint64_t offset, float p, int64_t row0, int64_t rows, int64_t cols,
                        uint8_t* keep);
 
+// The same draws as the current ISA's kernels make them (dropout_block, philox.h), for tests:
+// columns [col0, col0 + cols) (col0 a multiple of 4), keep[r * cols + j], or keep[j * rows + r]
+// when transposed.
+void dropout_keep_block(uint64_t seed, uint64_t offset, float p, int64_t row0, int64_t rows, int64_t col0,
+                        int64_t cols, bool transposed, uint8_t* keep);
+
 }  // namespace llmcore::attention

@@ -8,10 +8,12 @@
 
 namespace llmcore::attention {
 
-#define LLMCORE_DECLARE_ISA(ns)              \
-  namespace ns {                             \
-  void forward(const ForwardArgs& args);     \
-  void backward(const BackwardArgs& args);   \
+#define LLMCORE_DECLARE_ISA(ns)                                                                       \
+  namespace ns {                                                                                      \
+  void forward(const ForwardArgs& args);                                                              \
+  void backward(const BackwardArgs& args);                                                            \
+  void dropout_keep_block(uint64_t seed, uint64_t offset, float p, int64_t row0, int64_t rows, int64_t col0, \
+                          int64_t cols, bool transposed, uint8_t* keep);                              \
   }
 #ifdef LLMCORE_HAVE_AVX512
 LLMCORE_DECLARE_ISA(avx512)
@@ -61,6 +63,19 @@ void backward(const BackwardArgs& args) {
 void dropout_keep_mask(uint64_t seed, uint64_t offset, float p, int64_t row0, int64_t rows, int64_t cols,
                        uint8_t* keep) {
   for (int64_t r = 0; r < rows; ++r) dropout_row(seed, offset, uint64_t(row0 + r), 0, cols, p, keep + r * cols);
+}
+
+void dropout_keep_block(uint64_t seed, uint64_t offset, float p, int64_t row0, int64_t rows, int64_t col0,
+                        int64_t cols, bool transposed, uint8_t* keep) {
+  switch (current_isa()) {
+#ifdef LLMCORE_HAVE_AVX512
+    case Isa::avx512: return avx512::dropout_keep_block(seed, offset, p, row0, rows, col0, cols, transposed, keep);
+#endif
+#ifdef LLMCORE_HAVE_AVX2
+    case Isa::avx2: return avx2::dropout_keep_block(seed, offset, p, row0, rows, col0, cols, transposed, keep);
+#endif
+    default: return portable::dropout_keep_block(seed, offset, p, row0, rows, col0, cols, transposed, keep);
+  }
 }
 
 }  // namespace llmcore::attention

@@ -208,4 +208,10 @@ void forward(const ForwardArgs& a) {
   }
 }
 
+// dropout_block as this ISA compiles it (attention.h's dropout_keep_block, for tests).
+void dropout_keep_block(uint64_t seed, uint64_t offset, float p, int64_t row0, int64_t rows, int64_t col0,
+                        int64_t cols, bool transposed, uint8_t* keep) {
+  dropout_block(seed, offset, uint64_t(row0), rows, col0, cols, p, transposed, keep, transposed ? rows : cols);
+}
+
 }  // namespace llmcore::attention::LLMCORE_ISA_NS
