@@ -24,6 +24,7 @@ constexpr int64_t kBlock = 64;       // elements per 16 Philox calls
 constexpr int64_t kChunk = 1 << 13;  // elements per OpenMP work item, a multiple of kBlock
 
 struct Rng {
+  attention::PhiloxKeys keys;
   uint32_t key0, key1;
   uint32_t off0, off1;
   uint32_t threshold;
@@ -34,6 +35,7 @@ Rng make_rng(const DropoutArgs& a) {
   Rng r;
   r.key0 = uint32_t(a.seed);
   r.key1 = uint32_t(a.seed >> 32);
+  r.keys = attention::philox_keys(a.seed);
   r.off0 = uint32_t(a.offset);
   r.off1 = uint32_t(a.offset >> 32);
   const double t = a.p * 4294967296.0;
@@ -44,16 +46,20 @@ Rng make_rng(const DropoutArgs& a) {
 
 // mult[j] = keep ? scale : 0 for the 64 elements of block b.
 #if defined(LLMCORE_ISA_AVX512)
+// The counters go in as the two sets directly (words 1-3 are the same in every lane).
 inline void block_multipliers(uint64_t b, const Rng& g, float* mult) {
   const uint64_t ctr = b << 4;  // the block's 16 counters share their upper 60 bits
-  __m512i w[4] = {_mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(ctr))),
-                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
-                  _mm512_set1_epi32(int(uint32_t(ctr >> 32))), _mm512_set1_epi32(int(g.off0)),
-                  _mm512_set1_epi32(int(g.off1))};
-  attention::philox4x32_10_x16(w, g.key0, g.key1);
+  const __m512i base = _mm512_set1_epi64(int64_t(uint32_t(ctr)));
+  const __m512i hi = _mm512_set1_epi32(int(uint32_t(ctr >> 32))), o0 = _mm512_set1_epi32(int(g.off0)),
+                o1 = _mm512_set1_epi32(int(g.off1));
+  __m512i c[4][2] = {{_mm512_or_si512(base, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14)),
+                      _mm512_or_si512(base, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15))},
+                     {hi, hi}, {o0, o0}, {o1, o1}};
+  attention::philox4x32_10_x16_sets(c, g.keys);
   const __m512i t = _mm512_set1_epi32(int(g.threshold));
   const __m512 s = _mm512_set1_ps(g.scale);
-  for (int k = 0; k < 4; ++k) _mm512_store_ps(mult + 16 * k, _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(w[k], t), s));
+  for (int k = 0; k < 4; ++k)
+    _mm512_store_ps(mult + 16 * k, _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(attention::philox_merge_sets(c[k]), t), s));
 }
 #elif defined(LLMCORE_ISA_AVX2)
 inline void block_multipliers(uint64_t b, const Rng& g, float* mult) {
@@ -66,7 +72,7 @@ inline void block_multipliers(uint64_t b, const Rng& g, float* mult) {
     __m256i w[4] = {_mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(ctr) + 8 * q)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
                     _mm256_set1_epi32(int(uint32_t(ctr >> 32))), _mm256_set1_epi32(int(g.off0)),
                     _mm256_set1_epi32(int(g.off1))};
-    attention::philox4x32_10_x8(w, g.key0, g.key1);
+    attention::philox4x32_10_x8(w, g.keys);
     for (int k = 0; k < 4; ++k) {
       const __m256i drop = _mm256_cmpgt_epi32(t, _mm256_xor_si256(w[k], sign));
       _mm256_store_ps(mult + 16 * k + 8 * q, _mm256_andnot_ps(_mm256_castsi256_ps(drop), s));

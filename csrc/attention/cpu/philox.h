@@ -29,22 +29,30 @@ static inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint3
   return {{c0, c1, c2, c3}};
 }
 
-#if defined(__AVX512F__)
-// Philox4x32-10 on 16 counters at once: w[k] holds word k of lane l's counter and is replaced by
-// word k of its output, bitwise philox4x32_10's. The even and odd lanes run as two sets in the
-// low halves of 64-bit lanes (vpmuludq then gives whole products; the upper halves carry
-// don't-cares), the high words come from an in-lane shuffle (port 5, beside the multiplies').
-static inline void philox4x32_10_x16(__m512i w[4], uint32_t key0, uint32_t key1) {
-  __m512i c0[2], c1[2], c2[2], c3[2];
-  __m512i* c[4] = {c0, c1, c2, c3};
-  for (int k = 0; k < 4; ++k) {
-    c[k][0] = w[k];
-    c[k][1] = _mm512_shuffle_epi32(w[k], _MM_PERM_CDAB);
-  }
-  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
-  __m512i k0 = _mm512_set1_epi32(int(key0)), k1 = _mm512_set1_epi32(int(key1));
-  const __m512i w0 = _mm512_set1_epi32(int(0x9E3779B9u)), w1 = _mm512_set1_epi32(int(0xBB67AE85u));
+// The ten round keys of a key (the vector rounds read them from memory: a broadcast load takes
+// no slot on the ports the multiplies and shuffles contend for, as a vector add would).
+struct PhiloxKeys {
+  uint32_t k0[10], k1[10];
+};
+static inline PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys k;
   for (int r = 0; r < 10; ++r) {
+    k.k0[r] = uint32_t(seed) + uint32_t(r) * 0x9E3779B9u;
+    k.k1[r] = uint32_t(seed >> 32) + uint32_t(r) * 0xBB67AE85u;
+  }
+  return k;
+}
+
+#if defined(__AVX512F__)
+// Philox4x32-10 on 16 counters as two sets of 8: c[k][s] holds word k of the counters of set s in
+// the low halves of its 64-bit lanes (the upper halves carry don't-cares), and is replaced by the
+// output word there. vpmuludq then gives whole products, and the high words come from an in-lane
+// shuffle (port 5, beside the multiplies' port 0).
+static inline void philox4x32_10_x16_sets(__m512i c[4][2], const PhiloxKeys& key) {
+  __m512i *c0 = c[0], *c1 = c[1], *c2 = c[2], *c3 = c[3];
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
+  for (int r = 0; r < 10; ++r) {
+    const __m512i k0 = _mm512_set1_epi32(int(key.k0[r])), k1 = _mm512_set1_epi32(int(key.k1[r]));
     for (int h = 0; h < 2; ++h) {
       const __m512i p0 = _mm512_mul_epu32(c0[h], m0), p1 = _mm512_mul_epu32(c2[h], m1);
       const __m512i hi0 = _mm512_shuffle_epi32(p0, _MM_PERM_CDAB), hi1 = _mm512_shuffle_epi32(p1, _MM_PERM_CDAB);
@@ -53,17 +61,30 @@ static inline void philox4x32_10_x16(__m512i w[4], uint32_t key0, uint32_t key1)
       c1[h] = p1;  // low words: lo1, lo0
       c3[h] = p0;
     }
-    k0 = _mm512_add_epi32(k0, w0);
-    k1 = _mm512_add_epi32(k1, w1);
   }
-  // lanes 2i from the even set's low words, lanes 2i + 1 from the odd set's
-  for (int k = 0; k < 4; ++k) w[k] = _mm512_mask_blend_epi32(0xAAAA, c[k][0], _mm512_shuffle_epi32(c[k][1], _MM_PERM_CDAB));
+}
+
+// Lanes 2i of word k from set 0's low words, lanes 2i + 1 from set 1's.
+static inline __m512i philox_merge_sets(const __m512i c[2]) {
+  return _mm512_mask_blend_epi32(0xAAAA, c[0], _mm512_shuffle_epi32(c[1], _MM_PERM_CDAB));
+}
+
+// Philox4x32-10 on 16 counters at once: w[k] holds word k of lane l's counter and is replaced by
+// word k of its output, bitwise philox4x32_10's (the even and odd lanes as the two sets).
+static inline void philox4x32_10_x16(__m512i w[4], const PhiloxKeys& key) {
+  __m512i c[4][2];
+  for (int k = 0; k < 4; ++k) {
+    c[k][0] = w[k];
+    c[k][1] = _mm512_shuffle_epi32(w[k], _MM_PERM_CDAB);
+  }
+  philox4x32_10_x16_sets(c, key);
+  for (int k = 0; k < 4; ++k) w[k] = philox_merge_sets(c[k]);
 }
 #endif
 
 #if defined(__AVX2__)
 // philox4x32_10_x16 on 8 counters (AVX2): the same two sets of 4.
-static inline void philox4x32_10_x8(__m256i w[4], uint32_t key0, uint32_t key1) {
+static inline void philox4x32_10_x8(__m256i w[4], const PhiloxKeys& key) {
   __m256i c0[2], c1[2], c2[2], c3[2];
   __m256i* c[4] = {c0, c1, c2, c3};
   for (int k = 0; k < 4; ++k) {
@@ -71,9 +92,8 @@ static inline void philox4x32_10_x8(__m256i w[4], uint32_t key0, uint32_t key1) 
     c[k][1] = _mm256_shuffle_epi32(w[k], 0xB1);
   }
   const __m256i m0 = _mm256_set1_epi64x(0xD2511F53), m1 = _mm256_set1_epi64x(0xCD9E8D57);
-  __m256i k0 = _mm256_set1_epi32(int(key0)), k1 = _mm256_set1_epi32(int(key1));
-  const __m256i w0 = _mm256_set1_epi32(int(0x9E3779B9u)), w1 = _mm256_set1_epi32(int(0xBB67AE85u));
   for (int r = 0; r < 10; ++r) {
+    const __m256i k0 = _mm256_set1_epi32(int(key.k0[r])), k1 = _mm256_set1_epi32(int(key.k1[r]));
     for (int h = 0; h < 2; ++h) {
       const __m256i p0 = _mm256_mul_epu32(c0[h], m0), p1 = _mm256_mul_epu32(c2[h], m1);
       const __m256i hi0 = _mm256_shuffle_epi32(p0, 0xB1), hi1 = _mm256_shuffle_epi32(p1, 0xB1);
@@ -82,8 +102,6 @@ static inline void philox4x32_10_x8(__m256i w[4], uint32_t key0, uint32_t key1) 
       c1[h] = p1;
       c3[h] = p0;
     }
-    k0 = _mm256_add_epi32(k0, w0);
-    k1 = _mm256_add_epi32(k1, w1);
   }
   for (int k = 0; k < 4; ++k) w[k] = _mm256_blend_epi32(c[k][0], _mm256_shuffle_epi32(c[k][1], 0xB1), 0xAA);
 }
@@ -99,20 +117,20 @@ constexpr int kPhiloxLanes = 1;
 #endif
 
 // words[k][l] = word k of philox4x32_10(ctr[0][l], ..., ctr[3][l], key), for l < kPhiloxLanes.
-static inline void philox_lanes(const uint32_t ctr[4][kPhiloxLanes], uint32_t key0, uint32_t key1,
+static inline void philox_lanes(const uint32_t ctr[4][kPhiloxLanes], const PhiloxKeys& key,
                                 uint32_t words[4][kPhiloxLanes]) {
 #if defined(__AVX512F__)
   __m512i w[4];
   for (int k = 0; k < 4; ++k) w[k] = _mm512_loadu_si512(ctr[k]);
-  philox4x32_10_x16(w, key0, key1);
+  philox4x32_10_x16(w, key);
   for (int k = 0; k < 4; ++k) _mm512_storeu_si512(words[k], w[k]);
 #elif defined(__AVX2__)
   __m256i w[4];
   for (int k = 0; k < 4; ++k) w[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctr[k]));
-  philox4x32_10_x8(w, key0, key1);
+  philox4x32_10_x8(w, key);
   for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(words[k]), w[k]);
 #else
-  const Philox4 r = philox4x32_10(ctr[0][0], ctr[1][0], ctr[2][0], ctr[3][0], key0, key1);
+  const Philox4 r = philox4x32_10(ctr[0][0], ctr[1][0], ctr[2][0], ctr[3][0], key.k0[0], key.k1[0]);
   for (int k = 0; k < 4; ++k) words[k][0] = r.v[k];
 #endif
 }
@@ -148,7 +166,7 @@ static inline void dropout_block(uint64_t seed, uint64_t offset, uint64_t row0, 
   constexpr int N = kPhiloxLanes;
   const uint32_t threshold = dropout_threshold(p);
   const bool p_below_one = p < 1.f;
-  const uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  const PhiloxKeys key = philox_keys(seed);
   alignas(64) uint32_t ctr[4][N];
   alignas(64) uint32_t words[4][N];
   const uint64_t c_first = uint64_t(col0) >> 2;
@@ -165,7 +183,7 @@ static inline void dropout_block(uint64_t seed, uint64_t offset, uint64_t row0, 
         ctr[0][l] = uint32_t(c);
         ctr[3][l] = uint32_t(offset + (c >> 32));
       }
-      philox_lanes(ctr, k0, k1, words);
+      philox_lanes(ctr, key, words);
       const int64_t w = std::min<int64_t>(4, cols - j0);
       if (transposed) {
         for (int64_t k = 0; k < w; ++k) {
