@@ -83,6 +83,21 @@ void adamw_range(const AdamWConsts& k, float* param, const void* grad, float* m,
               int(std::min<int64_t>(W, i1 - i)));
 }
 
+// Work over many flat tensors cut into chunks of kChunk elements: tensor t owns chunks
+// [first[t], first[t + 1]), so small tensors share the threads.
+template <int64_t kChunk>
+struct TensorChunks {
+  std::vector<int64_t> first;
+  template <class Count>
+  TensorChunks(int64_t n_tensors, const Count& count) : first(n_tensors + 1, 0) {
+    for (int64_t t = 0; t < n_tensors; ++t) first[t + 1] = first[t] + (count(t) + kChunk - 1) / kChunk;
+  }
+  int64_t total() const { return first.back(); }
+  // chunk c's tensor t, and the index in t of chunk c's first element
+  int64_t tensor_of(int64_t c) const { return std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1; }
+  int64_t begin(int64_t t, int64_t c) const { return (c - first[t]) * kChunk; }
+};
+
 inline void prefetch_for_write(const void* p, int64_t bytes) {
   for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(static_cast<const char*>(p) + x, 1, 3);
 }
@@ -136,15 +151,14 @@ void adamw_rows(const AdamWRowsArgs& a) {
 
 void adamw_tensors(const AdamWTensorsArgs& a) {
   constexpr int64_t kChunk = 1 << 14;  // a multiple of every vector width
-  std::vector<int64_t> first(a.n_tensors + 1, 0);  // each tensor's first chunk
-  for (int64_t t = 0; t < a.n_tensors; ++t) first[t + 1] = first[t] + (a.tensors[t].numel + kChunk - 1) / kChunk;
-  const int64_t chunks = first[a.n_tensors];
+  const TensorChunks<kChunk> work(a.n_tensors, [&](int64_t t) { return a.tensors[t].numel; });
+  const int64_t chunks = work.total();
   const int nt = threads_for(chunks, kChunk, a.shared.num_threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t ti = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const int64_t ti = work.tensor_of(c);
     const AdamWTensor& t = a.tensors[ti];
-    const int64_t i0 = (c - first[ti]) * kChunk, i1 = std::min(t.numel, i0 + kChunk);
+    const int64_t i0 = work.begin(ti, c), i1 = std::min(t.numel, i0 + kChunk);
     const AdamWConsts k = make_consts(t, a.shared);
     if (t.grad_dtype == DType::bf16)
       adamw_range<bf16_t>(k, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.shadow, i0, i1);
@@ -184,15 +198,14 @@ void decay_rows(const DecayRowsArgs& a) {
 void sum_squares(const SumSquaresArgs& a) {
   constexpr int kLanes = 8;
   constexpr int64_t kChunk = 1 << 15;
-  std::vector<int64_t> first(a.n_tensors + 1, 0);  // each tensor's first chunk
-  for (int64_t t = 0; t < a.n_tensors; ++t) first[t + 1] = first[t] + (a.counts[t] + kChunk - 1) / kChunk;
-  const int64_t chunks = first[a.n_tensors];
+  const TensorChunks<kChunk> work(a.n_tensors, [&](int64_t t) { return a.counts[t]; });
+  const int64_t chunks = work.total();
   std::vector<double> part(chunks, 0.0);
   const int nt = threads_for(chunks, kChunk, a.num_threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t t = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
-    const int64_t i0 = (c - first[t]) * kChunk, i1 = std::min(a.counts[t], i0 + kChunk);
+    const int64_t t = work.tensor_of(c);
+    const int64_t i0 = work.begin(t, c), i1 = std::min(a.counts[t], i0 + kChunk);
     double acc[kLanes] = {};
     if (a.dtypes[t] == DType::bf16) {
       // A bf16 value has 8 significant bits, so its square is exact in float: lanes add 8 squares
@@ -206,9 +219,9 @@ void sum_squares(const SumSquaresArgs& a) {
           s0 = vec::fmadd(v0, v0, s0);
           s1 = vec::fmadd(v1, v1, s1);
         }
-        float part[W];
-        vec::store(part, vec::add(s0, s1));
-        for (int l = 0; l < W; ++l) acc[l % kLanes] += double(part[l]);
+        float sums[W];
+        vec::store(sums, vec::add(s0, s1));
+        for (int l = 0; l < W; ++l) acc[l % kLanes] += double(sums[l]);
       }
       for (; i < i1; ++i) {
         const double v = vec::to_f32(x[i]);
