@@ -24,8 +24,7 @@ constexpr int64_t kBlock = 64;       // elements per 16 Philox calls
 constexpr int64_t kChunk = 1 << 13;  // elements per OpenMP work item, a multiple of kBlock
 
 struct Rng {
-  attention::PhiloxKeys keys;
-  uint32_t key0, key1;
+  attention::PhiloxKeys keys;  // keys.k0[0], keys.k1[0]: the seed's two words
   uint32_t off0, off1;
   uint32_t threshold;
   float scale;
@@ -33,8 +32,6 @@ struct Rng {
 
 Rng make_rng(const DropoutArgs& a) {
   Rng r;
-  r.key0 = uint32_t(a.seed);
-  r.key1 = uint32_t(a.seed >> 32);
   r.keys = attention::philox_keys(a.seed);
   r.off0 = uint32_t(a.offset);
   r.off1 = uint32_t(a.offset >> 32);
@@ -85,7 +82,7 @@ inline void block_multipliers(uint64_t b, const Rng& g, float* mult) {
   for (int l = 0; l < 16; ++l) {
     const uint64_t c = ctr + uint64_t(l);
     const attention::Philox4 r =
-        attention::philox4x32_10(uint32_t(c), uint32_t(c >> 32), g.off0, g.off1, g.key0, g.key1);
+        attention::philox4x32_10(uint32_t(c), uint32_t(c >> 32), g.off0, g.off1, g.keys.k0[0], g.keys.k1[0]);
     for (int k = 0; k < 4; ++k) mult[16 * k + l] = r.v[k] >= g.threshold ? g.scale : 0.f;
   }
 }
