@@ -90,16 +90,17 @@ def grad_norm(grads: list) -> torch.Tensor:
     if any(type(g) is not torch.Tensor for g in grads):  # DTensor (FSDP) and other subclasses: torch's path
         return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
     device = grads[0].device
-    native = [g for g in grads if _native_sumsq(g)]
+    native, other = [], []
+    for g in grads:
+        (native if _native_sumsq(g) else other).append(g)
     total = torch.tensor(_C.sum_squares([g.data_ptr() for g in native], [g.numel() for g in native],
                                         [_SUMSQ_CODES[g.dtype] for g in native], torch.get_num_threads()),
                          dtype=torch.float64, device=device)
-    for g in grads:
-        if not _native_sumsq(g):
-            flat = g.reshape(-1)
-            if flat.dtype not in (torch.float32, torch.float64):
-                flat = flat.float()
-            total += torch.dot(flat, flat).to(device=device, dtype=torch.float64)
+    for g in other:
+        flat = g.reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        total += torch.dot(flat, flat).to(device=device, dtype=torch.float64)
     return total.sqrt().to(torch.float32)
 
 
