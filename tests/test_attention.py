@@ -133,6 +133,13 @@ def test_noncontiguous_and_broadcast_batch(dtype, L, D):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("shape_q,shape_kv", [((2, 2, 3, 30, 16), (2, 1, 3, 30, 16)),  # 5-D, broadcasting
+                                               ((2, 2, 3, 30, 16), (1, 2, 3, 30, 16)),
+                                               ((2, 3, 30, 16), (1, 3, 30, 16))])
+def test_leading_dims_broadcast(shape_q, shape_kv):
+    check_sdpa(shape_q, shape_kv, torch.float32, is_causal=True)
+
+
 @pytest.mark.parametrize("ndim", [2, 3, 5])
 def test_other_ranks(ndim):
     shape = {2: (30, 16), 3: (3, 30, 16), 5: (2, 2, 3, 30, 16)}[ndim]

@@ -264,11 +264,13 @@ def scaled_dot_product_attention(
             raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
         if not enable_gqa:
             raise ValueError(f"query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for grouped-query attention")
-    try:
-        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
-    except RuntimeError as e:
-        raise ValueError(f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
-                         f"{tuple(value.shape)} do not broadcast") from e
+    batch = query.shape[:-3]
+    if not (key.shape[:-3] == batch == value.shape[:-3]):  # torch.broadcast_shapes costs ~9 us a call
+        try:
+            batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        except RuntimeError as e:
+            raise ValueError(f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                             f"{tuple(value.shape)} do not broadcast") from e
     lq, lk, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
     full_scores = (*batch, hq, lq, lk)
     mask_kind = "none"
@@ -310,6 +312,8 @@ def scaled_dot_product_attention(
         return out[0] if nd == 2 else out
 
     def as4d(t: Tensor, heads: int, rows: int, dim: int) -> Tensor:
+        if t.dim() == 4 and t.shape[0] == batch[0]:  # already (B, H, L, E): expand and reshape are no-ops
+            return t
         return t.expand(*batch, heads, rows, dim).reshape(-1, heads, rows, dim)
 
     q4, k4, v4 = as4d(query, hq, lq, e), as4d(key, hkv, lk, e), as4d(value, hkv, lk, ev)
@@ -319,7 +323,8 @@ def scaled_dot_product_attention(
         mask4 = m.expand(full_scores).reshape(-1, hq, lq, lk)
     fwd = _sdpa_fwd if torch.compiler.is_compiling() else _SdpaEager.apply
     out, _ = fwd(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, query.device))
-    out = out.reshape(*batch, hq, lq, ev)
+    if len(batch) != 1:
+        out = out.reshape(*batch, hq, lq, ev)
     return out[0] if nd == 2 else out
 
 
