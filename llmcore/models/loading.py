@@ -159,11 +159,13 @@ def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool =
 
 def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classification",
                     num_labels: Optional[int] = None, dtype: Optional[torch.dtype] = None):
-    """Build an llmcore model from an HF checkpoint folder (config.json + safetensors)."""
-    path = os.fspath(path)
+    """Build an llmcore model from an HF checkpoint folder (config.json + safetensors), or from a Hugging
+    Face Hub model id, fetched into the local Hub cache (see :mod:`llmcore.hub`)."""
+    from llmcore.hub import checkpoint_folder
+
+    path = checkpoint_folder(os.fspath(path))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} is not a directory; llmcore loads checkpoints from local folders "
-                                "(download hub models first, e.g. with huggingface_hub.snapshot_download)")
+        raise FileNotFoundError(f"model {path!r} is a file; a checkpoint is a folder (config.json + safetensors)")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         hf = json.load(f)
     cfg = config_from_hf(hf, task, num_labels)

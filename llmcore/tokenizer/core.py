@@ -108,12 +108,14 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "Tokenizer":
-        """A model folder holding ``tokenizer.json``, or a BERT ``vocab.txt`` (+ ``tokenizer_config.json``)."""
-        directory = os.fspath(directory)
+        """A model folder holding ``tokenizer.json``, or a BERT ``vocab.txt`` (+ ``tokenizer_config.json``);
+        or a Hugging Face Hub model id, fetched into the local Hub cache (see :mod:`llmcore.hub`)."""
+        from llmcore.hub import checkpoint_folder
+
+        directory = checkpoint_folder(os.fspath(directory), "tokenizer")
         if not os.path.isdir(directory):
-            raise FileNotFoundError(
-                f"{directory!r} is not a directory; llmcore loads tokenizers from local folders "
-                "(download hub models first, e.g. with huggingface_hub.snapshot_download)")
+            raise FileNotFoundError(f"tokenizer {directory!r} is a file, not a model folder "
+                                    "(Tokenizer.from_file reads a tokenizer.json)")
         json_path = os.path.join(directory, "tokenizer.json")
         if os.path.isfile(json_path):
             return cls.from_file(json_path)

@@ -121,20 +121,25 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
              text_column: Optional[str] = None, label_column: Optional[str] = None, device: Optional[str] = None,
              **train_args) -> dict:
     """Prepare ``data`` (cached under ``output_dir/data``; a prepared folder is used as is), fine-tune
-    the checkpoint in ``model`` for sequence classification, evaluate on the validation and test
-    splits, save the final model (+ the tokenizer files) to ``output_dir/final`` and the results to
-    ``output_dir/results.json``. Returns the results: ``train_*`` and ``peak_memory_mb`` from
-    ``Trainer.train``, ``eval_*`` on the validation split, ``test_*`` on the test split.
+    the checkpoint in ``model`` (a folder, or a Hub model id: :mod:`llmcore.hub`) for sequence
+    classification, evaluate on the validation and test splits, save the final model (+ the
+    tokenizer files) to ``output_dir/final`` and the results to ``output_dir/results.json``. Returns
+    the results: ``train_*`` and ``peak_memory_mb`` from ``Trainer.train``, ``eval_*`` on the
+    validation split, ``test_*`` on the test split.
 
     Under ``torchrun`` every rank trains on its share of each global batch (see ``split_batches``)
     and rank 0 writes the files. ``device``: default ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU."""
     import torch.distributed as dist
 
     from llmcore.data import PreparedDataset, prepare
+    from llmcore.hub import checkpoint_folder
     from llmcore.models import from_pretrained
     from llmcore.train.checkpoint import seed_everything
 
     config = TrainConfig(output_dir=output_dir, **train_args)
+    model = checkpoint_folder(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"model {model!r} is a file; a checkpoint is a folder (config.json + safetensors)")
     rank, world, dev, started = _setup_distributed(device)
     if dev.type == "cpu":
         retain_freed_memory()  # per-step buffers reuse warm pages (see its docstring)
