@@ -202,6 +202,28 @@ def test_residual_gradients_are_separate_tensors():
     torch.testing.assert_close(x.grad, r.grad)
 
 
+@pytest.mark.parametrize("used", ["y", "s"])
+@pytest.mark.parametrize("rms", [False, True])
+def test_only_y_or_only_s_receives_a_gradient(rms, used):
+    # grads are not materialized: the unused output's gradient reaches the backward as None, not zeros
+    x, r, w, b, gy, gs = _inputs((37, 96), torch.float32, True)
+    if rms:
+        ours_fn, ref_fn, leaves = (lambda x, r, w: rms_norm(x, w, 1e-6, r)), (
+            lambda x, r, w: rms_norm_reference(x, w, 1e-6, r)), [x, r, w]
+    else:
+        ours_fn, ref_fn, leaves = (lambda x, r, w, b: layer_norm(x, w, b, 1e-5, r)), (
+            lambda x, r, w, b: layer_norm_reference(x, w, b, 1e-5, r)), [x, r, w, b]
+
+    def grads(fn, tensors, dtype):
+        ts = [t.detach().to(dtype).requires_grad_() for t in tensors]
+        y, s = fn(*ts)
+        (y if used == "y" else s).backward((gy if used == "y" else gs).to(dtype))
+        return [torch.zeros_like(t) if t.grad is None else t.grad for t in ts]
+
+    for a, t in zip(grads(ours_fn, leaves, torch.float32), grads(ref_fn, leaves, torch.float64)):
+        torch.testing.assert_close(a.double(), t, atol=1e-5, rtol=1e-5)
+
+
 def test_frozen_parameters_skip_their_gradients():
     x = torch.randn(8, 64, requires_grad=True)
     w, b = torch.randn(64), torch.randn(64, requires_grad=True)

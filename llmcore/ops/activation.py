@@ -94,6 +94,8 @@ def _bias_gelu_setup(ctx, inputs, output):
 
 
 def _bias_gelu_backward_with(bwd, ctx, grad_y):
+    if grad_y is None:  # the output got no gradient (grads are not materialized)
+        return None, None, None
     x, bias = ctx.saved_tensors
     need_x, need_b, _ = ctx.needs_input_grad
     grad_x, gb = bwd(grad_y, x, bias, ctx.approximate, need_b)
@@ -162,6 +164,8 @@ def _swiglu_setup(ctx, inputs, output):
 
 
 def _swiglu_backward_with(bwd, ctx, grad_y):
+    if grad_y is None:  # the output got no gradient (grads are not materialized)
+        return None, None
     gate, up = ctx.saved_tensors
     grad_gate, grad_up = bwd(grad_y, gate, up)
     need_g, need_u = ctx.needs_input_grad

@@ -96,6 +96,8 @@ def _sdpa_setup(ctx, inputs, output):
 
 
 def _sdpa_backward_with(bwd, ctx, grad_out, grad_lse):
+    if grad_out is None:  # lse carries no gradient, and grads are not materialized (no zeros for it)
+        return (None,) * 8
     q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, attn_mask, *ctx.args, rng)
     return dq, dk, dv, None, None, None, None, None
@@ -176,6 +178,8 @@ def _varlen_setup(ctx, inputs, output):
 
 
 def _varlen_backward_with(bwd, ctx, grad_out, grad_lse):
+    if grad_out is None:  # as in _sdpa_backward_with
+        return (None,) * 11
     q, k, v, out, lse, cu_q, cu_k, rng = ctx.saved_tensors
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, rng)
     return dq, dk, dv, None, None, None, None, None, None, None, None

@@ -72,6 +72,8 @@ def _dropout_setup(ctx, inputs, output):
 
 
 def _dropout_backward_with(apply, ctx, grad_y):
+    if grad_y is None:  # the output got no gradient (grads are not materialized)
+        return None, None, None
     (rng,) = ctx.saved_tensors
     return apply(grad_y, rng, ctx.p), None, None
 

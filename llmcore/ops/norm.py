@@ -140,9 +140,14 @@ def _eager_function(name: str, forward_impl, setup_context, backward, differenti
     """An autograd.Function with a custom op's implementation, setup and backward, for eager
     mode: the custom-op dispatch costs ~100 us per forward + backward, as much as the kernels
     of a (2048, 384) LayerNorm. torch.compile sees the custom ops instead. Outputs past the
-    first ``differentiable`` ones (statistics: mean, rstd, lse) carry no gradient."""
+    first ``differentiable`` ones (statistics: mean, rstd, lse) carry no gradient.
+
+    Gradients are not materialized: ``backward`` gets None, not a zero tensor, for an output
+    that received none (every statistic, and a norm's residual sum ``s`` when only ``y`` is
+    used), so no zeros are allocated, filled and read (a (T, 384) fp32 ``s`` per LayerNorm)."""
 
     def forward(ctx, *inputs):
+        ctx.set_materialize_grads(False)
         output = forward_impl(*inputs)
         setup_context(ctx, inputs, output)
         if isinstance(output, tuple):
@@ -197,10 +202,16 @@ def _layer_norm_setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
+def _grad_or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    """The gradient of y, or zeros when only the residual sum s received one (grads are not materialized)."""
+    return grad if grad is not None else torch.zeros(like.shape, dtype=like.dtype)
+
+
 def _layer_norm_backward_with(bwd, ctx, grad_y, grad_s, grad_mean, grad_rstd):
     inp, weight, mean, rstd = ctx.saved_tensors
     need_x, need_w, need_b, need_r, _ = ctx.needs_input_grad
-    grad_in, gw, gb = bwd(grad_y, inp, mean, rstd, weight, grad_s if ctx.has_residual else None, need_w, need_b)
+    grad_in, gw, gb = bwd(_grad_or_zeros(grad_y, inp), inp, mean, rstd, weight,
+                          grad_s if ctx.has_residual else None, need_w, need_b)
     return (grad_in if need_x else None, gw.to(weight.dtype) if need_w else None,
             gb.to(ctx.bias_dtype) if need_b else None, grad_in if need_r else None, None)
 
@@ -255,7 +266,7 @@ def _rms_norm_setup(ctx, inputs, output):
 def _rms_norm_backward_with(bwd, ctx, grad_y, grad_s, grad_rstd):
     inp, weight, rstd = ctx.saved_tensors
     need_x, need_w, need_r, _ = ctx.needs_input_grad
-    grad_in, gw = bwd(grad_y, inp, rstd, weight, grad_s if ctx.has_residual else None, need_w)
+    grad_in, gw = bwd(_grad_or_zeros(grad_y, inp), inp, rstd, weight, grad_s if ctx.has_residual else None, need_w)
     return grad_in if need_x else None, gw.to(weight.dtype) if need_w else None, grad_in if need_r else None, None
 
 
