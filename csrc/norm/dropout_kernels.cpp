@@ -35,8 +35,7 @@ Rng make_rng(const DropoutArgs& a) {
   r.keys = attention::philox_keys(a.seed);
   r.off0 = uint32_t(a.offset);
   r.off1 = uint32_t(a.offset >> 32);
-  const double t = a.p * 4294967296.0;
-  r.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
+  r.threshold = attention::dropout_threshold(a.p);
   r.scale = a.p >= 1.0 ? 0.f : a.scale;
   return r;
 }

@@ -138,8 +138,9 @@ static inline void philox_lanes(const uint32_t ctr[4][kPhiloxLanes], const Philo
 // Dropout keeps element (row, col) when its 32-bit draw is at least p * 2^32 (never when p >= 1).
 // static: this header is compiled with several ISAs' flags, and must not share symbols between them.
 // Counter: (col / 4, row low, row high, offset); key: the seed. One call covers four columns.
-static inline uint32_t dropout_threshold(float p) {
-  const double t = double(p) * 4294967296.0;
+// p is a double so that norm's dropout (whose p is one) gets its threshold unrounded.
+static inline uint32_t dropout_threshold(double p) {
+  const double t = p * 4294967296.0;
   return t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
 }
 
