@@ -157,15 +157,22 @@ def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool =
     return fresh
 
 
-def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classification",
-                    num_labels: Optional[int] = None, dtype: Optional[torch.dtype] = None):
-    """Build an llmcore model from an HF checkpoint folder (config.json + safetensors), or from a Hugging
-    Face Hub model id, fetched into the local Hub cache (see :mod:`llmcore.hub`)."""
+def checkpoint_dir(path: Union[str, os.PathLike]) -> str:
+    """The local checkpoint folder of a folder path or a Hugging Face Hub model id (fetched into the
+    local Hub cache, see :mod:`llmcore.hub`); FileNotFoundError for anything else."""
     from llmcore.hub import checkpoint_folder
 
     path = checkpoint_folder(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is a file; a checkpoint is a folder (config.json + safetensors)")
+    return path
+
+
+def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classification",
+                    num_labels: Optional[int] = None, dtype: Optional[torch.dtype] = None):
+    """Build an llmcore model from an HF checkpoint folder (config.json + safetensors), or from a Hugging
+    Face Hub model id (see :func:`checkpoint_dir`)."""
+    path = checkpoint_dir(path)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         hf = json.load(f)
     cfg = config_from_hf(hf, task, num_labels)

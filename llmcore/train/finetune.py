@@ -132,14 +132,12 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     import torch.distributed as dist
 
     from llmcore.data import PreparedDataset, prepare
-    from llmcore.hub import checkpoint_folder
     from llmcore.models import from_pretrained
+    from llmcore.models.loading import checkpoint_dir
     from llmcore.train.checkpoint import seed_everything
 
     config = TrainConfig(output_dir=output_dir, **train_args)
-    model = checkpoint_folder(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"model {model!r} is a file; a checkpoint is a folder (config.json + safetensors)")
+    model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
     rank, world, dev, started = _setup_distributed(device)
     if dev.type == "cpu":
         retain_freed_memory()  # per-step buffers reuse warm pages (see its docstring)
