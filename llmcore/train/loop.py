@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable
 from itertools import islice
@@ -67,6 +68,26 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def all_reduce(t: Tensor) -> None:
+    """``dist.all_reduce(t)`` (a sum) that returns only once the backend's worker thread has let go of t.
+
+    gloo's worker threads drop a finished collective's tensors after ``wait()`` returns, and dropping
+    a tensor Python sees takes the GIL. If the process exits meanwhile, the thread dies inside a
+    destructor and the process aborts ("terminate called without an active exception"): after a
+    finished run, in 4 of 20 two-rank gloo runs of tests/test_train.py's DDP worker on a 2-core
+    machine (torch 2.13, whose DDP keeps the group alive, so destroy_process_group does not join those
+    threads; a barrier after the last all-reduce left 1 in 30). The thread's reference shows in t's
+    refcount, so waiting here, with the GIL released, until it is gone closes the window (0 in 60).
+    Other backends return at once."""
+    before = sys.getrefcount(t)
+    dist.all_reduce(t)
+    if dist.get_backend() != "gloo":
+        return
+    deadline = time.perf_counter() + 5.0
+    while sys.getrefcount(t) > before and time.perf_counter() < deadline:
+        time.sleep(1e-5)
+
+
 def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: bool = False) -> tuple[Tensor, int]:
     """Forward + backward over the micro-batches of one optimizer step; return (loss, examples).
 
@@ -80,7 +101,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: boo
     total = examples
     if world > 1:
         t = torch.tensor([examples], dtype=torch.int64, device=device)
-        dist.all_reduce(t)
+        all_reduce(t)
         total = int(t.item())
     denom = max(total, 1)
     loss_acc = torch.zeros((), device=device)
@@ -225,9 +246,9 @@ class Trainer:
                 with _autocast(self.device, False):
                     counts = self._count(logits, labels, sums, counts, custom)
         if self.world_size > 1:
-            dist.all_reduce(sums)
+            all_reduce(sums)
             if counts is not None:
-                dist.all_reduce(counts)
+                all_reduce(counts)
         model.train(was_training)
         n = max(float(sums[1]), 1.0)
         out = {"eval_loss": float(sums[0]) / n, "eval_examples": int(sums[1])}
@@ -370,9 +391,9 @@ class Trainer:
                     at_epoch_end = n_batches is not None and consumed >= n_batches
                     if self.global_step % cfg.logging_steps == 0 or self.global_step == total:
                         if self.world_size > 1:
-                            dist.all_reduce(win_loss)  # each rank holds its share of the mean
+                            all_reduce(win_loss)  # each rank holds its share of the mean
                             counted = torch.tensor([win_examples], device=self.device)
-                            dist.all_reduce(counted)
+                            all_reduce(counted)
                             win_examples = int(counted.item())
                         now = time.perf_counter()
                         self.log({"step": self.global_step,
@@ -412,7 +433,7 @@ class Trainer:
         counted = torch.tensor([float(run_loss), run_examples, run_tokens], dtype=torch.float64)
         if self.world_size > 1:
             counted = counted.to(self.device)
-            dist.all_reduce(counted)
+            all_reduce(counted)
         loss_total, examples_total, tokens_total = counted.tolist()
         return {"global_step": self.global_step, "epoch": epoch,
                 "train_loss": loss_total / max(steps, 1), "train_runtime": runtime,
