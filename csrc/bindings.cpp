@@ -195,6 +195,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("amx_available", &llmcore::amx_available, "AMX bf16 kernels compiled, supported by the CPU and allowed by the OS.");
   m.def("amx_enabled", &llmcore::amx_enabled, "Whether bf16 attention runs on AMX now.");
   m.def("set_amx", &llmcore::set_amx, py::arg("on"), "Switch the AMX bf16 kernels off or on (tests, benchmarks).");
+  m.def("bf16_dot_available", &llmcore::bf16_dot_available,
+        "bf16 attention kernels on AVX512-BF16 dot products compiled and supported by the CPU.");
+  m.def("bf16_dot_enabled", &llmcore::bf16_dot_enabled,
+        "Whether bf16 attention runs on AVX512-BF16 dot products now (no AMX in use).");
+  m.def("set_bf16_dot", &llmcore::set_bf16_dot, py::arg("on"),
+        "Switch the AVX512-BF16 bf16 attention kernels off or on (tests, benchmarks).");
   m.def("release_workspace", &llmcore::release_workspace,
         "Free the calling thread's kernel workspace (it is kept between calls and regrows on the next).");
   m.def("num_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the kernels use by default.");

@@ -34,6 +34,7 @@ def info() -> dict[str, Any]:
         "cpu_isas_compiled": list(_C.compiled_isas()),
         "cpu_features": dict(_C.cpu_features()),
         "amx_bf16_kernels": bool(_C.amx_enabled()),
+        "avx512_bf16_attention_kernels": bool(_C.bf16_dot_enabled()),
         "omp_threads": _C.num_threads(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

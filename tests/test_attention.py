@@ -7,6 +7,7 @@ import llmcore
 from llmcore.ops.reference import sdpa_reference
 
 from attention_checks import assert_close_to_ref, forward_backward
+from test_varlen import check_varlen
 
 NAMES = ("out", "dq", "dk", "dv")
 
@@ -170,13 +171,27 @@ def test_backend_reference_matches_cpu():
                                llmcore.scaled_dot_product_attention(q, k, v, backend="cpu"), atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(not llmcore._C.amx_available(), reason="this CPU (or OS) offers no AMX bf16")
-@pytest.mark.parametrize("amx", [True, False])
+def bf16_kernels() -> list[str]:
+    """The bf16 attention kernels this build and CPU can run: fp32 math on converted inputs always,
+    AMX tiles and AVX512-BF16 dot products where present (the automatic choice prefers AMX)."""
+    return ["fp32"] + ["amx"] * llmcore._C.amx_available() + ["avx512_bf16"] * llmcore._C.bf16_dot_available()
+
+
+@pytest.mark.parametrize("kernel", bf16_kernels())
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_bf16_with_and_without_amx(amx, is_causal):
-    llmcore._C.set_amx(amx)
+def test_bf16_kernels(kernel, is_causal):
+    amx, dot = llmcore._C.amx_available(), llmcore._C.bf16_dot_available()
+    if amx:
+        llmcore._C.set_amx(kernel == "amx")
+    if dot:
+        llmcore._C.set_bf16_dot(kernel == "avx512_bf16")
     try:
+        assert (llmcore._C.amx_enabled(), llmcore._C.bf16_dot_enabled()) == (kernel == "amx", kernel == "avx512_bf16")
         check_sdpa((2, 4, 300, 80), (2, 2, 300, 80), torch.bfloat16, is_causal=is_causal, enable_gqa=True)
         check_sdpa((1, 2, 33, 59), (1, 2, 70, 59), torch.bfloat16, mask=torch.rand(33, 70) > 0.3)
+        check_varlen([5, 0, 1, 97, 40], [5, 0, 1, 97, 40], 2, 2, 64, torch.bfloat16, is_causal=is_causal)
     finally:
-        llmcore._C.set_amx(True)
+        if amx:
+            llmcore._C.set_amx(True)
+        if dot:
+            llmcore._C.set_bf16_dot(True)

@@ -103,6 +103,8 @@ bool request_amx() {
 #endif
 }
 
+bool g_bf16_dot_on = true;
+
 bool g_amx_on = [] {
   const char* env = std::getenv("LLMCORE_DISABLE_AMX");
   return !(env && *env && std::string(env) != "0");
@@ -148,6 +150,25 @@ bool amx_enabled() { return g_amx_on && amx_available() && g_isa == Isa::avx512;
 void set_amx(bool on) {
   if (on && !amx_available()) throw std::invalid_argument("AMX bf16 kernels are not available on this CPU/build");
   g_amx_on = on;
+}
+
+bool bf16_dot_available() {
+#ifdef LLMCORE_HAVE_BF16_DOT
+  const CpuFeatures& f = cpu_features();
+  return f.avx512_bf16 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+#else
+  return false;
+#endif
+}
+
+bool bf16_dot_enabled() {
+  return g_bf16_dot_on && bf16_dot_available() && g_isa == Isa::avx512 && !amx_enabled();
+}
+
+void set_bf16_dot(bool on) {
+  if (on && !bf16_dot_available())
+    throw std::invalid_argument("AVX512-BF16 attention kernels are not available on this CPU/build");
+  g_bf16_dot_on = on;
 }
 
 const char* isa_name(Isa isa) {

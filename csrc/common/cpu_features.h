@@ -30,4 +30,11 @@ bool amx_enabled();
 // Switch the AMX kernels off or back on (tests, benchmarks). Throws if unavailable.
 void set_amx(bool on);
 
+// bf16 attention on AVX512-BF16 dot products (the AMX kernels built without tiles): compiled in
+// and the CPU has AVX512-BF16. bf16_dot_enabled() is that, with the avx512 ISA selected and AMX
+// not in use, unless switched off; set_bf16_dot throws if unavailable.
+bool bf16_dot_available();
+bool bf16_dot_enabled();
+void set_bf16_dot(bool on);
+
 }  // namespace llmcore

@@ -1,5 +1,7 @@
-// AMX (Advanced Matrix Extensions) bf16 tile GEMM for the attention tiles.
-// Compiled only into the avx512_amx kernel build (-mamx-tile -mamx-bf16 -mavx512bf16).
+// The bf16 tile GEMM of forward_amx.cpp / backward_amx.cpp, and the packing it reads. Two builds:
+// avx512_amx (-mamx-tile -mamx-bf16 -mavx512bf16) runs it on AMX tiles; avx512_bf16
+// (-mavx512bf16, LLMCORE_BF16_DOT) on AVX512-BF16 dot products, for CPUs with those but no AMX
+// (AMD Zen 4 and 5, Intel Cooper Lake). Both read the same VNNI-packed operands.
 #pragma once
 #include <immintrin.h>
 
@@ -19,6 +21,7 @@ inline Dims amx_dims(const Problem& p) {
   return {p.head_dim, p.head_dim_v, (p.head_dim + 31) / 32 * 32, (p.head_dim_v + 31) / 32 * 32};
 }
 
+#ifndef LLMCORE_BF16_DOT
 // Palette 1, every tile 16 rows x 64 bytes. Loaded once per thread per kernel call.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
@@ -35,13 +38,17 @@ struct alignas(64) TileConfig {
 };
 
 // Holds the tile configuration for its scope (one per OpenMP thread).
-struct AmxScope {
-  AmxScope() {
+struct TileScope {
+  TileScope() {
     static const TileConfig cfg;
     _tile_loadconfig(&cfg);
   }
-  ~AmxScope() { _tile_release(); }
+  ~TileScope() { _tile_release(); }
 };
+
+#else
+struct TileScope {};  // dot products need no tile state
+#endif
 
 // B operand in VNNI blocks: a K x N matrix (K even) stored as N/16 column blocks, each K/2
 // rows of 16 (b[2k][n], b[2k+1][n]) pairs: 64 bytes a row, block after block (a block is
@@ -50,11 +57,12 @@ inline const uint16_t* vnni_at(const uint16_t* b, int64_t K, int64_t k0, int64_t
   return b + (n0 / 16) * K * 16 + k0 * 16;
 }
 
+#ifndef LLMCORE_BF16_DOT
 // C (M x N fp32, ldc floats) (+)= A (M x K bf16 row-major, lda elements) * B, where B points
 // at a VNNI sub-matrix (vnni_at) of a matrix whose blocks are block_stride elements apart.
 // M, N and K are multiples of 32; every padded row of A and B must be readable (its
 // values only reach the padded part of C).
-inline void amx_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+inline void tile_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
                      int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
   const int64_t sa = lda * 2, sc = ldc * 4;
   for (int64_t m0 = 0; m0 < M; m0 += 32) {
@@ -91,6 +99,48 @@ inline void amx_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t
     }
   }
 }
+
+#else
+// tile_gemm's contract on AVX512-BF16: C in blocks of 8 rows x 32 columns (16 registers); each
+// step over a pair of k broadcasts a row's (a[2k], a[2k+1]) against two 16-column VNNI rows of B
+// (vdpbf16ps: both products summed in fp32 into the accumulator). Column blocks are outer, so a
+// block of B (K x 32) stays in L1 for all the rows of A.
+inline void tile_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                      int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
+  constexpr int R = 8;
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    const uint16_t* b0 = B + (n0 / 16) * block_stride;
+    const uint16_t* b1 = b0 + block_stride;
+    for (int64_t m0 = 0; m0 < M; m0 += R) {
+      float* c = C + m0 * ldc + n0;
+      const uint16_t* a = A + m0 * lda;
+      __m512 acc[R][2];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
+        acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
+      }
+      for (int64_t k = 0; k < K; k += 2) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(b0 + k * 16);
+        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(b1 + k * 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, a + r * lda + k, sizeof(pair));
+          const __m512bh y = (__m512bh)_mm512_set1_epi32(pair);
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], y, x0);
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], y, x1);
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        _mm512_storeu_ps(c + r * ldc, acc[r][0]);
+        _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+      }
+    }
+  }
+}
+#endif
 
 // dst[i] = bf16(src[i]) rounded to nearest even (n a multiple of 32).
 inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {

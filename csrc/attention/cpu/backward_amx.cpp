@@ -1,8 +1,8 @@
-// The backward of backward.cpp for bf16 inputs on CPUs with AMX: the same transposed
-// formulation and work split, with all five GEMMs of a tile on AMX tiles (bf16 operands,
-// fp32 accumulation) and the softmax gradient in fp32 AVX-512. P and dS are rounded to bf16
-// before they enter a GEMM, as torch's and FlashAttention's bf16 kernels do.
-// Compiled only into the avx512_amx build.
+// The backward of backward.cpp for bf16 inputs on CPUs with AMX or AVX512-BF16: the same
+// transposed formulation and work split, with all five GEMMs of a tile on bf16 operands with
+// fp32 accumulation (tile_gemm: AMX tiles or vdpbf16ps, see amx.h) and the softmax gradient in
+// fp32 AVX-512. P and dS are rounded to bf16 before they enter a GEMM, as torch's and
+// FlashAttention's bf16 kernels do. Compiled into the avx512_amx and avx512_bf16 builds.
 #include <cstdint>
 #include <omp.h>
 
@@ -64,6 +64,7 @@ KPack carve_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, uint16
   return k;
 }
 
+#ifndef LLMCORE_BF16_DOT
 // sum_i a[i] * b[i] of two bf16 rows, in fp32 vector lanes (exact products, no particular
 // rounding order for the sum).
 float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
@@ -78,6 +79,29 @@ float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
   for (; i < n; ++i) sum += bf16_to_f32(a[i]) * bf16_to_f32(b[i]);
   return sum;
 }
+#endif
+
+#ifdef LLMCORE_BF16_DOT
+// di[i] = dO_i . O_i for the rows of a query pack, rounded exactly as tile_gemm rounds dP = dO . V:
+// lane i of one vdpbf16ps chain over O^T and dO^T pairs (dot, the pack's dO^T) runs the very
+// operations of dP's lane i, so where one key dominates (O_i = V_j) dP - D_i cancels exactly, as
+// backward.cpp arranges for fp32. A row past rows gets 0.
+void di_like_dp(const uint16_t* o, int64_t ld, int64_t rows, const Dims& d, int64_t qpad, const uint16_t* dot,
+                float* di) {
+  alignas(64) uint16_t ot[32 * 256];  // O^T of 32 rows, VNNI-packed like dot (head dims up to 256)
+  for (int64_t i0 = 0; i0 < qpad; i0 += 32) {
+    pack_vnni_transposed(o + i0 * ld, ld, std::clamp<int64_t>(rows - i0, 0, 32), d.Dv, d.Dvp, 32, ot);
+    for (int64_t j = 0; j < 2; ++j) {
+      const uint16_t* x = ot + j * d.Dvp * 16;
+      const uint16_t* y = vnni_at(dot, d.Dvp, 0, i0 + 16 * j);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t k = 0; k < d.Dvp; k += 2)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + k * 16), (__m512bh)_mm512_loadu_si512(y + k * 16));
+      _mm512_storeu_ps(di + i0 + 16 * j, acc);
+    }
+  }
+}
+#endif
 
 // x[i] = 2^(x[i] * scale + bias[i]) for hidden <= i < n and 0 for i < hidden, n a multiple of
 // 16: whole vectors, the hidden lanes masked off after the exp (a diagonal tile's rows start
@@ -101,17 +125,21 @@ void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
   pack_vnni_rows(q, a.q.seq_stride, s.len_q, d.D, qpad, d.Dp, out.q);
   pack_vnni_transposed(g, a.dout.seq_stride, s.len_q, d.Dv, d.Dvp, qpad, out.dot);
   pack_vnni_rows(g, a.dout.seq_stride, s.len_q, d.Dv, qpad, d.Dvp, out.dout);
+#ifdef LLMCORE_BF16_DOT
+  di_like_dp(o, a.o.seq_stride, s.len_q, d, qpad, out.dot, out.di);
+#endif
   for (int64_t i = 0; i < qpad; ++i) {
-    float neg_lse = -INFINITY, di = 0.f;  // padding and fully masked rows: P = 0
+    float neg_lse = -INFINITY;  // padding and fully masked rows: P = 0
     if (i < s.len_q) {
       const float lse = a.lse[lse_index(p, b, h, s, i)];
       if (lse != -INFINITY) neg_lse = -lse;
-      // D_i = dO . O. AMX rounds dP its own way, so no chain order to match here (unlike
-      // backward.cpp): a vector dot.
-      di = dot_bf16(o + i * a.o.seq_stride, g + i * a.dout.seq_stride, d.Dv);
     }
     out.neg_lse[i] = neg_lse;
-    out.di[i] = di;
+#ifndef LLMCORE_BF16_DOT
+    // D_i = dO . O. AMX rounds dP its own way, so no chain order to match here (unlike
+    // backward.cpp): a vector dot.
+    out.di[i] = i < s.len_q ? dot_bf16(o + i * a.o.seq_stride, g + i * a.dout.seq_stride, d.Dv) : 0.f;
+#endif
   }
 }
 
@@ -198,7 +226,7 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             }
             continue;
           }
-          amx_gemm(m, n, d.Dp, kp.k + (k0 + r0) * kp.ldk, kp.ldk, vnni_at(qp.qt, d.Dp, 0, q0 + c0), d.Dp * 16, P, T, false);
+          tile_gemm(m, n, d.Dp, kp.k + (k0 + r0) * kp.ldk, kp.ldk, vnni_at(qp.qt, d.Dp, 0, q0 + c0), d.Dp * 16, P, T, false);
           for (int64_t j = r0; j < r0 + m; ++j) {
             float* row = P + (j - r0) * T;
             if (j >= kb) {  // padding keys
@@ -228,9 +256,9 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             for (int64_t j = 0; j < m; ++j) to_bf16(P + j * T, Pb + j * T, n);
           }
           // dV += P^T dO (keys x Dv), K = queries
-          amx_gemm(m, d.Dvp, n, Pb, T, vnni_at(qp.dout, qpad, q0 + c0, 0), qpad * 16, dv, d.Dvp, !first_q);
+          tile_gemm(m, d.Dvp, n, Pb, T, vnni_at(qp.dout, qpad, q0 + c0, 0), qpad * 16, dv, d.Dvp, !first_q);
           // dP^T = V dO^T (keys x queries), K = Dv
-          amx_gemm(m, n, d.Dvp, kp.v + (k0 + r0) * kp.ldv, kp.ldv, vnni_at(qp.dot, d.Dvp, 0, q0 + c0), d.Dvp * 16, dP, T,
+          tile_gemm(m, n, d.Dvp, kp.v + (k0 + r0) * kp.ldv, kp.ldv, vnni_at(qp.dot, d.Dvp, 0, q0 + c0), d.Dvp * 16, dP, T,
                    false);
           for (int64_t j = 0; j < m; ++j) {
             float* ds = dP + j * T;
@@ -238,10 +266,10 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             to_bf16(ds, dSb + j * T, n);
           }
           // dK += dS^T Q (keys x D), K = queries
-          amx_gemm(m, d.Dp, n, dSb, T, vnni_at(qp.q, qpad, q0 + c0, 0), qpad * 16, dk, d.Dp, !first_q);
+          tile_gemm(m, d.Dp, n, dSb, T, vnni_at(qp.q, qpad, q0 + c0, 0), qpad * 16, dk, d.Dp, !first_q);
           // dQ^T += K^T dS^T (D x queries), K = keys
           pack_vnni_rows(dSb, T, m, n, m, n, buf.ds_vnni);
-          amx_gemm(d.Dp, n, m, kp.kt + k0 + r0, kpad, buf.ds_vnni, m * 16, dqt + q0 + c0, qpad, true);
+          tile_gemm(d.Dp, n, m, kp.kt + k0 + r0, kpad, buf.ds_vnni, m * 16, dqt + q0 + c0, qpad, true);
         }
         first_q = false;
       }
@@ -304,7 +332,7 @@ void backward(const BackwardArgs& a) {
   if (local) {
 #pragma omp parallel num_threads(nthreads)
     {
-      AmxScope amx;
+      TileScope tiles;
       float* mine = scratch + per_thread * omp_get_thread_num();
       TileBuffers buf(mine, d);
       uint16_t* gbase = reinterpret_cast<uint16_t*>(mine + tile_floats);
@@ -344,7 +372,7 @@ void backward(const BackwardArgs& a) {
 
 #pragma omp parallel num_threads(nthreads)
   {
-    AmxScope amx;
+    TileScope tiles;
     TileBuffers buf(scratch + per_thread * omp_get_thread_num(), d);
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < dqt_size; i += 4096)

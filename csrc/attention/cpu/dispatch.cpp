@@ -29,10 +29,19 @@ void forward(const ForwardArgs& args);
 void backward(const BackwardArgs& args);
 }
 #endif
+#ifdef LLMCORE_HAVE_BF16_DOT
+namespace avx512_bf16 {  // forward_amx.cpp / backward_amx.cpp on AVX512-BF16 dot products
+void forward(const ForwardArgs& args);
+void backward(const BackwardArgs& args);
+}
+#endif
 
 void forward(const ForwardArgs& args) {
 #ifdef LLMCORE_HAVE_AMX
   if (args.p.dtype == DType::bf16 && amx_enabled()) return avx512_amx::forward(args);
+#endif
+#ifdef LLMCORE_HAVE_BF16_DOT
+  if (args.p.dtype == DType::bf16 && bf16_dot_enabled()) return avx512_bf16::forward(args);
 #endif
   switch (current_isa()) {
 #ifdef LLMCORE_HAVE_AVX512
@@ -48,6 +57,9 @@ void forward(const ForwardArgs& args) {
 void backward(const BackwardArgs& args) {
 #ifdef LLMCORE_HAVE_AMX
   if (args.p.dtype == DType::bf16 && amx_enabled()) return avx512_amx::backward(args);
+#endif
+#ifdef LLMCORE_HAVE_BF16_DOT
+  if (args.p.dtype == DType::bf16 && bf16_dot_enabled()) return avx512_bf16::backward(args);
 #endif
   switch (current_isa()) {
 #ifdef LLMCORE_HAVE_AVX512

@@ -1,7 +1,8 @@
-// The forward of forward.cpp for bf16 inputs on CPUs with AMX: the two GEMMs of each tile run
-// on AMX tiles (bf16 operands, fp32 accumulation), the online softmax stays in fp32 AVX-512.
-// P is rounded to bf16 before P V, as torch's and FlashAttention's bf16 kernels do; the row
-// sums use the fp32 P. Compiled only into the avx512_amx build.
+// The forward of forward.cpp for bf16 inputs on CPUs with AMX or AVX512-BF16: the two GEMMs of
+// each tile run on bf16 operands with fp32 accumulation (tile_gemm: AMX tiles in the avx512_amx
+// build, vdpbf16ps in the avx512_bf16 build; see amx.h), the online softmax stays in fp32
+// AVX-512. P is rounded to bf16 before P V, as torch's and FlashAttention's bf16 kernels do; the
+// row sums use the fp32 P.
 #include <cstdint>
 #include <omp.h>
 
@@ -122,7 +123,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
       cols[rb] = rb * 32 >= qb ? 0 : !diagonal ? kb32 : round_up(visible(std::min(rb * 32 + 31, qb - 1), k0, kb), 32);
     for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
       if (cols[rb] > 0)
-        amx_gemm(32, cols[rb], d.Dp, A + rb * 32 * lda, lda, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16,
+        tile_gemm(32, cols[rb], d.Dp, A + rb * 32 * lda, lda, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16,
                  S + rb * 32 * kBlockK, kBlockK, false);
 
     if (p.dropout_p > 0.f)  // keep[r * kBlockK + j]
@@ -154,7 +155,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
     }
     for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
       if (cols[rb] > 0) {
-        amx_gemm(32, d.Dvp, cols[rb], buf.pb + rb * 32 * kBlockK, kBlockK, vnni_at(kv.v, kv.kpad, k0, 0),
+        tile_gemm(32, d.Dvp, cols[rb], buf.pb + rb * 32 * kBlockK, kBlockK, vnni_at(kv.v, kv.kpad, k0, 0),
                  kv.kpad * 16, O + rb * 32 * d.Dvp, d.Dvp, o_written[rb]);
         o_written[rb] = true;
       }
@@ -211,7 +212,7 @@ void forward(const ForwardArgs& a) {
 
 #pragma omp parallel num_threads(nthreads)
   {
-    AmxScope amx;
+    TileScope tiles;
     float* mine = scratch + per_thread * omp_get_thread_num();
     TileBuffers buf(mine, d);
     if (local) {
