@@ -90,7 +90,8 @@ void di_like_dp(const uint16_t* o, int64_t ld, int64_t rows, const Dims& d, int6
                 float* di) {
   alignas(64) uint16_t ot[32 * 256];  // O^T of 32 rows, VNNI-packed like dot (head dims up to 256)
   for (int64_t i0 = 0; i0 < qpad; i0 += 32) {
-    pack_vnni_transposed(o + i0 * ld, ld, std::clamp<int64_t>(rows - i0, 0, 32), d.Dv, d.Dvp, 32, ot);
+    const int64_t n = std::clamp<int64_t>(rows - i0, 0, 32);  // padding rows pack as zeros
+    pack_vnni_transposed(n > 0 ? o + i0 * ld : o, ld, n, d.Dv, d.Dvp, 32, ot);
     for (int64_t j = 0; j < 2; ++j) {
       const uint16_t* x = ot + j * d.Dvp * 16;
       const uint16_t* y = vnni_at(dot, d.Dvp, 0, i0 + 16 * j);
