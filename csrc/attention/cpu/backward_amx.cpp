@@ -64,34 +64,41 @@ KPack carve_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, uint16
   return k;
 }
 
+// di[i] = dO_i . O_i (D_i of the softmax gradient) for the qpad rows of a query pack; a row past
+// rows gets 0. dot is the pack's VNNI dO^T (the dP GEMM's B operand).
 #ifndef LLMCORE_BF16_DOT
-// sum_i a[i] * b[i] of two bf16 rows, in fp32 vector lanes (exact products, no particular
-// rounding order for the sum).
-float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
+// AMX rounds dP its own way, so no chain order to match here (unlike backward.cpp): a vector dot
+// per row, in fp32 lanes (exact products, no particular rounding order for the sum).
+void fill_di(const uint16_t* o, int64_t o_ld, const uint16_t* g, int64_t g_ld, int64_t rows, const Dims& d,
+             int64_t qpad, const uint16_t*, float* di) {
   auto widen = [](const uint16_t* x) {
     return _mm512_castsi512_ps(
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
   };
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(widen(a + i), widen(b + i), acc);
-  float sum = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) sum += bf16_to_f32(a[i]) * bf16_to_f32(b[i]);
-  return sum;
+  for (int64_t r = 0; r < qpad; ++r) {
+    if (r >= rows) {
+      di[r] = 0.f;
+      continue;
+    }
+    const uint16_t *a = o + r * o_ld, *b = g + r * g_ld;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d.Dv; i += 16) acc = _mm512_fmadd_ps(widen(a + i), widen(b + i), acc);
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; i < d.Dv; ++i) sum += bf16_to_f32(a[i]) * bf16_to_f32(b[i]);
+    di[r] = sum;
+  }
 }
-#endif
-
-#ifdef LLMCORE_BF16_DOT
-// di[i] = dO_i . O_i for the rows of a query pack, rounded exactly as tile_gemm rounds dP = dO . V:
-// lane i of one vdpbf16ps chain over O^T and dO^T pairs (dot, the pack's dO^T) runs the very
-// operations of dP's lane i, so where one key dominates (O_i = V_j) dP - D_i cancels exactly, as
-// backward.cpp arranges for fp32. A row past rows gets 0.
-void di_like_dp(const uint16_t* o, int64_t ld, int64_t rows, const Dims& d, int64_t qpad, const uint16_t* dot,
-                float* di) {
+#else
+// Rounded exactly as tile_gemm rounds dP = dO . V: lane i of one vdpbf16ps chain over O^T and dO^T
+// pairs runs the very operations of dP's lane i, so where one key dominates (O_i = V_j) dP - D_i
+// cancels exactly, as backward.cpp arranges for fp32.
+void fill_di(const uint16_t* o, int64_t o_ld, const uint16_t*, int64_t, int64_t rows, const Dims& d, int64_t qpad,
+             const uint16_t* dot, float* di) {
   alignas(64) uint16_t ot[32 * 256];  // O^T of 32 rows, VNNI-packed like dot (head dims up to 256)
   for (int64_t i0 = 0; i0 < qpad; i0 += 32) {
     const int64_t n = std::clamp<int64_t>(rows - i0, 0, 32);  // padding rows pack as zeros
-    pack_vnni_transposed(n > 0 ? o + i0 * ld : o, ld, n, d.Dv, d.Dvp, 32, ot);
+    pack_vnni_transposed(n > 0 ? o + i0 * o_ld : o, o_ld, n, d.Dv, d.Dvp, 32, ot);
     for (int64_t j = 0; j < 2; ++j) {
       const uint16_t* x = ot + j * d.Dvp * 16;
       const uint16_t* y = vnni_at(dot, d.Dvp, 0, i0 + 16 * j);
@@ -126,9 +133,7 @@ void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
   pack_vnni_rows(q, a.q.seq_stride, s.len_q, d.D, qpad, d.Dp, out.q);
   pack_vnni_transposed(g, a.dout.seq_stride, s.len_q, d.Dv, d.Dvp, qpad, out.dot);
   pack_vnni_rows(g, a.dout.seq_stride, s.len_q, d.Dv, qpad, d.Dvp, out.dout);
-#ifdef LLMCORE_BF16_DOT
-  di_like_dp(o, a.o.seq_stride, s.len_q, d, qpad, out.dot, out.di);
-#endif
+  fill_di(o, a.o.seq_stride, g, a.dout.seq_stride, s.len_q, d, qpad, out.dot, out.di);
   for (int64_t i = 0; i < qpad; ++i) {
     float neg_lse = -INFINITY;  // padding and fully masked rows: P = 0
     if (i < s.len_q) {
@@ -136,11 +141,6 @@ void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
       if (lse != -INFINITY) neg_lse = -lse;
     }
     out.neg_lse[i] = neg_lse;
-#ifndef LLMCORE_BF16_DOT
-    // D_i = dO . O. AMX rounds dP its own way, so no chain order to match here (unlike
-    // backward.cpp): a vector dot.
-    out.di[i] = i < s.len_q ? dot_bf16(o + i * a.o.seq_stride, g + i * a.dout.seq_stride, d.Dv) : 0.f;
-#endif
   }
 }
 
