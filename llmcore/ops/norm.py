@@ -204,7 +204,7 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _grad_or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
     """The gradient of y, or zeros when only the residual sum s received one (grads are not materialized)."""
-    return grad if grad is not None else torch.zeros(like.shape, dtype=like.dtype)
+    return grad if grad is not None else torch.zeros_like(like)
 
 
 def _layer_norm_backward_with(bwd, ctx, grad_y, grad_s, grad_mean, grad_rstd):
