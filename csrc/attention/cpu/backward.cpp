@@ -27,6 +27,9 @@ namespace {
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
+// Keys per band of a diagonal tile (see backward_tiles): 16 measured ~2% faster than 32
+// on causal 512-token heads.
+constexpr int64_t kBand = 16;
 static_assert(kBlockQ % NR == 0, "query tiles are whole panels");
 
 // The fp32 operands of one (sequence, kv head) group: its kv head and its query heads.
@@ -217,6 +220,10 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
     const float* kr = g.k + k0 * g.k_ld;
     const float* vr = g.v + k0 * g.v_ld;
     const float* kt = g.kt + k0;
+    if (rows_in_place(p)) {  // the first GEMMs of the tile read these rows
+      prefetch_rows(vr, g.v_ld * 4, kb, Dv * 4);  // V first: measured faster than K first
+      prefetch_rows(kr, g.k_ld * 4, kb, D * 4);
+    }
     bool first_q = true;  // dK and dV start from the first tile's product
     // Queries before q_first cannot see any key of this tile.
     const int64_t q_first = p.causal ? std::max<int64_t>(0, k0 - off) : 0;
@@ -231,11 +238,11 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
         if (dropout)  // keep[key * kBlockQ + query]
           dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, true, buf.keep, kBlockQ);
-        // A diagonal tile runs as two bands of keys; the lower band starts at the first query
-        // its first key is visible to, so the hidden lower-left block is never computed.
-        const int64_t bands = diagonal && kb > kBlockK / 2 ? 2 : 1;
+        // A diagonal tile runs as bands of kBand keys; each band starts at the first query its
+        // first key is visible to, so the hidden lower-left blocks are never computed.
+        const int64_t bands = diagonal ? ceil_div(kb, kBand) : 1;
         for (int64_t band = 0; band < bands; ++band) {
-          const int64_t r0 = band * (kBlockK / 2), r1 = bands == 1 ? kb : std::min(kb, r0 + kBlockK / 2);
+          const int64_t r0 = band * kBand, r1 = bands == 1 ? kb : std::min(kb, r0 + kBand);
           const int64_t c0 = diagonal ? std::clamp<int64_t>(k0 + r0 - off - q0, 0, qb) : 0;
           const int64_t m = r1 - r0, n = qb - c0;
           float* P = buf.p + r0 * kBlockQ + c0;  // band rows, columns from c0; row stride kBlockQ
@@ -255,11 +262,9 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
             float* row = P + (j - r0) * kBlockQ;
             if (sc.prescale) row_scale(row, n, sc.c);
             if (p.mask_kind != MaskKind::none) apply_user_mask_to_key(p, b, h, q0 + c0, k0 + j, n, row);
-            if (diagonal) {
-              const int64_t hidden = std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, n);
-              for (int64_t i = 0; i < hidden; ++i) row[i] = -INFINITY;
-            }
-            row_exp2_fma(row, sc.row_c, neg_lse + q0 + c0, n);
+            // On a diagonal tile the queries before key j's first viewer get P = 0.
+            const int64_t hidden = diagonal ? std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, n) : 0;
+            row_exp2_fma(row, sc.row_c, neg_lse + q0 + c0, n, hidden);
           }
 
           const float* keep_scale = nullptr;

@@ -111,18 +111,6 @@ void fill_di(const uint16_t* o, int64_t o_ld, const uint16_t*, int64_t, int64_t 
 }
 #endif
 
-// x[i] = 2^(x[i] * scale + bias[i]) for hidden <= i < n and 0 for i < hidden, n a multiple of
-// 16: whole vectors, the hidden lanes masked off after the exp (a diagonal tile's rows start
-// at every offset; a memset and an unaligned start per row made the causal backward 8% slower).
-void exp2_fma_from(float* x, float scale, const float* bias, int64_t hidden, int64_t n) {
-  const __m512 c = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < n; i += 16) {
-    __m512 e = simd::exp2({_mm512_fmadd_ps(_mm512_loadu_ps(x + i), c, _mm512_loadu_ps(bias + i))}).x;
-    if (i < hidden) e = _mm512_maskz_mov_ps(hidden - i >= 16 ? 0 : __mmask16(0xffffu << (hidden - i)), e);
-    _mm512_storeu_ps(x + i, e);
-  }
-}
-
 void pack_q(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t qpad, const QPack& out) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
@@ -196,6 +184,8 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
     const int64_t k0 = t * kBlockK, kb = std::min(kBlockK, s.len_k - k0);
     bool first_q = true;
     const int64_t q_first = p.causal ? std::max<int64_t>(0, k0 - off) : 0;
+    prefetch_rows(kp.v + k0 * kp.ldv, kp.ldv * 2, kb, d.Dv * 2);  // the tile's first GEMMs read these rows
+    prefetch_rows(kp.k + k0 * kp.ldk, kp.ldk * 2, kb, d.D * 2);
     for (int64_t gh = 0; gh < group; ++gh) {
       const int64_t h = hk * group + gh;
       const QPack qp = q_of(gh);
@@ -240,7 +230,7 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
             // Queries before the key's diagonal see P = 0. Padded queries have neg_lse = -inf,
             // so P = 0 there too.
             const int64_t hidden = diagonal ? std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, valid) : 0;
-            exp2_fma_from(row, sc.row_c, qp.neg_lse + q0 + c0, hidden, n);
+            row_exp2_fma(row, sc.row_c, qp.neg_lse + q0 + c0, n, hidden);
           }
 
           const float* keep_scale = nullptr;

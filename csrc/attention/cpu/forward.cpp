@@ -76,6 +76,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
   const bool in_place = p.dtype == DType::f32 && p.scale >= 0;
   const float* A = in_place ? static_cast<const float*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0))) : Q;
   const int64_t lda = in_place ? a.q.seq_stride : D;
+  if (in_place) prefetch_rows(A, lda * 4, qb, D * 4);
   for (int64_t r = 0; r < qb; ++r) {
     if (!in_place)
       load_row(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0 + r)), p.dtype, D, p.scale < 0 ? -1.f : 1.f,

@@ -42,19 +42,6 @@ void pack_kv(const ForwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
   pack_vnni_rows(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v);
 }
 
-// Fetches rows [q0, q0 + rows) of head h's output for writing. A forward tile writes its output
-// once, at the end; asking for the lines at the tile's start overlaps those misses with the
-// tile's work (bf16 causal (4,12,512,64) forward: -7%; the non-causal tiles hide them either way,
-// and so do forward.cpp's fp32 tiles: measured no change there, so it has no such call).
-void prefetch_output_rows(const ForwardArgs& a, int64_t b, int64_t h, const Seq& s, int64_t q0, int64_t rows) {
-  const Problem& p = a.p;
-  const int64_t bytes = p.head_dim_v * elem_size(p.dtype);
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* o = static_cast<const char*>(at_mut(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, q0 + r)));
-    for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(o + x, 1, 3);
-  }
-}
-
 struct TileBuffers {
   float *s, *o, *m, *l, *m_new, *alpha;
   uint16_t *q, *pb;
@@ -92,6 +79,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
   const bool in_place = !sign && qb == rows && d.D == d.Dp;
   const uint16_t* A = in_place ? q_src : buf.q;
   const int64_t lda = in_place ? a.q.seq_stride : d.Dp;
+  if (in_place) prefetch_rows(A, lda * 2, qb, d.D * 2);
   if (!in_place) {
     copy_padded(q_src, a.q.seq_stride, qb, d.D, rows, d.Dp, buf.q);
     if (sign)
@@ -105,7 +93,12 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
   // O is not cleared: each 32-row block's first P V GEMM overwrites it, and blocks no key
   // reaches are zeroed after the loop.
   bool o_written[kBlockQ / 32] = {};
-  prefetch_output_rows(a, b, h, s, q0, qb);
+  // The tile writes its output once, at the end; asking for the lines now overlaps those misses
+  // with its work (causal (4,12,512,64) forward: -7%; non-causal tiles hide them either way, and
+  // so do forward.cpp's fp32 tiles: measured no change there, so they do not ask).
+  const int64_t esize = elem_size(p.dtype);
+  prefetch_rows<1>(at_mut(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, q0)), a.o.seq_stride * esize, qb,
+                   d.Dv * esize);
 
   const int64_t k_end = std::min(s.len_k, causal_limit(p, s, q0 + qb - 1) + 1);
   const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;

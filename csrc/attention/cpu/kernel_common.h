@@ -193,6 +193,19 @@ inline void online_softmax_maxima(const Problem& p, int64_t b, int64_t h, int64_
   exp2_of_difference(m, m_new, alpha, rows);
 }
 
+// Starts loading rows [0, rows) of row_bytes each, ld_bytes apart, into L1, all at once (Write:
+// in a writable state). A GEMM whose first micro-kernel call meets cold operand rows otherwise
+// waits on one demand miss after another (measured: the first score GEMM of an fp32 forward
+// tile ran ~20% slower per FMA than the second, which reads the same query rows again).
+template <int Write = 0>
+inline void prefetch_rows(const void* x, int64_t ld_bytes, int64_t rows, int64_t row_bytes) {
+  const char* row = static_cast<const char*>(x);
+  for (int64_t r = 0; r < rows; ++r, row += ld_bytes) {
+    for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, Write, 3);
+    __builtin_prefetch(row + row_bytes - 1, Write, 3);  // the last line of a row that is not line-aligned
+  }
+}
+
 // dst[c][r] = src[r][c] for an rows x cols block (row strides in floats), in W x W register
 // transposes with scalar edges.
 inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {

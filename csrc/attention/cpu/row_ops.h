@@ -94,11 +94,19 @@ inline void row_scale(float* x, int64_t n, float a) {
 }
 
 // x[i] = 2^(x[i] * scale + bias[i]) (the backward's P from the saved logsumexp, one query
-// per column; bias = -lse).
-inline void row_exp2_fma(float* x, float scale, const float* bias, int64_t n) {
+// per column; bias = -lse) for i in [hidden, n); the first `hidden` columns (queries a key's
+// causal diagonal hides) become 0 without being computed.
+inline void row_exp2_fma(float* x, float scale, const float* bias, int64_t n, int64_t hidden = 0) {
   namespace sv = simd;
   const sv::V c = sv::set1(scale);
   int64_t i = 0;
+  for (; i + sv::W <= hidden; i += sv::W) sv::store(x + i, sv::zero());
+  if (i < hidden) {  // the vector where the visible columns start
+    const int t = int(std::min<int64_t>(sv::W, n - i));
+    const sv::V e = sv::exp2(sv::fmadd(sv::load(x + i, t), c, sv::load(bias + i, t)));
+    sv::store(x + i, sv::zero_first(e, int(hidden - i)), t);
+    i += t;
+  }
   for (; i + sv::W <= n; i += sv::W) sv::store(x + i, sv::exp2(sv::fmadd(sv::load(x + i), c, sv::load(bias + i))));
   if (i < n) {
     const int t = int(n - i);

@@ -36,6 +36,8 @@ inline V load_u8(const uint8_t* p) {
 inline V load_u8(const uint8_t* p, int n) { return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(tail_mask(n), p)))}; }
 // a with lanes n.. set to zero.
 inline V keep_first(V a, int n) { return {_mm512_maskz_mov_ps(tail_mask(n), a.x)}; }
+// a with lanes 0..n-1 set to zero.
+inline V zero_first(V a, int n) { return {_mm512_maskz_mov_ps(__mmask16(~tail_mask(n)), a.x)}; }
 inline void store(float* p, V a) { _mm512_storeu_ps(p, a.x); }
 inline void store(float* p, V a, int n) { _mm512_mask_storeu_ps(p, tail_mask(n), a.x); }
 inline V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
@@ -130,6 +132,7 @@ inline V load_or(const float* p, int n, float fill) {
   return {_mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m))};
 }
 inline V keep_first(V a, int n) { return {_mm256_and_ps(a.x, _mm256_castsi256_ps(tail_mask(n)))}; }
+inline V zero_first(V a, int n) { return {_mm256_andnot_ps(_mm256_castsi256_ps(tail_mask(n)), a.x)}; }
 inline void store(float* p, V a) { _mm256_storeu_ps(p, a.x); }
 inline void store(float* p, V a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a.x); }
 inline V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.x, b.x, c.x)}; }
@@ -218,6 +221,7 @@ inline V load(const float* p, int n) { V r = zero(); for (int i = 0; i < n; ++i)
 inline V load_or(const float* p, int n, float fill) { V r = set1(fill); for (int i = 0; i < n; ++i) r.x[i] = p[i]; return r; }
 inline V load_u8(const uint8_t* p, int n = W) { V r = zero(); for (int i = 0; i < n; ++i) r.x[i] = float(p[i]); return r; }
 inline V keep_first(V a, int n) { for (int i = n; i < W; ++i) a.x[i] = 0.f; return a; }
+inline V zero_first(V a, int n) { for (int i = 0; i < n; ++i) a.x[i] = 0.f; return a; }
 inline void store(float* p, V a) { std::memcpy(p, a.x, sizeof a.x); }
 inline void store(float* p, V a, int n) { for (int i = 0; i < n; ++i) p[i] = a.x[i]; }
 inline V fmadd(V a, V b, V c) { for (int i = 0; i < W; ++i) c.x[i] += a.x[i] * b.x[i]; return c; }
