@@ -87,6 +87,12 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
   std::memset(O, 0, sizeof(float) * qb * Dv);
 
   const int64_t k_end = std::min(s.len_k, causal_limit(p, s, q0 + qb - 1) + 1);
+  // A causal tile is the first of its head to read the V rows of its last qb keys (fp32 V is
+  // read in place): ask for them now (causal/full forward at (4,12,512,64): 0.59 -> 0.57).
+  if (p.causal && !v_packed(p)) {
+    const int64_t k_new = std::max<int64_t>(0, k_end - qb);
+    prefetch_rows(vr.b + k_new * vr.ld, vr.ld * 4, k_end - k_new, Dv * 4);
+  }
   const float drop_scale = p.dropout_p < 1.f ? 1.f / (1.f - p.dropout_p) : 0.f;
   // Columns row r must compute in the tile starting at k0: the causal limit trims them.
   auto visible = [&](int64_t r, int64_t k0, int64_t kb) {
