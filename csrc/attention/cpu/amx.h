@@ -101,57 +101,74 @@ inline void tile_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_
 }
 
 #else
-// tile_gemm's contract on AVX512-BF16: C in blocks of 8 rows x 32 columns (16 registers); each
-// step over a pair of k broadcasts a row's (a[2k], a[2k+1]) against two 16-column VNNI rows of B
-// (vdpbf16ps: both products summed in fp32 into the accumulator). Column blocks are outer, so a
-// block of B (K x 32) stays in L1 for all the rows of A.
+// C (8 rows x NV * 16 columns at c, ldc floats) (+)= A (8 rows at a) * B (NV VNNI column
+// blocks from b0, block_stride apart) over K (even): each step over a pair of k broadcasts a
+// row's (a[2k], a[2k+1]) against the 16-column VNNI rows of B (vdpbf16ps: both products summed
+// in fp32 into the accumulator).
+template <int NV>
+inline void dot_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b0, int64_t block_stride, float* c,
+                      int64_t ldc, bool accumulate) {
+  constexpr int R = 8;
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512bh x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = (__m512bh)_mm512_loadu_si512(b0 + v * block_stride + k * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + k, sizeof(pair));
+      const __m512bh y = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], y, x[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+// tile_gemm's contract on AVX512-BF16, wider than AMX's: M a multiple of 8, N of 16, K of 2
+// (the AMX contract's sizes included). C in blocks of 8 rows x 32 columns (16 registers), a last
+// block of 16 columns where N needs it. Column blocks are outer, so a block of B (K x 32) stays
+// in L1 for all the rows of A.
 inline void tile_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
                       int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
-  constexpr int R = 8;
   for (int64_t n0 = 0; n0 < N; n0 += 32) {
     const uint16_t* b0 = B + (n0 / 16) * block_stride;
-    const uint16_t* b1 = b0 + block_stride;
-    for (int64_t m0 = 0; m0 < M; m0 += R) {
-      float* c = C + m0 * ldc + n0;
-      const uint16_t* a = A + m0 * lda;
-      __m512 acc[R][2];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
-        acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
-      }
-      for (int64_t k = 0; k < K; k += 2) {
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(b0 + k * 16);
-        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(b1 + k * 16);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          int32_t pair;
-          std::memcpy(&pair, a + r * lda + k, sizeof(pair));
-          const __m512bh y = (__m512bh)_mm512_set1_epi32(pair);
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], y, x0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], y, x1);
-        }
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        _mm512_storeu_ps(c + r * ldc, acc[r][0]);
-        _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
-      }
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      if (N - n0 >= 32)
+        dot_block<2>(K, A + m0 * lda, lda, b0, block_stride, C + m0 * ldc + n0, ldc, accumulate);
+      else
+        dot_block<1>(K, A + m0 * lda, lda, b0, block_stride, C + m0 * ldc + n0, ldc, accumulate);
     }
   }
 }
 #endif
 
-// dst[i] = bf16(src[i]) rounded to nearest even (n a multiple of 32).
+// The sizes tile_gemm's M and N must be multiples of in this build (see its contract above).
+#ifndef LLMCORE_BF16_DOT
+constexpr int64_t kTileRows = 32, kTileCols = 32;
+#else
+constexpr int64_t kTileRows = 8, kTileCols = 16;
+#endif
+
+// dst[i] = bf16(src[i]) rounded to nearest even (n a multiple of 16).
 inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 32) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
     const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
     _mm512_storeu_si512(dst + i, reinterpret_cast<const __m512i&>(v));
+  }
+  if (i < n) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(h));
   }
 }
 
 // out[j] = bf16(2^(x[j] * scale - shift)) for j < n and 0 for n <= j < width (a multiple of
-// 32); returns the sum of the fp32 values. x is only read: one pass from fp32 scores to the
+// 16); returns the sum of the fp32 values. x is only read: one pass from fp32 scores to the
 // bf16 P of the P V GEMM.
 inline float exp2_to_bf16(const float* x, int64_t n, int64_t width, float scale, float shift, uint16_t* out) {
   const __m512 c = _mm512_set1_ps(scale), s = _mm512_set1_ps(-shift);

@@ -72,7 +72,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
 
   const SoftmaxScale sc = softmax_scale(p);
   const uint16_t sign = p.scale < 0 ? 0x8000 : 0;  // a negative scale flips Q's sign (exact)
-  const int64_t rows = round_up(qb, 32);             // the 32-row blocks the GEMMs read and write
+  const int64_t rows = round_up(qb, kTileRows);      // the row blocks the GEMMs read and write
   // A of S = Q K^T: the query rows in place when they fill the blocks as they are (no padding
   // rows or columns, no sign flip), else a zero-padded copy.
   const uint16_t* q_src = static_cast<const uint16_t*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0)));
@@ -90,9 +90,10 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
-  // O is not cleared: each 32-row block's first P V GEMM overwrites it, and blocks no key
-  // reaches are zeroed after the loop.
-  bool o_written[kBlockQ / 32] = {};
+  // O is not cleared: each row block's first P V GEMM overwrites it, and blocks no key reaches
+  // are zeroed after the loop.
+  constexpr int64_t kBlocks = kBlockQ / kTileRows;
+  bool o_written[kBlocks] = {};
   // The tile writes its output once, at the end; asking for the lines now overlaps those misses
   // with its work (causal (4,12,512,64) forward: -7%; non-causal tiles hide them either way, and
   // so do forward.cpp's fp32 tiles: measured no change there, so they do not ask).
@@ -107,17 +108,23 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
   };
 
   for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-    const int64_t kb = std::min(kBlockK, k_end - k0), kb32 = round_up(kb, 32);
+    const int64_t kb = std::min(kBlockK, k_end - k0), kbc = round_up(kb, kTileCols);
     const bool diagonal = p.causal && visible(0, k0, kb) < kb;
-    // Columns each 32-row block computes: on a diagonal tile, what its last row sees; none for a
-    // block past the tile's last query (short sequences use only the first).
-    int64_t cols[kBlockQ / 32];
-    for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
-      cols[rb] = rb * 32 >= qb ? 0 : !diagonal ? kb32 : round_up(visible(std::min(rb * 32 + 31, qb - 1), k0, kb), 32);
-    for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
-      if (cols[rb] > 0)
-        tile_gemm(32, cols[rb], d.Dp, A + rb * 32 * lda, lda, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16,
-                 S + rb * 32 * kBlockK, kBlockK, false);
+    // Columns each row block computes: on a diagonal tile, what its last row sees; none for a
+    // block past the tile's last query (short sequences use only the first). A tile that is not
+    // diagonal comes before any that is, and runs as one block of all rows, B read once.
+    int64_t cols[kBlocks];
+    for (int64_t rb = 0; rb < kBlocks; ++rb) {
+      const int64_t last = std::min(rb * kTileRows + kTileRows - 1, qb - 1);
+      cols[rb] = rb * kTileRows >= qb ? 0 : !diagonal ? kbc : round_up(visible(last, k0, kb), kTileCols);
+    }
+    if (!diagonal)
+      tile_gemm(rows, kbc, d.Dp, A, lda, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16, S, kBlockK, false);
+    else
+      for (int64_t rb = 0; rb < kBlocks; ++rb)
+        if (cols[rb] > 0)
+          tile_gemm(kTileRows, cols[rb], d.Dp, A + rb * kTileRows * lda, lda, vnni_at(kv.kt, d.Dp, 0, k0), d.Dp * 16,
+                    S + rb * kTileRows * kBlockK, kBlockK, false);
 
     if (p.dropout_p > 0.f)  // keep[r * kBlockK + j]
       dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, false, buf.keep, kBlockK);
@@ -127,7 +134,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
     for (int64_t r = 0; r < rows; ++r) {  // rows of the blocks computed
       float* row = S + r * kBlockK;
       uint16_t* prow = buf.pb + r * kBlockK;
-      const int64_t width = cols[r / 32];
+      const int64_t width = cols[r / kTileRows];
       const int64_t n = r < qb ? (diagonal ? visible(r, k0, kb) : kb) : 0;
       if (r >= qb || m_new[r] == -INFINITY) {  // padding row, or nothing visible so far
         std::memset(prow, 0, sizeof(uint16_t) * width);
@@ -146,15 +153,20 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
       l[r] = l[r] * alpha[r] + sum;
       m[r] = m_new[r];
     }
-    for (int64_t rb = 0; rb < kBlockQ / 32; ++rb)
-      if (cols[rb] > 0) {
-        tile_gemm(32, d.Dvp, cols[rb], buf.pb + rb * 32 * kBlockK, kBlockK, vnni_at(kv.v, kv.kpad, k0, 0),
-                 kv.kpad * 16, O + rb * 32 * d.Dvp, d.Dvp, o_written[rb]);
-        o_written[rb] = true;
-      }
+    if (!diagonal) {
+      tile_gemm(rows, d.Dvp, kbc, buf.pb, kBlockK, vnni_at(kv.v, kv.kpad, k0, 0), kv.kpad * 16, O, d.Dvp, o_written[0]);
+      std::fill_n(o_written, kBlocks, true);
+    } else {
+      for (int64_t rb = 0; rb < kBlocks; ++rb)
+        if (cols[rb] > 0) {
+          tile_gemm(kTileRows, d.Dvp, cols[rb], buf.pb + rb * kTileRows * kBlockK, kBlockK,
+                    vnni_at(kv.v, kv.kpad, k0, 0), kv.kpad * 16, O + rb * kTileRows * d.Dvp, d.Dvp, o_written[rb]);
+          o_written[rb] = true;
+        }
+    }
   }
-  for (int64_t rb = 0; rb * 32 < qb; ++rb)
-    if (!o_written[rb]) std::memset(O + rb * 32 * d.Dvp, 0, sizeof(float) * 32 * d.Dvp);
+  for (int64_t rb = 0; rb * kTileRows < qb; ++rb)
+    if (!o_written[rb]) std::memset(O + rb * kTileRows * d.Dvp, 0, sizeof(float) * kTileRows * d.Dvp);
 
   for (int64_t r = 0; r < qb; ++r) {
     const bool any = l[r] > 0.f;
