@@ -22,6 +22,9 @@ constexpr int64_t kBlockK = 64;
 // Packs pad each sequence's queries and keys to the AMX granule only: a 15-token sentence packs 32
 // rows, not a whole 64-row tile (the tile loops never read past round_up(len, 32)).
 constexpr int64_t kPad = 32;
+// Keys per band of a diagonal tile: AMX's 32-row tiles, or 16 where tile_gemm takes 8-row blocks
+// (AVX512-BF16: causal/full backward at (4,12,512,64) 0.576-0.580 with 32, 0.571-0.577 with 16).
+constexpr int64_t kBand = kTileRows == 8 ? 16 : 32;
 
 // Per query head (qpad rows): bf16 VNNI operands and fp32 row statistics.
 struct QPack {
@@ -195,14 +198,14 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
         if (dropout)  // keep[key * kBlockQ + query]
           dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, true, buf.keep, kBlockQ);
-        // Diagonal tiles run as two bands of 32 keys; the lower band starts at the 32-column
+        // Diagonal tiles run as bands of kBand keys; each band starts at the kTileCols-column
         // block holding the first query its first key is visible to (see backward.cpp).
         // Keys past the tile's last one (short sequences) are not computed: m covers them to 32.
-        const int64_t bands = diagonal ? 2 : 1;
+        const int64_t bands = diagonal ? kBlockK / kBand : 1;
         for (int64_t band = 0; band < bands; ++band) {
-          const int64_t r0 = band * 32, m = bands == 1 ? round_up(kb, 32) : 32;
+          const int64_t r0 = band * kBand, m = bands == 1 ? round_up(kb, 32) : kBand;
           if (r0 >= kb) break;  // a band of padding keys only: never stored
-          const int64_t c0 = diagonal ? std::clamp<int64_t>(k0 + r0 - off - q0, 0, qb) / 32 * 32 : 0;
+          const int64_t c0 = diagonal ? std::clamp<int64_t>(k0 + r0 - off - q0, 0, qb) / kTileCols * kTileCols : 0;
           const int64_t n = qb32 - c0;
           float* P = buf.p + r0 * T + c0;  // band rows, columns from c0; row stride T
           float* dP = buf.dp + r0 * T + c0;
