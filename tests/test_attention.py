@@ -6,8 +6,7 @@ import torch.nn.functional as F
 import llmcore
 from llmcore.ops.reference import sdpa_reference
 
-from attention_checks import assert_close_to_ref, forward_backward
-from test_varlen import check_varlen
+from attention_checks import assert_close_to_ref, check_varlen, forward_backward
 
 NAMES = ("out", "dq", "dk", "dv")
 

@@ -4,61 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from llmcore.ops.reference import varlen_reference
 
-from attention_checks import assert_close_to_ref, forward_backward
-
-
-def cu(lengths):
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-    return out
-
-
-def torch_padded_grads(q, k, v, grad, lens_q, lens_k, is_causal, dtype):
-    """torch SDPA on the same batch padded to (n, H, L, D) with a mask: torch's own error baseline.
-
-    The mask hides padded keys, and with is_causal keys past the bottom-right diagonal.
-    """
-    n, mq, mk = len(lens_q), max(lens_q), max(lens_k)
-    leaves = [t.detach().clone().to(dtype).requires_grad_() for t in (q, k, v)]
-    vq = torch.arange(mq)[None, :] < torch.tensor(lens_q)[:, None]  # (n, mq)
-    vk = torch.arange(mk)[None, :] < torch.tensor(lens_k)[:, None]
-
-    def pad(x, valid, rows):
-        out = x.new_zeros(n, rows, x.size(1), x.size(2))
-        out[valid] = x
-        return out.transpose(1, 2)
-
-    mask = vk[:, None, None, :].expand(n, 1, mq, mk)
-    if is_causal:
-        shift = torch.tensor(lens_k) - torch.tensor(lens_q)
-        causal = torch.arange(mk)[None, None, :] <= torch.arange(mq)[None, :, None] + shift[:, None, None]
-        mask = mask & causal[:, None]
-    out = F.scaled_dot_product_attention(pad(leaves[0], vq, mq), pad(leaves[1], vk, mk), pad(leaves[2], vk, mk),
-                                         attn_mask=mask, enable_gqa=True)
-    out = out.transpose(1, 2)[vq]
-    out.backward(grad.to(dtype))
-    return [out.detach().double()] + [t.grad.double() for t in leaves]
-
-
-def check_varlen(lens_q, lens_k, hq, hkv, d, dtype, is_causal, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tq, tk = sum(lens_q), sum(lens_k)
-    q = torch.randn(tq, hq, d, dtype=torch.float64, generator=g)
-    k = torch.randn(tk, hkv, d, dtype=torch.float64, generator=g)
-    v = torch.randn(tk, hkv, d, dtype=torch.float64, generator=g)
-    grad = torch.randn(tq, hq, d, dtype=torch.float64, generator=g)
-    cq, ck = cu(lens_q), cu(lens_k)
-    mq, mk = max(lens_q, default=0), max(lens_k, default=0)
-    ref = forward_backward(varlen_reference, (q, k, v), grad, torch.float64, cu_seqlens_q=cq, cu_seqlens_k=ck,
-                           is_causal=is_causal)
-    ours = forward_backward(llmcore.varlen_attention, (q, k, v), grad, dtype, cu_seqlens_q=cq, cu_seqlens_k=ck,
-                            max_seqlen_q=mq, max_seqlen_k=mk, is_causal=is_causal)
-    theirs = torch_padded_grads(q, k, v, grad, lens_q, lens_k, is_causal, dtype)
-    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
-        assert_close_to_ref(name, a, b, r, dtype)
-    return ours
+from attention_checks import check_varlen, cu
 
 
 RAGGED = [
