@@ -44,15 +44,12 @@ def cu(lengths):
     return out
 
 
-def torch_padded_grads(q, k, v, grad, lens_q, lens_k, is_causal, dtype):
-    """torch SDPA on the same batch padded to (n, H, L, D) with a mask: torch's own error baseline.
-
-    The mask hides padded keys, and with is_causal keys past the bottom-right diagonal.
-    """
+def padded_sdpa(q, k, v, lens_q, lens_k, is_causal, sdpa=F.scaled_dot_product_attention):
+    """sdpa on packed (total, H, D) q, k, v padded to (n, H, L, D), with a mask that hides padded keys
+    and, with is_causal, keys past each sequence's bottom-right diagonal; returns the packed output."""
     n, mq, mk = len(lens_q), max(lens_q), max(lens_k)
-    leaves = [t.detach().clone().to(dtype).requires_grad_() for t in (q, k, v)]
-    vq = torch.arange(mq)[None, :] < torch.tensor(lens_q)[:, None]  # (n, mq)
-    vk = torch.arange(mk)[None, :] < torch.tensor(lens_k)[:, None]
+    vq = (torch.arange(mq)[None, :] < torch.tensor(lens_q)[:, None]).to(q.device)  # (n, mq) True = real
+    vk = (torch.arange(mk)[None, :] < torch.tensor(lens_k)[:, None]).to(q.device)
 
     def pad(x, valid, rows):
         out = x.new_zeros(n, rows, x.size(1), x.size(2))
@@ -63,10 +60,15 @@ def torch_padded_grads(q, k, v, grad, lens_q, lens_k, is_causal, dtype):
     if is_causal:
         shift = torch.tensor(lens_k) - torch.tensor(lens_q)
         causal = torch.arange(mk)[None, None, :] <= torch.arange(mq)[None, :, None] + shift[:, None, None]
-        mask = mask & causal[:, None]
-    out = F.scaled_dot_product_attention(pad(leaves[0], vq, mq), pad(leaves[1], vk, mk), pad(leaves[2], vk, mk),
-                                         attn_mask=mask, enable_gqa=True)
-    out = out.transpose(1, 2)[vq]
+        mask = mask & causal[:, None].to(q.device)
+    out = sdpa(pad(q, vq, mq), pad(k, vk, mk), pad(v, vk, mk), attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2)[vq]
+
+
+def torch_padded_grads(q, k, v, grad, lens_q, lens_k, is_causal, dtype):
+    """padded_sdpa's output and gradients in dtype, as float64: torch's own error baseline."""
+    leaves = [t.detach().clone().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = padded_sdpa(*leaves, lens_q, lens_k, is_causal)
     out.backward(grad.to(dtype))
     return [out.detach().double()] + [t.grad.double() for t in leaves]
 

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_checks import assert_close_to_ref
+from attention_checks import assert_close_to_ref, cu, padded_sdpa
 
 import llmcore
 from llmcore import _C
@@ -229,29 +229,8 @@ def test_full_bool_mask_with_dead_rows():
 # --- varlen -------------------------------------------------------------------------------
 
 
-def cu(lengths):
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-    return out
-
-
 def torch_padded(q, k, v, lens_q, lens_k, is_causal):
-    """torch SDPA on the packed batch padded to (n, H, L, D) with a mask: torch's own error baseline."""
-    n, mq, mk = len(lens_q), max(lens_q), max(lens_k)
-    vq, vk = key_padding(n, mq, lens_q).to(q.device), key_padding(n, mk, lens_k).to(q.device)
-
-    def pad(x, valid, rows):
-        out = x.new_zeros(n, rows, x.size(1), x.size(2))
-        out[valid] = x
-        return out.transpose(1, 2)
-
-    mask = vk[:, None, None, :].expand(n, 1, mq, mk)
-    if is_causal:
-        shift = torch.tensor(lens_k) - torch.tensor(lens_q)
-        causal = torch.arange(mk)[None, None, :] <= torch.arange(mq)[None, :, None] + shift[:, None, None]
-        mask = mask & causal[:, None].to(q.device)
-    out = torch_sdpa(pad(q, vq, mq), pad(k, vk, mk), pad(v, vk, mk), attn_mask=mask, enable_gqa=True)
-    return out.transpose(1, 2)[vq]
+    return padded_sdpa(q, k, v, lens_q, lens_k, is_causal, sdpa=torch_sdpa)
 
 
 VARLEN = [
