@@ -154,8 +154,7 @@ void set_amx(bool on) {
 
 bool bf16_dot_available() {
 #ifdef LLMCORE_HAVE_BF16_DOT
-  const CpuFeatures& f = cpu_features();
-  return f.avx512_bf16 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+  return cpu_features().avx512_bf16 && isa_supported(Isa::avx512);
 #else
   return false;
 #endif
