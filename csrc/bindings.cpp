@@ -92,6 +92,29 @@ PYBIND11_MODULE(_C, m) {
            py::arg("data"), py::arg("batch_stride"), py::arg("head_stride"), py::arg("seq_stride"));
 
   py::class_<at::Problem>(m, "AttentionProblem", "Sizes and options of one attention call (csrc/attention/attention.h).")
+      // The sizes in one call: a Python caller sets a dozen fields on every attention call, and
+      // each attribute write is a pybind call of its own.
+      .def(py::init([](at::DType dtype, int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t len_q, int64_t len_k,
+                       int64_t head_dim, int64_t head_dim_v, float scale, bool causal, bool causal_bottom_right,
+                       int num_threads) {
+             at::Problem p;
+             p.dtype = dtype;
+             p.batch = batch;
+             p.heads_q = heads_q;
+             p.heads_kv = heads_kv;
+             p.len_q = len_q;
+             p.len_k = len_k;
+             p.head_dim = head_dim;
+             p.head_dim_v = head_dim_v;
+             p.scale = scale;
+             p.causal = causal;
+             p.causal_bottom_right = causal_bottom_right;
+             p.num_threads = num_threads;
+             return p;
+           }),
+           py::arg("dtype"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("len_q"),
+           py::arg("len_k"), py::arg("head_dim"), py::arg("head_dim_v"), py::arg("scale"), py::arg("causal"),
+           py::arg("causal_bottom_right"), py::arg("num_threads"))
       .def(py::init<>())
       .def_readwrite("dtype", &at::Problem::dtype)
       .def_readwrite("batch", &at::Problem::batch)

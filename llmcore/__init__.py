@@ -30,10 +30,13 @@ def __getattr__(name):
     import importlib
 
     if name in _SUBMODULES:
-        return importlib.import_module(f"llmcore.{name}")
-    if name in _FROM_OPS:
-        return getattr(importlib.import_module("llmcore.ops"), name)
-    raise AttributeError(f"module 'llmcore' has no attribute {name!r}")
+        value = importlib.import_module(f"llmcore.{name}")
+    elif name in _FROM_OPS:
+        value = getattr(importlib.import_module("llmcore.ops"), name)
+    else:
+        raise AttributeError(f"module 'llmcore' has no attribute {name!r}")
+    globals()[name] = value  # later lookups find it directly, not through this function (an import each)
+    return value
 
 
 __all__ = ["BatchEncoding", "Tokenizer", "__version__", "data", "hf", "info", "models", "nn", "ops",

@@ -308,3 +308,38 @@ def test_concurrent_calls_from_python_threads():
     for t in threads:
         t.join()
     assert not failures
+
+
+# --- eager dispatch: an autograd node only where a gradient can flow ------------------------
+
+
+def _native_ops():
+    from llmcore.ops import bias_gelu, dropout, layer_norm, rms_norm, swiglu
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    return {  # name -> (input shape, op of one input tensor); every one runs a native CPU kernel here
+        "sdpa": ((2, 3, 17, 16), lambda t: llmcore.scaled_dot_product_attention(t, t * 0.5, t, is_causal=True)),
+        "varlen": ((7, 2, 16), lambda t: llmcore.varlen_attention(t, t * 0.5, t, cu, cu, 4, 4, is_causal=True)),
+        "layer_norm": ((5, 24), lambda t: layer_norm(t, torch.ones(24), torch.zeros(24))),
+        "rms_norm": ((5, 24), lambda t: rms_norm(t, torch.ones(24))),
+        "bias_gelu": ((5, 24), lambda t: bias_gelu(t, torch.ones(24))),
+        "swiglu": ((5, 24), lambda t: swiglu(t, t * 0.5)),
+        "dropout": ((5, 24), lambda t: dropout(t, 0.3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_native_ops()))
+def test_grad_free_calls_build_no_autograd_node(name):
+    shape, op = _native_ops()[name]
+    x = torch.randn(*shape, requires_grad=True)
+    torch.manual_seed(1)  # dropout draws its mask from torch's generator
+    tracked = op(x)
+    assert tracked.grad_fn is not None
+    torch.manual_seed(1)
+    with torch.no_grad():
+        untracked = op(x)
+    torch.manual_seed(1)
+    plain = op(x.detach())  # grad mode on, but nothing requires grad
+    for out in (untracked, plain):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, tracked.detach())  # the same kernel either way

@@ -16,11 +16,13 @@ def last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _ref_dense(t: Tensor) -> "_C.TensorRef":  # (B, H, L, D)
-    return _C.TensorRef(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
+    s = t.stride()
+    return _C.TensorRef(t.data_ptr(), s[0], s[1], s[2])
 
 
 def _ref_packed(t: Tensor) -> "_C.TensorRef":  # (total, H, D)
-    return _C.TensorRef(t.data_ptr(), 0, t.stride(1), t.stride(0))
+    s = t.stride()
+    return _C.TensorRef(t.data_ptr(), 0, s[1], s[0])
 
 
 def problem(
@@ -38,26 +40,23 @@ def problem(
     mask: Optional[Tensor] = None,
     cu_seqlens: Optional[tuple[Tensor, Tensor]] = None,
 ) -> "_C.AttentionProblem":
-    p = _C.AttentionProblem()
-    p.dtype = _DTYPES[q.dtype]
-    p.batch = batch
-    p.heads_q, p.heads_kv = q.size(1), k.size(1)  # (B, H, L, D) and (total, H, D) alike
-    p.len_q, p.len_k = len_q, len_k
-    p.head_dim, p.head_dim_v = q.size(-1), v.size(-1)
-    p.scale = scale
-    p.causal = is_causal
-    p.causal_bottom_right = cu_seqlens is not None
-    p.dropout_p = dropout_p
+    # Each call here is paid on every attention call, with caches cold from the kernels: the sizes
+    # go in through one constructor call, read from the shape tuples (not one size() call each).
+    qs, ks, vs = q.shape, k.shape, v.shape
+    # heads: dim 1 of (B, H, L, D) and (total, H, D) alike. torch's thread budget is shared
+    # rather than oversubscribed.
+    p = _C.AttentionProblem(_DTYPES[q.dtype], batch, qs[1], ks[1], len_q, len_k, qs[-1], vs[-1], scale, is_causal,
+                            cu_seqlens is not None, torch.get_num_threads())
     if dropout_p > 0.0:
         seed, offset = (int(x) for x in rng.tolist())
+        p.dropout_p = dropout_p
         p.seed, p.offset = seed & (2**64 - 1), offset & (2**64 - 1)
-    p.num_threads = torch.get_num_threads()  # share torch's budget rather than oversubscribe
     if mask is not None:
         p.mask_kind = _C.MaskKind.boolean if mask.dtype == torch.bool else _C.MaskKind.additive
         p.set_mask(mask.data_ptr(), list(mask.stride()))
     if cu_seqlens is not None:
         p.set_cu_seqlens(cu_seqlens[0].data_ptr(), cu_seqlens[1].data_ptr())
-        p.total_q, p.total_k = q.size(0), k.size(0)
+        p.total_q, p.total_k = qs[0], ks[0]
     return p
 
 

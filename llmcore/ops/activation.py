@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmcore import _C
-from llmcore.ops.norm import _CODES, _as_rows, _check_kernel_args, _eager_function, _empty_f32, _ptr
+from llmcore.ops.norm import _CODES, _as_rows, _check_kernel_args, _eager_function, _empty_f32, _ptr, _run_op
 
 __all__ = ["bias_gelu", "swiglu", "bias_gelu_reference", "swiglu_reference"]
 
@@ -227,8 +227,7 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> T
               and (bias is None or (bias.dtype in _CODES and torch.promote_types(x.dtype, bias.dtype) == x.dtype)))
     if not native:
         return bias_gelu_reference(x, bias, approximate)
-    fn = _bias_gelu_fwd if torch.compiler.is_compiling() else _BiasGeluEager.apply
-    return fn(x, bias, approximate)
+    return _run_op(_bias_gelu_fwd, _BiasGeluEager, x, bias, approximate)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -249,4 +248,4 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
               and gate.shape == up.shape and gate.dim() >= 1 and gate.size(-1) > 0)
     if not native:
         return swiglu_reference(gate, up)
-    return (_swiglu_fwd if torch.compiler.is_compiling() else _SwigluEager.apply)(gate, up)
+    return _run_op(_swiglu_fwd, _SwigluEager, gate, up)

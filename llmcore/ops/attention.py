@@ -23,7 +23,7 @@ from torch import Tensor
 from llmcore import _C
 from llmcore.ops import _cpu
 from llmcore.ops.dispatch import AttentionCall, select
-from llmcore.ops.norm import _eager_function
+from llmcore.ops.norm import _eager_function, _run_op
 from llmcore.ops.reference import sdpa_reference, varlen_reference
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
@@ -325,8 +325,8 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         m = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(torch.float32)
         mask4 = m.expand(full_scores).reshape(-1, hq, lq, lk)
-    fwd = _sdpa_fwd if torch.compiler.is_compiling() else _SdpaEager.apply
-    out, _ = fwd(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, query.device))
+    out, _ = _run_op(_sdpa_fwd, _SdpaEager, q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale),
+                     _draw_rng(dropout_p, query.device))
     if len(batch) != 1:
         out = out.reshape(*batch, hq, lq, ev)
     return out[0] if nd == 2 else out
@@ -397,7 +397,7 @@ def varlen_attention(
 
         return triton_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                              scale)
-    fwd = _varlen_fwd if torch.compiler.is_compiling() else _VarlenEager.apply
-    out, _ = fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
-                 float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device))
+    out, _ = _run_op(_varlen_fwd, _VarlenEager, q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                     max_seqlen_q, max_seqlen_k, float(dropout_p), bool(is_causal), float(scale),
+                     _draw_rng(dropout_p, q.device))
     return out

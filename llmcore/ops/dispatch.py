@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 __all__ = ["AttentionCall", "Backend", "BACKENDS", "select", "availability"]
 
 
-@dataclass(frozen=True)
-class AttentionCall:
-    """What a backend needs to know to decide whether it can run a call."""
+class AttentionCall(NamedTuple):
+    """What a backend needs to know to decide whether it can run a call (a tuple: built on
+    every attention call, and a frozen dataclass's __init__ costs a setattr per field)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -42,11 +42,11 @@ class Backend:
 
     def why_not(self, call: AttentionCall) -> Optional[str]:
         """The reason this backend cannot run ``call``, or None if it can."""
+        if call.device.type not in self.devices:
+            return f"device {call.device.type} not supported (supports {', '.join(self.devices)})"
         reason = self.unavailable()
         if reason:
             return reason
-        if call.device.type not in self.devices:
-            return f"device {call.device.type} not supported (supports {', '.join(self.devices)})"
         if call.dtype not in self.dtypes:
             return f"dtype {call.dtype} not supported (supports {', '.join(str(d) for d in self.dtypes)})"
         if max(call.head_dim, call.head_dim_v) > self.max_head_dim:
@@ -122,12 +122,18 @@ BACKENDS: tuple[Backend, ...] = (
 _BY_NAME = {b.name: b for b in BACKENDS}
 
 
+# Read once, when llmcore.ops is imported (an os.environ lookup on every attention call cost
+# more than the rest of the selection).
+_DEFAULT_BACKEND = os.environ.get("LLMCORE_ATTENTION_BACKEND") or None
+
+
 def select(call: AttentionCall, backend: Optional[str] = None) -> Backend:
     """The backend to run ``call`` on: ``backend`` if given (and able), else the first that fits.
 
-    ``LLMCORE_ATTENTION_BACKEND`` in the environment acts as a default for ``backend``.
+    ``LLMCORE_ATTENTION_BACKEND``, set in the environment before llmcore.ops is imported, acts
+    as a default for ``backend``.
     """
-    backend = backend or os.environ.get("LLMCORE_ATTENTION_BACKEND") or None
+    backend = backend or _DEFAULT_BACKEND
     if backend is not None:
         if backend not in _BY_NAME:
             raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(_BY_NAME)}")
@@ -136,13 +142,12 @@ def select(call: AttentionCall, backend: Optional[str] = None) -> Backend:
         if reason:
             raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
         return chosen
-    reasons = []
     for b in BACKENDS:
-        reason = b.why_not(call)
-        if reason is None:
+        # The device test first: no reason string is built for the backends a call passes over.
+        if call.device.type in b.devices and b.why_not(call) is None:
             return b
-        reasons.append(f"  {b.name}: {reason}")
-    raise RuntimeError("no attention backend fits this call:\n" + "\n".join(reasons))
+    reasons = "\n".join(f"  {b.name}: {b.why_not(call)}" for b in BACKENDS)
+    raise RuntimeError("no attention backend fits this call:\n" + reasons)
 
 
 def availability() -> dict[str, Optional[str]]:

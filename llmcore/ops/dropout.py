@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmcore import _C
-from llmcore.ops.norm import _CODES, _eager_function
+from llmcore.ops.norm import _CODES, _eager_function, _run_op
 
 __all__ = ["dropout"]
 
@@ -104,4 +104,4 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     if p == 1.0:
         return x * 0.0  # as torch: zeros (NaN where x is inf or NaN), gradient zero
     rng = _draw_rng()
-    return (_dropout_apply if torch.compiler.is_compiling() else _DropoutEager.apply)(x, rng, p)
+    return _run_op(_dropout_apply, _DropoutEager, x, rng, p)
