@@ -104,8 +104,9 @@ inline void tile_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_
 // C (8 rows x NV * 16 columns at c, ldc floats) (+)= A (8 rows at a) * B (NV VNNI column
 // blocks from b0, block_stride apart) over K (even): each step over a pair of k broadcasts a
 // row's (a[2k], a[2k+1]) against the 16-column VNNI rows of B (vdpbf16ps: both products summed
-// in fp32 into the accumulator).
-template <int NV>
+// in fp32 into the accumulator). Row r's pair k/2 is at a + r * lda + k * KA: KA = 1 for a
+// row-major A, 16 for an A read out of a VNNI pack (pairs 32 elements apart).
+template <int NV, int KA = 1>
 inline void dot_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b0, int64_t block_stride, float* c,
                       int64_t ldc, bool accumulate) {
   constexpr int R = 8;
@@ -119,7 +120,7 @@ inline void dot_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t*
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t pair;
-      std::memcpy(&pair, a + r * lda + k, sizeof(pair));
+      std::memcpy(&pair, a + r * lda + k * KA, sizeof(pair));
       const __m512bh y = (__m512bh)_mm512_set1_epi32(pair);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], y, x[v]);
     }
@@ -133,17 +134,33 @@ inline void dot_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t*
 // (the AMX contract's sizes included). C in blocks of 8 rows x 32 columns (16 registers), a last
 // block of 16 columns where N needs it. Column blocks are outer, so a block of B (K x 32) stays
 // in L1 for all the rows of A.
-inline void tile_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
-                      int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
+template <int KA, class AOf>
+inline void dot_gemm(int64_t M, int64_t N, int64_t K, const AOf& a_of, int64_t lda, const uint16_t* B,
+                     int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
   for (int64_t n0 = 0; n0 < N; n0 += 32) {
     const uint16_t* b0 = B + (n0 / 16) * block_stride;
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       if (N - n0 >= 32)
-        dot_block<2>(K, A + m0 * lda, lda, b0, block_stride, C + m0 * ldc + n0, ldc, accumulate);
+        dot_block<2, KA>(K, a_of(m0), lda, b0, block_stride, C + m0 * ldc + n0, ldc, accumulate);
       else
-        dot_block<1>(K, A + m0 * lda, lda, b0, block_stride, C + m0 * ldc + n0, ldc, accumulate);
+        dot_block<1, KA>(K, a_of(m0), lda, b0, block_stride, C + m0 * ldc + n0, ldc, accumulate);
     }
   }
+}
+
+inline void tile_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                      int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
+  dot_gemm<1>(M, N, K, [&](int64_t m0) { return A + m0 * lda; }, lda, B, block_stride, C, ldc, accumulate);
+}
+
+// C (M x N, ldc floats) (+)= X^T B, with X a K x M matrix VNNI-packed as a B operand (its
+// 16-column blocks x_block_stride elements apart; row m of X^T is X's column m) and B as in
+// tile_gemm. Same contract as tile_gemm. The backward's dQ = dS K reads dS from the pack of
+// dS^T it already makes for nothing else, with no transpose (AMX A tiles must be row-major).
+inline void tile_gemm_tn(int64_t M, int64_t N, int64_t K, const uint16_t* X, int64_t x_block_stride,
+                         const uint16_t* B, int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
+  auto a_of = [&](int64_t m0) { return X + (m0 / 16) * x_block_stride + (m0 % 16) * 2; };
+  dot_gemm<16>(M, N, K, a_of, 2, B, block_stride, C, ldc, accumulate);
 }
 #endif
 
