@@ -1,15 +1,15 @@
 // Flash-attention backward on the CPU, in the transposed form: for a key tile j and a query
 // tile i it computes S^T = K_j Q_i^T, so P^T, dP^T and dS^T come out with keys as rows and
-// every GEMM reads its operands row-major without a per-tile transpose:
+// no GEMM needs a per-tile transpose:
 //   dV_j += P^T_j dO_i      dP^T = V_j dO_i^T      dS^T = P^T * (dP^T - D_i)
-//   dK_j += dS^T Q_i        dQ_i^T += K_j^T dS^T
+//   dK_j += dS^T Q_i        dQ_i += dS_i K_j  (dS read down the columns of dS^T: gemm<true>)
 // Work items are (sequence, kv head, chunk of key tiles), so GQA heads never race on dK/dV.
 // Two layouts share that loop:
 //  - local: many short heads. Each item packs its group's operands into the thread's own
 //    buffers, takes every key tile, and writes dQ itself; nothing round-trips through memory.
 //  - shared: long sequences or few heads. Operands are packed once for all items, key tiles
 //    are split into chunks so small batch x heads still fills every thread (torch's CPU
-//    backward stops at batch x heads), each chunk accumulates dQ^T in its own buffer and a
+//    backward stops at batch x heads), each chunk accumulates dQ in its own buffer and a
 //    final pass sums the chunks.
 // Compiled once per ISA; see simd.h.
 #include <cstdint>
@@ -38,8 +38,8 @@ static_assert(kBlockQ % NR == 0, "query tiles are whole panels");
 // or, for fp32 inputs, the inputs themselves: hence their own row strides (ld) and the
 // element step from one query head to the next.
 struct GroupView {
-  const float *kt, *qt, *dot, *neg_lse, *di;  // kt: D x kpad; qt/dot: panels of queries
-  int64_t q_head_rows, qpad, kpad;
+  const float *qt, *dot, *neg_lse, *di;  // qt/dot: panels of queries
+  int64_t q_head_rows;
   const float *k, *v, *q, *dout;  // head 0 of the group for q and dout
   int64_t k_ld, v_ld, q_ld, dout_ld, q_step, dout_step;
 };
@@ -72,12 +72,12 @@ void set_rows(const BackwardArgs& a, int64_t b, int64_t hk, const float* k, cons
 }
 
 // Floats per padded row of the packed buffers: the q side holds Q^T and dO^T panels, -lse and
-// D_i, plus Q and dO row copies unless the inputs are read in place; the k side holds K^T,
-// plus K and V copies likewise.
+// D_i, plus Q and dO row copies unless the inputs are read in place; the k side K and V copies
+// likewise (nothing for fp32).
 int64_t q_floats(int64_t qpad, int64_t D, int64_t Dv, bool copies) {
   return qpad * (D + Dv + 2 + (copies ? D + Dv : 0));
 }
-int64_t k_floats(int64_t kpad, int64_t D, int64_t Dv, bool copies) { return kpad * (D + (copies ? D + Dv : 0)); }
+int64_t k_floats(int64_t kpad, int64_t D, int64_t Dv, bool copies) { return copies ? kpad * (D + Dv) : 0; }
 
 // Packs query head h of sequence b at row `row` of the q buffers (rows of q_total).
 struct QBuffers {
@@ -86,7 +86,6 @@ struct QBuffers {
   int64_t total;                        // rows per head slot
 };
 struct KBuffers {
-  float* kt;
   float *k = nullptr, *v = nullptr;
 };
 
@@ -106,9 +105,8 @@ QBuffers carve_q(float* base, int64_t rows, int64_t heads, int64_t D, int64_t Dv
 
 KBuffers carve_k(float* base, int64_t rows, int64_t heads, int64_t D, int64_t Dv, bool copies) {
   KBuffers kb;
-  kb.kt = base;
   if (copies) {
-    kb.k = kb.kt + heads * rows * D;
+    kb.k = base;
     kb.v = kb.k + heads * rows * D;
   }
   return kb;
@@ -161,23 +159,16 @@ void pack_q_head(const BackwardArgs& a, int64_t b, int64_t h, const QBuffers& qb
   }
 }
 
+// K and V rows as fp32 copies (fp32 inputs are read in place: nothing to pack).
 void pack_k_head(const BackwardArgs& a, int64_t b, int64_t h, const KBuffers& kb, int64_t slot) {
   const Problem& p = a.p;
+  if (rows_in_place(p)) return;
   const Seq s = sequence(p, b);
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, pad = alias_free(round_up(s.len_k, NR));
-  const void* k = at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0));
-  const float* kr = static_cast<const float*>(k);
-  int64_t k_ld = a.k.seq_stride;
-  if (!rows_in_place(p)) {
-    pack_rows(k, p.dtype, a.k.seq_stride, s.len_k, D, 1.f, kb.k + slot * D);
-    pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, Dv, 1.f,
-              kb.v + slot * Dv);
-    kr = kb.k + slot * D;
-    k_ld = D;
-  }
-  float* kt = kb.kt + slot * D;  // D x pad, row-major
-  transpose(kr, k_ld, s.len_k, D, kt, pad);
-  for (int64_t d = 0; d < D; ++d) std::memset(kt + d * pad + s.len_k, 0, sizeof(float) * (pad - s.len_k));
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  pack_rows(at(a.k, p.dtype, row_offset(p, a.k, b, h, s.k_row0, 0)), p.dtype, a.k.seq_stride, s.len_k, D, 1.f,
+            kb.k + slot * D);
+  pack_rows(at(a.v, p.dtype, row_offset(p, a.v, b, h, s.k_row0, 0)), p.dtype, a.v.seq_stride, s.len_k, Dv, 1.f,
+            kb.v + slot * Dv);
 }
 
 struct TileBuffers {
@@ -202,11 +193,11 @@ struct TileBuffers {
   }
 };
 
-// Key tiles [t_begin, t_end) of one group. dq_t(g) is the D x qpad dQ^T accumulator of the
-// group's query head g.
-template <class DqT>
+// Key tiles [t_begin, t_end) of one group. dq_of(g) is the dQ accumulator (len_q x D, row-major)
+// of the group's query head g.
+template <class DqOf>
 void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_t hk, int64_t t_begin, int64_t t_end,
-                    const DqT& dq_t, TileBuffers& buf) {
+                    const DqOf& dq_of, TileBuffers& buf) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
   const int64_t D = p.head_dim, Dv = p.head_dim_v, group = p.heads_q / p.heads_kv;
@@ -219,7 +210,6 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
     const int64_t k0 = t * kBlockK, kb = std::min(kBlockK, s.len_k - k0);
     const float* kr = g.k + k0 * g.k_ld;
     const float* vr = g.v + k0 * g.v_ld;
-    const float* kt = g.kt + k0;
     if (rows_in_place(p)) {  // the first GEMMs of the tile read these rows
       prefetch_rows(vr, g.v_ld * 4, kb, Dv * 4);  // V first: measured faster than K first
       prefetch_rows(kr, g.k_ld * 4, kb, D * 4);
@@ -232,7 +222,7 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
       const int64_t h = hk * group + gh, qrow = gh * g.q_head_rows;
       const float* neg_lse = g.neg_lse + qrow;
       const float* di = g.di + qrow;
-      float* dqt = dq_t(gh);
+      float* dq = dq_of(gh);
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
         const int64_t qb = std::min(kBlockQ, s.len_q - q0), width = panel_width(s.len_q);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
@@ -292,7 +282,7 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
           gemm(m, D, n, dS, kBlockQ, RowMajorB{g.q + gh * g.q_step + (q0 + c0) * g.q_ld, g.q_ld},
                first_q ? dk : buf.partial, D, false);
           if (!first_q) add_rows(dk, buf.partial, m * D);
-          gemm(D, n, m, kt + r0, g.kpad, RowMajorB{dS, kBlockQ}, dqt + q0 + c0, g.qpad, true);
+          gemm<true>(n, D, m, dS, kBlockQ, RowMajorB{kr + r0 * g.k_ld, g.k_ld}, dq + (q0 + c0) * D, D, true);
         }
         first_q = false;
       }
@@ -325,7 +315,7 @@ void backward(const BackwardArgs& a) {
     k_total += alias_free(round_up(s.len_k, NR));
     max_tiles = std::max(max_tiles, ceil_div(s.len_k, kBlockK));
   }
-  // One group's packed operands plus its dQ^T, per thread.
+  // One group's packed operands plus its dQ, per thread.
   const bool copies = !rows_in_place(p);
   const int64_t group_floats =
       group * q_floats(max_q, D, Dv, copies) + k_floats(max_k, D, Dv, copies) + group * max_q * D;
@@ -360,22 +350,21 @@ void backward(const BackwardArgs& a) {
       const QBuffers qb = carve_q(gbase, max_q, group, D, Dv, copies);
       float* kbase = gbase + group * q_floats(max_q, D, Dv, copies);
       const KBuffers kb = carve_k(kbase, max_k, 1, D, Dv, copies);
-      float* dqt = kbase + k_floats(max_k, D, Dv, copies);  // group x D x qpad
+      float* dq_acc = kbase + k_floats(max_k, D, Dv, copies);  // group x qpad x D
 #pragma omp for schedule(dynamic, local_chunk(p, nthreads))
       for (int64_t it = 0; it < pairs; ++it) {
         const int64_t b = it / p.heads_kv, hk = it % p.heads_kv;
         const Seq s = sequence(p, b);
-        const int64_t qpad = alias_free(panel_padded(s.len_q, kBlockQ)), kpad = alias_free(round_up(s.len_k, NR));
+        const int64_t qpad = alias_free(panel_padded(s.len_q, kBlockQ));
         for (int64_t gh = 0; gh < group; ++gh)
           pack_q_head(a, b, hk * group + gh, qb, gh * max_q, buf.rows, buf.row2);
         pack_k_head(a, b, hk, kb, 0);
-        GroupView g{kb.kt, qb.qt, qb.dot, qb.neg_lse, qb.di, max_q, qpad, kpad};
+        GroupView g{qb.qt, qb.dot, qb.neg_lse, qb.di, max_q};
         set_rows(a, b, hk, kb.k, kb.v, qb.q, qb.dout, max_q, g);
-        std::memset(dqt, 0, sizeof(float) * group * D * qpad);
-        backward_tiles(a, g, b, hk, 0, ceil_div(s.len_k, kBlockK), [&](int64_t gh) { return dqt + gh * D * qpad; },
+        std::memset(dq_acc, 0, sizeof(float) * group * D * qpad);
+        backward_tiles(a, g, b, hk, 0, ceil_div(s.len_k, kBlockK), [&](int64_t gh) { return dq_acc + gh * D * qpad; },
                        buf);
-        for (int64_t gh = 0; gh < group; ++gh)
-          write_dq(a, b, hk * group + gh, dqt + gh * D * qpad, 1, 0, qpad, buf.p, kBlockK * kBlockQ);
+        for (int64_t gh = 0; gh < group; ++gh) write_dq_rows(a, b, hk * group + gh, dq_acc + gh * D * qpad, D, 1, 0);
       }
     }
     return;
@@ -384,16 +373,18 @@ void backward(const BackwardArgs& a) {
   const QBuffers qb = carve_q(shared, q_total, p.heads_q, D, Dv, copies);
   float* kbase = shared + p.heads_q * q_floats(q_total, D, Dv, copies);
   const KBuffers kb = carve_k(kbase, k_total, p.heads_kv, D, Dv, copies);
-  float* dqt = kbase + p.heads_kv * k_floats(k_total, D, Dv, copies);  // chunks x Hq x (D x qpad per sequence)
-  const int64_t dqt_size = chunks * p.heads_q * q_total * D;
-  auto dqt_of = [&](int64_t c, int64_t h, int64_t b) { return dqt + ((c * p.heads_q + h) * q_total + q_off[b]) * D; };
+  float* dq_acc = kbase + p.heads_kv * k_floats(k_total, D, Dv, copies);  // chunks x Hq x (qpad x D per sequence)
+  const int64_t dq_acc_size = chunks * p.heads_q * q_total * D;
+  auto dq_acc_of = [&](int64_t c, int64_t h, int64_t b) {
+    return dq_acc + ((c * p.heads_q + h) * q_total + q_off[b]) * D;
+  };
 
 #pragma omp parallel num_threads(nthreads)
   {
     TileBuffers buf(scratch + per_thread * omp_get_thread_num(), D, Dv);
 #pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < dqt_size; i += 4096)
-      std::memset(dqt + i, 0, sizeof(float) * std::min<int64_t>(4096, dqt_size - i));
+    for (int64_t i = 0; i < dq_acc_size; i += 4096)
+      std::memset(dq_acc + i, 0, sizeof(float) * std::min<int64_t>(4096, dq_acc_size - i));
 #pragma omp for schedule(dynamic, 1) collapse(2) nowait
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads_q; ++h) pack_q_head(a, b, h, qb, h * q_total + q_off[b], buf.rows, buf.row2);
@@ -407,21 +398,19 @@ void backward(const BackwardArgs& a) {
       const Seq s = sequence(p, b);
       const int64_t ntiles = ceil_div(s.len_k, kBlockK), tpc = ceil_div(ntiles, chunks);
       const int64_t qrow0 = (hk * group) * q_total + q_off[b], krow0 = hk * k_total + k_off[b];
-      GroupView g{kb.kt + krow0 * D, qb.qt + qrow0 * D, qb.dot + qrow0 * Dv, qb.neg_lse + qrow0, qb.di + qrow0,
-                  q_total, q_off[b + 1] - q_off[b], k_off[b + 1] - k_off[b]};
+      GroupView g{qb.qt + qrow0 * D, qb.dot + qrow0 * Dv, qb.neg_lse + qrow0, qb.di + qrow0, q_total};
       if (copies)
         set_rows(a, b, hk, kb.k + krow0 * D, kb.v + krow0 * Dv, qb.q + qrow0 * D, qb.dout + qrow0 * Dv, q_total, g);
       else
         set_rows(a, b, hk, nullptr, nullptr, nullptr, nullptr, q_total, g);
       backward_tiles(a, g, b, hk, c * tpc, std::min(ntiles, (c + 1) * tpc),
-                     [&](int64_t gh) { return dqt_of(c, hk * group + gh, b); }, buf);
+                     [&](int64_t gh) { return dq_acc_of(c, hk * group + gh, b); }, buf);
     }
 
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads_q; ++h)
-        write_dq(a, b, h, dqt_of(0, h, b), chunks, p.heads_q * q_total * D, q_off[b + 1] - q_off[b], buf.p,
-                 kBlockK * kBlockQ);
+        write_dq_rows(a, b, h, dq_acc_of(0, h, b), D, chunks, p.heads_q * q_total * D);
   }
 }
 

@@ -169,18 +169,10 @@ void pack_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
 // floats apart; the first is summed into).
 void store_dq(const BackwardArgs& a, const Dims& d, int64_t b, int64_t h, float* dq, int64_t chunks,
               int64_t chunk_stride, int64_t qpad, float* scratch) {
-  if (!kDqRows) {
+  if (kDqRows)
+    write_dq_rows(a, b, h, dq, d.Dp, chunks, chunk_stride);
+  else
     write_dq(a, b, h, dq, chunks, chunk_stride, qpad, scratch, kBlockK * kBlockQ);
-    return;
-  }
-  const Problem& p = a.p;
-  const Seq s = sequence(p, b);
-  for (int64_t i = 0; i < s.len_q; ++i) {
-    float* row = dq + i * d.Dp;
-    for (int64_t c = 1; c < chunks; ++c)
-      for (int64_t x = 0; x < p.head_dim; ++x) row[x] += row[c * chunk_stride + x];
-    store_row(row, p.head_dim, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i)));
-  }
 }
 
 struct TileBuffers {

@@ -1,6 +1,7 @@
 // Register-blocked fp32 GEMM for the attention tiles: C[M x N] (+)= A[M x K] * B[K x N].
-// A is row-major (lda); it is read one element at a time and broadcast. B is read in
-// column blocks of simd::MR x (NV * W) (see BlockB); C is row-major (ldc).
+// A is row-major (lda), or with AT its transpose is (A[m][k] at A[k * lda + m]); it is read one
+// element at a time and broadcast. B is read in column blocks of simd::MR x (NV * W) (see
+// BlockB); C is row-major (ldc).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -53,7 +54,7 @@ struct PanelB {
 // mirrors an accumulator array to the stack on every k step).
 #define LLMCORE_UNROLL _Pragma("GCC unroll 16")
 
-template <int R, int NVec>
+template <bool AT, int R, int NVec>
 inline void micro_kernel(int64_t K, const float* A, int64_t lda, BlockB B, float* C, int64_t ldc, int tail,
                          bool accumulate) {
   // The products start from zero and C is added last: a block of K terms then rounds like
@@ -67,7 +68,7 @@ inline void micro_kernel(int64_t K, const float* A, int64_t lda, BlockB B, float
     LLMCORE_UNROLL for (int v = 0; v < NVec; ++v)
       bv[v] = (v == NVec - 1) ? sv::load(b + v * sv::W, tail) : sv::load(b + v * sv::W);
     LLMCORE_UNROLL for (int r = 0; r < R; ++r) {
-      const sv::V a = sv::set1(A[r * lda + k]);
+      const sv::V a = sv::set1(AT ? A[k * lda + r] : A[r * lda + k]);
       LLMCORE_UNROLL for (int v = 0; v < NVec; ++v) acc[r][v] = sv::fmadd(a, bv[v], acc[r][v]);
     }
   }
@@ -82,24 +83,24 @@ inline void micro_kernel(int64_t K, const float* A, int64_t lda, BlockB B, float
   }
 }
 
-template <int R>
+template <bool AT, int R>
 inline void micro_kernel_rows(int nvec, int64_t K, const float* A, int64_t lda, BlockB B, float* C, int64_t ldc,
                               int tail, bool accumulate) {
   static_assert(sv::NV <= 4, "extend the switch below");
   switch (nvec) {
-    case 1: micro_kernel<R, 1>(K, A, lda, B, C, ldc, tail, accumulate); break;
-    case 2: if constexpr (sv::NV >= 2) micro_kernel<R, 2>(K, A, lda, B, C, ldc, tail, accumulate); break;
-    case 3: if constexpr (sv::NV >= 3) micro_kernel<R, 3>(K, A, lda, B, C, ldc, tail, accumulate); break;
-    case 4: if constexpr (sv::NV >= 4) micro_kernel<R, 4>(K, A, lda, B, C, ldc, tail, accumulate); break;
+    case 1: micro_kernel<AT, R, 1>(K, A, lda, B, C, ldc, tail, accumulate); break;
+    case 2: if constexpr (sv::NV >= 2) micro_kernel<AT, R, 2>(K, A, lda, B, C, ldc, tail, accumulate); break;
+    case 3: if constexpr (sv::NV >= 3) micro_kernel<AT, R, 3>(K, A, lda, B, C, ldc, tail, accumulate); break;
+    case 4: if constexpr (sv::NV >= 4) micro_kernel<AT, R, 4>(K, A, lda, B, C, ldc, tail, accumulate); break;
   }
 }
 
-template <int R = sv::MR>
+template <bool AT, int R = sv::MR>
 inline void micro_kernel_dispatch(int rows, int nvec, int64_t K, const float* A, int64_t lda, BlockB B, float* C,
                                   int64_t ldc, int tail, bool accumulate) {
   if constexpr (R >= 1) {
-    if (rows == R) return micro_kernel_rows<R>(nvec, K, A, lda, B, C, ldc, tail, accumulate);
-    if constexpr (R > 1) micro_kernel_dispatch<R - 1>(rows, nvec, K, A, lda, B, C, ldc, tail, accumulate);
+    if (rows == R) return micro_kernel_rows<AT, R>(nvec, K, A, lda, B, C, ldc, tail, accumulate);
+    if constexpr (R > 1) micro_kernel_dispatch<AT, R - 1>(rows, nvec, K, A, lda, B, C, ldc, tail, accumulate);
   }
 }
 
@@ -133,8 +134,8 @@ struct Whole {
 // at m0 needs (a causal diagonal tile: each block stops at what its last row sees). A limited
 // block computes what one gemm() call of its own limits would, in the same order, while the
 // chunk of B stays in L1 for all row blocks. A block whose depth ends before a K chunk skips it
-// (it must then accumulate).
-template <class BAt, class Cols = Whole, class Depth = Whole>
+// (it must then accumulate). gemm<true> reads A transposed (see the top of this file).
+template <bool AT = false, class BAt, class Cols = Whole, class Depth = Whole>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const BAt& b_at, float* C, int64_t ldc,
                  bool accumulate, int64_t chain = kChainK, const Cols& cols = {}, const Depth& depth = {}) {
   for (int64_t n0 = 0, nb = 0; n0 < N; n0 += nb) {
@@ -151,8 +152,9 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
         if (nc <= 0 || (kc <= 0 && (k0 > 0 || accumulate))) continue;
         const int nvec = int((nc + sv::W - 1) / sv::W);
         const int tail = int(nc - (nvec - 1) * sv::W);
-        micro_kernel_dispatch(mb, nvec, std::max<int64_t>(kc, 0), A + m0 * lda + k0, lda, Bk, C + m0 * ldc + n0, ldc,
-                              tail, accumulate || k0 > 0);
+        const float* a = AT ? A + k0 * lda + m0 : A + m0 * lda + k0;
+        micro_kernel_dispatch<AT>(mb, nvec, std::max<int64_t>(kc, 0), a, lda, Bk, C + m0 * ldc + n0, ldc, tail,
+                                  accumulate || k0 > 0);
       }
     }
   }

@@ -274,8 +274,8 @@ inline void pack_transposed_panels(const void* src, DType dt, int64_t seq_stride
 inline int64_t alias_free(int64_t n) { return n >= 512 && n % 512 == 0 ? n + 64 : n; }
 
 // dQ rows [0, len_q) of head h of sequence b = scale * the sum of `chunks` dQ^T accumulators
-// (D x qpad each, chunk_stride floats apart), transposed back through `rows` (room for
-// rows_capacity floats) and stored in the output dtype.
+// (D x qpad each, chunk_stride floats apart; the AMX backward's), transposed back through `rows`
+// (room for rows_capacity floats) and stored in the output dtype.
 inline void write_dq(const BackwardArgs& a, int64_t b, int64_t h, const float* dqt, int64_t chunks,
                      int64_t chunk_stride, int64_t qpad, float* rows, int64_t rows_capacity) {
   const Problem& p = a.p;
@@ -291,6 +291,21 @@ inline void write_dq(const BackwardArgs& a, int64_t b, int64_t h, const float* d
     }
     for (int64_t i = 0; i < n; ++i)
       store_row(rows + i * D, D, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i0 + i)));
+  }
+}
+
+// dQ rows [0, len_q) of head h of sequence b = scale * the sum of `chunks` row-major dQ
+// accumulators (ld floats a row, chunk_stride floats apart; the first is summed into), stored in
+// the output dtype.
+inline void write_dq_rows(const BackwardArgs& a, int64_t b, int64_t h, float* dq, int64_t ld, int64_t chunks,
+                          int64_t chunk_stride) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  for (int64_t i = 0; i < s.len_q; ++i) {
+    float* row = dq + i * ld;
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t x = 0; x < p.head_dim; ++x) row[x] += row[c * chunk_stride + x];
+    store_row(row, p.head_dim, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i)));
   }
 }
 
