@@ -343,3 +343,15 @@ def test_grad_free_calls_build_no_autograd_node(name):
     for out in (untracked, plain):
         assert out.grad_fn is None and not out.requires_grad
         assert torch.equal(out, tracked.detach())  # the same kernel either way
+
+
+@pytest.mark.parametrize("name", list(_native_ops()))
+def test_forward_mode_ad_raises_rather_than_dropping_the_tangent(name):
+    import torch.autograd.forward_ad as fwAD
+
+    shape, op = _native_ops()[name]
+    x = torch.randn(*shape)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            op(dual)

@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from llmcore import _C
 from llmcore.ops import triton as triton_ops
@@ -162,10 +163,12 @@ def _run_op(op, eager: type[torch.autograd.Function], *args):
     """Calls ``op`` (a custom op) inside torch.compile; in eager mode ``eager`` (from
     :func:`_eager_function`) when a gradient can flow to a tensor argument, else the bare
     implementation: inference calls build no autograd node (Function.apply cost ~15% of the
-    Python time of a no-grad attention call)."""
+    Python time of a no-grad attention call). Inside a forward-mode AD level, eager too: its
+    error (no jvp) rather than an output silently without tangent."""
     if torch.compiler.is_compiling():
         return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+    if forward_ad._current_level >= 0 or (
+            torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
         return eager.apply(*args)
     return eager.impl(*args)
 
