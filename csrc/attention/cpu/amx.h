@@ -155,8 +155,8 @@ inline void tile_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_
 
 // C (M x N, ldc floats) (+)= X^T B, with X a K x M matrix VNNI-packed as a B operand (its
 // 16-column blocks x_block_stride elements apart; row m of X^T is X's column m) and B as in
-// tile_gemm. Same contract as tile_gemm. The backward's dQ = dS K reads dS from the pack of
-// dS^T it already makes for nothing else, with no transpose (AMX A tiles must be row-major).
+// tile_gemm. Same contract as tile_gemm. The backward's dQ = dS K reads dS straight from the
+// VNNI pack of its dS^T tile, with no transpose (AMX A tiles must be row-major: no such variant).
 inline void tile_gemm_tn(int64_t M, int64_t N, int64_t K, const uint16_t* X, int64_t x_block_stride,
                          const uint16_t* B, int64_t block_stride, float* C, int64_t ldc, bool accumulate) {
   auto a_of = [&](int64_t m0) { return X + (m0 / 16) * x_block_stride + (m0 % 16) * 2; };

@@ -46,10 +46,10 @@ QPack carve_q(uint16_t* base, int64_t qpad, const Dims& d) {
 
 // dQ accumulates as dQ^T (D x queries) = K^T dS^T on AMX, whose A tiles are row-major: K^T is
 // packed once per kv head and the sum transposed back at the end. With dot products it
-// accumulates as rows, dQ = dS K: tile_gemm_tn reads dS out of the pack of dS^T the tile makes
-// anyway and K is packed like any B operand, so neither transpose is needed, and no GEMM reads
-// A rows kpad elements apart (bf16 backward with torch interleaved, causal / full: (4,12,512,64)
-// -7% / -4%, (2,16,1024,64) -10% / -6%, (1,32,2048,128) -8% / -5%).
+// accumulates as rows, dQ = dS K: tile_gemm_tn reads dS out of the VNNI pack of dS^T (the B
+// operand of the dQ^T GEMM) and K is packed like any B operand, so neither transpose is
+// needed, and no GEMM reads A rows kpad elements apart (bf16 backward with torch interleaved,
+// causal / full: (4,12,512,64) -7% / -4%, (2,16,1024,64) -10% / -6%, (1,32,2048,128) -8% / -5%).
 #ifdef LLMCORE_BF16_DOT
 constexpr bool kDqRows = true;
 #else
