@@ -62,8 +62,10 @@ struct TileBuffers {
         keep(reinterpret_cast<uint8_t*>(row + NR * dim)) {}
 };
 
+// Query tile qt of head h of sequence b; next_qt: the tile this thread runs next in the same
+// head (its query rows are prefetched when it is inside the sequence), or -1.
 void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, int64_t b, int64_t h, int64_t qt,
-                  TileBuffers& buf) {
+                  int64_t next_qt, TileBuffers& buf) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
@@ -77,6 +79,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
   const float* A = in_place ? static_cast<const float*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0))) : Q;
   const int64_t lda = in_place ? a.q.seq_stride : D;
   if (in_place) prefetch_rows(A, lda * 4, qb, D * 4);
+  prefetch_query_tile(a, b, h, next_qt, kBlockQ);
   for (int64_t r = 0; r < qb; ++r) {
     if (!in_place)
       load_row(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0 + r)), p.dtype, D, p.scale < 0 ? -1.f : 1.f,
@@ -194,7 +197,7 @@ void forward(const ForwardArgs& a) {
         pack_head(a, b, hk, buf.row, kt, v);
         const int64_t nq = ceil_div(sequence(p, b).len_q, kBlockQ);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-          for (int64_t qt = 0; qt < nq; ++qt) forward_tile(a, kt, v_rows(a, b, hk, v), b, h, qt, buf);
+          for (int64_t qt = 0; qt < nq; ++qt) forward_tile(a, kt, v_rows(a, b, hk, v), b, h, qt, qt + 1, buf);
       }
     } else {
 #pragma omp for schedule(dynamic, 1) collapse(2)
@@ -209,7 +212,7 @@ void forward(const ForwardArgs& a) {
         const int64_t rem = it - first[b], h = rem / nq, hk = h / group;
         // Causal tiles near the end of a sequence cost the most: hand them out first.
         const int64_t qt = p.causal ? nq - 1 - rem % nq : rem % nq;
-        forward_tile(a, shared_kt + kv.kt_at(b, hk), v_rows(a, b, hk, shared_v + kv.v_at(b, hk)), b, h, qt, buf);
+        forward_tile(a, shared_kt + kv.kt_at(b, hk), v_rows(a, b, hk, shared_v + kv.v_at(b, hk)), b, h, qt, -1, buf);
       }
     }
   }

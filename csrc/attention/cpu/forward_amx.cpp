@@ -63,8 +63,10 @@ struct TileBuffers {
   }
 };
 
+// Query tile qt of head h of sequence b; next_qt: the tile this thread runs next in the same
+// head (its query rows are prefetched when it is inside the sequence), or -1.
 void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t b, int64_t h, int64_t qt,
-                  TileBuffers& buf) {
+                  int64_t next_qt, TileBuffers& buf) {
   const Problem& p = a.p;
   const Seq s = sequence(p, b);
   const int64_t q0 = qt * kBlockQ, qb = std::min(kBlockQ, s.len_q - q0);
@@ -80,6 +82,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
   const uint16_t* A = in_place ? q_src : buf.q;
   const int64_t lda = in_place ? a.q.seq_stride : d.Dp;
   if (in_place) prefetch_rows(A, lda * 2, qb, d.D * 2);
+  prefetch_query_tile(a, b, h, next_qt, kBlockQ);
   if (!in_place) {
     copy_padded(q_src, a.q.seq_stride, qb, d.D, rows, d.Dp, buf.q);
     if (sign)
@@ -229,7 +232,7 @@ void forward(const ForwardArgs& a) {
         pack_kv(a, b, hk, d, round_up(sequence(p, b).len_k, 32), nullptr, kv);
         const int64_t nq = ceil_div(sequence(p, b).len_q, kBlockQ);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-          for (int64_t qt = 0; qt < nq; ++qt) forward_tile(a, d, kv, b, h, qt, buf);
+          for (int64_t qt = 0; qt < nq; ++qt) forward_tile(a, d, kv, b, h, qt, qt + 1, buf);
       }
     } else {
 #pragma omp for schedule(dynamic, 1) collapse(2)
@@ -247,7 +250,7 @@ void forward(const ForwardArgs& a) {
         const int64_t qt = p.causal ? nq - 1 - rem % nq : rem % nq;
         KVPack kv = shared_pack(b, h / group);
         kv.v = kv.kt + kv.kpad * d.Dp;
-        forward_tile(a, d, kv, b, h, qt, buf);
+        forward_tile(a, d, kv, b, h, qt, -1, buf);
       }
     }
   }

@@ -206,6 +206,19 @@ inline void prefetch_rows(const void* x, int64_t ld_bytes, int64_t rows, int64_t
   }
 }
 
+// Prefetches the query rows of tile `next` (tiles of tile_rows rows) of head h of sequence b,
+// if there is one (next >= 0, inside the sequence): a forward tile asks for the next one's rows
+// while it computes, so that tile's first score GEMM does not wait on them. (4,12,512,64)
+// forward with torch interleaved, on and off alternating in one process: bf16 causal faster in 8
+// of 9 runs (-0.6% to -2.3%; one +2.8%), full 0 to -1%; fp32 -2.6% / -1.6% (one run).
+inline void prefetch_query_tile(const ForwardArgs& a, int64_t b, int64_t h, int64_t next, int64_t tile_rows) {
+  const Problem& p = a.p;
+  const Seq s = sequence(p, b);
+  const int64_t q0 = next * tile_rows, rows = std::min(tile_rows, s.len_q - q0), es = elem_size(p.dtype);
+  if (next < 0 || rows <= 0) return;
+  prefetch_rows(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0)), a.q.seq_stride * es, rows, p.head_dim * es);
+}
+
 // dst[c][r] = src[r][c] for an rows x cols block (row strides in floats), in W x W register
 // transposes with scalar edges.
 inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
