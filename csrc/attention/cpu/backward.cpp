@@ -77,7 +77,7 @@ void set_rows(const BackwardArgs& a, int64_t b, int64_t hk, const float* k, cons
 int64_t q_floats(int64_t qpad, int64_t D, int64_t Dv, bool copies) {
   return qpad * (D + Dv + 2 + (copies ? D + Dv : 0));
 }
-int64_t k_floats(int64_t kpad, int64_t D, int64_t Dv, bool copies) { return copies ? kpad * (D + Dv) : 0; }
+int64_t k_floats(int64_t rows, int64_t D, int64_t Dv, bool copies) { return copies ? rows * (D + Dv) : 0; }
 
 // Packs query head h of sequence b at row `row` of the q buffers (rows of q_total).
 struct QBuffers {
@@ -310,9 +310,9 @@ void backward(const BackwardArgs& a) {
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
     max_q = std::max(max_q, alias_free(panel_padded(s.len_q, kBlockQ)));
-    max_k = std::max(max_k, alias_free(round_up(s.len_k, NR)));
+    max_k = std::max(max_k, s.len_k);  // K and V copies are read row by row: no padding
     q_total += alias_free(panel_padded(s.len_q, kBlockQ));
-    k_total += alias_free(round_up(s.len_k, NR));
+    k_total += s.len_k;
     max_tiles = std::max(max_tiles, ceil_div(s.len_k, kBlockK));
   }
   // One group's packed operands plus its dQ, per thread.
@@ -338,7 +338,7 @@ void backward(const BackwardArgs& a) {
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq s = sequence(p, b);
     q_off[b + 1] = q_off[b] + alias_free(panel_padded(s.len_q, kBlockQ));
-    k_off[b + 1] = k_off[b] + alias_free(round_up(s.len_k, NR));
+    k_off[b + 1] = k_off[b] + s.len_k;
   }
 
   if (local) {
