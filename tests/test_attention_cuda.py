@@ -103,6 +103,25 @@ def test_backend_reports_why_it_cannot_run():
         assert reason == cuda_attention.unavailable()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_launch_description_of_a_call(packed):
+    """What the launcher hands the kernels, built on the host: sizes read from the (padded) inputs."""
+    if packed:  # (total, H, D): two sequences of 3 and 5 queries, 4 and 6 keys
+        q, k, v = torch.empty(8, 6, 80, dtype=torch.bfloat16), *(torch.empty(10, 2, 80, dtype=torch.bfloat16),) * 2
+        cus = (cu([3, 5], "cpu"), cu([4, 6], "cpu"))
+        p = cuda_attention._problem(q, k, v, 2, 5, 6, 0.25, True, cus)
+        assert (p.total_q, p.total_k, p.causal_bottom_right) == (8, 10, True)
+    else:
+        q, k, v = torch.empty(3, 6, 7, 80), torch.empty(3, 2, 9, 80), torch.empty(3, 2, 9, 48)
+        q, k, v = (t.to(torch.float16) for t in (q, k, v))
+        p = cuda_attention._problem(q, k, v, 3, 7, 9, 0.25, True, None)
+        assert p.causal_bottom_right is False
+    assert p.dtype == (_C.DType.bf16 if packed else _C.DType.f16)
+    assert (p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k) == ((2, 6, 2, 5, 6) if packed else (3, 6, 2, 7, 9))
+    assert (p.head_dim, p.head_dim_v, p.scale, p.causal) == (80, 80 if packed else 48, 0.25, True)
+    assert (p.dropout_p, p.mask_kind) == (0.0, _C.MaskKind.none)
+
+
 # --- GPU: correctness against float64 ---------------------------------------------------------
 
 

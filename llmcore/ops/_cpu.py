@@ -1,4 +1,5 @@
-"""Launches the native CPU kernels: turns tensors into pointers, sizes and strides."""
+"""Launches the native CPU kernels: turns tensors into pointers, sizes and strides. ``problem``
+also describes the CUDA backend's calls (cuda_attention.py)."""
 from __future__ import annotations
 
 from typing import Optional

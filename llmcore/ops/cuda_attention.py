@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmcore import _C
+from llmcore.ops import _cpu
 
 __all__ = ["unavailable", "sdpa", "varlen"]
 
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 _REASONS: dict[int, Optional[str]] = {}
 
 
@@ -77,19 +77,9 @@ def _ref(t: Tensor, packed: bool) -> "_C.TensorRef":
 
 def _problem(q: Tensor, k: Tensor, v: Tensor, batch: int, len_q: int, len_k: int, scale: float, causal: bool,
              cu: Optional[tuple[Tensor, Tensor]]) -> "_C.AttentionProblem":
-    p = _C.AttentionProblem()
-    p.dtype = getattr(_C.DType, _DTYPES[q.dtype])
-    p.batch = batch
-    p.heads_q, p.heads_kv = q.size(1), k.size(1)  # (B, H, L, D) and (total, H, D) alike
-    p.len_q, p.len_k = len_q, len_k
-    p.head_dim, p.head_dim_v = q.size(-1), v.size(-1)
-    p.scale = scale
-    p.causal = causal
-    p.causal_bottom_right = cu is not None
-    if cu is not None:
-        p.set_cu_seqlens(cu[0].data_ptr(), cu[1].data_ptr())
-        p.total_q, p.total_k = q.size(0), k.size(0)
-    return p
+    # the CPU launcher's constructor call; the CUDA kernels ignore its thread count
+    return _cpu.problem(q, k, v, batch=batch, len_q=len_q, len_k=len_k, scale=scale, is_causal=causal,
+                        dropout_p=0.0, rng=None, cu_seqlens=cu)
 
 
 def _forward(q, k, v, scale, causal, batch, len_q, len_k, cu=None):
