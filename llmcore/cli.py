@@ -63,8 +63,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from llmcore.data import prepare  # no torch on this path
 
     ds = prepare(args.data, args.tokenizer or args.model, args.max_length, args.output_dir,
-                 text_column=args.text_column, label_column=args.label_column, pack=args.pack,
-                 min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
+                 eval_data=args.eval_data, text_column=args.text_column, label_column=args.label_column,
+                 pack=args.pack, min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
                  validation_fraction=args.validation_fraction, seed=args.seed, force=args.force)
     print(("cache hit: " if ds.cache_hit else "prepared: ") + ds.directory)
     print(ds.summary())
@@ -123,7 +123,7 @@ def _finetune(args: argparse.Namespace) -> int:
     try:
         metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
-                           device=args.device, **train)
+                           device=args.device, eval_data=args.eval_data, **train)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="PATH_OR_NAME",
                    help="a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of train.*/validation.*/test.*, "
                         "or a Hugging Face dataset name")
+    p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) whose rows are the "
+                                                        "validation split, instead of --data's own or a split of train")
     p.add_argument("--model", metavar="PATH_OR_ID", help="model folder (or Hugging Face Hub model id) whose "
                                                           "tokenizer is used")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or tokenizer.json (default: --model)")
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench_finetune)
     p = sub.add_parser("finetune", help="fine-tune a checkpoint for sequence classification on prepared or raw data")
     p.add_argument("--data", required=True, help="a folder made by `llmcore prepare`, or raw data as prepare takes")
+    p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) to evaluate on, "
+                                                        "as transformers' eval_dataset (with raw --data)")
     p.add_argument("--model", metavar="PATH_OR_ID",
                    help="checkpoint folder (config.json + safetensors + tokenizer) or Hugging Face Hub model id "
                         "(fetched into the local Hub cache; offline, only that cache is searched); default: the "

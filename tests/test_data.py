@@ -252,3 +252,48 @@ def test_unlabeled_test_split(tmp_path):
     (tmp_path / "test.csv").write_text("body\nunknown one\n")
     with pytest.raises(ValueError, match="text column 'text'.*test.csv"):
         prepare(tmp_path, MODEL, 16, tmp_path / "o")
+
+
+def test_eval_data_is_the_validation_split(tmp_path, tok):
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i} text", "label": ["a", "b"][i % 2]}) + "\n"
+                                             for i in range(40)))
+    (src / "validation.csv").write_text("text,label\nthe folder's own,a\n")
+    ev = tmp_path / "held_out.tsv"
+    ev.write_text("label\ttext\nb\tfirst <b>held</b> out\na\tsecond held out\nb\tfirst <b>held</b> out\n")
+    out = tmp_path / "out"
+    ds = prepare(src, MODEL, 16, out, eval_data=ev)
+    # every train row stays in train (nothing split off), the folder's own validation file is left out
+    assert len(ds["train"]) == 40 and "split_off_to_validation" not in ds.meta["counts"]["train"]
+    va = ds["validation"]
+    assert va.texts() == ["first held out", "second held out"]  # cleaned and de-duplicated like any split
+    assert [ds.label_names[i] for i in va.labels] == ["b", "a"]  # one label mapping for all splits
+    assert va[0].tolist() == tok.encode("first held out")
+    assert ds.meta["eval_data"] == os.path.abspath(ev)
+    # the eval file is part of the cache key; a folder stands for its validation.* file
+    assert prepare(src, MODEL, 16, out, eval_data=ev).cache_hit
+    assert not prepare(src, MODEL, 16, out).cache_hit
+    folder = prepare(src / "train.jsonl", MODEL, 16, tmp_path / "o2", eval_data=src)
+    assert folder["validation"].texts() == ["the folder's own"] and len(folder["train"]) == 40
+
+
+@pytest.mark.parametrize("content,message", [
+    ("text,label\nfine,c\n", r"labels \['c'\] of eval data .* do not occur in the train split"),
+    ("body,label\nfine,a\n", "text column 'text' .* not found in eval data .*columns are"),
+    ("text,tag\nfine,a\n", "label column 'label' .* not found in eval data .*columns are"),
+    ("text,label\n", "eval data .* has no data rows"),
+])
+def test_eval_data_errors_name_the_problem(tmp_path, content, message):
+    (tmp_path / "train.csv").write_text("text,label\ngood one,a\nbad one,b\n")
+    (tmp_path / "eval.csv").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        prepare(tmp_path / "train.csv", MODEL, 16, tmp_path / "o", eval_data=tmp_path / "eval.csv")
+
+
+def test_eval_data_missing(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\ngood one,a\nbad one,b\n")
+    with pytest.raises(FileNotFoundError, match="eval data .*nope.csv.*no such file"):
+        prepare(tmp_path / "train.csv", MODEL, 16, tmp_path / "o", eval_data=tmp_path / "nope.csv")
+    with pytest.raises(FileNotFoundError, match="holds no validation.* file, only train.csv"):
+        prepare(tmp_path / "train.csv", MODEL, 16, tmp_path / "o", eval_data=tmp_path)

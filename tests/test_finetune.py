@@ -183,3 +183,35 @@ def test_finetune_label_sets_must_match(tmp_path, capsys):
                  "--disable-tqdm"]) == 2
     err = capsys.readouterr().err
     assert "['neutral']" in err and "validation" in err and "train split" in err
+
+
+def test_finetune_eval_data(tmp_path, capsys):
+    """--eval-data: its rows are what eval_* is measured on (transformers' eval_dataset); a prepared
+    folder takes only the eval data it was prepared with."""
+    data = _sst2(tmp_path, 64)
+    held_out = tmp_path / "held_out.tsv"
+    _slice(os.path.join(data_dir(), "sst2", "test.tsv"), held_out, 24, skip=100)
+    out = tmp_path / "run"
+    argv = ["finetune", "--data", str(data), "--eval-data", str(held_out), "--model", minilm_dir(),
+            "--output-dir", str(out), "--max-length", "64", "--max-steps", "2", "--per-device-train-batch-size", "16",
+            "--warmup-steps", "1", "--save-strategy", "no", "--disable-tqdm", "--report-to", "none"]
+    assert main(argv) == 0
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["eval_examples"] == 24 and results["test_examples"] == 32  # not the folder's 32 validation rows
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "--data", str(data), "--eval-data", str(held_out), "--model", minilm_dir(),
+                 "--max-length", "64", "--output-dir", str(prepared)]) == 0
+    from llmcore.data import PreparedDataset
+    from llmcore.train.finetune import _check_prepared_eval_data
+
+    _check_prepared_eval_data(str(prepared), PreparedDataset.load(prepared), str(held_out))  # the same file: fine
+    capsys.readouterr()
+    other = tmp_path / "other.tsv"
+    _slice(os.path.join(data_dir(), "sst2", "test.tsv"), other, 8)
+    assert main(argv[:2] + [str(prepared), "--eval-data", str(other)] + argv[5:]) == 2
+    err = capsys.readouterr().err
+    assert "other.tsv" in err and "prepared folder" in err and "held_out.tsv" in err
+    assert main(["finetune", "--data", str(data), "--eval-data", str(tmp_path / "nope.tsv"), "--model", minilm_dir(),
+                 "--output-dir", str(out)]) == 2
+    assert "nope.tsv" in capsys.readouterr().err

@@ -174,7 +174,8 @@ def _read_meta(output_dir: str) -> Optional[dict]:
 
 
 def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_dir: Union[str, os.PathLike],
-            *, text_column: Optional[str] = None, label_column: Optional[str] = None, pack: bool = True,
+            *, eval_data: Union[str, os.PathLike, None] = None, text_column: Optional[str] = None,
+            label_column: Optional[str] = None, pack: bool = True,
             min_chars: int = 1, max_chars: Optional[int] = None, dedup: bool = True,
             validation_fraction: float = 0.1, seed: int = 0, save_text: bool = True,
             hub_config: Optional[str] = None, force: bool = False, verbose: bool = False) -> PreparedDataset:
@@ -182,6 +183,11 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     / ``test.*`` files, or a Hugging Face dataset name), clean, filter and de-duplicate its texts,
     add a stratified validation split (``validation_fraction`` of train, seeded) when there is none,
     tokenize with truncation to ``max_length`` and save the arrays under ``output_dir``.
+
+    ``eval_data``: a file (or a split folder's ``validation.*`` file) whose rows become the
+    validation split, as transformers' ``eval_dataset``: ``data``'s own validation split is left
+    out and none is split off train. It needs train's text and label columns, and no label that
+    train lacks.
 
     ``tokenizer``: a ``llmcore.Tokenizer``, a model folder or a ``tokenizer.json``. When
     ``output_dir`` already holds the result for the same inputs (files' size and mtime), tokenizer
@@ -206,6 +212,10 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         source_fp = ["hub", data, hub_config]
     else:
         raise FileNotFoundError(f"data {data!r}: no such file or folder (and not a Hugging Face dataset name)")
+    eval_path = None
+    if eval_data is not None:
+        eval_path = sources.eval_file(os.fspath(eval_data))
+        source_fp = [source_fp, sources.fingerprint_files({"validation": eval_path})]
     tok, tok_fp = _tokenizer_and_fingerprint(tokenizer)
     key_src = json.dumps([FORMAT_VERSION, source_fp, tok_fp, dataclasses.asdict(opts)], sort_keys=True)
     key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
@@ -221,6 +231,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     else:
         tables = sources.load_hub(data, hub_config)
         where = {split: f"{data!r} split {split!r}" for split in tables}
+    if eval_path is not None:
+        tables["validation"] = sources.read_file(eval_path)
+        where["validation"] = f"eval data {eval_path!r}"
     t_load = time.perf_counter()
 
     # --- columns and labels ----------------------------------------------------------------------
@@ -235,6 +248,10 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             raise ValueError(f"text column {text_col!r} (of {where[primary]}) not found in {where[split]}; "
                              f"columns are {names}")
         cols[split] = (text_col, label_col if label_col in table else None)
+        if split == "validation" and eval_path is not None and label_col is not None and cols[split][1] is None:
+            names = [c for c in table if not c.startswith("__")]
+            raise ValueError(f"label column {label_col!r} (of {where[primary]}) not found in {where[split]}; "
+                             f"columns are {names}")
         if not table[text_col]:
             raise ValueError(f"{where[split]} has no data rows")
         clean.check_text_column(table[text_col], text_col, where[split])
@@ -317,7 +334,8 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         present = [v for r in result.values() if r["labels"] for v in r["labels"] if v >= 0]
         num_labels = (max(present) + 1) if present else None
     meta = {
-        "format_version": FORMAT_VERSION, "cache_key": key, "data": data, "sources": source_fp,
+        "format_version": FORMAT_VERSION, "cache_key": key, "data": data,
+        "eval_data": None if eval_path is None else os.path.abspath(eval_path), "sources": source_fp,
         "tokenizer_fingerprint": tok_fp, "options": dataclasses.asdict(opts),
         "text_column": text_col, "label_column": label_col, "label_names": label_names, "num_labels": num_labels,
         "splits": order, "counts": counts, "stats": stats,

@@ -116,6 +116,20 @@ def local_files(path: str) -> Dict[str, str]:
     raise FileNotFoundError(path)
 
 
+def eval_file(path: str) -> str:
+    """The file of an evaluation set given on its own: ``path`` itself, or a split folder's
+    ``validation.*`` file."""
+    if os.path.isdir(path):
+        files = local_files(path)
+        if "validation" not in files:
+            raise FileNotFoundError(f"eval data {path!r}: the folder holds no validation.* (or dev.*) file, only "
+                                    f"{', '.join(os.path.basename(f) for f in files.values())}; pass the file itself")
+        return files["validation"]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"eval data {path!r}: no such file or folder")
+    return path
+
+
 def looks_like_hub_name(data: str) -> bool:
     return hub.looks_like_repo_id(data) and os.path.splitext(data)[1].lower() not in EXTENSIONS
 

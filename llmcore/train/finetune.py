@@ -117,15 +117,30 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spe
                     "merges.txt", "vocab.json")
 
 
+def _check_prepared_eval_data(data: str, prepared, eval_data: Optional[str]) -> None:
+    """A prepared folder's validation split was fixed by ``prepare``: ``eval_data`` must be what it
+    was made from."""
+    if eval_data is None:
+        return
+    from llmcore.data import sources
+
+    made_from = prepared.meta.get("eval_data")
+    if made_from is None or os.path.abspath(sources.eval_file(eval_data)) != made_from:
+        raise ValueError(f"eval data {eval_data!r}: {data!r} is a prepared folder, whose validation split is fixed "
+                         f"(made from {made_from or 'the data itself'}); pass the eval data to `llmcore prepare "
+                         "--eval-data`, or raw data to finetune")
+
+
 def finetune(data: str, model: str, output_dir: str, max_length: int = 128, tokenizer: Optional[str] = None,
              text_column: Optional[str] = None, label_column: Optional[str] = None, device: Optional[str] = None,
-             **train_args) -> dict:
+             eval_data: Optional[str] = None, **train_args) -> dict:
     """Prepare ``data`` (cached under ``output_dir/data``; a prepared folder is used as is), fine-tune
     the checkpoint in ``model`` (a folder, or a Hub model id: :mod:`llmcore.hub`) for sequence
     classification, evaluate on the validation and test splits, save the final model (+ the
     tokenizer files) to ``output_dir/final`` and the results to ``output_dir/results.json``. Returns
     the results: ``train_*`` and ``peak_memory_mb`` from ``Trainer.train``, ``eval_*`` on the
-    validation split, ``test_*`` on the test split.
+    validation split, ``test_*`` on the test split. ``eval_data``: a file whose rows are the
+    validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``).
 
     Under ``torchrun`` every rank trains on its share of each global batch (see ``split_batches``)
     and rank 0 writes the files. ``device``: default ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU."""
@@ -144,10 +159,12 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     try:
         if os.path.isfile(os.path.join(data, "meta.json")):
             prepared = PreparedDataset.load(data)
+            _check_prepared_eval_data(data, prepared, eval_data)
         else:
             def run_prepare():
                 return prepare(data, tokenizer or model, max_length, os.path.join(output_dir, "data"),
-                               text_column=text_column, label_column=label_column, pack=True, seed=config.seed)
+                               eval_data=eval_data, text_column=text_column, label_column=label_column, pack=True,
+                               seed=config.seed)
             if rank == 0:
                 prepared = run_prepare()
             if world > 1:
