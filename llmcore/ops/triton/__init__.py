@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from llmcore.ops.triton._loader import interpreting
+from llmcore.ops.triton._loader import interpreting, offline
 
 __all__ = ["installed", "unavailable", "interpreting"]
 
@@ -34,7 +34,7 @@ def unavailable(device: torch.device) -> Optional[str]:
     """Why the Triton kernels cannot run on tensors of ``device``, or None if they can."""
     if not installed():
         return "triton is not installed (pip install triton)"
-    if device.type == "cuda":
+    if device.type == "cuda" or offline():  # offline: compiled for a GPU by aot.compiling_for, never run
         return None
     if device.type == "cpu":
         if interpreting():

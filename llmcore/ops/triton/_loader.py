@@ -7,6 +7,10 @@ earlier, a conftest, a notebook cell). Instead each mode gets its own instance o
 module, executed with ``TRITON_INTERPRET`` set for the duration: CPU tensors always meet
 interpreted kernels and CUDA tensors compiled ones, whatever the import order. Whether a
 CPU tensor may use them at all is the caller's decision (TRITON_INTERPRET=1 at call time).
+
+One exception: while :func:`llmcore.ops.triton.aot.compiling_for` is active, every device
+gets the compiled modules (their launches are compiled for the chosen GPU, never run), and
+:func:`multiprocessors` answers for that GPU.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 
 _LOCK = threading.RLock()  # a kernel module loads its helpers while the lock is held
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
+_OFFLINE: list = []  # the architecture aot.compiling_for compiles for, while it does (it does not nest)
 
 
 def interpreting() -> bool:
@@ -26,9 +31,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def offline():
+    """The architecture ``aot.compiling_for`` compiles for right now, or None."""
+    return _OFFLINE[-1] if _OFFLINE else None
+
+
 def kernels(name: str, device: torch.device) -> ModuleType:
     """The kernel module ``llmcore.ops.triton.<name>`` in the mode ``device`` needs."""
-    return load(name, device.type != "cuda")
+    return load(name, device.type != "cuda" and offline() is None)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU that the kernels for ``device`` are launched (or compiled) for."""
+    arch = offline()
+    if arch is not None:
+        return arch.multiprocessors
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def load(name: str, interpret: bool) -> ModuleType:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llmcore.ops.triton._loader import kernels
+from llmcore.ops.triton._loader import kernels, offline
 
 __all__ = ["sdpa", "varlen"]
 
@@ -123,8 +123,10 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
             len_q: Optional[int] = None):
     """Runs kernel ``fn`` with fixed blocks, or through a (cached) autotuner on request.
 
-    ``len_q`` given: the kernel takes an EVEN_M constexpr, derived from it and BLOCK_M.
+    ``len_q`` given: the kernel takes an EVEN_M constexpr, derived from it and BLOCK_M. Where the table's
+    blocks need more shared memory than the GPU has, smaller ones are tried (``_smaller``) and remembered.
     """
+    fit_key = None
     if mod.INTERPRET:
         cfg = _interpreter_config()
     elif kind in _OVERRIDE:
@@ -152,11 +154,41 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
             tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
             return
         cfg = configs[0]
-    if len_q is not None:
-        consts = dict(consts, EVEN_M=_even_m(consts["VARLEN"], len_q, cfg["BLOCK_M"]))
-    compiled = fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
+        fit_key = (kind, offline() or args[0].device, tuple(consts.items()), tuple(cfg.items()))
+        cfg = _FITS.get(fit_key, cfg)
+    from triton.runtime.errors import OutOfResources
+
+    while True:
+        if len_q is not None:
+            consts = dict(consts, EVEN_M=_even_m(consts["VARLEN"], len_q, cfg["BLOCK_M"]))
+        try:  # Triton checks shared memory when it loads the kernel, before launching it
+            compiled = fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
+            break
+        except OutOfResources:
+            smaller = None if fit_key is None else _smaller(cfg)
+            if smaller is None:
+                raise
+            cfg = _FITS[fit_key] = smaller
     if _OVERRIDE:
         _LAST[kind] = compiled  # for the benchmark's sweep: registers, spills, shared memory
+
+
+# (kind, device or the architecture aot.compiling_for compiles for, constexprs, table config) -> the configuration
+# that fit the device's shared memory where the table's did not. The tables are sized for 227 KB a block
+# (H100/H200); A100 has 163 KB, and sm_86 / sm_89 / sm_120 GPUs (RTX 30xx-50xx, A10, L4, L40) 99 KB.
+_FITS: dict = {}
+
+
+def _smaller(cfg: dict) -> Optional[dict]:
+    """The next configuration to try when ``cfg`` needs more shared memory than the GPU has: two pipeline stages,
+    then the larger block halved (4 warps once a tile is 64 x 64 or less), then one stage; None below 16 x 16."""
+    m, n, w, s = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+    if s > 2:
+        return _cfg(m, n, w, 2)
+    if max(m, n) > 16:
+        m, n = (m // 2, n) if m >= n else (m, n // 2)
+        return _cfg(m, n, min(w, 4) if m * n <= 64 * 64 else w, s)
+    return _cfg(m, n, w, 1) if s > 1 else None
 
 
 def _dq_atomic(p: "_Problem", interpret: bool) -> bool:

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from llmcore.ops.triton._loader import kernels
+from llmcore.ops.triton._loader import kernels, multiprocessors
 
 __all__ = ["layer_norm", "rms_norm", "why_not", "MAX_COLS"]
 
@@ -82,8 +82,7 @@ def _programs(n_rows: int, rows: int, device: torch.device, interpret: bool) -> 
     blocks = -(-n_rows // rows)
     if interpret:
         return min(blocks, 4)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(blocks, 4 * sms)
+    return min(blocks, 4 * multiprocessors(device))
 
 
 def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor, weight, grad_s,
