@@ -15,11 +15,14 @@ import pytest
 
 pytest.importorskip("triton")
 
+import llmcore  # noqa: E402
 from llmcore.ops.triton import aot, attention  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a few minutes of compiling on a cold Triton cache
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The child processes import the llmcore this session imported (the source tree, or the installed package),
+# from a working directory that is neither.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(llmcore.__file__)))
 
 
 # sm_80 and sm_89 compile a subset: the head dims and options whose tiles are largest
@@ -33,14 +36,14 @@ _SUBSET = ["attention d64 bf16", "attention d80 bf16", "attention d80 bf16 causa
 def _env() -> dict:
     """This session imported Triton under TRITON_INTERPRET=1 (see aot's docstring): compile in fresh processes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     return env
 
 
-def _python(args: list) -> str:
+def _python(args: list, cwd) -> str:
     """Runs Python with ``args`` in a fresh process; returns its stdout."""
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env(), cwd=ROOT)
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env(), cwd=cwd)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout
 
@@ -50,11 +53,12 @@ def surveys(tmp_path_factory):
     """arch -> case -> kernels, the three architectures compiled side by side (one process each)."""
     runs = {}
     for arch in ("sm_90", "sm_89", "sm_80"):
-        path = tmp_path_factory.mktemp(arch) / "kernels.json"
+        folder = tmp_path_factory.mktemp(arch)
+        path = folder / "kernels.json"
         cases = [] if arch == "sm_90" else [a for c in _SUBSET for a in ("--case", c)]
         cmd = [sys.executable, "-m", "llmcore.ops.triton.aot", "--arch", arch, "--json", str(path), *cases]
         runs[arch] = (path, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                             env=_env(), cwd=ROOT))
+                                             env=_env(), cwd=folder))
     out = {}
     for arch, (path, proc) in runs.items():
         err = proc.communicate()[1]
@@ -171,7 +175,7 @@ print(json.dumps(out))
 
 
 def test_compiling_for_remembers_fallbacks_and_restores_triton(tmp_path):
-    out = json.loads(_python(["-c", _CHECKS]))
+    out = json.loads(_python(["-c", _CHECKS], tmp_path))
     assert "does not nest" in out["nested"] and out["offline"] == "sm_89" and out["restored"]
     dq = [tuple(k[1:]) for k in out["first"] if k[0] == "attn_bwd_dq"]
     assert dq == [(128, 3, False), (128, 2, True)]  # the 227 KB table's 3 stages do not fit in 99 KB
@@ -181,7 +185,7 @@ def test_compiling_for_remembers_fallbacks_and_restores_triton(tmp_path):
     # The CLI: a table and the JSON.
     path = tmp_path / "k.json"
     table = _python(["-m", "llmcore.ops.triton.aot", "--arch", "sm_90", "--case", "layer_norm 1000 fp32 residual",
-                     "--json", str(path)])
+                     "--json", str(path)], tmp_path)
     assert "| layer_norm 1000 fp32 residual | norm_fwd fp32" in table
     data = json.loads(path.read_text())
     assert [k["name"] for k in data["sm_90"]["layer_norm 1000 fp32 residual"]] == ["norm_fwd", "norm_bwd"]
