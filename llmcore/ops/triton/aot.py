@@ -192,19 +192,33 @@ def compiling_for(arch: Union[str, Arch]) -> Iterator[list[Kernel]]:
 # the problems a survey launches: each a callable running one op forward and backward
 
 
+@contextmanager
+def _dq_mode(mode: str):
+    """LLMCORE_TRITON_DQ set to ``mode`` ("" unsets it) for the duration: a survey ignores the caller's."""
+    previous = os.environ.pop("LLMCORE_TRITON_DQ", None)
+    if mode:
+        os.environ["LLMCORE_TRITON_DQ"] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop("LLMCORE_TRITON_DQ", None)
+        if previous is not None:
+            os.environ["LLMCORE_TRITON_DQ"] = previous
+
+
 def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: int = 1, mask: Optional[str] = None,
-               dropout: float = 0.0, packed: bool = False) -> Callable[[], None]:
+               dropout: float = 0.0, packed: bool = False, dq: str = "") -> Callable[[], None]:
+    """dq: LLMCORE_TRITON_DQ for the backward ("atomic": dQ inside the dK/dV kernel)."""
     def run():
         from llmcore.ops.triton import attention
 
         heads, rows = 4, 128
         kv = heads // gqa
         if packed:
-            lens = [40, 88]
             cu = torch.tensor([0, 40, 128], dtype=torch.int32)
             q = torch.zeros(rows, heads, head_dim, dtype=dtype, requires_grad=True)
             k, v = (torch.zeros(rows, kv, head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
-            out = attention.varlen(q, k, v, cu, cu, max(lens), max(lens), dropout, causal, head_dim ** -0.5)
+            out = attention.varlen(q, k, v, cu, cu, 88, 88, dropout, causal, head_dim ** -0.5)
         else:
             q = torch.zeros(2, heads, rows, head_dim, dtype=dtype, requires_grad=True)
             k, v = (torch.zeros(2, kv, rows, head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -214,7 +228,8 @@ def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: i
             elif mask == "additive":
                 m = torch.zeros(1, heads, rows, rows, dtype=dtype)
             out = attention.sdpa(q, k, v, m, dropout, causal, head_dim ** -0.5, torch.Size([2]))
-        out.backward(torch.zeros_like(out))
+        with _dq_mode(dq):
+            out.backward(torch.zeros_like(out))
     return run
 
 
@@ -254,6 +269,7 @@ def _cases() -> dict[str, Callable[[], None]]:
         "attention d64 bf16 gqa4 bool-mask": _attention(64, gqa=4, mask="bool"),
         "attention d96 bf16 additive-mask dropout": _attention(96, mask="additive", dropout=0.1),
         "attention d128 bf16 causal dropout": _attention(128, causal=True, dropout=0.1),
+        "attention d128 bf16 causal dq-atomic": _attention(128, causal=True, dq="atomic"),
         "varlen d128 bf16 causal gqa2": _attention(128, causal=True, gqa=2, packed=True),
         "varlen d64 bf16": _attention(64, packed=True),
         "layer_norm 4096 bf16 residual": _norm(False, 4096, torch.bfloat16),
