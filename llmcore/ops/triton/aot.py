@@ -319,6 +319,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="repeatable; default: every case (" + "; ".join(CASES) + ")")
     p.add_argument("--json", metavar="PATH", help="also write the kernels as JSON")
     args = p.parse_args(argv)
+    import triton
+
+    print(f"# llmcore Triton kernels compiled ahead of time (Triton {triton.__version__}; nothing ran)\n\n"
+          "Registers per thread and stack bytes (spills) from cuobjdump; shared memory per block; the tensor-core "
+          "instructions the dots became. A row with fits NO is a launch Triton would refuse on that GPU; the "
+          "launcher's smaller replacement follows it. Written by `python -m llmcore.ops.triton.aot`.\n", flush=True)
     report = {}
     for name in args.arch or ["sm_90"]:
         result = survey(name, args.case)
