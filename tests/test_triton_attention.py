@@ -265,6 +265,72 @@ def test_varlen_checks_cu_seqlens_on_cpu():
         llmcore.varlen_attention(q, q, q, cu([4, 6]), cu([4, 6]), 5, 6, backend="triton")
 
 
+# --- more sequences than a CUDA grid's z (65535): several launches ---------------------------
+
+
+def count_launches(monkeypatch) -> list:
+    """Sequence counts of the _Attention calls the Triton launchers make, in order."""
+    from llmcore.ops.triton import attention
+
+    calls, apply = [], attention._Attention.apply
+
+    def counting(q, *args):
+        calls.append(q.size(0) if args[3] is None else args[3].numel() - 1)  # dense batch, or varlen sequences
+        return apply(q, *args)
+
+    monkeypatch.setattr(attention._Attention, "apply", counting)
+    return calls
+
+
+def test_sdpa_more_sequences_than_a_grid_takes(monkeypatch):
+    from llmcore.ops.triton import attention
+
+    monkeypatch.setattr(attention, "_MAX_GRID_Z", 2)  # 5 sequences: launches of 2, 2 and 1
+    calls = count_launches(monkeypatch)
+    B, L, D = 5, size(21, 200), 32
+    q, k, v, g = randn(B, 4, L, D, seed=1), randn(B, 2, L, D, seed=2), randn(B, 2, L, D, seed=3), \
+        randn(B, 4, L, D, seed=4)
+    mask = key_padding(B, L, [L, 3, 0, L - 1, 7])[:, None, None, :].to(DEVICE)
+    kw = dict(attn_mask=mask, enable_gqa=True)
+    ref = reference(sdpa_reference, (q, k, v), g, **kw)
+    theirs = no_nan(run(torch_sdpa, (q, k, v), g, torch.bfloat16, **kw))
+    ours = run(triton_sdpa, (q, k, v), g, torch.bfloat16, **kw)
+    check(ours, theirs, ref, torch.bfloat16)
+    assert calls == [2, 2, 1]
+
+
+def test_varlen_more_sequences_than_a_grid_takes(monkeypatch):
+    from llmcore.ops.triton import attention
+
+    monkeypatch.setattr(attention, "_MAX_GRID_Z", 2)  # runs [7, 4], [0, 0] (empty), [9, 1], [5]
+    calls = count_launches(monkeypatch)
+    lens = [7, 4, 0, 0, 9, 1, 5]
+    if GPU:
+        lens = [n * 30 for n in lens]
+    c, total = cu(lens).to(DEVICE), sum(lens)
+    q, k, v, g = randn(total, 4, 64, seed=1), randn(total, 2, 64, seed=2), randn(total, 2, 64, seed=3), \
+        randn(total, 4, 64, seed=4)
+    kw = dict(cu_seqlens_q=c, cu_seqlens_k=c, is_causal=True)
+    ref = reference(varlen_reference, (q, k, v), g, **kw)
+    theirs = run(torch_padded, (q, k, v), g, torch.float16, lens_q=lens, lens_k=lens, is_causal=True)
+    ours = run(llmcore.varlen_attention, (q, k, v), g, torch.float16, max_seqlen_q=max(lens),
+               max_seqlen_k=max(lens), backend="triton", **kw)
+    check(ours, theirs, ref, torch.float16)
+    assert calls == [2, 2, 1]  # the empty run launches nothing
+
+
+def test_more_heads_than_a_grid_takes_is_refused(monkeypatch):
+    from llmcore.ops.triton import attention
+
+    monkeypatch.setattr(attention, "_MAX_GRID_Y", 3)
+    q = torch.randn(1, 4, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 3 heads"):
+        triton_sdpa(q, q, q)
+    with pytest.raises(ValueError, match="at most 3 heads"):
+        llmcore.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu([8]).to(DEVICE),
+                                 cu([8]).to(DEVICE), 8, 8, backend="triton")
+
+
 # --- dropout: the CPU backend's Philox keep mask, bit for bit -------------------------------
 
 

@@ -329,6 +329,18 @@ class _Attention(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * 9
 
 
+# CUDA caps a launch grid's y and z at 65535 blocks. The kernels put heads on y and sequences on z: calls with
+# more sequences run in several launches (sdpa, varlen); more heads than that is refused.
+_MAX_GRID_Z = 65535
+_MAX_GRID_Y = 65535
+
+
+def _check_grid_y(heads: int) -> None:
+    if heads > _MAX_GRID_Y:
+        raise ValueError(f"the Triton attention kernels take at most {_MAX_GRID_Y} heads (a CUDA grid's y), "
+                         f"got {heads}")
+
+
 def _draw_rng(dropout_p: float, device) -> Optional[Tensor]:
     """(seed, offset) for the kernels' Philox dropout, as the CPU backend draws them."""
     if dropout_p == 0.0:
@@ -371,12 +383,18 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
     q4, k4, v4 = as4d(query, hq, lq, e), as4d(key, hkv, lk, e), as4d(value, hkv, lk, ev)
     if q4.numel() == 0 or k4.numel() == 0 or v4.numel() == 0:
         return _empty_result(q4, k4, v4, q4.shape[:-1] + (ev,)).reshape(*batch, hq, lq, ev)
+    _check_grid_y(hq)
     mask4 = None
     if attn_mask is not None:
         mask4 = attn_mask.expand(*batch, hq, lq, lk).reshape(n, hq, lq, lk)
-    rng = _draw_rng(dropout_p, query.device)
-    out, _ = _Attention.apply(q4, k4, v4, mask4, None, None, lq, lk, float(dropout_p), bool(is_causal), float(scale),
-                              rng)
+    outs = []
+    for b0 in range(0, n, _MAX_GRID_Z):  # one launch per at most 65535 sequences (the grid's z)
+        b1 = min(n, b0 + _MAX_GRID_Z)
+        out, _ = _Attention.apply(q4[b0:b1], k4[b0:b1], v4[b0:b1], None if mask4 is None else mask4[b0:b1], None,
+                                  None, lq, lk, float(dropout_p), bool(is_causal), float(scale),
+                                  _draw_rng(dropout_p, query.device))
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.reshape(*batch, hq, lq, ev)
 
 
@@ -406,7 +424,25 @@ def varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: 
         _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, max_seqlen_k)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return _empty_result(q, k, v, (q.size(0), q.size(1), v.size(-1)))
-    rng = _draw_rng(dropout_p, q.device)
-    out, _ = _Attention.apply(q, k, v, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q,
-                              max_seqlen_k, float(dropout_p), bool(is_causal), float(scale), rng)
-    return out
+    _check_grid_y(q.size(1))
+    n = cu_seqlens_q.numel() - 1
+    if n <= _MAX_GRID_Z:
+        out, _ = _Attention.apply(q, k, v, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q,
+                                  max_seqlen_k, float(dropout_p), bool(is_causal), float(scale),
+                                  _draw_rng(dropout_p, q.device))
+        return out
+    # More sequences than one launch takes (the grid's z): runs of at most 65535, each with its rows and
+    # rebased offsets. Reading the run boundaries costs one device sync, in this path only.
+    starts = list(range(0, n, _MAX_GRID_Z)) + [n]
+    rows_q, rows_k = cu_seqlens_q[starts].tolist(), cu_seqlens_k[starts].tolist()
+    outs = []
+    for i, (b0, b1) in enumerate(zip(starts, starts[1:])):
+        q0, q1, k0, k1 = rows_q[i], rows_q[i + 1], rows_k[i], rows_k[i + 1]
+        if q1 == q0 or k1 == k0:  # a run of empty sequences, or without keys
+            outs.append(_empty_result(q[q0:q1], k[k0:k1], v[k0:k1], (q1 - q0, q.size(1), v.size(-1))))
+            continue
+        out, _ = _Attention.apply(q[q0:q1], k[k0:k1], v[k0:k1], None, (cu_seqlens_q[b0:b1 + 1] - q0).contiguous(),
+                                  (cu_seqlens_k[b0:b1 + 1] - k0).contiguous(), max_seqlen_q, max_seqlen_k,
+                                  float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device))
+        outs.append(out)
+    return torch.cat(outs)
