@@ -96,6 +96,7 @@ def test_survey_covers_every_kernel(sm90):
     assert names == {"attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "norm_fwd", "norm_bwd", "ce_rows"}
     assert [case for case in aot.CASES if not sm90[case]] == []  # every case compiles kernels of its own
     assert any(k.constants.get("DQ_ATOMIC") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=atomic
+    assert {k.constants.get("STAGES") for _, k in _all(sm90) if k.name == "norm_bwd"} == {1, 2}
     head_dims = {k.constants["HEAD_DIM"] for _, k in _attention_kernels(sm90)}
     assert {16, 48, 80, 96, 128, 256} <= head_dims
 

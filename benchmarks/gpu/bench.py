@@ -505,6 +505,26 @@ def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_
         res[name] = {"forward": fwd, "fwd_bwd": rate(bench(fb, leaves), nbytes=nbytes_fwd + nbytes_bwd)}
     res["speedup_vs_torch"] = {m: res["torch"][m]["ms"] / res["llmcore_triton"][m]["ms"]
                                for m in ("forward", "fwd_bwd")}
+    # The backward's row loop software-pipelined (llmcore.ops.triton.norm._BWD_STAGES = 2), not yet the default.
+    from llmcore.ops.triton import norm as triton_norm
+
+    def grads():
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(fn_ours(*leaves), grad_outs)
+        return [t.grad.clone() for t in leaves]
+
+    default = triton_norm._BWD_STAGES
+    try:
+        one_stage = grads()
+        triton_norm._BWD_STAGES = 2
+        staged = grads()
+        res["llmcore_triton_bwd_stages2"] = {
+            "fwd_bwd": rate(bench(lambda: torch.autograd.backward(fn_ours(*leaves), grad_outs), leaves),
+                            nbytes=nbytes_fwd + nbytes_bwd),
+            "max_abs_diff_vs_default": max(max_diff(a, b) for a, b in zip(staged, one_stage))}
+    finally:
+        triton_norm._BWD_STAGES = default
     return res
 
 
@@ -684,11 +704,14 @@ def markdown(results: dict) -> str:
     nm = results.get("norms")
     if nm and nm.get("cases"):
         lines += [f"## Norms with fused residual {tuple(nm['shape'])} {nm['dtype']} (GB/s)", "",
-                  "| op | mode | llmcore triton | torch | speed-up |", "|---|---|---|---|---|"]
+                  "| op | mode | llmcore triton | torch | speed-up | llmcore, 2-stage backward loop |",
+                  "|---|---|---|---|---|---|"]
         for cname, c in nm["cases"].items():
             for mode in ("forward", "fwd_bwd"):
+                staged = c.get("llmcore_triton_bwd_stages2", {}).get(mode)
                 lines.append(f"| {cname} | {mode} | {c['llmcore_triton'][mode]['gbps']:.0f} | "
-                             f"{c['torch'][mode]['gbps']:.0f} | {c['speedup_vs_torch'][mode]:.2f}x |")
+                             f"{c['torch'][mode]['gbps']:.0f} | {c['speedup_vs_torch'][mode]:.2f}x | "
+                             f"{_f(staged and staged['gbps'], '{:.0f}')} |")
         lines.append("")
     cu = results.get("cuda")
     if cu and cu.get("cases"):

@@ -233,7 +233,8 @@ def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: i
     return run
 
 
-def _norm(rms: bool, cols: int, dtype) -> Callable[[], None]:
+def _norm(rms: bool, cols: int, dtype, bwd_stages: int = 1) -> Callable[[], None]:
+    """bwd_stages: norm._BWD_STAGES for the backward (2: its row loop software-pipelined)."""
     def run():
         from llmcore.ops.triton import norm
 
@@ -243,7 +244,11 @@ def _norm(rms: bool, cols: int, dtype) -> Callable[[], None]:
             y, s = norm.rms_norm(x, w, residual=r)
         else:
             y, s = norm.layer_norm(x, w, torch.zeros(cols, dtype=dtype, requires_grad=True), residual=r)
-        torch.autograd.backward((y, s), (torch.zeros_like(y), torch.zeros_like(s)))
+        default, norm._BWD_STAGES = norm._BWD_STAGES, bwd_stages
+        try:
+            torch.autograd.backward((y, s), (torch.zeros_like(y), torch.zeros_like(s)))
+        finally:
+            norm._BWD_STAGES = default
     return run
 
 
@@ -275,6 +280,7 @@ def _cases() -> dict[str, Callable[[], None]]:
         "layer_norm 4096 bf16 residual": _norm(False, 4096, torch.bfloat16),
         "layer_norm 1000 fp32 residual": _norm(False, 1000, torch.float32),
         "rms_norm 4096 bf16 residual": _norm(True, 4096, torch.bfloat16),
+        "layer_norm 4096 bf16 residual, 2-stage backward": _norm(False, 4096, torch.bfloat16, bwd_stages=2),
         "rms_norm 65536 fp16 residual": _norm(True, 65536, torch.float16),
         "cross_entropy vocab 128256 bf16": _cross_entropy(128256, torch.bfloat16),
         "cross_entropy vocab 30522 fp32": _cross_entropy(30522, torch.float32),

@@ -17,6 +17,11 @@ __all__ = ["layer_norm", "rms_norm", "why_not", "MAX_COLS"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_COLS = 65536  # a whole row lives in one program's registers
+# Software-pipelining stages of the backward's row loop. With 2, the next rows' loads are in flight (cp.async, 16 KB
+# more shared memory at 4096 bf16 columns, no spills: python -m llmcore.ops.triton.aot) while a row is reduced.
+# Never timed yet, so the default stays 1, the loop the H200 measured (LayerNorm fwd+bwd 0.73x torch);
+# benchmarks/gpu/bench.py times both.
+_BWD_STAGES = 1
 
 
 def why_not(x: Tensor, params: tuple) -> Optional[str]:
@@ -109,7 +114,7 @@ def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor
         dw if need_w else d, db if need_b else d,
         n_rows, cols, per_program, dy2.stride(0), x2.stride(0), 0 if ds2 is None else ds2.stride(0), dx2.stride(0),
         RMS=rms, HAS_W=weight is not None, HAS_DS=ds2 is not None, NEED_DW=need_w, NEED_DB=need_b,
-        ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+        ROWS=rows, BLOCK_N=block_n, STAGES=1 if mod.INTERPRET else _BWD_STAGES, num_warps=warps)
     return grad_in, dw.sum(0) if need_w else None, db.sum(0) if need_b else None
 
 

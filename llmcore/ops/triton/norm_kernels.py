@@ -74,7 +74,7 @@ def norm_bwd(
     DY, X, MEAN, RSTD, W, DS, DX, DW, DB,
     n_rows, n_cols, rows_per_program, stride_dy, stride_x, stride_ds, stride_dx,
     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -85,7 +85,7 @@ def norm_bwd(
     db = tl.zeros([BLOCK_N], tl.float32)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    for r0 in range(first, last, ROWS):
+    for r0 in tl.range(first, last, ROWS, num_stages=STAGES):  # STAGES 2: the next rows load during this one
         rows = r0 + tl.arange(0, ROWS)
         row_ok = rows < last
         inside = row_ok[:, None] & col_ok[None, :]
