@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the source tree, when run as a script
 
 ATTN_SHAPE = (4, 32, 4096, 128)
+GQA_SHAPE = (4, 32, 8, 4096, 128)  # batch, query heads, key/value heads (Llama-3-8B's 4:1), length, head dim
 NORM_SHAPE = (16384, 4096)
 CE_SHAPE = (8192, 4096, 128256)  # tokens, hidden, vocab (Llama-3's)
 BARS = {"attention_fwd_bwd_causal_vs_sdpa": 1.0, "attention_fwd_noncausal_tflops": 450.0}
@@ -621,6 +622,46 @@ def cuda_backend(results: dict, ctx: dict) -> None:
     bench_cuda.run(results)
 
 
+def attention_gqa(results: dict, ctx: dict) -> None:
+    """Causal GQA forward + backward, the defaults against torch SDPA's enable_gqa. The dK/dV kernel loops over
+    the query heads that share a key head; compiled for sm_90 it spills with more than one of them (python -m
+    llmcore.ops.triton.aot: 176 B at D 128), which GROUP 1 (the main shape) does not. Timed here."""
+    import llmcore
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, hq, hkv, n, d = (1, 4, 2, 64, 32) if SMOKE else GQA_SHAPE
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    dt = torch.float32 if SMOKE else torch.bfloat16
+    q, grad = (torch.randn(b, hq, n, d, dtype=dt, device=DEVICE, generator=g) for _ in range(2))
+    k, v = (torch.randn(b, hkv, n, d, dtype=dt, device=DEVICE, generator=g) for _ in range(2))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    case = results.setdefault("attention_gqa", {"shape": [b, hq, hkv, n, d], "dtype": str(dt).replace("torch.", ""),
+                                                "causal": True})
+
+    def ours(*t):
+        return llmcore.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True, backend="triton")
+
+    def theirs(*t):
+        return F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)
+
+    o, r = ours(*leaves), theirs(*leaves)
+    got, want = [o, *torch.autograd.grad(o, leaves, grad)], [r, *torch.autograd.grad(r, leaves, grad)]
+    case["max_abs_diff_vs_torch"] = {m: max_diff(x, y) for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
+    case["llmcore_triton"] = _time_ours(ours, (q, k, v, grad), leaves, (b, hq, n, d), True)
+    fwd_f, fb_f = _attn_flops((b, hq, n, d), True, False), _attn_flops((b, hq, n, d), True, True)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
+        try:
+            with sdpa_kernel(backend):
+                with torch.no_grad():
+                    fwd = rate(bench(lambda: theirs(q, k, v)), fwd_f)
+                fb = rate(bench(lambda: theirs(*leaves).backward(grad), leaves), fb_f)
+            case.setdefault("torch_sdpa", {})[name] = {"forward": fwd, "fwd_bwd": fb}
+        except Exception as e:  # a backend torch cannot run GQA with here
+            case.setdefault("torch_sdpa", {})[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    _speedups(case)
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -713,6 +754,16 @@ def markdown(results: dict) -> str:
                              f"{c['torch'][mode]['gbps']:.0f} | {c['speedup_vs_torch'][mode]:.2f}x | "
                              f"{_f(staged and staged['gbps'], '{:.0f}')} |")
         lines.append("")
+    gq = results.get("attention_gqa")
+    if gq and gq.get("llmcore_triton"):
+        lines += [f"## GQA attention, causal, (B, Hq, Hkv, L, D) = {tuple(gq['shape'])} {gq['dtype']} (TFLOP/s)", "",
+                  "| mode | llmcore triton | best torch SDPA | vs SDPA |", "|---|---|---|---|"]
+        for mode in ("forward", "fwd_bwd"):
+            best = gq.get("best_torch", {}).get(mode)
+            theirs = gq["torch_sdpa"][best][mode]["tflops"] if best else None
+            lines.append(f"| {mode} | {gq['llmcore_triton'][mode]['tflops']:.0f} | {_f(theirs)} ({best}) | "
+                         f"{_f(gq.get('speedup_vs_best_torch', {}).get(mode), '{:.2f}x')} |")
+        lines.append("")
     cu = results.get("cuda")
     if cu and cu.get("cases"):
         lines += ["## llmcore `cuda` backend (CUDA C++ FA2, mma.sync), same attention shape (TFLOP/s)", "",
@@ -757,7 +808,7 @@ def markdown(results: dict) -> str:
 
 
 SECTIONS = (("matmul", matmul_peak), ("attention", attention), ("norms", norms), ("cuda", cuda_backend),
-            ("cross_entropy", cross_entropy))
+            ("cross_entropy", cross_entropy), ("attention_gqa", attention_gqa))
 
 
 def main(argv=None) -> int:
