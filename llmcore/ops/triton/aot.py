@@ -146,12 +146,14 @@ def compiling_for(arch: Union[str, Arch]) -> Iterator[list[Kernel]]:
     from triton.runtime import driver
     from triton.runtime.errors import OutOfResources
 
+    if isinstance(arch, str) and arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHS)} (or an Arch)")
     a = ARCHS[arch] if isinstance(arch, str) else arch
     if type(triton.language.standard.sum).__name__ != "JITFunction":
         raise RuntimeError("Triton was imported with TRITON_INTERPRET=1, which makes its own library interpreted: "
                            "nothing can be compiled in this process. Run without it (python -m llmcore.ops.triton.aot)")
-    if _loader._OFFLINE:
-        raise RuntimeError(f"already compiling for {_loader._OFFLINE[-1].name}: compiling_for does not nest")
+    if _loader.offline() is not None:
+        raise RuntimeError(f"already compiling for {_loader.offline().name}: compiling_for does not nest")
     target = GPUTarget("cuda", a.capability, 32)
     device = f"aot:{a.name}"  # a device key no GPU has: the JIT's per-device caches stay apart
     kernels: list[Kernel] = []
@@ -163,8 +165,8 @@ def compiling_for(arch: Union[str, Arch]) -> Iterator[list[Kernel]]:
         if k is None:
             src = ASTSource(jit, compile["signature"], compile["constants"], compile["configs"][0])
             options = {o: compile[o] for o in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")}
-            k = done[(id(jit), str(key))] = _describe(jit, compile, triton.compile(src, target=target,
-                                                                                    options=options), a)
+            k = _describe(jit, compile, triton.compile(src, target=target, options=options), a)
+            done[(id(jit), str(key))] = k
             kernels.append(k)
         if not k.fits:
             raise OutOfResources(k.shared, a.shared, "shared memory")
