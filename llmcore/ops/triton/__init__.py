@@ -9,6 +9,8 @@ is compiled in is chosen per call (see ``_loader``).
 - ``attention``: ``sdpa`` and ``varlen`` (FlashAttention-2: causal, masks, GQA, dropout)
 - ``norm``: ``layer_norm`` and ``rms_norm`` with the residual add fused
 - ``cross_entropy``: ``linear_cross_entropy``
+- ``aot``: compiles all of them for a GPU architecture without a GPU, and reports registers,
+  spills, shared memory and tensor-core use per kernel (``python -m llmcore.ops.triton.aot``)
 """
 from __future__ import annotations
 
