@@ -596,9 +596,15 @@ def cross_entropy(results: dict, ctx: dict) -> None:
     def torch_plain(hd, w):
         return F.cross_entropy(F.linear(hd, w).float(), labels)
 
+    def ours_rows(rows):  # larger chunks than the default (64 MiB of fp32 logits: 130 rows at this vocab)
+        return lambda hd, w: linear_cross_entropy(hd, w, labels, chunk_size=rows, backend="triton")
+
     res = {"shape": {"tokens": n, "hidden": h, "vocab": vocab}, "dtype": str(dt).replace("torch.", ""),
            "loss_diff_vs_torch": abs(float(ours(hidden, weight)) - float(torch_plain(hidden, weight)))}
-    for name, fn in (("llmcore_triton", ours), ("llmcore_torch_chunks", torch_chunked), ("torch", torch_plain)):
+    big = (16, 32) if SMOKE else (1024, 4096)
+    for name, fn in (("llmcore_triton", ours), ("llmcore_torch_chunks", torch_chunked), ("torch", torch_plain),
+                     (f"llmcore_triton_chunk{big[0]}", ours_rows(big[0])),
+                     (f"llmcore_triton_chunk{big[1]}", ours_rows(big[1]))):
         if not SMOKE:
             torch.cuda.reset_peak_memory_stats()
         base = 0 if SMOKE else torch.cuda.memory_allocated()
@@ -784,7 +790,7 @@ def markdown(results: dict) -> str:
         lines += [f"## LM-head cross-entropy fwd+bwd ({s['tokens']} tokens, hidden {s['hidden']}, vocab {s['vocab']}, "
                   f"{ce['dtype']})", "", "| implementation | ms | TFLOP/s | extra peak memory (MiB) |",
                   "|---|---|---|---|"]
-        for name in ("llmcore_triton", "llmcore_torch_chunks", "torch"):
+        for name in [k for k in ce if k.startswith(("llmcore_", "torch")) and isinstance(ce[k], dict)]:
             t = ce[name]
             lines.append(f"| {name} | {t['ms']:.2f} | {t['tflops']:.0f} | {t['peak_extra_mib']:.0f} |")
         lines.append("")
