@@ -1,10 +1,11 @@
 """The Triton kernels compiled for GPUs this machine does not have (llmcore.ops.triton.aot).
 
 Every kernel the launchers launch, over head dims 16-256, dtypes, masks, dropout, GQA and
-varlen, compiles for sm_80, sm_89 and sm_90 and fits the architecture's shared memory:
-without a fallback on H100/H200 (whose tables the GPU benchmark measured) and A100, through
-``attention._smaller`` on the 99 KB GPUs. The Hopper build uses wgmma, and the kernels behind
-the GPU bars do not spill. Numerics are the interpreter tests' job (test_triton_*.py).
+varlen, compiles for sm_80, sm_89, sm_90, sm_100 and sm_120 and fits the architecture's shared
+memory: without a fallback on H100/H200 (whose tables the GPU benchmark measured), A100 and
+B200, through ``attention._smaller`` on the 99 KB GPUs. The Hopper build uses wgmma, the
+Blackwell one tcgen05, and the kernels behind the GPU bars do not spill. Numerics are the
+interpreter tests' job (test_triton_*.py).
 """
 import json
 import os
@@ -33,6 +34,11 @@ _SUBSET = ["attention d64 bf16", "attention d80 bf16", "attention d80 bf16 causa
            "cross_entropy vocab 128256 bf16"]
 
 
+# sm_100 and sm_120 (Blackwell) compile the main shapes only
+_BLACKWELL = ["attention d128 bf16", "attention d128 bf16 causal", "attention d256 bf16",
+              "varlen d128 bf16 causal gqa2", "rms_norm 4096 bf16 residual", "cross_entropy vocab 128256 bf16"]
+
+
 def _env() -> dict:
     """This session imported Triton under TRITON_INTERPRET=1 (see aot's docstring): compile in fresh processes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -50,12 +56,13 @@ def _python(args: list, cwd) -> str:
 
 @pytest.fixture(scope="module")
 def surveys(tmp_path_factory):
-    """arch -> case -> kernels, the three architectures compiled side by side (one process each)."""
+    """arch -> case -> kernels, the architectures compiled side by side (one process each)."""
     runs = {}
-    for arch in ("sm_90", "sm_89", "sm_80"):
+    for arch, subset in (("sm_90", []), ("sm_89", _SUBSET), ("sm_80", _SUBSET), ("sm_100", _BLACKWELL),
+                         ("sm_120", _BLACKWELL)):
         folder = tmp_path_factory.mktemp(arch)
         path = folder / "kernels.json"
-        cases = [] if arch == "sm_90" else [a for c in _SUBSET for a in ("--case", c)]
+        cases = [a for c in subset for a in ("--case", c)]
         cmd = [sys.executable, "-m", "llmcore.ops.triton.aot", "--arch", arch, "--json", str(path), *cases]
         runs[arch] = (path, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                              env=_env(), cwd=folder))
@@ -78,16 +85,6 @@ def sm90(surveys):
     return surveys["sm_90"]
 
 
-@pytest.fixture
-def sm89(surveys):
-    return surveys["sm_89"]
-
-
-@pytest.fixture
-def sm80(surveys):
-    return surveys["sm_80"]
-
-
 def _all(result):
     return [(case, k) for case, ks in result.items() for k in ks]
 
@@ -106,9 +103,9 @@ def test_survey_covers_every_kernel(sm90):
     assert {16, 48, 80, 96, 128, 256} <= head_dims
 
 
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-def test_tables_fit_without_fallback(arch, sm90, sm80):
-    result = sm90 if arch == "sm_90" else sm80
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80", "sm_100"])
+def test_tables_fit_without_fallback(arch, surveys):
+    result = surveys[arch]
     too_big = [(case, k.label(), k.shared) for case, k in _all(result) if not k.fits]
     assert not too_big, f"{arch}: kernels over {aot.ARCHS[arch].shared} B of shared memory: {too_big}"
 
@@ -123,6 +120,13 @@ def test_hopper_dots_use_wgmma(sm90):
     assert {k.tensor_cores for _, k in _attention_kernels(sm90) if k.dtype == "fp32"} == {"none"}
 
 
+def test_blackwell_dots_use_tcgen05(surveys):
+    checked = [k for case in ("attention d128 bf16", "attention d128 bf16 causal") for k in surveys["sm_100"][case]
+               if k.name != "attn_bwd_delta"]
+    assert [k.name for k in checked] == ["attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"] * 2
+    assert [(k.label(), k.tensor_cores) for k in checked if k.tensor_cores != "tcgen05"] == []
+
+
 def test_benchmarked_kernels_do_not_spill(sm90):
     # The kernels the GPU bars time: (4, 32, 4096, 128) bf16, forward non-causal and causal forward + backward.
     kernels = [k for k in sm90["attention d128 bf16"] if k.name == "attn_fwd"] + [
@@ -133,12 +137,14 @@ def test_benchmarked_kernels_do_not_spill(sm90):
     assert [(k.label(), k.stack) for k in kernels if k.stack != 0] == []
 
 
-def test_small_shared_memory_gpus_fall_back(sm89):
+@pytest.mark.parametrize("arch", ["sm_89", "sm_120"])
+def test_small_shared_memory_gpus_fall_back(arch, surveys):
     # The survey completed: each launch whose table blocks exceed 99 KB was retried with smaller ones.
-    rejected = [(case, k) for case, k in _all(sm89) if not k.fits]
-    assert rejected, "no sm_89 launch needed the fallback any more: give the test a case that does"
+    result = surveys[arch]
+    rejected = [(case, k) for case, k in _all(result) if not k.fits]
+    assert rejected, f"no {arch} launch needed the fallback any more: give the test a case that does"
     for case, k in rejected:
-        after = [j for j in sm89[case][sm89[case].index(k) + 1:] if j.name == k.name]
+        after = [j for j in result[case][result[case].index(k) + 1:] if j.name == k.name]
         assert after and after[-1].fits, (case, k.label())
         assert after[-1].shared < k.shared
 

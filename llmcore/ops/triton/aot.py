@@ -7,7 +7,7 @@ unwritten, nothing executes. A kernel whose shared memory exceeds what a block m
 that architecture raises Triton's ``OutOfResources``, as loading it on such a GPU would, so
 the launchers' fallbacks take the path they would take there. ``kernels`` collects one
 :class:`Kernel` per compiled specialization: registers, stack bytes (spills), shared memory
-and which tensor-core instructions its dots became.
+and which tensor-core instructions its dots became (tcgen05, wgmma or mma.sync).
 
 This is how CI, which has no GPU, checks that every kernel compiles for the GPUs we support
 and fits their shared memory (tests/test_triton_aot.py); the interpreter tests check the
@@ -56,6 +56,8 @@ ARCHS = {a.name: a for a in (
     Arch("sm_86", 86, 101376, 84, "RTX 30xx, A10, A40"),
     Arch("sm_89", 89, 101376, 128, "RTX 40xx, L4, L40"),
     Arch("sm_90", 90, 232448, 132, "H100, H200"),
+    Arch("sm_100", 100, 232448, 148, "B200"),
+    Arch("sm_120", 120, 101376, 170, "RTX 50xx"),
 )}
 
 
@@ -71,7 +73,7 @@ class Kernel:
     shared: int  # bytes
     registers: Optional[int]  # per thread; None without cuobjdump
     stack: Optional[int]  # bytes of per-thread stack: register spills
-    tensor_cores: str  # "wgmma", "mma.sync" or "none": what the dots became
+    tensor_cores: str  # "tcgen05" (Blackwell), "wgmma" (Hopper), "mma.sync" or "none": what the dots became
     fits: bool  # shared memory within the architecture's limit (a kernel that does not fit is never run)
 
     def label(self) -> str:
@@ -125,7 +127,8 @@ def _describe(jit, compile: dict, compiled, arch: Arch) -> Kernel:
     constants = {names[path[0]]: v for path, v in compile["constants"].items() if len(path) == 1}
     pointers = [t for t in compile["signature"].values() if isinstance(t, str) and t.startswith("*")]
     ptx = compiled.asm.get("ptx", "")
-    cores = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if re.search(r"\bmma\.sync", ptx) else "none"
+    cores = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
+             else "mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")
     regs, stack = _resource_usage(compiled.asm["cubin"])
     shared = compiled.metadata.shared
     return Kernel(jit.__name__, pointers[0][1:] if pointers else "", constants, compile["num_warps"],
