@@ -78,7 +78,7 @@ class Kernel:
 
     def label(self) -> str:
         keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "DQ_ATOMIC", "RMS", "HAS_RES",
-                "BLOCK_M", "BLOCK_N", "BLOCK_V", "ROWS")
+                "STAGES", "BLOCK_M", "BLOCK_N", "BLOCK_V", "ROWS")
         consts = " ".join(f"{k}={self.constants[k]}" for k in keep if k in self.constants)
         return f"{self.name} {self.dtype} {consts}"
 
