@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import llmcore  # noqa: E402
 from llmcore.ops.triton import aot, attention  # noqa: E402
 
-pytestmark = pytest.mark.slow  # a few minutes of compiling on a cold Triton cache
+pytestmark = pytest.mark.slow  # about 3 minutes of compiling on a cold Triton cache (2 cores)
 
 # The child processes import the llmcore this session imported (the source tree, or the installed package),
 # from a working directory that is neither.
@@ -69,7 +69,7 @@ def surveys(tmp_path_factory):
     out = {}
     for arch, (path, proc) in runs.items():
         try:
-            err = proc.communicate(timeout=1200)[1]  # about 2 minutes on 2 cores with a cold Triton cache
+            err = proc.communicate(timeout=1200)[1]  # about 3 minutes on 2 cores with a cold Triton cache
         except subprocess.TimeoutExpired:
             for _, p in runs.values():
                 p.kill()
