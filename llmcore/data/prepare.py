@@ -243,15 +243,15 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     text_col, label_col = clean.detect_columns(tables[primary], text_column, label_column, where[primary])
     cols = {}
     for split, table in tables.items():
-        if text_col not in table:
-            names = [c for c in table if not c.startswith("__")]
-            raise ValueError(f"text column {text_col!r} (of {where[primary]}) not found in {where[split]}; "
-                             f"columns are {names}")
+        needed = [("text", text_col)]
+        if split == "validation" and eval_path is not None and label_col is not None:
+            needed.append(("label", label_col))  # eval data is evaluated on: it must be labeled
+        for kind, col in needed:
+            if col not in table:
+                names = [c for c in table if not c.startswith("__")]
+                raise ValueError(f"{kind} column {col!r} (of {where[primary]}) not found in {where[split]}; "
+                                 f"columns are {names}")
         cols[split] = (text_col, label_col if label_col in table else None)
-        if split == "validation" and eval_path is not None and label_col is not None and cols[split][1] is None:
-            names = [c for c in table if not c.startswith("__")]
-            raise ValueError(f"label column {label_col!r} (of {where[primary]}) not found in {where[split]}; "
-                             f"columns are {names}")
         if not table[text_col]:
             raise ValueError(f"{where[split]} has no data rows")
         clean.check_text_column(table[text_col], text_col, where[split])
