@@ -153,6 +153,27 @@ def _time_ours(fn, data, leaves, shape, causal: bool) -> dict:
     return {"forward": fwd, "fwd_bwd": rate(bench(lambda: fn(*leaves).backward(grad), leaves), fb_f)}
 
 
+_TORCH_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                   "math": "MATH"}  # short name -> torch.nn.attention.SDPBackend member
+
+
+def _time_torch_sdpa(out: dict, sdpa, data, leaves, fwd_flops: float, fb_flops: float, backends) -> None:
+    """out[name] = forward and forward+backward timings of ``sdpa`` (torch's, with its options bound) pinned to each
+    backend in ``backends`` (keys of _TORCH_BACKENDS), or the error of one torch cannot run here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, grad = data
+    for name in backends:
+        try:
+            with sdpa_kernel(getattr(SDPBackend, _TORCH_BACKENDS[name])):
+                with torch.no_grad():
+                    fwd = rate(bench(lambda: sdpa(q, k, v)), fwd_flops)
+                fb = rate(bench(lambda: sdpa(*leaves).backward(grad), leaves), fb_flops)
+            out[name] = {"forward": fwd, "fwd_bwd": fb}
+        except Exception as e:  # a backend torch cannot run here
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
 def _speedups(case: dict) -> None:
     ours = case.get("llmcore_triton")
     if not ours:
@@ -167,8 +188,6 @@ def _speedups(case: dict) -> None:
 
 def attention(results: dict, ctx: dict) -> None:
     """Defaults and torch for both cases first (causal first: the bar), then the block sweep."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     shape = _attn_shape()
     data = _attn_inputs(shape)
     q, k, v, grad = data
@@ -187,18 +206,9 @@ def attention(results: dict, ctx: dict) -> None:
             print(traceback.format_exc(), file=sys.stderr)
         ctx["save"]()
         fwd_f, fb_f = _attn_flops(shape, causal, False), _attn_flops(shape, causal, True)
-        torch_cases = case.setdefault("torch_sdpa", {})
-        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            try:
-                with sdpa_kernel(backend):
-                    with torch.no_grad():
-                        fwd = rate(bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), fwd_f)
-                    fb = rate(bench(lambda: F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(grad),
-                                    leaves), fb_f)
-                torch_cases[name] = {"forward": fwd, "fwd_bwd": fb}
-            except Exception as e:  # a backend torch cannot run here
-                torch_cases[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        _time_torch_sdpa(case.setdefault("torch_sdpa", {}),
+                         lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal), data, leaves, fwd_f, fb_f,
+                         ("flash", "efficient", "cudnn"))
         _speedups(case)
         ctx["save"]()
     if ctx.get("sweep", True):
@@ -633,7 +643,6 @@ def attention_gqa(results: dict, ctx: dict) -> None:
     the query heads that share a key head; compiled for sm_90 it spills with more than one of them (python -m
     llmcore.ops.triton.aot: 176 B at D 128), which GROUP 1 (the main shape) does not. Timed here."""
     import llmcore
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b, hq, hkv, n, d = (1, 4, 2, 64, 32) if SMOKE else GQA_SHAPE
     g = torch.Generator(device=DEVICE).manual_seed(1)
@@ -655,16 +664,8 @@ def attention_gqa(results: dict, ctx: dict) -> None:
     case["max_abs_diff_vs_torch"] = {m: max_diff(x, y) for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
     case["llmcore_triton"] = _time_ours(ours, (q, k, v, grad), leaves, (b, hq, n, d), True)
     fwd_f, fb_f = _attn_flops((b, hq, n, d), True, False), _attn_flops((b, hq, n, d), True, True)
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                          ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
-        try:
-            with sdpa_kernel(backend):
-                with torch.no_grad():
-                    fwd = rate(bench(lambda: theirs(q, k, v)), fwd_f)
-                fb = rate(bench(lambda: theirs(*leaves).backward(grad), leaves), fb_f)
-            case.setdefault("torch_sdpa", {})[name] = {"forward": fwd, "fwd_bwd": fb}
-        except Exception as e:  # a backend torch cannot run GQA with here
-            case.setdefault("torch_sdpa", {})[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    _time_torch_sdpa(case.setdefault("torch_sdpa", {}), theirs, (q, k, v, grad), leaves, fwd_f, fb_f,
+                     ("flash", "efficient", "cudnn", "math"))
     _speedups(case)
 
 
