@@ -36,7 +36,8 @@ _SUBSET = ["attention d64 bf16", "attention d80 bf16", "attention d80 bf16 causa
 
 # sm_100 and sm_120 (Blackwell) compile the main shapes only
 _BLACKWELL = ["attention d128 bf16", "attention d128 bf16 causal", "attention d256 bf16",
-              "varlen d128 bf16 causal gqa2", "rms_norm 4096 bf16 residual", "cross_entropy vocab 128256 bf16"]
+              "varlen d128 bf16 causal gqa2", "rms_norm 4096 bf16 residual", "cross_entropy vocab 128256 bf16",
+              "attention d128 bf16 causal dq-tma"]
 
 
 def _env() -> dict:
@@ -98,6 +99,7 @@ def test_survey_covers_every_kernel(sm90):
     assert names == {"attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "norm_fwd", "norm_bwd", "ce_rows"}
     assert [case for case in aot.CASES if not sm90[case]] == []  # every case compiles kernels of its own
     assert any(k.constants.get("DQ_ATOMIC") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=atomic
+    assert any(k.constants.get("DQ_TMA") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=tma
     assert {k.constants.get("STAGES") for _, k in _all(sm90) if k.name == "norm_bwd"} == {1, 2}
     head_dims = {k.constants["HEAD_DIM"] for _, k in _attention_kernels(sm90)}
     assert {16, 48, 80, 96, 128, 256} <= head_dims
@@ -135,6 +137,19 @@ def test_benchmarked_kernels_do_not_spill(sm90):
     if any(k.registers is None for k in kernels):
         pytest.skip("no cuobjdump (the Triton wheel carries one): registers and spills unknown")
     assert [(k.label(), k.stack) for k in kernels if k.stack != 0] == []
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_100", "sm_120"])
+def test_dq_by_tma_reductions(arch, surveys):
+    # LLMCORE_TRITON_DQ=tma: the dK/dV kernel adds its dQ tiles with cp.reduce.async.bulk.tensor; nothing else
+    # uses TMA (the other kernels load through pointers).
+    result = surveys[arch]
+    tma = [k for k in result["attention d128 bf16 causal dq-tma"] if k.constants.get("DQ_TMA")]
+    assert tma and {(k.name, k.tma) for k in tma} == {("attn_bwd_dkdv", "reduce")}
+    assert tma[-1].fits  # sm_120: after the fallback
+    assert [(c, k.label()) for c, k in _all(result) if k.tma != "none" and not k.constants.get("DQ_TMA")] == []
+    if arch == "sm_90" and tma[-1].registers is not None:
+        assert tma[-1].stack == 0, tma[-1]  # the table's default for D 128 on Hopper does not spill
 
 
 @pytest.mark.parametrize("arch", ["sm_89", "sm_120"])
@@ -183,6 +198,14 @@ with aot.compiling_for("sm_90") as hopper:  # and kept apart per architecture
 out["restored"] = _loader.offline() is None and knobs.runtime.jit_cache_hook is hook
 for name, ks in (("first", first), ("again", again), ("hopper", hopper)):
     out[name] = [(k.name, k.constants.get("BLOCK_M"), k.num_stages, k.fits) for k in ks]
+# a survey of every case leaves out those an architecture cannot run (dQ by TMA before Hopper)
+aot.CASES = {k: aot.CASES[k] for k in ("layer_norm 1000 fp32 residual", "attention d128 bf16 causal dq-tma")}
+out["sm_80 cases"] = list(aot.survey("sm_80"))
+try:
+    aot.survey("sm_80", ["attention d128 bf16 causal dq-tma"])
+    out["sm_80 tma"] = None
+except ValueError as e:
+    out["sm_80 tma"] = str(e)
 print(json.dumps(out))
 """
 
@@ -195,6 +218,8 @@ def test_compiling_for_remembers_fallbacks_and_restores_triton(tmp_path):
     assert all(k[3] for k in out["again"]), out["again"]  # straight to what fit
     assert [tuple(k[1:]) for k in out["again"] if k[0] == "attn_bwd_dq"] == [(128, 2, True)]
     assert [tuple(k[1:]) for k in out["hopper"] if k[0] == "attn_bwd_dq"] == [(128, 3, True)]
+    assert out["sm_80 cases"] == ["layer_norm 1000 fp32 residual"]
+    assert "compute capability 9.0 or newer; this one is 8.0" in out["sm_80 tma"]  # named: refused, clearly
     # The CLI: a table and the JSON.
     path = tmp_path / "k.json"
     table = _python(["-m", "llmcore.ops.triton.aot", "--arch", "sm_90", "--case", "layer_norm 1000 fp32 residual",

@@ -151,7 +151,10 @@ def test_sdpa_strided_inputs_batch_dims_and_value_dim():
     check(ours, theirs, ref, torch.float32)
 
 
-# --- the backward's two ways to dQ: its own kernel, or atomics in the dK/dV kernel -----------
+# --- the backward's ways to dQ: its own kernel, or atomics in the dK/dV kernel (per element, or a TMA reduction
+# per tile, which the interpreter emulates through the same descriptor) ----------------------------------------
+
+NO_TMA = GPU and torch.cuda.get_device_capability()[0] < 9
 
 DQ_CASES = [
     # (B, Hq, Hkv, Lq, Lk, D, dtype, causal); on the GPU Lq and Lk are 8x
@@ -162,18 +165,23 @@ DQ_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["atomic", "kernel"])
+@pytest.mark.parametrize("mode", ["atomic", "tma", "kernel"])
 @pytest.mark.parametrize("B, hq, hkv, lq, lk, d, dtype, causal", DQ_CASES)
 def test_dq_modes_match_reference(monkeypatch, mode, B, hq, hkv, lq, lk, d, dtype, causal):
+    if mode == "tma" and NO_TMA:
+        pytest.skip("TMA needs a GPU of compute capability 9.0 or newer")
     monkeypatch.setenv("LLMCORE_TRITON_DQ", mode)
     if GPU:
         lq, lk = lq * 8, lk * 8
     check_dense_case(B, hq, hkv, lq, lk, d, dtype, causal)
 
 
+@pytest.mark.parametrize("mode", ["atomic", "tma"])
 @pytest.mark.parametrize("case", ["packed", "dropout", "mask"])
-def test_dq_atomic_with_packed_dropout_and_masks(monkeypatch, case):
-    monkeypatch.setenv("LLMCORE_TRITON_DQ", "atomic")
+def test_dq_atomic_with_packed_dropout_and_masks(monkeypatch, mode, case):
+    if mode == "tma" and NO_TMA:
+        pytest.skip("TMA needs a GPU of compute capability 9.0 or newer")
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", mode)
     if case == "packed":
         test_varlen_ragged(*VARLEN[2])  # bottom-right causal with dead rows, GQA
     elif case == "dropout":
@@ -187,6 +195,20 @@ def test_dq_mode_is_checked(monkeypatch):
     q = torch.randn(1, 1, 4, 16, device=DEVICE, requires_grad=True)
     with pytest.raises(ValueError, match="LLMCORE_TRITON_DQ"):
         triton_sdpa(q, q, q).sum().backward()
+
+
+def test_dq_by_tma_is_refused_before_hopper(monkeypatch):
+    from llmcore.ops.triton import attention
+
+    q = torch.randn(1, 1, 4, 16)
+    p = attention._Problem(q, q, q, None, None, None, 4, 4, 0.0, False, 0.25)
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", "tma")
+    monkeypatch.setattr(attention, "_capability", lambda device: 80)
+    with pytest.raises(ValueError, match="compute capability 9.0 or newer; this one is 8.0"):
+        attention._dq_mode(p, False, q.device)
+    assert attention._dq_mode(p, True, q.device) == "tma"  # the interpreter emulates it
+    monkeypatch.setattr(attention, "_capability", lambda device: 90)
+    assert attention._dq_mode(p, False, q.device) == "tma"
 
 
 # --- masks --------------------------------------------------------------------------------

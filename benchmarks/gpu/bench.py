@@ -11,9 +11,10 @@ a run cut short still leaves what it measured):
   backends (the fastest is the baseline); FLOPs as FlashAttention counts them (forward
   4 B H L^2 D, halved when causal; forward+backward 3.5x the forward);
 - then a sweep of the attention kernels' block configurations (``attention._TABLES``): the
-  forward, the dK/dV and dQ kernels each timed on their own, and the backward with dQ by
-  atomics in the dK/dV kernel; every candidate's output is checked against the defaults'.
-  The winners (and the faster way to dQ) are then timed like the defaults;
+  forward, the dK/dV and dQ kernels each timed on their own, and the backward with dQ made
+  in the dK/dV kernel (by per-element atomics, and by TMA reductions); every candidate's
+  output is checked against the defaults'. The winners (and the fastest way to dQ) are then
+  timed like the defaults;
 - LayerNorm and RMSNorm with the residual add fused, (16384, 4096) bf16, forward and
   forward+backward, in GB/s of the bytes the fused op must move, against torch's unfused
   composite (``x + r`` then ``F.layer_norm`` / HF's RMSNorm) and ``F.rms_norm``;
@@ -56,7 +57,8 @@ GQA_SHAPE = (4, 32, 8, 4096, 128)  # batch, query heads, key/value heads (Llama-
 NORM_SHAPE = (16384, 4096)
 CE_SHAPE = (8192, 4096, 128256)  # tokens, hidden, vocab (Llama-3's)
 BARS = {"attention_fwd_bwd_causal_vs_sdpa": 1.0, "attention_fwd_noncausal_tflops": 450.0}
-SWEEP_KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic")
+SWEEP_KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma")
+DQ_MODES = {"dkdv_atomic": "atomic", "dkdv_tma": "tma"}  # sweep kind -> LLMCORE_TRITON_DQ: dQ in the dK/dV kernel
 
 DEVICE = "cuda"
 SMOKE = False  # --smoke: tiny shapes on the CPU under Triton's interpreter (checks this script, measures nothing)
@@ -352,7 +354,7 @@ def _launch_kind(A, p, kind: str, cfg: dict, q, k, v, do, out, lse):
     if kind == "dq":
         with _Env(A, "kernel", dkdv=None, dq=cfg):
             return A._backward(p, do, q, k, v, out, lse, None)
-    with _Env(A, "atomic", dkdv_atomic=cfg):
+    with _Env(A, DQ_MODES[kind], **{kind: cfg}):
         return A._backward(p, do, q, k, v, out, lse, None)
 
 
@@ -381,15 +383,17 @@ def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
     p = _sweep_problem(A, causal, q, k, v)
     t0 = time.time()
     sw = case["sweep"] = {"note": "ms per call of the timed piece: fwd = the forward; dkdv / dq = the backward "
-                                  "with only that kernel (and the small delta kernel); dkdv_atomic = the whole "
-                                  "backward with dQ by atomics. max_err: vs the default blocks' output.",
+                                  "with only that kernel (and the small delta kernel); dkdv_atomic / dkdv_tma = the "
+                                  "whole backward with dQ by per-element atomics / TMA reductions. max_err: vs the "
+                                  "default blocks' output.",
                           "candidates": {}}
     with _Env(A):
         A._OVERRIDE.clear()  # the defaults, whatever the environment says
         out_ref, lse_ref = A._forward(p, q, k, v, None)
         with _Env(A, "kernel"):
             grads_ref = A._backward(p, do, q, k, v, out_ref, lse_ref, None)  # dq, dk, dv
-    refs = {"fwd": [out_ref], "dkdv": list(grads_ref[1:]), "dq": [grads_ref[0]], "dkdv_atomic": list(grads_ref)}
+    refs = {"fwd": [out_ref], "dkdv": list(grads_ref[1:]), "dq": [grads_ref[0]], "dkdv_atomic": list(grads_ref),
+            "dkdv_tma": list(grads_ref)}
     tols = {kind: [0.02 * float(r.float().abs().max()) + 1e-3 for r in rs] for kind, rs in refs.items()}
     best = {}
     for kind, cands in sweep_candidates(A, causal, p.block_d).items():
@@ -424,22 +428,25 @@ def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
                 best[kind] = (cfg, entry)
             ctx["save"]()
     sw["winners"] = {kind: _cfg_row(c) for kind, (c, _) in best.items()}
-    # the two ways to dQ, each with its best blocks, timed as a whole backward
+    # the ways to dQ, each with its best blocks, timed as a whole backward
     win = {kind: c for kind, (c, _) in best.items()}
-    split = atomic = None
+    whole = {}  # LLMCORE_TRITON_DQ -> ms
     if "dkdv" in win and "dq" in win:
         with _Env(A, "kernel", dkdv=win["dkdv"], dq=win["dq"]):
-            split = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60, warmup=10)["ms"]
-    if "dkdv_atomic" in win:
-        with _Env(A, "atomic", dkdv_atomic=win["dkdv_atomic"]):
-            atomic = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60, warmup=10)["ms"]
-    sw["backward_ms"] = {"dq_kernel": split, "dq_atomic": atomic}
-    if split is None and atomic is None:
+            whole["kernel"] = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60,
+                                    warmup=10)["ms"]
+    for kind, dq_mode in DQ_MODES.items():
+        if kind in win:
+            with _Env(A, dq_mode, **{kind: win[kind]}):
+                whole[dq_mode] = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60,
+                                       warmup=10)["ms"]
+    sw["backward_ms"] = {f"dq_{m}": whole.get(m) for m in ("kernel", "atomic", "tma")}
+    if not whole:
         sw["seconds"] = round(time.time() - t0, 1)
         return
-    mode = "atomic" if split is None or (atomic is not None and atomic < split) else "kernel"
+    mode = min(whole, key=whole.get)
     sw["dq_mode"] = mode
-    override = {kind: win[kind] for kind in ("fwd", "dkdv", "dq", "dkdv_atomic") if kind in win}
+    override = {kind: win[kind] for kind in SWEEP_KINDS if kind in win}
     with _Env(A, mode, **override):
         ours = _ours(causal)
         case["max_abs_diff_vs_torch_tuned"] = _validate(ours, leaves, do, causal)
@@ -741,7 +748,8 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {kind}: " + "; ".join(cells))
             bw = sw.get("backward_ms", {})
             lines += [f"- whole backward with the winners: dQ kernel {_f(bw.get('dq_kernel'), '{:.3f}')} ms, "
-                      f"dQ by atomics {_f(bw.get('dq_atomic'), '{:.3f}')} ms -> {sw.get('dq_mode', '-')}"]
+                      f"dQ by atomics {_f(bw.get('dq_atomic'), '{:.3f}')} ms, "
+                      f"dQ by TMA reductions {_f(bw.get('dq_tma'), '{:.3f}')} ms -> {sw.get('dq_mode', '-')}"]
             wc = c.get("winners_check")
             if wc:
                 verdict = ("passed" if wc.get("ok") else "FAILED") if "ok" in wc else \

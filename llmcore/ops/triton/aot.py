@@ -6,8 +6,9 @@ and every kernel launch is compiled for the architecture instead of run: outputs
 unwritten, nothing executes. A kernel whose shared memory exceeds what a block may use on
 that architecture raises Triton's ``OutOfResources``, as loading it on such a GPU would, so
 the launchers' fallbacks take the path they would take there. ``kernels`` collects one
-:class:`Kernel` per compiled specialization: registers, stack bytes (spills), shared memory
-and which tensor-core instructions its dots became (tcgen05, wgmma or mma.sync).
+:class:`Kernel` per compiled specialization: registers, stack bytes (spills), shared memory,
+which tensor-core instructions its dots became (tcgen05, wgmma or mma.sync) and whether it
+uses TMA (the dQ reductions of ``LLMCORE_TRITON_DQ=tma``).
 
 This is how CI, which has no GPU, checks that every kernel compiles for the GPUs we support
 and fits their shared memory (tests/test_triton_aot.py); the interpreter tests check the
@@ -74,11 +75,12 @@ class Kernel:
     registers: Optional[int]  # per thread; None without cuobjdump
     stack: Optional[int]  # bytes of per-thread stack: register spills
     tensor_cores: str  # "tcgen05" (Blackwell), "wgmma" (Hopper), "mma.sync" or "none": what the dots became
+    tma: str  # what it asks of the Tensor Memory Accelerator: "reduce" (cp.reduce.async.bulk.tensor), "copy" or "none"
     fits: bool  # shared memory within the architecture's limit (a kernel that does not fit is never run)
 
     def label(self) -> str:
-        keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "DQ_ATOMIC", "RMS", "HAS_RES",
-                "STAGES", "BLOCK_M", "BLOCK_N", "BLOCK_V", "ROWS")
+        keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "DQ_ATOMIC", "DQ_TMA", "RMS",
+                "HAS_RES", "STAGES", "BLOCK_M", "BLOCK_N", "BLOCK_V", "ROWS")
         consts = " ".join(f"{k}={self.constants[k]}" for k in keep if k in self.constants)
         return f"{self.name} {self.dtype} {consts}"
 
@@ -129,10 +131,12 @@ def _describe(jit, compile: dict, compiled, arch: Arch) -> Kernel:
     ptx = compiled.asm.get("ptx", "")
     cores = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
              else "mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")
+    tma = ("reduce" if "cp.reduce.async.bulk.tensor" in ptx else "copy" if "cp.async.bulk.tensor" in ptx
+           else "none")
     regs, stack = _resource_usage(compiled.asm["cubin"])
     shared = compiled.metadata.shared
     return Kernel(jit.__name__, pointers[0][1:] if pointers else "", constants, compile["num_warps"],
-                  compile["num_stages"], shared, regs, stack, cores, shared <= arch.shared)
+                  compile["num_stages"], shared, regs, stack, cores, tma, shared <= arch.shared)
 
 
 @contextmanager
@@ -213,7 +217,7 @@ def _dq_mode(mode: str):
 
 def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: int = 1, mask: Optional[str] = None,
                dropout: float = 0.0, packed: bool = False, dq: str = "") -> Callable[[], None]:
-    """dq: LLMCORE_TRITON_DQ for the backward ("atomic": dQ inside the dK/dV kernel)."""
+    """dq: LLMCORE_TRITON_DQ for the backward ("atomic", "tma": dQ inside the dK/dV kernel)."""
     def run():
         from llmcore.ops.triton import attention
 
@@ -235,6 +239,7 @@ def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: i
             out = attention.sdpa(q, k, v, m, dropout, causal, head_dim ** -0.5, torch.Size([2]))
         with _dq_mode(dq):
             out.backward(torch.zeros_like(out))
+    run.min_capability = 90 if dq == "tma" else 0  # TMA: Hopper and newer (the launcher refuses it below)
     return run
 
 
@@ -280,6 +285,9 @@ def _cases() -> dict[str, Callable[[], None]]:
         "attention d96 bf16 additive-mask dropout": _attention(96, mask="additive", dropout=0.1),
         "attention d128 bf16 causal dropout": _attention(128, causal=True, dropout=0.1),
         "attention d128 bf16 causal dq-atomic": _attention(128, causal=True, dq="atomic"),
+        "attention d128 bf16 causal dq-tma": _attention(128, causal=True, dq="tma"),
+        "attention d128 bf16 dq-tma": _attention(128, dq="tma"),
+        "varlen d64 bf16 causal gqa2 dq-tma": _attention(64, causal=True, gqa=2, packed=True, dq="tma"),
         "varlen d128 bf16 causal gqa2": _attention(128, causal=True, gqa=2, packed=True),
         "varlen d64 bf16": _attention(64, packed=True),
         "layer_norm 4096 bf16 residual": _norm(False, 4096, torch.bfloat16),
@@ -299,11 +307,15 @@ CASES = _cases()
 def survey(arch: Union[str, Arch], cases: Optional[list[str]] = None) -> dict[str, list[Kernel]]:
     """Compiles what each case (a name in :data:`CASES`; all by default) launches for ``arch``: name -> kernels.
 
-    A kernel already compiled by an earlier case is listed under that case only.
+    A kernel already compiled by an earlier case is listed under that case only. Cases that need a newer
+    architecture (``min_capability``: the TMA ones) are left out, unless named in ``cases``.
     """
     out = {}
     with compiling_for(arch) as kernels:
+        a = _loader.offline()
         for name in cases if cases is not None else list(CASES):
+            if cases is None and getattr(CASES[name], "min_capability", 0) > a.capability:
+                continue
             start = len(kernels)
             CASES[name]()
             out[name] = kernels[start:]
@@ -312,12 +324,12 @@ def survey(arch: Union[str, Arch], cases: Optional[list[str]] = None) -> dict[st
 
 def _table(arch: Arch, result: dict[str, list[Kernel]]) -> str:
     lines = [f"## {arch.name} ({arch.examples}): shared memory limit {arch.shared // 1024} KB per block", "",
-             "| case | kernel | warps | stages | registers | stack (B) | shared (KB) | tensor cores | fits |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| case | kernel | warps | stages | registers | stack (B) | shared (KB) | tensor cores | TMA | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for case, kernels in result.items():
         for k in kernels:
             lines.append(f"| {case} | {k.label()} | {k.num_warps} | {k.num_stages} | {k.registers} | {k.stack} | "
-                         f"{k.shared / 1024:.1f} | {k.tensor_cores} | {'yes' if k.fits else 'NO'} |")
+                         f"{k.shared / 1024:.1f} | {k.tensor_cores} | {k.tma} | {'yes' if k.fits else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -334,8 +346,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     print(f"# llmcore Triton kernels compiled ahead of time (Triton {triton.__version__}; nothing ran)\n\n"
           "Registers per thread and stack bytes (spills) from cuobjdump; shared memory per block; the tensor-core "
-          "instructions the dots became. A row with fits NO is a launch Triton would refuse on that GPU; the "
-          "launcher's smaller replacement follows it. Written by `python -m llmcore.ops.triton.aot`.\n", flush=True)
+          "instructions the dots became; TMA use (reduce: the dQ tiles of LLMCORE_TRITON_DQ=tma). A row with fits "
+          "NO is a launch Triton would refuse on that GPU; the launcher's smaller replacement follows it. "
+          "Written by `python -m llmcore.ops.triton.aot`.\n", flush=True)
     report = {}
     for name in args.arch or ["sm_90"]:
         result = survey(name, args.case)

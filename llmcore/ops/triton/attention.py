@@ -12,8 +12,9 @@ length). Under the interpreter the blocks are 16 x 16 (``LLMCORE_TRITON_INTERPRE
 small enough that tiny test shapes cross several blocks, ragged tails and causal diagonals.
 
 The backward makes dQ with its own kernel (deterministic) or, with ``LLMCORE_TRITON_DQ=atomic``
-(or where measured faster, see ``_DQ_ATOMIC_MEASURED``), inside the dK/dV kernel with float32
-atomics; ``LLMCORE_TRITON_DQ=kernel`` forces the deterministic path.
+(or where measured faster, see ``_DQ_MEASURED``), inside the dK/dV kernel with float32 atomics per
+element; ``LLMCORE_TRITON_DQ=tma`` does the same with one TMA reduction per tile (GPUs of compute
+capability 9.0 and newer); ``LLMCORE_TRITON_DQ=kernel`` forces the deterministic path.
 """
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ _TABLES = {
                     128: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3),
                           (64, 64, 4, 3)],
                     256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
+    # dK/dV with dQ by TMA reductions (LLMCORE_TRITON_DQ=tma): the dQ tile is staged in shared memory
+    # (BLOCK_M x BLOCK_D x 4 bytes). Not yet timed on a GPU: the order is the aot compile's (Triton 3.9, sm_90),
+    # the D-128 blocks that do not spill first; (64, 128, 8, 3) spills 16-32 B.
+    "dkdv_tma": {64: [(32, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 2)],
+                 128: [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 3),
+                       (32, 64, 4, 3)],
+                 256: [(32, 32, 8, 2), (16, 32, 4, 2)]},
     "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
            128: [(128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
                  (128, 128, 8, 2)],
@@ -75,10 +83,11 @@ _MEASURED: dict = {
     ("dkdv_atomic", 128, True): (64, 128, 8, 3),
     ("dkdv_atomic", 128, False): (64, 128, 8, 3),
 }
-# Whether the dK/dV kernel also makes dQ (atomics) by default: (head-dim bucket, causal) -> bool, as measured.
-# None so far: on the H200 the whole backward took 3.65 ms (causal) / 6.54 ms with the dQ kernel against
-# 3.97 / 6.91 ms with atomics (each with its best blocks).
-_DQ_ATOMIC_MEASURED: dict = {}
+# How the backward makes dQ by default where measured: (head-dim bucket, causal) -> "atomic" or "tma" (the dK/dV
+# kernel adds it; see _dq_mode); elsewhere its own kernel. None so far: on the H200 the whole backward took 3.65 ms
+# (causal) / 6.54 ms with the dQ kernel against 3.97 / 6.91 ms with per-element atomics (each with its best
+# blocks); TMA reductions have not run on a GPU yet.
+_DQ_MEASURED: dict = {}
 
 # Benchmarks only (benchmarks/gpu/bench.py): kind -> config dict forced on CUDA launches, or None to skip
 # that launch altogether (to time one kernel of the backward on its own).
@@ -91,7 +100,8 @@ def _bucket(block_d: int) -> int:
 
 
 def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool = False) -> list[dict]:
-    """Candidate blocks for kernel ``kind`` ("fwd", "dkdv", "dkdv_atomic", "dq"); the first is the default.
+    """Candidate blocks for kernel ``kind`` ("fwd", "dkdv", "dkdv_atomic", "dkdv_tma", "dq"); the first is the
+    default.
 
     float32 inputs (``wide``) halve the blocks.
     """
@@ -120,11 +130,12 @@ _TUNED: dict = {}
 
 
 def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, wide: bool, causal: bool = False,
-            len_q: Optional[int] = None):
+            len_q: Optional[int] = None, desc=None):
     """Runs kernel ``fn`` with fixed blocks, or through a (cached) autotuner on request.
 
     ``len_q`` given: the kernel takes an EVEN_M constexpr, derived from it and BLOCK_M. Where the table's
     blocks need more shared memory than the GPU has, smaller ones are tried (``_smaller``) and remembered.
+    ``desc``: a tensor descriptor among ``args`` whose tiles are BLOCK_M rows (it is given the blocks' rows).
     """
     fit_key = None
     if mod.INTERPRET:
@@ -147,9 +158,10 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
                     inner = triton.heuristics({"EVEN_M": lambda a: _even_m(a["VARLEN"], a["LQ"], a["BLOCK_M"])})(fn)
                 tuned = _TUNED[key] = triton.autotune(
                     [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                                   num_stages=c["num_stages"]) for c in configs],
+                                   num_stages=c["num_stages"], pre_hook=_desc_rows if desc is not None else None)
+                     for c in configs],
                     key=["TUNE_LEN", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT"],
-                    reset_to_zero=["DQ_ACC"] if kind == "dkdv_atomic" else None,
+                    reset_to_zero=["DQ_ACC"] if kind in ("dkdv_atomic", "dkdv_tma") else None,
                 )(inner)
             tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
             return
@@ -161,6 +173,8 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
     while True:
         if len_q is not None:
             consts = dict(consts, EVEN_M=_even_m(consts["VARLEN"], len_q, cfg["BLOCK_M"]))
+        if desc is not None:
+            desc.block_shape = [cfg["BLOCK_M"], *desc.block_shape[1:]]
         try:  # Triton checks shared memory when it loads the kernel, before launching it
             compiled = fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
             break
@@ -171,6 +185,13 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
             cfg = _FITS[fit_key] = smaller
     if _OVERRIDE:
         _LAST[kind] = compiled  # for the benchmark's sweep: registers, spills, shared memory
+
+
+def _desc_rows(nargs: dict) -> None:
+    """Autotuner pre-hook: the dK/dV kernel's dQ descriptor gets the configuration's BLOCK_M rows per tile."""
+    desc = nargs["DQ_DESC"]
+    if not isinstance(desc, Tensor):
+        desc.block_shape = [nargs["BLOCK_M"], *desc.block_shape[1:]]
 
 
 # (kind, device or the architecture aot.compiling_for compiles for, constexprs, table config) -> the configuration
@@ -191,17 +212,33 @@ def _smaller(cfg: dict) -> Optional[dict]:
     return _cfg(m, n, w, 1) if s > 1 else None
 
 
-def _dq_atomic(p: "_Problem", interpret: bool) -> bool:
-    """Whether the backward makes dQ in the dK/dV kernel with atomics (LLMCORE_TRITON_DQ=atomic) or with its own
-    kernel (=kernel: deterministic). Unset: as measured for this head dim on a GPU, else the dQ kernel."""
+_DQ_MODES = ("kernel", "atomic", "tma")
+
+
+def _capability(device: torch.device) -> int:
+    """Compute capability as 90 for 9.0: of the GPU, or of the architecture aot.compiling_for compiles for."""
+    arch = offline()
+    if arch is not None:
+        return arch.capability
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _dq_mode(p: "_Problem", interpret: bool, device: torch.device) -> str:
+    """How the backward makes dQ: "kernel" (its own kernel, deterministic), "atomic" (in the dK/dV kernel, float32
+    atomics per element) or "tma" (in the dK/dV kernel, a TMA reduction per tile; compute capability 9.0+, and the
+    interpreter, which emulates it). LLMCORE_TRITON_DQ chooses; unset: as measured for this head dim on a GPU,
+    else "kernel"."""
     mode = os.environ.get("LLMCORE_TRITON_DQ", "")
-    if mode in ("atomic", "kernel"):
-        return mode == "atomic"
-    if mode:
-        raise ValueError(f"LLMCORE_TRITON_DQ must be 'atomic' or 'kernel', got {mode!r}")
-    if interpret or p.wide:
-        return False
-    return bool(_DQ_ATOMIC_MEASURED.get((_bucket(p.block_d), p.causal), False))
+    if mode and mode not in _DQ_MODES:
+        raise ValueError(f"LLMCORE_TRITON_DQ must be one of {', '.join(map(repr, _DQ_MODES))}, got {mode!r}")
+    if not mode:
+        mode = "kernel" if interpret or p.wide else _DQ_MEASURED.get((_bucket(p.block_d), p.causal), "kernel")
+    if mode == "tma" and not interpret and _capability(device) < 90:
+        cap = _capability(device)
+        raise ValueError(f"LLMCORE_TRITON_DQ=tma needs TMA, on GPUs of compute capability 9.0 or newer; this one is "
+                         f"{cap // 10}.{cap % 10} (use 'atomic' or 'kernel')")
+    return mode
 
 
 def _rows3(t: Tensor, packed: bool) -> tuple[int, int, int]:
@@ -288,15 +325,24 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
               *_rows3(q, p.packed), *_rows3(k, p.packed), *_rows3(v, p.packed), *_rows3(do, p.packed))
     tail = (*mask_strides, *p.lse_strides, p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
     rng = rng if rng is not None else q
-    atomic = _dq_atomic(p, mod.INTERPRET)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else q
-    args = (q, k, v, do, dk, dv, lse, delta, mask, cu_q, cu_k, rng, dq_acc, *common, *_rows3(dk, p.packed),
-            *_rows3(dv, p.packed), *_rows3(dq_acc, p.packed), *tail)
+    mode = _dq_mode(p, mod.INTERPRET, q.device)
+    atomic, desc = mode != "kernel", None
+    dq_acc = q
+    if atomic:  # float32 dQ by logsumexp row, padded to BLOCK_D: (B, H, Lq) or (H, total_q) rows
+        dq_acc = torch.zeros(lse.numel(), p.block_d, dtype=torch.float32, device=q.device)
+        if mode == "tma":
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            desc = TensorDescriptor.from_tensor(dq_acc, [16, p.block_d])  # rows set per configuration by _launch
+    args = (q, k, v, do, dk, dv, lse, delta, mask, cu_q, cu_k, rng, dq_acc, q if desc is None else desc, *common,
+            *_rows3(dk, p.packed), *_rows3(dv, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_k, bn), p.heads_k, p.batch)  # noqa: E731
-    _launch(mod, "dkdv_atomic" if atomic else "dkdv", mod.attn_bwd_dkdv, grid, args, dict(consts, DQ_ATOMIC=atomic),
-            p.block_d, p.wide, p.causal, len_q=p.len_q)
+    _launch(mod, "dkdv" if not atomic else "dkdv_" + mode, mod.attn_bwd_dkdv, grid, args,
+            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None), p.block_d, p.wide, p.causal, len_q=p.len_q,
+            desc=desc)
     if atomic:
-        return dq_acc.to(q.dtype), dk, dv
+        dq = dq_acc.view(*p.lse_shape, p.block_d)[..., :p.head_dim]
+        return (dq.transpose(0, 1) if p.packed else dq).to(q.dtype), dk, dv
     dq = torch.empty_like(q)
     args = (q, k, v, do, dq, lse, delta, mask, cu_q, cu_k, rng, *common, *_rows3(dq, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731

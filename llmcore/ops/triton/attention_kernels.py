@@ -249,14 +249,18 @@ def attn_bwd_delta(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, m0, offs_n, offs_d, offs_dv, len_q, len_k, shift,
-               stride_qm, stride_dom, stride_mm, stride_mn, stride_dqam, scale, scale_log2, seed, offset_lo, lse_row0,
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, DQ_DESC, m0, offs_n, offs_d, offs_dv, len_q, len_k,
+               shift, stride_qm, stride_dom, stride_mm, stride_mn, scale, scale_log2, seed, offset_lo, lse_row0,
                drop_thresh, drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_M: tl.constexpr):
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr,
+               EVEN_M: tl.constexpr):
     """One query block against this program's key block, in transposed form (keys as rows).
 
-    With DQ_ATOMIC it also adds this block's share of dQ (scale * dS k) into the float32 DQA.
+    With DQ_ATOMIC it also adds this block's share of dQ (scale * dS k) into the float32 DQA, whose
+    row r is the logsumexp's row r, BLOCK_D wide: by per-element atomics, or (DQ_TMA) as one tile
+    through the tensor descriptor DQ_DESC (a TMA reduction on the GPU). Rows past the sequence add
+    exact zeros there (their dS is 0), so a tile may overlap the next sequence's rows.
     EVEN_M: the query count is a multiple of BLOCK_M (dense inputs), so no row is out of range.
     """
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -293,14 +297,17 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, m0, offs_n, offs_d, o
     dk = _dot(ds_t, q, dk, PRECISION)
     if DQ_ATOMIC:
         dq = _dot(tl.trans(ds_t), k, None, PRECISION) * scale  # (BLOCK_M, BLOCK_D)
-        tl.atomic_add(DQA + offs_m[:, None] * stride_dqam + offs_d[None, :], dq,
-                      mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        if DQ_TMA:
+            _h.tile_add(DQ_DESC, (lse_row0 + m0).to(tl.int32), dq)
+        else:
+            tl.atomic_add(DQA + (lse_row0 + offs_m)[:, None] * BLOCK_D + offs_d[None, :], dq,
+                          mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, RNG, DQ_ACC,
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, RNG, DQ_ACC, DQ_DESC,
     scale, scale_log2, drop_thresh, drop_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -308,17 +315,17 @@ def attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_dqab, stride_dqah, stride_dqam,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh,
     GROUP, LQ, LK, TUNE_LEN,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, EVEN_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr,
+    EVEN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key block (over the GROUP query heads sharing it); with DQ_ATOMIC also dQ,
-    added in float32 into the zeroed DQ_ACC (then no attn_bwd_dq launch is needed)."""
+    added in float32 into the zeroed DQ_ACC (then no attn_bwd_dq launch is needed): (logsumexp rows,
+    BLOCK_D), written through the descriptor DQ_DESC (block (BLOCK_M, BLOCK_D)) where DQ_TMA."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -355,18 +362,19 @@ def attn_bwd_dkdv(
         Qh = Q + b64 * stride_qb + h * stride_qh + q_start * stride_qm
         DOh = DO + b64 * stride_dob + h * stride_doh + q_start * stride_dom
         MASKh = MASK + b64 * stride_mb + h * stride_mh
-        DQAh = DQ_ACC + b64 * stride_dqab + h * stride_dqah + q_start * stride_dqam
         lse_row0 = b64 * stride_lb + h * stride_lh + q_start
         for m0 in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQAh, m0, offs_n, offs_d, offs_dv, len_q,
-                                len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, stride_dqam, scale,
+            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQ_ACC, DQ_DESC, m0, offs_n, offs_d,
+                                offs_dv, len_q, len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, scale,
                                 scale_log2, seed, offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V,
-                                BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, EVEN_M)
+                                BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, DQ_TMA,
+                                EVEN_M)
         for m0 in range(mid, len_q, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQAh, m0, offs_n, offs_d, offs_dv, len_q,
-                                len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, stride_dqam, scale,
+            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQ_ACC, DQ_DESC, m0, offs_n, offs_d,
+                                offs_dv, len_q, len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, scale,
                                 scale_log2, seed, offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V,
-                                BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, EVEN_M)
+                                BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, DQ_TMA,
+                                EVEN_M)
 
     row_ok = offs_n[:, None] < len_k
     dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + (k_start + offs_n)[:, None] * stride_dkn
