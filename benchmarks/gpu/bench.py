@@ -15,6 +15,10 @@ a run cut short still leaves what it measured):
   in the dK/dV kernel (by per-element atomics, and by TMA reductions); every candidate's
   output is checked against the defaults'. The winners (and the fastest way to dQ) are then
   timed like the defaults;
+- last, a head-to-head for each case: llmcore (defaults, and the winners) and torch's best
+  backend timed in alternating rounds, so that the GPU's clocks drifting during the run
+  (the matmul peak moved 716 -> 802 TFLOP/s between two runs) weigh on both alike; the
+  bars' speed-up is the median of the per-round ratios;
 - LayerNorm and RMSNorm with the residual add fused, (16384, 4096) bf16, forward and
   forward+backward, in GB/s of the bytes the fused op must move, against torch's unfused
   composite (``x + r`` then ``F.layer_norm`` / HF's RMSNorm) and ``F.rms_norm``;
@@ -242,6 +246,80 @@ def attention(results: dict, ctx: dict) -> None:
                 case["winners_check"] = {"error": traceback.format_exc()}
                 print(case["winners_check"]["error"], file=sys.stderr)
             ctx["save"]()
+    if time.time() < ctx["sweep_deadline"] + 30:
+        data = _attn_inputs(shape)
+        leaves = [t.clone().requires_grad_() for t in data[:3]]
+        for causal in (True, False):
+            case = out["cases"]["causal" if causal else "noncausal"]
+            try:
+                case["head_to_head"] = _head_to_head(case, causal, data, leaves, shape)
+            except Exception:
+                case["head_to_head"] = {"error": traceback.format_exc()}
+                print(case["head_to_head"]["error"], file=sys.stderr)
+            ctx["save"]()
+
+
+H2H_ROUNDS = 5
+
+
+def _head_to_head(case: dict, causal: bool, data, leaves, shape, rounds: int = H2H_ROUNDS) -> dict:
+    """llmcore with the defaults (and with the sweep's winners, where they ran) against torch SDPA pinned to its
+    fastest backend for that mode, timed in ``rounds`` alternating rounds (the order rotates each round).
+    Per mode: each entrant's median ms and TFLOP/s over the rounds, and the ratios torch ms / llmcore ms per round
+    (median, min, max)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    A = triton_attention_module()
+    q, k, v, grad = data
+    ours = _ours(causal)
+    entrants = {"llmcore_defaults": lambda: _Env(A, "")}
+    tuned = case.get("llmcore_triton_tuned")
+    if tuned:
+        blocks = {kind: dict(BLOCK_M=r[0], BLOCK_N=r[1], num_warps=r[2], num_stages=r[3])
+                  for kind, r in tuned["blocks"].items()}
+        entrants["llmcore_tuned"] = lambda: _Env(A, tuned["dq_mode"], **blocks)
+    res = {"rounds": rounds, "modes": {}}
+    for mode in ("forward", "fwd_bwd"):
+        best = case.get("best_torch", {}).get(mode)
+        if best is None:
+            continue
+        flops = _attn_flops(shape, causal, mode == "fwd_bwd")
+        torch_name = f"torch_{best}"
+
+        def run_torch():
+            with sdpa_kernel(getattr(SDPBackend, _TORCH_BACKENDS[best])):
+                return _time_mode(lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal), mode, data, leaves)
+
+        def run_ours(env):
+            with env():
+                return _time_mode(ours, mode, data, leaves)
+
+        runners = {name: (lambda env=env: run_ours(env)) for name, env in entrants.items()}
+        runners[torch_name] = run_torch
+        names = list(runners)
+        times = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name].append(runners[name]())
+        m = res["modes"][mode] = {"torch_backend": best, "ms": times}
+        m["median"] = {name: rate({"ms": _median(t)}, flops) for name, t in times.items()}
+        for name in entrants:
+            ratios = [t / o for t, o in zip(times[torch_name], times[name])]
+            m[f"{name}_vs_torch"] = {"median": _median(ratios), "min": min(ratios), "max": max(ratios)}
+    return res
+
+
+def _time_mode(fn, mode: str, data, leaves) -> float:
+    q, k, v, grad = data
+    if mode == "forward":
+        with torch.no_grad():
+            return bench(lambda: fn(q, k, v))["ms"]
+    return bench(lambda: fn(*leaves).backward(grad), leaves)["ms"]
+
+
+def _median(xs: list) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
 
 
 def _close_to_ref(ours, theirs, ref) -> dict:
@@ -321,7 +399,8 @@ def _cfg_row(cfg: dict) -> list:
 
 
 class _Env:
-    """Sets LLMCORE_TRITON_DQ and attention._OVERRIDE for a block; restores both after."""
+    """Sets LLMCORE_TRITON_DQ (None: left as it is; "": unset) and attention._OVERRIDE for a block; restores both
+    after."""
 
     def __init__(self, A, dq_mode=None, **override):
         self.A, self.dq_mode, self.override = A, dq_mode, override
@@ -331,6 +410,8 @@ class _Env:
         self.old_override = dict(self.A._OVERRIDE)
         if self.dq_mode:
             os.environ["LLMCORE_TRITON_DQ"] = self.dq_mode
+        elif self.dq_mode == "":
+            os.environ.pop("LLMCORE_TRITON_DQ", None)
         self.A._OVERRIDE.update(self.override)
         return self
 
@@ -681,15 +762,26 @@ def attention_gqa(results: dict, ctx: dict) -> None:
 
 def bars(results: dict) -> dict:
     out = {}
-    try:
-        c = results["attention"]["cases"]
-        out["attention_fwd_bwd_causal_vs_sdpa"] = {
-            "bar": BARS["attention_fwd_bwd_causal_vs_sdpa"], "value": c["causal"]["speedup_vs_best_torch"]["fwd_bwd"]}
-        out["attention_fwd_noncausal_tflops"] = {
-            "bar": BARS["attention_fwd_noncausal_tflops"],
-            "value": c["noncausal"]["llmcore_triton"]["forward"]["tflops"]}
-    except KeyError:
-        pass
+    c = results.get("attention", {}).get("cases", {})
+    # the head-to-head's median where it ran (with the sweep's winners where the sweep ran), else the single timing
+    h2h = c.get("causal", {}).get("head_to_head", {}).get("modes", {}).get("fwd_bwd")
+    if h2h:
+        ours = "llmcore_tuned" if "llmcore_tuned_vs_torch" in h2h else "llmcore_defaults"
+        out["attention_fwd_bwd_causal_vs_sdpa"] = {"bar": BARS["attention_fwd_bwd_causal_vs_sdpa"],
+                                                   "value": h2h[f"{ours}_vs_torch"]["median"],
+                                                   "from": f"head_to_head {ours}"}
+    elif "fwd_bwd" in c.get("causal", {}).get("speedup_vs_best_torch", {}):
+        out["attention_fwd_bwd_causal_vs_sdpa"] = {"bar": BARS["attention_fwd_bwd_causal_vs_sdpa"],
+                                                   "value": c["causal"]["speedup_vs_best_torch"]["fwd_bwd"]}
+    h2h = c.get("noncausal", {}).get("head_to_head", {}).get("modes", {}).get("forward")
+    if h2h:
+        ours = "llmcore_tuned" if "llmcore_tuned" in h2h["median"] else "llmcore_defaults"
+        out["attention_fwd_noncausal_tflops"] = {"bar": BARS["attention_fwd_noncausal_tflops"],
+                                                 "value": h2h["median"][ours]["tflops"],
+                                                 "from": f"head_to_head {ours}"}
+    elif "forward" in c.get("noncausal", {}).get("llmcore_triton", {}):
+        out["attention_fwd_noncausal_tflops"] = {"bar": BARS["attention_fwd_noncausal_tflops"],
+                                                 "value": c["noncausal"]["llmcore_triton"]["forward"]["tflops"]}
     for v in out.values():
         v["met"] = v["value"] >= v["bar"]
     return out
@@ -727,6 +819,25 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {cname} | {mode} | {ours:.0f} ({100 * ours / peak:.0f}%) | {_f(before)} | "
                              f"{_f(theirs)} ({best}) | {_f(c.get('speedup_vs_best_torch', {}).get(mode), '{:.2f}x')} |")
         lines.append("")
+        h2h_rows = []
+        for cname, c in att["cases"].items():
+            for mode, m in c.get("head_to_head", {}).get("modes", {}).items():
+                med = m["median"]
+                cells = []
+                for who in ("llmcore_defaults", "llmcore_tuned"):
+                    r = m.get(f"{who}_vs_torch")
+                    cells.append(f"{med[who]['tflops']:.0f} | {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+                                 if r else "- | -")
+                torch_name = f"torch_{m['torch_backend']}"
+                h2h_rows.append(f"| {cname} | {mode} | {' | '.join(cells)} | {med[torch_name]['tflops']:.0f} "
+                                f"({m['torch_backend']}) |")
+        if h2h_rows:
+            rounds = next(c["head_to_head"]["rounds"] for c in att["cases"].values() if "head_to_head" in c)
+            lines += ["### Head-to-head: alternating rounds (the bars' figures)", "",
+                      f"{rounds} rounds; each round times every entrant once (rotating the order); TFLOP/s of the "
+                      "median round; speed-up = median of the per-round ratios torch ms / llmcore ms (min-max).", "",
+                      "| case | mode | llmcore defaults | vs torch | llmcore with the winners | vs torch | torch |",
+                      "|---|---|---|---|---|---|---|", *h2h_rows, ""]
         for cname, c in att["cases"].items():
             sw = c.get("sweep")
             if not sw:
@@ -804,9 +915,10 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {t['ms']:.2f} | {t['tflops']:.0f} | {t['peak_extra_mib']:.0f} |")
         lines.append("")
     if results.get("bars"):
-        lines += ["## Bars", "", "| bar | value | needed | met |", "|---|---|---|---|"]
+        lines += ["## Bars", "", "| bar | value | needed | met | measured by |", "|---|---|---|---|---|"]
         for name, b in results["bars"].items():
-            lines.append(f"| {name} | {b['value']:.2f} | {b['bar']} | {'yes' if b['met'] else 'no'} |")
+            lines.append(f"| {name} | {b['value']:.2f} | {b['bar']} | {'yes' if b['met'] else 'no'} | "
+                         f"{b.get('from', 'the single timing')} |")
         lines.append("")
     if results.get("errors"):
         lines += ["## Errors", ""]

@@ -1,0 +1,71 @@
+"""benchmarks/gpu/bench.py --smoke: the GPU check's script, run end to end on the CPU.
+
+Device time is scarce (one short run per task, when a GPU is lent at all), so a script that
+breaks there wastes it. ``--smoke`` runs every section at tiny shapes under Triton's
+interpreter, timing nothing of value; this test only checks that each section completes and
+writes what the Markdown and the bars are built from.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+import llmcore  # noqa: E402
+
+pytestmark = pytest.mark.slow  # about 30 s on 2 cores
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench.py"
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(llmcore.__file__)))
+
+# The script puts its source tree first on sys.path (on the GPU machine llmcore is built in the tree, not
+# installed); importing this session's llmcore first makes the child use it (CI installs the package).
+_RUN = """
+import runpy, sys
+import llmcore
+sys.argv = ["bench.py", "--smoke", "--out", sys.argv[1]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-smoke")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-c", _RUN.format(script=str(SCRIPT)), str(out)], capture_output=True,
+                          text=True, env=env, cwd=out, timeout=900)
+    return done, out
+
+
+def test_every_section_runs(smoke):
+    done, out = smoke
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    results = json.loads((out / "gpu-smoke-cpu.json").read_text())
+    assert results["errors"] == {}
+    assert set(results["seconds"]) == {"matmul", "attention", "norms", "cuda", "cross_entropy", "attention_gqa"}
+    for case in ("causal", "noncausal"):
+        c = results["attention"]["cases"][case]
+        sweep = c["sweep"]
+        assert set(sweep["candidates"]) == {"fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma"}
+        assert all("ms" in row for rows in sweep["candidates"].values() for row in rows), sweep["candidates"]
+        assert set(sweep["backward_ms"]) == {"dq_kernel", "dq_atomic", "dq_tma"}
+        assert all(v is not None for v in sweep["backward_ms"].values())
+        h2h = c["head_to_head"]["modes"]
+        assert set(h2h) == {"forward", "fwd_bwd"}
+        for m in h2h.values():
+            assert all(len(times) == c["head_to_head"]["rounds"] for times in m["ms"].values())
+            assert {"llmcore_defaults_vs_torch", "llmcore_tuned_vs_torch"} <= set(m)
+    assert {b["from"] for b in results["bars"].values()} == {"head_to_head llmcore_tuned"}
+
+
+def test_markdown_has_the_tables(smoke):
+    done, out = smoke
+    md = (out / "gpu-smoke-cpu.md").read_text()
+    for heading in ("## Attention", "### Head-to-head", "### Block sweep, causal", "## Norms", "## Bars"):
+        assert heading in md
+    assert "dQ by TMA reductions" in md
