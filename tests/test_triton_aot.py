@@ -37,7 +37,10 @@ _SUBSET = ["attention d64 bf16", "attention d80 bf16", "attention d80 bf16 causa
 # sm_100 and sm_120 (Blackwell) compile the main shapes only
 _BLACKWELL = ["attention d128 bf16", "attention d128 bf16 causal", "attention d256 bf16",
               "varlen d128 bf16 causal gqa2", "rms_norm 4096 bf16 residual", "cross_entropy vocab 128256 bf16",
-              "attention d128 bf16 causal dq-tma"]
+              "attention d128 bf16 causal dq-tma", "attention d128 bf16 causal dq-atomic"]
+
+# Launches whose table blocks are known not to fit an architecture the tables otherwise fit (the fallback takes them)
+_KNOWN_FALLBACKS = {("sm_100", "attention d128 bf16 causal dq-atomic")}  # 576 of 512 tensor-memory columns
 
 
 def _env() -> dict:
@@ -108,7 +111,8 @@ def test_survey_covers_every_kernel(sm90):
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80", "sm_100"])
 def test_tables_fit_without_fallback(arch, surveys):
     result = surveys[arch]
-    too_big = [(case, k.label(), k.shared) for case, k in _all(result) if not k.fits]
+    too_big = [(case, k.label(), k.shared, k.tensor_memory) for case, k in _all(result)
+               if not k.fits and (arch, case) not in _KNOWN_FALLBACKS]
     assert not too_big, f"{arch}: kernels over {aot.ARCHS[arch].shared} B of shared memory: {too_big}"
 
 
@@ -150,6 +154,16 @@ def test_dq_by_tma_reductions(arch, surveys):
     assert [(c, k.label()) for c, k in _all(result) if k.tma != "none" and not k.constants.get("DQ_TMA")] == []
     if arch == "sm_90" and tma[-1].registers is not None:
         assert tma[-1].stack == 0, tma[-1]  # the table's default for D 128 on Hopper does not spill
+
+
+def test_blackwell_tensor_memory_falls_back(surveys):
+    # dQ by atomics at (64, 128): dK, dV, S, dP and the dQ tile want 576 of the 512 tensor-memory columns. Triton 3.9
+    # compiles that to a trap and refuses to load it (OutOfResources "tensor memory"), as aot does; the launcher's
+    # fallback then takes smaller blocks.
+    ks = [k for k in surveys["sm_100"]["attention d128 bf16 causal dq-atomic"] if k.name == "attn_bwd_dkdv"]
+    assert ks[0].tensor_memory > aot.TENSOR_MEMORY_COLUMNS and not ks[0].fits
+    assert ks[-1].fits and 0 < ks[-1].tensor_memory <= aot.TENSOR_MEMORY_COLUMNS and ks[-1].tensor_cores == "tcgen05"
+    assert all(k.tensor_memory == 0 for _, k in _all(surveys["sm_90"]))  # Hopper has none
 
 
 @pytest.mark.parametrize("arch", ["sm_89", "sm_120"])

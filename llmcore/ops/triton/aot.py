@@ -5,13 +5,15 @@ architecture. The real launchers (attention, norms, cross-entropy) run on small 
 and every kernel launch is compiled for the architecture instead of run: outputs stay
 unwritten, nothing executes. A kernel whose shared memory exceeds what a block may use on
 that architecture raises Triton's ``OutOfResources``, as loading it on such a GPU would, so
-the launchers' fallbacks take the path they would take there. ``kernels`` collects one
-:class:`Kernel` per compiled specialization: registers, stack bytes (spills), shared memory,
-which tensor-core instructions its dots became (tcgen05, wgmma or mma.sync) and whether it
-uses TMA (the dQ reductions of ``LLMCORE_TRITON_DQ=tma``).
+the launchers' fallbacks take the path they would take there; so does one that needs more
+of Blackwell's tensor memory than its 512 columns (Triton compiles such a kernel to a trap
+and refuses to load it). ``kernels`` collects one :class:`Kernel` per compiled
+specialization: registers, stack bytes (spills), shared and tensor memory, which
+tensor-core instructions its dots became (tcgen05, wgmma or mma.sync) and whether it uses
+TMA (the dQ reductions of ``LLMCORE_TRITON_DQ=tma``).
 
 This is how CI, which has no GPU, checks that every kernel compiles for the GPUs we support
-and fits their shared memory (tests/test_triton_aot.py); the interpreter tests check the
+and fits their shared and tensor memory (tests/test_triton_aot.py); the interpreter tests check the
 numerics. ``python -m llmcore.ops.triton.aot --arch sm_90`` prints the table for the
 problems :func:`survey` launches. Registers and spills come from ``cuobjdump``, which the
 Triton wheel carries; they are Triton-version dependent, so compare them within one version.
@@ -62,6 +64,9 @@ ARCHS = {a.name: a for a in (
 )}
 
 
+TENSOR_MEMORY_COLUMNS = 512  # per SM on sm_100 (B200), 32-bit columns of 128 lanes: the limit Triton checks at load
+
+
 @dataclass
 class Kernel:
     """One compiled specialization of a kernel."""
@@ -76,7 +81,16 @@ class Kernel:
     stack: Optional[int]  # bytes of per-thread stack: register spills
     tensor_cores: str  # "tcgen05" (Blackwell), "wgmma" (Hopper), "mma.sync" or "none": what the dots became
     tma: str  # what it asks of the Tensor Memory Accelerator: "reduce" (cp.reduce.async.bulk.tensor), "copy" or "none"
-    fits: bool  # shared memory within the architecture's limit (a kernel that does not fit is never run)
+    tensor_memory: int  # columns of Blackwell's tensor memory (the dots' accumulators; 512 exist), 0 before Blackwell
+    fits: bool  # shared and tensor memory within the architecture's limits (a kernel that does not fit is never run)
+
+    def over(self, arch: "Arch") -> Optional[tuple[int, int, str]]:
+        """(need, limit, what) for the first resource this kernel exceeds on ``arch``, or None."""
+        if self.shared > arch.shared:
+            return self.shared, arch.shared, "shared memory"
+        if self.tensor_memory > TENSOR_MEMORY_COLUMNS:
+            return self.tensor_memory, TENSOR_MEMORY_COLUMNS, "tensor memory"
+        return None
 
     def label(self) -> str:
         keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "DQ_ATOMIC", "DQ_TMA", "RMS",
@@ -134,9 +148,11 @@ def _describe(jit, compile: dict, compiled, arch: Arch) -> Kernel:
     tma = ("reduce" if "cp.reduce.async.bulk.tensor" in ptx else "copy" if "cp.async.bulk.tensor" in ptx
            else "none")
     regs, stack = _resource_usage(compiled.asm["cubin"])
-    shared = compiled.metadata.shared
-    return Kernel(jit.__name__, pointers[0][1:] if pointers else "", constants, compile["num_warps"],
-                  compile["num_stages"], shared, regs, stack, cores, tma, shared <= arch.shared)
+    k = Kernel(jit.__name__, pointers[0][1:] if pointers else "", constants, compile["num_warps"],
+               compile["num_stages"], compiled.metadata.shared, regs, stack, cores, tma,
+               getattr(compiled.metadata, "tmem_size", None) or 0, True)
+    k.fits = k.over(arch) is None
+    return k
 
 
 @contextmanager
@@ -176,7 +192,7 @@ def compiling_for(arch: Union[str, Arch]) -> Iterator[list[Kernel]]:
             done[(id(jit), str(key))] = k
             kernels.append(k)
         if not k.fits:
-            raise OutOfResources(k.shared, a.shared, "shared memory")
+            raise OutOfResources(*k.over(a))
         return True  # compiled; skip the launch
 
     previous_driver, previous_hook = getattr(driver, "_active", None), knobs.runtime.jit_cache_hook
@@ -324,12 +340,14 @@ def survey(arch: Union[str, Arch], cases: Optional[list[str]] = None) -> dict[st
 
 def _table(arch: Arch, result: dict[str, list[Kernel]]) -> str:
     lines = [f"## {arch.name} ({arch.examples}): shared memory limit {arch.shared // 1024} KB per block", "",
-             "| case | kernel | warps | stages | registers | stack (B) | shared (KB) | tensor cores | TMA | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | kernel | warps | stages | registers | stack (B) | shared (KB) | tensor memory (columns) | "
+             "tensor cores | TMA | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, kernels in result.items():
         for k in kernels:
             lines.append(f"| {case} | {k.label()} | {k.num_warps} | {k.num_stages} | {k.registers} | {k.stack} | "
-                         f"{k.shared / 1024:.1f} | {k.tensor_cores} | {k.tma} | {'yes' if k.fits else 'NO'} |")
+                         f"{k.shared / 1024:.1f} | {k.tensor_memory or '-'} | {k.tensor_cores} | {k.tma} | "
+                         f"{'yes' if k.fits else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -345,7 +363,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import triton
 
     print(f"# llmcore Triton kernels compiled ahead of time (Triton {triton.__version__}; nothing ran)\n\n"
-          "Registers per thread and stack bytes (spills) from cuobjdump; shared memory per block; the tensor-core "
+          "Registers per thread and stack bytes (spills) from cuobjdump; shared memory per block; tensor memory "
+          "(Blackwell: 512 columns); the tensor-core "
           "instructions the dots became; TMA use (reduce: the dQ tiles of LLMCORE_TRITON_DQ=tma). A row with fits "
           "NO is a launch Triton would refuse on that GPU; the launcher's smaller replacement follows it. "
           "Written by `python -m llmcore.ops.triton.aot`.\n", flush=True)
