@@ -151,6 +151,24 @@ def test_sdpa_strided_inputs_batch_dims_and_value_dim():
     check(ours, theirs, ref, torch.float32)
 
 
+@pytest.mark.parametrize("scale", [-0.2, 0.0, 1.7])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_any_scale(scale, causal):
+    # Unmasked blocks take the row max before scaling, which only a positive scale allows; zero and negative
+    # scales (legal in torch's SDPA) take the general path. 1.7: large logits, the max matters. The comparator is
+    # torch's math backend: torch 2.13's fused CPU kernel returns NaN for causal with a scale <= 0.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, L, D = 1, 2, size(40, 300), 32
+    q, k, v, g = (randn(B, H, L, D, seed=s) for s in (31, 32, 33, 34))
+    kw = dict(scale=scale, is_causal=causal)
+    ref = reference(sdpa_reference, (q, k, v), g, **kw)
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = run(torch_sdpa, (q, k, v), g, torch.bfloat16, **kw)
+    ours = run(triton_sdpa, (q, k, v), g, torch.bfloat16, **kw)
+    check(ours, theirs, ref, torch.bfloat16)
+
+
 # --- the backward's ways to dQ: its own kernel, or atomics in the dK/dV kernel (per element, or a TMA reduction
 # per tile, which the interpreter emulates through the same descriptor) ----------------------------------------
 

@@ -303,7 +303,8 @@ def _forward(p: _Problem, q: Tensor, k: Tensor, v: Tensor, rng: Optional[Tensor]
             *p.mask_args(q)[1:], *p.lse_strides,
             p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
-    _launch(mod, "fwd", mod.attn_fwd, grid, args, p.consts(), p.block_d, p.wide, p.causal)
+    consts = dict(p.consts(), POS_SCALE=p.scale > 0)  # unmasked blocks take the row max before scaling
+    _launch(mod, "fwd", mod.attn_fwd, grid, args, consts, p.block_d, p.wide, p.causal)
     return out, lse
 
 

@@ -113,22 +113,29 @@ def _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, 
               stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows, drop_thresh,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-              DROPOUT: tl.constexpr,
-              PRECISION: tl.constexpr):
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, POS_SCALE: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM,
                    EDGE, HEAD_DIM != BLOCK_D)
-    s = _dot(q, tl.trans(k), None, PRECISION) * scale_log2
-    if MASK_KIND != 0:
-        s = _apply_attn_mask(s, MASK, offs_m, offs_n, len_q, len_k, stride_mm, stride_mn, MASK_KIND)
-    if EDGE:
-        visible = offs_n[None, :] < len_k
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
-    p = tl.math.exp2(s - m_use[:, None])
+    qk = _dot(q, tl.trans(k), None, PRECISION)
+    if MASK_KIND == 0 and not EDGE and POS_SCALE:
+        # Nothing masked: the row max of the raw products, scaled once per row (a positive scale keeps the max),
+        # and the scale and shift of each element in one FMA.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * scale_log2 - m_use[:, None])
+    else:
+        s = qk * scale_log2
+        if MASK_KIND != 0:
+            s = _apply_attn_mask(s, MASK, offs_m, offs_n, len_q, len_k, stride_mm, stride_mn, MASK_KIND)
+        if EDGE:
+            visible = offs_n[None, :] < len_k
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+        p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -153,7 +160,7 @@ def attn_fwd(
     GROUP, LQ, LK, TUNE_LEN,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, POS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -200,14 +207,12 @@ def attn_fwd(
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
                                   stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
                                   drop_thresh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL,
-                                  MASK_KIND, DROPOUT,
-                                  PRECISION)
+                                  MASK_KIND, DROPOUT, PRECISION, POS_SCALE)
     for n0 in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
                                   stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
                                   drop_thresh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL,
-                                  MASK_KIND, DROPOUT,
-                                  PRECISION)
+                                  MASK_KIND, DROPOUT, PRECISION, POS_SCALE)
 
     dead = l_i == 0.0
     out = acc * (drop_scale / tl.where(dead, 1.0, l_i))[:, None]
