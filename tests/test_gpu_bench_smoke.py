@@ -59,7 +59,7 @@ def test_every_section_runs(smoke):
         assert set(h2h) == {"forward", "fwd_bwd"}
         for m in h2h.values():
             assert all(len(times) == c["head_to_head"]["rounds"] for times in m["ms"].values())
-            assert {"llmcore_defaults_vs_torch", "llmcore_tuned_vs_torch"} <= set(m)
+            assert {"llmcore_defaults_vs_torch", "llmcore_unfolded_vs_torch", "llmcore_tuned_vs_torch"} <= set(m)
     assert {b["from"] for b in results["bars"].values()} == {"head_to_head llmcore_tuned"}
 
 

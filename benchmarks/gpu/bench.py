@@ -272,7 +272,8 @@ def _head_to_head(case: dict, causal: bool, data, leaves, shape, rounds: int = H
     A = triton_attention_module()
     q, k, v, grad = data
     ours = _ours(causal)
-    entrants = {"llmcore_defaults": lambda: _Env(A, "")}
+    entrants = {"llmcore_defaults": lambda: _Env(A, ""),
+                "llmcore_unfolded": lambda: _Env(A, "", fold_scale=False)}  # the forward before the FMA fold
     tuned = case.get("llmcore_triton_tuned")
     if tuned:
         blocks = {kind: dict(BLOCK_M=r[0], BLOCK_N=r[1], num_warps=r[2], num_stages=r[3])
@@ -399,15 +400,18 @@ def _cfg_row(cfg: dict) -> list:
 
 
 class _Env:
-    """Sets LLMCORE_TRITON_DQ (None: left as it is; "": unset) and attention._OVERRIDE for a block; restores both
-    after."""
+    """Sets LLMCORE_TRITON_DQ (None: left as it is; "": unset), attention._OVERRIDE and (unless None)
+    attention._FOLD_SCALE for a block; restores them after."""
 
-    def __init__(self, A, dq_mode=None, **override):
-        self.A, self.dq_mode, self.override = A, dq_mode, override
+    def __init__(self, A, dq_mode=None, fold_scale=None, **override):
+        self.A, self.dq_mode, self.fold_scale, self.override = A, dq_mode, fold_scale, override
 
     def __enter__(self):
         self.old_env = os.environ.get("LLMCORE_TRITON_DQ")
         self.old_override = dict(self.A._OVERRIDE)
+        self.old_fold = self.A._FOLD_SCALE
+        if self.fold_scale is not None:
+            self.A._FOLD_SCALE = self.fold_scale
         if self.dq_mode:
             os.environ["LLMCORE_TRITON_DQ"] = self.dq_mode
         elif self.dq_mode == "":
@@ -416,6 +420,7 @@ class _Env:
         return self
 
     def __exit__(self, *exc):
+        self.A._FOLD_SCALE = self.old_fold
         self.A._OVERRIDE.clear()
         self.A._OVERRIDE.update(self.old_override)
         if self.old_env is None:
@@ -824,7 +829,7 @@ def markdown(results: dict) -> str:
             for mode, m in c.get("head_to_head", {}).get("modes", {}).items():
                 med = m["median"]
                 cells = []
-                for who in ("llmcore_defaults", "llmcore_tuned"):
+                for who in ("llmcore_defaults", "llmcore_unfolded", "llmcore_tuned"):
                     r = m.get(f"{who}_vs_torch")
                     cells.append(f"{med[who]['tflops']:.0f} | {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
                                  if r else "- | -")
@@ -836,8 +841,11 @@ def markdown(results: dict) -> str:
             lines += ["### Head-to-head: alternating rounds (the bars' figures)", "",
                       f"{rounds} rounds; each round times every entrant once (rotating the order); TFLOP/s of the "
                       "median round; speed-up = median of the per-round ratios torch ms / llmcore ms (min-max).", "",
-                      "| case | mode | llmcore defaults | vs torch | llmcore with the winners | vs torch | torch |",
-                      "|---|---|---|---|---|---|---|", *h2h_rows, ""]
+                      "`unfolded`: the defaults with the forward's scale not folded into the exponent's FMA "
+                      "(`attention._FOLD_SCALE = False`, the code before that change).", "",
+                      "| case | mode | llmcore defaults | vs torch | llmcore unfolded | vs torch | "
+                      "llmcore with the winners | vs torch | torch |",
+                      "|---|---|---|---|---|---|---|---|---|", *h2h_rows, ""]
         for cname, c in att["cases"].items():
             sw = c.get("sweep")
             if not sw:

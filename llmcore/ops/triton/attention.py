@@ -89,6 +89,11 @@ _MEASURED: dict = {
 # blocks); TMA reductions have not run on a GPU yet.
 _DQ_MEASURED: dict = {}
 
+# The forward's unmasked blocks take the row max of the raw QK^T and fold the scale into one FMA per element (positive
+# scales only). Static on sm_90 (D 128): 30 fewer FMUL, same registers; not yet timed. Benchmarks only: bench.py's
+# head-to-head sets it False to time the unfolded forward beside it.
+_FOLD_SCALE = True
+
 # Benchmarks only (benchmarks/gpu/bench.py): kind -> config dict forced on CUDA launches, or None to skip
 # that launch altogether (to time one kernel of the backward on its own).
 _OVERRIDE: dict = {}
@@ -303,7 +308,7 @@ def _forward(p: _Problem, q: Tensor, k: Tensor, v: Tensor, rng: Optional[Tensor]
             *p.mask_args(q)[1:], *p.lse_strides,
             p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
-    consts = dict(p.consts(), POS_SCALE=p.scale > 0)  # unmasked blocks take the row max before scaling
+    consts = dict(p.consts(), FOLD_SCALE=_FOLD_SCALE and p.scale > 0)
     _launch(mod, "fwd", mod.attn_fwd, grid, args, consts, p.block_d, p.wide, p.causal)
     return out, lse
 

@@ -113,14 +113,14 @@ def _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, 
               stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows, drop_thresh,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, POS_SCALE: tl.constexpr):
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM,
                    EDGE, HEAD_DIM != BLOCK_D)
     qk = _dot(q, tl.trans(k), None, PRECISION)
-    if MASK_KIND == 0 and not EDGE and POS_SCALE:
-        # Nothing masked: the row max of the raw products, scaled once per row (a positive scale keeps the max),
-        # and the scale and shift of each element in one FMA.
+    if MASK_KIND == 0 and not EDGE and FOLD_SCALE:
+        # Nothing masked: the row max of the raw products, scaled once per row (FOLD_SCALE only with a positive
+        # scale, which keeps the max), and the scale and shift of each element in one FMA.
         m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * scale_log2 - m_use[:, None])
@@ -160,7 +160,7 @@ def attn_fwd(
     GROUP, LQ, LK, TUNE_LEN,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, POS_SCALE: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -207,12 +207,12 @@ def attn_fwd(
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
                                   stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
                                   drop_thresh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL,
-                                  MASK_KIND, DROPOUT, PRECISION, POS_SCALE)
+                                  MASK_KIND, DROPOUT, PRECISION, FOLD_SCALE)
     for n0 in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
                                   stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
                                   drop_thresh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL,
-                                  MASK_KIND, DROPOUT, PRECISION, POS_SCALE)
+                                  MASK_KIND, DROPOUT, PRECISION, FOLD_SCALE)
 
     dead = l_i == 0.0
     out = acc * (drop_scale / tl.where(dead, 1.0, l_i))[:, None]
