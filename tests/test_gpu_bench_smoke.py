@@ -61,6 +61,8 @@ def test_every_section_runs(smoke):
             assert all(len(times) == c["head_to_head"]["rounds"] for times in m["ms"].values())
             assert {"llmcore_defaults_vs_torch", "llmcore_unfolded_vs_torch", "llmcore_tuned_vs_torch"} <= set(m)
     assert {b["from"] for b in results["bars"].values()} == {"head_to_head llmcore_tuned"}
+    gqa = results["attention_gqa"]["dkdv_blocks"]
+    assert gqa and all("fwd_bwd" in row and "error" not in row for row in gqa), gqa
 
 
 def test_markdown_has_the_tables(smoke):
