@@ -89,6 +89,21 @@ def _apply_attn_mask(s, MASK, offs_r, offs_c, len_r, len_c, stride_r, stride_c, 
 
 
 @triton.jit
+def _mask_scores(s, MASK, offs_m, offs_n, len_q, len_k, shift, stride_mm, stride_mn, MASK_KIND: tl.constexpr,
+                 EDGE: tl.constexpr, CAUSAL: tl.constexpr):
+    """A score tile s (query rows, key columns) with the attention mask applied and, in EDGE blocks, keys past the
+    sequence or (CAUSAL) past the diagonal set to -inf."""
+    if MASK_KIND != 0:
+        s = _apply_attn_mask(s, MASK, offs_m, offs_n, len_q, len_k, stride_mm, stride_mn, MASK_KIND)
+    if EDGE:
+        visible = offs_n[None, :] < len_k
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN: tl.constexpr):
     """(first row in q, query count, first row in k, key count) of sequence b, all int64 / int32."""
     if VARLEN:
@@ -125,14 +140,8 @@ def _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, 
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * scale_log2 - m_use[:, None])
     else:
-        s = qk * scale_log2
-        if MASK_KIND != 0:
-            s = _apply_attn_mask(s, MASK, offs_m, offs_n, len_q, len_k, stride_mm, stride_mn, MASK_KIND)
-        if EDGE:
-            visible = offs_n[None, :] < len_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-            s = tl.where(visible, s, float("-inf"))
+        s = _mask_scores(qk * scale_log2, MASK, offs_m, offs_n, len_q, len_k, shift, stride_mm, stride_mn, MASK_KIND,
+                         EDGE, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
         p = tl.math.exp2(s - m_use[:, None])
@@ -401,14 +410,8 @@ def _dq_step(dq, q, do, lse, delta, K, V, MASK, n0, offs_m, offs_d, offs_dv, len
                    EDGE, HEAD_DIM != BLOCK_D)
     v = _load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, len_k, offs_dv, HEAD_DIM_V,
                    EDGE, HEAD_DIM_V != BLOCK_DV)
-    s = _dot(q, tl.trans(k), None, PRECISION) * scale_log2
-    if MASK_KIND != 0:
-        s = _apply_attn_mask(s, MASK, offs_m, offs_n, len_q, len_k, stride_mm, stride_mn, MASK_KIND)
-    if EDGE:
-        visible = offs_n[None, :] < len_k
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-        s = tl.where(visible, s, float("-inf"))
+    s = _mask_scores(_dot(q, tl.trans(k), None, PRECISION) * scale_log2, MASK, offs_m, offs_n, len_q, len_k, shift,
+                     stride_mm, stride_mn, MASK_KIND, EDGE, CAUSAL)
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), None, PRECISION)
     if DROPOUT:
