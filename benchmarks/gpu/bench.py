@@ -153,12 +153,18 @@ def _validate(fn, leaves, grad, causal: bool) -> dict:
     return {n: max_diff(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
 
 
-def _time_ours(fn, data, leaves, shape, causal: bool) -> dict:
+def _time_mode(fn, mode: str, data, leaves) -> dict:
+    """bench() of attention ``fn``: "forward" on data's q, k, v without autograd, or "fwd_bwd" on the leaves."""
     q, k, v, grad = data
-    fwd_f, fb_f = _attn_flops(shape, causal, False), _attn_flops(shape, causal, True)
-    with torch.no_grad():
-        fwd = rate(bench(lambda: fn(q, k, v)), fwd_f)
-    return {"forward": fwd, "fwd_bwd": rate(bench(lambda: fn(*leaves).backward(grad), leaves), fb_f)}
+    if mode == "forward":
+        with torch.no_grad():
+            return bench(lambda: fn(q, k, v))
+    return bench(lambda: fn(*leaves).backward(grad), leaves)
+
+
+def _time_ours(fn, data, leaves, shape, causal: bool) -> dict:
+    return {mode: rate(_time_mode(fn, mode, data, leaves), _attn_flops(shape, causal, mode == "fwd_bwd"))
+            for mode in ("forward", "fwd_bwd")}
 
 
 _TORCH_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -170,14 +176,11 @@ def _time_torch_sdpa(out: dict, sdpa, data, leaves, fwd_flops: float, fb_flops: 
     backend in ``backends`` (keys of _TORCH_BACKENDS), or the error of one torch cannot run here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v, grad = data
     for name in backends:
         try:
             with sdpa_kernel(getattr(SDPBackend, _TORCH_BACKENDS[name])):
-                with torch.no_grad():
-                    fwd = rate(bench(lambda: sdpa(q, k, v)), fwd_flops)
-                fb = rate(bench(lambda: sdpa(*leaves).backward(grad), leaves), fb_flops)
-            out[name] = {"forward": fwd, "fwd_bwd": fb}
+                out[name] = {mode: rate(_time_mode(sdpa, mode, data, leaves), flops)
+                             for mode, flops in (("forward", fwd_flops), ("fwd_bwd", fb_flops))}
         except Exception as e:  # a backend torch cannot run here
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
@@ -291,11 +294,12 @@ def _head_to_head(case: dict, causal: bool, data, leaves, shape, rounds: int = H
 
         def run_torch():
             with sdpa_kernel(getattr(SDPBackend, _TORCH_BACKENDS[best])):
-                return _time_mode(lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal), mode, data, leaves)
+                return _time_mode(lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal), mode, data,
+                                  leaves)["ms"]
 
         def run_ours(env):
             with env():
-                return _time_mode(ours, mode, data, leaves)
+                return _time_mode(ours, mode, data, leaves)["ms"]
 
         runners = {name: (lambda env=env: run_ours(env)) for name, env in entrants.items()}
         runners[torch_name] = run_torch
@@ -310,14 +314,6 @@ def _head_to_head(case: dict, causal: bool, data, leaves, shape, rounds: int = H
             ratios = [t / o for t, o in zip(times[torch_name], times[name])]
             m[f"{name}_vs_torch"] = {"median": _median(ratios), "min": min(ratios), "max": max(ratios)}
     return res
-
-
-def _time_mode(fn, mode: str, data, leaves) -> float:
-    q, k, v, grad = data
-    if mode == "forward":
-        with torch.no_grad():
-            return bench(lambda: fn(q, k, v))["ms"]
-    return bench(lambda: fn(*leaves).backward(grad), leaves)["ms"]
 
 
 def _median(xs: list) -> float:
