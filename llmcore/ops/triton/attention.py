@@ -239,10 +239,11 @@ def _dq_mode(p: "_Problem", interpret: bool, device: torch.device) -> str:
         raise ValueError(f"LLMCORE_TRITON_DQ must be one of {', '.join(map(repr, _DQ_MODES))}, got {mode!r}")
     if not mode:
         mode = "kernel" if interpret or p.wide else _DQ_MEASURED.get((_bucket(p.block_d), p.causal), "kernel")
-    if mode == "tma" and not interpret and _capability(device) < 90:
+    if mode == "tma" and not interpret:
         cap = _capability(device)
-        raise ValueError(f"LLMCORE_TRITON_DQ=tma needs TMA, on GPUs of compute capability 9.0 or newer; this one is "
-                         f"{cap // 10}.{cap % 10} (use 'atomic' or 'kernel')")
+        if cap < 90:
+            raise ValueError(f"LLMCORE_TRITON_DQ=tma needs TMA, on GPUs of compute capability 9.0 or newer; this one "
+                             f"is {cap // 10}.{cap % 10} (use 'atomic' or 'kernel')")
     return mode
 
 
