@@ -172,7 +172,8 @@ def test_sdpa_any_scale(scale, causal):
 # --- the backward's ways to dQ: its own kernel, or atomics in the dK/dV kernel (per element, or a TMA reduction
 # per tile, which the interpreter emulates through the same descriptor) ----------------------------------------
 
-NO_TMA = GPU and torch.cuda.get_device_capability()[0] < 9
+TMA = pytest.param("tma", marks=pytest.mark.skipif(GPU and torch.cuda.get_device_capability()[0] < 9,
+                                                   reason="TMA needs a GPU of compute capability 9.0 or newer"))
 
 DQ_CASES = [
     # (B, Hq, Hkv, Lq, Lk, D, dtype, causal); on the GPU Lq and Lk are 8x
@@ -183,22 +184,18 @@ DQ_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["atomic", "tma", "kernel"])
+@pytest.mark.parametrize("mode", ["atomic", TMA, "kernel"])
 @pytest.mark.parametrize("B, hq, hkv, lq, lk, d, dtype, causal", DQ_CASES)
 def test_dq_modes_match_reference(monkeypatch, mode, B, hq, hkv, lq, lk, d, dtype, causal):
-    if mode == "tma" and NO_TMA:
-        pytest.skip("TMA needs a GPU of compute capability 9.0 or newer")
     monkeypatch.setenv("LLMCORE_TRITON_DQ", mode)
     if GPU:
         lq, lk = lq * 8, lk * 8
     check_dense_case(B, hq, hkv, lq, lk, d, dtype, causal)
 
 
-@pytest.mark.parametrize("mode", ["atomic", "tma"])
+@pytest.mark.parametrize("mode", ["atomic", TMA])
 @pytest.mark.parametrize("case", ["packed", "dropout", "mask"])
 def test_dq_atomic_with_packed_dropout_and_masks(monkeypatch, mode, case):
-    if mode == "tma" and NO_TMA:
-        pytest.skip("TMA needs a GPU of compute capability 9.0 or newer")
     monkeypatch.setenv("LLMCORE_TRITON_DQ", mode)
     if case == "packed":
         test_varlen_ragged(*VARLEN[2])  # bottom-right causal with dead rows, GQA
