@@ -260,7 +260,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _use_triton(device: torch.device, compute_dtype: torch.dtype, backend: Optional[str]) -> bool:
     """Named "triton" (and able, else an error naming why), or no backend named and CUDA tensors."""
     if backend is None:
-        return device.type == "cuda" and triton_ops.installed() and compute_dtype != torch.float64
+        return device.type == "cuda" and triton_ops.usable() and compute_dtype != torch.float64
     if backend != "triton":
         return False
     from llmcore.ops.triton.cross_entropy import why_not

@@ -91,8 +91,8 @@ class _CudaBackend(Backend):
 def _triton_unavailable() -> Optional[str]:
     from llmcore.ops import triton as triton_ops  # light: finds Triton without importing it
 
-    if not triton_ops.installed():
-        return "triton is not installed (pip install triton)"
+    if triton_ops.missing():
+        return triton_ops.missing()
     if triton_ops.interpreting() or torch.cuda.is_available():
         return None
     return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, in Triton's interpreter)"
@@ -103,8 +103,12 @@ class _TritonBackend(Backend):
     automatic selection keeps the native CPU kernels and only ``backend="triton"`` reaches the interpreter."""
 
     def why_not(self, call: AttentionCall) -> Optional[str]:
-        if call.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
+        if call.device.type == "cpu":
+            from llmcore.ops import triton as triton_ops
+
+            reason = triton_ops.unavailable(call.device)  # the interpreter off, or one that cannot run here
+            if reason:
+                return reason
         return super().why_not(call)
 
 

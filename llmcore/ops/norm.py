@@ -363,7 +363,7 @@ def _use_triton(x: Tensor, params: tuple, backend: Optional[str]) -> bool:
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of None, 'triton', 'cpu', 'reference'")
     if backend is None:
-        return x.device.type == "cuda" and triton_ops.installed() and triton_norm.why_not(x, params) is None
+        return x.device.type == "cuda" and triton_ops.usable() and triton_norm.why_not(x, params) is None
     if backend != "triton":
         return False
     reason = triton_ops.unavailable(x.device) or triton_norm.why_not(x, params)
