@@ -1,7 +1,6 @@
 """What this build of llmcore can do on this machine."""
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from llmcore import _C
@@ -9,7 +8,9 @@ from llmcore._version import __version__
 
 
 def _triton_available() -> bool:
-    if importlib.util.find_spec("triton") is None:
+    from llmcore.ops import triton as triton_ops
+
+    if not triton_ops.usable():  # none, or older than triton_ops.MIN_VERSION: the backend's reason says which
         return False
     try:
         import triton  # noqa: F401
@@ -26,6 +27,7 @@ def info() -> dict[str, Any]:
     """
     import torch
 
+    from llmcore.ops import triton as triton_ops
     from llmcore.ops.dispatch import availability
 
     return {
@@ -42,5 +44,6 @@ def info() -> dict[str, Any]:
         "cuda_available": bool(torch.cuda.is_available()),
         "cuda_devices_seen_by_llmcore": _C.cuda_device_count(),
         "triton_available": _triton_available(),
+        "triton_version": triton_ops.version(),
         "backends": {name: {"available": reason is None, "reason": reason} for name, reason in availability().items()},
     }

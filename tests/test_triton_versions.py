@@ -10,6 +10,7 @@ and pass with 2.3.5; 3.7.1 and 3.8.0 pass with 2.4.
 import pytest
 import torch
 
+import llmcore
 from llmcore.ops import layer_norm, linear_cross_entropy, scaled_dot_product_attention
 from llmcore.ops import triton as triton_ops
 
@@ -41,7 +42,8 @@ def test_interpreter_numpy_rule():
 
 def test_the_installed_version_is_read_without_importing_triton():
     triton = pytest.importorskip("triton")
-    assert triton_ops._release(triton_ops._VERSION) == triton_ops._release(triton.__version__)
+    assert triton_ops._release(triton_ops.version()) == triton_ops._release(triton.__version__)
+    assert llmcore.info()["triton_version"] == triton_ops.version() and llmcore.info()["triton_available"]
     assert triton_ops.usable() and triton_ops.missing() is None  # CI installs a supported Triton
 
 

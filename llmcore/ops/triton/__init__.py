@@ -23,7 +23,7 @@ import torch
 
 from llmcore.ops.triton._loader import interpreting, offline
 
-__all__ = ["installed", "usable", "missing", "unavailable", "interpreting", "MIN_VERSION"]
+__all__ = ["installed", "version", "usable", "missing", "unavailable", "interpreting", "MIN_VERSION"]
 
 # The oldest Triton the kernels are checked with: the interpreter tests (CPU) and the aot compile for sm_90 pass
 # with 3.4.0, 3.5.1, 3.6.0 (the GPU check's) and 3.9.0. 3.2 and 3.3 lack triton.tools.tensor_descriptor (the
@@ -84,6 +84,11 @@ _INTERPRETER = None if _MISSING else _interpreter_problem(_VERSION, _distributio
 def installed() -> bool:
     """Whether a Triton package can be found (without importing it), whatever its version."""
     return _INSTALLED
+
+
+def version() -> Optional[str]:
+    """The installed Triton's version, read from its distribution's metadata without importing it, or None."""
+    return _VERSION
 
 
 def usable() -> bool:
