@@ -144,3 +144,25 @@ def test_backend_choice_and_refusals(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="CPU tensors need Triton's interpreter"):
             layer_norm(x, None, None, backend="triton")
+
+
+def test_backward_launch_overrides_and_restores():
+    from llmcore.ops.triton import norm as triton_norm
+
+    defaults = dict(triton_norm._BWD)
+    with pytest.raises(ValueError, match=r"unknown backward launch settings \['stage'\]"):
+        with triton_norm.backward_launch(stage=2):
+            pass
+    with pytest.raises(KeyError):  # an error inside still restores the defaults
+        with triton_norm.backward_launch(stages=2, warps=16):
+            assert triton_norm._BWD == dict(defaults, stages=2, warps=16)
+            raise KeyError("inside")
+    assert triton_norm._BWD == defaults
+    x = torch.randn(40, 96, device=DEVICE, requires_grad=True)
+    w = torch.randn(96, device=DEVICE, requires_grad=True)
+    gy = torch.randn(40, 96, device=DEVICE)
+    want = torch.autograd.grad(layer_norm(x, w, None, backend="triton"), (x, w), gy)
+    with triton_norm.backward_launch(stages=2, programs_per_sm=2, warps=4):
+        got = torch.autograd.grad(layer_norm(x, w, None, backend="triton"), (x, w), gy)
+    for a, b in zip(got, want):  # on a GPU another partition of the rows only reorders dw's float32 sum
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

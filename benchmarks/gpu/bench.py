@@ -62,6 +62,10 @@ NORM_SHAPE = (16384, 4096)
 CE_SHAPE = (8192, 4096, 128256)  # tokens, hidden, vocab (Llama-3's)
 # dK/dV blocks the GQA section times beside the default: no spills at GROUP 4, D 128, causal (aot, Triton 3.9, sm_90)
 GQA_DKDV = ((32, 64, 8, 3), (16, 128, 8, 3))
+# The norm backward's launches timed against the defaults (llmcore.ops.triton.norm._BWD), NORM_ROUNDS rounds.
+NORM_BWD_LAUNCHES = tuple(dict(stages=s, programs_per_sm=p, warps=w) for s in (1, 2) for p in (2, 4, 8)
+                          for w in (4, 8, 16))
+NORM_ROUNDS = 3
 BARS = {"attention_fwd_bwd_causal_vs_sdpa": 1.0, "attention_fwd_noncausal_tflops": 450.0}
 SWEEP_KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma")
 DQ_MODES = {"dkdv_atomic": "atomic", "dkdv_tma": "tma"}  # sweep kind -> LLMCORE_TRITON_DQ: dQ in the dK/dV kernel
@@ -303,17 +307,24 @@ def _head_to_head(case: dict, causal: bool, data, leaves, shape, rounds: int = H
 
         runners = {name: (lambda env=env: run_ours(env)) for name, env in entrants.items()}
         runners[torch_name] = run_torch
-        names = list(runners)
-        times = {name: [] for name in names}
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                times[name].append(runners[name]())
+        times = _alternating(runners, rounds)
         m = res["modes"][mode] = {"torch_backend": best, "ms": times}
         m["median"] = {name: rate({"ms": _median(t)}, flops) for name, t in times.items()}
         for name in entrants:
             ratios = [t / o for t, o in zip(times[torch_name], times[name])]
             m[f"{name}_vs_torch"] = {"median": _median(ratios), "min": min(ratios), "max": max(ratios)}
     return res
+
+
+def _alternating(runners: dict, rounds: int) -> dict:
+    """name -> the ms each of ``rounds`` rounds measured; a round runs every runner once, in an order that
+    rotates from round to round (the GPU's clocks drift during a run: side-by-side ratios, not absolute times)."""
+    names = list(runners)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(runners[name]())
+    return times
 
 
 def _median(xs: list) -> float:
@@ -590,7 +601,7 @@ def warm_worker(spec: str) -> int:
 # --- norms, LM-head loss, cuda backend ---------------------------------------------------
 
 
-def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_bwd) -> dict:
+def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_bwd, launches=True) -> dict:
     x, r = inputs
     leaves = [t.clone().requires_grad_() for t in (x, r, *params)]
     res = {}
@@ -607,27 +618,51 @@ def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_
         res[name] = {"forward": fwd, "fwd_bwd": rate(bench(fb, leaves), nbytes=nbytes_fwd + nbytes_bwd)}
     res["speedup_vs_torch"] = {m: res["torch"][m]["ms"] / res["llmcore_triton"][m]["ms"]
                                for m in ("forward", "fwd_bwd")}
-    # The backward's row loop software-pipelined (llmcore.ops.triton.norm._BWD_STAGES = 2), not yet the default.
+    if launches:
+        res["bwd_launches"] = _norm_bwd_launches(fn_ours, leaves, grad_outs, nbytes_fwd + nbytes_bwd)
+    return res
+
+
+def _norm_bwd_launches(fn, leaves, grad_outs, nbytes: float) -> dict:
+    """The backward's launch settings (llmcore.ops.triton.norm.backward_launch: row-loop stages, programs per
+    SM, warps) against the defaults: gradients compared with the defaults', fwd+bwd timed in NORM_ROUNDS
+    alternating rounds; speed-up = the defaults' ms / its ms in the same round (median, min, max)."""
     from llmcore.ops.triton import norm as triton_norm
 
     def grads():
         for t in leaves:
             t.grad = None
-        torch.autograd.backward(fn_ours(*leaves), grad_outs)
+        torch.autograd.backward(fn(*leaves), grad_outs)
         return [t.grad.clone() for t in leaves]
 
-    default = triton_norm._BWD_STAGES
-    try:
-        one_stage = grads()
-        triton_norm._BWD_STAGES = 2
-        staged = grads()
-        res["llmcore_triton_bwd_stages2"] = {
-            "fwd_bwd": rate(bench(lambda: torch.autograd.backward(fn_ours(*leaves), grad_outs), leaves),
-                            nbytes=nbytes_fwd + nbytes_bwd),
-            "max_abs_diff_vs_default": max(max_diff(a, b) for a, b in zip(staged, one_stage))}
-    finally:
-        triton_norm._BWD_STAGES = default
-    return res
+    def timer(settings):
+        def run():
+            with triton_norm.backward_launch(**settings):
+                return bench(lambda: torch.autograd.backward(fn(*leaves), grad_outs), leaves, rep=20, warmup=5)["ms"]
+        return run
+
+    want = grads()
+    runners, rows = {"defaults": timer({})}, {}
+    for settings in NORM_BWD_LAUNCHES[:2] if SMOKE else NORM_BWD_LAUNCHES:
+        name = ",".join(f"{k}={v}" for k, v in settings.items())
+        try:
+            with triton_norm.backward_launch(**settings):
+                got = grads()
+        except Exception as e:  # a launch this GPU refuses (shared memory): reported, not timed
+            rows[name] = {"settings": settings, "error": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        rows[name] = {"settings": settings, "max_abs_diff_vs_defaults": max(max_diff(a, b) for a, b in zip(got, want))}
+        runners[name] = timer(settings)
+    times = _alternating(runners, NORM_ROUNDS)
+    for name, row in rows.items():
+        if name in times:
+            ratios = [d / t for d, t in zip(times["defaults"], times[name])]
+            row.update(rate({"ms": _median(times[name])}, nbytes=nbytes),
+                       speedup_vs_defaults={"median": _median(ratios), "min": min(ratios), "max": max(ratios)})
+    timed = [n for n in rows if "speedup_vs_defaults" in rows[n]]
+    return {"defaults": dict(triton_norm._BWD), "rounds": NORM_ROUNDS,
+            "defaults_fwd_bwd": rate({"ms": _median(times["defaults"])}, nbytes=nbytes), "launches": rows,
+            "fastest": max(timed, key=lambda n: rows[n]["speedup_vs_defaults"]["median"]) if timed else None}
 
 
 def norms(results: dict, ctx: dict) -> None:
@@ -673,7 +708,7 @@ def norms(results: dict, ctx: dict) -> None:
     ctx["save"]()
     if hasattr(F, "rms_norm"):
         out["cases"]["rms_norm_vs_F.rms_norm"] = _norm_case(rms_ours, rms_torch_fused, (x, r), (w,), (gy, gs),
-                                                            fwd_bytes, bwd_bytes)
+                                                            fwd_bytes, bwd_bytes, launches=False)  # rms_norm timed them
 
 
 def cross_entropy(results: dict, ctx: dict) -> None:
@@ -892,15 +927,27 @@ def markdown(results: dict) -> str:
     nm = results.get("norms")
     if nm and nm.get("cases"):
         lines += [f"## Norms with fused residual {tuple(nm['shape'])} {nm['dtype']} (GB/s)", "",
-                  "| op | mode | llmcore triton | torch | speed-up | llmcore, 2-stage backward loop |",
-                  "|---|---|---|---|---|---|"]
+                  "| op | mode | llmcore triton | torch | speed-up |", "|---|---|---|---|---|"]
         for cname, c in nm["cases"].items():
             for mode in ("forward", "fwd_bwd"):
-                staged = c.get("llmcore_triton_bwd_stages2", {}).get(mode)
                 lines.append(f"| {cname} | {mode} | {c['llmcore_triton'][mode]['gbps']:.0f} | "
-                             f"{c['torch'][mode]['gbps']:.0f} | {c['speedup_vs_torch'][mode]:.2f}x | "
-                             f"{_f(staged and staged['gbps'], '{:.0f}')} |")
+                             f"{c['torch'][mode]['gbps']:.0f} | {c['speedup_vs_torch'][mode]:.2f}x |")
         lines.append("")
+        for cname, c in nm["cases"].items():
+            bl = c.get("bwd_launches")
+            if not bl:
+                continue
+            timed = sorted((n for n, r in bl["launches"].items() if "speedup_vs_defaults" in r),
+                           key=lambda n: -bl["launches"][n]["speedup_vs_defaults"]["median"])
+            cells = [f"{n}: {bl['launches'][n]['speedup_vs_defaults']['median']:.2f}x "
+                     f"({bl['launches'][n]['speedup_vs_defaults']['min']:.2f}-"
+                     f"{bl['launches'][n]['speedup_vs_defaults']['max']:.2f}), {bl['launches'][n]['gbps']:.0f} GB/s"
+                     for n in timed[:5]]
+            failed = [n for n, r in bl["launches"].items() if "error" in r]
+            lines += [f"{cname} backward launches against the defaults {bl['defaults']} "
+                      f"({bl['defaults_fwd_bwd']['gbps']:.0f} GB/s fwd+bwd), fastest first, median of {bl['rounds']} "
+                      f"alternating rounds (min-max): " + "; ".join(cells)
+                      + (f"; failed: {', '.join(failed)}" if failed else ""), ""]
     gq = results.get("attention_gqa")
     if gq and gq.get("llmcore_triton"):
         lines += [f"## GQA attention, causal, (B, Hq, Hkv, L, D) = {tuple(gq['shape'])} {gq['dtype']} (TFLOP/s)", "",
@@ -969,7 +1016,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="folder for gpu-<device>.json and .md")
     p.add_argument("--autotune", action="store_true", help="LLMCORE_TRITON_AUTOTUNE=1 for the default timings")
     p.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
-    p.add_argument("--reserve", type=float, default=45.0,
+    p.add_argument("--reserve", type=float, default=60.0,
                    help="seconds of the budget the attention sweep leaves to the sections after it")
     p.add_argument("--no-sweep", action="store_true", help="no block sweep of the attention kernels")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: " + ",".join(n for n, _ in SECTIONS))

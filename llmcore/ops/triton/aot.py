@@ -260,7 +260,7 @@ def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: i
 
 
 def _norm(rms: bool, cols: int, dtype, bwd_stages: int = 1) -> Callable[[], None]:
-    """bwd_stages: norm._BWD_STAGES for the backward (2: its row loop software-pipelined)."""
+    """bwd_stages: the backward's row-loop stages (2: software-pipelined; norm.backward_launch)."""
     def run():
         from llmcore.ops.triton import norm
 
@@ -270,11 +270,8 @@ def _norm(rms: bool, cols: int, dtype, bwd_stages: int = 1) -> Callable[[], None
             y, s = norm.rms_norm(x, w, residual=r)
         else:
             y, s = norm.layer_norm(x, w, torch.zeros(cols, dtype=dtype, requires_grad=True), residual=r)
-        default, norm._BWD_STAGES = norm._BWD_STAGES, bwd_stages
-        try:
+        with norm.backward_launch(stages=bwd_stages):
             torch.autograd.backward((y, s), (torch.zeros_like(y), torch.zeros_like(s)))
-        finally:
-            norm._BWD_STAGES = default
     return run
 
 

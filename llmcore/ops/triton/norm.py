@@ -6,22 +6,26 @@ Same semantics and return values as :func:`llmcore.ops.layer_norm` and
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor
 
 from llmcore.ops.triton._loader import kernels, multiprocessors
 
-__all__ = ["layer_norm", "rms_norm", "why_not", "MAX_COLS"]
+__all__ = ["layer_norm", "rms_norm", "why_not", "backward_launch", "MAX_COLS"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_COLS = 65536  # a whole row lives in one program's registers
-# Software-pipelining stages of the backward's row loop. With 2, the next rows' loads are in flight (cp.async, 16 KB
-# more shared memory at 4096 bf16 columns, no spills: python -m llmcore.ops.triton.aot) while a row is reduced.
-# Never timed yet, so the default stays 1, the loop the H200 measured (LayerNorm fwd+bwd 0.73x torch);
-# benchmarks/gpu/bench.py times both.
-_BWD_STAGES = 1
+# How the backward launches (GPU only; the interpreter runs one warp, one stage):
+# - stages: software-pipelining stages of its row loop. With 2, the next rows' loads are in flight (cp.async, 16 KB
+#   more shared memory at 4096 bf16 columns, no spills: python -m llmcore.ops.triton.aot) while a row is reduced;
+# - programs_per_sm: each program sweeps a contiguous range of rows and writes one float32 partial of dw and db;
+# - warps: per program, None for _blocks' rule (by row length).
+# The defaults are the launch the H200 measured (LayerNorm fwd+bwd 0.73x torch); benchmarks/gpu/bench.py times
+# the others against them (backward_launch), none of them on a GPU yet.
+_BWD = {"stages": 1, "programs_per_sm": 4, "warps": None}
 
 
 def why_not(x: Tensor, params: tuple) -> Optional[str]:
@@ -53,6 +57,21 @@ def _blocks(cols: int, interpret: bool) -> tuple[int, int, int]:
     elems = block_n * rows
     warps = 1 if interpret else (4 if elems <= 2048 else 8 if elems <= 8192 else 16 if elems <= 32768 else 32)
     return block_n, rows, warps
+
+
+@contextmanager
+def backward_launch(**override) -> Iterator[None]:
+    """Backward launches inside use these of ``_BWD``'s settings (stages, programs_per_sm, warps) instead.
+    For measuring them (benchmarks/gpu/bench.py) and compiling them (aot); not thread-safe."""
+    unknown = set(override) - set(_BWD)
+    if unknown:
+        raise ValueError(f"unknown backward launch settings {sorted(unknown)}; known: {sorted(_BWD)}")
+    saved = dict(_BWD)
+    _BWD.update(override)
+    try:
+        yield
+    finally:
+        _BWD.update(saved)
 
 
 def _dummy(x: Tensor) -> Tensor:
@@ -87,7 +106,7 @@ def _programs(n_rows: int, rows: int, device: torch.device, interpret: bool) -> 
     blocks = -(-n_rows // rows)
     if interpret:
         return min(blocks, 4)
-    return min(blocks, 4 * multiprocessors(device))
+    return min(blocks, _BWD["programs_per_sm"] * multiprocessors(device))
 
 
 def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor, weight, grad_s,
@@ -102,6 +121,8 @@ def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor
     ds2 = _rows(grad_s, cols) if grad_s is not None else None
     n_rows = x2.size(0)
     block_n, rows, warps = _blocks(cols, mod.INTERPRET)
+    if _BWD["warps"] and not mod.INTERPRET:
+        warps = _BWD["warps"]
     programs = _programs(n_rows, rows, inp.device, mod.INTERPRET)
     per_program = -(-n_rows // programs)
     per_program = -(-per_program // rows) * rows
@@ -114,7 +135,7 @@ def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor
         dw if need_w else d, db if need_b else d,
         n_rows, cols, per_program, dy2.stride(0), x2.stride(0), 0 if ds2 is None else ds2.stride(0), dx2.stride(0),
         RMS=rms, HAS_W=weight is not None, HAS_DS=ds2 is not None, NEED_DW=need_w, NEED_DB=need_b,
-        ROWS=rows, BLOCK_N=block_n, STAGES=1 if mod.INTERPRET else _BWD_STAGES, num_warps=warps)
+        ROWS=rows, BLOCK_N=block_n, STAGES=1 if mod.INTERPRET else _BWD["stages"], num_warps=warps)
     return grad_in, dw.sum(0) if need_w else None, db.sum(0) if need_b else None
 
 
