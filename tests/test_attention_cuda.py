@@ -268,7 +268,8 @@ def test_auto_selection_prefers_cuda_and_declines_what_it_cannot_run(gpu):
     assert select(call()).name == "cuda"
     assert select(call(varlen=True)).name == "cuda"
     for kw, reason in ((dict(dropout=True), "dropout"), (dict(mask="bool"), "bool masks"),
-                       (dict(dtype=torch.float32), "dtype"), (dict(head_dim=320, head_dim_v=320), "head dim")):
+                       (dict(dtype=torch.float32), "dtype"), (dict(head_dim=320, head_dim_v=320), "head dim"),
+                       (dict(sequences=70000), "70000 sequences")):
         assert select(call(**kw)).name != "cuda"
         with pytest.raises(RuntimeError, match=reason):
             select(call(**kw), "cuda")

@@ -1,4 +1,5 @@
 """The custom-op side: dropout reproducibility, opcheck, torch.compile, and bad input."""
+import dataclasses
 import math
 
 import pytest
@@ -242,6 +243,45 @@ def test_no_backend_fits_lists_every_reason():
         select(call)
     for name in ("cuda", "triton", "cpu", "reference"):
         assert f"  {name}: " in str(e.value)
+
+
+def test_calls_the_cuda_kernels_cannot_launch_go_to_the_triton_backend(monkeypatch):
+    """More than 65535 sequences or heads: one CUDA kernel launch cannot hold them (grid y, z); the Triton
+    kernels split them. Here the two backends stand as if on a GPU (no GPU needed to choose)."""
+    from llmcore.ops import dispatch
+    from llmcore.ops.dispatch import AttentionCall, select
+
+    cuda = dataclasses.replace(dispatch._BY_NAME["cuda"], unavailable=lambda: None)
+    triton = dataclasses.replace(dispatch._BY_NAME["triton"], unavailable=lambda: None)
+    monkeypatch.setattr(dispatch, "BACKENDS", (cuda, triton))
+    monkeypatch.setattr(dispatch, "_BY_NAME", {"cuda": cuda, "triton": triton})
+
+    def call(sequences, heads):
+        return AttentionCall(torch.device("cuda"), torch.bfloat16, 64, 64, "none", False, True, False,
+                             sequences, heads)
+
+    assert select(call(65535, 32)).name == "cuda"
+    assert select(call(65536, 32)).name == "triton"
+    assert select(call(4, 70000)).name == "triton"
+    with pytest.raises(RuntimeError, match="65536 sequences x 32 heads: more than 65535"):
+        select(call(65536, 32), "cuda")
+
+
+def test_the_call_counts_sequences_and_heads(monkeypatch):
+    from llmcore.ops import attention
+
+    seen, real = [], attention.select
+
+    def spy(call, backend=None):
+        seen.append(call)
+        return real(call, backend)
+
+    monkeypatch.setattr(attention, "select", spy)
+    q = torch.randn(2, 3, 5, 4, 16)
+    llmcore.scaled_dot_product_attention(q, q, q)
+    packed = torch.randn(9, 4, 16)
+    llmcore.varlen_attention(packed, packed, packed, _cu(0, 2, 2, 9), _cu(0, 2, 2, 9), 7, 7)
+    assert [(c.sequences, c.heads, c.varlen) for c in seen] == [(6, 5, False), (3, 4, True)]
 
 
 def _cu(*xs):

@@ -299,7 +299,7 @@ def scaled_dot_product_attention(
         scale = 1.0 / math.sqrt(e)
 
     call = AttentionCall(query.device, query.dtype, e, ev, mask_kind,
-                         attn_mask is not None and attn_mask.requires_grad, False, dropout_p > 0)
+                         attn_mask is not None and attn_mask.requires_grad, False, dropout_p > 0, math.prod(batch), hq)
     chosen = select(call, backend)
     if chosen.name == "reference":
         out = sdpa_reference(query, key, value, attn_mask, is_causal, scale, enable_gqa, dropout_p)
@@ -384,7 +384,8 @@ def varlen_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1))
 
-    call = AttentionCall(q.device, q.dtype, q.size(-1), v.size(-1), "none", False, True, dropout_p > 0)
+    call = AttentionCall(q.device, q.dtype, q.size(-1), v.size(-1), "none", False, True, dropout_p > 0,
+                         cu_seqlens_q.numel() - 1, q.size(1))
     chosen = select(call, backend)
     if chosen.name == "reference":
         return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, dropout_p)

@@ -2,8 +2,9 @@
 
 FlashAttention-2's algorithm on mma.sync tensor cores, compiled for sm_80 and sm_90a (the
 sm_90a build runs the same mma.sync code; it does not use wgmma or TMA). bf16 and fp16,
-fp32 accumulation, head dims up to 256, causal, GQA and varlen; no attention mask and no
-dropout (the dispatcher sends those calls elsewhere). The forward saves the base-2
+fp32 accumulation, head dims up to 256, causal, GQA and varlen; no attention mask, no
+dropout, and at most 65535 sequences and heads (one launch's grid): the dispatcher sends
+those calls elsewhere. The forward saves the base-2
 logsumexp, as the CPU kernels do, and only this backend's backward reads it.
 
 Kernels run on torch's current stream of the inputs' device, whose handle is passed to the

@@ -26,6 +26,8 @@ class AttentionCall(NamedTuple):
     mask_requires_grad: bool
     varlen: bool
     dropout: bool
+    sequences: int = 1  # the batch (dense: the product of the batch dims) or varlen's number of sequences
+    heads: int = 1  # query heads
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,23 @@ def _cuda_unavailable() -> Optional[str]:
     return cuda_attention.unavailable()
 
 
+_CUDA_GRID = 65535  # a CUDA grid's y and z: the CUDA kernels put the heads and sequences there, in one launch
+
+
 class _CudaBackend(Backend):
-    """The CUDA C++ kernels have no dropout: such calls go to the next backend, with this reason."""
+    """The CUDA C++ kernels have no dropout, and launch every sequence and head at once: such calls go to the
+    next backend (the Triton kernels split them), with these reasons."""
 
     def why_not(self, call: AttentionCall) -> Optional[str]:
-        return super().why_not(call) or ("dropout not supported" if call.dropout else None)
+        reason = super().why_not(call)
+        if reason:
+            return reason
+        if call.dropout:
+            return "dropout not supported"
+        if call.sequences > _CUDA_GRID or call.heads > _CUDA_GRID:
+            return (f"{call.sequences} sequences x {call.heads} heads: more than {_CUDA_GRID} of either in one "
+                    "call not supported (one kernel launch)")
+        return None
 
 
 def _triton_unavailable() -> Optional[str]:
