@@ -119,6 +119,35 @@ def _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN: tl.constexpr):
     return q_start, len_q, k_start, len_k
 
 
+@triton.jit
+def _query_block(CU_Q, CU_K, GROUP, LQ, LK, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query block of a forward or dQ program: (head, sequence, key/value head, first q row, query count,
+    first k row, key count, first query of the block, causal shift). Grid (query blocks, heads, sequences);
+    causal grids run the longest rows first (fewer stragglers at the end). m0 >= len_q: nothing to do."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    shift = len_k - len_q if BOTTOM_RIGHT else len_k * 0
+    return h, b, h // GROUP, q_start, len_q, k_start, len_k, pid_m * BLOCK_M, shift
+
+
+@triton.jit
+def _key_range(m0, len_k, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full, hi): query rows [m0, m0 + BLOCK_M) see keys below hi, and every one of them sees whole key
+    blocks below full (a multiple of BLOCK_N); the blocks from full to hi need the causal or edge mask."""
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(len_k, m0 + BLOCK_M + shift), 0)
+        full = tl.maximum(tl.minimum(hi, m0 + shift + 1), 0)
+    else:
+        hi = len_k
+        full = len_k
+    return full // BLOCK_N * BLOCK_N, hi
+
+
 # ---------------------------------------------------------------------------------------
 # forward
 
@@ -172,17 +201,10 @@ def attn_fwd(
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # the longest rows first: fewer stragglers at the end of the grid
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = h // GROUP
-    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
-    m0 = pid_m * BLOCK_M
+    h, b, hk, q_start, len_q, k_start, len_k, m0, shift = _query_block(CU_Q, CU_K, GROUP, LQ, LK, CAUSAL,
+                                                                       BOTTOM_RIGHT, VARLEN, BLOCK_M)
     if m0 >= len_q:
         return
-    shift = len_k - len_q if BOTTOM_RIGHT else len_k * 0
 
     b64 = b.to(tl.int64)
     Q += b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
@@ -205,13 +227,7 @@ def attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(len_k, m0 + BLOCK_M + shift), 0)
-        full = tl.maximum(tl.minimum(hi, m0 + shift + 1), 0)  # keys every row of the block sees
-    else:
-        hi = len_k
-        full = len_k
-    full = full // BLOCK_N * BLOCK_N
+    full, hi = _key_range(m0, len_k, shift, CAUSAL, BLOCK_M, BLOCK_N)
     for n0 in range(0, full, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
                                   stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
@@ -438,17 +454,10 @@ def attn_bwd_dq(
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = h // GROUP
-    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
-    m0 = pid_m * BLOCK_M
+    h, b, hk, q_start, len_q, k_start, len_k, m0, shift = _query_block(CU_Q, CU_K, GROUP, LQ, LK, CAUSAL,
+                                                                       BOTTOM_RIGHT, VARLEN, BLOCK_M)
     if m0 >= len_q:
         return
-    shift = len_k - len_q if BOTTOM_RIGHT else len_k * 0
     b64 = b.to(tl.int64)
     K += b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
     V += b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
@@ -471,13 +480,7 @@ def attn_bwd_dq(
     offset_lo = (tl.load(RNG + 1) & 0xFFFFFFFF).to(tl.uint32) if DROPOUT else 0
     drop_rows = lse_row0 + offs_m
 
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(len_k, m0 + BLOCK_M + shift), 0)
-        full = tl.maximum(tl.minimum(hi, m0 + shift + 1), 0)
-    else:
-        hi = len_k
-        full = len_k
-    full = full // BLOCK_N * BLOCK_N
+    full, hi = _key_range(m0, len_k, shift, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, full, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift, stride_kn,
