@@ -247,7 +247,7 @@ def largest_tensor(fn, N, H, V):
 def test_full_logits_never_materialized():
     """N=4096, V=32000 in float32: no op, forward or backward, makes a tensor bigger than one chunk's logits.
 
-    The full logits would be N * V = 131M elements (524 MB); one default chunk is 524 rows (64 MiB in float32).
+    The full logits would be N * V = 131M elements (524 MB); one default chunk is 512 rows (62.5 MiB in float32).
     The same detector flags torch's composite, so the check can fail.
     """
     N, H, V = 4096, 64, 32000
@@ -261,7 +261,9 @@ def test_full_logits_never_materialized():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(4096, 32000) == (64 << 20) // (4 * 32000)
+    assert (64 << 20) // (4 * 32000) == 524 and default_chunk_size(4096, 32000) == 512  # whole 128-row tiles
+    assert default_chunk_size(8192, 128256) == 128  # 130 rows fit: a second row of matmul tiles for 2 rows
+    assert default_chunk_size(8192, 256000) == 65  # under 128 rows: as many as fit
     assert default_chunk_size(10, 32000) == 10
     assert default_chunk_size(5, 10**9) == 1
     assert default_chunk_size(0, 50257) == 1

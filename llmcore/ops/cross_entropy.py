@@ -40,9 +40,18 @@ _CHUNK_BYTES = 64 << 20
 _MIN_FLUSH_EVERY = 8
 
 
+# Chunks of at least this many rows are cut to a multiple of it: a GPU matmul runs whole tiles of 64-256 rows, so
+# 130 rows (Llama-3's vocab) would pay for a second, nearly empty row of tiles in each of the chunk's matmuls.
+_CHUNK_ROWS_MULTIPLE = 128
+
+
 def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-    """Rows per chunk so that one chunk's fp32 logits (rows * vocab * 4 bytes) fit in 64 MiB; at least 1."""
-    return max(1, min(num_tokens, _CHUNK_BYTES // (4 * max(vocab_size, 1))))
+    """Rows per chunk so that one chunk's fp32 logits (rows * vocab * 4 bytes) fit in 64 MiB, cut to a multiple
+    of 128 rows where there are that many; at least 1."""
+    rows = _CHUNK_BYTES // (4 * max(vocab_size, 1))
+    if rows >= _CHUNK_ROWS_MULTIPLE:
+        rows -= rows % _CHUNK_ROWS_MULTIPLE
+    return max(1, min(num_tokens, rows))
 
 
 # ---------------------------------------------------------------------------------------
