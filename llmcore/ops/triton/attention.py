@@ -161,10 +161,10 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
                 inner = fn
                 if len_q is not None:
                     inner = triton.heuristics({"EVEN_M": lambda a: _even_m(a["VARLEN"], a["LQ"], a["BLOCK_M"])})(fn)
+                hook = None if desc is None else lambda nargs: _tile_rows(nargs["DQ_DESC"], nargs["BLOCK_M"])
                 tuned = _TUNED[key] = triton.autotune(
                     [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                                   num_stages=c["num_stages"], pre_hook=_desc_rows if desc is not None else None)
-                     for c in configs],
+                                   num_stages=c["num_stages"], pre_hook=hook) for c in configs],
                     key=["TUNE_LEN", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT"],
                     reset_to_zero=["DQ_ACC"] if kind in ("dkdv_atomic", "dkdv_tma") else None,
                 )(inner)
@@ -179,7 +179,7 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
         if len_q is not None:
             consts = dict(consts, EVEN_M=_even_m(consts["VARLEN"], len_q, cfg["BLOCK_M"]))
         if desc is not None:
-            desc.block_shape = [cfg["BLOCK_M"], *desc.block_shape[1:]]
+            _tile_rows(desc, cfg["BLOCK_M"])
         try:  # Triton checks shared memory when it loads the kernel, before launching it
             compiled = fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
             break
@@ -192,11 +192,10 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
         _LAST[kind] = compiled  # for the benchmark's sweep: registers, spills, shared memory
 
 
-def _desc_rows(nargs: dict) -> None:
-    """Autotuner pre-hook: the dK/dV kernel's dQ descriptor gets the configuration's BLOCK_M rows per tile."""
-    desc = nargs["DQ_DESC"]
-    if not isinstance(desc, Tensor):
-        desc.block_shape = [nargs["BLOCK_M"], *desc.block_shape[1:]]
+def _tile_rows(desc, rows: int) -> None:
+    """The dK/dV kernel's dQ descriptor gets tiles of ``rows`` (the configuration's BLOCK_M) rows: set before each
+    launch, and by the autotuner's pre-hook before each configuration it tries."""
+    desc.block_shape = [rows, *desc.block_shape[1:]]
 
 
 # (kind, device or the architecture aot.compiling_for compiles for, constexprs, table config) -> the configuration
