@@ -279,7 +279,6 @@ def _head_to_head(case: dict, causal: bool, data, leaves, shape, rounds: int = H
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     A = triton_attention_module()
-    q, k, v, grad = data
     ours = _ours(causal)
     entrants = {"llmcore_defaults": lambda: _Env(A, ""),
                 "llmcore_unfolded": lambda: _Env(A, "", fold_scale=False)}  # the forward before the FMA fold
@@ -525,16 +524,14 @@ def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
     sw["winners"] = {kind: _cfg_row(c) for kind, (c, _) in best.items()}
     # the ways to dQ, each with its best blocks, timed as a whole backward
     win = {kind: c for kind, (c, _) in best.items()}
+    # LLMCORE_TRITON_DQ -> the winners' blocks the whole backward runs with (the dQ kernel first: it wins ties)
+    blocks = {"kernel": {"dkdv": win["dkdv"], "dq": win["dq"]}} if "dkdv" in win and "dq" in win else {}
+    blocks.update({dq_mode: {kind: win[kind]} for kind, dq_mode in DQ_MODES.items() if kind in win})
     whole = {}  # LLMCORE_TRITON_DQ -> ms
-    if "dkdv" in win and "dq" in win:
-        with _Env(A, "kernel", dkdv=win["dkdv"], dq=win["dq"]):
-            whole["kernel"] = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60,
-                                    warmup=10)["ms"]
-    for kind, dq_mode in DQ_MODES.items():
-        if kind in win:
-            with _Env(A, dq_mode, **{kind: win[kind]}):
-                whole[dq_mode] = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60,
-                                       warmup=10)["ms"]
+    for dq_mode, override in blocks.items():
+        with _Env(A, dq_mode, **override):
+            whole[dq_mode] = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60,
+                                   warmup=10)["ms"]
     sw["backward_ms"] = {f"dq_{m}": whole.get(m) for m in ("kernel", "atomic", "tma")}
     if not whole:
         sw["seconds"] = round(time.time() - t0, 1)
@@ -712,6 +709,7 @@ def norms(results: dict, ctx: dict) -> None:
 
 
 def cross_entropy(results: dict, ctx: dict) -> None:
+    from llmcore.ops import cross_entropy as ce_ops
     from llmcore.ops import linear_cross_entropy
 
     n, h, vocab = (64, 32, 1000) if SMOKE else CE_SHAPE
@@ -738,7 +736,7 @@ def cross_entropy(results: dict, ctx: dict) -> None:
     res = {"shape": {"tokens": n, "hidden": h, "vocab": vocab}, "dtype": str(dt).replace("torch.", ""),
            "loss_diff_vs_torch": abs(float(ours(hidden, weight)) - float(torch_plain(hidden, weight)))}
     # the default before it was cut to whole 128-row tiles (130 rows here), and larger chunks
-    others = (17, 16, 32) if SMOKE else ((64 << 20) // (4 * vocab), 1024, 4096)
+    others = (17, 16, 32) if SMOKE else (ce_ops._CHUNK_BYTES // (4 * vocab), 1024, 4096)
     for name, fn in (("llmcore_triton", ours), ("llmcore_torch_chunks", torch_chunked), ("torch", torch_plain),
                      *((f"llmcore_triton_chunk{rows}", ours_rows(rows)) for rows in others)):
         if not SMOKE:
@@ -813,28 +811,36 @@ def attention_gqa(results: dict, ctx: dict) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def _h2h_mode(case: dict, mode: str) -> tuple:
+    """(the head-to-head's results for ``mode``, its llmcore entrant: the sweep's winners where they ran, else
+    the defaults), or (None, None) where no head-to-head ran."""
+    m = case.get("head_to_head", {}).get("modes", {}).get(mode)
+    if not m:
+        return None, None
+    return m, "llmcore_tuned" if "llmcore_tuned_vs_torch" in m else "llmcore_defaults"
+
+
 def bars(results: dict) -> dict:
     out = {}
     c = results.get("attention", {}).get("cases", {})
     # the head-to-head's median where it ran (with the sweep's winners where the sweep ran), else the single timing
-    h2h = c.get("causal", {}).get("head_to_head", {}).get("modes", {}).get("fwd_bwd")
+    causal, noncausal = c.get("causal", {}), c.get("noncausal", {})
+    h2h, ours = _h2h_mode(causal, "fwd_bwd")
     if h2h:
-        ours = "llmcore_tuned" if "llmcore_tuned_vs_torch" in h2h else "llmcore_defaults"
         out["attention_fwd_bwd_causal_vs_sdpa"] = {"bar": BARS["attention_fwd_bwd_causal_vs_sdpa"],
                                                    "value": h2h[f"{ours}_vs_torch"]["median"],
                                                    "from": f"head_to_head {ours}"}
-    elif "fwd_bwd" in c.get("causal", {}).get("speedup_vs_best_torch", {}):
+    elif "fwd_bwd" in causal.get("speedup_vs_best_torch", {}):
         out["attention_fwd_bwd_causal_vs_sdpa"] = {"bar": BARS["attention_fwd_bwd_causal_vs_sdpa"],
-                                                   "value": c["causal"]["speedup_vs_best_torch"]["fwd_bwd"]}
-    h2h = c.get("noncausal", {}).get("head_to_head", {}).get("modes", {}).get("forward")
+                                                   "value": causal["speedup_vs_best_torch"]["fwd_bwd"]}
+    h2h, ours = _h2h_mode(noncausal, "forward")
     if h2h:
-        ours = "llmcore_tuned" if "llmcore_tuned" in h2h["median"] else "llmcore_defaults"
         out["attention_fwd_noncausal_tflops"] = {"bar": BARS["attention_fwd_noncausal_tflops"],
                                                  "value": h2h["median"][ours]["tflops"],
                                                  "from": f"head_to_head {ours}"}
-    elif "forward" in c.get("noncausal", {}).get("llmcore_triton", {}):
+    elif "forward" in noncausal.get("llmcore_triton", {}):
         out["attention_fwd_noncausal_tflops"] = {"bar": BARS["attention_fwd_noncausal_tflops"],
-                                                 "value": c["noncausal"]["llmcore_triton"]["forward"]["tflops"]}
+                                                 "value": noncausal["llmcore_triton"]["forward"]["tflops"]}
     for v in out.values():
         v["met"] = v["value"] >= v["bar"]
     return out
@@ -939,10 +945,10 @@ def markdown(results: dict) -> str:
                 continue
             timed = sorted((n for n, r in bl["launches"].items() if "speedup_vs_defaults" in r),
                            key=lambda n: -bl["launches"][n]["speedup_vs_defaults"]["median"])
-            cells = [f"{n}: {bl['launches'][n]['speedup_vs_defaults']['median']:.2f}x "
-                     f"({bl['launches'][n]['speedup_vs_defaults']['min']:.2f}-"
-                     f"{bl['launches'][n]['speedup_vs_defaults']['max']:.2f}), {bl['launches'][n]['gbps']:.0f} GB/s"
-                     for n in timed[:5]]
+            cells = []
+            for n in timed[:5]:
+                row, up = bl["launches"][n], bl["launches"][n]["speedup_vs_defaults"]
+                cells.append(f"{n}: {up['median']:.2f}x ({up['min']:.2f}-{up['max']:.2f}), {row['gbps']:.0f} GB/s")
             failed = [n for n, r in bl["launches"].items() if "error" in r]
             lines += [f"{cname} backward launches against the defaults {bl['defaults']} "
                       f"({bl['defaults_fwd_bwd']['gbps']:.0f} GB/s fwd+bwd), fastest first, median of {bl['rounds']} "
