@@ -99,7 +99,8 @@ def _attention_kernels(result):
 
 def test_survey_covers_every_kernel(sm90):
     names = {k.name for _, k in _all(sm90)}
-    assert names == {"attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "norm_fwd", "norm_bwd", "ce_rows"}
+    assert names == {"attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "norm_fwd", "norm_bwd",
+                     "norm_bwd_dx", "norm_bwd_dw", "ce_rows"}
     assert [case for case in aot.CASES if not sm90[case]] == []  # every case compiles kernels of its own
     assert any(k.constants.get("DQ_ATOMIC") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=atomic
     assert any(k.constants.get("DQ_TMA") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=tma
@@ -141,6 +142,18 @@ def test_benchmarked_kernels_do_not_spill(sm90):
     if any(k.registers is None for k in kernels):
         pytest.skip("no cuobjdump (the Triton wheel carries one): registers and spills unknown")
     assert [(k.label(), k.stack) for k in kernels if k.stack != 0] == []
+
+
+def test_norm_backward_does_not_spill(sm90):
+    # Every form and width the surveys compile: the fused form to 8192 columns (its default range), the split
+    # form (ds chunked past 8192 columns) to 65536. The fused form at 16384 is what would spill (not a default).
+    kernels = [(case, k) for case, k in _all(sm90) if k.name.startswith("norm_bwd")]
+    assert {(k.name, k.constants.get("CHUNKED")) for _, k in kernels} == {
+        ("norm_bwd", None), ("norm_bwd_dx", False), ("norm_bwd_dx", True), ("norm_bwd_dw", None)}
+    assert max(k.constants["BLOCK_N"] for _, k in kernels if k.name == "norm_bwd") == 8192
+    if any(k.registers is None for _, k in kernels):
+        pytest.skip("no cuobjdump (the Triton wheel carries one): registers and spills unknown")
+    assert [(case, k.label(), k.stack) for case, k in kernels if k.stack != 0] == []
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_100", "sm_120"])

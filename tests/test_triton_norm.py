@@ -71,10 +71,22 @@ def _torch_layer_norm(x, w, b, r=None, eps=1e-5):
 SHAPES = [(5, 1), (3, 33), (2, 5, 97), (4, 768)] if not GPU else [(3, 33), (2, 5, 97), (8, 1000, 4096), (4096, 768)]
 CASES = [(shape, dtype, residual) for shape in SHAPES for dtype, residual in
          [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)]]
+# The backward's two forms (norm_kernels): fused; split with whole rows; split sweeping rows in 16-column chunks
+# (1024 on a GPU, where the shapes are wider)
+BACKWARDS = {"fused": dict(split=False), "split": dict(split=True),
+             "split-chunked": dict(split=True, chunk=1024 if GPU else 16)}
+
+
+@pytest.fixture(params=list(BACKWARDS))
+def backward(request):
+    from llmcore.ops.triton import norm as triton_norm
+
+    with triton_norm.backward_launch(**BACKWARDS[request.param]):
+        yield request.param
 
 
 @pytest.mark.parametrize("shape, dtype, residual", CASES)
-def test_layer_norm_matches_float64(shape, dtype, residual):
+def test_layer_norm_matches_float64(shape, dtype, residual, backward):
     x, r, w, b, gy, gs = _inputs(shape, dtype, residual)
     grad_outs = [gy, gs] if residual else [gy]
     ours = _run(lambda x, w, b, r=None: layer_norm(x, w, b, 1e-5, r, backend="triton"), [x, w, b, r], grad_outs)
@@ -86,7 +98,7 @@ def test_layer_norm_matches_float64(shape, dtype, residual):
 
 
 @pytest.mark.parametrize("shape, dtype, residual", CASES)
-def test_rms_norm_matches_float64(shape, dtype, residual):
+def test_rms_norm_matches_float64(shape, dtype, residual, backward):
     x, r, w, _, gy, gs = _inputs(shape, dtype, residual)
     grad_outs = [gy, gs] if residual else [gy]
     ours = _run(lambda x, w, r=None: rms_norm(x, w, 1e-6, r, backend="triton"), [x, w, r], grad_outs)
@@ -108,7 +120,7 @@ def test_rms_norm_bf16_is_hf_bit_for_bit_forward():
 
 
 @pytest.mark.parametrize("rms", [False, True])
-def test_without_weight_or_bias_and_mixed_dtypes(rms):
+def test_without_weight_or_bias_and_mixed_dtypes(rms, backward):
     # float32 parameters on a bf16 input (autocast's layout): RMSNorm's y is then float32, as in HF
     x, r, w, b, gy, gs = _inputs((3, 65), torch.bfloat16, True, seed=1)
     w32, b32 = w.float(), b.float()
@@ -124,7 +136,7 @@ def test_without_weight_or_bias_and_mixed_dtypes(rms):
             torch.testing.assert_close(a.float(), t.float(), atol=0.05, rtol=0.02)
 
 
-def test_empty_rows():
+def test_empty_rows(backward):
     x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
     w = torch.ones(8, device=DEVICE, requires_grad=True)
     y = rms_norm(x, w, backend="triton")
@@ -153,6 +165,12 @@ def test_backward_launch_overrides_and_restores():
     with pytest.raises(ValueError, match=r"unknown backward launch settings \['stage'\]"):
         with triton_norm.backward_launch(stage=2):
             pass
+    with pytest.raises(ValueError, match="chunk must be a power of 2 >= 16, got 100"):
+        with triton_norm.backward_launch(chunk=100):
+            pass
+    with pytest.raises(ValueError, match="split must be None, True or False, got 'yes'"):
+        with triton_norm.backward_launch(split="yes"):
+            pass
     with pytest.raises(KeyError):  # an error inside still restores the defaults
         with triton_norm.backward_launch(stages=2, warps=16):
             assert triton_norm._BWD == dict(defaults, stages=2, warps=16)
@@ -166,3 +184,59 @@ def test_backward_launch_overrides_and_restores():
         got = torch.autograd.grad(layer_norm(x, w, None, backend="triton"), (x, w), gy)
     for a, b in zip(got, want):  # on a GPU another partition of the rows only reorders dw's float32 sum
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_backward_forms_agree(rms):
+    # The forms differ only in the order of float32 sums; a different product (RMSNorm's dw multiplies by the
+    # normalized value rounded to x's dtype, as HF does) would show here, far beyond the float64 test's tolerance
+    from llmcore.ops.triton import norm as triton_norm
+
+    x, r, w, b, gy, gs = _inputs((6, 4096) if GPU else (6, 200), torch.bfloat16, True, seed=2)
+    params = [w.float()] if rms else [w.float(), b.float()]
+
+    def fn(x, r, *p):
+        return rms_norm(x, *p, 1e-6, r, backend="triton") if rms else layer_norm(x, *p, 1e-5, r, backend="triton")
+
+    got = {}
+    for name, settings in BACKWARDS.items():
+        with triton_norm.backward_launch(**settings):
+            got[name] = _run(fn, [x, r, *params], [gy, gs])[1]
+    for name in ("split", "split-chunked"):
+        dx, *dparams = got[name][0], *got[name][2:]
+        want_dx, *want_dparams = got["fused"][0], *got["fused"][2:]
+        torch.testing.assert_close(dx.float(), want_dx.float(), rtol=2**-7, atol=1e-6, msg=f"{name} dx")
+        for a, e in zip(dparams, want_dparams):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=f"{name} parameter grads")
+
+
+def test_split_backward_is_automatic_for_wide_rows(monkeypatch):
+    # The fused backward spills beyond 8192 columns (aot, sm_90): wider rows take the split form
+    from llmcore.ops.triton import norm as triton_norm
+
+    calls = []
+    for form in ("_backward_fused", "_backward_dx"):
+        real = getattr(triton_norm, form)
+        monkeypatch.setattr(triton_norm, form, lambda *a, _real=real, _form=form: calls.append(_form) or _real(*a))
+    for cols in (8192, 8193):
+        x = torch.randn(2, cols, device=DEVICE, requires_grad=True)
+        w = torch.ones(cols, device=DEVICE, requires_grad=True)
+        gx, gw = torch.autograd.grad(rms_norm(x, w, backend="triton"), (x, w), torch.ones(2, cols, device=DEVICE))
+        want = torch.autograd.grad(rms_norm_reference(x, w), (x, w), torch.ones(2, cols, device=DEVICE))
+        torch.testing.assert_close(gx, want[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gw, want[1], rtol=1e-4, atol=1e-5)
+    assert calls == ["_backward_fused", "_backward_dx"]
+
+
+def test_rms_norm_weight_grad_rounds_like_hf(backward):
+    # HF's LlamaRMSNorm multiplies the weight by the normalized value rounded to x's dtype, so its weight gradient
+    # sums dy times that rounded value. With float32 weights (autocast's layout) both sums run in float32: they
+    # agree to the summation order (~1e-6 here), while unrounded products would differ by ~1e-3.
+    x, r, w, _, gy, gs = _inputs((64, 200), torch.bfloat16, True, seed=4)
+    w = w.float()
+    ours = _run(lambda x, w, r: rms_norm(x, w, 1e-6, r, backend="triton"), [x, w, r], [gy, gs])[1][1]
+    hf = _run(lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), [x, w, r], [gy, gs])[1][1]
+    assert ours.dtype == hf.dtype == torch.float32
+    err = (ours - hf).abs().max().item() / hf.abs().max().item()
+    assert err < 1e-4, err

@@ -21,7 +21,9 @@ a run cut short still leaves what it measured):
   bars' speed-up is the median of the per-round ratios;
 - LayerNorm and RMSNorm with the residual add fused, (16384, 4096) bf16, forward and
   forward+backward, in GB/s of the bytes the fused op must move, against torch's unfused
-  composite (``x + r`` then ``F.layer_norm`` / HF's RMSNorm) and ``F.rms_norm``;
+  composite (``x + r`` then ``F.layer_norm`` / HF's RMSNorm) and ``F.rms_norm``, with the
+  backward's other launches (``norm.backward_launch``: forms, stages, programs, warps) timed
+  against its defaults; then wider rows (8192 and 16384 columns), where the defaults change form;
 - ``benchmarks/gpu/bench_cuda.py``'s ``run(results)`` when the ``cuda`` attention backend is
   available;
 - the chunked LM-head cross-entropy, forward+backward, against torch's
@@ -63,9 +65,15 @@ CE_SHAPE = (8192, 4096, 128256)  # tokens, hidden, vocab (Llama-3's)
 # dK/dV blocks the GQA section times beside the default: no spills at GROUP 4, D 128, causal (aot, Triton 3.9, sm_90)
 GQA_DKDV = ((32, 64, 8, 3), (16, 128, 8, 3))
 # The norm backward's launches timed against the defaults (llmcore.ops.triton.norm._BWD), NORM_ROUNDS rounds.
+# The fused form's launches, then the split form (whole rows, and rows swept in chunks), none measured on a GPU yet.
 NORM_BWD_LAUNCHES = tuple(dict(stages=s, programs_per_sm=p, warps=w) for s in (1, 2) for p in (2, 4, 8)
-                          for w in (4, 8, 16))
+                          for w in (4, 8, 16)) + (dict(split=True), dict(split=True, chunk=2048),
+                                                  dict(split=True, chunk=1024))
 NORM_ROUNDS = 3
+# Wider rows, where the backward's defaults change form (fused to 8192 columns, split beyond: the fused one spills at
+# 16384, aot sm_90), each timed with both forms and smaller chunks against the defaults.
+NORM_WIDE = ((8192, 8192), (4096, 16384))
+NORM_WIDE_LAUNCHES = (dict(split=False), dict(split=True), dict(split=True, chunk=4096), dict(split=True, chunk=2048))
 BARS = {"attention_fwd_bwd_causal_vs_sdpa": 1.0, "attention_fwd_noncausal_tflops": 450.0}
 SWEEP_KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma")
 DQ_MODES = {"dkdv_atomic": "atomic", "dkdv_tma": "tma"}  # sweep kind -> LLMCORE_TRITON_DQ: dQ in the dK/dV kernel
@@ -598,10 +606,11 @@ def warm_worker(spec: str) -> int:
 # --- norms, LM-head loss, cuda backend ---------------------------------------------------
 
 
-def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_bwd, launches=True) -> dict:
+def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_bwd, launches=None) -> dict:
+    """Ours against torch, forward and fwd+bwd; with launches (backward_launch settings), those too."""
     x, r = inputs
     leaves = [t.clone().requires_grad_() for t in (x, r, *params)]
-    res = {}
+    res = {"shape": list(x.shape)}
     got = fn_ours(*leaves)
     want = fn_torch(*leaves)
     res["max_abs_diff_vs_torch"] = {f"out{i}": max_diff(a, b) for i, (a, b) in enumerate(zip(got, want))}
@@ -616,13 +625,13 @@ def _norm_case(fn_ours, fn_torch, inputs, params, grad_outs, nbytes_fwd, nbytes_
     res["speedup_vs_torch"] = {m: res["torch"][m]["ms"] / res["llmcore_triton"][m]["ms"]
                                for m in ("forward", "fwd_bwd")}
     if launches:
-        res["bwd_launches"] = _norm_bwd_launches(fn_ours, leaves, grad_outs, nbytes_fwd + nbytes_bwd)
+        res["bwd_launches"] = _norm_bwd_launches(fn_ours, leaves, grad_outs, nbytes_fwd + nbytes_bwd, launches)
     return res
 
 
-def _norm_bwd_launches(fn, leaves, grad_outs, nbytes: float) -> dict:
-    """The backward's launch settings (llmcore.ops.triton.norm.backward_launch: row-loop stages, programs per
-    SM, warps) against the defaults: gradients compared with the defaults', fwd+bwd timed in NORM_ROUNDS
+def _norm_bwd_launches(fn, leaves, grad_outs, nbytes: float, launches) -> dict:
+    """The backward's launch settings (llmcore.ops.triton.norm.backward_launch: form, row-loop stages, programs per
+    SM, warps, chunk) against the defaults: gradients compared with the defaults', fwd+bwd timed in NORM_ROUNDS
     alternating rounds; speed-up = the defaults' ms / its ms in the same round (median, min, max)."""
     from llmcore.ops.triton import norm as triton_norm
 
@@ -640,7 +649,7 @@ def _norm_bwd_launches(fn, leaves, grad_outs, nbytes: float) -> dict:
 
     want = grads()
     runners, rows = {"defaults": timer({})}, {}
-    for settings in NORM_BWD_LAUNCHES[:2] if SMOKE else NORM_BWD_LAUNCHES:
+    for settings in launches:
         name = ",".join(f"{k}={v}" for k, v in settings.items())
         try:
             with triton_norm.backward_launch(**settings):
@@ -665,47 +674,53 @@ def _norm_bwd_launches(fn, leaves, grad_outs, nbytes: float) -> dict:
 def norms(results: dict, ctx: dict) -> None:
     from llmcore.ops import layer_norm, rms_norm
 
-    rows, n = (64, 256) if SMOKE else NORM_SHAPE
-    shape = (rows, n)
     dt = torch.float32 if SMOKE else torch.bfloat16
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    x, r, gy, gs = (torch.randn(rows, n, device=DEVICE, dtype=dt, generator=g) for _ in range(4))
-    w = torch.randn(n, device=DEVICE, dtype=dt, generator=g) * 0.1 + 1
-    b = torch.randn(n, device=DEVICE, dtype=dt, generator=g) * 0.1
-    e = x.numel() * x.element_size()  # one tensor of the input's size
-    # fused op: forward reads x, r; writes y, s. Backward reads dy, ds, s; writes dx (one tensor, x's and r's grad).
-    fwd_bytes, bwd_bytes = 4 * e, 4 * e
     note = "GB/s of the fused op's least traffic: forward reads x, r, writes y, s; backward reads dy, ds, s, writes dx"
-    out = results.setdefault("norms", {"shape": list(shape), "dtype": str(dt).replace("torch.", ""),
-                                       "bytes_note": note, "cases": {}})
+    out = results.setdefault("norms", {"dtype": str(dt).replace("torch.", ""), "bytes_note": note, "cases": {}})
+    # smoke: 64-column chunks make the split form sweep its 256-column rows in chunks
+    small = [dict(split=True, chunk=64)] if SMOKE else []
+    shapes = [((64, 256), NORM_BWD_LAUNCHES[:2] + NORM_BWD_LAUNCHES[-1:] + tuple(small), "")] if SMOKE else \
+        [(NORM_SHAPE, NORM_BWD_LAUNCHES, "")] + [(s, NORM_WIDE_LAUNCHES, f" {s[0]}x{s[1]}") for s in NORM_WIDE]
+    for (rows, n), launches, suffix in shapes:
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        x, r, gy, gs = (torch.randn(rows, n, device=DEVICE, dtype=dt, generator=g) for _ in range(4))
+        w = torch.randn(n, device=DEVICE, dtype=dt, generator=g) * 0.1 + 1
+        b = torch.randn(n, device=DEVICE, dtype=dt, generator=g) * 0.1
+        e = x.numel() * x.element_size()  # one tensor of the input's size
+        # fused op: forward reads x, r; writes y, s. Backward reads dy, ds, s; writes dx (x's and r's grad).
+        nbytes = (4 * e, 4 * e)
 
-    def ln_ours(x, r, w, b):
-        return layer_norm(x, w, b, 1e-5, r, backend="triton")
+        def ln_ours(x, r, w, b):
+            return layer_norm(x, w, b, 1e-5, r, backend="triton")
 
-    def ln_torch(x, r, w, b):
-        s = x + r
-        return F.layer_norm(s, (n,), w, b, 1e-5), s
+        def ln_torch(x, r, w, b, n=n):
+            s = x + r
+            return F.layer_norm(s, (n,), w, b, 1e-5), s
 
-    def rms_ours(x, r, w):
-        return rms_norm(x, w, 1e-6, r, backend="triton")
+        def rms_ours(x, r, w):
+            return rms_norm(x, w, 1e-6, r, backend="triton")
 
-    def rms_torch(x, r, w):  # HF LlamaRMSNorm, unfused
-        s = x + r
-        h = s.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return w * h.to(s.dtype), s
+        def rms_torch(x, r, w):  # HF LlamaRMSNorm, unfused
+            s = x + r
+            h = s.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return w * h.to(s.dtype), s
 
-    def rms_torch_fused(x, r, w):  # torch's own RMSNorm op (still a separate add)
-        s = x + r
-        return F.rms_norm(s, (n,), w, 1e-6), s
+        def rms_torch_fused(x, r, w, n=n):  # torch's own RMSNorm op (still a separate add)
+            s = x + r
+            return F.rms_norm(s, (n,), w, 1e-6), s
 
-    out["cases"]["layer_norm"] = _norm_case(ln_ours, ln_torch, (x, r), (w, b), (gy, gs), fwd_bytes, bwd_bytes)
-    ctx["save"]()
-    out["cases"]["rms_norm"] = _norm_case(rms_ours, rms_torch, (x, r), (w,), (gy, gs), fwd_bytes, bwd_bytes)
-    ctx["save"]()
-    if hasattr(F, "rms_norm"):
-        out["cases"]["rms_norm_vs_F.rms_norm"] = _norm_case(rms_ours, rms_torch_fused, (x, r), (w,), (gy, gs),
-                                                            fwd_bytes, bwd_bytes, launches=False)  # rms_norm timed them
+        out["cases"]["layer_norm" + suffix] = _norm_case(ln_ours, ln_torch, (x, r), (w, b), (gy, gs), *nbytes,
+                                                         launches)
+        ctx["save"]()
+        if not suffix:  # the main shape: also against HF's composite, which the fine-tuning models use
+            out["cases"]["rms_norm"] = _norm_case(rms_ours, rms_torch, (x, r), (w,), (gy, gs), *nbytes, launches)
+            ctx["save"]()
+        if hasattr(F, "rms_norm"):
+            out["cases"]["rms_norm_vs_F.rms_norm" + suffix] = _norm_case(
+                rms_ours, rms_torch_fused, (x, r), (w,), (gy, gs), *nbytes, launches if suffix else None)
+            ctx["save"]()
+        del x, r, gy, gs
 
 
 def cross_entropy(results: dict, ctx: dict) -> None:
@@ -932,11 +947,11 @@ def markdown(results: dict) -> str:
             lines.append("")
     nm = results.get("norms")
     if nm and nm.get("cases"):
-        lines += [f"## Norms with fused residual {tuple(nm['shape'])} {nm['dtype']} (GB/s)", "",
-                  "| op | mode | llmcore triton | torch | speed-up |", "|---|---|---|---|---|"]
+        lines += [f"## Norms with fused residual, {nm['dtype']} (GB/s)", "",
+                  "| op | shape | mode | llmcore triton | torch | speed-up |", "|---|---|---|---|---|---|"]
         for cname, c in nm["cases"].items():
             for mode in ("forward", "fwd_bwd"):
-                lines.append(f"| {cname} | {mode} | {c['llmcore_triton'][mode]['gbps']:.0f} | "
+                lines.append(f"| {cname} | {tuple(c['shape'])} | {mode} | {c['llmcore_triton'][mode]['gbps']:.0f} | "
                              f"{c['torch'][mode]['gbps']:.0f} | {c['speedup_vs_torch'][mode]:.2f}x |")
         lines.append("")
         for cname, c in nm["cases"].items():

@@ -127,7 +127,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   run_tests attention-dq tests/test_triton_attention.py -k "dq_"
   run_tests attention-masks tests/test_triton_attention.py -k "not sdpa_matches and not strided and not varlen and not dq_"
   run_tests attention-varlen tests/test_triton_attention.py -k "varlen and not dq_"
-  run_tests norm-ce tests/test_triton_norm.py tests/test_triton_cross_entropy.py
+  run_tests norm tests/test_triton_norm.py
+  run_tests cross-entropy tests/test_triton_cross_entropy.py
   if [ -f tests/test_attention_cuda.py ]; then run_tests cuda tests/test_attention_cuda.py; fi
   for pid in "${test_pids[@]}"; do wait "$pid" || status=1; done
   for f in "$LOG_DIR"/test-*.log; do

@@ -94,7 +94,7 @@ class Kernel:
 
     def label(self) -> str:
         keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "DQ_ATOMIC", "DQ_TMA", "RMS",
-                "HAS_RES", "STAGES", "BLOCK_M", "BLOCK_N", "BLOCK_V", "ROWS")
+                "HAS_RES", "STAGES", "CHUNKED", "BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_V", "ROWS")
         consts = " ".join(f"{k}={self.constants[k]}" for k in keep if k in self.constants)
         return f"{self.name} {self.dtype} {consts}"
 
@@ -259,8 +259,8 @@ def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: i
     return run
 
 
-def _norm(rms: bool, cols: int, dtype, bwd_stages: int = 1) -> Callable[[], None]:
-    """bwd_stages: the backward's row-loop stages (2: software-pipelined; norm.backward_launch)."""
+def _norm(rms: bool, cols: int, dtype, **bwd) -> Callable[[], None]:
+    """bwd: the backward's launch settings (norm.backward_launch), e.g. stages=2 (software-pipelined)."""
     def run():
         from llmcore.ops.triton import norm
 
@@ -270,7 +270,7 @@ def _norm(rms: bool, cols: int, dtype, bwd_stages: int = 1) -> Callable[[], None
             y, s = norm.rms_norm(x, w, residual=r)
         else:
             y, s = norm.layer_norm(x, w, torch.zeros(cols, dtype=dtype, requires_grad=True), residual=r)
-        with norm.backward_launch(stages=bwd_stages):
+        with norm.backward_launch(**bwd):
             torch.autograd.backward((y, s), (torch.zeros_like(y), torch.zeros_like(s)))
     return run
 
@@ -306,7 +306,11 @@ def _cases() -> dict[str, Callable[[], None]]:
         "layer_norm 4096 bf16 residual": _norm(False, 4096, torch.bfloat16),
         "layer_norm 1000 fp32 residual": _norm(False, 1000, torch.float32),
         "rms_norm 4096 bf16 residual": _norm(True, 4096, torch.bfloat16),
-        "layer_norm 4096 bf16 residual, 2-stage backward": _norm(False, 4096, torch.bfloat16, bwd_stages=2),
+        "layer_norm 4096 bf16 residual, 2-stage backward": _norm(False, 4096, torch.bfloat16, stages=2),
+        "layer_norm 4096 bf16 residual, split backward": _norm(False, 4096, torch.bfloat16, split=True),
+        "rms_norm 8192 bf16 residual": _norm(True, 8192, torch.bfloat16),
+        "rms_norm 8192 bf16 residual, split backward": _norm(True, 8192, torch.bfloat16, split=True),
+        "layer_norm 16384 bf16 residual": _norm(False, 16384, torch.bfloat16),
         "rms_norm 65536 fp16 residual": _norm(True, 65536, torch.float16),
         "cross_entropy vocab 128256 bf16": _cross_entropy(128256, torch.bfloat16),
         "cross_entropy vocab 30522 fp32": _cross_entropy(30522, torch.float32),

@@ -17,15 +17,23 @@ from llmcore.ops.triton._loader import kernels, multiprocessors
 __all__ = ["layer_norm", "rms_norm", "why_not", "backward_launch", "MAX_COLS"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_COLS = 65536  # a whole row lives in one program's registers
+MAX_COLS = 65536  # the forward holds a whole row in one program's registers
 # How the backward launches (GPU only; the interpreter runs one warp, one stage):
-# - stages: software-pipelining stages of its row loop. With 2, the next rows' loads are in flight (cp.async, 16 KB
-#   more shared memory at 4096 bf16 columns, no spills: python -m llmcore.ops.triton.aot) while a row is reduced;
-# - programs_per_sm: each program sweeps a contiguous range of rows and writes one float32 partial of dw and db;
-# - warps: per program, None for _blocks' rule (by row length).
-# The defaults are the launch the H200 measured (LayerNorm fwd+bwd 0.73x torch); benchmarks/gpu/bench.py times
-# the others against them (backward_launch), none of them on a GPU yet.
-_BWD = {"stages": 1, "programs_per_sm": 4, "warps": None}
+# - split: None picks by row length (fused up to _FUSED_MAX_BLOCK columns, split beyond: the fused kernel's full-width
+#   dw/db accumulators spill at 16384 columns, python -m llmcore.ops.triton.aot); True / False force one form
+#   (norm_kernels explains both);
+# - stages: software-pipelining stages of the fused kernel's row loop. With 2, the next rows' loads are in flight
+#   (cp.async, 16 KB more shared memory at 4096 bf16 columns, no spills) while a row is reduced;
+# - programs_per_sm: the fused kernel's programs each sweep a contiguous range of rows and write one float32 partial
+#   of dw and db;
+# - warps: per program of the fused kernel, None for _blocks' rule (by row length);
+# - chunk: the split form's rows wider than this many columns are swept in chunks of it (a power of 2).
+# The defaults are the launch the H200 measured (LayerNorm fwd+bwd 0.73x torch, fused); benchmarks/gpu/bench.py
+# times the others against them (backward_launch), none of them on a GPU yet; the split form has not run on one.
+_BWD = {"split": None, "stages": 1, "programs_per_sm": 4, "warps": None, "chunk": 8192}
+_FUSED_MAX_BLOCK = 8192
+# The split form's dw/db kernel: (rows, columns) per tile, warps, and programs per SM to aim for.
+_DW_TILE, _DW_WARPS, _DW_PROGRAMS_PER_SM = (16, 128), 4, 8
 
 
 def why_not(x: Tensor, params: tuple) -> Optional[str]:
@@ -61,11 +69,16 @@ def _blocks(cols: int, interpret: bool) -> tuple[int, int, int]:
 
 @contextmanager
 def backward_launch(**override) -> Iterator[None]:
-    """Backward launches inside use these of ``_BWD``'s settings (stages, programs_per_sm, warps) instead.
-    For measuring them (benchmarks/gpu/bench.py) and compiling them (aot); not thread-safe."""
+    """Backward launches inside use these of ``_BWD``'s settings (split, stages, programs_per_sm, warps, chunk)
+    instead. For measuring them (benchmarks/gpu/bench.py) and compiling them (aot); not thread-safe."""
     unknown = set(override) - set(_BWD)
     if unknown:
         raise ValueError(f"unknown backward launch settings {sorted(unknown)}; known: {sorted(_BWD)}")
+    if override.get("split", None) not in (None, True, False):
+        raise ValueError(f"split must be None, True or False, got {override['split']!r}")
+    chunk = override.get("chunk", 16)
+    if not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of 2 >= 16, got {chunk!r}")
     saved = dict(_BWD)
     _BWD.update(override)
     try:
@@ -119,24 +132,77 @@ def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor
     mod = kernels("norm_kernels", inp.device)
     dy2, x2, dx2 = _rows(grad_y, cols), _rows(inp, cols), grad_in.view(-1, cols)
     ds2 = _rows(grad_s, cols) if grad_s is not None else None
-    n_rows = x2.size(0)
+    d = _dummy(inp)
+    args = (dy2, x2, mean if not rms else d, rstd)
+    split = _BWD["split"]
+    if split is None:
+        split = _blocks(cols, False)[0] > _FUSED_MAX_BLOCK
+    if split:
+        _backward_dx(mod, args, weight, ds2, dx2, rms, d)
+        dw, db = _backward_dw(mod, args, need_w, need_b, rms, d)
+    else:
+        dw, db = _backward_fused(mod, args, weight, ds2, dx2, need_w, need_b, rms, d)
+    return grad_in, dw.sum(0) if need_w else None, db.sum(0) if need_b else None
+
+
+def _partials(programs: int, cols: int, need: bool, like: Tensor) -> Tensor:
+    return torch.empty(programs if need else 0, cols, dtype=torch.float32, device=like.device)
+
+
+def _backward_fused(mod, args, weight, ds2, dx2, need_w, need_b, rms, d):
+    dy2, x2 = args[:2]
+    n_rows, cols = x2.shape
     block_n, rows, warps = _blocks(cols, mod.INTERPRET)
     if _BWD["warps"] and not mod.INTERPRET:
         warps = _BWD["warps"]
-    programs = _programs(n_rows, rows, inp.device, mod.INTERPRET)
+    programs = _programs(n_rows, rows, x2.device, mod.INTERPRET)
     per_program = -(-n_rows // programs)
     per_program = -(-per_program // rows) * rows
     programs = -(-n_rows // per_program)
-    dw = torch.empty(programs if need_w else 0, cols, dtype=torch.float32, device=inp.device)
-    db = torch.empty(programs if need_b else 0, cols, dtype=torch.float32, device=inp.device)
-    d = _dummy(inp)
+    dw, db = _partials(programs, cols, need_w, x2), _partials(programs, cols, need_b, x2)
     mod.norm_bwd[(programs,)](
-        dy2, x2, mean if not rms else d, rstd, d if weight is None else weight, d if ds2 is None else ds2, dx2,
+        *args, d if weight is None else weight, d if ds2 is None else ds2, dx2,
         dw if need_w else d, db if need_b else d,
         n_rows, cols, per_program, dy2.stride(0), x2.stride(0), 0 if ds2 is None else ds2.stride(0), dx2.stride(0),
         RMS=rms, HAS_W=weight is not None, HAS_DS=ds2 is not None, NEED_DW=need_w, NEED_DB=need_b,
         ROWS=rows, BLOCK_N=block_n, STAGES=1 if mod.INTERPRET else _BWD["stages"], num_warps=warps)
-    return grad_in, dw.sum(0) if need_w else None, db.sum(0) if need_b else None
+    return dw, db
+
+
+def _backward_dx(mod, args, weight, ds2, dx2, rms, d):
+    """The split form's ds (into dx2): whole rows as the forward holds them, or rows wider than _BWD["chunk"]
+    in chunks of it."""
+    dy2, x2 = args[:2]
+    n_rows, cols = x2.shape
+    block_n, rows, warps = _blocks(min(cols, _BWD["chunk"]), mod.INTERPRET)
+    mod.norm_bwd_dx[(-(-n_rows // rows),)](
+        *args, d if weight is None else weight, d if ds2 is None else ds2, dx2,
+        n_rows, cols, dy2.stride(0), x2.stride(0), 0 if ds2 is None else ds2.stride(0), dx2.stride(0),
+        RMS=rms, HAS_W=weight is not None, HAS_DS=ds2 is not None, ROWS=rows, BLOCK_N=block_n,
+        CHUNKED=cols > block_n, num_warps=warps)
+
+
+def _backward_dw(mod, args, need_w, need_b, rms, d):
+    """The split form's dw and db: float32 partials (row ranges, cols)."""
+    dy2, x2 = args[:2]
+    n_rows, cols = x2.shape
+    if not (need_w or need_b):
+        return None, None
+    rows, block_c = (4, 32) if mod.INTERPRET else _DW_TILE
+    col_blocks = -(-cols // block_c)
+    if mod.INTERPRET:
+        ranges = 3
+    else:
+        ranges = max(1, _DW_PROGRAMS_PER_SM * multiprocessors(x2.device) // col_blocks)
+    per_range = -(-n_rows // min(ranges, -(-n_rows // rows)))
+    per_range = -(-per_range // rows) * rows
+    ranges = -(-n_rows // per_range)
+    dw, db = _partials(ranges, cols, need_w, x2), _partials(ranges, cols, need_b, x2)
+    mod.norm_bwd_dw[(col_blocks, ranges)](
+        *args, dw if need_w else d, db if need_b else d, n_rows, cols, per_range, dy2.stride(0), x2.stride(0),
+        RMS=rms, NEED_DW=need_w, NEED_DB=need_b, ROWS=rows, BLOCK_C=block_c,
+        num_warps=1 if mod.INTERPRET else _DW_WARPS)
+    return dw, db
 
 
 class _Norm(torch.autograd.Function):

@@ -12,9 +12,17 @@ N the row length:
     LayerNorm: ds = rstd * (g - xhat * mean(g * xhat) - mean(g)),  dw = sum_rows dy * xhat,  db = sum_rows dy
     RMSNorm:   ds = rstd * (g - xhat * mean(g * xhat)),            dw = sum_rows dy * round_x(xhat)
 
-plus the gradient that reaches s directly (the residual stream's). A program holds ROWS
-whole rows (BLOCK_N >= N); the backward's programs each sweep a contiguous range of rows
-and write one float32 partial of dw and db, summed afterwards.
+plus the gradient that reaches s directly (the residual stream's). The forward's programs
+hold ROWS whole rows (BLOCK_N >= N). The backward comes in two forms (``norm.py`` picks):
+
+- fused, ``norm_bwd``: each program sweeps a contiguous range of whole rows, writing ds and
+  one float32 partial of dw and db (summed afterwards). It reads each input once, but holds
+  the full-width dw and db accumulators beside the row, which spill at 16384+ columns, and
+  its few programs keep little memory traffic in flight.
+- split, ``norm_bwd_dx`` then ``norm_bwd_dw``: the first holds ROWS rows per program as the
+  forward does (or, for rows wider than BLOCK_N, sweeps each row twice in BLOCK_N-column
+  chunks: the row sums, then ds), the second sums dw and db down column blocks, one float32
+  partial per range of rows. It reads dy and x twice.
 
 Loaded once per mode by :mod:`llmcore.ops.triton._loader`.
 """
@@ -70,6 +78,55 @@ def norm_fwd(
 
 
 @triton.jit
+def _grad_terms(DY, X, MEAN, w, rstd, r64, rows, row_ok, cols, col_ok, stride_dy, stride_x,
+                RMS: tl.constexpr, HAS_W: tl.constexpr):
+    """(dy, g = dy * w, xhat) of a tile (rows, cols) in float32, zero outside it; w (cols,) and rstd (rows,)
+    already loaded (w unused without HAS_W)."""
+    inside = row_ok[:, None] & col_ok[None, :]
+    dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    if RMS:
+        xhat = x * rstd[:, None]
+    else:
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(inside, (x - mean[:, None]) * rstd[:, None], 0.0)
+    g = dy * w[None, :] if HAS_W else dy
+    return dy, g, xhat
+
+
+@triton.jit
+def _weight(W, cols, col_ok, HAS_W: tl.constexpr):
+    """The weight's columns in float32 (zeros, unused, without one)."""
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros_like(cols).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _dw_terms(dy, xhat, X_DTYPE: tl.constexpr, RMS: tl.constexpr):
+    """The tile's terms of dw: dy * xhat (RMS: xhat rounded to x's dtype first, as HF multiplies the weight by it)."""
+    if RMS:
+        xhat = _cast(xhat, X_DTYPE).to(tl.float32)
+    return dy * xhat
+
+
+@triton.jit
+def _store_ds(DS, DX, g, xhat, c1, c2, rstd, r64, row_ok, cols, col_ok, stride_ds, stride_dx,
+              RMS: tl.constexpr, HAS_DS: tl.constexpr):
+    """ds = rstd * (g - xhat * c1 - c2) (RMS: without c2), plus the residual stream's gradient DS, stored in DX."""
+    inside = row_ok[:, None] & col_ok[None, :]
+    if RMS:
+        dx = (g - xhat * c1[:, None]) * rstd[:, None]
+    else:
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if HAS_DS:
+        dx = dx + tl.load(DS + r64 * stride_ds + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    tl.store(DX + r64 * stride_dx + cols[None, :], _cast(dx, DX.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def norm_bwd(
     DY, X, MEAN, RSTD, W, DS, DX, DW, DB,
     n_rows, n_cols, rows_per_program, stride_dy, stride_x, stride_ds, stride_dx,
@@ -79,8 +136,7 @@ def norm_bwd(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
-    if HAS_W:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w = _weight(W, cols, col_ok, HAS_W)
     dw = tl.zeros([BLOCK_N], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
     first = pid * rows_per_program
@@ -88,34 +144,92 @@ def norm_bwd(
     for r0 in tl.range(first, last, ROWS, num_stages=STAGES):  # STAGES 2: the next rows load during this one
         rows = r0 + tl.arange(0, ROWS)
         row_ok = rows < last
-        inside = row_ok[:, None] & col_ok[None, :]
         r64 = rows.to(tl.int64)[:, None]
-        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        x = tl.load(X + r64 * stride_x + cols[None, :], mask=inside, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        if RMS:
-            xhat = x * rstd[:, None]
-        else:
-            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-            xhat = tl.where(inside, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * w[None, :] if HAS_W else dy
+        dy, g, xhat = _grad_terms(DY, X, MEAN, w, rstd, r64, rows, row_ok, cols, col_ok, stride_dy, stride_x,
+                                  RMS, HAS_W)
         c1 = tl.sum(xhat * g, 1) / n_cols
-        if RMS:
-            dx = (g - xhat * c1[:, None]) * rstd[:, None]
-        else:
-            c2 = tl.sum(g, 1) / n_cols
-            dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        if HAS_DS:
-            dx = dx + tl.load(DS + r64 * stride_ds + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        tl.store(DX + r64 * stride_dx + cols[None, :], _cast(dx, DX.dtype.element_ty), mask=inside)
+        c2 = c1 if RMS else tl.sum(g, 1) / n_cols
+        _store_ds(DS, DX, g, xhat, c1, c2, rstd, r64, row_ok, cols, col_ok, stride_ds, stride_dx, RMS, HAS_DS)
         if NEED_DW:
-            if RMS:  # HF multiplies the weight by the normalized value rounded to x's dtype
-                dw += tl.sum(dy * _cast(xhat, X.dtype.element_ty).to(tl.float32), 0)
-            else:
-                dw += tl.sum(dy * xhat, 0)
+            dw += tl.sum(_dw_terms(dy, xhat, X.dtype.element_ty, RMS), 0)
         if NEED_DB:
             db += tl.sum(dy, 0)
     if NEED_DW:
         tl.store(DW + pid.to(tl.int64) * n_cols + cols, dw, mask=col_ok)
     if NEED_DB:
         tl.store(DB + pid.to(tl.int64) * n_cols + cols, db, mask=col_ok)
+
+
+@triton.jit
+def norm_bwd_dx(
+    DY, X, MEAN, RSTD, W, DS, DX,
+    n_rows, n_cols, stride_dy, stride_x, stride_ds, stride_dx,
+    RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNKED: tl.constexpr,
+):
+    """ds of ROWS rows (the split backward's first kernel). CHUNKED: rows wider than BLOCK_N, swept twice."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    r64 = rows.to(tl.int64)[:, None]
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    if CHUNKED:
+        s1 = tl.zeros([ROWS], tl.float32)
+        s2 = tl.zeros([ROWS], tl.float32)
+        for c0 in range(0, n_cols, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            _, g, xhat = _grad_terms(DY, X, MEAN, _weight(W, cols, col_ok, HAS_W), rstd, r64, rows, row_ok, cols,
+                                     col_ok, stride_dy, stride_x, RMS, HAS_W)
+            s1 += tl.sum(xhat * g, 1)
+            if not RMS:
+                s2 += tl.sum(g, 1)
+        c1 = s1 / n_cols
+        c2 = s2 / n_cols
+        for c0 in range(0, n_cols, BLOCK_N):  # the second sweep's loads mostly hit L2
+            cols = c0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            _, g, xhat = _grad_terms(DY, X, MEAN, _weight(W, cols, col_ok, HAS_W), rstd, r64, rows, row_ok, cols,
+                                     col_ok, stride_dy, stride_x, RMS, HAS_W)
+            _store_ds(DS, DX, g, xhat, c1, c2, rstd, r64, row_ok, cols, col_ok, stride_ds, stride_dx, RMS, HAS_DS)
+    else:
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        _, g, xhat = _grad_terms(DY, X, MEAN, _weight(W, cols, col_ok, HAS_W), rstd, r64, rows, row_ok, cols, col_ok,
+                                 stride_dy, stride_x, RMS, HAS_W)
+        c1 = tl.sum(xhat * g, 1) / n_cols
+        c2 = c1 if RMS else tl.sum(g, 1) / n_cols
+        _store_ds(DS, DX, g, xhat, c1, c2, rstd, r64, row_ok, cols, col_ok, stride_ds, stride_dx, RMS, HAS_DS)
+
+
+@triton.jit
+def norm_bwd_dw(
+    DY, X, MEAN, RSTD, DW, DB,
+    n_rows, n_cols, rows_per_program, stride_dy, stride_x,
+    RMS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Float32 partials of dw and db over BLOCK_C columns and one range of rows (the split backward's second
+    kernel): grid (column blocks, row ranges); partial p of column c at DW[p * n_cols + c]."""
+    pid_r = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    dw = tl.zeros([ROWS, BLOCK_C], tl.float32)  # summed down the rows once, at the end
+    db = tl.zeros([ROWS, BLOCK_C], tl.float32)
+    first = pid_r * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for r0 in range(first, last, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_ok = rows < last
+        r64 = rows.to(tl.int64)[:, None]
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        dy, _, xhat = _grad_terms(DY, X, MEAN, rstd, rstd, r64, rows, row_ok, cols, col_ok, stride_dy, stride_x,
+                                  RMS, False)
+        if NEED_DW:
+            dw += _dw_terms(dy, xhat, X.dtype.element_ty, RMS)
+        if NEED_DB:
+            db += dy
+    out = pid_r.to(tl.int64) * n_cols + cols
+    if NEED_DW:
+        tl.store(DW + out, tl.sum(dw, 0), mask=col_ok)
+    if NEED_DB:
+        tl.store(DB + out, tl.sum(db, 0), mask=col_ok)
