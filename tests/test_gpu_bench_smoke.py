@@ -63,6 +63,27 @@ def test_every_section_runs(smoke):
     assert {b["from"] for b in results["bars"].values()} == {"head_to_head llmcore_tuned"}
     gqa = results["attention_gqa"]["dkdv_blocks"]
     assert gqa and all("fwd_bwd" in row and "error" not in row for row in gqa), gqa
+    for case in ("layer_norm", "rms_norm"):  # the backward's launches ran, the split form's included
+        launches = results["norms"]["cases"][case]["bwd_launches"]["launches"]
+        assert {"split=True,chunk=1024", "split=True,chunk=64"} <= set(launches)
+        assert all("speedup_vs_defaults" in row for row in launches.values()), launches
+    rounds = results["cross_entropy"]["chunk_rounds"]
+    assert set(rounds["speedup_vs_default"]) == {"chunk17", "chunk16", "chunk32"}
+
+
+def test_decide_reads_it(smoke, capsys):
+    done, out = smoke
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import decide
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert decide.main([str(out / "gpu-smoke-cpu.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if "cannot read" in line or "no head-to-head" in line], lines
+    for start in ("- attention causal backward", "- attention noncausal forward blocks", "- layer_norm (64, 256)",
+                  "- rms_norm (64, 256)", "- LM-head loss", "- GQA"):
+        assert any(line.startswith(start) for line in lines), (start, lines)
 
 
 def test_markdown_has_the_tables(smoke):

@@ -70,6 +70,7 @@ NORM_BWD_LAUNCHES = tuple(dict(stages=s, programs_per_sm=p, warps=w) for s in (1
                           for w in (4, 8, 16)) + (dict(split=True), dict(split=True, chunk=2048),
                                                   dict(split=True, chunk=1024))
 NORM_ROUNDS = 3
+CE_ROUNDS = 3  # the LM-head loss's chunk sizes, side by side
 # Wider rows, where the backward's defaults change form (fused to 8192 columns, split beyond: the fused one spills at
 # 16384, aot sm_90), each timed with both forms and smaller chunks against the defaults.
 NORM_WIDE = ((8192, 8192), (4096, 16384))
@@ -762,6 +763,14 @@ def cross_entropy(results: dict, ctx: dict) -> None:
         res[name] = t
     res["speedup_vs_torch"] = res["torch"]["ms"] / res["llmcore_triton"]["ms"]
     results["cross_entropy"] = res
+    ctx["save"]()
+    # One call takes ~50-100 ms, so each timing above is a call or two: the chunks again, side by side in rounds
+    runners = {"default": ours, **{f"chunk{rows}": ours_rows(rows) for rows in others}}
+    times = _alternating({k: (lambda fn=fn: bench(lambda: fn(*leaves).backward(), leaves, rep=300, warmup=50)["ms"])
+                          for k, fn in runners.items()}, CE_ROUNDS)
+    res["chunk_rounds"] = {"rounds": CE_ROUNDS, "ms": times, "speedup_vs_default": {
+        k: dict(zip(("median", "min", "max"), (_median(r), min(r), max(r))))
+        for k in times if k != "default" for r in [[d / t for d, t in zip(times["default"], times[k])]]}}
 
 
 def cuda_backend(results: dict, ctx: dict) -> None:

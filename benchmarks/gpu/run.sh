@@ -160,6 +160,10 @@ grep "^\[bench" "$LOG_DIR/bench.log"
 tail -20 "$LOG_DIR/bench.err"
 md=$(find benchmarks/results -maxdepth 1 -name 'gpu-*.md' -newer "$NOTES" 2>/dev/null | head -1)  # this run's
 if [ -n "$md" ]; then
+  if [ -f "${md%.md}.json" ]; then  # what the numbers say to change in the defaults (changes nothing)
+    { printf '\n## What benchmarks/gpu/decide.py proposes\n\n'
+      timeout 60 "$PY" benchmarks/gpu/decide.py "${md%.md}.json" 2>&1 | tail -n +2; } >>"$md"
+  fi
   printf '\nrun.sh: %s s in all, status %s.\n' "$(elapsed)" "$status" >>"$md"
   cp "$NOTES" "$LOG_DIR/notes-final.txt"
 fi

@@ -1,0 +1,68 @@
+"""benchmarks/gpu/decide.py's rule on made-up GPU results: a candidate replaces a default only when faster in
+every round and by MIN_GAIN in the median round. (tests/test_gpu_bench_smoke.py runs it on the script's JSON.)"""
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")  # decide.py reads the attention tables' buckets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
+import decide  # noqa: E402
+
+sys.path.pop(0)
+
+
+def _attention(defaults, tuned, dq="tma"):
+    blocks = {"fwd": [128, 64, 8, 3], "dkdv": [32, 64, 4, 3], "dq": [128, 64, 8, 3], "dkdv_atomic": [64, 128, 8, 3],
+              "dkdv_tma": [64, 128, 8, 2]}
+    modes = {m: {"ms": {"llmcore_defaults": defaults, "llmcore_unfolded": defaults, "llmcore_tuned": tuned}}
+             for m in ("forward", "fwd_bwd")}
+    return {"attention": {"shape": [4, 32, 4096, 128], "cases": {"causal": {
+        "head_to_head": {"rounds": len(defaults), "modes": modes},
+        "llmcore_triton_tuned": {"blocks": blocks, "dq_mode": dq}}}}}
+
+
+def test_attention_winners_every_round():
+    lines = decide.decide(_attention([10.0, 10.2, 9.9, 10.1, 10.0], [9.0, 9.3, 9.1, 9.2, 9.4]))
+    assert lines[0].startswith("attention causal backward: CHANGE")
+    assert '_MEASURED[("dkdv_tma", 128, True)] = (64, 128, 8, 2)' in lines[0]
+    assert '_DQ_MEASURED[(128, True)] = "tma"' in lines[0]
+    assert "CHANGE: _MEASURED[(\"fwd\", 128, True)] = (128, 64, 8, 3)" in lines[1]
+    kernel = decide.decide(_attention([10.0] * 3, [9.0] * 3, dq="kernel"))[0]
+    assert '("dkdv", 128, True)' in kernel and '("dq", 128, True)' in kernel and "_DQ_MEASURED" not in kernel
+
+
+@pytest.mark.parametrize("tuned", [[9.0, 9.0, 10.1, 9.0, 9.0],   # lost one round
+                                   [9.9, 9.8, 9.9, 9.9, 9.8]])  # won every round, by 1-2%
+def test_attention_keeps_defaults(tuned):
+    lines = decide.decide(_attention([10.0] * 5, tuned))
+    assert lines[0].startswith("attention causal backward: keep") and lines[1].endswith(")")
+    assert "keep" in lines[1]
+
+
+def _norms(up):
+    row = {"settings": {"split": True}, "speedup_vs_defaults": up}
+    return {"norms": {"cases": {"layer_norm": {"shape": [16384, 4096], "bwd_launches": {
+        "defaults": {"split": None}, "launches": {"split=True": row, "warps=4": {"error": "OutOfResources"}}}}}}}
+
+
+def test_norm_launches():
+    change = decide.decide(_norms({"median": 1.4, "min": 1.3, "max": 1.5}))[0]
+    assert "CHANGE" in change and "norm._BWD.update({'split': True})" in change and "failed: warps=4" in change
+    assert "keep" in decide.decide(_norms({"median": 1.02, "min": 1.01, "max": 1.03}))[0]
+    assert "keep" in decide.decide(_norms({"median": 1.4, "min": 0.99, "max": 1.5}))[0]
+
+
+def test_cross_entropy_chunks():
+    t = {"ms": 90.0, "ms_p20": 90.0, "ms_p80": 90.0}
+    ce = {"cross_entropy": {"shape": {}, "llmcore_triton": t, "llmcore_triton_chunk1024": dict(t, ms=45.0),
+                            "llmcore_triton_chunk4096": dict(t, ms=44.0), "chunk_rounds": {"rounds": 3,
+                            "speedup_vs_default": {"chunk1024": {"median": 2.0, "min": 1.9, "max": 2.1},
+                                                   "chunk4096": {"median": 1.01, "min": 1.0, "max": 1.02}}}}}
+    assert decide.decide(ce)[0].endswith("CHANGE the CUDA default toward 1024 rows (faster in every round; weigh its "
+                                         "memory)")
+
+
+def test_unreadable_sections_are_named():
+    assert decide.decide({"attention": {"cases": {"causal": {}}}}) == ["attention: cannot read (KeyError: 'shape')"]
