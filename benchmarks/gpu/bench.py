@@ -62,7 +62,8 @@ ATTN_SHAPE = (4, 32, 4096, 128)
 GQA_SHAPE = (4, 32, 8, 4096, 128)  # batch, query heads, key/value heads (Llama-3-8B's 4:1), length, head dim
 NORM_SHAPE = (16384, 4096)
 CE_SHAPE = (8192, 4096, 128256)  # tokens, hidden, vocab (Llama-3's)
-# dK/dV blocks the GQA section times beside the default: no spills at GROUP 4, D 128, causal (aot, Triton 3.9, sm_90)
+# dK/dV blocks the GQA section times beside the default: no spills at GROUP 4, D 128, causal (aot, Triton 3.9, sm_90:
+# 184 and 212 registers; the default 230)
 GQA_DKDV = ((32, 64, 8, 3), (16, 128, 8, 3))
 # The norm backward's launches timed against the defaults (llmcore.ops.triton.norm._BWD), NORM_ROUNDS rounds.
 # The fused form's launches, then the split form (whole rows, and rows swept in chunks), none measured on a GPU yet.
@@ -787,10 +788,11 @@ def cuda_backend(results: dict, ctx: dict) -> None:
 
 
 def attention_gqa(results: dict, ctx: dict) -> None:
-    """Causal GQA forward + backward, the defaults against torch SDPA's enable_gqa. The dK/dV kernel loops over
-    the query heads that share a key head; compiled for sm_90 it spills with more than one of them (python -m
-    llmcore.ops.triton.aot: 176 B at D 128 with the default (32, 64, 4, 3)), which GROUP 1 (the main shape) does
-    not. Timed here, and beside it the dK/dV blocks that compile without spills at GROUP 4 (GQA_DKDV)."""
+    """Causal GQA forward + backward, the defaults against torch SDPA's enable_gqa. The dK/dV kernel runs over
+    the query heads that share a key head (one loop over (head, block) pairs: the loop over heads around one
+    over blocks spilled 176 B at D 128, sm_90; now none, 230 registers, python -m llmcore.ops.triton.aot).
+    Timed here with the GROUP 1 default blocks (32, 64, 4, 3), and beside it other blocks that compile without
+    spills at GROUP 4 (GQA_DKDV)."""
     import llmcore
 
     b, hq, hkv, n, d = (1, 4, 2, 64, 32) if SMOKE else GQA_SHAPE

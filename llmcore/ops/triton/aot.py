@@ -93,8 +93,8 @@ class Kernel:
         return None
 
     def label(self) -> str:
-        keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "DQ_ATOMIC", "DQ_TMA", "RMS",
-                "HAS_RES", "STAGES", "CHUNKED", "BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_V", "ROWS")
+        keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "GROUPED", "DQ_ATOMIC", "DQ_TMA",
+                "RMS", "HAS_RES", "STAGES", "CHUNKED", "BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_V", "ROWS")
         consts = " ".join(f"{k}={self.constants[k]}" for k in keep if k in self.constants)
         return f"{self.name} {self.dtype} {consts}"
 
@@ -295,6 +295,7 @@ def _cases() -> dict[str, Callable[[], None]]:
         "attention d64 fp32": _attention(64, torch.float32),
         "attention d256 fp32 causal": _attention(256, torch.float32, causal=True),
         "attention d64 bf16 gqa4 bool-mask": _attention(64, gqa=4, mask="bool"),
+        "attention d128 bf16 causal gqa4": _attention(128, causal=True, gqa=4),
         "attention d96 bf16 additive-mask dropout": _attention(96, mask="additive", dropout=0.1),
         "attention d128 bf16 causal dropout": _attention(128, causal=True, dropout=0.1),
         "attention d128 bf16 causal dq-atomic": _attention(128, causal=True, dq="atomic"),

@@ -344,7 +344,8 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
             *_rows3(dk, p.packed), *_rows3(dv, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_k, bn), p.heads_k, p.batch)  # noqa: E731
     _launch(mod, "dkdv" if not atomic else "dkdv_" + mode, mod.attn_bwd_dkdv, grid, args,
-            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None), p.block_d, p.wide, p.causal, len_q=p.len_q,
+            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=p.heads != p.heads_k), p.block_d, p.wide,
+            p.causal, len_q=p.len_q,
             desc=desc)
     if atomic:
         dq = dq_acc.view(*p.lse_shape, p.block_d)[..., :p.head_dim]

@@ -336,6 +336,41 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, DQ_DESC, m0, offs_n, 
 
 
 @triton.jit
+def _head_inputs(Q, DO, MASK, b64, h, q_start, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+                 stride_mb, stride_mh, stride_lb, stride_lh):
+    """Query head h's Q, dO and mask bases, and the logsumexp index of its first row."""
+    h = h.to(tl.int64)
+    return (Q + b64 * stride_qb + h * stride_qh + q_start * stride_qm,
+            DO + b64 * stride_dob + h * stride_doh + q_start * stride_dom,
+            MASK + b64 * stride_mb + h * stride_mh,
+            b64 * stride_lb + h * stride_lh + q_start)
+
+
+@triton.jit
+def _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, DQ_DESC, b64, hk, GROUP, q_start, m_lo, m_hi, offs_n,
+                offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
+                stride_dom, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb, stride_lh, scale, scale_log2, seed,
+                offset_lo, drop_thresh, drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr,
+                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                DQ_TMA: tl.constexpr, EVEN_M: tl.constexpr):
+    """_dkdv_step over the query blocks [m_lo, m_hi) of each of the GROUP query heads of key head hk, as one loop
+    over (head, block) pairs."""
+    blocks = tl.cdiv(m_hi - m_lo, BLOCK_M)
+    for t in range(0, GROUP * blocks):
+        g = t // blocks
+        Qh, DOh, MASKh, lse_row0 = _head_inputs(Q, DO, MASK, b64, hk * GROUP + g, q_start, stride_qb, stride_qh,
+                                                stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh,
+                                                stride_lb, stride_lh)
+        dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQA, DQ_DESC, m_lo + (t - g * blocks) * BLOCK_M,
+                            offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn,
+                            scale, scale_log2, seed, offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM,
+                            HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DIAGONAL, MASK_KIND, DROPOUT, PRECISION,
+                            DQ_ATOMIC, DQ_TMA, EVEN_M)
+    return dk, dv
+
+
+@triton.jit
 def attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, RNG, DQ_ACC, DQ_DESC,
     scale, scale_log2, drop_thresh, drop_scale,
@@ -351,11 +386,13 @@ def attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr,
-    EVEN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key block (over the GROUP query heads sharing it); with DQ_ATOMIC also dQ,
     added in float32 into the zeroed DQ_ACC (then no attn_bwd_dq launch is needed): (logsumexp rows,
-    BLOCK_D), written through the descriptor DQ_DESC (block (BLOCK_M, BLOCK_D)) where DQ_TMA."""
+    BLOCK_D), written through the descriptor DQ_DESC (block (BLOCK_M, BLOCK_D)) where DQ_TMA.
+    GROUPED (GROUP > 1): each of the two query loops runs over (head, block) pairs, one loop rather than a
+    loop over heads around one over blocks, which compiled for sm_90 spilled (176 B at D 128, causal)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -387,12 +424,22 @@ def attn_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for g in range(0, GROUP):
-        h = (hk * GROUP + g).to(tl.int64)
-        Qh = Q + b64 * stride_qb + h * stride_qh + q_start * stride_qm
-        DOh = DO + b64 * stride_dob + h * stride_doh + q_start * stride_dom
-        MASKh = MASK + b64 * stride_mb + h * stride_mh
-        lse_row0 = b64 * stride_lb + h * stride_lh + q_start
+    if GROUPED:
+        dk, dv = _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQ_ACC, DQ_DESC, b64, hk, GROUP, q_start, lo, mid,
+                             offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh, stride_qm, stride_dob,
+                             stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb, stride_lh,
+                             scale, scale_log2, seed, offset_lo, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, DQ_TMA, EVEN_M)
+        dk, dv = _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQ_ACC, DQ_DESC, b64, hk, GROUP, q_start, mid,
+                             len_q, offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh, stride_qm,
+                             stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb,
+                             stride_lh, scale, scale_log2, seed, offset_lo, drop_thresh, drop_scale, HEAD_DIM,
+                             HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC,
+                             DQ_TMA, EVEN_M)
+    else:
+        Qh, DOh, MASKh, lse_row0 = _head_inputs(Q, DO, MASK, b64, hk, q_start, stride_qb, stride_qh, stride_qm,
+                                                stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_lb,
+                                                stride_lh)
         for m0 in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQ_ACC, DQ_DESC, m0, offs_n, offs_d,
                                 offs_dv, len_q, len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, scale,
