@@ -63,7 +63,7 @@ GQA_SHAPE = (4, 32, 8, 4096, 128)  # batch, query heads, key/value heads (Llama-
 NORM_SHAPE = (16384, 4096)
 CE_SHAPE = (8192, 4096, 128256)  # tokens, hidden, vocab (Llama-3's)
 # dK/dV blocks the GQA section times beside the default: no spills at GROUP 4, D 128, causal (aot, Triton 3.9, sm_90:
-# 184 and 212 registers; the default 230)
+# 183 and 212 registers; the default 230)
 GQA_DKDV = ((32, 64, 8, 3), (16, 128, 8, 3))
 # The norm backward's launches timed against the defaults (llmcore.ops.triton.norm._BWD), NORM_ROUNDS rounds.
 # The fused form's launches, then the split form (whole rows, and rows swept in chunks), none measured on a GPU yet.
