@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the source tree,
 
 from llmcore.ops.triton.attention import _bucket  # noqa: E402  (the tables' head-dim buckets)
 
+MIN_GAIN = 1.03  # the median round's speed-up a change needs
 # The backward's kernels for each way of making dQ (llmcore.ops.triton.attention._dq_mode)
 _DQ_KINDS = {"kernel": ("dkdv", "dq"), "atomic": ("dkdv_atomic",), "tma": ("dkdv_tma",)}
 
@@ -33,9 +34,6 @@ def _ratios(slow: list, fast: list) -> list[float]:
 def _span(ratios: list[float]) -> str:
     ordered = sorted(ratios)
     return f"{ordered[len(ordered) // 2]:.3f}x (min {ordered[0]:.3f}, max {ordered[-1]:.3f}, {len(ordered)} rounds)"
-
-
-MIN_GAIN = 1.03
 
 
 def _every_round(ratios: list[float]) -> bool:
@@ -61,7 +59,8 @@ def attention(results: dict) -> list[str]:
                 sets = [f'_MEASURED[("{k}", {bucket}, {causal})] = {tuple(blocks[k])}' for k in _DQ_KINDS[dq]]
                 if dq != "kernel":
                     sets.append(f'_DQ_MEASURED[({bucket}, {causal})] = "{dq}"')
-                out.append(f"attention {name} backward: CHANGE ({_span(r)} fwd+bwd): " + "; ".join(sets))
+                out.append(f"attention {name} backward: CHANGE ({_span(r)} fwd+bwd, the forward's winners included: "
+                           f"see the next line): " + "; ".join(sets))
             else:
                 out.append(f"attention {name} backward: keep (the sweep's winners, dQ by {dq}: {_span(r)} fwd+bwd)")
         fw = modes.get("forward", {}).get("ms", {})
