@@ -756,13 +756,21 @@ def cross_entropy(results: dict, ctx: dict) -> None:
     others = (17, 16, 32) if SMOKE else (ce_ops._CHUNK_BYTES // (4 * vocab), 1024, 4096)
     for name, fn in (("llmcore_triton", ours), ("llmcore_torch_chunks", torch_chunked), ("torch", torch_plain),
                      *((f"llmcore_triton_chunk{rows}", ours_rows(rows)) for rows in others)):
-        for t in leaves:  # the previous entrant's gradients, freed inside this one's timing, would hide its own
+        # Memory: one call of its own, from no gradients (the previous entrant's would be freed inside this one's
+        # peak, and do_bench's first calls accumulate into the gradients they leave): above the inputs, the
+        # gradients it makes included
+        for t in leaves:
             t.grad = None
+        extra = 0.0
         if not SMOKE:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        base = 0 if SMOKE else torch.cuda.memory_allocated()  # the inputs; the peak above it includes the gradients
+            base = torch.cuda.memory_allocated()
+            fn(*leaves).backward()
+            torch.cuda.synchronize()
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
         t = rate(bench(lambda: fn(*leaves).backward(), leaves, rep=50), flops)
-        t["peak_extra_mib"] = 0.0 if SMOKE else (torch.cuda.max_memory_allocated() - base) / 2**20
+        t["peak_extra_mib"] = extra
         res[name] = t
     res["speedup_vs_torch"] = res["torch"]["ms"] / res["llmcore_triton"]["ms"]
     results["cross_entropy"] = res
