@@ -47,7 +47,8 @@ def test_every_section_runs(smoke):
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     results = json.loads((out / "gpu-smoke-cpu.json").read_text())
     assert results["errors"] == {}
-    assert set(results["seconds"]) == {"matmul", "attention", "norms", "cuda", "cross_entropy", "attention_gqa"}
+    assert set(results["seconds"]) == {"matmul", "attention", "norms", "cuda", "cross_entropy", "attention_gqa",
+                                       "norms_wide"}
     for case in ("causal", "noncausal"):
         c = results["attention"]["cases"][case]
         sweep = c["sweep"]
@@ -67,6 +68,8 @@ def test_every_section_runs(smoke):
         launches = results["norms"]["cases"][case]["bwd_launches"]["launches"]
         assert {"split=True,chunk=1024", "split=True,chunk=64"} <= set(launches)
         assert all("speedup_vs_defaults" in row for row in launches.values()), launches
+    wide = results["norms"]["cases"]["layer_norm 16x512"]["bwd_launches"]["launches"]
+    assert set(wide) == {"split=False", "split=True", "split=True,chunk=4096", "split=True,chunk=2048"}
     rounds = results["cross_entropy"]["chunk_rounds"]
     assert set(rounds["speedup_vs_default"]) == {"chunk17", "chunk16", "chunk32"}
 

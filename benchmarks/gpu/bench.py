@@ -23,7 +23,7 @@ a run cut short still leaves what it measured):
   forward+backward, in GB/s of the bytes the fused op must move, against torch's unfused
   composite (``x + r`` then ``F.layer_norm`` / HF's RMSNorm) and ``F.rms_norm``, with the
   backward's other launches (``norm.backward_launch``: forms, stages, programs, warps) timed
-  against its defaults; then wider rows (8192 and 16384 columns), where the defaults change form;
+  against its defaults (wider rows, 8192 and 16384 columns, where the defaults change form: last);
 - ``benchmarks/gpu/bench_cuda.py``'s ``run(results)`` when the ``cuda`` attention backend is
   available;
 - the chunked LM-head cross-entropy, forward+backward, against torch's
@@ -674,15 +674,24 @@ def _norm_bwd_launches(fn, leaves, grad_outs, nbytes: float, launches) -> dict:
 
 
 def norms(results: dict, ctx: dict) -> None:
+    # smoke: 64-column chunks make the split form sweep its 256-column rows in chunks
+    launches = NORM_BWD_LAUNCHES[:2] + NORM_BWD_LAUNCHES[-1:] + (dict(split=True, chunk=64),) if SMOKE else \
+        NORM_BWD_LAUNCHES
+    _norms(results, ctx, [((64, 256) if SMOKE else NORM_SHAPE, launches, "")])
+
+
+def norms_wide(results: dict, ctx: dict) -> None:
+    """The wider rows, last: their new compiles take longest and they weigh least."""
+    _norms(results, ctx, [(s, NORM_WIDE_LAUNCHES, f" {s[0]}x{s[1]}") for s in ([(16, 512)] if SMOKE else NORM_WIDE)])
+
+
+def _norms(results: dict, ctx: dict, shapes: list) -> None:
+    """shapes: ((rows, cols), backward launches to time, case-name suffix: "" for the main shape)."""
     from llmcore.ops import layer_norm, rms_norm
 
     dt = torch.float32 if SMOKE else torch.bfloat16
     note = "GB/s of the fused op's least traffic: forward reads x, r, writes y, s; backward reads dy, ds, s, writes dx"
     out = results.setdefault("norms", {"dtype": str(dt).replace("torch.", ""), "bytes_note": note, "cases": {}})
-    # smoke: 64-column chunks make the split form sweep its 256-column rows in chunks
-    small = [dict(split=True, chunk=64)] if SMOKE else []
-    shapes = [((64, 256), NORM_BWD_LAUNCHES[:2] + NORM_BWD_LAUNCHES[-1:] + tuple(small), "")] if SMOKE else \
-        [(NORM_SHAPE, NORM_BWD_LAUNCHES, "")] + [(s, NORM_WIDE_LAUNCHES, f" {s[0]}x{s[1]}") for s in NORM_WIDE]
     for (rows, n), launches, suffix in shapes:
         g = torch.Generator(device=DEVICE).manual_seed(0)
         x, r, gy, gs = (torch.randn(rows, n, device=DEVICE, dtype=dt, generator=g) for _ in range(4))
@@ -1049,7 +1058,7 @@ def markdown(results: dict) -> str:
 
 
 SECTIONS = (("matmul", matmul_peak), ("attention", attention), ("norms", norms), ("cuda", cuda_backend),
-            ("cross_entropy", cross_entropy), ("attention_gqa", attention_gqa))
+            ("cross_entropy", cross_entropy), ("attention_gqa", attention_gqa), ("norms_wide", norms_wide))
 
 
 def main(argv=None) -> int:
