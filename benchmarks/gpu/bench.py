@@ -320,8 +320,7 @@ def _head_to_head(case: dict, causal: bool, data, leaves, shape, rounds: int = H
         m = res["modes"][mode] = {"torch_backend": best, "ms": times}
         m["median"] = {name: rate({"ms": _median(t)}, flops) for name, t in times.items()}
         for name in entrants:
-            ratios = [t / o for t, o in zip(times[torch_name], times[name])]
-            m[f"{name}_vs_torch"] = {"median": _median(ratios), "min": min(ratios), "max": max(ratios)}
+            m[f"{name}_vs_torch"] = _round_speedups(times[torch_name], times[name])
     return res
 
 
@@ -339,6 +338,12 @@ def _alternating(runners: dict, rounds: int) -> dict:
 def _median(xs: list) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def _round_speedups(base: list, times: list) -> dict:
+    """The per-round speed-ups over ``base`` of a runner timed in the same alternating rounds: median, min, max."""
+    ratios = [b / t for b, t in zip(base, times)]
+    return {"median": _median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def _close_to_ref(ours, theirs, ref) -> dict:
@@ -664,9 +669,8 @@ def _norm_bwd_launches(fn, leaves, grad_outs, nbytes: float, launches) -> dict:
     times = _alternating(runners, NORM_ROUNDS)
     for name, row in rows.items():
         if name in times:
-            ratios = [d / t for d, t in zip(times["defaults"], times[name])]
             row.update(rate({"ms": _median(times[name])}, nbytes=nbytes),
-                       speedup_vs_defaults={"median": _median(ratios), "min": min(ratios), "max": max(ratios)})
+                       speedup_vs_defaults=_round_speedups(times["defaults"], times[name]))
     timed = [n for n in rows if "speedup_vs_defaults" in rows[n]]
     return {"defaults": dict(triton_norm._BWD), "rounds": NORM_ROUNDS,
             "defaults_fwd_bwd": rate({"ms": _median(times["defaults"])}, nbytes=nbytes), "launches": rows,
@@ -692,6 +696,27 @@ def _norms(results: dict, ctx: dict, shapes: list) -> None:
     dt = torch.float32 if SMOKE else torch.bfloat16
     note = "GB/s of the fused op's least traffic: forward reads x, r, writes y, s; backward reads dy, ds, s, writes dx"
     out = results.setdefault("norms", {"dtype": str(dt).replace("torch.", ""), "bytes_note": note, "cases": {}})
+
+    def ln_ours(x, r, w, b):
+        return layer_norm(x, w, b, 1e-5, r, backend="triton")
+
+    def ln_torch(x, r, w, b):
+        s = x + r
+        return F.layer_norm(s, s.shape[-1:], w, b, 1e-5), s
+
+    def rms_ours(x, r, w):
+        return rms_norm(x, w, 1e-6, r, backend="triton")
+
+    def rms_torch(x, r, w):  # HF LlamaRMSNorm, unfused
+        s = x + r
+        h = s.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return w * h.to(s.dtype), s
+
+    def rms_torch_fused(x, r, w):  # torch's own RMSNorm op (still a separate add)
+        s = x + r
+        return F.rms_norm(s, s.shape[-1:], w, 1e-6), s
+
     for (rows, n), launches, suffix in shapes:
         g = torch.Generator(device=DEVICE).manual_seed(0)
         x, r, gy, gs = (torch.randn(rows, n, device=DEVICE, dtype=dt, generator=g) for _ in range(4))
@@ -700,26 +725,6 @@ def _norms(results: dict, ctx: dict, shapes: list) -> None:
         e = x.numel() * x.element_size()  # one tensor of the input's size
         # fused op: forward reads x, r; writes y, s. Backward reads dy, ds, s; writes dx (x's and r's grad).
         nbytes = (4 * e, 4 * e)
-
-        def ln_ours(x, r, w, b):
-            return layer_norm(x, w, b, 1e-5, r, backend="triton")
-
-        def ln_torch(x, r, w, b, n=n):
-            s = x + r
-            return F.layer_norm(s, (n,), w, b, 1e-5), s
-
-        def rms_ours(x, r, w):
-            return rms_norm(x, w, 1e-6, r, backend="triton")
-
-        def rms_torch(x, r, w):  # HF LlamaRMSNorm, unfused
-            s = x + r
-            h = s.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-            return w * h.to(s.dtype), s
-
-        def rms_torch_fused(x, r, w, n=n):  # torch's own RMSNorm op (still a separate add)
-            s = x + r
-            return F.rms_norm(s, (n,), w, 1e-6), s
 
         out["cases"]["layer_norm" + suffix] = _norm_case(ln_ours, ln_torch, (x, r), (w, b), (gy, gs), *nbytes,
                                                          launches)
@@ -789,8 +794,7 @@ def cross_entropy(results: dict, ctx: dict) -> None:
     times = _alternating({k: (lambda fn=fn: bench(lambda: fn(*leaves).backward(), leaves, rep=300, warmup=50)["ms"])
                           for k, fn in runners.items()}, CE_ROUNDS)
     res["chunk_rounds"] = {"rounds": CE_ROUNDS, "ms": times, "speedup_vs_default": {
-        k: dict(zip(("median", "min", "max"), (_median(r), min(r), max(r))))
-        for k in times if k != "default" for r in [[d / t for d, t in zip(times["default"], times[k])]]}}
+        k: _round_speedups(times["default"], t) for k, t in times.items() if k != "default"}}
 
 
 def cuda_backend(results: dict, ctx: dict) -> None:

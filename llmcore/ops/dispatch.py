@@ -105,8 +105,9 @@ class _CudaBackend(Backend):
 def _triton_unavailable() -> Optional[str]:
     from llmcore.ops import triton as triton_ops  # light: finds Triton without importing it
 
-    if triton_ops.missing():
-        return triton_ops.missing()
+    reason = triton_ops.missing()
+    if reason:
+        return reason
     if triton_ops.interpreting() or torch.cuda.is_available():
         return None
     return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, in Triton's interpreter)"

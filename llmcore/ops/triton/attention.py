@@ -345,8 +345,7 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     grid = lambda bm, bn: (triton_cdiv(p.len_k, bn), p.heads_k, p.batch)  # noqa: E731
     _launch(mod, "dkdv" if not atomic else "dkdv_" + mode, mod.attn_bwd_dkdv, grid, args,
             dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=p.heads != p.heads_k), p.block_d, p.wide,
-            p.causal, len_q=p.len_q,
-            desc=desc)
+            p.causal, len_q=p.len_q, desc=desc)
     if atomic:
         dq = dq_acc.view(*p.lse_shape, p.block_d)[..., :p.head_dim]
         return (dq.transpose(0, 1) if p.packed else dq).to(q.dtype), dk, dv

@@ -115,11 +115,11 @@ def _forward(rms: bool, x: Tensor, weight, bias, residual, eps: float, out_dtype
     return y, s, mean, rstd
 
 
-def _programs(n_rows: int, rows: int, device: torch.device, interpret: bool) -> int:
-    blocks = -(-n_rows // rows)
-    if interpret:
-        return min(blocks, 4)
-    return min(blocks, _BWD["programs_per_sm"] * multiprocessors(device))
+def _row_ranges(n_rows: int, rows: int, target: int) -> tuple[int, int]:
+    """n_rows cut into at most ``target`` contiguous ranges of whole ``rows``-row tiles: (rows per range, ranges)."""
+    per_range = -(-n_rows // max(1, min(target, -(-n_rows // rows))))
+    per_range = -(-per_range // rows) * rows
+    return per_range, -(-n_rows // per_range)
 
 
 def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor, weight, grad_s,
@@ -155,10 +155,8 @@ def _backward_fused(mod, args, weight, ds2, dx2, need_w, need_b, rms, d):
     block_n, rows, warps = _blocks(cols, mod.INTERPRET)
     if _BWD["warps"] and not mod.INTERPRET:
         warps = _BWD["warps"]
-    programs = _programs(n_rows, rows, x2.device, mod.INTERPRET)
-    per_program = -(-n_rows // programs)
-    per_program = -(-per_program // rows) * rows
-    programs = -(-n_rows // per_program)
+    target = 4 if mod.INTERPRET else _BWD["programs_per_sm"] * multiprocessors(x2.device)
+    per_program, programs = _row_ranges(n_rows, rows, target)
     dw, db = _partials(programs, cols, need_w, x2), _partials(programs, cols, need_b, x2)
     mod.norm_bwd[(programs,)](
         *args, d if weight is None else weight, d if ds2 is None else ds2, dx2,
@@ -190,13 +188,8 @@ def _backward_dw(mod, args, need_w, need_b, rms, d):
         return None, None
     rows, block_c = (4, 32) if mod.INTERPRET else _DW_TILE
     col_blocks = -(-cols // block_c)
-    if mod.INTERPRET:
-        ranges = 3
-    else:
-        ranges = max(1, _DW_PROGRAMS_PER_SM * multiprocessors(x2.device) // col_blocks)
-    per_range = -(-n_rows // min(ranges, -(-n_rows // rows)))
-    per_range = -(-per_range // rows) * rows
-    ranges = -(-n_rows // per_range)
+    target = 3 if mod.INTERPRET else _DW_PROGRAMS_PER_SM * multiprocessors(x2.device) // col_blocks
+    per_range, ranges = _row_ranges(n_rows, rows, target)
     dw, db = _partials(ranges, cols, need_w, x2), _partials(ranges, cols, need_b, x2)
     mod.norm_bwd_dw[(col_blocks, ranges)](
         *args, dw if need_w else d, db if need_b else d, n_rows, cols, per_range, dy2.stride(0), x2.stride(0),
