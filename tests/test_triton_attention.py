@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_checks import assert_close_to_ref, cu, padded_sdpa
+from aten_trace import zero_fills
 
 import llmcore
 from llmcore import _C
@@ -354,6 +355,24 @@ def test_varlen_more_sequences_than_a_grid_takes(monkeypatch):
                max_seqlen_k=max(lens), backend="triton", **kw)
     check(ours, theirs, ref, torch.float16)
     assert calls == [2, 2, 1]  # the empty run launches nothing
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_backward_writes_no_zero_tensors(varlen):
+    """Around the kernels the backward allocates its gradients and nothing zero-filled: no slice of an input whose
+    backward zero-fills an input-sized tensor (sdpa sliced q, k and v per launch, even for one launch), and no
+    zero gradient materialized for the logsumexp output, which carries none. On a GPU each was a memset and a
+    copy of the gradient (~1.1 GB of traffic at (4, 32, 4096, 128) bf16)."""
+    if varlen:
+        c = cu([5, 0, 19]).to(DEVICE)
+        q, k, v = (randn(24, 4, 16, seed=s).to(DEVICE, torch.float32).requires_grad_() for s in range(3))
+        out = llmcore.varlen_attention(q, k, v, c, c, 19, 19, is_causal=True, backend="triton")
+    else:
+        q, k, v = (randn(2, 4, 21, 16, seed=s).to(DEVICE, torch.float32).requires_grad_() for s in range(3))
+        out = triton_sdpa(q, k, v, is_causal=True)
+    grad = randn(*out.shape, seed=3).to(DEVICE, torch.float32)
+    assert zero_fills(lambda: out.backward(grad)) == {}
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
 
 
 def test_more_heads_than_a_grid_takes_is_refused(monkeypatch):

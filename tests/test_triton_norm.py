@@ -9,6 +9,7 @@ a floor of one rounding of the dtype.
 import pytest
 import torch
 import torch.nn.functional as F
+from aten_trace import zero_fills
 
 from llmcore.ops import layer_norm, rms_norm
 from llmcore.ops import triton as triton_ops
@@ -134,6 +135,39 @@ def test_without_weight_or_bias_and_mixed_dtypes(rms, backward):
         for a, t in zip(ours[0] + ours[1], truth[0] + truth[1]):
             assert a.dtype == t.dtype and a.shape == t.shape
             torch.testing.assert_close(a.float(), t.float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("used", ["y", "s"])
+@pytest.mark.parametrize("rms", [False, True])
+def test_one_output_unused_with_a_residual(rms, used, backward):
+    """With a residual the caller may use y alone (a model's last norm) or the sum s alone. Gradients as float64's;
+    with y alone, no zero gradient is materialized for s (it was: an x-sized fill, then read by the kernel)."""
+    x, r, w, b, gy, gs = _inputs((3, 65), torch.float32, True, seed=2)
+
+    inputs = (x, w, r) if rms else (x, w, b, r)
+
+    def grads(op, dtype):
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in inputs]
+        out, g = dict(zip("ys", zip(op(*leaves), (gy, gs))))[used]
+        result = []
+
+        def backward():  # with s alone, the float64 composite has no path to w (or b): zeros, as ours gives
+            result.extend(torch.autograd.grad(out, leaves, g.to(DEVICE, dtype), allow_unused=True,
+                                              materialize_grads=True))
+
+        fills = zero_fills(backward)
+        return [t.double().cpu() for t in result], fills
+
+    if rms:
+        ours, fills = grads(lambda x, w, r: rms_norm(x, w, 1e-6, r, backend="triton"), torch.float32)
+        truth, _ = grads(lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), torch.float64)
+    else:
+        ours, fills = grads(lambda x, w, b, r: layer_norm(x, w, b, 1e-5, r, backend="triton"), torch.float32)
+        truth, _ = grads(lambda x, w, b, r: layer_norm_reference(x, w, b, 1e-5, r), torch.float64)
+    for a, t in zip(ours, truth):
+        torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5)
+    if used == "y":
+        assert fills == {}
 
 
 def test_empty_rows(backward):

@@ -31,6 +31,15 @@ __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def as_4d(t: Tensor, batch: tuple, heads: int, rows: int, dim: int) -> Tensor:
+    """t (*batch', heads, rows, dim), batch' broadcasting to ``batch`` -> (prod(batch), heads, rows, dim): t itself
+    where it already is that (expand and reshape cost ~1-2 us a call each even as no-ops), else a view, or a copy
+    where t broadcasts. Shared by the backends' sdpa."""
+    if t.dim() == 4 and t.shape[0] == batch[0]:  # one batch dim (all inputs have the same rank), not broadcast
+        return t
+    return t.expand(*batch, heads, rows, dim).reshape(math.prod(batch), heads, rows, dim)
+
+
 # ---------------------------------------------------------------------------------------
 # CPU kernels, each behind a custom op (what torch.compile sees) and an eager autograd.Function
 # (what eager calls take: the custom-op dispatch measured ~100 us of a ~110 us forward and
@@ -315,12 +324,7 @@ def scaled_dot_product_attention(
         out = triton_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, batch)
         return out[0] if nd == 2 else out
 
-    def as4d(t: Tensor, heads: int, rows: int, dim: int) -> Tensor:
-        if t.dim() == 4 and t.shape[0] == batch[0]:  # already (B, H, L, E): expand and reshape are no-ops
-            return t
-        return t.expand(*batch, heads, rows, dim).reshape(-1, heads, rows, dim)
-
-    q4, k4, v4 = as4d(query, hq, lq, e), as4d(key, hkv, lk, e), as4d(value, hkv, lk, ev)
+    q4, k4, v4 = as_4d(query, batch, hq, lq, e), as_4d(key, batch, hkv, lk, e), as_4d(value, batch, hkv, lk, ev)
     mask4 = None
     if attn_mask is not None:
         m = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(torch.float32)

@@ -233,11 +233,10 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, batch: tuple[int, ...], is_c
     hq, lq, e = query.shape[-3:]
     hkv, lk, ev = value.shape[-3:]
 
-    def as4d(t: Tensor, heads: int, rows: int, dim: int) -> Tensor:
-        return t.expand(*batch, heads, rows, dim).reshape(-1, heads, rows, dim)
+    from llmcore.ops.attention import as_4d
 
-    out, _ = _sdpa_fwd(as4d(query, hq, lq, e), as4d(key, hkv, lk, e), as4d(value, hkv, lk, ev), bool(is_causal),
-                       float(scale))
+    out, _ = _sdpa_fwd(as_4d(query, batch, hq, lq, e), as_4d(key, batch, hkv, lk, e), as_4d(value, batch, hkv, lk, ev),
+                       bool(is_causal), float(scale))
     return out.reshape(*batch, hq, lq, ev)
 
 

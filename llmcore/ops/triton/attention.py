@@ -365,6 +365,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng):
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse, which carries none
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         p = _Problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
         out, lse = _forward(p, q, k, v, rng)
@@ -376,6 +377,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
+        if grad_out is None:
+            return (None,) * 12
         q, k, v, out, lse, rng = ctx.saved_tensors
         dq, dk, dv = _backward(ctx.problem, grad_out, q, k, v, out, lse, rng)
         return (dq, dk, dv) + (None,) * 9
@@ -427,25 +430,24 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
     hq, hkv = query.size(-3), key.size(-3)
     lq, lk, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
 
+    from llmcore.ops.attention import as_4d
+
     n = math.prod(batch)
-
-    def as4d(t: Tensor, heads: int, rows: int, dim: int) -> Tensor:
-        return t.expand(*batch, heads, rows, dim).reshape(n, heads, rows, dim)
-
-    q4, k4, v4 = as4d(query, hq, lq, e), as4d(key, hkv, lk, e), as4d(value, hkv, lk, ev)
+    q4, k4, v4 = as_4d(query, batch, hq, lq, e), as_4d(key, batch, hkv, lk, e), as_4d(value, batch, hkv, lk, ev)
     if q4.numel() == 0 or k4.numel() == 0 or v4.numel() == 0:
         return _empty_result(q4, k4, v4, q4.shape[:-1] + (ev,)).reshape(*batch, hq, lq, ev)
     _check_grid_y(hq)
     mask4 = None
     if attn_mask is not None:
         mask4 = attn_mask.expand(*batch, hq, lq, lk).reshape(n, hq, lq, lk)
-    outs = []
-    for b0 in range(0, n, _MAX_GRID_Z):  # one launch per at most 65535 sequences (the grid's z)
-        b1 = min(n, b0 + _MAX_GRID_Z)
-        out, _ = _Attention.apply(q4[b0:b1], k4[b0:b1], v4[b0:b1], None if mask4 is None else mask4[b0:b1], None,
-                                  None, lq, lk, float(dropout_p), bool(is_causal), float(scale),
-                                  _draw_rng(dropout_p, query.device))
-        outs.append(out)
+    # One launch per at most 65535 sequences (the grid's z). The inputs go in whole where one launch takes them all:
+    # a slice's backward would allocate zeros of the input's size and copy the gradient in, for each of q, k and v.
+    parts = [(q4, k4, v4, mask4)]
+    if n > _MAX_GRID_Z:
+        parts = zip(*(t.split(_MAX_GRID_Z) if t is not None else [None] * -(-n // _MAX_GRID_Z)
+                      for t in (q4, k4, v4, mask4)))
+    outs = [_Attention.apply(q_, k_, v_, m_, None, None, lq, lk, float(dropout_p), bool(is_causal), float(scale),
+                             _draw_rng(dropout_p, query.device))[0] for q_, k_, v_, m_ in parts]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.reshape(*batch, hq, lq, ev)
 
