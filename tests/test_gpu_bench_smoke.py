@@ -48,7 +48,7 @@ def test_every_section_runs(smoke):
     results = json.loads((out / "gpu-smoke-cpu.json").read_text())
     assert results["errors"] == {}
     assert set(results["seconds"]) == {"matmul", "attention", "norms", "cuda", "cross_entropy", "attention_gqa",
-                                       "norms_wide"}
+                                       "norms_wide", "attention_small"}
     for case in ("causal", "noncausal"):
         c = results["attention"]["cases"][case]
         sweep = c["sweep"]
@@ -72,6 +72,13 @@ def test_every_section_runs(smoke):
     assert set(wide) == {"split=False", "split=True", "split=True,chunk=4096", "split=True,chunk=2048"}
     rounds = results["cross_entropy"]["chunk_rounds"]
     assert set(rounds["speedup_vs_default"]) == {"chunk17", "chunk16", "chunk32"}
+    small = results["attention_small"]["cases"]
+    assert len(small) == 3 and all("error" not in c for c in small.values()), small
+    for c in small.values():
+        assert max(c["max_abs_diff_vs_torch"].values()) < 1e-3, c["max_abs_diff_vs_torch"]
+        assert all(len(t) == results["attention_small"]["rounds"] for m in ("forward", "fwd_bwd")
+                   for t in c[m]["ms_rounds"].values())
+    assert "## Attention at fine-tuning shapes" in (out / "gpu-smoke-cpu.md").read_text()
 
 
 def test_decide_reads_it(smoke, capsys):

@@ -27,7 +27,10 @@ a run cut short still leaves what it measured):
 - ``benchmarks/gpu/bench_cuda.py``'s ``run(results)`` when the ``cuda`` attention backend is
   available;
 - the chunked LM-head cross-entropy, forward+backward, against torch's
-  ``F.cross_entropy(F.linear(...))`` (which materializes the logits).
+  ``F.cross_entropy(F.linear(...))`` (which materializes the logits);
+- causal GQA attention (Llama-3-8B's 4:1 heads) and the norms' wider rows;
+- last, attention at fine-tuning shapes (MiniLM on an SST-2-like padded batch, BERT-base at 128,
+  GPT-2 at 1024) through the public API against torch SDPA, where host time can dominate.
 
     python benchmarks/gpu/bench.py --out benchmarks/results [--budget 300] [--no-sweep]
     python benchmarks/gpu/bench.py --warm-worker 0/6   # compile the sweep's kernels only (no timing)
@@ -857,6 +860,62 @@ def attention_gqa(results: dict, ctx: dict) -> None:
         ctx["save"]()
 
 
+# Short sequences, where a call's host time (Python, autograd, the launches) can exceed its GPU time: fine-tuning
+# shapes. (name, (batch, heads, length, head dim), causal, key-padding lengths or None). MiniLM-L6 (12 x 32) on an
+# SST-2-like batch, padded with a key-padding mask; BERT-base at 128; GPT-2 at 1024, causal.
+SMALL_CASES = (("minilm_sst2_padded", (32, 12, 64, 32), False, True),
+               ("bert_base_l128", (32, 12, 128, 64), False, False),
+               ("gpt2_l1024_causal", (8, 12, 1024, 64), True, False))
+SMALL_ROUNDS = 3
+
+
+def attention_small(results: dict, ctx: dict) -> None:
+    """Fine-tuning shapes through the public API, llmcore's ``triton`` backend against torch SDPA as torch picks
+    its backend (what a model calls), forward and forward+backward in SMALL_ROUNDS alternating rounds: us per call
+    and the per-round speed-ups. Each case validated against torch first."""
+    import llmcore
+
+    out = results.setdefault("attention_small", {"rounds": SMALL_ROUNDS, "cases": {}})
+    for name, shape, causal, padded in SMALL_CASES:
+        if SMOKE:
+            shape = (2, 2, 24, 16)
+        b, h, n, d = shape
+        g = torch.Generator(device=DEVICE).manual_seed(2)
+        dt = torch.float32 if SMOKE else torch.bfloat16
+        q, k, v, grad = (torch.randn(b, h, n, d, dtype=dt, device=DEVICE, generator=g) for _ in range(4))
+        mask = None
+        if padded:  # every sequence keeps at least a quarter of the keys
+            lens = torch.randint(max(1, n // 4), n + 1, (b,), device=DEVICE, generator=g)
+            mask = (torch.arange(n, device=DEVICE)[None, :] < lens[:, None])[:, None, None, :]
+        kw = dict(attn_mask=mask, is_causal=causal)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        case = out["cases"].setdefault(name, {"shape": list(shape), "causal": causal, "key_padding": padded,
+                                              "dtype": str(dt).replace("torch.", "")})
+
+        def ours(*t, kw=kw):
+            return llmcore.scaled_dot_product_attention(*t, backend="triton", **kw)
+
+        def theirs(*t, kw=kw):
+            return F.scaled_dot_product_attention(*t, **kw)
+
+        try:
+            o, r = ours(*leaves), theirs(*leaves)
+            got, want = [o, *torch.autograd.grad(o, leaves, grad)], [r, *torch.autograd.grad(r, leaves, grad)]
+            case["max_abs_diff_vs_torch"] = {m: max_diff(x, y) for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
+            data = (q, k, v, grad)
+            for mode in ("forward", "fwd_bwd"):
+                times = _alternating({"llmcore_triton": lambda m=mode: _time_mode(ours, m, data, leaves)["ms"],
+                                      "torch_sdpa": lambda m=mode: _time_mode(theirs, m, data, leaves)["ms"]},
+                                     SMALL_ROUNDS)
+                case[mode] = {"us": {k_: 1e3 * _median(t) for k_, t in times.items()},
+                              "ms_rounds": times, "speedup": _round_speedups(times["torch_sdpa"],
+                                                                             times["llmcore_triton"])}
+        except Exception:
+            case["error"] = traceback.format_exc()
+            print(case["error"], file=sys.stderr)
+        ctx["save"]()
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -1017,6 +1076,25 @@ def markdown(results: dict) -> str:
                  for r in gq.get("dkdv_blocks", [])]
         if cells:
             lines += ["fwd_bwd TFLOP/s with other dK/dV blocks (no spills at GROUP 4): " + "; ".join(cells), ""]
+    sm = results.get("attention_small")
+    if sm and sm.get("cases"):
+        lines += ["## Attention at fine-tuning shapes, through the public API (us per call)", "",
+                  f"llmcore `triton` against torch SDPA with the backend torch picks; {sm['rounds']} alternating "
+                  "rounds, speed-up = median of the per-round ratios torch / llmcore (min-max). At these sizes a "
+                  "call's host time (Python, autograd, launches) can exceed its GPU time.", "",
+                  "| case | (B, H, L, D) | mode | llmcore triton | torch SDPA | speed-up |",
+                  "|---|---|---|---|---|---|"]
+        for cname, c in sm["cases"].items():
+            if "error" in c:
+                lines.append(f"| {cname} | {tuple(c['shape'])} | failed: {c['error'].strip().splitlines()[-1]} |||||")
+                continue
+            for mode in ("forward", "fwd_bwd"):
+                if mode in c:
+                    up = c[mode]["speedup"]
+                    lines.append(f"| {cname} | {tuple(c['shape'])} | {mode} | {c[mode]['us']['llmcore_triton']:.0f} | "
+                                 f"{c[mode]['us']['torch_sdpa']:.0f} | {up['median']:.2f}x ({up['min']:.2f}-"
+                                 f"{up['max']:.2f}) |")
+        lines.append("")
     cu = results.get("cuda")
     if cu and cu.get("cases"):
         lines += ["## llmcore `cuda` backend (CUDA C++ FA2, mma.sync), same attention shape (TFLOP/s)", "",
@@ -1062,7 +1140,8 @@ def markdown(results: dict) -> str:
 
 
 SECTIONS = (("matmul", matmul_peak), ("attention", attention), ("norms", norms), ("cuda", cuda_backend),
-            ("cross_entropy", cross_entropy), ("attention_gqa", attention_gqa), ("norms_wide", norms_wide))
+            ("cross_entropy", cross_entropy), ("attention_gqa", attention_gqa), ("norms_wide", norms_wide),
+            ("attention_small", attention_small))
 
 
 def main(argv=None) -> int:
