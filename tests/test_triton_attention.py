@@ -307,16 +307,16 @@ def test_varlen_checks_cu_seqlens_on_cpu():
 
 
 def count_launches(monkeypatch) -> list:
-    """Sequence counts of the _Attention calls the Triton launchers make, in order."""
+    """Sequence counts of the launches (attention._attention calls) the Triton launchers make, in order."""
     from llmcore.ops.triton import attention
 
-    calls, apply = [], attention._Attention.apply
+    calls, launch = [], attention._attention
 
     def counting(q, *args):
         calls.append(q.size(0) if args[3] is None else args[3].numel() - 1)  # dense batch, or varlen sequences
-        return apply(q, *args)
+        return launch(q, *args)
 
-    monkeypatch.setattr(attention._Attention, "apply", counting)
+    monkeypatch.setattr(attention, "_attention", counting)
     return calls
 
 
@@ -373,6 +373,73 @@ def test_backward_writes_no_zero_tensors(varlen):
     grad = randn(*out.shape, seed=3).to(DEVICE, torch.float32)
     assert zero_fills(lambda: out.backward(grad)) == {}
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+# --- torch.compile: the launchers run behind custom ops ---------------------------------------
+
+
+def _op_args(dropout: bool, mask: bool, packed: bool) -> tuple:
+    g = torch.Generator().manual_seed(5)
+    rng = torch.tensor([11, 3], device=DEVICE) if dropout else None
+    if packed:
+        cu_q = torch.tensor([0, 3, 3, 20], dtype=torch.int32, device=DEVICE)
+        q = torch.randn(20, 4, 32, generator=g).to(DEVICE).requires_grad_()
+        k, v = (torch.randn(20, 2, 32, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+        return (q, k, v, None, cu_q, cu_q, 17, 17, 0.3 if dropout else 0.0, True, 0.2, rng)
+    q = torch.randn(2, 4, 21, 32, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(2, 4, 19, 32, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    # the op takes the mask broadcast to (B, H, Lq, Lk), as sdpa passes it (stride 0 over the heads)
+    m = (torch.rand(2, 1, 21, 19, generator=g) > 0.2).to(DEVICE).expand(2, 4, 21, 19) if mask else None
+    return (q, k, v, m, None, None, 21, 19, 0.3 if dropout else 0.0, not mask, 0.17, rng)
+
+
+@pytest.mark.parametrize("dq", ["kernel", "atomic"])
+@pytest.mark.parametrize("dropout, mask, packed", [(False, False, False), (True, True, False), (False, False, True),
+                                                   (True, False, True)])
+def test_opcheck(monkeypatch, dq, dropout, mask, packed):
+    """Schema, fake tensors (shapes and strides as the kernels write them, dQ by atomics included), autograd
+    registration and AOT dispatch of the custom op torch.compile sees."""
+    from llmcore.ops.triton import attention  # registers the op (the Triton modules load on first use)
+
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", dq)
+    args = _op_args(dropout, mask, packed)
+    torch.library.opcheck(attention._attention_fwd, args)
+    with torch.no_grad():  # opcheck compares shapes, not strides: the gradients come in q, k, v's layouts
+        q, k, v = args[:3]
+        out, lse = attention._forward_impl(*args)
+        grads = attention._backward_impl(torch.ones_like(out), q, k, v, out, lse, *args[3:6], args[11], *args[6:11])
+    assert [g.stride() for g in grads] == [torch.empty_like(t).stride() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    """torch.compile traces the Triton backend in one graph (it could not trace the launchers: before the custom
+    ops it failed on CPU tensors with or without fullgraph); results and gradients as eager."""
+    q, k, v = (randn(2, 4, 33, 32, seed=s).to(DEVICE, torch.float32).requires_grad_() for s in range(3))
+    cu = torch.tensor([0, 10, 33], dtype=torch.int32, device=DEVICE)
+
+    def f(q, k, v):
+        a = llmcore.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+        b = llmcore.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 23,
+                                     23, backend="triton")
+        return (a * a).sum() + b.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    eager = f(q, k, v)
+    eager_grads = torch.autograd.grad(eager, (q, k, v))
+    result = compiled(q, k, v)
+    compiled_grads = torch.autograd.grad(result, (q, k, v))
+    torch.testing.assert_close(result, eager)
+    for a, b in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_double_backward_is_refused():
+    q, k, v = (randn(1, 2, 9, 16, seed=s).to(DEVICE, torch.float32).requires_grad_() for s in range(3))
+    out = triton_sdpa(q, k, v)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
 
 
 def test_more_heads_than_a_grid_takes_is_refused(monkeypatch):

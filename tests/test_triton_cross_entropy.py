@@ -120,3 +120,21 @@ def test_backend_refusals(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="CPU tensors need Triton's interpreter"):
             linear_cross_entropy(h, w, y, backend="triton")
+
+
+def test_torch_compile_runs_it_eagerly():
+    """Under torch.compile the Triton loss runs eagerly behind a graph break (torch.compiler.disable: dynamo
+    cannot trace the launchers; it failed before): loss and gradients as without compile."""
+    hidden, weight, b, labels = make_inputs((3, 7), 24, 150, bias=True, seed=3)
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (hidden, weight, b)]
+    y = labels.to(DEVICE)
+
+    def f(h, w, b):
+        return linear_cross_entropy(torch.tanh(h), w, y, bias=b, chunk_size=8, backend="triton") * 2
+
+    eager = f(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(f, backend="aot_eager")(*leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, c in zip(eager_grads, torch.autograd.grad(compiled, leaves)):
+        torch.testing.assert_close(a, c)

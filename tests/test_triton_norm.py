@@ -178,6 +178,46 @@ def test_empty_rows(backward):
     assert y.shape == (0, 8) and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("rms, residual, params", [(False, True, "wb"), (False, False, ""), (True, True, "w"),
+                                                   (True, False, "w32")])
+def test_opcheck(rms, residual, params, backward):
+    """Schema, fake tensors, autograd registration and AOT dispatch of the custom op torch.compile sees."""
+    from llmcore.ops.triton import norm as triton_norm  # registers the op (the Triton modules load on first use)
+
+    x, r, w, b, _, _ = _inputs((3, 5, 40), torch.bfloat16, residual, seed=4)
+    w = w.float() if params == "w32" else w
+    leaves = [None if t is None else t.to(DEVICE).requires_grad_() for t in (x, w if params else None,
+                                                                              b if "b" in params else None, r)]
+    out_dtype = torch.float32 if params == "w32" else torch.bfloat16
+    torch.library.opcheck(triton_norm._norm_fwd, (*leaves, 1e-5, rms, out_dtype))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    """torch.compile traces the Triton norms in one graph (it could not trace the launchers); as eager."""
+    x, r, w, b, _, _ = _inputs((4, 7, 48), torch.float32, True, seed=5)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, r, w, b)]
+
+    def f(x, r, w, b):
+        y, s = layer_norm(x, w, b, 1e-5, r, backend="triton")
+        return (y * y).sum() + rms_norm(s, w, 1e-6, backend="triton").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    eager = f(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    result = compiled(*leaves)
+    torch.testing.assert_close(result, eager)
+    for a, c in zip(eager_grads, torch.autograd.grad(result, leaves)):
+        torch.testing.assert_close(a, c)
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    (g,) = torch.autograd.grad(rms_norm(x, None, backend="triton").pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
 def test_backend_choice_and_refusals(monkeypatch):
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="backend='nope' is unknown"):

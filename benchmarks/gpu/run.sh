@@ -123,12 +123,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     timeout "$(left "$TEST_DEADLINE")" "$PY" -m pytest -v -p no:cacheprovider "$@" >"$LOG_DIR/test-$name.log" 2>&1 &
     test_pids+=($!)
   }
+  compile="opcheck or compile or double_backward"  # the custom ops under torch.compile: a process of their own
   run_tests attention-dense tests/test_triton_attention.py -k "sdpa_matches or strided"
   run_tests attention-dq tests/test_triton_attention.py -k "dq_"
-  run_tests attention-masks tests/test_triton_attention.py -k "not sdpa_matches and not strided and not varlen and not dq_"
+  run_tests attention-masks tests/test_triton_attention.py \
+    -k "not sdpa_matches and not strided and not varlen and not dq_ and not ($compile)"
   run_tests attention-varlen tests/test_triton_attention.py -k "varlen and not dq_"
-  run_tests norm tests/test_triton_norm.py
-  run_tests cross-entropy tests/test_triton_cross_entropy.py
+  run_tests norm tests/test_triton_norm.py -k "not ($compile)"
+  run_tests cross-entropy tests/test_triton_cross_entropy.py -k "not ($compile)"
+  run_tests compile tests/test_triton_attention.py tests/test_triton_norm.py tests/test_triton_cross_entropy.py \
+    -k "$compile"
   if [ -f tests/test_attention_cuda.py ]; then run_tests cuda tests/test_attention_cuda.py; fi
   for pid in "${test_pids[@]}"; do wait "$pid" || status=1; done
   for f in "$LOG_DIR"/test-*.log; do

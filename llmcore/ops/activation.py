@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmcore import _C
-from llmcore.ops.norm import _CODES, _as_rows, _check_kernel_args, _eager_function, _empty_f32, _ptr, _run_op
+from llmcore.ops._autograd import _eager_function, _run_op
+from llmcore.ops.norm import _CODES, _as_rows, _check_kernel_args, _empty_f32, _ptr
 
 __all__ = ["bias_gelu", "swiglu", "bias_gelu_reference", "swiglu_reference"]
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from llmcore import _C
 from llmcore.ops import _cpu
 from llmcore.ops.dispatch import AttentionCall, select
-from llmcore.ops.norm import _eager_function, _run_op
+from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.reference import sdpa_reference, varlen_reference
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]

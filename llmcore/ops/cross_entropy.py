@@ -397,10 +397,13 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    function = _LinearCrossEntropy
+    apply = _LinearCrossEntropy.apply
     if _use_triton(hidden.device, compute_dtype, backend):
-        from llmcore.ops.triton.cross_entropy import LinearCrossEntropy as function
+        from llmcore.ops.triton.cross_entropy import LinearCrossEntropy
+
+        # torch.compile cannot trace the Triton launchers: a graph break around them, run eagerly
+        apply = torch.compiler.disable(LinearCrossEntropy.apply)
     with torch.autocast(hidden.device.type, enabled=False):
-        out = function.apply(hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels,
-                             ignore_index, reduction, float(label_smoothing), chunk, needs, compute_dtype, out_dtype)
+        out = apply(hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index,
+                    reduction, float(label_smoothing), chunk, needs, compute_dtype, out_dtype)
     return out.reshape(shape[:-1]) if reduction == "none" else out

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmcore import _C
-from llmcore.ops.norm import _CODES, _eager_function, _run_op
+from llmcore.ops._autograd import _eager_function, _run_op
+from llmcore.ops.norm import _CODES
 
 __all__ = ["dropout"]
 

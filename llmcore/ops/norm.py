@@ -21,9 +21,9 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from llmcore import _C
+from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops import triton as triton_ops
 from llmcore.ops.triton import norm as triton_norm
 
@@ -135,42 +135,6 @@ def _norm_backward(rms: bool, grad_out: Tensor, inp: Tensor, mean: Tensor, rstd:
                      grad_in.data_ptr(), gw.data_ptr() if need_weight else 0, gb.data_ptr() if need_bias else 0,
                      torch.get_num_threads())
     return grad_in, gw, gb
-
-
-def _eager_function(name: str, forward_impl, setup_context, backward, differentiable: int = 2):
-    """An autograd.Function with a custom op's implementation, setup and backward, for eager
-    mode: the custom-op dispatch costs ~100 us per forward + backward, as much as the kernels
-    of a (2048, 384) LayerNorm. torch.compile sees the custom ops instead. Outputs past the
-    first ``differentiable`` ones (statistics: mean, rstd, lse) carry no gradient.
-
-    Gradients are not materialized: ``backward`` gets None, not a zero tensor, for an output
-    that received none (every statistic, and a norm's residual sum ``s`` when only ``y`` is
-    used), so no zeros are allocated, filled and read (a (T, 384) fp32 ``s`` per LayerNorm)."""
-
-    def forward(ctx, *inputs):
-        ctx.set_materialize_grads(False)
-        output = forward_impl(*inputs)
-        setup_context(ctx, inputs, output)
-        if isinstance(output, tuple):
-            ctx.mark_non_differentiable(*output[differentiable:])
-        return output
-
-    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward), "impl": staticmethod(forward_impl)}
-    return type(name, (torch.autograd.Function,), methods)
-
-
-def _run_op(op, eager: type[torch.autograd.Function], *args):
-    """Calls ``op`` (a custom op) inside torch.compile; in eager mode ``eager`` (from
-    :func:`_eager_function`) when a gradient can flow to a tensor argument, else the bare
-    implementation: inference calls build no autograd node (Function.apply cost ~15% of the
-    Python time of a no-grad attention call). Inside a forward-mode AD level, eager too: its
-    error (no jvp) rather than an output silently without tangent."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    if forward_ad._current_level >= 0 or (
-            torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
-        return eager.apply(*args)
-    return eager.impl(*args)
 
 
 def _layer_norm_fwd_impl(x, weight, bias, residual, eps):

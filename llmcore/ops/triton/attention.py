@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.triton._loader import kernels, offline
 
 __all__ = ["sdpa", "varlen"]
@@ -346,9 +348,9 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     _launch(mod, "dkdv" if not atomic else "dkdv_" + mode, mod.attn_bwd_dkdv, grid, args,
             dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=p.heads != p.heads_k), p.block_d, p.wide,
             p.causal, len_q=p.len_q, desc=desc)
-    if atomic:
+    if atomic:  # dQ in q's layout (what the custom op's fake promises), from the padded float32 rows
         dq = dq_acc.view(*p.lse_shape, p.block_d)[..., :p.head_dim]
-        return (dq.transpose(0, 1) if p.packed else dq).to(q.dtype), dk, dv
+        return torch.empty_like(q).copy_(dq.transpose(0, 1) if p.packed else dq), dk, dv
     dq = torch.empty_like(q)
     args = (q, k, v, do, dq, lse, delta, mask, cu_q, cu_k, rng, *common, *_rows3(dq, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
@@ -360,28 +362,70 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class _Attention(torch.autograd.Function):
-    """q, k, v: dense (B, H, L, D) or packed (total, H, D) with cu_seqlens -> out like q (Dv)."""
+def _forward_impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    p = _Problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
+    return _forward(p, q, k, v, rng)
 
-    @staticmethod
-    def forward(ctx, q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng):
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse, which carries none
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        p = _Problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
-        out, lse = _forward(p, q, k, v, rng)
-        ctx.problem = p
-        ctx.save_for_backward(q, k, v, out, lse, rng)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        if grad_out is None:
-            return (None,) * 12
-        q, k, v, out, lse, rng = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.problem, grad_out, q, k, v, out, lse, rng)
-        return (dq, dk, dv) + (None,) * 9
+def _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, rng, max_q, max_k, dropout_p, causal, scale):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    p = _Problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
+    return _backward(p, grad_out, q, k, v, out, lse, rng)
+
+
+# The kernels behind custom ops, what torch.compile sees (it cannot trace the launchers), as the CPU and cuda
+# backends do; eager calls take _AttentionEager, a plain autograd.Function over the same implementation.
+# q, k, v: dense (B, H, L, D) or packed (total, H, D) with cu_seqlens -> (out like q with Dv, float32 lse).
+@torch.library.custom_op("llmcore::triton_attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_q: Optional[Tensor],
+                   cu_k: Optional[Tensor], max_q: int, max_k: int, dropout_p: float, causal: bool, scale: float,
+                   rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _forward_impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng):
+    lse = (q.size(1), q.size(0)) if cu_q is not None else (q.size(0), q.size(1), max_q)
+    return q.new_empty(*q.shape[:-1], v.size(-1)), q.new_empty(lse, dtype=torch.float32)
+
+
+@torch.library.custom_op("llmcore::triton_attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+                   cu_q: Optional[Tensor], cu_k: Optional[Tensor], rng: Optional[Tensor], max_q: int, max_k: int,
+                   dropout_p: float, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, rng, max_q, max_k, dropout_p, causal, scale)
+
+
+@_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, rng, max_q, max_k, dropout_p, causal, scale):
+    return tuple(torch.empty_like(_last_dim_contiguous(t)) for t in (q, k, v))  # the layouts _backward allocates
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], mask, cu_q, cu_k, rng)
+    ctx.args = (max_q, max_k, dropout_p, causal, scale)
+
+
+def _attention_backward_with(bwd, ctx, grad_out, grad_lse):
+    if grad_out is None:  # lse carries no gradient, and none is materialized for it
+        return (None,) * 12
+    q, k, v, out, lse, mask, cu_q, cu_k, rng = ctx.saved_tensors
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, rng, *ctx.args)
+    return (dq, dk, dv) + (None,) * 9
+
+
+_attention_fwd.register_autograd(partial(_attention_backward_with, _attention_bwd), setup_context=_attention_setup)
+_AttentionEager = _eager_function("_AttentionEager", _forward_impl, _attention_setup,
+                                  partial(_attention_backward_with, _backward_impl), differentiable=1)
+
+
+def _attention(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng) -> Tensor:
+    """One launch's output: through the custom op under torch.compile, else the eager Function (or, without
+    gradients, the bare implementation)."""
+    return _run_op(_attention_fwd, _AttentionEager, q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal,
+                   scale, rng)[0]
 
 
 # CUDA caps a launch grid's y and z at 65535 blocks. The kernels put heads on y and sequences on z: calls with
@@ -446,8 +490,8 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
     if n > _MAX_GRID_Z:
         parts = zip(*(t.split(_MAX_GRID_Z) if t is not None else [None] * -(-n // _MAX_GRID_Z)
                       for t in (q4, k4, v4, mask4)))
-    outs = [_Attention.apply(q_, k_, v_, m_, None, None, lq, lk, float(dropout_p), bool(is_causal), float(scale),
-                             _draw_rng(dropout_p, query.device))[0] for q_, k_, v_, m_ in parts]
+    outs = [_attention(q_, k_, v_, m_, None, None, lq, lk, float(dropout_p), bool(is_causal), float(scale),
+                       _draw_rng(dropout_p, query.device)) for q_, k_, v_, m_ in parts]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.reshape(*batch, hq, lq, ev)
 
@@ -474,17 +518,15 @@ def varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: 
     On a GPU ``cu_seqlens`` are trusted (as FlashAttention does): each sequence must be at
     most ``max_seqlen`` long, or its tail rows are not computed.
     """
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # reads them: no data-dependent graph
         _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, max_seqlen_k)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return _empty_result(q, k, v, (q.size(0), q.size(1), v.size(-1)))
     _check_grid_y(q.size(1))
     n = cu_seqlens_q.numel() - 1
     if n <= _MAX_GRID_Z:
-        out, _ = _Attention.apply(q, k, v, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q,
-                                  max_seqlen_k, float(dropout_p), bool(is_causal), float(scale),
-                                  _draw_rng(dropout_p, q.device))
-        return out
+        return _attention(q, k, v, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q,
+                          max_seqlen_k, float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device))
     # More sequences than one launch takes (the grid's z): runs of at most 65535, each with its rows and
     # rebased offsets. Reading the run boundaries costs one device sync, in this path only.
     starts = list(range(0, n, _MAX_GRID_Z)) + [n]
@@ -495,8 +537,7 @@ def varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: 
         if q1 == q0 or k1 == k0:  # a run of empty sequences, or without keys
             outs.append(_empty_result(q[q0:q1], k[k0:k1], v[k0:k1], (q1 - q0, q.size(1), v.size(-1))))
             continue
-        out, _ = _Attention.apply(q[q0:q1], k[k0:k1], v[k0:k1], None, (cu_seqlens_q[b0:b1 + 1] - q0).contiguous(),
-                                  (cu_seqlens_k[b0:b1 + 1] - k0).contiguous(), max_seqlen_q, max_seqlen_k,
-                                  float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device))
-        outs.append(out)
+        outs.append(_attention(q[q0:q1], k[k0:k1], v[k0:k1], None, (cu_seqlens_q[b0:b1 + 1] - q0).contiguous(),
+                               (cu_seqlens_k[b0:b1 + 1] - k0).contiguous(), max_seqlen_q, max_seqlen_k,
+                               float(dropout_p), bool(is_causal), float(scale), _draw_rng(dropout_p, q.device)))
     return torch.cat(outs)

@@ -7,11 +7,13 @@ Same semantics and return values as :func:`llmcore.ops.layer_norm` and
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor
 
+from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.triton._loader import kernels, multiprocessors
 
 __all__ = ["layer_norm", "rms_norm", "why_not", "backward_launch", "MAX_COLS"]
@@ -127,8 +129,7 @@ def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor
     cols = inp.size(-1)
     grad_in = torch.empty_like(inp)
     if inp.numel() == 0:
-        zeros = torch.zeros(cols, dtype=torch.float32, device=inp.device)
-        return grad_in, zeros, zeros
+        return grad_in, *(torch.zeros(cols, dtype=torch.float32, device=inp.device) for _ in range(2))
     mod = kernels("norm_kernels", inp.device)
     dy2, x2, dx2 = _rows(grad_y, cols), _rows(inp, cols), grad_in.view(-1, cols)
     ds2 = _rows(grad_s, cols) if grad_s is not None else None
@@ -198,37 +199,75 @@ def _backward_dw(mod, args, need_w, need_b, rms, d):
     return dw, db
 
 
-class _Norm(torch.autograd.Function):
-    """(x, weight, bias, residual) -> (y, s); s = x + residual, or an empty tensor without a residual."""
+def _backward_impl(grad_y: Optional[Tensor], inp: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                   grad_s: Optional[Tensor], rms: bool, need_w: bool, need_b: bool):
+    """(grad of the normalized input, float32 dw, float32 db); dw / db empty when not needed."""
+    if grad_y is None:  # only s received a gradient
+        grad_y = torch.zeros(inp.shape, dtype=torch.float32, device=inp.device)
+    grad_in, dw, db = _backward(rms, grad_y, inp, mean, rstd, weight, grad_s, need_w, need_b)
+    return (grad_in, dw if need_w else inp.new_empty(0, dtype=torch.float32),
+            db if need_b else inp.new_empty(0, dtype=torch.float32))  # distinct tensors: a custom op's outputs
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, rms, out_dtype):
-        ctx.set_materialize_grads(False)  # s unused (or no residual): None, not a zero-filled x-sized gradient
-        y, s, mean, rstd = _forward(rms, x, weight, bias, residual, eps, out_dtype)
-        ctx.rms, ctx.has_residual = rms, residual is not None
-        ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        if residual is None:
-            ctx.mark_non_differentiable(s)
-        return y, s
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, grad_s):
-        inp, weight, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        if grad_y is None:
-            grad_y = torch.zeros(inp.shape, dtype=torch.float32, device=inp.device)
-        grad_in, dw, db = _backward(ctx.rms, grad_y, inp, mean, rstd, weight,
-                                    grad_s if ctx.has_residual else None, need_w, need_b)
-        return (grad_in if need_x else None, dw.to(weight.dtype) if need_w else None,
-                db.to(ctx.bias_dtype) if need_b else None, grad_in if need_r else None, None, None, None)
+# The kernels behind custom ops, what torch.compile sees (it cannot trace the launchers), as the CPU backend does;
+# eager calls take _NormEager, a plain autograd.Function over the same implementation.
+# (x, weight, bias, residual) -> (y, s, mean, rstd); s = x + residual, or an empty tensor without a residual.
+def _forward_impl(x, weight, bias, residual, eps, rms, out_dtype):
+    return _forward(rms, x, weight, bias, residual, eps, out_dtype)
+
+
+@torch.library.custom_op("llmcore::triton_norm_fwd", mutates_args=())
+def _norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
+              rms: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward_impl(x, weight, bias, residual, eps, rms, out_dtype)
+
+
+@_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps, rms, out_dtype):
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return (x.new_empty(x.shape, dtype=out_dtype), s, stats if not rms else x.new_empty(0, dtype=torch.float32),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("llmcore::triton_norm_bwd", mutates_args=())
+def _norm_bwd(grad_y: Optional[Tensor], inp: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+              grad_s: Optional[Tensor], rms: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(grad_y, inp, mean, rstd, weight, grad_s, rms, need_w, need_b)
+
+
+@_norm_bwd.register_fake
+def _(grad_y, inp, mean, rstd, weight, grad_s, rms, need_w, need_b):
+    cols = inp.size(-1)
+    return (torch.empty_like(inp), inp.new_empty(cols if need_w else 0, dtype=torch.float32),
+            inp.new_empty(cols if need_b else 0, dtype=torch.float32))
+
+
+def _norm_setup(ctx, inputs, output):
+    x, weight, bias, residual, eps, rms, out_dtype = inputs
+    _, s, mean, rstd = output
+    ctx.rms, ctx.has_residual = rms, residual is not None
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _norm_backward_with(bwd, ctx, grad_y, grad_s, grad_mean, grad_rstd):
+    inp, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    grad_in, dw, db = bwd(grad_y, inp, mean, rstd, weight, grad_s if ctx.has_residual else None, ctx.rms, need_w,
+                          need_b)
+    return (grad_in if need_x else None, dw.to(weight.dtype) if need_w else None,
+            db.to(ctx.bias_dtype) if need_b else None, grad_in if need_r else None, None, None, None)
+
+
+_norm_fwd.register_autograd(partial(_norm_backward_with, _norm_bwd), setup_context=_norm_setup)
+_NormEager = _eager_function("_NormEager", _forward_impl, _norm_setup, partial(_norm_backward_with, _backward_impl))
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
                residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """x (..., N), weight/bias (N,) or None, residual like x -> y in x's dtype, or (y, s)."""
-    y, s = _Norm.apply(x, weight, bias, residual, float(eps), False, x.dtype)
+    y, s = _run_op(_norm_fwd, _NormEager, x, weight, bias, residual, float(eps), False, x.dtype)[:2]
     return (y, s) if residual is not None else y
 
 
@@ -236,5 +275,5 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6,
              residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """x (..., N), weight (N,) or None -> y in promote(x, weight), or (y, s)."""
     out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
-    y, s = _Norm.apply(x, weight, None, residual, float(eps), True, out_dtype)
+    y, s = _run_op(_norm_fwd, _NormEager, x, weight, None, residual, float(eps), True, out_dtype)[:2]
     return (y, s) if residual is not None else y

@@ -1,0 +1,48 @@
+"""The two halves every native op here has: a ``torch.library`` custom op (what ``torch.compile``
+and ``opcheck`` see) and, for eager calls, a plain autograd.Function over the same implementation
+(the custom-op dispatch costs ~100 us per forward + backward). Used by the CPU kernels' ops
+(``norm``, ``attention``, ``activation``, ``dropout``) and the Triton backend's."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+
+def _eager_function(name: str, forward_impl, setup_context, backward, differentiable: int = 2):
+    """An autograd.Function with a custom op's implementation, setup and backward, for eager
+    mode: the custom-op dispatch costs ~100 us per forward + backward, as much as the kernels
+    of a (2048, 384) LayerNorm. torch.compile sees the custom ops instead. Outputs past the
+    first ``differentiable`` ones (statistics: mean, rstd, lse) carry no gradient.
+
+    Gradients are not materialized: ``backward`` gets None, not a zero tensor, for an output
+    that received none (every statistic, and a norm's residual sum ``s`` when only ``y`` is
+    used), so no zeros are allocated, filled and read (a (T, 384) fp32 ``s`` per LayerNorm)."""
+
+    def forward(ctx, *inputs):
+        ctx.set_materialize_grads(False)
+        output = forward_impl(*inputs)
+        setup_context(ctx, inputs, output)
+        if isinstance(output, tuple):
+            ctx.mark_non_differentiable(*output[differentiable:])
+        return output
+
+    # once_differentiable: the kernels' gradients carry no graph, so a double backward raises instead of silently
+    # treating them as constants
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(torch.autograd.function.once_differentiable(
+        backward)), "impl": staticmethod(forward_impl)}
+    return type(name, (torch.autograd.Function,), methods)
+
+
+def _run_op(op, eager: type[torch.autograd.Function], *args):
+    """Calls ``op`` (a custom op) inside torch.compile; in eager mode ``eager`` (from
+    :func:`_eager_function`) when a gradient can flow to a tensor argument, else the bare
+    implementation: inference calls build no autograd node (Function.apply cost ~15% of the
+    Python time of a no-grad attention call). Inside a forward-mode AD level, eager too: its
+    error (no jvp) rather than an output silently without tangent."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if forward_ad._current_level >= 0 or (
+            torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+        return eager.apply(*args)
+    return eager.impl(*args)
