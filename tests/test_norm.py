@@ -399,3 +399,17 @@ def test_low_precision_sublayer_output_meets_fp32_residual(fn):
     (ref * g.double()).sum().backward()
     torch.testing.assert_close(res.grad.double(), resd.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-2, atol=1e-2)  # rounded to bf16
+
+
+def test_double_backward_through_the_cpu_kernels_is_refused():
+    """The kernels' gradients carry no graph: a second derivative raises instead of coming out as if they were
+    constants (the eager Functions are once_differentiable)."""
+    import llmcore
+
+    x = torch.randn(3, 16, requires_grad=True)
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    for out, leaf in ((layer_norm(x, None, None, backend="cpu"), x),
+                      (llmcore.scaled_dot_product_attention(q, q, q, backend="cpu"), q)):
+        (g,) = torch.autograd.grad(out.pow(2).sum(), leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            g.sum().backward()
