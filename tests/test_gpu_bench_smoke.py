@@ -73,7 +73,7 @@ def test_every_section_runs(smoke):
     rounds = results["cross_entropy"]["chunk_rounds"]
     assert set(rounds["speedup_vs_default"]) == {"chunk17", "chunk16", "chunk32"}
     small = results["attention_small"]["cases"]
-    assert len(small) == 3 and all("error" not in c for c in small.values()), small
+    assert len(small) == 4 and all("error" not in c for c in small.values()), small
     for c in small.values():
         assert max(c["max_abs_diff_vs_torch"].values()) < 1e-3, c["max_abs_diff_vs_torch"]
         assert all(len(t) == results["attention_small"]["rounds"] for m in ("forward", "fwd_bwd")

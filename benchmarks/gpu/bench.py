@@ -29,8 +29,8 @@ a run cut short still leaves what it measured):
 - the chunked LM-head cross-entropy, forward+backward, against torch's
   ``F.cross_entropy(F.linear(...))`` (which materializes the logits);
 - causal GQA attention (Llama-3-8B's 4:1 heads) and the norms' wider rows;
-- last, attention at fine-tuning shapes (MiniLM on an SST-2-like padded batch, BERT-base at 128,
-  GPT-2 at 1024) through the public API against torch SDPA, where host time can dominate.
+- last, attention at fine-tuning shapes (MiniLM on an SST-2-like batch, padded and packed, BERT-base
+  at 128, GPT-2 at 1024) through the public API against torch SDPA, where host time can dominate.
 
     python benchmarks/gpu/bench.py --out benchmarks/results [--budget 300] [--no-sweep]
     python benchmarks/gpu/bench.py --warm-worker 0/6   # compile the sweep's kernels only (no timing)
@@ -861,55 +861,80 @@ def attention_gqa(results: dict, ctx: dict) -> None:
 
 
 # Short sequences, where a call's host time (Python, autograd, the launches) can exceed its GPU time: fine-tuning
-# shapes. (name, (batch, heads, length, head dim), causal, key-padding lengths or None). MiniLM-L6 (12 x 32) on an
-# SST-2-like batch, padded with a key-padding mask; BERT-base at 128; GPT-2 at 1024, causal.
-SMALL_CASES = (("minilm_sst2_padded", (32, 12, 64, 32), False, True),
-               ("bert_base_l128", (32, 12, 128, 64), False, False),
-               ("gpt2_l1024_causal", (8, 12, 1024, 64), True, False))
+# shapes. (name, (batch, heads, length, head dim), causal, layout): "dense"; "padded" with a key-padding mask (every
+# sequence keeps at least a quarter of its length); "packed": the same sequences through varlen_attention, against
+# torch on the padded batch (what a padded model runs instead). MiniLM-L6 (12 x 32) on an SST-2-like batch, padded
+# and packed; BERT-base at 128; GPT-2 at 1024, causal.
+SMALL_CASES = (("minilm_sst2_padded", (32, 12, 64, 32), False, "padded"),
+               ("minilm_sst2_packed", (32, 12, 64, 32), False, "packed"),
+               ("bert_base_l128", (32, 12, 128, 64), False, "dense"),
+               ("gpt2_l1024_causal", (8, 12, 1024, 64), True, "dense"))
 SMALL_ROUNDS = 3
+
+
+def _small_case(shape, causal: bool, layout: str):
+    """(ours, ours' data (q, k, v, grad), theirs, their data, pick): pick(t) takes the rows both compute from one of
+    theirs (the valid rows of a packed case)."""
+    import llmcore
+
+    b, h, n, d = shape
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    dt = torch.float32 if SMOKE else torch.bfloat16
+    data = tuple(torch.randn(b, h, n, d, dtype=dt, device=DEVICE, generator=g) for _ in range(4))
+    mask = None
+    if layout != "dense":
+        lens = torch.randint(max(1, n // 4), n + 1, (b,), device=DEVICE, generator=g)
+        valid = torch.arange(n, device=DEVICE)[None, :] < lens[:, None]
+        mask = valid[:, None, None, :]
+
+    def theirs(*t):
+        return F.scaled_dot_product_attention(*t, attn_mask=mask, is_causal=causal)
+
+    if layout != "packed":
+        def ours(*t):
+            return llmcore.scaled_dot_product_attention(*t, attn_mask=mask, is_causal=causal, backend="triton")
+
+        return ours, data, theirs, data, lambda t: t
+
+    def pick(t):  # (B, H, L, D) -> the valid rows, packed (total, H, D)
+        return t.transpose(1, 2)[valid]
+
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=DEVICE)
+    cu[1:] = lens.cumsum(0)
+    longest = int(lens.max())
+
+    def ours(*t):
+        return llmcore.varlen_attention(*t, cu, cu, longest, longest, is_causal=causal, backend="triton")
+
+    # no gradient from the padded batch's pad rows (they attend too, and would add to the valid keys' dK and dV)
+    data = (*data[:3], data[3] * valid[:, None, :, None])
+    return ours, tuple(pick(t).contiguous() for t in data), theirs, data, pick
 
 
 def attention_small(results: dict, ctx: dict) -> None:
     """Fine-tuning shapes through the public API, llmcore's ``triton`` backend against torch SDPA as torch picks
     its backend (what a model calls), forward and forward+backward in SMALL_ROUNDS alternating rounds: us per call
-    and the per-round speed-ups. Each case validated against torch first."""
-    import llmcore
-
+    and the per-round speed-ups. Each case validated against torch first (on the rows both compute)."""
     out = results.setdefault("attention_small", {"rounds": SMALL_ROUNDS, "cases": {}})
-    for name, shape, causal, padded in SMALL_CASES:
-        if SMOKE:
-            shape = (2, 2, 24, 16)
-        b, h, n, d = shape
-        g = torch.Generator(device=DEVICE).manual_seed(2)
-        dt = torch.float32 if SMOKE else torch.bfloat16
-        q, k, v, grad = (torch.randn(b, h, n, d, dtype=dt, device=DEVICE, generator=g) for _ in range(4))
-        mask = None
-        if padded:  # every sequence keeps at least a quarter of the keys
-            lens = torch.randint(max(1, n // 4), n + 1, (b,), device=DEVICE, generator=g)
-            mask = (torch.arange(n, device=DEVICE)[None, :] < lens[:, None])[:, None, None, :]
-        kw = dict(attn_mask=mask, is_causal=causal)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        case = out["cases"].setdefault(name, {"shape": list(shape), "causal": causal, "key_padding": padded,
-                                              "dtype": str(dt).replace("torch.", "")})
-
-        def ours(*t, kw=kw):
-            return llmcore.scaled_dot_product_attention(*t, backend="triton", **kw)
-
-        def theirs(*t, kw=kw):
-            return F.scaled_dot_product_attention(*t, **kw)
-
+    for name, shape, causal, layout in SMALL_CASES:
+        shape = (2, 2, 24, 16) if SMOKE else shape
+        case = out["cases"].setdefault(name, {"shape": list(shape), "causal": causal, "layout": layout})
         try:
-            o, r = ours(*leaves), theirs(*leaves)
-            got, want = [o, *torch.autograd.grad(o, leaves, grad)], [r, *torch.autograd.grad(r, leaves, grad)]
-            case["max_abs_diff_vs_torch"] = {m: max_diff(x, y) for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
-            data = (q, k, v, grad)
+            ours, data, theirs, their_data, pick = _small_case(shape, causal, layout)
+            case["dtype"] = str(data[0].dtype).replace("torch.", "")
+            leaves = [t.clone().requires_grad_() for t in data[:3]]
+            their_leaves = [t.clone().requires_grad_() for t in their_data[:3]]
+            o, r = ours(*leaves), theirs(*their_leaves)
+            got = [o, *torch.autograd.grad(o, leaves, data[3])]
+            want = [r, *torch.autograd.grad(r, their_leaves, their_data[3])]
+            case["max_abs_diff_vs_torch"] = {m: max_diff(x, pick(y))
+                                             for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
             for mode in ("forward", "fwd_bwd"):
-                times = _alternating({"llmcore_triton": lambda m=mode: _time_mode(ours, m, data, leaves)["ms"],
-                                      "torch_sdpa": lambda m=mode: _time_mode(theirs, m, data, leaves)["ms"]},
-                                     SMALL_ROUNDS)
-                case[mode] = {"us": {k_: 1e3 * _median(t) for k_, t in times.items()},
-                              "ms_rounds": times, "speedup": _round_speedups(times["torch_sdpa"],
-                                                                             times["llmcore_triton"])}
+                times = _alternating(
+                    {"llmcore_triton": lambda m=mode: _time_mode(ours, m, data, leaves)["ms"],
+                     "torch_sdpa": lambda m=mode: _time_mode(theirs, m, their_data, their_leaves)["ms"]}, SMALL_ROUNDS)
+                case[mode] = {"us": {k: 1e3 * _median(t) for k, t in times.items()}, "ms_rounds": times,
+                              "speedup": _round_speedups(times["torch_sdpa"], times["llmcore_triton"])}
         except Exception:
             case["error"] = traceback.format_exc()
             print(case["error"], file=sys.stderr)
