@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmcore import _C
-from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops import triton as triton_ops
+from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.triton import norm as triton_norm
 
 __all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference"]
