@@ -27,10 +27,16 @@ def _eager_function(name: str, forward_impl, setup_context, backward, differenti
             ctx.mark_non_differentiable(*output[differentiable:])
         return output
 
-    # once_differentiable: the kernels' gradients carry no graph, so a double backward raises instead of silently
-    # treating them as constants
-    methods = {"forward": staticmethod(forward), "backward": staticmethod(torch.autograd.function.once_differentiable(
-        backward)), "impl": staticmethod(forward_impl)}
+    # The kernels' gradients carry no graph: under create_graph a double backward must raise, not treat them as
+    # constants, which once_differentiable arranges. It costs ~5 us a call (no_grad and its checks), so only then:
+    # autograd runs a plain backward with grad mode off.
+    checked = torch.autograd.function.once_differentiable(backward)
+
+    def backward_once(ctx, *grads):
+        return checked(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward_once),
+               "impl": staticmethod(forward_impl)}
     return type(name, (torch.autograd.Function,), methods)
 
 
