@@ -358,11 +358,13 @@ def test_varlen_more_sequences_than_a_grid_takes(monkeypatch):
 
 
 @pytest.mark.parametrize("varlen", [False, True])
-def test_backward_writes_no_zero_tensors(varlen):
+def test_backward_writes_no_zero_tensors(monkeypatch, varlen):
     """Around the kernels the backward allocates its gradients and nothing zero-filled: no slice of an input whose
     backward zero-fills an input-sized tensor (sdpa sliced q, k and v per launch, even for one launch), and no
     zero gradient materialized for the logsumexp output, which carries none. On a GPU each was a memset and a
-    copy of the gradient (~1.1 GB of traffic at (4, 32, 4096, 128) bf16)."""
+    copy of the gradient (~1.1 GB of traffic at (4, 32, 4096, 128) bf16). With dQ by its own kernel: the atomic
+    modes' float32 accumulator has to start at zero."""
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", "kernel")
     if varlen:
         c = cu([5, 0, 19]).to(DEVICE)
         q, k, v = (randn(24, 4, 16, seed=s).to(DEVICE, torch.float32).requires_grad_() for s in range(3))
