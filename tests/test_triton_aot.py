@@ -166,6 +166,17 @@ def test_norm_backward_does_not_spill(sm90):
     assert [(case, k.label(), k.stack) for case, k in kernels if k.stack != 0] == []
 
 
+def test_norm_forward_does_not_spill(sm90):
+    # Whole rows to 32768 columns (the surveys compile 1000 to 16384), swept in 8192-column chunks beyond (65536:
+    # the whole-row forward spilled 320-344 B there).
+    kernels = [(case, k) for case, k in _all(sm90) if k.name == "norm_fwd"]
+    assert {k.constants.get("CHUNKED") for _, k in kernels} == {False, True}
+    assert max(k.constants["BLOCK_N"] for _, k in kernels) == 16384
+    if any(k.registers is None for _, k in kernels):
+        pytest.skip("no cuobjdump (the Triton wheel carries one): registers and spills unknown")
+    assert [(case, k.label(), k.stack) for case, k in kernels if k.stack != 0] == []
+
+
 @pytest.mark.parametrize("arch", ["sm_90", "sm_100", "sm_120"])
 def test_dq_by_tma_reductions(arch, surveys):
     # LLMCORE_TRITON_DQ=tma: the dK/dV kernel adds its dQ tiles with cp.reduce.async.bulk.tensor; nothing else

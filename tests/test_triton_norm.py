@@ -218,14 +218,46 @@ def test_double_backward_is_refused():
         g.sum().backward()
 
 
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype, residual", [(torch.bfloat16, True), (torch.float32, False)])
+def test_forward_sweeps_wide_rows_in_chunks(monkeypatch, rms, dtype, residual, backward):
+    """Rows wider than norm._FWD_WHOLE columns are swept in _FWD_CHUNK-column chunks (forced here: 37 columns in
+    chunks of 16, the last one ragged), as float64's, forward and every gradient."""
+    from llmcore.ops.triton import norm as triton_norm
+
+    monkeypatch.setattr(triton_norm, "_FWD_WHOLE", 32)
+    monkeypatch.setattr(triton_norm, "_FWD_CHUNK", 16)
+    _check_against_float64(rms, (3, 5, 37), dtype, residual)
+
+
+def test_rows_wider_than_65536_columns():
+    """The chunked forward takes rows of any width (the whole-row one refused more than 65536 columns)."""
+    _check_against_float64(True, (2, 65536 + 100), torch.bfloat16, True)
+    _check_against_float64(False, (2, 65536 + 100), torch.float16, False)
+
+
+def _check_against_float64(rms, shape, dtype, residual):
+    x, r, w, b, gy, gs = _inputs(shape, dtype, residual)
+    grad_outs = [gy, gs] if residual else [gy]
+    if rms:
+        inputs, ours_fn = [x, w, r], lambda x, w, r=None: rms_norm(x, w, 1e-6, r, backend="triton")
+        ref_fn = lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r)  # noqa: E731
+    else:
+        inputs, ours_fn = [x, w, b, r], lambda x, w, b, r=None: layer_norm(x, w, b, 1e-5, r, backend="triton")
+        ref_fn = lambda x, w, b, r=None: _torch_layer_norm(x, w, b, r) if x.dtype != torch.float64 else \
+            layer_norm_reference(x, w, b, 1e-5, r)  # noqa: E731
+    ours, theirs, truth = _run(ours_fn, inputs, grad_outs), _run(ref_fn, inputs, grad_outs), \
+        _run(ref_fn, _f64(inputs), grad_outs)
+    for k, what in enumerate(["outputs", "grads"]):
+        assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
+
+
 def test_backend_choice_and_refusals(monkeypatch):
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="backend='nope' is unknown"):
         layer_norm(x, None, None, backend="nope")
     with pytest.raises(RuntimeError, match="x dtype torch.float64 not supported"):
         rms_norm(x.double(), None, backend="triton")
-    with pytest.raises(RuntimeError, match="rows of 65537 elements"):
-        rms_norm(torch.randn(1, 65537, device=DEVICE), None, backend="triton")
     if not GPU:
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="CPU tensors need Triton's interpreter"):

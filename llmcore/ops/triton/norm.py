@@ -16,10 +16,13 @@ from torch import Tensor
 from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.triton._loader import kernels, multiprocessors
 
-__all__ = ["layer_norm", "rms_norm", "why_not", "backward_launch", "MAX_COLS"]
+__all__ = ["layer_norm", "rms_norm", "why_not", "backward_launch"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_COLS = 65536  # the forward holds a whole row in one program's registers
+# The forward holds rows of up to _FWD_WHOLE columns whole in a program's registers (compiled for sm_90 without
+# spills; 65536 spilled 328 B, Triton 3.9); wider rows it sweeps in chunks of _FWD_CHUNK columns, reading s back twice
+# (LayerNorm) or once (RMSNorm). Neither width is timed on a GPU.
+_FWD_WHOLE, _FWD_CHUNK = 32768, 8192
 # How the backward launches (GPU only; the interpreter runs one warp, one stage):
 # - split: None picks by row length (fused up to _FUSED_MAX_BLOCK columns, split beyond: the fused kernel's full-width
 #   dw/db accumulators spill at 16384 columns, python -m llmcore.ops.triton.aot); True / False force one form
@@ -45,8 +48,6 @@ def why_not(x: Tensor, params: tuple) -> Optional[str]:
     for p in params:
         if p is not None and p.dtype not in _DTYPES:
             return f"parameter dtype {p.dtype} not supported (float32, bfloat16, float16)"
-    if x.size(-1) > MAX_COLS:
-        return f"rows of {x.size(-1)} elements > {MAX_COLS}"
     return None
 
 
@@ -106,14 +107,14 @@ def _forward(rms: bool, x: Tensor, weight, bias, residual, eps: float, out_dtype
     r2 = _rows(residual, cols) if residual is not None else None
     s2 = s.view(-1, cols) if residual is not None else None
     n_rows = x2.size(0)
-    block_n, rows, warps = _blocks(cols, mod.INTERPRET)
+    block_n, rows, warps = _blocks(cols if cols <= _FWD_WHOLE else _FWD_CHUNK, mod.INTERPRET)
     d = _dummy(x)
     mod.norm_fwd[(-(-n_rows // rows),)](
         x2, d if r2 is None else r2, d if weight is None else weight, d if bias is None else bias, y2,
         d if s2 is None else s2, mean if not rms else d, rstd,
         n_rows, cols, x2.stride(0), 0 if r2 is None else r2.stride(0), y2.stride(0), 0 if s2 is None else s2.stride(0),
         float(eps), RMS=rms, HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+        ROWS=rows, BLOCK_N=block_n, CHUNKED=cols > block_n, num_warps=warps)
     return y, s, mean, rstd
 
 

@@ -13,7 +13,8 @@ N the row length:
     RMSNorm:   ds = rstd * (g - xhat * mean(g * xhat)),            dw = sum_rows dy * round_x(xhat)
 
 plus the gradient that reaches s directly (the residual stream's). The forward's programs
-hold ROWS whole rows (BLOCK_N >= N). The backward comes in two forms (``norm.py`` picks):
+hold ROWS whole rows (BLOCK_N >= N), or, for wide rows, sweep them in BLOCK_N-column chunks
+(CHUNKED). The backward comes in two forms (``norm.py`` picks):
 
 - fused, ``norm_bwd``: each program sweeps a contiguous range of whole rows, writing ds and
   one float32 partial of dw and db (summed afterwards). It reads each input once, but holds
@@ -38,43 +39,94 @@ _cast = _loader.load("_helpers", INTERPRET).cast
 
 
 @triton.jit
-def norm_fwd(
-    X, R, W, B, Y, S, MEAN, RSTD,
-    n_rows, n_cols, stride_x, stride_r, stride_y, stride_s, eps,
-    RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    inside = row_ok[:, None] & col_ok[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+def _residual_sum(X, R, S, r64, cols, inside, stride_x, stride_r, stride_s, HAS_RES: tl.constexpr):
+    """A tile of s = x + residual in x's dtype (stored to S), or of x without a residual."""
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=inside, other=0.0)
     if HAS_RES:
         res = tl.load(R + r64 * stride_r + cols[None, :], mask=inside, other=0.0)
         x = _cast(x.to(tl.float32) + res.to(tl.float32), X.dtype.element_ty)
         tl.store(S + r64 * stride_s + cols[None, :], x, mask=inside)
-    xf = x.to(tl.float32)
-    if HAS_W:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _normalized(xf, mean, rstd, w, B, cols, col_ok, inside, X_DTYPE: tl.constexpr, RMS: tl.constexpr,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """y of a tile of s (float32) from its rows' statistics (mean unused for RMS); w: the weight's columns, loaded
+    by the caller (before the row sums, so that its latency hides behind them)."""
     if RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / n_cols + eps)
-        y = _cast(xf * rstd[:, None], X.dtype.element_ty).to(tl.float32)
-        if HAS_W:
-            y = y * w[None, :]
+        y = _cast(xf * rstd[:, None], X_DTYPE).to(tl.float32)
     else:
-        mean = tl.sum(xf, 1) / n_cols
-        xc = tl.where(inside, xf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / n_cols + eps)
-        y = xc * rstd[:, None]
-        if HAS_W:
-            y = y * w[None, :]
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = tl.where(inside, xf - mean[:, None], 0.0) * rstd[:, None]
+    if HAS_W:
+        y = y * w[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def norm_fwd(
+    X, R, W, B, Y, S, MEAN, RSTD,
+    n_rows, n_cols, stride_x, stride_r, stride_y, stride_s, eps,
+    RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr,
+):
+    """ROWS rows per program, whole (BLOCK_N >= n_cols), or, CHUNKED, swept in BLOCK_N-column chunks: s and its
+    sum (of squares for RMS), then (LayerNorm) the centred sum of squares, then y; the later sweeps read s back."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    r64 = rows.to(tl.int64)[:, None]
+    if CHUNKED:
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for c0 in range(0, n_cols, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            inside = row_ok[:, None] & (cols < n_cols)[None, :]
+            xf = _residual_sum(X, R, S, r64, cols, inside, stride_x, stride_r, stride_s, HAS_RES).to(tl.float32)
+            acc += xf * xf if RMS else xf
+        if RMS:
+            rstd = 1.0 / tl.sqrt(tl.sum(acc, 1) / n_cols + eps)
+            mean = rstd
+        else:
+            mean = tl.sum(acc, 1) / n_cols
+            acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+            for c0 in range(0, n_cols, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                inside = row_ok[:, None] & (cols < n_cols)[None, :]
+                S_ = S if HAS_RES else X
+                stride = stride_s if HAS_RES else stride_x
+                xf = tl.load(S_ + r64 * stride + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+                xc = tl.where(inside, xf - mean[:, None], 0.0)
+                acc += xc * xc
+            rstd = 1.0 / tl.sqrt(tl.sum(acc, 1) / n_cols + eps)
+        for c0 in range(0, n_cols, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            inside = row_ok[:, None] & col_ok[None, :]
+            S_ = S if HAS_RES else X
+            stride = stride_s if HAS_RES else stride_x
+            w = _weight(W, cols, col_ok, HAS_W)
+            xf = tl.load(S_ + r64 * stride + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            y = _normalized(xf, mean, rstd, w, B, cols, col_ok, inside, X.dtype.element_ty, RMS, HAS_W, HAS_B)
+            tl.store(Y + r64 * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=inside)
+    else:
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        inside = row_ok[:, None] & col_ok[None, :]
+        xf = _residual_sum(X, R, S, r64, cols, inside, stride_x, stride_r, stride_s, HAS_RES).to(tl.float32)
+        w = _weight(W, cols, col_ok, HAS_W)
+        if RMS:
+            rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / n_cols + eps)
+            mean = rstd
+        else:
+            mean = tl.sum(xf, 1) / n_cols
+            xc = tl.where(inside, xf - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / n_cols + eps)
+        y = _normalized(xf, mean, rstd, w, B, cols, col_ok, inside, X.dtype.element_ty, RMS, HAS_W, HAS_B)
+        tl.store(Y + r64 * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=inside)
+    if not RMS:
         tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
-    tl.store(Y + r64 * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=inside)
 
 
 @triton.jit
