@@ -287,6 +287,13 @@ def _check_float(name: str, t) -> None:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
 
 
+@torch.compiler.disable  # torch.compile cannot trace the Triton launchers: a graph break around them, run eagerly
+def _apply_triton(*args):
+    from llmcore.ops.triton.cross_entropy import LinearCrossEntropy
+
+    return LinearCrossEntropy.apply(*args)
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -397,12 +404,7 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    apply = _LinearCrossEntropy.apply
-    if _use_triton(hidden.device, compute_dtype, backend):
-        from llmcore.ops.triton.cross_entropy import LinearCrossEntropy
-
-        # torch.compile cannot trace the Triton launchers: a graph break around them, run eagerly
-        apply = torch.compiler.disable(LinearCrossEntropy.apply)
+    apply = _apply_triton if _use_triton(hidden.device, compute_dtype, backend) else _LinearCrossEntropy.apply
     with torch.autocast(hidden.device.type, enabled=False):
         out = apply(hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index,
                     reduction, float(label_smoothing), chunk, needs, compute_dtype, out_dtype)
