@@ -102,3 +102,22 @@ def test_markdown_has_the_tables(smoke):
     for heading in ("## Attention", "### Head-to-head", "### Block sweep, causal", "## Norms", "## Bars"):
         assert heading in md
     assert "dQ by TMA reductions" in md
+
+
+_WARM = """
+import runpy, sys
+sys.modules["llmcore._C"] = None  # as on the GPU machine while llmcore is being built: no native module yet
+sys.argv = ["bench.py", "--smoke", "--warm-worker", "0/16"]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_warm_up_worker_needs_no_native_module(tmp_path):
+    """run.sh compiles the sweep's kernels in ``--warm-worker`` processes while llmcore is still being built, so
+    the Triton attention modules must import without llmcore._C (bench.py stubs the packages above them): an
+    import of a module that needs it would cost a GPU run its warm-up."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _WARM.format(script=str(SCRIPT))], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    assert "[warm 0/16]" in done.stdout and "(0 failed)" in done.stdout, (done.stdout[-2000:], done.stderr[-2000:])
