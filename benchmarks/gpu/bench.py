@@ -872,9 +872,9 @@ SMALL_CASES = (("minilm_sst2_padded", (32, 12, 64, 32), False, "padded"),
 SMALL_ROUNDS = 3
 
 
-def _small_case(shape, causal: bool, layout: str):
-    """(ours, ours' data (q, k, v, grad), theirs, their data, pick): pick(t) takes the rows both compute from one of
-    theirs (the valid rows of a packed case)."""
+def _small_case(shape, causal: bool, layout: str, backend: str):
+    """(ours on ``backend``, ours' data (q, k, v, grad), theirs, their data, pick): pick(t) takes the rows both
+    compute from one of theirs (the valid rows of a packed case)."""
     import llmcore
 
     b, h, n, d = shape
@@ -892,7 +892,7 @@ def _small_case(shape, causal: bool, layout: str):
 
     if layout != "packed":
         def ours(*t):
-            return llmcore.scaled_dot_product_attention(*t, attn_mask=mask, is_causal=causal, backend="triton")
+            return llmcore.scaled_dot_product_attention(*t, attn_mask=mask, is_causal=causal, backend=backend)
 
         return ours, data, theirs, data, lambda t: t
 
@@ -904,7 +904,7 @@ def _small_case(shape, causal: bool, layout: str):
     longest = int(lens.max())
 
     def ours(*t):
-        return llmcore.varlen_attention(*t, cu, cu, longest, longest, is_causal=causal, backend="triton")
+        return llmcore.varlen_attention(*t, cu, cu, longest, longest, is_causal=causal, backend=backend)
 
     # no gradient from the padded batch's pad rows (they attend too, and would add to the valid keys' dK and dV)
     data = (*data[:3], data[3] * valid[:, None, :, None])
@@ -912,29 +912,37 @@ def _small_case(shape, causal: bool, layout: str):
 
 
 def attention_small(results: dict, ctx: dict) -> None:
-    """Fine-tuning shapes through the public API, llmcore's ``triton`` backend against torch SDPA as torch picks
-    its backend (what a model calls), forward and forward+backward in SMALL_ROUNDS alternating rounds: us per call
-    and the per-round speed-ups. Each case validated against torch first (on the rows both compute)."""
+    """Fine-tuning shapes through the public API, llmcore's ``triton`` backend (and its ``cuda`` one where built,
+    for the cases it takes: no mask) against torch SDPA as torch picks its backend (what a model calls), forward
+    and forward+backward in SMALL_ROUNDS alternating rounds: us per call and the per-round speed-ups. Each
+    entrant validated against torch first (on the rows both compute)."""
+    from llmcore.ops.dispatch import availability
+
+    cuda_built = availability().get("cuda") is None
     out = results.setdefault("attention_small", {"rounds": SMALL_ROUNDS, "cases": {}})
     for name, shape, causal, layout in SMALL_CASES:
         shape = (2, 2, 24, 16) if SMOKE else shape
         case = out["cases"].setdefault(name, {"shape": list(shape), "causal": causal, "layout": layout})
         try:
-            ours, data, theirs, their_data, pick = _small_case(shape, causal, layout)
+            runners = {}
+            for backend in ("triton", "cuda") if cuda_built and layout != "padded" else ("triton",):
+                ours, data, theirs, their_data, pick = _small_case(shape, causal, layout, backend)
+                leaves = [t.clone().requires_grad_() for t in data[:3]]
+                their_leaves = [t.clone().requires_grad_() for t in their_data[:3]]
+                o, r = ours(*leaves), theirs(*their_leaves)
+                got = [o, *torch.autograd.grad(o, leaves, data[3])]
+                want = [r, *torch.autograd.grad(r, their_leaves, their_data[3])]
+                case.setdefault("max_abs_diff_vs_torch", {})[backend] = {
+                    m: max_diff(x, pick(y)) for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
+                runners[f"llmcore_{backend}"] = (ours, data, leaves)
+            runners["torch_sdpa"] = (theirs, their_data, their_leaves)
             case["dtype"] = str(data[0].dtype).replace("torch.", "")
-            leaves = [t.clone().requires_grad_() for t in data[:3]]
-            their_leaves = [t.clone().requires_grad_() for t in their_data[:3]]
-            o, r = ours(*leaves), theirs(*their_leaves)
-            got = [o, *torch.autograd.grad(o, leaves, data[3])]
-            want = [r, *torch.autograd.grad(r, their_leaves, their_data[3])]
-            case["max_abs_diff_vs_torch"] = {m: max_diff(x, pick(y))
-                                             for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
             for mode in ("forward", "fwd_bwd"):
-                times = _alternating(
-                    {"llmcore_triton": lambda m=mode: _time_mode(ours, m, data, leaves)["ms"],
-                     "torch_sdpa": lambda m=mode: _time_mode(theirs, m, their_data, their_leaves)["ms"]}, SMALL_ROUNDS)
+                times = _alternating({k: lambda m=mode, r=r: _time_mode(r[0], m, r[1], r[2])["ms"]
+                                      for k, r in runners.items()}, SMALL_ROUNDS)
                 case[mode] = {"us": {k: 1e3 * _median(t) for k, t in times.items()}, "ms_rounds": times,
-                              "speedup": _round_speedups(times["torch_sdpa"], times["llmcore_triton"])}
+                              "speedup": {k: _round_speedups(times["torch_sdpa"], t) for k, t in times.items()
+                                          if k != "torch_sdpa"}}
         except Exception:
             case["error"] = traceback.format_exc()
             print(case["error"], file=sys.stderr)
@@ -1104,21 +1112,27 @@ def markdown(results: dict) -> str:
     sm = results.get("attention_small")
     if sm and sm.get("cases"):
         lines += ["## Attention at fine-tuning shapes, through the public API (us per call)", "",
-                  f"llmcore `triton` against torch SDPA with the backend torch picks; {sm['rounds']} alternating "
+                  "llmcore `triton` (and `cuda` where built, for the cases without a mask) against torch SDPA "
+                  f"with the backend torch picks; {sm['rounds']} alternating "
                   "rounds, speed-up = median of the per-round ratios torch / llmcore (min-max). At these sizes a "
                   "call's host time (Python, autograd, launches) can exceed its GPU time.", "",
-                  "| case | (B, H, L, D) | mode | llmcore triton | torch SDPA | speed-up |",
-                  "|---|---|---|---|---|---|"]
+                  "| case | (B, H, L, D) | mode | llmcore triton | speed-up | llmcore cuda | speed-up | torch SDPA |",
+                  "|---|---|---|---|---|---|---|---|"]
         for cname, c in sm["cases"].items():
             if "error" in c:
-                lines.append(f"| {cname} | {tuple(c['shape'])} | failed: {c['error'].strip().splitlines()[-1]} |||||")
+                lines.append(f"| {cname} | {tuple(c['shape'])} | failed: {c['error'].strip().splitlines()[-1]} "
+                             "||||||")
                 continue
             for mode in ("forward", "fwd_bwd"):
-                if mode in c:
-                    up = c[mode]["speedup"]
-                    lines.append(f"| {cname} | {tuple(c['shape'])} | {mode} | {c[mode]['us']['llmcore_triton']:.0f} | "
-                                 f"{c[mode]['us']['torch_sdpa']:.0f} | {up['median']:.2f}x ({up['min']:.2f}-"
-                                 f"{up['max']:.2f}) |")
+                if mode not in c:
+                    continue
+                cells = []
+                for who in ("llmcore_triton", "llmcore_cuda"):
+                    up = c[mode]["speedup"].get(who)
+                    cells.append(f"{c[mode]['us'][who]:.0f} | {up['median']:.2f}x ({up['min']:.2f}-{up['max']:.2f})"
+                                 if up else "- | -")
+                lines.append(f"| {cname} | {tuple(c['shape'])} | {mode} | {' | '.join(cells)} | "
+                             f"{c[mode]['us']['torch_sdpa']:.0f} |")
         lines.append("")
     cu = results.get("cuda")
     if cu and cu.get("cases"):

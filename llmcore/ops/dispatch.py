@@ -129,12 +129,16 @@ class _TritonBackend(Backend):
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
+# In order of preference. CUDA tensors: "triton", then "cuda": on the H200 (benchmarks/results/gpu-nvidia-h200.md,
+# one run, bf16 (4, 32, 4096, 128)) Triton ran 1.3-1.8x the CUDA C++ kernels in each of forward / forward+backward,
+# causal or not (e.g. causal fwd+bwd 377 vs 221 TFLOP/s); "cuda" serves where Triton is missing. CPU tensors: "cpu"
+# (before "triton", which reaches them only under the interpreter and only when asked for).
 BACKENDS: tuple[Backend, ...] = (
-    _CudaBackend("cuda", ("cuda",), (torch.bfloat16, torch.float16), 256, ("none",), True, False,
-                 _cuda_unavailable),
     Backend("cpu", ("cpu",), _FLOATS, 256, ("none", "bool", "additive"), True, False, _cpu_unavailable),
     _TritonBackend("triton", ("cuda", "cpu"), _FLOATS, 256, ("none", "bool", "additive"), True, False,
                    _triton_unavailable),
+    _CudaBackend("cuda", ("cuda",), (torch.bfloat16, torch.float16), 256, ("none",), True, False,
+                 _cuda_unavailable),
     Backend("reference", ("cpu", "cuda", "mps", "xpu", "meta"), _FLOATS + (torch.float64,), 1 << 30,
             ("none", "bool", "additive"), True, True, lambda: None),
 )
