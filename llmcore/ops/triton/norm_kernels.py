@@ -84,6 +84,8 @@ def norm_fwd(
             inside = row_ok[:, None] & (cols < n_cols)[None, :]
             xf = _residual_sum(X, R, S, r64, cols, inside, stride_x, stride_r, stride_s, HAS_RES).to(tl.float32)
             acc += xf * xf if RMS else xf
+        if HAS_RES:  # the later sweeps read s back: the block's stores visible to all its threads, whatever layout
+            tl.debug_barrier()
         if RMS:
             rstd = 1.0 / tl.sqrt(tl.sum(acc, 1) / n_cols + eps)
             mean = rstd
