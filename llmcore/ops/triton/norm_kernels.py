@@ -39,6 +39,13 @@ _cast = _loader.load("_helpers", INTERPRET).cast
 
 
 @triton.jit
+def _row_tile(r0, bound, ROWS: tl.constexpr):
+    """Rows r0 .. r0 + ROWS of a tile: (rows, rows below ``bound``, rows as an int64 column for the offsets)."""
+    rows = r0 + tl.arange(0, ROWS)
+    return rows, rows < bound, rows.to(tl.int64)[:, None]
+
+
+@triton.jit
 def _residual_sum(X, R, S, r64, cols, inside, stride_x, stride_r, stride_s, HAS_RES: tl.constexpr):
     """A tile of s = x + residual in x's dtype (stored to S), or of x without a residual."""
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=inside, other=0.0)
@@ -74,9 +81,7 @@ def norm_fwd(
 ):
     """ROWS rows per program, whole (BLOCK_N >= n_cols), or, CHUNKED, swept in BLOCK_N-column chunks: s and its
     sum (of squares for RMS), then (LayerNorm) the centred sum of squares, then y; the later sweeps read s back."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_rows
-    r64 = rows.to(tl.int64)[:, None]
+    rows, row_ok, r64 = _row_tile(tl.program_id(0) * ROWS, n_rows, ROWS)
     if CHUNKED:
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         for c0 in range(0, n_cols, BLOCK_N):
@@ -86,6 +91,8 @@ def norm_fwd(
             acc += xf * xf if RMS else xf
         if HAS_RES:  # the later sweeps read s back: the block's stores visible to all its threads, whatever layout
             tl.debug_barrier()
+        S_ = S if HAS_RES else X  # where the later sweeps read s
+        stride = stride_s if HAS_RES else stride_x
         if RMS:
             rstd = 1.0 / tl.sqrt(tl.sum(acc, 1) / n_cols + eps)
             mean = rstd
@@ -95,8 +102,6 @@ def norm_fwd(
             for c0 in range(0, n_cols, BLOCK_N):
                 cols = c0 + tl.arange(0, BLOCK_N)
                 inside = row_ok[:, None] & (cols < n_cols)[None, :]
-                S_ = S if HAS_RES else X
-                stride = stride_s if HAS_RES else stride_x
                 xf = tl.load(S_ + r64 * stride + cols[None, :], mask=inside, other=0.0).to(tl.float32)
                 xc = tl.where(inside, xf - mean[:, None], 0.0)
                 acc += xc * xc
@@ -105,8 +110,6 @@ def norm_fwd(
             cols = c0 + tl.arange(0, BLOCK_N)
             col_ok = cols < n_cols
             inside = row_ok[:, None] & col_ok[None, :]
-            S_ = S if HAS_RES else X
-            stride = stride_s if HAS_RES else stride_x
             w = _weight(W, cols, col_ok, HAS_W)
             xf = tl.load(S_ + r64 * stride + cols[None, :], mask=inside, other=0.0).to(tl.float32)
             y = _normalized(xf, mean, rstd, w, B, cols, col_ok, inside, X.dtype.element_ty, RMS, HAS_W, HAS_B)
@@ -196,9 +199,7 @@ def norm_bwd(
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     for r0 in tl.range(first, last, ROWS, num_stages=STAGES):  # STAGES 2: the next rows load during this one
-        rows = r0 + tl.arange(0, ROWS)
-        row_ok = rows < last
-        r64 = rows.to(tl.int64)[:, None]
+        rows, row_ok, r64 = _row_tile(r0, last, ROWS)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         dy, g, xhat = _grad_terms(DY, X, MEAN, w, rstd, r64, rows, row_ok, cols, col_ok, stride_dy, stride_x,
                                   RMS, HAS_W)
@@ -223,9 +224,7 @@ def norm_bwd_dx(
     CHUNKED: tl.constexpr,
 ):
     """ds of ROWS rows (the split backward's first kernel). CHUNKED: rows wider than BLOCK_N, swept twice."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_rows
-    r64 = rows.to(tl.int64)[:, None]
+    rows, row_ok, r64 = _row_tile(tl.program_id(0) * ROWS, n_rows, ROWS)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     if CHUNKED:
         s1 = tl.zeros([ROWS], tl.float32)
@@ -272,9 +271,7 @@ def norm_bwd_dw(
     first = pid_r * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     for r0 in range(first, last, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        row_ok = rows < last
-        r64 = rows.to(tl.int64)[:, None]
+        rows, row_ok, r64 = _row_tile(r0, last, ROWS)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         dy, _, xhat = _grad_terms(DY, X, MEAN, rstd, rstd, r64, rows, row_ok, cols, col_ok, stride_dy, stride_x,
                                   RMS, False)
