@@ -161,13 +161,21 @@ def _ours(causal: bool):
     return fn
 
 
+def _out_and_grads(fn, leaves, grad) -> list:
+    """[fn's output, its gradients for the leaves (q, k, v)] under the upstream gradient ``grad``."""
+    o = fn(*leaves)
+    return [o, *torch.autograd.grad(o, leaves, grad)]
+
+
+def _diffs(got: list, want: list, pick=None) -> dict:
+    """Max abs differences of out, dq, dk, dv; pick(t): the rows of one of ``want`` that ``got`` computes."""
+    return {n: max_diff(a, b if pick is None else pick(b)) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+
+
 def _validate(fn, leaves, grad, causal: bool) -> dict:
     """Output and gradients of fn against torch's default SDPA in the same dtype."""
-    o = fn(*leaves)
-    got = [o] + list(torch.autograd.grad(o, leaves, grad))
-    r = F.scaled_dot_product_attention(*leaves, is_causal=causal)
-    want = [r] + list(torch.autograd.grad(r, leaves, grad))
-    return {n: max_diff(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+    return _diffs(_out_and_grads(fn, leaves, grad),
+                  _out_and_grads(lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal), leaves, grad))
 
 
 def _time_mode(fn, mode: str, data, leaves) -> dict:
@@ -836,9 +844,8 @@ def attention_gqa(results: dict, ctx: dict) -> None:
     def theirs(*t):
         return F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)
 
-    o, r = ours(*leaves), theirs(*leaves)
-    got, want = [o, *torch.autograd.grad(o, leaves, grad)], [r, *torch.autograd.grad(r, leaves, grad)]
-    case["max_abs_diff_vs_torch"] = {m: max_diff(x, y) for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
+    got = _out_and_grads(ours, leaves, grad)
+    case["max_abs_diff_vs_torch"] = _diffs(got, _out_and_grads(theirs, leaves, grad))
     case["llmcore_triton"] = _time_ours(ours, (q, k, v, grad), leaves, (b, hq, n, d), True)
     fwd_f, fb_f = _attn_flops((b, hq, n, d), True, False), _attn_flops((b, hq, n, d), True, True)
     _time_torch_sdpa(case.setdefault("torch_sdpa", {}), theirs, (q, k, v, grad), leaves, fwd_f, fb_f,
@@ -874,7 +881,7 @@ SMALL_ROUNDS = 3
 
 def _small_case(shape, causal: bool, layout: str, backend: str):
     """(ours on ``backend``, ours' data (q, k, v, grad), theirs, their data, pick): pick(t) takes the rows both
-    compute from one of theirs (the valid rows of a packed case)."""
+    compute from one of theirs (the valid rows of a packed case; None where both compute all)."""
     import llmcore
 
     b, h, n, d = shape
@@ -894,7 +901,7 @@ def _small_case(shape, causal: bool, layout: str, backend: str):
         def ours(*t):
             return llmcore.scaled_dot_product_attention(*t, attn_mask=mask, is_causal=causal, backend=backend)
 
-        return ours, data, theirs, data, lambda t: t
+        return ours, data, theirs, data, None
 
     def pick(t):  # (B, H, L, D) -> the valid rows, packed (total, H, D)
         return t.transpose(1, 2)[valid]
@@ -930,11 +937,9 @@ def attention_small(results: dict, ctx: dict) -> None:
                     ours, data, theirs, their_data, pick = _small_case(shape, causal, layout, backend)
                     leaves = [t.clone().requires_grad_() for t in data[:3]]
                     their_leaves = [t.clone().requires_grad_() for t in their_data[:3]]
-                    o, r = ours(*leaves), theirs(*their_leaves)
-                    got = [o, *torch.autograd.grad(o, leaves, data[3])]
-                    want = [r, *torch.autograd.grad(r, their_leaves, their_data[3])]
-                    case.setdefault("max_abs_diff_vs_torch", {})[backend] = {
-                        m: max_diff(x, pick(y)) for m, x, y in zip(("out", "dq", "dk", "dv"), got, want)}
+                    case.setdefault("max_abs_diff_vs_torch", {})[backend] = _diffs(
+                        _out_and_grads(ours, leaves, data[3]), _out_and_grads(theirs, their_leaves, their_data[3]),
+                        pick)
                     runners[f"llmcore_{backend}"] = (ours, data, leaves)
                 except Exception:
                     if backend == "triton":
