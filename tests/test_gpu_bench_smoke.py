@@ -52,10 +52,17 @@ def test_every_section_runs(smoke):
     for case in ("causal", "noncausal"):
         c = results["attention"]["cases"][case]
         sweep = c["sweep"]
-        assert set(sweep["candidates"]) == {"fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma"}
+        assert set(sweep["candidates"]) == {"fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma", "fwd_desc", "dkdv_desc",
+                                            "dq_desc", "dkdv_tma_desc"}
         assert all("ms" in row for rows in sweep["candidates"].values() for row in rows), sweep["candidates"]
         assert set(sweep["backward_ms"]) == {"dq_kernel", "dq_atomic", "dq_tma"}
         assert all(v is not None for v in sweep["backward_ms"].values())
+        assert set(sweep["plan"]) == {"kernel", "atomic", "tma"}
+        tuned = c["llmcore_triton_tuned"]  # its kernels, each by pointers or through descriptors, and the setting
+        assert {k.removesuffix("_desc") for k in tuned["blocks"]} == {"fwd", *(
+            k.removesuffix("_desc") for k in sweep["plan"][tuned["dq_mode"]])}
+        assert tuned["loads"] == (",".join(k.removesuffix("_desc") for k in tuned["blocks"] if k.endswith("_desc"))
+                                  or "pointer")
         h2h = c["head_to_head"]["modes"]
         assert set(h2h) == {"forward", "fwd_bwd"}
         for m in h2h.values():
@@ -93,7 +100,7 @@ def test_decide_reads_it(smoke, capsys):
     assert decide.main([str(out / "gpu-smoke-cpu.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert not [line for line in lines if "cannot read" in line or "no head-to-head" in line], lines
-    for start in ("- attention causal backward", "- attention noncausal forward blocks", "- layer_norm (64, 256)",
+    for start in ("- attention causal backward", "- attention noncausal forward", "- layer_norm (64, 256)",
                   "- rms_norm (64, 256)", "- LM-head loss", "- GQA"):
         assert any(line.startswith(start) for line in lines), (start, lines)
 

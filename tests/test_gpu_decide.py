@@ -13,9 +13,9 @@ import decide  # noqa: E402
 sys.path.pop(0)
 
 
-def _attention(defaults, tuned, dq="tma"):
-    blocks = {"fwd": [128, 64, 8, 3], "dkdv": [32, 64, 4, 3], "dq": [128, 64, 8, 3], "dkdv_atomic": [64, 128, 8, 3],
-              "dkdv_tma": [64, 128, 8, 2]}
+def _attention(defaults, tuned, dq="tma", blocks=None):
+    blocks = blocks or {"fwd": [128, 64, 8, 3], "dkdv": [32, 64, 4, 3], "dq": [128, 64, 8, 3],
+                        "dkdv_atomic": [64, 128, 8, 3], "dkdv_tma": [64, 128, 8, 2]}
     modes = {m: {"ms": {"llmcore_defaults": defaults, "llmcore_unfolded": defaults, "llmcore_tuned": tuned}}
              for m in ("forward", "fwd_bwd")}
     return {"attention": {"shape": [4, 32, 4096, 128], "cases": {"causal": {
@@ -31,6 +31,17 @@ def test_attention_winners_every_round():
     assert "CHANGE: _MEASURED[(\"fwd\", 128, True)] = (128, 64, 8, 3)" in lines[1]
     kernel = decide.decide(_attention([10.0] * 3, [9.0] * 3, dq="kernel"))[0]
     assert '("dkdv", 128, True)' in kernel and '("dq", 128, True)' in kernel and "_DQ_MEASURED" not in kernel
+
+
+def test_attention_winners_through_descriptors():
+    # The sweep's plan: the forward and dK/dV kernels with their tiles through tensor descriptors, dQ by pointers
+    blocks = {"fwd_desc": [128, 64, 8, 3], "dkdv_desc": [64, 128, 8, 3], "dq": [128, 64, 8, 3]}
+    lines = decide.decide(_attention([10.0] * 3, [9.0] * 3, dq="kernel", blocks=blocks))
+    assert lines[0].endswith('_MEASURED[("dkdv_desc", 128, True)] = (64, 128, 8, 3); '
+                             '_DESC_MEASURED[("dkdv", 128, True)] = True; '
+                             '_MEASURED[("dq", 128, True)] = (128, 64, 8, 3)')
+    assert ('forward fwd_desc blocks (128, 64, 8, 3): CHANGE: _MEASURED[("fwd_desc", 128, True)] = (128, 64, 8, 3); '
+            '_DESC_MEASURED[("fwd", 128, True)] = True') in lines[1]
 
 
 @pytest.mark.parametrize("tuned", [[9.0, 9.0, 10.1, 9.0, 9.0],   # lost one round

@@ -180,14 +180,35 @@ def test_norm_forward_does_not_spill(sm90):
 @pytest.mark.parametrize("arch", ["sm_90", "sm_100", "sm_120"])
 def test_dq_by_tma_reductions(arch, surveys):
     # LLMCORE_TRITON_DQ=tma: the dK/dV kernel adds its dQ tiles with cp.reduce.async.bulk.tensor; nothing else
-    # uses TMA (the other kernels load through pointers).
+    # uses TMA but the kernels loading through descriptors (LLMCORE_TRITON_LOADS; the others load through pointers).
     result = surveys[arch]
     tma = [k for k in result["attention d128 bf16 causal dq-tma"] if k.constants.get("DQ_TMA")]
     assert tma and {(k.name, k.tma) for k in tma} == {("attn_bwd_dkdv", "reduce")}
     assert tma[-1].fits  # sm_120: after the fallback
-    assert [(c, k.label()) for c, k in _all(result) if k.tma != "none" and not k.constants.get("DQ_TMA")] == []
+    assert [(c, k.label()) for c, k in _all(result) if k.tma != "none" and not k.constants.get("DQ_TMA")
+            and not k.constants.get("KV_DESC") and not k.constants.get("QD_DESC")] == []
     if arch == "sm_90" and tma[-1].registers is not None:
         assert tma[-1].stack == 0, tma[-1]  # the table's default for D 128 on Hopper does not spill
+
+
+def test_descriptor_loads_are_tma_copies(sm90):
+    # LLMCORE_TRITON_LOADS=desc: the forward and dQ kernels take K and V, the dense dK/dV kernel Q and dO, as TMA
+    # copies (cp.async.bulk.tensor) into shared memory, which the dots read there; packed dK/dV keeps pointers.
+    cases = [c for c in aot.CASES if c.endswith(" desc")]
+    assert len(cases) >= 4
+    kernels = [(c, k) for c in cases for k in sm90[c] if k.name != "attn_bwd_delta"]
+    flags = {(c.startswith("varlen"), k.name, bool(k.constants.get("KV_DESC") or k.constants.get("QD_DESC")))
+             for c, k in kernels}
+    assert flags == {(False, "attn_fwd", True), (False, "attn_bwd_dkdv", True), (False, "attn_bwd_dq", True),
+                     (True, "attn_fwd", True), (True, "attn_bwd_dkdv", False), (True, "attn_bwd_dq", True)}
+    assert [(c, k.label(), k.tma) for c, k in kernels if (k.tma == "copy") != bool(
+        k.constants.get("KV_DESC") or k.constants.get("QD_DESC"))] == []
+    assert [(c, k.label(), k.tensor_cores) for c, k in kernels if k.tensor_cores != "wgmma"] == []
+    bars = [k for c in ("attention d128 bf16 desc", "attention d128 bf16 causal desc") for k in sm90[c]
+            if k.name != "attn_bwd_delta" and not (c == "attention d128 bf16 desc" and k.name != "attn_fwd")]
+    assert len(bars) == 4
+    if bars[0].registers is not None:
+        assert [(k.label(), k.stack) for k in bars if k.stack] == []  # the bars' kernels, as with pointers
 
 
 def test_blackwell_tensor_memory_falls_back(surveys):

@@ -303,6 +303,154 @@ def test_varlen_checks_cu_seqlens_on_cpu():
         llmcore.varlen_attention(q, q, q, cu([4, 6]), cu([4, 6]), 5, 6, backend="triton")
 
 
+# --- streamed tiles through tensor descriptors (LLMCORE_TRITON_LOADS=desc: TMA copies on the GPU, emulated by the
+# interpreter) ----------------------------------------------------------------------------------------------------
+
+
+def launched_kinds(monkeypatch) -> list:
+    """The kinds of the kernel launches the Triton attention makes ("fwd", "dq_desc", ...), in order."""
+    from llmcore.ops.triton import attention
+
+    kinds, launch = [], attention._launch
+
+    def spy(mod, kind, *args, **kwargs):
+        kinds.append(kind)
+        return launch(mod, kind, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_launch", spy)
+    return kinds
+
+
+@pytest.mark.parametrize("dq", ["kernel", TMA])
+@pytest.mark.parametrize("B, hq, hkv, lq, lk, d, dtype, causal", DQ_CASES)
+def test_descriptor_loads_match_reference(monkeypatch, dq, B, hq, hkv, lq, lk, d, dtype, causal):
+    if GPU and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need a GPU of compute capability 9.0 or newer")
+    monkeypatch.setenv("LLMCORE_TRITON_LOADS", "desc")
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", dq)
+    kinds = launched_kinds(monkeypatch)
+    if GPU:
+        lq, lk = lq * 8, lk * 8
+    check_dense_case(B, hq, hkv, lq, lk, d, dtype, causal)
+    assert kinds == (["fwd_desc", "dkdv_desc", "dq_desc"] if dq == "kernel" else ["fwd_desc", "dkdv_tma_desc"])
+
+
+def test_descriptor_loads_heads_interleaved(monkeypatch):
+    # (B, L, H, D) memory seen as (B, H, L, D), as transformers lays out q, k and v: the descriptors' strides are
+    # not in decreasing order (heads D apart, rows H * D apart).
+    if GPU and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need a GPU of compute capability 9.0 or newer")
+    monkeypatch.setenv("LLMCORE_TRITON_LOADS", "desc")
+    kinds = launched_kinds(monkeypatch)
+    L = size(45, 600)
+    q, k, v, g = (randn(2, L, 3, 64, seed=s).transpose(1, 2) for s in (11, 12, 13, 14))
+    ref = reference(torch_sdpa, (q, k, v), g, is_causal=True)
+    theirs = run(torch_sdpa, (q, k, v), g, torch.bfloat16, is_causal=True)
+    ours = run(lambda *t, **kw: triton_sdpa(*(x.transpose(1, 2).contiguous().transpose(1, 2) for x in t), **kw),
+               (q, k, v), g, torch.bfloat16, is_causal=True)
+    check(ours, theirs, ref, torch.bfloat16)
+    assert kinds == ["fwd_desc", "dkdv_desc", "dq_desc"]
+
+
+@pytest.mark.parametrize("case", VARLEN)
+def test_descriptor_loads_varlen(monkeypatch, case):
+    # Packed sequences: K and V through descriptors in the forward and dQ kernels (the rows past a sequence, the next
+    # sequence's, zeroed in the edge blocks); the dK/dV kernel keeps pointers.
+    if GPU and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need a GPU of compute capability 9.0 or newer")
+    monkeypatch.setenv("LLMCORE_TRITON_LOADS", "desc")
+    kinds = launched_kinds(monkeypatch)
+    test_varlen_ragged(*case)
+    assert kinds == ["fwd_desc", "dkdv", "dq_desc"]
+
+
+@pytest.mark.skipif(GPU, reason="bit for bit on the interpreter; compiled, the two forms may schedule differently")
+@pytest.mark.parametrize("packed", [False, True])
+def test_descriptor_loads_equal_pointer_loads(monkeypatch, packed):
+    # The same arithmetic on the same values: only where the tiles come from differs.
+    lens = [7, 33, 1, 20]
+    cq = cu(lens)
+    if packed:
+        shapes, kw = [(61, 4, 80), (61, 2, 80)], dict(cu_seqlens_q=cq, cu_seqlens_k=cq, max_seqlen_q=33,
+                                                      max_seqlen_k=33, is_causal=True, backend="triton")
+        fn = llmcore.varlen_attention
+    else:
+        shapes, kw, fn = [(2, 4, 37, 48), (2, 2, 45, 48)], dict(enable_gqa=True), triton_sdpa
+    q, k, v, g = (randn(*shape, seed=s) for shape, s in zip([shapes[0], shapes[1], shapes[1], shapes[0]], range(4)))
+    kinds = launched_kinds(monkeypatch)
+    results = {}
+    for loads in ("pointer", "desc"):
+        monkeypatch.setenv("LLMCORE_TRITON_LOADS", loads)
+        results[loads] = run(fn, (q, k, v), g, torch.bfloat16, **kw)
+    assert kinds == ["fwd", "dkdv", "dq", "fwd_desc", "dkdv" if packed else "dkdv_desc", "dq_desc"]
+    assert all(torch.equal(a, b) for a, b in zip(results["pointer"], results["desc"]))
+
+
+@pytest.mark.parametrize("loads", ["pointer", "desc"])
+def test_packed_sequences_do_not_see_their_neighbours(monkeypatch, loads):
+    # A key block past a sequence's end holds the next sequence's rows: non-finite values there must not reach
+    # this sequence's outputs or gradients (0 * inf is NaN), whichever way the tiles are loaded.
+    if GPU and loads == "desc" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need a GPU of compute capability 9.0 or newer")
+    monkeypatch.setenv("LLMCORE_TRITON_LOADS", loads)
+    lens = [5, 17, 18] if not GPU else [50, 170, 180]
+    cq = cu(lens).to(DEVICE)
+    q, k, v, g = (randn(sum(lens), 2, 64, seed=s).to(DEVICE, torch.bfloat16) for s in (1, 2, 3, 4))
+    a, b = lens[0], lens[0] + lens[1]
+    k[a:b], v[a:b] = float("inf"), float("nan")  # the middle sequence
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = llmcore.varlen_attention(*leaves, cq, cq, max(lens), max(lens), is_causal=True, backend="triton")
+    grads = torch.autograd.grad(out, leaves, g)
+    for t in (out, *grads):
+        assert t[:a].isfinite().all() and t[b:].isfinite().all()
+
+
+def test_loads_setting_is_checked(monkeypatch):
+    from llmcore.ops.triton import attention
+
+    q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
+    p = attention._Problem(q, q, q, None, None, None, 4, 4, 0.0, False, 0.25)
+    monkeypatch.setattr(attention, "_capability", lambda device: 90)
+    for setting, kinds in (("desc", attention._DESC_KINDS), ("pointer", ()), ("fwd,dq", ("fwd", "dq")), ("", ())):
+        monkeypatch.setenv("LLMCORE_TRITON_LOADS", setting)
+        assert [k for k in attention._DESC_KINDS if attention._desc_loads(k, p, False, q.device)] == list(kinds)
+    monkeypatch.setenv("LLMCORE_TRITON_LOADS", "fwd,tma")
+    with pytest.raises(ValueError, match="LLMCORE_TRITON_LOADS"):
+        attention._desc_loads("fwd", p, False, q.device)
+    monkeypatch.setenv("LLMCORE_TRITON_LOADS", "desc")
+    monkeypatch.setattr(attention, "_capability", lambda device: 80)  # no TMA: pointers
+    assert not attention._desc_loads("fwd", p, False, q.device)
+    assert attention._desc_loads("fwd", p, True, q.device)  # the interpreter emulates it
+    monkeypatch.setenv("LLMCORE_TRITON_LOADS", "")  # unset: as measured, here nothing
+    monkeypatch.setattr(attention, "_capability", lambda device: 90)
+    monkeypatch.setitem(attention._DESC_MEASURED, ("dq", 64, False), True)
+    assert [k for k in attention._DESC_KINDS if attention._desc_loads(k, p, False, q.device)] == ["dq"]
+    assert not attention._desc_loads("dq", p, True, q.device)  # the interpreter keeps pointers by default
+    wide = attention._Problem(*(q.float(),) * 3, None, None, None, 4, 4, 0.0, False, 0.25)
+    assert not attention._desc_loads("dq", wide, False, q.device)  # measured for 16-bit inputs only
+
+
+def test_descriptors_only_where_tma_can_address_the_tensor():
+    from llmcore.ops.triton import attention
+
+    dense = torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16)
+    d = attention._rows_desc(dense, False, 64)
+    assert (d.shape, d.strides, d.block_shape) == ([2, 3, 40, 64], list(dense.stride()), [1, 1, 16, 64])
+    attention._tile_rows([(d, 128)])
+    assert d.block_shape == [1, 1, 128, 64]
+    packed = torch.zeros(50, 4, 48, dtype=torch.bfloat16)  # rows of 96 bytes; tiles 64 wide (zeros past 48)
+    d = attention._rows_desc(packed, True, 64)
+    assert (d.shape, d.block_shape) == ([50, 4, 48], [16, 1, 64])
+    attention._tile_rows([(d, 32)])
+    assert d.block_shape == [32, 1, 64]
+    one = torch.zeros(40, 64, dtype=torch.bfloat16).as_strided((1, 1, 40, 64), (0, 0, 64, 1))
+    assert attention._rows_desc(one, False, 64).strides == [8, 8, 64, 1]  # size-1 dims: any stride TMA takes
+    assert attention._rows_desc(torch.zeros(2, 3, 40, 20, dtype=torch.bfloat16), False, 32) is None  # 40-byte rows
+    assert attention._rows_desc(dense[:, :, 1:], False, 64) is not None  # starts a row (128 bytes) on
+    assert attention._rows_desc(dense.view(-1)[1:1 + 2 * 3 * 39 * 64].view(2, 3, 39, 64), False, 64) is None  # 2
+    assert attention._rows_desc(dense[:1].expand(2, 3, 40, 64), False, 64) is None  # a broadcast batch (stride 0)
+
+
 # --- more sequences than a CUDA grid's z (65535): several launches ---------------------------
 
 

@@ -27,6 +27,7 @@ FOLDER = ROOT / ".venv-gpu-check-triton"
 PACKAGE_PARENT = str(Path(llmcore.__file__).resolve().parents[1])
 # The kernels behind the GPU bars (D 128 bf16, causal and not), the TMA dQ mode, the norms and the loss
 CASES = ["attention d128 bf16", "attention d128 bf16 causal", "attention d128 bf16 causal dq-tma",
+         "attention d128 bf16 causal desc",
          "attention d80 bf16 causal", "varlen d128 bf16 causal gqa2", "attention d128 bf16 causal gqa4",
          "rms_norm 4096 bf16 residual",
          "layer_norm 4096 bf16 residual, 2-stage backward", "layer_norm 4096 bf16 residual, split backward",
@@ -71,13 +72,17 @@ def test_the_bar_kernels_compile_for_sm90(env, tmp_path):
     assert {k.name for k in norm_bwd} == {"norm_bwd", "norm_bwd_dx", "norm_bwd_dw"}
     assert [(k.label(), k.stack) for k in norm_bwd if k.stack] == []
     assert [k.tma for k in result["attention d128 bf16 causal dq-tma"] if k.name == "attn_bwd_dkdv"] == ["reduce"]
+    desc = [k for k in result["attention d128 bf16 causal desc"] if k.name != "attn_bwd_delta"]
+    assert [(k.name, k.tma, k.stack) for k in desc] == [  # tiles through descriptors: TMA copies, no spill
+        ("attn_fwd", "copy", 0), ("attn_bwd_dkdv", "copy", 0), ("attn_bwd_dq", "copy", 0)]
 
 
 def test_interpreter_tests_pass(env, tmp_path):
     interp = dict(env, TRITON_INTERPRET="1")
     files = ["test_triton_attention", "test_triton_norm", "test_triton_cross_entropy", "test_triton_versions",
              "test_gpu_bench_smoke"]  # the GPU check's script, end to end on tiny shapes
-    chosen = "matches_reference or dq_modes or varlen_ragged or key_padding or " + " or ".join(files[1:])
+    chosen = ("matches_reference or dq_modes or varlen_ragged or key_padding or descriptor or neighbours or "
+              + " or ".join(files[1:]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
            "-k", chosen, *[str(ROOT / "tests" / f"{f}.py") for f in files]]
     # Not from the source tree: `python -m` puts the working directory first on the path, and the llmcore there

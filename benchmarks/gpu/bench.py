@@ -80,8 +80,10 @@ CE_ROUNDS = 3  # the LM-head loss's chunk sizes, side by side
 NORM_WIDE = ((8192, 8192), (4096, 16384))
 NORM_WIDE_LAUNCHES = (dict(split=False), dict(split=True), dict(split=True, chunk=4096), dict(split=True, chunk=2048))
 BARS = {"attention_fwd_bwd_causal_vs_sdpa": 1.0, "attention_fwd_noncausal_tflops": 450.0}
-SWEEP_KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma")
-DQ_MODES = {"dkdv_atomic": "atomic", "dkdv_tma": "tma"}  # sweep kind -> LLMCORE_TRITON_DQ: dQ in the dK/dV kernel
+# Each kernel by pointers and, as "<kind>_desc", with its streamed tiles through tensor descriptors (TMA copies);
+# in the order the sweep's deadline cuts them (dQ by per-element atomics, the slowest on the H200, last).
+SWEEP_KINDS = ("fwd", "fwd_desc", "dkdv", "dkdv_desc", "dq", "dq_desc", "dkdv_tma", "dkdv_tma_desc", "dkdv_atomic")
+DQ_MODES = {"dkdv_atomic": "atomic", "dkdv_tma": "tma"}  # kernel -> LLMCORE_TRITON_DQ: dQ in the dK/dV kernel
 
 DEVICE = "cuda"
 SMOKE = False  # --smoke: tiny shapes on the CPU under Triton's interpreter (checks this script, measures nothing)
@@ -271,7 +273,8 @@ def attention(results: dict, ctx: dict) -> None:
                 case["winners_check"] = {"skipped": "no time left in the budget"}
                 continue
             try:
-                case["winners_check"] = _check_winners(causal, tuned["blocks"], tuned["dq_mode"])
+                case["winners_check"] = _check_winners(causal, tuned["blocks"], tuned["dq_mode"],
+                                                       tuned.get("loads", "pointer"))
             except Exception:
                 case["winners_check"] = {"error": traceback.format_exc()}
                 print(case["winners_check"]["error"], file=sys.stderr)
@@ -301,13 +304,13 @@ def _head_to_head(case: dict, causal: bool, data, leaves, shape, rounds: int = H
 
     A = triton_attention_module()
     ours = _ours(causal)
-    entrants = {"llmcore_defaults": lambda: _Env(A, ""),
-                "llmcore_unfolded": lambda: _Env(A, "", fold_scale=False)}  # the forward before the FMA fold
+    entrants = {"llmcore_defaults": lambda: _Env(A, "", loads=""),
+                "llmcore_unfolded": lambda: _Env(A, "", loads="", fold_scale=False)}  # before the FMA fold
     tuned = case.get("llmcore_triton_tuned")
     if tuned:
         blocks = {kind: dict(BLOCK_M=r[0], BLOCK_N=r[1], num_warps=r[2], num_stages=r[3])
                   for kind, r in tuned["blocks"].items()}
-        entrants["llmcore_tuned"] = lambda: _Env(A, tuned["dq_mode"], **blocks)
+        entrants["llmcore_tuned"] = lambda: _Env(A, tuned["dq_mode"], loads=tuned.get("loads", "pointer"), **blocks)
     res = {"rounds": rounds, "modes": {}}
     for mode in ("forward", "fwd_bwd"):
         best = case.get("best_torch", {}).get(mode)
@@ -367,7 +370,7 @@ def _close_to_ref(ours, theirs, ref) -> dict:
     return out
 
 
-def _check_winners(causal: bool, blocks: dict, dq_mode: str) -> dict:
+def _check_winners(causal: bool, blocks: dict, dq_mode: str, loads: str = "pointer") -> dict:
     """The sweep's winners against float64 at ragged sizes: GQA with L = 1027, and packed sequences."""
     import llmcore
 
@@ -384,14 +387,14 @@ def _check_winners(causal: bool, blocks: dict, dq_mode: str) -> dict:
         o.backward(grad.to(dtype))
         return [o.detach().double()] + [t.grad.double() for t in leaves]
 
-    res = {"blocks": blocks, "dq_mode": dq_mode}
+    res = {"blocks": blocks, "dq_mode": dq_mode, "loads": loads}
     L = 67 if SMOKE else 1027
     qkv, grad = (rnd(1, 8, L, 128), rnd(1, 2, L, 128), rnd(1, 2, L, 128)), rnd(1, 8, L, 128)
     kw = dict(is_causal=causal, enable_gqa=True)
     ref = fb(F.scaled_dot_product_attention, qkv, grad, torch.float64, **kw)
     theirs = fb(F.scaled_dot_product_attention, qkv, grad, dt, **kw)
-    with _Env(A, dq_mode, **{k: dict(BLOCK_M=r[0], BLOCK_N=r[1], num_warps=r[2], num_stages=r[3])
-                             for k, r in blocks.items()}):
+    with _Env(A, dq_mode, loads=loads, **{k: dict(BLOCK_M=r[0], BLOCK_N=r[1], num_warps=r[2], num_stages=r[3])
+                                          for k, r in blocks.items()}):
         ours = fb(lambda *t, **k: llmcore.scaled_dot_product_attention(*t, backend="triton", **k), qkv, grad, dt,
                   **kw)
         res["dense_gqa_1x8x1027"] = _close_to_ref(ours, theirs, ref)
@@ -433,15 +436,25 @@ def _cfg_row(cfg: dict) -> list:
     return [cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]]
 
 
-class _Env:
-    """Sets LLMCORE_TRITON_DQ (None: left as it is; "": unset), attention._OVERRIDE and (unless None)
-    attention._FOLD_SCALE for a block; restores them after."""
+def _loads_setting(kinds) -> str:
+    """LLMCORE_TRITON_LOADS for launch kinds such as ("fwd_desc", "dkdv", "dq_desc"): "fwd,dq", or "pointer"."""
+    return ",".join(k.removesuffix("_desc") for k in kinds if k.endswith("_desc")) or "pointer"
 
-    def __init__(self, A, dq_mode=None, fold_scale=None, **override):
-        self.A, self.dq_mode, self.fold_scale, self.override = A, dq_mode, fold_scale, override
+
+class _Env:
+    """Sets LLMCORE_TRITON_DQ and (unless None) LLMCORE_TRITON_LOADS (None: left as they are; "": unset),
+    attention._OVERRIDE and (unless None) attention._FOLD_SCALE for a block; restores them after."""
+
+    def __init__(self, A, dq_mode=None, fold_scale=None, loads=None, **override):
+        self.A, self.dq_mode, self.fold_scale, self.loads, self.override = A, dq_mode, fold_scale, loads, override
 
     def __enter__(self):
         self.old_env = os.environ.get("LLMCORE_TRITON_DQ")
+        self.old_loads = os.environ.get("LLMCORE_TRITON_LOADS")
+        if self.loads is not None:
+            os.environ.pop("LLMCORE_TRITON_LOADS", None)
+            if self.loads:
+                os.environ["LLMCORE_TRITON_LOADS"] = self.loads
         self.old_override = dict(self.A._OVERRIDE)
         self.old_fold = self.A._FOLD_SCALE
         if self.fold_scale is not None:
@@ -457,24 +470,23 @@ class _Env:
         self.A._FOLD_SCALE = self.old_fold
         self.A._OVERRIDE.clear()
         self.A._OVERRIDE.update(self.old_override)
-        if self.old_env is None:
-            os.environ.pop("LLMCORE_TRITON_DQ", None)
-        else:
-            os.environ["LLMCORE_TRITON_DQ"] = self.old_env
+        for name, old in (("LLMCORE_TRITON_DQ", self.old_env), ("LLMCORE_TRITON_LOADS", self.old_loads)):
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def _launch_kind(A, p, kind: str, cfg: dict, q, k, v, do, out, lse):
-    """Runs one sweep candidate: the forward, or the backward with only the kernel of ``kind`` launched."""
-    if kind == "fwd":
-        with _Env(A, fwd=cfg):
+    """Runs one sweep candidate: the forward, or the backward with only the kernel of ``kind`` launched (a
+    "_desc" kind: that kernel with its tiles through tensor descriptors)."""
+    base = kind.removesuffix("_desc")
+    loads = base if kind != base else "pointer"
+    if base == "fwd":
+        with _Env(A, loads=loads, **{kind: cfg}):
             return A._forward(p, q, k, v, None)
-    if kind == "dkdv":
-        with _Env(A, "kernel", dkdv=cfg, dq=None):
-            return A._backward(p, do, q, k, v, out, lse, None)
-    if kind == "dq":
-        with _Env(A, "kernel", dkdv=None, dq=cfg):
-            return A._backward(p, do, q, k, v, out, lse, None)
-    with _Env(A, DQ_MODES[kind], **{kind: cfg}):
+    skip = {"dkdv": ("dq", "dq_desc"), "dq": ("dkdv", "dkdv_desc")}.get(base, ())
+    with _Env(A, DQ_MODES.get(base, "kernel"), loads=loads, **{kind: cfg}, **{other: None for other in skip}):
         return A._backward(p, do, q, k, v, out, lse, None)
 
 
@@ -514,6 +526,7 @@ def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
             grads_ref = A._backward(p, do, q, k, v, out_ref, lse_ref, None)  # dq, dk, dv
     refs = {"fwd": [out_ref], "dkdv": list(grads_ref[1:]), "dq": [grads_ref[0]], "dkdv_atomic": list(grads_ref),
             "dkdv_tma": list(grads_ref)}
+    refs.update({kind + "_desc": rs for kind, rs in list(refs.items())})
     tols = {kind: [0.02 * float(r.float().abs().max()) + 1e-3 for r in rs] for kind, rs in refs.items()}
     best = {}
     for kind, cands in sweep_candidates(A, causal, p.block_d).items():
@@ -532,8 +545,9 @@ def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
                 A._LAST.pop(kind, None)
                 res = _launch_kind(A, p, kind, cfg, q, k, v, do, out_ref, lse_ref)
                 entry.update(_kernel_stats(A._LAST.get(kind)))
-                got = [res[0]] if kind == "fwd" else ([res[1], res[2]] if kind == "dkdv" else
-                                                      ([res[0]] if kind == "dq" else list(res)))
+                base = kind.removesuffix("_desc")
+                got = [res[0]] if base == "fwd" else ([res[1], res[2]] if base == "dkdv" else
+                                                      ([res[0]] if base == "dq" else list(res)))
                 errs = [max_diff(a, b) for a, b in zip(got, refs[kind])]
                 entry["max_err"] = max(errs)
                 if any(not (e <= t) for e, t in zip(errs, tols[kind])):
@@ -548,14 +562,25 @@ def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
                 best[kind] = (cfg, entry)
             ctx["save"]()
     sw["winners"] = {kind: _cfg_row(c) for kind, (c, _) in best.items()}
-    # the ways to dQ, each with its best blocks, timed as a whole backward
     win = {kind: c for kind, (c, _) in best.items()}
-    # LLMCORE_TRITON_DQ -> the winners' blocks the whole backward runs with (the dQ kernel first: it wins ties)
-    blocks = {"kernel": {"dkdv": win["dkdv"], "dq": win["dq"]}} if "dkdv" in win and "dq" in win else {}
-    blocks.update({dq_mode: {kind: win[kind]} for kind, dq_mode in DQ_MODES.items() if kind in win})
+
+    def faster(*kinds):  # of a kernel's ways to load (pointers, descriptors), the one whose best blocks were faster
+        timed = [kind for kind in kinds if kind in win]
+        return min(timed, key=lambda kind: best[kind][1]["ms"]) if timed else None
+
+    # LLMCORE_TRITON_DQ -> the backward's kernels (launch kinds), each with its best blocks and way to load, timed
+    # as a whole backward (the dQ kernel first: it wins ties)
+    plan = {}
+    if faster("dkdv", "dkdv_desc") and faster("dq", "dq_desc"):
+        plan["kernel"] = (faster("dkdv", "dkdv_desc"), faster("dq", "dq_desc"))
+    if faster("dkdv_tma", "dkdv_tma_desc"):
+        plan["tma"] = (faster("dkdv_tma", "dkdv_tma_desc"),)
+    if "dkdv_atomic" in win:
+        plan["atomic"] = ("dkdv_atomic",)
+    sw["plan"] = {m: list(kinds) for m, kinds in plan.items()}
     whole = {}  # LLMCORE_TRITON_DQ -> ms
-    for dq_mode, override in blocks.items():
-        with _Env(A, dq_mode, **override):
+    for dq_mode, kinds in plan.items():
+        with _Env(A, dq_mode, loads=_loads_setting(kinds), **{kind: win[kind] for kind in kinds}):
             whole[dq_mode] = bench(lambda: A._backward(p, do, q, k, v, out_ref, lse_ref, None), rep=60,
                                    warmup=10)["ms"]
     sw["backward_ms"] = {f"dq_{m}": whole.get(m) for m in ("kernel", "atomic", "tma")}
@@ -564,12 +589,14 @@ def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
         return
     mode = min(whole, key=whole.get)
     sw["dq_mode"] = mode
-    override = {kind: win[kind] for kind in SWEEP_KINDS if kind in win}
-    with _Env(A, mode, **override):
+    kinds = tuple(k for k in (faster("fwd", "fwd_desc"),) if k) + plan[mode]
+    override, loads = {kind: win[kind] for kind in kinds}, _loads_setting(kinds)
+    with _Env(A, mode, loads=loads, **override):
         ours = _ours(causal)
         case["max_abs_diff_vs_torch_tuned"] = _validate(ours, leaves, do, causal)
         case["llmcore_triton_tuned"] = dict(_time_ours(ours, data, leaves, shape, causal),
-                                            blocks={kind: _cfg_row(c) for kind, c in override.items()}, dq_mode=mode)
+                                            blocks={kind: _cfg_row(c) for kind, c in override.items()}, dq_mode=mode,
+                                            loads=loads)
     tuned, before = case["llmcore_triton_tuned"], case["llmcore_triton_defaults"]
     case["llmcore_triton"] = {m: tuned[m] for m in ("forward", "fwd_bwd")}
     case["tuned_vs_defaults"] = {m: before[m]["ms"] / tuned[m]["ms"] for m in ("forward", "fwd_bwd")}
@@ -1070,10 +1097,14 @@ def markdown(results: dict) -> str:
                         why = "skipped" if "skipped" in r else ("wrong" if "rejected" in r else "failed")
                         cells.append(f"{tag}: {why}")
                 lines.append(f"- {kind}: " + "; ".join(cells))
-            bw = sw.get("backward_ms", {})
-            lines += [f"- whole backward with the winners: dQ kernel {_f(bw.get('dq_kernel'), '{:.3f}')} ms, "
-                      f"dQ by atomics {_f(bw.get('dq_atomic'), '{:.3f}')} ms, "
-                      f"dQ by TMA reductions {_f(bw.get('dq_tma'), '{:.3f}')} ms -> {sw.get('dq_mode', '-')}"]
+            bw, plan = sw.get("backward_ms", {}), sw.get("plan", {})
+
+            def kernels(m):
+                return f" ({' + '.join(plan[m])})" if m in plan else ""
+            lines += [f"- whole backward with the winners: dQ kernel{kernels('kernel')} "
+                      f"{_f(bw.get('dq_kernel'), '{:.3f}')} ms, dQ by atomics {_f(bw.get('dq_atomic'), '{:.3f}')} ms, "
+                      f"dQ by TMA reductions{kernels('tma')} {_f(bw.get('dq_tma'), '{:.3f}')} ms -> "
+                      f"{sw.get('dq_mode', '-')}"]
             wc = c.get("winners_check")
             if wc:
                 verdict = ("passed" if wc.get("ok") else "FAILED") if "ok" in wc else \

@@ -22,8 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the source tree,
 from llmcore.ops.triton.attention import _bucket  # noqa: E402  (the tables' head-dim buckets)
 
 MIN_GAIN = 1.03  # the median round's speed-up a change needs
-# The backward's kernels for each way of making dQ (llmcore.ops.triton.attention._dq_mode)
+# The backward's kernels for each way of making dQ (llmcore.ops.triton.attention._dq_mode); each may run as its
+# "_desc" twin (tiles through tensor descriptors)
 _DQ_KINDS = {"kernel": ("dkdv", "dq"), "atomic": ("dkdv_atomic",), "tma": ("dkdv_tma",)}
+
+
+def _settings(kinds, blocks: dict, bucket: int, causal: bool) -> list[str]:
+    """The attention module's lines for launch kinds (e.g. "dkdv_desc": the dK/dV kernel through descriptors)."""
+    out = []
+    for k in kinds:
+        out.append(f'_MEASURED[("{k}", {bucket}, {causal})] = {tuple(blocks[k])}')
+        if k.endswith("_desc"):
+            out.append(f'_DESC_MEASURED[("{k.removesuffix("_desc")}", {bucket}, {causal})] = True')
+    return out
 
 
 def _ratios(slow: list, fast: list) -> list[float]:
@@ -53,10 +64,12 @@ def attention(results: dict) -> list[str]:
             out.append(f"attention {name}: no head-to-head in this JSON (an older bench.py, or cut short)")
             continue
         fb = modes.get("fwd_bwd", {}).get("ms", {})
+        fwd = next((k for k in (blocks or {}) if k.removesuffix("_desc") == "fwd"), None)
         if blocks and "llmcore_tuned" in fb:
             r = _ratios(fb["llmcore_defaults"], fb["llmcore_tuned"])
             if _every_round(r):
-                sets = [f'_MEASURED[("{k}", {bucket}, {causal})] = {tuple(blocks[k])}' for k in _DQ_KINDS[dq]]
+                sets = _settings([k for k in blocks if k.removesuffix("_desc") in _DQ_KINDS[dq]], blocks, bucket,
+                                 causal)
                 if dq != "kernel":
                     sets.append(f'_DQ_MEASURED[({bucket}, {causal})] = "{dq}"')
                 out.append(f"attention {name} backward: CHANGE ({_span(r)} fwd+bwd, the forward's winners included: "
@@ -64,11 +77,10 @@ def attention(results: dict) -> list[str]:
             else:
                 out.append(f"attention {name} backward: keep (the sweep's winners, dQ by {dq}: {_span(r)} fwd+bwd)")
         fw = modes.get("forward", {}).get("ms", {})
-        if blocks and "llmcore_tuned" in fw:
+        if fwd and "llmcore_tuned" in fw:
             r = _ratios(fw["llmcore_defaults"], fw["llmcore_tuned"])
-            verdict = (f'CHANGE: _MEASURED[("fwd", {bucket}, {causal})] = {tuple(blocks["fwd"])}'
-                       if _every_round(r) else "keep")
-            out.append(f"attention {name} forward blocks {tuple(blocks['fwd'])}: {verdict} ({_span(r)})")
+            verdict = "CHANGE: " + "; ".join(_settings([fwd], blocks, bucket, causal)) if _every_round(r) else "keep"
+            out.append(f"attention {name} forward {fwd} blocks {tuple(blocks[fwd])}: {verdict} ({_span(r)})")
         if "llmcore_unfolded" in fw:
             r = _ratios(fw["llmcore_unfolded"], fw["llmcore_defaults"])  # > 1: the fold is faster
             if _every_round(r):

@@ -126,9 +126,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   compile="opcheck or compile or double_backward"  # the custom ops under torch.compile: a process of their own
   run_tests attention-dense tests/test_triton_attention.py -k "sdpa_matches or strided"
   run_tests attention-dq tests/test_triton_attention.py -k "dq_"
+  desc="descriptor or neighbours or loads_setting"  # tiles through tensor descriptors (LLMCORE_TRITON_LOADS)
   run_tests attention-masks tests/test_triton_attention.py \
-    -k "not sdpa_matches and not strided and not varlen and not dq_ and not ($compile)"
-  run_tests attention-varlen tests/test_triton_attention.py -k "varlen and not dq_"
+    -k "not sdpa_matches and not strided and not varlen and not dq_ and not ($compile) and not ($desc)"
+  run_tests attention-varlen tests/test_triton_attention.py -k "varlen and not dq_ and not ($desc)"
+  run_tests attention-desc tests/test_triton_attention.py -k "$desc"
   run_tests norm tests/test_triton_norm.py -k "not ($compile)"
   run_tests cross-entropy tests/test_triton_cross_entropy.py -k "not ($compile)"
   run_tests compile tests/test_triton_attention.py tests/test_triton_norm.py tests/test_triton_cross_entropy.py \

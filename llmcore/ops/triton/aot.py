@@ -10,7 +10,7 @@ of Blackwell's tensor memory than its 512 columns (Triton compiles such a kernel
 and refuses to load it). ``kernels`` collects one :class:`Kernel` per compiled
 specialization: registers, stack bytes (spills), shared and tensor memory, which
 tensor-core instructions its dots became (tcgen05, wgmma or mma.sync) and whether it uses
-TMA (the dQ reductions of ``LLMCORE_TRITON_DQ=tma``).
+TMA (the dQ reductions of ``LLMCORE_TRITON_DQ=tma``, the descriptor loads of ``LLMCORE_TRITON_LOADS``).
 
 This is how CI, which has no GPU, checks that every kernel compiles for the GPUs we support
 and fits their shared and tensor memory (tests/test_triton_aot.py); the interpreter tests check the
@@ -80,7 +80,9 @@ class Kernel:
     registers: Optional[int]  # per thread; None without cuobjdump
     stack: Optional[int]  # bytes of per-thread stack: register spills
     tensor_cores: str  # "tcgen05" (Blackwell), "wgmma" (Hopper), "mma.sync" or "none": what the dots became
-    tma: str  # what it asks of the Tensor Memory Accelerator: "reduce" (cp.reduce.async.bulk.tensor), "copy" or "none"
+    tma: str  # what it asks of the Tensor Memory Accelerator: "reduce" (cp.reduce.async.bulk.tensor: the dQ tiles of
+    # LLMCORE_TRITON_DQ=tma), "copy" (cp.async.bulk.tensor: tiles loaded through descriptors, LLMCORE_TRITON_LOADS) or
+    # "none"
     tensor_memory: int  # columns of Blackwell's tensor memory (the dots' accumulators; 512 exist), 0 before Blackwell
     fits: bool  # shared and tensor memory within the architecture's limits (a kernel that does not fit is never run)
 
@@ -94,6 +96,7 @@ class Kernel:
 
     def label(self) -> str:
         keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "GROUPED", "DQ_ATOMIC", "DQ_TMA",
+                "KV_DESC", "QD_DESC",
                 "RMS", "HAS_RES", "STAGES", "CHUNKED", "BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_V", "ROWS")
         consts = " ".join(f"{k}={self.constants[k]}" for k in keep if k in self.constants)
         return f"{self.name} {self.dtype} {consts}"
@@ -218,23 +221,29 @@ def compiling_for(arch: Union[str, Arch]) -> Iterator[list[Kernel]]:
 
 
 @contextmanager
-def _dq_mode(mode: str):
-    """LLMCORE_TRITON_DQ set to ``mode`` ("" unsets it) for the duration: a survey ignores the caller's."""
-    previous = os.environ.pop("LLMCORE_TRITON_DQ", None)
-    if mode:
-        os.environ["LLMCORE_TRITON_DQ"] = mode
+def _env(name: str, value: str):
+    """Environment variable ``name`` set to ``value`` ("" unsets it) for the duration: a survey ignores the
+    caller's."""
+    previous = os.environ.pop(name, None)
+    if value:
+        os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop("LLMCORE_TRITON_DQ", None)
+        os.environ.pop(name, None)
         if previous is not None:
-            os.environ["LLMCORE_TRITON_DQ"] = previous
+            os.environ[name] = previous
 
 
 def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: int = 1, mask: Optional[str] = None,
-               dropout: float = 0.0, packed: bool = False, dq: str = "") -> Callable[[], None]:
-    """dq: LLMCORE_TRITON_DQ for the backward ("atomic", "tma": dQ inside the dK/dV kernel)."""
+               dropout: float = 0.0, packed: bool = False, dq: str = "", loads: str = "") -> Callable[[], None]:
+    """dq: LLMCORE_TRITON_DQ for the backward ("atomic", "tma": dQ inside the dK/dV kernel); loads:
+    LLMCORE_TRITON_LOADS for the whole call ("desc": streamed tiles through tensor descriptors)."""
     def run():
+        with _env("LLMCORE_TRITON_LOADS", loads):
+            _run()
+
+    def _run():
         from llmcore.ops.triton import attention
 
         heads, rows = 4, 128
@@ -253,9 +262,9 @@ def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: i
             elif mask == "additive":
                 m = torch.zeros(1, heads, rows, rows, dtype=dtype)
             out = attention.sdpa(q, k, v, m, dropout, causal, head_dim ** -0.5, torch.Size([2]))
-        with _dq_mode(dq):
+        with _env("LLMCORE_TRITON_DQ", dq):
             out.backward(torch.zeros_like(out))
-    run.min_capability = 90 if dq == "tma" else 0  # TMA: Hopper and newer (the launcher refuses it below)
+    run.min_capability = 90 if dq == "tma" or loads == "desc" else 0  # TMA: Hopper and newer (else pointers)
     return run
 
 
@@ -301,7 +310,11 @@ def _cases() -> dict[str, Callable[[], None]]:
         "attention d128 bf16 causal dq-atomic": _attention(128, causal=True, dq="atomic"),
         "attention d128 bf16 causal dq-tma": _attention(128, causal=True, dq="tma"),
         "attention d128 bf16 dq-tma": _attention(128, dq="tma"),
+        "attention d128 bf16 desc": _attention(128, loads="desc"),
+        "attention d128 bf16 causal desc": _attention(128, causal=True, loads="desc"),
+        "attention d80 bf16 causal gqa4 desc": _attention(80, causal=True, gqa=4, loads="desc"),
         "varlen d64 bf16 causal gqa2 dq-tma": _attention(64, causal=True, gqa=2, packed=True, dq="tma"),
+        "varlen d128 bf16 causal desc": _attention(128, causal=True, packed=True, loads="desc"),
         "varlen d128 bf16 causal gqa2": _attention(128, causal=True, gqa=2, packed=True),
         "varlen d64 bf16": _attention(64, packed=True),
         "layer_norm 4096 bf16 residual": _norm(False, 4096, torch.bfloat16),
@@ -367,7 +380,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"# llmcore Triton kernels compiled ahead of time (Triton {triton.__version__}; nothing ran)\n\n"
           "Registers per thread and stack bytes (spills) from cuobjdump; shared memory per block; tensor memory "
           "(Blackwell: 512 columns); the tensor-core "
-          "instructions the dots became; TMA use (reduce: the dQ tiles of LLMCORE_TRITON_DQ=tma). A row with fits "
+          "instructions the dots became; TMA use (reduce: the dQ tiles of LLMCORE_TRITON_DQ=tma; copy: tiles loaded "
+          "through tensor descriptors, LLMCORE_TRITON_LOADS). A row with fits "
           "NO is a launch Triton would refuse on that GPU; the launcher's smaller replacement follows it. "
           "Written by `python -m llmcore.ops.triton.aot`.\n", flush=True)
     report = {}

@@ -15,6 +15,10 @@ The backward makes dQ with its own kernel (deterministic) or, with ``LLMCORE_TRI
 (or where measured faster, see ``_DQ_MEASURED``), inside the dK/dV kernel with float32 atomics per
 element; ``LLMCORE_TRITON_DQ=tma`` does the same with one TMA reduction per tile (GPUs of compute
 capability 9.0 and newer); ``LLMCORE_TRITON_DQ=kernel`` forces the deterministic path.
+
+The tiles a kernel streams (K and V in the forward and dQ kernels, Q and dO in the dK/dV kernel) come
+by pointers, or through tensor descriptors (TMA copies on GPUs of compute capability 9.0+) with
+``LLMCORE_TRITON_LOADS=desc`` or a list of kernels (see ``_desc_loads``); the same numbers either way.
 """
 from __future__ import annotations
 
@@ -73,6 +77,8 @@ _TABLES = {
                  (128, 128, 8, 2)],
            256: [(32, 32, 4, 2), (64, 32, 8, 1)]},
 }
+# The kernels with their streamed tiles through tensor descriptors (LLMCORE_TRITON_LOADS): the same candidates.
+_TABLES.update({kind + "_desc": rows for kind, rows in list(_TABLES.items())})
 # Defaults measured on a GPU by benchmarks/gpu/bench.py's sweep: (kind, head-dim bucket, causal) -> row.
 # Measured on an NVIDIA H200 (Triton 3.6, torch 2.11), bf16 (4, 32, 4096, 128), in the run recorded in
 # benchmarks/results/gpu-nvidia-h200.{json,md}: the backward kernels' fastest candidates there. The
@@ -114,7 +120,9 @@ def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool =
     """
     bucket = _bucket(block_d)
     rows = list(_TABLES[kind][bucket])
-    best = None if wide else _MEASURED.get((kind, bucket, causal))
+    # a "_desc" kind without a measurement of its own starts from its pointer twin's
+    best = None if wide else _MEASURED.get((kind, bucket, causal), _MEASURED.get((kind.removesuffix("_desc"), bucket,
+                                                                                   causal)))
     if best is not None:
         rows = [tuple(best)] + [r for r in rows if tuple(r) != tuple(best)]
     if wide:
@@ -137,12 +145,13 @@ _TUNED: dict = {}
 
 
 def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, wide: bool, causal: bool = False,
-            len_q: Optional[int] = None, desc=None):
+            len_q: Optional[int] = None, descs: tuple = ()):
     """Runs kernel ``fn`` with fixed blocks, or through a (cached) autotuner on request.
 
     ``len_q`` given: the kernel takes an EVEN_M constexpr, derived from it and BLOCK_M. Where the table's
     blocks need more shared memory than the GPU has, smaller ones are tried (``_smaller``) and remembered.
-    ``desc``: a tensor descriptor among ``args`` whose tiles are BLOCK_M rows (it is given the blocks' rows).
+    ``descs``: (argument name, tensor descriptor among ``args``, "BLOCK_M" or "BLOCK_N") for each descriptor
+    whose tiles are that many rows (it is given the configuration's rows before each launch).
     """
     fit_key = None
     if mod.INTERPRET:
@@ -163,7 +172,8 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
                 inner = fn
                 if len_q is not None:
                     inner = triton.heuristics({"EVEN_M": lambda a: _even_m(a["VARLEN"], a["LQ"], a["BLOCK_M"])})(fn)
-                hook = None if desc is None else lambda nargs: _tile_rows(nargs["DQ_DESC"], nargs["BLOCK_M"])
+                hook = None if not descs else lambda nargs: _tile_rows(
+                    [(nargs[name], nargs[block]) for name, _, block in descs])
                 tuned = _TUNED[key] = triton.autotune(
                     [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
                                    num_stages=c["num_stages"], pre_hook=hook) for c in configs],
@@ -180,8 +190,7 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
     while True:
         if len_q is not None:
             consts = dict(consts, EVEN_M=_even_m(consts["VARLEN"], len_q, cfg["BLOCK_M"]))
-        if desc is not None:
-            _tile_rows(desc, cfg["BLOCK_M"])
+        _tile_rows([(d, cfg[block]) for _, d, block in descs])
         try:  # Triton checks shared memory when it loads the kernel, before launching it
             compiled = fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
             break
@@ -194,10 +203,13 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
         _LAST[kind] = compiled  # for the benchmark's sweep: registers, spills, shared memory
 
 
-def _tile_rows(desc, rows: int) -> None:
-    """The dK/dV kernel's dQ descriptor gets tiles of ``rows`` (the configuration's BLOCK_M) rows: set before each
-    launch, and by the autotuner's pre-hook before each configuration it tries."""
-    desc.block_shape = [rows, *desc.block_shape[1:]]
+def _tile_rows(pairs) -> None:
+    """Each (descriptor, rows) pair: the descriptor's tiles get ``rows`` rows (the configuration's BLOCK_M or
+    BLOCK_N), set before each launch and by the autotuner's pre-hook before each configuration it tries. Rows
+    are the third dim of a (B, H, L, D) descriptor, else the first."""
+    for desc, rows in pairs:
+        dim = 2 if len(desc.block_shape) == 4 else 0
+        desc.block_shape = [*desc.block_shape[:dim], rows, *desc.block_shape[dim + 1:]]
 
 
 # (kind, device or the architecture aot.compiling_for compiles for, constexprs, table config) -> the configuration
@@ -246,6 +258,56 @@ def _dq_mode(p: "_Problem", interpret: bool, device: torch.device) -> str:
             raise ValueError(f"LLMCORE_TRITON_DQ=tma needs TMA, on GPUs of compute capability 9.0 or newer; this one "
                              f"is {cap // 10}.{cap % 10} (use 'atomic' or 'kernel')")
     return mode
+
+
+# The kernels (launch kinds without "_desc") that can load their streamed tiles through tensor descriptors
+_DESC_KINDS = ("fwd", "dkdv", "dkdv_atomic", "dkdv_tma", "dq")
+# Which kernels load their streamed tiles through tensor descriptors (TMA) by default: (kind, head-dim bucket,
+# causal) -> True, where measured faster on a GPU. None so far: not yet timed on one (benchmarks/gpu/bench.py sweeps
+# the "_desc" kinds beside the pointer ones). Compiled for sm_90 they issue TMA copies instead of cp.async and
+# need fewer registers (the D-128 forward: 180 -> 143 under Triton 3.6).
+_DESC_MEASURED: dict = {}
+
+
+def _desc_loads(kind: str, p: "_Problem", interpret: bool, device: torch.device) -> bool:
+    """Whether kernel ``kind`` loads the tiles it streams (K and V in the forward and dQ kernels, Q and dO in the
+    dK/dV kernels) through tensor descriptors (TMA) rather than pointers.
+
+    LLMCORE_TRITON_LOADS chooses: "desc" (every kernel), "pointer" (none), or a comma-separated list of the
+    kernels that do (of ``_DESC_KINDS``, e.g. "fwd,dq"). Unset: as measured for this head dim on a GPU
+    (``_DESC_MEASURED``), else pointers. Descriptors need TMA (compute capability 9.0+; the interpreter
+    emulates it): below that, pointers whatever is asked."""
+    mode = os.environ.get("LLMCORE_TRITON_LOADS", "")
+    if not mode:
+        return (not interpret and not p.wide and _DESC_MEASURED.get((kind, _bucket(p.block_d), p.causal), False)
+                and _capability(device) >= 90)
+    if mode in ("desc", "pointer"):
+        wanted = mode == "desc"
+    else:
+        kinds = mode.split(",")
+        if any(k not in _DESC_KINDS for k in kinds):
+            raise ValueError(f"LLMCORE_TRITON_LOADS must be 'desc', 'pointer' or a comma-separated list of "
+                             f"{', '.join(_DESC_KINDS)}; got {mode!r}")
+        wanted = kind in kinds
+    return wanted and (interpret or _capability(device) >= 90)
+
+
+def _rows_desc(t: Tensor, packed: bool, cols: int):
+    """A tensor descriptor over the rows of ``t`` (dense (B, H, L, D) or packed (total, H, D)) for tiles ``cols``
+    wide, or None where TMA cannot address ``t`` (a base or a stride that is not a multiple of 16 bytes, or a
+    broadcast dim). Its tiles' rows are set per configuration by _launch."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    strides = list(t.stride())
+    for i, (n, st) in enumerate(zip(t.shape[:-1], strides[:-1])):
+        if n == 1:
+            strides[i] = 16 // size  # never stepped along: any stride TMA accepts
+        elif st == 0 or st * size % 16:
+            return None
+    return TensorDescriptor(t, list(t.shape), strides, [16, 1, cols] if packed else [1, 1, 16, cols])
 
 
 def _rows3(t: Tensor, packed: bool) -> tuple[int, int, int]:
@@ -310,9 +372,24 @@ def _forward(p: _Problem, q: Tensor, k: Tensor, v: Tensor, rng: Optional[Tensor]
             *p.mask_args(q)[1:], *p.lse_strides,
             p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
-    consts = dict(p.consts(), FOLD_SCALE=_FOLD_SCALE and p.scale > 0)
-    _launch(mod, "fwd", mod.attn_fwd, grid, args, consts, p.block_d, p.wide, p.causal)
+    kind, kv, use, descs = _streamed("fwd", p, mod, (k, v), ("K_DESC", "V_DESC"), "BLOCK_N")
+    consts = dict(p.consts(), FOLD_SCALE=_FOLD_SCALE and p.scale > 0, KV_DESC=use)
+    _launch(mod, kind, mod.attn_fwd, grid, args[:9] + kv + args[9:], consts, p.block_d, p.wide, p.causal,
+            descs=descs)
     return out, lse
+
+
+def _streamed(kind: str, p: _Problem, mod, tensors: tuple, names: tuple, block: str, dense_only: bool = False):
+    """How kernel ``kind`` gets the tiles it streams from ``tensors`` (K and V, or Q and dO; the descriptors
+    named ``names`` among its arguments, tiles of ``block`` rows): (the launch's kind, its descriptor arguments,
+    whether it uses them, _launch's ``descs``). Tensor descriptors where _desc_loads says so (and, with
+    ``dense_only``, the inputs are not packed) and TMA can address every tensor; else pointers, with the first
+    tensor in the descriptors' places."""
+    if not (dense_only and p.packed) and _desc_loads(kind, p, mod.INTERPRET, tensors[0].device):
+        descs = [_rows_desc(t, p.packed, _pow2(t.size(-1))) for t in tensors]
+        if all(d is not None for d in descs):
+            return kind + "_desc", tuple(descs), True, tuple((n, d, block) for n, d in zip(names, descs))
+    return kind, (tensors[0],) * len(tensors), False, ()
 
 
 def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -342,19 +419,26 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             desc = TensorDescriptor.from_tensor(dq_acc, [16, p.block_d])  # rows set per configuration by _launch
-    args = (q, k, v, do, dk, dv, lse, delta, mask, cu_q, cu_k, rng, dq_acc, q if desc is None else desc, *common,
-            *_rows3(dk, p.packed), *_rows3(dv, p.packed), *tail)
+    # Q and dO through descriptors for dense inputs only: packed ones would mask every query block of rows past
+    # the sequence (no block is known to be whole), which undoes what TMA saves.
+    kind, qd, use, descs = _streamed("dkdv" if not atomic else "dkdv_" + mode, p, mod, (q, do), ("Q_DESC", "DO_DESC"),
+                                     "BLOCK_M", dense_only=True)
+    args = (q, k, v, do, dk, dv, lse, delta, mask, cu_q, cu_k, rng, dq_acc, q if desc is None else desc, *qd,
+            *common, *_rows3(dk, p.packed), *_rows3(dv, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_k, bn), p.heads_k, p.batch)  # noqa: E731
-    _launch(mod, "dkdv" if not atomic else "dkdv_" + mode, mod.attn_bwd_dkdv, grid, args,
-            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=p.heads != p.heads_k), p.block_d, p.wide,
-            p.causal, len_q=p.len_q, desc=desc)
+    _launch(mod, kind, mod.attn_bwd_dkdv, grid, args,
+            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=p.heads != p.heads_k, QD_DESC=use),
+            p.block_d, p.wide, p.causal, len_q=p.len_q,
+            descs=descs + (() if desc is None else (("DQ_DESC", desc, "BLOCK_M"),)))
     if atomic:  # dQ in q's layout (what the custom op's fake promises), from the padded float32 rows
         dq = dq_acc.view(*p.lse_shape, p.block_d)[..., :p.head_dim]
         return torch.empty_like(q).copy_(dq.transpose(0, 1) if p.packed else dq), dk, dv
     dq = torch.empty_like(q)
-    args = (q, k, v, do, dq, lse, delta, mask, cu_q, cu_k, rng, *common, *_rows3(dq, p.packed), *tail)
+    kind, kv, use, descs = _streamed("dq", p, mod, (k, v), ("K_DESC", "V_DESC"), "BLOCK_N")
+    args = (q, k, v, do, dq, lse, delta, mask, cu_q, cu_k, rng, *kv, *common, *_rows3(dq, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
-    _launch(mod, "dq", mod.attn_bwd_dq, grid, args, consts, p.block_d, p.wide, p.causal)
+    _launch(mod, kind, mod.attn_bwd_dq, grid, args, dict(consts, KV_DESC=use), p.block_d, p.wide, p.causal,
+            descs=descs)
     return dq, dk, dv
 
 

@@ -23,7 +23,10 @@ lse = -inf and zero gradients.
 
 Tensors are addressed by (batch, head, row) strides and a contiguous head dim. Dense
 inputs are (B, H, L, D); packed varlen inputs (total, H, D) use batch stride 0 and start
-each sequence at ``cu_seqlens[b]``. The logsumexp (and D) live at ``b * stride_lb + h *
+each sequence at ``cu_seqlens[b]``. The tiles a kernel streams (K and V, or Q and dO) may
+instead come through tensor descriptors over the same tensors (KV_DESC, QD_DESC: TMA copies
+on the GPU), rank 4 dense (rows past L read as zeros) or rank 3 packed (rows past a
+sequence are the next one's, zeroed in the edge blocks). The logsumexp (and D) live at ``b * stride_lb + h *
 stride_lh + row``: (B, H, Lq) dense, (H, total_q) packed; that index is also the dropout
 row, as in llmcore's CPU kernels, so both backends draw the same keep mask: Philox4x32-10
 keyed by the seed, counter (col / 4, row lo, row hi, offset lo), word col % 4.
@@ -73,6 +76,34 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, ROW_MASK: tl.constexpr, COL_MAS
             return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
         else:
             return tl.load(ptrs)
+
+
+@triton.jit
+def _desc_tile(desc, b, h, row0, ROWS: tl.constexpr, COLS: tl.constexpr, VARLEN: tl.constexpr):
+    """Rows [row0, row0 + ROWS) of head h, COLS wide, through a tensor descriptor (TMA on the GPU): dense
+    (B, H, L, D) at [b, h, row0, 0], rows past L and columns past D reading as zeros; packed (total, H, D) at
+    [row0, h, 0], rows past the tensor as zeros (past the sequence: the next sequence's rows)."""
+    if VARLEN:
+        t = desc.load([row0.to(tl.int32), h, 0])
+    else:
+        t = desc.load([b, h, row0.to(tl.int32), 0])
+    return t.reshape(ROWS, COLS)
+
+
+@triton.jit
+def _rows_tile(PTR, DESC, b, h, start, n0, offs_n, n_rows, offs_c, stride_n, N_COLS: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, VARLEN: tl.constexpr,
+               DESC_LOAD: tl.constexpr):
+    """Rows [n0, n0 + BLOCK_N) of head h of a sequence's K, V, Q or dO (PTR: the head's first row of the sequence,
+    which starts at row ``start`` of a packed tensor), through the descriptor DESC where DESC_LOAD, else by
+    pointers. EDGE: the block may pass the sequence's n_rows rows, which read as zeros either way."""
+    if DESC_LOAD:
+        t = _desc_tile(DESC, b, h, start + n0, BLOCK_N, BLOCK_C, VARLEN)
+        if VARLEN and EDGE:
+            t = tl.where(offs_n[:, None] < n_rows, t, 0.0)
+        return t
+    return _load_tile(PTR + offs_n[:, None] * stride_n + offs_c[None, :], offs_n, n_rows, offs_c, N_COLS, EDGE,
+                      N_COLS != BLOCK_C)
 
 
 @triton.jit
@@ -153,14 +184,15 @@ def _key_range(m0, len_k, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
-              stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows, drop_thresh,
-              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
+def _fwd_step(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, b, hk, k_start, MASK, n0, offs_m, offs_d, offs_dv, len_q,
+              len_k, shift, stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
+              drop_thresh, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr,
+              MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
+              VARLEN: tl.constexpr, KV_DESC: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM,
-                   EDGE, HEAD_DIM != BLOCK_D)
+    k = _rows_tile(K, K_DESC, b, hk, k_start, n0, offs_n, len_k, offs_d, stride_kn, HEAD_DIM, BLOCK_D, BLOCK_N, EDGE,
+                   VARLEN, KV_DESC)
     qk = _dot(q, tl.trans(k), None, PRECISION)
     if MASK_KIND == 0 and not EDGE and FOLD_SCALE:
         # Nothing masked: the row max of the raw products, scaled once per row (FOLD_SCALE only with a positive
@@ -179,15 +211,15 @@ def _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, 
     acc = acc * alpha[:, None]
     if DROPOUT:
         p = tl.where(_dropout_keep(seed, offset_lo, drop_rows[:, None], offs_n[None, :], drop_thresh), p, 0.0)
-    v = _load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, len_k, offs_dv, HEAD_DIM_V,
-                   EDGE, HEAD_DIM_V != BLOCK_DV)
+    v = _rows_tile(V, V_DESC, b, hk, k_start, n0, offs_n, len_k, offs_dv, stride_vn, HEAD_DIM_V, BLOCK_DV, BLOCK_N,
+                   EDGE, VARLEN, KV_DESC)
     acc = _dot(_cast(p, v.dtype), v, acc, PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, OUT, LSE, MASK, CU_Q, CU_K, RNG,
+    Q, K, V, OUT, LSE, MASK, CU_Q, CU_K, RNG, K_DESC, V_DESC,
     scale_log2, drop_thresh, drop_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -198,9 +230,10 @@ def attn_fwd(
     GROUP, LQ, LK, TUNE_LEN,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr, KV_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """KV_DESC: K and V tiles come through the tensor descriptors K_DESC and V_DESC (TMA), not pointers."""
     h, b, hk, q_start, len_q, k_start, len_k, m0, shift = _query_block(CU_Q, CU_K, GROUP, LQ, LK, CAUSAL,
                                                                        BOTTOM_RIGHT, VARLEN, BLOCK_M)
     if m0 >= len_q:
@@ -229,15 +262,15 @@ def attn_fwd(
 
     full, hi = _key_range(m0, len_k, shift, CAUSAL, BLOCK_M, BLOCK_N)
     for n0 in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
-                                  stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
-                                  drop_thresh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL,
-                                  MASK_KIND, DROPOUT, PRECISION, FOLD_SCALE)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, b, hk, k_start, MASK, n0, offs_m, offs_d,
+                                  offs_dv, len_q, len_k, shift, stride_kn, stride_vn, stride_mm, stride_mn, scale_log2,
+                                  seed, offset_lo, drop_rows, drop_thresh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                  BLOCK_N, False, CAUSAL, MASK_KIND, DROPOUT, PRECISION, FOLD_SCALE, VARLEN, KV_DESC)
     for n0 in range(full, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
-                                  stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
-                                  drop_thresh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL,
-                                  MASK_KIND, DROPOUT, PRECISION, FOLD_SCALE)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, K_DESC, V_DESC, b, hk, k_start, MASK, n0, offs_m, offs_d,
+                                  offs_dv, len_q, len_k, shift, stride_kn, stride_vn, stride_mm, stride_mn, scale_log2,
+                                  seed, offset_lo, drop_rows, drop_thresh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                  BLOCK_N, True, CAUSAL, MASK_KIND, DROPOUT, PRECISION, FOLD_SCALE, VARLEN, KV_DESC)
 
     dead = l_i == 0.0
     out = acc * (drop_scale / tl.where(dead, 1.0, l_i))[:, None]
@@ -279,12 +312,12 @@ def attn_bwd_delta(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, DQ_DESC, m0, offs_n, offs_d, offs_dv, len_q, len_k,
-               shift, stride_qm, stride_dom, stride_mm, stride_mn, scale, scale_log2, seed, offset_lo, lse_row0,
-               drop_thresh, drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr,
-               EVEN_M: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, b, h, q_start, LSE, DELTA, MASK, DQA, DQ_DESC, m0, offs_n, offs_d,
+               offs_dv, len_q, len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, scale, scale_log2, seed,
+               offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr,
+               MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+               DQ_TMA: tl.constexpr, EVEN_M: tl.constexpr, VARLEN: tl.constexpr, QD_DESC: tl.constexpr):
     """One query block against this program's key block, in transposed form (keys as rows).
 
     With DQ_ATOMIC it also adds this block's share of dQ (scale * dS k) into the float32 DQA, whose
@@ -292,12 +325,13 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, DQ_DESC, m0, offs_n, 
     through the tensor descriptor DQ_DESC (a TMA reduction on the GPU). Rows past the sequence add
     exact zeros there (their dS is 0), so a tile may overlap the next sequence's rows.
     EVEN_M: the query count is a multiple of BLOCK_M (dense inputs), so no row is out of range.
+    QD_DESC: the Q and dO tiles come through the descriptors Q_DESC and DO_DESC (query head h, sequence b).
     """
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < len_q
     # Rows past the sequence load as zeros with lse = +inf, so they add nothing (no per-element mask).
-    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM,
-                   EVEN_M == 0, HEAD_DIM != BLOCK_D)
+    q = _rows_tile(Q, Q_DESC, b, h, q_start, m0, offs_m, len_q, offs_d, stride_qm, HEAD_DIM, BLOCK_D, BLOCK_M,
+                   EVEN_M == 0, VARLEN, QD_DESC)
     if EVEN_M:
         lse = tl.load(LSE + lse_row0 + offs_m)
     else:
@@ -309,8 +343,8 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, DQ_DESC, m0, offs_n, 
     if DIAGONAL:
         s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse[None, :])
-    do = _load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, len_q, offs_dv, HEAD_DIM_V,
-                    EVEN_M == 0, HEAD_DIM_V != BLOCK_DV)
+    do = _rows_tile(DO, DO_DESC, b, h, q_start, m0, offs_m, len_q, offs_dv, stride_dom, HEAD_DIM_V, BLOCK_DV, BLOCK_M,
+                    EVEN_M == 0, VARLEN, QD_DESC)
     dp_t = _dot(v, tl.trans(do), None, PRECISION)
     if DROPOUT:
         keep_t = _dropout_keep(seed, offset_lo, (lse_row0 + offs_m)[None, :], offs_n[:, None], drop_thresh)
@@ -347,13 +381,14 @@ def _head_inputs(Q, DO, MASK, b64, h, q_start, stride_qb, stride_qh, stride_qm, 
 
 
 @triton.jit
-def _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, DQ_DESC, b64, hk, GROUP, q_start, m_lo, m_hi, offs_n,
+def _dkdv_heads(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, b, LSE, DELTA, MASK, DQA, DQ_DESC, b64, hk, GROUP, q_start, m_lo,
+                m_hi, offs_n,
                 offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
                 stride_dom, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb, stride_lh, scale, scale_log2, seed,
                 offset_lo, drop_thresh, drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                DQ_TMA: tl.constexpr, EVEN_M: tl.constexpr):
+                DQ_TMA: tl.constexpr, EVEN_M: tl.constexpr, VARLEN: tl.constexpr, QD_DESC: tl.constexpr):
     """_dkdv_step over the query blocks [m_lo, m_hi) of each of the GROUP query heads of key head hk, as one loop
     over (head, block) pairs."""
     blocks = tl.cdiv(m_hi - m_lo, BLOCK_M)
@@ -362,17 +397,17 @@ def _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQA, DQ_DESC, b64, hk, GR
         Qh, DOh, MASKh, lse_row0 = _head_inputs(Q, DO, MASK, b64, hk * GROUP + g, q_start, stride_qb, stride_qh,
                                                 stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh,
                                                 stride_lb, stride_lh)
-        dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQA, DQ_DESC, m_lo + (t - g * blocks) * BLOCK_M,
-                            offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn,
-                            scale, scale_log2, seed, offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM,
-                            HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DIAGONAL, MASK_KIND, DROPOUT, PRECISION,
-                            DQ_ATOMIC, DQ_TMA, EVEN_M)
+        dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, Q_DESC, DO_DESC, b, hk * GROUP + g, q_start, LSE, DELTA, MASKh, DQA,
+                            DQ_DESC, m_lo + (t - g * blocks) * BLOCK_M, offs_n, offs_d, offs_dv, len_q, len_k, shift,
+                            stride_qm, stride_dom, stride_mm, stride_mn, scale, scale_log2, seed, offset_lo, lse_row0,
+                            drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DIAGONAL,
+                            MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC)
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, RNG, DQ_ACC, DQ_DESC,
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K, RNG, DQ_ACC, DQ_DESC, Q_DESC, DO_DESC,
     scale, scale_log2, drop_thresh, drop_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -386,13 +421,15 @@ def attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr,
-    EVEN_M: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, GROUPED: tl.constexpr, QD_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key block (over the GROUP query heads sharing it); with DQ_ATOMIC also dQ,
     added in float32 into the zeroed DQ_ACC (then no attn_bwd_dq launch is needed): (logsumexp rows,
     BLOCK_D), written through the descriptor DQ_DESC (block (BLOCK_M, BLOCK_D)) where DQ_TMA.
     GROUPED (GROUP > 1): each of the two query loops runs over (head, block) pairs, one loop rather than a
-    loop over heads around one over blocks, which compiled for sm_90 spilled (176 B at D 128, causal)."""
+    loop over heads around one over blocks, which compiled for sm_90 spilled (176 B at D 128, causal).
+    QD_DESC: the Q and dO tiles come through the tensor descriptors Q_DESC and DO_DESC (TMA), not pointers."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -425,33 +462,34 @@ def attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if GROUPED:
-        dk, dv = _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQ_ACC, DQ_DESC, b64, hk, GROUP, q_start, lo, mid,
-                             offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh, stride_qm, stride_dob,
-                             stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb, stride_lh,
-                             scale, scale_log2, seed, offset_lo, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V,
-                             BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, DQ_TMA, EVEN_M)
-        dk, dv = _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, DQ_ACC, DQ_DESC, b64, hk, GROUP, q_start, mid,
-                             len_q, offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh, stride_qm,
-                             stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, stride_mn, stride_lb,
-                             stride_lh, scale, scale_log2, seed, offset_lo, drop_thresh, drop_scale, HEAD_DIM,
-                             HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC,
-                             DQ_TMA, EVEN_M)
+        dk, dv = _dkdv_heads(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, b, LSE, DELTA, MASK, DQ_ACC, DQ_DESC, b64, hk, GROUP,
+                             q_start, lo, mid, offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh,
+                             stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, stride_mn,
+                             stride_lb, stride_lh, scale, scale_log2, seed, offset_lo, drop_thresh, drop_scale,
+                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT, PRECISION,
+                             DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC)
+        dk, dv = _dkdv_heads(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, b, LSE, DELTA, MASK, DQ_ACC, DQ_DESC, b64, hk, GROUP,
+                             q_start, mid, len_q, offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh,
+                             stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, stride_mn,
+                             stride_lb, stride_lh, scale, scale_log2, seed, offset_lo, drop_thresh, drop_scale,
+                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT, PRECISION,
+                             DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC)
     else:
         Qh, DOh, MASKh, lse_row0 = _head_inputs(Q, DO, MASK, b64, hk, q_start, stride_qb, stride_qh, stride_qm,
                                                 stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_lb,
                                                 stride_lh)
         for m0 in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQ_ACC, DQ_DESC, m0, offs_n, offs_d,
-                                offs_dv, len_q, len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, scale,
-                                scale_log2, seed, offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V,
-                                BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, DQ_TMA,
-                                EVEN_M)
+            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, Q_DESC, DO_DESC, b, hk, q_start, LSE, DELTA, MASKh, DQ_ACC,
+                                DQ_DESC, m0, offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qm, stride_dom,
+                                stride_mm, stride_mn, scale, scale_log2, seed, offset_lo, lse_row0, drop_thresh,
+                                drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT,
+                                PRECISION, DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC)
         for m0 in range(mid, len_q, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, MASKh, DQ_ACC, DQ_DESC, m0, offs_n, offs_d,
-                                offs_dv, len_q, len_k, shift, stride_qm, stride_dom, stride_mm, stride_mn, scale,
-                                scale_log2, seed, offset_lo, lse_row0, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V,
-                                BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, DQ_TMA,
-                                EVEN_M)
+            dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, Q_DESC, DO_DESC, b, hk, q_start, LSE, DELTA, MASKh, DQ_ACC,
+                                DQ_DESC, m0, offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qm, stride_dom,
+                                stride_mm, stride_mn, scale, scale_log2, seed, offset_lo, lse_row0, drop_thresh,
+                                drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT,
+                                PRECISION, DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC)
 
     row_ok = offs_n[:, None] < len_k
     dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + (k_start + offs_n)[:, None] * stride_dkn
@@ -462,17 +500,17 @@ def attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift,
-             stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows, drop_thresh,
-             drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dq_step(dq, q, do, lse, delta, K, V, K_DESC, V_DESC, b, hk, k_start, MASK, n0, offs_m, offs_d, offs_dv, len_q,
+             len_k, shift, stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows,
+             drop_thresh, drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, CAUSAL: tl.constexpr,
-             MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-             PRECISION: tl.constexpr):
+             MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+             KV_DESC: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM,
-                   EDGE, HEAD_DIM != BLOCK_D)
-    v = _load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, len_k, offs_dv, HEAD_DIM_V,
-                   EDGE, HEAD_DIM_V != BLOCK_DV)
+    k = _rows_tile(K, K_DESC, b, hk, k_start, n0, offs_n, len_k, offs_d, stride_kn, HEAD_DIM, BLOCK_D, BLOCK_N, EDGE,
+                   VARLEN, KV_DESC)
+    v = _rows_tile(V, V_DESC, b, hk, k_start, n0, offs_n, len_k, offs_dv, stride_vn, HEAD_DIM_V, BLOCK_DV, BLOCK_N,
+                   EDGE, VARLEN, KV_DESC)
     s = _mask_scores(_dot(q, tl.trans(k), None, PRECISION) * scale_log2, MASK, offs_m, offs_n, len_q, len_k, shift,
                      stride_mm, stride_mn, MASK_KIND, EDGE, CAUSAL)
     p = tl.math.exp2(s - lse[:, None])
@@ -486,7 +524,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, MASK, n0, offs_m, offs_d, offs_dv, len
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, RNG,
+    Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, RNG, K_DESC, V_DESC,
     scale, scale_log2, drop_thresh, drop_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -498,9 +536,10 @@ def attn_bwd_dq(
     GROUP, LQ, LK, TUNE_LEN,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, KV_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """KV_DESC: K and V tiles come through the tensor descriptors K_DESC and V_DESC (TMA), not pointers."""
     h, b, hk, q_start, len_q, k_start, len_k, m0, shift = _query_block(CU_Q, CU_K, GROUP, LQ, LK, CAUSAL,
                                                                        BOTTOM_RIGHT, VARLEN, BLOCK_M)
     if m0 >= len_q:
@@ -530,12 +569,14 @@ def attn_bwd_dq(
     full, hi = _key_range(m0, len_k, shift, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift, stride_kn,
-                      stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows, drop_thresh, drop_scale,
-                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL, MASK_KIND, DROPOUT, PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, K, V, K_DESC, V_DESC, b, hk, k_start, MASK, n0, offs_m, offs_d, offs_dv,
+                      len_q, len_k, shift, stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo,
+                      drop_rows, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
+                      CAUSAL, MASK_KIND, DROPOUT, PRECISION, VARLEN, KV_DESC)
     for n0 in range(full, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, MASK, n0, offs_m, offs_d, offs_dv, len_q, len_k, shift, stride_kn,
-                      stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo, drop_rows, drop_thresh, drop_scale,
-                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, MASK_KIND, DROPOUT, PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, K, V, K_DESC, V_DESC, b, hk, k_start, MASK, n0, offs_m, offs_d, offs_dv,
+                      len_q, len_k, shift, stride_kn, stride_vn, stride_mm, stride_mn, scale_log2, seed, offset_lo,
+                      drop_rows, drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
+                      CAUSAL, MASK_KIND, DROPOUT, PRECISION, VARLEN, KV_DESC)
     dq_ptrs = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, _cast(dq * scale, DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
