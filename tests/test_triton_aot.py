@@ -201,8 +201,10 @@ def test_descriptor_loads_are_tma_copies(sm90):
              for c, k in kernels}
     assert flags == {(False, "attn_fwd", True), (False, "attn_bwd_dkdv", True), (False, "attn_bwd_dq", True),
                      (True, "attn_fwd", True), (True, "attn_bwd_dkdv", False), (True, "attn_bwd_dq", True)}
-    assert [(c, k.label(), k.tma) for c, k in kernels if (k.tma == "copy") != bool(
+    assert [(c, k.label(), k.tma) for c, k in kernels if ("copy" in k.tma.split("+")) != bool(
         k.constants.get("KV_DESC") or k.constants.get("QD_DESC"))] == []
+    both = [k.tma for k in sm90["attention d128 bf16 causal dq-tma desc"] if k.name == "attn_bwd_dkdv"]
+    assert both == ["reduce+copy"]  # with TMA dQ: copies in, reductions out
     assert [(c, k.label(), k.tensor_cores) for c, k in kernels if k.tensor_cores != "wgmma"] == []
     bars = [k for c in ("attention d128 bf16 desc", "attention d128 bf16 causal desc") for k in sm90[c]
             if k.name != "attn_bwd_delta" and not (c == "attention d128 bf16 desc" and k.name != "attn_fwd")]

@@ -12,9 +12,10 @@ a run cut short still leaves what it measured):
   4 B H L^2 D, halved when causal; forward+backward 3.5x the forward);
 - then a sweep of the attention kernels' block configurations (``attention._TABLES``): the
   forward, the dK/dV and dQ kernels each timed on their own, and the backward with dQ made
-  in the dK/dV kernel (by per-element atomics, and by TMA reductions); every candidate's
-  output is checked against the defaults'. The winners (and the fastest way to dQ) are then
-  timed like the defaults;
+  in the dK/dV kernel (by per-element atomics, and by TMA reductions), each kernel also with
+  its streamed tiles through tensor descriptors (the ``_desc`` kinds, TMA copies); every
+  candidate's output is checked against the defaults'. The winners (the faster way to load
+  for each kernel, and the fastest way to dQ) are then timed like the defaults;
 - last, a head-to-head for each case: llmcore (defaults, and the winners) and torch's best
   backend timed in alternating rounds, so that the GPU's clocks drifting during the run
   (the matmul peak moved 716 -> 802 TFLOP/s between two runs) weigh on both alike; the

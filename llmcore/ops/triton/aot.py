@@ -81,8 +81,8 @@ class Kernel:
     stack: Optional[int]  # bytes of per-thread stack: register spills
     tensor_cores: str  # "tcgen05" (Blackwell), "wgmma" (Hopper), "mma.sync" or "none": what the dots became
     tma: str  # what it asks of the Tensor Memory Accelerator: "reduce" (cp.reduce.async.bulk.tensor: the dQ tiles of
-    # LLMCORE_TRITON_DQ=tma), "copy" (cp.async.bulk.tensor: tiles loaded through descriptors, LLMCORE_TRITON_LOADS) or
-    # "none"
+    # LLMCORE_TRITON_DQ=tma), "copy" (cp.async.bulk.tensor: tiles loaded through descriptors, LLMCORE_TRITON_LOADS),
+    # both ("reduce+copy") or "none"
     tensor_memory: int  # columns of Blackwell's tensor memory (the dots' accumulators; 512 exist), 0 before Blackwell
     fits: bool  # shared and tensor memory within the architecture's limits (a kernel that does not fit is never run)
 
@@ -148,8 +148,8 @@ def _describe(jit, compile: dict, compiled, arch: Arch) -> Kernel:
     ptx = compiled.asm.get("ptx", "")
     cores = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
              else "mma.sync" if re.search(r"\bmma\.sync", ptx) else "none")
-    tma = ("reduce" if "cp.reduce.async.bulk.tensor" in ptx else "copy" if "cp.async.bulk.tensor" in ptx
-           else "none")
+    tma = "+".join(kind for kind, instr in (("reduce", "cp.reduce.async.bulk.tensor"), ("copy", "cp.async.bulk.tensor"))
+                   if instr in ptx) or "none"
     regs, stack = _resource_usage(compiled.asm["cubin"])
     k = Kernel(jit.__name__, pointers[0][1:] if pointers else "", constants, compile["num_warps"],
                compile["num_stages"], compiled.metadata.shared, regs, stack, cores, tma,
@@ -313,6 +313,7 @@ def _cases() -> dict[str, Callable[[], None]]:
         "attention d128 bf16 desc": _attention(128, loads="desc"),
         "attention d128 bf16 causal desc": _attention(128, causal=True, loads="desc"),
         "attention d80 bf16 causal gqa4 desc": _attention(80, causal=True, gqa=4, loads="desc"),
+        "attention d128 bf16 causal dq-tma desc": _attention(128, causal=True, dq="tma", loads="desc"),
         "varlen d64 bf16 causal gqa2 dq-tma": _attention(64, causal=True, gqa=2, packed=True, dq="tma"),
         "varlen d128 bf16 causal desc": _attention(128, causal=True, packed=True, loads="desc"),
         "varlen d128 bf16 causal gqa2": _attention(128, causal=True, gqa=2, packed=True),
