@@ -452,7 +452,8 @@ def test_descriptors_only_where_tma_can_address_the_tensor():
     assert attention._rows_desc(one, False, 64).strides == [8, 8, 64, 1]  # size-1 dims: any stride TMA takes
     assert attention._rows_desc(torch.zeros(2, 3, 40, 20, dtype=torch.bfloat16), False, 32) is None  # 40-byte rows
     assert attention._rows_desc(dense[:, :, 1:], False, 64) is not None  # starts a row (128 bytes) on
-    assert attention._rows_desc(dense.view(-1)[1:1 + 2 * 3 * 39 * 64].view(2, 3, 39, 64), False, 64) is None  # 2
+    unaligned = dense.view(-1)[1:1 + 2 * 3 * 39 * 64].view(2, 3, 39, 64)  # starts 2 bytes on
+    assert attention._rows_desc(unaligned, False, 64) is None
     assert attention._rows_desc(dense[:1].expand(2, 3, 40, 64), False, 64) is None  # a broadcast batch (stride 0)
 
 
