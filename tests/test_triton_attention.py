@@ -449,7 +449,10 @@ def test_descriptors_only_where_tma_can_address_the_tensor():
     attention._tile_rows([(d, 32)])
     assert d.block_shape == [32, 1, 64]
     one = torch.zeros(40, 64, dtype=torch.bfloat16).as_strided((1, 1, 40, 64), (0, 0, 64, 1))
-    assert attention._rows_desc(one, False, 64).strides == [8, 8, 64, 1]  # size-1 dims: any stride TMA takes
+    assert attention._rows_desc(one, False, 64).strides == [16, 16, 64, 1]  # size-1 dims: any stride TMA takes
+    # Triton 3.4's and 3.5's interpreters check strides in elements: 40 rows of 24 (48-byte rows) are refused there
+    rows24 = torch.zeros(2, 3, 40, 24, dtype=torch.bfloat16)
+    assert attention._rows_desc(rows24, False, 32) is not None and attention._rows_desc(rows24, False, 32, True) is None
     assert attention._rows_desc(torch.zeros(2, 3, 40, 20, dtype=torch.bfloat16), False, 32) is None  # 40-byte rows
     assert attention._rows_desc(dense[:, :, 1:], False, 64) is not None  # starts a row (128 bytes) on
     unaligned = dense.view(-1)[1:1 + 2 * 3 * 39 * 64].view(2, 3, 39, 64)  # starts 2 bytes on

@@ -292,22 +292,31 @@ def _desc_loads(kind: str, p: "_Problem", interpret: bool, device: torch.device)
     return wanted and (interpret or _capability(device) >= 90)
 
 
-def _rows_desc(t: Tensor, packed: bool, cols: int):
+def _rows_desc(t: Tensor, packed: bool, cols: int, strides_in_elements: bool = False):
     """A tensor descriptor over the rows of ``t`` (dense (B, H, L, D) or packed (total, H, D)) for tiles ``cols``
     wide, or None where TMA cannot address ``t`` (a base or a stride that is not a multiple of 16 bytes, or a
-    broadcast dim). Its tiles' rows are set per configuration by _launch."""
+    broadcast dim). Its tiles' rows are set per configuration by _launch. ``strides_in_elements``: the strides
+    must also be multiples of 16 elements (what the interpreters of Triton 3.4 and 3.5 check, in error)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    size = t.element_size()
+    unit = 16 if strides_in_elements else 16 // t.element_size()  # in elements
     if t.data_ptr() % 16:
         return None
     strides = list(t.stride())
     for i, (n, st) in enumerate(zip(t.shape[:-1], strides[:-1])):
         if n == 1:
-            strides[i] = 16 // size  # never stepped along: any stride TMA accepts
-        elif st == 0 or st * size % 16:
+            strides[i] = 16  # never stepped along: any stride TMA (and any interpreter) accepts
+        elif st == 0 or st % unit:
             return None
     return TensorDescriptor(t, list(t.shape), strides, [16, 1, cols] if packed else [1, 1, 16, cols])
+
+
+def _old_interpreter() -> bool:
+    """Whether Triton's interpreter is one that checks descriptor strides in elements (3.4, 3.5; fixed in 3.6)."""
+    from llmcore.ops import triton as triton_ops
+
+    release = triton_ops._release(triton_ops.version())
+    return release is not None and release < (3, 6)
 
 
 def _rows3(t: Tensor, packed: bool) -> tuple[int, int, int]:
@@ -386,7 +395,8 @@ def _streamed(kind: str, p: _Problem, mod, tensors: tuple, names: tuple, block: 
     ``dense_only``, the inputs are not packed) and TMA can address every tensor; else pointers, with the first
     tensor in the descriptors' places."""
     if not (dense_only and p.packed) and _desc_loads(kind, p, mod.INTERPRET, tensors[0].device):
-        descs = [_rows_desc(t, p.packed, _pow2(t.size(-1))) for t in tensors]
+        old = mod.INTERPRET and _old_interpreter()
+        descs = [_rows_desc(t, p.packed, _pow2(t.size(-1)), old) for t in tensors]
         if all(d is not None for d in descs):
             return kind + "_desc", tuple(descs), True, tuple((n, d, block) for n, d in zip(names, descs))
     return kind, (tensors[0],) * len(tensors), False, ()
