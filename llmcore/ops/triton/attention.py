@@ -456,15 +456,19 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _forward_impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng):
+def _problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):
+    """(the _Problem, q, k, v with a contiguous last dim) of one launch, forward or backward."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    p = _Problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
+    return _Problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale), q, k, v
+
+
+def _forward_impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng):
+    p, q, k, v = _problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
     return _forward(p, q, k, v, rng)
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, rng, max_q, max_k, dropout_p, causal, scale):
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    p = _Problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
+    p, q, k, v = _problem(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
     return _backward(p, grad_out, q, k, v, out, lse, rng)
 
 
