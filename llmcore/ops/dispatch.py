@@ -108,7 +108,7 @@ def _triton_unavailable() -> Optional[str]:
     reason = triton_ops.missing()
     if reason:
         return reason
-    if triton_ops.interpreting() or torch.cuda.is_available():
+    if torch.cuda.is_available() or triton_ops.interpreting():  # the first on a GPU: no environment read a call
         return None
     return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, in Triton's interpreter)"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from functools import partial
+from functools import lru_cache, partial
 from typing import Optional
 
 import torch
@@ -112,11 +112,14 @@ def _bucket(block_d: int) -> int:
     return max(64, block_d) if block_d <= 256 else 256
 
 
-def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool = False) -> list[dict]:
+@lru_cache(maxsize=None)
+def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool = False) -> tuple[dict, ...]:
     """Candidate blocks for kernel ``kind`` ("fwd", "dkdv", "dkdv_atomic", "dkdv_tma", "dq"); the first is the
-    default.
+    default. Callers must not change the dicts.
 
-    float32 inputs (``wide``) halve the blocks.
+    float32 inputs (``wide``) halve the blocks. Cached per argument tuple (it runs on every launch): ``_TABLES``
+    and ``_MEASURED`` are read once per key, so code that changes them at run time calls
+    ``_gpu_configs.cache_clear()``.
     """
     bucket = _bucket(block_d)
     rows = list(_TABLES[kind][bucket])
@@ -128,7 +131,7 @@ def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool =
     if wide:
         rows = [(max(16, m // 2), max(16, n // 2), w, max(1, s - 1)) for m, n, w, s in rows]
     rows = rows if tune else rows[:1]
-    return [_cfg(*r) for r in rows]
+    return tuple(_cfg(*r) for r in rows)
 
 
 def _interpreter_config() -> dict:
@@ -153,7 +156,7 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
     ``descs``: (argument name, tensor descriptor among ``args``, "BLOCK_M" or "BLOCK_N") for each descriptor
     whose tiles are that many rows (it is given the configuration's rows before each launch).
     """
-    fit_key = None
+    fit_key, configs = None, ()
     if mod.INTERPRET:
         cfg = _interpreter_config()
     elif kind in _OVERRIDE:
@@ -183,21 +186,22 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
             tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
             return
         cfg = configs[0]
-        fit_key = (kind, offline() or args[0].device, tuple(consts.items()), tuple(cfg.items()))
-        cfg = _FITS.get(fit_key, cfg)
+        if _FITS:  # smaller blocks replaced the table's somewhere: maybe for this launch
+            fit_key = _fit_key(kind, args[0], consts, cfg)
+            cfg = _FITS.get(fit_key, cfg)
     from triton.runtime.errors import OutOfResources
 
     while True:
-        if len_q is not None:
-            consts = dict(consts, EVEN_M=_even_m(consts["VARLEN"], len_q, cfg["BLOCK_M"]))
+        launch = consts if len_q is None else dict(consts, EVEN_M=_even_m(consts["VARLEN"], len_q, cfg["BLOCK_M"]))
         _tile_rows([(d, cfg[block]) for _, d, block in descs])
         try:  # Triton checks shared memory when it loads the kernel, before launching it
-            compiled = fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **consts, **cfg)
+            compiled = fn[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **launch, **cfg)
             break
         except OutOfResources:
-            smaller = None if fit_key is None else _smaller(cfg)
+            smaller = None if not configs else _smaller(cfg)
             if smaller is None:
                 raise
+            fit_key = fit_key or _fit_key(kind, args[0], consts, configs[0])
             cfg = _FITS[fit_key] = smaller
     if _OVERRIDE:
         _LAST[kind] = compiled  # for the benchmark's sweep: registers, spills, shared memory
@@ -212,8 +216,12 @@ def _tile_rows(pairs) -> None:
         desc.block_shape = [*desc.block_shape[:dim], rows, *desc.block_shape[dim + 1:]]
 
 
-# (kind, device or the architecture aot.compiling_for compiles for, constexprs, table config) -> the configuration
-# that fit the device's shared memory where the table's did not. The tables are sized for 227 KB a block
+def _fit_key(kind: str, first: Tensor, consts: dict, cfg: dict) -> tuple:
+    return kind, offline() or first.device, tuple(consts.items()), tuple(cfg.items())
+
+
+# _fit_key (kind, device or the architecture aot.compiling_for compiles for, constexprs, table config) -> the
+# configuration that fit the device's shared memory where the table's did not. The tables are sized for 227 KB a block
 # (H100/H200); A100 has 163 KB, and sm_86 / sm_89 / sm_120 GPUs (RTX 30xx-50xx, A10, L4, L40) 99 KB.
 _FITS: dict = {}
 
@@ -321,7 +329,8 @@ def _old_interpreter() -> bool:
 
 def _rows3(t: Tensor, packed: bool) -> tuple[int, int, int]:
     """(batch, head, row) strides: (B, H, L, D) dense, or (total, H, D) packed (batch stride 0)."""
-    return (0, t.stride(1), t.stride(0)) if packed else (t.stride(0), t.stride(1), t.stride(2))
+    s = t.stride()
+    return (0, s[1], s[0]) if packed else s[:3]
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -332,18 +341,19 @@ class _Problem:
     """Sizes, strides and flags shared by the forward and backward launches."""
 
     def __init__(self, q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):
+        q_shape = q.shape
         self.packed = cu_q is not None
-        self.batch = cu_q.numel() - 1 if self.packed else q.size(0)
-        self.heads, self.heads_k = q.size(1), k.size(1)  # dense (B, H, L, D) and packed (total, H, D) alike
+        self.batch = cu_q.numel() - 1 if self.packed else q_shape[0]
+        self.heads, self.heads_k = q_shape[1], k.shape[1]  # dense (B, H, L, D) and packed (total, H, D) alike
         self.len_q, self.len_k = max_q, max_k
-        self.head_dim, self.head_dim_v = q.size(-1), v.size(-1)
+        self.head_dim, self.head_dim_v = q_shape[-1], v.shape[-1]
         self.block_d, self.block_dv = _pow2(self.head_dim), _pow2(self.head_dim_v)
         self.scale, self.causal, self.dropout_p = scale, causal, dropout_p
         self.mask = mask
         self.mask_kind = _NONE if mask is None else (_BOOL if mask.dtype == torch.bool else _ADDITIVE)
         self.wide = q.dtype == torch.float32
         self.cu_q, self.cu_k = cu_q, cu_k
-        total_q = q.size(0)
+        total_q = q_shape[0]
         # logsumexp / delta rows: (B, H, Lq) dense, (H, total_q) packed
         self.lse_shape = (self.heads, total_q) if self.packed else (self.batch, self.heads, self.len_q)
         self.lse_strides = (0, total_q) if self.packed else (self.heads * self.len_q, self.len_q)
@@ -375,10 +385,11 @@ def _forward(p: _Problem, q: Tensor, k: Tensor, v: Tensor, rng: Optional[Tensor]
     mod = kernels("attention_kernels", q.device)
     cu_q = p.cu_q if p.packed else q
     cu_k = p.cu_k if p.packed else q
-    args = (q, k, v, out, lse, p.mask_args(q)[0], cu_q, cu_k, rng if rng is not None else q,
+    mask, *mask_strides = p.mask_args(q)
+    args = (q, k, v, out, lse, mask, cu_q, cu_k, rng if rng is not None else q,
             p.scale * math.log2(math.e), p.drop_thresh, p.drop_scale,
             *_rows3(q, p.packed), *_rows3(k, p.packed), *_rows3(v, p.packed), *_rows3(out, p.packed),
-            *p.mask_args(q)[1:], *p.lse_strides,
+            *mask_strides, *p.lse_strides,
             p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
     grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
     kind, kv, use, descs = _streamed("fwd", p, mod, (k, v), ("K_DESC", "V_DESC"), "BLOCK_N")
@@ -591,7 +602,8 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
     outs = [_attention(q_, k_, v_, m_, None, None, lq, lk, float(dropout_p), bool(is_causal), float(scale),
                        _draw_rng(dropout_p, query.device)) for q_, k_, v_, m_ in parts]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.reshape(*batch, hq, lq, ev)
+    # one batch dim: out is that shape already (a reshape would still add a view, and its node to the backward)
+    return out if len(batch) == 1 else out.reshape(*batch, hq, lq, ev)
 
 
 def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
