@@ -227,6 +227,62 @@ def test_dq_by_tma_is_refused_before_hopper(monkeypatch):
     assert attention._dq_mode(p, False, q.device) == "tma"
 
 
+@pytest.mark.parametrize("mode, dtype, delta_kernels", [("kernel", torch.float16, 0), ("kernel", torch.float32, 1),
+                                                         ("atomic", torch.float16, 1)])
+def test_delta_by_the_dq_kernel_when_there_is_one(monkeypatch, mode, dtype, delta_kernels):
+    # dQ by its own kernel: launched first, it makes delta (dO . O by row) for the dK/dV kernel, and no delta kernel
+    # runs (the gradients against the references show the dK/dV kernel read the right one); dQ in the dK/dV kernel,
+    # or float32 inputs: the delta kernel runs first.
+    from llmcore.ops.triton._loader import kernels
+
+    mod = kernels("attention_kernels", torch.device(DEVICE))
+    launches, real = [], mod.attn_bwd_delta
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(mod, "attn_bwd_delta", Spy())
+    monkeypatch.setenv("LLMCORE_TRITON_DQ", mode)
+    check_dense_case(1, 3, 1, 50 * (8 if GPU else 1), 29 * (8 if GPU else 1), 32, dtype, True)  # ragged, MQA
+    assert len(launches) == delta_kernels
+
+
+def test_the_sweep_skipping_the_dq_kernel_still_gets_delta(monkeypatch):
+    # benchmarks/gpu/bench.py times the dK/dV kernel alone by skipping the dQ kernel (attention._OVERRIDE): delta,
+    # which the dQ kernel would have made, then comes from its own kernel. Launches recorded, nothing run.
+    import types
+
+    from llmcore.ops.triton import attention
+
+    launched = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    fake = types.SimpleNamespace(INTERPRET=False, **{n: Kernel(n) for n in ("attn_bwd_delta", "attn_bwd_dkdv",
+                                                                             "attn_bwd_dq")})
+    monkeypatch.setattr(attention, "kernels", lambda name, device: fake)
+    for name in ("LLMCORE_TRITON_DQ", "LLMCORE_TRITON_LOADS"):
+        monkeypatch.delenv(name, raising=False)
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    p = attention._Problem(q, q, q, None, None, None, 64, 64, 0.0, True, 0.125)
+    lse = torch.zeros(1, 2, 64)
+    cfg = attention._cfg(16, 16, 4, 2)
+    for override, expected in (({"dq": None, "dkdv": cfg}, ["attn_bwd_delta", "attn_bwd_dkdv"]),
+                               ({"dq": cfg, "dkdv": None}, ["attn_bwd_dq"]),
+                               ({"dq": cfg, "dkdv": cfg}, ["attn_bwd_dq", "attn_bwd_dkdv"])):
+        monkeypatch.setattr(attention, "_OVERRIDE", override)
+        launched.clear()
+        attention._backward(p, q, q, q, q, q, lse, None)
+        assert launched == expected, override
+
+
 # --- masks --------------------------------------------------------------------------------
 
 
@@ -332,7 +388,7 @@ def test_descriptor_loads_match_reference(monkeypatch, dq, B, hq, hkv, lq, lk, d
     if GPU:
         lq, lk = lq * 8, lk * 8
     check_dense_case(B, hq, hkv, lq, lk, d, dtype, causal)
-    assert kinds == (["fwd_desc", "dkdv_desc", "dq_desc"] if dq == "kernel" else ["fwd_desc", "dkdv_tma_desc"])
+    assert kinds == (["fwd_desc", "dq_desc", "dkdv_desc"] if dq == "kernel" else ["fwd_desc", "dkdv_tma_desc"])
 
 
 def test_descriptor_loads_heads_interleaved(monkeypatch):
@@ -349,7 +405,7 @@ def test_descriptor_loads_heads_interleaved(monkeypatch):
     ours = run(lambda *t, **kw: triton_sdpa(*(x.transpose(1, 2).contiguous().transpose(1, 2) for x in t), **kw),
                (q, k, v), g, torch.bfloat16, is_causal=True)
     check(ours, theirs, ref, torch.bfloat16)
-    assert kinds == ["fwd_desc", "dkdv_desc", "dq_desc"]
+    assert kinds == ["fwd_desc", "dq_desc", "dkdv_desc"]
 
 
 @pytest.mark.parametrize("case", VARLEN)
@@ -361,7 +417,7 @@ def test_descriptor_loads_varlen(monkeypatch, case):
     monkeypatch.setenv("LLMCORE_TRITON_LOADS", "desc")
     kinds = launched_kinds(monkeypatch)
     test_varlen_ragged(*case)
-    assert kinds == ["fwd_desc", "dkdv", "dq_desc"]
+    assert kinds == ["fwd_desc", "dq_desc", "dkdv"]
 
 
 @pytest.mark.skipif(GPU, reason="bit for bit on the interpreter; compiled, the two forms may schedule differently")
@@ -386,7 +442,7 @@ def test_descriptor_loads_equal_pointer_loads(monkeypatch, case):
         monkeypatch.setenv("LLMCORE_TRITON_LOADS", loads)
         torch.manual_seed(7)
         results[loads] = run(fn, (q, k, v), g, torch.bfloat16, **kw)
-    assert kinds == ["fwd", "dkdv", "dq", "fwd_desc", "dkdv" if packed else "dkdv_desc", "dq_desc"]
+    assert kinds == ["fwd", "dq", "dkdv", "fwd_desc", "dq_desc", "dkdv" if packed else "dkdv_desc"]
     assert all(torch.equal(a, b) for a, b in zip(results["pointer"], results["desc"]))
 
 

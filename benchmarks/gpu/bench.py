@@ -516,7 +516,8 @@ def _sweep_and_time(case: dict, causal: bool, data, leaves, shape, ctx) -> None:
     p = _sweep_problem(A, causal, q, k, v)
     t0 = time.time()
     sw = case["sweep"] = {"note": "ms per call of the timed piece: fwd = the forward; dkdv / dq = the backward "
-                                  "with only that kernel (and the small delta kernel); dkdv_atomic / dkdv_tma = the "
+                                  "with only that kernel (dkdv: and the small delta kernel, which the dq kernel "
+                                  "replaces); dkdv_atomic / dkdv_tma = the "
                                   "whole backward with dQ by per-element atomics / TMA reductions. max_err: vs the "
                                   "default blocks' output.",
                           "candidates": {}}

@@ -148,8 +148,9 @@ _TUNED: dict = {}
 
 
 def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, wide: bool, causal: bool = False,
-            len_q: Optional[int] = None, descs: tuple = ()):
-    """Runs kernel ``fn`` with fixed blocks, or through a (cached) autotuner on request.
+            len_q: Optional[int] = None, descs: tuple = ()) -> bool:
+    """Runs kernel ``fn`` with fixed blocks, or through a (cached) autotuner on request; False where the
+    benchmark's ``_OVERRIDE`` skips the launch.
 
     ``len_q`` given: the kernel takes an EVEN_M constexpr, derived from it and BLOCK_M. Where the table's
     blocks need more shared memory than the GPU has, smaller ones are tried (``_smaller``) and remembered.
@@ -162,7 +163,7 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
     elif kind in _OVERRIDE:
         cfg = _OVERRIDE[kind]
         if cfg is None:
-            return
+            return False
     else:
         tune = os.environ.get("LLMCORE_TRITON_AUTOTUNE", "0") == "1"
         configs = _gpu_configs(kind, block_d, wide, tune, causal)
@@ -184,7 +185,7 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
                     reset_to_zero=["DQ_ACC"] if kind in ("dkdv_atomic", "dkdv_tma") else None,
                 )(inner)
             tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
-            return
+            return True
         cfg = configs[0]
         if _FITS:  # smaller blocks replaced the table's somewhere: maybe for this launch
             fit_key = _fit_key(kind, args[0], consts, cfg)
@@ -205,6 +206,7 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
             cfg = _FITS[fit_key] = smaller
     if _OVERRIDE:
         _LAST[kind] = compiled  # for the benchmark's sweep: registers, spills, shared memory
+    return True
 
 
 def _tile_rows(pairs) -> None:
@@ -413,6 +415,14 @@ def _streamed(kind: str, p: _Problem, mod, tensors: tuple, names: tuple, block: 
     return kind, (tensors[0],) * len(tensors), False, ()
 
 
+def _delta(mod, p: _Problem, out: Tensor, do: Tensor, delta: Tensor, cu_q: Tensor) -> None:
+    """delta = dO . O by row (float32, in the logsumexp's layout), by its own kernel."""
+    block = 16 if mod.INTERPRET else 64
+    mod.attn_bwd_delta[(triton_cdiv(p.len_q, block), p.heads, p.batch)](
+        out, do, delta, cu_q, *_rows3(out, p.packed), *_rows3(do, p.packed), *p.lse_strides, p.len_q,
+        HEAD_DIM_V=p.head_dim_v, BLOCK_DV=p.block_dv, VARLEN=p.packed, BLOCK_M=block)
+
+
 def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               rng: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     mod = kernels("attention_kernels", q.device)
@@ -422,17 +432,29 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     cu_q = p.cu_q if p.packed else q
     cu_k = p.cu_k if p.packed else q
     consts = p.consts()
-    delta_block = 16 if mod.INTERPRET else 64
-    mod.attn_bwd_delta[(triton_cdiv(p.len_q, delta_block), p.heads, p.batch)](
-        out, do, delta, cu_q, *_rows3(out, p.packed), *_rows3(do, p.packed), *p.lse_strides, p.len_q,
-        HEAD_DIM_V=p.head_dim_v, BLOCK_DV=p.block_dv, VARLEN=p.packed, BLOCK_M=delta_block)
     mask, *mask_strides = p.mask_args(q)
     common = (p.scale, p.scale * math.log2(math.e), p.drop_thresh, p.drop_scale,
               *_rows3(q, p.packed), *_rows3(k, p.packed), *_rows3(v, p.packed), *_rows3(do, p.packed))
     tail = (*mask_strides, *p.lse_strides, p.heads // p.heads_k, p.len_q, p.len_k, p.tune_len())
     rng = rng if rng is not None else q
     mode = _dq_mode(p, mod.INTERPRET, q.device)
-    atomic, desc = mode != "kernel", None
+    atomic, desc, dq = mode != "kernel", None, None
+    # delta (dO . O by row), which the dK/dV kernel reads: made by the dQ kernel, launched first, where there is one
+    # (one launch, and one read of dO, fewer); else (or when the benchmark's sweep skips the dQ kernel) by its own.
+    # Not for float32 inputs: compiled for sm_90, their D-256 dQ kernel spilled 2 KB with it (Triton 3.9).
+    delta_in_dq = not atomic and not p.wide
+    if not delta_in_dq:
+        _delta(mod, p, out, do, delta, cu_q)
+    if not atomic:
+        dq = torch.empty_like(q)
+        kind, kv, use, descs = _streamed("dq", p, mod, (k, v), ("K_DESC", "V_DESC"), "BLOCK_N")
+        args = (q, k, v, do, dq, lse, delta, mask, cu_q, cu_k, rng, *kv, out, *common, *_rows3(dq, p.packed),
+                *_rows3(out, p.packed), *tail)
+        grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
+        launched = _launch(mod, kind, mod.attn_bwd_dq, grid, args, dict(consts, KV_DESC=use, DELTA_HERE=delta_in_dq),
+                           p.block_d, p.wide, p.causal, descs=descs)
+        if delta_in_dq and not launched:
+            _delta(mod, p, out, do, delta, cu_q)
     dq_acc = q
     if atomic:  # float32 dQ by logsumexp row, padded to BLOCK_D: (B, H, Lq) or (H, total_q) rows
         dq_acc = torch.zeros(lse.numel(), p.block_d, dtype=torch.float32, device=q.device)
@@ -453,13 +475,7 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
             descs=descs + (() if desc is None else (("DQ_DESC", desc, "BLOCK_M"),)))
     if atomic:  # dQ in q's layout (what the custom op's fake promises), from the padded float32 rows
         dq = dq_acc.view(*p.lse_shape, p.block_d)[..., :p.head_dim]
-        return torch.empty_like(q).copy_(dq.transpose(0, 1) if p.packed else dq), dk, dv
-    dq = torch.empty_like(q)
-    kind, kv, use, descs = _streamed("dq", p, mod, (k, v), ("K_DESC", "V_DESC"), "BLOCK_N")
-    args = (q, k, v, do, dq, lse, delta, mask, cu_q, cu_k, rng, *kv, *common, *_rows3(dq, p.packed), *tail)
-    grid = lambda bm, bn: (triton_cdiv(p.len_q, bm), p.heads, p.batch)  # noqa: E731
-    _launch(mod, kind, mod.attn_bwd_dq, grid, args, dict(consts, KV_DESC=use), p.block_d, p.wide, p.causal,
-            descs=descs)
+        dq = torch.empty_like(q).copy_(dq.transpose(0, 1) if p.packed else dq)
     return dq, dk, dv
 
 

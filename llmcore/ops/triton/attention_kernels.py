@@ -1,4 +1,5 @@
-"""FlashAttention-2 in Triton: forward, and a backward in two kernels (dK/dV, then dQ).
+"""FlashAttention-2 in Triton: forward, and a backward in two kernels (dQ, which also makes D
+for the next, then dK/dV), or in one (dK/dV adding dQ) after a small kernel that makes D.
 
 Notation, per (batch, query head) and query row i, key j, with s = scale * log2(e):
 
@@ -524,22 +525,25 @@ def _dq_step(dq, q, do, lse, delta, K, V, K_DESC, V_DESC, b, hk, k_start, MASK, 
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, RNG, K_DESC, V_DESC,
+    Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K, RNG, K_DESC, V_DESC, OUT,
     scale, scale_log2, drop_thresh, drop_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
+    stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh,
     GROUP, LQ, LK, TUNE_LEN,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, KV_DESC: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, KV_DESC: tl.constexpr, DELTA_HERE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """KV_DESC: K and V tiles come through the tensor descriptors K_DESC and V_DESC (TMA), not pointers."""
+    """KV_DESC: K and V tiles come through the tensor descriptors K_DESC and V_DESC (TMA), not pointers.
+    DELTA_HERE: the block's DELTA rows (dO . O, what attn_bwd_delta computes) are made here from its dO tile and
+    the forward's output OUT, and stored for the dK/dV kernel launched after this one; else they are read."""
     h, b, hk, q_start, len_q, k_start, len_k, m0, shift = _query_block(CU_Q, CU_K, GROUP, LQ, LK, CAUSAL,
                                                                        BOTTOM_RIGHT, VARLEN, BLOCK_M)
     if m0 >= len_q:
@@ -561,7 +565,13 @@ def attn_bwd_dq(
                     offs_m, len_q, offs_dv, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
     lse = tl.load(LSE + lse_row0 + offs_m, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + lse_row0 + offs_m, mask=row_ok, other=0.0)
+    if DELTA_HERE:
+        o = _load_tile(OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_rows * stride_om + offs_dv[None, :],
+                       offs_m, len_q, offs_dv, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + lse_row0 + offs_m, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + lse_row0 + offs_m, mask=row_ok, other=0.0)
     seed = tl.load(RNG) if DROPOUT else 0
     offset_lo = (tl.load(RNG + 1) & 0xFFFFFFFF).to(tl.uint32) if DROPOUT else 0
     drop_rows = lse_row0 + offs_m
