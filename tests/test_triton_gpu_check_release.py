@@ -81,7 +81,7 @@ def test_interpreter_tests_pass(env, tmp_path):
     interp = dict(env, TRITON_INTERPRET="1")
     files = ["test_triton_attention", "test_triton_norm", "test_triton_cross_entropy", "test_triton_versions",
              "test_gpu_bench_smoke"]  # the GPU check's script, end to end on tiny shapes
-    chosen = ("matches_reference or dq_modes or varlen_ragged or key_padding or descriptor or neighbours or "
+    chosen = ("matches_reference or dq_modes or varlen_ragged or key_padding or descriptor or neighbours or delta or "
               + " or ".join(files[1:]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
            "-k", chosen, *[str(ROOT / "tests" / f"{f}.py") for f in files]]
