@@ -95,6 +95,9 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
         help_ = f"default: {default}"
         if field.name == "resume_from_checkpoint":
             parser.add_argument(flag, help="a checkpoint folder, or 'true' for the latest in --output-dir")
+        elif field.name == "fsdp":
+            parser.add_argument(flag, default=default, help="under torchrun: 'full_shard' or 'shard_grad_op' shards "
+                                "the model (FSDP2) instead of replicating it (DDP); default: none")
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif kinds <= {int, type(None)}:

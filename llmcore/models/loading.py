@@ -153,7 +153,12 @@ def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool =
             if tuple(t.shape) != tuple(ours[name].shape):
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, the model expects "
                                       f"{tuple(ours[name].shape)} (does config.json match the weights?)")
-            ours[name].copy_(t.to(ours[name].dtype))
+            t = t.to(ours[name].dtype)
+            if hasattr(ours[name], "device_mesh"):  # a DTensor (a model sharded by FSDP): this rank's shard of t
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t, ours[name].device_mesh, ours[name].placements, src_data_rank=None)
+            ours[name].copy_(t)
     return fresh
 
 
@@ -186,7 +191,7 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classif
     return model
 
 
-def _internal_to_hf(model: nn.Module) -> dict:
+def _internal_to_hf(model: nn.Module, state: Optional[dict] = None) -> dict:
     cfg = model.config
     family = cfg.family
     prefix, top, (hf_layer, _, layer_pairs), _ = _table(family)
@@ -195,7 +200,7 @@ def _internal_to_hf(model: nn.Module) -> dict:
     if family == "roberta":
         heads["head.out"] = "classifier.out_proj"
     out = {}
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     for name, t in state.items():
         t = t.detach().contiguous()
         mod, kind = name.rsplit(".", 1)
@@ -224,13 +229,15 @@ def _internal_to_hf(model: nn.Module) -> dict:
     return out
 
 
-def save_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Write config.json + model.safetensors that transformers loads (HF names and layouts)."""
+def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], state_dict: Optional[dict] = None) -> None:
+    """Write config.json + model.safetensors that transformers loads (HF names and layouts). ``state_dict``:
+    the model's tensors by llmcore's names, when not ``model.state_dict()`` (whole tensors gathered from the
+    shards of a model FSDP shards: ``llmcore.train.fsdp.full_model_state``)."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    tensors = _internal_to_hf(model)
+    tensors = _internal_to_hf(model, state_dict)
     if isinstance(model, DecoderForCausalLM) and model.lm_head is None:
         tensors.pop("lm_head.weight", None)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:

@@ -9,7 +9,8 @@ Layout::
       rng_state_<rank>.pt              python, numpy, torch CPU (+ CUDA) generator states of each rank
 
 A checkpoint is written into ``.checkpoint-<step>.partial`` and renamed into place when complete
-(``publish_checkpoint``), so a killed run never leaves a half-written ``checkpoint-<step>``.
+(``publish_checkpoint``), so a killed run never leaves a half-written ``checkpoint-<step>``. A model sharded
+by FSDP writes and reads the same files (whole tensors; ``llmcore.train.fsdp``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from llmcore.models import CheckpointError, save_pretrained
 from llmcore.models.loading import load_state
+from llmcore.train.fsdp import is_sharded, load_optimizer_state
 
 PREFIX = "checkpoint-"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
@@ -107,12 +109,16 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer, scheduler, state: dict, rank: int = 0,
-                    write_shared: bool = True) -> None:
-    """Write one checkpoint folder. Every rank writes its RNG file; ``write_shared`` (rank 0) the rest."""
+                    write_shared: bool = True, model_state: Optional[dict] = None,
+                    optimizer_state: Optional[dict] = None) -> None:
+    """Write one checkpoint folder. Every rank writes its RNG file; ``write_shared`` (rank 0) the rest.
+    ``model_state`` / ``optimizer_state``: what to write in place of the model's and optimizer's own state
+    dicts (a sharded model's whole tensors: ``llmcore.train.fsdp.full_model_state`` / ``full_optimizer_state``)."""
     os.makedirs(path, exist_ok=True)
     if write_shared:
-        save_pretrained(model, path)
-        torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+        save_pretrained(model, path, model_state)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                   os.path.join(path, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
         with open(os.path.join(path, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
@@ -131,8 +137,11 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
     if fresh:
         raise CheckpointError(f"{weights!r} lacks {fresh}")
     device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device,
-                                         weights_only=True))
+    optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+    if is_sharded(model):
+        load_optimizer_state(model, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(path, f"rng_state_{rank}.pt")
     if os.path.isfile(rng_file):

@@ -8,6 +8,10 @@ from typing import Optional, Union
 
 _STRATEGIES = ("no", "steps", "epoch")
 REPORTERS = ("tensorboard",)
+# transformers' ``fsdp`` options that llmcore's loop takes: a sharding strategy, and "auto_wrap", which llmcore always
+# does (each Transformer layer one unit: see llmcore.train.fsdp)
+FSDP_MODES = ("full_shard", "shard_grad_op")
+_FSDP_OPTIONS = FSDP_MODES + ("auto_wrap",)
 
 
 @dataclass
@@ -22,6 +26,9 @@ class TrainConfig:
     ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
     ``<output_dir>/logs``. Records always go to ``<logging_dir>/train_log.jsonl``; ``report_to``
     (``"tensorboard"`` (default), ``"all"``, ``"none"`` or a list) adds TensorBoard event files there.
+    ``fsdp``: ``"full_shard"`` or ``"shard_grad_op"`` (optionally with ``"auto_wrap"``, as transformers takes
+    them: a string or a list) shards the model under torch.distributed with ``fully_shard`` instead of wrapping
+    it in DDP; normalized to the strategy's name, or ``""`` for none (see ``llmcore.train.fsdp``).
 
     >>> TrainConfig("out", max_steps=10, warmup_steps=0).total_steps(steps_per_epoch=4)
     10
@@ -52,6 +59,7 @@ class TrainConfig:
     logging_dir: Optional[str] = None
     report_to: Union[str, list, tuple] = "tensorboard"
     disable_tqdm: bool = False
+    fsdp: Union[str, list, tuple] = ""
 
     def __post_init__(self):
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
@@ -98,6 +106,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"report_to: unknown {unknown}; choose from {list(REPORTERS)}, 'all' or 'none'")
         self.report_to = tuple(r for r in report if r != "none")
+        self.fsdp = _fsdp_mode(self.fsdp)
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "logs")
         self.logging_dir = os.fspath(self.logging_dir)
@@ -143,6 +152,29 @@ def _check_float(name: str, value, lo: float, hi: float = math.inf, lo_open: boo
     if not math.isfinite(value) or value < lo or (lo_open and value == lo) or value > hi:
         bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
         raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+
+
+def _fsdp_mode(value) -> str:
+    """transformers' ``fsdp`` value (``"full_shard auto_wrap"``, a list of options, ``""``/``False``/None for
+    none) -> the sharding strategy, or ``""``."""
+    if value is None or value is False:
+        return ""
+    if isinstance(value, str):
+        options = value.split()
+    elif isinstance(value, (list, tuple)) and all(isinstance(o, str) for o in value):
+        options = list(value)
+    else:
+        raise TypeError(f"fsdp must be a string or a list of strings, got {type(value).__name__} {value!r}")
+    unknown = [o for o in options if o not in _FSDP_OPTIONS]
+    if unknown:
+        raise ValueError(f"fsdp: {unknown} not supported; llmcore takes {', '.join(map(repr, FSDP_MODES))} "
+                         "(and 'auto_wrap', which it always does)")
+    modes = [o for o in options if o in FSDP_MODES]
+    if len(modes) > 1:
+        raise ValueError(f"fsdp: one sharding strategy, got {modes}")
+    if not modes and options:
+        raise ValueError(f"fsdp={value!r} names no sharding strategy: add 'full_shard' or 'shard_grad_op'")
+    return modes[0] if modes else ""
 
 
 def _device_type(device) -> str:

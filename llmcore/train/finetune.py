@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from llmcore.train.config import TrainConfig
+from llmcore.train.fsdp import check_process_group
 from llmcore.train.loop import IGNORE_INDEX, Trainer
 from llmcore.train.reporting import peak_memory_mb
 from llmcore.train.runtime import retain_freed_memory
@@ -143,7 +144,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``).
 
     Under ``torchrun`` every rank trains on its share of each global batch (see ``split_batches``)
-    and rank 0 writes the files. ``device``: default ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU."""
+    and rank 0 writes the files; ``fsdp="full_shard"`` (or ``"shard_grad_op"``) shards the model instead of
+    replicating it (``llmcore.train.fsdp``). ``device``: default ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU."""
     import torch.distributed as dist
 
     from llmcore.data import PreparedDataset, prepare
@@ -154,6 +156,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     config = TrainConfig(output_dir=output_dir, **train_args)
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
     rank, world, dev, started = _setup_distributed(device)
+    check_process_group(config.fsdp)  # before the data and the model are loaded
     if dev.type == "cpu":
         retain_freed_memory()  # per-step buffers reuse warm pages (see its docstring)
     try:
@@ -191,9 +194,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
             results.update({f"{prefix}{k[4:]}": v for k, v in trainer.evaluate().items()})
         results["peak_memory_mb"] = max(results["peak_memory_mb"], peak_memory_mb(dev))  # evaluation included
         results["world_size"] = world
+        final = os.path.join(output_dir, "final")
+        trainer.save_model(final)  # every rank: under FSDP the shards are gathered
         if rank == 0:
-            final = os.path.join(output_dir, "final")
-            net.save_pretrained(final)
             src = model if os.path.isdir(model) else None
             for name in _TOKENIZER_FILES if src else ():
                 if os.path.isfile(os.path.join(src, name)):

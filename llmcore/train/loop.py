@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmcore.models import save_pretrained
 from llmcore.train.bf16_weights import Bf16Weights
 from llmcore.train.checkpoint import (
     PREFIX,
@@ -28,6 +29,7 @@ from llmcore.train.checkpoint import (
     seed_everything,
 )
 from llmcore.train.config import TrainConfig
+from llmcore.train.fsdp import check_process_group, full_model_state, full_optimizer_state, is_sharded, shard
 from llmcore.train.lazy_rows import LazyRowAdamW
 from llmcore.train.optim import clip_and_step, linear_schedule, make_optimizer
 from llmcore.train.reporting import Reporter, peak_memory_mb
@@ -68,8 +70,8 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce(t: Tensor) -> None:
-    """``dist.all_reduce(t)`` (a sum) that returns only once the backend's worker thread has let go of t.
+def all_reduce(t: Tensor, op=None) -> None:
+    """``dist.all_reduce(t, op)`` (default a sum) that returns only once the backend's worker thread has let go of t.
 
     gloo's worker threads drop a finished collective's tensors after ``wait()`` returns, and dropping
     a tensor Python sees takes the GIL. If the process exits meanwhile, the thread dies inside a
@@ -80,7 +82,7 @@ def all_reduce(t: Tensor) -> None:
     refcount, so waiting here, with the GIL released, until it is gone closes the window (0 in 60).
     Other backends return at once."""
     before = sys.getrefcount(t)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
     if dist.get_backend() != "gloo":
         return
     deadline = time.perf_counter() + 5.0
@@ -94,8 +96,11 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: boo
     Each micro-batch adds ``sum of its per-example losses / examples in the whole window`` to the
     gradient (summed over all ranks under torch.distributed), so accumulating uneven micro-batches
     gives the gradient of one big batch. A mean of per-micro-batch means would over-weight the small
-    ones (transformers #34242). The returned loss is this rank's share of the window's mean loss."""
+    ones (transformers #34242). The returned loss is this rank's share of the window's mean loss.
+    ``model``: plain, wrapped in DDP, or sharded by FSDP (``fully_shard``); with DDP or FSDP the ranks
+    exchange gradients after the last micro-batch's backward only."""
     _, world = _dist()
+    sharded = is_sharded(model)
     device = next(model.parameters()).device
     examples = sum(example_count(b) for b in micro_batches)
     total = examples
@@ -109,13 +114,15 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: boo
         batch = _to(batch, device)
         labels = batch.pop("labels")
         last = i == len(micro_batches) - 1
+        if sharded:  # the gradients stay whole on each rank until the last micro-batch's are reduce-scattered
+            model.set_requires_gradient_sync(last)
         sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
             else contextlib.nullcontext()
         with sync:
             with _autocast(device, bf16):
                 logits = model(**batch).logits
             loss = loss_sum(logits, labels) / denom
-            # DDP averages gradients over ranks; undo that so the result is the global-example mean.
+            # DDP and FSDP average gradients over ranks; undo that so the result is the global-example mean.
             (loss * world).backward()
         loss_acc += loss.detach()
     return loss_acc, examples
@@ -173,6 +180,12 @@ class Trainer:
     ``compute() -> dict`` (streaming); they see the rows the loss sees (labels other than ``-100``:
     filler sequences and ignored examples are left out), under torch.distributed this rank's only.
 
+    Under torch.distributed the model is wrapped in DDP when training starts, or, with ``config.fsdp``,
+    sharded by its layers when the Trainer is made (``llmcore.train.fsdp``; ``self.model`` is then the sharded
+    module). Checkpoints and ``save_model`` write whole tensors either way. Every rank must see the same number
+    of training batches per epoch; under FSDP every forward is a collective, so ``evaluate`` runs every rank's
+    evaluation batches in lockstep (a rank with fewer repeats one, uncounted).
+
     >>> trainer = Trainer(model, TrainConfig("out"), lambda epoch: batches)  # doctest: +SKIP
     >>> trainer.train()["global_step"]  # doctest: +SKIP
     """
@@ -185,12 +198,15 @@ class Trainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config.eval_strategy != "no" and eval_batches is None:
             raise ValueError(f"eval_strategy={config.eval_strategy!r} needs eval_batches")
+        self.rank, self.world_size = _dist()
+        if config.fsdp and not is_sharded(model):
+            check_process_group(config.fsdp)
+            shard(model, config.fsdp)
         self.model = model
         self.config = config
         self.train_batches = train_batches if callable(train_batches) else (lambda epoch: train_batches)
         self.eval_batches = eval_batches
         self.compute_metrics = compute_metrics
-        self.rank, self.world_size = _dist()
         self.device = next(model.parameters()).device
         self.log_history: list[dict] = []
         self.global_step = 0
@@ -236,15 +252,19 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, examples
         counts = None  # (3, C): true positives, predicted, actual per class
         custom = self.compute_metrics() if self.compute_metrics is not None else None
+        stream = ((b, True) for b in batches)
+        if self.world_size > 1 and is_sharded(model):
+            stream = _in_lockstep(batches, self.device)
         # One autocast region for the whole pass: autocast then casts each weight once, not once per
         # batch (a 28-batch bf16 MiniLM evaluation measured 1.52 -> 1.16 s); metrics run outside it.
         with _autocast(self.device, self.config.bf16):
-            for batch in batches:
+            for batch, counted in stream:
                 batch = _to(batch, self.device)
                 labels = batch.pop("labels")
                 logits = model(**batch).logits
-                with _autocast(self.device, False):
-                    counts = self._count(logits, labels, sums, counts, custom)
+                if counted:
+                    with _autocast(self.device, False):
+                        counts = self._count(logits, labels, sums, counts, custom)
         if self.world_size > 1:
             all_reduce(sums)
             if counts is not None:
@@ -290,6 +310,10 @@ class Trainer:
         self._flush_steppers()
         path = os.path.join(self.config.output_dir, f"{PREFIX}{self.global_step}")
         partial = partial_path(path)
+        model_state = optimizer_state = None
+        if is_sharded(self.model):  # whole tensors on rank 0: the files an unsharded run writes
+            model_state = full_model_state(self.model)
+            optimizer_state = full_optimizer_state(self.model, self.optimizer)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
@@ -297,12 +321,20 @@ class Trainer:
         state = {"global_step": self.global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "log_history": self.log_history, "config": self.config.to_dict()}
         save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
-                        write_shared=self.rank == 0)
+                        write_shared=self.rank == 0, model_state=model_state, optimizer_state=optimizer_state)
         self._barrier()
         if self.rank == 0:
             publish_checkpoint(partial, path)
             rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
         return path
+
+    def save_model(self, path: str) -> None:
+        """Write the model (``config.json`` + ``model.safetensors``, transformers' names) to ``path`` from rank 0.
+        Under FSDP every rank must call it: the whole tensors are gathered from the shards."""
+        self._flush_steppers()
+        state = full_model_state(self.model) if is_sharded(self.model) else None
+        if self.rank == 0:
+            save_pretrained(self.model, path, state)
 
     def _flush_steppers(self) -> None:
         for t in self._steppers:
@@ -342,13 +374,15 @@ class Trainer:
             state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, rank=self.rank)
             self.global_step, epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
             self.log_history = list(state.get("log_history", []))
-        if self.world_size > 1 and not isinstance(self._wrapped, nn.parallel.DistributedDataParallel):
+        sharded = is_sharded(self.model)
+        if (self.world_size > 1 and not sharded
+                and not isinstance(self._wrapped, nn.parallel.DistributedDataParallel)):
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-        self._steppers = (LazyRowAdamW.attach(self.model, self.optimizer, self.world_size)
-                          + Bf16Weights.attach(self.model, self.optimizer, self.world_size,
-                                               bf16=cfg.bf16 and self.device.type == "cpu"))
+        self._steppers = [] if sharded else (LazyRowAdamW.attach(self.model, self.optimizer, self.world_size)
+                                             + Bf16Weights.attach(self.model, self.optimizer, self.world_size,
+                                                                  bf16=cfg.bf16 and self.device.type == "cpu"))
         self.model.train()
         reporter = self._reporter()
         reporter.start(total, self.global_step)
@@ -440,6 +474,28 @@ class Trainer:
                 "train_samples_per_second": examples_total / max(runtime, 1e-9),
                 "train_tokens_per_second": tokens_total / max(runtime, 1e-9),
                 "peak_memory_mb": peak_memory_mb(self.device)}
+
+
+def _in_lockstep(batches, device: torch.device):
+    """(batch, counted) pairs: this rank's evaluation batches, then repeats of its first one (not counted) until
+    it has run as many forwards as the rank with the most. Under FSDP every forward gathers parameters from all
+    ranks, so a rank that stopped early would leave the others waiting."""
+    if not hasattr(batches, "__len__"):
+        batches = list(batches)
+    n = len(batches)
+    most_fewest = torch.tensor([n, -n], dtype=torch.int64, device=device)
+    all_reduce(most_fewest, op=dist.ReduceOp.MAX)
+    most, fewest = int(most_fewest[0]), -int(most_fewest[1])
+    if fewest == 0 and most > 0:
+        raise ValueError("under FSDP every rank needs an evaluation batch (each forward is a collective), and a "
+                         f"rank has none of the {most} the busiest has: give the evaluation set at least as many "
+                         "rows as there are ranks")
+    for batch in batches:
+        yield batch, True
+    if n < most:
+        first = next(iter(batches))
+        for _ in range(most - n):
+            yield first, False
 
 
 def _len_or_none(batches) -> Optional[int]:

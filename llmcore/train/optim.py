@@ -8,6 +8,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from llmcore import _C
+from llmcore.train.fsdp import as_local
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -83,12 +84,12 @@ def grad_norm(grads: list) -> torch.Tensor:
     MiniLM's gradients (4.5 vs 10.7 ms) and ~60x closer to the float64 norm (torch's float32
     reduction lost 2.4e-4 of the norm on the 11.7M-element embedding gradient). Other gradients
     (CUDA, float64, fp16, strided) take one dot each, summed in float64. Non-finite gradients
-    give a non-finite norm, as torch's; tensor subclasses (FSDP's DTensor) go to
-    ``get_total_norm``."""
+    give a non-finite norm, as torch's; tensor subclasses (FSDP's DTensor shards) go to
+    ``get_total_norm``, whose norm over all the ranks' shards comes back as a plain tensor."""
     if not grads:
         return torch.zeros(())
     if any(type(g) is not torch.Tensor for g in grads):  # DTensor (FSDP) and other subclasses: torch's path
-        return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
+        return as_local(torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True))
     device = grads[0].device
     native, other = [], []
     for g in grads:

@@ -1,0 +1,141 @@
+"""FSDP for the fine-tuning loop (``TrainConfig.fsdp``): a model sharded with torch's ``fully_shard`` (FSDP2)
+by its Transformer layers, and whole state dicts gathered from the shards, so that a sharded run writes the
+checkpoints and final model an unsharded one writes (and either resumes from the other's checkpoints).
+
+Every function that gathers or scatters is a collective: all ranks call it, in the same order.
+"""
+from __future__ import annotations
+
+import atexit
+import time
+
+import torch
+from torch import nn
+
+from llmcore.train.config import FSDP_MODES
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """What is sharded as a unit of its own, before the root: the elements of the model's outermost
+    ``nn.ModuleList`` s (a Transformer's layers). The root's unit holds the rest (embeddings, final norm, head)."""
+    found = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, nn.ModuleList):
+                found.extend(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
+def shard(model: nn.Module, mode: str) -> nn.Module:
+    """Shards ``model`` in place across the default process group's ranks: each of ``units(model)``, then the
+    root. ``"full_shard"`` (ZeRO-3) frees a unit's gathered parameters after its forward and gathers them again
+    for its backward; ``"shard_grad_op"`` (ZeRO-2) keeps them from the forward to the backward (more memory, one
+    all-gather fewer per unit). Gradients are reduce-scattered (averaged over ranks) after each unit's backward;
+    parameters, gradients and optimizer state are ``DTensor`` shards of dim 0."""
+    if mode not in FSDP_MODES:
+        raise ValueError(f"fsdp mode must be one of {FSDP_MODES}, got {mode!r}")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # the mesh on the parameters' device type (fully_shard's default takes CUDA whenever there is a GPU)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    reshard = mode == "full_shard"
+    for unit in units(model):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    _settle_gloo_at_exit()
+    return model
+
+
+_SETTLE_S = 0.05
+_settling = False
+
+
+def _settle_gloo_at_exit() -> None:
+    """Under gloo, have the process give up the GIL for a moment when it exits. A gloo worker thread lets go of a
+    finished collective's tensors after ``wait()`` has returned, and letting go of a tensor that Python saw takes
+    the GIL: if the interpreter is already finalizing, the thread dies inside a destructor and the process aborts
+    ("terminate called without an active exception") after the work is done. Seen in 2 of 20 two-rank runs of
+    tests/test_train_fsdp.py's worker (torch 2.13); loop.all_reduce waits on its own tensor's refcount instead,
+    but FSDP's collectives are its own. NCCL has no such threads."""
+    global _settling
+    import torch.distributed as dist
+
+    if _settling or not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    _settling = True
+    atexit.register(time.sleep, _SETTLE_S)
+
+
+def check_process_group(mode: str) -> None:
+    """Raises ValueError when ``mode`` (``TrainConfig.fsdp``) asks for sharding and no process group is there."""
+    import torch.distributed as dist
+
+    if mode and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"fsdp={mode!r} shards the model across torch.distributed's ranks, but no process group is "
+                         "initialized: run under torchrun (or call torch.distributed.init_process_group first)")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` (by ``shard`` or by the caller)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """``model.state_dict()`` with whole tensors (on the CPU) on rank 0, ``{}`` on the others."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options())
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` as one process would write it (parameters numbered across the param groups
+    in order, whole tensors on the CPU) on rank 0, ``{}`` on the others."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer, options=_options())
+    if not full:
+        return {}
+    number: dict = {}
+    groups = [{**g, "params": [number.setdefault(name, len(number)) for name in g["params"]]}
+              for g in full["param_groups"]]
+    return {"state": {number[name]: s for name, s in full["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads ``state`` (``optimizer.state_dict()`` of one process, or ``full_optimizer_state``'s) into the
+    optimizer of the sharded ``model``, each rank its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    saved = [i for g in state["param_groups"] for i in g["params"]]
+    if len(state["param_groups"]) != len(optimizer.param_groups) or sorted(saved) != list(range(len(order))):
+        raise ValueError(f"the optimizer state has {len(saved)} parameters in {len(state['param_groups'])} groups; "
+                         f"the optimizer has {len(order)} in {len(optimizer.param_groups)}")
+    full = {"state": {order[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def as_local(value: torch.Tensor) -> torch.Tensor:
+    """A whole (replicated) ``DTensor``'s value as a plain tensor; other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value

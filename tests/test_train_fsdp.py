@@ -1,0 +1,154 @@
+"""The loop under FSDP (TrainConfig.fsdp): two gloo ranks of a sharded model follow one process, write the
+checkpoints one process writes (and resume from them either way), and evaluate in lockstep."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import padded, tiny
+from tokenizer_refs import minilm_dir
+
+from llmcore.bench.data import data_dir
+from llmcore.cli import main
+from llmcore.train import TrainConfig, Trainer
+
+STEPS, SAVE_AT = 4, 2
+
+
+def _shards():
+    """Per micro-batch, one uneven shard per rank (2 + 5 examples, then 4 + 1, ...)."""
+    gen = torch.Generator().manual_seed(11)
+    return [(padded(gen, a), padded(gen, b)) for a, b in [(2, 5), (4, 1), (3, 3), (1, 6), (5, 2), (2, 2),
+                                                           (3, 4), (6, 1)]]
+
+
+def _eval_batches():
+    gen = torch.Generator().manual_seed(12)
+    return [padded(gen, n, length=5) for n in (3, 2, 4, 5)]
+
+
+def _config(out_dir, **kw):
+    # max_grad_norm small enough that every step clips: the norm over the shards must be the whole one
+    settings = dict(max_steps=STEPS, warmup_steps=1, learning_rate=1e-3, logging_steps=1, save_strategy="steps",
+                    save_steps=SAVE_AT, gradient_accumulation_steps=2, max_grad_norm=0.05, report_to="none",
+                    disable_tqdm=True)
+    return TrainConfig(str(out_dir), **{**settings, **kw})
+
+
+def _worker(rank, world, init_file, out_dir, mode):
+    import torch.distributed as dist
+
+    from llmcore.train.fsdp import full_model_state, is_sharded
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    report = {}
+    try:
+        mine = [b[rank] for b in _shards()]
+        trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, fsdp=mode), mine)
+        report["sharded"] = is_sharded(trainer.model)
+        report["train"] = trainer.train()
+        # rank 0 evaluates three batches, rank 1 one: rank 1 repeats its batch twice, uncounted
+        evals = _eval_batches()
+        trainer.eval_batches = evals[:3] if rank == 0 else evals[3:]
+        report["eval"] = trainer.evaluate()
+        trainer.eval_batches = evals if rank == 0 else []
+        try:
+            trainer.evaluate()
+        except ValueError as e:
+            report["no_eval_batch"] = str(e)
+        trainer.save_model(os.path.join(out_dir, "final"))
+        straight = full_model_state(trainer.model)
+        # resumed from the middle by a model of another initialization: the same weights at the end
+        again = Trainer(tiny(7, dropout=0.0), _config(out_dir, fsdp=mode, save_strategy="no",
+                                                      resume_from_checkpoint=os.path.join(out_dir, f"checkpoint-"
+                                                                                                   f"{SAVE_AT}")), mine)
+        report["resumed"] = again.train()
+        resumed = full_model_state(again.model)
+        if rank == 0:
+            report["resumed_equal"] = sorted(k for k in straight if torch.equal(straight[k], resumed[k]))
+            report["keys"] = sorted(straight)
+            with open(os.path.join(out_dir, "report.json"), "w") as f:
+                json.dump(report, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _single(out_dir, **kw):
+    merged = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in _shards()]
+    trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, **kw), merged)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("mode", ["full_shard", "shard_grad_op"])
+def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
+    import torch.multiprocessing as mp
+
+    # one process seeing both shards of each micro-batch at once takes the same steps
+    single = _single(tmp_path / "one")
+    out = tmp_path / "fsdp"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), mode), nprocs=2, join=True)
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    assert report["sharded"] and report["train"]["global_step"] == STEPS
+    ours = load_file(out / "final" / "model.safetensors")
+    theirs = load_file(tmp_path / "one" / f"checkpoint-{STEPS}" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the same checkpoint files: whole tensors, the optimizer's parameters numbered as one process numbers them
+    for step in (SAVE_AT, STEPS):
+        a = torch.load(out / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)
+        b = torch.load(tmp_path / "one" / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)
+        assert [g["params"] for g in a["param_groups"]] == [g["params"] for g in b["param_groups"]]
+        assert a["state"].keys() == b["state"].keys()
+        for i, state in b["state"].items():
+            for key, t in state.items():
+                torch.testing.assert_close(a["state"][i][key], t, rtol=1e-4, atol=1e-6, msg=f"{step} {i} {key}")
+        assert os.path.isfile(out / f"checkpoint-{step}" / "rng_state_1.pt")
+    # resumed from the middle under FSDP: bit for bit the straight run
+    assert report["resumed"]["global_step"] == STEPS and report["resumed_equal"] == report["keys"]
+    # evaluation in lockstep counts each rank's batches once: what one process gets over all of them
+    single.eval_batches = _eval_batches()
+    expected = single.evaluate()
+    assert report["eval"]["eval_examples"] == expected["eval_examples"] == 14
+    for key in ("eval_loss", "eval_accuracy", "eval_f1"):
+        assert report["eval"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert "rank has none" in report["no_eval_batch"]
+    # an FSDP checkpoint resumes in one process
+    cross = Trainer(tiny(7, dropout=0.0), _config(tmp_path / "cross", save_strategy="no",
+                                                  resume_from_checkpoint=str(out / f"checkpoint-{SAVE_AT}")),
+                    [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in _shards()])
+    cross.train()
+    for name, t in single.model.state_dict().items():
+        torch.testing.assert_close(cross.model.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp_config():
+    assert TrainConfig("o").fsdp == ""
+    assert TrainConfig("o", fsdp="full_shard auto_wrap").fsdp == "full_shard"
+    assert TrainConfig("o", fsdp=["shard_grad_op"]).fsdp == "shard_grad_op"
+    assert TrainConfig("o", fsdp=False).fsdp == ""
+    with pytest.raises(ValueError, match="offload"):
+        TrainConfig("o", fsdp="full_shard offload")
+    with pytest.raises(ValueError, match="one sharding strategy"):
+        TrainConfig("o", fsdp="full_shard shard_grad_op")
+    with pytest.raises(ValueError, match="names no sharding strategy"):
+        TrainConfig("o", fsdp="auto_wrap")
+    with pytest.raises(TypeError, match="fsdp must be"):
+        TrainConfig("o", fsdp=1)
+
+
+def test_fsdp_needs_a_process_group(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no process group is initialized"):
+        Trainer(tiny(), TrainConfig(str(tmp_path), fsdp="full_shard"), [])
+    # the command says so before it prepares data or loads the model
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", os.path.join(data_dir(), "sst2"), "--model", minilm_dir(), "--output-dir",
+                 str(out), "--fsdp", "full_shard"]) == 2
+    assert "run under torchrun" in capsys.readouterr().err and not out.exists()
+    assert main(["finetune", "--data", os.path.join(data_dir(), "sst2"), "--model", minilm_dir(), "--output-dir",
+                 str(out), "--fsdp", "full_shard offload"]) == 2
+    assert "['offload'] not supported" in capsys.readouterr().err
