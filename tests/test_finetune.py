@@ -141,7 +141,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 def test_torchrun_two_ranks_match_one_process(tmp_path, minilm_no_dropout):
     """torchrun --nproc-per-node 2 (gloo) with batch 8 per rank follows the single-process run with
     batch 16: same global batches, gradients summed over ranks; with the model replicated (DDP) and
-    sharded (--fsdp full_shard)."""
+    sharded (--fsdp full_shard); and one torchrun rank with --fsdp (a process group of one)."""
     data = _sst2(tmp_path, 160)
     common = ["--data", str(data), "--model", minilm_no_dropout, "--max-length", "64", "--max-steps", "6",
               "--warmup-steps", "2", "--learning-rate", "1e-4", "--eval-strategy", "no", "--save-strategy", "no",
@@ -156,16 +156,17 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, minilm_no_dropout):
     assert len(losses("one")) == 6
     with open(tmp_path / "one" / "results.json", encoding="utf-8") as f:
         alone = json.load(f)
-    for run, extra in (("two", []), ("fsdp", ["--fsdp", "full_shard"])):
-        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              "-m", "llmcore.cli", "finetune", *common, "--output-dir", str(tmp_path / run),
-                              "--per-device-train-batch-size", "8", *extra], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert two.returncode == 0, two.stderr[-3000:]
+    for run, ranks, extra in (("two", 2, []), ("fsdp", 2, ["--fsdp", "full_shard"]),
+                              ("fsdp-one-rank", 1, ["--fsdp", "full_shard"])):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(ranks), "-m", "llmcore.cli", "finetune", *common, "--output-dir",
+                               str(tmp_path / run), "--per-device-train-batch-size", str(16 // ranks), *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses("one")), rtol=1e-4, atol=1e-5)
         with open(tmp_path / run / "results.json", encoding="utf-8") as f:
             results = json.load(f)
-        assert results["world_size"] == 2 and results["eval_examples"] == 32  # both ranks' shares of validation
+        assert results["world_size"] == ranks and results["eval_examples"] == 32  # all ranks' shares of validation
         # the same predictions, but for at most one near-tie that rounding may flip
         assert abs(results["eval_accuracy"] - alone["eval_accuracy"]) <= 1 / 32 + 1e-9, run
         a, b = _weights(tmp_path / "one" / "final"), _weights(tmp_path / run / "final")

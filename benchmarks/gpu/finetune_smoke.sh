@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The fine-tuning loop on a GPU, end to end (not yet run on one): `llmcore finetune` on CUDA in bf16 and
-# fp32, packed and padded, then a resume from the last checkpoint. Inputs from make_finetune_smoke.py
+# fp32, packed and padded, bf16 packed with the model sharded by FSDP (torchrun, one rank), then a resume
+# from the last checkpoint. Inputs from make_finetune_smoke.py
 # (carry that folder); llmcore must be built in place first (benchmarks/gpu/run.sh does it).
 #
 #   SMOKE=build-gpu-smoke OUT=$OUT bash benchmarks/gpu/finetune_smoke.sh
@@ -30,6 +31,15 @@ for prec in bf16 no-bf16; do
     [ $rc = 0 ] && summary "$run" || tail -5 "$run.log"
   done
 done
+# the model sharded by FSDP2 (nccl), one rank: the DTensor / collective path on a GPU
+run="$OUT/ft-bf16-pack-fsdp"
+t0=$(date +%s)
+timeout 300 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m llmcore.cli finetune "${args[@]}" \
+  --output-dir "$run" --max-steps 60 --bf16 --pack --fsdp full_shard >"$run.log" 2>&1
+rc=$?; [ $rc = 0 ] || status=1
+echo "=== bf16 pack fsdp full_shard (torchrun, 1 rank): rc $rc in $(( $(date +%s) - t0 )) s"
+grep '"loss"' "$run.log" | cut -c1-150
+[ $rc = 0 ] && summary "$run" || tail -5 "$run.log"
 timeout 300 "$PY" -m llmcore.cli finetune "${args[@]}" --output-dir "$OUT/ft-bf16-pack" --max-steps 80 --bf16 --pack \
   --resume-from-checkpoint true >"$OUT/resume.log" 2>&1
 rc=$?; [ $rc = 0 ] || status=1

@@ -91,12 +91,14 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, 
     return batches
 
 
-def _setup_distributed(device: Optional[str]) -> tuple[int, int, torch.device, bool]:
+def _setup_distributed(device: Optional[str], group: bool = False) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, whether we initialized the process group). Under ``torchrun``
-    (WORLD_SIZE > 1) the group is initialized here: nccl on GPUs, gloo on the CPU."""
+    (WORLD_SIZE > 1, or any with ``group``: FSDP needs one) the group is initialized here: nccl on GPUs,
+    gloo on the CPU."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # by torchrun (or another launcher)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -106,7 +108,7 @@ def _setup_distributed(device: Optional[str]) -> tuple[int, int, torch.device, b
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     started = False
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or (group and launched)) and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         started = True
     if dist.is_initialized():
@@ -155,7 +157,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
 
     config = TrainConfig(output_dir=output_dir, **train_args)
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
-    rank, world, dev, started = _setup_distributed(device)
+    rank, world, dev, started = _setup_distributed(device, group=bool(config.fsdp))
     check_process_group(config.fsdp)  # before the data and the model are loaded
     if dev.type == "cpu":
         retain_freed_memory()  # per-step buffers reuse warm pages (see its docstring)
