@@ -58,6 +58,7 @@ def _worker(rank, world, init_file, out_dir, mode):
             trainer.evaluate()
         except ValueError as e:
             report["no_eval_batch"] = str(e)
+        report["training_after_error"] = trainer.model.training
         trainer.save_model(os.path.join(out_dir, "final"))
         straight = full_model_state(trainer.model)
         # resumed from the middle by a model of another initialization: the same weights at the end
@@ -116,7 +117,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
     assert report["eval"]["eval_examples"] == expected["eval_examples"] == 14
     for key in ("eval_loss", "eval_accuracy", "eval_f1"):
         assert report["eval"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-    assert "rank has none" in report["no_eval_batch"]
+    assert "rank has none" in report["no_eval_batch"] and report["training_after_error"]
     # an FSDP checkpoint resumes in one process
     cross = Trainer(tiny(7, dropout=0.0), _config(tmp_path / "cross", save_strategy="no",
                                                   resume_from_checkpoint=str(out / f"checkpoint-{SAVE_AT}")),
