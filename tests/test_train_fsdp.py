@@ -39,7 +39,7 @@ def _config(out_dir, **kw):
 def _worker(rank, world, init_file, out_dir, mode):
     import torch.distributed as dist
 
-    from llmcore.train.fsdp import full_model_state, is_sharded
+    from llmcore.train.fsdp import full_model_state, is_sharded, load_optimizer_state
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -53,12 +53,18 @@ def _worker(rank, world, init_file, out_dir, mode):
         evals = _eval_batches()
         trainer.eval_batches = evals[:3] if rank == 0 else evals[3:]
         report["eval"] = trainer.evaluate()
+        stepped = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        report["shards_after_eval"] = all(id(p) in stepped for p in trainer.model.parameters())
         trainer.eval_batches = evals if rank == 0 else []
         try:
             trainer.evaluate()
         except ValueError as e:
             report["no_eval_batch"] = str(e)
         report["training_after_error"] = trainer.model.training
+        try:  # an optimizer state of another model
+            load_optimizer_state(trainer.model, trainer.optimizer, {"state": {}, "param_groups": [{"params": [0]}]})
+        except ValueError as e:
+            report["other_optimizer_state"] = str(e)
         trainer.save_model(os.path.join(out_dir, "final"))
         straight = full_model_state(trainer.model)
         # resumed from the middle by a model of another initialization: the same weights at the end
@@ -118,6 +124,8 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
     for key in ("eval_loss", "eval_accuracy", "eval_f1"):
         assert report["eval"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
     assert "rank has none" in report["no_eval_batch"] and report["training_after_error"]
+    assert report["shards_after_eval"]  # the model's parameters are the optimizer's shards again
+    assert "has 1 parameters in 1 groups; the optimizer has" in report["other_optimizer_state"]
     # an FSDP checkpoint resumes in one process
     cross = Trainer(tiny(7, dropout=0.0), _config(tmp_path / "cross", save_strategy="no",
                                                   resume_from_checkpoint=str(out / f"checkpoint-{SAVE_AT}")),

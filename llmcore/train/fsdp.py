@@ -1,6 +1,6 @@
 """FSDP for the fine-tuning loop (``TrainConfig.fsdp``): a model sharded with torch's ``fully_shard`` (FSDP2)
 by its Transformer layers, and whole state dicts gathered from the shards, so that a sharded run writes the
-checkpoints and final model an unsharded one writes (and either resumes from the other's checkpoints).
+checkpoints and final model an unsharded one writes (an FSDP checkpoint resumes in one process).
 
 Every function that gathers or scatters is a collective: all ranks call it, in the same order.
 """
@@ -61,9 +61,9 @@ def _settle_gloo_at_exit() -> None:
     """Under gloo, have the process give up the GIL for a moment when it exits. A gloo worker thread lets go of a
     finished collective's tensors after ``wait()`` has returned, and letting go of a tensor that Python saw takes
     the GIL: if the interpreter is already finalizing, the thread dies inside a destructor and the process aborts
-    ("terminate called without an active exception") after the work is done. Seen in 2 of 20 two-rank runs of
-    tests/test_train_fsdp.py's worker (torch 2.13); loop.all_reduce waits on its own tensor's refcount instead,
-    but FSDP's collectives are its own. NCCL has no such threads."""
+    ("terminate called without an active exception") after the work is done: in 4 of 50 two-rank runs of
+    tests/test_train_fsdp.py's worker without this sleep, none of 80 with it (torch 2.13). loop.all_reduce waits
+    on its own tensor's refcount instead, but FSDP's collectives are its own. NCCL has no such threads."""
     global _settling
     import torch.distributed as dist
 
@@ -89,6 +89,17 @@ def is_sharded(model: nn.Module) -> bool:
     except ImportError:  # torch without distributed support
         return False
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: nn.Module) -> None:
+    """Frees the whole parameters that forwards without a backward (evaluation) leave gathered on a sharded
+    ``model``: ``shard_grad_op`` keeps every unit's after its forward, until its backward. Its parameters are the
+    shards again, the ones the optimizer steps."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _options():
@@ -123,6 +134,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     optimizer of the sharded ``model``, each rank its shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    reshard(model)  # the module's parameters are then the optimizer's
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     saved = [i for g in state["param_groups"] for i in g["params"]]

@@ -29,7 +29,14 @@ from llmcore.train.checkpoint import (
     seed_everything,
 )
 from llmcore.train.config import TrainConfig
-from llmcore.train.fsdp import check_process_group, full_model_state, full_optimizer_state, is_sharded, shard
+from llmcore.train.fsdp import (
+    check_process_group,
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    reshard,
+    shard,
+)
 from llmcore.train.lazy_rows import LazyRowAdamW
 from llmcore.train.optim import clip_and_step, linear_schedule, make_optimizer
 from llmcore.train.reporting import Reporter, peak_memory_mb
@@ -272,6 +279,8 @@ class Trainer:
                     all_reduce(counts)
         finally:  # an error (a rank without evaluation batches under FSDP) leaves the mode as it was
             model.train(was_training)
+            if is_sharded(model):
+                reshard(model)  # forwards without a backward leave parameters gathered (shard_grad_op)
         n = max(float(sums[1]), 1.0)
         out = {"eval_loss": float(sums[0]) / n, "eval_examples": int(sums[1])}
         if counts is not None:
