@@ -1,5 +1,6 @@
 """The loop under FSDP (TrainConfig.fsdp): two gloo ranks of a sharded model follow one process, write the
-checkpoints one process writes (and resume from them either way), and evaluate in lockstep."""
+checkpoints one process writes (they resume under FSDP bit for bit, and in one process), and evaluate in
+lockstep."""
 import json
 import os
 
