@@ -150,9 +150,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, minilm_no_dropout):
     assert one.wait(timeout=600) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
-    def losses(run):
+    def losses(run):  # and the norms before the clip: the gradients' scale itself
         with open(tmp_path / run / "logs" / "train_log.jsonl", encoding="utf-8") as f:
-            return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+            return [(r["loss"], r["grad_norm"]) for r in map(json.loads, f) if "loss" in r]
     assert len(losses("one")) == 6
     with open(tmp_path / "one" / "results.json", encoding="utf-8") as f:
         alone = json.load(f)

@@ -224,6 +224,8 @@ def _ddp_worker(rank, world, init_file, out_dir):
         trainer.train()
         if rank == 0:
             torch.save(trainer.model.state_dict(), os.path.join(str(out_dir), "ddp_final.pt"))
+            torch.save([r["grad_norm"] for r in trainer.log_history if "grad_norm" in r],
+                       os.path.join(str(out_dir), "ddp_grad_norms.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -241,11 +243,16 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     # One process seeing both shards of each micro-batch at once must take the same steps.
     merged = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in _ddp_shards()]
     single = Trainer(tiny(0, dropout=0.0), TrainConfig(str(tmp_path / "one"), max_steps=3, warmup_steps=1,
-                                                       learning_rate=1e-3, save_strategy="no",
+                                                       learning_rate=1e-3, save_strategy="no", logging_steps=1,
                                                        gradient_accumulation_steps=2), merged)
     single.train()
     for name, t in single.model.state_dict().items():
         torch.testing.assert_close(ddp[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    # the gradients' scale itself: the norm before the clip
+    norms = [r["grad_norm"] for r in single.log_history if "grad_norm" in r]
+    assert len(norms) == 3
+    torch.testing.assert_close(torch.tensor(torch.load(tmp_path / "ddp" / "ddp_grad_norms.pt")), torch.tensor(norms),
+                               rtol=1e-4, atol=0)
     assert os.path.isfile(tmp_path / "ddp" / "checkpoint-3" / "rng_state_1.pt")
 
 

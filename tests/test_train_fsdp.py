@@ -50,6 +50,7 @@ def _worker(rank, world, init_file, out_dir, mode):
         trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, fsdp=mode), mine)
         report["sharded"] = is_sharded(trainer.model)
         report["train"] = trainer.train()
+        report["grad_norms"] = [r["grad_norm"] for r in trainer.log_history if "grad_norm" in r]
         # rank 0 evaluates three batches, rank 1 one: rank 1 repeats its batch twice, uncounted
         evals = _eval_batches()
         trainer.eval_batches = evals[:3] if rank == 0 else evals[3:]
@@ -101,6 +102,10 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
     with open(out / "report.json") as f:
         report = json.load(f)
     assert report["sharded"] and report["train"]["global_step"] == STEPS
+    # the gradients' scale (the clip binds every step and Adam is scale-free: only the norm before the clip shows it)
+    norms = [r["grad_norm"] for r in single.log_history if "grad_norm" in r]
+    assert len(norms) == STEPS and min(norms) > 0.05
+    torch.testing.assert_close(torch.tensor(report["grad_norms"]), torch.tensor(norms), rtol=1e-4, atol=0)
     ours = load_file(out / "final" / "model.safetensors")
     theirs = load_file(tmp_path / "one" / f"checkpoint-{STEPS}" / "model.safetensors")
     assert ours.keys() == theirs.keys()
@@ -134,6 +139,42 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
     cross.train()
     for name, t in single.model.state_dict().items():
         torch.testing.assert_close(cross.model.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _bf16_worker(rank, world, init_file, out_dir):
+    """The same bf16 autocast training replicated (DDP) and sharded (FSDP) in one process group."""
+    import torch.distributed as dist
+
+    from llmcore.train.fsdp import full_model_state
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mine = [b[rank] for b in _shards()]
+        states = {}
+        for name, mode in (("ddp", ""), ("fsdp", "full_shard")):
+            trainer = Trainer(tiny(0, dropout=0.0), _config(os.path.join(out_dir, name), fsdp=mode, bf16=True,
+                                                            save_strategy="no"), mine)
+            trainer.train()
+            states[name] = full_model_state(trainer.model) if mode else trainer.model.state_dict()
+        if rank == 0:
+            torch.save(states, os.path.join(out_dir, "states.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_bf16_autocast_matches_ddp(tmp_path):
+    """bf16 autocast over fp32 shards (no mixed-precision policy) computes what DDP computes."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_bf16_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    states = torch.load(tmp_path / "states.pt", weights_only=True)
+    assert states["ddp"].keys() == states["fsdp"].keys()
+    moved = 0
+    for name, t in states["ddp"].items():
+        torch.testing.assert_close(states["fsdp"][name], t, rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(t, tiny(0, dropout=0.0).state_dict()[name])
+    assert moved > len(states["ddp"]) // 2  # the runs trained
 
 
 def test_fsdp_config():
