@@ -84,9 +84,13 @@ def _worker(rank, world, init_file, out_dir, mode):
         dist.destroy_process_group()
 
 
+def _merged():
+    """Both ranks' shards of each micro-batch as one batch: what one process sees."""
+    return [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in _shards()]
+
+
 def _single(out_dir, **kw):
-    merged = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in _shards()]
-    trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, **kw), merged)
+    trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, **kw), _merged())
     trainer.train()
     return trainer
 
@@ -135,7 +139,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
     # an FSDP checkpoint resumes in one process
     cross = Trainer(tiny(7, dropout=0.0), _config(tmp_path / "cross", save_strategy="no",
                                                   resume_from_checkpoint=str(out / f"checkpoint-{SAVE_AT}")),
-                    [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in _shards()])
+                    _merged())
     cross.train()
     for name, t in single.model.state_dict().items():
         torch.testing.assert_close(cross.model.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)

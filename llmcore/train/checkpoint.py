@@ -28,7 +28,7 @@ from torch import nn
 
 from llmcore.models import CheckpointError, save_pretrained
 from llmcore.models.loading import load_state
-from llmcore.train.fsdp import is_sharded, load_optimizer_state
+from llmcore.train.fsdp import full_model_state, full_optimizer_state, is_sharded, load_optimizer_state
 
 PREFIX = "checkpoint-"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
@@ -109,12 +109,13 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer, scheduler, state: dict, rank: int = 0,
-                    write_shared: bool = True, model_state: Optional[dict] = None,
-                    optimizer_state: Optional[dict] = None) -> None:
-    """Write one checkpoint folder. Every rank writes its RNG file; ``write_shared`` (rank 0) the rest.
-    ``model_state`` / ``optimizer_state``: what to write in place of the model's and optimizer's own state
-    dicts (a sharded model's whole tensors: ``llmcore.train.fsdp.full_model_state`` / ``full_optimizer_state``)."""
+                    write_shared: bool = True) -> None:
+    """Write one checkpoint folder. Every rank writes its RNG file; ``write_shared`` (rank 0) the rest. A model
+    sharded by FSDP has its whole tensors gathered first (a collective: every rank calls this)."""
     os.makedirs(path, exist_ok=True)
+    model_state = optimizer_state = None
+    if is_sharded(model):  # whole tensors on rank 0: the files an unsharded run writes
+        model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
     if write_shared:
         save_pretrained(model, path, model_state)
         torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,

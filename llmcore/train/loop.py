@@ -32,7 +32,6 @@ from llmcore.train.config import TrainConfig
 from llmcore.train.fsdp import (
     check_process_group,
     full_model_state,
-    full_optimizer_state,
     is_sharded,
     reshard,
     shard,
@@ -321,10 +320,6 @@ class Trainer:
         self._flush_steppers()
         path = os.path.join(self.config.output_dir, f"{PREFIX}{self.global_step}")
         partial = partial_path(path)
-        model_state = optimizer_state = None
-        if is_sharded(self.model):  # whole tensors on rank 0: the files an unsharded run writes
-            model_state = full_model_state(self.model)
-            optimizer_state = full_optimizer_state(self.model, self.optimizer)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
@@ -332,7 +327,7 @@ class Trainer:
         state = {"global_step": self.global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "log_history": self.log_history, "config": self.config.to_dict()}
         save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
-                        write_shared=self.rank == 0, model_state=model_state, optimizer_state=optimizer_state)
+                        write_shared=self.rank == 0)
         self._barrier()
         if self.rank == 0:
             publish_checkpoint(partial, path)
