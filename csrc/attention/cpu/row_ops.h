@@ -96,10 +96,12 @@ inline void row_scale(float* x, int64_t n, float a) {
 // x[i] = 2^(x[i] * scale + bias[i]) (the backward's P from the saved logsumexp, one query
 // per column; bias = -lse) for i in [hidden, n); the first `hidden` columns (queries a key's
 // causal diagonal hides) become 0. With hidden > 0 every vector is computed and its hidden lanes
-// zeroed: `hidden` changes from row to row of a diagonal band, and loops whose trip counts follow
-// it mispredicted their exits on every row. AMX bf16 backward at (4,12,512,64), rdtsc per tile:
-// a diagonal tile cost 1.3x a whole one for 3/4 of its area, 1.0x with this; causal backward
-// -4% to -6% (benchmarks/causal_ratio.py, builds alternating); fp32 and AVX512-BF16: no change.
+// zeroed, in one loop whose trip count does not depend on `hidden` (which changes from row to row
+// of a diagonal band; before, zero stores, one masked vector and the rest, each loop's count
+// following it; mispredicted loop exits are the likely cost, not counted). AMX bf16 backward at
+// (4,12,512,64), rdtsc per tile: a diagonal tile cost 1.3x a whole one for 3/4 of its area,
+// 1.0x with this; causal backward -4% to -6% (benchmarks/causal_ratio.py, builds alternating);
+// fp32 and AVX512-BF16: no change.
 template <bool kHidden>
 inline void row_exp2_fma_impl(float* x, float scale, const float* bias, int64_t n, int64_t hidden) {
   namespace sv = simd;
