@@ -7,7 +7,9 @@ adds the public API and the round robin's other calls to every llmcore call).
 To compare two builds, put each package (llmcore/ with its _C*.so) in its own folder and
 alternate runs: `for r in 1 2 3; do for v in /tmp/a /tmp/b; do PYTHONPATH=$v python
 benchmarks/causal_ratio.py; done; done` (a script path, not `python -m`, which would put the
-checkout's llmcore first). The machine is noisy: compare ratios within runs.
+checkout's llmcore first). An editable install (`pip install -e .`) puts an import hook ahead of
+PYTHONPATH, and every run then measures the installed build: check the path on the first line of
+the output. The machine is noisy: compare ratios within runs.
 """
 from __future__ import annotations
 
