@@ -186,24 +186,16 @@ inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
 
 // 2^x for the forward's P, which is rounded to bf16 next: a degree-4 polynomial on [-0.5, 0.5]
 // (near-minimax for relative error: < 3e-6 evaluated in fp32, against the 2e-3 of bf16's
-// rounding) where simd::exp2 takes degree 7; otherwise the same (0 below -126, NaN propagates).
+// rounding) where simd::exp2 takes degree 7 (the same simd::exp2_poly otherwise).
 // The row sums take the fp32 values. Outputs against float64 at (4,12,512,64) and (2,4,1025,80),
 // causal and not: the same max and rms error to 3 digits as with simd::exp2. AMX forward, builds
 // alternating (benchmarks/causal_ratio.py): D 64 -4% to -7%, (1,32,2048,128) -0% to -2%; the
 // AVX512-BF16 build on the same Xeon: no change. The backward, which keeps simd::exp2, measured
 // no gain from it (exp is a smaller share there).
 inline simd::V exp2_for_bf16(simd::V v) {
-  const __m512 x0 = v.x;
-  const __mmask16 under = _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-126.f), _CMP_LT_OQ);
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(127.f), x0);
-  const __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, r);
-  __m512 p = _mm512_set1_ps(0.009582852944731712f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055906426161527634f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024099111557007f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931241750717163f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return {_mm512_maskz_mov_ps(__mmask16(~under), _mm512_scalef_ps(p, r))};
+  static constexpr float kCoef[] = {0.009582852944731712f, 0.055906426161527634f, 0.24024099111557007f,
+                                    0.6931241750717163f, 1.f};
+  return simd::exp2_poly(v, kCoef);
 }
 
 // out[j] = bf16(2^(x[j] * scale - shift)) for j < n and 0 for n <= j < width (a multiple of

@@ -49,23 +49,28 @@ inline V max(V a, V b) { return {_mm512_max_ps(a.x, b.x)}; }
 inline float reduce_add(V a) { return _mm512_reduce_add_ps(a.x); }
 inline float reduce_max(V a) { return _mm512_reduce_max_ps(a.x); }
 
-// 2^x. Degree-7 Taylor polynomial on [-0.5, 0.5] (relative error < 1e-8 before rounding);
-// exactly 0 below -126 so masked scores (-inf) give exactly 0, and NaN propagates.
-inline V exp2(V v) {
+// 2^x = 2^r * p(f), r = round(x), f = x - r in [-0.5, 0.5], p given by its coefficients from the
+// highest degree down (the last is 1); exactly 0 below -126 so masked scores (-inf) give exactly
+// 0, and NaN propagates.
+template <int N>
+inline V exp2_poly(V v, const float (&coef)[N]) {
   const __m512 x0 = v.x;
   const __mmask16 under = _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-126.f), _CMP_LT_OQ);
   __m512 x = _mm512_min_ps(_mm512_set1_ps(127.f), x0);  // NaN-preserving operand order
   const __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, r);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(coef[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coef[i]));
   return {_mm512_maskz_mov_ps(__mmask16(~under), _mm512_scalef_ps(p, r))};
+}
+
+// 2^x. Degree-7 Taylor polynomial on [-0.5, 0.5] (relative error < 1e-8 before rounding).
+inline V exp2(V v) {
+  static constexpr float kCoef[] = {1.525273380405984e-05f, 1.5403530393381606e-04f, 1.3333558146428443e-03f,
+                                    9.618129107628477e-03f,  5.550410866482158e-02f,  2.402265069591007e-01f,
+                                    6.931471805599453e-01f,  1.f};
+  return exp2_poly(v, kCoef);
 }
 
 inline V div(V a, V b) { return {_mm512_div_ps(a.x, b.x)}; }
