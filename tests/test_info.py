@@ -59,3 +59,22 @@ def test_workspace_can_be_released_and_regrows():
     first = llmcore.scaled_dot_product_attention(q, q, q)
     llmcore._C.release_workspace()
     torch.testing.assert_close(llmcore.scaled_dot_product_attention(q, q, q), first, rtol=0, atol=0)
+
+
+def test_native_module_keeps_its_symbol_table():
+    """perf, gdb and VTune name the kernels only if the installed module keeps its symbol table
+    (pybind11's Release default and scikit-build-core's install both strip it; CMakeLists.txt and
+    pyproject.toml turn that off)."""
+    import shutil
+
+    import pytest
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed")
+    out = subprocess.run([nm, "-C", "--defined-only", llmcore._C.__file__], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "no symbols" not in out.stderr
+    names = out.stdout
+    assert "attention::portable::forward(" in names  # a kernel's entry, hidden from the dynamic table
+    assert "forward_tile(" in names  # and a function local to a kernel's file
