@@ -31,24 +31,33 @@ def units(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def shard(model: nn.Module, mode: str) -> nn.Module:
+def shard(model: nn.Module, mode: str, bf16: bool = False) -> nn.Module:
     """Shards ``model`` in place across the default process group's ranks: each of ``units(model)``, then the
     root. ``"full_shard"`` (ZeRO-3) frees a unit's gathered parameters after its forward and gathers them again
     for its backward; ``"shard_grad_op"`` (ZeRO-2) keeps them from the forward to the backward (more memory, one
     all-gather fewer per unit). Gradients are reduce-scattered (averaged over ranks) after each unit's backward;
-    parameters, gradients and optimizer state are ``DTensor`` shards of dim 0."""
+    parameters, gradients and optimizer state are ``DTensor`` shards of dim 0.
+
+    ``bf16`` (the loop's ``TrainConfig.bf16``): FSDP's mixed precision, the fp32 shards cast to bf16 before they
+    are gathered (half the bytes), so the gathered parameters and their gradients are bf16; the gradients are
+    reduce-scattered in fp32 into fp32 shards, which the optimizer steps. Autocast stays on around it (fp32
+    where autocast keeps fp32). MiniLM on 2 gloo ranks of one thread, 100 steps of batch 16 a rank, against
+    gathering fp32 shards under autocast: ``full_shard`` 50 -> 67-71 samples/s, ``shard_grad_op`` 67 -> 86, the
+    train loss 0.53284 -> 0.53292, the same test accuracy (see README)."""
     if mode not in FSDP_MODES:
         raise ValueError(f"fsdp mode must be one of {FSDP_MODES}, got {mode!r}")
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # the mesh on the parameters' device type (fully_shard's default takes CUDA whenever there is a GPU)
     mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     reshard = mode == "full_shard"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for unit in units(model):
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     _settle_gloo_at_exit()
     return model
 

@@ -207,7 +207,7 @@ class Trainer:
         self.rank, self.world_size = _dist()
         if config.fsdp and not is_sharded(model):
             check_process_group(config.fsdp)
-            shard(model, config.fsdp)
+            shard(model, config.fsdp, bf16=config.bf16)
         self.model = model
         self.config = config
         self.train_batches = train_batches if callable(train_batches) else (lambda epoch: train_batches)
