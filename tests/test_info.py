@@ -1,8 +1,11 @@
 """llmcore.info() and the `llmcore` command line."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 import llmcore
 
@@ -29,7 +32,7 @@ def test_cpu_isa_can_be_lowered_but_not_raised(cpu_isa):
 
 def run_python(args, tmp_path, **env):
     """A fresh interpreter, started outside the source tree so it imports the installed package."""
-    out = subprocess.run([sys.executable, *args], env=dict(os.environ, **env), cwd=tmp_path, capture_output=True,
+    out = subprocess.run([sys.executable, *args], check=False, env=dict(os.environ, **env), cwd=tmp_path, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -65,14 +68,11 @@ def test_native_module_keeps_its_symbol_table():
     """perf, gdb and VTune name the kernels only if the installed module keeps its symbol table
     (pybind11's Release default and scikit-build-core's install both strip it; CMakeLists.txt and
     pyproject.toml turn that off)."""
-    import shutil
-
-    import pytest
-
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("binutils' nm is not installed")
-    out = subprocess.run([nm, "-C", "--defined-only", llmcore._C.__file__], capture_output=True, text=True)
+    out = subprocess.run([nm, "-C", "--defined-only", llmcore._C.__file__], check=False, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     assert "no symbols" not in out.stderr
     names = out.stdout
