@@ -98,6 +98,10 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
         elif field.name == "fsdp":
             parser.add_argument(flag, default=default, help="under torchrun: 'full_shard' or 'shard_grad_op' shards "
                                 "the model (FSDP2) instead of replicating it (DDP); default: none")
+        elif field.name == "fsdp_config":
+            parser.add_argument(flag, help="with --fsdp: JSON text or a JSON file's path, e.g. "
+                                "'{\"state_dict_type\": \"SHARDED_STATE_DICT\"}' (each rank checkpoints its shards); "
+                                "default: FULL_STATE_DICT")
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif kinds <= {int, type(None)}:

@@ -3,6 +3,7 @@ checkpoints one process writes (they resume under FSDP bit for bit, and in one p
 lockstep."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from tokenizer_refs import minilm_dir
 
 from llmcore.bench.data import data_dir
 from llmcore.cli import main
+from llmcore.models import CheckpointError
 from llmcore.train import TrainConfig, Trainer
 
 STEPS, SAVE_AT = 4, 2
@@ -31,9 +33,9 @@ def _eval_batches():
 
 def _config(out_dir, **kw):
     # max_grad_norm small enough that every step clips: the norm over the shards must be the whole one
-    settings = dict(max_steps=STEPS, warmup_steps=1, learning_rate=1e-3, logging_steps=1, save_strategy="steps",
-                    save_steps=SAVE_AT, gradient_accumulation_steps=2, max_grad_norm=0.05, report_to="none",
-                    disable_tqdm=True)
+    settings = {"max_steps": STEPS, "warmup_steps": 1, "learning_rate": 1e-3, "logging_steps": 1,
+                "save_strategy": "steps", "save_steps": SAVE_AT, "gradient_accumulation_steps": 2,
+                "max_grad_norm": 0.05, "report_to": "none", "disable_tqdm": True}
     return TrainConfig(str(out_dir), **{**settings, **kw})
 
 
@@ -95,6 +97,15 @@ def _single(out_dir, **kw):
     return trainer
 
 
+def _resumes_in_one_process(checkpoint, single, out_dir):
+    """One process resumed from ``checkpoint`` (another initialization) ends where ``single`` ended."""
+    cross = Trainer(tiny(7, dropout=0.0), _config(out_dir, save_strategy="no", resume_from_checkpoint=str(checkpoint)),
+                    _merged())
+    cross.train()
+    for name, t in single.model.state_dict().items():
+        torch.testing.assert_close(cross.model.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("mode", ["full_shard", "shard_grad_op"])
 def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
     import torch.multiprocessing as mp
@@ -137,12 +148,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
     assert report["shards_after_eval"]  # the model's parameters are the optimizer's shards again
     assert "has 1 parameters in 1 groups; the optimizer has" in report["other_optimizer_state"]
     # an FSDP checkpoint resumes in one process
-    cross = Trainer(tiny(7, dropout=0.0), _config(tmp_path / "cross", save_strategy="no",
-                                                  resume_from_checkpoint=str(out / f"checkpoint-{SAVE_AT}")),
-                    _merged())
-    cross.train()
-    for name, t in single.model.state_dict().items():
-        torch.testing.assert_close(cross.model.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    _resumes_in_one_process(out / f"checkpoint-{SAVE_AT}", single, tmp_path / "cross")
 
 
 def _bf16_worker(rank, world, init_file, out_dir):
@@ -205,6 +211,96 @@ def test_fsdp_bf16_gathers_bf16_and_follows_ddp(tmp_path):
     assert moved > len(states["ddp"]) // 2  # the runs trained
 
 
+SHARDED = {"state_dict_type": "SHARDED_STATE_DICT"}
+
+
+def _sharded_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from llmcore.models import EncoderConfig, EncoderForSequenceClassification
+    from llmcore.train.fsdp import full_model_state, full_optimizer_state
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    report = {}
+    try:
+        mine = [b[rank] for b in _shards()]
+        trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, fsdp="full_shard", fsdp_config=SHARDED), mine)
+        report["train"] = trainer.train()
+        trainer.save_model(os.path.join(out_dir, "final"))
+        straight, straight_optimizer = full_model_state(trainer.model), full_optimizer_state(trainer.model,
+                                                                                            trainer.optimizer)
+        # resumed from the middle, by a model of another initialization and under the other strategy
+        middle = os.path.join(out_dir, f"checkpoint-{SAVE_AT}")
+        again = Trainer(tiny(7, dropout=0.0), _config(out_dir, fsdp="shard_grad_op", fsdp_config=SHARDED,
+                                                      save_strategy="no", resume_from_checkpoint=middle), mine)
+        report["resumed"] = again.train()
+        resumed, resumed_optimizer = full_model_state(again.model), full_optimizer_state(again.model,
+                                                                                         again.optimizer)
+        # a checkpoint of another architecture (wider layers) does not load
+        torch.manual_seed(0)
+        wide = EncoderForSequenceClassification(EncoderConfig(vocab_size=100, hidden_size=32, num_layers=2,
+                                                              num_heads=4, intermediate_size=96,
+                                                              max_position_embeddings=64))
+        try:
+            Trainer(wide, _config(out_dir, fsdp="full_shard", save_strategy="no",
+                                  resume_from_checkpoint=middle), mine).train()
+        except CheckpointError as e:
+            report["other_model"] = str(e)
+        if rank == 0:
+            report["resumed_equal"] = sorted(k for k in straight if torch.equal(straight[k], resumed[k]))
+            report["keys"] = sorted(straight)
+            report["optimizer_equal"] = all(
+                torch.equal(t, resumed_optimizer["state"][i][key])
+                for i, state in straight_optimizer["state"].items() for key, t in state.items())
+            report["optimizer_tensors"] = sum(len(state) for state in straight_optimizer["state"].values())
+            with open(os.path.join(out_dir, "report.json"), "w") as f:
+                json.dump(report, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_sharded_checkpoints(tmp_path):
+    """fsdp_config's SHARDED_STATE_DICT: each rank writes its shards (torch.distributed.checkpoint), nothing is
+    gathered; the checkpoint resumes under FSDP bit for bit, and in one process."""
+    import torch.multiprocessing as mp
+
+    single = _single(tmp_path / "one")
+    out = tmp_path / "fsdp"
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    assert report["train"]["global_step"] == report["resumed"]["global_step"] == STEPS
+    for step in (SAVE_AT, STEPS):
+        folder = out / f"checkpoint-{step}"
+        # one file of shards per rank and DCP's index, in place of the whole tensors
+        assert sorted(os.listdir(folder / "sharded")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert not (folder / "model.safetensors").exists() and not (folder / "optimizer.pt").exists()
+        assert {"config.json", "scheduler.pt", "trainer_state.json", "rng_state_0.pt",
+                "rng_state_1.pt"} <= set(os.listdir(folder))
+        with open(folder / "trainer_state.json") as f:
+            assert json.load(f)["config"]["fsdp_config"] == SHARDED
+    # resumed from the middle under FSDP: bit for bit the straight run, weights and Adam's moments
+    assert report["resumed_equal"] == report["keys"] and report["optimizer_equal"]
+    assert report["optimizer_tensors"] > 2 * len(report["keys"])  # step, exp_avg, exp_avg_sq of each
+    assert "does not hold this model's and optimizer's state" in report["other_model"]
+    # the final model is whole tensors, the files one process writes; it follows one process
+    ours = load_file(out / "final" / "model.safetensors")
+    theirs = load_file(tmp_path / "one" / f"checkpoint-{STEPS}" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the sharded checkpoint resumes in one process, without a process group (DCP reshards 2 ranks into 1)
+    _resumes_in_one_process(out / f"checkpoint-{SAVE_AT}", single, tmp_path / "cross")
+    # a sharded folder without DCP's index
+    broken = tmp_path / "broken"
+    shutil.copytree(out / f"checkpoint-{SAVE_AT}", broken)
+    os.remove(broken / "sharded" / ".metadata")
+    with pytest.raises(CheckpointError, match="does not hold this model's and optimizer's state"):
+        Trainer(tiny(7, dropout=0.0), _config(tmp_path / "cross", resume_from_checkpoint=str(broken)),
+                _merged()).train()
+
+
 def test_fsdp_config():
     assert TrainConfig("o").fsdp == ""
     assert TrainConfig("o", fsdp="full_shard auto_wrap").fsdp == "full_shard"
@@ -220,6 +316,29 @@ def test_fsdp_config():
         TrainConfig("o", fsdp=1)
 
 
+def test_fsdp_config_state_dict_type(tmp_path):
+    full = {"state_dict_type": "FULL_STATE_DICT"}
+    assert TrainConfig("o").fsdp_config == full and not TrainConfig("o").sharded_checkpoints
+    config = TrainConfig("o", fsdp="full_shard", fsdp_config={"fsdp_state_dict_type": "sharded_state_dict"})
+    assert config.fsdp_config == SHARDED and config.sharded_checkpoints
+    # as transformers takes it from the command line: JSON text, or a JSON file's path
+    assert TrainConfig("o", fsdp="full_shard", fsdp_config=json.dumps(SHARDED)).fsdp_config == SHARDED
+    (tmp_path / "fsdp.json").write_text(json.dumps({"fsdp_state_dict_type": "FULL_STATE_DICT"}))
+    assert TrainConfig("o", fsdp="full_shard", fsdp_config=str(tmp_path / "fsdp.json")).fsdp_config == full
+    with pytest.raises(ValueError, match="set fsdp too"):
+        TrainConfig("o", fsdp_config=SHARDED)
+    with pytest.raises(ValueError, match=r"\['backward_prefetch'\] not supported"):
+        TrainConfig("o", fsdp="full_shard", fsdp_config={"backward_prefetch": "BACKWARD_PRE"})
+    with pytest.raises(ValueError, match="state_dict_type must be one of"):
+        TrainConfig("o", fsdp="full_shard", fsdp_config={"state_dict_type": "LOCAL_STATE_DICT"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TrainConfig("o", fsdp="full_shard", fsdp_config="{state_dict_type: SHARDED_STATE_DICT}")
+    with pytest.raises(ValueError, match="neither JSON text nor a readable JSON file"):
+        TrainConfig("o", fsdp="full_shard", fsdp_config=str(tmp_path / "missing.json"))
+    with pytest.raises(TypeError, match="fsdp_config must be"):
+        TrainConfig("o", fsdp="full_shard", fsdp_config=["SHARDED_STATE_DICT"])
+
+
 def test_fsdp_needs_a_process_group(tmp_path, capsys):
     with pytest.raises(ValueError, match="no process group is initialized"):
         Trainer(tiny(), TrainConfig(str(tmp_path), fsdp="full_shard"), [])
@@ -231,3 +350,6 @@ def test_fsdp_needs_a_process_group(tmp_path, capsys):
     assert main(["finetune", "--data", os.path.join(data_dir(), "sst2"), "--model", minilm_dir(), "--output-dir",
                  str(out), "--fsdp", "full_shard offload"]) == 2
     assert "['offload'] not supported" in capsys.readouterr().err
+    assert main(["finetune", "--data", os.path.join(data_dir(), "sst2"), "--model", minilm_dir(), "--output-dir",
+                 str(out), "--fsdp-config", json.dumps(SHARDED)]) == 2
+    assert "set fsdp too" in capsys.readouterr().err and not out.exists()

@@ -240,9 +240,14 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], state_dict:
     tensors = _internal_to_hf(model, state_dict)
     if isinstance(model, DecoderForCausalLM) and model.lm_head is None:
         tensors.pop("lm_head.weight", None)
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
+    save_config(model, path)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write ``model``'s config.json (transformers' keys) into the folder ``path``."""
+    with open(os.path.join(os.fspath(path), "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
 
 
 __all__ = ["CheckpointError", "from_pretrained", "load_state", "save_pretrained", "EncoderConfig", "DecoderConfig"]

@@ -10,7 +10,15 @@ Layout::
 
 A checkpoint is written into ``.checkpoint-<step>.partial`` and renamed into place when complete
 (``publish_checkpoint``), so a killed run never leaves a half-written ``checkpoint-<step>``. A model sharded
-by FSDP writes and reads the same files (whole tensors; ``llmcore.train.fsdp``).
+by FSDP writes and reads the same files (whole tensors, gathered on rank 0; ``llmcore.train.fsdp``), unless its
+checkpoints are sharded (``TrainConfig.fsdp_config``'s ``SHARDED_STATE_DICT``): then ``config.json`` and a
+``sharded/`` folder replace ``model.safetensors`` and ``optimizer.pt``::
+
+      sharded/.metadata                 torch.distributed.checkpoint's index of the model's and optimizer's state
+      sharded/__<rank>_0.distcp         each rank's shards, written by that rank (nothing gathered)
+
+Such a checkpoint resumes on any number of ranks, sharded or not (``load_checkpoint`` reads whichever form the
+folder holds); ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` turns it into one file.
 """
 from __future__ import annotations
 
@@ -27,10 +35,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llmcore.models import CheckpointError, save_pretrained
-from llmcore.models.loading import load_state
-from llmcore.train.fsdp import full_model_state, full_optimizer_state, is_sharded, load_optimizer_state
+from llmcore.models.loading import load_state, save_config
+from llmcore.train.fsdp import (
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_optimizer_state,
+    load_sharded,
+    save_sharded,
+)
 
 PREFIX = "checkpoint-"
+SHARDED = "sharded"  # the folder of a sharded checkpoint's model and optimizer state
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -77,13 +93,17 @@ def partial_path(path: str) -> str:
 
 
 def publish_checkpoint(partial: str, path: str) -> None:
-    """Flush the files of ``partial`` to disk and rename it to ``path`` (replacing an older one)."""
-    for name in os.listdir(partial):
-        fd = os.open(os.path.join(partial, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Flush the files of ``partial`` (and of its folders) to disk and rename it to ``path`` (replacing an older
+    one)."""
+    for folder, _, files in os.walk(partial):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if folder != partial:
+            _fsync_dir(folder)
     stale = None
     if os.path.exists(path):  # the same step saved again (a resumed run): swap, then delete the old one
         stale = f"{partial}.old"
@@ -109,17 +129,23 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer, scheduler, state: dict, rank: int = 0,
-                    write_shared: bool = True) -> None:
+                    write_shared: bool = True, sharded: bool = False) -> None:
     """Write one checkpoint folder. Every rank writes its RNG file; ``write_shared`` (rank 0) the rest. A model
-    sharded by FSDP has its whole tensors gathered first (a collective: every rank calls this)."""
+    sharded by FSDP has its whole tensors gathered first (a collective: every rank calls this), or, ``sharded``,
+    every rank writes its shards into ``path/sharded`` (also a collective)."""
     os.makedirs(path, exist_ok=True)
     model_state = optimizer_state = None
-    if is_sharded(model):  # whole tensors on rank 0: the files an unsharded run writes
+    if sharded:
+        save_sharded(model, optimizer, os.path.join(path, SHARDED))
+    elif is_sharded(model):  # whole tensors on rank 0: the files an unsharded run writes
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
     if write_shared:
-        save_pretrained(model, path, model_state)
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                   os.path.join(path, "optimizer.pt"))
+        if sharded:
+            save_config(model, path)
+        else:
+            save_pretrained(model, path, model_state)
+            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                       os.path.join(path, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
         with open(os.path.join(path, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
@@ -127,22 +153,27 @@ def save_checkpoint(path: str, model: nn.Module, optimizer, scheduler, state: di
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG in place; return the trainer state."""
+    """Restore model, optimizer, scheduler and this rank's RNG in place; return the trainer state. Reads a
+    sharded checkpoint's ``sharded/`` folder when there is one (a collective under a process group: every rank
+    calls this), else ``model.safetensors`` and ``optimizer.pt``."""
     state_file = os.path.join(path, "trainer_state.json")
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"resume_from_checkpoint={path!r} is not a checkpoint folder "
                                 "(no trainer_state.json)")
-    # Into the existing model, by HF names: the architecture is the caller's, only the weights come back.
-    weights = os.path.join(path, "model.safetensors")
-    fresh = load_state(model, model.config.family, load_file(weights), strict_head=True)
-    if fresh:
-        raise CheckpointError(f"{weights!r} lacks {fresh}")
-    device = next(model.parameters()).device
-    optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
-    if is_sharded(model):
-        load_optimizer_state(model, optimizer, optimizer_state)
+    if os.path.isdir(os.path.join(path, SHARDED)):
+        load_sharded(model, optimizer, os.path.join(path, SHARDED))
     else:
-        optimizer.load_state_dict(optimizer_state)
+        # Into the existing model, by HF names: the architecture is the caller's, only the weights come back.
+        weights = os.path.join(path, "model.safetensors")
+        fresh = load_state(model, model.config.family, load_file(weights), strict_head=True)
+        if fresh:
+            raise CheckpointError(f"{weights!r} lacks {fresh}")
+        device = next(model.parameters()).device
+        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+        if is_sharded(model):
+            load_optimizer_state(model, optimizer, optimizer_state)
+        else:
+            optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(path, f"rng_state_{rank}.pt")
     if os.path.isfile(rng_file):

@@ -1,6 +1,7 @@
 """TrainConfig: the loop's settings, named and meant as in transformers' TrainingArguments."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -12,6 +13,8 @@ REPORTERS = ("tensorboard",)
 # does (each Transformer layer one unit: see llmcore.train.fsdp)
 FSDP_MODES = ("full_shard", "shard_grad_op")
 _FSDP_OPTIONS = FSDP_MODES + ("auto_wrap",)
+# transformers' ``fsdp_config["state_dict_type"]`` values that llmcore's checkpoints take (see llmcore.train.checkpoint)
+STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
 
 
 @dataclass
@@ -29,6 +32,11 @@ class TrainConfig:
     ``fsdp``: ``"full_shard"`` or ``"shard_grad_op"`` (optionally with ``"auto_wrap"``, as transformers takes
     them: a string or a list) shards the model under torch.distributed with ``fully_shard`` instead of wrapping
     it in DDP; normalized to the strategy's name, or ``""`` for none (see ``llmcore.train.fsdp``).
+    ``fsdp_config``: transformers' dict (or a JSON file's path, or JSON text) of FSDP settings; llmcore takes its
+    ``"state_dict_type"`` (also spelled ``"fsdp_state_dict_type"``): ``"FULL_STATE_DICT"`` (default: checkpoints of
+    whole tensors, gathered on rank 0, the files one process writes) or ``"SHARDED_STATE_DICT"`` (each rank writes
+    its shards with torch.distributed.checkpoint; see ``llmcore.train.checkpoint``). Normalized to
+    ``{"state_dict_type": ...}``.
 
     >>> TrainConfig("out", max_steps=10, warmup_steps=0).total_steps(steps_per_epoch=4)
     10
@@ -60,6 +68,7 @@ class TrainConfig:
     report_to: Union[str, list, tuple] = "tensorboard"
     disable_tqdm: bool = False
     fsdp: Union[str, list, tuple] = ""
+    fsdp_config: Optional[Union[dict, str]] = None
 
     def __post_init__(self):
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
@@ -107,6 +116,7 @@ class TrainConfig:
             raise ValueError(f"report_to: unknown {unknown}; choose from {list(REPORTERS)}, 'all' or 'none'")
         self.report_to = tuple(r for r in report if r != "none")
         self.fsdp = _fsdp_mode(self.fsdp)
+        self.fsdp_config = _fsdp_config(self.fsdp_config, self.fsdp)
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "logs")
         self.logging_dir = os.fspath(self.logging_dir)
@@ -134,6 +144,11 @@ class TrainConfig:
     def num_warmup_steps(self, total_steps: int) -> int:
         """``warmup_steps`` if positive, else ``ceil(warmup_ratio * total_steps)``."""
         return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total_steps)
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints hold each rank's shards (``fsdp_config``'s ``SHARDED_STATE_DICT``)."""
+        return self.fsdp_config["state_dict_type"] == "SHARDED_STATE_DICT"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,6 +190,43 @@ def _fsdp_mode(value) -> str:
     if not modes and options:
         raise ValueError(f"fsdp={value!r} names no sharding strategy: add 'full_shard' or 'shard_grad_op'")
     return modes[0] if modes else ""
+
+
+def _fsdp_config(value, fsdp: str) -> dict:
+    """transformers' ``fsdp_config`` (a dict, a JSON file's path or JSON text; None for the defaults) ->
+    ``{"state_dict_type": ...}``. Keys other than the state dict type are refused rather than ignored."""
+    if value is None:
+        value = {}
+    elif isinstance(value, str):
+        text = value
+        if not text.lstrip().startswith("{"):
+            try:
+                with open(text, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise ValueError(f"fsdp_config={value!r} is neither JSON text nor a readable JSON file: {e}") from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"fsdp_config={value!r} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise TypeError(f"fsdp_config must be a dict, a JSON file's path or JSON text, got {type(value).__name__} "
+                        f"{value!r}")
+    # transformers drops the "fsdp_" prefix of the keys accelerate's config files use
+    config = {k[len("fsdp_"):] if isinstance(k, str) and k.startswith("fsdp_") else k: v for k, v in value.items()}
+    unknown = sorted(map(str, set(config) - {"state_dict_type"}))
+    if unknown:
+        raise ValueError(f"fsdp_config: {unknown} not supported; llmcore takes 'state_dict_type' "
+                         f"({' or '.join(map(repr, STATE_DICT_TYPES))})")
+    kind = config.get("state_dict_type", STATE_DICT_TYPES[0])
+    if not isinstance(kind, str) or kind.upper() not in STATE_DICT_TYPES:
+        raise ValueError(f"fsdp_config: state_dict_type must be one of {', '.join(map(repr, STATE_DICT_TYPES))}, "
+                         f"got {kind!r}")
+    kind = kind.upper()
+    if kind == "SHARDED_STATE_DICT" and not fsdp:
+        raise ValueError("fsdp_config: state_dict_type='SHARDED_STATE_DICT' writes the shards of a model FSDP "
+                         "shards: set fsdp too ('full_shard' or 'shard_grad_op')")
+    return {"state_dict_type": kind}
 
 
 def _device_type(device) -> str:

@@ -1,13 +1,17 @@
 """FSDP for the fine-tuning loop (``TrainConfig.fsdp``): a model sharded with torch's ``fully_shard`` (FSDP2)
 by its Transformer layers, and whole state dicts gathered from the shards, so that a sharded run writes the
-checkpoints and final model an unsharded one writes (an FSDP checkpoint resumes in one process).
+checkpoints and final model an unsharded one writes (an FSDP checkpoint resumes in one process); or, for
+checkpoints too big to gather (``TrainConfig.fsdp_config``'s ``SHARDED_STATE_DICT``), each rank's shards written
+and read with torch.distributed.checkpoint (``save_sharded``, ``load_sharded``).
 
 Every function that gathers or scatters is a collective: all ranks call it, in the same order.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -153,6 +157,68 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     full = {"state": {order[i]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Writes the model's and the optimizer's state into the folder ``path`` with torch.distributed.checkpoint
+    (DCP): every rank its own shards (``__<rank>_0.distcp``), rank 0 the index (``.metadata``); nothing is
+    gathered. Keys: ``model.<parameter>`` and ``optimizer.state.<parameter>.<exp_avg|...>``, ``optimizer.
+    param_groups...``, parameters by their names in ``model``. A collective under a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    if is_sharded(model):
+        reshard(model)  # the module's parameters are then the optimizer's
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _one_process_is_meant():
+        dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Loads ``save_sharded``'s folder into ``model`` and ``optimizer`` in place, each rank reading the parts of
+    its shards: sharded or not, on any number of ranks (DCP reshards). A collective under a process group.
+    Raises ``CheckpointError`` when the folder does not hold this model's or this optimizer's tensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from llmcore.models import CheckpointError
+
+    if is_sharded(model):
+        reshard(model)
+    # The state dicts of this model and optimizer are the templates DCP reads into: their keys, shapes and
+    # shards (a fresh optimizer's state is created, zero, to be overwritten).
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    try:
+        with _one_process_is_meant():
+            dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    except CheckpointException as e:  # every rank's error (a BaseException): the first rank's says what is wrong
+        first = e.failures[min(e.failures)][0] if e.failures else e
+        raise CheckpointError(f"{path!r} does not hold this model's and optimizer's state: {first}") from None
+    except (OSError, ValueError, RuntimeError) as e:  # e.g. no .metadata, when every rank fails alike
+        raise CheckpointError(f"{path!r} does not hold this model's and optimizer's state: {e}") from e
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _one_process_is_meant():
+    """Silences DCP's warning that, without a process group, it assumes one process: that is what is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                                category=UserWarning)
+        yield
 
 
 def as_local(value: torch.Tensor) -> torch.Tensor:

@@ -327,7 +327,7 @@ class Trainer:
         state = {"global_step": self.global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "log_history": self.log_history, "config": self.config.to_dict()}
         save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
-                        write_shared=self.rank == 0)
+                        write_shared=self.rank == 0, sharded=self.config.sharded_checkpoints)
         self._barrier()
         if self.rank == 0:
             publish_checkpoint(partial, path)
