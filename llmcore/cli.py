@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -138,6 +139,18 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from llmcore.train.checkpoint import consolidate_checkpoint
+
+    try:
+        consolidate_checkpoint(args.checkpoint, args.output_dir)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+        print(f"llmcore consolidate: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.join(args.output_dir, 'model.safetensors')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcore", description="llmcore: fast data preparation and fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:<LOCAL_RANK> when available, else cpu)")
     p.set_defaults(func=_finetune, train_fields=_train_config_flags(p))
+    p = sub.add_parser("consolidate", help="write a sharded checkpoint's model (--fsdp-config SHARDED_STATE_DICT) as "
+                                           "config.json + model.safetensors, loadable by transformers")
+    p.add_argument("checkpoint", help="a checkpoint-<step> folder with a sharded/ folder")
+    p.add_argument("output_dir", help="where config.json and model.safetensors go")
+    p.set_defaults(func=_consolidate)
     return parser
 
 

@@ -260,7 +260,7 @@ def _sharded_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_fsdp_sharded_checkpoints(tmp_path):
+def test_fsdp_sharded_checkpoints(tmp_path, capsys):
     """fsdp_config's SHARDED_STATE_DICT: each rank writes its shards (torch.distributed.checkpoint), nothing is
     gathered; the checkpoint resumes under FSDP bit for bit, and in one process."""
     import torch.multiprocessing as mp
@@ -292,6 +292,14 @@ def test_fsdp_sharded_checkpoints(tmp_path):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
     # the sharded checkpoint resumes in one process, without a process group (DCP reshards 2 ranks into 1)
     _resumes_in_one_process(out / f"checkpoint-{SAVE_AT}", single, tmp_path / "cross")
+    # `llmcore consolidate` writes the model of a sharded checkpoint as whole tensors: those of final/ at the end
+    assert main(["consolidate", str(out / f"checkpoint-{STEPS}"), str(tmp_path / "whole")]) == 0
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    assert whole.keys() == ours.keys() and all(torch.equal(whole[k], ours[k]) for k in ours)
+    with open(tmp_path / "whole" / "config.json") as f, open(out / "final" / "config.json") as g:
+        assert json.load(f) == json.load(g)
+    assert main(["consolidate", str(out / "final"), str(tmp_path / "whole")]) == 2
+    assert "is not a sharded checkpoint" in capsys.readouterr().err
     # a sharded folder without DCP's index
     broken = tmp_path / "broken"
     shutil.copytree(out / f"checkpoint-{SAVE_AT}", broken)
@@ -299,6 +307,8 @@ def test_fsdp_sharded_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="does not hold this model's and optimizer's state"):
         Trainer(tiny(7, dropout=0.0), _config(tmp_path / "cross", resume_from_checkpoint=str(broken)),
                 _merged()).train()
+    assert main(["consolidate", str(broken), str(tmp_path / "whole")]) == 2
+    assert "does not hold the model its config.json describes" in capsys.readouterr().err
 
 
 def test_fsdp_config():

@@ -18,7 +18,8 @@ checkpoints are sharded (``TrainConfig.fsdp_config``'s ``SHARDED_STATE_DICT``): 
       sharded/__<rank>_0.distcp         each rank's shards, written by that rank (nothing gathered)
 
 Such a checkpoint resumes on any number of ranks, sharded or not (``load_checkpoint`` reads whichever form the
-folder holds); ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` turns it into one file.
+folder holds); ``consolidate_checkpoint`` (``llmcore consolidate``) writes its model as the ``config.json`` +
+``model.safetensors`` that transformers and ``llmcore.models.from_pretrained`` load.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from llmcore.train.fsdp import (
     is_sharded,
     load_optimizer_state,
     load_sharded,
+    read_sharded,
     save_sharded,
 )
 
@@ -184,6 +186,30 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
                                 "so this rank cannot resume its random state exactly")
     with open(state_file, encoding="utf-8") as f:
         return json.load(f)
+
+
+def consolidate_checkpoint(path: str, output_dir: str) -> str:
+    """Writes the model of the sharded checkpoint ``path`` (``checkpoint-<step>`` with a ``sharded/`` folder) into
+    ``output_dir`` as config.json + model.safetensors in transformers' names (what ``Trainer.save_model`` writes),
+    in one process, reading only the model's part of the shards (not the optimizer's). Returns ``output_dir``."""
+    from llmcore.models.config import config_from_hf
+    from llmcore.models.decoder import DecoderForCausalLM
+    from llmcore.models.encoder import EncoderForSequenceClassification
+
+    sharded = os.path.join(path, SHARDED)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isdir(sharded) or not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path!r} is not a sharded checkpoint (a folder with config.json and {SHARDED}/)")
+    with open(config_file, encoding="utf-8") as f:
+        hf = json.load(f)
+    causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in hf.get("architectures") or [])
+    task = "causal-lm" if causal else "sequence-classification"
+    cfg = config_from_hf(hf, task)
+    model = DecoderForCausalLM(cfg) if causal else EncoderForSequenceClassification(cfg)
+    # the model's own tensors, which DCP reads into in place; the optimizer's keys are left unread
+    read_sharded({"model": model.state_dict()}, sharded, "the model its config.json describes")
+    save_pretrained(model, output_dir)
+    return output_dir
 
 
 def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> list[str]:

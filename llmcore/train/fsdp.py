@@ -2,7 +2,7 @@
 by its Transformer layers, and whole state dicts gathered from the shards, so that a sharded run writes the
 checkpoints and final model an unsharded one writes (an FSDP checkpoint resumes in one process); or, for
 checkpoints too big to gather (``TrainConfig.fsdp_config``'s ``SHARDED_STATE_DICT``), each rank's shards written
-and read with torch.distributed.checkpoint (``save_sharded``, ``load_sharded``).
+and read with torch.distributed.checkpoint (``save_sharded``, ``load_sharded``, ``read_sharded``).
 
 Every function that gathers or scatters is a collective: all ranks call it, in the same order.
 """
@@ -178,8 +178,6 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) 
     """Loads ``save_sharded``'s folder into ``model`` and ``optimizer`` in place, each rank reading the parts of
     its shards: sharded or not, on any number of ranks (DCP reshards). A collective under a process group.
     Raises ``CheckpointError`` when the folder does not hold this model's or this optimizer's tensors."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -187,23 +185,33 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) 
         set_optimizer_state_dict,
     )
 
-    from llmcore.models import CheckpointError
-
     if is_sharded(model):
         reshard(model)
     # The state dicts of this model and optimizer are the templates DCP reads into: their keys, shapes and
     # shards (a fresh optimizer's state is created, zero, to be overwritten).
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    read_sharded(state, path, "this model's and optimizer's state")
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def read_sharded(state: dict, path: str, what: str) -> None:
+    """``torch.distributed.checkpoint.load(state)`` from the folder ``path``: the tensors of ``state`` (a template
+    of the keys to read, any subset of the checkpoint's) filled in place. ``CheckpointError`` ("``path`` does not
+    hold ``what``: ...") when the folder lacks them or they do not fit. A collective under a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from llmcore.models import CheckpointError
+
     try:
         with _one_process_is_meant():
             dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     except CheckpointException as e:  # every rank's error (a BaseException): the first rank's says what is wrong
         first = e.failures[min(e.failures)][0] if e.failures else e
-        raise CheckpointError(f"{path!r} does not hold this model's and optimizer's state: {first}") from None
+        raise CheckpointError(f"{path!r} does not hold {what}: {first}") from None
     except (OSError, ValueError, RuntimeError) as e:  # e.g. no .metadata, when every rank fails alike
-        raise CheckpointError(f"{path!r} does not hold this model's and optimizer's state: {e}") from e
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        raise CheckpointError(f"{path!r} does not hold {what}: {e}") from e
 
 
 def _distributed() -> bool:
