@@ -103,6 +103,14 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
             parser.add_argument(flag, help="with --fsdp: JSON text or a JSON file's path, e.g. "
                                 "'{\"state_dict_type\": \"SHARDED_STATE_DICT\"}' (each rank checkpoints its shards); "
                                 "default: FULL_STATE_DICT")
+        elif field.name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+            parser.add_argument(flag, help="with --activation-checkpointing: JSON text or a JSON file's path, e.g. "
+                                "'{\"every_n_layers\": 2}'; other keys go to torch.utils.checkpoint"
+                                + (" (the older name)" if field.name.startswith("gradient") else ""))
+        elif kinds == {bool, type(None)}:  # a flag whose older or newer name may give the value instead
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help="recompute the Transformer layers in the backward instead of keeping their "
+                                     "activations" + (" (the older name)" if field.name.startswith("gradient") else ""))
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif kinds <= {int, type(None)}:

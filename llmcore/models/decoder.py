@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from llmcore import ops
+from llmcore.models.checkpointing import LayerCheckpointing
 from llmcore.models.config import DecoderConfig
 from llmcore.models.output import ModelOutput, make_batch
 from llmcore.nn.layers import (
@@ -51,12 +52,13 @@ class DecoderLayer(nn.Module):
         return self.dropout(self.mlp(h)), stream
 
 
-class DecoderForCausalLM(nn.Module):
+class DecoderForCausalLM(LayerCheckpointing, nn.Module):
     """``model(input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None)``.
 
     With labels (same shape as input_ids; -100 is ignored), the loss is next-token cross-entropy
     (shifted inside each sequence, as transformers does) computed by the chunked fused LM-head
-    loss, without materializing the logits.
+    loss, without materializing the logits. ``activation_checkpointing_enable()`` recomputes the layers in
+    the backward (``LayerCheckpointing``).
     """
 
     def __init__(self, cfg: DecoderConfig):
@@ -104,8 +106,8 @@ class DecoderForCausalLM(nn.Module):
         else:
             rotary = self.rotary.cos_sin(position_ids, x.dtype)
         stream, delta = self.dropout(x), None
-        for layer in self.layers:
-            delta, stream = layer(delta, stream, batch, rotary)
+        for i, layer in enumerate(self.layers):
+            delta, stream = self._run_layer(i, layer, delta, stream, batch, rotary)
         hidden = self.norm(delta, residual=stream)[0]
 
         def logits() -> Tensor:

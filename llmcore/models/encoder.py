@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from llmcore.models.checkpointing import LayerCheckpointing
 from llmcore.models.config import EncoderConfig
 from llmcore.models.output import ModelOutput, make_batch
 from llmcore.nn.layers import MLP, Attention, Batch, Dropout, Embedding, LayerNorm, init_linear_, positions_of
@@ -88,9 +89,10 @@ class ClassificationHead(nn.Module):
         return self.out(self.dropout(torch.relu(self.hidden(first))))
 
 
-class EncoderForSequenceClassification(nn.Module):
+class EncoderForSequenceClassification(LayerCheckpointing, nn.Module):
     """``model(input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-    cu_seqlens=None, labels=None)``: padded (B, L) or packed (T,) + cu_seqlens; logits (n, labels)."""
+    cu_seqlens=None, labels=None)``: padded (B, L) or packed (T,) + cu_seqlens; logits (n, labels).
+    ``activation_checkpointing_enable()`` recomputes the layers in the backward (``LayerCheckpointing``)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -115,7 +117,7 @@ class EncoderForSequenceClassification(nn.Module):
         # rows once its keys and values are known (~1/6 fewer FLOPs for 6 layers; exact).
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, first_only=i == last)
+            x = self._run_layer(i, layer, x, batch, first_only=i == last)
         if not self.layers and batch.packed:
             x = x[batch.cu_seqlens[:-1].long()]
         logits = self.head(x if batch.packed else x[:, 0])

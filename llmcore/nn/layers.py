@@ -242,6 +242,10 @@ class Attention(nn.Module):
         v = v.view(*shape, self.kv_heads, self.head_dim)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            if q.dtype != v.dtype:
+                # Under autocast the float32 cos/sin promote the bf16/fp16 projections (as in transformers);
+                # attention takes all three in the projections' dtype, as autocast's SDPA casts them.
+                q, k = q.to(v.dtype), k.to(v.dtype)
         p = self.dropout if self.training else 0.0
         if batch.packed:
             cu_q, max_q = batch.cu_seqlens, batch.max_seqlen

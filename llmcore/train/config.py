@@ -37,6 +37,13 @@ class TrainConfig:
     whole tensors, gathered on rank 0, the files one process writes) or ``"SHARDED_STATE_DICT"`` (each rank writes
     its shards with torch.distributed.checkpoint; see ``llmcore.train.checkpoint``). Normalized to
     ``{"state_dict_type": ...}``.
+    ``activation_checkpointing``: recompute Transformer layers in the backward instead of keeping their activations
+    (``model.activation_checkpointing_enable``, ``llmcore.models.checkpointing``). ``activation_checkpointing_kwargs``
+    (a dict, JSON text or a JSON file's path): ``every_n_layers`` (checkpoint layers 0, n, 2n, ...), ``offload``
+    (keep the recomputed layers' inputs in host memory, for models on a GPU) and ``torch.utils.checkpoint.
+    checkpoint``'s own (``use_reentrant`` defaults to False). ``gradient_checkpointing`` and
+    ``gradient_checkpointing_kwargs`` are their older names (transformers < 5), used when the new ones are unset
+    and then mirroring them.
 
     >>> TrainConfig("out", max_steps=10, warmup_steps=0).total_steps(steps_per_epoch=4)
     10
@@ -69,6 +76,10 @@ class TrainConfig:
     disable_tqdm: bool = False
     fsdp: Union[str, list, tuple] = ""
     fsdp_config: Optional[Union[dict, str]] = None
+    activation_checkpointing: Optional[bool] = None
+    activation_checkpointing_kwargs: Optional[Union[dict, str]] = None
+    gradient_checkpointing: Optional[bool] = None
+    gradient_checkpointing_kwargs: Optional[Union[dict, str]] = None
 
     def __post_init__(self):
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
@@ -117,6 +128,18 @@ class TrainConfig:
         self.report_to = tuple(r for r in report if r != "none")
         self.fsdp = _fsdp_mode(self.fsdp)
         self.fsdp_config = _fsdp_config(self.fsdp_config, self.fsdp)
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None:  # transformers' rule: the old name counts when the new one is unset
+                setattr(self, new, getattr(self, old))
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = False
+        if not isinstance(self.activation_checkpointing, bool):
+            raise TypeError(f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
+        kwargs = _dict_option("activation_checkpointing_kwargs", self.activation_checkpointing_kwargs)
+        self.activation_checkpointing_kwargs = check_checkpoint_kwargs(kwargs, layer_keys=True) if kwargs else None
+        self.gradient_checkpointing = self.activation_checkpointing
+        self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "logs")
         self.logging_dir = os.fspath(self.logging_dir)
@@ -192,26 +215,62 @@ def _fsdp_mode(value) -> str:
     return modes[0] if modes else ""
 
 
-def _fsdp_config(value, fsdp: str) -> dict:
-    """transformers' ``fsdp_config`` (a dict, a JSON file's path or JSON text; None for the defaults) ->
-    ``{"state_dict_type": ...}``. Keys other than the state dict type are refused rather than ignored."""
+# torch.utils.checkpoint.checkpoint's keyword arguments that activation_checkpointing_kwargs may set, and the two keys
+# that transformers takes out of them first
+CHECKPOINT_KWARGS = ("use_reentrant", "preserve_rng_state", "determinism_check", "debug")
+LAYER_KEYS = ("every_n_layers", "offload")
+
+
+def check_checkpoint_kwargs(kwargs: Optional[dict], layer_keys: bool = False) -> dict:
+    """``activation_checkpointing_kwargs`` checked (ValueError/TypeError naming what is wrong), with ``use_reentrant``
+    False unless set (torch's recommendation; the reentrant form does not follow FSDP2). ``layer_keys``: also
+    ``every_n_layers`` (an int >= 1) and ``offload`` (a bool), as TrainConfig takes them; a model's
+    ``activation_checkpointing_enable`` takes those as arguments of their own. Here, not in
+    llmcore.models.checkpointing, so that TrainConfig checks them without importing torch."""
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"activation_checkpointing_kwargs must be a dict, got {type(kwargs).__name__} {kwargs!r}")
+    allowed = CHECKPOINT_KWARGS + (LAYER_KEYS if layer_keys else ())
+    unknown = sorted(map(str, set(kwargs) - set(allowed)))
+    if unknown:
+        raise ValueError(f"activation_checkpointing_kwargs: {unknown} not supported; llmcore takes "
+                         f"{', '.join(map(repr, allowed))}")
+    n = kwargs.get("every_n_layers", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"activation_checkpointing_kwargs: every_n_layers must be an int >= 1, got {n!r}")
+    if not isinstance(kwargs.get("offload", False), bool):
+        raise ValueError(f"activation_checkpointing_kwargs: offload must be a bool, got {kwargs['offload']!r}")
+    return {"use_reentrant": False, **kwargs}
+
+
+def _dict_option(name: str, value) -> dict:
+    """A dict-valued setting as transformers takes it: a dict, JSON text, or a JSON file's path (the command
+    line's forms); None for {}."""
     if value is None:
-        value = {}
-    elif isinstance(value, str):
+        return {}
+    if isinstance(value, str):
         text = value
         if not text.lstrip().startswith("{"):
             try:
                 with open(text, encoding="utf-8") as f:
                     text = f.read()
             except OSError as e:
-                raise ValueError(f"fsdp_config={value!r} is neither JSON text nor a readable JSON file: {e}") from None
+                raise ValueError(f"{name}={value!r} is neither JSON text nor a readable JSON file: {e}") from None
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"fsdp_config={value!r} is not valid JSON: {e}") from None
+            raise ValueError(f"{name}={value!r} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise TypeError(f"fsdp_config must be a dict, a JSON file's path or JSON text, got {type(value).__name__} "
+        raise TypeError(f"{name} must be a dict, a JSON file's path or JSON text, got {type(value).__name__} "
                         f"{value!r}")
+    return value
+
+
+def _fsdp_config(value, fsdp: str) -> dict:
+    """transformers' ``fsdp_config`` (a dict, a JSON file's path or JSON text; None for the defaults) ->
+    ``{"state_dict_type": ...}``. Keys other than the state dict type are refused rather than ignored."""
+    value = _dict_option("fsdp_config", value)
     # transformers drops the "fsdp_" prefix of the keys accelerate's config files use
     config = {k[len("fsdp_"):] if isinstance(k, str) and k.startswith("fsdp_") else k: v for k, v in value.items()}
     unknown = sorted(map(str, set(config) - {"state_dict_type"}))

@@ -173,6 +173,20 @@ def token_count(batch: Batch) -> int:
     return int(batch["attention_mask"].sum())
 
 
+def _enable_activation_checkpointing(model: nn.Module, kwargs: Optional[dict]) -> None:
+    """``model.activation_checkpointing_enable`` (llmcore's models, transformers >= 5), or the older
+    ``gradient_checkpointing_enable`` (transformers 4), with TrainConfig's ``activation_checkpointing_kwargs``."""
+    kwargs = dict(kwargs or {})
+    layers = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layers)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None, **layers)
+    else:
+        raise ValueError(f"activation_checkpointing=True, but {type(model).__name__} has no "
+                         "activation_checkpointing_enable() (llmcore's and transformers' models have)")
+
+
 class Trainer:
     """A lean fine-tuning loop over in-memory batches.
 
@@ -205,6 +219,8 @@ class Trainer:
         if config.eval_strategy != "no" and eval_batches is None:
             raise ValueError(f"eval_strategy={config.eval_strategy!r} needs eval_batches")
         self.rank, self.world_size = _dist()
+        if config.activation_checkpointing:
+            _enable_activation_checkpointing(model, config.activation_checkpointing_kwargs)
         if config.fsdp and not is_sharded(model):
             check_process_group(config.fsdp)
             shard(model, config.fsdp, bf16=config.bf16)
