@@ -98,7 +98,8 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
             parser.add_argument(flag, help="a checkpoint folder, or 'true' for the latest in --output-dir")
         elif field.name == "fsdp":
             parser.add_argument(flag, default=default, help="under torchrun: 'full_shard' or 'shard_grad_op' shards "
-                                "the model (FSDP2) instead of replicating it (DDP); default: none")
+                                "the model (FSDP2) instead of replicating it (DDP); 'hybrid_shard' or "
+                                "'hybrid_shard_zero2' within each node, replicated across nodes; default: none")
         elif field.name == "fsdp_config":
             parser.add_argument(flag, help="with --fsdp: JSON text or a JSON file's path, e.g. "
                                 "'{\"state_dict_type\": \"SHARDED_STATE_DICT\"}' (each rank checkpoints its shards); "

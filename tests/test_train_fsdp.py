@@ -19,11 +19,12 @@ from llmcore.train import TrainConfig, Trainer
 STEPS, SAVE_AT = 4, 2
 
 
-def _shards():
-    """Per micro-batch, one uneven shard per rank (2 + 5 examples, then 4 + 1, ...)."""
+def _shards(world=2):
+    """Per micro-batch, one uneven shard per rank (2 + 5 examples, then 4 + 1, ...; 4 ranks: 2 + 5 + 1 + 3, ...)."""
     gen = torch.Generator().manual_seed(11)
-    return [(padded(gen, a), padded(gen, b)) for a, b in [(2, 5), (4, 1), (3, 3), (1, 6), (5, 2), (2, 2),
-                                                           (3, 4), (6, 1)]]
+    sizes = [(2, 5, 1, 3), (4, 1, 2, 2), (3, 3, 5, 1), (1, 6, 2, 4), (5, 2, 3, 1), (2, 2, 1, 1), (3, 4, 4, 2),
+             (6, 1, 2, 3)]
+    return [tuple(padded(gen, n) for n in row[:world]) for row in sizes]
 
 
 def _eval_batches():
@@ -45,17 +46,21 @@ def _worker(rank, world, init_file, out_dir, mode):
     from llmcore.train.fsdp import full_model_state, is_sharded, load_optimizer_state
 
     torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # hybrid sharding: groups of 2 ranks ("nodes"), a replica each
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     report = {}
     try:
-        mine = [b[rank] for b in _shards()]
+        mine = [b[rank] for b in _shards(world)]
         trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, fsdp=mode), mine)
         report["sharded"] = is_sharded(trainer.model)
+        weight = trainer.model.layers[0].attn.q.weight
+        report["mesh"] = list(weight.device_mesh.shape)
+        report["local_rows"] = weight.to_local().shape[0]
         report["train"] = trainer.train()
         report["grad_norms"] = [r["grad_norm"] for r in trainer.log_history if "grad_norm" in r]
-        # rank 0 evaluates three batches, rank 1 one: rank 1 repeats its batch twice, uncounted
+        # rank 0 evaluates 5 - world batches, the others one each: they repeat theirs, uncounted
         evals = _eval_batches()
-        trainer.eval_batches = evals[:3] if rank == 0 else evals[3:]
+        trainer.eval_batches = evals[:len(evals) - world + 1] if rank == 0 else [evals[len(evals) - world + rank]]
         report["eval"] = trainer.evaluate()
         stepped = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
         report["shards_after_eval"] = all(id(p) in stepped for p in trainer.model.parameters())
@@ -86,37 +91,40 @@ def _worker(rank, world, init_file, out_dir, mode):
         dist.destroy_process_group()
 
 
-def _merged():
-    """Both ranks' shards of each micro-batch as one batch: what one process sees."""
-    return [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in _shards()]
+def _merged(world=2):
+    """All ranks' shards of each micro-batch as one batch: what one process sees."""
+    return [{k: torch.cat([shard[k] for shard in shards]) for k in shards[0]} for shards in _shards(world)]
 
 
-def _single(out_dir, **kw):
-    trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, **kw), _merged())
+def _single(out_dir, world=2, **kw):
+    trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, **kw), _merged(world))
     trainer.train()
     return trainer
 
 
-def _resumes_in_one_process(checkpoint, single, out_dir):
+def _resumes_in_one_process(checkpoint, single, out_dir, world=2):
     """One process resumed from ``checkpoint`` (another initialization) ends where ``single`` ended."""
     cross = Trainer(tiny(7, dropout=0.0), _config(out_dir, save_strategy="no", resume_from_checkpoint=str(checkpoint)),
-                    _merged())
+                    _merged(world))
     cross.train()
     for name, t in single.model.state_dict().items():
         torch.testing.assert_close(cross.model.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("mode", ["full_shard", "shard_grad_op"])
-def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
+@pytest.mark.parametrize("mode, world, mesh", [("full_shard", 2, [2]), ("shard_grad_op", 2, [2]),
+                                               ("hybrid_shard", 4, [2, 2]), ("hybrid_shard_zero2", 4, [2, 2])])
+def test_fsdp_ranks_match_one_process(tmp_path, mode, world, mesh):
     import torch.multiprocessing as mp
 
-    # one process seeing both shards of each micro-batch at once takes the same steps
-    single = _single(tmp_path / "one")
+    # one process seeing all shards of each micro-batch at once takes the same steps
+    single = _single(tmp_path / "one", world)
     out = tmp_path / "fsdp"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), mode), nprocs=2, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(out), mode), nprocs=world, join=True)
     with open(out / "report.json") as f:
         report = json.load(f)
     assert report["sharded"] and report["train"]["global_step"] == STEPS
+    # sharded in two (hybrid: within each group of 2 ranks, replicated across the 2 groups)
+    assert report["mesh"] == mesh and report["local_rows"] == 32 // 2
     # the gradients' scale (the clip binds every step and Adam is scale-free: only the norm before the clip shows it)
     norms = [r["grad_norm"] for r in single.log_history if "grad_norm" in r]
     assert len(norms) == STEPS and min(norms) > 0.05
@@ -135,7 +143,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
         for i, state in b["state"].items():
             for key, t in state.items():
                 torch.testing.assert_close(a["state"][i][key], t, rtol=1e-4, atol=1e-6, msg=f"{step} {i} {key}")
-        assert os.path.isfile(out / f"checkpoint-{step}" / "rng_state_1.pt")
+        assert os.path.isfile(out / f"checkpoint-{step}" / f"rng_state_{world - 1}.pt")
     # resumed from the middle under FSDP: bit for bit the straight run
     assert report["resumed"]["global_step"] == STEPS and report["resumed_equal"] == report["keys"]
     # evaluation in lockstep counts each rank's batches once: what one process gets over all of them
@@ -148,7 +156,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, mode):
     assert report["shards_after_eval"]  # the model's parameters are the optimizer's shards again
     assert "has 1 parameters in 1 groups; the optimizer has" in report["other_optimizer_state"]
     # an FSDP checkpoint resumes in one process
-    _resumes_in_one_process(out / f"checkpoint-{SAVE_AT}", single, tmp_path / "cross")
+    _resumes_in_one_process(out / f"checkpoint-{SAVE_AT}", single, tmp_path / "cross", world)
 
 
 def _bf16_worker(rank, world, init_file, out_dir):
@@ -313,7 +321,18 @@ def test_fsdp_sharded_checkpoints(tmp_path, capsys):
     assert "does not hold the model its config.json describes" in capsys.readouterr().err
 
 
-def test_fsdp_config():
+def test_fsdp_config(monkeypatch):
+    from llmcore.train.fsdp import _shard_group_size
+
+    assert TrainConfig("o", fsdp="hybrid_shard auto_wrap").fsdp == "hybrid_shard"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="the 4 ranks do not split into such groups"):
+        _shard_group_size(4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="is not a number of ranks"):
+        _shard_group_size(4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert _shard_group_size(4) == 4  # not under torchrun: one group of all ranks
     assert TrainConfig("o").fsdp == ""
     assert TrainConfig("o", fsdp="full_shard auto_wrap").fsdp == "full_shard"
     assert TrainConfig("o", fsdp=["shard_grad_op"]).fsdp == "shard_grad_op"

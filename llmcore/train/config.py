@@ -11,7 +11,7 @@ _STRATEGIES = ("no", "steps", "epoch")
 REPORTERS = ("tensorboard",)
 # transformers' ``fsdp`` options that llmcore's loop takes: a sharding strategy, and "auto_wrap", which llmcore always
 # does (each Transformer layer one unit: see llmcore.train.fsdp)
-FSDP_MODES = ("full_shard", "shard_grad_op")
+FSDP_MODES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2")
 _FSDP_OPTIONS = FSDP_MODES + ("auto_wrap",)
 # transformers' ``fsdp_config["state_dict_type"]`` values that llmcore's checkpoints take (see llmcore.train.checkpoint)
 STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
@@ -29,9 +29,10 @@ class TrainConfig:
     ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
     ``<output_dir>/logs``. Records always go to ``<logging_dir>/train_log.jsonl``; ``report_to``
     (``"tensorboard"`` (default), ``"all"``, ``"none"`` or a list) adds TensorBoard event files there.
-    ``fsdp``: ``"full_shard"`` or ``"shard_grad_op"`` (optionally with ``"auto_wrap"``, as transformers takes
-    them: a string or a list) shards the model under torch.distributed with ``fully_shard`` instead of wrapping
-    it in DDP; normalized to the strategy's name, or ``""`` for none (see ``llmcore.train.fsdp``).
+    ``fsdp``: ``"full_shard"``, ``"shard_grad_op"``, ``"hybrid_shard"`` or ``"hybrid_shard_zero2"`` (optionally
+    with ``"auto_wrap"``, as transformers takes them: a string or a list) shards the model under torch.distributed
+    with ``fully_shard`` instead of wrapping it in DDP (the hybrid ones within each node, replicated across nodes);
+    normalized to the strategy's name, or ``""`` for none (see ``llmcore.train.fsdp``).
     ``fsdp_config``: transformers' dict (or a JSON file's path, or JSON text) of FSDP settings; llmcore takes its
     ``"state_dict_type"`` (also spelled ``"fsdp_state_dict_type"``): ``"FULL_STATE_DICT"`` (default: checkpoints of
     whole tensors, gathered on rank 0, the files one process writes) or ``"SHARDED_STATE_DICT"`` (each rank writes
@@ -211,7 +212,7 @@ def _fsdp_mode(value) -> str:
     if len(modes) > 1:
         raise ValueError(f"fsdp: one sharding strategy, got {modes}")
     if not modes and options:
-        raise ValueError(f"fsdp={value!r} names no sharding strategy: add 'full_shard' or 'shard_grad_op'")
+        raise ValueError(f"fsdp={value!r} names no sharding strategy: add one of {', '.join(map(repr, FSDP_MODES))}")
     return modes[0] if modes else ""
 
 
@@ -284,7 +285,7 @@ def _fsdp_config(value, fsdp: str) -> dict:
     kind = kind.upper()
     if kind == "SHARDED_STATE_DICT" and not fsdp:
         raise ValueError("fsdp_config: state_dict_type='SHARDED_STATE_DICT' writes the shards of a model FSDP "
-                         "shards: set fsdp too ('full_shard' or 'shard_grad_op')")
+                         f"shards: set fsdp too ({' or '.join(map(repr, FSDP_MODES))})")
     return {"state_dict_type": kind}
 
 

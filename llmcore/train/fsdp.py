@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import time
 import warnings
 
@@ -42,6 +43,11 @@ def shard(model: nn.Module, mode: str, bf16: bool = False) -> nn.Module:
     all-gather fewer per unit). Gradients are reduce-scattered (averaged over ranks) after each unit's backward;
     parameters, gradients and optimizer state are ``DTensor`` shards of dim 0.
 
+    ``"hybrid_shard"`` / ``"hybrid_shard_zero2"`` (HSDP, as ZeRO-3 / ZeRO-2): the same within groups of
+    ``LOCAL_WORLD_SIZE`` ranks (torchrun's ranks per node), each group holding a whole replica, so all-gathers
+    stay inside a node; gradients are reduce-scattered in the group, then all-reduced across the groups (the
+    same average over all ranks). On one node it shards as the plain strategies do.
+
     ``bf16`` (the loop's ``TrainConfig.bf16``): FSDP's mixed precision, the fp32 shards cast to bf16 before they
     are gathered (half the bytes), so the gathered parameters and their gradients are bf16; the gradients are
     reduce-scattered in fp32 into fp32 shards, which the optimizer steps. Autocast stays on around it (fp32
@@ -55,8 +61,13 @@ def shard(model: nn.Module, mode: str, bf16: bool = False) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # the mesh on the parameters' device type (fully_shard's default takes CUDA whenever there is a GPU)
-    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
-    reshard = mode == "full_shard"
+    device_type, world = next(model.parameters()).device.type, dist.get_world_size()
+    if mode.startswith("hybrid"):
+        group = _shard_group_size(world)
+        mesh = init_device_mesh(device_type, (world // group, group), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device_type, (world,))
+    reshard = mode in ("full_shard", "hybrid_shard")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     for unit in units(model):
@@ -64,6 +75,19 @@ def shard(model: nn.Module, mode: str, bf16: bool = False) -> nn.Module:
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     _settle_gloo_at_exit()
     return model
+
+
+def _shard_group_size(world: int) -> int:
+    """Ranks per HSDP shard group: ``LOCAL_WORLD_SIZE`` (torchrun sets it: the ranks of a node), else all."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+    try:
+        group = int(raw)
+    except ValueError:
+        raise ValueError(f"LOCAL_WORLD_SIZE={raw!r} is not a number of ranks") from None
+    if group < 1 or world % group:
+        raise ValueError(f"hybrid sharding groups LOCAL_WORLD_SIZE={group} ranks (a node's) into a replica; the "
+                         f"{world} ranks do not split into such groups")
+    return group
 
 
 _SETTLE_S = 0.05
