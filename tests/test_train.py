@@ -16,6 +16,7 @@ from llmcore.train import (
     linear_schedule,
     list_checkpoints,
     make_optimizer,
+    make_schedule,
     param_groups,
 )
 
@@ -97,6 +98,50 @@ def test_linear_schedule_matches_transformers_formula():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+def test_schedules_match_transformers(kind):
+    """Each lr_scheduler_type against transformers.get_scheduler, steps past the end included."""
+    import transformers
+
+    ours, theirs = (make_optimizer(tiny(), lr=0.1, weight_decay=0.0) for _ in range(2))
+    schedules = [make_schedule(ours, kind, 3, 10),
+                 transformers.get_scheduler(kind, theirs, num_warmup_steps=3, num_training_steps=10)]
+    for _ in range(13):
+        a, b = (s.get_last_lr()[0] for s in schedules)
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-15)
+        for opt, sched in zip((ours, theirs), schedules):
+            opt.step()
+            sched.step()
+    with pytest.raises(ValueError, match="lr_scheduler_type must be one of"):
+        make_schedule(ours, "polynomial", 3, 10)
+
+
+def test_optimizer_and_schedule_settings_reach_the_loop(tmp_path):
+    import transformers
+
+    gen = torch.Generator().manual_seed(8)
+    batches = [padded(gen, 3) for _ in range(6)]
+    config = TrainConfig(str(tmp_path), max_steps=6, warmup_steps=2, learning_rate=1e-3, lr_scheduler_type="cosine",
+                         adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, logging_steps=1, save_strategy="no",
+                         report_to="none", disable_tqdm=True)
+    trainer = Trainer(tiny(), config, batches)
+    trainer.train()
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in trainer.optimizer.param_groups)
+    reference = transformers.get_scheduler("cosine", make_optimizer(tiny(), lr=1e-3, weight_decay=0.0),
+                                           num_warmup_steps=2, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    assert [r["lr"] for r in trainer.log_history if "lr" in r] == pytest.approx(expected, rel=1e-12)
+    for bad, match in [({"adam_beta1": 1.0}, "adam_beta1 must be < 1"), ({"adam_beta2": -0.1}, "adam_beta2 must be"),
+                       ({"adam_epsilon": float("nan")}, "adam_epsilon must be"),
+                       ({"lr_scheduler_type": "cosine_with_restarts"}, "lr_scheduler_type must be one of")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig("o", **bad)
 
 
 def _grads(model):

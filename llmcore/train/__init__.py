@@ -10,7 +10,7 @@ _LAZY = {
     "latest_checkpoint": "checkpoint", "list_checkpoints": "checkpoint",
     "Accuracy": "loop", "Trainer": "loop", "accumulate_gradients": "loop", "example_count": "loop",
     "loss_sum": "loop", "macro_f1": "loop",
-    "linear_schedule": "optim", "make_optimizer": "optim", "param_groups": "optim",
+    "linear_schedule": "optim", "make_optimizer": "optim", "make_schedule": "optim", "param_groups": "optim",
     "retain_freed_memory": "runtime",
 }
 

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
 _STRATEGIES = ("no", "steps", "epoch")
+# transformers' lr_scheduler_type values that llmcore's loop takes (llmcore.train.optim.make_schedule)
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("tensorboard",)
 # transformers' ``fsdp`` options that llmcore's loop takes: a sharding strategy, and "auto_wrap", which llmcore always
 # does (each Transformer layer one unit: see llmcore.train.fsdp)
@@ -26,6 +28,7 @@ class TrainConfig:
     ``warmup_ratio``, as in transformers. ``pack`` and ``pad_to_multiple_of`` are read by the data
     pipeline that builds the batches (see ``batch_multiple``); the loop itself accepts padded (B, L)
     and packed (T,) + ``cu_seqlens`` batches alike.
+    ``lr_scheduler_type``: ``"linear"``, ``"cosine"``, ``"constant"`` or ``"constant_with_warmup"``.
     ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
     ``<output_dir>/logs``. Records always go to ``<logging_dir>/train_log.jsonl``; ``report_to``
     (``"tensorboard"`` (default), ``"all"``, ``"none"`` or a list) adds TensorBoard event files there.
@@ -58,6 +61,10 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.01
     learning_rate: float = 5e-5
+    lr_scheduler_type: str = "linear"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
     bf16: bool = False
@@ -100,6 +107,14 @@ class TrainConfig:
         _check_float("weight_decay", self.weight_decay, lo=0.0)
         _check_float("learning_rate", self.learning_rate, lo=0.0, lo_open=True)
         _check_float("max_grad_norm", self.max_grad_norm, lo=0.0)
+        for name in ("adam_beta1", "adam_beta2"):
+            _check_float(name, getattr(self, name), lo=0.0, hi=1.0)
+            if getattr(self, name) == 1.0:
+                raise ValueError(f"{name} must be < 1 (Adam divides by 1 - {name} ** step), got 1.0")
+        _check_float("adam_epsilon", self.adam_epsilon, lo=0.0)
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise ValueError(f"lr_scheduler_type must be one of {', '.join(map(repr, SCHEDULES))}, "
+                             f"got {self.lr_scheduler_type!r}")
         for name in ("eval_strategy", "save_strategy"):
             value = getattr(self, name)
             if value not in _STRATEGIES:

@@ -37,7 +37,7 @@ from llmcore.train.fsdp import (
     shard,
 )
 from llmcore.train.lazy_rows import LazyRowAdamW
-from llmcore.train.optim import clip_and_step, linear_schedule, make_optimizer
+from llmcore.train.optim import clip_and_step, make_optimizer, make_schedule
 from llmcore.train.reporting import Reporter, peak_memory_mb
 
 IGNORE_INDEX = -100
@@ -389,8 +389,9 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         steps_per_epoch = math.ceil(n_batches / accum) if n_batches is not None else None
         total = cfg.total_steps(steps_per_epoch)
-        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay)
-        self.scheduler = linear_schedule(self.optimizer, cfg.num_warmup_steps(total), total)
+        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay,
+                                        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        self.scheduler = make_schedule(self.optimizer, cfg.lr_scheduler_type, cfg.num_warmup_steps(total), total)
         epoch, skip = 0, 0
         if resume:
             state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, rank=self.rank)
