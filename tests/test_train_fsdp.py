@@ -51,7 +51,9 @@ def _worker(rank, world, init_file, out_dir, mode):
     report = {}
     try:
         mine = [b[rank] for b in _shards(world)]
-        trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, fsdp=mode), mine)
+        # hybrid_shard also recomputes its layers (activation checkpointing of units resharded after forward)
+        trainer = Trainer(tiny(0, dropout=0.0), _config(out_dir, fsdp=mode,
+                                                        activation_checkpointing=mode == "hybrid_shard"), mine)
         report["sharded"] = is_sharded(trainer.model)
         weight = trainer.model.layers[0].attn.q.weight
         report["mesh"] = list(weight.device_mesh.shape)

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and transformers' linear warmup/decay schedule."""
+"""AdamW with decoupled weight decay on matrices only, and transformers' warmup + decay schedules."""
 from __future__ import annotations
 
 import math
