@@ -108,10 +108,13 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
             parser.add_argument(flag, help="with --activation-checkpointing: JSON text or a JSON file's path, e.g. "
                                 "'{\"every_n_layers\": 2}'; other keys go to torch.utils.checkpoint"
                                 + (" (the older name)" if field.name.startswith("gradient") else ""))
-        elif kinds == {bool, type(None)}:  # a flag whose older or newer name may give the value instead
+        elif field.name in ("activation_checkpointing", "gradient_checkpointing"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help="recompute the Transformer layers in the backward instead of keeping their "
                                      "activations" + (" (the older name)" if field.name.startswith("gradient") else ""))
+        elif kinds == {bool, type(None)}:  # unset: TrainConfig derives it
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help="default: derived (see TrainConfig)")
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif kinds <= {int, type(None)}:

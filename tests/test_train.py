@@ -539,3 +539,99 @@ def test_no_extra_checkpoint_when_the_last_step_was_saved(tmp_path):
     cfg = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     Trainer(tiny(), cfg, factory(3)).train()
     assert [os.path.basename(p) for p in list_checkpoints(cfg.output_dir)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def _scripted(scores):
+    """compute_metrics whose evaluation i reports ``scores[i]`` as ``score`` (the best-model choice is scripted)."""
+    calls = []
+
+    class Score:
+        def update(self, logits, labels):
+            pass
+
+        def compute(self):
+            calls.append(None)
+            return {"score": scores[len(calls) - 1]}
+
+    return Score
+
+
+def _best_run(tmp_path, scores, **kw):
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3) for _ in range(8)]
+    settings = {"max_steps": 8, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2,
+                "metric_for_best_model": "score", "report_to": "none", "disable_tqdm": True}
+    trainer = Trainer(tiny(0, dropout=0.0), config(tmp_path, **{**settings, **kw}), batches,
+                      eval_batches=batches[:2], compute_metrics=_scripted(scores))
+    return trainer, trainer.train()
+
+
+def test_load_best_model_at_end(tmp_path):
+    from llmcore.train.checkpoint import load_model_weights
+
+    out = tmp_path / "out"
+    trainer, result = _best_run(tmp_path, [0.2, 0.9, 0.5, 0.1], load_best_model_at_end=True, save_total_limit=1)
+    assert result["best_metric"] == 0.9 and result["best_model_checkpoint"] == str(out / "checkpoint-4")
+    # the best checkpoint outlives save_total_limit=1, beside the newest
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-4", "checkpoint-8"]
+    with open(out / "checkpoint-8" / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["best_model_checkpoint"] == str(out / "checkpoint-4") and state["best_metric"] == 0.9
+    # the model ends with checkpoint-4's weights, not step 8's
+    best, last = tiny(5), tiny(6)
+    load_model_weights(str(out / "checkpoint-4"), best)
+    load_model_weights(str(out / "checkpoint-8"), last)
+    for name, t in trainer.model.state_dict().items():
+        assert torch.equal(t, best.state_dict()[name]), name
+    assert not all(torch.equal(t, last.state_dict()[k]) for k, t in trainer.model.state_dict().items())
+
+
+def test_best_model_survives_resume_and_lower_is_better(tmp_path):
+    # lower is better: checkpoint-4 (0.1) until step 6, then a resumed run sees 0.3 at step 8
+    _best_run(tmp_path, [0.5, 0.1, 0.4], max_steps=6, greater_is_better=False)
+    trainer, result = _best_run(tmp_path, [0.3], greater_is_better=False, load_best_model_at_end=True,
+                                resume_from_checkpoint=True)
+    assert result["best_metric"] == 0.1 and result["best_model_checkpoint"].endswith("checkpoint-4")
+    # without load_best_model_at_end the best is tracked, the model is the last step's
+    trainer, result = _best_run(tmp_path / "plain", [0.2, 0.9, 0.5, 0.1])
+    assert result["best_model_checkpoint"].endswith("checkpoint-4")
+    last = tiny(5)
+    from llmcore.train.checkpoint import load_model_weights
+
+    load_model_weights(result["best_model_checkpoint"].replace("checkpoint-4", "checkpoint-8"), last)
+    assert all(torch.equal(t, last.state_dict()[k]) for k, t in trainer.model.state_dict().items())
+
+
+def test_best_model_settings(tmp_path):
+    assert TrainConfig("o").metric_for_best_model is None and TrainConfig("o").greater_is_better is None
+    c = TrainConfig("o", load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch")
+    assert c.metric_for_best_model == "loss" and c.greater_is_better is False
+    assert TrainConfig("o", metric_for_best_model="eval_accuracy").greater_is_better is True
+    with pytest.raises(ValueError, match="both 'steps' or both 'epoch'"):
+        TrainConfig("o", load_best_model_at_end=True, eval_strategy="epoch", save_strategy="steps")
+    with pytest.raises(ValueError, match=r"save_steps \(5\) must be a multiple of eval_steps \(2\)"):
+        TrainConfig("o", load_best_model_at_end=True, eval_strategy="steps", eval_steps=2, save_steps=5)
+    with pytest.raises(ValueError, match="metric_for_best_model must be"):
+        TrainConfig("o", metric_for_best_model="")
+    with pytest.raises(TypeError, match="greater_is_better must be a bool"):
+        TrainConfig("o", metric_for_best_model="f1", greater_is_better="yes")
+    # a metric the evaluation does not report: named, with the ones it does
+    with pytest.raises(ValueError, match=r"has no 'eval_bleu'; it has \['eval_accuracy'"):
+        _best_run(tmp_path, [0.1], metric_for_best_model="bleu")
+
+
+def test_rotation_keeps_the_best(tmp_path):
+    from llmcore.train.checkpoint import rotate_checkpoints
+
+    def folders(steps, limit, keep):
+        out = tmp_path / f"r{limit}-{keep}"
+        for s in steps:
+            os.makedirs(out / f"checkpoint-{s}")
+        rotate_checkpoints(str(out), limit, keep=None if keep is None else str(out / f"checkpoint-{keep}"))
+        return [int(os.path.basename(p).split("-")[1]) for p in list_checkpoints(str(out))]
+
+    assert folders([2, 4, 6, 8], 2, 4) == [4, 8]  # the best counts toward the limit
+    assert folders([2, 4, 6, 8], 1, 4) == [4, 8]  # a limit of 1 keeps the best and the newest
+    assert folders([2, 4, 6, 8], 1, 8) == [8]  # the best is the newest
+    assert folders([2, 4, 6, 8], 3, 2) == [2, 6, 8]
+    assert folders([2, 4, 6, 8], 2, None) == [6, 8]

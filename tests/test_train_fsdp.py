@@ -304,6 +304,14 @@ def test_fsdp_sharded_checkpoints(tmp_path, capsys):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
     # the sharded checkpoint resumes in one process, without a process group (DCP reshards 2 ranks into 1)
     _resumes_in_one_process(out / f"checkpoint-{SAVE_AT}", single, tmp_path / "cross")
+    # the weights alone (what load_best_model_at_end reads), into a model of one process
+    from llmcore.train.checkpoint import load_model_weights
+
+    alone, reloaded = tiny(3), tiny(4)
+    load_model_weights(str(out / f"checkpoint-{STEPS}"), alone)
+    load_model_weights(str(tmp_path / "one" / f"checkpoint-{STEPS}"), reloaded)
+    for name, t in reloaded.state_dict().items():
+        torch.testing.assert_close(alone.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
     # `llmcore consolidate` writes the model of a sharded checkpoint as whole tensors: those of final/ at the end
     assert main(["consolidate", str(out / f"checkpoint-{STEPS}"), str(tmp_path / "whole")]) == 0
     whole = load_file(tmp_path / "whole" / "model.safetensors")

@@ -44,6 +44,7 @@ from llmcore.train.fsdp import (
     load_optimizer_state,
     load_sharded,
     read_sharded,
+    reshard,
     save_sharded,
 )
 
@@ -165,11 +166,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
     if os.path.isdir(os.path.join(path, SHARDED)):
         load_sharded(model, optimizer, os.path.join(path, SHARDED))
     else:
-        # Into the existing model, by HF names: the architecture is the caller's, only the weights come back.
-        weights = os.path.join(path, "model.safetensors")
-        fresh = load_state(model, model.config.family, load_file(weights), strict_head=True)
-        if fresh:
-            raise CheckpointError(f"{weights!r} lacks {fresh}")
+        load_model_weights(path, model)
         device = next(model.parameters()).device
         optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
         if is_sharded(model):
@@ -186,6 +183,26 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
                                 "so this rank cannot resume its random state exactly")
     with open(state_file, encoding="utf-8") as f:
         return json.load(f)
+
+
+def load_model_weights(path: str, model: nn.Module) -> None:
+    """The weights of the checkpoint folder ``path``, whole (model.safetensors) or sharded (``sharded/``), into
+    ``model`` in place, sharded by FSDP or not; nothing else of the checkpoint. A collective when the model is
+    sharded or the checkpoint is (every rank calls it)."""
+    if os.path.isdir(os.path.join(path, SHARDED)):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        if is_sharded(model):
+            reshard(model)
+        state = {"model": get_model_state_dict(model)}
+        read_sharded(state, os.path.join(path, SHARDED), "this model's weights")
+        set_model_state_dict(model, state["model"])
+        return
+    # Into the existing model, by HF names: the architecture is the caller's, only the weights come back.
+    weights = os.path.join(path, "model.safetensors")
+    fresh = load_state(model, model.config.family, load_file(weights), strict_head=True)
+    if fresh:
+        raise CheckpointError(f"{weights!r} lacks {fresh}")
 
 
 def consolidate_checkpoint(path: str, output_dir: str) -> str:
@@ -212,11 +229,17 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
     return output_dir
 
 
-def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> list[str]:
-    """Delete the oldest checkpoints beyond ``save_total_limit``; return the deleted folders."""
+def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int], keep: Optional[str] = None) -> list[str]:
+    """Delete the oldest checkpoints beyond ``save_total_limit``; return the deleted folders. ``keep`` (the best
+    checkpoint so far) is never deleted and counts toward the limit, except that with a limit of 1 both it and
+    the newest stay (transformers' rule)."""
     if save_total_limit is None:
         return []
     found = list_checkpoints(output_dir)
+    kept = [f for f in found if keep is not None and os.path.abspath(f) == os.path.abspath(keep)]
+    if kept and kept[0] != found[-1]:
+        found.remove(kept[0])
+        save_total_limit = max(1, save_total_limit - 1)
     doomed = found[:max(0, len(found) - save_total_limit)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)

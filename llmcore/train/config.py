@@ -29,6 +29,9 @@ class TrainConfig:
     pipeline that builds the batches (see ``batch_multiple``); the loop itself accepts padded (B, L)
     and packed (T,) + ``cu_seqlens`` batches alike.
     ``lr_scheduler_type``: ``"linear"``, ``"cosine"``, ``"constant"`` or ``"constant_with_warmup"``.
+    ``metric_for_best_model`` (an evaluation metric, ``eval_`` prefix optional) has each checkpoint's evaluation
+    compared (``greater_is_better``), the best checkpoint kept from ``save_total_limit``'s rotation, and, with
+    ``load_best_model_at_end``, its weights loaded when training ends.
     ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
     ``<output_dir>/logs``. Records always go to ``<logging_dir>/train_log.jsonl``; ``report_to``
     (``"tensorboard"`` (default), ``"all"``, ``"none"`` or a list) adds TensorBoard event files there.
@@ -82,6 +85,9 @@ class TrainConfig:
     logging_dir: Optional[str] = None
     report_to: Union[str, list, tuple] = "tensorboard"
     disable_tqdm: bool = False
+    load_best_model_at_end: bool = False
+    metric_for_best_model: Optional[str] = None
+    greater_is_better: Optional[bool] = None
     fsdp: Union[str, list, tuple] = ""
     fsdp_config: Optional[Union[dict, str]] = None
     activation_checkpointing: Optional[bool] = None
@@ -135,6 +141,7 @@ class TrainConfig:
                              f"checkpoint folder, got {r!r}")
         elif isinstance(r, os.PathLike):
             self.resume_from_checkpoint = os.fspath(r)
+        self._check_best_model()
         report = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         if "all" in report:
             report = list(REPORTERS)
@@ -159,6 +166,31 @@ class TrainConfig:
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "logs")
         self.logging_dir = os.fspath(self.logging_dir)
+
+    def _check_best_model(self) -> None:
+        """transformers' rules: load_best_model_at_end needs an evaluation at every save (the same strategy; save
+        steps a multiple of the eval steps) and defaults metric_for_best_model to "loss"; greater_is_better
+        defaults to whether that metric's name does not end in "loss"."""
+        if not isinstance(self.load_best_model_at_end, bool):
+            raise TypeError(f"load_best_model_at_end must be a bool, got {self.load_best_model_at_end!r}")
+        if self.load_best_model_at_end:
+            if self.eval_strategy == "no" or self.eval_strategy != self.save_strategy:
+                raise ValueError("load_best_model_at_end needs an evaluation at every checkpoint: eval_strategy and "
+                                 "save_strategy both 'steps' or both 'epoch', got "
+                                 f"{self.eval_strategy!r} and {self.save_strategy!r}")
+            if self.eval_strategy == "steps" and self.save_steps % self.eval_steps:
+                raise ValueError(f"load_best_model_at_end: save_steps ({self.save_steps}) must be a multiple of "
+                                 f"eval_steps ({self.eval_steps})")
+            if self.metric_for_best_model is None:
+                self.metric_for_best_model = "loss"
+        if self.metric_for_best_model is not None:
+            if not isinstance(self.metric_for_best_model, str) or not self.metric_for_best_model:
+                raise ValueError(f"metric_for_best_model must be a metric's name (e.g. 'loss', 'accuracy'), got "
+                                 f"{self.metric_for_best_model!r}")
+            if self.greater_is_better is None:
+                self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
+            raise TypeError(f"greater_is_better must be a bool, got {self.greater_is_better!r}")
 
     def batch_multiple(self, device) -> int:
         """What the batches' sizes are rounded up to (packed: tokens, padded: length; see

@@ -22,6 +22,7 @@ from llmcore.train.checkpoint import (
     PREFIX,
     latest_checkpoint,
     load_checkpoint,
+    load_model_weights,
     partial_path,
     publish_checkpoint,
     rotate_checkpoints,
@@ -234,6 +235,10 @@ class Trainer:
         self.global_step = 0
         self.optimizer = None
         self.scheduler = None
+        # metric_for_best_model's best value at a checkpoint, and that checkpoint's folder
+        self.best_metric: Optional[float] = None
+        self.best_model_checkpoint: Optional[str] = None
+        self._last_eval: Optional[tuple] = None  # (global_step, metrics) of the latest evaluate()
         self.reporter: Optional[Reporter] = None
         self._wrapped = model
         # while training: parameters stepped outside torch's AdamW (row-sparse embedding tables,
@@ -303,6 +308,7 @@ class Trainer:
             out["eval_f1"] = macro_f1(counts[0], counts[1], counts[2])
         if custom is not None:
             out.update({f"eval_{k}": v for k, v in custom.compute().items()})
+        self._last_eval = (self.global_step, out)
         return out
 
     def _count(self, logits: Tensor, labels: Tensor, sums: Tensor, counts: Optional[Tensor],
@@ -335,20 +341,38 @@ class Trainer:
         ranks are done, so a run killed at any moment leaves either a complete checkpoint or none."""
         self._flush_steppers()
         path = os.path.join(self.config.output_dir, f"{PREFIX}{self.global_step}")
+        self._track_best(path)
         partial = partial_path(path)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
         self._barrier()
         state = {"global_step": self.global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                 "log_history": self.log_history, "config": self.config.to_dict()}
+                 "log_history": self.log_history, "config": self.config.to_dict(),
+                 "best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint}
         save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
                         write_shared=self.rank == 0, sharded=self.config.sharded_checkpoints)
         self._barrier()
         if self.rank == 0:
             publish_checkpoint(partial, path)
-            rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
+            rotate_checkpoints(self.config.output_dir, self.config.save_total_limit, keep=self.best_model_checkpoint)
         return path
+
+    def _track_best(self, path: str) -> None:
+        """With ``metric_for_best_model``: when this step was evaluated, compare its metric with the best so far
+        and make ``path`` (the checkpoint being written) the best one if it is better (strictly)."""
+        name = self.config.metric_for_best_model
+        if name is None or self._last_eval is None or self._last_eval[0] != self.global_step:
+            return
+        metrics = self._last_eval[1]
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise ValueError(f"metric_for_best_model={name!r}: the evaluation has no {key!r}; it has "
+                             f"{sorted(metrics)}")
+        value = float(metrics[key])
+        best = self.best_metric
+        if best is None or (value > best if self.config.greater_is_better else value < best):
+            self.best_metric, self.best_model_checkpoint = value, path
 
     def save_model(self, path: str) -> None:
         """Write the model (``config.json`` + ``model.safetensors``, transformers' names) to ``path`` from rank 0.
@@ -397,6 +421,7 @@ class Trainer:
             state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, rank=self.rank)
             self.global_step, epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
             self.log_history = list(state.get("log_history", []))
+            self.best_metric, self.best_model_checkpoint = state.get("best_metric"), state.get("best_model_checkpoint")
         sharded = is_sharded(self.model)
         if (self.world_size > 1 and not sharded
                 and not isinstance(self._wrapped, nn.parallel.DistributedDataParallel)):
@@ -485,6 +510,8 @@ class Trainer:
             self._steppers = []
             reporter.close()
             self.reporter = None
+        if cfg.load_best_model_at_end and self.best_model_checkpoint is not None:
+            load_model_weights(self.best_model_checkpoint, self.model)
         runtime = time.perf_counter() - t_start
         steps = self.global_step - start_step
         counted = torch.tensor([float(run_loss), run_examples, run_tokens], dtype=torch.float64)
@@ -492,7 +519,9 @@ class Trainer:
             counted = counted.to(self.device)
             all_reduce(counted)
         loss_total, examples_total, tokens_total = counted.tolist()
-        return {"global_step": self.global_step, "epoch": epoch,
+        best = {"best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint} \
+            if cfg.metric_for_best_model is not None else {}
+        return {"global_step": self.global_step, "epoch": epoch, **best,
                 "train_loss": loss_total / max(steps, 1), "train_runtime": runtime,
                 "train_samples_per_second": examples_total / max(runtime, 1e-9),
                 "train_tokens_per_second": tokens_total / max(runtime, 1e-9),
