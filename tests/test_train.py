@@ -635,3 +635,35 @@ def test_rotation_keeps_the_best(tmp_path):
     assert folders([2, 4, 6, 8], 1, 8) == [8]  # the best is the newest
     assert folders([2, 4, 6, 8], 3, 2) == [2, 6, 8]
     assert folders([2, 4, 6, 8], 2, None) == [6, 8]
+
+
+def test_label_smoothing_matches_transformers(tmp_path):
+    """label_smoothing_factor: the loop's loss against transformers' LabelSmoother, ignored labels included; the
+    evaluation loss smoothed as transformers' Trainer smooths it."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from llmcore.train.loop import loss_sum
+
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (12,), generator=gen)
+    labels[[2, 7]] = -100
+    theirs = LabelSmoother(epsilon=0.1)({"logits": logits}, labels)
+    ours = loss_sum(logits, labels, 0.1) / 10
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    assert abs(float(loss_sum(logits, labels, 0.1)) - float(loss_sum(logits, labels))) > 1e-3  # it smooths
+    # the loop: evaluation of the same model and batches, with and without smoothing
+    batches = [padded(gen, 4) for _ in range(3)]
+    model = tiny(2, dropout=0.0)
+    smoothed = Trainer(model, config(tmp_path, label_smoothing_factor=0.2, report_to="none"), batches,
+                       eval_batches=batches).evaluate()
+    with torch.no_grad():
+        expected = sum(float(LabelSmoother(epsilon=0.2)({"logits": model(**{k: v for k, v in b.items() if k != "labels"})
+                                                       .logits.double()}, b["labels"])) * 4 for b in batches) / 12
+    assert smoothed["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    # the training step's loss (a mean over the window's examples) too
+    model.train()
+    loss, n = accumulate_gradients(model, batches, label_smoothing=0.2)
+    assert n == 12 and float(loss) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing_factor must be"):
+        TrainConfig("o", label_smoothing_factor=1.5)

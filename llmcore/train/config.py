@@ -29,6 +29,7 @@ class TrainConfig:
     pipeline that builds the batches (see ``batch_multiple``); the loop itself accepts padded (B, L)
     and packed (T,) + ``cu_seqlens`` batches alike.
     ``lr_scheduler_type``: ``"linear"``, ``"cosine"``, ``"constant"`` or ``"constant_with_warmup"``.
+    ``label_smoothing_factor`` smooths the classification loss, in training and evaluation (as transformers).
     ``metric_for_best_model`` (an evaluation metric, ``eval_`` prefix optional) has each checkpoint's evaluation
     compared (``greater_is_better``), the best checkpoint kept from ``save_total_limit``'s rotation, and, with
     ``load_best_model_at_end``, its weights loaded when training ends.
@@ -69,6 +70,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    label_smoothing_factor: float = 0.0
     gradient_accumulation_steps: int = 1
     bf16: bool = False
     seed: int = 42
@@ -118,6 +120,7 @@ class TrainConfig:
             if getattr(self, name) == 1.0:
                 raise ValueError(f"{name} must be < 1 (Adam divides by 1 - {name} ** step), got 1.0")
         _check_float("adam_epsilon", self.adam_epsilon, lo=0.0)
+        _check_float("label_smoothing_factor", self.label_smoothing_factor, lo=0.0, hi=1.0)
         if self.lr_scheduler_type not in SCHEDULES:
             raise ValueError(f"lr_scheduler_type must be one of {', '.join(map(repr, SCHEDULES))}, "
                              f"got {self.lr_scheduler_type!r}")

@@ -53,14 +53,17 @@ def example_count(batch: Batch) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
-def loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+def loss_sum(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Summed (not mean) loss of one batch, in fp32. logits (n, C), labels (n,).
 
-    C == 1 is regression (squared error), else cross-entropy skipping ``-100`` labels."""
+    C == 1 is regression (squared error), else cross-entropy skipping ``-100`` labels; ``label_smoothing``
+    (transformers' ``label_smoothing_factor``) mixes in the mean over classes of -log p, as transformers'
+    ``LabelSmoother`` (the same formula as torch's ``label_smoothing``)."""
     if logits.shape[-1] == 1:
         keep = labels != IGNORE_INDEX
         return F.mse_loss(logits.squeeze(-1).float()[keep], labels.float()[keep], reduction="sum")
-    return F.cross_entropy(logits.float(), labels.long(), reduction="sum", ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float(), labels.long(), reduction="sum", ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing)
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
@@ -97,7 +100,8 @@ def all_reduce(t: Tensor, op=None) -> None:
         time.sleep(1e-5)
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: bool = False) -> tuple[Tensor, int]:
+def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: bool = False,
+                         label_smoothing: float = 0.0) -> tuple[Tensor, int]:
     """Forward + backward over the micro-batches of one optimizer step; return (loss, examples).
 
     Each micro-batch adds ``sum of its per-example losses / examples in the whole window`` to the
@@ -128,7 +132,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: boo
         with sync:
             with _autocast(device, bf16):
                 logits = model(**batch).logits
-            loss = loss_sum(logits, labels) / denom
+            loss = loss_sum(logits, labels, label_smoothing) / denom
             # DDP and FSDP average gradients over ranks; undo that so the result is the global-example mean.
             (loss * world).backward()
         loss_acc += loss.detach()
@@ -316,7 +320,7 @@ class Trainer:
         """Add one batch to the running loss/example sums and per-class counts (returned: created
         on the first batch of a classification task), and to ``compute_metrics``' object."""
         keep = labels != IGNORE_INDEX
-        sums[0] += loss_sum(logits, labels).double()
+        sums[0] += loss_sum(logits, labels, self.config.label_smoothing_factor).double()
         sums[1] += keep.sum()
         num_classes = logits.shape[-1]
         if num_classes > 1:
@@ -453,7 +457,7 @@ class Trainer:
                     consumed += len(window)
                     lr = self.scheduler.get_last_lr()[0]
                     run_tokens += sum(token_count(b) for b in window)
-                    loss, examples = accumulate_gradients(self._wrapped, window, cfg.bf16)
+                    loss, examples = accumulate_gradients(self._wrapped, window, cfg.bf16, cfg.label_smoothing_factor)
                     grad_norm = None
                     if cfg.max_grad_norm > 0:
                         grad_norm = clip_and_step(self.optimizer, self._params, cfg.max_grad_norm, self._steppers)
