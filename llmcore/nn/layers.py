@@ -199,10 +199,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., L, H, D) with cos/sin (..., L, D)."""
+    """x (..., L, H, D) with cos/sin (..., L, D), in x's dtype. Under autocast the cos/sin are float32 and the
+    projections bf16/fp16: the rotation is computed in float32 (as transformers does) and rounded back, as
+    autocast's SDPA would cast it, so that q, k and v reach attention in one dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+    return (x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -242,10 +244,6 @@ class Attention(nn.Module):
         v = v.view(*shape, self.kv_heads, self.head_dim)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-            if q.dtype != v.dtype:
-                # Under autocast the float32 cos/sin promote the bf16/fp16 projections (as in transformers);
-                # attention takes all three in the projections' dtype, as autocast's SDPA casts them.
-                q, k = q.to(v.dtype), k.to(v.dtype)
         p = self.dropout if self.training else 0.0
         if batch.packed:
             cu_q, max_q = batch.cu_seqlens, batch.max_seqlen
