@@ -50,11 +50,10 @@ class LayerCheckpointing:
 
     def _run_layer(self, index: int, layer: nn.Module, *args, **kwargs):
         """``layer(*args, **kwargs)``, recomputed in the backward when checkpointing takes layer ``index``."""
-        if self._checkpointing is None or not (self.training and torch.is_grad_enabled()):
+        if self._checkpointing is None or not (self.training and torch.is_grad_enabled()) \
+                or index % self._checkpointing[1]:
             return layer(*args, **kwargs)
-        checkpoint_kwargs, every, offload = self._checkpointing
-        if index % every:
-            return layer(*args, **kwargs)
+        checkpoint_kwargs, _, offload = self._checkpointing
         # keyword arguments bound first: the reentrant form passes only positional ones through
         run = functools.partial(layer, **kwargs) if kwargs else layer
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))

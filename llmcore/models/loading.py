@@ -180,15 +180,20 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classif
     path = checkpoint_dir(path)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         hf = json.load(f)
-    cfg = config_from_hf(hf, task, num_labels)
-    model = EncoderForSequenceClassification(cfg) if task == "sequence-classification" else DecoderForCausalLM(cfg)
+    model = build_model(hf, task, num_labels)
     if dtype is not None:
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         model.to(dtype)
-    fresh = load_state(model, cfg.family, _read_safetensors(path))
+    fresh = load_state(model, model.config.family, _read_safetensors(path))
     model.newly_initialized = fresh
     return model
+
+
+def build_model(hf: dict, task: str = "sequence-classification", num_labels: Optional[int] = None) -> nn.Module:
+    """A freshly initialized llmcore model for ``task`` from transformers' config dict ``hf`` (config.json)."""
+    cfg = config_from_hf(hf, task, num_labels)
+    return EncoderForSequenceClassification(cfg) if task == "sequence-classification" else DecoderForCausalLM(cfg)
 
 
 def _internal_to_hf(model: nn.Module, state: Optional[dict] = None) -> dict:

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llmcore.models import CheckpointError, save_pretrained
-from llmcore.models.loading import load_state, save_config
+from llmcore.models.loading import build_model, load_state, save_config
 from llmcore.train.fsdp import (
     full_model_state,
     full_optimizer_state,
@@ -44,7 +44,6 @@ from llmcore.train.fsdp import (
     load_optimizer_state,
     load_sharded,
     read_sharded,
-    reshard,
     save_sharded,
 )
 
@@ -190,13 +189,7 @@ def load_model_weights(path: str, model: nn.Module) -> None:
     ``model`` in place, sharded by FSDP or not; nothing else of the checkpoint. A collective when the model is
     sharded or the checkpoint is (every rank calls it)."""
     if os.path.isdir(os.path.join(path, SHARDED)):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        if is_sharded(model):
-            reshard(model)
-        state = {"model": get_model_state_dict(model)}
-        read_sharded(state, os.path.join(path, SHARDED), "this model's weights")
-        set_model_state_dict(model, state["model"])
+        load_sharded(model, None, os.path.join(path, SHARDED))
         return
     # Into the existing model, by HF names: the architecture is the caller's, only the weights come back.
     weights = os.path.join(path, "model.safetensors")
@@ -209,10 +202,6 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
     """Writes the model of the sharded checkpoint ``path`` (``checkpoint-<step>`` with a ``sharded/`` folder) into
     ``output_dir`` as config.json + model.safetensors in transformers' names (what ``Trainer.save_model`` writes),
     in one process, reading only the model's part of the shards (not the optimizer's). Returns ``output_dir``."""
-    from llmcore.models.config import config_from_hf
-    from llmcore.models.decoder import DecoderForCausalLM
-    from llmcore.models.encoder import EncoderForSequenceClassification
-
     sharded = os.path.join(path, SHARDED)
     config_file = os.path.join(path, "config.json")
     if not os.path.isdir(sharded) or not os.path.isfile(config_file):
@@ -220,9 +209,7 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
     with open(config_file, encoding="utf-8") as f:
         hf = json.load(f)
     causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in hf.get("architectures") or [])
-    task = "causal-lm" if causal else "sequence-classification"
-    cfg = config_from_hf(hf, task)
-    model = DecoderForCausalLM(cfg) if causal else EncoderForSequenceClassification(cfg)
+    model = build_model(hf, "causal-lm" if causal else "sequence-classification")
     # the model's own tensors, which DCP reads into in place; the optimizer's keys are left unread
     read_sharded({"model": model.state_dict()}, sharded, "the model its config.json describes")
     save_pretrained(model, output_dir)

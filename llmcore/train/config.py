@@ -121,13 +121,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be < 1 (Adam divides by 1 - {name} ** step), got 1.0")
         _check_float("adam_epsilon", self.adam_epsilon, lo=0.0)
         _check_float("label_smoothing_factor", self.label_smoothing_factor, lo=0.0, hi=1.0)
-        if self.lr_scheduler_type not in SCHEDULES:
-            raise ValueError(f"lr_scheduler_type must be one of {', '.join(map(repr, SCHEDULES))}, "
-                             f"got {self.lr_scheduler_type!r}")
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULES)
         for name in ("eval_strategy", "save_strategy"):
-            value = getattr(self, name)
-            if value not in _STRATEGIES:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, _STRATEGIES))}, got {value!r}")
+            check_choice(name, getattr(self, name), _STRATEGIES)
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
         _check_int("eval_steps", self.eval_steps, minimum=1)
@@ -233,6 +229,12 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """ValueError naming the setting and its choices when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def _check_float(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:

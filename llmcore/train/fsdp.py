@@ -13,6 +13,7 @@ import contextlib
 import os
 import time
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -198,10 +199,11 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) 
         dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
 
 
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-    """Loads ``save_sharded``'s folder into ``model`` and ``optimizer`` in place, each rank reading the parts of
-    its shards: sharded or not, on any number of ranks (DCP reshards). A collective under a process group.
-    Raises ``CheckpointError`` when the folder does not hold this model's or this optimizer's tensors."""
+def load_sharded(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], path: str) -> None:
+    """Loads ``save_sharded``'s folder into ``model`` and ``optimizer`` (None: the model alone) in place, each
+    rank reading the parts of its shards: sharded or not, on any number of ranks (DCP reshards). A collective
+    under a process group. Raises ``CheckpointError`` when the folder does not hold this model's or this
+    optimizer's tensors."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -213,10 +215,13 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) 
         reshard(model)
     # The state dicts of this model and optimizer are the templates DCP reads into: their keys, shapes and
     # shards (a fresh optimizer's state is created, zero, to be overwritten).
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    read_sharded(state, path, "this model's and optimizer's state")
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    read_sharded(state, path, "this model's weights" if optimizer is None else "this model's and optimizer's state")
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def read_sharded(state: dict, path: str, what: str) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from llmcore import _C
-from llmcore.train.config import SCHEDULES
+from llmcore.train.config import SCHEDULES, check_choice
 from llmcore.train.fsdp import as_local
 
 
@@ -69,8 +69,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int
     """transformers' ``lr_scheduler_type`` schedules (``SCHEDULES``), each lr x step/warmup during the warmup,
     then: ``linear`` decay to 0 at ``total_steps``; ``cosine`` half a cosine from 1 to 0 at ``total_steps``;
     ``constant_with_warmup`` 1. ``constant`` is 1 from the first step (no warmup, as transformers')."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"lr_scheduler_type must be one of {', '.join(map(repr, SCHEDULES))}, got {kind!r}")
+    check_choice("lr_scheduler_type", kind, SCHEDULES)
 
     def factor(step: int) -> float:
         if kind == "constant":
