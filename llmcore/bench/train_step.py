@@ -16,10 +16,10 @@ from llmcore.bench.data import minilm_dir, sst2_texts
 
 def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] = None,
                max_length: Optional[int] = None, activation_checkpointing: bool = False) -> tuple[dict, dict]:
-    """{impl: step()} (``step.forward()``: its forward alone, the loss) for one batch (default: SST-2 train sentences 1000.., else the first ``batch_size`` of
-    ``texts``, cut to ``max_length`` tokens), and facts about the batch. ``activation_checkpointing``: both models
-    recompute their layers in the backward (``activation_checkpointing_enable()``, transformers' with
-    use_reentrant=False as llmcore's)."""
+    """{impl: step()} (``step.forward()``: its forward alone, the loss) for one batch (default: SST-2 train
+    sentences 1000.., else the first ``batch_size`` of ``texts``, cut to ``max_length`` tokens), and facts about the
+    batch. ``activation_checkpointing``: both models recompute their layers in the backward
+    (``activation_checkpointing_enable()``, transformers' with use_reentrant=False as llmcore's)."""
     import transformers
     from llmcore.models import from_pretrained
 

@@ -29,7 +29,7 @@ from llmcore.train.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from llmcore.train.config import TrainConfig
+from llmcore.train.config import LAYER_KEYS, TrainConfig
 from llmcore.train.fsdp import (
     check_process_group,
     full_model_state,
@@ -182,7 +182,7 @@ def _enable_activation_checkpointing(model: nn.Module, kwargs: Optional[dict]) -
     """``model.activation_checkpointing_enable`` (llmcore's models, transformers >= 5), or the older
     ``gradient_checkpointing_enable`` (transformers 4), with TrainConfig's ``activation_checkpointing_kwargs``."""
     kwargs = dict(kwargs or {})
-    layers = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
+    layers = {k: kwargs.pop(k) for k in LAYER_KEYS if k in kwargs}
     if callable(getattr(model, "activation_checkpointing_enable", None)):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layers)
     elif callable(getattr(model, "gradient_checkpointing_enable", None)):
