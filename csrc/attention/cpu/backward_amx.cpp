@@ -1,7 +1,7 @@
 // The backward of backward.cpp for bf16 inputs on CPUs with AMX or AVX512-BF16: the same
 // transposed formulation and work split, with all five GEMMs of a tile on bf16 operands with
 // fp32 accumulation (tile_gemm: AMX tiles or vdpbf16ps, see amx.h) and the softmax gradient in
-// fp32 AVX-512 (the dot-product build accumulates dQ as rows, see kDqRows). P and dS are rounded
+// fp32 AVX-512. P and dS are rounded
 // to bf16 before they enter a GEMM, as torch's and FlashAttention's bf16 kernels do. Compiled
 // into the avx512_amx and avx512_bf16 builds.
 #include <cstdint>
@@ -44,20 +44,15 @@ QPack carve_q(uint16_t* base, int64_t qpad, const Dims& d) {
   return q;
 }
 
-// dQ accumulates as dQ^T (D x queries) = K^T dS^T on AMX, whose A tiles are row-major: K^T is
-// packed once per kv head and the sum transposed back at the end. With dot products it
-// accumulates as rows, dQ = dS K: tile_gemm_tn reads dS out of the VNNI pack of dS^T (the B
-// operand of the dQ^T GEMM) and K is packed like any B operand, so neither transpose is
-// needed, and no GEMM reads A rows kpad elements apart (bf16 backward with torch interleaved,
-// causal / full: (4,12,512,64) -7% / -4%, (2,16,1024,64) -10% / -6%, (1,32,2048,128) -8% / -5%).
-#ifdef LLMCORE_BF16_DOT
-constexpr bool kDqRows = true;
-#else
-constexpr bool kDqRows = false;
-#endif
+// dQ accumulates as rows, dQ = dS K, with K packed once per kv head like any B operand (VNNI
+// rows along the keys), so no GEMM reads A rows kpad elements apart and the sum needs no transpose
+// at the end. dS comes from the dS^T tile: tile_gemm_tn reads it straight out of the tile's VNNI
+// pack with dot products; AMX A tiles must be row-major, so there the tile is transposed first.
+// (Dot products, bf16 backward with torch interleaved, causal / full, against dQ^T = K^T dS^T:
+// (4,12,512,64) -7% / -4%, (2,16,1024,64) -10% / -6%, (1,32,2048,128) -8% / -5%.)
 
 // Per kv head (kpad rows): A operands of S^T, dP^T (K and V rows, ldk and ldv elements apart)
-// and K for the dQ GEMM (kdq: K^T, Dp x kpad, or K as a VNNI B operand, kpad x Dp). The rows are
+// and K for the dQ GEMM (kdq: K as a VNNI B operand, kpad x Dp). The rows are
 // the inputs themselves when they fill whole 32-row blocks and head dims (nothing to pad), else
 // zero-padded copies in the pack.
 struct KPack {
@@ -158,26 +153,12 @@ void pack_k(const BackwardArgs& a, int64_t b, int64_t h, const Dims& d, int64_t 
     copy_padded(k, a.k.seq_stride, s.len_k, d.D, kpad, d.Dp, out.k_copy);
     copy_padded(v, a.v.seq_stride, s.len_k, d.Dv, kpad, d.Dvp, out.v_copy);
   }
-  // A padded copy's zeros stay zeros.
-  if (kDqRows)
-    pack_vnni_rows(out.k, out.ldk, kpad, d.Dp, kpad, d.Dp, out.kdq);
-  else
-    transpose_bf16(out.k, out.ldk, kpad, d.Dp, out.kdq, kpad);
-}
-
-// dQ rows of query head h of sequence b from the sum of `chunks` accumulators (chunk_stride
-// floats apart; the first is summed into).
-void store_dq(const BackwardArgs& a, const Dims& d, int64_t b, int64_t h, float* dq, int64_t chunks,
-              int64_t chunk_stride, int64_t qpad, float* scratch) {
-  if (kDqRows)
-    write_dq_rows(a, b, h, dq, d.Dp, chunks, chunk_stride);
-  else
-    write_dq(a, b, h, dq, chunks, chunk_stride, qpad, scratch, kBlockK * kBlockQ);
+  pack_vnni_rows(out.k, out.ldk, kpad, d.Dp, kpad, d.Dp, out.kdq);  // a padded copy's zeros stay zeros
 }
 
 struct TileBuffers {
   float *p, *dp, *keep_scale, *dk, *dv;
-  uint16_t *pb, *dsb, *ds_vnni;
+  uint16_t *pb, *dsb, *ds;  // ds: the dQ GEMM's dS (a VNNI pack of dS^T with dot products, dS rows on AMX)
   uint8_t* keep;
   static int64_t floats(const Dims& d) {
     const int64_t t = kBlockK * kBlockQ;
@@ -192,13 +173,13 @@ struct TileBuffers {
     dv = dk + kBlockK * d.Dp;
     pb = reinterpret_cast<uint16_t*>(dv + kBlockK * d.Dvp);
     dsb = pb + t;
-    ds_vnni = dsb + t;
-    keep = reinterpret_cast<uint8_t*>(ds_vnni + t);
+    ds = dsb + t;
+    keep = reinterpret_cast<uint8_t*>(ds + t);
   }
 };
 
 // One group (sequence b, kv head hk): its query heads' packs are q_of(g), its fp32 dQ
-// accumulators dq_of(g) (dQ^T, Dp x qpad, or with kDqRows dQ, qpad x Dp). Key tiles
+// accumulators dq_of(g) (dQ, qpad x Dp). Key tiles
 // [t_begin, t_end).
 template <class QOf, class DqOf>
 void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64_t kpad, int64_t qpad, const QOf& q_of,
@@ -290,13 +271,15 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
           }
           // dK += dS^T Q (keys x D), K = queries
           tile_gemm(m, d.Dp, n, dSb, T, vnni_at(qp.q, qpad, q0 + c0, 0), qpad * 16, dk, d.Dp, !first_q);
-          // dQ += dS K (queries x D), or dQ^T += K^T dS^T (D x queries); K = keys
-          pack_vnni_rows(dSb, T, m, n, m, n, buf.ds_vnni);
+          // dQ += dS K (queries x D), K = keys
 #ifdef LLMCORE_BF16_DOT
-          tile_gemm_tn(n, d.Dp, m, buf.ds_vnni, m * 16, vnni_at(kp.kdq, kpad, k0 + r0, 0), kpad * 16,
+          pack_vnni_rows(dSb, T, m, n, m, n, buf.ds);
+          tile_gemm_tn(n, d.Dp, m, buf.ds, m * 16, vnni_at(kp.kdq, kpad, k0 + r0, 0), kpad * 16,
                        dq + (q0 + c0) * d.Dp, d.Dp, true);
 #else
-          tile_gemm(d.Dp, n, m, kp.kdq + k0 + r0, kpad, buf.ds_vnni, m * 16, dq + q0 + c0, qpad, true);
+          transpose_bf16(dSb, T, m, n, buf.ds, m);  // dS, n x m row-major
+          tile_gemm(n, d.Dp, m, buf.ds, m, vnni_at(kp.kdq, kpad, k0 + r0, 0), kpad * 16, dq + (q0 + c0) * d.Dp,
+                    d.Dp, true);
 #endif
         }
         first_q = false;
@@ -379,7 +362,7 @@ void backward(const BackwardArgs& a) {
         backward_tiles(a, d, k, kpad, qpad, q_of, [&](int64_t gh) { return dq_acc + gh * d.Dp * qpad; }, b, hk, 0,
                        ceil_div(s.len_k, kBlockK), buf);
         for (int64_t gh = 0; gh < group; ++gh)
-          store_dq(a, d, b, hk * group + gh, dq_acc + gh * d.Dp * qpad, 1, 0, qpad, buf.p);
+          write_dq_rows(a, b, hk * group + gh, dq_acc + gh * d.Dp * qpad, d.Dp, 1, 0);
       }
     }
     return;
@@ -428,7 +411,7 @@ void backward(const BackwardArgs& a) {
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t h = 0; h < p.heads_q; ++h)
-        store_dq(a, d, b, h, dq_acc_of(0, h, b), chunks, p.heads_q * q_total * d.Dp, q_off[b + 1] - q_off[b], buf.p);
+        write_dq_rows(a, b, h, dq_acc_of(0, h, b), d.Dp, chunks, p.heads_q * q_total * d.Dp);
   }
 }
 

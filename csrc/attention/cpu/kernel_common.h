@@ -287,27 +287,6 @@ inline void pack_transposed_panels(const void* src, DType dt, int64_t seq_stride
 // such sizes get 64 more.
 inline int64_t alias_free(int64_t n) { return n >= 512 && n % 512 == 0 ? n + 64 : n; }
 
-// dQ rows [0, len_q) of head h of sequence b = scale * the sum of `chunks` dQ^T accumulators
-// (D x qpad each, chunk_stride floats apart; the AMX backward's), transposed back through `rows`
-// (room for rows_capacity floats) and stored in the output dtype.
-inline void write_dq(const BackwardArgs& a, int64_t b, int64_t h, const float* dqt, int64_t chunks,
-                     int64_t chunk_stride, int64_t qpad, float* rows, int64_t rows_capacity) {
-  const Problem& p = a.p;
-  const Seq s = sequence(p, b);
-  const int64_t D = p.head_dim, block = std::max<int64_t>(1, rows_capacity / D);
-  for (int64_t i0 = 0; i0 < s.len_q; i0 += block) {
-    const int64_t n = std::min(block, s.len_q - i0);
-    transpose(dqt + i0, qpad, D, n, rows, D);
-    for (int64_t c = 1; c < chunks; ++c) {
-      const float* src = dqt + c * chunk_stride + i0;
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t i = 0; i < n; ++i) rows[i * D + d] += src[d * qpad + i];
-    }
-    for (int64_t i = 0; i < n; ++i)
-      store_row(rows + i * D, D, p.scale, p.dtype, at_mut(a.dq, p.dtype, row_offset(p, a.dq, b, h, s.q_row0, i0 + i)));
-  }
-}
-
 // dQ rows [0, len_q) of head h of sequence b = scale * the sum of `chunks` row-major dQ
 // accumulators (ld floats a row, chunk_stride floats apart; the first is summed into), stored in
 // the output dtype.
