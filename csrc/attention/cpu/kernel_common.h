@@ -220,6 +220,39 @@ inline void prefetch_query_tile(const ForwardArgs& a, int64_t b, int64_t h, int6
   prefetch_rows(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, q0)), a.q.seq_stride * es, rows, p.head_dim * es);
 }
 
+// What a forward tile asks for while it computes: the query rows of the tile this thread runs next
+// in the same head (`next`, or -1 for none) and its own output rows, for writing, one row of each
+// per call of row(r), which the AMX forward makes once per softmax row of its last key block.
+// Asked for all at once in the tile's prologue, these ~3 lines a row waited there for fill buffers
+// (bf16 (4,12,512,64), rdtsc: the prologue took 1.5 K cycles a tile, 0.2 K without them); spread
+// over the exp they overlap it.
+struct TileRowPrefetch {
+  const char *next_q = nullptr;
+  char* o = nullptr;
+  int64_t next_rows = 0, rows = 0, q_ld = 0, o_ld = 0, q_bytes = 0, o_bytes = 0;
+
+  TileRowPrefetch(const ForwardArgs& a, int64_t b, int64_t h, int64_t q0, int64_t rows_, int64_t next,
+                  int64_t tile_rows) {
+    const Problem& p = a.p;
+    const Seq s = sequence(p, b);
+    const int64_t es = elem_size(p.dtype);
+    if (next >= 0 && next * tile_rows < s.len_q) {
+      next_q = static_cast<const char*>(at(a.q, p.dtype, row_offset(p, a.q, b, h, s.q_row0, next * tile_rows)));
+      next_rows = std::min(tile_rows, s.len_q - next * tile_rows);
+    }
+    o = static_cast<char*>(at_mut(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, q0)));
+    rows = rows_;
+    q_ld = a.q.seq_stride * es;
+    o_ld = a.o.seq_stride * es;
+    q_bytes = p.head_dim * es;
+    o_bytes = p.head_dim_v * es;
+  }
+  void row(int64_t r) const {
+    if (r < next_rows) prefetch_rows(next_q + r * q_ld, 0, 1, q_bytes);
+    if (r < rows) prefetch_rows<1>(o + r * o_ld, 0, 1, o_bytes);
+  }
+};
+
 // dst[c][r] = src[r][c] for an rows x cols block (row strides in floats), in W x W register
 // transposes with scalar edges.
 inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
