@@ -253,6 +253,44 @@ struct TileRowPrefetch {
   }
 };
 
+// The rows of a few matrices of one head (up to kMax, the same row count), asked for a few at a
+// time: each step() asks for the next per_step rows of every matrix. A kernel's local path fills it
+// with the inputs of the (sequence, head) it will likely run next and steps it while it computes the
+// current one, so that head's packs find their rows in cache instead of waiting on memory for them
+// (they come from memory when another op ran in between and streamed its data through the caches).
+struct RowTrickle {
+  static constexpr int kMax = 5;
+  const char* base[kMax] = {};
+  int64_t ld[kMax] = {}, bytes[kMax] = {};
+  int n = 0;
+  int64_t rows = 0, next = 0, per_step = 0;
+
+  void add(const void* x, int64_t ld_bytes, int64_t row_bytes) {
+    base[n] = static_cast<const char*>(x);
+    ld[n] = ld_bytes;
+    bytes[n++] = row_bytes;
+  }
+  // Spreads `rows` rows over `steps` calls of step().
+  void spread(int64_t rows_, int64_t steps) {
+    rows = rows_;
+    next = 0;
+    per_step = ceil_div(rows_, std::max<int64_t>(steps, 1));
+  }
+  void step() {
+    for (const int64_t end = std::min(rows, next + per_step); next < end; ++next)
+      for (int i = 0; i < n; ++i) prefetch_rows(base[i] + next * ld[i], 0, 1, bytes[i]);
+  }
+};
+
+// The work item a thread likely takes after item `it` of an OpenMP `schedule(dynamic, chunk)` loop
+// of `items` items on `nthreads` threads, when the threads take chunks in turn: the rest of its chunk,
+// then the chunk nthreads - 1 chunks on. -1 past the end. A wrong guess costs the prefetches of an
+// item another thread runs (from this core's caches, or not at all).
+inline int64_t likely_next_item(int64_t it, int64_t chunk, int nthreads, int64_t items) {
+  const int64_t next = (it + 1) % chunk != 0 ? it + 1 : it + 1 + (nthreads - 1) * chunk;
+  return next < items ? next : -1;
+}
+
 // dst[c][r] = src[r][c] for an rows x cols block (row strides in floats), in W x W register
 // transposes with scalar edges.
 inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
