@@ -620,6 +620,126 @@ def test_best_model_settings(tmp_path):
         _best_run(tmp_path, [0.1], metric_for_best_model="bleu")
 
 
+def _hf_stop_step(scores, patience, threshold, greater, eval_steps=2):
+    """The step at which transformers' EarlyStoppingCallback stops a run whose evaluation i (every eval_steps
+    steps) reports scores[i], with the best metric updated after each evaluation by transformers' own
+    Trainer._determine_best_metric, in that order (as Trainer._maybe_log_save_evaluate runs them); None: never."""
+    from types import SimpleNamespace
+
+    from transformers import EarlyStoppingCallback, TrainerControl, TrainerState
+    from transformers import Trainer as HfTrainer
+
+    callback = EarlyStoppingCallback(patience, threshold)
+    args = SimpleNamespace(metric_for_best_model="score", greater_is_better=greater, save_strategy="steps")
+    state, control = TrainerState(), TrainerControl()
+    for i, score in enumerate(scores):
+        state.global_step = (i + 1) * eval_steps
+        callback.on_evaluate(args, state, control, metrics={"eval_score": score})
+        HfTrainer._determine_best_metric(SimpleNamespace(args=args, state=state), {"eval_score": score}, None)
+        if control.should_training_stop:
+            return state.global_step
+    return None
+
+
+@pytest.mark.parametrize("scores,patience,threshold,greater", [
+    ([0.2, 0.5, 0.5, 0.6, 0.55, 0.58, 0.9, 0.95], 2, 0.0, True),    # equal is no improvement
+    ([0.5, 0.47, 0.40, 0.38, 0.37, 0.2, 0.1, 0.05], 2, 0.05, False),  # improvements within the threshold count
+    ([0.2, 0.1, 0.3, 0.25, 0.4, 0.35, 0.5, 0.45], 2, 0.0, True),      # never twice in a row: no stop
+])
+def test_early_stopping_matches_transformers(tmp_path, scores, patience, threshold, greater):
+    from llmcore.train.checkpoint import load_model_weights
+
+    expected = _hf_stop_step(scores, patience, threshold, greater)
+    trainer, result = _best_run(tmp_path, scores, max_steps=16, greater_is_better=greater, load_best_model_at_end=True,
+                                early_stopping_patience=patience, early_stopping_threshold=threshold)
+    assert result["global_step"] == (expected or 16)
+    stops = [r for r in trainer.log_history if "early_stopping" in r]
+    assert [r["step"] for r in stops] == ([expected] if expected else [])
+    assert len([r for r in trainer.log_history if "eval_score" in r]) == result["global_step"] // 2
+    # the best checkpoint's weights are loaded at the end, as without early stopping
+    seen = scores[:result["global_step"] // 2]
+    best_step = 2 * (seen.index(max(seen) if greater else min(seen)) + 1)
+    assert result["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
+    best = tiny(5)
+    load_model_weights(result["best_model_checkpoint"], best)
+    for name, t in trainer.model.state_dict().items():
+        assert torch.equal(t, best.state_dict()[name]), name
+
+
+def test_early_stopping_resumes_its_count(tmp_path):
+    # one evaluation without improvement by step 6; the resumed run's first (step 8) is the second
+    _best_run(tmp_path, [0.2, 0.5, 0.5], max_steps=6, early_stopping_patience=2)
+    with open(tmp_path / "out" / "checkpoint-6" / "trainer_state.json") as f:
+        assert json.load(f)["early_stopping"] == {"best": 0.5, "patience_counter": 1}
+    _, result = _best_run(tmp_path, [0.4, 0.9], max_steps=16, early_stopping_patience=2,
+                          resume_from_checkpoint=True)
+    assert result["global_step"] == _hf_stop_step([0.2, 0.5, 0.5, 0.4], 2, 0.0, True) == 8
+
+
+def test_early_stopping_by_epoch(tmp_path):
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3) for _ in range(2)]
+    cfg = config(tmp_path, num_train_epochs=10, eval_strategy="epoch", save_strategy="epoch",
+                 metric_for_best_model="score", early_stopping_patience=1, report_to="none", disable_tqdm=True)
+    trainer = Trainer(tiny(0, dropout=0.0), cfg, batches, eval_batches=batches[:1],
+                      compute_metrics=_scripted([0.3, 0.6, 0.6, 0.9]))
+    result = trainer.train()
+    assert result["global_step"] == 6 == _hf_stop_step([0.3, 0.6, 0.6], 1, 0.0, True)
+    assert [os.path.basename(p) for p in list_checkpoints(cfg.output_dir)] == ["checkpoint-2", "checkpoint-4",
+                                                                                "checkpoint-6"]
+
+
+def _early_stop_worker(rank, world, init_file, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    # a rank left waiting in a collective fails in a minute instead of hanging the test
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        gen = torch.Generator().manual_seed(13)
+        batches = [padded(gen, 2) for _ in range(16)]
+        # compute_metrics sees only its rank's rows: here the ranks' scores disagree, and rank 1's alone would
+        # stop at step 6, rank 0's at step 8
+        scores = [0.2, 0.5, 0.5, 0.5, 0.5] if rank == 0 else [0.9, 0.1, 0.1, 0.1, 0.1]
+        cfg = TrainConfig(str(out_dir), max_steps=10, warmup_steps=1, learning_rate=1e-3, logging_steps=1,
+                          eval_strategy="steps", eval_steps=2, metric_for_best_model="score",
+                          early_stopping_patience=2, save_strategy="no", report_to="none", disable_tqdm=True)
+        trainer = Trainer(tiny(0, dropout=0.0), cfg, batches, eval_batches=batches[:1],
+                          compute_metrics=_scripted(scores))
+        with open(os.path.join(str(out_dir), f"steps_{rank}"), "w") as f:
+            f.write(str(trainer.train()["global_step"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_early_stopping_ranks_agree(tmp_path):
+    import torch.multiprocessing as mp
+    out = tmp_path / "ddp"
+    out.mkdir()
+    mp.spawn(_early_stop_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    assert [(out / f"steps_{r}").read_text() for r in (0, 1)] == ["8", "8"]
+
+
+def test_early_stopping_settings():
+    with pytest.raises(ValueError, match="needs metric_for_best_model"):
+        TrainConfig("o", eval_strategy="steps", early_stopping_patience=2)
+    with pytest.raises(ValueError, match="needs evaluations"):
+        TrainConfig("o", metric_for_best_model="f1", early_stopping_patience=2)
+    with pytest.raises(ValueError, match="early_stopping_patience must be >= 1"):
+        TrainConfig("o", eval_strategy="steps", metric_for_best_model="f1", early_stopping_patience=0)
+    with pytest.raises(TypeError, match="early_stopping_patience must be an int"):
+        TrainConfig("o", eval_strategy="steps", metric_for_best_model="f1", early_stopping_patience="2")
+    with pytest.raises(ValueError, match="early_stopping_threshold must be a number >= 0"):
+        TrainConfig("o", eval_strategy="steps", metric_for_best_model="f1", early_stopping_patience=2,
+                    early_stopping_threshold=-0.1)
+    # load_best_model_at_end defaults the metric to the loss, which early stopping then watches
+    c = TrainConfig("o", eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True,
+                    early_stopping_patience=3)
+    assert (c.metric_for_best_model, c.greater_is_better, c.early_stopping_threshold) == ("loss", False, 0.0)
+
+
 def test_rotation_keeps_the_best(tmp_path):
     from llmcore.train.checkpoint import rotate_checkpoints
 

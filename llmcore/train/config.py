@@ -33,6 +33,10 @@ class TrainConfig:
     ``metric_for_best_model`` (an evaluation metric, ``eval_`` prefix optional) has each checkpoint's evaluation
     compared (``greater_is_better``), the best checkpoint kept from ``save_total_limit``'s rotation, and, with
     ``load_best_model_at_end``, its weights loaded when training ends.
+    ``early_stopping_patience`` (transformers' ``EarlyStoppingCallback(early_stopping_patience,
+    early_stopping_threshold)`` as settings): training stops after that many evaluations in a row whose
+    ``metric_for_best_model`` did not beat the best of the earlier evaluations by more than
+    ``early_stopping_threshold``.
     ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
     ``<output_dir>/logs``. Records always go to ``<logging_dir>/train_log.jsonl``; ``report_to``
     (``"tensorboard"`` (default), ``"all"``, ``"none"`` or a list) adds TensorBoard event files there.
@@ -90,6 +94,8 @@ class TrainConfig:
     load_best_model_at_end: bool = False
     metric_for_best_model: Optional[str] = None
     greater_is_better: Optional[bool] = None
+    early_stopping_patience: Optional[int] = None
+    early_stopping_threshold: float = 0.0
     fsdp: Union[str, list, tuple] = ""
     fsdp_config: Optional[Union[dict, str]] = None
     activation_checkpointing: Optional[bool] = None
@@ -190,6 +196,23 @@ class TrainConfig:
                 self.greater_is_better = not self.metric_for_best_model.endswith("loss")
         if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
             raise TypeError(f"greater_is_better must be a bool, got {self.greater_is_better!r}")
+        self._check_early_stopping()
+
+    def _check_early_stopping(self) -> None:
+        """What transformers' EarlyStoppingCallback asserts when training begins, checked here: a metric to watch
+        (metric_for_best_model) and evaluations to watch it in."""
+        patience, threshold = self.early_stopping_patience, self.early_stopping_threshold
+        if patience is None:
+            return
+        _check_int("early_stopping_patience", patience, 1)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+            raise ValueError(f"early_stopping_threshold must be a number >= 0, got {threshold!r}")
+        self.early_stopping_threshold = float(threshold)
+        if self.metric_for_best_model is None:
+            raise ValueError("early_stopping_patience needs metric_for_best_model (the metric to watch), or "
+                             "load_best_model_at_end=True, which defaults it to 'loss'")
+        if self.eval_strategy == "no":
+            raise ValueError("early_stopping_patience needs evaluations: eval_strategy 'steps' or 'epoch', got 'no'")
 
     def batch_multiple(self, device) -> int:
         """What the batches' sizes are rounded up to (packed: tokens, padded: length; see

@@ -243,6 +243,10 @@ class Trainer:
         self.best_metric: Optional[float] = None
         self.best_model_checkpoint: Optional[str] = None
         self._last_eval: Optional[tuple] = None  # (global_step, metrics) of the latest evaluate()
+        # early_stopping_patience: the best watched metric of the evaluations so far, and how many evaluations in
+        # a row did not improve on it (transformers' EarlyStoppingCallback state)
+        self._eval_best: Optional[float] = None
+        self._patience_counter = 0
         self.reporter: Optional[Reporter] = None
         self._wrapped = model
         # while training: parameters stepped outside torch's AdamW (row-sparse embedding tables,
@@ -353,7 +357,8 @@ class Trainer:
         self._barrier()
         state = {"global_step": self.global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "log_history": self.log_history, "config": self.config.to_dict(),
-                 "best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint}
+                 "best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint,
+                 "early_stopping": {"best": self._eval_best, "patience_counter": self._patience_counter}}
         save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
                         write_shared=self.rank == 0, sharded=self.config.sharded_checkpoints)
         self._barrier()
@@ -365,18 +370,55 @@ class Trainer:
     def _track_best(self, path: str) -> None:
         """With ``metric_for_best_model``: when this step was evaluated, compare its metric with the best so far
         and make ``path`` (the checkpoint being written) the best one if it is better (strictly)."""
-        name = self.config.metric_for_best_model
-        if name is None or self._last_eval is None or self._last_eval[0] != self.global_step:
+        evaluated_now = self._last_eval is not None and self._last_eval[0] == self.global_step
+        if self.config.metric_for_best_model is None or not evaluated_now:
             return
-        metrics = self._last_eval[1]
+        value = self._watched(self._last_eval[1])
+        if self._improves(value, self.best_metric):
+            self.best_metric, self.best_model_checkpoint = value, path
+
+    def _watched(self, metrics: dict) -> float:
+        """metric_for_best_model's value in an evaluation's metrics (``eval_`` prefix optional)."""
+        name = self.config.metric_for_best_model
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
             raise ValueError(f"metric_for_best_model={name!r}: the evaluation has no {key!r}; it has "
                              f"{sorted(metrics)}")
-        value = float(metrics[key])
-        best = self.best_metric
-        if best is None or (value > best if self.config.greater_is_better else value < best):
-            self.best_metric, self.best_model_checkpoint = value, path
+        return float(metrics[key])
+
+    def _improves(self, value: float, best: Optional[float], by: float = 0.0) -> bool:
+        """Whether ``value`` beats ``best`` (None: nothing yet) strictly, per greater_is_better, by more than ``by``."""
+        if best is None:
+            return True
+        better = value > best if self.config.greater_is_better else value < best
+        return better and abs(value - best) > by
+
+    def _early_stop(self, metrics: dict) -> bool:
+        """transformers' EarlyStoppingCallback.on_evaluate: True once ``early_stopping_patience`` evaluations in a
+        row did not beat the best of the evaluations before them by more than ``early_stopping_threshold`` (that
+        best is transformers 5's TrainerState.best_metric, updated at every evaluation). Under torch.distributed
+        rank 0 decides for all (``compute_metrics`` sees only its own rank's rows)."""
+        cfg = self.config
+        if cfg.early_stopping_patience is None:
+            return False
+        value = self._watched(metrics)
+        if self._improves(value, self._eval_best, cfg.early_stopping_threshold):
+            self._patience_counter = 0
+        else:
+            self._patience_counter += 1
+        if self._improves(value, self._eval_best):
+            self._eval_best = value
+        stop = self._patience_counter >= cfg.early_stopping_patience
+        if self.world_size > 1:
+            flag = torch.tensor([int(stop)], device=self.device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            n = self._patience_counter
+            self.log({"step": self.global_step, "early_stopping": f"{cfg.metric_for_best_model} did not improve on "
+                      f"{self._eval_best} by more than {cfg.early_stopping_threshold} for {n} evaluation"
+                      f"{'s' if n > 1 else ''} in a row"})
+        return stop
 
     def save_model(self, path: str) -> None:
         """Write the model (``config.json`` + ``model.safetensors``, transformers' names) to ``path`` from rank 0.
@@ -426,6 +468,8 @@ class Trainer:
             self.global_step, epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
             self.log_history = list(state.get("log_history", []))
             self.best_metric, self.best_model_checkpoint = state.get("best_metric"), state.get("best_model_checkpoint")
+            stopping = state.get("early_stopping") or {}
+            self._eval_best, self._patience_counter = stopping.get("best"), stopping.get("patience_counter", 0)
         sharded = is_sharded(self.model)
         if (self.world_size > 1 and not sharded
                 and not isinstance(self._wrapped, nn.parallel.DistributedDataParallel)):
@@ -443,9 +487,9 @@ class Trainer:
         run_loss = torch.zeros((), device=self.device)
         win_loss, win_steps, win_examples, t_win = torch.zeros((), device=self.device), 0, 0, t_start
         run_examples = run_tokens = consumed = 0
-        saved_step = None
+        saved_step, stopped = None, False
         try:
-            while self.global_step < total:
+            while self.global_step < total and not stopped:
                 it = iter(self.train_batches(epoch))
                 consumed = sum(1 for _ in islice(it, skip))
                 skip, exhausted = 0, False
@@ -490,16 +534,24 @@ class Trainer:
                         win_loss.zero_()
                         win_steps, win_examples, t_win = 0, 0, now
                     if cfg.eval_strategy == "steps" and self.global_step % cfg.eval_steps == 0:
-                        self.log({"step": self.global_step, **self.evaluate()})
+                        metrics = self.evaluate()
+                        self.log({"step": self.global_step, **metrics})
+                        stopped = self._early_stop(metrics)
                     if cfg.save_strategy == "steps" and self.global_step % cfg.save_steps == 0:
                         # A checkpoint taken at the very end of an epoch resumes at the start of the next.
                         self.save(epoch + 1, 0) if at_epoch_end else self.save(epoch, consumed)
                         saved_step = self.global_step
+                    if stopped:
+                        break
                 if consumed == 0:
                     raise ValueError(f"train_batches({epoch}) yielded no batches")
+                if stopped:
+                    break
                 if exhausted or (n_batches is not None and consumed >= n_batches):
                     if cfg.eval_strategy == "epoch":
-                        self.log({"step": self.global_step, "epoch": epoch + 1, **self.evaluate()})
+                        metrics = self.evaluate()
+                        self.log({"step": self.global_step, "epoch": epoch + 1, **metrics})
+                        stopped = self._early_stop(metrics)
                     if cfg.save_strategy == "epoch":
                         self.save(epoch + 1, 0)
                         saved_step = self.global_step
