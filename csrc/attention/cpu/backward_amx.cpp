@@ -1,9 +1,8 @@
 // The backward of backward.cpp for bf16 inputs on CPUs with AMX or AVX512-BF16: the same
 // transposed formulation and work split, with all five GEMMs of a tile on bf16 operands with
 // fp32 accumulation (tile_gemm: AMX tiles or vdpbf16ps, see amx.h) and the softmax gradient in
-// fp32 AVX-512. P and dS are rounded
-// to bf16 before they enter a GEMM, as torch's and FlashAttention's bf16 kernels do. Compiled
-// into the avx512_amx and avx512_bf16 builds.
+// fp32 AVX-512. P and dS are rounded to bf16 before they enter a GEMM, as torch's and
+// FlashAttention's bf16 kernels do. Compiled into the avx512_amx and avx512_bf16 builds.
 #include <cstdint>
 #include <omp.h>
 
@@ -52,9 +51,9 @@ QPack carve_q(uint16_t* base, int64_t qpad, const Dims& d) {
 // (4,12,512,64) -7% / -4%, (2,16,1024,64) -10% / -6%, (1,32,2048,128) -8% / -5%.)
 
 // Per kv head (kpad rows): A operands of S^T, dP^T (K and V rows, ldk and ldv elements apart)
-// and K for the dQ GEMM (kdq: K as a VNNI B operand, kpad x Dp). The rows are
-// the inputs themselves when they fill whole 32-row blocks and head dims (nothing to pad), else
-// zero-padded copies in the pack.
+// and K for the dQ GEMM (kdq: K as a VNNI B operand, kpad x Dp). The rows are the inputs
+// themselves when they fill whole 32-row blocks and head dims (nothing to pad), else zero-padded
+// copies in the pack.
 struct KPack {
   const uint16_t *k, *v;
   int64_t ldk, ldv;
@@ -179,8 +178,7 @@ struct TileBuffers {
 };
 
 // One group (sequence b, kv head hk): its query heads' packs are q_of(g), its fp32 dQ
-// accumulators dq_of(g) (dQ, qpad x Dp). Key tiles
-// [t_begin, t_end).
+// accumulators dq_of(g) (dQ, qpad x Dp). Key tiles [t_begin, t_end).
 template <class QOf, class DqOf>
 void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64_t kpad, int64_t qpad, const QOf& q_of,
                     const DqOf& dq_of, int64_t b, int64_t hk, int64_t t_begin, int64_t t_end, TileBuffers& buf) {

@@ -259,13 +259,14 @@ struct TileRowPrefetch {
 // current one, so that head's packs find their rows in cache instead of waiting on memory for them
 // (they come from memory when another op ran in between and streamed its data through the caches).
 struct RowTrickle {
-  static constexpr int kMax = 5;
+  static constexpr int kMax = 4;
   const char* base[kMax] = {};
   int64_t ld[kMax] = {}, bytes[kMax] = {};
   int n = 0;
   int64_t rows = 0, next = 0, per_step = 0;
 
   void add(const void* x, int64_t ld_bytes, int64_t row_bytes) {
+    if (n == kMax) return;  // a hint only: past kMax, matrices are not asked for
     base[n] = static_cast<const char*>(x);
     ld[n] = ld_bytes;
     bytes[n++] = row_bytes;
