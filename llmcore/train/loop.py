@@ -58,7 +58,13 @@ def loss_sum(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Te
 
     C == 1 is regression (squared error), else cross-entropy skipping ``-100`` labels; ``label_smoothing``
     (transformers' ``label_smoothing_factor``) mixes in the mean over classes of -log p, as transformers'
-    ``LabelSmoother`` (the same formula as torch's ``label_smoothing``)."""
+    ``LabelSmoother`` (the same formula as torch's ``label_smoothing``). Other shapes (a language model's
+    (B, L, vocab) logits and per-token labels) get a ValueError naming them: the loop trains classifiers."""
+    if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"the Trainer trains sequence classification and regression: logits (examples, classes) "
+                         f"and labels (examples,); got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+                         + (" (per-token labels: causal LM training is not supported by this loop)"
+                            if logits.dim() == 3 else ""))
     if logits.shape[-1] == 1:
         keep = labels != IGNORE_INDEX
         return F.mse_loss(logits.squeeze(-1).float()[keep], labels.float()[keep], reduction="sum")
