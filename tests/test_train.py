@@ -731,7 +731,7 @@ def test_early_stopping_settings():
         TrainConfig("o", eval_strategy="steps", metric_for_best_model="f1", early_stopping_patience=0)
     with pytest.raises(TypeError, match="early_stopping_patience must be an int"):
         TrainConfig("o", eval_strategy="steps", metric_for_best_model="f1", early_stopping_patience="2")
-    with pytest.raises(ValueError, match="early_stopping_threshold must be a number >= 0"):
+    with pytest.raises(ValueError, match="early_stopping_threshold must be a finite number >= 0.0, got -0.1"):
         TrainConfig("o", eval_strategy="steps", metric_for_best_model="f1", early_stopping_patience=2,
                     early_stopping_threshold=-0.1)
     # load_best_model_at_end defaults the metric to the loss, which early stopping then watches

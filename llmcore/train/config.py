@@ -205,8 +205,7 @@ class TrainConfig:
         if patience is None:
             return
         _check_int("early_stopping_patience", patience, 1)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-            raise ValueError(f"early_stopping_threshold must be a number >= 0, got {threshold!r}")
+        _check_float("early_stopping_threshold", threshold, lo=0.0)
         self.early_stopping_threshold = float(threshold)
         if self.metric_for_best_model is None:
             raise ValueError("early_stopping_patience needs metric_for_best_model (the metric to watch), or "
