@@ -701,15 +701,17 @@ def _early_stop_worker(rank, world, init_file, out_dir):
         gen = torch.Generator().manual_seed(13)
         batches = [padded(gen, 2) for _ in range(16)]
         # compute_metrics sees only its rank's rows: here the ranks' scores disagree, and rank 1's alone would
-        # stop at step 6, rank 0's at step 8
+        # stop at step 6 with checkpoint-2 the best, rank 0's at step 8 with checkpoint-4
         scores = [0.2, 0.5, 0.5, 0.5, 0.5] if rank == 0 else [0.9, 0.1, 0.1, 0.1, 0.1]
         cfg = TrainConfig(str(out_dir), max_steps=10, warmup_steps=1, learning_rate=1e-3, logging_steps=1,
                           eval_strategy="steps", eval_steps=2, metric_for_best_model="score",
-                          early_stopping_patience=2, save_strategy="no", report_to="none", disable_tqdm=True)
+                          early_stopping_patience=2, save_strategy="steps", save_steps=2, report_to="none",
+                          disable_tqdm=True)
         trainer = Trainer(tiny(0, dropout=0.0), cfg, batches, eval_batches=batches[:1],
                           compute_metrics=_scripted(scores))
+        result = trainer.train()
         with open(os.path.join(str(out_dir), f"steps_{rank}"), "w") as f:
-            f.write(str(trainer.train()["global_step"]))
+            f.write(f"{result['global_step']} {os.path.basename(result['best_model_checkpoint'])}")
     finally:
         dist.destroy_process_group()
 
@@ -719,7 +721,7 @@ def test_early_stopping_ranks_agree(tmp_path):
     out = tmp_path / "ddp"
     out.mkdir()
     mp.spawn(_early_stop_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
-    assert [(out / f"steps_{r}").read_text() for r in (0, 1)] == ["8", "8"]
+    assert [(out / f"steps_{r}").read_text() for r in (0, 1)] == ["8 checkpoint-4", "8 checkpoint-4"]
 
 
 def test_early_stopping_settings():

@@ -384,13 +384,20 @@ class Trainer:
             self.best_metric, self.best_model_checkpoint = value, path
 
     def _watched(self, metrics: dict) -> float:
-        """metric_for_best_model's value in an evaluation's metrics (``eval_`` prefix optional)."""
+        """metric_for_best_model's value in an evaluation's metrics (``eval_`` prefix optional). Under
+        torch.distributed rank 0's value, so that every rank makes the same best-checkpoint and early-stopping
+        choices (``compute_metrics`` sees only its own rank's rows); a collective then."""
         name = self.config.metric_for_best_model
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
             raise ValueError(f"metric_for_best_model={name!r}: the evaluation has no {key!r}; it has "
                              f"{sorted(metrics)}")
-        return float(metrics[key])
+        value = float(metrics[key])
+        if self.world_size > 1:
+            shared = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.broadcast(shared, 0)
+            value = float(shared.item())
+        return value
 
     def _improves(self, value: float, best: Optional[float], by: float = 0.0) -> bool:
         """Whether ``value`` beats ``best`` (None: nothing yet) strictly, per greater_is_better, by more than ``by``."""
@@ -399,11 +406,18 @@ class Trainer:
         better = value > best if self.config.greater_is_better else value < best
         return better and abs(value - best) > by
 
+    def _evaluate_in_training(self, **record) -> bool:
+        """An evaluation the loop makes: ``evaluate()``, logged after ``record``; True when early stopping ends the
+        run there."""
+        metrics = self.evaluate()
+        self.log({"step": self.global_step, **record, **metrics})
+        return self._early_stop(metrics)
+
     def _early_stop(self, metrics: dict) -> bool:
         """transformers' EarlyStoppingCallback.on_evaluate: True once ``early_stopping_patience`` evaluations in a
         row did not beat the best of the evaluations before them by more than ``early_stopping_threshold`` (that
-        best is transformers 5's TrainerState.best_metric, updated at every evaluation). Under torch.distributed
-        rank 0 decides for all (``compute_metrics`` sees only its own rank's rows)."""
+        best is transformers 5's TrainerState.best_metric, updated at every evaluation); the ranks agree, as they
+        watch rank 0's value (``_watched``)."""
         cfg = self.config
         if cfg.early_stopping_patience is None:
             return False
@@ -415,10 +429,6 @@ class Trainer:
         if self._improves(value, self._eval_best):
             self._eval_best = value
         stop = self._patience_counter >= cfg.early_stopping_patience
-        if self.world_size > 1:
-            flag = torch.tensor([int(stop)], device=self.device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
         if stop:
             n = self._patience_counter
             self.log({"step": self.global_step, "early_stopping": f"{cfg.metric_for_best_model} did not improve on "
@@ -540,9 +550,7 @@ class Trainer:
                         win_loss.zero_()
                         win_steps, win_examples, t_win = 0, 0, now
                     if cfg.eval_strategy == "steps" and self.global_step % cfg.eval_steps == 0:
-                        metrics = self.evaluate()
-                        self.log({"step": self.global_step, **metrics})
-                        stopped = self._early_stop(metrics)
+                        stopped = self._evaluate_in_training()
                     if cfg.save_strategy == "steps" and self.global_step % cfg.save_steps == 0:
                         # A checkpoint taken at the very end of an epoch resumes at the start of the next.
                         self.save(epoch + 1, 0) if at_epoch_end else self.save(epoch, consumed)
@@ -555,9 +563,7 @@ class Trainer:
                     break
                 if exhausted or (n_batches is not None and consumed >= n_batches):
                     if cfg.eval_strategy == "epoch":
-                        metrics = self.evaluate()
-                        self.log({"step": self.global_step, "epoch": epoch + 1, **metrics})
-                        stopped = self._early_stop(metrics)
+                        stopped = self._evaluate_in_training(epoch=epoch + 1)
                     if cfg.save_strategy == "epoch":
                         self.save(epoch + 1, 0)
                         saved_step = self.global_step
