@@ -759,21 +759,14 @@ def test_rotation_keeps_the_best(tmp_path):
     assert folders([2, 4, 6, 8], 2, None) == [6, 8]
 
 
-def test_token_labels_get_a_clear_error(tmp_path):
-    """A causal LM's (B, L, vocab) logits with per-token labels (or (n, C) labels) are not what the loop trains:
-    a ValueError naming the shapes, not cross_entropy's 'Expected target size' from deep inside."""
-    from llmcore.models.config import DecoderConfig
-    from llmcore.models.decoder import DecoderForCausalLM
+def test_loss_sum_shape_errors():
+    """loss_sum takes (n, C) logits and (n,) labels; anything else is a ValueError naming the shapes, not
+    cross_entropy's 'Expected target size' from deep inside ((n, C) float labels are not taken as probabilities).
+    Per-token labels through the Trainer: tests/test_train_lm.py."""
     from llmcore.train.loop import loss_sum
 
-    torch.manual_seed(0)
-    lm = DecoderForCausalLM(DecoderConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=4,
-                                          head_dim=8, intermediate_size=64, max_position_embeddings=64))
-    ids = torch.randint(0, 100, (2, 7))
-    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long), "labels": ids.clone()}
-    trainer = Trainer(lm, config(tmp_path, max_steps=1), [batch])
-    with pytest.raises(ValueError, match=r"got logits \(2, 7, 100\) and labels \(2, 7\) \(per-token labels"):
-        trainer.train()
+    with pytest.raises(ValueError, match=r"got logits \(2, 7, 100\) and labels \(2, 7\) \(per-token labels: a causal"):
+        loss_sum(torch.randn(2, 7, 100), torch.randint(0, 100, (2, 7)))
     with pytest.raises(ValueError, match=r"got logits \(3, 4\) and labels \(3, 4\)"):
         loss_sum(torch.randn(3, 4), torch.rand(3, 4))
     with pytest.raises(ValueError, match=r"got logits \(3, 4\) and labels \(2,\)"):

@@ -1,7 +1,7 @@
 """Decoder-only causal LMs: GPT-2, Llama, Mistral, Qwen2 (GQA)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -53,13 +53,19 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderForCausalLM(LayerCheckpointing, nn.Module):
-    """``model(input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None)``.
+    """``model(input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None,
+    num_items_in_batch=None)``.
 
     With labels (same shape as input_ids; -100 is ignored), the loss is next-token cross-entropy
     (shifted inside each sequence, as transformers does) computed by the chunked fused LM-head
-    loss, without materializing the logits. ``activation_checkpointing_enable()`` recomputes the layers in
-    the backward (``LayerCheckpointing``).
+    loss, without materializing the logits: the mean over the predicted tokens or, given
+    ``num_items_in_batch`` (transformers' loss keyword, which its Trainer and llmcore's pass for
+    gradient accumulation), their sum divided by it. ``activation_checkpointing_enable()`` recomputes
+    the layers in the backward (``LayerCheckpointing``).
     """
+
+    # transformers' name for this loss (its Trainer counts a causal LM's targets as labels[..., 1:]; so does llmcore's)
+    loss_type = "ForCausalLM"
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -90,7 +96,8 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
+                cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                num_items_in_batch: Optional[Union[int, Tensor]] = None) -> ModelOutput:
         if token_type_ids is not None:
             raise ValueError(f"{self.config.family} takes no token_type_ids")
         batch = make_batch(input_ids, attention_mask, cu_seqlens)
@@ -125,5 +132,10 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
         else:
             target[:, :-1] = labels[:, 1:]
         loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head_weight,
-                                        target.reshape(-1), ignore_index=-100)
+                                        target.reshape(-1), ignore_index=-100,
+                                        reduction="mean" if num_items_in_batch is None else "sum")
+        if num_items_in_batch is not None:
+            if isinstance(num_items_in_batch, Tensor):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
         return ModelOutput(loss, None, logits)

@@ -9,7 +9,7 @@ from llmcore.train.config import TrainConfig
 _LAZY = {
     "latest_checkpoint": "checkpoint", "list_checkpoints": "checkpoint",
     "Accuracy": "loop", "Trainer": "loop", "accumulate_gradients": "loop", "example_count": "loop",
-    "loss_sum": "loop", "macro_f1": "loop",
+    "is_causal_lm": "loop", "loss_sum": "loop", "macro_f1": "loop", "sample_count": "loop",
     "linear_schedule": "optim", "make_optimizer": "optim", "make_schedule": "optim", "param_groups": "optim",
     "retain_freed_memory": "runtime",
 }

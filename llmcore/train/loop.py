@@ -46,11 +46,94 @@ Batch = dict
 BatchFactory = Callable[[int], Iterable[Batch]]
 
 
-def example_count(batch: Batch) -> int:
-    """Labelled examples in a batch: labels that are not ``-100``."""
+def example_count(batch: Batch, causal_lm: bool = False) -> int:
+    """Labelled examples in a batch: labels that are not ``-100``; with ``causal_lm``, the tokens predicted: labels
+    that are not ``-100`` and not the first of their sequence (transformers' Trainer counts ``labels[..., 1:]``)."""
     if "labels" not in batch:
         raise KeyError(f"a training batch needs 'labels'; it has keys {sorted(batch)}")
-    return int((batch["labels"] != IGNORE_INDEX).sum())
+    labels = batch["labels"]
+    if not causal_lm:
+        return int((labels != IGNORE_INDEX).sum())
+    if labels.dim() >= 2:
+        return int((labels[..., 1:] != IGNORE_INDEX).sum())
+    starts = _sequence_starts(batch)
+    return int((labels != IGNORE_INDEX).sum()) - int((labels[starts] != IGNORE_INDEX).sum())
+
+
+def _sequence_starts(batch: Batch) -> Tensor:
+    """Rows where the packed batch's non-empty sequences start."""
+    cu = batch["cu_seqlens"].to(batch["labels"].device).long()
+    return cu[:-1][cu[1:] > cu[:-1]]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module DDP wraps) computes a next-token loss from labels shaped as its input_ids:
+    its ``loss_type`` is transformers' "ForCausalLM" (llmcore's DecoderForCausalLM, most of transformers'
+    *ForCausalLM) or another name transformers maps to that loss, or it is a transformers model registered for
+    causal LM (GPT2LMHeadModel has no loss_type and falls back to that loss); not an encoder-decoder."""
+    m = getattr(model, "module", model)
+    if getattr(getattr(m, "config", None), "is_encoder_decoder", False):
+        return False
+    loss_type = getattr(m, "loss_type", None)
+    if loss_type == "ForCausalLM":
+        return True
+    if "transformers" not in sys.modules:  # then model is not one of its models
+        return False
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if isinstance(loss_type, str) and LOSS_MAPPING.get(loss_type) is ForCausalLMLoss:
+        return True
+    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(c.__name__ in names for c in type(m).__mro__)  # FSDP2 subclasses the model's class
+
+
+def _per_token_labels(batch: Batch) -> bool:
+    """Labels shaped as input_ids (one per token) rather than one per sequence; a packed batch whose sequences are
+    all one token long reads as one label per sequence."""
+    ids, labels, cu = batch["input_ids"], batch["labels"], batch.get("cu_seqlens")
+    if labels.shape != ids.shape:
+        return False
+    return ids.dim() >= 2 or cu is None or labels.numel() != cu.numel() - 1
+
+
+def _check_task(model: nn.Module, batch: Batch, causal_lm: bool, label_smoothing: float) -> None:
+    """A clear error for labels the model's task cannot take."""
+    per_token = _per_token_labels(batch)
+    labels, ids = batch["labels"], batch["input_ids"]
+    if causal_lm and not per_token:
+        raise ValueError(f"{type(getattr(model, 'module', model)).__name__} is a causal LM: its labels must have "
+                         f"input_ids' shape {tuple(ids.shape)} (the loss shifts them), got {tuple(labels.shape)}")
+    if not causal_lm and per_token and ids.dim() >= 2:
+        raise ValueError(f"labels of input_ids' shape {tuple(ids.shape)} (one per token) are trained only as a causal "
+                         f"LM, by a model whose loss_type is 'ForCausalLM' (llmcore's DecoderForCausalLM, "
+                         f"transformers' *ForCausalLM); {type(getattr(model, 'module', model)).__name__} is not one")
+    if causal_lm and label_smoothing:
+        raise ValueError(f"label_smoothing_factor={label_smoothing}: not supported for causal LM training (the "
+                         "model computes its own loss)")
+
+
+def _model_loss(out) -> Tensor:
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None and isinstance(out, tuple) and out:
+        loss = out[0]
+    if not isinstance(loss, Tensor):
+        raise ValueError(f"the causal LM returned no loss from its labels (got {type(out).__name__})")
+    return loss
+
+
+def sample_count(batch: Batch, causal_lm: bool = False) -> int:
+    """Examples for throughput: labelled rows (classification), or sequences with a token to predict (causal LM)."""
+    if not causal_lm:
+        return example_count(batch)
+    labels = batch["labels"]
+    if labels.dim() >= 2:
+        return int((labels[..., 1:] != IGNORE_INDEX).any(-1).sum())
+    targets = (labels != IGNORE_INDEX).long()
+    targets[_sequence_starts(batch)] = 0
+    cu = batch["cu_seqlens"].to(labels.device).long()
+    running = torch.cat([targets.new_zeros(1), targets.cumsum(0)])
+    return int((running[cu[1:]] > running[cu[:-1]]).sum())
 
 
 def loss_sum(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -59,11 +142,12 @@ def loss_sum(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Te
     C == 1 is regression (squared error), else cross-entropy skipping ``-100`` labels; ``label_smoothing``
     (transformers' ``label_smoothing_factor``) mixes in the mean over classes of -log p, as transformers'
     ``LabelSmoother`` (the same formula as torch's ``label_smoothing``). Other shapes (a language model's
-    (B, L, vocab) logits and per-token labels) get a ValueError naming them: the loop trains classifiers."""
+    (B, L, vocab) logits and per-token labels) get a ValueError naming them: a causal LM computes its own
+    loss (``accumulate_gradients``)."""
     if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"the Trainer trains sequence classification and regression: logits (examples, classes) "
+        raise ValueError(f"loss_sum takes sequence classification and regression: logits (examples, classes) "
                          f"and labels (examples,); got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
-                         + (" (per-token labels: causal LM training is not supported by this loop)"
+                         + (" (per-token labels: a causal LM, whose loss is the model's)"
                             if logits.dim() == 3 else ""))
     if logits.shape[-1] == 1:
         keep = labels != IGNORE_INDEX
@@ -108,18 +192,29 @@ def all_reduce(t: Tensor, op=None) -> None:
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: bool = False,
                          label_smoothing: float = 0.0) -> tuple[Tensor, int]:
-    """Forward + backward over the micro-batches of one optimizer step; return (loss, examples).
+    """Forward + backward over the micro-batches of one optimizer step; return (loss, samples).
 
     Each micro-batch adds ``sum of its per-example losses / examples in the whole window`` to the
     gradient (summed over all ranks under torch.distributed), so accumulating uneven micro-batches
     gives the gradient of one big batch. A mean of per-micro-batch means would over-weight the small
     ones (transformers #34242). The returned loss is this rank's share of the window's mean loss.
+    Classifiers (logits (n, C), labels (n,)): an example is a labelled row, and the loss is computed
+    here from the logits. Causal LMs (``is_causal_lm``; labels shaped as input_ids): an example is a
+    predicted token, and the model computes the summed loss itself, given the window's token count
+    as ``num_items_in_batch`` (transformers' convention), so the logits need never exist whole.
+    ``samples``: ``sample_count``'s (rows, or sequences) for throughput.
     ``model``: plain, wrapped in DDP, or sharded by FSDP (``fully_shard``); with DDP or FSDP the ranks
     exchange gradients after the last micro-batch's backward only."""
     _, world = _dist()
     sharded = is_sharded(model)
     device = next(model.parameters()).device
-    examples = sum(example_count(b) for b in micro_batches)
+    causal_lm = is_causal_lm(model)
+    for b in micro_batches:
+        if "labels" not in b:
+            raise KeyError(f"a training batch needs 'labels'; it has keys {sorted(b)}")
+        _check_task(model, b, causal_lm, label_smoothing)
+    examples = sum(example_count(b, causal_lm) for b in micro_batches)
+    samples = sum(sample_count(b, True) for b in micro_batches) if causal_lm else examples
     total = examples
     if world > 1:
         t = torch.tensor([examples], dtype=torch.int64, device=device)
@@ -136,13 +231,17 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: boo
         sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
             else contextlib.nullcontext()
         with sync:
-            with _autocast(device, bf16):
-                logits = model(**batch).logits
-            loss = loss_sum(logits, labels, label_smoothing) / denom
+            if causal_lm:
+                with _autocast(device, bf16):
+                    loss = _model_loss(model(**batch, labels=labels, num_items_in_batch=denom)).float()
+            else:
+                with _autocast(device, bf16):
+                    logits = model(**batch).logits
+                loss = loss_sum(logits, labels, label_smoothing) / denom
             # DDP and FSDP average gradients over ranks; undo that so the result is the global-example mean.
             (loss * world).backward()
         loss_acc += loss.detach()
-    return loss_acc, examples
+    return loss_acc, samples
 
 
 class Accuracy:
@@ -203,13 +302,16 @@ class Trainer:
 
     ``train_batches(epoch)`` returns an iterable of dicts that ``model(**batch)`` accepts, plus
     ``labels`` (n,): padded ``input_ids`` (B, L) with ``attention_mask``, or packed ``input_ids`` (T,)
-    with int32 ``cu_seqlens`` (n+1,). Shuffling is the caller's and must depend only on
+    with int32 ``cu_seqlens`` (n+1,). A causal LM (``is_causal_lm``: llmcore's DecoderForCausalLM,
+    transformers' *ForCausalLM) takes labels shaped as ``input_ids`` instead (-100: not predicted),
+    and computes its loss itself (``accumulate_gradients``). Shuffling is the caller's and must depend only on
     (seed, epoch) -- not on the global RNG -- so a resumed run can skip the consumed batches and see
     the same ones as an uninterrupted run. A non-callable iterable is reused for every epoch.
     ``eval_batches`` is an iterable or a zero-argument callable returning one.
     ``compute_metrics`` is a zero-argument factory of objects with ``update(logits, labels)`` and
     ``compute() -> dict`` (streaming); they see the rows the loss sees (labels other than ``-100``:
-    filler sequences and ignored examples are left out), under torch.distributed this rank's only.
+    filler sequences and ignored examples are left out; a causal LM's whole (B, L, vocab) logits and
+    unshifted labels), under torch.distributed this rank's only.
 
     Under torch.distributed the model is wrapped in DDP when training starts, or, with ``config.fsdp``,
     sharded by its layers when the Trainer is made (``llmcore.train.fsdp``; ``self.model`` is then the sharded
@@ -282,11 +384,13 @@ class Trainer:
         """Mean loss, accuracy and macro-F1 over ``eval_batches`` (+ ``compute_metrics``), reduced
         over ranks. Streaming: only per-class counts are kept, never the logits (transformers #12878).
         Macro-F1 averages the classes that occur among the labels or the predictions, as
-        scikit-learn's ``f1_score(average="macro")`` does."""
+        scikit-learn's ``f1_score(average="macro")`` does. A causal LM (``is_causal_lm``) reports
+        eval_loss (the mean over predicted tokens), eval_tokens and eval_perplexity (exp of the loss)."""
         if self.eval_batches is None:
             raise ValueError("evaluate() needs eval_batches")
         self._flush_steppers()
         model = self.model
+        causal_lm = is_causal_lm(model)
         was_training = model.training
         model.eval()
         try:
@@ -302,6 +406,12 @@ class Trainer:
             with _autocast(self.device, self.config.bf16):
                 for batch, counted in stream:
                     batch = _to(batch, self.device)
+                    if "labels" not in batch:
+                        raise KeyError(f"an evaluation batch needs 'labels'; it has keys {sorted(batch)}")
+                    _check_task(model, batch, causal_lm, self.config.label_smoothing_factor)
+                    if causal_lm:
+                        self._count_lm(model, batch, sums, custom, counted)
+                        continue
                     labels = batch.pop("labels")
                     logits = model(**batch).logits
                     if counted:
@@ -316,7 +426,9 @@ class Trainer:
             if is_sharded(model):
                 reshard(model)  # forwards without a backward leave parameters gathered (shard_grad_op)
         n = max(float(sums[1]), 1.0)
-        out = {"eval_loss": float(sums[0]) / n, "eval_examples": int(sums[1])}
+        out = {"eval_loss": float(sums[0]) / n, ("eval_tokens" if causal_lm else "eval_examples"): int(sums[1])}
+        if causal_lm:
+            out["eval_perplexity"] = math.exp(out["eval_loss"]) if out["eval_loss"] < 709.0 else math.inf
         if counts is not None:
             out["eval_accuracy"] = float(counts[0].sum()) / n
             out["eval_f1"] = macro_f1(counts[0], counts[1], counts[2])
@@ -324,6 +436,21 @@ class Trainer:
             out.update({f"eval_{k}": v for k, v in custom.compute().items()})
         self._last_eval = (self.global_step, out)
         return out
+
+    def _count_lm(self, model: nn.Module, batch: Batch, sums: Tensor, custom, counted: bool) -> None:
+        """One causal LM batch: its summed next-token loss (the model's, given ``num_items_in_batch=1``) and
+        predicted-token count into the running sums; ``compute_metrics``' object gets the logits (B, L, vocab) and
+        the labels as given (unshifted), as transformers' ``compute_metrics`` does."""
+        predicted = example_count(batch, causal_lm=True)
+        labels = batch.pop("labels")
+        out = model(**batch, labels=labels, num_items_in_batch=1)
+        if not counted:
+            return
+        sums[0] += _model_loss(out).double()
+        sums[1] += predicted
+        if custom is not None:
+            with _autocast(self.device, False):
+                custom.update(out.logits.float(), labels)
 
     def _count(self, logits: Tensor, labels: Tensor, sums: Tensor, counts: Optional[Tensor],
                custom) -> Optional[Tensor]:
@@ -465,8 +592,8 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run the configured epochs/steps. Returns global_step, epoch, train_loss (mean over this
-        run's steps), train_runtime, train_samples_per_second, train_tokens_per_second (examples and
-        real tokens of all ranks) and peak_memory_mb (this rank's; see ``peak_memory_mb``)."""
+        run's steps), train_runtime, train_samples_per_second, train_tokens_per_second (``sample_count``'s
+        examples, and real tokens, of all ranks) and peak_memory_mb (this rank's; see ``peak_memory_mb``)."""
         cfg = self.config
         resume = self._resume_path()
         if not resume:
