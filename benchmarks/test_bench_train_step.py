@@ -1,27 +1,29 @@
-"""pytest-benchmark suite: one MiniLM training step (forward + backward + fused AdamW) on 32
-SST-2 sentences, llmcore padded and packed vs transformers' BertForSequenceClassification (sdpa).
+"""pytest-benchmark suite: one training step (forward + backward + fused AdamW), llmcore padded and packed vs
+transformers (sdpa): MiniLM sequence classification on 32 SST-2 sentences, and next-token loss of a
+MiniLM-sized Llama on 8 IMDB reviews cut to 256 tokens (``llmcore.bench.train_step``).
 
     pytest benchmarks/test_bench_train_step.py --benchmark-group-by=group
 
-extra_info carries samples/s; `llmcore bench train-step` runs the same steps round-robin.
+extra_info carries samples/s; `llmcore bench train-step [--task causal-lm]` runs the same steps round-robin.
 """
 import functools
 
 import pytest
 
-from llmcore.bench.train_step import make_steps
+from llmcore.bench.train_step import make_lm_steps, make_steps
 
 
 @functools.lru_cache(maxsize=None)
-def steps(dtype):
-    return make_steps(dtype=dtype)
+def steps(task, dtype):
+    return (make_lm_steps if task == "causal-lm" else make_steps)(dtype=dtype)
 
 
 @pytest.mark.parametrize("impl", ["transformers", "llmcore padded", "llmcore packed"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_train_step(benchmark, dtype, impl):
-    fns, facts = steps(dtype)
-    benchmark.group = f"MiniLM train step {dtype}"
+@pytest.mark.parametrize("task", ["sequence-classification", "causal-lm"])
+def test_train_step(benchmark, task, dtype, impl):
+    fns, facts = steps(task, dtype)
+    benchmark.group = f"{'MiniLM' if task != 'causal-lm' else 'MiniLM-sized Llama'} {task} train step {dtype}"
     benchmark.extra_info.update(facts)
     benchmark.pedantic(fns[impl], rounds=10, iterations=1, warmup_rounds=2)
     if benchmark.stats is not None:

@@ -39,7 +39,8 @@ def _bench_tokenizer(args: argparse.Namespace) -> int:
 def _bench_train_step(args: argparse.Namespace) -> int:
     from llmcore.bench import train_step
 
-    train_step.main(json_path=args.json, budget_s=args.budget, quick=args.quick)
+    train_step.main(json_path=args.json, budget_s=args.budget, quick=args.quick, task=args.task,
+                    with_memory=args.memory)
     return 0
 
 
@@ -215,8 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--plot", metavar="PNG", help="also draw llmcore against the references (needs matplotlib)")
     p.set_defaults(func=_bench_tokenizer)
-    p = bsub.add_parser("train-step", help="one MiniLM training step on 32 SST-2 sentences: llmcore padded and "
-                                           "packed vs transformers, fp32 and bf16 autocast")
+    p = bsub.add_parser("train-step", help="one training step, llmcore padded and packed vs transformers, fp32 and "
+                                           "bf16 autocast: MiniLM on 32 SST-2 sentences, or (--task causal-lm) a "
+                                           "MiniLM-sized Llama on 8 IMDB reviews")
+    p.add_argument("--task", choices=["sequence-classification", "causal-lm"], default="sequence-classification",
+                   help="what the step trains (default sequence-classification)")
+    p.add_argument("--memory", action="store_true",
+                   help="also each step's peak resident memory above the process at rest, one process per case")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="a few rounds only")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of round-robin timing per dtype (default 10)")

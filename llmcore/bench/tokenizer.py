@@ -49,6 +49,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from llmcore.bench.data import imdb_texts, minilm_dir, sst2_texts
+from llmcore.bench.memory import reset_high_water_mark, status_kb
 
 MB = 1e6
 ADVERSARIAL = ("a", "space", "digits", "letters")
@@ -277,14 +278,6 @@ def run_adversarial(family: str, impl: str, kind: str, size: int, repeats: int, 
     return {"tokens": len(ids), "times_s": times}
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def run_memory(family: str, impl: str) -> dict:
     texts = imdb_texts()
     if impl == "llmcore":
@@ -301,17 +294,12 @@ def run_memory(family: str, impl: str) -> dict:
     import gc
 
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        reset = True
-    except OSError:
-        reset = False
-    rss0, hwm0 = _status_kb("VmRSS"), _status_kb("VmHWM")
+    reset = reset_high_water_mark()
+    rss0, hwm0 = status_kb("VmRSS"), status_kb("VmHWM")
     t0 = time.perf_counter()
     out = fn()
     wall = time.perf_counter() - t0
-    hwm1, rss1 = _status_kb("VmHWM"), _status_kb("VmRSS")
+    hwm1, rss1 = status_kb("VmHWM"), status_kb("VmRSS")
     peak = (hwm1 - rss0) * 1024 if reset else (hwm1 - max(rss0, hwm0)) * 1024
     res = {"texts": len(texts), "bytes": utf8_bytes(texts), "hwm_reset": reset, "rss_before_kb": rss0,
            "hwm_after_kb": hwm1, "rss_after_kb": rss1, "peak_increase_bytes": peak,

