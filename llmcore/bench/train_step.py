@@ -207,14 +207,15 @@ def step_memory(task: str, dtype: str, impls=None, timeout_s: float = 600.0) -> 
 
 def format_table(runs: list[dict]) -> str:
     memory = any("memory" in r for r in runs)
-    lines = ["| dtype | impl | median ms | IQR ms | samples/s | speed-up vs transformers (paired min-max) |"
+    lines = ["| dtype | impl | median ms | IQR ms | samples/s | real tokens/s | speed-up vs transformers (paired min-max) |"
              + (" step's peak above rest, MiB |" if memory else ""),
-             "|---|---|---|---|---|---|" + ("---|" if memory else "")]
+             "|---|---|---|---|---|---|---|" + ("---|" if memory else "")]
     for r in runs:
         for impl, x in r["results"].items():
             mem = r.get("memory", {}).get(impl)
             lines.append(f"| {r['dtype']} | {impl} | {x['median_s'] * 1e3:.1f} | {x['iqr_s'] * 1e3:.1f} | "
-                         f"{x['samples_per_s']:.0f} | {x['speedup_vs_transformers']:.2f}x "
+                         f"{x['samples_per_s']:.0f} | {r['batch']['tokens'] / x['median_s']:.0f} | "
+                         f"{x['speedup_vs_transformers']:.2f}x "
                          f"({x['paired_speedup_min']:.2f}-{x['paired_speedup_max']:.2f}) |"
                          + (f" {mem['step_peak_above_rest_mib']:.0f} |" if mem else (" |" if memory else "")))
     return "\n".join(lines)
