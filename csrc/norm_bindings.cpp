@@ -302,6 +302,33 @@ void bind_norm(py::module_& m) {
         "Multiply row rows[i] of a contiguous float32 (., cols) table by factors[s] for s in [first[i], end), in "
         "order. The caller checks the indices.");
 
+  m.def("cross_entropy_rows",
+        [](int dtype, int64_t rows, int64_t cols, uintptr_t logits, int64_t stride, uintptr_t labels, uintptr_t coef,
+           float eps, uintptr_t loss, int num_threads) {
+          require(rows >= 0, "rows must be >= 0, got " + std::to_string(rows));
+          require(cols > 0, "cols must be > 0, got " + std::to_string(cols));
+          require(stride >= cols, "stride must be >= cols");
+          require(eps >= 0.f && eps <= 1.f, "eps must be in [0, 1], got " + std::to_string(eps));
+          if (rows == 0) return;
+          check_ptr(logits, "logits"); check_ptr(labels, "labels"); check_ptr(loss, "loss");
+          nm::CrossEntropyRowsArgs a;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.rows = rows; a.cols = cols;
+          a.logits = ptr<void>(logits);
+          a.stride = stride;
+          a.labels = ptr<const int64_t>(labels);
+          a.coef = coef ? ptr<const float>(coef) : nullptr;
+          a.eps = eps;
+          a.loss = ptr<float>(loss);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::cross_entropy_rows(a);
+        },
+        py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("logits"), py::arg("stride"), py::arg("labels"),
+        py::arg("coef"), py::arg("eps"), py::arg("loss"), py::arg("num_threads"),
+        "Cross-entropy of logits rows (labels int64 in [0, cols)): loss[r] (float32) = lse - (1 - eps) z_y - eps "
+        "mean(z); with coef (float32 per row; 0: none) each row becomes its gradient times coef, in place.");
+
   m.def("sum_squares",
         [](const std::vector<uintptr_t>& data, const std::vector<int64_t>& counts, const std::vector<int>& dtypes,
            int num_threads) {

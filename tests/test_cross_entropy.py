@@ -60,15 +60,16 @@ def composite(h, w, y, b, reduction="mean", ignore_index=-100, label_smoothing=0
 
 
 def check(lead, H, V, dtype, *, reduction="mean", chunk_size=None, bias=True, label_smoothing=0.0, scale=3.7,
-          autocast=False, ignore_every=5, seed=0):
+          autocast=False, ignore_every=5, seed=0, backend=None, logit_scale=1.0):
     hidden, weight, b, labels = make_inputs(lead, H, V, bias=bias, ignore_every=ignore_every, seed=seed)
+    weight = weight * logit_scale
     g = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(lead, dtype=torch.float64, generator=g) if reduction == "none" else scale
     kw = dict(reduction=reduction, label_smoothing=label_smoothing)
     ref, _ = run(composite, hidden, weight, b, labels, torch.float64, grad_out, **kw)
     theirs, _ = run(composite, hidden, weight, b, labels, dtype, grad_out, autocast=autocast, **kw)
     ours, out_dtype = run(linear_cross_entropy, hidden, weight, b, labels, dtype, grad_out, autocast=autocast,
-                          chunk_size=chunk_size, **kw)
+                          chunk_size=chunk_size, backend=backend, **kw)
     assert out_dtype == (torch.float32 if autocast else dtype)
     for name, a, t, r in zip(NAMES, ours, theirs, ref):
         if r is None:
@@ -90,13 +91,39 @@ SHAPES = [((1,), 16, 1003, None), ((37,), 24, 1003, 8), ((37,), 24, 1003, 64), (
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_reference(lead, H, V, chunk, reduction, dtype, bias):
-    check(lead, H, V, dtype, reduction=reduction, chunk_size=chunk, bias=bias)
+@pytest.mark.parametrize("backend", [None, "torch"])  # the CPU's native softmax kernel, and PyTorch ops
+def test_matches_reference(lead, H, V, chunk, reduction, dtype, bias, backend):
+    check(lead, H, V, dtype, reduction=reduction, chunk_size=chunk, bias=bias, backend=backend)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_float16(reduction):
-    check((45,), 32, 1003, torch.float16, reduction=reduction, chunk_size=16)
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_float16(reduction, backend):
+    check((45,), 32, 1003, torch.float16, reduction=reduction, chunk_size=16, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logit_scale", [60.0, 1e-3])
+def test_extreme_logits(dtype, logit_scale):
+    """Logits of O(100) (exp would overflow without the row max taken out) and nearly uniform ones; vocabularies
+    of odd widths, so that every row ends in a partial vector."""
+    for V in (1003, 17):
+        check((23,), 16, V, dtype, chunk_size=8, label_smoothing=0.1, logit_scale=logit_scale)
+
+
+def test_native_kernel_is_what_runs(monkeypatch):
+    """backend None on CPU tensors reaches _C.cross_entropy_rows (float32, bf16, fp16), backend='torch' and
+    float64 do not."""
+    calls = []
+    real = ce._C.cross_entropy_rows
+    monkeypatch.setattr(ce._C, "cross_entropy_rows", lambda *a: calls.append(a[0]) or real(*a), raising=True)
+    h, w, y = torch.randn(10, 8), torch.randn(33, 8), torch.randint(0, 33, (10,))
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        linear_cross_entropy(h.to(dt), w.to(dt), y, chunk_size=4)
+    assert calls == [0] * 3 + [1] * 3 + [2] * 3
+    linear_cross_entropy(h, w, y, backend="torch")
+    linear_cross_entropy(h.double(), w.double(), y)
+    assert len(calls) == 9
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -18,27 +18,9 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kTanhK = 0.79788456080286536f;  // sqrt(2 / pi)
 constexpr float kTanhC = 0.044715f;
 
-// f(j, n) over the columns [c0, c1) in vectors of n = W lanes, two at a time, then the tail
-// (n < W). Kernels load through ld() so the full-vector calls compile to plain loads.
-template <class F>
-inline void over_columns(int64_t c0, int64_t c1, const F& f) {
-  int64_t j = c0;
-  for (; j + 2 * W <= c1; j += 2 * W) {
-    f(j, W);
-    f(j + W, W);
-  }
-  for (; j + W <= c1; j += W) f(j, W);
-  if (j < c1) f(j, int(c1 - j));
-}
-template <class T>
-inline V ld(const T* p, int n) {
-  return n == W ? vec::load(p) : vec::load_n(p, n);
-}
-template <class T>
-inline void st(T* p, V v, int n) {
-  if (n == W) vec::store(p, v);
-  else vec::store_n(p, v, n);
-}
+using vec::ld;
+using vec::over_columns;
+using vec::st;
 
 // Phi(-|x|), the normal lower tail, as t R(t) exp(-x^2/2) with t = 1 / (1 + a |x|): R is a
 // degree-8 fit of erfcx (relative error 1.5e-8), so the tail keeps its relative accuracy

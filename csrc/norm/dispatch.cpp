@@ -22,6 +22,7 @@ namespace llmcore::norm {
   void adamw_tensors(const AdamWTensorsArgs& a);     \
   void decay_rows(const DecayRowsArgs& a);           \
   void sum_squares(const SumSquaresArgs& a);         \
+  void cross_entropy_rows(const CrossEntropyRowsArgs& a); \
   }
 #ifdef LLMCORE_HAVE_AVX512
 LLMCORE_DECLARE_ISA(avx512)
@@ -96,5 +97,6 @@ LLMCORE_DISPATCH(adamw_rows, AdamWRowsArgs)
 LLMCORE_DISPATCH(adamw_tensors, AdamWTensorsArgs)
 LLMCORE_DISPATCH(decay_rows, DecayRowsArgs)
 LLMCORE_DISPATCH(sum_squares, SumSquaresArgs)
+LLMCORE_DISPATCH(cross_entropy_rows, CrossEntropyRowsArgs)
 
 }  // namespace llmcore::norm

@@ -173,6 +173,26 @@ struct SumSquaresArgs {
   int num_threads = 1;
 };
 
+// Cross-entropy of a chunk of logits rows z (rows, cols = classes), for the chunked LM-head loss
+// (llmcore/ops/cross_entropy.py). Per row r, with label y = labels[r] in [0, cols) and smoothing eps:
+//   lse = log(sum_j exp(z_j)),  loss[r] = lse - (1 - eps) z_y - eps mean(z)
+//     ( = -(1 - eps) log p_y - eps mean_j(log p_j), torch's label-smoothed cross-entropy);
+// with coef (not null), the row is then overwritten with its gradient times coef[r]:
+//   z_j := (exp(z_j - lse) - (1 - eps) [j == y] - eps / cols) coef[r]   (0 where coef[r] is 0).
+// Arithmetic in float32 whatever the storage dtype; three passes over a row (max, sum of exp,
+// gradient), the last two from cache.
+struct CrossEntropyRowsArgs {
+  DType dtype = DType::f32;
+  int64_t rows = 0, cols = 0;
+  void* logits = nullptr;
+  int64_t stride = 0;  // elements between rows (>= cols)
+  const int64_t* labels = nullptr;
+  const float* coef = nullptr;  // rows, or null: no gradient
+  float eps = 0.f;
+  float* loss = nullptr;  // rows
+  int num_threads = 1;
+};
+
 // The AVX-512 kernels have a twin built with AVX512-BF16's conversion instructions, used when
 // the CPU has them; LLMCORE_DISABLE_AVX512_BF16=1 or set_bf16_instructions(false) turns it off.
 bool bf16_instructions_available();
@@ -191,5 +211,6 @@ void adamw_rows(const AdamWRowsArgs& a);
 void adamw_tensors(const AdamWTensorsArgs& a);
 void decay_rows(const DecayRowsArgs& a);
 void sum_squares(const SumSquaresArgs& a);
+void cross_entropy_rows(const CrossEntropyRowsArgs& a);
 
 }  // namespace llmcore::norm

@@ -127,11 +127,13 @@ inline V fmsub(V a, V b, V c) { return {_mm512_fmsub_ps(a.x, b.x, c.x)}; }    //
 inline V neg(V a) { return {_mm512_xor_ps(a.x, _mm512_set1_ps(-0.f))}; }
 inline V abs(V a) { return {_mm512_abs_ps(a.x)}; }
 inline V min(V a, V b) { return {_mm512_min_ps(a.x, b.x)}; }  // b where either is NaN
+inline V max(V a, V b) { return {_mm512_max_ps(a.x, b.x)}; }  // b where either is NaN
 // Lanes where a < 0 take x, the others y.
 inline V select_negative(V a, V x, V y) {
   return {_mm512_mask_mov_ps(y.x, _mm512_cmp_ps_mask(a.x, _mm512_setzero_ps(), _CMP_LT_OQ), x.x)};
 }
 inline float reduce_add(V a) { return _mm512_reduce_add_ps(a.x); }
+inline float reduce_max(V a) { return _mm512_reduce_max_ps(a.x); }
 
 template <bool kFast = false>
 inline V exp(V v) {
@@ -206,6 +208,7 @@ inline V fmsub(V a, V b, V c) { return {_mm256_fmsub_ps(a.x, b.x, c.x)}; }
 inline V neg(V a) { return {_mm256_xor_ps(a.x, _mm256_set1_ps(-0.f))}; }
 inline V abs(V a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.f), a.x)}; }
 inline V min(V a, V b) { return {_mm256_min_ps(a.x, b.x)}; }
+inline V max(V a, V b) { return {_mm256_max_ps(a.x, b.x)}; }
 inline V select_negative(V a, V x, V y) {
   return {_mm256_blendv_ps(y.x, x.x, _mm256_cmp_ps(a.x, _mm256_setzero_ps(), _CMP_LT_OQ))};
 }
@@ -213,6 +216,12 @@ inline float reduce_add(V a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.x), _mm256_extractf128_ps(a.x, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float reduce_max(V a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.x), _mm256_extractf128_ps(a.x, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 
@@ -266,11 +275,13 @@ inline V fmsub(V a, V b, V c) { for (int i = 0; i < W; ++i) c.x[i] = a.x[i] * b.
 inline V neg(V a) { for (int i = 0; i < W; ++i) a.x[i] = -a.x[i]; return a; }
 inline V abs(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::fabs(a.x[i]); return a; }
 inline V min(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] < b.x[i] ? a.x[i] : b.x[i]; return a; }
+inline V max(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] > b.x[i] ? a.x[i] : b.x[i]; return a; }
 inline V select_negative(V a, V x, V y) {
   for (int i = 0; i < W; ++i) y.x[i] = a.x[i] < 0.f ? x.x[i] : y.x[i];
   return y;
 }
 inline float reduce_add(V a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.x[i]; return s; }
+inline float reduce_max(V a) { float m = a.x[0]; for (int i = 1; i < W; ++i) m = a.x[i] > m ? a.x[i] : m; return m; }
 template <bool kFast = false>
 inline V exp(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::exp(a.x[i]); return a; }
 
@@ -295,6 +306,28 @@ inline void store_n(T* p, V a, int n) {
   T tmp[W];
   store(tmp, a);
   std::memcpy(p, tmp, sizeof(T) * n);
+}
+
+// f(j, n) over the columns [c0, c1) in vectors of n = W lanes, two at a time, then the tail
+// (n < W). Kernels load through ld() so the full-vector calls compile to plain loads.
+template <class F>
+inline void over_columns(int64_t c0, int64_t c1, const F& f) {
+  int64_t j = c0;
+  for (; j + 2 * W <= c1; j += 2 * W) {
+    f(j, W);
+    f(j + W, W);
+  }
+  for (; j + W <= c1; j += W) f(j, W);
+  if (j < c1) f(j, int(c1 - j));
+}
+template <class T>
+inline V ld(const T* p, int n) {
+  return n == W ? load(p) : load_n(p, n);
+}
+template <class T>
+inline void st(T* p, V v, int n) {
+  if (n == W) store(p, v);
+  else store_n(p, v, n);
 }
 
 // sigmoid(a) in *s and 1 - sigmoid(a) in *c, neither with cancellation nor overflow: with

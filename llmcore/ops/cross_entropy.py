@@ -28,11 +28,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from llmcore import _C
 from llmcore.ops import triton as triton_ops
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_NATIVE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # _C's dtype codes
 _REDUCTIONS = ("mean", "sum", "none")
 # One chunk's fp32 logits stay under this; a bf16/fp16 chunk also has its input-dtype copy (half again).
 _CHUNK_BYTES = 64 << 20
@@ -63,12 +65,33 @@ class _Scratch:
 
     ``low`` holds them in the inputs' dtype (the matmuls' dtype, as autograd would use), ``z`` in
     float32 (float64 for float64 inputs) for the softmax; for float32 inputs they are one buffer.
+    ``native`` (CPU, float32/bf16/fp16): ``rows`` runs the softmax as one native kernel on the logits in
+    the inputs' dtype, in place, and ``z`` is not needed.
     """
 
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device):
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device, native: bool = False):
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
-        self.z = torch.empty(rows, vocab, dtype=self.acc, device=device)
+        self.native = native and device.type == "cpu" and dtype in _NATIVE_CODES
+        self.z = None if self.native else torch.empty(rows, vocab, dtype=self.acc, device=device)
         self.low = None if dtype == self.acc else torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.buf = self.low if self.low is not None else self.z
+        if self.native and self.buf is None:
+            self.buf = torch.empty(rows, vocab, dtype=dtype, device=device)
+
+    def rows(self, h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, coef: Optional[Tensor],
+             eps: float, loss: Tensor) -> Tensor:
+        """Native: each row's loss into ``loss`` (float32) and, with ``coef``, the chunk's dlogits (as ``dlogits``
+        makes them) returned in the inputs' dtype, in the scratch; ``_C.cross_entropy_rows``."""
+        n = h.size(0)
+        z = self.buf[:n]
+        if bias is None:
+            torch.mm(h, weight.t(), out=z)
+        else:
+            torch.addmm(bias, h, weight.t(), out=z)
+        c = None if coef is None else coef.to(torch.float32).contiguous()
+        _C.cross_entropy_rows(_NATIVE_CODES[z.dtype], n, z.size(1), z.data_ptr(), z.stride(0), y.data_ptr(),
+                              0 if c is None else c.data_ptr(), float(eps), loss.data_ptr(), torch.get_num_threads())
+        return z
 
     def log_probs(self, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """(n, V) log_softmax(h @ weight.T + bias) in the wide dtype, in the scratch."""
@@ -122,7 +145,7 @@ class _GradSink:
     def add(self, dz: Tensor, low: Optional[Tensor], h: Tensor, weight: Tensor, s: int) -> None:
         """grad_hidden[s:s+n] = dz @ weight; grad_weight += dz.T @ h; grad_bias += dz.sum(0)."""
         if self.b is not None:
-            self.b.add_(dz.sum(0))
+            self.b.add_(dz.sum(0, dtype=self.b.dtype))
         if low is not None:  # the logits' scratch is free again: hold dz in the compute dtype, as autograd would
             dz = low[: dz.size(0)].copy_(dz)
         if self.h is not None:
@@ -220,11 +243,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, eps, chunk, needs, compute_dtype,
-                out_dtype):
+                out_dtype, native):
         dtypes, hidden, weight, bias, valid, y, n_valid = _inputs(hidden, weight, bias, labels, ignore_index,
                                                                   compute_dtype)
         N, V = hidden.size(0), weight.size(0)
-        scratch = _Scratch(min(chunk, N), V, compute_dtype, hidden.device)
+        scratch = _Scratch(min(chunk, N), V, compute_dtype, hidden.device, native)
         acc = scratch.acc
         eager = reduction != "none" and any(needs)  # finish the gradients now; see the module docstring
         if eager:
@@ -233,14 +256,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = torch.empty(N, dtype=acc, device=hidden.device)
         for s in range(0, N, chunk):
             h, yc = hidden[s : s + chunk], y[s : s + chunk]
+            if scratch.native:
+                dz = scratch.rows(h, weight, bias, yc, coef[s : s + chunk] if eager else None, eps,
+                                  rows[s : s + chunk])
+                if eager:
+                    sink.add(dz, None, h, weight, s)
+                continue
             logp = scratch.log_probs(h, weight, bias)  # (n, V)
             loss = logp.gather(1, yc[:, None])[:, 0].neg_()
             if eps:
                 loss = (1.0 - eps) * loss - eps * logp.mean(1)
-            rows[s : s + chunk] = torch.where(valid[s : s + chunk], loss, 0.0)
+            rows[s : s + chunk] = loss
             if eager:
                 sink.add(scratch.dlogits(logp, yc, coef[s : s + chunk], eps), scratch.low, h, weight, s)
         del scratch
+        rows = torch.where(valid, rows, 0.0)
+        ctx.native = native
         return _finish(ctx, rows, n_valid, out_dtype, reduction, eps, chunk, needs, dtypes,
                        sink.result() if eager else None, (hidden, weight, bias, y, valid))
 
@@ -249,17 +280,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = _saved_backward(ctx, grad_out)
         if saved is not None:
-            return saved
+            return saved + (None,)  # and native's
         hidden, weight, bias, y, valid = ctx.saved_tensors
         N, chunk = hidden.size(0), ctx.chunk
-        scratch = _Scratch(min(chunk, N), weight.size(0), hidden.dtype, hidden.device)
+        scratch = _Scratch(min(chunk, N), weight.size(0), hidden.dtype, hidden.device, ctx.native)
         coef = torch.where(valid, grad_out.to(scratch.acc), 0.0)  # ignored rows: zero gradient whatever grad_out is
         sink = _GradSink(hidden, weight, ctx.needs, ctx.dtypes, scratch.acc, -(-N // chunk))
+        loss = torch.empty(min(chunk, N), dtype=torch.float32, device=hidden.device) if scratch.native else None
         for s in range(0, N, chunk):
-            h = hidden[s : s + chunk]
-            logp = scratch.log_probs(h, weight, bias)
-            sink.add(scratch.dlogits(logp, y[s : s + chunk], coef[s : s + chunk], ctx.eps), scratch.low, h, weight, s)
-        return sink.result() + _NONES
+            h, yc, cc = hidden[s : s + chunk], y[s : s + chunk], coef[s : s + chunk]
+            if scratch.native:
+                sink.add(scratch.rows(h, weight, bias, yc, cc, ctx.eps, loss), None, h, weight, s)
+            else:
+                sink.add(scratch.dlogits(scratch.log_probs(h, weight, bias), yc, cc, ctx.eps), scratch.low, h, weight,
+                         s)
+        return sink.result() + _NONES + (None,)
 
 
 # ---------------------------------------------------------------------------------------
@@ -330,9 +365,11 @@ def linear_cross_entropy(
     under autocast. The loss itself is more precise than torch's bf16 composite (float32
     log-softmax) but is returned in the input dtype, as torch does.
 
-    ``backend``: None runs each chunk's softmax as PyTorch ops on the CPU and as a Triton
-    kernel for CUDA tensors (when Triton is installed); "triton" (CPU tensors under
-    TRITON_INTERPRET=1) or "torch" force one. float64 runs on PyTorch ops ("triton" refuses it).
+    ``backend``: None runs each chunk's softmax as one native kernel on the CPU
+    (``_C.cross_entropy_rows``: loss and gradient in place, on the logits in the matmul's dtype) and as a
+    Triton kernel for CUDA tensors (when Triton is installed); "triton" (CPU tensors under
+    TRITON_INTERPRET=1) or "torch" (PyTorch ops, the reference) force one. float64 runs on PyTorch ops
+    ("triton" refuses it).
 
     Gradient accumulation: "mean" divides each micro-batch by its own token count, which
     weights tokens unevenly when micro-batches hold different numbers of real tokens. Sum
@@ -404,8 +441,11 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    apply = _apply_triton if _use_triton(hidden.device, compute_dtype, backend) else _LinearCrossEntropy.apply
+    args = (hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index,
+            reduction, float(label_smoothing), chunk, needs, compute_dtype, out_dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        out = apply(hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index,
-                    reduction, float(label_smoothing), chunk, needs, compute_dtype, out_dtype)
+        if _use_triton(hidden.device, compute_dtype, backend):
+            out = _apply_triton(*args)
+        else:
+            out = _LinearCrossEntropy.apply(*args, backend != "torch")
     return out.reshape(shape[:-1]) if reduction == "none" else out
