@@ -144,7 +144,7 @@ def _finetune(args: argparse.Namespace) -> int:
     try:
         metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
-                           device=args.device, eval_data=args.eval_data, **train)
+                           device=args.device, eval_data=args.eval_data, task=args.task, **train)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
@@ -246,8 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="also draw the comparison as a bar chart (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="a 256-row smoke run")
     p.set_defaults(func=_bench_finetune)
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint for sequence classification on prepared or raw data")
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint for sequence classification (or, --task causal-lm, "
+                                        "next-token prediction) on prepared or raw data")
     p.add_argument("--data", required=True, help="a folder made by `llmcore prepare`, or raw data as prepare takes")
+    p.add_argument("--task", choices=["sequence-classification", "causal-lm"], default="sequence-classification",
+                   help="sequence-classification (default: the texts' labels) or causal-lm (a decoder checkpoint "
+                        "trained on the texts' next tokens; labels unused)")
     p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) to evaluate on, "
                                                         "as transformers' eval_dataset (with raw --data)")
     p.add_argument("--model", metavar="PATH_OR_ID",

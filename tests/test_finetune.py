@@ -223,3 +223,51 @@ def test_finetune_eval_data(tmp_path, capsys):
     assert main(["finetune", "--data", str(data), "--eval-data", str(tmp_path / "nope.tsv"), "--model", minilm_dir(),
                  "--output-dir", str(out)]) == 2
     assert "nope.tsv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_finetune_causal_lm(tmp_path, pack):
+    """--task causal-lm: a small random Llama with MiniLM's WordPiece tokenizer learns SST-2's sentences; the
+    reported validation loss is transformers' own loss of the saved model over the prepared validation texts
+    (tokenized by HF tokenizers), token-weighted."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    src = minilm_dir()
+    ckpt = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(ckpt)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            os.symlink(os.path.join(src, name), ckpt / name)
+    data = _sst2(tmp_path, 256, eval_rows=48, test_rows=48)
+    out = tmp_path / "run"
+    argv = ["finetune", "--task", "causal-lm", "--data", str(data), "--model", str(ckpt), "--output-dir", str(out),
+            "--max-length", "64", "--num-train-epochs", "2", "--per-device-train-batch-size", "16",
+            "--learning-rate", "1e-2", "--warmup-steps", "2", "--save-strategy", "no", "--eval-strategy", "epoch",
+            "--disable-tqdm", "--report-to", "none"]
+    assert main(argv + ([] if pack else ["--no-pack"])) == 0
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["task"] == "causal-lm" and results["global_step"] == 32
+    for key in ("eval_loss", "eval_perplexity", "test_loss", "test_perplexity", "train_tokens_per_second"):
+        assert isinstance(results[key], float), key
+    assert results["eval_loss"] < 8.5  # ln(30522) = 10.3 at the start
+    assert results["eval_perplexity"] == pytest.approx(float(torch.tensor(results["eval_loss"]).double().exp()))
+
+    texts = (out / "data" / "validation.texts.txt").read_text(encoding="utf-8").split("\n")
+    tok = HFTokenizer.from_file(os.path.join(src, "tokenizer.json"))
+    tok.no_padding()  # MiniLM's tokenizer.json pads to 128
+    tok.enable_truncation(64)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(out / "final"), attn_implementation="sdpa").eval()
+    total = count = 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tok.encode(text).ids])
+            n = ids.shape[1] - 1
+            total += float(ref(input_ids=ids, labels=ids).loss) * n
+            count += n
+    assert results["eval_tokens"] == count
+    assert results["eval_loss"] == pytest.approx(total / count, abs=2e-4)

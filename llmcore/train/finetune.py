@@ -1,5 +1,6 @@
 """``llmcore finetune``: prepared (or raw) data + a checkpoint folder -> a fine-tuned
-sequence classifier, with the knobs of transformers' TrainingArguments."""
+sequence classifier (or, ``task="causal-lm"``, a causal LM trained on the texts), with the knobs of
+transformers' TrainingArguments."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +28,14 @@ class SplitBatches:
     rounded up by filler sequences of token id 0 (label -100, so no loss, metric or gradient sees them:
     attention keeps them to themselves and the heads read only the real sequences' rows); padded,
     the length (never past the split's longest row). Under bf16 autocast on the CPU, every new GEMM
-    shape makes oneDNN generate kernels (measured ~30 ms per step on MiniLM, a quarter of the step)."""
+    shape makes oneDNN generate kernels (measured ~30 ms per step on MiniLM, a quarter of the step).
 
-    def __init__(self, split, rows: list, pack: bool, pad_to_multiple_of: int = 1):
-        self.split, self.rows, self.pack = split, rows, pack
-        self.labels = np.asarray(split.labels)
+    ``causal_lm``: the labels are the tokens themselves (shaped as input_ids; -100 at padding and
+    filler tokens), for next-token training; the split needs no label column."""
+
+    def __init__(self, split, rows: list, pack: bool, pad_to_multiple_of: int = 1, causal_lm: bool = False):
+        self.split, self.rows, self.pack, self.causal_lm = split, rows, pack, causal_lm
+        self.labels = None if causal_lm else np.asarray(split.labels)
         self.multiple = int(pad_to_multiple_of)
         if self.multiple < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
@@ -47,7 +51,7 @@ class SplitBatches:
 
     def batch(self, rows: np.ndarray) -> dict:
         seqs = [self.split[int(i)] for i in rows]
-        labels = torch.as_tensor(self.labels[rows], dtype=torch.long)
+        labels = None if self.causal_lm else torch.as_tensor(self.labels[rows], dtype=torch.long)
         if self.pack:
             lengths = [len(s) for s in seqs]
             total = sum(lengths)
@@ -56,11 +60,15 @@ class SplitBatches:
                 whole, rest = divmod(filler, self.longest)
                 lengths += [self.longest] * whole + [rest] * bool(rest)
                 seqs.append(np.zeros(filler, dtype=np.int64))
-                labels = torch.cat([labels, labels.new_full((len(lengths) - len(rows),), IGNORE_INDEX)])
+                if labels is not None:
+                    labels = torch.cat([labels, labels.new_full((len(lengths) - len(rows),), IGNORE_INDEX)])
             cu = np.zeros(len(lengths) + 1, dtype=np.int32)
             np.cumsum(lengths, out=cu[1:])
-            return {"input_ids": torch.from_numpy(np.concatenate(seqs).astype(np.int64)),
-                    "cu_seqlens": torch.from_numpy(cu), "labels": labels}
+            ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
+            if labels is None:  # the tokens themselves, the filler's ignored
+                labels = ids.clone()
+                labels[total:] = IGNORE_INDEX
+            return {"input_ids": ids, "cu_seqlens": torch.from_numpy(cu), "labels": labels}
         width = max(len(s) for s in seqs)
         width = max(width, min(-(-width // self.multiple) * self.multiple, self.longest))
         ids = np.zeros((len(seqs), width), dtype=np.int64)
@@ -68,17 +76,20 @@ class SplitBatches:
         for r, s in enumerate(seqs):
             ids[r, :len(s)] = s
             mask[r, :len(s)] = 1
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "labels": labels}
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        if labels is None:
+            labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
-                  pad_to_multiple_of: int = 1):
+                  pad_to_multiple_of: int = 1, causal_lm: bool = False):
     """A factory epoch -> ``SplitBatches``: length-bucketed batches shuffled by (seed, epoch).
 
     ``batch_size`` is per rank: the rows are cut into global batches of ``batch_size * world_size``
     and rank r takes every ``world_size``-th row of each from row r, so one process and N ranks see
     the same global batches. A last global batch with fewer rows than ranks is dropped (training:
-    every rank must step). ``pad_to_multiple_of``: see ``SplitBatches``."""
+    every rank must step). ``pad_to_multiple_of`` and ``causal_lm``: see ``SplitBatches``."""
     def batches(epoch: int) -> SplitBatches:
         rows = []
         for global_rows in split.batches(batch_size * world_size, seed=seed + epoch, shuffle=shuffle):
@@ -87,7 +98,7 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, 
             mine = global_rows[rank::world_size]
             if len(mine):
                 rows.append(mine)
-        return SplitBatches(split, rows, pack, pad_to_multiple_of)
+        return SplitBatches(split, rows, pack, pad_to_multiple_of, causal_lm)
     return batches
 
 
@@ -134,9 +145,12 @@ def _check_prepared_eval_data(data: str, prepared, eval_data: Optional[str]) -> 
                          "--eval-data`, or raw data to finetune")
 
 
+TASKS = ("sequence-classification", "causal-lm")
+
+
 def finetune(data: str, model: str, output_dir: str, max_length: int = 128, tokenizer: Optional[str] = None,
              text_column: Optional[str] = None, label_column: Optional[str] = None, device: Optional[str] = None,
-             eval_data: Optional[str] = None, **train_args) -> dict:
+             eval_data: Optional[str] = None, task: str = "sequence-classification", **train_args) -> dict:
     """Prepare ``data`` (cached under ``output_dir/data``; a prepared folder is used as is), fine-tune
     the checkpoint in ``model`` (a folder, or a Hub model id: :mod:`llmcore.hub`) for sequence
     classification, evaluate on the validation and test splits, save the final model (+ the
@@ -144,6 +158,10 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     the results: ``train_*`` and ``peak_memory_mb`` from ``Trainer.train``, ``eval_*`` on the
     validation split, ``test_*`` on the test split. ``eval_data``: a file whose rows are the
     validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``).
+
+    ``task="causal-lm"``: a decoder checkpoint (GPT-2, Llama, Mistral, Qwen2) trained on next-token loss
+    over each text (cut to ``max_length`` tokens; labels are not needed and not used); the evaluations
+    report ``*_loss`` (per predicted token), ``*_tokens`` and ``*_perplexity``.
 
     Under ``torchrun`` every rank trains on its share of each global batch (see ``split_batches``)
     and rank 0 writes the files; ``fsdp="full_shard"`` (or ``"shard_grad_op"``) shards the model instead of
@@ -155,6 +173,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     from llmcore.models.loading import checkpoint_dir
     from llmcore.train.checkpoint import seed_everything
 
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is unknown: expected one of {', '.join(TASKS)}")
+    causal_lm = task == "causal-lm"
     config = TrainConfig(output_dir=output_dir, **train_args)
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
     rank, world, dev, started = _setup_distributed(device, group=bool(config.fsdp))
@@ -178,16 +199,18 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
                 prepared = run_prepare()
         if "train" not in prepared.splits:
             raise ValueError(f"{data!r} has no train split (splits: {sorted(prepared.splits)})")
-        if prepared["train"].labels is None:
+        if prepared["train"].labels is None and not causal_lm:
             raise ValueError(f"{data!r}: the train split has no label column")
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
-        net = from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels).to(dev)
+        net = (from_pretrained(model, task="causal-lm") if causal_lm else
+               from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels)).to(dev)
         batch, multiple = config.per_device_train_batch_size, config.batch_multiple(dev)
-        train = split_batches(prepared["train"], batch, config.pack, config.seed, True, rank, world, multiple)
+        train = split_batches(prepared["train"], batch, config.pack, config.seed, True, rank, world, multiple,
+                              causal_lm)
         evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, config.pack, 0, False,
-                                     rank, world, multiple)(0)
+                                     rank, world, multiple, causal_lm)(0)
                  for name in ("validation", "test") if name in prepared.splits
-                 and prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0}
+                 and (causal_lm or (prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0))}
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
         results = trainer.train()
         for name, batches in evals.items():
@@ -205,8 +228,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
                     shutil.copyfile(os.path.join(src, name), os.path.join(final, name))
             tmp = os.path.join(output_dir, "results.json.tmp")
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({**results, "config": dataclasses.asdict(config), "model": model, "data": data,
-                           "label_names": prepared.label_names}, f, indent=2, default=str)
+                json.dump({**results, "config": dataclasses.asdict(config), "model": model, "data": data, "task": task,
+                           "label_names": None if causal_lm else prepared.label_names}, f, indent=2, default=str)
             os.replace(tmp, os.path.join(output_dir, "results.json"))
         if world > 1:
             dist.barrier()

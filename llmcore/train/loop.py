@@ -272,12 +272,17 @@ def macro_f1(true_positive: Tensor, predicted: Tensor, actual: Tensor) -> float:
 
 def token_count(batch: Batch) -> int:
     """Real (non-padding) tokens of a batch: the ``attention_mask`` sum, or packed ``input_ids`` (T,)
-    less the sequences labelled ``-100`` when there is one label per sequence (the filler sequences
-    that ``SplitBatches`` adds to round the token count up)."""
+    less the sequences labelled ``-100`` (one label per sequence), or with no label but ``-100`` (one per
+    token): the filler sequences that ``SplitBatches`` adds to round the token count up."""
     ids, cu, labels = batch["input_ids"], batch.get("cu_seqlens"), batch.get("labels")
     if ids.dim() == 1 and cu is not None and labels is not None and labels.numel() == cu.numel() - 1:
         lengths = (cu[1:] - cu[:-1]).to(labels.device)
         return int(lengths[labels != IGNORE_INDEX].sum())
+    if ids.dim() == 1 and cu is not None and labels is not None and labels.shape == ids.shape:
+        cu = cu.to(labels.device).long()
+        running = torch.cat([cu.new_zeros(1), (labels != IGNORE_INDEX).long().cumsum(0)])
+        labelled = running[cu[1:]] > running[cu[:-1]]
+        return int((cu[1:] - cu[:-1])[labelled].sum())
     if ids.dim() == 1 or batch.get("attention_mask") is None:
         return ids.numel()
     return int(batch["attention_mask"].sum())
