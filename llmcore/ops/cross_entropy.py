@@ -36,7 +36,8 @@ __all__ = ["linear_cross_entropy", "default_chunk_size"]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _NATIVE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # _C's dtype codes
 _REDUCTIONS = ("mean", "sum", "none")
-# One chunk's fp32 logits stay under this; a bf16/fp16 chunk also has its input-dtype copy (half again).
+# One chunk's fp32 logits stay under this; a bf16/fp16 chunk also has its input-dtype copy (half again), which
+# is all the CPU's native path holds.
 _CHUNK_BYTES = 64 << 20
 # bf16/fp16 grad_weight: at least this many chunks are summed in the compute dtype before joining the total
 _MIN_FLUSH_EVERY = 8
@@ -351,7 +352,7 @@ def linear_cross_entropy(
 
     Tokens are processed ``chunk_size`` rows at a time (default: as many as keep one
     chunk's fp32 logits under 64 MiB, see :func:`default_chunk_size`); bf16/fp16 inputs
-    also keep the chunk in their own dtype (half as much again). Beyond that, memory goes
+    also keep the chunk in their own dtype (half as much again; on the CPU's native path, only that). Beyond that, memory goes
     to the gradients themselves and, for bf16/fp16 weights, one (V, H) partial sum.
     Logits are computed in the inputs' dtype and widened to float32 (float64 inputs stay
     float64) for the log-softmax; the matmuls of the backward run in the inputs' dtype, as
