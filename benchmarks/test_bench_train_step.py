@@ -18,11 +18,14 @@ def steps(task, dtype):
     return (make_lm_steps if task == "causal-lm" else make_steps)(dtype=dtype)
 
 
-@pytest.mark.parametrize("impl", ["transformers", "llmcore padded", "llmcore packed"])
+@pytest.mark.parametrize("impl", ["transformers", "transformers + llmcore.hf.patch", "llmcore padded",
+                                  "llmcore packed"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("task", ["sequence-classification", "causal-lm"])
 def test_train_step(benchmark, task, dtype, impl):
     fns, facts = steps(task, dtype)
+    if impl not in fns:
+        pytest.skip(f"{impl}: causal-lm only")
     benchmark.group = f"{'MiniLM' if task != 'causal-lm' else 'MiniLM-sized Llama'} {task} train step {dtype}"
     benchmark.extra_info.update(facts)
     benchmark.pedantic(fns[impl], rounds=10, iterations=1, warmup_rounds=2)

@@ -8,8 +8,9 @@ Two entry points:
   :func:`llmcore.ops.scaled_dot_product_attention`, or :func:`llmcore.ops.varlen_attention`
   for padding-free batches that carry FlashAttention's ``cu_seq_lens_*`` kwargs.
 * :func:`patch` switches a built model to ``"llmcore"`` attention and swaps llmcore's fused
-  ops into the norm and MLP modules it recognises. Parameters and state_dict keys are kept,
-  so ``save_pretrained`` and ``load_state_dict`` work as before.
+  ops into the norm and MLP modules it recognises, and, for GPT-2 / Llama-family causal LMs in
+  training with labels, the chunked LM-head loss (which holds no logits). Parameters and
+  state_dict keys are kept, so ``save_pretrained`` and ``load_state_dict`` work as before.
 
 The attention function follows transformers' sdpa integration
 (``transformers/integrations/sdpa_attention.py``) decision for decision, so the two agree
@@ -228,12 +229,50 @@ def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.dropout(self.c_proj(y))
 
 
+# Keyword arguments of a causal LM's forward that are its own, not its base model's.
+_LM_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ignore_index")
+
+
+def _fused_lm_loss_forward(self: nn.Module, *args, **kwargs):
+    """transformers' causal LM forward, except in training with labels: then the LM-head loss is
+    ``llmcore.ops.linear_cross_entropy`` on the base model's hidden states (the (tokens, vocab) logits are never
+    held, and the output's ``logits`` is None), with transformers' loss semantics: labels shifted left (or
+    ``shift_labels`` as given), -100 (``ignore_index``) ignored, the mean, or the sum divided by
+    ``num_items_in_batch`` when given, in float32. Anything else -- evaluation, no labels, positional arguments,
+    ``return_dict``, ``logits_to_keep``, a custom ``loss_function``, an lm_head wrapped or hooked after patching --
+    takes transformers' forward."""
+    labels = kwargs.get("labels")
+    keep = kwargs.get("logits_to_keep", 0)
+    if (labels is None or args or not self.training or "return_dict" in kwargs
+            or not (isinstance(keep, int) and keep == 0) or "_loss_function" in self.__dict__
+            or not _is_plain(self.lm_head, nn.Linear)):
+        return type(self).forward(self, *args, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    out = getattr(self, self.base_model_prefix)(**{k: v for k, v in kwargs.items() if k not in _LM_ONLY_KWARGS})
+    hidden = out.last_hidden_state
+    ignore = kwargs.get("ignore_index", -100)
+    target = kwargs.get("shift_labels")
+    if target is None:
+        target = F.pad(labels, (0, 1), value=ignore)[..., 1:]
+    n = kwargs.get("num_items_in_batch")
+    loss = _ops.linear_cross_entropy(hidden, self.lm_head.weight, target.to(hidden.device), bias=self.lm_head.bias,
+                                     ignore_index=ignore, reduction="mean" if n is None else "sum",
+                                     loss_dtype=torch.float32)
+    if n is not None:
+        loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
 # ---------------------------------------------------------------------------------------
 # matching: only classes whose forward is known to be exactly what the fused op computes
 
 
 _RMS_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 _SWIGLU_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+# causal LMs whose forward is base model -> lm_head (an nn.Linear) -> ForCausalLMLoss, with no logit softcapping
+_CAUSAL_LM_CLASSES = {"GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                      "Qwen3ForCausalLM"}
 _INTERMEDIATE_CLASSES = {"BertIntermediate", "RobertaIntermediate", "XLMRobertaIntermediate", "CamembertIntermediate",
                          "ElectraIntermediate"}
 
@@ -274,6 +313,10 @@ def _match(m: nn.Module) -> tuple[str, object] | None:
         if kind is not None and isinstance(m.dense, nn.Linear) and m.dense.bias is not None:
             m._llmcore_approximate = kind
             return "bias_gelu", _bias_gelu_intermediate_forward
+    elif name in _CAUSAL_LM_CLASSES:
+        if (isinstance(getattr(m, "lm_head", None), nn.Linear) and hasattr(m, getattr(m, "base_model_prefix", ""))
+                and getattr(m.config, "final_logit_softcapping", None) is None):
+            return "linear_cross_entropy", _fused_lm_loss_forward
     elif name == "GPT2MLP":
         kind = _gelu_kind(getattr(m, "act", None))
         if kind is not None:
@@ -315,6 +358,10 @@ def patch(model: nn.Module) -> nn.Module:
     BERT-family ``*Intermediate`` (Linear +    ``F.linear`` without bias, then
     GELU), ``GPT2MLP`` (Conv1D + GELU)        ``llmcore.ops.bias_gelu``
     Llama/Mistral/Qwen2/Qwen3 ``MLP`` (SiLU)   ``llmcore.ops.swiglu``
+    GPT-2, Llama, Mistral, Qwen2, Qwen3        the LM-head loss in training with
+    ``*ForCausalLM`` / ``GPT2LMHeadModel``     labels: ``linear_cross_entropy``
+                                              (no logits; see
+                                              ``_fused_lm_loss_forward``)
     ========================================  ======================================
 
     Anything else, including subclasses of the classes above, is left alone. Parameters,
@@ -324,12 +371,13 @@ def patch(model: nn.Module) -> nn.Module:
 
     >>> model = patch(AutoModelForCausalLM.from_config(config))  # doctest: +SKIP
     >>> model._llmcore_patched  # doctest: +SKIP
-    {'attention': 2, 'layer_norm': 0, 'rms_norm': 5, 'bias_gelu': 0, 'swiglu': 2}
+    {'attention': 2, 'layer_norm': 0, 'rms_norm': 5, 'bias_gelu': 0, 'swiglu': 2, 'linear_cross_entropy': 1}
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     register()
-    counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0}
+    counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
+              "linear_cross_entropy": 0}
     missing = set()
     for m in model.modules():
         done = getattr(m, "_llmcore_fused", None)

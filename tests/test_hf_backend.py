@@ -412,10 +412,10 @@ def _state(model):
 
 
 EXPECTED = {
-    "minilm": {"attention": 6, "layer_norm": 13, "rms_norm": 0, "bias_gelu": 6, "swiglu": 0},
-    "gpt2": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0},
-    "llama": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2},
-    "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2},
+    "minilm": {"attention": 6, "layer_norm": 13, "rms_norm": 0, "bias_gelu": 6, "swiglu": 0, "linear_cross_entropy": 0},
+    "gpt2": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0, "linear_cross_entropy": 1},
+    "llama": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "linear_cross_entropy": 1},
+    "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "linear_cross_entropy": 1},
 }
 
 
@@ -430,8 +430,8 @@ def _check_patch(kind, ref, model, batch, op_calls=None, logits=lambda o: o.logi
         assert torch.equal(after[k], before[k]), k
     with torch.no_grad():
         torch.testing.assert_close(logits(model(**batch)), logits(ref(**batch)), **FP32)
-    if op_calls is not None:
-        used = {k for k, n in EXPECTED[kind].items() if n and k != "attention"}
+    if op_calls is not None:  # (the LM-head loss runs only in training with labels)
+        used = {k for k, n in EXPECTED[kind].items() if n and k not in ("attention", "linear_cross_entropy")}
         assert {k for k, n in op_calls.items() if n} == used
 
 
@@ -443,9 +443,13 @@ def test_patch_causal_lm_plumbing(kind, ref_ops, tmp_path):
     _check_patch(kind, ref, model, batch, ref_ops)
 
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    outs = []
     for m in (ref, model):
         m.train()
-        m(**batch, labels=labels).loss.backward()
+        outs.append(m(**batch, labels=labels))
+        outs[-1].loss.backward()
+    assert outs[1].logits is None  # the fused LM-head loss held no logits
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, **FP32)
     _assert_grads_close(ref, model)
 
     model.save_pretrained(tmp_path)
@@ -494,7 +498,8 @@ def test_patch_leaves_unknown_modules_alone(ref_ops):
     with torch.no_grad():
         before = model[:5](x)
     hf.patch(model)
-    assert model._llmcore_patched == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0}
+    assert model._llmcore_patched == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
+                                      "linear_cross_entropy": 0}
     assert [("forward" in m.__dict__) for m in model] == [False, True, False, False, False, False]
     with torch.no_grad():
         torch.testing.assert_close(model[:5](x), before, **FP32)
@@ -526,7 +531,75 @@ def test_patch_warns_about_missing_ops(monkeypatch):
     ref, _ = _pair("llama")
     with pytest.warns(UserWarning, match="rms_norm, swiglu"):
         model = hf.patch(copy.deepcopy(ref))
-    assert model._llmcore_patched == {"attention": 2, "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0}
+    assert model._llmcore_patched == {"attention": 2, "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
+                                      "linear_cross_entropy": 1}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_patched_lm_loss_follows_transformers(kind):
+    """The fused LM-head loss against transformers' ForCausalLMLoss on the same model: num_items_in_batch (sum /
+    n), shift_labels as given, ignored labels, bf16 weights (a float32 loss, as transformers returns), and every
+    case it leaves to transformers' forward (evaluation, no labels) returns its logits."""
+    ref, _ = _pair(kind)
+    model = hf.patch(copy.deepcopy(ref))
+    batch = _lm_batch("right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[0, :3] = -100  # a prompt
+    shift = torch.randint(0, 96, labels.shape, generator=torch.Generator().manual_seed(3))
+    shift[1, ::2] = -100
+    for extra in ({}, {"num_items_in_batch": 17}, {"num_items_in_batch": torch.tensor(17)}, {"shift_labels": shift}):
+        for m in (ref, model):
+            m.train()
+            m.zero_grad(set_to_none=True)
+        want = ref(**batch, labels=labels, **extra)
+        got = model(**batch, labels=labels, **extra)
+        assert got.logits is None
+        torch.testing.assert_close(got.loss, want.loss, **FP32)
+        want.loss.backward(), got.loss.backward()
+        _assert_grads_close(ref, model)
+    with torch.no_grad():
+        for kw in ({"labels": labels}, {}):
+            ref.eval(), model.eval()
+            torch.testing.assert_close(model(**batch, **kw).logits, ref(**batch, **kw).logits, **FP32)
+            ref.train(), model.train()
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, **FP32)  # training, no labels
+        assert model(**batch, logits_to_keep=2).logits.shape[1] == 2
+    half, half_ref = copy.deepcopy(model).to(torch.bfloat16), copy.deepcopy(ref).to(torch.bfloat16)
+    got, want = half(**batch, labels=labels), half_ref(**batch, labels=labels)
+    assert got.loss.dtype == want.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, want.loss, atol=0.05, rtol=0.02)
+
+
+def test_patched_lm_loss_falls_back_for_a_custom_loss_or_wrapped_head():
+    ref, _ = _pair("llama")
+    model = hf.patch(copy.deepcopy(ref)).train()
+    batch = _lm_batch("none")
+    labels = batch["input_ids"]
+    seen = []
+    model.lm_head.register_forward_hook(lambda *a: seen.append(1))
+    assert model(**batch, labels=labels).logits is not None and seen == [1]
+    model2 = hf.patch(copy.deepcopy(ref)).train()
+    model2.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().mean() * 0 + 7.0
+    assert float(model2(**batch, labels=labels).loss) == 7.0
+
+
+def test_patched_hf_lm_in_llmcore_trainer_matches_unpatched():
+    """llmcore's Trainer with a patched transformers Llama: uneven micro-batches give the unpatched model's
+    gradients (the loop passes num_items_in_batch, which the fused loss divides by)."""
+    from llmcore.train import accumulate_gradients
+
+    ref, _ = _pair("llama")
+    model = hf.patch(copy.deepcopy(ref))
+    batch = _lm_batch("right")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    micro = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 1), slice(1, 3))]
+    for m in (ref, model):
+        m.train()
+        m.zero_grad(set_to_none=True)
+    loss_ref, _ = accumulate_gradients(ref, micro)
+    loss, _ = accumulate_gradients(model, micro)
+    torch.testing.assert_close(loss, loss_ref, **FP32)
+    _assert_grads_close(ref, model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,9 +621,13 @@ def test_patch_causal_lm_with_fused_ops(kind):
     _check_patch(kind, ref, model, batch)
 
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    outs = []
     for m in (ref, model):
         m.train()
-        m(**batch, labels=labels).loss.backward()
+        outs.append(m(**batch, labels=labels))
+        outs[-1].loss.backward()
+    assert outs[1].logits is None  # the fused LM-head loss held no logits
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, **FP32)
     _assert_grads_close(ref, model)
 
     ref.eval(), model.eval()

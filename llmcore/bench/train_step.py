@@ -101,11 +101,15 @@ def _facts(batch_size: int, packed, padded) -> dict:
             "padding_fraction": round(1 - packed.lengths.sum() / padded.input_ids.size, 3)}
 
 
+LM_IMPLS = ("transformers", "transformers + llmcore.hf.patch", "llmcore padded", "llmcore packed")
+
+
 def make_lm_steps(batch_size: int = 8, dtype: str = "fp32", texts: Optional[list] = None, max_length: int = 256,
-                  impls=("transformers", "llmcore padded", "llmcore packed")) -> tuple[dict, dict]:
+                  impls=LM_IMPLS) -> tuple[dict, dict]:
     """{impl: step()} for the causal LM task (module docstring): the first ``batch_size`` IMDB reviews (or of
-    ``texts``) cut to ``max_length`` tokens, labels = input_ids (padding -100), and facts about the batch. Both
-    models load the same random weights (seed 0) from one transformers checkpoint."""
+    ``texts``) cut to ``max_length`` tokens, labels = input_ids (padding -100), and facts about the batch. The
+    models load the same random weights (seed 0) from one transformers checkpoint; "transformers +
+    llmcore.hf.patch" is transformers' model with llmcore's attention, fused ops and LM-head loss swapped in."""
     import transformers
     from llmcore.models import from_pretrained
 
@@ -122,13 +126,19 @@ def make_lm_steps(batch_size: int = 8, dtype: str = "fp32", texts: Optional[list
     with tempfile.TemporaryDirectory() as folder:
         transformers.LlamaForCausalLM(config).save_pretrained(folder)
         models = {}
-        if "transformers" in impls:
-            models["transformers"] = transformers.AutoModelForCausalLM.from_pretrained(folder,
-                                                                                      attn_implementation="sdpa")
+        for impl in impls:
+            if impl.startswith("transformers"):
+                models[impl] = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+        if "transformers + llmcore.hf.patch" in models:
+            import llmcore.hf
+
+            llmcore.hf.patch(models["transformers + llmcore.hf.patch"])
         if any(i.startswith("llmcore") for i in impls):
             models["llmcore"] = from_pretrained(folder, task="causal-lm")
     autocast = dtype == "bf16"
     make = {"transformers": lambda: _stepper(models["transformers"], padded_in, padded_labels, autocast),
+            "transformers + llmcore.hf.patch": lambda: _stepper(models["transformers + llmcore.hf.patch"], padded_in,
+                                                                 padded_labels, autocast),
             "llmcore padded": lambda: _stepper(models["llmcore"], padded_in, padded_labels, autocast),
             "llmcore packed": lambda: _stepper(models["llmcore"], packed_in, packed_in["input_ids"], autocast)}
     return {i: make[i]() for i in impls}, {**_facts(batch_size, packed, padded), "vocab_size": tok.vocab_size,
@@ -193,7 +203,7 @@ def step_memory(task: str, dtype: str, impls=None, timeout_s: float = 600.0) -> 
     """{impl: _memory_child's result} each from a fresh process, with glibc's mmap threshold fixed at 64 KiB,
     so that every large buffer is mapped when allocated and unmapped when freed (the resident set follows
     the live tensors, instead of keeping what an earlier step freed)."""
-    impls = impls or ("transformers", "llmcore padded", "llmcore packed")
+    impls = impls or (LM_IMPLS if task == "causal-lm" else ("transformers", "llmcore padded", "llmcore packed"))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = {}
     for impl in impls:
@@ -207,8 +217,8 @@ def step_memory(task: str, dtype: str, impls=None, timeout_s: float = 600.0) -> 
 
 def format_table(runs: list[dict]) -> str:
     memory = any("memory" in r for r in runs)
-    lines = ["| dtype | impl | median ms | IQR ms | samples/s | real tokens/s | speed-up vs transformers (paired min-max) |"
-             + (" step's peak above rest, MiB |" if memory else ""),
+    lines = ["| dtype | impl | median ms | IQR ms | samples/s | real tokens/s | speed-up vs transformers "
+             "(paired min-max) |" + (" step's peak above rest, MiB |" if memory else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if memory else "")]
     for r in runs:
         for impl, x in r["results"].items():

@@ -340,6 +340,7 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     label_smoothing: float = 0.0,
     backend: Optional[str] = None,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` without the full logits.
 
@@ -352,8 +353,9 @@ def linear_cross_entropy(
 
     Tokens are processed ``chunk_size`` rows at a time (default: as many as keep one
     chunk's fp32 logits under 64 MiB, see :func:`default_chunk_size`); bf16/fp16 inputs
-    also keep the chunk in their own dtype (half as much again; on the CPU's native path, only that). Beyond that, memory goes
-    to the gradients themselves and, for bf16/fp16 weights, one (V, H) partial sum.
+    also keep the chunk in their own dtype (half as much again; on the CPU's native path, only
+    that). Beyond that, memory goes to the gradients themselves and, for bf16/fp16 weights, one
+    (V, H) partial sum.
     Logits are computed in the inputs' dtype and widened to float32 (float64 inputs stay
     float64) for the log-softmax; the matmuls of the backward run in the inputs' dtype, as
     autograd's would. With reduction "mean" or "sum" the gradients are computed during the
@@ -365,6 +367,9 @@ def linear_cross_entropy(
     (measured up to 1024 chunks) and is accumulated in float32 when the weight is float32
     under autocast. The loss itself is more precise than torch's bf16 composite (float32
     log-softmax) but is returned in the input dtype, as torch does.
+
+    ``loss_dtype``: the returned loss's dtype instead (float32 for bf16 weights without autocast, as
+    transformers' causal LM losses return it; the loss is computed in float32 either way).
 
     ``backend``: None runs each chunk's softmax as one native kernel on the CPU
     (``_C.cross_entropy_rows``: loss and gradient in place, on the logits in the matmul's dtype) and as a
@@ -422,6 +427,8 @@ def linear_cross_entropy(
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend={backend!r} is unknown; choose one of None, 'triton', 'torch'")
+    if loss_dtype is not None and loss_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"loss_dtype must be None or a floating dtype, got {loss_dtype!r}")
 
     out_dtype = compute_dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type) and torch.float64 not in (hidden.dtype, weight.dtype):
@@ -432,6 +439,7 @@ def linear_cross_entropy(
             if t is not None and t.dtype != hidden.dtype:
                 raise TypeError(f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}")
 
+    out_dtype = loss_dtype or out_dtype
     labels = labels.reshape(-1).long()
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     if bool(bad.any()):  # torch raises too; an out-of-range gather would read garbage instead
