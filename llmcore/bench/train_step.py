@@ -204,11 +204,15 @@ def step_memory(task: str, dtype: str, impls=None, timeout_s: float = 600.0) -> 
     so that every large buffer is mapped when allocated and unmapped when freed (the resident set follows
     the live tensors, instead of keeping what an earlier step freed)."""
     impls = impls or (LM_IMPLS if task == "causal-lm" else ("transformers", "llmcore padded", "llmcore packed"))
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    # The child imports the llmcore this process runs (not a source tree in the working directory, which
+    # `python -m` would put first: without its built _C when the package is installed, not linked).
+    here = os.path.dirname(os.path.dirname(os.path.abspath(llmcore.__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
     out = {}
     for impl in impls:
         cmd = [sys.executable, "-m", "llmcore.bench.train_step", "--memory", task, dtype, impl]
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=tempfile.gettempdir())
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr[-2000:]}")
         out[impl] = json.loads(p.stdout.strip().splitlines()[-1])
