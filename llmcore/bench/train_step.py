@@ -24,7 +24,7 @@ import torch
 
 import llmcore
 from llmcore.bench.attention import iqr, time_round_robin
-from llmcore.bench.data import imdb_texts, minilm_dir, sst2_texts
+from llmcore.bench.data import data_dir, imdb_texts, minilm_dir, sst2_texts
 from llmcore.bench.memory import reset_high_water_mark, status_kb
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -205,9 +205,10 @@ def step_memory(task: str, dtype: str, impls=None, timeout_s: float = 600.0) -> 
     the live tensors, instead of keeping what an earlier step freed)."""
     impls = impls or (LM_IMPLS if task == "causal-lm" else ("transformers", "llmcore padded", "llmcore packed"))
     # The child imports the llmcore this process runs (not a source tree in the working directory, which
-    # `python -m` would put first: without its built _C when the package is installed, not linked).
+    # `python -m` would put first: without its built _C when the package is installed, not linked), and reads
+    # the data this process found (it runs from the temp folder, where the relative look-ups find nothing).
     here = os.path.dirname(os.path.dirname(os.path.abspath(llmcore.__file__)))
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", LLMCORE_DATA_DIR=data_dir(),
                PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
     out = {}
     for impl in impls:
