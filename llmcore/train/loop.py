@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -77,15 +78,22 @@ def is_causal_lm(model: nn.Module) -> bool:
     loss_type = getattr(m, "loss_type", None)
     if loss_type == "ForCausalLM":
         return True
-    if "transformers" not in sys.modules:  # then model is not one of its models
+    modeling = sys.modules.get("transformers.modeling_utils")  # imported wherever one of its models exists
+    if modeling is None or not isinstance(m, modeling.PreTrainedModel):
         return False
+    loss_types, classes = _transformers_causal_lm_names()
+    return loss_type in loss_types or any(c.__name__ in classes for c in type(m).__mro__)  # FSDP2 subclasses
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_causal_lm_names() -> tuple[frozenset, frozenset]:
+    """(loss_type names transformers maps to ForCausalLMLoss, its causal LM class names); importing its loss
+    module takes ~1 s the first time, so only for transformers' models, and once."""
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if isinstance(loss_type, str) and LOSS_MAPPING.get(loss_type) is ForCausalLMLoss:
-        return True
-    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    return any(c.__name__ in names for c in type(m).__mro__)  # FSDP2 subclasses the model's class
+    return (frozenset(k for k, f in LOSS_MAPPING.items() if f is ForCausalLMLoss),
+            frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()))
 
 
 def _per_token_labels(batch: Batch) -> bool:
