@@ -61,6 +61,13 @@ def example_count(batch: Batch, causal_lm: bool = False) -> int:
     return int((labels != IGNORE_INDEX).sum()) - int((labels[starts] != IGNORE_INDEX).sum())
 
 
+def _sequences_with_any(flags: Tensor, cu: Tensor) -> Tensor:
+    """Per packed sequence (offsets ``cu``), whether any of its tokens' ``flags`` is set."""
+    cu = cu.to(flags.device).long()
+    running = torch.cat([cu.new_zeros(1), flags.long().cumsum(0)])
+    return running[cu[1:]] > running[cu[:-1]]
+
+
 def _sequence_starts(batch: Batch) -> Tensor:
     """Rows where the packed batch's non-empty sequences start."""
     cu = batch["cu_seqlens"].to(batch["labels"].device).long()
@@ -137,11 +144,9 @@ def sample_count(batch: Batch, causal_lm: bool = False) -> int:
     labels = batch["labels"]
     if labels.dim() >= 2:
         return int((labels[..., 1:] != IGNORE_INDEX).any(-1).sum())
-    targets = (labels != IGNORE_INDEX).long()
-    targets[_sequence_starts(batch)] = 0
-    cu = batch["cu_seqlens"].to(labels.device).long()
-    running = torch.cat([targets.new_zeros(1), targets.cumsum(0)])
-    return int((running[cu[1:]] > running[cu[:-1]]).sum())
+    targets = labels != IGNORE_INDEX
+    targets[_sequence_starts(batch)] = False
+    return int(_sequences_with_any(targets, batch["cu_seqlens"]).sum())
 
 
 def loss_sum(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -287,10 +292,8 @@ def token_count(batch: Batch) -> int:
         lengths = (cu[1:] - cu[:-1]).to(labels.device)
         return int(lengths[labels != IGNORE_INDEX].sum())
     if ids.dim() == 1 and cu is not None and labels is not None and labels.shape == ids.shape:
-        cu = cu.to(labels.device).long()
-        running = torch.cat([cu.new_zeros(1), (labels != IGNORE_INDEX).long().cumsum(0)])
-        labelled = running[cu[1:]] > running[cu[:-1]]
-        return int((cu[1:] - cu[:-1])[labelled].sum())
+        labelled = _sequences_with_any(labels != IGNORE_INDEX, cu)
+        return int((cu[1:] - cu[:-1]).to(labels.device)[labelled].sum())
     if ids.dim() == 1 or batch.get("attention_mask") is None:
         return ids.numel()
     return int(batch["attention_mask"].sum())
