@@ -37,3 +37,27 @@ def cpu_isa(request):
     llmcore._C.set_cpu_isa(request.param)
     yield request.param
     llmcore._C.set_cpu_isa(best)
+
+
+def _kernel_variants() -> list[str]:
+    """The CPU ISAs, and the AVX512-BF16 twin of the AVX-512 kernels where the CPU has it."""
+    out = []
+    for isa in supported_isas():
+        out.append(isa)
+        if isa == "avx512" and llmcore._C.norm_bf16_instructions_available():
+            out.append("avx512+bf16")
+    return out
+
+
+@pytest.fixture(params=_kernel_variants())
+def kernels(request):
+    """Runs a test once per kernel variant, restoring the defaults afterwards."""
+    isa, _, bf16 = request.param.partition("+")
+    bf16_default = llmcore._C.norm_bf16_instructions()
+    llmcore._C.set_cpu_isa(isa)
+    if llmcore._C.norm_bf16_instructions_available():
+        llmcore._C.set_norm_bf16_instructions(bool(bf16))
+    yield request.param
+    llmcore._C.set_cpu_isa(llmcore._C.best_cpu_isa())
+    if llmcore._C.norm_bf16_instructions_available():
+        llmcore._C.set_norm_bf16_instructions(bf16_default)

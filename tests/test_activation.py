@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from llmcore.ops import bias_gelu, swiglu
 from llmcore.ops.activation import bias_gelu_reference, swiglu_reference
-from test_norm import kernels  # noqa: F401 (the fixture: every CPU kernel variant)
 
 SHAPES = [(1, 1), (3, 33), (2, 5, 384), (4, 768), (2, 3, 97)]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmcore.ops import cross_entropy as ce
 from llmcore.ops.cross_entropy import default_chunk_size, linear_cross_entropy
-from test_norm import kernels  # noqa: F401 (the fixture: every CPU kernel variant)
 
 NAMES = ("loss", "grad_hidden", "grad_weight", "grad_bias")
 

@@ -9,34 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import supported_isas
-from llmcore import _C
 from llmcore.ops import layer_norm, rms_norm
 from llmcore.ops.norm import layer_norm_reference, rms_norm_reference
-
-
-def _kernel_variants() -> list[str]:
-    """The CPU ISAs, and the AVX512-BF16 twin of the AVX-512 kernels where the CPU has it."""
-    out = []
-    for isa in supported_isas():
-        out.append(isa)
-        if isa == "avx512" and _C.norm_bf16_instructions_available():
-            out.append("avx512+bf16")
-    return out
-
-
-@pytest.fixture(params=_kernel_variants())
-def kernels(request):
-    """Runs a test once per kernel variant, restoring the defaults afterwards."""
-    isa, _, bf16 = request.param.partition("+")
-    bf16_default = _C.norm_bf16_instructions()
-    _C.set_cpu_isa(isa)
-    if _C.norm_bf16_instructions_available():
-        _C.set_norm_bf16_instructions(bool(bf16))
-    yield request.param
-    _C.set_cpu_isa(_C.best_cpu_isa())
-    if _C.norm_bf16_instructions_available():
-        _C.set_norm_bf16_instructions(bf16_default)
 
 
 SHAPES = [(1, 1), (5, 1), (3, 33), (2, 5, 384), (4, 768), (2, 3, 97)]
