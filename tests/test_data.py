@@ -297,3 +297,49 @@ def test_eval_data_missing(tmp_path):
         prepare(tmp_path / "train.csv", MODEL, 16, tmp_path / "o", eval_data=tmp_path / "nope.csv")
     with pytest.raises(FileNotFoundError, match="holds no validation.* file, only train.csv"):
         prepare(tmp_path / "train.csv", MODEL, 16, tmp_path / "o", eval_data=tmp_path)
+
+
+def test_overflow_split_keeps_every_token(tmp_path):
+    """overflow="split": every token of every IMDB review is in some row (HF tokenizers' encoding of the
+    whole text, without truncation), each row within max_length with [CLS] ... [SEP], labelled with its
+    text's label; the texts and their splits are truncate mode's."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from llmcore.cli import main
+
+    src = os.path.join(data_dir(), "imdb", "imdb_2000.csv")
+    split = prepare(src, MODEL, 64, tmp_path / "split", overflow="split")
+    trunc = prepare(src, MODEL, 64, tmp_path / "trunc")
+    hf = tokenizers.Tokenizer.from_file(os.path.join(MODEL, "tokenizer.json"))
+    hf.no_truncation()
+    hf.no_padding()
+    for name in ("train", "validation"):
+        s, t = split[name], trunc[name]
+        texts = (tmp_path / "split" / f"{name}.texts.txt").read_text(encoding="utf-8").split("\n")
+        assert texts == (tmp_path / "trunc" / f"{name}.texts.txt").read_text(encoding="utf-8").split("\n")
+        assert s.text_index.tolist() == sorted(s.text_index.tolist()) and set(s.text_index.tolist()) == set(
+            range(len(texts)))
+        assert s.labels.tolist() == t.labels[s.text_index].tolist()
+        assert s.lengths.max() == 64 and len(s) > len(t)
+        pieces = [[] for _ in texts]
+        for r in range(len(s)):
+            row = s[r].tolist()
+            assert row[0] == 101 and row[-1] == 102 and len(row) <= 64
+            pieces[s.text_index[r]] += row[1:-1]
+        for i, text in enumerate(texts):
+            assert pieces[i] == hf.encode(text, add_special_tokens=False).ids, (name, i)
+        assert s.texts()[5] == texts[s.text_index[5]]
+        assert split.meta["stats"][name]["texts"] == len(texts)
+        assert split.meta["counts"][name]["texts_split"] == int(np.sum(np.bincount(s.text_index) > 1)) > 0
+    assert "texts longer than max_length split" in split.summary()
+
+    padded = prepare(src, MODEL, 64, tmp_path / "padded", overflow="split", pack=False)["validation"]
+    packed = split["validation"]
+    assert padded.ids.shape == (len(packed), 64)
+    assert all(padded[r].tolist() == packed[r].tolist() for r in range(len(packed)))
+    again = prepare(src, MODEL, 64, tmp_path / "split")  # truncate into the split folder: not its cache
+    assert not again.cache_hit and again["train"].text_index is None and len(again["train"]) == len(trunc["train"])
+    with pytest.raises(ValueError, match="overflow must be one of truncate, split"):
+        prepare(src, MODEL, 64, tmp_path / "bad", overflow="chunk")
+    assert main(["prepare", "--data", src, "--model", MODEL, "--max-length", "64", "--overflow", "split",
+                 "--output-dir", str(tmp_path / "cli")]) == 0
+    assert PreparedDataset.load(tmp_path / "cli")["train"].ids.tolist() == split["train"].ids.tolist()

@@ -229,7 +229,8 @@ def test_finetune_eval_data(tmp_path, capsys):
 def test_finetune_causal_lm(tmp_path, pack):
     """--task causal-lm: a small random Llama with MiniLM's WordPiece tokenizer learns SST-2's sentences; the
     reported validation loss is transformers' own loss of the saved model over the prepared validation texts
-    (tokenized by HF tokenizers), token-weighted."""
+    (tokenized by HF tokenizers, a text longer than --max-length in its overflowing windows: the default
+    --overflow split), token-weighted."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -245,13 +246,18 @@ def test_finetune_causal_lm(tmp_path, pack):
     data = _sst2(tmp_path, 256, eval_rows=48, test_rows=48)
     out = tmp_path / "run"
     argv = ["finetune", "--task", "causal-lm", "--data", str(data), "--model", str(ckpt), "--output-dir", str(out),
-            "--max-length", "64", "--num-train-epochs", "2", "--per-device-train-batch-size", "16",
+            "--max-length", "32", "--num-train-epochs", "2", "--per-device-train-batch-size", "16",
             "--learning-rate", "1e-2", "--warmup-steps", "2", "--save-strategy", "no", "--eval-strategy", "epoch",
             "--disable-tqdm", "--report-to", "none"]
     assert main(argv + ([] if pack else ["--no-pack"])) == 0
     with open(out / "results.json", encoding="utf-8") as f:
         results = json.load(f)
-    assert results["task"] == "causal-lm" and results["global_step"] == 32
+    from llmcore.data import PreparedDataset
+
+    train = PreparedDataset.load(out / "data")["train"]
+    rows = len(train)
+    assert rows > len(set(train.text_index.tolist()))  # the sentences longer than 32 tokens became more rows
+    assert results["task"] == "causal-lm" and results["global_step"] == 2 * -(-rows // 16)
     for key in ("eval_loss", "eval_perplexity", "test_loss", "test_perplexity", "train_tokens_per_second"):
         assert isinstance(results[key], float), key
     assert results["eval_loss"] < 8.5  # ln(30522) = 10.3 at the start
@@ -260,12 +266,14 @@ def test_finetune_causal_lm(tmp_path, pack):
     texts = (out / "data" / "validation.texts.txt").read_text(encoding="utf-8").split("\n")
     tok = HFTokenizer.from_file(os.path.join(src, "tokenizer.json"))
     tok.no_padding()  # MiniLM's tokenizer.json pads to 128
-    tok.enable_truncation(64)
+    tok.enable_truncation(32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(out / "final"), attn_implementation="sdpa").eval()
     total = count = 0
+    windows = [w for text in texts for e in [tok.encode(text)] for w in [e] + e.overflowing]
+    assert len(windows) > len(texts)  # some validation sentences are longer than 32 tokens
     with torch.no_grad():
-        for text in texts:
-            ids = torch.tensor([tok.encode(text).ids])
+        for w in windows:
+            ids = torch.tensor([w.ids])
             n = ids.shape[1] - 1
             total += float(ref(input_ids=ids, labels=ids).loss) * n
             count += n

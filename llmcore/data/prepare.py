@@ -9,6 +9,7 @@ Output folder layout (every array memory-mappable with ``np.load(mmap_mode="r")`
     {split}.labels.npy             int64 (n,) when there is a label column (-1: missing)
     {split}.token_type_ids.npy     only when some are non-zero
     {split}.texts.txt              the cleaned texts, one per line (save_text=True)
+    {split}.text_index.npy         int32 (n,) overflow="split" only: the line of texts.txt each row is from
 """
 from __future__ import annotations
 
@@ -40,11 +41,17 @@ class PrepareOptions:
     seed: int = 0
     save_text: bool = True
     hub_config: Optional[str] = None
+    overflow: str = "truncate"
+
+
+OVERFLOW = ("truncate", "split")
 
 
 class PreparedSplit:
     """One split's arrays (NumPy memmaps). ``ids`` is (total,) packed with ``cu_seqlens`` (n + 1,),
-    or (n, L) padded with ``cu_seqlens`` None; ``lengths`` (n,); ``labels`` (n,) or None."""
+    or (n, L) padded with ``cu_seqlens`` None; ``lengths`` (n,); ``labels`` (n,) or None;
+    ``text_index`` (n,): each row's text, when texts longer than max_length were split into rows
+    (``overflow="split"``), else None."""
 
     def __init__(self, directory: str, name: str, packed: bool):
         def load(kind):
@@ -56,6 +63,7 @@ class PreparedSplit:
         self.lengths = load("lengths")
         self.labels = load("labels")
         self.token_type_ids = load("token_type_ids")
+        self.text_index = load("text_index")
         self._text_path = os.path.join(directory, f"{name}.texts.txt")
 
     def __len__(self) -> int:
@@ -74,9 +82,13 @@ class PreparedSplit:
                                 drop_last=drop_last)
 
     def texts(self) -> List[str]:
-        """The cleaned texts (when saved), in row order."""
+        """The cleaned texts (when saved), one per row: a text split into several rows is
+        repeated for each (``text_index``)."""
         with open(self._text_path, encoding="utf-8") as f:
-            return f.read().split("\n")[:len(self)]
+            texts = f.read().split("\n")
+        if self.text_index is None:
+            return texts[:len(self)]
+        return [texts[i] for i in self.text_index]
 
     def __repr__(self) -> str:
         layout = "packed" if self.cu_seqlens is not None else "padded"
@@ -178,7 +190,8 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             label_column: Optional[str] = None, pack: bool = True,
             min_chars: int = 1, max_chars: Optional[int] = None, dedup: bool = True,
             validation_fraction: float = 0.1, seed: int = 0, save_text: bool = True,
-            hub_config: Optional[str] = None, force: bool = False, verbose: bool = False) -> PreparedDataset:
+            hub_config: Optional[str] = None, overflow: str = "truncate", force: bool = False,
+            verbose: bool = False) -> PreparedDataset:
     """Load ``data`` (a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of ``train.*`` / ``validation.*``
     / ``test.*`` files, or a Hugging Face dataset name), clean, filter and de-duplicate its texts,
     add a stratified validation split (``validation_fraction`` of train, seeded) when there is none,
@@ -189,6 +202,11 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     out and none is split off train. It needs train's text and label columns, and no label that
     train lacks.
 
+    ``overflow``: what becomes of the tokens past ``max_length``: ``"truncate"`` drops them;
+    ``"split"`` makes a longer text several rows (windows of ``max_length`` tokens, each with the
+    special tokens and the text's label; see ``Tokenizer.encode_batch(return_overflowing_tokens=True)``),
+    so nothing is lost: what causal-LM training wants. A text's rows stay in one split.
+
     ``tokenizer``: a ``llmcore.Tokenizer``, a model folder or a ``tokenizer.json``. When
     ``output_dir`` already holds the result for the same inputs (files' size and mtime), tokenizer
     files and options, it is returned at once (``.cache_hit`` True) unless ``force``.
@@ -198,10 +216,12 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow must be one of {', '.join(OVERFLOW)}, got {overflow!r}")
     opts = PrepareOptions(max_length=max_length, text_column=text_column, label_column=label_column, pack=pack,
                           min_chars=min_chars, max_chars=max_chars, dedup=dedup,
                           validation_fraction=validation_fraction, seed=seed, save_text=save_text,
-                          hub_config=hub_config)
+                          hub_config=hub_config, overflow=overflow)
     data = os.fspath(data)
     output_dir = os.fspath(output_dir)
     if os.path.exists(data):
@@ -310,21 +330,29 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             sorted(s for s in result if s not in ("train", "validation", "test"))
     for split in order:
         r = result[split]
+        split_rows = overflow == "split"
         enc = tok.encode_batch(r["texts"], max_length=max_length, truncation=True,
-                               padding=False if pack else "longest")
+                               padding=False if pack else "longest", return_overflowing_tokens=split_rows)
         lengths = np.ascontiguousarray(enc.lengths, dtype=np.int32)
+        labels = r["labels"]
+        if split_rows:
+            text_index = enc.overflow_to_sample_mapping
+            _save(output_dir, split, "text_index", text_index)
+            if labels is not None:
+                labels = np.asarray(labels, dtype=np.int64)[text_index]
+            counts[split]["texts_split"] = int(np.sum(np.bincount(text_index, minlength=len(r["texts"])) > 1))
         _save(output_dir, split, "ids", enc.input_ids)
         if pack:
             _save(output_dir, split, "cu_seqlens", enc.cu_seqlens)
         _save(output_dir, split, "lengths", lengths)
-        if r["labels"] is not None:
-            _save(output_dir, split, "labels", np.asarray(r["labels"], dtype=np.int64))
+        if labels is not None:
+            _save(output_dir, split, "labels", np.asarray(labels, dtype=np.int64))
         if len(enc.token_type_ids) and np.any(enc.token_type_ids):
             _save(output_dir, split, "token_type_ids", enc.token_type_ids)
         if save_text:
             with open(os.path.join(output_dir, f"{split}.texts.txt"), "w", encoding="utf-8") as f:
                 f.write("\n".join(r["texts"]))
-        stats[split] = split_stats(lengths, max_length)
+        stats[split] = split_stats(lengths, max_length, len(r["texts"]) if split_rows else None)
     t_tok = time.perf_counter()
 
     num_labels = None

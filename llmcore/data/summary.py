@@ -1,14 +1,18 @@
 """Token-length statistics and the printed summary of a prepared dataset."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 BATCH = 32  # the batch size the "padded per batch" waste figure assumes
 
 
-def split_stats(lengths: np.ndarray, max_length: int) -> dict:
+def split_stats(lengths: np.ndarray, max_length: int, texts: Optional[int] = None) -> dict:
     """Token-length histogram (power-of-two buckets up to ``max_length``) and the share of padding in
-    a padded batch: padded to ``max_length``, and padded to the longest row of each batch of 32."""
+    a padded batch: padded to ``max_length``, and padded to the longest row of each batch of 32.
+    ``texts``: how many texts the rows came from, when long texts were split into rows (nothing was
+    truncated then)."""
     n = int(len(lengths))
     lengths = np.asarray(lengths, dtype=np.int64)
     edges = []
@@ -23,9 +27,11 @@ def split_stats(lengths: np.ndarray, max_length: int) -> dict:
         lo = hi
     total = int(lengths.sum())
     out = {"rows": n, "tokens": total, "histogram": hist}
+    if texts is not None:
+        out["texts"] = int(texts)
     if n:
         out.update(mean=round(float(lengths.mean()), 2), max=int(lengths.max()),
-                   truncated=int(np.sum(lengths >= max_length)))
+                   truncated=0 if texts is not None else int(np.sum(lengths >= max_length)))
         padded_max = n * max_length
         pad_blocks = [int(lengths[i:i + BATCH].max()) * len(lengths[i:i + BATCH]) for i in range(0, n, BATCH)]
         out["padding_waste_max_length"] = round(1 - total / padded_max, 4)
@@ -41,13 +47,15 @@ def format_summary(meta: dict) -> str:
         c = meta["counts"].get(split, {})
         s = meta["stats"][split]
         dropped = {k: v for k, v in c.get("dropped", {}).items() if v}
-        line = f"[{split}] rows {c.get('rows', s['rows'])}  kept {s['rows']}"
+        line = f"[{split}] rows {c.get('rows', s['rows'])}  kept {s.get('texts', s['rows'])}"
         if dropped:
             line += "  dropped " + ", ".join(f"{k} {v}" for k, v in dropped.items())
         if c.get("split_off_to_validation"):
             line += f"  ({c['split_off_to_validation']} moved to validation)"
         if c.get("split_from"):
             line += f"  (stratified split of {c['split_from']})"
+        if "texts" in s:
+            line += f"  -> {s['rows']} rows ({c.get('texts_split', 0)} texts longer than max_length split)"
         lines.append(line)
         if not s["rows"]:
             continue

@@ -6,7 +6,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from llmcore.tokenizer import _loaders
+from llmcore.tokenizer import _loaders, windows
 from llmcore.tokenizer._loaders import Spec, TokenizerFileError
 
 TextInput = Union[str, bytes]
@@ -26,6 +26,8 @@ class BatchEncoding:
     (n, L) and ``offsets`` (n, L, 2). Packed (no padding): the texts back to back, shape
     (total,), with ``cu_seqlens`` (n + 1) marking where each starts; ``attention_mask`` is then
     all ones. ``lengths`` (n,) counts each text's tokens. Iterating yields one id array per text.
+    With ``return_overflowing_tokens`` the rows are windows of the texts, and
+    ``overflow_to_sample_mapping`` (n,) holds each row's text index.
     """
 
     def __init__(self, arrays: dict):
@@ -35,6 +37,7 @@ class BatchEncoding:
         self.lengths: np.ndarray = arrays["lengths"]
         self.cu_seqlens: Optional[np.ndarray] = arrays.get("cu_seqlens")
         self.offsets: Optional[np.ndarray] = arrays.get("offsets")
+        self.overflow_to_sample_mapping: Optional[np.ndarray] = arrays.get("overflow_to_sample_mapping")
         self.is_padded = self.cu_seqlens is None
 
     @property
@@ -60,7 +63,8 @@ class BatchEncoding:
 
     def keys(self):
         names = ["input_ids", "attention_mask", "token_type_ids"]
-        return names + [k for k in ("cu_seqlens", "offsets") if getattr(self, k) is not None]
+        return names + [k for k in ("cu_seqlens", "offsets", "overflow_to_sample_mapping")
+                        if getattr(self, k) is not None]
 
     def to_numpy(self) -> dict:
         return {k: getattr(self, k) for k in self.keys()}
@@ -85,6 +89,7 @@ class Tokenizer:
         self._source = source  # how to rebuild after unpickling
         self._native = spec.build()
         self._token_to_id: Optional[dict] = None
+        self._lead_spaces: Optional[np.ndarray] = None  # per id (offsets of overflowing windows)
 
     # --- constructors -------------------------------------------------------------------
     @classmethod
@@ -160,13 +165,19 @@ class Tokenizer:
                      add_special_tokens: bool = True, max_length: Optional[int] = None, truncation: bool = False,
                      padding: Union[bool, str] = False, pad_to_multiple_of: Optional[int] = None,
                      padding_side: str = "right", return_offsets: bool = False,
-                     num_threads: Optional[int] = None, pad_id: Optional[int] = None) -> BatchEncoding:
+                     num_threads: Optional[int] = None, pad_id: Optional[int] = None,
+                     return_overflowing_tokens: bool = False, stride: int = 0) -> BatchEncoding:
         """Encode many texts on ``num_threads`` native threads (all cores by default).
 
         ``truncation`` cuts each text (pairs: longest first) so that with the special tokens it
         fits ``max_length``. ``padding``: False (packed output), True/"longest", or "max_length".
         Offsets are character offsets into the original strings, (0, 0) for added specials.
         ``pad_id`` overrides the tokenizer's pad token (tiktoken files define none).
+
+        ``return_overflowing_tokens`` (with ``truncation``; single texts only): instead of dropping
+        what does not fit, each text becomes as many rows as it needs, every row with the special
+        tokens, the next starting ``stride`` tokens before the previous ends (transformers' fast
+        tokenizers' windows); ``overflow_to_sample_mapping`` gives each row's text index.
         """
         if isinstance(texts, (str, bytes)):
             raise TypeError("encode_batch takes a sequence of texts; use encode() for one text")
@@ -185,7 +196,15 @@ class Tokenizer:
             raise ValueError("truncation=True needs max_length")
         if padding == "max_length" and max_length is None:
             raise ValueError("padding='max_length' needs max_length")
-        if truncation and max_length is not None:
+        if return_overflowing_tokens and not (truncation and max_length is not None):
+            raise ValueError("return_overflowing_tokens=True needs truncation=True and max_length")
+        if return_overflowing_tokens and pairs is not None:
+            raise ValueError("return_overflowing_tokens=True takes single texts, not pairs")
+        if stride and not return_overflowing_tokens:
+            raise ValueError("stride is for return_overflowing_tokens=True")
+        if not isinstance(stride, int) or stride < 0:
+            raise ValueError(f"stride must be a non-negative int, got {stride!r}")
+        if truncation and max_length is not None and not return_overflowing_tokens:
             specials = self._native.num_special_tokens(pairs is not None) if add_special_tokens else 0
             if max_length < specials:
                 raise ValueError(f"max_length={max_length} leaves no room for the {specials} special tokens")
@@ -204,18 +223,59 @@ class Tokenizer:
             num_threads = _default_threads()
         elif not isinstance(num_threads, int) or num_threads < 1:
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        if return_overflowing_tokens:
+            return self._overflowing(texts, add_special_tokens, max_length, stride, padding, pad_to_multiple_of,
+                                     padding_side == "left", pad_id, bool(return_offsets), num_threads)
         arrays = self._native.encode_batch(texts, pairs, add_special_tokens, bool(truncation), max_length or 0,
                                            padding, pad_to_multiple_of or 0, padding_side == "left", pad_id or 0,
                                            self._spec.pad_type_id, bool(return_offsets), num_threads)
         return BatchEncoding(arrays)
 
+    def _overflowing(self, texts, add_special_tokens, max_length, stride, padding, pad_to_multiple_of, left, pad_id,
+                     return_offsets, num_threads) -> BatchEncoding:
+        bare = self._native.encode_batch(texts, None, False, False, 0, "none", 0, False, 0, self._spec.pad_type_id,
+                                         return_offsets, num_threads)
+        template = self._spec.template_single if add_special_tokens and self._spec.template_single else [("A", 0)]
+        arrays = windows.overflow_windows(bare, template, max_length, stride)
+        if return_offsets and self._spec.trim_offsets and self._spec.trim_keeps_first:
+            self._untrim_window_starts(arrays, len(windows.template_parts(template)[0]))
+        if padding != "none":
+            width = max_length if padding == "max_length" else int(np.max(arrays["lengths"], initial=0))
+            if pad_to_multiple_of:
+                width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+            arrays = windows.pad_packed(arrays, width, pad_id, self._spec.pad_type_id, left)
+        return BatchEncoding(arrays)
+
+    def _untrim_window_starts(self, arrays: dict, n_prefix: int) -> None:
+        """HF's ByteLevel post-processor (trim_offsets with add_prefix_space) keeps the leading spaces
+        in the offsets of each sequence's first token, so of every window's: the encoder trimmed
+        them in windows after a text's first, and they are put back here (an all-space token's
+        offsets become empty at its start, as the post-processor leaves them)."""
+        mapping = arrays["overflow_to_sample_mapping"]
+        later = np.flatnonzero(mapping[1:] == mapping[:-1]) + 1  # windows after their text's first: never empty
+        pos = arrays["cu_seqlens"][later].astype(np.int64) + n_prefix
+        if not len(pos):
+            return
+        if self._lead_spaces is None:
+            lead = np.zeros(max(self._strings()) + 1, dtype=np.int32)
+            for i, t in self._strings().items():
+                lead[i] = len(t) - len(t.lstrip("\u0120"))  # the byte-level alphabet's space
+            self._lead_spaces = lead
+        lead = self._lead_spaces[arrays["input_ids"][pos]]
+        offsets = arrays["offsets"]
+        offsets[pos, 0] -= lead
+        offsets[pos, 1] = np.where(offsets[pos, 1] - offsets[pos, 0] <= lead, offsets[pos, 0], offsets[pos, 1])
+
     def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=False,
                  max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
-                 return_tensors: Optional[str] = None, return_offsets_mapping: bool = False, **unused):
+                 return_tensors: Optional[str] = None, return_offsets_mapping: bool = False,
+                 return_overflowing_tokens: bool = False, stride: int = 0, **unused):
         """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
 
         Returns a dict with ``input_ids``, ``attention_mask`` and ``token_type_ids``: lists of
         lists (one list for a single text), or arrays with ``return_tensors="np"`` / ``"pt"``.
+        ``return_overflowing_tokens``: a row per window (see ``encode_batch``; lists of lists even
+        for a single text) and ``overflow_to_sample_mapping``.
         """
         for key in unused:
             if key not in ("return_attention_mask", "return_token_type_ids", "verbose"):
@@ -233,12 +293,16 @@ class Tokenizer:
             padding = False
         enc = self.encode_batch(texts, pairs, add_special_tokens, max_length, truncation,
                                 padding if padding is not False else ("longest" if return_tensors else False),
-                                pad_to_multiple_of, return_offsets=return_offsets_mapping)
+                                pad_to_multiple_of, return_offsets=return_offsets_mapping,
+                                return_overflowing_tokens=return_overflowing_tokens, stride=stride)
         names = ["input_ids", "attention_mask", "token_type_ids"] + (["offsets"] if return_offsets_mapping else [])
+        single = single and not return_overflowing_tokens
         if return_tensors in ("np", "pt"):
             if not enc.is_padded:  # pragma: no cover - padding is forced above
                 raise AssertionError
             out = {("offset_mapping" if k == "offsets" else k): getattr(enc, k) for k in names}
+            if return_overflowing_tokens:
+                out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping
             if return_tensors == "pt":
                 import torch
 
@@ -258,6 +322,8 @@ class Tokenizer:
                 rows = [[tuple(p) for p in r] for r in rows]
                 k = "offset_mapping"
             out[k] = rows[0] if single else rows
+        if return_overflowing_tokens:
+            out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.tolist()
         return out
 
     # --- decoding & vocab -----------------------------------------------------------------

@@ -150,7 +150,8 @@ TASKS = ("sequence-classification", "causal-lm")
 
 def finetune(data: str, model: str, output_dir: str, max_length: int = 128, tokenizer: Optional[str] = None,
              text_column: Optional[str] = None, label_column: Optional[str] = None, device: Optional[str] = None,
-             eval_data: Optional[str] = None, task: str = "sequence-classification", **train_args) -> dict:
+             eval_data: Optional[str] = None, task: str = "sequence-classification", overflow: Optional[str] = None,
+             **train_args) -> dict:
     """Prepare ``data`` (cached under ``output_dir/data``; a prepared folder is used as is), fine-tune
     the checkpoint in ``model`` (a folder, or a Hub model id: :mod:`llmcore.hub`) for sequence
     classification, evaluate on the validation and test splits, save the final model (+ the
@@ -160,8 +161,12 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``).
 
     ``task="causal-lm"``: a decoder checkpoint (GPT-2, Llama, Mistral, Qwen2) trained on next-token loss
-    over each text (cut to ``max_length`` tokens; labels are not needed and not used); the evaluations
-    report ``*_loss`` (per predicted token), ``*_tokens`` and ``*_perplexity``.
+    over each text (labels are not needed and not used); the evaluations report ``*_loss`` (per
+    predicted token), ``*_tokens`` and ``*_perplexity``.
+
+    ``overflow`` (raw data): what ``prepare`` does with the tokens past ``max_length``: ``"split"``
+    (the default for causal-lm) makes a long text several rows of at most ``max_length`` tokens, so
+    every token is trained on; ``"truncate"`` (the default for classification) drops them.
 
     Under ``torchrun`` every rank trains on its share of each global batch (see ``split_batches``)
     and rank 0 writes the files; ``fsdp="full_shard"`` (or ``"shard_grad_op"``) shards the model instead of
@@ -176,6 +181,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     if task not in TASKS:
         raise ValueError(f"task {task!r} is unknown: expected one of {', '.join(TASKS)}")
     causal_lm = task == "causal-lm"
+    asked_overflow = overflow
+    if overflow is None:
+        overflow = "split" if causal_lm else "truncate"
     config = TrainConfig(output_dir=output_dir, **train_args)
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
     rank, world, dev, started = _setup_distributed(device, group=bool(config.fsdp))
@@ -186,11 +194,15 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
         if os.path.isfile(os.path.join(data, "meta.json")):
             prepared = PreparedDataset.load(data)
             _check_prepared_eval_data(data, prepared, eval_data)
+            made_with = prepared.meta["options"].get("overflow", "truncate")
+            if asked_overflow is not None and asked_overflow != made_with:
+                raise ValueError(f"overflow {asked_overflow!r}: {data!r} is a prepared folder, made with overflow "
+                                 f"{made_with!r}; prepare it again with --overflow {asked_overflow}, or pass raw data")
         else:
             def run_prepare():
                 return prepare(data, tokenizer or model, max_length, os.path.join(output_dir, "data"),
                                eval_data=eval_data, text_column=text_column, label_column=label_column, pack=True,
-                               seed=config.seed)
+                               seed=config.seed, overflow=overflow)
             if rank == 0:
                 prepared = run_prepare()
             if world > 1:
