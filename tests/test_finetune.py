@@ -279,3 +279,16 @@ def test_finetune_causal_lm(tmp_path, pack):
             count += n
     assert results["eval_tokens"] == count
     assert results["eval_loss"] == pytest.approx(total / count, abs=2e-4)
+
+
+def test_prepared_folder_overflow_must_match(tmp_path, capsys):
+    """A prepared folder's rows were fixed by prepare: an --overflow that differs is an error naming both."""
+    data = _sst2(tmp_path, 40)
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "--data", str(data), "--model", minilm_dir(), "--max-length", "32",
+                 "--output-dir", str(prepared)]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--data", str(prepared), "--model", minilm_dir(), "--output-dir", str(tmp_path / "run"),
+                 "--overflow", "split", "--max-steps", "1", "--report-to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "overflow 'split'" in err and "made with overflow 'truncate'" in err and "prepared" in err
