@@ -130,14 +130,59 @@ def test_packed_equals_padded():
     torch.testing.assert_close(_grads(model), g_dense, rtol=1e-4, atol=1e-7)
 
 
+def test_label_smoothing_matches_transformers_label_smoother(pair, tmp_path):
+    """label_smoothing_factor on a causal LM: transformers' LabelSmoother (shift_labels, as its Trainer uses it for
+    causal LMs) on the whole batch vs the loop's uneven micro-batches, for transformers' model (smoothed over its
+    logits) and for llmcore's (smoothed inside the fused LM-head loss), in training and in evaluation."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from llmcore.train.loop import _forward_takes_label_smoothing
+
+    ours, ref = pair
+    ours.train(), ref.train()
+    gen = torch.Generator().manual_seed(6)
+    big = ragged(gen, [12, 3, 7, 12, 1, 9])
+    micro = [{k: v[s] for k, v in big.items()} for s in (slice(0, 2), slice(2, 3), slice(3, 6))]
+    inputs = {k: v for k, v in big.items() if k != "labels"}
+    _zero(ours, ref)
+    want = LabelSmoother(epsilon=0.1)(ref(**inputs), big["labels"], shift_labels=True)
+    want.backward()
+    want_grads = _grads(ref)
+    _zero(ref)
+    ref(**big).loss.backward()  # unsmoothed: near-uniform predictions hide smoothing in the loss, not the gradient
+    assert float((_grads(ref) - want_grads).norm()) > 0.05 * float(want_grads.norm())
+
+    _zero(ref)
+    loss, _ = accumulate_gradients(ref, micro, label_smoothing=0.1)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grads(ref), want_grads, rtol=1e-4, atol=1e-7)
+
+    assert _forward_takes_label_smoothing(type(ours)) and not _forward_takes_label_smoothing(type(ref))
+    loss, _ = accumulate_gradients(ours, micro, label_smoothing=0.1)
+    torch.testing.assert_close(loss, want.detach(), rtol=0, atol=1e-4)
+    emb = "transformer.wte.weight" if "transformer.wte.weight" in dict(ref.named_parameters()) \
+        else "model.embed_tokens.weight"
+    torch.testing.assert_close(ours.embed.word.weight.grad, dict(ref.named_parameters())[emb].grad, atol=1e-4,
+                               rtol=1e-3)
+    _zero(ours, ref)
+
+    ref.eval()
+    with torch.no_grad():
+        want_eval = float(LabelSmoother(epsilon=0.1)(ref(**inputs), big["labels"], shift_labels=True))
+    for model in (ours, ref):
+        cfg = TrainConfig(str(tmp_path / type(model).__name__), max_steps=1, save_strategy="no",
+                          label_smoothing_factor=0.1, report_to="none", disable_tqdm=True)
+        got = Trainer(model, cfg, [big], eval_batches=micro).evaluate()
+        assert got["eval_tokens"] == int((big["labels"][:, 1:] != -100).sum())
+        assert got["eval_loss"] == pytest.approx(want_eval, abs=1e-4), type(model).__name__
+
+
 def test_task_errors(pair, tmp_path):
     ours, _ = pair
     gen = torch.Generator().manual_seed(5)
     b = ragged(gen, [4, 6])
     with pytest.raises(ValueError, match=r"causal LM: its labels must have input_ids' shape \(2, 12\)"):
         accumulate_gradients(ours, [dict(b, labels=torch.tensor([0, 1]))])
-    with pytest.raises(ValueError, match="label_smoothing_factor=0.1: not supported for causal LM"):
-        accumulate_gradients(ours, [b], label_smoothing=0.1)
     from llmcore.models import EncoderConfig, EncoderForSequenceClassification
     clf = EncoderForSequenceClassification(EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1,
                                                          num_heads=4, intermediate_size=64))

@@ -52,16 +52,29 @@ class DecoderLayer(nn.Module):
         return self.dropout(self.mlp(h)), stream
 
 
+def next_token_targets(labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """Each position's next-token target: ``labels`` shifted left inside each sequence (rows of a (B, L)
+    batch, or the ``cu_seqlens`` sequences of a packed (T,) one), -100 at each sequence's last position."""
+    target = torch.full_like(labels, -100)
+    if cu_seqlens is not None:
+        target[:-1] = labels[1:]
+        target[cu_seqlens[1:].long() - 1] = -100
+    else:
+        target[..., :-1] = labels[..., 1:]
+    return target
+
+
 class DecoderForCausalLM(LayerCheckpointing, nn.Module):
     """``model(input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None,
-    num_items_in_batch=None)``.
+    num_items_in_batch=None, label_smoothing=0.0)``.
 
     With labels (same shape as input_ids; -100 is ignored), the loss is next-token cross-entropy
     (shifted inside each sequence, as transformers does) computed by the chunked fused LM-head
     loss, without materializing the logits: the mean over the predicted tokens or, given
     ``num_items_in_batch`` (transformers' loss keyword, which its Trainer and llmcore's pass for
-    gradient accumulation), their sum divided by it. ``activation_checkpointing_enable()`` recomputes
-    the layers in the backward (``LayerCheckpointing``).
+    gradient accumulation), their sum divided by it. ``label_smoothing`` mixes in the mean over the
+    vocabulary of -log p, as torch's ``label_smoothing`` (and transformers' ``LabelSmoother``).
+    ``activation_checkpointing_enable()`` recomputes the layers in the backward (``LayerCheckpointing``).
     """
 
     # transformers' name for this loss (its Trainer counts a causal LM's targets as labels[..., 1:]; so does llmcore's)
@@ -97,7 +110,7 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                num_items_in_batch: Optional[Union[int, Tensor]] = None) -> ModelOutput:
+                num_items_in_batch: Optional[Union[int, Tensor]] = None, label_smoothing: float = 0.0) -> ModelOutput:
         if token_type_ids is not None:
             raise ValueError(f"{self.config.family} takes no token_type_ids")
         batch = make_batch(input_ids, attention_mask, cu_seqlens)
@@ -124,16 +137,11 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
             return ModelOutput(None, logits())
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        # next-token targets: shift left inside each sequence; the last position has none
-        target = torch.full_like(labels, -100)
-        if batch.packed:
-            target[:-1] = labels[1:]
-            target[batch.cu_seqlens[1:].long() - 1] = -100
-        else:
-            target[:, :-1] = labels[:, 1:]
+        target = next_token_targets(labels, batch.cu_seqlens if batch.packed else None)
         loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head_weight,
                                         target.reshape(-1), ignore_index=-100,
-                                        reduction="mean" if num_items_in_batch is None else "sum")
+                                        reduction="mean" if num_items_in_batch is None else "sum",
+                                        label_smoothing=label_smoothing)
         if num_items_in_batch is not None:
             if isinstance(num_items_in_batch, Tensor):
                 num_items_in_batch = num_items_in_batch.to(loss.device)

@@ -29,7 +29,7 @@ class TrainConfig:
     pipeline that builds the batches (see ``batch_multiple``); the loop itself accepts padded (B, L)
     and packed (T,) + ``cu_seqlens`` batches alike.
     ``lr_scheduler_type``: ``"linear"``, ``"cosine"``, ``"constant"`` or ``"constant_with_warmup"``.
-    ``label_smoothing_factor`` smooths the classification loss, in training and evaluation (as transformers).
+    ``label_smoothing_factor`` smooths the loss (a causal LM's too), in training and evaluation (as transformers).
     ``metric_for_best_model`` (an evaluation metric, ``eval_`` prefix optional) has each checkpoint's evaluation
     compared (``greater_is_better``), the best checkpoint kept from ``save_total_limit``'s rotation, and, with
     ``load_best_model_at_end``, its weights loaded when training ends.

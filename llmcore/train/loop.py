@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
 import shutil
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmcore.models import save_pretrained
+from llmcore.models.decoder import next_token_targets
 from llmcore.train.bf16_weights import Bf16Weights
 from llmcore.train.checkpoint import (
     PREFIX,
@@ -112,7 +114,7 @@ def _per_token_labels(batch: Batch) -> bool:
     return ids.dim() >= 2 or cu is None or labels.numel() != cu.numel() - 1
 
 
-def _check_task(model: nn.Module, batch: Batch, causal_lm: bool, label_smoothing: float) -> None:
+def _check_task(model: nn.Module, batch: Batch, causal_lm: bool) -> None:
     """A clear error for labels the model's task cannot take."""
     per_token = _per_token_labels(batch)
     labels, ids = batch["labels"], batch["input_ids"]
@@ -123,9 +125,6 @@ def _check_task(model: nn.Module, batch: Batch, causal_lm: bool, label_smoothing
         raise ValueError(f"labels of input_ids' shape {tuple(ids.shape)} (one per token) are trained only as a causal "
                          f"LM, by a model whose loss_type is 'ForCausalLM' (llmcore's DecoderForCausalLM, "
                          f"transformers' *ForCausalLM); {type(getattr(model, 'module', model)).__name__} is not one")
-    if causal_lm and label_smoothing:
-        raise ValueError(f"label_smoothing_factor={label_smoothing}: not supported for causal LM training (the "
-                         "model computes its own loss)")
 
 
 def _model_loss(out) -> Tensor:
@@ -135,6 +134,37 @@ def _model_loss(out) -> Tensor:
     if not isinstance(loss, Tensor):
         raise ValueError(f"the causal LM returned no loss from its labels (got {type(out).__name__})")
     return loss
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_label_smoothing(cls: type) -> bool:
+    try:
+        return "label_smoothing" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: assume not
+        return False
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch, labels: Tensor, num_items: Union[int, Tensor],
+                   label_smoothing: float = 0.0):
+    """(summed next-token loss / ``num_items``, the model's output) of one batch of a causal LM.
+
+    Without label smoothing the model computes it from ``labels`` (transformers' ``num_items_in_batch``
+    convention; llmcore's model never makes the logits). With it, a model whose forward takes
+    ``label_smoothing`` (llmcore's ``DecoderForCausalLM``) still does; any other (transformers' models, whose
+    loss has no smoothing) returns its logits and the loss is torch's smoothed cross-entropy over the shifted
+    labels, as transformers' Trainer's ``LabelSmoother`` with ``shift_labels``."""
+    if not label_smoothing:
+        out = model(**batch, labels=labels, num_items_in_batch=num_items)
+        return _model_loss(out), out
+    if _forward_takes_label_smoothing(type(getattr(model, "module", model))):
+        out = model(**batch, labels=labels, num_items_in_batch=num_items, label_smoothing=label_smoothing)
+        return _model_loss(out), out
+    out = model(**batch)
+    logits = out["logits"] if isinstance(out, dict) else out.logits
+    target = next_token_targets(labels, batch.get("cu_seqlens"))
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum",
+                           ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    return loss / num_items, out
 
 
 def sample_count(batch: Batch, causal_lm: bool = False) -> int:
@@ -225,7 +255,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: boo
     for b in micro_batches:
         if "labels" not in b:
             raise KeyError(f"a training batch needs 'labels'; it has keys {sorted(b)}")
-        _check_task(model, b, causal_lm, label_smoothing)
+        _check_task(model, b, causal_lm)
     examples = sum(example_count(b, causal_lm) for b in micro_batches)
     samples = sum(sample_count(b, True) for b in micro_batches) if causal_lm else examples
     total = examples
@@ -246,7 +276,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: boo
         with sync:
             if causal_lm:
                 with _autocast(device, bf16):
-                    loss = _model_loss(model(**batch, labels=labels, num_items_in_batch=denom)).float()
+                    loss = causal_lm_loss(model, batch, labels, denom, label_smoothing)[0].float()
             else:
                 with _autocast(device, bf16):
                     logits = model(**batch).logits
@@ -424,9 +454,9 @@ class Trainer:
                     batch = _to(batch, self.device)
                     if "labels" not in batch:
                         raise KeyError(f"an evaluation batch needs 'labels'; it has keys {sorted(batch)}")
-                    _check_task(model, batch, causal_lm, self.config.label_smoothing_factor)
+                    _check_task(model, batch, causal_lm)
                     if causal_lm:
-                        self._count_lm(model, batch, sums, custom, counted)
+                        self._count_lm(model, batch, sums, custom, counted, self.config.label_smoothing_factor)
                         continue
                     labels = batch.pop("labels")
                     logits = model(**batch).logits
@@ -453,16 +483,18 @@ class Trainer:
         self._last_eval = (self.global_step, out)
         return out
 
-    def _count_lm(self, model: nn.Module, batch: Batch, sums: Tensor, custom, counted: bool) -> None:
-        """One causal LM batch: its summed next-token loss (the model's, given ``num_items_in_batch=1``) and
-        predicted-token count into the running sums; ``compute_metrics``' object gets the logits (B, L, vocab) and
-        the labels as given (unshifted), as transformers' ``compute_metrics`` does."""
+    def _count_lm(self, model: nn.Module, batch: Batch, sums: Tensor, custom, counted: bool,
+                  label_smoothing: float) -> None:
+        """One causal LM batch: its summed next-token loss (``causal_lm_loss`` with ``num_items=1``: smoothed as
+        in training, as transformers' evaluation loss is) and predicted-token count into the running sums;
+        ``compute_metrics``' object gets the logits (B, L, vocab) and the labels as given (unshifted), as
+        transformers' ``compute_metrics`` does."""
         predicted = example_count(batch, causal_lm=True)
         labels = batch.pop("labels")
-        out = model(**batch, labels=labels, num_items_in_batch=1)
+        loss, out = causal_lm_loss(model, batch, labels, 1, label_smoothing)
         if not counted:
             return
-        sums[0] += _model_loss(out).double()
+        sums[0] += loss.double()
         sums[1] += predicted
         if custom is not None:
             with _autocast(self.device, False):
