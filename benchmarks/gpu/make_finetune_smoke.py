@@ -1,7 +1,7 @@
 """Prepare the inputs of benchmarks/gpu/finetune_smoke.sh on a machine that has the data and the
 MiniLM package (the GPU machine has neither, and no network): a tiny random BERT saved with
-``save_pretrained`` plus MiniLM's tokenizer files, and the first rows of the SST-2 splits. Small enough
-to carry (~18 MB).
+``save_pretrained`` plus MiniLM's tokenizer files, a tiny random Llama (tied embeddings, GQA) with the same
+tokenizer for the causal-LM run, and the first rows of the SST-2 splits. Small enough to carry (~34 MB).
 
     python benchmarks/gpu/make_finetune_smoke.py build-gpu-smoke   # then carry build-gpu-smoke
 """
@@ -16,6 +16,8 @@ import torch
 
 from llmcore.bench.data import data_dir, minilm_dir
 from llmcore.models import EncoderConfig, EncoderForSequenceClassification, from_pretrained
+from llmcore.models.config import DecoderConfig
+from llmcore.models.decoder import DecoderForCausalLM
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -52,7 +54,16 @@ def main() -> None:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(model_dir, name))
     params = sum(p.numel() for p in from_pretrained(model_dir, num_labels=2).parameters())
-    print(f"{args.out}: tiny BERT ({params / 1e6:.1f}M parameters) + {args.train_rows} SST-2 train rows")
+    llama_dir = os.path.join(args.out, "llama")
+    DecoderForCausalLM(DecoderConfig(vocab_size=hf["vocab_size"], hidden_size=128, num_layers=2, num_heads=4,
+                                     num_kv_heads=2, head_dim=32, intermediate_size=512, max_position_embeddings=256,
+                                     tie_word_embeddings=True)).save_pretrained(llama_dir)
+    for name in _TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(llama_dir, name))
+    lm_params = sum(p.numel() for p in from_pretrained(llama_dir, task="causal-lm").parameters())
+    print(f"{args.out}: tiny BERT ({params / 1e6:.1f}M parameters), tiny Llama ({lm_params / 1e6:.1f}M) + "
+          f"{args.train_rows} SST-2 train rows")
 
 
 if __name__ == "__main__":
