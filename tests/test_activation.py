@@ -6,33 +6,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from accuracy import assert_close_to_truth, f64, outputs_and_grads
 
 from llmcore.ops import bias_gelu, swiglu
 from llmcore.ops.activation import bias_gelu_reference, swiglu_reference
 
 SHAPES = [(1, 1), (3, 33), (2, 5, 384), (4, 768), (2, 3, 97)]
 DTYPES = [torch.float32, torch.bfloat16]
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}  # x the largest |truth|
 
 
 def _run(fn, inputs, grad_out):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.to(out.dtype))
-    return [out.detach(), *grads]
-
-
-def _f64(ts):
-    return [None if t is None else t.detach().double() for t in ts]
-
-
-def assert_close_to_truth(ours, theirs, truth, dtype, what):
-    for i, (a, b, t) in enumerate(zip(ours, theirs, truth)):
-        assert a.shape == t.shape and a.dtype == b.dtype, f"{what}[{i}]: {a.shape} {a.dtype} vs {t.shape} {b.dtype}"
-        err = (a.double() - t).abs().max().item()
-        ref_err = (b.double() - t).abs().max().item()
-        floor = FLOOR[dtype] * max(1.0, t.abs().max().item())
-        assert err <= 2 * ref_err + floor, f"{what}[{i}]: error {err:.3g} vs torch's {ref_err:.3g} (floor {floor:.3g})"
+    outs, grads = outputs_and_grads(fn, inputs, [grad_out])
+    return [*outs, *grads]
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -45,7 +30,7 @@ def test_bias_gelu_matches_float64(kernels, shape, dtype, approximate):
     gy = torch.randn(shape, generator=g).to(dtype)  # the same upstream gradients for the truth
     ours = _run(lambda x, b: bias_gelu(x, b, approximate), [x, b], gy)
     theirs = _run(lambda x, b: bias_gelu_reference(x, b, approximate), [x, b], gy)
-    truth = _run(lambda x, b: bias_gelu_reference(x, b, approximate), _f64([x, b]), gy)
+    truth = _run(lambda x, b: bias_gelu_reference(x, b, approximate), f64([x, b]), gy)
     assert_close_to_truth(ours, theirs, truth, dtype, f"bias_gelu {approximate}")
 
 
@@ -58,7 +43,7 @@ def test_swiglu_matches_float64(kernels, shape, dtype):
     gy = torch.randn(shape, generator=g).to(dtype)  # the same upstream gradients for the truth
     ours = _run(swiglu, [gate, up], gy)
     theirs = _run(swiglu_reference, [gate, up], gy)
-    truth = _run(swiglu_reference, _f64([gate, up]), gy)
+    truth = _run(swiglu_reference, f64([gate, up]), gy)
     assert_close_to_truth(ours, theirs, truth, dtype, "swiglu")
 
 
@@ -87,11 +72,11 @@ def test_float16(kernels):
     for approximate in ("none", "tanh"):
         ours = _run(lambda x, b: bias_gelu(x, b, approximate), [x, b], gy)
         theirs = _run(lambda x, b: bias_gelu_reference(x, b, approximate), [x, b], gy)
-        truth = _run(lambda x, b: bias_gelu_reference(x, b, approximate), _f64([x, b]), gy)
+        truth = _run(lambda x, b: bias_gelu_reference(x, b, approximate), f64([x, b]), gy)
         assert_close_to_truth(ours, theirs, truth, torch.float16, f"bias_gelu {approximate}")
     ours = _run(swiglu, [x, x.flip(0)], gy)
     theirs = _run(swiglu_reference, [x, x.flip(0)], gy)
-    truth = _run(swiglu_reference, _f64([x, x.flip(0)]), gy)
+    truth = _run(swiglu_reference, f64([x, x.flip(0)]), gy)
     assert_close_to_truth(ours, theirs, truth, torch.float16, "swiglu")
 
 

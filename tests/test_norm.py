@@ -8,49 +8,14 @@ at most twice torch's own error in the same dtype, plus a small floor.
 import pytest
 import torch
 import torch.nn.functional as F
+from accuracy import assert_close_to_truth, f64, norm_inputs, outputs_and_grads
 
 from llmcore.ops import layer_norm, rms_norm
 from llmcore.ops.norm import layer_norm_reference, rms_norm_reference
 
-
 SHAPES = [(1, 1), (5, 1), (3, 33), (2, 5, 384), (4, 768), (2, 3, 97)]
 DTYPES = [torch.float32, torch.bfloat16]
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}  # x the largest |truth|
-
-
-def _run(fn, inputs, grad_outs):
-    """Outputs of fn and the gradients of sum(out * grad_out) for every input that is not None."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    used = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(outs, used, [g.to(o.dtype) for o, g in zip(outs, grad_outs)])
-    return [o.detach() for o in outs], list(grads)
-
-
-def _f64(ts):
-    return [None if t is None else t.detach().double() for t in ts]
-
-
-def assert_close_to_truth(ours, theirs, truth, dtype, what):
-    for i, (a, b, t) in enumerate(zip(ours, theirs, truth)):
-        assert a.shape == t.shape, f"{what}[{i}]: shape {tuple(a.shape)} != {tuple(t.shape)}"
-        err = (a.double() - t).abs().max().item()
-        ref_err = (b.double() - t).abs().max().item()
-        floor = FLOOR[dtype] * max(1.0, t.abs().max().item())
-        assert err <= 2 * ref_err + floor, f"{what}[{i}]: error {err:.3g} vs torch's {ref_err:.3g} (floor {floor:.3g})"
-
-
-def _inputs(shape, dtype, residual, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = shape[-1]
-    x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)  # an offset mean tests the variance
-    r = torch.randn(shape, generator=g).to(dtype) if residual else None
-    w = (torch.randn(n, generator=g) * 0.5 + 1).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype)
-    gy = torch.randn(shape, generator=g).to(dtype)  # the same upstream gradients for the truth
-    gs = torch.randn(shape, generator=g).to(dtype)
-    return x, r, w, b, gy, gs
+_run = outputs_and_grads
 
 
 def _torch_layer_norm(x, w, b, r=None, eps=1e-5):
@@ -71,11 +36,11 @@ def _hf_rms_norm(x, w, r=None, eps=1e-6):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layer_norm_matches_float64(kernels, shape, dtype, residual):
-    x, r, w, b, gy, gs = _inputs(shape, dtype, residual)
+    x, r, w, b, gy, gs = norm_inputs(shape, dtype, residual)
     grad_outs = [gy, gs] if residual else [gy]
     ours = _run(lambda x, w, b, r=None: layer_norm(x, w, b, 1e-5, r), [x, w, b, r], grad_outs)
     theirs = _run(lambda x, w, b, r=None: _torch_layer_norm(x, w, b, r), [x, w, b, r], grad_outs)
-    truth = _run(lambda x, w, b, r=None: layer_norm_reference(x, w, b, 1e-5, r), _f64([x, w, b, r]), grad_outs)
+    truth = _run(lambda x, w, b, r=None: layer_norm_reference(x, w, b, 1e-5, r), f64([x, w, b, r]), grad_outs)
     assert all(o.dtype == dtype for o in ours[0])
     for k, what in enumerate(["outputs", "grads"]):
         assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
@@ -85,11 +50,11 @@ def test_layer_norm_matches_float64(kernels, shape, dtype, residual):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rms_norm_matches_float64(kernels, shape, dtype, residual):
-    x, r, w, _, gy, gs = _inputs(shape, dtype, residual)
+    x, r, w, _, gy, gs = norm_inputs(shape, dtype, residual)
     grad_outs = [gy, gs] if residual else [gy]
     ours = _run(lambda x, w, r=None: rms_norm(x, w, 1e-6, r), [x, w, r], grad_outs)
     theirs = _run(lambda x, w, r=None: _hf_rms_norm(x, w, r), [x, w, r], grad_outs)
-    truth = _run(lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r), _f64([x, w, r]), grad_outs)
+    truth = _run(lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r), f64([x, w, r]), grad_outs)
     assert all(o.dtype == dtype for o in ours[0])
     for k, what in enumerate(["outputs", "grads"]):
         assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
@@ -100,16 +65,16 @@ def test_float16_and_mixed_weight(fn):
     """float16 inputs, and 16-bit inputs with float32 parameters (mixed precision)."""
     pairs = [(torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
     for dtype, pdtype in pairs:
-        x, r, w, b, gy, gs = _inputs((6, 130), dtype, True, seed=1)
+        x, r, w, b, gy, gs = norm_inputs((6, 130), dtype, True, seed=1)
         w, b = w.to(pdtype), b.to(pdtype)
         if fn == "layer":
             ours = _run(lambda x, w, b, r: layer_norm(x, w, b, 1e-5, r), [x, w, b, r], [gy, gs])
             ref = _run(lambda x, w, b, r: layer_norm_reference(x, w, b, 1e-5, r), [x, w, b, r], [gy, gs])
-            truth = _run(lambda x, w, b, r: layer_norm_reference(x, w, b, 1e-5, r), _f64([x, w, b, r]), [gy, gs])
+            truth = _run(lambda x, w, b, r: layer_norm_reference(x, w, b, 1e-5, r), f64([x, w, b, r]), [gy, gs])
         else:
             ours = _run(lambda x, w, r: rms_norm(x, w, 1e-6, r), [x, w, r], [gy, gs])
             ref = _run(lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), [x, w, r], [gy, gs])
-            truth = _run(lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), _f64([x, w, r]), [gy, gs])
+            truth = _run(lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), f64([x, w, r]), [gy, gs])
         assert [o.dtype for o in ours[0]] == [o.dtype for o in ref[0]]  # rms: promote(x, weight), as HF
         assert [g.dtype for g in ours[1]] == [g.dtype for g in ref[1]]
         for k, what in enumerate(["outputs", "grads"]):
@@ -180,7 +145,7 @@ def test_residual_gradients_are_separate_tensors():
 @pytest.mark.parametrize("rms", [False, True])
 def test_only_y_or_only_s_receives_a_gradient(rms, used):
     # grads are not materialized: the unused output's gradient reaches the backward as None, not zeros
-    x, r, w, b, gy, gs = _inputs((37, 96), torch.float32, True)
+    x, r, w, b, gy, gs = norm_inputs((37, 96), torch.float32, True)
     if rms:
         ours_fn, ref_fn, leaves = (lambda x, r, w: rms_norm(x, w, 1e-6, r)), (
             lambda x, r, w: rms_norm_reference(x, w, 1e-6, r)), [x, r, w]
@@ -224,7 +189,7 @@ def test_thread_counts_agree():
     up to their summation order."""
     from llmcore.ops import bias_gelu, swiglu
 
-    x, r, w, b, gy, gs = _inputs((2, 259, 97), torch.bfloat16, True, seed=3)
+    x, r, w, b, gy, gs = norm_inputs((2, 259, 97), torch.bfloat16, True, seed=3)
     fns = [(lambda x, w, b, r: layer_norm(x, w, b, 1e-5, r), [x, w, b, r], [gy, gs]),
            (lambda x, w, r: rms_norm(x, w, 1e-6, r), [x, w, r], [gy, gs]),
            (lambda x, b: bias_gelu(x, b), [x, b], [gy]),
@@ -315,7 +280,7 @@ def test_opcheck(residual):
 def test_custom_ops_and_eager_functions_agree(residual):
     """Eager mode runs the kernels through an autograd.Function, torch.compile through the
     custom ops' autograd registrations: the same numbers either way."""
-    x, r, w, b, gy, gs = _inputs((3, 40), torch.bfloat16, residual)
+    x, r, w, b, gy, gs = norm_inputs((3, 40), torch.bfloat16, residual)
     grad_outs = [gy, gs] if residual else [gy]
     ops = torch.ops.llmcore
     for public, op, inputs in [

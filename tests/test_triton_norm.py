@@ -6,9 +6,12 @@ enough); with a GPU, on CUDA tensors at full shapes. Accuracy rule as tests/test
 the error against float64 is at most twice torch's own composite's in the same dtype, plus
 a floor of one rounding of the dtype.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from accuracy import assert_close_to_truth, f64, norm_inputs, outputs_and_grads
 from aten_trace import zero_fills
 
 from llmcore.ops import layer_norm, rms_norm
@@ -17,7 +20,6 @@ from llmcore.ops.norm import layer_norm_reference, rms_norm_reference
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}  # x the largest |truth|
 
 pytestmark = pytest.mark.skipif(not triton_ops.installed(), reason="triton is not installed")
 
@@ -28,39 +30,7 @@ def triton_interpreter(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _run(fn, inputs, grad_outs):
-    """Outputs of fn on DEVICE and the gradients of sum(out * grad_out) for every input that is not None."""
-    leaves = [None if t is None else t.detach().to(DEVICE).requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    used = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(outs, used, [g.to(DEVICE, o.dtype) for o, g in zip(outs, grad_outs)])
-    return [o.detach().cpu() for o in outs], [g.cpu() for g in grads]
-
-
-def _f64(ts):
-    return [None if t is None else t.detach().double() for t in ts]
-
-
-def assert_close_to_truth(ours, theirs, truth, dtype, what):
-    for i, (a, b, t) in enumerate(zip(ours, theirs, truth)):
-        assert a.shape == t.shape and a.dtype == b.dtype, f"{what}[{i}]: {a.shape} {a.dtype} vs {t.shape} {b.dtype}"
-        err = (a.double() - t).abs().max().item()
-        ref_err = (b.double() - t).abs().max().item()
-        floor = FLOOR[dtype] * max(1.0, t.abs().max().item())
-        assert err <= 2 * ref_err + floor, f"{what}[{i}]: error {err:.3g} vs torch's {ref_err:.3g} (floor {floor:.3g})"
-
-
-def _inputs(shape, dtype, residual, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = shape[-1]
-    x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)  # an offset mean tests the variance
-    r = torch.randn(shape, generator=g).to(dtype) if residual else None
-    w = (torch.randn(n, generator=g) * 0.5 + 1).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype)
-    gy = torch.randn(shape, generator=g).to(dtype)
-    gs = torch.randn(shape, generator=g).to(dtype)
-    return x, r, w, b, gy, gs
+_run = functools.partial(outputs_and_grads, device=DEVICE)
 
 
 def _torch_layer_norm(x, w, b, r=None, eps=1e-5):
@@ -88,11 +58,11 @@ def backward(request):
 
 @pytest.mark.parametrize("shape, dtype, residual", CASES)
 def test_layer_norm_matches_float64(shape, dtype, residual, backward):
-    x, r, w, b, gy, gs = _inputs(shape, dtype, residual)
+    x, r, w, b, gy, gs = norm_inputs(shape, dtype, residual)
     grad_outs = [gy, gs] if residual else [gy]
     ours = _run(lambda x, w, b, r=None: layer_norm(x, w, b, 1e-5, r, backend="triton"), [x, w, b, r], grad_outs)
     theirs = _run(lambda x, w, b, r=None: _torch_layer_norm(x, w, b, r), [x, w, b, r], grad_outs)
-    truth = _run(lambda x, w, b, r=None: layer_norm_reference(x, w, b, 1e-5, r), _f64([x, w, b, r]), grad_outs)
+    truth = _run(lambda x, w, b, r=None: layer_norm_reference(x, w, b, 1e-5, r), f64([x, w, b, r]), grad_outs)
     assert all(o.dtype == dtype for o in ours[0])
     for k, what in enumerate(["outputs", "grads"]):
         assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
@@ -100,11 +70,11 @@ def test_layer_norm_matches_float64(shape, dtype, residual, backward):
 
 @pytest.mark.parametrize("shape, dtype, residual", CASES)
 def test_rms_norm_matches_float64(shape, dtype, residual, backward):
-    x, r, w, _, gy, gs = _inputs(shape, dtype, residual)
+    x, r, w, _, gy, gs = norm_inputs(shape, dtype, residual)
     grad_outs = [gy, gs] if residual else [gy]
     ours = _run(lambda x, w, r=None: rms_norm(x, w, 1e-6, r, backend="triton"), [x, w, r], grad_outs)
     theirs = _run(lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r), [x, w, r], grad_outs)
-    truth = _run(lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r), _f64([x, w, r]), grad_outs)
+    truth = _run(lambda x, w, r=None: rms_norm_reference(x, w, 1e-6, r), f64([x, w, r]), grad_outs)
     assert all(o.dtype == dtype for o in ours[0])
     for k, what in enumerate(["outputs", "grads"]):
         assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
@@ -112,7 +82,7 @@ def test_rms_norm_matches_float64(shape, dtype, residual, backward):
 
 def test_rms_norm_bf16_is_hf_bit_for_bit_forward():
     # HF rounds the normalized value to bf16 before the weight: the same roundings give the same bits
-    x, r, w, _, _, _ = _inputs((7, 300), torch.bfloat16, True, seed=3)
+    x, r, w, _, _, _ = norm_inputs((7, 300), torch.bfloat16, True, seed=3)
     x, r, w = x.to(DEVICE), r.to(DEVICE), w.to(DEVICE)
     ours = rms_norm(x, w, 1e-6, r, backend="triton")
     hf = rms_norm_reference(x, w, 1e-6, r)
@@ -123,7 +93,7 @@ def test_rms_norm_bf16_is_hf_bit_for_bit_forward():
 @pytest.mark.parametrize("rms", [False, True])
 def test_without_weight_or_bias_and_mixed_dtypes(rms, backward):
     # float32 parameters on a bf16 input (autocast's layout): RMSNorm's y is then float32, as in HF
-    x, r, w, b, gy, gs = _inputs((3, 65), torch.bfloat16, True, seed=1)
+    x, r, w, b, gy, gs = norm_inputs((3, 65), torch.bfloat16, True, seed=1)
     w32, b32 = w.float(), b.float()
     for params in ([None, None], [w32, None], [w32, b32]):
         if rms:
@@ -142,7 +112,7 @@ def test_without_weight_or_bias_and_mixed_dtypes(rms, backward):
 def test_one_output_unused_with_a_residual(rms, used, backward):
     """With a residual the caller may use y alone (a model's last norm) or the sum s alone. Gradients as float64's;
     with y alone, no zero gradient is materialized for s (it was: an x-sized fill, then read by the kernel)."""
-    x, r, w, b, gy, gs = _inputs((3, 65), torch.float32, True, seed=2)
+    x, r, w, b, gy, gs = norm_inputs((3, 65), torch.float32, True, seed=2)
 
     inputs = (x, w, r) if rms else (x, w, b, r)
 
@@ -184,7 +154,7 @@ def test_opcheck(rms, residual, params, backward):
     """Schema, fake tensors, autograd registration and AOT dispatch of the custom op torch.compile sees."""
     from llmcore.ops.triton import norm as triton_norm  # registers the op (the Triton modules load on first use)
 
-    x, r, w, b, _, _ = _inputs((3, 5, 40), torch.bfloat16, residual, seed=4)
+    x, r, w, b, _, _ = norm_inputs((3, 5, 40), torch.bfloat16, residual, seed=4)
     w = w.float() if params == "w32" else w
     leaves = [None if t is None else t.to(DEVICE).requires_grad_() for t in (x, w if params else None,
                                                                               b if "b" in params else None, r)]
@@ -195,7 +165,7 @@ def test_opcheck(rms, residual, params, backward):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend):
     """torch.compile traces the Triton norms in one graph (it could not trace the launchers); as eager."""
-    x, r, w, b, _, _ = _inputs((4, 7, 48), torch.float32, True, seed=5)
+    x, r, w, b, _, _ = norm_inputs((4, 7, 48), torch.float32, True, seed=5)
     leaves = [t.to(DEVICE).requires_grad_() for t in (x, r, w, b)]
 
     def f(x, r, w, b):
@@ -237,7 +207,7 @@ def test_rows_wider_than_65536_columns():
 
 
 def _check_against_float64(rms, shape, dtype, residual):
-    x, r, w, b, gy, gs = _inputs(shape, dtype, residual)
+    x, r, w, b, gy, gs = norm_inputs(shape, dtype, residual)
     grad_outs = [gy, gs] if residual else [gy]
     if rms:
         inputs, ours_fn = [x, w, r], lambda x, w, r=None: rms_norm(x, w, 1e-6, r, backend="triton")
@@ -247,7 +217,7 @@ def _check_against_float64(rms, shape, dtype, residual):
         ref_fn = lambda x, w, b, r=None: _torch_layer_norm(x, w, b, r) if x.dtype != torch.float64 else \
             layer_norm_reference(x, w, b, 1e-5, r)  # noqa: E731
     ours, theirs, truth = _run(ours_fn, inputs, grad_outs), _run(ref_fn, inputs, grad_outs), \
-        _run(ref_fn, _f64(inputs), grad_outs)
+        _run(ref_fn, f64(inputs), grad_outs)
     for k, what in enumerate(["outputs", "grads"]):
         assert_close_to_truth(ours[k], theirs[k], truth[k], dtype, what)
 
@@ -298,7 +268,7 @@ def test_backward_forms_agree(rms):
     # normalized value rounded to x's dtype, as HF does) would show here, far beyond the float64 test's tolerance
     from llmcore.ops.triton import norm as triton_norm
 
-    x, r, w, b, gy, gs = _inputs((6, 4096) if GPU else (6, 200), torch.bfloat16, True, seed=2)
+    x, r, w, b, gy, gs = norm_inputs((6, 4096) if GPU else (6, 200), torch.bfloat16, True, seed=2)
     params = [w.float()] if rms else [w.float(), b.float()]
 
     def fn(x, r, *p):
@@ -339,7 +309,7 @@ def test_rms_norm_weight_grad_rounds_like_hf(backward):
     # HF's LlamaRMSNorm multiplies the weight by the normalized value rounded to x's dtype, so its weight gradient
     # sums dy times that rounded value. With float32 weights (autocast's layout) both sums run in float32: they
     # agree to the summation order (~1e-6 here), while unrounded products would differ by ~1e-3.
-    x, r, w, _, gy, gs = _inputs((64, 200), torch.bfloat16, True, seed=4)
+    x, r, w, _, gy, gs = norm_inputs((64, 200), torch.bfloat16, True, seed=4)
     w = w.float()
     ours = _run(lambda x, w, r: rms_norm(x, w, 1e-6, r, backend="triton"), [x, w, r], [gy, gs])[1][1]
     hf = _run(lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), [x, w, r], [gy, gs])[1][1]
