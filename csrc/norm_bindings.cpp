@@ -206,6 +206,34 @@ void bind_norm(py::module_& m) {
         py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("gate"), py::arg("gate_stride"), py::arg("up"),
         py::arg("up_stride"), py::arg("out"), py::arg("num_threads"), "silu(gate) * up.");
 
+  m.def("rotary",
+        [](int dtype, int cs_dtype, bool backward, int64_t rows, int64_t heads, int64_t head_dim, uintptr_t x,
+           int64_t x_stride, uintptr_t cos, int64_t cos_stride, uintptr_t sin, int64_t sin_stride, uintptr_t out,
+           int num_threads) {
+          check_sizes(rows, heads * head_dim);
+          require(heads >= 1 && head_dim >= 2 && head_dim % 2 == 0,
+                  "rotary: heads must be >= 1 and head_dim even, got " + std::to_string(heads) + " and " +
+                      std::to_string(head_dim));
+          check_ptr(x, "x"); check_ptr(cos, "cos"); check_ptr(sin, "sin"); check_ptr(out, "out");
+          nm::RotaryArgs a;
+          a.dtype = dtype_of(dtype, "dtype");
+          a.cs_dtype = dtype_of(cs_dtype, "cs_dtype");
+          a.backward = backward;
+          a.rows = rows; a.heads = heads; a.head_dim = head_dim;
+          a.x = mat(x, x_stride);
+          a.cos = mat(cos, cos_stride);
+          a.sin = mat(sin, sin_stride);
+          a.out = ptr<void>(out);
+          a.num_threads = num_threads;
+          py::gil_scoped_release release;
+          nm::rotary(a);
+        },
+        py::arg("dtype"), py::arg("cs_dtype"), py::arg("backward"), py::arg("rows"), py::arg("heads"),
+        py::arg("head_dim"), py::arg("x"), py::arg("x_stride"), py::arg("cos"), py::arg("cos_stride"), py::arg("sin"),
+        py::arg("sin_stride"), py::arg("out"), py::arg("num_threads"),
+        "Rotary position embedding (rotate-half) of x (rows, heads * head_dim) by cos / sin (rows, head_dim) into "
+        "out; backward=True applies the transpose (the gradient).");
+
   m.def("swiglu_backward",
         [](int dtype, int64_t rows, int64_t cols, uintptr_t grad_out, int64_t grad_out_stride, uintptr_t gate,
            int64_t gate_stride, uintptr_t up, int64_t up_stride, uintptr_t grad_gate, uintptr_t grad_up,

@@ -23,6 +23,7 @@ namespace llmcore::norm {
   void decay_rows(const DecayRowsArgs& a);           \
   void sum_squares(const SumSquaresArgs& a);         \
   void cross_entropy_rows(const CrossEntropyRowsArgs& a); \
+  void rotary(const RotaryArgs& a);                  \
   }
 #ifdef LLMCORE_HAVE_AVX512
 LLMCORE_DECLARE_ISA(avx512)
@@ -98,5 +99,6 @@ LLMCORE_DISPATCH(adamw_tensors, AdamWTensorsArgs)
 LLMCORE_DISPATCH(decay_rows, DecayRowsArgs)
 LLMCORE_DISPATCH(sum_squares, SumSquaresArgs)
 LLMCORE_DISPATCH(cross_entropy_rows, CrossEntropyRowsArgs)
+LLMCORE_DISPATCH(rotary, RotaryArgs)
 
 }  // namespace llmcore::norm

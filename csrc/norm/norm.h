@@ -92,6 +92,22 @@ struct SwigluArgs {
   int num_threads = 1;
 };
 
+// Rotary position embedding, rotate-half layout (HF Llama / Qwen2 / Mistral): per row r (a token) and
+// head h, with x1 | x2 the halves of x[r, h] and c1 | c2, s1 | s2 those of cos[r], sin[r]:
+//   forward   out1 = x1 c1 - x2 s1,  out2 = x2 c2 + x1 s2
+//   backward  out1 = x1 c1 + x2 s2,  out2 = x2 c2 - x1 s1   (x: the output's gradient; the transpose)
+// in float32, rounded once to dtype. x's heads sit head_dim apart within a row (a column slice of a
+// fused projection works in place); out is contiguous (rows, heads, head_dim); head_dim is even.
+struct RotaryArgs {
+  DType dtype = DType::f32;     // x, out
+  DType cs_dtype = DType::f32;  // cos, sin
+  bool backward = false;
+  int64_t rows = 0, heads = 0, head_dim = 0;
+  Mat x, cos, sin;  // x (rows, heads * head_dim); cos, sin (rows, head_dim)
+  void* out = nullptr;
+  int num_threads = 1;
+};
+
 // Dropout with a regenerated mask: out = in * (keep ? scale : 0) over numel contiguous
 // elements, keep drawn from Philox4x32-10 keyed by (seed, offset) and the element's index
 // only (csrc/norm/dropout_kernels.cpp), so the same call on the gradient is the backward.
@@ -212,5 +228,6 @@ void adamw_tensors(const AdamWTensorsArgs& a);
 void decay_rows(const DecayRowsArgs& a);
 void sum_squares(const SumSquaresArgs& a);
 void cross_entropy_rows(const CrossEntropyRowsArgs& a);
+void rotary(const RotaryArgs& a);
 
 }  // namespace llmcore::norm

@@ -199,12 +199,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., L, H, D) with cos/sin (..., L, D), in x's dtype. Under autocast the cos/sin are float32 and the
-    projections bf16/fp16: the rotation is computed in float32 (as transformers does) and rounded back, as
-    autocast's SDPA would cast it, so that q, k and v reach attention in one dtype."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
+    """x (..., L, H, D) with cos/sin (..., L, D), in x's dtype (``llmcore.ops.rotary_embedding``). Under autocast the
+    cos/sin are float32 and the projections bf16/fp16: the rotation is computed in float32 (as transformers does)
+    and rounded back, as autocast's SDPA would cast it, so that q, k and v reach attention in one dtype."""
+    return ops.rotary_embedding(x, cos, sin)
 
 
 class Attention(nn.Module):

@@ -4,6 +4,7 @@ from llmcore.ops.activation import bias_gelu, swiglu
 from llmcore.ops.cross_entropy import linear_cross_entropy
 from llmcore.ops.dropout import dropout
 from llmcore.ops.norm import layer_norm, rms_norm
+from llmcore.ops.rotary import rotary_embedding
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "layer_norm", "rms_norm", "bias_gelu", "swiglu",
-           "linear_cross_entropy", "dropout"]
+           "linear_cross_entropy", "dropout", "rotary_embedding"]

@@ -1,0 +1,149 @@
+"""Rotary position embedding, fused: ``rotary_embedding(x, cos, sin)`` rotates each head of ``x`` by the
+angles whose cosines and sines are ``cos`` and ``sin`` (rotate-half layout, as transformers' Llama,
+Mistral and Qwen2: ``x * cos + rotate_half(x) * sin``).
+
+On CPU, for float32, bfloat16 and float16, forward and backward are one native pass each
+(``_C.rotary``, csrc/norm/rotary_kernels.cpp), registered as ``torch.library`` custom ops (eager calls take
+a plain autograd.Function over the same implementation, as norm.py): the rotation is computed in float32
+and rounded once to x's dtype, where the composite makes the rotated half, two products and a sum, each a
+pass over memory (and, under bf16 autocast, float32 intermediates). The backward is the transposed
+rotation of the gradient and needs only cos and sin. Elsewhere, and when cos or sin needs a gradient,
+the plain-PyTorch reference below runs.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from llmcore import _C
+from llmcore.ops._autograd import _eager_function, _run_op
+from llmcore.ops.norm import _CODES, _as_rows
+
+__all__ = ["rotary_embedding", "rotary_reference"]
+
+
+def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` in the promoted dtype, rounded to x's: transformers' formula, with cos and
+    sin (..., D) broadcast over x's heads (..., H, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops
+
+
+def _broadcasts(shape, to) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, to) == to
+    except RuntimeError:
+        return False
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
+    """The native rotation of x (..., H, D) by cos / sin (broadcastable to x.shape[:-2] + (D,)), or its transpose."""
+    if x.dtype not in _CODES or cos.dtype not in _CODES or sin.dtype != cos.dtype:
+        raise TypeError(f"the CPU kernel takes float32, bfloat16 or float16 x and cos / sin of one such dtype, got "
+                        f"{x.dtype}, {cos.dtype} and {sin.dtype}")
+    heads, dim = x.shape[-2], x.shape[-1]
+    lead = x.shape[:-2]
+    if dim % 2 or cos.shape[-1] != dim or sin.shape != cos.shape or not _broadcasts(cos.shape[:-1], lead):
+        raise ValueError(f"cos and sin must have one shape, broadcastable to {(*lead, dim)} with an even last dim; got "
+                         f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    if x.numel() == 0:
+        return out
+    x2, x_stride = _as_rows(x.reshape(*lead, heads * dim), heads * dim)
+    c2, c_stride = _as_rows(cos.expand(*lead, dim), dim)
+    s2, s_stride = _as_rows(sin.expand(*lead, dim), dim)
+    _C.rotary(_CODES[x.dtype], _CODES[cos.dtype], backward, x2.size(0), heads, dim, x2.data_ptr(), x_stride,
+              c2.data_ptr(), c_stride, s2.data_ptr(), s_stride, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _rotary_fwd_impl(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return _rotate(x, cos, sin, False)
+
+
+def _rotary_bwd_impl(grad_out: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return _rotate(grad_out, cos, sin, True)
+
+
+@torch.library.custom_op("llmcore::rotary_fwd", mutates_args=(), device_types="cpu")
+def _rotary_fwd(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return _rotary_fwd_impl(x, cos, sin)
+
+
+@_rotary_fwd.register_fake
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("llmcore::rotary_bwd", mutates_args=(), device_types="cpu")
+def _rotary_bwd(grad_out: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The gradient of x: grad_out rotated back (the transpose)."""
+    return _rotary_bwd_impl(grad_out, cos, sin)
+
+
+@_rotary_bwd.register_fake
+def _(grad_out, cos, sin):
+    return grad_out.new_empty(grad_out.shape)
+
+
+def _rotary_setup(ctx, inputs, output):
+    x, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.x_dtype = x.dtype
+
+
+def _rotary_backward_with(bwd, ctx, grad_y):
+    if grad_y is None:  # the output got no gradient (grads are not materialized)
+        return None, None, None
+    cos, sin = ctx.saved_tensors
+    return bwd(grad_y.to(ctx.x_dtype), cos, sin), None, None
+
+
+_rotary_fwd.register_autograd(partial(_rotary_backward_with, _rotary_bwd), setup_context=_rotary_setup)
+_RotaryEager = _eager_function("_RotaryEager", _rotary_fwd_impl, _rotary_setup,
+                               partial(_rotary_backward_with, _rotary_bwd_impl))
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+
+
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` for x (..., H, D) and cos, sin (..., D) broadcast over the heads
+    (their leading dims broadcastable to x's: (L, D) for a (B, L, H, D) batch, (T, D) for a packed (T, H, D)
+    one), in x's dtype. D must be even. Differentiable in x (and, through the reference, in cos and sin).
+
+    >>> x = torch.randn(5, 2, 8)
+    >>> angle = torch.arange(5.0)[:, None] * torch.ones(8)
+    >>> rotary_embedding(x, angle.cos(), angle.sin()).shape
+    torch.Size([5, 2, 8])
+    """
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be (..., heads, head_dim), got shape {tuple(x.shape)}")
+    lead, dim = x.shape[:-2], x.shape[-1]
+    if dim % 2:
+        raise ValueError(f"the head dim must be even (rotate-half pairs its halves), got {dim}")
+    if cos.shape != sin.shape or cos.dim() < 1 or cos.shape[-1] != dim:
+        raise ValueError(f"cos and sin must have one shape (..., {dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if not _broadcasts(cos.shape[:-1], lead):
+        raise ValueError(f"cos and sin {tuple(cos.shape)} do not broadcast over x {tuple(x.shape)}'s positions "
+                         f"{tuple(lead)}")
+    if cos.device != x.device or sin.device != x.device:
+        raise ValueError(f"cos / sin are on {cos.device} / {sin.device} but x is on {x.device}")
+    native = (x.device.type == "cpu" and x.dtype in _CODES and cos.dtype in _CODES and sin.dtype == cos.dtype
+              and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)))
+    if not native:
+        return rotary_reference(x, cos, sin)
+    return _run_op(_rotary_fwd, _RotaryEager, x, cos, sin)
