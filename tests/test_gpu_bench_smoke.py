@@ -48,7 +48,7 @@ def test_every_section_runs(smoke):
     results = json.loads((out / "gpu-smoke-cpu.json").read_text())
     assert results["errors"] == {}
     assert set(results["seconds"]) == {"matmul", "attention", "norms", "cuda", "cross_entropy", "attention_gqa",
-                                       "norms_wide", "attention_small"}
+                                       "norms_wide", "attention_small", "rotary"}
     for case in ("causal", "noncausal"):
         c = results["attention"]["cases"][case]
         sweep = c["sweep"]
@@ -88,6 +88,9 @@ def test_every_section_runs(smoke):
             assert set(c[m]["ms_rounds"]) == {"llmcore_triton", "torch_sdpa"}
             assert all(len(t) == results["attention_small"]["rounds"] for t in c[m]["ms_rounds"].values())
     assert "## Attention at fine-tuning shapes" in (out / "gpu-smoke-cpu.md").read_text()
+    rotary = results["rotary"]
+    assert rotary["max_abs_diff_vs_torch"] < 1e-5 and set(rotary["speedup_vs_torch"]) == {"forward", "fwd_bwd"}
+    assert "## RoPE on q" in (out / "gpu-smoke-cpu.md").read_text()
 
 
 def test_decide_reads_it(smoke, capsys):

@@ -92,21 +92,21 @@ def test_custom_ops_and_compile():
     x = torch.randn(6, 3, 16, dtype=torch.bfloat16)
     cos, sin = (t.float() for t in _angles((6, 16)))
     g = torch.randn_like(x)
-    torch.library.opcheck(_rotary_fwd, (x, cos, sin))
-    torch.library.opcheck(_rotary_bwd, (g, cos, sin))
+    torch.library.opcheck(_rotary_fwd, (x, cos, sin, False))
+    torch.library.opcheck(_rotary_bwd, (g, cos, sin, False))
     fn = torch.compile(lambda x: rotary_embedding(x, cos, sin), backend="aot_eager", fullgraph=True)
     xr = x.clone().requires_grad_()
     y = fn(xr)
     y.backward(g)
     torch.testing.assert_close(y, rotary_embedding(x, cos, sin))
-    torch.testing.assert_close(xr.grad, _rotary_bwd(g, cos, sin))
+    torch.testing.assert_close(xr.grad, _rotary_bwd(g, cos, sin, False))
 
 
 def test_rotation_round_trip():
     """The backward is the inverse rotation (cos^2 + sin^2 = 1): rotating back returns x."""
     x = torch.randn(40, 3, 64, dtype=torch.float64).float()
     cos, sin = (t.float() for t in _angles((40, 64), paired=True))
-    back = _rotary_bwd(rotary_embedding(x, cos, sin), cos, sin)
+    back = _rotary_bwd(rotary_embedding(x, cos, sin), cos, sin, False)
     torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
 
 
@@ -127,5 +127,15 @@ def test_bad_types():
         rotary_embedding(x.long(), torch.randn(4, 8), torch.randn(4, 8))
     with pytest.raises(ValueError, match="one shape"):
         rotary_embedding(x, torch.randn(4, 8), torch.randn(4, 6))
-    with pytest.raises(TypeError, match="CPU kernel takes"):  # the custom op itself checks what it indexes
-        _rotary_fwd(x, torch.randn(4, 8), torch.randn(4, 8).double())
+    with pytest.raises(TypeError, match="kernels take float32"):  # the custom op itself checks what it indexes
+        _rotary_fwd(x, torch.randn(4, 8), torch.randn(4, 8).double(), False)
+    with pytest.raises(ValueError, match="backend=.gpu. is unknown"):
+        rotary_embedding(x, torch.randn(4, 8), torch.randn(4, 8), backend="gpu")
+    with pytest.raises(RuntimeError, match="backend='cpu' cannot run this call"):
+        rotary_embedding(x.double(), torch.randn(4, 8), torch.randn(4, 8), backend="cpu")
+
+
+def test_backend_reference_is_the_composite():
+    x = torch.randn(6, 2, 8, dtype=torch.bfloat16)
+    cos, sin = (t.float() for t in _angles((6, 8)))
+    assert torch.equal(rotary_embedding(x, cos, sin, backend="reference"), rotary_reference(x, cos, sin))

@@ -100,7 +100,7 @@ def _attention_kernels(result):
 def test_survey_covers_every_kernel(sm90):
     names = {k.name for _, k in _all(sm90)}
     assert names == {"attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "norm_fwd", "norm_bwd",
-                     "norm_bwd_dx", "norm_bwd_dw", "ce_rows"}
+                     "norm_bwd_dx", "norm_bwd_dw", "ce_rows", "rotary"}
     assert [case for case in aot.CASES if not sm90[case]] == []  # every case compiles kernels of its own
     assert any(k.constants.get("DQ_ATOMIC") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=atomic
     assert any(k.constants.get("DQ_TMA") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=tma

@@ -30,8 +30,9 @@ a run cut short still leaves what it measured):
 - the chunked LM-head cross-entropy, forward+backward, against torch's
   ``F.cross_entropy(F.linear(...))`` (which materializes the logits);
 - causal GQA attention (Llama-3-8B's 4:1 heads) and the norms' wider rows;
-- last, attention at fine-tuning shapes (MiniLM on an SST-2-like batch, padded and packed, BERT-base
-  at 128, GPT-2 at 1024) through the public API against torch SDPA, where host time can dominate.
+- attention at fine-tuning shapes (MiniLM on an SST-2-like batch, padded and packed, BERT-base
+  at 128, GPT-2 at 1024) through the public API against torch SDPA, where host time can dominate;
+- last, RoPE on a Llama-3-8B layer's q (the Triton rotary kernel against transformers' composite).
 
     python benchmarks/gpu/bench.py --out benchmarks/results [--budget 300] [--no-sweep]
     python benchmarks/gpu/bench.py --warm-worker 0/6   # compile the sweep's kernels only (no timing)
@@ -779,6 +780,43 @@ def _norms(results: dict, ctx: dict, shapes: list) -> None:
         del x, r, gy, gs
 
 
+def rotary(results: dict, ctx: dict) -> None:
+    """RoPE on a Llama-3-8B layer's q (4096 tokens, 32 heads of 128, a column slice of a fused qkv projection; bf16,
+    float32 angles): llmcore's Triton kernel against the composite transformers runs (torch ops), fwd and fwd+bwd."""
+    from llmcore.ops import rotary_embedding
+    from llmcore.ops.rotary import rotary_reference
+
+    T, H, K, D = (16, 4, 2, 32) if SMOKE else (4096, 32, 8, 128)
+    dt = torch.float32 if SMOKE else torch.bfloat16
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    qkv = torch.randn(T, (H + 2 * K) * D, device=DEVICE, dtype=dt, generator=g)
+    angle = torch.arange(T, device=DEVICE, dtype=torch.float32)[:, None] * torch.rand(D // 2, device=DEVICE,
+                                                                                        generator=g)
+    cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
+    grad = torch.randn(T, H, D, device=DEVICE, dtype=dt, generator=g)
+    e = T * H * D * qkv.element_size()
+    nbytes = {"forward": 2 * e + 2 * cos.numel() * 4, "fwd_bwd": 4 * e + 4 * cos.numel() * 4}  # x, out; grad in, out
+    res = {"shape": [T, H, D], "dtype": str(dt).replace("torch.", ""), "bytes_note": "x and out (+ the gradient in "
+           "and out), cos and sin: the least traffic"}
+    fns = {"llmcore_triton": lambda q: rotary_embedding(q, cos, sin, backend="triton"),
+           "torch": lambda q: rotary_reference(q, cos, sin)}
+    leaf = qkv.clone().requires_grad_()
+    q = leaf[:, :H * D].view(T, H, D)
+    res["max_abs_diff_vs_torch"] = max_diff(fns["llmcore_triton"](q), fns["torch"](q))
+    for name, fn in fns.items():
+        with torch.no_grad():
+            fwd = rate(bench(lambda: fn(qkv[:, :H * D].view(T, H, D))), nbytes=nbytes["forward"])
+
+        def fb():
+            torch.autograd.grad(fn(leaf[:, :H * D].view(T, H, D)), leaf, grad)
+
+        res[name] = {"forward": fwd, "fwd_bwd": rate(bench(fb), nbytes=nbytes["fwd_bwd"])}
+    res["speedup_vs_torch"] = {m: res["torch"][m]["ms"] / res["llmcore_triton"][m]["ms"]
+                               for m in ("forward", "fwd_bwd")}
+    results["rotary"] = res
+    ctx["save"]()
+
+
 def cross_entropy(results: dict, ctx: dict) -> None:
     from llmcore.ops import cross_entropy as ce_ops
     from llmcore.ops import linear_cross_entropy
@@ -1138,6 +1176,14 @@ def markdown(results: dict) -> str:
                       f"({bl['defaults_fwd_bwd']['gbps']:.0f} GB/s fwd+bwd), fastest first, median of {bl['rounds']} "
                       f"alternating rounds (min-max): " + "; ".join(cells)
                       + (f"; failed: {', '.join(failed)}" if failed else ""), ""]
+    ro = results.get("rotary")
+    if ro and ro.get("llmcore_triton"):
+        lines += [f"## RoPE on q {tuple(ro['shape'])} {ro['dtype']}, a slice of a fused qkv (GB/s)", "",
+                  "| mode | llmcore triton | torch composite | speed-up |", "|---|---|---|---|"]
+        for mode in ("forward", "fwd_bwd"):
+            lines.append(f"| {mode} | {ro['llmcore_triton'][mode]['gbps']:.0f} | {ro['torch'][mode]['gbps']:.0f} | "
+                         f"{ro['speedup_vs_torch'][mode]:.2f}x |")
+        lines.append("")
     gq = results.get("attention_gqa")
     if gq and gq.get("llmcore_triton"):
         lines += [f"## GQA attention, causal, (B, Hq, Hkv, L, D) = {tuple(gq['shape'])} {gq['dtype']} (TFLOP/s)", "",
@@ -1223,7 +1269,7 @@ def markdown(results: dict) -> str:
 
 SECTIONS = (("matmul", matmul_peak), ("attention", attention), ("norms", norms), ("cuda", cuda_backend),
             ("cross_entropy", cross_entropy), ("attention_gqa", attention_gqa), ("norms_wide", norms_wide),
-            ("attention_small", attention_small))
+            ("attention_small", attention_small), ("rotary", rotary))
 
 
 def main(argv=None) -> int:

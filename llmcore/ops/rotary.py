@@ -2,13 +2,13 @@
 angles whose cosines and sines are ``cos`` and ``sin`` (rotate-half layout, as transformers' Llama,
 Mistral and Qwen2: ``x * cos + rotate_half(x) * sin``).
 
-On CPU, for float32, bfloat16 and float16, forward and backward are one native pass each
-(``_C.rotary``, csrc/norm/rotary_kernels.cpp), registered as ``torch.library`` custom ops (eager calls take
-a plain autograd.Function over the same implementation, as norm.py): the rotation is computed in float32
-and rounded once to x's dtype, where the composite makes the rotated half, two products and a sum, each a
-pass over memory (and, under bf16 autocast, float32 intermediates). The backward is the transposed
-rotation of the gradient and needs only cos and sin. Elsewhere, and when cos or sin needs a gradient,
-the plain-PyTorch reference below runs.
+For float32, bfloat16 and float16, forward and backward are one pass each: native on the CPU (``_C.rotary``,
+csrc/norm/rotary_kernels.cpp), Triton on CUDA tensors (``llmcore.ops.triton.rotary``), registered as
+``torch.library`` custom ops (eager calls take a plain autograd.Function over the same implementation, as
+norm.py). The rotation is computed in float32 and rounded once to x's dtype, where the composite makes the
+rotated half, two products and a sum, each a pass over memory (and, under bf16 autocast, float32
+intermediates). The backward is the transposed rotation of the gradient and needs only cos and sin. Elsewhere,
+and when cos or sin needs a gradient, the plain-PyTorch reference below runs.
 """
 from __future__ import annotations
 
@@ -17,9 +17,13 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from typing import Optional
+
 from llmcore import _C
+from llmcore.ops import triton as triton_ops
 from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.norm import _CODES, _as_rows
+from llmcore.ops.triton import rotary as triton_rotary
 
 __all__ = ["rotary_embedding", "rotary_reference"]
 
@@ -43,67 +47,73 @@ def _broadcasts(shape, to) -> bool:
         return False
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
-    """The native rotation of x (..., H, D) by cos / sin (broadcastable to x.shape[:-2] + (D,)), or its transpose."""
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool, triton: bool) -> Tensor:
+    """The rotation of x (..., H, D) by cos / sin (broadcastable to x.shape[:-2] + (D,)), or its transpose: the
+    Triton kernel, or the native one (CPU tensors)."""
     if x.dtype not in _CODES or cos.dtype not in _CODES or sin.dtype != cos.dtype:
-        raise TypeError(f"the CPU kernel takes float32, bfloat16 or float16 x and cos / sin of one such dtype, got "
+        raise TypeError(f"the kernels take float32, bfloat16 or float16 x and cos / sin of one such dtype, got "
                         f"{x.dtype}, {cos.dtype} and {sin.dtype}")
+    if not triton and x.device.type != "cpu":
+        raise ValueError(f"the native kernel takes CPU tensors, got {x.device.type}")
     heads, dim = x.shape[-2], x.shape[-1]
     lead = x.shape[:-2]
     if dim % 2 or cos.shape[-1] != dim or sin.shape != cos.shape or not _broadcasts(cos.shape[:-1], lead):
         raise ValueError(f"cos and sin must have one shape, broadcastable to {(*lead, dim)} with an even last dim; got "
                          f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
     x2, x_stride = _as_rows(x.reshape(*lead, heads * dim), heads * dim)
     c2, c_stride = _as_rows(cos.expand(*lead, dim), dim)
     s2, s_stride = _as_rows(sin.expand(*lead, dim), dim)
+    if triton:
+        triton_rotary.rotate(x2, x_stride, c2, c_stride, s2, s_stride, out, heads, dim, backward)
+        return out
     _C.rotary(_CODES[x.dtype], _CODES[cos.dtype], backward, x2.size(0), heads, dim, x2.data_ptr(), x_stride,
               c2.data_ptr(), c_stride, s2.data_ptr(), s_stride, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def _rotary_fwd_impl(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return _rotate(x, cos, sin, False)
+def _rotary_fwd_impl(x: Tensor, cos: Tensor, sin: Tensor, triton: bool) -> Tensor:
+    return _rotate(x, cos, sin, False, triton)
 
 
-def _rotary_bwd_impl(grad_out: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return _rotate(grad_out, cos, sin, True)
+def _rotary_bwd_impl(grad_out: Tensor, cos: Tensor, sin: Tensor, triton: bool) -> Tensor:
+    return _rotate(grad_out, cos, sin, True, triton)
 
 
-@torch.library.custom_op("llmcore::rotary_fwd", mutates_args=(), device_types="cpu")
-def _rotary_fwd(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return _rotary_fwd_impl(x, cos, sin)
+@torch.library.custom_op("llmcore::rotary_fwd", mutates_args=())
+def _rotary_fwd(x: Tensor, cos: Tensor, sin: Tensor, triton: bool) -> Tensor:
+    return _rotary_fwd_impl(x, cos, sin, triton)
 
 
 @_rotary_fwd.register_fake
-def _(x, cos, sin):
+def _(x, cos, sin, triton):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("llmcore::rotary_bwd", mutates_args=(), device_types="cpu")
-def _rotary_bwd(grad_out: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+@torch.library.custom_op("llmcore::rotary_bwd", mutates_args=())
+def _rotary_bwd(grad_out: Tensor, cos: Tensor, sin: Tensor, triton: bool) -> Tensor:
     """The gradient of x: grad_out rotated back (the transpose)."""
-    return _rotary_bwd_impl(grad_out, cos, sin)
+    return _rotary_bwd_impl(grad_out, cos, sin, triton)
 
 
 @_rotary_bwd.register_fake
-def _(grad_out, cos, sin):
+def _(grad_out, cos, sin, triton):
     return grad_out.new_empty(grad_out.shape)
 
 
 def _rotary_setup(ctx, inputs, output):
-    x, cos, sin = inputs
+    x, cos, sin, triton = inputs
     ctx.save_for_backward(cos, sin)
-    ctx.x_dtype = x.dtype
+    ctx.x_dtype, ctx.triton = x.dtype, triton
 
 
 def _rotary_backward_with(bwd, ctx, grad_y):
     if grad_y is None:  # the output got no gradient (grads are not materialized)
-        return None, None, None
+        return None, None, None, None
     cos, sin = ctx.saved_tensors
-    return bwd(grad_y.to(ctx.x_dtype), cos, sin), None, None
+    return bwd(grad_y.to(ctx.x_dtype), cos, sin, ctx.triton), None, None, None
 
 
 _rotary_fwd.register_autograd(partial(_rotary_backward_with, _rotary_bwd), setup_context=_rotary_setup)
@@ -115,10 +125,37 @@ _RotaryEager = _eager_function("_RotaryEager", _rotary_fwd_impl, _rotary_setup,
 # public API
 
 
-def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+_BACKENDS = (None, "triton", "cpu", "reference")
+
+
+def _backend(x: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str]) -> str:
+    """"triton", "cpu" or "reference" for this call; a named backend that cannot run it is an error naming why."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of None, 'triton', 'cpu', 'reference'")
+    kernel_ok = (x.dtype in _CODES and cos.dtype in _CODES and sin.dtype == cos.dtype
+                 and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)))
+    if backend == "triton":
+        reason = triton_ops.unavailable(x.device) or triton_rotary.why_not(x, cos)
+        if reason or not kernel_ok:
+            raise RuntimeError(f"backend='triton' cannot run this call: {reason or 'cos / sin need gradients'}")
+        return "triton"
+    if backend == "cpu" and not (x.device.type == "cpu" and kernel_ok):
+        raise RuntimeError(f"backend='cpu' cannot run this call ({x.device.type} tensor of {x.dtype}, cos {cos.dtype})")
+    if backend is None and x.device.type == "cuda" and kernel_ok and triton_ops.usable():
+        return "triton"
+    if backend == "reference" or not (x.device.type == "cpu" and kernel_ok):
+        return "reference"
+    return "cpu"
+
+
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str] = None) -> Tensor:
     """``x * cos + rotate_half(x) * sin`` for x (..., H, D) and cos, sin (..., D) broadcast over the heads
     (their leading dims broadcastable to x's: (L, D) for a (B, L, H, D) batch, (T, D) for a packed (T, H, D)
     one), in x's dtype. D must be even. Differentiable in x (and, through the reference, in cos and sin).
+
+    ``backend``: None runs the native kernel for CPU tensors and the Triton kernel for CUDA tensors (the
+    plain-PyTorch reference where neither fits, e.g. float64, or cos / sin needing gradients); "triton" (CPU
+    tensors under TRITON_INTERPRET=1), "cpu" or "reference" force one.
 
     >>> x = torch.randn(5, 2, 8)
     >>> angle = torch.arange(5.0)[:, None] * torch.ones(8)
@@ -142,8 +179,7 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
                          f"{tuple(lead)}")
     if cos.device != x.device or sin.device != x.device:
         raise ValueError(f"cos / sin are on {cos.device} / {sin.device} but x is on {x.device}")
-    native = (x.device.type == "cpu" and x.dtype in _CODES and cos.dtype in _CODES and sin.dtype == cos.dtype
-              and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)))
-    if not native:
+    chosen = _backend(x, cos, sin, backend)
+    if chosen == "reference":
         return rotary_reference(x, cos, sin)
-    return _run_op(_rotary_fwd, _RotaryEager, x, cos, sin)
+    return _run_op(_rotary_fwd, _RotaryEager, x, cos, sin, chosen == "triton")

@@ -9,6 +9,7 @@ is compiled in is chosen per call (see ``_loader``).
 - ``attention``: ``sdpa`` and ``varlen`` (FlashAttention-2: causal, masks, GQA, dropout)
 - ``norm``: ``layer_norm`` and ``rms_norm`` with the residual add fused
 - ``cross_entropy``: ``linear_cross_entropy``
+- ``rotary``: the rotation of :func:`llmcore.ops.rotary_embedding` (whose custom ops call it)
 - ``aot``: compiles all of them for a GPU architecture without a GPU, and reports registers,
   spills, shared memory and tensor-core use per kernel (``python -m llmcore.ops.triton.aot``)
 """

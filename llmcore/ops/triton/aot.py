@@ -294,6 +294,17 @@ def _cross_entropy(vocab: int, dtype) -> Callable[[], None]:
     return run
 
 
+def _rotary(heads: int, head_dim: int, dtype) -> Callable[[], None]:
+    def run():
+        from llmcore.ops.rotary import _rotary_bwd_impl, _rotary_fwd_impl
+
+        x = torch.zeros(8, heads, head_dim, dtype=dtype)
+        cos = sin = torch.zeros(8, head_dim, dtype=torch.float32)
+        _rotary_fwd_impl(x, cos, sin, True)
+        _rotary_bwd_impl(x, cos, sin, True)
+    return run
+
+
 def _cases() -> dict[str, Callable[[], None]]:
     cases = {}
     for d in (16, 32, 48, 64, 80, 96, 128, 160, 256):
@@ -329,6 +340,8 @@ def _cases() -> dict[str, Callable[[], None]]:
         "rms_norm 65536 fp16 residual": _norm(True, 65536, torch.float16),
         "cross_entropy vocab 128256 bf16": _cross_entropy(128256, torch.bfloat16),
         "cross_entropy vocab 30522 fp32": _cross_entropy(30522, torch.float32),
+        "rotary 32 heads d128 bf16": _rotary(32, 128, torch.bfloat16),
+        "rotary 6 heads d64 fp32": _rotary(6, 64, torch.float32),
     })
     return cases
 
