@@ -13,11 +13,10 @@ and when cos or sin needs a gradient, the plain-PyTorch reference below runs.
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import Tensor
-
-from typing import Optional
 
 from llmcore import _C
 from llmcore.ops import triton as triton_ops
