@@ -12,6 +12,7 @@ import torch
 import llmcore
 from llmcore.models import (CheckpointError, EncoderConfig, EncoderForSequenceClassification,
                             UnsupportedModelError, from_pretrained, save_pretrained)
+from model_pairs import causal_lm_pair
 from tokenizer_refs import corpus, minilm_dir
 
 transformers = pytest.importorskip("transformers")
@@ -96,11 +97,7 @@ DECODERS = {
 
 @pytest.fixture(scope="module", params=sorted(DECODERS))
 def decoder(request, tmp_path_factory):
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(DECODERS[request.param](), attn_implementation="sdpa")
-    path = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(path)
-    return from_pretrained(path, task="causal-lm"), ref, path
+    return causal_lm_pair(DECODERS[request.param](), tmp_path_factory.mktemp(request.param))
 
 
 def test_decoder_logits_loss_and_gradients_match(decoder):
