@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from llmcore.models import from_pretrained
 from llmcore.models.config import DecoderConfig
 from llmcore.models.decoder import DecoderForCausalLM
 from llmcore.train import TrainConfig, Trainer, accumulate_gradients, example_count, is_causal_lm, sample_count
+from model_pairs import causal_lm_pair
 from tokenizer_refs import corpus, minilm_dir
 
 transformers = pytest.importorskip("transformers")
@@ -32,11 +32,7 @@ HF_CONFIGS = {
 @pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
 def pair(request, tmp_path_factory):
     """(llmcore model, transformers model) with the same random weights."""
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[request.param](), attn_implementation="sdpa")
-    path = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(path)
-    return from_pretrained(path, task="causal-lm"), ref
+    return causal_lm_pair(HF_CONFIGS[request.param](), tmp_path_factory.mktemp(request.param))[:2]
 
 
 def ragged(gen, lengths, width=12):
@@ -183,6 +179,13 @@ def test_task_errors(pair, tmp_path):
     b = ragged(gen, [4, 6])
     with pytest.raises(ValueError, match=r"causal LM: its labels must have input_ids' shape \(2, 12\)"):
         accumulate_gradients(ours, [dict(b, labels=torch.tensor([0, 1]))])
+    unlabelled = {k: v for k, v in b.items() if k != "labels"}
+    with pytest.raises(KeyError, match=r"a training batch needs 'labels'; it has keys \['attention_mask', 'input_"):
+        accumulate_gradients(ours, [unlabelled])
+    trainer = Trainer(ours, TrainConfig(str(tmp_path / "e"), max_steps=1, save_strategy="no"), [b],
+                      eval_batches=[unlabelled])
+    with pytest.raises(KeyError, match="an evaluation batch needs 'labels'"):
+        trainer.evaluate()
     from llmcore.models import EncoderConfig, EncoderForSequenceClassification
     clf = EncoderForSequenceClassification(EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1,
                                                          num_heads=4, intermediate_size=64))

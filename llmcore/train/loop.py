@@ -114,8 +114,11 @@ def _per_token_labels(batch: Batch) -> bool:
     return ids.dim() >= 2 or cu is None or labels.numel() != cu.numel() - 1
 
 
-def _check_task(model: nn.Module, batch: Batch, causal_lm: bool) -> None:
-    """A clear error for labels the model's task cannot take."""
+def _check_task(model: nn.Module, batch: Batch, causal_lm: bool, what: str = "a training batch") -> None:
+    """A clear error for a batch without labels (``what`` it is, in the message) or with labels the model's task
+    cannot take."""
+    if "labels" not in batch:
+        raise KeyError(f"{what} needs 'labels'; it has keys {sorted(batch)}")
     per_token = _per_token_labels(batch)
     labels, ids = batch["labels"], batch["input_ids"]
     if causal_lm and not per_token:
@@ -253,8 +256,6 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], bf16: boo
     device = next(model.parameters()).device
     causal_lm = is_causal_lm(model)
     for b in micro_batches:
-        if "labels" not in b:
-            raise KeyError(f"a training batch needs 'labels'; it has keys {sorted(b)}")
         _check_task(model, b, causal_lm)
     examples = sum(example_count(b, causal_lm) for b in micro_batches)
     samples = sum(sample_count(b, True) for b in micro_batches) if causal_lm else examples
@@ -452,9 +453,7 @@ class Trainer:
             with _autocast(self.device, self.config.bf16):
                 for batch, counted in stream:
                     batch = _to(batch, self.device)
-                    if "labels" not in batch:
-                        raise KeyError(f"an evaluation batch needs 'labels'; it has keys {sorted(batch)}")
-                    _check_task(model, batch, causal_lm)
+                    _check_task(model, batch, causal_lm, "an evaluation batch")
                     if causal_lm:
                         self._count_lm(model, batch, sums, custom, counted, self.config.label_smoothing_factor)
                         continue
