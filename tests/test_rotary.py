@@ -7,7 +7,7 @@ import torch
 from accuracy import assert_close_to_truth, f64, outputs_and_grads
 
 from llmcore.ops import rotary_embedding
-from llmcore.ops.rotary import _rotary_bwd, _rotary_fwd, rotary_reference
+from llmcore.ops.rotary import _rotary, rotary_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (x shape, cos shape): packed (T, H, D); padded (B, L, H, D) with per-row or shared positions; head dims from
@@ -92,21 +92,21 @@ def test_custom_ops_and_compile():
     x = torch.randn(6, 3, 16, dtype=torch.bfloat16)
     cos, sin = (t.float() for t in _angles((6, 16)))
     g = torch.randn_like(x)
-    torch.library.opcheck(_rotary_fwd, (x, cos, sin, False))
-    torch.library.opcheck(_rotary_bwd, (g, cos, sin, False))
+    torch.library.opcheck(_rotary, (x, cos, sin, False, False))
+    torch.library.opcheck(_rotary, (g, cos, sin, True, False))
     fn = torch.compile(lambda x: rotary_embedding(x, cos, sin), backend="aot_eager", fullgraph=True)
     xr = x.clone().requires_grad_()
     y = fn(xr)
     y.backward(g)
     torch.testing.assert_close(y, rotary_embedding(x, cos, sin))
-    torch.testing.assert_close(xr.grad, _rotary_bwd(g, cos, sin, False))
+    torch.testing.assert_close(xr.grad, _rotary(g, cos, sin, True, False))
 
 
 def test_rotation_round_trip():
     """The backward is the inverse rotation (cos^2 + sin^2 = 1): rotating back returns x."""
     x = torch.randn(40, 3, 64, dtype=torch.float64).float()
     cos, sin = (t.float() for t in _angles((40, 64), paired=True))
-    back = _rotary_bwd(rotary_embedding(x, cos, sin), cos, sin, False)
+    back = _rotary(rotary_embedding(x, cos, sin), cos, sin, True, False)
     torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
 
 
@@ -128,7 +128,7 @@ def test_bad_types():
     with pytest.raises(ValueError, match="one shape"):
         rotary_embedding(x, torch.randn(4, 8), torch.randn(4, 6))
     with pytest.raises(TypeError, match="kernels take float32"):  # the custom op itself checks what it indexes
-        _rotary_fwd(x, torch.randn(4, 8), torch.randn(4, 8).double(), False)
+        _rotary(x, torch.randn(4, 8), torch.randn(4, 8).double(), False, False)
     with pytest.raises(ValueError, match="backend=.gpu. is unknown"):
         rotary_embedding(x, torch.randn(4, 8), torch.randn(4, 8), backend="gpu")
     with pytest.raises(RuntimeError, match="backend='cpu' cannot run this call"):

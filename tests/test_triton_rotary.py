@@ -11,7 +11,7 @@ from accuracy import assert_close_to_truth, f64, outputs_and_grads
 
 from llmcore.ops import rotary_embedding
 from llmcore.ops import triton as triton_ops
-from llmcore.ops.rotary import _rotary_bwd, _rotary_fwd, rotary_reference
+from llmcore.ops.rotary import _rotary, rotary_reference
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -63,20 +63,20 @@ def test_equals_the_native_kernel():
     qkv = torch.randn(13, (5 + 2) * 48, generator=g)
     q = qkv[:, :5 * 48].view(13, 5, 48)  # a column slice of a fused projection, read in place
     cos, sin = (t.float() for t in _angles((13, 48)))
-    for backward in (False, True):
-        fn = _rotary_bwd if backward else _rotary_fwd
-        torch.testing.assert_close(fn(q, cos, sin, True), fn(q, cos, sin, False), rtol=1e-6, atol=1e-6)
+    for transpose in (False, True):
+        torch.testing.assert_close(_rotary(q, cos, sin, transpose, True), _rotary(q, cos, sin, transpose, False),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_opcheck_and_autograd():
     x = torch.randn(6, 3, 16, dtype=torch.bfloat16, device=DEVICE)
     cos, sin = (t.float().to(DEVICE) for t in _angles((6, 16)))
-    torch.library.opcheck(_rotary_fwd, (x, cos, sin, True))
-    torch.library.opcheck(_rotary_bwd, (x, cos, sin, True))
+    torch.library.opcheck(_rotary, (x, cos, sin, False, True))
+    torch.library.opcheck(_rotary, (x, cos, sin, True, True))
     xr = x.clone().requires_grad_()
     y = rotary_embedding(xr, cos, sin, backend="triton")
     y.backward(x)
-    torch.testing.assert_close(xr.grad, _rotary_bwd(x, cos, sin, True))
+    torch.testing.assert_close(xr.grad, _rotary(x, cos, sin, True, True))
 
 
 @pytest.mark.skipif(GPU, reason="checks the refusal without a GPU")

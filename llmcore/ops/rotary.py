@@ -46,9 +46,9 @@ def _broadcasts(shape, to) -> bool:
         return False
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool, triton: bool) -> Tensor:
-    """The rotation of x (..., H, D) by cos / sin (broadcastable to x.shape[:-2] + (D,)), or its transpose: the
-    Triton kernel, or the native one (CPU tensors)."""
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool, triton: bool) -> Tensor:
+    """The rotation of x (..., H, D) by cos / sin (broadcastable to x.shape[:-2] + (D,)), or its transpose (the
+    backward's: the gradient rotated back): the Triton kernel, or the native one (CPU tensors)."""
     if x.dtype not in _CODES or cos.dtype not in _CODES or sin.dtype != cos.dtype:
         raise TypeError(f"the kernels take float32, bfloat16 or float16 x and cos / sin of one such dtype, got "
                         f"{x.dtype}, {cos.dtype} and {sin.dtype}")
@@ -66,58 +66,39 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool, triton: bool) -
     c2, c_stride = _as_rows(cos.expand(*lead, dim), dim)
     s2, s_stride = _as_rows(sin.expand(*lead, dim), dim)
     if triton:
-        triton_rotary.rotate(x2, x_stride, c2, c_stride, s2, s_stride, out, heads, dim, backward)
+        triton_rotary.rotate(x2, x_stride, c2, c_stride, s2, s_stride, out, heads, dim, transpose)
         return out
-    _C.rotary(_CODES[x.dtype], _CODES[cos.dtype], backward, x2.size(0), heads, dim, x2.data_ptr(), x_stride,
+    _C.rotary(_CODES[x.dtype], _CODES[cos.dtype], transpose, x2.size(0), heads, dim, x2.data_ptr(), x_stride,
               c2.data_ptr(), c_stride, s2.data_ptr(), s_stride, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def _rotary_fwd_impl(x: Tensor, cos: Tensor, sin: Tensor, triton: bool) -> Tensor:
-    return _rotate(x, cos, sin, False, triton)
+# One op serves both directions: the backward of a rotation is the transposed rotation, by the same cos and sin.
+@torch.library.custom_op("llmcore::rotary", mutates_args=())
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool, triton: bool) -> Tensor:
+    return _rotate(x, cos, sin, transpose, triton)
 
 
-def _rotary_bwd_impl(grad_out: Tensor, cos: Tensor, sin: Tensor, triton: bool) -> Tensor:
-    return _rotate(grad_out, cos, sin, True, triton)
-
-
-@torch.library.custom_op("llmcore::rotary_fwd", mutates_args=())
-def _rotary_fwd(x: Tensor, cos: Tensor, sin: Tensor, triton: bool) -> Tensor:
-    return _rotary_fwd_impl(x, cos, sin, triton)
-
-
-@_rotary_fwd.register_fake
-def _(x, cos, sin, triton):
+@_rotary.register_fake
+def _(x, cos, sin, transpose, triton):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("llmcore::rotary_bwd", mutates_args=())
-def _rotary_bwd(grad_out: Tensor, cos: Tensor, sin: Tensor, triton: bool) -> Tensor:
-    """The gradient of x: grad_out rotated back (the transpose)."""
-    return _rotary_bwd_impl(grad_out, cos, sin, triton)
-
-
-@_rotary_bwd.register_fake
-def _(grad_out, cos, sin, triton):
-    return grad_out.new_empty(grad_out.shape)
-
-
 def _rotary_setup(ctx, inputs, output):
-    x, cos, sin, triton = inputs
+    x, cos, sin, transpose, triton = inputs
     ctx.save_for_backward(cos, sin)
-    ctx.x_dtype, ctx.triton = x.dtype, triton
+    ctx.x_dtype, ctx.transpose, ctx.triton = x.dtype, transpose, triton
 
 
-def _rotary_backward_with(bwd, ctx, grad_y):
+def _rotary_backward_with(rotate, ctx, grad_y):
     if grad_y is None:  # the output got no gradient (grads are not materialized)
-        return None, None, None, None
+        return None, None, None, None, None
     cos, sin = ctx.saved_tensors
-    return bwd(grad_y.to(ctx.x_dtype), cos, sin, ctx.triton), None, None, None
+    return rotate(grad_y.to(ctx.x_dtype), cos, sin, not ctx.transpose, ctx.triton), None, None, None, None
 
 
-_rotary_fwd.register_autograd(partial(_rotary_backward_with, _rotary_bwd), setup_context=_rotary_setup)
-_RotaryEager = _eager_function("_RotaryEager", _rotary_fwd_impl, _rotary_setup,
-                               partial(_rotary_backward_with, _rotary_bwd_impl))
+_rotary.register_autograd(partial(_rotary_backward_with, _rotary), setup_context=_rotary_setup)
+_RotaryEager = _eager_function("_RotaryEager", _rotate, _rotary_setup, partial(_rotary_backward_with, _rotate))
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,4 +162,4 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str]
     chosen = _backend(x, cos, sin, backend)
     if chosen == "reference":
         return rotary_reference(x, cos, sin)
-    return _run_op(_rotary_fwd, _RotaryEager, x, cos, sin, chosen == "triton")
+    return _run_op(_rotary, _RotaryEager, x, cos, sin, False, chosen == "triton")

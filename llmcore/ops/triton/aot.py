@@ -296,12 +296,12 @@ def _cross_entropy(vocab: int, dtype) -> Callable[[], None]:
 
 def _rotary(heads: int, head_dim: int, dtype) -> Callable[[], None]:
     def run():
-        from llmcore.ops.rotary import _rotary_bwd_impl, _rotary_fwd_impl
+        from llmcore.ops.rotary import _rotate
 
         x = torch.zeros(8, heads, head_dim, dtype=dtype)
         cos = sin = torch.zeros(8, head_dim, dtype=torch.float32)
-        _rotary_fwd_impl(x, cos, sin, True)
-        _rotary_bwd_impl(x, cos, sin, True)
+        _rotate(x, cos, sin, False, True)
+        _rotate(x, cos, sin, True, True)
     return run
 
 
