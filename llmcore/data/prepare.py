@@ -328,9 +328,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     stats = {}
     order = [s for s in ("train", "validation", "test") if s in result] + \
             sorted(s for s in result if s not in ("train", "validation", "test"))
+    split_rows = overflow == "split"
     for split in order:
         r = result[split]
-        split_rows = overflow == "split"
         enc = tok.encode_batch(r["texts"], max_length=max_length, truncation=True,
                                padding=False if pack else "longest", return_overflowing_tokens=split_rows)
         lengths = np.ascontiguousarray(enc.lengths, dtype=np.int32)
