@@ -8,7 +8,7 @@ Two entry points:
   :func:`llmcore.ops.scaled_dot_product_attention`, or :func:`llmcore.ops.varlen_attention`
   for padding-free batches that carry FlashAttention's ``cu_seq_lens_*`` kwargs.
 * :func:`patch` switches a built model to ``"llmcore"`` attention and swaps llmcore's fused
-  ops into the norm and MLP modules it recognises, and, for GPT-2 / Llama-family causal LMs in
+  ops into the norm, MLP and rotary-embedding code it recognises, and, for GPT-2 / Llama-family causal LMs in
   training with labels, the chunked LM-head loss (which holds no logits). Parameters and
   state_dict keys are kept, so ``save_pretrained`` and ``load_state_dict`` work as before.
 
@@ -22,7 +22,10 @@ Tested against transformers 5.24.
 from __future__ import annotations
 
 import contextlib
+import dis
+import functools
 import logging
+import sys
 import types
 import warnings
 
@@ -206,6 +209,82 @@ def _swiglu_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.down_proj(_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def _rope_fusable(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether llmcore's rotary kernel gives this call of a Llama-family ``apply_rotary_pos_emb`` its result in the
+    dtype transformers' would have: q, k (B, H, L, D) of one dtype and cos, sin (B or 1, L, D) of that dtype; or
+    float32 cos, sin under autocast to q's dtype (transformers' result is then float32, which any attention under
+    autocast -- sdpa's cast, eager's matmul, llmcore's cast -- rounds to q's dtype: the kernel rounds once, there)."""
+    if not (q.dim() == k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape and q.dtype == k.dtype
+            and cos.dtype == sin.dtype):
+        return False
+    if cos.dtype == q.dtype:
+        return True
+    device = q.device.type
+    return cos.dtype == torch.float32 and _autocast_on(device) and torch.get_autocast_dtype(device) == q.dtype
+
+
+def _fused_rotary_pos_emb(original, q, k, cos, sin, *args, **kwargs):
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` of Llama, Mistral, Qwen2 and Qwen3
+    (``original``: ``q * cos + rotate_half(q) * sin``, and k's) as one ``llmcore.ops.rotary_embedding`` pass each over
+    q and k: the (B, H, L, D) views transformers passes are (B, L, H, D) tensors in memory, which the kernel takes as
+    they are. Any other call -- positional extras, another ``unsqueeze_dim``, dtypes :func:`_rope_fusable` refuses --
+    runs ``original``."""
+    if args or set(kwargs) - {"unsqueeze_dim"} or kwargs.get("unsqueeze_dim", 1) != 1 or not _rope_fusable(q, k, cos,
+                                                                                                            sin):
+        return original(q, k, cos, sin, *args, **kwargs)
+    return tuple(_ops.rotary_embedding(t.transpose(1, 2), cos, sin).transpose(1, 2) for t in (q, k))
+
+
+def _reads_global(fn, name: str) -> bool:
+    return any(ins.opname == "LOAD_GLOBAL" and ins.argval == name for ins in dis.get_instructions(fn))
+
+
+def _with_global(fn, name: str, value):
+    """A copy of function ``fn`` that reads ``value`` where it reads its module global ``name``, or None if it reads
+    no such global. A decorator's wrapper (functools.wraps' ``__wrapped__``, holding the function in a closure cell)
+    is followed: the wrapped function is copied, then the wrapper around the copy. Nothing else changes: ``fn``, its
+    module and every other caller still see the global."""
+    if _reads_global(fn, name):
+        copy = types.FunctionType(fn.__code__, {**fn.__globals__, name: value}, fn.__name__, fn.__defaults__,
+                                  fn.__closure__)
+        inner = None
+    else:
+        wrapped = getattr(fn, "__wrapped__", None)
+        cells = [i for i, cell in enumerate(fn.__closure__ or ()) if _cell_holds(cell, wrapped)]
+        inner = _with_global(wrapped, name, value) if isinstance(wrapped, types.FunctionType) else None
+        if inner is None or len(cells) != 1:
+            return None
+        closure = list(fn.__closure__)
+        closure[cells[0]] = types.CellType(inner)
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(closure))
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__dict__.update(fn.__dict__)
+    if inner is not None:
+        copy.__wrapped__ = inner
+    return copy
+
+
+def _cell_holds(cell, obj) -> bool:
+    try:
+        return cell.cell_contents is obj
+    except ValueError:  # an empty cell
+        return False
+
+
+_ROPE_FORWARDS: dict = {}  # attention class -> its forward reading the fused apply_rotary_pos_emb (or None)
+
+
+def _rope_attention_forward(cls: type):
+    """``cls.forward`` calling :func:`_fused_rotary_pos_emb` in place of its module's ``apply_rotary_pos_emb``, or
+    None where the forward does not call that global."""
+    if cls not in _ROPE_FORWARDS:
+        original = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
+        fused = None if original is None else functools.partial(_fused_rotary_pos_emb, original)
+        _ROPE_FORWARDS[cls] = None if fused is None else _with_global(cls.forward, "apply_rotary_pos_emb", fused)
+    return _ROPE_FORWARDS[cls]
+
+
 def _is_plain(m: nn.Module, cls: type) -> bool:
     return type(m) is cls and not m._forward_hooks and not m._forward_pre_hooks
 
@@ -270,6 +349,8 @@ def _fused_lm_loss_forward(self: nn.Module, *args, **kwargs):
 
 _RMS_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 _SWIGLU_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+# attention modules whose modeling file's apply_rotary_pos_emb is the whole-head rotate-half composite
+_ROPE_ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
 # causal LMs whose forward is base model -> lm_head (an nn.Linear) -> ForCausalLMLoss, with no logit softcapping
 _CAUSAL_LM_CLASSES = {"GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                       "Qwen3ForCausalLM"}
@@ -308,6 +389,10 @@ def _match(m: nn.Module) -> tuple[str, object] | None:
     elif name in _SWIGLU_MLP_CLASSES:
         if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and _is_silu(getattr(m, "act_fn", None)):
             return "swiglu", _swiglu_mlp_forward
+    elif name in _ROPE_ATTENTION_CLASSES:
+        forward = _rope_attention_forward(type(m))
+        if forward is not None:
+            return "rotary_embedding", forward
     elif name in _INTERMEDIATE_CLASSES:
         kind = _gelu_kind(getattr(m, "intermediate_act_fn", None))
         if kind is not None and isinstance(m.dense, nn.Linear) and m.dense.bias is not None:
@@ -358,11 +443,19 @@ def patch(model: nn.Module) -> nn.Module:
     BERT-family ``*Intermediate`` (Linear +    ``F.linear`` without bias, then
     GELU), ``GPT2MLP`` (Conv1D + GELU)        ``llmcore.ops.bias_gelu``
     Llama/Mistral/Qwen2/Qwen3 ``MLP`` (SiLU)   ``llmcore.ops.swiglu``
+    Llama/Mistral/Qwen2/Qwen3 ``Attention``    transformers' forward, its RoPE
+                                              (``apply_rotary_pos_emb``) by
+                                              ``llmcore.ops.rotary_embedding``
+                                              (see ``_fused_rotary_pos_emb``)
     GPT-2, Llama, Mistral, Qwen2, Qwen3        the LM-head loss in training with
     ``*ForCausalLM`` / ``GPT2LMHeadModel``     labels: ``linear_cross_entropy``
                                               (no logits; see
                                               ``_fused_lm_loss_forward``)
     ========================================  ======================================
+
+    The attention modules keep transformers' own forward code: a copy of it whose
+    ``apply_rotary_pos_emb`` is the fused one (``_with_global``); the modeling module's
+    function, and every model not patched, stay as they were.
 
     Anything else, including subclasses of the classes above, is left alone. Parameters,
     buffers and state_dict keys are unchanged. Fused ops missing from this build of
@@ -371,13 +464,14 @@ def patch(model: nn.Module) -> nn.Module:
 
     >>> model = patch(AutoModelForCausalLM.from_config(config))  # doctest: +SKIP
     >>> model._llmcore_patched  # doctest: +SKIP
-    {'attention': 2, 'layer_norm': 0, 'rms_norm': 5, 'bias_gelu': 0, 'swiglu': 2, 'linear_cross_entropy': 1}
+    {'attention': 2, 'layer_norm': 0, 'rms_norm': 5, 'bias_gelu': 0, 'swiglu': 2, 'rotary_embedding': 2,
+     'linear_cross_entropy': 1}
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     register()
     counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-              "linear_cross_entropy": 0}
+              "rotary_embedding": 0, "linear_cross_entropy": 0}
     missing = set()
     for m in model.modules():
         done = getattr(m, "_llmcore_fused", None)

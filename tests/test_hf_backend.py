@@ -4,6 +4,7 @@ Every check compares against the same model on transformers' own "sdpa" path: th
 MiniLM checkpoint (BERT) and small randomly initialised GPT-2, Llama (GQA) and Qwen2 models.
 """
 import copy
+import functools
 import os
 import sys
 
@@ -18,7 +19,7 @@ import llmcore.ops
 from llmcore import hf
 from tokenizer_refs import minilm_dir
 
-FUSED_OPS = ("layer_norm", "rms_norm", "bias_gelu", "swiglu")
+FUSED_OPS = ("layer_norm", "rms_norm", "bias_gelu", "swiglu", "rotary_embedding")
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
 SENTENCES = [
     "a gripping , beautifully acted film that stays with you long after the credits roll .",
@@ -65,10 +66,11 @@ def _config(kind, **over):
         cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                        **common)
-    elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                       **common)
+    elif kind in ("qwen2", "mistral", "qwen3"):
+        cls = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig,
+               "qwen3": transformers.Qwen3Config}[kind]
+        cfg = cls(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, **common)
     else:
         raise ValueError(kind)
     for k, v in over.items():
@@ -395,11 +397,19 @@ def _ref_swiglu(gate, up):
     return F.silu(gate) * up
 
 
+def _ref_rotary_embedding(x, cos, sin):
+    """x (..., H, D) rotated as transformers' rotate-half RoPE, cos / sin (..., D) over the heads, in x's dtype."""
+    half = x.shape[-1] // 2
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return (x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin).to(x.dtype)
+
+
 @pytest.fixture
 def ref_ops(monkeypatch):
     """Stands the plain-PyTorch versions in for the fused ops, counting calls."""
     calls = dict.fromkeys(FUSED_OPS, 0)
-    for name, fn in zip(FUSED_OPS, (_ref_layer_norm, _ref_rms_norm, _ref_bias_gelu, _ref_swiglu)):
+    for name, fn in zip(FUSED_OPS, (_ref_layer_norm, _ref_rms_norm, _ref_bias_gelu, _ref_swiglu,
+                                    _ref_rotary_embedding)):
         def counted(*a, _fn=fn, _name=name, **kw):
             calls[_name] += 1
             return _fn(*a, **kw)
@@ -412,10 +422,14 @@ def _state(model):
 
 
 EXPECTED = {
-    "minilm": {"attention": 6, "layer_norm": 13, "rms_norm": 0, "bias_gelu": 6, "swiglu": 0, "linear_cross_entropy": 0},
-    "gpt2": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0, "linear_cross_entropy": 1},
-    "llama": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "linear_cross_entropy": 1},
-    "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "linear_cross_entropy": 1},
+    "minilm": {"attention": 6, "layer_norm": 13, "rms_norm": 0, "bias_gelu": 6, "swiglu": 0, "rotary_embedding": 0,
+               "linear_cross_entropy": 0},
+    "gpt2": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0, "rotary_embedding": 0,
+             "linear_cross_entropy": 1},
+    "llama": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
+              "linear_cross_entropy": 1},
+    "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
+              "linear_cross_entropy": 1},
 }
 
 
@@ -499,7 +513,7 @@ def test_patch_leaves_unknown_modules_alone(ref_ops):
         before = model[:5](x)
     hf.patch(model)
     assert model._llmcore_patched == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-                                      "linear_cross_entropy": 0}
+                                      "rotary_embedding": 0, "linear_cross_entropy": 0}
     assert [("forward" in m.__dict__) for m in model] == [False, True, False, False, False, False]
     with torch.no_grad():
         torch.testing.assert_close(model[:5](x), before, **FP32)
@@ -529,10 +543,135 @@ def test_patch_warns_about_missing_ops(monkeypatch):
     for name in FUSED_OPS:
         monkeypatch.delattr(llmcore.ops, name, raising=False)
     ref, _ = _pair("llama")
-    with pytest.warns(UserWarning, match="rms_norm, swiglu"):
+    with pytest.warns(UserWarning, match="rms_norm, rotary_embedding, swiglu"):
         model = hf.patch(copy.deepcopy(ref))
     assert model._llmcore_patched == {"attention": 2, "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-                                      "linear_cross_entropy": 1}
+                                      "rotary_embedding": 0, "linear_cross_entropy": 1}
+
+
+@pytest.fixture
+def rotary_calls(monkeypatch):
+    """Counts the calls of llmcore.ops.rotary_embedding (the real op runs)."""
+    calls = []
+    real = llmcore.ops.rotary_embedding
+
+    def counted(x, cos, sin, **kw):
+        calls.append((x.dtype, cos.dtype))
+        return real(x, cos, sin, **kw)
+
+    monkeypatch.setattr(llmcore.ops, "rotary_embedding", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+def test_patch_fuses_rope_and_leaves_transformers_alone(kind, rotary_calls):
+    """The patched attention modules run transformers' forward with llmcore's rotary kernel for its RoPE: loss and
+    gradients as transformers' (fp32); the modeling module's apply_rotary_pos_emb, the class's forward and a model
+    not patched are unchanged."""
+    ref, _ = _pair(kind)
+    module = sys.modules[type(ref).__module__]
+    original = module.apply_rotary_pos_emb
+    attention_cls = type(ref.model.layers[0].self_attn)
+    class_forward = attention_cls.forward
+    model = hf.patch(copy.deepcopy(ref))
+    assert model._llmcore_patched["rotary_embedding"] == 2
+    assert module.apply_rotary_pos_emb is original and attention_cls.forward is class_forward
+    batch = _lm_batch("right")
+    with torch.no_grad():
+        copy.deepcopy(ref)(**batch)  # not patched
+    assert rotary_calls == []
+
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for m in (ref, model):
+        m.train()
+    out_ref, out = ref(**batch, labels=labels), model(**batch, labels=labels)
+    assert rotary_calls == [(torch.float32, torch.float32)] * 4  # q and k of 2 layers
+    torch.testing.assert_close(out.loss, out_ref.loss, **FP32)
+    out_ref.loss.backward(), out.loss.backward()
+    _assert_grads_close(ref, model)
+
+
+def test_patched_rope_under_autocast_and_in_generation(rotary_calls):
+    """Under bf16 autocast transformers' RoPE gets float32 cos / sin and bf16 q / k (its result float32, rounded
+    to bf16 by the attention): the kernel takes them and rounds once; the loss stays within bf16 rounding of
+    transformers'. Greedy generation with a cache (decode steps of one position, left padding) gives the same
+    tokens."""
+    ref, _ = _pair("llama")
+    model = hf.patch(copy.deepcopy(ref))
+    batch = _lm_batch("right")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(**batch, labels=batch["input_ids"]).loss, ref(**batch, labels=batch["input_ids"]).loss
+    assert rotary_calls == [(torch.bfloat16, torch.float32)] * 4
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0.01)
+
+    rotary_calls.clear()
+    batch = _lm_batch("left", length=6)
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(model.generate(**batch, **kw), ref.generate(**batch, **kw), atol=0, rtol=0)
+    assert len(rotary_calls) == 2 * 2 * 5  # q and k, 2 layers, prefill + 4 decode steps
+
+
+def test_fused_rope_matches_transformers_and_falls_back(rotary_calls):
+    """_fused_rotary_pos_emb against transformers' apply_rotary_pos_emb on real angles (LlamaRotaryEmbedding):
+    fp32 to rounding, bf16 no further from float64 than transformers' (one rounding, not four); calls the kernel
+    does not take -- another unsqueeze_dim, a dtype mix outside autocast -- run transformers' function itself."""
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.apply_rotary_pos_emb
+    fused = functools.partial(hf._fused_rotary_pos_emb, original)
+    cfg = _config("llama", max_position_embeddings=4096)
+    B, L, H, D = 2, 37, 4, 16
+    positions = torch.arange(L).expand(B, L) + torch.tensor([[0], [1500]])  # far positions: large angles
+    g = torch.Generator().manual_seed(0)
+    q64, k64 = (torch.randn(B, L, h, D, generator=g, dtype=torch.float64).transpose(1, 2) for h in (H, 2))
+    rope = modeling_llama.LlamaRotaryEmbedding(cfg)
+    cos, sin = rope(q64.float(), positions)
+    want_q, want_k = original(q64, k64, cos.double(), sin.double())
+    for dtype, rtol in ((torch.float32, 1e-6), (torch.bfloat16, None)):
+        q, k = q64.to(dtype), k64.to(dtype)
+        got, ref = fused(q, k, cos.to(dtype), sin.to(dtype)), original(q, k, cos.to(dtype), sin.to(dtype))
+        for a, b, truth in zip(got, ref, (want_q, want_k)):
+            assert a.dtype == dtype and a.shape == truth.shape
+            if rtol is not None:
+                torch.testing.assert_close(a, b, atol=rtol, rtol=rtol)
+            else:
+                assert (a.double() - truth).abs().max() <= (b.double() - truth).abs().max()
+    assert len(rotary_calls) == 4
+
+    rotary_calls.clear()
+    q, k = q64.float(), k64.float()
+    by_positions = fused(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)
+    mixed = fused(q.to(torch.bfloat16), k.to(torch.bfloat16), cos, sin)  # float32 angles, no autocast
+    assert rotary_calls == []
+    for got, want in ((by_positions, original(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)),
+                      (mixed, original(q.to(torch.bfloat16), k.to(torch.bfloat16), cos, sin))):
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _doubled(x):
+    return 2 * x
+
+
+def test_with_global_copies_through_wraps_decorators():
+    def add_one(f):
+        @functools.wraps(f)
+        def wrapper(x):
+            return f(x) + 1
+        return wrapper
+
+    @add_one
+    def calls_doubled(x):
+        return _doubled(x)
+
+    def reads_attribute(x):
+        return x._doubled
+
+    copy_ = hf._with_global(calls_doubled, "_doubled", lambda x: 3 * x)
+    assert copy_(5) == 16 and calls_doubled(5) == 11 and _doubled(5) == 10
+    assert copy_.__name__ == calls_doubled.__name__ and copy_.__wrapped__ is not calls_doubled.__wrapped__
+    assert hf._with_global(calls_doubled, "_tripled", abs) is None
+    assert hf._with_global(reads_attribute, "_doubled", abs) is None
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
