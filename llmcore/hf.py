@@ -245,8 +245,12 @@ def _with_global(fn, name: str, value):
     is followed: the wrapped function is copied, then the wrapper around the copy. Nothing else changes: ``fn``, its
     module and every other caller still see the global."""
     if _reads_global(fn, name):
-        copy = types.FunctionType(fn.__code__, {**fn.__globals__, name: value}, fn.__name__, fn.__defaults__,
-                                  fn.__closure__)
+        # Without "__name__" the copy's globals are their own scope to torch.compile (dynamo reads a global of a
+        # function whose globals name a module from that module, where ``name`` is still the original).
+        scope = {k: v for k, v in fn.__globals__.items() if k != "__name__"}
+        scope[name] = value
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__module__ = fn.__module__
         inner = None
     else:
         wrapped = getattr(fn, "__wrapped__", None)

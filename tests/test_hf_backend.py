@@ -649,6 +649,24 @@ def test_fused_rope_matches_transformers_and_falls_back(rotary_calls):
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def test_patched_rope_under_torch_compile():
+    """torch.compile traces the patched attention's forward with the fused RoPE (the copy's globals are a scope
+    of their own: dynamo would read a module's, where apply_rotary_pos_emb is transformers')."""
+    ref, _ = _pair("llama")
+    model = hf.patch(copy.deepcopy(ref))
+    batch = _lm_batch("none")
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend)(**batch).logits
+        torch.testing.assert_close(got, ref(**batch).logits, **FP32)
+    assert targets.count("llmcore.rotary.default") == 4  # q and k, 2 layers
+
+
 def _doubled(x):
     return 2 * x
 
