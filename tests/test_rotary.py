@@ -64,6 +64,25 @@ def test_matches_transformers_llama(kernels):
     torch.testing.assert_close(got_k, want_k, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_dim,theta", [(64, 10000.0), (80, 10000.0), (128, 500000.0), (128, 1000000.0)])
+def test_angles_match_transformers_bit_for_bit(head_dim, theta):
+    """llmcore's RotaryEmbedding gives transformers' LlamaRotaryEmbedding's cos and sin exactly, out to 131072
+    positions (a float64 inv_freq rounded to float32 put cos up to 8e-3 off there); head dims and thetas of Llama 2 / 3,
+    Qwen2, Mistral."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from llmcore.nn import RotaryEmbedding
+
+    cfg = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, rope_theta=theta,
+                                   max_position_embeddings=131072)
+    pos = torch.arange(0, 131072, 7)
+    want = LlamaRotaryEmbedding(cfg)(torch.zeros(1), pos[None])
+    got = RotaryEmbedding(head_dim, theta).cos_sin(pos, torch.float32)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b[0])
+
+
 def test_reads_a_fused_projection_in_place():
     """q as a column slice of a fused qkv output (rows total-width apart): the kernel reads it where it lies."""
     g = torch.Generator().manual_seed(3)
