@@ -92,6 +92,10 @@ DECODERS = {
     "qwen2": lambda: transformers.Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96,
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               max_position_embeddings=64),
+    # head_dim 24 (not hidden / heads = 16), as Qwen3's checkpoints set it apart from the hidden size
+    "qwen3": lambda: transformers.Qwen3Config(vocab_size=101, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=24, max_position_embeddings=64),
 }
 
 
@@ -124,6 +128,27 @@ def test_decoder_logits_loss_and_gradients_match(decoder):
     rows = ours.layers[last].attn.q.weight.shape[0]
     q_grad = q_ref.grad.t()[:rows] if ours.config.family == "gpt2" else q_ref.grad  # GPT-2: fused Conv1D qkv
     torch.testing.assert_close(ours_grads[f"layers.{last}.attn.q.weight"], q_grad, atol=1e-4, rtol=1e-3)
+
+
+def test_qwen3_head_norms(tmp_path):
+    """Qwen3's per-head RMSNorms of q and k (distinct random weights, so that swapped or unapplied norms show):
+    logits and the norms' gradients equal transformers'."""
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(DECODERS["qwen3"](), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "_norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, task="causal-lm").eval()
+    ids = torch.randint(0, 101, (2, 11))
+    a, b = ref(input_ids=ids, labels=ids), ours(ids, labels=ids)
+    torch.testing.assert_close(b.logits, a.logits, atol=ATOL, rtol=0)
+    a.loss.backward(), b.loss.backward()
+    for kind in ("q", "k"):
+        torch.testing.assert_close(ours.layers[1].attn.get_submodule(f"{kind}_norm").weight.grad,
+                                   ref.model.layers[1].self_attn.get_submodule(f"{kind}_norm").weight.grad,
+                                   atol=1e-4, rtol=1e-3)
 
 
 def test_decoder_packed_equals_padded(decoder):
@@ -256,7 +281,7 @@ def test_bf16_weights(decoder):
         assert (ours(ids).logits.float() - ref.eval()(input_ids=ids).logits).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama", "qwen2", "qwen3"])
 def test_models_built_from_dataclasses_save_and_reload(family, tmp_path):
     from llmcore.models import DecoderConfig, DecoderForCausalLM
 

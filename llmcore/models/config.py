@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
-DECODER_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+DECODER_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
 
 class UnsupportedModelError(ValueError):
@@ -145,7 +145,8 @@ class DecoderConfig:
     def to_hf(self) -> dict:
         out = dict(self.hf) or {"model_type": self.family}
         out["architectures"] = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                                 "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.family]]
+                                 "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                 "qwen3": "Qwen3ForCausalLM"}[self.family]]
         if not self.hf:  # built from the dataclass: write HF's names for every field
             out.update(self._hf_fields())
         return out

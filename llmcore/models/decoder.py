@@ -1,4 +1,4 @@
-"""Decoder-only causal LMs: GPT-2, Llama, Mistral, Qwen2 (GQA)."""
+"""Decoder-only causal LMs: GPT-2, Llama, Mistral, Qwen2, Qwen3 (GQA; Qwen3 norms each head of q and k)."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -37,7 +37,8 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               qkv_bias=cfg.attention_bias,
                               out_bias=gpt2 or (cfg.attention_bias and cfg.family != "qwen2"), causal=True,
-                              dropout=cfg.attention_dropout)
+                              dropout=cfg.attention_dropout,
+                              qk_norm_eps=cfg.norm_eps if cfg.family == "qwen3" else None)
         self.mlp_norm = Norm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = (MLP(cfg.hidden_size, cfg.intermediate_size, approximate="tanh") if gpt2
                     else GatedMLP(cfg.hidden_size, cfg.intermediate_size))

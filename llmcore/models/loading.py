@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from llmcore.models.config import DecoderConfig, EncoderConfig, config_from_hf
+from llmcore.models.config import DECODER_FAMILIES, DecoderConfig, EncoderConfig, config_from_hf
 from llmcore.models.decoder import DecoderForCausalLM
 from llmcore.models.encoder import EncoderForSequenceClassification
 
@@ -37,6 +37,7 @@ _LLAMA_LAYER = [
     ("self_attn.v_proj", "attn.v"), ("self_attn.o_proj", "attn.o"), ("post_attention_layernorm", "mlp_norm"),
     ("mlp.gate_proj", "mlp.gate"), ("mlp.up_proj", "mlp.up"), ("mlp.down_proj", "mlp.down"),
 ]
+_QK_NORM = [("self_attn.q_norm", "attn.q_norm"), ("self_attn.k_norm", "attn.k_norm")]  # Qwen3
 _GPT2_LAYER = [("ln_1", "attn_norm"), ("attn.c_proj", "attn.o"), ("ln_2", "mlp_norm"), ("mlp.c_fc", "mlp.fc1"),
                ("mlp.c_proj", "mlp.fc2")]
 
@@ -63,7 +64,8 @@ def _table(family: str):
         return "transformer", top, ("h.{i}", "layers.{i}", _GPT2_LAYER), [
             r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"]
     top = [("embed_tokens", "embed.word"), ("norm", "norm")]
-    return "model", top, ("layers.{i}", "layers.{i}", _LLAMA_LAYER), [r"layers\.\d+\.self_attn\.rotary_emb\..*"]
+    layer = _LLAMA_LAYER + (_QK_NORM if family == "qwen3" else [])
+    return "model", top, ("layers.{i}", "layers.{i}", layer), [r"layers\.\d+\.self_attn\.rotary_emb\..*"]
 
 
 def _hf_to_internal(family: str, tied: bool):
@@ -79,7 +81,7 @@ def _hf_to_internal(family: str, tied: bool):
     def convert(name: str):
         # base-model checkpoints (e.g. BertModel) are saved without the prefix
         base = name[len(prefix) + 1:] if name.startswith(prefix + ".") else name
-        if family in ("llama", "mistral", "qwen2") and name == "lm_head.weight":
+        if family in DECODER_FAMILIES and family != "gpt2" and name == "lm_head.weight":
             return (None if tied else "lm_head.weight"), tied
         for pattern, repl in compiled:
             m = pattern.fullmatch(base)

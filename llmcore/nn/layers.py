@@ -213,7 +213,10 @@ class Attention(nn.Module):
     llmcore's SDPA (padded) or varlen attention (packed)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-                 qkv_bias: bool = True, out_bias: bool = True, causal: bool = False, dropout: float = 0.0):
+                 qkv_bias: bool = True, out_bias: bool = True, causal: bool = False, dropout: float = 0.0,
+                 qk_norm_eps: Optional[float] = None):
+        """``qk_norm_eps``: RMSNorm each head of q and k (weights of head_dim) before the rotary embedding,
+        with this epsilon (Qwen3)."""
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads or heads
         self.head_dim = head_dim or dim // heads
@@ -223,6 +226,10 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.heads * self.head_dim, dim, bias=out_bias)
         self.causal = causal
         self.dropout = dropout
+        if qk_norm_eps is not None:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, qk_norm_eps), RMSNorm(self.head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x: Tensor, batch: Batch, rotary: Optional[tuple] = None, first_only: bool = False) -> Tensor:
         """x (B, L, D) padded or (T, D) packed -> the same shape. ``first_only``: queries only at
@@ -243,8 +250,12 @@ class Attention(nn.Module):
         q = q.view(*q_shape, self.heads, self.head_dim)
         k = k.view(*shape, self.kv_heads, self.head_dim)
         v = v.view(*shape, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if q.dtype != v.dtype:  # under autocast the norms' float32 weights promote q and k (as in transformers)
+            q, k = q.to(v.dtype), k.to(v.dtype)  # autocast's SDPA would cast them to v's dtype
         p = self.dropout if self.training else 0.0
         if batch.packed:
             cu_q, max_q = batch.cu_seqlens, batch.max_seqlen

@@ -160,7 +160,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     validation split, ``test_*`` on the test split. ``eval_data``: a file whose rows are the
     validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``).
 
-    ``task="causal-lm"``: a decoder checkpoint (GPT-2, Llama, Mistral, Qwen2) trained on next-token loss
+    ``task="causal-lm"``: a decoder checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) trained on next-token loss
     over each text (labels are not needed and not used); the evaluations report ``*_loss`` (per
     predicted token), ``*_tokens`` and ``*_perplexity``.
 
