@@ -17,16 +17,17 @@ from llmcore.bench.train_step import make_steps, saved_bytes
 pytestmark = pytest.mark.skipif(missing_inputs() is not None, reason=str(missing_inputs()))
 
 BATCH, MAX_LENGTH = 8, 512
+IMPLS = ("transformers", "llmcore padded", "llmcore packed")
 
 
 @functools.cache
 def steps(dtype, recompute):
     return make_steps(batch_size=BATCH, dtype=dtype, texts=imdb_texts(), max_length=MAX_LENGTH,
-                      activation_checkpointing=recompute)
+                      activation_checkpointing=recompute, impls=IMPLS)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
-@pytest.mark.parametrize("impl", ["transformers", "llmcore padded", "llmcore packed"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_train_step_long(benchmark, dtype, impl, recompute):
     fns, facts = steps(dtype, recompute)

@@ -209,6 +209,10 @@ def _swiglu_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.down_proj(_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def _dropout_forward(self: nn.Dropout, x: Tensor) -> Tensor:
+    return _ops.dropout(x, self.p, self.training)
+
+
 def _rope_fusable(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
     """Whether llmcore's rotary kernel gives this call of a Llama-family ``apply_rotary_pos_emb`` its result in the
     dtype transformers' would have: q, k (B, H, L, D) of one dtype and cos, sin (B or 1, L, D) of that dtype; or
@@ -387,6 +391,9 @@ def _match(m: nn.Module) -> tuple[str, object] | None:
     if type(m) is nn.LayerNorm:
         if len(m.normalized_shape) == 1 and m.elementwise_affine and m.bias is not None:
             return "layer_norm", _layer_norm_forward
+    elif type(m) is nn.Dropout:
+        if not m.inplace:
+            return "dropout", _dropout_forward
     elif name in _RMS_NORM_CLASSES:
         if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1:
             return "rms_norm", _rms_norm_forward
@@ -451,6 +458,10 @@ def patch(model: nn.Module) -> nn.Module:
                                               (``apply_rotary_pos_emb``) by
                                               ``llmcore.ops.rotary_embedding``
                                               (see ``_fused_rotary_pos_emb``)
+    ``nn.Dropout`` (not in place)             ``llmcore.ops.dropout``: the same
+                                              distribution; the mask comes from
+                                              Philox (seeded by torch's generator)
+                                              and is recomputed, not stored
     GPT-2, Llama, Mistral, Qwen2, Qwen3        the LM-head loss in training with
     ``*ForCausalLM`` / ``GPT2LMHeadModel``     labels: ``linear_cross_entropy``
                                               (no logits; see
@@ -469,13 +480,13 @@ def patch(model: nn.Module) -> nn.Module:
     >>> model = patch(AutoModelForCausalLM.from_config(config))  # doctest: +SKIP
     >>> model._llmcore_patched  # doctest: +SKIP
     {'attention': 2, 'layer_norm': 0, 'rms_norm': 5, 'bias_gelu': 0, 'swiglu': 2, 'rotary_embedding': 2,
-     'linear_cross_entropy': 1}
+     'dropout': 0, 'linear_cross_entropy': 1}
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     register()
     counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-              "rotary_embedding": 0, "linear_cross_entropy": 0}
+              "rotary_embedding": 0, "dropout": 0, "linear_cross_entropy": 0}
     missing = set()
     for m in model.modules():
         done = getattr(m, "_llmcore_fused", None)

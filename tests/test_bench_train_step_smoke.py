@@ -1,5 +1,5 @@
-"""`llmcore bench train-step`: the steps it times compute the same loss on every side (transformers, llmcore
-padded, llmcore packed), for both tasks, on a small slice of the real data; and the memory probe's child runs."""
+"""`llmcore bench train-step`: the steps it times compute the same loss on every side (transformers, transformers
+after llmcore.hf.patch, llmcore padded, llmcore packed), for both tasks, on a small slice of the real data; and the memory probe's child runs."""
 import os
 
 import pytest
@@ -26,6 +26,7 @@ def test_steps_agree(task):
         assert "transformers + llmcore.hf.patch" in steps
     else:
         steps, facts = train_step.make_steps(batch_size=4)
+        assert "transformers + llmcore.hf.patch" in steps
     for step in steps.values():
         step.model.eval()  # no dropout: the same loss on every side
     with torch.no_grad():

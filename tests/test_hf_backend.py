@@ -19,7 +19,7 @@ import llmcore.ops
 from llmcore import hf
 from tokenizer_refs import minilm_dir
 
-FUSED_OPS = ("layer_norm", "rms_norm", "bias_gelu", "swiglu", "rotary_embedding")
+FUSED_OPS = ("layer_norm", "rms_norm", "bias_gelu", "swiglu", "rotary_embedding", "dropout")
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
 SENTENCES = [
     "a gripping , beautifully acted film that stays with you long after the credits roll .",
@@ -404,12 +404,16 @@ def _ref_rotary_embedding(x, cos, sin):
     return (x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin).to(x.dtype)
 
 
+def _ref_dropout(x, p=0.5, training=True):
+    return F.dropout(x, p, training)
+
+
 @pytest.fixture
 def ref_ops(monkeypatch):
     """Stands the plain-PyTorch versions in for the fused ops, counting calls."""
     calls = dict.fromkeys(FUSED_OPS, 0)
     for name, fn in zip(FUSED_OPS, (_ref_layer_norm, _ref_rms_norm, _ref_bias_gelu, _ref_swiglu,
-                                    _ref_rotary_embedding)):
+                                    _ref_rotary_embedding, _ref_dropout)):
         def counted(*a, _fn=fn, _name=name, **kw):
             calls[_name] += 1
             return _fn(*a, **kw)
@@ -423,13 +427,13 @@ def _state(model):
 
 EXPECTED = {
     "minilm": {"attention": 6, "layer_norm": 13, "rms_norm": 0, "bias_gelu": 6, "swiglu": 0, "rotary_embedding": 0,
-               "linear_cross_entropy": 0},
+               "dropout": 20, "linear_cross_entropy": 0},  # dropout: embeddings, 3 a layer, classifier
     "gpt2": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0, "rotary_embedding": 0,
-             "linear_cross_entropy": 1},
+             "dropout": 7, "linear_cross_entropy": 1},
     "llama": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
-              "linear_cross_entropy": 1},
+              "dropout": 0, "linear_cross_entropy": 1},
     "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
-              "linear_cross_entropy": 1},
+              "dropout": 0, "linear_cross_entropy": 1},
 }
 
 
@@ -513,10 +517,38 @@ def test_patch_leaves_unknown_modules_alone(ref_ops):
         before = model[:5](x)
     hf.patch(model)
     assert model._llmcore_patched == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-                                      "rotary_embedding": 0, "linear_cross_entropy": 0}
+                                      "rotary_embedding": 0, "dropout": 0, "linear_cross_entropy": 0}
     assert [("forward" in m.__dict__) for m in model] == [False, True, False, False, False, False]
     with torch.no_grad():
         torch.testing.assert_close(model[:5](x), before, **FP32)
+
+
+def test_patched_dropout_is_llmcore_dropout():
+    """nn.Dropout modules run llmcore.ops.dropout with their p and training flag: in training the mask of llmcore's
+    Philox stream for torch's seed, bit for bit (so torch.manual_seed reproduces a step), in evaluation the
+    identity; in-place ones are left alone. A patched MiniLM trains reproducibly with its dropout on."""
+    model = hf.patch(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.Dropout(0.3, inplace=True)))
+    assert model._llmcore_patched["dropout"] == 1 and "forward" not in model[2].__dict__
+    x = torch.randn(64, 256)
+    torch.manual_seed(5)
+    got = model[1](x)
+    torch.manual_seed(5)
+    assert torch.equal(got, llmcore.ops.dropout(x, 0.3, True))
+    assert 0.25 < (got == 0).float().mean() < 0.35
+    model.eval()
+    assert torch.equal(model[1](x), x)
+
+    torch.manual_seed(0)
+    minilm = hf.patch(transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)).train()
+    assert minilm.config.hidden_dropout_prob == 0.1 and minilm._llmcore_patched["dropout"] == 20
+    ids = torch.randint(1000, 2000, (4, 12))
+    losses = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        losses.append(minilm(input_ids=ids, labels=torch.tensor([0, 1, 1, 0])).loss)
+    assert losses[0] == losses[1] != losses[2]
+    losses[0].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in minilm.parameters())
 
 
 def test_patch_skips_intermediate_with_other_activation(ref_ops):
@@ -546,7 +578,7 @@ def test_patch_warns_about_missing_ops(monkeypatch):
     with pytest.warns(UserWarning, match="rms_norm, rotary_embedding, swiglu"):
         model = hf.patch(copy.deepcopy(ref))
     assert model._llmcore_patched == {"attention": 2, "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-                                      "rotary_embedding": 0, "linear_cross_entropy": 1}
+                                      "rotary_embedding": 0, "dropout": 0, "linear_cross_entropy": 1}
 
 
 @pytest.fixture

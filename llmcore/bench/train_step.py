@@ -58,13 +58,18 @@ def _tokenizer():
     return path, llmcore.Tokenizer.from_pretrained(path)
 
 
+CLS_IMPLS = ("transformers", "transformers + llmcore.hf.patch", "llmcore padded", "llmcore packed")
+
+
 def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] = None,
                max_length: Optional[int] = None, activation_checkpointing: bool = False,
-               impls=("transformers", "llmcore padded", "llmcore packed")) -> tuple[dict, dict]:
+               impls=CLS_IMPLS) -> tuple[dict, dict]:
     """{impl: step()} (``step.forward()``: its forward alone, the loss) for one batch (default: SST-2 train
     sentences 1000.., else the first ``batch_size`` of ``texts``, cut to ``max_length`` tokens), and facts about the
-    batch. ``activation_checkpointing``: both models recompute their layers in the backward
-    (``activation_checkpointing_enable()``, transformers' with use_reentrant=False as llmcore's)."""
+    batch. "transformers + llmcore.hf.patch" is a copy of transformers' model after ``llmcore.hf.patch`` (llmcore
+    attention, LayerNorm and bias+GELU), on the padded batch. ``activation_checkpointing``: the models recompute
+    their layers in the backward (``activation_checkpointing_enable()``, transformers' with use_reentrant=False as
+    llmcore's)."""
     import transformers
     from llmcore.models import from_pretrained
 
@@ -89,8 +94,16 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] 
         enable = getattr(ref, "activation_checkpointing_enable", None) or ref.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         ours.activation_checkpointing_enable()
+    patched = None
+    if "transformers + llmcore.hf.patch" in impls:
+        import copy
+
+        import llmcore.hf
+
+        patched = llmcore.hf.patch(copy.deepcopy(ref))  # after the checkpointing switch: the copy keeps it
     autocast = dtype == "bf16"
     make = {"transformers": lambda: _stepper(ref, padded_in, labels, autocast),
+            "transformers + llmcore.hf.patch": lambda: _stepper(patched, padded_in, labels, autocast),
             "llmcore padded": lambda: _stepper(ours, padded_in, labels, autocast),
             "llmcore packed": lambda: _stepper(ours, packed_in, labels, autocast)}
     return {i: make[i]() for i in impls}, _facts(batch_size, packed, padded)
@@ -203,7 +216,7 @@ def step_memory(task: str, dtype: str, impls=None, timeout_s: float = 600.0) -> 
     """{impl: _memory_child's result} each from a fresh process, with glibc's mmap threshold fixed at 64 KiB,
     so that every large buffer is mapped when allocated and unmapped when freed (the resident set follows
     the live tensors, instead of keeping what an earlier step freed)."""
-    impls = impls or (LM_IMPLS if task == "causal-lm" else ("transformers", "llmcore padded", "llmcore packed"))
+    impls = impls or (LM_IMPLS if task == "causal-lm" else CLS_IMPLS)
     # The child imports the llmcore this process runs (not a source tree in the working directory, which
     # `python -m` would put first: without its built _C when the package is installed, not linked), and reads
     # the data this process found (it runs from the temp folder, where the relative look-ups find nothing).
