@@ -1,5 +1,6 @@
 """`llmcore bench train-step`: the steps it times compute the same loss on every side (transformers, transformers
-after llmcore.hf.patch, llmcore padded, llmcore packed), for both tasks, on a small slice of the real data; and the memory probe's child runs."""
+after llmcore.hf.patch, llmcore padded, llmcore packed), for both tasks, on a small slice of the real data; and the
+memory probe's child runs."""
 import os
 
 import pytest
