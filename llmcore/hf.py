@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import llmcore.ops as _ops
+from llmcore.nn.layers import Embedding as _Embedding
 from llmcore.ops import scaled_dot_product_attention, varlen_attention
 
 __all__ = ["NAME", "attention_forward", "patch", "register"]
@@ -394,6 +395,8 @@ def _match(m: nn.Module) -> tuple[str, object] | None:
     elif type(m) is nn.Dropout:
         if not m.inplace:
             return "dropout", _dropout_forward
+    elif type(m) is nn.Embedding:
+        return "embedding", None  # becomes llmcore.nn.Embedding (patch)
     elif name in _RMS_NORM_CLASSES:
         if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1:
             return "rms_norm", _rms_norm_forward
@@ -462,15 +465,22 @@ def patch(model: nn.Module) -> nn.Module:
                                               distribution; the mask comes from
                                               Philox (seeded by torch's generator)
                                               and is recomputed, not stored
+    ``nn.Embedding``                          its class becomes ``llmcore.nn.Embedding``
+                                              (a subclass, the same forward; its CPU
+                                              backward reuses one dense-gradient
+                                              buffer instead of a fresh zeroed one)
     GPT-2, Llama, Mistral, Qwen2, Qwen3        the LM-head loss in training with
     ``*ForCausalLM`` / ``GPT2LMHeadModel``     labels: ``linear_cross_entropy``
                                               (no logits; see
                                               ``_fused_lm_loss_forward``)
     ========================================  ======================================
 
-    The attention modules keep transformers' own forward code: a copy of it whose
-    ``apply_rotary_pos_emb`` is the fused one (``_with_global``); the modeling module's
-    function, and every model not patched, stay as they were.
+    Embeddings change class rather than forward, as the gradient buffer lives in the module;
+    ``isinstance(m, nn.Embedding)`` still holds (and llmcore's Trainer may then update a large
+    untied table row by row, ``llmcore.train.lazy_rows``). The attention modules keep
+    transformers' own forward code: a copy of it whose ``apply_rotary_pos_emb`` is the fused
+    one (``_with_global``); the modeling module's function, and every model not patched, stay
+    as they were.
 
     Anything else, including subclasses of the classes above, is left alone. Parameters,
     buffers and state_dict keys are unchanged. Fused ops missing from this build of
@@ -480,13 +490,13 @@ def patch(model: nn.Module) -> nn.Module:
     >>> model = patch(AutoModelForCausalLM.from_config(config))  # doctest: +SKIP
     >>> model._llmcore_patched  # doctest: +SKIP
     {'attention': 2, 'layer_norm': 0, 'rms_norm': 5, 'bias_gelu': 0, 'swiglu': 2, 'rotary_embedding': 2,
-     'dropout': 0, 'linear_cross_entropy': 1}
+     'dropout': 0, 'embedding': 1, 'linear_cross_entropy': 1}
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     register()
     counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-              "rotary_embedding": 0, "dropout": 0, "linear_cross_entropy": 0}
+              "rotary_embedding": 0, "dropout": 0, "embedding": 0, "linear_cross_entropy": 0}
     missing = set()
     for m in model.modules():
         done = getattr(m, "_llmcore_fused", None)
@@ -499,10 +509,13 @@ def patch(model: nn.Module) -> nn.Module:
         if found is None:
             continue
         op, forward = found
-        if not hasattr(_ops, op):
+        if forward is None:
+            m.__class__ = _Embedding
+        elif not hasattr(_ops, op):
             missing.add(op)
             continue
-        m.forward = types.MethodType(forward, m)
+        else:
+            m.forward = types.MethodType(forward, m)
         m._llmcore_fused = op
         counts[op] += 1
     if missing:

@@ -427,13 +427,13 @@ def _state(model):
 
 EXPECTED = {
     "minilm": {"attention": 6, "layer_norm": 13, "rms_norm": 0, "bias_gelu": 6, "swiglu": 0, "rotary_embedding": 0,
-               "dropout": 20, "linear_cross_entropy": 0},  # dropout: embeddings, 3 a layer, classifier
+               "dropout": 20, "embedding": 3, "linear_cross_entropy": 0},  # dropout: embeddings, 3 a layer, classifier
     "gpt2": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0, "rotary_embedding": 0,
-             "dropout": 7, "linear_cross_entropy": 1},
+             "dropout": 7, "embedding": 2, "linear_cross_entropy": 1},
     "llama": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
-              "dropout": 0, "linear_cross_entropy": 1},
+              "dropout": 0, "embedding": 1, "linear_cross_entropy": 1},
     "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
-              "dropout": 0, "linear_cross_entropy": 1},
+              "dropout": 0, "embedding": 1, "linear_cross_entropy": 1},
 }
 
 
@@ -449,7 +449,8 @@ def _check_patch(kind, ref, model, batch, op_calls=None, logits=lambda o: o.logi
     with torch.no_grad():
         torch.testing.assert_close(logits(model(**batch)), logits(ref(**batch)), **FP32)
     if op_calls is not None:  # (the LM-head loss runs only in training with labels)
-        used = {k for k, n in EXPECTED[kind].items() if n and k not in ("attention", "linear_cross_entropy")}
+        not_ops = ("attention", "linear_cross_entropy", "embedding")  # a setting, the LM forward, a class swap
+        used = {k for k, n in EXPECTED[kind].items() if n and k not in not_ops}
         assert {k for k, n in op_calls.items() if n} == used
 
 
@@ -517,7 +518,7 @@ def test_patch_leaves_unknown_modules_alone(ref_ops):
         before = model[:5](x)
     hf.patch(model)
     assert model._llmcore_patched == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-                                      "rotary_embedding": 0, "dropout": 0, "linear_cross_entropy": 0}
+                                      "rotary_embedding": 0, "dropout": 0, "embedding": 0, "linear_cross_entropy": 0}
     assert [("forward" in m.__dict__) for m in model] == [False, True, False, False, False, False]
     with torch.no_grad():
         torch.testing.assert_close(model[:5](x), before, **FP32)
@@ -551,6 +552,67 @@ def test_patched_dropout_is_llmcore_dropout():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in minilm.parameters())
 
 
+def test_patched_embeddings_recycle_their_gradient(minilm):
+    """nn.Embedding modules become llmcore.nn.Embedding (still nn.Embedding instances): the gradients of two steps
+    equal the unpatched model's, the second written into the first's buffer (zero_grad(set_to_none=True) let it go);
+    llmcore's Trainer may then update MiniLM's word table row-sparsely, but never a table tied to an LM head."""
+    from llmcore.nn import Embedding
+    from llmcore.train.lazy_rows import LazyRowAdamW
+
+    ref, _, batch = minilm
+    model = hf.patch(copy.deepcopy(ref))
+    word = model.bert.embeddings.word_embeddings
+    assert type(word) is Embedding and isinstance(word, nn.Embedding)
+    labels = torch.tensor([1, 0, 0, 0])
+    pointers = []
+    for _ in range(2):
+        for m in (ref, model):
+            m.zero_grad(set_to_none=True)
+            m(**batch, labels=labels).loss.backward()
+        torch.testing.assert_close(word.weight.grad, ref.bert.embeddings.word_embeddings.weight.grad, **FP32)
+        pointers.append(word.weight.grad.data_ptr())
+    assert pointers[0] == pointers[1]
+    fused = torch.optim.AdamW(model.parameters(), fused=True)
+    assert [t.module for t in LazyRowAdamW.attach(model, fused)] == [word]
+
+    gpt2 = hf.patch(_pair("gpt2", vocab_size=5000)[0])  # a table big enough for the row-sparse update
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert LazyRowAdamW.attach(gpt2, torch.optim.AdamW(gpt2.parameters(), fused=True)) == []
+    gpt2.lm_head.weight = nn.Parameter(gpt2.lm_head.weight.detach().clone())  # untied: now it qualifies
+    assert [t.module for t in LazyRowAdamW.attach(gpt2, torch.optim.AdamW(gpt2.parameters(), fused=True))] == [
+        gpt2.transformer.wte]
+
+
+def test_patched_minilm_in_llmcore_trainer(minilm, tmp_path, monkeypatch):
+    """llmcore's Trainer on a patched MiniLM (its word table now updated row-sparsely by LazyRowAdamW) ends where it
+    ends on the unpatched model, to the fused kernels' rounding."""
+    from llmcore.train import TrainConfig, Trainer
+    from llmcore.train.lazy_rows import LazyRowAdamW
+
+    attached = []
+    attach = LazyRowAdamW.attach
+    monkeypatch.setattr(LazyRowAdamW, "attach", lambda *a, **kw: attached.append(attach(*a, **kw)) or attached[-1])
+    ref, _, batch = minilm
+    batches = [{**batch, "labels": torch.tensor(labels)} for labels in ([1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0])]
+    models = [copy.deepcopy(ref), hf.patch(copy.deepcopy(ref))]
+    for i, m in enumerate(models):
+        cfg = TrainConfig(str(tmp_path / str(i)), num_train_epochs=1, learning_rate=1e-4, warmup_steps=0,
+                          weight_decay=0.01, save_strategy="no", logging_steps=1, disable_tqdm=True)
+        Trainer(m, cfg, lambda epoch: batches).train()
+    assert [len(a) for a in attached] == [0, 1]  # transformers' nn.Embedding: none; once patched, the word table
+    # Adam divides by the gradient's running magnitude: an element whose gradient is ~0 moves by up to lr on
+    # rounding noise alone, so each tensor's difference is held to 1% of how far training moved it. The key biases
+    # have no gradient in exact arithmetic (softmax ignores a shift of a query's scores): their steps are noise.
+    moved = 0
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        if name.endswith("attention.self.key.bias"):
+            continue
+        change = (a - ref.get_parameter(name)).norm()
+        assert (b - a).norm() <= 0.01 * change, (name, float((b - a).norm()), float(change))
+        moved += bool(change > 0)
+    assert moved > 50
+
+
 def test_patch_skips_intermediate_with_other_activation(ref_ops):
     hf.register()
     torch.manual_seed(0)
@@ -578,7 +640,7 @@ def test_patch_warns_about_missing_ops(monkeypatch):
     with pytest.warns(UserWarning, match="rms_norm, rotary_embedding, swiglu"):
         model = hf.patch(copy.deepcopy(ref))
     assert model._llmcore_patched == {"attention": 2, "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-                                      "rotary_embedding": 0, "dropout": 0, "linear_cross_entropy": 1}
+                                      "rotary_embedding": 0, "dropout": 0, "embedding": 1, "linear_cross_entropy": 1}
 
 
 @pytest.fixture
