@@ -761,6 +761,35 @@ def test_patched_rope_under_torch_compile():
     assert targets.count("llmcore.rotary.default") == 4  # q and k, 2 layers
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu/run.sh runs it there)")
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3", "minilm"])
+def test_patch_on_cuda_bf16(kind, minilm):
+    """On a GPU, bf16 weights: the patched model (Triton attention, norms, RoPE, LM-head loss; torch's dropout and
+    embedding) trains as transformers' sdpa model does: loss, and the gradients of the embedding table and of the
+    last layer's q projection, within bf16 rounding."""
+    if kind == "minilm":
+        ref, _, batch = minilm
+        ref = copy.deepcopy(ref)
+        labels = torch.tensor([1, 0, 0, 1])
+    else:
+        ref = _pair(kind)[0]
+        batch = _lm_batch("right")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    ref = ref.to("cuda", torch.bfloat16).train()
+    model = hf.patch(copy.deepcopy(ref))
+    batch = {k: v.cuda() for k, v in batch.items()}
+    want, got = ref(**batch, labels=labels.cuda()), model(**batch, labels=labels.cuda())
+    assert abs(float(got.loss) - float(want.loss)) <= 0.02 * abs(float(want.loss)) + 0.01
+    want.loss.backward(), got.loss.backward()
+    names = [n for n, _ in ref.named_parameters()]
+    picks = [n for n in names if "embed" in n or "wte" in n][:1] + [n for n in names if "q_proj.weight" in n or
+                                                                   "query.weight" in n or "c_attn.weight" in n][-1:]
+    assert len(picks) == 2, names
+    for name in picks:
+        a, b = ref.get_parameter(name).grad.float(), model.get_parameter(name).grad.float()
+        assert (b - a).norm() <= 0.05 * a.norm(), (name, float((b - a).norm()), float(a.norm()))
+
+
 def _doubled(x):
     return 2 * x
 

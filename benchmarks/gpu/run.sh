@@ -138,6 +138,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   run_tests norm tests/test_triton_norm.py -k "not ($compile)"
   run_tests cross-entropy tests/test_triton_cross_entropy.py -k "not ($compile)"
   run_tests rotary tests/test_triton_rotary.py
+  run_tests hf-patch tests/test_hf_backend.py -k "on_cuda"  # transformers models through llmcore.hf.patch
   run_tests compile tests/test_triton_attention.py tests/test_triton_norm.py tests/test_triton_cross_entropy.py \
     -k "$compile"
   if [ -f tests/test_attention_cuda.py ]; then run_tests cuda tests/test_attention_cuda.py; fi
