@@ -613,6 +613,63 @@ def test_patched_minilm_in_llmcore_trainer(minilm, tmp_path, monkeypatch):
     assert moved > 50
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "minilm"])
+def test_trainer_checkpoints_and_resumes_transformers_models(kind, minilm, tmp_path):
+    """llmcore's Trainer saves a transformers model with its own save_pretrained (checkpoints, the best model,
+    save_model) and resumes from such a checkpoint bit for bit: GPT-2 (its LM head tied to wte, which
+    save_pretrained drops) and MiniLM with a new classification head, both patched."""
+    from llmcore.train import TrainConfig, Trainer
+
+    if kind == "minilm":
+        start, _, batch = minilm
+        batches = [{**batch, "labels": torch.tensor(y)} for y in ([1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0])]
+    else:
+        start = _pair("gpt2")[0]
+        batch = _lm_batch("right")
+        batches = [{**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}] * 3
+
+    def run(out, **kw):
+        cfg = TrainConfig(str(tmp_path / out), max_steps=5, learning_rate=1e-3, warmup_steps=0, logging_steps=1,
+                          eval_strategy="steps", eval_steps=2, metric_for_best_model="eval_loss",
+                          greater_is_better=False, disable_tqdm=True, **kw)
+        trainer = Trainer(hf.patch(copy.deepcopy(start)), cfg, lambda epoch: batches, eval_batches=batches[:1])
+        trainer.train()
+        return trainer
+
+    straight = run("a", save_strategy="steps", save_steps=2, load_best_model_at_end=True)
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
+    if kind == "gpt2":
+        from safetensors.torch import load_file
+
+        assert "lm_head.weight" not in load_file(str(ckpt / "model.safetensors"))  # tied: dropped, restored on load
+    resumed = run("a", save_strategy="no", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    assert [r["loss"] for r in resumed.log_history if "loss" in r] == \
+        [r["loss"] for r in straight.log_history if "loss" in r]
+    straight.save_model(str(tmp_path / "final"))
+    auto = transformers.AutoModelForCausalLM if kind == "gpt2" else transformers.AutoModelForSequenceClassification
+    back = auto.from_pretrained(str(tmp_path / "final"), attn_implementation="sdpa")
+    for name, t in straight.model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    assert straight.best_model_checkpoint is not None
+
+
+def test_transformers_checkpoint_errors():
+    """A transformers model's checkpoint with a tensor it lacks, or without one it has (and that is not tied to a
+    present one), is refused with the names."""
+    from llmcore.models import CheckpointError
+    from llmcore.models.loading import load_transformers_state
+
+    model = _pair("gpt2")[0]
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    load_transformers_state(model, state)  # the tied head may be absent
+    with pytest.raises(CheckpointError, match=r"unexpected tensors .*GPT2LMHeadModel.*extra\.weight"):
+        load_transformers_state(model, {**state, "extra.weight": torch.zeros(1)})
+    del state["transformer.ln_f.weight"]
+    with pytest.raises(CheckpointError, match=r"missing .*transformer\.ln_f\.weight"):
+        load_transformers_state(model, state)
+
+
 def test_patch_skips_intermediate_with_other_activation(ref_ops):
     hf.register()
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import Optional, Union
 
 import torch
@@ -92,7 +93,7 @@ def _hf_to_internal(family: str, tied: bool):
     return convert
 
 
-def _read_safetensors(path: str) -> dict:
+def read_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
 
     index = os.path.join(path, "model.safetensors.index.json")
@@ -107,6 +108,33 @@ def _read_safetensors(path: str) -> dict:
             tensors.update(load_file(os.path.join(path, shard)))
         return tensors
     raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor model.safetensors.index.json")
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face transformers model (a ``PreTrainedModel``; transformers is not
+    imported for it: a model of its classes means it is loaded already)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def load_transformers_state(model: nn.Module, tensors: dict) -> None:
+    """Copy a transformers model's own tensors (its state_dict names, as its ``save_pretrained`` writes them) into
+    it in place, sharded by FSDP or not. A name the model lacks is an error; a missing one only when the tensor
+    is not tied to one that is present (``save_pretrained`` drops tied copies, e.g. a tied LM head)."""
+    ours = dict(model.state_dict())
+    unexpected = sorted(set(tensors) - set(ours))
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors in the checkpoint for {type(model).__name__}: {unexpected[:10]}")
+    given = {_storage_key(ours[name]) for name in tensors}
+    missing = [k for k in ours if k not in tensors and _storage_key(ours[k]) not in given]
+    if missing:
+        raise CheckpointError(f"tensors missing from the checkpoint for {type(model).__name__}: {missing[:10]}")
+    _copy_into(ours, tensors)
+
+
+def _storage_key(t):
+    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: its shard's storage
+    return local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape)
 
 
 def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool = False) -> list:
@@ -148,6 +176,13 @@ def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool =
     if missing:
         raise CheckpointError(f"tensors missing from the checkpoint for a {family} model: {missing[:10]}"
                               + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    _copy_into(ours, loaded)
+    return fresh
+
+
+def _copy_into(ours: dict, loaded: dict) -> None:
+    """``loaded[name]`` into the model's tensor ``ours[name]`` in place (its dtype; this rank's shard of a DTensor),
+    after checking that it is floating point and of the model's shape."""
     with torch.no_grad():
         for name, t in loaded.items():
             if not t.is_floating_point():
@@ -161,7 +196,6 @@ def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool =
 
                 t = distribute_tensor(t, ours[name].device_mesh, ours[name].placements, src_data_rank=None)
             ours[name].copy_(t)
-    return fresh
 
 
 def checkpoint_dir(path: Union[str, os.PathLike]) -> str:
@@ -187,7 +221,7 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classif
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         model.to(dtype)
-    fresh = load_state(model, model.config.family, _read_safetensors(path))
+    fresh = load_state(model, model.config.family, read_safetensors(path))
     model.newly_initialized = fresh
     return model
 
@@ -239,11 +273,15 @@ def _internal_to_hf(model: nn.Module, state: Optional[dict] = None) -> dict:
 def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], state_dict: Optional[dict] = None) -> None:
     """Write config.json + model.safetensors that transformers loads (HF names and layouts). ``state_dict``:
     the model's tensors by llmcore's names, when not ``model.state_dict()`` (whole tensors gathered from the
-    shards of a model FSDP shards: ``llmcore.train.fsdp.full_model_state``)."""
+    shards of a model FSDP shards: ``llmcore.train.fsdp.full_model_state``). A transformers model (llmcore's
+    Trainer trains those too) is written by its own ``save_pretrained``, with ``state_dict`` by its names."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    if is_transformers_model(model):
+        model.save_pretrained(path, state_dict=state_dict)
+        return
     tensors = _internal_to_hf(model, state_dict)
     if isinstance(model, DecoderForCausalLM) and model.lm_head is None:
         tensors.pop("lm_head.weight", None)
@@ -253,6 +291,9 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], state_dict:
 
 def save_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model``'s config.json (transformers' keys) into the folder ``path``."""
+    if is_transformers_model(model):
+        model.config.save_pretrained(os.fspath(path))
+        return
     with open(os.path.join(os.fspath(path), "config.json"), "w", encoding="utf-8") as f:
         json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
 

@@ -3,7 +3,8 @@
 Layout::
 
     checkpoint-<step>/
-      config.json, model.safetensors   llmcore.models.save_pretrained (loads in transformers too)
+      config.json, model.safetensors   llmcore.models.save_pretrained (loads in transformers too; a
+                                       transformers model: its own save_pretrained, its names)
       optimizer.pt, scheduler.pt       state dicts
       trainer_state.json               global_step, epoch, batches consumed in that epoch, log history
       rng_state_<rank>.pt              python, numpy, torch CPU (+ CUDA) generator states of each rank
@@ -36,7 +37,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llmcore.models import CheckpointError, save_pretrained
-from llmcore.models.loading import build_model, load_state, save_config
+from llmcore.models.loading import (
+    build_model,
+    is_transformers_model,
+    load_state,
+    load_transformers_state,
+    read_safetensors,
+    save_config,
+)
 from llmcore.train.fsdp import (
     full_model_state,
     full_optimizer_state,
@@ -192,6 +200,9 @@ def load_model_weights(path: str, model: nn.Module) -> None:
         load_sharded(model, None, os.path.join(path, SHARDED))
         return
     # Into the existing model, by HF names: the architecture is the caller's, only the weights come back.
+    if is_transformers_model(model):  # its own names, in one file or shards, as its save_pretrained wrote them
+        load_transformers_state(model, read_safetensors(path))
+        return
     weights = os.path.join(path, "model.safetensors")
     fresh = load_state(model, model.config.family, load_file(weights), strict_head=True)
     if fresh:
