@@ -292,3 +292,60 @@ def test_prepared_folder_overflow_must_match(tmp_path, capsys):
                  "--overflow", "split", "--max-steps", "1", "--report-to", "none"]) == 2
     err = capsys.readouterr().err
     assert "overflow 'split'" in err and "made with overflow 'truncate'" in err and "prepared" in err
+
+
+def _tiny_checkpoint(tmp_path, name, model):
+    """``model`` saved with MiniLM's tokenizer files beside it."""
+    src, ckpt = minilm_dir(), tmp_path / name
+    model.save_pretrained(ckpt)
+    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(src, f)):
+            os.symlink(os.path.join(src, f), ckpt / f)
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", ["electra", "llama3-rope"])
+def test_finetune_falls_back_to_transformers(tmp_path, capsys, kind):
+    """A checkpoint llmcore's models do not implement -- ELECTRA for classification, a Llama with Llama-3 RoPE
+    scaling for causal LM -- is fine-tuned as transformers' model patched by llmcore.hf.patch, on padded batches,
+    saying so; its final folder is transformers' save of the trained model. An encoder asked for a causal LM stays
+    an error."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "electra":
+        cfg = transformers.ElectraConfig(vocab_size=30522, embedding_size=32, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=96, max_position_embeddings=128)
+        ckpt, task, cls = _tiny_checkpoint(tmp_path, kind, transformers.ElectraModel(cfg)), [], "Electra"
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 64})
+        ckpt, task, cls = (_tiny_checkpoint(tmp_path, kind, transformers.LlamaForCausalLM(cfg)),
+                           ["--task", "causal-lm"], "LlamaForCausalLM")
+    data = _sst2(tmp_path, 64, eval_rows=16, test_rows=16)
+    out = tmp_path / "run"
+    assert main(["finetune", *task, "--data", str(data), "--model", str(ckpt), "--output-dir", str(out),
+                 "--max-length", "32", "--max-steps", "3", "--per-device-train-batch-size", "8",
+                 "--learning-rate", "1e-3", "--save-strategy", "steps", "--save-steps", "2", "--eval-strategy", "no",
+                 "--disable-tqdm", "--report-to", "none"]) == 0
+    assert "with llmcore.hf.patch instead" in capsys.readouterr().err
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["model_class"].startswith(cls) and results["packed"] is False and results["global_step"] == 3
+    assert isinstance(results["test_loss"], float)
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    auto = transformers.AutoModelForCausalLM if task else transformers.AutoModelForSequenceClassification
+    trained = auto.from_pretrained(str(out / "final"))
+    start = auto.from_pretrained(str(ckpt), **({} if task else {"num_labels": 2}))
+    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, start.get_parameter(n))]
+    assert len(moved) > 10  # trained, and saved under transformers' names
+
+    if kind == "electra":
+        from llmcore.models.config import TaskMismatchError
+
+        with pytest.raises(TaskMismatchError, match="'bert' is an encoder"):
+            from llmcore.train.finetune import load_model
+
+            load_model(minilm_dir(), causal_lm=True)

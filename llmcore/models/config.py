@@ -12,6 +12,10 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is not one llmcore implements."""
 
 
+class TaskMismatchError(UnsupportedModelError):
+    """The checkpoint is an encoder asked for a causal LM, or a decoder asked for sequence classification."""
+
+
 def _family(hf: dict) -> str:
     family = hf.get("model_type")
     if family not in ENCODER_FAMILIES + DECODER_FAMILIES:
@@ -45,7 +49,7 @@ class EncoderConfig:
     def from_hf(cls, hf: dict, num_labels: Optional[int] = None) -> "EncoderConfig":
         family = _family(hf)
         if family not in ENCODER_FAMILIES:
-            raise UnsupportedModelError(f"{family!r} is a decoder; sequence classification takes "
+            raise TaskMismatchError(f"{family!r} is a decoder; sequence classification takes "
                                         f"{', '.join(ENCODER_FAMILIES)}")
         labels = num_labels or hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
         if family == "distilbert":
@@ -119,7 +123,7 @@ class DecoderConfig:
     def from_hf(cls, hf: dict) -> "DecoderConfig":
         family = _family(hf)
         if family not in DECODER_FAMILIES:
-            raise UnsupportedModelError(f"{family!r} is an encoder; causal LM takes {', '.join(DECODER_FAMILIES)}")
+            raise TaskMismatchError(f"{family!r} is an encoder; causal LM takes {', '.join(DECODER_FAMILIES)}")
         if family == "gpt2":
             d, h = hf["n_embd"], hf["n_head"]
             return cls(family, hf["vocab_size"], d, hf["n_layer"], h, h, d // h, hf.get("n_inner") or 4 * d,
@@ -181,4 +185,4 @@ def config_from_hf(hf: dict, task: str, num_labels: Optional[int] = None):
     raise ValueError(f"task must be 'sequence-classification' or 'causal-lm', got {task!r}")
 
 
-__all__ = ["DecoderConfig", "EncoderConfig", "UnsupportedModelError", "config_from_hf"]
+__all__ = ["DecoderConfig", "EncoderConfig", "TaskMismatchError", "UnsupportedModelError", "config_from_hf"]

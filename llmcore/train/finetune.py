@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from typing import Optional
 
 import numpy as np
@@ -148,6 +149,37 @@ def _check_prepared_eval_data(data: str, prepared, eval_data: Optional[str]) -> 
 TASKS = ("sequence-classification", "causal-lm")
 
 
+def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None) -> torch.nn.Module:
+    """llmcore's model of the checkpoint folder ``path``, or, for a checkpoint llmcore does not implement (another
+    architecture, RoPE scaling, an activation), transformers' own model of it (``AutoModelForCausalLM`` /
+    ``AutoModelForSequenceClassification``, sdpa) with llmcore's kernels swapped in by ``llmcore.hf.patch``,
+    saying so on stderr. An encoder asked for a causal LM, or a decoder for classification, stays an error."""
+    from llmcore.models import UnsupportedModelError, from_pretrained
+    from llmcore.models.config import TaskMismatchError
+
+    task = "causal-lm" if causal_lm else "sequence-classification"
+    try:
+        return from_pretrained(path, task=task, num_labels=None if causal_lm else num_labels)
+    except TaskMismatchError:
+        raise
+    except UnsupportedModelError as e:
+        try:
+            import transformers
+
+            import llmcore.hf
+        except ImportError:
+            raise e from None
+        auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModelForSequenceClassification
+        try:
+            net = auto.from_pretrained(path, attn_implementation="sdpa",
+                                       **({} if causal_lm else {"num_labels": num_labels}))
+        except (ValueError, KeyError, OSError) as e2:
+            raise UnsupportedModelError(f"{e}; transformers cannot load it as {auto.__name__} either: {e2}") from e2
+        print(f"llmcore: {e}; fine-tuning transformers' {type(net).__name__} with llmcore.hf.patch instead "
+              f"(padded batches)", file=sys.stderr)
+        return llmcore.hf.patch(net)
+
+
 def finetune(data: str, model: str, output_dir: str, max_length: int = 128, tokenizer: Optional[str] = None,
              text_column: Optional[str] = None, label_column: Optional[str] = None, device: Optional[str] = None,
              eval_data: Optional[str] = None, task: str = "sequence-classification", overflow: Optional[str] = None,
@@ -164,6 +196,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     over each text (labels are not needed and not used); the evaluations report ``*_loss`` (per
     predicted token), ``*_tokens`` and ``*_perplexity``.
 
+    A checkpoint llmcore's models do not implement is trained as transformers' model patched by
+    ``llmcore.hf.patch``, on padded batches (``load_model``); its tokenizer must still be one llmcore reads.
+
     ``overflow`` (raw data): what ``prepare`` does with the tokens past ``max_length``: ``"split"``
     (the default for causal-lm) makes a long text several rows of at most ``max_length`` tokens, so
     every token is trained on; ``"truncate"`` (the default for classification) drops them.
@@ -174,8 +209,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     import torch.distributed as dist
 
     from llmcore.data import PreparedDataset, prepare
-    from llmcore.models import from_pretrained
-    from llmcore.models.loading import checkpoint_dir
+    from llmcore.models.loading import checkpoint_dir, is_transformers_model
     from llmcore.train.checkpoint import seed_everything
 
     if task not in TASKS:
@@ -214,12 +248,11 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
         if prepared["train"].labels is None and not causal_lm:
             raise ValueError(f"{data!r}: the train split has no label column")
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
-        net = (from_pretrained(model, task="causal-lm") if causal_lm else
-               from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels)).to(dev)
+        net = load_model(model, causal_lm, prepared.num_labels).to(dev)
+        pack = config.pack and not is_transformers_model(net)  # transformers' models take no cu_seqlens
         batch, multiple = config.per_device_train_batch_size, config.batch_multiple(dev)
-        train = split_batches(prepared["train"], batch, config.pack, config.seed, True, rank, world, multiple,
-                              causal_lm)
-        evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, config.pack, 0, False,
+        train = split_batches(prepared["train"], batch, pack, config.seed, True, rank, world, multiple, causal_lm)
+        evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, pack, 0, False,
                                      rank, world, multiple, causal_lm)(0)
                  for name in ("validation", "test") if name in prepared.splits
                  and (causal_lm or (prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0))}
@@ -231,6 +264,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
             results.update({f"{prefix}{k[4:]}": v for k, v in trainer.evaluate().items()})
         results["peak_memory_mb"] = max(results["peak_memory_mb"], peak_memory_mb(dev))  # evaluation included
         results["world_size"] = world
+        results["model_class"], results["packed"] = type(net).__name__, pack
         final = os.path.join(output_dir, "final")
         trainer.save_model(final)  # every rank: under FSDP the shards are gathered
         if rank == 0:
