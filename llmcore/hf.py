@@ -8,9 +8,10 @@ Two entry points:
   :func:`llmcore.ops.scaled_dot_product_attention`, or :func:`llmcore.ops.varlen_attention`
   for padding-free batches that carry FlashAttention's ``cu_seq_lens_*`` kwargs.
 * :func:`patch` switches a built model to ``"llmcore"`` attention and swaps llmcore's fused
-  ops into the norm, MLP and rotary-embedding code it recognises, and, for GPT-2 / Llama-family causal LMs in
-  training with labels, the chunked LM-head loss (which holds no logits). Parameters and
-  state_dict keys are kept, so ``save_pretrained`` and ``load_state_dict`` work as before.
+  ops into the norm, MLP, RoPE, dropout and embedding modules it recognises, and, for GPT-2 /
+  Llama-family causal LMs in training with labels, the chunked LM-head loss (which holds no
+  logits). Parameters and state_dict keys are kept, so ``save_pretrained`` and
+  ``load_state_dict`` work as before.
 
 The attention function follows transformers' sdpa integration
 (``transformers/integrations/sdpa_attention.py``) decision for decision, so the two agree

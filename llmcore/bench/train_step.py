@@ -67,7 +67,7 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] 
     """{impl: step()} (``step.forward()``: its forward alone, the loss) for one batch (default: SST-2 train
     sentences 1000.., else the first ``batch_size`` of ``texts``, cut to ``max_length`` tokens), and facts about the
     batch. "transformers + llmcore.hf.patch" is a copy of transformers' model after ``llmcore.hf.patch`` (llmcore
-    attention, LayerNorm and bias+GELU), on the padded batch. ``activation_checkpointing``: the models recompute
+    attention, LayerNorm, bias+GELU, dropout and embeddings), on the padded batch. ``activation_checkpointing``: the models recompute
     their layers in the backward (``activation_checkpointing_enable()``, transformers' with use_reentrant=False as
     llmcore's)."""
     import transformers

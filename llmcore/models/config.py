@@ -50,7 +50,7 @@ class EncoderConfig:
         family = _family(hf)
         if family not in ENCODER_FAMILIES:
             raise TaskMismatchError(f"{family!r} is a decoder; sequence classification takes "
-                                        f"{', '.join(ENCODER_FAMILIES)}")
+                                    f"{', '.join(ENCODER_FAMILIES)}")
         labels = num_labels or hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
         if family == "distilbert":
             return cls(family, hf["vocab_size"], hf["dim"], hf["n_layers"], hf["n_heads"], hf["hidden_dim"],
