@@ -394,3 +394,77 @@ def test_fsdp_needs_a_process_group(tmp_path, capsys):
     assert main(["finetune", "--data", os.path.join(data_dir(), "sst2"), "--model", minilm_dir(), "--output-dir",
                  str(out), "--fsdp-config", json.dumps(SHARDED)]) == 2
     assert "set fsdp too" in capsys.readouterr().err and not out.exists()
+
+
+def _lm_shards(world=2):
+    """A causal LM's micro-batches, one uneven shard per rank (padded, with a mask; labels = the tokens)."""
+    gen = torch.Generator().manual_seed(13)
+    out = []
+    for row in [(2, 3), (1, 4), (3, 2), (4, 1)]:
+        shards = []
+        for n in row[:world]:
+            ids = torch.randint(0, 96, (n, 9), generator=gen)
+            mask = torch.ones_like(ids)
+            mask[0, 6:] = 0
+            shards.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+        out.append(tuple(shards))
+    return out
+
+
+def _tiny_gpt2():
+    """A random transformers GPT-2 (its LM head tied to wte) patched by llmcore.hf.patch."""
+    transformers = pytest.importorskip("transformers")
+    import llmcore.hf
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return llmcore.hf.patch(transformers.GPT2LMHeadModel(cfg))
+
+
+def _hf_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from llmcore.train.fsdp import full_model_state
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mine = [b[rank] for b in _lm_shards(world)]
+        trainer = Trainer(_tiny_gpt2(), _config(out_dir, fsdp="full_shard", max_grad_norm=1.0), mine)
+        trainer.train()
+        trainer.save_model(os.path.join(out_dir, "final"))
+        straight = full_model_state(trainer.model)
+        again = Trainer(_tiny_gpt2(), _config(out_dir, fsdp="full_shard", max_grad_norm=1.0, save_strategy="no",
+                                              resume_from_checkpoint=os.path.join(out_dir, f"checkpoint-{SAVE_AT}")),
+                        mine)
+        again.train()
+        resumed = full_model_state(again.model)
+        if rank == 0:
+            with open(os.path.join(out_dir, "report.json"), "w") as f:
+                json.dump({"resumed_equal": all(torch.equal(straight[k], resumed[k]) for k in straight),
+                           "keys": sorted(straight)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_transformers_model(tmp_path):
+    """A transformers GPT-2 (patched; its head tied to wte) sharded by FSDP on two gloo ranks: the weights one
+    process gets from the merged micro-batches, checkpoints written through transformers' save_pretrained,
+    resumed under FSDP bit for bit, and a final folder transformers loads."""
+    import torch.multiprocessing as mp
+
+    transformers = pytest.importorskip("transformers")
+    merged = [{k: torch.cat([s[k] for s in shards]) for k in shards[0]} for shards in _lm_shards()]
+    single = Trainer(_tiny_gpt2(), _config(tmp_path / "one", max_grad_norm=1.0), merged)
+    single.train()
+    out = tmp_path / "fsdp"
+    mp.spawn(_hf_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    assert report["resumed_equal"] and "lm_head.weight" in report["keys"]
+    assert (out / f"checkpoint-{SAVE_AT}" / "model.safetensors").is_file()
+    back = transformers.GPT2LMHeadModel.from_pretrained(str(out / "final"))
+    assert back.lm_head.weight.data_ptr() == back.transformer.wte.weight.data_ptr()  # still tied
+    for name, t in single.model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
