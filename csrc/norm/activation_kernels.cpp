@@ -1,7 +1,6 @@
 // Fused activations: gelu(x + bias) (erf or tanh form) and silu(gate) * up, forward and
 // backward, in float32 lanes whatever the storage dtype. Compiled once per ISA (vec.h).
 #include <cstdint>
-#include <stdexcept>
 #include <type_traits>
 
 #include "norm/norm.h"
@@ -159,20 +158,10 @@ void swiglu_backward_impl(const SwigluArgs& a) {
   });
 }
 
-template <class F>
-void with_dtype(DType dt, const F& f) {
-  switch (dt) {
-    case DType::f32: return f(float{});
-    case DType::bf16: return f(bf16_t{});
-    case DType::f16: return f(f16_t{});
-  }
-  throw std::invalid_argument("activation kernels: unsupported dtype");
-}
-
 }  // namespace
 
 void bias_gelu_forward(const BiasGeluArgs& a) {
-  with_dtype(a.dtype, [&](auto tag) {
+  with_dtype(a.dtype, "activation kernels", [&](auto tag) {
     using T = decltype(tag);
     if (a.tanh) bias_gelu_forward_impl<T, true>(a);
     else bias_gelu_forward_impl<T, false>(a);
@@ -180,7 +169,7 @@ void bias_gelu_forward(const BiasGeluArgs& a) {
 }
 
 void bias_gelu_backward(const BiasGeluArgs& a) {
-  with_dtype(a.dtype, [&](auto tag) {
+  with_dtype(a.dtype, "activation kernels", [&](auto tag) {
     using T = decltype(tag);
     if (a.tanh) bias_gelu_backward_impl<T, true>(a);
     else bias_gelu_backward_impl<T, false>(a);
@@ -188,11 +177,11 @@ void bias_gelu_backward(const BiasGeluArgs& a) {
 }
 
 void swiglu_forward(const SwigluArgs& a) {
-  with_dtype(a.dtype, [&](auto tag) { swiglu_forward_impl<decltype(tag)>(a); });
+  with_dtype(a.dtype, "activation kernels", [&](auto tag) { swiglu_forward_impl<decltype(tag)>(a); });
 }
 
 void swiglu_backward(const SwigluArgs& a) {
-  with_dtype(a.dtype, [&](auto tag) { swiglu_backward_impl<decltype(tag)>(a); });
+  with_dtype(a.dtype, "activation kernels", [&](auto tag) { swiglu_backward_impl<decltype(tag)>(a); });
 }
 
 }  // namespace llmcore::norm::LLMCORE_ISA_NS

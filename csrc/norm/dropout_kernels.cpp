@@ -8,7 +8,6 @@
 // vectorized over the counters (AVX-512, AVX2) or a scalar loop (portable build).
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
 
 #include "attention/cpu/philox.h"
 #include "norm/norm.h"
@@ -118,12 +117,7 @@ void dropout_impl(const DropoutArgs& a) {
 }  // namespace
 
 void dropout_apply(const DropoutArgs& a) {
-  switch (a.dtype) {
-    case DType::f32: return dropout_impl<float>(a);
-    case DType::bf16: return dropout_impl<bf16_t>(a);
-    case DType::f16: return dropout_impl<f16_t>(a);
-  }
-  throw std::invalid_argument("dropout kernel: unsupported dtype");
+  with_dtype(a.dtype, "dropout kernel", [&](auto tag) { dropout_impl<decltype(tag)>(a); });
 }
 
 }  // namespace llmcore::norm::LLMCORE_ISA_NS

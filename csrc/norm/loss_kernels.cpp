@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <stdexcept>
 #include <type_traits>
 
 #include "norm/norm.h"
@@ -85,12 +84,7 @@ void cross_entropy_rows_impl(const CrossEntropyRowsArgs& a) {
 }  // namespace
 
 void cross_entropy_rows(const CrossEntropyRowsArgs& a) {
-  switch (a.dtype) {
-    case DType::f32: return cross_entropy_rows_impl<float>(a);
-    case DType::bf16: return cross_entropy_rows_impl<bf16_t>(a);
-    case DType::f16: return cross_entropy_rows_impl<f16_t>(a);
-  }
-  throw std::invalid_argument("cross_entropy_rows: unsupported dtype");
+  with_dtype(a.dtype, "cross_entropy_rows", [&](auto tag) { cross_entropy_rows_impl<decltype(tag)>(a); });
 }
 
 }  // namespace llmcore::norm::LLMCORE_ISA_NS

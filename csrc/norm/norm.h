@@ -8,6 +8,8 @@
 // are float32 and summed in a fixed order for a given thread count.
 #pragma once
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace llmcore::norm {
 
@@ -20,6 +22,17 @@ struct bf16_t {
 struct f16_t {
   uint16_t bits;
 };
+
+// Calls f(T{}) with T the storage type of dt (float, bf16_t or f16_t); `what` names the kernels in the error.
+template <class F>
+void with_dtype(DType dt, const char* what, const F& f) {
+  switch (dt) {
+    case DType::f32: return f(float{});
+    case DType::bf16: return f(bf16_t{});
+    case DType::f16: return f(f16_t{});
+  }
+  throw std::invalid_argument(std::string(what) + ": unsupported dtype");
+}
 
 struct Mat {
   const void* data = nullptr;  // null: absent (optional operands)

@@ -2,7 +2,6 @@
 // the storage dtype (norm.h: RotaryArgs). Compiled once per ISA (vec.h).
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
 
 #include "norm/norm.h"
 #include "norm/parallel.h"
@@ -49,25 +48,12 @@ void rotary_impl(const RotaryArgs& a) {
   for_each_row(a.rows, a.heads * a.head_dim, a.num_threads, [&](int64_t r) { rotary_row<T, C>(a, r); });
 }
 
-template <class T>
-void with_cs_dtype(const RotaryArgs& a) {
-  switch (a.cs_dtype) {
-    case DType::f32: return rotary_impl<T, float>(a);
-    case DType::bf16: return rotary_impl<T, bf16_t>(a);
-    case DType::f16: return rotary_impl<T, f16_t>(a);
-  }
-  throw std::invalid_argument("rotary: unsupported cos/sin dtype");
-}
-
 }  // namespace
 
 void rotary(const RotaryArgs& a) {
-  switch (a.dtype) {
-    case DType::f32: return with_cs_dtype<float>(a);
-    case DType::bf16: return with_cs_dtype<bf16_t>(a);
-    case DType::f16: return with_cs_dtype<f16_t>(a);
-  }
-  throw std::invalid_argument("rotary: unsupported dtype");
+  with_dtype(a.dtype, "rotary", [&](auto x) {
+    with_dtype(a.cs_dtype, "rotary cos/sin", [&](auto c) { rotary_impl<decltype(x), decltype(c)>(a); });
+  });
 }
 
 }  // namespace llmcore::norm::LLMCORE_ISA_NS
