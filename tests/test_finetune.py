@@ -225,6 +225,16 @@ def test_finetune_eval_data(tmp_path, capsys):
     assert "nope.tsv" in capsys.readouterr().err
 
 
+def _tiny_checkpoint(tmp_path, name, model):
+    """``model`` saved with MiniLM's tokenizer files beside it."""
+    src, ckpt = minilm_dir(), tmp_path / name
+    model.save_pretrained(ckpt)
+    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(src, f)):
+            os.symlink(os.path.join(src, f), ckpt / f)
+    return ckpt
+
+
 @pytest.mark.parametrize("pack", [True, False])
 def test_finetune_causal_lm(tmp_path, pack):
     """--task causal-lm: a small random Llama with MiniLM's WordPiece tokenizer learns SST-2's sentences; the
@@ -235,14 +245,10 @@ def test_finetune_causal_lm(tmp_path, pack):
     from tokenizers import Tokenizer as HFTokenizer
 
     src = minilm_dir()
-    ckpt = tmp_path / "tiny-llama"
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(ckpt)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(src, name)):
-            os.symlink(os.path.join(src, name), ckpt / name)
+    ckpt = _tiny_checkpoint(tmp_path, "tiny-llama", transformers.LlamaForCausalLM(cfg))
     data = _sst2(tmp_path, 256, eval_rows=48, test_rows=48)
     out = tmp_path / "run"
     argv = ["finetune", "--task", "causal-lm", "--data", str(data), "--model", str(ckpt), "--output-dir", str(out),
@@ -292,16 +298,6 @@ def test_prepared_folder_overflow_must_match(tmp_path, capsys):
                  "--overflow", "split", "--max-steps", "1", "--report-to", "none"]) == 2
     err = capsys.readouterr().err
     assert "overflow 'split'" in err and "made with overflow 'truncate'" in err and "prepared" in err
-
-
-def _tiny_checkpoint(tmp_path, name, model):
-    """``model`` saved with MiniLM's tokenizer files beside it."""
-    src, ckpt = minilm_dir(), tmp_path / name
-    model.save_pretrained(ckpt)
-    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(src, f)):
-            os.symlink(os.path.join(src, f), ckpt / f)
-    return ckpt
 
 
 @pytest.mark.parametrize("kind", ["electra", "llama3-rope"])

@@ -334,19 +334,19 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         enc = tok.encode_batch(r["texts"], max_length=max_length, truncation=True,
                                padding=False if pack else "longest", return_overflowing_tokens=split_rows)
         lengths = np.ascontiguousarray(enc.lengths, dtype=np.int32)
-        labels = r["labels"]
+        labels = None if r["labels"] is None else np.asarray(r["labels"], dtype=np.int64)
         if split_rows:
             text_index = enc.overflow_to_sample_mapping
             _save(output_dir, split, "text_index", text_index)
             if labels is not None:
-                labels = np.asarray(labels, dtype=np.int64)[text_index]
+                labels = labels[text_index]
             counts[split]["texts_split"] = int(np.sum(np.bincount(text_index, minlength=len(r["texts"])) > 1))
         _save(output_dir, split, "ids", enc.input_ids)
         if pack:
             _save(output_dir, split, "cu_seqlens", enc.cu_seqlens)
         _save(output_dir, split, "lengths", lengths)
         if labels is not None:
-            _save(output_dir, split, "labels", np.asarray(labels, dtype=np.int64))
+            _save(output_dir, split, "labels", labels)
         if len(enc.token_type_ids) and np.any(enc.token_type_ids):
             _save(output_dir, split, "token_type_ids", enc.token_type_ids)
         if save_text:
