@@ -299,13 +299,24 @@ def _is_plain(m: nn.Module, cls: type) -> bool:
     return type(m) is cls and not m._forward_hooks and not m._forward_pre_hooks
 
 
-def _bias_gelu_intermediate_forward(self: nn.Module, x: Tensor) -> Tensor:
-    dense = self.dense
-    if not _is_plain(dense, nn.Linear):  # e.g. an adapter wrapped `dense` after patching
-        return type(self).forward(self, x)
-    y = F.linear(x, dense.weight)
+def _linear_bias_gelu(x: Tensor, linear: nn.Linear, approximate: str) -> Tensor:
+    y = F.linear(x, linear.weight)
     # nn.Linear adds the bias in y's dtype (bf16 under autocast); a float32 bias would promote.
-    return _ops.bias_gelu(y, dense.bias.to(y.dtype), approximate=self._llmcore_approximate)
+    return _ops.bias_gelu(y, linear.bias.to(y.dtype), approximate=approximate)
+
+
+def _bias_gelu_intermediate_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if not _is_plain(self.dense, nn.Linear):  # e.g. an adapter wrapped `dense` after patching
+        return type(self).forward(self, x)
+    return _linear_bias_gelu(x, self.dense, self._llmcore_approximate)
+
+
+def _bias_gelu_distilbert_ffn_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """DistilBERT's ``FFN``: lin1, GELU, lin2, dropout. With ``chunk_size_feed_forward`` set (transformers then runs
+    it in chunks of rows to save memory) it keeps its own forward."""
+    if not _is_plain(self.lin1, nn.Linear) or self.chunk_size_feed_forward:
+        return type(self).forward(self, x)
+    return self.dropout(self.lin2(_linear_bias_gelu(x, self.lin1, self._llmcore_approximate)))
 
 
 def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -417,6 +428,12 @@ def _match(m: nn.Module) -> tuple[str, object] | None:
         if (isinstance(getattr(m, "lm_head", None), nn.Linear) and hasattr(m, getattr(m, "base_model_prefix", ""))
                 and getattr(m.config, "final_logit_softcapping", None) is None):
             return "linear_cross_entropy", _fused_lm_loss_forward
+    elif name == "FFN" and type(m).__module__.endswith(".modeling_distilbert"):
+        kind = _gelu_kind(getattr(m, "activation", None))
+        if (kind is not None and isinstance(m.lin1, nn.Linear) and m.lin1.bias is not None
+                and not m.chunk_size_feed_forward):
+            m._llmcore_approximate = kind
+            return "bias_gelu", _bias_gelu_distilbert_ffn_forward
     elif name == "GPT2MLP":
         kind = _gelu_kind(getattr(m, "act", None))
         if kind is not None:
@@ -456,7 +473,9 @@ def patch(model: nn.Module) -> nn.Module:
     ``nn.LayerNorm`` (1-D, affine, bias)      ``llmcore.ops.layer_norm``
     Llama/Mistral/Qwen2/Qwen3 ``RMSNorm``      ``llmcore.ops.rms_norm``
     BERT-family ``*Intermediate`` (Linear +    ``F.linear`` without bias, then
-    GELU), ``GPT2MLP`` (Conv1D + GELU)        ``llmcore.ops.bias_gelu``
+    GELU), DistilBERT ``FFN`` (its lin1 +      ``llmcore.ops.bias_gelu``
+    GELU, unchunked), ``GPT2MLP`` (Conv1D +
+    GELU)
     Llama/Mistral/Qwen2/Qwen3 ``MLP`` (SiLU)   ``llmcore.ops.swiglu``
     Llama/Mistral/Qwen2/Qwen3 ``Attention``    transformers' forward, its RoPE
                                               (``apply_rotary_pos_emb``) by

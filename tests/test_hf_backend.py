@@ -434,7 +434,22 @@ EXPECTED = {
               "dropout": 0, "embedding": 1, "linear_cross_entropy": 1},
     "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
               "dropout": 0, "embedding": 1, "linear_cross_entropy": 1},
+    # dropout: embeddings, 2 a layer (attention's, FFN's), the classifier's
+    "distilbert": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0, "rotary_embedding": 0,
+                   "dropout": 6, "embedding": 2, "linear_cross_entropy": 0},
 }
+
+
+def _distilbert(**over):
+    """A random DistilBertForSequenceClassification (the guide's model family) and a right-padded batch."""
+    hf.register()
+    torch.manual_seed(0)
+    # initializer_range 0.2, not 0.02: GELU's inputs then reach where its forms differ (the tanh form differs from
+    # erf's by < 1e-6 below 0.1, by 1e-3 near 2)
+    cfg = transformers.DistilBertConfig(vocab_size=96, dim=48, n_layers=2, n_heads=4, hidden_dim=80,
+                                        initializer_range=0.2, attn_implementation="sdpa", **over)
+    ref = transformers.DistilBertForSequenceClassification(cfg).eval()
+    return ref, _lm_batch("right")
 
 
 def _check_patch(kind, ref, model, batch, op_calls=None, logits=lambda o: o.logits):
@@ -480,6 +495,20 @@ def test_patch_causal_lm_plumbing(kind, ref_ops, tmp_path):
 def test_patch_minilm_plumbing(minilm, ref_ops):
     ref, _, batch = minilm
     _check_patch("minilm", ref, copy.deepcopy(ref), batch, ref_ops)
+
+
+def test_patch_distilbert_plumbing(ref_ops):
+    ref, batch = _distilbert()
+    _check_patch("distilbert", ref, copy.deepcopy(ref), batch, ref_ops)
+
+
+def test_patch_leaves_chunked_distilbert_ffn_alone(ref_ops):
+    ref, batch = _distilbert(chunk_size_feed_forward=13)  # transformers' memory knob: FFN rows in chunks
+    model = hf.patch(copy.deepcopy(ref))
+    assert model._llmcore_patched["bias_gelu"] == 0 and model._llmcore_patched["layer_norm"] == 5
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, **FP32)
+    assert ref_ops["bias_gelu"] == 0
 
 
 def test_patch_is_idempotent_and_survives_deepcopy(ref_ops):
@@ -988,5 +1017,23 @@ def test_patch_minilm_with_fused_ops(minilm):
         m(**batch, labels=labels).loss.backward()
     _assert_grads_close(ref_t, model_t)
 
+    err_sdpa, err_ours = _bf16_errors(ref, model, batch)
+    assert err_ours <= 2 * err_sdpa + 1e-2, (err_ours, err_sdpa)
+
+
+def test_patch_distilbert_with_fused_ops():
+    _require_fused_ops()
+    # without dropout in training: llmcore's masks are not torch's random stream
+    ref, batch = _distilbert(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    model = copy.deepcopy(ref)
+    _check_patch("distilbert", ref, model, batch)
+
+    labels = torch.tensor([1, 0, 1])
+    for m in (ref, model):
+        m.train()
+        m(**batch, labels=labels).loss.backward()
+    _assert_grads_close(ref, model)
+
+    ref.eval(), model.eval()
     err_sdpa, err_ours = _bf16_errors(ref, model, batch)
     assert err_ours <= 2 * err_sdpa + 1e-2, (err_ours, err_sdpa)
