@@ -295,6 +295,29 @@ def _rope_attention_forward(cls: type):
     return _ROPE_FORWARDS[cls]
 
 
+_ADVERTISED: dict = {}  # (module class, fused forward) -> that forward under the class forward's name and signature
+
+
+def _advertised(cls: type, forward):
+    """``forward`` (a function of the module) wrapped to carry ``cls.forward``'s name, docstring and signature
+    (``__wrapped__``): transformers' Trainer keeps the dataset columns that ``inspect.signature(model.forward)``
+    names, and a bare ``(*args, **kwargs)`` made it drop input_ids. One wrapper per (class, forward)."""
+    key = (cls, forward)
+    if key not in _ADVERTISED:
+        @functools.wraps(cls.forward)
+        def wrapper(self, *args, **kwargs):
+            return forward(self, *args, **kwargs)
+        _ADVERTISED[key] = wrapper
+    return _ADVERTISED[key]
+
+
+def _lost_forward(m: nn.Module) -> bool:
+    """Whether a module patch() rebound came back from pickle with its class's forward: pickle stores a bound method
+    as ``getattr(module, name)``, which a module being unpickled answers with the class's."""
+    bound = m.__dict__.get("forward")
+    return getattr(bound, "__func__", None) is type(m).forward
+
+
 def _is_plain(m: nn.Module, cls: type) -> bool:
     return type(m) is cls and not m._forward_hooks and not m._forward_pre_hooks
 
@@ -505,7 +528,9 @@ def patch(model: nn.Module) -> nn.Module:
     Anything else, including subclasses of the classes above, is left alone. Parameters,
     buffers and state_dict keys are unchanged. Fused ops missing from this build of
     :mod:`llmcore.ops` are skipped with a warning. Calling it again is a no-op. The counts
-    per kind are logged and stored in ``model._llmcore_patched``.
+    per kind are logged and stored in ``model._llmcore_patched``. A patched module's ``forward`` carries the
+    signature of its class's (transformers' Trainer picks dataset columns by it). A patched model unpickled (e.g.
+    ``torch.load`` of a whole model) runs transformers' forwards until patched again.
 
     >>> model = patch(AutoModelForCausalLM.from_config(config))  # doctest: +SKIP
     >>> model._llmcore_patched  # doctest: +SKIP
@@ -520,9 +545,11 @@ def patch(model: nn.Module) -> nn.Module:
     missing = set()
     for m in model.modules():
         done = getattr(m, "_llmcore_fused", None)
-        if done is not None:  # patched before
-            counts[done] += 1
-            continue
+        if done is not None:
+            if not _lost_forward(m):  # patched before
+                counts[done] += 1
+                continue
+            del m.forward, m._llmcore_fused  # unpickled: bind it again
         if "forward" in m.__dict__:  # someone else rebound it: leave their version in place
             continue
         found = _match(m)
@@ -535,7 +562,7 @@ def patch(model: nn.Module) -> nn.Module:
             missing.add(op)
             continue
         else:
-            m.forward = types.MethodType(forward, m)
+            m.forward = types.MethodType(_advertised(type(m), forward), m)
         m._llmcore_fused = op
         counts[op] += 1
     if missing:

@@ -5,6 +5,8 @@ MiniLM checkpoint (BERT) and small randomly initialised GPT-2, Llama (GQA) and Q
 """
 import copy
 import functools
+import inspect
+import io
 import os
 import sys
 
@@ -610,6 +612,65 @@ def test_patched_embeddings_recycle_their_gradient(minilm):
     gpt2.lm_head.weight = nn.Parameter(gpt2.lm_head.weight.detach().clone())  # untied: now it qualifies
     assert [t.module for t in LazyRowAdamW.attach(gpt2, torch.optim.AdamW(gpt2.parameters(), fused=True))] == [
         gpt2.transformer.wte]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_patched_forwards_keep_their_signatures(kind):
+    """transformers' Trainer keeps the dataset columns inspect.signature(model.forward) names: a patched module's
+    forward must show its class's parameters (a bare (*args, **kwargs) made the Trainer drop input_ids)."""
+    model = hf.patch(copy.deepcopy(_pair(kind)[0]))
+    rebound = [m for m in model.modules() if "forward" in m.__dict__]
+    assert model in rebound and len(rebound) >= 5  # the LM-head loss, norms, MLPs or dropout, attention's RoPE
+    for m in rebound:
+        assert inspect.signature(m.forward) == inspect.signature(type(m).forward.__get__(m)), type(m).__name__
+
+
+def test_patched_causal_lm_in_transformers_trainer(tmp_path):
+    """transformers' Trainer (remove_unused_columns on, a text column to drop) trains a patched GPT-2 as it trains
+    the unpatched one: before the patched forward kept its class's signature, it dropped input_ids and failed."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    ref, _ = _pair("gpt2")
+    ids = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(2))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                                       "labels": ids.tolist(), "text": ["unused"] * 8})
+    runs = []
+    for i, model in enumerate((copy.deepcopy(ref), hf.patch(copy.deepcopy(ref)))):
+        args = transformers.TrainingArguments(str(tmp_path / str(i)), per_device_train_batch_size=4, max_steps=2,
+                                              learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                              logging_steps=1, seed=0, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        runs.append((trainer.train().training_loss, model))
+    (loss_ref, model_ref), (loss, model) = runs
+    assert model._llmcore_patched["linear_cross_entropy"] == 1
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    # Adam moves an element with a near-zero gradient by up to lr on rounding noise: each tensor's difference is
+    # held to 1% of how far training moved it
+    for (name, a), b in zip(model_ref.named_parameters(), model.parameters()):
+        change = (a - ref.get_parameter(name)).norm()
+        assert (b - a).norm() <= 0.01 * change, (name, float((b - a).norm()), float(change))
+
+
+def test_patch_again_after_unpickling():
+    """torch.save / torch.load of a whole patched model: pickle brings the rebound forwards back as the classes'
+    (the model runs, unfused); patch() binds them again."""
+    ref, _ = _pair("llama")
+    model = hf.patch(copy.deepcopy(ref))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    norm = back.model.norm
+    assert norm.forward.__func__ is type(norm).forward  # transformers' again
+    batch = _lm_batch("right")
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, ref(**batch).logits, **FP32)
+    assert hf.patch(back)._llmcore_patched == EXPECTED["llama"]
+    assert norm.forward.__func__ is not type(norm).forward and norm.forward.__self__ is norm
+    rebound = {n for n, m in back.named_modules() if "forward" in m.__dict__}
+    assert rebound == {n for n, m in model.named_modules() if "forward" in m.__dict__}
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, ref(**batch).logits, **FP32)
 
 
 def test_patched_minilm_in_llmcore_trainer(minilm, tmp_path, monkeypatch):
