@@ -8,9 +8,9 @@ Two entry points:
   :func:`llmcore.ops.scaled_dot_product_attention`, or :func:`llmcore.ops.varlen_attention`
   for padding-free batches that carry FlashAttention's ``cu_seq_lens_*`` kwargs.
 * :func:`patch` switches a built model to ``"llmcore"`` attention and swaps llmcore's fused
-  ops into the norm, MLP, RoPE, dropout and embedding modules it recognises, and, for GPT-2 /
+  ops into the norm, MLP, RoPE, dropout and embedding modules it recognises; for GPT-2 /
   Llama-family causal LMs in training with labels, the chunked LM-head loss (which holds no
-  logits). Parameters and state_dict keys are kept, so ``save_pretrained`` and
+  logits); for BERT-family sequence classifiers, a last layer that computes the first token only. Parameters and state_dict keys are kept, so ``save_pretrained`` and
   ``load_state_dict`` work as before.
 
 The attention function follows transformers' sdpa integration
@@ -352,6 +352,167 @@ def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.dropout(self.c_proj(y))
 
 
+# ---------------------------------------------------------------------------------------
+# sequence classifiers: the last layer on the first token only
+#
+# These classifiers' heads read only the first token of the encoder's last layer (BERT's pooler, RoBERTa's and
+# ELECTRA's heads, DistilBERT's pre-classifier). Each row of a layer's output depends on every row of its input only
+# through attention's keys and values, so the last layer can compute queries, attention output and MLP for row 0
+# alone: a (B, 1, H) output, on which the heads compute what they did. The classifier's forward turns this on for
+# the duration of a call unless that call returns hidden states or attentions (which need every row).
+
+# classifier class -> the path to its encoder's nn.ModuleList of layers
+_FIRST_TOKEN_CLASSIFIERS = {
+    "BertForSequenceClassification": "bert.encoder.layer",
+    "RobertaForSequenceClassification": "roberta.encoder.layer",
+    "XLMRobertaForSequenceClassification": "roberta.encoder.layer",
+    "CamembertForSequenceClassification": "roberta.encoder.layer",
+    "ElectraForSequenceClassification": "electra.encoder.layer",
+    "DistilBertForSequenceClassification": "distilbert.transformer.layer",
+}
+# layer arguments that bring other keys (cross-attention, a cache): the layer then runs whole
+_OTHER_KEYS_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "past_key_value")
+
+
+def _first_token_attention(att: nn.Module, q_proj, k_proj, v_proj, x: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, 1, heads * head dim): the self-attention output of row 0 of x (B, L, H) over all of x's keys, as ``att``
+    (a transformers self-attention module on llmcore attention) computes it for every row."""
+    b, n, _ = x.shape
+    d = att.attention_head_size
+    q = q_proj(x[:, :1]).view(b, 1, -1, d).transpose(1, 2)
+    k = k_proj(x).view(b, n, -1, d).transpose(1, 2)
+    v = v_proj(x).view(b, n, -1, d).transpose(1, 2)
+    if mask is not None and mask.dim() == 4 and mask.size(2) > 1:
+        mask = mask[:, :, :1]  # the first query's row
+    out, _ = attention_forward(att, q, k, v, mask, dropout=att.dropout.p if att.training else 0.0,
+                               scaling=att.scaling)
+    return out.reshape(b, 1, -1)
+
+
+def _first_token_bert_layer(layer: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
+    """BertLayer (RoBERTa's, ELECTRA's...): self-attention, its output block (dense, dropout, LayerNorm with the
+    residual), intermediate, output block."""
+    sa = layer.attention.self
+    a = layer.attention.output(_first_token_attention(sa, sa.query, sa.key, sa.value, x, mask), x[:, :1])
+    return layer.output(layer.intermediate(a), a)
+
+
+def _first_token_distilbert_block(layer: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
+    """DistilBERT's TransformerBlock: self-attention (with out_lin), LayerNorm with the residual, FFN, LayerNorm."""
+    att = layer.attention
+    a = layer.sa_layer_norm(att.out_lin(_first_token_attention(att, att.q_lin, att.k_lin, att.v_lin, x, mask))
+                            + x[:, :1])
+    return layer.output_layer_norm(layer.ffn(a) + a)
+
+
+def _returns_tensor(cls: type) -> bool:
+    """Whether cls.forward returns the layer's output tensor (transformers 5), not a tuple (4.x)."""
+    import inspect
+
+    ret = inspect.signature(cls.forward).return_annotation
+    return ret is Tensor or ret in ("torch.Tensor", "Tensor")
+
+
+def _encoder_attention(att: nn.Module, *projections: str) -> bool:
+    return (all(isinstance(getattr(att, p, None), nn.Module) for p in projections)
+            and isinstance(getattr(att, "dropout", None), nn.Dropout) and hasattr(att, "scaling")
+            and isinstance(getattr(att, "attention_head_size", None), int)
+            and getattr(att, "is_causal", True) is False
+            and getattr(att, "position_embedding_type", "absolute") == "absolute")
+
+
+def _first_token_form(layer) -> object:
+    """The first-token function for ``layer`` (a transformers encoder layer), or None if its structure is not the
+    one those functions reproduce (a decoder, cross-attention, relative positions, chunked MLP, 4.x tuples)."""
+    if not isinstance(layer, nn.Module) or not _returns_tensor(type(layer)):
+        return None
+    name = type(layer).__name__
+    if name == "TransformerBlock" and type(layer).__module__.endswith(".modeling_distilbert"):
+        ffn = getattr(layer, "ffn", None)
+        if (_encoder_attention(getattr(layer, "attention", None), "q_lin", "k_lin", "v_lin", "out_lin")
+                and all(isinstance(getattr(layer, n, None), nn.Module) for n in ("sa_layer_norm", "output_layer_norm"))
+                and isinstance(ffn, nn.Module) and not getattr(ffn, "chunk_size_feed_forward", 1)):
+            return _first_token_distilbert_block
+        return None
+    attention = getattr(layer, "attention", None)
+    if (name.endswith("Layer") and isinstance(attention, nn.Module)
+            and _encoder_attention(getattr(attention, "self", None), "query", "key", "value")
+            and isinstance(getattr(attention, "output", None), nn.Module)
+            and all(isinstance(getattr(layer, n, None), nn.Module) for n in ("intermediate", "output"))
+            and not getattr(layer, "is_decoder", True) and not getattr(layer, "add_cross_attention", True)
+            and not getattr(layer, "chunk_size_feed_forward", 1)):
+        return _first_token_bert_layer
+    return None
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine runs this code: an activation checkpoint recomputing a forward."""
+    if torch.compiler.is_compiling():
+        return False  # a compiled graph recomputes inside the graph, not by calling this forward again
+    return torch._C._current_graph_task_id() != -1
+
+
+def _first_token_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None, *args,
+                               **kwargs):
+    """The classifier's last layer: for row 0 only while the classifier's forward asks for it
+    (``_llmcore_first_token``), else transformers' forward. A recomputation inside the backward (activation
+    checkpointing) does what the last forward with gradients did, as the recomputed graph must match it."""
+    if _in_backward():
+        first = self._llmcore_first_token_recorded
+    else:
+        first = self._llmcore_first_token
+        if torch.is_grad_enabled():
+            self._llmcore_first_token_recorded = first
+    if (not first or hidden_states.dim() != 3 or any(a is not None for a in args)
+            or any(kwargs.get(k) is not None for k in _OTHER_KEYS_KWARGS)):
+        return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
+    return self._llmcore_first_token_fn(self, hidden_states, attention_mask)
+
+
+def _outputs_requested(model: nn.Module, kwargs: dict) -> bool:
+    """Whether this call of the classifier returns hidden states or attentions (keyword, else config: transformers
+    5's classifiers take them as keywords only)."""
+    return any(bool(kwargs[k]) if kwargs.get(k) is not None else bool(getattr(model.config, k, False))
+               for k in ("output_hidden_states", "output_attentions"))
+
+
+def _first_token_classifier_forward(self: nn.Module, *args, **kwargs):
+    """transformers' forward, with the last layer on the first token (see the section comment) unless hidden states
+    or attentions are asked for or the model no longer runs llmcore attention."""
+    layer = self.__dict__["_llmcore_first_token_layer"]
+    layer._llmcore_first_token = (getattr(self.config, "_attn_implementation", None) == NAME
+                                  and not _outputs_requested(self, kwargs))
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        layer._llmcore_first_token = False
+
+
+def _bind_first_token(model: nn.Module) -> None:
+    """Binds the first-token forwards to a classifier of ``_FIRST_TOKEN_CLASSIFIERS`` and its last layer, where their
+    forwards are transformers' own (or came back from pickle as such) and the layer has a known form."""
+    if "forward" in model.__dict__ and not _lost_forward(model):
+        return  # bound before, or rebound by someone else
+    if not hasattr(torch._C, "_current_graph_task_id"):
+        return  # (a torch without it: a checkpoint's recomputation could not be told from a forward)
+    try:
+        layer = model.get_submodule(_FIRST_TOKEN_CLASSIFIERS[type(model).__name__])[-1]
+    except (AttributeError, IndexError, TypeError):
+        return
+    form = _first_token_form(layer)
+    ours_lost = getattr(layer, "_llmcore_fused", None) == "first_token_layer" and _lost_forward(layer)
+    if form is None or ("forward" in layer.__dict__ and not ours_lost):
+        return
+    layer.__dict__.pop("forward", None)
+    layer._llmcore_first_token_fn = form
+    layer._llmcore_first_token = layer._llmcore_first_token_recorded = False
+    layer.forward = types.MethodType(_advertised(type(layer), _first_token_layer_forward), layer)
+    layer._llmcore_fused = "first_token_layer"
+    model.__dict__.pop("forward", None)
+    model.__dict__["_llmcore_first_token_layer"] = layer  # a reference, not a registered submodule
+    model.forward = types.MethodType(_advertised(type(model), _first_token_classifier_forward), model)
+
+
 # Keyword arguments of a causal LM's forward that are its own, not its base model's.
 _LM_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "ignore_index")
 
@@ -512,6 +673,10 @@ def patch(model: nn.Module) -> nn.Module:
                                               (a subclass, the same forward; its CPU
                                               backward reuses one dense-gradient
                                               buffer instead of a fresh zeroed one)
+    BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA,  the last encoder layer computes row 0
+    DistilBERT ``*ForSequenceClassification``  only (all their heads read), unless
+                                              the call returns hidden states or
+                                              attentions (``first_token_layer``)
     GPT-2, Llama, Mistral, Qwen2, Qwen3        the LM-head loss in training with
     ``*ForCausalLM`` / ``GPT2LMHeadModel``     labels: ``linear_cross_entropy``
                                               (no logits; see
@@ -541,9 +706,11 @@ def patch(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     register()
     counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-              "rotary_embedding": 0, "dropout": 0, "embedding": 0, "linear_cross_entropy": 0}
+              "rotary_embedding": 0, "dropout": 0, "embedding": 0, "linear_cross_entropy": 0, "first_token_layer": 0}
     missing = set()
     for m in model.modules():
+        if type(m).__name__ in _FIRST_TOKEN_CLASSIFIERS:
+            _bind_first_token(m)  # (pre-order: before its layers are visited)
         done = getattr(m, "_llmcore_fused", None)
         if done is not None:
             if not _lost_forward(m):  # patched before

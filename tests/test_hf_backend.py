@@ -429,29 +429,40 @@ def _state(model):
 
 EXPECTED = {
     "minilm": {"attention": 6, "layer_norm": 13, "rms_norm": 0, "bias_gelu": 6, "swiglu": 0, "rotary_embedding": 0,
-               "dropout": 20, "embedding": 3, "linear_cross_entropy": 0},  # dropout: embeddings, 3 a layer, classifier
+               "dropout": 20, "embedding": 3, "linear_cross_entropy": 0,  # dropout: embeddings, 3 a layer, classifier
+               "first_token_layer": 1},
     "gpt2": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0, "rotary_embedding": 0,
-             "dropout": 7, "embedding": 2, "linear_cross_entropy": 1},
+             "dropout": 7, "embedding": 2, "linear_cross_entropy": 1, "first_token_layer": 0},
     "llama": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
-              "dropout": 0, "embedding": 1, "linear_cross_entropy": 1},
+              "dropout": 0, "embedding": 1, "linear_cross_entropy": 1, "first_token_layer": 0},
     "qwen2": {"attention": 2, "layer_norm": 0, "rms_norm": 5, "bias_gelu": 0, "swiglu": 2, "rotary_embedding": 2,
-              "dropout": 0, "embedding": 1, "linear_cross_entropy": 1},
+              "dropout": 0, "embedding": 1, "linear_cross_entropy": 1, "first_token_layer": 0},
     # dropout: embeddings, 2 a layer (attention's, FFN's), the classifier's
     "distilbert": {"attention": 2, "layer_norm": 5, "rms_norm": 0, "bias_gelu": 2, "swiglu": 0, "rotary_embedding": 0,
-                   "dropout": 6, "embedding": 2, "linear_cross_entropy": 0},
+                   "dropout": 6, "embedding": 2, "linear_cross_entropy": 0, "first_token_layer": 1},
 }
 
 
-def _distilbert(**over):
-    """A random DistilBertForSequenceClassification (the guide's model family) and a right-padded batch."""
+def _encoder_classifier(kind, **over):
+    """A random sequence classifier of the BERT family (``kind``: bert, roberta, electra, distilbert: the guide's
+    model family) on transformers' sdpa, and a right-padded batch. ``over``: config fields."""
     hf.register()
     torch.manual_seed(0)
     # initializer_range 0.2, not 0.02: GELU's inputs then reach where its forms differ (the tanh form differs from
     # erf's by < 1e-6 below 0.1, by 1e-3 near 2)
-    cfg = transformers.DistilBertConfig(vocab_size=96, dim=48, n_layers=2, n_heads=4, hidden_dim=80,
-                                        initializer_range=0.2, attn_implementation="sdpa", **over)
-    ref = transformers.DistilBertForSequenceClassification(cfg).eval()
+    common = {"vocab_size": 96, "initializer_range": 0.2, "attn_implementation": "sdpa", **over}
+    if kind == "distilbert":
+        cfg = transformers.DistilBertConfig(dim=48, n_layers=2, n_heads=4, hidden_dim=80, **common)
+    else:
+        cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+               "electra": transformers.ElectraConfig}[kind]
+        cfg = cls(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+                  max_position_embeddings=64, **common)
+    ref = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
     return ref, _lm_batch("right")
+
+
+_distilbert = functools.partial(_encoder_classifier, "distilbert")
 
 
 def _check_patch(kind, ref, model, batch, op_calls=None, logits=lambda o: o.logits):
@@ -466,7 +477,8 @@ def _check_patch(kind, ref, model, batch, op_calls=None, logits=lambda o: o.logi
     with torch.no_grad():
         torch.testing.assert_close(logits(model(**batch)), logits(ref(**batch)), **FP32)
     if op_calls is not None:  # (the LM-head loss runs only in training with labels)
-        not_ops = ("attention", "linear_cross_entropy", "embedding")  # a setting, the LM forward, a class swap
+        # a setting, the LM forward, a class swap, a layer forward
+        not_ops = ("attention", "linear_cross_entropy", "embedding", "first_token_layer")
         used = {k for k, n in EXPECTED[kind].items() if n and k not in not_ops}
         assert {k for k, n in op_calls.items() if n} == used
 
@@ -549,7 +561,8 @@ def test_patch_leaves_unknown_modules_alone(ref_ops):
         before = model[:5](x)
     hf.patch(model)
     assert model._llmcore_patched == {"attention": 0, "layer_norm": 1, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-                                      "rotary_embedding": 0, "dropout": 0, "embedding": 0, "linear_cross_entropy": 0}
+                                      "rotary_embedding": 0, "dropout": 0, "embedding": 0, "linear_cross_entropy": 0,
+                                      "first_token_layer": 0}
     assert [("forward" in m.__dict__) for m in model] == [False, True, False, False, False, False]
     with torch.no_grad():
         torch.testing.assert_close(model[:5](x), before, **FP32)
@@ -787,7 +800,8 @@ def test_patch_warns_about_missing_ops(monkeypatch):
     with pytest.warns(UserWarning, match="rms_norm, rotary_embedding, swiglu"):
         model = hf.patch(copy.deepcopy(ref))
     assert model._llmcore_patched == {"attention": 2, "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
-                                      "rotary_embedding": 0, "dropout": 0, "embedding": 1, "linear_cross_entropy": 1}
+                                      "rotary_embedding": 0, "dropout": 0, "embedding": 1, "linear_cross_entropy": 1,
+                                      "first_token_layer": 0}
 
 
 @pytest.fixture
@@ -1098,3 +1112,166 @@ def test_patch_distilbert_with_fused_ops():
     ref.eval(), model.eval()
     err_sdpa, err_ours = _bf16_errors(ref, model, batch)
     assert err_ours <= 2 * err_sdpa + 1e-2, (err_ours, err_sdpa)
+
+
+# ---------------------------------------------------------------------------------------
+# patch(): sequence classifiers' last layer on the first token
+
+_NO_DROPOUT = {"bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+               "distilbert": {"dropout": 0.0, "attention_dropout": 0.0, "seq_classif_dropout": 0.0}}
+_NO_DROPOUT["roberta"] = _NO_DROPOUT["electra"] = _NO_DROPOUT["bert"]
+
+
+def _last_layer(model):
+    return (model.distilbert.transformer if hasattr(model, "distilbert") else model.base_model.encoder).layer[-1]
+
+
+def _output_shapes(model):
+    """The shapes the model's last encoder layer returns, call by call."""
+    shapes = []
+    _last_layer(model).register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    return shapes
+
+
+def _train_grads(model, batch, labels, **kw):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, labels=labels, **kw)
+    out.loss.backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra", "distilbert"])
+def test_first_token_last_layer_matches_transformers(kind):
+    """The classifier's last layer computes row 0 only ((B, 1, H) out), and logits, loss and every gradient are
+    transformers' (the padded batch checks the mask's first-query row); a call that returns hidden states or
+    attentions runs the whole layer."""
+    ref, batch = _encoder_classifier(kind, **_NO_DROPOUT[kind])
+    model = hf.patch(copy.deepcopy(ref))
+    assert model._llmcore_patched["first_token_layer"] == 1
+    shapes = _output_shapes(model)
+    labels = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, **FP32)
+    out_ref, grads_ref = _train_grads(ref, batch, labels)
+    out, grads = _train_grads(model, batch, labels)
+    assert shapes == [(3, 1, 48)] * 2
+    torch.testing.assert_close(out.loss, out_ref.loss, **FP32)
+    assert grads.keys() == grads_ref.keys()
+    _assert_grads_close(ref, model)
+
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        hs, hs_ref = model(**batch, output_hidden_states=True), ref(**batch, output_hidden_states=True)
+    assert shapes[-1] == (3, 13, 48) and hs.hidden_states[-1].shape == (3, 13, 48)
+    _assert_hidden_close(hs, hs_ref, batch["attention_mask"])
+    with pytest.warns(UserWarning, match="attention weights"), torch.no_grad():
+        model(**batch, output_attentions=True)  # (llmcore returns no weights: it says so)
+    assert shapes[-1] == (3, 13, 48)
+    model.config.output_hidden_states = True  # the config's default counts too
+    with torch.no_grad():
+        model(**batch)
+    assert shapes[-1] == (3, 13, 48)
+    model.config.output_hidden_states = False
+    with torch.no_grad():
+        model(**batch)
+        model.base_model(**batch)  # the base model alone: every row, as transformers computes them
+    assert shapes[-2:] == [(3, 1, 48), (3, 13, 48)]
+
+
+def test_first_token_last_layer_with_a_per_query_mask():
+    """A caller's 4D mask whose first query row differs from the others: the first-token layer takes that row."""
+    ref, batch = _encoder_classifier("bert")
+    model = hf.patch(copy.deepcopy(ref))
+    shapes = _output_shapes(model)
+    n = batch["input_ids"].shape[1]
+    allowed = torch.ones(3, 1, n, n, dtype=torch.bool)
+    allowed[:, :, 0, 5:] = False  # the first query sees the first 5 keys; the others see all
+    mask = torch.zeros(3, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        logits, logits_ref = model(batch["input_ids"], attention_mask=mask).logits, ref(batch["input_ids"],
+                                                                                       attention_mask=mask).logits
+        assert not torch.allclose(logits_ref, ref(batch["input_ids"]).logits, atol=1e-2)  # the mask matters
+    torch.testing.assert_close(logits, logits_ref, **FP32)
+    assert shapes == [(3, 1, 48)]
+
+
+def test_first_token_last_layer_under_activation_checkpointing():
+    """Checkpointed layers recompute in the backward what their forward computed: transformers' checkpointing
+    (re-entrant or not) and torch's checkpoint wrapper (FSDP's) give the un-checkpointed gradients, also when a
+    whole-layer call without gradients came between the forward and the backward."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    ref, batch = _encoder_classifier("bert", **_NO_DROPOUT["bert"])
+    labels = torch.tensor([1, 0, 1])
+    _, expected = _train_grads(hf.patch(copy.deepcopy(ref)), batch, labels)
+    for how in ("reentrant", "non-reentrant", "wrapper"):
+        model = hf.patch(copy.deepcopy(ref))
+        if how == "wrapper":
+            apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "BertLayer")
+        else:
+            # transformers >= 5's name, else the older one
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": how == "reentrant"})
+        shapes = _output_shapes(model)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, labels=labels).loss
+        with torch.no_grad():
+            model(**batch, output_hidden_states=True)
+        loss.backward()
+        assert shapes[:2] == [(3, 1, 48), (3, 13, 48)], how  # (then the recomputation's)
+        grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()
+                 if p.grad is not None}
+        assert grads.keys() == expected.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, expected[name], atol=0, rtol=0, msg=f"{how} {name}")
+        # a training call returning hidden states checkpoints and recomputes the whole layer
+        out, _ = _train_grads(model, batch, labels, output_hidden_states=True)
+        assert out.hidden_states[-1].shape == (3, 13, 48)
+
+
+def test_first_token_last_layer_under_torch_compile():
+    """torch.compile takes the patched classifier without a graph break (llmcore's embedding leaves its gradient
+    buffer to the compiled graph) and trains it as eagerly."""
+    import torch._dynamo
+
+    ref, batch = _encoder_classifier("bert", **_NO_DROPOUT["bert"])
+    labels = torch.tensor([1, 0, 1])
+    eager = hf.patch(copy.deepcopy(ref))
+    out_eager, grads_eager = _train_grads(eager, batch, labels)
+    model = hf.patch(copy.deepcopy(ref))
+    shapes = _output_shapes(model)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**batch, labels=labels)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    model.train()
+    out = compiled(**batch, labels=labels)
+    out.loss.backward()
+    assert (3, 1, 48) in shapes
+    torch.testing.assert_close(out.logits, out_eager.logits, **FP32)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads_eager[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_first_token_last_layer_only_where_the_head_reads_one_row(tmp_path):
+    """Base models, token classifiers, decoders with cross-attention keep whole layers; an unpickled classifier
+    binds the first-token forwards again when patched."""
+    ref, batch = _encoder_classifier("bert")
+    base = hf.patch(copy.deepcopy(ref.bert))
+    tokens = hf.patch(transformers.BertForTokenClassification(ref.config))
+    cross = transformers.BertConfig(**{**ref.config.to_dict(), "is_decoder": True, "add_cross_attention": True})
+    decoder = hf.patch(transformers.BertForSequenceClassification(cross))
+    assert [m._llmcore_patched["first_token_layer"] for m in (base, tokens, decoder)] == [0, 0, 0]
+
+    model = hf.patch(copy.deepcopy(ref))
+    torch.save(model, tmp_path / "model.pt")
+    back = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert hf.patch(back)._llmcore_patched == model._llmcore_patched
+    assert _last_layer(back).forward.__self__ is _last_layer(back)
+    shapes = _output_shapes(back)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, ref(**batch).logits, **FP32)
+    assert shapes == [(3, 1, 48)]

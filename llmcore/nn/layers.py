@@ -118,7 +118,8 @@ class Embedding(nn.Embedding):
     tensors a caller kept are never overwritten; otherwise a fresh one is allocated, as torch
     does. autograd takes the returned gradient as ``weight.grad`` without a copy, so hooks, DDP
     and gradient accumulation see an ordinary gradient. Rows equal to ``padding_idx`` get none.
-    CUDA tensors, ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` go to ``F.embedding``.
+    CUDA tensors, ``max_norm``, ``scale_grad_by_freq``, ``sparse`` and torch.compile'd code (without a
+    row tracker) go to ``F.embedding``.
 
     ``row_tracker`` (set by ``llmcore.train.lazy_rows.LazyRowAdamW`` while it trains the table):
     told the ids before every lookup (``before_read``) and after every backward
@@ -134,7 +135,10 @@ class Embedding(nn.Embedding):
             self.row_tracker.before_read(input)
         w = self.weight
         if (w.device.type != "cpu" or not (torch.is_grad_enabled() and w.requires_grad) or self.max_norm is not None
-                or self.scale_grad_by_freq or self.sparse):
+                or self.scale_grad_by_freq or self.sparse
+                or (torch.compiler.is_compiling() and self.row_tracker is None)):
+            # compiled: the graph owns the gradient's memory (the buffer's storage calls broke the graph 7 times in
+            # a patched MiniLM); a row tracker still needs its after_backward, so it keeps the buffer's path
             return super().forward(input)
         return _RecycledEmbedding.apply(input, w, self)
 
