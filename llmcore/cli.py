@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="also draw the comparison as a bar chart (needs matplotlib)")
     p.set_defaults(func=_bench_prepare)
     p = bsub.add_parser("finetune", help="one epoch of MiniLM on SST-2 rows: llmcore finetune vs transformers "
-                                         "Trainer, fp32 and bf16, each in its own process; samples/s, memory, accuracy")
+                                         "Trainer (and Trainer on a model through llmcore.hf.patch), fp32 and bf16, "
+                                         "each in its own process; samples/s, memory, accuracy")
     p.add_argument("--rows", type=int, default=4000, help="SST-2 training rows (default 4000)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="one precision only (default: both)")
     p.add_argument("--reference-sampling", choices=["random", "group_by_length"], default="random",

@@ -32,7 +32,7 @@ def test_bench_finetune_quick(tmp_path):
     assert saved["data"] == {"train": 64, "validation": 16, "test": 64}
 
     runs = {r["impl"]: r for r in saved["runs"]}
-    assert set(runs) == {"transformers", "llmcore"}
+    assert set(runs) == {"transformers", "transformers_patched", "llmcore"}
     for impl, r in runs.items():
         assert "error" not in r, f"{impl}: {r.get('error')}"
         assert r["dtype"] == "fp32" and r["train_rows"] == 64
@@ -40,14 +40,21 @@ def test_bench_finetune_quick(tmp_path):
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_examples"] == 64
         assert r["peak_rss_mb"] > 0 and r["train"]["wall_s"] > 0
     assert runs["transformers"]["train_tokens_per_epoch"] == runs["llmcore"]["train_tokens_per_epoch"]
+    assert runs["transformers"]["llmcore_patched"] is None
+    counts = runs["transformers_patched"]["llmcore_patched"]  # the backend swap really ran on llmcore
+    assert counts["attention"] == 6 and counts["layer_norm"] == 13 and counts["first_token_layer"] == 1
 
     s = saved["summary"]["fp32"]
     assert s["ratio"] == pytest.approx(s["samples_per_s"]["llmcore"] / s["samples_per_s"]["transformers"])
     assert s["accuracy_diff_points"] == pytest.approx(
         100 * (s["test_accuracy"]["llmcore"] - s["test_accuracy"]["transformers"]))
     assert isinstance(s["bar_met"], bool)
+    assert s["patched"]["ratio"] == pytest.approx(
+        runs["transformers_patched"]["samples_per_s"] / runs["transformers"]["samples_per_s"])
+    assert 0.0 <= s["patched"]["test_accuracy"] <= 1.0
     text = md_path.read_text(encoding="utf-8")
     assert "| fp32 | transformers Trainer | 64 |" in text and "bar met" in text
+    assert "| fp32 | Trainer + llmcore.hf.patch | 64 |" in text and "## Trainer + llmcore.hf.patch / Trainer" in text
 
 
 def test_bar_chart_writes_png(tmp_path):

@@ -46,8 +46,10 @@ import time
 
 from llmcore.bench.data import data_dir, minilm_dir
 
-IMPLS = ("transformers", "llmcore")
-LABELS = {"transformers": "transformers Trainer", "llmcore": "llmcore finetune()"}
+IMPLS = ("transformers", "transformers_patched", "llmcore")
+# transformers_patched: the reference run with its model through llmcore.hf.patch (the backend swap, Trainer kept)
+LABELS = {"transformers": "transformers Trainer", "transformers_patched": "Trainer + llmcore.hf.patch",
+          "llmcore": "llmcore finetune()"}
 BAR_RATIO = 3.0
 BAR_POINTS = 1.0
 QUICK_ROWS = 256
@@ -164,9 +166,10 @@ class CountingCollator:
 
 def build_transformers(data: str, model: str, output_dir: str, dtype: str, max_length: int = 128,
                        batch_size: int = 32, epochs: float = 1, learning_rate: float = 5e-5, warmup_steps: int = 10,
-                       seed: int = 42, sampling: str = "random") -> dict:
+                       seed: int = 42, sampling: str = "random", patch: bool = False) -> dict:
     """Everything the reference does before ``trainer.train()``: {"trainer", "collator", "splits",
-    "train_tokens" (real tokens of one epoch), "data_s" (tokenizing), "setup_s" (model + Trainer)}."""
+    "train_tokens" (real tokens of one epoch), "data_s" (tokenizing), "setup_s" (model + Trainer)}. ``patch``: the
+    model goes through ``llmcore.hf.patch`` first (llmcore's attention and fused ops in transformers' model)."""
     import datasets
     import transformers
     from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding, Trainer
@@ -186,6 +189,10 @@ def build_transformers(data: str, model: str, output_dir: str, dtype: str, max_l
     t1 = time.perf_counter()
     transformers.set_seed(seed)  # the classifier head is drawn here, before Trainer seeds
     net = BertForSequenceClassification.from_pretrained(model, num_labels=2, attn_implementation="sdpa")
+    if patch:
+        import llmcore.hf
+
+        llmcore.hf.patch(net)
     collator = CountingCollator(DataCollatorWithPadding(tok))
 
     def accuracy(pred):
@@ -247,7 +254,8 @@ def run_transformers(spec: dict) -> dict:
     t0 = time.perf_counter()
     built = build_transformers(spec["data"], spec["model"], spec["output_dir"], spec["dtype"], spec["max_length"],
                                spec["batch_size"], spec["epochs"], spec["learning_rate"], spec["warmup_steps"],
-                               spec["seed"], spec.get("reference_sampling", "random"))
+                               spec["seed"], spec.get("reference_sampling", "random"),
+                               patch=spec["impl"] == "transformers_patched")
     trainer, collator, splits = built["trainer"], built["collator"], built["splits"]
     collator.reset()
     probe = Probe()
@@ -266,7 +274,7 @@ def run_transformers(spec: dict) -> dict:
                          "train_samples_per_second": m.get("train_samples_per_second"),
                          "train_loss": m.get("train_loss"), "global_step": out.global_step},
             "validation_accuracy": val.get("validation_accuracy"), "test_accuracy": test.get("test_accuracy"),
-            "test_examples": len(splits["test"]),
+            "test_examples": len(splits["test"]), "llmcore_patched": getattr(trainer.model, "_llmcore_patched", None),
             "phases_s": {"data": built["data_s"], "setup": built["setup_s"],
                          "train": probe.result["wall_s"], "evaluate_save": t3 - t2, "end_to_end": t3 - t0}}
 
@@ -413,6 +421,7 @@ def compare(runs: list, dtypes) -> dict:
         acc_r, acc_o = ref["test_accuracy"], ours["test_accuracy"]
         diff = None if acc_r is None or acc_o is None else 100.0 * (acc_o - acc_r)
         ratios = [x for x in (ratio, ratio_rep) if x is not None]
+        patched = by.get("transformers_patched")
         out[dt] = {
             "samples_per_s": {"transformers": ref["samples_per_s"], "llmcore": ours["samples_per_s"]},
             "ratio": ratio, "ratio_reported": ratio_rep,
@@ -423,6 +432,12 @@ def compare(runs: list, dtypes) -> dict:
             "train_rows": {"transformers": ref["train_rows"], "llmcore": ours["train_rows"]},
             "bar_met": bool(ratios and min(ratios) >= BAR_RATIO and diff is not None and abs(diff) <= BAR_POINTS),
         }
+        if patched is not None:  # the backend swap: Trainer kept, its model patched (no bar)
+            rep_p = patched["reported_samples_per_s"]
+            out[dt]["patched"] = {
+                "samples_per_s": patched["samples_per_s"], "ratio": patched["samples_per_s"] / ref["samples_per_s"],
+                "ratio_reported": rep_p / rep_r if rep_r and rep_p else None,
+                "test_accuracy": patched["test_accuracy"], "peak_rss_mb": patched["peak_rss_mb"]}
     return out
 
 
@@ -486,6 +501,14 @@ def format_markdown(out: dict) -> str:
                      f"| {_f(c['ratio_reported'], '.2f')}x | {_f(acc['transformers'], '.4f')} "
                      f"| {_f(acc['llmcore'], '.4f')} | {_f(c['accuracy_diff_points'], '+.2f')} "
                      f"| {str(c['bar_met']).lower()} |")
+    patched = {dt: c["patched"] for dt, c in out["summary"].items() if "patched" in c}
+    if patched:
+        parts += ["", "## Trainer + llmcore.hf.patch / Trainer (the backend swap: the same Trainer, its model patched)",
+                  "", "| precision | samples/s Trainer + hf.patch | ratio | ratio (own metrics) | test acc |",
+                  "|---" * 5 + "|"]
+        for dt, c in patched.items():
+            parts.append(f"| {dt} | {c['samples_per_s']:.1f} | {c['ratio']:.2f}x | {_f(c['ratio_reported'], '.2f')}x "
+                         f"| {_f(c['test_accuracy'], '.4f')} |")
     notes = list(NOTES)
     rows = {r["impl"]: r["train_rows"] for r in out["runs"] if "error" not in r}
     if len(set(rows.values())) > 1:
@@ -508,7 +531,11 @@ def plot(out: dict, path: str) -> str:
         return "-" if a is None else f"{100 * a:.1f}%"
 
     groups = [f"{dt}\ntest acc: Trainer {acc(dt, 'transformers')}, llmcore {acc(dt, 'llmcore')}" for dt in dts]
-    series = {LABELS[i]: [summ[dt]["samples_per_s"][i] for dt in dts] for i in IMPLS}
+    series = {LABELS[i]: [summ[dt]["samples_per_s"][i] for dt in dts] for i in ("transformers", "llmcore")}
+    if all("patched" in summ[dt] for dt in dts):
+        series = {LABELS["transformers"]: series[LABELS["transformers"]],
+                  LABELS["transformers_patched"]: [summ[dt]["patched"]["samples_per_s"] for dt in dts],
+                  LABELS["llmcore"]: series[LABELS["llmcore"]]}
     return bar_chart(path, f"MiniLM fine-tuning, {out['settings']['rows']} SST-2 rows, "
                            f"{out['settings']['epochs']} epoch(s)", groups, series, "train samples/s",
                      [f"{summ[dt]['ratio']:.2f}x" for dt in dts])
