@@ -300,6 +300,52 @@ def test_prepared_folder_overflow_must_match(tmp_path, capsys):
     assert "overflow 'split'" in err and "made with overflow 'truncate'" in err and "prepared" in err
 
 
+@pytest.mark.parametrize("kind", ["opt", "gpt_neox", "llama"])
+def test_finetune_decoder_classifier_fallback_pads_with_its_pad_id(tmp_path, capsys, kind):
+    """A decoder for classification trains as transformers' classifier (a Llama too: llmcore's decoders are causal
+    LMs only; it was an error). Those classifiers read each row at its last token that is not the config's
+    pad_token_id: padded batches must be padded with that id (OPT's is 1; they were padded with 0, so padded rows
+    were read at their padding), and a config without one (GPT-NeoX's, Llama's) gets 0, the padding used
+    (transformers refused the batches before: "Cannot handle batch sizes > 1 if no padding token is defined"). The
+    validation loss finetune reports equals the saved model's, row by row without padding."""
+    transformers = pytest.importorskip("transformers")
+    from llmcore.data import PreparedDataset
+
+    torch.manual_seed(0)
+    if kind == "opt":
+        cfg = transformers.OPTConfig(vocab_size=30522, hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2,
+                                     ffn_dim=64, num_attention_heads=4, max_position_embeddings=128)
+        ckpt = _tiny_checkpoint(tmp_path, kind, transformers.OPTModel(cfg))
+    elif kind == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=128)
+        ckpt = _tiny_checkpoint(tmp_path, kind, transformers.GPTNeoXModel(cfg))
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        ckpt = _tiny_checkpoint(tmp_path, kind, transformers.LlamaForCausalLM(cfg))
+    data = _sst2(tmp_path, 64, eval_rows=24, test_rows=16)
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(data), "--model", str(ckpt), "--output-dir", str(out),
+                 "--max-length", "32", "--max-steps", "3", "--per-device-train-batch-size", "8",
+                 "--per-device-eval-batch-size", "8", "--learning-rate", "1e-3", "--save-strategy", "no",
+                 "--eval-strategy", "no", "--disable-tqdm", "--report-to", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "with llmcore.hf.patch instead" in err
+    assert ("names no pad token" in err) == (kind != "opt")
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "final")).eval()
+    assert model.config.pad_token_id == (1 if kind == "opt" else 0)
+    val = PreparedDataset.load(out / "data")["validation"]
+    assert len({len(val[i]) for i in range(len(val))}) > 1  # ragged: the batches were padded
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor(val[i], dtype=torch.long)[None]).logits for i in range(len(val))]
+    losses = [float(torch.nn.functional.cross_entropy(x, torch.tensor([int(y)]))) for x, y in zip(logits, val.labels)]
+    assert results["eval_examples"] == len(val)
+    assert results["eval_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["electra", "llama3-rope"])
 def test_finetune_falls_back_to_transformers(tmp_path, capsys, kind):
     """A checkpoint llmcore's models do not implement -- ELECTRA for classification, a Llama with Llama-3 RoPE

@@ -32,10 +32,12 @@ class SplitBatches:
     shape makes oneDNN generate kernels (measured ~30 ms per step on MiniLM, a quarter of the step).
 
     ``causal_lm``: the labels are the tokens themselves (shaped as input_ids; -100 at padding and
-    filler tokens), for next-token training; the split needs no label column."""
+    filler tokens), for next-token training; the split needs no label column. ``pad_id``: the token id of padded
+    batches' padding (transformers' decoder classifiers find each row's last token by it)."""
 
-    def __init__(self, split, rows: list, pack: bool, pad_to_multiple_of: int = 1, causal_lm: bool = False):
-        self.split, self.rows, self.pack, self.causal_lm = split, rows, pack, causal_lm
+    def __init__(self, split, rows: list, pack: bool, pad_to_multiple_of: int = 1, causal_lm: bool = False,
+                 pad_id: int = 0):
+        self.split, self.rows, self.pack, self.causal_lm, self.pad_id = split, rows, pack, causal_lm, pad_id
         self.labels = None if causal_lm else np.asarray(split.labels)
         self.multiple = int(pad_to_multiple_of)
         if self.multiple < 1:
@@ -72,7 +74,7 @@ class SplitBatches:
             return {"input_ids": ids, "cu_seqlens": torch.from_numpy(cu), "labels": labels}
         width = max(len(s) for s in seqs)
         width = max(width, min(-(-width // self.multiple) * self.multiple, self.longest))
-        ids = np.zeros((len(seqs), width), dtype=np.int64)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
         for r, s in enumerate(seqs):
             ids[r, :len(s)] = s
@@ -84,13 +86,13 @@ class SplitBatches:
 
 
 def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
-                  pad_to_multiple_of: int = 1, causal_lm: bool = False):
+                  pad_to_multiple_of: int = 1, causal_lm: bool = False, pad_id: int = 0):
     """A factory epoch -> ``SplitBatches``: length-bucketed batches shuffled by (seed, epoch).
 
     ``batch_size`` is per rank: the rows are cut into global batches of ``batch_size * world_size``
     and rank r takes every ``world_size``-th row of each from row r, so one process and N ranks see
     the same global batches. A last global batch with fewer rows than ranks is dropped (training:
-    every rank must step). ``pad_to_multiple_of`` and ``causal_lm``: see ``SplitBatches``."""
+    every rank must step). ``pad_to_multiple_of``, ``causal_lm`` and ``pad_id``: see ``SplitBatches``."""
     def batches(epoch: int) -> SplitBatches:
         rows = []
         for global_rows in split.batches(batch_size * world_size, seed=seed + epoch, shuffle=shuffle):
@@ -99,8 +101,23 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, 
             mine = global_rows[rank::world_size]
             if len(mine):
                 rows.append(mine)
-        return SplitBatches(split, rows, pack, pad_to_multiple_of, causal_lm)
+        return SplitBatches(split, rows, pack, pad_to_multiple_of, causal_lm, pad_id)
     return batches
+
+
+def transformers_pad_id(net: torch.nn.Module, causal_lm: bool) -> int:
+    """The token id to pad a transformers model's batches with: its config's ``pad_token_id``. Without one, 0; a
+    classifier's config then gets ``pad_token_id = 0`` (transformers' decoder classifiers read each row at its last
+    token that is not the pad id, and refuse batches of several rows when there is none), said on stderr."""
+    cfg = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
+    pad, vocab = getattr(cfg, "pad_token_id", None), getattr(cfg, "vocab_size", None)
+    if isinstance(pad, int) and 0 <= pad and (vocab is None or pad < vocab):
+        return pad
+    if pad is None and not causal_lm:
+        cfg.pad_token_id = 0
+        print(f"llmcore: {type(net).__name__}'s config names no pad token; its batches are padded with id 0, now "
+              "its pad_token_id (a text whose last token is id 0 is then read one token early)", file=sys.stderr)
+    return 0
 
 
 def _setup_distributed(device: Optional[str], group: bool = False) -> tuple[int, int, torch.device, bool]:
@@ -153,16 +170,17 @@ def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None) -> 
     """llmcore's model of the checkpoint folder ``path``, or, for a checkpoint llmcore does not implement (another
     architecture, RoPE scaling, an activation), transformers' own model of it (``AutoModelForCausalLM`` /
     ``AutoModelForSequenceClassification``, sdpa) with llmcore's kernels swapped in by ``llmcore.hf.patch``,
-    saying so on stderr. An encoder asked for a causal LM, or a decoder for classification, stays an error."""
+    saying so on stderr; so is a decoder asked for classification (llmcore's decoders are causal LMs only). An
+    encoder asked for a causal LM stays an error."""
     from llmcore.models import UnsupportedModelError, from_pretrained
     from llmcore.models.config import TaskMismatchError
 
     task = "causal-lm" if causal_lm else "sequence-classification"
     try:
         return from_pretrained(path, task=task, num_labels=None if causal_lm else num_labels)
-    except TaskMismatchError:
-        raise
     except UnsupportedModelError as e:
+        if causal_lm and isinstance(e, TaskMismatchError):
+            raise  # an encoder is no causal LM
         try:
             import transformers
 
@@ -250,10 +268,12 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
         net = load_model(model, causal_lm, prepared.num_labels).to(dev)
         pack = config.pack and not is_transformers_model(net)  # transformers' models take no cu_seqlens
+        pad_id = transformers_pad_id(net, causal_lm) if is_transformers_model(net) else 0
         batch, multiple = config.per_device_train_batch_size, config.batch_multiple(dev)
-        train = split_batches(prepared["train"], batch, pack, config.seed, True, rank, world, multiple, causal_lm)
+        train = split_batches(prepared["train"], batch, pack, config.seed, True, rank, world, multiple, causal_lm,
+                              pad_id)
         evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, pack, 0, False,
-                                     rank, world, multiple, causal_lm)(0)
+                                     rank, world, multiple, causal_lm, pad_id)(0)
                  for name in ("validation", "test") if name in prepared.splits
                  and (causal_lm or (prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0))}
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
