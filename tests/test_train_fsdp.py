@@ -422,21 +422,23 @@ def _tiny_gpt2():
     return llmcore.hf.patch(transformers.GPT2LMHeadModel(cfg))
 
 
-def _hf_worker(rank, world, init_file, out_dir):
+def _hf_worker(rank, world, init_file, out_dir, sharded=False):
     import torch.distributed as dist
 
     from llmcore.train.fsdp import full_model_state
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    kw = {"fsdp": "full_shard", "max_grad_norm": 1.0, **({"fsdp_config": SHARDED} if sharded else {})}
     try:
         mine = [b[rank] for b in _lm_shards(world)]
-        trainer = Trainer(_tiny_gpt2(), _config(out_dir, fsdp="full_shard", max_grad_norm=1.0), mine)
+        trainer = Trainer(_tiny_gpt2(), _config(out_dir, **kw), mine)
         trainer.train()
         trainer.save_model(os.path.join(out_dir, "final"))
         straight = full_model_state(trainer.model)
-        again = Trainer(_tiny_gpt2(), _config(out_dir, fsdp="full_shard", max_grad_norm=1.0, save_strategy="no",
-                                              resume_from_checkpoint=os.path.join(out_dir, f"checkpoint-{SAVE_AT}")),
+        again = Trainer(_tiny_gpt2(), _config(out_dir, save_strategy="no",
+                                              resume_from_checkpoint=os.path.join(out_dir, f"checkpoint-{SAVE_AT}"),
+                                              **kw),
                         mine)
         again.train()
         resumed = full_model_state(again.model)
@@ -468,3 +470,26 @@ def test_fsdp_transformers_model(tmp_path):
     assert back.lm_head.weight.data_ptr() == back.transformer.wte.weight.data_ptr()  # still tied
     for name, t in single.model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp_sharded_transformers_model_consolidates(tmp_path):
+    """A transformers GPT-2 under FSDP with SHARDED_STATE_DICT: each rank writes its shards of transformers' names,
+    the run resumes from them bit for bit, and `llmcore consolidate` writes the last checkpoint's model as
+    transformers' own files (it built llmcore models only, so this failed), equal to final/ and loadable."""
+    import torch.multiprocessing as mp
+
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "fsdp"
+    mp.spawn(_hf_worker, args=(2, str(tmp_path / "init"), str(out), True), nprocs=2, join=True)
+    with open(out / "report.json") as f:
+        assert json.load(f)["resumed_equal"]
+    last = out / f"checkpoint-{STEPS}"
+    assert (last / "sharded" / ".metadata").is_file() and not (last / "model.safetensors").exists()
+    assert main(["consolidate", str(last), str(tmp_path / "whole")]) == 0
+    whole = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "whole"))
+    final = transformers.GPT2LMHeadModel.from_pretrained(str(out / "final"))
+    assert whole.lm_head.weight.data_ptr() == whole.transformer.wte.weight.data_ptr()  # still tied
+    for name, t in final.state_dict().items():
+        assert torch.equal(whole.state_dict()[name], t), name
+    start = _tiny_gpt2().state_dict()
+    assert sum(not torch.equal(t, start[n]) for n, t in final.state_dict().items()) > 10  # trained

@@ -292,6 +292,8 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], state_dict:
 def save_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model``'s config.json (transformers' keys) into the folder ``path``."""
     if is_transformers_model(model):
+        # as its save_pretrained does: the class, which `llmcore consolidate` builds from config.json again
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(os.fspath(path))
         return
     with open(os.path.join(os.fspath(path), "config.json"), "w", encoding="utf-8") as f:

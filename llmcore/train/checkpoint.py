@@ -36,7 +36,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from llmcore.models import CheckpointError, save_pretrained
+from llmcore.models import CheckpointError, UnsupportedModelError, save_pretrained
+from llmcore.models.config import TaskMismatchError
 from llmcore.models.loading import (
     build_model,
     is_transformers_model,
@@ -212,7 +213,9 @@ def load_model_weights(path: str, model: nn.Module) -> None:
 def consolidate_checkpoint(path: str, output_dir: str) -> str:
     """Writes the model of the sharded checkpoint ``path`` (``checkpoint-<step>`` with a ``sharded/`` folder) into
     ``output_dir`` as config.json + model.safetensors in transformers' names (what ``Trainer.save_model`` writes),
-    in one process, reading only the model's part of the shards (not the optimizer's). Returns ``output_dir``."""
+    in one process, reading only the model's part of the shards (not the optimizer's). Returns ``output_dir``. The
+    checkpoint of a transformers model (``llmcore finetune``'s fallback) is read into transformers' model of its
+    config.json and written by its ``save_pretrained``."""
     sharded = os.path.join(path, SHARDED)
     config_file = os.path.join(path, "config.json")
     if not os.path.isdir(sharded) or not os.path.isfile(config_file):
@@ -220,11 +223,43 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
     with open(config_file, encoding="utf-8") as f:
         hf = json.load(f)
     causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in hf.get("architectures") or [])
-    model = build_model(hf, "causal-lm" if causal else "sequence-classification")
+    keys = _sharded_keys(sharded)  # None if unreadable: read_sharded says why below
+
+    def holds(m: nn.Module) -> bool:
+        return keys is None or all(f"model.{k}" in keys for k in m.state_dict())
+
+    model = unsupported = None
+    try:
+        model = build_model(hf, "causal-lm" if causal else "sequence-classification")
+    except UnsupportedModelError as e:
+        if causal and isinstance(e, TaskMismatchError):
+            raise
+        unsupported = e
+    if model is None or not holds(model):  # a transformers model's shards (what finetune's fallback trains)
+        try:
+            import transformers
+        except ImportError:
+            if model is None:
+                raise unsupported from None
+        else:
+            auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSequenceClassification
+            theirs = auto.from_config(transformers.AutoConfig.from_pretrained(path))
+            if model is None or holds(theirs):
+                model = theirs
     # the model's own tensors, which DCP reads into in place; the optimizer's keys are left unread
     read_sharded({"model": model.state_dict()}, sharded, "the model its config.json describes")
     save_pretrained(model, output_dir)
     return output_dir
+
+
+def _sharded_keys(path: str) -> Optional[set]:
+    """The tensor keys of the DCP checkpoint folder ``path`` (its .metadata), or None if it cannot be read."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return set(FileSystemReader(path).read_metadata().state_dict_metadata)
+    except Exception:  # noqa: BLE001 - any failure: read_sharded reports it
+        return None
 
 
 def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int], keep: Optional[str] = None) -> list[str]:
