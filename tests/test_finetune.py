@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -285,6 +286,42 @@ def test_finetune_causal_lm(tmp_path, pack):
             count += n
     assert results["eval_tokens"] == count
     assert results["eval_loss"] == pytest.approx(total / count, abs=2e-4)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_finetune_overflow_split_scores_texts(tmp_path, pack):
+    """--overflow split for classification: a text longer than --max-length trains and is evaluated as several
+    windows; the evaluations also score texts (the mean of a text's windows' class probabilities), which equal
+    the saved model's, computed here window by window from the prepared rows."""
+    from llmcore.data import PreparedDataset
+    from llmcore.models import from_pretrained
+
+    data = _sst2(tmp_path, 96, eval_rows=40, test_rows=24)
+    out = tmp_path / "run"
+    argv = ["finetune", "--data", str(data), "--model", minilm_dir(), "--output-dir", str(out), "--max-length", "12",
+            "--overflow", "split", "--max-steps", "3", "--per-device-train-batch-size", "16",
+            "--per-device-eval-batch-size", "16", "--learning-rate", "1e-4", "--save-strategy", "no",
+            "--eval-strategy", "no", "--disable-tqdm", "--report-to", "none"]
+    assert main(argv + ([] if pack else ["--no-pack"])) == 0
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    model = from_pretrained(str(out / "final"), task="sequence-classification").eval()
+    prepared = PreparedDataset.load(out / "data")
+    for prefix, name in (("eval", "validation"), ("test", "test")):
+        split = prepared[name]
+        texts = split.text_index.astype(np.int64)
+        assert len(texts) > len(set(texts.tolist()))  # some texts became several windows
+        with torch.no_grad():
+            probs = torch.cat([torch.softmax(model(input_ids=torch.tensor(split[i], dtype=torch.long)[None]).logits
+                                             .double(), -1) for i in range(len(split))])
+        n = int(texts.max()) + 1
+        mean = torch.zeros(n, probs.shape[1], dtype=torch.float64).index_add_(0, torch.from_numpy(texts), probs)
+        gold = np.zeros(n, dtype=np.int64)
+        gold[texts] = split.labels
+        correct = (mean.argmax(-1).numpy() == gold)[np.unique(texts)]
+        assert results[f"{prefix}_texts"] == len(np.unique(texts)) < results[f"{prefix}_examples"]
+        assert results[f"{prefix}_text_accuracy"] == pytest.approx(float(correct.mean()), abs=1e-12)
+        assert 0.0 <= results[f"{prefix}_text_f1"] <= 1.0
 
 
 def test_prepared_folder_overflow_must_match(tmp_path, capsys):

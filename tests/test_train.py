@@ -333,6 +333,78 @@ def test_evaluate_macro_f1_matches_float64_reference(tmp_path):
     assert out["eval_f1"] == pytest.approx(float(np.mean(f1s)), abs=1e-12)
 
 
+def _votes_rows():
+    """Windows of 6 texts (3 classes): text ids, logits, labels (a text's windows share its label; -100 ignored)."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 5, 1])
+    labels = torch.tensor([2, 2, 0, 1, 1, 1, 0, 2, 2, 1, 1, 0])
+    labels[6] = -100  # text 3's only window is ignored: text 3 is not scored
+    return ids, torch.randn(len(ids), 3, generator=gen), labels
+
+
+def test_text_votes_match_float64_reference():
+    """By text: the mean of the windows' softmax probabilities (float64), argmax; accuracy and macro-F1 over the
+    texts that have a labelled window."""
+    import numpy as np
+
+    from llmcore.train.loop import TextVotes, macro_f1
+
+    ids, logits, labels = _votes_rows()
+    votes = TextVotes()
+    for part in (slice(0, 5), slice(5, 12)):
+        votes.update(ids[part], logits[part], labels[part])
+    out = votes.compute("cpu")
+    probs = torch.softmax(logits.double(), -1).numpy()
+    pred, gold = {}, {}
+    for i, t, y in zip(range(len(ids)), ids.tolist(), labels.tolist()):
+        if y != -100:
+            pred.setdefault(t, []).append(probs[i])
+            gold[t] = y
+    texts = sorted(pred)
+    p = np.array([np.mean(pred[t], 0).argmax() for t in texts])
+    g = np.array([gold[t] for t in texts])
+    assert out["eval_texts"] == len(texts) == 5
+    assert out["eval_text_accuracy"] == pytest.approx(float(np.mean(p == g)), abs=1e-12)
+    tp = torch.bincount(torch.tensor(g[p == g]), minlength=3)
+    assert out["eval_text_f1"] == macro_f1(tp, torch.bincount(torch.tensor(p), minlength=3),
+                                           torch.bincount(torch.tensor(g), minlength=3))
+
+
+def _votes_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    from llmcore.train.loop import TextVotes
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ids, logits, labels = _votes_rows()
+        votes = TextVotes()
+        if rank < 2:  # the windows of texts 0, 1, 2, 4 and 5 on both ranks; rank 2 sees none
+            mine = torch.arange(rank, len(ids), 2)
+            votes.update(ids[mine], logits[mine], labels[mine])
+        out = votes.compute("cpu", world)
+        if rank == 2:
+            with open(out_file, "w") as f:
+                json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_text_votes_across_ranks(tmp_path):
+    """Under torch.distributed a text's windows may be on several ranks (and a rank may have none): the scores are
+    those of one process with every window."""
+    import torch.multiprocessing as mp
+
+    from llmcore.train.loop import TextVotes
+
+    mp.spawn(_votes_worker, args=(3, str(tmp_path / "init"), str(tmp_path / "out.json")), nprocs=3, join=True)
+    with open(tmp_path / "out.json") as f:
+        spread = json.load(f)
+    votes = TextVotes()
+    votes.update(*_votes_rows())
+    assert spread == votes.compute("cpu")
+
+
 def test_bf16_evaluate_in_one_autocast_region_matches_per_batch(tmp_path):
     """bf16 evaluation runs every batch in one autocast region (weights cast once): the loss and
     counts equal those of each batch run in its own region, and a custom metric sees float32

@@ -33,11 +33,15 @@ class SplitBatches:
 
     ``causal_lm``: the labels are the tokens themselves (shaped as input_ids; -100 at padding and
     filler tokens), for next-token training; the split needs no label column. ``pad_id``: the token id of padded
-    batches' padding (transformers' decoder classifiers find each row's last token by it)."""
+    batches' padding (transformers' decoder classifiers find each row's last token by it). ``text_ids``: for a
+    classification split whose rows are windows of longer texts (``overflow="split"``), each batch also carries
+    each row's text (``text_ids``, -1 for filler), which ``Trainer.evaluate`` scores by text; the attribute says
+    whether the batches carry them."""
 
     def __init__(self, split, rows: list, pack: bool, pad_to_multiple_of: int = 1, causal_lm: bool = False,
-                 pad_id: int = 0):
+                 pad_id: int = 0, text_ids: bool = False):
         self.split, self.rows, self.pack, self.causal_lm, self.pad_id = split, rows, pack, causal_lm, pad_id
+        self.text_ids = bool(text_ids) and not causal_lm and getattr(split, "text_index", None) is not None
         self.labels = None if causal_lm else np.asarray(split.labels)
         self.multiple = int(pad_to_multiple_of)
         if self.multiple < 1:
@@ -53,6 +57,14 @@ class SplitBatches:
             yield self.batch(rows)
 
     def batch(self, rows: np.ndarray) -> dict:
+        out = self._inputs(rows)
+        if self.text_ids:
+            ids = torch.full((len(out["labels"]),), -1, dtype=torch.long)  # filler sequences: no text
+            ids[:len(rows)] = torch.as_tensor(np.asarray(self.split.text_index)[rows], dtype=torch.long)
+            out["text_ids"] = ids
+        return out
+
+    def _inputs(self, rows: np.ndarray) -> dict:
         seqs = [self.split[int(i)] for i in rows]
         labels = None if self.causal_lm else torch.as_tensor(self.labels[rows], dtype=torch.long)
         if self.pack:
@@ -86,13 +98,14 @@ class SplitBatches:
 
 
 def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
-                  pad_to_multiple_of: int = 1, causal_lm: bool = False, pad_id: int = 0):
+                  pad_to_multiple_of: int = 1, causal_lm: bool = False, pad_id: int = 0, text_ids: bool = False):
     """A factory epoch -> ``SplitBatches``: length-bucketed batches shuffled by (seed, epoch).
 
     ``batch_size`` is per rank: the rows are cut into global batches of ``batch_size * world_size``
     and rank r takes every ``world_size``-th row of each from row r, so one process and N ranks see
     the same global batches. A last global batch with fewer rows than ranks is dropped (training:
-    every rank must step). ``pad_to_multiple_of``, ``causal_lm`` and ``pad_id``: see ``SplitBatches``."""
+    every rank must step). ``pad_to_multiple_of``, ``causal_lm``, ``pad_id`` and ``text_ids``: see
+    ``SplitBatches``."""
     def batches(epoch: int) -> SplitBatches:
         rows = []
         for global_rows in split.batches(batch_size * world_size, seed=seed + epoch, shuffle=shuffle):
@@ -101,7 +114,7 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, 
             mine = global_rows[rank::world_size]
             if len(mine):
                 rows.append(mine)
-        return SplitBatches(split, rows, pack, pad_to_multiple_of, causal_lm, pad_id)
+        return SplitBatches(split, rows, pack, pad_to_multiple_of, causal_lm, pad_id, text_ids)
     return batches
 
 
@@ -273,7 +286,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
         train = split_batches(prepared["train"], batch, pack, config.seed, True, rank, world, multiple, causal_lm,
                               pad_id)
         evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, pack, 0, False,
-                                     rank, world, multiple, causal_lm, pad_id)(0)
+                                     rank, world, multiple, causal_lm, pad_id, text_ids=True)(0)
                  for name in ("validation", "test") if name in prepared.splits
                  and (causal_lm or (prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0))}
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))

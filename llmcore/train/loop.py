@@ -314,6 +314,50 @@ def macro_f1(true_positive: Tensor, predicted: Tensor, actual: Tensor) -> float:
     return float(f1.mean())
 
 
+class TextVotes:
+    """Scores by text for an evaluation whose rows are windows of longer texts (``--overflow split``): batches carry
+    ``text_ids`` (each labelled row's text); a text's class probabilities are the mean of its windows', and
+    accuracy and macro-F1 are taken over texts. ``compute`` is a collective under torch.distributed (the windows of
+    a text may be on several ranks): every rank calls it."""
+
+    def __init__(self) -> None:
+        self.ids, self.probs, self.labels = [], [], []
+
+    def update(self, text_ids: Tensor, logits: Tensor, labels: Tensor) -> None:
+        keep = labels != IGNORE_INDEX
+        self.ids.append(text_ids.to(labels.device)[keep].long())
+        self.probs.append(torch.softmax(logits[keep].double(), -1))
+        self.labels.append(labels[keep].long())
+
+    def compute(self, device, world_size: int = 1) -> dict:
+        ids = torch.cat(self.ids) if self.ids else torch.zeros(0, dtype=torch.long, device=device)
+        size = torch.tensor([int(ids.max()) + 1 if ids.numel() else 0,
+                             self.probs[0].shape[-1] if self.probs else 0], dtype=torch.float64, device=device)
+        if world_size > 1:
+            all_reduce(size, dist.ReduceOp.MAX)
+        n, classes = int(size[0]), int(size[1])
+        sums = torch.zeros(n, max(classes, 1), dtype=torch.float64, device=device)
+        windows = torch.zeros(n, dtype=torch.float64, device=device)
+        gold = torch.zeros(n, dtype=torch.float64, device=device)  # label + 1 (0: no window here)
+        if ids.numel():
+            sums.index_add_(0, ids, torch.cat(self.probs))
+            windows.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+            gold.scatter_(0, ids, torch.cat(self.labels).double() + 1)
+        if world_size > 1:
+            all_reduce(sums)
+            all_reduce(windows)
+            all_reduce(gold, dist.ReduceOp.MAX)
+        seen = windows > 0
+        pred, gold = sums[seen].argmax(-1), gold[seen].long() - 1
+        texts = int(seen.sum())
+        out = {"eval_texts": texts, "eval_text_accuracy": float((pred == gold).double().mean()) if texts else 0.0}
+        if classes > 1:
+            tp = torch.bincount(gold[pred == gold], minlength=classes)
+            out["eval_text_f1"] = macro_f1(tp, torch.bincount(pred, minlength=classes),
+                                           torch.bincount(gold, minlength=classes))
+        return out
+
+
 def token_count(batch: Batch) -> int:
     """Real (non-padding) tokens of a batch: the ``attention_mask`` sum, or packed ``input_ids`` (T,)
     less the sequences labelled ``-100`` (one label per sequence), or with no label but ``-100`` (one per
@@ -432,7 +476,9 @@ class Trainer:
         over ranks. Streaming: only per-class counts are kept, never the logits (transformers #12878).
         Macro-F1 averages the classes that occur among the labels or the predictions, as
         scikit-learn's ``f1_score(average="macro")`` does. A causal LM (``is_causal_lm``) reports
-        eval_loss (the mean over predicted tokens), eval_tokens and eval_perplexity (exp of the loss)."""
+        eval_loss (the mean over predicted tokens), eval_tokens and eval_perplexity (exp of the loss). Evaluation
+        batches whose rows are windows of longer texts (a ``SplitBatches`` with ``text_ids``: ``--overflow split``)
+        also give eval_texts, eval_text_accuracy and eval_text_f1, by text (``TextVotes``)."""
         if self.eval_batches is None:
             raise ValueError("evaluate() needs eval_batches")
         self._flush_steppers()
@@ -445,6 +491,8 @@ class Trainer:
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, examples
             counts = None  # (3, C): true positives, predicted, actual per class
             custom = self.compute_metrics() if self.compute_metrics is not None else None
+            # windows of longer texts: every rank must know (a collective at the end), so it is the batches' flag
+            votes = TextVotes() if getattr(batches, "text_ids", False) and not causal_lm else None
             stream = ((b, True) for b in batches)
             if self.world_size > 1 and is_sharded(model):
                 stream = _in_lockstep(batches, self.device)
@@ -453,6 +501,7 @@ class Trainer:
             with _autocast(self.device, self.config.bf16):
                 for batch, counted in stream:
                     batch = _to(batch, self.device)
+                    text_ids = batch.pop("text_ids", None)
                     _check_task(model, batch, causal_lm, "an evaluation batch")
                     if causal_lm:
                         self._count_lm(model, batch, sums, custom, counted, self.config.label_smoothing_factor)
@@ -462,6 +511,8 @@ class Trainer:
                     if counted:
                         with _autocast(self.device, False):
                             counts = self._count(logits, labels, sums, counts, custom)
+                            if votes is not None and text_ids is not None:
+                                votes.update(text_ids, logits.float(), labels)
             if self.world_size > 1:
                 all_reduce(sums)
                 if counts is not None:
@@ -477,6 +528,8 @@ class Trainer:
         if counts is not None:
             out["eval_accuracy"] = float(counts[0].sum()) / n
             out["eval_f1"] = macro_f1(counts[0], counts[1], counts[2])
+        if votes is not None:
+            out.update(votes.compute(self.device, self.world_size))
         if custom is not None:
             out.update({f"eval_{k}": v for k, v in custom.compute().items()})
         self._last_eval = (self.global_step, out)
