@@ -119,17 +119,19 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, 
 
 
 def transformers_pad_id(net: torch.nn.Module, causal_lm: bool) -> int:
-    """The token id to pad a transformers model's batches with: its config's ``pad_token_id``. Without one, 0; a
-    classifier's config then gets ``pad_token_id = 0`` (transformers' decoder classifiers read each row at its last
-    token that is not the pad id, and refuse batches of several rows when there is none), said on stderr."""
+    """The token id to pad a transformers model's batches with: its config's ``pad_token_id``. Without one (or with
+    one outside the vocabulary), 0; a classifier's config then gets ``pad_token_id = 0`` (transformers' decoder
+    classifiers read each row at its last token that is not the pad id, and refuse batches of several rows when
+    there is none), said on stderr."""
     cfg = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
     pad, vocab = getattr(cfg, "pad_token_id", None), getattr(cfg, "vocab_size", None)
     if isinstance(pad, int) and 0 <= pad and (vocab is None or pad < vocab):
         return pad
-    if pad is None and not causal_lm:
+    if not causal_lm:
         cfg.pad_token_id = 0
-        print(f"llmcore: {type(net).__name__}'s config names no pad token; its batches are padded with id 0, now "
-              "its pad_token_id (a text whose last token is id 0 is then read one token early)", file=sys.stderr)
+        print(f"llmcore: {type(net).__name__}'s config names {'no pad token' if pad is None else f'pad {pad!r}'}; "
+              "its batches are padded with id 0, now its pad_token_id (a text whose last token is id 0 is then read "
+              "one token early)", file=sys.stderr)
     return 0
 
 
