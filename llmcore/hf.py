@@ -359,7 +359,9 @@ def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
 # ELECTRA's heads, DistilBERT's pre-classifier). Each row of a layer's output depends on every row of its input only
 # through attention's keys and values, so the last layer can compute queries, attention output and MLP for row 0
 # alone: a (B, 1, H) output, on which the heads compute what they did. The classifier's forward turns this on for
-# the duration of a call unless that call returns hidden states or attentions (which need every row).
+# the duration of a call unless that call returns hidden states or attentions (which need every row). The switch is
+# an attribute of the layer: one model called from several threads at once, some calls asking for hidden states,
+# is not supported.
 
 # classifier class -> the path to its encoder's nn.ModuleList of layers
 _FIRST_TOKEN_CLASSIFIERS = {
