@@ -10,7 +10,8 @@ Two entry points:
 * :func:`patch` switches a built model to ``"llmcore"`` attention and swaps llmcore's fused
   ops into the norm, MLP, RoPE, dropout and embedding modules it recognises; for GPT-2 /
   Llama-family causal LMs in training with labels, the chunked LM-head loss (which holds no
-  logits); for BERT-family sequence classifiers, a last layer that computes the first token only. Parameters and state_dict keys are kept, so ``save_pretrained`` and
+  logits); for BERT-family sequence classifiers, a last layer that computes the first token
+  only. Parameters and state_dict keys are kept, so ``save_pretrained`` and
   ``load_state_dict`` work as before.
 
 The attention function follows transformers' sdpa integration
