@@ -373,8 +373,10 @@ _FIRST_TOKEN_CLASSIFIERS = {
     "ElectraForSequenceClassification": "electra.encoder.layer",
     "DistilBertForSequenceClassification": "distilbert.transformer.layer",
 }
-# layer arguments that bring other keys (cross-attention, a cache): the layer then runs whole
-_OTHER_KEYS_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "past_key_value")
+# layer arguments that bring other keys (cross-attention, a cache) or pack several sequences into one row (whose
+# first tokens are not row 0): the layer then runs whole
+_OTHER_KEYS_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "past_key_value",
+                      *_VARLEN_KWARGS)
 
 
 def _first_token_attention(att: nn.Module, q_proj, k_proj, v_proj, x: Tensor, mask: Tensor | None) -> Tensor:

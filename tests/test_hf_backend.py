@@ -1196,6 +1196,20 @@ def test_first_token_last_layer_with_a_per_query_mask():
     assert shapes == [(3, 1, 48)]
 
 
+def test_first_token_last_layer_leaves_packed_rows_whole():
+    """Packed sequences in one row (FlashAttention's cu_seq_lens kwargs, as DataCollatorWithFlattening makes): row 0
+    is only the first sequence's first token, so the layer runs whole, and the logits are transformers' for the
+    first sequence (what its pooler reads), as without the patch's first-token layer."""
+    ref, _ = _encoder_classifier("bert")
+    model = hf.patch(copy.deepcopy(ref))
+    shapes = _output_shapes(model)
+    ids, _, fa, lengths = _packed()
+    with torch.no_grad():
+        logits = model(ids, **fa).logits
+        torch.testing.assert_close(logits, ref(ids[:, :lengths[0]]).logits, **FP32)
+    assert shapes == [(1, ids.shape[1], 48)]
+
+
 def test_first_token_last_layer_under_activation_checkpointing():
     """Checkpointed layers recompute in the backward what their forward computed: transformers' checkpointing
     (re-entrant or not) and torch's checkpoint wrapper (FSDP's) give the un-checkpointed gradients, also when a
