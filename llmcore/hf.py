@@ -469,6 +469,7 @@ def _first_token_layer_forward(self: nn.Module, hidden_states: Tensor, attention
         if torch.is_grad_enabled():
             self._llmcore_first_token_recorded = first
     if (not first or hidden_states.dim() != 3 or any(a is not None for a in args)
+            or (attention_mask is not None and attention_mask.dim() != 4)  # (transformers' masks are 4D or None)
             or any(kwargs.get(k) is not None for k in _OTHER_KEYS_KWARGS)):
         return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
     return self._llmcore_first_token_fn(self, hidden_states, attention_mask)
