@@ -1,7 +1,8 @@
 """llmcore.hf: llmcore attention and fused ops inside unmodified transformers models.
 
 Every check compares against the same model on transformers' own "sdpa" path: the real
-MiniLM checkpoint (BERT) and small randomly initialised GPT-2, Llama (GQA) and Qwen2 models.
+MiniLM checkpoint (BERT) and small randomly initialised GPT-2, Llama (GQA), Mistral, Qwen2 and
+Qwen3 causal LMs and BERT, RoBERTa, ELECTRA and DistilBERT sequence classifiers.
 """
 import copy
 import functools
