@@ -48,7 +48,7 @@ def test_every_section_runs(smoke):
     results = json.loads((out / "gpu-smoke-cpu.json").read_text())
     assert results["errors"] == {}
     assert set(results["seconds"]) == {"matmul", "attention", "norms", "cuda", "cross_entropy", "attention_gqa",
-                                       "norms_wide", "attention_small", "rotary"}
+                                       "norms_wide", "attention_small", "rotary", "hf_patch"}
     for case in ("causal", "noncausal"):
         c = results["attention"]["cases"][case]
         sweep = c["sweep"]
@@ -91,6 +91,10 @@ def test_every_section_runs(smoke):
     rotary = results["rotary"]
     assert rotary["max_abs_diff_vs_torch"] < 1e-5 and set(rotary["speedup_vs_torch"]) == {"forward", "fwd_bwd"}
     assert "## RoPE on q" in (out / "gpu-smoke-cpu.md").read_text()
+    hp = results["hf_patch"]  # the backend swap: the patched copy ran on llmcore, close to transformers
+    assert hp["patched"]["attention"] == 1 and hp["patched"]["first_token_layer"] == 1
+    assert hp["max_abs_logit_diff_bf16"] < 0.1 and set(hp["ms"]) == {"transformers", "hf_patch"}
+    assert "## transformers + llmcore.hf.patch" in (out / "gpu-smoke-cpu.md").read_text()
 
 
 def test_decide_reads_it(smoke, capsys):

@@ -32,7 +32,9 @@ a run cut short still leaves what it measured):
 - causal GQA attention (Llama-3-8B's 4:1 heads) and the norms' wider rows;
 - attention at fine-tuning shapes (MiniLM on an SST-2-like batch, padded and packed, BERT-base
   at 128, GPT-2 at 1024) through the public API against torch SDPA, where host time can dominate;
-- last, RoPE on a Llama-3-8B layer's q (the Triton rotary kernel against transformers' composite).
+- RoPE on a Llama-3-8B layer's q (the Triton rotary kernel against transformers' composite);
+- last, the backend swap: training steps of transformers' DistilBERT classifier (distilbert-base shape, the guide's
+  batch of 16) on its sdpa attention and after ``llmcore.hf.patch``.
 
     python benchmarks/gpu/bench.py --out benchmarks/results [--budget 300] [--no-sweep]
     python benchmarks/gpu/bench.py --warm-worker 0/6   # compile the sweep's kernels only (no timing)
@@ -1026,6 +1028,69 @@ def attention_small(results: dict, ctx: dict) -> None:
         ctx["save"]()
 
 
+HF_SHAPE = (16, 128)  # the guide's batch size; sequences of 128 tokens, half the rows padded from token 64
+HF_ROUNDS = 7  # alternating rounds of HF_STEPS training steps each
+HF_STEPS = 5
+
+
+def hf_patch(results: dict, ctx: dict) -> None:
+    """The backend swap: training steps (forward, backward, fused AdamW; bf16 autocast) of transformers'
+    DistilBertForSequenceClassification at distilbert-base-uncased's shape (random weights) on its sdpa attention,
+    and of a copy after ``llmcore.hf.patch`` (Triton attention and norms, fused GELU and dropout, the first-token
+    last layer), in HF_ROUNDS alternating rounds: ms a step and the per-round speed-ups. The two models' evaluation
+    logits are compared first."""
+    import copy
+
+    import transformers
+
+    import llmcore.hf
+
+    torch.manual_seed(0)
+    tiny = {"dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64, "vocab_size": 1000} if SMOKE else {}
+    ref = transformers.DistilBertForSequenceClassification(
+        transformers.DistilBertConfig(attn_implementation="sdpa", **tiny)).to(DEVICE)
+    patched = llmcore.hf.patch(copy.deepcopy(ref))
+    b, n = (4, 16) if SMOKE else HF_SHAPE
+    ids = torch.randint(1000 if not SMOKE else 1, ref.config.vocab_size, (b, n), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[b // 2:, n // 2:] = 0
+    labels = torch.arange(b, device=DEVICE) % 2
+    rounds = 1 if SMOKE else HF_ROUNDS
+    out = results.setdefault("hf_patch", {"model": "DistilBertForSequenceClassification", "shape": [b, n],
+                                          "patched": dict(patched._llmcore_patched), "rounds": rounds,
+                                          "steps_per_round": HF_STEPS})
+    ref.eval(), patched.eval()
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out["max_abs_logit_diff_bf16"] = max_diff(patched(input_ids=ids, attention_mask=mask).logits,
+                                                  ref(input_ids=ids, attention_mask=mask).logits)
+
+    def stepper(model):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+
+        def steps() -> float:
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(HF_STEPS):
+                with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - t0) * 1e3 / HF_STEPS
+        steps()  # warm-up: compiles the kernels at these shapes
+        return steps
+
+    times = _alternating({"transformers": stepper(ref), "hf_patch": stepper(patched)}, rounds)
+    out["ms"] = {k: _median(t) for k, t in times.items()}
+    out["ms_rounds"] = times
+    out["speedup"] = _round_speedups(times["transformers"], times["hf_patch"])
+    ctx["save"]()
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -1223,6 +1288,19 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {cname} | {tuple(c['shape'])} | {mode} | {' | '.join(cells)} | "
                              f"{c[mode]['us']['torch_sdpa']:.0f} |")
         lines.append("")
+    hp = results.get("hf_patch")
+    if hp and "speedup" in hp:
+        up = hp["speedup"]
+        lines += ["## transformers + llmcore.hf.patch: a training step (ms)", "",
+                  f"{hp['model']} at distilbert-base-uncased's shape (random weights), batch {tuple(hp['shape'])}, "
+                  "half the rows padded from the middle, bf16 autocast, fused AdamW; transformers' sdpa model and a "
+                  f"copy after `llmcore.hf.patch` ({', '.join(f'{k} {v}' for k, v in hp['patched'].items() if v)}), "
+                  f"{hp['rounds']} alternating rounds of "
+                  f"{hp['steps_per_round']} steps; evaluation logits differ by at most "
+                  f"{hp['max_abs_logit_diff_bf16']:.3g} (bf16).", "",
+                  "| transformers | + llmcore.hf.patch | speed-up (min-max) |", "|---|---|---|",
+                  f"| {hp['ms']['transformers']:.2f} | {hp['ms']['hf_patch']:.2f} | {up['median']:.2f}x "
+                  f"({up['min']:.2f}-{up['max']:.2f}) |", ""]
     cu = results.get("cuda")
     if cu and cu.get("cases"):
         lines += ["## llmcore `cuda` backend (CUDA C++ FA2, mma.sync), same attention shape (TFLOP/s)", "",
@@ -1269,7 +1347,7 @@ def markdown(results: dict) -> str:
 
 SECTIONS = (("matmul", matmul_peak), ("attention", attention), ("norms", norms), ("cuda", cuda_backend),
             ("cross_entropy", cross_entropy), ("attention_gqa", attention_gqa), ("norms_wide", norms_wide),
-            ("attention_small", attention_small), ("rotary", rotary))
+            ("attention_small", attention_small), ("rotary", rotary), ("hf_patch", hf_patch))
 
 
 def main(argv=None) -> int:
