@@ -482,12 +482,28 @@ def _outputs_requested(model: nn.Module, kwargs: dict) -> bool:
                for k in ("output_hidden_states", "output_attentions"))
 
 
+_WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")  # FSDP's and torch's checkpoint wrappers
+
+
+def _still_last(model: nn.Module, layer: nn.Module) -> bool:
+    """Whether ``layer`` is still the last of the classifier's layers (inside any wrappers FSDP or activation
+    checkpointing put around it): a layer appended after patch() must see every row. (The path is the one found at
+    patch time: FSDP2's fully_shard renames the classifier's class.)"""
+    try:
+        last = model.get_submodule(model.__dict__["_llmcore_first_token_path"])[-1]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return False
+    while last is not layer and any(isinstance(getattr(last, a, None), nn.Module) for a in _WRAPPER_ATTRS):
+        last = next(getattr(last, a) for a in _WRAPPER_ATTRS if isinstance(getattr(last, a, None), nn.Module))
+    return last is layer
+
+
 def _first_token_classifier_forward(self: nn.Module, *args, **kwargs):
     """transformers' forward, with the last layer on the first token (see the section comment) unless hidden states
-    or attentions are asked for or the model no longer runs llmcore attention."""
+    or attentions are asked for, the model no longer runs llmcore attention, or layers were added after it."""
     layer = self.__dict__["_llmcore_first_token_layer"]
     layer._llmcore_first_token = (getattr(self.config, "_attn_implementation", None) == NAME
-                                  and not _outputs_requested(self, kwargs))
+                                  and not _outputs_requested(self, kwargs) and _still_last(self, layer))
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
@@ -501,8 +517,9 @@ def _bind_first_token(model: nn.Module) -> None:
         return  # bound before, or rebound by someone else
     if not hasattr(torch._C, "_current_graph_task_id"):
         return  # (a torch without it: a checkpoint's recomputation could not be told from a forward)
+    path = _FIRST_TOKEN_CLASSIFIERS[type(model).__name__]
     try:
-        layer = model.get_submodule(_FIRST_TOKEN_CLASSIFIERS[type(model).__name__])[-1]
+        layer = model.get_submodule(path)[-1]
     except (AttributeError, IndexError, TypeError):
         return
     form = _first_token_form(layer)
@@ -516,6 +533,7 @@ def _bind_first_token(model: nn.Module) -> None:
     layer._llmcore_fused = "first_token_layer"
     model.__dict__.pop("forward", None)
     model.__dict__["_llmcore_first_token_layer"] = layer  # a reference, not a registered submodule
+    model.__dict__["_llmcore_first_token_path"] = path
     model.forward = types.MethodType(_advertised(type(model), _first_token_classifier_forward), model)
 
 

@@ -1197,6 +1197,20 @@ def test_first_token_last_layer_with_a_per_query_mask():
     assert shapes == [(3, 1, 48)]
 
 
+def test_first_token_layer_stays_whole_once_layers_follow_it():
+    """A layer appended after patch() makes the patched one an inner layer again: it computes every row."""
+    ref, batch = _encoder_classifier("bert")
+    model = hf.patch(copy.deepcopy(ref))
+    inner = model.bert.encoder.layer[-1]
+    for m in (ref, model):
+        m.bert.encoder.layer.append(copy.deepcopy(ref.bert.encoder.layer[0]))
+    shapes = []
+    inner.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, **FP32)
+    assert shapes == [(3, 13, 48)]
+
+
 def test_first_token_last_layer_leaves_packed_rows_whole():
     """Packed sequences in one row (FlashAttention's cu_seq_lens kwargs, as DataCollatorWithFlattening makes): row 0
     is only the first sequence's first token, so the layer runs whole, and the logits are transformers' for the

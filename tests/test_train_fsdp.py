@@ -493,3 +493,56 @@ def test_fsdp_sharded_transformers_model_consolidates(tmp_path):
         assert torch.equal(whole.state_dict()[name], t), name
     start = _tiny_gpt2().state_dict()
     assert sum(not torch.equal(t, start[n]) for n, t in final.state_dict().items()) > 10  # trained
+
+
+def _first_token_worker(rank, world, init_file, out_file):
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import llmcore.hf
+
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=80, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                      initializer_range=0.2, attn_implementation="sdpa")
+        ref = transformers.BertForSequenceClassification(cfg)
+        model = llmcore.hf.patch(copy.deepcopy(ref))
+        shapes = []
+        model.bert.encoder.layer[-1].register_forward_hook(lambda m, args, out: shapes.append(list(out.shape)))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # (it renames the classes: FSDPBertForSequenceClassification)
+        ids = torch.randint(0, 96, (3, 13), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        labels = torch.tensor([1, 0, 1])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump({"shapes": shapes, "loss_diff": abs(float(loss) - float(want)),
+                           "cls": type(model).__name__}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_keeps_the_first_token_layer(tmp_path):
+    """hf.patch's first-token last layer under FSDP2 (fully_shard, which swaps the modules' classes): the layer
+    still computes row 0 only, and the loss is transformers'."""
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("transformers")
+    mp.spawn(_first_token_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.json")), nprocs=2, join=True)
+    with open(tmp_path / "out.json") as f:
+        out = json.load(f)
+    assert out["cls"].startswith("FSDP") and out["shapes"] == [[3, 1, 48]]
+    assert out["loss_diff"] < 1e-5
