@@ -2,7 +2,8 @@
 distilbert-base-uncased's shape (random weights: the speed does not depend on them; the checkpoint is not available
 offline) on the guide's batch size, 16 sequences of 128 tokens (half of them padded from token 64).
 
-Three models from one set of weights, timed in alternating rounds (one step each per round; fused AdamW on each):
+Three models from one set of weights, timed in alternating rounds (one step each per round, as
+``llmcore bench train-step`` steps: fused AdamW on each):
 transformers' (sdpa), patched, and patched without the first-token last layer (the classifier's and that layer's
 forwards back to transformers'). Prints per precision the median and range of the per-round ratios.
 
@@ -17,19 +18,7 @@ import torch
 import transformers
 
 import llmcore.hf
-
-
-def _stepper(model, ids, mask, labels, bf16: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    model.train()
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+from llmcore.bench.train_step import stepper
 
 
 def _ratios(a: list, b: list) -> str:
@@ -51,7 +40,7 @@ def main(rounds: int = 8) -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"{rounds} rounds")
     for bf16 in (False, True):
-        steps = [_stepper(m, ids, mask, labels, bf16) for m in (ref, whole, patched)]
+        steps = [stepper(m, {"input_ids": ids, "attention_mask": mask}, labels, bf16) for m in (ref, whole, patched)]
         for s in steps:
             s()  # warm-up
         times = [[], [], []]

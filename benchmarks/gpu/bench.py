@@ -1044,6 +1044,7 @@ def hf_patch(results: dict, ctx: dict) -> None:
     import transformers
 
     import llmcore.hf
+    from llmcore.bench.train_step import stepper  # the CPU train-step benchmark's step: fused AdamW
 
     torch.manual_seed(0)
     tiny = {"dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64, "vocab_size": 1000} if SMOKE else {}
@@ -1064,27 +1065,22 @@ def hf_patch(results: dict, ctx: dict) -> None:
         out["max_abs_logit_diff_bf16"] = max_diff(patched(input_ids=ids, attention_mask=mask).logits,
                                                   ref(input_ids=ids, attention_mask=mask).logits)
 
-    def stepper(model):
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+    def timed(model):
+        step = stepper(model, {"input_ids": ids, "attention_mask": mask}, labels, autocast=True)
 
         def steps() -> float:
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(HF_STEPS):
-                with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                step()
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             return (time.perf_counter() - t0) * 1e3 / HF_STEPS
         steps()  # warm-up: compiles the kernels at these shapes
         return steps
 
-    times = _alternating({"transformers": stepper(ref), "hf_patch": stepper(patched)}, rounds)
+    times = _alternating({"transformers": timed(ref), "hf_patch": timed(patched)}, rounds)
     out["ms"] = {k: _median(t) for k, t in times.items()}
     out["ms_rounds"] = times
     out["speedup"] = _round_speedups(times["transformers"], times["hf_patch"])

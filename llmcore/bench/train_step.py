@@ -33,14 +33,16 @@ LM_SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, nu
                 num_key_value_heads=2, max_position_embeddings=512)
 
 
-def _stepper(model, inputs: dict, labels, autocast: bool):
-    """step(): forward with labels, backward, fused AdamW (the same optimizer for every implementation);
-    ``step.forward()``: the forward alone, returning the loss; ``step.model``: the model."""
+def stepper(model, inputs: dict, labels, autocast: bool):
+    """step(): forward with labels, backward, fused AdamW (the same optimizer for every implementation), on the
+    model's device (``autocast``: bf16 autocast there); ``step.forward()``: the forward alone, returning the loss;
+    ``step.model``: the model."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+    device_type = next(model.parameters()).device.type
 
     def forward():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             return model(**inputs, labels=labels).loss
 
     def step():
@@ -67,9 +69,9 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] 
     """{impl: step()} (``step.forward()``: its forward alone, the loss) for one batch (default: SST-2 train
     sentences 1000.., else the first ``batch_size`` of ``texts``, cut to ``max_length`` tokens), and facts about the
     batch. "transformers + llmcore.hf.patch" is a copy of transformers' model after ``llmcore.hf.patch`` (llmcore
-    attention, LayerNorm, bias+GELU, dropout and embeddings), on the padded batch. ``activation_checkpointing``: the models recompute
-    their layers in the backward (``activation_checkpointing_enable()``, transformers' with use_reentrant=False as
-    llmcore's)."""
+    attention, LayerNorm, bias+GELU, dropout, embeddings, the last layer on the first token), on the padded batch.
+    ``activation_checkpointing``: the models recompute their layers in the backward
+    (``activation_checkpointing_enable()``, transformers' with use_reentrant=False as llmcore's)."""
     import transformers
     from llmcore.models import from_pretrained
 
@@ -102,10 +104,10 @@ def make_steps(batch_size: int = 32, dtype: str = "fp32", texts: Optional[list] 
 
         patched = llmcore.hf.patch(copy.deepcopy(ref))  # after the checkpointing switch: the copy keeps it
     autocast = dtype == "bf16"
-    make = {"transformers": lambda: _stepper(ref, padded_in, labels, autocast),
-            "transformers + llmcore.hf.patch": lambda: _stepper(patched, padded_in, labels, autocast),
-            "llmcore padded": lambda: _stepper(ours, padded_in, labels, autocast),
-            "llmcore packed": lambda: _stepper(ours, packed_in, labels, autocast)}
+    make = {"transformers": lambda: stepper(ref, padded_in, labels, autocast),
+            "transformers + llmcore.hf.patch": lambda: stepper(patched, padded_in, labels, autocast),
+            "llmcore padded": lambda: stepper(ours, padded_in, labels, autocast),
+            "llmcore packed": lambda: stepper(ours, packed_in, labels, autocast)}
     return {i: make[i]() for i in impls}, _facts(batch_size, packed, padded)
 
 
@@ -149,11 +151,11 @@ def make_lm_steps(batch_size: int = 8, dtype: str = "fp32", texts: Optional[list
         if any(i.startswith("llmcore") for i in impls):
             models["llmcore"] = from_pretrained(folder, task="causal-lm")
     autocast = dtype == "bf16"
-    make = {"transformers": lambda: _stepper(models["transformers"], padded_in, padded_labels, autocast),
-            "transformers + llmcore.hf.patch": lambda: _stepper(models["transformers + llmcore.hf.patch"], padded_in,
+    make = {"transformers": lambda: stepper(models["transformers"], padded_in, padded_labels, autocast),
+            "transformers + llmcore.hf.patch": lambda: stepper(models["transformers + llmcore.hf.patch"], padded_in,
                                                                  padded_labels, autocast),
-            "llmcore padded": lambda: _stepper(models["llmcore"], padded_in, padded_labels, autocast),
-            "llmcore packed": lambda: _stepper(models["llmcore"], packed_in, packed_in["input_ids"], autocast)}
+            "llmcore padded": lambda: stepper(models["llmcore"], padded_in, padded_labels, autocast),
+            "llmcore packed": lambda: stepper(models["llmcore"], packed_in, packed_in["input_ids"], autocast)}
     return {i: make[i]() for i in impls}, {**_facts(batch_size, packed, padded), "vocab_size": tok.vocab_size,
                                             "max_length": max_length}
 
