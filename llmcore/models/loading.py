@@ -14,7 +14,14 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from llmcore.models.config import DECODER_FAMILIES, DecoderConfig, EncoderConfig, config_from_hf
+from llmcore.models.config import (
+    DECODER_FAMILIES,
+    DecoderConfig,
+    EncoderConfig,
+    TaskMismatchError,
+    UnsupportedModelError,
+    config_from_hf,
+)
 from llmcore.models.decoder import DecoderForCausalLM
 from llmcore.models.encoder import EncoderForSequenceClassification
 
@@ -115,6 +122,19 @@ def is_transformers_model(model: nn.Module) -> bool:
     imported for it: a model of its classes means it is loaded already)."""
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def transformers_auto_class(causal_lm: bool, refused: Optional[UnsupportedModelError] = None):
+    """transformers' ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``, the model class for a checkpoint
+    llmcore's own models do not take (``refused``: why they did not); None where transformers should not take it
+    either -- an encoder asked for a causal LM -- or is not installed."""
+    if causal_lm and isinstance(refused, TaskMismatchError):
+        return None  # an encoder is no causal LM
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModelForSequenceClassification
 
 
 def load_transformers_state(model: nn.Module, tensors: dict) -> None:

@@ -37,7 +37,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llmcore.models import CheckpointError, UnsupportedModelError, save_pretrained
-from llmcore.models.config import TaskMismatchError
 from llmcore.models.loading import (
     build_model,
     is_transformers_model,
@@ -45,6 +44,7 @@ from llmcore.models.loading import (
     load_transformers_state,
     read_safetensors,
     save_config,
+    transformers_auto_class,
 )
 from llmcore.train.fsdp import (
     full_model_state,
@@ -228,24 +228,21 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
     def holds(m: nn.Module) -> bool:
         return keys is None or all(f"model.{k}" in keys for k in m.state_dict())
 
-    model = unsupported = None
+    model = refused = None
     try:
         model = build_model(hf, "causal-lm" if causal else "sequence-classification")
     except UnsupportedModelError as e:
-        if causal and isinstance(e, TaskMismatchError):
-            raise
-        unsupported = e
+        refused = e
     if model is None or not holds(model):  # a transformers model's shards (what finetune's fallback trains)
-        try:
-            import transformers
-        except ImportError:
-            if model is None:
-                raise unsupported from None
-        else:
-            auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSequenceClassification
-            theirs = auto.from_config(transformers.AutoConfig.from_pretrained(path))
+        auto = transformers_auto_class(causal, refused)
+        if auto is not None:
+            from transformers import AutoConfig
+
+            theirs = auto.from_config(AutoConfig.from_pretrained(path))
             if model is None or holds(theirs):
                 model = theirs
+        if model is None:
+            raise refused
     # the model's own tensors, which DCP reads into in place; the optimizer's keys are left unread
     read_sharded({"model": model.state_dict()}, sharded, "the model its config.json describes")
     save_pretrained(model, output_dir)

@@ -188,21 +188,17 @@ def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None) -> 
     saying so on stderr; so is a decoder asked for classification (llmcore's decoders are causal LMs only). An
     encoder asked for a causal LM stays an error."""
     from llmcore.models import UnsupportedModelError, from_pretrained
-    from llmcore.models.config import TaskMismatchError
+    from llmcore.models.loading import transformers_auto_class
 
     task = "causal-lm" if causal_lm else "sequence-classification"
     try:
         return from_pretrained(path, task=task, num_labels=None if causal_lm else num_labels)
     except UnsupportedModelError as e:
-        if causal_lm and isinstance(e, TaskMismatchError):
-            raise  # an encoder is no causal LM
-        try:
-            import transformers
+        auto = transformers_auto_class(causal_lm, e)
+        if auto is None:
+            raise
+        import llmcore.hf
 
-            import llmcore.hf
-        except ImportError:
-            raise e from None
-        auto = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModelForSequenceClassification
         try:
             net = auto.from_pretrained(path, attn_implementation="sdpa",
                                        **({} if causal_lm else {"num_labels": num_labels}))
@@ -282,8 +278,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
             raise ValueError(f"{data!r}: the train split has no label column")
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
         net = load_model(model, causal_lm, prepared.num_labels).to(dev)
-        pack = config.pack and not is_transformers_model(net)  # transformers' models take no cu_seqlens
-        pad_id = transformers_pad_id(net, causal_lm) if is_transformers_model(net) else 0
+        theirs = is_transformers_model(net)
+        pack = config.pack and not theirs  # transformers' models take no cu_seqlens
+        pad_id = transformers_pad_id(net, causal_lm) if theirs else 0
         batch, multiple = config.per_device_train_batch_size, config.batch_multiple(dev)
         train = split_batches(prepared["train"], batch, pack, config.seed, True, rank, world, multiple, causal_lm,
                               pad_id)
