@@ -319,6 +319,11 @@ def _lost_forward(m: nn.Module) -> bool:
     return getattr(bound, "__func__", None) is type(m).forward
 
 
+def _bound_already(m: nn.Module) -> bool:
+    """Whether ``m`` has a forward of its own that pickle did not reset: patch()'s, or someone else's to keep."""
+    return "forward" in m.__dict__ and not _lost_forward(m)
+
+
 def _is_plain(m: nn.Module, cls: type) -> bool:
     return type(m) is cls and not m._forward_hooks and not m._forward_pre_hooks
 
@@ -387,7 +392,7 @@ def _first_token_attention(att: nn.Module, q_proj, k_proj, v_proj, x: Tensor, ma
     q = q_proj(x[:, :1]).view(b, 1, -1, d).transpose(1, 2)
     k = k_proj(x).view(b, n, -1, d).transpose(1, 2)
     v = v_proj(x).view(b, n, -1, d).transpose(1, 2)
-    if mask is not None and mask.dim() == 4 and mask.size(2) > 1:
+    if mask is not None and mask.size(2) > 1:  # (4D: _first_token_layer_forward runs whole for any other)
         mask = mask[:, :, :1]  # the first query's row
     out, _ = attention_forward(att, q, k, v, mask, dropout=att.dropout.p if att.training else 0.0,
                                scaling=att.scaling)
@@ -493,9 +498,11 @@ def _still_last(model: nn.Module, layer: nn.Module) -> bool:
         last = model.get_submodule(model.__dict__["_llmcore_first_token_path"])[-1]
     except (AttributeError, IndexError, KeyError, TypeError):
         return False
-    while last is not layer and any(isinstance(getattr(last, a, None), nn.Module) for a in _WRAPPER_ATTRS):
-        last = next(getattr(last, a) for a in _WRAPPER_ATTRS if isinstance(getattr(last, a, None), nn.Module))
-    return last is layer
+    while last is not layer:
+        last = next((getattr(last, a) for a in _WRAPPER_ATTRS if isinstance(getattr(last, a, None), nn.Module)), None)
+        if last is None:
+            return False
+    return True
 
 
 def _first_token_classifier_forward(self: nn.Module, *args, **kwargs):
@@ -513,7 +520,7 @@ def _first_token_classifier_forward(self: nn.Module, *args, **kwargs):
 def _bind_first_token(model: nn.Module) -> None:
     """Binds the first-token forwards to a classifier of ``_FIRST_TOKEN_CLASSIFIERS`` and its last layer, where their
     forwards are transformers' own (or came back from pickle as such) and the layer has a known form."""
-    if "forward" in model.__dict__ and not _lost_forward(model):
+    if _bound_already(model):
         return  # bound before, or rebound by someone else
     if not hasattr(torch._C, "_current_graph_task_id"):
         return  # (a torch without it: a checkpoint's recomputation could not be told from a forward)
@@ -523,8 +530,7 @@ def _bind_first_token(model: nn.Module) -> None:
     except (AttributeError, IndexError, TypeError):
         return
     form = _first_token_form(layer)
-    ours_lost = getattr(layer, "_llmcore_fused", None) == "first_token_layer" and _lost_forward(layer)
-    if form is None or ("forward" in layer.__dict__ and not ours_lost):
+    if form is None or _bound_already(layer):
         return
     layer.__dict__.pop("forward", None)
     layer._llmcore_first_token_fn = form
