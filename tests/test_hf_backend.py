@@ -1139,7 +1139,7 @@ def _train_grads(model, batch, labels, **kw):
     model.zero_grad(set_to_none=True)
     out = model(**batch, labels=labels, **kw)
     out.loss.backward()
-    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out, _grads(model)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "electra", "distilbert"])
