@@ -312,6 +312,26 @@ def _advertised(cls: type, forward):
     return _ADVERTISED[key]
 
 
+def _replicate_for_data_parallel(self: nn.Module) -> nn.Module:
+    """``nn.DataParallel``'s replica of a module patch() rebound: the class's copy (its ``__dict__`` a copy of this
+    module's), with the methods bound to this module (patch()'s forward, this one) bound to the replica instead. As
+    copied they would run this module, on its device with its tensors, not the replica. (Named as the class's
+    method: pickle stores a bound method as its function's name, looked up again on the unpickled module.)"""
+    replica = type(self)._replicate_for_data_parallel(self)
+    for name, value in self.__dict__.items():
+        if isinstance(value, types.MethodType) and value.__self__ is self:
+            replica.__dict__[name] = types.MethodType(value.__func__, replica)
+    return replica
+
+
+def _bind(m: nn.Module, forward) -> None:
+    """Makes ``forward`` (a function of the module) ``m``'s forward, under its class forward's signature
+    (:func:`_advertised`); DataParallel's replicas of ``m`` run it on themselves
+    (:func:`_replicate_for_data_parallel`)."""
+    m.forward = types.MethodType(_advertised(type(m), forward), m)
+    m._replicate_for_data_parallel = types.MethodType(_replicate_for_data_parallel, m)
+
+
 def _lost_forward(m: nn.Module) -> bool:
     """Whether a module patch() rebound came back from pickle with its class's forward: pickle stores a bound method
     as ``getattr(module, name)``, which a module being unpickled answers with the class's."""
@@ -367,7 +387,7 @@ def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
 # alone: a (B, 1, H) output, on which the heads compute what they did. The classifier's forward turns this on for
 # the duration of a call unless that call returns hidden states or attentions (which need every row). The switch is
 # an attribute of the layer: one model called from several threads at once, some calls asking for hidden states,
-# is not supported.
+# is not supported (nn.DataParallel's replicas, each with layers of its own, are).
 
 # classifier class -> the path to its encoder's nn.ModuleList of layers
 _FIRST_TOKEN_CLASSIFIERS = {
@@ -490,27 +510,31 @@ def _outputs_requested(model: nn.Module, kwargs: dict) -> bool:
 _WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")  # FSDP's and torch's checkpoint wrappers
 
 
-def _still_last(model: nn.Module, layer: nn.Module) -> bool:
-    """Whether ``layer`` is still the last of the classifier's layers (inside any wrappers FSDP or activation
-    checkpointing put around it): a layer appended after patch() must see every row. (The path is the one found at
-    patch time: FSDP2's fully_shard renames the classifier's class.)"""
+def _first_token_layer(model: nn.Module) -> nn.Module | None:
+    """The classifier's last layer (inside any wrappers FSDP or activation checkpointing put around it) if it is the
+    one patch() bound the first-token forward to, else None: a layer appended after patch() must see every row.
+    Looked up at each call rather than kept: ``nn.DataParallel``'s replicas copy the classifier's ``__dict__`` but
+    have layers of their own. (The path is the one found at patch time: FSDP2's fully_shard renames the
+    classifier's class.)"""
     try:
         last = model.get_submodule(model.__dict__["_llmcore_first_token_path"])[-1]
     except (AttributeError, IndexError, KeyError, TypeError):
-        return False
-    while last is not layer:
+        return None
+    while "_llmcore_first_token_fn" not in last.__dict__:
         last = next((getattr(last, a) for a in _WRAPPER_ATTRS if isinstance(getattr(last, a, None), nn.Module)), None)
         if last is None:
-            return False
-    return True
+            return None
+    return last
 
 
 def _first_token_classifier_forward(self: nn.Module, *args, **kwargs):
     """transformers' forward, with the last layer on the first token (see the section comment) unless hidden states
     or attentions are asked for, the model no longer runs llmcore attention, or layers were added after it."""
-    layer = self.__dict__["_llmcore_first_token_layer"]
+    layer = _first_token_layer(self)
+    if layer is None:
+        return type(self).forward(self, *args, **kwargs)
     layer._llmcore_first_token = (getattr(self.config, "_attn_implementation", None) == NAME
-                                  and not _outputs_requested(self, kwargs) and _still_last(self, layer))
+                                  and not _outputs_requested(self, kwargs))
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
@@ -535,12 +559,11 @@ def _bind_first_token(model: nn.Module) -> None:
     layer.__dict__.pop("forward", None)
     layer._llmcore_first_token_fn = form
     layer._llmcore_first_token = layer._llmcore_first_token_recorded = False
-    layer.forward = types.MethodType(_advertised(type(layer), _first_token_layer_forward), layer)
+    _bind(layer, _first_token_layer_forward)
     layer._llmcore_fused = "first_token_layer"
     model.__dict__.pop("forward", None)
-    model.__dict__["_llmcore_first_token_layer"] = layer  # a reference, not a registered submodule
     model.__dict__["_llmcore_first_token_path"] = path
-    model.forward = types.MethodType(_advertised(type(model), _first_token_classifier_forward), model)
+    _bind(model, _first_token_classifier_forward)
 
 
 # Keyword arguments of a causal LM's forward that are its own, not its base model's.
@@ -724,7 +747,8 @@ def patch(model: nn.Module) -> nn.Module:
     buffers and state_dict keys are unchanged. Fused ops missing from this build of
     :mod:`llmcore.ops` are skipped with a warning. Calling it again is a no-op. The counts
     per kind are logged and stored in ``model._llmcore_patched``. A patched module's ``forward`` carries the
-    signature of its class's (transformers' Trainer picks dataset columns by it). A patched model unpickled (e.g.
+    signature of its class's (transformers' Trainer picks dataset columns by it); ``nn.DataParallel``'s replicas
+    run the patched forwards on their own tensors. A patched model unpickled (e.g.
     ``torch.load`` of a whole model) runs transformers' forwards until patched again.
 
     >>> model = patch(AutoModelForCausalLM.from_config(config))  # doctest: +SKIP
@@ -759,7 +783,7 @@ def patch(model: nn.Module) -> nn.Module:
             missing.add(op)
             continue
         else:
-            m.forward = types.MethodType(_advertised(type(m), forward), m)
+            _bind(m, forward)
         m._llmcore_fused = op
         counts[op] += 1
     if missing:

@@ -687,6 +687,60 @@ def test_patch_again_after_unpickling():
         torch.testing.assert_close(back(**batch).logits, ref(**batch).logits, **FP32)
 
 
+def _data_parallel_replicas(model, n, monkeypatch):
+    """torch's ``replicate()``, as ``nn.DataParallel`` runs it, making ``n`` replicas of ``model`` on this CPU: only
+    its broadcast (CUDA's) is stubbed, by copies, replica j's floating tensors shifted by j/100 so that a replica
+    computing with another's tensors shows. The rest is torch's: each module copied by its
+    ``_replicate_for_data_parallel`` (the replica's __dict__ a copy of the module's), the copied tensors set on them."""
+    rep = sys.modules["torch.nn.parallel.replicate"]
+
+    def broadcast(tensors, devices, detach=False):
+        return [[(t.detach() if detach else t) + j / 100 if t.is_floating_point() else t.clone() for t in tensors]
+                for j in range(len(devices))]
+    monkeypatch.setattr(rep, "_broadcast_coalesced_reshape", broadcast)
+    return rep.replicate(model, list(range(n)))
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_patched_model_in_data_parallel_replicas(kind, monkeypatch):
+    """transformers' Trainer wraps the model in nn.DataParallel on several GPUs without torchrun. Each replica of a
+    patched model computes with its own tensors, through llmcore's forwards (the LM-head loss, the first-token
+    layer), and its gradients reach the model's parameters: as the unpatched model's replicas. The replicas run at
+    once in two threads, as parallel_apply runs them; for the classifier one of them asks for hidden states."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if kind == "llama":
+        ref = _pair("llama")[0]
+        batch = _lm_batch("right")
+        labels = batch["input_ids"]
+        extra = [{}, {}]
+    else:
+        ref, batch = _encoder_classifier("bert", **_NO_DROPOUT["bert"])
+        labels = torch.tensor([1, 0, 1])
+        extra = [{"output_hidden_states": True}, {}]
+    model = hf.patch(copy.deepcopy(ref))
+    shapes = _output_shapes(model) if kind == "bert" else None  # (replicas share the layer's hook dict)
+    calls = []
+    for m in (ref, model):
+        m.train()
+        replicas = _data_parallel_replicas(m, 2, monkeypatch)
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(lambda r, kw: r(**batch, labels=labels, **kw), replicas, extra))
+        (outs[0].loss + outs[1].loss).backward()
+        calls.append(outs)
+    (ref0, ref1), (out0, out1) = calls
+    assert not torch.allclose(ref0.logits, ref1.logits, atol=1e-3)  # the replicas' tensors differ
+    for out, out_ref in ((out0, ref0), (out1, ref1)):
+        torch.testing.assert_close(out.loss, out_ref.loss, **FP32)
+        if kind == "llama":
+            assert out.logits is None  # the LM-head loss ran fused, on the replica's tensors
+        else:
+            torch.testing.assert_close(out.logits, out_ref.logits, **FP32)
+    _assert_grads_close(ref, model)
+    if kind == "bert":  # the replica asked for hidden states ran its last layer whole, the other on row 0
+        assert out0.hidden_states[-1].shape == (3, 13, 48) and sorted(shapes) == [(3, 1, 48), (3, 13, 48)]
+
+
 def test_patched_minilm_in_llmcore_trainer(minilm, tmp_path, monkeypatch):
     """llmcore's Trainer on a patched MiniLM (its word table now updated row-sparsely by LazyRowAdamW) ends where it
     ends on the unpatched model, to the fused kernels' rounding."""
