@@ -342,7 +342,7 @@ def test_finetune_decoder_classifier_fallback_pads_with_its_pad_id(tmp_path, cap
     """A decoder for classification trains as transformers' classifier (a Llama too: llmcore's decoders are causal
     LMs only; it was an error). Those classifiers read each row at its last token that is not the config's
     pad_token_id: padded batches must be padded with that id (OPT's is 1; they were padded with 0, so padded rows
-    were read at their padding), and a config without one (GPT-NeoX's, Llama's) gets 0, the padding used
+    were read at their padding), and a config without one (GPT-NeoX's, Llama's) gets its eos id, the padding used
     (transformers refused the batches before: "Cannot handle batch sizes > 1 if no padding token is defined"). The
     validation loss finetune reports equals the saved model's, row by row without padding."""
     transformers = pytest.importorskip("transformers")
@@ -373,7 +373,7 @@ def test_finetune_decoder_classifier_fallback_pads_with_its_pad_id(tmp_path, cap
     with open(out / "results.json", encoding="utf-8") as f:
         results = json.load(f)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "final")).eval()
-    assert model.config.pad_token_id == (1 if kind == "opt" else 0)
+    assert model.config.pad_token_id == (1 if kind == "opt" else cfg.eos_token_id) and cfg.eos_token_id not in (0, 1)
     val = PreparedDataset.load(out / "data")["validation"]
     assert len({len(val[i]) for i in range(len(val))}) > 1  # ragged: the batches were padded
     with torch.no_grad():
@@ -382,6 +382,38 @@ def test_finetune_decoder_classifier_fallback_pads_with_its_pad_id(tmp_path, cap
     assert results["eval_examples"] == len(val)
     assert results["eval_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
 
+
+
+def test_transformers_pad_id_prefers_eos_to_id_0(capsys):
+    """Without a pad id a decoder classifier is padded with its eos id: GPT-2's id 0 is "!", a common last token,
+    and a row ending in it was read one token early. A padded batch's logits are each text's alone; a list of eos
+    ids gives its first; an eos outside the vocabulary gives 0; a config's own pad id is kept; a causal LM's config
+    is left as it was."""
+    transformers = pytest.importorskip("transformers")
+    from llmcore.train.finetune import transformers_pad_id
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    assert cfg.pad_token_id is None and transformers_pad_id(model, causal_lm=False) == 50256 == cfg.pad_token_id
+    assert "padded with its eos id 50256" in capsys.readouterr().err
+    rows = [[31, 7, 0], [9]]  # the first ends in "!"
+    batch = torch.tensor([rows[0], rows[1] + [cfg.pad_token_id] * 2])
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits
+        alone = torch.cat([model(input_ids=torch.tensor([r])).logits for r in rows])
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
+
+    def small(**fields):
+        return transformers.GPT2Config(vocab_size=64, n_embd=8, n_layer=1, n_head=2, **fields)
+
+    def pad_of(**fields):
+        return transformers_pad_id(transformers.GPT2ForSequenceClassification(small(**fields)), causal_lm=False)
+    assert pad_of(eos_token_id=[5, 6]) == 5
+    assert pad_of() == 0  # (GPT-2's eos 50256 is outside this vocabulary)
+    assert pad_of(pad_token_id=3, eos_token_id=5) == 3
+    lm = transformers.GPT2LMHeadModel(small(eos_token_id=5))
+    assert transformers_pad_id(lm, causal_lm=True) == 5 and lm.config.pad_token_id is None
 
 @pytest.mark.parametrize("kind", ["electra", "llama3-rope"])
 def test_finetune_falls_back_to_transformers(tmp_path, capsys, kind):

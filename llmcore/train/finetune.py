@@ -120,19 +120,30 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, 
 
 def transformers_pad_id(net: torch.nn.Module, causal_lm: bool) -> int:
     """The token id to pad a transformers model's batches with: its config's ``pad_token_id``. Without one (or with
-    one outside the vocabulary), 0; a classifier's config then gets ``pad_token_id = 0`` (transformers' decoder
-    classifiers read each row at its last token that is not the pad id, and refuse batches of several rows when
-    there is none), said on stderr."""
+    one outside the vocabulary), its ``eos_token_id`` (the first of a list; transformers' recipe for decoders, pad =
+    eos), else 0; a classifier's config then gets that id as its ``pad_token_id``, said on stderr. transformers'
+    decoder classifiers read each row at its last token that is not the pad id (and refuse batches of several rows
+    when there is none): a text ending in the pad id is read one token early, and id 0 is a common last token
+    ("!" in GPT-2's, Llama 3's and Qwen2's vocabularies) where eos is not one a text has."""
     cfg = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
-    pad, vocab = getattr(cfg, "pad_token_id", None), getattr(cfg, "vocab_size", None)
-    if isinstance(pad, int) and 0 <= pad and (vocab is None or pad < vocab):
+    vocab = getattr(cfg, "vocab_size", None)
+
+    def usable(token) -> bool:
+        return (isinstance(token, int) and not isinstance(token, bool) and token >= 0
+                and (vocab is None or token < vocab))
+
+    pad, eos = getattr(cfg, "pad_token_id", None), getattr(cfg, "eos_token_id", None)
+    if usable(pad):
         return pad
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    fill = eos if usable(eos) else 0
     if not causal_lm:
-        cfg.pad_token_id = 0
+        cfg.pad_token_id = fill
         print(f"llmcore: {type(net).__name__}'s config names {'no pad token' if pad is None else f'pad {pad!r}'}; "
-              "its batches are padded with id 0, now its pad_token_id (a text whose last token is id 0 is then read "
-              "one token early)", file=sys.stderr)
-    return 0
+              f"its batches are padded with {f'its eos id {fill}' if fill == eos else 'id 0'}, now its pad_token_id "
+              f"(a text whose last token is id {fill} is then read one token early)", file=sys.stderr)
+    return fill
 
 
 def _setup_distributed(device: Optional[str], group: bool = False) -> tuple[int, int, torch.device, bool]:
