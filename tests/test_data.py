@@ -343,3 +343,73 @@ def test_overflow_split_keeps_every_token(tmp_path):
     assert main(["prepare", "--data", src, "--model", MODEL, "--max-length", "64", "--overflow", "split",
                  "--output-dir", str(tmp_path / "cli")]) == 0
     assert PreparedDataset.load(tmp_path / "cli")["train"].ids.tolist() == split["train"].ids.tolist()
+
+
+def test_failed_prepare_keeps_the_previous_result_and_other_files(tmp_path):
+    """prepare writes into a staging folder and swaps the result in once every split is written: a run that fails
+    while tokenizing (a lone surrogate the tokenizer refuses) leaves the folder's previous result loadable and equal
+    to what it was; files prepare does not name are never touched; a later result replaces every file of the
+    earlier one (a text_index of an overflow-split result does not outlive it)."""
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps({"text": f"row {i} text", "label": i % 2}) + "\n" for i in range(20)))
+    out = tmp_path / "o"
+    first = prepare(src, MODEL, 8, out, overflow="split")
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert "train.text_index.npy" in before
+    (out / "embeddings.npy").write_bytes(b"mine")
+    (out / "notes.texts.txt").write_text("mine too")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "lone \ud800 surrogate", "label": 1}) + "\n"
+                   + json.dumps({"text": "fine", "label": 0}) + "\n")
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        prepare(bad, MODEL, 8, out, validation_fraction=0)
+    after = {f: (out / f).read_bytes() for f in os.listdir(out) if f not in ("embeddings.npy", "notes.texts.txt")}
+    assert after == before  # (no staging folder left either)
+    assert np.array_equal(PreparedDataset.load(out)["train"].ids, first["train"].ids)
+    again = prepare(src, MODEL, 8, out)  # truncate: no text_index
+    assert not again.cache_hit and not (out / "train.text_index.npy").exists()
+    assert PreparedDataset.load(out)["train"].text_index is None
+    assert (out / "embeddings.npy").read_bytes() == b"mine" and (out / "notes.texts.txt").read_text() == "mine too"
+
+
+def test_damaged_prepared_folder_names_the_file(tmp_path):
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps({"text": f"row {i} text", "label": i % 2}) + "\n" for i in range(20)))
+    out = tmp_path / "o"
+    prepare(src, MODEL, 8, out)
+    with open(out / "train.lengths.npy", "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(ValueError, match="train.lengths.npy is unreadable"):
+        PreparedDataset.load(out)
+    os.remove(out / "train.ids.npy")
+    with pytest.raises(FileNotFoundError, match="lacks train.ids.npy"):
+        PreparedDataset.load(out)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("neg.csv", "text,label\ngood,1\nbad,-2\n", r"label -2 \(data row 2\) is not a class id"),
+    ("huge.csv", "text,label\ngood,1\nbad,1000000000000000000000000000000\n", "is not a class id"),
+    ("dup.csv", "text,label,label\ngood,1,0\nbad,0,1\n", r"names column\(s\) \['label'\] more than once"),
+    ("uneven.json", json.dumps({"text": ["a", "b", "c"], "label": [1]}), "columns differ in length"),
+    ("bad.tsv", b"sentence\tlabel\ncaf\xe9\t1\n", "is not UTF-8 text"),
+    ("bad.json", "{'text': 1}", "bad.json' is not JSON"),
+])
+def test_malformed_files_name_the_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message):
+        prepare(path, MODEL, 16, tmp_path / "o")
+
+
+def test_byte_order_mark_and_small_splits(tmp_path):
+    """A UTF-8 byte-order mark is not part of the first column's name (the labels were lost); a validation split
+    drawn from train leaves every label a train row (validation_fraction 0.99 had emptied train), and none is made
+    when no label has two rows."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefflabel,text\n".encode() + "".join(f"{i % 2},film number {i}\n" for i in range(8)).encode())
+    ds = prepare(path, MODEL, 16, tmp_path / "o", validation_fraction=0.99)
+    assert ds.meta["label_column"] == "label" and ds.meta["text_column"] == "text"
+    assert sorted(ds["train"].labels.tolist()) == [0, 1] and len(ds["validation"]) == 6
+    (tmp_path / "two.csv").write_text("text,label\ngood,1\nbad,0\n")
+    ds = prepare(tmp_path / "two.csv", MODEL, 16, tmp_path / "o2")
+    assert list(ds.splits) == ["train"] and len(ds["train"]) == 2

@@ -182,6 +182,58 @@ def test_finetune_cli_bad_data(tmp_path, capsys):
     assert "llmcore finetune: error:" in capsys.readouterr().err
 
 
+
+def _csv_dir(tmp_path, name, **splits):
+    data = tmp_path / name
+    data.mkdir()
+    for split, rows in splits.items():
+        (data / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return data
+
+
+def _finetune_err(capsys, data, out, *extra):
+    code = main(["finetune", "--data", str(data), "--model", minilm_dir(), "--output-dir", str(out), "--max-steps",
+                 "1", "--warmup-steps", "0", "--save-strategy", "no", "--report-to", "none", "--disable-tqdm",
+                 *extra])
+    return code, capsys.readouterr().err
+
+
+def test_finetune_bad_input_names_the_problem(tmp_path, capsys):
+    """Input that used to end in a traceback mid-training (or in no evaluation at all) is an error naming it, before
+    training: train rows without a label (IndexError in the loss), a validation split with some unlabeled rows (its
+    metrics were dropped), no validation split to evaluate on, rows longer than the model's positions and ids past
+    its vocabulary (IndexError in an embedding), an output folder that is a file (NotADirectoryError)."""
+    rows = [(f"good film {i}", 1) for i in range(6)] + [(f"bad film {i}", 0) for i in range(6)]
+    data = _csv_dir(tmp_path, "unlabeled", train=rows + [("a film nobody rated", "")], validation=rows[:2])
+    code, err = _finetune_err(capsys, data, tmp_path / "o1")
+    assert code == 2 and "1 of the train split's 13 rows have no label" in err and "'a film nobody rated'" in err
+    data = _csv_dir(tmp_path, "val", train=rows, validation=[("fine", 1), ("unknown", "")])
+    code, err = _finetune_err(capsys, data, tmp_path / "o2")
+    assert code == 2 and "1 of the validation split's 2 rows have no label" in err and "'unknown'" in err
+    data = _csv_dir(tmp_path, "tiny", train=[("good", 1), ("bad", 0)])  # one row a label: none split off
+    code, err = _finetune_err(capsys, data, tmp_path / "o3")
+    assert code == 2 and "has no validation split with labels" in err and "--eval-strategy no" in err
+    assert _finetune_err(capsys, data, tmp_path / "o3", "--eval-strategy", "no")[0] == 0
+
+    long_rows = [(" ".join(["word"] * 700) + f" {i}", i % 2) for i in range(4)]
+    data = _csv_dir(tmp_path, "long", train=long_rows, validation=long_rows[:2])
+    code, err = _finetune_err(capsys, data, tmp_path / "o4", "--max-length", "600")
+    assert code == 2 and "(600 tokens" in err and "max_position_embeddings 512" in err
+    vocab = tmp_path / "bigvocab"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text(open(os.path.join(minilm_dir(), "vocab.txt"), encoding="utf-8").read().rstrip("\n")
+                                     + "\nzzqword\n", encoding="utf-8")
+    data = _csv_dir(tmp_path, "zz", train=rows + [("zzqword good", 1)], validation=rows[:2])
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "--data", str(data), "--tokenizer", str(vocab), "--max-length", "16",
+                 "--output-dir", str(prepared)]) == 0
+    code, err = _finetune_err(capsys, prepared, tmp_path / "o5")
+    assert code == 2 and "ids up to 30522" in err and "vocab_size 30522" in err
+
+    (tmp_path / "a_file").write_text("")
+    code, err = _finetune_err(capsys, _csv_dir(tmp_path, "ok", train=rows, validation=rows[:2]), tmp_path / "a_file")
+    assert code == 2 and "Not a directory" in err
+
 def test_finetune_label_sets_must_match(tmp_path, capsys):
     data = tmp_path / "d"
     data.mkdir()

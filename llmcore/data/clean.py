@@ -101,10 +101,19 @@ def label_mapping(values: Sequence) -> Optional[List[str]]:
     return sorted({str(v) for v in present})
 
 
-def label_ids(values: Sequence, names: Optional[List[str]]) -> List[int]:
-    """Integer label per row; -1 for a missing label."""
+MAX_LABEL = 2**31 - 1
+
+
+def label_ids(values: Sequence, names: Optional[List[str]], where: str = "the data") -> List[int]:
+    """Integer label per row; -1 for a missing label (an empty value, or -1 itself). Integer labels are class ids:
+    another negative value, or one past ``MAX_LABEL``, is an error naming its row."""
     if names is None:
-        return [-1 if v is None or v == "" else int(v) for v in values]
+        ids = [-1 if v is None or v == "" else int(v) for v in values]
+        for row, v in enumerate(ids):
+            if v < -1 or v > MAX_LABEL:
+                raise ValueError(f"{where}: label {v} (data row {row + 1}) is not a class id: integer labels are "
+                                 f"0, 1, ... (at most {MAX_LABEL}), or -1 / empty for none")
+        return ids
     index = {n: i for i, n in enumerate(names)}
     return [-1 if v is None or v == "" else index[str(v)] for v in values]
 
@@ -132,7 +141,8 @@ def filter_rows(texts: List[str], min_chars: int, max_chars: Optional[int], dedu
 
 def stratified_split(labels: Optional[Sequence[int]], n: int, fraction: float, seed: int):
     """(train indices, validation indices): ``fraction`` of each label's rows, at least one per
-    label with two or more rows, drawn with ``seed``. Both lists are shuffled."""
+    label with two or more rows and never the last one (every label keeps a train row), drawn with
+    ``seed``. Both lists are shuffled."""
     rng = random.Random(seed)
     groups: Dict[int, List[int]] = {}
     for i in range(n):
@@ -144,6 +154,7 @@ def stratified_split(labels: Optional[Sequence[int]], n: int, fraction: float, s
         k = int(round(len(idx) * fraction))
         if k == 0 and len(idx) >= 2 and fraction > 0:
             k = 1
+        k = min(k, len(idx) - 1)
         val.extend(idx[:k])
         train.extend(idx[k:])
     rng.shuffle(train)

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Dict, List, Optional, Union
 
@@ -54,13 +55,22 @@ class PreparedSplit:
     (``overflow="split"``), else None."""
 
     def __init__(self, directory: str, name: str, packed: bool):
-        def load(kind):
+        def load(kind, required=False):
             p = os.path.join(directory, f"{name}.{kind}.npy")
-            return np.load(p, mmap_mode="r") if os.path.exists(p) else None
+            if not os.path.exists(p):
+                if required:
+                    raise FileNotFoundError(f"prepared dataset {directory!r} lacks {os.path.basename(p)}; "
+                                            "prepare it again")
+                return None
+            try:
+                return np.load(p, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"prepared dataset {directory!r}: {os.path.basename(p)} is unreadable ({e}); "
+                                 "prepare it again") from e
         self.name = name
-        self.ids = load("ids")
-        self.cu_seqlens = load("cu_seqlens") if packed else None
-        self.lengths = load("lengths")
+        self.ids = load("ids", required=True)
+        self.cu_seqlens = load("cu_seqlens", required=True) if packed else None
+        self.lengths = load("lengths", required=True)
         self.labels = load("labels")
         self.token_type_ids = load("token_type_ids")
         self.text_index = load("text_index")
@@ -294,7 +304,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         keep, dropped = clean.filter_rows(texts, min_chars, max_chars, dedup)
         labels = None
         if lc is not None:
-            lab = clean.label_ids(table[lc], label_names if string_labels else None)
+            lab = clean.label_ids(table[lc], label_names if string_labels else None, where[split])
             labels = [lab[i] for i in keep]
         result[split] = {"texts": [texts[i] for i in keep], "labels": labels}
         counts[split] = {"rows": len(raw), "kept": len(keep), "dropped": dropped}
@@ -308,6 +318,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     if "validation" not in result and "train" in result and validation_fraction > 0:
         tr = result["train"]
         tr_idx, va_idx = clean.stratified_split(tr["labels"], len(tr["texts"]), validation_fraction, seed)
+    else:
+        va_idx = []
+    if va_idx:  # (none when every label has a single row: those stay in train)
         for name, idx in (("validation", va_idx), ("train", tr_idx)):
             result[name] = {"texts": [tr["texts"][i] for i in idx],
                             "labels": None if tr["labels"] is None else [tr["labels"][i] for i in idx]}
@@ -316,43 +329,46 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     t_clean = time.perf_counter()
 
     # --- tokenize and save -------------------------------------------------------------------------
+    # into a staging folder, moved in once every split is written: a failure (a text the tokenizer refuses, a full
+    # disk) leaves output_dir's previous result as it was
     os.makedirs(output_dir, exist_ok=True)
-    meta_path = os.path.join(output_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # meta.json is written last: its presence marks a complete result
-    for fn in os.listdir(output_dir):
-        if fn.endswith((".npy", ".texts.txt")):
-            os.remove(os.path.join(output_dir, fn))
+    stage = os.path.join(output_dir, STAGING)
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
     from llmcore.data.summary import split_stats
 
     stats = {}
     order = [s for s in ("train", "validation", "test") if s in result] + \
             sorted(s for s in result if s not in ("train", "validation", "test"))
     split_rows = overflow == "split"
-    for split in order:
-        r = result[split]
-        enc = tok.encode_batch(r["texts"], max_length=max_length, truncation=True,
-                               padding=False if pack else "longest", return_overflowing_tokens=split_rows)
-        lengths = np.ascontiguousarray(enc.lengths, dtype=np.int32)
-        labels = None if r["labels"] is None else np.asarray(r["labels"], dtype=np.int64)
-        if split_rows:
-            text_index = enc.overflow_to_sample_mapping
-            _save(output_dir, split, "text_index", text_index)
+    try:
+        for split in order:
+            r = result[split]
+            enc = tok.encode_batch(r["texts"], max_length=max_length, truncation=True,
+                                   padding=False if pack else "longest", return_overflowing_tokens=split_rows)
+            lengths = np.ascontiguousarray(enc.lengths, dtype=np.int32)
+            labels = None if r["labels"] is None else np.asarray(r["labels"], dtype=np.int64)
+            if split_rows:
+                text_index = enc.overflow_to_sample_mapping
+                _save(stage, split, "text_index", text_index)
+                if labels is not None:
+                    labels = labels[text_index]
+                counts[split]["texts_split"] = int(np.sum(np.bincount(text_index, minlength=len(r["texts"])) > 1))
+            _save(stage, split, "ids", enc.input_ids)
+            if pack:
+                _save(stage, split, "cu_seqlens", enc.cu_seqlens)
+            _save(stage, split, "lengths", lengths)
             if labels is not None:
-                labels = labels[text_index]
-            counts[split]["texts_split"] = int(np.sum(np.bincount(text_index, minlength=len(r["texts"])) > 1))
-        _save(output_dir, split, "ids", enc.input_ids)
-        if pack:
-            _save(output_dir, split, "cu_seqlens", enc.cu_seqlens)
-        _save(output_dir, split, "lengths", lengths)
-        if labels is not None:
-            _save(output_dir, split, "labels", labels)
-        if len(enc.token_type_ids) and np.any(enc.token_type_ids):
-            _save(output_dir, split, "token_type_ids", enc.token_type_ids)
-        if save_text:
-            with open(os.path.join(output_dir, f"{split}.texts.txt"), "w", encoding="utf-8") as f:
-                f.write("\n".join(r["texts"]))
-        stats[split] = split_stats(lengths, max_length, len(r["texts"]) if split_rows else None)
+                _save(stage, split, "labels", labels)
+            if len(enc.token_type_ids) and np.any(enc.token_type_ids):
+                _save(stage, split, "token_type_ids", enc.token_type_ids)
+            if save_text:
+                with open(os.path.join(stage, f"{split}.texts.txt"), "w", encoding="utf-8") as f:
+                    f.write("\n".join(r["texts"]))
+            stats[split] = split_stats(lengths, max_length, len(r["texts"]) if split_rows else None)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     t_tok = time.perf_counter()
 
     num_labels = None
@@ -370,11 +386,38 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         "seconds": {"load": round(t_load - t0, 3), "clean": round(t_clean - t_load, 3),
                     "tokenize_save": round(t_tok - t_clean, 3)},
     }
+    _publish(stage, output_dir, meta, old)
+    return PreparedDataset(output_dir, meta, cache_hit=False)
+
+
+STAGING = ".prepare.partial"  # prepare's staging folder inside output_dir
+_KINDS = ("ids", "cu_seqlens", "lengths", "labels", "token_type_ids", "text_index")  # a split's arrays
+
+
+def _split_files(split: str) -> List[str]:
+    return [f"{split}.{kind}.npy" for kind in _KINDS] + [f"{split}.texts.txt"]
+
+
+def _publish(stage: str, output_dir: str, meta: dict, old: Optional[dict]) -> None:
+    """Moves the staged result into ``output_dir``: removes meta.json (its presence marks a complete result; it is
+    written last), the files of the previous result's splits and of the new ones (a file of an earlier layout would
+    be read as the new result's), moves the staged files in, writes meta.json. Files prepare does not name are left
+    alone."""
+    meta_path = os.path.join(output_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for split in set(meta["splits"]) | set((old or {}).get("splits") or []):
+        for fn in _split_files(str(split)):
+            path = os.path.join(output_dir, fn)
+            if os.path.isfile(path):
+                os.remove(path)
+    for fn in os.listdir(stage):
+        os.replace(os.path.join(stage, fn), os.path.join(output_dir, fn))
+    os.rmdir(stage)
     tmp = meta_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     os.replace(tmp, meta_path)
-    return PreparedDataset(output_dir, meta, cache_hit=False)
 
 
 def _check_label_sets(result: Dict[str, dict], where: Dict[str, str], label_names: Optional[List[str]]) -> None:

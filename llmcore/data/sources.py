@@ -21,6 +21,10 @@ SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validatio
                "dev": "validation", "test": "test"}
 
 
+class DataLoadError(RuntimeError):
+    """A data set that could not be loaded (a Hugging Face dataset name that did not resolve)."""
+
+
 def _rows_to_table(header: List[str], rows) -> Table:
     cols: Table = {h: [] for h in header}
     for i, row in enumerate(rows):
@@ -35,11 +39,21 @@ def _rows_to_table(header: List[str], rows) -> Table:
 
 
 def read_file(path: str) -> Table:
-    """One file as columns. TSV is read with quoting off (SST-2 sentences contain ``"``)."""
+    """One file as columns. TSV is read with quoting off (SST-2 sentences contain ``"``). Text files are UTF-8, a
+    leading byte-order mark dropped (it would be part of the first column's name)."""
+    try:
+        return _read_file(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path!r} is not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r} is not JSON: {e}") from None
+
+
+def _read_file(path: str) -> Table:
     ext = os.path.splitext(path)[1].lower()
     if ext in (".csv", ".tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             if ext == ".tsv":
                 reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             else:
@@ -48,13 +62,16 @@ def read_file(path: str) -> Table:
                 header = next(reader)
             except StopIteration:
                 raise ValueError(f"{path!r} is empty (expected a header row)") from None
+            twice = sorted({h for h in header if header.count(h) > 1})
+            if twice:
+                raise ValueError(f"{path!r}: the header names column(s) {twice} more than once")
             try:
                 return _rows_to_table(header, reader)
             except ValueError as e:
                 raise ValueError(f"{path!r}: {e}") from None
     if ext == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for i, line in enumerate(f):
                 if line.strip():
                     try:
@@ -63,10 +80,13 @@ def read_file(path: str) -> Table:
                         raise ValueError(f"{path!r} line {i + 1} is not JSON: {e}") from None
         return _records_to_table(records, path)
     if ext == ".json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             obj = json.load(f)
         if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
-            return {k: list(v) for k, v in obj.items()}  # column-oriented
+            lengths = {k: len(v) for k, v in obj.items()}  # column-oriented
+            if len(set(lengths.values())) > 1:
+                raise ValueError(f"{path!r}: its columns differ in length ({lengths})")
+            return {k: list(v) for k, v in obj.items()}
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if not isinstance(obj, list):
@@ -79,7 +99,7 @@ def read_file(path: str) -> Table:
             raise ImportError(f"reading {path!r} needs pyarrow: pip install pyarrow") from None
         return pq.read_table(path).to_pydict()
     if ext == ".txt":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return {"text": [line.rstrip("\n") for line in f]}
     raise ValueError(f"{path!r}: unsupported file type {ext!r}; expected one of {', '.join(EXTENSIONS)}")
 
@@ -158,7 +178,8 @@ def load_hub(name: str, config: str = None) -> Dict[str, Table]:
         dd = datasets.load_dataset(name, config)
     except Exception as e:
         why = " (no network: only the local Hugging Face cache was searched)" if offline else ""
-        raise RuntimeError(f"could not load Hugging Face dataset {name!r}{why}: {type(e).__name__}: {e}") from e
+        raise DataLoadError(f"no file or folder {name!r} exists (from {os.getcwd()!r}), and the Hugging Face dataset "
+                           f"of that name could not be loaded{why}: {type(e).__name__}: {e}") from e
     out: Dict[str, Table] = {}
     for split, ds in dd.items():
         table = ds.to_dict()

@@ -146,6 +146,63 @@ def transformers_pad_id(net: torch.nn.Module, causal_lm: bool) -> int:
     return fill
 
 
+def check_model_reads(net: torch.nn.Module, prepared, model: str) -> None:
+    """Runs ``net`` once without gradients on each split's longest row and on the row that holds its largest token
+    id: a row longer than the model's learned positions, or an id past its vocabulary (data prepared with another
+    tokenizer), is an error naming them before training, not an IndexError at some step. (Eval mode: no random
+    draws.)"""
+    cfg = getattr(net, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limits = [f"{k} {getattr(cfg, k)}" for k in ("max_position_embeddings", "n_positions", "vocab_size")
+              if isinstance(getattr(cfg, k, None), int)]
+    device = next(net.parameters()).device
+    training = net.training
+    net.eval()
+    try:
+        for name, split in prepared.splits.items():
+            if not len(split):
+                continue
+            top = int(np.argmax(np.asarray(split.ids).reshape(-1)))
+            holder = (int(np.searchsorted(split.cu_seqlens, top, side="right")) - 1 if split.cu_seqlens is not None
+                      else top // split.ids.shape[1])
+            for row in sorted({int(np.argmax(split.lengths)), holder}):
+                ids = torch.tensor(np.asarray(split[row]), dtype=torch.long, device=device)[None]
+                try:
+                    with torch.no_grad():
+                        net(input_ids=ids)
+                except (IndexError, RuntimeError) as e:
+                    raise ValueError(
+                        f"{model!r} cannot read the {name} split's row {row} ({ids.shape[1]} tokens, ids up to "
+                        f"{int(ids.max())}): {e}. Its config: {', '.join(limits) or 'no limits named'}; prepare the "
+                        f"data with its tokenizer and a --max-length it takes") from e
+    finally:
+        net.train(training)
+
+
+def _check_labels(data: str, split: str, labels, unlabeled_ok: bool, texts) -> bool:
+    """Whether a classification split is labeled: every row has a label (prepare's -1 marks none). A split without
+    any (a test split without labels) is not, where ``unlabeled_ok``; some rows without is an error that quotes the
+    first (``texts``: the split's ``PreparedSplit.texts``)."""
+    if labels is None:
+        if unlabeled_ok:
+            return False
+        raise ValueError(f"{data!r}: the {split} split has no label column")
+    unlabeled = np.flatnonzero(np.asarray(labels) < 0)
+    if not len(unlabeled) or (unlabeled_ok and len(unlabeled) == len(labels)):
+        return not len(unlabeled)
+    raise ValueError(f"{data!r}: {len(unlabeled)} of the {split} split's {len(labels)} rows have no label (an empty "
+                     f"value or -1{_first_text(texts, unlabeled[0])}): label them or drop them")
+
+
+def _first_text(texts, row: int) -> str:
+    """``, e.g. '<the text of row>'`` when the split's texts were saved."""
+    try:
+        text = texts()[row]
+    except (OSError, IndexError):
+        return ""
+    return f", e.g. {text[:60] + '...' if len(text) > 60 else text!r}"
+
+
 def _setup_distributed(device: Optional[str], group: bool = False) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, whether we initialized the process group). Under ``torchrun``
     (WORLD_SIZE > 1, or any with ``group``: FSDP needs one) the group is initialized here: nccl on GPUs,
@@ -285,10 +342,11 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
                 prepared = run_prepare()
         if "train" not in prepared.splits:
             raise ValueError(f"{data!r} has no train split (splits: {sorted(prepared.splits)})")
-        if prepared["train"].labels is None and not causal_lm:
-            raise ValueError(f"{data!r}: the train split has no label column")
+        if not causal_lm:
+            _check_labels(data, "train", prepared["train"].labels, False, prepared["train"].texts)
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
         net = load_model(model, causal_lm, prepared.num_labels).to(dev)
+        check_model_reads(net, prepared, model)
         theirs = is_transformers_model(net)
         pack = config.pack and not theirs  # transformers' models take no cu_seqlens
         pad_id = transformers_pad_id(net, causal_lm) if theirs else 0
@@ -297,8 +355,12 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
                               pad_id)
         evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, pack, 0, False,
                                      rank, world, multiple, causal_lm, pad_id, text_ids=True)(0)
-                 for name in ("validation", "test") if name in prepared.splits
-                 and (causal_lm or (prepared[name].labels is not None and int(np.min(prepared[name].labels)) >= 0))}
+                 for name in ("validation", "test") if name in prepared.splits and len(prepared[name])
+                 and (causal_lm or _check_labels(data, name, prepared[name].labels, True, prepared[name].texts))}
+        if config.eval_strategy != "no" and "validation" not in evals:
+            raise ValueError(f"{data!r} has no validation split {'' if causal_lm else 'with labels '}to evaluate on "
+                             f"(eval_strategy {config.eval_strategy!r}): give one (a validation file, --eval-data, "
+                             f"or enough train rows to split one off), or pass --eval-strategy no")
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
         results = trainer.train()
         for name, batches in evals.items():
