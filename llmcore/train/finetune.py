@@ -146,6 +146,28 @@ def transformers_pad_id(net: torch.nn.Module, causal_lm: bool) -> int:
     return fill
 
 
+def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
+    """What an earlier run left in ``output_dir`` (paths relative to it): its checkpoint folders, ``final/``,
+    ``results.json`` and the training log."""
+    from llmcore.train.checkpoint import list_checkpoints
+
+    found = [os.path.basename(p) for p in list_checkpoints(output_dir)]
+    for path in (os.path.join(output_dir, "final"), os.path.join(output_dir, "results.json"),
+                 os.path.join(logging_dir, "train_log.jsonl")):
+        if os.path.exists(path):
+            found.append(os.path.relpath(path, output_dir))
+    return found
+
+
+def remove_run(output_dir: str, names: list[str]) -> None:
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
 def check_model_reads(net: torch.nn.Module, prepared, model: str) -> None:
     """Runs ``net`` once without gradients on each split's longest row and on the row that holds its largest token
     id: a row longer than the model's learned positions, or an id past its vocabulary (data prepared with another
@@ -280,7 +302,7 @@ def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None) -> 
 def finetune(data: str, model: str, output_dir: str, max_length: int = 128, tokenizer: Optional[str] = None,
              text_column: Optional[str] = None, label_column: Optional[str] = None, device: Optional[str] = None,
              eval_data: Optional[str] = None, task: str = "sequence-classification", overflow: Optional[str] = None,
-             **train_args) -> dict:
+             overwrite_output_dir: bool = False, **train_args) -> dict:
     """Prepare ``data`` (cached under ``output_dir/data``; a prepared folder is used as is), fine-tune
     the checkpoint in ``model`` (a folder, or a Hub model id: :mod:`llmcore.hub`) for sequence
     classification, evaluate on the validation and test splits, save the final model (+ the
@@ -302,7 +324,11 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
 
     Under ``torchrun`` every rank trains on its share of each global batch (see ``split_batches``)
     and rank 0 writes the files; ``fsdp="full_shard"`` (or ``"shard_grad_op"``) shards the model instead of
-    replicating it (``llmcore.train.fsdp``). ``device``: default ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU."""
+    replicating it (``llmcore.train.fsdp``). ``device``: default ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU.
+
+    An ``output_dir`` that holds an earlier run (checkpoints, ``final/``, ``results.json``) is refused unless the run
+    resumes (``resume_from_checkpoint``) or ``overwrite_output_dir`` (transformers 4's flag; its example scripts
+    refuse the same way) removes that run first; the prepared-data cache ``output_dir/data`` is kept either way."""
     import torch.distributed as dist
 
     from llmcore.data import PreparedDataset, prepare
@@ -316,6 +342,10 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     if overflow is None:
         overflow = "split" if causal_lm else "truncate"
     config = TrainConfig(output_dir=output_dir, **train_args)
+    earlier = earlier_run(output_dir, config.logging_dir)
+    if earlier and config.resume_from_checkpoint is None and not overwrite_output_dir:
+        raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
+                         f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
     rank, world, dev, started = _setup_distributed(device, group=bool(config.fsdp))
     check_process_group(config.fsdp)  # before the data and the model are loaded
@@ -361,6 +391,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
             raise ValueError(f"{data!r} has no validation split {'' if causal_lm else 'with labels '}to evaluate on "
                              f"(eval_strategy {config.eval_strategy!r}): give one (a validation file, --eval-data, "
                              f"or enough train rows to split one off), or pass --eval-strategy no")
+        if earlier and config.resume_from_checkpoint is None and rank == 0:
+            remove_run(output_dir, earlier)  # overwrite_output_dir, once data and model are known to be usable
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
         results = trainer.train()
         for name, batches in evals.items():
