@@ -291,15 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "prepare":
-        if not (args.model or args.tokenizer):
-            parser.error("prepare needs --model (or --tokenizer)")
-        try:
-            return args.func(args)
-        except (OSError, ValueError, RuntimeError, ImportError) as e:
-            print(f"llmcore prepare: error: {e}", file=sys.stderr)
-            return 2
-    return args.func(args)
+    try:
+        if args.command == "prepare":
+            if not (args.model or args.tokenizer):
+                parser.error("prepare needs --model (or --tokenizer)")
+            try:
+                return args.func(args)
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                print(f"llmcore prepare: error: {e}", file=sys.stderr)
+                return 2
+        return args.func(args)
+    except KeyboardInterrupt:  # (a run's checkpoints are whole: they are renamed into place when complete)
+        print(f"llmcore {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -257,6 +257,50 @@ def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path
     with open(out / "results.json", encoding="utf-8") as f:
         assert json.load(f)["global_step"] == 1  # (this run's, not resumed)
 
+
+def test_finetune_bad_settings_and_damaged_files(tmp_path, capsys, monkeypatch):
+    """Settings and files that ended in tracebacks (AttributeError for --device cuda on a CPU-only torch, numpy's
+    seed error after the data was prepared, SafetensorError / PytorchStreamReader errors for damaged files) are
+    errors naming them; one class only is refused (transformers would train a regression on it); Ctrl-C ends with
+    a line and 130, not a traceback."""
+    rows = [(f"good film {i}", 1) for i in range(8)] + [(f"bad film {i}", 0) for i in range(8)]
+    data = _csv_dir(tmp_path, "d", train=rows, validation=rows[::4])
+    if not torch.cuda.is_available():
+        code, err = _finetune_err(capsys, data, tmp_path / "o1", "--device", "cuda")
+        assert code == 2 and "sees no CUDA device" in err
+    for device, message in (("bogus", "is not a device"), ("meta", "runs on cpu or cuda")):
+        code, err = _finetune_err(capsys, data, tmp_path / "o1", "--device", device)
+        assert code == 2 and message in err
+    code, err = _finetune_err(capsys, data, tmp_path / "o1", "--seed", str(2**32))
+    assert code == 2 and "seed must be < 2**32" in err and not (tmp_path / "o1" / "data").exists()
+    one = _csv_dir(tmp_path, "one", train=[(f"film {i}", "pos") for i in range(8)])
+    code, err = _finetune_err(capsys, one, tmp_path / "o2")
+    assert code == 2 and "one class only ('pos')" in err
+
+    damaged = tmp_path / "model"
+    damaged.mkdir()
+    for f in os.listdir(minilm_dir()):
+        if f != "model.safetensors":
+            os.symlink(os.path.join(minilm_dir(), f), damaged / f)
+    with open(os.path.join(minilm_dir(), "model.safetensors"), "rb") as f:
+        (damaged / "model.safetensors").write_bytes(f.read(1 << 20))
+    code, err = _finetune_err(capsys, data, tmp_path / "o3", "--model", str(damaged))
+    assert code == 2 and "model.safetensors' is unreadable" in err
+    out = tmp_path / "o4"
+    assert _finetune_err(capsys, data, out, "--save-strategy", "steps", "--save-steps", "1")[0] == 0
+    with open(out / "checkpoint-1" / "optimizer.pt", "r+b") as f:
+        f.truncate(1000)
+    code, err = _finetune_err(capsys, data, out, "--resume-from-checkpoint", "true", "--max-steps", "2")
+    assert code == 2 and "optimizer.pt' is unreadable" in err
+
+    import llmcore.train.finetune as ft
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ft, "finetune", interrupted)
+    code, err = _finetune_err(capsys, data, tmp_path / "o5")
+    assert code == 130 and err.strip() == "llmcore finetune: interrupted"
+
 def test_finetune_label_sets_must_match(tmp_path, capsys):
     data = tmp_path / "d"
     data.mkdir()

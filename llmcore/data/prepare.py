@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import shutil
 import time
@@ -222,8 +223,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     files and options, it is returned at once (``.cache_hit`` True) unless ``force``.
     """
     t0 = time.perf_counter()
-    if not isinstance(max_length, int) or max_length < 1:
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    max_length = int(max_length)  # (a NumPy integer too)
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
     if overflow not in OVERFLOW:

@@ -100,19 +100,28 @@ def _hf_to_internal(family: str, tied: bool):
     return convert
 
 
-def read_safetensors(path: str) -> dict:
+def load_safetensors_file(file: str) -> dict:
+    """safetensors' ``load_file``; a damaged file (truncated, not safetensors) is a CheckpointError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(file)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file!r} is unreadable (damaged or not a safetensors file): {e}") from e
+
+
+def read_safetensors(path: str) -> dict:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
-        return load_file(single)
+        return load_safetensors_file(single)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         tensors = {}
         for shard in shards:
-            tensors.update(load_file(os.path.join(path, shard)))
+            tensors.update(load_safetensors_file(os.path.join(path, shard)))
         return tensors
     raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor model.safetensors.index.json")
 

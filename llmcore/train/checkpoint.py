@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -33,13 +34,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from llmcore.models import CheckpointError, UnsupportedModelError, save_pretrained
 from llmcore.models.loading import (
     build_model,
     is_transformers_model,
+    load_safetensors_file,
     load_state,
     load_transformers_state,
     read_safetensors,
@@ -176,21 +177,30 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
     else:
         load_model_weights(path, model)
         device = next(model.parameters()).device
-        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+        optimizer_state = _load_pt(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
         if is_sharded(model):
             load_optimizer_state(model, optimizer, optimizer_state)
         else:
             optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    scheduler.load_state_dict(_load_pt(os.path.join(path, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(path, f"rng_state_{rank}.pt")
     if os.path.isfile(rng_file):
         # Our own file: it holds numpy's and python's state tuples, which weights_only cannot read.
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(_load_pt(rng_file, weights_only=False))
     else:
         raise FileNotFoundError(f"{rng_file!r} is missing: the checkpoint was written by fewer ranks, "
                                 "so this rank cannot resume its random state exactly")
     with open(state_file, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _load_pt(file: str, **kwargs):
+    """``torch.load``; a damaged file (truncated: "PytorchStreamReader failed reading zip archive") is a
+    CheckpointError naming it."""
+    try:
+        return torch.load(file, **kwargs)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{file!r} is unreadable (a damaged checkpoint file?): {e}") from e
 
 
 def load_model_weights(path: str, model: nn.Module) -> None:
@@ -205,7 +215,7 @@ def load_model_weights(path: str, model: nn.Module) -> None:
         load_transformers_state(model, read_safetensors(path))
         return
     weights = os.path.join(path, "model.safetensors")
-    fresh = load_state(model, model.config.family, load_file(weights), strict_head=True)
+    fresh = load_state(model, model.config.family, load_safetensors_file(weights), strict_head=True)
     if fresh:
         raise CheckpointError(f"{weights!r} lacks {fresh}")
 

@@ -112,6 +112,8 @@ class TrainConfig:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)
+        if self.seed > 2**32 - 1:  # (numpy's generator takes no more)
+            raise ValueError(f"seed must be < 2**32, got {self.seed}")
         _check_int("max_steps", self.max_steps, minimum=-1)
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use num_train_epochs) or a positive number of optimizer steps, "

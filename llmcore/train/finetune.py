@@ -236,7 +236,16 @@ def _setup_distributed(device: Optional[str], group: bool = False) -> tuple[int,
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: finetune runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
@@ -374,6 +383,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
             raise ValueError(f"{data!r} has no train split (splits: {sorted(prepared.splits)})")
         if not causal_lm:
             _check_labels(data, "train", prepared["train"].labels, False, prepared["train"].texts)
+            if prepared.num_labels == 1:  # (transformers would train a regression on it)
+                raise ValueError(f"{data!r} has one class only ({(prepared.label_names or [0])[0]!r}): sequence "
+                                 f"classification needs two or more")
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
         net = load_model(model, causal_lm, prepared.num_labels).to(dev)
         check_model_reads(net, prepared, model)
