@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite-output-dir", action="store_true",
                    help="replace an earlier run in --output-dir (its checkpoints, final/, results.json, training log; "
                         "the prepared data cache stays); without it such a folder is refused unless resuming")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int,
+                   help="raw data's rows, in tokens (default 128; a prepared folder's is the one it was made with)")
     p.add_argument("--overflow", choices=["truncate", "split"],
                    help="raw data's tokens past --max-length (see prepare --overflow); default: split for causal-lm "
                         "(every token is trained on), truncate for sequence-classification")

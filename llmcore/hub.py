@@ -52,5 +52,5 @@ def checkpoint_folder(path_or_id: str, what: str = "model") -> str:
         return snapshot_download(path, allow_patterns=CHECKPOINT_FILES, local_files_only=offline)
     except Exception as e:  # the hub client raises many kinds (no entry, 401/404, connection errors)
         why = " (no network: only the local Hugging Face cache was searched)" if offline else ""
-        raise FileNotFoundError(f"{what} {path!r} is not a local folder, and fetching it from the Hugging Face "
-                                f"Hub failed{why}: {type(e).__name__}: {e}") from None
+        raise FileNotFoundError(f"{what} {path!r}: no such file or folder (from {os.getcwd()!r}), and fetching it "
+                                f"from the Hugging Face Hub failed{why}: {type(e).__name__}: {e}") from None

@@ -393,6 +393,7 @@ def test_damaged_prepared_folder_names_the_file(tmp_path):
     ("uneven.json", json.dumps({"text": ["a", "b", "c"], "label": [1]}), "columns differ in length"),
     ("bad.tsv", b"sentence\tlabel\ncaf\xe9\t1\n", "is not UTF-8 text"),
     ("bad.json", "{'text': 1}", "bad.json' is not JSON"),
+    ("open.csv", 'text,label\ngood,1\n"never closed,1\nmore,0\n', "line 4: unexpected end of data"),
 ])
 def test_malformed_files_name_the_problem(tmp_path, name, content, message):
     path = tmp_path / name

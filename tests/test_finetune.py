@@ -331,9 +331,9 @@ def test_finetune_eval_data(tmp_path, capsys):
     assert main(["prepare", "--data", str(data), "--eval-data", str(held_out), "--model", minilm_dir(),
                  "--max-length", "64", "--output-dir", str(prepared)]) == 0
     from llmcore.data import PreparedDataset
-    from llmcore.train.finetune import _check_prepared_eval_data
+    from llmcore.train.finetune import _check_prepared_options
 
-    _check_prepared_eval_data(str(prepared), PreparedDataset.load(prepared), str(held_out))  # the same file: fine
+    _check_prepared_options(str(prepared), PreparedDataset.load(prepared), str(held_out), {})  # the same file: fine
     capsys.readouterr()
     other = tmp_path / "other.tsv"
     _slice(os.path.join(data_dir(), "sst2", "test.tsv"), other, 8)
@@ -443,17 +443,34 @@ def test_finetune_overflow_split_scores_texts(tmp_path, pack):
         assert 0.0 <= results[f"{prefix}_text_f1"] <= 1.0
 
 
-def test_prepared_folder_overflow_must_match(tmp_path, capsys):
-    """A prepared folder's rows were fixed by prepare: an --overflow that differs is an error naming both."""
+@pytest.mark.parametrize("flag,value,message", [
+    ("--overflow", "split", "made with overflow 'truncate'"),
+    ("--max-length", "64", "made with max_length 32"),  # (it was ignored)
+    ("--text-column", "label", "made with text_column 'sentence'"),
+    ("--tokenizer", "bigvocab", "made with another tokenizer"),
+])
+def test_prepared_folder_options_must_match(tmp_path, capsys, flag, value, message):
+    """A prepared folder's rows were fixed by prepare: an option that makes raw data, given and different from what
+    the folder was made with, is an error naming both; the same value is fine."""
     data = _sst2(tmp_path, 40)
     prepared = tmp_path / "prepared"
     assert main(["prepare", "--data", str(data), "--model", minilm_dir(), "--max-length", "32",
                  "--output-dir", str(prepared)]) == 0
     capsys.readouterr()
+    if value == "bigvocab":
+        value = str(tmp_path / value)
+        os.mkdir(value)
+        with open(os.path.join(minilm_dir(), "vocab.txt"), encoding="utf-8") as f:
+            (tmp_path / "bigvocab" / "vocab.txt").write_text(f.read().rstrip("\n") + "\nzzqword\n", encoding="utf-8")
     assert main(["finetune", "--data", str(prepared), "--model", minilm_dir(), "--output-dir", str(tmp_path / "run"),
-                 "--overflow", "split", "--max-steps", "1", "--report-to", "none"]) == 2
+                 flag, value, "--max-steps", "1", "--report-to", "none"]) == 2
     err = capsys.readouterr().err
-    assert "overflow 'split'" in err and "made with overflow 'truncate'" in err and "prepared" in err
+    assert f"{flag} {value if flag == '--max-length' else repr(value)}:" in err and message in err
+    assert "prepared folder" in err
+    same = {"--overflow": "truncate", "--max-length": "32", "--text-column": "sentence", "--tokenizer": minilm_dir()}
+    assert main(["finetune", "--data", str(prepared), "--model", minilm_dir(), "--output-dir", str(tmp_path / "run"),
+                 flag, same[flag], "--max-steps", "1", "--report-to", "none", "--save-strategy", "no",
+                 "--eval-strategy", "no", "--disable-tqdm"]) == 0
 
 
 @pytest.mark.parametrize("kind", ["opt", "gpt_neox", "llama"])

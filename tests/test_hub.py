@@ -51,9 +51,9 @@ def test_repo_id_shape(name, is_id):
 
 
 def test_a_missing_hub_id_fails_at_once_and_says_why(offline_cache):
-    with pytest.raises(FileNotFoundError, match=r"model 'org/missing' is not a local folder.*no network"):
+    with pytest.raises(FileNotFoundError, match=r"model 'org/missing': no such file or folder.*no network"):
         from_pretrained("org/missing")
-    with pytest.raises(FileNotFoundError, match=r"tokenizer 'org/missing' is not a local folder"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer 'org/missing': no such file or folder"):
         llmcore.Tokenizer.from_pretrained("org/missing")
 
 
@@ -78,7 +78,7 @@ def test_cli_names_the_model_it_could_not_fetch(offline_cache, tmp_path, capsys)
     data.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
     assert main(["finetune", "--data", str(data), "--model", "org/missing", "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "llmcore finetune: error: model 'org/missing' is not a local folder" in err and "no network" in err
+    assert "llmcore finetune: error: model 'org/missing': no such file or folder" in err and "no network" in err
     assert main(["prepare", "--data", str(data), "--model", "org/missing", "--max-length", "32",
                  "--output-dir", str(tmp_path / "p")]) == 2
-    assert "tokenizer 'org/missing' is not a local folder" in capsys.readouterr().err
+    assert "tokenizer 'org/missing': no such file or folder" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def _read_file(path: str) -> Table:
             if ext == ".tsv":
                 reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             else:
-                reader = csv.reader(f)
+                reader = csv.reader(f, strict=True)  # (an unclosed quote is an error, not the rest of the file)
             try:
                 header = next(reader)
             except StopIteration:
@@ -69,6 +69,8 @@ def _read_file(path: str) -> Table:
                 return _rows_to_table(header, reader)
             except ValueError as e:
                 raise ValueError(f"{path!r}: {e}") from None
+            except csv.Error as e:
+                raise ValueError(f"{path!r} line {reader.line_num}: {e} (a quote left open?)") from None
     if ext == ".jsonl":
         records = []
         with open(path, encoding="utf-8-sig") as f:

@@ -263,18 +263,36 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spe
                     "merges.txt", "vocab.json")
 
 
-def _check_prepared_eval_data(data: str, prepared, eval_data: Optional[str]) -> None:
-    """A prepared folder's validation split was fixed by ``prepare``: ``eval_data`` must be what it
-    was made from."""
-    if eval_data is None:
-        return
+def _check_prepared_options(data: str, prepared, eval_data: Optional[str], given: dict) -> None:
+    """A prepared folder was cleaned, split and tokenized by ``prepare``: the options that make raw data into it,
+    where given (``given``: max_length, overflow, tokenizer, text_column, label_column), must be what it was made
+    with, and ``eval_data`` what its validation split was made from; else an error (they were ignored)."""
     from llmcore.data import sources
+    from llmcore.data.prepare import _tokenizer_and_fingerprint
 
-    made_from = prepared.meta.get("eval_data")
-    if made_from is None or os.path.abspath(sources.eval_file(eval_data)) != made_from:
-        raise ValueError(f"eval data {eval_data!r}: {data!r} is a prepared folder, whose validation split is fixed "
-                         f"(made from {made_from or 'the data itself'}); pass the eval data to `llmcore prepare "
-                         "--eval-data`, or raw data to finetune")
+    meta = prepared.meta
+    if eval_data is not None:
+        made_from = meta.get("eval_data")
+        if made_from is None or os.path.abspath(sources.eval_file(eval_data)) != made_from:
+            raise ValueError(f"eval data {eval_data!r}: {data!r} is a prepared folder, whose validation split is "
+                             f"fixed (made from {made_from or 'the data itself'}); pass the eval data to `llmcore "
+                             "prepare --eval-data`, or raw data to finetune")
+    made = {"max_length": meta["options"]["max_length"], "overflow": meta["options"].get("overflow", "truncate"),
+            "text_column": meta.get("text_column"), "label_column": meta.get("label_column")}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "tokenizer":
+            if _tokenizer_and_fingerprint(value)[1] == meta.get("tokenizer_fingerprint"):
+                continue
+            made_with = "another tokenizer"
+        elif value == made[name]:
+            continue
+        else:
+            made_with = f"{name} {made[name]!r}"
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} {value!r}: {data!r} is a prepared folder, made with {made_with}; prepare it again "
+                         f"with {flag} {value}, or pass raw data")
 
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -308,17 +326,19 @@ def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None) -> 
         return llmcore.hf.patch(net)
 
 
-def finetune(data: str, model: str, output_dir: str, max_length: int = 128, tokenizer: Optional[str] = None,
-             text_column: Optional[str] = None, label_column: Optional[str] = None, device: Optional[str] = None,
-             eval_data: Optional[str] = None, task: str = "sequence-classification", overflow: Optional[str] = None,
-             overwrite_output_dir: bool = False, **train_args) -> dict:
+def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] = None,
+             tokenizer: Optional[str] = None, text_column: Optional[str] = None, label_column: Optional[str] = None,
+             device: Optional[str] = None, eval_data: Optional[str] = None, task: str = "sequence-classification",
+             overflow: Optional[str] = None, overwrite_output_dir: bool = False, **train_args) -> dict:
     """Prepare ``data`` (cached under ``output_dir/data``; a prepared folder is used as is), fine-tune
     the checkpoint in ``model`` (a folder, or a Hub model id: :mod:`llmcore.hub`) for sequence
     classification, evaluate on the validation and test splits, save the final model (+ the
     tokenizer files) to ``output_dir/final`` and the results to ``output_dir/results.json``. Returns
     the results: ``train_*`` and ``peak_memory_mb`` from ``Trainer.train``, ``eval_*`` on the
     validation split, ``test_*`` on the test split. ``eval_data``: a file whose rows are the
-    validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``).
+    validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``). ``max_length``, ``tokenizer``,
+    ``text_column``, ``label_column``, ``overflow`` and ``eval_data`` make raw data (``max_length`` 128 by default);
+    given with a prepared folder they must be what it was made with.
 
     ``task="causal-lm"``: a decoder checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) trained on next-token loss
     over each text (labels are not needed and not used); the evaluations report ``*_loss`` (per
@@ -363,14 +383,12 @@ def finetune(data: str, model: str, output_dir: str, max_length: int = 128, toke
     try:
         if os.path.isfile(os.path.join(data, "meta.json")):
             prepared = PreparedDataset.load(data)
-            _check_prepared_eval_data(data, prepared, eval_data)
-            made_with = prepared.meta["options"].get("overflow", "truncate")
-            if asked_overflow is not None and asked_overflow != made_with:
-                raise ValueError(f"overflow {asked_overflow!r}: {data!r} is a prepared folder, made with overflow "
-                                 f"{made_with!r}; prepare it again with --overflow {asked_overflow}, or pass raw data")
+            _check_prepared_options(data, prepared, eval_data,
+                                    {"max_length": max_length, "overflow": asked_overflow, "tokenizer": tokenizer,
+                                     "text_column": text_column, "label_column": label_column})
         else:
             def run_prepare():
-                return prepare(data, tokenizer or model, max_length, os.path.join(output_dir, "data"),
+                return prepare(data, tokenizer or model, max_length or 128, os.path.join(output_dir, "data"),
                                eval_data=eval_data, text_column=text_column, label_column=label_column, pack=True,
                                seed=config.seed, overflow=overflow)
             if rank == 0:
