@@ -125,6 +125,10 @@ def train_bpe(tmp_path, style: str):
     elif style == "roberta":
         tok = tokenizers.Tokenizer(models.BPE())
         tok.pre_tokenizer = byte_level(add_prefix_space=True)
+    elif style.startswith("roberta-"):  # roberta-base's own: RobertaProcessing trims offsets (prefix space or not)
+        prefix = style == "roberta-prefix"
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = byte_level(add_prefix_space=prefix)
     else:  # Llama-3 / Qwen2: a Split regex, byte-level without its own regex, ignore_merges, BOS template
         tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -138,12 +142,16 @@ def train_bpe(tmp_path, style: str):
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", bos)])
+    elif style.startswith("roberta-"):
+        tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", tok.token_to_id("<|endoftext|>")),
+                                                          ("<s>", tok.token_to_id("<s>")), trim_offsets=True,
+                                                          add_prefix_space=prefix)
     path = tmp_path / f"{style}.json"
     tok.save(str(path))
     return path, tokenizers.Tokenizer.from_file(str(path))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "roberta", "llama3", "qwen2"])
+@pytest.fixture(scope="module", params=["gpt2", "roberta", "roberta-base", "roberta-prefix", "llama3", "qwen2"])
 def trained(request, tmp_path_factory):
     path, hf = train_bpe(tmp_path_factory.mktemp("bpe"), request.param)
     return Tokenizer.from_file(path), hf
@@ -164,6 +172,15 @@ def test_trained_bpe_matches_hf(trained, name):
     tok, hf = trained
     assert_same_as_hf(tok, hf, list(corpus(name)))
     assert_same_as_hf(tok, hf, list(corpus(name)[:300]), add_special_tokens=False)
+
+
+def test_trained_bpe_offsets_next_to_the_prefix_space(trained):
+    """Texts that start with a character of several UTF-8 bytes: with add_prefix_space the added space can be a
+    token of its own, which a trimming post-processor (ByteLevel, RobertaProcessing) leaves empty, (0, 0) -- it was
+    (0, 1). Leading spaces of the text itself are trimmed."""
+    tok, hf = trained
+    assert_same_as_hf(tok, hf, ["\x80", "é", "中文 text", "\x80\x80 b", "  two spaces", " é", "🙂🙂 x"])
+    assert_same_as_hf(tok, hf, ["\x80", "中文 text", "  two spaces"], add_special_tokens=False)
 
 
 @settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -188,7 +188,10 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
         // one starting the text) keeps its leading spaces.
         const bool first = k == 0 || start == 0;
         if (lead > 0 && !(trim_keeps_first_ && first)) start = std::min<uint32_t>(start + uint32_t(lead), stop);
-        if (trail > 0 && stop >= trail) stop = std::max<uint32_t>(stop - uint32_t(trail), start);
+        // HF trims in characters: a token of the added prefix space alone spans the first character (one
+        // character, first_char_len bytes), which its trailing space takes away whole.
+        if (trail > 0 && at + bytes.size() <= shift) stop = start;
+        else if (trail > 0 && stop >= trail) stop = std::max<uint32_t>(stop - uint32_t(trail), start);
       }
       out.start.push_back(start);
       out.end.push_back(stop);

@@ -64,7 +64,7 @@ class Spec:
     add_prefix_space: bool = False
     ignore_merges: bool = False
     trim_offsets: bool = False
-    trim_keeps_first: bool = False  # the ByteLevel post-processor's add_prefix_space
+    trim_keeps_first: bool = False  # the ByteLevel (or RobertaProcessing) post-processor's add_prefix_space
     added_tokens: list = field(default_factory=list)
     template_single: list = field(default_factory=list)
     template_pair: list = field(default_factory=list)
@@ -159,6 +159,10 @@ def _post_processor(pp, spec: Spec, path, token_id):
             spec.template_pair = spec.template_single + [("B", 1), ("special", sep_id, 1)]
         else:
             spec.template_pair = spec.template_single + [("special", sep_id, 0), ("B", 0), ("special", sep_id, 0)]
+            # RobertaProcessing trims offsets as the ByteLevel post-processor does (roberta-base's: trim_offsets
+            # true, add_prefix_space false)
+            spec.trim_offsets = bool(pp.get("trim_offsets", True))
+            spec.trim_keeps_first = bool(pp.get("add_prefix_space", True))
     elif kind == "ByteLevel":
         spec.trim_offsets = bool(pp.get("trim_offsets", True))
         spec.trim_keeps_first = bool(pp.get("add_prefix_space", True))
