@@ -24,13 +24,14 @@ namespace {
 
 const std::pair<const char*, tk::Pattern> kPatterns[] = {
     {"gpt2", tk::Pattern::gpt2},     {"cl100k", tk::Pattern::cl100k}, {"o200k", tk::Pattern::o200k},
-    {"llama3", tk::Pattern::llama3}, {"qwen2", tk::Pattern::qwen2},
+    {"llama3", tk::Pattern::llama3}, {"qwen2", tk::Pattern::qwen2},  {"cl100k_hf", tk::Pattern::cl100k_hf},
 };
 
 tk::Pattern parse_pattern(const std::string& name) {
   for (const auto& [n, p] : kPatterns)
     if (name == n) return p;
-  throw std::invalid_argument("unknown pre-tokenizer pattern '" + name + "' (known: gpt2, cl100k, o200k, llama3, qwen2)");
+  throw std::invalid_argument("unknown pre-tokenizer pattern '" + name +
+                              "' (known: gpt2, cl100k, o200k, llama3, qwen2, cl100k_hf)");
 }
 
 // UTF-8 view of a str (or validated bytes); `what` names the item in errors.

@@ -129,7 +129,8 @@ def train_bpe(tmp_path, style: str):
         prefix = style == "roberta-prefix"
         tok = tokenizers.Tokenizer(models.BPE())
         tok.pre_tokenizer = byte_level(add_prefix_space=prefix)
-    else:  # Llama-3 / Qwen2: a Split regex, byte-level without its own regex, ignore_merges, BOS template
+    else:  # Llama-3 / Qwen2 (and cl100k's regex): a Split regex, byte-level without its own regex, ignore_merges,
+        # BOS template
         tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_C.pattern_regex(style)), behavior="isolated"),
@@ -138,7 +139,7 @@ def train_bpe(tmp_path, style: str):
     trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<|endoftext|>", "<s>"],
                                   initial_alphabet=byte_level.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus("sst2-train"), trainer=trainer)
-    if style in ("llama3", "qwen2"):
+    if style in ("llama3", "qwen2", "cl100k"):
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", bos)])
@@ -151,7 +152,8 @@ def train_bpe(tmp_path, style: str):
     return path, tokenizers.Tokenizer.from_file(str(path))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "roberta", "roberta-base", "roberta-prefix", "llama3", "qwen2"])
+@pytest.fixture(scope="module",
+                params=["gpt2", "roberta", "roberta-base", "roberta-prefix", "llama3", "qwen2", "cl100k"])
 def trained(request, tmp_path_factory):
     path, hf = train_bpe(tmp_path_factory.mktemp("bpe"), request.param)
     return Tokenizer.from_file(path), hf
@@ -172,6 +174,14 @@ def test_trained_bpe_matches_hf(trained, name):
     tok, hf = trained
     assert_same_as_hf(tok, hf, list(corpus(name)))
     assert_same_as_hf(tok, hf, list(corpus(name)[:300]), add_special_tokens=False)
+
+
+def test_trained_bpe_digit_runs(trained):
+    """Digit runs as HF splits them: tiktoken's cl100k regex in a tokenizer.json keeps a whole run in one piece
+    (HF's Oniguruma reads its \\p{N}{1,3}+ as (?:\\p{N}{1,3})+; llmcore split runs of 3 as tiktoken does)."""
+    tok, hf = trained
+    # (the trained vocabularies merge "19", "10", "20", "90", "200": a run cut after 3 digits tokenizes otherwise)
+    assert_same_as_hf(tok, hf, ["x 1234567 ab", "1" * 64, "in 1999, 20000 people", "1990 2200 1010", "٣٤٥٦ ６７８９"])
 
 
 def test_trained_bpe_offsets_next_to_the_prefix_space(trained):
@@ -204,12 +214,16 @@ def test_trained_bpe_round_trip_and_pickle(trained):
 
 
 # --- pre-tokenizer patterns against a regex engine -----------------------------------------------
-@pytest.mark.parametrize("pattern", ["gpt2", "cl100k", "o200k", "llama3", "qwen2"])
+@pytest.mark.parametrize("pattern", ["gpt2", "cl100k", "o200k", "llama3", "qwen2", "cl100k_hf"])
 def test_pretokenizer_patterns_match_regex(pattern):
+    """Each scanner splits as its regex does in a backtracking engine (the `regex` module reads possessive
+    quantifiers as tiktoken's fancy-regex does); cl100k_hf as HF tokenizers' Oniguruma reads cl100k's regex, whole
+    digit runs, checked against HF's Split pre-tokenizer itself in test_trained_bpe_digit_runs."""
     regex = pytest.importorskip("regex")
     import unicodedata
 
-    compiled = regex.compile(_C.pattern_regex(pattern))
+    source = _C.pattern_regex(pattern)
+    compiled = regex.compile(source.replace(r"\p{N}{1,3}+", r"\p{N}++") if pattern == "cl100k_hf" else source)
     rng = np.random.default_rng(1)
     # code points every engine involved agrees on: assigned in Python's Unicode version
     pool = [chr(c) for c in list(range(0x20, 0x7F)) * 20 + list(range(0x80, 0x3000)) + list(range(0x4E00, 0x4E40))

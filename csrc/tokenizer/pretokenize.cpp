@@ -9,6 +9,7 @@
 //   P = [^\r\n\p{L}\p{N}] (the optional one-character prefix of a letter run).
 // Every character is in exactly one of L, N, S, O.
 #include <cstdint>
+#include <limits>
 
 #include "tokenizer/pretokenize.h"
 
@@ -282,6 +283,7 @@ std::string_view pattern_regex(Pattern p) {
     case Pattern::gpt2:
       return R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
     case Pattern::cl100k:
+    case Pattern::cl100k_hf:
       return R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s)";
     case Pattern::o200k:
       return R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|)"
@@ -308,6 +310,8 @@ size_t next_piece(Pattern p, const char* text, size_t n, size_t pos) {
       return next_cl100k_family(s, n, pos, 3, SpaceRule::lines);
     case Pattern::qwen2:
       return next_cl100k_family(s, n, pos, 1, SpaceRule::lines);
+    case Pattern::cl100k_hf:
+      return next_cl100k_family(s, n, pos, std::numeric_limits<int>::max(), SpaceRule::cl100k);
   }
   return n;
 }

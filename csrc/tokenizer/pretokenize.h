@@ -21,6 +21,9 @@ enum class Pattern : uint8_t {
   llama3,
   // Qwen2: llama3 with single digits (\p{N} instead of \p{N}{1,3})
   qwen2,
+  // cl100k's regex as HF tokenizers' engine (Oniguruma) reads it in a tokenizer.json: \p{N}{1,3}+ is not
+  // possessive there but (?:\p{N}{1,3})+, a whole digit run
+  cl100k_hf,
 };
 
 // The exact regex source of each pattern, as tiktoken / tokenizer.json spell it.

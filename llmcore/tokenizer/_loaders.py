@@ -113,9 +113,12 @@ def _bytes_of(token: str, path) -> bytes:
 
 
 def _pattern_of_regex(regex: str, path) -> str:
+    """The pattern of a tokenizer.json's Split regex, as HF tokenizers applies it. (tiktoken's cl100k regex there is
+    ``cl100k_hf``: HF's regex engine, Oniguruma, reads its ``\\p{N}{1,3}+`` as ``(?:\\p{N}{1,3})+``, whole digit runs,
+    where tiktoken's reads a possessive run of at most 3.)"""
     for name in _PATTERN_NAMES:
         if _C.pattern_regex(name) == regex:
-            return name
+            return "cl100k_hf" if name == "cl100k" else name
     _fail(path, f"unsupported pre-tokenizer regex {regex!r}; llmcore implements the gpt2, cl100k, o200k, "
                 "llama3 and qwen2 patterns exactly and no others")
 
