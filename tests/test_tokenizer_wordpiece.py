@@ -343,3 +343,48 @@ def test_tokenizing_does_not_import_torch(path, tmp_path):
             "t.encode_batch(['no torch here'], padding=True); assert 'torch' not in sys.modules, 'torch imported'")
     # cwd elsewhere: from the repository root, `import llmcore` would find the unbuilt sources
     subprocess.run([sys.executable, "-c", code, path], check=True, cwd=tmp_path)
+
+
+def _with_added(tmp_path, *tokens):
+    """MiniLM's tokenizer.json with added tokens: (content, {flag: True}) pairs, ids from 30522 on."""
+    import json
+
+    with open(os.path.join(minilm_dir(), "tokenizer.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    for k, (content, flags) in enumerate(tokens):
+        cfg["added_tokens"].append({"id": 30522 + k, "content": content, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": False, **flags})
+    path = tmp_path / f"added{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    hf.no_truncation()  # (as the hf fixture)
+    hf.no_padding()
+    return Tokenizer.from_file(path), hf
+
+
+def test_added_token_flags_match_hf(tmp_path):
+    """single_word, lstrip and rstrip as HF applies them: matches are found first (a refused single_word match is
+    not searched again one character on), a single_word match next to a word character -- the regex crate's \\w,
+    which takes combining marks, ZWJ, U+203F and circled letters but not superscript digits -- is dropped, and an
+    rstrip widens its token over spaces that the next match may start in (HF keeps both, offsets overlapping)."""
+    word = _with_added(tmp_path, ("abq", {"single_word": True}))
+    assert_same(*word, ["\u0301abq", "\u00b2abq", "\u24b6abq", "\u200dabq", "\u203fabq", "abq\u0301", "abq\u00b2",
+                        "x abq y", "abq", "_abq", "1abq", "\u2160abq", "\u0558abq"])
+    assert_same(*_with_added(tmp_path, ("..", {"single_word": True})), ["a...", "a....", "a .. b", ".. ....."])
+    assert_same(*_with_added(tmp_path, ("<x>", {"rstrip": True}), (" y", {})), ["<x> y", "<x>   y z", "a <x>"])
+    assert_same(*_with_added(tmp_path, ("\u00a0z", {"rstrip": True})), ["\u00a0z\u00a0z", "q\u00a0z \u00a0z"])
+    assert_same(*_with_added(tmp_path, ("<m>", {"lstrip": True, "rstrip": True})), ["a  <m>  b", "<m><m> <m>"])
+
+
+def test_single_word_on_every_code_point(tmp_path):
+    """The word-character table against HF: every code point before and after a single_word token."""
+    tok, hf = _with_added(tmp_path, ("abq", {"single_word": True}))
+    cps = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    for texts in ([chr(c) + "abq" for c in cps], ["abq" + chr(c) for c in cps]):
+        for i in range(0, len(texts), 50000):
+            chunk = texts[i:i + 50000]
+            enc = tok.encode_batch(chunk, add_special_tokens=False)
+            got = [30522 in enc.input_ids[enc.cu_seqlens[j]:enc.cu_seqlens[j + 1]] for j in range(len(chunk))]
+            want = [30522 in e.ids for e in hf.encode_batch(chunk, add_special_tokens=False)]
+            bad = [chunk[j] for j in range(len(chunk)) if got[j] != want[j]]
+            assert not bad, f"{len(bad)} differ, e.g. {[hex(ord(t[0] if t.endswith('abq') else t[-1])) for t in bad[:8]]}"

@@ -11,7 +11,8 @@
 namespace llmcore::tok {
 namespace {
 
-bool is_word_char(uint32_t cp) { return cp == '_' || (unicode_flags(cp) & (kLetter | kNumber)); }
+// HF's single_word test: the regex crate's \w.
+bool is_word_char(uint32_t cp) { return (unicode_flags(cp) & kWord) != 0; }
 
 // Code point ending at byte `end` of valid UTF-8 s (end > 0).
 uint32_t last_codepoint(const uint8_t* s, size_t end) {
@@ -86,7 +87,10 @@ size_t Tokenizer::num_special_tokens(bool pair) const {
   return n;
 }
 
-// Leftmost match, longest at that position; single_word / lstrip / rstrip as HF applies them.
+// Leftmost match, longest at that position; single_word / lstrip / rstrip as HF applies them: the matches are
+// found first (the next one searched from the end of the last, refused or not), then a single_word match next to
+// a word character is dropped, and lstrip / rstrip widen a kept one over the spaces beside it -- its rstrip can
+// overlap the next match, which is kept too (HF's offsets then overlap).
 void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) const {
   out.clear();
   const auto* s = reinterpret_cast<const uint8_t*>(text.data());
@@ -102,12 +106,16 @@ void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) co
           break;
         }
       if (!hit) continue;
-      size_t start = i, stop = i + hit->content.size();
+      const size_t match_end = i + hit->content.size();
+      size_t start = i, stop = match_end;
       if (hit->single_word) {
         const bool word_before = start > 0 && is_word_char(last_codepoint(s, start));
         size_t j = stop;
         const bool word_after = stop < n && is_word_char(decode_utf8(s, j));
-        if (word_before || word_after) continue;
+        if (word_before || word_after) {
+          i = match_end - 1;  // (the search goes on after the refused match)
+          continue;
+        }
       }
       if (hit->lstrip)
         while (start > plain_begin) {
@@ -126,7 +134,7 @@ void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) co
       if (start > plain_begin) out.push_back({uint32_t(plain_begin), uint32_t(start), -1});
       out.push_back({uint32_t(start), uint32_t(stop), hit->id});
       plain_begin = stop;
-      i = stop - 1;
+      i = match_end - 1;
     }
   }
   if (plain_begin < n) out.push_back({uint32_t(plain_begin), uint32_t(n), -1});

@@ -22,6 +22,7 @@ enum UnicodeFlag : uint16_t {
   kHasNfd = 1u << 10,      // has a canonical decomposition (Hangul syllables excepted)
   kBertCjk = 1u << 11,     // BertNormalizer's CJK ranges, split into their own words
   kHasCcc = 1u << 12,      // nonzero canonical combining class
+  kWord = 1u << 13,        // the regex crate's \w: Alphabetic, \p{M}, \p{Nd}, \p{Pc}, Join_Control (Unicode 16.0)
 };
 
 const char* unicode_version();

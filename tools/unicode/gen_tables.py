@@ -36,10 +36,15 @@ WHITE_SPACE = set(range(0x09, 0x0E)) | {0x20, 0x85, 0xA0, 0x1680} | set(range(0x
 BERT_CJK = [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
             (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0x2F800, 0x2FA1F)]
 HANGUL_FIRST, HANGUL_LAST = 0xAC00, 0xD7A3  # decomposed arithmetically in C++
+# The regex crate's \w (HF's single_word test): Alphabetic, \p{M}, \p{Nd}, \p{Pc}, Join_Control. Alphabetic is
+# \p{L}, \p{Nl} and Other_Alphabetic, whose code points outside \p{M} are these letter symbols (So; PropList.txt
+# 16.0). Checked against HF on every code point by tests/test_tokenizer_wordpiece.py.
+OTHER_ALPHABETIC_SO = [(0x24B6, 0x24E9), (0x1F130, 0x1F149), (0x1F150, 0x1F169), (0x1F170, 0x1F189)]
+JOIN_CONTROL = (0x200C, 0x200D)
 
 # Bit names must match csrc/tokenizer/unicode.h.
 (LETTER, NUMBER, SPACE, MARK, UPPERISH, LOWERISH, BERT_PUNCT, BERT_CONTROL, BERT_MN, HAS_LOWER, HAS_NFD,
- BERT_CJK_BIT, HAS_CCC) = (1 << i for i in range(13))
+ BERT_CJK_BIT, HAS_CCC, WORD) = (1 << i for i in range(14))
 MAX_LOWER, MAX_NFD = 3, 4  # csrc/tokenizer/unicode.h: kMaxLower, kMaxNfd
 BLOCK_SHIFT = 7
 
@@ -88,6 +93,9 @@ def main(legacy_path, assigned_path, lowercase_path, out_path):
             f |= LOWERISH
         if c in WHITE_SPACE:
             f |= SPACE
+        if (cat[0] in "LM" or cat in ("Nd", "Nl", "Pc") or c in JOIN_CONTROL
+                or any(lo <= c <= hi for lo, hi in OTHER_ALPHABETIC_SO)):
+            f |= WORD
         k = legacy.get(c)
         if k == "P" or 33 <= c <= 47 or 58 <= c <= 64 or 91 <= c <= 96 or 123 <= c <= 126:
             f |= BERT_PUNCT
