@@ -252,6 +252,10 @@ def test_transformers_style_call(tok, path):
     pair = tok(texts[:4], texts[4:8], truncation=True, max_length=20, padding=True, return_tensors="np")
     want = ref(texts[:4], texts[4:8], truncation=True, max_length=20, padding=True, return_tensors="np")
     assert all(np.array_equal(pair[k], want[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+    for text, text_pair in (("hi", ""), ("", ""), ("hi", "there"), ("", "x")):  # one text, an empty pair: no pair
+        got, want = tok(text, text_pair), ref(text, text_pair)
+        assert all(got[k] == want[k] for k in ("input_ids", "token_type_ids")), (text, text_pair)
+    assert tok(["hi", "a"], ["", "b"])["input_ids"] == ref(["hi", "a"], ["", "b"])["input_ids"]  # (batched: kept)
 
 
 def test_batch_encoding_views(tok):

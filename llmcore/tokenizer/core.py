@@ -282,6 +282,8 @@ class Tokenizer:
                 raise TypeError(f"unsupported tokenizer argument {key!r}")
         single = isinstance(text, (str, bytes))
         texts = [text] if single else list(text)
+        if single and not text_pair:
+            text_pair = None  # (as transformers: one text with an empty pair is one text)
         pairs = None if text_pair is None else ([text_pair] if single else list(text_pair))
         if truncation is True or truncation == "longest_first":
             truncation = True
