@@ -320,14 +320,12 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     if "validation" not in result and "train" in result and validation_fraction > 0:
         tr = result["train"]
         tr_idx, va_idx = clean.stratified_split(tr["labels"], len(tr["texts"]), validation_fraction, seed)
-    else:
-        va_idx = []
-    if va_idx:  # (none when every label has a single row: those stay in train)
-        for name, idx in (("validation", va_idx), ("train", tr_idx)):
-            result[name] = {"texts": [tr["texts"][i] for i in idx],
-                            "labels": None if tr["labels"] is None else [tr["labels"][i] for i in idx]}
-        counts["train"]["split_off_to_validation"] = len(va_idx)
-        counts["validation"] = {"rows": len(va_idx), "kept": len(va_idx), "dropped": {}, "split_from": "train"}
+        if va_idx:  # (none when every label has a single row: those stay in train)
+            for name, idx in (("validation", va_idx), ("train", tr_idx)):
+                result[name] = {"texts": [tr["texts"][i] for i in idx],
+                                "labels": None if tr["labels"] is None else [tr["labels"][i] for i in idx]}
+            counts["train"]["split_off_to_validation"] = len(va_idx)
+            counts["validation"] = {"rows": len(va_idx), "kept": len(va_idx), "dropped": {}, "split_from": "train"}
     t_clean = time.perf_counter()
 
     # --- tokenize and save -------------------------------------------------------------------------

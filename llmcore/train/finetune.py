@@ -371,8 +371,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     if overflow is None:
         overflow = "split" if causal_lm else "truncate"
     config = TrainConfig(output_dir=output_dir, **train_args)
-    earlier = earlier_run(output_dir, config.logging_dir)
-    if earlier and config.resume_from_checkpoint is None and not overwrite_output_dir:
+    earlier = [] if config.resume_from_checkpoint is not None else earlier_run(output_dir, config.logging_dir)
+    if earlier and not overwrite_output_dir:
         raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
                          f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
@@ -421,7 +421,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
             raise ValueError(f"{data!r} has no validation split {'' if causal_lm else 'with labels '}to evaluate on "
                              f"(eval_strategy {config.eval_strategy!r}): give one (a validation file, --eval-data, "
                              f"or enough train rows to split one off), or pass --eval-strategy no")
-        if earlier and config.resume_from_checkpoint is None and rank == 0:
+        if earlier and rank == 0:
             remove_run(output_dir, earlier)  # overwrite_output_dir, once data and model are known to be usable
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
         results = trainer.train()
