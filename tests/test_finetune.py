@@ -251,6 +251,11 @@ def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     code, err = _finetune_err(capsys, tmp_path / "missing", out, "--overwrite-output-dir")
     assert code == 2 and (out / "checkpoint-2").is_dir()  # the new run failed before training: the old one stays
+    # a watched metric the evaluation never reports is refused before training (it failed at the first
+    # evaluation), and before the earlier run is removed
+    code, err = _finetune_err(capsys, data, out, "--overwrite-output-dir", "--metric-for-best-model", "bleu")
+    assert code == 2 and "metric_for_best_model='bleu': the evaluation of a classifier reports" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert _finetune_err(capsys, data, out, "--resume-from-checkpoint", "true", "--max-steps", "3")[0] == 0
     assert _finetune_err(capsys, data, out, "--overwrite-output-dir")[0] == 0
     assert not (out / "checkpoint-2").exists() and (out / "final").is_dir() and (out / "data" / "meta.json").is_file()

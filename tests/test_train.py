@@ -690,6 +690,23 @@ def test_best_model_settings(tmp_path):
     # a metric the evaluation does not report: named, with the ones it does
     with pytest.raises(ValueError, match=r"has no 'eval_bleu'; it has \['eval_accuracy'"):
         _best_run(tmp_path, [0.1], metric_for_best_model="bleu")
+    # without compute_metrics the evaluation's names are known: an unknown one is refused before any step
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3) for _ in range(2)]
+    watching = config(tmp_path / "w", max_steps=2, eval_strategy="steps", eval_steps=1, save_strategy="no",
+                      metric_for_best_model="bleu")
+    with pytest.raises(ValueError, match=r"metric_for_best_model='bleu': the evaluation of a classifier reports "
+                                         r"loss, examples, accuracy, f1 \(eval_ prefix optional\)"):
+        Trainer(tiny(0), watching, batches, eval_batches=batches)
+    assert not os.path.exists(tmp_path / "w")
+    # text-level names only where the batches may be windows of longer texts (a factory's may)
+    watching.metric_for_best_model = "eval_text_f1"
+    with pytest.raises(ValueError, match="reports loss, examples, accuracy, f1 "):
+        Trainer(tiny(0), watching, batches, eval_batches=batches)
+    Trainer(tiny(0), watching, batches, eval_batches=lambda: batches)
+    for name in ("f1", "eval_accuracy", "eval_loss"):
+        watching.metric_for_best_model = name
+        Trainer(tiny(0), watching, batches, eval_batches=batches)
 
 
 def _hf_stop_step(scores, patience, threshold, greater, eval_steps=2):

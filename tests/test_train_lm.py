@@ -191,6 +191,13 @@ def test_task_errors(pair, tmp_path):
                                                          num_heads=4, intermediate_size=64))
     with pytest.raises(ValueError, match=r"trained only as a causal LM.*EncoderForSequenceClassification is not"):
         Trainer(clf, TrainConfig(str(tmp_path / "o"), max_steps=1, save_strategy="no"), [b]).train()
+    # a causal LM's evaluation has no accuracy: refused when the Trainer is made, not at its first evaluation
+    watching = TrainConfig(str(tmp_path / "m"), max_steps=1, save_strategy="no", eval_strategy="steps",
+                           eval_steps=1, metric_for_best_model="accuracy")
+    with pytest.raises(ValueError, match=r"'accuracy': the evaluation of a causal LM reports loss, tokens, perplexity"):
+        Trainer(ours, watching, [b], eval_batches=[b])
+    watching.metric_for_best_model = "eval_perplexity"
+    Trainer(ours, watching, [b], eval_batches=[b])
 
 
 def test_trainer_on_real_text_matches_transformers_evaluation(tmp_path):

@@ -32,7 +32,8 @@ class TrainConfig:
     ``label_smoothing_factor`` smooths the loss (a causal LM's too), in training and evaluation (as transformers).
     ``metric_for_best_model`` (an evaluation metric, ``eval_`` prefix optional) has each checkpoint's evaluation
     compared (``greater_is_better``), the best checkpoint kept from ``save_total_limit``'s rotation, and, with
-    ``load_best_model_at_end``, its weights loaded when training ends.
+    ``load_best_model_at_end``, its weights loaded when training ends. A name the built-in evaluation never
+    reports is refused when the Trainer is made (with ``compute_metrics``, at the first evaluation).
     ``early_stopping_patience`` (transformers' ``EarlyStoppingCallback(early_stopping_patience,
     early_stopping_threshold)`` as settings): training stops after that many evaluations in a row whose
     ``metric_for_best_model`` did not beat the best of the earlier evaluations by more than

@@ -421,9 +421,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
             raise ValueError(f"{data!r} has no validation split {'' if causal_lm else 'with labels '}to evaluate on "
                              f"(eval_strategy {config.eval_strategy!r}): give one (a validation file, --eval-data, "
                              f"or enough train rows to split one off), or pass --eval-strategy no")
-        if earlier and rank == 0:
-            remove_run(output_dir, earlier)  # overwrite_output_dir, once data and model are known to be usable
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
+        if earlier and rank == 0:  # overwrite_output_dir, once data, model and settings are known to be usable
+            remove_run(output_dir, earlier)
         results = trainer.train()
         for name, batches in evals.items():
             trainer.eval_batches = batches

@@ -388,6 +388,23 @@ def _enable_activation_checkpointing(model: nn.Module, kwargs: Optional[dict]) -
                          "activation_checkpointing_enable() (llmcore's and transformers' models have)")
 
 
+def _check_watched_metric(name: Optional[str], causal_lm: bool, eval_batches) -> None:
+    """Refuse, before any training, a ``metric_for_best_model`` the built-in evaluation can never report (without
+    ``compute_metrics`` its metrics are known; with it, only the first evaluation can tell). Text-level metrics
+    (``--overflow split``) are allowed when the evaluation batches may be windows: a factory's batches are not
+    made here to find out."""
+    if name is None:
+        return
+    known = ["loss", "tokens", "perplexity"] if causal_lm else ["loss", "examples", "accuracy", "f1"]
+    if not causal_lm and (callable(eval_batches) or getattr(eval_batches, "text_ids", False)):
+        known += ["texts", "text_accuracy", "text_f1"]
+    bare = name[len("eval_"):] if name.startswith("eval_") else name
+    if bare not in known:
+        task = "a causal LM" if causal_lm else "a classifier"
+        raise ValueError(f"metric_for_best_model={name!r}: the evaluation of {task} reports "
+                         f"{', '.join(known)} (eval_ prefix optional); pass compute_metrics for others")
+
+
 class Trainer:
     """A lean fine-tuning loop over in-memory batches.
 
@@ -422,6 +439,8 @@ class Trainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config.eval_strategy != "no" and eval_batches is None:
             raise ValueError(f"eval_strategy={config.eval_strategy!r} needs eval_batches")
+        if eval_batches is not None and compute_metrics is None:
+            _check_watched_metric(config.metric_for_best_model, is_causal_lm(model), eval_batches)
         self.rank, self.world_size = _dist()
         if config.activation_checkpointing:
             _enable_activation_checkpointing(model, config.activation_checkpointing_kwargs)
