@@ -235,6 +235,20 @@ def test_finetune_bad_input_names_the_problem(tmp_path, capsys):
     assert code == 2 and "Not a directory" in err
 
 
+def test_finetune_says_when_class_ids_have_no_train_row(tmp_path, capsys):
+    """Labels {0, 7} make an 8-way head (class ids are the head's outputs): said on stderr, naming the unused ids;
+    labels 0..1 say nothing."""
+    rows = [(f"good film {i}", 7) for i in range(6)] + [(f"bad film {i}", 0) for i in range(6)]
+    code, err = _finetune_err(capsys, _csv_dir(tmp_path, "gap", train=rows, validation=rows[::3]), tmp_path / "o1")
+    assert code == 0 and "6 of the 8 class ids up to the largest label have no train row (1, 2, 3, 4, 5, ...)" in err
+    assert "renumber the labels 0..1 for a 2-way head" in err
+    with open(tmp_path / "o1" / "final" / "config.json", encoding="utf-8") as f:
+        assert len(json.load(f)["id2label"]) == 8
+    rows = [(t, min(y, 1)) for t, y in rows]
+    code, err = _finetune_err(capsys, _csv_dir(tmp_path, "dense", train=rows, validation=rows[::3]), tmp_path / "o2")
+    assert code == 0 and "class ids" not in err
+
+
 def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path, capsys):
     """A new run into a folder that holds an earlier one replaced its final/ and results.json and left its
     checkpoints for a later --resume-from-checkpoint true to pick up. It is refused (nothing touched), unless it
@@ -281,6 +295,9 @@ def test_finetune_bad_settings_and_damaged_files(tmp_path, capsys, monkeypatch):
     one = _csv_dir(tmp_path, "one", train=[(f"film {i}", "pos") for i in range(8)])
     code, err = _finetune_err(capsys, one, tmp_path / "o2")
     assert code == 2 and "one class only ('pos')" in err
+    one = _csv_dir(tmp_path, "seven", train=[(f"film {i}", 7) for i in range(8)])  # (an 8-way head)
+    code, err = _finetune_err(capsys, one, tmp_path / "o3")
+    assert code == 2 and "one class only (7)" in err
 
     damaged = tmp_path / "model"
     damaged.mkdir()

@@ -216,6 +216,26 @@ def _check_labels(data: str, split: str, labels, unlabeled_ok: bool, texts) -> b
                      f"value or -1{_first_text(texts, unlabeled[0])}): label them or drop them")
 
 
+def _note_unused_classes(data: str, present: np.ndarray, num_labels: int, names: Optional[list]) -> None:
+    """Say on stderr when class ids below ``num_labels`` have no train row (``present``: the train labels, sorted
+    and unique; {0, 7} makes an 8-way head, six of whose outputs only learn never to be predicted), naming the
+    first few (by ``names``, the label names, where there are)."""
+    unused = num_labels - len(present)
+    if unused <= 0:
+        return
+    first, previous = [], -1
+    for v in present.tolist() + [num_labels]:
+        first.extend(range(previous + 1, min(v, previous + 1 + 5 - len(first))))
+        previous = v
+        if len(first) == 5:
+            break
+    named = ", ".join(repr(names[i]) if names else str(i) for i in first) + (", ..." if unused > len(first) else "")
+    classes = "classes" if names else "class ids up to the largest label"
+    advice = "" if names else f"; renumber the labels 0..{len(present) - 1} for a {len(present)}-way head"
+    print(f"llmcore: {data!r}: {unused} of the {num_labels} {classes} have no train row ({named}): the head has "
+          f"{num_labels} outputs, those only learn not to be predicted{advice}", file=sys.stderr)
+
+
 def _first_text(texts, row: int) -> str:
     """``, e.g. '<the text of row>'`` when the split's texts were saved."""
     try:
@@ -401,9 +421,13 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
             raise ValueError(f"{data!r} has no train split (splits: {sorted(prepared.splits)})")
         if not causal_lm:
             _check_labels(data, "train", prepared["train"].labels, False, prepared["train"].texts)
-            if prepared.num_labels == 1:  # (transformers would train a regression on it)
-                raise ValueError(f"{data!r} has one class only ({(prepared.label_names or [0])[0]!r}): sequence "
-                                 f"classification needs two or more")
+            present = np.unique(prepared["train"].labels)
+            if len(present) == 1:  # (transformers would train a regression on a 1-way head)
+                only = prepared.label_names[present[0]] if prepared.label_names else int(present[0])
+                raise ValueError(f"{data!r} has one class only ({only!r}): sequence classification needs two or "
+                                 f"more")
+            if rank == 0:
+                _note_unused_classes(data, present, prepared.num_labels, prepared.label_names)
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
         net = load_model(model, causal_lm, prepared.num_labels).to(dev)
         check_model_reads(net, prepared, model)
