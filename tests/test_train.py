@@ -144,6 +144,25 @@ def test_optimizer_and_schedule_settings_reach_the_loop(tmp_path):
             TrainConfig("o", **bad)
 
 
+def test_a_warmup_as_long_as_the_run_is_said(tmp_path, capsys):
+    """warmup_steps (default 500) not below the run's steps: the learning rate never reaches learning_rate; said
+    on stderr with the peak it does reach (checked against the logged rates). Shorter warmups and the constant
+    schedule (no warmup) say nothing."""
+    gen = torch.Generator().manual_seed(8)
+    batches = [padded(gen, 3) for _ in range(4)]
+    settings = {"max_steps": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
+                "report_to": "none", "disable_tqdm": True}
+    trainer = Trainer(tiny(), TrainConfig(str(tmp_path / "a"), warmup_steps=6, **settings), batches)
+    trainer.train()
+    err = capsys.readouterr().err
+    assert "the warmup (6 steps) is not shorter than the run (4 steps): the learning rate peaks at 50% of " \
+           "learning_rate=0.001, at the last step" in err
+    assert max(r["lr"] for r in trainer.log_history if "lr" in r) == pytest.approx(0.5e-3, rel=1e-12)
+    for kw in ({"warmup_steps": 3}, {"warmup_steps": 6, "lr_scheduler_type": "constant"}):
+        Trainer(tiny(), TrainConfig(str(tmp_path / "b"), **kw, **settings), batches).train()
+        assert "warmup" not in capsys.readouterr().err
+
+
 def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 

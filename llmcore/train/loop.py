@@ -723,7 +723,12 @@ class Trainer:
         total = cfg.total_steps(steps_per_epoch)
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay,
                                         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-        self.scheduler = make_schedule(self.optimizer, cfg.lr_scheduler_type, cfg.num_warmup_steps(total), total)
+        warmup = cfg.num_warmup_steps(total)
+        self.scheduler = make_schedule(self.optimizer, cfg.lr_scheduler_type, warmup, total)
+        if self.rank == 0 and cfg.lr_scheduler_type != "constant" and warmup >= total > 0:
+            print(f"llmcore: the warmup ({warmup} steps) is not shorter than the run ({total} steps): the learning "
+                  f"rate peaks at {(total - 1) / warmup:.0%} of learning_rate={cfg.learning_rate:g}, at the last "
+                  f"step", file=sys.stderr)
         epoch, skip = 0, 0
         if resume:
             state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, rank=self.rank)
