@@ -272,7 +272,7 @@ def _sharded_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_fsdp_sharded_checkpoints(tmp_path, capsys):
+def test_fsdp_sharded_checkpoints(tmp_path, capsys, caplog):
     """fsdp_config's SHARDED_STATE_DICT: each rank writes its shards (torch.distributed.checkpoint), nothing is
     gathered; the checkpoint resumes under FSDP bit for bit, and in one process."""
     import torch.multiprocessing as mp
@@ -329,6 +329,13 @@ def test_fsdp_sharded_checkpoints(tmp_path, capsys):
                 _merged()).train()
     assert main(["consolidate", str(broken), str(tmp_path / "whole")]) == 2
     assert "does not hold the model its config.json describes" in capsys.readouterr().err
+    # a damaged index: the error names it; DCP's logged tracebacks of its fallbacks stay off stderr
+    (broken / "sharded" / ".metadata").write_bytes(b"not a pickle")
+    caplog.clear()
+    assert main(["consolidate", str(broken), str(tmp_path / "whole")]) == 2
+    err = capsys.readouterr().err
+    assert "does not hold the model its config.json describes" in err and "global metadata read failed" in err
+    assert not [r for r in caplog.records if "metadata is not found" in r.getMessage()]
 
 
 def test_fsdp_config(monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import time
 import warnings
@@ -234,7 +235,7 @@ def read_sharded(state: dict, path: str, what: str) -> None:
     from llmcore.models import CheckpointError
 
     try:
-        with _one_process_is_meant():
+        with _one_process_is_meant(), _metadata_fallbacks_unlogged():
             dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     except CheckpointException as e:  # every rank's error (a BaseException): the first rank's says what is wrong
         first = e.failures[min(e.failures)][0] if e.failures else e
@@ -256,6 +257,22 @@ def _one_process_is_meant():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
                                 category=UserWarning)
         yield
+
+
+def _not_a_metadata_fallback(record: logging.LogRecord) -> bool:
+    return not (record.module == "state_dict_loader" and "metadata is not found" in str(record.msg))
+
+
+@contextlib.contextmanager
+def _metadata_fallbacks_unlogged():
+    """Keeps off stderr the tracebacks DCP's loader logs (on the root logger, as warnings) when a folder's
+    ``.metadata`` is missing or damaged: ``read_sharded``'s error names both reasons."""
+    root = logging.getLogger()
+    root.addFilter(_not_a_metadata_fallback)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_a_metadata_fallback)
 
 
 def as_local(value: torch.Tensor) -> torch.Tensor:
