@@ -107,11 +107,17 @@ def test_imdb_string_labels_stratified_split_html(imdb, tok):
     assert meta["label_names"] == ["negative", "positive"]
 
 
+def _jsonl_rows(path, n, labels):
+    """Writes ``n`` JSONL rows {"text": "row i text", "label": labels[i % len(labels)]} to ``path``; returns it."""
+    path.write_text("".join(json.dumps({"text": f"row {i} text", "label": labels[i % len(labels)]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
 def test_cache_hit_and_miss(tmp_path):
     src = tmp_path / "d"
     src.mkdir()
-    (src / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i} text", "label": ["a", "b"][i % 2]})
-                                               for i in range(40)))
+    _jsonl_rows(src / "train.jsonl", 40, ["a", "b"])
     (src / "validation.csv").write_text("text,label\nhello there,a\nbye now,b\n")
     out = tmp_path / "out"
     first = prepare(src, MODEL, 16, out)
@@ -257,8 +263,7 @@ def test_unlabeled_test_split(tmp_path):
 def test_eval_data_is_the_validation_split(tmp_path, tok):
     src = tmp_path / "d"
     src.mkdir()
-    (src / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i} text", "label": ["a", "b"][i % 2]}) + "\n"
-                                             for i in range(40)))
+    _jsonl_rows(src / "train.jsonl", 40, ["a", "b"])
     (src / "validation.csv").write_text("text,label\nthe folder's own,a\n")
     ev = tmp_path / "held_out.tsv"
     ev.write_text("label\ttext\nb\tfirst <b>held</b> out\na\tsecond held out\nb\tfirst <b>held</b> out\n")
@@ -350,8 +355,7 @@ def test_failed_prepare_keeps_the_previous_result_and_other_files(tmp_path):
     while tokenizing (a lone surrogate the tokenizer refuses) leaves the folder's previous result loadable and equal
     to what it was; files prepare does not name are never touched; a later result replaces every file of the
     earlier one (a text_index of an overflow-split result does not outlive it)."""
-    src = tmp_path / "train.jsonl"
-    src.write_text("".join(json.dumps({"text": f"row {i} text", "label": i % 2}) + "\n" for i in range(20)))
+    src = _jsonl_rows(tmp_path / "train.jsonl", 20, [0, 1])
     out = tmp_path / "o"
     first = prepare(src, MODEL, 8, out, overflow="split")
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
@@ -373,8 +377,7 @@ def test_failed_prepare_keeps_the_previous_result_and_other_files(tmp_path):
 
 
 def test_damaged_prepared_folder_names_the_file(tmp_path):
-    src = tmp_path / "train.jsonl"
-    src.write_text("".join(json.dumps({"text": f"row {i} text", "label": i % 2}) + "\n" for i in range(20)))
+    src = _jsonl_rows(tmp_path / "train.jsonl", 20, [0, 1])
     out = tmp_path / "o"
     prepare(src, MODEL, 8, out)
     with open(out / "train.lengths.npy", "r+b") as f:

@@ -55,6 +55,13 @@ class PreparedSplit:
     ``text_index`` (n,): each row's text, when texts longer than max_length were split into rows
     (``overflow="split"``), else None."""
 
+    KINDS = ("ids", "cu_seqlens", "lengths", "labels", "token_type_ids", "text_index")  # its arrays, loaded below
+
+    @classmethod
+    def files(cls, name: str) -> List[str]:
+        """The file names of split ``name`` in a prepared folder."""
+        return [f"{name}.{kind}.npy" for kind in cls.KINDS] + [f"{name}.texts.txt"]
+
     def __init__(self, directory: str, name: str, packed: bool):
         def load(kind, required=False):
             p = os.path.join(directory, f"{name}.{kind}.npy")
@@ -134,6 +141,11 @@ class PreparedDataset:
     @property
     def num_labels(self) -> Optional[int]:
         return self.meta.get("num_labels")
+
+    def made_with(self, tokenizer) -> bool:
+        """Whether ``tokenizer`` (a Tokenizer, a model/tokenizer folder or a tokenizer.json path) is the one these
+        splits were tokenized with: the same files, by fingerprint."""
+        return _tokenizer_and_fingerprint(tokenizer)[1] == self.meta.get("tokenizer_fingerprint")
 
     def __getitem__(self, split: str) -> PreparedSplit:
         if split not in self.splits:
@@ -391,11 +403,6 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
 
 
 STAGING = ".prepare.partial"  # prepare's staging folder inside output_dir
-_KINDS = ("ids", "cu_seqlens", "lengths", "labels", "token_type_ids", "text_index")  # a split's arrays
-
-
-def _split_files(split: str) -> List[str]:
-    return [f"{split}.{kind}.npy" for kind in _KINDS] + [f"{split}.texts.txt"]
 
 
 def _publish(stage: str, output_dir: str, meta: dict, old: Optional[dict]) -> None:
@@ -407,7 +414,7 @@ def _publish(stage: str, output_dir: str, meta: dict, old: Optional[dict]) -> No
     if os.path.exists(meta_path):
         os.remove(meta_path)
     for split in set(meta["splits"]) | set((old or {}).get("splits") or []):
-        for fn in _split_files(str(split)):
+        for fn in PreparedSplit.files(str(split)):
             path = os.path.join(output_dir, fn)
             if os.path.isfile(path):
                 os.remove(path)

@@ -288,7 +288,6 @@ def _check_prepared_options(data: str, prepared, eval_data: Optional[str], given
     where given (``given``: max_length, overflow, tokenizer, text_column, label_column), must be what it was made
     with, and ``eval_data`` what its validation split was made from; else an error (they were ignored)."""
     from llmcore.data import sources
-    from llmcore.data.prepare import _tokenizer_and_fingerprint
 
     meta = prepared.meta
     if eval_data is not None:
@@ -303,7 +302,7 @@ def _check_prepared_options(data: str, prepared, eval_data: Optional[str], given
         if value is None:
             continue
         if name == "tokenizer":
-            if _tokenizer_and_fingerprint(value)[1] == meta.get("tokenizer_fingerprint"):
+            if prepared.made_with(value):
                 continue
             made_with = "another tokenizer"
         elif value == made[name]:
