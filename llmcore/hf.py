@@ -389,14 +389,16 @@ def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
 # an attribute of the layer: one model called from several threads at once, some calls asking for hidden states,
 # is not supported (nn.DataParallel's replicas, each with layers of its own, are).
 
-# classifier class -> the path to its encoder's nn.ModuleList of layers
+# classifier class -> the path to its encoder's nn.ModuleList of layers, and the module its head reads the encoder's
+# output through with the transformers class that reads row 0 only there (DistilBERT's forward reads row 0 itself).
+# A head or pooler swapped for another module, or hooked (a hook sees its input), after patch() gets every row.
 _FIRST_TOKEN_CLASSIFIERS = {
-    "BertForSequenceClassification": "bert.encoder.layer",
-    "RobertaForSequenceClassification": "roberta.encoder.layer",
-    "XLMRobertaForSequenceClassification": "roberta.encoder.layer",
-    "CamembertForSequenceClassification": "roberta.encoder.layer",
-    "ElectraForSequenceClassification": "electra.encoder.layer",
-    "DistilBertForSequenceClassification": "distilbert.transformer.layer",
+    "BertForSequenceClassification": ("bert.encoder.layer", "bert.pooler", "BertPooler"),
+    "RobertaForSequenceClassification": ("roberta.encoder.layer", "classifier", "RobertaClassificationHead"),
+    "XLMRobertaForSequenceClassification": ("roberta.encoder.layer", "classifier", "XLMRobertaClassificationHead"),
+    "CamembertForSequenceClassification": ("roberta.encoder.layer", "classifier", "CamembertClassificationHead"),
+    "ElectraForSequenceClassification": ("electra.encoder.layer", "classifier", "ElectraClassificationHead"),
+    "DistilBertForSequenceClassification": ("distilbert.transformer.layer", None, None),
 }
 # layer arguments that bring other keys (cross-attention, a cache) or pack several sequences into one row (whose
 # first tokens are not row 0): the layer then runs whole
@@ -512,12 +514,18 @@ _WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")  # FSDP'
 
 def _first_token_layer(model: nn.Module) -> nn.Module | None:
     """The classifier's last layer (inside any wrappers FSDP or activation checkpointing put around it) if it is the
-    one patch() bound the first-token forward to, else None: a layer appended after patch() must see every row.
-    Looked up at each call rather than kept: ``nn.DataParallel``'s replicas copy the classifier's ``__dict__`` but
-    have layers of their own. (The path is the one found at patch time: FSDP2's fully_shard renames the
-    classifier's class.)"""
+    one patch() bound the first-token forward to and the head still reads it through the module of the class found
+    at patch time, unhooked; else None: a layer appended after patch(), or a head swapped for one reading every
+    token, must see every row. Looked up at each call rather than kept: ``nn.DataParallel``'s replicas copy the
+    classifier's ``__dict__`` but have layers of their own. (The paths are the ones found at patch time: FSDP2's
+    fully_shard renames the classifier's class.)"""
     try:
         last = model.get_submodule(model.__dict__["_llmcore_first_token_path"])[-1]
+        reader_path, reader_class = model.__dict__["_llmcore_first_token_reader"]
+        if reader_path is not None:
+            reader = model.get_submodule(reader_path)
+            if not _is_plain(reader, reader_class) or "forward" in reader.__dict__:
+                return None
     except (AttributeError, IndexError, KeyError, TypeError):
         return None
     while "_llmcore_first_token_fn" not in last.__dict__:
@@ -548,11 +556,15 @@ def _bind_first_token(model: nn.Module) -> None:
         return  # bound before, or rebound by someone else
     if not hasattr(torch._C, "_current_graph_task_id"):
         return  # (a torch without it: a checkpoint's recomputation could not be told from a forward)
-    path = _FIRST_TOKEN_CLASSIFIERS[type(model).__name__]
+    path, reader_path, reader_name = _FIRST_TOKEN_CLASSIFIERS[type(model).__name__]
     try:
         layer = model.get_submodule(path)[-1]
+        reader_class = type(model.get_submodule(reader_path)) if reader_path is not None else None
     except (AttributeError, IndexError, TypeError):
         return
+    if reader_path is not None and (reader_class.__name__ != reader_name
+                                    or not reader_class.__module__.startswith("transformers.")):
+        return  # a head of the user's own: it may read every row
     form = _first_token_form(layer)
     if form is None or _bound_already(layer):
         return
@@ -563,6 +575,7 @@ def _bind_first_token(model: nn.Module) -> None:
     layer._llmcore_fused = "first_token_layer"
     model.__dict__.pop("forward", None)
     model.__dict__["_llmcore_first_token_path"] = path
+    model.__dict__["_llmcore_first_token_reader"] = (reader_path, reader_class)
     _bind(model, _first_token_classifier_forward)
 
 
@@ -729,7 +742,9 @@ def patch(model: nn.Module) -> nn.Module:
     BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA,  the last encoder layer computes row 0
     DistilBERT ``*ForSequenceClassification``  only (all their heads read), unless
                                               the call returns hidden states or
-                                              attentions (``first_token_layer``)
+                                              attentions, or the head (BERT: its
+                                              pooler) was swapped or hooked
+                                              (``first_token_layer``)
     GPT-2, Llama, Mistral, Qwen2, Qwen3        the LM-head loss in training with
     ``*ForCausalLM`` / ``GPT2LMHeadModel``     labels: ``linear_cross_entropy``
                                               (no logits; see

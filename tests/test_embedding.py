@@ -57,6 +57,26 @@ def test_buffer_reused_only_when_free():
     assert emb.weight.grad[2].eq(4).all() and emb.weight.grad[49].eq(2).all() and emb.weight.grad[0].eq(0).all()
 
 
+def test_pickles_and_copies_after_a_backward(tmp_path):
+    """torch.save of the whole module, pickle and deepcopy after a backward (which made the gradient buffer, an
+    UntypedStorage torch's pickler refused): the copy has the same weights and trains on its own buffer."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    emb = Embedding(10, 4, padding_idx=0)
+    ids = torch.tensor([1, 2, 2, 0])
+    emb(ids).sum().backward()
+    torch.save(emb, tmp_path / "emb.pt")
+    copies = [torch.load(tmp_path / "emb.pt", weights_only=False), pickle.loads(pickle.dumps(emb)), copy.deepcopy(emb)]
+    for twin in copies:
+        assert torch.equal(twin.weight, emb.weight) and "_grad_storage" not in twin.__dict__
+        twin.weight.grad = None
+        twin(ids).sum().backward()
+        assert twin.weight.grad.untyped_storage().data_ptr() != emb._grad_storage.data_ptr()
+        torch.testing.assert_close(twin.weight.grad, emb.weight.grad, rtol=0, atol=0)
+
+
 def test_trains_like_nn_embedding_over_steps():
     """Several optimizer steps with zero_grad(set_to_none=True): the same weights as nn.Embedding."""
     torch.manual_seed(0)

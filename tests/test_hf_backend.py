@@ -1265,6 +1265,49 @@ def test_first_token_layer_stays_whole_once_layers_follow_it():
     assert shapes == [(3, 13, 48)]
 
 
+class _MeanPool(nn.Module):
+    """A head (or BERT pooler) reading every token: the mean over the sequence."""
+
+    def __init__(self, hidden, out, act=None):
+        super().__init__()
+        self.dense, self.act = nn.Linear(hidden, out), act or nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.dense(x.mean(dim=1)))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+def test_first_token_layer_stays_whole_for_a_head_reading_every_token(kind):
+    """A head (BERT: its pooler) swapped for one that reads every token, before or after patch(), or hooked (a hook
+    sees its input), gets every row: transformers' logits (it got the (B, 1, H) row 0 and gave wrong ones)."""
+    ref, batch = _encoder_classifier(kind, **_NO_DROPOUT[kind])
+    where, name = ("bert", "pooler") if kind == "bert" else ("", "classifier")
+    hidden, labels = ref.config.hidden_size, ref.config.num_labels
+
+    def swap(m, head):
+        setattr(m.get_submodule(where), name, copy.deepcopy(head))
+        return m
+
+    head = _MeanPool(hidden, hidden, nn.Tanh()) if kind == "bert" else _MeanPool(hidden, labels)
+    swapped_ref = swap(copy.deepcopy(ref), head)
+    before = hf.patch(copy.deepcopy(swapped_ref))  # swapped before patch(): the layer is not bound
+    after = hf.patch(copy.deepcopy(ref))
+    assert before._llmcore_patched["first_token_layer"] == 0 and after._llmcore_patched["first_token_layer"] == 1
+    shapes = _output_shapes(swap(after, head))
+    with torch.no_grad():
+        expected = swapped_ref(**batch).logits
+        torch.testing.assert_close(before(**batch).logits, expected, **FP32)
+        torch.testing.assert_close(after(**batch).logits, expected, **FP32)
+    assert shapes == [(3, 13, 48)]
+
+    hooked = hf.patch(copy.deepcopy(ref))
+    shapes, seen = _output_shapes(hooked), []
+    getattr(hooked.get_submodule(where), name).register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(**batch).logits, ref(**batch).logits, **FP32)
+    assert shapes == [(3, 13, 48)] and seen == [(3, 13, 48)]
+
+
 def test_first_token_last_layer_leaves_packed_rows_whole():
     """Packed sequences in one row (FlashAttention's cu_seq_lens kwargs, as DataCollatorWithFlattening makes): row 0
     is only the first sequence's first token, so the layer runs whole, and the logits are transformers' for the

@@ -142,6 +142,14 @@ class Embedding(nn.Embedding):
             return super().forward(input)
         return _RecycledEmbedding.apply(input, w, self)
 
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave the gradient buffer behind (a scratch storage: torch.save cannot pickle a
+        bare UntypedStorage); the copy allocates its own at its first backward."""
+        state = dict(self.__dict__)
+        state.pop("_grad_storage", None)
+        state.pop("_clean_storage", None)
+        return state
+
     def _grad_buffer(self) -> Tensor:
         """A tensor shaped like the weight, over storage that only this module holds (or fresh)."""
         w = self.weight
