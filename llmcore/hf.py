@@ -117,7 +117,8 @@ def attention_forward(
     With all of ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q`` and ``max_length_k``
     in ``kwargs`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), B must be
     1 and the sequences packed along L run through :func:`llmcore.ops.varlen_attention`;
-    ``attention_mask`` is then ignored, as FlashAttention ignores it.
+    ``attention_mask`` is then ignored, as FlashAttention ignores it, and a ``sliding_window``
+    is refused unless no sequence is longer (then it leaves every key in reach).
     """
     if kwargs.get("softcap") is not None:
         raise ValueError("llmcore attention does not support `softcap`; use attn_implementation='eager'")
@@ -146,8 +147,10 @@ def attention_forward(
         if all(kwargs.get(k) is not None for k in _VARLEN_KWARGS):
             if position_bias is not None:
                 raise ValueError("llmcore attention does not support `position_bias` with packed (cu_seq_lens) inputs")
-            if kwargs.get("sliding_window") is not None:
-                raise ValueError("llmcore attention does not support `sliding_window` with packed (cu_seq_lens) inputs")
+            window = kwargs.get("sliding_window")
+            if window is not None and int(kwargs["max_length_k"]) > window:  # (shorter sequences: no key outside)
+                raise ValueError(f"llmcore attention does not support `sliding_window` ({window}) with packed "
+                                 f"(cu_seq_lens) sequences longer than it (max_length_k {int(kwargs['max_length_k'])})")
             out = _packed_attention(query, key, value, dropout, scaling, bool(causal), kwargs)
         else:
             out = _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias)

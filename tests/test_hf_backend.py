@@ -268,7 +268,7 @@ def _packed(vocab=96, lengths=(5, 7, 4)):
     return ids, pos, fa, lengths
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral"])
 def test_packed_batch_runs_varlen(kind, spy):
     ref, ours = _pair(kind)
     ids, pos, fa, lengths = _packed()
@@ -286,6 +286,21 @@ def test_packed_batch_runs_varlen(kind, spy):
         m.train()
         m(ids, position_ids=pos, labels=labels, use_cache=False, **kw).loss.backward()
     _assert_grads_close(ref, ours)
+
+
+def test_packed_batch_with_a_sliding_window():
+    """Mistral's sliding window (4096 by default: the test above) reaches every key of sequences no longer than it:
+    packed, they run; a longer one is refused, naming both (varlen attention takes no window)."""
+    ids, pos, fa, lengths = _packed()
+    ref, ours = _pair("mistral", sliding_window=max(lengths))
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    with torch.no_grad():
+        each = torch.cat([ref(ids[:, s:e]).logits for s, e in zip(starts, starts[1:])], dim=1)
+        torch.testing.assert_close(ours(ids, position_ids=pos, use_cache=False, **fa).logits, each, **FP32)
+    ours.config.sliding_window = max(lengths) - 1
+    with pytest.raises(ValueError, match=r"`sliding_window` \(6\) with packed \(cu_seq_lens\) sequences longer than "
+                                         r"it \(max_length_k 7\)"):
+        ours(ids, position_ids=pos, use_cache=False, **fa)
 
 
 def test_packed_batch_rejects_batch_above_one():
