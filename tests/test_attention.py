@@ -110,6 +110,19 @@ def test_fully_masked_rows_are_zero_like_torch(dtype, kind):
                                F.scaled_dot_product_attention(q, k, v, attn_mask=m)[:, :, 5])
 
 
+@pytest.mark.parametrize("heads, lq, lk", [(2, 3, 0), (2, 0, 4), (0, 3, 4), (2, 0, 0)])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_empty_scores_with_a_mask_like_torch(heads, lq, lk, kind):
+    """No heads, queries or keys, with a mask: torch's empty or zero output, on the native backend too (its
+    mask reshape failed: -1 is ambiguous for zero elements)."""
+    q, k, v = torch.randn(2, heads, lq, 8), torch.randn(2, heads, lk, 8), torch.randn(2, heads, lk, 8)
+    mask = torch.ones(lq, lk, dtype=torch.bool) if kind == "bool" else torch.zeros(lq, lk)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for backend in ("cpu", "reference"):
+        out = llmcore.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+        assert out.shape == expected.shape and torch.equal(out, expected), backend
+
+
 def test_causal_with_more_queries_than_keys_is_top_left():
     # rows 0.. see keys j <= i (torch's alignment); nothing is fully masked here
     check_sdpa((1, 2, 40, 32), (1, 2, 10, 32), torch.float32, is_causal=True)
@@ -162,6 +175,29 @@ def test_mask_requiring_grad_falls_back_to_reference():
     assert mask.grad is not None
     with pytest.raises(RuntimeError, match="attn_mask requires grad"):
         llmcore.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_learned_bias_in_half_precision_as_accurate_as_torch(dtype):
+    """A mask that requires grad (a learned bias) runs on the reference backend: in float32 for bf16 / fp16, its
+    output and gradients are as close to float64 as torch's (computed in the input dtype they were ~10x off)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 128, 64, generator=g).to(dtype) for _ in range(3))
+    bias = torch.randn(1, 4, 128, 128, generator=g).to(dtype)
+    grad = torch.randn(2, 4, 128, 64, generator=g).to(dtype)
+    exact = [t.double().requires_grad_() for t in (q, k, v, bias)]
+    ref = F.scaled_dot_product_attention(*exact[:3], attn_mask=exact[3], scale=1.0)
+    ref.backward(grad.double())
+
+    def errors(fn):
+        ins = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = fn(*ins[:3], attn_mask=ins[3], scale=1.0)
+        out.backward(grad)
+        return [float((a.double() - b).abs().max()) for a, b in
+                zip([out] + [t.grad for t in ins], [ref] + [t.grad for t in exact])]
+
+    ours, theirs = errors(llmcore.scaled_dot_product_attention), errors(F.scaled_dot_product_attention)
+    assert all(a <= 1.5 * b for a, b in zip(ours, theirs)), (ours, theirs)
 
 
 def test_backend_reference_matches_cpu():

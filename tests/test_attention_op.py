@@ -201,6 +201,8 @@ def qkv(*shape, dtype=torch.float32):
         (lambda: (torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 9, 16)), ValueError, "value has 9"),
         (lambda: (torch.randn(2, 2, 8, 16), torch.randn(3, 2, 8, 16), torch.randn(3, 2, 8, 16)), ValueError, "do not broadcast"),
         (lambda: (torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16, device="meta"), torch.randn(2, 2, 8, 16)), ValueError, "key is on meta"),
+        (lambda: (torch.randn(2, 4, 8, 16), *qkv(2, 0, 8, 16)[1:]), ValueError, r"multiple of key/value heads \(0\)"),
+        (lambda: qkv(2, 2, 8, 0), ValueError, "head dim 0"),
     ],
 )
 def test_sdpa_bad_input(make, err, match):
@@ -324,10 +326,40 @@ def _cu(*xs):
         (_cu(0, 5, 10), _cu(0, 5, 10), -1, 5, ValueError, "max_seqlen_q"),
     ],
 )
-def test_varlen_bad_input(cu_q, cu_k, max_q, max_k, err, match):
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_varlen_bad_input(cu_q, cu_k, max_q, max_k, err, match, backend):
     q, k, v = qkv(10, 2, 16)
+    with pytest.raises(err, match=match):  # (the reference backend, also float64's automatic one, read them wrongly)
+        llmcore.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend)
     with pytest.raises(err, match=match):
-        llmcore.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k)
+        llmcore.varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k)
+
+
+@pytest.mark.parametrize("empty", ["q", "k"])
+def test_varlen_bad_offsets_of_the_other_side_when_one_side_is_empty(empty):
+    """No query rows, or no key rows: nothing reaches the native checks, the other side's offsets are still read."""
+    rows = {"q": 0, "k": 0}
+    rows["k" if empty == "q" else "q"] = 7
+    q, k, v = torch.randn(rows["q"], 2, 16), torch.randn(rows["k"], 2, 16), torch.randn(rows["k"], 2, 16)
+    zeros, bad = _cu(0, 0, 0), _cu(0, 5, 3)
+    cu_q, cu_k = (zeros, bad) if empty == "q" else (bad, zeros)
+    side = "k" if empty == "q" else "q"
+    for backend in (None, "reference"):
+        with pytest.raises(ValueError, match=f"cu_seqlens_{side} must be non-decreasing"):
+            llmcore.varlen_attention(q, k, v, cu_q, cu_k, 7, 7, backend=backend)
+
+
+def test_varlen_without_query_rows_keeps_the_graph():
+    """No query rows: an empty output that still backpropagates (zero gradients), on every CPU backend, as torch's
+    dense attention does with Lq = 0."""
+    cq, ck = _cu(0, 0, 0), _cu(0, 2, 5)
+    for backend in ("cpu", "reference"):
+        q = torch.randn(0, 2, 16, requires_grad=True)
+        k, v = torch.randn(5, 2, 16, requires_grad=True), torch.randn(5, 2, 16, requires_grad=True)
+        out = llmcore.varlen_attention(q, k, v, cq, ck, 0, 3, backend=backend)
+        assert out.shape == (0, 2, 16) and out.requires_grad, backend
+        out.sum().backward()
+        assert (k.grad == 0).all() and (v.grad == 0).all() and q.grad.shape == q.shape, backend
 
 
 def test_varlen_bad_shapes():

@@ -24,7 +24,7 @@ from llmcore import _C
 from llmcore.ops import _cpu
 from llmcore.ops.dispatch import AttentionCall, select
 from llmcore.ops._autograd import _eager_function, _run_op
-from llmcore.ops.reference import sdpa_reference, varlen_reference
+from llmcore.ops.reference import check_cu_seqlens, sdpa_reference, varlen_reference
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 
@@ -124,12 +124,8 @@ def _varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     q, k, v = (_cpu.last_dim_contiguous(t) for t in (q, k, v))
     out = q.new_zeros(q.size(0), q.size(1), v.size(-1))
     lse = torch.full((q.size(1), q.size(0)), float("-inf"), dtype=torch.float32)
-    if out.numel() == 0:
-        return out, lse
-    if k.size(0) == 0:  # no keys at all: every row is fully masked (zero pointers never reach C++)
-        if bool(cu_seqlens_k.ne(0).any()):
-            raise ValueError("cu_seqlens_k must be all zeros for an empty key tensor, "
-                             f"got {cu_seqlens_k.tolist()[:16]}")
+    if out.numel() == 0 or k.size(0) == 0:  # nothing to compute, or every row fully masked: no native call
+        check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, max_seqlen_k)
         return out, lse
     p = _cpu.problem(q, k, v, batch=cu_seqlens_q.numel() - 1, len_q=max_seqlen_q, len_k=max_seqlen_k, scale=scale,
                      is_causal=is_causal, dropout_p=dropout_p, rng=rng, cu_seqlens=(cu_seqlens_q, cu_seqlens_k))
@@ -220,6 +216,8 @@ def _check_common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: Opti
             raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
     if k.size(-1) != q.size(-1):
         raise ValueError(f"key head dim {k.size(-1)} does not match query head dim {q.size(-1)}")
+    if q.size(-1) == 0:
+        raise ValueError("query and key have head dim 0: the scores need at least one")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p <= 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -273,7 +271,7 @@ def scaled_dot_product_attention(
     if value.size(-3) != hkv:
         raise ValueError(f"key has {hkv} heads but value has {value.size(-3)}")
     if hq != hkv:
-        if hq % hkv != 0:
+        if hkv == 0 or hq % hkv != 0:
             raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
         if not enable_gqa:
             raise ValueError(f"query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for grouped-query attention")
@@ -328,7 +326,7 @@ def scaled_dot_product_attention(
     mask4 = None
     if attn_mask is not None:
         m = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(torch.float32)
-        mask4 = m.expand(full_scores).reshape(-1, hq, lq, lk)
+        mask4 = m.expand(full_scores).reshape(math.prod(batch), hq, lq, lk)  # (-1 is ambiguous for empty scores)
     out, _ = _run_op(_sdpa_fwd, _SdpaEager, q4, k4, v4, mask4, float(dropout_p), bool(is_causal), float(scale),
                      _draw_rng(dropout_p, query.device))
     if len(batch) != 1:
@@ -371,7 +369,7 @@ def varlen_attention(
     _check_common(q, k, v, dropout_p, scale)
     if k.size(0) != v.size(0) or k.size(1) != v.size(1):
         raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must agree in tokens and heads")
-    if q.size(1) % k.size(1) != 0:
+    if q.size(1) != k.size(1) and (k.size(1) == 0 or q.size(1) % k.size(1) != 0):
         raise ValueError(f"query heads ({q.size(1)}) must be a multiple of key/value heads ({k.size(1)})")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, Tensor):
@@ -392,6 +390,7 @@ def varlen_attention(
                          cu_seqlens_q.numel() - 1, q.size(1))
     chosen = select(call, backend)
     if chosen.name == "reference":
+        check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, max_seqlen_k)
         return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, dropout_p)
     if chosen.name == "cuda":
         from llmcore.ops.cuda_attention import varlen as cuda_varlen

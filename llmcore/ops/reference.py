@@ -38,7 +38,8 @@ def sdpa_reference(
     dropout_keep: Optional[Tensor] = None,
     causal_bottom_right: bool = False,
 ) -> Tensor:
-    """softmax(q k^T * scale + mask) v, in the dtype of the inputs.
+    """softmax(q k^T * scale + mask) v, in float32 for float16 / bfloat16 inputs (as torch's math backend: in their
+    own dtype the scores lose about ten times more), else in the inputs' dtype; returned in the inputs' dtype.
 
     Shapes: q (..., Hq, Lq, D), k (..., Hkv, Lk, D), v (..., Hkv, Lk, Dv) -> (..., Hq, Lq, Dv).
     ``attn_mask`` is boolean (True = attend) or additive, broadcastable to (..., Hq, Lq, Lk).
@@ -47,6 +48,10 @@ def sdpa_reference(
     ``dropout_p`` > 0, a fresh mask is drawn from torch's generator.
     Rows whose every key is masked return 0 (and get zero gradients), as torch does.
     """
+    if q.dtype in (torch.float16, torch.bfloat16):
+        wide = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        return sdpa_reference(q.float(), k.float(), v.float(), wide, is_causal, scale, enable_gqa, dropout_p,
+                              dropout_keep, causal_bottom_right).to(q.dtype)
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1))
     if enable_gqa and k.size(-3) != q.size(-3):
@@ -72,6 +77,23 @@ def sdpa_reference(
     elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     return probs @ v
+
+
+def check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
+    """The offsets' contract (start at 0, non-decreasing, end at the row count, no sequence longer than its
+    max_seqlen), as the CPU backend checks it natively: a ValueError naming the first breach. Reads the offsets
+    (a device sync on a GPU)."""
+    for name, cu, total, mx, mx_name in (("cu_seqlens_q", cu_q, total_q, max_q, "max_seqlen_q"),
+                                         ("cu_seqlens_k", cu_k, total_k, max_k, "max_seqlen_k")):
+        c = cu.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {c[0]}")
+        if any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {c[:16]}")
+        if c[-1] != total:
+            raise ValueError(f"{name}[-1] = {c[-1]} but the tensor has {total} rows")
+        if any(b - a > mx for a, b in zip(c, c[1:])):
+            raise ValueError(f"{name} has a sequence longer than {mx_name} = {mx}")
 
 
 def varlen_reference(
@@ -108,4 +130,6 @@ def varlen_reference(
             causal_bottom_right=True,
         )
         out[cq[b] : cq[b + 1]] = o.transpose(0, 1)
+    if q.size(0) == 0 and any(t.requires_grad for t in (q, k, v)):
+        out = out + (q.sum() + k.sum() + v.sum()) * 0  # no query rows: still an output of the inputs, as torch's
     return out

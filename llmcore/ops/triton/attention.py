@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from llmcore.ops._autograd import _eager_function, _run_op
+from llmcore.ops.reference import check_cu_seqlens
 from llmcore.ops.triton._loader import kernels, offline
 
 __all__ = ["sdpa", "varlen"]
@@ -622,21 +623,6 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
     return out if len(batch) == 1 else out.reshape(*batch, hq, lq, ev)
 
 
-def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
-    """What the CPU backend checks natively. Only for CPU tensors: on a GPU it would cost a sync per call."""
-    for name, cu, total, mx, mx_name in (("cu_seqlens_q", cu_q, total_q, max_q, "max_seqlen_q"),
-                                         ("cu_seqlens_k", cu_k, total_k, max_k, "max_seqlen_k")):
-        c = cu.tolist()
-        if c[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {c[0]}")
-        if any(b < a for a, b in zip(c, c[1:])):
-            raise ValueError(f"{name} must be non-decreasing, got {c[:16]}")
-        if c[-1] != total:
-            raise ValueError(f"{name}[-1] = {c[-1]} but the tensor has {total} rows")
-        if any(b - a > mx for a, b in zip(c, c[1:])):
-            raise ValueError(f"{name} has a sequence longer than {mx_name} = {mx}")
-
-
 def varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
            max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float) -> Tensor:
     """q (total_q, Hq, E), k/v (total_k, Hkv, E / Ev), int32 cu_seqlens (n + 1,) -> (total_q, Hq, Ev).
@@ -645,7 +631,7 @@ def varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: 
     most ``max_seqlen`` long, or its tail rows are not computed.
     """
     if q.device.type == "cpu" and not torch.compiler.is_compiling():  # reads them: no data-dependent graph
-        _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, max_seqlen_k)
+        check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0), max_seqlen_q, max_seqlen_k)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return _empty_result(q, k, v, (q.size(0), q.size(1), v.size(-1)))
     _check_grid_y(q.size(1))
