@@ -212,6 +212,116 @@ def test_other_encoder_families(family, tmp_path):
         torch.testing.assert_close(packed.logits, ours(ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("variant", [{"activation_function": "gelu"}, {"activation_function": "gelu_pytorch_tanh"},
+                                     {"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False},
+                                     {"tie_word_embeddings": False}])
+def test_gpt2_config_variants_match_transformers(variant, tmp_path):
+    """GPT-2's activation, attention scaling and untied head: llmcore read none of them (relu logits 1.0 off; an
+    untied head failed to load as 'missing'); logits, loss, gradients and the saved checkpoint match transformers."""
+    cfg = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, **variant)
+    ours, ref, _ = causal_lm_pair(cfg, tmp_path / "ckpt")
+    ours.eval(), ref.eval()
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(1))
+    a, b = ref(input_ids=ids, labels=ids), ours(ids, labels=ids)
+    torch.testing.assert_close(b.logits, a.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.loss, a.loss, atol=ATOL, rtol=0)
+    a.loss.backward(), b.loss.backward()
+    torch.testing.assert_close(ours.embed.word.weight.grad, ref.transformer.wte.weight.grad, atol=1e-4, rtol=1e-3)
+    ours.save_pretrained(tmp_path / "back")
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, a.logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family, over, field", [
+    ("gpt2", {"activation_function": "relu"}, "activation_function 'relu'"),
+    ("bert", {"is_decoder": True}, "is_decoder=True"),
+    ("bert", {"add_cross_attention": True}, "add_cross_attention=True"),
+    ("bert", {"hidden_act": "relu"}, "hidden_act 'relu'"),
+    ("llama", {"mlp_bias": True}, "mlp_bias=True"),
+    ("bert", {"problem_type": "ranking"}, "problem_type 'ranking'"),
+])
+def test_configs_llmcore_does_not_compute_are_refused_by_field(family, over, field):
+    """A config field whose value llmcore's models would not compute as transformers does is an
+    UnsupportedModelError naming it (llmcore finetune then trains transformers' model), never a silent difference
+    (BERT's is_decoder ran bidirectionally; GPT-2's activation was ignored; BERT's relu was a plain ValueError)."""
+    from llmcore.models.config import config_from_hf
+
+    base = {"gpt2": transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2),
+            "bert": transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=32),
+            "llama": transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=32)}[family].to_dict()
+    task = "sequence-classification" if family == "bert" else "causal-lm"
+    config_from_hf(base, task)
+    with pytest.raises(UnsupportedModelError, match=field):
+        config_from_hf({**base, **over}, task)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("problem, labels", [
+    ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])),
+    ("regression", torch.tensor([[0.3, -1.2, 2.0], [2.0, 0.5, -0.1]])),
+    (None, torch.tensor([2, 0])),  # integer labels: single-label
+    (None, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])),  # float labels of every class: multi-label
+])
+def test_encoder_loss_follows_problem_type(family, problem, labels, tmp_path):
+    """transformers' problem_type (set, or inferred from the labels as its forward does): multi-label and
+    multi-output regression losses equal transformers' (both crashed in cross_entropy)."""
+    over = {"num_labels": 3, "problem_type": problem}
+    if family == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=97, dim=32, n_layers=1, n_heads=4, hidden_dim=48, **over)
+    else:
+        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+        cfg = cls(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                  max_position_embeddings=20, **over)
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path).eval()
+    ids = torch.randint(5, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss,
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_roberta_position_pad_row_gets_no_gradient(tmp_path):
+    """RoBERTa's position table has padding_idx = pad id, as its word table: a left-padded row's pad positions
+    add no gradient there (llmcore's got one); every gradient equals transformers'."""
+    cfg = transformers.RobertaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=20, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    torch.manual_seed(0)
+    transformers.RobertaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    ref = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])  # row 0 left-padded (pad id 1)
+    mask, y = (ids != 1).long(), torch.tensor([0, 1])
+    ref(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+    ours(ids, attention_mask=mask, labels=y).loss.backward()
+    theirs = ref.roberta.embeddings.position_embeddings.weight.grad
+    assert theirs[1].abs().max() == 0 and ours.embed.position.weight.grad[1].abs().max() == 0
+    torch.testing.assert_close(ours.embed.position.weight.grad, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_sliding_window_only_where_layers_slide(family, tmp_path):
+    """use_sliding_window with max_window_layers covering every layer (layer_types all full): no layer slides in
+    transformers, and llmcore runs sequences longer than the window (it refused them); where a layer slides,
+    longer sequences are still refused."""
+    cls = transformers.Qwen2Config if family == "qwen2" else transformers.Qwen3Config
+    common = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, use_sliding_window=True, sliding_window=6)
+    ours, ref, folder = causal_lm_pair(cls(max_window_layers=2, **common), tmp_path / "full")
+    assert ref.config.layer_types == ["full_attention"] * 2
+    ids = torch.randint(0, 101, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, ref.eval()(input_ids=ids).logits, atol=ATOL, rtol=0)
+    sliding, _, _ = causal_lm_pair(cls(max_window_layers=1, **common), tmp_path / "sliding")
+    with pytest.raises(ValueError, match=r"longer than the sliding window \(6\)"):
+        sliding(ids)
+
+
 def test_checkpoint_errors(tmp_path):
     shutil.copy(os.path.join(minilm_dir(), "config.json"), tmp_path / "config.json")
     from safetensors.torch import load_file, save_file

@@ -16,6 +16,25 @@ class TaskMismatchError(UnsupportedModelError):
     """The checkpoint is an encoder asked for a causal LM, or a decoder asked for sequence classification."""
 
 
+# transformers' GELU activation names -> the ``approximate`` of llmcore's fused bias-GELU (FastGELU is the tanh form)
+GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
+def _gelu(hf: dict, key: str, default: str, family: str) -> str:
+    act = hf.get(key, default)
+    if act not in GELU_APPROXIMATE:
+        raise UnsupportedModelError(f"{key} {act!r} is not supported for {family} ({', '.join(GELU_APPROXIMATE)})")
+    return act
+
+
+def _refuse(hf: dict, family: str, **supported) -> None:
+    """UnsupportedModelError naming the first config field whose value changes what llmcore computes."""
+    for key, value in supported.items():
+        if hf.get(key, value) != value:
+            raise UnsupportedModelError(f"{key}={hf[key]!r} is not supported for {family} (llmcore implements "
+                                        f"{key}={value!r})")
+
+
 def _family(hf: dict) -> str:
     family = hf.get("model_type")
     if family not in ENCODER_FAMILIES + DECODER_FAMILIES:
@@ -44,6 +63,9 @@ class EncoderConfig:
     num_labels: int = 2
     initializer_range: float = 0.02
     hf: dict = field(default_factory=dict, repr=False)  # the source config, written back on save
+    # transformers' loss choice: "regression", "single_label_classification", "multi_label_classification", or
+    # None (regression for one label, else by the labels' dtype)
+    problem_type: Optional[str] = None
 
     @classmethod
     def from_hf(cls, hf: dict, num_labels: Optional[int] = None) -> "EncoderConfig":
@@ -52,20 +74,24 @@ class EncoderConfig:
             raise TaskMismatchError(f"{family!r} is a decoder; sequence classification takes "
                                     f"{', '.join(ENCODER_FAMILIES)}")
         labels = num_labels or hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+        problem = hf.get("problem_type")
+        if problem not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise UnsupportedModelError(f"problem_type {problem!r} is not one of transformers' three")
         if family == "distilbert":
             return cls(family, hf["vocab_size"], hf["dim"], hf["n_layers"], hf["n_heads"], hf["hidden_dim"],
                        hf.get("max_position_embeddings", 512), 0, 1e-12, hf.get("dropout", 0.1),
                        hf.get("attention_dropout", 0.1), hf.get("seq_classif_dropout", 0.2),
-                       hf.get("activation", "gelu"), hf.get("pad_token_id", 0), labels,
-                       hf.get("initializer_range", 0.02), dict(hf))
+                       _gelu(hf, "activation", "gelu", family), hf.get("pad_token_id", 0), labels,
+                       hf.get("initializer_range", 0.02), dict(hf), problem)
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise UnsupportedModelError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported")
+        _refuse(hf, family, is_decoder=False, add_cross_attention=False)  # (causal self-attention, cross-attention)
         return cls(family, hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
                    hf["intermediate_size"], hf.get("max_position_embeddings", 512), hf.get("type_vocab_size", 2),
                    hf.get("layer_norm_eps", 1e-12), hf.get("hidden_dropout_prob", 0.1),
                    hf.get("attention_probs_dropout_prob", 0.1), hf.get("classifier_dropout"),
-                   hf.get("hidden_act", "gelu"), hf.get("pad_token_id", 1 if family == "roberta" else 0), labels,
-                   hf.get("initializer_range", 0.02), dict(hf))
+                   _gelu(hf, "hidden_act", "gelu", family), hf.get("pad_token_id", 1 if family == "roberta" else 0),
+                   labels, hf.get("initializer_range", 0.02), dict(hf), problem)
 
     def to_hf(self) -> dict:
         out = dict(self.hf) or {"model_type": self.family}
@@ -73,6 +99,8 @@ class EncoderConfig:
                 "distilbert": "DistilBertForSequenceClassification"}[self.family]
         out["architectures"] = [arch]
         out["num_labels"] = self.num_labels
+        if self.problem_type is not None:
+            out["problem_type"] = self.problem_type
         if len(out.get("id2label") or {}) != self.num_labels:
             out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
@@ -118,6 +146,9 @@ class DecoderConfig:
     sliding_window: Optional[int] = None
     initializer_range: float = 0.02
     hf: dict = field(default_factory=dict, repr=False)
+    # GPT-2's attention scaling: by 1/sqrt(head_dim) (else 1), and further by 1/(layer index + 1)
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict) -> "DecoderConfig":
@@ -128,9 +159,10 @@ class DecoderConfig:
             d, h = hf["n_embd"], hf["n_head"]
             return cls(family, hf["vocab_size"], d, hf["n_layer"], h, h, d // h, hf.get("n_inner") or 4 * d,
                        hf.get("n_positions", 1024), hf.get("layer_norm_epsilon", 1e-5), 0.0,
-                       hf.get("tie_word_embeddings", True), True, hf.get("activation_function", "gelu_new"),
+                       hf.get("tie_word_embeddings", True), True, _gelu(hf, "activation_function", "gelu_new", family),
                        hf.get("resid_pdrop", 0.1), hf.get("attn_pdrop", 0.1), None,
-                       hf.get("initializer_range", 0.02), dict(hf))
+                       hf.get("initializer_range", 0.02), dict(hf), bool(hf.get("scale_attn_weights", True)),
+                       bool(hf.get("scale_attn_by_inverse_layer_idx", False)))
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
         if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise UnsupportedModelError(f"rope scaling {rope!r} is not supported (only the default RoPE)")
@@ -138,13 +170,13 @@ class DecoderConfig:
         heads = hf["num_attention_heads"]
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported for {family}")
+        _refuse(hf, family, mlp_bias=False)
         return cls(family, hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], heads,
                    hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hf["hidden_size"] // heads,
                    hf["intermediate_size"], hf.get("max_position_embeddings", 4096), hf.get("rms_norm_eps", 1e-6),
                    float(theta), hf.get("tie_word_embeddings", False),
                    hf.get("attention_bias", family == "qwen2"), "silu", 0.0, hf.get("attention_dropout", 0.0),
-                   hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None,
-                   hf.get("initializer_range", 0.02), dict(hf))
+                   _sliding_window(hf, family), hf.get("initializer_range", 0.02), dict(hf))
 
     def to_hf(self) -> dict:
         out = dict(self.hf) or {"model_type": self.family}
@@ -162,7 +194,8 @@ class DecoderConfig:
                     "n_positions": self.max_position_embeddings, "layer_norm_epsilon": self.norm_eps,
                     "tie_word_embeddings": self.tie_word_embeddings, "activation_function": self.hidden_act,
                     "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.attention_dropout,
-                    "initializer_range": self.initializer_range}
+                    "initializer_range": self.initializer_range, "scale_attn_weights": self.scale_attn_weights,
+                    "scale_attn_by_inverse_layer_idx": self.scale_attn_by_inverse_layer_idx}
         out = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
                "head_dim": self.head_dim, "intermediate_size": self.intermediate_size,
@@ -175,6 +208,21 @@ class DecoderConfig:
         if self.family == "mistral":
             out["sliding_window"] = self.sliding_window
         return out
+
+
+def _sliding_window(hf: dict, family: str) -> Optional[int]:
+    """The window of a decoder whose layers slide, else None. transformers' ``layer_types`` (or, in configs written
+    before it, Qwen's ``max_window_layers``: layers from that index on slide) may leave every layer full. Where only
+    some layers slide, the window counts for all (llmcore then refuses longer sequences rather than miscompute)."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None
+    if window is None:
+        return None
+    types = hf.get("layer_types")
+    if types is not None:
+        return window if "sliding_attention" in types else None
+    if family in ("qwen2", "qwen3") and hf.get("max_window_layers", 0) >= hf["num_hidden_layers"]:
+        return None
+    return window
 
 
 def config_from_hf(hf: dict, task: str, num_labels: Optional[int] = None):

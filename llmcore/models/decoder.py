@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from llmcore import ops
 from llmcore.models.checkpointing import LayerCheckpointing
-from llmcore.models.config import DecoderConfig
+from llmcore.models.config import GELU_APPROXIMATE, DecoderConfig
 from llmcore.models.output import ModelOutput, make_batch
 from llmcore.nn.layers import (
     MLP,
@@ -29,18 +29,25 @@ class DecoderLayer(nn.Module):
     """Pre-norm block. The residual stream is carried beside the sublayer output so that each
     norm fuses the residual add: (normed, stream) = norm(delta, residual=stream)."""
 
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, index: int = 0):
+        """``index``: the layer's place in the stack (GPT-2's ``scale_attn_by_inverse_layer_idx`` reads it)."""
         super().__init__()
         gpt2 = cfg.family == "gpt2"
         Norm = LayerNorm if gpt2 else RMSNorm
+        scale = None
+        if gpt2 and (not cfg.scale_attn_weights or cfg.scale_attn_by_inverse_layer_idx):
+            scale = (cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0)
+            scale /= float(index + 1) if cfg.scale_attn_by_inverse_layer_idx else 1.0
         self.attn_norm = Norm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               qkv_bias=cfg.attention_bias,
                               out_bias=gpt2 or (cfg.attention_bias and cfg.family != "qwen2"), causal=True,
                               dropout=cfg.attention_dropout,
-                              qk_norm_eps=cfg.norm_eps if cfg.family == "qwen3" else None)
+                              qk_norm_eps=cfg.norm_eps if cfg.family == "qwen3" else None, scale=scale)
         self.mlp_norm = Norm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = (MLP(cfg.hidden_size, cfg.intermediate_size, approximate="tanh") if gpt2
+        if gpt2 and cfg.hidden_act not in GELU_APPROXIMATE:
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported for gpt2 ({', '.join(GELU_APPROXIMATE)})")
+        self.mlp = (MLP(cfg.hidden_size, cfg.intermediate_size, approximate=GELU_APPROXIMATE[cfg.hidden_act]) if gpt2
                     else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
         self.dropout = Dropout(cfg.dropout)
 
@@ -92,7 +99,7 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.dropout = Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.embed.word.dense_reads = cfg.tie_word_embeddings  # the tied head reads the whole table

@@ -7,11 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from llmcore.models.checkpointing import LayerCheckpointing
-from llmcore.models.config import EncoderConfig
+from llmcore.models.config import GELU_APPROXIMATE, EncoderConfig
 from llmcore.models.output import ModelOutput, make_batch
 from llmcore.nn.layers import MLP, Attention, Batch, Dropout, Embedding, LayerNorm, init_linear_, positions_of
 
-_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 class Embeddings(nn.Module):
@@ -21,7 +20,10 @@ class Embeddings(nn.Module):
         self.pad_token_id = cfg.pad_token_id
         pad = cfg.pad_token_id if 0 <= cfg.pad_token_id < cfg.vocab_size else None
         self.word = Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad)  # as transformers: no pad-row gradient
-        self.position = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # RoBERTa's position table has a padding row too (its pad positions are padding_idx): no gradient there
+        roberta_pad = cfg.family == "roberta" and pad is not None and pad < cfg.max_position_embeddings
+        pad_position = pad if roberta_pad else None
+        self.position = Embedding(cfg.max_position_embeddings, cfg.hidden_size, padding_idx=pad_position)
         self.token_type = Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
@@ -52,9 +54,9 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, dropout=cfg.attention_dropout)
         self.attn_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        if cfg.hidden_act not in _GELU:
-            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (gelu, gelu_new)")
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, approximate=_GELU[cfg.hidden_act])
+        if cfg.hidden_act not in GELU_APPROXIMATE:
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported ({', '.join(GELU_APPROXIMATE)})")
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, approximate=GELU_APPROXIMATE[cfg.hidden_act])
         self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
 
@@ -121,10 +123,23 @@ class EncoderForSequenceClassification(LayerCheckpointing, nn.Module):
         if not self.layers and batch.packed:
             x = x[batch.cu_seqlens[:-1].long()]
         logits = self.head(x if batch.packed else x[:, 0])
-        loss = None
-        if labels is not None:
-            if self.config.num_labels == 1:
-                loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = nn.functional.cross_entropy(logits.float(), labels.long())
+        loss = None if labels is None else classification_loss(logits, labels, self.config)
         return ModelOutput(loss, logits)
+
+
+def classification_loss(logits: Tensor, labels: Tensor, cfg: EncoderConfig) -> Tensor:
+    """transformers' sequence-classification loss, in float32: by ``problem_type``, else regression (MSE) for one
+    label, single-label cross-entropy for integer labels, multi-label BCE-with-logits for float ones."""
+    problem = cfg.problem_type
+    if problem is None:
+        integer = labels.dtype in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8)
+        problem = ("regression" if cfg.num_labels == 1
+                   else "single_label_classification" if integer else "multi_label_classification")
+    logits = logits.float()
+    if problem == "regression":
+        if cfg.num_labels == 1:
+            return nn.functional.mse_loss(logits.squeeze(), labels.float().squeeze())
+        return nn.functional.mse_loss(logits, labels.float())
+    if problem == "single_label_classification":
+        return nn.functional.cross_entropy(logits.view(-1, cfg.num_labels), labels.long().view(-1))
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())

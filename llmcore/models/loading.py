@@ -70,7 +70,7 @@ def _table(family: str):
     if family == "gpt2":
         top = [("wte", "embed.word"), ("wpe", "embed.position"), ("ln_f", "norm")]
         return "transformer", top, ("h.{i}", "layers.{i}", _GPT2_LAYER), [
-            r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"]
+            r"h\.\d+\.attn\.(masked_)?bias"]
     top = [("embed_tokens", "embed.word"), ("norm", "norm")]
     layer = _LLAMA_LAYER + (_QK_NORM if family == "qwen3" else [])
     return "model", top, ("layers.{i}", "layers.{i}", layer), [r"layers\.\d+\.self_attn\.rotary_emb\..*"]
@@ -89,7 +89,7 @@ def _hf_to_internal(family: str, tied: bool):
     def convert(name: str):
         # base-model checkpoints (e.g. BertModel) are saved without the prefix
         base = name[len(prefix) + 1:] if name.startswith(prefix + ".") else name
-        if family in DECODER_FAMILIES and family != "gpt2" and name == "lm_head.weight":
+        if family in DECODER_FAMILIES and name == "lm_head.weight":  # (a tied head's copy is ignorable)
             return (None if tied else "lm_head.weight"), tied
         for pattern, repl in compiled:
             m = pattern.fullmatch(base)

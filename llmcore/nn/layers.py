@@ -226,9 +226,9 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
                  qkv_bias: bool = True, out_bias: bool = True, causal: bool = False, dropout: float = 0.0,
-                 qk_norm_eps: Optional[float] = None):
+                 qk_norm_eps: Optional[float] = None, scale: Optional[float] = None):
         """``qk_norm_eps``: RMSNorm each head of q and k (weights of head_dim) before the rotary embedding,
-        with this epsilon (Qwen3)."""
+        with this epsilon (Qwen3). ``scale``: the scores' factor (default 1/sqrt(head_dim))."""
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads or heads
         self.head_dim = head_dim or dim // heads
@@ -238,6 +238,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.heads * self.head_dim, dim, bias=out_bias)
         self.causal = causal
         self.dropout = dropout
+        self.scale = scale
         if qk_norm_eps is not None:
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, qk_norm_eps), RMSNorm(self.head_dim, qk_norm_eps)
         else:
@@ -275,14 +276,15 @@ class Attention(nn.Module):
                 n = batch.cu_seqlens.numel() - 1
                 cu_q, max_q = torch.arange(n + 1, dtype=torch.int32, device=x.device), 1
             out = ops.varlen_attention(q, k, v, cu_q, batch.cu_seqlens, max_q, batch.max_seqlen, dropout_p=p,
-                                       is_causal=self.causal)
+                                       is_causal=self.causal, scale=self.scale)
         else:
             mask = batch.attn_mask()
             if mask is not None and self.causal:
                 mask = mask & torch.ones(shape[-1], shape[-1], dtype=torch.bool, device=x.device).tril()
             out = ops.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=p,
-                is_causal=self.causal and mask is None, enable_gqa=self.kv_heads != self.heads).transpose(1, 2)
+                is_causal=self.causal and mask is None, scale=self.scale,
+                enable_gqa=self.kv_heads != self.heads).transpose(1, 2)
         return linear(out.reshape(*q_shape, self.heads * self.head_dim), self.o)
 
 
