@@ -150,8 +150,14 @@ def test_bad_types():
         _rotary(x, torch.randn(4, 8), torch.randn(4, 8).double(), False, False)
     with pytest.raises(ValueError, match="backend=.gpu. is unknown"):
         rotary_embedding(x, torch.randn(4, 8), torch.randn(4, 8), backend="gpu")
-    with pytest.raises(RuntimeError, match="backend='cpu' cannot run this call"):
+    with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run this call: x is torch.float64 \(the kernels "
+                                           r"take float32, bfloat16, float16\)"):
         rotary_embedding(x.double(), torch.randn(4, 8), torch.randn(4, 8), backend="cpu")
+    # the refusal names its reason (it named only x's device and dtype)
+    with pytest.raises(RuntimeError, match="cannot run this call: sin is torch.bfloat16 but cos is torch.float32"):
+        rotary_embedding(x, torch.randn(4, 8), torch.randn(4, 8).bfloat16(), backend="cpu")
+    with pytest.raises(RuntimeError, match="cannot run this call: cos / sin need gradients"):
+        rotary_embedding(x, torch.randn(4, 8, requires_grad=True), torch.randn(4, 8), backend="cpu")
 
 
 def test_backend_reference_is_the_composite():

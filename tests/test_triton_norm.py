@@ -148,6 +148,38 @@ def test_empty_rows(backward):
     assert y.shape == (0, 8) and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("layout", ["transposed", "permuted"])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_inputs_of_any_layout(layout, rms, residual, backward):
+    """x as a transposed view (its columns strided) or with permuted leading dims: the sum s and the input
+    gradients come back right (s was left unwritten and the gradients wrong or a view error: their buffers were
+    made like x's layout, the kernels write rows)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 5, generator=g) if layout == "transposed" else torch.randn(5, 2, 8, generator=g)
+    x = (base.t() if layout == "transposed" else base.transpose(0, 1)).to(DEVICE).requires_grad_()
+    r = torch.randn(x.shape, generator=g).to(DEVICE).requires_grad_() if residual else None
+    w = torch.randn(8, generator=g).to(DEVICE).requires_grad_()
+    b = None if rms else torch.randn(8, generator=g).to(DEVICE).requires_grad_()
+    inputs = [t for t in (x, r, w, b) if t is not None]
+
+    def run(fn, ts):
+        xs, rs, ws, bs = (ts.pop(0) if t is not None else None for t in (x, r, w, b))
+        kw = {"residual": rs} if residual else {}
+        out = fn(xs, ws, 1e-5, **kw) if rms else fn(xs, ws, bs, 1e-5, **kw)
+        outs = out if residual else (out,)
+        grads = torch.autograd.grad(outs, [xs, ws] + [t for t in (rs, bs) if t is not None],
+                                    [torch.ones_like(o) for o in outs])
+        return [o.detach() for o in outs] + list(grads)
+
+    op = rms_norm if rms else layer_norm
+    ours = run(functools.partial(op, backend="triton"), list(inputs))
+    truth = run(rms_norm_reference if rms else layer_norm_reference, [t.detach().double().requires_grad_()
+                                                                    for t in inputs])
+    for a, t in zip(ours, truth):
+        torch.testing.assert_close(a.double(), t, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rms, residual, params", [(False, True, "wb"), (False, False, ""), (True, True, "w"),
                                                    (True, False, "w32")])
 def test_opcheck(rms, residual, params, backward):

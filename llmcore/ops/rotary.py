@@ -108,19 +108,33 @@ _RotaryEager = _eager_function("_RotaryEager", _rotate, _rotary_setup, partial(_
 _BACKENDS = (None, "triton", "cpu", "reference")
 
 
+def _why_not_kernel(x: Tensor, cos: Tensor, sin: Tensor) -> Optional[str]:
+    """Why the native and Triton kernels cannot take these tensors, or None."""
+    kinds = ", ".join(str(d).replace("torch.", "") for d in _CODES)
+    for name, t in (("x", x), ("cos", cos)):
+        if t.dtype not in _CODES:
+            return f"{name} is {t.dtype} (the kernels take {kinds})"
+    if sin.dtype != cos.dtype:
+        return f"sin is {sin.dtype} but cos is {cos.dtype}"
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return "cos / sin need gradients (the kernels differentiate x only)"
+    return None
+
+
 def _backend(x: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str]) -> str:
     """"triton", "cpu" or "reference" for this call; a named backend that cannot run it is an error naming why."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of None, 'triton', 'cpu', 'reference'")
-    kernel_ok = (x.dtype in _CODES and cos.dtype in _CODES and sin.dtype == cos.dtype
-                 and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)))
+    not_kernel = _why_not_kernel(x, cos, sin)
+    kernel_ok = not_kernel is None
     if backend == "triton":
-        reason = triton_ops.unavailable(x.device) or triton_rotary.why_not(x, cos)
-        if reason or not kernel_ok:
-            raise RuntimeError(f"backend='triton' cannot run this call: {reason or 'cos / sin need gradients'}")
+        reason = triton_ops.unavailable(x.device) or triton_rotary.why_not(x, cos) or not_kernel
+        if reason:
+            raise RuntimeError(f"backend='triton' cannot run this call: {reason}")
         return "triton"
     if backend == "cpu" and not (x.device.type == "cpu" and kernel_ok):
-        raise RuntimeError(f"backend='cpu' cannot run this call ({x.device.type} tensor of {x.dtype}, cos {cos.dtype})")
+        reason = not_kernel or f"x is a {x.device.type} tensor"
+        raise RuntimeError(f"backend='cpu' cannot run this call: {reason}")
     if backend is None and x.device.type == "cuda" and kernel_ok and triton_ops.usable():
         return "triton"
     if backend == "reference" or not (x.device.type == "cpu" and kernel_ok):

@@ -97,7 +97,8 @@ def _dummy(x: Tensor) -> Tensor:
 def _forward(rms: bool, x: Tensor, weight, bias, residual, eps: float, out_dtype: torch.dtype):
     cols = x.size(-1)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    # (row-major whatever x's layout: the kernel writes s and reads back rows of unit column stride)
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     mean = torch.empty(x.shape[:-1] if not rms else (0,), dtype=torch.float32, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
@@ -128,7 +129,7 @@ def _row_ranges(n_rows: int, rows: int, target: int) -> tuple[int, int]:
 def _backward(rms: bool, grad_y: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor, weight, grad_s,
               need_w: bool, need_b: bool):
     cols = inp.size(-1)
-    grad_in = torch.empty_like(inp)
+    grad_in = inp.new_empty(inp.shape)  # row-major, as the kernel writes it (empty_like kept a permuted layout)
     if inp.numel() == 0:
         return grad_in, *(torch.zeros(cols, dtype=torch.float32, device=inp.device) for _ in range(2))
     mod = kernels("norm_kernels", inp.device)
@@ -225,7 +226,7 @@ def _norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], resid
 
 @_norm_fwd.register_fake
 def _(x, weight, bias, residual, eps, rms, out_dtype):
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return (x.new_empty(x.shape, dtype=out_dtype), s, stats if not rms else x.new_empty(0, dtype=torch.float32),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
@@ -240,7 +241,7 @@ def _norm_bwd(grad_y: Optional[Tensor], inp: Tensor, mean: Tensor, rstd: Tensor,
 @_norm_bwd.register_fake
 def _(grad_y, inp, mean, rstd, weight, grad_s, rms, need_w, need_b):
     cols = inp.size(-1)
-    return (torch.empty_like(inp), inp.new_empty(cols if need_w else 0, dtype=torch.float32),
+    return (inp.new_empty(inp.shape), inp.new_empty(cols if need_w else 0, dtype=torch.float32),
             inp.new_empty(cols if need_b else 0, dtype=torch.float32))
 
 
