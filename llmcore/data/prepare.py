@@ -27,7 +27,7 @@ import numpy as np
 from llmcore.data import clean, sources
 from llmcore.hub import checkpoint_folder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # (in the cache key: 2 cleans NFC after removing control characters)
 
 
 @dataclasses.dataclass
@@ -68,13 +68,13 @@ class PreparedSplit:
             if not os.path.exists(p):
                 if required:
                     raise FileNotFoundError(f"prepared dataset {directory!r} lacks {os.path.basename(p)}; "
-                                            "prepare it again")
+                                            "prepare it again (--force)")
                 return None
             try:
                 return np.load(p, mmap_mode="r")
             except (OSError, ValueError) as e:
                 raise ValueError(f"prepared dataset {directory!r}: {os.path.basename(p)} is unreadable ({e}); "
-                                 "prepare it again") from e
+                                 "prepare it again (--force: the cache cannot tell)") from e
         self.name = name
         self.ids = load("ids", required=True)
         self.cu_seqlens = load("cu_seqlens", required=True) if packed else None
@@ -265,7 +265,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
 
     old = _read_meta(output_dir)
-    if not force and old is not None and old.get("cache_key") == key:
+    if not force and old is not None and old.get("cache_key") == key and _whole(output_dir, old):
         return PreparedDataset(output_dir, old, cache_hit=True)
 
     # --- load --------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         "eval_data": None if eval_path is None else os.path.abspath(eval_path), "sources": source_fp,
         "tokenizer_fingerprint": tok_fp, "options": dataclasses.asdict(opts),
         "text_column": text_col, "label_column": label_col, "label_names": label_names, "num_labels": num_labels,
-        "splits": order, "counts": counts, "stats": stats,
+        "splits": order, "counts": counts, "stats": stats, "files": sorted(os.listdir(stage)),
         "seconds": {"load": round(t_load - t0, 3), "clean": round(t_clean - t_load, 3),
                     "tokenize_save": round(t_tok - t_clean, 3)},
     }
@@ -403,6 +403,18 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
 
 
 STAGING = ".prepare.partial"  # prepare's staging folder inside output_dir
+
+
+def _whole(output_dir: str, meta: dict) -> bool:
+    """Whether every file the result wrote is still there (a cache hit on a folder missing one would load a split
+    without its labels, or fail to load at every run); folders prepared before meta named them: the arrays every
+    split needs."""
+    named = meta.get("files")
+    if named is None:
+        packed = meta.get("options", {}).get("pack")
+        named = [f"{split}.{kind}.npy" for split in meta.get("splits", [])
+                 for kind in ("ids", "lengths") + (("cu_seqlens",) if packed else ())]
+    return all(os.path.isfile(os.path.join(output_dir, f)) for f in named)
 
 
 def _publish(stage: str, output_dir: str, meta: dict, old: Optional[dict]) -> None:

@@ -84,13 +84,16 @@ def _read_file(path: str) -> Table:
     if ext == ".json":
         with open(path, encoding="utf-8-sig") as f:
             obj = json.load(f)
-        if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+        records = obj.get("data") if isinstance(obj, dict) else None
+        if isinstance(records, list) and records and all(isinstance(r, dict) for r in records):
+            obj = records  # {"data": [records], ...}: records, whatever the other keys (not a column of dicts)
+        elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
             lengths = {k: len(v) for k, v in obj.items()}  # column-oriented
             if len(set(lengths.values())) > 1:
                 raise ValueError(f"{path!r}: its columns differ in length ({lengths})")
             return {k: list(v) for k, v in obj.items()}
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
+        elif isinstance(obj, dict) and isinstance(records, list):
+            obj = records
         if not isinstance(obj, list):
             raise ValueError(f"{path!r}: expected a list of records or a dict of columns")
         return _records_to_table(obj, path)

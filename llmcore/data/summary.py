@@ -11,8 +11,9 @@ BATCH = 32  # the batch size the "padded per batch" waste figure assumes
 def split_stats(lengths: np.ndarray, max_length: int, texts: Optional[int] = None) -> dict:
     """Token-length histogram (power-of-two buckets up to ``max_length``) and the share of padding in
     a padded batch: padded to ``max_length``, and padded to the longest row of each batch of 32.
-    ``texts``: how many texts the rows came from, when long texts were split into rows (nothing was
-    truncated then)."""
+    ``at_max_length``: rows of exactly ``max_length`` tokens -- cut there, or that long whole (the
+    truncated encoding cannot tell which). ``texts``: how many texts the rows came from, when long texts
+    were split into rows (nothing was cut then: those rows are full windows)."""
     n = int(len(lengths))
     lengths = np.asarray(lengths, dtype=np.int64)
     edges = []
@@ -31,7 +32,7 @@ def split_stats(lengths: np.ndarray, max_length: int, texts: Optional[int] = Non
         out["texts"] = int(texts)
     if n:
         out.update(mean=round(float(lengths.mean()), 2), max=int(lengths.max()),
-                   truncated=0 if texts is not None else int(np.sum(lengths >= max_length)))
+                   at_max_length=int(np.sum(lengths >= max_length)))
         padded_max = n * max_length
         pad_blocks = [int(lengths[i:i + BATCH].max()) * len(lengths[i:i + BATCH]) for i in range(0, n, BATCH)]
         out["padding_waste_max_length"] = round(1 - total / padded_max, 4)
@@ -59,8 +60,12 @@ def format_summary(meta: dict) -> str:
         lines.append(line)
         if not s["rows"]:
             continue
-        lines.append(f"    tokens {s['tokens']}  mean {s['mean']}  max {s['max']}  "
-                     f"at max_length={max_length} (truncated) {s['truncated']}")
+        full = s.get("at_max_length", s.get("truncated"))  # (its older name, in folders prepared before)
+        if "texts" in s:
+            full = "nothing cut" if "at_max_length" not in s else f"{full} windows fill max_length={max_length}"
+        else:
+            full = f"at max_length={max_length} {full} (cut there, or exactly that long)"
+        lines.append(f"    tokens {s['tokens']}  mean {s['mean']}  max {s['max']}  {full}")
         peak = max(cnt for _, cnt in s["histogram"]) or 1
         for bucket, cnt in s["histogram"]:
             lines.append(f"    {bucket:>9} {cnt:>8} {'#' * int(round(40 * cnt / peak))}")
