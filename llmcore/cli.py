@@ -96,7 +96,9 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
         kinds = set(typing.get_args(hint)) or {hint}
         flag = "--" + field.name.replace("_", "-")
         help_ = f"default: {default}"
-        if field.name == "resume_from_checkpoint":
+        if field.name == "warmup_steps":
+            parser.add_argument(flag, type=int, help="default: 500, or 0 when --warmup-ratio is given")
+        elif field.name == "resume_from_checkpoint":
             parser.add_argument(flag, help="a checkpoint folder, or 'true' for the latest in --output-dir")
         elif field.name == "fsdp":
             parser.add_argument(flag, default=default, help="under torchrun: 'full_shard' or 'shard_grad_op' shards "

@@ -1,5 +1,6 @@
 import json
 import os
+import math
 import random
 import subprocess
 import sys
@@ -74,6 +75,9 @@ def test_config_validation(tmp_path):
     assert c.eval_steps == 7 and c.num_warmup_steps(100) == 10
     assert c.logging_dir == os.path.join(str(tmp_path), "logs")
     assert TrainConfig(str(tmp_path), warmup_steps=5, warmup_ratio=0.5).num_warmup_steps(100) == 5
+    # warmup_steps left unset: 500, or 0 beside a warmup_ratio, which then counts (the 500 won silently)
+    assert TrainConfig(str(tmp_path)).num_warmup_steps(1000) == 500
+    assert TrainConfig(str(tmp_path), warmup_ratio=0.1).num_warmup_steps(1000) == 100
     with pytest.raises(ValueError, match="eval_batches"):
         Trainer(tiny(), TrainConfig(str(tmp_path), eval_strategy="epoch"), factory(2))
 
@@ -726,6 +730,69 @@ def test_best_model_settings(tmp_path):
     for name in ("f1", "eval_accuracy", "eval_loss"):
         watching.metric_for_best_model = name
         Trainer(tiny(0), watching, batches, eval_batches=batches)
+
+
+def _hf_evaluated_steps(max_steps, eval_steps):
+    """The steps at which transformers' DefaultFlowCallback evaluates a run of max_steps with eval_strategy steps."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+    from transformers.trainer_callback import DefaultFlowCallback
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    args = SimpleNamespace(logging_first_step=False, logging_strategy=IntervalStrategy.NO, eval_delay=0,
+                           eval_strategy=IntervalStrategy.STEPS, save_strategy=SaveStrategy.NO)
+    state, evaluated = TrainerState(max_steps=max_steps, eval_steps=eval_steps, logging_steps=500, save_steps=500), []
+    for step in range(1, max_steps + 1):
+        state.global_step, control = step, TrainerControl()
+        if DefaultFlowCallback().on_step_end(args, state, control).should_evaluate:
+            evaluated.append(step)
+    return evaluated
+
+
+def test_the_last_step_is_evaluated_and_can_be_the_best(tmp_path):
+    """A run ending off the eval grid (9 steps, every 2) is evaluated at its last step too, as transformers'
+    DefaultFlowCallback does, and that last checkpoint can be the best one loaded (it was never compared); a run
+    that max_steps ends inside an epoch ends it with the epoch evaluation, as transformers' on_epoch_end."""
+    assert _hf_evaluated_steps(9, 2) == [2, 4, 6, 8, 9]
+    trainer, result = _best_run(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.9], max_steps=9, load_best_model_at_end=True)
+    assert [r["step"] for r in trainer.log_history if "eval_score" in r] == [2, 4, 6, 8, 9]
+    assert result["best_model_checkpoint"].endswith("checkpoint-9") and result["best_metric"] == 0.9
+    assert result["epoch"] == pytest.approx(9 / 8)  # (8 batches an epoch: a float, as transformers' epoch)
+
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3) for _ in range(6)]
+    cfg = config(tmp_path / "e", max_steps=9, eval_strategy="epoch", report_to="none", disable_tqdm=True)
+    trainer = Trainer(tiny(0), cfg, batches, eval_batches=batches[:2])
+    assert trainer.train()["epoch"] == 1.5
+    assert [(r["step"], r["epoch"]) for r in trainer.log_history if "eval_loss" in r] == [(6, 1), (9, 1.5)]
+
+
+def test_an_evaluation_without_labelled_rows_is_nan(tmp_path):
+    """Every label ignored: NaN loss, accuracy and F1 (as transformers' loss), not a perfect 0.0 that would win
+    every best-model comparison; an empty list of evaluation batches is refused when the Trainer is made."""
+    gen = torch.Generator().manual_seed(13)
+    batch = padded(gen, 3)
+    ignored = dict(batch, labels=torch.full((3,), -100))
+    out = Trainer(tiny(0), config(tmp_path), [batch], eval_batches=[ignored]).evaluate()
+    assert out["eval_examples"] == 0 and all(math.isnan(out[k]) for k in ("eval_loss", "eval_accuracy", "eval_f1"))
+    with pytest.raises(ValueError, match="eval_batches is empty"):
+        Trainer(tiny(0), config(tmp_path, eval_strategy="steps"), [batch], eval_batches=[])
+
+
+def test_a_regression_reports_no_accuracy(tmp_path):
+    """A one-output head (regression) evaluates loss and examples only: accuracy as the watched metric is refused
+    when the Trainer is made (it failed at the first evaluation)."""
+    torch.manual_seed(0)
+    model = EncoderForSequenceClassification(EncoderConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4,
+                                                           intermediate_size=64, num_labels=1))
+    gen = torch.Generator().manual_seed(13)
+    batch = dict(padded(gen, 3), labels=torch.randn(3, generator=gen))
+    watching = config(tmp_path, eval_strategy="steps", eval_steps=1, metric_for_best_model="accuracy")
+    with pytest.raises(ValueError, match="the evaluation of a regression reports loss, examples"):
+        Trainer(model, watching, [batch], eval_batches=[batch])
+    watching.metric_for_best_model = "loss"
+    assert set(Trainer(model, watching, [batch], eval_batches=[batch]).evaluate()) == {"eval_loss", "eval_examples"}
 
 
 def _hf_stop_step(scores, patience, threshold, greater, eval_steps=2):

@@ -140,7 +140,7 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    hidden_act: str = "silu"
+    hidden_act: Optional[str] = None  # the family's: "gelu_new" for gpt2, else "silu"
     dropout: float = 0.0
     attention_dropout: float = 0.0
     sliding_window: Optional[int] = None
@@ -149,6 +149,10 @@ class DecoderConfig:
     # GPT-2's attention scaling: by 1/sqrt(head_dim) (else 1), and further by 1/(layer index + 1)
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
+
+    def __post_init__(self):
+        if self.hidden_act is None:
+            self.hidden_act = "gelu_new" if self.family == "gpt2" else "silu"
 
     @classmethod
     def from_hf(cls, hf: dict) -> "DecoderConfig":

@@ -25,7 +25,8 @@ class TrainConfig:
 
     Names and meanings follow ``transformers.TrainingArguments``; some defaults differ
     (``warmup_steps=500``, ``weight_decay=0.01``, batch 16). ``warmup_steps > 0`` wins over
-    ``warmup_ratio``, as in transformers. ``pack`` and ``pad_to_multiple_of`` are read by the data
+    ``warmup_ratio``, as in transformers; left unset, it is 500, or 0 when a ``warmup_ratio`` is given
+    (so the ratio counts, as with transformers' default of 0). ``pack`` and ``pad_to_multiple_of`` are read by the data
     pipeline that builds the batches (see ``batch_multiple``); the loop itself accepts padded (B, L)
     and packed (T,) + ``cu_seqlens`` batches alike.
     ``lr_scheduler_type``: ``"linear"``, ``"cosine"``, ``"constant"`` or ``"constant_with_warmup"``.
@@ -66,7 +67,7 @@ class TrainConfig:
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 16
-    warmup_steps: int = 500
+    warmup_steps: Optional[int] = None  # 500, or 0 with a warmup_ratio (see above)
     warmup_ratio: float = 0.0
     weight_decay: float = 0.01
     learning_rate: float = 5e-5
@@ -111,6 +112,9 @@ class TrainConfig:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             _check_int(name, getattr(self, name), minimum=1)
+        if self.warmup_steps is None:
+            ratio = self.warmup_ratio
+            self.warmup_steps = 0 if isinstance(ratio, (int, float)) and ratio > 0 else 500
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)
         if self.seed > 2**32 - 1:  # (numpy's generator takes no more)

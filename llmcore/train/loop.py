@@ -388,19 +388,27 @@ def _enable_activation_checkpointing(model: nn.Module, kwargs: Optional[dict]) -
                          "activation_checkpointing_enable() (llmcore's and transformers' models have)")
 
 
-def _check_watched_metric(name: Optional[str], causal_lm: bool, eval_batches) -> None:
+def _num_labels(model: nn.Module) -> Optional[int]:
+    """The classifier's output count from its config (llmcore's and transformers' name it alike), if it says."""
+    n = getattr(getattr(getattr(model, "module", model), "config", None), "num_labels", None)
+    return n if isinstance(n, int) else None
+
+
+def _check_watched_metric(name: Optional[str], causal_lm: bool, eval_batches, num_labels: Optional[int]) -> None:
     """Refuse, before any training, a ``metric_for_best_model`` the built-in evaluation can never report (without
-    ``compute_metrics`` its metrics are known; with it, only the first evaluation can tell). Text-level metrics
-    (``--overflow split``) are allowed when the evaluation batches may be windows: a factory's batches are not
-    made here to find out."""
+    ``compute_metrics`` its metrics are known; with it, only the first evaluation can tell): a regression
+    (``num_labels`` 1) reports no accuracy or F1. Text-level metrics (``--overflow split``) are allowed when the
+    evaluation batches may be windows: a factory's batches are not made here to find out."""
     if name is None:
         return
-    known = ["loss", "tokens", "perplexity"] if causal_lm else ["loss", "examples", "accuracy", "f1"]
-    if not causal_lm and (callable(eval_batches) or getattr(eval_batches, "text_ids", False)):
+    regression = not causal_lm and num_labels == 1
+    known = (["loss", "tokens", "perplexity"] if causal_lm else ["loss", "examples"] if regression
+             else ["loss", "examples", "accuracy", "f1"])
+    if not causal_lm and not regression and (callable(eval_batches) or getattr(eval_batches, "text_ids", False)):
         known += ["texts", "text_accuracy", "text_f1"]
     bare = name[len("eval_"):] if name.startswith("eval_") else name
     if bare not in known:
-        task = "a causal LM" if causal_lm else "a classifier"
+        task = "a causal LM" if causal_lm else "a regression" if regression else "a classifier"
         raise ValueError(f"metric_for_best_model={name!r}: the evaluation of {task} reports "
                          f"{', '.join(known)} (eval_ prefix optional); pass compute_metrics for others")
 
@@ -439,8 +447,10 @@ class Trainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config.eval_strategy != "no" and eval_batches is None:
             raise ValueError(f"eval_strategy={config.eval_strategy!r} needs eval_batches")
+        if eval_batches is not None and not callable(eval_batches) and _len_or_none(eval_batches) == 0:
+            raise ValueError("eval_batches is empty: give evaluation batches, or none (eval_strategy 'no')")
         if eval_batches is not None and compute_metrics is None:
-            _check_watched_metric(config.metric_for_best_model, is_causal_lm(model), eval_batches)
+            _check_watched_metric(config.metric_for_best_model, is_causal_lm(model), eval_batches, _num_labels(model))
         self.rank, self.world_size = _dist()
         if config.activation_checkpointing:
             _enable_activation_checkpointing(model, config.activation_checkpointing_kwargs)
@@ -540,13 +550,14 @@ class Trainer:
             model.train(was_training)
             if is_sharded(model):
                 reshard(model)  # forwards without a backward leave parameters gathered (shard_grad_op)
-        n = max(float(sums[1]), 1.0)
-        out = {"eval_loss": float(sums[0]) / n, ("eval_tokens" if causal_lm else "eval_examples"): int(sums[1])}
+        n = float(sums[1])  # none (every label ignored): NaN metrics, as transformers' loss, not a perfect 0
+        out = {"eval_loss": float(sums[0]) / n if n else math.nan,
+               ("eval_tokens" if causal_lm else "eval_examples"): int(sums[1])}
         if causal_lm:
             out["eval_perplexity"] = math.exp(out["eval_loss"]) if out["eval_loss"] < 709.0 else math.inf
         if counts is not None:
-            out["eval_accuracy"] = float(counts[0].sum()) / n
-            out["eval_f1"] = macro_f1(counts[0], counts[1], counts[2])
+            out["eval_accuracy"] = float(counts[0].sum()) / n if n else math.nan
+            out["eval_f1"] = macro_f1(counts[0], counts[1], counts[2]) if n else math.nan
         if votes is not None:
             out.update(votes.compute(self.device, self.world_size))
         if custom is not None:
@@ -800,7 +811,10 @@ class Trainer:
                                   "samples_per_second": win_examples / max(now - t_win, 1e-9)})
                         win_loss.zero_()
                         win_steps, win_examples, t_win = 0, 0, now
-                    if cfg.eval_strategy == "steps" and self.global_step % cfg.eval_steps == 0:
+                    # (the last step too when off the grid, as transformers' DefaultFlowCallback: its checkpoint
+                    # is then compared for the best model like the others)
+                    if cfg.eval_strategy == "steps" and (self.global_step % cfg.eval_steps == 0
+                                                         or self.global_step == total):
                         stopped = self._evaluate_in_training()
                     if cfg.save_strategy == "steps" and self.global_step % cfg.save_steps == 0:
                         # A checkpoint taken at the very end of an epoch resumes at the start of the next.
@@ -819,6 +833,9 @@ class Trainer:
                         self.save(epoch + 1, 0)
                         saved_step = self.global_step
                     epoch, consumed = epoch + 1, 0
+                elif cfg.eval_strategy == "epoch" and self.global_step >= total:
+                    # max_steps ended the run inside an epoch: transformers ends that epoch with its evaluation
+                    self._evaluate_in_training(epoch=round(_epoch_float(epoch, consumed, n_batches), 4))
             if cfg.save_strategy != "no" and self.global_step > start_step and saved_step != self.global_step:
                 # Training stopped between save points (max_steps mid-epoch, or off the save_steps grid):
                 # a last checkpoint, as transformers' Trainer writes, so the run can be resumed or extended.
@@ -840,7 +857,7 @@ class Trainer:
         loss_total, examples_total, tokens_total = counted.tolist()
         best = {"best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint} \
             if cfg.metric_for_best_model is not None else {}
-        return {"global_step": self.global_step, "epoch": epoch, **best,
+        return {"global_step": self.global_step, "epoch": round(_epoch_float(epoch, consumed, n_batches), 4), **best,
                 "train_loss": loss_total / max(steps, 1), "train_runtime": runtime,
                 "train_samples_per_second": examples_total / max(runtime, 1e-9),
                 "train_tokens_per_second": tokens_total / max(runtime, 1e-9),
