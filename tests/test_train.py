@@ -91,6 +91,15 @@ def test_param_groups_exclude_bias_and_norm():
     assert "embed.norm.weight" in nd and "layers.0.attn.q.bias" in nd and "layers.1.mlp_norm.weight" in nd
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    # a 2-D table named bias (MPNet's relative_attention_bias) is exempt, as transformers' own rule has it
+    from transformers import MPNetConfig, MPNetForSequenceClassification, Trainer as HfTrainer
+
+    mpnet = MPNetForSequenceClassification(MPNetConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=32))
+    names = {id(p): n for n, p in mpnet.named_parameters()}
+    ours = {names[id(p)] for p in param_groups(mpnet, 0.01)[0]["params"]}
+    assert "mpnet.encoder.relative_attention_bias.weight" not in ours
+    assert ours == set(HfTrainer.get_decay_parameter_names(None, mpnet))
 
 
 def test_linear_schedule_matches_transformers_formula():

@@ -16,14 +16,15 @@ from llmcore.train.fsdp import as_local
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed (weight matrices, embeddings) and not decayed (biases, norm weights).
 
-    A parameter is exempt when it is 1-D (biases, LayerNorm/RMSNorm weights) or its name says bias/norm,
-    as transformers' ``get_parameter_names(model, [nn.LayerNorm])`` + "bias" rule does."""
+    A parameter is exempt when its name says bias or norm anywhere (transformers' rule: MPNet's and T5's
+    ``relative_attention_bias`` tables, expert bias matrices) or it is 1-D (biases, norm weights; a 1-D
+    parameter transformers decays -- gpt-oss's attention sinks, Mamba's D -- is not decayed here)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        exempt = p.ndim < 2 or leaf == "bias" or "norm" in name.lower()
+        lower = name.lower()
+        exempt = p.ndim < 2 or "bias" in lower or "norm" in lower
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
