@@ -502,6 +502,11 @@ def _first_token_layer_forward(self: nn.Module, hidden_states: Tensor, attention
             or (attention_mask is not None and attention_mask.dim() != 4)  # (transformers' masks are 4D or None)
             or any(kwargs.get(k) is not None for k in _OTHER_KEYS_KWARGS)):
         return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        # transformers' GradientCheckpointingLayer checkpoints inside its class forward, which this one bypasses:
+        # checkpoint the first-token computation the same way (its recomputation calls the function itself)
+        return self._gradient_checkpointing_func(functools.partial(self._llmcore_first_token_fn, self), hidden_states,
+                                                 attention_mask)
     return self._llmcore_first_token_fn(self, hidden_states, attention_mask)
 
 

@@ -1355,6 +1355,10 @@ def test_first_token_last_layer_under_activation_checkpointing():
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable({"use_reentrant": how == "reentrant"})
         shapes = _output_shapes(model)
+        # the last layer's query projection (unfused: a hook changes no numbers): the forward, the whole-layer call,
+        # and the backward's recomputation
+        runs = []
+        _last_layer(model).attention.self.query.register_forward_hook(lambda m, args, out: runs.append(out.shape[1]))
         model.train()
         model.zero_grad(set_to_none=True)
         loss = model(**batch, labels=labels).loss
@@ -1362,6 +1366,7 @@ def test_first_token_last_layer_under_activation_checkpointing():
             model(**batch, output_hidden_states=True)
         loss.backward()
         assert shapes[:2] == [(3, 1, 48), (3, 13, 48)], how  # (then the recomputation's)
+        assert runs == [1, 13, 1], how  # (transformers' checkpointing left the first-token layer un-checkpointed)
         grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()
                  if p.grad is not None}
         assert grads.keys() == expected.keys()
