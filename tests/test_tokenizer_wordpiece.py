@@ -2,6 +2,7 @@
 ids, type ids, attention masks and offsets must be identical."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -256,6 +257,39 @@ def test_transformers_style_call(tok, path):
         got, want = tok(text, text_pair), ref(text, text_pair)
         assert all(got[k] == want[k] for k in ("input_ids", "token_type_ids")), (text, text_pair)
     assert tok(["hi", "a"], ["", "b"])["input_ids"] == ref(["hi", "a"], ["", "b"])["input_ids"]  # (batched: kept)
+
+
+def test_transformers_style_call_options(tok, path, tmp_path):
+    """The call's options as transformers' tokenizer answers them (an API probe found each different): np arrays
+    are int64; return_attention_mask / return_token_type_ids=False drop their keys (they were ignored); a folder
+    whose transformers tokenizer class takes no token_type_ids (DistilBERT's: its model has no type embedding) gets none;
+    without padding a tensor is made only of rows of one length and pad_to_multiple_of pads nothing; truncation
+    to a max_length that is no multiple of pad_to_multiple_of is refused rather than outgrown."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.BertTokenizerFast(tokenizer_file=path)
+    texts = list(corpus("sst2-test")[:6])
+    got = tok(texts, padding=True, return_tensors="np", return_offsets_mapping=True)
+    want = ref(texts, padding=True, return_tensors="np", return_offsets_mapping=True)
+    assert got.keys() == want.keys() and all(got[k].dtype == want[k].dtype == np.int64 for k in got)
+    for kw in (dict(return_attention_mask=False), dict(return_token_type_ids=False)):
+        assert tok(texts[0], **kw).keys() == ref(texts[0], **kw).keys(), kw
+    single = tok(texts[0], pad_to_multiple_of=8, return_tensors="pt")["input_ids"]
+    assert single.shape == ref(texts[0], pad_to_multiple_of=8, return_tensors="pt")["input_ids"].shape
+    with pytest.raises(ValueError, match="make no tensor without padding: pass padding=True"):
+        tok(texts, return_tensors="pt")
+    with pytest.raises(ValueError, match="make it a multiple"):
+        tok(texts, padding=True, truncation=True, max_length=10, pad_to_multiple_of=8)
+
+    folder = tmp_path / "distilbert"
+    folder.mkdir()
+    shutil.copy(path, folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "DistilBertTokenizer"}))
+    distil = Tokenizer.from_pretrained(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    assert distil(texts[:2], padding=True).keys() == theirs(texts[:2], padding=True).keys() == {"input_ids",
+                                                                                                 "attention_mask"}
+    assert pickle.loads(pickle.dumps(distil))(texts[0]).keys() == {"input_ids", "attention_mask"}
+    assert set(Tokenizer.from_pretrained(minilm_dir())(texts[0])) == {"input_ids", "attention_mask", "token_type_ids"}
 
 
 def test_batch_encoding_views(tok):

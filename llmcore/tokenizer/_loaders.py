@@ -307,6 +307,36 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
     return spec
 
 
+# transformers tokenizer classes whose model_input_names leave out token_type_ids (their models take none:
+# DistilBERT has no token type embedding, GPT-2 would embed them as words); "...Fast" names the same class
+_NO_TYPE_IDS = {f"{stem}Tokenizer" for stem in (
+    "Albert", "Bart", "Barthez", "BertGeneration", "BigBird", "BioGpt", "Blenderbot", "BlenderbotSmall", "ByT5",
+    "Camembert", "CLIP", "CodeLlama", "CodeGen", "Cohere", "DistilBert", "Gemma", "GPT2", "GPTNeoX", "Herbert",
+    "Llama", "Luke", "M2M100", "Marian", "MBart", "MBart50", "MPNet", "Nllb", "OpenAIGPT", "Pegasus", "PLBart",
+    "Qwen2", "Reformer", "RemBert", "Roberta", "SeamlessM4T", "Speech2Text", "SpeechT5", "Splinter", "T5",
+    "Whisper", "XGLM", "XLMRoberta")}
+
+
+def returns_type_ids(directory: str) -> bool:
+    """Whether transformers' tokenizer for this folder returns token_type_ids: its ``tokenizer_config.json``'s
+    ``model_input_names`` where given, else whether its ``tokenizer_class`` keeps them (unknown or absent: yes)."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return True
+    if not isinstance(cfg, dict):
+        return True
+    names = cfg.get("model_input_names")
+    if isinstance(names, list):
+        return "token_type_ids" in names
+    cls = cfg.get("tokenizer_class")
+    if isinstance(cls, str):
+        return cls.removesuffix("Fast") not in _NO_TYPE_IDS
+    return True
+
+
 def load_bert_vocab(directory: str) -> Spec:
     """``vocab.txt`` (one token per line; id = line number) + ``tokenizer_config.json``."""
     vocab_path = os.path.join(directory, "vocab.txt")

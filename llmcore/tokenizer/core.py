@@ -89,6 +89,9 @@ class Tokenizer:
         self._source = source  # how to rebuild after unpickling
         self._native = spec.build()
         self._token_to_id: Optional[dict] = None
+        # whether __call__ returns token_type_ids by default: as transformers' tokenizer class for the folder
+        # (from_pretrained reads tokenizer_config.json), else yes
+        self.returns_type_ids = True
         self._lead_spaces: Optional[np.ndarray] = None  # per id (offsets of overflowing windows)
 
     # --- constructors -------------------------------------------------------------------
@@ -123,10 +126,13 @@ class Tokenizer:
                                     "(Tokenizer.from_file reads a tokenizer.json)")
         json_path = os.path.join(directory, "tokenizer.json")
         if os.path.isfile(json_path):
-            return cls.from_file(json_path)
-        if os.path.isfile(os.path.join(directory, "vocab.txt")):
-            return cls(_loaders.load_bert_vocab(directory), ("vocab", directory))
-        raise FileNotFoundError(f"{directory!r} holds neither tokenizer.json nor vocab.txt")
+            tok = cls.from_file(json_path)
+        elif os.path.isfile(os.path.join(directory, "vocab.txt")):
+            tok = cls(_loaders.load_bert_vocab(directory), ("vocab", directory))
+        else:
+            raise FileNotFoundError(f"{directory!r} holds neither tokenizer.json nor vocab.txt")
+        tok.returns_type_ids = _loaders.returns_type_ids(directory)
+        return tok
 
     @classmethod
     def from_tiktoken(cls, path: Union[str, os.PathLike], pattern: str = "cl100k_base",
@@ -143,9 +149,10 @@ class Tokenizer:
     # --- pickling: rebuilt from the source, which travels with the object ------------------
     def __getstate__(self):
         kind = self._source[0]
-        if kind == "json":
-            return {"source": self._source}
-        return {"spec": self._spec, "source": self._source}
+        state = {"source": self._source, "returns_type_ids": self.returns_type_ids}
+        if kind != "json":
+            state["spec"] = self._spec
+        return state
 
     def __setstate__(self, state):
         if "spec" in state:
@@ -153,6 +160,7 @@ class Tokenizer:
         else:
             _, path, text = state["source"]
             self.__init__(_loaders.load_tokenizer_json(path, text), state["source"])
+        self.returns_type_ids = state.get("returns_type_ids", True)
 
     # --- encoding -------------------------------------------------------------------------
     def encode(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = True) -> list:
@@ -269,17 +277,19 @@ class Tokenizer:
     def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=False,
                  max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
                  return_tensors: Optional[str] = None, return_offsets_mapping: bool = False,
-                 return_overflowing_tokens: bool = False, stride: int = 0, **unused):
+                 return_overflowing_tokens: bool = False, stride: int = 0,
+                 return_attention_mask: Optional[bool] = None, return_token_type_ids: Optional[bool] = None,
+                 verbose: bool = True):
         """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
 
-        Returns a dict with ``input_ids``, ``attention_mask`` and ``token_type_ids``: lists of
-        lists (one list for a single text), or arrays with ``return_tensors="np"`` / ``"pt"``.
-        ``return_overflowing_tokens``: a row per window (see ``encode_batch``; lists of lists even
-        for a single text) and ``overflow_to_sample_mapping``.
+        Returns a dict with ``input_ids``, ``attention_mask`` and ``token_type_ids`` (the latter
+        unless ``return_token_type_ids=False`` or, by default, the folder's transformers tokenizer
+        class leaves them out: DistilBERT's, RoBERTa's, GPT-2's, Llama's... whose models take none):
+        lists of lists (one list for a single text), or int64 arrays with ``return_tensors="np"`` /
+        ``"pt"``. Rows of different lengths make a tensor only when padded (``padding=True``),
+        as in transformers. ``return_overflowing_tokens``: a row per window (see ``encode_batch``;
+        lists of lists even for a single text) and ``overflow_to_sample_mapping``.
         """
-        for key in unused:
-            if key not in ("return_attention_mask", "return_token_type_ids", "verbose"):
-                raise TypeError(f"unsupported tokenizer argument {key!r}")
         single = isinstance(text, (str, bytes))
         texts = [text] if single else list(text)
         if single and not text_pair:
@@ -293,25 +303,35 @@ class Tokenizer:
             raise ValueError(f"unsupported truncation strategy {truncation!r}")
         if padding == "do_not_pad":
             padding = False
+        if return_tensors not in (None, "np", "pt"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
+        if padding is False:
+            pad_to_multiple_of = None  # (as transformers: a multiple is a padding option)
+        elif (truncation and max_length is not None and pad_to_multiple_of is not None
+              and max_length % pad_to_multiple_of):
+            raise ValueError(f"truncation to max_length={max_length} with padding to a multiple of "
+                             f"{pad_to_multiple_of}: rows would outgrow max_length; make it a multiple")
         enc = self.encode_batch(texts, pairs, add_special_tokens, max_length, truncation,
                                 padding if padding is not False else ("longest" if return_tensors else False),
                                 pad_to_multiple_of, return_offsets=return_offsets_mapping,
                                 return_overflowing_tokens=return_overflowing_tokens, stride=stride)
-        names = ["input_ids", "attention_mask", "token_type_ids"] + (["offsets"] if return_offsets_mapping else [])
+        if padding is False and return_tensors is not None and len(set(enc.lengths.tolist())) > 1:
+            raise ValueError(f"rows of {min(enc.lengths)} to {max(enc.lengths)} tokens make no tensor without "
+                             "padding: pass padding=True (or 'max_length'), as transformers asks")
+        names = (["input_ids"] + (["attention_mask"] if return_attention_mask is not False else [])
+                 + (["token_type_ids"] if (self.returns_type_ids if return_token_type_ids is None
+                                           else return_token_type_ids) else [])
+                 + (["offsets"] if return_offsets_mapping else []))
         single = single and not return_overflowing_tokens
-        if return_tensors in ("np", "pt"):
-            if not enc.is_padded:  # pragma: no cover - padding is forced above
-                raise AssertionError
-            out = {("offset_mapping" if k == "offsets" else k): getattr(enc, k) for k in names}
+        if return_tensors is not None:
+            out = {("offset_mapping" if k == "offsets" else k): getattr(enc, k).astype(np.int64) for k in names}
             if return_overflowing_tokens:
-                out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping
+                out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.astype(np.int64)
             if return_tensors == "pt":
                 import torch
 
-                out = {k: torch.from_numpy(v).long() for k, v in out.items()}
+                out = {k: torch.from_numpy(v) for k, v in out.items()}
             return out
-        if return_tensors is not None:
-            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
         out = {}
         for k in names:
             arr = getattr(enc, k)
