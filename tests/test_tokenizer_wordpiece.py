@@ -262,7 +262,7 @@ def test_transformers_style_call(tok, path):
 def test_transformers_style_call_options(tok, path, tmp_path):
     """The call's options as transformers' tokenizer answers them (an API probe found each different): np arrays
     are int64; return_attention_mask / return_token_type_ids=False drop their keys (they were ignored); a folder
-    whose transformers tokenizer class takes no token_type_ids (DistilBERT's: its model has no type embedding) gets none;
+    whose transformers tokenizer class takes no token_type_ids (DistilBERT's: no type embedding) gets none;
     without padding a tensor is made only of rows of one length and pad_to_multiple_of pads nothing; truncation
     to a max_length that is no multiple of pad_to_multiple_of is refused rather than outgrown."""
     transformers = pytest.importorskip("transformers")
