@@ -787,6 +787,14 @@ def test_an_evaluation_without_labelled_rows_is_nan(tmp_path):
     assert out["eval_examples"] == 0 and all(math.isnan(out[k]) for k in ("eval_loss", "eval_accuracy", "eval_f1"))
     with pytest.raises(ValueError, match="eval_batches is empty"):
         Trainer(tiny(0), config(tmp_path, eval_strategy="steps"), [batch], eval_batches=[])
+    from llmcore.models import DecoderConfig, DecoderForCausalLM
+
+    lm = DecoderForCausalLM(DecoderConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
+                                          head_dim=8, intermediate_size=32, max_position_embeddings=16))
+    ids = batch["input_ids"]
+    out = Trainer(lm, config(tmp_path), [dict(input_ids=ids, labels=ids)],
+                  eval_batches=[dict(input_ids=ids, labels=torch.full_like(ids, -100))]).evaluate()
+    assert out["eval_tokens"] == 0 and math.isnan(out["eval_loss"]) and math.isnan(out["eval_perplexity"])
 
 
 def test_a_regression_reports_no_accuracy(tmp_path):

@@ -554,7 +554,8 @@ class Trainer:
         out = {"eval_loss": float(sums[0]) / n if n else math.nan,
                ("eval_tokens" if causal_lm else "eval_examples"): int(sums[1])}
         if causal_lm:
-            out["eval_perplexity"] = math.exp(out["eval_loss"]) if out["eval_loss"] < 709.0 else math.inf
+            loss = out["eval_loss"]
+            out["eval_perplexity"] = math.exp(loss) if loss < 709.0 else math.inf if loss > 0 else math.nan
         if counts is not None:
             out["eval_accuracy"] = float(counts[0].sum()) / n if n else math.nan
             out["eval_f1"] = macro_f1(counts[0], counts[1], counts[2]) if n else math.nan
