@@ -407,14 +407,9 @@ STAGING = ".prepare.partial"  # prepare's staging folder inside output_dir
 
 def _whole(output_dir: str, meta: dict) -> bool:
     """Whether every file the result wrote is still there (a cache hit on a folder missing one would load a split
-    without its labels, or fail to load at every run); folders prepared before meta named them: the arrays every
-    split needs."""
-    named = meta.get("files")
-    if named is None:
-        packed = meta.get("options", {}).get("pack")
-        named = [f"{split}.{kind}.npy" for split in meta.get("splits", [])
-                 for kind in ("ids", "lengths") + (("cu_seqlens",) if packed else ())]
-    return all(os.path.isfile(os.path.join(output_dir, f)) for f in named)
+    without its labels, or fail to load at every run). (A meta that names no files was written before format 2,
+    whose cache key never matches.)"""
+    return all(os.path.isfile(os.path.join(output_dir, f)) for f in meta.get("files", []))
 
 
 def _publish(stage: str, output_dir: str, meta: dict, old: Optional[dict]) -> None:

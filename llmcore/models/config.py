@@ -20,10 +20,17 @@ class TaskMismatchError(UnsupportedModelError):
 GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 
 
-def _gelu(hf: dict, key: str, default: str, family: str) -> str:
-    act = hf.get(key, default)
+def gelu_approximate(act: str, family: str, key: str = "hidden_act") -> str:
+    """The fused bias-GELU's ``approximate`` for a transformers activation name; UnsupportedModelError naming
+    ``key`` (the config field) for any other activation."""
     if act not in GELU_APPROXIMATE:
         raise UnsupportedModelError(f"{key} {act!r} is not supported for {family} ({', '.join(GELU_APPROXIMATE)})")
+    return GELU_APPROXIMATE[act]
+
+
+def _gelu(hf: dict, key: str, default: str, family: str) -> str:
+    act = hf.get(key, default)
+    gelu_approximate(act, family, key)
     return act
 
 

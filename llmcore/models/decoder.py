@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from llmcore import ops
 from llmcore.models.checkpointing import LayerCheckpointing
-from llmcore.models.config import GELU_APPROXIMATE, DecoderConfig
+from llmcore.models.config import DecoderConfig, gelu_approximate
 from llmcore.models.output import ModelOutput, make_batch
 from llmcore.nn.layers import (
     MLP,
@@ -45,9 +45,8 @@ class DecoderLayer(nn.Module):
                               dropout=cfg.attention_dropout,
                               qk_norm_eps=cfg.norm_eps if cfg.family == "qwen3" else None, scale=scale)
         self.mlp_norm = Norm(cfg.hidden_size, cfg.norm_eps)
-        if gpt2 and cfg.hidden_act not in GELU_APPROXIMATE:
-            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported for gpt2 ({', '.join(GELU_APPROXIMATE)})")
-        self.mlp = (MLP(cfg.hidden_size, cfg.intermediate_size, approximate=GELU_APPROXIMATE[cfg.hidden_act]) if gpt2
+        self.mlp = (MLP(cfg.hidden_size, cfg.intermediate_size, approximate=gelu_approximate(cfg.hidden_act, "gpt2"))
+                    if gpt2
                     else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
         self.dropout = Dropout(cfg.dropout)
 

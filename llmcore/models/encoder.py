@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from llmcore.models.checkpointing import LayerCheckpointing
-from llmcore.models.config import GELU_APPROXIMATE, EncoderConfig
+from llmcore.models.config import EncoderConfig, gelu_approximate
 from llmcore.models.output import ModelOutput, make_batch
 from llmcore.nn.layers import MLP, Attention, Batch, Dropout, Embedding, LayerNorm, init_linear_, positions_of
 
@@ -54,9 +54,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, dropout=cfg.attention_dropout)
         self.attn_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        if cfg.hidden_act not in GELU_APPROXIMATE:
-            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported ({', '.join(GELU_APPROXIMATE)})")
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, approximate=GELU_APPROXIMATE[cfg.hidden_act])
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, approximate=gelu_approximate(cfg.hidden_act, cfg.family))
         self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
 
