@@ -292,6 +292,24 @@ def test_transformers_style_call_options(tok, path, tmp_path):
     assert set(Tokenizer.from_pretrained(minilm_dir())(texts[0])) == {"input_ids", "attention_mask", "token_type_ids"}
 
 
+def test_transformers_style_call_max_length_padding(tok, path):
+    """padding="max_length" without truncation pads the shorter rows only, on either side and to a multiple, as
+    transformers' tokenizer (rows longer than max_length were padded to the longest); such rows make no tensor."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.BertTokenizerFast(tokenizer_file=path)
+    texts = list(corpus("sst2-test")[:12]) + [""]
+    for side in ("right", "left"):
+        for multiple in (None, 8, 5):
+            kw = dict(padding="max_length", max_length=20, pad_to_multiple_of=multiple, padding_side=side,
+                      return_offsets_mapping=True)
+            got, want = tok(texts, **kw), ref(texts, **kw)
+            assert len({len(r) for r in want["input_ids"]}) > 1, "the texts should straddle max_length"
+            for k in ("input_ids", "attention_mask", "token_type_ids", "offset_mapping"):
+                assert got[k] == want[k], (side, multiple, k)
+    with pytest.raises(ValueError, match="longer than max_length=20"):
+        tok(texts, padding="max_length", max_length=20, return_tensors="pt")
+
+
 def test_batch_encoding_views(tok):
     texts = list(corpus("sst2-test")[:5])
     packed, padded = tok.encode_batch(texts), tok.encode_batch(texts, padding=True)

@@ -279,7 +279,7 @@ class Tokenizer:
                  return_tensors: Optional[str] = None, return_offsets_mapping: bool = False,
                  return_overflowing_tokens: bool = False, stride: int = 0,
                  return_attention_mask: Optional[bool] = None, return_token_type_ids: Optional[bool] = None,
-                 verbose: bool = True):
+                 padding_side: Optional[str] = None, verbose: bool = True):
         """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
 
         Returns a dict with ``input_ids``, ``attention_mask`` and ``token_type_ids`` (the latter
@@ -287,8 +287,10 @@ class Tokenizer:
         class leaves them out: DistilBERT's, RoBERTa's, GPT-2's, Llama's... whose models take none):
         lists of lists (one list for a single text), or int64 arrays with ``return_tensors="np"`` /
         ``"pt"``. Rows of different lengths make a tensor only when padded (``padding=True``),
-        as in transformers. ``return_overflowing_tokens``: a row per window (see ``encode_batch``;
-        lists of lists even for a single text) and ``overflow_to_sample_mapping``.
+        as in transformers. ``padding="max_length"`` pads the shorter rows only: a longer row (no
+        truncation) stays as long as it is, so it makes lists, not a tensor, as in transformers.
+        ``return_overflowing_tokens``: a row per window (see ``encode_batch``; lists of lists even
+        for a single text) and ``overflow_to_sample_mapping``.
         """
         single = isinstance(text, (str, bytes))
         texts = [text] if single else list(text)
@@ -313,11 +315,19 @@ class Tokenizer:
                              f"{pad_to_multiple_of}: rows would outgrow max_length; make it a multiple")
         enc = self.encode_batch(texts, pairs, add_special_tokens, max_length, truncation,
                                 padding if padding is not False else ("longest" if return_tensors else False),
-                                pad_to_multiple_of, return_offsets=return_offsets_mapping,
+                                pad_to_multiple_of, padding_side or "right", return_offsets=return_offsets_mapping,
                                 return_overflowing_tokens=return_overflowing_tokens, stride=stride)
         if padding is False and return_tensors is not None and len(set(enc.lengths.tolist())) > 1:
             raise ValueError(f"rows of {min(enc.lengths)} to {max(enc.lengths)} tokens make no tensor without "
                              "padding: pass padding=True (or 'max_length'), as transformers asks")
+        widths = None  # per row, where padding="max_length" leaves rows longer than max_length unpadded
+        if padding == "max_length" and len(enc) and int(enc.lengths.max()) > max_length:
+            if return_tensors is not None:
+                raise ValueError(f"a row of {int(enc.lengths.max())} tokens is longer than max_length={max_length}: "
+                                 "padding='max_length' pads only shorter rows, which make no tensor; pass "
+                                 "truncation=True, or padding=True to pad to the longest, as transformers asks")
+            target = -(-max_length // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else max_length
+            widths = np.maximum(enc.lengths, target).tolist()
         names = (["input_ids"] + (["attention_mask"] if return_attention_mask is not False else [])
                  + (["token_type_ids"] if (self.returns_type_ids if return_token_type_ids is None
                                            else return_token_type_ids) else [])
@@ -337,6 +347,8 @@ class Tokenizer:
             arr = getattr(enc, k)
             if enc.is_padded:
                 rows = arr.tolist()
+                if widths is not None:
+                    rows = [r[:w] if padding_side != "left" else r[len(r) - w:] for r, w in zip(rows, widths)]
             else:
                 cu = enc.cu_seqlens
                 rows = [arr[cu[i]:cu[i + 1]].tolist() for i in range(len(enc))]
