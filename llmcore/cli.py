@@ -78,6 +78,17 @@ def _prepare(args: argparse.Namespace) -> int:
 _FINETUNE_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch"}
 
 
+def _steps_or_fraction(text: str):
+    """--warmup-steps: a count of steps, or (transformers 5) a float in (0, 1), a fraction of the run."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of steps or a fraction: {text!r}") from None
+
+
 def _train_config_flags(parser: argparse.ArgumentParser) -> list:
     """One flag per TrainConfig field (transformers' TrainingArguments names): --num-train-epochs,
     --bf16/--no-bf16, ... Returns the field names. Unset flags keep TrainConfig's defaults."""
@@ -97,7 +108,9 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
         flag = "--" + field.name.replace("_", "-")
         help_ = f"default: {default}"
         if field.name == "warmup_steps":
-            parser.add_argument(flag, type=int, help="default: 500, or 0 when --warmup-ratio is given")
+            parser.add_argument(flag, type=_steps_or_fraction,
+                                help="default: 500, or 0 when --warmup-ratio is given; a float in (0, 1) is a "
+                                "fraction of the run (as --warmup-ratio)")
         elif field.name == "resume_from_checkpoint":
             parser.add_argument(flag, help="a checkpoint folder, or 'true' for the latest in --output-dir")
         elif field.name == "fsdp":

@@ -78,6 +78,19 @@ def test_config_validation(tmp_path):
     # warmup_steps left unset: 500, or 0 beside a warmup_ratio, which then counts (the 500 won silently)
     assert TrainConfig(str(tmp_path)).num_warmup_steps(1000) == 500
     assert TrainConfig(str(tmp_path), warmup_ratio=0.1).num_warmup_steps(1000) == 100
+    # transformers 5 reads a float warmup_steps in (0, 1) as a fraction of the run (it was refused)
+    from transformers import TrainingArguments
+    for steps in (0.1, 0.05, 0.0, 30.0):
+        theirs = TrainingArguments(str(tmp_path), warmup_steps=steps).get_warmup_steps(1001)
+        assert TrainConfig(str(tmp_path), warmup_steps=steps).num_warmup_steps(1001) == theirs, steps
+    for bad in (1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="fraction of the run"):
+            TrainConfig(str(tmp_path), warmup_steps=bad)
+    with pytest.raises(ValueError, match="give one"):
+        TrainConfig(str(tmp_path), warmup_steps=0.1, warmup_ratio=0.2)
+    from llmcore.cli import build_parser
+    args = ["finetune", "--data", "d", "--output-dir", "o", "--warmup-steps"]
+    assert [build_parser().parse_args(args + [v]).warmup_steps for v in ("0.05", "7")] == [0.05, 7]
     with pytest.raises(ValueError, match="eval_batches"):
         Trainer(tiny(), TrainConfig(str(tmp_path), eval_strategy="epoch"), factory(2))
 

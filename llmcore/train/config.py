@@ -26,7 +26,8 @@ class TrainConfig:
     Names and meanings follow ``transformers.TrainingArguments``; some defaults differ
     (``warmup_steps=500``, ``weight_decay=0.01``, batch 16). ``warmup_steps > 0`` wins over
     ``warmup_ratio``, as in transformers; left unset, it is 500, or 0 when a ``warmup_ratio`` is given
-    (so the ratio counts, as with transformers' default of 0). ``pack`` and ``pad_to_multiple_of`` are read by the data
+    (so the ratio counts, as with transformers' default of 0). A float ``warmup_steps`` in (0, 1) is a
+    ``warmup_ratio``, as in transformers 5. ``pack`` and ``pad_to_multiple_of`` are read by the data
     pipeline that builds the batches (see ``batch_multiple``); the loop itself accepts padded (B, L)
     and packed (T,) + ``cu_seqlens`` batches alike.
     ``lr_scheduler_type``: ``"linear"``, ``"cosine"``, ``"constant"`` or ``"constant_with_warmup"``.
@@ -67,7 +68,7 @@ class TrainConfig:
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 16
-    warmup_steps: Optional[int] = None  # 500, or 0 with a warmup_ratio (see above)
+    warmup_steps: Optional[Union[int, float]] = None  # 500, or 0 with a warmup_ratio (see above)
     warmup_ratio: float = 0.0
     weight_decay: float = 0.01
     learning_rate: float = 5e-5
@@ -112,6 +113,18 @@ class TrainConfig:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             _check_int(name, getattr(self, name), minimum=1)
+        if isinstance(self.warmup_steps, float):  # transformers 5: a float in [0, 1) is a fraction of the run
+            steps = self.warmup_steps
+            if 0.0 < steps < 1.0:
+                if self.warmup_ratio:
+                    raise ValueError(f"warmup_steps={steps} (a fraction of the run) and warmup_ratio="
+                                     f"{self.warmup_ratio}: give one")
+                self.warmup_ratio, self.warmup_steps = steps, 0
+            elif steps.is_integer():
+                self.warmup_steps = int(steps)
+            else:
+                raise ValueError(f"warmup_steps must be a number of steps or a fraction of the run in [0, 1), "
+                                 f"got {steps}")
         if self.warmup_steps is None:
             ratio = self.warmup_ratio
             self.warmup_steps = 0 if isinstance(ratio, (int, float)) and ratio > 0 else 500
