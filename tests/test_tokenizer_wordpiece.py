@@ -310,6 +310,51 @@ def test_transformers_style_call_max_length_padding(tok, path):
         tok(texts, padding="max_length", max_length=20, return_tensors="pt")
 
 
+def test_transformers_style_call_default_lengths(tmp_path):
+    """As transformers' tokenizer for the folder (a probe found each refused or ignored): truncation or
+    padding="max_length" without a max_length take tokenizer_config.json's model_max_length (also after
+    pickling), a max_length alone truncates, and a batch with one text_pair string is refused (it paired each
+    text with one character of it)."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    tok = pickle.loads(pickle.dumps(Tokenizer.from_pretrained(minilm_dir())))
+    assert tok.model_max_length == ref.model_max_length == 512
+    texts = [" ".join(corpus("imdb")[:8]), "a b c"]
+    for kw in (dict(truncation=True), dict(truncation=True, padding=True), dict(padding="max_length"),
+               dict(padding="max_length", truncation=True), dict(max_length=5), dict(max_length=5, padding=True),
+               dict(max_length=5, truncation=False)):
+        got, want = tok(texts, **kw), ref(texts, **kw)
+        assert got["input_ids"] == want["input_ids"] and got["attention_mask"] == want["attention_mask"], kw
+    with pytest.raises(TypeError, match="one per text"):
+        tok(["good movie", "bad film"], text_pair="no")
+    folder = tmp_path / "no_limit"  # transformers' 'no limit' (1e30) is none: a max_length is then needed
+    folder.mkdir()
+    shutil.copy(os.path.join(minilm_dir(), "tokenizer.json"), folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": int(1e30)}))
+    assert Tokenizer.from_pretrained(folder).model_max_length is None
+    with pytest.raises(ValueError, match="truncation=True needs max_length"):
+        Tokenizer.from_pretrained(folder)(texts, truncation=True)
+
+
+def test_encode_batch_survives_the_caller_emptying_its_list(tok):
+    """The native threads read the strings without the GIL: another Python thread clearing the caller's list
+    mid-call freed them (corrupt ids, found by a probe) until encode_batch held its own list of them."""
+    def texts():
+        return [("héllo wörld " * 30000) + str(i) for i in range(24)]
+    want = tok.encode_batch(texts(), num_threads=1).input_ids
+    for delay in (0.02, 0.1, 0.3):  # (a loaded machine may start the worker after the clear: then again)
+        mine, out = texts(), {}
+        worker = threading.Thread(target=lambda: out.setdefault("enc", tok.encode_batch(mine, num_threads=1)))
+        worker.start()
+        time.sleep(delay)
+        mine.clear()
+        junk = [bytearray(b"\xff") * 400009 for _ in range(24)]  # reuse the freed memory
+        worker.join()
+        if len(out["enc"]):
+            break
+    assert len(junk) == 24 and np.array_equal(out["enc"].input_ids, want)
+
+
 def test_batch_encoding_views(tok):
     texts = list(corpus("sst2-test")[:5])
     packed, padded = tok.encode_batch(texts), tok.encode_batch(texts, padding=True)

@@ -317,17 +317,29 @@ _NO_TYPE_IDS = {f"{stem}Tokenizer" for stem in (
     "Whisper", "XGLM", "XLMRoberta")}
 
 
-def returns_type_ids(directory: str) -> bool:
-    """Whether transformers' tokenizer for this folder returns token_type_ids: its ``tokenizer_config.json``'s
-    ``model_input_names`` where given, else whether its ``tokenizer_class`` keeps them (unknown or absent: yes)."""
+def read_tokenizer_config(directory: str, strict: bool = False) -> dict:
+    """A folder's ``tokenizer_config.json``: {} when there is none; one that is no JSON object is a
+    TokenizerFileError when ``strict`` (vocab.txt folders are built from it), else {}."""
     path = os.path.join(directory, "tokenizer_config.json")
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except (OSError, ValueError):
-        return True
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        if strict:
+            _fail(path, f"not valid JSON: {e}")
+        return {}
     if not isinstance(cfg, dict):
-        return True
+        if strict:
+            _fail(path, f"not a JSON object but {type(cfg).__name__}")
+        return {}
+    return cfg
+
+
+def returns_type_ids(cfg: dict) -> bool:
+    """Whether transformers' tokenizer for a folder returns token_type_ids: its ``tokenizer_config.json``'s
+    ``model_input_names`` where given, else whether its ``tokenizer_class`` keeps them (unknown or absent: yes)."""
     names = cfg.get("model_input_names")
     if isinstance(names, list):
         return "token_type_ids" in names
@@ -337,17 +349,18 @@ def returns_type_ids(directory: str) -> bool:
     return True
 
 
-def load_bert_vocab(directory: str) -> Spec:
-    """``vocab.txt`` (one token per line; id = line number) + ``tokenizer_config.json``."""
+def model_max_length(cfg: dict) -> Optional[int]:
+    """``model_max_length`` of a ``tokenizer_config.json``: what transformers truncates to without a
+    max_length; None when absent or transformers' 'no limit' (1e30 and up)."""
+    n = cfg.get("model_max_length")
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n < int(1e30) else None
+
+
+def load_bert_vocab(directory: str, cfg: dict) -> Spec:
+    """``vocab.txt`` (one token per line; id = line number) + ``tokenizer_config.json`` (read as ``cfg``)."""
     vocab_path = os.path.join(directory, "vocab.txt")
-    cfg_path = os.path.join(directory, "tokenizer_config.json")
-    cfg = {}
-    if os.path.exists(cfg_path):
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            _fail(cfg_path, f"not valid JSON: {e}")
     try:
         with open(vocab_path, encoding="utf-8") as f:
             tokens = [line.rstrip("\n").rstrip("\r") for line in f]

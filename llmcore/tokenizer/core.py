@@ -92,6 +92,8 @@ class Tokenizer:
         # whether __call__ returns token_type_ids by default: as transformers' tokenizer class for the folder
         # (from_pretrained reads tokenizer_config.json), else yes
         self.returns_type_ids = True
+        # what the transformers-style call truncates / pads to without a max_length (tokenizer_config.json's)
+        self.model_max_length: Optional[int] = None
         self._lead_spaces: Optional[np.ndarray] = None  # per id (offsets of overflowing windows)
 
     # --- constructors -------------------------------------------------------------------
@@ -127,11 +129,14 @@ class Tokenizer:
         json_path = os.path.join(directory, "tokenizer.json")
         if os.path.isfile(json_path):
             tok = cls.from_file(json_path)
+            cfg = _loaders.read_tokenizer_config(directory)
         elif os.path.isfile(os.path.join(directory, "vocab.txt")):
-            tok = cls(_loaders.load_bert_vocab(directory), ("vocab", directory))
+            cfg = _loaders.read_tokenizer_config(directory, strict=True)
+            tok = cls(_loaders.load_bert_vocab(directory, cfg), ("vocab", directory))
         else:
             raise FileNotFoundError(f"{directory!r} holds neither tokenizer.json nor vocab.txt")
-        tok.returns_type_ids = _loaders.returns_type_ids(directory)
+        tok.returns_type_ids = _loaders.returns_type_ids(cfg)
+        tok.model_max_length = _loaders.model_max_length(cfg)
         return tok
 
     @classmethod
@@ -149,7 +154,8 @@ class Tokenizer:
     # --- pickling: rebuilt from the source, which travels with the object ------------------
     def __getstate__(self):
         kind = self._source[0]
-        state = {"source": self._source, "returns_type_ids": self.returns_type_ids}
+        state = {"source": self._source, "returns_type_ids": self.returns_type_ids,
+                 "model_max_length": self.model_max_length}
         if kind != "json":
             state["spec"] = self._spec
         return state
@@ -161,6 +167,7 @@ class Tokenizer:
             _, path, text = state["source"]
             self.__init__(_loaders.load_tokenizer_json(path, text), state["source"])
         self.returns_type_ids = state.get("returns_type_ids", True)
+        self.model_max_length = state.get("model_max_length")
 
     # --- encoding -------------------------------------------------------------------------
     def encode(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = True) -> list:
@@ -189,9 +196,11 @@ class Tokenizer:
         """
         if isinstance(texts, (str, bytes)):
             raise TypeError("encode_batch takes a sequence of texts; use encode() for one text")
-        texts = texts if isinstance(texts, list) else list(texts)
+        # our own lists: the native threads read the strings' buffers without the GIL, so another Python
+        # thread emptying the caller's list must not free them mid-call
+        texts = list(texts)
         if pairs is not None:
-            pairs = pairs if isinstance(pairs, list) else list(pairs)
+            pairs = list(pairs)
         if padding is True:
             padding = "longest"
         if padding is False or padding is None:
@@ -274,7 +283,7 @@ class Tokenizer:
         offsets[pos, 0] -= lead
         offsets[pos, 1] = np.where(offsets[pos, 1] - offsets[pos, 0] <= lead, offsets[pos, 0], offsets[pos, 1])
 
-    def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=False,
+    def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
                  max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
                  return_tensors: Optional[str] = None, return_offsets_mapping: bool = False,
                  return_overflowing_tokens: bool = False, stride: int = 0,
@@ -290,13 +299,20 @@ class Tokenizer:
         as in transformers. ``padding="max_length"`` pads the shorter rows only: a longer row (no
         truncation) stays as long as it is, so it makes lists, not a tensor, as in transformers.
         ``return_overflowing_tokens``: a row per window (see ``encode_batch``; lists of lists even
-        for a single text) and ``overflow_to_sample_mapping``.
+        for a single text) and ``overflow_to_sample_mapping``. As transformers: a ``max_length``
+        without padding truncates unless ``truncation=False``, and truncation or
+        ``padding="max_length"`` without a ``max_length`` take ``model_max_length`` from the
+        folder's ``tokenizer_config.json`` (``from_pretrained``; without one they need a max_length).
         """
         single = isinstance(text, (str, bytes))
         texts = [text] if single else list(text)
         if single and not text_pair:
             text_pair = None  # (as transformers: one text with an empty pair is one text)
+        if not single and isinstance(text_pair, (str, bytes)):
+            raise TypeError("a batch of texts takes a list of text_pair, one per text, not one string")
         pairs = None if text_pair is None else ([text_pair] if single else list(text_pair))
+        if truncation is None and max_length is not None and padding in (False, None, "do_not_pad"):
+            truncation = True  # (as transformers: a max_length without padding asks for truncation)
         if truncation is True or truncation == "longest_first":
             truncation = True
         elif truncation in (False, None, "do_not_truncate"):
@@ -305,6 +321,8 @@ class Tokenizer:
             raise ValueError(f"unsupported truncation strategy {truncation!r}")
         if padding == "do_not_pad":
             padding = False
+        if max_length is None and (truncation or padding == "max_length") and self.model_max_length is not None:
+            max_length = self.model_max_length  # (as transformers: the folder's tokenizer_config.json limit)
         if return_tensors not in (None, "np", "pt"):
             raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
         if padding is False:
