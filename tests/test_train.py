@@ -2,6 +2,7 @@ import json
 import os
 import math
 import random
+import shutil
 import subprocess
 import sys
 
@@ -717,6 +718,55 @@ def test_best_model_survives_resume_and_lower_is_better(tmp_path):
 
     load_model_weights(result["best_model_checkpoint"].replace("checkpoint-4", "checkpoint-8"), last)
     assert all(torch.equal(t, last.state_dict()[k]) for k, t in trainer.model.state_dict().items())
+
+
+def test_resume_finds_the_best_checkpoint_in_a_moved_folder(tmp_path, capsys):
+    """A resumed state names its best checkpoint as the first run's output_dir was spelled: after a move (or
+    another working directory) rotation removed the real best and load_best_model_at_end failed after training
+    (a probe found it). Now it is this run's folder of that name; one gone altogether is said and forgotten."""
+    _best_run(tmp_path / "first", [0.5, 0.9, 0.4], max_steps=6, save_total_limit=2)
+    shutil.move(tmp_path / "first" / "out", tmp_path / "out")
+    _, result = _best_run(tmp_path, [0.3], load_best_model_at_end=True, save_total_limit=2, resume_from_checkpoint=True)
+    assert result["best_model_checkpoint"] == str(tmp_path / "out" / "checkpoint-4") and result["best_metric"] == 0.9
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "out"))] == ["checkpoint-4", "checkpoint-8"]
+    _best_run(tmp_path / "gone", [0.5, 0.9, 0.4], max_steps=6)
+    shutil.rmtree(tmp_path / "gone" / "out" / "checkpoint-4")
+    _, result = _best_run(tmp_path / "gone", [0.3], load_best_model_at_end=True, resume_from_checkpoint=True)
+    assert result["best_model_checkpoint"] is None and "no longer exists" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_and_an_empty_resume_path(tmp_path):
+    """Resuming a run that already reached max_steps mid-epoch trains nothing and reports the checkpoint's epoch
+    (it said 0.0); an empty resume path (an unset variable) is refused rather than read as 'start afresh'."""
+    first = Trainer(tiny(0), config(tmp_path, max_steps=3, save_strategy="steps", save_steps=500), factory(4))
+    done = first.train()
+    again = Trainer(tiny(0), config(tmp_path, max_steps=3, resume_from_checkpoint=True), factory(4)).train()
+    assert again["global_step"] == done["global_step"] == 3 and again["epoch"] == done["epoch"] == 0.75
+    with pytest.raises(ValueError, match="empty path"):
+        config(tmp_path, resume_from_checkpoint=" ")
+
+
+def test_compute_metrics_tensors_and_numpy_values(tmp_path):
+    """compute() values that are tensors or NumPy scalars (torchmetrics-style) crashed the first evaluation's log
+    line (not JSON); they are reported as Python numbers, as transformers does, and an eval_ name keeps its name."""
+    import numpy as np
+
+    class Tensors:
+        def update(self, logits, labels):
+            pass
+
+        def compute(self):
+            return {"score": torch.tensor(0.25), "eval_hits": np.float32(0.5), "per_class": torch.tensor([1.0, 2.0])}
+
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3) for _ in range(4)]
+    trainer = Trainer(tiny(0), config(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                                      save_steps=2, metric_for_best_model="score", report_to="none"),
+                      batches, eval_batches=batches[:2], compute_metrics=Tensors)
+    assert trainer.train()["best_metric"] == 0.25
+    metrics = trainer.evaluate()
+    assert (metrics["eval_score"], metrics["eval_hits"], metrics["eval_per_class"]) == (0.25, 0.5, [1.0, 2.0])
+    assert all(type(metrics[k]) in (float, list) for k in ("eval_score", "eval_hits", "eval_per_class"))
 
 
 def test_best_model_settings(tmp_path):

@@ -166,6 +166,9 @@ class TrainConfig:
                              f"checkpoint folder, got {r!r}")
         elif isinstance(r, os.PathLike):
             self.resume_from_checkpoint = os.fspath(r)
+        if isinstance(self.resume_from_checkpoint, str) and not self.resume_from_checkpoint.strip():
+            raise ValueError("resume_from_checkpoint is an empty path (an unset variable?): give a checkpoint folder, "
+                             "True for the latest in output_dir, or None to start afresh")
         self._check_best_model()
         report = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         if "all" in report:

@@ -425,7 +425,8 @@ class Trainer:
     the same ones as an uninterrupted run. A non-callable iterable is reused for every epoch.
     ``eval_batches`` is an iterable or a zero-argument callable returning one.
     ``compute_metrics`` is a zero-argument factory of objects with ``update(logits, labels)`` and
-    ``compute() -> dict`` (streaming); they see the rows the loss sees (labels other than ``-100``:
+    ``compute() -> dict`` (streaming; values are reported as ``eval_<name>``, tensors and NumPy values as
+    Python numbers); they see the rows the loss sees (labels other than ``-100``:
     filler sequences and ignored examples are left out; a causal LM's whole (B, L, vocab) logits and
     unshifted labels), under torch.distributed this rank's only.
 
@@ -562,7 +563,7 @@ class Trainer:
         if votes is not None:
             out.update(votes.compute(self.device, self.world_size))
         if custom is not None:
-            out.update({f"eval_{k}": v for k, v in custom.compute().items()})
+            out.update({k if k.startswith("eval_") else f"eval_{k}": _plain(v) for k, v in custom.compute().items()})
         self._last_eval = (self.global_step, out)
         return out
 
@@ -720,6 +721,23 @@ class Trainer:
             return path
         return r
 
+    def _resumed_best(self, recorded: Optional[str]) -> Optional[str]:
+        """The best checkpoint a resumed state names, as a folder of this run's output_dir: the state spells
+        it as the first run's output_dir was spelled, which a moved folder or another working directory
+        no longer finds (rotation then removed the real one). Gone altogether: said, and forgotten (as
+        transformers)."""
+        if recorded is None:
+            return None
+        here = os.path.join(self.config.output_dir, os.path.basename(os.path.normpath(recorded)))
+        if os.path.isdir(here):
+            return here
+        if os.path.isdir(recorded):
+            return recorded
+        if self.rank == 0:
+            print(f"llmcore: the best checkpoint the resumed state names, {recorded!r}, no longer exists; "
+                  "this run forgets it", file=sys.stderr)
+        return None
+
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run the configured epochs/steps. Returns global_step, epoch, train_loss (mean over this
@@ -746,7 +764,8 @@ class Trainer:
             state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, rank=self.rank)
             self.global_step, epoch, skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
             self.log_history = list(state.get("log_history", []))
-            self.best_metric, self.best_model_checkpoint = state.get("best_metric"), state.get("best_model_checkpoint")
+            self.best_metric = state.get("best_metric")
+            self.best_model_checkpoint = self._resumed_best(state.get("best_model_checkpoint"))
             stopping = state.get("early_stopping") or {}
             self._eval_best, self._patience_counter = stopping.get("best"), stopping.get("patience_counter", 0)
         sharded = is_sharded(self.model)
@@ -765,7 +784,8 @@ class Trainer:
         start_step, t_start = self.global_step, time.perf_counter()
         run_loss = torch.zeros((), device=self.device)
         win_loss, win_steps, win_examples, t_win = torch.zeros((), device=self.device), 0, 0, t_start
-        run_examples = run_tokens = consumed = 0
+        run_examples = run_tokens = 0
+        consumed = skip  # (a resumed run that is already done still ends where its checkpoint stood)
         saved_step, stopped = None, False
         try:
             while self.global_step < total and not stopped:
@@ -885,6 +905,17 @@ def _in_lockstep(batches, device: torch.device):
         first = next(iter(batches))
         for _ in range(most - n):
             yield first, False
+
+
+def _plain(value):
+    """A metric value as JSON and the logs take it: tensors and NumPy values become Python numbers or lists
+    (transformers' ``denumpify_detensorize``)."""
+    if isinstance(value, Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist()
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    return value
 
 
 def _len_or_none(batches) -> Optional[int]:
