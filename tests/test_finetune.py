@@ -271,8 +271,12 @@ def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path
     assert code == 2 and "metric_for_best_model='bleu': the evaluation of a classifier reports" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert _finetune_err(capsys, data, out, "--resume-from-checkpoint", "true", "--max-steps", "3")[0] == 0
+    (out / ".checkpoint-9.partial").mkdir()  # an interrupted save, and TensorBoard events: the earlier run's too
+    (out / ".checkpoint-9.partial" / "model.safetensors").write_bytes(b"x")
+    (out / "logs" / "events.out.tfevents.1.host").write_bytes(b"x")
     assert _finetune_err(capsys, data, out, "--overwrite-output-dir")[0] == 0
     assert not (out / "checkpoint-2").exists() and (out / "final").is_dir() and (out / "data" / "meta.json").is_file()
+    assert not (out / ".checkpoint-9.partial").exists() and not (out / "logs" / "events.out.tfevents.1.host").exists()
     with open(out / "results.json", encoding="utf-8") as f:
         assert json.load(f)["global_step"] == 1  # (this run's, not resumed)
 

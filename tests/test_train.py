@@ -746,6 +746,18 @@ def test_resume_of_a_finished_run_and_an_empty_resume_path(tmp_path):
         config(tmp_path, resume_from_checkpoint=" ")
 
 
+def test_resume_with_other_batching_is_said(tmp_path, capsys):
+    """A resume whose batch size or accumulation differs from the checkpoint's run skips batches counted in the
+    old size: said on stderr, as transformers warns (it was silent)."""
+    Trainer(tiny(0), config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2), factory(4)).train()
+    capsys.readouterr()
+    Trainer(tiny(0), config(tmp_path, max_steps=3, resume_from_checkpoint=True), factory(4)).train()
+    assert "resuming" not in capsys.readouterr().err
+    Trainer(tiny(0), config(tmp_path, max_steps=4, resume_from_checkpoint=True, gradient_accumulation_steps=2),
+            factory(4)).train()
+    assert "gradient_accumulation_steps=2 (the checkpoint's run: 1)" in capsys.readouterr().err
+
+
 def test_compute_metrics_tensors_and_numpy_values(tmp_path):
     """compute() values that are tensors or NumPy scalars (torchmetrics-style) crashed the first evaluation's log
     line (not JSON); they are reported as Python numbers, as transformers does, and an eval_ name keeps its name."""
@@ -767,6 +779,50 @@ def test_compute_metrics_tensors_and_numpy_values(tmp_path):
     metrics = trainer.evaluate()
     assert (metrics["eval_score"], metrics["eval_hits"], metrics["eval_per_class"]) == (0.25, 0.5, [1.0, 2.0])
     assert all(type(metrics[k]) in (float, list) for k in ("eval_score", "eval_hits", "eval_per_class"))
+
+
+def test_damaged_trainer_state_and_foreign_files_are_named(tmp_path):
+    """A damaged trainer_state.json (cut short, a key gone) and an optimizer.pt of foreign bytes gave a bare JSON
+    message, a KeyError traceback, a KeyError(101): each is now a CheckpointError naming the file (a probe)."""
+    from llmcore.train.checkpoint import CheckpointError
+
+    Trainer(tiny(0), config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1), factory(2)).train()
+    good = tmp_path / "out" / "checkpoint-1"
+    state = (good / "trainer_state.json").read_text()
+    damages = {"trainer_state.json": [state[:30], state.replace('"epoch"', '"epochs"'), "[]"],
+               "optimizer.pt": ["hello"]}
+    for name, contents in damages.items():
+        for text in contents:
+            ckpt = tmp_path / "damaged" / "checkpoint-1"
+            shutil.rmtree(tmp_path / "damaged", ignore_errors=True)
+            shutil.copytree(good, ckpt)
+            (ckpt / name).write_text(text)
+            trainer = Trainer(tiny(1), config(tmp_path / "damaged", max_steps=2, resume_from_checkpoint=str(ckpt)),
+                              factory(2))
+            with pytest.raises(CheckpointError, match=name):
+                trainer.train()
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+    """train_log.jsonl of a run killed after its last checkpoint and resumed held the killed run's later steps
+    and then the resumed run's again (a probe found 6, 7, 8 twice); it now drops them at the resume, and
+    an evaluation after the resumed run keeps its records."""
+    def steps():
+        with open(tmp_path / "out" / "logs" / "train_log.jsonl", encoding="utf-8") as f:
+            return [json.loads(line)["step"] for line in f]
+
+    gen = torch.Generator().manual_seed(13)
+    evals = [padded(gen, 3)]
+    Trainer(tiny(0), config(tmp_path, max_steps=8, save_strategy="steps", save_steps=5), factory(5)).train()
+    shutil.rmtree(tmp_path / "out" / "checkpoint-8")  # killed between step 8's log line and its checkpoint
+    with open(tmp_path / "out" / "logs" / "train_log.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 8, "lo')  # and cut short mid-line
+    trainer = Trainer(tiny(0), config(tmp_path, max_steps=8, resume_from_checkpoint=True), factory(5),
+                      eval_batches=evals)
+    trainer.train()
+    assert steps() == [r["step"] for r in trainer.log_history] == list(range(1, 9))
+    trainer.log({"step": trainer.global_step, **trainer.evaluate()})
+    assert steps() == list(range(1, 9)) + [8]
 
 
 def test_best_model_settings(tmp_path):

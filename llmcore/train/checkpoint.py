@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -172,6 +171,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"resume_from_checkpoint={path!r} is not a checkpoint folder "
                                 "(no trainer_state.json)")
+    state = _read_state(state_file)
     if os.path.isdir(os.path.join(path, SHARDED)):
         load_sharded(model, optimizer, os.path.join(path, SHARDED))
     else:
@@ -190,17 +190,36 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
     else:
         raise FileNotFoundError(f"{rng_file!r} is missing: the checkpoint was written by fewer ranks, "
                                 "so this rank cannot resume its random state exactly")
-    with open(state_file, encoding="utf-8") as f:
-        return json.load(f)
+    return state
+
+
+def _read_state(file: str) -> dict:
+    """A checkpoint's trainer_state.json, checked for the position resume needs; damaged: a CheckpointError
+    naming the file."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file!r} is unreadable (a damaged checkpoint file?): {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file!r} holds no trainer state (a JSON {type(state).__name__})")
+    for key in ("global_step", "epoch", "batches_in_epoch"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{file!r}: {key!r} is {'missing' if key not in state else repr(value)}, "
+                                  "not a count (a damaged checkpoint file?)")
+    return state
 
 
 def _load_pt(file: str, **kwargs):
-    """``torch.load``; a damaged file (truncated: "PytorchStreamReader failed reading zip archive") is a
-    CheckpointError naming it."""
+    """``torch.load``; a damaged file (truncated: "PytorchStreamReader failed reading zip archive"; not torch's
+    at all) is a CheckpointError naming it."""
     try:
         return torch.load(file, **kwargs)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{file!r} is unreadable (a damaged checkpoint file?): {e}") from e
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # (torch.load's errors on foreign bytes vary: KeyError, ValueError, RuntimeError...)
+        raise CheckpointError(f"{file!r} is unreadable (a damaged checkpoint file?): {e!r}") from e
 
 
 def load_model_weights(path: str, model: nn.Module) -> None:

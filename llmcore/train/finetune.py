@@ -147,15 +147,21 @@ def transformers_pad_id(net: torch.nn.Module, causal_lm: bool) -> int:
 
 
 def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
-    """What an earlier run left in ``output_dir`` (paths relative to it): its checkpoint folders, ``final/``,
-    ``results.json`` and the training log."""
-    from llmcore.train.checkpoint import list_checkpoints
+    """What an earlier run left in ``output_dir`` (paths relative to it): its checkpoint folders (and the hidden
+    ``.checkpoint-*.partial`` ones of an interrupted save), ``final/``, ``results.json``, the training log and
+    its TensorBoard event files (which TensorBoard would draw as one run with the new ones)."""
+    from llmcore.train.checkpoint import PREFIX, list_checkpoints
 
     found = [os.path.basename(p) for p in list_checkpoints(output_dir)]
+    if os.path.isdir(output_dir):
+        found += sorted(n for n in os.listdir(output_dir) if n.startswith(f".{PREFIX}") and ".partial" in n)
     for path in (os.path.join(output_dir, "final"), os.path.join(output_dir, "results.json"),
                  os.path.join(logging_dir, "train_log.jsonl")):
         if os.path.exists(path):
             found.append(os.path.relpath(path, output_dir))
+    if os.path.isdir(logging_dir):
+        found += sorted(os.path.relpath(os.path.join(logging_dir, n), output_dir) for n in os.listdir(logging_dir)
+                        if n.startswith("events.out.tfevents."))
     return found
 
 

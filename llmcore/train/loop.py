@@ -477,6 +477,7 @@ class Trainer:
         self._eval_best: Optional[float] = None
         self._patience_counter = 0
         self.reporter: Optional[Reporter] = None
+        self._resumed_step: Optional[int] = None  # the next Reporter drops the log records after it (then None)
         self._wrapped = model
         # while training: parameters stepped outside torch's AdamW (row-sparse embedding tables,
         # linear weights with bf16 copies), same update
@@ -496,7 +497,9 @@ class Trainer:
     def _reporter(self) -> Reporter:
         if self.reporter is None:
             cfg = self.config
-            self.reporter = Reporter(cfg.logging_dir, cfg.report_to, cfg.disable_tqdm, active=self.rank == 0)
+            self.reporter = Reporter(cfg.logging_dir, cfg.report_to, cfg.disable_tqdm, active=self.rank == 0,
+                                     resumed_step=self._resumed_step)
+            self._resumed_step = None
         return self.reporter
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -768,6 +771,12 @@ class Trainer:
             self.best_model_checkpoint = self._resumed_best(state.get("best_model_checkpoint"))
             stopping = state.get("early_stopping") or {}
             self._eval_best, self._patience_counter = stopping.get("best"), stopping.get("patience_counter", 0)
+            self._resumed_step = self.global_step
+            if self.rank == 0:
+                _note_changed_batching(state.get("config"), cfg, resume)
+            if self.reporter is not None:  # (made by an evaluate() before train: again, at the resumed step)
+                self.reporter.close()
+                self.reporter = None
         sharded = is_sharded(self.model)
         if (self.world_size > 1 and not sharded
                 and not isinstance(self._wrapped, nn.parallel.DistributedDataParallel)):
@@ -905,6 +914,19 @@ def _in_lockstep(batches, device: torch.device):
         first = next(iter(batches))
         for _ in range(most - n):
             yield first, False
+
+
+def _note_changed_batching(saved: Optional[dict], cfg: TrainConfig, path: str) -> None:
+    """Says on stderr (as transformers warns) where a resumed run batches differently from the run that wrote
+    the checkpoint: its data position counts the old batches, so the run is no longer that run continued."""
+    if not isinstance(saved, dict):
+        return
+    changed = [f"{name}={getattr(cfg, name)} (the checkpoint's run: {saved[name]})"
+               for name in ("per_device_train_batch_size", "gradient_accumulation_steps")
+               if name in saved and saved[name] != getattr(cfg, name)]
+    if changed:
+        print(f"llmcore: resuming {path} with {', '.join(changed)}: its data position counts the earlier run's "
+              "batches, so this run does not continue that one exactly", file=sys.stderr)
 
 
 def _plain(value):

@@ -23,9 +23,12 @@ class Reporter:
     """Rank 0's log sinks: every record goes to stdout and ``<logging_dir>/train_log.jsonl``, its
     numeric fields to TensorBoard (``train/<name>`` or ``eval/<name>`` at ``step``) when
     ``"tensorboard"`` is in ``report_to``; plus a tqdm progress bar with samples/s and the ETA
-    unless ``disable_tqdm``. Other ranks get a silent Reporter (``active=False``)."""
+    unless ``disable_tqdm``. Other ranks get a silent Reporter (``active=False``). A run resumed at
+    ``resumed_step`` drops the records of later steps (the interrupted run's, which the resumed one
+    logs again) from the JSONL and, by TensorBoard's ``purge_step``, from TensorBoard."""
 
-    def __init__(self, logging_dir: str, report_to: tuple, disable_tqdm: bool, active: bool = True):
+    def __init__(self, logging_dir: str, report_to: tuple, disable_tqdm: bool, active: bool = True,
+                 resumed_step: Optional[int] = None):
         self.logging_dir = logging_dir
         self.active = active
         self._tb = None
@@ -34,13 +37,34 @@ class Reporter:
         if not active:
             return
         os.makedirs(logging_dir, exist_ok=True)
+        if resumed_step is not None:
+            self._drop_records_after(resumed_step)
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # torch's writer needs the tensorboard package
                 raise ImportError("report_to=['tensorboard'] needs the tensorboard package: pip install tensorboard "
                                   "(or pass report_to='none')") from e
-            self._tb = SummaryWriter(log_dir=logging_dir)
+            self._tb = SummaryWriter(log_dir=logging_dir,
+                                     purge_step=None if resumed_step is None else resumed_step + 1)
+
+    def _drop_records_after(self, step: int) -> None:
+        """Rewrites train_log.jsonl without the records of steps after ``step`` (and a line cut short by a kill)."""
+        path = os.path.join(self.logging_dir, "train_log.jsonl")
+        if not os.path.isfile(path):
+            return
+        kept = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step):
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
     def start(self, total_steps: int, done_steps: int) -> None:
         if not self.active or self._disable_tqdm:
