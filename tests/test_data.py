@@ -203,6 +203,60 @@ def test_parquet(tmp_path):
     assert ds.label_names == ["x", "y"] and ds["train"].labels.tolist() == [0, 1, 0]
 
 
+def test_numeric_labels_with_gaps_stay_class_ids(tmp_path):
+    """An int label column with a gap is float in parquet (pandas) and "2.0"/"NA" in CSV: every label was read as
+    a class name sorted as text ('10.0' before '2.0': 2.0 became class 3, NA a class). Whole numbers are class ids
+    and NaN / NA missing; numbers that are not whole (regression targets) are refused."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    labels = [float(i % 11) for i in range(22)] + [float("nan"), None]
+    texts = [f"review number {i} of many" for i in range(len(labels))]
+    pq.write_table(pa.table({"text": texts, "label": labels}), tmp_path / "train.parquet")
+    ds = prepare(tmp_path / "train.parquet", MODEL, 16, tmp_path / "o", validation_fraction=0)
+    assert ds.label_names is None and ds["train"].labels.tolist() == [i % 11 for i in range(22)] + [-1, -1]
+    rows = "".join(f"film {i} here,{v}\n" for i, v in enumerate(["2.0", "10", "NA", "0.0", "", "nan", "1"]))
+    (tmp_path / "gaps.csv").write_text("text,label\n" + rows)
+    ds = prepare(tmp_path / "gaps.csv", MODEL, 16, tmp_path / "o2", validation_fraction=0)
+    assert ds.label_names is None and ds["train"].labels.tolist() == [2, 10, -1, 0, -1, -1, 1]
+    (tmp_path / "scores.csv").write_text("text,label\na fine film,3.5\na poor film,1\n")
+    with pytest.raises(ValueError, match=r"not all whole \(e.g. '3.5'\).*regression targets are not supported"):
+        prepare(tmp_path / "scores.csv", MODEL, 16, tmp_path / "o3")
+    (tmp_path / "names.csv").write_text("text,label\na fine film,pos\na poor film,NA\nok film,neg\n")
+    assert prepare(tmp_path / "names.csv", MODEL, 16, tmp_path / "o4", validation_fraction=0).label_names == \
+        ["NA", "neg", "pos"]  # (among class names, NA is a name)
+
+
+def test_tsv_written_with_csv_quoting(tmp_path):
+    """A TSV written by pandas or Python's csv module quotes fields holding quotes or line breaks; read with quoting
+    off (SST-2's convention) such a file kept the quotes and split a field at its line break into a row without
+    a label, silently. A TSV that shows CSV quoting is read with it: the rows pandas reads."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"sentence": ['he said "hi" to me', "multi\nline review here", "plain one", 'a "b" c'],
+                          "label": [1, 0, 1, 0]})
+    frame.to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    table = sources.read_file(str(tmp_path / "train.tsv"))
+    want = pd.read_csv(tmp_path / "train.tsv", sep="\t")
+    assert table["sentence"] == want["sentence"].tolist() and table["label"] == [str(v) for v in want["label"]]
+    (tmp_path / "sst.tsv").write_text('sentence\tlabel\n"quoted" start\t1\nends "quoted"\t0\n')
+    assert sources.read_file(str(tmp_path / "sst.tsv"))["sentence"] == ['"quoted" start', 'ends "quoted"']
+
+
+def test_text_column_detection_pairs_and_ids(tmp_path):
+    """Sentence-pair data (sentence1/sentence2, question/sentence, premise/hypothesis) trained silently on one of
+    its sentences: refused unless --text-column picks one. Without a known name, a column of prose wins over a
+    longer one of ids or URLs (it trained on UUIDs)."""
+    for first, second in (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis")):
+        (tmp_path / "pair.csv").write_text(f"{first},{second},label\nis it good,it is good,1\nis it bad,no,0\n")
+        with pytest.raises(ValueError, match=f"several text columns \\({first}, {second}\\).*--text-column"):
+            prepare(tmp_path / "pair.csv", MODEL, 16, tmp_path / "o")
+    ds = prepare(tmp_path / "pair.csv", MODEL, 16, tmp_path / "o", text_column="hypothesis", validation_fraction=0)
+    assert ds.meta["text_column"] == "hypothesis"
+    rows = "".join(f"https://example.com/news/{i}/a-long-slug-of-words,big news {i} today,{i % 2}\n" for i in range(6))
+    (tmp_path / "url.csv").write_text("url,headline,label\n" + rows)
+    assert prepare(tmp_path / "url.csv", MODEL, 16, tmp_path / "o2", validation_fraction=0).meta["text_column"] == \
+        "headline"
+
+
 def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         prepare(tmp_path / "missing.csv", MODEL, 16, tmp_path / "o")

@@ -249,6 +249,66 @@ def test_finetune_says_when_class_ids_have_no_train_row(tmp_path, capsys):
     assert code == 0 and "class ids" not in err
 
 
+def test_finetune_writes_class_names_into_the_model_config(tmp_path, capsys):
+    """String labels were named in results.json only: final/config.json said LABEL_0 / LABEL_1, so transformers'
+    pipelines on the saved model answered LABEL_i. The names by id now go into id2label / label2id (llmcore's model
+    and transformers' alike)."""
+    transformers = pytest.importorskip("transformers")
+    rows = [(f"good film {i}", "pos") for i in range(6)] + [(f"bad film {i}", "neg") for i in range(6)]
+    code, _ = _finetune_err(capsys, _csv_dir(tmp_path, "named", train=rows, validation=rows[::3]), tmp_path / "o")
+    assert code == 0
+    saved = transformers.AutoConfig.from_pretrained(str(tmp_path / "o" / "final"))
+    assert saved.id2label == {0: "neg", 1: "pos"} and saved.label2id == {"neg": 0, "pos": 1}
+    from llmcore.train.finetune import _name_classes
+
+    theirs = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3))
+    _name_classes(theirs, ["a", "b", "c"])
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "theirs")).id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def test_finetune_flag_edge_cases(tmp_path, capsys):
+    """Found by a CLI probe: final/ took the model's tokenizer files, not --tokenizer's; --max-length 0 trained at
+    128 and --model "" (an unset variable) trained the default model; a resume from another folder's checkpoint
+    wrote over the finished run in --output-dir; a config.json that is no JSON object, bench arguments and
+    consolidate into a file ended in tracebacks."""
+    rows = [(f"good film {i}", 1) for i in range(8)] + [(f"bad film {i}", 0) for i in range(8)]
+    data = _csv_dir(tmp_path, "d", train=rows, validation=rows[::4])
+    vocab_only = tmp_path / "vocab_only"
+    vocab_only.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        os.symlink(os.path.join(minilm_dir(), name), vocab_only / name)
+    out = tmp_path / "o1"
+    assert _finetune_err(capsys, data, out, "--tokenizer", str(vocab_only), "--save-strategy", "steps",
+                         "--save-steps", "1")[0] == 0
+    assert (out / "final" / "vocab.txt").is_file() and not (out / "final" / "tokenizer.json").exists()
+    code, err = _finetune_err(capsys, data, tmp_path / "o2", "--max-length", "0")
+    assert code == 2 and "max_length must be a positive int, got 0" in err
+    code = main(["finetune", "--data", str(data), "--model", "", "--output-dir", str(tmp_path / "o3")])
+    assert code == 2 and "model '': no such file" in capsys.readouterr().err
+    other = tmp_path / "o4"
+    assert _finetune_err(capsys, data, other)[0] == 0
+    before = (other / "results.json").read_bytes()
+    code, err = _finetune_err(capsys, data, other, "--resume-from-checkpoint", str(out / "checkpoint-1"),
+                              "--max-steps", "2")
+    assert code == 2 and "holds an earlier run" in err and (other / "results.json").read_bytes() == before
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("[1, 2]")
+    from llmcore.models import from_pretrained
+    from llmcore.models.loading import CheckpointError
+
+    with pytest.raises(CheckpointError, match="config.json' holds a JSON list, not a model config"):
+        from_pretrained(str(broken))
+    assert main(["bench", "prepare", "--rounds", "0"]) == 2
+    assert "error: rounds must be a positive int" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["consolidate", str(broken), str(tmp_path / "a_file")]) == 2
+    assert "llmcore consolidate: error:" in capsys.readouterr().err
+
+
 def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path, capsys):
     """A new run into a folder that holds an earlier one replaced its final/ and results.json and left its
     checkpoints for a later --resume-from-checkpoint true to pick up. It is refused (nothing touched), unless it

@@ -269,6 +269,7 @@ def main(json_path: Optional[str] = None, budget_s: float = 10.0, quick: bool = 
               f"torch threads {torch.get_num_threads()}")
     print(format_table(runs))
     if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump({"task": task, "torch_threads": torch.get_num_threads(), "runs": runs}, f, indent=2)
     return runs

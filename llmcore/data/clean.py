@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import html
+import math
+import numbers
 import random
 import re
 import unicodedata
 from typing import Dict, List, Optional, Sequence, Tuple
 
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "question", "input")
+# the columns of a sentence-pair data set (GLUE's MRPC, QQP, MNLI, QNLI, RTE...): two of them are refused
+_PAIR_PART = re.compile(r"(?:sentence|question|text|premise|hypothesis|passage)(?:[ _]?[12ab])?")
 LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "category", "y")
 
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -49,16 +53,22 @@ def detect_columns(columns: Dict[str, list], text_column: Optional[str], label_c
         if text_column not in columns:
             raise ValueError(f"text column {text_column!r} not found in {where}; columns are {names}")
     else:
+        pair = [c for c in names if _PAIR_PART.fullmatch(c.lower())]
+        if len(pair) > 1:  # (sentence1/sentence2, premise/hypothesis, question/sentence...: a pair task)
+            raise ValueError(f"{where} has several text columns ({', '.join(pair)}), as a sentence-pair task has: "
+                             "llmcore trains on one text per row; pick the column with --text-column (text_column=)")
         text_column = next((lower[c] for c in TEXT_COLUMNS if c in lower), None)
         if text_column is None:
-            best, best_len = None, -1.0
+            best, best_key = None, None
             for c in names:
                 vals = columns[c][:1000]
                 strs = [v for v in vals if isinstance(v, str)]
-                if vals and len(strs) == len(vals):
-                    mean = sum(map(len, strs)) / len(strs)
-                    if mean > best_len and not all(_is_int(v) for v in strs):
-                        best, best_len = c, mean
+                if vals and len(strs) == len(vals) and not all(_is_int(v) for v in strs):
+                    # prose has spaces: ids, URLs and hashes do not, however long
+                    spaced = sum(any(ch.isspace() for ch in v) for v in strs) * 2 >= len(strs)
+                    key = (spaced, sum(map(len, strs)) / len(strs))
+                    if best_key is None or key > best_key:
+                        best, best_key = c, key
             if best is None:
                 raise ValueError(f"no text column found in {where} (columns {names}); pass text_column=")
             text_column = best
@@ -94,30 +104,64 @@ def _is_int(v) -> bool:
     return False
 
 
-def label_mapping(values: Sequence) -> Optional[List[str]]:
-    """None when the labels are already integers (or integer strings); else the sorted names,
-    whose positions are the ids."""
-    present = [v for v in values if v is not None and v != ""]
-    if all(_is_int(v) for v in present):
+# how a missing value reads in a column of class ids (pandas' NaN, "NA" and friends); in a column of class names
+# these are names like any other
+_MISSING_WORDS = {"nan", "na", "n/a", "null", "none", "<na>"}
+_WHOLE = re.compile(r"[-+]?\d+(?:\.0*)?")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _missing(v, ids: bool) -> bool:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return True
+    return ids and isinstance(v, str) and v.strip().lower() in _MISSING_WORDS
+
+
+def _class_id(v) -> Optional[int]:
+    """The class id a label spells: an int, a whole float (pandas' int column with a gap) or such a string ("2",
+    "2.0"); None otherwise."""
+    if isinstance(v, bool):
         return None
-    return sorted({str(v) for v in present})
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return int(v) if math.isfinite(v) and float(v).is_integer() else None
+    if isinstance(v, str) and _WHOLE.fullmatch(v.strip()):
+        return int(v.strip().split(".")[0])
+    return None
+
+
+def label_mapping(values: Sequence) -> Optional[List[str]]:
+    """None when the labels are class ids (integers, whole floats or such strings; NaN / "NA"... are missing);
+    else the sorted names, whose positions are the ids. Numbers that are not whole (regression targets) are an
+    error: classifiers train on class ids or names."""
+    present = [v for v in values if not _missing(v, ids=True)]
+    if all(_class_id(v) is not None for v in present):
+        return None
+    odd = [v for v in present if _class_id(v) is None]
+    if all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+           or isinstance(v, str) and _NUMBER.fullmatch(v.strip()) for v in odd):
+        raise ValueError(f"the labels are numbers, not all whole (e.g. {odd[0]!r}): a classifier trains on class ids "
+                         "0, 1, ... or class names; regression targets are not supported")
+    return sorted({str(v) for v in values if not _missing(v, ids=False)})
 
 
 MAX_LABEL = 2**31 - 1
 
 
 def label_ids(values: Sequence, names: Optional[List[str]], where: str = "the data") -> List[int]:
-    """Integer label per row; -1 for a missing label (an empty value, or -1 itself). Integer labels are class ids:
-    another negative value, or one past ``MAX_LABEL``, is an error naming its row."""
+    """Integer label per row; -1 for a missing label (an empty value, NaN, "NA"..., or -1 itself). Class ids
+    (``names`` None): another negative value, or one past ``MAX_LABEL``, is an error naming its row."""
     if names is None:
-        ids = [-1 if v is None or v == "" else int(v) for v in values]
+        ids = [-1 if _missing(v, ids=True) else _class_id(v) for v in values]
         for row, v in enumerate(ids):
-            if v < -1 or v > MAX_LABEL:
-                raise ValueError(f"{where}: label {v} (data row {row + 1}) is not a class id: integer labels are "
+            if v is None or v < -1 or v > MAX_LABEL:
+                shown = repr(values[row]) if v is None else v
+                raise ValueError(f"{where}: label {shown} (data row {row + 1}) is not a class id: integer labels are "
                                  f"0, 1, ... (at most {MAX_LABEL}), or -1 / empty for none")
         return ids
     index = {n: i for i, n in enumerate(names)}
-    return [-1 if v is None or v == "" else index[str(v)] for v in values]
+    return [-1 if _missing(v, ids=False) else index[str(v)] for v in values]
 
 
 def filter_rows(texts: List[str], min_chars: int, max_chars: Optional[int], dedup: bool):

@@ -27,7 +27,7 @@ import numpy as np
 from llmcore.data import clean, sources
 from llmcore.hub import checkpoint_folder
 
-FORMAT_VERSION = 2  # (in the cache key: 2 cleans NFC after removing control characters)
+FORMAT_VERSION = 3  # (in the cache key: 2 NFC after removing controls; 3 whole-number label ids, quoted TSV)
 
 
 @dataclasses.dataclass

@@ -38,9 +38,24 @@ def _rows_to_table(header: List[str], rows) -> Table:
     return cols
 
 
+def _csv_quoted(header: List[str], rows: List[list]) -> bool:
+    """Whether a TSV read with quoting off shows CSV quoting (pandas' and Python's csv writers): a row short of
+    fields (a quoted line break split it) or a field wrapped in quotes with its inner quotes doubled."""
+    for row in rows:
+        if len(row) < len(header):
+            return True
+        for field in row:
+            inner = field[1:-1]
+            wrapped = len(field) >= 2 and field[0] == field[-1] == '"'
+            if wrapped and '""' in inner and '"' not in inner.replace('""', ""):
+                return True
+    return False
+
+
 def read_file(path: str) -> Table:
-    """One file as columns. TSV is read with quoting off (SST-2 sentences contain ``"``). Text files are UTF-8, a
-    leading byte-order mark dropped (it would be part of the first column's name)."""
+    """One file as columns. TSV is read with quoting off (SST-2 sentences contain ``"``) unless it shows CSV quoting
+    (see ``_csv_quoted``), which it is then read with. Text files are UTF-8, a leading byte-order mark dropped (it
+    would be part of the first column's name)."""
     try:
         return _read_file(path)
     except UnicodeDecodeError as e:
@@ -55,7 +70,12 @@ def _read_file(path: str) -> Table:
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         with open(path, newline="", encoding="utf-8-sig") as f:
             if ext == ".tsv":
-                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+                if rows and _csv_quoted(rows[0], rows[1:]):
+                    f.seek(0)
+                    reader = csv.reader(f, delimiter="\t", strict=True)
+                else:
+                    reader = iter(rows)
             else:
                 reader = csv.reader(f, strict=True)  # (an unclosed quote is an error, not the rest of the file)
             try:

@@ -73,6 +73,9 @@ class EncoderConfig:
     # transformers' loss choice: "regression", "single_label_classification", "multi_label_classification", or
     # None (regression for one label, else by the labels' dtype)
     problem_type: Optional[str] = None
+    # the class names by id, written to config.json's id2label / label2id (None: the source config's, if it
+    # names num_labels classes, else LABEL_<i>)
+    id2label: Optional[dict] = None
 
     @classmethod
     def from_hf(cls, hf: dict, num_labels: Optional[int] = None) -> "EncoderConfig":
@@ -108,7 +111,10 @@ class EncoderConfig:
         out["num_labels"] = self.num_labels
         if self.problem_type is not None:
             out["problem_type"] = self.problem_type
-        if len(out.get("id2label") or {}) != self.num_labels:
+        if self.id2label is not None:
+            out["id2label"] = {str(i): str(name) for i, name in self.id2label.items()}
+            out["label2id"] = {str(name): int(i) for i, name in self.id2label.items()}
+        elif len(out.get("id2label") or {}) != self.num_labels:
             out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         if not self.hf:  # built from the dataclass: write HF's names for every field

@@ -243,9 +243,7 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classif
     """Build an llmcore model from an HF checkpoint folder (config.json + safetensors), or from a Hugging
     Face Hub model id (see :func:`checkpoint_dir`)."""
     path = checkpoint_dir(path)
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        hf = json.load(f)
-    model = build_model(hf, task, num_labels)
+    model = build_model(read_config(path), task, num_labels)
     if dtype is not None:
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -253,6 +251,23 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classif
     fresh = load_state(model, model.config.family, read_safetensors(path))
     model.newly_initialized = fresh
     return model
+
+
+def read_json_object(file: str, what: str) -> dict:
+    """A checkpoint's JSON file holding ``what``; damaged or no JSON object: a CheckpointError naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file!r} is unreadable (a damaged checkpoint file?): {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file!r} holds a JSON {type(obj).__name__}, not {what}")
+    return obj
+
+
+def read_config(path: str) -> dict:
+    """The checkpoint folder's config.json (see ``read_json_object``)."""
+    return read_json_object(os.path.join(path, "config.json"), "a model config")
 
 
 def build_model(hf: dict, task: str = "sequence-classification", num_labels: Optional[int] = None) -> nn.Module:

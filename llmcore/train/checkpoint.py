@@ -42,6 +42,8 @@ from llmcore.models.loading import (
     load_safetensors_file,
     load_state,
     load_transformers_state,
+    read_config,
+    read_json_object,
     read_safetensors,
     save_config,
     transformers_auto_class,
@@ -196,13 +198,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
 def _read_state(file: str) -> dict:
     """A checkpoint's trainer_state.json, checked for the position resume needs; damaged: a CheckpointError
     naming the file."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            state = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file!r} is unreadable (a damaged checkpoint file?): {e}") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file!r} holds no trainer state (a JSON {type(state).__name__})")
+    state = read_json_object(file, "a trainer state")
     for key in ("global_step", "epoch", "batches_in_epoch"):
         value = state.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -249,8 +245,7 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
     config_file = os.path.join(path, "config.json")
     if not os.path.isdir(sharded) or not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path!r} is not a sharded checkpoint (a folder with config.json and {SHARDED}/)")
-    with open(config_file, encoding="utf-8") as f:
-        hf = json.load(f)
+    hf = read_config(path)
     causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in hf.get("architectures") or [])
     keys = _sharded_keys(sharded)  # None if unreadable: read_sharded says why below
 

@@ -146,6 +146,43 @@ def transformers_pad_id(net: torch.nn.Module, causal_lm: bool) -> int:
     return fill
 
 
+def _resumes_here(resume, output_dir: str) -> bool:
+    """Whether the run resumes the one in ``output_dir`` (True, or a checkpoint inside it): only then may it
+    write over that run's files; a checkpoint of another folder starts a new run here."""
+    if resume is None:
+        return False
+    if resume is True:
+        return True
+    here = os.path.realpath(output_dir)
+    return os.path.commonpath([here, os.path.realpath(resume)]) == here
+
+
+def _copy_tokenizer(source: str, final: str) -> None:
+    """The files of the tokenizer the data was tokenized with (``--tokenizer``, else the model's) into ``final``:
+    a folder's tokenizer files, or a tokenizer.json file."""
+    from llmcore.hub import checkpoint_folder
+
+    source = checkpoint_folder(os.fspath(source), "tokenizer")
+    if os.path.isfile(source):
+        shutil.copyfile(source, os.path.join(final, "tokenizer.json"))
+        return
+    for name in _TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(final, name))
+
+
+def _name_classes(net: torch.nn.Module, names: list) -> None:
+    """The data's class names into the model's config (config.json's id2label / label2id, which transformers'
+    pipelines report), llmcore's model or transformers'; the id of a name is its position."""
+    from llmcore.models.loading import is_transformers_model
+
+    id2label = dict(enumerate(names))
+    if is_transformers_model(net):
+        net.config.id2label, net.config.label2id = id2label, {name: i for i, name in id2label.items()}
+    else:
+        net.config.id2label = id2label
+
+
 def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
     """What an earlier run left in ``output_dir`` (paths relative to it): its checkpoint folders (and the hidden
     ``.checkpoint-*.partial`` ones of an interrupted save), ``final/``, ``results.json``, the training log and
@@ -396,7 +433,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     if overflow is None:
         overflow = "split" if causal_lm else "truncate"
     config = TrainConfig(output_dir=output_dir, **train_args)
-    earlier = [] if config.resume_from_checkpoint is not None else earlier_run(output_dir, config.logging_dir)
+    earlier = [] if _resumes_here(config.resume_from_checkpoint, output_dir) else earlier_run(output_dir,
+                                                                                              config.logging_dir)
     if earlier and not overwrite_output_dir:
         raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
                          f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")
@@ -413,7 +451,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                                      "text_column": text_column, "label_column": label_column})
         else:
             def run_prepare():
-                return prepare(data, tokenizer or model, max_length or 128, os.path.join(output_dir, "data"),
+                return prepare(data, model if tokenizer is None else tokenizer,
+                               128 if max_length is None else max_length, os.path.join(output_dir, "data"),
                                eval_data=eval_data, text_column=text_column, label_column=label_column, pack=True,
                                seed=config.seed, overflow=overflow)
             if rank == 0:
@@ -435,6 +474,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                 _note_unused_classes(data, present, prepared.num_labels, prepared.label_names)
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
         net = load_model(model, causal_lm, prepared.num_labels).to(dev)
+        if not causal_lm and prepared.label_names:
+            _name_classes(net, prepared.label_names)
         check_model_reads(net, prepared, model)
         theirs = is_transformers_model(net)
         pack = config.pack and not theirs  # transformers' models take no cu_seqlens
@@ -464,10 +505,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         final = os.path.join(output_dir, "final")
         trainer.save_model(final)  # every rank: under FSDP the shards are gathered
         if rank == 0:
-            src = model if os.path.isdir(model) else None
-            for name in _TOKENIZER_FILES if src else ():
-                if os.path.isfile(os.path.join(src, name)):
-                    shutil.copyfile(os.path.join(src, name), os.path.join(final, name))
+            _copy_tokenizer(tokenizer if tokenizer is not None else model, final)
             tmp = os.path.join(output_dir, "results.json.tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({**results, "config": dataclasses.asdict(config), "model": model, "data": data, "task": task,
