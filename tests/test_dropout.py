@@ -195,3 +195,14 @@ def test_torch_compile(backend):
     # every kept element contributes 2 / 0.75 to the loss and gets gradient 2 / 0.75
     torch.testing.assert_close(loss, kept * 2 / 0.75)
     torch.testing.assert_close(g[g != 0], torch.full((int(kept),), 2 / 0.75))
+
+
+def test_module_checks_p_when_made():
+    """llmcore.nn.Dropout refuses a p outside [0, 1] when made, as torch.nn.Dropout (it did at the first forward),
+    and shows p."""
+    from llmcore.nn import Dropout
+
+    for p in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            Dropout(p)
+    assert repr(Dropout(0.25)) == repr(torch.nn.Dropout(0.25)).replace(", inplace=False", "") == "Dropout(p=0.25)"

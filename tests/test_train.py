@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llmcore.models import EncoderConfig, EncoderForSequenceClassification
 from llmcore.train import (
@@ -114,6 +115,18 @@ def test_param_groups_exclude_bias_and_norm():
     ours = {names[id(p)] for p in param_groups(mpnet, 0.01)[0]["params"]}
     assert "mpnet.encoder.relative_attention_bias.weight" not in ours
     assert ours == set(HfTrainer.get_decay_parameter_names(None, mpnet))
+    # transformers' name patterns, not any "norm" substring: these matrices are decayed there and here
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalizer, self.enormous_proj, self.attn_norm = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    named = Named()
+    names = {id(p): n for n, p in named.named_parameters()}
+    ours = {names[id(p)] for p in param_groups(named, 0.01)[0]["params"]}
+    assert ours == set(HfTrainer.get_decay_parameter_names(None, named)) == {"normalizer.weight",
+                                                                             "enormous_proj.weight"}
 
 
 def test_linear_schedule_matches_transformers_formula():
@@ -546,6 +559,10 @@ def test_grad_norm_against_float64():
     exact = torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt()
     got = grad_norm(grads)
     assert got.dtype == torch.float32 and got.shape == ()
+    doubles = [g.double() for g in grads[1:]]  # float64 gradients keep a float64 norm (it was rounded to float32)
+    got64 = grad_norm(doubles)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, torch.stack([g.pow(2).sum() for g in doubles]).sum().sqrt(), rtol=1e-13, atol=0)
     torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=0)  # the non-contiguous one: a float32 dot
     contiguous = grads[:3]
     exact = torch.stack([g.double().pow(2).sum() for g in contiguous]).sum().sqrt()

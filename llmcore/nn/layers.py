@@ -63,10 +63,15 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float = 0.1):
         super().__init__()
+        if not 0.0 <= p <= 1.0:  # (as torch.nn.Dropout: at construction, not at the first forward)
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class MLP(nn.Module):
@@ -186,7 +191,7 @@ class _RecycledEmbedding(torch.autograd.Function):
         ids, = ctx.saved_tensors
         module = ctx.module
         flat = ids.reshape(-1)
-        grad = grad_out.reshape(flat.numel(), -1)
+        grad = grad_out.reshape(flat.numel(), grad_out.shape[-1])  # (no -1: zero ids make it ambiguous)
         if module.padding_idx is not None:
             grad = grad.masked_fill((flat == module.padding_idx)[:, None], 0)
         grad_weight = module._grad_buffer()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import torch
@@ -13,18 +14,22 @@ from llmcore.train.config import SCHEDULES, check_choice
 from llmcore.train.fsdp import as_local
 
 
+# transformers' Trainer.get_decay_parameter_names name patterns (matched on the lowercased name)
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed (weight matrices, embeddings) and not decayed (biases, norm weights).
 
-    A parameter is exempt when its name says bias or norm anywhere (transformers' rule: MPNet's and T5's
-    ``relative_attention_bias`` tables, expert bias matrices) or it is 1-D (biases, norm weights; a 1-D
-    parameter transformers decays -- gpt-oss's attention sinks, Mamba's D -- is not decayed here)."""
+    A parameter is exempt when its name matches transformers' patterns (``_NO_DECAY``: bias anywhere -- MPNet's
+    and T5's ``relative_attention_bias`` tables, expert bias matrices --, a layernorm / rmsnorm / norm part; not
+    any "norm" substring: ``normalizer``, ``enormous``) or it is 1-D (biases, norm weights; a 1-D parameter
+    transformers decays -- gpt-oss's attention sinks, Mamba's D -- is not decayed here)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lower = name.lower()
-        exempt = p.ndim < 2 or "bias" in lower or "norm" in lower
+        exempt = p.ndim < 2 or _NO_DECAY.search(name.lower()) is not None
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -96,7 +101,7 @@ def _native_sumsq(g: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def grad_norm(grads: list) -> torch.Tensor:
-    """L2 norm of all the gradients together (float32, on the first one's device; 0 for none).
+    """L2 norm of all the gradients together (float32, float64 when one is; on the first one's device; 0 for none).
 
     Contiguous CPU float32 and bf16 gradients go to one native call (``_C.sum_squares``):
     squares summed in float64 (bf16 ones after float partial sums of 8 exact squares), in a fixed
@@ -123,7 +128,8 @@ def grad_norm(grads: list) -> torch.Tensor:
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()
         total += torch.dot(flat, flat).to(device=device, dtype=torch.float64)
-    return total.sqrt().to(torch.float32)
+    # float64 gradients keep a float64 norm (and clip coefficient), as torch's clip_grad_norm_ has it
+    return total.sqrt().to(torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32)
 
 
 @torch.no_grad()
