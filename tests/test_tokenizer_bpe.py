@@ -193,6 +193,26 @@ def test_trained_bpe_offsets_next_to_the_prefix_space(trained):
     assert_same_as_hf(tok, hf, ["\x80", "中文 text", "  two spaces"], add_special_tokens=False)
 
 
+def test_trained_bpe_offsets_of_added_tokens_and_space_runs(trained, tmp_path):
+    """Offsets a probe found different from HF's trimming post-processors (ids were equal): an added token's
+    (lstrip / rstrip spaces, or its own leading space) were not trimmed; a first token of two or more spaces
+    kept them all (HF keeps one, the one add_prefix_space adds); the prefix space before a character of several
+    bytes, after an added token, was trimmed by one byte, not one character."""
+    from tokenizers import AddedToken
+
+    _, hf = trained
+    hf.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False),
+                           AddedToken("<r>", rstrip=True, normalized=False)])
+    hf.add_tokens([AddedToken(" york", normalized=False)])
+    path = tmp_path / "added.json"
+    hf.save(str(path))
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    texts = ["hello <mask> world", "hello\t<mask>", "a<r>  b", "new york", "<mask> at first", "   x",
+             "    indented", "<mask>é", "a<mask>中文", " <mask>\u3000<r>\u00a0y", "x  <r>"]
+    assert_same_as_hf(Tokenizer.from_file(path), hf, texts)
+    assert_same_as_hf(Tokenizer.from_file(path), hf, texts, add_special_tokens=False)
+
+
 @settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(texts, min_size=1, max_size=4))
 def test_trained_bpe_generated_text(trained, batch):

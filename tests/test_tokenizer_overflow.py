@@ -66,6 +66,16 @@ def test_bpe_windows_match_hf(tmp_path, style):
         assert_same_windows(tok, hf, texts(), max_length, stride)
 
 
+def test_bpe_windows_starting_on_space_runs(tmp_path):
+    """A window whose first token is a run of spaces: HF's post-processor (add_prefix_space) keeps one leading
+    space in its offsets, not two or more (all were put back)."""
+    path, hf = train_bpe(tmp_path, "roberta-prefix")
+    tok = Tokenizer.from_file(path)
+    batch = ["code    here  and   there", "   x   y    z", "a " * 9 + "   b"]
+    for max_length, stride in ((3, 0), (4, 1), (5, 2)):
+        assert_same_windows(tok, hf, batch, max_length, stride)
+
+
 def test_first_window_is_the_truncated_text(minilm):
     tok, _ = minilm
     batch = texts()

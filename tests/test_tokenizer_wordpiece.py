@@ -150,6 +150,28 @@ def test_vocab_txt_folder_matches_tokenizer_json(tok, tmp_path):
     assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.attention_mask, b.attention_mask)
 
 
+def test_vocab_txt_folder_added_tokens_from_config(tmp_path):
+    """tokenizer_config.json's added_tokens_decoder and additional_special_tokens were ignored for vocab.txt
+    folders ('[unused1]' split into pieces, where transformers' BertTokenizer keeps it one token)."""
+    transformers = pytest.importorskip("transformers")
+    shutil.copy(os.path.join(minilm_dir(), "vocab.txt"), tmp_path / "vocab.txt")
+    added = {"content": "[unused1]", "special": True, "lstrip": False, "rstrip": False, "single_word": False,
+             "normalized": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "do_lower_case": True, "tokenizer_class": "BertTokenizer", "added_tokens_decoder": {"2": added},
+        "additional_special_tokens": ["[unused1]", "[unused7]"]}))
+    ours, theirs = Tokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["x [unused1] y", "[unused7]and[unused1]", "[UNUSED1] lower"]
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ours(text)["input_ids"] == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "30522": {"content": "newword", "special": False, "normalized": True}}}))
+    with pytest.raises(TokenizerFileError, match="'newword' is matched after normalization"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 def test_from_pretrained_prefers_tokenizer_json(tok):
     assert Tokenizer.from_pretrained(minilm_dir()).encode("Hello there") == tok.encode("Hello there")
 

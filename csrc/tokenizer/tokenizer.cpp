@@ -193,9 +193,12 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
         while (lead < bytes.size() && bytes[lead] == ' ') ++lead;
         while (trail < bytes.size() && bytes[bytes.size() - 1 - trail] == ' ') ++trail;
         // As HF's ByteLevel post-processor: with its add_prefix_space, the first token (or
-        // one starting the text) keeps its leading spaces.
+        // one starting the text) keeps a single leading space (more were not added: they go).
         const bool first = k == 0 || start == 0;
-        if (lead > 0 && !(trim_keeps_first_ && first)) start = std::min<uint32_t>(start + uint32_t(lead), stop);
+        // HF trims in characters: the added prefix space is the first character (first_char_len bytes).
+        const size_t skip = at < shift ? first_char_len + lead - 1 : lead;
+        if (lead > 0 && !(trim_keeps_first_ && first && lead == 1))
+          start = std::min<uint32_t>(start + uint32_t(skip), stop);
         // HF trims in characters: a token of the added prefix space alone spans the first character (one
         // character, first_char_len bytes), which its trailing space takes away whole.
         if (trail > 0 && at + bytes.size() <= shift) stop = start;
@@ -209,15 +212,41 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
   }
 }
 
+// HF's ByteLevel offsets trim on an added token: its matched text (lstrip / rstrip spaces included) loses its
+// leading and trailing White_Space, counted in characters; the first token of a text keeps a single leading one
+// under add_prefix_space, as a BPE token does.
+void Tokenizer::trim_added(const uint8_t* s, bool first, uint32_t& start, uint32_t& stop) const {
+  size_t lead_end = start, lead = 0;
+  while (lead_end < stop) {
+    size_t j = lead_end;
+    if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
+    lead_end = j;
+    ++lead;
+  }
+  size_t trail_begin = stop;
+  while (trail_begin > start) {
+    size_t k = trail_begin - 1;
+    while (k > start && (s[k] & 0xC0) == 0x80) --k;
+    size_t j = k;
+    if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
+    trail_begin = k;
+  }
+  if (lead > 0 && !(trim_keeps_first_ && first && lead == 1)) start = uint32_t(std::min<size_t>(lead_end, stop));
+  if (trail_begin < stop) stop = uint32_t(std::max<size_t>(trail_begin, start));
+}
+
 void Tokenizer::encode_text(std::string_view text, Encoding& out, uint8_t from_pair, Workspace& ws) const {
   std::vector<Segment>& segments = ws.segments;
   split_added(text, segments);
   for (const Segment& seg : segments) {
     if (seg.added_id >= 0) {
+      const bool first = out.ids.empty() || seg.begin == 0;
       out.ids.push_back(seg.added_id);
       if (ws.offsets) {
-        out.start.push_back(seg.begin);
-        out.end.push_back(seg.end);
+        uint32_t start = seg.begin, stop = seg.end;
+        if (trim_offsets_) trim_added(reinterpret_cast<const uint8_t*>(text.data()), first, start, stop);
+        out.start.push_back(start);
+        out.end.push_back(stop);
       }
     } else {
       encode_plain(text.substr(seg.begin, seg.end - seg.begin), seg.begin, out, ws);

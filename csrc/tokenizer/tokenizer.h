@@ -104,6 +104,7 @@ class Tokenizer {
   void split_added(std::string_view text, std::vector<Segment>& out) const;
   void encode_text(std::string_view text, Encoding& out, uint8_t from_pair, Workspace& ws) const;
   void encode_plain(std::string_view text, uint32_t base, Encoding& out, Workspace& ws) const;
+  void trim_added(const uint8_t* s, bool first, uint32_t& start, uint32_t& stop) const;
 
   std::optional<WordPiece> wordpiece_;
   std::optional<BertOptions> bert_;

@@ -386,10 +386,50 @@ def load_bert_vocab(directory: str, cfg: dict) -> Spec:
     strip = cfg.get("strip_accents")
     bert = (True, bool(cfg.get("tokenize_chinese_chars", True)), lower if strip is None else bool(strip), lower)
     added = [AddedToken(t, vocab[t], True) for t in dict.fromkeys((pad, unk, cls, sep, mask))]
+    added += _config_added_tokens(cfg, vocab, {t.content for t in added}, os.path.join(directory,
+                                                                                      "tokenizer_config.json"))
     single = [("special", [vocab[cls]], 0), ("A", 0), ("special", [vocab[sep]], 0)]
+    strings = {i: t for t, i in vocab.items()}
+    strings.update({t.id: t.content for t in added})
     return Spec("wordpiece", vocab=list(vocab.items()), unk_token=unk, bert=bert, added_tokens=added,
                 template_single=single, template_pair=single + [("B", 1), ("special", [vocab[sep]], 1)],
-                pad_token=pad, pad_id=vocab[pad], token_strings={i: t for t, i in vocab.items()})
+                pad_token=pad, pad_id=vocab[pad], token_strings=strings)
+
+
+def _config_added_tokens(cfg: dict, vocab: dict, known: set, path: str) -> list:
+    """The added tokens a vocab.txt folder's tokenizer_config.json declares beyond the five specials, as transformers
+    reads them: ``added_tokens_decoder`` ({id: {content, special, lstrip, rstrip, single_word, normalized}}) and
+    ``additional_special_tokens`` (in vocab.txt, or declared above). Matched in the raw text, so a token matched
+    after normalization (normalized=true) is refused, as in tokenizer.json files."""
+    out = []
+    decoder = cfg.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        _fail(path, "added_tokens_decoder is not a JSON object")
+    for key, t in decoder.items():
+        try:
+            token = AddedToken(str(t["content"]), int(key), bool(t.get("special", False)),
+                               bool(t.get("single_word", False)), bool(t.get("lstrip", False)),
+                               bool(t.get("rstrip", False)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            _fail(path, f"added_tokens_decoder[{key!r}] is malformed ({e!r})")
+        if token.content in known:
+            continue
+        if t.get("normalized", not token.special):
+            _fail(path, f"added token {token.content!r} is matched after normalization (normalized=true); "
+                        "llmcore matches added tokens in the raw text only")
+        out.append(token)
+        known.add(token.content)
+    for t in cfg.get("additional_special_tokens") or []:
+        content = t.get("content") if isinstance(t, dict) else t
+        if not isinstance(content, str):
+            _fail(path, f"additional_special_tokens holds {t!r}, not a token")
+        if content in known:
+            continue
+        if content not in vocab:
+            _fail(path, f"additional special token {content!r} is neither in vocab.txt nor in added_tokens_decoder")
+        out.append(AddedToken(content, vocab[content], True))
+        known.add(content)
+    return out
 
 
 def load_tiktoken(path: str, pattern: str, special_tokens: Optional[dict] = None) -> Spec:

@@ -264,10 +264,10 @@ class Tokenizer:
         return BatchEncoding(arrays)
 
     def _untrim_window_starts(self, arrays: dict, n_prefix: int) -> None:
-        """HF's ByteLevel post-processor (trim_offsets with add_prefix_space) keeps the leading spaces
-        in the offsets of each sequence's first token, so of every window's: the encoder trimmed
-        them in windows after a text's first, and they are put back here (an all-space token's
-        offsets become empty at its start, as the post-processor leaves them)."""
+        """HF's ByteLevel post-processor (trim_offsets with add_prefix_space) keeps a single leading
+        space in the offsets of each sequence's first token, so of every window's: the encoder trimmed
+        it in windows after a text's first, and it is put back here (an all-space token's offsets
+        become empty at its start, as the post-processor leaves them); two or more go in both."""
         mapping = arrays["overflow_to_sample_mapping"]
         later = np.flatnonzero(mapping[1:] == mapping[:-1]) + 1  # windows after their text's first: never empty
         pos = arrays["cu_seqlens"][later].astype(np.int64) + n_prefix
@@ -278,7 +278,7 @@ class Tokenizer:
             for i, t in self._strings().items():
                 lead[i] = len(t) - len(t.lstrip("\u0120"))  # the byte-level alphabet's space
             self._lead_spaces = lead
-        lead = self._lead_spaces[arrays["input_ids"][pos]]
+        lead = (self._lead_spaces[arrays["input_ids"][pos]] == 1).astype(np.int32)  # (one is kept, two go)
         offsets = arrays["offsets"]
         offsets[pos, 0] -= lead
         offsets[pos, 1] = np.where(offsets[pos, 1] - offsets[pos, 0] <= lead, offsets[pos, 0], offsets[pos, 1])
