@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import math
@@ -842,6 +843,20 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     assert steps() == list(range(1, 9)) + [8]
 
 
+def test_resume_on_more_ranks_takes_rank_0s_random_state(tmp_path, capsys):
+    """A checkpoint written by fewer ranks than resume it has no RNG file for the new ranks: they take rank 0's,
+    said on stderr, as transformers goes on with a warning (it was refused, though the README promised resumes on
+    any number of ranks)."""
+    from llmcore.train.checkpoint import load_checkpoint
+
+    trainer = Trainer(tiny(0), config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1), factory(2))
+    trainer.train()
+    capsys.readouterr()
+    state = load_checkpoint(str(tmp_path / "out" / "checkpoint-1"), trainer.model, trainer.optimizer,
+                            trainer.scheduler, rank=1)
+    assert state["global_step"] == 1 and "rank 1 resumes with rank 0's random state" in capsys.readouterr().err
+
+
 def test_best_model_settings(tmp_path):
     assert TrainConfig("o").metric_for_best_model is None and TrainConfig("o").greater_is_better is None
     c = TrainConfig("o", load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch")
@@ -1017,15 +1032,24 @@ def test_early_stopping_by_epoch(tmp_path):
                                                                                 "checkpoint-6"]
 
 
-def _early_stop_worker(rank, world, init_file, out_dir):
+@contextlib.contextmanager
+def _gloo(rank, world, init_file):
+    """A spawned test worker's gloo group, one thread; a rank left waiting in a collective fails in a minute
+    instead of hanging the test."""
     import datetime
 
     import torch.distributed as dist
     torch.set_num_threads(1)
-    # a rank left waiting in a collective fails in a minute instead of hanging the test
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _early_stop_worker(rank, world, init_file, out_dir):
+    with _gloo(rank, world, init_file):
         gen = torch.Generator().manual_seed(13)
         batches = [padded(gen, 2) for _ in range(16)]
         # compute_metrics sees only its rank's rows: here the ranks' scores disagree, and rank 1's alone would
@@ -1040,8 +1064,6 @@ def _early_stop_worker(rank, world, init_file, out_dir):
         result = trainer.train()
         with open(os.path.join(str(out_dir), f"steps_{rank}"), "w") as f:
             f.write(f"{result['global_step']} {os.path.basename(result['best_model_checkpoint'])}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_early_stopping_ranks_agree(tmp_path):
@@ -1050,6 +1072,56 @@ def test_early_stopping_ranks_agree(tmp_path):
     out.mkdir()
     mp.spawn(_early_stop_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     assert [(out / f"steps_{r}").read_text() for r in (0, 1)] == ["8 checkpoint-4", "8 checkpoint-4"]
+
+
+def _eval_rows_on_one_rank_worker(rank, world, init_file, out_dir):
+    with _gloo(rank, world, init_file):
+        gen = torch.Generator().manual_seed(13)
+        batches = [padded(gen, 2) for _ in range(4)]
+        evals = [padded(gen, 3)] if rank == 0 else []  # a split of fewer rows than ranks: rank 1 gets none
+        cfg = TrainConfig(str(out_dir), max_steps=4, warmup_steps=1, learning_rate=1e-3, eval_strategy="steps",
+                          eval_steps=2, save_strategy="steps", save_steps=2, metric_for_best_model="score",
+                          load_best_model_at_end=True, report_to="none", disable_tqdm=True)
+        trainer = Trainer(tiny(0, dropout=0.0), cfg, batches, eval_batches=evals,
+                          compute_metrics=_scripted([0.1, 0.2, 0.3]))  # the last checkpoint is the best
+        trainer.train()
+        metrics = trainer.evaluate()
+        with open(os.path.join(str(out_dir), f"eval_{rank}.json"), "w") as f:
+            json.dump({k: metrics[k] for k in ("eval_examples", "eval_accuracy", "eval_f1")}, f)
+
+
+def _uneven_batches_worker(rank, world, init_file, out_dir):
+    with _gloo(rank, world, init_file):
+        gen = torch.Generator().manual_seed(13)
+        batches = [padded(gen, 2) for _ in range(4 - rank)]
+        try:
+            Trainer(tiny(0), TrainConfig(str(out_dir), max_steps=4, save_strategy="no"), batches).train()
+        except ValueError as e:
+            (out_dir / f"error_{rank}").write_text(str(e))
+
+
+def test_ranks_with_unequal_batch_counts_are_refused(tmp_path):
+    """Ranks with different numbers of training batches aborted inside gloo (SIGABRT, found by a probe): every
+    rank now stops with an error naming the counts."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "ddp"
+    out.mkdir()
+    mp.spawn(_uneven_batches_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    assert [(out / f"error_{r}").read_text()[:58] for r in (0, 1)] == [
+        "the ranks have 3 to 4 training batches per epoch (this one"] * 2
+
+
+def test_ranks_without_evaluation_rows_and_the_last_checkpoint_best(tmp_path):
+    """Found by a probe under torchrun: a rank without evaluation rows (a split of fewer rows than ranks) skipped
+    the counts' all-reduce the others entered, and hung (or was refused its empty eval_batches); ranks other
+    than 0 loaded the best checkpoint before rank 0 had renamed it into place (FileNotFoundError) when it was
+    the last one saved. Both ranks now report the one-process metrics and end."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "ddp"
+    out.mkdir()
+    mp.spawn(_eval_rows_on_one_rank_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    ranks = [json.loads((out / f"eval_{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["eval_examples"] == 3 and 0.0 <= ranks[0]["eval_accuracy"] <= 1.0
 
 
 def test_early_stopping_settings():

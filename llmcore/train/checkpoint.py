@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from typing import Optional
 
 import numpy as np
@@ -186,12 +187,17 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
             optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(_load_pt(os.path.join(path, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(path, f"rng_state_{rank}.pt")
+    if not os.path.isfile(rng_file) and rank > 0 and os.path.isfile(os.path.join(path, "rng_state_0.pt")):
+        # Written by fewer ranks (resumed on more): this rank takes rank 0's random state, as transformers goes
+        # on with a warning; the run then is not the one a same-size resume would give.
+        print(f"llmcore: {rng_file!r} is missing (the checkpoint was written by fewer ranks): rank {rank} resumes "
+              "with rank 0's random state", file=sys.stderr)
+        rng_file = os.path.join(path, "rng_state_0.pt")
     if os.path.isfile(rng_file):
         # Our own file: it holds numpy's and python's state tuples, which weights_only cannot read.
         set_rng_state(_load_pt(rng_file, weights_only=False))
     else:
-        raise FileNotFoundError(f"{rng_file!r} is missing: the checkpoint was written by fewer ranks, "
-                                "so this rank cannot resume its random state exactly")
+        raise FileNotFoundError(f"{rng_file!r} is missing: the checkpoint is incomplete")
     return state
 
 

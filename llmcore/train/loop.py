@@ -448,7 +448,8 @@ class Trainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config.eval_strategy != "no" and eval_batches is None:
             raise ValueError(f"eval_strategy={config.eval_strategy!r} needs eval_batches")
-        if eval_batches is not None and not callable(eval_batches) and _len_or_none(eval_batches) == 0:
+        if (eval_batches is not None and not callable(eval_batches) and _len_or_none(eval_batches) == 0
+                and _dist()[1] == 1):  # (under torch.distributed a rank may get none of a small split's rows)
             raise ValueError("eval_batches is empty: give evaluation batches, or none (eval_strategy 'no')")
         if eval_batches is not None and compute_metrics is None:
             _check_watched_metric(config.metric_for_best_model, is_causal_lm(model), eval_batches, _num_labels(model))
@@ -548,8 +549,8 @@ class Trainer:
                                 votes.update(text_ids, logits.float(), labels)
             if self.world_size > 1:
                 all_reduce(sums)
-                if counts is not None:
-                    all_reduce(counts)
+                if not causal_lm:  # every rank, also one without evaluation rows (it has no counts of its own)
+                    counts = _reduce_counts(counts, self.device)
         finally:  # an error (a rank without evaluation batches under FSDP) leaves the mode as it was
             model.train(was_training)
             if is_sharded(model):
@@ -633,6 +634,7 @@ class Trainer:
         if self.rank == 0:
             publish_checkpoint(partial, path)
             rotate_checkpoints(self.config.output_dir, self.config.save_total_limit, keep=self.best_model_checkpoint)
+        self._barrier()  # (the other ranks may read it next: load_best_model_at_end of this, the last, checkpoint)
         return path
 
     def _track_best(self, path: str) -> None:
@@ -751,6 +753,8 @@ class Trainer:
         if not resume:
             seed_everything(cfg.seed)
         n_batches = _len_or_none(self.train_batches(0))
+        if self.world_size > 1 and n_batches is not None:
+            _check_same_batch_counts(n_batches, self.device)
         accum = cfg.gradient_accumulation_steps
         steps_per_epoch = math.ceil(n_batches / accum) if n_batches is not None else None
         total = cfg.total_steps(steps_per_epoch)
@@ -914,6 +918,30 @@ def _in_lockstep(batches, device: torch.device):
         first = next(iter(batches))
         for _ in range(most - n):
             yield first, False
+
+
+def _check_same_batch_counts(n_batches: int, device: torch.device) -> None:
+    """Every rank must take as many training batches per epoch (DDP's collectives pair them up): a clear error on
+    every rank, where unequal counts aborted inside gloo or hung (a collective; every rank calls it)."""
+    extremes = torch.tensor([n_batches, -n_batches], dtype=torch.int64, device=device)
+    all_reduce(extremes, dist.ReduceOp.MAX)
+    most, fewest = int(extremes[0]), -int(extremes[1])
+    if most != fewest:
+        raise ValueError(f"the ranks have {fewest} to {most} training batches per epoch (this one {n_batches}): "
+                         "every rank must have the same number")
+
+
+def _reduce_counts(counts: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    """The (3, C) per-class counts summed over the ranks; a rank that saw no evaluation rows has none, and takes
+    C from the others (one collective for C, one for the counts: every rank calls both)."""
+    classes = torch.tensor([0 if counts is None else counts.shape[1]], dtype=torch.int64, device=device)
+    all_reduce(classes, dist.ReduceOp.MAX)
+    if int(classes) == 0:
+        return None
+    if counts is None:
+        counts = torch.zeros(3, int(classes), dtype=torch.float64, device=device)
+    all_reduce(counts)
+    return counts
 
 
 def _note_changed_batching(saved: Optional[dict], cfg: TrainConfig, path: str) -> None:
