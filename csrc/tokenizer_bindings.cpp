@@ -228,6 +228,9 @@ void bind_tokenizer(py::module_& m) {
       .def("set_template", [](tk::Tokenizer& t, const py::list& single, const py::list& pair) {
         t.set_template(parse_template(single), parse_template(pair));
       }, py::arg("single"), py::arg("pair"))
+      .def("set_token_text", [](tk::Tokenizer& t, int32_t id, const py::bytes& text, bool special) {
+        t.set_token_text(id, std::string(text), special);
+      }, py::arg("id"), py::arg("text"), py::arg("special"))
       .def("set_trim_offsets", &tk::Tokenizer::set_trim_offsets, py::arg("on"), py::arg("keep_first"))
       .def("num_special_tokens", &tk::Tokenizer::num_special_tokens, py::arg("pair"))
       .def("encode_batch", &encode_batch, py::arg("texts"), py::arg("pairs"), py::arg("add_special_tokens"),

@@ -213,6 +213,22 @@ def test_trained_bpe_offsets_of_added_tokens_and_space_runs(trained, tmp_path):
     assert_same_as_hf(Tokenizer.from_file(path), hf, texts, add_special_tokens=False)
 
 
+def test_trained_bpe_decodes_added_tokens_as_hf(trained, tmp_path):
+    """HF's ByteLevel decoder reads an added token spelled in the byte-level alphabet as bytes ('ÃĽ' is 'Û',
+    'Ġx' is ' x', a lone 'é' an invalid byte: U+FFFD); llmcore wrote its characters as they are."""
+    from tokenizers import AddedToken
+
+    _, hf = trained
+    hf.add_tokens([AddedToken(t, normalized=False) for t in ("ÃĽ", "Ġx", "é", "中")])
+    path = tmp_path / "added.json"
+    hf.save(str(path))
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    tok = Tokenizer.from_file(path)
+    for text in ("ÃĽ and Ġx", "hello é world", "中文 text", "plain"):
+        ids = hf.encode(text).ids
+        assert tok.encode(text) == ids and tok.decode(ids) == hf.decode(ids), text
+
+
 @settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(texts, min_size=1, max_size=4))
 def test_trained_bpe_generated_text(trained, batch):

@@ -358,6 +358,18 @@ def test_transformers_style_call_default_lengths(tmp_path):
         Tokenizer.from_pretrained(folder)(texts, truncation=True)
 
 
+def test_counts_take_numpy_ints_not_bools(tok):
+    """max_length and the other counts take NumPy integers (they were refused) and refuse bools (True was 1)."""
+    texts = ["a b c d e f"]
+    assert tok.encode_batch(texts, max_length=np.int64(4), truncation=True, padding=True,
+                            pad_to_multiple_of=np.int32(4)).input_ids.shape == (1, 4)
+    for value in (True, 2.0):
+        with pytest.raises(ValueError, match="max_length must be a positive int"):
+            tok.encode_batch(texts, max_length=value, truncation=True)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
+        tok.encode_batch(texts, padding=True, pad_to_multiple_of=False)
+
+
 def test_encode_batch_survives_the_caller_emptying_its_list(tok):
     """The native threads read the strings without the GIL: another Python thread clearing the caller's list
     mid-call freed them (corrupt ids, found by a probe) until encode_batch held its own list of them."""

@@ -85,6 +85,11 @@ class Spec:
                                              self.add_prefix_space)
         native.set_added_tokens([(t.content, t.id, t.special, t.single_word, t.lstrip, t.rstrip)
                                  for t in self.added_tokens])
+        if self.kind == "bpe_merges":  # HF's ByteLevel decoder reads an added token in the byte-level alphabet
+            to_byte = {c: b for b, c in bytes_to_unicode().items()}
+            for t in self.added_tokens:
+                if all(c in to_byte for c in t.content):
+                    native.set_token_text(t.id, bytes(to_byte[c] for c in t.content), t.special)
         native.set_template(self.template_single, self.template_pair)
         native.set_trim_offsets(self.trim_offsets, self.trim_keeps_first)
         return native

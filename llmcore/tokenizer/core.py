@@ -1,6 +1,7 @@
 """``Tokenizer`` and ``BatchEncoding``."""
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -17,6 +18,13 @@ def _default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def _count(name: str, value, minimum: int) -> int:
+    """``value`` as an int (NumPy's integers too, not bools), at least ``minimum``; else a ValueError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be {'a positive' if minimum else 'a non-negative'} int, got {value!r}")
+    return int(value)
 
 
 class BatchEncoding:
@@ -207,8 +215,8 @@ class Tokenizer:
             padding = "none"
         if padding not in ("none", "longest", "max_length"):
             raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if max_length is not None:
+            max_length = _count("max_length", max_length, 1)
         if truncation and max_length is None:
             raise ValueError("truncation=True needs max_length")
         if padding == "max_length" and max_length is None:
@@ -219,14 +227,13 @@ class Tokenizer:
             raise ValueError("return_overflowing_tokens=True takes single texts, not pairs")
         if stride and not return_overflowing_tokens:
             raise ValueError("stride is for return_overflowing_tokens=True")
-        if not isinstance(stride, int) or stride < 0:
-            raise ValueError(f"stride must be a non-negative int, got {stride!r}")
+        stride = _count("stride", stride, 0)
         if truncation and max_length is not None and not return_overflowing_tokens:
             specials = self._native.num_special_tokens(pairs is not None) if add_special_tokens else 0
             if max_length < specials:
                 raise ValueError(f"max_length={max_length} leaves no room for the {specials} special tokens")
-        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
-            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+        if pad_to_multiple_of is not None:
+            pad_to_multiple_of = _count("pad_to_multiple_of", pad_to_multiple_of, 1)
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_id is None:
@@ -238,8 +245,8 @@ class Tokenizer:
                              "section in tokenizer.json): pass pad_id=")
         if num_threads is None:
             num_threads = _default_threads()
-        elif not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        else:
+            num_threads = _count("num_threads", num_threads, 1)
         if return_overflowing_tokens:
             return self._overflowing(texts, add_special_tokens, max_length, stride, padding, pad_to_multiple_of,
                                      padding_side == "left", pad_id, bool(return_offsets), num_threads)
