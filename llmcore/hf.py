@@ -126,8 +126,8 @@ def attention_forward(
         raise ValueError("llmcore attention does not support attention sinks (`s_aux`); "
                          "use attn_implementation='eager'")
     if kwargs.get("output_attentions", False):
-        warnings.warn("llmcore attention does not return attention weights (output_attentions=True); they will be "
-                      "None. Use attn_implementation='eager' to get them.", stacklevel=2)
+        warnings.warn("llmcore attention does not return attention weights (output_attentions=True): the output's "
+                      "attentions are empty. model.set_attn_implementation('eager') gives them.", stacklevel=2)
 
     device_type = query.device.type
     autocast = _autocast_on(device_type)
@@ -704,6 +704,18 @@ def _match(m: nn.Module) -> tuple[str, object] | None:
 # patch
 
 
+def _refuse_attention_outputs(model: nn.Module) -> None:
+    """A config asking for attention weights (``output_attentions=True``) would get none from llmcore attention
+    (GPT-2 drops the request without a word): refused before anything is patched, as transformers refuses it
+    for its own non-eager attention."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and getattr(m.config, "output_attentions", False):
+            raise ValueError(f"{type(m).__name__}'s config sets output_attentions=True, and llmcore attention returns "
+                             "no attention weights: set it False to patch, or keep transformers' eager attention")
+
+
 def _use_llmcore_attention(model: nn.Module) -> int:
     """Switch every transformers model inside ``model`` to llmcore attention; returns how many
     attention modules now use it."""
@@ -772,7 +784,9 @@ def patch(model: nn.Module) -> nn.Module:
     per kind are logged and stored in ``model._llmcore_patched``. A patched module's ``forward`` carries the
     signature of its class's (transformers' Trainer picks dataset columns by it); ``nn.DataParallel``'s replicas
     run the patched forwards on their own tensors. A patched model unpickled (e.g.
-    ``torch.load`` of a whole model) runs transformers' forwards until patched again.
+    ``torch.load`` of a whole model, in any process with llmcore installed) runs llmcore attention (its name
+    is registered as the model loads) and transformers' other forwards until patched again. A config with
+    ``output_attentions=True`` is refused (no weights come back: ``set_attn_implementation("eager")`` for them).
 
     >>> model = patch(AutoModelForCausalLM.from_config(config))  # doctest: +SKIP
     >>> model._llmcore_patched  # doctest: +SKIP
@@ -781,6 +795,7 @@ def patch(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_attention_outputs(model)
     register()
     counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
               "rotary_embedding": 0, "dropout": 0, "embedding": 0, "linear_cross_entropy": 0, "first_token_layer": 0}

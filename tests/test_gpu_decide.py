@@ -13,11 +13,14 @@ import decide  # noqa: E402
 sys.path.pop(0)
 
 
-def _attention(defaults, tuned, dq="tma", blocks=None):
+def _attention(defaults, tuned, dq="tma", blocks=None, forward=None):
+    """fwd+bwd rounds of the defaults and the winners; the forward's: ``forward`` (defaults, winners), else 0.3 of
+    the fwd+bwd's (the backward then gains as much as the whole)."""
     blocks = blocks or {"fwd": [128, 64, 8, 3], "dkdv": [32, 64, 4, 3], "dq": [128, 64, 8, 3],
                         "dkdv_atomic": [64, 128, 8, 3], "dkdv_tma": [64, 128, 8, 2]}
-    modes = {m: {"ms": {"llmcore_defaults": defaults, "llmcore_unfolded": defaults, "llmcore_tuned": tuned}}
-             for m in ("forward", "fwd_bwd")}
+    fd, ft = forward or ([0.3 * x for x in defaults], [0.3 * x for x in tuned])
+    modes = {"fwd_bwd": {"ms": {"llmcore_defaults": defaults, "llmcore_unfolded": defaults, "llmcore_tuned": tuned}},
+             "forward": {"ms": {"llmcore_defaults": fd, "llmcore_unfolded": fd, "llmcore_tuned": ft}}}
     return {"attention": {"shape": [4, 32, 4096, 128], "cases": {"causal": {
         "head_to_head": {"rounds": len(defaults), "modes": modes},
         "llmcore_triton_tuned": {"blocks": blocks, "dq_mode": dq}}}}}
@@ -50,6 +53,14 @@ def test_attention_keeps_defaults(tuned):
     lines = decide.decide(_attention([10.0] * 5, tuned))
     assert lines[0].startswith("attention causal backward: keep") and lines[1].endswith(")")
     assert "keep" in lines[1]
+
+
+def test_attention_backward_kept_when_the_forward_winner_explains_the_gain():
+    """The winners' entrant runs the forward's winner too: a fwd+bwd gain that the forward's gain accounts for
+    changes no backward setting (the backward alone: (10 - 3) / (9 - 2) = 1.0); the forward's own verdict stands."""
+    lines = decide.decide(_attention([10.0] * 3, [9.0] * 3, forward=([3.0] * 3, [2.0] * 3)))
+    assert lines[0].startswith("attention causal backward: keep") and "the backward alone 1.000x" in lines[0]
+    assert "CHANGE" in lines[1]
 
 
 def _norms(up):

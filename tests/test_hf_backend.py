@@ -9,6 +9,7 @@ import functools
 import inspect
 import io
 import os
+import subprocess
 import sys
 
 import pytest
@@ -700,6 +701,41 @@ def test_patch_again_after_unpickling():
     assert rebound == {n for n, m in model.named_modules() if "forward" in m.__dict__}
     with torch.no_grad():
         torch.testing.assert_close(back(**batch).logits, ref(**batch).logits, **FP32)
+
+
+_LOAD_AND_RUN = """
+import sys, torch
+model = torch.load(sys.argv[1], weights_only=False)
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(**batch).logits, sys.argv[3])
+"""
+
+
+def test_unpickled_in_a_fresh_process(tmp_path):
+    """A whole patched model loaded in another process names its attention "llmcore", which that process had not
+    registered: its forward raised KeyError (found by a probe). The name is registered as the model loads."""
+    ref, _ = _pair("llama")
+    torch.save(hf.patch(copy.deepcopy(ref)), tmp_path / "model.pt")
+    batch = _lm_batch("right")
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    done = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(tmp_path / "model.pt"), str(tmp_path / "batch.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ref(**batch).logits, **FP32)
+
+
+def test_patch_refuses_a_config_asking_for_attention_weights():
+    """output_attentions=True in the config: llmcore attention returns none (GPT-2 dropped the request silently, an
+    empty tuple came back); refused before anything is patched."""
+    ref, _ = _pair("gpt2")
+    model = copy.deepcopy(ref)
+    model.set_attn_implementation("eager")  # (transformers itself refuses the setting on its sdpa attention)
+    model.config.output_attentions = True
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        hf.patch(model)
+    assert model.config._attn_implementation == "eager"
 
 
 def _data_parallel_replicas(model, n, monkeypatch):

@@ -51,6 +51,19 @@ def _every_round(ratios: list[float]) -> bool:
     return bool(ratios) and min(ratios) > 1.0 and sorted(ratios)[len(ratios) // 2] >= MIN_GAIN
 
 
+def _backward_gain(fb: dict, fw: dict):
+    """The winners' gain on the backward alone, defaults over winners: the median fwd+bwd less the median forward
+    of each (None without the forward's head-to-head), so that a forward gain alone changes no backward setting."""
+    if "llmcore_tuned" not in fw or "llmcore_defaults" not in fw:
+        return None
+
+    def median(x):
+        return sorted(x)[len(x) // 2]
+    ours = median(fb["llmcore_defaults"]) - median(fw["llmcore_defaults"])
+    theirs = median(fb["llmcore_tuned"]) - median(fw["llmcore_tuned"])
+    return ours / theirs if ours > 0 and theirs > 0 else None
+
+
 def attention(results: dict) -> list[str]:
     out = []
     cases = results.get("attention", {}).get("cases", {})
@@ -65,9 +78,11 @@ def attention(results: dict) -> list[str]:
             continue
         fb = modes.get("fwd_bwd", {}).get("ms", {})
         fwd = next((k for k in (blocks or {}) if k.removesuffix("_desc") == "fwd"), None)
+        fw = modes.get("forward", {}).get("ms", {})
         if blocks and "llmcore_tuned" in fb:
             r = _ratios(fb["llmcore_defaults"], fb["llmcore_tuned"])
-            if _every_round(r):
+            alone = _backward_gain(fb, fw)  # the winners' entrant carries the forward's winner too
+            if _every_round(r) and (alone is None or alone >= MIN_GAIN):
                 sets = _settings([k for k in blocks if k.removesuffix("_desc") in _DQ_KINDS[dq]], blocks, bucket,
                                  causal)
                 if dq != "kernel":
@@ -75,8 +90,9 @@ def attention(results: dict) -> list[str]:
                 out.append(f"attention {name} backward: CHANGE ({_span(r)} fwd+bwd, the forward's winners included: "
                            f"see the next line): " + "; ".join(sets))
             else:
-                out.append(f"attention {name} backward: keep (the sweep's winners, dQ by {dq}: {_span(r)} fwd+bwd)")
-        fw = modes.get("forward", {}).get("ms", {})
+                side = "" if alone is None else f"; the backward alone {alone:.3f}x in the median rounds"
+                out.append(f"attention {name} backward: keep (the sweep's winners, dQ by {dq}: {_span(r)} fwd+bwd"
+                           f"{side})")
         if fwd and "llmcore_tuned" in fw:
             r = _ratios(fw["llmcore_defaults"], fw["llmcore_tuned"])
             verdict = "CHANGE: " + "; ".join(_settings([fwd], blocks, bucket, causal)) if _every_round(r) else "keep"

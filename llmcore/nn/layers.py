@@ -2,6 +2,8 @@
 packed, (T, ...) with ``cu_seqlens``; ``Batch`` carries which, so every layer serves both."""
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -154,6 +156,19 @@ class Embedding(nn.Embedding):
         state.pop("_grad_storage", None)
         state.pop("_clean_storage", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # A transformers model patched by llmcore.hf (this class is in every one) names its attention "llmcore"
+        # in its config: a process unpickling it needs that name registered. transformers is loaded by then (the
+        # model's own classes come first in the pickle).
+        if "transformers" in sys.modules:
+            try:
+                from llmcore.hf import register
+
+                register()
+            except ImportError:  # a transformers without the registries: its models never ran patched
+                pass
 
     def _grad_buffer(self) -> Tensor:
         """A tensor shaped like the weight, over storage that only this module holds (or fresh)."""
