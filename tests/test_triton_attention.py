@@ -767,3 +767,24 @@ def test_identical_keys_give_uniform_weights():
     v = torch.randn(1, 1, 23, 16, device=DEVICE)
     out = triton_sdpa(q, k, v, scale=1 / math.sqrt(3))
     torch.testing.assert_close(out, v.mean(2, keepdim=True).expand_as(out), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(GPU, reason="a 5 GiB virtual buffer: the interpreter's CPU tensors only")
+def test_mask_row_offsets_past_2_31():
+    """A mask row index times its row stride passed 2**31 in int32 (a dense (B, 1, L, L) mask from L = 46341; here a
+    view with a 2**27 row stride): the kernel read 2 GiB before the mask, where a decoy row sits (found by a probe).
+    Offsets are int64 now. The buffer is virtual: only the rows written are touched."""
+    stride, base, lq, lk = 1 << 27, 3 << 30, 17, 16
+    big = torch.empty(base + (lq - 1) * stride + lk, dtype=torch.bool)
+    mask = big.as_strided((lq, lk), (stride, 1), base)
+    for r in range(lq):
+        mask[r].fill_(True)
+    mask[16].fill_(False)
+    mask[16, 3] = True  # the real row 16 sees key 3 only
+    decoy = base + 16 * stride - (1 << 32)  # where the int32 offset wrapped to
+    big[decoy:decoy + lk].fill_(False)
+    q, k, v = (torch.randn(1, 1, n, 16, generator=torch.Generator().manual_seed(i)) for i, n in enumerate((lq, lk, lk)))
+    out = llmcore.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="triton")
+    torch.testing.assert_close(out[0, 0, 16], v[0, 0, 3])
+    ref = llmcore.scaled_dot_product_attention(q, k, v, attn_mask=mask.clone(), backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

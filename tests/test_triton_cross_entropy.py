@@ -110,6 +110,25 @@ def test_every_label_ignored_gives_nan_mean_and_zero_grads():
     assert torch.isnan(loss) and (hidden.grad == 0).all() and (weight.grad == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ignored_row_with_overflowing_logits_gives_finite_gradients(backend):
+    """An ignored row (a padded token) whose fp16 logits overflow: its dlogits were 0 * NaN = NaN, which spread
+    through grad_weight (found by a probe); it now contributes exact zeros, as the native kernel's does."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 16, generator=g), torch.randn(70, 16, generator=g)
+    y = torch.randint(0, 70, (6,), generator=g)
+    h[2], y[2] = 1e4, -100
+    grads = {}
+    for name, rows in (("with", slice(None)), ("without", [0, 1, 3, 4, 5])):
+        hh = h[rows].half().to(DEVICE).requires_grad_()
+        ww = w.half().to(DEVICE).requires_grad_()
+        linear_cross_entropy(hh, ww, y[rows].to(DEVICE), reduction="sum", backend=backend).backward()
+        grads[name] = hh.grad, ww.grad
+    assert torch.isfinite(grads["with"][0]).all() and torch.equal(grads["with"][0][2], torch.zeros_like(h[2]).half()
+                                                                   .to(DEVICE))
+    torch.testing.assert_close(grads["with"][1], grads["without"][1], rtol=1e-3, atol=1e-3)
+
+
 def test_backend_refusals(monkeypatch):
     h, w, y = torch.randn(4, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="backend='nope' is unknown"):

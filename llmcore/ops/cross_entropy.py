@@ -117,6 +117,7 @@ class _Scratch:
         if eps:
             p.sub_(eps / p.size(1))
         p.mul_(coef[:, None])
+        p.masked_fill_((coef == 0)[:, None], 0.0)  # (an ignored row's logits may overflow: 0 * inf is NaN)
         return p
 
 

@@ -103,14 +103,15 @@ def _rows_tile(PTR, DESC, b, h, start, n0, offs_n, n_rows, offs_c, stride_n, N_C
         if VARLEN and EDGE:
             t = tl.where(offs_n[:, None] < n_rows, t, 0.0)
         return t
-    return _load_tile(PTR + offs_n[:, None] * stride_n + offs_c[None, :], offs_n, n_rows, offs_c, N_COLS, EDGE,
-                      N_COLS != BLOCK_C)
+    rows = offs_n.to(tl.int64)[:, None] * stride_n  # (int64: row x stride passes 2**31 in long sequences)
+    return _load_tile(PTR + rows + offs_c[None, :], offs_n, n_rows, offs_c, N_COLS, EDGE, N_COLS != BLOCK_C)
 
 
 @triton.jit
 def _apply_attn_mask(s, MASK, offs_r, offs_c, len_r, len_c, stride_r, stride_c, MASK_KIND: tl.constexpr):
     """Adds an additive mask (MASK_KIND 2) or applies a boolean one (1) to a score tile s (R, C)."""
-    ptrs = MASK + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    # (int64: a row index times a mask's row stride passes 2**31 at L = 46341, a slice of a wider buffer sooner)
+    ptrs = MASK + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
     inside = (offs_r[:, None] < len_r) & (offs_c[None, :] < len_c)
     if MASK_KIND == 1:
         keep = tl.load(ptrs, mask=inside, other=0)
@@ -251,7 +252,7 @@ def attn_fwd(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM,
+    q = _load_tile(Q + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D)
     drop_rows = lse_row0 + offs_m
     seed = tl.load(RNG) if DROPOUT else 0
@@ -278,7 +279,7 @@ def attn_fwd(
     lse = tl.where(dead, float("-inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i)))
     row_ok = offs_m < len_q
     tl.store(LSE + lse_row0 + offs_m, lse, mask=row_ok)
-    o_ptrs = OUT + offs_m[:, None] * stride_om + offs_dv[None, :]
+    o_ptrs = OUT + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, _cast(out, OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
@@ -445,9 +446,10 @@ def attn_bwd_dkdv(
     offs_dv = tl.arange(0, BLOCK_DV)
     k_base = b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
     v_base = b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vn
-    k = _load_tile(K + k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM,
+    rows = offs_n.to(tl.int64)[:, None]
+    k = _load_tile(K + k_base + rows * stride_kn + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D)
-    v = _load_tile(V + v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, len_k, offs_dv, HEAD_DIM_V,
+    v = _load_tile(V + v_base + rows * stride_vn + offs_dv[None, :], offs_n, len_k, offs_dv, HEAD_DIM_V,
                    True, HEAD_DIM_V != BLOCK_DV)
     seed = tl.load(RNG) if DROPOUT else 0
     offset_lo = (tl.load(RNG + 1) & 0xFFFFFFFF).to(tl.uint32) if DROPOUT else 0

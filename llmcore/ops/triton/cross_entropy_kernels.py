@@ -57,4 +57,5 @@ def ce_rows(
             z = tl.load(Z + idx, mask=inside, other=0.0).to(tl.float32)
             g = tl.exp(z - lse) - eps / n_classes
             g = tl.where(idx == y, g - (1.0 - eps), g)
-            tl.store(Z + idx, _cast(c * g, Z.dtype.element_ty), mask=inside)
+            # (an ignored row, c == 0, gets exact zeros: its logits may overflow, and 0 * inf is NaN)
+            tl.store(Z + idx, _cast(tl.where(c == 0.0, 0.0, c * g), Z.dtype.element_ty), mask=inside)
