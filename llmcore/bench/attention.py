@@ -6,9 +6,11 @@ dense shape share one round robin, so that the causal/full time ratio is measure
 too. Reported: median and inter-quartile range of the wall time, GFLOP/s, and the speedup over
 torch SDPA.
 
-FLOP convention (as FlashAttention's benchmarks): forward = 4 * B * H * Lq * Lk * D
-(two GEMMs) times the fraction of visible (query, key) pairs; forward + backward = 3.5x
-forward (the backward runs five GEMMs).
+FLOP convention: forward = 4 * B * H * Lq * Lk * D (two GEMMs) times the exact fraction of
+visible (query, key) pairs -- causal square: (L + 1) / (2L), where FlashAttention's benchmarks
+and benchmarks/gpu/bench.py take 1/2, which reads 1/L lower (1.6% at L 64); forward + backward
+= 3.5x forward (the backward runs five GEMMs). "Fraction of fp32 matmul" divides by torch's
+2048^3 fp32 matmul measured in the same run, not by the cores' FMA peak.
 """
 from __future__ import annotations
 
