@@ -17,9 +17,9 @@ def _info(args: argparse.Namespace) -> int:
 def _bench_attention(args: argparse.Namespace) -> int:
     from llmcore.bench import attention
 
-    attention.main(quick=args.quick, json_path=args.json, budget_s=args.budget, with_reference=not args.no_reference,
-                   varlen=not args.no_varlen, plot_path=args.plot)
-    return 0
+    out = attention.main(quick=args.quick, json_path=args.json, budget_s=args.budget,
+                         with_reference=not args.no_reference, varlen=not args.no_varlen, plot_path=args.plot)
+    return 0 if out["summary"].get("outputs agree with torch (every checked case)") is not False else 1
 
 
 def _bench_tokenizer(args: argparse.Namespace) -> int:

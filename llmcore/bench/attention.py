@@ -18,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -44,7 +45,9 @@ class Case:
     name: str
     flops_fwd: float  # useful FLOPs of one forward
     make: Callable[[], dict[str, Callable[[bool], None]]] = field(repr=False)
-    # make() -> {impl: fn(backward)}; fn(False) runs a forward under no_grad, fn(True) forward + backward
+    # make() -> {impl: fn(backward)}; fn(False) runs a forward under no_grad, fn(True) forward + backward;
+    # fn.outputs() the output and gradients, checked against torch's before the timings
+    dtype: torch.dtype = torch.float32
 
 
 def visible_fraction(len_q: int, len_k: int, causal: bool) -> float:
@@ -69,10 +72,13 @@ def dense_case(shape: tuple[int, int, int, int], dtype: torch.dtype, causal: boo
         }
         return {n: _runner(fns[n], dout, (q, k, v)) for n in impls}
 
-    return Case(name, flops, make)
+    return Case(name, flops, make, dtype)
 
 
-def _runner(fn: Callable[[], torch.Tensor], dout: torch.Tensor, leaves) -> Callable[[bool], None]:
+def _runner(fn: Callable[[], torch.Tensor], dout: torch.Tensor, leaves,
+            view: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> Callable[[bool], None]:
+    """run(backward) for the timings; run.outputs(): the output and the leaves' gradients in float64, through
+    ``view`` (a padded layout's real rows, to compare with a packed one), for the check before the timings."""
     def run(backward: bool) -> None:
         if not backward:
             with torch.no_grad():
@@ -82,7 +88,25 @@ def _runner(fn: Callable[[], torch.Tensor], dout: torch.Tensor, leaves) -> Calla
             t.grad = None
         fn().backward(dout)
 
+    def outputs() -> list:
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        out.backward(dout)
+        return [view(x.detach()).double() for x in [out] + [t.grad for t in leaves]]
+
+    run.outputs = outputs
     return run
+
+
+# The check before the timings: llmcore's output and gradients against torch's, the largest difference relative
+# to torch's largest value (fp32 agrees to ~1e-6, bf16 to a few roundings of 2**-8)
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+def max_rel_diff(ours: list, theirs: list) -> float:
+    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+               for a, b in zip(ours, theirs))
 
 
 def wordpiece_lengths(split: str = "sst2", limit: Optional[int] = None) -> list[int]:
@@ -137,11 +161,12 @@ def varlen_case(lengths: list[int], heads: int = 12, head_dim: int = 32, dtype=t
         key_mask = valid[:, None, None, :]
         fns = {
             "llmcore": _runner(lambda: llmcore.varlen_attention(qp, kp, vp, cu, cu, L, L), dout_p, (qp, kp, vp)),
-            "torch": _runner(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=key_mask), dout_d, (qd, kd, vd)),
+            "torch": _runner(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=key_mask), dout_d,
+                             (qd, kd, vd), view=lambda t: t.transpose(1, 2)[valid]),  # its real rows, packed
         }
         return {k: fns[k] for k in impls}
 
-    return Case(name, flops, make)
+    return Case(name, flops, make, dtype)
 
 
 @dataclass
@@ -153,6 +178,10 @@ class Result:
     iqr_s: float
     gflops: float
     speedup_vs_torch: Optional[float] = None
+    # the output's and gradients' largest difference from torch's, relative to torch's largest value (llmcore
+    # only; checked before the timings, against CHECK_TOLERANCE)
+    max_rel_diff_vs_torch: Optional[float] = None
+    outputs_agree: Optional[bool] = None
 
 
 def time_round_robin(fns: dict[object, Callable[[], None]], min_rounds: int = 5,
@@ -183,6 +212,10 @@ def run_cases(cases: list[Case], modes=("fwd", "fwd+bwd"), budget_s: float = 3.0
     """Time every implementation of every case in one round robin per mode (budget_s per case), so
     that ratios between the cases (causal / full) are measured side by side, as the speedups are."""
     made = [(case, case.make()) for case in cases]
+    checked = {case.name: max_rel_diff(fs["llmcore"].outputs(), fs["torch"].outputs())
+               for case, fs in made if "llmcore" in fs and "torch" in fs}
+    agree = {case.name: checked[case.name] <= CHECK_TOLERANCE.get(case.dtype, 1e-4)
+             for case, _ in made if case.name in checked}
     results = []
     for mode in modes:
         backward = mode == "fwd+bwd"
@@ -194,7 +227,15 @@ def run_cases(cases: list[Case], modes=("fwd", "fwd+bwd"), budget_s: float = 3.0
             for impl in fs:
                 m, torch_key = med[(case.name, impl)], (case.name, "torch")
                 sp = med[torch_key] / m if torch_key in med else None
-                results.append(Result(case.name, impl, mode, m, iqr(times[(case.name, impl)]), flops / m / 1e9, sp))
+                ours = impl == "llmcore"
+                results.append(Result(case.name, impl, mode, m, iqr(times[(case.name, impl)]), flops / m / 1e9, sp,
+                                      checked.get(case.name) if ours else None, agree.get(case.name) if ours else None))
+    for case, _ in made:  # said after the timings, so a wrong case is still reported whole
+        diff = checked.get(case.name)
+        if diff is not None and not agree[case.name]:
+            print(f"llmcore: {case.name}: llmcore's output or gradients differ from torch's by {diff:.2e} of their "
+                  f"largest value (tolerance {CHECK_TOLERANCE.get(case.dtype, 1e-4):g}): its timings are not a "
+                  "result", file=sys.stderr)
     return results
 
 
@@ -289,6 +330,8 @@ def summarize(results: list[Result], env: dict) -> dict:
         "fwd+bwd min speedup vs torch (dense suite)": round(min(fb), 3) if fb else None,
         "fwd geomean speedup vs torch (dense suite)": round(geomean([r.speedup_vs_torch for r in dense if r.mode == "fwd"]), 3) if dense else None,
     }
+    checked = [r.outputs_agree for r in results if r.outputs_agree is not None]
+    s["outputs agree with torch (every checked case)"] = all(checked) if checked else None
     big = [r for r in dense if r.mode == "fwd" and "L2048 D128 float32 full" in r.case]
     if big:
         s["fwd fp32 (1,32,2048,128) GFLOP/s"] = round(big[0].gflops, 1)

@@ -1,0 +1,29 @@
+"""llmcore.bench.attention checks llmcore's output and gradients against torch's before it times them: a fast but
+wrong path must not report a win (an audit found the CPU benchmarks timed without looking)."""
+import torch
+
+import llmcore
+from llmcore.bench import attention
+
+
+def _llmcore_row(results):
+    return next(r for r in results if r.impl == "llmcore" and r.mode == "fwd")
+
+
+def test_agreeing_outputs_are_recorded():
+    results = attention.run_cases([attention.dense_case((2, 2, 24, 16), torch.float32, True, ("llmcore", "torch"))],
+                                  modes=("fwd",), budget_s=0.0, min_rounds=1)
+    row = _llmcore_row(results)
+    assert row.outputs_agree is True and row.max_rel_diff_vs_torch < 1e-5
+    assert attention.summarize(results, {})["outputs agree with torch (every checked case)"] is True
+
+
+def test_a_wrong_output_is_flagged(monkeypatch, capsys):
+    real = llmcore.scaled_dot_product_attention
+    monkeypatch.setattr(llmcore, "scaled_dot_product_attention", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.01)
+    results = attention.run_cases([attention.dense_case((2, 2, 24, 16), torch.float32, False, ("llmcore", "torch"))],
+                                  modes=("fwd",), budget_s=0.0, min_rounds=1)
+    row = _llmcore_row(results)
+    assert row.outputs_agree is False and 0.009 < row.max_rel_diff_vs_torch < 0.011
+    assert "its timings are not a result" in capsys.readouterr().err
+    assert attention.summarize(results, {})["outputs agree with torch (every checked case)"] is False
