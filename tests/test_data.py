@@ -257,6 +257,28 @@ def test_text_column_detection_pairs_and_ids(tmp_path):
         "headline"
 
 
+def test_json_layouts_other_writers_make(tmp_path):
+    """What other tools write is read as they would: JSON Lines named .json (datasets' to_json) failed with 'Extra
+    data'; pandas' default to_json ({column: {row: value}}) was refused; a Parquet file with a column twice and an
+    empty .jsonl gave messages without the file or the problem (found by a probe)."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"text": ["a good film", "a bad film", "fine"], "label": [1, 0, 1]})
+    frame.to_json(tmp_path / "lines.json", orient="records", lines=True)
+    frame.to_json(tmp_path / "pandas.json")
+    for name in ("lines.json", "pandas.json"):
+        table = sources.read_file(str(tmp_path / name))
+        assert table == {"text": frame["text"].tolist(), "label": frame["label"].tolist()}, name
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl' has no data rows"):
+        sources.read_file(str(tmp_path / "empty.jsonl"))
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_arrays([pa.array(["x"]), pa.array(["y"])], names=["text", "text"]),
+                   tmp_path / "twice.parquet")
+    with pytest.raises(ValueError, match=r"twice.parquet'.*\['text'\]"):
+        sources.read_file(str(tmp_path / "twice.parquet"))
+
+
 def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         prepare(tmp_path / "missing.csv", MODEL, 16, tmp_path / "o")

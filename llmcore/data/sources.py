@@ -92,18 +92,20 @@ def _read_file(path: str) -> Table:
             except csv.Error as e:
                 raise ValueError(f"{path!r} line {reader.line_num}: {e} (a quote left open?)") from None
     if ext == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8-sig") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path!r} line {i + 1} is not JSON: {e}") from None
-        return _records_to_table(records, path)
+        return _records_to_table(_json_lines(path), path)
     if ext == ".json":
         with open(path, encoding="utf-8-sig") as f:
-            obj = json.load(f)
+            text = f.read()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if not e.msg.startswith("Extra data"):
+                raise
+            return _records_to_table(_json_lines(path), path)  # JSON Lines named .json (datasets' to_json writes it)
+        if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+            # pandas' to_json default: {column: {row index: value}}
+            index = list(dict.fromkeys(k for column in obj.values() for k in column))
+            return {name: [column.get(k) for k in index] for name, column in obj.items()}
         records = obj.get("data") if isinstance(obj, dict) else None
         if isinstance(records, list) and records and all(isinstance(r, dict) for r in records):
             obj = records  # {"data": [records], ...}: records, whatever the other keys (not a column of dicts)
@@ -122,14 +124,35 @@ def _read_file(path: str) -> Table:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"reading {path!r} needs pyarrow: pip install pyarrow") from None
-        return pq.read_table(path).to_pydict()
+        try:
+            names = pq.read_schema(path).names
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if not twice:
+                return pq.read_table(path).to_pydict()
+        except Exception as e:  # (pyarrow's errors -- a damaged file -- name no file)
+            raise ValueError(f"{path!r}: not a readable Parquet table ({e})") from None
+        raise ValueError(f"{path!r}: column(s) {twice} appear more than once")
     if ext == ".txt":
         with open(path, encoding="utf-8-sig") as f:
             return {"text": [line.rstrip("\n") for line in f]}
     raise ValueError(f"{path!r}: unsupported file type {ext!r}; expected one of {', '.join(EXTENSIONS)}")
 
 
+def _json_lines(path: str) -> list:
+    records = []
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path!r} line {i + 1} is not JSON: {e}") from None
+    return records
+
+
 def _records_to_table(records: list, path: str) -> Table:
+    if not records:
+        raise ValueError(f"{path!r} has no data rows (no JSON records)")
     header: List[str] = []
     for r in records:
         if not isinstance(r, dict):
