@@ -501,6 +501,15 @@ def test_damaged_prepared_folder_names_the_file(tmp_path):
     os.remove(out / "train.ids.npy")
     with pytest.raises(FileNotFoundError, match="lacks train.ids.npy"):
         PreparedDataset.load(out)
+    # a labels file meta.json lists is required (its absence read as "no label column"); a damaged meta.json named
+    prepare(src, MODEL, 8, out, force=True)
+    os.remove(out / "train.labels.npy")
+    with pytest.raises(FileNotFoundError, match="lacks train.labels.npy"):
+        PreparedDataset.load(out)
+    for damage in ('{"splits": ', '["train"]'):
+        (out / "meta.json").write_text(damage)
+        with pytest.raises(ValueError, match="meta.json' is damaged"):
+            PreparedDataset.load(out)
 
 
 @pytest.mark.parametrize("name,content,message", [

@@ -20,7 +20,7 @@ import numbers
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -62,9 +62,10 @@ class PreparedSplit:
         """The file names of split ``name`` in a prepared folder."""
         return [f"{name}.{kind}.npy" for kind in cls.KINDS] + [f"{name}.texts.txt"]
 
-    def __init__(self, directory: str, name: str, packed: bool):
+    def __init__(self, directory: str, name: str, packed: bool, listed: Sequence[str] = ()):
         def load(kind, required=False):
             p = os.path.join(directory, f"{name}.{kind}.npy")
+            required = required or os.path.basename(p) in listed  # (meta.json names the files prepare wrote)
             if not os.path.exists(p):
                 if required:
                     raise FileNotFoundError(f"prepared dataset {directory!r} lacks {os.path.basename(p)}; "
@@ -123,7 +124,9 @@ class PreparedDataset:
         self.meta = meta
         self.cache_hit = cache_hit
         packed = meta["options"]["pack"]
-        self.splits: Dict[str, PreparedSplit] = {s: PreparedSplit(directory, s, packed) for s in meta["splits"]}
+        listed = meta.get("files") or ()
+        self.splits: Dict[str, PreparedSplit] = {s: PreparedSplit(directory, s, packed, listed)
+                                                 for s in meta["splits"]}
 
     @classmethod
     def load(cls, directory: Union[str, os.PathLike]) -> "PreparedDataset":
@@ -131,8 +134,15 @@ class PreparedDataset:
         path = os.path.join(directory, "meta.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory!r} holds no prepared dataset (no meta.json); run prepare first")
-        with open(path, encoding="utf-8") as f:
-            return cls(directory, json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path!r} is damaged (not JSON: {e}); prepare it again (--force)") from None
+        if not (isinstance(meta, dict) and isinstance(meta.get("splits"), list)
+                and isinstance((meta.get("options") or {}).get("pack"), bool)):
+            raise ValueError(f"{path!r} is damaged (no splits or options); prepare it again (--force)")
+        return cls(directory, meta)
 
     @property
     def label_names(self) -> Optional[List[str]]:
