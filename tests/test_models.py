@@ -341,6 +341,11 @@ def test_checkpoint_errors(tmp_path):
     save_file({**tensors, "pooler.dense.weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"shape \(3, 3\), the model expects \(384, 384\)"):
         from_pretrained(tmp_path)
+    # a fine-tuned 2-class head asked for 11 classes: said as such (it read "does config.json match the weights?")
+    save_file({**tensors, "classifier.weight": torch.zeros(2, 384), "classifier.bias": torch.zeros(2)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="classification head has 2 classes, the model asked for 11"):
+        from_pretrained(tmp_path, num_labels=11)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "t5"}))
     with pytest.raises(UnsupportedModelError, match="unsupported architecture 't5'"):

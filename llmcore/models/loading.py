@@ -217,6 +217,10 @@ def _copy_into(ours: dict, loaded: dict) -> None:
             if not t.is_floating_point():
                 raise CheckpointError(f"tensor {name!r} is {t.dtype}, expected a floating-point dtype")
             if tuple(t.shape) != tuple(ours[name].shape):
+                if name.startswith("head.out."):  # a fine-tuned classifier's head, asked for another label count
+                    raise CheckpointError(f"the checkpoint's classification head has {t.shape[0]} classes, the model "
+                                          f"asked for {ours[name].shape[0]} (the data's labels): start from a "
+                                          "checkpoint without that head (its base model), or keep its label count")
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, the model expects "
                                       f"{tuple(ours[name].shape)} (does config.json match the weights?)")
             t = t.to(ours[name].dtype)
