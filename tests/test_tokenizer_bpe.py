@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import time
 
 import numpy as np
@@ -200,7 +201,7 @@ def test_trained_bpe_offsets_of_added_tokens_and_space_runs(trained, tmp_path):
     bytes, after an added token, was trimmed by one byte, not one character."""
     from tokenizers import AddedToken
 
-    _, hf = trained
+    hf = tokenizers.Tokenizer.from_str(trained[1].to_str())  # (a copy: the fixture's serves the other tests)
     hf.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False),
                            AddedToken("<r>", rstrip=True, normalized=False)])
     hf.add_tokens([AddedToken(" york", normalized=False)])
@@ -218,7 +219,7 @@ def test_trained_bpe_decodes_added_tokens_as_hf(trained, tmp_path):
     'Ġx' is ' x', a lone 'é' an invalid byte: U+FFFD); llmcore wrote its characters as they are."""
     from tokenizers import AddedToken
 
-    _, hf = trained
+    hf = tokenizers.Tokenizer.from_str(trained[1].to_str())  # (a copy: the fixture's serves the other tests)
     hf.add_tokens([AddedToken(t, normalized=False) for t in ("ÃĽ", "Ġx", "é", "中")])
     path = tmp_path / "added.json"
     hf.save(str(path))
@@ -227,6 +228,55 @@ def test_trained_bpe_decodes_added_tokens_as_hf(trained, tmp_path):
     for text in ("ÃĽ and Ġx", "hello é world", "中文 text", "plain"):
         ids = hf.encode(text).ids
         assert tok.encode(text) == ids and tok.decode(ids) == hf.decode(ids), text
+
+
+def _variant(hf, tmp_path, name, change):
+    """The tokenizer.json of ``hf`` with ``change`` applied to its dict, written to a file: its path."""
+    cfg = json.loads(hf.to_str())
+    change(cfg)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return path
+
+
+def test_files_hf_would_read_otherwise_are_refused(tmp_path):
+    """tokenizer.json variants a probe found loaded and encoded (or decoded) unlike HF tokenizers: each is refused,
+    naming what differs, and the unchanged file still loads."""
+    _, gpt2 = train_bpe(tmp_path, "gpt2")
+    _, llama = train_bpe(tmp_path, "llama3")
+    n = gpt2.get_vocab_size(with_added_tokens=False)
+    the = gpt2.token_to_id("the")
+
+    def added(content, id, normalized=False, special=False):
+        return lambda c: c["added_tokens"].append({"id": id, "content": content, "single_word": False, "lstrip": False,
+                                                  "rstrip": False, "normalized": normalized, "special": special})
+
+    def split_prefix(c):
+        c["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = True
+
+    def both(c):
+        added("<x", n)(c)
+        added("<x>", n + 1, normalized=True)(c)
+
+    def two_processors(c):
+        c["post_processor"] = {"type": "Sequence", "processors": [llama_cfg["post_processor"]] * 2}
+
+    llama_cfg = json.loads(llama.to_str())
+    cases = [(gpt2, "in_vocab", added("the", n + 2), f"has id {n + 2}; HF tokenizers gives it {the}"),
+             (gpt2, "gap", added("<x>", n + 50), f"has id {n + 50}; HF tokenizers gives it {n}"),
+             (gpt2, "two_passes", both, "can overlap: HF matches them in two passes"),
+             (llama, "split_prefix", split_prefix, "add_prefix_space=true after a Split"),
+             (llama, "two_processors", two_processors, "more than one adds special tokens"),
+             (gpt2, "unigram", lambda c: c["model"].update(type="Unigram"), "unsupported model type 'Unigram'")]
+    Tokenizer.from_file(_variant(gpt2, tmp_path, "same", lambda c: None))
+    for hf, name, change, message in cases:
+        with pytest.raises(TokenizerFileError, match=re.escape(message)):
+            Tokenizer.from_file(_variant(hf, tmp_path, name, change))
+    # a decoder llmcore does not implement: encoding as HF's, decode refused
+    tok = Tokenizer.from_file(_variant(gpt2, tmp_path, "no_decoder", lambda c: c.update(decoder=None)))
+    assert tok.encode("the film") == gpt2.encode("the film").ids
+    with pytest.raises(NotImplementedError, match="decoder None"):
+        tok.decode(tok.encode("the film"))
 
 
 @settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -73,6 +73,8 @@ class Spec:
     pad_type_id: int = 0
     # id -> token string as the source spells it (byte-level alphabet for BPE)
     token_strings: Any = None
+    # why decode() is refused: the file's decoder is not the one llmcore implements (encoding is unaffected)
+    decoder_issue: Optional[str] = None
 
     def build(self):
         if self.kind == "wordpiece":
@@ -139,6 +141,8 @@ def _template(items, path, where, vocab_ids):
             out.append(("special", vocab_ids(tok["id"]), int(tok.get("type_id", 0))))
         else:
             _fail(path, f"unknown item {item!r} in {where}")
+        if not 0 <= out[-1][-1] < 256:
+            _fail(path, f"type_id {out[-1][-1]} in the {where} template: llmcore keeps type ids in 0..255")
     return out
 
 
@@ -147,7 +151,11 @@ def _post_processor(pp, spec: Spec, path, token_id):
         return
     kind = _get(pp, "type", path, "post_processor")
     if kind == "Sequence":
-        for sub in _get(pp, "processors", path, "post_processor", list):
+        subs = _get(pp, "processors", path, "post_processor", list)
+        adding = [p.get("type") for p in subs if isinstance(p, dict) and p.get("type") != "ByteLevel"]
+        if len(adding) > 1:  # (HF applies each: special tokens added twice)
+            _fail(path, f"a post_processor Sequence of {adding} (more than one adds special tokens) is not supported")
+        for sub in subs:
             _post_processor(sub, spec, path, token_id)
     elif kind == "TemplateProcessing":
         specials = _get(pp, "special_tokens", path, "post_processor", dict)
@@ -160,6 +168,9 @@ def _post_processor(pp, spec: Spec, path, token_id):
         spec.template_single = _template(_get(pp, "single", path, "post_processor", list), path, "single", ids)
         spec.template_pair = _template(_get(pp, "pair", path, "post_processor", list), path, "pair", ids)
     elif kind in ("BertProcessing", "RobertaProcessing"):
+        if kind == "RobertaProcessing" and not {"trim_offsets", "add_prefix_space"} <= set(pp):
+            _fail(path, "RobertaProcessing without trim_offsets and add_prefix_space (HF reads such a file as a "
+                        "BertProcessing) is not supported")
         sep, cls = _get(pp, "sep", path, "post_processor"), _get(pp, "cls", path, "post_processor")
         sep_id, cls_id = [int(sep[1])], [int(cls[1])]
         spec.template_single = [("special", cls_id, 0), ("A", 0), ("special", sep_id, 0)]
@@ -210,8 +221,41 @@ def _byte_level_pre_tokenizer(pre, path):
             regex = split.get("pattern", {}).get("Regex")
             if regex is None or split.get("behavior") != "Isolated" or split.get("invert"):
                 _fail(path, f"unsupported Split pre_tokenizer {split!r}")
-            return _pattern_of_regex(regex, path), bool(subs[1].get("add_prefix_space", False))
+            if subs[1].get("add_prefix_space", False):  # (HF then prefixes every piece the Split makes)
+                _fail(path, "ByteLevel with add_prefix_space=true after a Split is not supported (it prefixes "
+                            "each split piece with a space; llmcore prefixes the text)")
+            return _pattern_of_regex(regex, path), False
     _fail(path, f"unsupported pre_tokenizer {pre!r:.200}")
+
+
+def _check_added_tokens(entries: list, added: list, vocab: dict, path) -> None:
+    """Refuses added tokens HF tokenizers would read otherwise: an id other than the one it assigns as it loads
+    them (the vocab's id of a token already there; else the next after the vocab and the tokens before), and a
+    token matched after normalization (normalized=true: HF's second pass) that can overlap one matched before it
+    (normalized=false) in a text, which llmcore's one pass would split otherwise."""
+    size, assigned = len(vocab), {}
+    for t in added:
+        if t.content in vocab:
+            want = vocab[t.content]
+        elif t.content in assigned:
+            want = assigned[t.content]
+        else:
+            top = max(assigned.values(), default=None)
+            want = size if top is None else (top + 1 if top >= size or size == 0 else size)
+        assigned.setdefault(t.content, want)
+        if t.id != want:
+            _fail(path, f"added token {t.content!r} has id {t.id}; HF tokenizers gives it {want} as it loads the "
+                        "file (the vocab's id, else the next free one), so llmcore refuses the file")
+        if not t.content:
+            _fail(path, f"added token with empty content (id {t.id}) is not supported")
+    later = [str(e.get("content")) for e in entries if e.get("normalized", not e.get("special", False))]
+    first = [str(e.get("content")) for e in entries if not e.get("normalized", not e.get("special", False))]
+    for a in later:
+        for b in first:
+            if a != b and (a in b or b in a or any(a.endswith(b[:k]) or b.endswith(a[:k])
+                                                   for k in range(1, min(len(a), len(b))))):
+                _fail(path, f"added tokens {a!r} (normalized=true) and {b!r} (normalized=false) can overlap: HF "
+                            "matches them in two passes, llmcore in one, which is not supported")
 
 
 def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
@@ -229,6 +273,8 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
         _fail(path, "the top level must be a JSON object")
     model = _get(cfg, "model", path, "the file", dict)
     mtype = model.get("type")
+    if mtype not in (None, "WordPiece", "BPE"):
+        _fail(path, f"unsupported model type {mtype!r} (llmcore implements WordPiece and byte-level BPE)")
     vocab = _get(model, "vocab", path, "model", dict)
     added = []
     for i, t in enumerate(cfg.get("added_tokens") or []):
@@ -241,6 +287,7 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
     for name, value in vocab.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             _fail(path, f"model.vocab[{name!r}] must be a non-negative integer id, got {value!r}")
+    _check_added_tokens(cfg.get("added_tokens") or [], added, vocab, path)
 
     if mtype == "WordPiece" or (mtype is None and "continuing_subword_prefix" in model and "merges" not in model):
         pre = cfg.get("pre_tokenizer")
@@ -255,11 +302,14 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
                     _fail(path, f"added token {t.content!r} is matched after normalization (normalized=true); "
                                 "llmcore matches added tokens in the raw text only")
         dec = cfg.get("decoder") or {}
+        prefix = str(model.get("continuing_subword_prefix", "##"))
         spec = Spec("wordpiece", vocab=list(vocab.items()),
                     unk_token=str(_get(model, "unk_token", path, "model", str)),
-                    prefix=str(model.get("continuing_subword_prefix", "##")),
-                    max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
+                    prefix=prefix, max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
                     bert=bert, cleanup=bool(dec.get("cleanup", True)), added_tokens=added)
+        if dec.get("type") != "WordPiece" or dec.get("prefix", "##") != prefix:
+            spec.decoder_issue = (f"{path}: decoder {cfg.get('decoder')!r:.120} (llmcore decodes as a WordPiece decoder "
+                                  f"with the model's prefix {prefix!r})")
         strings = {i: s for s, i in vocab.items()}
     elif mtype == "BPE" or (mtype is None and "merges" in model):
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
@@ -284,6 +334,9 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
         spec = Spec("bpe_merges", vocab=[(_bytes_of(s, path), i) for s, i in vocab.items()], merges=merges,
                     pattern=pattern, add_prefix_space=add_prefix_space,
                     ignore_merges=bool(model.get("ignore_merges", False)), added_tokens=added)
+        if (cfg.get("decoder") or {}).get("type") != "ByteLevel":
+            spec.decoder_issue = (f"{path}: decoder {cfg.get('decoder')!r:.120} (llmcore decodes byte-level BPE as "
+                                  "the ByteLevel decoder)")
         strings = {i: s for s, i in vocab.items()}
     else:
         _fail(path, f"unsupported model type {mtype!r} (llmcore implements WordPiece and byte-level BPE)")

@@ -117,7 +117,13 @@ class Tokenizer:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise TokenizerFileError(f"{path}: not UTF-8 text ({e})") from None
-        return cls(_loaders.load_tokenizer_json(path, text), ("json", path, text))
+        spec = _loaders.load_tokenizer_json(path, text)
+        try:
+            return cls(spec, ("json", path, text))
+        except TokenizerFileError:
+            raise
+        except ValueError as e:  # (the native build's checks: a vocab without every single byte...)
+            raise TokenizerFileError(f"{path}: {e}") from None
 
     @classmethod
     def from_str(cls, json_text: str) -> "Tokenizer":
@@ -387,6 +393,8 @@ class Tokenizer:
 
     # --- decoding & vocab -----------------------------------------------------------------
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        if self._spec.decoder_issue:
+            raise NotImplementedError(f"decode: {self._spec.decoder_issue}; encoding is unaffected")
         ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
         data = self._native.decode(ids, skip_special_tokens)
         return data.decode("utf-8", errors="replace")
