@@ -451,3 +451,32 @@ def test_forward_mode_ad_raises_rather_than_dropping_the_tangent(name):
         dual = fwAD.make_dual(x, torch.randn_like(x))
         with pytest.raises(NotImplementedError, match="jvp"):
             op(dual)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: torch.ops.llmcore.sdpa_fwd(torch.randn(4, 2, 8, 8), *[torch.randn(1, 2, 8, 8)] * 2, None, 0.0, False, 1.0,
+                                        None), "do not match q"),  # (a segfault)
+    (lambda: torch.ops.llmcore.sdpa_fwd(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 2, 3, 8),
+                                        None, 0.0, False, 1.0, None), "do not match q"),
+    (lambda: torch.ops.llmcore.sdpa_fwd(torch.randn(1, 2, 8, 8), *[torch.randn(1, 2, 8, 8).bfloat16()] * 2, None, 0.0,
+                                        False, 1.0, None), "must share one of"),
+    (lambda: torch.ops.llmcore.sdpa_fwd(*[torch.randn(1, 1, 4, 8)] * 3, torch.zeros(1, 1, 4, 4).half(), 0.0, False, 1.0,
+                                        None), "bool or float32 mask"),
+    (lambda: torch.ops.llmcore.sdpa_fwd(*[torch.randn(1, 1, 4, 8)] * 3, None, 0.5, False, 1.0, None), "needs rng"),
+    (lambda: torch.ops.llmcore.sdpa_bwd(*[torch.randn(2, 2, 8, 8)] * 5, torch.zeros(1, 1, 1), None, 0.0, False, 1.0,
+                                        None), "lse must have shape"),
+    (lambda: torch.ops.llmcore.varlen_fwd(*[torch.randn(8, 2, 8)] * 3, *[torch.tensor([0, 8])] * 2, 8, 8, 0.0, False,
+                                          1.0, None), "int32"),
+])
+def test_direct_op_calls_check_their_arguments(call, message):
+    """The custom ops called directly (torch.ops.llmcore.*, as torch.compile does) with tensors that do not fit
+    together segfaulted or read out of bounds (found by a probe): they raise, naming the mismatch."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_direct_op_call_broadcasts_a_size_one_mask():
+    """A (1, 1, 1, 1) mask given to the op directly was read by its strides past its one element."""
+    q = torch.randn(1, 2, 32, 8)
+    out, _ = torch.ops.llmcore.sdpa_fwd(q, q, q, torch.zeros(1, 1, 1, 1), 0.0, False, 8 ** -0.5, None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q), rtol=1e-5, atol=1e-5)

@@ -71,11 +71,51 @@ def _sdpa_bwd_impl(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal,
     return dq, dk, dv
 
 
+def _check_op_args(q: Tensor, k: Tensor, v: Tensor, packed: bool, mask: Optional[Tensor] = None,
+                   dropout_p: float = 0.0, rng: Optional[Tensor] = None, cu: tuple = (), outputs: dict = None) -> None:
+    """What the kernels index by q's shape, checked where the custom ops are called directly (torch.ops.llmcore.*,
+    torch.compile): mismatched tensors raise instead of reading out of bounds. The public functions build
+    consistent arguments and call the kernels without these checks (the eager path)."""
+    rank = 3 if packed else 4
+    if any(t.dim() != rank for t in (q, k, v)):
+        raise ValueError(f"q, k, v must be {rank}-D, got {q.dim()}, {k.dim()}, {v.dim()}")
+    if q.dtype not in _cpu._DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one of float32, bfloat16, float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    heads, rows, dim = (1, 0, 2) if packed else (1, 2, 3)
+    if k.shape[rows] != v.shape[rows] or k.shape[heads] != v.shape[heads] or (not packed and not
+                                                                             q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)} (batch, heads, "
+                         "rows)")
+    if k.shape[dim] != q.shape[dim] or (k.shape[heads] and q.shape[heads] % k.shape[heads]):
+        raise ValueError(f"k {tuple(k.shape)} needs q's head dim and a head count dividing q's {tuple(q.shape)}")
+    if mask is not None:
+        if mask.dtype not in (torch.bool, torch.float32) or mask.dim() != 4:
+            raise TypeError(f"the kernels take a 4-D bool or float32 mask, got {mask.dim()}-D {mask.dtype}")
+        want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if any(m not in (1, w) for m, w in zip(mask.shape, want)):
+            raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to the scores {want}")
+    if dropout_p > 0.0 and (rng is None or rng.numel() != 2):
+        raise ValueError("dropout_p > 0 needs rng: the (seed, offset) tensor")
+    for c in cu:
+        if c.dtype != torch.int32 or c.dim() != 1:
+            raise TypeError(f"cu_seqlens must be 1-D int32, got {c.dim()}-D {c.dtype}")
+    for name, (t, shape) in (outputs or {}).items():
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _broadcast_mask(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """The mask as a (B, Hq, Lq, Lk) view: its size-1 dims get stride 0 (the kernels read it by its strides)."""
+    return None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
 @torch.library.custom_op("llmcore::sdpa_fwd", mutates_args=(), device_types="cpu")
 def _sdpa_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
     rng: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
+    _check_op_args(q, k, v, False, attn_mask, dropout_p, rng)
+    attn_mask = _broadcast_mask(attn_mask, q, k)
     return _sdpa_fwd_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, rng)
 
 
@@ -90,6 +130,11 @@ def _sdpa_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
     dropout_p: float, is_causal: bool, scale: float, rng: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
+    rows = (q.shape[0], q.shape[1], q.shape[2])
+    _check_op_args(q, k, v, False, attn_mask, dropout_p, rng,
+                   outputs={"out": (out, rows + (v.shape[3],)), "grad_out": (grad_out, rows + (v.shape[3],)),
+                            "lse": (lse, rows)})
+    attn_mask = _broadcast_mask(attn_mask, q, k)
     return _sdpa_bwd_impl(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, rng)
 
 
@@ -151,6 +196,7 @@ def _varlen_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float, rng: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
+    _check_op_args(q, k, v, True, None, dropout_p, rng, (cu_seqlens_q, cu_seqlens_k))
     return _varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
                             scale, rng)
 
@@ -166,6 +212,9 @@ def _varlen_bwd(
     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool, scale: float,
     rng: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
+    rows = (q.shape[0], q.shape[1], v.shape[2])
+    _check_op_args(q, k, v, True, None, dropout_p, rng, (cu_seqlens_q, cu_seqlens_k),
+                   outputs={"out": (out, rows), "grad_out": (grad_out, rows), "lse": (lse, (q.shape[1], q.shape[0]))})
     return _varlen_bwd_impl(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             dropout_p, is_causal, scale, rng)
 
