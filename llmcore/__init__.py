@@ -19,8 +19,10 @@ except ImportError as e:  # pragma: no cover - only when the package was not bui
         "`pip install .` so it is built (" + str(e) + ")"
     ) from e
 
-from llmcore._info import info
+from llmcore._info import check_environment, info
 from llmcore.tokenizer import BatchEncoding, Tokenizer
+
+check_environment()
 
 _SUBMODULES = ("ops", "nn", "models", "hf", "data", "train")  # imported on first use
 _FROM_OPS = ("scaled_dot_product_attention", "varlen_attention")

@@ -19,6 +19,27 @@ def _triton_available() -> bool:
     return True
 
 
+_ISAS = ("avx512", "avx2", "portable")
+_SWITCHES = ("LLMCORE_DISABLE_AMX", "LLMCORE_DISABLE_AVX512_BF16")
+
+
+def check_environment() -> None:
+    """Warns (at import) about llmcore's environment variables the native module reads silently: an unknown
+    LLMCORE_CPU_ISA is ignored (the CPU's best ISA runs), and a LLMCORE_DISABLE_* switch disables for any value
+    but "" and "0", "false" and "off" included."""
+    import os
+    import warnings
+
+    isa = os.environ.get("LLMCORE_CPU_ISA")
+    if isa is not None and isa not in _ISAS:
+        warnings.warn(f"LLMCORE_CPU_ISA={isa!r} is not one of {', '.join(_ISAS)} (lower case, as written): it is "
+                      f"ignored, and the CPU's best ISA runs ({_C.cpu_isa()})", stacklevel=3)
+    for name in _SWITCHES:
+        value = os.environ.get(name)
+        if value and value != "0" and value.strip().lower() in ("false", "off", "no", "0"):
+            warnings.warn(f"{name}={value!r} disables it: any value but '' or '0' does", stacklevel=3)
+
+
 def info() -> dict[str, Any]:
     """Version, CPU ISA, threads, CUDA/Triton availability and the attention backends.
 

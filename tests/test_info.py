@@ -78,3 +78,20 @@ def test_native_module_keeps_its_symbol_table():
     names = out.stdout
     assert "attention::portable::forward(" in names  # a kernel's entry, hidden from the dynamic table
     assert "forward_tile(" in names  # and a function local to a kernel's file
+
+
+def test_environment_variables_read_silently_are_checked():
+    """The native module ignored an unknown LLMCORE_CPU_ISA (a typo then tested AVX-512 / AMX), and a
+    LLMCORE_DISABLE_* of 'false' disabled (found by a probe): both are said when llmcore is imported; an unknown
+    LLMCORE_ATTENTION_BACKEND fails at the import of llmcore.ops, naming the variable."""
+    def run(code, **env):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env})
+
+    done = run("import llmcore", LLMCORE_CPU_ISA="AVX2", LLMCORE_DISABLE_AMX="false")
+    assert done.returncode == 0
+    assert "LLMCORE_CPU_ISA='AVX2' is not one of avx512, avx2, portable" in done.stderr
+    assert "LLMCORE_DISABLE_AMX='false' disables it" in done.stderr
+    assert run("import llmcore", LLMCORE_CPU_ISA="portable").stderr == ""
+    done = run("import llmcore.ops", LLMCORE_ATTENTION_BACKEND="bogus")
+    assert done.returncode != 0 and "LLMCORE_ATTENTION_BACKEND='bogus' is unknown" in done.stderr

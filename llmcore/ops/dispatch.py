@@ -148,6 +148,9 @@ _BY_NAME = {b.name: b for b in BACKENDS}
 # Read once, when llmcore.ops is imported (an os.environ lookup on every attention call cost
 # more than the rest of the selection).
 _DEFAULT_BACKEND = os.environ.get("LLMCORE_ATTENTION_BACKEND") or None
+if _DEFAULT_BACKEND is not None and _DEFAULT_BACKEND not in _BY_NAME:
+    raise ValueError(f"LLMCORE_ATTENTION_BACKEND={_DEFAULT_BACKEND!r} is unknown; choose one of {', '.join(_BY_NAME)} "
+                     "(or unset it)")
 
 
 def select(call: AttentionCall, backend: Optional[str] = None) -> Backend:
