@@ -10,6 +10,7 @@ Submodules (ops, nn, models, hf, data, train) are imported on first use: tokeniz
 ``llmcore.data`` run without importing torch.
 """
 from llmcore._version import __version__
+from llmcore import _fork  # noqa: F401  (registers its fork handler first)
 
 try:
     from llmcore import _C

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llmcore import _C
+from llmcore import _C, _fork
 
 _DTYPES = {torch.float32: _C.DType.f32, torch.bfloat16: _C.DType.bf16, torch.float16: _C.DType.f16}
 
@@ -47,7 +47,7 @@ def problem(
     # heads: dim 1 of (B, H, L, D) and (total, H, D) alike. torch's thread budget is shared
     # rather than oversubscribed.
     p = _C.AttentionProblem(_DTYPES[q.dtype], batch, qs[1], ks[1], len_q, len_k, qs[-1], vs[-1], scale, is_causal,
-                            cu_seqlens is not None, torch.get_num_threads())
+                            cu_seqlens is not None, _fork.num_threads())
     if dropout_p > 0.0:
         seed, offset = (int(x) for x in rng.tolist())
         p.dropout_p = dropout_p

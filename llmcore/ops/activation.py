@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmcore import _C
+from llmcore import _C, _fork
 from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.norm import _CODES, _as_rows, _check_kernel_args, _empty_f32, _ptr
 
@@ -45,7 +45,7 @@ def _bias_gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> 
     x2, x_stride = _as_rows(x, cols)
     b = _f32_bias(bias)  # held: the kernel reads its memory
     _C.bias_gelu_forward(_CODES[x.dtype], approximate == "tanh", x2.size(0), cols, x2.data_ptr(), x_stride,
-                         _ptr(b), y.data_ptr(), torch.get_num_threads())
+                         _ptr(b), y.data_ptr(), _fork.num_threads())
     return y
 
 
@@ -72,7 +72,7 @@ def _bias_gelu_bwd_impl(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], app
     b = _f32_bias(bias)
     _C.bias_gelu_backward(_CODES[x.dtype], approximate == "tanh", x2.size(0), cols, go2.data_ptr(), go_stride,
                           x2.data_ptr(), x_stride, _ptr(b), grad_x.data_ptr(), gb.data_ptr() if need_bias else 0,
-                          torch.get_num_threads())
+                          _fork.num_threads())
     return grad_x, gb
 
 
@@ -119,7 +119,7 @@ def _swiglu_fwd_impl(gate: Tensor, up: Tensor) -> Tensor:
     g2, g_stride = _as_rows(gate, cols)
     u2, u_stride = _as_rows(up, cols)
     _C.swiglu_forward(_CODES[gate.dtype], g2.size(0), cols, g2.data_ptr(), g_stride, u2.data_ptr(), u_stride,
-                      y.data_ptr(), torch.get_num_threads())
+                      y.data_ptr(), _fork.num_threads())
     return y
 
 
@@ -146,7 +146,7 @@ def _swiglu_bwd_impl(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor
     g2, g_stride = _as_rows(gate, cols)
     u2, u_stride = _as_rows(up, cols)
     _C.swiglu_backward(_CODES[gate.dtype], g2.size(0), cols, go2.data_ptr(), go_stride, g2.data_ptr(), g_stride,
-                       u2.data_ptr(), u_stride, grad_gate.data_ptr(), grad_up.data_ptr(), torch.get_num_threads())
+                       u2.data_ptr(), u_stride, grad_gate.data_ptr(), grad_up.data_ptr(), _fork.num_threads())
     return grad_gate, grad_up
 
 

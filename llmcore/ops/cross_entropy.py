@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llmcore import _C
+from llmcore import _C, _fork
 from llmcore.ops import triton as triton_ops
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
@@ -91,7 +91,7 @@ class _Scratch:
             torch.addmm(bias, h, weight.t(), out=z)
         c = None if coef is None else coef.to(torch.float32).contiguous()
         _C.cross_entropy_rows(_NATIVE_CODES[z.dtype], n, z.size(1), z.data_ptr(), z.stride(0), y.data_ptr(),
-                              0 if c is None else c.data_ptr(), float(eps), loss.data_ptr(), torch.get_num_threads())
+                              0 if c is None else c.data_ptr(), float(eps), loss.data_ptr(), _fork.num_threads())
         return z
 
     def log_probs(self, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

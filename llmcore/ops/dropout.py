@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmcore import _C
+from llmcore import _C, _fork
 from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.norm import _CODES
 
@@ -50,7 +50,7 @@ def _dropout_apply_impl(x: Tensor, rng: Tensor, p: float) -> Tensor:
     xc = x.contiguous()  # the mask follows the row-major element index
     seed, offset = rng.tolist()
     _C.dropout_apply(_CODES[x.dtype], xc.numel(), float(p), _scale(p), seed & (2**64 - 1), offset & (2**64 - 1),
-                     xc.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                     xc.data_ptr(), out.data_ptr(), _fork.num_threads())
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmcore import _C
+from llmcore import _C, _fork
 from llmcore.ops import triton as triton_ops
 from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.triton import norm as triton_norm
@@ -109,7 +109,7 @@ def _norm_forward(rms: bool, x: Tensor, weight: Optional[Tensor], bias: Optional
     b = None if rms else _f32_vector(bias, cols, 0.0)
     _C.norm_forward(rms, _CODES[x.dtype], _CODES[out_dtype], x2.size(0), cols, eps, x2.data_ptr(), x_stride,
                     _ptr(r2), r_stride, w.data_ptr(), _ptr(b), y.data_ptr(), _ptr(s) if residual is not None else 0,
-                    0 if rms else mean.data_ptr(), rstd.data_ptr(), torch.get_num_threads())
+                    0 if rms else mean.data_ptr(), rstd.data_ptr(), _fork.num_threads())
     return y, s, mean, rstd
 
 
@@ -133,7 +133,7 @@ def _norm_backward(rms: bool, grad_out: Tensor, inp: Tensor, mean: Tensor, rstd:
     _C.norm_backward(rms, _CODES[inp.dtype], _CODES[out_dtype], in2.size(0), cols, go2.data_ptr(), go_stride,
                      in2.data_ptr(), in_stride, _ptr(gs2), gs_stride, _ptr(mean), rstd.data_ptr(), w.data_ptr(),
                      grad_in.data_ptr(), gw.data_ptr() if need_weight else 0, gb.data_ptr() if need_bias else 0,
-                     torch.get_num_threads())
+                     _fork.num_threads())
     return grad_in, gw, gb
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llmcore import _C
+from llmcore import _C, _fork
 from llmcore.ops import triton as triton_ops
 from llmcore.ops._autograd import _eager_function, _run_op
 from llmcore.ops.norm import _CODES, _as_rows
@@ -69,7 +69,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool, triton: bool) 
         triton_rotary.rotate(x2, x_stride, c2, c_stride, s2, s_stride, out, heads, dim, transpose)
         return out
     _C.rotary(_CODES[x.dtype], _CODES[cos.dtype], transpose, x2.size(0), heads, dim, x2.data_ptr(), x_stride,
-              c2.data_ptr(), c_stride, s2.data_ptr(), s_stride, out.data_ptr(), torch.get_num_threads())
+              c2.data_ptr(), c_stride, s2.data_ptr(), s_stride, out.data_ptr(), _fork.num_threads())
     return out
 
 

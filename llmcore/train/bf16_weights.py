@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from llmcore import _C
+from llmcore import _C, _fork
 from llmcore.nn.layers import MLP, Attention, GatedMLP
 from llmcore.train.optim import fused_adamw_group
 
@@ -175,7 +175,7 @@ class Bf16Weights:
             e.version = w._version  # the raw write moves no counter: the shadow will match the weight
         for (beta1, beta2, eps), args in calls.items():
             _C.adamw_tensors(*args, lerp=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=eps,
-                             grad_scale=scale, num_threads=torch.get_num_threads())
+                             grad_scale=scale, num_threads=_fork.num_threads())
         for e in self.entries:
             e.grad = None
 

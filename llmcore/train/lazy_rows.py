@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from llmcore import _C
+from llmcore import _C, _fork
 from llmcore.nn.layers import Embedding
 from llmcore.train.optim import fused_adamw_group
 
@@ -118,7 +118,7 @@ class LazyRowAdamW:
         if pending.numel():
             first = self.synced[pending].contiguous()
             _C.decay_rows(self.weight.data_ptr(), pending.data_ptr(), first.data_ptr(), pending.numel(),
-                          self.weight.shape[1], self.factors.data_ptr(), self.t, torch.get_num_threads())
+                          self.weight.shape[1], self.factors.data_ptr(), self.t, _fork.num_threads())
             self.synced[pending] = self.t
 
     def _touched_rows(self) -> Tensor:
@@ -208,7 +208,7 @@ class LazyRowAdamW:
                       self.active_rows.data_ptr(), self.active_rows.numel(), w.shape[1], decay=decay, lerp=1 - beta1,
                       beta2=beta2, one_minus_beta2=1 - beta2, neg_step_size=-(lr / (1 - beta1 ** step)),
                       bc2_sqrt=math.sqrt(1 - beta2 ** step), eps=eps, grad_scale=scale,
-                      num_threads=torch.get_num_threads())
+                      num_threads=_fork.num_threads())
         if self.t == self.factors.numel():
             self.factors = torch.cat([self.factors, torch.empty_like(self.factors)])
         self.factors[self.t] = decay  # rounded to float32, as the kernel's multiplier

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from llmcore import _C
+from llmcore import _C, _fork
 from llmcore.train.config import SCHEDULES, check_choice
 from llmcore.train.fsdp import as_local
 
@@ -121,7 +121,7 @@ def grad_norm(grads: list) -> torch.Tensor:
     for g in grads:
         (native if _native_sumsq(g) else other).append(g)
     total = torch.tensor(_C.sum_squares([g.data_ptr() for g in native], [g.numel() for g in native],
-                                        [_SUMSQ_CODES[g.dtype] for g in native], torch.get_num_threads()),
+                                        [_SUMSQ_CODES[g.dtype] for g in native], _fork.num_threads()),
                          dtype=torch.float64, device=device)
     for g in other:
         flat = g.reshape(-1)

@@ -1,0 +1,32 @@
+"""A child forked after llmcore's kernels ran: GNU OpenMP's pool does not survive fork(), and a child's first
+multi-thread region hung (datasets.map(num_proc=N) running attention; found by a probe). llmcore's kernels run on
+one thread in a forked child, with the same results."""
+import subprocess
+import sys
+
+import pytest
+
+_SCRIPT = """
+import os, sys, torch
+import llmcore
+torch.set_num_threads(2)
+q = torch.randn(2, 4, 64, 32, generator=torch.Generator().manual_seed(0))
+want = llmcore.scaled_dot_product_attention(q, q, q, is_causal=True)   # the parent's OpenMP pool now exists
+x = torch.randn(64, 384)
+want_ln = llmcore.ops.layer_norm(x, torch.ones(384), torch.zeros(384), 1e-5)
+pid = os.fork()
+if pid == 0:
+    got = llmcore.scaled_dot_product_attention(q, q, q, is_causal=True)
+    got_ln = llmcore.ops.layer_norm(x, torch.ones(384), torch.zeros(384), 1e-5)
+    same = torch.equal(got, want) and torch.equal(got_ln[0] if isinstance(got_ln, tuple) else got_ln,
+                                                  want_ln[0] if isinstance(want_ln, tuple) else want_ln)
+    os._exit(0 if same else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="POSIX fork")
+def test_kernels_run_in_a_forked_child():
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
