@@ -27,6 +27,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="POSIX fork")
-def test_kernels_run_in_a_forked_child():
-    done = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=120)
+def test_kernels_run_in_a_forked_child(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)  # (outside the source tree: the installed package)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -720,7 +720,8 @@ def test_unpickled_in_a_fresh_process(tmp_path):
     batch = _lm_batch("right")
     torch.save(dict(batch), tmp_path / "batch.pt")
     done = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(tmp_path / "model.pt"), str(tmp_path / "batch.pt"),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # (outside the source tree: the installed package)
     assert done.returncode == 0, done.stderr[-2000:]
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ref(**batch).logits, **FP32)

@@ -80,13 +80,13 @@ def test_native_module_keeps_its_symbol_table():
     assert "forward_tile(" in names  # and a function local to a kernel's file
 
 
-def test_environment_variables_read_silently_are_checked():
+def test_environment_variables_read_silently_are_checked(tmp_path):
     """The native module ignored an unknown LLMCORE_CPU_ISA (a typo then tested AVX-512 / AMX), and a
     LLMCORE_DISABLE_* of 'false' disabled (found by a probe): both are said when llmcore is imported; an unknown
     LLMCORE_ATTENTION_BACKEND fails at the import of llmcore.ops, naming the variable."""
     def run(code, **env):
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, **env})
+                              env={**os.environ, **env}, cwd=tmp_path)  # (outside the source tree: the installed one)
 
     done = run("import llmcore", LLMCORE_CPU_ISA="AVX2", LLMCORE_DISABLE_AMX="false")
     assert done.returncode == 0
