@@ -17,8 +17,12 @@ def _info(args: argparse.Namespace) -> int:
 def _bench_attention(args: argparse.Namespace) -> int:
     from llmcore.bench import attention
 
+    command = ["llmcore bench attention"] + [f"--{k} {getattr(args, k)}" for k in ("json", "plot") if getattr(args, k)]
+    command += [f"--budget {args.budget:g}"]
+    command += [f"--{k.replace('_', '-')}" for k in ("quick", "no_reference", "no_varlen") if getattr(args, k)]
     out = attention.main(quick=args.quick, json_path=args.json, budget_s=args.budget,
-                         with_reference=not args.no_reference, varlen=not args.no_varlen, plot_path=args.plot)
+                         with_reference=not args.no_reference, varlen=not args.no_varlen, plot_path=args.plot,
+                         command=" ".join(command))
     return 0 if out["summary"].get("outputs agree with torch (every checked case)") is not False else 1
 
 

@@ -175,3 +175,14 @@ def test_settings(tmp_path, capsys):
     assert main(["finetune", "--data", str(tmp_path / "nowhere"), "--output-dir", str(out),
                  "--gradient-checkpointing", "--gradient-checkpointing-kwargs", json.dumps({"reentrant": False})]) == 2
     assert "['reentrant'] not supported" in capsys.readouterr().err and not out.exists()
+
+
+def test_saved_bytes_counts_each_storage_once():
+    """A tensor saved by several ops, or views of one buffer, is one allocation: ``x * x`` keeps x (saved twice)
+    and ``a @ b`` on two halves of one buffer keeps that buffer. Summing every saved tensor double-counted them."""
+    x = torch.randn(1000, requires_grad=True)
+    assert saved_bytes(lambda: (x * x).sum()) == x.nbytes
+    buf = torch.randn(2, 64, 64, requires_grad=True)
+    assert saved_bytes(lambda: (buf[0] @ buf[1]).sum()) == buf.nbytes
+    y = torch.randn(10, requires_grad=True)
+    assert saved_bytes(lambda: (x.sin().sum() + y.cos().sum())) == x.nbytes + y.nbytes

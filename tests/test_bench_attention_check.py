@@ -27,3 +27,24 @@ def test_a_wrong_output_is_flagged(monkeypatch, capsys):
     assert row.outputs_agree is False and 0.009 < row.max_rel_diff_vs_torch < 0.011
     assert "its timings are not a result" in capsys.readouterr().err
     assert attention.summarize(results, {})["outputs agree with torch (every checked case)"] is False
+
+
+def test_json_says_how_it_was_made(tmp_path, monkeypatch):
+    """`llmcore bench attention --json` records the command, quick and the settings (budget, reference, varlen),
+    so that a committed file says whether its timings came from a quick, zero-budget run (an audit found them
+    missing), and exits 0 when every output agrees with torch's."""
+    import json
+
+    from llmcore.cli import main
+
+    monkeypatch.setattr(attention, "SUITE", ((1, 2, 24, 16),))
+    monkeypatch.setattr(attention, "matmul_gflops", lambda *a, **k: 1.0)  # (the GEMM yardstick: seconds of timing)
+    path = tmp_path / "att.json"
+    assert main(["bench", "attention", "--quick", "--budget", "0", "--no-reference", "--no-varlen",
+                 "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["quick"] is True
+    assert out["settings"] == {"budget_s": 0.0, "with_reference": False, "varlen": False}
+    assert out["command"] == f"llmcore bench attention --json {path} --budget 0 --quick --no-reference --no-varlen"
+    assert out["summary"]["outputs agree with torch (every checked case)"] is True
+    assert {r["impl"] for r in out["results"]} == {"llmcore", "torch"}

@@ -57,6 +57,28 @@ def test_bench_finetune_quick(tmp_path):
     assert "| fp32 | Trainer + llmcore.hf.patch | 64 |" in text and "## Trainer + llmcore.hf.patch / Trainer" in text
 
 
+def test_bar_needs_both_clocks_and_the_accuracy():
+    """The bar is >= 3x on both clocks and accuracy within the points: a run whose own metric is missing
+    (reported samples/s None) does not pass on the harness clock alone (it did, a benchmark audit found)."""
+    from llmcore.bench import finetune
+
+    def run(impl, sps, reported, acc):
+        return {"impl": impl, "dtype": "fp32", "samples_per_s": sps, "reported_samples_per_s": reported,
+                "test_accuracy": acc, "tokens_per_s": 1.0, "peak_rss_mb": 1.0, "train_peak_rss_mb": 1.0,
+                "train_rows": 8}
+
+    def met(ours_reported, ours_acc=0.9, ours_sps=40.0):
+        runs = [run("transformers", 10.0, 10.0, 0.9), run("llmcore", ours_sps, ours_reported, ours_acc)]
+        return finetune.compare(runs, ("fp32",))["fp32"]["bar_met"]
+
+    assert met(40.0)
+    assert not met(None)  # one clock only
+    assert not met(20.0)  # 2x on the side's own clock
+    assert not met(40.0, ours_sps=20.0)
+    assert not met(40.0, ours_acc=0.9 - (finetune.BAR_POINTS + 0.5) / 100)
+    assert not met(40.0, ours_acc=None)
+
+
 def test_bar_chart_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     from llmcore.bench.plot import bar_chart

@@ -368,6 +368,13 @@ def test_counts_take_numpy_ints_not_bools(tok):
             tok.encode_batch(texts, max_length=value, truncation=True)
     with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
         tok.encode_batch(texts, padding=True, pad_to_multiple_of=False)
+    ids = tok.encode_batch(texts + ["a"], padding=True, pad_id=np.int64(7)).input_ids
+    assert ids[1, -1] == 7 and ids.dtype == np.int32
+    for value in (True, -1, 1.0):
+        with pytest.raises(ValueError, match="pad_id must be a non-negative int"):
+            tok.encode_batch(texts, padding=True, pad_id=value)
+    with pytest.raises(ValueError, match="pad_id must be below 2"):
+        tok.encode_batch(texts, padding=True, pad_id=2**31)
 
 
 def test_encode_batch_survives_the_caller_emptying_its_list(tok):
@@ -509,6 +516,34 @@ def test_added_token_flags_match_hf(tmp_path):
     assert_same(*_with_added(tmp_path, ("<x>", {"rstrip": True}), (" y", {})), ["<x> y", "<x>   y z", "a <x>"])
     assert_same(*_with_added(tmp_path, ("\u00a0z", {"rstrip": True})), ["\u00a0z\u00a0z", "q\u00a0z \u00a0z"])
     assert_same(*_with_added(tmp_path, ("<m>", {"lstrip": True, "rstrip": True})), ["a  <m>  b", "<m><m> <m>"])
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"normalized": None}, "lacks 'normalized'"), ({"special": None}, "lacks 'special'"),
+    ({"special": "yes"}, "special must be true or false"), ({"lstrip": 1}, "lstrip must be true or false"),
+    ({"id": "30522"}, "id must be a non-negative integer"), ({"id": True}, "id must be a non-negative integer"),
+    ({"content": 7}, "content must be a string")])
+def test_malformed_added_token_entries_are_refused_as_hf_refuses_them(tmp_path, change, named):
+    """An added_tokens entry missing a field or holding a JSON value of the wrong type: HF tokenizers refuses the
+    file, and so does llmcore, naming the field (it read such entries with defaults and bool()/int() casts: a
+    "yes" became special, a missing normalized flag defaulted one way in one check and another in the next)."""
+    with open(os.path.join(minilm_dir(), "tokenizer.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    entry = {"id": 30522, "content": "newword", "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": False}
+    for key, value in change.items():
+        if value is None:
+            del entry[key]
+        else:
+            entry[key] = value
+    cfg["added_tokens"].append(entry)
+    text = json.dumps(cfg)
+    with pytest.raises(Exception):
+        tokenizers.Tokenizer.from_str(text)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=named):
+        Tokenizer.from_file(path)
 
 
 def test_single_word_on_every_code_point(tmp_path):

@@ -258,9 +258,10 @@ def geomean(xs: list[float]) -> float:
 
 
 def main(quick: bool = False, json_path: Optional[str] = None, budget_s: float = 3.0, with_reference: bool = True,
-         varlen: bool = True, plot_path: Optional[str] = None) -> dict:
+         varlen: bool = True, plot_path: Optional[str] = None, command: Optional[str] = None) -> dict:
     """Run the suite, print the table and a summary of the bars, and optionally write JSON and a
-    chart (``plot_path``: GFLOP/s of llmcore vs torch SDPA per case, the speed-up above each)."""
+    chart (``plot_path``: GFLOP/s of llmcore vs torch SDPA per case, the speed-up above each). The JSON
+    says how it was made: ``quick``, ``command`` and ``settings`` (budget, reference, varlen)."""
     impls = ("llmcore", "torch", "reference") if with_reference else ("llmcore", "torch")
     suite = SUITE[:2] if quick else SUITE
     groups = [[dense_case(s, dt, c, impls) for c in (False, True)] for s in suite for dt in DTYPES.values()]
@@ -292,7 +293,9 @@ def main(quick: bool = False, json_path: Optional[str] = None, budget_s: float =
     print()
     for k, v in summary.items():
         print(f"{k}: {v}")
-    out = {"env": env, "results": [asdict(r) for r in results], "summary": summary}
+    out = {"quick": quick, "command": command or "llmcore.bench.attention.main()",
+           "settings": {"budget_s": budget_s, "with_reference": with_reference, "varlen": varlen},
+           "env": env, "results": [asdict(r) for r in results], "summary": summary}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:

@@ -169,17 +169,22 @@ def _make(task: str):
 def saved_bytes(forward) -> int:
     """Bytes of the tensors autograd keeps from ``forward()`` for its backward (each packed by
     ``saved_tensors_hooks``; the backward is not run): what activation checkpointing trades for recomputation.
-    A checkpointed layer keeps its inputs only, and makes its own again in the backward, one layer at a time."""
-    total = 0
+    A checkpointed layer keeps its inputs only, and makes its own again in the backward, one layer at a time.
+    Each storage counts once, whole: a tensor saved by several ops (``x * x``, a weight used twice) or views of
+    one buffer are one allocation (the saved tensors hold their storages alive, so no address is reused here)."""
+    storages = {}
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        try:
+            st = t.untyped_storage()
+            storages[(st.device.type, st.data_ptr())] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without a storage (a subclass): its own bytes
+            storages[("id", id(t))] = t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
-    return total
+    return sum(storages.values())
 
 
 def run(dtype: str, budget_s: float = 10.0, min_rounds: int = 7, task: str = "sequence-classification") -> dict:

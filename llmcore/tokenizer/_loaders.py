@@ -8,7 +8,7 @@ import binascii
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from llmcore import _C
 
@@ -228,6 +228,33 @@ def _byte_level_pre_tokenizer(pre, path):
     _fail(path, f"unsupported pre_tokenizer {pre!r:.200}")
 
 
+_ADDED_FLAGS = ("special", "single_word", "lstrip", "rstrip", "normalized")
+
+
+def _added_token_entry(t, i: int, path) -> AddedToken:
+    """One tokenizer.json ``added_tokens`` entry, held to what HF tokenizers requires: every field present, the
+    content a string, the id a non-negative integer and the five flags JSON booleans (HF refuses the file
+    otherwise, so a guessed default or a truthy "yes" would load a file HF does not)."""
+    if not isinstance(t, dict):
+        _fail(path, f"added_tokens[{i}] must be an object, got {t!r:.80}")
+    for key in ("id", "content") + _ADDED_FLAGS:
+        if key not in t:
+            _fail(path, f"added_tokens[{i}] lacks {key!r} (HF tokenizers requires every field)")
+    if not isinstance(t["content"], str):
+        _fail(path, f"added_tokens[{i}].content must be a string, got {t['content']!r:.80}")
+    if not isinstance(t["id"], int) or isinstance(t["id"], bool) or t["id"] < 0:
+        _fail(path, f"added_tokens[{i}].id must be a non-negative integer, got {t['id']!r:.80}")
+    for key in _ADDED_FLAGS:
+        if not isinstance(t[key], bool):
+            _fail(path, f"added_tokens[{i}].{key} must be true or false, got {t[key]!r:.80}")
+    return AddedToken(t["content"], t["id"], t["special"], t["single_word"], t["lstrip"], t["rstrip"])
+
+
+def _refuse_normalized(path, content: str) -> NoReturn:
+    _fail(path, f"added token {content!r} is matched after normalization (normalized=true); "
+                "llmcore matches added tokens in the raw text only")
+
+
 def _check_added_tokens(entries: list, added: list, vocab: dict, path) -> None:
     """Refuses added tokens HF tokenizers would read otherwise: an id other than the one it assigns as it loads
     them (the vocab's id of a token already there; else the next after the vocab and the tokens before), and a
@@ -248,8 +275,8 @@ def _check_added_tokens(entries: list, added: list, vocab: dict, path) -> None:
                         "file (the vocab's id, else the next free one), so llmcore refuses the file")
         if not t.content:
             _fail(path, f"added token with empty content (id {t.id}) is not supported")
-    later = [str(e.get("content")) for e in entries if e.get("normalized", not e.get("special", False))]
-    first = [str(e.get("content")) for e in entries if not e.get("normalized", not e.get("special", False))]
+    later = [e["content"] for e in entries if e["normalized"]]
+    first = [e["content"] for e in entries if not e["normalized"]]
     for a in later:
         for b in first:
             if a != b and (a in b or b in a or any(a.endswith(b[:k]) or b.endswith(a[:k])
@@ -276,18 +303,14 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
     if mtype not in (None, "WordPiece", "BPE"):
         _fail(path, f"unsupported model type {mtype!r} (llmcore implements WordPiece and byte-level BPE)")
     vocab = _get(model, "vocab", path, "model", dict)
-    added = []
-    for i, t in enumerate(cfg.get("added_tokens") or []):
-        try:
-            added.append(AddedToken(str(t["content"]), int(t["id"]), bool(t.get("special", False)),
-                                    bool(t.get("single_word", False)), bool(t.get("lstrip", False)),
-                                    bool(t.get("rstrip", False))))
-        except (KeyError, TypeError, ValueError) as e:
-            _fail(path, f"added_tokens[{i}] is malformed ({e!r})")
+    entries = cfg.get("added_tokens") or []
+    if not isinstance(entries, list):
+        _fail(path, f"added_tokens must be a list, got {type(entries).__name__}")
+    added = [_added_token_entry(t, i, path) for i, t in enumerate(entries)]
     for name, value in vocab.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             _fail(path, f"model.vocab[{name!r}] must be a non-negative integer id, got {value!r}")
-    _check_added_tokens(cfg.get("added_tokens") or [], added, vocab, path)
+    _check_added_tokens(entries, added, vocab, path)
 
     if mtype == "WordPiece" or (mtype is None and "continuing_subword_prefix" in model and "merges" not in model):
         pre = cfg.get("pre_tokenizer")
@@ -296,11 +319,9 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
                         "(llmcore implements BertPreTokenizer)")
         bert = _normalizer(cfg.get("normalizer"), path)
         if bert is not None:
-            for t in added:
-                entry = next(e for e in cfg["added_tokens"] if int(e["id"]) == t.id)
-                if entry.get("normalized", False):
-                    _fail(path, f"added token {t.content!r} is matched after normalization (normalized=true); "
-                                "llmcore matches added tokens in the raw text only")
+            for e in entries:
+                if e["normalized"]:
+                    _refuse_normalized(path, e["content"])
         dec = cfg.get("decoder") or {}
         prefix = str(model.get("continuing_subword_prefix", "##"))
         spec = Spec("wordpiece", vocab=list(vocab.items()),
@@ -472,9 +493,8 @@ def _config_added_tokens(cfg: dict, vocab: dict, known: set, path: str) -> list:
             _fail(path, f"added_tokens_decoder[{key!r}] is malformed ({e!r})")
         if token.content in known:
             continue
-        if t.get("normalized", not token.special):
-            _fail(path, f"added token {token.content!r} is matched after normalization (normalized=true); "
-                        "llmcore matches added tokens in the raw text only")
+        if t.get("normalized", not token.special):  # transformers' AddedToken default
+            _refuse_normalized(path, token.content)
         out.append(token)
         known.add(token.content)
     for t in cfg.get("additional_special_tokens") or []:

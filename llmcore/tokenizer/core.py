@@ -27,6 +27,11 @@ def _count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _round_up(width: int, multiple: Optional[int]) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (unchanged for None or 0)."""
+    return -(-width // multiple) * multiple if multiple else width
+
+
 class BatchEncoding:
     """The result of ``encode_batch``: NumPy int32 arrays, never one Python object per token.
 
@@ -244,8 +249,10 @@ class Tokenizer:
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_id is None:
             pad_id = self._spec.pad_id
-        elif not isinstance(pad_id, int) or not 0 <= pad_id < 2**31:
-            raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
+        elif _count("pad_id", pad_id, 0) >= 2**31:
+            raise ValueError(f"pad_id must be below 2**31 (an int32 id), got {pad_id!r}")
+        else:
+            pad_id = int(pad_id)
         if padding != "none" and pad_id is None:
             raise ValueError("padding needs a pad token, and this tokenizer has none ([PAD], <pad> or a padding "
                              "section in tokenizer.json): pass pad_id=")
@@ -271,8 +278,7 @@ class Tokenizer:
             self._untrim_window_starts(arrays, len(windows.template_parts(template)[0]))
         if padding != "none":
             width = max_length if padding == "max_length" else int(np.max(arrays["lengths"], initial=0))
-            if pad_to_multiple_of:
-                width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+            width = _round_up(width, pad_to_multiple_of)
             arrays = windows.pad_packed(arrays, width, pad_id, self._spec.pad_type_id, left)
         return BatchEncoding(arrays)
 
@@ -357,8 +363,7 @@ class Tokenizer:
                 raise ValueError(f"a row of {int(enc.lengths.max())} tokens is longer than max_length={max_length}: "
                                  "padding='max_length' pads only shorter rows, which make no tensor; pass "
                                  "truncation=True, or padding=True to pad to the longest, as transformers asks")
-            target = -(-max_length // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else max_length
-            widths = np.maximum(enc.lengths, target).tolist()
+            widths = np.maximum(enc.lengths, _round_up(max_length, pad_to_multiple_of)).tolist()
         names = (["input_ids"] + (["attention_mask"] if return_attention_mask is not False else [])
                  + (["token_type_ids"] if (self.returns_type_ids if return_token_type_ids is None
                                            else return_token_type_ids) else [])
