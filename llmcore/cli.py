@@ -83,7 +83,8 @@ _FINETUNE_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch"}
 
 
 def _steps_or_fraction(text: str):
-    """--warmup-steps: a count of steps, or (transformers 5) a float in (0, 1), a fraction of the run."""
+    """--warmup-steps, --logging-steps, --eval-steps, --save-steps: a count of steps, or (transformers) a float in
+    (0, 1), a fraction of the run."""
     try:
         return int(text)
     except ValueError:
@@ -115,6 +116,10 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
             parser.add_argument(flag, type=_steps_or_fraction,
                                 help="default: 500, or 0 when --warmup-ratio is given; a float in (0, 1) is a "
                                 "fraction of the run (as --warmup-ratio)")
+        elif field.name in ("logging_steps", "eval_steps", "save_steps"):
+            parser.add_argument(flag, type=_steps_or_fraction,
+                                help=f"default: {default if default is not None else 'as --logging-steps'}; a float "
+                                "in (0, 1) is a fraction of the run's steps")
         elif field.name == "resume_from_checkpoint":
             parser.add_argument(flag, help="a checkpoint folder, or 'true' for the latest in --output-dir")
         elif field.name == "fsdp":

@@ -66,8 +66,10 @@ def test_config_validation(tmp_path):
         TrainConfig(str(tmp_path), eval_strategy="sometimes")
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         TrainConfig(str(tmp_path), gradient_accumulation_steps=0)
-    with pytest.raises(TypeError, match="logging_steps"):
+    with pytest.raises(ValueError, match="logging_steps"):
         TrainConfig(str(tmp_path), logging_steps=1.5)
+    with pytest.raises(TypeError, match="save_steps"):
+        TrainConfig(str(tmp_path), save_steps=True)
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig(str(tmp_path), learning_rate=-1.0)
     with pytest.raises(ValueError, match="max_steps"):
@@ -96,6 +98,52 @@ def test_config_validation(tmp_path):
     assert [build_parser().parse_args(args + [v]).warmup_steps for v in ("0.05", "7")] == [0.05, 7]
     with pytest.raises(ValueError, match="eval_batches"):
         Trainer(tiny(), TrainConfig(str(tmp_path), eval_strategy="epoch"), factory(2))
+
+
+def test_fractional_step_settings_as_transformers_trainer(tmp_path):
+    """logging_steps / eval_steps / save_steps as floats in (0, 1) are fractions of the run, rounded up, as
+    transformers takes them (llmcore refused them): the steps logged, evaluated and checkpointed equal those of
+    transformers' Trainer on the same settings; 4.0 is 4 steps; load_best_model_at_end needs the resolved save
+    steps a multiple of the eval steps."""
+    import transformers
+
+    from llmcore.cli import build_parser
+
+    kw = dict(max_steps=10, logging_steps=0.15, eval_strategy="steps", eval_steps=0.25, save_strategy="steps",
+              save_steps=0.5)
+    torch.manual_seed(0)
+    ref = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": i % 2} for i in range(8)]
+    args = transformers.TrainingArguments(str(tmp_path / "hf"), per_device_train_batch_size=2, report_to="none",
+                                          use_cpu=True, disable_tqdm=True, **kw)
+    theirs = transformers.Trainer(model=ref, args=args, train_dataset=rows, eval_dataset=rows[:2])
+    theirs.train()
+    ours = Trainer(tiny(), config(tmp_path / "ours", **kw, report_to="none"), factory(4),
+                   eval_batches=factory(1)(0))
+    ours.train()
+
+    def steps(history, key):
+        return [r["step"] for r in history if key in r]
+
+    for key in ("loss", "eval_loss"):
+        assert steps(ours.log_history, key) == steps(theirs.state.log_history, key), key
+    assert steps(ours.log_history, "loss") == [2, 4, 6, 8, 10]  # ceil(0.15 * 10)
+    assert steps(ours.log_history, "eval_loss") == [3, 6, 9, 10]  # ceil(2.5), and the last step
+    saved = [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "ours" / "out"))]
+    assert saved == ["checkpoint-5", "checkpoint-10"]
+    assert set(saved) == {f for f in os.listdir(tmp_path / "hf") if f.startswith("checkpoint-")}
+    assert TrainConfig(str(tmp_path), logging_steps=4.0).logging_steps == 4
+    with pytest.raises(ValueError, match="both be counts or both fractions"):
+        TrainConfig(str(tmp_path), load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps",
+                    eval_steps=0.1, save_steps=10)
+    best = config(tmp_path / "best", max_steps=10, eval_strategy="steps", save_strategy="steps", eval_steps=0.3,
+                  save_steps=0.5, load_best_model_at_end=True)  # every 3 and every 5 steps
+    with pytest.raises(ValueError, match="every 5 and 3 steps"):
+        Trainer(tiny(), best, factory(4), eval_batches=factory(1)(0)).train()
+    flags = build_parser().parse_args(["finetune", "--data", "d", "--output-dir", "o", "--eval-steps", "0.25",
+                                       "--save-steps", "100", "--logging-steps", "0.5"])
+    assert (flags.eval_steps, flags.save_steps, flags.logging_steps) == (0.25, 100, 0.5)
 
 
 def test_param_groups_exclude_bias_and_norm():
@@ -177,7 +225,8 @@ def test_optimizer_and_schedule_settings_reach_the_loop(tmp_path):
         expected.append(reference.get_last_lr()[0])
         reference.optimizer.step()
         reference.step()
-    assert [r["lr"] for r in trainer.log_history if "lr" in r] == pytest.approx(expected, rel=1e-12)
+    rates = [r["learning_rate"] for r in trainer.log_history if "learning_rate" in r]
+    assert rates == pytest.approx(expected, rel=1e-12)
     for bad, match in [({"adam_beta1": 1.0}, "adam_beta1 must be < 1"), ({"adam_beta2": -0.1}, "adam_beta2 must be"),
                        ({"adam_epsilon": float("nan")}, "adam_epsilon must be"),
                        ({"lr_scheduler_type": "cosine_with_restarts"}, "lr_scheduler_type must be one of")]:
@@ -198,7 +247,8 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the warmup (6 steps) is not shorter than the run (4 steps): the learning rate peaks at 50% of " \
            "learning_rate=0.001, at the last step" in err
-    assert max(r["lr"] for r in trainer.log_history if "lr" in r) == pytest.approx(0.5e-3, rel=1e-12)
+    rates = [r["learning_rate"] for r in trainer.log_history if "learning_rate" in r]
+    assert max(rates) == pytest.approx(0.5e-3, rel=1e-12)
     for kw in ({"warmup_steps": 3}, {"warmup_steps": 6, "lr_scheduler_type": "constant"}):
         Trainer(tiny(), TrainConfig(str(tmp_path / "b"), **kw, **settings), batches).train()
         assert "warmup" not in capsys.readouterr().err
@@ -284,7 +334,9 @@ def test_train_logs_evaluates_saves_and_rotates(tmp_path, capsys):
     assert len(evals) == 3 and all(r["eval_examples"] == 7 and 0 <= r["eval_accuracy"] <= 1 for r in evals)
     logs = [r for r in trainer.log_history if "loss" in r]
     assert [r["step"] for r in logs] == [2, 4, 6, 8, 10, 12]
-    assert logs[-1]["lr"] > 0 and logs[0]["samples_per_second"] > 0
+    assert logs[-1]["learning_rate"] > 0 and logs[0]["samples_per_second"] > 0
+    # transformers' key names (TensorBoard tags train/learning_rate, train/grad_norm); grad_norm when clipping
+    assert set(logs[0]) == {"step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_second"}
     assert [os.path.basename(p) for p in list_checkpoints(cfg.output_dir)] == ["checkpoint-8", "checkpoint-12"]
     with open(os.path.join(cfg.logging_dir, "train_log.jsonl")) as f:
         assert [json.loads(line) for line in f] == trainer.log_history
@@ -547,6 +599,21 @@ def test_checkpoints_are_published_whole(tmp_path):
     assert sorted(os.listdir(trainer.config.output_dir)) == ["checkpoint-1", "checkpoint-2", "logs"]
 
 
+def test_grad_norm_logged_without_clipping(tmp_path):
+    """max_grad_norm=0 turns clipping off and still measures and logs the norm, as transformers does (a clip to
+    infinity); llmcore logged null. The run is the one a limit never reached gives, norms and weights bitwise."""
+    runs = []
+    for name, limit in (("off", 0.0), ("huge", 1e30)):
+        trainer = Trainer(tiny(dropout=0.0), config(tmp_path / name, max_steps=3, logging_steps=1,
+                                                   max_grad_norm=limit), factory(4))
+        trainer.train()
+        runs.append(trainer)
+    norms = [[r["grad_norm"] for r in t.log_history if "loss" in r] for t in runs]
+    assert len(norms[0]) == 3 and all(n > 0 for n in norms[0]) and norms[0] == norms[1]
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_grad_norm_against_float64():
     """grad_norm against the float64 norm, on tensors the size of MiniLM's gradients (the
     11.7M-element embedding included): float32 and bf16 ones (the native sum of squares, exact
@@ -708,15 +775,20 @@ def test_load_best_model_at_end(tmp_path):
     out = tmp_path / "out"
     trainer, result = _best_run(tmp_path, [0.2, 0.9, 0.5, 0.1], load_best_model_at_end=True, save_total_limit=1)
     assert result["best_metric"] == 0.9 and result["best_model_checkpoint"] == str(out / "checkpoint-4")
-    # the best checkpoint outlives save_total_limit=1, beside the newest
-    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-4", "checkpoint-8"]
-    with open(out / "checkpoint-8" / "trainer_state.json") as f:
+    # the best checkpoint outlives save_total_limit=1; the newest, kept beside it during training, goes at the
+    # end, as transformers' Trainer deletes it (a probe: llmcore left both)
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-4"]
+    # the same run without a limit: its newest checkpoint knows the best one
+    _, again = _best_run(tmp_path / "nolimit", [0.2, 0.9, 0.5, 0.1], load_best_model_at_end=True)
+    other = tmp_path / "nolimit" / "out"
+    assert [os.path.basename(p) for p in list_checkpoints(str(other))] == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
+    with open(other / "checkpoint-8" / "trainer_state.json") as f:
         state = json.load(f)
-    assert state["best_model_checkpoint"] == str(out / "checkpoint-4") and state["best_metric"] == 0.9
+    assert state["best_model_checkpoint"] == str(other / "checkpoint-4") and state["best_metric"] == 0.9
     # the model ends with checkpoint-4's weights, not step 8's
     best, last = tiny(5), tiny(6)
     load_model_weights(str(out / "checkpoint-4"), best)
-    load_model_weights(str(out / "checkpoint-8"), last)
+    load_model_weights(str(other / "checkpoint-8"), last)
     for name, t in trainer.model.state_dict().items():
         assert torch.equal(t, best.state_dict()[name]), name
     assert not all(torch.equal(t, last.state_dict()[k]) for k, t in trainer.model.state_dict().items())
@@ -926,6 +998,23 @@ def test_the_last_step_is_evaluated_and_can_be_the_best(tmp_path):
     trainer = Trainer(tiny(0), cfg, batches, eval_batches=batches[:2])
     assert trainer.train()["epoch"] == 1.5
     assert [(r["step"], r["epoch"]) for r in trainer.log_history if "eval_loss" in r] == [(6, 1), (9, 1.5)]
+
+
+def test_one_shot_eval_batches_are_refused(tmp_path):
+    """A generator of evaluation batches is spent after the first evaluation: the next ones saw no batches and
+    reported a NaN loss silently (a probe), which no best-model comparison ever picks. Refused when the Trainer
+    is made, naming what to pass; a list and a callable returning a generator evaluate every time."""
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3), packed(gen, 4)]
+    cfg = config(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2)
+    for one_shot in ((b for b in batches), iter(batches), map(dict, batches)):
+        with pytest.raises(TypeError, match="one-shot iterator"):
+            Trainer(tiny(0), cfg, factory(4), eval_batches=one_shot)
+    for fine in (batches, lambda: (b for b in batches)):
+        trainer = Trainer(tiny(0), cfg, factory(4), eval_batches=fine)
+        trainer.train()
+        evals = [r for r in trainer.log_history if "eval_loss" in r]
+        assert len(evals) == 2 and all(r["eval_examples"] == 7 and math.isfinite(r["eval_loss"]) for r in evals)
 
 
 def test_an_evaluation_without_labelled_rows_is_nan(tmp_path):

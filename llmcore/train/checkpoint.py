@@ -289,10 +289,23 @@ def _sharded_keys(path: str) -> Optional[set]:
         return None
 
 
+def keep_only_best(output_dir: str, best: str) -> list[str]:
+    """At the end of a run with ``save_total_limit=1``: delete every checkpoint but the best, which rotation kept
+    beside the newest during training (transformers' Trainer does the same when it ends). Nothing is deleted
+    unless ``best`` is one of ``output_dir``'s checkpoints. Returns the deleted folders."""
+    found = list_checkpoints(output_dir)
+    if not any(os.path.abspath(f) == os.path.abspath(best) for f in found):
+        return []
+    doomed = [f for f in found if os.path.abspath(f) != os.path.abspath(best)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int], keep: Optional[str] = None) -> list[str]:
     """Delete the oldest checkpoints beyond ``save_total_limit``; return the deleted folders. ``keep`` (the best
     checkpoint so far) is never deleted and counts toward the limit, except that with a limit of 1 both it and
-    the newest stay (transformers' rule)."""
+    the newest stay (transformers' rule) until the run ends (``keep_only_best``)."""
     if save_total_limit is None:
         return []
     found = list_checkpoints(output_dir)

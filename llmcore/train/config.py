@@ -40,7 +40,8 @@ class TrainConfig:
     early_stopping_threshold)`` as settings): training stops after that many evaluations in a row whose
     ``metric_for_best_model`` did not beat the best of the earlier evaluations by more than
     ``early_stopping_threshold``.
-    ``eval_steps``/``save_steps`` default to ``logging_steps``/500; ``logging_dir`` to
+    ``eval_steps``/``save_steps`` default to ``logging_steps``/500; each of the three is a count of steps or, as
+    in transformers, a float in (0, 1): that fraction of the run's steps, rounded up (``every``); ``logging_dir`` to
     ``<output_dir>/logs``. Records always go to ``<logging_dir>/train_log.jsonl``; ``report_to``
     (``"tensorboard"`` (default), ``"all"``, ``"none"`` or a list) adds TensorBoard event files there.
     ``fsdp``: ``"full_shard"``, ``"shard_grad_op"``, ``"hybrid_shard"`` or ``"hybrid_shard_zero2"`` (optionally
@@ -81,11 +82,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     bf16: bool = False
     seed: int = 42
-    logging_steps: int = 50
+    logging_steps: Union[int, float] = 50
     eval_strategy: str = "no"
-    eval_steps: Optional[int] = None
+    eval_steps: Optional[Union[int, float]] = None
     save_strategy: str = "steps"
-    save_steps: int = 500
+    save_steps: Union[int, float] = 500
     save_total_limit: Optional[int] = None
     max_steps: int = -1
     resume_from_checkpoint: Optional[Union[str, bool]] = None
@@ -110,9 +111,9 @@ class TrainConfig:
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         self.output_dir = os.fspath(self.output_dir)
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps"):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _check_int(name, getattr(self, name), minimum=1)
+        self.logging_steps = _steps_or_fraction("logging_steps", self.logging_steps)
         if isinstance(self.warmup_steps, float):  # transformers 5: a float in [0, 1) is a fraction of the run
             steps = self.warmup_steps
             if 0.0 < steps < 1.0:
@@ -152,8 +153,8 @@ class TrainConfig:
             check_choice(name, getattr(self, name), _STRATEGIES)
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
-        _check_int("eval_steps", self.eval_steps, minimum=1)
-        _check_int("save_steps", self.save_steps, minimum=1)
+        self.eval_steps = _steps_or_fraction("eval_steps", self.eval_steps)
+        self.save_steps = _steps_or_fraction("save_steps", self.save_steps)
         if self.pad_to_multiple_of is not None:
             _check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1)
         if self.save_total_limit is not None:
@@ -206,7 +207,11 @@ class TrainConfig:
                 raise ValueError("load_best_model_at_end needs an evaluation at every checkpoint: eval_strategy and "
                                  "save_strategy both 'steps' or both 'epoch', got "
                                  f"{self.eval_strategy!r} and {self.save_strategy!r}")
-            if self.eval_strategy == "steps" and self.save_steps % self.eval_steps:
+            if self.eval_strategy == "steps" and isinstance(self.save_steps, int) != isinstance(self.eval_steps, int):
+                raise ValueError(f"load_best_model_at_end: save_steps ({self.save_steps}) and eval_steps "
+                                 f"({self.eval_steps}) must both be counts or both fractions of the run")
+            if (self.eval_strategy == "steps" and isinstance(self.save_steps, int)
+                    and self.save_steps % self.eval_steps):
                 raise ValueError(f"load_best_model_at_end: save_steps ({self.save_steps}) must be a multiple of "
                                  f"eval_steps ({self.eval_steps})")
             if self.metric_for_best_model is None:
@@ -256,6 +261,12 @@ class TrainConfig:
                              "(a list) so the number of steps per epoch is known")
         return max(1, math.ceil(self.num_train_epochs * steps_per_epoch))
 
+    def every(self, name: str, total_steps: int) -> int:
+        """``logging_steps``, ``eval_steps`` or ``save_steps`` in steps: a fraction of the run is
+        ``ceil(fraction * total_steps)``, as transformers' Trainer resolves it."""
+        value = getattr(self, name)
+        return max(1, math.ceil(value * total_steps)) if isinstance(value, float) else value
+
     def num_warmup_steps(self, total_steps: int) -> int:
         """``warmup_steps`` if positive, else ``ceil(warmup_ratio * total_steps)``."""
         return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total_steps)
@@ -267,6 +278,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _steps_or_fraction(name: str, value) -> Union[int, float]:
+    """logging_steps / eval_steps / save_steps as transformers takes them: a count of steps (a float that is a
+    whole number >= 1 becomes an int), or a float in (0, 1), a fraction of the run's steps (``TrainConfig.every``)."""
+    if isinstance(value, float) and math.isfinite(value):
+        if 0.0 < value < 1.0:
+            return value
+        if value.is_integer() and value >= 1:
+            return int(value)
+        raise ValueError(f"{name} must be a whole number of steps >= 1 or a fraction of the run in (0, 1), got {value}")
+    _check_int(name, value, minimum=1)
+    return value
 
 
 def _check_int(name: str, value, minimum: int) -> None:

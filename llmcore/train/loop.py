@@ -23,6 +23,7 @@ from llmcore.models.decoder import next_token_targets
 from llmcore.train.bf16_weights import Bf16Weights
 from llmcore.train.checkpoint import (
     PREFIX,
+    keep_only_best,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -413,6 +414,15 @@ def _check_watched_metric(name: Optional[str], causal_lm: bool, eval_batches, nu
                          f"{', '.join(known)} (eval_ prefix optional); pass compute_metrics for others")
 
 
+def _one_shot(batches) -> bool:
+    """True for an iterator (a generator, ``iter(list)``, a ``map``): it is its own iterator, so a second pass
+    finds it spent."""
+    try:
+        return iter(batches) is batches
+    except TypeError:
+        return False
+
+
 class Trainer:
     """A lean fine-tuning loop over in-memory batches.
 
@@ -448,6 +458,10 @@ class Trainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config.eval_strategy != "no" and eval_batches is None:
             raise ValueError(f"eval_strategy={config.eval_strategy!r} needs eval_batches")
+        if eval_batches is not None and not callable(eval_batches) and _one_shot(eval_batches):
+            raise TypeError(f"eval_batches is a one-shot iterator ({type(eval_batches).__name__}): every evaluation "
+                            "after the first would see no batches (a NaN loss); pass a list or another re-iterable, "
+                            "or a zero-argument callable that returns the batches")
         if (eval_batches is not None and not callable(eval_batches) and _len_or_none(eval_batches) == 0
                 and _dist()[1] == 1):  # (under torch.distributed a rank may get none of a small split's rows)
             raise ValueError("eval_batches is empty: give evaluation batches, or none (eval_strategy 'no')")
@@ -758,6 +772,13 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         steps_per_epoch = math.ceil(n_batches / accum) if n_batches is not None else None
         total = cfg.total_steps(steps_per_epoch)
+        log_every, eval_every, save_every = (cfg.every(n, total) for n in ("logging_steps", "eval_steps",
+                                                                          "save_steps"))
+        if (cfg.load_best_model_at_end and cfg.save_strategy == "steps" and isinstance(cfg.save_steps, float)
+                and save_every % eval_every):
+            raise ValueError(f"load_best_model_at_end: save_steps={cfg.save_steps} and eval_steps={cfg.eval_steps} "
+                             f"of this run's {total} steps are every {save_every} and {eval_every} steps, so a "
+                             "checkpoint would have no evaluation: make save_steps a multiple of eval_steps")
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay,
                                         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         warmup = cfg.num_warmup_steps(total)
@@ -814,13 +835,7 @@ class Trainer:
                     lr = self.scheduler.get_last_lr()[0]
                     run_tokens += sum(token_count(b) for b in window)
                     loss, examples = accumulate_gradients(self._wrapped, window, cfg.bf16, cfg.label_smoothing_factor)
-                    grad_norm = None
-                    if cfg.max_grad_norm > 0:
-                        grad_norm = clip_and_step(self.optimizer, self._params, cfg.max_grad_norm, self._steppers)
-                    else:
-                        for t in self._steppers:
-                            t.step()
-                        self.optimizer.step()
+                    grad_norm = clip_and_step(self.optimizer, self._params, cfg.max_grad_norm, self._steppers)
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1
@@ -831,26 +846,27 @@ class Trainer:
                     run_examples += examples
                     reporter.step(run_examples * self.world_size / max(time.perf_counter() - t_start, 1e-9))
                     at_epoch_end = n_batches is not None and consumed >= n_batches
-                    if self.global_step % cfg.logging_steps == 0 or self.global_step == total:
+                    if self.global_step % log_every == 0 or self.global_step == total:
                         if self.world_size > 1:
                             all_reduce(win_loss)  # each rank holds its share of the mean
                             counted = torch.tensor([win_examples], device=self.device)
                             all_reduce(counted)
                             win_examples = int(counted.item())
                         now = time.perf_counter()
+                        # transformers' names (its TensorBoard tags train/learning_rate, train/grad_norm)
                         self.log({"step": self.global_step,
                                   "epoch": round(_epoch_float(epoch, consumed, n_batches), 4),
-                                  "loss": float(win_loss) / win_steps, "lr": lr,
-                                  "grad_norm": None if grad_norm is None else float(grad_norm),
+                                  "loss": float(win_loss) / win_steps, "learning_rate": lr,
+                                  "grad_norm": float(grad_norm),
                                   "samples_per_second": win_examples / max(now - t_win, 1e-9)})
                         win_loss.zero_()
                         win_steps, win_examples, t_win = 0, 0, now
                     # (the last step too when off the grid, as transformers' DefaultFlowCallback: its checkpoint
                     # is then compared for the best model like the others)
-                    if cfg.eval_strategy == "steps" and (self.global_step % cfg.eval_steps == 0
+                    if cfg.eval_strategy == "steps" and (self.global_step % eval_every == 0
                                                          or self.global_step == total):
                         stopped = self._evaluate_in_training()
-                    if cfg.save_strategy == "steps" and self.global_step % cfg.save_steps == 0:
+                    if cfg.save_strategy == "steps" and self.global_step % save_every == 0:
                         # A checkpoint taken at the very end of an epoch resumes at the start of the next.
                         self.save(epoch + 1, 0) if at_epoch_end else self.save(epoch, consumed)
                         saved_step = self.global_step
@@ -882,6 +898,10 @@ class Trainer:
             self.reporter = None
         if cfg.load_best_model_at_end and self.best_model_checkpoint is not None:
             load_model_weights(self.best_model_checkpoint, self.model)
+        if cfg.save_total_limit == 1 and self.best_model_checkpoint is not None:
+            self._barrier()  # (every rank has loaded the best one)
+            if self.rank == 0:
+                keep_only_best(cfg.output_dir, self.best_model_checkpoint)
         runtime = time.perf_counter() - t_start
         steps = self.global_step - start_step
         counted = torch.tensor([float(run_loss), run_examples, run_tokens], dtype=torch.float64)

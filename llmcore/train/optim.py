@@ -143,11 +143,17 @@ def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float,
     gradient per step; other optimizers get the usual in-place multiply first. ``steppers``:
     objects that step some parameters themselves (``LazyRowAdamW``, ``Bf16Weights``), with
     ``grads()`` (their share of the norm), then ``params()`` (whose ``.grad`` that share replaces)
-    and ``step(grad_scale)``."""
+    and ``step(grad_scale)``. ``max_norm`` 0 (clipping off): the norm is measured and nothing is clipped, as
+    transformers measures it for its log then (a clip to infinity)."""
     extra = [g for s in steppers for g in s.grads()]
     own = {id(p) for s in steppers for p in s.params()}
     grads = [p.grad for p in parameters if p.grad is not None and id(p) not in own]
     norm = grad_norm(grads + extra)
+    if not max_norm > 0:
+        for s in steppers:
+            s.step()
+        optimizer.step()
+        return norm
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     fused = any(g.get("fused") for g in optimizer.param_groups)
     if fused and not hasattr(optimizer, "grad_scale"):
