@@ -619,7 +619,8 @@ def _fused_lm_loss_forward(self: nn.Module, *args, **kwargs):
                                      loss_dtype=torch.float32)
     if n is not None:
         loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
+                                  hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 # ---------------------------------------------------------------------------------------
@@ -704,16 +705,23 @@ def _match(m: nn.Module) -> tuple[str, object] | None:
 # patch
 
 
-def _refuse_attention_outputs(model: nn.Module) -> None:
-    """A config asking for attention weights (``output_attentions=True``) would get none from llmcore attention
-    (GPT-2 drops the request without a word): refused before anything is patched, as transformers refuses it
-    for its own non-eager attention."""
+def _refuse_attention_configs(model: nn.Module) -> None:
+    """Configs llmcore attention cannot serve, refused before anything is patched: one asking for attention
+    weights (``output_attentions=True``: llmcore returns none, and GPT-2 drops the request without a word, as
+    transformers refuses it for its own non-eager attention), and a soft-capped one (Gemma 2's
+    ``attn_logit_softcapping``: the patch went through and then every forward failed)."""
     from transformers import PreTrainedModel
 
     for m in model.modules():
-        if isinstance(m, PreTrainedModel) and getattr(m.config, "output_attentions", False):
+        if not isinstance(m, PreTrainedModel):
+            continue
+        if getattr(m.config, "output_attentions", False):
             raise ValueError(f"{type(m).__name__}'s config sets output_attentions=True, and llmcore attention returns "
                              "no attention weights: set it False to patch, or keep transformers' eager attention")
+        cap = getattr(m.config, "attn_logit_softcapping", None)
+        if cap is not None:
+            raise ValueError(f"{type(m).__name__}'s config sets attn_logit_softcapping={cap}, which llmcore attention "
+                             "does not compute: keep transformers' eager attention for this model")
 
 
 def _use_llmcore_attention(model: nn.Module) -> int:
@@ -795,7 +803,7 @@ def patch(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _refuse_attention_outputs(model)
+    _refuse_attention_configs(model)
     register()
     counts = {"attention": _use_llmcore_attention(model), "layer_norm": 0, "rms_norm": 0, "bias_gelu": 0, "swiglu": 0,
               "rotary_embedding": 0, "dropout": 0, "embedding": 0, "linear_cross_entropy": 0, "first_token_layer": 0}

@@ -514,6 +514,9 @@ def test_patch_causal_lm_plumbing(kind, ref_ops, tmp_path):
         outs.append(m(**batch, labels=labels))
         outs[-1].loss.backward()
     assert outs[1].logits is None  # the fused LM-head loss held no logits
+    # the base model's cache comes back as transformers' forward returns it (it was dropped: a probe)
+    assert type(outs[1].past_key_values) is type(outs[0].past_key_values)  # noqa: E721
+    assert outs[0].past_key_values is not None
     torch.testing.assert_close(outs[1].loss, outs[0].loss, **FP32)
     _assert_grads_close(ref, model)
 
@@ -737,6 +740,20 @@ def test_patch_refuses_a_config_asking_for_attention_weights():
     with pytest.raises(ValueError, match="output_attentions=True"):
         hf.patch(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_patch_refuses_soft_capped_attention():
+    """Gemma 2's attn_logit_softcapping: patch() went through and every forward then raised (a probe); refused
+    before anything is patched, naming the setting."""
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    attn_logit_softcapping=50.0)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
+        hf.patch(model)
+    assert model.config._attn_implementation == "eager"
+    assert not any(hasattr(m, "_llmcore_fused") for m in model.modules())
 
 
 def _data_parallel_replicas(model, n, monkeypatch):

@@ -234,6 +234,37 @@ def test_gpt2_config_variants_match_transformers(variant, tmp_path):
         torch.testing.assert_close(back(input_ids=ids).logits, a.logits, atol=ATOL, rtol=0)
 
 
+def test_gpt2_dropouts_and_biases_are_gpt2s(tmp_path):
+    """GPT-2's embd_pdrop was read as resid_pdrop (0.9 on the embeddings trained with none), and a GPT-2 built from
+    DecoderConfig had no q/k/v biases, so save_pretrained failed with a bare KeyError (a probe). The three dropouts
+    now land where transformers puts them and survive a save; GPT-2 without biases is refused by name."""
+    from llmcore.models import DecoderConfig, DecoderForCausalLM
+
+    cfg = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.9, attn_pdrop=0.25)
+    ours, _, _ = causal_lm_pair(cfg, tmp_path / "ckpt")
+    assert ours.dropout.p == 0.9 and ours.layers[0].dropout.p == 0.0
+    assert ours.config.dropout == 0.0 and ours.config.attention_dropout == 0.25
+    ours.train()
+    ids = torch.randint(0, 101, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert not torch.equal(ours(ids).logits, ours(ids).logits)  # the embeddings' dropout is on
+    ours.save_pretrained(tmp_path / "back")
+    saved = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (saved["embd_pdrop"], saved["resid_pdrop"], saved["attn_pdrop"]) == (0.9, 0.0, 0.25)
+
+    built = DecoderForCausalLM(DecoderConfig(family="gpt2", vocab_size=60, hidden_size=32, num_layers=1, num_heads=4,
+                                             num_kv_heads=4, head_dim=8, intermediate_size=48,
+                                             max_position_embeddings=16, dropout=0.1, embedding_dropout=0.3))
+    assert built.config.attention_bias and built.layers[0].attn.q.bias is not None and built.dropout.p == 0.3
+    built.save_pretrained(tmp_path / "built")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "built")
+    assert (theirs.config.embd_pdrop, theirs.config.resid_pdrop) == (0.3, 0.1)
+    with pytest.raises(ValueError, match="attention_bias=False: GPT-2"):
+        DecoderConfig(family="gpt2", attention_bias=False)
+    assert DecoderConfig(family="qwen2").attention_bias and not DecoderConfig(family="llama").attention_bias
+
+
 @pytest.mark.parametrize("family, over, field", [
     ("gpt2", {"activation_function": "relu"}, "activation_function 'relu'"),
     ("bert", {"is_decoder": True}, "is_decoder=True"),
@@ -366,6 +397,17 @@ def test_input_errors():
               cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="packed input_ids must be 1-D"):
         model(torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+    # an additive mask (0 attend, -inf masked) read as a bool attended to the padding only (a probe); 0/1 masks of
+    # any dtype still work, and give the bool mask's logits
+    ids = torch.tensor([[5, 6, 7, 0]])
+    additive = torch.tensor([[0.0, 0.0, 0.0, float("-inf")]])
+    with pytest.raises(ValueError, match="an additive 0 / -inf mask"):
+        model(ids, attention_mask=additive)
+    model.eval()
+    with torch.no_grad():
+        want = model(ids, attention_mask=torch.tensor([[True, True, True, False]])).logits
+        for mask in (torch.tensor([[1, 1, 1, 0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])):
+            torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, rtol=0, atol=0)
 
 
 def test_decoder_under_bf16_autocast(decoder):
@@ -394,6 +436,28 @@ def test_bf16_weights(decoder):
     ids = torch.randint(0, 101, (2, 9))
     with torch.no_grad():
         assert (ours(ids).logits.float() - ref.eval()(input_ids=ids).logits).abs().max() < 0.1
+        # the loss comes back float32, as transformers' causal LM loss on bf16 weights (it was bf16: 4.59 for 4.58)
+        loss, want = ours(ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss
+        assert loss.dtype == torch.float32 and abs(loss.item() - want.item()) < 0.02
+
+
+def test_rotary_frequencies_stay_float32_in_bf16_models(tmp_path):
+    """from_pretrained(dtype=bf16) cast the RoPE frequencies with the weights (model.to), which transformers'
+    from_pretrained keeps float32: cos was 0.5 off at positions past 1000 and position-sharp attention far from
+    transformers' bf16 model (a probe). Now every cast and move keeps them float32 and equal to transformers'."""
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    _, _, path = causal_lm_pair(cfg, tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).model.rotary_emb
+    pos = torch.tensor([[0, 1, 1000, 2047, 4095]])
+    want_cos, want_sin = theirs(torch.zeros(1, 5, 16), pos)
+    ours = from_pretrained(path, task="causal-lm", dtype=torch.bfloat16)
+    moved = from_pretrained(path, task="causal-lm").half().to(torch.bfloat16).to_empty(device="cpu")
+    for model in (ours, moved):
+        assert model.embed.word.weight.dtype == torch.bfloat16 and model.rotary.inv_freq.dtype == torch.float32
+        assert torch.equal(model.rotary.inv_freq, theirs.inv_freq)
+        cos, sin = model.rotary.cos_sin(pos, torch.float32)
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama", "qwen2", "qwen3"])

@@ -152,7 +152,7 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: Optional[bool] = None  # the family's: q/k/v biases in gpt2 and qwen2 (as transformers builds)
     hidden_act: Optional[str] = None  # the family's: "gelu_new" for gpt2, else "silu"
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -162,10 +162,17 @@ class DecoderConfig:
     # GPT-2's attention scaling: by 1/sqrt(head_dim) (else 1), and further by 1/(layer index + 1)
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
+    # GPT-2's embd_pdrop, on the embeddings' sum (None: ``dropout``, which is its resid_pdrop)
+    embedding_dropout: Optional[float] = None
 
     def __post_init__(self):
         if self.hidden_act is None:
             self.hidden_act = "gelu_new" if self.family == "gpt2" else "silu"
+        if self.attention_bias is None:
+            self.attention_bias = self.family in ("gpt2", "qwen2")
+        elif self.family == "gpt2" and not self.attention_bias:
+            raise ValueError("attention_bias=False: GPT-2's attention always has q/k/v biases (transformers' GPT-2 "
+                             "could not load such a model); leave attention_bias unset for gpt2")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "DecoderConfig":
@@ -179,7 +186,7 @@ class DecoderConfig:
                        hf.get("tie_word_embeddings", True), True, _gelu(hf, "activation_function", "gelu_new", family),
                        hf.get("resid_pdrop", 0.1), hf.get("attn_pdrop", 0.1), None,
                        hf.get("initializer_range", 0.02), dict(hf), bool(hf.get("scale_attn_weights", True)),
-                       bool(hf.get("scale_attn_by_inverse_layer_idx", False)))
+                       bool(hf.get("scale_attn_by_inverse_layer_idx", False)), hf.get("embd_pdrop", 0.1))
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
         if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise UnsupportedModelError(f"rope scaling {rope!r} is not supported (only the default RoPE)")
@@ -210,7 +217,8 @@ class DecoderConfig:
                     "n_head": self.num_heads, "n_inner": self.intermediate_size,
                     "n_positions": self.max_position_embeddings, "layer_norm_epsilon": self.norm_eps,
                     "tie_word_embeddings": self.tie_word_embeddings, "activation_function": self.hidden_act,
-                    "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.attention_dropout,
+                    "resid_pdrop": self.dropout, "attn_pdrop": self.attention_dropout,
+                    "embd_pdrop": self.dropout if self.embedding_dropout is None else self.embedding_dropout,
                     "initializer_range": self.initializer_range, "scale_attn_weights": self.scale_attn_weights,
                     "scale_attn_by_inverse_layer_idx": self.scale_attn_by_inverse_layer_idx}
         out = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,

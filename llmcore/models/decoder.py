@@ -97,7 +97,7 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
             self.rotary = None
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout if cfg.embedding_dropout is None else cfg.embedding_dropout)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -148,7 +148,9 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
         loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head_weight,
                                         target.reshape(-1), ignore_index=-100,
                                         reduction="mean" if num_items_in_batch is None else "sum",
-                                        label_smoothing=label_smoothing)
+                                        label_smoothing=label_smoothing,
+                                        # float32 for bf16 / fp16 weights, as transformers' causal LM loss
+                                        loss_dtype=torch.float32 if hidden.element_size() < 4 else None)
         if num_items_in_batch is not None:
             if isinstance(num_items_in_batch, Tensor):
                 num_items_in_batch = num_items_in_batch.to(loss.device)

@@ -49,5 +49,10 @@ def make_batch(input_ids: Tensor, attention_mask: Optional[Tensor], cu_seqlens: 
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
+        if attention_mask.is_floating_point() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            # an additive mask (0 attend, -inf masked) would read inverted as a bool (checked for float masks only:
+            # tokenizers give integer ones, which then cost no pass and no device sync)
+            raise ValueError("attention_mask must hold 1 (attend) and 0 (padding), as transformers' models take it; "
+                             "it holds other values (an additive 0 / -inf mask?)")
         attention_mask = attention_mask.bool()
     return Batch(key_mask=attention_mask)

@@ -221,11 +221,23 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        # In float32, as transformers (and the reference implementations checkpoints were trained with) compute it:
-        # float64 rounded to float32 differs in ~1 ulp of some frequencies, which the angle multiplies by the
-        # position (cos off by up to 8e-3 at 131072 positions, head dim 128).
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+
+    def _frequencies(self) -> Tensor:
+        # In float32 on the CPU, as transformers (and the reference implementations checkpoints were trained with)
+        # compute it: float64 rounded to float32 differs in ~1 ulp of some frequencies, which the angle multiplies
+        # by the position (cos off by up to 8e-3 at 131072 positions, head dim 128).
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        return 1.0 / (self.theta ** exponent)
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` (``from_pretrained(dtype=...)``, ``.half()``) rounded the frequencies too:
+        cos off by up to 0.5 at positions past 1000 in bf16 (a probe). They stay float32 and are made again, on
+        the CPU, for whichever device the module moves to (``to_empty`` included)."""
+        super()._apply(fn, recurse)
+        self.inv_freq = self._frequencies().to(self.inv_freq.device)
+        return self
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype):
         freqs = positions.float()[..., None] * self.inv_freq
