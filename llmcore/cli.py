@@ -194,6 +194,8 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmcore.data.prepare import SPLIT_SEED  # (no torch import)
+
     parser = argparse.ArgumentParser(prog="llmcore", description="llmcore: fast data preparation and fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, CPU ISA, threads, CUDA/Triton and attention backends (JSON)")
@@ -218,12 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", help="default: detected (label, sentiment, class, ...)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="packed ids + cu_seqlens (default) or, with --no-pack, padded to each split's longest")
-    p.add_argument("--min-chars", type=int, default=1, help="drop texts shorter than this after cleaning")
-    p.add_argument("--max-chars", type=int, default=None, help="drop texts longer than this after cleaning")
-    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    p.add_argument("--min-chars", type=int, default=1,
+                   help="drop train texts shorter than this after cleaning (evaluation splits stay whole)")
+    p.add_argument("--max-chars", type=int, default=None, help="drop train texts longer than this after cleaning")
+    p.add_argument("--no-dedup", action="store_true", help="keep train's exact duplicates")
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="stratified share of train held out when there is no validation split (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--seed", type=int, default=SPLIT_SEED,
+                   help=f"seed of the validation split (default {SPLIT_SEED}, as llmcore finetune draws it)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
     p.set_defaults(func=_prepare)
     bench = sub.add_parser("bench", help="benchmarks against the reference implementations")

@@ -386,8 +386,9 @@ def test_eval_data_is_the_validation_split(tmp_path, tok):
     # every train row stays in train (nothing split off), the folder's own validation file is left out
     assert len(ds["train"]) == 40 and "split_off_to_validation" not in ds.meta["counts"]["train"]
     va = ds["validation"]
-    assert va.texts() == ["first held out", "second held out"]  # cleaned and de-duplicated like any split
-    assert [ds.label_names[i] for i in va.labels] == ["b", "a"]  # one label mapping for all splits
+    # cleaned like any split, every row kept (evaluated on: a repeated row is scored again, as transformers')
+    assert va.texts() == ["first held out", "second held out", "first held out"]
+    assert [ds.label_names[i] for i in va.labels] == ["b", "a", "b"]  # one label mapping for all splits
     assert va[0].tolist() == tok.encode("first held out")
     assert ds.meta["eval_data"] == os.path.abspath(ev)
     # the eval file is part of the cache key; a folder stands for its validation.* file

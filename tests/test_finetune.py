@@ -232,7 +232,43 @@ def test_finetune_bad_input_names_the_problem(tmp_path, capsys):
 
     (tmp_path / "a_file").write_text("")
     code, err = _finetune_err(capsys, _csv_dir(tmp_path, "ok", train=rows, validation=rows[:2]), tmp_path / "a_file")
-    assert code == 2 and "Not a directory" in err
+    assert code == 2 and "output_dir" in err and "a_file' is a file, not a folder" in err
+
+
+def test_finetune_scores_every_evaluation_row_and_says_what_it_kept(tmp_path, capsys):
+    """A probe: `llmcore finetune` on raw data dropped duplicate and empty rows from the test split too (a 123-row
+    test file scored on 120 rows) and said nothing. Cleaning filters train only; validation and test rows are all
+    scored (an empty text as [CLS] [SEP], as transformers' Trainer scores it); what each split kept is said on
+    stderr. A tokenizer.json given alone gets the model's model_max_length in final/ (transformers' tokenizer
+    loaded from final/ had no limit)."""
+    rows = [(f"good film {i}", 1) for i in range(6)] + [(f"bad film {i}", 0) for i in range(6)]
+    test = rows[:4] + [rows[0], ("", 1)]
+    data = _csv_dir(tmp_path, "d", train=rows + rows[:3] + [("", 0)], validation=rows[:3], test=test)
+    code, err = _finetune_err(capsys, data, tmp_path / "o", "--tokenizer", os.path.join(minilm_dir(), "tokenizer.json"))
+    assert code == 0, err
+    assert "llmcore: data [train] rows 16  kept 12  dropped empty 1, duplicate 3" in err
+    assert "llmcore: data [test] rows 6  kept 6" in err
+    with open(tmp_path / "o" / "results.json", encoding="utf-8") as f:
+        assert json.load(f)["test_examples"] == 6
+    final = tmp_path / "o" / "final"
+    assert json.loads((final / "tokenizer_config.json").read_text()) == {"model_max_length": 512}
+    import transformers
+
+    theirs = transformers.AutoTokenizer.from_pretrained(str(final))
+    assert len(theirs("word " * 600, truncation=True)["input_ids"]) == 512
+
+
+def test_prepare_and_finetune_hold_out_the_same_validation_rows(tmp_path, capsys):
+    """`llmcore prepare` drew the held-out validation rows with seed 0, `llmcore finetune` on the raw data with its
+    --seed (42): the two-step workflow trained and evaluated on other rows than the one-step one (a probe). Both
+    draw with seed 42 now, whatever --seed the training uses."""
+    rows = [(f"good film {i}", 1) for i in range(20)] + [(f"bad film {i}", 0) for i in range(20)]
+    data = _csv_dir(tmp_path, "d", train=rows)
+    assert main(["prepare", "--data", str(data), "--model", minilm_dir(), "--max-length", "16",
+                 "--output-dir", str(tmp_path / "prepared")]) == 0
+    assert _finetune_err(capsys, data, tmp_path / "o", "--seed", "7", "--max-length", "16")[0] == 0
+    ours = (tmp_path / "o" / "data" / "validation.texts.txt").read_text(encoding="utf-8")
+    assert ours == (tmp_path / "prepared" / "validation.texts.txt").read_text(encoding="utf-8") and ours.strip()
 
 
 def test_finetune_says_when_class_ids_have_no_train_row(tmp_path, capsys):

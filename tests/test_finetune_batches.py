@@ -103,3 +103,17 @@ def test_batch_multiple_defaults_and_errors(prepared):
         TrainConfig("o", pad_to_multiple_of=0)
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         SplitBatches(prepared[True]["train"], [], True, 0)
+
+
+def test_epoch_orders_differ_across_seeds(prepared):
+    """Shuffled by (seed, epoch) as one seed sequence: with seed + epoch, epoch 1 of seed 42 was epoch 0 of seed 43
+    (a probe), so a seed sweep trained on shifted copies of one order. Each epoch still holds every row once, and
+    one (seed, epoch) gives one order."""
+    split = prepared[True]["train"]
+
+    def order(seed, epoch):
+        return [tuple(rows) for rows in split_batches(split, 16, True, seed=seed, shuffle=True)(epoch).rows]
+
+    assert order(42, 1) != order(43, 0) and order(42, 0) != order(42, 1)
+    assert order(42, 1) == order(42, 1)
+    assert sorted(i for rows in order(42, 1) for i in rows) == list(range(len(split)))

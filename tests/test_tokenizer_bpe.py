@@ -85,6 +85,8 @@ def test_special_tokens_when_asked(tik):
     assert tok.encode(text) == tik.encode(text, allowed_special="all")
     plain = Tokenizer.from_tiktoken(cl100k_path())
     assert plain.encode(text) == tik.encode_ordinary(text)
+    # an embedding of vocab_size rows takes every id: tiktoken's n_vocab (counting the tokens gave 100258)
+    assert tok.vocab_size == tik.n_vocab == 100277 and plain.vocab_size == 100256
 
 
 @pytest.mark.parametrize("text", ["a" * 10**6, " " * 10**6, "1" * 10**6, "\n" * 10**6, "random-word"])

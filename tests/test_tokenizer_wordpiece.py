@@ -312,6 +312,87 @@ def test_transformers_style_call_options(tok, path, tmp_path):
                                                                                                  "attention_mask"}
     assert pickle.loads(pickle.dumps(distil))(texts[0]).keys() == {"input_ids", "attention_mask"}
     assert set(Tokenizer.from_pretrained(minilm_dir())(texts[0])) == {"input_ids", "attention_mask", "token_type_ids"}
+    # transformers 5's generic class (what Llama 3 folders name) returns no token_type_ids either (a probe)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert Tokenizer.from_pretrained(folder)(texts[0]).keys() == \
+        transformers.AutoTokenizer.from_pretrained(folder)(texts[0]).keys() == {"input_ids", "attention_mask"}
+
+
+def _config_folder(tmp_path, name, **settings):
+    """MiniLM's tokenizer.json with its tokenizer_config.json plus ``settings``."""
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(os.path.join(minilm_dir(), "tokenizer.json"), folder / "tokenizer.json")
+    with open(os.path.join(minilm_dir(), "tokenizer_config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, **settings}), encoding="utf-8")
+    return folder
+
+
+def test_tokenizer_config_sides_pad_token_and_clean_up_as_transformers(tmp_path):
+    """A probe: tokenizer_config.json's padding_side, truncation_side, pad_token and clean_up_tokenization_spaces
+    were ignored, and so was transformers' idiom tok.padding_side = "left" (a plain attribute nothing read): padded
+    on the right, truncated the other end, padded with another id, decoded "is n ' t". Each now as transformers'
+    tokenizer of the folder; truncation_side "left" is refused (llmcore truncates on the right only)."""
+    transformers = pytest.importorskip("transformers")
+    texts = ["hello world how are you", "short", "it's fine, isn't it?"]
+
+    def pair(folder):
+        return Tokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
+
+    ours, theirs = pair(_config_folder(tmp_path, "left", padding_side="left"))
+    assert ours(texts, padding=True) == dict(theirs(texts, padding=True))
+    assert pickle.loads(pickle.dumps(ours)).padding_side == "left"
+    ours, theirs = pair(_config_folder(tmp_path, "unk_pad", pad_token="[UNK]"))
+    assert ours.pad_token_id == theirs.pad_token_id == 100
+    assert ours(texts, padding=True) == dict(theirs(texts, padding=True))
+    ours, theirs = pair(_config_folder(tmp_path, "cleanup", clean_up_tokenization_spaces=True))
+    ids = theirs(texts[2])["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True) == "it's fine, isn't it?"
+    assert ours.decode(ids, clean_up_tokenization_spaces=False) == "it ' s fine, isn ' t it?"
+    ours, theirs = pair(minilm_dir())
+    ours.padding_side = theirs.padding_side = "left"
+    assert ours(texts, padding=True) == dict(theirs(texts, padding=True))
+    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left'"):
+        ours.padding_side = "top"
+    ours.truncation_side = "left"
+    with pytest.raises(NotImplementedError, match="truncation_side='left'"):
+        ours(texts, truncation=True, max_length=4)
+    with pytest.raises(NotImplementedError, match="truncation_side='left'"):
+        Tokenizer.from_pretrained(_config_folder(tmp_path, "tleft", truncation_side="left"))(texts, truncation=True,
+                                                                                               max_length=4)
+    with pytest.raises(TokenizerFileError, match="pad_token 'nosuchtoken' is not a token"):
+        Tokenizer.from_pretrained(_config_folder(tmp_path, "badpad", pad_token="nosuchtoken"))
+
+
+def test_padding_max_length_without_truncation_makes_a_tensor_of_equal_rows(tok):
+    """Rows all longer than max_length and of one length make a tensor, as transformers' (refused before, a probe);
+    rows of different lengths still do not."""
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    for texts in ("a b c d e f g h", ["a b c d e f g h", "h g f e d c b a"]):
+        got = tok(texts, max_length=5, padding="max_length", return_tensors="np")
+        want = theirs(texts, max_length=5, padding="max_length", return_tensors="np")
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
+    with pytest.raises(ValueError, match="make no tensor"):
+        tok(["a b c d e f g h", "a"], max_length=5, padding="max_length", return_tensors="np")
+
+
+def test_a_row_past_model_max_length_is_said_once():
+    """transformers warns (once) when a row without truncation is longer than model_max_length; llmcore took a
+    `verbose` it never used (a probe). Said once per tokenizer; not with verbose=False or with truncation."""
+    import warnings
+
+    ours = Tokenizer.from_pretrained(minilm_dir())
+    long = "word " * 600
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ours(long, verbose=False)
+        ours(long, truncation=True)
+        ours(long)
+        ours(long)
+    said = [str(w.message) for w in seen]
+    assert len(said) == 1 and said[0].startswith("a row of 602 tokens is longer than this tokenizer's model_max_len")
 
 
 def test_transformers_style_call_max_length_padding(tok, path):

@@ -249,6 +249,8 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, capsys):
            "learning_rate=0.001, at the last step" in err
     rates = [r["learning_rate"] for r in trainer.log_history if "learning_rate" in r]
     assert max(rates) == pytest.approx(0.5e-3, rel=1e-12)
+    Trainer(tiny(), TrainConfig(str(tmp_path / "c"), warmup_steps=500, **{**settings, "max_steps": 3}), batches).train()
+    assert "peaks at 0.4% of learning_rate" in capsys.readouterr().err  # (2 / 500: it said 0%)
     for kw in ({"warmup_steps": 3}, {"warmup_steps": 6, "lr_scheduler_type": "constant"}):
         Trainer(tiny(), TrainConfig(str(tmp_path / "b"), **kw, **settings), batches).train()
         assert "warmup" not in capsys.readouterr().err

@@ -27,7 +27,9 @@ import numpy as np
 from llmcore.data import clean, sources
 from llmcore.hub import checkpoint_folder
 
-FORMAT_VERSION = 3  # (in the cache key: 2 NFC after removing controls; 3 whole-number label ids, quoted TSV)
+# (in the cache key: 2 NFC after removing controls; 3 whole-number label ids, quoted TSV; 4 evaluation splits whole)
+FORMAT_VERSION = 4
+SPLIT_SEED = 42  # the validation split's seed by default (transformers' default seed), in prepare and finetune
 
 
 @dataclasses.dataclass
@@ -40,7 +42,7 @@ class PrepareOptions:
     max_chars: Optional[int] = None
     dedup: bool = True
     validation_fraction: float = 0.1
-    seed: int = 0
+    seed: int = SPLIT_SEED
     save_text: bool = True
     hub_config: Optional[str] = None
     overflow: str = "truncate"
@@ -222,13 +224,15 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             *, eval_data: Union[str, os.PathLike, None] = None, text_column: Optional[str] = None,
             label_column: Optional[str] = None, pack: bool = True,
             min_chars: int = 1, max_chars: Optional[int] = None, dedup: bool = True,
-            validation_fraction: float = 0.1, seed: int = 0, save_text: bool = True,
+            validation_fraction: float = 0.1, seed: int = SPLIT_SEED, save_text: bool = True,
             hub_config: Optional[str] = None, overflow: str = "truncate", force: bool = False,
             verbose: bool = False) -> PreparedDataset:
     """Load ``data`` (a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of ``train.*`` / ``validation.*``
-    / ``test.*`` files, or a Hugging Face dataset name), clean, filter and de-duplicate its texts,
-    add a stratified validation split (``validation_fraction`` of train, seeded) when there is none,
-    tokenize with truncation to ``max_length`` and save the arrays under ``output_dir``.
+    / ``test.*`` files, or a Hugging Face dataset name), clean every split's texts, filter and de-duplicate
+    train's (``min_chars``, ``max_chars``, ``dedup``: the other splits are evaluated on, so every row of theirs
+    is kept and scored, an empty text too, as transformers' Trainer scores an eval_dataset), add a stratified
+    validation split (``validation_fraction`` of train, drawn with ``seed``) when there is none, tokenize with
+    truncation to ``max_length`` and save the arrays under ``output_dir``.
 
     ``eval_data``: a file (or a split folder's ``validation.*`` file) whose rows become the
     validation split, as transformers' ``eval_dataset``: ``data``'s own validation split is left
@@ -325,7 +329,10 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         tc, lc = cols[split]
         raw = table[tc]
         texts = [clean.clean_text(t) for t in raw]
-        keep, dropped = clean.filter_rows(texts, min_chars, max_chars, dedup)
+        if split == "train":
+            keep, dropped = clean.filter_rows(texts, min_chars, max_chars, dedup)
+        else:  # evaluated on: whole
+            keep, dropped = list(range(len(texts))), {}
         labels = None
         if lc is not None:
             lab = clean.label_ids(table[lc], label_names if string_labels else None, where[split])
@@ -353,6 +360,8 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     # --- tokenize and save -------------------------------------------------------------------------
     # into a staging folder, moved in once every split is written: a failure (a text the tokenizer refuses, a full
     # disk) leaves output_dir's previous result as it was
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} is a file, not a folder")
     os.makedirs(output_dir, exist_ok=True)
     stage = os.path.join(output_dir, STAGING)
     shutil.rmtree(stage, ignore_errors=True)

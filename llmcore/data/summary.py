@@ -40,24 +40,30 @@ def split_stats(lengths: np.ndarray, max_length: int, texts: Optional[int] = Non
     return out
 
 
+def split_line(meta: dict, split: str) -> str:
+    """One split's rows: read, kept, dropped by reason, moved to validation, split into windows."""
+    c = meta["counts"].get(split, {})
+    s = meta["stats"][split]
+    dropped = {k: v for k, v in c.get("dropped", {}).items() if v}
+    line = f"[{split}] rows {c.get('rows', s['rows'])}  kept {s.get('texts', s['rows'])}"
+    if dropped:
+        line += "  dropped " + ", ".join(f"{k} {v}" for k, v in dropped.items())
+    if c.get("split_off_to_validation"):
+        line += f"  ({c['split_off_to_validation']} moved to validation)"
+    if c.get("split_from"):
+        line += f"  (stratified split of {c['split_from']})"
+    if "texts" in s:
+        line += f"  -> {s['rows']} rows ({c.get('texts_split', 0)} texts longer than max_length split)"
+    return line
+
+
 def format_summary(meta: dict) -> str:
     lines = [f"data {meta['data']}  text column {meta['text_column']!r}  label column {meta['label_column']!r}"
              + (f"  labels {meta['label_names']}" if meta.get("label_names") else "")]
     max_length = meta["options"]["max_length"]
     for split in meta["splits"]:
-        c = meta["counts"].get(split, {})
         s = meta["stats"][split]
-        dropped = {k: v for k, v in c.get("dropped", {}).items() if v}
-        line = f"[{split}] rows {c.get('rows', s['rows'])}  kept {s.get('texts', s['rows'])}"
-        if dropped:
-            line += "  dropped " + ", ".join(f"{k} {v}" for k, v in dropped.items())
-        if c.get("split_off_to_validation"):
-            line += f"  ({c['split_off_to_validation']} moved to validation)"
-        if c.get("split_from"):
-            line += f"  (stratified split of {c['split_from']})"
-        if "texts" in s:
-            line += f"  -> {s['rows']} rows ({c.get('texts_split', 0)} texts longer than max_length split)"
-        lines.append(line)
+        lines.append(split_line(meta, split))
         if not s["rows"]:
             continue
         full = s.get("at_max_length", s.get("truncated"))  # (its older name, in folders prepared before)

@@ -393,7 +393,9 @@ _NO_TYPE_IDS = {f"{stem}Tokenizer" for stem in (
     "Camembert", "CLIP", "CodeLlama", "CodeGen", "Cohere", "DistilBert", "Gemma", "GPT2", "GPTNeoX", "Herbert",
     "Llama", "Luke", "M2M100", "Marian", "MBart", "MBart50", "MPNet", "Nllb", "OpenAIGPT", "Pegasus", "PLBart",
     "Qwen2", "Reformer", "RemBert", "Roberta", "SeamlessM4T", "Speech2Text", "SpeechT5", "Splinter", "T5",
-    "Whisper", "XGLM", "XLMRoberta")}
+    "Whisper", "XGLM", "XLMRoberta")} | {
+    # transformers 5's generic classes (Llama 3 folders name PreTrainedTokenizerFast): input_ids and attention_mask
+    "PreTrainedTokenizer", "TokenizersBackend"}
 
 
 def read_tokenizer_config(directory: str, strict: bool = False) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -93,21 +94,88 @@ class BatchEncoding:
         return f"BatchEncoding({len(self)} texts, {layout})"
 
 
+_SIDES = ("right", "left")
+# transformers' clean-up of decoded WordPiece text, in its order
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+# tokenizer_config.json keys a folder's transformers tokenizer reads that the transformers-style call follows
+_CONFIG_KEYS = ("tokenizer_class", "model_input_names", "model_max_length", "padding_side", "truncation_side",
+                "pad_token", "clean_up_tokenization_spaces")
+
+
+# the settings a Tokenizer carries beside its files (pickled as they are)
+_SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces")
+
+
+def _token_content(value) -> Optional[str]:
+    """A tokenizer_config.json special token: a string, or transformers' {"content": ...} form."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 class Tokenizer:
     """A WordPiece or byte-level BPE tokenizer that gives exactly the ids of the library its
-    files come from (HF ``tokenizers``, tiktoken). Immutable, thread-safe and picklable."""
+    files come from (HF ``tokenizers``, tiktoken). Thread-safe and picklable; its vocabulary and rules are
+    immutable. ``padding_side`` and ``truncation_side`` ("right" or "left"; a folder's tokenizer_config.json
+    sets them, as in transformers) are what the transformers-style call pads and truncates on."""
 
     def __init__(self, spec: Spec, source: tuple):
         self._spec = spec
         self._source = source  # how to rebuild after unpickling
         self._native = spec.build()
         self._token_to_id: Optional[dict] = None
+        self._vocab_size: Optional[int] = None
         # whether __call__ returns token_type_ids by default: as transformers' tokenizer class for the folder
         # (from_pretrained reads tokenizer_config.json), else yes
         self.returns_type_ids = True
         # what the transformers-style call truncates / pads to without a max_length (tokenizer_config.json's)
         self.model_max_length: Optional[int] = None
         self._lead_spaces: Optional[np.ndarray] = None  # per id (offsets of overflowing windows)
+        self._config: dict = {}  # the tokenizer_config.json keys applied (kept across pickling)
+        self._padding_side = self._truncation_side = "right"
+        self._warned_long = False
+        self.clean_up_tokenization_spaces = False  # decode's default (tokenizer_config.json's)
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        if side not in _SIDES:
+            raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
+        self._padding_side = side
+
+    @property
+    def truncation_side(self) -> str:
+        return self._truncation_side
+
+    @truncation_side.setter
+    def truncation_side(self, side: str) -> None:
+        if side not in _SIDES:
+            raise ValueError(f"truncation_side must be 'right' or 'left', got {side!r}")
+        self._truncation_side = side
+
+    def _apply_config(self, cfg: dict, where: str) -> None:
+        """What a folder's tokenizer_config.json sets for transformers' tokenizer: token_type_ids or not, the
+        length limit, the padding / truncation sides, the pad token and decode's clean-up."""
+        self._config = {k: cfg[k] for k in _CONFIG_KEYS if k in cfg}
+        self.returns_type_ids = _loaders.returns_type_ids(cfg)
+        self.model_max_length = _loaders.model_max_length(cfg)
+        for key in ("padding_side", "truncation_side"):
+            if key in cfg:
+                try:
+                    setattr(self, key, cfg[key])
+                except ValueError as e:
+                    raise TokenizerFileError(f"{where}: {e}") from None
+        pad = _token_content(cfg.get("pad_token"))
+        if pad is not None and pad != self._spec.pad_token:
+            pad_id = self.token_to_id(pad)
+            if pad_id is None:
+                raise TokenizerFileError(f"{where}: pad_token {pad!r} is not a token of this tokenizer")
+            self._spec.pad_token, self._spec.pad_id = pad, pad_id
+        self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
 
     # --- constructors -------------------------------------------------------------------
     @classmethod
@@ -154,8 +222,7 @@ class Tokenizer:
             tok = cls(_loaders.load_bert_vocab(directory, cfg), ("vocab", directory))
         else:
             raise FileNotFoundError(f"{directory!r} holds neither tokenizer.json nor vocab.txt")
-        tok.returns_type_ids = _loaders.returns_type_ids(cfg)
-        tok.model_max_length = _loaders.model_max_length(cfg)
+        tok._apply_config(cfg, os.path.join(directory, "tokenizer_config.json"))
         return tok
 
     @classmethod
@@ -173,8 +240,8 @@ class Tokenizer:
     # --- pickling: rebuilt from the source, which travels with the object ------------------
     def __getstate__(self):
         kind = self._source[0]
-        state = {"source": self._source, "returns_type_ids": self.returns_type_ids,
-                 "model_max_length": self.model_max_length}
+        state = {"source": self._source, "config": self._config,
+                 **{k: getattr(self, k) for k in _SETTINGS}}
         if kind != "json":
             state["spec"] = self._spec
         return state
@@ -185,8 +252,10 @@ class Tokenizer:
         else:
             _, path, text = state["source"]
             self.__init__(_loaders.load_tokenizer_json(path, text), state["source"])
-        self.returns_type_ids = state.get("returns_type_ids", True)
-        self.model_max_length = state.get("model_max_length")
+        self._apply_config(state.get("config", {}), "tokenizer_config.json")
+        for k in _SETTINGS:  # (as they were, set by hand too)
+            if k in state:
+                setattr(self, k, state[k])
 
     # --- encoding -------------------------------------------------------------------------
     def encode(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = True) -> list:
@@ -338,6 +407,12 @@ class Tokenizer:
             truncation = False
         else:
             raise ValueError(f"unsupported truncation strategy {truncation!r}")
+        if truncation and self.truncation_side == "left":
+            raise NotImplementedError("truncation_side='left' (tokenizer_config.json's, or set on the tokenizer): "
+                                      "llmcore truncates on the right only, and would keep other tokens than "
+                                      "transformers; set truncation_side = 'right' or truncate the texts first")
+        if padding_side is None:
+            padding_side = self.padding_side
         if padding == "do_not_pad":
             padding = False
         if max_length is None and (truncation or padding == "max_length") and self.model_max_length is not None:
@@ -352,18 +427,27 @@ class Tokenizer:
                              f"{pad_to_multiple_of}: rows would outgrow max_length; make it a multiple")
         enc = self.encode_batch(texts, pairs, add_special_tokens, max_length, truncation,
                                 padding if padding is not False else ("longest" if return_tensors else False),
-                                pad_to_multiple_of, padding_side or "right", return_offsets=return_offsets_mapping,
+                                pad_to_multiple_of, padding_side, return_offsets=return_offsets_mapping,
                                 return_overflowing_tokens=return_overflowing_tokens, stride=stride)
+        if (verbose and not truncation and self.model_max_length is not None and len(enc)
+                and int(enc.lengths.max()) > self.model_max_length and not self._warned_long):
+            self._warned_long = True  # (once per tokenizer, as transformers says it)
+            warnings.warn(f"a row of {int(enc.lengths.max())} tokens is longer than this tokenizer's model_max_length="
+                          f"{self.model_max_length}: a model with that many positions cannot read it; pass "
+                          "truncation=True", stacklevel=2)
         if padding is False and return_tensors is not None and len(set(enc.lengths.tolist())) > 1:
             raise ValueError(f"rows of {min(enc.lengths)} to {max(enc.lengths)} tokens make no tensor without "
                              "padding: pass padding=True (or 'max_length'), as transformers asks")
         widths = None  # per row, where padding="max_length" leaves rows longer than max_length unpadded
         if padding == "max_length" and len(enc) and int(enc.lengths.max()) > max_length:
-            if return_tensors is not None:
-                raise ValueError(f"a row of {int(enc.lengths.max())} tokens is longer than max_length={max_length}: "
-                                 "padding='max_length' pads only shorter rows, which make no tensor; pass "
-                                 "truncation=True, or padding=True to pad to the longest, as transformers asks")
             widths = np.maximum(enc.lengths, _round_up(max_length, pad_to_multiple_of)).tolist()
+            if return_tensors is not None:
+                if len(set(widths)) > 1:
+                    raise ValueError(f"a row of {int(enc.lengths.max())} tokens is longer than max_length="
+                                     f"{max_length}: padding='max_length' pads only shorter rows, which make no "
+                                     "tensor; pass truncation=True, or padding=True to pad to the longest, as "
+                                     "transformers asks")
+                widths = None  # (rows all of one width: the arrays padded to the longest are those rows)
         names = (["input_ids"] + (["attention_mask"] if return_attention_mask is not False else [])
                  + (["token_type_ids"] if (self.returns_type_ids if return_token_type_ids is None
                                            else return_token_type_ids) else [])
@@ -397,15 +481,25 @@ class Tokenizer:
         return out
 
     # --- decoding & vocab -----------------------------------------------------------------
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True,
+               clean_up_tokenization_spaces: Optional[bool] = None) -> str:
+        """The text of ``ids``, as HF tokenizers decodes them. ``clean_up_tokenization_spaces`` (default: the
+        folder's tokenizer_config.json, else False) then joins WordPiece's spaced punctuation and English
+        contractions (" ." -> ".", " n't" -> "n't", ...), as transformers' decode does for WordPiece."""
         if self._spec.decoder_issue:
             raise NotImplementedError(f"decode: {self._spec.decoder_issue}; encoding is unaffected")
         ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
-        data = self._native.decode(ids, skip_special_tokens)
-        return data.decode("utf-8", errors="replace")
+        text = self._native.decode(ids, skip_special_tokens).decode("utf-8", errors="replace")
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces and self.is_wordpiece:
+            for spaced, joined in _CLEAN_UP:
+                text = text.replace(spaced, joined)
+        return text
 
-    def decode_batch(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list:
-        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+    def decode_batch(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = True,
+                     clean_up_tokenization_spaces: Optional[bool] = None) -> list:
+        return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in sequences]
 
     def _strings(self) -> dict:
         strings = self._spec.token_strings
@@ -427,7 +521,12 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self._strings())
+        """The ids' range, the largest id + 1: an embedding of this many rows takes every id this tokenizer gives
+        (tiktoken's ``n_vocab``; HF tokenizers' vocab size with its added tokens, which leave no gap). Counting
+        the tokens fell short where special tokens leave a gap (cl100k's 100257 and 100276: 100258, not 100277)."""
+        if self._vocab_size is None:
+            self._vocab_size = max(self._strings(), default=-1) + 1
+        return self._vocab_size
 
     @property
     def pad_token_id(self) -> Optional[int]:

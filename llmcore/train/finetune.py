@@ -108,7 +108,8 @@ def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, 
     ``SplitBatches``."""
     def batches(epoch: int) -> SplitBatches:
         rows = []
-        for global_rows in split.batches(batch_size * world_size, seed=seed + epoch, shuffle=shuffle):
+        # (seed, epoch) as one SeedSequence: seed + epoch made epoch 1 of seed 42 epoch 0 of seed 43
+        for global_rows in split.batches(batch_size * world_size, seed=[seed, epoch], shuffle=shuffle):
             if shuffle and len(global_rows) < world_size:
                 continue
             mine = global_rows[rank::world_size]
@@ -157,14 +158,23 @@ def _resumes_here(resume, output_dir: str) -> bool:
     return os.path.commonpath([here, os.path.realpath(resume)]) == here
 
 
-def _copy_tokenizer(source: str, final: str) -> None:
+def _copy_tokenizer(source: str, final: str, model: Optional[str] = None) -> None:
     """The files of the tokenizer the data was tokenized with (``--tokenizer``, else the model's) into ``final``:
-    a folder's tokenizer files, or a tokenizer.json file."""
+    a folder's tokenizer files, or a tokenizer.json file. With a file alone, the model folder's
+    ``model_max_length`` goes into a tokenizer_config.json beside it (without one, transformers' tokenizer
+    loaded from ``final`` has no length limit, and truncation=True left texts longer than the model reads)."""
     from llmcore.hub import checkpoint_folder
 
     source = checkpoint_folder(os.fspath(source), "tokenizer")
     if os.path.isfile(source):
         shutil.copyfile(source, os.path.join(final, "tokenizer.json"))
+        limit = None
+        if model is not None and os.path.isfile(os.path.join(model, "tokenizer_config.json")):
+            with open(os.path.join(model, "tokenizer_config.json"), encoding="utf-8") as f:
+                limit = json.load(f).get("model_max_length")
+        if isinstance(limit, int) and 0 < limit < 10**9:  # (transformers writes 1e30 for "none")
+            with open(os.path.join(final, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+                json.dump({"model_max_length": limit}, f, indent=2)
         return
     for name in _TOKENIZER_FILES:
         if os.path.isfile(os.path.join(source, name)):
@@ -433,6 +443,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     if overflow is None:
         overflow = "split" if causal_lm else "truncate"
     config = TrainConfig(output_dir=output_dir, **train_args)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} is a file, not a folder: choose another --output-dir")
     earlier = [] if _resumes_here(config.resume_from_checkpoint, output_dir) else earlier_run(output_dir,
                                                                                               config.logging_dir)
     if earlier and not overwrite_output_dir:
@@ -454,7 +466,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                 return prepare(data, model if tokenizer is None else tokenizer,
                                128 if max_length is None else max_length, os.path.join(output_dir, "data"),
                                eval_data=eval_data, text_column=text_column, label_column=label_column, pack=True,
-                               seed=config.seed, overflow=overflow)
+                               overflow=overflow)  # (the split's own seed, as `llmcore prepare`: not --seed's)
             if rank == 0:
                 prepared = run_prepare()
             if world > 1:
@@ -472,6 +484,11 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                                  f"more")
             if rank == 0:
                 _note_unused_classes(data, present, prepared.num_labels, prepared.label_names)
+        if rank == 0:  # the rows each split trains or is scored on, and what cleaning dropped from train
+            from llmcore.data.summary import split_line
+
+            for name in prepared.splits:
+                print(f"llmcore: data {split_line(prepared.meta, name)}", file=sys.stderr)
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
         net = load_model(model, causal_lm, prepared.num_labels).to(dev)
         if not causal_lm and prepared.label_names:
@@ -505,7 +522,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         final = os.path.join(output_dir, "final")
         trainer.save_model(final)  # every rank: under FSDP the shards are gathered
         if rank == 0:
-            _copy_tokenizer(tokenizer if tokenizer is not None else model, final)
+            _copy_tokenizer(tokenizer if tokenizer is not None else model, final, model)
             tmp = os.path.join(output_dir, "results.json.tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({**results, "config": dataclasses.asdict(config), "model": model, "data": data, "task": task,

@@ -785,8 +785,8 @@ class Trainer:
         self.scheduler = make_schedule(self.optimizer, cfg.lr_scheduler_type, warmup, total)
         if self.rank == 0 and cfg.lr_scheduler_type != "constant" and warmup >= total > 0:
             print(f"llmcore: the warmup ({warmup} steps) is not shorter than the run ({total} steps): the learning "
-                  f"rate peaks at {(total - 1) / warmup:.0%} of learning_rate={cfg.learning_rate:g}, at the last "
-                  f"step", file=sys.stderr)
+                  f"rate peaks at {100 * (total - 1) / warmup:.3g}% of learning_rate={cfg.learning_rate:g}, at the "
+                  f"last step", file=sys.stderr)
         epoch, skip = 0, 0
         if resume:
             state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, rank=self.rank)
