@@ -250,6 +250,16 @@ def test_decode_matches_hf(tok, hf):
         assert tok.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False)
     batch = [hf.encode(t).ids for t in texts[:10]]
     assert tok.decode_batch(batch) == hf.decode_batch(batch)
+    # one id, as transformers' decode takes it (an int, a NumPy or 0-d tensor scalar: refused before), and arrays
+    import torch
+
+    for one in (2088, np.int64(2088), torch.tensor(2088)):
+        assert tok.decode(one) == hf.decode([2088]) == "world"
+    assert tok.decode(np.array([7592, 2088])) == tok.decode(torch.tensor([7592, 2088])) == "hello world"
+    for bad, named in ((None, "got NoneType"), ("abc", "got str"), ([[7592, 2088]], "decode_batch"),
+                       ([1.5], "got an item 1.5"), ([True], "got an item True")):
+        with pytest.raises(TypeError, match=named):  # (pybind11's "incompatible function arguments" before)
+            tok.decode(bad)
 
 
 def test_vocab_lookups(tok, hf):

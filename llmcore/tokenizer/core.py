@@ -107,6 +107,23 @@ _CONFIG_KEYS = ("tokenizer_class", "model_input_names", "model_max_length", "pad
 _SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces")
 
 
+def _id_list(ids) -> list:
+    """decode's ids as a list of ints: a sequence, a 1-D array or tensor, or one id (an int, a NumPy or 0-d
+    tensor scalar, as transformers' decode takes it); anything else is a TypeError naming what it got."""
+    if hasattr(ids, "tolist") and not isinstance(ids, (str, bytes)):  # NumPy / torch
+        ids = ids.tolist()
+    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        return [int(ids)]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"decode takes token ids (a sequence of ints, or one), got {type(ids).__name__}")
+    out = list(ids)
+    for i in out:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"decode takes token ids (ints), got an item {i!r:.60}"
+                            + (" (a batch? decode_batch decodes several)" if isinstance(i, (list, tuple)) else ""))
+    return [int(i) for i in out]
+
+
 def _token_content(value) -> Optional[str]:
     """A tokenizer_config.json special token: a string, or transformers' {"content": ...} form."""
     if isinstance(value, dict):
@@ -488,8 +505,7 @@ class Tokenizer:
         contractions (" ." -> ".", " n't" -> "n't", ...), as transformers' decode does for WordPiece."""
         if self._spec.decoder_issue:
             raise NotImplementedError(f"decode: {self._spec.decoder_issue}; encoding is unaffected")
-        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
-        text = self._native.decode(ids, skip_special_tokens).decode("utf-8", errors="replace")
+        text = self._native.decode(_id_list(ids), skip_special_tokens).decode("utf-8", errors="replace")
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         if clean_up_tokenization_spaces and self.is_wordpiece:
