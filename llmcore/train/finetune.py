@@ -168,11 +168,11 @@ def _copy_tokenizer(source: str, final: str, model: Optional[str] = None) -> Non
     source = checkpoint_folder(os.fspath(source), "tokenizer")
     if os.path.isfile(source):
         shutil.copyfile(source, os.path.join(final, "tokenizer.json"))
-        limit = None
-        if model is not None and os.path.isfile(os.path.join(model, "tokenizer_config.json")):
-            with open(os.path.join(model, "tokenizer_config.json"), encoding="utf-8") as f:
-                limit = json.load(f).get("model_max_length")
-        if isinstance(limit, int) and 0 < limit < 10**9:  # (transformers writes 1e30 for "none")
+        from llmcore.tokenizer._loaders import model_max_length, read_tokenizer_config
+
+        # (a damaged or absent config reads as {}: no limit written, and nothing fails after training)
+        limit = model_max_length(read_tokenizer_config(model)) if model is not None and os.path.isdir(model) else None
+        if limit is not None:
             with open(os.path.join(final, "tokenizer_config.json"), "w", encoding="utf-8") as f:
                 json.dump({"model_max_length": limit}, f, indent=2)
         return
