@@ -94,7 +94,13 @@ class BatchEncoding:
         return f"BatchEncoding({len(self)} texts, {layout})"
 
 
-_SIDES = ("right", "left")
+def _side(name: str, side) -> str:
+    """``side`` when it is "right" or "left", else a ValueError naming the setting."""
+    if side not in ("right", "left"):
+        raise ValueError(f"{name} must be 'right' or 'left', got {side!r}")
+    return side
+
+
 # transformers' clean-up of decoded WordPiece text, in its order
 _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -160,9 +166,7 @@ class Tokenizer:
 
     @padding_side.setter
     def padding_side(self, side: str) -> None:
-        if side not in _SIDES:
-            raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
-        self._padding_side = side
+        self._padding_side = _side("padding_side", side)
 
     @property
     def truncation_side(self) -> str:
@@ -170,9 +174,7 @@ class Tokenizer:
 
     @truncation_side.setter
     def truncation_side(self, side: str) -> None:
-        if side not in _SIDES:
-            raise ValueError(f"truncation_side must be 'right' or 'left', got {side!r}")
-        self._truncation_side = side
+        self._truncation_side = _side("truncation_side", side)
 
     def _apply_config(self, cfg: dict, where: str) -> None:
         """What a folder's tokenizer_config.json sets for transformers' tokenizer: token_type_ids or not, the
@@ -331,8 +333,7 @@ class Tokenizer:
                 raise ValueError(f"max_length={max_length} leaves no room for the {specials} special tokens")
         if pad_to_multiple_of is not None:
             pad_to_multiple_of = _count("pad_to_multiple_of", pad_to_multiple_of, 1)
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        _side("padding_side", padding_side)
         if pad_id is None:
             pad_id = self._spec.pad_id
         elif _count("pad_id", pad_id, 0) >= 2**31:
