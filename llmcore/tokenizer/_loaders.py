@@ -418,6 +418,43 @@ def read_tokenizer_config(directory: str, strict: bool = False) -> dict:
     return cfg
 
 
+# the special tokens a transformers tokenizer names (tokenizer_config.json / special_tokens_map.json keys)
+SPECIAL_NAMES = ("unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "pad_token", "mask_token")
+_BERT_SPECIALS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                  "mask_token": "[MASK]"}
+
+
+def read_special_tokens_map(directory: str) -> dict:
+    """A folder's ``special_tokens_map.json``, its special-token names only; {} when there is none (or it is no
+    JSON object)."""
+    try:
+        with open(os.path.join(directory, "special_tokens_map.json"), encoding="utf-8") as f:
+            names = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in names.items() if k in SPECIAL_NAMES} if isinstance(names, dict) else {}
+
+
+def special_token_names(cfg: dict, is_token, bert_defaults: bool = False) -> dict:
+    """{key: token} of the special tokens ``cfg`` names (a string, or transformers' {"content": ...}), and BERT's
+    defaults for the keys it leaves out where the folder is a vocab.txt one (``bert_defaults``) or its
+    ``tokenizer_class`` is BERT's or DistilBERT's, as transformers' classes default them (a default that is not a
+    token, ``is_token(s)`` false, is left out; a name given is kept, for the caller to check)."""
+    cls = cfg.get("tokenizer_class")
+    defaults = bert_defaults or (isinstance(cls, str)
+                                 and cls.removesuffix("Fast") in ("BertTokenizer", "DistilBertTokenizer"))
+    names = {k: v for k, v in _BERT_SPECIALS.items() if is_token(v)} if defaults else {}
+    for key in SPECIAL_NAMES:
+        if key not in cfg:
+            continue
+        value = cfg[key].get("content") if isinstance(cfg[key], dict) else cfg[key]
+        if isinstance(value, str):
+            names[key] = value
+        else:
+            names.pop(key, None)  # (null: none)
+    return names
+
+
 def returns_type_ids(cfg: dict) -> bool:
     """Whether transformers' tokenizer for a folder returns token_type_ids: its ``tokenizer_config.json``'s
     ``model_input_names`` where given, else whether its ``tokenizer_class`` keeps them (unknown or absent: yes)."""

@@ -106,7 +106,7 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 # tokenizer_config.json keys a folder's transformers tokenizer reads that the transformers-style call follows
 _CONFIG_KEYS = ("tokenizer_class", "model_input_names", "model_max_length", "padding_side", "truncation_side",
-                "pad_token", "clean_up_tokenization_spaces")
+                "clean_up_tokenization_spaces") + _loaders.SPECIAL_NAMES
 
 
 # the settings a Tokenizer carries beside its files (pickled as they are)
@@ -128,13 +128,6 @@ def _id_list(ids) -> list:
             raise TypeError(f"decode takes token ids (ints), got an item {i!r:.60}"
                             + (" (a batch? decode_batch decodes several)" if isinstance(i, (list, tuple)) else ""))
     return [int(i) for i in out]
-
-
-def _token_content(value) -> Optional[str]:
-    """A tokenizer_config.json special token: a string, or transformers' {"content": ...} form."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 class Tokenizer:
@@ -159,6 +152,7 @@ class Tokenizer:
         self._padding_side = self._truncation_side = "right"
         self._warned_long = False
         self.clean_up_tokenization_spaces = False  # decode's default (tokenizer_config.json's)
+        self._named: dict = {}  # unk_token, eos_token...: the folder's names for its special tokens
 
     @property
     def padding_side(self) -> str:
@@ -176,6 +170,14 @@ class Tokenizer:
     def truncation_side(self, side: str) -> None:
         self._truncation_side = _side("truncation_side", side)
 
+    def check_truncation_side(self) -> None:
+        """Raise where this tokenizer is to truncate on the left (its tokenizer_config.json says so, or it was set):
+        llmcore truncates on the right only (``encode_batch``), and would keep other tokens than transformers."""
+        if self.truncation_side == "left":
+            raise NotImplementedError("truncation_side='left' (tokenizer_config.json's, or set on the tokenizer): "
+                                      "llmcore truncates on the right only, and would keep other tokens than "
+                                      "transformers; set truncation_side = 'right' or truncate the texts first")
+
     def _apply_config(self, cfg: dict, where: str) -> None:
         """What a folder's tokenizer_config.json sets for transformers' tokenizer: token_type_ids or not, the
         length limit, the padding / truncation sides, the pad token and decode's clean-up."""
@@ -188,12 +190,16 @@ class Tokenizer:
                     setattr(self, key, cfg[key])
                 except ValueError as e:
                     raise TokenizerFileError(f"{where}: {e}") from None
-        pad = _token_content(cfg.get("pad_token"))
-        if pad is not None and pad != self._spec.pad_token:
-            pad_id = self.token_to_id(pad)
-            if pad_id is None:
-                raise TokenizerFileError(f"{where}: pad_token {pad!r} is not a token of this tokenizer")
-            self._spec.pad_token, self._spec.pad_id = pad, pad_id
+        named = _loaders.special_token_names(cfg, lambda t: self.token_to_id(t) is not None,
+                                             bert_defaults=self._source[0] == "vocab")
+        for key, content in named.items():
+            if self.token_to_id(content) is None:
+                raise TokenizerFileError(f"{where}: {key} {content!r} is not a token of this tokenizer (transformers "
+                                         "would add it as a new token, and encode it where a text has it)")
+        if named.get("pad_token", self._spec.pad_token) != self._spec.pad_token:
+            self._spec.pad_token, self._spec.pad_id = named["pad_token"], self.token_to_id(named["pad_token"])
+        named.pop("pad_token", None)  # (the pad token is the spec's: tokenizer.json's padding section names one)
+        self._named = named
         self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
 
     # --- constructors -------------------------------------------------------------------
@@ -241,7 +247,9 @@ class Tokenizer:
             tok = cls(_loaders.load_bert_vocab(directory, cfg), ("vocab", directory))
         else:
             raise FileNotFoundError(f"{directory!r} holds neither tokenizer.json nor vocab.txt")
-        tok._apply_config(cfg, os.path.join(directory, "tokenizer_config.json"))
+        # (special_tokens_map.json's names win over tokenizer_config.json's, as in transformers)
+        tok._apply_config({**cfg, **_loaders.read_special_tokens_map(directory)},
+                          os.path.join(directory, "tokenizer_config.json"))
         return tok
 
     @classmethod
@@ -394,7 +402,7 @@ class Tokenizer:
                  return_tensors: Optional[str] = None, return_offsets_mapping: bool = False,
                  return_overflowing_tokens: bool = False, stride: int = 0,
                  return_attention_mask: Optional[bool] = None, return_token_type_ids: Optional[bool] = None,
-                 padding_side: Optional[str] = None, verbose: bool = True):
+                 return_length: bool = False, padding_side: Optional[str] = None, verbose: bool = True):
         """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
 
         Returns a dict with ``input_ids``, ``attention_mask`` and ``token_type_ids`` (the latter
@@ -405,7 +413,8 @@ class Tokenizer:
         as in transformers. ``padding="max_length"`` pads the shorter rows only: a longer row (no
         truncation) stays as long as it is, so it makes lists, not a tensor, as in transformers.
         ``return_overflowing_tokens``: a row per window (see ``encode_batch``; lists of lists even
-        for a single text) and ``overflow_to_sample_mapping``. As transformers: a ``max_length``
+        for a single text) and ``overflow_to_sample_mapping``. ``return_length``: ``length``, each row's
+        length as transformers counts it (padding included). As transformers: a ``max_length``
         without padding truncates unless ``truncation=False``, and truncation or
         ``padding="max_length"`` without a ``max_length`` take ``model_max_length`` from the
         folder's ``tokenizer_config.json`` (``from_pretrained``; without one they need a max_length).
@@ -425,10 +434,8 @@ class Tokenizer:
             truncation = False
         else:
             raise ValueError(f"unsupported truncation strategy {truncation!r}")
-        if truncation and self.truncation_side == "left":
-            raise NotImplementedError("truncation_side='left' (tokenizer_config.json's, or set on the tokenizer): "
-                                      "llmcore truncates on the right only, and would keep other tokens than "
-                                      "transformers; set truncation_side = 'right' or truncate the texts first")
+        if truncation:
+            self.check_truncation_side()
         if padding_side is None:
             padding_side = self.padding_side
         if padding == "do_not_pad":
@@ -475,6 +482,9 @@ class Tokenizer:
             out = {("offset_mapping" if k == "offsets" else k): getattr(enc, k).astype(np.int64) for k in names}
             if return_overflowing_tokens:
                 out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.astype(np.int64)
+            if return_length:
+                out["length"] = (np.full(len(enc), enc.input_ids.shape[1], dtype=np.int64) if enc.is_padded
+                                 else enc.lengths.astype(np.int64))
             if return_tensors == "pt":
                 import torch
 
@@ -496,6 +506,8 @@ class Tokenizer:
             out[k] = rows[0] if single else rows
         if return_overflowing_tokens:
             out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.tolist()
+        if return_length:  # (a list for a single text too, as transformers')
+            out["length"] = [len(r) for r in ([out["input_ids"]] if single else out["input_ids"])]
         return out
 
     # --- decoding & vocab -----------------------------------------------------------------
@@ -517,6 +529,48 @@ class Tokenizer:
     def decode_batch(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = True,
                      clean_up_tokenization_spaces: Optional[bool] = None) -> list:
         return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in sequences]
+
+    batch_decode = decode_batch  # (transformers' name; the default skips special tokens, as decode's)
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        """transformers' call: one id's token string (None for an id that is none), or a list of them for a
+        sequence of ids; ``skip_special_tokens`` leaves out the named special tokens (``special_tokens``: as
+        transformers' ``all_special_ids``, without its additional special tokens)."""
+        if isinstance(ids, numbers.Integral) and not isinstance(ids, bool) or getattr(ids, "ndim", None) == 0:
+            return self.id_to_token(int(ids))
+        special = self._special_ids() if skip_special_tokens else ()
+        return [self.id_to_token(i) for i in _id_list(ids) if i not in special]
+
+    def convert_tokens_to_ids(self, tokens):
+        """transformers' call: one token string's id, or a list for a list of them; a string that is no token
+        gives ``unk_token_id`` (None where the folder names no unk_token)."""
+        if isinstance(tokens, str):
+            return self._id_or_unk(tokens)
+        if isinstance(tokens, bytes) or not isinstance(tokens, Iterable):
+            raise TypeError(f"convert_tokens_to_ids takes a token string or a list of them, got "
+                            f"{type(tokens).__name__}")
+        out = []
+        for t in tokens:
+            if not isinstance(t, str):
+                raise TypeError(f"convert_tokens_to_ids takes token strings, got an item {t!r:.60}")
+            out.append(self._id_or_unk(t))
+        return out
+
+    def _id_or_unk(self, token: str) -> Optional[int]:
+        i = self.token_to_id(token)
+        return self.unk_token_id if i is None else i
+
+    def _special_ids(self) -> frozenset:
+        return frozenset(self.token_to_id(t) for t in self.special_tokens.values())
+
+    def get_vocab(self) -> dict:
+        """Token string -> id, every token (added ones too), as transformers' ``get_vocab``."""
+        return {s: i for i, s in self._strings().items()}
+
+    def __len__(self) -> int:
+        """The number of tokens, added ones included (transformers' ``len(tokenizer)``); ``vocab_size`` is the
+        ids' range, larger where ids leave a gap."""
+        return len(self._strings())
 
     def _strings(self) -> dict:
         strings = self._spec.token_strings
@@ -546,12 +600,39 @@ class Tokenizer:
         return self._vocab_size
 
     @property
+    def pad_token(self) -> Optional[str]:
+        return self._spec.pad_token
+
+    @property
     def pad_token_id(self) -> Optional[int]:
         return self._spec.pad_id
 
     @property
+    def special_tokens(self) -> dict:
+        """The folder's names for its special tokens, as transformers reads them (tokenizer_config.json,
+        special_tokens_map.json; a vocab.txt folder's or a BERT tokenizer class's defaults): {"cls_token": "[CLS]",
+        ...}; ``tok.eos_token`` / ``tok.eos_token_id`` and the like read it (None where unnamed)."""
+        named = dict(self._named)
+        if self._spec.pad_token is not None:
+            named["pad_token"] = self._spec.pad_token
+        return named
+
+    @property
     def is_wordpiece(self) -> bool:
         return self._spec.kind == "wordpiece"
+
+    def _named_token(name: str):  # noqa: N805 (builds the properties below)
+        return property(lambda self: self._named.get(name), doc=f"The folder's {name} (None where it names none).")
+
+    def _named_id(name: str):  # noqa: N805
+        return property(lambda self: None if name not in self._named else self.token_to_id(self._named[name]),
+                        doc=f"The id of the folder's {name} (None where it names none).")
+
+    unk_token, bos_token, eos_token = _named_token("unk_token"), _named_token("bos_token"), _named_token("eos_token")
+    cls_token, sep_token, mask_token = _named_token("cls_token"), _named_token("sep_token"), _named_token("mask_token")
+    unk_token_id, bos_token_id, eos_token_id = _named_id("unk_token"), _named_id("bos_token"), _named_id("eos_token")
+    cls_token_id, sep_token_id, mask_token_id = _named_id("cls_token"), _named_id("sep_token"), _named_id("mask_token")
+    del _named_token, _named_id
 
     def __repr__(self) -> str:
         return f"Tokenizer({self._spec.kind}, vocab_size={self.vocab_size}, source={self._source[1]!r})"

@@ -1,0 +1,138 @@
+"""transformers' tokenizer API beyond the call, compared with transformers' own tokenizer for the same folder: the
+named special tokens (tokenizer_config.json, special_tokens_map.json, a class's defaults), ``convert_ids_to_tokens``
+/ ``convert_tokens_to_ids``, ``get_vocab``, ``len``, ``batch_decode`` and the call's ``return_length``."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from llmcore.tokenizer import Tokenizer, TokenizerFileError
+from tokenizer_refs import corpus, minilm_dir
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+NAMES = ("unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "mask_token", "pad_token")
+
+
+def named(tok) -> dict:
+    return {k: (getattr(tok, k), getattr(tok, k + "_id")) for k in NAMES}
+
+
+def as_list(x):
+    return x.tolist() if hasattr(x, "tolist") else x
+
+
+def folder(tmp_path, config=None, special_tokens_map=None, name="f"):
+    """MiniLM's tokenizer.json in a folder of its own, with the given configuration files."""
+    out = tmp_path / name
+    out.mkdir()
+    shutil.copy(f"{minilm_dir()}/tokenizer.json", out / "tokenizer.json")
+    for file, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special_tokens_map)):
+        if content is not None:
+            (out / file).write_text(json.dumps(content))
+    return out
+
+
+def bpe_folder(tmp_path, config):
+    """A byte-level BPE trained on SST-2 (GPT-2's layout) with the given tokenizer_config.json."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus("sst2-train")[:2000], trainer=trainer)
+    out = tmp_path / "bpe"
+    out.mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_minilm_vocab_and_conversions_as_transformers():
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    assert named(ours) == named(theirs)
+    assert ours.cls_token_id == 101 and ours.eos_token is None  # (BERT names no eos)
+    assert ours.get_vocab() == theirs.get_vocab() and len(ours) == len(theirs) == 30522
+    texts = list(corpus("sst2-validation")[:64])
+    ids = [i for row in theirs(texts)["input_ids"] for i in row] + [0, 100, 103, 30521, 30522]
+    assert ours.convert_ids_to_tokens(ids) == theirs.convert_ids_to_tokens(ids)  # (None past the vocabulary)
+    assert (ours.convert_ids_to_tokens(ids, skip_special_tokens=True)
+            == theirs.convert_ids_to_tokens(ids, skip_special_tokens=True))
+    assert ours.convert_ids_to_tokens([-1]) == [None]  # (transformers' overflows)
+    for one in (101, np.int64(7592), np.array(7592)):
+        assert ours.convert_ids_to_tokens(one) == theirs.convert_ids_to_tokens(int(one))
+    tokens = theirs.convert_ids_to_tokens(ids[:200]) + ["not-a-token", "##zzz", "[CLS]", ""]
+    tokens = [t for t in tokens if t is not None]
+    assert ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens)  # (unknown: unk's id)
+    assert ours.convert_tokens_to_ids("hello") == theirs.convert_tokens_to_ids("hello")
+    with pytest.raises(TypeError, match="token strings"):
+        ours.convert_tokens_to_ids(["hello", 5])
+    with pytest.raises(TypeError, match="token string"):
+        ours.convert_tokens_to_ids(5)
+    rows = theirs(texts)["input_ids"]
+    assert ours.batch_decode(rows) == theirs.batch_decode(rows, skip_special_tokens=True)  # (decode's default)
+
+
+def test_return_length_as_transformers():
+    """``length`` counts a row's tokens as transformers does: padding included, a list for a single text too."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    texts = list(corpus("sst2-test")[:40]) + ["", "a"]
+    for kw in (dict(), dict(padding=True), dict(padding=True, return_tensors="np"), dict(truncation=True, max_length=9),
+               dict(padding="max_length", max_length=16, truncation=True, return_tensors="pt"),
+               dict(padding=True, pad_to_multiple_of=8), dict(truncation=True, max_length=12,
+                                                              return_overflowing_tokens=True, stride=2)):
+        for batch in (texts, texts[0]):
+            got, want = ours(batch, return_length=True, **kw), theirs(batch, return_length=True, **kw)
+            assert type(got["length"]) is type(want["length"]), kw
+            assert np.array_equal(np.asarray(got["length"]), np.asarray(want["length"])), kw
+            assert as_list(got["input_ids"]) == as_list(want["input_ids"]), kw
+    assert "length" not in ours(texts[0])
+
+
+def test_special_token_names_as_transformers(tmp_path):
+    """Where a folder names its special tokens: special_tokens_map.json over tokenizer_config.json, BERT classes'
+    defaults for the names left out, none without either (transformers' generic class); the names survive pickling.
+    A name that is not a token is refused (transformers would add it as a new token and match it in texts)."""
+    cases = [
+        ({"eos_token": "[SEP]", "tokenizer_class": "BertTokenizer"}, {"eos_token": "[CLS]"}),  # (the map wins)
+        ({"eos_token": {"__type": "AddedToken", "content": "[SEP]", "lstrip": False}}, None),  # (no class defaults)
+        (None, {"bos_token": "[CLS]", "unk_token": "[UNK]"}),
+        ({"tokenizer_class": "DistilBertTokenizerFast", "mask_token": None}, None),  # (null: none)
+        (None, None),
+    ]
+    for i, (config, special_tokens_map) in enumerate(cases):
+        path = folder(tmp_path, config, special_tokens_map, name=f"case{i}")
+        ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+        assert named(ours) == named(theirs), (config, special_tokens_map)
+        assert named(pickle.loads(pickle.dumps(ours))) == named(ours)
+        tokens = ["hello", "not-a-token"]
+        assert ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens), i
+        ids = [101, 7592, 102, 0, 103]
+        assert (ours.convert_ids_to_tokens(ids, skip_special_tokens=True)
+                == theirs.convert_ids_to_tokens(ids, skip_special_tokens=True)), i
+    for config, special_tokens_map in (({"eos_token": "</s>"}, None), (None, {"mask_token": "<mask>"})):
+        with pytest.raises(TokenizerFileError, match="is not a token of this tokenizer"):
+            Tokenizer.from_pretrained(folder(tmp_path, config, special_tokens_map, name=f"bad{len(str(config))}"))
+
+
+def test_bpe_special_token_names_as_transformers(tmp_path):
+    """GPT-2's layout: unk, bos and eos all <|endoftext|>; a string that is no token converts to unk's id."""
+    path = bpe_folder(tmp_path, {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
+                                 "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert named(ours) == named(theirs) and ours.eos_token_id == 0
+    text = "a gripping film<|endoftext|> with heart"
+    ids = theirs(text)["input_ids"]
+    assert ours(text)["input_ids"] == ids
+    for skip in (False, True):
+        assert ours.convert_ids_to_tokens(ids, skip) == theirs.convert_ids_to_tokens(ids, skip_special_tokens=skip)
+    tokens = theirs.convert_ids_to_tokens(ids) + ["no such token"]
+    assert ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens)
+    assert ours.get_vocab() == theirs.get_vocab() and len(ours) == len(theirs)
