@@ -224,6 +224,11 @@ def test_numeric_labels_with_gaps_stay_class_ids(tmp_path):
     (tmp_path / "names.csv").write_text("text,label\na fine film,pos\na poor film,NA\nok film,neg\n")
     assert prepare(tmp_path / "names.csv", MODEL, 16, tmp_path / "o4", validation_fraction=0).label_names == \
         ["NA", "neg", "pos"]  # (among class names, NA is a name)
+    # -1 marks no label among class names too (it was a class '-1', trained on as class 0)
+    (tmp_path / "unlabelled.csv").write_text("text,label\ngood film,positive\nbad film,negative\nnice one,positive\n"
+                                             "unsure,-1\nmaybe, -1\nno idea,\n")
+    ds = prepare(tmp_path / "unlabelled.csv", MODEL, 16, tmp_path / "o5", validation_fraction=0)
+    assert ds.label_names == ["negative", "positive"] and ds["train"].labels.tolist() == [1, 0, 1, -1, -1, -1]
 
 
 def test_tsv_written_with_csv_quoting(tmp_path):
@@ -239,6 +244,31 @@ def test_tsv_written_with_csv_quoting(tmp_path):
     assert table["sentence"] == want["sentence"].tolist() and table["label"] == [str(v) for v in want["label"]]
     (tmp_path / "sst.tsv").write_text('sentence\tlabel\n"quoted" start\t1\nends "quoted"\t0\n')
     assert sources.read_file(str(tmp_path / "sst.tsv"))["sentence"] == ['"quoted" start', 'ends "quoted"']
+
+
+def test_blank_lines_and_tabs_inside_quotes_read_as_pandas(tmp_path):
+    """A blank line (a file ending in two line breaks) was read as a row of empty fields: an evaluation split then
+    had a row without a label (finetune refused the file), and in a TSV that short row switched the whole file to
+    CSV quoting ('"ok"' read as 'ok'; '"the best" movie' an error). A tab inside a quoted field (pandas' to_csv
+    with sep="\t") was refused as a row of too many fields. Both read as pandas reads them now."""
+    pd = pytest.importorskip("pandas")
+    cases = {"blank.tsv": 'sentence\tlabel\n"ok"\t1\n"the best" movie ever\t0\n\n',
+             "middle.csv": "text,label\ngood film,1\n\nbad film,0\n\n",
+             "header_tab.tsv": 'sentence\tlabel\t\n"ok"\t1\nplain\t0\n'}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(content)
+        quoting = {"quoting": csv.QUOTE_NONE} if name != "middle.csv" else {}
+        want = pd.read_csv(tmp_path / name, sep="\t" if name.endswith(".tsv") else ",", dtype=str,
+                           keep_default_na=False, **quoting)
+        table = sources.read_file(str(tmp_path / name))
+        named = [k for k in want.columns if not k.startswith("Unnamed")]  # (pandas' name for the header's "")
+        assert {k: table[k] for k in named} == {k: want[k].tolist() for k in named}, name
+    frame = pd.DataFrame({"sentence": ["a\tb tabbed text", 'and "quoted"\twith a tab', "plain"], "label": [1, 0, 1]})
+    frame.to_csv(tmp_path / "tabs.tsv", sep="\t", index=False)
+    assert sources.read_file(str(tmp_path / "tabs.tsv"))["sentence"] == frame["sentence"].tolist()
+    (tmp_path / "test.tsv").write_text("sentence\tlabel\ngood movie\t1\nbad movie\t0\n\n")
+    assert prepare(tmp_path / "test.tsv", MODEL, 16, tmp_path / "o", validation_fraction=0)["train"].labels.tolist() \
+        == [1, 0]
 
 
 def test_text_column_detection_pairs_and_ids(tmp_path):
@@ -489,6 +519,70 @@ def test_failed_prepare_keeps_the_previous_result_and_other_files(tmp_path):
     assert not again.cache_hit and not (out / "train.text_index.npy").exists()
     assert PreparedDataset.load(out)["train"].text_index is None
     assert (out / "embeddings.npy").read_bytes() == b"mine" and (out / "notes.texts.txt").read_text() == "mine too"
+
+
+def test_failure_while_publishing_keeps_the_previous_result(tmp_path, monkeypatch):
+    """The previous result was removed before the new meta.json was written: a full disk there left neither (and
+    the staging folder behind). meta.json is written before anything is removed now."""
+    import errno
+
+    prepare_module = sys.modules["llmcore.data.prepare"]  # (the module: llmcore.data.prepare is the function)
+    src = _jsonl_rows(tmp_path / "train.jsonl", 20, [0, 1])
+    out = tmp_path / "o"
+    first = prepare(src, MODEL, 8, out, validation_fraction=0)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare_module.json, "dump", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(src, MODEL, 16, out, validation_fraction=0)
+    monkeypatch.undo()
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # (no staging folder, no meta.json.tmp)
+    assert np.array_equal(PreparedDataset.load(out)["train"].ids, first["train"].ids)
+
+
+def test_options_as_numpy_ints_and_bad_options(tmp_path):
+    """NumPy integers for min_chars / max_chars / seed failed with "int64 is not JSON serializable" (max_length
+    took them); a bad value is named."""
+    src = _jsonl_rows(tmp_path / "train.jsonl", 20, [0, 1])
+    got = prepare(src, MODEL, np.int64(8), tmp_path / "o", min_chars=np.int32(2), max_chars=np.int64(100),
+                  seed=np.int64(3))
+    want = prepare(src, MODEL, 8, tmp_path / "o2", min_chars=2, max_chars=100, seed=3)
+    assert np.array_equal(got["train"].ids, want["train"].ids) and np.array_equal(got["validation"].ids,
+                                                                                   want["validation"].ids)
+    for kwargs, message in (({"min_chars": -1}, "min_chars must be a non-negative int"),
+                            ({"max_chars": 0}, "max_chars must be a positive int"),
+                            ({"seed": "1"}, "seed must be an int, got '1'"), ({"min_chars": True}, "min_chars")):
+        with pytest.raises(ValueError, match=message):
+            prepare(src, MODEL, 8, tmp_path / "o3", **kwargs)
+
+
+def test_tokenizer_objects_settings_are_part_of_the_cache_key(tmp_path):
+    """Two Tokenizer objects from one tokenizer.json with different pad tokens (their folders'
+    tokenizer_config.json) shared a cache key: the second got the first one's padded arrays. And a tokenizer that
+    truncates on the left (as transformers would) is refused, as its call refuses it."""
+    import shutil
+
+    folders = []
+    for pad in ("[PAD]", "[UNK]"):
+        folder = tmp_path / pad.strip("[]")
+        folder.mkdir()
+        shutil.copy(os.path.join(MODEL, "tokenizer.json"), folder / "tokenizer.json")
+        (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad}))
+        folders.append(folder)
+    src = _jsonl_rows(tmp_path / "train.jsonl", 20, [0, 1])
+    out = tmp_path / "o"
+    for folder in folders:
+        tok = llmcore.Tokenizer.from_pretrained(folder)
+        ds = prepare(src, tok, 16, out, pack=False, validation_fraction=0)
+        assert not ds.cache_hit
+        ids, lengths = ds["train"].ids, ds["train"].lengths
+        assert all((row[n:] == tok.pad_token_id).all() for row, n in zip(ids, lengths)) and (lengths < 16).any()
+    tok.truncation_side = "left"
+    with pytest.raises(NotImplementedError, match="truncation_side='left'"):
+        prepare(src, tok, 16, out)
 
 
 def test_damaged_prepared_folder_names_the_file(tmp_path):

@@ -143,7 +143,12 @@ def label_mapping(values: Sequence) -> Optional[List[str]]:
            or isinstance(v, str) and _NUMBER.fullmatch(v.strip()) for v in odd):
         raise ValueError(f"the labels are numbers, not all whole (e.g. {odd[0]!r}): a classifier trains on class ids "
                          "0, 1, ... or class names; regression targets are not supported")
-    return sorted({str(v) for v in values if not _missing(v, ids=False)})
+    return sorted({str(v) for v in values if not _unlabelled(v)})
+
+
+def _unlabelled(v) -> bool:
+    """A missing label in a column of class names: an empty value, NaN, or -1 ("NA" is a name like any other)."""
+    return _missing(v, ids=False) or _class_id(v) == -1
 
 
 MAX_LABEL = 2**31 - 1
@@ -161,7 +166,7 @@ def label_ids(values: Sequence, names: Optional[List[str]], where: str = "the da
                                  f"0, 1, ... (at most {MAX_LABEL}), or -1 / empty for none")
         return ids
     index = {n: i for i, n in enumerate(names)}
-    return [-1 if _missing(v, ids=False) else index[str(v)] for v in values]
+    return [-1 if _unlabelled(v) else index[str(v)] for v in values]
 
 
 def filter_rows(texts: List[str], min_chars: int, max_chars: Optional[int], dedup: bool):

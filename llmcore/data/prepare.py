@@ -175,6 +175,14 @@ class PreparedDataset:
         return f"PreparedDataset({self.directory!r}, {list(self.splits.values())})"
 
 
+def _int(name: str, value, minimum: Optional[int] = None) -> int:
+    """``value`` as an int (a NumPy integer too, not a bool), at least ``minimum``; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (minimum is not None and value < minimum):
+        kind = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
 def _tokenizer_and_fingerprint(tokenizer):
     """(Tokenizer, fingerprint) from a Tokenizer, a model/tokenizer folder or a tokenizer.json path."""
     from llmcore.tokenizer import Tokenizer
@@ -194,6 +202,8 @@ def _tokenizer_and_fingerprint(tokenizer):
                 if wanted and os.path.isfile(p):
                     with open(p, "rb") as f:
                         h.update(f.read())
+        # (what the object was given beside its files: a tokenizer_config.json's pad token, or one set by hand)
+        h.update(json.dumps([tokenizer.pad_token_id, tokenizer._config], sort_keys=True, default=str).encode())
         return tokenizer, h.hexdigest()
     path = os.fspath(tokenizer)
     if not os.path.isfile(path):
@@ -249,9 +259,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     files and options, it is returned at once (``.cache_hit`` True) unless ``force``.
     """
     t0 = time.perf_counter()
-    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
-        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-    max_length = int(max_length)  # (a NumPy integer too)
+    max_length, min_chars, seed = _int("max_length", max_length, 1), _int("min_chars", min_chars, 0), _int("seed", seed)
+    if max_chars is not None:
+        max_chars = _int("max_chars", max_chars, 1)
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
     if overflow not in OVERFLOW:
@@ -275,6 +285,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         eval_path = sources.eval_file(os.fspath(eval_data))
         source_fp = [source_fp, sources.fingerprint_files({"validation": eval_path})]
     tok, tok_fp = _tokenizer_and_fingerprint(tokenizer)
+    tok.check_truncation_side()
     key_src = json.dumps([FORMAT_VERSION, source_fp, tok_fp, dataclasses.asdict(opts)], sort_keys=True)
     key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
 
@@ -432,11 +443,21 @@ def _whole(output_dir: str, meta: dict) -> bool:
 
 
 def _publish(stage: str, output_dir: str, meta: dict, old: Optional[dict]) -> None:
-    """Moves the staged result into ``output_dir``: removes meta.json (its presence marks a complete result; it is
-    written last), the files of the previous result's splits and of the new ones (a file of an earlier layout would
-    be read as the new result's), moves the staged files in, writes meta.json. Files prepare does not name are left
+    """Moves the staged result into ``output_dir``: writes meta.json.tmp (first: a full disk fails here, before the
+    previous result is touched), removes meta.json (its presence marks a complete result; it is renamed into place
+    last), the files of the previous result's splits and of the new ones (a file of an earlier layout would be read
+    as the new result's), moves the staged files in, renames meta.json.tmp. Files prepare does not name are left
     alone."""
     meta_path = os.path.join(output_dir, "meta.json")
+    tmp = meta_path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     if os.path.exists(meta_path):
         os.remove(meta_path)
     for split in set(meta["splits"]) | set((old or {}).get("splits") or []):
@@ -447,9 +468,6 @@ def _publish(stage: str, output_dir: str, meta: dict, old: Optional[dict]) -> No
     for fn in os.listdir(stage):
         os.replace(os.path.join(stage, fn), os.path.join(output_dir, fn))
     os.rmdir(stage)
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
     os.replace(tmp, meta_path)
 
 

@@ -26,8 +26,11 @@ class DataLoadError(RuntimeError):
 
 
 def _rows_to_table(header: List[str], rows) -> Table:
+    """Rows as columns; a blank line (no fields) is skipped, as pandas and datasets skip it."""
     cols: Table = {h: [] for h in header}
     for i, row in enumerate(rows):
+        if not row:
+            continue
         if len(row) != len(header):
             # a short row (trailing empty fields) is padded; a long one is a format error worth naming
             if len(row) > len(header):
@@ -40,9 +43,13 @@ def _rows_to_table(header: List[str], rows) -> Table:
 
 def _csv_quoted(header: List[str], rows: List[list]) -> bool:
     """Whether a TSV read with quoting off shows CSV quoting (pandas' and Python's csv writers): a row short of
-    fields (a quoted line break split it) or a field wrapped in quotes with its inner quotes doubled."""
+    fields whose last field opens a quote (a quoted line break split it), a row long of fields with a field of an
+    odd number of quotes (a quoted tab split it), or a field wrapped in quotes with its inner quotes doubled. (A
+    quoted field's quotes come in pairs; a field that quoting split has an odd number.)"""
     for row in rows:
-        if len(row) < len(header):
+        if len(row) < len(header) and row and row[-1].count('"') % 2:
+            return True
+        if len(row) > len(header) and any(field.count('"') % 2 for field in row):
             return True
         for field in row:
             inner = field[1:-1]
