@@ -117,3 +117,26 @@ def test_epoch_orders_differ_across_seeds(prepared):
     assert order(42, 1) != order(43, 0) and order(42, 0) != order(42, 1)
     assert order(42, 1) == order(42, 1)
     assert sorted(i for rows in order(42, 1) for i in rows) == list(range(len(split)))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_accumulation_trains_on_the_rows_of_one_larger_batch(prepared, world):
+    """With gradient_accumulation_steps, an optimizer step's micro-batches (on every rank) hold the rows one batch
+    that many times larger holds, as in transformers' Trainer: batch 4 x accumulation 4 drew other rows per step
+    than batch 16 (a probe: the losses and weights of the two runs parted from the first step)."""
+    split = prepared[True]["train"]
+
+    def steps(batch, accumulation):
+        ranks = [split_batches(split, batch, True, seed=5, shuffle=True, rank=r, world_size=world,
+                               accumulation=accumulation)(1).rows for r in range(world)]
+        assert len({len(rows) for rows in ranks}) == 1  # (every rank steps as often)
+        micro = [np.concatenate([rows[i] for rows in ranks]) for i in range(len(ranks[0]))]
+        return [sorted(np.concatenate(micro[i:i + accumulation]).tolist())
+                for i in range(0, len(micro), accumulation)]
+
+    big = steps(16, 1)
+    assert steps(4, 4) == big and steps(8, 2) == big
+    assert sorted(i for rows in big for i in rows) == list(range(len(split)))
+    width = 16 * world
+    assert [len(rows) for rows in big] == [width] * (len(split) // width) + [len(split) % width]  # (short: last)
+    assert steps(4, 1) != big[: len(steps(4, 1))]

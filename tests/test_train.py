@@ -848,6 +848,20 @@ def test_resume_with_other_batching_is_said(tmp_path, capsys):
     Trainer(tiny(0), config(tmp_path, max_steps=4, resume_from_checkpoint=True, gradient_accumulation_steps=2),
             factory(4)).train()
     assert "gradient_accumulation_steps=2 (the checkpoint's run: 1)" in capsys.readouterr().err
+    with open(tmp_path / "out" / "checkpoint-2" / "trainer_state.json") as f:
+        assert json.load(f)["world_size"] == 1
+    # the batch compared is the global one (a probe under torchrun): 2 ranks of 8 resumed as 1 process of 16 is that
+    # run continued (it was said not to be), as 1 process of 8 is not (it was silent)
+    from llmcore.train.loop import _note_changed_batching
+
+    saved = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
+    for batch, world, said in ((16, 1, False), (8, 2, False), (4, 4, False), (8, 1, True), (16, 2, True)):
+        _note_changed_batching(saved, 2, config(tmp_path, per_device_train_batch_size=batch), world, "ckpt")
+        err = capsys.readouterr().err
+        assert bool(err) == said and (not said or f"a global batch of {batch} x {world} rank(s) (the checkpoint's "
+                                      "run: 8 x 2)" in err), (batch, world, err)
+    _note_changed_batching(saved, None, config(tmp_path, per_device_train_batch_size=16), 1, "ckpt")  # (older)
+    assert "per_device_train_batch_size=16 (the checkpoint's run: 8)" in capsys.readouterr().err
 
 
 def test_compute_metrics_tensors_and_numpy_values(tmp_path):

@@ -66,12 +66,11 @@ def _worker(rank, world, init_file, out_dir, mode):
         report["eval"] = trainer.evaluate()
         stepped = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
         report["shards_after_eval"] = all(id(p) in stepped for p in trainer.model.parameters())
+        # a rank without evaluation rows runs rank 0's first batch, uncounted (it raised: a probe found a 1-row
+        # test split failed a finetune run after training, its model unsaved)
         trainer.eval_batches = evals if rank == 0 else []
-        try:
-            trainer.evaluate()
-        except ValueError as e:
-            report["no_eval_batch"] = str(e)
-        report["training_after_error"] = trainer.model.training
+        report["eval_on_rank_0"] = trainer.evaluate()
+        report["training_after_eval"] = trainer.model.training
         try:  # an optimizer state of another model
             load_optimizer_state(trainer.model, trainer.optimizer, {"state": {}, "param_groups": [{"params": [0]}]})
         except ValueError as e:
@@ -154,7 +153,10 @@ def test_fsdp_ranks_match_one_process(tmp_path, mode, world, mesh):
     assert report["eval"]["eval_examples"] == expected["eval_examples"] == 14
     for key in ("eval_loss", "eval_accuracy", "eval_f1"):
         assert report["eval"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-    assert "rank has none" in report["no_eval_batch"] and report["training_after_error"]
+    assert report["training_after_eval"]
+    assert report["eval_on_rank_0"]["eval_examples"] == 14
+    for key in ("eval_loss", "eval_accuracy", "eval_f1"):
+        assert report["eval_on_rank_0"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
     assert report["shards_after_eval"]  # the model's parameters are the optimizer's shards again
     assert "has 1 parameters in 1 groups; the optimizer has" in report["other_optimizer_state"]
     # an FSDP checkpoint resumes in one process

@@ -242,7 +242,8 @@ def build_llmcore(data: str, model: str, output_dir: str, dtype: str, max_length
     torch.manual_seed(seed)
     net = from_pretrained(model, task="sequence-classification", num_labels=prepared.num_labels)
     train = split_batches(prepared["train"], config.per_device_train_batch_size, config.pack, config.seed, True,
-                          pad_to_multiple_of=config.batch_multiple("cpu"))
+                          pad_to_multiple_of=config.batch_multiple("cpu"),
+                          accumulation=config.gradient_accumulation_steps)
     trainer = Trainer(net, config, train)
     lengths = np.asarray(prepared["train"].lengths)
     return {"trainer": trainer, "train_rows": len(lengths), "train_tokens": int(lengths.sum()), "data_s": t1 - t0,

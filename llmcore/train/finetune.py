@@ -98,23 +98,35 @@ class SplitBatches:
 
 
 def split_batches(split, batch_size: int, pack: bool, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
-                  pad_to_multiple_of: int = 1, causal_lm: bool = False, pad_id: int = 0, text_ids: bool = False):
+                  pad_to_multiple_of: int = 1, causal_lm: bool = False, pad_id: int = 0, text_ids: bool = False,
+                  accumulation: int = 1):
     """A factory epoch -> ``SplitBatches``: length-bucketed batches shuffled by (seed, epoch).
 
     ``batch_size`` is per rank: the rows are cut into global batches of ``batch_size * world_size``
     and rank r takes every ``world_size``-th row of each from row r, so one process and N ranks see
-    the same global batches. A last global batch with fewer rows than ranks is dropped (training:
-    every rank must step). ``pad_to_multiple_of``, ``causal_lm``, ``pad_id`` and ``text_ids``: see
-    ``SplitBatches``."""
+    the same global batches. With ``accumulation`` (gradient_accumulation_steps), the rows of an optimizer
+    step, ``batch_size * world_size * accumulation``, are drawn as one batch and cut into that many
+    global batches, so accumulating trains on the rows one batch that large would (as transformers'
+    Trainer); the one short step's rows come last in the epoch (where transformers' last batch is short),
+    so every other step is ``accumulation`` global batches, as the loop counts them, and batch 16 and
+    batch 4 x accumulation 4 step on the same rows in the same order. A last global batch with fewer
+    rows than ranks is dropped (training: every rank must step). ``pad_to_multiple_of``, ``causal_lm``,
+    ``pad_id`` and ``text_ids``: see ``SplitBatches``."""
+    width = batch_size * world_size
+
     def batches(epoch: int) -> SplitBatches:
         rows = []
         # (seed, epoch) as one SeedSequence: seed + epoch made epoch 1 of seed 42 epoch 0 of seed 43
-        for global_rows in split.batches(batch_size * world_size, seed=[seed, epoch], shuffle=shuffle):
-            if shuffle and len(global_rows) < world_size:
-                continue
-            mine = global_rows[rank::world_size]
-            if len(mine):
-                rows.append(mine)
+        steps = split.batches(width * accumulation, seed=[seed, epoch], shuffle=shuffle)
+        steps = sorted(steps, key=lambda step_rows: len(step_rows) < width * accumulation)  # (stable)
+        for step_rows in steps:
+            for start in range(0, len(step_rows), width):
+                global_rows = step_rows[start:start + width]
+                if shuffle and len(global_rows) < world_size:
+                    continue
+                mine = global_rows[rank::world_size]
+                if len(mine):
+                    rows.append(mine)
         return SplitBatches(split, rows, pack, pad_to_multiple_of, causal_lm, pad_id, text_ids)
     return batches
 
@@ -499,7 +511,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         pad_id = transformers_pad_id(net, causal_lm) if theirs else 0
         batch, multiple = config.per_device_train_batch_size, config.batch_multiple(dev)
         train = split_batches(prepared["train"], batch, pack, config.seed, True, rank, world, multiple, causal_lm,
-                              pad_id)
+                              pad_id, accumulation=config.gradient_accumulation_steps)
         evals = {name: split_batches(prepared[name], config.per_device_eval_batch_size, pack, 0, False,
                                      rank, world, multiple, causal_lm, pad_id, text_ids=True)(0)
                  for name in ("validation", "test") if name in prepared.splits and len(prepared[name])

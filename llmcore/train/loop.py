@@ -565,7 +565,7 @@ class Trainer:
                 all_reduce(sums)
                 if not causal_lm:  # every rank, also one without evaluation rows (it has no counts of its own)
                     counts = _reduce_counts(counts, self.device)
-        finally:  # an error (a rank without evaluation batches under FSDP) leaves the mode as it was
+        finally:  # an error leaves the mode as it was
             model.train(was_training)
             if is_sharded(model):
                 reshard(model)  # forwards without a backward leave parameters gathered (shard_grad_op)
@@ -639,7 +639,7 @@ class Trainer:
             os.makedirs(partial)
         self._barrier()
         state = {"global_step": self.global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                 "log_history": self.log_history, "config": self.config.to_dict(),
+                 "world_size": self.world_size, "log_history": self.log_history, "config": self.config.to_dict(),
                  "best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint,
                  "early_stopping": {"best": self._eval_best, "patience_counter": self._patience_counter}}
         save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
@@ -798,7 +798,7 @@ class Trainer:
             self._eval_best, self._patience_counter = stopping.get("best"), stopping.get("patience_counter", 0)
             self._resumed_step = self.global_step
             if self.rank == 0:
-                _note_changed_batching(state.get("config"), cfg, resume)
+                _note_changed_batching(state.get("config"), state.get("world_size"), cfg, self.world_size, resume)
             if self.reporter is not None:  # (made by an evaluate() before train: again, at the resumed step)
                 self.reporter.close()
                 self.reporter = None
@@ -921,23 +921,26 @@ class Trainer:
 def _in_lockstep(batches, device: torch.device):
     """(batch, counted) pairs: this rank's evaluation batches, then repeats of its first one (not counted) until
     it has run as many forwards as the rank with the most. Under FSDP every forward gathers parameters from all
-    ranks, so a rank that stopped early would leave the others waiting."""
+    ranks, so a rank that stopped early would leave the others waiting. A rank without batches (an evaluation set
+    of fewer rows than ranks) repeats the first batch of the lowest rank that has one, sent to it (on the CPU)."""
     if not hasattr(batches, "__len__"):
         batches = list(batches)
     n = len(batches)
     most_fewest = torch.tensor([n, -n], dtype=torch.int64, device=device)
     all_reduce(most_fewest, op=dist.ReduceOp.MAX)
     most, fewest = int(most_fewest[0]), -int(most_fewest[1])
-    if fewest == 0 and most > 0:
-        raise ValueError("under FSDP every rank needs an evaluation batch (each forward is a collective), and a "
-                         f"rank has none of the {most} the busiest has: give the evaluation set at least as many "
-                         "rows as there are ranks")
+    filler = next(iter(batches)) if n else None
+    if fewest == 0 and most > 0:  # (every rank takes part: each knows fewest)
+        rank = dist.get_rank()
+        src = torch.tensor([rank if n else dist.get_world_size()], dtype=torch.int64, device=device)
+        all_reduce(src, op=dist.ReduceOp.MIN)
+        box = [_to(filler, torch.device("cpu")) if rank == int(src) else None]
+        dist.broadcast_object_list(box, src=int(src))
+        filler = filler if n else box[0]
     for batch in batches:
         yield batch, True
-    if n < most:
-        first = next(iter(batches))
-        for _ in range(most - n):
-            yield first, False
+    for _ in range(most - n):
+        yield filler, False
 
 
 def _check_same_batch_counts(n_batches: int, device: torch.device) -> None:
@@ -964,14 +967,27 @@ def _reduce_counts(counts: Optional[Tensor], device: torch.device) -> Optional[T
     return counts
 
 
-def _note_changed_batching(saved: Optional[dict], cfg: TrainConfig, path: str) -> None:
+def _note_changed_batching(saved: Optional[dict], saved_world: Optional[int], cfg: TrainConfig, world_size: int,
+                           path: str) -> None:
     """Says on stderr (as transformers warns) where a resumed run batches differently from the run that wrote
-    the checkpoint: its data position counts the old batches, so the run is no longer that run continued."""
+    the checkpoint: its data position counts the old batches, so the run is no longer that run continued. The
+    batch compared is the global one, per-device batch x ranks (llmcore finetune's ranks cut global batches, so 2
+    ranks of 8 continue as 1 process of 16, exactly), and the accumulation; a checkpoint written before the world
+    size was saved is compared per device."""
     if not isinstance(saved, dict):
         return
-    changed = [f"{name}={getattr(cfg, name)} (the checkpoint's run: {saved[name]})"
-               for name in ("per_device_train_batch_size", "gradient_accumulation_steps")
-               if name in saved and saved[name] != getattr(cfg, name)]
+    changed = []
+    name = "per_device_train_batch_size"
+    if name in saved:
+        if isinstance(saved_world, int):
+            if saved[name] * saved_world != getattr(cfg, name) * world_size:
+                changed.append(f"a global batch of {getattr(cfg, name)} x {world_size} rank(s) (the checkpoint's "
+                               f"run: {saved[name]} x {saved_world})")
+        elif saved[name] != getattr(cfg, name):
+            changed.append(f"{name}={getattr(cfg, name)} (the checkpoint's run: {saved[name]})")
+    name = "gradient_accumulation_steps"
+    if name in saved and saved[name] != getattr(cfg, name):
+        changed.append(f"{name}={getattr(cfg, name)} (the checkpoint's run: {saved[name]})")
     if changed:
         print(f"llmcore: resuming {path} with {', '.join(changed)}: its data position counts the earlier run's "
               "batches, so this run does not continue that one exactly", file=sys.stderr)
