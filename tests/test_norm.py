@@ -342,13 +342,33 @@ def test_low_precision_sublayer_output_meets_fp32_residual(fn):
 
 def test_double_backward_through_the_cpu_kernels_is_refused():
     """The kernels' gradients carry no graph: a second derivative raises instead of coming out as if they were
-    constants (the eager Functions are once_differentiable)."""
-    import llmcore
+    constants. With torch's once_differentiable it raised only where the incoming gradient required grad
+    (``out.pow(2).sum()``); from ``out.sum()`` (a gradient penalty's usual start) the gradient came back a
+    constant, and the penalty's backward silently dropped its second-order terms (a probe)."""
+    from llmcore import ops
 
     x = torch.randn(3, 16, requires_grad=True)
     q = torch.randn(1, 2, 8, 16, requires_grad=True)
-    for out, leaf in ((layer_norm(x, None, None, backend="cpu"), x),
-                      (llmcore.scaled_dot_product_attention(q, q, q, backend="cpu"), q)):
-        (g,) = torch.autograd.grad(out.pow(2).sum(), leaf, create_graph=True)
-        with pytest.raises(RuntimeError, match="once_differentiable"):
-            g.sum().backward()
+    packed = torch.randn(10, 2, 16, requires_grad=True)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cos, sin = torch.randn(3, 16), torch.randn(3, 16)
+    w = torch.randn(7, 16)
+    cases = {"layer_norm": (lambda: layer_norm(x, None, None, backend="cpu"), x),
+             "rms_norm": (lambda: rms_norm(x, torch.ones(16), backend="cpu"), x),
+             "sdpa": (lambda: ops.scaled_dot_product_attention(q, q, q, backend="cpu"), q),
+             "varlen": (lambda: ops.varlen_attention(packed, packed, packed, cu, cu, 6, 6, backend="cpu"), packed),
+             "bias_gelu": (lambda: ops.bias_gelu(x, None), x), "swiglu": (lambda: ops.swiglu(x, x), x),
+             "rotary": (lambda: ops.rotary_embedding(x[:, None], cos, sin), x),
+             "dropout": (lambda: ops.dropout(x, 0.3), x),
+             "linear_cross_entropy": (lambda: ops.linear_cross_entropy(x, w, torch.tensor([1, 2, 3])), x)}
+    for name, (op, leaf) in cases.items():
+        for square in (False, True):
+            torch.manual_seed(0)  # (dropout's mask)
+            (first,) = torch.autograd.grad(op().sum(), leaf)
+            torch.manual_seed(0)
+            out = op()
+            (g,) = torch.autograd.grad((out.pow(2) if square else out).sum(), leaf, create_graph=True)
+            if not square:
+                torch.testing.assert_close(g, first)  # (the first derivative itself is the plain backward's)
+            with pytest.raises(RuntimeError, match="no derivative of its own"):
+                g.pow(2).sum().backward()

@@ -4,9 +4,37 @@ and ``opcheck`` see) and, for eager calls, a plain autograd.Function over the sa
 (``norm``, ``attention``, ``activation``, ``dropout``) and the Triton backend's."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
+
+_TWICE = (b"llmcore: this op's gradient comes from its kernel and has no derivative of its own, so differentiating "
+          b"it again (create_graph=True: a gradient penalty, a Hessian-vector product) is not supported; use "
+          b"torch's op there (or backend='reference' for attention and the norms)")
+
+
+def no_double_backward(backward):
+    """``backward`` of a kernel whose gradients carry no graph. Under create_graph (grad mode on in a backward) its
+    gradients come back behind an error node, so that differentiating them again raises rather than takes them for
+    constants. torch's ``once_differentiable`` adds that node only where an incoming gradient requires grad: with
+    the ones of ``y.sum()`` it returned constants, and a gradient penalty silently lost its second-order terms (a
+    probe: LayerNorm's input gradient 19.6 off of torch's). A plain backward (grad mode off) runs as it is."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        many = isinstance(outputs, tuple)
+        outputs = outputs if many else (outputs,)
+        if all(o is None for o in outputs):
+            return outputs if many else outputs[0]
+        wrapped = torch._C._functions.DelayedError(_TWICE, len(outputs))(
+            *[o.detach().requires_grad_() if isinstance(o, Tensor) else o for o in outputs])
+        return wrapped if many or isinstance(wrapped, Tensor) else wrapped[0]
+    return wrapper
 
 
 def _eager_function(name: str, forward_impl, setup_context, backward, differentiable: int = 2):
@@ -28,14 +56,8 @@ def _eager_function(name: str, forward_impl, setup_context, backward, differenti
         return output
 
     # The kernels' gradients carry no graph: under create_graph a double backward must raise, not treat them as
-    # constants, which once_differentiable arranges. It costs ~5 us a call (no_grad and its checks), so only then:
-    # autograd runs a plain backward with grad mode off.
-    checked = torch.autograd.function.once_differentiable(backward)
-
-    def backward_once(ctx, *grads):
-        return checked(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
-
-    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward_once),
+    # constants (no_double_backward; a plain backward, grad mode off, pays nothing for it).
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(no_double_backward(backward)),
                "impl": staticmethod(forward_impl)}
     return type(name, (torch.autograd.Function,), methods)
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from llmcore import _C, _fork
+from llmcore.ops._autograd import no_double_backward
 from llmcore.ops import triton as triton_ops
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
@@ -278,7 +279,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                        sink.result() if eager else None, (hidden, weight, bias, y, valid))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the saved gradients are constants to autograd
+    @no_double_backward  # the saved gradients are constants to autograd
     def backward(ctx, grad_out):
         saved = _saved_backward(ctx, grad_out)
         if saved is not None:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from llmcore.ops._autograd import no_double_backward
 from llmcore.ops.cross_entropy import _NONES, _finish, _GradSink, _inputs, _row_coef, _saved_backward
 from llmcore.ops.triton._loader import kernels
 
@@ -97,7 +98,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                        sums.result() if eager else None, (hidden, weight, bias, y, valid))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @no_double_backward
     def backward(ctx, grad_out):
         saved = _saved_backward(ctx, grad_out)
         if saved is not None:
