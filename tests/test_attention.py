@@ -110,6 +110,17 @@ def test_fully_masked_rows_are_zero_like_torch(dtype, kind):
                                F.scaled_dot_product_attention(q, k, v, attn_mask=m)[:, :, 5])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_positive_additive_mask_like_torch(cpu_isa, dtype):
+    """A finite mask past FLT_MAX / log2(e) (~2.36e38) became +inf in base-2 units, and the row NaN (inf - inf in
+    the softmax; a probe): it gives its key the weight, as torch and the float64 reference do."""
+    mask = torch.zeros(2, 1, 17, 23)
+    mask[:, :, ::2, 5] = 3e38  # even rows: key 5 takes all the weight
+    mask[1, :, 1::4, 9] = 2.5e38
+    out = check_sdpa((2, 2, 17, 32), (2, 2, 23, 32), dtype, mask=mask)[0]
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("heads, lq, lk", [(2, 3, 0), (2, 0, 4), (0, 3, 4), (2, 0, 0)])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_empty_scores_with_a_mask_like_torch(heads, lq, lk, kind):

@@ -308,6 +308,21 @@ def test_key_padding_mask(kind, dtype):
     assert (ours[0][2] == 0).all() and (ours[1][2] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_huge_positive_additive_mask(dtype):
+    """A finite mask past FLT_MAX / log2(e) (~2.36e38) became +inf in base-2 units and the row NaN (a probe); it
+    gives its key the weight, as torch does."""
+    B, H, L, D = 1, 2, size(19, 300), 32
+    mask = torch.zeros(B, 1, L, L, dtype=torch.float64)
+    mask[..., ::2, 5] = 3e38
+    q, k, v, g = (randn(B, H, L, D, seed=s) for s in range(4))
+    ref = reference(sdpa_reference, (q, k, v), g, attn_mask=mask.to(DEVICE))
+    low = mask.to(dtype).to(DEVICE)
+    theirs = run(torch_sdpa, (q, k, v), g, dtype, attn_mask=low)
+    ours = run(triton_sdpa, (q, k, v), g, dtype, attn_mask=low)
+    check(ours, theirs, ref, dtype)
+
+
 def test_full_bool_mask_with_dead_rows():
     B, H, L, D = 1, 2, size(35, 300), 32
     mask = torch.rand(B, H, L, L, generator=torch.Generator().manual_seed(0)) > 0.4

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
+#include <cfloat>
 #include <cstring>
 
 #include "attention/attention.h"
@@ -135,14 +136,15 @@ inline void* at_mut(const TensorRef& t, DType dt, int64_t off) { return static_c
 
 // Adds the user mask to n scores s[t] whose mask entries sit `step` elements apart from
 // mask element `base`, the scores already scaled to base 2. Boolean false -> -inf; additive
-// adds log2(e) * m.
+// adds log2(e) * m, at most FLT_MAX: a finite m past FLT_MAX / log2(e) (~2.36e38) would become
+// +inf, and the softmax's inf - inf NaN (torch gives that key all the weight).
 inline void apply_user_mask_strided(const Problem& p, int64_t base, int64_t step, int64_t n, float* s) {
   if (p.mask_kind == MaskKind::boolean) {
     const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
     for (int64_t t = 0; t < n; ++t) s[t] = m[t * step] ? s[t] : -INFINITY;
   } else if (p.mask_kind == MaskKind::additive) {
     const float* m = static_cast<const float*>(p.mask) + base;
-    for (int64_t t = 0; t < n; ++t) s[t] += kLog2e * m[t * step];
+    for (int64_t t = 0; t < n; ++t) s[t] += std::min(kLog2e * m[t * step], FLT_MAX);
   }
 }
 
