@@ -95,7 +95,7 @@ py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
 py::dict encode_batch(const tk::Tokenizer& tok, const py::sequence& texts, const std::optional<py::sequence>& pairs,
                       bool add_special_tokens, bool truncation, size_t max_length, const std::string& padding,
                       size_t pad_to_multiple_of, bool pad_left, int32_t pad_id, int32_t pad_type_id, bool offsets,
-                      int num_threads) {
+                      int num_threads, bool special_mask) {
   const auto views = text_views(texts, "texts");
   std::vector<std::string_view> pair_views;
   if (pairs) {
@@ -108,6 +108,7 @@ py::dict encode_batch(const tk::Tokenizer& tok, const py::sequence& texts, const
   opt.add_special_tokens = add_special_tokens;
   opt.truncation = truncation;
   opt.max_length = max_length;
+  opt.special_mask = special_mask;
   tk::StagedBatch staged;
   {
     py::gil_scoped_release release;
@@ -124,19 +125,22 @@ py::dict encode_batch(const tk::Tokenizer& tok, const py::sequence& texts, const
     auto ids = new_array<int32_t>({py::ssize_t(total)});
     auto type_ids = new_array<int32_t>({py::ssize_t(total)});
     py::array_t<int32_t> offs = offsets ? new_array<int32_t>({py::ssize_t(total), 2}) : new_array<int32_t>({0, 2});
+    py::array_t<int32_t> special = new_array<int32_t>({special_mask ? py::ssize_t(total) : 0});
     auto cu = new_array<int32_t>({n + 1});
     int32_t* c = cu.mutable_data();
     c[0] = 0;
     for (py::ssize_t i = 0; i < n; ++i) c[i + 1] = c[i] + int32_t(staged.lengths[i]);
     {
       int32_t *pi = ids.mutable_data(), *pt = type_ids.mutable_data(), *po = offsets ? offs.mutable_data() : nullptr;
+      int32_t* ps = special_mask ? special.mutable_data() : nullptr;
       py::gil_scoped_release release;
-      tk::write_packed(staged, pi, pt, po);
+      tk::write_packed(staged, pi, pt, po, ps);
     }
     out["input_ids"] = ids;
     out["token_type_ids"] = type_ids;
     out["cu_seqlens"] = cu;
     if (offsets) out["offsets"] = offs;
+    if (special_mask) out["special_tokens_mask"] = special;
     return out;
   }
   size_t row_len = padding == "max_length" ? max_length : staged.max_length();
@@ -148,16 +152,19 @@ py::dict encode_batch(const tk::Tokenizer& tok, const py::sequence& texts, const
   auto mask = new_array<int32_t>({n, L});
   auto type_ids = new_array<int32_t>({n, L});
   py::array_t<int32_t> offs = offsets ? new_array<int32_t>({n, L, 2}) : new_array<int32_t>({0, 0, 2});
+  py::array_t<int32_t> special = special_mask ? new_array<int32_t>({n, L}) : new_array<int32_t>({0, 0});
   {
     int32_t *pi = ids.mutable_data(), *pm = mask.mutable_data(), *pt = type_ids.mutable_data();
     int32_t* po = offsets ? offs.mutable_data() : nullptr;
+    int32_t* ps = special_mask ? special.mutable_data() : nullptr;
     py::gil_scoped_release release;
-    tk::write_padded(staged, row_len, pad_left, pad_id, pad_type_id, pi, pm, pt, po);
+    tk::write_padded(staged, row_len, pad_left, pad_id, pad_type_id, pi, pm, pt, po, ps);
   }
   out["input_ids"] = ids;
   out["attention_mask"] = mask;
   out["token_type_ids"] = type_ids;
   if (offsets) out["offsets"] = offs;
+  if (special_mask) out["special_tokens_mask"] = special;
   return out;
 }
 
@@ -235,7 +242,8 @@ void bind_tokenizer(py::module_& m) {
       .def("num_special_tokens", &tk::Tokenizer::num_special_tokens, py::arg("pair"))
       .def("encode_batch", &encode_batch, py::arg("texts"), py::arg("pairs"), py::arg("add_special_tokens"),
            py::arg("truncation"), py::arg("max_length"), py::arg("padding"), py::arg("pad_to_multiple_of"),
-           py::arg("pad_left"), py::arg("pad_id"), py::arg("pad_type_id"), py::arg("offsets"), py::arg("num_threads"))
+           py::arg("pad_left"), py::arg("pad_id"), py::arg("pad_type_id"), py::arg("offsets"), py::arg("num_threads"),
+           py::arg("special_mask") = false)
       .def("decode", [](const tk::Tokenizer& t, const std::vector<int32_t>& ids, bool skip_special_tokens) {
         std::string s;
         {

@@ -1,6 +1,7 @@
 """transformers' tokenizer API beyond the call, compared with transformers' own tokenizer for the same folder: the
 named special tokens (tokenizer_config.json, special_tokens_map.json, a class's defaults), ``convert_ids_to_tokens``
-/ ``convert_tokens_to_ids``, ``get_vocab``, ``len``, ``batch_decode`` and the call's ``return_length``."""
+/ ``convert_tokens_to_ids``, ``get_vocab``, ``len``, ``batch_decode`` and the call's ``return_length`` and
+``return_special_tokens_mask``."""
 from __future__ import annotations
 
 import json
@@ -136,3 +137,55 @@ def test_bpe_special_token_names_as_transformers(tmp_path):
     tokens = theirs.convert_ids_to_tokens(ids) + ["no such token"]
     assert ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens)
     assert ours.get_vocab() == theirs.get_vocab() and len(ours) == len(theirs)
+
+
+SPECIAL_MASK_CALLS = (dict(), dict(padding=True), dict(padding=True, return_tensors="np"),
+                      dict(truncation=True, max_length=9), dict(padding="max_length", max_length=40, truncation=True),
+                      dict(padding=True, padding_side="left"), dict(add_special_tokens=False, padding=True),
+                      dict(truncation=True, max_length=12, return_overflowing_tokens=True, stride=3, padding=True))
+
+
+def assert_special_masks_as_transformers(ours, theirs, texts, pairs=None):
+    for kw in SPECIAL_MASK_CALLS:
+        if pairs is not None and "return_overflowing_tokens" in kw:
+            continue  # (llmcore's windows take single texts)
+        got = ours(texts, pairs, return_special_tokens_mask=True, **kw)
+        want = theirs(texts, pairs, return_special_tokens_mask=True, **kw)
+        assert as_list(got["special_tokens_mask"]) == as_list(want["special_tokens_mask"]), kw
+        assert as_list(got["input_ids"]) == as_list(want["input_ids"]), kw
+    assert "special_tokens_mask" not in ours(texts[0])
+
+
+def test_special_tokens_mask_as_transformers():
+    """1 at the specials the template adds and at padding; an added special token found in the text is 0, as HF
+    marks it (MiniLM's [CLS] A [SEP] B [SEP], on SST-2 with '[SEP]' written into a text)."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    texts = list(corpus("sst2-validation")[:48]) + ["", "a [SEP] in the text", "[CLS]"]
+    assert_special_masks_as_transformers(ours, theirs, texts)
+    assert_special_masks_as_transformers(ours, theirs, texts, texts[::-1])
+    enc = ours.encode_batch(texts, return_special_tokens_mask=True)  # packed, as HF tokenizers' encodings
+    hf = tokenizers.Tokenizer.from_file(f"{minilm_dir()}/tokenizer.json")
+    hf.no_padding()
+    hf.no_truncation()  # (the file's sections, which llmcore does not apply unasked)
+    ref = hf.encode_batch(texts)
+    assert enc.special_tokens_mask.tolist() == [m for e in ref for m in e.special_tokens_mask]
+    assert ours.encode_batch(texts).special_tokens_mask is None
+
+
+def test_bpe_special_tokens_mask_as_transformers(tmp_path):
+    """A BOS template (Llama 3's layout, `<s> $A` / `<s> $A <s> $B`) and no template at all (GPT-2's)."""
+    from tokenizers import processors
+
+    path = bpe_folder(tmp_path, {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<|endoftext|>"})
+    texts = list(corpus("sst2-test")[:32]) + ["", "with <|endoftext|> inside"]
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert_special_masks_as_transformers(ours, theirs, texts)
+    hf = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    bos = hf.token_to_id("<|endoftext|>")
+    eos = "<|endoftext|>"
+    hf.post_processor = processors.TemplateProcessing(single=f"{eos} $A", pair=f"{eos} $A {eos} $B",
+                                                      special_tokens=[(eos, bos)])
+    hf.save(str(path / "tokenizer.json"))
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert_special_masks_as_transformers(ours, theirs, texts)
+    assert_special_masks_as_transformers(ours, theirs, texts, texts[::-1])

@@ -53,6 +53,7 @@ void encode_block(const Tokenizer& tok, const std::vector<std::string_view>& tex
     lengths[i] = uint32_t(n);
     block.ids.insert(block.ids.end(), enc.ids.begin(), enc.ids.end());
     block.type_ids.insert(block.type_ids.end(), enc.type_ids.begin(), enc.type_ids.end());
+    block.special.insert(block.special.end(), enc.special.begin(), enc.special.end());  // (empty unless asked)
     if (!offsets) continue;
     const size_t base = block.offsets.size();
     block.offsets.resize(base + 2 * n);
@@ -89,6 +90,7 @@ StagedBatch encode_batch(const Tokenizer& tok, const std::vector<std::string_vie
   options.offsets = offsets;
   batch.lengths.assign(n, 0);
   batch.has_offsets = offsets;
+  batch.has_special = opt.special_mask;
   size_t bytes = 0;
   for (auto t : texts) bytes += t.size();
   if (pairs)
@@ -132,7 +134,7 @@ StagedBatch encode_batch(const Tokenizer& tok, const std::vector<std::string_vie
 }
 
 void write_padded(StagedBatch& batch, size_t row_len, bool pad_left, int32_t pad_id, int32_t pad_type_id,
-                  int32_t* ids, int32_t* attention_mask, int32_t* type_ids, int32_t* offsets) {
+                  int32_t* ids, int32_t* attention_mask, int32_t* type_ids, int32_t* offsets, int32_t* special) {
   for (auto& block : batch.blocks) {
     size_t src = 0;
     for (size_t i = block.first_text; i < block.first_text + block.count; ++i) {
@@ -154,19 +156,24 @@ void write_padded(StagedBatch& batch, size_t row_len, bool pad_left, int32_t pad
         std::copy_n(block.offsets.data() + 2 * src, 2 * len, offsets + 2 * at);
         std::fill_n(offsets + 2 * pad_at, 2 * pad, 0);
       }
+      if (special && batch.has_special) {
+        std::copy_n(block.special.data() + src, len, special + at);
+        std::fill_n(special + pad_at, pad, 1);
+      }
       src += len;
     }
     block = StagedBatch::Block{};  // release the staging memory as soon as it is copied
   }
 }
 
-void write_packed(StagedBatch& batch, int32_t* ids, int32_t* type_ids, int32_t* offsets) {
+void write_packed(StagedBatch& batch, int32_t* ids, int32_t* type_ids, int32_t* offsets, int32_t* special) {
   size_t at = 0;
   for (auto& block : batch.blocks) {
     const size_t len = block.ids.size();
     if (ids) std::copy_n(block.ids.data(), len, ids + at);
     if (type_ids) std::copy_n(block.type_ids.data(), len, type_ids + at);
     if (offsets && batch.has_offsets) std::copy_n(block.offsets.data(), 2 * len, offsets + 2 * at);
+    if (special && batch.has_special) std::copy_n(block.special.data(), len, special + at);
     at += len;
     block = StagedBatch::Block{};
   }

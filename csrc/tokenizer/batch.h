@@ -19,10 +19,12 @@ struct StagedBatch {
     std::vector<int32_t> ids;
     std::vector<uint8_t> type_ids;
     std::vector<int32_t> offsets;  // (start, end) character offsets per token, when asked
+    std::vector<uint8_t> special;  // 1 at the template's special tokens, when asked (EncodeOptions::special_mask)
   };
   std::vector<uint32_t> lengths;  // tokens per text
   std::vector<Block> blocks;
   bool has_offsets = false;
+  bool has_special = false;
   size_t total_tokens() const;
   size_t max_length() const;
 };
@@ -34,14 +36,15 @@ StagedBatch encode_batch(const Tokenizer& tok, const std::vector<std::string_vie
                          const std::vector<std::string_view>* pairs, const EncodeOptions& opt, bool offsets,
                          int num_threads);
 
-// Rows of row_len columns (>= every length): the pad id, type 0 and offsets (0, 0) after
-// each text's tokens; right padding or, with pad_left, left padding. Any output pointer
-// may be null to skip it.
+// Rows of row_len columns (>= every length): the pad id, type 0, offsets (0, 0) and special
+// 1 (as HF's special_tokens_mask marks padding) after each text's tokens; right padding or,
+// with pad_left, left padding. Any output pointer may be null to skip it.
 void write_padded(StagedBatch& batch, size_t row_len, bool pad_left, int32_t pad_id, int32_t pad_type_id,
-                  int32_t* ids, int32_t* attention_mask, int32_t* type_ids, int32_t* offsets);
+                  int32_t* ids, int32_t* attention_mask, int32_t* type_ids, int32_t* offsets,
+                  int32_t* special = nullptr);
 
 // Texts back to back (the packed, padding-free layout; the caller builds cu_seqlens from
 // batch.lengths).
-void write_packed(StagedBatch& batch, int32_t* ids, int32_t* type_ids, int32_t* offsets);
+void write_packed(StagedBatch& batch, int32_t* ids, int32_t* type_ids, int32_t* offsets, int32_t* special = nullptr);
 
 }  // namespace llmcore::tok

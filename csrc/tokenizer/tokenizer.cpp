@@ -300,6 +300,7 @@ void Tokenizer::encode(std::string_view text, const std::string_view* pair, cons
     out.start.insert(out.start.end(), e.start.begin(), e.start.end());
     out.end.insert(out.end.end(), e.end.begin(), e.end.end());
     out.from_pair.insert(out.from_pair.end(), e.from_pair.begin(), e.from_pair.end());
+    if (opt.special_mask) out.special.insert(out.special.end(), e.ids.size(), 0);
   };
   if (tmpl.empty()) {  // no post-processor: the sequences, the pair's with type id 1
     append_seq(a, 0);
@@ -313,6 +314,7 @@ void Tokenizer::encode(std::string_view text, const std::string_view* pair, cons
       for (int32_t id : item.ids) {
         out.ids.push_back(id);
         out.type_ids.push_back(item.type_id);
+        if (opt.special_mask) out.special.push_back(1);
         if (opt.offsets) {
           out.start.push_back(0);
           out.end.push_back(0);

@@ -42,8 +42,9 @@ struct Encoding {
   std::vector<uint8_t> type_ids;
   std::vector<uint32_t> start, end;   // byte offsets; special tokens from templates: 0, 0
   std::vector<uint8_t> from_pair;     // 1 where the offsets refer to the pair's second text
+  std::vector<uint8_t> special;       // 1 at the template's special tokens (when EncodeOptions::special_mask)
   void clear() {
-    ids.clear(), type_ids.clear(), start.clear(), end.clear(), from_pair.clear();
+    ids.clear(), type_ids.clear(), start.clear(), end.clear(), from_pair.clear(), special.clear();
   }
 };
 
@@ -52,6 +53,7 @@ struct EncodeOptions {
   bool truncation = false;
   size_t max_length = 0;  // with truncation
   bool offsets = true;    // fill Encoding::start/end/from_pair (else they stay empty)
+  bool special_mask = false;  // fill Encoding::special (else it stays empty)
 };
 
 class Tokenizer {

@@ -37,11 +37,11 @@ class BatchEncoding:
     """The result of ``encode_batch``: NumPy int32 arrays, never one Python object per token.
 
     Padded (``padding`` given): ``input_ids``, ``attention_mask``, ``token_type_ids`` of shape
-    (n, L) and ``offsets`` (n, L, 2). Packed (no padding): the texts back to back, shape
-    (total,), with ``cu_seqlens`` (n + 1) marking where each starts; ``attention_mask`` is then
-    all ones. ``lengths`` (n,) counts each text's tokens. Iterating yields one id array per text.
-    With ``return_overflowing_tokens`` the rows are windows of the texts, and
-    ``overflow_to_sample_mapping`` (n,) holds each row's text index.
+    (n, L), ``offsets`` (n, L, 2) and ``special_tokens_mask`` (n, L) when asked for. Packed (no
+    padding): the texts back to back, shape (total,), with ``cu_seqlens`` (n + 1) marking where
+    each starts; ``attention_mask`` is then all ones. ``lengths`` (n,) counts each text's tokens.
+    Iterating yields one id array per text. With ``return_overflowing_tokens`` the rows are windows
+    of the texts, and ``overflow_to_sample_mapping`` (n,) holds each row's text index.
     """
 
     def __init__(self, arrays: dict):
@@ -52,6 +52,7 @@ class BatchEncoding:
         self.cu_seqlens: Optional[np.ndarray] = arrays.get("cu_seqlens")
         self.offsets: Optional[np.ndarray] = arrays.get("offsets")
         self.overflow_to_sample_mapping: Optional[np.ndarray] = arrays.get("overflow_to_sample_mapping")
+        self.special_tokens_mask: Optional[np.ndarray] = arrays.get("special_tokens_mask")
         self.is_padded = self.cu_seqlens is None
 
     @property
@@ -77,7 +78,7 @@ class BatchEncoding:
 
     def keys(self):
         names = ["input_ids", "attention_mask", "token_type_ids"]
-        return names + [k for k in ("cu_seqlens", "offsets", "overflow_to_sample_mapping")
+        return names + [k for k in ("cu_seqlens", "offsets", "overflow_to_sample_mapping", "special_tokens_mask")
                         if getattr(self, k) is not None]
 
     def to_numpy(self) -> dict:
@@ -296,7 +297,8 @@ class Tokenizer:
                      padding: Union[bool, str] = False, pad_to_multiple_of: Optional[int] = None,
                      padding_side: str = "right", return_offsets: bool = False,
                      num_threads: Optional[int] = None, pad_id: Optional[int] = None,
-                     return_overflowing_tokens: bool = False, stride: int = 0) -> BatchEncoding:
+                     return_overflowing_tokens: bool = False, stride: int = 0,
+                     return_special_tokens_mask: bool = False) -> BatchEncoding:
         """Encode many texts on ``num_threads`` native threads (all cores by default).
 
         ``truncation`` cuts each text (pairs: longest first) so that with the special tokens it
@@ -308,6 +310,9 @@ class Tokenizer:
         what does not fit, each text becomes as many rows as it needs, every row with the special
         tokens, the next starting ``stride`` tokens before the previous ends (transformers' fast
         tokenizers' windows); ``overflow_to_sample_mapping`` gives each row's text index.
+
+        ``return_special_tokens_mask``: ``special_tokens_mask``, 1 at the special tokens the template adds and at
+        padding, 0 elsewhere (an added special token found in the text too), as HF tokenizers mark them.
         """
         if isinstance(texts, (str, bytes)):
             raise TypeError("encode_batch takes a sequence of texts; use encode() for one text")
@@ -357,18 +362,22 @@ class Tokenizer:
             num_threads = _count("num_threads", num_threads, 1)
         if return_overflowing_tokens:
             return self._overflowing(texts, add_special_tokens, max_length, stride, padding, pad_to_multiple_of,
-                                     padding_side == "left", pad_id, bool(return_offsets), num_threads)
+                                     padding_side == "left", pad_id, bool(return_offsets), num_threads,
+                                     bool(return_special_tokens_mask))
         arrays = self._native.encode_batch(texts, pairs, add_special_tokens, bool(truncation), max_length or 0,
                                            padding, pad_to_multiple_of or 0, padding_side == "left", pad_id or 0,
-                                           self._spec.pad_type_id, bool(return_offsets), num_threads)
+                                           self._spec.pad_type_id, bool(return_offsets), num_threads,
+                                           bool(return_special_tokens_mask))
         return BatchEncoding(arrays)
 
     def _overflowing(self, texts, add_special_tokens, max_length, stride, padding, pad_to_multiple_of, left, pad_id,
-                     return_offsets, num_threads) -> BatchEncoding:
+                     return_offsets, num_threads, special_mask) -> BatchEncoding:
         bare = self._native.encode_batch(texts, None, False, False, 0, "none", 0, False, 0, self._spec.pad_type_id,
                                          return_offsets, num_threads)
         template = self._spec.template_single if add_special_tokens and self._spec.template_single else [("A", 0)]
         arrays = windows.overflow_windows(bare, template, max_length, stride)
+        if not special_mask:
+            del arrays["special_tokens_mask"]
         if return_offsets and self._spec.trim_offsets and self._spec.trim_keeps_first:
             self._untrim_window_starts(arrays, len(windows.template_parts(template)[0]))
         if padding != "none":
@@ -402,7 +411,8 @@ class Tokenizer:
                  return_tensors: Optional[str] = None, return_offsets_mapping: bool = False,
                  return_overflowing_tokens: bool = False, stride: int = 0,
                  return_attention_mask: Optional[bool] = None, return_token_type_ids: Optional[bool] = None,
-                 return_length: bool = False, padding_side: Optional[str] = None, verbose: bool = True):
+                 return_special_tokens_mask: bool = False, return_length: bool = False,
+                 padding_side: Optional[str] = None, verbose: bool = True):
         """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
 
         Returns a dict with ``input_ids``, ``attention_mask`` and ``token_type_ids`` (the latter
@@ -413,7 +423,8 @@ class Tokenizer:
         as in transformers. ``padding="max_length"`` pads the shorter rows only: a longer row (no
         truncation) stays as long as it is, so it makes lists, not a tensor, as in transformers.
         ``return_overflowing_tokens``: a row per window (see ``encode_batch``; lists of lists even
-        for a single text) and ``overflow_to_sample_mapping``. ``return_length``: ``length``, each row's
+        for a single text) and ``overflow_to_sample_mapping``. ``return_special_tokens_mask``:
+        ``special_tokens_mask`` (see ``encode_batch``). ``return_length``: ``length``, each row's
         length as transformers counts it (padding included). As transformers: a ``max_length``
         without padding truncates unless ``truncation=False``, and truncation or
         ``padding="max_length"`` without a ``max_length`` take ``model_max_length`` from the
@@ -453,7 +464,8 @@ class Tokenizer:
         enc = self.encode_batch(texts, pairs, add_special_tokens, max_length, truncation,
                                 padding if padding is not False else ("longest" if return_tensors else False),
                                 pad_to_multiple_of, padding_side, return_offsets=return_offsets_mapping,
-                                return_overflowing_tokens=return_overflowing_tokens, stride=stride)
+                                return_overflowing_tokens=return_overflowing_tokens, stride=stride,
+                                return_special_tokens_mask=return_special_tokens_mask)
         if (verbose and not truncation and self.model_max_length is not None and len(enc)
                 and int(enc.lengths.max()) > self.model_max_length and not self._warned_long):
             self._warned_long = True  # (once per tokenizer, as transformers says it)
@@ -476,7 +488,8 @@ class Tokenizer:
         names = (["input_ids"] + (["attention_mask"] if return_attention_mask is not False else [])
                  + (["token_type_ids"] if (self.returns_type_ids if return_token_type_ids is None
                                            else return_token_type_ids) else [])
-                 + (["offsets"] if return_offsets_mapping else []))
+                 + (["offsets"] if return_offsets_mapping else [])
+                 + (["special_tokens_mask"] if return_special_tokens_mask else []))
         single = single and not return_overflowing_tokens
         if return_tensors is not None:
             out = {("offset_mapping" if k == "offsets" else k): getattr(enc, k).astype(np.int64) for k in names}

@@ -41,7 +41,8 @@ def overflow_windows(bare: dict, template: list, max_length: int, stride: int) -
 
     Each text's content is cut into windows of ``max_length`` less the template's specials, the
     next starting ``stride`` tokens before the previous one ends; every window gets the specials.
-    Adds ``overflow_to_sample_mapping`` (int32, window -> text index)."""
+    Adds ``overflow_to_sample_mapping`` (int32, window -> text index) and ``special_tokens_mask`` (1 at the
+    template's specials)."""
     pre_ids, pre_types, suf_ids, suf_types, content_type = template_parts(template)
     n_pre, n_specials = len(pre_ids), len(pre_ids) + len(suf_ids)
     width = max_length - n_specials
@@ -78,8 +79,11 @@ def overflow_windows(bare: dict, template: list, max_length: int, stride: int) -
     types = np.full(total, content_type, dtype=np.int32)
     types[pre] = np.tile(pre_types, len(text))
     types[suf] = np.tile(suf_types, len(text))
+    special = np.zeros(total, dtype=np.int32)
+    special[pre] = special[suf] = 1
     out = {"input_ids": ids, "token_type_ids": types, "lengths": row_len.astype(np.int32),
-           "cu_seqlens": cu.astype(np.int32), "overflow_to_sample_mapping": text.astype(np.int32)}
+           "cu_seqlens": cu.astype(np.int32), "overflow_to_sample_mapping": text.astype(np.int32),
+           "special_tokens_mask": special}
     if "offsets" in bare:
         offsets = np.zeros((total, 2), dtype=np.int32)  # (0, 0) at the specials, as the encoder gives them
         offsets[dst] = bare["offsets"][src]
@@ -89,7 +93,7 @@ def overflow_windows(bare: dict, template: list, max_length: int, stride: int) -
 
 def pad_packed(packed: dict, width: int, pad_id: int, pad_type_id: int, left: bool) -> dict:
     """Packed rows (``cu_seqlens``) -> (n, width) arrays with ``attention_mask``, as the native
-    encoder pads: ``pad_id`` / ``pad_type_id`` / offsets (0, 0) on the right (or the ``left``)."""
+    encoder pads: ``pad_id`` / ``pad_type_id`` / offsets (0, 0) / special 1 on the right (or the ``left``)."""
     cu = packed["cu_seqlens"].astype(np.int64)
     lengths = np.diff(cu)
     n = len(lengths)
@@ -98,7 +102,9 @@ def pad_packed(packed: dict, width: int, pad_id: int, pad_type_id: int, left: bo
     if left:
         col += (width - lengths)[row]
     out = {"lengths": packed["lengths"], "overflow_to_sample_mapping": packed["overflow_to_sample_mapping"]}
-    for key, fill in (("input_ids", pad_id), ("token_type_ids", pad_type_id)):
+    for key, fill in (("input_ids", pad_id), ("token_type_ids", pad_type_id), ("special_tokens_mask", 1)):
+        if key not in packed:
+            continue
         arr = np.full((n, width), fill, dtype=np.int32)
         arr[row, col] = packed[key]
         out[key] = arr
