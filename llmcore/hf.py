@@ -208,7 +208,8 @@ def _layer_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
 
 
 def _rms_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
-    return _ops.rms_norm(x, self.weight, self.variance_epsilon)  # same dtype rules as LlamaRMSNorm
+    # LlamaRMSNorm's dtype rules, but float64 input is normalized in float64 (LlamaRMSNorm's in float32: 4.8e-7 off)
+    return _ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 def _swiglu_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -708,11 +709,15 @@ def _match(m: nn.Module) -> tuple[str, object] | None:
 def _refuse_attention_configs(model: nn.Module) -> None:
     """Configs llmcore attention cannot serve, refused before anything is patched: one asking for attention
     weights (``output_attentions=True``: llmcore returns none, and GPT-2 drops the request without a word, as
-    transformers refuses it for its own non-eager attention), and a soft-capped one (Gemma 2's
-    ``attn_logit_softcapping``: the patch went through and then every forward failed)."""
+    transformers refuses it for its own non-eager attention), a soft-capped one (Gemma 2's
+    ``attn_logit_softcapping``) and one with attention sinks (GPT-OSS's ``sinks``, passed as ``s_aux``): for both
+    the patch went through and then every forward failed."""
     from transformers import PreTrainedModel
 
-    for m in model.modules():
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "sinks", None), torch.Tensor):
+            raise ValueError(f"{name or type(m).__name__} has attention sinks ({type(m).__name__}.sinks), which llmcore "
+                             "attention does not compute: keep transformers' eager attention for this model")
         if not isinstance(m, PreTrainedModel):
             continue
         if getattr(m.config, "output_attentions", False):

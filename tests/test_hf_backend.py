@@ -756,6 +756,20 @@ def test_patch_refuses_soft_capped_attention():
     assert not any(hasattr(m, "_llmcore_fused") for m in model.modules())
 
 
+def test_patch_refuses_attention_sinks():
+    """GPT-OSS's attention sinks (passed to the attention function as s_aux): patch() went through and every forward
+    then raised (a probe); refused before anything is patched, naming them."""
+    cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, intermediate_size=16, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64)
+    model = transformers.GptOssForCausalLM(cfg)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match=r"attention sinks \(GptOssAttention.sinks\)"):
+        hf.patch(model)
+    assert model.config._attn_implementation == "eager"
+    assert not any(hasattr(m, "_llmcore_fused") for m in model.modules())
+
+
 def _data_parallel_replicas(model, n, monkeypatch):
     """torch's ``replicate()``, as ``nn.DataParallel`` runs it, making ``n`` replicas of ``model`` on this CPU: only
     its broadcast (CUDA's) is stubbed, by copies, replica j's floating tensors shifted by j/100 so that a replica
