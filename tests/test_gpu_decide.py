@@ -13,7 +13,7 @@ import decide  # noqa: E402
 sys.path.pop(0)
 
 
-def _attention(defaults, tuned, dq="tma", blocks=None, forward=None):
+def _attention(defaults, tuned, dq="tma", blocks=None, forward=None, winners_ok=True):
     """fwd+bwd rounds of the defaults and the winners; the forward's: ``forward`` (defaults, winners), else 0.3 of
     the fwd+bwd's (the backward then gains as much as the whole)."""
     blocks = blocks or {"fwd": [128, 64, 8, 3], "dkdv": [32, 64, 4, 3], "dq": [128, 64, 8, 3],
@@ -23,7 +23,7 @@ def _attention(defaults, tuned, dq="tma", blocks=None, forward=None):
              "forward": {"ms": {"llmcore_defaults": fd, "llmcore_unfolded": fd, "llmcore_tuned": ft}}}
     return {"attention": {"shape": [4, 32, 4096, 128], "cases": {"causal": {
         "head_to_head": {"rounds": len(defaults), "modes": modes},
-        "llmcore_triton_tuned": {"blocks": blocks, "dq_mode": dq}}}}}
+        "llmcore_triton_tuned": {"blocks": blocks, "dq_mode": dq}, "winners_check": {"ok": winners_ok}}}}}
 
 
 def test_attention_winners_every_round():
@@ -45,6 +45,14 @@ def test_attention_winners_through_descriptors():
                              '_MEASURED[("dq", 128, True)] = (128, 64, 8, 3)')
     assert ('forward fwd_desc blocks (128, 64, 8, 3): CHANGE: _MEASURED[("fwd_desc", 128, True)] = (128, 64, 8, 3); '
             '_DESC_MEASURED[("fwd", 128, True)] = True') in lines[1]
+
+
+def test_winners_that_failed_the_float64_check_are_kept_out():
+    """bench.py checks the sweep's winners against float64 on ragged shapes before they become defaults; decide.py
+    proposed them whatever that check said (an audit)."""
+    lines = decide.decide(_attention([10.0] * 5, [9.0] * 5, winners_ok=False))
+    assert lines[0].startswith("attention causal: keep (the sweep's winners did not pass the float64 check")
+    assert not any("CHANGE" in line for line in lines)
 
 
 @pytest.mark.parametrize("tuned", [[9.0, 9.0, 10.1, 9.0, 9.0],   # lost one round
@@ -88,3 +96,34 @@ def test_cross_entropy_chunks():
 
 def test_unreadable_sections_are_named():
     assert decide.decide({"attention": {"cases": {"causal": {}}}}) == ["attention: cannot read (KeyError: 'shape')"]
+
+
+def _bars_case(diff, defaults_ms=10.0, winners_ms=7.0, torch_ms=7.7):
+    """A causal attention case as bench.py writes it after a sweep and without a head-to-head."""
+    sdpa = {"flash": {"fwd_bwd": {"ms": torch_ms}}, "cudnn": {"fwd_bwd": {"ms": torch_ms + 1}}}
+    return {"llmcore_triton_defaults": {"fwd_bwd": {"ms": defaults_ms}},
+            "llmcore_triton": {"fwd_bwd": {"ms": winners_ms}}, "torch_sdpa": sdpa, "best_torch": {"fwd_bwd": "flash"},
+            "speedup_vs_best_torch": {"fwd_bwd": torch_ms / winners_ms},
+            "max_abs_diff_vs_torch": {"out": diff, "dq": 4 * diff, "dk": 4 * diff, "dv": 2 * diff},
+            "max_abs_torch": {"out": 4.0, "dq": 3.5, "dk": 6.0, "dv": 5.0}}
+
+
+def test_bars_are_the_defaults_on_outputs_that_agree():
+    """Without a head-to-head the causal bar read speedup_vs_best_torch, the sweep's winners' figure once the sweep
+    ran (an audit: 1.10x reported, met, where the shipped defaults give 0.77x); and outputs counted as checked when
+    their differences from torch were finite, however large."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    bar = bench.bars({"attention": {"cases": {"causal": _bars_case(0.0039)}}})["attention_fwd_bwd_causal_vs_sdpa"]
+    assert bar["value"] == pytest.approx(0.77) and not bar["met"] and bar["outputs_checked"]
+    fast = bench.bars({"attention": {"cases": {"causal": _bars_case(0.0039, defaults_ms=7.0)}}})
+    assert fast["attention_fwd_bwd_causal_vs_sdpa"]["met"]
+    wrong = bench.bars({"attention": {"cases": {"causal": _bars_case(0.5, defaults_ms=7.0)}}})
+    assert not wrong["attention_fwd_bwd_causal_vs_sdpa"]["outputs_checked"]
+    assert not wrong["attention_fwd_bwd_causal_vs_sdpa"]["met"]
+    unscaled = _bars_case(0.0039, defaults_ms=7.0)
+    del unscaled["max_abs_torch"]  # (an older JSON: no magnitudes, nothing to hold the differences to)
+    assert not bench.bars({"attention": {"cases": {"causal": unscaled}}})["attention_fwd_bwd_causal_vs_sdpa"]["met"]

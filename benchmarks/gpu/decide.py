@@ -76,6 +76,11 @@ def attention(results: dict) -> list[str]:
         if not modes:
             out.append(f"attention {name}: no head-to-head in this JSON (an older bench.py, or cut short)")
             continue
+        if blocks and (case.get("winners_check") or {}).get("ok") is not True:
+            # (bench.py's float64 check of the winners on ragged shapes, before they become defaults)
+            out.append(f"attention {name}: keep (the sweep's winners did not pass the float64 check on ragged "
+                       f"shapes: {case.get('winners_check', 'not run')!r:.200})")
+            blocks = None
         fb = modes.get("fwd_bwd", {}).get("ms", {})
         fwd = next((k for k in (blocks or {}) if k.removesuffix("_desc") == "fwd"), None)
         fw = modes.get("forward", {}).get("ms", {})
