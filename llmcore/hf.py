@@ -716,8 +716,8 @@ def _refuse_attention_configs(model: nn.Module) -> None:
 
     for name, m in model.named_modules():
         if isinstance(getattr(m, "sinks", None), torch.Tensor):
-            raise ValueError(f"{name or type(m).__name__} has attention sinks ({type(m).__name__}.sinks), which llmcore "
-                             "attention does not compute: keep transformers' eager attention for this model")
+            raise ValueError(f"{name or type(m).__name__} has attention sinks ({type(m).__name__}.sinks), which "
+                             "llmcore attention does not compute: keep transformers' eager attention for this model")
         if not isinstance(m, PreTrainedModel):
             continue
         if getattr(m.config, "output_attentions", False):
