@@ -186,3 +186,20 @@ def test_saved_bytes_counts_each_storage_once():
     assert saved_bytes(lambda: (buf[0] @ buf[1]).sum()) == buf.nbytes
     y = torch.randn(10, requires_grad=True)
     assert saved_bytes(lambda: (x.sin().sum() + y.cos().sum())) == x.nbytes + y.nbytes
+
+
+def test_saved_bytes_leaves_the_models_parameters_out():
+    """A linear layer saves its weight (as a transposed view) beside its input; the weight stays resident whether
+    the layer is recomputed or not, so counting it inflated checkpointing's drop by the weights' size (an audit:
+    four 1024 x 1024 layers on 8 rows counted 16.1 MiB, of which 16 MiB were parameters)."""
+    model = torch.nn.Sequential(*(torch.nn.Linear(256, 256) for _ in range(4)))
+    x = torch.randn(8, 256)
+
+    def forward():
+        return model(x).sum()
+
+    # the weights of layers 2-4 (the first layer's input needs no gradient: its weight is not saved; no bias is)
+    weights = sum(layer.weight.nbytes for layer in model[1:])
+    with_params, without = saved_bytes(forward), saved_bytes(forward, model)
+    assert with_params - without == weights
+    assert without == 4 * x.nbytes  # (each layer's input: x and three activations of its size)

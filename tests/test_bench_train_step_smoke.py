@@ -51,3 +51,21 @@ def test_memory_probe_reports_a_step(tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = train_step.step_memory("causal-lm", "fp32", impls=("llmcore packed",))["llmcore packed"]
     assert out["rest_mib"] > 100 and out["step_peak_above_rest_mib"] > 0
+
+
+def test_speedup_is_the_median_of_the_paired_ratios(monkeypatch):
+    """The tables say "speed-up = median of the paired per-round ratios"; it was the ratio of the medians (an
+    audit). And the round robin starts each round one later in the order (it always ran them in one order)."""
+    from llmcore.bench import attention, train_step
+
+    rounds = {"transformers": [10.0, 30.0, 20.0], "llmcore packed": [9.0, 10.0, 4.0]}
+    monkeypatch.setattr(train_step, "_make", lambda task: lambda dtype: ({k: lambda: None for k in rounds},
+                                                                          {"sentences": 4}))
+    monkeypatch.setattr(train_step, "time_round_robin", lambda steps, min_rounds, budget_s: rounds)
+    row = train_step.run("fp32")["results"]["llmcore packed"]
+    assert row["speedup_vs_transformers"] == 3.0  # (ratios 1.11, 3, 5; the ratio of the medians: 2.22)
+    assert (row["paired_speedup_min"], row["paired_speedup_max"]) == (10 / 9, 5.0)
+    assert row["round_s"] == rounds["llmcore packed"]
+    calls = []
+    attention.time_round_robin({n: (lambda n=n: calls.append(n)) for n in "abc"}, min_rounds=3, budget_s=0)
+    assert calls[3:] == list("abc" "bca" "cab")  # (after one warm-up call each)

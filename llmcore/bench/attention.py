@@ -186,14 +186,18 @@ class Result:
 
 def time_round_robin(fns: dict[object, Callable[[], None]], min_rounds: int = 5,
                      budget_s: float = 3.0) -> dict[object, list[float]]:
-    """Time each function once per round, round after round, until min_rounds and budget_s are met."""
+    """Time each function once per round, round after round, until min_rounds and budget_s are met. Each round
+    starts one later in the order (a fixed order would always run one entrant after the same other, warm caches
+    or a turbo state it leaves included)."""
     for fn in fns.values():  # warm-up (allocator, OpenMP pool, lazy init)
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
     start = time.perf_counter()
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200):
-        for name, fn in fns.items():
+        shift = rounds % len(order) if order else 0
+        for name, fn in order[shift:] + order[:shift]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
