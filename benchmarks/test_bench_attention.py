@@ -4,14 +4,18 @@
     python benchmarks/compare.py benchmarks/results/attention-pytest.json
 
 Each benchmark stores its FLOPs in extra_info; compare.py turns the medians into GFLOP/s and
-llmcore/torch ratios. Set LLMCORE_BENCH_REFERENCE=1 to include the (slow) eager reference.
+llmcore/torch ratios. Set LLMCORE_BENCH_REFERENCE=1 to include the (slow) eager reference. Before llmcore's
+timings, its output and gradients are checked against torch's (``llmcore bench attention``'s rule and tolerance;
+``outputs_max_rel_diff`` in extra_info): a case that disagrees fails instead of timing.
 """
+import functools
 import os
 
 import pytest
 import torch
 
-from llmcore.bench.attention import DTYPES, SUITE, dense_case, varlen_case, wordpiece_lengths
+from llmcore.bench.attention import (CHECK_TOLERANCE, DTYPES, SUITE, dense_case, max_rel_diff, varlen_case,
+                                     wordpiece_lengths)
 
 IMPLS = ["llmcore", "torch"] + (["reference"] if os.environ.get("LLMCORE_BENCH_REFERENCE") else [])
 CASES = [(s, dt, c) for s in SUITE for dt in DTYPES.values() for c in (False, True)]
@@ -20,6 +24,21 @@ CASES = [(s, dt, c) for s in SUITE for dt in DTYPES.values() for c in (False, Tr
 def _id(c):
     (B, H, L, D), dt, causal = c
     return f"{B}x{H}x{L}x{D}-{str(dt).split('.')[-1]}-{'causal' if causal else 'full'}"
+
+
+def checked(make_case, *key) -> float:
+    """llmcore's output and gradients against torch's for one case: the largest difference relative to torch's
+    largest value, asserted within the tolerance of ``llmcore bench attention``'s check."""
+    return _checked(make_case, key)
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(make_case, key) -> float:
+    c = make_case(*key, impls=("llmcore", "torch"))
+    runs = c.make()
+    diff = max_rel_diff(runs["llmcore"].outputs(), runs["torch"].outputs())
+    assert diff <= CHECK_TOLERANCE.get(c.dtype, 1e-4), f"{c.name}: llmcore differs from torch by {diff:.3g}"
+    return diff
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -31,6 +50,8 @@ def test_dense(benchmark, case, impl, mode):
     backward = mode == "fwd+bwd"
     benchmark.group = f"{c.name} {mode}"
     benchmark.extra_info.update(flops=c.flops_fwd * (3.5 if backward else 1.0), impl=impl, mode=mode, case=c.name)
+    if impl == "llmcore":
+        benchmark.extra_info["outputs_max_rel_diff"] = checked(dense_case, *case)
     benchmark.pedantic(run, args=(backward,), rounds=7, iterations=1, warmup_rounds=1)
 
 
@@ -52,4 +73,6 @@ def test_varlen_sst2(benchmark, sst2_batch, impl, mode):
     backward = mode == "fwd+bwd"
     benchmark.group = f"{c.name} {mode}"
     benchmark.extra_info.update(flops=c.flops_fwd * (3.5 if backward else 1.0), impl=impl, mode=mode, case=c.name)
+    if impl == "llmcore":
+        benchmark.extra_info["outputs_max_rel_diff"] = checked(varlen_case, tuple(sst2_batch))
     benchmark.pedantic(run, args=(backward,), rounds=15, iterations=1, warmup_rounds=2)

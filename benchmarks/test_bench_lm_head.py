@@ -7,7 +7,8 @@ its native softmax kernel (llmcore) and with PyTorch ops per chunk (llmcore-torc
 
 FLOPs: the three matmuls, 6 * tokens * hidden * vocab. Shapes: the MiniLM-sized Llama of `llmcore bench
 train-step --task causal-lm` (1717 tokens, hidden 384, MiniLM's vocabulary) and GPT-2 small (2048 tokens,
-hidden 768, vocabulary 50257); hidden states random, labels uniform.
+hidden 768, vocabulary 50257); hidden states random, labels uniform. Before llmcore's timings, its loss and
+gradients are checked against torch's (``outputs_max_rel_diff`` in extra_info): a case that disagrees fails.
 """
 import functools
 
@@ -37,6 +38,19 @@ def step(impl, h, w, y, autocast):
         else:
             loss = linear_cross_entropy(h, w, y, backend="torch" if impl == "llmcore-torch-ops" else None)
     loss.backward()
+    return loss
+
+
+@functools.lru_cache(maxsize=None)
+def checked(impl, shape, autocast) -> float:
+    """``impl``'s loss and gradients against torch's: the largest difference relative to torch's largest value,
+    asserted below 1e-4 (fp32) or 2e-2 (bf16 autocast, whose matmuls round to bf16 on both sides)."""
+    h, w, y = inputs(*shape)
+    got = [step(impl, h, w, y, autocast).detach().double(), h.grad.double(), w.grad.double()]
+    want = [step("torch", h, w, y, autocast).detach().double(), h.grad.double(), w.grad.double()]
+    diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, want))
+    assert diff <= (2e-2 if autocast else 1e-4), f"{impl} {shape}: differs from torch by {diff:.3g}"
+    return diff
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -48,4 +62,6 @@ def test_lm_head_loss(benchmark, shape, dtype, impl):
     case = f"lm-head N{N} H{H} V{V} {dtype}"
     benchmark.group = case
     benchmark.extra_info.update(case=case, mode="fwd+bwd", impl=impl, flops=6.0 * N * H * V)
+    if impl != "torch":
+        benchmark.extra_info["outputs_max_rel_diff"] = checked(impl, shape, dtype != "fp32")
     benchmark.pedantic(step, args=(impl, h, w, y, dtype != "fp32"), rounds=7, iterations=1, warmup_rounds=1)

@@ -10,7 +10,8 @@ causal-lm` (1717 packed tokens, 6 query heads and 2 key heads of 64) and of a Ll
 float32, and bfloat16 with float32 angles (as under bf16 autocast). ``extra_info``: GB/s from the bytes the
 rotation must move (x and out, the gradient in and out, cos and sin twice; the composite moves more).
 glibc keeps freed blocks for reuse, as `llmcore finetune` has it on the CPU (llmcore.train.runtime): else
-every output of 32 MB or more is a fresh mapping whose page faults both sides pay on every call.
+every output of 32 MB or more is a fresh mapping whose page faults both sides pay on every call. Before llmcore's
+timings, its output and q's gradient are checked against the composite's (``outputs_max_rel_diff``).
 """
 import pytest
 import torch
@@ -39,7 +40,11 @@ def inputs(T, H, K, D, dtype):
 def step(impl, qkv, cos, sin, grad, heads, dim):
     q = qkv[:, :heads * dim].view(-1, heads, dim)
     out = (rotary_embedding if impl == "llmcore" else rotary_reference)(q, cos, sin)
-    torch.autograd.grad(out, q, grad)  # q's gradient: the slice's own backward is the same on both sides
+    return out, *torch.autograd.grad(out, q, grad)  # q's gradient: the slice's own backward is the same on both sides
+
+
+def max_rel_diff(got, want) -> float:
+    return max(float((a.double() - b.double()).abs().max() / b.double().abs().max()) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -53,6 +58,10 @@ def test_rotary(benchmark, shape, dtype, impl):
     moved = 4 * T * H * D * qkv.element_size() + 4 * T * D * cos.element_size()
     benchmark.group = case
     benchmark.extra_info.update(case=case, mode="fwd+bwd", impl=impl, bytes=moved)
+    if impl == "llmcore":  # (float32 angles on both sides: the bf16 outputs round once, each its own way)
+        diff = max_rel_diff(step("llmcore", qkv, cos, sin, grad, H, D), step("torch", qkv, cos, sin, grad, H, D))
+        assert diff <= (1e-2 if dtype == "bf16" else 1e-5), f"{case}: llmcore differs from the composite by {diff:.3g}"
+        benchmark.extra_info["outputs_max_rel_diff"] = diff
     benchmark.pedantic(step, args=(impl, qkv, cos, sin, grad, H, D), rounds=30, iterations=5, warmup_rounds=2)
     if benchmark.stats is not None:
         benchmark.extra_info["GB_per_s"] = round(moved / benchmark.stats.stats.median / 1e9, 2)
