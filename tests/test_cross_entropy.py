@@ -334,3 +334,14 @@ def test_bad_input_is_named(change, error, match):
     kw.update(change)
     with pytest.raises(error, match=match):
         linear_cross_entropy(**kw)
+
+
+def test_meta_tensors_give_shapes():
+    """On the meta device linear_cross_entropy asked autocast about "meta" and failed with "unknown device type for
+    autocast" (a probe); it gives the loss's shape and dtype, as torch's ops do."""
+    h, w = torch.empty(2, 3, 8, device="meta"), torch.empty(11, 8, device="meta")
+    y = torch.empty(2, 3, dtype=torch.long, device="meta")
+    for reduction, shape in (("mean", ()), ("sum", ()), ("none", (2, 3))):
+        out = linear_cross_entropy(h, w, y, reduction=reduction)
+        assert out.device.type == "meta" and out.shape == shape and out.dtype == torch.float32
+    assert linear_cross_entropy(h.bfloat16(), w.bfloat16(), y, loss_dtype=torch.float32).dtype == torch.float32

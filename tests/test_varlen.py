@@ -77,3 +77,12 @@ def test_varlen_without_keys_returns_zeros():
     assert (q.grad == 0).all()
     with pytest.raises(ValueError, match="cu_seqlens_k"):
         llmcore.varlen_attention(q, k, v, cu([2, 3]), cu([0, 1]), 3, 1)
+
+
+def test_meta_tensors_give_shapes():
+    """On the meta device (a model traced for its shapes) varlen attention read cu_seqlens' values and failed with
+    torch's "Cannot copy out of meta tensor" (a probe); it gives the output's shape and dtype, as sdpa does."""
+    q, k, v = (torch.empty(7, 2, 16, device="meta") for _ in range(3))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device="meta")
+    out = llmcore.varlen_attention(q, k, v[..., :8].contiguous(), cu, cu, 4, 4)
+    assert out.device.type == "meta" and out.shape == (7, 2, 8) and out.dtype == q.dtype

@@ -434,6 +434,8 @@ def varlen_attention(
             raise ValueError(f"{name} must be a non-negative int, got {mx!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1))
+    if q.device.type == "meta":  # shapes only (a model traced on the meta device): cu_seqlens hold no values
+        return q.new_empty(*q.shape[:-1], v.size(-1))
 
     call = AttentionCall(q.device, q.dtype, q.size(-1), v.size(-1), "none", False, True, dropout_p > 0,
                          cu_seqlens_q.numel() - 1, q.size(1))

@@ -435,6 +435,8 @@ def linear_cross_entropy(
         raise TypeError(f"loss_dtype must be None or a floating dtype, got {loss_dtype!r}")
 
     out_dtype = compute_dtype = hidden.dtype
+    if hidden.device.type == "meta":  # shapes only (a model traced on the meta device): the labels hold no values
+        return hidden.new_empty(hidden.shape[:-1] if reduction == "none" else (), dtype=loss_dtype or hidden.dtype)
     if torch.is_autocast_enabled(hidden.device.type) and torch.float64 not in (hidden.dtype, weight.dtype):
         # As F.linear then F.cross_entropy under autocast: the matmuls in the autocast dtype, the loss in float32.
         compute_dtype, out_dtype = torch.get_autocast_dtype(hidden.device.type), torch.float32
