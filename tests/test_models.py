@@ -520,3 +520,17 @@ def test_fused_projection_under_autocast_is_exact(bias):
     assert all(g.dtype == torch.float32 for g in grads_b)
     for a, b in zip(outs_a + grads_a, outs_b + grads_b):
         assert torch.equal(a, b)
+
+
+def test_classifier_refuses_sequences_of_no_tokens(minilm):
+    """A packed batch with an empty sequence (cu_seqlens repeating a value: a text encoded without special tokens)
+    gave that sequence a row of logits read from no token of its own; a padded batch of length 0 failed with an
+    IndexError. Both are refused, naming the problem."""
+    model = minilm[0]
+    ids = torch.randint(1000, 2000, (7,))
+    with pytest.raises(ValueError, match="a sequence of no tokens"):
+        model(input_ids=ids, cu_seqlens=torch.tensor([0, 3, 3, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="a sequence of no tokens"):
+        model(input_ids=torch.zeros(2, 0, dtype=torch.long))
+    assert model(input_ids=ids, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)).logits.shape[0] == 2
+    assert model(input_ids=torch.zeros(0, 4, dtype=torch.long)).logits.shape[0] == 0  # (no rows: nothing to read)

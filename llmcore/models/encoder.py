@@ -112,6 +112,10 @@ class EncoderForSequenceClassification(LayerCheckpointing, nn.Module):
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
         batch = make_batch(input_ids, attention_mask, cu_seqlens)
+        if (batch.min_seqlen == 0) if batch.packed else (input_ids.size(1) == 0 and input_ids.size(0) > 0):
+            # (packed, the empty sequence's "first token" was the next one's: a silently wrong row)
+            raise ValueError("a sequence of no tokens: the classifier reads each sequence's first token ([CLS]); "
+                             "encode with the special tokens, or leave the empty texts out")
         x = self.embed(input_ids, token_type_ids, position_ids, batch)
         # The head reads only each sequence's first token, so the last layer computes only those
         # rows once its keys and values are known (~1/6 fewer FLOPs for 6 layers; exact).

@@ -41,7 +41,8 @@ def make_batch(input_ids: Tensor, attention_mask: Optional[Tensor], cu_seqlens: 
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if bool((lengths < 0).any()):
             raise ValueError("cu_seqlens must be non-decreasing")
-        return Batch(cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
+        shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()  # (one device sync)
+        return Batch(cu_seqlens=cu_seqlens, max_seqlen=longest, min_seqlen=shortest)
     if input_ids.dim() != 2:
         raise ValueError(f"padded input_ids must be 2-D (batch, length), got shape {tuple(input_ids.shape)}; "
                          "packed batches also pass cu_seqlens")

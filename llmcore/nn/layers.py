@@ -19,10 +19,11 @@ class Batch:
     """How the tokens of a batch are laid out.
 
     Padded: hidden states (B, L, D); ``key_mask`` (B, L) bool, True for real tokens, or None.
-    Packed: hidden states (T, D); ``cu_seqlens`` (n + 1,) int32 and ``max_seqlen``.
+    Packed: hidden states (T, D); ``cu_seqlens`` (n + 1,) int32, ``max_seqlen`` and ``min_seqlen``.
     """
     cu_seqlens: Optional[Tensor] = None
     max_seqlen: int = 0
+    min_seqlen: int = 0
     key_mask: Optional[Tensor] = None
 
     @property
