@@ -5,6 +5,7 @@ named special tokens (tokenizer_config.json, special_tokens_map.json, a class's 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from llmcore.tokenizer import Tokenizer, TokenizerFileError
-from tokenizer_refs import corpus, minilm_dir
+from tokenizer_refs import cl100k_path, corpus, minilm_dir
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -189,3 +190,137 @@ def test_bpe_special_tokens_mask_as_transformers(tmp_path):
     ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
     assert_special_masks_as_transformers(ours, theirs, texts)
     assert_special_masks_as_transformers(ours, theirs, texts, texts[::-1])
+
+
+def test_call_options_transformers_answers_otherwise():
+    """Two calls a probe found answered otherwise than transformers: padding="max_length" with pad_to_multiple_of and
+    return_tensors where a row is longer than max_length (the tensor was padded on to the multiple: width 16 where
+    transformers' is the row's 10), and padding="do_not_pad" with a max_length (it truncated; transformers
+    truncates only for padding=False)."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    text = ["an actor 's worth of actual content"]  # 10 tokens
+    for rt in (None, "np", "pt"):
+        for side in ("right", "left"):
+            kw = dict(padding="max_length", max_length=8, pad_to_multiple_of=8, return_tensors=rt, return_length=True,
+                      padding_side=side, return_special_tokens_mask=True)
+            got, want = ours(text, **kw), theirs(text, **kw)
+            assert {k: as_list(v) for k, v in got.items()} == {k: as_list(v) for k, v in want.items()}, (rt, side)
+    long = list(corpus("sst2-test")[:4])
+    for padding in ("do_not_pad", False):
+        assert ours(long, padding=padding, max_length=8)["input_ids"] == \
+            theirs(long, padding=padding, max_length=8)["input_ids"], padding
+
+
+def test_pad_and_the_collators_as_transformers():
+    """pad (DataCollatorWithPadding's call) and get_special_tokens_mask (DataCollatorForLanguageModeling's) were
+    missing: both collators failed with an AttributeError (a probe of the guide's pipeline). They give
+    transformers' batches now, MLM labels included (the same seed)."""
+    import torch
+
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    texts = list(corpus("sst2-validation")[:6])
+    feats = {name: [{**{k: v[i] for k, v in tok(texts, truncation=True, max_length=24).items()}, "label": i % 2}
+                    for i in range(len(texts))] for name, tok in (("ours", ours), ("theirs", theirs))}
+    assert feats["ours"] == feats["theirs"]
+    for kw in (dict(), dict(padding="max_length", max_length=32), dict(pad_to_multiple_of=8),
+               dict(padding_side="left"), dict(return_tensors="pt"), dict(return_tensors="np"),
+               dict(return_attention_mask=False), dict(padding=False)):
+        got, want = ours.pad(feats["ours"], **kw), theirs.pad(feats["theirs"], **kw)
+        assert {k: as_list(v) for k, v in got.items()} == {k: as_list(v) for k, v in want.items()}, kw
+    one = {"input_ids": [101, 7592, 102]}
+    assert dict(ours.pad(one, padding="max_length", max_length=5)) == dict(theirs.pad(one, padding="max_length",
+                                                                                       max_length=5))
+    masked = ours(texts[:2], return_special_tokens_mask=True)
+    assert ours.pad(masked, pad_to_multiple_of=8) == theirs.pad(dict(masked), pad_to_multiple_of=8)
+    ids = [101, 7592, 100, 102, 0, 103]
+    assert ours.get_special_tokens_mask(ids, already_has_special_tokens=True) == \
+        theirs.get_special_tokens_mask(ids, already_has_special_tokens=True) == [1, 0, 1, 1, 1, 1]
+    assert ours.get_special_tokens_mask([5, 6], [7]) == [1, 0, 0, 1, 0, 1]  # ([CLS] A [SEP] B [SEP])
+    for collator in (transformers.DataCollatorWithPadding, transformers.DataCollatorForLanguageModeling):
+        batches = []
+        for tok, rows in ((ours, feats["ours"]), (theirs, feats["theirs"])):
+            torch.manual_seed(0)
+            make = collator(tok) if collator is transformers.DataCollatorWithPadding else collator(tok, seed=0)
+            batches.append({k: v.tolist() for k, v in make([dict(r) for r in rows]).items()})
+        assert batches[0] == batches[1], collator.__name__
+
+
+def test_save_pretrained_round_trips(tmp_path):
+    """save_pretrained was missing: transformers' Trainer called it at its first checkpoint and stopped there, the
+    checkpoint half written (a probe). The folder it writes loads in transformers and in llmcore as the tokenizer
+    it was, settings set by hand included."""
+    texts = list(corpus("sst2-test")[:16]) + ["a [MASK] in it"]
+    for source in (minilm_dir(), "vocab"):
+        if source == "vocab":  # a vocab.txt folder
+            source = tmp_path / "vocab_src"
+            source.mkdir()
+            for name in ("vocab.txt", "tokenizer_config.json"):
+                shutil.copy(f"{minilm_dir()}/{name}", source / name)
+        ours = Tokenizer.from_pretrained(source)
+        ours.padding_side, ours.model_max_length = "left", 20
+        out = tmp_path / f"saved_{len(str(source))}"
+        files = ours.save_pretrained(out)
+        assert all(os.path.isfile(f) for f in files)
+        again, theirs = Tokenizer.from_pretrained(out), transformers.AutoTokenizer.from_pretrained(out)
+        for tok in (again, theirs):
+            assert (tok.padding_side, tok.model_max_length) == ("left", 20)
+            got = tok(texts, truncation=True, padding=True)
+            assert got["input_ids"] == ours(texts, truncation=True, padding=True)["input_ids"]
+        assert named(again) == named(ours) == named(theirs)
+    with pytest.raises(NotImplementedError, match="tiktoken"):
+        Tokenizer.from_tiktoken(cl100k_path()).save_pretrained(tmp_path / "tik")
+
+
+def test_call_result_and_attributes_as_transformers(tmp_path):
+    """The call's result reads keys as attributes and moves with .to(device) (`tok(...).to(model.device)` failed on a
+    dict); model_input_names, special_tokens_map, all_special_ids / tokens, tokenize, vocab, name_or_path as
+    transformers'; tok.pad_token = tok.eos_token (GPT-2's recipe) sets the pad token, and pickles."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    enc = ours(["a b", "c"], padding=True, return_tensors="pt")
+    assert enc.input_ids.tolist() == enc["input_ids"].tolist() and enc.to("cpu")["input_ids"].device.type == "cpu"
+    with pytest.raises(AttributeError, match="no 'labels'"):
+        enc.labels
+    for name in ("model_input_names", "special_tokens_map", "all_special_ids", "all_special_tokens", "vocab"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    for text in corpus("sst2-validation")[:20]:
+        assert ours.tokenize(text) == theirs.tokenize(text)
+    assert os.path.samefile(ours.name_or_path, theirs.name_or_path)
+    path = bpe_folder(tmp_path, {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"})
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert ours.model_input_names == theirs.model_input_names == ["input_ids", "attention_mask"]
+    for tok in (ours, theirs):
+        tok.pad_token = tok.eos_token
+    texts = ["a fine film", "no"]
+    assert ours(texts, padding=True)["input_ids"] == theirs(texts, padding=True)["input_ids"]
+    assert pickle.loads(pickle.dumps(ours)).pad_token_id == ours.pad_token_id == 0
+    with pytest.raises(ValueError, match="not a token of this tokenizer"):
+        ours.pad_token = "<pad>"
+
+
+def test_transformers_trainer_with_this_tokenizer(tmp_path):
+    """The guide's pipeline with llmcore's tokenizer swapped in: transformers' Trainer, dynamic padding by
+    DataCollatorWithPadding(tok) (the Trainer picks it by itself only for its own tokenizer classes: README), and a
+    checkpoint (it called tok.save_pretrained and stopped, the checkpoint half written). The same losses as with
+    transformers' tokenizer, and a checkpoint that loads."""
+    import torch
+
+    texts = list(corpus("sst2-train")[:16])
+    losses, folders = {}, {}
+    for name, tok in (("ours", Tokenizer.from_pretrained(minilm_dir())),
+                      ("theirs", transformers.AutoTokenizer.from_pretrained(minilm_dir()))):
+        rows = [{**{k: v[i] for k, v in tok(texts, truncation=True, max_length=32).items()}, "labels": i % 2}
+                for i in range(len(texts))]
+        config = transformers.BertConfig.from_pretrained(minilm_dir(), num_hidden_layers=1, num_labels=2)
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(config)
+        args = transformers.TrainingArguments(str(tmp_path / name), max_steps=2, per_device_train_batch_size=8,
+                                              save_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+                                              disable_tqdm=True, seed=0)
+        trainer = transformers.Trainer(model, args, train_dataset=rows, processing_class=tok,
+                                       data_collator=transformers.DataCollatorWithPadding(tok))
+        trainer.train()
+        losses[name] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        folders[name] = tmp_path / name / "checkpoint-2"
+    assert losses["ours"] == losses["theirs"] and len(losses["ours"]) == 2
+    assert (Tokenizer.from_pretrained(folders["ours"])(texts)["input_ids"]
+            == transformers.AutoTokenizer.from_pretrained(folders["ours"])(texts)["input_ids"])

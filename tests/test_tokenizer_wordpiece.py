@@ -440,13 +440,25 @@ def test_transformers_style_call_default_lengths(tmp_path):
         assert got["input_ids"] == want["input_ids"] and got["attention_mask"] == want["attention_mask"], kw
     with pytest.raises(TypeError, match="one per text"):
         tok(["good movie", "bad film"], text_pair="no")
-    folder = tmp_path / "no_limit"  # transformers' 'no limit' (1e30) is none: a max_length is then needed
-    folder.mkdir()
-    shutil.copy(os.path.join(minilm_dir(), "tokenizer.json"), folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": int(1e30)}))
-    assert Tokenizer.from_pretrained(folder).model_max_length is None
-    with pytest.raises(ValueError, match="truncation=True needs max_length"):
-        Tokenizer.from_pretrained(folder)(texts, truncation=True)
+    # transformers' 'no limit' (1e30, or no model_max_length at all): model_max_length reads 1e30 (it read None, and
+    # `tok.model_max_length > 1024` raised a TypeError; a probe), and truncation or padding="max_length" without a
+    # max_length are said and dropped, as transformers drops them (they raised)
+    for config in ({"model_max_length": int(1e30)}, {}):
+        folder = tmp_path / f"no_limit{len(config)}"
+        folder.mkdir()
+        shutil.copy(os.path.join(minilm_dir(), "tokenizer.json"), folder / "tokenizer.json")
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        ours, theirs = Tokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
+        assert ours.model_max_length == theirs.model_max_length == int(1e30)
+        for kw in (dict(truncation=True), dict(padding="max_length"), dict(truncation=True, padding=True)):
+            with pytest.warns(UserWarning, match="no model_max_length: not applied"):
+                got = ours(texts, **kw)
+            assert got["input_ids"] == theirs(texts, **kw)["input_ids"], kw
+        ours.model_max_length = 8  # (set by hand, as transformers' attribute)
+        assert ours(texts, truncation=True)["input_ids"] == ours(texts, max_length=8)["input_ids"]
+        assert pickle.loads(pickle.dumps(ours)).model_max_length == 8
+        ours.model_max_length = int(1e30)
+        assert ours._max_len is None
 
 
 def test_counts_take_numpy_ints_not_bools(tok):

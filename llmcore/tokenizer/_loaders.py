@@ -420,6 +420,7 @@ def read_tokenizer_config(directory: str, strict: bool = False) -> dict:
 
 # the special tokens a transformers tokenizer names (tokenizer_config.json / special_tokens_map.json keys)
 SPECIAL_NAMES = ("unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "pad_token", "mask_token")
+SPECIAL_ORDER = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")  # theirs
 _BERT_SPECIALS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                   "mask_token": "[MASK]"}
 

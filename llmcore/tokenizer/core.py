@@ -1,9 +1,11 @@
 """``Tokenizer`` and ``BatchEncoding``."""
 from __future__ import annotations
 
+import json
 import numbers
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -26,6 +28,10 @@ def _count(name: str, value, minimum: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be {'a positive' if minimum else 'a non-negative'} int, got {value!r}")
     return int(value)
+
+
+# transformers' model_max_length of a tokenizer without a limit (its VERY_LARGE_INTEGER: int(1e30))
+NO_LIMIT = int(1e30)
 
 
 def _round_up(width: int, multiple: Optional[int]) -> int:
@@ -95,6 +101,36 @@ class BatchEncoding:
         return f"BatchEncoding({len(self)} texts, {layout})"
 
 
+class Encoded(dict):
+    """The transformers-style call's (and ``pad``'s) result: a dict of ``input_ids``, ``attention_mask``... that also
+    reads its keys as attributes (``enc.input_ids``) and moves its tensors with ``enc.to(device)``, as transformers'
+    BatchEncoding."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no {name!r} in this encoding (it has {sorted(self)})") from None
+
+    def to(self, device) -> "Encoded":
+        """The tensors moved to ``device`` (lists and arrays as they are)."""
+        return type(self)({k: v.to(device) if type(v).__module__.startswith("torch") else v for k, v in self.items()})
+
+
+def _tensors(out: dict, return_tensors: Optional[str]) -> dict:
+    """``out``'s values as int64 (or their own kind) NumPy arrays / torch tensors, for ``return_tensors``."""
+    if return_tensors is None:
+        return out
+    try:
+        if return_tensors == "pt":
+            import torch
+
+            return {k: torch.tensor(v) for k, v in out.items()}
+        return {k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in out.items()}
+    except ValueError as e:
+        raise ValueError(f"the rows make no tensor ({e}): pass padding=True, as transformers asks") from None
+
+
 def _side(name: str, side) -> str:
     """``side`` when it is "right" or "left", else a ValueError naming the setting."""
     if side not in ("right", "left"):
@@ -111,7 +147,8 @@ _CONFIG_KEYS = ("tokenizer_class", "model_input_names", "model_max_length", "pad
 
 
 # the settings a Tokenizer carries beside its files (pickled as they are)
-_SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces")
+_SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces",
+             "pad_token", "name_or_path")
 
 
 def _id_list(ids) -> list:
@@ -146,14 +183,27 @@ class Tokenizer:
         # whether __call__ returns token_type_ids by default: as transformers' tokenizer class for the folder
         # (from_pretrained reads tokenizer_config.json), else yes
         self.returns_type_ids = True
-        # what the transformers-style call truncates / pads to without a max_length (tokenizer_config.json's)
-        self.model_max_length: Optional[int] = None
+        # what the transformers-style call truncates / pads to without a max_length (tokenizer_config.json's); None:
+        # no limit (model_max_length reads NO_LIMIT then, as transformers')
+        self._max_len: Optional[int] = None
         self._lead_spaces: Optional[np.ndarray] = None  # per id (offsets of overflowing windows)
         self._config: dict = {}  # the tokenizer_config.json keys applied (kept across pickling)
         self._padding_side = self._truncation_side = "right"
         self._warned_long = False
         self.clean_up_tokenization_spaces = False  # decode's default (tokenizer_config.json's)
         self._named: dict = {}  # unk_token, eos_token...: the folder's names for its special tokens
+        self.name_or_path = source[1]  # (transformers' attribute: what it was loaded from)
+
+    @property
+    def model_max_length(self) -> int:
+        """What the transformers-style call truncates / pads to without a max_length: the folder's
+        tokenizer_config.json limit, else transformers' "no limit", int(1e30)."""
+        return NO_LIMIT if self._max_len is None else self._max_len
+
+    @model_max_length.setter
+    def model_max_length(self, n) -> None:
+        n = None if n is None else _count("model_max_length", n, 1)
+        self._max_len = None if n is None or n >= NO_LIMIT else n
 
     @property
     def padding_side(self) -> str:
@@ -184,7 +234,7 @@ class Tokenizer:
         length limit, the padding / truncation sides, the pad token and decode's clean-up."""
         self._config = {k: cfg[k] for k in _CONFIG_KEYS if k in cfg}
         self.returns_type_ids = _loaders.returns_type_ids(cfg)
-        self.model_max_length = _loaders.model_max_length(cfg)
+        self._max_len = _loaders.model_max_length(cfg)
         for key in ("padding_side", "truncation_side"):
             if key in cfg:
                 try:
@@ -251,6 +301,7 @@ class Tokenizer:
         # (special_tokens_map.json's names win over tokenizer_config.json's, as in transformers)
         tok._apply_config({**cfg, **_loaders.read_special_tokens_map(directory)},
                           os.path.join(directory, "tokenizer_config.json"))
+        tok.name_or_path = directory
         return tok
 
     @classmethod
@@ -415,11 +466,12 @@ class Tokenizer:
                  padding_side: Optional[str] = None, verbose: bool = True):
         """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
 
-        Returns a dict with ``input_ids``, ``attention_mask`` and ``token_type_ids`` (the latter
-        unless ``return_token_type_ids=False`` or, by default, the folder's transformers tokenizer
-        class leaves them out: DistilBERT's, RoBERTa's, GPT-2's, Llama's... whose models take none):
-        lists of lists (one list for a single text), or int64 arrays with ``return_tensors="np"`` /
-        ``"pt"``. Rows of different lengths make a tensor only when padded (``padding=True``),
+        Returns a dict (``Encoded``: keys as attributes too, ``.to(device)``) with ``input_ids``,
+        ``attention_mask`` and ``token_type_ids`` (the latter unless ``return_token_type_ids=False``
+        or, by default, the folder's transformers tokenizer class leaves them out: DistilBERT's,
+        RoBERTa's, GPT-2's, Llama's... whose models take none): lists of lists (one list for a
+        single text), or int64 arrays with ``return_tensors="np"`` / ``"pt"``. Rows of different
+        lengths make a tensor only when padded (``padding=True``),
         as in transformers. ``padding="max_length"`` pads the shorter rows only: a longer row (no
         truncation) stays as long as it is, so it makes lists, not a tensor, as in transformers.
         ``return_overflowing_tokens``: a row per window (see ``encode_batch``; lists of lists even
@@ -428,7 +480,8 @@ class Tokenizer:
         length as transformers counts it (padding included). As transformers: a ``max_length``
         without padding truncates unless ``truncation=False``, and truncation or
         ``padding="max_length"`` without a ``max_length`` take ``model_max_length`` from the
-        folder's ``tokenizer_config.json`` (``from_pretrained``; without one they need a max_length).
+        folder's ``tokenizer_config.json`` (``from_pretrained``; without one, as transformers, they
+        are said on stderr and dropped: no truncation, no padding to a length).
         """
         single = isinstance(text, (str, bytes))
         texts = [text] if single else list(text)
@@ -437,8 +490,9 @@ class Tokenizer:
         if not single and isinstance(text_pair, (str, bytes)):
             raise TypeError("a batch of texts takes a list of text_pair, one per text, not one string")
         pairs = None if text_pair is None else ([text_pair] if single else list(text_pair))
-        if truncation is None and max_length is not None and padding in (False, None, "do_not_pad"):
-            truncation = True  # (as transformers: a max_length without padding asks for truncation)
+        if truncation is None and max_length is not None and padding is False:
+            truncation = True  # (as transformers: a max_length without padding asks for truncation; padding=False
+            # itself, not "do_not_pad", as transformers tests it)
         if truncation is True or truncation == "longest_first":
             truncation = True
         elif truncation in (False, None, "do_not_truncate"):
@@ -451,8 +505,15 @@ class Tokenizer:
             padding_side = self.padding_side
         if padding == "do_not_pad":
             padding = False
-        if max_length is None and (truncation or padding == "max_length") and self.model_max_length is not None:
-            max_length = self.model_max_length  # (as transformers: the folder's tokenizer_config.json limit)
+        if max_length is None and (truncation or padding == "max_length"):
+            if self._max_len is not None:
+                max_length = self._max_len  # (as transformers: the folder's tokenizer_config.json limit)
+            elif verbose:  # (as transformers, which then neither truncates nor pads to a length)
+                warnings.warn(f"{'truncation' if truncation else 'padding=max_length'} without a max_length, and "
+                              "this tokenizer has no model_max_length: not applied", stacklevel=2)
+            if self._max_len is None:
+                truncation = False
+                padding = False if padding == "max_length" else padding
         if return_tensors not in (None, "np", "pt"):
             raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
         if padding is False:
@@ -466,8 +527,8 @@ class Tokenizer:
                                 pad_to_multiple_of, padding_side, return_offsets=return_offsets_mapping,
                                 return_overflowing_tokens=return_overflowing_tokens, stride=stride,
                                 return_special_tokens_mask=return_special_tokens_mask)
-        if (verbose and not truncation and self.model_max_length is not None and len(enc)
-                and int(enc.lengths.max()) > self.model_max_length and not self._warned_long):
+        if (verbose and not truncation and self._max_len is not None and len(enc)
+                and int(enc.lengths.max()) > self._max_len and not self._warned_long):
             self._warned_long = True  # (once per tokenizer, as transformers says it)
             warnings.warn(f"a row of {int(enc.lengths.max())} tokens is longer than this tokenizer's model_max_length="
                           f"{self.model_max_length}: a model with that many positions cannot read it; pass "
@@ -476,6 +537,7 @@ class Tokenizer:
             raise ValueError(f"rows of {min(enc.lengths)} to {max(enc.lengths)} tokens make no tensor without "
                              "padding: pass padding=True (or 'max_length'), as transformers asks")
         widths = None  # per row, where padding="max_length" leaves rows longer than max_length unpadded
+        trim = None  # the one width of such rows, for tensors (the arrays are padded further, to the multiple)
         if padding == "max_length" and len(enc) and int(enc.lengths.max()) > max_length:
             widths = np.maximum(enc.lengths, _round_up(max_length, pad_to_multiple_of)).tolist()
             if return_tensors is not None:
@@ -484,25 +546,29 @@ class Tokenizer:
                                      f"{max_length}: padding='max_length' pads only shorter rows, which make no "
                                      "tensor; pass truncation=True, or padding=True to pad to the longest, as "
                                      "transformers asks")
-                widths = None  # (rows all of one width: the arrays padded to the longest are those rows)
-        names = (["input_ids"] + (["attention_mask"] if return_attention_mask is not False else [])
-                 + (["token_type_ids"] if (self.returns_type_ids if return_token_type_ids is None
-                                           else return_token_type_ids) else [])
-                 + (["offsets"] if return_offsets_mapping else [])
-                 + (["special_tokens_mask"] if return_special_tokens_mask else []))
+                trim, widths = widths[0], None  # (rows all of one width: a tensor of that width)
+        names = (["input_ids"] + (["token_type_ids"] if (self.returns_type_ids if return_token_type_ids is None
+                                                          else return_token_type_ids) else [])
+                 + (["attention_mask"] if return_attention_mask is not False else [])
+                 + (["special_tokens_mask"] if return_special_tokens_mask else [])
+                 + (["offsets"] if return_offsets_mapping else []))  # (transformers' order)
         single = single and not return_overflowing_tokens
         if return_tensors is not None:
-            out = {("offset_mapping" if k == "offsets" else k): getattr(enc, k).astype(np.int64) for k in names}
+            arrays = {k: getattr(enc, k) for k in names}
+            if trim is not None:  # (the native arrays are padded past it to pad_to_multiple_of)
+                arrays = {k: a[:, :trim] if padding_side != "left" else a[:, a.shape[1] - trim:]
+                          for k, a in arrays.items()}
+            out = {("offset_mapping" if k == "offsets" else k): a.astype(np.int64) for k, a in arrays.items()}
             if return_overflowing_tokens:
                 out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.astype(np.int64)
             if return_length:
-                out["length"] = (np.full(len(enc), enc.input_ids.shape[1], dtype=np.int64) if enc.is_padded
+                out["length"] = (np.full(len(enc), out["input_ids"].shape[1], dtype=np.int64) if enc.is_padded
                                  else enc.lengths.astype(np.int64))
             if return_tensors == "pt":
                 import torch
 
                 out = {k: torch.from_numpy(v) for k, v in out.items()}
-            return out
+            return Encoded(out)
         out = {}
         for k in names:
             arr = getattr(enc, k)
@@ -521,7 +587,7 @@ class Tokenizer:
             out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.tolist()
         if return_length:  # (a list for a single text too, as transformers')
             out["length"] = [len(r) for r in ([out["input_ids"]] if single else out["input_ids"])]
-        return out
+        return Encoded(out)
 
     # --- decoding & vocab -----------------------------------------------------------------
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True,
@@ -616,6 +682,14 @@ class Tokenizer:
     def pad_token(self) -> Optional[str]:
         return self._spec.pad_token
 
+    @pad_token.setter
+    def pad_token(self, token: Optional[str]) -> None:
+        """transformers' idiom ``tok.pad_token = tok.eos_token``: a token of this tokenizer (or None: none)."""
+        pad_id = None if token is None else self.token_to_id(token)
+        if token is not None and pad_id is None:
+            raise ValueError(f"pad_token {token!r} is not a token of this tokenizer (llmcore adds no tokens)")
+        self._spec.pad_token, self._spec.pad_id = token, pad_id
+
     @property
     def pad_token_id(self) -> Optional[int]:
         return self._spec.pad_id
@@ -646,6 +720,155 @@ class Tokenizer:
     unk_token_id, bos_token_id, eos_token_id = _named_id("unk_token"), _named_id("bos_token"), _named_id("eos_token")
     cls_token_id, sep_token_id, mask_token_id = _named_id("cls_token"), _named_id("sep_token"), _named_id("mask_token")
     del _named_token, _named_id
+
+    @property
+    def special_tokens_map(self) -> dict:
+        """transformers' ``special_tokens_map``: {"cls_token": "[CLS]", ...} in its order."""
+        named = self.special_tokens
+        return {k: named[k] for k in _loaders.SPECIAL_ORDER if k in named}
+
+    @property
+    def all_special_tokens(self) -> list:
+        return list(dict.fromkeys(self.special_tokens_map.values()))
+
+    @property
+    def all_special_ids(self) -> list:
+        return [self.token_to_id(t) for t in self.all_special_tokens]
+
+    @property
+    def vocab(self) -> dict:
+        return self.get_vocab()
+
+    @property
+    def model_input_names(self) -> list:
+        """What the call returns by default, as transformers' attribute: tokenizer_config.json's list, else
+        input_ids, token_type_ids (where this tokenizer returns them) and attention_mask."""
+        names = self._config.get("model_input_names")
+        if isinstance(names, list):
+            return list(names)
+        return ["input_ids", "token_type_ids", "attention_mask"] if self.returns_type_ids else ["input_ids",
+                                                                                                   "attention_mask"]
+
+    def tokenize(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = False) -> list:
+        """The token strings of ``text`` (transformers' ``tokenize``: without the special tokens by default)."""
+        return [self.id_to_token(i) for i in self.encode(text, pair, add_special_tokens)]
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens: bool = False) -> list:
+        """transformers' call (DataCollatorForLanguageModeling's): with ``already_has_special_tokens``, 1 where an
+        id is one of ``all_special_ids`` (the unknown token's too, as transformers); else the 1s and 0s of the
+        template that would wrap ``token_ids_0`` (and ``token_ids_1``)."""
+        ids = _id_list(token_ids_0)
+        if already_has_special_tokens:
+            if token_ids_1 is not None:
+                raise ValueError("token_ids_1 goes with already_has_special_tokens=False: the ids given hold both")
+            special = set(self.all_special_ids)
+            return [int(i in special) for i in ids]
+        pair = None if token_ids_1 is None else _id_list(token_ids_1)
+        template = self._spec.template_pair if pair is not None else self._spec.template_single
+        if not template:  # (no post-processor: the sequences alone)
+            return [0] * (len(ids) + (len(pair) if pair is not None else 0))
+        out = []
+        for item in template:
+            out += ([0] * len(ids if item[0] == "A" else pair)) if item[0] in ("A", "B") else [1] * len(item[1])
+        return out
+
+    def pad(self, encoded_inputs, padding=True, max_length: Optional[int] = None,
+            pad_to_multiple_of: Optional[int] = None, padding_side: Optional[str] = None,
+            return_attention_mask: Optional[bool] = None, return_tensors: Optional[str] = None,
+            verbose: bool = True) -> Encoded:
+        """transformers' ``pad`` (what DataCollatorWithPadding calls): encodings (the call's output, a list of
+        per-example dicts, or one example) padded to the longest (``padding=True``), to ``max_length``
+        (``"max_length"``) or not at all (False), rounded up to ``pad_to_multiple_of``: ``input_ids`` with the pad
+        id, ``attention_mask`` with 0 (made where missing), ``token_type_ids`` with the pad type id,
+        ``special_tokens_mask`` with 1; other keys (labels) as they are. Tensors in give tensors out."""
+        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
+            encoded_inputs = {k: [example[k] for example in encoded_inputs] for k in encoded_inputs[0]}
+        if not isinstance(encoded_inputs, Mapping) or "input_ids" not in encoded_inputs:
+            raise ValueError("pad takes encodings with input_ids (the call's output, or a list of per-example dicts), "
+                             f"got {type(encoded_inputs).__name__}")
+        first = encoded_inputs["input_ids"]
+        first = first[0] if isinstance(first, (list, tuple)) and len(first) else first
+        if return_tensors is None and type(first).__module__.startswith(("torch", "numpy")):
+            return_tensors = "pt" if type(first).__module__.startswith("torch") else "np"  # (as transformers)
+        if return_tensors not in (None, "np", "pt"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
+        out = {k: v.tolist() if hasattr(v, "tolist") else ([x.tolist() if hasattr(x, "tolist") else x for x in v]
+                                                            if isinstance(v, (list, tuple)) else v)
+               for k, v in encoded_inputs.items()}
+        rows = out["input_ids"]
+        single = not rows or isinstance(rows[0], numbers.Integral)
+        if single:
+            out = {k: [v] for k, v in out.items()}
+            rows = out["input_ids"]
+        if padding is True or padding == "longest":
+            width = max((len(r) for r in rows), default=0)
+        elif padding == "max_length":
+            width = max_length if max_length is not None else self._max_len
+            if width is None:
+                raise ValueError("padding='max_length' needs max_length (this tokenizer has no model_max_length)")
+            width = _count("max_length", width, 1)
+        elif padding in (False, None, "do_not_pad"):
+            width = None
+        else:
+            raise ValueError(f"padding must be True, 'longest', 'max_length' or False, got {padding!r}")
+        if width is not None and pad_to_multiple_of is not None:
+            width = _round_up(width, _count("pad_to_multiple_of", pad_to_multiple_of, 1))
+        left = _side("padding_side", padding_side or self.padding_side) == "left"
+        needs = width is not None and any(len(r) < width for r in rows)
+        if needs and self.pad_token_id is None:
+            raise ValueError("padding needs a pad token, and this tokenizer has none: set tok.pad_token (e.g. "
+                             "tok.pad_token = tok.eos_token, as transformers' recipe for decoders)")
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        if return_attention_mask and "attention_mask" not in out:
+            out["attention_mask"] = [[1] * len(r) for r in rows]
+        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": self._spec.pad_type_id,
+                 "special_tokens_mask": 1}
+        if not return_attention_mask:
+            del fills["attention_mask"]  # (as transformers: a mask given is then left as it is)
+        for key, fill in fills.items():
+            if key in out and needs:
+                out[key] = [([fill] * (width - len(r)) + list(r)) if left else (list(r) + [fill] * (width - len(r)))
+                            for r in out[key]]
+        if single:
+            out = {k: v[0] for k, v in out.items()}
+        return Encoded(_tensors(out, return_tensors))
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], **_ignored) -> tuple:
+        """Writes a folder transformers' AutoTokenizer and ``Tokenizer.from_pretrained`` read back as this
+        tokenizer (what transformers' Trainer calls at every checkpoint): ``tokenizer.json`` as it was read (or
+        BERT's ``vocab.txt``), ``tokenizer_config.json`` (the folder's, with this tokenizer's settings:
+        model_max_length, sides, clean-up, the named special tokens) and ``special_tokens_map.json``. Returns
+        the files' paths. A tiktoken rank file has no such folder: refused."""
+        kind = self._source[0]
+        if kind == "tiktoken":
+            raise NotImplementedError("save_pretrained: a tiktoken rank file makes no transformers tokenizer folder; "
+                                      f"keep the rank file ({self._source[1]})")
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        written = []
+        if kind == "json":
+            source_dir = os.path.dirname(self._source[1]) if self._source[1] != "<string>" else None
+            with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(self._source[2])
+            written.append(os.path.join(directory, "tokenizer.json"))
+        else:
+            source_dir = self._source[1]
+            with open(os.path.join(source_dir, "vocab.txt"), "rb") as f:
+                vocab = f.read()
+            with open(os.path.join(directory, "vocab.txt"), "wb") as f:
+                f.write(vocab)
+            written.append(os.path.join(directory, "vocab.txt"))
+        config = _loaders.read_tokenizer_config(source_dir) if source_dir and os.path.isdir(source_dir) else {}
+        config.update({k: v for k, v in self._config.items() if k not in _loaders.SPECIAL_NAMES})
+        config.update(self.special_tokens_map, model_max_length=self.model_max_length, padding_side=self.padding_side,
+                      truncation_side=self.truncation_side,
+                      clean_up_tokenization_spaces=self.clean_up_tokenization_spaces)
+        for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", self.special_tokens_map)):
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2, ensure_ascii=False)
+            written.append(os.path.join(directory, name))
+        return tuple(written)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self._spec.kind}, vocab_size={self.vocab_size}, source={self._source[1]!r})"
