@@ -177,7 +177,8 @@ def _finetune(args: argparse.Namespace) -> int:
     except (OSError, ValueError, TypeError, ImportError, DataLoadError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(metrics, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # (under torchrun: once, not once per rank)
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

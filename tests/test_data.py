@@ -554,7 +554,8 @@ def test_options_as_numpy_ints_and_bad_options(tmp_path):
                                                                                    want["validation"].ids)
     for kwargs, message in (({"min_chars": -1}, "min_chars must be a non-negative int"),
                             ({"max_chars": 0}, "max_chars must be a positive int"),
-                            ({"seed": "1"}, "seed must be an int, got '1'"), ({"min_chars": True}, "min_chars")):
+                            ({"seed": "1"}, "seed must be a non-negative int, got '1'"), ({"seed": -1}, "seed"),
+                            ({"min_chars": True}, "min_chars")):
         with pytest.raises(ValueError, match=message):
             prepare(src, MODEL, 8, tmp_path / "o3", **kwargs)
 

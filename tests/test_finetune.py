@@ -375,6 +375,18 @@ def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path
     assert not (out / ".checkpoint-9.partial").exists() and not (out / "logs" / "events.out.tfevents.1.host").exists()
     with open(out / "results.json", encoding="utf-8") as f:
         assert json.load(f)["global_step"] == 1  # (this run's, not resumed)
+    # (a CLI probe) continuing from the earlier run's final/ with --overwrite-output-dir removed that folder before
+    # its tokenizer was copied: final/ had none, rc 0. Refused now, naming it, nothing removed
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, err = _finetune_err(capsys, data, out, "--overwrite-output-dir", "--model", str(out / "final"))
+    assert code == 2 and "would remove" in err and "which holds --model" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # a logging folder outside --output-dir, shared by runs (as TensorBoard folders are), blocked a fresh output
+    # folder as "an earlier run", and --overwrite-output-dir deleted another run's logs
+    shared = tmp_path / "shared_logs"
+    for name in ("a", "b"):
+        assert _finetune_err(capsys, data, tmp_path / name, "--logging-dir", str(shared))[0] == 0
+    assert len(list(shared.glob("train_log.jsonl"))) == 1
 
 
 def test_finetune_bad_settings_and_damaged_files(tmp_path, capsys, monkeypatch):
@@ -718,3 +730,26 @@ def test_finetune_falls_back_to_transformers(tmp_path, capsys, kind):
             from llmcore.train.finetune import load_model
 
             load_model(minilm_dir(), causal_lm=True)
+
+
+def test_cli_prints_the_results_once_under_torchrun(monkeypatch, capsys):
+    """Every rank printed the results JSON (a CLI probe under torchrun); rank 0 prints it."""
+    import llmcore.train.finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "finetune", lambda *args, **kwargs: {"eval_accuracy": 0.5})
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["finetune", "--data", "d", "--model", minilm_dir(), "--output-dir", "o"]) == 0
+        assert ('"eval_accuracy": 0.5' in capsys.readouterr().out) == printed
+
+
+def test_copying_no_tokenizer_files_is_said(tmp_path, capsys):
+    """final/ without a tokenizer (its source folder gone) came with no word (a CLI probe); it is said."""
+    from llmcore.train.finetune import _copy_tokenizer
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "final").mkdir()
+    _copy_tokenizer(str(tmp_path / "empty"), str(tmp_path / "final"))
+    assert "no tokenizer files" in capsys.readouterr().err
+    _copy_tokenizer(minilm_dir(), str(tmp_path / "final"))
+    assert capsys.readouterr().err == "" and (tmp_path / "final" / "tokenizer.json").is_file()

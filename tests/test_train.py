@@ -950,6 +950,11 @@ def test_best_model_settings(tmp_path):
     c = TrainConfig("o", load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch")
     assert c.metric_for_best_model == "loss" and c.greater_is_better is False
     assert TrainConfig("o", metric_for_best_model="eval_accuracy").greater_is_better is True
+    # llmcore's eval_perplexity (transformers reports none; its rule made it greater-is-better and the worst
+    # checkpoint was kept and loaded: a CLI probe) is lower-is-better, as a loss
+    for name in ("perplexity", "eval_perplexity"):
+        assert TrainConfig("o", metric_for_best_model=name).greater_is_better is False
+    assert TrainConfig("o", metric_for_best_model="perplexity", greater_is_better=True).greater_is_better is True
     with pytest.raises(ValueError, match="both 'steps' or both 'epoch'"):
         TrainConfig("o", load_best_model_at_end=True, eval_strategy="epoch", save_strategy="steps")
     with pytest.raises(ValueError, match=r"save_steps \(5\) must be a multiple of eval_steps \(2\)"):

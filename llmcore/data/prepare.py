@@ -259,7 +259,8 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     files and options, it is returned at once (``.cache_hit`` True) unless ``force``.
     """
     t0 = time.perf_counter()
-    max_length, min_chars, seed = _int("max_length", max_length, 1), _int("min_chars", min_chars, 0), _int("seed", seed)
+    max_length, min_chars = _int("max_length", max_length, 1), _int("min_chars", min_chars, 0)
+    seed = _int("seed", seed, 0)  # (as finetune's --seed)
     if max_chars is not None:
         max_chars = _int("max_chars", max_chars, 1)
     if not 0.0 <= validation_fraction < 1.0:

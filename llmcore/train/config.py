@@ -220,8 +220,9 @@ class TrainConfig:
             if not isinstance(self.metric_for_best_model, str) or not self.metric_for_best_model:
                 raise ValueError(f"metric_for_best_model must be a metric's name (e.g. 'loss', 'accuracy'), got "
                                  f"{self.metric_for_best_model!r}")
-            if self.greater_is_better is None:
-                self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+            if self.greater_is_better is None:  # (transformers' rule, "loss" last; and llmcore's eval_perplexity,
+                # which transformers does not report: its rule took it for greater-is-better, and the worst won)
+                self.greater_is_better = not self.metric_for_best_model.endswith(("loss", "perplexity"))
         if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
             raise TypeError(f"greater_is_better must be a bool, got {self.greater_is_better!r}")
         self._check_early_stopping()

@@ -188,9 +188,14 @@ def _copy_tokenizer(source: str, final: str, model: Optional[str] = None) -> Non
             with open(os.path.join(final, "tokenizer_config.json"), "w", encoding="utf-8") as f:
                 json.dump({"model_max_length": limit}, f, indent=2)
         return
+    copied = 0
     for name in _TOKENIZER_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(final, name))
+            copied += 1
+    if not copied:  # (said, not raised: the model is written, and the run's results with it)
+        print(f"llmcore finetune: no tokenizer files in {source!r} to copy: {final!r} holds the model only",
+              file=sys.stderr)
 
 
 def _name_classes(net: torch.nn.Module, names: list) -> None:
@@ -205,20 +210,28 @@ def _name_classes(net: torch.nn.Module, names: list) -> None:
         net.config.id2label = id2label
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
     """What an earlier run left in ``output_dir`` (paths relative to it): its checkpoint folders (and the hidden
     ``.checkpoint-*.partial`` ones of an interrupted save), ``final/``, ``results.json``, the training log and
-    its TensorBoard event files (which TensorBoard would draw as one run with the new ones)."""
+    its TensorBoard event files (which TensorBoard would draw as one run with the new ones) when ``logging_dir`` is
+    inside ``output_dir`` (a logging folder elsewhere, shared by several runs as TensorBoard folders are, is not
+    this run's to refuse or remove)."""
     from llmcore.train.checkpoint import PREFIX, list_checkpoints
 
     found = [os.path.basename(p) for p in list_checkpoints(output_dir)]
     if os.path.isdir(output_dir):
         found += sorted(n for n in os.listdir(output_dir) if n.startswith(f".{PREFIX}") and ".partial" in n)
+    own_logs = _inside(logging_dir, output_dir)
     for path in (os.path.join(output_dir, "final"), os.path.join(output_dir, "results.json"),
-                 os.path.join(logging_dir, "train_log.jsonl")):
+                 *([os.path.join(logging_dir, "train_log.jsonl")] if own_logs else [])):
         if os.path.exists(path):
             found.append(os.path.relpath(path, output_dir))
-    if os.path.isdir(logging_dir):
+    if own_logs and os.path.isdir(logging_dir):
         found += sorted(os.path.relpath(os.path.join(logging_dir, n), output_dir) for n in os.listdir(logging_dir)
                         if n.startswith("events.out.tfevents."))
     return found
@@ -463,6 +476,15 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
                          f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
+    if earlier:  # (overwrite_output_dir: the inputs must not lie in what it removes)
+        for flag, path in (("--model", model), ("--tokenizer", tokenizer), ("--data", data),
+                           ("--eval-data", eval_data)):
+            hit = next((name for name in earlier if path is not None and os.path.exists(path)
+                        and _inside(path, os.path.join(output_dir, name))), None)
+            if hit is not None:
+                raise ValueError(f"--overwrite-output-dir would remove {os.path.join(output_dir, hit)!r}, which "
+                                 f"holds {flag} {path!r}: copy it out of {output_dir!r} first, or choose another "
+                                 "--output-dir")
     rank, world, dev, started = _setup_distributed(device, group=bool(config.fsdp))
     check_process_group(config.fsdp)  # before the data and the model are loaded
     if dev.type == "cpu":
