@@ -528,6 +528,8 @@ def test_finetune_causal_lm(tmp_path, pack):
     tok.no_padding()  # MiniLM's tokenizer.json pads to 128
     tok.enable_truncation(32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(out / "final"), attn_implementation="sdpa").eval()
+    # the model's generation_config.json travels into final/ (llmcore's own models wrote none: a CLI probe)
+    assert (out / "final" / "generation_config.json").read_bytes() == (ckpt / "generation_config.json").read_bytes()
     total = count = 0
     windows = [w for text in texts for e in [tok.encode(text)] for w in [e] + e.overflowing]
     assert len(windows) > len(texts)  # some validation sentences are longer than 32 tokens

@@ -557,6 +557,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         trainer.save_model(final)  # every rank: under FSDP the shards are gathered
         if rank == 0:
             _copy_tokenizer(tokenizer if tokenizer is not None else model, final, model)
+            given, kept = (os.path.join(folder, "generation_config.json") for folder in (model, final))
+            if causal_lm and os.path.isfile(given) and not os.path.exists(kept):  # (a decoder's generate() settings)
+                shutil.copyfile(given, kept)
             tmp = os.path.join(output_dir, "results.json.tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({**results, "config": dataclasses.asdict(config), "model": model, "data": data, "task": task,
