@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import numbers
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 from llmcore.data import clean, sources
 from llmcore.hub import checkpoint_folder
+from llmcore.tokenizer.core import _count
 
 # (in the cache key: 2 NFC after removing controls; 3 whole-number label ids, quoted TSV; 4 evaluation splits whole)
 FORMAT_VERSION = 4
@@ -175,14 +175,6 @@ class PreparedDataset:
         return f"PreparedDataset({self.directory!r}, {list(self.splits.values())})"
 
 
-def _int(name: str, value, minimum: Optional[int] = None) -> int:
-    """``value`` as an int (a NumPy integer too, not a bool), at least ``minimum``; else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (minimum is not None and value < minimum):
-        kind = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return int(value)
-
-
 def _tokenizer_and_fingerprint(tokenizer):
     """(Tokenizer, fingerprint) from a Tokenizer, a model/tokenizer folder or a tokenizer.json path."""
     from llmcore.tokenizer import Tokenizer
@@ -259,10 +251,10 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     files and options, it is returned at once (``.cache_hit`` True) unless ``force``.
     """
     t0 = time.perf_counter()
-    max_length, min_chars = _int("max_length", max_length, 1), _int("min_chars", min_chars, 0)
-    seed = _int("seed", seed, 0)  # (as finetune's --seed)
+    max_length, min_chars = _count("max_length", max_length, 1), _count("min_chars", min_chars, 0)
+    seed = _count("seed", seed, 0)  # (as finetune's --seed)
     if max_chars is not None:
-        max_chars = _int("max_chars", max_chars, 1)
+        max_chars = _count("max_chars", max_chars, 1)
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
     if overflow not in OVERFLOW:
