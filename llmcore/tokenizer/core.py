@@ -205,21 +205,13 @@ class Tokenizer:
         n = None if n is None else _count("model_max_length", n, 1)
         self._max_len = None if n is None or n >= NO_LIMIT else n
 
-    @property
-    def padding_side(self) -> str:
-        return self._padding_side
+    def _side_setting(name: str):  # noqa: N805 (builds the two properties below)
+        attr = f"_{name}"
+        return property(lambda self: getattr(self, attr), lambda self, side: setattr(self, attr, _side(name, side)),
+                        doc=f"{name}: 'right' or 'left' (checked when set), what the transformers-style call follows.")
 
-    @padding_side.setter
-    def padding_side(self, side: str) -> None:
-        self._padding_side = _side("padding_side", side)
-
-    @property
-    def truncation_side(self) -> str:
-        return self._truncation_side
-
-    @truncation_side.setter
-    def truncation_side(self, side: str) -> None:
-        self._truncation_side = _side("truncation_side", side)
+    padding_side, truncation_side = _side_setting("padding_side"), _side_setting("truncation_side")
+    del _side_setting
 
     def check_truncation_side(self) -> None:
         """Raise where this tokenizer is to truncate on the left (its tokenizer_config.json says so, or it was set):
