@@ -78,6 +78,44 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """--rounds, --rows of the benches: a count of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """--budget of the benches: a finite number of seconds, 0 or more (0: the minimum rounds only)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def _output_file(text: str) -> str:
+    """--json, --md, --plot of the benches: checked before a run of minutes, not when its results are written. The
+    missing folders above it are made when writing; the nearest existing one must be a writable folder."""
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {parent!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no write permission in {parent!r}")
+    return text
+
+
 # `llmcore finetune` overrides of TrainConfig's defaults: evaluate and checkpoint once per epoch
 _FINETUNE_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch"}
 
@@ -234,25 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against the reference implementations")
     bsub = bench.add_subparsers(dest="what", required=True)
     p = bsub.add_parser("attention", help="llmcore vs torch SDPA vs eager reference: table + JSON")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="only the two smallest shapes")
-    p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case and mode (default 3)")
+    p.add_argument("--budget", type=_seconds, default=3.0, help="seconds of timing per case and mode (default 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) eager reference")
     p.add_argument("--no-varlen", action="store_true", help="skip the SST-2/IMDB varlen cases")
-    p.add_argument("--plot", metavar="PNG", help="also draw llmcore against torch as a bar chart (needs matplotlib)")
+    p.add_argument("--plot", metavar="PNG", type=_output_file,
+                   help="also draw llmcore against torch as a bar chart (needs matplotlib)")
     p.set_defaults(func=_bench_attention)
     p = bsub.add_parser("tokenizer", help="llmcore vs HF tokenizers (WordPiece) and tiktoken (cl100k): "
                                           "exactness, MB/s, adversarial inputs, memory; Markdown table + JSON")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
-    p.add_argument("--md", metavar="PATH", help="also write the Markdown report here")
+    p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
+    p.add_argument("--md", metavar="PATH", type=_output_file, help="also write the Markdown report here")
     p.add_argument("--quick", action="store_true", help="every 10th text of the corpus, short reference time limits")
-    p.add_argument("--rounds", type=int, default=7, help="minimum round-robin rounds per case (default 7)")
-    p.add_argument("--budget", type=float, default=20.0,
+    p.add_argument("--rounds", type=_positive_int, default=7, help="minimum round-robin rounds per case (default 7)")
+    p.add_argument("--budget", type=_seconds, default=20.0,
                    help="seconds of round-robin timing per case before stopping past --rounds (default 20)")
     p.add_argument("--only", choices=["wordpiece", "cl100k"], help="run the throughput cases of one tokenizer only")
     p.add_argument("--no-adversarial", action="store_true", help="skip the 1 MB adversarial inputs")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--plot", metavar="PNG", help="also draw llmcore against the references (needs matplotlib)")
+    p.add_argument("--plot", metavar="PNG", type=_output_file,
+                   help="also draw llmcore against the references (needs matplotlib)")
     p.set_defaults(func=_bench_tokenizer)
     p = bsub.add_parser("train-step", help="one training step, llmcore padded and packed vs transformers, fp32 and "
                                            "bf16 autocast: MiniLM on 32 SST-2 sentences, or (--task causal-lm) a "
@@ -261,28 +301,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the step trains (default sequence-classification)")
     p.add_argument("--memory", action="store_true",
                    help="also each step's peak resident memory above the process at rest, one process per case")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="a few rounds only")
-    p.add_argument("--budget", type=float, default=10.0, help="seconds of round-robin timing per dtype (default 10)")
+    p.add_argument("--budget", type=_seconds, default=10.0, help="seconds of round-robin timing per dtype (default 10)")
     p.set_defaults(func=_bench_train_step)
     p = bsub.add_parser("prepare", help="a whole `llmcore prepare` process on SST-2 train vs datasets.map + the HF "
                                         "fast tokenizer (same cleaning), and the cached rerun; outputs compared")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side (default 5)")
-    p.add_argument("--rows", type=int, help="only the first ROWS rows of sst2/train.tsv (default: all)")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
-    p.add_argument("--md", metavar="PATH", help="also write the Markdown report here")
-    p.add_argument("--plot", metavar="PNG", help="also draw the comparison as a bar chart (needs matplotlib)")
+    p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds per side (default 5)")
+    p.add_argument("--rows", type=_positive_int, help="only the first ROWS rows of sst2/train.tsv (default: all)")
+    p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
+    p.add_argument("--md", metavar="PATH", type=_output_file, help="also write the Markdown report here")
+    p.add_argument("--plot", metavar="PNG", type=_output_file,
+                   help="also draw the comparison as a bar chart (needs matplotlib)")
     p.set_defaults(func=_bench_prepare)
     p = bsub.add_parser("finetune", help="one epoch of MiniLM on SST-2 rows: llmcore finetune vs transformers "
                                          "Trainer (and Trainer on a model through llmcore.hf.patch), fp32 and bf16, "
                                          "each in its own process; samples/s, memory, accuracy")
-    p.add_argument("--rows", type=int, default=4000, help="SST-2 training rows (default 4000)")
+    p.add_argument("--rows", type=_positive_int, default=4000, help="SST-2 training rows (default 4000)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="one precision only (default: both)")
     p.add_argument("--reference-sampling", choices=["random", "group_by_length"], default="random",
                    help="Trainer's batches: random as by default (default) or its group_by_length option")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
-    p.add_argument("--md", metavar="PATH", help="also write the Markdown report here")
-    p.add_argument("--plot", metavar="PNG", help="also draw the comparison as a bar chart (needs matplotlib)")
+    p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
+    p.add_argument("--md", metavar="PATH", type=_output_file, help="also write the Markdown report here")
+    p.add_argument("--plot", metavar="PNG", type=_output_file,
+                   help="also draw the comparison as a bar chart (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="a 256-row smoke run")
     p.set_defaults(func=_bench_finetune)
     p = sub.add_parser("finetune", help="fine-tune a checkpoint for sequence classification (or, --task causal-lm, "

@@ -338,9 +338,21 @@ def test_finetune_flag_edge_cases(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="config.json' holds a JSON list, not a model config"):
         from_pretrained(str(broken))
-    assert main(["bench", "prepare", "--rounds", "0"]) == 2
-    assert "error: rounds must be a positive int" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
+    # the benches' counts, seconds and output files are checked before a run of minutes
+    (tmp_path / "ro").mkdir(mode=0o555)
+    for argv, message in ((["prepare", "--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+                          (["finetune", "--rows", "x"], "argument --rows: not an integer: 'x'"),
+                          (["attention", "--budget", "-1"], "argument --budget: must be a finite number of seconds"),
+                          (["train-step", "--budget", "nan"], "argument --budget: must be a finite number"),
+                          (["tokenizer", "--md", str(tmp_path)], "is a folder, not a file"),
+                          (["tokenizer", "--json", str(tmp_path / "a_file" / "x.json")], "is not a folder"),
+                          (["prepare", "--json", str(tmp_path / "ro" / "new" / "x.json")], "no write permission")):
+        if message == "no write permission" and os.access(tmp_path / "ro", os.W_OK):
+            continue  # (root writes anywhere)
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench"] + argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
     assert main(["consolidate", str(broken), str(tmp_path / "a_file")]) == 2
     assert "llmcore consolidate: error:" in capsys.readouterr().err
 
