@@ -211,6 +211,27 @@ def test_call_options_transformers_answers_otherwise():
             theirs(long, padding=padding, max_length=8)["input_ids"], padding
 
 
+def test_encode_takes_the_calls_options_as_transformers():
+    """transformers' ``encode(text, pair, truncation=, max_length=, padding=, return_tensors=)``: llmcore's took only
+    the text, the pair and add_special_tokens."""
+    import torch
+
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    text, pair = corpus("sst2-test")[3], corpus("sst2-test")[4]
+    for kw in ({}, dict(truncation=True, max_length=8), dict(max_length=8),
+               dict(add_special_tokens=False, max_length=5), dict(padding="max_length", max_length=60),
+               dict(padding="max_length", max_length=50, pad_to_multiple_of=16),
+               dict(padding="max_length", max_length=60, padding_side="left"), dict(return_tensors="pt"),
+               dict(return_tensors="np", truncation=True, max_length=6)):
+        for p in (None, pair):
+            got, want = ours.encode(text, p, **kw), theirs.encode(text, p, **kw)
+            assert type(got) is type(want) and as_list(got) == as_list(want), (kw, p is not None)
+            if isinstance(want, torch.Tensor):
+                assert got.dtype == want.dtype and got.shape == want.shape
+    with pytest.raises(TypeError, match="encode takes one text"):
+        ours.encode([text, pair])
+
+
 def test_pad_and_the_collators_as_transformers():
     """pad (DataCollatorWithPadding's call) and get_special_tokens_mask (DataCollatorForLanguageModeling's) were
     missing: both collators failed with an AttributeError (a probe of the guide's pipeline). They give

@@ -329,11 +329,24 @@ class Tokenizer:
                 setattr(self, k, state[k])
 
     # --- encoding -------------------------------------------------------------------------
-    def encode(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = True) -> list:
-        """The ids of one text (or pair), as a list of ints."""
-        out = self._native.encode_batch([text], None if pair is None else [pair], add_special_tokens, False, 0,
-                                        "none", 0, False, 0, 0, False, 1)
-        return out["input_ids"].tolist()
+    def encode(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = True,
+               padding=False, truncation=None, max_length: Optional[int] = None,
+               pad_to_multiple_of: Optional[int] = None, padding_side: Optional[str] = None,
+               return_tensors: Optional[str] = None, verbose: bool = True):
+        """The ids of one text (or pair), as a list of ints; as transformers' ``encode``, the call's truncation and
+        padding options apply, and ``return_tensors="np"`` / ``"pt"`` give a (1, L) array / tensor."""
+        if not isinstance(text, (str, bytes)):
+            raise TypeError(f"encode takes one text (str), got {type(text).__name__}; use encode_batch or the call "
+                            "for many")
+        if (padding is False and truncation is None and max_length is None and pad_to_multiple_of is None
+                and return_tensors is None):
+            out = self._native.encode_batch([text], None if pair is None else [pair], add_special_tokens, False, 0,
+                                            "none", 0, False, 0, 0, False, 1)
+            return out["input_ids"].tolist()
+        return self(text, pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                    max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+                    return_tensors=return_tensors, return_attention_mask=False, return_token_type_ids=False,
+                    verbose=verbose)["input_ids"]
 
     def encode_batch(self, texts: Sequence[TextInput], pairs: Optional[Sequence[TextInput]] = None,
                      add_special_tokens: bool = True, max_length: Optional[int] = None, truncation: bool = False,
