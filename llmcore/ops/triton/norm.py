@@ -266,9 +266,16 @@ _norm_fwd.register_autograd(partial(_norm_backward_with, _norm_bwd), setup_conte
 _NormEager = _eager_function("_NormEager", _forward_impl, _norm_setup, partial(_norm_backward_with, _backward_impl))
 
 
+def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels read weight and bias at W + cols: a strided or expanded (stride 0) vector is copied first (autograd
+    takes its gradient back to the view)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
                residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """x (..., N), weight/bias (N,) or None, residual like x -> y in x's dtype, or (y, s)."""
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     y, s = _run_op(_norm_fwd, _NormEager, x, weight, bias, residual, float(eps), False, x.dtype)[:2]
     return (y, s) if residual is not None else y
 
@@ -277,5 +284,5 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6,
              residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """x (..., N), weight (N,) or None -> y in promote(x, weight), or (y, s)."""
     out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
-    y, s = _run_op(_norm_fwd, _NormEager, x, weight, None, residual, float(eps), True, out_dtype)[:2]
+    y, s = _run_op(_norm_fwd, _NormEager, x, _unit_stride(weight), None, residual, float(eps), True, out_dtype)[:2]
     return (y, s) if residual is not None else y
