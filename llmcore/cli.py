@@ -1,4 +1,5 @@
-"""The `llmcore` command line: `llmcore info`, `llmcore prepare`, `llmcore bench attention|tokenizer|train-step`."""
+"""The `llmcore` command line: `llmcore info`, `llmcore prepare`, `llmcore finetune`, `llmcore consolidate`,
+`llmcore bench attention|tokenizer|train-step|prepare|finetune`."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +121,16 @@ def _output_file(text: str) -> str:
 _FINETUNE_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch"}
 
 
+# the --help of TrainConfig fields whose None default stands for a value derived from other settings
+_DERIVED_DEFAULTS = {
+    "logging_dir": "<output-dir>/logs",
+    "pad_to_multiple_of": "64 tokens packed / 8 padded under --bf16 on the CPU, else 1 (no rounding)",
+    "metric_for_best_model": "loss with --load-best-model-at-end, else none",
+    "save_total_limit": "none (every checkpoint kept; 0 too, as transformers)",
+    "early_stopping_patience": "none (no early stopping)",
+}
+
+
 def _steps_or_fraction(text: str):
     """--warmup-steps, --logging-steps, --eval-steps, --save-steps: a count of steps, or (transformers) a float in
     (0, 1), a fraction of the run."""
@@ -149,7 +160,7 @@ def _train_config_flags(parser: argparse.ArgumentParser) -> list:
         hint = hints[field.name]
         kinds = set(typing.get_args(hint)) or {hint}
         flag = "--" + field.name.replace("_", "-")
-        help_ = f"default: {default}"
+        help_ = f"default: {_DERIVED_DEFAULTS.get(field.name, default)}"
         if field.name == "warmup_steps":
             parser.add_argument(flag, type=_steps_or_fraction,
                                 help="default: 500, or 0 when --warmup-ratio is given; a float in (0, 1) is a "

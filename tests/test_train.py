@@ -85,15 +85,24 @@ def test_config_validation(tmp_path):
     assert TrainConfig(str(tmp_path), warmup_ratio=0.1).num_warmup_steps(1000) == 100
     # transformers 5 reads a float warmup_steps in (0, 1) as a fraction of the run (it was refused)
     from transformers import TrainingArguments
-    for steps in (0.1, 0.05, 0.0, 30.0):
+    for steps in (0.1, 0.05, 0.0, 30.0, 1.5, 7.9):  # (at and past 1, transformers takes int(): 1.5 is 1 step)
         theirs = TrainingArguments(str(tmp_path), warmup_steps=steps).get_warmup_steps(1001)
         assert TrainConfig(str(tmp_path), warmup_steps=steps).num_warmup_steps(1001) == theirs, steps
-    for bad in (1.5, -0.5, float("nan")):
+    for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="fraction of the run"):
             TrainConfig(str(tmp_path), warmup_steps=bad)
     with pytest.raises(ValueError, match="give one"):
         TrainConfig(str(tmp_path), warmup_steps=0.1, warmup_ratio=0.2)
+    # save_total_limit 0 (or less) deletes nothing, as transformers' rotate_checkpoints (it was refused)
+    assert TrainConfig(str(tmp_path), save_total_limit=0).save_total_limit is None
+    assert TrainConfig(str(tmp_path), save_total_limit=2).save_total_limit == 2
+    with pytest.raises(TypeError, match="save_total_limit"):
+        TrainConfig(str(tmp_path), save_total_limit=1.0)
     from llmcore.cli import build_parser
+    help_ = " ".join(build_parser()._subparsers._group_actions[0].choices["finetune"].format_help().split())
+    for flag, default in (("logging-dir", "<output-dir>/logs"), ("pad-to-multiple-of", "64 tokens packed"),
+                          ("metric-for-best-model", "loss with --load-best-model-at-end")):
+        assert f"--{flag} {flag.upper().replace('-', '_')} default: {default}" in help_, flag
     args = ["finetune", "--data", "d", "--output-dir", "o", "--warmup-steps"]
     assert [build_parser().parse_args(args + [v]).warmup_steps for v in ("0.05", "7")] == [0.05, 7]
     with pytest.raises(ValueError, match="eval_batches"):

@@ -70,7 +70,8 @@ def detect_columns(columns: Dict[str, list], text_column: Optional[str], label_c
                     if best_key is None or key > best_key:
                         best, best_key = c, key
             if best is None:
-                raise ValueError(f"no text column found in {where} (columns {names}); pass text_column=")
+                raise ValueError(f"no text column found in {where} (columns {names}); name it: text_column= "
+                                 "(--text-column)")
             text_column = best
     if label_column is not None:
         if label_column not in columns:

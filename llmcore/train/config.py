@@ -24,16 +24,20 @@ class TrainConfig:
     """Settings of :class:`llmcore.train.Trainer`.
 
     Names and meanings follow ``transformers.TrainingArguments``; some defaults differ
-    (``warmup_steps=500``, ``weight_decay=0.01``, batch 16). ``warmup_steps > 0`` wins over
+    (``warmup_steps=500``, ``weight_decay=0.01``, batch 16 for training and evaluation, ``logging_steps=50``,
+    ``report_to="tensorboard"``), and ``warmup_ratio`` is kept though transformers 5 dropped it (its float
+    ``warmup_steps`` in (0, 1) is the same). ``warmup_steps > 0`` wins over
     ``warmup_ratio``, as in transformers; left unset, it is 500, or 0 when a ``warmup_ratio`` is given
     (so the ratio counts, as with transformers' default of 0). A float ``warmup_steps`` in (0, 1) is a
-    ``warmup_ratio``, as in transformers 5. ``pack`` and ``pad_to_multiple_of`` are read by the data
-    pipeline that builds the batches (see ``batch_multiple``); the loop itself accepts padded (B, L)
-    and packed (T,) + ``cu_seqlens`` batches alike.
+    ``warmup_ratio``, as in transformers 5, and one of 1 or more its whole steps (``int()``, as transformers).
+    ``save_total_limit`` 0 or less keeps every checkpoint, as transformers' rotation. ``pack`` and
+    ``pad_to_multiple_of`` are read by the data pipeline that builds the batches (see ``batch_multiple``); the loop
+    itself accepts padded (B, L) and packed (T,) + ``cu_seqlens`` batches alike.
     ``lr_scheduler_type``: ``"linear"``, ``"cosine"``, ``"constant"`` or ``"constant_with_warmup"``.
     ``label_smoothing_factor`` smooths the loss (a causal LM's too), in training and evaluation (as transformers).
     ``metric_for_best_model`` (an evaluation metric, ``eval_`` prefix optional) has each checkpoint's evaluation
-    compared (``greater_is_better``), the best checkpoint kept from ``save_total_limit``'s rotation, and, with
+    compared (``greater_is_better``; only a checkpoint's: transformers' ``best_metric`` is every evaluation's best),
+    the best checkpoint kept from ``save_total_limit``'s rotation, and, with
     ``load_best_model_at_end``, its weights loaded when training ends. A name the built-in evaluation never
     reports is refused when the Trainer is made (with ``compute_metrics``, at the first evaluation).
     ``early_stopping_patience`` (transformers' ``EarlyStoppingCallback(early_stopping_patience,
@@ -121,11 +125,13 @@ class TrainConfig:
                     raise ValueError(f"warmup_steps={steps} (a fraction of the run) and warmup_ratio="
                                      f"{self.warmup_ratio}: give one")
                 self.warmup_ratio, self.warmup_steps = steps, 0
-            elif steps.is_integer():
-                self.warmup_steps = int(steps)
-            else:
+            elif steps >= 1.0 and math.isfinite(steps):
+                self.warmup_steps = int(steps)  # (transformers' get_warmup_steps: int(1.5) is 1 step)
+            elif steps != 0.0:
                 raise ValueError(f"warmup_steps must be a number of steps or a fraction of the run in [0, 1), "
                                  f"got {steps}")
+            else:
+                self.warmup_steps = 0
         if self.warmup_steps is None:
             ratio = self.warmup_ratio
             self.warmup_steps = 0 if isinstance(ratio, (int, float)) and ratio > 0 else 500
@@ -158,7 +164,9 @@ class TrainConfig:
         if self.pad_to_multiple_of is not None:
             _check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1)
         if self.save_total_limit is not None:
-            _check_int("save_total_limit", self.save_total_limit, minimum=1)
+            _check_int("save_total_limit", self.save_total_limit, minimum=None)
+            if self.save_total_limit <= 0:
+                self.save_total_limit = None  # (transformers' rotate_checkpoints: no deletion if None or <= 0)
         r = self.resume_from_checkpoint
         if r is False:
             self.resume_from_checkpoint = None
@@ -294,10 +302,10 @@ def _steps_or_fraction(name: str, value) -> Union[int, float]:
     return value
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def _check_int(name: str, value, minimum: Optional[int]) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
