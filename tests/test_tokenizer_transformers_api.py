@@ -232,6 +232,25 @@ def test_encode_takes_the_calls_options_as_transformers():
         ours.encode([text, pair])
 
 
+def test_unpadded_rows_of_several_lengths_as_numpy_as_transformers():
+    """return_tensors="np" with rows of different lengths (no padding, or padding="max_length" with longer rows):
+    transformers gives 1-D object arrays of int64 rows; llmcore refused, as for "pt" (which both refuse)."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    texts = list(corpus("sst2-test")[:3]) + ["a"]
+    for kw in ({}, dict(padding_side="left", return_offsets_mapping=True, return_special_tokens_mask=True,
+                        return_length=True), dict(padding="max_length", max_length=12),
+               dict(truncation=True, max_length=9, return_overflowing_tokens=True, stride=2)):
+        got, want = ours(texts, return_tensors="np", **kw), theirs(texts, return_tensors="np", **kw)
+        assert list(got) == list(want), kw
+        for k, w in want.items():
+            g = got[k]
+            assert g.dtype == w.dtype and g.shape == w.shape, (kw, k)
+            for a, b in zip(g, w) if w.dtype == object else [(g, w)]:
+                assert a.dtype == b.dtype and np.array_equal(a, b), (kw, k)
+    with pytest.raises(ValueError, match="make no tensor"):
+        ours(texts, return_tensors="pt")
+
+
 def test_pad_and_the_collators_as_transformers():
     """pad (DataCollatorWithPadding's call) and get_special_tokens_mask (DataCollatorForLanguageModeling's) were
     missing: both collators failed with an AttributeError (a probe of the guide's pipeline). They give

@@ -131,6 +131,14 @@ def _tensors(out: dict, return_tensors: Optional[str]) -> dict:
         raise ValueError(f"the rows make no tensor ({e}): pass padding=True, as transformers asks") from None
 
 
+def _ragged_rows(rows: list) -> np.ndarray:
+    """Rows of several lengths as transformers' return_tensors="np" gives them: a 1-D object array of int64 rows."""
+    out = np.empty(len(rows), dtype=object)
+    for i, r in enumerate(rows):
+        out[i] = np.asarray(r, dtype=np.int64)
+    return out
+
+
 def _side(name: str, side) -> str:
     """``side`` when it is "right" or "left", else a ValueError naming the setting."""
     if side not in ("right", "left"):
@@ -476,9 +484,9 @@ class Tokenizer:
         or, by default, the folder's transformers tokenizer class leaves them out: DistilBERT's,
         RoBERTa's, GPT-2's, Llama's... whose models take none): lists of lists (one list for a
         single text), or int64 arrays with ``return_tensors="np"`` / ``"pt"``. Rows of different
-        lengths make a tensor only when padded (``padding=True``),
-        as in transformers. ``padding="max_length"`` pads the shorter rows only: a longer row (no
-        truncation) stays as long as it is, so it makes lists, not a tensor, as in transformers.
+        lengths make a tensor only when padded (``padding=True``); unpadded, ``"pt"`` refuses them and ``"np"``
+        gives a 1-D object array of int64 rows, as in transformers. ``padding="max_length"`` pads the shorter
+        rows only: a longer row (no truncation) stays as long as it is, as in transformers.
         ``return_overflowing_tokens``: a row per window (see ``encode_batch``; lists of lists even
         for a single text) and ``overflow_to_sample_mapping``. ``return_special_tokens_mask``:
         ``special_tokens_mask`` (see ``encode_batch``). ``return_length``: ``length``, each row's
@@ -538,27 +546,33 @@ class Tokenizer:
             warnings.warn(f"a row of {int(enc.lengths.max())} tokens is longer than this tokenizer's model_max_length="
                           f"{self.model_max_length}: a model with that many positions cannot read it; pass "
                           "truncation=True", stacklevel=2)
-        if padding is False and return_tensors is not None and len(set(enc.lengths.tolist())) > 1:
-            raise ValueError(f"rows of {min(enc.lengths)} to {max(enc.lengths)} tokens make no tensor without "
-                             "padding: pass padding=True (or 'max_length'), as transformers asks")
-        widths = None  # per row, where padding="max_length" leaves rows longer than max_length unpadded
+        widths = None  # per row, where rows are not all padded to one width (the arrays are)
         trim = None  # the one width of such rows, for tensors (the arrays are padded further, to the multiple)
+        ragged = False  # rows of several widths with return_tensors="np": an object array of rows, as transformers
+        if padding is False and return_tensors is not None and len(set(enc.lengths.tolist())) > 1:
+            if return_tensors != "np":
+                raise ValueError(f"rows of {min(enc.lengths)} to {max(enc.lengths)} tokens make no tensor without "
+                                 "padding: pass padding=True (or 'max_length'), as transformers asks")
+            widths, ragged = enc.lengths.tolist(), True
         if padding == "max_length" and len(enc) and int(enc.lengths.max()) > max_length:
             widths = np.maximum(enc.lengths, _round_up(max_length, pad_to_multiple_of)).tolist()
             if return_tensors is not None:
-                if len(set(widths)) > 1:
+                if len(set(widths)) == 1:
+                    trim, widths = widths[0], None  # (rows all of one width: a tensor of that width)
+                elif return_tensors != "np":
                     raise ValueError(f"a row of {int(enc.lengths.max())} tokens is longer than max_length="
                                      f"{max_length}: padding='max_length' pads only shorter rows, which make no "
                                      "tensor; pass truncation=True, or padding=True to pad to the longest, as "
                                      "transformers asks")
-                trim, widths = widths[0], None  # (rows all of one width: a tensor of that width)
+                else:
+                    ragged = True
         names = (["input_ids"] + (["token_type_ids"] if (self.returns_type_ids if return_token_type_ids is None
                                                           else return_token_type_ids) else [])
                  + (["attention_mask"] if return_attention_mask is not False else [])
                  + (["special_tokens_mask"] if return_special_tokens_mask else [])
                  + (["offsets"] if return_offsets_mapping else []))  # (transformers' order)
         single = single and not return_overflowing_tokens
-        if return_tensors is not None:
+        if return_tensors is not None and not ragged:
             arrays = {k: getattr(enc, k) for k in names}
             if trim is not None:  # (the native arrays are padded past it to pad_to_multiple_of)
                 arrays = {k: a[:, :trim] if padding_side != "left" else a[:, a.shape[1] - trim:]
@@ -592,6 +606,9 @@ class Tokenizer:
             out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.tolist()
         if return_length:  # (a list for a single text too, as transformers')
             out["length"] = [len(r) for r in ([out["input_ids"]] if single else out["input_ids"])]
+        if ragged:
+            out = {k: _ragged_rows(v) if isinstance(v[0], list) else np.asarray(v, dtype=np.int64)
+                   for k, v in out.items()}
         return Encoded(out)
 
     # --- decoding & vocab -----------------------------------------------------------------

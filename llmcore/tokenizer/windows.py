@@ -48,10 +48,11 @@ def overflow_windows(bare: dict, template: list, max_length: int, stride: int) -
     width = max_length - n_specials
     if width < 1:
         raise ValueError(f"max_length={max_length} leaves no room for text next to the {n_specials} special tokens")
-    if not 0 <= stride < width:
-        raise ValueError(f"stride must be in [0, {width}) (max_length less the special tokens), got {stride}")
-    step = width - stride
     lengths = np.asarray(bare["lengths"], dtype=np.int64)
+    if stride < 0 or (stride >= width and bool((lengths > width).any())):  # (as transformers: only when a text
+        # overflows; a batch whose every text fits one window takes any stride)
+        raise ValueError(f"stride must be in [0, {width}) (max_length less the special tokens), got {stride}")
+    step = max(1, width - stride)
     counts = window_count(lengths, width, step)
     text = np.repeat(np.arange(len(lengths), dtype=np.int64), counts)
     first = np.cumsum(counts) - counts  # each text's first window
