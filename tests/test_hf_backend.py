@@ -802,7 +802,17 @@ def test_patched_model_in_data_parallel_replicas(kind, monkeypatch):
         labels = torch.tensor([1, 0, 1])
         extra = [{"output_hidden_states": True}, {}]
     model = hf.patch(copy.deepcopy(ref))
-    shapes = _output_shapes(model) if kind == "bert" else None  # (replicas share the layer's hook dict)
+    shapes = []  # the first-token computations' outputs (a function in the layer's __dict__: the replicas call it
+    # on themselves; a hook would turn it off, a wrapped forward run the original's tensors)
+    if kind == "bert":
+        layer, fn = _last_layer(model), _last_layer(model)._llmcore_first_token_fn
+
+        def recorded(self, *args):
+            out = fn(self, *args)
+            shapes.append(tuple(out.shape))
+            return out
+
+        layer._llmcore_first_token_fn = recorded
     calls = []
     for m in (ref, model):
         m.train()
@@ -821,7 +831,7 @@ def test_patched_model_in_data_parallel_replicas(kind, monkeypatch):
             torch.testing.assert_close(out.logits, out_ref.logits, **FP32)
     _assert_grads_close(ref, model)
     if kind == "bert":  # the replica asked for hidden states ran its last layer whole, the other on row 0
-        assert out0.hidden_states[-1].shape == (3, 13, 48) and sorted(shapes) == [(3, 1, 48), (3, 13, 48)]
+        assert out0.hidden_states[-1].shape == (3, 13, 48) and shapes == [(3, 1, 48)]
 
 
 def test_patched_minilm_in_llmcore_trainer(minilm, tmp_path, monkeypatch):
@@ -1264,10 +1274,23 @@ def _last_layer(model):
     return (model.distilbert.transformer if hasattr(model, "distilbert") else model.base_model.encoder).layer[-1]
 
 
+def _recording(module, record):
+    """``record(output)`` at each call of ``module``, by wrapping its forward: a hook would turn the first-token
+    layer off (a user's hook must see every row)."""
+    forward = module.forward
+
+    def recorded(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        record(out)
+        return out
+
+    module.forward = recorded
+
+
 def _output_shapes(model):
     """The shapes the model's last encoder layer returns, call by call."""
     shapes = []
-    _last_layer(model).register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    _recording(_last_layer(model), lambda out: shapes.append(tuple(out.shape)))
     return shapes
 
 
@@ -1332,6 +1355,42 @@ def test_first_token_last_layer_with_a_per_query_mask():
         assert not torch.allclose(logits_ref, ref(batch["input_ids"]).logits, atol=1e-2)  # the mask matters
     torch.testing.assert_close(logits, logits_ref, **FP32)
     assert shapes == [(3, 1, 48)]
+
+
+@pytest.mark.parametrize("where", ["bert.encoder.layer.1", "bert.encoder.layer.1.output.dense", "bert.encoder",
+                                   "bert", "global", "backward"])
+def test_first_token_layer_stays_whole_for_a_users_hook(where):
+    """A forward hook on the last layer, on a module in it or between it and the classifier, a global module hook, or
+    a backward hook there, sees every row, as without the patch (it saw the first-token layer's (B, 1, H) rows)."""
+    ref, batch = _encoder_classifier("bert", **_NO_DROPOUT["bert"])
+    model = hf.patch(copy.deepcopy(ref))
+    seen = {"ref": [], "patched": []}
+
+    def hook(key):
+        return lambda m, args, out: seen[key].append(tuple(getattr(out, "last_hidden_state", out).shape))
+
+    if where == "global":
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: seen["patched"].append(tuple(out.shape)) if m is _last_layer(model) else None)
+        seen["ref"] = [(3, 13, 48)]
+    elif where == "backward":
+        handle = _last_layer(model).register_full_backward_hook(
+            lambda m, gin, gout: seen["patched"].append(tuple(gout[0].shape)))
+        seen["ref"] = [(3, 13, 48)]
+    else:
+        for key, m in (("ref", ref), ("patched", model)):
+            handle = m.get_submodule(where).register_forward_hook(hook(key))
+    try:
+        out = model(**batch, labels=torch.tensor([1, 0, 1]))
+        out.loss.backward()
+        with torch.no_grad():
+            torch.testing.assert_close(out.logits, ref(**batch).logits, **FP32)
+            if where not in ("global", "backward"):
+                ref(**batch)
+    finally:
+        handle.remove()
+    assert seen["patched"] and seen["patched"][:1] == seen["ref"][:1], seen
+    assert hf._first_token_layer(model) is not None  # (once the hook is gone, the layer computes one row again)
 
 
 def test_first_token_layer_stays_whole_once_layers_follow_it():
@@ -1426,7 +1485,7 @@ def test_first_token_last_layer_under_activation_checkpointing():
         # the last layer's query projection (unfused: a hook changes no numbers): the forward, the whole-layer call,
         # and the backward's recomputation
         runs = []
-        _last_layer(model).attention.self.query.register_forward_hook(lambda m, args, out: runs.append(out.shape[1]))
+        _recording(_last_layer(model).attention.self.query, lambda out: runs.append(out.shape[1]))
         model.train()
         model.zero_grad(set_to_none=True)
         loss = model(**batch, labels=labels).loss
