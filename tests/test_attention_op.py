@@ -164,6 +164,28 @@ def test_opcheck_varlen():
     torch.library.opcheck(torch.ops.llmcore.varlen_fwd.default, (q, k, v, cu, cu, 17, 17, 0.0, True, 0.2, None))
 
 
+def test_opcheck_backward_ops_on_inputs_without_a_unit_last_stride():
+    """The backward ops' fakes give dq, dk, dv the layouts the kernels write (unit last stride): they took the inputs'
+    strides, which inductor asserted on ("expected stride 8==1") and opcheck's fake-tensor test refused."""
+    qs = torch.randn(2, 2, 8, 5).transpose(-1, -2)
+    o, lse = torch.ops.llmcore.sdpa_fwd(qs, qs, qs, None, 0.0, False, 0.3, None)
+    torch.library.opcheck(torch.ops.llmcore.sdpa_bwd.default, (torch.randn_like(o), qs, qs, qs, o, lse, None, 0.0,
+                                                                False, 0.3, None))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    qv = torch.randn(8, 2, 5).permute(2, 1, 0)
+    o, lse = torch.ops.llmcore.varlen_fwd(qv, qv, qv, cu, cu, 3, 3, 0.0, True, 0.3, None)
+    torch.library.opcheck(torch.ops.llmcore.varlen_bwd.default, (torch.randn_like(o), qv, qv, qv, o, lse, cu, cu, 3, 3,
+                                                                 0.0, True, 0.3, None))
+    x = torch.randn(2, 2, 8, 5, requires_grad=True)
+
+    def f(x):
+        q = x.transpose(-1, -2)
+        return (llmcore.scaled_dot_product_attention(q, q, q, is_causal=True) ** 2).sum()
+
+    torch.testing.assert_close(torch.autograd.grad(torch.compile(f, backend="inductor", fullgraph=True)(x), x)[0],
+                               torch.autograd.grad(f(x), x)[0])
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend):
     q, k, v = (torch.randn(2, 4, 33, 32, requires_grad=True) for _ in range(3))

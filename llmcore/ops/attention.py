@@ -140,7 +140,13 @@ def _sdpa_bwd(
 
 @_sdpa_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, rng):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _grads_like(q, k, v)
+
+
+def _grads_like(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The fakes of the backward ops: dq, dk, dv in the layouts the kernels write them (their inputs' with a unit
+    last-dim stride), so that torch.compile's strides are the real ones."""
+    return tuple(torch.empty_like(_cpu.last_dim_contiguous(t)) for t in (q, k, v))
 
 
 def _sdpa_setup(ctx, inputs, output):
@@ -222,7 +228,7 @@ def _varlen_bwd(
 @_varlen_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
       scale, rng):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _grads_like(q, k, v)
 
 
 def _varlen_setup(ctx, inputs, output):

@@ -70,6 +70,12 @@ def _ready(t: Tensor, dim: int) -> Tensor:
     return t
 
 
+def _dense(t: Tensor, make) -> Tensor:
+    """A row-major tensor of t's shape, dtype and device: the layout the backward returns its gradients in (its fakes
+    and its empty-input answers too, so that torch.compile's strides are the real ones)."""
+    return make(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _ref(t: Tensor, packed: bool) -> "_C.TensorRef":
     if packed:  # (total, H, D)
         return _C.TensorRef(t.data_ptr(), 0, t.stride(1), t.stride(0))
@@ -103,7 +109,7 @@ def _backward(grad_out, q, k, v, out, lse, scale, causal, batch, len_q, len_k, c
     e, ev = q.size(-1), v.size(-1)
     d, dv = _round8(e), _round8(ev)
     q, k, v, out, grad_out = _ready(q, d), _ready(k, d), _ready(v, dv), _ready(out, dv), _ready(grad_out, dv)
-    dq, dk, dv_ = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv_ = (_dense(t, torch.empty) for t in (q, k, v))
     dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # contiguous, like q
     delta = torch.empty_like(lse)
     p = _problem(q, k, v, batch, len_q, len_k, scale, causal, cu)
@@ -147,13 +153,13 @@ def _(q, k, v, is_causal, scale):
 def _sdpa_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool,
               scale: float) -> tuple[Tensor, Tensor, Tensor]:
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return _dense(q, torch.zeros), _dense(k, torch.zeros), _dense(v, torch.zeros)
     return _backward(grad_out, q, k, v, out, lse, scale, is_causal, q.size(0), q.size(2), k.size(2))
 
 
 @_sdpa_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, is_causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _dense(q, torch.empty), _dense(k, torch.empty), _dense(v, torch.empty)
 
 
 def _sdpa_setup(ctx, inputs, output):
@@ -198,14 +204,14 @@ def _varlen_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
     n = cu_seqlens_q.numel() - 1
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or n == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return _dense(q, torch.zeros), _dense(k, torch.zeros), _dense(v, torch.zeros)
     return _backward(grad_out, q, k, v, out, lse, scale, is_causal, n, max_seqlen_q, max_seqlen_k,
                      (cu_seqlens_q, cu_seqlens_k))
 
 
 @_varlen_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _dense(q, torch.empty), _dense(k, torch.empty), _dense(v, torch.empty)
 
 
 def _varlen_setup(ctx, inputs, output):
