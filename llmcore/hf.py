@@ -38,6 +38,7 @@ from torch import Tensor, nn
 import llmcore.ops as _ops
 from llmcore.nn.layers import Embedding as _Embedding
 from llmcore.ops import scaled_dot_product_attention, varlen_attention
+from llmcore.ops.attention import autocast_enabled as _autocast_on
 
 __all__ = ["NAME", "attention_forward", "patch", "register"]
 
@@ -155,10 +156,6 @@ def attention_forward(
         else:
             out = _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias)
     return out, None
-
-
-def _autocast_on(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias) -> Tensor:

@@ -186,6 +186,28 @@ def test_opcheck_backward_ops_on_inputs_without_a_unit_last_stride():
                                torch.autograd.grad(f(x), x)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_the_inputs_as_torchs_sdpa(dtype):
+    """torch's autocast casts its SDPA's floating inputs (the mask too) to the autocast dtype: llmcore's ops, which
+    autocast does not see, returned float32 for float32 inputs and refused a float32 q with bf16 k/v."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.randn(9, 9, generator=g)
+    for kw, key in ((dict(is_causal=True), k), (dict(attn_mask=mask), k), (dict(is_causal=True), k.to(dtype))):
+        with torch.autocast("cpu", dtype=dtype):
+            ours = llmcore.scaled_dot_product_attention(q, key, v, **kw)
+            theirs = torch.nn.functional.scaled_dot_product_attention(q, key, v, **kw)
+        assert ours.dtype == theirs.dtype == dtype
+        torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-2)
+        grads = [torch.autograd.grad(o.float().sum(), q) for o in (ours, theirs)]
+        assert grads[0][0].dtype == torch.float32
+        torch.testing.assert_close(*grads, atol=2e-3, rtol=2e-2)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=dtype):
+        out = llmcore.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 5, 5)
+    assert out.dtype == dtype
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend):
     q, k, v = (torch.randn(2, 4, 33, 32, requires_grad=True) for _ in range(3))

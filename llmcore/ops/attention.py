@@ -263,6 +263,19 @@ def _check_tensor(name: str, t, ndim_min: int) -> None:
         raise ValueError(f"{name} must have at least {ndim_min} dims, got shape {tuple(t.shape)}")
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (the custom ops are invisible to it)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_cast(device_type: str, *tensors):
+    """``tensors`` as torch's autocast casts the inputs of an op on its lower-precision list (its SDPA): floating
+    point ones, float64 excepted, to the autocast dtype; None and the rest as they are."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def _check_common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: Optional[float]) -> None:
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
@@ -304,13 +317,16 @@ def scaled_dot_product_attention(
     attend) or additive float, broadcastable to (..., Hq, Lq, Lk). ``is_causal`` masks
     key j > query i (top-left aligned, as torch). With ``enable_gqa``, Hq must be a
     multiple of Hkv and K/V heads are shared without being copied. Dropout uses a Philox
-    stream seeded from torch's generator, so ``torch.manual_seed`` reproduces it.
+    stream seeded from torch's generator, so ``torch.manual_seed`` reproduces it. Under torch.autocast the
+    floating inputs (the mask too; float64 excepted) are cast to its dtype, as torch's autocast casts its SDPA's.
     ``backend`` forces "cpu", "reference", ... (see :mod:`llmcore.ops.dispatch`).
 
     >>> q = k = v = torch.randn(2, 4, 16, 32)
     >>> scaled_dot_product_attention(q, k, v, is_causal=True).shape
     torch.Size([2, 4, 16, 32])
     """
+    if isinstance(query, Tensor) and autocast_enabled(query.device.type):
+        query, key, value, attn_mask = autocast_cast(query.device.type, query, key, value, attn_mask)
     _check_tensor("query", query, 2)
     _check_tensor("key", key, 2)
     _check_tensor("value", value, 2)
@@ -411,10 +427,14 @@ def varlen_attention(
     FlashAttention >= 2.1; with equal lengths this is the usual lower triangle. Returns
     (total_q, Hq, Ev).
 
+    Under torch.autocast, q, k and v are cast as ``scaled_dot_product_attention``'s (torch's SDPA's) inputs are.
+
     >>> q = torch.randn(7, 2, 16); cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     >>> varlen_attention(q, q, q, cu, cu, 4, 4, is_causal=True).shape
     torch.Size([7, 2, 16])
     """
+    if isinstance(q, Tensor) and autocast_enabled(q.device.type):
+        q, k, v = autocast_cast(q.device.type, q, k, v)
     _check_tensor("q", q, 3)
     _check_tensor("k", k, 3)
     _check_tensor("v", v, 3)
