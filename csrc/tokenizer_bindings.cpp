@@ -146,7 +146,14 @@ py::dict encode_batch(const tk::Tokenizer& tok, const py::sequence& texts, const
   size_t row_len = padding == "max_length" ? max_length : staged.max_length();
   if (padding != "longest" && padding != "max_length") throw py::value_error("padding must be 'none', 'longest' or 'max_length'");
   row_len = std::max(row_len, staged.max_length());
-  if (pad_to_multiple_of > 1) row_len = (row_len + pad_to_multiple_of - 1) / pad_to_multiple_of * pad_to_multiple_of;
+  // rows are int32-indexed; the rounding must not wrap (a multiple near 2**64 made row_len 0: a heap overflow)
+  constexpr size_t kMaxRow = size_t(INT32_MAX);
+  if (pad_to_multiple_of > 1) {
+    if (pad_to_multiple_of > kMaxRow || row_len > kMaxRow - (pad_to_multiple_of - 1))
+      throw py::value_error("pad_to_multiple_of: padded rows would be longer than 2**31 - 1 tokens");
+    row_len = (row_len + pad_to_multiple_of - 1) / pad_to_multiple_of * pad_to_multiple_of;
+  }
+  if (row_len > kMaxRow) throw py::value_error("padded rows would be longer than 2**31 - 1 tokens");
   const py::ssize_t L = py::ssize_t(row_len);
   auto ids = new_array<int32_t>({n, L});
   auto mask = new_array<int32_t>({n, L});

@@ -205,6 +205,34 @@ def test_missing_files(tmp_path):
         Tokenizer.from_pretrained(tmp_path / "tokenizer.json")  # Hub model ids: test_hub.py
 
 
+def test_lengths_past_int32_are_errors_not_crashes(tok):
+    """A pad_to_multiple_of or max_length near 2**64 wrapped the native row length to 0 and wrote every token past
+    the arrays (a segfault): errors naming the setting now, in Python and natively (run in a child process, so a
+    regression fails this test instead of killing the run). A max_length of no limit (model_max_length int(1e30))
+    truncates nothing, as transformers; an id past int32 is decode's unknown id."""
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be at most 2\\*\\*31 - 1"):
+        tok.encode_batch(["a b"], padding=True, pad_to_multiple_of=2**64 - 1)
+    with pytest.raises(ValueError, match="rows are at most 2\\*\\*31 - 1 tokens"):
+        tok(["a b"], padding="max_length", max_length=2**64 - 1, pad_to_multiple_of=2)
+    assert tok(["a b c"], truncation=True, max_length=int(1e30)) == tok(["a b c"])
+    with pytest.raises(IndexError, match="unknown token id 2147483648"):
+        tok.decode([2**31])
+    native = ("from llmcore.tokenizer import Tokenizer\n"
+              f"t = Tokenizer.from_file({minilm_dir() + '/tokenizer.json'!r})._native\n"
+              "for multiple, length, padding in ((2**64 - 1, 0, 'longest'), (2**31, 0, 'longest'), "
+              "(0, 2**40, 'max_length')):\n"
+              "    try:\n"
+              "        t.encode_batch(['a b'], None, True, False, length, padding, multiple, False, 0, 0, False, 1)\n"
+              "    except ValueError as e:\n"
+              "        print(e)\n")
+    run = subprocess.run([sys.executable, "-c", native], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("longer than 2**31 - 1 tokens") == 3, run.stdout
+
+
 def test_invalid_utf8_and_bad_inputs(tok):
     with pytest.raises(ValueError, match=r"texts\[1\] is not valid UTF-8: invalid byte sequence at byte 3"):
         tok.encode_batch([b"fine", b"abc\xff"])

@@ -30,6 +30,8 @@ def _count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+_INT32_MAX = 2**31 - 1  # the native arrays' lengths and ids are int32
+
 # transformers' model_max_length of a tokenizer without a limit (its VERY_LARGE_INTEGER: int(1e30))
 NO_LIMIT = int(1e30)
 
@@ -173,7 +175,11 @@ def _id_list(ids) -> list:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"decode takes token ids (ints), got an item {i!r:.60}"
                             + (" (a batch? decode_batch decodes several)" if isinstance(i, (list, tuple)) else ""))
-    return [int(i) for i in out]
+    out = [int(i) for i in out]
+    for i in out:
+        if not -2**31 <= i < 2**31:  # (the native ids are int32; any other unknown id is its IndexError)
+            raise IndexError(f"decode: unknown token id {i}")
+    return out
 
 
 class Tokenizer:
@@ -393,6 +399,11 @@ class Tokenizer:
             raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
         if max_length is not None:
             max_length = _count("max_length", max_length, 1)
+            if max_length > _INT32_MAX:  # (a model_max_length of no limit, int(1e30): nothing is cut at 2**31 - 1)
+                if padding == "max_length":
+                    raise ValueError(f"padding='max_length' to max_length={max_length}: rows are at most 2**31 - 1 "
+                                     "tokens")
+                max_length = _INT32_MAX
         if truncation and max_length is None:
             raise ValueError("truncation=True needs max_length")
         if padding == "max_length" and max_length is None:
@@ -410,6 +421,9 @@ class Tokenizer:
                 raise ValueError(f"max_length={max_length} leaves no room for the {specials} special tokens")
         if pad_to_multiple_of is not None:
             pad_to_multiple_of = _count("pad_to_multiple_of", pad_to_multiple_of, 1)
+            if pad_to_multiple_of > _INT32_MAX:
+                raise ValueError(f"pad_to_multiple_of must be at most 2**31 - 1 (a row's length), got "
+                                 f"{pad_to_multiple_of}")
         _side("padding_side", padding_side)
         if pad_id is None:
             pad_id = self._spec.pad_id
@@ -423,7 +437,7 @@ class Tokenizer:
         if num_threads is None:
             num_threads = _default_threads()
         else:
-            num_threads = _count("num_threads", num_threads, 1)
+            num_threads = min(_count("num_threads", num_threads, 1), _INT32_MAX)  # (the native pool caps it anyway)
         if return_overflowing_tokens:
             return self._overflowing(texts, add_special_tokens, max_length, stride, padding, pad_to_multiple_of,
                                      padding_side == "left", pad_id, bool(return_offsets), num_threads,
