@@ -689,3 +689,30 @@ def test_single_word_on_every_code_point(tmp_path):
             want = [30522 in e.ids for e in hf.encode_batch(chunk, add_special_tokens=False)]
             bad = [hex(ord(chunk[j].replace("abq", ""))) for j in range(len(chunk)) if got[j] != want[j]]
             assert not bad, f"{len(bad)} code points differ, e.g. {bad[:8]}"
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda c: c["post_processor"]["special_tokens"]["[CLS]"].__setitem__("ids", [-7]), "token id -7 in the post"),
+    (lambda c: c["padding"].__setitem__("pad_id", -5) if c.get("padding") else c.__setitem__(
+        "padding", {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": -5,
+                    "pad_type_id": 0, "pad_token": "[PAD]"}), "token id -5 in the padding"),
+    (lambda c: c["model"]["vocab"].__setitem__("zzzq", 2**31), "token id 2147483648 in the vocabulary"),
+    (lambda c: c["model"]["vocab"].__setitem__("zzzq", 2**24), "token id 16777216 in the vocabulary")])
+def test_token_ids_out_of_range_are_refused(tmp_path, change, named):
+    """A negative id in the post-processor or padding (HF refuses the file: u32) came out as a token id; a lone huge
+    id (HF and tiktoken allow any u32) made the native tables, indexed by id, take memory in proportion (~68 GB for
+    2**31 - 1) or, past int32, a 580 KB pybind message: ids must be in [0, 2**24)."""
+    with open(os.path.join(minilm_dir(), "tokenizer.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    change(cfg)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=named):
+        Tokenizer.from_file(path)
+
+
+def test_tiktoken_special_ids_out_of_range_are_refused():
+    from tokenizer_refs import cl100k_path
+
+    with pytest.raises(TokenizerFileError, match="token id 2147483647 in the added tokens"):
+        Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|x|>": 2**31 - 1})

@@ -13,6 +13,9 @@ from typing import Any, NoReturn, Optional
 from llmcore import _C
 
 
+MAX_TOKEN_ID = 2**24  # (16,777,216; the largest published vocabularies hold ~260k)
+
+
 class TokenizerFileError(ValueError):
     """A tokenizer file is malformed or uses a feature llmcore does not implement."""
 
@@ -76,7 +79,25 @@ class Spec:
     # why decode() is refused: the file's decoder is not the one llmcore implements (encoding is unaffected)
     decoder_issue: Optional[str] = None
 
+    def check_ids(self) -> None:
+        """Every id the tokenizer can emit in [0, MAX_TOKEN_ID): the native tokenizer keeps tables indexed by id, so a
+        lone id of 2**31 - 1 took ~68 GB (HF's u32 ids and tiktoken's allow it; no published vocabulary comes near),
+        and a negative one (HF refuses it) came out as a token id."""
+        specials = [i for t in self.template_single + self.template_pair if t[0] == "special"
+                    for i in (t[1] if isinstance(t[1], (list, tuple)) else [t[1]])]
+        vocab_ids = [len(self.vocab) - 1] if self.kind == "bpe_ranks" else (i for _, i in self.vocab)  # (ranks 0..n-1)
+        for where, ids in (("vocabulary", vocab_ids), ("added tokens", (t.id for t in self.added_tokens)),
+                           ("post-processor", specials),
+                           ("padding", [] if self.pad_id is None else [self.pad_id])):
+            for i in ids:
+                if not 0 <= i < MAX_TOKEN_ID:
+                    raise TokenizerFileError(f"token id {i} in the {where}: llmcore takes ids in [0, 2**24) (its "
+                                             "tables are indexed by id)")
+        if not 0 <= self.pad_type_id < 256:
+            raise TokenizerFileError(f"padding type id {self.pad_type_id}: llmcore keeps type ids in 0..255")
+
     def build(self):
+        self.check_ids()
         if self.kind == "wordpiece":
             native = _C.Tokenizer.wordpiece(self.vocab, self.unk_token, self.prefix, self.max_input_chars_per_word,
                                             self.bert, self.cleanup)
