@@ -112,3 +112,38 @@ def test_double_backward_is_refused_clearly():
     (g,) = torch.autograd.grad(out.pow(2).sum(), emb.weight, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+def test_two_threads_backward_through_one_module_get_their_own_gradients(monkeypatch):
+    """Two threads' backwards through one Embedding (a model shared by threads, or hf.patch's in DataParallel's
+    replicas) both passed the buffer's use-count check before either made its tensor, and summed their gradients into
+    one buffer (3 wrong in 2000 unforced). The check is widened here, as a GIL switch after it would."""
+    import threading
+    import time
+
+    import llmcore.nn.layers as layers
+
+    real = layers._use_count
+
+    def slow_use_count(cdata):
+        n = real(cdata)
+        time.sleep(0.05)  # the other thread runs here
+        return n
+
+    torch.manual_seed(0)
+    emb = Embedding(1000, 8)
+    ids = [torch.tensor([1, 2, 3]), torch.tensor([500, 501])]
+
+    def grad_of(i):
+        return torch.autograd.grad(emb(ids[i]).sum(), [emb.weight])[0]
+
+    want = [grad_of(0).clone(), grad_of(1).clone()]  # (and the reusable buffer exists)
+    monkeypatch.setattr(layers, "_use_count", slow_use_count)
+    got = [None, None]
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, grad_of(i))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert got[0].data_ptr() != got[1].data_ptr()

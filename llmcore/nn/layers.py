@@ -3,6 +3,7 @@ packed, (T, ...) with ``cu_seqlens``; ``Batch`` carries which, so every layer se
 from __future__ import annotations
 
 import sys
+import threading
 
 from dataclasses import dataclass
 from typing import Optional
@@ -113,6 +114,7 @@ class GatedMLP(nn.Module):
 
 # How many holders a storage has (a private torch API): without it every gradient is fresh, as torch's.
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+_GRAD_BUFFER_LOCK = threading.Lock()
 
 
 class Embedding(nn.Embedding):
@@ -172,18 +174,21 @@ class Embedding(nn.Embedding):
                 pass
 
     def _grad_buffer(self) -> Tensor:
-        """A tensor shaped like the weight, over storage that only this module holds (or fresh)."""
+        """A tensor shaped like the weight, over storage that only this module holds (or fresh). The use count's
+        check and the tensor that raises it are one step: two threads' backwards through one module passed the
+        check together and summed their gradients into one buffer."""
         w = self.weight
-        store = getattr(self, "_grad_storage", None)
         nbytes = w.numel() * w.element_size()
-        if (store is None or store.nbytes() != nbytes or store.device != w.device or _use_count is None
-                or _use_count(store._cdata) != 1):
-            store = torch.UntypedStorage(nbytes, device=w.device)
-            self._grad_storage = store
-        buf = torch.empty(0, dtype=w.dtype, device=w.device).set_(store, 0, w.shape, w.stride())
-        if self._clean_storage is not store:
+        with _GRAD_BUFFER_LOCK:
+            store = getattr(self, "_grad_storage", None)
+            if (store is None or store.nbytes() != nbytes or store.device != w.device or _use_count is None
+                    or _use_count(store._cdata) != 1):
+                store = torch.UntypedStorage(nbytes, device=w.device)
+                self._grad_storage = store
+            buf = torch.empty(0, dtype=w.dtype, device=w.device).set_(store, 0, w.shape, w.stride())
+            clean, self._clean_storage = self._clean_storage is store, None  # (about to be written)
+        if not clean:
             buf.zero_()
-        self._clean_storage = None  # about to be written
         return buf
 
     def mark_clean(self, grad: Tensor) -> None:
