@@ -716,3 +716,23 @@ def test_tiktoken_special_ids_out_of_range_are_refused():
 
     with pytest.raises(TokenizerFileError, match="token id 2147483647 in the added tokens"):
         Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|x|>": 2**31 - 1})
+
+
+def test_many_threads_under_a_memory_limit_do_not_abort(path):
+    """num_threads=600 over 600 blocks under an address-space limit: thread creation failed and the process aborted
+    (std::terminate, or glibc's "cannot allocate memory for thread-local data"); threads are capped at 4 per core
+    and a failed start leaves the work to the threads running. In a child process, as a regression would kill it."""
+    import subprocess
+    import sys
+
+    code = ("import os, resource\n"
+            "from llmcore.tokenizer import Tokenizer\n"
+            f"tok = Tokenizer.from_file({path!r})\n"
+            "texts = ['hello world ' * 5500] * 600\n"
+            "size = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024\n"
+            "threads = 4 * os.cpu_count()\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (size + threads * 16 * 2**20 + 400 * 2**20, "
+            "resource.RLIM_INFINITY))\n"
+            "print(tok.encode_batch(texts, num_threads=600).input_ids.shape)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "(6601200,)", (run.returncode, run.stdout, run.stderr[-500:])

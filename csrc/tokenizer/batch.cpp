@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <system_error>
 #include <thread>
 
 #include "tokenizer/utf8.h"
@@ -108,7 +109,10 @@ StagedBatch encode_batch(const Tokenizer& tok, const std::vector<std::string_vie
     }
     batch.blocks.push_back(std::move(block));
   }
-  const int threads = int(std::min<size_t>(std::max(num_threads, 1), batch.blocks.size()));
+  // more threads than a few per core only cost stacks (and, under a memory limit, glibc aborts a thread it cannot
+  // give thread-local storage)
+  const size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int threads = int(std::min({size_t(std::max(num_threads, 1)), batch.blocks.size(), 4 * cores}));
   if (threads <= 1) {
     for (auto& block : batch.blocks) encode_block(tok, texts, pairs, options, offsets, block, batch.lengths.data());
     return batch;
@@ -126,7 +130,12 @@ StagedBatch encode_batch(const Tokenizer& tok, const std::vector<std::string_vie
   };
   std::vector<std::thread> pool;
   pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  try {
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  } catch (const std::system_error&) {
+    // no more threads to be had (a pids or memory limit): the ones started and this one do the work (unwinding
+    // past joinable threads was std::terminate)
+  }
   worker();
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
