@@ -28,6 +28,7 @@ import dis
 import functools
 import logging
 import sys
+import threading
 import types
 import warnings
 
@@ -488,12 +489,14 @@ def _in_backward() -> bool:
 def _first_token_layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None, *args,
                                **kwargs):
     """The classifier's last layer: for row 0 only while the classifier's forward asks for it
-    (``_llmcore_first_token``), else transformers' forward. A recomputation inside the backward (activation
-    checkpointing) does what the last forward with gradients did, as the recomputed graph must match it."""
+    (``_llmcore_first_token``: the id of the thread whose classifier call asks), else transformers' forward. A
+    recomputation inside the backward (activation checkpointing) does what the last forward with gradients did, as
+    the recomputed graph must match it (that record is the layer's: two threads training one model with activation
+    checkpointing could recompute the other's form)."""
     if _in_backward():
         first = self._llmcore_first_token_recorded
     else:
-        first = self._llmcore_first_token
+        first = self._llmcore_first_token == _caller()
         if torch.is_grad_enabled():
             self._llmcore_first_token_recorded = first
     if (not first or hidden_states.dim() != 3 or any(a is not None for a in args)
@@ -572,18 +575,29 @@ def _hooks_see_layer_output(model: nn.Module, path: str, last: nn.Module) -> boo
                for h in getattr(m, name, {}).values())
 
 
+def _caller() -> int:
+    """The calling thread's id, what the first-token switch holds; under torch.compile, whose trace cannot call
+    threading.get_ident (a graph break), 0: a compiled call's switch is the layer's alone, as before threads
+    were told apart."""
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
 def _first_token_classifier_forward(self: nn.Module, *args, **kwargs):
     """transformers' forward, with the last layer on the first token (see the section comment) unless hidden states
     or attentions are asked for, the model no longer runs llmcore attention, or layers were added after it."""
     layer = _first_token_layer(self)
     if layer is None:
         return type(self).forward(self, *args, **kwargs)
-    layer._llmcore_first_token = (getattr(self.config, "_attn_implementation", None) == NAME
-                                  and not _outputs_requested(self, kwargs))
+    # the switch names the thread whose call it is: another thread's call through the same layer (the base model
+    # alone, a call returning hidden states) must see every row, not this call's setting
+    me = _caller()
+    layer._llmcore_first_token = (me if getattr(self.config, "_attn_implementation", None) == NAME
+                                  and not _outputs_requested(self, kwargs) else None)
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
-        layer._llmcore_first_token = False
+        if layer._llmcore_first_token == me:
+            layer._llmcore_first_token = None
 
 
 def _bind_first_token(model: nn.Module) -> None:
@@ -607,7 +621,7 @@ def _bind_first_token(model: nn.Module) -> None:
         return
     layer.__dict__.pop("forward", None)
     layer._llmcore_first_token_fn = form
-    layer._llmcore_first_token = layer._llmcore_first_token_recorded = False
+    layer._llmcore_first_token, layer._llmcore_first_token_recorded = None, False
     _bind(layer, _first_token_layer_forward)
     layer._llmcore_fused = "first_token_layer"
     model.__dict__.pop("forward", None)

@@ -1393,6 +1393,27 @@ def test_first_token_layer_stays_whole_for_a_users_hook(where):
     assert hf._first_token_layer(model) is not None  # (once the hook is gone, the layer computes one row again)
 
 
+def test_first_token_switch_is_the_calling_threads():
+    """The switch a classifier call sets on its last layer is that thread's: another thread's call through the same
+    layer while it is on (the base model alone: feature extraction; or a call returning hidden states) computes every
+    row. It was the layer's: such calls got (B, 1, H) hidden states (100 of 100 with a classifier looping in a second
+    thread). The other thread's call in flight is set up here as its classifier forward leaves the layer."""
+    import threading
+
+    ref, batch = _encoder_classifier("bert", **_NO_DROPOUT["bert"])
+    model = hf.patch(copy.deepcopy(ref)).eval()
+    other = threading.Thread(target=lambda: None)
+    other.start()
+    other.join()
+    _last_layer(model)._llmcore_first_token = other.ident  # (thread `other`'s classifier call, on)
+    shapes = _output_shapes(model)
+    with torch.no_grad():
+        got, want = model.bert(**batch).last_hidden_state, ref.bert(**batch).last_hidden_state
+        torch.testing.assert_close(got, want, **FP32)
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, **FP32)
+    assert shapes == [(3, 13, 48), (3, 1, 48)]  # (this thread's own classifier call: the first token)
+
+
 def test_first_token_layer_stays_whole_once_layers_follow_it():
     """A layer appended after patch() makes the patched one an inner layer again: it computes every row."""
     ref, batch = _encoder_classifier("bert")
