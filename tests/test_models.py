@@ -534,3 +534,23 @@ def test_classifier_refuses_sequences_of_no_tokens(minilm):
         model(input_ids=torch.zeros(2, 0, dtype=torch.long))
     assert model(input_ids=ids, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)).logits.shape[0] == 2
     assert model(input_ids=torch.zeros(0, 4, dtype=torch.long)).logits.shape[0] == 0  # (no rows: nothing to read)
+
+
+def test_compiled_fullgraph_with_an_attention_mask():
+    """torch.compile(fullgraph=True) of a model called with an attention_mask: the padding check (is anything
+    masked?) read the mask's values, data-dependent control flow that fullgraph refused; compiled, the mask goes to
+    attention as it is, and the logits are the eager ones."""
+    from llmcore.models import DecoderForCausalLM
+    from llmcore.models.config import DecoderConfig
+
+    torch.manual_seed(0)
+    model = DecoderForCausalLM(DecoderConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4,
+                                             num_kv_heads=2, head_dim=8, intermediate_size=48)).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    for mask in (torch.ones(2, 7, dtype=torch.long), torch.tensor([[1] * 7, [1] * 5 + [0] * 2])):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            got, want = compiled(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        keep = mask.bool()
+        torch.testing.assert_close(got[keep], want[keep])

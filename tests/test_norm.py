@@ -372,3 +372,16 @@ def test_double_backward_through_the_cpu_kernels_is_refused():
                 torch.testing.assert_close(g, first)  # (the first derivative itself is the plain backward's)
             with pytest.raises(RuntimeError, match="no derivative of its own"):
                 g.pow(2).sum().backward()
+
+
+def test_torch_func_transforms_are_refused_clearly():
+    """vmap over a kernel op failed in the native call with torch's "Cannot access data pointer of Tensor that
+    doesn't have storage"; an error naming the transform and the plain-PyTorch way now, which does run under it."""
+    from llmcore.ops import scaled_dot_product_attention, swiglu
+
+    x, w, b = torch.randn(2, 3, 4, 10), torch.randn(10), torch.randn(10)
+    for f in (lambda a: layer_norm(a, w, b), lambda a: scaled_dot_product_attention(a, a, a), lambda a: swiglu(a, a)):
+        with pytest.raises(RuntimeError, match="torch.func transforms .* are not supported"):
+            torch.func.vmap(f)(x)
+    got = torch.func.vmap(lambda a: layer_norm(a, w, b, backend="reference"))(x)
+    torch.testing.assert_close(got, F.layer_norm(x, (10,), w, b))

@@ -32,8 +32,9 @@ class Batch:
         return self.cu_seqlens is not None
 
     def attn_mask(self) -> Optional[Tensor]:
-        """The (B, 1, 1, L) boolean mask SDPA takes, or None when nothing is padded."""
-        if self.key_mask is None or bool(self.key_mask.all()):
+        """The (B, 1, 1, L) boolean mask SDPA takes, or None when nothing is padded (eagerly: under torch.compile the
+        mask, whatever it holds, as reading it is data-dependent control flow, which fullgraph=True refuses)."""
+        if self.key_mask is None or (not torch.compiler.is_compiling() and bool(self.key_mask.all())):
             return None
         return self.key_mask[:, None, None, :]
 

@@ -70,7 +70,19 @@ def _run_op(op, eager: type[torch.autograd.Function], *args):
     error (no jvp) rather than an output silently without tangent."""
     if torch.compiler.is_compiling():
         return op(*args)
-    if forward_ad._current_level >= 0 or (
-            torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
-        return eager.apply(*args)
-    return eager.impl(*args)
+    try:
+        if forward_ad._current_level >= 0 or (
+                torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            return eager.apply(*args)
+        return eager.impl(*args)
+    except RuntimeError as e:  # (only on the error path: a functorch wrapper has no storage for the kernels to read)
+        if "doesn't have storage" in str(e) and any(isinstance(a, Tensor) and _functorch_wrapped(a) for a in args):
+            raise RuntimeError("llmcore's kernels take plain tensors: torch.func transforms (vmap, grad, jacrev, "
+                               "...) are not supported; under them use plain PyTorch (the ops' backend='reference', "
+                               "linear_cross_entropy's backend='torch', or torch's own functions)") from e
+        raise
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(t))
