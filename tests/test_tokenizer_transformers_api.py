@@ -251,6 +251,17 @@ def test_unpadded_rows_of_several_lengths_as_numpy_as_transformers():
         ours(texts, return_tensors="pt")
 
 
+def test_call_refuses_what_is_no_text_as_transformers():
+    """None, a dict (its keys were encoded as a batch) or a number: transformers' call raises a ValueError naming
+    the input's type; llmcore encoded the dict's keys and said "'NoneType' object is not iterable"."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    for bad in (None, {"hello": 1, "world": 2}, 3):
+        with pytest.raises(ValueError):
+            theirs(bad)
+        with pytest.raises(ValueError, match=f"text must be a str or a list of str .*got {type(bad).__name__}"):
+            ours(bad)
+
+
 def test_pad_and_the_collators_as_transformers():
     """pad (DataCollatorWithPadding's call) and get_special_tokens_mask (DataCollatorForLanguageModeling's) were
     missing: both collators failed with an AttributeError (a probe of the guide's pipeline). They give

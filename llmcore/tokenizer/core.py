@@ -511,6 +511,8 @@ class Tokenizer:
         are said on stderr and dropped: no truncation, no padding to a length).
         """
         single = isinstance(text, (str, bytes))
+        if not single and (isinstance(text, (dict, set)) or not isinstance(text, Iterable)):
+            raise ValueError(f"text must be a str or a list of str (a batch), got {type(text).__name__}")
         texts = [text] if single else list(text)
         if single and not text_pair:
             text_pair = None  # (as transformers: one text with an empty pair is one text)
