@@ -736,3 +736,24 @@ def test_many_threads_under_a_memory_limit_do_not_abort(path):
             "print(tok.encode_batch(texts, num_threads=600).input_ids.shape)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "(6601200,)", (run.returncode, run.stdout, run.stderr[-500:])
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c.__setitem__("padding", [1]), lambda c: c.__setitem__("pre_tokenizer", "x"),
+    lambda c: c.__setitem__("decoder", "x"),
+    lambda c: c.__setitem__("post_processor", {"type": "BertProcessing", "sep": "", "cls": ["[CLS]", 101]}),
+    lambda c: c["model"].__setitem__("max_input_chars_per_word", -1),
+    lambda c: c["post_processor"]["special_tokens"]["[CLS]"].__setitem__("ids", 101)])
+def test_sections_of_another_json_type_name_the_file(tmp_path, change):
+    """A section of another JSON type than HF writes (a list padding, a string decoder, a BertProcessing sep that is
+    no [token, id] pair, a negative max_input_chars_per_word, template ids that are no list): Python's or pybind's raw
+    AttributeError / IndexError / TypeError; a TokenizerFileError naming the file now."""
+    with open(os.path.join(minilm_dir(), "tokenizer.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    change(cfg)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=f"{path}: malformed or unsupported tokenizer.json"):
+        Tokenizer.from_file(path)
+    with pytest.raises(TokenizerFileError, match="<string>: malformed or unsupported tokenizer.json"):
+        Tokenizer.from_str(json.dumps(cfg))

@@ -272,18 +272,26 @@ class Tokenizer:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise TokenizerFileError(f"{path}: not UTF-8 text ({e})") from None
-        spec = _loaders.load_tokenizer_json(path, text)
-        try:
-            return cls(spec, ("json", path, text))
-        except TokenizerFileError:
-            raise
-        except ValueError as e:  # (the native build's checks: a vocab without every single byte...)
-            raise TokenizerFileError(f"{path}: {e}") from None
+        return cls._from_json(path, text)
 
     @classmethod
     def from_str(cls, json_text: str) -> "Tokenizer":
         """The contents of a ``tokenizer.json``."""
-        return cls(_loaders.load_tokenizer_json("<string>", json_text), ("json", "<string>", json_text))
+        return cls._from_json("<string>", json_text)
+
+    @classmethod
+    def _from_json(cls, path: str, text: str) -> "Tokenizer":
+        """A tokenizer.json's text: any error reading it names the file (the loader names what it checks; a section
+        of another JSON type than HF writes -- a list ``padding``, a string ``decoder`` -- or a value the native
+        build refuses got Python's or pybind's raw error)."""
+        try:
+            return cls(_loaders.load_tokenizer_json(path, text), ("json", path, text))
+        except TokenizerFileError:
+            raise
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, RuntimeError) as e:
+            detail = str(e).splitlines()[0] if str(e) else ""
+            raise TokenizerFileError(f"{path}: malformed or unsupported tokenizer.json ({type(e).__name__}: "
+                                     f"{detail[:300]})") from None
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "Tokenizer":
