@@ -345,3 +345,15 @@ def test_meta_tensors_give_shapes():
         out = linear_cross_entropy(h, w, y, reduction=reduction)
         assert out.device.type == "meta" and out.shape == shape and out.dtype == torch.float32
     assert linear_cross_entropy(h.bfloat16(), w.bfloat16(), y, loss_dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_hidden_size_zero_as_torch(reduction):
+    """A hidden size of 0 (every logit 0): torch's composite gives log(V) per row; the fused loss failed reshaping
+    (-1, 0), which is ambiguous."""
+    h, w = torch.randn(3, 0, requires_grad=True), torch.randn(5, 0, requires_grad=True)
+    y = torch.tensor([0, 1, 4])
+    for backend in (None, "torch"):
+        got = linear_cross_entropy(h, w, y, reduction=reduction, backend=backend)
+        torch.testing.assert_close(got, torch.nn.functional.cross_entropy(h @ w.t(), y, reduction=reduction))
+        got.sum().backward()

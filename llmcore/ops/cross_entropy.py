@@ -451,7 +451,7 @@ def linear_cross_entropy(
     if bool(bad.any()):  # torch raises too; an out-of-range gather would read garbage instead
         raise ValueError(f"labels must be in [0, {V}) or ignore_index={ignore_index}, got {labels[bad][0].item()}")
     shape = hidden.shape
-    hidden2d = hidden.reshape(-1, shape[-1]).contiguous()
+    hidden2d = hidden.reshape(labels.numel(), shape[-1]).contiguous()  # (a hidden size of 0 too: -1 is ambiguous)
     chunk = chunk_size or default_chunk_size(hidden2d.size(0), V)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
