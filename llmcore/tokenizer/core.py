@@ -176,9 +176,9 @@ def _id_list(ids) -> list:
             raise TypeError(f"decode takes token ids (ints), got an item {i!r:.60}"
                             + (" (a batch? decode_batch decodes several)" if isinstance(i, (list, tuple)) else ""))
     out = [int(i) for i in out]
-    for i in out:
-        if not -2**31 <= i < 2**31:  # (the native ids are int32; any other unknown id is its IndexError)
-            raise IndexError(f"decode: unknown token id {i}")
+    if out and not (-2**31 <= min(out) and max(out) < 2**31):  # (the native ids are int32; other unknown ids are
+        # its IndexError)
+        raise IndexError(f"decode: unknown token id {next(i for i in out if not -2**31 <= i < 2**31)}")
     return out
 
 
