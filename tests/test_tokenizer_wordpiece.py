@@ -205,7 +205,7 @@ def test_missing_files(tmp_path):
         Tokenizer.from_pretrained(tmp_path / "tokenizer.json")  # Hub model ids: test_hub.py
 
 
-def test_lengths_past_int32_are_errors_not_crashes(tok):
+def test_lengths_past_int32_are_errors_not_crashes(tok, tmp_path):
     """A pad_to_multiple_of or max_length near 2**64 wrapped the native row length to 0 and wrote every token past
     the arrays (a segfault): errors naming the setting now, in Python and natively (run in a child process, so a
     regression fails this test instead of killing the run). A max_length of no limit (model_max_length int(1e30))
@@ -228,7 +228,8 @@ def test_lengths_past_int32_are_errors_not_crashes(tok):
               "        t.encode_batch(['a b'], None, True, False, length, padding, multiple, False, 0, 0, False, 1)\n"
               "    except ValueError as e:\n"
               "        print(e)\n")
-    run = subprocess.run([sys.executable, "-c", native], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", native], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)  # (outside the source tree: the installed package)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("longer than 2**31 - 1 tokens") == 3, run.stdout
 
@@ -718,7 +719,7 @@ def test_tiktoken_special_ids_out_of_range_are_refused():
         Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|x|>": 2**31 - 1})
 
 
-def test_many_threads_under_a_memory_limit_do_not_abort(path):
+def test_many_threads_under_a_memory_limit_do_not_abort(path, tmp_path):
     """num_threads=600 over 600 blocks under an address-space limit: thread creation failed and the process aborted
     (std::terminate, or glibc's "cannot allocate memory for thread-local data"); threads are capped at 4 per core
     and a failed start leaves the work to the threads running. In a child process, as a regression would kill it."""
@@ -734,7 +735,8 @@ def test_many_threads_under_a_memory_limit_do_not_abort(path):
             "resource.setrlimit(resource.RLIMIT_AS, (size + threads * 16 * 2**20 + 400 * 2**20, "
             "resource.RLIM_INFINITY))\n"
             "print(tok.encode_batch(texts, num_threads=600).input_ids.shape)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)  # (outside the source tree: the installed package)
     assert run.returncode == 0 and run.stdout.strip() == "(6601200,)", (run.returncode, run.stdout, run.stderr[-500:])
 
 
