@@ -1503,8 +1503,8 @@ def test_first_token_last_layer_under_activation_checkpointing():
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable({"use_reentrant": how == "reentrant"})
         shapes = _output_shapes(model)
-        # the last layer's query projection (unfused: a hook changes no numbers): the forward, the whole-layer call,
-        # and the backward's recomputation
+        # the last layer's query projection (unfused: a wrapped forward changes no numbers): the forward, the
+        # whole-layer call, and the backward's recomputation
         runs = []
         _recording(_last_layer(model).attention.self.query, lambda out: runs.append(out.shape[1]))
         model.train()

@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -205,14 +207,18 @@ def test_missing_files(tmp_path):
         Tokenizer.from_pretrained(tmp_path / "tokenizer.json")  # Hub model ids: test_hub.py
 
 
+def _in_child(code: str, tmp_path, timeout: int) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter started outside the source tree (so it imports the installed package): a
+    crash there fails the test instead of killing the run."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path)
+
+
 def test_lengths_past_int32_are_errors_not_crashes(tok, tmp_path):
     """A pad_to_multiple_of or max_length near 2**64 wrapped the native row length to 0 and wrote every token past
     the arrays (a segfault): errors naming the setting now, in Python and natively (run in a child process, so a
     regression fails this test instead of killing the run). A max_length of no limit (model_max_length int(1e30))
     truncates nothing, as transformers; an id past int32 is decode's unknown id."""
-    import subprocess
-    import sys
-
     with pytest.raises(ValueError, match="pad_to_multiple_of must be at most 2\\*\\*31 - 1"):
         tok.encode_batch(["a b"], padding=True, pad_to_multiple_of=2**64 - 1)
     with pytest.raises(ValueError, match="rows are at most 2\\*\\*31 - 1 tokens"):
@@ -228,8 +234,7 @@ def test_lengths_past_int32_are_errors_not_crashes(tok, tmp_path):
               "        t.encode_batch(['a b'], None, True, False, length, padding, multiple, False, 0, 0, False, 1)\n"
               "    except ValueError as e:\n"
               "        print(e)\n")
-    run = subprocess.run([sys.executable, "-c", native], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)  # (outside the source tree: the installed package)
+    run = _in_child(native, tmp_path, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("longer than 2**31 - 1 tokens") == 3, run.stdout
 
@@ -610,9 +615,6 @@ def test_normalizer_tables_on_every_code_point(options):
 
 
 def test_tokenizing_does_not_import_torch(path, tmp_path):
-    import subprocess
-    import sys
-
     code = ("import sys, llmcore; t = llmcore.Tokenizer.from_file(sys.argv[1]); "
             "t.encode_batch(['no torch here'], padding=True); assert 'torch' not in sys.modules, 'torch imported'")
     # cwd elsewhere: from the repository root, `import llmcore` would find the unbuilt sources
@@ -723,9 +725,6 @@ def test_many_threads_under_a_memory_limit_do_not_abort(path, tmp_path):
     """num_threads=600 over 600 blocks under an address-space limit: thread creation failed and the process aborted
     (std::terminate, or glibc's "cannot allocate memory for thread-local data"); threads are capped at 4 per core
     and a failed start leaves the work to the threads running. In a child process, as a regression would kill it."""
-    import subprocess
-    import sys
-
     code = ("import os, resource\n"
             "from llmcore.tokenizer import Tokenizer\n"
             f"tok = Tokenizer.from_file({path!r})\n"
@@ -735,8 +734,7 @@ def test_many_threads_under_a_memory_limit_do_not_abort(path, tmp_path):
             "resource.setrlimit(resource.RLIMIT_AS, (size + threads * 16 * 2**20 + 400 * 2**20, "
             "resource.RLIM_INFINITY))\n"
             "print(tok.encode_batch(texts, num_threads=600).input_ids.shape)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)  # (outside the source tree: the installed package)
+    run = _in_child(code, tmp_path, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "(6601200,)", (run.returncode, run.stdout, run.stderr[-500:])
 
 
