@@ -44,6 +44,9 @@ def _tsv_rows(path):
 
 def test_clean_text():
     assert clean_text("Great<br /><br />film &amp; <i>cast</i>\x07\x00  ") == "Great film & cast"
+    # character references with their ';' only: HTML's legacy names without it rewrote a URL's query
+    assert clean_text("x&times;y &#39;a&#x27; ?id=7&copy=2&para=1 &pound5 &amp &lt b") == \
+        "x\u00d7y 'a' ?id=7&copy=2&para=1 &pound5 &amp &lt b"
     assert clean_text("e\u0301  a\t\nb") == "\u00e9 a b"  # NFC, whitespace collapsed
     assert clean_text("cafe\x07\u0301") == "caf\u00e9"  # NFC once the control character between is gone
     assert clean_text("i <3 it, a < b") == "i <3 it, a < b"  # not tags
@@ -175,6 +178,15 @@ def test_rows_at_max_length_are_counted_as_such(tmp_path):
     assert "2 windows fill max_length=8" in split.summary()  # (the 8-token text, the first window of the 10)
 
 
+def test_histogram_counts_rows_without_tokens():
+    """A row of no tokens (an empty text, a tokenizer adding no special tokens) fell outside the histogram, whose
+    first bucket began at 1 (found by a probe)."""
+    from llmcore.data.summary import split_stats
+    stats = split_stats(np.array([3, 0, 20, 16, 17], dtype=np.int32), 32)
+    assert stats["histogram"] == [["0-16", 3], ["17-32", 2]]
+    assert sum(n for _, n in stats["histogram"]) == stats["rows"]
+
+
 def test_filters_counts(tmp_path):
     rows = ["ok text", "ok text", "  ok   text ", "", "   ", "<br />", "x", "a much longer text than allowed here"]
     (tmp_path / "d.json").write_text(json.dumps([{"content": r, "target": i % 2} for i, r in enumerate(rows)]))
@@ -269,6 +281,80 @@ def test_blank_lines_and_tabs_inside_quotes_read_as_pandas(tmp_path):
     (tmp_path / "test.tsv").write_text("sentence\tlabel\ngood movie\t1\nbad movie\t0\n\n")
     assert prepare(tmp_path / "test.tsv", MODEL, 16, tmp_path / "o", validation_fraction=0)["train"].labels.tolist() \
         == [1, 0]
+
+
+def test_tsv_quoting_is_told_by_how_a_field_opens(tmp_path):
+    """A TSV with every string quoted (pandas' QUOTE_NONNUMERIC, R's write.table) but no quoted tab, line break or
+    doubled quote was read with quoting off: the header's names kept their quotes, so the label column was not
+    found, and the texts kept theirs. And one row with a quote inside a field (``my 5" phone``, no label)
+    switched an SST-2-style file to CSV quoting, merging two rows into one text (found by a probe). A quote
+    opening a field (or every column name quoted) is CSV quoting; one inside a field is text, as pandas'
+    quoting=QUOTE_NONE reads it."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"text": ["a good film", "a dull film", "fine acting"], "label": [1, 0, 1]})
+    frame.to_csv(tmp_path / "all.tsv", sep="\t", index=False, quoting=csv.QUOTE_NONNUMERIC)
+    want = pd.read_csv(tmp_path / "all.tsv", sep="\t")
+    table = sources.read_file(str(tmp_path / "all.tsv"))
+    assert table == {"text": want["text"].tolist(), "label": [str(v) for v in want["label"]]}
+    sst = 'text\tlabel\n"Amazing"\t1\n"Best purchase ever\t1\nyou get what you pay for"\t0\nworks fine\t1\n'
+    for name, content in (("sst.tsv", sst), ("sst_inner_quote.tsv", sst + 'my 5" phone\n')):
+        (tmp_path / name).write_text(content)
+        want = pd.read_csv(tmp_path / name, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+        assert sources.read_file(str(tmp_path / name)) == {k: want[k].tolist() for k in want.columns}, name
+
+
+def test_blank_lines_anywhere_and_unnamed_columns_read_as_pandas(tmp_path):
+    """Blank lines above the header made the file unreadable ("row 2 has 2 fields but the header has 0"), a line
+    of spaces was a row (an evaluation split's unlabeled empty text), and a spreadsheet's trailing empty columns
+    ("text,label,,") were refused as one column named twice. pandas skips such lines and names such columns
+    "Unnamed: i" (found by a probe)."""
+    pd = pytest.importorskip("pandas")
+    cases = {"lead.csv": "\n\ntext,label\ngood film,1\nbad film,0\n",
+             "lead.tsv": "\n\ntext\tlabel\ngood film\t1\nbad film\t0\n",
+             "spaces.tsv": "text\tlabel\ngood film\t1\n   \nbad film\t0\n",
+             "spaces.csv": "text,label\ngood film,1\n   \nbad film,0\n",
+             "unnamed.csv": "text,label,,\ngood film,1,,\nbad film,0,,\n"}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(content)
+        quoting = {"quoting": csv.QUOTE_NONE} if name.endswith(".tsv") else {}
+        want = pd.read_csv(tmp_path / name, sep="\t" if name.endswith(".tsv") else ",", dtype=str,
+                           keep_default_na=False, **quoting)
+        assert sources.read_file(str(tmp_path / name)) == {k: want[k].tolist() for k in want.columns}, name
+    (tmp_path / "long.csv").write_text("\n\ntext,label\ngood film,1\nbad film,0,extra\n")
+    with pytest.raises(ValueError, match="row 5 has 3 fields but the header has 2"):  # (the file's line 5)
+        sources.read_file(str(tmp_path / "long.csv"))
+
+
+def test_label_values_and_text_values_every_row(tmp_path):
+    """A label of spaces turned a column of class ids into class names (" ", "0", "1", "10", "2"...: every id
+    renumbered); it is missing, as an empty one. A text column's values were type-checked in the first 1000 rows
+    only: a dict at row 1001 became the text "{'title': ...}" (found by a probe)."""
+    rows = "".join(f"text number {i} here,{i % 11}\n" for i in range(44))
+    (tmp_path / "spaces.csv").write_text("text,label\n" + rows + "one more text, \n")
+    ds = prepare(tmp_path / "spaces.csv", MODEL, 16, tmp_path / "o", validation_fraction=0)
+    assert ds.label_names is None and ds.num_labels == 11
+    assert ds["train"].labels.tolist() == [i % 11 for i in range(44)] + [-1]
+    records = [{"text": f"film {i}", "label": i % 2} for i in range(1000)] + [{"text": {"title": "x"}, "label": 0}]
+    (tmp_path / "late.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=r"holds dict values \(data row 1001: \{'title': 'x'\}\)"):
+        prepare(tmp_path / "late.jsonl", MODEL, 16, tmp_path / "o2")
+
+
+def test_pandas_split_json_and_bad_utf8_position(tmp_path):
+    """pandas' to_json(orient="split") was read as three columns ("columns", "index", "data"): with as many rows
+    as columns it trained on the column names. A byte that is not UTF-8 deep in a CSV was named at a position
+    within a decoding chunk, without "is not UTF-8" (found by a probe)."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"review": ["a great film", "a dull film"], "sentiment": ["pos", "neg"]})
+    frame.to_json(tmp_path / "split.json", orient="split")
+    assert sources.read_file(str(tmp_path / "split.json")) == frame.to_dict("list")
+    (tmp_path / "uneven.json").write_text(json.dumps({"columns": ["text", "label"], "data": [["a", 1], ["b"]]}))
+    with pytest.raises(ValueError, match="row 1 has 1 values but there are 2 columns"):
+        sources.read_file(str(tmp_path / "uneven.json"))
+    head = b"text,label\n" + b"".join(b"film number %d,1\n" % i for i in range(5000))
+    (tmp_path / "deep.csv").write_bytes(head + b"caf\xe9,0\n")
+    with pytest.raises(ValueError, match=f"is not UTF-8 text: .* at line 5002, byte offset {len(head) + 3}"):
+        sources.read_file(str(tmp_path / "deep.csv"))
 
 
 def test_text_column_detection_pairs_and_ids(tmp_path):

@@ -20,11 +20,18 @@ _TAG = re.compile(r"</?[A-Za-z][^<>]*>")  # a real tag: '<3' or 'a < b' stay
 _CONTROL = {c: None for c in list(range(0x00, 0x09)) + [0x0B, 0x0C] + list(range(0x0E, 0x20))
             + list(range(0x7F, 0xA0)) if c not in (0x85,)}
 _CONTROL.update({0x85: " "})
+# a character reference with its ';' (HTML also decodes some names without it, "&copy=2" of a URL's query too)
+_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
+
+
+def _unescape(m: re.Match) -> str:
+    return html.unescape(m.group())
 
 
 def clean_text(text) -> str:
     """HTML tags removed (``<br />`` becomes a space; anything shaped like a tag goes, ``<int>`` of
-    ``std::vector<int>`` too) and entities decoded, control characters removed, Unicode NFC (after
+    ``std::vector<int>`` too) and character references with their ``;`` decoded (``&amp;``, ``&#39;``; not
+    ``&copy=2``), control characters removed, Unicode NFC (after
     the removal, so that a control character between a letter and its accent leaves NFC text),
     whitespace collapsed to single spaces and stripped.
 
@@ -38,7 +45,7 @@ def clean_text(text) -> str:
         s = _BR.sub(" ", s)
         s = _TAG.sub("", s)
     if "&" in s:
-        s = html.unescape(s)
+        s = _ENTITY.sub(_unescape, s)
     s = s.translate(_CONTROL)
     s = unicodedata.normalize("NFC", s)
     return " ".join(s.split())
@@ -84,11 +91,11 @@ def detect_columns(columns: Dict[str, list], text_column: Optional[str], label_c
 def check_text_column(values: Sequence, name: str, where: str) -> None:
     """Raise when a text column holds no text: non-string values (JSON numbers, lists) or only
     integers (a label or id column passed as --text-column)."""
-    sample = [v for v in values[:1000] if v is not None]
-    odd = next((v for v in sample if not isinstance(v, str)), None)
+    odd = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
     if odd is not None:
-        raise ValueError(f"text column {name!r} of {where} holds {type(odd).__name__} values (e.g. {odd!r}), "
-                         "not text; pick the text column with --text-column")
+        raise ValueError(f"text column {name!r} of {where} holds {type(values[odd]).__name__} values "
+                         f"(data row {odd + 1}: {values[odd]!r}), not text; pick the text column with --text-column")
+    sample = [v for v in values[:1000] if v is not None]
     if sample and all(_is_int(v) for v in sample):
         raise ValueError(f"text column {name!r} of {where} holds only integers (e.g. {sample[0]!r}), not text; "
                          "pick the text column with --text-column")
@@ -113,7 +120,7 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _missing(v, ids: bool) -> bool:
-    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+    if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v)):
         return True
     return ids and isinstance(v, str) and v.strip().lower() in _MISSING_WORDS
 

@@ -25,31 +25,46 @@ class DataLoadError(RuntimeError):
     """A data set that could not be loaded (a Hugging Face dataset name that did not resolve)."""
 
 
-def _rows_to_table(header: List[str], rows) -> Table:
-    """Rows as columns; a blank line (no fields) is skipped, as pandas and datasets skip it."""
+def _blank(row: list) -> bool:
+    """A line pandas and datasets skip: no fields, or one of whitespace only."""
+    return not row or (len(row) == 1 and not row[0].strip())
+
+
+def _rows_to_table(header: List[str], rows, first_line: int = 2) -> Table:
+    """Rows as columns; a blank line is skipped, as pandas and datasets skip it. ``first_line``: the line number
+    of the first row, for errors."""
     cols: Table = {h: [] for h in header}
     for i, row in enumerate(rows):
-        if not row:
+        if _blank(row):
             continue
         if len(row) != len(header):
             # a short row (trailing empty fields) is padded; a long one is a format error worth naming
             if len(row) > len(header):
-                raise ValueError(f"row {i + 2} has {len(row)} fields but the header has {len(header)}")
+                raise ValueError(f"row {i + first_line} has {len(row)} fields but the header has {len(header)}")
             row = list(row) + [""] * (len(header) - len(row))
         for h, v in zip(header, row):
             cols[h].append(v)
     return cols
 
 
+def _opens_quote(field: str) -> bool:
+    """A field that starts a quoted field which quoting-off reading cut short (its closing quote is further on)."""
+    return field.startswith('"') and field.count('"') % 2 == 1
+
+
 def _csv_quoted(header: List[str], rows: List[list]) -> bool:
-    """Whether a TSV read with quoting off shows CSV quoting (pandas' and Python's csv writers): a row short of
-    fields whose last field opens a quote (a quoted line break split it), a row long of fields with a field of an
-    odd number of quotes (a quoted tab split it), or a field wrapped in quotes with its inner quotes doubled. (A
-    quoted field's quotes come in pairs; a field that quoting split has an odd number.)"""
+    """Whether a TSV read with quoting off shows CSV quoting (pandas', R's and Python's csv writers): every column
+    name quoted (QUOTE_ALL / QUOTE_NONNUMERIC writers quote them all), a row short of fields whose last field opens
+    a quote (a quoted line break split it), a row long of fields with a field opening a quote (a quoted tab split
+    it), or a field wrapped in quotes with its inner quotes doubled. A quote inside a field (``my 5" phone``, as
+    SST-2's sentences have) is text. (A quoted field's quotes come in pairs; one that quoting split has an odd
+    number, and starts with one.)"""
+    if header and all(len(h) >= 2 and h[0] == h[-1] == '"' for h in header):
+        return True
     for row in rows:
-        if len(row) < len(header) and row and row[-1].count('"') % 2:
+        if len(row) < len(header) and row and _opens_quote(row[-1]):
             return True
-        if len(row) > len(header) and any(field.count('"') % 2 for field in row):
+        if len(row) > len(header) and any(map(_opens_quote, row)):
             return True
         for field in row:
             inner = field[1:-1]
@@ -59,6 +74,27 @@ def _csv_quoted(header: List[str], rows: List[list]) -> bool:
     return False
 
 
+def _first_bad_utf8(path: str) -> str:
+    """Where ``path``'s first byte that is not UTF-8 is, as "line N, byte offset M" (a decode error's own position
+    is one within the chunk the reader was decoding)."""
+    carry, offset, lines, NL = b"", 0, 1, b"\n"
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+                valid, carry = data, b""
+            except UnicodeDecodeError as e:
+                if not (chunk and e.reason == "unexpected end of data"):
+                    return f"line {lines + data.count(NL, 0, e.start)}, byte offset {offset + e.start}"
+                valid, carry = data[:e.start], data[e.start:]  # a character the chunk's end cut
+            if not chunk:
+                return "position unknown"
+            lines += valid.count(NL)
+            offset += len(valid)
+
+
 def read_file(path: str) -> Table:
     """One file as columns. TSV is read with quoting off (SST-2 sentences contain ``"``) unless it shows CSV quoting
     (see ``_csv_quoted``), which it is then read with. Text files are UTF-8, a leading byte-order mark dropped (it
@@ -66,9 +102,24 @@ def read_file(path: str) -> Table:
     try:
         return _read_file(path)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path!r} is not UTF-8 text: {e}") from None
+        raise ValueError(f"{path!r} is not UTF-8 text: {e.reason} at {_first_bad_utf8(path)}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path!r} is not JSON: {e}") from None
+
+
+def _split_to_table(obj: dict, path: str) -> Table:
+    """pandas' ``to_json(orient="split")``: ``{"columns": [names], "index": [...], "data": [rows]}``."""
+    names, rows = obj["columns"], obj["data"]
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(rows, list)
+            and all(isinstance(r, list) for r in rows)):
+        raise ValueError(f"{path!r}: expected pandas' split layout, a list of column names and a list of rows")
+    bad = next((i for i, r in enumerate(rows) if len(r) != len(names)), None)
+    if bad is not None:
+        raise ValueError(f"{path!r}: row {bad} has {len(rows[bad])} values but there are {len(names)} columns")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{path!r}: the columns {twice} are named more than once")
+    return {n: [r[i] for r in rows] for i, n in enumerate(names)}
 
 
 def _read_file(path: str) -> Table:
@@ -78,22 +129,30 @@ def _read_file(path: str) -> Table:
         with open(path, newline="", encoding="utf-8-sig") as f:
             if ext == ".tsv":
                 rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-                if rows and _csv_quoted(rows[0], rows[1:]):
+                lead = next((i for i, row in enumerate(rows) if not _blank(row)), len(rows))
+                if lead < len(rows) and _csv_quoted(rows[lead], rows[lead + 1:]):
                     f.seek(0)
                     reader = csv.reader(f, delimiter="\t", strict=True)
                 else:
                     reader = iter(rows)
             else:
                 reader = csv.reader(f, strict=True)  # (an unclosed quote is an error, not the rest of the file)
-            try:
-                header = next(reader)
-            except StopIteration:
-                raise ValueError(f"{path!r} is empty (expected a header row)") from None
+            skipped = 0  # blank lines above the header (pandas skips them too)
+            for header in reader:
+                if not _blank(header):
+                    break
+                skipped += 1
+            else:
+                raise ValueError(f"{path!r} is empty (expected a header row)")
+            # a column without a name is pandas' "Unnamed: i" (a spreadsheet's trailing empty columns)
+            header = [h if h else f"Unnamed: {i}" for i, h in enumerate(header)]
             twice = sorted({h for h in header if header.count(h) > 1})
             if twice:
                 raise ValueError(f"{path!r}: the header names column(s) {twice} more than once")
             try:
-                return _rows_to_table(header, reader)
+                return _rows_to_table(header, reader, first_line=skipped + 2)
+            except UnicodeDecodeError:
+                raise
             except ValueError as e:
                 raise ValueError(f"{path!r}: {e}") from None
             except csv.Error as e:
@@ -109,6 +168,8 @@ def _read_file(path: str) -> Table:
             if not e.msg.startswith("Extra data"):
                 raise
             return _records_to_table(_json_lines(path), path)  # JSON Lines named .json (datasets' to_json writes it)
+        if isinstance(obj, dict) and {"columns", "data"} <= set(obj) <= {"columns", "index", "data"}:
+            return _split_to_table(obj, path)  # pandas' to_json(orient="split")
         if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
             # pandas' to_json default: {column: {row index: value}}
             index = list(dict.fromkeys(k for column in obj.values() for k in column))

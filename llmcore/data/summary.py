@@ -22,7 +22,7 @@ def split_stats(lengths: np.ndarray, max_length: int, texts: Optional[int] = Non
         edges.append(e)
         e *= 2
     edges.append(max_length)
-    hist, lo = [], 0
+    hist, lo = [], -1  # (the first bucket from 0: a text without special tokens can have none)
     for hi in edges:
         hist.append([f"{lo + 1}-{hi}", int(np.sum((lengths > lo) & (lengths <= hi)))])
         lo = hi
