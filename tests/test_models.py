@@ -353,6 +353,101 @@ def test_sliding_window_only_where_layers_slide(family, tmp_path):
         sliding(ids)
 
 
+def test_config_readings_as_transformers_reads_them(tmp_path):
+    """Read as transformers 5 reads them (each silently computed otherwise; found by a probe): a tied decoder whose
+    file holds an lm_head of other values uses that head, untied (tie_weights warns and does not tie); Mistral
+    slides whenever sliding_window is set (use_sliding_window is Qwen's switch); the rope section's theta wins
+    over a top-level one; a null pad_token_id is no padding row (it crashed the BERT loader)."""
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    ours, _, folder = causal_lm_pair(config, tmp_path / "tied")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert not torch.equal(ref.lm_head.weight, ref.model.embed_tokens.weight)  # (transformers did not tie them)
+    ours = from_pretrained(folder, task="causal-lm").eval()
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+    mistral = transformers.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    mistral.use_sliding_window = False  # (a Qwen field; transformers' Mistral reads sliding_window alone)
+    ours, ref, _ = causal_lm_pair(mistral, tmp_path / "mistral")
+    assert ours.config.sliding_window == 4
+    with pytest.raises(ValueError, match=r"longer than the sliding window \(4\)"):
+        ours(ids)
+
+    causal_lm_pair(transformers.LlamaConfig(**{**config.to_diff_dict(), "tie_word_embeddings": False}),
+                   tmp_path / "theta")
+    cfg = json.loads((tmp_path / "theta" / "config.json").read_text())
+    cfg.update(rope_theta=500.0, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    (tmp_path / "theta" / "config.json").write_text(json.dumps(cfg))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "theta").eval()
+    ours = from_pretrained(tmp_path / "theta", task="causal-lm").eval()
+    assert ours.config.rope_theta == ref.config.rope_parameters["rope_theta"] == 1e6
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        pad_token_id=None)).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    assert json.loads((tmp_path / "bert" / "config.json").read_text())["pad_token_id"] is None
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(tmp_path / "bert").eval()(ids % 97).logits,
+                                   bert(input_ids=ids % 97).logits, atol=ATOL, rtol=0)
+
+
+def test_saved_config_names_the_saved_dtype(tmp_path):
+    """A bf16 checkpoint loads as float32 parameters and saves float32 tensors, but its config kept "dtype":
+    "bfloat16", so transformers reloaded the fine-tuned model in bf16 (logits 0.4 off; found by a probe)."""
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    cfg["torch_dtype"] = cfg["dtype"]  # (and the older name of the key)
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(cfg))
+    ours = from_pretrained(tmp_path / "bf16", task="causal-lm")
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    save_pretrained(ours, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["dtype"] == "float32" and "torch_dtype" not in saved
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert back.dtype == torch.float32
+
+
+def test_damaged_index_and_config_fields_name_the_problem(tmp_path):
+    """A damaged shard index or a config.json missing a field (or of a wrong type) raised bare JSONDecodeError /
+    KeyError / TypeError / AttributeError (found by a probe)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copy(os.path.join(minilm_dir(), "config.json"), tmp_path / "config.json")
+    save_file(load_file(os.path.join(minilm_dir(), "model.safetensors")), str(tmp_path / "shard-1.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    for damage, message in (("{", "is unreadable"), ("[]", "holds a JSON list"), ("{}", "has no weight_map")):
+        index.write_text(damage)
+        with pytest.raises(CheckpointError, match=message):
+            from_pretrained(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"embeddings.word_embeddings.weight": "shard-1.safetensors"}}))
+    assert from_pretrained(tmp_path).newly_initialized == ["head.out.weight", "head.out.bias"]  # (a base model)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "vocab_size"}))
+    with pytest.raises(CheckpointError, match="config.json lacks 'vocab_size', which a bert model needs"):
+        from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="config.json has a field of the wrong type"):
+        llmcore.models.loading.build_model({**DECODERS["llama"]().to_dict(), "rope_parameters": "x"}, "causal-lm")
+    with pytest.raises(ValueError, match="pad_token_id null: RoBERTa counts positions"):
+        llmcore.models.loading.build_model({"model_type": "roberta", "vocab_size": 9, "hidden_size": 8,
+                                            "num_hidden_layers": 1, "num_attention_heads": 2,
+                                            "intermediate_size": 8, "pad_token_id": None})
+
+
 def test_checkpoint_errors(tmp_path):
     shutil.copy(os.path.join(minilm_dir(), "config.json"), tmp_path / "config.json")
     from safetensors.torch import load_file, save_file
@@ -480,6 +575,15 @@ def test_models_built_from_dataclasses_save_and_reload(family, tmp_path):
         model, task, auto = DecoderForCausalLM(cfg), "causal-lm", transformers.AutoModelForCausalLM
     model.eval().save_pretrained(tmp_path)
     again = from_pretrained(tmp_path, task=task).eval()
+    if family in ("qwen2", "qwen3"):  # a window is written so that both read it (it was left out)
+        cfg.sliding_window = 5
+        DecoderForCausalLM(cfg).save_pretrained(tmp_path / "window")
+        assert from_pretrained(tmp_path / "window", task=task).config.sliding_window == 5
+        assert transformers.AutoConfig.from_pretrained(tmp_path / "window").layer_types == ["sliding_attention"] * 2
+        cfg.sliding_window = None
+    if family == "qwen2":
+        with pytest.raises(ValueError, match="Qwen2's attention always has q/k/v biases"):
+            DecoderConfig(family="qwen2", attention_bias=False)
     theirs = auto.from_pretrained(tmp_path).eval()
     ids = torch.randint(1, 60, (2, 7))
     with torch.no_grad():

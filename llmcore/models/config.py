@@ -66,7 +66,7 @@ class EncoderConfig:
     attention_dropout: float = 0.1
     classifier_dropout: Optional[float] = None
     hidden_act: str = "gelu"
-    pad_token_id: int = 0
+    pad_token_id: Optional[int] = 0  # None: no padding row (a config's null)
     num_labels: int = 2
     initializer_range: float = 0.02
     hf: dict = field(default_factory=dict, repr=False)  # the source config, written back on save
@@ -93,6 +93,9 @@ class EncoderConfig:
                        hf.get("attention_dropout", 0.1), hf.get("seq_classif_dropout", 0.2),
                        _gelu(hf, "activation", "gelu", family), hf.get("pad_token_id", 0), labels,
                        hf.get("initializer_range", 0.02), dict(hf), problem)
+        if family == "roberta" and hf.get("pad_token_id", 1) is None:
+            raise ValueError("pad_token_id null: RoBERTa counts positions from its padding id (transformers' RoBERTa "
+                             "cannot run without one either); set pad_token_id in config.json")
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise UnsupportedModelError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported")
         _refuse(hf, family, is_decoder=False, add_cross_attention=False)  # (causal self-attention, cross-attention)
@@ -170,9 +173,10 @@ class DecoderConfig:
             self.hidden_act = "gelu_new" if self.family == "gpt2" else "silu"
         if self.attention_bias is None:
             self.attention_bias = self.family in ("gpt2", "qwen2")
-        elif self.family == "gpt2" and not self.attention_bias:
-            raise ValueError("attention_bias=False: GPT-2's attention always has q/k/v biases (transformers' GPT-2 "
-                             "could not load such a model); leave attention_bias unset for gpt2")
+        elif self.family in ("gpt2", "qwen2") and not self.attention_bias:
+            name = {"gpt2": "GPT-2", "qwen2": "Qwen2"}[self.family]
+            raise ValueError(f"attention_bias=False: {name}'s attention always has q/k/v biases (transformers' "
+                             f"{name} could not load such a model); leave attention_bias unset for {self.family}")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "DecoderConfig":
@@ -190,7 +194,8 @@ class DecoderConfig:
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
         if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise UnsupportedModelError(f"rope scaling {rope!r} is not supported (only the default RoPE)")
-        theta = hf.get("rope_theta") or (rope or {}).get("rope_theta", 10000.0)
+        # transformers 5's order: the rope section's theta, then the top level's
+        theta = (rope or {}).get("rope_theta") or hf.get("rope_theta") or 10000.0
         heads = hf["num_attention_heads"]
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported for {family}")
@@ -232,6 +237,10 @@ class DecoderConfig:
             out["attention_bias"] = self.attention_bias
         if self.family == "mistral":
             out["sliding_window"] = self.sliding_window
+        elif self.family in ("qwen2", "qwen3"):  # (every layer slides, or none: as this model computes)
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            out.update(sliding_window=self.sliding_window, use_sliding_window=self.sliding_window is not None,
+                       layer_types=[kind] * self.num_layers)
         return out
 
 
@@ -239,7 +248,8 @@ def _sliding_window(hf: dict, family: str) -> Optional[int]:
     """The window of a decoder whose layers slide, else None. transformers' ``layer_types`` (or, in configs written
     before it, Qwen's ``max_window_layers``: layers from that index on slide) may leave every layer full. Where only
     some layers slide, the window counts for all (llmcore then refuses longer sequences rather than miscompute)."""
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None
+    # (use_sliding_window is Qwen's switch; transformers' Mistral slides whenever sliding_window is set)
+    window = hf.get("sliding_window") if family == "mistral" or hf.get("use_sliding_window", False) else None
     if window is None:
         return None
     types = hf.get("layer_types")

@@ -117,8 +117,10 @@ def read_safetensors(path: str) -> dict:
     if os.path.isfile(single):
         return load_safetensors_file(single)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json_object(index, "a shard index").get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+            raise CheckpointError(f"{index!r} has no weight_map of tensor names to shard files (a damaged index?)")
+        shards = sorted(set(weight_map.values()))
         tensors = {}
         for shard in shards:
             tensors.update(load_safetensors_file(os.path.join(path, shard)))
@@ -247,14 +249,33 @@ def from_pretrained(path: Union[str, os.PathLike], task: str = "sequence-classif
     """Build an llmcore model from an HF checkpoint folder (config.json + safetensors), or from a Hugging
     Face Hub model id (see :func:`checkpoint_dir`)."""
     path = checkpoint_dir(path)
-    model = build_model(read_config(path), task, num_labels)
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    hf = read_config(path)
+    model = build_model(hf, task, num_labels)
+    tensors = read_safetensors(path)
+    if _head_differs_from_embedding(model, tensors):
+        # as transformers (tie_weights): a tied config whose file has a head of other values is not tied; it warns
+        print(f"llmcore: {path!r}: config.json ties the LM head to the embedding, but model.safetensors holds "
+              "an lm_head.weight of other values: it is used, untied (as transformers does; set "
+              "tie_word_embeddings false to silence this)", file=sys.stderr)
+        model = build_model(dict(hf, tie_word_embeddings=False), task, num_labels)
     if dtype is not None:
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         model.to(dtype)
-    fresh = load_state(model, model.config.family, read_safetensors(path))
+    fresh = load_state(model, model.config.family, tensors)
     model.newly_initialized = fresh
     return model
+
+
+def _head_differs_from_embedding(model: nn.Module, tensors: dict) -> bool:
+    """Whether a tied decoder's checkpoint holds an ``lm_head.weight`` unequal to its word embedding."""
+    if not isinstance(model, DecoderForCausalLM) or model.lm_head is not None or "lm_head.weight" not in tensors:
+        return False
+    prefix, top, _, _ = _table(model.config.family)
+    hf_name = next(h for h, o in top if o == "embed.word") + ".weight"
+    embedding = tensors.get(f"{prefix}.{hf_name}", tensors.get(hf_name))
+    head = tensors["lm_head.weight"]
+    return embedding is not None and not (embedding.shape == head.shape and torch.equal(embedding, head))
 
 
 def read_json_object(file: str, what: str) -> dict:
@@ -276,7 +297,12 @@ def read_config(path: str) -> dict:
 
 def build_model(hf: dict, task: str = "sequence-classification", num_labels: Optional[int] = None) -> nn.Module:
     """A freshly initialized llmcore model for ``task`` from transformers' config dict ``hf`` (config.json)."""
-    cfg = config_from_hf(hf, task, num_labels)
+    try:
+        cfg = config_from_hf(hf, task, num_labels)
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks {e.args[0]!r}, which a {hf.get('model_type')} model needs") from None
+    except (TypeError, AttributeError) as e:
+        raise CheckpointError(f"config.json has a field of the wrong type: {e}") from e
     return EncoderForSequenceClassification(cfg) if task == "sequence-classification" else DecoderForCausalLM(cfg)
 
 
@@ -333,19 +359,28 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], state_dict:
     tensors = _internal_to_hf(model, state_dict)
     if isinstance(model, DecoderForCausalLM) and model.lm_head is None:
         tensors.pop("lm_head.weight", None)
-    save_config(model, path)
+    save_config(model, path, next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), None))
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-def save_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Write ``model``'s config.json (transformers' keys) into the folder ``path``."""
+def save_config(model: nn.Module, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> None:
+    """Write ``model``'s config.json (transformers' keys) into the folder ``path``, its ``dtype`` that of the
+    tensors written (default: the model's parameters')."""
     if is_transformers_model(model):
         # as its save_pretrained does: the class, which `llmcore consolidate` builds from config.json again
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(os.fspath(path))
         return
+    config = model.config.to_hf()
+    # the dtype of the tensors written (a bf16 checkpoint trained in float32 is saved in float32): transformers
+    # loads a model in the config's dtype
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
+    config.pop("torch_dtype", None)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
     with open(os.path.join(os.fspath(path), "config.json"), "w", encoding="utf-8") as f:
-        json.dump(model.config.to_hf(), f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 __all__ = ["CheckpointError", "from_pretrained", "load_state", "save_pretrained", "EncoderConfig", "DecoderConfig"]
