@@ -680,6 +680,11 @@ def test_damaged_prepared_folder_names_the_file(tmp_path):
         f.truncate(20)
     with pytest.raises(ValueError, match="train.lengths.npy is unreadable"):
         PreparedDataset.load(out)
+    # prepare (finetune's cache, which has no --force) prepares a damaged cache again rather than fail on it
+    again = prepare(src, MODEL, 8, out)
+    assert not again.cache_hit and len(again["train"].lengths) == len(again["train"])
+    with open(out / "train.lengths.npy", "r+b") as f:
+        f.truncate(20)
     os.remove(out / "train.ids.npy")
     with pytest.raises(FileNotFoundError, match="lacks train.ids.npy"):
         PreparedDataset.load(out)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -401,6 +402,62 @@ def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path
     assert len(list(shared.glob("train_log.jsonl"))) == 1
 
 
+def test_finetune_keeps_raw_data_other_runs_and_checkpoints(tmp_path, capsys, monkeypatch):
+    """Found by a probe of files finetune writes: (1) --data data --output-dir . cached the prepared arrays among the
+    raw files, and the next run read that folder as prepared, ignoring edits to the raw files: refused, and a
+    prepared folder whose source files changed since is refused; (2) a resume from a checkpoint of a run in a folder
+    below --output-dir overwrote the earlier run there; (3) a resume dropped other runs' records from a shared
+    --logging-dir; (4) a kill between publish_checkpoint's two renames lost that checkpoint; (5) a full disk while
+    saving was a RuntimeError naming no file."""
+    rows = [(f"good film {i}", 1) for i in range(8)] + [(f"bad film {i}", 0) for i in range(8)]
+    project = tmp_path / "project"
+    project.mkdir()
+    data = _csv_dir(project, "data", train=rows, validation=rows[::4])
+    code, err = _finetune_err(capsys, data, project)
+    assert code == 2 and "is the folder finetune caches the prepared data in" in err
+    assert sorted(os.listdir(data)) == ["train.csv", "validation.csv"]
+    from llmcore.data import prepare
+
+    prepared = tmp_path / "prepared"
+    prepare(data, minilm_dir(), 32, prepared)
+    (data / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows[:12]))
+    code, err = _finetune_err(capsys, prepared, tmp_path / "p")
+    assert code == 2 and "train split was made from" in err and "which has changed since" in err
+
+    out = tmp_path / "runs"
+    saving = ("--max-steps", "2", "--save-strategy", "steps", "--save-steps", "1")
+    assert _finetune_err(capsys, data, out, *saving)[0] == 0
+    assert _finetune_err(capsys, data, out / "exp1", *saving)[0] == 0
+    before = {p: p.read_bytes() for p in out.glob("*") if p.is_file()}
+    code, err = _finetune_err(capsys, data, out, "--resume-from-checkpoint", str(out / "exp1" / "checkpoint-1"))
+    assert code == 2 and "holds an earlier run" in err
+    assert {p: p.read_bytes() for p in out.glob("*") if p.is_file()} == before
+
+    shared = tmp_path / "shared_logs"
+    for name in ("a", "b"):
+        assert _finetune_err(capsys, data, tmp_path / name, *saving, "--logging-dir", str(shared))[0] == 0
+    log = shared / "train_log.jsonl"
+    records = log.read_text().splitlines()
+    assert _finetune_err(capsys, data, tmp_path / "a", *saving, "--logging-dir", str(shared),
+                         "--resume-from-checkpoint", str(tmp_path / "a" / "checkpoint-1"))[0] == 0
+    assert log.read_text().splitlines()[:len(records)] == records  # (b's records of step 2 kept; a's appended)
+
+    from llmcore.train.checkpoint import latest_checkpoint, partial_path
+    os.rename(out / "checkpoint-2", str(partial_path(str(out / "checkpoint-2"))) + ".old")  # (killed mid-swap)
+    (out / ".checkpoint-2.partial").mkdir()
+    assert latest_checkpoint(str(out)) == str(out / "checkpoint-2") and (out / "checkpoint-2" / "trainer_state.json"
+                                                                         ).is_file()
+    import llmcore.train.loop as loop
+
+    def full_disk(partial, *args, **kwargs):
+        (Path(partial) / "model.safetensors").write_bytes(b"x")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9664 vs 9556")
+    monkeypatch.setattr(loop, "save_checkpoint", full_disk)
+    code, err = _finetune_err(capsys, data, tmp_path / "full", *saving)
+    assert code == 2 and "writing checkpoint" in err and "MiB free on its disk (a full disk?)" in err
+    assert not (tmp_path / "full" / ".checkpoint-1.partial").exists()
+
+
 def test_finetune_bad_settings_and_damaged_files(tmp_path, capsys, monkeypatch):
     """Settings and files that ended in tracebacks (AttributeError for --device cuda on a CPU-only torch, numpy's
     seed error after the data was prepared, SafetensorError / PytorchStreamReader errors for damaged files) are
@@ -553,6 +610,42 @@ def test_finetune_causal_lm(tmp_path, pack):
             count += n
     assert results["eval_tokens"] == count
     assert results["eval_loss"] == pytest.approx(total / count, abs=2e-4)
+
+
+def test_finetune_causal_lm_edge_data(tmp_path, capsys):
+    """Found by a probe of causal-LM fine-tuning: --eval-data had to carry train's label column, unused by a causal
+    LM; data without a next token to predict (--max-length 1) trained on weight decay alone, rc 0; a Mistral whose
+    sliding window is shorter than the rows was refused mid-run, where transformers' own model trains it (the
+    fallback for what llmcore does not compute)."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    llama = _tiny_checkpoint(tmp_path, "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(**small)))
+    rows = [(f"a good film number {i} with a plot", i % 2) for i in range(16)]
+    data = _csv_dir(tmp_path, "d", train=rows)
+    (tmp_path / "eval.csv").write_text("text\n" + "".join(f"another film {i}\n" for i in range(4)))
+
+    def lm(model, out, *extra):
+        code = main(["finetune", "--task", "causal-lm", "--data", str(data), "--model", str(model), "--output-dir",
+                     str(tmp_path / out), "--max-steps", "1", "--warmup-steps", "0", "--save-strategy", "no",
+                     "--report-to", "none", "--disable-tqdm", *extra])
+        return code, capsys.readouterr().err
+    code, err = lm(llama, "e", "--eval-data", str(tmp_path / "eval.csv"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["eval_tokens"] > 0
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([t for t, _ in rows], vocab_size=300, show_progress=False)
+    bpe.save(str(tmp_path / "bpe.json"))  # (GPT-2's kind, no special tokens: --max-length 1 rows are one token)
+    code, err = lm(llama, "m", "--max-length", "1", "--tokenizer", str(tmp_path / "bpe.json"))
+    assert code == 2 and "no train row has two tokens" in err
+    torch.manual_seed(0)
+    mistral = _tiny_checkpoint(tmp_path, "mistral", transformers.MistralForCausalLM(
+        transformers.MistralConfig(**small, sliding_window=4)))
+    code, err = lm(mistral, "w", "--max-length", "16")
+    assert code == 0, err
+    assert "longer than the model's sliding window (4)" in err and "fine-tuning transformers' MistralForCausalLM" in err
 
 
 @pytest.mark.parametrize("pack", [True, False])

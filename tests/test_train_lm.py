@@ -200,6 +200,25 @@ def test_task_errors(pair, tmp_path):
     Trainer(ours, watching, [b], eval_batches=[b])
 
 
+def test_packed_batch_of_one_token_sequences_and_transformers_packed(pair, tmp_path):
+    """A packed batch with as many tokens as sequences (one-token texts; batch size 1 and a one-token row) read as one
+    label per sequence, and the causal LM refused it: finetune stopped mid-run ("labels must have input_ids' shape
+    (4,), got (4,)"). Such a batch trains, its sequences without a target, as padded they do. transformers' own
+    model given a packed batch failed deep inside it: said (found by a probe)."""
+    ours, ref = pair
+    ids = torch.tensor([5, 9, 17, 3])
+    packed = {"input_ids": ids, "cu_seqlens": torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32), "labels": ids.clone()}
+    trainer = Trainer(ours, TrainConfig(str(tmp_path / "one"), max_steps=1, save_strategy="no"), [packed],
+                      eval_batches=[packed])
+    assert trainer.evaluate()["eval_tokens"] == 0  # (no token has a next one within its sequence)
+    two = {"input_ids": torch.tensor([5, 9, 17]), "cu_seqlens": torch.tensor([0, 1, 3], dtype=torch.int32),
+           "labels": torch.tensor([5, 9, 17])}
+    assert Trainer(ours, TrainConfig(str(tmp_path / "two"), max_steps=1, save_strategy="no"), [two],
+                   eval_batches=[two]).evaluate()["eval_tokens"] == 1
+    with pytest.raises(ValueError, match=r"a training batch is packed \(cu_seqlens\), which transformers' .* cannot"):
+        Trainer(ref, TrainConfig(str(tmp_path / "hf"), max_steps=1, save_strategy="no"), [two]).train()
+
+
 def test_trainer_on_real_text_matches_transformers_evaluation(tmp_path):
     """A few steps of next-token training on SST-2 sentences (MiniLM's WordPiece ids): the training loss falls,
     and the Trainer's evaluation equals transformers' loss on the saved model, token-weighted over the batches."""

@@ -47,6 +47,7 @@ class PrepareOptions:
     save_text: bool = True
     hub_config: Optional[str] = None
     overflow: str = "truncate"
+    eval_labels: bool = True  # eval data must carry the label column (False: a causal LM's, whose labels are unused)
 
 
 OVERFLOW = ("truncate", "split")
@@ -229,7 +230,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             min_chars: int = 1, max_chars: Optional[int] = None, dedup: bool = True,
             validation_fraction: float = 0.1, seed: int = SPLIT_SEED, save_text: bool = True,
             hub_config: Optional[str] = None, overflow: str = "truncate", force: bool = False,
-            verbose: bool = False) -> PreparedDataset:
+            verbose: bool = False, eval_labels: bool = True) -> PreparedDataset:
     """Load ``data`` (a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of ``train.*`` / ``validation.*``
     / ``test.*`` files, or a Hugging Face dataset name), clean every split's texts, filter and de-duplicate
     train's (``min_chars``, ``max_chars``, ``dedup``: the other splits are evaluated on, so every row of theirs
@@ -239,8 +240,8 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
 
     ``eval_data``: a file (or a split folder's ``validation.*`` file) whose rows become the
     validation split, as transformers' ``eval_dataset``: ``data``'s own validation split is left
-    out and none is split off train. It needs train's text and label columns, and no label that
-    train lacks.
+    out and none is split off train. It needs train's text and label columns (the label column not with
+    ``eval_labels=False``: a causal LM's data, whose labels are unused), and no label that train lacks.
 
     ``overflow``: what becomes of the tokens past ``max_length``: ``"truncate"`` drops them;
     ``"split"`` makes a longer text several rows (windows of ``max_length`` tokens, each with the
@@ -263,7 +264,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     opts = PrepareOptions(max_length=max_length, text_column=text_column, label_column=label_column, pack=pack,
                           min_chars=min_chars, max_chars=max_chars, dedup=dedup,
                           validation_fraction=validation_fraction, seed=seed, save_text=save_text,
-                          hub_config=hub_config, overflow=overflow)
+                          hub_config=hub_config, overflow=overflow, eval_labels=bool(eval_labels))
     data = os.fspath(data)
     output_dir = os.fspath(output_dir)
     if os.path.exists(data):
@@ -285,7 +286,10 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
 
     old = _read_meta(output_dir)
     if not force and old is not None and old.get("cache_key") == key and _whole(output_dir, old):
-        return PreparedDataset(output_dir, old, cache_hit=True)
+        try:
+            return PreparedDataset(output_dir, old, cache_hit=True)
+        except (OSError, ValueError):
+            pass  # a damaged array (a file cut short): prepared again, as without a cache
 
     # --- load --------------------------------------------------------------------------------
     if files is not None:
@@ -307,7 +311,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     cols = {}
     for split, table in tables.items():
         needed = [("text", text_col)]
-        if split == "validation" and eval_path is not None and label_col is not None:
+        if split == "validation" and eval_path is not None and label_col is not None and eval_labels:
             needed.append(("label", label_col))  # eval data is evaluated on: it must be labeled
         for kind, col in needed:
             if col not in table:

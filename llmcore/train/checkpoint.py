@@ -95,9 +95,32 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
+def restore_interrupted_swaps(output_dir: str) -> None:
+    """Put back a checkpoint that ``publish_checkpoint`` had moved aside (``.checkpoint-N.partial.old``) when the
+    process died before the new one took its name: without it, checkpoint-N was gone. (Every rank may try; one
+    rename wins.)"""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(rf"\.({PREFIX}\d+)\.partial\.old", name)
+        if m and not os.path.exists(os.path.join(output_dir, m.group(1))):
+            try:
+                os.rename(os.path.join(output_dir, name), os.path.join(output_dir, m.group(1)))
+            except OSError:
+                pass  # (another rank's rename won)
+
+
 def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The highest-step checkpoint of ``output_dir`` (one an interrupted save had moved aside put back first)."""
+    restore_interrupted_swaps(output_dir)
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def inside_folder(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def partial_path(path: str) -> str:

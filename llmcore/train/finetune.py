@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from llmcore.train.checkpoint import inside_folder
 from llmcore.train.config import TrainConfig
 from llmcore.train.fsdp import check_process_group
 from llmcore.train.loop import IGNORE_INDEX, Trainer
@@ -166,8 +167,8 @@ def _resumes_here(resume, output_dir: str) -> bool:
         return False
     if resume is True:
         return True
-    here = os.path.realpath(output_dir)
-    return os.path.commonpath([here, os.path.realpath(resume)]) == here
+    # (a checkpoint of a run in a folder below output_dir is another run's)
+    return os.path.dirname(os.path.realpath(resume)) == os.path.realpath(output_dir)
 
 
 def _copy_tokenizer(source: str, final: str, model: Optional[str] = None) -> None:
@@ -210,11 +211,6 @@ def _name_classes(net: torch.nn.Module, names: list) -> None:
         net.config.id2label = id2label
 
 
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
 def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
     """What an earlier run left in ``output_dir`` (paths relative to it): its checkpoint folders (and the hidden
     ``.checkpoint-*.partial`` ones of an interrupted save), ``final/``, ``results.json``, the training log and
@@ -226,7 +222,7 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
     found = [os.path.basename(p) for p in list_checkpoints(output_dir)]
     if os.path.isdir(output_dir):
         found += sorted(n for n in os.listdir(output_dir) if n.startswith(f".{PREFIX}") and ".partial" in n)
-    own_logs = _inside(logging_dir, output_dir)
+    own_logs = inside_folder(logging_dir, output_dir)
     for path in (os.path.join(output_dir, "final"), os.path.join(output_dir, "results.json"),
                  *([os.path.join(logging_dir, "train_log.jsonl")] if own_logs else [])):
         if os.path.exists(path):
@@ -361,6 +357,25 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spe
                     "merges.txt", "vocab.json")
 
 
+def _check_sources_unchanged(data: str, prepared) -> None:
+    """A prepared folder's source files that still exist must be as they were prepared (size and modification
+    time, as the cache key has them): an edited file would be trained on as it was. (Sources gone are fine: a
+    prepared folder may travel without its raw data.)"""
+    sources = prepared.meta.get("sources") or []
+    entries = [e for part in sources for e in (part if part and isinstance(part[0], list) else [part])]
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            continue
+        split, path, size, mtime = entry
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            raise ValueError(f"{data!r} is a prepared folder whose {split} split was made from {path!r}, which has "
+                             "changed since: prepare it again (`llmcore prepare --force`), or pass the raw data")
+
+
 def _check_prepared_options(data: str, prepared, eval_data: Optional[str], given: dict) -> None:
     """A prepared folder was cleaned, split and tokenized by ``prepare``: the options that make raw data into it,
     where given (``given``: max_length, overflow, tokenizer, text_column, label_column), must be what it was made
@@ -395,18 +410,24 @@ def _check_prepared_options(data: str, prepared, eval_data: Optional[str], given
 TASKS = ("sequence-classification", "causal-lm")
 
 
-def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None) -> torch.nn.Module:
+def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None,
+               longest: Optional[int] = None) -> torch.nn.Module:
     """llmcore's model of the checkpoint folder ``path``, or, for a checkpoint llmcore does not implement (another
-    architecture, RoPE scaling, an activation), transformers' own model of it (``AutoModelForCausalLM`` /
-    ``AutoModelForSequenceClassification``, sdpa) with llmcore's kernels swapped in by ``llmcore.hf.patch``,
-    saying so on stderr; so is a decoder asked for classification (llmcore's decoders are causal LMs only). An
-    encoder asked for a causal LM stays an error."""
+    architecture, RoPE scaling, an activation; a sliding window shorter than ``longest``, the data's longest row),
+    transformers' own model of it (``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``, sdpa) with
+    llmcore's kernels swapped in by ``llmcore.hf.patch``, saying so on stderr; so is a decoder asked for
+    classification (llmcore's decoders are causal LMs only). An encoder asked for a causal LM stays an error."""
     from llmcore.models import UnsupportedModelError, from_pretrained
     from llmcore.models.loading import transformers_auto_class
 
     task = "causal-lm" if causal_lm else "sequence-classification"
     try:
-        return from_pretrained(path, task=task, num_labels=None if causal_lm else num_labels)
+        net = from_pretrained(path, task=task, num_labels=None if causal_lm else num_labels)
+        window = getattr(net.config, "sliding_window", None)
+        if window is not None and longest is not None and longest > window:
+            raise UnsupportedModelError(f"rows of up to {longest} tokens are longer than the model's sliding window "
+                                        f"({window}), which llmcore's attention does not slide")
+        return net
     except UnsupportedModelError as e:
         auto = transformers_auto_class(causal_lm, e)
         if auto is None:
@@ -480,7 +501,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         for flag, path in (("--model", model), ("--tokenizer", tokenizer), ("--data", data),
                            ("--eval-data", eval_data)):
             hit = next((name for name in earlier if path is not None and os.path.exists(path)
-                        and _inside(path, os.path.join(output_dir, name))), None)
+                        and inside_folder(path, os.path.join(output_dir, name))), None)
             if hit is not None:
                 raise ValueError(f"--overwrite-output-dir would remove {os.path.join(output_dir, hit)!r}, which "
                                  f"holds {flag} {path!r}: copy it out of {output_dir!r} first, or choose another "
@@ -492,15 +513,22 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     try:
         if os.path.isfile(os.path.join(data, "meta.json")):
             prepared = PreparedDataset.load(data)
+            _check_sources_unchanged(data, prepared)
             _check_prepared_options(data, prepared, eval_data,
                                     {"max_length": max_length, "overflow": asked_overflow, "tokenizer": tokenizer,
                                      "text_column": text_column, "label_column": label_column})
         else:
+            if os.path.realpath(data) == os.path.realpath(os.path.join(output_dir, "data")):
+                raise ValueError(f"--data {data!r} is the folder finetune caches the prepared data in "
+                                 f"(--output-dir's data/): its arrays would be written among the raw files; choose "
+                                 "another --output-dir, or move the raw files")
+
             def run_prepare():
                 return prepare(data, model if tokenizer is None else tokenizer,
                                128 if max_length is None else max_length, os.path.join(output_dir, "data"),
                                eval_data=eval_data, text_column=text_column, label_column=label_column, pack=True,
-                               overflow=overflow)  # (the split's own seed, as `llmcore prepare`: not --seed's)
+                               overflow=overflow, eval_labels=not causal_lm)  # (the split's own seed, as
+                #  `llmcore prepare`: not --seed's; a causal LM's eval data needs no labels)
             if rank == 0:
                 prepared = run_prepare()
             if world > 1:
@@ -524,7 +552,12 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
             for name in prepared.splits:
                 print(f"llmcore: data {split_line(prepared.meta, name)}", file=sys.stderr)
         seed_everything(config.seed)  # the new head's initialization, as transformers' Trainer does
-        net = load_model(model, causal_lm, prepared.num_labels).to(dev)
+        if causal_lm and not (np.asarray(prepared["train"].lengths) > 1).any():  # (it trained on weight decay)
+            raise ValueError(f"{data!r}: no train row has two tokens, so no token has a next one to predict "
+                             "(a --max-length of 1?)")
+        longest = max((int(np.max(prepared[name].lengths)) for name in prepared.splits if len(prepared[name])),
+                      default=None)
+        net = load_model(model, causal_lm, prepared.num_labels, longest).to(dev)
         if not causal_lm and prepared.label_names:
             _name_classes(net, prepared.label_names)
         check_model_reads(net, prepared, model)

@@ -20,15 +20,18 @@ from torch import Tensor, nn
 
 from llmcore.models import save_pretrained
 from llmcore.models.decoder import next_token_targets
+from llmcore.models.loading import is_transformers_model
 from llmcore.train.bf16_weights import Bf16Weights
 from llmcore.train.checkpoint import (
     PREFIX,
+    inside_folder,
     keep_only_best,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     partial_path,
     publish_checkpoint,
+    restore_interrupted_swaps,
     rotate_checkpoints,
     save_checkpoint,
     seed_everything,
@@ -120,8 +123,14 @@ def _check_task(model: nn.Module, batch: Batch, causal_lm: bool, what: str = "a 
     cannot take."""
     if "labels" not in batch:
         raise KeyError(f"{what} needs 'labels'; it has keys {sorted(batch)}")
-    per_token = _per_token_labels(batch)
     labels, ids = batch["labels"], batch["input_ids"]
+    # a causal LM's labels are its input_ids' shape, even in a packed batch of one-token sequences (whose count
+    # equals the tokens': a classifier's one label per sequence has that shape too)
+    per_token = labels.shape == ids.shape if causal_lm else _per_token_labels(batch)
+    inner = getattr(model, "module", model)
+    if batch.get("cu_seqlens") is not None and is_transformers_model(inner):
+        raise ValueError(f"{what} is packed (cu_seqlens), which transformers' {type(inner).__name__} cannot take: "
+                         "give it padded batches (finetune's --no-pack, prepare's pack=False)")
     if causal_lm and not per_token:
         raise ValueError(f"{type(getattr(model, 'module', model)).__name__} is a causal LM: its labels must have "
                          f"input_ids' shape {tuple(ids.shape)} (the loss shifts them), got {tuple(labels.shape)}")
@@ -512,8 +521,11 @@ class Trainer:
     def _reporter(self) -> Reporter:
         if self.reporter is None:
             cfg = self.config
+            # a resumed run drops the interrupted run's later records only from a logging folder of its own (inside
+            # output_dir): one shared by several runs holds other runs' records of those steps
+            own = inside_folder(cfg.logging_dir, cfg.output_dir)
             self.reporter = Reporter(cfg.logging_dir, cfg.report_to, cfg.disable_tqdm, active=self.rank == 0,
-                                     resumed_step=self._resumed_step)
+                                     resumed_step=self._resumed_step if own else None)
             self._resumed_step = None
         return self.reporter
 
@@ -642,8 +654,15 @@ class Trainer:
                  "world_size": self.world_size, "log_history": self.log_history, "config": self.config.to_dict(),
                  "best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint,
                  "early_stopping": {"best": self._eval_best, "patience_counter": self._patience_counter}}
-        save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
-                        write_shared=self.rank == 0, sharded=self.config.sharded_checkpoints)
+        try:
+            save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
+                            write_shared=self.rank == 0, sharded=self.config.sharded_checkpoints)
+        except (OSError, RuntimeError) as e:  # (torch.save's full disk is a RuntimeError naming no file)
+            if self.world_size == 1:
+                shutil.rmtree(partial, ignore_errors=True)
+            free = shutil.disk_usage(self.config.output_dir).free / 2**20
+            raise OSError(f"writing checkpoint {path!r} failed with {free:.0f} MiB free on its disk "
+                          f"(a full disk?): {e}") from e
         self._barrier()
         if self.rank == 0:
             publish_checkpoint(partial, path)
@@ -732,6 +751,8 @@ class Trainer:
 
     def _resume_path(self) -> Optional[str]:
         r = self.config.resume_from_checkpoint
+        if isinstance(r, (str, os.PathLike)):  # (a checkpoint an interrupted save moved aside is put back)
+            restore_interrupted_swaps(os.path.dirname(os.path.normpath(os.fspath(r))) or ".")
         if r is True:
             path = latest_checkpoint(self.config.output_dir)
             if path is None:
