@@ -511,6 +511,23 @@ def test_forward_mode_ad_raises_rather_than_dropping_the_tangent(name):
                                         None), "lse must have shape"),
     (lambda: torch.ops.llmcore.varlen_fwd(*[torch.randn(8, 2, 8)] * 3, *[torch.tensor([0, 8])] * 2, 8, 8, 0.0, False,
                                           1.0, None), "int32"),
+    # (a probe: the kernels read out / grad_out as q's dtype and lse as contiguous float32, whatever was passed; a
+    # shorter cu_seqlens_k was read past its end, a strided one by its storage)
+    (lambda: torch.ops.llmcore.sdpa_bwd(*[torch.randn(1, 2, 8, 8)] * 4, torch.randn(1, 2, 8, 8).bfloat16(),
+                                        torch.zeros(1, 2, 8), None, 0.0, False, 1.0, None),
+     "out must be torch.float32"),
+    (lambda: torch.ops.llmcore.sdpa_bwd(torch.randn(1, 2, 8, 8).double(), *[torch.randn(1, 2, 8, 8)] * 4,
+                                        torch.zeros(1, 2, 8), None, 0.0, False, 1.0, None), "grad_out must be"),
+    (lambda: torch.ops.llmcore.sdpa_bwd(*[torch.randn(1, 2, 8, 8)] * 5, torch.zeros(1, 8, 2).transpose(1, 2), None,
+                                        0.0, False, 1.0, None), "lse must be contiguous torch.float32, got strided"),
+    (lambda: torch.ops.llmcore.varlen_bwd(*[torch.randn(8, 2, 8)] * 5, torch.zeros(2, 8).bfloat16(),
+                                          *[torch.tensor([0, 8], dtype=torch.int32)] * 2, 8, 8, 0.0, False, 1.0, None),
+     "lse must be contiguous torch.float32"),
+    (lambda: torch.ops.llmcore.varlen_fwd(*[torch.randn(8, 2, 8)] * 3, torch.tensor([0, 4, 8], dtype=torch.int32),
+                                          torch.tensor([0, 8], dtype=torch.int32), 8, 8, 0.0, False, 1.0, None),
+     "one entry per sequence each, got 3 and 2"),
+    (lambda: torch.ops.llmcore.varlen_fwd(*[torch.randn(8, 2, 8)] * 3, *[torch.tensor([0, 3, 8, 9, 8],
+                                          dtype=torch.int32)[::2]] * 2, 8, 8, 0.0, False, 1.0, None), "strided"),
 ])
 def test_direct_op_calls_check_their_arguments(call, message):
     """The custom ops called directly (torch.ops.llmcore.*, as torch.compile does) with tensors that do not fit

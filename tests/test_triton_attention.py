@@ -323,6 +323,57 @@ def test_huge_positive_additive_mask(dtype):
     check(ours, theirs, ref, dtype)
 
 
+def test_nan_in_an_additive_mask_stays_nan():
+    """A NaN in an additive mask was dropped by the clamp at the float32 maximum (tl.minimum's default): the row
+    attended to that key alone, where torch's row is NaN (found by a probe)."""
+    q, k, v = (randn(1, 2, 4, 16, seed=s).float() for s in range(3))
+    mask = torch.zeros(1, 1, 4, 4, device=DEVICE)
+    mask[..., 0, 1] = float("nan")
+    out = triton_sdpa(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), equal_nan=True,
+                               atol=1e-5, rtol=1e-5)
+    assert out[:, :, 0].isnan().all() and not out[:, :, 1:].isnan().any()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q: torch.ops.llmcore.triton_attention_fwd(q, q, q, None, None, None, 4096, 6, 0.0, False, 1.0, None),
+     r"max_q, max_k must be q's and k's lengths \(6, 6\), got \(4096, 6\)"),
+    (lambda q: torch.ops.llmcore.triton_attention_fwd(q, q.bfloat16(), q, None, None, None, 6, 6, 0.0, False, 1.0,
+                                                      None), "must share one of"),
+    (lambda q: torch.ops.llmcore.triton_attention_fwd(q, q, q, torch.zeros(1, 3, 6, 6), None, None, 6, 6, 0.0, False,
+                                                      1.0, None), "does not broadcast to the scores"),
+    (lambda q: torch.ops.llmcore.triton_attention_fwd(q, q, q, None, None, None, 6, 6, 0.5, False, 1.0, None),
+     "needs rng"),
+    (lambda q: torch.ops.llmcore.triton_attention_fwd(
+        q[0].transpose(0, 1).contiguous(), *[q[0].transpose(0, 1).contiguous()] * 2, None,
+        *[torch.tensor([0, 400], dtype=torch.int32)] * 2, 400, 400, 0.0, False, 1.0, None),
+     "but the tensor has 6 rows"),
+    (lambda q: torch.ops.llmcore.triton_attention_bwd(q, q, q, q, q, torch.zeros(1, 2, 6, dtype=torch.bfloat16), None,
+                                                      None, None, None, 6, 6, 0.0, False, 1.0), "lse must be"),
+    (lambda q: torch.ops.llmcore.triton_norm_fwd(q, torch.ones(3), None, None, 1e-5, False, q.dtype),
+     "weight must have 16 elements"),
+])
+def test_direct_op_calls_check_their_arguments(call, message):
+    """The Triton custom ops called directly (torch.ops.llmcore.*, as torch.compile does) checked nothing: a max_q
+    past q's rows or cu_seqlens past the packed rows segfaulted, mixed dtypes and mis-sized masks or weights ran
+    (found by a probe). They check as the CPU backend's ops do (cu_seqlens' values on CPU tensors only)."""
+    from llmcore.ops.triton import attention, norm  # noqa: F401  (registers the ops)
+
+    q = torch.randn(1, 2, 6, 16, device=DEVICE)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(q)
+
+
+def test_direct_op_call_broadcasts_a_size_one_mask():
+    """A (1, 1, 1, 1) mask given to the op directly was read by its strides past its one element."""
+    from llmcore.ops.triton import attention  # noqa: F401
+
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    mask = torch.randn(1, 1, 1, 1, device=DEVICE)
+    out, _ = torch.ops.llmcore.triton_attention_fwd(q, q, q, mask, None, None, 8, 8, 0.0, False, 0.25, None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=mask), atol=1e-5, rtol=1e-5)
+
+
 def test_full_bool_mask_with_dead_rows():
     B, H, L, D = 1, 2, size(35, 300), 32
     mask = torch.rand(B, H, L, L, generator=torch.Generator().manual_seed(0)) > 0.4

@@ -97,11 +97,20 @@ def _check_op_args(q: Tensor, k: Tensor, v: Tensor, packed: bool, mask: Optional
     if dropout_p > 0.0 and (rng is None or rng.numel() != 2):
         raise ValueError("dropout_p > 0 needs rng: the (seed, offset) tensor")
     for c in cu:
-        if c.dtype != torch.int32 or c.dim() != 1:
-            raise TypeError(f"cu_seqlens must be 1-D int32, got {c.dim()}-D {c.dtype}")
+        if c.dtype != torch.int32 or c.dim() != 1 or not c.is_contiguous():
+            raise TypeError(f"cu_seqlens must be contiguous 1-D int32, got {c.dim()}-D {c.dtype} "
+                            f"{'' if c.is_contiguous() else '(strided)'}")
+    if len(cu) == 2 and cu[0].numel() != cu[1].numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one entry per sequence each, got "
+                         f"{cu[0].numel()} and {cu[1].numel()}")
     for name, (t, shape) in (outputs or {}).items():
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        # (the kernels read out and grad_out as q's dtype, lse as contiguous float32)
+        want = torch.float32 if name == "lse" else q.dtype
+        if t.dtype != want or (name == "lse" and not t.is_contiguous()):
+            raise TypeError(f"{name} must be {'contiguous ' if name == 'lse' else ''}{want}, got "
+                            f"{'' if t.is_contiguous() else 'strided '}{t.dtype}")
 
 
 def _broadcast_mask(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:

@@ -83,6 +83,8 @@ def _check_kernel_args(x: Tensor, cols: int, like_x: dict, vectors: dict, rows_o
     for name, t in (rows_of or {}).items():
         if t.numel() != rows:
             raise ValueError(f"{name} must have {rows} elements (one per row), got {tuple(t.shape)}")
+        if t.dtype != torch.float32:  # (the kernels read the statistics as float32)
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
 
 
 # ---------------------------------------------------------------------------------------

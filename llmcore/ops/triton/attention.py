@@ -503,10 +503,46 @@ def _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, rng, max_q, ma
 # The kernels behind custom ops, what torch.compile sees (it cannot trace the launchers), as the CPU and cuda
 # backends do; eager calls take _AttentionEager, a plain autograd.Function over the same implementation.
 # q, k, v: dense (B, H, L, D) or packed (total, H, D) with cu_seqlens -> (out like q with Dv, float32 lse).
+def _check_op_args(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, rng, outputs=None) -> None:
+    """What the kernels index by the arguments' shapes, checked where the custom ops are called directly
+    (torch.ops.llmcore.*, torch.compile), as the CPU backend's ops check theirs: mismatched tensors raise instead of
+    reading out of bounds. Shapes and dtypes only on a GPU (the values of cu_seqlens are trusted there, as the
+    public varlen trusts them); on CPU tensors (the interpreter) cu_seqlens' values too."""
+    from llmcore.ops.attention import _check_op_args as check_shapes
+
+    packed = cu_q is not None
+    if packed != (cu_k is not None):
+        raise ValueError("cu_q and cu_k go together: both for packed inputs, neither for dense ones")
+    if outputs is not None:
+        rows = q.shape[:-1] + (v.shape[-1],)
+        lse = (q.shape[1], q.shape[0]) if packed else q.shape[:-1]
+        outputs = {"out": (outputs[0], rows), "grad_out": (outputs[1], rows), "lse": (outputs[2], lse)}
+    check_shapes(q, k, v, packed, None, dropout_p, rng, (cu_q, cu_k) if packed else (), outputs)
+    if packed:
+        if mask is not None:
+            raise ValueError("packed (cu_seqlens) inputs take no mask")
+        if cu_q.device.type == "cpu":
+            check_cu_seqlens(cu_q, cu_k, q.size(0), k.size(0), max_q, max_k)
+        return
+    if (max_q, max_k) != (q.size(2), k.size(2)):
+        raise ValueError(f"dense inputs: max_q, max_k must be q's and k's lengths {(q.size(2), k.size(2))}, got "
+                         f"{(max_q, max_k)}")
+    want = (q.size(0), q.size(1), q.size(2), k.size(2))
+    if mask is not None and (mask.dim() != 4 or any(m not in (1, w) for m, w in zip(mask.shape, want))):
+        raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to the scores {want}")
+
+
+def _scores_view(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """A dense mask as a (B, H, Lq, Lk) view, its size-1 dims of stride 0: the kernels read it by its strides."""
+    return None if mask is None else mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+
+
 @torch.library.custom_op("llmcore::triton_attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_q: Optional[Tensor],
                    cu_k: Optional[Tensor], max_q: int, max_k: int, dropout_p: float, causal: bool, scale: float,
                    rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    _check_op_args(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, rng)
+    mask = _scores_view(mask, q, k)
     return _forward_impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng)
 
 
@@ -520,6 +556,8 @@ def _(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng):
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                    cu_q: Optional[Tensor], cu_k: Optional[Tensor], rng: Optional[Tensor], max_q: int, max_k: int,
                    dropout_p: float, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    _check_op_args(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, rng, (out, grad_out, lse))
+    mask = _scores_view(mask, q, k)
     return _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, rng, max_q, max_k, dropout_p, causal, scale)
 
 

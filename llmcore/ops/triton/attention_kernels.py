@@ -117,8 +117,10 @@ def _apply_attn_mask(s, MASK, offs_r, offs_c, len_r, len_c, stride_r, stride_c, 
         keep = tl.load(ptrs, mask=inside, other=0)
         s = tl.where(keep != 0, s, float("-inf"))
     elif MASK_KIND == 2:
-        # (at most the float32 maximum: a finite mask past it / log2(e) became +inf, and the softmax NaN)
-        s = s + tl.minimum(tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * LOG2E, 3.4028234663852886e38)
+        # (at most the float32 maximum: a finite mask past it / log2(e) became +inf, and the softmax NaN; a NaN
+        # stays NaN, as in torch: minimum's default returns the other operand, the float32 maximum)
+        s = s + tl.minimum(tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * LOG2E, 3.4028234663852886e38,
+                           propagate_nan=tl.PropagateNan.ALL)
     return s
 
 

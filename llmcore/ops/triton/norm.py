@@ -221,6 +221,9 @@ def _forward_impl(x, weight, bias, residual, eps, rms, out_dtype):
 @torch.library.custom_op("llmcore::triton_norm_fwd", mutates_args=())
 def _norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
               rms: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from llmcore.ops.norm import _check_kernel_args  # (as the CPU backend's ops check theirs)
+
+    _check_kernel_args(x, x.size(-1), {"residual": residual}, {"weight": weight, "bias": bias})
     return _forward_impl(x, weight, bias, residual, eps, rms, out_dtype)
 
 
@@ -235,6 +238,10 @@ def _(x, weight, bias, residual, eps, rms, out_dtype):
 @torch.library.custom_op("llmcore::triton_norm_bwd", mutates_args=())
 def _norm_bwd(grad_y: Optional[Tensor], inp: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
               grad_s: Optional[Tensor], rms: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from llmcore.ops.norm import _check_kernel_args
+
+    _check_kernel_args(inp, inp.size(-1), {"grad_y": grad_y, "grad_s": grad_s}, {"weight": weight},
+                       {"rstd": rstd} if rms else {"mean": mean, "rstd": rstd})
     return _backward_impl(grad_y, inp, mean, rstd, weight, grad_s, rms, need_w, need_b)
 
 
