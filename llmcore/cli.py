@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -372,11 +374,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "prepare" and not (args.model or args.tokenizer):
         parser.error("prepare needs --model (or --tokenizer)")
+    previous = None
+    if args.command == "bench" and threading.current_thread() is threading.main_thread():
+        # SIGTERM (a supervisor, a job's time limit) unwinds as an exception, so that the benches' temporary folders
+        # are removed and their running child processes killed on the way out (the default ends the process there)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     # bad input is one line naming it, for every command (finetune and consolidate name theirs themselves)
     errors = (OSError, ValueError, ImportError) + ((RuntimeError,) if args.command == "prepare" else ())
     try:

@@ -16,7 +16,8 @@ def _needs_data_and_reference():
 
 TRICKY = ["Great<br /><br />film &amp; <i>cast</i>\x07  ", "a < b <3 &lt;b&gt;", "cafe\u0301 \x85 next\u00a0line",
           "\x00\x1f\x7f\x9f tabs\tand\r\nnewlines\x0b\x0c", "", "   ", None, "<BR>x<br/>y<br >z", "&#x27;quoted&#39;",
-          "\u2028sep\u3000wide", "<a href='x'>link</a> <unclosed", "AT&T&"]
+          "\u2028sep\u3000wide", "<a href='x'>link</a> <unclosed", "AT&T&",
+          "?id=7&copy=2&para=1 &pound5 &amp x&times;y"]
 
 
 @pytest.mark.parametrize("text", TRICKY)
@@ -87,3 +88,50 @@ def test_check_outputs_reports_a_difference(tmp_path):
     np.save(path, ids)
     res = prepare.check_outputs(ours, ref)
     assert not res["agree"] and "token ids differ" in res["problems"][0]
+
+
+def test_interrupted_bench_kills_its_child(tmp_path):
+    """Ctrl-C (or SIGTERM, which `llmcore bench` turns into an exit that unwinds) while run_process waited left its
+    child running, writing into a temporary folder being removed (found by a probe)."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    from llmcore.bench.prepare import run_process
+
+    pid_file = tmp_path / "pid"
+    child = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                   "time.sleep(60)"]
+    deadline = time.monotonic() + 30
+
+    def interrupt():
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_process(child, dict(os.environ), str(tmp_path / "child.log"))
+    with pytest.raises(ProcessLookupError):  # (killed and reaped)
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_bench_turns_sigterm_into_an_exit(monkeypatch):
+    import os
+    import signal
+
+    from llmcore import cli
+
+    seen = {}
+
+    def bench(args):
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+    monkeypatch.setattr(cli, "_bench_prepare", bench)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "prepare"])
+    assert e.value.code == 128 + signal.SIGTERM and seen["handler"] is cli._exit_on_sigterm
+    assert signal.getsignal(signal.SIGTERM) == before  # (restored once the command returns)

@@ -86,8 +86,8 @@ def clean(text) -> str:
     if "<" in s:
         s = _BR.sub(" ", s)
         s = _TAG.sub("", s)
-    if "&" in s:
-        s = html.unescape(s)
+    if "&" in s:  # references closed by ';' only (html.unescape alone also decodes "&copy" of "?a=1&copy=2")
+        s = re.sub(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);", lambda m: html.unescape(m.group(0)), s)
     s = unicodedata.normalize("NFC", s)
     s = s.translate(_CONTROL)
     return " ".join(s.split())
@@ -205,6 +205,11 @@ def run_process(cmd: list, env: dict, log: str, timeout_s: float = 600.0) -> dic
         timer.start()
         try:
             _, status, ru = os.wait4(p.pid, 0)
+        except BaseException:  # (Ctrl-C, SIGTERM's SystemExit: the child goes too, as subprocess.run's does)
+            p.kill()
+            p.wait()
+            stop.set()
+            raise
         finally:
             timer.cancel()
         wall = time.perf_counter() - t0
