@@ -255,6 +255,20 @@ def test_sdpa_bad_input(make, err, match):
         llmcore.scaled_dot_product_attention(q, k, v)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_one_key_value_head_broadcasts_as_in_torch(backend):
+    """torch broadcasts a key/value head count of 1 over the query's heads without enable_gqa (its matmuls
+    broadcast); llmcore asked for enable_gqa=True (a probe). Outputs and gradients as torch's."""
+    q, k, v = (torch.randn(2, h, n, 8, dtype=torch.float64 if backend == "reference" else torch.float32,
+                           requires_grad=True) for h, n in ((3, 5), (1, 7), (1, 7)))
+    ours = llmcore.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    g = torch.randn_like(ours)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [

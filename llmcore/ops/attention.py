@@ -353,8 +353,10 @@ def scaled_dot_product_attention(
     if hq != hkv:
         if hkv == 0 or hq % hkv != 0:
             raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
-        if not enable_gqa:
-            raise ValueError(f"query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for grouped-query attention")
+        if not enable_gqa and hkv != 1:  # (one key/value head broadcasts over the query's, as in torch)
+            raise ValueError(f"query has {hq} heads but key/value have {hkv}; pass enable_gqa=True for "
+                             "grouped-query attention")
+        enable_gqa = True
     batch = query.shape[:-3]
     if not (key.shape[:-3] == batch == value.shape[:-3]):  # torch.broadcast_shapes costs ~9 us a call
         try:
