@@ -253,6 +253,8 @@ def test_direct_custom_op_calls_check_shapes():
         torch.ops.llmcore.rms_norm_fwd(x, torch.ones(15), None, 1e-6)
     with pytest.raises(ValueError, match="rstd must have 4 elements"):
         torch.ops.llmcore.rms_norm_bwd(x, x, torch.ones(3), None, None, False)
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):  # (ran the erf form: a probe)
+        torch.ops.llmcore.bias_gelu_fwd(x, None, "tanh_typo")
     with pytest.raises(TypeError, match="rstd must be float32, got torch.bfloat16"):  # (read as float32: a probe)
         torch.ops.llmcore.rms_norm_bwd(x, x, torch.ones(x.shape[:-1], dtype=torch.bfloat16), None, None, False)
     with pytest.raises(ValueError, match="up must have shape"):

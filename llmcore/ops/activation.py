@@ -51,7 +51,14 @@ def _bias_gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> 
 
 @torch.library.custom_op("llmcore::bias_gelu_fwd", mutates_args=(), device_types="cpu")
 def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    _check_approximate(approximate)
     return _bias_gelu_fwd_impl(x, bias, approximate)
+
+
+def _check_approximate(approximate: str) -> None:
+    """The kernels know the erf form ("none") and the tanh one; any other name ran the erf form."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh' (as torch's gelu), got {approximate!r}")
 
 
 @_bias_gelu_fwd.register_fake
@@ -80,6 +87,7 @@ def _bias_gelu_bwd_impl(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], app
 def _bias_gelu_bwd(grad_out: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
                    need_bias: bool) -> tuple[Tensor, Tensor]:
     """(grad_x, float32 grad_bias); grad_bias is empty when not needed."""
+    _check_approximate(approximate)
     return _bias_gelu_bwd_impl(grad_out, x, bias, approximate, need_bias)
 
 
