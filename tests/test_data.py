@@ -598,6 +598,10 @@ def test_failed_prepare_keeps_the_previous_result_and_other_files(tmp_path):
                    + json.dumps({"text": "fine", "label": 0}) + "\n")
     with pytest.raises(ValueError, match="cannot be encoded"):
         prepare(bad, MODEL, 8, out, validation_fraction=0)
+    # a first run's failure leaves no empty folder (a probe), and says its index is not the file's row
+    with pytest.raises(ValueError, match=r"the train split: .*cannot be encoded.*not the file's"):
+        prepare(bad, MODEL, 8, tmp_path / "new", validation_fraction=0)
+    assert not (tmp_path / "new").exists()
     after = {f: (out / f).read_bytes() for f in os.listdir(out) if f not in ("embeddings.npy", "notes.texts.txt")}
     assert after == before  # (no staging folder left either)
     assert np.array_equal(PreparedDataset.load(out)["train"].ids, first["train"].ids)

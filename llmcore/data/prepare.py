@@ -371,6 +371,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     # disk) leaves output_dir's previous result as it was
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"output_dir {output_dir!r} is a file, not a folder")
+    created = not os.path.exists(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     stage = os.path.join(output_dir, STAGING)
     shutil.rmtree(stage, ignore_errors=True)
@@ -406,8 +407,13 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
                 with open(os.path.join(stage, f"{split}.texts.txt"), "w", encoding="utf-8") as f:
                     f.write("\n".join(r["texts"]))
             stats[split] = split_stats(lengths, max_length, len(r["texts"]) if split_rows else None)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
+        if created:  # (a first run leaves no empty folder behind)
+            shutil.rmtree(output_dir, ignore_errors=True)
+        if isinstance(e, (ValueError, UnicodeError)) and not isinstance(e, UnicodeDecodeError):
+            raise ValueError(f"the {split} split: {e} (an index counts the split's rows after cleaning, "
+                             "de-duplication and the validation split, not the file's)") from e
         raise
     t_tok = time.perf_counter()
 
