@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcore.models import EncoderConfig, EncoderForSequenceClassification
+from llmcore.models import CheckpointError, EncoderConfig, EncoderForSequenceClassification
 from llmcore.train import (
     TrainConfig,
     Trainer,
@@ -845,6 +845,15 @@ def test_resume_of_a_finished_run_and_an_empty_resume_path(tmp_path):
     assert again["global_step"] == done["global_step"] == 3 and again["epoch"] == done["epoch"] == 0.75
     with pytest.raises(ValueError, match="empty path"):
         config(tmp_path, resume_from_checkpoint=" ")
+
+
+def test_resume_into_another_model_names_the_checkpoint(tmp_path):
+    """Resuming with a model of another shape said which tensor did not fit, but not which file (a probe)."""
+    Trainer(tiny(0), config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1), factory(4)).train()
+    other = EncoderForSequenceClassification(EncoderConfig(vocab_size=100, hidden_size=24, num_layers=1, num_heads=2,
+                                                           intermediate_size=32, max_position_embeddings=32))
+    with pytest.raises(CheckpointError, match=r"checkpoint-1/model.safetensors' does not fit the model .*unexpected"):
+        Trainer(other, config(tmp_path, max_steps=2, resume_from_checkpoint=True), factory(4)).train()
 
 
 def test_resume_with_other_batching_is_said(tmp_path, capsys):
