@@ -2,6 +2,7 @@
 save_pretrained round trips, and the errors users hit with wrong checkpoints."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -658,3 +659,71 @@ def test_compiled_fullgraph_with_an_attention_mask():
             got, want = compiled(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
         keep = mask.bool()
         torch.testing.assert_close(got[keep], want[keep])
+
+
+class _LoRALinear(torch.nn.Linear):
+    """A LoRA-style adapter: the base linear plus B(A(x)), as peft's and loralib's add theirs."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.3)
+        self.lora_b = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.3)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_a.t() @ self.lora_b.t()
+
+    def merged(self) -> torch.nn.Linear:
+        plain = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.load_state_dict({"weight": self.weight + self.lora_b @ self.lora_a,
+                               **({"bias": self.bias} if self.bias is not None else {})})
+        return plain
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_adapters_hooks_and_parametrizations_on_the_linear_layers_count(family):
+    """The attention and MLP layers (and the LM head) computed from their nn.Linear's weight without calling it:
+    forward hooks never fired, a LoRA adapter changed nothing (its A got no gradient), weight_norm's pre-hook
+    never ran (found by a probe). A linear that is not a plain, unhooked nn.Linear runs its own forward: an
+    adapted model equals the one with the adapter merged into its weights, and the adapter gets gradients."""
+    from llmcore.models import DecoderConfig, DecoderForCausalLM
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = EncoderForSequenceClassification(EncoderConfig(vocab_size=60, hidden_size=32, num_layers=2,
+                                                               num_heads=4, intermediate_size=48,
+                                                               max_position_embeddings=32, hidden_dropout=0.0,
+                                                               attention_dropout=0.0))
+        adapted = [("layers.0.attn.q", None), ("layers.1.attn.v", None), ("layers.0.mlp.fc1", None)]
+    else:
+        model = DecoderForCausalLM(DecoderConfig(family="llama", vocab_size=60, hidden_size=32, num_layers=2,
+                                                 num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                                                 max_position_embeddings=32))
+        adapted = [("layers.0.attn.k", None), ("layers.1.mlp.up", None), ("lm_head", None)]
+    model.eval()
+    merged = copy.deepcopy(model)
+    for name, _ in adapted:
+        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        lora = _LoRALinear(model.get_submodule(name))
+        setattr(model.get_submodule(parent) if parent else model, leaf, lora)
+        setattr(merged.get_submodule(parent) if parent else merged, leaf, lora.merged())
+    ids = torch.randint(1, 60, (2, 9))
+    kwargs = {"labels": ids} if family == "llama" else {"labels": torch.tensor([0, 1])}
+    out, ref = model(ids, **kwargs), merged(ids, **kwargs)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    assert all(model.get_submodule(name).lora_a.grad is not None for name, _ in adapted)
+
+    seen = []
+    for name in ("layers.0.attn.o", "layers.1.attn.q"):
+        merged.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.append(name))
+    merged(ids)
+    assert sorted(seen) == ["layers.0.attn.o", "layers.1.attn.q"]
+    fc = "layers.0.mlp.fc2" if family == "bert" else "layers.0.mlp.down"
+    scaled = copy.deepcopy(merged)
+    scaled.get_submodule(fc).weight.data *= 3
+    torch.nn.utils.parametrizations.weight_norm(merged.get_submodule(fc))
+    with torch.no_grad():
+        merged.get_submodule(fc).parametrizations.weight.original0.mul_(3)  # (the norm g: the weight times 3)
+    torch.testing.assert_close(merged(ids).logits, scaled(ids).logits, atol=1e-5, rtol=1e-5)

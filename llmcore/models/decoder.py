@@ -21,6 +21,7 @@ from llmcore.nn.layers import (
     RMSNorm,
     RotaryEmbedding,
     init_linear_,
+    plain_linear,
     positions_of,
 )
 
@@ -137,14 +138,25 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
             delta, stream = self._run_layer(i, layer, delta, stream, batch, rotary)
         hidden = self.norm(delta, residual=stream)[0]
 
+        head_called = self.lm_head is not None and not plain_linear(self.lm_head)  # (hooked, an adapter)
+
         def logits() -> Tensor:
-            return nn.functional.linear(hidden, self.lm_head_weight)
+            return self.lm_head(hidden) if head_called else nn.functional.linear(hidden, self.lm_head_weight)
 
         if labels is None:
             return ModelOutput(None, logits())
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         target = next_token_targets(labels, batch.cu_seqlens if batch.packed else None)
+        if head_called:  # the head's own forward, then the loss of its logits (as transformers computes it)
+            scores = logits()
+            loss = nn.functional.cross_entropy(
+                scores.reshape(-1, scores.shape[-1]).float(), target.reshape(-1), ignore_index=-100,
+                reduction="mean" if num_items_in_batch is None else "sum", label_smoothing=label_smoothing)
+            if num_items_in_batch is not None:
+                loss = loss / (num_items_in_batch.to(loss.device) if isinstance(num_items_in_batch, Tensor)
+                               else num_items_in_batch)
+            return ModelOutput(loss, None, lambda: scores)
         loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head_weight,
                                         target.reshape(-1), ignore_index=-100,
                                         reduction="mean" if num_items_in_batch is None else "sum",

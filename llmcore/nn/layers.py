@@ -89,6 +89,8 @@ class MLP(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
+        if not plain_linear(self.fc1):  # (a hook, an adapter, a parametrization: fc1's own forward)
+            return linear(nn.functional.gelu(self.fc1(x), approximate=self.approximate), self.fc2)
         h = nn.functional.linear(x, linear_weight(self.fc1))
         if self.fc1.bias is not None:
             bias, cast = self.fc1.bias, _autocast_dtype(h)
@@ -335,8 +337,23 @@ def linear_weight(lin: nn.Linear) -> Tensor:
     return lin.weight if shadow is None else shadow
 
 
+def plain_linear(lin: nn.Module) -> bool:
+    """Whether ``lin`` is an ``nn.Linear`` whose forward nothing watches or changes: no hook of its own or global,
+    not a subclass (an adapter such as LoRA's, a parametrization's class). Only such a layer may be computed from
+    its weight directly (fused with others, through the bf16 copy); any other is called, so that its hooks run and
+    its own forward counts."""
+    from torch.nn.modules import module as torch_module
+
+    return (type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks
+                                            or lin._backward_pre_hooks)
+            and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                     or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks))
+
+
 def linear(x: Tensor, lin: nn.Linear) -> Tensor:
-    """``lin(x)`` through ``linear_weight``."""
+    """``lin(x)``: through ``linear_weight`` when ``plain_linear(lin)``, else by its own forward."""
+    if not plain_linear(lin):
+        return lin(x)
     return nn.functional.linear(x, linear_weight(lin), lin.bias)
 
 
@@ -345,6 +362,8 @@ def _fused_linear(x: Tensor, linears: tuple) -> tuple:
     x (and, under autocast, one cast of it) instead of one per projection, and a wider matrix.
     The outputs are column slices of one (..., sum of widths) tensor. Under autocast the pieces
     are cast before they are concatenated (the same values; the copy moves half the bytes)."""
+    if not all(map(plain_linear, linears)):
+        return tuple(linear(x, lin) for lin in linears)
     cast = _autocast_dtype(x)
 
     def piece(t: Tensor) -> Tensor:
