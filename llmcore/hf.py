@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 import llmcore.ops as _ops
 from llmcore.nn.layers import Embedding as _Embedding
+from llmcore.nn.layers import hooks_see_layer_output
 from llmcore.ops import scaled_dot_product_attention, varlen_attention
 from llmcore.ops.attention import autocast_enabled as _autocast_on
 
@@ -537,42 +538,13 @@ def _first_token_layer(model: nn.Module) -> nn.Module | None:
                 return None
     except (AttributeError, IndexError, KeyError, TypeError):
         return None
-    if _hooks_see_layer_output(model, model.__dict__["_llmcore_first_token_path"], last):
+    if hooks_see_layer_output(model, model.__dict__["_llmcore_first_token_path"], last):
         return None
     while "_llmcore_first_token_fn" not in last.__dict__:
         last = next((getattr(last, a) for a in _WRAPPER_ATTRS if isinstance(getattr(last, a, None), nn.Module)), None)
         if last is None:
             return None
     return last
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-# hooks that read no rows of a call that asks for no hidden states or attentions: torch's (FSDP2's and composable
-# checkpointing's pre/post-forward hooks) and transformers 5's output capturing (installed on the layers at the first
-# call that asks for them, then recording only in such calls, which run the whole layer)
-_NOT_USERS_HOOKS = ("torch.", "transformers.utils.output_capturing")
-
-
-def _users_hook(hook) -> bool:
-    return not (getattr(hook, "__module__", None) or type(hook).__module__ or "").startswith(_NOT_USERS_HOOKS)
-
-
-def _hooks_see_layer_output(model: nn.Module, path: str, last: nn.Module) -> bool:
-    """Whether a hook of the user's sees what the first-token layer changes: a forward or backward hook on the last
-    layer or any module in it (they would see (B, 1, H) rows), on a module between the classifier and the layer
-    (its base model, encoder), or a global module hook."""
-    from torch.nn.modules import module as torch_module
-
-    if any(map(_users_hook, (h for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                            "_global_backward_hooks", "_global_backward_pre_hooks")
-                             for h in getattr(torch_module, name, {}).values()))):
-        return True
-    parts = path.split(".")
-    between = [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
-    return any(_users_hook(h) for m in (*between, *last.modules()) for name in _HOOK_DICTS
-               for h in getattr(m, name, {}).values())
 
 
 def _caller() -> int:

@@ -727,3 +727,66 @@ def test_adapters_hooks_and_parametrizations_on_the_linear_layers_count(family):
     with torch.no_grad():
         merged.get_submodule(fc).parametrizations.weight.original0.mul_(3)  # (the norm g: the weight times 3)
     torch.testing.assert_close(merged(ids).logits, scaled(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_layer_refuses_inputs_it_would_misread():
+    """llmcore.nn.Attention took a 4-D input and attended across the wrong axis, and a float 1/0 Batch.key_mask
+    was added to the scores, masking nothing (found by a probe): both refused by name."""
+    from llmcore.nn.layers import Attention, Batch
+
+    attn = Attention(32, 4)
+    with pytest.raises(ValueError, match=r"padded \(B, L, D\) hidden states, got 4-D"):
+        attn(torch.randn(2, 3, 5, 32), Batch())
+    with pytest.raises(TypeError, match="key_mask must be bool"):
+        attn(torch.randn(2, 5, 32), Batch(key_mask=torch.ones(2, 5)))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(attn(x, Batch(key_mask=mask))[1, :3], attn(x[1:, :3], Batch())[0])
+
+
+def test_sequences_past_the_learned_positions_are_refused_by_name():
+    """A sequence past max_position_embeddings (BERT, RoBERTa from padding_idx + 1, GPT-2's n_positions) was a bare
+    'IndexError: index out of range in self' (a probe)."""
+    from llmcore.models import DecoderConfig, DecoderForCausalLM
+
+    bert = EncoderForSequenceClassification(EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                                                          intermediate_size=32, max_position_embeddings=16))
+    roberta = EncoderForSequenceClassification(EncoderConfig(family="roberta", vocab_size=50, hidden_size=16,
+                                                             num_layers=1, num_heads=2, intermediate_size=32,
+                                                             max_position_embeddings=16, pad_token_id=1))
+    gpt2 = DecoderForCausalLM(DecoderConfig(family="gpt2", vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                                            num_kv_heads=2, head_dim=8, intermediate_size=32,
+                                            max_position_embeddings=16))
+    for model, fits in ((bert, 16), (roberta, 14), (gpt2, 16)):
+        model(torch.randint(2, 50, (1, fits)))
+        with pytest.raises(ValueError, match=f"sequences of {fits + 1} tokens are longer than the model's {fits} "):
+            model(torch.randint(2, 50, (1, fits + 1)))
+        with pytest.raises(ValueError, match="longer than the model's"):  # (packed: the longest sequence)
+            model(torch.randint(2, 50, (fits + 3,)), cu_seqlens=torch.tensor([0, 2, fits + 3], dtype=torch.int32))
+
+
+def test_a_hook_on_the_last_encoder_layer_sees_every_row(minilm, sst2_batch):
+    """The classifier's last layer computed the first token's rows only, so a forward hook there (a sentence
+    embedder mean-pooling the last layer, as all-MiniLM is used) got (B, 1, H) rows (a probe); with a hook of the
+    user's watching it runs whole, as transformers' model does, and the logits stay the same."""
+    ours, ref = minilm
+    padded, _ = sst2_batch
+    ours.eval()
+    with torch.no_grad():
+        before = ours(**padded).logits
+    seen = {}
+    handles = [ours.layers[-1].register_forward_hook(lambda m, i, o: seen.setdefault("ours", o)),
+               ref.bert.encoder.layer[-1].register_forward_hook(
+                   lambda m, i, o: seen.setdefault("ref", o[0] if isinstance(o, tuple) else o))]
+    try:
+        with torch.no_grad():
+            after = ours(**padded).logits
+            ref.eval()(**padded)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen["ours"].shape == seen["ref"].shape == (*padded["input_ids"].shape, 384)
+    real = padded["attention_mask"].bool()
+    torch.testing.assert_close(seen["ours"][real], seen["ref"][real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)

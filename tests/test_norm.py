@@ -389,3 +389,16 @@ def test_torch_func_transforms_are_refused_clearly():
             torch.func.vmap(f)(x)
     got = torch.func.vmap(lambda a: layer_norm(a, w, b, backend="reference"))(x)
     torch.testing.assert_close(got, F.layer_norm(x, (10,), w, b))
+    # torch.func.grad over a layer said "must override the setup_context staticmethod" (torch's, about our autograd
+    # Function); llmcore.nn.Embedding, a drop-in nn.Embedding, failed where nn.Embedding runs (a probe)
+    from llmcore import nn as lnn
+
+    norm, emb = lnn.LayerNorm(10), lnn.Embedding(7, 10)
+    params = {k: v.detach() for k, v in norm.named_parameters()}
+    with pytest.raises(RuntimeError, match="torch.func transforms .* are not supported"):
+        torch.func.grad(lambda p: torch.func.functional_call(norm, p, (x,))[0].sum())(params)
+    ids = torch.tensor([1, 2, 2])
+    weight = emb.weight.detach()
+    got = torch.func.grad(lambda p: torch.func.functional_call(emb, p, (ids,)).pow(2).sum())({"weight": weight})
+    want = torch.func.grad(lambda w: F.embedding(ids, w).pow(2).sum())(weight)
+    torch.testing.assert_close(got["weight"], want)

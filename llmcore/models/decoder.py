@@ -126,6 +126,10 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
         if window is not None and (batch.max_seqlen if batch.packed else input_ids.shape[-1]) > window:
             raise ValueError(f"sequences longer than the sliding window ({window}) are not supported")
         if position_ids is None:
+            longest = batch.max_seqlen if batch.packed else input_ids.shape[-1]
+            if self.rotary is None and longest > self.embed.position.num_embeddings:
+                raise ValueError(f"sequences of {longest} tokens are longer than the model's "
+                                 f"{self.embed.position.num_embeddings} positions (n_positions)")
             position_ids = positions_of(batch, input_ids.shape[-1], input_ids.device)
         x = self.embed.word(input_ids)
         rotary = None

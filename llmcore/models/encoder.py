@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from llmcore.models.checkpointing import LayerCheckpointing
 from llmcore.models.config import EncoderConfig, gelu_approximate
 from llmcore.models.output import ModelOutput, make_batch
-from llmcore.nn.layers import MLP, Attention, Batch, Dropout, Embedding, LayerNorm, init_linear_, positions_of
+from llmcore.nn.layers import (MLP, Attention, Batch, Dropout, Embedding, LayerNorm, hooks_see_layer_output,
+                                init_linear_, positions_of)
 
 
 
@@ -31,6 +32,11 @@ class Embeddings(nn.Module):
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor],
                 batch: Batch) -> Tensor:
         if position_ids is None:
+            longest = batch.max_seqlen if batch.packed else input_ids.shape[-1]
+            first = self.pad_token_id + 1 if self.family == "roberta" else 0  # (RoBERTa's positions start there)
+            if first + longest > self.position.num_embeddings:
+                raise ValueError(f"sequences of {longest} tokens are longer than the model's "
+                                 f"{self.position.num_embeddings - first} positions (max_position_embeddings)")
             if self.family == "roberta" and not batch.packed:
                 # RoBERTa counts positions of non-pad tokens from padding_idx + 1
                 real = input_ids.ne(self.pad_token_id).int()
@@ -118,8 +124,11 @@ class EncoderForSequenceClassification(LayerCheckpointing, nn.Module):
                              "encode with the special tokens, or leave the empty texts out")
         x = self.embed(input_ids, token_type_ids, position_ids, batch)
         # The head reads only each sequence's first token, so the last layer computes only those
-        # rows once its keys and values are known (~1/6 fewer FLOPs for 6 layers; exact).
+        # rows once its keys and values are known (~1/6 fewer FLOPs for 6 layers; exact) -- unless a hook of the
+        # user's would see that layer's rows (a sentence embedder hooking the last layer): then it runs whole.
         last = len(self.layers) - 1
+        if last >= 0 and hooks_see_layer_output(self, "layers", self.layers[last]):
+            last = -1
         for i, layer in enumerate(self.layers):
             x = self._run_layer(i, layer, x, batch, first_only=i == last)
         if not self.layers and batch.packed:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from llmcore import ops
+from llmcore.ops._autograd import _functorch_active
 
 
 @dataclass
@@ -34,7 +35,11 @@ class Batch:
     def attn_mask(self) -> Optional[Tensor]:
         """The (B, 1, 1, L) boolean mask SDPA takes, or None when nothing is padded (eagerly: under torch.compile the
         mask, whatever it holds, as reading it is data-dependent control flow, which fullgraph=True refuses)."""
-        if self.key_mask is None or (not torch.compiler.is_compiling() and bool(self.key_mask.all())):
+        if self.key_mask is None:
+            return None
+        if self.key_mask.dtype != torch.bool:  # (a float 1/0 mask would be added to the scores: nothing masked)
+            raise TypeError(f"Batch.key_mask must be bool (True for real tokens), got {self.key_mask.dtype}")
+        if not torch.compiler.is_compiling() and bool(self.key_mask.all()):
             return None
         return self.key_mask[:, None, None, :]
 
@@ -149,7 +154,7 @@ class Embedding(nn.Embedding):
         w = self.weight
         if (w.device.type != "cpu" or not (torch.is_grad_enabled() and w.requires_grad) or self.max_norm is not None
                 or self.scale_grad_by_freq or self.sparse
-                or (torch.compiler.is_compiling() and self.row_tracker is None)):
+                or (torch.compiler.is_compiling() and self.row_tracker is None) or _functorch_active()):
             # compiled: the graph owns the gradient's memory (the buffer's storage calls broke the graph 7 times in
             # a patched MiniLM); a row tracker still needs its after_backward, so it keeps the buffer's path
             return super().forward(input)
@@ -289,6 +294,9 @@ class Attention(nn.Module):
         """x (B, L, D) padded or (T, D) packed -> the same shape. ``first_only``: queries only at
         each sequence's first token (keys and values still cover the whole sequence), returning
         (B, 1, D) or (n, D) -- all that a classification head on the first token reads."""
+        if x.dim() != (2 if batch.packed else 3):
+            raise ValueError(f"Attention takes {'packed (T, D)' if batch.packed else 'padded (B, L, D)'} hidden "
+                             f"states, got {x.dim()}-D {tuple(x.shape)}")
         shape = x.shape[:-1]
         xq = x
         if first_only:
@@ -335,6 +343,35 @@ def linear_weight(lin: nn.Linear) -> Tensor:
     entry = getattr(lin.weight, "_llmcore_bf16", None)
     shadow = entry.for_forward() if entry is not None else None
     return lin.weight if shadow is None else shadow
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+# hooks that read no rows of a call that asks for no hidden states or attentions: torch's (FSDP2's and composable
+# checkpointing's pre/post-forward hooks) and transformers 5's output capturing (installed on the layers at the first
+# call that asks for them, then recording only in such calls, which run the whole layer)
+_NOT_USERS_HOOKS = ("torch.", "transformers.utils.output_capturing")
+
+
+def _users_hook(hook) -> bool:
+    return not (getattr(hook, "__module__", None) or type(hook).__module__ or "").startswith(_NOT_USERS_HOOKS)
+
+
+def hooks_see_layer_output(model: nn.Module, path: str, last: nn.Module) -> bool:
+    """Whether a hook of the user's sees what the first-token layer changes: a forward or backward hook on the last
+    layer or any module in it (they would see (B, 1, H) rows), on a module between the classifier and the layer
+    (its base model, encoder), or a global module hook."""
+    from torch.nn.modules import module as torch_module
+
+    if any(map(_users_hook, (h for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                            "_global_backward_hooks", "_global_backward_pre_hooks")
+                             for h in getattr(torch_module, name, {}).values()))):
+        return True
+    parts = path.split(".")
+    between = [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+    return any(_users_hook(h) for m in (*between, *last.modules()) for name in _HOOK_DICTS
+               for h in getattr(m, name, {}).values())
 
 
 def plain_linear(lin: nn.Module) -> bool:

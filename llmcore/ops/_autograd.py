@@ -75,12 +75,19 @@ def _run_op(op, eager: type[torch.autograd.Function], *args):
                 torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
             return eager.apply(*args)
         return eager.impl(*args)
-    except RuntimeError as e:  # (only on the error path: a functorch wrapper has no storage for the kernels to read)
-        if "doesn't have storage" in str(e) and any(isinstance(a, Tensor) and _functorch_wrapped(a) for a in args):
+    except RuntimeError as e:  # (only on the error path: a functorch wrapper has no storage for the kernels to read,
+        # and under torch.func.grad an autograd.Function without setup_context is refused by torch)
+        if _functorch_active() or any(isinstance(a, Tensor) and _functorch_wrapped(a) for a in args):
             raise RuntimeError("llmcore's kernels take plain tensors: torch.func transforms (vmap, grad, jacrev, "
                                "...) are not supported; under them use plain PyTorch (the ops' backend='reference', "
                                "linear_cross_entropy's backend='torch', or torch's own functions)") from e
         raise
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, ...) is running."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check is not None and check())
 
 
 def _functorch_wrapped(t: Tensor) -> bool:

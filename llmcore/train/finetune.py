@@ -266,7 +266,7 @@ def check_model_reads(net: torch.nn.Module, prepared, model: str) -> None:
                 try:
                     with torch.no_grad():
                         net(input_ids=ids)
-                except (IndexError, RuntimeError) as e:
+                except (IndexError, RuntimeError, ValueError) as e:  # (llmcore's models name the positions)
                     raise ValueError(
                         f"{model!r} cannot read the {name} split's row {row} ({ids.shape[1]} tokens, ids up to "
                         f"{int(ids.max())}): {e}. Its config: {', '.join(limits) or 'no limits named'}; prepare the "
