@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1331,3 +1332,53 @@ def test_label_smoothing_matches_transformers(tmp_path):
     assert n == 12 and float(loss) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="label_smoothing_factor must be"):
         TrainConfig("o", label_smoothing_factor=1.5)
+
+
+def test_epoch_evaluation_after_a_steps_save_tracks_that_checkpoint(tmp_path):
+    """eval_strategy 'epoch' with save_strategy 'steps': at an epoch's last step the checkpoint was written before
+    the epoch's evaluation, so no checkpoint ever had an evaluation, best_metric stayed None and save_total_limit
+    deleted the best one (a probe; transformers names the checkpoint of the step it evaluates). Epochs of 4 steps,
+    saves every 4: each checkpoint is compared by the epoch's evaluation after it."""
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3) for _ in range(4)]
+    trainer = Trainer(tiny(0, dropout=0.0), config(tmp_path, num_train_epochs=3, eval_strategy="epoch",
+                                                   save_strategy="steps", save_steps=4, save_total_limit=1,
+                                                   metric_for_best_model="score", report_to="none",
+                                                   disable_tqdm=True),
+                      batches, eval_batches=batches[:2], compute_metrics=_scripted([0.3, 0.9, 0.5]))
+    result = trainer.train()
+    out = tmp_path / "out"
+    assert result["best_metric"] == 0.9 and result["best_model_checkpoint"] == str(out / "checkpoint-8")
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-8"]
+    with open(out / "checkpoint-8" / "trainer_state.json") as f:
+        assert json.load(f)["best_model_checkpoint"] == str(out / "checkpoint-8")
+
+
+def test_early_stop_writes_no_extra_checkpoint_and_config_edges(tmp_path):
+    """An early stop off the save grid wrote a last checkpoint transformers does not write (a probe: it left
+    [checkpoint-4, checkpoint-6] where transformers leaves [checkpoint-4]); report_to=None was a bare TypeError
+    and max_grad_norm=inf (transformers: measure, never clip) was refused; a module llmcore cannot checkpoint failed
+    at its first save, mid-run."""
+    _, result = _best_run(tmp_path, [0.5, 0.4, 0.3], max_steps=16, save_steps=4, early_stopping_patience=2)
+    assert result["global_step"] == 6
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "out"))] == ["checkpoint-4"]
+    assert config(tmp_path, report_to=None).report_to == config(tmp_path, report_to="none").report_to == ()
+    gen = torch.Generator().manual_seed(3)
+    runs = {}
+    for norm in (0.0, math.inf):
+        trainer = Trainer(tiny(0, dropout=0.0), config(tmp_path / str(norm), max_steps=2, max_grad_norm=norm,
+                                                       report_to="none", disable_tqdm=True), factory(2))
+        trainer.train()
+        runs[norm] = ([r["grad_norm"] for r in trainer.log_history if "grad_norm" in r],
+                      [p.detach().clone() for p in trainer.model.parameters()])
+    assert runs[0.0][0] == runs[math.inf][0] and all(map(torch.equal, runs[0.0][1], runs[math.inf][1]))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, input_ids, labels=None, **kw):
+            return SimpleNamespace(logits=self.lin(input_ids.float()))
+    with pytest.raises(TypeError, match="save_strategy='steps' writes checkpoints of llmcore's or transformers'"):
+        Trainer(Net(), config(tmp_path, save_strategy="steps"), factory(2))

@@ -247,6 +247,18 @@ def _load_pt(file: str, **kwargs):
         raise CheckpointError(f"{file!r} is unreadable (a damaged checkpoint file?): {e!r}") from e
 
 
+def update_best_in_state(path: str, best_metric, best_model_checkpoint) -> None:
+    """Rewrites the best model's fields of the checkpoint ``path``'s trainer_state.json (an evaluation after the
+    checkpoint was written made it the best), atomically."""
+    file = os.path.join(path, "trainer_state.json")
+    with open(file, encoding="utf-8") as f:
+        state = json.load(f)
+    state.update(best_metric=best_metric, best_model_checkpoint=best_model_checkpoint)
+    with open(file + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+    os.replace(file + ".tmp", file)
+
+
 def load_model_weights(path: str, model: nn.Module) -> None:
     """The weights of the checkpoint folder ``path``, whole (model.safetensors) or sharded (``sharded/``), into
     ``model`` in place, sharded by FSDP or not; nothing else of the checkpoint. A collective when the model is

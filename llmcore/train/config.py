@@ -147,7 +147,8 @@ class TrainConfig:
         _check_float("warmup_ratio", self.warmup_ratio, lo=0.0, hi=1.0)
         _check_float("weight_decay", self.weight_decay, lo=0.0)
         _check_float("learning_rate", self.learning_rate, lo=0.0, lo_open=True)
-        _check_float("max_grad_norm", self.max_grad_norm, lo=0.0)
+        if self.max_grad_norm != math.inf:  # (+inf: measured, never clipped, as transformers takes it; as 0 here)
+            _check_float("max_grad_norm", self.max_grad_norm, lo=0.0)
         for name in ("adam_beta1", "adam_beta2"):
             _check_float(name, getattr(self, name), lo=0.0, hi=1.0)
             if getattr(self, name) == 1.0:
@@ -179,6 +180,11 @@ class TrainConfig:
             raise ValueError("resume_from_checkpoint is an empty path (an unset variable?): give a checkpoint folder, "
                              "True for the latest in output_dir, or None to start afresh")
         self._check_best_model()
+        if self.report_to is None:  # (transformers takes None as no integration too)
+            self.report_to = "none"
+        if not isinstance(self.report_to, (str, list, tuple)):
+            raise TypeError(f"report_to must be a name or a list of names ({', '.join(REPORTERS)}, 'all', 'none'), "
+                            f"got {type(self.report_to).__name__}")
         report = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         if "all" in report:
             report = list(REPORTERS)

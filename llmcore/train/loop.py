@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmcore.models import save_pretrained
+from llmcore.models import DecoderConfig, EncoderConfig, save_pretrained
 from llmcore.models.decoder import next_token_targets
 from llmcore.models.loading import is_transformers_model
 from llmcore.train.bf16_weights import Bf16Weights
@@ -35,6 +35,7 @@ from llmcore.train.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
     seed_everything,
+    update_best_in_state,
 )
 from llmcore.train.config import LAYER_KEYS, TrainConfig
 from llmcore.train.fsdp import (
@@ -474,6 +475,13 @@ class Trainer:
         if (eval_batches is not None and not callable(eval_batches) and _len_or_none(eval_batches) == 0
                 and _dist()[1] == 1):  # (under torch.distributed a rank may get none of a small split's rows)
             raise ValueError("eval_batches is empty: give evaluation batches, or none (eval_strategy 'no')")
+        inner = getattr(model, "module", model)
+        if config.save_strategy != "no" and not (is_transformers_model(inner) or isinstance(
+                getattr(inner, "config", None), (EncoderConfig, DecoderConfig))):
+            # (checked before training: the first checkpoint failed mid-run, reading the model's config)
+            raise TypeError(f"save_strategy={config.save_strategy!r} writes checkpoints of llmcore's or transformers' "
+                            f"models (config.json + safetensors), not of a {type(inner).__name__}: pass "
+                            "save_strategy='no', and save its state_dict yourself")
         if eval_batches is not None and compute_metrics is None:
             _check_watched_metric(config.metric_for_best_model, is_causal_lm(model), eval_batches, _num_labels(model))
         self.rank, self.world_size = _dist()
@@ -703,11 +711,22 @@ class Trainer:
         better = value > best if self.config.greater_is_better else value < best
         return better and abs(value - best) > by
 
-    def _evaluate_in_training(self, **record) -> bool:
+    def _evaluate_in_training(self, just_saved: bool = False, **record) -> bool:
         """An evaluation the loop makes: ``evaluate()``, logged after ``record``; True when early stopping ends the
-        run there."""
+        run there. ``just_saved``: this step's checkpoint was written before this evaluation (steps saving, epoch
+        evaluation, at an epoch's last step): it is compared for the best model now (transformers names the
+        checkpoint of the step it evaluates), its trainer_state.json told, and the rotation done again."""
         metrics = self.evaluate()
         self.log({"step": self.global_step, **record, **metrics})
+        if just_saved and self.config.metric_for_best_model is not None:
+            path = os.path.join(self.config.output_dir, f"{PREFIX}{self.global_step}")
+            before = self.best_model_checkpoint
+            self._track_best(path)
+            if self.best_model_checkpoint != before and self.rank == 0:
+                update_best_in_state(path, self.best_metric, self.best_model_checkpoint)
+                rotate_checkpoints(self.config.output_dir, self.config.save_total_limit,
+                                   keep=self.best_model_checkpoint)
+            self._barrier()
         return self._early_stop(metrics)
 
     def _early_stop(self, metrics: dict) -> bool:
@@ -899,17 +918,20 @@ class Trainer:
                     break
                 if exhausted or (n_batches is not None and consumed >= n_batches):
                     if cfg.eval_strategy == "epoch":
-                        stopped = self._evaluate_in_training(epoch=epoch + 1)
+                        stopped = self._evaluate_in_training(saved_step == self.global_step, epoch=epoch + 1)
                     if cfg.save_strategy == "epoch":
                         self.save(epoch + 1, 0)
                         saved_step = self.global_step
                     epoch, consumed = epoch + 1, 0
                 elif cfg.eval_strategy == "epoch" and self.global_step >= total:
                     # max_steps ended the run inside an epoch: transformers ends that epoch with its evaluation
-                    self._evaluate_in_training(epoch=round(_epoch_float(epoch, consumed, n_batches), 4))
-            if cfg.save_strategy != "no" and self.global_step > start_step and saved_step != self.global_step:
+                    self._evaluate_in_training(saved_step == self.global_step,
+                                               epoch=round(_epoch_float(epoch, consumed, n_batches), 4))
+            if (cfg.save_strategy != "no" and self.global_step > start_step and saved_step != self.global_step
+                    and not stopped):
                 # Training stopped between save points (max_steps mid-epoch, or off the save_steps grid):
-                # a last checkpoint, as transformers' Trainer writes, so the run can be resumed or extended.
+                # a last checkpoint, as transformers' Trainer writes, so the run can be resumed or extended (not
+                # after an early stop, where transformers writes none).
                 self.save(epoch, consumed)
         finally:
             for t in self._steppers:

@@ -149,7 +149,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float,
     own = {id(p) for s in steppers for p in s.params()}
     grads = [p.grad for p in parameters if p.grad is not None and id(p) not in own]
     norm = grad_norm(grads + extra)
-    if not max_norm > 0:
+    if not 0 < max_norm < math.inf:
         for s in steppers:
             s.step()
         optimizer.step()
