@@ -1363,7 +1363,6 @@ def test_early_stop_writes_no_extra_checkpoint_and_config_edges(tmp_path):
     assert result["global_step"] == 6
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "out"))] == ["checkpoint-4"]
     assert config(tmp_path, report_to=None).report_to == config(tmp_path, report_to="none").report_to == ()
-    gen = torch.Generator().manual_seed(3)
     runs = {}
     for norm in (0.0, math.inf):
         trainer = Trainer(tiny(0, dropout=0.0), config(tmp_path / str(norm), max_steps=2, max_grad_norm=norm,
