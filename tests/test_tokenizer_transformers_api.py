@@ -375,3 +375,58 @@ def test_transformers_trainer_with_this_tokenizer(tmp_path):
     assert losses["ours"] == losses["theirs"] and len(losses["ours"]) == 2
     assert (Tokenizer.from_pretrained(folders["ours"])(texts)["input_ids"]
             == transformers.AutoTokenizer.from_pretrained(folders["ours"])(texts)["input_ids"])
+
+
+def _np_or_list(v):
+    if isinstance(v, np.ndarray) and v.dtype == object:
+        return [r.tolist() for r in v]
+    return as_list(v)
+
+
+def test_pairs_overflow_and_pad_calls_as_transformers(tmp_path):
+    """Calls a probe of pairs and options found answered otherwise than transformers: encode(text, "") added a second
+    [SEP] (the call did not); a batch of (text, pair) tuples was refused; return_overflowing_tokens without
+    truncation (or without a length to cut at) and a stride without overflow were refused where transformers gives
+    each text one row; pad(return_tensors="np") refused rows of several lengths; num_special_tokens_to_add and
+    max_len_single_sentence / max_len_sentences_pair were missing."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    text = "hello world"
+    assert ours.encode(text, "") == theirs.encode(text, "") == ours.encode(text)
+    assert ours.tokenize(text, "", add_special_tokens=True) == theirs.tokenize(text, "", add_special_tokens=True)
+    pairs = [("how old are you?", "i am six."), ["where?", "here"]]
+    got, want = ours(pairs, padding=True), theirs(pairs, padding=True)
+    assert {k: as_list(v) for k, v in got.items()} == {k: as_list(v) for k, v in want.items()}
+    with pytest.raises(TypeError, match=r"text\[1\] is str .* \(text, pair\) items"):
+        ours([("a", "b"), "c"])
+    texts = list(corpus("sst2-test")[:3])
+    for kw in (dict(return_overflowing_tokens=True), dict(return_overflowing_tokens=True, return_tensors="np"),
+               dict(stride=2), dict(stride=2, max_length=8, truncation=True)):
+        got, want = ours(texts, **kw), theirs(texts, **kw)
+        assert {k: _np_or_list(v) for k, v in got.items()} == {k: _np_or_list(v) for k, v in want.items()}, kw
+    rows = [{"input_ids": [101, 7592, 102], "labels": [1, 2, 3]}, {"input_ids": [101, 102], "labels": [4]}]
+    for padding in (False, True):
+        got, want = ours.pad(rows, padding=padding, return_tensors="np"), theirs.pad(rows, padding=padding,
+                                                                                     return_tensors="np")
+        assert {k: _np_or_list(v) for k, v in got.items()} == {k: _np_or_list(v) for k, v in want.items()}, padding
+    for pair in (False, True):
+        assert ours.num_special_tokens_to_add(pair) == theirs.num_special_tokens_to_add(pair)
+    assert (ours.max_len_single_sentence, ours.max_len_sentences_pair) == (theirs.max_len_single_sentence,
+                                                                           theirs.max_len_sentences_pair)
+
+
+def test_extra_special_tokens_count_as_special_as_transformers(tmp_path):
+    """tokenizer_config.json's additional_special_tokens (v5: extra_special_tokens) were ignored: all_special_tokens
+    lacked them, get_special_tokens_mask(already_has_special_tokens=True) marked them 0, and the MLM collator masked
+    them (found by a probe); transformers counts them special."""
+    extra = "[unused1]"  # (a token of MiniLM's vocabulary)
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        path = folder(tmp_path, {"tokenizer_class": "BertTokenizer", key: [extra]}, name=key)
+        ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+        assert ours.all_special_tokens == theirs.all_special_tokens and extra in ours.all_special_tokens
+        assert ours.all_special_ids == theirs.all_special_ids
+        ids = [ours.cls_token_id, ours.token_to_id("a"), ours.token_to_id(extra), ours.token_to_id("b"),
+               ours.sep_token_id]
+        assert ours.get_special_tokens_mask(ids, already_has_special_tokens=True) == \
+            theirs.get_special_tokens_mask(ids, already_has_special_tokens=True)
+        again = pickle.loads(pickle.dumps(ours))
+        assert again.all_special_tokens == ours.all_special_tokens

@@ -454,7 +454,24 @@ def read_special_tokens_map(directory: str) -> dict:
             names = json.load(f)
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in names.items() if k in SPECIAL_NAMES} if isinstance(names, dict) else {}
+    keys = SPECIAL_NAMES + EXTRA_SPECIAL_KEYS
+    return {k: v for k, v in names.items() if k in keys} if isinstance(names, dict) else {}
+
+
+# transformers' lists of further special tokens (v5 names them extra_special_tokens: a list, or a dict of names)
+EXTRA_SPECIAL_KEYS = ("additional_special_tokens", "extra_special_tokens")
+
+
+def extra_special_tokens(cfg: dict) -> list:
+    """The further special tokens ``cfg`` names (strings, or transformers' {"content": ...}), in order, once each."""
+    out = []
+    for key in EXTRA_SPECIAL_KEYS:
+        value = cfg.get(key)
+        for item in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()):
+            content = item.get("content") if isinstance(item, dict) else item
+            if isinstance(content, str) and content not in out:
+                out.append(content)
+    return out
 
 
 def special_token_names(cfg: dict, is_token, bert_defaults: bool = False) -> dict:

@@ -128,9 +128,24 @@ def _tensors(out: dict, return_tensors: Optional[str]) -> dict:
             import torch
 
             return {k: torch.tensor(v) for k, v in out.items()}
-        return {k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in out.items()}
+        return {k: _np_rows(v) for k, v in out.items()}
     except ValueError as e:
         raise ValueError(f"the rows make no tensor ({e}): pass padding=True, as transformers asks") from None
+
+
+def _np_rows(v):
+    """``v`` as a NumPy array; rows of several lengths as transformers gives them, a 1-D object array of rows."""
+    if isinstance(v, np.ndarray):
+        return v
+    try:
+        return np.asarray(v)
+    except ValueError:
+        if not (isinstance(v, (list, tuple)) and all(isinstance(r, (list, tuple, np.ndarray)) for r in v)):
+            raise
+        out = np.empty(len(v), dtype=object)
+        for i, r in enumerate(v):
+            out[i] = np.asarray(r)
+        return out
 
 
 def _ragged_rows(rows: list) -> np.ndarray:
@@ -153,7 +168,7 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 # tokenizer_config.json keys a folder's transformers tokenizer reads that the transformers-style call follows
 _CONFIG_KEYS = ("tokenizer_class", "model_input_names", "model_max_length", "padding_side", "truncation_side",
-                "clean_up_tokenization_spaces") + _loaders.SPECIAL_NAMES
+                "clean_up_tokenization_spaces") + _loaders.SPECIAL_NAMES + _loaders.EXTRA_SPECIAL_KEYS
 
 
 # the settings a Tokenizer carries beside its files (pickled as they are)
@@ -206,6 +221,7 @@ class Tokenizer:
         self._warned_long = False
         self.clean_up_tokenization_spaces = False  # decode's default (tokenizer_config.json's)
         self._named: dict = {}  # unk_token, eos_token...: the folder's names for its special tokens
+        self._extra_special: list = []  # additional_special_tokens / extra_special_tokens: further ones
         self.name_or_path = source[1]  # (transformers' attribute: what it was loaded from)
 
     @property
@@ -257,6 +273,12 @@ class Tokenizer:
             self._spec.pad_token, self._spec.pad_id = named["pad_token"], self.token_to_id(named["pad_token"])
         named.pop("pad_token", None)  # (the pad token is the spec's: tokenizer.json's padding section names one)
         self._named = named
+        extra = _loaders.extra_special_tokens(cfg)
+        missing = [t for t in extra if self.token_to_id(t) is None]
+        if missing:  # (transformers would add them as new tokens)
+            warnings.warn(f"{where}: the extra special tokens {missing} are no tokens of this tokenizer: left out",
+                          stacklevel=3)
+        self._extra_special = [t for t in extra if t not in missing]
         self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
 
     # --- constructors -------------------------------------------------------------------
@@ -360,6 +382,8 @@ class Tokenizer:
         if not isinstance(text, (str, bytes)):
             raise TypeError(f"encode takes one text (str), got {type(text).__name__}; use encode_batch or the call "
                             "for many")
+        if isinstance(pair, (str, bytes)) and not pair:
+            pair = None  # (as transformers: one text with an empty pair is one text; the call does the same)
         if (padding is False and truncation is None and max_length is None and pad_to_multiple_of is None
                 and return_tensors is None):
             out = self._native.encode_batch([text], None if pair is None else [pair], add_special_tokens, False, 0,
@@ -522,6 +546,13 @@ class Tokenizer:
         if not single and (isinstance(text, (dict, set)) or not isinstance(text, Iterable)):
             raise ValueError(f"text must be a str or a list of str (a batch), got {type(text).__name__}")
         texts = [text] if single else list(text)
+        if not single and text_pair is None and any(isinstance(t, (tuple, list)) for t in texts):
+            # a batch of pairs as (text, pair) items, as transformers takes it
+            bad = next((i for i, t in enumerate(texts) if not (isinstance(t, (tuple, list)) and len(t) == 2)), None)
+            if bad is not None:
+                raise TypeError(f"text[{bad}] is {type(texts[bad]).__name__} {texts[bad]!r}: a batch of pairs is "
+                                "(text, pair) items, each of two strings")
+            texts, text_pair = [t[0] for t in texts], [t[1] for t in texts]
         if single and not text_pair:
             text_pair = None  # (as transformers: one text with an empty pair is one text)
         if not single and isinstance(text_pair, (str, bytes)):
@@ -559,11 +590,18 @@ class Tokenizer:
               and max_length % pad_to_multiple_of):
             raise ValueError(f"truncation to max_length={max_length} with padding to a multiple of "
                              f"{pad_to_multiple_of}: rows would outgrow max_length; make it a multiple")
+        # as transformers: overflow without truncation (none asked, or no length to cut at) is each text's one row,
+        # and a stride without overflow is unused
+        identity_overflow = bool(return_overflowing_tokens) and not (truncation and max_length is not None)
+        if not return_overflowing_tokens or identity_overflow:
+            stride = 0
         enc = self.encode_batch(texts, pairs, add_special_tokens, max_length, truncation,
                                 padding if padding is not False else ("longest" if return_tensors else False),
                                 pad_to_multiple_of, padding_side, return_offsets=return_offsets_mapping,
-                                return_overflowing_tokens=return_overflowing_tokens, stride=stride,
-                                return_special_tokens_mask=return_special_tokens_mask)
+                                return_overflowing_tokens=return_overflowing_tokens and not identity_overflow,
+                                stride=stride, return_special_tokens_mask=return_special_tokens_mask)
+        overflow_map = (np.arange(len(enc), dtype=np.int64) if identity_overflow
+                        else enc.overflow_to_sample_mapping if return_overflowing_tokens else None)
         if (verbose and not truncation and self._max_len is not None and len(enc)
                 and int(enc.lengths.max()) > self._max_len and not self._warned_long):
             self._warned_long = True  # (once per tokenizer, as transformers says it)
@@ -603,7 +641,7 @@ class Tokenizer:
                           for k, a in arrays.items()}
             out = {("offset_mapping" if k == "offsets" else k): a.astype(np.int64) for k, a in arrays.items()}
             if return_overflowing_tokens:
-                out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.astype(np.int64)
+                out["overflow_to_sample_mapping"] = overflow_map.astype(np.int64)
             if return_length:
                 out["length"] = (np.full(len(enc), out["input_ids"].shape[1], dtype=np.int64) if enc.is_padded
                                  else enc.lengths.astype(np.int64))
@@ -627,7 +665,7 @@ class Tokenizer:
                 k = "offset_mapping"
             out[k] = rows[0] if single else rows
         if return_overflowing_tokens:
-            out["overflow_to_sample_mapping"] = enc.overflow_to_sample_mapping.tolist()
+            out["overflow_to_sample_mapping"] = overflow_map.tolist()
         if return_length:  # (a list for a single text too, as transformers')
             out["length"] = [len(r) for r in ([out["input_ids"]] if single else out["input_ids"])]
         if ragged:
@@ -775,7 +813,22 @@ class Tokenizer:
 
     @property
     def all_special_tokens(self) -> list:
-        return list(dict.fromkeys(self.special_tokens_map.values()))
+        """The named special tokens, then the config's extra ones (``additional_special_tokens``), each once."""
+        return list(dict.fromkeys([*self.special_tokens_map.values(), *self._extra_special]))
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        """How many special tokens the template adds to one text (or a pair), as transformers' method."""
+        return int(self._native.num_special_tokens(bool(pair)))
+
+    @property
+    def max_len_single_sentence(self) -> int:
+        """``model_max_length`` less the special tokens of one text (transformers' attribute)."""
+        return self.model_max_length - self.num_special_tokens_to_add(False)
+
+    @property
+    def max_len_sentences_pair(self) -> int:
+        """``model_max_length`` less the special tokens of a pair (transformers' attribute)."""
+        return self.model_max_length - self.num_special_tokens_to_add(True)
 
     @property
     def all_special_ids(self) -> list:
