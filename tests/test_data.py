@@ -296,6 +296,13 @@ def test_tsv_quoting_is_told_by_how_a_field_opens(tmp_path):
     want = pd.read_csv(tmp_path / "all.tsv", sep="\t")
     table = sources.read_file(str(tmp_path / "all.tsv"))
     assert table == {"text": want["text"].tolist(), "label": [str(v) for v in want["label"]]}
+    # a line break in a quoted last column: the row that opens the quote is whole, the next one short (a probe of
+    # the rule above found it read with quoting off: 635 rows of 200 reviews)
+    frame = pd.DataFrame({"label": [1, 0, 1], "text": ["line one\nline two", "plain", "a\n\nthird"]})
+    frame.to_csv(tmp_path / "last.tsv", sep="\t", index=False)
+    want = pd.read_csv(tmp_path / "last.tsv", sep="\t")
+    assert sources.read_file(str(tmp_path / "last.tsv")) == {"label": [str(v) for v in want["label"]],
+                                                             "text": want["text"].tolist()}
     sst = 'text\tlabel\n"Amazing"\t1\n"Best purchase ever\t1\nyou get what you pay for"\t0\nworks fine\t1\n'
     for name, content in (("sst.tsv", sst), ("sst_inner_quote.tsv", sst + 'my 5" phone\n')):
         (tmp_path / name).write_text(content)

@@ -447,6 +447,10 @@ def test_finetune_keeps_raw_data_other_runs_and_checkpoints(tmp_path, capsys, mo
     (out / ".checkpoint-2.partial").mkdir()
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-2") and (out / "checkpoint-2" / "trainer_state.json"
                                                                          ).is_file()
+    # a moved-aside one without the new .partial is what a kill left of its removal: removed, not put back (a probe)
+    (out / ".checkpoint-7.partial.old").mkdir()
+    (out / ".checkpoint-7.partial.old" / "rng_state_0.pt").write_bytes(b"x")
+    assert latest_checkpoint(str(out)) == str(out / "checkpoint-2") and not (out / ".checkpoint-7.partial.old").exists()
     import llmcore.train.loop as loop
 
     def full_disk(partial, *args, **kwargs):

@@ -764,6 +764,13 @@ def test_sequences_past_the_learned_positions_are_refused_by_name():
             model(torch.randint(2, 50, (1, fits + 1)))
         with pytest.raises(ValueError, match="longer than the model's"):  # (packed: the longest sequence)
             model(torch.randint(2, 50, (fits + 3,)), cu_seqlens=torch.tensor([0, 2, fits + 3], dtype=torch.int32))
+    # RoBERTa's pads take its padding position: a padded row of 14 real tokens fits, whatever the padding (a probe)
+    ids = torch.randint(2, 50, (2, 16))
+    ids[0, 14:] = 1
+    mask = (ids != 1).long()
+    roberta(ids[:1], attention_mask=mask[:1])
+    with pytest.raises(ValueError, match="sequences of 16 tokens"):
+        roberta(ids, attention_mask=mask)
 
 
 def test_a_hook_on_the_last_encoder_layer_sees_every_row(minilm, sst2_batch):

@@ -1362,6 +1362,10 @@ def test_early_stop_writes_no_extra_checkpoint_and_config_edges(tmp_path):
     _, result = _best_run(tmp_path, [0.5, 0.4, 0.3], max_steps=16, save_steps=4, early_stopping_patience=2)
     assert result["global_step"] == 6
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "out"))] == ["checkpoint-4"]
+    # a stop at the run's last step still writes it, as transformers saves at max_steps whatever stopped it
+    _, result = _best_run(tmp_path / "last", [0.5, 0.4, 0.3], max_steps=6, save_steps=4, early_stopping_patience=2)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "last" / "out"))] == ["checkpoint-4",
+                                                                                              "checkpoint-6"]
     assert config(tmp_path, report_to=None).report_to == config(tmp_path, report_to="none").report_to == ()
     runs = {}
     for norm in (0.0, math.inf):

@@ -91,10 +91,10 @@ def detect_columns(columns: Dict[str, list], text_column: Optional[str], label_c
 def check_text_column(values: Sequence, name: str, where: str) -> None:
     """Raise when a text column holds no text: non-string values (JSON numbers, lists) or only
     integers (a label or id column passed as --text-column)."""
-    odd = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
+    odd = next(((i, v) for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
     if odd is not None:
-        raise ValueError(f"text column {name!r} of {where} holds {type(values[odd]).__name__} values "
-                         f"(data row {odd + 1}: {values[odd]!r}), not text; pick the text column with --text-column")
+        raise ValueError(f"text column {name!r} of {where} holds {type(odd[1]).__name__} values "
+                         f"(data row {odd[0] + 1}: {odd[1]!r}), not text; pick the text column with --text-column")
     sample = [v for v in values[:1000] if v is not None]
     if sample and all(_is_int(v) for v in sample):
         raise ValueError(f"text column {name!r} of {where} holds only integers (e.g. {sample[0]!r}), not text; "

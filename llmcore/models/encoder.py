@@ -34,6 +34,8 @@ class Embeddings(nn.Module):
         if position_ids is None:
             longest = batch.max_seqlen if batch.packed else input_ids.shape[-1]
             first = self.pad_token_id + 1 if self.family == "roberta" else 0  # (RoBERTa's positions start there)
+            if first + longest > self.position.num_embeddings and self.family == "roberta" and not batch.packed:
+                longest = int(input_ids.ne(self.pad_token_id).sum(-1).max())  # (its pads take the padding position)
             if first + longest > self.position.num_embeddings:
                 raise ValueError(f"sequences of {longest} tokens are longer than the model's "
                                  f"{self.position.num_embeddings - first} positions (max_position_embeddings)")

@@ -2,6 +2,7 @@
 packed, (T, ...) with ``cu_seqlens``; ``Batch`` carries which, so every layer serves both."""
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 
@@ -355,6 +356,8 @@ _NOT_USERS_HOOKS = ("torch.", "transformers.utils.output_capturing")
 
 
 def _users_hook(hook) -> bool:
+    while isinstance(hook, functools.partial):  # (FullyShardedDataParallel's hooks are partials of its functions)
+        hook = hook.func
     return not (getattr(hook, "__module__", None) or type(hook).__module__ or "").startswith(_NOT_USERS_HOOKS)
 
 

@@ -97,17 +97,24 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 def restore_interrupted_swaps(output_dir: str) -> None:
     """Put back a checkpoint that ``publish_checkpoint`` had moved aside (``.checkpoint-N.partial.old``) when the
-    process died before the new one took its name: without it, checkpoint-N was gone. (Every rank may try; one
-    rename wins.)"""
+    process died between its two renames (the new ``.checkpoint-N.partial`` still there): without it, checkpoint-N
+    was gone. A moved-aside one without that is the rest of a removal a kill cut short: removed. (Every rank may
+    try; one rename wins.)"""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
         m = re.fullmatch(rf"\.({PREFIX}\d+)\.partial\.old", name)
-        if m and not os.path.exists(os.path.join(output_dir, m.group(1))):
-            try:
-                os.rename(os.path.join(output_dir, name), os.path.join(output_dir, m.group(1)))
-            except OSError:
-                pass  # (another rank's rename won)
+        if not m or os.path.exists(os.path.join(output_dir, m.group(1))):
+            continue
+        old = os.path.join(output_dir, name)
+        if not os.path.isdir(os.path.join(output_dir, f".{m.group(1)}.partial")):
+            # (not between the two renames: a removal of the old one that a kill cut short; nothing whole to restore)
+            shutil.rmtree(old, ignore_errors=True)
+            continue
+        try:
+            os.rename(old, os.path.join(output_dir, m.group(1)))
+        except OSError:
+            pass  # (another rank's rename won)
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:

@@ -928,10 +928,10 @@ class Trainer:
                     self._evaluate_in_training(saved_step == self.global_step,
                                                epoch=round(_epoch_float(epoch, consumed, n_batches), 4))
             if (cfg.save_strategy != "no" and self.global_step > start_step and saved_step != self.global_step
-                    and not stopped):
+                    and not (stopped and self.global_step < total)):
                 # Training stopped between save points (max_steps mid-epoch, or off the save_steps grid):
                 # a last checkpoint, as transformers' Trainer writes, so the run can be resumed or extended (not
-                # after an early stop, where transformers writes none).
+                # after an early stop before the last step, where transformers writes none).
                 self.save(epoch, consumed)
         finally:
             for t in self._steppers:
