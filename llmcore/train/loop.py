@@ -475,6 +475,11 @@ class Trainer:
         if (eval_batches is not None and not callable(eval_batches) and _len_or_none(eval_batches) == 0
                 and _dist()[1] == 1):  # (under torch.distributed a rank may get none of a small split's rows)
             raise ValueError("eval_batches is empty: give evaluation batches, or none (eval_strategy 'no')")
+        if eval_batches is not None and compute_metrics is None:
+            _check_watched_metric(config.metric_for_best_model, is_causal_lm(model), eval_batches, _num_labels(model))
+        self.rank, self.world_size = _dist()
+        if config.activation_checkpointing:
+            _enable_activation_checkpointing(model, config.activation_checkpointing_kwargs)
         inner = getattr(model, "module", model)
         if config.save_strategy != "no" and not (is_transformers_model(inner) or isinstance(
                 getattr(inner, "config", None), (EncoderConfig, DecoderConfig))):
@@ -482,11 +487,6 @@ class Trainer:
             raise TypeError(f"save_strategy={config.save_strategy!r} writes checkpoints of llmcore's or transformers' "
                             f"models (config.json + safetensors), not of a {type(inner).__name__}: pass "
                             "save_strategy='no', and save its state_dict yourself")
-        if eval_batches is not None and compute_metrics is None:
-            _check_watched_metric(config.metric_for_best_model, is_causal_lm(model), eval_batches, _num_labels(model))
-        self.rank, self.world_size = _dist()
-        if config.activation_checkpointing:
-            _enable_activation_checkpointing(model, config.activation_checkpointing_kwargs)
         if config.fsdp and not is_sharded(model):
             check_process_group(config.fsdp)
             shard(model, config.fsdp, bf16=config.bf16)
