@@ -415,6 +415,8 @@ def test_finetune_keeps_raw_data_other_runs_and_checkpoints(tmp_path, capsys, mo
     data = _csv_dir(project, "data", train=rows, validation=rows[::4])
     code, err = _finetune_err(capsys, data, project)
     assert code == 2 and "is the folder finetune caches the prepared data in" in err
+    code, err = _finetune_err(capsys, data / "train.csv", project)  # (a raw file in that folder: a probe)
+    assert code == 2 and "is the folder finetune caches the prepared data in" in err
     assert sorted(os.listdir(data)) == ["train.csv", "validation.csv"]
     from llmcore.data import prepare
 

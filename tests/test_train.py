@@ -1351,7 +1351,54 @@ def test_epoch_evaluation_after_a_steps_save_tracks_that_checkpoint(tmp_path):
     assert result["best_metric"] == 0.9 and result["best_model_checkpoint"] == str(out / "checkpoint-8")
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-8"]
     with open(out / "checkpoint-8" / "trainer_state.json") as f:
-        assert json.load(f)["best_model_checkpoint"] == str(out / "checkpoint-8")
+        state = json.load(f)
+    # the state as a checkpoint written after that evaluation would hold it: its record and early stopping's count
+    # (a resume lost the evaluation and ran past the stop: a probe)
+    assert state["best_model_checkpoint"] == str(out / "checkpoint-8")
+    assert any(r.get("step") == 8 and "eval_score" in r for r in state["log_history"])
+
+
+def test_resume_after_an_epoch_evaluation_that_followed_a_save_continues(tmp_path):
+    """Early stopping by epoch evaluations with steps saving: a run resumed from a checkpoint written just before an
+    epoch's evaluation stops where the uninterrupted run stops, with the same weights."""
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3) for _ in range(4)]
+    kw = dict(num_train_epochs=6, eval_strategy="epoch", save_strategy="steps", save_steps=4,
+              metric_for_best_model="score", early_stopping_patience=2, report_to="none", disable_tqdm=True)
+    scores = [0.3, 0.9, 0.5, 0.4, 0.95, 0.1]
+    whole = Trainer(tiny(0, dropout=0.0), config(tmp_path / "whole", **kw), batches, eval_batches=batches[:2],
+                    compute_metrics=_scripted(scores))
+    done = whole.train()
+    assert done["global_step"] == 16  # (two epochs without beating 0.9 after the second)
+    with pytest.raises(IndexError):  # (the run dies at its third evaluation, after checkpoint-8 and the second)
+        Trainer(tiny(0, dropout=0.0), config(tmp_path / "cut", **kw), batches, eval_batches=batches[:2],
+                compute_metrics=_scripted(scores[:2])).train()
+    resumed = Trainer(tiny(0, dropout=0.0), config(tmp_path / "cut", resume_from_checkpoint=str(
+        tmp_path / "cut" / "out" / "checkpoint-8"), **kw), batches, eval_batches=batches[:2],
+        compute_metrics=_scripted(scores[2:]))
+    again = resumed.train()
+    assert again["global_step"] == 16 and again["best_metric"] == done["best_metric"] == 0.9
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_wrapped_models(tmp_path):
+    """A model the caller wrapped in DDP trained, then failed at its first save (the wrapper has no config); a
+    torch.compile(model) wrapper saved under '_orig_mod.' names (a probe). DDP's module is what is saved now;
+    the compile wrapper is refused when saving, naming model.compile()."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny(0, dropout=0.0)
+        Trainer(nn.parallel.DistributedDataParallel(model), config(tmp_path, max_steps=2, save_strategy="steps",
+                                                                   save_steps=1, report_to="none"), factory(2)).train()
+        assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "out"))] == ["checkpoint-1",
+                                                                                           "checkpoint-2"]
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(TypeError, match=r"compile the model in place \(model.compile\(\)\)"):
+        Trainer(torch.compile(tiny(0)), config(tmp_path, save_strategy="steps"), factory(2))
 
 
 def test_early_stop_writes_no_extra_checkpoint_and_config_edges(tmp_path):

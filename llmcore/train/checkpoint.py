@@ -254,13 +254,13 @@ def _load_pt(file: str, **kwargs):
         raise CheckpointError(f"{file!r} is unreadable (a damaged checkpoint file?): {e!r}") from e
 
 
-def update_best_in_state(path: str, best_metric, best_model_checkpoint) -> None:
-    """Rewrites the best model's fields of the checkpoint ``path``'s trainer_state.json (an evaluation after the
-    checkpoint was written made it the best), atomically."""
+def update_state(path: str, **fields) -> None:
+    """Rewrites ``fields`` of the checkpoint ``path``'s trainer_state.json (an evaluation made after the checkpoint
+    was written: its record, the best model, early stopping's count), atomically."""
     file = os.path.join(path, "trainer_state.json")
     with open(file, encoding="utf-8") as f:
         state = json.load(f)
-    state.update(best_metric=best_metric, best_model_checkpoint=best_model_checkpoint)
+    state.update(fields)
     with open(file + ".tmp", "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2)
     os.replace(file + ".tmp", file)

@@ -518,7 +518,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                                     {"max_length": max_length, "overflow": asked_overflow, "tokenizer": tokenizer,
                                      "text_column": text_column, "label_column": label_column})
         else:
-            if os.path.realpath(data) == os.path.realpath(os.path.join(output_dir, "data")):
+            if inside_folder(data, os.path.join(output_dir, "data")):  # (the folder, or a raw file in it)
                 raise ValueError(f"--data {data!r} is the folder finetune caches the prepared data in "
                                  f"(--output-dir's data/): its arrays would be written among the raw files; choose "
                                  "another --output-dir, or move the raw files")

@@ -35,7 +35,7 @@ from llmcore.train.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
     seed_everything,
-    update_best_in_state,
+    update_state,
 )
 from llmcore.train.config import LAYER_KEYS, TrainConfig
 from llmcore.train.fsdp import (
@@ -477,10 +477,16 @@ class Trainer:
             raise ValueError("eval_batches is empty: give evaluation batches, or none (eval_strategy 'no')")
         if eval_batches is not None and compute_metrics is None:
             _check_watched_metric(config.metric_for_best_model, is_causal_lm(model), eval_batches, _num_labels(model))
+        wrapped = model
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # (steps go through it; saves and calls of the
+            model = model.module                                     # model's own methods to the module)
         self.rank, self.world_size = _dist()
         if config.activation_checkpointing:
             _enable_activation_checkpointing(model, config.activation_checkpointing_kwargs)
         inner = getattr(model, "module", model)
+        if config.save_strategy != "no" and hasattr(model, "_orig_mod"):  # (torch.compile's wrapper)
+            raise TypeError(f"save_strategy={config.save_strategy!r}: a torch.compile(model) wrapper saves under "
+                            "'_orig_mod.' names; compile the model in place (model.compile()), or save_strategy='no'")
         if config.save_strategy != "no" and not (is_transformers_model(inner) or isinstance(
                 getattr(inner, "config", None), (EncoderConfig, DecoderConfig))):
             # (checked before training: the first checkpoint failed mid-run, reading the model's config)
@@ -510,7 +516,7 @@ class Trainer:
         self._patience_counter = 0
         self.reporter: Optional[Reporter] = None
         self._resumed_step: Optional[int] = None  # the next Reporter drops the log records after it (then None)
-        self._wrapped = model
+        self._wrapped = wrapped
         # while training: parameters stepped outside torch's AdamW (row-sparse embedding tables,
         # linear weights with bf16 copies), same update
         self._steppers: list = []
@@ -665,7 +671,13 @@ class Trainer:
         try:
             save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
                             write_shared=self.rank == 0, sharded=self.config.sharded_checkpoints)
-        except (OSError, RuntimeError) as e:  # (torch.save's full disk is a RuntimeError naming no file)
+        except BaseException as e:
+            # a write that failed (a full disk): OSError, torch.save's writer (a RuntimeError naming no file), DCP's
+            # CheckpointException (a BaseException); anything else (a peer gone, a bug) as it is
+            written = isinstance(e, OSError) or type(e).__name__ == "CheckpointException" or (
+                type(e) is RuntimeError and ("PytorchStreamWriter" in str(e) or "inline_container" in str(e)))
+            if not written:
+                raise
             if self.world_size == 1:
                 shutil.rmtree(partial, ignore_errors=True)
             free = shutil.disk_usage(self.config.output_dir).free / 2**20
@@ -718,16 +730,21 @@ class Trainer:
         checkpoint of the step it evaluates), its trainer_state.json told, and the rotation done again."""
         metrics = self.evaluate()
         self.log({"step": self.global_step, **record, **metrics})
-        if just_saved and self.config.metric_for_best_model is not None:
+        stop = self._early_stop(metrics)
+        if just_saved:  # (the state as a checkpoint written after this evaluation would hold it: a resume continues)
             path = os.path.join(self.config.output_dir, f"{PREFIX}{self.global_step}")
             before = self.best_model_checkpoint
-            self._track_best(path)
-            if self.best_model_checkpoint != before and self.rank == 0:
-                update_best_in_state(path, self.best_metric, self.best_model_checkpoint)
-                rotate_checkpoints(self.config.output_dir, self.config.save_total_limit,
-                                   keep=self.best_model_checkpoint)
+            if self.config.metric_for_best_model is not None:
+                self._track_best(path)
+            if self.rank == 0:
+                update_state(path, log_history=self.log_history, best_metric=self.best_metric,
+                             best_model_checkpoint=self.best_model_checkpoint,
+                             early_stopping={"best": self._eval_best, "patience_counter": self._patience_counter})
+                if self.best_model_checkpoint != before:
+                    rotate_checkpoints(self.config.output_dir, self.config.save_total_limit,
+                                       keep=self.best_model_checkpoint)
             self._barrier()
-        return self._early_stop(metrics)
+        return stop
 
     def _early_stop(self, metrics: dict) -> bool:
         """transformers' EarlyStoppingCallback.on_evaluate: True once ``early_stopping_patience`` evaluations in a
