@@ -55,15 +55,17 @@ def _opens_quote(field: str) -> bool:
 def _csv_quoted(header: List[str], rows: List[list]) -> bool:
     """Whether a TSV read with quoting off shows CSV quoting (pandas', R's and Python's csv writers): every column
     name quoted (QUOTE_ALL / QUOTE_NONNUMERIC writers quote them all), a row short of fields whose last field opens
-    a quote, or that follows a row whose last field does (a quoted line break split it), a row long of fields with a field opening a quote (a quoted tab split
-    it), or a field wrapped in quotes with its inner quotes doubled. A quote inside a field (``my 5" phone``, as
+    a quote, or that follows a row whose last field does (a quoted line break split it), a row long of fields with
+    a field opening a quote (a quoted tab split it), or a field wrapped in quotes with its inner quotes doubled. A quote inside a field (``my 5" phone``, as
     SST-2's sentences have) is text. (A quoted field's quotes come in pairs; one that quoting split has an odd
     number, and starts with one.)"""
     if header and all(len(h) >= 2 and h[0] == h[-1] == '"' for h in header):
         return True
     previous = header
     for row in rows:
-        if len(row) < len(header) and row and (_opens_quote(row[-1]) or (previous and _opens_quote(previous[-1]))):
+        if _blank(row):  # (skipped as pandas skips it: no field of a quoted one)
+            continue
+        if len(row) < len(header) and (_opens_quote(row[-1]) or (previous and _opens_quote(previous[-1]))):
             return True  # (a line break in a quoted field: a short row that opens it, or one after the row that did)
         previous = row
         if len(row) > len(header) and any(map(_opens_quote, row)):
