@@ -430,3 +430,10 @@ def test_extra_special_tokens_count_as_special_as_transformers(tmp_path):
             theirs.get_special_tokens_mask(ids, already_has_special_tokens=True)
         again = pickle.loads(pickle.dumps(ours))
         assert again.all_special_tokens == ours.all_special_tokens
+        assert ours.convert_ids_to_tokens(ids, skip_special_tokens=True) == \
+            theirs.convert_ids_to_tokens(ids, skip_special_tokens=True) == ["a", "b"]
+    # decode of rows of ids (transformers 5: a list of texts; it raised TypeError)
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    rows = ours(["a good film", "bad"], padding=True, return_tensors="np")["input_ids"]
+    for form in (rows, rows.tolist()):
+        assert ours.decode(form) == theirs.decode(form, skip_special_tokens=True) == ["a good film", "bad"]

@@ -678,7 +678,11 @@ class Tokenizer:
                clean_up_tokenization_spaces: Optional[bool] = None) -> str:
         """The text of ``ids``, as HF tokenizers decodes them. ``clean_up_tokenization_spaces`` (default: the
         folder's tokenizer_config.json, else False) then joins WordPiece's spaced punctuation and English
-        contractions (" ." -> ".", " n't" -> "n't", ...), as transformers' decode does for WordPiece."""
+        contractions (" ." -> ".", " n't" -> "n't", ...), as transformers' decode does for WordPiece. Rows of ids
+        (a 2-D array or tensor, a list of lists) give a list of texts, as transformers 5's decode."""
+        if getattr(ids, "ndim", None) == 2 or (isinstance(ids, (list, tuple)) and ids
+                                               and isinstance(ids[0], (list, tuple))):
+            return self.decode_batch(ids, skip_special_tokens, clean_up_tokenization_spaces)
         if self._spec.decoder_issue:
             raise NotImplementedError(f"decode: {self._spec.decoder_issue}; encoding is unaffected")
         text = self._native.decode(_id_list(ids), skip_special_tokens).decode("utf-8", errors="replace")
@@ -697,8 +701,8 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         """transformers' call: one id's token string (None for an id that is none), or a list of them for a
-        sequence of ids; ``skip_special_tokens`` leaves out the named special tokens (``special_tokens``: as
-        transformers' ``all_special_ids``, without its additional special tokens)."""
+        sequence of ids; ``skip_special_tokens`` leaves out ``all_special_ids`` (the named special tokens and the
+        config's extra ones), as transformers."""
         if isinstance(ids, numbers.Integral) and not isinstance(ids, bool) or getattr(ids, "ndim", None) == 0:
             return self.id_to_token(int(ids))
         special = self._special_ids() if skip_special_tokens else ()
@@ -724,7 +728,7 @@ class Tokenizer:
         return self.unk_token_id if i is None else i
 
     def _special_ids(self) -> frozenset:
-        return frozenset(self.token_to_id(t) for t in self.special_tokens.values())
+        return frozenset(self.all_special_ids)
 
     def get_vocab(self) -> dict:
         """Token string -> id, every token (added ones too), as transformers' ``get_vocab``."""
