@@ -347,6 +347,7 @@ def linear_weight(lin: nn.Linear) -> Tensor:
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = tuple(f"_global{name}" for name in _HOOK_DICTS)  # (torch.nn.modules.module's)
 
 
 # hooks that read no rows of a call that asks for no hidden states or attentions: torch's (FSDP2's and composable
@@ -367,9 +368,7 @@ def hooks_see_layer_output(model: nn.Module, path: str, last: nn.Module) -> bool
     (its base model, encoder), or a global module hook."""
     from torch.nn.modules import module as torch_module
 
-    if any(map(_users_hook, (h for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                            "_global_backward_hooks", "_global_backward_pre_hooks")
-                             for h in getattr(torch_module, name, {}).values()))):
+    if any(map(_users_hook, (h for name in _GLOBAL_HOOK_DICTS for h in getattr(torch_module, name, {}).values()))):
         return True
     parts = path.split(".")
     between = [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
@@ -386,8 +385,7 @@ def plain_linear(lin: nn.Module) -> bool:
 
     return (type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks
                                             or lin._backward_pre_hooks)
-            and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                     or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks))
+            and not any(getattr(torch_module, name, None) for name in _GLOBAL_HOOK_DICTS))
 
 
 def linear(x: Tensor, lin: nn.Linear) -> Tensor:

@@ -142,17 +142,15 @@ def _np_rows(v):
     except ValueError:
         if not (isinstance(v, (list, tuple)) and all(isinstance(r, (list, tuple, np.ndarray)) for r in v)):
             raise
-        out = np.empty(len(v), dtype=object)
-        for i, r in enumerate(v):
-            out[i] = np.asarray(r)
-        return out
+        return _ragged_rows(v, dtype=None)
 
 
-def _ragged_rows(rows: list) -> np.ndarray:
-    """Rows of several lengths as transformers' return_tensors="np" gives them: a 1-D object array of int64 rows."""
+def _ragged_rows(rows: list, dtype=np.int64) -> np.ndarray:
+    """Rows of several lengths as transformers' return_tensors="np" gives them: a 1-D object array of rows (of
+    ``dtype``; None: each row's own)."""
     out = np.empty(len(rows), dtype=object)
     for i, r in enumerate(rows):
-        out[i] = np.asarray(r, dtype=np.int64)
+        out[i] = np.asarray(r, dtype=dtype)
     return out
 
 

@@ -278,11 +278,10 @@ def load_model_weights(path: str, model: nn.Module) -> None:
         load_transformers_state(model, read_safetensors(path))
         return
     weights = os.path.join(path, "model.safetensors")
+    tensors = load_safetensors_file(weights)  # (its own errors name the file)
     try:
-        fresh = load_state(model, model.config.family, load_safetensors_file(weights), strict_head=True)
+        fresh = load_state(model, model.config.family, tensors, strict_head=True)
     except CheckpointError as e:
-        if weights in str(e):
-            raise
         raise CheckpointError(f"{weights!r} does not fit the model (a checkpoint of another --model?): {e}") from e
     if fresh:
         raise CheckpointError(f"{weights!r} lacks {fresh}")

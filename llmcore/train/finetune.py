@@ -361,17 +361,19 @@ def _check_sources_unchanged(data: str, prepared) -> None:
     """A prepared folder's source files that still exist must be as they were prepared (size and modification
     time, as the cache key has them): an edited file would be trained on as it was. (Sources gone are fine: a
     prepared folder may travel without its raw data.)"""
-    sources = prepared.meta.get("sources") or []
-    entries = [e for part in sources for e in (part if part and isinstance(part[0], list) else [part])]
+    from llmcore.data import sources
+
+    made_from = prepared.meta.get("sources") or []
+    entries = [e for part in made_from for e in (part if part and isinstance(part[0], list) else [part])]
     for entry in entries:
         if not (isinstance(entry, list) and len(entry) == 4):
             continue
-        split, path, size, mtime = entry
+        split, path = entry[:2]
         try:
-            st = os.stat(path)
+            now = sources.fingerprint_files({split: path})[0]
         except OSError:
             continue
-        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+        if now != entry:
             raise ValueError(f"{data!r} is a prepared folder whose {split} split was made from {path!r}, which has "
                              "changed since: prepare it again (`llmcore prepare --force`), or pass the raw data")
 

@@ -665,9 +665,7 @@ class Trainer:
             os.makedirs(partial)
         self._barrier()
         state = {"global_step": self.global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                 "world_size": self.world_size, "log_history": self.log_history, "config": self.config.to_dict(),
-                 "best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint,
-                 "early_stopping": {"best": self._eval_best, "patience_counter": self._patience_counter}}
+                 "world_size": self.world_size, "config": self.config.to_dict(), **self._progress()}
         try:
             save_checkpoint(partial, self.model, self.optimizer, self.scheduler, state, rank=self.rank,
                             write_shared=self.rank == 0, sharded=self.config.sharded_checkpoints)
@@ -689,6 +687,13 @@ class Trainer:
             rotate_checkpoints(self.config.output_dir, self.config.save_total_limit, keep=self.best_model_checkpoint)
         self._barrier()  # (the other ranks may read it next: load_best_model_at_end of this, the last, checkpoint)
         return path
+
+    def _progress(self) -> dict:
+        """What a checkpoint's state holds of the run so far beyond its position: the log, the best model, early
+        stopping's count."""
+        return {"log_history": self.log_history, "best_metric": self.best_metric,
+                "best_model_checkpoint": self.best_model_checkpoint,
+                "early_stopping": {"best": self._eval_best, "patience_counter": self._patience_counter}}
 
     def _track_best(self, path: str) -> None:
         """With ``metric_for_best_model``: when this step was evaluated, compare its metric with the best so far
@@ -737,9 +742,7 @@ class Trainer:
             if self.config.metric_for_best_model is not None:
                 self._track_best(path)
             if self.rank == 0:
-                update_state(path, log_history=self.log_history, best_metric=self.best_metric,
-                             best_model_checkpoint=self.best_model_checkpoint,
-                             early_stopping={"best": self._eval_best, "patience_counter": self._patience_counter})
+                update_state(path, **self._progress())
                 if self.best_model_checkpoint != before:
                     rotate_checkpoints(self.config.output_dir, self.config.save_total_limit,
                                        keep=self.best_model_checkpoint)

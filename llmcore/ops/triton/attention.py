@@ -532,17 +532,14 @@ def _check_op_args(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, rng, outp
         raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to the scores {want}")
 
 
-def _scores_view(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
-    """A dense mask as a (B, H, Lq, Lk) view, its size-1 dims of stride 0: the kernels read it by its strides."""
-    return None if mask is None else mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
-
-
 @torch.library.custom_op("llmcore::triton_attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_q: Optional[Tensor],
                    cu_k: Optional[Tensor], max_q: int, max_k: int, dropout_p: float, causal: bool, scale: float,
                    rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     _check_op_args(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, rng)
-    mask = _scores_view(mask, q, k)
+    from llmcore.ops.attention import _broadcast_mask
+
+    mask = _broadcast_mask(mask, q, k)
     return _forward_impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, rng)
 
 
@@ -557,7 +554,9 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    cu_q: Optional[Tensor], cu_k: Optional[Tensor], rng: Optional[Tensor], max_q: int, max_k: int,
                    dropout_p: float, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     _check_op_args(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, rng, (out, grad_out, lse))
-    mask = _scores_view(mask, q, k)
+    from llmcore.ops.attention import _broadcast_mask
+
+    mask = _broadcast_mask(mask, q, k)
     return _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, rng, max_q, max_k, dropout_p, causal, scale)
 
 
