@@ -1,6 +1,7 @@
 """llmcore.data: loading, cleaning, splitting, tokenizing and caching real SST-2 / IMDB data."""
 import csv
 import functools
+import html
 import json
 import os
 import subprocess
@@ -51,6 +52,10 @@ def test_clean_text():
     assert clean_text("cafe\x07\u0301") == "caf\u00e9"  # NFC once the control character between is gone
     assert clean_text("i <3 it, a < b") == "i <3 it, a < b"  # not tags
     assert clean_text(None) == ""
+    # a numeric reference of over 4300 digits raised ValueError (int()'s limit) out of prepare
+    assert clean_text("a&#" + "0" * 5000 + "65;b &#x" + "0" * 5000 + "41; &#" + "9" * 5000 + ";") == "aAb A \ufffd"
+    edge = "&#0; &#x110000; &#1114111; &#x0000000041; &#00000000065;"  # the same as html.unescape
+    assert clean_text(edge) == " ".join(html.unescape(edge).split())
 
 
 def test_sst2_folder(sst2, tok):

@@ -25,7 +25,14 @@ _ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
 
 
 def _unescape(m: re.Match) -> str:
-    return html.unescape(m.group())
+    ref = m.group()
+    if ref[1] == "#":  # leading zeros dropped: int() refuses over 4300 digits, "&#0000...065;" is still "A"
+        hexa = ref[2] in "xX"
+        digits = ref[3 if hexa else 2:-1].lstrip("0") or "0"
+        if len(digits) > 8:  # past U+10FFFF in either base: html.unescape's U+FFFD
+            return "\ufffd"
+        ref = ("&#x" if hexa else "&#") + digits + ";"
+    return html.unescape(ref)
 
 
 def clean_text(text) -> str:
