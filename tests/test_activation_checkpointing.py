@@ -67,6 +67,20 @@ def test_training_is_bit_for_bit_the_same(tmp_path, layout, bf16):
     assert sum(not torch.equal(t, start[k]) for k, t in theirs.items()) > len(theirs) // 2  # it trained
 
 
+def test_a_refused_trainer_leaves_the_model_as_it_was(tmp_path):
+    """Found by a probe: Trainer(activation_checkpointing=True) turned recomputation on before refusing the model
+    (a torch.compile wrapper, a module it cannot save, fsdp without a process group), leaving it on."""
+    model = tiny(0)
+    config = dict(save_strategy="no", report_to="none", disable_tqdm=True, activation_checkpointing=True)
+    with pytest.raises(ValueError, match="no process group is initialized"):
+        Trainer(model, TrainConfig(str(tmp_path / "a"), fsdp="full_shard", **config), [])
+    config["save_strategy"] = "steps"
+    with pytest.raises(TypeError, match="torch.compile"):
+        Trainer(torch.compile(model), TrainConfig(str(tmp_path / "b"), **config), [])
+    assert not model.is_activation_checkpointing
+    assert Trainer(model, TrainConfig(str(tmp_path / "c"), **config), []).model.is_activation_checkpointing
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_decoder_gradients_are_bit_for_bit_the_same(family, bf16):

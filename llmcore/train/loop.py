@@ -481,8 +481,6 @@ class Trainer:
         if isinstance(model, nn.parallel.DistributedDataParallel):  # (steps go through it; saves and calls of the
             model = model.module                                     # model's own methods to the module)
         self.rank, self.world_size = _dist()
-        if config.activation_checkpointing:
-            _enable_activation_checkpointing(model, config.activation_checkpointing_kwargs)
         inner = getattr(model, "module", model)
         if config.save_strategy != "no" and hasattr(model, "_orig_mod"):  # (torch.compile's wrapper)
             raise TypeError(f"save_strategy={config.save_strategy!r}: a torch.compile(model) wrapper saves under "
@@ -493,8 +491,12 @@ class Trainer:
             raise TypeError(f"save_strategy={config.save_strategy!r} writes checkpoints of llmcore's or transformers' "
                             f"models (config.json + safetensors), not of a {type(inner).__name__}: pass "
                             "save_strategy='no', and save its state_dict yourself")
-        if config.fsdp and not is_sharded(model):
+        to_shard = config.fsdp and not is_sharded(model)
+        if to_shard:
             check_process_group(config.fsdp)
+        if config.activation_checkpointing:  # (after the refusals: a refused Trainer leaves the model as it was)
+            _enable_activation_checkpointing(model, config.activation_checkpointing_kwargs)
+        if to_shard:
             shard(model, config.fsdp, bf16=config.bf16)
         self.model = model
         self.config = config
