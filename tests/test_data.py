@@ -4,6 +4,7 @@ import functools
 import html
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -449,6 +450,56 @@ def test_hub_name_fails_clearly_offline(tmp_path):
     with pytest.raises(RuntimeError, match="llmcore-no-such/dataset"):
         prepare("llmcore-no-such/dataset", MODEL, 16, tmp_path / "o")
     assert time.perf_counter() - t < 20
+
+
+def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
+    """Found by a probe of Hub-style folders: eval.tsv / testing.tsv / training.tsv beside train.tsv were ignored
+    (validation drawn from train instead), and shards or compressed split files too (prepare made no train split);
+    datasets.load_dataset reads them all. A split keyword names datasets' split, and split data llmcore does not
+    read is refused; two Hub splits of one name (validation and dev) kept only the later."""
+    datasets = pytest.importorskip("datasets")
+    from llmcore.data import sources
+
+    rows = [(f"text {i}", i % 2) for i in range(12)]
+    for folder, names in [("a", ["train.tsv", "eval.tsv"]), ("b", ["training.tsv", "testing.tsv", "valid.tsv"]),
+                          ("c", ["train.tsv", "evaluation.tsv", "dev.tsv"])]:
+        (tmp_path / folder).mkdir()
+        for j, name in enumerate(names):
+            (tmp_path / folder / name).write_text("sentence\tlabel\n" + "".join(
+                f"{t} {name}\t{y}\n" for t, y in rows[j:]))
+        ours = {split: sources.read_file(f) for split, f in sources.local_files(str(tmp_path / folder)).items()}
+        theirs = datasets.load_dataset(str(tmp_path / folder))
+        assert sorted(ours) == sorted(theirs), folder
+        for split, table in ours.items():
+            assert table["sentence"] == theirs[split]["sentence"], (folder, split)
+    prepared = prepare(tmp_path / "a", MODEL, 16, tmp_path / "o")
+    assert len(prepared["test"]) == 11 and prepared.meta["counts"]["validation"]["split_from"] == "train"
+
+    for name, bad in [("d", ["train-00000-of-00002.tsv", "train-00001-of-00002.tsv", "test.tsv"]),
+                      ("e", ["train.tsv.gz", "test.tsv"]), ("f", ["data/train-00000-of-00001.parquet", "test.csv"]),
+                      ("g", ["train.csv", "sst2_dev.csv"]), ("h", ["train/part0.csv", "test.csv"])]:
+        for f in bad:
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_text("sentence,label\nfine,1\n")
+        unread = sorted(os.path.normpath(f) for f in bad if not f.startswith(("test.", "train.csv")))
+        with pytest.raises(ValueError, match="holds split data llmcore does not read: " + re.escape(", ".join(unread))):
+            prepare(tmp_path / name, MODEL, 16, tmp_path / "o2")
+    (tmp_path / "i").mkdir()
+    (tmp_path / "i" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(FileNotFoundError, match="save_to_disk folder"):
+        prepare(tmp_path / "i", MODEL, 16, tmp_path / "o2")
+    (tmp_path / "j").mkdir()  # not split data: no keyword, or in a word, or not a data file
+    for f in ["train.csv", "contest.csv", "sample_submission.csv", "test_notes.md", "README.md"]:
+        (tmp_path / "j" / f).write_text("sentence,label\nfine,1\n")
+    assert list(sources.local_files(str(tmp_path / "j"))) == ["train"]
+
+    hub = datasets.DatasetDict({split: datasets.Dataset.from_dict({"sentence": [split] * n, "label": [0] * n})
+                                for split, n in [("train", 2), ("validation", 3), ("dev", 1)]})
+    monkeypatch.setattr(sources.hub, "reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: hub)
+    tables = sources.load_hub("someone/dataset")
+    assert {split: t["sentence"][0] for split, t in tables.items()} == {
+        "train": "train", "validation": "validation", "dev": "dev"}
 
 
 def test_cli_prepare_without_torch(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from typing import Dict, List
 
@@ -16,9 +17,15 @@ from llmcore import hub
 Table = Dict[str, list]
 
 EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
-# file stems that name a split inside a folder
-SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
-               "dev": "validation", "test": "test"}
+# file stems that name a split inside a folder: datasets' split keywords (datasets.data_files.SPLIT_KEYWORDS, "eval"
+# a test split there too), so that a folder is split as datasets.load_dataset splits it
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+               "evaluation": "test"}
+# a split keyword as datasets finds one in a file or folder name: at the start or after a separator, and followed
+# by one (train-00000-of-00002.parquet, sst2_dev.tsv, test/)
+_KEYWORD = re.compile(r"(?:^|[-._ 0-9])(?:" + "|".join(SPLIT_NAMES) + r")(?:[-._ 0-9]|$)")
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
 
 
 class DataLoadError(RuntimeError):
@@ -236,24 +243,62 @@ def _records_to_table(records: list, path: str) -> Table:
 
 
 def local_files(path: str) -> Dict[str, str]:
-    """Split name -> file for a local file (one ``train`` split) or a folder of ``train.*`` etc."""
+    """Split name -> file for a local file (one ``train`` split) or a folder of ``train.*`` etc. A folder that
+    also holds split data llmcore would not read (shards, compressed files, ``data/`` or ``train/`` subfolders,
+    which datasets.load_dataset reads) is refused, naming those files: reading the rest would lose them silently."""
     if os.path.isfile(path):
         return {"train": path}
     if os.path.isdir(path):
         found: Dict[str, str] = {}
-        for name in sorted(os.listdir(path)):
+        names = sorted(os.listdir(path))
+        for name in names:
             stem, ext = os.path.splitext(name)
             split = SPLIT_NAMES.get(stem.lower())
-            if split and ext.lower() in EXTENSIONS:
+            if split and ext.lower() in EXTENSIONS and os.path.isfile(os.path.join(path, name)):
                 if split in found:
                     raise ValueError(f"{path!r} holds two files for split {split!r}: "
                                      f"{os.path.basename(found[split])} and {name}")
                 found[split] = os.path.join(path, name)
+        unread = [f for f in _split_data(path, names) if f not in found.values()]
+        if unread:
+            shown = ", ".join(os.path.relpath(f, path) for f in unread[:10]) + (" ..." if len(unread) > 10 else "")
+            raise ValueError(f"folder {path!r} holds split data llmcore does not read: {shown}. A folder is read as "
+                             f"one file per split, train.*, validation.* (valid, val, dev) and test.* (testing, eval, "
+                             f"evaluation), {', '.join(EXTENSIONS)}, uncompressed; join shards into one file per "
+                             "split (datasets.load_dataset(...) then .to_parquet('train.parquet') does), or pass "
+                             "the files you mean")
         if not found:
+            hint = (" (a datasets save_to_disk folder: write each split with datasets.load_from_disk(path)[split]"
+                    ".to_parquet(f'{split}.parquet'))" if "dataset_dict.json" in names else "")
             raise FileNotFoundError(f"folder {path!r} holds no train.*, validation.* or test.* file "
-                                    f"({', '.join(EXTENSIONS)}); found {sorted(os.listdir(path))[:10]}")
+                                    f"({', '.join(EXTENSIONS)}); found {names[:10]}{hint}")
         return found
     raise FileNotFoundError(path)
+
+
+def _split_data(path: str, names: List[str]) -> List[str]:
+    """The files of folder ``path`` (listing ``names``) that datasets.load_dataset would read as split data: a
+    data file (compressed too) whose name holds a split keyword, and the data files directly in a ``data/``
+    folder (the Hub's shards) or a folder named after a split."""
+    def data_file(name: str) -> bool:
+        stem = name.lower()
+        while stem.endswith(_COMPRESSED):
+            stem = os.path.splitext(stem)[0]
+        return stem.endswith(EXTENSIONS) and not name.startswith(".")
+
+    out = []
+    for name in names:
+        full = os.path.join(path, name)
+        if os.path.isdir(full):
+            if name == "data" or name.lower() in SPLIT_NAMES:
+                try:
+                    inner = sorted(os.listdir(full))
+                except OSError:
+                    continue
+                out += [os.path.join(full, n) for n in inner if data_file(n) and os.path.isfile(os.path.join(full, n))]
+        elif data_file(name) and _KEYWORD.search(name.lower()):
+            out.append(full)
+    return out
 
 
 def eval_file(path: str) -> str:
@@ -301,13 +346,16 @@ def load_hub(name: str, config: str = None) -> Dict[str, Table]:
         raise DataLoadError(f"no file or folder {name!r} exists (from {os.getcwd()!r}), and the Hugging Face dataset "
                            f"of that name could not be loaded{why}: {type(e).__name__}: {e}") from e
     out: Dict[str, Table] = {}
-    for split, ds in dd.items():
+    # a split is renamed (dev -> validation) unless the data set has one of that name too, which keeps it: a
+    # renamed one overwrote it
+    for split, ds in sorted(dd.items(), key=lambda item: SPLIT_NAMES.get(item[0], item[0]) != item[0]):
         table = ds.to_dict()
         for col, feat in ds.features.items():
             names = getattr(feat, "names", None)  # ClassLabel: keep the label names
             if names:
                 table.setdefault("__label_names__", {})[col] = list(names)
-        out[SPLIT_NAMES.get(split, split)] = table
+        name = SPLIT_NAMES.get(split, split)
+        out[split if name in out else name] = table
     return out
 
 
