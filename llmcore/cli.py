@@ -75,7 +75,7 @@ def _prepare(args: argparse.Namespace) -> int:
                  eval_data=args.eval_data, text_column=args.text_column, label_column=args.label_column,
                  pack=args.pack, min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
                  validation_fraction=args.validation_fraction, seed=args.seed, overflow=args.overflow,
-                 force=args.force)
+                 force=args.force, hub_config=args.data_config)
     print(("cache hit: " if ds.cache_hit else "prepared: ") + ds.directory)
     print(ds.summary())
     return 0
@@ -224,7 +224,7 @@ def _finetune(args: argparse.Namespace) -> int:
         metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
                            device=args.device, eval_data=args.eval_data, task=args.task, overflow=args.overflow,
-                           overwrite_output_dir=args.overwrite_output_dir, **train)
+                           overwrite_output_dir=args.overwrite_output_dir, data_config=args.data_config, **train)
     except (OSError, ValueError, TypeError, ImportError, DataLoadError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="PATH_OR_NAME",
                    help="a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of train.*/validation.*/test.*, "
                         "or a Hugging Face dataset name")
+    p.add_argument("--data-config", metavar="NAME", help="the configuration of a Hugging Face data set --data "
+                                                         "(datasets.load_dataset's name: --data nyu-mll/glue "
+                                                         "--data-config sst2)")
     p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) whose rows are the "
                                                         "validation split, instead of --data's own or a split of train")
     p.add_argument("--model", metavar="PATH_OR_ID", help="model folder (or Hugging Face Hub model id) whose "
@@ -346,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["sequence-classification", "causal-lm"], default="sequence-classification",
                    help="sequence-classification (default: the texts' labels) or causal-lm (a decoder checkpoint "
                         "trained on the texts' next tokens; labels unused)")
+    p.add_argument("--data-config", metavar="NAME", help="the configuration of a Hugging Face data set --data "
+                                                         "(datasets.load_dataset's name: --data nyu-mll/glue "
+                                                         "--data-config sst2)")
     p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) to evaluate on, "
                                                         "as transformers' eval_dataset (with raw --data)")
     p.add_argument("--model", metavar="PATH_OR_ID",

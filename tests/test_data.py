@@ -502,6 +502,34 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
         "train": "train", "validation": "validation", "dev": "dev"}
 
 
+def test_cli_data_config_names_the_hub_configuration(tmp_path, monkeypatch, capsys):
+    """`--data-config` is datasets.load_dataset's configuration name (glue's sst2); prepare() took it as hub_config,
+    the CLIs had no way to pass it. A local path with one is refused."""
+    datasets = pytest.importorskip("datasets")
+    from llmcore.cli import main
+    from llmcore.data import sources
+
+    asked = []
+
+    def load_dataset(name, config=None):
+        asked.append((name, config))
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+            {"sentence": [f"row {i}" for i in range(20)], "label": [i % 2 for i in range(20)]})})
+
+    monkeypatch.setattr(sources.hub, "reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = ["prepare", "--data", "someone/glue", "--model", MODEL, "--max-length", "16", "--output-dir",
+            str(tmp_path / "o")]
+    assert main(args + ["--data-config", "sst2"]) == 0 and asked == [("someone/glue", "sst2")]
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["options"]["hub_config"] == "sst2"
+    local = os.path.join(data_dir(), "sst2", "test.tsv")
+    assert main(["prepare", "--data", local] + args[3:] + ["--data-config", "sst2"]) == 2
+    assert "names a configuration of a Hugging Face data set, but data" in capsys.readouterr().err
+    assert main(["finetune", "--data", str(tmp_path / "o"), "--data-config", "cola", "--model", MODEL,
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--data-config 'cola': " in capsys.readouterr().err
+
+
 def test_cli_prepare_without_torch(tmp_path):
     out = tmp_path / "o"
     code = ("import sys; from llmcore.cli import main; "

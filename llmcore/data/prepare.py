@@ -268,6 +268,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     data = os.fspath(data)
     output_dir = os.fspath(output_dir)
     if os.path.exists(data):
+        if hub_config is not None:
+            raise ValueError(f"hub_config {hub_config!r} names a configuration of a Hugging Face data set, but data "
+                             f"{data!r} is a local file or folder")
         files = sources.local_files(data)
         source_fp = sources.fingerprint_files(files)
     elif sources.looks_like_hub_name(data):

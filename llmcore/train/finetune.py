@@ -392,7 +392,8 @@ def _check_prepared_options(data: str, prepared, eval_data: Optional[str], given
                              f"fixed (made from {made_from or 'the data itself'}); pass the eval data to `llmcore "
                              "prepare --eval-data`, or raw data to finetune")
     made = {"max_length": meta["options"]["max_length"], "overflow": meta["options"].get("overflow", "truncate"),
-            "text_column": meta.get("text_column"), "label_column": meta.get("label_column")}
+            "text_column": meta.get("text_column"), "label_column": meta.get("label_column"),
+            "data_config": meta["options"].get("hub_config")}
     for name, value in given.items():
         if value is None:
             continue
@@ -449,7 +450,8 @@ def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None,
 def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] = None,
              tokenizer: Optional[str] = None, text_column: Optional[str] = None, label_column: Optional[str] = None,
              device: Optional[str] = None, eval_data: Optional[str] = None, task: str = "sequence-classification",
-             overflow: Optional[str] = None, overwrite_output_dir: bool = False, **train_args) -> dict:
+             overflow: Optional[str] = None, overwrite_output_dir: bool = False, data_config: Optional[str] = None,
+             **train_args) -> dict:
     """Prepare ``data`` (cached under ``output_dir/data``; a prepared folder is used as is), fine-tune
     the checkpoint in ``model`` (a folder, or a Hub model id: :mod:`llmcore.hub`) for sequence
     classification, evaluate on the validation and test splits, save the final model (+ the
@@ -458,7 +460,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     validation split, ``test_*`` on the test split. ``eval_data``: a file whose rows are the
     validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``). ``max_length``, ``tokenizer``,
     ``text_column``, ``label_column``, ``overflow`` and ``eval_data`` make raw data (``max_length`` 128 by default);
-    given with a prepared folder they must be what it was made with.
+    given with a prepared folder they must be what it was made with. ``data_config``: the configuration of a
+    Hugging Face data set ``data`` (``datasets.load_dataset``'s ``name``, e.g. ``"sst2"`` of ``"nyu-mll/glue"``).
 
     ``task="causal-lm"``: a decoder checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) trained on next-token loss
     over each text (labels are not needed and not used); the evaluations report ``*_loss`` (per
@@ -518,7 +521,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
             _check_sources_unchanged(data, prepared)
             _check_prepared_options(data, prepared, eval_data,
                                     {"max_length": max_length, "overflow": asked_overflow, "tokenizer": tokenizer,
-                                     "text_column": text_column, "label_column": label_column})
+                                     "text_column": text_column, "label_column": label_column,
+                                     "data_config": data_config})
         else:
             if inside_folder(data, os.path.join(output_dir, "data")):  # (the folder, or a raw file in it)
                 raise ValueError(f"--data {data!r} is the folder finetune caches the prepared data in "
@@ -529,8 +533,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                 return prepare(data, model if tokenizer is None else tokenizer,
                                128 if max_length is None else max_length, os.path.join(output_dir, "data"),
                                eval_data=eval_data, text_column=text_column, label_column=label_column, pack=True,
-                               overflow=overflow, eval_labels=not causal_lm)  # (the split's own seed, as
-                #  `llmcore prepare`: not --seed's; a causal LM's eval data needs no labels)
+                               overflow=overflow, eval_labels=not causal_lm, hub_config=data_config)
+                # (the split's own seed, as `llmcore prepare`: not --seed's; a causal LM's eval data needs no labels)
             if rank == 0:
                 prepared = run_prepare()
             if world > 1:
