@@ -130,6 +130,7 @@ _DERIVED_DEFAULTS = {
     "metric_for_best_model": "loss with --load-best-model-at-end, else none",
     "save_total_limit": "none (every checkpoint kept; 0 too, as transformers)",
     "early_stopping_patience": "none (no early stopping)",
+    "warmup_ratio": "none (0; given, 0 too, --warmup-steps defaults to 0)",
 }
 
 

@@ -84,6 +84,10 @@ def test_config_validation(tmp_path):
     # warmup_steps left unset: 500, or 0 beside a warmup_ratio, which then counts (the 500 won silently)
     assert TrainConfig(str(tmp_path)).num_warmup_steps(1000) == 500
     assert TrainConfig(str(tmp_path), warmup_ratio=0.1).num_warmup_steps(1000) == 100
+    # and a warmup_ratio of 0 given asks for none (found by a probe: it gave the 500)
+    zero = TrainConfig(str(tmp_path), warmup_ratio=0.0)
+    assert zero.num_warmup_steps(1000) == 0 and zero.warmup_ratio == 0.0
+    assert TrainConfig(str(tmp_path)).warmup_ratio == 0.0
     # transformers 5 reads a float warmup_steps in (0, 1) as a fraction of the run (it was refused)
     from transformers import TrainingArguments
     for steps in (0.1, 0.05, 0.0, 30.0, 1.5, 7.9):  # (at and past 1, transformers takes int(): 1.5 is 1 step)
@@ -694,6 +698,37 @@ def test_clip_inside_fused_adamw_matches_clip_then_step(max_norm):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt_b.state[pb][key], opt_a.state[pa][key], rtol=1e-4, atol=1e-12,
                                        msg=f"{name} {key}")
+
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                  lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=True)])
+def test_clip_then_step_without_a_fused_optimizer(make):
+    """Found by a probe of the optimizer: with an optimizer that is not fused, clip_and_step handed the gradients
+    to clip_grads_with_norm_, which scales parameters' .grad: nothing was clipped (SGD stepped 50x too far)."""
+    from llmcore.train.optim import clip_and_step
+
+    ours, ref = (torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2))
+    opt_ours, opt_ref = make([ours]), make([ref])
+    for p in (ours, ref):
+        p.grad = torch.tensor([30.0, 40.0, 0.0, 0.0], dtype=torch.float64)
+    norm_ref = torch.nn.utils.clip_grad_norm_([ref], 1.0)
+    opt_ref.step()
+    assert float(clip_and_step(opt_ours, iter([ours]), 1.0)) == float(norm_ref) == 50.0
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+
+
+def test_make_optimizer_falls_back_where_fused_adamw_cannot_step():
+    """Found by the same probe: torch's fused AdamW checks its parameters at the first step(), so the constructor's
+    fallback never ran and a complex parameter failed the first step; such parameters get the unfused AdamW."""
+    model = torch.nn.Linear(3, 2)
+    model.register_parameter("phase", torch.nn.Parameter(torch.ones(2, dtype=torch.complex64)))
+    opt = make_optimizer(model, 1e-2, 0.01)
+    assert not any(g.get("fused") for g in opt.param_groups)
+    model(torch.ones(1, 3)).sum().add(model.phase.abs().sum()).backward()
+    opt.step()
+    assert make_optimizer(torch.nn.Linear(3, 2), 1e-2, 0.01).param_groups[0]["fused"]
 
 
 _HEAP_CHECK = """

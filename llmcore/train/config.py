@@ -27,7 +27,7 @@ class TrainConfig:
     (``warmup_steps=500``, ``weight_decay=0.01``, batch 16 for training and evaluation, ``logging_steps=50``,
     ``report_to="tensorboard"``), and ``warmup_ratio`` is kept though transformers 5 dropped it (its float
     ``warmup_steps`` in (0, 1) is the same). ``warmup_steps > 0`` wins over
-    ``warmup_ratio``, as in transformers; left unset, it is 500, or 0 when a ``warmup_ratio`` is given
+    ``warmup_ratio``, as in transformers; left unset, it is 500, or 0 when a ``warmup_ratio`` is given (0 too)
     (so the ratio counts, as with transformers' default of 0). A float ``warmup_steps`` in (0, 1) is a
     ``warmup_ratio``, as in transformers 5, and one of 1 or more its whole steps (``int()``, as transformers).
     ``save_total_limit`` 0 or less keeps every checkpoint, as transformers' rotation. ``pack`` and
@@ -74,7 +74,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 16
     warmup_steps: Optional[Union[int, float]] = None  # 500, or 0 with a warmup_ratio (see above)
-    warmup_ratio: float = 0.0
+    warmup_ratio: Optional[float] = None  # 0.0 once built; given (0 too), warmup_steps' default is 0
     weight_decay: float = 0.01
     learning_rate: float = 5e-5
     lr_scheduler_type: str = "linear"
@@ -132,9 +132,10 @@ class TrainConfig:
                                  f"got {steps}")
             else:
                 self.warmup_steps = 0
-        if self.warmup_steps is None:
-            ratio = self.warmup_ratio
-            self.warmup_steps = 0 if isinstance(ratio, (int, float)) and ratio > 0 else 500
+        if self.warmup_steps is None:  # (a warmup_ratio of 0 given asks for no warmup: it gave 500 steps)
+            self.warmup_steps = 500 if self.warmup_ratio is None else 0
+        if self.warmup_ratio is None:
+            self.warmup_ratio = 0.0
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)
         if self.seed > 2**32 - 1:  # (numpy's generator takes no more)
