@@ -93,9 +93,14 @@ def test_special_tokens_when_asked(tik):
 def test_cl100k_megabyte_inputs(cl100k, tik, text):
     if text == "random-word":
         text = "".join(np.random.default_rng(0).choice(list("abcdefghijklmnopqrstuvwxyz"), 10**6))
-    t0 = time.perf_counter()
+    def seconds(part):  # (the best of two: the machine is shared)
+        return min(-time.perf_counter() + (cl100k.encode(part), time.perf_counter())[1] for _ in range(2))
+
+    # near-linear in the length (a quadratic merge loop takes 100x for 10x), told apart from the machine's load by
+    # timing a tenth of the text beside it (a bound of 1 s on the whole failed on a loaded CI machine: 1.5 s)
+    small, whole = seconds(text[:len(text) // 10]), seconds(text)
+    assert whole < 30 * small + 0.05, (small, whole)
     ids = cl100k.encode(text)
-    assert time.perf_counter() - t0 < 1.0
     assert ids == tik.encode_ordinary(text)
     assert cl100k.decode(ids) == text
 

@@ -437,3 +437,92 @@ def test_extra_special_tokens_count_as_special_as_transformers(tmp_path):
     rows = ours(["a good film", "bad"], padding=True, return_tensors="np")["input_ids"]
     for form in (rows, rows.tolist()):
         assert ours.decode(form) == theirs.decode(form, skip_special_tokens=True) == ["a good film", "bad"]
+
+
+def test_folder_files_read_as_transformers_reads_them(tmp_path):
+    """Found by a probe of save / load round trips: (1) tokenizer.json's padding / truncation direction, where
+    transformers 5 keeps a tokenizer's sides, was ignored (left truncation ran on the right, unrefused); (2) a vocab.txt
+    folder's special_tokens_map.json named the specials without building the template from them; (3) a vocab.txt line's
+    trailing spaces stayed in its token; (4) save_pretrained read the source folder again (gone: an error, or
+    do_lower_case lost)."""
+    texts = list(corpus("sst2-test")[:8]) + ["Hello World", "a [MASK] in it"]
+    src = folder(tmp_path, {"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    doc = json.loads((src / "tokenizer.json").read_text())
+    doc["padding"] = {"strategy": "BatchLongest", "direction": "Left", "pad_to_multiple_of": None, "pad_id": 0,
+                      "pad_type_id": 0, "pad_token": "[PAD]"}
+    doc["truncation"] = {"direction": "Left", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    (src / "tokenizer.json").write_text(json.dumps(doc))
+    ours, theirs = Tokenizer.from_pretrained(src), transformers.AutoTokenizer.from_pretrained(src)
+    assert (ours.padding_side, ours.truncation_side) == (theirs.padding_side, theirs.truncation_side) == ("left",) * 2
+    with pytest.raises(NotImplementedError, match="truncation_side='left'"):
+        ours(texts, truncation=True, max_length=6)
+    assert ours(texts, padding=True)["input_ids"] == theirs(texts, padding=True)["input_ids"]
+    (src / "tokenizer_config.json").write_text(json.dumps({"padding_side": "right", "truncation_side": "right"}))
+    ours, theirs = Tokenizer.from_pretrained(src), transformers.AutoTokenizer.from_pretrained(src)
+    assert (ours.padding_side, ours.truncation_side) == (theirs.padding_side, theirs.truncation_side) == ("right",) * 2
+
+    doc["normalizer"]["lowercase"] = False  # a cased tokenizer.json, the BERT class's do_lower_case default true
+    (src / "tokenizer.json").write_text(json.dumps(doc))
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    with pytest.warns(UserWarning, match="do_lower_case=True contradicts tokenizer.json's normalizer"):
+        ours = Tokenizer.from_pretrained(src)
+    assert ours("Hello")["input_ids"] != transformers.AutoTokenizer.from_pretrained(src)("Hello")["input_ids"]
+
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    lines = (minilm_dir() + "/vocab.txt")
+    with open(lines, encoding="utf-8") as f:
+        words = f.read().splitlines()
+    words[words.index("hello")] = "hello \t"  # (HF's WordPiece.read_file trims the end of each line)
+    (vocab / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                             "do_lower_case": False}))
+    (vocab / "special_tokens_map.json").write_text(json.dumps({"cls_token": "[unused0]", "sep_token": "[unused1]"}))
+    ours, theirs = Tokenizer.from_pretrained(vocab), transformers.AutoTokenizer.from_pretrained(vocab)
+    assert ours(texts)["input_ids"] == theirs(texts)["input_ids"]
+    assert ours("hello")["input_ids"] == [1, 7592, 2] and ours.cls_token == "[unused0]"
+    state = pickle.dumps(ours)
+    shutil.rmtree(vocab)
+    for tok in (ours, pickle.loads(state)):
+        out = tmp_path / f"saved{id(tok)}"
+        tok.save_pretrained(out)
+        again, reread = Tokenizer.from_pretrained(out), transformers.AutoTokenizer.from_pretrained(out)
+        assert again(texts)["input_ids"] == reread(texts)["input_ids"] == theirs(texts)["input_ids"]
+        assert json.loads((out / "tokenizer_config.json").read_text())["do_lower_case"] is False
+
+
+def test_folder_files_transformers_reads_otherwise_are_refused(tmp_path):
+    """Found by the same probe: a vocab.txt folder's added_tokens_decoder ids were taken as written (id 5 replaced
+    [unused4]; transformers gives a new token the next free id), transformers' older added_tokens.json was not read,
+    and a tokenizer.json's "false" strings or a template's unknown sequence id were read as true / as B."""
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    shutil.copy(f"{minilm_dir()}/vocab.txt", vocab / "vocab.txt")
+    new = {"content": "<NEW>", "special": False, "lstrip": False, "rstrip": False, "single_word": False,
+           "normalized": False}
+    bert = {"tokenizer_class": "BertTokenizer"}
+    for key in ("5", "30525"):
+        (vocab / "tokenizer_config.json").write_text(json.dumps({**bert, "added_tokens_decoder": {key: new}}))
+        with pytest.raises(TokenizerFileError, match=f"added token '<NEW>' has id {key}; .* gives it 30522"):
+            Tokenizer.from_pretrained(vocab)
+    (vocab / "tokenizer_config.json").write_text(json.dumps({**bert, "added_tokens_decoder": {"30522": new}}))
+    ours, theirs = Tokenizer.from_pretrained(vocab), transformers.AutoTokenizer.from_pretrained(vocab)
+    assert ours("a <NEW> b")["input_ids"] == theirs("a <NEW> b")["input_ids"] == [101, 1037, 30522, 1038, 102]
+    (vocab / "tokenizer_config.json").write_text(json.dumps(bert))
+    (vocab / "added_tokens.json").write_text(json.dumps({"<OLD>": 30522}))
+    assert 30522 in transformers.AutoTokenizer.from_pretrained(vocab)("an <OLD> one")["input_ids"]
+    with pytest.raises(TokenizerFileError, match=r"added_tokens.json: .*declares \['<OLD>'\]"):
+        Tokenizer.from_pretrained(vocab)
+
+    doc = json.loads(open(f"{minilm_dir()}/tokenizer.json", encoding="utf-8").read())
+    for edit, message in [(lambda d: d["normalizer"].update(lowercase="false"), "lowercase='false' is not a boolean"),
+                          (lambda d: d["post_processor"]["single"][1]["Sequence"].update(id="x"),
+                           "sequence id 'x' is neither 'A' nor 'B'"),
+                          (lambda d: d.update(padding={"direction": "Up"}), "padding direction 'Up'")]:
+        bad = json.loads(json.dumps(doc))
+        edit(bad)
+        with pytest.raises(TokenizerFileError, match=message):
+            Tokenizer.from_str(json.dumps(bad))
+        if "direction" not in message:
+            with pytest.raises(Exception):  # (HF's own reader refuses the file too)
+                tokenizers.Tokenizer.from_str(json.dumps(bad))

@@ -74,6 +74,8 @@ class Spec:
     pad_token: Optional[str] = None
     pad_id: Optional[int] = None
     pad_type_id: int = 0
+    # padding_side / truncation_side of tokenizer.json's padding and truncation sections ("right", "left")
+    sides: dict = field(default_factory=dict)
     # id -> token string as the source spells it (byte-level alphabet for BPE)
     token_strings: Any = None
     # why decode() is refused: the file's decoder is not the one llmcore implements (encoding is unaffected)
@@ -151,12 +153,23 @@ def _pattern_of_regex(regex: str, path) -> str:
                 "llama3 and qwen2 patterns exactly and no others")
 
 
+def _flag(d: dict, key: str, default: bool, path, where: str) -> bool:
+    """A boolean field: ``default`` when absent; anything but a JSON boolean is refused, as HF's files are read
+    (``bool("false")`` is True: a string "false" lowercased the text)."""
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        _fail(path, f"{where + ' ' if where else ''}{key}={value!r} is not a boolean (true or false)")
+    return value
+
+
 def _template(items, path, where, vocab_ids):
     out = []
     for item in items:
         if "Sequence" in item:
             seq = item["Sequence"]
-            out.append(("A" if seq.get("id", "A") == "A" else "B", int(seq.get("type_id", 0))))
+            if seq.get("id", "A") not in ("A", "B"):
+                _fail(path, f"{where} template: sequence id {seq.get('id')!r} is neither 'A' nor 'B'")
+            out.append((seq.get("id", "A"), int(seq.get("type_id", 0))))
         elif "SpecialToken" in item:
             tok = item["SpecialToken"]
             out.append(("special", vocab_ids(tok["id"]), int(tok.get("type_id", 0))))
@@ -201,11 +214,11 @@ def _post_processor(pp, spec: Spec, path, token_id):
             spec.template_pair = spec.template_single + [("special", sep_id, 0), ("B", 0), ("special", sep_id, 0)]
             # RobertaProcessing trims offsets as the ByteLevel post-processor does (roberta-base's: trim_offsets
             # true, add_prefix_space false)
-            spec.trim_offsets = bool(pp.get("trim_offsets", True))
-            spec.trim_keeps_first = bool(pp.get("add_prefix_space", True))
+            spec.trim_offsets = _flag(pp, "trim_offsets", True, path, "post_processor")
+            spec.trim_keeps_first = _flag(pp, "add_prefix_space", True, path, "post_processor")
     elif kind == "ByteLevel":
-        spec.trim_offsets = bool(pp.get("trim_offsets", True))
-        spec.trim_keeps_first = bool(pp.get("add_prefix_space", True))
+        spec.trim_offsets = _flag(pp, "trim_offsets", True, path, "post_processor")
+        spec.trim_keeps_first = _flag(pp, "add_prefix_space", True, path, "post_processor")
     else:
         _fail(path, f"unsupported post_processor type {kind!r}")
 
@@ -219,10 +232,11 @@ def _normalizer(norm, path):
         return None
     if kind != "BertNormalizer":
         _fail(path, f"unsupported normalizer {kind!r} (llmcore implements BertNormalizer)")
-    lowercase = bool(norm.get("lowercase", True))
-    strip = norm.get("strip_accents")
-    return (bool(norm.get("clean_text", True)), bool(norm.get("handle_chinese_chars", True)),
-            lowercase if strip is None else bool(strip), lowercase)
+    lowercase = _flag(norm, "lowercase", True, path, "normalizer")
+    strip = None if norm.get("strip_accents") is None else _flag(norm, "strip_accents", False, path, "normalizer")
+    return (_flag(norm, "clean_text", True, path, "normalizer"),
+            _flag(norm, "handle_chinese_chars", True, path, "normalizer"), lowercase if strip is None else strip,
+            lowercase)
 
 
 def _byte_level_pre_tokenizer(pre, path):
@@ -233,7 +247,7 @@ def _byte_level_pre_tokenizer(pre, path):
     if kind == "ByteLevel":
         if not pre.get("use_regex", True):
             _fail(path, "ByteLevel pre_tokenizer with use_regex=false and no Split before it is not supported")
-        return "gpt2", bool(pre.get("add_prefix_space", False))
+        return "gpt2", _flag(pre, "add_prefix_space", False, path, "pre_tokenizer")
     if kind == "Sequence":
         subs = _get(pre, "pretokenizers", path, "pre_tokenizer", list)
         if (len(subs) == 2 and subs[0].get("type") == "Split" and subs[1].get("type") == "ByteLevel"
@@ -348,7 +362,7 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
         spec = Spec("wordpiece", vocab=list(vocab.items()),
                     unk_token=str(_get(model, "unk_token", path, "model", str)),
                     prefix=prefix, max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
-                    bert=bert, cleanup=bool(dec.get("cleanup", True)), added_tokens=added)
+                    bert=bert, cleanup=_flag(dec, "cleanup", True, path, "decoder"), added_tokens=added)
         if dec.get("type") != "WordPiece" or dec.get("prefix", "##") != prefix:
             spec.decoder_issue = (f"{path}: decoder {cfg.get('decoder')!r:.120} (llmcore decodes as a WordPiece decoder "
                                   f"with the model's prefix {prefix!r})")
@@ -375,7 +389,7 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
             merges.append((_bytes_of(parts[0], path), _bytes_of(parts[1], path)))
         spec = Spec("bpe_merges", vocab=[(_bytes_of(s, path), i) for s, i in vocab.items()], merges=merges,
                     pattern=pattern, add_prefix_space=add_prefix_space,
-                    ignore_merges=bool(model.get("ignore_merges", False)), added_tokens=added)
+                    ignore_merges=_flag(model, "ignore_merges", False, path, "model"), added_tokens=added)
         if (cfg.get("decoder") or {}).get("type") != "ByteLevel":
             spec.decoder_issue = (f"{path}: decoder {cfg.get('decoder')!r:.120} (llmcore decodes byte-level BPE as "
                                   "the ByteLevel decoder)")
@@ -399,6 +413,13 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
     spec.pad_token = pad.get("pad_token")
     spec.pad_id = pad.get("pad_id")
     spec.pad_type_id = int(pad.get("pad_type_id", 0))
+    # the sides transformers' tokenizer takes from these sections unless tokenizer_config.json names them
+    for section, key in (("padding", "padding_side"), ("truncation", "truncation_side")):
+        direction = (cfg.get(section) or {}).get("direction")
+        if direction is not None:
+            if direction not in ("Right", "Left"):
+                _fail(path, f"{section} direction {direction!r} is neither 'Right' nor 'Left'")
+            spec.sides[key] = direction.lower()
     if spec.pad_id is None:
         for name in ("[PAD]", "<pad>", "<|pad|>"):
             if name in vocab or any(t.content == name for t in added):
@@ -515,12 +536,17 @@ def model_max_length(cfg: dict) -> Optional[int]:
     return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n < int(1e30) else None
 
 
+# Unicode White_Space (Rust's char::is_whitespace, which HF's trim_end strips; str.isspace() adds U+001C..U+001F)
+_WHITE_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+               "\u2028\u2029\u202f\u205f\u3000"
+
+
 def load_bert_vocab(directory: str, cfg: dict) -> Spec:
     """``vocab.txt`` (one token per line; id = line number) + ``tokenizer_config.json`` (read as ``cfg``)."""
     vocab_path = os.path.join(directory, "vocab.txt")
     try:
         with open(vocab_path, encoding="utf-8") as f:
-            tokens = [line.rstrip("\n").rstrip("\r") for line in f]
+            tokens = [line.rstrip(_WHITE_SPACE) for line in f]  # (HF's WordPiece reads it with trim_end)
     except UnicodeDecodeError as e:
         _fail(vocab_path, f"not UTF-8 text ({e})")
     vocab = {}
@@ -539,12 +565,17 @@ def load_bert_vocab(directory: str, cfg: dict) -> Spec:
 
     unk, cls, sep = special("unk_token", "[UNK]"), special("cls_token", "[CLS]"), special("sep_token", "[SEP]")
     pad, mask = special("pad_token", "[PAD]"), special("mask_token", "[MASK]")
-    lower = bool(cfg.get("do_lower_case", True))
-    strip = cfg.get("strip_accents")
-    bert = (True, bool(cfg.get("tokenize_chinese_chars", True)), lower if strip is None else bool(strip), lower)
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    lower = _flag(cfg, "do_lower_case", True, config_path, "")
+    strip = None if cfg.get("strip_accents") is None else _flag(cfg, "strip_accents", False, config_path, "")
+    bert = (True, _flag(cfg, "tokenize_chinese_chars", True, config_path, ""), lower if strip is None else strip,
+            lower)
     added = [AddedToken(t, vocab[t], True) for t in dict.fromkeys((pad, unk, cls, sep, mask))]
-    added += _config_added_tokens(cfg, vocab, {t.content for t in added}, os.path.join(directory,
-                                                                                      "tokenizer_config.json"))
+    added += _config_added_tokens(cfg, vocab, {t.content for t in added}, config_path)
+    # the ids transformers gives them (the vocab's, else the next free one), as a tokenizer.json's are checked: an
+    # id taken as written replaced a vocab token ([unused4] by id 5) or left a gap
+    _check_added_tokens([], sorted(added, key=lambda t: t.id), vocab, config_path)
+    _refuse_added_tokens_json(directory, vocab, {t.content for t in added})
     single = [("special", [vocab[cls]], 0), ("A", 0), ("special", [vocab[sep]], 0)]
     strings = {i: t for t, i in vocab.items()}
     strings.update({t.id: t.content for t in added})
@@ -564,9 +595,10 @@ def _config_added_tokens(cfg: dict, vocab: dict, known: set, path: str) -> list:
         _fail(path, "added_tokens_decoder is not a JSON object")
     for key, t in decoder.items():
         try:
-            token = AddedToken(str(t["content"]), int(key), bool(t.get("special", False)),
-                               bool(t.get("single_word", False)), bool(t.get("lstrip", False)),
-                               bool(t.get("rstrip", False)))
+            where = f"added_tokens_decoder[{key!r}]"
+            token = AddedToken(str(t["content"]), int(key), _flag(t, "special", False, path, where),
+                               _flag(t, "single_word", False, path, where), _flag(t, "lstrip", False, path, where),
+                               _flag(t, "rstrip", False, path, where))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             _fail(path, f"added_tokens_decoder[{key!r}] is malformed ({e!r})")
         if token.content in known:
@@ -586,6 +618,24 @@ def _config_added_tokens(cfg: dict, vocab: dict, known: set, path: str) -> list:
         out.append(AddedToken(content, vocab[content], True))
         known.add(content)
     return out
+
+
+def _refuse_added_tokens_json(directory: str, vocab: dict, known: set) -> None:
+    """transformers' older ``added_tokens.json`` ({token: id}) declares tokens beyond vocab.txt, which transformers
+    matches in the text: llmcore does not read it, so a folder whose file names other tokens is refused."""
+    path = os.path.join(directory, "added_tokens.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokens = json.load(f)
+    except (OSError, ValueError) as e:
+        _fail(path, f"not valid JSON: {e}")
+    other = [t for t in (tokens if isinstance(tokens, dict) else [None]) if t not in vocab and t not in known]
+    if other:
+        _fail(path, f"transformers' older added-token file declares {other[:5]}, which llmcore does not read: declare "
+                    "them in tokenizer_config.json's added_tokens_decoder, or save the tokenizer with transformers "
+                    "(a tokenizer.json)")
 
 
 def load_tiktoken(path: str, pattern: str, special_tokens: Optional[dict] = None) -> Spec:

@@ -1,6 +1,7 @@
 """``Tokenizer`` and ``BatchEncoding``."""
 from __future__ import annotations
 
+import copy
 import json
 import numbers
 import os
@@ -216,6 +217,10 @@ class Tokenizer:
         self._lead_spaces: Optional[np.ndarray] = None  # per id (offsets of overflowing windows)
         self._config: dict = {}  # the tokenizer_config.json keys applied (kept across pickling)
         self._padding_side = self._truncation_side = "right"
+        # tokenizer.json's padding / truncation direction, as transformers takes them (tokenizer_config.json's win)
+        for key, side in getattr(spec, "sides", {}).items():
+            setattr(self, key, side)
+        self._folder_config: dict = {}  # the folder's whole tokenizer_config.json, which save_pretrained writes back
         self._warned_long = False
         self.clean_up_tokenization_spaces = False  # decode's default (tokenizer_config.json's)
         self._named: dict = {}  # unk_token, eos_token...: the folder's names for its special tokens
@@ -327,14 +332,25 @@ class Tokenizer:
         if os.path.isfile(json_path):
             tok = cls.from_file(json_path)
             cfg = _loaders.read_tokenizer_config(directory)
+            lower = cfg.get("do_lower_case", True)
+            if (tok._spec.bert is not None and lower != tok._spec.bert[3] and str(cfg.get("tokenizer_class"))
+                    .removesuffix("Fast") in ("BertTokenizer", "DistilBertTokenizer")):
+                warnings.warn(f"{directory}: tokenizer_config.json's do_lower_case={lower} contradicts "
+                              f"tokenizer.json's normalizer (lowercase={tok._spec.bert[3]}): llmcore follows "
+                              "tokenizer.json, as HF "
+                              "tokenizers; transformers' BERT tokenizer rebuilds the normalizer from the config and "
+                              "gives other ids", stacklevel=2)
         elif os.path.isfile(os.path.join(directory, "vocab.txt")):
             cfg = _loaders.read_tokenizer_config(directory, strict=True)
-            tok = cls(_loaders.load_bert_vocab(directory, cfg), ("vocab", directory))
+            # (special_tokens_map.json's names win over tokenizer_config.json's, as in transformers: the vocab's
+            # template is built from them too)
+            tok = cls(_loaders.load_bert_vocab(directory, {**cfg, **_loaders.read_special_tokens_map(directory)}),
+                      ("vocab", directory))
         else:
             raise FileNotFoundError(f"{directory!r} holds neither tokenizer.json nor vocab.txt")
-        # (special_tokens_map.json's names win over tokenizer_config.json's, as in transformers)
         tok._apply_config({**cfg, **_loaders.read_special_tokens_map(directory)},
                           os.path.join(directory, "tokenizer_config.json"))
+        tok._folder_config = cfg
         tok.name_or_path = directory
         return tok
 
@@ -353,7 +369,7 @@ class Tokenizer:
     # --- pickling: rebuilt from the source, which travels with the object ------------------
     def __getstate__(self):
         kind = self._source[0]
-        state = {"source": self._source, "config": self._config,
+        state = {"source": self._source, "config": self._config, "folder_config": self._folder_config,
                  **{k: getattr(self, k) for k in _SETTINGS}}
         if kind != "json":
             state["spec"] = self._spec
@@ -366,6 +382,7 @@ class Tokenizer:
             _, path, text = state["source"]
             self.__init__(_loaders.load_tokenizer_json(path, text), state["source"])
         self._apply_config(state.get("config", {}), "tokenizer_config.json")
+        self._folder_config = state.get("folder_config", {})
         for k in _SETTINGS:  # (as they were, set by hand too)
             if k in state:
                 setattr(self, k, state[k])
@@ -948,19 +965,15 @@ class Tokenizer:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         written = []
+        # what was loaded, not the source folder read again (gone, or changed since, it lost or changed settings)
         if kind == "json":
-            source_dir = os.path.dirname(self._source[1]) if self._source[1] != "<string>" else None
-            with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-                f.write(self._source[2])
-            written.append(os.path.join(directory, "tokenizer.json"))
+            name, content = "tokenizer.json", self._source[2]
         else:
-            source_dir = self._source[1]
-            with open(os.path.join(source_dir, "vocab.txt"), "rb") as f:
-                vocab = f.read()
-            with open(os.path.join(directory, "vocab.txt"), "wb") as f:
-                f.write(vocab)
-            written.append(os.path.join(directory, "vocab.txt"))
-        config = _loaders.read_tokenizer_config(source_dir) if source_dir and os.path.isdir(source_dir) else {}
+            name, content = "vocab.txt", "".join(t + "\n" for t, _ in sorted(self._spec.vocab, key=lambda e: e[1]))
+        with open(os.path.join(directory, name), "w", encoding="utf-8", newline="") as f:
+            f.write(content)
+        written.append(os.path.join(directory, name))
+        config = copy.deepcopy(self._folder_config)
         config.update({k: v for k, v in self._config.items() if k not in _loaders.SPECIAL_NAMES})
         config.update(self.special_tokens_map, model_max_length=self.model_max_length, padding_side=self.padding_side,
                       truncation_side=self.truncation_side,
