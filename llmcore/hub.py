@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.parse
 
 __all__ = ["reachable", "looks_like_repo_id", "checkpoint_folder"]
 
@@ -19,11 +20,16 @@ CHECKPOINT_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", 
 
 
 def reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers on port 443."""
+    """Whether the Hub answers: huggingface.co on port 443, or the mirror ``HF_ENDPOINT`` names (huggingface_hub's
+    setting); never with ``HF_HUB_OFFLINE`` set (then only the local cache is searched, with no 3 s probe)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
         return True
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: a port out of range in HF_ENDPOINT)
         return False
 
 

@@ -82,3 +82,25 @@ def test_cli_names_the_model_it_could_not_fetch(offline_cache, tmp_path, capsys)
     assert main(["prepare", "--data", str(data), "--model", "org/missing", "--max-length", "32",
                  "--output-dir", str(tmp_path / "p")]) == 2
     assert "tokenizer 'org/missing': no such file or folder" in capsys.readouterr().err
+
+
+def test_reachable_follows_hf_endpoint_and_hf_hub_offline(monkeypatch):
+    """huggingface_hub's HF_ENDPOINT (a mirror) was ignored: the probe asked huggingface.co, and a reachable mirror
+    was taken for no network (found by a probe); HF_HUB_OFFLINE cost a 3 s probe per call."""
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub.reachable(timeout=2.0)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        t = time.perf_counter()
+        assert not hub.reachable(timeout=2.0) and time.perf_counter() - t < 0.5
+    finally:
+        server.close()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not hub.reachable(timeout=2.0)  # (the port closed)

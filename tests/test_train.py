@@ -997,6 +997,13 @@ def test_resume_on_more_ranks_takes_rank_0s_random_state(tmp_path, capsys):
     state = load_checkpoint(str(tmp_path / "out" / "checkpoint-1"), trainer.model, trainer.optimizer,
                             trainer.scheduler, rank=1)
     assert state["global_step"] == 1 and "rank 1 resumes with rank 0's random state" in capsys.readouterr().err
+    # a rank that wrote the checkpoint (world_size 2 in its state) and whose file is gone: incomplete, not "written
+    # by fewer ranks" (found by a probe of sharded checkpoints)
+    state_file = tmp_path / "out" / "checkpoint-1" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    with pytest.raises(FileNotFoundError, match="rng_state_1.pt' is missing: the checkpoint is incomplete"):
+        load_checkpoint(str(tmp_path / "out" / "checkpoint-1"), trainer.model, trainer.optimizer, trainer.scheduler,
+                        rank=1)
 
 
 def test_best_model_settings(tmp_path):

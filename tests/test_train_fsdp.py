@@ -3,6 +3,7 @@ checkpoints one process writes (they resume under FSDP bit for bit, and in one p
 lockstep."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -261,6 +262,19 @@ def _sharded_worker(rank, world, init_file, out_dir):
                                   resume_from_checkpoint=middle), mine).train()
         except CheckpointError as e:
             report["other_model"] = str(e)
+        # a shard file cut short: the error names the read that failed (rank 0, whose own file is whole, failed with
+        # an empty EOFError in DCP's gather, and its empty message was the one told: a probe)
+        damaged = os.path.join(out_dir, "damaged")
+        if rank == 0:
+            shutil.copytree(middle, damaged)
+            shard = os.path.join(damaged, "sharded", "__1_0.distcp")
+            os.truncate(shard, os.path.getsize(shard) // 2)
+        dist.barrier()
+        try:
+            Trainer(tiny(7, dropout=0.0), _config(out_dir, fsdp="full_shard", fsdp_config=SHARDED, save_strategy="no",
+                                                  resume_from_checkpoint=damaged), mine).train()
+        except CheckpointError as e:
+            report["damaged"] = str(e)
         if rank == 0:
             report["resumed_equal"] = sorted(k for k in straight if torch.equal(straight[k], resumed[k]))
             report["keys"] = sorted(straight)
@@ -298,6 +312,8 @@ def test_fsdp_sharded_checkpoints(tmp_path, capsys, caplog):
     assert report["resumed_equal"] == report["keys"] and report["optimizer_equal"]
     assert report["optimizer_tensors"] > 2 * len(report["keys"])  # step, exp_avg, exp_avg_sq of each
     assert "does not hold this model's and optimizer's state" in report["other_model"]
+    told = r"does not hold this model's and optimizer's state: RuntimeError( \(rank 1\))?: PytorchStreamReader"
+    assert re.search(told, report["damaged"]), report["damaged"]
     # the final model is whole tensors, the files one process writes; it follows one process
     ours = load_file(out / "final" / "model.safetensors")
     theirs = load_file(tmp_path / "one" / f"checkpoint-{STEPS}" / "model.safetensors")
@@ -562,3 +578,17 @@ def test_fsdp2_keeps_the_first_token_layer(tmp_path):
         out = json.load(f)
     assert out["cls"].startswith("FSDP") and out["shapes"] == [[3, 1, 48]]
     assert out["loss_diff"] < 1e-5
+
+
+def test_a_sharded_read_error_names_the_rank_that_failed():
+    """DCP gathers every rank's failure; a rank whose own file was whole failed in the gather with an empty EOFError,
+    and as the lowest rank its empty message was the one told (a probe's 2-rank run with a shard file cut short)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from llmcore.train.fsdp import _cause
+
+    damaged = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+    e = CheckpointException("load failed", {0: (EOFError(), None), 1: (damaged, None)})
+    assert _cause(e) == f"RuntimeError (rank 1): {damaged}"
+    assert _cause(CheckpointException("x", {0: (damaged, None), 1: (damaged, None)})) == f"RuntimeError: {damaged}"
+    assert _cause(CheckpointException("x", {0: (EOFError(), None)})) == "EOFError: "

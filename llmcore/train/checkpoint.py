@@ -217,7 +217,9 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
             optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(_load_pt(os.path.join(path, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(path, f"rng_state_{rank}.pt")
-    if not os.path.isfile(rng_file) and rank > 0 and os.path.isfile(os.path.join(path, "rng_state_0.pt")):
+    writers = state.get("world_size")  # (a rank that wrote the checkpoint and whose file is gone: incomplete)
+    if (not os.path.isfile(rng_file) and rank > 0 and os.path.isfile(os.path.join(path, "rng_state_0.pt"))
+            and not (isinstance(writers, int) and rank < writers)):
         # Written by fewer ranks (resumed on more): this rank takes rank 0's random state, as transformers goes
         # on with a warning; the run then is not the one a same-size resume would give.
         print(f"llmcore: {rng_file!r} is missing (the checkpoint was written by fewer ranks): rank {rank} resumes "

@@ -237,11 +237,23 @@ def read_sharded(state: dict, path: str, what: str) -> None:
     try:
         with _one_process_is_meant(), _metadata_fallbacks_unlogged():
             dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
-    except CheckpointException as e:  # every rank's error (a BaseException): the first rank's says what is wrong
-        first = e.failures[min(e.failures)][0] if e.failures else e
-        raise CheckpointError(f"{path!r} does not hold {what}: {first}") from None
+    except CheckpointException as e:  # every rank's error (a BaseException), keyed by rank
+        raise CheckpointError(f"{path!r} does not hold {what}: {_cause(e)}") from None
     except (OSError, ValueError, RuntimeError) as e:  # e.g. no .metadata, when every rank fails alike
         raise CheckpointError(f"{path!r} does not hold {what}: {e}") from e
+
+
+def _cause(e) -> str:
+    """What a CheckpointException's failures say is wrong: the lowest rank's error that has a message (a rank whose
+    own read went well fails in DCP's gather with an empty EOFError while another rank's file is damaged), with
+    its type and rank when ranks differ."""
+    failures = sorted((rank, f[0] if isinstance(f, tuple) else f) for rank, f in (e.failures or {}).items())
+    if not failures:
+        return str(e)
+    told = [(rank, err) for rank, err in failures if str(err)] or failures
+    rank, err = told[0]
+    where = f" (rank {rank})" if len({type(x) for _, x in failures}) > 1 or len(told) < len(failures) else ""
+    return f"{type(err).__name__}{where}: {err}"
 
 
 def _distributed() -> bool:
