@@ -40,14 +40,20 @@ def _bench_tokenizer(args: argparse.Namespace) -> int:
     out = tokenizer.main(quick=args.quick, json_path=args.json, md_path=args.md, min_rounds=args.rounds,
                          budget_s=args.budget, with_adversarial=not args.no_adversarial, with_memory=not args.no_memory,
                          families=families, command=" ".join(command), plot_path=args.plot)
-    return 0 if out["summary"].get("all outputs exact") else 1
+    s = out["summary"]
+    # (exit 1: an output not exact, a case or memory probe that failed, adversarial input read otherwise)
+    return 0 if (s.get("all outputs exact") and s.get("adversarial: llmcore exact vs reference") is not False
+                 and not s.get("memory: cases that failed")) else 1
 
 
 def _bench_train_step(args: argparse.Namespace) -> int:
     from llmcore.bench import train_step
 
+    command = ["llmcore bench train-step", f"--task {args.task}"] + [f"--{k} {getattr(args, k)}" for k in
+                                                                      ("json", "budget") if getattr(args, k)]
+    command += [f"--{k}" for k in ("quick", "memory") if getattr(args, k)]
     train_step.main(json_path=args.json, budget_s=args.budget, quick=args.quick, task=args.task,
-                    with_memory=args.memory)
+                    with_memory=args.memory, command=" ".join(command))
     return 0
 
 
@@ -55,9 +61,10 @@ def _bench_finetune(args: argparse.Namespace) -> int:
     from llmcore.bench import finetune
 
     dtypes = (args.dtype,) if args.dtype else ("fp32", "bf16")
-    finetune.main(rows=args.rows, dtypes=dtypes, json_path=args.json, md_path=args.md, plot_path=args.plot,
-                  quick=args.quick, reference_sampling=args.reference_sampling)
-    return 0
+    out = finetune.main(rows=args.rows, dtypes=dtypes, json_path=args.json, md_path=args.md, plot_path=args.plot,
+                        quick=args.quick, reference_sampling=args.reference_sampling)
+    # a run that failed (its error is in the report) is a failed bench, as the other benches exit
+    return 1 if any("error" in r for r in out["runs"]) or any("error" in s for s in out["summary"].values()) else 0
 
 
 def _bench_prepare(args: argparse.Namespace) -> int:
@@ -117,6 +124,20 @@ def _output_file(text: str) -> str:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: no write permission in {parent!r}")
     return text
+
+
+# what matplotlib's savefig writes, told by the file's suffix
+_PLOT_FORMATS = ("png", "svg", "svgz", "pdf", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf", "raw", "rgba")
+
+
+def _plot_file(text: str) -> str:
+    """--plot: an output file (``_output_file``) of a format matplotlib writes, checked before the run (it failed
+    after a run of minutes)."""
+    suffix = os.path.splitext(text)[1].lstrip(".").lower()
+    if suffix not in _PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a plot is written as {', '.join(_PLOT_FORMATS[:4])}, ... (by "
+                                         f"its suffix), not {('.' + suffix) if suffix else 'a file without one'}")
+    return _output_file(text)
 
 
 # `llmcore finetune` overrides of TrainConfig's defaults: evaluate and checkpoint once per epoch
@@ -294,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_seconds, default=3.0, help="seconds of timing per case and mode (default 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) eager reference")
     p.add_argument("--no-varlen", action="store_true", help="skip the SST-2/IMDB varlen cases")
-    p.add_argument("--plot", metavar="PNG", type=_output_file,
+    p.add_argument("--plot", metavar="PNG", type=_plot_file,
                    help="also draw llmcore against torch as a bar chart (needs matplotlib)")
     p.set_defaults(func=_bench_attention)
     p = bsub.add_parser("tokenizer", help="llmcore vs HF tokenizers (WordPiece) and tiktoken (cl100k): "
@@ -308,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["wordpiece", "cl100k"], help="run the throughput cases of one tokenizer only")
     p.add_argument("--no-adversarial", action="store_true", help="skip the 1 MB adversarial inputs")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--plot", metavar="PNG", type=_output_file,
+    p.add_argument("--plot", metavar="PNG", type=_plot_file,
                    help="also draw llmcore against the references (needs matplotlib)")
     p.set_defaults(func=_bench_tokenizer)
     p = bsub.add_parser("train-step", help="one training step, llmcore padded and packed vs transformers, fp32 and "
@@ -320,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also each step's peak resident memory above the process at rest, one process per case")
     p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="a few rounds only")
-    p.add_argument("--budget", type=_seconds, default=10.0, help="seconds of round-robin timing per dtype (default 10)")
+    p.add_argument("--budget", type=_seconds, help="seconds of round-robin timing per dtype (default 10; 2 with "
+                                                   "--quick)")
     p.set_defaults(func=_bench_train_step)
     p = bsub.add_parser("prepare", help="a whole `llmcore prepare` process on SST-2 train vs datasets.map + the HF "
                                         "fast tokenizer (same cleaning), and the cached rerun; outputs compared")
@@ -328,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=_positive_int, help="only the first ROWS rows of sst2/train.tsv (default: all)")
     p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
     p.add_argument("--md", metavar="PATH", type=_output_file, help="also write the Markdown report here")
-    p.add_argument("--plot", metavar="PNG", type=_output_file,
+    p.add_argument("--plot", metavar="PNG", type=_plot_file,
                    help="also draw the comparison as a bar chart (needs matplotlib)")
     p.set_defaults(func=_bench_prepare)
     p = bsub.add_parser("finetune", help="one epoch of MiniLM on SST-2 rows: llmcore finetune vs transformers "
@@ -340,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Trainer's batches: random as by default (default) or its group_by_length option")
     p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
     p.add_argument("--md", metavar="PATH", type=_output_file, help="also write the Markdown report here")
-    p.add_argument("--plot", metavar="PNG", type=_output_file,
+    p.add_argument("--plot", metavar="PNG", type=_plot_file,
                    help="also draw the comparison as a bar chart (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="a 256-row smoke run")
     p.set_defaults(func=_bench_finetune)

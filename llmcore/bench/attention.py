@@ -206,9 +206,11 @@ def time_round_robin(fns: dict[object, Callable[[], None]], min_rounds: int = 5,
 
 
 def iqr(xs: list[float]) -> float:
-    if len(xs) < 4:
-        return max(xs) - min(xs)
-    q = statistics.quantiles(xs, n=4)
+    """The interquartile range: statistics.quantiles' default (exclusive) method from 4 values, the inclusive
+    one for 2 or 3 (it was the whole range then, which a 3-round quick run reported as its IQR), 0 for one."""
+    if len(xs) < 2:
+        return 0.0
+    q = statistics.quantiles(xs, n=4, method="exclusive" if len(xs) >= 4 else "inclusive")
     return q[2] - q[0]
 
 

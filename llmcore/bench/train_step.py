@@ -264,10 +264,14 @@ def format_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(json_path: Optional[str] = None, budget_s: float = 10.0, quick: bool = False,
-         task: str = "sequence-classification", with_memory: bool = False) -> list[dict]:
-    runs = [run(d, budget_s=2.0 if quick else budget_s, min_rounds=3 if quick else 7, task=task)
-            for d in ("fp32", "bf16")]
+def main(json_path: Optional[str] = None, budget_s: Optional[float] = None, quick: bool = False,
+         task: str = "sequence-classification", with_memory: bool = False, command: Optional[str] = None) -> list[dict]:
+    """``budget_s``: seconds of timing per dtype, default 10 (2 with ``quick``, which also takes 3 rounds at least
+    instead of 7; a budget given is kept)."""
+    if budget_s is None:
+        budget_s = 2.0 if quick else 10.0
+    min_rounds = 3 if quick else 7
+    runs = [run(d, budget_s=budget_s, min_rounds=min_rounds, task=task) for d in ("fp32", "bf16")]
     if with_memory:
         for r in runs:
             r["memory"] = step_memory(task, r["dtype"])
@@ -284,7 +288,9 @@ def main(json_path: Optional[str] = None, budget_s: float = 10.0, quick: bool = 
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w", encoding="utf-8") as f:
-            json.dump({"task": task, "torch_threads": torch.get_num_threads(), "runs": runs}, f, indent=2)
+            json.dump({"task": task, "quick": quick, "command": command,
+                       "settings": {"budget_s": budget_s, "min_rounds": min_rounds, "memory": with_memory},
+                       "torch_threads": torch.get_num_threads(), "runs": runs}, f, indent=2)
     return runs
 
 

@@ -1,0 +1,88 @@
+"""What the benches report when something fails, and the figures' conventions (found by a probe that recomputed
+every reported figure): a failed run or case must fail the command, a bad --plot must stop it before the run, a
+quick run must say so, and an IQR must be one."""
+import json
+import statistics
+
+import pytest
+
+from llmcore import cli
+
+
+def test_bench_finetune_exits_1_when_a_run_failed(monkeypatch):
+    from llmcore.bench import finetune
+
+    good = {"runs": [{"impl": "llmcore"}], "summary": {"fp32": {"ratio": 1.2, "bar_met": True}}}
+    bad = {"runs": [{"impl": "llmcore", "error": "SystemExit: crashed"}],
+           "summary": {"fp32": {"error": "a run failed: see its entry in runs"}}}
+    for out, code in ((good, 0), (bad, 1)):
+        monkeypatch.setattr(finetune, "main", lambda **kw: out)
+        assert cli.main(["bench", "finetune", "--quick"]) == code
+
+
+def test_bench_tokenizer_failed_case_is_no_exact_verdict(monkeypatch):
+    from llmcore.bench import tokenizer
+
+    row = {"tokenizer": "wordpiece", "impl": "llmcore", "threads": 1, "exact": True, "mb_s": 10.0}
+    out = {"throughput": [{"family": "wordpiece", "threads": 1, "results": [row]},
+                          {"family": "cl100k", "threads": 1, "error": "Traceback ...", "results": []}]}
+    s = tokenizer.summarize(out)
+    assert s["all outputs exact"] is None and s["cases that failed"] == ["cl100k x1"]
+    out["memory"] = [{"tokenizer": "cl100k", "impl": "llmcore", "error": "no clear_refs"}]
+    out["throughput"].pop()
+    s = tokenizer.summarize(out)
+    assert s["all outputs exact"] is True and s["memory: cases that failed"] == ["cl100k llmcore"]
+    for summary, code in ((s, 1), ({"all outputs exact": True}, 0),
+                          ({"all outputs exact": True, "adversarial: llmcore exact vs reference": False}, 1)):
+        monkeypatch.setattr(tokenizer, "main", lambda **kw: {"summary": summary})
+        assert cli.main(["bench", "tokenizer", "--quick"]) == code
+
+
+def test_tokenizer_memory_probe_needs_the_high_water_mark_reset(monkeypatch):
+    """Without /proc/self/clear_refs the peak of the call hid under an earlier one: 0 B, and the bar "met"."""
+    from llmcore.bench import tokenizer
+
+    monkeypatch.setattr(tokenizer, "imdb_texts", lambda: ["a text"])
+    monkeypatch.setattr(tokenizer, "reset_high_water_mark", lambda: False)
+    with pytest.raises(RuntimeError, match="clear_refs"):
+        tokenizer.run_memory("wordpiece", "llmcore")
+
+
+@pytest.mark.parametrize("bench", ["attention", "tokenizer", "prepare", "finetune"])
+def test_bad_plot_suffix_stops_before_the_run(bench, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", bench, "--plot", str(tmp_path / "figure.txt")])
+    assert e.value.code == 2 and "a plot is written as png" in capsys.readouterr().err
+
+
+def test_iqr_of_few_rounds_is_no_range():
+    from llmcore.bench.attention import iqr
+
+    q = statistics.quantiles([1.0, 2.0, 10.0], n=4, method="inclusive")
+    assert iqr([1.0, 2.0, 10.0]) == q[2] - q[0] == 4.5  # (it was the range, 9)
+    assert iqr([3.0]) == 0.0 and iqr([1.0, 3.0]) == 1.0
+    xs = [1.0, 2.0, 4.0, 8.0, 16.0]
+    q = statistics.quantiles(xs, n=4)
+    assert iqr(xs) == q[2] - q[0]
+
+
+def test_train_step_quick_keeps_a_budget_given_and_says_how_it_ran(monkeypatch, tmp_path):
+    from llmcore.bench import train_step
+
+    asked = []
+    batch = {"sentences": 4, "tokens": 40, "padding_fraction": 0.1}
+
+    def run(dtype, budget_s, min_rounds, task):
+        asked.append((budget_s, min_rounds))
+        return {"dtype": dtype, "batch": batch, "results": {}}
+
+    monkeypatch.setattr(train_step, "run", run)
+    path = tmp_path / "ts.json"
+    assert cli.main(["bench", "train-step", "--quick", "--budget", "20", "--json", str(path)]) == 0
+    assert asked == [(20.0, 3)] * 2
+    saved = json.loads(path.read_text())
+    assert saved["quick"] is True and saved["settings"] == {"budget_s": 20.0, "min_rounds": 3, "memory": False}
+    assert saved["command"].startswith("llmcore bench train-step") and "--quick" in saved["command"]
+    asked.clear()
+    cli.main(["bench", "train-step", "--quick"])
+    assert asked == [(2.0, 3)] * 2
