@@ -170,7 +170,8 @@ def test_settings(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"\['every_n_layers'\] not supported"):
         tiny().activation_checkpointing_enable({"every_n_layers": 2})
     with pytest.raises(ValueError, match="has no activation_checkpointing_enable"):
-        Trainer(torch.nn.Linear(2, 2), TrainConfig(str(tmp_path), activation_checkpointing=True), [])
+        Trainer(torch.nn.Linear(2, 2), TrainConfig(str(tmp_path), activation_checkpointing=True, save_strategy="no"),
+                [])
     # the loop passes every_n_layers and offload to the model as arguments
     trainer = Trainer(tiny(), TrainConfig(str(tmp_path), activation_checkpointing=True, activation_checkpointing_kwargs={
         "every_n_layers": 2, "offload": True, "use_reentrant": True}), [])
