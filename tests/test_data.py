@@ -492,6 +492,14 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
     for f in ["train.csv", "contest.csv", "sample_submission.csv", "test_notes.md", "README.md"]:
         (tmp_path / "j" / f).write_text("sentence,label\nfine,1\n")
     assert list(sources.local_files(str(tmp_path / "j"))) == ["train"]
+    # finetune --data X --output-dir X caches the prepared data in X/data (meta.json, train.texts.txt): not raw splits
+    for f in ["data/meta.json", "data/train.texts.txt", "data/validation.ids.npy"]:
+        (tmp_path / "j" / f).parent.mkdir(exist_ok=True)
+        (tmp_path / "j" / f).write_text("{}")
+    assert list(sources.local_files(str(tmp_path / "j"))) == ["train"]
+    (tmp_path / "j" / "data" / "meta.json").rename(tmp_path / "j" / "data" / "notes.json")
+    with pytest.raises(ValueError, match="does not read: data/train.texts.txt. A folder"):  # (notes.json: no keyword)
+        sources.local_files(str(tmp_path / "j"))
 
     hub = datasets.DatasetDict({split: datasets.Dataset.from_dict({"sentence": [split] * n, "label": [0] * n})
                                 for split, n in [("train", 2), ("validation", 3), ("dev", 1)]})

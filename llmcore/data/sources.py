@@ -278,8 +278,9 @@ def local_files(path: str) -> Dict[str, str]:
 
 def _split_data(path: str, names: List[str]) -> List[str]:
     """The files of folder ``path`` (listing ``names``) that datasets.load_dataset would read as split data: a
-    data file (compressed too) whose name holds a split keyword, and the data files directly in a ``data/``
-    folder (the Hub's shards) or a folder named after a split."""
+    data file (compressed too) whose name holds a split keyword, there or directly in a ``data/`` folder (the
+    Hub's shards, ``data/train-00000-of-00001.parquet``; not llmcore's prepared folder, which ``finetune``
+    writes as ``<output-dir>/data``), and the data files directly in a folder named after a split."""
     def data_file(name: str) -> bool:
         stem = name.lower()
         while stem.endswith(_COMPRESSED):
@@ -295,7 +296,10 @@ def _split_data(path: str, names: List[str]) -> List[str]:
                     inner = sorted(os.listdir(full))
                 except OSError:
                     continue
-                out += [os.path.join(full, n) for n in inner if data_file(n) and os.path.isfile(os.path.join(full, n))]
+                if name == "data" and "meta.json" in inner:  # (a prepared folder: its arrays are no raw split)
+                    continue
+                out += [os.path.join(full, n) for n in inner if data_file(n) and os.path.isfile(os.path.join(full, n))
+                        and (name != "data" or _KEYWORD.search(n.lower()))]
         elif data_file(name) and _KEYWORD.search(name.lower()):
             out.append(full)
     return out
