@@ -265,8 +265,8 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, capsys):
     assert max(rates) == pytest.approx(0.5e-3, rel=1e-12)
     Trainer(tiny(), TrainConfig(str(tmp_path / "c"), warmup_steps=500, **{**settings, "max_steps": 3}), batches).train()
     assert "peaks at 0.4% of learning_rate" in capsys.readouterr().err  # (2 / 500: it said 0%)
-    for kw in ({"warmup_steps": 3}, {"warmup_steps": 6, "lr_scheduler_type": "constant"}):
-        Trainer(tiny(), TrainConfig(str(tmp_path / "b"), **kw, **settings), batches).train()
+    for i, kw in enumerate(({"warmup_steps": 3}, {"warmup_steps": 6, "lr_scheduler_type": "constant"})):
+        Trainer(tiny(), TrainConfig(str(tmp_path / f"b{i}"), **kw, **settings), batches).train()
         assert "warmup" not in capsys.readouterr().err
 
 
@@ -1474,3 +1474,45 @@ def test_early_stop_writes_no_extra_checkpoint_and_config_edges(tmp_path):
             return SimpleNamespace(logits=self.lin(input_ids.float()))
     with pytest.raises(TypeError, match="save_strategy='steps' writes checkpoints of llmcore's or transformers'"):
         Trainer(Net(), config(tmp_path, save_strategy="steps"), factory(2))
+
+
+def test_a_new_run_sets_an_earlier_runs_log_aside(tmp_path):
+    """Found by a probe of logging parity: a second fresh Trainer run into the same output_dir appended to the first
+    run's train_log.jsonl and TensorBoard files (two records at every step). The earlier run's are moved into
+    logs/earlier-run-1/, kept apart as transformers' per-run folders keep them; a resume or a later evaluate()
+    appends as before."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "out" / "logs"
+    runs = []
+    for _ in range(2):
+        trainer = Trainer(tiny(0), config(tmp_path, max_steps=3, report_to="tensorboard"), factory(4))
+        trainer.train()
+        runs.append(trainer)
+    lines = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    assert lines(logs / "train_log.jsonl") == runs[1].log_history
+    assert lines(logs / "earlier-run-1" / "train_log.jsonl") == runs[0].log_history
+    for folder in (logs, logs / "earlier-run-1"):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3], folder
+    runs[1].eval_batches = factory(2)(0)
+    runs[1].log({"step": 3, **runs[1].evaluate()})
+    assert lines(logs / "train_log.jsonl") == runs[1].log_history  # (appended: the same run)
+
+
+def test_steps_evaluations_carry_the_epoch_and_an_early_stop_logs_its_last_steps(tmp_path):
+    """Found by the same probe: evaluations of eval_strategy='steps' had no epoch (transformers' records all do), an
+    early stop off the logging grid left its last steps' loss out of the log (the README says they are not), and
+    an evaluation record's epoch was tagged eval/epoch in TensorBoard (transformers: train/epoch)."""
+    from llmcore.train.reporting import _tag
+
+    trainer = Trainer(tiny(0), config(tmp_path, max_steps=12, logging_steps=5, eval_strategy="steps", eval_steps=2,
+                                      metric_for_best_model="loss", early_stopping_patience=2,
+                                      early_stopping_threshold=1e9), factory(4), eval_batches=factory(2)(0))
+    trainer.train()
+    assert trainer.global_step == 6  # (evaluations at 2, 4, 6: none beats the first by 1e9)
+    evals = [r for r in trainer.log_history if "eval_loss" in r]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(2, 0.5), (4, 1.0), (6, 1.5)]
+    assert [r["step"] for r in trainer.log_history if "loss" in r] == [5, 6]
+    assert (_tag("epoch"), _tag("eval_loss"), _tag("test_accuracy")) == ("train/epoch", "eval/loss", "test/accuracy")

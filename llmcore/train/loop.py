@@ -47,7 +47,7 @@ from llmcore.train.fsdp import (
 )
 from llmcore.train.lazy_rows import LazyRowAdamW
 from llmcore.train.optim import clip_and_step, make_optimizer, make_schedule
-from llmcore.train.reporting import Reporter, peak_memory_mb
+from llmcore.train.reporting import Reporter, peak_memory_mb, set_aside_earlier_logs
 
 IGNORE_INDEX = -100
 Batch = dict
@@ -517,6 +517,7 @@ class Trainer:
         self._eval_best: Optional[float] = None
         self._patience_counter = 0
         self.reporter: Optional[Reporter] = None
+        self._logged = False  # whether this Trainer has made a Reporter (logged into its logging folder) yet
         self._resumed_step: Optional[int] = None  # the next Reporter drops the log records after it (then None)
         self._wrapped = wrapped
         # while training: parameters stepped outside torch's AdamW (row-sparse embedding tables,
@@ -534,12 +535,18 @@ class Trainer:
         self.log_history.append(record)
         self._reporter().log(record)
 
-    def _reporter(self) -> Reporter:
+    def _reporter(self, new_run: bool = False) -> Reporter:
+        """The Reporter, made at the first record. ``new_run`` (train() not resuming): an earlier run's log in this
+        Trainer's own logging folder is set aside first (``set_aside_earlier_logs``), unless this Trainer has
+        logged there already (an evaluate() before train())."""
         if self.reporter is None:
             cfg = self.config
             # a resumed run drops the interrupted run's later records only from a logging folder of its own (inside
             # output_dir): one shared by several runs holds other runs' records of those steps
             own = inside_folder(cfg.logging_dir, cfg.output_dir)
+            if new_run and own and not self._logged and self.rank == 0:
+                set_aside_earlier_logs(cfg.logging_dir)
+            self._logged = True
             self.reporter = Reporter(cfg.logging_dir, cfg.report_to, cfg.disable_tqdm, active=self.rank == 0,
                                      resumed_step=self._resumed_step if own else None)
             self._resumed_step = None
@@ -874,7 +881,7 @@ class Trainer:
                                              + Bf16Weights.attach(self.model, self.optimizer, self.world_size,
                                                                   bf16=cfg.bf16 and self.device.type == "cpu"))
         self.model.train()
-        reporter = self._reporter()
+        reporter = self._reporter(new_run=not resume)
         reporter.start(total, self.global_step)
 
         start_step, t_start = self.global_step, time.perf_counter()
@@ -883,6 +890,22 @@ class Trainer:
         run_examples = run_tokens = 0
         consumed = skip  # (a resumed run that is already done still ends where its checkpoint stood)
         saved_step, stopped = None, False
+
+        def log_window() -> None:  # the loss window's record (its mean loss over the ranks), and a new window
+            nonlocal win_steps, win_examples, t_win
+            if self.world_size > 1:
+                all_reduce(win_loss)  # each rank holds its share of the mean
+                counted = torch.tensor([win_examples], device=self.device)
+                all_reduce(counted)
+                win_examples = int(counted.item())
+            now = time.perf_counter()
+            # transformers' names (its TensorBoard tags train/learning_rate, train/grad_norm)
+            self.log({"step": self.global_step, "epoch": round(_epoch_float(epoch, consumed, n_batches), 4),
+                      "loss": float(win_loss) / win_steps, "learning_rate": lr, "grad_norm": float(grad_norm),
+                      "samples_per_second": win_examples / max(now - t_win, 1e-9)})
+            win_loss.zero_()
+            win_steps, win_examples, t_win = 0, 0, now
+
         try:
             while self.global_step < total and not stopped:
                 it = iter(self.train_batches(epoch))
@@ -909,25 +932,15 @@ class Trainer:
                     reporter.step(run_examples * self.world_size / max(time.perf_counter() - t_start, 1e-9))
                     at_epoch_end = n_batches is not None and consumed >= n_batches
                     if self.global_step % log_every == 0 or self.global_step == total:
-                        if self.world_size > 1:
-                            all_reduce(win_loss)  # each rank holds its share of the mean
-                            counted = torch.tensor([win_examples], device=self.device)
-                            all_reduce(counted)
-                            win_examples = int(counted.item())
-                        now = time.perf_counter()
-                        # transformers' names (its TensorBoard tags train/learning_rate, train/grad_norm)
-                        self.log({"step": self.global_step,
-                                  "epoch": round(_epoch_float(epoch, consumed, n_batches), 4),
-                                  "loss": float(win_loss) / win_steps, "learning_rate": lr,
-                                  "grad_norm": float(grad_norm),
-                                  "samples_per_second": win_examples / max(now - t_win, 1e-9)})
-                        win_loss.zero_()
-                        win_steps, win_examples, t_win = 0, 0, now
+                        log_window()
                     # (the last step too when off the grid, as transformers' DefaultFlowCallback: its checkpoint
                     # is then compared for the best model like the others)
                     if cfg.eval_strategy == "steps" and (self.global_step % eval_every == 0
                                                          or self.global_step == total):
-                        stopped = self._evaluate_in_training()
+                        stopped = self._evaluate_in_training(epoch=round(_epoch_float(epoch, consumed, n_batches),
+                                                                         4))
+                        if stopped and win_steps:  # (an early stop off the logging grid: its last steps' loss)
+                            log_window()
                     if cfg.save_strategy == "steps" and self.global_step % save_every == 0:
                         # A checkpoint taken at the very end of an epoch resumes at the start of the next.
                         self.save(epoch + 1, 0) if at_epoch_end else self.save(epoch, consumed)

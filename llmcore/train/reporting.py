@@ -19,6 +19,37 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # macOS reports bytes
 
 
+def _tag(key: str) -> str:
+    """A record key's TensorBoard tag, as transformers' TensorBoardCallback writes it: ``eval_loss`` is
+    ``eval/loss``, ``test_accuracy`` ``test/accuracy``, anything else ``train/<key>`` (an evaluation's epoch too)."""
+    for prefix in ("eval", "test"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return f"train/{key}"
+
+
+def set_aside_earlier_logs(logging_dir: str) -> Optional[str]:
+    """A new run's own logging folder that holds an earlier run's records (``train_log.jsonl``, TensorBoard event
+    files: the Trainer run again into its output_dir) gets them moved into ``earlier-run-<n>/`` there, kept and
+    apart, as transformers' runs/<date>_<host> folders keep each run's; the new run's log then holds its records
+    only. Returns that folder, or None when there was nothing to move."""
+    if not os.path.isdir(logging_dir):
+        return None
+    names = [n for n in os.listdir(logging_dir) if n == "train_log.jsonl" or n.startswith("events.out.tfevents.")]
+    if not names:
+        return None
+    n = 1
+    while os.path.exists(os.path.join(logging_dir, f"earlier-run-{n}")):
+        n += 1
+    folder = os.path.join(logging_dir, f"earlier-run-{n}")
+    os.makedirs(folder)
+    for name in names:
+        os.replace(os.path.join(logging_dir, name), os.path.join(folder, name))
+    print(f"llmcore: {logging_dir!r} held an earlier run's log, moved into {folder!r} (a new run, not resumed)",
+          file=sys.stderr)
+    return folder
+
+
 class Reporter:
     """Rank 0's log sinks: every record goes to stdout and ``<logging_dir>/train_log.jsonl``, its
     numeric fields to TensorBoard (``train/<name>`` or ``eval/<name>`` at ``step``) when
@@ -94,11 +125,9 @@ class Reporter:
         with open(os.path.join(self.logging_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
             f.write(line + "\n")
         if self._tb is not None and "step" in record:
-            prefix = "eval" if any(k.startswith("eval_") for k in record) else "train"
-            for key, value in record.items():
+            for key, value in record.items():  # (each key's tag as transformers' rewrite_logs names it)
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    name = key.removeprefix("eval_")
-                    self._tb.add_scalar(f"{prefix}/{name}", value, record["step"])
+                    self._tb.add_scalar(_tag(key), value, record["step"])
             self._tb.flush()
 
     def close(self) -> None:
