@@ -127,7 +127,8 @@ def _output_file(text: str) -> str:
 
 
 # what matplotlib's savefig writes, told by the file's suffix
-_PLOT_FORMATS = ("png", "svg", "svgz", "pdf", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf", "raw", "rgba")
+# (not pgf: it needs a TeX program, and failed after the run without one)
+_PLOT_FORMATS = ("png", "svg", "svgz", "pdf", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "raw", "rgba")
 
 
 def _plot_file(text: str) -> str:

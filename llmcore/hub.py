@@ -22,14 +22,15 @@ CHECKPOINT_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", 
 def reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub answers: huggingface.co on port 443, or the mirror ``HF_ENDPOINT`` names (huggingface_hub's
     setting); never with ``HF_HUB_OFFLINE`` set (then only the local cache is searched, with no 3 s probe)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+    if any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+           for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):  # (huggingface_hub reads both)
         return False
-    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
+        url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
         port = url.port or (80 if url.scheme == "http" else 443)
         socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
         return True
-    except (OSError, ValueError):  # (ValueError: a port out of range in HF_ENDPOINT)
+    except (OSError, ValueError):  # (ValueError: an HF_ENDPOINT that is no URL, a port out of range)
         return False
 
 

@@ -489,7 +489,8 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="save_to_disk folder"):
         prepare(tmp_path / "i", MODEL, 16, tmp_path / "o2")
     (tmp_path / "j").mkdir()  # not split data: no keyword, or in a word, or not a data file
-    for f in ["train.csv", "contest.csv", "sample_submission.csv", "test_notes.md", "README.md"]:
+    for f in ["train.csv", "contest.csv", "sample_submission.csv", "test_notes.md", "README.md",
+              "train_log.txt"]:  # (.txt beside .csv: datasets reads the folder's one format)
         (tmp_path / "j" / f).write_text("sentence,label\nfine,1\n")
     assert list(sources.local_files(str(tmp_path / "j"))) == ["train"]
     # finetune --data X --output-dir X caches the prepared data in X/data (meta.json, train.texts.txt): not raw splits

@@ -104,3 +104,8 @@ def test_reachable_follows_hf_endpoint_and_hf_hub_offline(monkeypatch):
         server.close()
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert not hub.reachable(timeout=2.0)  # (the port closed)
+    monkeypatch.setenv("HF_ENDPOINT", "http://[::1")  # (no URL: not reachable, no ValueError out of it)
+    assert not hub.reachable(timeout=2.0)
+    monkeypatch.delenv("HF_ENDPOINT")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")  # (huggingface_hub takes it as HF_HUB_OFFLINE)
+    assert not hub.reachable(timeout=2.0)

@@ -526,3 +526,36 @@ def test_folder_files_transformers_reads_otherwise_are_refused(tmp_path):
         if "direction" not in message:
             with pytest.raises(Exception):  # (HF's own reader refuses the file too)
                 tokenizers.Tokenizer.from_str(json.dumps(bad))
+
+
+def test_saved_folder_of_a_transformers_4_folder_loads_in_transformers(tmp_path):
+    """Found by a probe of this session's changes: a transformers-4 folder (additional_special_tokens, and
+    special_tokens_map.json holding them as {"content": ...} dicts) was saved with those dicts in
+    tokenizer_config.json, which transformers 5 refuses; a vocab.txt line of white space only (HF: an entry no word
+    matches) failed to load with a bare ValueError."""
+    sp = {"content": "<sp1>", "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    src = folder(tmp_path, {"tokenizer_class": "BertTokenizer", "additional_special_tokens": ["<sp1>"]},
+                 {"additional_special_tokens": [sp]})
+    doc = json.loads((src / "tokenizer.json").read_text())
+    doc["added_tokens"].append({"id": 30522, "special": True, **sp})
+    (src / "tokenizer.json").write_text(json.dumps(doc))
+    text = ["hello <sp1> world"]
+    theirs = transformers.AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+    Tokenizer.from_pretrained(src).save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["additional_special_tokens"] == [
+        "<sp1>"]
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")(text)["input_ids"] == theirs == [
+        [101, 7592, 30522, 2088, 102]]
+
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    words = open(f"{minilm_dir()}/vocab.txt", encoding="utf-8").read().splitlines()
+    words[1], words[2] = "\u00a0", ""  # ([unused0], [unused1]: white space, empty)
+    (vocab / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    ours, theirs = Tokenizer.from_pretrained(vocab), transformers.AutoTokenizer.from_pretrained(vocab)
+    texts = list(corpus("sst2-test")[:8]) + ["a\u00a0b", "x  y"]
+    assert ours(texts)["input_ids"] == theirs(texts)["input_ids"]
+    assert ours.id_to_token(2) == theirs.convert_ids_to_tokens(2) == ""
+    ours.save_pretrained(tmp_path / "saved_vocab")
+    assert (tmp_path / "saved_vocab" / "vocab.txt").read_text(encoding="utf-8").splitlines()[1:3] == ["", ""]

@@ -259,7 +259,11 @@ def local_files(path: str) -> Dict[str, str]:
                     raise ValueError(f"{path!r} holds two files for split {split!r}: "
                                      f"{os.path.basename(found[split])} and {name}")
                 found[split] = os.path.join(path, name)
-        unread = [f for f in _split_data(path, names) if f not in found.values()]
+        # (with split files found, only files of their formats, and the Hub's data/ shards: datasets reads the
+        # folder's one format, a train_log.txt beside train.csv is no data to it)
+        formats = {_base_extension(f) for f in found.values()}
+        unread = [f for f in _split_data(path, names) if f not in found.values() and (
+            not formats or _base_extension(f) in formats or os.path.dirname(f) == os.path.join(path, "data"))]
         if unread:
             shown = ", ".join(os.path.relpath(f, path) for f in unread[:10]) + (" ..." if len(unread) > 10 else "")
             raise ValueError(f"folder {path!r} holds split data llmcore does not read: {shown}. A folder is read as "
@@ -276,16 +280,21 @@ def local_files(path: str) -> Dict[str, str]:
     raise FileNotFoundError(path)
 
 
+def _base_extension(name: str) -> str:
+    """A file's data extension, compression suffixes dropped (``.csv`` of ``train.csv.gz``), lower case."""
+    stem = name.lower()
+    while stem.endswith(_COMPRESSED):
+        stem = os.path.splitext(stem)[0]
+    return os.path.splitext(stem)[1]
+
+
 def _split_data(path: str, names: List[str]) -> List[str]:
     """The files of folder ``path`` (listing ``names``) that datasets.load_dataset would read as split data: a
     data file (compressed too) whose name holds a split keyword, there or directly in a ``data/`` folder (the
     Hub's shards, ``data/train-00000-of-00001.parquet``; not llmcore's prepared folder, which ``finetune``
     writes as ``<output-dir>/data``), and the data files directly in a folder named after a split."""
     def data_file(name: str) -> bool:
-        stem = name.lower()
-        while stem.endswith(_COMPRESSED):
-            stem = os.path.splitext(stem)[0]
-        return stem.endswith(EXTENSIONS) and not name.startswith(".")
+        return _base_extension(name) in EXTENSIONS and not name.startswith(".")
 
     out = []
     for name in names:

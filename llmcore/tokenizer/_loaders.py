@@ -549,8 +549,11 @@ def load_bert_vocab(directory: str, cfg: dict) -> Spec:
             tokens = [line.rstrip(_WHITE_SPACE) for line in f]  # (HF's WordPiece reads it with trim_end)
     except UnicodeDecodeError as e:
         _fail(vocab_path, f"not UTF-8 text ({e})")
-    vocab = {}
+    vocab, blank = {}, []
     for i, tok in enumerate(tokens):
+        if not tok:  # an empty (or white-space) line: HF loads it as "", which no word matches; a placeholder
+            blank.append(i)  # with a space is never a pre-tokenized word either (the native table takes no "")
+            tok = f" <line {i + 1}: empty>"
         if tok in vocab:
             _fail(vocab_path, f"line {i + 1}: token {tok!r} repeats (first on line {vocab[tok] + 1})")
         vocab[tok] = i
@@ -578,6 +581,7 @@ def load_bert_vocab(directory: str, cfg: dict) -> Spec:
     _refuse_added_tokens_json(directory, vocab, {t.content for t in added})
     single = [("special", [vocab[cls]], 0), ("A", 0), ("special", [vocab[sep]], 0)]
     strings = {i: t for t, i in vocab.items()}
+    strings.update({i: "" for i in blank})
     strings.update({t.id: t.content for t in added})
     return Spec("wordpiece", vocab=list(vocab.items()), unk_token=unk, bert=bert, added_tokens=added,
                 template_single=single, template_pair=single + [("B", 1), ("special", [vocab[sep]], 1)],

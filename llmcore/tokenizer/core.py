@@ -175,6 +175,16 @@ _SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation
              "pad_token", "name_or_path")
 
 
+def _plain_tokens(value):
+    """additional_special_tokens / extra_special_tokens as tokenizer_config.json holds them for transformers 5:
+    strings (a list, or a dict of names), not special_tokens_map.json's {"content": ...} dicts of transformers 4,
+    which transformers 5 refuses there."""
+    plain = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
+    if isinstance(value, dict) and "content" not in value:
+        return {k: plain(t) for k, t in value.items()}
+    return [plain(t) for t in value] if isinstance(value, list) else value
+
+
 def _id_list(ids) -> list:
     """decode's ids as a list of ints: a sequence, a 1-D array or tensor, or one id (an int, a NumPy or 0-d
     tensor scalar, as transformers' decode takes it); anything else is a TypeError naming what it got."""
@@ -969,12 +979,15 @@ class Tokenizer:
         if kind == "json":
             name, content = "tokenizer.json", self._source[2]
         else:
-            name, content = "vocab.txt", "".join(t + "\n" for t, _ in sorted(self._spec.vocab, key=lambda e: e[1]))
+            strings = self._spec.token_strings  # (an empty line's placeholder is "" there)
+            name, content = "vocab.txt", "".join(strings.get(i, t) + "\n" for t, i in sorted(self._spec.vocab,
+                                                                                          key=lambda e: e[1]))
         with open(os.path.join(directory, name), "w", encoding="utf-8", newline="") as f:
             f.write(content)
         written.append(os.path.join(directory, name))
         config = copy.deepcopy(self._folder_config)
-        config.update({k: v for k, v in self._config.items() if k not in _loaders.SPECIAL_NAMES})
+        config.update({k: _plain_tokens(v) if k in _loaders.EXTRA_SPECIAL_KEYS else v
+                       for k, v in self._config.items() if k not in _loaders.SPECIAL_NAMES})
         config.update(self.special_tokens_map, model_max_length=self.model_max_length, padding_side=self.padding_side,
                       truncation_side=self.truncation_side,
                       clean_up_tokenization_spaces=self.clean_up_tokenization_spaces)
