@@ -476,12 +476,13 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
     assert len(prepared["test"]) == 11 and prepared.meta["counts"]["validation"]["split_from"] == "train"
 
     for name, bad in [("d", ["train-00000-of-00002.tsv", "train-00001-of-00002.tsv", "test.tsv"]),
+                      ("m", ["train.json", "train_part2.jsonl"]), ("n", ["train.txt", "train_extra.csv"]),
                       ("e", ["train.tsv.gz", "test.tsv"]), ("f", ["data/train-00000-of-00001.parquet", "test.csv"]),
                       ("g", ["train.csv", "sst2_dev.csv"]), ("h", ["train/part0.csv", "test.csv"])]:
         for f in bad:
             (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / name / f).write_text("sentence,label\nfine,1\n")
-        unread = sorted(os.path.normpath(f) for f in bad if not f.startswith(("test.", "train.csv")))
+        unread = sorted(os.path.normpath(f) for f in bad if os.path.splitext(f)[0] not in ("train", "test"))
         with pytest.raises(ValueError, match="holds split data llmcore does not read: " + re.escape(", ".join(unread))):
             prepare(tmp_path / name, MODEL, 16, tmp_path / "o2")
     (tmp_path / "i").mkdir()

@@ -557,5 +557,6 @@ def test_saved_folder_of_a_transformers_4_folder_loads_in_transformers(tmp_path)
     texts = list(corpus("sst2-test")[:8]) + ["a\u00a0b", "x  y"]
     assert ours(texts)["input_ids"] == theirs(texts)["input_ids"]
     assert ours.id_to_token(2) == theirs.convert_ids_to_tokens(2) == ""
+    assert ours.decode([1037, 1, 2, 1038]) == "a b"  # (transformers: "a   b", the empty tokens joined by spaces)
     ours.save_pretrained(tmp_path / "saved_vocab")
     assert (tmp_path / "saved_vocab" / "vocab.txt").read_text(encoding="utf-8").splitlines()[1:3] == ["", ""]

@@ -1483,6 +1483,8 @@ def test_a_new_run_sets_an_earlier_runs_log_aside(tmp_path):
     appends as before."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from llmcore.train.reporting import set_aside_earlier_logs
+
     logs = tmp_path / "out" / "logs"
     runs = []
     for _ in range(2):
@@ -1499,6 +1501,24 @@ def test_a_new_run_sets_an_earlier_runs_log_aside(tmp_path):
     runs[1].eval_batches = factory(2)(0)
     runs[1].log({"step": 3, **runs[1].evaluate()})
     assert lines(logs / "train_log.jsonl") == runs[1].log_history  # (appended: the same run)
+    # (the probe of this change:) a Trainer that logs before train() is a new run too; a resume from another
+    # folder's checkpoint starts a new run here (it cut this folder's earlier log at the resumed step); a second
+    # train() trains again (it did nothing and reported train_loss 0.0); TensorBoard files alone are not moved
+    third = Trainer(tiny(0), config(tmp_path, max_steps=3, report_to="none"), factory(4), eval_batches=factory(2)(0))
+    third.log({"step": 0, **third.evaluate()})
+    assert lines(logs / "earlier-run-2" / "train_log.jsonl") == runs[1].log_history
+    other = tmp_path / "other"
+    Trainer(tiny(0), config(tmp_path, output_dir=str(other), max_steps=4, save_strategy="steps", save_steps=2,
+                            report_to="none"), factory(4)).train()
+    resumed = Trainer(tiny(0), config(tmp_path, max_steps=4, report_to="none",
+                                      resume_from_checkpoint=str(other / "checkpoint-2")), factory(4))
+    resumed.train()
+    assert [r["step"] for r in lines(logs / "train_log.jsonl")] == [3, 4]
+    assert [r["step"] for r in lines(logs / "earlier-run-3" / "train_log.jsonl")] == [0]
+    again = resumed.train()
+    assert again["global_step"] == 4 and again["train_loss"] > 0 and resumed.log_history[0]["step"] == 1
+    (logs / "train_log.jsonl").unlink()
+    assert set_aside_earlier_logs(str(logs)) is None  # (only event files left: a user's writer's, maybe)
 
 
 def test_steps_evaluations_carry_the_epoch_and_an_early_stop_logs_its_last_steps(tmp_path):
@@ -1516,3 +1536,9 @@ def test_steps_evaluations_carry_the_epoch_and_an_early_stop_logs_its_last_steps
     assert [(r["step"], r["epoch"]) for r in evals] == [(2, 0.5), (4, 1.0), (6, 1.5)]
     assert [r["step"] for r in trainer.log_history if "loss" in r] == [5, 6]
     assert (_tag("epoch"), _tag("eval_loss"), _tag("test_accuracy")) == ("train/epoch", "eval/loss", "test/accuracy")
+    # the epoch strategy's early stop too (found by the probe of this change)
+    trainer = Trainer(tiny(0), config(tmp_path, output_dir=str(tmp_path / "e"), max_steps=40, logging_steps=5,
+                                      eval_strategy="epoch", metric_for_best_model="loss", early_stopping_patience=1,
+                                      early_stopping_threshold=1e9), factory(3), eval_batches=factory(2)(0))
+    trainer.train()
+    assert trainer.global_step == 6 and [r["step"] for r in trainer.log_history if "loss" in r] == [5, 6]

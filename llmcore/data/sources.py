@@ -259,11 +259,12 @@ def local_files(path: str) -> Dict[str, str]:
                     raise ValueError(f"{path!r} holds two files for split {split!r}: "
                                      f"{os.path.basename(found[split])} and {name}")
                 found[split] = os.path.join(path, name)
-        # (with split files found, only files of their formats, and the Hub's data/ shards: datasets reads the
-        # folder's one format, a train_log.txt beside train.csv is no data to it)
-        formats = {_base_extension(f) for f in found.values()}
+        # (a .txt beside split files of another format is no split data: datasets reads the folder's tables, a
+        # train_log.txt beside train.csv is no data to it; any other keyword-named data file is, whatever its
+        # format: datasets merges train.jsonl with train_part2.json, or reads train_extra.csv over train.txt)
+        text_too = any(_base_extension(f) == ".txt" for f in found.values())
         unread = [f for f in _split_data(path, names) if f not in found.values() and (
-            not formats or _base_extension(f) in formats or os.path.dirname(f) == os.path.join(path, "data"))]
+            not found or text_too or _base_extension(f) != ".txt" or os.path.dirname(f) == os.path.join(path, "data"))]
         if unread:
             shown = ", ".join(os.path.relpath(f, path) for f in unread[:10]) + (" ..." if len(unread) > 10 else "")
             raise ValueError(f"folder {path!r} holds split data llmcore does not read: {shown}. A folder is read as "

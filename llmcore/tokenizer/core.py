@@ -231,6 +231,9 @@ class Tokenizer:
         for key, side in getattr(spec, "sides", {}).items():
             setattr(self, key, side)
         self._folder_config: dict = {}  # the folder's whole tokenizer_config.json, which save_pretrained writes back
+        # ids of a vocab.txt's empty lines (their native entries are placeholders): decode leaves them out
+        strings = spec.token_strings if isinstance(spec.token_strings, dict) else {}
+        self._blank_ids = frozenset(i for i, s in strings.items() if s == "")
         self._warned_long = False
         self.clean_up_tokenization_spaces = False  # decode's default (tokenizer_config.json's)
         self._named: dict = {}  # unk_token, eos_token...: the folder's names for its special tokens
@@ -710,7 +713,10 @@ class Tokenizer:
             return self.decode_batch(ids, skip_special_tokens, clean_up_tokenization_spaces)
         if self._spec.decoder_issue:
             raise NotImplementedError(f"decode: {self._spec.decoder_issue}; encoding is unaffected")
-        text = self._native.decode(_id_list(ids), skip_special_tokens).decode("utf-8", errors="replace")
+        id_list = _id_list(ids)
+        if self._blank_ids:  # (HF joins their "" with spaces: "a  b" where llmcore gives "a b")
+            id_list = [i for i in id_list if i not in self._blank_ids]
+        text = self._native.decode(id_list, skip_special_tokens).decode("utf-8", errors="replace")
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         if clean_up_tokenization_spaces and self.is_wordpiece:

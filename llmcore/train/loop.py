@@ -535,16 +535,16 @@ class Trainer:
         self.log_history.append(record)
         self._reporter().log(record)
 
-    def _reporter(self, new_run: bool = False) -> Reporter:
-        """The Reporter, made at the first record. ``new_run`` (train() not resuming): an earlier run's log in this
-        Trainer's own logging folder is set aside first (``set_aside_earlier_logs``), unless this Trainer has
-        logged there already (an evaluate() before train())."""
+    def _reporter(self) -> Reporter:
+        """The Reporter, made at the first record. The first one of a Trainer that does not continue its
+        output_dir's run (``_continues_own_run``) sets an earlier run's log in its own logging folder aside first
+        (``set_aside_earlier_logs``): each Trainer's run logs apart, as transformers' per-run folders."""
         if self.reporter is None:
             cfg = self.config
             # a resumed run drops the interrupted run's later records only from a logging folder of its own (inside
             # output_dir): one shared by several runs holds other runs' records of those steps
             own = inside_folder(cfg.logging_dir, cfg.output_dir)
-            if new_run and own and not self._logged and self.rank == 0:
+            if own and not self._logged and self.rank == 0 and not self._continues_own_run():
                 set_aside_earlier_logs(cfg.logging_dir)
             self._logged = True
             self.reporter = Reporter(cfg.logging_dir, cfg.report_to, cfg.disable_tqdm, active=self.rank == 0,
@@ -797,6 +797,17 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
+    def _continues_own_run(self) -> bool:
+        """Whether resume_from_checkpoint continues the run in this output_dir (True: its latest checkpoint, or a
+        checkpoint folder in it); one of another folder starts a new run here, from that state."""
+        r = self.config.resume_from_checkpoint
+        if r is True:
+            return True
+        if not isinstance(r, (str, os.PathLike)):
+            return False
+        return os.path.abspath(os.path.dirname(os.path.normpath(os.fspath(r)))) == os.path.abspath(
+            self.config.output_dir)
+
     def _resume_path(self) -> Optional[str]:
         r = self.config.resume_from_checkpoint
         if isinstance(r, (str, os.PathLike)):  # (a checkpoint an interrupted save moved aside is put back)
@@ -835,6 +846,10 @@ class Trainer:
         resume = self._resume_path()
         if not resume:
             seed_everything(cfg.seed)
+            # a new run (a second train() too, as transformers' starts over): its own step count, log and best model
+            self.global_step, self.log_history = 0, []
+            self.best_metric = self.best_model_checkpoint = self._eval_best = None
+            self._patience_counter = 0
         n_batches = _len_or_none(self.train_batches(0))
         if self.world_size > 1 and n_batches is not None:
             _check_same_batch_counts(n_batches, self.device)
@@ -865,7 +880,8 @@ class Trainer:
             self.best_model_checkpoint = self._resumed_best(state.get("best_model_checkpoint"))
             stopping = state.get("early_stopping") or {}
             self._eval_best, self._patience_counter = stopping.get("best"), stopping.get("patience_counter", 0)
-            self._resumed_step = self.global_step
+            # (the log's later records are dropped only when this continues the run whose log it is)
+            self._resumed_step = self.global_step if self._continues_own_run() else None
             if self.rank == 0:
                 _note_changed_batching(state.get("config"), state.get("world_size"), cfg, self.world_size, resume)
             if self.reporter is not None:  # (made by an evaluate() before train: again, at the resumed step)
@@ -881,7 +897,7 @@ class Trainer:
                                              + Bf16Weights.attach(self.model, self.optimizer, self.world_size,
                                                                   bf16=cfg.bf16 and self.device.type == "cpu"))
         self.model.train()
-        reporter = self._reporter(new_run=not resume)
+        reporter = self._reporter()
         reporter.start(total, self.global_step)
 
         start_step, t_start = self.global_step, time.perf_counter()
@@ -954,6 +970,8 @@ class Trainer:
                 if exhausted or (n_batches is not None and consumed >= n_batches):
                     if cfg.eval_strategy == "epoch":
                         stopped = self._evaluate_in_training(saved_step == self.global_step, epoch=epoch + 1)
+                        if stopped and win_steps:  # (as the steps strategy's early stop)
+                            log_window()
                     if cfg.save_strategy == "epoch":
                         self.save(epoch + 1, 0)
                         saved_step = self.global_step

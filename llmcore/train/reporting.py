@@ -36,7 +36,7 @@ def set_aside_earlier_logs(logging_dir: str) -> Optional[str]:
     if not os.path.isdir(logging_dir):
         return None
     names = [n for n in os.listdir(logging_dir) if n == "train_log.jsonl" or n.startswith("events.out.tfevents.")]
-    if not names:
+    if "train_log.jsonl" not in names:  # (event files alone may be a user's own writer's, open beside the run)
         return None
     n = 1
     while os.path.exists(os.path.join(logging_dir, f"earlier-run-{n}")):
