@@ -1501,24 +1501,37 @@ def test_a_new_run_sets_an_earlier_runs_log_aside(tmp_path):
     runs[1].eval_batches = factory(2)(0)
     runs[1].log({"step": 3, **runs[1].evaluate()})
     assert lines(logs / "train_log.jsonl") == runs[1].log_history  # (appended: the same run)
-    # (the probe of this change:) a Trainer that logs before train() is a new run too; a resume from another
-    # folder's checkpoint starts a new run here (it cut this folder's earlier log at the resumed step); a second
-    # train() trains again (it did nothing and reported train_loss 0.0); TensorBoard files alone are not moved
-    third = Trainer(tiny(0), config(tmp_path, max_steps=3, report_to="none"), factory(4), eval_batches=factory(2)(0))
+    # (the probes of this change:) a Trainer that logs before train() is a new run too; a second train() starts over,
+    # its log apart (it appended: two records a step), with no best metric from an evaluation before it (a stale
+    # one was taken at its save of that step); a resume from another folder's checkpoint starts a new run here (it
+    # cut this folder's earlier log at the resumed step); one through a link to output_dir continues its run
+    third = Trainer(tiny(0), config(tmp_path, max_steps=3, report_to="none", save_strategy="steps", save_steps=3,
+                                    metric_for_best_model="loss"), factory(4), eval_batches=factory(2)(0))
     third.log({"step": 0, **third.evaluate()})
     assert lines(logs / "earlier-run-2" / "train_log.jsonl") == runs[1].log_history
+    assert third.train()["train_loss"] > 0
+    third.evaluate()
+    third.train()
+    assert third.global_step == 3 and third.best_metric is None
+    assert [r["step"] for r in lines(logs / "earlier-run-3" / "train_log.jsonl")] == [0, 1, 2, 3]
+    assert lines(logs / "train_log.jsonl") == third.log_history
     other = tmp_path / "other"
     Trainer(tiny(0), config(tmp_path, output_dir=str(other), max_steps=4, save_strategy="steps", save_steps=2,
                             report_to="none"), factory(4)).train()
-    resumed = Trainer(tiny(0), config(tmp_path, max_steps=4, report_to="none",
-                                      resume_from_checkpoint=str(other / "checkpoint-2")), factory(4))
-    resumed.train()
+    Trainer(tiny(0), config(tmp_path, max_steps=4, report_to="none", save_strategy="steps", save_steps=4,
+                            resume_from_checkpoint=str(other / "checkpoint-2")), factory(4)).train()
     assert [r["step"] for r in lines(logs / "train_log.jsonl")] == [3, 4]
-    assert [r["step"] for r in lines(logs / "earlier-run-3" / "train_log.jsonl")] == [0]
-    again = resumed.train()
-    assert again["global_step"] == 4 and again["train_loss"] > 0 and resumed.log_history[0]["step"] == 1
+    assert lines(logs / "earlier-run-4" / "train_log.jsonl") == third.log_history
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "out")
+    Trainer(tiny(0), config(tmp_path, output_dir=str(link), max_steps=5, report_to="none",
+                            resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4")), factory(4)).train()
+    assert [r["step"] for r in lines(logs / "train_log.jsonl")] == [3, 4, 5]
+    assert not (logs / "earlier-run-5").exists()
     (logs / "train_log.jsonl").unlink()
     assert set_aside_earlier_logs(str(logs)) is None  # (only event files left: a user's writer's, maybe)
+    from llmcore.train.finetune import earlier_run  # (--overwrite-output-dir removes the set-aside logs too)
+    assert "logs/earlier-run-1" in earlier_run(str(tmp_path / "out"), str(logs))
 
 
 def test_steps_evaluations_carry_the_epoch_and_an_early_stop_logs_its_last_steps(tmp_path):

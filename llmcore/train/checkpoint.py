@@ -130,6 +130,17 @@ def inside_folder(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
+def resumes_here(resume, output_dir: str) -> bool:
+    """Whether ``resume`` (resume_from_checkpoint) continues the run in ``output_dir`` (True, or a checkpoint inside
+    it, links resolved): only then may it write over that run's files and log; a checkpoint of another folder (one
+    below output_dir too) starts a new run there."""
+    if resume is None or resume is False:
+        return False
+    if resume is True:
+        return True
+    return os.path.dirname(os.path.realpath(os.fspath(resume))) == os.path.realpath(output_dir)
+
+
 def partial_path(path: str) -> str:
     """The hidden folder a checkpoint is written into before ``publish_checkpoint``."""
     head, name = os.path.split(path)

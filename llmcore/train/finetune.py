@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from llmcore.train.checkpoint import inside_folder
+from llmcore.train.checkpoint import inside_folder, resumes_here
 from llmcore.train.config import TrainConfig
 from llmcore.train.fsdp import check_process_group
 from llmcore.train.loop import IGNORE_INDEX, Trainer
@@ -160,17 +160,6 @@ def transformers_pad_id(net: torch.nn.Module, causal_lm: bool) -> int:
     return fill
 
 
-def _resumes_here(resume, output_dir: str) -> bool:
-    """Whether the run resumes the one in ``output_dir`` (True, or a checkpoint inside it): only then may it
-    write over that run's files; a checkpoint of another folder starts a new run here."""
-    if resume is None:
-        return False
-    if resume is True:
-        return True
-    # (a checkpoint of a run in a folder below output_dir is another run's)
-    return os.path.dirname(os.path.realpath(resume)) == os.path.realpath(output_dir)
-
-
 def _copy_tokenizer(source: str, final: str, model: Optional[str] = None) -> None:
     """The files of the tokenizer the data was tokenized with (``--tokenizer``, else the model's) into ``final``:
     a folder's tokenizer files, or a tokenizer.json file. With a file alone, the model folder's
@@ -227,9 +216,9 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
                  *([os.path.join(logging_dir, "train_log.jsonl")] if own_logs else [])):
         if os.path.exists(path):
             found.append(os.path.relpath(path, output_dir))
-    if own_logs and os.path.isdir(logging_dir):
+    if own_logs and os.path.isdir(logging_dir):  # (and the logs Trainer runs set aside: earlier-run-<n>/)
         found += sorted(os.path.relpath(os.path.join(logging_dir, n), output_dir) for n in os.listdir(logging_dir)
-                        if n.startswith("events.out.tfevents."))
+                        if n.startswith(("events.out.tfevents.", "earlier-run-")))
     return found
 
 
@@ -496,7 +485,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     config = TrainConfig(output_dir=output_dir, **train_args)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"output_dir {output_dir!r} is a file, not a folder: choose another --output-dir")
-    earlier = [] if _resumes_here(config.resume_from_checkpoint, output_dir) else earlier_run(output_dir,
+    earlier = [] if resumes_here(config.resume_from_checkpoint, output_dir) else earlier_run(output_dir,
                                                                                               config.logging_dir)
     if earlier and not overwrite_output_dir:
         raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "

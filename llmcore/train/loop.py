@@ -32,6 +32,7 @@ from llmcore.train.checkpoint import (
     partial_path,
     publish_checkpoint,
     restore_interrupted_swaps,
+    resumes_here,
     rotate_checkpoints,
     save_checkpoint,
     seed_everything,
@@ -518,6 +519,7 @@ class Trainer:
         self._patience_counter = 0
         self.reporter: Optional[Reporter] = None
         self._logged = False  # whether this Trainer has made a Reporter (logged into its logging folder) yet
+        self._trained = False  # whether train() ran (a second one is a new run)
         self._resumed_step: Optional[int] = None  # the next Reporter drops the log records after it (then None)
         self._wrapped = wrapped
         # while training: parameters stepped outside torch's AdamW (row-sparse embedding tables,
@@ -798,15 +800,8 @@ class Trainer:
             dist.barrier()
 
     def _continues_own_run(self) -> bool:
-        """Whether resume_from_checkpoint continues the run in this output_dir (True: its latest checkpoint, or a
-        checkpoint folder in it); one of another folder starts a new run here, from that state."""
-        r = self.config.resume_from_checkpoint
-        if r is True:
-            return True
-        if not isinstance(r, (str, os.PathLike)):
-            return False
-        return os.path.abspath(os.path.dirname(os.path.normpath(os.fspath(r)))) == os.path.abspath(
-            self.config.output_dir)
+        """Whether resume_from_checkpoint continues the run in this output_dir (``resumes_here``)."""
+        return resumes_here(self.config.resume_from_checkpoint, self.config.output_dir)
 
     def _resume_path(self) -> Optional[str]:
         r = self.config.resume_from_checkpoint
@@ -848,8 +843,11 @@ class Trainer:
             seed_everything(cfg.seed)
             # a new run (a second train() too, as transformers' starts over): its own step count, log and best model
             self.global_step, self.log_history = 0, []
-            self.best_metric = self.best_model_checkpoint = self._eval_best = None
+            self.best_metric = self.best_model_checkpoint = self._eval_best = self._last_eval = None
             self._patience_counter = 0
+            if self._trained:  # (an earlier train() of this Trainer: its log is set aside as another run's)
+                self._logged = False
+        self._trained = True
         n_batches = _len_or_none(self.train_batches(0))
         if self.world_size > 1 and n_batches is not None:
             _check_same_batch_counts(n_batches, self.device)
