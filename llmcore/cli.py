@@ -141,6 +141,13 @@ def _plot_file(text: str) -> str:
     return _output_file(text)
 
 
+def _add_data_config(parser: argparse.ArgumentParser) -> None:
+    """prepare's and finetune's --data-config."""
+    parser.add_argument("--data-config", metavar="NAME", help="the configuration of a Hugging Face data set --data "
+                                                              "(datasets.load_dataset's name: --data nyu-mll/glue "
+                                                              "--data-config sst2)")
+
+
 # `llmcore finetune` overrides of TrainConfig's defaults: evaluate and checkpoint once per epoch
 _FINETUNE_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch"}
 
@@ -280,9 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="PATH_OR_NAME",
                    help="a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of train.*/validation.*/test.*, "
                         "or a Hugging Face dataset name")
-    p.add_argument("--data-config", metavar="NAME", help="the configuration of a Hugging Face data set --data "
-                                                         "(datasets.load_dataset's name: --data nyu-mll/glue "
-                                                         "--data-config sst2)")
+    _add_data_config(p)
     p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) whose rows are the "
                                                         "validation split, instead of --data's own or a split of train")
     p.add_argument("--model", metavar="PATH_OR_ID", help="model folder (or Hugging Face Hub model id) whose "
@@ -373,9 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["sequence-classification", "causal-lm"], default="sequence-classification",
                    help="sequence-classification (default: the texts' labels) or causal-lm (a decoder checkpoint "
                         "trained on the texts' next tokens; labels unused)")
-    p.add_argument("--data-config", metavar="NAME", help="the configuration of a Hugging Face data set --data "
-                                                         "(datasets.load_dataset's name: --data nyu-mll/glue "
-                                                         "--data-config sst2)")
+    _add_data_config(p)
     p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) to evaluate on, "
                                                         "as transformers' eval_dataset (with raw --data)")
     p.add_argument("--model", metavar="PATH_OR_ID",

@@ -270,8 +270,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     if os.path.exists(data):
         if hub_config is not None:
             raise ValueError(f"hub_config (--data-config) {hub_config!r} names a configuration of a Hugging Face "
-                             f"data set, but data "
-                             f"{data!r} is a local file or folder")
+                             f"data set, but data {data!r} is a local file or folder")
         files = sources.local_files(data)
         source_fp = sources.fingerprint_files(files)
     elif sources.looks_like_hub_name(data):

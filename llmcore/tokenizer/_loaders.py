@@ -483,13 +483,27 @@ def read_special_tokens_map(directory: str) -> dict:
 EXTRA_SPECIAL_KEYS = ("additional_special_tokens", "extra_special_tokens")
 
 
+def token_content(token):
+    """A token as the config files name it: a string, or transformers' {"content": ...} (None without one)."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def plain_special_tokens(value):
+    """additional_special_tokens / extra_special_tokens as tokenizer_config.json holds them for transformers 5:
+    strings (a list, or a dict of names), not special_tokens_map.json's {"content": ...} dicts of transformers 4,
+    which transformers 5 refuses there."""
+    if isinstance(value, dict) and "content" not in value:
+        return {k: token_content(t) for k, t in value.items()}
+    return [token_content(t) for t in value] if isinstance(value, list) else value
+
+
 def extra_special_tokens(cfg: dict) -> list:
     """The further special tokens ``cfg`` names (strings, or transformers' {"content": ...}), in order, once each."""
     out = []
     for key in EXTRA_SPECIAL_KEYS:
         value = cfg.get(key)
         for item in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()):
-            content = item.get("content") if isinstance(item, dict) else item
+            content = token_content(item)
             if isinstance(content, str) and content not in out:
                 out.append(content)
     return out
@@ -507,7 +521,7 @@ def special_token_names(cfg: dict, is_token, bert_defaults: bool = False) -> dic
     for key in SPECIAL_NAMES:
         if key not in cfg:
             continue
-        value = cfg[key].get("content") if isinstance(cfg[key], dict) else cfg[key]
+        value = token_content(cfg[key])
         if isinstance(value, str):
             names[key] = value
         else:
@@ -612,7 +626,7 @@ def _config_added_tokens(cfg: dict, vocab: dict, known: set, path: str) -> list:
         out.append(token)
         known.add(token.content)
     for t in cfg.get("additional_special_tokens") or []:
-        content = t.get("content") if isinstance(t, dict) else t
+        content = token_content(t)
         if not isinstance(content, str):
             _fail(path, f"additional_special_tokens holds {t!r}, not a token")
         if content in known:
@@ -625,8 +639,9 @@ def _config_added_tokens(cfg: dict, vocab: dict, known: set, path: str) -> list:
 
 
 def _refuse_added_tokens_json(directory: str, vocab: dict, known: set) -> None:
-    """transformers' older ``added_tokens.json`` ({token: id}) declares tokens beyond vocab.txt, which transformers
-    matches in the text: llmcore does not read it, so a folder whose file names other tokens is refused."""
+    """transformers 4's ``added_tokens.json`` ({token: id}) declares tokens beyond vocab.txt, which its tokenizers
+    matched in the text (transformers 5 ignores the file): llmcore does not read it, so a folder whose file names
+    other tokens is refused."""
     path = os.path.join(directory, "added_tokens.json")
     if not os.path.isfile(path):
         return

@@ -175,16 +175,6 @@ _SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation
              "pad_token", "name_or_path")
 
 
-def _plain_tokens(value):
-    """additional_special_tokens / extra_special_tokens as tokenizer_config.json holds them for transformers 5:
-    strings (a list, or a dict of names), not special_tokens_map.json's {"content": ...} dicts of transformers 4,
-    which transformers 5 refuses there."""
-    plain = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
-    if isinstance(value, dict) and "content" not in value:
-        return {k: plain(t) for k, t in value.items()}
-    return [plain(t) for t in value] if isinstance(value, list) else value
-
-
 def _id_list(ids) -> list:
     """decode's ids as a list of ints: a sequence, a 1-D array or tensor, or one id (an int, a NumPy or 0-d
     tensor scalar, as transformers' decode takes it); anything else is a TypeError naming what it got."""
@@ -350,19 +340,18 @@ class Tokenizer:
                     .removesuffix("Fast") in ("BertTokenizer", "DistilBertTokenizer")):
                 warnings.warn(f"{directory}: tokenizer_config.json's do_lower_case={lower} contradicts "
                               f"tokenizer.json's normalizer (lowercase={tok._spec.bert[3]}): llmcore follows "
-                              "tokenizer.json, as HF "
-                              "tokenizers; transformers' BERT tokenizer rebuilds the normalizer from the config and "
-                              "gives other ids", stacklevel=2)
+                              "tokenizer.json, as HF tokenizers; transformers' BERT tokenizer rebuilds the normalizer "
+                              "from the config and gives other ids", stacklevel=2)
         elif os.path.isfile(os.path.join(directory, "vocab.txt")):
-            cfg = _loaders.read_tokenizer_config(directory, strict=True)
-            # (special_tokens_map.json's names win over tokenizer_config.json's, as in transformers: the vocab's
-            # template is built from them too)
-            tok = cls(_loaders.load_bert_vocab(directory, {**cfg, **_loaders.read_special_tokens_map(directory)}),
-                      ("vocab", directory))
+            cfg, tok = _loaders.read_tokenizer_config(directory, strict=True), None  # (built below)
         else:
             raise FileNotFoundError(f"{directory!r} holds neither tokenizer.json nor vocab.txt")
-        tok._apply_config({**cfg, **_loaders.read_special_tokens_map(directory)},
-                          os.path.join(directory, "tokenizer_config.json"))
+        # (special_tokens_map.json's names win over tokenizer_config.json's, as in transformers; a vocab.txt folder's
+        # template is built from them too)
+        named = {**cfg, **_loaders.read_special_tokens_map(directory)}
+        if tok is None:
+            tok = cls(_loaders.load_bert_vocab(directory, named), ("vocab", directory))
+        tok._apply_config(named, os.path.join(directory, "tokenizer_config.json"))
         tok._folder_config = cfg
         tok.name_or_path = directory
         return tok
@@ -992,7 +981,7 @@ class Tokenizer:
             f.write(content)
         written.append(os.path.join(directory, name))
         config = copy.deepcopy(self._folder_config)
-        config.update({k: _plain_tokens(v) if k in _loaders.EXTRA_SPECIAL_KEYS else v
+        config.update({k: _loaders.plain_special_tokens(v) if k in _loaders.EXTRA_SPECIAL_KEYS else v
                        for k, v in self._config.items() if k not in _loaders.SPECIAL_NAMES})
         config.update(self.special_tokens_map, model_max_length=self.model_max_length, padding_side=self.padding_side,
                       truncation_side=self.truncation_side,

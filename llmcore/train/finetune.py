@@ -486,7 +486,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"output_dir {output_dir!r} is a file, not a folder: choose another --output-dir")
     earlier = [] if resumes_here(config.resume_from_checkpoint, output_dir) else earlier_run(output_dir,
-                                                                                              config.logging_dir)
+                                                                                             config.logging_dir)
     if earlier and not overwrite_output_dir:
         raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
                          f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")

@@ -52,7 +52,7 @@ def set_aside_earlier_logs(logging_dir: str) -> Optional[str]:
 
 class Reporter:
     """Rank 0's log sinks: every record goes to stdout and ``<logging_dir>/train_log.jsonl``, its
-    numeric fields to TensorBoard (``train/<name>`` or ``eval/<name>`` at ``step``) when
+    numeric fields to TensorBoard (each under ``_tag``'s name, at ``step``) when
     ``"tensorboard"`` is in ``report_to``; plus a tqdm progress bar with samples/s and the ETA
     unless ``disable_tqdm``. Other ranks get a silent Reporter (``active=False``). A run resumed at
     ``resumed_step`` drops the records of later steps (the interrupted run's, which the resumed one
