@@ -83,8 +83,9 @@ def test_finetune_cli_runs_and_writes_results(tmp_path, pack):
     assert results["peak_memory_mb"] > 50  # a process holding torch and MiniLM
     # logs: JSONL with every logged step, and TensorBoard event files beside it
     with open(out / "logs" / "train_log.jsonl", encoding="utf-8") as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == [2, 4]
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 4, 4]  # two losses, then the run's summary
+    assert records[-1]["train_runtime"] > 0 and records[-1]["train_loss"] == pytest.approx(results["train_loss"])
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "logs"))
     from llmcore.models import from_pretrained
     from llmcore.tokenizer import Tokenizer

@@ -143,6 +143,15 @@ def test_fractional_step_settings_as_transformers_trainer(tmp_path):
     for key in ("loss", "eval_loss"):
         assert steps(ours.log_history, key) == steps(theirs.state.log_history, key), key
     assert steps(ours.log_history, "loss") == [2, 4, 6, 8, 10]  # ceil(0.15 * 10)
+    # transformers' speed metrics: in every evaluation record, and the run's last record (its summary; llmcore
+    # computes no total_flos and adds train_tokens_per_second)
+    timing = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+    for history in (ours.log_history, theirs.state.log_history):
+        assert all(k in r for r in history if "eval_loss" in r for k in timing)
+    summary = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch", "step")
+    assert set(theirs.state.log_history[-1]) == {*summary, "total_flos"}
+    assert set(ours.log_history[-1]) == {*summary, "train_tokens_per_second"}
+    assert ours.log_history[-1]["epoch"] == theirs.state.log_history[-1]["epoch"]
     assert steps(ours.log_history, "eval_loss") == [3, 6, 9, 10]  # ceil(2.5), and the last step
     saved = [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "ours" / "out"))]
     assert saved == ["checkpoint-5", "checkpoint-10"]
@@ -980,9 +989,11 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     trainer = Trainer(tiny(0), config(tmp_path, max_steps=8, resume_from_checkpoint=True), factory(5),
                       eval_batches=evals)
     trainer.train()
-    assert steps() == [r["step"] for r in trainer.log_history] == list(range(1, 9))
+    # (the last: the resumed run's summary record, as transformers' Trainer logs at the end of train())
+    assert steps() == [r["step"] for r in trainer.log_history] == list(range(1, 9)) + [8]
+    assert "train_runtime" in trainer.log_history[-1] and "loss" not in trainer.log_history[-1]
     trainer.log({"step": trainer.global_step, **trainer.evaluate()})
-    assert steps() == list(range(1, 9)) + [8]
+    assert steps() == list(range(1, 9)) + [8, 8]
 
 
 def test_resume_on_more_ranks_takes_rank_0s_random_state(tmp_path, capsys):
@@ -1131,7 +1142,8 @@ def test_a_regression_reports_no_accuracy(tmp_path):
     with pytest.raises(ValueError, match="the evaluation of a regression reports loss, examples"):
         Trainer(model, watching, [batch], eval_batches=[batch])
     watching.metric_for_best_model = "loss"
-    assert set(Trainer(model, watching, [batch], eval_batches=[batch]).evaluate()) == {"eval_loss", "eval_examples"}
+    assert set(Trainer(model, watching, [batch], eval_batches=[batch]).evaluate()) == {
+        "eval_loss", "eval_examples", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 
 
 def _hf_stop_step(scores, patience, threshold, greater, eval_steps=2):
@@ -1513,20 +1525,22 @@ def test_a_new_run_sets_an_earlier_runs_log_aside(tmp_path):
     third.evaluate()
     third.train()
     assert third.global_step == 3 and third.best_metric is None
-    assert [r["step"] for r in lines(logs / "earlier-run-3" / "train_log.jsonl")] == [0, 1, 2, 3]
+    # (each run's last record: its summary, train_runtime and the rest, as transformers' Trainer logs at its end)
+    assert [r["step"] for r in lines(logs / "earlier-run-3" / "train_log.jsonl")] == [0, 1, 2, 3, 3]
     assert lines(logs / "train_log.jsonl") == third.log_history
     other = tmp_path / "other"
     Trainer(tiny(0), config(tmp_path, output_dir=str(other), max_steps=4, save_strategy="steps", save_steps=2,
                             report_to="none"), factory(4)).train()
     Trainer(tiny(0), config(tmp_path, max_steps=4, report_to="none", save_strategy="steps", save_steps=4,
                             resume_from_checkpoint=str(other / "checkpoint-2")), factory(4)).train()
-    assert [r["step"] for r in lines(logs / "train_log.jsonl")] == [3, 4]
+    assert [r["step"] for r in lines(logs / "train_log.jsonl")] == [3, 4, 4]
     assert lines(logs / "earlier-run-4" / "train_log.jsonl") == third.log_history
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "out")
     Trainer(tiny(0), config(tmp_path, output_dir=str(link), max_steps=5, report_to="none",
                             resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4")), factory(4)).train()
-    assert [r["step"] for r in lines(logs / "train_log.jsonl")] == [3, 4, 5]
+    # (the resume at step 4 drops the summary the run it continues logged at step 4, after that checkpoint)
+    assert [r["step"] for r in lines(logs / "train_log.jsonl")] == [3, 4, 5, 5]
     assert not (logs / "earlier-run-5").exists()
     (logs / "train_log.jsonl").unlink()
     assert set_aside_earlier_logs(str(logs)) is None  # (only event files left: a user's writer's, maybe)

@@ -561,7 +561,9 @@ class Trainer:
         over ranks. Streaming: only per-class counts are kept, never the logits (transformers #12878).
         Macro-F1 averages the classes that occur among the labels or the predictions, as
         scikit-learn's ``f1_score(average="macro")`` does. A causal LM (``is_causal_lm``) reports
-        eval_loss (the mean over predicted tokens), eval_tokens and eval_perplexity (exp of the loss). Evaluation
+        eval_loss (the mean over predicted tokens), eval_tokens and eval_perplexity (exp of the loss). Both also give
+        transformers' eval_runtime (seconds, this rank's), eval_samples_per_second (``sample_count``'s rows of all
+        ranks) and eval_steps_per_second (batches per rank). Evaluation
         batches whose rows are windows of longer texts (a ``SplitBatches`` with ``text_ids``: ``--overflow split``)
         also give eval_texts, eval_text_accuracy and eval_text_f1, by text (``TextVotes``)."""
         if self.eval_batches is None:
@@ -571,9 +573,11 @@ class Trainer:
         causal_lm = is_causal_lm(model)
         was_training = model.training
         model.eval()
+        t_start = time.perf_counter()
         try:
             batches = self.eval_batches() if callable(self.eval_batches) else self.eval_batches
-            sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, examples
+            # loss, examples (tokens of a causal LM), samples (rows; sample_count's sequences), batches
+            sums = torch.zeros(4, dtype=torch.float64, device=self.device)
             counts = None  # (3, C): true positives, predicted, actual per class
             custom = self.compute_metrics() if self.compute_metrics is not None else None
             # windows of longer texts: every rank must know (a collective at the end), so it is the batches' flag
@@ -588,6 +592,9 @@ class Trainer:
                     batch = _to(batch, self.device)
                     text_ids = batch.pop("text_ids", None)
                     _check_task(model, batch, causal_lm, "an evaluation batch")
+                    if counted:
+                        sums[2] += sample_count(batch, causal_lm)
+                        sums[3] += 1
                     if causal_lm:
                         self._count_lm(model, batch, sums, custom, counted, self.config.label_smoothing_factor)
                         continue
@@ -606,9 +613,13 @@ class Trainer:
             model.train(was_training)
             if is_sharded(model):
                 reshard(model)  # forwards without a backward leave parameters gathered (shard_grad_op)
+        runtime = max(time.perf_counter() - t_start, 1e-9)
         n = float(sums[1])  # none (every label ignored): NaN metrics, as transformers' loss, not a perfect 0
         out = {"eval_loss": float(sums[0]) / n if n else math.nan,
-               ("eval_tokens" if causal_lm else "eval_examples"): int(sums[1])}
+               ("eval_tokens" if causal_lm else "eval_examples"): int(sums[1]),
+               # transformers' speed metrics: this rank's wall time; all ranks' samples, batches per rank
+               "eval_runtime": runtime, "eval_samples_per_second": float(sums[2]) / runtime,
+               "eval_steps_per_second": float(sums[3]) / self.world_size / runtime}
         if causal_lm:
             loss = out["eval_loss"]
             out["eval_perplexity"] = math.exp(loss) if loss < 709.0 else math.inf if loss > 0 else math.nan
@@ -835,8 +846,10 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run the configured epochs/steps. Returns global_step, epoch, train_loss (mean over this
-        run's steps), train_runtime, train_samples_per_second, train_tokens_per_second (``sample_count``'s
-        examples, and real tokens, of all ranks) and peak_memory_mb (this rank's; see ``peak_memory_mb``)."""
+        run's steps), train_runtime, train_samples_per_second, train_steps_per_second, train_tokens_per_second
+        (``sample_count``'s examples, and real tokens, of all ranks) and peak_memory_mb (this rank's; see
+        ``peak_memory_mb``). All but peak_memory_mb (and best_metric, best_model_checkpoint) are also the run's
+        last log record, as transformers' Trainer logs them at the end of its train()."""
         cfg = self.config
         resume = self._resume_path()
         if not resume:
@@ -984,31 +997,40 @@ class Trainer:
                 # a last checkpoint, as transformers' Trainer writes, so the run can be resumed or extended (not
                 # after an early stop before the last step, where transformers writes none).
                 self.save(epoch, consumed)
+        except BaseException:
+            reporter.close()  # (else closed after the run's summary record)
+            self.reporter = None
+            raise
         finally:
             for t in self._steppers:
                 t.detach()
             self._steppers = []
+        try:
+            if cfg.load_best_model_at_end and self.best_model_checkpoint is not None:
+                load_model_weights(self.best_model_checkpoint, self.model)
+            if cfg.save_total_limit == 1 and self.best_model_checkpoint is not None:
+                self._barrier()  # (every rank has loaded the best one)
+                if self.rank == 0:
+                    keep_only_best(cfg.output_dir, self.best_model_checkpoint)
+            runtime = max(time.perf_counter() - t_start, 1e-9)
+            steps = self.global_step - start_step
+            counted = torch.tensor([float(run_loss), run_examples, run_tokens], dtype=torch.float64)
+            if self.world_size > 1:
+                counted = counted.to(self.device)
+                all_reduce(counted)
+            loss_total, examples_total, tokens_total = counted.tolist()
+            summary = {"train_runtime": runtime, "train_samples_per_second": examples_total / runtime,
+                       "train_steps_per_second": steps / runtime, "train_tokens_per_second": tokens_total / runtime,
+                       "train_loss": loss_total / max(steps, 1)}
+            epoch_now = round(_epoch_float(epoch, consumed, n_batches), 4)
+            # the run's last record, as transformers' Trainer logs its speed metrics and train_loss
+            self.log({"step": self.global_step, "epoch": epoch_now, **summary})
+        finally:
             reporter.close()
             self.reporter = None
-        if cfg.load_best_model_at_end and self.best_model_checkpoint is not None:
-            load_model_weights(self.best_model_checkpoint, self.model)
-        if cfg.save_total_limit == 1 and self.best_model_checkpoint is not None:
-            self._barrier()  # (every rank has loaded the best one)
-            if self.rank == 0:
-                keep_only_best(cfg.output_dir, self.best_model_checkpoint)
-        runtime = time.perf_counter() - t_start
-        steps = self.global_step - start_step
-        counted = torch.tensor([float(run_loss), run_examples, run_tokens], dtype=torch.float64)
-        if self.world_size > 1:
-            counted = counted.to(self.device)
-            all_reduce(counted)
-        loss_total, examples_total, tokens_total = counted.tolist()
         best = {"best_metric": self.best_metric, "best_model_checkpoint": self.best_model_checkpoint} \
             if cfg.metric_for_best_model is not None else {}
-        return {"global_step": self.global_step, "epoch": round(_epoch_float(epoch, consumed, n_batches), 4), **best,
-                "train_loss": loss_total / max(steps, 1), "train_runtime": runtime,
-                "train_samples_per_second": examples_total / max(runtime, 1e-9),
-                "train_tokens_per_second": tokens_total / max(runtime, 1e-9),
+        return {"global_step": self.global_step, "epoch": epoch_now, **best, **summary,
                 "peak_memory_mb": peak_memory_mb(self.device)}
 
 

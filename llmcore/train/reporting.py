@@ -80,7 +80,9 @@ class Reporter:
                                      purge_step=None if resumed_step is None else resumed_step + 1)
 
     def _drop_records_after(self, step: int) -> None:
-        """Rewrites train_log.jsonl without the records of steps after ``step`` (and a line cut short by a kill)."""
+        """Rewrites train_log.jsonl without the records of steps after ``step``, the summary record a finished run
+        logged at ``step`` (``train_runtime``: logged after that step's checkpoint, which a resume continues), and a
+        line cut short by a kill."""
         path = os.path.join(self.logging_dir, "train_log.jsonl")
         if not os.path.isfile(path):
             return
@@ -91,7 +93,8 @@ class Reporter:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step):
+                at = record.get("step") if isinstance(record, dict) else None
+                if not (isinstance(at, int) and (at > step or (at == step and "train_runtime" in record))):
                     kept.append(line if line.endswith("\n") else line + "\n")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
