@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 import llmcore.ops as _ops
 from llmcore.nn.layers import Embedding as _Embedding
-from llmcore.nn.layers import hooks_see_layer_output
+from llmcore.nn.layers import hooks_see_layer_output, unwatched
 from llmcore.ops import scaled_dot_product_attention, varlen_attention
 from llmcore.ops.attention import autocast_enabled as _autocast_on
 
@@ -212,6 +212,8 @@ def _rms_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 def _swiglu_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if not (_is_silu(self.act_fn) and unwatched(self.act_fn)):  # (swapped or hooked after patching: called)
+        return type(self).forward(self, x)
     return self.down_proj(_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -348,7 +350,15 @@ def _bound_already(m: nn.Module) -> bool:
 
 
 def _is_plain(m: nn.Module, cls: type) -> bool:
-    return type(m) is cls and not m._forward_hooks and not m._forward_pre_hooks
+    """Whether ``m`` is still a ``cls`` nothing watches (``unwatched``: its backward hooks and global hooks count
+    too), so that a fused forward may compute it without calling it."""
+    return type(m) is cls and unwatched(m)
+
+
+def _same_gelu(act: nn.Module, approximate: str) -> bool:
+    """Whether a GELU module patch() fused is still that GELU and unwatched: one swapped or hooked after patching
+    is called (a swapped activation was ignored)."""
+    return _gelu_kind(act) == approximate and unwatched(act)
 
 
 def _linear_bias_gelu(x: Tensor, linear: nn.Linear, approximate: str) -> Tensor:
@@ -358,7 +368,8 @@ def _linear_bias_gelu(x: Tensor, linear: nn.Linear, approximate: str) -> Tensor:
 
 
 def _bias_gelu_intermediate_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if not _is_plain(self.dense, nn.Linear):  # e.g. an adapter wrapped `dense` after patching
+    # e.g. an adapter wrapped `dense` after patching, or another activation swapped in
+    if not (_is_plain(self.dense, nn.Linear) and _same_gelu(self.intermediate_act_fn, self._llmcore_approximate)):
         return type(self).forward(self, x)
     return _linear_bias_gelu(x, self.dense, self._llmcore_approximate)
 
@@ -366,7 +377,8 @@ def _bias_gelu_intermediate_forward(self: nn.Module, x: Tensor) -> Tensor:
 def _bias_gelu_distilbert_ffn_forward(self: nn.Module, x: Tensor) -> Tensor:
     """DistilBERT's ``FFN``: lin1, GELU, lin2, dropout. With ``chunk_size_feed_forward`` set (transformers then runs
     it in chunks of rows to save memory) it keeps its own forward."""
-    if not _is_plain(self.lin1, nn.Linear) or self.chunk_size_feed_forward:
+    if (not (_is_plain(self.lin1, nn.Linear) and _same_gelu(self.activation, self._llmcore_approximate))
+            or self.chunk_size_feed_forward):
         return type(self).forward(self, x)
     return self.dropout(self.lin2(_linear_bias_gelu(x, self.lin1, self._llmcore_approximate)))
 
@@ -374,7 +386,7 @@ def _bias_gelu_distilbert_ffn_forward(self: nn.Module, x: Tensor) -> Tensor:
 def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     from transformers.pytorch_utils import Conv1D
 
-    if not _is_plain(self.c_fc, Conv1D):
+    if not (_is_plain(self.c_fc, Conv1D) and _same_gelu(self.act, self._llmcore_approximate)):
         return type(self).forward(self, x)
     y = torch.matmul(x, self.c_fc.weight)  # Conv1D stores (in, out)
     y = _ops.bias_gelu(y, self.c_fc.bias.to(y.dtype), approximate=self._llmcore_approximate)

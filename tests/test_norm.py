@@ -348,8 +348,11 @@ def test_double_backward_through_the_cpu_kernels_is_refused():
     """The kernels' gradients carry no graph: a second derivative raises instead of coming out as if they were
     constants. With torch's once_differentiable it raised only where the incoming gradient required grad
     (``out.pow(2).sum()``); from ``out.sum()`` (a gradient penalty's usual start) the gradient came back a
-    constant, and the penalty's backward silently dropped its second-order terms (a probe)."""
+    constant, and the penalty's backward silently dropped its second-order terms (a probe). Differentiated with
+    respect to the input alone (``autograd.grad(..., x)``, ``autograd.functional.hvp``), the error node sat behind
+    detached copies, off every path to the input, and the second derivative came back 0 (another probe)."""
     from llmcore import ops
+    from llmcore.nn import Embedding
 
     x = torch.randn(3, 16, requires_grad=True)
     q = torch.randn(1, 2, 8, 16, requires_grad=True)
@@ -357,25 +360,37 @@ def test_double_backward_through_the_cpu_kernels_is_refused():
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     cos, sin = torch.randn(3, 16), torch.randn(3, 16)
     w = torch.randn(7, 16)
-    cases = {"layer_norm": (lambda: layer_norm(x, None, None, backend="cpu"), x),
-             "rms_norm": (lambda: rms_norm(x, torch.ones(16), backend="cpu"), x),
-             "sdpa": (lambda: ops.scaled_dot_product_attention(q, q, q, backend="cpu"), q),
-             "varlen": (lambda: ops.varlen_attention(packed, packed, packed, cu, cu, 6, 6, backend="cpu"), packed),
-             "bias_gelu": (lambda: ops.bias_gelu(x, None), x), "swiglu": (lambda: ops.swiglu(x, x), x),
-             "rotary": (lambda: ops.rotary_embedding(x[:, None], cos, sin), x),
-             "dropout": (lambda: ops.dropout(x, 0.3), x),
-             "linear_cross_entropy": (lambda: ops.linear_cross_entropy(x, w, torch.tensor([1, 2, 3])), x)}
+    labels = torch.tensor([1, 2, 3])
+    embedding = Embedding(7, 16)
+    cases = {"layer_norm": (lambda t: layer_norm(t, None, None, backend="cpu"), x),
+             "rms_norm": (lambda t: rms_norm(t, torch.ones(16), backend="cpu"), x),
+             "sdpa": (lambda t: ops.scaled_dot_product_attention(t, t, t, backend="cpu"), q),
+             "varlen": (lambda t: ops.varlen_attention(t, t, t, cu, cu, 6, 6, backend="cpu"), packed),
+             "bias_gelu": (lambda t: ops.bias_gelu(t, None), x), "swiglu": (lambda t: ops.swiglu(t, t), x),
+             "rotary": (lambda t: ops.rotary_embedding(t[:, None], cos, sin), x),
+             "dropout": (lambda t: ops.dropout(t, 0.3), x),
+             "linear_cross_entropy": (lambda t: ops.linear_cross_entropy(t, w, labels), x),
+             "linear_cross_entropy's weight": (lambda t: ops.linear_cross_entropy(x.detach(), t, labels),
+                                               w.clone().requires_grad_()),
+             "Embedding": (lambda t: torch.func.functional_call(embedding, {"weight": t}, (labels,)),
+                           embedding.weight.detach().clone().requires_grad_())}
     for name, (op, leaf) in cases.items():
         for square in (False, True):
             torch.manual_seed(0)  # (dropout's mask)
-            (first,) = torch.autograd.grad(op().sum(), leaf)
+            (first,) = torch.autograd.grad(op(leaf).sum(), leaf)
             torch.manual_seed(0)
-            out = op()
+            out = op(leaf)
             (g,) = torch.autograd.grad((out.pow(2) if square else out).sum(), leaf, create_graph=True)
             if not square:
                 torch.testing.assert_close(g, first)  # (the first derivative itself is the plain backward's)
             with pytest.raises(RuntimeError, match="no derivative of its own"):
                 g.pow(2).sum().backward()
+            # (the ops linear in the leaf have a constant gradient of out.sum(): its derivative is 0, rightly)
+            if square or name not in ("rotary", "dropout", "linear_cross_entropy's weight", "Embedding"):
+                with pytest.raises(RuntimeError, match="no derivative of its own"):
+                    torch.autograd.grad(g.pow(2).sum(), leaf, allow_unused=True, materialize_grads=True)
+        with pytest.raises(RuntimeError, match="no derivative of its own"):
+            torch.autograd.functional.hvp(lambda t: op(t).pow(2).sum(), leaf.detach(), torch.randn_like(leaf))
 
 
 def test_torch_func_transforms_are_refused_clearly():

@@ -11,10 +11,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from llmcore import ops
-from llmcore.ops._autograd import _functorch_active
+from llmcore.ops._autograd import _functorch_active, no_double_backward
 
 
 @dataclass
@@ -216,7 +215,7 @@ class _RecycledEmbedding(torch.autograd.Function):
         return nn.functional.embedding(ids, weight, module.padding_idx)
 
     @staticmethod
-    @once_differentiable  # the buffer is written in place: no double backward through it
+    @no_double_backward  # the buffer is written in place: no double backward through it
     def backward(ctx, grad_out: Tensor):
         ids, = ctx.saved_tensors
         module = ctx.module
@@ -381,10 +380,15 @@ def plain_linear(lin: nn.Module) -> bool:
     not a subclass (an adapter such as LoRA's, a parametrization's class). Only such a layer may be computed from
     its weight directly (fused with others, through the bf16 copy); any other is called, so that its hooks run and
     its own forward counts."""
+    return type(lin) is nn.Linear and unwatched(lin)
+
+
+def unwatched(m: nn.Module) -> bool:
+    """Whether no hook watches ``m``'s calls: no forward or backward hook of its own, and no global module hook.
+    Only then may a fused forward compute it without calling it (its hooks would not run)."""
     from torch.nn.modules import module as torch_module
 
-    return (type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks
-                                            or lin._backward_pre_hooks)
+    return (not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
             and not any(getattr(torch_module, name, None) for name in _GLOBAL_HOOK_DICTS))
 
 

@@ -20,20 +20,28 @@ def no_double_backward(backward):
     gradients come back behind an error node, so that differentiating them again raises rather than takes them for
     constants. torch's ``once_differentiable`` adds that node only where an incoming gradient requires grad: with
     the ones of ``y.sum()`` it returned constants, and a gradient penalty silently lost its second-order terms (a
-    probe: LayerNorm's input gradient 19.6 off of torch's). A plain backward (grad mode off) runs as it is."""
+    probe: LayerNorm's input gradient 19.6 off of torch's). The error node also takes the saved tensors and
+    incoming gradients that require grad (and ``ctx.links``: inputs a forward keeps for this alone, where it saves
+    gradients or cast copies), so it lies on every path from the gradients back to the op's inputs:
+    behind detached copies alone, ``autograd.grad(g, x)`` found no path to ``x`` and gave None, or zeros with
+    ``materialize_grads`` (``torch.autograd.functional.hvp``: a Hessian-vector product of 0, another probe).
+    A plain backward (grad mode off) runs as it is."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
+        links = [t for t in (*grads, *getattr(ctx, "saved_tensors", ()), *getattr(ctx, "links", ()))
+                 if isinstance(t, Tensor) and t.requires_grad]
         with torch.no_grad():
             outputs = backward(ctx, *grads)
         many = isinstance(outputs, tuple)
         outputs = outputs if many else (outputs,)
         if all(o is None for o in outputs):
             return outputs if many else outputs[0]
-        wrapped = torch._C._functions.DelayedError(_TWICE, len(outputs))(
-            *[o.detach().requires_grad_() if isinstance(o, Tensor) else o for o in outputs])
-        return wrapped if many or isinstance(wrapped, Tensor) else wrapped[0]
+        wrapped = torch._C._functions.DelayedError(_TWICE, len(outputs) + len(links))(
+            *[o.detach().requires_grad_() if isinstance(o, Tensor) else o for o in outputs], *links)
+        wrapped = (wrapped,) if isinstance(wrapped, Tensor) else tuple(wrapped)
+        return wrapped[:len(outputs)] if many else wrapped[0]
     return wrapper
 
 
