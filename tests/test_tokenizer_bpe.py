@@ -112,6 +112,15 @@ def test_padding_needs_a_pad_id(cl100k, tik):
     want = tik.encode_ordinary("a")
     assert enc.input_ids[0].tolist() == [100257] * (enc.input_ids.shape[1] - len(want)) + want
     assert enc.attention_mask[0].tolist() == [0] * (enc.input_ids.shape[1] - len(want)) + [1] * len(want)
+    # tensors without padding need no pad token, as transformers' (a probe: tok(prompt, return_tensors="pt") was
+    # refused for a tokenizer without one: GPT-2's, Llama 3's, every tiktoken one)
+    text = "The quick brown fox"
+    assert cl100k(text, return_tensors="pt")["input_ids"].tolist() == [tik.encode_ordinary(text)]
+    assert cl100k([text, text], return_tensors="np")["attention_mask"].tolist() == [[1] * 4] * 2
+    ragged = cl100k(["a", text], return_tensors="np")["input_ids"]  # (an object array of rows, as transformers')
+    assert [row.tolist() for row in ragged] == [tik.encode_ordinary("a"), tik.encode_ordinary(text)]
+    with pytest.raises(ValueError, match=r"tok.pad_token = tok.eos_token"):
+        cl100k(["a", text], padding=True, return_tensors="pt")
 
 
 def test_vocab_lookups(cl100k, tik):

@@ -68,6 +68,8 @@ def test_minilm_vocab_and_conversions_as_transformers():
     assert (ours.convert_ids_to_tokens(ids, skip_special_tokens=True)
             == theirs.convert_ids_to_tokens(ids, skip_special_tokens=True))
     assert ours.convert_ids_to_tokens([-1]) == [None]  # (transformers' overflows)
+    # an id past int32 in a list was decode's IndexError, alone None (a probe)
+    assert ours.convert_ids_to_tokens([5, 2**40]) == [ours.convert_ids_to_tokens(5), None]
     for one in (101, np.int64(7592), np.array(7592)):
         assert ours.convert_ids_to_tokens(one) == theirs.convert_ids_to_tokens(int(one))
     tokens = theirs.convert_ids_to_tokens(ids[:200]) + ["not-a-token", "##zzz", "[CLS]", ""]
@@ -343,6 +345,22 @@ def test_call_result_and_attributes_as_transformers(tmp_path):
         tok.pad_token = tok.eos_token
     texts = ["a fine film", "no"]
     assert ours(texts, padding=True)["input_ids"] == theirs(texts, padding=True)["input_ids"]
+    # the ids' setters and the named tokens', as transformers' (they had no setter: AttributeError; a probe)
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    for tok in (ours, theirs):
+        tok.pad_token_id = tok.eos_token_id
+        tok.bos_token = tok.unk_token = "<|endoftext|>"
+    assert ours(texts, padding=True)["input_ids"] == theirs(texts, padding=True)["input_ids"]
+    assert named(ours) == named(theirs) and ours.convert_tokens_to_ids("\u2603\u2603") == theirs.unk_token_id
+    assert named(pickle.loads(pickle.dumps(ours))) == named(ours)
+    ours.bos_token_id = None
+    assert ours.bos_token is None
+    with pytest.raises(ValueError, match="not a token of this tokenizer"):
+        ours.eos_token = "<not a token>"
+    with pytest.raises(ValueError, match="pad_token_id=100000 is not a token id"):
+        ours.pad_token_id = 100000
+    with pytest.raises(TypeError, match="must be a token id"):
+        ours.pad_token_id = "0"
     assert pickle.loads(pickle.dumps(ours)).pad_token_id == ours.pad_token_id == 0
     with pytest.raises(ValueError, match="not a token of this tokenizer"):
         ours.pad_token = "<pad>"
@@ -560,3 +578,24 @@ def test_saved_folder_of_a_transformers_4_folder_loads_in_transformers(tmp_path)
     assert ours.decode([1037, 1, 2, 1038]) == "a b"  # (transformers: "a   b", the empty tokens joined by spaces)
     ours.save_pretrained(tmp_path / "saved_vocab")
     assert (tmp_path / "saved_vocab" / "vocab.txt").read_text(encoding="utf-8").splitlines()[1:3] == ["", ""]
+
+
+@pytest.mark.parametrize("model_type, config", [
+    (None, None), (None, {}), ("bert", {}), ("distilbert", {}), ("gpt2", {}), ("roberta", {}), ("bert", None),
+    ("llama", {"tokenizer_class": "BertTokenizer"}), ("bert", {"tokenizer_class": "PreTrainedTokenizerFast"}),
+    (None, {"tokenizer_class": "FunnelTokenizer"}), (None, {"tokenizer_class": "ElectraTokenizerFast"})])
+def test_token_type_ids_as_the_tokenizer_class_transformers_picks(tmp_path, model_type, config):
+    """Found by a probe: a folder whose tokenizer_config.json names no tokenizer class (or one llmcore did not list)
+    returned token_type_ids, which transformers 5's generic class does not (a GPT-2 then embeds them as words: its
+    logits 0.44 off). transformers takes the class from tokenizer_config.json, else from config.json's model type,
+    else its generic one; so does llmcore now, and save_pretrained keeps the answer in a folder without config.json."""
+    path = folder(tmp_path, config)
+    if model_type is not None:
+        (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert sorted(ours("a b", "c d")) == sorted(theirs("a b", "c d")), type(theirs).__name__
+    assert ours.model_input_names == theirs.model_input_names
+    ours.save_pretrained(tmp_path / "saved")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert sorted(Tokenizer.from_pretrained(tmp_path / "saved")("a b")) == sorted(again("a b")) == sorted(ours("a b"))
+    assert sorted(Tokenizer.from_file(path / "tokenizer.json")("a")) == ["attention_mask", "input_ids"]

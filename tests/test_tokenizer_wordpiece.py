@@ -29,7 +29,10 @@ def path():
 
 @pytest.fixture(scope="module")
 def tok(path):
-    return Tokenizer.from_file(path)
+    tok = Tokenizer.from_file(path)
+    tok.returns_type_ids = True  # (a tokenizer.json alone returns none, as transformers' generic class; the reference
+    # here is BertTokenizerFast(tokenizer_file=path), MiniLM's class)
+    return tok
 
 
 @pytest.fixture(scope="module")

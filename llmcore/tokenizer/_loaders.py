@@ -428,16 +428,22 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
     return spec
 
 
-# transformers tokenizer classes whose model_input_names leave out token_type_ids (their models take none:
-# DistilBERT has no token type embedding, GPT-2 would embed them as words); "...Fast" names the same class
-_NO_TYPE_IDS = {f"{stem}Tokenizer" for stem in (
-    "Albert", "Bart", "Barthez", "BertGeneration", "BigBird", "BioGpt", "Blenderbot", "BlenderbotSmall", "ByT5",
-    "Camembert", "CLIP", "CodeLlama", "CodeGen", "Cohere", "DistilBert", "Gemma", "GPT2", "GPTNeoX", "Herbert",
-    "Llama", "Luke", "M2M100", "Marian", "MBart", "MBart50", "MPNet", "Nllb", "OpenAIGPT", "Pegasus", "PLBart",
-    "Qwen2", "Reformer", "RemBert", "Roberta", "SeamlessM4T", "Speech2Text", "SpeechT5", "Splinter", "T5",
-    "Whisper", "XGLM", "XLMRoberta")} | {
-    # transformers 5's generic classes (Llama 3 folders name PreTrainedTokenizerFast): input_ids and attention_mask
-    "PreTrainedTokenizer", "TokenizersBackend"}
+# transformers tokenizer classes whose model_input_names keep token_type_ids (transformers 5.24; "...Fast" names the
+# same class): BERT's and its kin's. Every other class, and transformers 5's base default, returns input_ids and
+# attention_mask only (GPT-2 would embed type ids as words). The last five are BERT-like classes of transformers 4
+# that transformers 5 reads as BertTokenizer (their model types map to it).
+_TYPE_IDS = {f"{stem}Tokenizer" for stem in (
+    "Bert", "Canine", "ConvBert", "DPRContextEncoder", "DPRQuestionEncoder", "Deberta", "DebertaV2", "Electra", "FNet",
+    "LayoutLM", "LayoutLMv2", "Lxmert", "MarkupLM", "MobileBert", "SqueezeBert", "Tapas",
+    "Ernie", "MegatronBert", "Nezha", "Realm", "RetriBert")}
+
+# config.json model types whose AutoTokenizer class (transformers' TOKENIZER_MAPPING_NAMES) is one of _TYPE_IDS: what a
+# folder whose tokenizer_config.json names no tokenizer_class gets (DistilBERT's is BertTokenizer there)
+_TYPE_IDS_MODEL_TYPES = frozenset((
+    "align", "bark", "bert", "blip", "bros", "canine", "chinese_clip", "convbert", "deberta", "deberta-v2",
+    "distilbert", "dpr", "electra", "ernie", "flava", "fnet", "git", "grounding-dino", "layoutlm", "layoutlmv2",
+    "lxmert", "markuplm", "megatron-bert", "mm-grounding-dino", "mobilebert", "nezha", "nomic_bert", "qdqbert", "realm",
+    "retribert", "squeezebert", "tapas", "tvp", "vilt", "visual_bert"))
 
 
 def read_tokenizer_config(directory: str, strict: bool = False) -> dict:
@@ -529,16 +535,30 @@ def special_token_names(cfg: dict, is_token, bert_defaults: bool = False) -> dic
     return names
 
 
-def returns_type_ids(cfg: dict) -> bool:
+def returns_type_ids(cfg: dict, model_type=None, default: bool = False) -> bool:
     """Whether transformers' tokenizer for a folder returns token_type_ids: its ``tokenizer_config.json``'s
-    ``model_input_names`` where given, else whether its ``tokenizer_class`` keeps them (unknown or absent: yes)."""
+    ``model_input_names`` where given, else whether its ``tokenizer_class`` keeps them, else (no class named) whether
+    the class AutoTokenizer takes for ``model_type`` (config.json's) does, else ``default`` (transformers' generic
+    class: no)."""
     names = cfg.get("model_input_names")
     if isinstance(names, list):
         return "token_type_ids" in names
     cls = cfg.get("tokenizer_class")
     if isinstance(cls, str):
-        return cls.removesuffix("Fast") not in _NO_TYPE_IDS
-    return True
+        return cls.removesuffix("Fast") in _TYPE_IDS
+    if isinstance(model_type, str):
+        return model_type in _TYPE_IDS_MODEL_TYPES
+    return default
+
+
+def model_type(directory: str):
+    """``model_type`` of a folder's ``config.json`` (what AutoTokenizer falls back on), or None."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
 
 
 def model_max_length(cfg: dict) -> Optional[int]:

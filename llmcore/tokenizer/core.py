@@ -172,27 +172,28 @@ _CONFIG_KEYS = ("tokenizer_class", "model_input_names", "model_max_length", "pad
 
 # the settings a Tokenizer carries beside its files (pickled as they are)
 _SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces",
-             "pad_token", "name_or_path")
+             "pad_token", "unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "mask_token", "name_or_path")
 
 
-def _id_list(ids) -> list:
+def _id_list(ids, what: str = "decode", bounded: bool = True) -> list:
     """decode's ids as a list of ints: a sequence, a 1-D array or tensor, or one id (an int, a NumPy or 0-d
-    tensor scalar, as transformers' decode takes it); anything else is a TypeError naming what it got."""
+    tensor scalar, as transformers' decode takes it); anything else is a TypeError naming what it got. ``what``: the
+    call, for the errors; ``bounded``: ids outside int32 are an IndexError (decode's, as the native ids are int32)."""
     if hasattr(ids, "tolist") and not isinstance(ids, (str, bytes)):  # NumPy / torch
         ids = ids.tolist()
     if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
         return [int(ids)]
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise TypeError(f"decode takes token ids (a sequence of ints, or one), got {type(ids).__name__}")
+        raise TypeError(f"{what} takes token ids (a sequence of ints, or one), got {type(ids).__name__}")
     out = list(ids)
     for i in out:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise TypeError(f"decode takes token ids (ints), got an item {i!r:.60}"
+            raise TypeError(f"{what} takes token ids (ints), got an item {i!r:.60}"
                             + (" (a batch? decode_batch decodes several)" if isinstance(i, (list, tuple)) else ""))
     out = [int(i) for i in out]
-    if out and not (-2**31 <= min(out) and max(out) < 2**31):  # (the native ids are int32; other unknown ids are
-        # its IndexError)
-        raise IndexError(f"decode: unknown token id {next(i for i in out if not -2**31 <= i < 2**31)}")
+    # (the native ids are int32; other unknown ids are its IndexError)
+    if bounded and out and not (-2**31 <= min(out) and max(out) < 2**31):
+        raise IndexError(f"{what}: unknown token id {next(i for i in out if not -2**31 <= i < 2**31)}")
     return out
 
 
@@ -209,8 +210,9 @@ class Tokenizer:
         self._token_to_id: Optional[dict] = None
         self._vocab_size: Optional[int] = None
         # whether __call__ returns token_type_ids by default: as transformers' tokenizer class for the folder
-        # (from_pretrained reads tokenizer_config.json), else yes
-        self.returns_type_ids = True
+        # (from_pretrained reads tokenizer_config.json and config.json); else as transformers' generic class, no (a
+        # tokenizer.json or tiktoken file alone), or BertTokenizer's, yes (a BERT vocab.txt)
+        self.returns_type_ids = source[0] == "vocab"
         # what the transformers-style call truncates / pads to without a max_length (tokenizer_config.json's); None:
         # no limit (model_max_length reads NO_LIMIT then, as transformers')
         self._max_len: Optional[int] = None
@@ -257,11 +259,12 @@ class Tokenizer:
                                       "llmcore truncates on the right only, and would keep other tokens than "
                                       "transformers; set truncation_side = 'right' or truncate the texts first")
 
-    def _apply_config(self, cfg: dict, where: str) -> None:
-        """What a folder's tokenizer_config.json sets for transformers' tokenizer: token_type_ids or not, the
-        length limit, the padding / truncation sides, the pad token and decode's clean-up."""
+    def _apply_config(self, cfg: dict, where: str, model_type=None) -> None:
+        """What a folder's tokenizer_config.json sets for transformers' tokenizer: token_type_ids or not (without a
+        tokenizer_class, as config.json's ``model_type``'s class), the length limit, the padding / truncation sides,
+        the pad token and decode's clean-up."""
         self._config = {k: cfg[k] for k in _CONFIG_KEYS if k in cfg}
-        self.returns_type_ids = _loaders.returns_type_ids(cfg)
+        self.returns_type_ids = _loaders.returns_type_ids(cfg, model_type, default=self._source[0] == "vocab")
         self._max_len = _loaders.model_max_length(cfg)
         for key in ("padding_side", "truncation_side"):
             if key in cfg:
@@ -351,7 +354,7 @@ class Tokenizer:
         named = {**cfg, **_loaders.read_special_tokens_map(directory)}
         if tok is None:
             tok = cls(_loaders.load_bert_vocab(directory, named), ("vocab", directory))
-        tok._apply_config(named, os.path.join(directory, "tokenizer_config.json"))
+        tok._apply_config(named, os.path.join(directory, "tokenizer_config.json"), _loaders.model_type(directory))
         tok._folder_config = cfg
         tok.name_or_path = directory
         return tok
@@ -482,7 +485,8 @@ class Tokenizer:
             pad_id = int(pad_id)
         if padding != "none" and pad_id is None:
             raise ValueError("padding needs a pad token, and this tokenizer has none ([PAD], <pad> or a padding "
-                             "section in tokenizer.json): pass pad_id=")
+                             "section in tokenizer.json): set one (tok.pad_token = tok.eos_token, as with "
+                             "transformers), or pass pad_id= to encode_batch")
         if num_threads is None:
             num_threads = _default_threads()
         else:
@@ -612,9 +616,13 @@ class Tokenizer:
         identity_overflow = bool(return_overflowing_tokens) and not (truncation and max_length is not None)
         if not return_overflowing_tokens or identity_overflow:
             stride = 0
+        # Without padding, tensors still come from encode_batch's padded arrays: rows of one length (anything else
+        # is refused or made ragged below), so a tokenizer without a pad token (GPT-2's, Llama 3's) needs none here
+        unpadded = padding is False and bool(return_tensors)
         enc = self.encode_batch(texts, pairs, add_special_tokens, max_length, truncation,
                                 padding if padding is not False else ("longest" if return_tensors else False),
                                 pad_to_multiple_of, padding_side, return_offsets=return_offsets_mapping,
+                                pad_id=0 if unpadded and self._spec.pad_id is None else None,
                                 return_overflowing_tokens=return_overflowing_tokens and not identity_overflow,
                                 stride=stride, return_special_tokens_mask=return_special_tokens_mask)
         overflow_map = (np.arange(len(enc), dtype=np.int64) if identity_overflow
@@ -726,7 +734,8 @@ class Tokenizer:
         if isinstance(ids, numbers.Integral) and not isinstance(ids, bool) or getattr(ids, "ndim", None) == 0:
             return self.id_to_token(int(ids))
         special = self._special_ids() if skip_special_tokens else ()
-        return [self.id_to_token(i) for i in _id_list(ids) if i not in special]
+        # (an id that is none gives None, in a list as alone: a list with an id past int32 was decode's IndexError)
+        return [self.id_to_token(i) for i in _id_list(ids, "convert_ids_to_tokens", bounded=False) if i not in special]
 
     def convert_tokens_to_ids(self, tokens):
         """transformers' call: one token string's id, or a list for a list of them; a string that is no token
@@ -802,6 +811,20 @@ class Tokenizer:
     def pad_token_id(self) -> Optional[int]:
         return self._spec.pad_id
 
+    @pad_token_id.setter
+    def pad_token_id(self, token_id: Optional[int]) -> None:
+        """transformers' ``tok.pad_token_id = tok.eos_token_id``: the pad token by its id (or None: none)."""
+        self.pad_token = None if token_id is None else self._token_of(token_id, "pad_token_id")
+
+    def _token_of(self, token_id, what: str) -> str:
+        """The token string of ``token_id``, set as ``what``: a ValueError naming it where the id is no token."""
+        if not (isinstance(token_id, numbers.Integral) and not isinstance(token_id, bool)):
+            raise TypeError(f"{what} must be a token id (int) or None, got {token_id!r:.60}")
+        token = self.id_to_token(int(token_id)) if 0 <= int(token_id) < 2**31 else None
+        if token is None or int(token_id) in self._blank_ids:
+            raise ValueError(f"{what}={token_id} is not a token id of this tokenizer")
+        return token
+
     @property
     def special_tokens(self) -> dict:
         """The folder's names for its special tokens, as transformers reads them (tokenizer_config.json,
@@ -817,11 +840,24 @@ class Tokenizer:
         return self._spec.kind == "wordpiece"
 
     def _named_token(name: str):  # noqa: N805 (builds the properties below)
-        return property(lambda self: self._named.get(name), doc=f"The folder's {name} (None where it names none).")
+        def set_token(self, token: Optional[str]) -> None:
+            if token is None:
+                self._named.pop(name, None)
+                return
+            if not isinstance(token, str):
+                raise TypeError(f"{name} must be a token string or None, got {token!r:.60}")
+            if self.token_to_id(token) is None:
+                raise ValueError(f"{name} {token!r} is not a token of this tokenizer (llmcore adds no tokens)")
+            self._named[name] = token
+        return property(lambda self: self._named.get(name), set_token,
+                        doc=f"The folder's {name} (None where it names none); settable, as transformers' (a token "
+                            "of this tokenizer, or None).")
 
     def _named_id(name: str):  # noqa: N805
+        def set_id(self, token_id: Optional[int]) -> None:
+            setattr(self, name, None if token_id is None else self._token_of(token_id, f"{name}_id"))
         return property(lambda self: None if name not in self._named else self.token_to_id(self._named[name]),
-                        doc=f"The id of the folder's {name} (None where it names none).")
+                        set_id, doc=f"The id of the folder's {name} (None where it names none); settable.")
 
     unk_token, bos_token, eos_token = _named_token("unk_token"), _named_token("bos_token"), _named_token("eos_token")
     cls_token, sep_token, mask_token = _named_token("cls_token"), _named_token("sep_token"), _named_token("mask_token")
@@ -986,6 +1022,8 @@ class Tokenizer:
         config.update(self.special_tokens_map, model_max_length=self.model_max_length, padding_side=self.padding_side,
                       truncation_side=self.truncation_side,
                       clean_up_tokenization_spaces=self.clean_up_tokenization_spaces)
+        if _loaders.returns_type_ids(config) != self.returns_type_ids:  # (config.json's model type said, or set)
+            config["model_input_names"] = self.model_input_names
         for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", self.special_tokens_map)):
             with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2, ensure_ascii=False)
