@@ -234,7 +234,7 @@ def test_finetune_bad_input_names_the_problem(tmp_path, capsys):
 
     (tmp_path / "a_file").write_text("")
     code, err = _finetune_err(capsys, _csv_dir(tmp_path, "ok", train=rows, validation=rows[:2]), tmp_path / "a_file")
-    assert code == 2 and "output_dir" in err and "a_file' is a file, not a folder" in err
+    assert code == 2 and "--output-dir" in err and "a_file' is a file, not a folder" in err
 
 
 def test_finetune_scores_every_evaluation_row_and_says_what_it_kept(tmp_path, capsys):
@@ -380,6 +380,16 @@ def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path
     code, err = _finetune_err(capsys, data, out, "--overwrite-output-dir", "--metric-for-best-model", "bleu")
     assert code == 2 and "metric_for_best_model='bleu': the evaluation of a classifier reports" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # settings that fail only when training starts (a CLI probe: the earlier run was removed first, and lost): a
+    # mistyped resume checkpoint; and a logging folder that is a file, refused up front
+    code, err = _finetune_err(capsys, data, out, "--overwrite-output-dir", "--resume-from-checkpoint",
+                              str(tmp_path / "elsewhere" / "checkpoint-9"))
+    assert code == 2 and "the earlier run in" in err and "is kept" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (tmp_path / "a_file").write_text("")
+    code, err = _finetune_err(capsys, data, out, "--overwrite-output-dir", "--logging-dir", str(tmp_path / "a_file"))
+    assert code == 2 and "--logging-dir" in err and "is a file, not a folder" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert _finetune_err(capsys, data, out, "--resume-from-checkpoint", "true", "--max-steps", "3")[0] == 0
     (out / ".checkpoint-9.partial").mkdir()  # an interrupted save, and TensorBoard events: the earlier run's too
     (out / ".checkpoint-9.partial" / "model.safetensors").write_bytes(b"x")
@@ -387,6 +397,7 @@ def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path
     assert _finetune_err(capsys, data, out, "--overwrite-output-dir")[0] == 0
     assert not (out / "checkpoint-2").exists() and (out / "final").is_dir() and (out / "data" / "meta.json").is_file()
     assert not (out / ".checkpoint-9.partial").exists() and not (out / "logs" / "events.out.tfevents.1.host").exists()
+    assert not (out / ".overwritten-run").exists()  # (where the replaced run waited while this one trained)
     with open(out / "results.json", encoding="utf-8") as f:
         assert json.load(f)["global_step"] == 1  # (this run's, not resumed)
     # (a CLI probe) continuing from the earlier run's final/ with --overwrite-output-dir removed that folder before
@@ -719,6 +730,29 @@ def test_prepared_folder_options_must_match(tmp_path, capsys, flag, value, messa
     assert main(["finetune", "--data", str(prepared), "--model", minilm_dir(), "--output-dir", str(tmp_path / "run"),
                  flag, same[flag], "--max-steps", "1", "--report-to", "none", "--save-strategy", "no",
                  "--eval-strategy", "no", "--disable-tqdm"]) == 0
+
+
+def test_prepared_folder_of_another_tokenizer_than_the_models(tmp_path, capsys):
+    """A CLI probe: a folder prepared with --tokenizer X, fine-tuned with a --model whose own tokenizer differs and no
+    --tokenizer, trained on X's ids and wrote the model's tokenizer into final/ (which then encodes texts into other
+    ids than the model learned). Refused now, naming both; with --tokenizer X it runs and final/ gets X's files."""
+    data = _sst2(tmp_path, 40)
+    other = tmp_path / "other"
+    other.mkdir()
+    with open(os.path.join(minilm_dir(), "vocab.txt"), encoding="utf-8") as f:
+        (other / "vocab.txt").write_text(f.read().rstrip("\n") + "\nzzqword\n", encoding="utf-8")
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "--data", str(data), "--tokenizer", str(other), "--max-length", "32",
+                 "--output-dir", str(prepared)]) == 0
+    argv = ["finetune", "--data", str(prepared), "--model", minilm_dir(), "--max-steps", "1", "--report-to", "none",
+            "--save-strategy", "no", "--eval-strategy", "no", "--disable-tqdm"]
+    capsys.readouterr()
+    assert main(argv + ["--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {minilm_dir()!r}: its tokenizer is not the one {str(prepared)!r} was prepared with" in err
+    assert not (tmp_path / "run" / "final").exists()
+    assert main(argv + ["--output-dir", str(tmp_path / "run2"), "--tokenizer", str(other)]) == 0
+    assert (tmp_path / "run2" / "final" / "vocab.txt").read_bytes() == (other / "vocab.txt").read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["opt", "gpt_neox", "llama"])

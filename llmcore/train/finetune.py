@@ -211,6 +211,8 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
     found = [os.path.basename(p) for p in list_checkpoints(output_dir)]
     if os.path.isdir(output_dir):
         found += sorted(n for n in os.listdir(output_dir) if n.startswith(f".{PREFIX}") and ".partial" in n)
+        if os.path.isdir(os.path.join(output_dir, HELD)):  # (a run killed while it replaced an earlier one)
+            found.append(HELD)
     own_logs = inside_folder(logging_dir, output_dir)
     for path in (os.path.join(output_dir, "final"), os.path.join(output_dir, "results.json"),
                  *([os.path.join(logging_dir, "train_log.jsonl")] if own_logs else [])):
@@ -222,6 +224,10 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
     return found
 
 
+# where --overwrite-output-dir keeps the earlier run until the new one has trained (inside output_dir)
+HELD = ".overwritten-run"
+
+
 def remove_run(output_dir: str, names: list[str]) -> None:
     for name in names:
         path = os.path.join(output_dir, name)
@@ -229,6 +235,38 @@ def remove_run(output_dir: str, names: list[str]) -> None:
             shutil.rmtree(path)
         else:
             os.remove(path)
+
+
+def hold_run(output_dir: str, names: list[str]) -> str:
+    """Moves an earlier run's ``names`` (``earlier_run``'s) into ``output_dir/.overwritten-run``, the same relative
+    paths there, and returns that folder: ``--overwrite-output-dir`` removes them only once the new run has trained
+    (``drop_held``), and a run that fails before it wrote anything puts them back (``restore_run``). They were
+    removed up front, and a setting that failed only when training started (a mistyped resume checkpoint, a
+    logging folder that is a file) cost the earlier run (a probe). A holder a killed run left is removed first."""
+    held = os.path.join(output_dir, HELD)
+    if HELD in names:
+        shutil.rmtree(held)
+    for name in names:
+        if name != HELD:
+            target = os.path.join(held, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(output_dir, name), target)
+    return held
+
+
+def restore_run(output_dir: str, held: str) -> None:
+    """Moves what ``hold_run`` held back into ``output_dir`` (the new run wrote none of it) and removes ``held``."""
+    for root, dirs, files in os.walk(held, topdown=True):
+        for name in list(dirs) + files:
+            source = os.path.join(root, name)
+            target = os.path.join(output_dir, os.path.relpath(source, held))
+            if name in dirs and os.path.exists(target):
+                continue  # (a folder both have, logs/: walked into)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+            if name in dirs:
+                dirs.remove(name)
+    shutil.rmtree(held)
 
 
 def check_model_reads(net: torch.nn.Module, prepared, model: str) -> None:
@@ -483,8 +521,9 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     if overflow is None:
         overflow = "split" if causal_lm else "truncate"
     config = TrainConfig(output_dir=output_dir, **train_args)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"output_dir {output_dir!r} is a file, not a folder: choose another --output-dir")
+    for flag, path in (("--output-dir", output_dir), ("--logging-dir", config.logging_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r} is a file, not a folder: choose another {flag}")
     earlier = [] if resumes_here(config.resume_from_checkpoint, output_dir) else earlier_run(output_dir,
                                                                                              config.logging_dir)
     if earlier and not overwrite_output_dir:
@@ -512,6 +551,12 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                                     {"max_length": max_length, "overflow": asked_overflow, "tokenizer": tokenizer,
                                      "text_column": text_column, "label_column": label_column,
                                      "data_config": data_config})
+            if (tokenizer is None and os.path.isdir(model)
+                    and any(os.path.isfile(os.path.join(model, n)) for n in ("tokenizer.json", "vocab.txt"))
+                    and not prepared.made_with(model)):  # (final/ gets the model's tokenizer: it must be the data's)
+                raise ValueError(f"--model {model!r}: its tokenizer is not the one {data!r} was prepared with (a "
+                                 "prepared folder holds that tokenizer's ids, and final/ would get the model's): pass "
+                                 "the data's as --tokenizer, or prepare the data with the model's")
         else:
             if inside_folder(data, os.path.join(output_dir, "data")):  # (the folder, or a raw file in it)
                 raise ValueError(f"--data {data!r} is the folder finetune caches the prepared data in "
@@ -571,9 +616,25 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                              f"(eval_strategy {config.eval_strategy!r}): give one (a validation file, --eval-data, "
                              f"or enough train rows to split one off), or pass --eval-strategy no")
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
-        if earlier and rank == 0:  # overwrite_output_dir, once data, model and settings are known to be usable
-            remove_run(output_dir, earlier)
-        results = trainer.train()
+        # overwrite_output_dir, once data, model and settings are known to be usable: the earlier run is held aside
+        # until this one has trained, and put back if this one fails before it writes anything
+        held = hold_run(output_dir, earlier) if earlier and rank == 0 else None
+        try:
+            results = trainer.train()
+        except BaseException:
+            if held is not None:  # (never removed here: the earlier run is kept, put back where nothing is in the way)
+                new = [n for n in earlier_run(output_dir, config.logging_dir)
+                       if n != HELD and not os.path.basename(n).startswith("events.out.tfevents.")]
+                if not new:
+                    restore_run(output_dir, held)
+                    print(f"llmcore: the run failed before it trained: the earlier run in {output_dir!r} is kept",
+                          file=sys.stderr)
+                else:
+                    print(f"llmcore: the run failed; the earlier run it replaced is kept in {held!r} (a later "
+                          "--overwrite-output-dir removes it)", file=sys.stderr)
+            raise
+        if held is not None:
+            shutil.rmtree(held)
         for name, batches in evals.items():
             trainer.eval_batches = batches
             prefix = "eval" if name == "validation" else name
