@@ -21,12 +21,15 @@ def _triton_available() -> bool:
 
 _ISAS = ("avx512", "avx2", "portable")
 _SWITCHES = ("LLMCORE_DISABLE_AMX", "LLMCORE_DISABLE_AVX512_BF16")
+# switches that are on unless set to "0" exactly (the row-sparse AdamW of embeddings, the bf16 weight copies)
+_OFF_SWITCHES = ("LLMCORE_LAZY_EMBEDDING", "LLMCORE_BF16_WEIGHTS")
 
 
 def check_environment() -> None:
     """Warns (at import) about llmcore's environment variables the native module reads silently: an unknown
-    LLMCORE_CPU_ISA is ignored (the CPU's best ISA runs), and a LLMCORE_DISABLE_* switch disables for any value
-    but "" and "0", "false" and "off" included."""
+    LLMCORE_CPU_ISA is ignored (the CPU's best ISA runs), a LLMCORE_DISABLE_* switch disables for any value
+    but "" and "0", "false" and "off" included, and LLMCORE_LAZY_EMBEDDING / LLMCORE_BF16_WEIGHTS turn off for "0"
+    only ("false" and "off" leave them on)."""
     import os
     import warnings
 
@@ -38,6 +41,10 @@ def check_environment() -> None:
         value = os.environ.get(name)
         if value and value != "0" and value.strip().lower() in ("false", "off", "no", "0"):
             warnings.warn(f"{name}={value!r} disables it: any value but '' or '0' does", stacklevel=3)
+    for name in _OFF_SWITCHES:
+        value = os.environ.get(name)
+        if value and value != "0" and value.strip().lower() in ("false", "off", "no", "0"):
+            warnings.warn(f"{name}={value!r} leaves it on: only '0' turns it off", stacklevel=3)
 
 
 def info() -> dict[str, Any]:
@@ -48,8 +55,8 @@ def info() -> dict[str, Any]:
     """
     import torch
 
+    from llmcore.ops import dispatch
     from llmcore.ops import triton as triton_ops
-    from llmcore.ops.dispatch import availability
 
     return {
         "version": __version__,
@@ -66,5 +73,8 @@ def info() -> dict[str, Any]:
         "cuda_devices_seen_by_llmcore": _C.cuda_device_count(),
         "triton_available": _triton_available(),
         "triton_version": triton_ops.version(),
-        "backends": {name: {"available": reason is None, "reason": reason} for name, reason in availability().items()},
+        "backends": {name: {"available": reason is None, "reason": reason}
+                     for name, reason in dispatch.availability().items()},
+        # LLMCORE_ATTENTION_BACKEND's backend, which every attention call takes unless it names another (or None)
+        "attention_backend_forced": dispatch._DEFAULT_BACKEND,
     }

@@ -49,8 +49,8 @@ def _bench_tokenizer(args: argparse.Namespace) -> int:
 def _bench_train_step(args: argparse.Namespace) -> int:
     from llmcore.bench import train_step
 
-    command = ["llmcore bench train-step", f"--task {args.task}"] + [f"--{k} {getattr(args, k)}" for k in
-                                                                      ("json", "budget") if getattr(args, k)]
+    command = ["llmcore bench train-step", f"--task {args.task}"]
+    command += [f"--{k} {getattr(args, k)}" for k in ("json", "budget") if getattr(args, k) is not None]
     command += [f"--{k}" for k in ("quick", "memory") if getattr(args, k)]
     train_step.main(json_path=args.json, budget_s=args.budget, quick=args.quick, task=args.task,
                     with_memory=args.memory, command=" ".join(command))
@@ -249,13 +249,14 @@ def _finetune(args: argparse.Namespace) -> int:
               "installed)", file=sys.stderr)
         return 2
     from llmcore.data.sources import DataLoadError
+    from llmcore.ops.dispatch import BackendUnavailableError
 
     try:
         metrics = finetune(args.data, model, args.output_dir, max_length=args.max_length,
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
                            device=args.device, eval_data=args.eval_data, task=args.task, overflow=args.overflow,
                            overwrite_output_dir=args.overwrite_output_dir, data_config=args.data_config, **train)
-    except (OSError, ValueError, TypeError, ImportError, DataLoadError) as e:
+    except (OSError, ValueError, TypeError, ImportError, DataLoadError, BackendUnavailableError) as e:
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # (under torchrun: once, not once per rank)
@@ -407,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands' path arguments (argparse dests)
+_PATHS = ("data", "model", "tokenizer", "output_dir", "eval_data", "logging_dir", "checkpoint", "json", "md", "plot")
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -414,6 +419,10 @@ def _exit_on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in _PATHS:  # (an empty one was taken as not given: prepare --tokenizer "" used --model's)
+        if getattr(args, name, None) == "":
+            parser.error(f"--{name.replace('_', '-')} is empty: give a path" if name != "checkpoint"
+                         else "the checkpoint is empty: give a path")
     if args.command == "prepare" and not (args.model or args.tokenizer):
         parser.error("prepare needs --model (or --tokenizer)")
     previous = None

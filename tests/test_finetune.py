@@ -200,7 +200,7 @@ def _finetune_err(capsys, data, out, *extra):
     return code, capsys.readouterr().err
 
 
-def test_finetune_bad_input_names_the_problem(tmp_path, capsys):
+def test_finetune_bad_input_names_the_problem(tmp_path, capsys, monkeypatch):
     """Input that used to end in a traceback mid-training (or in no evaluation at all) is an error naming it, before
     training: train rows without a label (IndexError in the loss), a validation split with some unlabeled rows (its
     metrics were dropped), no validation split to evaluate on, rows longer than the model's positions and ids past
@@ -229,12 +229,27 @@ def test_finetune_bad_input_names_the_problem(tmp_path, capsys):
     prepared = tmp_path / "prepared"
     assert main(["prepare", "--data", str(data), "--tokenizer", str(vocab), "--max-length", "16",
                  "--output-dir", str(prepared)]) == 0
-    code, err = _finetune_err(capsys, prepared, tmp_path / "o5")
+    code, err = _finetune_err(capsys, prepared, tmp_path / "o5", "--tokenizer", str(vocab))
     assert code == 2 and "ids up to 30522" in err and "vocab_size 30522" in err
 
     (tmp_path / "a_file").write_text("")
     code, err = _finetune_err(capsys, _csv_dir(tmp_path, "ok", train=rows, validation=rows[:2]), tmp_path / "a_file")
     assert code == 2 and "--output-dir" in err and "a_file' is a file, not a folder" in err
+    # (a CLI probe) an attention backend forced that cannot run here was reported as the data's fault ("cannot read
+    # the train split's row ..., prepare the data with its tokenizer")
+    import llmcore.ops.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_DEFAULT_BACKEND", "cuda")
+    code, err = _finetune_err(capsys, _csv_dir(tmp_path, "ok2", train=rows, validation=rows[:2]), tmp_path / "o6")
+    assert code == 2 and "backend='cuda' cannot run this call" in err and "cannot read" not in err
+    monkeypatch.undo()
+    # (the same probe) an empty path was taken as none: prepare --tokenizer "" used --model's
+    for argv in (["prepare", "--data", "d", "--model", "m", "--tokenizer", "", "--output-dir", "o",
+                  "--max-length", "8"],
+                 ["finetune", "--data", "d", "--output-dir", ""]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "is empty: give a path" in capsys.readouterr().err
 
 
 def test_finetune_scores_every_evaluation_row_and_says_what_it_kept(tmp_path, capsys):
@@ -323,8 +338,9 @@ def test_finetune_flag_edge_cases(tmp_path, capsys):
     assert (out / "final" / "vocab.txt").is_file() and not (out / "final" / "tokenizer.json").exists()
     code, err = _finetune_err(capsys, data, tmp_path / "o2", "--max-length", "0")
     assert code == 2 and "max_length must be a positive int, got 0" in err
-    code = main(["finetune", "--data", str(data), "--model", "", "--output-dir", str(tmp_path / "o3")])
-    assert code == 2 and "model '': no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # (an empty path is refused by the parser, for every path flag)
+        main(["finetune", "--data", str(data), "--model", "", "--output-dir", str(tmp_path / "o3")])
+    assert exit_.value.code == 2 and "--model is empty" in capsys.readouterr().err
     other = tmp_path / "o4"
     assert _finetune_err(capsys, data, other)[0] == 0
     before = (other / "results.json").read_bytes()

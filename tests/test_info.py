@@ -24,6 +24,7 @@ def test_info_reports_build_and_backends():
     assert backends["reference"]["available"]
     for name, b in backends.items():
         assert b["available"] == (b["reason"] is None), name
+    assert info["attention_backend_forced"] is None
 
 
 def test_cpu_isa_can_be_lowered_but_not_raised(cpu_isa):
@@ -95,3 +96,35 @@ def test_environment_variables_read_silently_are_checked(tmp_path):
     assert run("import llmcore", LLMCORE_CPU_ISA="portable").stderr == ""
     done = run("import llmcore.ops", LLMCORE_ATTENTION_BACKEND="bogus")
     assert done.returncode != 0 and "LLMCORE_ATTENTION_BACKEND='bogus' is unknown" in done.stderr
+    # (a CLI probe) the switches that are on unless "0": "false" left them on without a word; info() names a forced
+    # attention backend
+    done = run("import llmcore", LLMCORE_LAZY_EMBEDDING="off", LLMCORE_BF16_WEIGHTS="false")
+    assert "LLMCORE_LAZY_EMBEDDING='off' leaves it on" in done.stderr
+    assert "LLMCORE_BF16_WEIGHTS='false' leaves it on" in done.stderr
+    assert run("import llmcore", LLMCORE_LAZY_EMBEDDING="0").stderr == ""
+    done = run("import json, llmcore; print(json.dumps(llmcore.info()['attention_backend_forced']))",
+               LLMCORE_ATTENTION_BACKEND="reference")
+    assert done.stdout.strip() == '"reference"'
+
+
+def test_cli_small_input_checks(tmp_path, monkeypatch, capsys):
+    """A CLI probe: LLMCORE_DATA_DIR naming no data folder fell back on ../shared/data without a word; consolidate
+    into a file said only "[Errno 17] File exists" (after reading the shards); bench train-step's recorded command
+    left out --budget 0 (rerun, it timed 2 s)."""
+    from llmcore.bench import data, train_step
+    from llmcore.cli import main
+
+    monkeypatch.setenv("LLMCORE_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="LLMCORE_DATA_DIR=.*holds no sst2/ folder"):
+        data.data_dir()
+    monkeypatch.delenv("LLMCORE_DATA_DIR")
+    ckpt = tmp_path / "checkpoint-2"
+    (ckpt / "sharded").mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (tmp_path / "a_file").write_text("")
+    assert main(["consolidate", str(ckpt), str(tmp_path / "a_file")]) == 2
+    assert "output folder" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(train_step, "main", lambda **kw: seen.update(kw))
+    assert main(["bench", "train-step", "--quick", "--budget", "0"]) == 0
+    assert "--budget 0" in seen["command"] and seen["budget_s"] == 0

@@ -5,8 +5,16 @@ import os
 
 
 def data_dir() -> str:
+    """LLMCORE_DATA_DIR where set (it must hold sst2/: one that does not is an error, not another folder read in its
+    place), else ../shared/data beside the checkout or the working directory."""
+    given = os.environ.get("LLMCORE_DATA_DIR")
+    if given:
+        if not os.path.isdir(os.path.join(given, "sst2")):
+            raise FileNotFoundError(f"LLMCORE_DATA_DIR={given!r} holds no sst2/ folder: set it to the folder holding "
+                                    "sst2/ and imdb/ (or unset it)")
+        return os.path.abspath(given)
     here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.environ.get("LLMCORE_DATA_DIR"), os.path.join(here, "..", "..", "..", "shared", "data"),
+    candidates = [os.path.join(here, "..", "..", "..", "shared", "data"),
                   os.path.join(os.getcwd(), "..", "shared", "data")]
     for c in candidates:
         if c and os.path.isdir(os.path.join(c, "sst2")):

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from llmcore import _C, _fork
 from llmcore.ops._autograd import no_double_backward
+from llmcore.ops.dispatch import BackendUnavailableError
 from llmcore.ops import triton as triton_ops
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
@@ -317,7 +318,7 @@ def _use_triton(device: torch.device, compute_dtype: torch.dtype, backend: Optio
 
     reason = triton_ops.unavailable(device) or why_not(compute_dtype)
     if reason:
-        raise RuntimeError(f"backend='triton' cannot run this call: {reason}")
+        raise BackendUnavailableError(f"backend='triton' cannot run this call: {reason}")
     return True
 
 

@@ -11,7 +11,12 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-__all__ = ["AttentionCall", "Backend", "BACKENDS", "select", "availability"]
+__all__ = ["AttentionCall", "Backend", "BACKENDS", "BackendUnavailableError", "select", "availability"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend named for a call (``backend=...``, or ``LLMCORE_ATTENTION_BACKEND``) cannot run it: the message
+    says why. Its own class, so that callers tell it from an error of the call's inputs."""
 
 
 class AttentionCall(NamedTuple):
@@ -166,7 +171,7 @@ def select(call: AttentionCall, backend: Optional[str] = None) -> Backend:
         chosen = _BY_NAME[backend]
         reason = chosen.why_not(call)
         if reason:
-            raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+            raise BackendUnavailableError(f"backend={backend!r} cannot run this call: {reason}")
         return chosen
     for b in BACKENDS:
         # The device test first: no reason string is built for the backends a call passes over.

@@ -25,6 +25,7 @@ from torch import Tensor
 from llmcore import _C, _fork
 from llmcore.ops import triton as triton_ops
 from llmcore.ops._autograd import _eager_function, _run_op
+from llmcore.ops.dispatch import BackendUnavailableError
 from llmcore.ops.triton import norm as triton_norm
 
 __all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference"]
@@ -334,13 +335,13 @@ def _use_triton(x: Tensor, params: tuple, backend: Optional[str]) -> bool:
         return False
     reason = triton_ops.unavailable(x.device) or triton_norm.why_not(x, params)
     if reason:
-        raise RuntimeError(f"backend='triton' cannot run this call: {reason}")
+        raise BackendUnavailableError(f"backend='triton' cannot run this call: {reason}")
     return True
 
 
 def _use_reference(x: Tensor, params: tuple, residual: Optional[Tensor], backend: Optional[str]) -> bool:
     if backend == "cpu" and not _native(x, params, residual):
-        raise RuntimeError(f"backend='cpu' cannot run this call ({x.device.type} tensor of {x.dtype})")
+        raise BackendUnavailableError(f"backend='cpu' cannot run this call ({x.device.type} tensor of {x.dtype})")
     return backend == "reference" or not _native(x, params, residual)
 
 

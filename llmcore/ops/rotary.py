@@ -21,6 +21,7 @@ from torch import Tensor
 from llmcore import _C, _fork
 from llmcore.ops import triton as triton_ops
 from llmcore.ops._autograd import _eager_function, _run_op
+from llmcore.ops.dispatch import BackendUnavailableError
 from llmcore.ops.norm import _CODES, _as_rows
 from llmcore.ops.triton import rotary as triton_rotary
 
@@ -130,11 +131,11 @@ def _backend(x: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str]) -> str
     if backend == "triton":
         reason = triton_ops.unavailable(x.device) or triton_rotary.why_not(x, cos) or not_kernel
         if reason:
-            raise RuntimeError(f"backend='triton' cannot run this call: {reason}")
+            raise BackendUnavailableError(f"backend='triton' cannot run this call: {reason}")
         return "triton"
     if backend == "cpu" and not (x.device.type == "cpu" and kernel_ok):
         reason = not_kernel or f"x is a {x.device.type} tensor"
-        raise RuntimeError(f"backend='cpu' cannot run this call: {reason}")
+        raise BackendUnavailableError(f"backend='cpu' cannot run this call: {reason}")
     if backend is None and x.device.type == "cuda" and kernel_ok and triton_ops.usable():
         return "triton"
     if backend == "reference" or not (x.device.type == "cpu" and kernel_ok):

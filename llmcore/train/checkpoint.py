@@ -310,6 +310,8 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
     config_file = os.path.join(path, "config.json")
     if not os.path.isdir(sharded) or not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path!r} is not a sharded checkpoint (a folder with config.json and {SHARDED}/)")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):  # (before the shards are read)
+        raise ValueError(f"output folder {output_dir!r} is a file: choose another")
     hf = read_config(path)
     causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in hf.get("architectures") or [])
     keys = _sharded_keys(sharded)  # None if unreadable: read_sharded says why below

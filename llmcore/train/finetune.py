@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from llmcore.ops.dispatch import BackendUnavailableError
 from llmcore.train.checkpoint import inside_folder, resumes_here
 from llmcore.train.config import TrainConfig
 from llmcore.train.fsdp import check_process_group
@@ -293,6 +294,8 @@ def check_model_reads(net: torch.nn.Module, prepared, model: str) -> None:
                 try:
                     with torch.no_grad():
                         net(input_ids=ids)
+                except BackendUnavailableError:  # (not the data's: a backend named that cannot run here)
+                    raise
                 except (IndexError, RuntimeError, ValueError) as e:  # (llmcore's models name the positions)
                     raise ValueError(
                         f"{model!r} cannot read the {name} split's row {row} ({ids.shape[1]} tokens, ids up to "
