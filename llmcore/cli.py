@@ -426,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare" and not (args.model or args.tokenizer):
         parser.error("prepare needs --model (or --tokenizer)")
     previous = None
-    if args.command == "bench" and threading.current_thread() is threading.main_thread():
-        # SIGTERM (a supervisor, a job's time limit) unwinds as an exception, so that the benches' temporary folders
-        # are removed and their running child processes killed on the way out (the default ends the process there)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a supervisor, a job's time limit, torchrun) unwinds as an exception, so that the benches' temporary
+        # folders are removed and their child processes killed, prepare's staging folder removed, and finetune's
+        # --overwrite-output-dir puts back an earlier run it held (the default ends the process there)
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _run(args)

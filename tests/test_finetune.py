@@ -2,6 +2,7 @@
 files, accuracy well above chance, packed == padded, SIGKILL + resume bit for bit, torchrun."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -748,6 +749,51 @@ def test_prepared_folder_options_must_match(tmp_path, capsys, flag, value, messa
                  "--eval-strategy", "no", "--disable-tqdm"]) == 0
 
 
+def test_an_interrupted_overwrite_puts_the_earlier_run_back(tmp_path, capsys, monkeypatch):
+    """A probe: SIGTERM ended finetune without unwinding (only `llmcore bench` turned it into an exit), so an
+    --overwrite-output-dir run killed before its first checkpoint left the earlier run hidden in .overwritten-run,
+    and the refusal's advice (--resume-from-checkpoint true) found no checkpoint; one killed after a checkpoint and
+    then resumed left it there for good. SIGTERM unwinds every command now; the next run puts back an earlier run
+    held by a run that wrote no checkpoint (its log set aside), and a resumed run removes it once it has trained.
+    A prepare killed mid-write left .prepare.partial, which a cached rerun kept: removed now."""
+    import llmcore.cli as cli
+    from llmcore.train.finetune import hold_run
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run", lambda args: seen.setdefault("handler", signal.getsignal(signal.SIGTERM)) and 0)
+    main(["finetune", "--data", "d", "--output-dir", "o"])
+    assert seen["handler"] is cli._exit_on_sigterm
+    monkeypatch.undo()
+    rows = [(f"good film {i}", 1) for i in range(8)] + [(f"bad film {i}", 0) for i in range(8)]
+    data = _csv_dir(tmp_path, "d", train=rows, validation=rows[::4])
+    out = tmp_path / "run"
+    assert _finetune_err(capsys, data, out, "--save-strategy", "steps", "--save-steps", "1")[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "data" not in p.parts[-3:]}
+    hold_run(str(out), ["checkpoint-1", "final", "results.json", "logs/train_log.jsonl"])  # (as a kill leaves it)
+    (out / "logs" / "train_log.jsonl").write_text('{"step": 1, "loss": 0.7}\n')  # the killed run's record
+    code, err = _finetune_err(capsys, data, out)
+    assert code == 2 and "put back the earlier run" in err and "holds an earlier run" in err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "data" not in p.parts[-3:]}
+    assert {p: b for p, b in after.items() if "interrupted-run-1" not in str(p)} == before
+    assert (out / "logs" / "interrupted-run-1" / "train_log.jsonl").read_text().startswith('{"step": 1')
+    # killed after a checkpoint of its own, then resumed: the held run is removed once the resumed run has trained;
+    # resuming the held run's checkpoint with --overwrite-output-dir is refused (the holder was replaced, and the
+    # new run's checkpoint of that name resumed instead)
+    held = hold_run(str(out), ["final", "results.json"])
+    (out / "checkpoint-1").rename(out / ".overwritten-run" / "checkpoint-1")
+    shutil.copytree(out / ".overwritten-run" / "checkpoint-1", out / "checkpoint-1")
+    code, err = _finetune_err(capsys, data, out, "--overwrite-output-dir", "--resume-from-checkpoint",
+                              str(out / ".overwritten-run" / "checkpoint-1"))
+    assert code == 2 and "which holds --resume-from-checkpoint" in err
+    assert (out / ".overwritten-run" / "checkpoint-1").is_dir()
+    code, err = _finetune_err(capsys, data, out, "--resume-from-checkpoint", "true", "--max-steps", "2")
+    assert code == 0 and "removed the earlier run this resumed run replaces" in err and not os.path.exists(held)
+    (out / "data" / ".prepare.partial").mkdir()
+    assert main(["prepare", "--data", str(data), "--model", minilm_dir(), "--max-length", "128",
+                 "--output-dir", str(out / "data")]) == 0
+    assert "cache hit" in capsys.readouterr().out and not (out / "data" / ".prepare.partial").exists()
+
+
 def test_prepared_folder_of_another_tokenizer_than_the_models(tmp_path, capsys):
     """A CLI probe: a folder prepared with --tokenizer X, fine-tuned with a --model whose own tokenizer differs and no
     --tokenizer, trained on X's ids and wrote the model's tokenizer into final/ (which then encodes texts into other
@@ -769,6 +815,14 @@ def test_prepared_folder_of_another_tokenizer_than_the_models(tmp_path, capsys):
     assert not (tmp_path / "run" / "final").exists()
     assert main(argv + ["--output-dir", str(tmp_path / "run2"), "--tokenizer", str(other)]) == 0
     assert (tmp_path / "run2" / "final" / "vocab.txt").read_bytes() == (other / "vocab.txt").read_bytes()
+    # the model's own tokenizer given another way (its tokenizer.json, its Tokenizer object) is the same one (an
+    # attack on this check: prepare fingerprints a folder, a file and an object apart, and it refused them)
+    from llmcore.data import prepare
+    from llmcore.tokenizer import Tokenizer
+
+    for i, tok in enumerate((os.path.join(minilm_dir(), "tokenizer.json"), Tokenizer.from_pretrained(minilm_dir()))):
+        prepare(str(data), tok, 32, str(tmp_path / f"same{i}"))
+        assert main(argv[:2] + [str(tmp_path / f"same{i}")] + argv[3:] + ["--output-dir", str(tmp_path / f"r{i}")]) == 0
 
 
 @pytest.mark.parametrize("kind", ["opt", "gpt_neox", "llama"])

@@ -417,3 +417,34 @@ def test_torch_func_transforms_are_refused_clearly():
     got = torch.func.grad(lambda p: torch.func.functional_call(emb, p, (ids,)).pow(2).sum())({"weight": weight})
     want = torch.func.grad(lambda w: F.embedding(ids, w).pow(2).sum())(weight)
     torch.testing.assert_close(got["weight"], want)
+
+
+def test_first_derivatives_under_create_graph_and_checkpointing_and_no_kept_hidden():
+    """An attack on no_double_backward's links (a probe): it read the saved tensors a second time, which
+    non-reentrant checkpointing refuses (a first derivative with create_graph=True inside torch.utils.checkpoint
+    raised CheckpointError); and the fused loss kept its N x H hidden input alive from forward to backward for the
+    links alone (a 128 MiB hidden: peak RSS +128 MiB). Now one unpack, and a one-element copy links hidden."""
+    import gc
+    import weakref
+
+    from llmcore import ops
+
+    x = torch.randn(4, 16, requires_grad=True)
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    for f, leaf in ((lambda t: layer_norm(t, torch.ones(16), None, backend="cpu"), x),
+                    (lambda t: rms_norm(t, torch.ones(16), backend="cpu"), x),
+                    (lambda t: ops.scaled_dot_product_attention(t, t, t, backend="cpu"), q),
+                    (lambda t: ops.swiglu(t, t), x)):
+        (want,) = torch.autograd.grad(f(leaf).pow(2).sum(), leaf)
+        out = torch.utils.checkpoint.checkpoint(f, leaf, use_reentrant=False)
+        (got,) = torch.autograd.grad(out.pow(2).sum(), leaf, create_graph=True)
+        torch.testing.assert_close(got, want)
+    w = torch.randn(7, 16, requires_grad=True)
+    hidden = x * 2
+    alive = weakref.ref(hidden)
+    loss = ops.linear_cross_entropy(hidden, w, torch.tensor([1, 2, 3, 4]))
+    del hidden
+    gc.collect()
+    assert alive() is None  # (nothing of the graph holds it: the fused loss saved its gradients)
+    loss.backward()
+    assert x.grad is not None and w.grad is not None

@@ -1044,15 +1044,16 @@ def test_best_model_settings(tmp_path):
     watching = config(tmp_path / "w", max_steps=2, eval_strategy="steps", eval_steps=1, save_strategy="no",
                       metric_for_best_model="bleu")
     with pytest.raises(ValueError, match=r"metric_for_best_model='bleu': the evaluation of a classifier reports "
-                                         r"loss, examples, accuracy, f1 \(eval_ prefix optional\)"):
+                                         r"loss, examples, accuracy, f1, runtime, samples_per_second, "
+                                         r"steps_per_second \(eval_ prefix optional\)"):
         Trainer(tiny(0), watching, batches, eval_batches=batches)
     assert not os.path.exists(tmp_path / "w")
     # text-level names only where the batches may be windows of longer texts (a factory's may)
     watching.metric_for_best_model = "eval_text_f1"
-    with pytest.raises(ValueError, match="reports loss, examples, accuracy, f1 "):
+    with pytest.raises(ValueError, match="reports loss, examples, accuracy, f1, runtime"):
         Trainer(tiny(0), watching, batches, eval_batches=batches)
     Trainer(tiny(0), watching, batches, eval_batches=lambda: batches)
-    for name in ("f1", "eval_accuracy", "eval_loss"):
+    for name in ("f1", "eval_accuracy", "eval_loss", "eval_runtime"):  # (the speed metrics too, as transformers)
         watching.metric_for_best_model = name
         Trainer(tiny(0), watching, batches, eval_batches=batches)
 

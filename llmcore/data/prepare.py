@@ -158,8 +158,18 @@ class PreparedDataset:
 
     def made_with(self, tokenizer) -> bool:
         """Whether ``tokenizer`` (a Tokenizer, a model/tokenizer folder or a tokenizer.json path) is the one these
-        splits were tokenized with: the same files, by fingerprint."""
-        return _tokenizer_and_fingerprint(tokenizer)[1] == self.meta.get("tokenizer_fingerprint")
+        splits were tokenized with: the same files, by fingerprint. A folder is also that tokenizer when the splits
+        were made from its ``tokenizer.json`` alone or from its Tokenizer object (``prepare`` fingerprints the three
+        ways apart; a probe found the same tokenizer refused)."""
+        made = self.meta.get("tokenizer_fingerprint")
+        tok, fingerprint = _tokenizer_and_fingerprint(tokenizer)
+        if fingerprint == made:
+            return True
+        if isinstance(tokenizer, (str, os.PathLike)) and os.path.isdir(os.fspath(tokenizer)):
+            alone = os.path.join(os.fspath(tokenizer), "tokenizer.json")
+            return made in (_tokenizer_and_fingerprint(tok)[1],
+                            _tokenizer_and_fingerprint(alone)[1] if os.path.isfile(alone) else None)
+        return False
 
     def __getitem__(self, split: str) -> PreparedSplit:
         if split not in self.splits:
@@ -289,6 +299,8 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
 
     old = _read_meta(output_dir)
     if not force and old is not None and old.get("cache_key") == key and _whole(output_dir, old):
+        # (a staging folder a killed run left: its arrays are not the cache's)
+        shutil.rmtree(os.path.join(output_dir, STAGING), ignore_errors=True)
         try:
             return PreparedDataset(output_dir, old, cache_hit=True)
         except (OSError, ValueError):

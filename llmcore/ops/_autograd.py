@@ -21,8 +21,8 @@ def no_double_backward(backward):
     constants. torch's ``once_differentiable`` adds that node only where an incoming gradient requires grad: with
     the ones of ``y.sum()`` it returned constants, and a gradient penalty silently lost its second-order terms (a
     probe: LayerNorm's input gradient 19.6 off of torch's). The error node also takes the saved tensors and
-    incoming gradients that require grad (and ``ctx.links``: inputs a forward keeps for this alone, where it saves
-    gradients or cast copies), so it lies on every path from the gradients back to the op's inputs:
+    incoming gradients that require grad (and ``ctx.links``: tensors linked to the inputs, set where the saved
+    tensors are gradients with no graph), so it lies on every path from the gradients back to the op's inputs:
     behind detached copies alone, ``autograd.grad(g, x)`` found no path to ``x`` and gave None, or zeros with
     ``materialize_grads`` (``torch.autograd.functional.hvp``: a Hessian-vector product of 0, another probe).
     A plain backward (grad mode off) runs as it is."""
@@ -30,10 +30,11 @@ def no_double_backward(backward):
     def wrapper(ctx, *grads):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
-        links = [t for t in (*grads, *getattr(ctx, "saved_tensors", ()), *getattr(ctx, "links", ()))
+        saved = _Unpacked(ctx)  # (unpacked once: non-reentrant checkpointing refuses a second unpack)
+        links = [t for t in (*grads, *saved.saved_tensors, *getattr(ctx, "links", ()))
                  if isinstance(t, Tensor) and t.requires_grad]
         with torch.no_grad():
-            outputs = backward(ctx, *grads)
+            outputs = backward(saved, *grads)
         many = isinstance(outputs, tuple)
         outputs = outputs if many else (outputs,)
         if all(o is None for o in outputs):
@@ -43,6 +44,21 @@ def no_double_backward(backward):
         wrapped = (wrapped,) if isinstance(wrapped, Tensor) else tuple(wrapped)
         return wrapped[:len(outputs)] if many else wrapped[0]
     return wrapper
+
+
+class _Unpacked:
+    """A backward's ctx whose ``saved_tensors`` were unpacked once (no_double_backward reads them too); every other
+    attribute is the ctx's."""
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "saved_tensors", tuple(getattr(ctx, "saved_tensors", ())))
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._ctx, name, value)
 
 
 def _eager_function(name: str, forward_impl, setup_context, backward, differentiable: int = 2):

@@ -248,9 +248,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, eps, chunk, needs, compute_dtype,
                 out_dtype, native):
-        # (the given inputs, for no_double_backward's error node alone: the saved gradients and cast copies have
-        # no graph; weight and bias are parameters, hidden is kept until the backward, N x H)
-        ctx.links = (hidden, weight, bias)
         dtypes, hidden, weight, bias, valid, y, n_valid = _inputs(hidden, weight, bias, labels, ignore_index,
                                                                   compute_dtype)
         N, V = hidden.size(0), weight.size(0)
@@ -467,4 +464,9 @@ def linear_cross_entropy(
             out = _apply_triton(*args)
         else:
             out = _LinearCrossEntropy.apply(*args, backend != "torch")
+    if out.grad_fn is not None and not torch.compiler.is_compiling():
+        # no_double_backward's links to the inputs (its saved gradients have no graph): the parameters, and for
+        # hidden one element's copy, whose graph reaches hidden without holding its N x H storage until the backward
+        link = hidden2d[(0,) * hidden2d.dim()].clone() if hidden2d.numel() and needs[0] else None
+        out.grad_fn.links = (link, weight, bias)
     return out.reshape(shape[:-1]) if reduction == "none" else out

@@ -221,7 +221,7 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
             found.append(os.path.relpath(path, output_dir))
     if own_logs and os.path.isdir(logging_dir):  # (and the logs Trainer runs set aside: earlier-run-<n>/)
         found += sorted(os.path.relpath(os.path.join(logging_dir, n), output_dir) for n in os.listdir(logging_dir)
-                        if n.startswith(("events.out.tfevents.", "earlier-run-")))
+                        if n.startswith(("events.out.tfevents.", "earlier-run-", "interrupted-run-")))
     return found
 
 
@@ -253,6 +253,26 @@ def hold_run(output_dir: str, names: list[str]) -> str:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(os.path.join(output_dir, name), target)
     return held
+
+
+def recover_held_run(output_dir: str, logging_dir: str) -> None:
+    """Puts back the earlier run that a killed ``--overwrite-output-dir`` run held (``.overwritten-run``) where the
+    killed run left no checkpoint, ``final/`` or results of its own (a probe: killed by SIGTERM, it left the earlier
+    run hidden, and ``--resume-from-checkpoint true`` found no checkpoint). The killed run's log, if any, is moved
+    into ``<logging_dir>/interrupted-run-<n>/`` first. Rank 0 only (under torchrun the others wait for it)."""
+    held = os.path.join(output_dir, HELD)
+    if not os.path.isdir(held):
+        return
+    logs = ("train_log.jsonl", "events.out.tfevents.", "earlier-run-", "interrupted-run-")
+    if any(n != HELD and not os.path.basename(n).startswith(logs) for n in earlier_run(output_dir, logging_dir)):
+        return  # (the killed run wrote a checkpoint: the earlier run stays held, said by the refusal or removed)
+    if inside_folder(logging_dir, output_dir):
+        from llmcore.train.reporting import set_aside_earlier_logs
+
+        set_aside_earlier_logs(logging_dir, "interrupted-run")
+    restore_run(output_dir, held)
+    print(f"llmcore: put back the earlier run in {output_dir!r} that an interrupted --overwrite-output-dir run held "
+          f"in {HELD} (it trained no checkpoint)", file=sys.stderr)
 
 
 def restore_run(output_dir: str, held: str) -> None:
@@ -527,15 +547,18 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     for flag, path in (("--output-dir", output_dir), ("--logging-dir", config.logging_dir)):
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{flag} {path!r} is a file, not a folder: choose another {flag}")
-    earlier = [] if resumes_here(config.resume_from_checkpoint, output_dir) else earlier_run(output_dir,
-                                                                                             config.logging_dir)
+    if int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        recover_held_run(output_dir, config.logging_dir)  # (one process: no other rank reads the folder meanwhile)
+    resuming = resumes_here(config.resume_from_checkpoint, output_dir)
+    earlier = [] if resuming else earlier_run(output_dir, config.logging_dir)
     if earlier and not overwrite_output_dir:
         raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
                          f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
     if earlier:  # (overwrite_output_dir: the inputs must not lie in what it removes)
+        resume = config.resume_from_checkpoint if isinstance(config.resume_from_checkpoint, str) else None
         for flag, path in (("--model", model), ("--tokenizer", tokenizer), ("--data", data),
-                           ("--eval-data", eval_data)):
+                           ("--eval-data", eval_data), ("--resume-from-checkpoint", resume)):
             hit = next((name for name in earlier if path is not None and os.path.exists(path)
                         and inside_folder(path, os.path.join(output_dir, name))), None)
             if hit is not None:
@@ -638,6 +661,11 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
             raise
         if held is not None:
             shutil.rmtree(held)
+        elif resuming and rank == 0 and os.path.isdir(os.path.join(output_dir, HELD)):
+            # (a resumed run that was replacing an earlier one, killed after its first checkpoint: now it has trained)
+            shutil.rmtree(os.path.join(output_dir, HELD))
+            print(f"llmcore: removed the earlier run this resumed run replaces ({HELD} in {output_dir!r})",
+                  file=sys.stderr)
         for name, batches in evals.items():
             trainer.eval_batches = batches
             prefix = "eval" if name == "validation" else name

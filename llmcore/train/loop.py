@@ -418,6 +418,7 @@ def _check_watched_metric(name: Optional[str], causal_lm: bool, eval_batches, nu
              else ["loss", "examples", "accuracy", "f1"])
     if not causal_lm and not regression and (callable(eval_batches) or getattr(eval_batches, "text_ids", False)):
         known += ["texts", "text_accuracy", "text_f1"]
+    known += ["runtime", "samples_per_second", "steps_per_second"]  # (every evaluation's, as transformers')
     bare = name[len("eval_"):] if name.startswith("eval_") else name
     if bare not in known:
         task = "a causal LM" if causal_lm else "a regression" if regression else "a classifier"

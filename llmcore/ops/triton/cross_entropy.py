@@ -77,9 +77,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, eps, chunk, needs, compute_dtype,
                 out_dtype):
-        # (the given inputs, for no_double_backward's error node alone: the saved gradients and cast copies have
-        # no graph; weight and bias are parameters, hidden is kept until the backward, N x H)
-        ctx.links = (hidden, weight, bias)
         dtypes, hidden, weight, bias, valid, y, n_valid = _inputs(hidden, weight, bias, labels, ignore_index,
                                                                   compute_dtype)
         N, V = hidden.size(0), weight.size(0)
