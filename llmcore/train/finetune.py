@@ -522,7 +522,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
 
     ``overflow`` (raw data): what ``prepare`` does with the tokens past ``max_length``: ``"split"``
     (the default for causal-lm) makes a long text several rows of at most ``max_length`` tokens, so
-    every token is trained on; ``"truncate"`` (the default for classification) drops them.
+    every token is in some row (the first of each later window predicted without its context);
+    ``"truncate"`` (the default for classification) drops them.
 
     Under ``torchrun`` every rank trains on its share of each global batch (see ``split_batches``)
     and rank 0 writes the files; ``fsdp="full_shard"`` (or ``"shard_grad_op"``) shards the model instead of
