@@ -229,19 +229,10 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
 HELD = ".overwritten-run"
 
 
-def remove_run(output_dir: str, names: list[str]) -> None:
-    for name in names:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
 def hold_run(output_dir: str, names: list[str]) -> str:
     """Moves an earlier run's ``names`` (``earlier_run``'s) into ``output_dir/.overwritten-run``, the same relative
-    paths there, and returns that folder: ``--overwrite-output-dir`` removes them only once the new run has trained
-    (``drop_held``), and a run that fails before it wrote anything puts them back (``restore_run``). They were
+    paths there, and returns that folder: ``--overwrite-output-dir`` removes them only once the new run has trained,
+    and a run that fails before a checkpoint of its own puts them back (``recover_held_run``). They were
     removed up front, and a setting that failed only when training started (a mistyped resume checkpoint, a
     logging folder that is a file) cost the earlier run (a probe). A holder a killed run left is removed first."""
     held = os.path.join(output_dir, HELD)
@@ -255,24 +246,26 @@ def hold_run(output_dir: str, names: list[str]) -> str:
     return held
 
 
-def recover_held_run(output_dir: str, logging_dir: str) -> None:
+def recover_held_run(output_dir: str, logging_dir: str) -> bool:
     """Puts back the earlier run that a killed ``--overwrite-output-dir`` run held (``.overwritten-run``) where the
     killed run left no checkpoint, ``final/`` or results of its own (a probe: killed by SIGTERM, it left the earlier
     run hidden, and ``--resume-from-checkpoint true`` found no checkpoint). The killed run's log, if any, is moved
-    into ``<logging_dir>/interrupted-run-<n>/`` first. Rank 0 only (under torchrun the others wait for it)."""
+    into ``<logging_dir>/interrupted-run-<n>/`` first. Whether it put one back. Rank 0's, or one process's (no other
+    rank may read the folder meanwhile)."""
     held = os.path.join(output_dir, HELD)
     if not os.path.isdir(held):
-        return
+        return False
     logs = ("train_log.jsonl", "events.out.tfevents.", "earlier-run-", "interrupted-run-")
     if any(n != HELD and not os.path.basename(n).startswith(logs) for n in earlier_run(output_dir, logging_dir)):
-        return  # (the killed run wrote a checkpoint: the earlier run stays held, said by the refusal or removed)
+        return False  # (the run wrote a checkpoint: the earlier run stays held, said by the refusal or removed)
     if inside_folder(logging_dir, output_dir):
         from llmcore.train.reporting import set_aside_earlier_logs
 
         set_aside_earlier_logs(logging_dir, "interrupted-run")
     restore_run(output_dir, held)
-    print(f"llmcore: put back the earlier run in {output_dir!r} that an interrupted --overwrite-output-dir run held "
-          f"in {HELD} (it trained no checkpoint)", file=sys.stderr)
+    print(f"llmcore: put back the earlier run in {output_dir!r} that an --overwrite-output-dir run held in {HELD} "
+          "(that run stopped before a checkpoint of its own)", file=sys.stderr)
+    return True
 
 
 def restore_run(output_dir: str, held: str) -> None:
@@ -649,16 +642,10 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         try:
             results = trainer.train()
         except BaseException:
-            if held is not None:  # (never removed here: the earlier run is kept, put back where nothing is in the way)
-                new = [n for n in earlier_run(output_dir, config.logging_dir)
-                       if n != HELD and not os.path.basename(n).startswith("events.out.tfevents.")]
-                if not new:
-                    restore_run(output_dir, held)
-                    print(f"llmcore: the run failed before it trained: the earlier run in {output_dir!r} is kept",
-                          file=sys.stderr)
-                else:
-                    print(f"llmcore: the run failed; the earlier run it replaced is kept in {held!r} (a later "
-                          "--overwrite-output-dir removes it)", file=sys.stderr)
+            # (never removed here: the earlier run is kept, put back where this run wrote no checkpoint)
+            if held is not None and not recover_held_run(output_dir, config.logging_dir):
+                print(f"llmcore: the run failed; the earlier run it replaced is kept in {held!r} (a later "
+                      "--overwrite-output-dir removes it)", file=sys.stderr)
             raise
         if held is not None:
             shutil.rmtree(held)
