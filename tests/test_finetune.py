@@ -776,6 +776,22 @@ def test_an_interrupted_overwrite_puts_the_earlier_run_back(tmp_path, capsys, mo
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "data" not in p.parts[-3:]}
     assert {p: b for p, b in after.items() if "interrupted-run-1" not in str(p)} == before
     assert (out / "logs" / "interrupted-run-1" / "train_log.jsonl").read_text().startswith('{"step": 1')
+    # (K9) killed twice: the second killed run's log went to interrupted-run-1 too (free in logs/ while the first
+    # one's was held) and was overwritten when the first came back; and an --overwrite-output-dir run that holds a
+    # killed run's holder (under torchrun nothing recovers it at the start) removed the earlier run with it
+    from llmcore.train.finetune import HELD, earlier_run
+
+    hold_run(str(out), earlier_run(str(out), str(out / "logs")))
+    (out / "logs" / "train_log.jsonl").write_text('{"step": 1, "loss": 0.9}\n')
+    held = hold_run(str(out), earlier_run(str(out), str(out / "logs")), str(out / "logs"))
+    assert (Path(held) / "checkpoint-1" / "model.safetensors").is_file()  # (put back, then held again)
+    for n, loss in ((1, 0.7), (2, 0.9)):
+        log = Path(held) / "logs" / f"interrupted-run-{n}" / "train_log.jsonl"
+        assert log.read_text().startswith(f'{{"step": 1, "loss": {loss}')
+    code, err = _finetune_err(capsys, data, out)
+    assert code == 2 and "put back the earlier run" in err and not (out / HELD).exists()
+    shutil.rmtree(out / "logs" / "interrupted-run-1")
+    shutil.rmtree(out / "logs" / "interrupted-run-2")
     # killed after a checkpoint of its own, then resumed: the held run is removed once the resumed run has trained;
     # resuming the held run's checkpoint with --overwrite-output-dir is refused (the holder was replaced, and the
     # new run's checkpoint of that name resumed instead)

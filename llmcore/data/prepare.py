@@ -160,7 +160,8 @@ class PreparedDataset:
         """Whether ``tokenizer`` (a Tokenizer, a model/tokenizer folder or a tokenizer.json path) is the one these
         splits were tokenized with: the same files, by fingerprint. A folder is also that tokenizer when the splits
         were made from its ``tokenizer.json`` alone or from its Tokenizer object (``prepare`` fingerprints the three
-        ways apart; a probe found the same tokenizer refused)."""
+        ways apart; a probe found the same tokenizer refused): the same ids, though the folder's config may name
+        another pad token than the bare file's (padded, not packed, splits then pad with the other id, masked)."""
         made = self.meta.get("tokenizer_fingerprint")
         tok, fingerprint = _tokenizer_and_fingerprint(tokenizer)
         if fingerprint == made:

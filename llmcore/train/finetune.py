@@ -229,13 +229,16 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
 HELD = ".overwritten-run"
 
 
-def hold_run(output_dir: str, names: list[str]) -> str:
+def hold_run(output_dir: str, names: list[str], logging_dir: Optional[str] = None) -> str:
     """Moves an earlier run's ``names`` (``earlier_run``'s) into ``output_dir/.overwritten-run``, the same relative
     paths there, and returns that folder: ``--overwrite-output-dir`` removes them only once the new run has trained,
     and a run that fails before a checkpoint of its own puts them back (``recover_held_run``). They were
     removed up front, and a setting that failed only when training started (a mistyped resume checkpoint, a
-    logging folder that is a file) cost the earlier run (a probe). A holder a killed run left is removed first."""
+    logging folder that is a file) cost the earlier run (a probe). A holder a killed run left is put back first
+    where that run wrote no checkpoint (``recover_held_run``: the earlier run is then held again), else removed."""
     held = os.path.join(output_dir, HELD)
+    if HELD in names and logging_dir is not None and recover_held_run(output_dir, logging_dir):
+        names = earlier_run(output_dir, logging_dir)  # (under torchrun the start of the run recovers nothing)
     if HELD in names:
         shutil.rmtree(held)
     for name in names:
@@ -261,7 +264,9 @@ def recover_held_run(output_dir: str, logging_dir: str) -> bool:
     if inside_folder(logging_dir, output_dir):
         from llmcore.train.reporting import set_aside_earlier_logs
 
-        set_aside_earlier_logs(logging_dir, "interrupted-run")
+        # (a name free in the held run's logs too: an earlier interrupted run's log there comes back beside it)
+        set_aside_earlier_logs(logging_dir, "interrupted-run",
+                               also_free_in=os.path.join(held, os.path.relpath(logging_dir, output_dir)))
     restore_run(output_dir, held)
     print(f"llmcore: put back the earlier run in {output_dir!r} that an --overwrite-output-dir run held in {HELD} "
           "(that run stopped before a checkpoint of its own)", file=sys.stderr)
@@ -269,18 +274,26 @@ def recover_held_run(output_dir: str, logging_dir: str) -> bool:
 
 
 def restore_run(output_dir: str, held: str) -> None:
-    """Moves what ``hold_run`` held back into ``output_dir`` (the new run wrote none of it) and removes ``held``."""
+    """Moves what ``hold_run`` held back into ``output_dir`` and removes ``held``; a file whose name the new run took
+    meanwhile is not overwritten: it stays in ``held`` (said), as does ``held`` then."""
+    left = []
     for root, dirs, files in os.walk(held, topdown=True):
         for name in list(dirs) + files:
             source = os.path.join(root, name)
             target = os.path.join(output_dir, os.path.relpath(source, held))
-            if name in dirs and os.path.exists(target):
+            if os.path.exists(target):
+                if name not in dirs:
+                    left.append(os.path.relpath(source, held))
                 continue  # (a folder both have, logs/: walked into)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(source, target)
             if name in dirs:
                 dirs.remove(name)
-    shutil.rmtree(held)
+    if left:
+        print(f"llmcore: {', '.join(left)} of the earlier run stay in {held!r}: the new run wrote files of those names",
+              file=sys.stderr)
+    else:
+        shutil.rmtree(held)
 
 
 def check_model_reads(net: torch.nn.Module, prepared, model: str) -> None:
@@ -638,7 +651,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         trainer = Trainer(net, config, train, eval_batches=evals.get("validation"))
         # overwrite_output_dir, once data, model and settings are known to be usable: the earlier run is held aside
         # until this one has trained, and put back if this one fails before it writes anything
-        held = hold_run(output_dir, earlier) if earlier and rank == 0 else None
+        held = hold_run(output_dir, earlier, config.logging_dir) if earlier and rank == 0 else None
         try:
             results = trainer.train()
         except BaseException:

@@ -28,19 +28,20 @@ def _tag(key: str) -> str:
     return f"train/{key}"
 
 
-def set_aside_earlier_logs(logging_dir: str, prefix: str = "earlier-run") -> Optional[str]:
+def set_aside_earlier_logs(logging_dir: str, prefix: str = "earlier-run", also_free_in: Optional[str] = None
+                           ) -> Optional[str]:
     """A new run's own logging folder that holds an earlier run's records (``train_log.jsonl``, TensorBoard event
     files: the Trainer run again into its output_dir) gets them moved into ``earlier-run-<n>/`` there, kept and
     apart, as transformers' runs/<date>_<host> folders keep each run's; the new run's log then holds its records
     only. Returns that folder, or None when there was nothing to move. ``prefix``: the folder's name before
-    ``-<n>``."""
+    ``-<n>``; ``also_free_in``: another folder where that name must be free too (files to be moved in later)."""
     if not os.path.isdir(logging_dir):
         return None
     names = [n for n in os.listdir(logging_dir) if n == "train_log.jsonl" or n.startswith("events.out.tfevents.")]
     if "train_log.jsonl" not in names:  # (event files alone may be a user's own writer's, open beside the run)
         return None
     n = 1
-    while os.path.exists(os.path.join(logging_dir, f"{prefix}-{n}")):
+    while any(os.path.exists(os.path.join(d, f"{prefix}-{n}")) for d in (logging_dir, also_free_in) if d):
         n += 1
     folder = os.path.join(logging_dir, f"{prefix}-{n}")
     os.makedirs(folder)
