@@ -832,3 +832,30 @@ def test_byte_order_mark_and_small_splits(tmp_path):
     (tmp_path / "two.csv").write_text("text,label\ngood,1\nbad,0\n")
     ds = prepare(tmp_path / "two.csv", MODEL, 16, tmp_path / "o2")
     assert list(ds.splits) == ["train"] and len(ds["train"]) == 2
+
+
+def test_file_reading_details_as_pandas_and_datasets(tmp_path):
+    """A data probe: a prose column with one null lost the text-column detection to a column of user names (missing
+    values are no evidence, as pandas and datasets take them); a quoted empty text in a one-column CSV ("", which
+    pandas writes for an empty string) was skipped as a blank line, and the test split lost its row; list and dict
+    labels became class names like "[0, 2]"; a one-row JSON Lines file named .json was refused."""
+    import pandas as pd
+
+    from llmcore.data import clean
+
+    rows = [{"comment_text": None if i == 2 else f"a film that was fine {i}", "user": f"user{i}", "label": i % 2}
+            for i in range(6)]
+    path = tmp_path / "c.jsonl"
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
+    assert clean.detect_columns(sources.read_file(str(path)), None, None, "c.jsonl")[0] == "comment_text"
+    one = tmp_path / "one.csv"
+    pd.DataFrame({"text": ["first", "", "third"]}).to_csv(one, index=False)
+    assert sources.read_file(str(one))["text"] == pd.read_csv(one, keep_default_na=False)["text"].tolist()
+    (tmp_path / "blank.csv").write_text("text\nfirst\n\n   \nthird\n")  # (blank lines still skipped, as pandas)
+    assert sources.read_file(str(tmp_path / "blank.csv"))["text"] == ["first", "third"]
+    for bad in ([[0, 2], [1]], [{"id": 0}, {"id": 1}]):
+        with pytest.raises(ValueError, match="a classifier takes one class id or name per row"):
+            clean.label_mapping(bad)
+    row = tmp_path / "row.json"
+    row.write_text('{"text": "only row", "label": 1}\n')
+    assert sources.read_file(str(row)) == {"text": ["only row"], "label": [1]}

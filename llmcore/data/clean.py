@@ -75,7 +75,9 @@ def detect_columns(columns: Dict[str, list], text_column: Optional[str], label_c
         if text_column is None:
             best, best_key = None, None
             for c in names:
-                vals = columns[c][:1000]
+                # missing values (None, NaN) are no evidence either way, as pandas and datasets take them: a prose
+                # column with one null lost to a column of names (a probe)
+                vals = [v for v in columns[c][:1000] if not (v is None or isinstance(v, float) and math.isnan(v))]
                 strs = [v for v in vals if isinstance(v, str)]
                 if vals and len(strs) == len(vals) and not all(_is_int(v) for v in strs):
                     # prose has spaces: ids, URLs and hashes do not, however long
@@ -151,6 +153,10 @@ def label_mapping(values: Sequence) -> Optional[List[str]]:
     else the sorted names, whose positions are the ids. Numbers that are not whole (regression targets) are an
     error: classifiers train on class ids or names."""
     present = [v for v in values if not _missing(v, ids=True)]
+    odd = next((v for v in present if not isinstance(v, (str, numbers.Real))), None)
+    if odd is not None:  # (a list or dict: multi-label or structured data, which became names like "[0, 2]")
+        raise ValueError(f"a label is a {type(odd).__name__} ({odd!r:.60}): a classifier takes one class id or name "
+                         "per row; multi-label and structured labels are not supported")
     if all(_class_id(v) is not None for v in present):
         return None
     odd = [v for v in present if _class_id(v) is None]

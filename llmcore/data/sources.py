@@ -33,8 +33,10 @@ class DataLoadError(RuntimeError):
 
 
 def _blank(row: list) -> bool:
-    """A line pandas and datasets skip: no fields, or one of whitespace only."""
-    return not row or (len(row) == 1 and not row[0].strip())
+    """A line pandas and datasets skip: no fields, or one of whitespace only. A quoted empty field (``""``, which
+    the csv module reads as one empty field, an empty line as none) is a row: an empty text, as pandas reads it
+    (a one-column file lost its empty texts' rows, a probe)."""
+    return not row or (len(row) == 1 and row[0] != "" and not row[0].strip())
 
 
 def _rows_to_table(header: List[str], rows, first_line: int = 2) -> Table:
@@ -195,6 +197,8 @@ def _read_file(path: str) -> Table:
             return {k: list(v) for k, v in obj.items()}
         elif isinstance(obj, dict) and isinstance(records, list):
             obj = records
+        elif isinstance(obj, dict) and obj and not any(isinstance(v, (dict, list)) for v in obj.values()):
+            obj = [obj]  # one record: a one-row JSON Lines file named .json (datasets' to_json of one row)
         if not isinstance(obj, list):
             raise ValueError(f"{path!r}: expected a list of records or a dict of columns")
         return _records_to_table(obj, path)
