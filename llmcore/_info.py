@@ -20,9 +20,12 @@ def _triton_available() -> bool:
 
 
 _ISAS = ("avx512", "avx2", "portable")
-_SWITCHES = ("LLMCORE_DISABLE_AMX", "LLMCORE_DISABLE_AVX512_BF16")
-# switches that are on unless set to "0" exactly (the row-sparse AdamW of embeddings, the bf16 weight copies)
-_OFF_SWITCHES = ("LLMCORE_LAZY_EMBEDDING", "LLMCORE_BF16_WEIGHTS")
+# switches read as "any value but '' or '0'" (the native module's), or "anything but '0'" (the row-sparse AdamW of
+# embeddings, the bf16 weight copies: on unless "0"), with what a "false" / "off" / "no" there does
+_SWITCHES = {"LLMCORE_DISABLE_AMX": "disables it: any value but '' or '0' does",
+             "LLMCORE_DISABLE_AVX512_BF16": "disables it: any value but '' or '0' does",
+             "LLMCORE_LAZY_EMBEDDING": "leaves it on: only '0' turns it off",
+             "LLMCORE_BF16_WEIGHTS": "leaves it on: only '0' turns it off"}
 
 
 def check_environment() -> None:
@@ -37,14 +40,10 @@ def check_environment() -> None:
     if isa is not None and isa not in _ISAS:
         warnings.warn(f"LLMCORE_CPU_ISA={isa!r} is not one of {', '.join(_ISAS)} (lower case, as written): it is "
                       f"ignored, and the CPU's best ISA runs ({_C.cpu_isa()})", stacklevel=3)
-    for name in _SWITCHES:
+    for name, effect in _SWITCHES.items():
         value = os.environ.get(name)
         if value and value != "0" and value.strip().lower() in ("false", "off", "no", "0"):
-            warnings.warn(f"{name}={value!r} disables it: any value but '' or '0' does", stacklevel=3)
-    for name in _OFF_SWITCHES:
-        value = os.environ.get(name)
-        if value and value != "0" and value.strip().lower() in ("false", "off", "no", "0"):
-            warnings.warn(f"{name}={value!r} leaves it on: only '0' turns it off", stacklevel=3)
+            warnings.warn(f"{name}={value!r} {effect}", stacklevel=3)
 
 
 def info() -> dict[str, Any]:

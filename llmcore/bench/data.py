@@ -17,7 +17,7 @@ def data_dir() -> str:
     candidates = [os.path.join(here, "..", "..", "..", "shared", "data"),
                   os.path.join(os.getcwd(), "..", "shared", "data")]
     for c in candidates:
-        if c and os.path.isdir(os.path.join(c, "sst2")):
+        if os.path.isdir(os.path.join(c, "sst2")):
             return os.path.abspath(c)
     raise FileNotFoundError("shared data not found: set LLMCORE_DATA_DIR to the folder holding sst2/ and imdb/")
 

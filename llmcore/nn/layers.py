@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from llmcore import ops
 from llmcore.ops._autograd import _functorch_active, no_double_backward
@@ -365,8 +366,6 @@ def hooks_see_layer_output(model: nn.Module, path: str, last: nn.Module) -> bool
     """Whether a hook of the user's sees what the first-token layer changes: a forward or backward hook on the last
     layer or any module in it (they would see (B, 1, H) rows), on a module between the classifier and the layer
     (its base model, encoder), or a global module hook."""
-    from torch.nn.modules import module as torch_module
-
     if any(map(_users_hook, (h for name in _GLOBAL_HOOK_DICTS for h in getattr(torch_module, name, {}).values()))):
         return True
     parts = path.split(".")
@@ -386,8 +385,6 @@ def plain_linear(lin: nn.Module) -> bool:
 def unwatched(m: nn.Module) -> bool:
     """Whether no hook watches ``m``'s calls: no forward or backward hook of its own, and no global module hook.
     Only then may a fused forward compute it without calling it (its hooks would not run)."""
-    from torch.nn.modules import module as torch_module
-
     return (not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
             and not any(getattr(torch_module, name, None) for name in _GLOBAL_HOOK_DICTS))
 

@@ -201,6 +201,11 @@ def _name_classes(net: torch.nn.Module, names: list) -> None:
         net.config.id2label = id2label
 
 
+# what a run's logging folder holds besides its train_log.jsonl: TensorBoard files, and logs set aside (by a Trainer
+# that does not continue the run, by recover_held_run)
+_SET_ASIDE_LOGS = ("events.out.tfevents.", "earlier-run-", "interrupted-run-")
+
+
 def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
     """What an earlier run left in ``output_dir`` (paths relative to it): its checkpoint folders (and the hidden
     ``.checkpoint-*.partial`` ones of an interrupted save), ``final/``, ``results.json``, the training log and
@@ -221,7 +226,7 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
             found.append(os.path.relpath(path, output_dir))
     if own_logs and os.path.isdir(logging_dir):  # (and the logs Trainer runs set aside: earlier-run-<n>/)
         found += sorted(os.path.relpath(os.path.join(logging_dir, n), output_dir) for n in os.listdir(logging_dir)
-                        if n.startswith(("events.out.tfevents.", "earlier-run-", "interrupted-run-")))
+                        if n.startswith(_SET_ASIDE_LOGS))
     return found
 
 
@@ -258,7 +263,7 @@ def recover_held_run(output_dir: str, logging_dir: str) -> bool:
     held = os.path.join(output_dir, HELD)
     if not os.path.isdir(held):
         return False
-    logs = ("train_log.jsonl", "events.out.tfevents.", "earlier-run-", "interrupted-run-")
+    logs = ("train_log.jsonl",) + _SET_ASIDE_LOGS
     if any(n != HELD and not os.path.basename(n).startswith(logs) for n in earlier_run(output_dir, logging_dir)):
         return False  # (the run wrote a checkpoint: the earlier run stays held, said by the refusal or removed)
     if inside_folder(logging_dir, output_dir):
