@@ -236,6 +236,10 @@ def test_numeric_labels_with_gaps_stay_class_ids(tmp_path):
     (tmp_path / "gaps.csv").write_text("text,label\n" + rows)
     ds = prepare(tmp_path / "gaps.csv", MODEL, 16, tmp_path / "o2", validation_fraction=0)
     assert ds.label_names is None and ds["train"].labels.tolist() == [2, 10, -1, 0, -1, -1, 1]
+    # exponent forms are numbers too (pandas reads "1e0" as 1.0): whole ones are class ids
+    (tmp_path / "exp.csv").write_text("text,label\nfilm a,1e0\nfilm b,0E0\nfilm c,2.5e1\n")
+    ds = prepare(tmp_path / "exp.csv", MODEL, 16, tmp_path / "o6", validation_fraction=0)
+    assert ds.label_names is None and ds["train"].labels.tolist() == [1, 0, 25]
     (tmp_path / "scores.csv").write_text("text,label\na fine film,3.5\na poor film,1\n")
     with pytest.raises(ValueError, match=r"not all whole \(e.g. '3.5'\).*regression targets are not supported"):
         prepare(tmp_path / "scores.csv", MODEL, 16, tmp_path / "o3")

@@ -136,7 +136,7 @@ def _missing(v, ids: bool) -> bool:
 
 def _class_id(v) -> Optional[int]:
     """The class id a label spells: an int, a whole float (pandas' int column with a gap) or such a string ("2",
-    "2.0"); None otherwise."""
+    "2.0", "2e0"); None otherwise."""
     if isinstance(v, bool):
         return None
     if isinstance(v, numbers.Integral):
@@ -145,6 +145,9 @@ def _class_id(v) -> Optional[int]:
         return int(v) if math.isfinite(v) and float(v).is_integer() else None
     if isinstance(v, str) and _WHOLE.fullmatch(v.strip()):
         return int(v.strip().split(".")[0])
+    if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):  # "1e0", as pandas reads such a column: whole floats
+        f = float(v)
+        return int(f) if math.isfinite(f) and f.is_integer() else None
     return None
 
 
