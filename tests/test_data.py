@@ -221,6 +221,40 @@ def test_parquet(tmp_path):
     assert ds.label_names == ["x", "y"] and ds["train"].labels.tolist() == [0, 1, 0]
 
 
+def test_save_to_disk_folders_read_as_datasets_loads_them(tmp_path):
+    """A folder datasets' save_to_disk wrote (a DatasetDict, or one Dataset) was refused ("holds no train.*
+    file", or its metadata named as unread split data): it is read through datasets.load_from_disk, splits renamed
+    as a Hub data set's (dev -> validation), ClassLabel names kept, a changed file a cache miss, and as --eval-data
+    refused by name."""
+    datasets = pytest.importorskip("datasets")
+    with open(os.path.join(data_dir(), "sst2", "train.tsv"), encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:121]
+    feats = datasets.Features({"sentence": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["negative", "positive"])})
+
+    def part(lo, hi):
+        return datasets.Dataset.from_dict({"sentence": [r[0] for r in rows[lo:hi]],
+                                           "label": [int(r[1]) for r in rows[lo:hi]]}, features=feats)
+    datasets.DatasetDict({"train": part(0, 80), "dev": part(80, 100), "test": part(100, 120)}).save_to_disk(
+        tmp_path / "dd")
+    ds = prepare(tmp_path / "dd", MODEL, 16, tmp_path / "o", validation_fraction=0)
+    theirs = datasets.load_from_disk(str(tmp_path / "dd"))
+    assert ds.label_names == ["negative", "positive"] and sorted(ds.meta["counts"]) == ["test", "train", "validation"]
+    for ours, split in [("train", "train"), ("validation", "dev"), ("test", "test")]:
+        assert ds[ours].labels.tolist() == theirs[split]["label"], ours
+        assert len(ds[ours]) == theirs[split].num_rows
+    assert prepare(tmp_path / "dd", MODEL, 16, tmp_path / "o", validation_fraction=0).cache_hit
+    part(0, 60).save_to_disk(tmp_path / "dd" / "train")  # (the train split rewritten: not the cache's)
+    again = prepare(tmp_path / "dd", MODEL, 16, tmp_path / "o", validation_fraction=0)
+    assert not again.cache_hit and len(again["train"]) == 60
+    part(0, 40).save_to_disk(tmp_path / "one")  # one Dataset: the train split
+    one = prepare(tmp_path / "one", MODEL, 16, tmp_path / "o2", validation_fraction=0)
+    assert list(one.meta["counts"]) == ["train"] and one["train"].labels.tolist() == [int(r[1]) for r in rows[:40]]
+    with pytest.raises(ValueError, match="is a datasets save_to_disk folder, which llmcore reads as --data"):
+        prepare(os.path.join(data_dir(), "sst2", "train.tsv"), MODEL, 16, tmp_path / "o3",
+                eval_data=tmp_path / "dd")
+
+
 def test_numeric_labels_with_gaps_stay_class_ids(tmp_path):
     """An int label column with a gap is float in parquet (pandas) and "2.0"/"NA" in CSV: every label was read as
     a class name sorted as text ('10.0' before '2.0': 2.0 became class 3, NA a class). Whole numbers are class ids
@@ -489,9 +523,9 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
         unread = sorted(os.path.normpath(f) for f in bad if os.path.splitext(f)[0] not in ("train", "test"))
         with pytest.raises(ValueError, match="holds split data llmcore does not read: " + re.escape(", ".join(unread))):
             prepare(tmp_path / name, MODEL, 16, tmp_path / "o2")
-    (tmp_path / "i").mkdir()
+    (tmp_path / "i").mkdir()  # (a save_to_disk folder's marker without its splits: datasets' error, named)
     (tmp_path / "i" / "dataset_dict.json").write_text('{"splits": ["train"]}')
-    with pytest.raises(FileNotFoundError, match="save_to_disk folder"):
+    with pytest.raises(ValueError, match="save_to_disk folder that datasets.load_from_disk could not read"):
         prepare(tmp_path / "i", MODEL, 16, tmp_path / "o2")
     (tmp_path / "j").mkdir()  # not split data: no keyword, or in a word, or not a data file
     for f in ["train.csv", "contest.csv", "sample_submission.csv", "test_notes.md", "README.md",

@@ -282,8 +282,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         if hub_config is not None:
             raise ValueError(f"hub_config (--data-config) {hub_config!r} names a configuration of a Hugging Face "
                              f"data set, but data {data!r} is a local file or folder")
-        files = sources.local_files(data)
-        source_fp = sources.fingerprint_files(files)
+        saved = os.path.isdir(data) and sources.saved_dataset(data)
+        files = None if saved else sources.local_files(data)
+        source_fp = sources.fingerprint_folder(data) if saved else sources.fingerprint_files(files)
     elif sources.looks_like_hub_name(data):
         files = None
         source_fp = ["hub", data, hub_config]
@@ -312,7 +313,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         tables = {split: sources.read_file(path) for split, path in files.items()}
         where = {split: repr(path) for split, path in files.items()}
     else:
-        tables = sources.load_hub(data, hub_config)
+        tables = sources.load_saved(data) if os.path.isdir(data) else sources.load_hub(data, hub_config)
         where = {split: f"{data!r} split {split!r}" for split in tables}
     if eval_path is not None:
         tables["validation"] = sources.read_file(eval_path)

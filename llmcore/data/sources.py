@@ -252,6 +252,9 @@ def local_files(path: str) -> Dict[str, str]:
     which datasets.load_dataset reads) is refused, naming those files: reading the rest would lose them silently."""
     if os.path.isfile(path):
         return {"train": path}
+    if os.path.isdir(path) and saved_dataset(path):
+        raise ValueError(f"{path!r} is a datasets save_to_disk folder, which llmcore reads as --data (all its splits), "
+                         "not as one file of a split")
     if os.path.isdir(path):
         found: Dict[str, str] = {}
         names = sorted(os.listdir(path))
@@ -277,10 +280,9 @@ def local_files(path: str) -> Dict[str, str]:
                              "split (datasets.load_dataset(...) then .to_parquet('train.parquet') does), or pass "
                              "the files you mean")
         if not found:
-            hint = (" (a datasets save_to_disk folder: write each split with datasets.load_from_disk(path)[split]"
-                    ".to_parquet(f'{split}.parquet'))" if "dataset_dict.json" in names else "")
             raise FileNotFoundError(f"folder {path!r} holds no train.*, validation.* or test.* file "
-                                    f"({', '.join(EXTENSIONS)}); found {names[:10]}{hint}")
+                                    f"({', '.join(EXTENSIONS)}) and is no datasets save_to_disk folder; found "
+                                    f"{names[:10]}")
         return found
     raise FileNotFoundError(path)
 
@@ -363,6 +365,35 @@ def load_hub(name: str, config: str = None) -> Dict[str, Table]:
         why = " (no network: only the local Hugging Face cache was searched)" if offline else ""
         raise DataLoadError(f"no file or folder {name!r} exists (from {os.getcwd()!r}), and the Hugging Face dataset "
                            f"of that name could not be loaded{why}: {type(e).__name__}: {e}") from e
+    return _tables(dd)
+
+
+def saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder ``datasets``' ``save_to_disk`` wrote: a DatasetDict's (``dataset_dict.json``) or
+    a Dataset's (``state.json`` and ``dataset_info.json``)."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or (
+        os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json")))
+
+
+def load_saved(path: str) -> Dict[str, Table]:
+    """A ``save_to_disk`` folder through ``datasets.load_from_disk``: a DatasetDict's splits (renamed as a Hub data
+    set's are), or a Dataset as the ``train`` split."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{path!r} is a datasets save_to_disk folder; reading it needs `pip install datasets`") \
+            from None
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as e:  # (a damaged or partial folder: datasets' errors name no folder)
+        raise ValueError(f"{path!r}: a datasets save_to_disk folder that datasets.load_from_disk could not read: "
+                         f"{type(e).__name__}: {e}") from None
+    return _tables(loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded})
+
+
+def _tables(dd) -> Dict[str, Table]:
+    """Split name -> table of a DatasetDict (or a dict of Datasets), ClassLabel names kept under
+    ``__label_names__``."""
     out: Dict[str, Table] = {}
     # a split is renamed (dev -> validation) unless the data set has one of that name too, which keeps it: a
     # renamed one overwrote it
@@ -384,3 +415,16 @@ def fingerprint_files(files: Dict[str, str]) -> list:
         st = os.stat(path)
         out.append([split, os.path.abspath(path), st.st_size, st.st_mtime_ns])
     return out
+
+
+def fingerprint_folder(path: str) -> list:
+    """``fingerprint_files`` of every file under folder ``path`` (a save_to_disk folder), each named by its split's
+    subfolder (``train`` for the files at the top)."""
+    files = {}
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(root, name), path)
+            files[rel] = os.path.join(root, name)
+    return [[rel.split(os.sep)[0] if os.sep in rel else "train", *entry[1:]]
+            for rel, entry in zip(sorted(files), fingerprint_files(files))]
