@@ -426,13 +426,15 @@ def test_text_column_detection_pairs_and_ids(tmp_path):
 
 def test_json_layouts_other_writers_make(tmp_path):
     """What other tools write is read as they would: JSON Lines named .json (datasets' to_json) failed with 'Extra
-    data'; pandas' default to_json ({column: {row: value}}) was refused; a Parquet file with a column twice and an
+    data'; pandas' default to_json ({column: {row: value}}) was refused, and its orient="index" read transposed (as
+    pandas' read_json reads it; datasets reads one row of structs); a Parquet file with a column twice and an
     empty .jsonl gave messages without the file or the problem (found by a probe)."""
     pd = pytest.importorskip("pandas")
     frame = pd.DataFrame({"text": ["a good film", "a bad film", "fine"], "label": [1, 0, 1]})
     frame.to_json(tmp_path / "lines.json", orient="records", lines=True)
     frame.to_json(tmp_path / "pandas.json")
-    for name in ("lines.json", "pandas.json"):
+    frame.to_json(tmp_path / "index.json", orient="index")  # ({row: {column: value}}: it was read transposed)
+    for name in ("lines.json", "pandas.json", "index.json"):
         table = sources.read_file(str(tmp_path / name))
         assert table == {"text": frame["text"].tolist(), "label": frame["label"].tolist()}, name
     (tmp_path / "empty.jsonl").write_text("\n")

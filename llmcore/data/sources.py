@@ -183,6 +183,8 @@ def _read_file(path: str) -> Table:
             return _records_to_table(_json_lines(path), path)  # JSON Lines named .json (datasets' to_json writes it)
         if isinstance(obj, dict) and {"columns", "data"} <= set(obj) <= {"columns", "index", "data"}:
             return _split_to_table(obj, path)  # pandas' to_json(orient="split")
+        if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()) and _index_oriented(obj):
+            return _records_to_table(list(obj.values()), path)  # pandas' to_json(orient="index"): {row: {column: v}}
         if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
             # pandas' to_json default: {column: {row index: value}}
             index = list(dict.fromkeys(k for column in obj.values() for k in column))
@@ -219,6 +221,14 @@ def _read_file(path: str) -> Table:
         with open(path, encoding="utf-8-sig") as f:
             return {"text": [line.rstrip("\n") for line in f]}
     raise ValueError(f"{path!r}: unsupported file type {ext!r}; expected one of {', '.join(EXTENSIONS)}")
+
+
+def _index_oriented(obj: dict) -> bool:
+    """Whether a dict of dicts is pandas' ``orient="index"`` (row index -> record: the outer keys whole numbers, the
+    inner ones not all), not its default ``orient="columns"`` (column -> {row index: value})."""
+    def whole(keys) -> bool:
+        return all(k.lstrip("-").isdigit() for k in keys)
+    return whole(obj) and not whole(k for v in obj.values() for k in v)
 
 
 def _json_lines(path: str) -> list:
