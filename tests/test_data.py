@@ -244,6 +244,10 @@ def test_save_to_disk_folders_read_as_datasets_loads_them(tmp_path):
         assert ds[ours].labels.tolist() == theirs[split]["label"], ours
         assert len(ds[ours]) == theirs[split].num_rows
     assert prepare(tmp_path / "dd", MODEL, 16, tmp_path / "o", validation_fraction=0).cache_hit
+    # (a probe) a run's output inside the folder (finetune --data dd --output-dir dd/run) changed the cache key
+    prepare(tmp_path / "dd", MODEL, 16, tmp_path / "dd" / "run" / "data", validation_fraction=0)
+    (tmp_path / "dd" / "train" / "notes.txt").write_text("seen")
+    assert prepare(tmp_path / "dd", MODEL, 16, tmp_path / "dd" / "run" / "data", validation_fraction=0).cache_hit
     part(0, 60).save_to_disk(tmp_path / "dd" / "train")  # (the train split rewritten: not the cache's)
     again = prepare(tmp_path / "dd", MODEL, 16, tmp_path / "o", validation_fraction=0)
     assert not again.cache_hit and len(again["train"]) == 60
@@ -253,6 +257,15 @@ def test_save_to_disk_folders_read_as_datasets_loads_them(tmp_path):
     with pytest.raises(ValueError, match="is a datasets save_to_disk folder, which llmcore reads as --data"):
         prepare(os.path.join(data_dir(), "sst2", "train.tsv"), MODEL, 16, tmp_path / "o3",
                 eval_data=tmp_path / "dd")
+
+
+def test_prepare_keeps_a_meta_json_it_did_not_write(tmp_path):
+    """A probe: an output folder holding a data set's own meta.json had it replaced by prepare's; it is refused."""
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "meta.json").write_text('{"description": "my notes"}')
+    with pytest.raises(ValueError, match="holds a meta.json prepare did not write"):
+        prepare(os.path.join(data_dir(), "sst2", "test.tsv"), MODEL, 16, tmp_path / "o")
+    assert json.loads((tmp_path / "o" / "meta.json").read_text()) == {"description": "my notes"}
 
 
 def test_numeric_labels_with_gaps_stay_class_ids(tmp_path):

@@ -233,6 +233,10 @@ def test_finetune_bad_input_names_the_problem(tmp_path, capsys, monkeypatch):
     code, err = _finetune_err(capsys, prepared, tmp_path / "o5", "--tokenizer", str(vocab))
     assert code == 2 and "ids up to 30522" in err and "vocab_size 30522" in err
 
+    # (a probe) a raw folder with a meta.json of its own was taken for a damaged prepared folder
+    data = _csv_dir(tmp_path, "described", train=rows, validation=rows[:2])
+    (data / "meta.json").write_text('{"description": "reviews", "license": "cc-by"}')
+    assert _finetune_err(capsys, data, tmp_path / "o7", "--eval-strategy", "no")[0] == 0
     (tmp_path / "a_file").write_text("")
     code, err = _finetune_err(capsys, _csv_dir(tmp_path, "ok", train=rows, validation=rows[:2]), tmp_path / "a_file")
     assert code == 2 and "--output-dir" in err and "a_file' is a file, not a folder" in err

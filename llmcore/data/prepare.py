@@ -235,6 +235,19 @@ def _read_meta(output_dir: str) -> Optional[dict]:
         return None
 
 
+def holds_prepared(directory: str) -> bool:
+    """Whether ``directory`` holds prepare's result: its meta.json, not a data set's own one (JSON without prepare's
+    ``cache_key``). A meta.json that is not JSON counts as a damaged result (``PreparedDataset.load`` says so)."""
+    if not os.path.isfile(os.path.join(directory, "meta.json")):
+        return False
+    try:
+        with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return True
+    return isinstance(meta, dict) and "cache_key" in meta
+
+
 def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_dir: Union[str, os.PathLike],
             *, eval_data: Union[str, os.PathLike, None] = None, text_column: Optional[str] = None,
             label_column: Optional[str] = None, pack: bool = True,
@@ -284,7 +297,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
                              f"data set, but data {data!r} is a local file or folder")
         saved = os.path.isdir(data) and sources.saved_dataset(data)
         files = None if saved else sources.local_files(data)
-        source_fp = sources.fingerprint_folder(data) if saved else sources.fingerprint_files(files)
+        source_fp = sources.fingerprint_saved(data) if saved else sources.fingerprint_files(files)
     elif sources.looks_like_hub_name(data):
         files = None
         source_fp = ["hub", data, hub_config]
@@ -299,6 +312,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     key_src = json.dumps([FORMAT_VERSION, source_fp, tok_fp, dataclasses.asdict(opts)], sort_keys=True)
     key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
 
+    if os.path.isfile(os.path.join(output_dir, "meta.json")) and not holds_prepared(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} holds a meta.json prepare did not write, which its result "
+                         "would replace: choose another output_dir")
     old = _read_meta(output_dir)
     if not force and old is not None and old.get("cache_key") == key and _whole(output_dir, old):
         # (a staging folder a killed run left: its arrays are not the cache's)

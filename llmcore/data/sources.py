@@ -427,14 +427,21 @@ def fingerprint_files(files: Dict[str, str]) -> list:
     return out
 
 
-def fingerprint_folder(path: str) -> list:
-    """``fingerprint_files`` of every file under folder ``path`` (a save_to_disk folder), each named by its split's
-    subfolder (``train`` for the files at the top)."""
+def fingerprint_saved(path: str) -> list:
+    """``fingerprint_files`` of the files ``save_to_disk`` wrote in folder ``path``: its metadata and Arrow shards,
+    at the top (a Dataset, or dataset_dict.json) and in the split folders (anything else there, a run's output
+    folder inside it, is no part of the data set), each named by its split (``train`` for those at the top)."""
+    def written(name: str) -> bool:
+        return name in ("dataset_dict.json", "state.json", "dataset_info.json") or (
+            name.startswith("data-") and name.endswith(".arrow"))
+
     files = {}
-    for root, dirs, names in os.walk(path):
-        dirs.sort()
-        for name in sorted(names):
-            rel = os.path.relpath(os.path.join(root, name), path)
-            files[rel] = os.path.join(root, name)
+    for split in [""] + sorted(os.listdir(path)):
+        folder = os.path.join(path, split)
+        if split and not (os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "state.json"))):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if written(name) and os.path.isfile(os.path.join(folder, name)):
+                files[os.path.join(split, name)] = os.path.join(folder, name)
     return [[rel.split(os.sep)[0] if os.sep in rel else "train", *entry[1:]]
             for rel, entry in zip(sorted(files), fingerprint_files(files))]

@@ -546,6 +546,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     import torch.distributed as dist
 
     from llmcore.data import PreparedDataset, prepare
+    from llmcore.data.prepare import holds_prepared
     from llmcore.models.loading import checkpoint_dir, is_transformers_model
     from llmcore.train.checkpoint import seed_everything
 
@@ -582,7 +583,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     if dev.type == "cpu":
         retain_freed_memory()  # per-step buffers reuse warm pages (see its docstring)
     try:
-        if os.path.isfile(os.path.join(data, "meta.json")):
+        if holds_prepared(data):  # (a raw folder's own meta.json is data's metadata: read as raw)
             prepared = PreparedDataset.load(data)
             _check_sources_unchanged(data, prepared)
             _check_prepared_options(data, prepared, eval_data,
