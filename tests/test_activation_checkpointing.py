@@ -16,7 +16,8 @@ from llmcore.train import TrainConfig, Trainer
 def _decoder(family="llama", dropout=0.1, layers=3):
     torch.manual_seed(0)
     return DecoderForCausalLM(DecoderConfig(
-        family=family, vocab_size=60, hidden_size=32, num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8,
+        family=family, vocab_size=60, hidden_size=32, num_layers=layers, num_heads=4,
+        num_kv_heads=4 if family == "gpt2" else 2, head_dim=8,  # (GPT-2 has no GQA)
         intermediate_size=48, max_position_embeddings=32, dropout=dropout,
         attention_dropout=dropout))
 

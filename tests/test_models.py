@@ -592,6 +592,57 @@ def test_models_built_from_dataclasses_save_and_reload(family, tmp_path):
         torch.testing.assert_close(theirs(input_ids=ids).logits, model(ids).logits, atol=ATOL, rtol=0)
 
 
+def test_configs_transformers_would_read_as_another_model_are_refused(tmp_path):
+    """A probe: dataclass-built models saved fields they did not compute, and transformers reloaded another model
+    (a Mistral with attention biases: 1.89 off; a Llama with hidden_act gelu on a SwiGLU MLP: 0.43 off; a GPT-2 with
+    GQA: not loadable; a default distilbert config built a token-type table, added to every token, that
+    save_pretrained then failed on). Read from a config.json as transformers reads it: a Mistral's attention_bias is
+    ignored (its checkpoint was refused for missing biases), a Mistral without sliding_window slides at 4096; sizes
+    of 0 (a ZeroDivisionError) and a rope_theta of 0 (taken as 10000) and num_labels 0 (the config's) are refused."""
+    from llmcore.models import DecoderConfig
+
+    for kwargs, message in [(dict(family="mistral", attention_bias=True), "Mistral has no attention biases"),
+                            (dict(family="llama", hidden_act="gelu"), "MLP is SwiGLU"),
+                            (dict(family="gpt2", num_kv_heads=16), "GPT-2 has num_kv_heads == num_heads"),
+                            (dict(family="llama", num_heads=0), "num_heads must be a positive integer"),
+                            (dict(family="llama", rope_theta=0.0), "rope_theta must be positive")]:
+        with pytest.raises(ValueError, match=message):
+            DecoderConfig(**kwargs)
+    assert EncoderConfig(family="distilbert").type_vocab_size == 0 and EncoderConfig().type_vocab_size == 2
+    with pytest.raises(ValueError, match="distilbert has no token types and layer_norm_eps 1e-12"):
+        EncoderConfig(family="distilbert", layer_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = EncoderForSequenceClassification(EncoderConfig(family="distilbert", vocab_size=60, hidden_size=32,
+                                                           num_layers=1, num_heads=4, intermediate_size=48)).eval()
+    model.save_pretrained(tmp_path / "distilbert")
+    ids = torch.randint(1, 60, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "distilbert").eval()(input_ids=ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+    mistral = transformers.MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    ours, ref, folder = causal_lm_pair(mistral, tmp_path / "mistral")
+    assert json.loads((folder / "config.json").read_text())["attention_bias"] is True
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, ref.eval()(input_ids=ids).logits, atol=ATOL, rtol=0)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["sliding_window"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert from_pretrained(folder, task="causal-lm").config.sliding_window == \
+        transformers.AutoConfig.from_pretrained(folder).sliding_window == 4096
+    for key, value, message in [("num_attention_heads", 0, "num_attention_heads must be a positive integer"),
+                                ("rope_parameters", {**cfg["rope_parameters"], "rope_theta": 0},
+                                 "rope_theta must be positive")]:
+        (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match=message):
+            from_pretrained(folder, task="causal-lm")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="num_labels must be a positive integer"):
+            from_pretrained(minilm_dir(), num_labels=bad)
+
+
 @pytest.mark.parametrize("bias", [(True, True, True), (True, False, True), (False, False, False)])
 def test_fused_projection_under_autocast_is_exact(bias):
     """The q/k/v projections run as one GEMM on the concatenated weights; under bf16 autocast the

@@ -34,6 +34,14 @@ def _gelu(hf: dict, key: str, default: str, family: str) -> str:
     return act
 
 
+def _positive(**values) -> None:
+    """ValueError naming the first size that is not a positive int (a config.json's 0 became a ZeroDivisionError or
+    a torch error far from the field)."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
 def _refuse(hf: dict, family: str, **supported) -> None:
     """UnsupportedModelError naming the first config field whose value changes what llmcore computes."""
     for key, value in supported.items():
@@ -60,7 +68,7 @@ class EncoderConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     max_position_embeddings: int = 512
-    type_vocab_size: int = 2
+    type_vocab_size: Optional[int] = None  # the family's: 2, none (0) for distilbert
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -77,12 +85,28 @@ class EncoderConfig:
     # names num_labels classes, else LABEL_<i>)
     id2label: Optional[dict] = None
 
+    def __post_init__(self):
+        if self.type_vocab_size is None:
+            self.type_vocab_size = 0 if self.family == "distilbert" else 2
+        _positive(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                  num_heads=self.num_heads, intermediate_size=self.intermediate_size, num_labels=self.num_labels)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        # DistilBERT has no token types, and transformers' fixes its LayerNorm eps: a model with either could not
+        # be saved as one (its token-type table was added to every token, and save_pretrained failed on it)
+        if self.family == "distilbert" and (self.type_vocab_size or self.layer_norm_eps != 1e-12):
+            raise ValueError(f"distilbert has no token types and layer_norm_eps 1e-12 (transformers' DistilBERT "
+                             f"fixes both); got type_vocab_size={self.type_vocab_size}, "
+                             f"layer_norm_eps={self.layer_norm_eps}")
+
     @classmethod
     def from_hf(cls, hf: dict, num_labels: Optional[int] = None) -> "EncoderConfig":
         family = _family(hf)
         if family not in ENCODER_FAMILIES:
             raise TaskMismatchError(f"{family!r} is a decoder; sequence classification takes "
                                     f"{', '.join(ENCODER_FAMILIES)}")
+        if num_labels is not None:
+            _positive(num_labels=num_labels)  # (0 fell back to the config's count)
         labels = num_labels or hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
         problem = hf.get("problem_type")
         if problem not in (None, "regression", "single_label_classification", "multi_label_classification"):
@@ -169,8 +193,25 @@ class DecoderConfig:
     embedding_dropout: Optional[float] = None
 
     def __post_init__(self):
+        _positive(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                  num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                  intermediate_size=self.intermediate_size)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.family != "gpt2" and not self.rope_theta > 0:  # (GPT-2 has no RoPE: its 0)
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
         if self.hidden_act is None:
             self.hidden_act = "gelu_new" if self.family == "gpt2" else "silu"
+        # what transformers' classes of the family compute, or a model saved with other values would load there as
+        # another model (the fields were written to config.json but not computed)
+        if self.family != "gpt2" and self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r}: llmcore's {self.family} MLP is SwiGLU (silu)")
+        if self.family == "gpt2" and (self.num_kv_heads != self.num_heads
+                                      or self.head_dim * self.num_heads != self.hidden_size):
+            raise ValueError(f"GPT-2 has num_kv_heads == num_heads and head_dim * num_heads == hidden_size (got "
+                             f"{self.num_kv_heads}, {self.num_heads}, {self.head_dim}, {self.hidden_size})")
+        if self.family == "mistral" and self.attention_bias:
+            raise ValueError("attention_bias=True: transformers' Mistral has no attention biases")
         if self.attention_bias is None:
             self.attention_bias = self.family in ("gpt2", "qwen2")
         elif self.family in ("gpt2", "qwen2") and not self.attention_bias:
@@ -195,8 +236,9 @@ class DecoderConfig:
         if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise UnsupportedModelError(f"rope scaling {rope!r} is not supported (only the default RoPE)")
         # transformers 5's order: the rope section's theta, then the top level's
-        theta = (rope or {}).get("rope_theta") or hf.get("rope_theta") or 10000.0
+        theta = next((t for t in ((rope or {}).get("rope_theta"), hf.get("rope_theta")) if t is not None), 10000.0)
         heads = hf["num_attention_heads"]
+        _positive(num_attention_heads=heads)
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported for {family}")
         _refuse(hf, family, mlp_bias=False)
@@ -204,7 +246,9 @@ class DecoderConfig:
                    hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hf["hidden_size"] // heads,
                    hf["intermediate_size"], hf.get("max_position_embeddings", 4096), hf.get("rms_norm_eps", 1e-6),
                    float(theta), hf.get("tie_word_embeddings", False),
-                   hf.get("attention_bias", family == "qwen2"), "silu", 0.0, hf.get("attention_dropout", 0.0),
+                   # (transformers' Mistral has no biases whatever its config says; Qwen2's are always there)
+                   False if family == "mistral" else hf.get("attention_bias", family == "qwen2"), "silu", 0.0,
+                   hf.get("attention_dropout", 0.0),
                    _sliding_window(hf, family), hf.get("initializer_range", 0.02), dict(hf))
 
     def to_hf(self) -> dict:
@@ -249,7 +293,9 @@ def _sliding_window(hf: dict, family: str) -> Optional[int]:
     before it, Qwen's ``max_window_layers``: layers from that index on slide) may leave every layer full. Where only
     some layers slide, the window counts for all (llmcore then refuses longer sequences rather than miscompute)."""
     # (use_sliding_window is Qwen's switch; transformers' Mistral slides whenever sliding_window is set)
-    window = hf.get("sliding_window") if family == "mistral" or hf.get("use_sliding_window", False) else None
+    # (a Mistral config.json without the key: transformers' default window, 4096)
+    window = (hf.get("sliding_window", 4096) if family == "mistral"
+              else hf.get("sliding_window") if hf.get("use_sliding_window", False) else None)
     if window is None:
         return None
     types = hf.get("layer_types")
