@@ -259,6 +259,34 @@ def test_save_to_disk_folders_read_as_datasets_loads_them(tmp_path):
                 eval_data=tmp_path / "dd")
 
 
+def test_class_names_datasets_keeps_and_readme_configs(tmp_path):
+    """Probes: datasets' to_parquet keeps ClassLabel names in the file's metadata, which datasets reads back and
+    llmcore dropped (no id2label names); an --eval-data file naming the classes of ClassLabel data was refused ("not
+    a class id"); a folder whose README.md declares configs (the files of each split) was read by file names,
+    which lost and moved rows silently."""
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = {"text": [f"film number {i} was {'good' if i % 2 else 'bad'}" for i in range(12)],
+            "label": [i % 2 for i in range(12)]}
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    theirs = datasets.load_dataset(str(tmp_path / "pq"))["train"].features["label"].names
+    ds = prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o", validation_fraction=0)
+    assert ds.label_names == theirs == ["neg", "pos"] and ds["train"].labels.tolist() == rows["label"]
+    (tmp_path / "eval.csv").write_text("text,label\na good film,pos\na bad film,neg\n")
+    ds = prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o2", eval_data=tmp_path / "eval.csv")
+    assert ds["validation"].labels.tolist() == [1, 0]
+    (tmp_path / "eval2.csv").write_text("text,label\na good film,positive\n")
+    with pytest.raises(ValueError, match=r"label 'positive' \(data row 1\) is none of the class names"):
+        prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o3", eval_data=tmp_path / "eval2.csv")
+    (tmp_path / "pq" / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                              "  - split: train\n    path: train.parquet\n---\n# cards\n")
+    with pytest.raises(ValueError, match="its README.md declares configs"):
+        prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o4")
+    (tmp_path / "pq" / "README.md").write_text("---\nlicense: mit\n---\nconfigs: in the text is no front matter\n")
+    assert prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o5").label_names == ["neg", "pos"]
+
+
 def test_prepare_keeps_a_meta_json_it_did_not_write(tmp_path):
     """A probe: an output folder holding a data set's own meta.json had it replaced by prepare's; it is refused."""
     (tmp_path / "o").mkdir()

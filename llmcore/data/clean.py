@@ -190,6 +190,10 @@ def label_ids(values: Sequence, names: Optional[List[str]], where: str = "the da
                                  f"0, 1, ... (at most {MAX_LABEL}), or -1 / empty for none")
         return ids
     index = {n: i for i, n in enumerate(names)}
+    unknown = next((row for row, v in enumerate(values) if not _unlabelled(v) and str(v) not in index), None)
+    if unknown is not None:
+        raise ValueError(f"{where}: label {values[unknown]!r} (data row {unknown + 1}) is none of the class names "
+                         f"{names}")
     return [-1 if _unlabelled(v) else index[str(v)] for v in values]
 
 

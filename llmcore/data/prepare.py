@@ -377,7 +377,11 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             keep, dropped = list(range(len(texts))), {}
         labels = None
         if lc is not None:
-            lab = clean.label_ids(table[lc], label_names if string_labels else None, where[split])
+            names = label_names if string_labels else None
+            if hub_names is not None and not (table.get("__label_names__") or {}).get(lc) \
+                    and clean.label_mapping(table[lc]) is not None:
+                names = hub_names  # (a file beside ClassLabel data, e.g. --eval-data, naming the classes)
+            lab = clean.label_ids(table[lc], names, where[split])
             labels = [lab[i] for i in keep]
         result[split] = {"texts": [texts[i] for i in keep], "labels": labels}
         counts[split] = {"rows": len(raw), "kept": len(keep), "dropped": dropped}

@@ -210,13 +210,19 @@ def _read_file(path: str) -> Table:
         except ImportError:
             raise ImportError(f"reading {path!r} needs pyarrow: pip install pyarrow") from None
         try:
-            names = pq.read_schema(path).names
+            schema = pq.read_schema(path)
+            names = schema.names
             twice = sorted({n for n in names if names.count(n) > 1})
             if not twice:
-                return pq.read_table(path).to_pydict()
+                table = pq.read_table(path).to_pydict()
         except Exception as e:  # (pyarrow's errors -- a damaged file -- name no file)
             raise ValueError(f"{path!r}: not a readable Parquet table ({e})") from None
-        raise ValueError(f"{path!r}: column(s) {twice} appear more than once")
+        if twice:
+            raise ValueError(f"{path!r}: column(s) {twice} appear more than once")
+        label_names = _class_label_names(schema.metadata or {})
+        if label_names:  # (datasets' to_parquet keeps them: its load_dataset reads them back, as the Hub's)
+            table["__label_names__"] = label_names
+        return table
     if ext == ".txt":
         with open(path, encoding="utf-8-sig") as f:
             return {"text": [line.rstrip("\n") for line in f]}
@@ -229,6 +235,17 @@ def _index_oriented(obj: dict) -> bool:
     def whole(keys) -> bool:
         return all(k.lstrip("-").isdigit() for k in keys)
     return whole(obj) and not whole(k for v in obj.values() for k in v)
+
+
+def _class_label_names(metadata: dict) -> Dict[str, list]:
+    """Column -> class names of the ClassLabel features in a Parquet schema's ``huggingface`` metadata (which
+    datasets writes); none where it is missing or not as datasets writes it."""
+    try:
+        features = json.loads(metadata[b"huggingface"])["info"]["features"]
+        return {col: list(f["names"]) for col, f in features.items()
+                if isinstance(f, dict) and f.get("_type") == "ClassLabel" and isinstance(f.get("names"), list)}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
 
 
 def _json_lines(path: str) -> list:
@@ -266,6 +283,11 @@ def local_files(path: str) -> Dict[str, str]:
         raise ValueError(f"{path!r} is a datasets save_to_disk folder, which llmcore reads as --data (all its splits), "
                          "not as one file of a split")
     if os.path.isdir(path):
+        if _readme_configs(path):
+            raise ValueError(f"folder {path!r}: its README.md declares configs (datasets.load_dataset reads the files "
+                             "and splits its data_files list); llmcore reads a folder by its file names only, which "
+                             "could differ: pass the files you mean, or write one file per split (train.*, "
+                             "validation.*, test.*) into a folder without that README")
         found: Dict[str, str] = {}
         names = sorted(os.listdir(path))
         for name in names:
@@ -295,6 +317,21 @@ def local_files(path: str) -> Dict[str, str]:
                                     f"{names[:10]}")
         return found
     raise FileNotFoundError(path)
+
+
+def _readme_configs(path: str) -> bool:
+    """Whether folder ``path``'s README.md has YAML front matter with a top-level ``configs:`` key (a Hub data
+    set card's, which tells datasets which files make which split)."""
+    try:
+        with open(os.path.join(path, "README.md"), encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return False
+    if not text.startswith("---"):
+        return False
+    end = text.find("\n---", 3)
+    front = text[3:end] if end >= 0 else ""
+    return re.search(r"^configs\s*:", front, re.MULTILINE) is not None
 
 
 def _base_extension(name: str) -> str:
