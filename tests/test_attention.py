@@ -76,6 +76,22 @@ def test_sdpa_float16_and_custom_scale():
     check_sdpa((2, 2, 65, 64), (2, 2, 65, 64), torch.float16, scale=0.3)
 
 
+def test_numpy_and_tensor_scalars_as_torch_takes_them():
+    """A probe: scale=np.float32(0.5), a 0-d tensor scale, dropout_p=np.float32(0) and NumPy max_seqlen were refused
+    ("must be a finite number") where torch's SDPA takes them."""
+    np = pytest.importorskip("numpy")
+    q = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+    want = F.scaled_dot_product_attention(q, q, q, scale=0.5)
+    for scale, p in ((np.float32(0.5), 0.0), (torch.tensor(0.5), np.float32(0.0)), (0.5, np.float64(0.0))):
+        torch.testing.assert_close(llmcore.ops.scaled_dot_product_attention(q, q, q, scale=scale, dropout_p=p), want)
+    flat, cu = q[0].transpose(0, 1).contiguous(), torch.tensor([0, 5], dtype=torch.int32)
+    got = llmcore.ops.varlen_attention(flat, flat, flat, cu, cu, np.int64(5), np.int32(5), scale=0.5)
+    torch.testing.assert_close(got, want[0].transpose(0, 1))
+    for bad in ("0.5", float("nan"), torch.tensor([0.5])):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            llmcore.ops.scaled_dot_product_attention(q, q, q, scale=bad)
+
+
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 3), (4, 1)])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_sdpa_gqa(hq, hkv, is_causal):

@@ -417,6 +417,21 @@ def test_torch_func_transforms_are_refused_clearly():
     got = torch.func.grad(lambda p: torch.func.functional_call(emb, p, (ids,)).pow(2).sum())({"weight": weight})
     want = torch.func.grad(lambda w: F.embedding(ids, w).pow(2).sum())(weight)
     torch.testing.assert_close(got["weight"], want)
+    # (a probe) linear_cross_entropy failed with torch's setup_context message, its backend='torch' too, which the
+    # refusal names as the way: that backend now runs the plain composite under the transforms
+    from llmcore.ops import linear_cross_entropy
+
+    h, lm, bias = torch.randn(6, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64), torch.randn(11,
+                                                                                                     dtype=torch.float64)
+    y = torch.tensor([1, 2, -100, 4, 5, 10])
+    for reduction in ("mean", "sum", "none"):
+        got = torch.func.grad(lambda m: linear_cross_entropy(h, m, y, bias, reduction=reduction, label_smoothing=0.1,
+                                                             backend="torch").sum())(lm)
+        want = torch.func.grad(lambda m: F.cross_entropy(F.linear(h, m, bias), y, reduction=reduction,
+                                                         label_smoothing=0.1).sum())(lm)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="torch.func transforms .* are not supported.*backend='torch'"):
+        torch.func.grad(lambda m: linear_cross_entropy(h, m, y))(lm)
 
 
 def test_first_derivatives_under_create_graph_and_checkpointing_and_no_kept_hidden():

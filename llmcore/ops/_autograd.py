@@ -101,11 +101,22 @@ def _run_op(op, eager: type[torch.autograd.Function], *args):
         return eager.impl(*args)
     except RuntimeError as e:  # (only on the error path: a functorch wrapper has no storage for the kernels to read,
         # and under torch.func.grad an autograd.Function without setup_context is refused by torch)
-        if _functorch_active() or any(isinstance(a, Tensor) and _functorch_wrapped(a) for a in args):
-            raise RuntimeError("llmcore's kernels take plain tensors: torch.func transforms (vmap, grad, jacrev, "
-                               "...) are not supported; under them use plain PyTorch (the ops' backend='reference', "
-                               "linear_cross_entropy's backend='torch', or torch's own functions)") from e
+        if functorch_in_use(*args):
+            raise RuntimeError(FUNCTORCH_REFUSAL) from e
         raise
+
+
+# (the ways that work: attention, the norms and rotary take backend='reference', linear_cross_entropy
+# backend='torch'; the activations have *_reference twins; dropout is F.dropout)
+FUNCTORCH_REFUSAL = ("llmcore's kernels take plain tensors: torch.func transforms (vmap, grad, jacrev, ...) are not "
+                     "supported; under them use plain PyTorch: backend='reference' (attention, the norms, rotary), "
+                     "linear_cross_entropy's backend='torch', bias_gelu_reference / swiglu_reference, or torch's "
+                     "own functions (F.dropout)")
+
+
+def functorch_in_use(*args) -> bool:
+    """Whether a torch.func transform is running or any of ``args`` is one's wrapped tensor."""
+    return _functorch_active() or any(isinstance(a, Tensor) and _functorch_wrapped(a) for a in args)
 
 
 def _functorch_active() -> bool:

@@ -14,6 +14,7 @@ logsumexp is -inf.
 from __future__ import annotations
 
 import math
+import numbers
 from functools import partial
 from typing import Optional
 
@@ -285,7 +286,16 @@ def autocast_cast(device_type: str, *tensors):
                  for t in tensors)
 
 
-def _check_common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: Optional[float]) -> None:
+def _real(x):
+    """``x`` as a Python float where it is a real number as torch's SDPA takes one (a NumPy scalar, a 0-d tensor);
+    else ``x`` itself, for the caller's check to name."""
+    if isinstance(x, Tensor) and x.dim() == 0 and x.is_floating_point():
+        return float(x)
+    return float(x) if isinstance(x, numbers.Real) else x
+
+
+def _check_common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: Optional[float]) -> tuple:
+    """Checks what both attention entry points take; returns (dropout_p, scale) as Python floats."""
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} dtype {t.dtype} does not match query dtype {q.dtype}")
@@ -295,10 +305,13 @@ def _check_common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: Opti
         raise ValueError(f"key head dim {k.size(-1)} does not match query head dim {q.size(-1)}")
     if q.size(-1) == 0:
         raise ValueError("query and key have head dim 0: the scores need at least one")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p <= 1.0):
+    dropout_p = _real(dropout_p)
+    if not (isinstance(dropout_p, float) and 0.0 <= dropout_p <= 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    scale = None if scale is None else _real(scale)
+    if scale is not None and not (isinstance(scale, float) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return dropout_p, scale
 
 
 def _draw_rng(dropout_p: float, device) -> Optional[Tensor]:
@@ -341,7 +354,7 @@ def scaled_dot_product_attention(
     _check_tensor("value", value, 2)
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
-    _check_common(query, key, value, dropout_p, scale)
+    dropout_p, scale = _check_common(query, key, value, dropout_p, scale)
     if key.size(-2) != value.size(-2):
         raise ValueError(f"key has {key.size(-2)} positions but value has {value.size(-2)}")
     nd = query.dim()
@@ -452,7 +465,7 @@ def varlen_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be (total, heads, head_dim), got shape {tuple(t.shape)}")
-    _check_common(q, k, v, dropout_p, scale)
+    dropout_p, scale = _check_common(q, k, v, dropout_p, scale)
     if k.size(0) != v.size(0) or k.size(1) != v.size(1):
         raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must agree in tokens and heads")
     if q.size(1) != k.size(1) and (k.size(1) == 0 or q.size(1) % k.size(1) != 0):
@@ -467,8 +480,9 @@ def varlen_attention(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has {cu_seqlens_k.numel()}")
     for name, mx in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(mx, int) or mx < 0:
+        if not isinstance(mx, numbers.Integral) or isinstance(mx, bool) or mx < 0:  # (a NumPy int too, as torch's)
             raise ValueError(f"{name} must be a non-negative int, got {mx!r}")
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1))
     if q.device.type == "meta":  # shapes only (a model traced on the meta device): cu_seqlens hold no values

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from llmcore import _C, _fork
-from llmcore.ops._autograd import no_double_backward
+from llmcore.ops._autograd import FUNCTORCH_REFUSAL, functorch_in_use, no_double_backward
 from llmcore.ops.dispatch import BackendUnavailableError
 from llmcore.ops import triton as triton_ops
 
@@ -459,6 +459,16 @@ def linear_cross_entropy(
              grad_on and bias is not None and bias.requires_grad)
     args = (hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index,
             reduction, float(label_smoothing), chunk, needs, compute_dtype, out_dtype)
+    if functorch_in_use(hidden2d, weight, bias):  # (an autograd.Function without setup_context: torch refuses it)
+        if backend != "torch":
+            raise RuntimeError(FUNCTORCH_REFUSAL)
+        with torch.autocast(hidden.device.type, enabled=False):  # the composite, which the transforms can trace
+            logits = torch.nn.functional.linear(hidden2d.to(compute_dtype), weight.to(compute_dtype),
+                                                None if bias is None else bias.to(compute_dtype))
+            out = torch.nn.functional.cross_entropy(logits.to(torch.promote_types(compute_dtype, torch.float32)),
+                                                    labels, ignore_index=ignore_index, reduction=reduction,
+                                                    label_smoothing=float(label_smoothing)).to(out_dtype)
+        return out.reshape(shape[:-1]) if reduction == "none" else out
     with torch.autocast(hidden.device.type, enabled=False):
         if _use_triton(hidden.device, compute_dtype, backend):
             out = _apply_triton(*args)
