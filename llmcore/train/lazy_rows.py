@@ -20,9 +20,13 @@ dense in the optimizer's state, so ``state_dict``, checkpoints and resume are un
 Differences: the step leaves ``weight.grad`` as None (the Trainer drops it next anyway), and a
 non-finite gradient scale spoils only the active rows, where torch's dense update would turn
 every row to NaN. The table must reach the loss only through its lookups: a module that reads
-the whole weight says so (``Embedding.dense_reads``, set for tied LM heads) and is left to torch;
-a stray gradient elsewhere is caught by a check of random untouched rows each step, which hands
-the table back to torch's AdamW (after a flush) for the rest of the run.
+the whole weight says so (``Embedding.dense_reads``, set for tied LM heads) and is left to torch.
+Any other use of the weight (``emb.weight[k]`` added to an output, a penalty) makes autograd sum
+its gradient with the lookups' into a new tensor: a step whose ``weight.grad`` is not a buffer the
+lookups' backward wrote hands the table back to torch's AdamW (after a flush) for the rest of the
+run -- unless several lookups' buffers were summed into it, where one count of its nonzeros tells.
+A check of random untouched rows each step stays as a backstop, for a stray gradient added in
+place to a buffer (gradient accumulation, where only a later micro-batch has one).
 """
 from __future__ import annotations
 
@@ -78,6 +82,7 @@ class LazyRowAdamW:
         self.t = 0  # steps taken
         self.touched: list[Tensor] = []
         self.rows: Optional[Tensor] = None  # this step's touched rows, once computed
+        self.buffers: set[int] = set()  # addresses of the gradient buffers this step's lookup backwards wrote
         self.dense = False  # a gradient outside the touched rows was seen: torch's AdamW steps the table
         self.checked = False  # this step's gradient was checked (``_still_sparse``)
         self.sampler = torch.Generator().manual_seed(0)  # the check's own draws: the global RNG is untouched
@@ -111,6 +116,11 @@ class LazyRowAdamW:
 
     def after_backward(self, ids: Tensor) -> None:
         self.touched.append(ids.reshape(-1).long())
+        # The embedding has just written this backward's gradient into its buffer (``_grad_buffer``). A
+        # ``weight.grad`` found elsewhere at the step also holds a gradient from outside the lookups.
+        store = getattr(self.module, "_grad_storage", None)
+        if store is not None:
+            self.buffers.add(store.data_ptr())
 
     # -- the step --------------------------------------------------------------------------------
     def _sync(self, rows: Tensor) -> None:
@@ -128,9 +138,23 @@ class LazyRowAdamW:
         return self.rows
 
     def _gradient_is_row_sparse(self) -> bool:
-        """False when the gradient has values outside the rows the lookups touched (the weight
-        also reached the loss another way): checked on SAMPLE_ROWS random untouched rows a step."""
+        """False when the gradient may have values outside the rows the lookups touched (the weight
+        also reached the loss another way). ``weight.grad`` must be one of the buffers the lookups'
+        backward wrote this step: autograd sums another use's gradient with them into a new tensor
+        (``emb.weight[4999]`` in an output: the random sample alone found it at step 86, the row's
+        gradient missing from every update and norm until then). Then SAMPLE_ROWS random untouched
+        rows, for a stray gradient added in place to a buffer."""
         g = self.weight.grad
+        strided = g.layout == torch.strided  # (a sparse one has no data_ptr)
+        if not strided or g.data_ptr() not in self.buffers:
+            if not strided or len(self.buffers) < 2 or g.dtype != torch.float32 or not g.is_contiguous():
+                return False
+            # Several lookups in one backward (a pair of sentences encoded apart): autograd summed their buffers
+            # into a new tensor, with or without a stray gradient. Nonzeros only on touched rows tell; one pass
+            # over the bits (a -0.0 counts: dense, still exact) costs a fraction of the sum autograd just made.
+            bits = g.view(torch.int32)
+            touched = bits.index_select(0, self._touched_rows())
+            return int(torch.count_nonzero(bits)) == int(torch.count_nonzero(touched))
         sample = torch.randint(0, g.shape[0], (SAMPLE_ROWS,), generator=self.sampler)
         sample = sample[~torch.isin(sample, self._touched_rows())]
         return not bool(g.index_select(0, sample).any())
@@ -150,6 +174,7 @@ class LazyRowAdamW:
         self.dense = True
         self.touched.clear()
         self.rows = None
+        self.buffers.clear()
 
     def params(self) -> list:
         return [] if self.dense else [self.weight]
@@ -179,6 +204,7 @@ class LazyRowAdamW:
         if g is None:
             self.touched.clear()
             self.rows = None
+            self.buffers.clear()
             return
         if g.shape != w.shape or g.dtype != torch.float32 or not g.is_contiguous() or g.is_sparse:
             raise RuntimeError(f"{type(self).__name__}: the embedding gradient must be a dense contiguous float32 "
@@ -186,6 +212,7 @@ class LazyRowAdamW:
         rows = self._touched_rows()
         self.touched.clear()
         self.rows = None
+        self.buffers.clear()
         self._sync(rows)  # a no-op when the forward read them
         new = rows[~self.active[rows]]
         if new.numel():
