@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -599,3 +600,205 @@ def test_token_type_ids_as_the_tokenizer_class_transformers_picks(tmp_path, mode
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
     assert sorted(Tokenizer.from_pretrained(tmp_path / "saved")("a b")) == sorted(again("a b")) == sorted(ours("a b"))
     assert sorted(Tokenizer.from_file(path / "tokenizer.json")("a")) == ["attention_mask", "input_ids"]
+
+
+def _minilm_file(name: str) -> dict:
+    """One of MiniLM's JSON files, read."""
+    with open(f"{minilm_dir()}/{name}", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _minilm_json(tmp_path, name, config=None, edit=None):
+    """MiniLM's tokenizer.json changed by ``edit`` (a function of its JSON) in a folder of its own, with the given
+    tokenizer_config.json."""
+    doc = _minilm_file("tokenizer.json")
+    if edit is not None:
+        edit(doc)
+    out = tmp_path / name
+    out.mkdir()
+    (out / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    if config is not None:
+        (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return out
+
+
+def _pads_as_transformers(ours, theirs, texts):
+    """Both pad the same, or both refuse padding=True for want of a pad token."""
+    assert (ours.pad_token, ours.pad_token_id) == (theirs.pad_token, theirs.pad_token_id)
+    if theirs.pad_token is None:
+        with pytest.raises(ValueError, match="pad"):
+            theirs(texts, padding=True)
+        with pytest.raises(ValueError, match="has none"):
+            ours(texts, padding=True)
+    else:
+        assert ours(texts, padding=True)["input_ids"] == theirs(texts, padding=True)["input_ids"]
+
+
+def test_no_pad_token_is_guessed_as_transformers(tmp_path):
+    """Found by a probe: a folder naming no pad token (no padding section in tokenizer.json, no pad_token or a null
+    one in tokenizer_config.json) got [PAD] / <pad> of its vocabulary as its pad token, and padded where transformers
+    refuses. A BERT class's (or a vocab.txt folder's) default [PAD] stays, as transformers'."""
+    texts = ["a fine film", "no"]
+    def unpadded(doc):
+        doc["padding"] = None
+    for i, config in enumerate([None, {"tokenizer_class": "PreTrainedTokenizerFast"},
+                                {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": None},
+                                {"tokenizer_class": "BertTokenizer"}, {"tokenizer_class": "BertTokenizer",
+                                                                       "pad_token": None}]):
+        path = _minilm_json(tmp_path, f"case{i}", config, unpadded)
+        ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+        _pads_as_transformers(ours, theirs, texts)
+        assert ours.all_special_tokens == theirs.all_special_tokens, config
+    assert Tokenizer.from_file(path / "tokenizer.json").pad_token is None
+    # GPT-2's layout with a <pad> token (the probe's): transformers' GPT-2 class names none
+    path = bpe_folder(tmp_path, {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"})
+    hf = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    hf.add_special_tokens(["<pad>"])
+    hf.save(str(path / "tokenizer.json"))
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    _pads_as_transformers(ours, theirs, texts)
+    ours.save_pretrained(tmp_path / "saved")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "saved").pad_token is None
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    shutil.copy(f"{minilm_dir()}/vocab.txt", vocab / "vocab.txt")
+    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    ours, theirs = Tokenizer.from_pretrained(vocab), transformers.AutoTokenizer.from_pretrained(vocab)
+    assert ours.pad_token == "[PAD]"
+    _pads_as_transformers(ours, theirs, texts)
+
+
+def test_cleared_special_tokens_stay_cleared_as_transformers(tmp_path):
+    """Found by a probe: after tok.pad_token = None (or mask_token), save_pretrained wrote the folder's token back,
+    and a tokenizer_config.json's "pad_token": null (as transformers writes it) beside tokenizer.json's padding section
+    loaded with the section's pad token. transformers keeps none in both; so does llmcore now, vocab.txt folders
+    too."""
+    texts = ["a [PAD] and a [MASK] here", "no"]
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        shutil.copy(f"{minilm_dir()}/{name}", vocab / name)
+    for source in (minilm_dir(), vocab):
+        ours, theirs = Tokenizer.from_pretrained(source), transformers.AutoTokenizer.from_pretrained(source)
+        for tok in (ours, theirs):
+            tok.pad_token = tok.mask_token = None
+        out = tmp_path / f"ours{len(str(source))}"
+        ours.save_pretrained(out)
+        theirs.save_pretrained(tmp_path / f"theirs{len(str(source))}")
+        assert json.loads((out / "tokenizer_config.json").read_text())["pad_token"] is None
+        for saved in (out, tmp_path / f"theirs{len(str(source))}"):
+            again, reread = Tokenizer.from_pretrained(saved), transformers.AutoTokenizer.from_pretrained(saved)
+            assert named(again) == named(reread) == named(theirs), (source, saved)
+            _pads_as_transformers(again, reread, texts)
+            assert again(texts[0])["input_ids"] == reread(texts[0])["input_ids"], saved
+    # a null beside a padding section, hand-written
+    path = _minilm_json(tmp_path, "null_pad", {"tokenizer_class": "BertTokenizer", "pad_token": None})
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert ours.pad_token is None
+    _pads_as_transformers(ours, theirs, texts)
+    # a vocab.txt folder's template is built from cls / sep (transformers' BertTokenizer puts other ids there)
+    (vocab / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "cls_token": None}))
+    with pytest.raises(TokenizerFileError, match="tokenizer_config.json: cls_token is null"):
+        Tokenizer.from_pretrained(vocab)
+
+
+def test_padding_section_pads_with_its_tokens_id_as_transformers(tmp_path):
+    """Found by a probe: a tokenizer.json padding section whose pad_id is not its pad_token's id: transformers pads
+    with the token's id, llmcore took the pad_id. A pad_token that is no token is refused (transformers adds it)."""
+    texts = ["a b c", "a"]
+
+    def pad_id_5(doc):
+        doc["padding"].update(pad_id=5, strategy="BatchLongest")
+
+    for config in (None, _minilm_file("tokenizer_config.json")):
+        path = _minilm_json(tmp_path, f"p{config is None}", config, pad_id_5)
+        ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+        assert ours.pad_token_id == theirs.pad_token_id == 0
+        _pads_as_transformers(ours, theirs, texts)
+        assert ours.encode_batch(texts, padding=True).input_ids[1].tolist() == [101, 1037, 102, 0, 0]
+    # the section's pad token where the config names none; a BERT class's default [PAD] over it, as transformers'
+    bert = {"tokenizer_class": "BertTokenizer"}
+    for config in (None, {}, bert, {**bert, "pad_token": None}):
+        path = _minilm_json(tmp_path, f"unk{len(str(config))}", config,
+                            lambda d: d["padding"].update(pad_token="[UNK]", pad_id=100))
+        ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+        _pads_as_transformers(ours, theirs, texts)
+    with pytest.raises(TokenizerFileError, match=r"tokenizer.json: padding.pad_token '<nopad>' is not a token"):
+        Tokenizer.from_pretrained(_minilm_json(tmp_path, "nopad", None,
+                                               lambda d: d["padding"].update(pad_token="<nopad>")))
+
+
+def test_saved_vocab_txt_folder_without_config_loads_in_transformers(tmp_path):
+    """Found by a probe: a vocab.txt folder without tokenizer_config.json (llmcore reads it as BERT) was saved with no
+    tokenizer_class, and transformers could not load the saved folder; it is saved as BertTokenizer now."""
+    src = tmp_path / "bare"
+    src.mkdir()
+    shutil.copy(f"{minilm_dir()}/vocab.txt", src / "vocab.txt")
+    ours = Tokenizer.from_pretrained(src)
+    ours.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["tokenizer_class"] == "BertTokenizer"
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    texts = list(corpus("sst2-test")[:8]) + ["a [MASK] in it"]
+    assert theirs(texts, padding=True)["input_ids"] == ours(texts, padding=True)["input_ids"]
+    assert named(theirs) == named(ours) and theirs.model_input_names == ours.model_input_names
+
+
+def test_added_tokens_decoder_beside_tokenizer_json(tmp_path):
+    """Found by a probe: tokenizer_config.json's added_tokens_decoder was ignored beside a tokenizer.json, where
+    transformers 5 applies each entry that is not one of tokenizer.json's added tokens (a new token matched in the
+    text, a vocab token made special, other flags) and gives other ids. Such an entry is refused now, naming it;
+    entries equal to tokenizer.json's (transformers 4 wrote them on every save) load, and save, as before."""
+    config = _minilm_file("tokenizer_config.json")
+    flags = {"special": True, "lstrip": False, "rstrip": False, "single_word": False, "normalized": False}
+    text = "hello <new> [unused0] world [MASK]x"
+    plain = Tokenizer.from_file(f"{minilm_dir()}/tokenizer.json")
+    for i, (key, entry) in enumerate([("30522", {"content": "<new>", **flags}),
+                                      ("1", {"content": "[unused0]", **flags}),
+                                      ("103", {"content": "[MASK]", **dict(flags, rstrip=True)}),
+                                      ("103", {"content": "[MASK]", **dict(flags, special=False)})]):
+        path = _minilm_json(tmp_path, f"atd{i}", {**config, "added_tokens_decoder": {key: entry}})
+        theirs = transformers.AutoTokenizer.from_pretrained(path)
+        if i < 2:  # (what transformers makes of them: other ids than tokenizer.json's)
+            assert theirs(text)["input_ids"] != plain.encode(text)
+        with pytest.raises(TokenizerFileError, match=rf"tokenizer_config.json: added_tokens_decoder\['{key}'\] "
+                                                     f"declares {re.escape(repr(entry['content']))}"):
+            Tokenizer.from_pretrained(path)
+    doc = _minilm_file("tokenizer.json")
+    same = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in doc["added_tokens"]}
+    path = _minilm_json(tmp_path, "atd_same", {**config, "added_tokens_decoder": same})
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    ours.save_pretrained(tmp_path / "saved")
+    assert Tokenizer.from_pretrained(tmp_path / "saved")(text)["input_ids"] == theirs(text)["input_ids"]
+
+
+def test_config_settings_transformers_rebuilds_from_are_warned_about(tmp_path):
+    """Found by a probe: transformers 5's BERT, GPT-2 and RoBERTa classes rebuild the normalizer / pre-tokenizer from
+    tokenizer_config.json (strip_accents, tokenize_chinese_chars, add_prefix_space, and their defaults), where llmcore
+    follows tokenizer.json as HF tokenizers does; only do_lower_case was said. Each contradiction is warned about
+    now, and only a true one."""
+    import warnings
+
+    config = _minilm_file("tokenizer_config.json")
+    cases = [({**config, "strip_accents": False}, None, "strip_accents=False contradicts", "Héllo café"),
+             ({**config, "tokenize_chinese_chars": False}, None, "tokenize_chinese_chars=False contradicts", "中文"),
+             (config, lambda d: d["normalizer"].update(handle_chinese_chars=False),
+              "tokenize_chinese_chars=True contradicts", "中文")]
+    for i, (cfg, edit, message, text) in enumerate(cases):
+        path = _minilm_json(tmp_path, f"c{i}", cfg, edit)
+        with pytest.warns(UserWarning, match=message):
+            ours = Tokenizer.from_pretrained(path)
+        assert ours(text)["input_ids"] != transformers.AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+    path = bpe_folder(tmp_path, {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True})
+    with pytest.warns(UserWarning, match="add_prefix_space=True contradicts tokenizer.json's pre_tokenizer"):
+        ours = Tokenizer.from_pretrained(path)
+    assert ours("hello")["input_ids"] != transformers.AutoTokenizer.from_pretrained(path)("hello")["input_ids"]
+    # settings that agree with tokenizer.json: no warning
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer",
+                                                            "add_prefix_space": False}))
+    agreeing = [path, _minilm_json(tmp_path, "agree", {**config, "strip_accents": True,
+                                                       "tokenize_chinese_chars": True})]
+    for path in agreeing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            Tokenizer.from_pretrained(path)

@@ -50,6 +50,7 @@ class AddedToken:
     single_word: bool = False
     lstrip: bool = False
     rstrip: bool = False
+    normalized: bool = False  # (tokenizer.json's flag; llmcore matches every added token in the raw text)
 
 
 @dataclass
@@ -282,7 +283,8 @@ def _added_token_entry(t, i: int, path) -> AddedToken:
     for key in _ADDED_FLAGS:
         if not isinstance(t[key], bool):
             _fail(path, f"added_tokens[{i}].{key} must be true or false, got {t[key]!r:.80}")
-    return AddedToken(t["content"], t["id"], t["special"], t["single_word"], t["lstrip"], t["rstrip"])
+    return AddedToken(t["content"], t["id"], t["special"], t["single_word"], t["lstrip"], t["rstrip"],
+                      t["normalized"])
 
 
 def _refuse_normalized(path, content: str) -> NoReturn:
@@ -409,10 +411,6 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
     for t in added:
         strings[t.id] = t.content
     spec.token_strings = strings
-    pad = cfg.get("padding") or {}
-    spec.pad_token = pad.get("pad_token")
-    spec.pad_id = pad.get("pad_id")
-    spec.pad_type_id = int(pad.get("pad_type_id", 0))
     # the sides transformers' tokenizer takes from these sections unless tokenizer_config.json names them
     for section, key in (("padding", "padding_side"), ("truncation", "truncation_side")):
         direction = (cfg.get(section) or {}).get("direction")
@@ -420,11 +418,23 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
             if direction not in ("Right", "Left"):
                 _fail(path, f"{section} direction {direction!r} is neither 'Right' nor 'Left'")
             spec.sides[key] = direction.lower()
-    if spec.pad_id is None:
-        for name in ("[PAD]", "<pad>", "<|pad|>"):
-            if name in vocab or any(t.content == name for t in added):
-                spec.pad_token, spec.pad_id = name, token_id(name)
-                break
+    pad = cfg.get("padding")
+    if pad is not None:
+        if not isinstance(pad, dict):
+            _fail(path, f"malformed or unsupported tokenizer.json (padding is a {type(pad).__name__}, not an object)")
+        pad_id = _get(pad, "pad_id", path, "padding")  # (HF requires both fields, and reads the id as a u32)
+        if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+            _fail(path, f"token id {pad_id!r} in the padding section is not a non-negative integer (HF refuses it)")
+        # transformers takes the section's pad_token and pads with that token's id, not with the pad_id (HF
+        # tokenizers' own padding would use the pad_id: the two disagree only in a file that contradicts itself)
+        spec.pad_token = _get(pad, "pad_token", path, "padding", str)
+        if spec.pad_token not in vocab and not any(t.content == spec.pad_token for t in added):
+            _fail(path, f"padding.pad_token {spec.pad_token!r} is not a token of this tokenizer (transformers would "
+                        "add it as a new token)")
+        spec.pad_id = token_id(spec.pad_token)
+        spec.pad_type_id = int(pad.get("pad_type_id", 0))
+    # (no padding section: no pad token, as transformers' -- a [PAD] or <pad> of the vocabulary is not taken for one;
+    # tokenizer_config.json or a BERT class may name one)
     return spec
 
 
@@ -592,22 +602,28 @@ def load_bert_vocab(directory: str, cfg: dict) -> Spec:
             _fail(vocab_path, f"line {i + 1}: token {tok!r} repeats (first on line {vocab[tok] + 1})")
         vocab[tok] = i
 
-    def special(key, default):
+    config_path = os.path.join(directory, "tokenizer_config.json")
+
+    def special(key, default, optional=False):
         v = cfg.get(key, default)
         if isinstance(v, dict):
             v = v.get("content", default)
+        if v is None:
+            if optional:  # (null: none, as transformers' BertTokenizer, which then matches no such token in a text)
+                return None
+            _fail(config_path, f"{key} is null: llmcore builds a vocab.txt folder's WordPiece and [CLS] A [SEP] "
+                               "template from it (transformers' BertTokenizer then puts other ids in its place)")
         if v not in vocab:
             _fail(vocab_path, f"{key} {v!r} is not in the vocab")
         return v
 
     unk, cls, sep = special("unk_token", "[UNK]"), special("cls_token", "[CLS]"), special("sep_token", "[SEP]")
-    pad, mask = special("pad_token", "[PAD]"), special("mask_token", "[MASK]")
-    config_path = os.path.join(directory, "tokenizer_config.json")
+    pad, mask = special("pad_token", "[PAD]", optional=True), special("mask_token", "[MASK]", optional=True)
     lower = _flag(cfg, "do_lower_case", True, config_path, "")
     strip = None if cfg.get("strip_accents") is None else _flag(cfg, "strip_accents", False, config_path, "")
     bert = (True, _flag(cfg, "tokenize_chinese_chars", True, config_path, ""), lower if strip is None else strip,
             lower)
-    added = [AddedToken(t, vocab[t], True) for t in dict.fromkeys((pad, unk, cls, sep, mask))]
+    added = [AddedToken(t, vocab[t], True) for t in dict.fromkeys((pad, unk, cls, sep, mask)) if t is not None]
     added += _config_added_tokens(cfg, vocab, {t.content for t in added}, config_path)
     # the ids transformers gives them (the vocab's, else the next free one), as a tokenizer.json's are checked: an
     # id taken as written replaced a vocab token ([unused4] by id 5) or left a gap
@@ -619,7 +635,7 @@ def load_bert_vocab(directory: str, cfg: dict) -> Spec:
     strings.update({t.id: t.content for t in added})
     return Spec("wordpiece", vocab=list(vocab.items()), unk_token=unk, bert=bert, added_tokens=added,
                 template_single=single, template_pair=single + [("B", 1), ("special", [vocab[sep]], 1)],
-                pad_token=pad, pad_id=vocab[pad], token_strings=strings)
+                pad_token=pad, pad_id=None if pad is None else vocab[pad], token_strings=strings)
 
 
 def _config_added_tokens(cfg: dict, vocab: dict, known: set, path: str) -> list:
@@ -656,6 +672,45 @@ def _config_added_tokens(cfg: dict, vocab: dict, known: set, path: str) -> list:
         out.append(AddedToken(content, vocab[content], True))
         known.add(content)
     return out
+
+
+def check_added_tokens_decoder(cfg: dict, spec: Spec, path: str) -> None:
+    """tokenizer_config.json's ``added_tokens_decoder`` beside a tokenizer.json. transformers 5 adds every entry that
+    is not one of tokenizer.json's added tokens, content and flags alike (a new token matched in the text, a vocab
+    token made an added or special one, other lstrip / rstrip); llmcore takes its added tokens from tokenizer.json
+    alone, so such an entry is refused. Entries equal to tokenizer.json's, which transformers 4 wrote on every save,
+    change nothing."""
+    decoder = cfg.get("added_tokens_decoder")
+    if decoder is None:
+        return
+    if not isinstance(decoder, dict):
+        _fail(path, "added_tokens_decoder is not a JSON object")
+    flags = ("special", "single_word", "lstrip", "rstrip", "normalized")
+
+    def described(content, values):
+        return f"{content!r} ({', '.join(f'{k}={v}' for k, v in zip(flags, values))})"
+
+    held = {t.id: (t.content, (t.special, t.single_word, t.lstrip, t.rstrip, t.normalized)) for t in spec.added_tokens}
+    for key, entry in decoder.items():
+        where = f"added_tokens_decoder[{key!r}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            _fail(path, f"{where} is no token (an object with a string content): {entry!r:.80}")
+        special = _flag(entry, "special", False, path, where)
+        # (transformers' AddedToken defaults for the flags left out: normalized unless special)
+        values = (special, _flag(entry, "single_word", False, path, where), _flag(entry, "lstrip", False, path, where),
+                  _flag(entry, "rstrip", False, path, where), _flag(entry, "normalized", not special, path, where))
+        token = (entry["content"], values)
+        if token in held.values():
+            continue
+        try:
+            same_id = held.get(int(key))
+        except ValueError:
+            same_id = None
+        there = (f"tokenizer.json's added token {key} is {described(*same_id)}" if same_id is not None
+                 else "tokenizer.json has no such added token")
+        _fail(path, f"{where} declares {described(*token)}, and {there}: transformers 5 applies the entry (adds the "
+                    "token, or changes its flags), llmcore reads added tokens from tokenizer.json only; make the "
+                    "entry tokenizer.json's, or save the tokenizer with transformers")
 
 
 def _refuse_added_tokens_json(directory: str, vocab: dict, known: set) -> None:

@@ -175,6 +175,37 @@ _SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation
              "pad_token", "unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "mask_token", "name_or_path")
 
 
+def _rebuilt_settings(cfg: dict, spec: Spec) -> list:
+    """The tokenizer_config.json settings transformers 5's BERT, GPT-2 and RoBERTa classes rebuild the pipeline from
+    (their defaults where the config leaves them out) that contradict what tokenizer.json does:
+    [(setting=value, tokenizer.json's part, the class)]. llmcore follows tokenizer.json, so each is warned about."""
+    cls = str(cfg.get("tokenizer_class")).removesuffix("Fast")
+    out = []
+    if spec.bert is not None and cls in ("BertTokenizer", "DistilBertTokenizer"):
+        _, chinese, strip, lower = spec.bert
+        theirs = "BERT tokenizer"
+        want_lower = cfg.get("do_lower_case", True)
+        if want_lower != lower:
+            out.append((f"do_lower_case={want_lower}", f"normalizer (lowercase={lower})", theirs))
+        want_chinese = cfg.get("tokenize_chinese_chars", True)
+        if want_chinese != chinese:
+            out.append((f"tokenize_chinese_chars={want_chinese}", f"normalizer (handle_chinese_chars={chinese})",
+                        theirs))
+        # (strip_accents null strips where lowercasing, in both; a difference that only follows do_lower_case's is
+        # said above)
+        want_strip = cfg.get("strip_accents")
+        if (want_lower if want_strip is None else want_strip) != strip and (want_strip is not None
+                                                                            or want_lower == lower):
+            out.append((f"strip_accents={want_strip}", f"normalizer (accents {'stripped' if strip else 'kept'})",
+                        theirs))
+    elif spec.kind == "bpe_merges" and cls in ("GPT2Tokenizer", "RobertaTokenizer"):
+        want = cfg.get("add_prefix_space", False)
+        if want != spec.add_prefix_space:
+            out.append((f"add_prefix_space={want}", f"pre_tokenizer (add_prefix_space={spec.add_prefix_space})",
+                        cls))
+    return out
+
+
 def _id_list(ids, what: str = "decode", bounded: bool = True) -> list:
     """decode's ids as a list of ints: a sequence, a 1-D array or tensor, or one id (an int, a NumPy or 0-d
     tensor scalar, as transformers' decode takes it); anything else is a TypeError naming what it got. ``what``: the
@@ -278,9 +309,11 @@ class Tokenizer:
             if self.token_to_id(content) is None:
                 raise TokenizerFileError(f"{where}: {key} {content!r} is not a token of this tokenizer (transformers "
                                          "would add it as a new token, and encode it where a text has it)")
-        if named.get("pad_token", self._spec.pad_token) != self._spec.pad_token:
-            self._spec.pad_token, self._spec.pad_id = named["pad_token"], self.token_to_id(named["pad_token"])
-        named.pop("pad_token", None)  # (the pad token is the spec's: tokenizer.json's padding section names one)
+        # (the pad token is the spec's: tokenizer.json's padding section names one.) As transformers: the config's
+        # name wins, null included (none: no padding=True), then a BERT class's default, then the section's
+        pad = named.pop("pad_token", None)
+        if pad is not None or "pad_token" in cfg:
+            self._spec.pad_token, self._spec.pad_id = pad, None if pad is None else self.token_to_id(pad)
         self._named = named
         extra = _loaders.extra_special_tokens(cfg)
         missing = [t for t in extra if self.token_to_id(t) is None]
@@ -338,13 +371,11 @@ class Tokenizer:
         if os.path.isfile(json_path):
             tok = cls.from_file(json_path)
             cfg = _loaders.read_tokenizer_config(directory)
-            lower = cfg.get("do_lower_case", True)
-            if (tok._spec.bert is not None and lower != tok._spec.bert[3] and str(cfg.get("tokenizer_class"))
-                    .removesuffix("Fast") in ("BertTokenizer", "DistilBertTokenizer")):
-                warnings.warn(f"{directory}: tokenizer_config.json's do_lower_case={lower} contradicts "
-                              f"tokenizer.json's normalizer (lowercase={tok._spec.bert[3]}): llmcore follows "
-                              "tokenizer.json, as HF tokenizers; transformers' BERT tokenizer rebuilds the normalizer "
-                              "from the config and gives other ids", stacklevel=2)
+            _loaders.check_added_tokens_decoder(cfg, tok._spec, os.path.join(directory, "tokenizer_config.json"))
+            for setting, section, theirs in _rebuilt_settings(cfg, tok._spec):
+                warnings.warn(f"{directory}: tokenizer_config.json's {setting} contradicts tokenizer.json's {section}: "
+                              f"llmcore follows tokenizer.json, as HF tokenizers; transformers' {theirs} rebuilds the "
+                              f"{section.split()[0]} from the config and gives other ids", stacklevel=2)
         elif os.path.isfile(os.path.join(directory, "vocab.txt")):
             cfg, tok = _loaders.read_tokenizer_config(directory, strict=True), None  # (built below)
         else:
@@ -484,9 +515,9 @@ class Tokenizer:
         else:
             pad_id = int(pad_id)
         if padding != "none" and pad_id is None:
-            raise ValueError("padding needs a pad token, and this tokenizer has none ([PAD], <pad> or a padding "
-                             "section in tokenizer.json): set one (tok.pad_token = tok.eos_token, as with "
-                             "transformers), or pass pad_id= to encode_batch")
+            raise ValueError("padding needs a pad token, and this tokenizer has none (tokenizer_config.json's "
+                             "pad_token, or a padding section in tokenizer.json): set one (tok.pad_token = "
+                             "tok.eos_token, as with transformers), or pass pad_id= to encode_batch")
         if num_threads is None:
             num_threads = _default_threads()
         else:
@@ -1022,6 +1053,15 @@ class Tokenizer:
         config.update(self.special_tokens_map, model_max_length=self.model_max_length, padding_side=self.padding_side,
                       truncation_side=self.truncation_side,
                       clean_up_tokenization_spaces=self.clean_up_tokenization_spaces)
+        if kind == "vocab" and not isinstance(config.get("tokenizer_class"), str):
+            # (transformers reads a vocab.txt folder only through a class named: BERT's, as llmcore read it)
+            config["tokenizer_class"] = "BertTokenizer"
+        # a name cleared (tok.pad_token = None) is written null, as transformers writes it: left out, the folder's
+        # name (or a BERT class's default) came back on loading
+        defaults = _loaders.special_token_names({"tokenizer_class": config.get("tokenizer_class")}, lambda t: True,
+                                                bert_defaults=kind == "vocab")
+        config.update({k: None for k in _loaders.SPECIAL_NAMES
+                       if k not in self.special_tokens and (k in config or k in defaults)})
         if _loaders.returns_type_ids(config) != self.returns_type_ids:  # (config.json's model type said, or set)
             config["model_input_names"] = self.model_input_names
         for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", self.special_tokens_map)):
