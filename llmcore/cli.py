@@ -52,9 +52,10 @@ def _bench_train_step(args: argparse.Namespace) -> int:
     command = ["llmcore bench train-step", f"--task {args.task}"]
     command += [f"--{k} {getattr(args, k)}" for k in ("json", "budget") if getattr(args, k) is not None]
     command += [f"--{k}" for k in ("quick", "memory") if getattr(args, k)]
-    train_step.main(json_path=args.json, budget_s=args.budget, quick=args.quick, task=args.task,
-                    with_memory=args.memory, command=" ".join(command))
-    return 0
+    runs = train_step.main(json_path=args.json, budget_s=args.budget, quick=args.quick, task=args.task,
+                           with_memory=args.memory, command=" ".join(command))
+    # (exit 1: a side's loss not transformers', or a memory probe that failed)
+    return 0 if all(r["loss_check"]["agree"] and "memory_error" not in r for r in runs) else 1
 
 
 def _bench_finetune(args: argparse.Namespace) -> int:
@@ -62,17 +63,25 @@ def _bench_finetune(args: argparse.Namespace) -> int:
 
     dtypes = (args.dtype,) if args.dtype else ("fp32", "bf16")
     out = finetune.main(rows=args.rows, dtypes=dtypes, json_path=args.json, md_path=args.md, plot_path=args.plot,
-                        quick=args.quick, reference_sampling=args.reference_sampling)
+                        quick=args.quick, reference_sampling=args.reference_sampling, command=_typed_command(args))
     # a run that failed (its error is in the report) is a failed bench, as the other benches exit
     return 1 if any("error" in r for r in out["runs"]) or any("error" in s for s in out["summary"].values()) else 0
+
+
+def _typed_command(args: argparse.Namespace) -> str:
+    """The command line as typed (the options given, not the defaults), as a report records it."""
+    import shlex
+
+    return " ".join(["llmcore"] + [shlex.quote(a) for a in args.argv])
 
 
 def _bench_prepare(args: argparse.Namespace) -> int:
     from llmcore.bench import prepare as bench_prepare
 
     out = bench_prepare.main(rounds=args.rounds, rows=args.rows, json_path=args.json, md_path=args.md,
-                             plot_path=args.plot)
-    return 0 if out["summary"]["bar_met"]["outputs_agree"] else 1
+                             plot_path=args.plot, command=_typed_command(args))
+    # (exit 1: outputs that disagree, or a run that failed, a cached rerun that missed the cache among them)
+    return 0 if out["summary"]["bar_met"]["outputs_agree"] and not out["summary"]["failed_runs"] else 1
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -419,6 +428,7 @@ def _exit_on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (what was typed, for the reports that record it)
     for name in _PATHS:  # (an empty one was taken as not given: prepare --tokenizer "" used --model's)
         if getattr(args, name, None) == "":
             parser.error(f"--{name.replace('_', '-')} is empty: give a path" if name != "checkpoint"

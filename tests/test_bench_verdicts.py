@@ -20,6 +20,43 @@ def test_bench_finetune_exits_1_when_a_run_failed(monkeypatch):
         assert cli.main(["bench", "finetune", "--quick"]) == code
 
 
+def test_bench_prepare_and_train_step_exit_1_when_a_run_failed_and_record_the_typed_command(monkeypatch):
+    """A probe: `bench prepare` exited 0 with a failed run (a cached rerun that missed the cache among them) and
+    `bench train-step` always, whatever its sides computed (it compared no loss); both recorded a command without
+    the flags typed (--quick's --rows 256 that was never typed, no --json)."""
+    import torch
+
+    from llmcore.bench import prepare as bench_prepare
+    from llmcore.bench import train_step
+
+    seen = {}
+
+    def prepare_main(**kw):
+        seen.update(kw)
+        return {"summary": {"bar_met": {"outputs_agree": True}, "failed_runs": failed}}
+    monkeypatch.setattr(bench_prepare, "main", prepare_main)
+    for failed, code in ((0, 0), (1, 1)):
+        assert cli.main(["bench", "prepare", "--rows", "50"]) == code
+    assert seen["command"] == "llmcore bench prepare --rows 50"
+
+    class Side:  # a step whose forward gives a fixed loss, with a model to switch to eval mode
+        def __init__(self, loss):
+            self.model, self.loss = torch.nn.Linear(1, 1), loss
+
+        def forward(self):
+            assert not self.model.training  # (no dropout while the losses are compared)
+            return torch.tensor(self.loss)
+    check = train_step.loss_check({"transformers": Side(0.6974), "llmcore packed": Side(0.69741)}, "fp32")
+    assert check["agree"] and check["losses"]["llmcore packed"] == pytest.approx(0.69741)
+    assert not train_step.loss_check({"transformers": Side(0.6974), "llmcore packed": Side(0.6931)}, "fp32")["agree"]
+    batch = {"sentences": 4, "tokens": 40, "padding_fraction": 0.1}
+    for agree, code in ((True, 0), (False, 1)):
+        monkeypatch.setattr(train_step, "run", lambda dtype, budget_s, min_rounds, task: {
+            "dtype": dtype, "batch": batch, "results": {}, "loss_check": {"agree": agree, "tolerance": 1e-4,
+                                                                           "losses": {}}})
+        assert cli.main(["bench", "train-step", "--quick"]) == code
+
+
 def test_bench_tokenizer_failed_case_is_no_exact_verdict(monkeypatch):
     from llmcore.bench import tokenizer
 
@@ -75,7 +112,7 @@ def test_train_step_quick_keeps_a_budget_given_and_says_how_it_ran(monkeypatch, 
 
     def run(dtype, budget_s, min_rounds, task):
         asked.append((budget_s, min_rounds))
-        return {"dtype": dtype, "batch": batch, "results": {}}
+        return {"dtype": dtype, "batch": batch, "results": {}, "loss_check": {"agree": True}}
 
     monkeypatch.setattr(train_step, "run", run)
     path = tmp_path / "ts.json"

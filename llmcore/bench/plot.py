@@ -76,7 +76,7 @@ def bar_panels(path: str, title: str, panels: Sequence[Panel]) -> str:
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # (the legends outside the axes included)
     return path
 
 
@@ -130,7 +130,8 @@ def _draw(ax, p: Panel, rotate: bool) -> None:
         ax.set_title(p.title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(fontsize=8, loc="upper left")
+    # (right of the axes: inside, it covered the first group's ratio label)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _short(v: float) -> str:
