@@ -761,3 +761,23 @@ def test_sections_of_another_json_type_name_the_file(tmp_path, change):
         Tokenizer.from_file(path)
     with pytest.raises(TokenizerFileError, match="<string>: malformed or unsupported tokenizer.json"):
         Tokenizer.from_str(json.dumps(cfg))
+
+
+def test_empty_subword_prefix_decodes_as_hf(tmp_path):
+    """A probe: with continuing_subword_prefix "" (and the decoder's), HF's WordPiece decoder joins the tokens
+    without spaces (every token starts with the empty prefix); llmcore put a space between them."""
+    with open(os.path.join(minilm_dir(), "tokenizer.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["model"]["continuing_subword_prefix"] = ""
+    cfg["decoder"]["prefix"] = ""
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    ours, theirs = Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(str(path))
+    theirs.no_truncation()  # (raw encodings, as the hf fixture)
+    theirs.no_padding()
+    for t in list(corpus("sst2-test")[:50]) + ["unaffable tokenization", "Héllo, wörld!"]:
+        ids = theirs.encode(t).ids
+        assert ours.encode(t) == ids
+        assert ours.decode(ids) == theirs.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False)
+    assert " " not in theirs.decode(theirs.encode("hello world").ids)  # (the case this test is about)

@@ -348,7 +348,8 @@ std::string Tokenizer::decode(const int32_t* ids, size_t n, bool skip_special_to
     }
     std::string token(text);
     if (!first) {
-      if (!prefix.empty() && token.compare(0, prefix.size(), prefix) == 0)
+      // (an empty prefix starts every token, as in HF's decoder: the tokens are joined without spaces)
+      if (token.compare(0, prefix.size(), prefix) == 0)
         token.erase(0, prefix.size());
       else
         token.insert(0, " ");
