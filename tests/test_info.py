@@ -125,6 +125,6 @@ def test_cli_small_input_checks(tmp_path, monkeypatch, capsys):
     assert main(["consolidate", str(ckpt), str(tmp_path / "a_file")]) == 2
     assert "output folder" in capsys.readouterr().err
     seen = {}
-    monkeypatch.setattr(train_step, "main", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(train_step, "main", lambda **kw: seen.update(kw) or [])  # (no runs: none failed)
     assert main(["bench", "train-step", "--quick", "--budget", "0"]) == 0
     assert "--budget 0" in seen["command"] and seen["budget_s"] == 0
