@@ -1,6 +1,7 @@
 """The loop under FSDP (TrainConfig.fsdp): two gloo ranks of a sharded model follow one process, write the
 checkpoints one process writes (they resume under FSDP bit for bit, and in one process), and evaluate in
 lockstep."""
+import dataclasses
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from tokenizer_refs import minilm_dir
 
 from llmcore.bench.data import data_dir
 from llmcore.cli import main
-from llmcore.models import CheckpointError
+from llmcore.models import CheckpointError, EncoderForSequenceClassification
 from llmcore.train import TrainConfig, Trainer
 
 STEPS, SAVE_AT = 4, 2
@@ -338,6 +339,20 @@ def test_fsdp_sharded_checkpoints(tmp_path, capsys, caplog):
         assert json.load(f) == json.load(g)
     assert main(["consolidate", str(out / "final"), str(tmp_path / "whole")]) == 2
     assert "is not a sharded checkpoint" in capsys.readouterr().err
+    # into a model with fewer layers, or consolidated by a config.json saying fewer: refused, naming the tensors
+    # left over (a probe: DCP read the subset silently, and consolidate wrote a truncated model)
+    one_layer = EncoderForSequenceClassification(dataclasses.replace(tiny().config, num_layers=1))
+    with pytest.raises(CheckpointError, match=r"holds \d+ model tensor\(s\) the model has no place for \(layers\.1\."):
+        load_model_weights(str(out / f"checkpoint-{STEPS}"), one_layer)
+    fewer = tmp_path / "fewer"
+    shutil.copytree(out / f"checkpoint-{STEPS}", fewer)
+    with open(fewer / "config.json") as f:
+        cfg = json.load(f)
+    with open(fewer / "config.json", "w") as f:
+        json.dump({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] - 1}, f)
+    assert main(["consolidate", str(fewer), str(tmp_path / "truncated")]) == 2
+    assert "the model has no place for" in capsys.readouterr().err
+    assert not (tmp_path / "truncated" / "model.safetensors").exists()
     # a sharded folder without DCP's index
     broken = tmp_path / "broken"
     shutil.copytree(out / f"checkpoint-{SAVE_AT}", broken)

@@ -57,6 +57,7 @@ from llmcore.train.fsdp import (
     load_sharded,
     read_sharded,
     save_sharded,
+    sharded_keys,
 )
 
 PREFIX = "checkpoint-"
@@ -314,10 +315,10 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
         raise ValueError(f"output folder {output_dir!r} is a file: choose another")
     hf = read_config(path)
     causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in hf.get("architectures") or [])
-    keys = _sharded_keys(sharded)  # None if unreadable: read_sharded says why below
+    keys = sharded_keys(sharded)  # None if unreadable: read_sharded says why below
 
-    def holds(m: nn.Module) -> bool:
-        return keys is None or all(f"model.{k}" in keys for k in m.state_dict())
+    def holds(m: nn.Module) -> bool:  # (exactly: not a model with fewer layers, which read_sharded refuses)
+        return keys is None or {f"model.{k}" for k in m.state_dict()} == {k for k in keys if k.startswith("model.")}
 
     model = refused = None
     try:
@@ -338,16 +339,6 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
     read_sharded({"model": model.state_dict()}, sharded, "the model its config.json describes")
     save_pretrained(model, output_dir)
     return output_dir
-
-
-def _sharded_keys(path: str) -> Optional[set]:
-    """The tensor keys of the DCP checkpoint folder ``path`` (its .metadata), or None if it cannot be read."""
-    try:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        return set(FileSystemReader(path).read_metadata().state_dict_metadata)
-    except Exception:  # noqa: BLE001 - any failure: read_sharded reports it
-        return None
 
 
 def keep_only_best(output_dir: str, best: str) -> list[str]:

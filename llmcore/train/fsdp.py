@@ -227,8 +227,10 @@ def load_sharded(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], p
 
 def read_sharded(state: dict, path: str, what: str) -> None:
     """``torch.distributed.checkpoint.load(state)`` from the folder ``path``: the tensors of ``state`` (a template
-    of the keys to read, any subset of the checkpoint's) filled in place. ``CheckpointError`` ("``path`` does not
-    hold ``what``: ...") when the folder lacks them or they do not fit. A collective under a process group."""
+    of the keys to read) filled in place. ``CheckpointError`` ("``path`` does not hold ``what``: ...") when the
+    folder lacks them or they do not fit, or when it holds model tensors ``state["model"]`` has no place for (a
+    checkpoint of a larger model: DCP reads a subset silently). The optimizer's keys may be left unread. A
+    collective under a process group."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -241,6 +243,22 @@ def read_sharded(state: dict, path: str, what: str) -> None:
         raise CheckpointError(f"{path!r} does not hold {what}: {_cause(e)}") from None
     except (OSError, ValueError, RuntimeError) as e:  # e.g. no .metadata, when every rank fails alike
         raise CheckpointError(f"{path!r} does not hold {what}: {e}") from e
+    extra = sorted(k for k in sharded_keys(path) or ()
+                   if k.startswith("model.") and k[len("model."):] not in state.get("model", {}))
+    if extra:  # (every rank reads the same .metadata: all raise alike)
+        shown = ", ".join(k[len("model."):] for k in extra[:3]) + (", ..." if len(extra) > 3 else "")
+        raise CheckpointError(f"{path!r} does not hold {what}: it holds {len(extra)} model tensor(s) the model has "
+                              f"no place for ({shown}): a checkpoint of a larger model?")
+
+
+def sharded_keys(path: str) -> Optional[set]:
+    """The tensor keys of the DCP checkpoint folder ``path`` (its .metadata), or None if it cannot be read."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return set(FileSystemReader(path).read_metadata().state_dict_metadata)
+    except Exception:  # noqa: BLE001 - any failure: read_sharded reports it
+        return None
 
 
 def _cause(e) -> str:
