@@ -814,6 +814,36 @@ def test_an_interrupted_overwrite_puts_the_earlier_run_back(tmp_path, capsys, mo
     assert "cache hit" in capsys.readouterr().out and not (out / "data" / ".prepare.partial").exists()
 
 
+def test_the_held_run_advice_works_under_torchrun(tmp_path, capsys):
+    """A probe: under torchrun nothing put back an earlier run that a killed --overwrite-output-dir run held (only
+    one process did), so the refusal's advice, --resume-from-checkpoint true, found no checkpoint. Rank 0 puts it
+    back now while the other rank waits, and the run resumes the earlier run's checkpoint."""
+    from llmcore.train.finetune import HELD, hold_run
+
+    rows = [(f"good film {i}", 1) for i in range(8)] + [(f"bad film {i}", 0) for i in range(8)]
+    data = _csv_dir(tmp_path, "d", train=rows, validation=rows[::4])
+    out = tmp_path / "run"
+    assert _finetune_err(capsys, data, out, "--save-strategy", "steps", "--save-steps", "1")[0] == 0
+    hold_run(str(out), ["checkpoint-1", "final", "results.json", "logs/train_log.jsonl"])  # (as a kill leaves it)
+
+    def torchrun(*extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "llmcore.cli", "finetune", "--data", str(data), "--model", minilm_dir(),
+                               "--output-dir", str(out), "--warmup-steps", "0", "--save-strategy", "no",
+                               "--report-to", "none", "--disable-tqdm", *extra], cwd=tmp_path,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    refused = torchrun("--max-steps", "1")
+    assert refused.returncode != 0 and "--resume-from-checkpoint true continues it" in refused.stderr
+    assert "put back the earlier run" in refused.stderr and not (out / HELD).exists()
+    hold_run(str(out), ["checkpoint-1", "final", "results.json", "logs/train_log.jsonl"])  # (killed again)
+    resumed = torchrun("--resume-from-checkpoint", "true", "--max-steps", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "put back the earlier run" in resumed.stderr and not (out / HELD).exists()
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["world_size"] == 2 and results["global_step"] == 2
+
+
 def test_prepared_folder_of_another_tokenizer_than_the_models(tmp_path, capsys):
     """A CLI probe: a folder prepared with --tokenizer X, fine-tuned with a --model whose own tokenizer differs and no
     --tokenizer, trained on X's ids and wrote the model's tokenizer into final/ (which then encodes texts into other

@@ -508,6 +508,41 @@ def load_model(path: str, causal_lm: bool, num_labels: Optional[int] = None,
         return llmcore.hf.patch(net)
 
 
+def _check_output_dir(output_dir: str, config: TrainConfig, overwrite_output_dir: bool, model: str,
+                      tokenizer: Optional[str], data: str, eval_data: Optional[str], rank: int,
+                      world: int) -> tuple[bool, list[str], str]:
+    """(whether the run resumes the one in ``output_dir``, the earlier run's files ``overwrite_output_dir`` is to
+    replace, ``model`` as a local folder). An earlier run is refused unless the run resumes it or replaces it, and
+    replacing it must not remove an input. First rank 0 puts back an earlier run that a killed
+    ``--overwrite-output-dir`` run held (``recover_held_run``) while the other ranks wait: the refusal's advice
+    (``--resume-from-checkpoint true``) then finds its checkpoints under torchrun too (a probe: it found none)."""
+    import torch.distributed as dist
+
+    from llmcore.models.loading import checkpoint_dir
+
+    if rank == 0:
+        recover_held_run(output_dir, config.logging_dir)
+    if world > 1:
+        dist.barrier()  # (no rank reads the folder while rank 0 moves its files)
+    resuming = resumes_here(config.resume_from_checkpoint, output_dir)
+    earlier = [] if resuming else earlier_run(output_dir, config.logging_dir)
+    if earlier and not overwrite_output_dir:
+        raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
+                         f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")
+    model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
+    if earlier:  # (overwrite_output_dir: the inputs must not lie in what it removes)
+        resume = config.resume_from_checkpoint if isinstance(config.resume_from_checkpoint, str) else None
+        for flag, path in (("--model", model), ("--tokenizer", tokenizer), ("--data", data),
+                           ("--eval-data", eval_data), ("--resume-from-checkpoint", resume)):
+            hit = next((name for name in earlier if path is not None and os.path.exists(path)
+                        and inside_folder(path, os.path.join(output_dir, name))), None)
+            if hit is not None:
+                raise ValueError(f"--overwrite-output-dir would remove {os.path.join(output_dir, hit)!r}, which "
+                                 f"holds {flag} {path!r}: copy it out of {output_dir!r} first, or choose another "
+                                 "--output-dir")
+    return resuming, earlier, model
+
+
 def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] = None,
              tokenizer: Optional[str] = None, text_column: Optional[str] = None, label_column: Optional[str] = None,
              device: Optional[str] = None, eval_data: Optional[str] = None, task: str = "sequence-classification",
@@ -547,7 +582,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
 
     from llmcore.data import PreparedDataset, prepare
     from llmcore.data.prepare import holds_prepared
-    from llmcore.models.loading import checkpoint_dir, is_transformers_model
+    from llmcore.models.loading import is_transformers_model
     from llmcore.train.checkpoint import seed_everything
 
     if task not in TASKS:
@@ -560,26 +595,15 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     for flag, path in (("--output-dir", output_dir), ("--logging-dir", config.logging_dir)):
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{flag} {path!r} is a file, not a folder: choose another {flag}")
-    if int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        recover_held_run(output_dir, config.logging_dir)  # (one process: no other rank reads the folder meanwhile)
-    resuming = resumes_here(config.resume_from_checkpoint, output_dir)
-    earlier = [] if resuming else earlier_run(output_dir, config.logging_dir)
-    if earlier and not overwrite_output_dir:
-        raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
-                         f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")
-    model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
-    if earlier:  # (overwrite_output_dir: the inputs must not lie in what it removes)
-        resume = config.resume_from_checkpoint if isinstance(config.resume_from_checkpoint, str) else None
-        for flag, path in (("--model", model), ("--tokenizer", tokenizer), ("--data", data),
-                           ("--eval-data", eval_data), ("--resume-from-checkpoint", resume)):
-            hit = next((name for name in earlier if path is not None and os.path.exists(path)
-                        and inside_folder(path, os.path.join(output_dir, name))), None)
-            if hit is not None:
-                raise ValueError(f"--overwrite-output-dir would remove {os.path.join(output_dir, hit)!r}, which "
-                                 f"holds {flag} {path!r}: copy it out of {output_dir!r} first, or choose another "
-                                 "--output-dir")
     rank, world, dev, started = _setup_distributed(device, group=bool(config.fsdp))
-    check_process_group(config.fsdp)  # before the data and the model are loaded
+    try:
+        resuming, earlier, model = _check_output_dir(output_dir, config, overwrite_output_dir, model, tokenizer, data,
+                                                     eval_data, rank, world)
+        check_process_group(config.fsdp)  # before the data and the model are loaded
+    except BaseException:
+        if started:
+            dist.destroy_process_group()
+        raise
     if dev.type == "cpu":
         retain_freed_memory()  # per-step buffers reuse warm pages (see its docstring)
     try:
