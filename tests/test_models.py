@@ -447,6 +447,9 @@ def test_damaged_index_and_config_fields_name_the_problem(tmp_path):
         llmcore.models.loading.build_model({"model_type": "roberta", "vocab_size": 9, "hidden_size": 8,
                                             "num_hidden_layers": 1, "num_attention_heads": 2,
                                             "intermediate_size": 8, "pad_token_id": None})
+    with pytest.raises(ValueError, match="pad_token_id null: RoBERTa counts positions"):  # (a probe: forward failed)
+        EncoderConfig(family="roberta", vocab_size=9, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
+                      pad_token_id=None)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -585,6 +588,12 @@ def test_models_built_from_dataclasses_save_and_reload(family, tmp_path):
     if family == "qwen2":
         with pytest.raises(ValueError, match="Qwen2's attention always has q/k/v biases"):
             DecoderConfig(family="qwen2", attention_bias=False)
+        # a config.json's attention_bias false is ignored, as transformers' Qwen2 ignores it (a probe: the checkpoint
+        # was refused); it loads and computes what transformers' model of that folder computes
+        saved = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**saved, "attention_bias": False}))
+        again = from_pretrained(tmp_path, task=task).eval()
+        assert again.config.attention_bias
     theirs = auto.from_pretrained(tmp_path).eval()
     ids = torch.randint(1, 60, (2, 7))
     with torch.no_grad():

@@ -92,6 +92,9 @@ class EncoderConfig:
                   num_heads=self.num_heads, intermediate_size=self.intermediate_size, num_labels=self.num_labels)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.family == "roberta" and self.pad_token_id is None:  # (forward failed on None + 1)
+            raise ValueError("pad_token_id null: RoBERTa counts positions from its padding id (transformers' RoBERTa "
+                             "cannot run without one either); set pad_token_id (in config.json)")
         # DistilBERT has no token types, and transformers' fixes its LayerNorm eps: a model with either could not
         # be saved as one (its token-type table was added to every token, and save_pretrained failed on it)
         if self.family == "distilbert" and (self.type_vocab_size or self.layer_norm_eps != 1e-12):
@@ -117,9 +120,6 @@ class EncoderConfig:
                        hf.get("attention_dropout", 0.1), hf.get("seq_classif_dropout", 0.2),
                        _gelu(hf, "activation", "gelu", family), hf.get("pad_token_id", 0), labels,
                        hf.get("initializer_range", 0.02), dict(hf), problem)
-        if family == "roberta" and hf.get("pad_token_id", 1) is None:
-            raise ValueError("pad_token_id null: RoBERTa counts positions from its padding id (transformers' RoBERTa "
-                             "cannot run without one either); set pad_token_id in config.json")
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise UnsupportedModelError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported")
         _refuse(hf, family, is_decoder=False, add_cross_attention=False)  # (causal self-attention, cross-attention)
@@ -246,8 +246,9 @@ class DecoderConfig:
                    hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hf["hidden_size"] // heads,
                    hf["intermediate_size"], hf.get("max_position_embeddings", 4096), hf.get("rms_norm_eps", 1e-6),
                    float(theta), hf.get("tie_word_embeddings", False),
-                   # (transformers' Mistral has no biases whatever its config says; Qwen2's are always there)
-                   False if family == "mistral" else hf.get("attention_bias", family == "qwen2"), "silu", 0.0,
+                   # (transformers' Mistral has no biases whatever its config says; Qwen2's are always there, an
+                   # attention_bias false in its config.json ignored too: a probe found such a checkpoint refused)
+                   {"mistral": False, "qwen2": True}.get(family, hf.get("attention_bias", False)), "silu", 0.0,
                    hf.get("attention_dropout", 0.0),
                    _sliding_window(hf, family), hf.get("initializer_range", 0.02), dict(hf))
 
