@@ -287,6 +287,82 @@ def test_class_names_datasets_keeps_and_readme_configs(tmp_path):
     assert prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o5").label_names == ["neg", "pos"]
 
 
+def test_class_label_names_are_the_primary_splits_others_mapped_by_name(tmp_path):
+    """A probe: the ClassLabel names were the last split's (or file's) that had them. A validation Parquet file
+    with the classes in another order renamed train's classes (its ids kept); a save_to_disk DatasetDict whose test
+    split was class-encoded on its own (fewer classes) left train ids past the names (finetune's loss failed with
+    IndexError). Train's names are the data's; another split's are mapped onto them by name, which keeps each row's
+    class as datasets reads the file on its own, and refused when they name a class train's do not."""
+    datasets = pytest.importorskip("datasets")
+
+    def parquet(path, names, rows):
+        feats = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        datasets.Dataset.from_dict({"sentence": [r[0] for r in rows], "label": [r[1] for r in rows]},
+                                   features=feats).to_parquet(str(path))
+
+    def as_names(ds, split):  # (the classes of a split's rows, as names)
+        return [ds.label_names[v] for v in ds[split].labels]
+
+    def theirs(path):  # (a file read by datasets on its own: its rows' classes, as names)
+        ds = datasets.load_dataset("parquet", data_files=str(path))["train"]
+        return [ds.features["label"].int2str(v) for v in ds["label"]]
+
+    (tmp_path / "pq").mkdir()
+    parquet(tmp_path / "pq" / "train.parquet", ["neg", "pos"], [(f"film {i} was fine", i % 2) for i in range(12)])
+    parquet(tmp_path / "pq" / "validation.parquet", ["pos", "neg"], [("so good", 0), ("so bad", 1), ("great", 0)])
+    train_names = datasets.load_dataset(str(tmp_path / "pq"))["train"].features["label"].names
+    for kwargs in ({}, {"eval_data": tmp_path / "pq" / "validation.parquet"}):
+        ds = prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o", **kwargs)
+        assert ds.label_names == train_names == ["neg", "pos"], kwargs
+        assert ds["train"].labels.tolist() == [i % 2 for i in range(12)], kwargs
+        assert as_names(ds, "validation") == theirs(tmp_path / "pq" / "validation.parquet") == ["pos", "neg", "pos"]
+
+    classes = ["neg", "neutral", "pos"]
+    train = datasets.Dataset.from_dict({"text": [f"{classes[i % 3]} text number {i}" for i in range(12)],
+                                        "label": [classes[i % 3] for i in range(12)]}).class_encode_column("label")
+    test = datasets.Dataset.from_dict({"text": ["a pos one", "a neg one"],
+                                       "label": ["pos", "neg"]}).class_encode_column("label")
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "dd")
+    ref = datasets.load_from_disk(str(tmp_path / "dd"))
+    ds = prepare(tmp_path / "dd", MODEL, 16, tmp_path / "o2", validation_fraction=0)
+    assert ds.label_names == ref["train"].features["label"].names == classes and ds.num_labels == 3
+    assert ds["train"].labels.tolist() == ref["train"]["label"]
+    assert as_names(ds, "test") == [ref["test"].features["label"].int2str(v) for v in ref["test"]["label"]]
+
+    parquet(tmp_path / "pq" / "validation.parquet", ["neg", "pos", "other"], [("so good", 1), ("so so", 2)])
+    with pytest.raises(ValueError, match=r"validation.parquet': its ClassLabel names \['neg', 'pos', 'other'\] "
+                                         r"differ .*train.parquet', \['neg', 'pos'\], and \['other'\] are none"):
+        prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o3")
+
+
+@pytest.mark.parametrize("head,close", [("---\n", "---"), ("\n\n---\n", "---"), ("  \n---\n", "--- \t"),
+                                        ("\ufeff---\n", "---"), ("\ufeff\n---\n", "---"), ("---\r\n", "---"),
+                                        ("--- \n", "---"), ("x\n---\n", "---")])
+def test_readme_front_matter_found_as_datasets_finds_it(tmp_path, head, close):
+    """A probe: a README.md whose front matter (declaring configs) opens after a blank line or a byte-order mark was
+    missed (datasets reads it: huggingface_hub's card regex allows whitespace first, and it reads the file as
+    utf-8-sig), so a folder was read by file names, its splits' rows lost; one opening with "--- " was refused
+    though datasets finds no front matter there. The folder is refused exactly when datasets reads the configs."""
+    datasets = pytest.importorskip("datasets")
+    for name, n in (("train.csv", 10), ("more.csv", 10), ("holdout.csv", 4)):
+        (tmp_path / name).write_text("text,label\n" + "".join(f"{name} row {i} here,{i % 2}\n" for i in range(n)))
+    nl = "\r\n" if "\r" in head else "\n"
+    card = head + nl.join(["configs:", "- config_name: default", "  data_files:", "  - split: train",
+                           "    path: [train.csv, more.csv]", "  - split: test", "    path: holdout.csv", close,
+                           "# card", ""])
+    with open(tmp_path / "README.md", "w", encoding="utf-8", newline="") as f:
+        f.write(card)
+    theirs = datasets.load_dataset(str(tmp_path))
+    configs = {k: v.num_rows for k, v in theirs.items()} == {"train": 20, "test": 4}
+    if configs:
+        with pytest.raises(ValueError, match="its README.md declares configs"):
+            prepare(tmp_path, MODEL, 16, tmp_path / "o")
+    else:
+        ds = prepare(tmp_path, MODEL, 16, tmp_path / "o", validation_fraction=0)
+        assert {s: len(ds[s]) for s in ds.splits} == {k: v.num_rows for k, v in theirs.items()}
+    assert configs == (head.strip("\ufeff \n\r") == "---" and "--- " not in head)
+
+
 def test_prepare_keeps_a_meta_json_it_did_not_write(tmp_path):
     """A probe: an output folder holding a data set's own meta.json had it replaced by prepare's; it is refused."""
     (tmp_path / "o").mkdir()
@@ -487,6 +563,34 @@ def test_json_layouts_other_writers_make(tmp_path):
                    tmp_path / "twice.parquet")
     with pytest.raises(ValueError, match=r"twice.parquet'.*\['text'\]"):
         sources.read_file(str(tmp_path / "twice.parquet"))
+
+
+def test_json_dict_of_dicts_that_reads_two_ways_is_refused(tmp_path):
+    """A probe: pandas' default to_json (orient="columns") of a frame with whole-number column names (read_csv with
+    header=None) and named rows was taken for orient="index" and read transposed (two rows of eight columns), where
+    pandas' read_json reads it as written. Both layouts make whole-number outer keys; the one under which every
+    column holds one kind of value is read, and a file where both do is refused, naming both readings."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({1: [f"review number {i} was {'good' if i % 2 else 'bad'}" for i in range(8)],
+                          2: ["pos" if i % 2 else "neg" for i in range(8)]}, index=[f"id{i}" for i in range(8)])
+    frame.columns = [0, 1]
+    frame.to_json(tmp_path / "columns.json")
+    assert pd.read_json(tmp_path / "columns.json").shape == (8, 2)
+    with pytest.raises(ValueError, match=r"columns.json' reads two ways: as pandas' to_json\(orient='index'\), 2 "
+                                         r"rows .* or as its default orient='columns', .* 8 rows .*orient='records'"):
+        sources.read_file(str(tmp_path / "columns.json"))
+    strings = pd.DataFrame({"text": ["a good film", "a bad film"], "label": ["pos", "neg"]})
+    strings.to_json(tmp_path / "strings.json", orient="index")  # (as ambiguous: every value a string)
+    with pytest.raises(ValueError, match="strings.json' reads two ways"):
+        sources.read_file(str(tmp_path / "strings.json"))
+    mixed = pd.DataFrame({"text": ["a good film", "a bad film"], "label": ["pos", "neg"], "score": [0.9, 0.1]})
+    mixed.to_json(tmp_path / "index.json", orient="index")  # (a row's values of several kinds: one reading)
+    assert sources.read_file(str(tmp_path / "index.json")) == \
+        pd.read_json(tmp_path / "index.json", orient="index").to_dict("list")
+    frame[1] = [i % 2 for i in range(8)]  # (text and a number in each row: as written, columns)
+    frame.to_json(tmp_path / "numbers.json")
+    assert sources.read_file(str(tmp_path / "numbers.json")) == \
+        {str(k): v for k, v in pd.read_json(tmp_path / "numbers.json").to_dict("list").items()}
 
 
 def test_errors(tmp_path):
@@ -707,6 +811,38 @@ def test_eval_data_errors_name_the_problem(tmp_path, content, message):
     (tmp_path / "eval.csv").write_text(content)
     with pytest.raises(ValueError, match=message):
         prepare(tmp_path / "train.csv", MODEL, 16, tmp_path / "o", eval_data=tmp_path / "eval.csv")
+
+
+def test_eval_data_beside_class_label_data_reads_names_as_datasets(tmp_path):
+    """A probe: beside ClassLabel data whose names are numbers (a 1-5 star column class_encode_column encoded:
+    names "1".."5", ids 0..4) an --eval-data CSV giving the stars was read as ids, one class off (5 past them);
+    datasets, given train's features, reads a string as a name first (ClassLabel.str2int: the name, the name
+    stripped, then an id). A name with a space before it (" neg") was refused; a class id past the names failed
+    with IndexError in the label-set check; it is refused naming its row and the classes."""
+    datasets = pytest.importorskip("datasets")
+    stars = [s for i in range(3) for s in range(1, 6)]
+    train = datasets.Dataset.from_dict({"text": [f"a review worth {s} stars, number {i}" for i, s in enumerate(stars)],
+                                        "label": stars}).class_encode_column("label")
+    assert train.features["label"].names == ["1", "2", "3", "4", "5"]
+    train.to_parquet(str(tmp_path / "stars.parquet"))
+    (tmp_path / "stars.csv").write_text("text,label\none star review,1\nfive star review,5\nthree stars, 3\n"
+                                        "no stars given,\n")
+    theirs = datasets.load_dataset("csv", data_files=str(tmp_path / "stars.csv"), features=train.features)["train"]
+    ds = prepare(tmp_path / "stars.parquet", MODEL, 16, tmp_path / "o", eval_data=tmp_path / "stars.csv")
+    assert ds["validation"].labels.tolist() == [-1 if v is None else v for v in theirs["label"]] == [0, 4, 2, -1]
+
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.Dataset.from_dict({"text": [f"film {i} was {'good' if i % 2 else 'bad'}" for i in range(12)],
+                                "label": [i % 2 for i in range(12)]}, features=feats).to_parquet(
+        str(tmp_path / "films.parquet"))
+    (tmp_path / "films.csv").write_text("text,label\nreally good,pos\nreally bad, neg\nsome film,1\n")
+    theirs = datasets.load_dataset("csv", data_files=str(tmp_path / "films.csv"), features=feats)["train"]
+    ds = prepare(tmp_path / "films.parquet", MODEL, 16, tmp_path / "o2", eval_data=tmp_path / "films.csv")
+    assert ds["validation"].labels.tolist() == theirs["label"] == [1, 0, 1]
+    (tmp_path / "past.csv").write_text("text,label\na good film,1\na so-so film,2\n")
+    with pytest.raises(ValueError, match=r"past.csv': label '2' \(data row 2\) is no class id of the 2 class "
+                                         r"names \['neg', 'pos'\]"):
+        prepare(tmp_path / "films.parquet", MODEL, 16, tmp_path / "o3", eval_data=tmp_path / "past.csv")
 
 
 def test_eval_data_missing(tmp_path):

@@ -197,6 +197,30 @@ def label_ids(values: Sequence, names: Optional[List[str]], where: str = "the da
     return [-1 if _unlabelled(v) else index[str(v)] for v in values]
 
 
+def class_label_ids(values: Sequence, names: List[str], where: str = "the data") -> List[int]:
+    """Integer label per row of a column read against ClassLabel ``names`` (a file beside ClassLabel data, such as
+    --eval-data), as datasets reads one given those features (``ClassLabel.cast_storage``, its ``str2int`` on a
+    string): a string is the class it names, else the name stripped of whitespace (" neg"), else a class id; a number
+    is a class id. So names that are numbers ("1" ... "5", a star rating ``class_encode_column`` encoded) are names
+    first: a "5" was read as id 5, another class, or one past them (a probe). -1 for a missing label; an id past the
+    classes, or a string that is none of them, is an error naming its row."""
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for row, v in enumerate(values):
+        if isinstance(v, str) and (v in index or v.strip() in index):
+            out.append(index[v] if v in index else index[v.strip()])
+            continue
+        if _missing(v, ids=True):
+            out.append(-1)
+            continue
+        i = _class_id(v)
+        if i is None or not -1 <= i < len(names):
+            why = "is none of the class names" if i is None else f"is no class id of the {len(names)} class names"
+            raise ValueError(f"{where}: label {v!r} (data row {row + 1}) {why} {names}")
+        out.append(i)
+    return out
+
+
 def filter_rows(texts: List[str], min_chars: int, max_chars: Optional[int], dedup: bool):
     """Indices of the rows kept, and the counts dropped by reason (checked in this order)."""
     dropped = {"empty": 0, "too_short": 0, "too_long": 0, "duplicate": 0}

@@ -28,8 +28,9 @@ from llmcore.hub import checkpoint_folder
 from llmcore.tokenizer.core import _count
 
 # (in the cache key: 2 NFC after removing controls; 3 whole-number label ids, quoted TSV; 4 evaluation splits whole;
-# 5 TSV quoting by opening quotes, blank lines of spaces, entities with their ";", labels of spaces missing)
-FORMAT_VERSION = 5
+# 5 TSV quoting by opening quotes, blank lines of spaces, entities with their ";", labels of spaces missing;
+# 6 the primary split's ClassLabel names, others mapped onto them by name, names before ids beside ClassLabel data)
+FORMAT_VERSION = 6
 SPLIT_SEED = 42  # the validation split's seed by default (transformers' default seed), in prepare and finetune
 
 
@@ -267,6 +268,11 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     out and none is split off train. It needs train's text and label columns (the label column not with
     ``eval_labels=False``: a causal LM's data, whose labels are unused), and no label that train lacks.
 
+    ClassLabel names (of Parquet files datasets wrote, a ``save_to_disk`` folder, a Hub data set) are train's:
+    another split or file with names of its own is mapped onto them by name (refused when it names a class train's
+    do not), and a file without them (``eval_data`` as CSV) is read as datasets reads it given train's features:
+    a string is a class name first (stripped of whitespace too), then a class id.
+
     ``overflow``: what becomes of the tokens past ``max_length``: ``"truncate"`` drops them;
     ``"split"`` makes a longer text several rows (windows of ``max_length`` tokens, each with the
     special tokens and the text's label; see ``Tokenizer.encode_batch(return_overflowing_tokens=True)``),
@@ -357,9 +363,13 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         clean.check_text_column(table[text_col], text_col, where[split])
     if label_col is not None and label_col == text_col:
         raise ValueError(f"column {text_col!r} cannot be both the text and the label column")
-    hub_names = None
-    for table in tables.values():
-        hub_names = (table.get("__label_names__") or {}).get(label_col) or hub_names
+    # ClassLabel names (a Parquet file datasets wrote, a save_to_disk folder, a Hub data set): the primary split's,
+    # as the label ids train on are its ids (else the first split's that has them; the last one's were taken: a
+    # validation file with the classes in another order renamed train's, a test split class-encoded on its own left
+    # train ids past the names, a probe). Another split's own names, when they differ, are mapped onto these
+    own_names = {s: (t.get("__label_names__") or {}).get(label_col) for s, t in tables.items()}
+    named = [s for s in [primary] + list(tables) if own_names[s]]
+    hub_names = own_names[named[0]] if named else None
     all_labels = [v for s, t in tables.items() if cols[s][1] for v in t[cols[s][1]]]
     label_names = hub_names or (clean.label_mapping(all_labels) if label_col else None)
     string_labels = label_names is not None and hub_names is None
@@ -377,11 +387,12 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             keep, dropped = list(range(len(texts))), {}
         labels = None
         if lc is not None:
-            names = label_names if string_labels else None
-            if hub_names is not None and not (table.get("__label_names__") or {}).get(lc) \
-                    and clean.label_mapping(table[lc]) is not None:
-                names = hub_names  # (a file beside ClassLabel data, e.g. --eval-data, naming the classes)
-            lab = clean.label_ids(table[lc], names, where[split])
+            if own_names[split]:
+                lab = _class_label_ids(table[lc], own_names[split], hub_names, where[split], where[named[0]])
+            elif hub_names is not None:  # (a file beside ClassLabel data, e.g. --eval-data: names or ids)
+                lab = clean.class_label_ids(table[lc], hub_names, where[split])
+            else:
+                lab = clean.label_ids(table[lc], label_names if string_labels else None, where[split])
             labels = [lab[i] for i in keep]
         result[split] = {"texts": [texts[i] for i in keep], "labels": labels}
         counts[split] = {"rows": len(raw), "kept": len(keep), "dropped": dropped}
@@ -510,6 +521,27 @@ def _publish(stage: str, output_dir: str, meta: dict, old: Optional[dict]) -> No
         os.replace(os.path.join(stage, fn), os.path.join(output_dir, fn))
     os.rmdir(stage)
     os.replace(tmp, meta_path)
+
+
+def _class_label_ids(values: list, own: List[str], names: List[str], where: str, names_where: str) -> List[int]:
+    """The label ids of a split with its own ClassLabel names ``own`` (its values ids into them), as ids into
+    ``names``, the data's: mapped by name when the two differ (another order, or a split class-encoded on its own
+    with fewer classes), which keeps each row's class (datasets would need a cast: load_dataset kept the ids, and
+    the classes changed). A split whose names are not all among ``names`` is refused, naming those; an id past
+    ``own`` too, naming its row."""
+    ids = clean.label_ids(values, None, where)
+    bad = next((row for row, v in enumerate(ids) if v >= len(own)), None)
+    if bad is not None:
+        raise ValueError(f"{where}: label {ids[bad]} (data row {bad + 1}) is no class id of its {len(own)} "
+                         f"ClassLabel names {own}")
+    if own == names:
+        return ids
+    unknown = [n for n in own if n not in names]
+    if unknown:
+        raise ValueError(f"{where}: its ClassLabel names {own} differ from those of {names_where}, {names}, and "
+                         f"{unknown} are none of those: the classes of the two differ (mismatched files?)")
+    index = {n: i for i, n in enumerate(names)}
+    return [-1 if v < 0 else index[own[v]] for v in ids]
 
 
 def _check_label_sets(result: Dict[str, dict], where: Dict[str, str], label_names: Optional[List[str]]) -> None:

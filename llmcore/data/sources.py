@@ -183,7 +183,8 @@ def _read_file(path: str) -> Table:
             return _records_to_table(_json_lines(path), path)  # JSON Lines named .json (datasets' to_json writes it)
         if isinstance(obj, dict) and {"columns", "data"} <= set(obj) <= {"columns", "index", "data"}:
             return _split_to_table(obj, path)  # pandas' to_json(orient="split")
-        if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()) and _index_oriented(obj):
+        if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()) \
+                and _index_oriented(obj, path):
             return _records_to_table(list(obj.values()), path)  # pandas' to_json(orient="index"): {row: {column: v}}
         if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
             # pandas' to_json default: {column: {row index: value}}
@@ -229,12 +230,39 @@ def _read_file(path: str) -> Table:
     raise ValueError(f"{path!r}: unsupported file type {ext!r}; expected one of {', '.join(EXTENSIONS)}")
 
 
-def _index_oriented(obj: dict) -> bool:
-    """Whether a dict of dicts is pandas' ``orient="index"`` (row index -> record: the outer keys whole numbers, the
-    inner ones not all), not its default ``orient="columns"`` (column -> {row index: value})."""
+def _index_oriented(obj: dict, path: str) -> bool:
+    """Whether a dict of dicts is pandas' ``orient="index"`` (row index -> record), not its default
+    ``orient="columns"`` (column -> {row index: value}), which it is, as pandas' read_json reads it, when the outer
+    keys are not all whole numbers or the inner ones all are. Whole-number outer keys and inner ones not all whole
+    read either way: ``orient="index"`` of a frame with the default row index, or the default of one with
+    whole-number column names (``read_csv(header=None)``) and named rows, which was read transposed (a probe).
+    They are told apart by the reading under which every column holds one kind of value (text, numbers...) where
+    the other's do not; a file where both readings (or neither) do is refused, naming both."""
     def whole(keys) -> bool:
         return all(k.lstrip("-").isdigit() for k in keys)
-    return whole(obj) and not whole(k for v in obj.values() for k in v)
+
+    if not whole(obj) or whole(k for v in obj.values() for k in v):
+        return False
+    inner = list(dict.fromkeys(k for v in obj.values() for k in v))
+    by_index = all(_one_kind(record.get(c) for record in obj.values()) for c in inner)
+    by_columns = all(_one_kind(column.values()) for column in obj.values())
+    if by_index != by_columns:
+        return by_index
+
+    def shown(keys):
+        return ", ".join(repr(k) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
+    outer = list(obj)
+    raise ValueError(f"{path!r} reads two ways: as pandas' to_json(orient='index'), {len(outer)} rows ({shown(outer)}) "
+                     f"of the columns {shown(inner)}, or as its default orient='columns', as pandas' read_json reads "
+                     f"it, {len(inner)} rows ({shown(inner)}) of the columns {shown(outer)}; write it in a layout that "
+                     "reads one way: to_json(orient='records', lines=True), or orient='split'")
+
+
+def _one_kind(values) -> bool:
+    """Whether the values, nulls aside, are of one JSON kind (strings, numbers, booleans, lists or objects)."""
+    kinds = {bool if isinstance(v, bool) else float if isinstance(v, (int, float)) else type(v)
+             for v in values if v is not None}
+    return len(kinds) <= 1
 
 
 def _class_label_names(metadata: dict) -> Dict[str, list]:
@@ -321,16 +349,21 @@ def local_files(path: str) -> Dict[str, str]:
 
 def _readme_configs(path: str) -> bool:
     """Whether folder ``path``'s README.md has YAML front matter with a top-level ``configs:`` key (a Hub data
-    set card's, which tells datasets which files make which split)."""
+    set card's, which tells datasets which files make which split). The front matter is found as huggingface_hub's
+    ``RepoCard`` finds it (its regex, the file read as ``DatasetCard.load`` reads it: UTF-8 with a byte-order mark
+    dropped, line ends kept): a card with a blank line or a byte-order mark before ``---`` was missed, its configs
+    unseen, and one opening with ``--- `` was refused though datasets reads no configs there (a probe)."""
     try:
-        with open(os.path.join(path, "README.md"), encoding="utf-8", errors="replace") as f:
-            text = f.read(1 << 20)
+        with open(os.path.join(path, "README.md"), newline="", encoding="utf-8-sig", errors="replace") as f:
+            text = f.read()
     except OSError:
         return False
-    if not text.startswith("---"):
-        return False
-    end = text.find("\n---", 3)
-    front = text[3:end] if end >= 0 else ""
+    # huggingface_hub's own pattern, which datasets.load_dataset finds a card's front matter with: blank lines may
+    # come before the opening "---", which ends its line at once ("--- " opens none)
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    match = REGEX_YAML_BLOCK.search(text)
+    front = re.sub(r"\r\n?", "\n", match.group(2)) if match else ""  # (YAML's line breaks, \r alone too)
     return re.search(r"^configs\s*:", front, re.MULTILINE) is not None
 
 
