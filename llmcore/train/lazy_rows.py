@@ -142,22 +142,27 @@ class LazyRowAdamW:
         also reached the loss another way). ``weight.grad`` must be one of the buffers the lookups'
         backward wrote this step: autograd sums another use's gradient with them into a new tensor
         (``emb.weight[4999]`` in an output: the random sample alone found it at step 86, the row's
-        gradient missing from every update and norm until then). Then SAMPLE_ROWS random untouched
-        rows, for a stray gradient added in place to a buffer."""
+        gradient missing from every update and norm until then). After several backwards (lookups, or
+        micro-batches: a later one's is added in place to the earlier one's buffer, a stray gradient with
+        it) the nonzeros must all be on touched rows. One backward's own buffer: then SAMPLE_ROWS random
+        untouched rows, a backstop."""
         g = self.weight.grad
-        strided = g.layout == torch.strided  # (a sparse one has no data_ptr)
-        if not strided or g.data_ptr() not in self.buffers:
-            if not strided or len(self.buffers) < 2 or g.dtype != torch.float32 or not g.is_contiguous():
-                return False
-            # Several lookups in one backward (a pair of sentences encoded apart): autograd summed their buffers
-            # into a new tensor, with or without a stray gradient. Nonzeros only on touched rows tell; one pass
-            # over the bits (a -0.0 counts: dense, still exact) costs a fraction of the sum autograd just made.
-            bits = g.view(torch.int32)
-            touched = bits.index_select(0, self._touched_rows())
-            return int(torch.count_nonzero(bits)) == int(torch.count_nonzero(touched))
-        sample = torch.randint(0, g.shape[0], (SAMPLE_ROWS,), generator=self.sampler)
-        sample = sample[~torch.isin(sample, self._touched_rows())]
-        return not bool(g.index_select(0, sample).any())
+        if g.layout != torch.strided:  # (a sparse one has no data_ptr)
+            return False
+        mine = g.data_ptr() in self.buffers
+        if mine and len(self.touched) == 1:
+            sample = torch.randint(0, g.shape[0], (SAMPLE_ROWS,), generator=self.sampler)
+            sample = sample[~torch.isin(sample, self._touched_rows())]
+            return not bool(g.index_select(0, sample).any())
+        if (not mine and len(self.buffers) < 2) or g.dtype != torch.float32 or not g.is_contiguous():
+            return False
+        # Several lookups in one backward (a pair of sentences encoded apart), or several micro-batches (a probe
+        # found a stray gradient in the second one, added in place to the first's buffer, missed): nonzeros only
+        # on touched rows tell; one pass over the bits (a -0.0 counts: dense, still exact) costs a fraction of the
+        # sums autograd made.
+        bits = g.view(torch.int32)
+        touched = bits.index_select(0, self._touched_rows())
+        return int(torch.count_nonzero(bits)) == int(torch.count_nonzero(touched))
 
     def _still_sparse(self) -> bool:
         """Whether the table is still stepped here: the gradient is checked once a step (by
