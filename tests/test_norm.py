@@ -432,6 +432,20 @@ def test_torch_func_transforms_are_refused_clearly():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="torch.func transforms .* are not supported.*backend='torch'"):
         torch.func.grad(lambda m: linear_cross_entropy(h, m, y))(lm)
+    # vmap over the labels (a probe: the label range check branched on batched values, torch's data-dependent
+    # control flow error), the default backend refused as over hidden
+    ys = torch.stack([y, y.flip(0)])
+    got = torch.func.vmap(lambda t: linear_cross_entropy(h, lm, t, bias, backend="torch"))(ys)
+    torch.testing.assert_close(got, torch.stack([F.cross_entropy(F.linear(h, lm, bias), t) for t in ys]))
+    with pytest.raises(RuntimeError, match="torch.func transforms .* are not supported.*backend='torch'"):
+        torch.func.vmap(lambda t: linear_cross_entropy(h, lm, t))(ys)
+    # NumPy scalars as torch's cross_entropy takes them (refused: a probe)
+    import numpy as np
+
+    got = linear_cross_entropy(h, lm, y, bias, ignore_index=np.int64(-100), label_smoothing=np.float32(0.1),
+                               chunk_size=np.int64(4))
+    torch.testing.assert_close(got, F.cross_entropy(F.linear(h, lm, bias), y, ignore_index=np.int64(-100),
+                                                    label_smoothing=np.float32(0.1)))
 
 
 def test_first_derivatives_under_create_graph_and_checkpointing_and_no_kept_hidden():

@@ -23,6 +23,7 @@ each row's scale arrives only in backward, so backward recomputes each chunk's l
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -424,12 +425,17 @@ def linear_cross_entropy(
                          f"{tuple(labels.shape)}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    # (NumPy scalars as torch's cross_entropy takes them: a probe found them refused)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    ignore_index = int(ignore_index)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+    chunk_size = None if chunk_size is None else int(chunk_size)
+    if not (isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    label_smoothing = float(label_smoothing)
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend={backend!r} is unknown; choose one of None, 'triton', 'torch'")
     if loss_dtype is not None and loss_dtype not in _FLOAT_DTYPES:
@@ -448,8 +454,11 @@ def linear_cross_entropy(
 
     out_dtype = loss_dtype or out_dtype
     labels = labels.reshape(-1).long()
+    # under a torch.func transform (the labels batched by vmap too: a probe) the composite's cross_entropy checks
+    # them; a Python branch on their values cannot run there
+    transformed = functorch_in_use(hidden, weight, bias, labels)
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):  # torch raises too; an out-of-range gather would read garbage instead
+    if not transformed and bool(bad.any()):  # torch raises too; an out-of-range gather would read garbage instead
         raise ValueError(f"labels must be in [0, {V}) or ignore_index={ignore_index}, got {labels[bad][0].item()}")
     shape = hidden.shape
     hidden2d = hidden.reshape(labels.numel(), shape[-1]).contiguous()  # (a hidden size of 0 too: -1 is ambiguous)
@@ -459,7 +468,7 @@ def linear_cross_entropy(
              grad_on and bias is not None and bias.requires_grad)
     args = (hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels, ignore_index,
             reduction, float(label_smoothing), chunk, needs, compute_dtype, out_dtype)
-    if functorch_in_use(hidden2d, weight, bias):  # (an autograd.Function without setup_context: torch refuses it)
+    if transformed:  # (an autograd.Function without setup_context: torch refuses it)
         if backend != "torch":
             raise RuntimeError(FUNCTORCH_REFUSAL)
         with torch.autocast(hidden.device.type, enabled=False):  # the composite, which the transforms can trace
