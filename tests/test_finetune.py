@@ -352,6 +352,8 @@ def test_finetune_flag_edge_cases(tmp_path, capsys):
     code, err = _finetune_err(capsys, data, other, "--resume-from-checkpoint", str(out / "checkpoint-1"),
                               "--max-steps", "2")
     assert code == 2 and "holds an earlier run" in err and (other / "results.json").read_bytes() == before
+    # (no checkpoint there: resuming is not advised, a probe followed that advice into "no checkpoint-* folder")
+    assert "--overwrite-output-dir replaces it" in err and "--resume-from-checkpoint true" not in err
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -393,6 +395,7 @@ def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path
     assert (out / "checkpoint-2").is_dir() and (out / "final").is_dir()
     code, err = _finetune_err(capsys, data, out)
     assert code == 2 and "holds an earlier run (checkpoint-2, final, results.json, logs/train_log.jsonl)" in err
+    assert "--resume-from-checkpoint true continues it" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     code, err = _finetune_err(capsys, tmp_path / "missing", out, "--overwrite-output-dir")
     assert code == 2 and (out / "checkpoint-2").is_dir()  # the new run failed before training: the old one stays

@@ -527,8 +527,12 @@ def _check_output_dir(output_dir: str, config: TrainConfig, overwrite_output_dir
     resuming = resumes_here(config.resume_from_checkpoint, output_dir)
     earlier = [] if resuming else earlier_run(output_dir, config.logging_dir)
     if earlier and not overwrite_output_dir:
-        raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): --resume-from-checkpoint true "
-                         f"continues it, --overwrite-output-dir replaces it, or choose another --output-dir")
+        from llmcore.train.checkpoint import list_checkpoints
+
+        # (resuming is advised only where it finds a checkpoint: a probe followed it into "no checkpoint-* folder")
+        resume = "--resume-from-checkpoint true continues it, " if list_checkpoints(output_dir) else ""
+        raise ValueError(f"{output_dir!r} holds an earlier run ({', '.join(earlier)}): {resume}--overwrite-output-dir "
+                         f"replaces it, or choose another --output-dir")
     model = checkpoint_dir(model)  # a Hub id is fetched once, before the data (its tokenizer) needs it
     if earlier:  # (overwrite_output_dir: the inputs must not lie in what it removes)
         resume = config.resume_from_checkpoint if isinstance(config.resume_from_checkpoint, str) else None
