@@ -802,3 +802,85 @@ def test_config_settings_transformers_rebuilds_from_are_warned_about(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             Tokenizer.from_pretrained(path)
+
+
+def test_config_names_are_built_into_the_pipeline_as_transformers(tmp_path):
+    """Found by a probe: a folder whose tokenizer_config.json / special_tokens_map.json names other special tokens than
+    tokenizer.json's template and WordPiece: transformers' BERT class rebuilds the [CLS] A [SEP] template and the
+    unknown token from the names, and every class matches a named token in the text; llmcore kept tokenizer.json's
+    silently, while its sep_token_id / unk_token_id said the names'. A null cls / sep / unk token, where that class
+    builds with the string "None" (id 2 or 3 in the template, or no unknown token), is refused."""
+    texts = ["Hello 中文字符 world", "a [unused1] b [unused3] c [SEP] d [UNK]", "", "short"]
+    pairs = ["and a [CLS] pair", "b", "c", "中文"]
+    bert = _minilm_file("tokenizer_config.json")
+    cases = [({**bert, "sep_token": "[unused1]"}, None), (bert, {"cls_token": "[SEP]", "sep_token": "[CLS]"}),
+             ({**bert, "unk_token": "[unused3]"}, {"unk_token": "[unused3]"}),
+             ({**bert, "tokenizer_class": "DistilBertTokenizerFast", "sep_token": "[unused1]",
+               "unk_token": "[unused3]"}, None),
+             ({"tokenizer_class": "PreTrainedTokenizerFast", "mask_token": "[unused3]", "sep_token": "[unused1]"},
+              None)]  # (the generic class keeps tokenizer.json's template, and matches the names in the text)
+    for i, (config, special_tokens_map) in enumerate(cases):
+        path = _minilm_json(tmp_path, f"c{i}", config)
+        if special_tokens_map is not None:
+            (path / "special_tokens_map.json").write_text(json.dumps(special_tokens_map))
+        ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+        assert named(ours) == named(theirs), config
+        for tok in (ours, pickle.loads(pickle.dumps(ours))):
+            assert tok(texts)["input_ids"] == theirs(texts)["input_ids"], config
+            got, want = tok(texts, pairs, return_token_type_ids=True), theirs(texts, pairs, return_token_type_ids=True)
+            assert (got["input_ids"], got["token_type_ids"]) == (want["input_ids"], want["token_type_ids"]), config
+        ids = theirs(texts, pairs)["input_ids"]
+        for skip in (True, False):
+            assert ours.batch_decode(ids, skip) == theirs.batch_decode(ids, skip_special_tokens=skip), config
+        assert_special_masks_as_transformers(ours, theirs, texts, pairs)
+        ours.save_pretrained(tmp_path / f"saved{i}")
+        for again in (Tokenizer.from_pretrained(tmp_path / f"saved{i}"),
+                      transformers.AutoTokenizer.from_pretrained(tmp_path / f"saved{i}")):
+            assert again(texts, pairs)["input_ids"] == theirs(texts, pairs)["input_ids"], config
+    for key, theirs_is in (("cls_token", "'[CLS]'"), ("sep_token", "'[SEP]'"), ("unk_token", "'[UNK]'")):
+        path = _minilm_json(tmp_path, f"null_{key}", {**bert, key: None})
+        with pytest.raises(TokenizerFileError, match=rf"{key} is null .*, where tokenizer.json has "
+                                                     rf"{re.escape(theirs_is)}: transformers' BertTokenizer"):
+            Tokenizer.from_pretrained(path)
+    assert transformers.AutoTokenizer.from_pretrained(
+        _minilm_json(tmp_path, "null_cls_theirs", {**bert, "cls_token": None}))("a")["input_ids"][0] == 2
+
+
+def test_saved_folder_keeps_what_a_changed_name_left_as_transformers(tmp_path):
+    """Found by a probe of save / load round trips after a special token's name changed: (1) a vocab.txt folder saved
+    after tok.pad_token = "[UNK]" (or tok.mask_token = None) held no added tokens, so "[PAD]" ("[MASK]") in a text was
+    split into "[", "pad", "]" by the folder read back, in transformers and llmcore; its tokenizer_config.json holds
+    every added token now (added_tokens_decoder, as transformers writes them). (2) A folder of tokenizer.json alone
+    saved after tok.pad_token = None wrote no pad_token, and the folder read back took the padding section's [PAD]
+    again; it writes null now, as transformers' own save."""
+    text = ["a [PAD] b [MASK] c [UNK] d", "e"]
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        shutil.copy(f"{minilm_dir()}/{name}", vocab / name)
+    for key, value in (("pad_token", "[UNK]"), ("mask_token", None)):
+        ours, theirs = Tokenizer.from_pretrained(vocab), transformers.AutoTokenizer.from_pretrained(vocab)
+        for tok in (ours, theirs):
+            setattr(tok, key, value)
+        ours.save_pretrained(tmp_path / key)
+        theirs.save_pretrained(tmp_path / f"theirs_{key}")
+        reread = transformers.AutoTokenizer.from_pretrained(tmp_path / f"theirs_{key}")
+        for again in (Tokenizer.from_pretrained(tmp_path / key),
+                      transformers.AutoTokenizer.from_pretrained(tmp_path / key)):
+            assert again(text)["input_ids"] == theirs(text)["input_ids"] == reread(text)["input_ids"], key
+            assert named(again) == named(theirs), key
+            _pads_as_transformers(again, theirs, text)
+        saved = json.loads((tmp_path / key / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+        assert saved["0"] == tokenizers.AddedToken("[PAD]", special=True, normalized=False).__getstate__()
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(f"{minilm_dir()}/tokenizer.json", only / "tokenizer.json")
+    ours, theirs = Tokenizer.from_pretrained(only), transformers.AutoTokenizer.from_pretrained(only)
+    for tok in (ours, theirs):
+        tok.pad_token = None
+    ours.save_pretrained(tmp_path / "only_saved")
+    theirs.save_pretrained(tmp_path / "only_theirs")
+    for saved in (tmp_path / "only_saved", tmp_path / "only_theirs"):
+        again, reread = Tokenizer.from_pretrained(saved), transformers.AutoTokenizer.from_pretrained(saved)
+        assert again.pad_token is None and named(again) == named(reread) == named(theirs), saved
+        _pads_as_transformers(again, reread, text)

@@ -254,6 +254,9 @@ class Tokenizer:
         for key, side in getattr(spec, "sides", {}).items():
             setattr(self, key, side)
         self._folder_config: dict = {}  # the folder's whole tokenizer_config.json, which save_pretrained writes back
+        # tokenizer.json's padding section's pad token (before the config's name, or tok.pad_token, replaces it): a
+        # saved folder takes it again unless its tokenizer_config.json says otherwise
+        self._section_pad_token = spec.pad_token if source[0] == "json" else None
         # ids of a vocab.txt's empty lines (their native entries are placeholders): decode leaves them out
         strings = spec.token_strings if isinstance(spec.token_strings, dict) else {}
         self._blank_ids = frozenset(i for i, s in strings.items() if s == "")
@@ -321,7 +324,57 @@ class Tokenizer:
             warnings.warn(f"{where}: the extra special tokens {missing} are no tokens of this tokenizer: left out",
                           stacklevel=3)
         self._extra_special = [t for t in extra if t not in missing]
+        self._build_names_in(cfg, where)
         self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
+
+    def _build_names_in(self, cfg: dict, where: str) -> None:
+        """Builds the folder's names for its special tokens into the pipeline, as transformers 5 does; else
+        ``sep_token_id``, ``unk_token_id``... (the names') said other ids than the ones encoding gave.
+
+        Every named special token and extra one that is no added token yet becomes one (special, matched in the raw
+        text), as transformers adds them whatever the class. A tokenizer.json read through a BERT class
+        (tokenizer_class BertTokenizer or DistilBertTokenizer, "Fast" or not) gets the template that class rebuilds
+        over tokenizer.json's, [CLS] A [SEP] (pair: [CLS] A [SEP] B [SEP], type ids 0 then 1) with the ids of
+        cls_token and sep_token, and unk_token as its WordPiece's unknown token. Where one of the three is null (or
+        its default is no token), that class builds with the string "None": the template takes ids 2 / 3 of the
+        vocabulary, whatever they are, and the WordPiece fails on every word outside the vocabulary; refused, as
+        load_bert_vocab refuses it in a vocab.txt folder (whose template and WordPiece are built from the names
+        already). RoBERTa's class rebuilds its template from cls / sep too, with defaults (<s>, </s>) llmcore does not
+        name: not done here."""
+        spec, changed = self._spec, False
+        named = [*self._named.values(), *([spec.pad_token] if spec.pad_token is not None else []), *self._extra_special]
+        new = [t for t in dict.fromkeys(named) if t not in {a.content for a in spec.added_tokens}]
+        if new:
+            # (HF matches added tokens in two passes, normalized=false ones first: one that can overlap a normalized
+            # one is refused, as in a tokenizer.json)
+            _loaders._check_added_tokens([{"content": t.content, "normalized": t.normalized} for t in spec.added_tokens]
+                                         + [{"content": t, "normalized": False} for t in new], [], {}, where)
+            spec.added_tokens = spec.added_tokens + [_loaders.AddedToken(t, self.token_to_id(t)) for t in new]
+            changed = True
+        theirs = str(cfg.get("tokenizer_class")).removesuffix("Fast")
+        if self._source[0] == "json" and spec.kind == "wordpiece" and theirs in ("BertTokenizer",
+                                                                                 "DistilBertTokenizer"):
+            for key, position, fallback in (("cls_token", 0, 2), ("sep_token", -1, 3), ("unk_token", None, None)):
+                if key in self._named:
+                    continue
+                if position is None:
+                    ours = spec.unk_token
+                    then = "builds its WordPiece with no unknown token (any word outside the vocabulary fails)"
+                else:
+                    item = spec.template_single[position] if spec.template_single else ("A",)
+                    ours = self.id_to_token(item[1][0]) if item[0] == "special" else None
+                    then = f"puts id {fallback} ({self.id_to_token(fallback)!r}) in its template"
+                raise TokenizerFileError(f"{where}: {key} is null (or its default is no token), where tokenizer.json "
+                                         f"has {ours!r}: transformers' {theirs} rebuilds the pipeline from {key}, and "
+                                         f"then {then}; name the token")
+            cls_id, sep_id = self.token_to_id(self._named["cls_token"]), self.token_to_id(self._named["sep_token"])
+            single = [("special", [cls_id], 0), ("A", 0), ("special", [sep_id], 0)]
+            pair = single + [("B", 1), ("special", [sep_id], 1)]
+            if (single, pair, self._named["unk_token"]) != (spec.template_single, spec.template_pair, spec.unk_token):
+                spec.template_single, spec.template_pair, spec.unk_token = single, pair, self._named["unk_token"]
+                changed = True
+        if changed:
+            self._native = spec.build()
 
     # --- constructors -------------------------------------------------------------------
     @classmethod
@@ -1028,8 +1081,8 @@ class Tokenizer:
         """Writes a folder transformers' AutoTokenizer and ``Tokenizer.from_pretrained`` read back as this
         tokenizer (what transformers' Trainer calls at every checkpoint): ``tokenizer.json`` as it was read (or
         BERT's ``vocab.txt``), ``tokenizer_config.json`` (the folder's, with this tokenizer's settings:
-        model_max_length, sides, clean-up, the named special tokens) and ``special_tokens_map.json``. Returns
-        the files' paths. A tiktoken rank file has no such folder: refused."""
+        model_max_length, sides, clean-up, the named special tokens; a vocab.txt's added tokens) and
+        ``special_tokens_map.json``. Returns the files' paths. A tiktoken rank file has no such folder: refused."""
         kind = self._source[0]
         if kind == "tiktoken":
             raise NotImplementedError("save_pretrained: a tiktoken rank file makes no transformers tokenizer folder; "
@@ -1058,10 +1111,21 @@ class Tokenizer:
             config["tokenizer_class"] = "BertTokenizer"
         # a name cleared (tok.pad_token = None) is written null, as transformers writes it: left out, the folder's
         # name (or a BERT class's default) came back on loading
+        # (and a cleared pad token beside tokenizer.json's padding section, which transformers' own save keeps too)
         defaults = _loaders.special_token_names({"tokenizer_class": config.get("tokenizer_class")}, lambda t: True,
                                                 bert_defaults=kind == "vocab")
+        if self._section_pad_token is not None:
+            defaults["pad_token"] = self._section_pad_token
         config.update({k: None for k in _loaders.SPECIAL_NAMES
                        if k not in self.special_tokens and (k in config or k in defaults)})
+        if kind == "vocab":
+            # every added token, as transformers writes them (by id, AddedToken's fields): a vocab.txt holds none, and
+            # one that lost its name ([PAD] after tok.pad_token = "[UNK]") was split in the texts of the folder read
+            # back, by transformers and llmcore alike, where this tokenizer and transformers' own save match it whole
+            config["added_tokens_decoder"] = {
+                str(t.id): {"content": t.content, "single_word": t.single_word, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                            "normalized": t.normalized, "special": t.special}
+                for t in sorted(self._spec.added_tokens, key=lambda t: t.id)}
         if _loaders.returns_type_ids(config) != self.returns_type_ids:  # (config.json's model type said, or set)
             config["model_input_names"] = self.model_input_names
         for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", self.special_tokens_map)):
