@@ -624,11 +624,13 @@ def _fused_lm_loss_forward(self: nn.Module, *args, **kwargs):
     held, and the output's ``logits`` is None), with transformers' loss semantics: labels shifted left (or
     ``shift_labels`` as given), -100 (``ignore_index``) ignored, the mean, or the sum divided by
     ``num_items_in_batch`` when given, in float32. Anything else -- evaluation, no labels, positional arguments,
-    ``return_dict``, ``logits_to_keep``, a custom ``loss_function``, an lm_head wrapped or hooked after patching --
-    takes transformers' forward."""
+    ``return_dict``, ``logits_to_keep``, a custom ``loss_function``, an lm_head wrapped or hooked after patching, a
+    model no longer running llmcore attention (``set_attn_implementation("eager")``, the way back to transformers'
+    behaviour: its logits stayed None, a probe) -- takes transformers' forward."""
     labels = kwargs.get("labels")
     keep = kwargs.get("logits_to_keep", 0)
     if (labels is None or args or not self.training or "return_dict" in kwargs
+            or getattr(self.config, "_attn_implementation", None) != NAME
             or not (isinstance(keep, int) and keep == 0) or "_loss_function" in self.__dict__
             or not _is_plain(self.lm_head, nn.Linear)):
         return type(self).forward(self, *args, **kwargs)

@@ -519,6 +519,12 @@ def test_patch_causal_lm_plumbing(kind, ref_ops, tmp_path):
     assert outs[0].past_key_values is not None
     torch.testing.assert_close(outs[1].loss, outs[0].loss, **FP32)
     _assert_grads_close(ref, model)
+    # switched back to transformers' attention, its forward with its logits (they stayed None: a probe)
+    switched = copy.deepcopy(model)
+    switched.set_attn_implementation("eager")
+    out = switched(**batch, labels=labels)
+    assert out.logits is not None and out.logits.shape == outs[0].logits.shape
+    torch.testing.assert_close(out.loss, outs[0].loss, **FP32)
 
     model.save_pretrained(tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
