@@ -89,6 +89,26 @@ def test_special_tokens_when_asked(tik):
     assert tok.vocab_size == tik.n_vocab == 100277 and plain.vocab_size == 100256
 
 
+def test_special_token_id_among_the_ranks_is_refused():
+    """Found by a probe: a special token given a rank of the file ({"<|endoftext|>": 5}, 5 is b"&") was taken: "&"
+    encoded as 5 and decoded as the special ('' by default), where tiktoken decodes 5 as "&". Refused, naming the
+    token, the id and the rank's bytes; an id past the ranks is taken as tiktoken takes it."""
+    import tiktoken.load
+
+    ranks, pattern = tiktoken.load.load_tiktoken_bpe(cl100k_path()), _C.pattern_regex("cl100k")
+    ref = tiktoken.Encoding("collide", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 5})
+    assert ref.decode(ref.encode("&", allowed_special="all")) == "&"  # (the reference reads 5 as the rank)
+    with pytest.raises(ValueError, match=r"'<\|endoftext\|>' has id 5, the rank of b'&' in .*100256 or above"):
+        Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": 5})
+    with pytest.raises(ValueError, match="'<x>' has id 100255, the rank of"):  # (the last rank)
+        Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": 100257, "<x>": 100255})
+    tok = Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": 100256})  # (the first free id)
+    ref = tiktoken.Encoding("free", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 100256})
+    text = "fish & chips<|endoftext|>&"
+    assert tok.encode(text) == ref.encode(text, allowed_special="all")
+    assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+
+
 @pytest.mark.parametrize("text", ["a" * 10**6, " " * 10**6, "1" * 10**6, "\n" * 10**6, "random-word"])
 def test_cl100k_megabyte_inputs(cl100k, tik, text):
     if text == "random-word":

@@ -78,6 +78,32 @@ def test_bpe_windows_starting_on_space_runs(tmp_path):
         assert_same_windows(tok, hf, batch, max_length, stride)
 
 
+def test_bpe_windows_starting_after_added_tokens(tmp_path):
+    """Found by a probe: a window whose first token follows an added token in the text had the wrong offsets.
+    HF's post-processor trims every window as a sequence of its own, and a first token whose string starts with
+    one space keeps it: in 'x<s>.y' the second window's 'Ġ.' is (4, 5), its space the prefix space, which has no
+    width in the text (llmcore gave (4, 4)); an lstrip token's space is the text's, one kept ('a <mask>': ' <mask>'
+    is (1, 8) there, llmcore gave (2, 8)), two or more trimmed."""
+    from tokenizers import AddedToken
+
+    path, hf = train_bpe(tmp_path, "roberta-prefix")  # (specials <s>, <|endoftext|>)
+    hf.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False)])
+    hf.add_tokens([AddedToken(" york", normalized=False)])
+    path = tmp_path / "added.json"
+    hf.save(str(path))
+    tok = Tokenizer.from_file(path)
+    ref = pytest.importorskip("transformers").PreTrainedTokenizerFast(tokenizer_file=str(path))
+    batch = ["x<s>.y", "hello world<s>.end", "a b<|endoftext|>!c d", "<s>é and<s>🙂 b", "a<s> b<s>  c",
+             "it is <mask> here", "a\t<mask>\n<mask>  <mask> b", "new york<s> york", "  two   spaces <s> x"]
+    for max_length, stride in ((3, 0), (4, 1), (5, 0), (6, 2)):
+        kw = dict(max_length=max_length, truncation=True, return_overflowing_tokens=True, stride=stride,
+                  return_offsets_mapping=True)
+        got, want = tok(batch, **kw), ref(batch, **kw)
+        assert got["input_ids"] == want["input_ids"]
+        assert got["offset_mapping"] == [[tuple(o) for o in row] for row in want["offset_mapping"]], kw
+        assert_same_windows(tok, tokenizers.Tokenizer.from_file(str(path)), batch, max_length, stride)
+
+
 def test_first_window_is_the_truncated_text(minilm):
     tok, _ = minilm
     batch = texts()

@@ -433,6 +433,56 @@ def test_pairs_overflow_and_pad_calls_as_transformers(tmp_path):
                                                                            theirs.max_len_sentences_pair)
 
 
+def test_transformers_features_llmcore_lacks_are_refused_by_name():
+    """Found by a probe: is_split_into_words and text_target (which the README says are refused clearly) were
+    Python's "unexpected keyword argument" TypeError, and word_ids() an AttributeError "no 'word_ids' in this
+    encoding". Each says llmcore does not implement it and what to do instead, and that advice gives what
+    transformers' feature does: the targets' own call its labels, the words joined with spaces (MiniLM's WordPiece)
+    its ids."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    texts, targets = ["translate this", "and that"], ["übersetze das", "und jenes"]
+    with pytest.raises(NotImplementedError, match=r"text_target.*llmcore does not .*tok\(targets, \.\.\.\)"):
+        ours(texts, text_target=targets)
+    with pytest.raises(NotImplementedError, match="text_target"):
+        ours(text_target=targets)  # (transformers takes targets alone)
+    with pytest.raises(NotImplementedError, match="text_target"):
+        ours(texts, texts, text_pair_target=targets)
+    assert theirs(texts, text_target=targets, max_length=8, truncation=True)["labels"] == ours(
+        targets, max_length=8, truncation=True)["input_ids"]
+    words = [["Hello", "world!", "It's", "New-York", "naïve", "中文"], ["a", "b,c"]]
+    with pytest.raises(NotImplementedError, match="is_split_into_words=True: llmcore does not .*join each text's words"):
+        ours(words, is_split_into_words=True)
+    assert theirs(words, is_split_into_words=True)["input_ids"] == ours([" ".join(w) for w in words])["input_ids"]
+    enc = ours(texts)
+    with pytest.raises(NotImplementedError, match=r"word_ids\(\): llmcore does not .*return_offsets_mapping=True"):
+        enc.word_ids(0)
+    # the defaults stay the transformers call's
+    assert ours(texts, text_target=None, text_pair_target=None, is_split_into_words=False) == enc
+    with pytest.raises(ValueError, match="text must be a str or a list of str"):
+        ours()  # (text is optional only so that text_target alone gets its message)
+
+
+def test_bert_folder_extended_with_add_tokens(tmp_path):
+    """Found by a probe: transformers' usual tok.add_tokens(["covid19"]) saves the tokens normalized=true, which
+    llmcore does not match (after BERT's lowercasing: 'COVID19' is the token there) and refuses; the error said only
+    that. It says how to make the folder loadable, and that advice (AddedToken(..., normalized=False)) gives a folder
+    llmcore loads with transformers' ids."""
+    texts = ["covid19 and newtok", "COVID19 and Newtok", "xcovid19y", "the covid19, newtok."]
+    for normalized in (True, False):
+        theirs = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+        theirs.add_tokens([transformers.AddedToken(t, normalized=normalized) for t in ("covid19", "newtok")])
+        theirs.save_pretrained(tmp_path / str(normalized))
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / str(normalized))
+        if normalized:
+            with pytest.raises(TokenizerFileError, match=r"'covid19' is matched after normalization .*add_tokens\("
+                                                         r"\[AddedToken\('covid19', normalized=False\)\]\)"):
+                Tokenizer.from_pretrained(tmp_path / str(normalized))
+            continue
+        ours = Tokenizer.from_pretrained(tmp_path / str(normalized))
+        assert ours(texts)["input_ids"] == theirs(texts)["input_ids"]
+        assert ours.convert_tokens_to_ids(["covid19", "newtok"]) == [30522, 30523]
+
+
 def test_extra_special_tokens_count_as_special_as_transformers(tmp_path):
     """tokenizer_config.json's additional_special_tokens (v5: extra_special_tokens) were ignored: all_special_tokens
     lacked them, get_special_tokens_mask(already_has_special_tokens=True) marked them 0, and the MLM collator masked

@@ -288,8 +288,12 @@ def _added_token_entry(t, i: int, path) -> AddedToken:
 
 
 def _refuse_normalized(path, content: str) -> NoReturn:
-    _fail(path, f"added token {content!r} is matched after normalization (normalized=true); "
-                "llmcore matches added tokens in the raw text only")
+    # (transformers' add_tokens makes such tokens by default; the advice is tested to load and to give its ids)
+    _fail(path, f"added token {content!r} is matched after normalization (normalized=true, transformers' default "
+                "for tok.add_tokens); llmcore matches added tokens in the raw text only. A folder whose added "
+                f"tokens are normalized=false loads: add them as tok.add_tokens([AddedToken({content!r}, "
+                "normalized=False)]) (transformers then matches them in the text as written too, case and accents "
+                "included)")
 
 
 def _check_added_tokens(entries: list, added: list, vocab: dict, path) -> None:
@@ -756,6 +760,10 @@ def load_tiktoken(path: str, pattern: str, special_tokens: Optional[dict] = None
     if not tokens:
         _fail(path, "no tokens")
     added = [AddedToken(s, int(i), True) for s, i in (special_tokens or {}).items()]
+    for t in added:  # (tiktoken takes it, and decodes the id as the rank's bytes; llmcore gave the special's text)
+        if 0 <= t.id < len(tokens):
+            raise ValueError(f"special_tokens: {t.content!r} has id {t.id}, the rank of {tokens[t.id]!r} in {path}; "
+                             f"a special token needs an id of its own, past the ranks ({len(tokens)} or above)")
     spec = Spec("bpe_ranks", vocab=tokens, pattern=TIKTOKEN_PATTERNS[pattern], added_tokens=added)
     spec.token_strings = None  # built lazily from the bytes
     return spec

@@ -15,6 +15,8 @@ from llmcore.tokenizer import _loaders, windows
 from llmcore.tokenizer._loaders import Spec, TokenizerFileError
 
 TextInput = Union[str, bytes]
+# how a token's string starts, for the offsets of overflowing windows (Tokenizer._window_start_kinds)
+_ONE_SPACE, _SPACE_ALONE, _MATCHED = 1, 2, 3
 
 
 def _default_threads() -> int:
@@ -114,6 +116,12 @@ class Encoded(dict):
             return self[name]
         except KeyError:
             raise AttributeError(f"no {name!r} in this encoding (it has {sorted(self)})") from None
+
+    def word_ids(self, batch_index: int = 0):
+        """Refused: llmcore does not keep which word a token comes from (transformers' fast tokenizers do)."""
+        raise NotImplementedError("word_ids(): llmcore does not keep which word each token comes from; call with "
+                                  "return_offsets_mapping=True for each token's (start, end) characters in the text, "
+                                  "and find its word from them")
 
     def to(self, device) -> "Encoded":
         """The tensors moved to ``device`` (lists and arrays as they are)."""
@@ -247,7 +255,10 @@ class Tokenizer:
         # what the transformers-style call truncates / pads to without a max_length (tokenizer_config.json's); None:
         # no limit (model_max_length reads NO_LIMIT then, as transformers')
         self._max_len: Optional[int] = None
-        self._lead_spaces: Optional[np.ndarray] = None  # per id (offsets of overflowing windows)
+        # for the offsets of overflowing windows: per id, how its string starts (_window_start_kinds), and an
+        # encoder that does not trim offsets, built when an added token's match decides
+        self._start_kinds: Optional[np.ndarray] = None
+        self._untrimmed = None
         self._config: dict = {}  # the tokenizer_config.json keys applied (kept across pickling)
         self._padding_side = self._truncation_side = "right"
         # tokenizer.json's padding / truncation direction, as transformers takes them (tokenizer_config.json's win)
@@ -594,40 +605,83 @@ class Tokenizer:
         if not special_mask:
             del arrays["special_tokens_mask"]
         if return_offsets and self._spec.trim_offsets and self._spec.trim_keeps_first:
-            self._untrim_window_starts(arrays, len(windows.template_parts(template)[0]))
+            self._untrim_window_starts(arrays, texts, template, max_length, stride, num_threads)
         if padding != "none":
             width = max_length if padding == "max_length" else int(np.max(arrays["lengths"], initial=0))
             width = _round_up(width, pad_to_multiple_of)
             arrays = windows.pad_packed(arrays, width, pad_id, self._spec.pad_type_id, left)
         return BatchEncoding(arrays)
 
-    def _untrim_window_starts(self, arrays: dict, n_prefix: int) -> None:
-        """HF's ByteLevel post-processor (trim_offsets with add_prefix_space) keeps a single leading
-        space in the offsets of each sequence's first token, so of every window's: the encoder trimmed
-        it in windows after a text's first, and it is put back here (an all-space token's offsets
-        become empty at its start, as the post-processor leaves them); two or more go in both."""
+    def _untrim_window_starts(self, arrays: dict, texts: list, template: list, max_length: int, stride: int,
+                              num_threads: int) -> None:
+        """HF's ByteLevel / RobertaProcessing post-processor (trim_offsets with add_prefix_space) trims every
+        overflowing window as a sequence of its own, and a sequence's first token keeps its offsets whole when its
+        string starts with exactly one space (HF counts the byte-level 'Ġ' and white space; two or more are
+        trimmed there too). The encoder trimmed that one character (the space, or the character the prefix
+        space shares the offsets of) from the first tokens of the windows after a text's first: it is put back
+        here. A token of that one space alone is still trimmed at its end, to empty at its start; any other keeps
+        its end ('Ġ.' after an added token is (s, s + 1): its space, the prefix space, has no width in the text).
+        An added token's string is the text it matched, its lstrip / rstrip spaces included: where that decides,
+        its offsets before trimming are read from an encoder that does not trim."""
         mapping = arrays["overflow_to_sample_mapping"]
         later = np.flatnonzero(mapping[1:] == mapping[:-1]) + 1  # windows after their text's first: never empty
+        n_prefix = len(windows.template_parts(template)[0])
         pos = arrays["cu_seqlens"][later].astype(np.int64) + n_prefix
         if not len(pos):
             return
-        if self._lead_spaces is None:
-            lead = np.zeros(max(self._strings()) + 1, dtype=np.int32)
-            for i, t in self._strings().items():
-                lead[i] = len(t) - len(t.lstrip("\u0120"))  # the byte-level alphabet's space
-            self._lead_spaces = lead
-        lead = (self._lead_spaces[arrays["input_ids"][pos]] == 1).astype(np.int32)  # (one is kept, two go)
+        kind = self._window_start_kinds()[arrays["input_ids"][pos]]
         offsets = arrays["offsets"]
-        offsets[pos, 0] -= lead
-        offsets[pos, 1] = np.where(offsets[pos, 1] - offsets[pos, 0] <= lead, offsets[pos, 0], offsets[pos, 1])
+        start, end = offsets[pos, 0], offsets[pos, 1]
+        keep, alone = kind == _ONE_SPACE, kind == _SPACE_ALONE
+        varies = np.flatnonzero(kind == _MATCHED)
+        if len(varies):
+            sub = np.unique(mapping[later[varies]])
+            if self._untrimmed is None:
+                native = self._spec.build()
+                native.set_trim_offsets(False, False)
+                self._untrimmed = native
+            raw = self._untrimmed.encode_batch([texts[i] for i in sub], None, False, False, 0, "none", 0, False, 0,
+                                               self._spec.pad_type_id, True, num_threads)
+            # HF widens an lstrip token's match back to the last one's end at most, which an rstrip can take past
+            # its start ('<r> q', ' q' lstrip: its string is 'q')
+            at = np.flatnonzero(np.isin(raw["input_ids"], [t.id for t in self._spec.added_tokens if t.lstrip]))
+            at = at[~np.isin(at, raw["cu_seqlens"][:-1])]
+            raw["offsets"][at, 0] = np.minimum(np.maximum(raw["offsets"][at, 0], raw["offsets"][at - 1, 1]),
+                                               raw["offsets"][at, 1])
+            raw = windows.overflow_windows(raw, template, max_length, stride)  # those texts' windows, in order
+            row = np.searchsorted(np.flatnonzero(np.isin(mapping, sub)), later[varies])
+            raw_start, raw_end = raw["offsets"][raw["cu_seqlens"][row].astype(np.int64) + n_prefix].T
+            one = start[varies] - raw_start == 1  # (the encoder trimmed exactly one white space character)
+            keep[varies] = one
+            alone[varies] = one & (raw_end - raw_start == 1)
+        start = start - (keep | alone)
+        offsets[pos, 0] = start
+        offsets[pos, 1] = np.where(alone, start, end)
 
-    def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
+    def _window_start_kinds(self) -> np.ndarray:
+        """Per id, how a token's string starts as HF's trimming post-processor counts its leading spaces:
+        _ONE_SPACE, _SPACE_ALONE, _MATCHED (an added token whose lstrip / rstrip spaces count), or 0."""
+        if self._start_kinds is None:
+            kinds = np.zeros(max(self._strings()) + 1, dtype=np.int8)
+            spaces = "\u0120" + _loaders._WHITE_SPACE  # (the byte-level alphabet's space, and white space)
+            for i, t in self._strings().items():
+                rest = t.lstrip(spaces)
+                if len(t) - len(rest) == 1:
+                    kinds[i] = _ONE_SPACE if rest else _SPACE_ALONE
+            for t in self._spec.added_tokens:
+                if t.lstrip or (t.rstrip and not t.content.strip(_loaders._WHITE_SPACE)):
+                    kinds[t.id] = _MATCHED
+            self._start_kinds = kinds
+        return self._start_kinds
+
+    def __call__(self, text=None, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
                  max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
                  return_tensors: Optional[str] = None, return_offsets_mapping: bool = False,
                  return_overflowing_tokens: bool = False, stride: int = 0,
                  return_attention_mask: Optional[bool] = None, return_token_type_ids: Optional[bool] = None,
                  return_special_tokens_mask: bool = False, return_length: bool = False,
-                 padding_side: Optional[str] = None, verbose: bool = True):
+                 padding_side: Optional[str] = None, verbose: bool = True, text_target=None, text_pair_target=None,
+                 is_split_into_words: bool = False):
         """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
 
         Returns a dict (``Encoded``: keys as attributes too, ``.to(device)``) with ``input_ids``,
@@ -646,7 +700,18 @@ class Tokenizer:
         ``padding="max_length"`` without a ``max_length`` take ``model_max_length`` from the
         folder's ``tokenizer_config.json`` (``from_pretrained``; without one, as transformers, they
         are said on stderr and dropped: no truncation, no padding to a length).
+        ``text_target`` / ``text_pair_target`` and ``is_split_into_words=True`` (transformers' arguments) are refused:
+        llmcore does not implement them.
         """
+        # (transformers' arguments are named, not left to Python's TypeError, to say what to do instead)
+        if text_target is not None or text_pair_target is not None:
+            raise NotImplementedError("text_target / text_pair_target: llmcore does not encode targets in the call; "
+                                      "encode them in a call of their own and take its input_ids as the labels "
+                                      "(labels = tok(targets, ...)['input_ids']), as transformers does for them")
+        if is_split_into_words:
+            raise NotImplementedError("is_split_into_words=True: llmcore does not encode pre-split words; join each "
+                                      "text's words with spaces (a BERT-style WordPiece tokenizer then gives the "
+                                      "same ids) and find each token's word from return_offsets_mapping=True")
         single = isinstance(text, (str, bytes))
         if not single and (isinstance(text, (dict, set)) or not isinstance(text, Iterable)):
             raise ValueError(f"text must be a str or a list of str (a batch), got {type(text).__name__}")
