@@ -41,17 +41,19 @@ def folder(tmp_path, config=None, special_tokens_map=None, name="f"):
     return out
 
 
-def bpe_folder(tmp_path, config):
-    """A byte-level BPE trained on SST-2 (GPT-2's layout) with the given tokenizer_config.json."""
+def bpe_folder(tmp_path, config, specials=("<|endoftext|>",), post_processor=None, name="bpe"):
+    """A byte-level BPE trained on SST-2 (GPT-2's layout; ``specials`` first in its vocabulary, HF's
+    ``post_processor`` or none) with the given tokenizer_config.json."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False,
+    tok.post_processor = post_processor
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus("sst2-train")[:2000], trainer=trainer)
-    out = tmp_path / "bpe"
+    out = tmp_path / name
     out.mkdir()
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(config))
@@ -844,7 +846,7 @@ def test_config_settings_transformers_rebuilds_from_are_warned_about(tmp_path):
         ours = Tokenizer.from_pretrained(path)
     assert ours("hello")["input_ids"] != transformers.AutoTokenizer.from_pretrained(path)("hello")["input_ids"]
     # settings that agree with tokenizer.json: no warning
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer",
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
                                                             "add_prefix_space": False}))
     agreeing = [path, _minilm_json(tmp_path, "agree", {**config, "strip_accents": True,
                                                        "tokenize_chinese_chars": True})]
@@ -852,6 +854,83 @@ def test_config_settings_transformers_rebuilds_from_are_warned_about(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             Tokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("post_processor", [None, "ByteLevel", "RobertaProcessing"])
+def test_gpt2_and_roberta_classes_as_transformers(tmp_path, post_processor):
+    """Found by a probe: a folder read through transformers' GPT-2 or RoBERTa class (its tokenizer_config.json's
+    tokenizer_class, or config.json's model type: gpt2's and roberta-base's folders name no class, and few names) gets
+    that class's default special tokens (GPT-2: <|endoftext|> for unk / bos / eos; RoBERTa: <s>, </s>, <unk>, <pad>,
+    <mask>), and RoBERTa's class rebuilds the template and offset trimming (RobertaProcessing with the config's
+    cls / sep, trim_offsets, add_prefix_space). llmcore named none of them (eos_token_id None for GPT-2) and kept
+    tokenizer.json's template (no <s> ... </s>) and trimming."""
+    from tokenizers import processors
+
+    pp = {None: None, "ByteLevel": processors.ByteLevel(trim_offsets=True),
+          "RobertaProcessing": processors.RobertaProcessing(("</s>", 2), ("<s>", 0))}[post_processor]
+    specials = ("<s>", "<pad>", "</s>", "<unk>", "<mask>", "<|endoftext|>")
+    texts = ["hello world", " a <mask> b </s> c", "short", "  spaced  out  "]
+    pairs = ["x y", "z", "  w", "q"]
+    cases = [({"tokenizer_class": "RobertaTokenizer"}, None), ({}, "roberta"), ({"model_max_length": 512}, "bart"),
+             ({}, "gpt2"), ({"tokenizer_class": "GPT2TokenizerFast"}, "roberta"),
+             ({"tokenizer_class": "RobertaTokenizerFast", "trim_offsets": False}, None),
+             ({"tokenizer_class": "RobertaTokenizer", "add_prefix_space": False, "cls_token": "<|endoftext|>",
+               "sep_token": "<pad>"}, None)]
+    for i, (config, model_type) in enumerate(cases):
+        path = bpe_folder(tmp_path, config, specials, pp, name=f"c{i}")
+        if model_type is not None:
+            (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+        theirs = transformers.AutoTokenizer.from_pretrained(path)
+        ours = Tokenizer.from_pretrained(path)
+        if model_type == "gpt2":  # (the classes' defaults, not None on both sides)
+            assert (ours.eos_token_id, ours.unk_token, ours.cls_token) == (5, "<|endoftext|>", None)
+        elif model_type == "roberta" and not config:
+            assert (ours.cls_token_id, ours.sep_token_id, ours.pad_token_id, ours.mask_token) == (0, 2, 1, "<mask>")
+        ours.save_pretrained(tmp_path / f"saved{i}")  # (without config.json: the class is written down)
+        for tok in (ours, pickle.loads(pickle.dumps(ours)), Tokenizer.from_pretrained(tmp_path / f"saved{i}")):
+            assert named(tok) == named(theirs), config
+            assert tok(texts)["input_ids"] == theirs(texts)["input_ids"], config
+            got = tok(texts, pairs, return_offsets_mapping=True)
+            want = theirs(texts, pairs, return_offsets_mapping=True)
+            assert got["input_ids"] == want["input_ids"], config
+            assert [list(map(tuple, row)) for row in got["offset_mapping"]] == [
+                list(map(tuple, row)) for row in want["offset_mapping"]], config
+
+    # RoBERTa's class with a null cls token: transformers fails ('NoneType' object cannot be interpreted as an integer)
+    path = bpe_folder(tmp_path, {"tokenizer_class": "RobertaTokenizer", "cls_token": None}, specials, pp, name="null")
+    with pytest.raises(TypeError):
+        transformers.AutoTokenizer.from_pretrained(path)
+    with pytest.raises(TokenizerFileError, match="cls_token is null, or its default is no token"):
+        Tokenizer.from_pretrained(path)
+
+
+def test_a_class_over_another_model_is_warned_about(tmp_path):
+    """transformers' GPT-2 and RoBERTa classes rebuild a byte-level pre-tokenizer over any tokenizer.json (over
+    MiniLM's WordPiece: one id per character), BERT's a WordPiece over any (over a BPE: [UNK]s). llmcore follows
+    tokenizer.json, as HF tokenizers, and says so; such a folder is not refused for RoBERTa's defaults being no tokens
+    (they are left out), and saves a folder transformers reads as it read this one."""
+    text = "the film is a charming and often affecting journey"
+    ref = tokenizers.Tokenizer.from_file(f"{minilm_dir()}/tokenizer.json")
+    ref.no_padding()
+    want = ref.encode(text).ids
+    for i, (config, model_type) in enumerate([({"tokenizer_class": "RobertaTokenizer"}, None), ({}, "roberta"),
+                                              ({"tokenizer_class": "GPT2TokenizerFast"}, "bert")]):
+        path = folder(tmp_path, config, name=f"wp{i}")
+        if model_type is not None:
+            (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.warns(UserWarning, match="rebuilds a byte-level BPE pipeline over tokenizer.json's WordPiece"):
+            ours = Tokenizer.from_pretrained(path)
+        theirs = transformers.AutoTokenizer.from_pretrained(path)
+        assert ours(text)["input_ids"] == want != theirs(text)["input_ids"]
+        assert ours.cls_token is None and ours.unk_token is None  # (<s> / <|endoftext|>: no tokens here)
+        ours.save_pretrained(tmp_path / f"saved{i}")
+        again = transformers.AutoTokenizer.from_pretrained(tmp_path / f"saved{i}")
+        assert again(text)["input_ids"] == theirs(text)["input_ids"]
+    path = bpe_folder(tmp_path, {"tokenizer_class": "BertTokenizer", "unk_token": "<|endoftext|>",
+                                 "cls_token": "<|endoftext|>", "sep_token": "<|endoftext|>"})
+    with pytest.warns(UserWarning, match="rebuilds a WordPiece pipeline over tokenizer.json's byte-level BPE"):
+        ours = Tokenizer.from_pretrained(path)
+    assert ours("hello")["input_ids"] != transformers.AutoTokenizer.from_pretrained(path)("hello")["input_ids"]
 
 
 def test_config_names_are_built_into_the_pipeline_as_transformers(tmp_path):

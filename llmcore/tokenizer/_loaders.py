@@ -485,6 +485,34 @@ SPECIAL_NAMES = ("unk_token", "bos_token", "eos_token", "cls_token", "sep_token"
 SPECIAL_ORDER = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")  # theirs
 _BERT_SPECIALS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                   "mask_token": "[MASK]"}
+# the special tokens transformers 5's classes name where a folder leaves them out (their __init__ defaults), for the
+# classes whose defaults llmcore follows
+_CLASS_SPECIALS = {
+    "BertTokenizer": _BERT_SPECIALS, "DistilBertTokenizer": _BERT_SPECIALS,
+    "GPT2Tokenizer": {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+    "RobertaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+                         "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}}
+# config.json model types whose AutoTokenizer class (transformers 5.25's TOKENIZER_MAPPING_NAMES) is one of those: the
+# class a folder whose tokenizer_config.json names none is read through
+_MODEL_TYPE_CLASSES = {model_type: cls for cls, types in {
+    "BertTokenizer": ("align", "bark", "bert", "blip", "bros", "chinese_clip", "convbert", "distilbert", "electra",
+                      "ernie", "flava", "git", "grounding-dino", "layoutlm", "megatron-bert", "mm-grounding-dino",
+                      "nezha", "nomic_bert", "qdqbert", "realm", "retribert", "squeezebert", "tvp", "vilt",
+                      "visual_bert"),
+    "GPT2Tokenizer": ("blip-2", "codegen", "dbrx", "emu3", "gpt2", "gpt_neo", "gptj", "hyperclovax_vision_v2",
+                      "instructblip", "instructblipvideo", "jais2", "opt", "phi", "starcoder2"),
+    "RobertaTokenizer": ("bart", "bridgetower", "clap", "data2vec-text", "ibert", "lilt", "longformer", "mega", "mra",
+                         "roberta", "roberta-prelayernorm")}.items() for model_type in types}
+
+
+def tokenizer_class(cfg: dict, model_type=None) -> Optional[str]:
+    """The transformers tokenizer class a folder is read through, without "Fast": tokenizer_config.json's
+    ``tokenizer_class``, else the class AutoTokenizer takes for config.json's ``model_type`` where it is BERT's,
+    GPT-2's or RoBERTa's (whose defaults and rebuilt pipeline llmcore follows); None otherwise."""
+    cls = cfg.get("tokenizer_class")
+    if isinstance(cls, str):
+        return cls.removesuffix("Fast")
+    return _MODEL_TYPE_CLASSES.get(model_type) if isinstance(model_type, str) else None
 
 
 def read_special_tokens_map(directory: str) -> dict:
@@ -529,15 +557,12 @@ def extra_special_tokens(cfg: dict) -> list:
     return out
 
 
-def special_token_names(cfg: dict, is_token, bert_defaults: bool = False) -> dict:
-    """{key: token} of the special tokens ``cfg`` names (a string, or transformers' {"content": ...}), and BERT's
-    defaults for the keys it leaves out where the folder is a vocab.txt one (``bert_defaults``) or its
-    ``tokenizer_class`` is BERT's or DistilBERT's, as transformers' classes default them (a default that is not a
-    token, ``is_token(s)`` false, is left out; a name given is kept, for the caller to check)."""
-    cls = cfg.get("tokenizer_class")
-    defaults = bert_defaults or (isinstance(cls, str)
-                                 and cls.removesuffix("Fast") in ("BertTokenizer", "DistilBertTokenizer"))
-    names = {k: v for k, v in _BERT_SPECIALS.items() if is_token(v)} if defaults else {}
+def special_token_names(cfg: dict, is_token, cls: Optional[str] = None) -> dict:
+    """{key: token} of the special tokens ``cfg`` names (a string, or transformers' {"content": ...}), and the
+    defaults of transformers' class ``cls`` (:func:`tokenizer_class`: BERT's, GPT-2's, RoBERTa's) for the keys it
+    leaves out (a default that is not a token, ``is_token(s)`` false, is left out, where transformers would add it as
+    a new token; a name given is kept, for the caller to check)."""
+    names = {k: v for k, v in _CLASS_SPECIALS.get(cls, {}).items() if is_token(v)}
     for key in SPECIAL_NAMES:
         if key not in cfg:
             continue

@@ -175,7 +175,8 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 # tokenizer_config.json keys a folder's transformers tokenizer reads that the transformers-style call follows
 _CONFIG_KEYS = ("tokenizer_class", "model_input_names", "model_max_length", "padding_side", "truncation_side",
-                "clean_up_tokenization_spaces") + _loaders.SPECIAL_NAMES + _loaders.EXTRA_SPECIAL_KEYS
+                "clean_up_tokenization_spaces", "add_prefix_space", "trim_offsets") + _loaders.SPECIAL_NAMES \
+    + _loaders.EXTRA_SPECIAL_KEYS
 
 
 # the settings a Tokenizer carries beside its files (pickled as they are)
@@ -183,11 +184,19 @@ _SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation
              "pad_token", "unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "mask_token", "name_or_path")
 
 
-def _rebuilt_settings(cfg: dict, spec: Spec) -> list:
-    """The tokenizer_config.json settings transformers 5's BERT, GPT-2 and RoBERTa classes rebuild the pipeline from
-    (their defaults where the config leaves them out) that contradict what tokenizer.json does:
-    [(setting=value, tokenizer.json's part, the class)]. llmcore follows tokenizer.json, so each is warned about."""
-    cls = str(cfg.get("tokenizer_class")).removesuffix("Fast")
+# the model each transformers class rebuilds its pipeline around (over a tokenizer.json of another, its ids are not
+# the file's: a BERT class's WordPiece over a BPE's vocabulary gives [UNK]s, a GPT-2 / RoBERTa class's byte-level
+# pre-tokenizer over a WordPiece gives single characters)
+_CLASS_MODELS = {"BertTokenizer": "wordpiece", "DistilBertTokenizer": "wordpiece", "GPT2Tokenizer": "bpe_merges",
+                 "RobertaTokenizer": "bpe_merges"}
+_MODEL_NAMES = {"wordpiece": "WordPiece", "bpe_merges": "byte-level BPE", "bpe_ranks": "BPE of ranks"}
+
+
+def _rebuilt_settings(cfg: dict, spec: Spec, cls: Optional[str]) -> list:
+    """The tokenizer_config.json settings transformers 5's BERT, GPT-2 and RoBERTa classes (``cls``, the folder's:
+    :func:`_loaders.tokenizer_class`) rebuild the pipeline from (their defaults where the config leaves them out) that
+    contradict what tokenizer.json does: [(setting=value, tokenizer.json's part, the class)]. llmcore follows
+    tokenizer.json, so each is warned about."""
     out = []
     if spec.bert is not None and cls in ("BertTokenizer", "DistilBertTokenizer"):
         _, chinese, strip, lower = spec.bert
@@ -274,6 +283,9 @@ class Tokenizer:
         self._warned_long = False
         self.clean_up_tokenization_spaces = False  # decode's default (tokenizer_config.json's)
         self._named: dict = {}  # unk_token, eos_token...: the folder's names for its special tokens
+        # transformers' class for the folder (_loaders.tokenizer_class), whose default names and rebuilt template
+        # are followed; None: transformers' generic class
+        self._class: Optional[str] = "BertTokenizer" if source[0] == "vocab" else None
         self._extra_special: list = []  # additional_special_tokens / extra_special_tokens: further ones
         self.name_or_path = source[1]  # (transformers' attribute: what it was loaded from)
 
@@ -309,6 +321,12 @@ class Tokenizer:
         tokenizer_class, as config.json's ``model_type``'s class), the length limit, the padding / truncation sides,
         the pad token and decode's clean-up."""
         self._config = {k: cfg[k] for k in _CONFIG_KEYS if k in cfg}
+        cls = _loaders.tokenizer_class(cfg, model_type)
+        if self._source[0] == "vocab" and cls not in ("BertTokenizer", "DistilBertTokenizer"):
+            cls = "BertTokenizer"  # (transformers reads a vocab.txt folder through a BERT class)
+        elif cls is not None and not isinstance(cfg.get("tokenizer_class"), str):
+            self._config["tokenizer_class"] = cls  # (config.json's model type's: kept across pickling and saving)
+        self._class = cls
         self.returns_type_ids = _loaders.returns_type_ids(cfg, model_type, default=self._source[0] == "vocab")
         self._max_len = _loaders.model_max_length(cfg)
         for key in ("padding_side", "truncation_side"):
@@ -317,8 +335,7 @@ class Tokenizer:
                     setattr(self, key, cfg[key])
                 except ValueError as e:
                     raise TokenizerFileError(f"{where}: {e}") from None
-        named = _loaders.special_token_names(cfg, lambda t: self.token_to_id(t) is not None,
-                                             bert_defaults=self._source[0] == "vocab")
+        named = _loaders.special_token_names(cfg, lambda t: self.token_to_id(t) is not None, cls)
         for key, content in named.items():
             if self.token_to_id(content) is None:
                 raise TokenizerFileError(f"{where}: {key} {content!r} is not a token of this tokenizer (transformers "
@@ -350,8 +367,12 @@ class Tokenizer:
         its default is no token), that class builds with the string "None": the template takes ids 2 / 3 of the
         vocabulary, whatever they are, and the WordPiece fails on every word outside the vocabulary; refused, as
         load_bert_vocab refuses it in a vocab.txt folder (whose template and WordPiece are built from the names
-        already). RoBERTa's class rebuilds its template from cls / sep too, with defaults (<s>, </s>) llmcore does not
-        name: not done here."""
+        already). A byte-level BPE read through RoBERTa's class gets the template and offset trimming that class
+        rebuilds (its RobertaProcessing): <s> A </s> (pair: <s> A </s> </s> B </s>, type ids 0) with the ids of
+        cls_token and sep_token (defaults <s>, </s>), trim_offsets and add_prefix_space from the config (defaults
+        true, false); a null cls / sep token, or a default that is no token (transformers adds it as a new one), is
+        refused. The class is the config's tokenizer_class, else config.json's model type's (_loaders.tokenizer_class).
+        """
         spec, changed = self._spec, False
         named = [*self._named.values(), *([spec.pad_token] if spec.pad_token is not None else []), *self._extra_special]
         new = [t for t in dict.fromkeys(named) if t not in {a.content for a in spec.added_tokens}]
@@ -362,7 +383,26 @@ class Tokenizer:
                                          + [{"content": t, "normalized": False} for t in new], [], {}, where)
             spec.added_tokens = spec.added_tokens + [_loaders.AddedToken(t, self.token_to_id(t)) for t in new]
             changed = True
-        theirs = str(cfg.get("tokenizer_class")).removesuffix("Fast")
+        theirs = self._class
+        if self._source[0] == "json" and spec.kind == "bpe_merges" and theirs == "RobertaTokenizer":
+            for key in ("cls_token", "sep_token"):
+                if key not in self._named:
+                    raise TokenizerFileError(
+                        f"{where}: {key} is null, or its default is no token of this tokenizer: transformers' "
+                        f"{theirs} rebuilds the template from cls_token and sep_token (it would add a new token, or "
+                        "fail); name the token")
+            flags = {}
+            for key, default in (("trim_offsets", True), ("add_prefix_space", False)):
+                flags[key] = cfg.get(key, default)
+                if not isinstance(flags[key], bool):
+                    raise TokenizerFileError(f"{where}: {key} must be true or false, got {flags[key]!r}")
+            cls_id, sep_id = self.token_to_id(self._named["cls_token"]), self.token_to_id(self._named["sep_token"])
+            single = [("special", [cls_id], 0), ("A", 0), ("special", [sep_id], 0)]
+            pair = single + [("special", [sep_id], 0), ("B", 0), ("special", [sep_id], 0)]
+            rebuilt = (single, pair, flags["trim_offsets"], flags["add_prefix_space"])
+            if rebuilt != (spec.template_single, spec.template_pair, spec.trim_offsets, spec.trim_keeps_first):
+                spec.template_single, spec.template_pair, spec.trim_offsets, spec.trim_keeps_first = rebuilt
+                changed = True
         if self._source[0] == "json" and spec.kind == "wordpiece" and theirs in ("BertTokenizer",
                                                                                  "DistilBertTokenizer"):
             for key, position, fallback in (("cls_token", 0, 2), ("sep_token", -1, 3), ("unk_token", None, None)):
@@ -436,7 +476,15 @@ class Tokenizer:
             tok = cls.from_file(json_path)
             cfg = _loaders.read_tokenizer_config(directory)
             _loaders.check_added_tokens_decoder(cfg, tok._spec, os.path.join(directory, "tokenizer_config.json"))
-            for setting, section, theirs in _rebuilt_settings(cfg, tok._spec):
+            cls_name = _loaders.tokenizer_class(cfg, _loaders.model_type(directory))
+            model = _CLASS_MODELS.get(cls_name, tok._spec.kind)
+            if model != tok._spec.kind:
+                warnings.warn(f"{directory}: transformers reads this folder through {cls_name} "
+                              "(tokenizer_config.json's tokenizer_class, or config.json's model type), which rebuilds "
+                              f"a {_MODEL_NAMES[model]} pipeline over tokenizer.json's {_MODEL_NAMES[tok._spec.kind]}: "
+                              "its ids are not the file's; llmcore follows tokenizer.json, as HF tokenizers",
+                              stacklevel=2)
+            for setting, section, theirs in _rebuilt_settings(cfg, tok._spec, cls_name):
                 warnings.warn(f"{directory}: tokenizer_config.json's {setting} contradicts tokenizer.json's {section}: "
                               f"llmcore follows tokenizer.json, as HF tokenizers; transformers' {theirs} rebuilds the "
                               f"{section.split()[0]} from the config and gives other ids", stacklevel=2)
@@ -1177,8 +1225,9 @@ class Tokenizer:
         # a name cleared (tok.pad_token = None) is written null, as transformers writes it: left out, the folder's
         # name (or a BERT class's default) came back on loading
         # (and a cleared pad token beside tokenizer.json's padding section, which transformers' own save keeps too)
-        defaults = _loaders.special_token_names({"tokenizer_class": config.get("tokenizer_class")}, lambda t: True,
-                                                bert_defaults=kind == "vocab")
+        # (a class default that is no token stays out: transformers adds it as a new token, in this folder as in the
+        # one read; null, RoBERTa's class fails on a null cls / sep)
+        defaults = _loaders.special_token_names({}, lambda t: self.token_to_id(t) is not None, self._class)
         if self._section_pad_token is not None:
             defaults["pad_token"] = self._section_pad_token
         config.update({k: None for k in _loaders.SPECIAL_NAMES
