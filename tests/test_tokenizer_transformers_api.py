@@ -896,6 +896,16 @@ def test_gpt2_and_roberta_classes_as_transformers(tmp_path, post_processor):
             assert [list(map(tuple, row)) for row in got["offset_mapping"]] == [
                 list(map(tuple, row)) for row in want["offset_mapping"]], config
 
+    # defaults that are no tokens: transformers adds them (ids past the vocabulary, matched in text); llmcore leaves
+    # them out and says so (silent before: a text's "<mask>" was split, its names None)
+    path = bpe_folder(tmp_path, {"tokenizer_class": "RobertaTokenizer"}, ("<s>", "</s>", "<|endoftext|>"), pp,
+                      name="partial")
+    with pytest.warns(UserWarning, match=r"adds its default special tokens \['<unk>', '<pad>', '<mask>'\] as new"):
+        ours = Tokenizer.from_pretrained(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(path)
+    assert len(theirs) == len(ours) + 3 and theirs.mask_token_id == len(ours) + 2 and ours.mask_token is None
+    assert ours("a b")["input_ids"] == theirs("a b")["input_ids"]  # (the template's <s> / </s> are tokens)
+
     # RoBERTa's class with a null cls token: transformers fails ('NoneType' object cannot be interpreted as an integer)
     path = bpe_folder(tmp_path, {"tokenizer_class": "RobertaTokenizer", "cls_token": None}, specials, pp, name="null")
     with pytest.raises(TypeError):

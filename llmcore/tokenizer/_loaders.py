@@ -505,6 +505,11 @@ _MODEL_TYPE_CLASSES = {model_type: cls for cls, types in {
                          "roberta", "roberta-prelayernorm")}.items() for model_type in types}
 
 
+def class_special_tokens(cls: Optional[str]) -> dict:
+    """{key: token} transformers' class ``cls`` names where a folder leaves a key out (see _CLASS_SPECIALS)."""
+    return dict(_CLASS_SPECIALS.get(cls, {}))
+
+
 def tokenizer_class(cfg: dict, model_type=None) -> Optional[str]:
     """The transformers tokenizer class a folder is read through, without "Fast": tokenizer_config.json's
     ``tokenizer_class``, else the class AutoTokenizer takes for config.json's ``model_type`` where it is BERT's,
@@ -562,7 +567,7 @@ def special_token_names(cfg: dict, is_token, cls: Optional[str] = None) -> dict:
     defaults of transformers' class ``cls`` (:func:`tokenizer_class`: BERT's, GPT-2's, RoBERTa's) for the keys it
     leaves out (a default that is not a token, ``is_token(s)`` false, is left out, where transformers would add it as
     a new token; a name given is kept, for the caller to check)."""
-    names = {k: v for k, v in _CLASS_SPECIALS.get(cls, {}).items() if is_token(v)}
+    names = {k: v for k, v in class_special_tokens(cls).items() if is_token(v)}
     for key in SPECIAL_NAMES:
         if key not in cfg:
             continue
