@@ -249,6 +249,15 @@ def test_trained_bpe_offsets_of_added_tokens_and_space_runs(trained, tmp_path):
     assert_same_as_hf(Tokenizer.from_file(path), hf, texts)
     assert_same_as_hf(Tokenizer.from_file(path), hf, texts, add_special_tokens=False)
 
+    # a whitespace token with lstrip and rstrip: a match inside the last one's spaces starts where that one stopped,
+    # and is no token where nothing of it is left (llmcore gave each match a token: '  ' was two, HF's one)
+    hf.add_special_tokens([AddedToken(" ", lstrip=True, rstrip=True, normalized=False)])
+    hf.save(str(path))
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    texts = ["a  b", "  <r>é<r>\t    ", "\t  \nb c\u00a0", "x y", "   "]
+    assert_same_as_hf(Tokenizer.from_file(path), hf, texts)
+    assert_same_as_hf(Tokenizer.from_file(path), hf, texts, add_special_tokens=False)
+
 
 def test_trained_bpe_decodes_added_tokens_as_hf(trained, tmp_path):
     """HF's ByteLevel decoder reads an added token spelled in the byte-level alphabet as bytes ('ÃĽ' is 'Û',

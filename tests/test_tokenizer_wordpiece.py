@@ -646,7 +646,8 @@ def test_added_token_flags_match_hf(tmp_path):
     """single_word, lstrip and rstrip as HF applies them: matches are found first (a refused single_word match is
     not searched again one character on), a single_word match next to a word character -- the regex crate's \\w,
     which takes combining marks, ZWJ, U+203F and circled letters but not superscript digits -- is dropped, and an
-    rstrip widens its token over spaces that the next match may start in (HF keeps both, offsets overlapping)."""
+    rstrip widens its token over spaces that the next match may start in (HF keeps both, offsets overlapping,
+    unless the next is lstrip: it starts where the last stopped)."""
     word = _with_added(tmp_path, ("abq", {"single_word": True}))
     assert_same(*word, ["\u0301abq", "\u00b2abq", "\u24b6abq", "\u200dabq", "\u203fabq", "abq\u0301", "abq\u00b2",
                         "x abq y", "abq", "_abq", "1abq", "\u2160abq", "\u0558abq"])
@@ -654,6 +655,10 @@ def test_added_token_flags_match_hf(tmp_path):
     assert_same(*_with_added(tmp_path, ("<x>", {"rstrip": True}), (" y", {})), ["<x> y", "<x>   y z", "a <x>"])
     assert_same(*_with_added(tmp_path, ("\u00a0z", {"rstrip": True})), ["\u00a0z\u00a0z", "q\u00a0z \u00a0z"])
     assert_same(*_with_added(tmp_path, ("<m>", {"lstrip": True, "rstrip": True})), ["a  <m>  b", "<m><m> <m>"])
+    # an lstrip match inside the last one's rstrip spaces starts where that one stopped, and is no token where
+    # nothing of it is left (llmcore kept both overlapping, as without lstrip, and a zero-width token)
+    assert_same(*_with_added(tmp_path, ("<x>", {"rstrip": True}), (" y", {"lstrip": True})), ["<x>  y", "<x> y z"])
+    assert_same(*_with_added(tmp_path, (" ", {"lstrip": True, "rstrip": True})), ["a  b", "a \t b", "   ", "x y"])
 
 
 @pytest.mark.parametrize("change,named", [

@@ -90,7 +90,7 @@ size_t Tokenizer::num_special_tokens(bool pair) const {
 // Leftmost match, longest at that position; single_word / lstrip / rstrip as HF applies them: the matches are
 // found first (the next one searched from the end of the last, refused or not), then a single_word match next to
 // a word character is dropped, and lstrip / rstrip widen a kept one over the spaces beside it -- its rstrip can
-// overlap the next match, which is kept too (HF's offsets then overlap).
+// overlap the next match, which is kept too (HF's offsets then overlap), unless that one is lstrip.
 void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) const {
   out.clear();
   const auto* s = reinterpret_cast<const uint8_t*>(text.data());
@@ -131,6 +131,16 @@ void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) co
           if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
           stop = j;
         }
+      if (hit->lstrip && start < plain_begin) {
+        // A match inside the last one's rstrip spaces: lstrip starts it where that one stopped (HF's
+        // max(start, last stop)). Nothing of it left, it is no token (HF drops the empty split; where the last
+        // stop is past this one's, HF panics: "AddedVocabulary bad split").
+        if (plain_begin >= stop) {
+          i = match_end - 1;
+          continue;
+        }
+        start = plain_begin;
+      }
       if (start > plain_begin) out.push_back({uint32_t(plain_begin), uint32_t(start), -1});
       out.push_back({uint32_t(start), uint32_t(stop), hit->id});
       plain_begin = stop;
