@@ -117,7 +117,7 @@ void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) co
           continue;
         }
       }
-      if (hit->lstrip)
+      if (hit->lstrip) {
         while (start > plain_begin) {
           size_t k = start - 1;
           while (k > 0 && (s[k] & 0xC0) == 0x80) --k;
@@ -125,21 +125,19 @@ void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) co
           if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
           start = k;
         }
+        start = std::max(start, plain_begin);  // (a match inside the last one's rstrip spaces: HF's max)
+      }
       if (hit->rstrip)
         while (stop < n) {
           size_t j = stop;
           if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
           stop = j;
         }
-      if (hit->lstrip && start < plain_begin) {
-        // A match inside the last one's rstrip spaces: lstrip starts it where that one stopped (HF's
-        // max(start, last stop)). Nothing of it left, it is no token (HF drops the empty split; where the last
-        // stop is past this one's, HF panics: "AddedVocabulary bad split").
-        if (plain_begin >= stop) {
-          i = match_end - 1;
-          continue;
-        }
-        start = plain_begin;
+      if (start >= stop) {
+        // lstrip started it at or past its end (contents are never empty): no token, as HF drops the empty split
+        // (where the last stop is past this one's, HF panics: "AddedVocabulary bad split")
+        i = match_end - 1;
+        continue;
       }
       if (start > plain_begin) out.push_back({uint32_t(plain_begin), uint32_t(start), -1});
       out.push_back({uint32_t(start), uint32_t(stop), hit->id});
