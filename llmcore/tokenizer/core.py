@@ -498,11 +498,11 @@ class Tokenizer:
         if tok is None:
             tok = cls(_loaders.load_bert_vocab(directory, named), ("vocab", directory))
         tok._apply_config(named, os.path.join(directory, "tokenizer_config.json"), _loaders.model_type(directory))
-        missing = [t for k, t in _loaders.class_special_tokens(tok._class).items()
-                   if k not in named and tok.token_to_id(t) is None]
+        missing = list(dict.fromkeys(t for k, t in _loaders.class_special_tokens(tok._class).items()
+                                     if k not in named and tok.token_to_id(t) is None))  # (GPT-2's one, once)
         if missing:
             warnings.warn(f"{directory}: transformers' {tok._class} adds its default special tokens "
-                          f"{list(dict.fromkeys(missing))} as new tokens (ids past the vocabulary, matched in the text); "
+                          f"{missing} as new tokens (ids past the vocabulary, matched in the text); "
                           "this tokenizer has none of them and llmcore leaves them out: name tokens of the vocabulary "
                           "for them in tokenizer_config.json, or null", stacklevel=2)
         tok._folder_config = cfg
