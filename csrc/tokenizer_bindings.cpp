@@ -95,7 +95,8 @@ py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
 py::dict encode_batch(const tk::Tokenizer& tok, const py::sequence& texts, const std::optional<py::sequence>& pairs,
                       bool add_special_tokens, bool truncation, size_t max_length, const std::string& padding,
                       size_t pad_to_multiple_of, bool pad_left, int32_t pad_id, int32_t pad_type_id, bool offsets,
-                      int num_threads, bool special_mask) {
+                      int num_threads, bool special_mask, const std::optional<std::vector<std::string>>& skip_added,
+                      bool skip_restarts) {
   const auto views = text_views(texts, "texts");
   std::vector<std::string_view> pair_views;
   if (pairs) {
@@ -109,6 +110,12 @@ py::dict encode_batch(const tk::Tokenizer& tok, const py::sequence& texts, const
   opt.truncation = truncation;
   opt.max_length = max_length;
   opt.special_mask = special_mask;
+  std::vector<uint8_t> skip;
+  if (skip_added) {
+    skip = tok.added_skip_mask(*skip_added);
+    opt.skip_added = &skip;
+    opt.skip_restarts = skip_restarts;
+  }
   tk::StagedBatch staged;
   {
     py::gil_scoped_release release;
@@ -250,7 +257,10 @@ void bind_tokenizer(py::module_& m) {
       .def("encode_batch", &encode_batch, py::arg("texts"), py::arg("pairs"), py::arg("add_special_tokens"),
            py::arg("truncation"), py::arg("max_length"), py::arg("padding"), py::arg("pad_to_multiple_of"),
            py::arg("pad_left"), py::arg("pad_id"), py::arg("pad_type_id"), py::arg("offsets"), py::arg("num_threads"),
-           py::arg("special_mask") = false)
+           py::arg("special_mask") = false, py::arg("skip_added") = py::none(), py::arg("skip_restarts") = false,
+           "skip_added: contents of added tokens not matched in the text (encoded as plain text); None: all matched.\n"
+           "skip_restarts: where one of them is the leftmost-longest match, the search goes on at its next byte "
+           "(tiktoken's), not after it (HF's).")
       .def("decode", [](const tk::Tokenizer& t, const std::vector<int32_t>& ids, bool skip_special_tokens) {
         std::string s;
         {

@@ -109,6 +109,117 @@ def test_special_token_id_among_the_ranks_is_refused():
     assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
 
 
+def test_allowed_and_disallowed_special_as_tiktoken():
+    """tiktoken's ``allowed_special`` / ``disallowed_special``: only the allowed specials are matched, the others are
+    plain text; a text holding a disallowed one is refused, naming it. SST-2 lines with specials spliced in, every
+    subset allowed; and specials inside one another, where tiktoken's search goes on at the next character after
+    one it does not match (HF's would go on after it)."""
+    import random
+
+    import tiktoken.load
+
+    ranks, pattern = tiktoken.load.load_tiktoken_bpe(cl100k_path()), _C.pattern_regex("cl100k")
+    specials = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|im_start|>": 100264, "<|endofprompt|>": 100276}
+    ref = tiktoken.Encoding("cl100k_specials", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    tok = Tokenizer.from_tiktoken(cl100k_path(), special_tokens=specials)
+    rng, lines, names = random.Random(0), corpus("sst2-validation"), list(specials)
+    texts = ["".join(rng.choice(lines)[:rng.randint(0, 30)] + rng.choice(names + ["<|", "|>", " "])
+                     for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    subsets = [set(), {"<|endoftext|>"}, {"<|fim_prefix|>", "<|im_start|>"}, set(names[1:]), "all"]
+    for allowed in subsets:
+        assert [tok.encode(t, allowed_special=allowed) for t in texts] == \
+               [ref.encode(t, allowed_special=allowed, disallowed_special=()) for t in texts], allowed
+        got = tok.encode_batch(texts, allowed_special=allowed)
+        assert [r.tolist() for r in got] == ref.encode_batch(texts, allowed_special=allowed, disallowed_special=())
+    assert [tok.encode(t, allowed_special=set()) for t in texts] == [ref.encode_ordinary(t) for t in texts]
+    assert [tok.encode(t) for t in texts] == [ref.encode(t, allowed_special="all") for t in texts]  # (the default)
+    for t in texts[:60]:  # tiktoken's default: allowed none, disallowed all
+        try:
+            want = ref.encode(t)
+        except ValueError:
+            with pytest.raises(ValueError, match="a special token that disallowed_special refuses"):
+                tok.encode(t, allowed_special=set(), disallowed_special="all")
+        else:
+            assert tok.encode(t, allowed_special=set(), disallowed_special="all") == want
+    with pytest.raises(ValueError, match=r"text 1 holds '<\|im_start\|>' at 2, a special token that"):
+        tok.encode_batch(["plain", "ab<|im_start|>"], allowed_special={"<|endoftext|>"}, disallowed_special="all")
+    with pytest.raises(ValueError, match=r"the pair holds '<\|endoftext\|>' at 0"):
+        tok.encode("a", b"<|endoftext|>", disallowed_special={"<|endoftext|>"}, allowed_special=set())
+
+    nested = {"<|a|>": 100257, "|a|": 100258, "a|>x": 100259}
+    ref = tiktoken.Encoding("nested", pat_str=pattern, mergeable_ranks=ranks, special_tokens=nested)
+    tok = Tokenizer.from_tiktoken(cl100k_path(), special_tokens=nested)
+    for text in ("q<|a|>x", "<|a|>x|a|", "<|a|>"):
+        for allowed in ({"|a|"}, {"a|>x"}, {"|a|", "a|>x"}, set(), "all"):
+            assert tok.encode(text, allowed_special=allowed) == \
+                   ref.encode(text, allowed_special=allowed, disallowed_special=()), (text, allowed)
+    assert tok.encode("<|a|>", allowed_special={"|a|"}) == [27, 100258, 29]  # ('<', '|a|', '>')
+
+
+def test_special_arguments_are_checked(cl100k, tik):
+    tok = Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": 100257})
+    for kwargs, error, message in [
+            ({"allowed_special": {"<|endoftxt|>"}}, ValueError, r"allowed_special names \['<\|endoftxt\|>'\], no "
+                                                                r"special token of this tokenizer \(it has 1: "),
+            ({"allowed_special": "<|endoftext|>"}, ValueError, "must be 'all' or a collection of"),
+            ({"disallowed_special": {b"<|endoftext|>"}}, TypeError, "disallowed_special holds b'<|endoftext|>', a "
+                                                                    "bytes"),
+            ({"allowed_special": "all", "disallowed_special": {"<|endoftext|>"}}, ValueError,
+             "both allowed .* and disallowed"),
+            ({"disallowed_special": {"<|endoftext|>"}}, ValueError, "both allowed"),  # (allowed by default)
+            ({"split_special_tokens": True, "allowed_special": set()}, ValueError, "pass one of them"),
+            ({"split_special_tokens": "yes"}, TypeError, "split_special_tokens must be a bool")]:
+        with pytest.raises(error, match=message):
+            tok.encode("x", **kwargs)
+        with pytest.raises(error, match=message):
+            tok.encode_batch(["x"], **kwargs)
+        with pytest.raises(error, match=message):
+            tok(["x"], **kwargs)
+    # split_special_tokens is allowed_special=set(); a tokenizer without specials takes the arguments too
+    text = "a<|endoftext|>b"
+    assert tok.encode(text, split_special_tokens=True) == tik.encode_ordinary(text) == cl100k.encode(
+        text, allowed_special="all", disallowed_special="all")
+
+
+@pytest.mark.parametrize("style", ["gpt2", "roberta-base", "llama3"])
+def test_split_special_tokens_as_hf(style, tmp_path):
+    """HF tokenizers' ``encode_special_tokens`` (transformers' ``split_special_tokens``): random special and plain
+    added tokens (overlapping, inside one another, lstrip / rstrip / single_word) in SST-2 text; ids and offsets
+    as HF's, where a special token it does not match takes its text (no added token starts inside it)."""
+    import random
+
+    from tokenizers import AddedToken
+
+    _, base = train_bpe(tmp_path, style)
+    rng, lines = random.Random(sum(map(ord, style))), corpus("sst2-validation")
+    frags = ["<s>", "xy", "z", " ", "  ", "\t", "ab", "é", "中", "s>", "<", ">"]
+    for trial in range(4):
+        hf = tokenizers.Tokenizer.from_str(base.to_str())
+        contents = ["<s>xy", "xy", "\t中", "中"]  # (a special over a plain one, both ways round)
+        hf.add_special_tokens([AddedToken(contents[0], normalized=False), AddedToken(contents[2], normalized=False)])
+        hf.add_tokens([AddedToken(contents[1], normalized=False), AddedToken(contents[3], normalized=False)])
+        for _ in range(3):
+            content = "".join(rng.choice(frags) for _ in range(rng.randint(1, 3)))
+            t = AddedToken(content, lstrip=rng.random() < 0.3, rstrip=rng.random() < 0.3,
+                           single_word=rng.random() < 0.2, normalized=False)
+            (hf.add_special_tokens if rng.random() < 0.6 else hf.add_tokens)([t])
+            contents.append(content)
+        path = tmp_path / f"added-{trial}.json"
+        hf.save(str(path))
+        hf = tokenizers.Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(path)
+        texts = ["".join(rng.choice(lines)[:rng.randint(0, 20)] + rng.choice(contents + frags)
+                         for _ in range(rng.randint(1, 5))) for _ in range(80)]
+        hf.encode_special_tokens = True
+        for add in (True, False):
+            enc = tok.encode_batch(texts, add_special_tokens=add, return_offsets=True, split_special_tokens=True)
+            for i, r in enumerate(hf.encode_batch(texts, add_special_tokens=add)):
+                rows = slice(enc.cu_seqlens[i], enc.cu_seqlens[i + 1])
+                assert enc.input_ids[rows].tolist() == r.ids, (trial, texts[i])
+                assert [tuple(o) for o in enc.offsets[rows].tolist()] == r.offsets, (trial, texts[i])
+    assert tok.encode("a\t中b", split_special_tokens=True) != tok.encode("a\t中b")
+
+
 @pytest.mark.parametrize("text", ["a" * 10**6, " " * 10**6, "1" * 10**6, "\n" * 10**6, "random-word"])
 def test_cl100k_megabyte_inputs(cl100k, tik, text):
     if text == "random-word":

@@ -1023,3 +1023,43 @@ def test_saved_folder_keeps_what_a_changed_name_left_as_transformers(tmp_path):
         again, reread = Tokenizer.from_pretrained(saved), transformers.AutoTokenizer.from_pretrained(saved)
         assert again.pad_token is None and named(again) == named(reread) == named(theirs), saved
         _pads_as_transformers(again, reread, text)
+
+
+def test_split_special_tokens_as_transformers(tmp_path):
+    """transformers' ``split_special_tokens``: special tokens in a text are encoded as plain text, by the call's
+    argument or the tokenizer's attribute (tokenizer_config.json's, kept by save_pretrained and pickling); added
+    tokens that are not special are matched still. Ids, type ids, masks and offsets against transformers, pairs and
+    truncation included."""
+    ours, theirs = Tokenizer.from_pretrained(minilm_dir()), transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    rows = corpus("sst2-validation")[:40]
+    marks = ["[SEP]", "[CLS]x", "[MASK][MASK]", " [PAD] ", "[sep]", "[UNK"]
+    texts = [f"{r[:30]}{marks[i % len(marks)]}{r[30:50]}" for i, r in enumerate(rows)]
+    pairs = [f"{marks[(i + 2) % len(marks)]} {r[:20]}" for i, r in enumerate(rows)]
+    keys = ("input_ids", "token_type_ids", "attention_mask", "offset_mapping")
+    for split in (True, False):
+        for kw in ({}, {"text_pair": pairs}, {"truncation": True, "max_length": 16, "padding": True}):
+            a = ours(texts, split_special_tokens=split, return_offsets_mapping=True, **kw)
+            b = theirs(texts, split_special_tokens=split, return_offsets_mapping=True, **kw)
+            for k in keys:
+                assert [[tuple(x) if k == "offset_mapping" else x for x in r] for r in a[k]] == \
+                       [[tuple(x) if k == "offset_mapping" else x for x in r] for r in b[k]], (split, kw, k)
+    assert ours(texts[:1])["input_ids"] != ours(texts[:1], split_special_tokens=True)["input_ids"]  # (a change)
+    for t in texts[:6]:
+        assert ours.tokenize(t, split_special_tokens=True) == theirs.tokenize(t, split_special_tokens=True)
+        assert ours.encode(t, split_special_tokens=True) == theirs.encode(t, split_special_tokens=True)
+
+    # the folder's setting, as transformers takes it; the call's argument wins; saved and pickled with the tokenizer
+    path = folder(tmp_path, {"tokenizer_class": "BertTokenizer", "split_special_tokens": True, "do_lower_case": True})
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(str(path))
+    assert ours.split_special_tokens is True
+    for kw in ({}, {"split_special_tokens": False}):
+        assert ours(texts, **kw)["input_ids"] == theirs(texts, **kw)["input_ids"]
+    again = pickle.loads(pickle.dumps(ours))
+    assert again.split_special_tokens is True and again(texts)["input_ids"] == ours(texts)["input_ids"]
+    ours.split_special_tokens = False
+    ours.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["split_special_tokens"] is False
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))(texts)["input_ids"] == \
+        ours(texts)["input_ids"]
+    with pytest.raises(TokenizerFileError, match="split_special_tokens must be true or false, got 'yes'"):
+        Tokenizer.from_pretrained(folder(tmp_path, {"split_special_tokens": "yes"}, name="bad"))

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string_view>
+#include <unordered_set>
 
 #include "tokenizer/unicode.h"
 #include "tokenizer/utf8.h"
@@ -75,6 +77,13 @@ void Tokenizer::set_added_tokens(std::vector<AddedToken> tokens) {
   for (const auto& t : added_) added_first_[uint8_t(t.content[0])] = 1;
 }
 
+std::vector<uint8_t> Tokenizer::added_skip_mask(const std::vector<std::string>& contents) const {
+  const std::unordered_set<std::string_view> names(contents.begin(), contents.end());
+  std::vector<uint8_t> mask(added_.size(), 0);
+  for (size_t k = 0; k < added_.size(); ++k) mask[k] = names.count(added_[k].content) ? 1 : 0;
+  return mask;
+}
+
 void Tokenizer::set_template(std::vector<TemplateItem> single, std::vector<TemplateItem> pair) {
   single_ = std::move(single);
   pair_ = std::move(pair);
@@ -91,7 +100,8 @@ size_t Tokenizer::num_special_tokens(bool pair) const {
 // found first (the next one searched from the end of the last, refused or not), then a single_word match next to
 // a word character is dropped, and lstrip / rstrip widen a kept one over the spaces beside it -- its rstrip can
 // overlap the next match, which is kept too (HF's offsets then overlap), unless that one is lstrip.
-void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) const {
+void Tokenizer::split_added(std::string_view text, const std::vector<uint8_t>* skip, bool skip_restarts,
+                            std::vector<Segment>& out) const {
   out.clear();
   const auto* s = reinterpret_cast<const uint8_t*>(text.data());
   const size_t n = text.size();
@@ -99,14 +109,19 @@ void Tokenizer::split_added(std::string_view text, std::vector<Segment>& out) co
   if (!added_.empty()) {
     for (size_t i = 0; i < n; ++i) {
       if (!added_first_[s[i]]) continue;
-      const AddedToken* hit = nullptr;
-      for (const auto& t : added_)
-        if (t.content.size() <= n - i && std::memcmp(s + i, t.content.data(), t.content.size()) == 0) {
-          hit = &t;
-          break;
-        }
-      if (!hit) continue;
+      size_t k = 0;
+      while (k < added_.size() && !(added_[k].content.size() <= n - i &&
+                                    std::memcmp(s + i, added_[k].content.data(), added_[k].content.size()) == 0))
+        ++k;
+      if (k == added_.size()) continue;
+      const AddedToken* hit = &added_[k];
       const size_t match_end = i + hit->content.size();
+      if (skip && (*skip)[k]) {
+        // not matched: its text is plain text. HF's matcher takes the span (no token starts inside it); tiktoken's
+        // search goes on at the next byte
+        if (!skip_restarts) i = match_end - 1;
+        continue;
+      }
       size_t start = i, stop = match_end;
       if (hit->single_word) {
         const bool word_before = start > 0 && is_word_char(last_codepoint(s, start));
@@ -245,7 +260,7 @@ void Tokenizer::trim_added(const uint8_t* s, bool first, uint32_t& start, uint32
 
 void Tokenizer::encode_text(std::string_view text, Encoding& out, uint8_t from_pair, Workspace& ws) const {
   std::vector<Segment>& segments = ws.segments;
-  split_added(text, segments);
+  split_added(text, ws.skip_added, ws.skip_restarts, segments);
   for (const Segment& seg : segments) {
     if (seg.added_id >= 0) {
       const bool first = out.ids.empty() || seg.begin == 0;
@@ -272,6 +287,8 @@ void Tokenizer::encode(std::string_view text, const std::string_view* pair, cons
   a.clear();
   b.clear();
   ws.offsets = opt.offsets;
+  ws.skip_added = opt.skip_added;
+  ws.skip_restarts = opt.skip_restarts;
   encode_text(text, a, 0, ws);
   if (pair) encode_text(*pair, b, 1, ws);
 

@@ -54,6 +54,12 @@ struct EncodeOptions {
   size_t max_length = 0;  // with truncation
   bool offsets = true;    // fill Encoding::start/end/from_pair (else they stay empty)
   bool special_mask = false;  // fill Encoding::special (else it stays empty)
+  // Per added token (Tokenizer::added_skip_mask), 1 where it is not matched in the text: its text is encoded as
+  // plain text (HF's encode_special_tokens, tiktoken's specials not allowed). Null: every added token is matched.
+  const std::vector<uint8_t>* skip_added = nullptr;
+  // Where a skipped token is the leftmost-longest match, the search goes on at the next byte (tiktoken's); else
+  // after its text (HF's matcher: no added token starts inside it).
+  bool skip_restarts = false;
 };
 
 class Tokenizer {
@@ -70,6 +76,8 @@ class Tokenizer {
     std::vector<Segment> segments;
     Encoding a, b;
     bool offsets = true;  // the current call's EncodeOptions::offsets
+    const std::vector<uint8_t>* skip_added = nullptr;  // and its skip_added, skip_restarts
+    bool skip_restarts = false;
   };
 
   static Tokenizer wordpiece(WordPiece model, std::optional<BertOptions> bert, bool decoder_cleanup);
@@ -81,6 +89,8 @@ class Tokenizer {
 
   // Added tokens are matched in the raw text before normalization (leftmost, then longest).
   void set_added_tokens(std::vector<AddedToken> tokens);
+  // EncodeOptions::skip_added for the added tokens whose content is one of `contents` (others are not flagged).
+  std::vector<uint8_t> added_skip_mask(const std::vector<std::string>& contents) const;
   void set_template(std::vector<TemplateItem> single, std::vector<TemplateItem> pair);
   // HF's ByteLevel post-processor trim_offsets: BPE token offsets exclude leading and
   // trailing spaces; with keep_first (its add_prefix_space), not the first token's leading ones.
@@ -103,7 +113,8 @@ class Tokenizer {
 
  private:
   Tokenizer() = default;
-  void split_added(std::string_view text, std::vector<Segment>& out) const;
+  void split_added(std::string_view text, const std::vector<uint8_t>* skip, bool skip_restarts,
+                   std::vector<Segment>& out) const;
   void encode_text(std::string_view text, Encoding& out, uint8_t from_pair, Workspace& ws) const;
   void encode_plain(std::string_view text, uint32_t base, Encoding& out, Workspace& ws) const;
   void trim_added(const uint8_t* s, bool first, uint32_t& start, uint32_t& stop) const;

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import numbers
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -37,6 +39,33 @@ _INT32_MAX = 2**31 - 1  # the native arrays' lengths and ids are int32
 
 # transformers' model_max_length of a tokenizer without a limit (its VERY_LARGE_INTEGER: int(1e30))
 NO_LIMIT = int(1e30)
+
+
+@functools.lru_cache(maxsize=64)
+def _special_regex(contents: frozenset, as_bytes: bool) -> re.Pattern:
+    """One search for any of ``contents`` (special tokens' strings) in a str, or in UTF-8 bytes."""
+    alts = [re.escape(c.encode() if as_bytes else c) for c in sorted(contents, key=lambda c: (-len(c), c))]
+    return re.compile((b"|" if as_bytes else "|").join(alts))
+
+
+def _special_strings(name: str, value, specials: list) -> set:
+    """``allowed_special`` / ``disallowed_special`` as a set of special tokens' strings: "all" is every one of
+    ``specials``; a string that is none of them is refused, naming it (tiktoken ignores it; here it is most likely
+    a typo, or another tokenizer's token)."""
+    if isinstance(value, str) and value == "all":
+        return set(specials)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be 'all' or a collection of special tokens' strings, got {value!r}")
+    value = set(value)
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} holds {bad[0]!r}, a {type(bad[0]).__name__}: special tokens are named by their "
+                        "strings")
+    unknown = sorted(value.difference(specials))
+    if unknown:
+        raise ValueError(f"{name} names {unknown[:5]}, no special token of this tokenizer (it has "
+                         f"{len(specials)}: {specials[:8]}{' ...' if len(specials) > 8 else ''})")
+    return value
 
 
 def _round_up(width: int, multiple: Optional[int]) -> int:
@@ -181,6 +210,7 @@ _CONFIG_KEYS = ("tokenizer_class", "model_input_names", "model_max_length", "pad
 
 # the settings a Tokenizer carries beside its files (pickled as they are)
 _SETTINGS = ("returns_type_ids", "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces",
+             "split_special_tokens",
              "pad_token", "unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "mask_token", "name_or_path")
 
 
@@ -268,6 +298,9 @@ class Tokenizer:
         # encoder that does not trim offsets, built when an added token's match decides
         self._start_kinds: Optional[np.ndarray] = None
         self._untrimmed = None
+        # a special token in a text that is not matched (allowed_special, split_special_tokens) is skipped as
+        # tiktoken's encoder skips it (its search goes on at the next character), else as HF tokenizers' (after it)
+        self._skip_restarts = source[0] == "tiktoken"
         self._config: dict = {}  # the tokenizer_config.json keys applied (kept across pickling)
         self._padding_side = self._truncation_side = "right"
         # tokenizer.json's padding / truncation direction, as transformers takes them (tokenizer_config.json's win)
@@ -282,6 +315,9 @@ class Tokenizer:
         self._blank_ids = frozenset(i for i, s in strings.items() if s == "")
         self._warned_long = False
         self.clean_up_tokenization_spaces = False  # decode's default (tokenizer_config.json's)
+        # transformers' attribute: the call's split_special_tokens default (tokenizer_config.json's): special added
+        # tokens in a text are encoded as plain text, not matched
+        self.split_special_tokens = False
         self._named: dict = {}  # unk_token, eos_token...: the folder's names for its special tokens
         # transformers' class for the folder (_loaders.tokenizer_class), whose default names and rebuilt template
         # are followed; None: transformers' generic class
@@ -354,6 +390,10 @@ class Tokenizer:
         self._extra_special = [t for t in extra if t not in missing]
         self._build_names_in(cfg, where)
         self.clean_up_tokenization_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
+        split = cfg.get("split_special_tokens", False)
+        if not isinstance(split, bool):
+            raise TokenizerFileError(f"{where}: split_special_tokens must be true or false, got {split!r}")
+        self.split_special_tokens = split
 
     def _build_names_in(self, cfg: dict, where: str) -> None:
         """Builds the folder's names for its special tokens into the pipeline, as transformers 5 does; else
@@ -514,7 +554,8 @@ class Tokenizer:
                       special_tokens: Optional[dict] = None) -> "Tokenizer":
         """A tiktoken rank file. ``pattern`` names the pre-tokenizer (``cl100k_base``, ``o200k_base``,
         ``gpt2``, ``llama3``...). Without ``special_tokens``, ``encode`` equals tiktoken's
-        ``encode_ordinary``; with them, those strings in the text become their ids."""
+        ``encode_ordinary``; with them, those strings in the text become their ids (tiktoken's
+        ``allowed_special="all"``): ``encode``'s ``allowed_special`` / ``disallowed_special`` choose as tiktoken's."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tiktoken rank file at {path!r}")
@@ -546,9 +587,13 @@ class Tokenizer:
     def encode(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = True,
                padding=False, truncation=None, max_length: Optional[int] = None,
                pad_to_multiple_of: Optional[int] = None, padding_side: Optional[str] = None,
-               return_tensors: Optional[str] = None, verbose: bool = True):
+               return_tensors: Optional[str] = None, verbose: bool = True, allowed_special=None,
+               disallowed_special=(), split_special_tokens: Optional[bool] = None):
         """The ids of one text (or pair), as a list of ints; as transformers' ``encode``, the call's truncation and
-        padding options apply, and ``return_tensors="np"`` / ``"pt"`` give a (1, L) array / tensor."""
+        padding options apply, and ``return_tensors="np"`` / ``"pt"`` give a (1, L) array / tensor.
+        ``allowed_special``, ``disallowed_special``, ``split_special_tokens``: which special tokens a text may hold
+        (see ``encode_batch``); ``encode(text, allowed_special=set(), disallowed_special="all")`` is tiktoken's
+        ``encode(text)``."""
         if not isinstance(text, (str, bytes)):
             raise TypeError(f"encode takes one text (str), got {type(text).__name__}; use encode_batch or the call "
                             "for many")
@@ -556,13 +601,58 @@ class Tokenizer:
             pair = None  # (as transformers: one text with an empty pair is one text; the call does the same)
         if (padding is False and truncation is None and max_length is None and pad_to_multiple_of is None
                 and return_tensors is None):
-            out = self._native.encode_batch([text], None if pair is None else [pair], add_special_tokens, False, 0,
-                                            "none", 0, False, 0, 0, False, 1)
+            pairs = None if pair is None else [pair]
+            skip = self._special_skips([text], pairs, allowed_special, disallowed_special, split_special_tokens)
+            out = self._native.encode_batch([text], pairs, add_special_tokens, False, 0, "none", 0, False, 0, 0,
+                                            False, 1, False, skip, self._skip_restarts)
             return out["input_ids"].tolist()
         return self(text, pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
                     max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
                     return_tensors=return_tensors, return_attention_mask=False, return_token_type_ids=False,
-                    verbose=verbose)["input_ids"]
+                    verbose=verbose, allowed_special=allowed_special, disallowed_special=disallowed_special,
+                    split_special_tokens=split_special_tokens)["input_ids"]
+
+    def _special_skips(self, texts: list, pairs: Optional[list], allowed_special=None, disallowed_special=(),
+                       split_special_tokens: Optional[bool] = None) -> Optional[list]:
+        """The strings of the special added tokens not to match in the texts (their text is encoded as plain
+        text), None where every one is matched; refuses a text or pair holding a disallowed one, naming it."""
+        if (allowed_special is None and isinstance(disallowed_special, tuple) and not disallowed_special
+                and split_special_tokens is None and not self.split_special_tokens):
+            return None  # (the defaults: every special token matched, none refused)
+        specials = list(dict.fromkeys(t.content for t in self._spec.added_tokens if t.special))
+        if split_special_tokens is not None and not isinstance(split_special_tokens, (bool, np.bool_)):
+            raise TypeError(f"split_special_tokens must be a bool, got {split_special_tokens!r}")
+        if allowed_special is None:
+            split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+            allowed = set() if split else set(specials)
+        elif split_special_tokens:
+            raise ValueError("split_special_tokens=True and allowed_special both say which special tokens are "
+                             "matched: pass one of them (split_special_tokens=True is allowed_special=set())")
+        else:
+            allowed = _special_strings("allowed_special", allowed_special, specials)
+        if isinstance(disallowed_special, str) and disallowed_special == "all":
+            disallowed = frozenset(specials).difference(allowed)
+        else:
+            disallowed = frozenset(_special_strings("disallowed_special", disallowed_special, specials))
+            both = sorted(disallowed & allowed)
+            if both:
+                raise ValueError(f"{both[:5]} both allowed (allowed_special, or split_special_tokens=False) and "
+                                 "disallowed (disallowed_special)")
+        if disallowed:
+            for kind, seq in (("text", texts), ("pair", pairs)):
+                for i, t in enumerate(seq or ()):
+                    if not isinstance(t, (str, bytes)):
+                        continue  # (the encoder refuses it, naming its type)
+                    m = _special_regex(disallowed, isinstance(t, bytes)).search(t)
+                    if m:
+                        found = m.group()
+                        where = f"the {kind}" if len(texts) == 1 else f"{kind} {i}"
+                        raise ValueError(f"{where} holds {found.decode() if isinstance(found, bytes) else found!r} "
+                                         f"at {m.start()}, a special token that disallowed_special refuses: pass it "
+                                         "in allowed_special to encode it as the special token, or leave it out of "
+                                         "disallowed_special to encode it as plain text")
+        skip = [c for c in specials if c not in allowed]
+        return skip or None
 
     def encode_batch(self, texts: Sequence[TextInput], pairs: Optional[Sequence[TextInput]] = None,
                      add_special_tokens: bool = True, max_length: Optional[int] = None, truncation: bool = False,
@@ -570,7 +660,8 @@ class Tokenizer:
                      padding_side: str = "right", return_offsets: bool = False,
                      num_threads: Optional[int] = None, pad_id: Optional[int] = None,
                      return_overflowing_tokens: bool = False, stride: int = 0,
-                     return_special_tokens_mask: bool = False) -> BatchEncoding:
+                     return_special_tokens_mask: bool = False, allowed_special=None, disallowed_special=(),
+                     split_special_tokens: Optional[bool] = None) -> BatchEncoding:
         """Encode many texts on ``num_threads`` native threads (all cores by default).
 
         ``truncation`` cuts each text (pairs: longest first) so that with the special tokens it
@@ -585,6 +676,15 @@ class Tokenizer:
 
         ``return_special_tokens_mask``: ``special_tokens_mask``, 1 at the special tokens the template adds and at
         padding, 0 elsewhere (an added special token found in the text too), as HF tokenizers mark them.
+
+        Special tokens in the text (added tokens marked special: ``[SEP]``, ``<|endoftext|>``...) are matched as
+        their ids by default, as HF tokenizers and transformers do. ``split_special_tokens=True`` (transformers'
+        argument; default: the ``split_special_tokens`` attribute, tokenizer_config.json's) encodes them as plain
+        text instead; added tokens that are not special are matched still. tiktoken's arguments say the same per
+        token: ``allowed_special`` ("all", or the strings of those to match; the others are plain text) and
+        ``disallowed_special`` ("all": every one not allowed; or a collection of strings): a text holding one
+        of those is refused with a ValueError naming it. Default: none. tiktoken's ``encode(text)`` is
+        ``allowed_special=set(), disallowed_special="all"``; its ``encode_ordinary``, ``allowed_special=set()``.
         """
         if isinstance(texts, (str, bytes)):
             raise TypeError("encode_batch takes a sequence of texts; use encode() for one text")
@@ -593,6 +693,7 @@ class Tokenizer:
         texts = list(texts)
         if pairs is not None:
             pairs = list(pairs)
+        skip = self._special_skips(texts, pairs, allowed_special, disallowed_special, split_special_tokens)
         if padding is True:
             padding = "longest"
         if padding is False or padding is None:
@@ -644,23 +745,24 @@ class Tokenizer:
         if return_overflowing_tokens:
             return self._overflowing(texts, add_special_tokens, max_length, stride, padding, pad_to_multiple_of,
                                      padding_side == "left", pad_id, bool(return_offsets), num_threads,
-                                     bool(return_special_tokens_mask))
+                                     bool(return_special_tokens_mask), skip)
         arrays = self._native.encode_batch(texts, pairs, add_special_tokens, bool(truncation), max_length or 0,
                                            padding, pad_to_multiple_of or 0, padding_side == "left", pad_id or 0,
                                            self._spec.pad_type_id, bool(return_offsets), num_threads,
-                                           bool(return_special_tokens_mask))
+                                           bool(return_special_tokens_mask), skip, self._skip_restarts)
         return BatchEncoding(arrays)
 
     def _overflowing(self, texts, add_special_tokens, max_length, stride, padding, pad_to_multiple_of, left, pad_id,
-                     return_offsets, num_threads, special_mask) -> BatchEncoding:
+                     return_offsets, num_threads, special_mask, skip) -> BatchEncoding:
         bare = self._native.encode_batch(texts, None, False, False, 0, "none", 0, False, 0, self._spec.pad_type_id,
-                                         return_offsets, num_threads)
+                                         return_offsets, num_threads, skip_added=skip,
+                                         skip_restarts=self._skip_restarts)
         template = self._spec.template_single if add_special_tokens and self._spec.template_single else [("A", 0)]
         arrays = windows.overflow_windows(bare, template, max_length, stride)
         if not special_mask:
             del arrays["special_tokens_mask"]
         if return_offsets and self._spec.trim_offsets and self._spec.trim_keeps_first:
-            self._untrim_window_starts(arrays, texts, template, max_length, stride, num_threads)
+            self._untrim_window_starts(arrays, texts, template, max_length, stride, num_threads, skip)
         if padding != "none":
             width = max_length if padding == "max_length" else int(np.max(arrays["lengths"], initial=0))
             width = _round_up(width, pad_to_multiple_of)
@@ -668,7 +770,7 @@ class Tokenizer:
         return BatchEncoding(arrays)
 
     def _untrim_window_starts(self, arrays: dict, texts: list, template: list, max_length: int, stride: int,
-                              num_threads: int) -> None:
+                              num_threads: int, skip: Optional[list]) -> None:
         """HF's ByteLevel / RobertaProcessing post-processor (trim_offsets with add_prefix_space) trims every
         overflowing window as a sequence of its own, and a sequence's first token keeps its offsets whole when its
         string starts with exactly one space (HF counts the byte-level 'Ġ' and white space; two or more are
@@ -696,7 +798,8 @@ class Tokenizer:
                 native.set_trim_offsets(False, False)
                 self._untrimmed = native
             raw = self._untrimmed.encode_batch([texts[i] for i in sub], None, False, False, 0, "none", 0, False, 0,
-                                               self._spec.pad_type_id, True, num_threads)
+                                               self._spec.pad_type_id, True, num_threads, skip_added=skip,
+                                               skip_restarts=self._skip_restarts)
             # HF widens an lstrip token's match back to the last one's end at most, which an rstrip can take past
             # its start ('<r> q', ' q' lstrip: its string is 'q')
             at = np.flatnonzero(np.isin(raw["input_ids"], [t.id for t in self._spec.added_tokens if t.lstrip]))
@@ -736,7 +839,8 @@ class Tokenizer:
                  return_attention_mask: Optional[bool] = None, return_token_type_ids: Optional[bool] = None,
                  return_special_tokens_mask: bool = False, return_length: bool = False,
                  padding_side: Optional[str] = None, verbose: bool = True, text_target=None, text_pair_target=None,
-                 is_split_into_words: bool = False):
+                 is_split_into_words: bool = False, split_special_tokens: Optional[bool] = None,
+                 allowed_special=None, disallowed_special=()):
         """transformers-style call: ``tok(texts, truncation=True, max_length=..., padding=...)``.
 
         Returns a dict (``Encoded``: keys as attributes too, ``.to(device)``) with ``input_ids``,
@@ -755,8 +859,10 @@ class Tokenizer:
         ``padding="max_length"`` without a ``max_length`` take ``model_max_length`` from the
         folder's ``tokenizer_config.json`` (``from_pretrained``; without one, as transformers, they
         are said on stderr and dropped: no truncation, no padding to a length).
-        ``text_target`` / ``text_pair_target`` and ``is_split_into_words=True`` (transformers' arguments) are refused:
-        llmcore does not implement them.
+        ``split_special_tokens=True`` (default: the attribute, tokenizer_config.json's): special tokens in the text
+        are encoded as plain text, as transformers' (``allowed_special`` / ``disallowed_special``: see
+        ``encode_batch``). ``text_target`` / ``text_pair_target`` and ``is_split_into_words=True`` (transformers'
+        arguments) are refused: llmcore does not implement them.
         """
         # (transformers' arguments are named, not left to Python's TypeError, to say what to do instead)
         if text_target is not None or text_pair_target is not None:
@@ -828,7 +934,9 @@ class Tokenizer:
                                 pad_to_multiple_of, padding_side, return_offsets=return_offsets_mapping,
                                 pad_id=0 if unpadded and self._spec.pad_id is None else None,
                                 return_overflowing_tokens=return_overflowing_tokens and not identity_overflow,
-                                stride=stride, return_special_tokens_mask=return_special_tokens_mask)
+                                stride=stride, return_special_tokens_mask=return_special_tokens_mask,
+                                allowed_special=allowed_special, disallowed_special=disallowed_special,
+                                split_special_tokens=split_special_tokens)
         overflow_map = (np.arange(len(enc), dtype=np.int64) if identity_overflow
                         else enc.overflow_to_sample_mapping if return_overflowing_tokens else None)
         if (verbose and not truncation and self._max_len is not None and len(enc)
@@ -1112,9 +1220,11 @@ class Tokenizer:
         return ["input_ids", "token_type_ids", "attention_mask"] if self.returns_type_ids else ["input_ids",
                                                                                                    "attention_mask"]
 
-    def tokenize(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = False) -> list:
+    def tokenize(self, text: TextInput, pair: Optional[TextInput] = None, add_special_tokens: bool = False,
+                 split_special_tokens: Optional[bool] = None) -> list:
         """The token strings of ``text`` (transformers' ``tokenize``: without the special tokens by default)."""
-        return [self.id_to_token(i) for i in self.encode(text, pair, add_special_tokens)]
+        return [self.id_to_token(i) for i in self.encode(text, pair, add_special_tokens,
+                                                         split_special_tokens=split_special_tokens)]
 
     def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens: bool = False) -> list:
         """transformers' call (DataCollatorForLanguageModeling's): with ``already_has_special_tokens``, 1 where an
@@ -1226,6 +1336,8 @@ class Tokenizer:
         config.update(self.special_tokens_map, model_max_length=self.model_max_length, padding_side=self.padding_side,
                       truncation_side=self.truncation_side,
                       clean_up_tokenization_spaces=self.clean_up_tokenization_spaces)
+        if self.split_special_tokens or "split_special_tokens" in config:
+            config["split_special_tokens"] = bool(self.split_special_tokens)
         if kind == "vocab" and not isinstance(config.get("tokenizer_class"), str):
             # (transformers reads a vocab.txt folder only through a class named: BERT's, as llmcore read it)
             config["tokenizer_class"] = "BertTokenizer"
