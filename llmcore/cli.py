@@ -154,7 +154,8 @@ def _add_data_config(parser: argparse.ArgumentParser) -> None:
     """prepare's and finetune's --data-config."""
     parser.add_argument("--data-config", metavar="NAME", help="the configuration of a Hugging Face data set --data "
                                                               "(datasets.load_dataset's name: --data nyu-mll/glue "
-                                                              "--data-config sst2)")
+                                                              "--data-config sst2), or of a local folder whose "
+                                                              "README.md declares configs")
 
 
 # `llmcore finetune` overrides of TrainConfig's defaults: evaluate and checkpoint once per epoch

@@ -1,12 +1,14 @@
 """llmcore.data: loading, cleaning, splitting, tokenizing and caching real SST-2 / IMDB data."""
 import csv
 import functools
+import gzip
 import html
 import json
 import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -263,7 +265,7 @@ def test_class_names_datasets_keeps_and_readme_configs(tmp_path):
     """Probes: datasets' to_parquet keeps ClassLabel names in the file's metadata, which datasets reads back and
     llmcore dropped (no id2label names); an --eval-data file naming the classes of ClassLabel data was refused ("not
     a class id"); a folder whose README.md declares configs (the files of each split) was read by file names,
-    which lost and moved rows silently."""
+    which lost and moved rows silently (then refused; now its splits are datasets' files)."""
     datasets = pytest.importorskip("datasets")
     feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     rows = {"text": [f"film number {i} was {'good' if i % 2 else 'bad'}" for i in range(12)],
@@ -280,9 +282,10 @@ def test_class_names_datasets_keeps_and_readme_configs(tmp_path):
     with pytest.raises(ValueError, match=r"label 'positive' \(data row 1\) is none of the class names"):
         prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o3", eval_data=tmp_path / "eval2.csv")
     (tmp_path / "pq" / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
-                                              "  - split: train\n    path: train.parquet\n---\n# cards\n")
-    with pytest.raises(ValueError, match="its README.md declares configs"):
-        prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o4")
+                                              "  - split: test\n    path: train.parquet\n---\n# cards\n")
+    ds = prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o4", validation_fraction=0)
+    assert list(datasets.load_dataset(str(tmp_path / "pq"))) == list(ds.splits) == ["test"]  # (the card's split)
+    assert ds.label_names == ["neg", "pos"] and ds["test"].labels.tolist() == rows["label"]
     (tmp_path / "pq" / "README.md").write_text("---\nlicense: mit\n---\nconfigs: in the text is no front matter\n")
     assert prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o5").label_names == ["neg", "pos"]
 
@@ -342,7 +345,7 @@ def test_readme_front_matter_found_as_datasets_finds_it(tmp_path, head, close):
     """A probe: a README.md whose front matter (declaring configs) opens after a blank line or a byte-order mark was
     missed (datasets reads it: huggingface_hub's card regex allows whitespace first, and it reads the file as
     utf-8-sig), so a folder was read by file names, its splits' rows lost; one opening with "--- " was refused
-    though datasets finds no front matter there. The folder is refused exactly when datasets reads the configs."""
+    though datasets finds no front matter there. The splits are datasets', configs read or not."""
     datasets = pytest.importorskip("datasets")
     for name, n in (("train.csv", 10), ("more.csv", 10), ("holdout.csv", 4)):
         (tmp_path / name).write_text("text,label\n" + "".join(f"{name} row {i} here,{i % 2}\n" for i in range(n)))
@@ -354,12 +357,9 @@ def test_readme_front_matter_found_as_datasets_finds_it(tmp_path, head, close):
         f.write(card)
     theirs = datasets.load_dataset(str(tmp_path))
     configs = {k: v.num_rows for k, v in theirs.items()} == {"train": 20, "test": 4}
-    if configs:
-        with pytest.raises(ValueError, match="its README.md declares configs"):
-            prepare(tmp_path, MODEL, 16, tmp_path / "o")
-    else:
-        ds = prepare(tmp_path, MODEL, 16, tmp_path / "o", validation_fraction=0)
-        assert {s: len(ds[s]) for s in ds.splits} == {k: v.num_rows for k, v in theirs.items()}
+    ds = prepare(tmp_path, MODEL, 16, tmp_path / "o", validation_fraction=0)
+    assert {s: len(ds[s]) for s in ds.splits} == {k: v.num_rows for k, v in theirs.items()}
+    assert ds["train"].texts() == theirs["train"]["text"]
     assert configs == (head.strip("\ufeff \n\r") == "---" and "--- " not in head)
 
 
@@ -652,7 +652,7 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
         for j, name in enumerate(names):
             (tmp_path / folder / name).write_text("sentence\tlabel\n" + "".join(
                 f"{t} {name}\t{y}\n" for t, y in rows[j:]))
-        ours = {split: sources.read_file(f) for split, f in sources.local_files(str(tmp_path / folder)).items()}
+        ours = {split: sources.read_split(f) for split, f in sources.local_files(str(tmp_path / folder)).items()}
         theirs = datasets.load_dataset(str(tmp_path / folder))
         assert sorted(ours) == sorted(theirs), folder
         for split, table in ours.items():
@@ -660,16 +660,55 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
     prepared = prepare(tmp_path / "a", MODEL, 16, tmp_path / "o")
     assert len(prepared["test"]) == 11 and prepared.meta["counts"]["validation"]["split_from"] == "train"
 
-    for name, bad in [("d", ["train-00000-of-00002.tsv", "train-00001-of-00002.tsv", "test.tsv"]),
-                      ("m", ["train.json", "train_part2.jsonl"]), ("n", ["train.txt", "train_extra.csv"]),
-                      ("e", ["train.tsv.gz", "test.tsv"]), ("f", ["data/train-00000-of-00001.parquet", "test.csv"]),
-                      ("g", ["train.csv", "sst2_dev.csv"]), ("h", ["train/part0.csv", "test.csv"])]:
-        for f in bad:
+    pd = pytest.importorskip("pandas")
+    # shards, subfolders, more files of a split: each split is the files datasets makes it of, read by llmcore's
+    # readers in datasets' order (refused before: "holds split data llmcore does not read"); split data datasets
+    # leaves out (test.csv beside data/ or train/) is warned about; compressed files are refused, named
+    for name, files, left in [
+            ("d", ["train-00000-of-00002.tsv", "train-00001-of-00002.tsv", "test.tsv"], []),
+            ("m", ["train.json", "train_part2.jsonl"], []), ("n", ["train.txt", "train_extra.csv"], ["train.txt"]),
+            ("f", ["data/train-00000-of-00001.parquet", "test.csv"], ["test.csv"]),
+            ("g", ["train.csv", "sst2_dev.csv"], []), ("h", ["train/part0.csv", "test.csv"], ["test.csv"]),
+            ("k", ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+                   "data/test-00000-of-00001.parquet"], []),
+            ("p", ["train/b.csv", "train/a.csv", "validation/x.csv"], [])]:
+        for j, f in enumerate(files):
             (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / name / f).write_text("sentence,label\nfine,1\n")
-        unread = sorted(os.path.normpath(f) for f in bad if os.path.splitext(f)[0] not in ("train", "test"))
-        with pytest.raises(ValueError, match="holds split data llmcore does not read: " + re.escape(", ".join(unread))):
-            prepare(tmp_path / name, MODEL, 16, tmp_path / "o2")
+            frame = pd.DataFrame({"sentence": [f"{f} says {i}" for i in range(3 + j)], "label": [i % 2 for i in
+                                                                                              range(3 + j)]})
+            ext = os.path.splitext(f)[1]
+            if ext == ".parquet":
+                frame.to_parquet(tmp_path / name / f)
+            elif ext in (".json", ".jsonl"):
+                frame.to_json(tmp_path / name / f, orient="records", lines=True)
+            elif ext == ".txt":
+                (tmp_path / name / f).write_text("".join(t + "\n" for t in frame["sentence"]))
+            else:
+                frame.to_csv(tmp_path / name / f, index=False, sep="\t" if ext == ".tsv" else ",")
+        theirs = datasets.load_dataset(str(tmp_path / name))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = {split: sources.read_split(fs) for split, fs in sources.local_files(str(tmp_path / name)).items()}
+        said = " ".join(str(w.message) for w in caught)
+        assert sorted(ours) == sorted(theirs) and all(f"{f} left out" in said for f in left), (name, said)
+        assert not left or "left out" in said
+        for split, table in ours.items():
+            assert table["sentence"] == theirs[split]["sentence"], (name, split)
+            assert [int(v) for v in table["label"]] == theirs[split]["label"], (name, split)
+    prepared = prepare(tmp_path / "k", MODEL, 16, tmp_path / "o2", validation_fraction=0)
+    assert {s: len(prepared[s]) for s in prepared.splits} == {"train": 7, "test": 5}
+    assert len(prepared.meta["sources"]) == 3  # (each file, for the cache and finetune's check of the sources)
+    for name, files, message in [
+            ("e", ["train.tsv.gz", "test.tsv"], "datasets makes its splits of train.tsv.gz, which llmcore does not "
+                                                "read"),
+            ("q", ["train/a.csv", "train/b.tsv"], "datasets makes its splits of .csv and .tsv files")]:
+        for f in files:
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            text = "sentence,label\nfine,1\n"
+            (tmp_path / name / f).write_bytes(gzip.compress(text.encode()) if f.endswith(".gz") else text.encode())
+        assert datasets.load_dataset(str(tmp_path / name))["train"].num_rows >= 1  # (datasets reads them)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            prepare(tmp_path / name, MODEL, 16, tmp_path / "o3")
     (tmp_path / "i").mkdir()  # (a save_to_disk folder's marker without its splits: datasets' error, named)
     (tmp_path / "i" / "dataset_dict.json").write_text('{"splits": ["train"]}')
     with pytest.raises(ValueError, match="save_to_disk folder that datasets.load_from_disk could not read"):
@@ -685,7 +724,12 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
         (tmp_path / "j" / f).write_text("{}")
     assert list(sources.local_files(str(tmp_path / "j"))) == ["train"]
     (tmp_path / "j" / "data" / "meta.json").rename(tmp_path / "j" / "data" / "notes.json")
-    with pytest.raises(ValueError, match="does not read: data/train.texts.txt. A folder"):  # (notes.json: no keyword)
+    # (no longer a prepared folder: data/ holds split data of several kinds, which datasets refuses, and so, with
+    # its reason, does llmcore)
+    with pytest.raises(ValueError, match="Couldn't infer the same data file format"):
+        datasets.load_dataset(str(tmp_path / "j"))
+    with pytest.raises(ValueError, match="datasets.load_dataset could not make its splits: ValueError: Couldn't "
+                                         "infer the same data file format for all splits"):
         sources.local_files(str(tmp_path / "j"))
 
     hub = datasets.DatasetDict({split: datasets.Dataset.from_dict({"sentence": [split] * n, "label": [0] * n})
@@ -695,6 +739,35 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
     tables = sources.load_hub("someone/dataset")
     assert {split: t["sentence"][0] for split, t in tables.items()} == {
         "train": "train", "validation": "validation", "dev": "dev"}
+
+
+def test_hub_snapshot_folder_read_as_datasets_reads_it(tmp_path):
+    """A Hub data set's files as `huggingface-cli download` leaves them: Parquet shards under data/ (and the same
+    under another folder, named by a README.md's configs). The IMDB reviews, split into shards: each split's rows
+    are datasets.load_dataset's, in its order (the folder was refused before: "split data llmcore does not
+    read"), and prepare trains on all of them."""
+    datasets = pytest.importorskip("datasets")
+    pd = pytest.importorskip("pandas")
+    imdb = pd.read_csv(os.path.join(data_dir(), "imdb", "imdb_2000.csv"), keep_default_na=False)
+    parts = {"data/train-00000-of-00003.parquet": imdb[:700], "data/train-00001-of-00003.parquet": imdb[700:1400],
+             "data/train-00002-of-00003.parquet": imdb[1400:1800], "data/test-00000-of-00001.parquet": imdb[1800:]}
+    for folder in ("snapshot", "card"):
+        for name, frame in parts.items():
+            path = tmp_path / folder / (name if folder == "snapshot" else name.replace("data/", "plain_text/"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(path, index=False)
+    (tmp_path / "card" / "README.md").write_text("---\nconfigs:\n- config_name: plain_text\n  data_files:\n  - split: "
+                                                "train\n    path: plain_text/train-*\n  - split: test\n    path: "
+                                                "plain_text/test-*\n  default: true\n---\n# IMDB, in shards\n")
+    for folder in ("snapshot", "card"):
+        theirs = datasets.load_dataset(str(tmp_path / folder))
+        files = sources.local_files(str(tmp_path / folder))
+        assert [len(files[s]) for s in ("train", "test")] == [3, 1] and sorted(files) == sorted(theirs)
+        for split, paths in files.items():
+            assert sources.read_split(paths) == theirs[split].to_dict(), (folder, split)
+        ds = prepare(tmp_path / folder, MODEL, 32, tmp_path / f"o-{folder}", validation_fraction=0, dedup=False)
+        assert {s: len(ds[s]) for s in ds.splits} == {"train": 1800, "test": 200}
+        assert [ds.label_names[i] for i in ds["train"].labels] == theirs["train"]["sentiment"]
 
 
 def test_cli_data_config_names_the_hub_configuration(tmp_path, monkeypatch, capsys):
@@ -723,6 +796,31 @@ def test_cli_data_config_names_the_hub_configuration(tmp_path, monkeypatch, caps
     assert main(["finetune", "--data", str(tmp_path / "o"), "--data-config", "cola", "--model", MODEL,
                  "--output-dir", str(tmp_path / "run")]) == 2
     assert "--data-config 'cola': " in capsys.readouterr().err
+
+    # a local folder whose README.md declares configs: --data-config names one, as datasets.load_dataset's
+    monkeypatch.undo()
+    folder = tmp_path / "cards"
+    for name, n in (("a.csv", 12), ("b.csv", 14)):
+        (folder / "files").mkdir(parents=True, exist_ok=True)
+        (folder / "files" / name).write_text("text,label\n" + "".join(f"{name} row {i},{i % 2}\n" for i in range(n)))
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: first\n  data_files: files/a.csv\n"
+                                      "- config_name: second\n  data_files:\n  - split: train\n    path: files/b.csv\n"
+                                      "  - split: test\n    path: files/a.csv\n"
+                                      "- config_name: third\n  data_files:\n  - split: train\n    path: files/b.csv\n"
+                                      "  - split: dev\n    path: files/a.csv\n---\n")
+    for config, counts in (("first", {"train": 12}), ("second", {"train": 14, "test": 12}),
+                           ("third", {"train": 14, "validation": 12})):  # (dev renamed, as a Hub data set's)
+        assert {sources.SPLIT_NAMES.get(k, k): v.num_rows
+                for k, v in datasets.load_dataset(str(folder), config).items()} == counts
+        out = tmp_path / f"o-{config}"
+        assert main(["prepare", "--data", str(folder), "--data-config", config, "--model", MODEL, "--max-length",
+                     "16", "--output-dir", str(out), "--validation-fraction", "0"]) == 0
+        meta = json.loads((out / "meta.json").read_text())
+        assert {k: v["rows"] for k, v in meta["counts"].items()} == counts, config
+    assert main(["prepare", "--data", str(folder), "--model", MODEL, "--max-length", "16", "--output-dir",
+                 str(tmp_path / "o-none")]) == 2  # (two configs, none named: datasets' error, said)
+    assert "datasets.load_dataset could not make its splits: ValueError: Config name is missing" in \
+        capsys.readouterr().err
 
 
 def test_cli_prepare_without_torch(tmp_path):

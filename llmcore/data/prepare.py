@@ -257,11 +257,12 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             hub_config: Optional[str] = None, overflow: str = "truncate", force: bool = False,
             verbose: bool = False, eval_labels: bool = True) -> PreparedDataset:
     """Load ``data`` (a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of ``train.*`` / ``validation.*``
-    / ``test.*`` files, or a Hugging Face dataset name), clean every split's texts, filter and de-duplicate
-    train's (``min_chars``, ``max_chars``, ``dedup``: the other splits are evaluated on, so every row of theirs
-    is kept and scored, an empty text too, as transformers' Trainer scores an eval_dataset), add a stratified
-    validation split (``validation_fraction`` of train, drawn with ``seed``) when there is none, tokenize with
-    truncation to ``max_length`` and save the arrays under ``output_dir``.
+    / ``test.*`` files, a folder of such files that ``datasets.load_dataset`` splits by its patterns or its
+    README.md's configs (``hub_config`` naming one), or a Hugging Face dataset name), clean every split's texts,
+    filter and de-duplicate train's (``min_chars``, ``max_chars``, ``dedup``: the other splits are evaluated on,
+    so every row of theirs is kept and scored, an empty text too, as transformers' Trainer scores an
+    eval_dataset), add a stratified validation split (``validation_fraction`` of train, drawn with ``seed``) when
+    there is none, tokenize with truncation to ``max_length`` and save the arrays under ``output_dir``.
 
     ``eval_data``: a file (or a split folder's ``validation.*`` file) whose rows become the
     validation split, as transformers' ``eval_dataset``: ``data``'s own validation split is left
@@ -298,11 +299,12 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     data = os.fspath(data)
     output_dir = os.fspath(output_dir)
     if os.path.exists(data):
-        if hub_config is not None:
-            raise ValueError(f"hub_config (--data-config) {hub_config!r} names a configuration of a Hugging Face "
-                             f"data set, but data {data!r} is a local file or folder")
         saved = os.path.isdir(data) and sources.saved_dataset(data)
-        files = None if saved else sources.local_files(data)
+        if hub_config is not None and (saved or not os.path.isdir(data) or not sources.readme_configs(data)):
+            raise ValueError(f"hub_config (--data-config) {hub_config!r} names a configuration of a Hugging Face "
+                             f"data set, but data {data!r} is a local file or folder that declares none (in a "
+                             "README.md's configs)")
+        files = None if saved else sources.local_files(data, hub_config)
         source_fp = sources.fingerprint_saved(data) if saved else sources.fingerprint_files(files)
     elif sources.looks_like_hub_name(data):
         files = None
@@ -332,8 +334,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
 
     # --- load --------------------------------------------------------------------------------
     if files is not None:
-        tables = {split: sources.read_file(path) for split, path in files.items()}
-        where = {split: repr(path) for split, path in files.items()}
+        tables = {split: sources.read_split(paths) for split, paths in files.items()}
+        where = {split: repr(paths[0]) if len(paths) == 1 else f"{paths[0]!r} and {len(paths) - 1} more file(s)"
+                 for split, paths in files.items()}
     else:
         tables = sources.load_saved(data) if os.path.isdir(data) else sources.load_hub(data, hub_config)
         where = {split: f"{data!r} split {split!r}" for split in tables}

@@ -1,16 +1,19 @@
 """Reading raw data into columns: local files, split folders, or a Hugging Face dataset name.
 
 A table is a ``dict`` of column name -> list of values; a dataset is a ``dict`` of split name -> table.
-Nothing here imports torch, pandas or datasets unless a Hugging Face name is asked for.
+Nothing here imports torch, pandas or datasets unless a Hugging Face name is asked for (or a folder that
+datasets splits, shards or README configs: its ``load_dataset_builder`` names the files).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
 import sys
-from typing import Dict, List
+import warnings
+from typing import Dict, List, Optional
 
 from llmcore import hub
 
@@ -301,21 +304,24 @@ def _records_to_table(records: list, path: str) -> Table:
     return {h: [r.get(h) for r in records] for h in header}
 
 
-def local_files(path: str) -> Dict[str, str]:
-    """Split name -> file for a local file (one ``train`` split) or a folder of ``train.*`` etc. A folder that
-    also holds split data llmcore would not read (shards, compressed files, ``data/`` or ``train/`` subfolders,
-    which datasets.load_dataset reads) is refused, naming those files: reading the rest would lose them silently."""
+def local_files(path: str, config: Optional[str] = None) -> Dict[str, List[str]]:
+    """Split name -> its files, for a local file (one ``train`` split) or a folder: ``train.*``, ``validation.*``
+    ... one file per split, or else the files ``datasets.load_dataset(folder)`` makes each split of (shards,
+    ``data/`` or ``train/`` subfolders, a README.md declaring configs: ``config`` names one), read by llmcore's
+    readers. A compressed file among them is refused, naming it."""
     if os.path.isfile(path):
-        return {"train": path}
+        if config is not None:
+            raise ValueError(f"config {config!r} names a configuration of a folder's README.md, but {path!r} is a file")
+        return {"train": [path]}
     if os.path.isdir(path) and saved_dataset(path):
         raise ValueError(f"{path!r} is a datasets save_to_disk folder, which llmcore reads as --data (all its splits), "
                          "not as one file of a split")
     if os.path.isdir(path):
-        if _readme_configs(path):
-            raise ValueError(f"folder {path!r}: its README.md declares configs (datasets.load_dataset reads the files "
-                             "and splits its data_files list); llmcore reads a folder by its file names only, which "
-                             "could differ: pass the files you mean, or write one file per split (train.*, "
-                             "validation.*, test.*) into a folder without that README")
+        if readme_configs(path):
+            return _datasets_files(path, config)
+        if config is not None:
+            raise ValueError(f"config {config!r} names a configuration of a Hugging Face data set (a README.md's "
+                             f"configs), but folder {path!r} declares none")
         found: Dict[str, str] = {}
         names = sorted(os.listdir(path))
         for name in names:
@@ -332,22 +338,101 @@ def local_files(path: str) -> Dict[str, str]:
         text_too = any(_base_extension(f) == ".txt" for f in found.values())
         unread = [f for f in _split_data(path, names) if f not in found.values() and (
             not found or text_too or _base_extension(f) != ".txt" or os.path.dirname(f) == os.path.join(path, "data"))]
-        if unread:
-            shown = ", ".join(os.path.relpath(f, path) for f in unread[:10]) + (" ..." if len(unread) > 10 else "")
-            raise ValueError(f"folder {path!r} holds split data llmcore does not read: {shown}. A folder is read as "
-                             f"one file per split, train.*, validation.* (valid, val, dev) and test.* (testing, eval, "
-                             f"evaluation), {', '.join(EXTENSIONS)}, uncompressed; join shards into one file per "
-                             "split (datasets.load_dataset(...) then .to_parquet('train.parquet') does), or pass "
-                             "the files you mean")
+        if unread:  # (shards, subfolders, more files of a split: as datasets makes the splits of them)
+            return _datasets_files(path, None, [*found.values(), *unread])
         if not found:
             raise FileNotFoundError(f"folder {path!r} holds no train.*, validation.* or test.* file "
                                     f"({', '.join(EXTENSIONS)}) and is no datasets save_to_disk folder; found "
                                     f"{names[:10]}")
-        return found
+        return {split: [f] for split, f in found.items()}
     raise FileNotFoundError(path)
 
 
-def _readme_configs(path: str) -> bool:
+# the datasets packaged builders whose files llmcore's readers read, by the extensions they take
+_BUILDERS = {"csv": (".csv", ".tsv"), "json": (".json", ".jsonl"), "parquet": (".parquet",), "text": (".txt",)}
+
+
+def _datasets_files(path: str, config: Optional[str], split_data: Optional[List[str]] = None) -> Dict[str, List[str]]:
+    """The files of each split of folder ``path`` as ``datasets.load_dataset(path, config)`` takes them (its data
+    file patterns, or the README.md's configs), in its order. Refused, naming them: a builder other than csv / json
+    / parquet / text, settings of a README config llmcore's readers would not apply, compressed files. Split data
+    datasets reads no split from either (``split_data`` not among them: a ``test.csv`` beside ``train/``) is
+    said in a warning."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"folder {path!r} is read as datasets.load_dataset splits it (shards, subfolders or README "
+                          "configs), which needs `pip install datasets`") from None
+    try:
+        builder = datasets.load_dataset_builder(os.path.abspath(path), config)
+    except Exception as e:  # (no config named where there are several, an unknown one: datasets' message says so)
+        raise ValueError(f"folder {path!r}: datasets.load_dataset could not make its splits: {type(e).__name__}: "
+                         f"{e}") from None
+    kind = type(builder).__module__.rsplit(".", 1)[-1]
+    if kind not in _BUILDERS:
+        raise ValueError(f"folder {path!r}: datasets reads it with its {kind!r} builder; llmcore reads "
+                         f"{', '.join(EXTENSIONS)} data, one file per split or as datasets splits such files")
+    cfg = builder.config
+    files = {str(split): [str(f) for f in fs] for split, fs in (cfg.data_files or {}).items()}
+    bad = [f for fs in files.values() for f in fs
+           if not os.path.isfile(f) or os.path.splitext(f)[1].lower() not in _BUILDERS[kind]]
+    if bad:
+        shown = ", ".join(os.path.relpath(f, path) if os.path.isfile(f) else f for f in bad[:10])
+        raise ValueError(f"folder {path!r}: datasets makes its splits of {shown}{' ...' if len(bad) > 10 else ''}, "
+                         f"which llmcore does not read ({', '.join(EXTENSIONS)} files, uncompressed): decompress "
+                         "them, or pass the files you mean")
+    exts = {os.path.splitext(f)[1].lower() for fs in files.values() for f in fs}
+    if exts == {".csv", ".tsv"}:  # (datasets reads them all with one separator: some of them as one column)
+        raise ValueError(f"folder {path!r}: datasets makes its splits of .csv and .tsv files, which it reads with "
+                         "one separator; llmcore reads each by its own: pass them as one file per split")
+    # settings of the builder other than its defaults, but for the tab that datasets sets for .tsv files (as
+    # llmcore's reader reads them)
+    tsv = exts == {".tsv"}
+    default = type(cfg)()
+    set_ = sorted(f.name for f in dataclasses.fields(cfg) if f.name not in ("name", "version", "data_dir", "data_files",
+                                                                             "description")
+                  and getattr(cfg, f.name) != getattr(default, f.name) and not (
+                      tsv and f.name == "sep" and getattr(cfg, f.name) == "\t"))
+    if set_:
+        raise ValueError(f"folder {path!r}: datasets reads it with its {kind} builder set as "
+                         f"{ {k: getattr(cfg, k) for k in set_} } (its README.md's config {cfg.name!r}, or the "
+                         "files' kind), which llmcore's readers do not apply: pass the files as one file per split")
+    if not files:
+        raise FileNotFoundError(f"folder {path!r}: datasets makes no split of its files")
+    # (a card's split names renamed as a Hub data set's are, dev -> validation, unless it has that one too)
+    files = {SPLIT_NAMES.get(k, k) if SPLIT_NAMES.get(k, k) not in files else k: v for k, v in files.items()}
+    read = {os.path.abspath(f) for fs in files.values() for f in fs}
+    left = [f for f in split_data or () if os.path.abspath(f) not in read]
+    if left:
+        warnings.warn(f"folder {path!r}: {', '.join(os.path.relpath(f, path) for f in left[:10])} left out, as "
+                      f"datasets.load_dataset leaves them out of its splits ({', '.join(files)}); pass them as "
+                      "files of their own to read them", stacklevel=3)
+    return files
+
+
+def read_split(paths: List[str]) -> Table:
+    """The files of one split as one table, rows in the files' order; they must have the same columns (and the
+    same ClassLabel names, where they keep any)."""
+    tables = [read_file(p) for p in paths]
+    if len(tables) == 1:
+        return tables[0]
+    first, out = tables[0], {k: list(v) for k, v in tables[0].items() if k != "__label_names__"}
+    for path, table in zip(paths[1:], tables[1:]):
+        cols, want = [c for c in table if c != "__label_names__"], [c for c in first if c != "__label_names__"]
+        if set(cols) != set(want):
+            raise ValueError(f"{path!r} has the columns {cols}, {paths[0]!r} {want}: the files of a split must have "
+                             "the same columns")
+        if table.get("__label_names__") != first.get("__label_names__"):
+            raise ValueError(f"{path!r}: its ClassLabel names {table.get('__label_names__')} differ from "
+                             f"{paths[0]!r}'s, {first.get('__label_names__')}: the files of a split must agree")
+        for c in want:
+            out[c].extend(table[c])
+    if "__label_names__" in first:
+        out["__label_names__"] = first["__label_names__"]
+    return out
+
+
+def readme_configs(path: str) -> bool:
     """Whether folder ``path``'s README.md has YAML front matter with a top-level ``configs:`` key (a Hub data
     set card's, which tells datasets which files make which split). The front matter is found as huggingface_hub's
     ``RepoCard`` finds it (its regex, the file read as ``DatasetCard.load`` reads it: UTF-8 with a byte-order mark
@@ -408,8 +493,12 @@ def eval_file(path: str) -> str:
         files = local_files(path)
         if "validation" not in files:
             raise FileNotFoundError(f"eval data {path!r}: the folder holds no validation.* (or dev.*) file, only "
-                                    f"{', '.join(os.path.basename(f) for f in files.values())}; pass the file itself")
-        return files["validation"]
+                                    f"{', '.join(os.path.basename(f) for fs in files.values() for f in fs)}; pass "
+                                    "the file itself")
+        if len(files["validation"]) > 1:
+            raise ValueError(f"eval data {path!r}: the folder's validation split is {len(files['validation'])} files "
+                             f"({', '.join(os.path.basename(f) for f in files['validation'][:5])}); pass one file")
+        return files["validation"][0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"eval data {path!r}: no such file or folder")
     return path
@@ -488,12 +577,14 @@ def _tables(dd) -> Dict[str, Table]:
     return out
 
 
-def fingerprint_files(files: Dict[str, str]) -> list:
-    """What identifies the inputs for the cache: path, size and modification time of each file."""
+def fingerprint_files(files: Dict[str, object]) -> list:
+    """What identifies the inputs for the cache: split, path, size and modification time of each file (a split's
+    value is its file, or a list of them)."""
     out = []
-    for split, path in sorted(files.items()):
-        st = os.stat(path)
-        out.append([split, os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    for split, paths in sorted(files.items()):
+        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+            st = os.stat(path)
+            out.append([split, os.path.abspath(path), st.st_size, st.st_mtime_ns])
     return out
 
 

@@ -561,7 +561,8 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     validation split (transformers' ``eval_dataset``; see ``llmcore.data.prepare``). ``max_length``, ``tokenizer``,
     ``text_column``, ``label_column``, ``overflow`` and ``eval_data`` make raw data (``max_length`` 128 by default);
     given with a prepared folder they must be what it was made with. ``data_config``: the configuration of a
-    Hugging Face data set ``data`` (``datasets.load_dataset``'s ``name``, e.g. ``"sst2"`` of ``"nyu-mll/glue"``).
+    Hugging Face data set ``data`` (``datasets.load_dataset``'s ``name``, e.g. ``"sst2"`` of ``"nyu-mll/glue"``), or
+    of a local folder whose README.md declares configs.
 
     ``task="causal-lm"``: a decoder checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) trained on next-token loss
     over each text (labels are not needed and not used); the evaluations report ``*_loss`` (per
