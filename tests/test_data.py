@@ -770,6 +770,40 @@ def test_hub_snapshot_folder_read_as_datasets_reads_it(tmp_path):
         assert [ds.label_names[i] for i in ds["train"].labels] == theirs["train"]["sentiment"]
 
 
+def test_card_class_labels_as_datasets_casts_them(tmp_path):
+    """A probe: a folder whose README.md declares ClassLabel features (dataset_info) for a CSV's string labels, in
+    an order of their own ("pos" first): datasets casts the values to them (pos = 0), llmcore sorted the names
+    (neg = 0), so the ids a model trained on were not the ones datasets gives. Now the card's names and ids, with
+    configs or without; a Parquet file whose own names differ from the card's is refused, naming both."""
+    datasets = pytest.importorskip("datasets")
+    sst2 = _tsv_rows(os.path.join(data_dir(), "sst2", "validation.tsv"))[:40]
+    rows = [(t, "pos" if y == "1" else "neg") for t, y in sst2]
+    features = ("dataset_info:\n  features:\n  - name: sentence\n    dtype: string\n  - name: label\n    dtype:\n"
+                "      class_label:\n        names:\n          '0': pos\n          '1': neg\n")
+    for folder, configs in (("plain", ""), ("configs", "configs:\n- config_name: default\n  data_files:\n  - split: "
+                                                        "train\n    path: files/train.csv\n")):
+        data = tmp_path / folder / ("files/train.csv" if configs else "train.csv")
+        data.parent.mkdir(parents=True)
+        with open(data, "w", newline="") as f:
+            csv.writer(f).writerows([("sentence", "label"), *rows])
+        (tmp_path / folder / "README.md").write_text(f"---\n{features}{configs}---\n# card\n")
+        theirs = datasets.load_dataset(str(tmp_path / folder))["train"]
+        assert theirs.features["label"].names == ["pos", "neg"]
+        ds = prepare(tmp_path / folder, MODEL, 16, tmp_path / f"o-{folder}", validation_fraction=0, dedup=False)
+        assert ds.label_names == ["pos", "neg"] and ds["train"].labels.tolist() == theirs["label"], folder
+    assert [y for _, y in rows].count("pos") not in (0, len(rows))  # (both classes in the rows)
+
+    feats = datasets.Features({"sentence": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["neg", "pos"])})
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]}, features=feats).to_parquet(
+        str(tmp_path / "pq" / "train.parquet"))
+    (tmp_path / "pq" / "README.md").write_text(f"---\n{features}---\n")
+    with pytest.raises(ValueError, match=r"ClassLabel names \['neg', 'pos'\] for column 'label' differ from the "
+                                         r"README.md's features, \['pos', 'neg'\]"):
+        prepare(tmp_path / "pq", MODEL, 16, tmp_path / "o-pq")
+
+
 def test_cli_data_config_names_the_hub_configuration(tmp_path, monkeypatch, capsys):
     """`--data-config` is datasets.load_dataset's configuration name (glue's sst2); prepare() took it as hub_config,
     the CLIs had no way to pass it. A local path with one is refused."""

@@ -306,6 +306,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
                              "README.md's configs)")
         files = None if saved else sources.local_files(data, hub_config)
         source_fp = sources.fingerprint_saved(data) if saved else sources.fingerprint_files(files)
+        card = os.path.join(data, "README.md")
+        if files is not None and os.path.isdir(data) and os.path.isfile(card):  # (its configs and features count)
+            source_fp += sources.fingerprint_files({"card": card})
     elif sources.looks_like_hub_name(data):
         files = None
         source_fp = ["hub", data, hub_config]
@@ -337,6 +340,9 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         tables = {split: sources.read_split(paths) for split, paths in files.items()}
         where = {split: repr(paths[0]) if len(paths) == 1 else f"{paths[0]!r} and {len(paths) - 1} more file(s)"
                  for split, paths in files.items()}
+        card_labels = sources.card_class_labels(data, hub_config) if os.path.isdir(data) else {}
+        for split, table in tables.items():  # (as datasets casts the files to the card's features)
+            sources.apply_class_labels(table, card_labels, where[split])
     else:
         tables = sources.load_saved(data) if os.path.isdir(data) else sources.load_hub(data, hub_config)
         where = {split: f"{data!r} split {split!r}" for split in tables}

@@ -434,7 +434,48 @@ def read_split(paths: List[str]) -> Table:
 
 def readme_configs(path: str) -> bool:
     """Whether folder ``path``'s README.md has YAML front matter with a top-level ``configs:`` key (a Hub data
-    set card's, which tells datasets which files make which split). The front matter is found as huggingface_hub's
+    set card's, which tells datasets which files make which split)."""
+    return re.search(r"^configs\s*:", _front_matter(path), re.MULTILINE) is not None
+
+
+def card_class_labels(path: str, config: Optional[str] = None) -> Dict[str, list]:
+    """Column -> ClassLabel names that folder ``path``'s README.md declares (its ``dataset_info`` features, of
+    ``config``): datasets casts the files' values to them, a string to the class it names, and its ids follow
+    their order, not the sorted names llmcore gives string labels otherwise (a probe: "pos" before "neg" in the
+    card, neg=0 in llmcore). Empty where the card declares none; datasets is imported only where it does."""
+    if not re.search(r"^\s*class_label\s*:", _front_matter(path), re.MULTILINE):
+        return {}
+    import datasets
+
+    try:
+        features = datasets.load_dataset_builder(os.path.abspath(path), config).info.features or {}
+    except Exception as e:
+        raise ValueError(f"folder {path!r}: datasets could not read its README.md's features: {type(e).__name__}: "
+                         f"{e}") from None
+    return {col: list(f.names) for col, f in features.items() if isinstance(f, datasets.ClassLabel)}
+
+
+def apply_class_labels(table: Table, names: Dict[str, list], where: str) -> None:
+    """Casts ``table``'s columns to the ClassLabel ``names`` (``card_class_labels``) as datasets casts a file's
+    values to a card's features: class ids, the names kept under ``__label_names__``. A file's own names (a Parquet
+    file's metadata) that differ are refused, naming both."""
+    from llmcore.data import clean
+
+    own = table.get("__label_names__") or {}
+    for col, col_names in names.items():
+        if col not in table:
+            continue
+        if col in own:
+            if own[col] != col_names:
+                raise ValueError(f"{where}: its ClassLabel names {own[col]} for column {col!r} differ from the "
+                                 f"README.md's features, {col_names}")
+            continue
+        table[col] = clean.class_label_ids(table[col], col_names, where)
+        table.setdefault("__label_names__", {})[col] = list(col_names)
+
+
+def _front_matter(path: str) -> str:
+    """The YAML front matter of folder ``path``'s README.md ('' without one), found as huggingface_hub's
     ``RepoCard`` finds it (its regex, the file read as ``DatasetCard.load`` reads it: UTF-8 with a byte-order mark
     dropped, line ends kept): a card with a blank line or a byte-order mark before ``---`` was missed, its configs
     unseen, and one opening with ``--- `` was refused though datasets reads no configs there (a probe)."""
@@ -442,14 +483,13 @@ def readme_configs(path: str) -> bool:
         with open(os.path.join(path, "README.md"), newline="", encoding="utf-8-sig", errors="replace") as f:
             text = f.read()
     except OSError:
-        return False
+        return ""
     # huggingface_hub's own pattern, which datasets.load_dataset finds a card's front matter with: blank lines may
     # come before the opening "---", which ends its line at once ("--- " opens none)
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
     match = REGEX_YAML_BLOCK.search(text)
-    front = re.sub(r"\r\n?", "\n", match.group(2)) if match else ""  # (YAML's line breaks, \r alone too)
-    return re.search(r"^configs\s*:", front, re.MULTILINE) is not None
+    return re.sub(r"\r\n?", "\n", match.group(2)) if match else ""  # (YAML's line breaks, \r alone too)
 
 
 def _base_extension(name: str) -> str:

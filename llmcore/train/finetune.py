@@ -435,8 +435,9 @@ def _check_sources_unchanged(data: str, prepared) -> None:
         except OSError:
             continue
         if now != entry:
-            raise ValueError(f"{data!r} is a prepared folder whose {split} split was made from {path!r}, which has "
-                             "changed since: prepare it again (`llmcore prepare --force`), or pass the raw data")
+            made = "whose data set card is" if split == "card" else f"whose {split} split was made from"
+            raise ValueError(f"{data!r} is a prepared folder {made} {path!r}, which has changed since: prepare it "
+                             "again (`llmcore prepare --force`), or pass the raw data")
 
 
 def _check_prepared_options(data: str, prepared, eval_data: Optional[str], given: dict) -> None:
