@@ -791,6 +791,12 @@ def test_card_class_labels_as_datasets_casts_them(tmp_path):
         assert theirs.features["label"].names == ["pos", "neg"]
         ds = prepare(tmp_path / folder, MODEL, 16, tmp_path / f"o-{folder}", validation_fraction=0, dedup=False)
         assert ds.label_names == ["pos", "neg"] and ds["train"].labels.tolist() == theirs["label"], folder
+    # (the card is part of the cache key: its classes in another order prepare the folder again)
+    swapped = features.replace("'0': pos", "'0': x").replace("'1': neg", "'1': pos").replace("'0': x", "'0': neg")
+    (tmp_path / "plain" / "README.md").write_text(f"---\n{swapped}---\n")
+    again = prepare(tmp_path / "plain", MODEL, 16, tmp_path / "o-plain", validation_fraction=0, dedup=False)
+    assert not again.cache_hit and again.label_names == ["neg", "pos"]
+    assert again["train"].labels.tolist() == [1 - v for v in ds["train"].labels.tolist()]  # (both folders: one data)
     assert [y for _, y in rows].count("pos") not in (0, len(rows))  # (both classes in the rows)
 
     feats = datasets.Features({"sentence": datasets.Value("string"),
