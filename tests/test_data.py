@@ -671,7 +671,12 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
             ("g", ["train.csv", "sst2_dev.csv"], []), ("h", ["train/part0.csv", "test.csv"], ["test.csv"]),
             ("k", ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
                    "data/test-00000-of-00001.parquet"], []),
-            ("p", ["train/b.csv", "train/a.csv", "validation/x.csv"], [])]:
+            ("p", ["train/b.csv", "train/a.csv", "validation/x.csv"], []),
+            # (a `huggingface-cli download` of a Hub data set: its shards in a folder of their own, a hidden cache;
+            # data files named for no split, which datasets makes a train split of; a split's file in a subfolder)
+            ("r", ["plain_text/train-00000-of-00001.parquet", "plain_text/test-00000-of-00001.parquet",
+                   ".cache/huggingface/download/plain_text/train-00000-of-00001.parquet"], []),
+            ("s", ["reviews.csv", "more.csv"], []), ("t", ["train.csv", "extra/train_more.csv", "test.csv"], [])]:
         for j, f in enumerate(files):
             (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
             frame = pd.DataFrame({"sentence": [f"{f} says {i}" for i in range(3 + j)], "label": [i % 2 for i in

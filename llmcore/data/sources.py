@@ -336,9 +336,11 @@ def local_files(path: str, config: Optional[str] = None) -> Dict[str, List[str]]
         # train_log.txt beside train.csv is no data to it; any other keyword-named data file is, whatever its
         # format: datasets merges train.jsonl with train_part2.json, or reads train_extra.csv over train.txt)
         text_too = any(_base_extension(f) == ".txt" for f in found.values())
-        unread = [f for f in _split_data(path, names) if f not in found.values() and (
-            not found or text_too or _base_extension(f) != ".txt" or os.path.dirname(f) == os.path.join(path, "data"))]
-        if unread:  # (shards, subfolders, more files of a split: as datasets makes the splits of them)
+        unread = [f for f in _split_data(path) if f not in found.values() and (
+            not found or text_too or _base_extension(f) != ".txt" or os.path.dirname(f) != path)]
+        if unread or (not found and _any_data(path)):
+            # (shards, subfolders, more files of a split, or data files named for no split, which datasets makes
+            # a train split of: as datasets makes the splits of them)
             return _datasets_files(path, None, [*found.values(), *unread])
         if not found:
             raise FileNotFoundError(f"folder {path!r} holds no train.*, validation.* or test.* file "
@@ -346,6 +348,19 @@ def local_files(path: str, config: Optional[str] = None) -> Dict[str, List[str]]
                                     f"{names[:10]}")
         return {split: [f] for split, f in found.items()}
     raise FileNotFoundError(path)
+
+
+def _any_data(path: str) -> bool:
+    """Whether folder ``path`` holds a data file (compressed too) at any depth, hidden ones and prepared folders
+    left out (see ``_split_data``)."""
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        if root != path and "meta.json" in files:
+            dirs[:] = []
+            continue
+        if any(not n.startswith((".", "__")) and _base_extension(n) in EXTENSIONS for n in files):
+            return True
+    return False
 
 
 # the datasets packaged builders whose files llmcore's readers read, by the extensions they take
@@ -500,29 +515,24 @@ def _base_extension(name: str) -> str:
     return os.path.splitext(stem)[1]
 
 
-def _split_data(path: str, names: List[str]) -> List[str]:
-    """The files of folder ``path`` (listing ``names``) that datasets.load_dataset would read as split data: a
-    data file (compressed too) whose name holds a split keyword, there or directly in a ``data/`` folder (the
-    Hub's shards, ``data/train-00000-of-00001.parquet``; not llmcore's prepared folder, which ``finetune``
-    writes as ``<output-dir>/data``), and the data files directly in a folder named after a split."""
-    def data_file(name: str) -> bool:
-        return _base_extension(name) in EXTENSIONS and not name.startswith(".")
-
+def _split_data(path: str) -> List[str]:
+    """The files under folder ``path`` that datasets.load_dataset would read as split data: a data file (compressed
+    too) whose name holds a split keyword, or any in a folder whose name holds one (``train/``, ``x_test/``), at any
+    depth, as datasets' ``**`` patterns find them (the Hub's shards, ``data/train-00000-of-00001.parquet``, or
+    ``plain_text/train-...``). Hidden files and folders are left out, as datasets leaves them (``.cache/`` of a
+    ``huggingface-cli download``), and so are llmcore's prepared folders (a ``meta.json``: ``finetune`` writes
+    ``<output-dir>/data``)."""
     out = []
-    for name in names:
-        full = os.path.join(path, name)
-        if os.path.isdir(full):
-            if name == "data" or name.lower() in SPLIT_NAMES:
-                try:
-                    inner = sorted(os.listdir(full))
-                except OSError:
-                    continue
-                if name == "data" and "meta.json" in inner:  # (a prepared folder: its arrays are no raw split)
-                    continue
-                out += [os.path.join(full, n) for n in inner if data_file(n) and os.path.isfile(os.path.join(full, n))
-                        and (name != "data" or _KEYWORD.search(n.lower()))]
-        elif data_file(name) and _KEYWORD.search(name.lower()):
-            out.append(full)
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        if root != path and "meta.json" in files:  # (a prepared folder: its arrays are no raw split)
+            dirs[:] = []
+            continue
+        rel = [] if root == path else os.path.relpath(root, path).split(os.sep)
+        in_split_folder = any(_KEYWORD.search(d.lower()) for d in rel)
+        out += [os.path.join(root, name) for name in sorted(files)
+                if not name.startswith((".", "__")) and _base_extension(name) in EXTENSIONS
+                and (in_split_folder or _KEYWORD.search(name.lower()))]
     return out
 
 
