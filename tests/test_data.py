@@ -723,8 +723,10 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
               "train_log.txt"]:  # (.txt beside .csv: datasets reads the folder's one format)
         (tmp_path / "j" / f).write_text("sentence,label\nfine,1\n")
     assert list(sources.local_files(str(tmp_path / "j"))) == ["train"]
-    # finetune --data X --output-dir X caches the prepared data in X/data (meta.json, train.texts.txt): not raw splits
-    for f in ["data/meta.json", "data/train.texts.txt", "data/validation.ids.npy"]:
+    # finetune --data X --output-dir X caches the prepared data in X/data (meta.json, train.texts.txt) and logs in
+    # X/logs/train_log.jsonl: not raw splits
+    for f in ["data/meta.json", "data/train.texts.txt", "data/validation.ids.npy", "logs/train_log.jsonl",
+              "logs/earlier-run-1/train_log.jsonl"]:
         (tmp_path / "j" / f).parent.mkdir(exist_ok=True)
         (tmp_path / "j" / f).write_text("{}")
     assert list(sources.local_files(str(tmp_path / "j"))) == ["train"]

@@ -515,13 +515,17 @@ def _base_extension(name: str) -> str:
     return os.path.splitext(stem)[1]
 
 
+_RUN_LOG = "train_log.jsonl"  # (llmcore.train's records: no data)
+
+
 def _split_data(path: str) -> List[str]:
     """The files under folder ``path`` that datasets.load_dataset would read as split data: a data file (compressed
     too) whose name holds a split keyword, or any in a folder whose name holds one (``train/``, ``x_test/``), at any
     depth, as datasets' ``**`` patterns find them (the Hub's shards, ``data/train-00000-of-00001.parquet``, or
     ``plain_text/train-...``). Hidden files and folders are left out, as datasets leaves them (``.cache/`` of a
     ``huggingface-cli download``), and so are llmcore's prepared folders (a ``meta.json``: ``finetune`` writes
-    ``<output-dir>/data``)."""
+    ``<output-dir>/data``) and training logs (``<output-dir>/logs/train_log.jsonl``, where the output folder is the
+    data's)."""
     out = []
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
@@ -531,7 +535,7 @@ def _split_data(path: str) -> List[str]:
         rel = [] if root == path else os.path.relpath(root, path).split(os.sep)
         in_split_folder = any(_KEYWORD.search(d.lower()) for d in rel)
         out += [os.path.join(root, name) for name in sorted(files)
-                if not name.startswith((".", "__")) and _base_extension(name) in EXTENSIONS
+                if not name.startswith((".", "__")) and _base_extension(name) in EXTENSIONS and name != _RUN_LOG
                 and (in_split_folder or _KEYWORD.search(name.lower()))]
     return out
 
