@@ -338,7 +338,7 @@ def local_files(path: str, config: Optional[str] = None) -> Dict[str, List[str]]
         text_too = any(_base_extension(f) == ".txt" for f in found.values())
         unread = [f for f in _split_data(path) if f not in found.values() and (
             not found or text_too or _base_extension(f) != ".txt" or os.path.dirname(f) != path)]
-        if unread or (not found and _any_data(path)):
+        if unread or (not found and next(_data_files(path), None)):
             # (shards, subfolders, more files of a split, or data files named for no split, which datasets makes
             # a train split of: as datasets makes the splits of them)
             return _datasets_files(path, None, [*found.values(), *unread])
@@ -348,19 +348,6 @@ def local_files(path: str, config: Optional[str] = None) -> Dict[str, List[str]]
                                     f"{names[:10]}")
         return {split: [f] for split, f in found.items()}
     raise FileNotFoundError(path)
-
-
-def _any_data(path: str) -> bool:
-    """Whether folder ``path`` holds a data file (compressed too) at any depth, hidden ones and prepared folders
-    left out (see ``_split_data``)."""
-    for root, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
-        if root != path and "meta.json" in files:
-            dirs[:] = []
-            continue
-        if any(not n.startswith((".", "__")) and _base_extension(n) in EXTENSIONS for n in files):
-            return True
-    return False
 
 
 # the datasets packaged builders whose files llmcore's readers read, by the extensions they take
@@ -518,26 +505,30 @@ def _base_extension(name: str) -> str:
 _RUN_LOG = "train_log.jsonl"  # (llmcore.train's records: no data)
 
 
-def _split_data(path: str) -> List[str]:
-    """The files under folder ``path`` that datasets.load_dataset would read as split data: a data file (compressed
-    too) whose name holds a split keyword, or any in a folder whose name holds one (``train/``, ``x_test/``), at any
-    depth, as datasets' ``**`` patterns find them (the Hub's shards, ``data/train-00000-of-00001.parquet``, or
-    ``plain_text/train-...``). Hidden files and folders are left out, as datasets leaves them (``.cache/`` of a
-    ``huggingface-cli download``), and so are llmcore's prepared folders (a ``meta.json``: ``finetune`` writes
-    ``<output-dir>/data``) and training logs (``<output-dir>/logs/train_log.jsonl``, where the output folder is the
-    data's)."""
-    out = []
+def _data_files(path: str):
+    """(file, whether a folder on its way names a split) for each data file (compressed too) under folder ``path``,
+    at any depth, in sorted order, as datasets' ``**`` patterns find them: hidden files and folders left out, as
+    datasets leaves them (``.cache/`` of a ``huggingface-cli download``), and so are llmcore's prepared folders
+    (``meta.json`` beside ``*.ids.npy``: ``finetune`` writes ``<output-dir>/data``) and its training log
+    (``<output-dir>/logs/train_log.jsonl``, where the output folder is the data's)."""
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
-        if root != path and "meta.json" in files:  # (a prepared folder: its arrays are no raw split)
-            dirs[:] = []
+        if root != path and "meta.json" in files and any(f.endswith(".ids.npy") for f in files):
+            dirs[:] = []  # (a prepared folder: its arrays are no raw split)
             continue
         rel = [] if root == path else os.path.relpath(root, path).split(os.sep)
         in_split_folder = any(_KEYWORD.search(d.lower()) for d in rel)
-        out += [os.path.join(root, name) for name in sorted(files)
-                if not name.startswith((".", "__")) and _base_extension(name) in EXTENSIONS and name != _RUN_LOG
-                and (in_split_folder or _KEYWORD.search(name.lower()))]
-    return out
+        for name in sorted(files):
+            if not name.startswith((".", "__")) and _base_extension(name) in EXTENSIONS and name != _RUN_LOG:
+                yield os.path.join(root, name), in_split_folder
+
+
+def _split_data(path: str) -> List[str]:
+    """The data files under folder ``path`` (``_data_files``) that datasets.load_dataset would read as split data:
+    one whose name holds a split keyword, or any in a folder whose name holds one (``train/``, ``x_test/``): the
+    Hub's shards, ``data/train-00000-of-00001.parquet`` or ``plain_text/train-...``."""
+    return [f for f, in_split_folder in _data_files(path)
+            if in_split_folder or _KEYWORD.search(os.path.basename(f).lower())]
 
 
 def eval_file(path: str) -> str:
