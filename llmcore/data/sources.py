@@ -406,9 +406,10 @@ def _datasets_files(path: str, config: Optional[str], split_data: Optional[List[
     read = {os.path.abspath(f) for fs in files.values() for f in fs}
     left = [f for f in split_data or () if os.path.abspath(f) not in read]
     if left:
+        it = "it" if len(left) == 1 else "them"
         warnings.warn(f"folder {path!r}: {', '.join(os.path.relpath(f, path) for f in left[:10])} left out, as "
-                      f"datasets.load_dataset leaves them out of its splits ({', '.join(files)}); pass them as "
-                      "files of their own to read them", stacklevel=3)
+                      f"datasets.load_dataset makes its splits ({', '.join(files)}) without {it}; pass {it} on "
+                      f"{'its' if len(left) == 1 else 'their'} own to read {it}", stacklevel=3)
     return files
 
 
