@@ -1,14 +1,17 @@
 """llmcore.data: loading, cleaning, splitting, tokenizing and caching real SST-2 / IMDB data."""
 import csv
+import bz2
 import functools
 import gzip
 import html
 import json
+import lzma
 import os
 import re
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -663,7 +666,8 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
     pd = pytest.importorskip("pandas")
     # shards, subfolders, more files of a split: each split is the files datasets makes it of, read by llmcore's
     # readers in datasets' order (refused before: "holds split data llmcore does not read"); split data datasets
-    # leaves out (test.csv beside data/ or train/) is warned about; compressed files are refused, named
+    # leaves out (test.csv beside data/ or train/) is warned about; .gz / .bz2 / .xz files are read decompressed
+    # (refused before), other compressions refused, named
     for name, files, left in [
             ("d", ["train-00000-of-00002.tsv", "train-00001-of-00002.tsv", "test.tsv"], []),
             ("m", ["train.json", "train_part2.jsonl"], []), ("n", ["train.txt", "train_extra.csv"], ["train.txt"]),
@@ -676,20 +680,25 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
             # data files named for no split, which datasets makes a train split of; a split's file in a subfolder)
             ("r", ["plain_text/train-00000-of-00001.parquet", "plain_text/test-00000-of-00001.parquet",
                    ".cache/huggingface/download/plain_text/train-00000-of-00001.parquet"], []),
-            ("s", ["reviews.csv", "more.csv"], []), ("t", ["train.csv", "extra/train_more.csv", "test.csv"], [])]:
+            ("s", ["reviews.csv", "more.csv"], []), ("t", ["train.csv", "extra/train_more.csv", "test.csv"], []),
+            ("e", ["train.tsv.gz", "test.tsv"], []), ("u", ["train.csv.xz", "validation.csv.bz2"], []),
+            ("w", ["data/train-00000-of-00002.jsonl.gz", "data/train-00001-of-00002.jsonl.bz2",
+                   "data/test-00000-of-00001.jsonl.xz"], [])]:
+        packers = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
         for j, f in enumerate(files):
             (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
             frame = pd.DataFrame({"sentence": [f"{f} says {i}" for i in range(3 + j)], "label": [i % 2 for i in
                                                                                               range(3 + j)]})
-            ext = os.path.splitext(f)[1]
+            stem, packed = os.path.splitext(f)
+            stem, pack = (stem, packers[packed]) if packed in packers else (f, None)
+            ext = os.path.splitext(stem)[1]
             if ext == ".parquet":
                 frame.to_parquet(tmp_path / name / f)
-            elif ext in (".json", ".jsonl"):
-                frame.to_json(tmp_path / name / f, orient="records", lines=True)
-            elif ext == ".txt":
-                (tmp_path / name / f).write_text("".join(t + "\n" for t in frame["sentence"]))
-            else:
-                frame.to_csv(tmp_path / name / f, index=False, sep="\t" if ext == ".tsv" else ",")
+                continue
+            text = (frame.to_json(orient="records", lines=True) if ext in (".json", ".jsonl")
+                    else "".join(t + "\n" for t in frame["sentence"]) if ext == ".txt"
+                    else frame.to_csv(index=False, sep="\t" if ext == ".tsv" else ","))
+            (tmp_path / name / f).write_bytes(pack(text.encode()) if pack else text.encode())
         theirs = datasets.load_dataset(str(tmp_path / name))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -704,13 +713,17 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
     assert {s: len(prepared[s]) for s in prepared.splits} == {"train": 7, "test": 5}
     assert len(prepared.meta["sources"]) == 3  # (each file, for the cache and finetune's check of the sources)
     for name, files, message in [
-            ("e", ["train.tsv.gz", "test.tsv"], "datasets makes its splits of train.tsv.gz, which llmcore does not "
-                                                "read"),
+            ("x", ["train.csv.zip", "test.csv"], "datasets makes its splits of train.csv.zip, which llmcore does not "
+                                                 "read"),
             ("q", ["train/a.csv", "train/b.tsv"], "datasets makes its splits of .csv and .tsv files")]:
         for f in files:
             (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
             text = "sentence,label\nfine,1\n"
-            (tmp_path / name / f).write_bytes(gzip.compress(text.encode()) if f.endswith(".gz") else text.encode())
+            if f.endswith(".zip"):
+                with zipfile.ZipFile(tmp_path / name / f, "w") as z:
+                    z.writestr(f[:-4], text)
+            else:
+                (tmp_path / name / f).write_text(text)
         assert datasets.load_dataset(str(tmp_path / name))["train"].num_rows >= 1  # (datasets reads them)
         with pytest.raises(ValueError, match=re.escape(message)):
             prepare(tmp_path / name, MODEL, 16, tmp_path / "o3")
@@ -746,6 +759,34 @@ def test_folder_splits_as_datasets_splits_them(tmp_path, monkeypatch):
     tables = sources.load_hub("someone/dataset")
     assert {split: t["sentence"][0] for split, t in tables.items()} == {
         "train": "train", "validation": "validation", "dev": "dev"}
+
+
+def test_compressed_files_read_as_their_contents(tmp_path):
+    """.gz / .bz2 / .xz files (a Hub data set's train.jsonl.gz) are read as the file they hold, as datasets reads
+    them (they were refused); other compressions (.zst, .zip) and compressed Parquet are refused, naming them."""
+    rows = _tsv_rows(os.path.join(data_dir(), "sst2", "validation.tsv"))[:50]
+    text = "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows)
+    (tmp_path / "plain.tsv").write_text(text)
+    want = sources.read_file(str(tmp_path / "plain.tsv"))
+    assert want["sentence"] == [t for t, _ in rows]
+    for suffix, pack in ((".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)):
+        path = tmp_path / f"train.tsv{suffix}"
+        path.write_bytes(pack(text.encode()))
+        assert sources.read_file(str(path)) == want, suffix
+    ds = prepare(tmp_path / "train.tsv.gz", MODEL, 16, tmp_path / "o", validation_fraction=0)
+    assert len(ds["train"]) == len(rows)
+    records = b'{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'
+    (tmp_path / "records.jsonl.gz").write_bytes(gzip.compress(records))
+    assert sources.read_file(str(tmp_path / "records.jsonl.gz")) == {"text": ["a", "b"], "label": [1, 0]}
+    (tmp_path / "bad.csv.gz").write_bytes(gzip.compress(b"text,label\nok,1\nbad \xff,0\n"))
+    with pytest.raises(ValueError, match=r"bad.csv.gz' is not UTF-8 text: invalid start byte at line 3, byte "
+                                         r"offset 20"):
+        sources.read_file(str(tmp_path / "bad.csv.gz"))
+    for name, message in (("train.csv.zst", "a .zst file, which llmcore does not read"),
+                          ("train.parquet.gz", "a .gz file of Parquet, which llmcore does not read")):
+        (tmp_path / name).write_bytes(b"\0")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            sources.read_file(str(tmp_path / name))
 
 
 def test_hub_snapshot_folder_read_as_datasets_reads_it(tmp_path):

@@ -6,9 +6,12 @@ datasets splits, shards or README configs: its ``load_dataset_builder`` names th
 """
 from __future__ import annotations
 
+import bz2
 import csv
 import dataclasses
+import gzip
 import json
+import lzma
 import os
 import re
 import sys
@@ -29,6 +32,16 @@ SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation"
 # by one (train-00000-of-00002.parquet, sst2_dev.tsv, test/)
 _KEYWORD = re.compile(r"(?:^|[-._ 0-9])(?:" + "|".join(SPLIT_NAMES) + r")(?:[-._ 0-9]|$)")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
+# the compressions read here (the standard library's), by suffix: train.csv.gz is read as train.csv
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _open(path: str, mode: str = "r", **kwargs):
+    """``open``, or the decompressing opener of a .gz / .bz2 / .xz file (text mode for "r")."""
+    opener = _OPENERS.get(os.path.splitext(path)[1].lower())
+    if opener is None:
+        return open(path, mode, **kwargs)
+    return opener(path, "rt" if mode == "r" else mode, **kwargs)
 
 
 class DataLoadError(RuntimeError):
@@ -94,7 +107,7 @@ def _first_bad_utf8(path: str) -> str:
     """Where ``path``'s first byte that is not UTF-8 is, as "line N, byte offset M" (a decode error's own position
     is one within the chunk the reader was decoding)."""
     carry, offset, lines, NL = b"", 0, 1, b"\n"
-    with open(path, "rb") as f:
+    with _open(path, "rb") as f:
         while True:
             chunk = f.read(1 << 20)
             data = carry + chunk
@@ -139,10 +152,15 @@ def _split_to_table(obj: dict, path: str) -> Table:
 
 
 def _read_file(path: str) -> Table:
-    ext = os.path.splitext(path)[1].lower()
+    ext = _base_extension(path)
+    packed = os.path.splitext(path)[1].lower()
+    if packed in _COMPRESSED and (packed not in _OPENERS or ext == ".parquet"):
+        texts = ", ".join(e for e in EXTENSIONS if e != ".parquet")
+        raise ValueError(f"{path!r}: a {packed} file{' of Parquet' if ext == '.parquet' else ''}, which llmcore does "
+                         f"not read; decompress it (.gz, .bz2 and .xz files of {texts} are read)")
     if ext in (".csv", ".tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with _open(path, newline="", encoding="utf-8-sig") as f:
             if ext == ".tsv":
                 rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
                 lead = next((i for i, row in enumerate(rows) if not _blank(row)), len(rows))
@@ -176,7 +194,7 @@ def _read_file(path: str) -> Table:
     if ext == ".jsonl":
         return _records_to_table(_json_lines(path), path)
     if ext == ".json":
-        with open(path, encoding="utf-8-sig") as f:
+        with _open(path, encoding="utf-8-sig") as f:
             text = f.read()
         try:
             obj = json.loads(text)
@@ -228,7 +246,7 @@ def _read_file(path: str) -> Table:
             table["__label_names__"] = label_names
         return table
     if ext == ".txt":
-        with open(path, encoding="utf-8-sig") as f:
+        with _open(path, encoding="utf-8-sig") as f:
             return {"text": [line.rstrip("\n") for line in f]}
     raise ValueError(f"{path!r}: unsupported file type {ext!r}; expected one of {', '.join(EXTENSIONS)}")
 
@@ -281,7 +299,7 @@ def _class_label_names(metadata: dict) -> Dict[str, list]:
 
 def _json_lines(path: str) -> list:
     records = []
-    with open(path, encoding="utf-8-sig") as f:
+    with _open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f):
             if line.strip():
                 try:
@@ -308,7 +326,7 @@ def local_files(path: str, config: Optional[str] = None) -> Dict[str, List[str]]
     """Split name -> its files, for a local file (one ``train`` split) or a folder: ``train.*``, ``validation.*``
     ... one file per split, or else the files ``datasets.load_dataset(folder)`` makes each split of (shards,
     ``data/`` or ``train/`` subfolders, a README.md declaring configs: ``config`` names one), read by llmcore's
-    readers. A compressed file among them is refused, naming it."""
+    readers (.gz, .bz2 and .xz files decompressed). Another compression among them is refused, naming it."""
     if os.path.isfile(path):
         if config is not None:
             raise ValueError(f"config {config!r} names a configuration of a folder's README.md, but {path!r} is a file")
@@ -377,13 +395,13 @@ def _datasets_files(path: str, config: Optional[str], split_data: Optional[List[
     cfg = builder.config
     files = {str(split): [str(f) for f in fs] for split, fs in (cfg.data_files or {}).items()}
     bad = [f for fs in files.values() for f in fs
-           if not os.path.isfile(f) or os.path.splitext(f)[1].lower() not in _BUILDERS[kind]]
+           if not os.path.isfile(f) or _base_extension(f) not in _BUILDERS[kind] or _compression(f) not in _READ]
     if bad:
         shown = ", ".join(os.path.relpath(f, path) if os.path.isfile(f) else f for f in bad[:10])
         raise ValueError(f"folder {path!r}: datasets makes its splits of {shown}{' ...' if len(bad) > 10 else ''}, "
-                         f"which llmcore does not read ({', '.join(EXTENSIONS)} files, uncompressed): decompress "
-                         "them, or pass the files you mean")
-    exts = {os.path.splitext(f)[1].lower() for fs in files.values() for f in fs}
+                         f"which llmcore does not read ({', '.join(EXTENSIONS)} files, uncompressed or .gz, .bz2, "
+                         ".xz): decompress them, or pass the files you mean")
+    exts = {_base_extension(f) for fs in files.values() for f in fs}
     if exts == {".csv", ".tsv"}:  # (datasets reads them all with one separator: some of them as one column)
         raise ValueError(f"folder {path!r}: datasets makes its splits of .csv and .tsv files, which it reads with "
                          "one separator; llmcore reads each by its own: pass them as one file per split")
@@ -493,6 +511,15 @@ def _front_matter(path: str) -> str:
 
     match = REGEX_YAML_BLOCK.search(text)
     return re.sub(r"\r\n?", "\n", match.group(2)) if match else ""  # (YAML's line breaks, \r alone too)
+
+
+_READ = ("",) + tuple(_OPENERS)  # (the compressions read: none, .gz, .bz2, .xz)
+
+
+def _compression(name: str) -> str:
+    """A file's compression suffix ('' for none), lower case: ``.gz`` of ``train.csv.gz``."""
+    ext = os.path.splitext(name)[1].lower()
+    return ext if ext in _COMPRESSED else ""
 
 
 def _base_extension(name: str) -> str:
