@@ -782,6 +782,11 @@ def test_compressed_files_read_as_their_contents(tmp_path):
     with pytest.raises(ValueError, match=r"bad.csv.gz' is not UTF-8 text: invalid start byte at line 3, byte "
                                          r"offset 20"):
         sources.read_file(str(tmp_path / "bad.csv.gz"))
+    for suffix, pack in ((".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)):
+        for name, content in (("cut", pack(text.encode())[:-9]), ("plain", text.encode())):
+            (tmp_path / f"{name}.tsv{suffix}").write_bytes(content)
+            with pytest.raises(ValueError, match=re.escape(f"{name}.tsv{suffix}': not a readable {suffix} file")):
+                sources.read_file(str(tmp_path / f"{name}.tsv{suffix}"))
     for name, message in (("train.csv.zst", "a .zst file, which llmcore does not read"),
                           ("train.parquet.gz", "a .gz file of Parquet, which llmcore does not read")):
         (tmp_path / name).write_bytes(b"\0")

@@ -134,6 +134,10 @@ def read_file(path: str) -> Table:
         raise ValueError(f"{path!r} is not UTF-8 text: {e.reason} at {_first_bad_utf8(path)}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path!r} is not JSON: {e}") from None
+    except (EOFError, lzma.LZMAError, OSError) as e:  # (a damaged or cut .gz / .bz2 / .xz: its errors name no file)
+        if _compression(path) not in _OPENERS or not os.path.isfile(path):
+            raise
+        raise ValueError(f"{path!r}: not a readable {_compression(path)} file ({type(e).__name__}: {e})") from None
 
 
 def _split_to_table(obj: dict, path: str) -> Table:
