@@ -307,6 +307,8 @@ def test_default_chunk_size():
     assert default_chunk_size(10, 32000) == 10
     assert default_chunk_size(5, 10**9) == 1
     assert default_chunk_size(0, 50257) == 1
+    assert default_chunk_size(8192, 128256, cuda=True) == 1024  # 512 MiB on CUDA (measured there: benchmarks/gpu)
+    assert default_chunk_size(8192, 32000, cuda=True) == 4096 and default_chunk_size(100, 32000, cuda=True) == 100
 
 
 def test_int32_labels():

@@ -844,13 +844,14 @@ def cross_entropy(results: dict, ctx: dict) -> None:
     def torch_plain(hd, w):
         return F.cross_entropy(F.linear(hd, w).float(), labels)
 
-    def ours_rows(rows):  # other chunks than the default (128 rows at this vocab: under 64 MiB of fp32 logits)
+    def ours_rows(rows):  # other chunks than the default (1024 rows at this vocab on CUDA: see default_chunk_size)
         return lambda hd, w: linear_cross_entropy(hd, w, labels, chunk_size=rows, backend="triton")
 
     res = {"shape": {"tokens": n, "hidden": h, "vocab": vocab}, "dtype": str(dt).replace("torch.", ""),
            "loss_diff_vs_torch": abs(float(ours(hidden, weight)) - float(torch_plain(hidden, weight)))}
-    # the default before it was cut to whole 128-row tiles (130 rows here), and larger chunks
-    others = (17, 16, 32) if SMOKE else (ce_ops._CHUNK_BYTES // (4 * vocab), 1024, 4096)
+    # the CPU's default (64 MiB of fp32 logits: 128 rows here, the CUDA default before the 2026-12-04 H200 run),
+    # half the CUDA default, and a larger chunk
+    others = (17, 16, 32) if SMOKE else (ce_ops.default_chunk_size(n, vocab), 512, 4096)
     for name, fn in (("llmcore_triton", ours), ("llmcore_torch_chunks", torch_chunked), ("torch", torch_plain),
                      *((f"llmcore_triton_chunk{rows}", ours_rows(rows)) for rows in others)):
         # Memory: one call of its own, from no gradients (the previous entrant's would be freed inside this one's

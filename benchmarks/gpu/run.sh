@@ -144,7 +144,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   if [ -f tests/test_attention_cuda.py ]; then run_tests cuda tests/test_attention_cuda.py; fi
   for pid in "${test_pids[@]}"; do wait "$pid" || status=1; done
   for f in "$LOG_DIR"/test-*.log; do
-    last=$(grep -E "^=+ .*(passed|failed|error|no tests ran).* =+$" "$f" | tail -1)
+    last=$(grep -E "^=+ .*(passed|failed|error|skipped|no tests ran).* =+$" "$f" | tail -1)
     counts="$(grep -c ' PASSED' "$f") passed, $(grep -c ' FAILED' "$f") failed, $(grep -c ' ERROR' "$f") errors, \
 $(grep -c ' SKIPPED' "$f") skipped"
     note "$(basename "$f" .log): $counts; ${last:-no pytest summary: cut by its deadline}"

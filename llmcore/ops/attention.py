@@ -274,8 +274,14 @@ def _check_tensor(name: str, t, ndim_min: int) -> None:
 
 
 def autocast_enabled(device_type: str) -> bool:
-    """Whether torch.autocast is on for ``device_type`` (the custom ops are invisible to it)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether torch.autocast is on for ``device_type`` (the custom ops are invisible to it).
+
+    CPU and CUDA always have autocast; asking is_autocast_available only for other device types keeps this
+    traceable by torch.compile in torch 2.11, whose dynamo cannot trace that builtin (fullgraph failed on an
+    H200; torch 2.13 constant-folds it)."""
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def autocast_cast(device_type: str, *tensors):

@@ -42,6 +42,10 @@ _REDUCTIONS = ("mean", "sum", "none")
 # One chunk's fp32 logits stay under this; a bf16/fp16 chunk also has its input-dtype copy (half again), which
 # is all the CPU's native path holds.
 _CHUNK_BYTES = 64 << 20
+# On CUDA, 8x that: an H200 ran Llama-3's LM head (8192 tokens, hidden 4096, vocab 128256, bf16) forward+backward in
+# 43.0 ms with 1024-row chunks against 91.7 ms with 64 MiB's 128 rows (torch's unchunked composite: 48.9 ms), and
+# with less extra memory (+1317 vs +2099 MiB: 8 chunks sum grad_weight without a float32 total; benchmarks/gpu).
+_CHUNK_BYTES_CUDA = 512 << 20
 # bf16/fp16 grad_weight: at least this many chunks are summed in the compute dtype before joining the total
 _MIN_FLUSH_EVERY = 8
 
@@ -51,10 +55,10 @@ _MIN_FLUSH_EVERY = 8
 _CHUNK_ROWS_MULTIPLE = 128
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-    """Rows per chunk so that one chunk's fp32 logits (rows * vocab * 4 bytes) fit in 64 MiB, cut to a multiple
-    of 128 rows where there are that many; at least 1."""
-    rows = _CHUNK_BYTES // (4 * max(vocab_size, 1))
+def default_chunk_size(num_tokens: int, vocab_size: int, cuda: bool = False) -> int:
+    """Rows per chunk so that one chunk's fp32 logits (rows * vocab * 4 bytes) fit in 64 MiB (512 MiB on CUDA),
+    cut to a multiple of 128 rows where there are that many; at least 1."""
+    rows = (_CHUNK_BYTES_CUDA if cuda else _CHUNK_BYTES) // (4 * max(vocab_size, 1))
     if rows >= _CHUNK_ROWS_MULTIPLE:
         rows -= rows % _CHUNK_ROWS_MULTIPLE
     return max(1, min(num_tokens, rows))
@@ -356,7 +360,7 @@ def linear_cross_entropy(
     bias are first cast to the autocast dtype, as ``F.linear`` would).
 
     Tokens are processed ``chunk_size`` rows at a time (default: as many as keep one
-    chunk's fp32 logits under 64 MiB, see :func:`default_chunk_size`); bf16/fp16 inputs
+    chunk's fp32 logits under 64 MiB, 512 MiB on CUDA, see :func:`default_chunk_size`); bf16/fp16 inputs
     also keep the chunk in their own dtype (half as much again; on the CPU's native path, only
     that). Beyond that, memory goes to the gradients themselves and, for bf16/fp16 weights, one
     (V, H) partial sum.
@@ -462,7 +466,7 @@ def linear_cross_entropy(
         raise ValueError(f"labels must be in [0, {V}) or ignore_index={ignore_index}, got {labels[bad][0].item()}")
     shape = hidden.shape
     hidden2d = hidden.reshape(labels.numel(), shape[-1]).contiguous()  # (a hidden size of 0 too: -1 is ambiguous)
-    chunk = chunk_size or default_chunk_size(hidden2d.size(0), V)
+    chunk = chunk_size or default_chunk_size(hidden2d.size(0), V, hidden2d.is_cuda)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)

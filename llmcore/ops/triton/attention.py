@@ -82,20 +82,25 @@ _TABLES = {
 _TABLES.update({kind + "_desc": rows for kind, rows in list(_TABLES.items())})
 # Defaults measured on a GPU by benchmarks/gpu/bench.py's sweep: (kind, head-dim bucket, causal) -> row.
 # Measured on an NVIDIA H200 (Triton 3.6, torch 2.11), bf16 (4, 32, 4096, 128), in the run recorded in
-# benchmarks/results/gpu-nvidia-h200.{json,md}: the backward kernels' fastest candidates there. The
-# forward keeps its table default: the sweep's forward picks were not faster in the longer timing.
+# benchmarks/results/gpu-nvidia-h200.{json,md}: the backward kernels' fastest candidates there (in the first run
+# the sweep's forward picks were not faster in the longer timing).
+# The second H200 run of the sweep (2026-12-04, with tensor-descriptor loads) changed the causal dK/dV blocks, the
+# causal dQ kernel's loads and the non-causal forward's blocks and loads (_DESC_MEASURED), where
+# benchmarks/gpu/decide.py found the change faster in every round of its alternating head-to-head.
 _MEASURED: dict = {
-    ("dkdv", 128, True): (32, 64, 4, 3),     # 2.24 ms vs 3.14 ms for the old (16, 128, 8, 3)
+    ("dkdv", 128, True): (64, 128, 8, 3),    # 2.21 ms vs 2.45 ms for (32, 64, 4, 3), the first run's pick
     ("dkdv", 128, False): (64, 128, 8, 3),   # 3.92 ms vs 5.73 ms
     ("dq", 128, True): (128, 64, 8, 3),      # 1.53 ms vs 2.62 ms for the old (128, 32, 8, 2)
+    ("dq_desc", 128, True): (128, 64, 8, 3),  # through descriptors: 1.47 ms vs 1.52 ms by pointers
     ("dq", 128, False): (128, 64, 8, 3),     # 2.71 ms vs 4.43 ms
+    ("fwd_desc", 128, False): (64, 64, 4, 3),  # 2.21 ms vs 2.41 ms for (128, 64, 8, 3) by pointers
     ("dkdv_atomic", 128, True): (64, 128, 8, 3),
     ("dkdv_atomic", 128, False): (64, 128, 8, 3),
 }
 # How the backward makes dQ by default where measured: (head-dim bucket, causal) -> "atomic" or "tma" (the dK/dV
-# kernel adds it; see _dq_mode); elsewhere its own kernel. None so far: on the H200 the whole backward took 3.65 ms
-# (causal) / 6.54 ms with the dQ kernel against 3.97 / 6.91 ms with per-element atomics (each with its best
-# blocks); TMA reductions have not run on a GPU yet.
+# kernel adds it; see _dq_mode); elsewhere its own kernel. None so far: on the H200 the whole backward took 3.62 ms
+# (causal) / 6.21 ms with the dQ kernel against 3.77 / 6.97 ms with per-element atomics and 3.77 / 6.93 ms with TMA
+# reductions (each with its best blocks and loads; 2026-12-04).
 _DQ_MEASURED: dict = {}
 
 # The forward's unmasked blocks take the row max of the raw QK^T and fold the scale into one FMA per element (positive
@@ -274,10 +279,10 @@ def _dq_mode(p: "_Problem", interpret: bool, device: torch.device) -> str:
 # The kernels (launch kinds without "_desc") that can load their streamed tiles through tensor descriptors
 _DESC_KINDS = ("fwd", "dkdv", "dkdv_atomic", "dkdv_tma", "dq")
 # Which kernels load their streamed tiles through tensor descriptors (TMA) by default: (kind, head-dim bucket,
-# causal) -> True, where measured faster on a GPU. None so far: not yet timed on one (benchmarks/gpu/bench.py sweeps
-# the "_desc" kinds beside the pointer ones). Compiled for sm_90 they issue TMA copies instead of cp.async and
-# need fewer registers (the D-128 forward: 180 -> 143 under Triton 3.6).
-_DESC_MEASURED: dict = {}
+# causal) -> True, where measured faster on a GPU (benchmarks/gpu/bench.py sweeps the "_desc" kinds beside the
+# pointer ones; H200, 2026-12-04, with the blocks in _MEASURED). Compiled for sm_90 they issue TMA copies instead
+# of cp.async and need fewer registers (the D-128 forward: 180 -> 143 under Triton 3.6).
+_DESC_MEASURED: dict = {("dq", 128, True): True, ("fwd", 128, False): True}
 
 
 def _desc_loads(kind: str, p: "_Problem", interpret: bool, device: torch.device) -> bool:
@@ -471,7 +476,8 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
             *common, *_rows3(dk, p.packed), *_rows3(dv, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_k, bn), p.heads_k, p.batch)  # noqa: E731
     _launch(mod, kind, mod.attn_bwd_dkdv, grid, args,
-            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=p.heads != p.heads_k, QD_DESC=use),
+            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=p.heads != p.heads_k,
+                 HEAD_SUMS=p.wide and p.heads != p.heads_k, QD_DESC=use),
             p.block_d, p.wide, p.causal, len_q=p.len_q,
             descs=descs + (() if desc is None else (("DQ_DESC", desc, "BLOCK_M"),)))
     if atomic:  # dQ in q's layout (what the custom op's fake promises), from the padded float32 rows

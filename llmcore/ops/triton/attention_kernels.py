@@ -393,20 +393,37 @@ def _dkdv_heads(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, b, LSE, DELTA, MASK, DQA, 
                 offset_lo, drop_thresh, drop_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                DQ_TMA: tl.constexpr, EVEN_M: tl.constexpr, VARLEN: tl.constexpr, QD_DESC: tl.constexpr):
+                DQ_TMA: tl.constexpr, EVEN_M: tl.constexpr, VARLEN: tl.constexpr, QD_DESC: tl.constexpr,
+                HEAD_SUMS: tl.constexpr):
     """_dkdv_step over the query blocks [m_lo, m_hi) of each of the GROUP query heads of key head hk, as one loop
-    over (head, block) pairs."""
+    over (head, block) pairs, adding into dk and dv. HEAD_SUMS: each head's share is summed in a chain of its own
+    (ak, av), which joins dk and dv after the head's last block."""
     blocks = tl.cdiv(m_hi - m_lo, BLOCK_M)
+    if HEAD_SUMS:
+        ak = tl.zeros_like(dk)
+        av = tl.zeros_like(dv)
+    else:
+        ak = dk
+        av = dv
     for t in range(0, GROUP * blocks):
         g = t // blocks
         Qh, DOh, MASKh, lse_row0 = _head_inputs(Q, DO, MASK, b64, hk * GROUP + g, q_start, stride_qb, stride_qh,
                                                 stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh,
                                                 stride_lb, stride_lh)
-        dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, Q_DESC, DO_DESC, b, hk * GROUP + g, q_start, LSE, DELTA, MASKh, DQA,
+        ak, av = _dkdv_step(ak, av, k, v, Qh, DOh, Q_DESC, DO_DESC, b, hk * GROUP + g, q_start, LSE, DELTA, MASKh, DQA,
                             DQ_DESC, m_lo + (t - g * blocks) * BLOCK_M, offs_n, offs_d, offs_dv, len_q, len_k, shift,
                             stride_qm, stride_dom, stride_mm, stride_mn, scale, scale_log2, seed, offset_lo, lse_row0,
                             drop_thresh, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DIAGONAL,
                             MASK_KIND, DROPOUT, PRECISION, DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC)
+        if HEAD_SUMS:
+            last = t - g * blocks == blocks - 1
+            dk = tl.where(last, dk + ak, dk)
+            dv = tl.where(last, dv + av, dv)
+            ak = tl.where(last, 0.0, ak)
+            av = tl.where(last, 0.0, av)
+    if not HEAD_SUMS:
+        dk = ak
+        dv = av
     return dk, dv
 
 
@@ -426,14 +443,18 @@ def attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr,
-    EVEN_M: tl.constexpr, GROUPED: tl.constexpr, QD_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, GROUPED: tl.constexpr, HEAD_SUMS: tl.constexpr, QD_DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one key block (over the GROUP query heads sharing it); with DQ_ATOMIC also dQ,
     added in float32 into the zeroed DQ_ACC (then no attn_bwd_dq launch is needed): (logsumexp rows,
     BLOCK_D), written through the descriptor DQ_DESC (block (BLOCK_M, BLOCK_D)) where DQ_TMA.
     GROUPED (GROUP > 1): each of the two query loops runs over (head, block) pairs, one loop rather than a
     loop over heads around one over blocks, which compiled for sm_90 spilled (176 B at D 128, causal).
+    HEAD_SUMS (with GROUPED; float32 inputs): each query head's share of dK and dV is summed on its own, then
+    added, as torch sums GQA heads. In one float32 chain over all GROUP heads (a dot adds into its accumulator
+    term by term) dV's error was twice torch's on an H200 (7.1e-6 vs 3.2e-6, MQA 3:1, Lq 400); per head it is
+    the order whose float32 error a CPU simulation of the chains put at torch's (5.8e-6 vs 3.2e-6 for one chain).
     QD_DESC: the Q and dO tiles come through the tensor descriptors Q_DESC and DO_DESC (TMA), not pointers."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -473,13 +494,13 @@ def attn_bwd_dkdv(
                              stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, stride_mn,
                              stride_lb, stride_lh, scale, scale_log2, seed, offset_lo, drop_thresh, drop_scale,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, DROPOUT, PRECISION,
-                             DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC)
+                             DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC, HEAD_SUMS)
         dk, dv = _dkdv_heads(dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, b, LSE, DELTA, MASK, DQ_ACC, DQ_DESC, b64, hk, GROUP,
                              q_start, mid, len_q, offs_n, offs_d, offs_dv, len_q, len_k, shift, stride_qb, stride_qh,
                              stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, stride_mn,
                              stride_lb, stride_lh, scale, scale_log2, seed, offset_lo, drop_thresh, drop_scale,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, DROPOUT, PRECISION,
-                             DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC)
+                             DQ_ATOMIC, DQ_TMA, EVEN_M, VARLEN, QD_DESC, HEAD_SUMS)
     else:
         Qh, DOh, MASKh, lse_row0 = _head_inputs(Q, DO, MASK, b64, hk, q_start, stride_qb, stride_qh, stride_qm,
                                                 stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_lb,
