@@ -999,6 +999,34 @@ def _small_case(shape, causal: bool, layout: str, backend: str):
     return ours, tuple(pick(t).contiguous() for t in data), theirs, data, pick
 
 
+def _device_us(fn, mode: str, data, leaves, calls: int = 20):
+    """The device's share of one call: the kernels' summed durations under torch.profiler (CUDA activity) over
+    ``calls`` calls of ``mode``, per call, in us; None on the CPU (--smoke). Beside the timed us per call it says
+    how much of a call is host time (Python, autograd, launches), where the GPU waits."""
+    if SMOKE:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, grad = data
+
+    def call():
+        if mode == "forward":
+            with torch.no_grad():
+                fn(q, k, v)
+        else:
+            fn(*leaves).backward(grad)
+            for t in leaves:
+                t.grad = None
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+
+
 def attention_small(results: dict, ctx: dict) -> None:
     """Fine-tuning shapes through the public API, llmcore's ``triton`` backend (and its ``cuda`` one where built,
     for the cases it takes: no mask) against torch SDPA as torch picks its backend (what a model calls), forward
@@ -1034,6 +1062,10 @@ def attention_small(results: dict, ctx: dict) -> None:
                 case[mode] = {"us": {k: 1e3 * _median(t) for k, t in times.items()}, "ms_rounds": times,
                               "speedup": {k: _round_speedups(times["torch_sdpa"], t) for k, t in times.items()
                                           if k != "torch_sdpa"}}
+                try:
+                    case[mode]["device_us"] = {k: _device_us(r[0], mode, r[1], r[2]) for k, r in runners.items()}
+                except Exception:  # the timings above stand without it
+                    case[mode]["device_us_error"] = traceback.format_exc()
         except Exception:
             case["error"] = traceback.format_exc()
             print(case["error"], file=sys.stderr)
@@ -1290,13 +1322,15 @@ def markdown(results: dict) -> str:
                   "llmcore `triton` (and `cuda` where built, for the cases without a mask) against torch SDPA "
                   f"with the backend torch picks; {sm['rounds']} alternating "
                   "rounds, speed-up = median of the per-round ratios torch / llmcore (min-max). At these sizes a "
-                  "call's host time (Python, autograd, launches) can exceed its GPU time.", "",
-                  "| case | (B, H, L, D) | mode | llmcore triton | speed-up | llmcore cuda | speed-up | torch SDPA |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "call's host time (Python, autograd, launches) can exceed its GPU time: `device us` is the "
+                  "kernels' summed time per call (torch.profiler, 20 calls), llmcore triton / torch.", "",
+                  "| case | (B, H, L, D) | mode | llmcore triton | speed-up | llmcore cuda | speed-up | torch SDPA | "
+                  "device us |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for cname, c in sm["cases"].items():
             if "error" in c:
                 lines.append(f"| {cname} | {tuple(c['shape'])} | failed: {c['error'].strip().splitlines()[-1]} "
-                             "||||||")
+                             "|||||||")
                 continue
             for mode in ("forward", "fwd_bwd"):
                 if mode not in c:
@@ -1306,8 +1340,11 @@ def markdown(results: dict) -> str:
                     up = c[mode]["speedup"].get(who)
                     cells.append(f"{c[mode]['us'][who]:.0f} | {up['median']:.2f}x ({up['min']:.2f}-{up['max']:.2f})"
                                  if up else "- | -")
+                dev = c[mode].get("device_us") or {}
+                dev_cell = (f"{dev['llmcore_triton']:.0f} / {dev['torch_sdpa']:.0f}"
+                            if dev.get("llmcore_triton") is not None and dev.get("torch_sdpa") is not None else "-")
                 lines.append(f"| {cname} | {tuple(c['shape'])} | {mode} | {' | '.join(cells)} | "
-                             f"{c[mode]['us']['torch_sdpa']:.0f} |")
+                             f"{c[mode]['us']['torch_sdpa']:.0f} | {dev_cell} |")
         lines.append("")
     hp = results.get("hf_patch")
     if hp and "speedup" in hp:
