@@ -96,6 +96,11 @@ _MEASURED: dict = {
     ("fwd_desc", 128, False): (64, 64, 4, 3),  # 2.21 ms vs 2.41 ms for (128, 64, 8, 3) by pointers
     ("dkdv_atomic", 128, True): (64, 128, 8, 3),
     ("dkdv_atomic", 128, False): (64, 128, 8, 3),
+    # GQA (the kernel's one loop over (head, block) pairs): "<kind>_grouped", else the kind's own entry. The causal
+    # (64, 128, 8, 3) above was timed without groups only, and compiled for sm_90 with GROUP 4 it spills 40 B (Triton 3.9); the
+    # H200 timed (32, 64, 4, 3) there at Llama-3-8B's 4:1 (351 TFLOP/s fwd+bwd, against 289 and 224 for the two
+    # other blocks it tried; 2026-12-04), without spills.
+    ("dkdv_grouped", 128, True): (32, 64, 4, 3),
 }
 # How the backward makes dQ by default where measured: (head-dim bucket, causal) -> "atomic" or "tma" (the dK/dV
 # kernel adds it; see _dq_mode); elsewhere its own kernel. None so far: on the H200 the whole backward took 3.62 ms
@@ -118,10 +123,19 @@ def _bucket(block_d: int) -> int:
     return max(64, block_d) if block_d <= 256 else 256
 
 
+def _measured(kind: str, bucket: int, causal: bool, grouped: bool) -> Optional[tuple]:
+    """``_MEASURED``'s row for a launch: the kind's own, else (a "_desc" kind) its pointer twin's; for a GQA launch
+    (``grouped``) a "_grouped" entry of either first."""
+    kinds = (kind, kind.removesuffix("_desc"))
+    keys = ([(k + "_grouped", bucket, causal) for k in kinds] if grouped else []) + [(k, bucket, causal) for k in kinds]
+    return next((_MEASURED[key] for key in keys if key in _MEASURED), None)
+
+
 @lru_cache(maxsize=None)
-def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool = False) -> tuple[dict, ...]:
+def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool = False,
+                 grouped: bool = False) -> tuple[dict, ...]:
     """Candidate blocks for kernel ``kind`` ("fwd", "dkdv", "dkdv_atomic", "dkdv_tma", "dq"); the first is the
-    default. Callers must not change the dicts.
+    default (``grouped``: for a GQA launch of the dK/dV kernel). Callers must not change the dicts.
 
     float32 inputs (``wide``) halve the blocks. Cached per argument tuple (it runs on every launch): ``_TABLES``
     and ``_MEASURED`` are read once per key, so code that changes them at run time calls
@@ -129,9 +143,7 @@ def _gpu_configs(kind: str, block_d: int, wide: bool, tune: bool, causal: bool =
     """
     bucket = _bucket(block_d)
     rows = list(_TABLES[kind][bucket])
-    # a "_desc" kind without a measurement of its own starts from its pointer twin's
-    best = None if wide else _MEASURED.get((kind, bucket, causal), _MEASURED.get((kind.removesuffix("_desc"), bucket,
-                                                                                   causal)))
+    best = None if wide else _measured(kind, bucket, causal, grouped)
     if best is not None:
         rows = [tuple(best)] + [r for r in rows if tuple(r) != tuple(best)]
     if wide:
@@ -172,11 +184,12 @@ def _launch(mod, kind: str, fn, grid, args: tuple, consts: dict, block_d: int, w
             return False
     else:
         tune = os.environ.get("LLMCORE_TRITON_AUTOTUNE", "0") == "1"
-        configs = _gpu_configs(kind, block_d, wide, tune, causal)
+        grouped = bool(consts.get("GROUPED", False))
+        configs = _gpu_configs(kind, block_d, wide, tune, causal, grouped)
         if tune:
             import triton
 
-            key = (kind, block_d, wide, causal)
+            key = (kind, block_d, wide, causal, grouped)
             tuned = _TUNED.get(key)
             if tuned is None:
                 inner = fn
