@@ -97,9 +97,9 @@ _MEASURED: dict = {
     ("dkdv_atomic", 128, True): (64, 128, 8, 3),
     ("dkdv_atomic", 128, False): (64, 128, 8, 3),
     # GQA (the kernel's one loop over (head, block) pairs): "<kind>_grouped", else the kind's own entry. The causal
-    # (64, 128, 8, 3) above was timed without groups only, and compiled for sm_90 with GROUP 4 it spills 40 B (Triton 3.9); the
-    # H200 timed (32, 64, 4, 3) there at Llama-3-8B's 4:1 (351 TFLOP/s fwd+bwd, against 289 and 224 for the two
-    # other blocks it tried; 2026-12-04), without spills.
+    # (64, 128, 8, 3) above was timed without groups only, and compiled for sm_90 with GROUP 4 it spills 40 B
+    # (Triton 3.9); the H200 timed (32, 64, 4, 3) there at Llama-3-8B's 4:1 (351 TFLOP/s fwd+bwd, against 289 and
+    # 224 for the two other blocks it tried; 2026-12-04), without spills.
     ("dkdv_grouped", 128, True): (32, 64, 4, 3),
 }
 # How the backward makes dQ by default where measured: (head-dim bucket, causal) -> "atomic" or "tma" (the dK/dV
