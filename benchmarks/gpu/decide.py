@@ -181,8 +181,8 @@ def gqa(results: dict) -> list[str]:
     if not faster:
         return [f"GQA {tuple(g['shape'])} dK/dV blocks: keep ({base['ms']:.3f} ms fwd+bwd)"]
     best = min(faster, key=lambda r: r["fwd_bwd"]["ms"])
-    return [f"GQA {tuple(g['shape'])} dK/dV blocks: CHANGE for GROUP > 1 toward {tuple(best['cfg'])} "
-            f"({best['fwd_bwd']['ms']:.3f} vs {base['ms']:.3f} ms fwd+bwd)"]
+    return [f"GQA {tuple(g['shape'])} dK/dV blocks: CHANGE for GROUP > 1: _MEASURED[(\"dkdv_grouped\", 128, True)] = "
+            f"{tuple(best['cfg'])} ({best['fwd_bwd']['ms']:.3f} vs {base['ms']:.3f} ms fwd+bwd)"]
 
 
 def decide(results: dict) -> list[str]:
