@@ -44,7 +44,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_BYTES = 64 << 20
 # On CUDA, 8x that: an H200 ran Llama-3's LM head (8192 tokens, hidden 4096, vocab 128256, bf16) forward+backward in
 # 43.0 ms with 1024-row chunks against 91.7 ms with 64 MiB's 128 rows (torch's unchunked composite: 48.9 ms), and
-# with less extra memory (+1317 vs +2099 MiB: 8 chunks sum grad_weight without a float32 total; benchmarks/gpu).
+# with less extra peak memory (+1317 vs +2099 MiB; benchmarks/results/gpu-nvidia-h200*.md).
 _CHUNK_BYTES_CUDA = 512 << 20
 # bf16/fp16 grad_weight: at least this many chunks are summed in the compute dtype before joining the total
 _MIN_FLUSH_EVERY = 8

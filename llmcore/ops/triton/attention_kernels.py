@@ -453,8 +453,8 @@ def attn_bwd_dkdv(
     loop over heads around one over blocks, which compiled for sm_90 spilled (176 B at D 128, causal).
     HEAD_SUMS (with GROUPED; float32 inputs): each query head's share of dK and dV is summed on its own, then
     added, as torch sums GQA heads. In one float32 chain over all GROUP heads (a dot adds into its accumulator
-    term by term) dV's error was twice torch's on an H200 (7.1e-6 vs 3.2e-6, MQA 3:1, Lq 400); per head it is
-    the order whose float32 error a CPU simulation of the chains put at torch's (5.8e-6 vs 3.2e-6 for one chain).
+    term by term) dV's error was twice torch's on an H200 (7.1e-6 vs 3.2e-6, MQA 3:1, Lq 400); a CPU simulation
+    of the two summation orders on that case gave 3.2e-6 per head (torch's figure) and 5.8e-6 for one chain.
     QD_DESC: the Q and dO tiles come through the tensor descriptors Q_DESC and DO_DESC (TMA), not pointers."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
