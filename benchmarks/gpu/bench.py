@@ -187,13 +187,22 @@ def _validate(fn, leaves, grad, causal: bool) -> tuple:
     return _diffs(_out_and_grads(fn, leaves, grad), want), scales
 
 
-def _time_mode(fn, mode: str, data, leaves) -> dict:
-    """bench() of attention ``fn``: "forward" on data's q, k, v without autograd, or "fwd_bwd" on the leaves."""
+def _mode_call(fn, mode: str, data, leaves):
+    """One call of attention ``fn``: "forward" on data's q, k, v (to run under no_grad), or "fwd_bwd" on the leaves
+    (their gradients accumulate: the caller clears them)."""
     q, k, v, grad = data
     if mode == "forward":
+        return lambda: fn(q, k, v)
+    return lambda: fn(*leaves).backward(grad)
+
+
+def _time_mode(fn, mode: str, data, leaves) -> dict:
+    """bench() of attention ``fn``: "forward" on data's q, k, v without autograd, or "fwd_bwd" on the leaves."""
+    call = _mode_call(fn, mode, data, leaves)
+    if mode == "forward":
         with torch.no_grad():
-            return bench(lambda: fn(q, k, v))
-    return bench(lambda: fn(*leaves).backward(grad), leaves)
+            return bench(call)
+    return bench(call, leaves)
 
 
 def _time_ours(fn, data, leaves, shape, causal: bool) -> dict:
@@ -1007,23 +1016,20 @@ def _device_us(fn, mode: str, data, leaves, calls: int = 20):
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v, grad = data
+    once = _mode_call(fn, mode, data, leaves)
 
     def call():
-        if mode == "forward":
-            with torch.no_grad():
-                fn(q, k, v)
-        else:
-            fn(*leaves).backward(grad)
-            for t in leaves:
-                t.grad = None
+        once()
+        for t in leaves:  # as bench() clears them (none in "forward")
+            t.grad = None
 
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
+    with torch.no_grad() if mode == "forward" else torch.enable_grad():
+        call()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                call()
+            torch.cuda.synchronize()
     return sum(e.self_device_time_total for e in prof.key_averages()) / calls
 
 

@@ -488,9 +488,10 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     args = (q, k, v, do, dk, dv, lse, delta, mask, cu_q, cu_k, rng, dq_acc, q if desc is None else desc, *qd,
             *common, *_rows3(dk, p.packed), *_rows3(dv, p.packed), *tail)
     grid = lambda bm, bn: (triton_cdiv(p.len_k, bn), p.heads_k, p.batch)  # noqa: E731
+    grouped = p.heads != p.heads_k
     _launch(mod, kind, mod.attn_bwd_dkdv, grid, args,
-            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=p.heads != p.heads_k,
-                 HEAD_SUMS=p.wide and p.heads != p.heads_k, QD_DESC=use),
+            dict(consts, DQ_ATOMIC=atomic, DQ_TMA=desc is not None, GROUPED=grouped, HEAD_SUMS=p.wide and grouped,
+                 QD_DESC=use),
             p.block_d, p.wide, p.causal, len_q=p.len_q,
             descs=descs + (() if desc is None else (("DQ_DESC", desc, "BLOCK_M"),)))
     if atomic:  # dQ in q's layout (what the custom op's fake promises), from the padded float32 rows
