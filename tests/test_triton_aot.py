@@ -101,7 +101,8 @@ def _attention_kernels(result):
 def test_survey_covers_every_kernel(sm90):
     names = {k.name for _, k in _all(sm90)}
     assert names == {"attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "norm_fwd", "norm_bwd",
-                     "norm_bwd_dx", "norm_bwd_dw", "ce_rows", "rotary"}
+                     "norm_bwd_dx", "norm_bwd_dw", "ce_rows", "rotary", "ws_attn_fwd", "ws_attn_bwd_dq",
+                     "ws_attn_bwd_dkdv"}
     assert [case for case in aot.CASES if not sm90[case]] == []  # every case compiles kernels of its own
     assert any(k.constants.get("DQ_ATOMIC") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=atomic
     assert any(k.constants.get("DQ_TMA") is True for _, k in _all(sm90))  # LLMCORE_TRITON_DQ=tma
@@ -179,15 +180,30 @@ def test_norm_forward_does_not_spill(sm90):
 @pytest.mark.parametrize("arch", ["sm_90", "sm_100", "sm_120"])
 def test_dq_by_tma_reductions(arch, surveys):
     # LLMCORE_TRITON_DQ=tma: the dK/dV kernel adds its dQ tiles with cp.reduce.async.bulk.tensor; nothing else
-    # uses TMA but the kernels loading through descriptors (LLMCORE_TRITON_LOADS; the others load through pointers).
+    # uses TMA but the kernels loading through descriptors (LLMCORE_TRITON_LOADS, and the warp-specialized ones; the
+    # others load through pointers).
     result = surveys[arch]
     tma = [k for k in result["attention d128 bf16 causal dq-tma"] if k.constants.get("DQ_TMA")]
     assert tma and {(k.name, k.tma) for k in tma} == {("attn_bwd_dkdv", "reduce")}
     assert tma[-1].fits  # sm_120: after the fallback
     assert [(c, k.label()) for c, k in _all(result) if k.tma != "none" and not k.constants.get("DQ_TMA")
-            and not k.constants.get("KV_DESC") and not k.constants.get("QD_DESC")] == []
+            and not k.constants.get("KV_DESC") and not k.constants.get("QD_DESC") and not k.name.startswith("ws_")] == []
     if arch == "sm_90" and tma[-1].registers is not None:
         assert tma[-1].stack == 0, tma[-1]  # the table's default for D 128 on Hopper does not spill
+
+
+def test_warp_specialized_kernels(sm90):
+    # LLMCORE_TRITON_WS=1: forward, dQ and dK/dV each compile for sm_90 as a producer warp group (TMA copies) and two
+    # consumer warp groups (wgmma), without spills. Triton 3.9's checks (a descriptor's block against the tile
+    # each consumer loads) are stricter than 3.6's, whose compile of host descriptors split between the consumers
+    # hung on the H200 (2026-12-04): the kernels make their descriptors themselves.
+    for case in ("attention d128 bf16 causal ws", "attention d64 bf16 ws"):
+        kernels = [k for k in sm90[case] if k.name.startswith("ws_")]
+        assert [k.name for k in kernels] == ["ws_attn_fwd", "ws_attn_bwd_dq", "ws_attn_bwd_dkdv"], case
+        assert [(k.name, k.warp_groups, k.tensor_cores, k.tma) for k in kernels if
+                (k.warp_groups, k.tensor_cores, k.tma) != (3, "wgmma", "copy")] == [], case
+        if kernels[0].registers is not None:
+            assert [(k.name, k.stack) for k in kernels if k.stack] == [], case
 
 
 def test_descriptor_loads_are_tma_copies(sm90):

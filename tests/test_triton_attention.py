@@ -139,6 +139,76 @@ def check_dense_case(B, hq, hkv, lq, lk, d, dtype, causal):
     check(ours, theirs, ref, dtype)
 
 
+@pytest.fixture
+def ws_spy(monkeypatch):
+    """LLMCORE_TRITON_WS=1, and the warp-specialized launches made: a list of "fwd" and "bwd"."""
+    from llmcore.ops.triton import attention
+
+    monkeypatch.setenv("LLMCORE_TRITON_WS", "1")
+    calls = []
+    for name, tag in (("_forward_ws", "fwd"), ("_backward_ws", "bwd")):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _tag=tag, **kw: (calls.append(_tag),
+                                                                                      _real(*a, **kw))[1])
+    return calls
+
+
+WS_LEN = 384 if GPU else 48  # a multiple of the blocks: 128 on the GPU, the interpreter's 16 here
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_warp_specialized_kernels_match_reference(ws_spy, d, causal, layout, dtype):
+    # The dense case the warp-specialized kernels take (attention_ws_kernels): contiguous (B, H, L, D) and
+    # transformers' (B, L, H, D) transposed, whose heads are columns of one row matrix
+    shape = (2, 3, WS_LEN, d) if layout == "bhld" else (2, WS_LEN, 3, d)
+    q, k, v, g = (randn(*shape, seed=s) for s in (11, 12, 13, 14))
+    if layout == "blhd":
+        q, k, v, g = (t.transpose(1, 2) for t in (q, k, v, g))
+    ref = reference(torch_sdpa, (q, k, v), g, is_causal=causal)
+    theirs = run(torch_sdpa, (q, k, v), g, dtype, is_causal=causal)
+    ours = run(triton_sdpa, (q, k, v), g, dtype, is_causal=causal)
+    assert ws_spy == ["fwd", "bwd"]
+    check(ours, theirs, ref, dtype)
+
+
+@pytest.mark.parametrize("case, used", [
+    ("gqa", ["fwd"]),  # the backward takes the general kernels, on the warp-specialized forward's logsumexp
+    ("ragged", []), ("mask", []), ("float32", []), ("lq_ne_lk", []), ("d80", [])])
+def test_warp_specialized_kernels_only_where_they_apply(ws_spy, case, used):
+    hq, hkv, lq, lk, d, dtype, kw = 4, 4, WS_LEN, WS_LEN, 64, torch.bfloat16, dict(is_causal=True)
+    if case == "gqa":
+        hkv, kw = 2, dict(is_causal=True, enable_gqa=True)
+    elif case == "ragged":
+        lq = lk = WS_LEN + 5
+    elif case == "mask":
+        kw = dict(attn_mask=torch.rand(lq, lk, generator=torch.Generator().manual_seed(3)) > 0.2)
+    elif case == "float32":
+        dtype = torch.float32
+    elif case == "lq_ne_lk":
+        lk, kw = WS_LEN * 2, {}
+    elif case == "d80":
+        d = 80
+    q, k, v, g = randn(2, hq, lq, d, seed=1), randn(2, hkv, lk, d, seed=2), randn(2, hkv, lk, d, seed=3), \
+        randn(2, hq, lq, d, seed=4)
+    if "attn_mask" in kw:
+        kw["attn_mask"] = kw["attn_mask"].to(DEVICE)
+    ref = reference(torch_sdpa, (q, k, v), g, **kw)
+    theirs = run(torch_sdpa, (q, k, v), g, dtype, **kw)
+    ours = run(triton_sdpa, (q, k, v), g, dtype, **kw)
+    assert ws_spy == used
+    check(ours, theirs, ref, dtype)
+
+
+def test_warp_specialized_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("LLMCORE_TRITON_WS", "yes")
+    q = torch.randn(1, 2, 32, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="LLMCORE_TRITON_WS must be '0' or '1'"):
+        triton_sdpa(q, q, q)
+
+
 def test_sdpa_strided_inputs_batch_dims_and_value_dim():
     # (B, L, H, D) memory seen as (B, H, L, D), extra leading dims, Ev != E, a custom scale
     q = randn(2, 3, 40, 2, 32, seed=5).transpose(2, 3)

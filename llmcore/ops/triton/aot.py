@@ -85,6 +85,7 @@ class Kernel:
     # both ("reduce+copy") or "none"
     tensor_memory: int  # columns of Blackwell's tensor memory (the dots' accumulators; 512 exist), 0 before Blackwell
     fits: bool  # shared and tensor memory within the architecture's limits (a kernel that does not fit is never run)
+    warp_groups: int = 0  # warp groups of a warp-specialized kernel (producer and consumers: setmaxnreg), else 0
 
     def over(self, arch: "Arch") -> Optional[tuple[int, int, str]]:
         """(need, limit, what) for the first resource this kernel exceeds on ``arch``, or None."""
@@ -155,6 +156,8 @@ def _describe(jit, compile: dict, compiled, arch: Arch) -> Kernel:
                compile["num_stages"], compiled.metadata.shared, regs, stack, cores, tma,
                getattr(compiled.metadata, "tmem_size", None) or 0, True)
     k.fits = k.over(arch) is None
+    if "setmaxnreg" in ptx:
+        k.warp_groups = compiled.metadata.num_warps // 4
     return k
 
 
@@ -236,11 +239,13 @@ def _env(name: str, value: str):
 
 
 def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: int = 1, mask: Optional[str] = None,
-               dropout: float = 0.0, packed: bool = False, dq: str = "", loads: str = "") -> Callable[[], None]:
+               dropout: float = 0.0, packed: bool = False, dq: str = "", loads: str = "",
+               ws: str = "") -> Callable[[], None]:
     """dq: LLMCORE_TRITON_DQ for the backward ("atomic", "tma": dQ inside the dK/dV kernel); loads:
-    LLMCORE_TRITON_LOADS for the whole call ("desc": streamed tiles through tensor descriptors)."""
+    LLMCORE_TRITON_LOADS for the whole call ("desc": streamed tiles through tensor descriptors); ws:
+    LLMCORE_TRITON_WS ("1": the warp-specialized kernels)."""
     def run():
-        with _env("LLMCORE_TRITON_LOADS", loads):
+        with _env("LLMCORE_TRITON_LOADS", loads), _env("LLMCORE_TRITON_WS", ws):
             _run()
 
     def _run():
@@ -264,7 +269,7 @@ def _attention(head_dim: int, dtype=torch.bfloat16, causal: bool = False, gqa: i
             out = attention.sdpa(q, k, v, m, dropout, causal, head_dim ** -0.5, torch.Size([2]))
         with _env("LLMCORE_TRITON_DQ", dq):
             out.backward(torch.zeros_like(out))
-    run.min_capability = 90 if dq == "tma" or loads == "desc" else 0  # TMA: Hopper and newer (else pointers)
+    run.min_capability = 90 if dq == "tma" or loads == "desc" or ws else 0  # TMA: Hopper and newer (else pointers)
     return run
 
 
@@ -325,6 +330,8 @@ def _cases() -> dict[str, Callable[[], None]]:
         "attention d128 bf16 causal desc": _attention(128, causal=True, loads="desc"),
         "attention d80 bf16 causal gqa4 desc": _attention(80, causal=True, gqa=4, loads="desc"),
         "attention d128 bf16 causal dq-tma desc": _attention(128, causal=True, dq="tma", loads="desc"),
+        "attention d128 bf16 causal ws": _attention(128, causal=True, ws="1"),
+        "attention d64 bf16 ws": _attention(64, ws="1"),
         "varlen d64 bf16 causal gqa2 dq-tma": _attention(64, causal=True, gqa=2, packed=True, dq="tma"),
         "varlen d128 bf16 causal desc": _attention(128, causal=True, packed=True, loads="desc"),
         "varlen d128 bf16 causal gqa2": _attention(128, causal=True, gqa=2, packed=True),

@@ -16,6 +16,10 @@ The backward makes dQ with its own kernel (deterministic) or, with ``LLMCORE_TRI
 element; ``LLMCORE_TRITON_DQ=tma`` does the same with one TMA reduction per tile (GPUs of compute
 capability 9.0 and newer); ``LLMCORE_TRITON_DQ=kernel`` forces the deterministic path.
 
+``LLMCORE_TRITON_WS=1`` runs warp-specialized kernels (``attention_ws_kernels``; experimental, not yet run
+correctly on a GPU) where they apply: dense 16-bit inputs without mask or dropout, one length that is a
+multiple of their blocks, head dim 64 or 128; elsewhere the kernels below.
+
 The tiles a kernel streams (K and V in the forward and dQ kernels, Q and dO in the dK/dV kernel) come
 by pointers, or through tensor descriptors (TMA copies on GPUs of compute capability 9.0+) with
 ``LLMCORE_TRITON_LOADS=desc`` or a list of kernels (see ``_desc_loads``); the same numbers either way.
@@ -340,6 +344,151 @@ def _rows_desc(t: Tensor, packed: bool, cols: int, strides_in_elements: bool = F
     return TensorDescriptor(t, list(t.shape), strides, [16, 1, cols] if packed else [1, 1, 16, cols])
 
 
+# ---------------------------------------------------------------------------------------
+# the warp-specialized kernels (attention_ws_kernels): dense inputs with no mask, no dropout and one length
+
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel and head dim. The forward's and dQ kernel's BLOCK_M and the dK/dV
+# kernel's BLOCK_N are 128: compiled for sm_90, each of the two consumer warp groups owns 64 of those rows (with
+# 64 the compiler gives both consumers the same rows). With num_warps 4 the compiled kernel runs 12 warps: the
+# producer's group and the two consumers'. The first row is the default; the others are the candidates
+# benchmarks/gpu/ws_check.py times. None of them has run on a GPU yet (see attention_ws_kernels).
+_WS_TABLES = {
+    "fwd": {64: [(128, 128, 4, 3), (128, 64, 4, 3)], 128: [(128, 128, 4, 2), (128, 64, 4, 3), (128, 64, 4, 2)]},
+    "dq": {64: [(128, 64, 4, 3), (128, 128, 4, 2)], 128: [(128, 64, 4, 2), (128, 128, 4, 2)]},
+    "dkdv": {64: [(64, 128, 4, 3), (32, 128, 4, 3)], 128: [(64, 128, 4, 2), (32, 128, 4, 2), (64, 128, 4, 3)]},
+}
+# Where the warp-specialized kernels run by default: (head dim, causal) -> True where measured faster on an H200.
+# None: they have not yet run correctly on a GPU (LLMCORE_TRITON_WS=1 asks for them).
+_WS_MEASURED: dict = {}
+_WS_OVERRIDE: dict = {}  # benchmarks only: kind -> (BLOCK_M, BLOCK_N, warps, stages)
+
+
+@lru_cache(maxsize=None)
+def _ws_compiles() -> bool:
+    """Whether this Triton's ``tl.range`` takes ``warp_specialize`` (3.4 and newer)."""
+    import inspect
+
+    import triton.language as tl
+
+    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+def _ws_wanted(p: "_Problem", interpret: bool, device: torch.device) -> bool:
+    """LLMCORE_TRITON_WS: "1" runs the warp-specialized kernels wherever they apply (the interpreter and GPUs
+    other than sm_90 included, where their loops are plain ones), "0" never; unset: where measured faster
+    (``_WS_MEASURED``) on sm_90."""
+    mode = os.environ.get("LLMCORE_TRITON_WS", "")
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"LLMCORE_TRITON_WS must be '0' or '1', got {mode!r}")
+    if mode:
+        return mode == "1"
+    return (not interpret and _WS_MEASURED.get((p.head_dim, p.causal), False) and _capability(device) == 90)
+
+
+def _ws_config(kind: str, head_dim: int, interpret: bool) -> tuple:
+    if interpret:
+        block = int(os.environ.get("LLMCORE_TRITON_INTERPRET_BLOCK", "16"))
+        return (block, block, 4, 1)
+    return _WS_OVERRIDE.get(kind) or _WS_TABLES[kind][head_dim][0]
+
+
+def _row_matrix(t: Tensor) -> Optional[tuple]:
+    """(t, rows, row stride, RB, RH, CH): dense (B, H, L, D) ``t`` as attention_ws_kernels' 2-D row matrix, or
+    None where TMA cannot address it so: a row stride or base that is not 16-byte aligned, or heads and batches
+    that do not start on rows (or, heads, at columns within a row)."""
+    B, H, L, D = t.shape
+    sb, sh, sl, sd = t.stride()
+    if sd != 1 or sl < D or (sl * t.element_size()) % 16 or t.data_ptr() % 16:
+        return None
+    rb = 0
+    if B > 1:
+        if sb % sl:
+            return None
+        rb = sb // sl
+    rh = ch = 0
+    if H > 1:
+        if sh % sl == 0:
+            rh = sh // sl
+        elif sh >= D and (H - 1) * sh + D <= sl:
+            ch = sh
+        else:
+            return None
+    rows = (B - 1) * rb + (H - 1) * rh + L
+    if rows >= 2 ** 31:
+        return None
+    return t, rows, sl, rb, rh, ch
+
+
+def _ws_plan(kind: str, p: "_Problem", tensors: tuple, interpret: bool, device: torch.device):
+    """The warp-specialized ``kind`` ("fwd", "dq" or "dkdv") for this launch: (config, one _row_matrix per
+    tensor, WS), or None where it does not apply (then the general kernels run)."""
+    if (p.packed or p.mask is not None or p.dropout_p > 0.0 or p.wide or p.head_dim not in (64, 128)
+            or p.head_dim_v != p.head_dim or p.len_q != p.len_k or not _ws_compiles()
+            or (kind != "fwd" and p.heads != p.heads_k) or not _ws_wanted(p, interpret, device)):
+        return None
+    if not interpret and _capability(device) < 90:  # TMA copies: Hopper and newer
+        return None
+    cfg = _ws_config(kind, p.head_dim, interpret)
+    block_m, block_n = cfg[0], cfg[1]
+    if p.len_q % block_m or p.len_q % block_n:
+        return None
+    mats = [_row_matrix(t) for t in tensors]
+    if any(m is None for m in mats):
+        return None
+    return cfg, mats, not interpret and _capability(device) == 90
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def fn_interpreted(fn) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def _ws_launch(fn, grid, cfg: tuple, args: tuple, consts: dict) -> None:
+    """The kernels make their tensor descriptors themselves, in global scratch memory that Triton asks an
+    allocator for: torch's caching allocator, installed here unless the program installed one."""
+    import triton
+    from triton.runtime import _allocation
+
+    if not fn_interpreted(fn) and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    block_m, block_n, warps, stages = cfg
+    fn[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def _forward_ws(p: "_Problem", q: Tensor, plan) -> tuple[Tensor, Tensor]:
+    cfg, (mq, mk, mv), ws = plan
+    mod = kernels("attention_ws_kernels", q.device)
+    out = q.new_empty(q.shape)
+    lse = torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)
+    args = (mq[0], mk[0], mv[0], out, lse, p.scale * math.log2(math.e), *out.stride()[:3],
+            *mq[1:], *mk[1:], *mv[1:], p.heads, p.heads // p.heads_k, p.len_q)
+    _ws_launch(mod.ws_attn_fwd, (p.len_q // cfg[0], p.heads, p.batch), cfg, args,
+               dict(HEAD_DIM=p.head_dim, CAUSAL=p.causal, FOLD_SCALE=p.scale > 0, WS=ws))
+    return out, lse
+
+
+def _backward_ws(p: "_Problem", do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 dq_plan, dkdv_plan) -> tuple[Tensor, Tensor, Tensor]:
+    mod = kernels("attention_ws_kernels", q.device)
+    delta = torch.empty_like(lse)
+    _delta(kernels("attention_kernels", q.device), p, out, do, delta, q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    scales = (p.scale, p.scale * math.log2(math.e))
+    consts = dict(HEAD_DIM=p.head_dim, CAUSAL=p.causal)
+    cfg, mats, ws = dq_plan
+    args = (*(m[0] for m in mats), dq, lse, delta, *scales,
+            *dq.stride()[:3], *(x for m in mats for x in m[1:]), p.heads, p.heads // p.heads_k, p.len_q)
+    _ws_launch(mod.ws_attn_bwd_dq, (p.len_q // cfg[0], p.heads, p.batch), cfg, args, dict(consts, WS=ws))
+    cfg, mats, ws = dkdv_plan
+    args = (*(m[0] for m in mats), dk, dv, lse, delta, *scales,
+            *dk.stride()[:3], *dv.stride()[:3], *(x for m in mats for x in m[1:]), p.heads, p.len_q)
+    _ws_launch(mod.ws_attn_bwd_dkdv, (p.len_k // cfg[1], p.heads, p.batch), cfg, args, dict(consts, WS=ws))
+    return dq, dk, dv
+
+
 def _old_interpreter() -> bool:
     """Whether Triton's interpreter is one that checks descriptor strides in elements (3.4, 3.5; fixed in 3.6)."""
     from llmcore.ops import triton as triton_ops
@@ -401,9 +550,12 @@ class _Problem:
 
 
 def _forward(p: _Problem, q: Tensor, k: Tensor, v: Tensor, rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    mod = kernels("attention_kernels", q.device)
+    plan = _ws_plan("fwd", p, (q, k, v), mod.INTERPRET, q.device)
+    if plan is not None:
+        return _forward_ws(p, q, plan)
     out = q.new_empty(*q.shape[:-1], p.head_dim_v)
     lse = torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)
-    mod = kernels("attention_kernels", q.device)
     cu_q = p.cu_q if p.packed else q
     cu_k = p.cu_k if p.packed else q
     mask, *mask_strides = p.mask_args(q)
@@ -446,6 +598,10 @@ def _backward(p: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
               rng: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     mod = kernels("attention_kernels", q.device)
     do = _last_dim_contiguous(do)
+    dq_plan = _ws_plan("dq", p, (q, k, v, do), mod.INTERPRET, q.device)
+    dkdv_plan = dq_plan and _ws_plan("dkdv", p, (q, k, v, do), mod.INTERPRET, q.device)
+    if dkdv_plan is not None:
+        return _backward_ws(p, do, q, k, v, out, lse, dq_plan, dkdv_plan)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     cu_q = p.cu_q if p.packed else q
