@@ -206,6 +206,14 @@ def test_warp_specialized_kernels(sm90):
             assert [(k.name, k.stack) for k in kernels if k.stack] == [], case
 
 
+def test_tma_copies_fill_their_buffers(sm90):
+    # Every TMA copy's descriptor block matches the shared-memory buffer it fills (and the bytes its barrier waits
+    # for). The host-descriptor form of the warp-specialized kernels broke this (a 128-row Q block into each
+    # consumer's 64-row buffer) and hung the H200; Triton 3.6 compiled it without a word.
+    assert [(c, k.label(), k.tma_mismatches) for c, k in _all(sm90) if k.tma_mismatches] == []
+    assert any(k.tma != "none" for _, k in _all(sm90))
+
+
 def test_descriptor_loads_are_tma_copies(sm90):
     # LLMCORE_TRITON_LOADS=desc: the forward and dQ kernels take K and V, the dense dK/dV kernel Q and dO, as TMA
     # copies (cp.async.bulk.tensor) into shared memory, which the dots read there; packed dK/dV keeps pointers.

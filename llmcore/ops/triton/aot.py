@@ -86,6 +86,9 @@ class Kernel:
     tensor_memory: int  # columns of Blackwell's tensor memory (the dots' accumulators; 512 exist), 0 before Blackwell
     fits: bool  # shared and tensor memory within the architecture's limits (a kernel that does not fit is never run)
     warp_groups: int = 0  # warp groups of a warp-specialized kernel (producer and consumers: setmaxnreg), else 0
+    # TMA copies whose descriptor block has another element count than the shared-memory buffer they fill: the
+    # copy brings more (or fewer) bytes than the buffer and its barrier expect, which hangs the kernel (0 is right)
+    tma_mismatches: int = 0
 
     def over(self, arch: "Arch") -> Optional[tuple[int, int, str]]:
         """(need, limit, what) for the first resource this kernel exceeds on ``arch``, or None."""
@@ -158,7 +161,23 @@ def _describe(jit, compile: dict, compiled, arch: Arch) -> Kernel:
     k.fits = k.over(arch) is None
     if "setmaxnreg" in ptx:
         k.warp_groups = compiled.metadata.num_warps // 4
+    k.tma_mismatches = len(_tma_mismatches(compiled.asm.get("ttgir", "")))
     return k
+
+
+_TMA_COPY = re.compile(r"async_tma_copy_global_to_local .*?: !tt\.tensordesc<tensor<([\dx]+)x\w+[,>].*?"
+                       r"-> !ttg\.memdesc<([\dx]+)x\w+[,>]")
+
+
+def _tma_mismatches(ttgir: str) -> list[str]:
+    """The TMA copies in ``ttgir`` whose descriptor block and destination buffer differ in element count."""
+    def count(dims: str) -> int:
+        n = 1
+        for d in dims.split("x"):
+            n *= int(d)
+        return n
+
+    return [m.group(0)[:200] for m in _TMA_COPY.finditer(ttgir) if count(m.group(1)) != count(m.group(2))]
 
 
 @contextmanager
