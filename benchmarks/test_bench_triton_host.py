@@ -52,7 +52,7 @@ def no_op_kernels(monkeypatch):
     monkeypatch.setattr(norm, "kernels", lambda name, device: fake)
     monkeypatch.setattr(norm, "multiprocessors", lambda device: 132)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" take CPU tensors; the kernels stay no-ops
-    for name in ("LLMCORE_TRITON_DQ", "LLMCORE_TRITON_LOADS", "LLMCORE_TRITON_AUTOTUNE"):
+    for name in ("LLMCORE_TRITON_DQ", "LLMCORE_TRITON_LOADS", "LLMCORE_TRITON_AUTOTUNE", "LLMCORE_TRITON_WS"):
         monkeypatch.delenv(name, raising=False)
 
 

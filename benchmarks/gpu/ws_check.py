@@ -12,7 +12,19 @@ against float64, then time against llmcore's general kernels and torch SDPA, sid
 3. Head to head: torch SDPA (cuDNN and flash backends), llmcore general, llmcore warp-specialized, in
    alternating rounds (``triton.testing.do_bench`` each); speed-up = median of the per-round ratios.
 
-Writes gpu-<device>-ws.json and .md to --out.
+Writes gpu-<device>-ws.json and .md to --out, with what to adopt (``proposals``). Each unit (a correctness case,
+a sweep, a head-to-head) runs in a process of its own with a timeout, so a kernel that hangs the GPU costs that
+unit only (the first, single-process version of this script lost its whole run to the hang of 2026-12-04).
+
+On the GPU machine (no network, nothing installed; llmcore's module built without CUDA sources, which the
+Triton kernels do not need; carry build-gpu-tables, see run.sh):
+
+    B=build/ws; mkdir -p $B/generated && cp build-gpu-tables/unicode_tables.inc $B/generated/ &&
+    cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(command -v python3) \
+      -Dpybind11_DIR=$(python3 -m pybind11 --cmakedir) -DLLMCORE_CUDA=OFF && cmake --build $B -j16 &&
+    cp $B/_C*.so llmcore/ && python3 benchmarks/gpu/ws_check.py --out $OUT --budget 330
+
+(the build took about 20 s there, 2026-12-04: 523 s in all, of which 500 s the hung check's timeout).
 """
 from __future__ import annotations
 
@@ -268,8 +280,36 @@ def markdown(result: dict) -> str:
             w = row["ws_vs_general"]
             lines.append(f"| {mode} | warp-specialized / general | | | {w['median']:.3f}x ({w['min']:.3f}-"
                          f"{w['max']:.3f}) | |")
+    if result.get("failed"):
+        lines += ["", "## Units that gave no result", ""]
+        lines += [f"- {json.dumps(r['unit'])}: {r['error']}" for r in result["failed"]]
+    lines += ["", "## Proposals", ""] + (proposals(result) or ["- none"])
     lines += ["", f"Wall time: {result['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def proposals(result: dict) -> list[str]:
+    """What to adopt: the warp-specialized kernels by default (_WS_MEASURED) where every correctness case passed and
+    they were faster than the general kernels in every round, forward and fwd+bwd; their blocks where the sweep's
+    best is not the table's first row."""
+    out = []
+    if not result["correctness"] or not all(r["ok"] for r in result["correctness"]) or result.get("failed"):
+        return ["- none: a correctness case failed or a unit gave no result"]
+    for key, res in result.get("head_to_head", {}).items():
+        if "table defaults" in key:
+            continue
+        causal = "non-causal" not in key
+        d = result.get("head_dim", {}).get(key, 128)
+        wins = all(res[mode]["ws_vs_general"]["min"] > 1.0 for mode in ("fwd", "fwd_bwd"))
+        w = {mode: res[mode]["ws_vs_general"]["median"] for mode in ("fwd", "fwd_bwd")}
+        verdict = f"_WS_MEASURED[({d}, {causal})] = True" if wins else "keep the general kernels"
+        out.append(f"- {key}: {verdict} (warp-specialized / general: forward {w['fwd']:.3f}x, fwd+bwd "
+                   f"{w['fwd_bwd']:.3f}x, medians of the rounds)")
+        best = result.get("best", {}).get(key, {})
+        for kind, cfg in best.items():
+            if tuple(cfg) != tuple(A._WS_TABLES[kind][d][0]):
+                out.append(f"  - {kind}: blocks {tuple(cfg)} first in _WS_TABLES[{kind!r}][{d}] (the sweep's best)")
+    return out
 
 
 UNIT_TIMEOUT = 150  # seconds for one unit (its compiles included): past it the unit is reported as hung
@@ -364,6 +404,7 @@ def main() -> int:
                 b = min(sw["bwd"], key=lambda r: r["ms"])
                 best.update(dq=b["dq"], dkdv=b["dkdv"])
             result.setdefault("best", {})[key] = best
+            result.setdefault("head_dim", {})[key] = shape[3]
             save()
             h = unit(dict(kind="h2h", shape=shape, causal=causal, best=best, rounds=a.rounds))
             if h is not None:

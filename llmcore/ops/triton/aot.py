@@ -100,7 +100,7 @@ class Kernel:
 
     def label(self) -> str:
         keep = ("HEAD_DIM", "CAUSAL", "VARLEN", "MASK_KIND", "DROPOUT", "GROUP", "GROUPED", "DQ_ATOMIC", "DQ_TMA",
-                "KV_DESC", "QD_DESC",
+                "KV_DESC", "QD_DESC", "WS",
                 "RMS", "HAS_RES", "STAGES", "CHUNKED", "BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_V", "ROWS")
         consts = " ".join(f"{k}={self.constants[k]}" for k in keep if k in self.constants)
         return f"{self.name} {self.dtype} {consts}"
@@ -400,8 +400,10 @@ def _table(arch: Arch, result: dict[str, list[Kernel]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, kernels in result.items():
         for k in kernels:
-            lines.append(f"| {case} | {k.label()} | {k.num_warps} | {k.num_stages} | {k.registers} | {k.stack} | "
-                         f"{k.shared / 1024:.1f} | {k.tensor_memory or '-'} | {k.tensor_cores} | {k.tma} | "
+            warps = f"{k.num_warps} ({k.warp_groups} warp groups)" if k.warp_groups else k.num_warps
+            tma = k.tma + (f" ({k.tma_mismatches} copies unlike their buffers!)" if k.tma_mismatches else "")
+            lines.append(f"| {case} | {k.label()} | {warps} | {k.num_stages} | {k.registers} | {k.stack} | "
+                         f"{k.shared / 1024:.1f} | {k.tensor_memory or '-'} | {k.tensor_cores} | {tma} | "
                          f"{'yes' if k.fits else 'NO'} |")
     return "\n".join(lines)
 
@@ -421,7 +423,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           "Registers per thread and stack bytes (spills) from cuobjdump; shared memory per block; tensor memory "
           "(Blackwell: 512 columns); the tensor-core "
           "instructions the dots became; TMA use (reduce: the dQ tiles of LLMCORE_TRITON_DQ=tma; copy: tiles loaded "
-          "through tensor descriptors, LLMCORE_TRITON_LOADS). A row with fits "
+          "through tensor descriptors, LLMCORE_TRITON_LOADS, and the warp-specialized kernels of LLMCORE_TRITON_WS, "
+          "whose warps column also counts their warp groups: producer and consumers). A row with fits "
           "NO is a launch Triton would refuse on that GPU; the launcher's smaller replacement follows it. "
           "Written by `python -m llmcore.ops.triton.aot`.\n", flush=True)
     report = {}

@@ -12,8 +12,8 @@ Status (2026-12-04): experimental, opt-in (LLMCORE_TRITON_WS=1). An earlier form
 host, hung the H200 in its first call (Triton 3.6). Compiled here, Triton 3.9 refuses that form: the compiler
 splits a resident tile between the consumers but a host descriptor keeps its block, so each copy would bring
 twice the bytes the consumer's barrier expects, which fits the hang. This form (descriptors made in the kernel)
-passes Triton 3.9's checks and Triton 3.6's compile for sm_90, and the interpreter tests; it has not yet run on
-a GPU. benchmarks/gpu/ws_check.py checks and times it there, each step in a process of its own.
+passes Triton 3.9's checks and Triton 3.6's compile for sm_90, and the interpreter tests, and every TMA copy in
+it fills a buffer of its block's size (aot's ``tma_mismatches``, tested); it has not yet run on a GPU. benchmarks/gpu/ws_check.py checks and times it there, each step in a process of its own.
 
 What the compiler needs (Triton 3.6, sm_90; checked by tests/test_triton_aot.py): every load inside the
 specialized loop, and the row vectors the backward reads (logsumexp and D), come through tensor descriptors;
@@ -25,7 +25,8 @@ Addressing: Q, K, V and dO are each a 2-D row matrix (rows of ``row stride`` ele
 with tiles BLOCK x HEAD_DIM; head h of batch b starts at row ``b * RB + h * RH`` and column ``h * CH`` of it
 (contiguous (B, H, L, D): RB = H L, RH = L, CH = 0; transformers' (B, L, H, D) transposed: RB = L, RH = 0,
 CH = D). Outputs are stored by pointers with their (batch, head, row) strides. The logsumexp and D are
-(B, H, L) float32, read through descriptors over their (B H L / BLOCK, BLOCK) view.
+(B, H, L) float32, read BLOCK values at a time through rank-1 descriptors (a [1, BLOCK] block, reshaped, is not
+split between the consumers: Triton 3.9 refuses it).
 """
 import os
 
