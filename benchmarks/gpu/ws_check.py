@@ -312,9 +312,6 @@ def proposals(result: dict) -> list[str]:
     return out
 
 
-UNIT_TIMEOUT = 150  # seconds for one unit (its compiles included): past it the unit is reported as hung
-
-
 def run_unit(unit: dict, args) -> dict:
     """One unit of work in a process of its own, so a kernel that hangs the GPU costs its timeout, not the run."""
     import subprocess
@@ -323,11 +320,11 @@ def run_unit(unit: dict, args) -> dict:
                                                                                         else [])
     t = time.time()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=UNIT_TIMEOUT)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.unit_timeout)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         print(out, flush=True)
-        return dict(unit=unit, error=f"no result in {UNIT_TIMEOUT} s (hung?)", log=out[-2000:])
+        return dict(unit=unit, error=f"no result in {args.unit_timeout} s (hung?)", log=out[-2000:])
     print(done.stdout, flush=True)
     for line in done.stdout.splitlines():
         if line.startswith("UNIT "):
@@ -353,6 +350,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds: later units are skipped past it")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--unit-timeout", type=float, default=150.0,
+                    help="seconds for one unit, its compiles included: past it the unit counts as hung (after two "
+                         "hung units the rest are skipped)")
     ap.add_argument("--unit", help="(internal) one unit of work, as JSON; prints its result")
     a = ap.parse_args()
     if a.unit:
@@ -375,8 +375,10 @@ def main() -> int:
             f.write(markdown(result))
 
     def unit(u):
-        if time.time() - START > a.budget:
-            result["failed"].append(dict(unit=u, error="skipped: past the budget"))
+        hung = sum("hung" in f["error"] for f in result["failed"])
+        if time.time() - START > a.budget or hung >= 2:
+            why = "past the budget" if hung < 2 else "two units hung already"
+            result["failed"].append(dict(unit=u, error=f"skipped: {why}"))
             return None
         r = run_unit(u, a)
         if "error" in r:
