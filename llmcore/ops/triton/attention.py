@@ -426,7 +426,8 @@ def _ws_plan(kind: str, p: "_Problem", tensors: tuple, interpret: bool, device: 
             or p.head_dim_v != p.head_dim or p.len_q != p.len_k or not _ws_compiles()
             or (kind != "fwd" and p.heads != p.heads_k) or not _ws_wanted(p, interpret, device)):
         return None
-    if not interpret and _capability(device) < 90:  # TMA copies: Hopper and newer
+    capability = 0 if interpret else _capability(device)
+    if not interpret and capability < 90:  # TMA copies: Hopper and newer
         return None
     cfg = _ws_config(kind, p.head_dim, interpret)
     block_m, block_n = cfg[0], cfg[1]
@@ -435,24 +436,20 @@ def _ws_plan(kind: str, p: "_Problem", tensors: tuple, interpret: bool, device: 
     mats = [_row_matrix(t) for t in tensors]
     if any(m is None for m in mats):
         return None
-    return cfg, mats, not interpret and _capability(device) == 90
+    return cfg, mats, capability == 90
 
 
 def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def fn_interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-def _ws_launch(fn, grid, cfg: tuple, args: tuple, consts: dict) -> None:
+def _ws_launch(mod, fn, grid, cfg: tuple, args: tuple, consts: dict) -> None:
     """The kernels make their tensor descriptors themselves, in global scratch memory that Triton asks an
     allocator for: torch's caching allocator, installed here unless the program installed one."""
     import triton
     from triton.runtime import _allocation
 
-    if not fn_interpreted(fn) and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    if not mod.INTERPRET and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
     block_m, block_n, warps, stages = cfg
     fn[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
@@ -465,7 +462,7 @@ def _forward_ws(p: "_Problem", q: Tensor, plan) -> tuple[Tensor, Tensor]:
     lse = torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)
     args = (mq[0], mk[0], mv[0], out, lse, p.scale * math.log2(math.e), *out.stride()[:3],
             *mq[1:], *mk[1:], *mv[1:], p.heads, p.heads // p.heads_k, p.len_q)
-    _ws_launch(mod.ws_attn_fwd, (p.len_q // cfg[0], p.heads, p.batch), cfg, args,
+    _ws_launch(mod, mod.ws_attn_fwd, (p.len_q // cfg[0], p.heads, p.batch), cfg, args,
                dict(HEAD_DIM=p.head_dim, CAUSAL=p.causal, FOLD_SCALE=p.scale > 0, WS=ws))
     return out, lse
 
@@ -481,11 +478,11 @@ def _backward_ws(p: "_Problem", do: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     cfg, mats, ws = dq_plan
     args = (*(m[0] for m in mats), dq, lse, delta, *scales,
             *dq.stride()[:3], *(x for m in mats for x in m[1:]), p.heads, p.heads // p.heads_k, p.len_q)
-    _ws_launch(mod.ws_attn_bwd_dq, (p.len_q // cfg[0], p.heads, p.batch), cfg, args, dict(consts, WS=ws))
+    _ws_launch(mod, mod.ws_attn_bwd_dq, (p.len_q // cfg[0], p.heads, p.batch), cfg, args, dict(consts, WS=ws))
     cfg, mats, ws = dkdv_plan
     args = (*(m[0] for m in mats), dk, dv, lse, delta, *scales,
             *dk.stride()[:3], *dv.stride()[:3], *(x for m in mats for x in m[1:]), p.heads, p.len_q)
-    _ws_launch(mod.ws_attn_bwd_dkdv, (p.len_k // cfg[1], p.heads, p.batch), cfg, args, dict(consts, WS=ws))
+    _ws_launch(mod, mod.ws_attn_bwd_dkdv, (p.len_k // cfg[1], p.heads, p.batch), cfg, args, dict(consts, WS=ws))
     return dq, dk, dv
 
 

@@ -13,7 +13,8 @@ host, hung the H200 in its first call (Triton 3.6). Compiled here, Triton 3.9 re
 splits a resident tile between the consumers but a host descriptor keeps its block, so each copy would bring
 twice the bytes the consumer's barrier expects, which fits the hang. This form (descriptors made in the kernel)
 passes Triton 3.9's checks and Triton 3.6's compile for sm_90, and the interpreter tests, and every TMA copy in
-it fills a buffer of its block's size (aot's ``tma_mismatches``, tested); it has not yet run on a GPU. benchmarks/gpu/ws_check.py checks and times it there, each step in a process of its own.
+it fills a buffer of its block's size (aot's ``tma_mismatches``, tested); it has not yet run on a GPU.
+benchmarks/gpu/ws_check.py checks and times it there, each step in a process of its own.
 
 What the compiler needs (Triton 3.6, sm_90; checked by tests/test_triton_aot.py): every load inside the
 specialized loop, and the row vectors the backward reads (logsumexp and D), come through tensor descriptors;
@@ -60,12 +61,6 @@ def _tile(desc, row, col):
 def _vectors(T, n, BLOCK: tl.constexpr):
     """A descriptor over the n float32 values at T (the logsumexp or D), BLOCK at a time."""
     return tl.make_tensor_descriptor(T, shape=[n], strides=[1], block_shape=[BLOCK])
-
-
-@triton.jit
-def _row_vector(desc, first_row, BLOCK: tl.constexpr):
-    """BLOCK values starting at element ``first_row``."""
-    return desc.load([first_row])
 
 
 @triton.jit
@@ -152,8 +147,8 @@ def ws_attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, scale, scale_log2,
     DELTA_DESC = _vectors(DELTA, H * L * tl.num_programs(2), BLOCK_M)
     q = _tile(Q_DESC, b * q_rb + h * q_rh + m0, h * q_ch)
     do = _tile(DO_DESC, b * do_rb + h * do_rh + m0, h * do_ch)
-    lse = _row_vector(LSE_DESC, (b * H + h) * L + m0, BLOCK_M)
-    delta = _row_vector(DELTA_DESC, (b * H + h) * L + m0, BLOCK_M)
+    lse = LSE_DESC.load([(b * H + h) * L + m0])
+    delta = DELTA_DESC.load([(b * H + h) * L + m0])
     k_row0 = b * k_rb + hk * k_rh
     v_row0 = b * v_rb + hk * v_rh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -205,8 +200,8 @@ def ws_attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, scale, scale_log2,
     for m0 in tl.range(lo, L, BLOCK_M, warp_specialize=WS):
         q = _tile(Q_DESC, q_row0 + m0, h * q_ch)
         do = _tile(DO_DESC, do_row0 + m0, h * do_ch)
-        lse = _row_vector(LSE_DESC, lse_row0 + m0, BLOCK_M)
-        delta = _row_vector(DELTA_DESC, lse_row0 + m0, BLOCK_M)
+        lse = LSE_DESC.load([lse_row0 + m0])
+        delta = DELTA_DESC.load([lse_row0 + m0])
         p_t = tl.math.exp2(_dot(k, tl.trans(q), None, "tf32") * scale_log2 - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if CAUSAL:
             offs_m = m0 + tl.arange(0, BLOCK_M)
