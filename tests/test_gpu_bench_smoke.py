@@ -90,7 +90,14 @@ def test_every_section_runs(smoke):
         for m in ("forward", "fwd_bwd"):
             assert set(c[m]["ms_rounds"]) == {"llmcore_triton", "torch_sdpa"}
             assert all(len(t) == results["attention_small"]["rounds"] for t in c[m]["ms_rounds"].values())
+            # the host-side profile: both entrants, their busiest ops first, each with a time and a count
+            host = c[m]["host_top"]
+            assert set(host) == {"llmcore_triton", "torch_sdpa"}, c[m].get("device_us_error")
+            for top in host.values():
+                assert top and all(h["self_cpu_us"] > 0 and h["count"] > 0 for h in top), top
+                assert [h["self_cpu_us"] for h in top] == sorted((h["self_cpu_us"] for h in top), reverse=True)
     assert "## Attention at fine-tuning shapes" in (out / "gpu-smoke-cpu.md").read_text()
+    assert "Where the host time goes" in (out / "gpu-smoke-cpu.md").read_text()
     rotary = results["rotary"]
     assert rotary["max_abs_diff_vs_torch"] < 1e-5 and set(rotary["speedup_vs_torch"]) == {"forward", "fwd_bwd"}
     assert "## RoPE on q" in (out / "gpu-smoke-cpu.md").read_text()

@@ -32,7 +32,8 @@ a run cut short still leaves what it measured):
   ``F.cross_entropy(F.linear(...))`` (which materializes the logits);
 - causal GQA attention (Llama-3-8B's 4:1 heads) and the norms' wider rows;
 - attention at fine-tuning shapes (MiniLM on an SST-2-like batch, padded and packed, BERT-base
-  at 128, GPT-2 at 1024) through the public API against torch SDPA, where host time can dominate;
+  at 128, GPT-2 at 1024) through the public API against torch SDPA, where host time can dominate, with each
+  call's device time and its busiest host ops and launches (torch.profiler);
 - RoPE on a Llama-3-8B layer's q (the Triton rotary kernel against transformers' composite);
 - last, the backend swap: training steps of transformers' DistilBERT classifier (distilbert-base shape, the guide's
   batch of 16) on its sdpa attention and after ``llmcore.hf.patch``.
@@ -49,6 +50,7 @@ failure is recorded in the JSON and the run goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -1008,12 +1010,46 @@ def _small_case(shape, causal: bool, layout: str, backend: str):
     return ours, tuple(pick(t).contiguous() for t in data), theirs, data, pick
 
 
-def _device_us(fn, mode: str, data, leaves, calls: int = 20):
-    """The device's share of one call: the kernels' summed durations under torch.profiler (CUDA activity) over
-    ``calls`` calls of ``mode``, per call, in us; None on the CPU (--smoke). Beside the timed us per call it says
-    how much of a call is host time (Python, autograd, launches), where the GPU waits."""
-    if SMOKE:
-        return None
+HOST_TOP = 12  # host-side ops listed per entrant in the fine-tuning shapes' profile
+
+
+@contextlib.contextmanager
+def _launch_ranges():
+    """llmcore's kernel launches, each inside a profiler range of its own ("llmcore triton launch <kind>", "llmcore
+    cuda forward" / "backward"), so that a profile tells the launchers' Python time (the range's self time) from the
+    rest of a call."""
+    from torch.profiler import record_function
+
+    from llmcore.ops import cuda_attention
+    from llmcore.ops.triton import attention
+
+    def ranged(fn, name):
+        def wrapper(*args, **kwargs):
+            label = name(args) if callable(name) else name
+            with record_function(label):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    patches = [(attention, "_launch", lambda a: f"llmcore triton launch {a[1]}"),
+               (attention, "_ws_launch", "llmcore triton launch ws"),
+               (cuda_attention, "_forward", "llmcore cuda forward"),
+               (cuda_attention, "_backward", "llmcore cuda backward")]
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in patches]
+    try:
+        for mod, attr, name in patches:
+            setattr(mod, attr, ranged(getattr(mod, attr), name))
+        yield
+    finally:
+        for mod, attr, fn in saved:
+            setattr(mod, attr, fn)
+
+
+def _profile_calls(fn, mode: str, data, leaves, calls: int = 20) -> dict:
+    """One call of ``mode``, ``calls`` times under torch.profiler: ``device_us``, the kernels' summed durations per
+    call (CUDA activity; None on the CPU, --smoke), beside the timed us it says how much of a call is host time
+    (Python, autograd, launches), where the GPU waits; and ``host``, the HOST_TOP ops and runtime calls with the most
+    self CPU time per call (aten ops, cudaLaunchKernel / cuLaunchKernelEx, a cudaStreamSynchronize or memcpy if a call
+    waits on the GPU), which say where that host time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     once = _mode_call(fn, mode, data, leaves)
@@ -1023,14 +1059,21 @@ def _device_us(fn, mode: str, data, leaves, calls: int = 20):
         for t in leaves:  # as bench() clears them (none in "forward")
             t.grad = None
 
+    activities = [ProfilerActivity.CPU] + ([] if SMOKE else [ProfilerActivity.CUDA])
     with torch.no_grad() if mode == "forward" else torch.enable_grad():
         call()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        if not SMOKE:
+            torch.cuda.synchronize()
+        with _launch_ranges(), profile(activities=activities) as prof:
             for _ in range(calls):
                 call()
-            torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+            if not SMOKE:
+                torch.cuda.synchronize()
+    events = prof.key_averages()
+    host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    return {"device_us": None if SMOKE else sum(e.self_device_time_total for e in events) / calls,
+            "host": [{"name": e.key[:80], "self_cpu_us": e.self_cpu_time_total / calls, "count": e.count / calls}
+                     for e in host[:HOST_TOP]]}
 
 
 def attention_small(results: dict, ctx: dict) -> None:
@@ -1069,7 +1112,9 @@ def attention_small(results: dict, ctx: dict) -> None:
                               "speedup": {k: _round_speedups(times["torch_sdpa"], t) for k, t in times.items()
                                           if k != "torch_sdpa"}}
                 try:
-                    case[mode]["device_us"] = {k: _device_us(r[0], mode, r[1], r[2]) for k, r in runners.items()}
+                    prof = {k: _profile_calls(r[0], mode, r[1], r[2]) for k, r in runners.items()}
+                    case[mode]["device_us"] = {k: pr["device_us"] for k, pr in prof.items()}
+                    case[mode]["host_top"] = {k: pr["host"] for k, pr in prof.items()}
                 except Exception:  # the timings above stand without it
                     case[mode]["device_us_error"] = traceback.format_exc()
         except Exception:
@@ -1352,6 +1397,13 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {cname} | {tuple(c['shape'])} | {mode} | {' | '.join(cells)} | "
                              f"{c[mode]['us']['torch_sdpa']:.0f} | {dev_cell} |")
         lines.append("")
+        notes = [f"- {cname} {mode}, {who}: " + "; ".join(f"{h['name']} {h['self_cpu_us']:.1f} (x{h['count']:g})"
+                                                         for h in top[:6])
+                 for cname, c in sm["cases"].items() for mode in ("forward", "fwd_bwd")
+                 for who, top in (c.get(mode, {}).get("host_top") or {}).items()]
+        if notes:
+            lines += ["Where the host time goes: the ops and runtime calls with the most self CPU time, us per call "
+                      "(calls per call), under torch.profiler:", ""] + notes + [""]
     hp = results.get("hf_patch")
     if hp and "speedup" in hp:
         up = hp["speedup"]

@@ -25,6 +25,12 @@ Triton kernels do not need; carry build-gpu-tables, see run.sh):
     cp $B/_C*.so llmcore/ && python3 benchmarks/gpu/ws_check.py --out $OUT --budget 330
 
 (the build took about 20 s there, 2026-12-04: 523 s in all, of which 500 s the hung check's timeout).
+The same call can go on to the fine-tuning shapes, where llmcore lost to torch 3-5x (host time; run 2026-12-04),
+with their device time and host profile (bench.py's attention_small, then the hf.patch training step):
+
+    ... && python3 benchmarks/gpu/ws_check.py --out $OUT --budget 300; python3 benchmarks/gpu/bench.py \
+      --out $OUT --budget 120 --no-sweep \
+      --skip matmul,attention,norms,cuda,cross_entropy,attention_gqa,norms_wide,rotary
 """
 from __future__ import annotations
 
