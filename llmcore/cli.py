@@ -299,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a CSV/TSV/JSON/JSONL/Parquet/text file, a folder of train.*/validation.*/test.*, "
                         "or a Hugging Face dataset name")
     _add_data_config(p)
-    p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) whose rows are the "
-                                                        "validation split, instead of --data's own or a split of train")
+    p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation split: its validation.* "
+                                                        "file or files) whose rows are the validation split, instead "
+                                                        "of --data's own or a split of train")
     p.add_argument("--model", metavar="PATH_OR_ID", help="model folder (or Hugging Face Hub model id) whose "
                                                           "tokenizer is used")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or tokenizer.json (default: --model)")
@@ -390,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence-classification (default: the texts' labels) or causal-lm (a decoder checkpoint "
                         "trained on the texts' next tokens; labels unused)")
     _add_data_config(p)
-    p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation.* file) to evaluate on, "
-                                                        "as transformers' eval_dataset (with raw --data)")
+    p.add_argument("--eval-data", metavar="PATH", help="a file (or a folder's validation split: its validation.* "
+                                                        "file or files) to evaluate on, as transformers' eval_dataset "
+                                                        "(with raw --data)")
     p.add_argument("--model", metavar="PATH_OR_ID",
                    help="checkpoint folder (config.json + safetensors + tokenizer) or Hugging Face Hub model id "
                         "(fetched into the local Hub cache; offline, only that cache is searched); default: the "

@@ -991,6 +991,35 @@ def test_eval_data_is_the_validation_split(tmp_path, tok):
     assert folder["validation"].texts() == ["the folder's own"] and len(folder["train"]) == 40
 
 
+def test_eval_data_folder_of_several_files(tmp_path):
+    """An eval folder whose validation split is several files (a Hub snapshot's shards) is that split as datasets
+    reads it: every file's rows, in datasets' order; meta.json lists the files, and a prepared folder made with them
+    takes the same folder as --eval-data again, and refuses another."""
+    datasets = pytest.importorskip("datasets")
+    from llmcore.train.finetune import _check_prepared_options
+
+    src = tmp_path / "train.jsonl"
+    _jsonl_rows(src, 40, ["a", "b"])
+    ev = tmp_path / "ev"
+    (ev / "data").mkdir(parents=True)
+    (ev / "data" / "train-00000-of-00001.csv").write_text("text,label\nnot evaluated,a\n")
+    (ev / "data" / "validation-00001-of-00002.csv").write_text("text,label\nthird one,a\nfourth one,b\n")
+    (ev / "data" / "validation-00000-of-00002.csv").write_text("text,label\nfirst one,b\nsecond one,a\n")
+    theirs = datasets.load_dataset(str(ev))["validation"]
+    ds = prepare(src, MODEL, 16, tmp_path / "o", eval_data=ev)
+    assert ds["validation"].texts() == theirs["text"] == ["first one", "second one", "third one", "fourth one"]
+    assert [ds.label_names[i] for i in ds["validation"].labels] == theirs["label"]
+    shards = sorted(str(f) for f in (ev / "data").glob("validation-*"))
+    assert ds.meta["eval_data"] == [os.path.abspath(f) for f in shards]
+    assert prepare(src, MODEL, 16, tmp_path / "o", eval_data=ev).cache_hit
+    _check_prepared_options(str(tmp_path / "o"), ds, str(ev), {})  # the same files: accepted
+    with pytest.raises(ValueError, match="whose validation split is fixed"):
+        _check_prepared_options(str(tmp_path / "o"), ds, shards[0], {})
+    (ev / "data" / "validation-00001-of-00002.csv").write_text("body,label\nthird one,a\n")
+    with pytest.raises(ValueError, match="the files of a split must have the same columns"):
+        prepare(src, MODEL, 16, tmp_path / "o2", eval_data=ev)
+
+
 @pytest.mark.parametrize("content,message", [
     ("text,label\nfine,c\n", r"labels \['c'\] of eval data .* do not occur in the train split"),
     ("body,label\nfine,a\n", "text column 'text' .* not found in eval data .*columns are"),

@@ -249,6 +249,19 @@ def holds_prepared(directory: str) -> bool:
     return isinstance(meta, dict) and "cache_key" in meta
 
 
+def _files_named(paths: List[str]) -> str:
+    """A split's files, as its errors name them: the file, or the first and how many more."""
+    return repr(paths[0]) if len(paths) == 1 else f"{paths[0]!r} and {len(paths) - 1} more file(s)"
+
+
+def eval_data_record(paths: Optional[List[str]]) -> Union[None, str, List[str]]:
+    """What meta.json keeps of the eval data's files (``eval_data``): the file's absolute path (as before eval
+    folders of several files were read), or the list of them."""
+    if paths is None:
+        return None
+    return os.path.abspath(paths[0]) if len(paths) == 1 else [os.path.abspath(f) for f in paths]
+
+
 def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_dir: Union[str, os.PathLike],
             *, eval_data: Union[str, os.PathLike, None] = None, text_column: Optional[str] = None,
             label_column: Optional[str] = None, pack: bool = True,
@@ -264,10 +277,11 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     eval_dataset), add a stratified validation split (``validation_fraction`` of train, drawn with ``seed``) when
     there is none, tokenize with truncation to ``max_length`` and save the arrays under ``output_dir``.
 
-    ``eval_data``: a file (or a split folder's ``validation.*`` file) whose rows become the
-    validation split, as transformers' ``eval_dataset``: ``data``'s own validation split is left
-    out and none is split off train. It needs train's text and label columns (the label column not with
-    ``eval_labels=False``: a causal LM's data, whose labels are unused), and no label that train lacks.
+    ``eval_data``: a file (or a split folder's validation split: its ``validation.*`` file, or the several files
+    datasets makes that split of, read as one table) whose rows become the validation split, as transformers'
+    ``eval_dataset``: ``data``'s own validation split is left out and none is split off train. It needs train's
+    text and label columns (the label column not with ``eval_labels=False``: a causal LM's data, whose labels are
+    unused), and no label that train lacks.
 
     ClassLabel names (of Parquet files datasets wrote, a ``save_to_disk`` folder, a Hub data set) are train's:
     another split or file with names of its own is mapped onto them by name (refused when it names a class train's
@@ -314,10 +328,10 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         source_fp = ["hub", data, hub_config]
     else:
         raise FileNotFoundError(f"data {data!r}: no such file or folder (and not a Hugging Face dataset name)")
-    eval_path = None
+    eval_paths = None
     if eval_data is not None:
-        eval_path = sources.eval_file(os.fspath(eval_data))
-        source_fp = [source_fp, sources.fingerprint_files({"validation": eval_path})]
+        eval_paths = sources.eval_files(os.fspath(eval_data))
+        source_fp = [source_fp, sources.fingerprint_files({"validation": eval_paths})]
     tok, tok_fp = _tokenizer_and_fingerprint(tokenizer)
     tok.check_truncation_side()
     key_src = json.dumps([FORMAT_VERSION, source_fp, tok_fp, dataclasses.asdict(opts)], sort_keys=True)
@@ -338,17 +352,16 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     # --- load --------------------------------------------------------------------------------
     if files is not None:
         tables = {split: sources.read_split(paths) for split, paths in files.items()}
-        where = {split: repr(paths[0]) if len(paths) == 1 else f"{paths[0]!r} and {len(paths) - 1} more file(s)"
-                 for split, paths in files.items()}
+        where = {split: _files_named(paths) for split, paths in files.items()}
         card_labels = sources.card_class_labels(data, hub_config) if os.path.isdir(data) else {}
         for split, table in tables.items():  # (as datasets casts the files to the card's features)
             sources.apply_class_labels(table, card_labels, where[split])
     else:
         tables = sources.load_saved(data) if os.path.isdir(data) else sources.load_hub(data, hub_config)
         where = {split: f"{data!r} split {split!r}" for split in tables}
-    if eval_path is not None:
-        tables["validation"] = sources.read_file(eval_path)
-        where["validation"] = f"eval data {eval_path!r}"
+    if eval_paths is not None:
+        tables["validation"] = sources.read_split(eval_paths)
+        where["validation"] = f"eval data {_files_named(eval_paths)}"
     t_load = time.perf_counter()
 
     # --- columns and labels ----------------------------------------------------------------------
@@ -359,7 +372,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     cols = {}
     for split, table in tables.items():
         needed = [("text", text_col)]
-        if split == "validation" and eval_path is not None and label_col is not None and eval_labels:
+        if split == "validation" and eval_paths is not None and label_col is not None and eval_labels:
             needed.append(("label", label_col))  # eval data is evaluated on: it must be labeled
         for kind, col in needed:
             if col not in table:
@@ -482,7 +495,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         num_labels = (max(present) + 1) if present else None
     meta = {
         "format_version": FORMAT_VERSION, "cache_key": key, "data": data,
-        "eval_data": None if eval_path is None else os.path.abspath(eval_path), "sources": source_fp,
+        "eval_data": eval_data_record(eval_paths), "sources": source_fp,
         "tokenizer_fingerprint": tok_fp, "options": dataclasses.asdict(opts),
         "text_column": text_col, "label_column": label_col, "label_names": label_names, "num_labels": num_labels,
         "splits": order, "counts": counts, "stats": stats, "files": sorted(os.listdir(stage)),

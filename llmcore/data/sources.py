@@ -563,22 +563,20 @@ def _split_data(path: str) -> List[str]:
             if in_split_folder or _KEYWORD.search(os.path.basename(f).lower())]
 
 
-def eval_file(path: str) -> str:
-    """The file of an evaluation set given on its own: ``path`` itself, or a split folder's
-    ``validation.*`` file."""
+def eval_files(path: str) -> List[str]:
+    """The files of an evaluation set given on its own: ``path`` itself, or a split folder's validation split (its
+    ``validation.*`` file, or the files datasets makes that split of: shards, a ``validation/`` folder), read as
+    one table as a split's files are (``read_split``)."""
     if os.path.isdir(path):
         files = local_files(path)
         if "validation" not in files:
             raise FileNotFoundError(f"eval data {path!r}: the folder holds no validation.* (or dev.*) file, only "
                                     f"{', '.join(os.path.basename(f) for fs in files.values() for f in fs)}; pass "
                                     "the file itself")
-        if len(files["validation"]) > 1:
-            raise ValueError(f"eval data {path!r}: the folder's validation split is {len(files['validation'])} files "
-                             f"({', '.join(os.path.basename(f) for f in files['validation'][:5])}); pass one file")
-        return files["validation"][0]
+        return files["validation"]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"eval data {path!r}: no such file or folder")
-    return path
+    return [path]
 
 
 def looks_like_hub_name(data: str) -> bool:

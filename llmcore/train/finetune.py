@@ -445,11 +445,12 @@ def _check_prepared_options(data: str, prepared, eval_data: Optional[str], given
     where given (``given``: max_length, overflow, tokenizer, text_column, label_column), must be what it was made
     with, and ``eval_data`` what its validation split was made from; else an error (they were ignored)."""
     from llmcore.data import sources
+    from llmcore.data.prepare import eval_data_record
 
     meta = prepared.meta
     if eval_data is not None:
         made_from = meta.get("eval_data")
-        if made_from is None or os.path.abspath(sources.eval_file(eval_data)) != made_from:
+        if made_from is None or eval_data_record(sources.eval_files(eval_data)) != made_from:
             raise ValueError(f"eval data {eval_data!r}: {data!r} is a prepared folder, whose validation split is "
                              f"fixed (made from {made_from or 'the data itself'}); pass the eval data to `llmcore "
                              "prepare --eval-data`, or raw data to finetune")
