@@ -496,6 +496,63 @@ def test_blank_lines_anywhere_and_unnamed_columns_read_as_pandas(tmp_path):
         sources.read_file(str(tmp_path / "long.csv"))
 
 
+def test_probe_findings_read_as_datasets_reads_them(tmp_path):
+    """Found by a probe (2026-12-04), each against datasets.load_dataset on the same file: a quoted field of
+    whitespace only in a one-column CSV (pandas' QUOTE_ALL) was taken for a blank line and its row dropped, from a
+    test split too; a line of U+3000 likewise (pandas skips lines of spaces and tabs only); a one-column TSV written
+    by pandas, a text with a line break in it, was read with quoting off and split into two rows with stray
+    quotes; and Excel's "#N/A" in a column of class ids made a class of its own, renumbering the others."""
+    datasets = pytest.importorskip("datasets")
+    pd = pytest.importorskip("pandas")
+
+    def theirs(path, sep=","):
+        return datasets.load_dataset("csv", data_files=str(path), sep=sep)["train"].to_dict()
+
+    pd.DataFrame({"text": ["a", "\t", " ", "b"]}).to_csv(tmp_path / "quoted.csv", index=False,
+                                                          quoting=csv.QUOTE_ALL)
+    (tmp_path / "wide.csv").write_text("text\nfirst\n\u3000\nthird\n  \t\nlast\n", encoding="utf-8")
+    for name in ("quoted.csv", "wide.csv"):
+        assert sources.read_file(str(tmp_path / name)) == theirs(tmp_path / name), name
+    pd.DataFrame({"text": ["first text", "line one\nline two", "", "last text"]}).to_csv(
+        tmp_path / "one.tsv", sep="\t", index=False)
+    want = theirs(tmp_path / "one.tsv", "\t")["text"]
+    assert sources.read_file(str(tmp_path / "one.tsv"))["text"] == [t or "" for t in want]
+    assert want[1] == "line one\nline two" and want[2] is None  # (pandas' empty text: None, llmcore's "")
+    (tmp_path / "train.csv").write_text("text,label\ngood film,1\nbad film,0\nmeh film,#N/A\nnice film,1\n"
+                                        "ugly film,0\nodd film,-nan\n")
+    ds = prepare(tmp_path / "train.csv", MODEL, 16, tmp_path / "o", validation_fraction=0)
+    labels = theirs(tmp_path / "train.csv")["label"]
+    assert ds.label_names is None and ds["train"].labels.tolist() == [-1 if v is None else v for v in labels]
+
+
+def test_probe_findings_refused_with_clear_errors(tmp_path):
+    """Found by a probe (2026-12-04): a quote problem in a CSV's header line raised csv.Error (a traceback from the
+    CLI), a column named __label_names__ crashed prepare with an AttributeError, and prepare read a folder it had
+    written (given as --data, or because --output-dir was the data folder) as raw data: its texts.txt files as
+    unlabeled splits. Each is now a ValueError naming the problem."""
+    pd = pytest.importorskip("pandas")
+    (tmp_path / "head.csv").write_text('"te"xt,label\nhello,1\n')
+    with pytest.raises(ValueError, match=r"head.csv' line 1: .*expected after"):
+        sources.read_file(str(tmp_path / "head.csv"))
+    (tmp_path / "open.csv").write_text('"text,label\nhello,1\n')
+    with pytest.raises(ValueError, match=r"open.csv' line 2: unexpected end of data \(a quote left open\?\)"):
+        sources.read_file(str(tmp_path / "open.csv"))
+    (tmp_path / "names.csv").write_text("text,label,__label_names__\nhello,1,x\nbye,0,y\n")
+    pd.read_csv(tmp_path / "names.csv").to_parquet(tmp_path / "names.parquet")
+    for name in ("names.csv", "names.parquet"):
+        with pytest.raises(ValueError, match=f"{name}': a column is named '__label_names__'"):
+            prepare(tmp_path / name, MODEL, 16, tmp_path / "o")
+    data = tmp_path / "d"
+    data.mkdir()
+    _jsonl_rows(data / "train.jsonl", 20, ["a", "b"])
+    prepare(data, MODEL, 16, tmp_path / "prepared")
+    with pytest.raises(ValueError, match="is a folder prepare wrote"):
+        prepare(tmp_path / "prepared", MODEL, 16, tmp_path / "again")
+    with pytest.raises(ValueError, match="is the data folder"):
+        prepare(data, MODEL, 16, data)
+    assert sorted(os.listdir(data)) == ["train.jsonl"]  # (refused before writing anything)
+
+
 def test_label_values_and_text_values_every_row(tmp_path):
     """A label of spaces turned a column of class ids into class names (" ", "0", "1", "10", "2"...: every id
     renumbered); it is missing, as an empty one. A text column's values were type-checked in the first 1000 rows

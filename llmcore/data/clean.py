@@ -121,9 +121,11 @@ def _is_int(v) -> bool:
     return False
 
 
-# how a missing value reads in a column of class ids (pandas' NaN, "NA" and friends); in a column of class names
-# these are names like any other
-_MISSING_WORDS = {"nan", "na", "n/a", "null", "none", "<na>"}
+# how a missing value reads in a column of class ids (pandas' NaN, "NA" and friends: read_csv's default na_values,
+# Excel's "#N/A" among them, which had made a class of its own and renumbered the others, a probe); in a column of
+# class names these are names like any other
+_MISSING_WORDS = {"nan", "-nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "null", "none", "<na>", "1.#ind", "-1.#ind",
+                  "1.#qnan", "-1.#qnan"}
 _WHOLE = re.compile(r"[-+]?\d+(?:\.0*)?")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 

@@ -312,6 +312,12 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
                           hub_config=hub_config, overflow=overflow, eval_labels=bool(eval_labels))
     data = os.fspath(data)
     output_dir = os.fspath(output_dir)
+    if os.path.isdir(data) and holds_prepared(data):  # (its texts.txt files had been read as raw, unlabeled data)
+        raise ValueError(f"data {data!r} is a folder prepare wrote (its meta.json and token arrays), not raw data: "
+                         "`llmcore finetune --data` takes it as it is; to prepare again, pass the raw data")
+    if os.path.isdir(data) and os.path.isdir(output_dir) and os.path.samefile(data, output_dir):
+        raise ValueError(f"output_dir {output_dir!r} is the data folder: the files prepare writes there would be read "
+                         "as data by the next run; choose another output_dir (a subfolder of it is fine)")
     if os.path.exists(data):
         saved = os.path.isdir(data) and sources.saved_dataset(data)
         if hub_config is not None and (saved or not os.path.isdir(data) or not sources.readme_configs(data)):

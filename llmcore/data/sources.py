@@ -44,23 +44,65 @@ def _open(path: str, mode: str = "r", **kwargs):
     return opener(path, "rt" if mode == "r" else mode, **kwargs)
 
 
+# the key under which a table keeps its columns' ClassLabel names (column -> names), beside the columns
+LABEL_NAMES = "__label_names__"
+
+
+def _reserved_column(where: str) -> ValueError:
+    """The error for data with a column named LABEL_NAMES (it had crashed prepare with an AttributeError, a probe)."""
+    return ValueError(f"{where}: a column is named {LABEL_NAMES!r}, a name llmcore keeps for its tables' ClassLabel "
+                      "names; rename that column")
+
+
 class DataLoadError(RuntimeError):
     """A data set that could not be loaded (a Hugging Face dataset name that did not resolve)."""
 
 
 def _blank(row: list) -> bool:
-    """A line pandas and datasets skip: no fields, or one of whitespace only. A quoted empty field (``""``, which
-    the csv module reads as one empty field, an empty line as none) is a row: an empty text, as pandas reads it
-    (a one-column file lost its empty texts' rows, a probe)."""
-    return not row or (len(row) == 1 and row[0] != "" and not row[0].strip())
+    """A line pandas and datasets skip, read with quoting off (a row is its line): no fields, or one of spaces and
+    tabs only (pandas' whitespace; a line of U+3000 or U+2028 is a row of that text, as pandas reads it). A quoted
+    empty field (``""``, which the csv module reads as one empty field, an empty line as none) is a row: an empty
+    text, as pandas reads it (a one-column file lost its empty texts' rows, a probe)."""
+    return not row or (len(row) == 1 and row[0] != "" and not row[0].strip(" \t"))
+
+
+class _Lines:
+    """The lines a csv reader takes from file ``f``, counted, the last kept: whether a row was a blank line is
+    decided on its line (``" "``, a quoted field of a space, is a row; a line of spaces is not)."""
+
+    def __init__(self, f):
+        self._f, self.count, self.last = f, 0, ""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        self.last = next(self._f)
+        self.count += 1
+        return self.last
+
+
+def _quoted_rows(f, **fmt):
+    """(reader, rows) of a csv reader with quoting on over file ``f``: ``rows`` yields (row, blank) pairs, a row
+    blank where it was one line of spaces and tabs only (or empty), as pandas' skip_blank_lines reads it; the
+    reader's ``line_num`` names a row in errors."""
+    lines = _Lines(f)
+    reader = csv.reader(lines, **fmt)
+
+    def rows():
+        seen = 0
+        for row in reader:
+            one_line, seen = lines.count - seen == 1, lines.count
+            yield row, not row or (one_line and not lines.last.rstrip("\r\n").strip(" \t"))
+    return reader, rows()
 
 
 def _rows_to_table(header: List[str], rows, first_line: int = 2) -> Table:
-    """Rows as columns; a blank line is skipped, as pandas and datasets skip it. ``first_line``: the line number
-    of the first row, for errors."""
+    """Rows, (row, blank) pairs, as columns; a blank line is skipped, as pandas and datasets skip it. ``first_line``:
+    the line number of the first row, for errors."""
     cols: Table = {h: [] for h in header}
-    for i, row in enumerate(rows):
-        if _blank(row):
+    for i, (row, blank) in enumerate(rows):
+        if blank:
             continue
         if len(row) != len(header):
             # a short row (trailing empty fields) is padded; a long one is a format error worth naming
@@ -77,16 +119,23 @@ def _opens_quote(field: str) -> bool:
     return field.startswith('"') and field.count('"') % 2 == 1
 
 
+def _closes_quote(field: str) -> bool:
+    """A field that ends a quoted field which quoting-off reading cut at a line break (its opening quote is earlier)."""
+    return field.endswith('"') and field.count('"') % 2 == 1
+
+
 def _csv_quoted(header: List[str], rows: List[list]) -> bool:
     """Whether a TSV read with quoting off shows CSV quoting (pandas', R's and Python's csv writers): every column
     name quoted (QUOTE_ALL / QUOTE_NONNUMERIC writers quote them all), a row short of fields whose last field opens
     a quote, or that follows a row whose last field does (a quoted line break split it), a row long of fields with
-    a field opening a quote (a quoted tab split it), or a field wrapped in quotes with its inner quotes doubled. A quote inside a field (``my 5" phone``, as
-    SST-2's sentences have) is text. (A quoted field's quotes come in pairs; one that quoting split has an odd
-    number, and starts with one.)"""
+    a field opening a quote (a quoted tab split it), or a field wrapped in quotes with its inner quotes doubled.
+    A one-column file has no short rows: there a field that opens a quote and a later one that closes it (a quoted
+    line break; pandas reads such a file so even if no writer quoted it), or a field of just ``""`` (pandas' empty
+    text), show it. A quote inside a field (``my 5" phone``, as SST-2's sentences have) is text. (A quoted field's
+    quotes come in pairs; one that quoting split has an odd number, and starts or ends with one.)"""
     if header and all(len(h) >= 2 and h[0] == h[-1] == '"' for h in header):
         return True
-    previous = header
+    previous, opened = header, False
     for row in rows:
         if _blank(row):  # (skipped as pandas skips it: no field of a quoted one)
             continue
@@ -95,6 +144,10 @@ def _csv_quoted(header: List[str], rows: List[list]) -> bool:
         previous = row
         if len(row) > len(header) and any(map(_opens_quote, row)):
             return True
+        if len(header) == len(row) == 1:
+            if row[0] == '""' or (opened and _closes_quote(row[0])):
+                return True
+            opened = opened or _opens_quote(row[0])
         for field in row:
             inner = field[1:-1]
             wrapped = len(field) >= 2 and field[0] == field[-1] == '"'
@@ -129,7 +182,7 @@ def read_file(path: str) -> Table:
     (see ``_csv_quoted``), which it is then read with. Text files are UTF-8, a leading byte-order mark dropped (it
     would be part of the first column's name)."""
     try:
-        return _read_file(path)
+        table = _read_file(path)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path!r} is not UTF-8 text: {e.reason} at {_first_bad_utf8(path)}") from None
     except json.JSONDecodeError as e:
@@ -138,6 +191,9 @@ def read_file(path: str) -> Table:
         if _compression(path) not in _OPENERS or not os.path.isfile(path):
             raise
         raise ValueError(f"{path!r}: not a readable {_compression(path)} file ({type(e).__name__}: {e})") from None
+    if isinstance(table.get(LABEL_NAMES), list):  # (a column of that name, where the readers keep ClassLabel names)
+        raise _reserved_column(repr(path))
+    return table
 
 
 def _split_to_table(obj: dict, path: str) -> Table:
@@ -165,36 +221,40 @@ def _read_file(path: str) -> Table:
     if ext in (".csv", ".tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         with _open(path, newline="", encoding="utf-8-sig") as f:
+            reader = None  # (quoting off: the rows read already, each its line)
             if ext == ".tsv":
                 rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
                 lead = next((i for i, row in enumerate(rows) if not _blank(row)), len(rows))
                 if lead < len(rows) and _csv_quoted(rows[lead], rows[lead + 1:]):
                     f.seek(0)
-                    reader = csv.reader(f, delimiter="\t", strict=True)
+                    reader, pairs = _quoted_rows(f, delimiter="\t", strict=True)
                 else:
-                    reader = iter(rows)
-            else:
-                reader = csv.reader(f, strict=True)  # (an unclosed quote is an error, not the rest of the file)
-            skipped = 0  # blank lines above the header (pandas skips them too)
-            for header in reader:
-                if not _blank(header):
-                    break
-                skipped += 1
-            else:
-                raise ValueError(f"{path!r} is empty (expected a header row)")
-            # a column without a name is pandas' "Unnamed: i" (a spreadsheet's trailing empty columns)
-            header = [h if h else f"Unnamed: {i}" for i, h in enumerate(header)]
-            twice = sorted({h for h in header if header.count(h) > 1})
-            if twice:
-                raise ValueError(f"{path!r}: the header names column(s) {twice} more than once")
+                    pairs = ((row, _blank(row)) for row in rows)
+            else:  # (strict: an unclosed quote is an error, not the rest of the file)
+                reader, pairs = _quoted_rows(f, strict=True)
             try:
-                return _rows_to_table(header, reader, first_line=skipped + 2)
+                skipped = 0  # blank lines above the header (pandas skips them too)
+                for header, blank in pairs:
+                    if not blank:
+                        break
+                    skipped += 1
+                else:
+                    raise ValueError(f"{path!r} is empty (expected a header row)")
+                # a column without a name is pandas' "Unnamed: i" (a spreadsheet's trailing empty columns)
+                header = [h if h else f"Unnamed: {i}" for i, h in enumerate(header)]
+                twice = sorted({h for h in header if header.count(h) > 1})
+                if twice:
+                    raise ValueError(f"{path!r}: the header names column(s) {twice} more than once")
+                return _rows_to_table(header, pairs, first_line=skipped + 2)
             except UnicodeDecodeError:
                 raise
             except ValueError as e:
+                if str(e).startswith(repr(path)):
+                    raise
                 raise ValueError(f"{path!r}: {e}") from None
-            except csv.Error as e:
-                raise ValueError(f"{path!r} line {reader.line_num}: {e} (a quote left open?)") from None
+            except csv.Error as e:  # (the header's too: a quote in a column name gave a traceback, a probe)
+                where = f" line {reader.line_num}" if reader is not None else ""
+                raise ValueError(f"{path!r}{where}: {e} (a quote left open?)") from None
     if ext == ".jsonl":
         return _records_to_table(_json_lines(path), path)
     if ext == ".json":
@@ -245,6 +305,8 @@ def _read_file(path: str) -> Table:
             raise ValueError(f"{path!r}: not a readable Parquet table ({e})") from None
         if twice:
             raise ValueError(f"{path!r}: column(s) {twice} appear more than once")
+        if LABEL_NAMES in names:
+            raise _reserved_column(repr(path))
         label_names = _class_label_names(schema.metadata or {})
         if label_names:  # (datasets' to_parquet keeps them: its load_dataset reads them back, as the Hub's)
             table["__label_names__"] = label_names
@@ -642,6 +704,8 @@ def _tables(dd) -> Dict[str, Table]:
     # a split is renamed (dev -> validation) unless the data set has one of that name too, which keeps it: a
     # renamed one overwrote it
     for split, ds in sorted(dd.items(), key=lambda item: SPLIT_NAMES.get(item[0], item[0]) != item[0]):
+        if LABEL_NAMES in ds.column_names:
+            raise _reserved_column(f"split {split!r}")
         table = ds.to_dict()
         for col, feat in ds.features.items():
             names = getattr(feat, "names", None)  # ClassLabel: keep the label names
