@@ -98,6 +98,24 @@ def test_sdpa_gqa(hq, hkv, is_causal):
     check_sdpa((2, hq, 97, 64), (2, hkv, 97, 64), torch.float32, is_causal=is_causal, enable_gqa=True)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_one_query_head_broadcasts_over_key_heads_like_torch(backend):
+    """A query with one head against keys and values with several (no enable_gqa) broadcasts as torch's does, one
+    output head per key head; it was refused as a head count that does not divide (a probe)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 37, 32, dtype=torch.float64, generator=g) for h in (1, 4, 4))
+    mask = torch.rand(2, 1, 37, 37, generator=g) > 0.3
+    grad = torch.randn(2, 4, 37, 32, dtype=torch.float64, generator=g)
+    ref = forward_backward(F.scaled_dot_product_attention, (q, k, v), grad, torch.float64, attn_mask=mask)
+    theirs = forward_backward(F.scaled_dot_product_attention, (q, k, v), grad, torch.float32, attn_mask=mask)
+    ours = forward_backward(llmcore.scaled_dot_product_attention, (q, k, v), grad, torch.float32, attn_mask=mask,
+                            backend=backend)
+    for name, a, b, r in zip(NAMES, ours, theirs, ref):
+        assert_close_to_ref(name, a, b, r, torch.float32)
+    with pytest.raises(ValueError, match="must be a multiple of key/value heads"):  # (torch refuses it too)
+        llmcore.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
 @pytest.mark.parametrize("mask_shape", [(2, 3, 40, 90), (40, 90), (2, 1, 1, 90), (1, 3, 40, 1)])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_sdpa_masks_broadcast(mask_shape, kind):

@@ -382,6 +382,7 @@ def _cu(*xs):
         (torch.tensor([0, 5, 10]), _cu(0, 5, 10), 5, 5, ValueError, "1-D int32"),
         (_cu(0, 10), _cu(0, 5, 10), 10, 10, ValueError, "entries"),
         (_cu(0, 5, 10), _cu(0, 5, 10), -1, 5, ValueError, "max_seqlen_q"),
+        (_cu(0, 5, 10), _cu(0, 5, 10), 5, 2**64, ValueError, r"max_seqlen_k must be .*below 2\*\*63"),  # (a probe)
     ],
 )
 @pytest.mark.parametrize("backend", [None, "reference"])

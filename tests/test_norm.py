@@ -261,6 +261,8 @@ def test_direct_custom_op_calls_check_shapes():
         torch.ops.llmcore.swiglu_fwd(x, torch.randn(4, 15))
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         torch.ops.llmcore.bias_gelu_fwd(x.double(), None, "none")
+    with pytest.raises(TypeError, match="float16 weight, got torch.float64"):  # (a KeyError: a probe)
+        torch.ops.llmcore.rms_norm_bwd(x.double(), x, torch.ones(4), torch.ones(16, dtype=torch.float64), None, True)
 
 
 # --- custom ops: opcheck and torch.compile ------------------------------------------------

@@ -369,6 +369,9 @@ def scaled_dot_product_attention(
     hq, hkv = query.size(-3), key.size(-3)
     if value.size(-3) != hkv:
         raise ValueError(f"key has {hkv} heads but value has {value.size(-3)}")
+    if hq == 1 and hkv > 1 and not enable_gqa:  # one query head broadcasts over the key/value heads, as in torch
+        query = query.expand(*query.shape[:-3], hkv, *query.shape[-2:])
+        hq = hkv
     if hq != hkv:
         if hkv == 0 or hq % hkv != 0:
             raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
@@ -486,8 +489,8 @@ def varlen_attention(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has {cu_seqlens_k.numel()}")
     for name, mx in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(mx, numbers.Integral) or isinstance(mx, bool) or mx < 0:  # (a NumPy int too, as torch's)
-            raise ValueError(f"{name} must be a non-negative int, got {mx!r}")
+        if not isinstance(mx, numbers.Integral) or isinstance(mx, bool) or not 0 <= mx < 2**63:  # (a NumPy int too)
+            raise ValueError(f"{name} must be a non-negative int (below 2**63), got {mx!r}")
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1))

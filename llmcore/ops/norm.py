@@ -80,6 +80,8 @@ def _check_kernel_args(x: Tensor, cols: int, like_x: dict, vectors: dict, rows_o
     for name, t in vectors.items():
         if t is not None and t.numel() != cols:
             raise ValueError(f"{name} must have {cols} elements, got {tuple(t.shape)}")
+        if t is not None and t.dtype not in _CODES:  # (float64: the output's promoted dtype had no kernel, KeyError)
+            raise TypeError(f"the CPU kernels take a float32, bfloat16 or float16 {name}, got {t.dtype}")
     rows = x.numel() // max(cols, 1)
     for name, t in (rows_of or {}).items():
         if t.numel() != rows:
