@@ -532,7 +532,7 @@ def test_probe_findings_refused_with_clear_errors(tmp_path):
     unlabeled splits. Each is now a ValueError naming the problem."""
     pd = pytest.importorskip("pandas")
     (tmp_path / "head.csv").write_text('"te"xt,label\nhello,1\n')
-    with pytest.raises(ValueError, match=r"head.csv' line 1: .*expected after"):
+    with pytest.raises(ValueError, match=r"head.csv' line 1: .*expected after.*text after a quoted field's closing"):
         sources.read_file(str(tmp_path / "head.csv"))
     (tmp_path / "open.csv").write_text('"text,label\nhello,1\n')
     with pytest.raises(ValueError, match=r"open.csv' line 2: unexpected end of data \(a quote left open\?\)"):

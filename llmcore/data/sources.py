@@ -254,7 +254,11 @@ def _read_file(path: str) -> Table:
                 raise ValueError(f"{path!r}: {e}") from None
             except csv.Error as e:  # (the header's too: a quote in a column name gave a traceback, a probe)
                 where = f" line {reader.line_num}" if reader is not None else ""
-                raise ValueError(f"{path!r}{where}: {e} (a quote left open?)") from None
+                # (pandas reads '"The Matrix" rocks' as 'The Matrix rocks'; llmcore refuses it, as it does a quote
+                # left open, which a lenient reader would take for a field running to the end of the file)
+                hint = ("text after a quoted field's closing quote: quote the whole field, doubling quotes inside it"
+                        if "expected after" in str(e) else "a quote left open?")
+                raise ValueError(f"{path!r}{where}: {e} ({hint})") from None
     if ext == ".jsonl":
         return _records_to_table(_json_lines(path), path)
     if ext == ".json":
