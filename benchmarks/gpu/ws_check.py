@@ -14,7 +14,10 @@ against float64, then time against llmcore's general kernels and torch SDPA, sid
 
 Writes gpu-<device>-ws.json and .md to --out, with what to adopt (``proposals``). Each unit (a correctness case,
 a sweep, a head-to-head) runs in a process of its own with a timeout, so a kernel that hangs the GPU costs that
-unit only (the first, single-process version of this script lost its whole run to the hang of 2026-12-04).
+unit only (the first, single-process version of this script lost its whole run to the hang of 2026-12-04). A
+correctness unit prints when its warp-specialized forward and backward have finished; where one hangs, the later
+units run the part that hung (the backward's two kernels, or else the forward) on the general kernels, so that a
+hang still leaves the other part's figures.
 
 On the GPU machine (no network, nothing installed; llmcore's module built without CUDA sources, which the
 Triton kernels do not need; carry build-gpu-tables, see run.sh):
@@ -106,10 +109,26 @@ def torch_call(q, k, v, causal, backend=None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def grads(fn, q, k, v, g):
+def grads(fn, q, k, v, g, marks: bool = False):
+    """out, dq, dk, dv of ``fn``. ``marks``: the forward and the backward each finished (synchronized) and said so
+    on stdout, so that a unit that hangs shows which of them did (main narrows the warp-specialized kinds then)."""
     out = fn(q, k, v)
+    if marks:
+        _synchronize()
+        print(FORWARD_DONE, flush=True)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    if marks:
+        _synchronize()
+        print(BACKWARD_DONE, flush=True)
     return out, dq, dk, dv
+
+
+FORWARD_DONE, BACKWARD_DONE = "ws forward done", "ws backward done"
+
+
+def _synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _correctness_cases() -> list[dict]:
@@ -147,7 +166,7 @@ def correctness(device, smoke: bool, only: int) -> list[dict]:
             A._backward_ws = lambda *a, **kw: (calls.append("bwd"), bwd(*a, **kw))[1]
             try:
                 with ws("1" if name == "ws" else "0"):
-                    res = grads(fn, q, k, v, g)
+                    res = grads(fn, q, k, v, g, marks=name == "ws")
             finally:
                 A._forward_ws, A._backward_ws = fwd, bwd
             got[name] = ([(x.double() - y).abs().max().item() for x, y in zip(res, ref)], calls)
@@ -169,7 +188,7 @@ def sweep(q, k, v, causal, budget) -> dict:
     d = q.shape[-1]
     out = {"fwd": [], "bwd": []}
     with ws("1"):
-        for cfg in A._WS_TABLES["fwd"][d]:
+        for cfg in A._WS_TABLES["fwd"][d] if "fwd" in A._WS_KINDS else ():  # (a kind dropped after a hang: none)
             if time.time() - START > budget:
                 break
             A._WS_OVERRIDE.clear()
@@ -181,7 +200,7 @@ def sweep(q, k, v, causal, budget) -> dict:
         A._WS_OVERRIDE.clear()
         o = llmcore_call(q, k, v, causal)
         g = torch.randn_like(o)
-        for cq in A._WS_TABLES["dq"][d]:
+        for cq in A._WS_TABLES["dq"][d] if {"dq", "dkdv"} <= set(A._WS_KINDS) else ():
             for ckv in A._WS_TABLES["dkdv"][d]:
                 if time.time() - START > budget:
                     break
@@ -269,8 +288,13 @@ def markdown(result: dict) -> str:
             lines.append(f"- forward {tuple(r['cfg'])}: {r['ms']:.3f}")
         for r in shape["bwd"]:
             lines.append(f"- backward dQ {tuple(r['dq'])}, dK/dV {tuple(r['dkdv'])}: {r['ms']:.3f}")
+    for r in result.get("ws_kinds_dropped", []):
+        lines += ["", f"**After a hang in {json.dumps(r['unit'])}, the later units ran {', '.join(r['dropped'])} on "
+                  "the general kernels.**"]
     for key, res in result.get("head_to_head", {}).items():
-        lines += ["", f"## Head to head, {key}", "",
+        kinds = result.get("head_to_head_ws_kinds", {}).get(key, list(A._WS_KINDS))
+        lines += ["", f"## Head to head, {key}", "", f"Warp-specialized kernels in `llmcore WS`: {', '.join(kinds)}.",
+                  "",
                   "| mode | candidate | median ms (rounds) | TFLOP/s | vs cuDNN (min-max) | vs torch's best |",
                   "|---|---|---|---|---|---|"]
         for mode, row in res.items():
@@ -318,6 +342,15 @@ def proposals(result: dict) -> list[str]:
     return out
 
 
+def narrowed(kinds: list, failed: dict) -> list:
+    """The warp-specialized kinds to drop after a correctness unit hung: the backward's where its log says the
+    forward finished, else the forward's (its backward then runs on the general forward's output)."""
+    if failed["unit"].get("kind") != "correct" or "hung" not in failed["error"]:
+        return []
+    hung = ["dq", "dkdv"] if FORWARD_DONE in failed.get("log", "") else ["fwd"]
+    return [k for k in hung if k in kinds]
+
+
 def run_unit(unit: dict, args) -> dict:
     """One unit of work in a process of its own, so a kernel that hangs the GPU costs its timeout, not the run."""
     import subprocess
@@ -340,6 +373,7 @@ def run_unit(unit: dict, args) -> dict:
 
 def unit_main(unit: dict, smoke: bool) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    A._WS_KINDS = tuple(unit.get("ws_kinds", A._WS_KINDS))
     if unit["kind"] == "correct":
         return dict(rows=correctness(device, smoke, only=unit["case"]))
     shape = tuple(unit["shape"])
@@ -380,15 +414,23 @@ def main() -> int:
         with open(os.path.join(a.out, slug + ".md"), "w") as f:
             f.write(markdown(result))
 
+    kinds = list(A._WS_KINDS)  # the kinds run warp-specialized: a hang drops the one that hung from the rest
+
     def unit(u):
         hung = sum("hung" in f["error"] for f in result["failed"])
-        if time.time() - START > a.budget or hung >= 2:
-            why = "past the budget" if hung < 2 else "two units hung already"
+        if time.time() - START > a.budget or hung >= 2 or not kinds:
+            why = ("past the budget" if time.time() - START > a.budget else "no warp-specialized kernel left"
+                   if not kinds else "two units hung already")
             result["failed"].append(dict(unit=u, error=f"skipped: {why}"))
             return None
+        u = dict(u, ws_kinds=list(kinds))
         r = run_unit(u, a)
         if "error" in r:
             result["failed"].append(r)
+            dropped = narrowed(kinds, r)
+            if dropped:
+                result.setdefault("ws_kinds_dropped", []).append(dict(unit=u, dropped=dropped))
+                kinds[:] = [k_ for k_ in kinds if k_ not in dropped]
             save()
             return None
         return r
@@ -417,6 +459,7 @@ def main() -> int:
             h = unit(dict(kind="h2h", shape=shape, causal=causal, best=best, rounds=a.rounds))
             if h is not None:
                 result["head_to_head"][key] = h
+                result.setdefault("head_to_head_ws_kinds", {})[key] = list(kinds)
             save()
     for shape in extra:
         key = f"{shape} bf16 causal (table defaults)"

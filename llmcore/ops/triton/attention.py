@@ -361,6 +361,8 @@ _WS_TABLES = {
 # None: they have not yet run correctly on a GPU (LLMCORE_TRITON_WS=1 asks for them).
 _WS_MEASURED: dict = {}
 _WS_OVERRIDE: dict = {}  # benchmarks only: kind -> (BLOCK_M, BLOCK_N, warps, stages)
+# Benchmarks only: the kinds that may run warp-specialized (benchmarks/gpu/ws_check.py narrows it when one hangs)
+_WS_KINDS = ("fwd", "dq", "dkdv")
 
 
 @lru_cache(maxsize=None)
@@ -422,7 +424,8 @@ def _row_matrix(t: Tensor) -> Optional[tuple]:
 def _ws_plan(kind: str, p: "_Problem", tensors: tuple, interpret: bool, device: torch.device):
     """The warp-specialized ``kind`` ("fwd", "dq" or "dkdv") for this launch: (config, one _row_matrix per
     tensor, WS), or None where it does not apply (then the general kernels run)."""
-    if (p.packed or p.mask is not None or p.dropout_p > 0.0 or p.wide or p.head_dim not in (64, 128)
+    if (kind not in _WS_KINDS or p.packed or p.mask is not None or p.dropout_p > 0.0 or p.wide
+            or p.head_dim not in (64, 128)
             or p.head_dim_v != p.head_dim or p.len_q != p.len_k or not _ws_compiles()
             or (kind != "fwd" and p.heads != p.heads_k) or not _ws_wanted(p, interpret, device)):
         return None
