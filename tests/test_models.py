@@ -171,6 +171,48 @@ def test_decoder_packed_equals_padded(decoder):
         torch.testing.assert_close(loss_packed, want, atol=1e-5, rtol=0)
 
 
+def _restarting_positions(lengths_per_row):
+    """position_ids of rows each holding several sequences (DataCollatorWithFlattening's layout)."""
+    return torch.tensor([[i for n in row for i in range(n)] for row in lengths_per_row])
+
+
+def test_decoder_rows_of_packed_sequences_as_transformers_reads_them(decoder):
+    """Rows whose position_ids restart, with no attention_mask: transformers 5 (without a KV cache) lets each
+    sequence attend to itself only, and shifts the labels along the row; llmcore let them attend across the
+    restart (a probe: logits 0.6-0.97 off)."""
+    ours, ref, _ = decoder
+    ours.eval(), ref.eval()
+    torch.manual_seed(3)
+    pos = _restarting_positions([[5, 7, 4], [9, 1, 6]])
+    ids = torch.randint(0, 101, pos.shape)
+    labels = ids.clone()
+    labels[0, 5] = -100  # (the collator's -100 at a sequence's first token; the others as they are)
+    a = ref(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+    b = ours(ids, position_ids=pos, labels=labels)
+    torch.testing.assert_close(b.logits, a.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.loss, a.loss, atol=ATOL, rtol=0)
+    plain = torch.arange(ids.shape[1])[None].expand(ids.shape)  # (no restart: one sequence a row, as before)
+    torch.testing.assert_close(ours(ids, position_ids=plain).logits, ours(ids).logits, atol=0, rtol=0)
+
+
+def test_encoder_rows_of_packed_sequences_as_transformers_reads_them(minilm):
+    """The same for the classifier on MiniLM: each packed sequence attends to itself, a row's logits are its first
+    sequence's ([CLS] of the row), as transformers' BERT reads such rows (a probe: 40% off)."""
+    ours, ref = minilm
+    ours.eval(), ref.eval()
+    ids = torch.tensor([[101, 2023, 2003, 102, 101, 2062, 3231, 2182, 102],
+                        [101, 2307, 3185, 999, 102, 101, 2919, 102, 0]])
+    pos = _restarting_positions([[4, 5], [5, 3, 1]])
+    types = torch.zeros_like(ids)
+    with torch.no_grad():
+        a = ref(input_ids=ids, position_ids=pos, token_type_ids=types, labels=torch.tensor([1, 0]))
+        b = ours(ids, position_ids=pos, token_type_ids=types, labels=torch.tensor([1, 0]))
+        alone = ours(ids[:1, :4]).logits
+    torch.testing.assert_close(b.logits, a.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.loss, a.loss, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.logits[:1], alone, atol=ATOL, rtol=0)  # (the first sequence, as if alone)
+
+
 def test_save_pretrained_round_trips_through_transformers(decoder, minilm, tmp_path, sst2_batch):
     ours, _, _ = decoder
     save_pretrained(ours, tmp_path / "dec")

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from llmcore import ops
 from llmcore.models.checkpointing import LayerCheckpointing
 from llmcore.models.config import DecoderConfig, gelu_approximate
-from llmcore.models.output import ModelOutput, make_batch
+from llmcore.models.output import ModelOutput, make_batch, packed_rows
 from llmcore.nn.layers import (
     MLP,
     Attention,
@@ -121,6 +121,18 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
                 num_items_in_batch: Optional[Union[int, Tensor]] = None, label_smoothing: float = 0.0) -> ModelOutput:
         if token_type_ids is not None:
             raise ValueError(f"{self.config.family} takes no token_type_ids")
+        rows, target = None, None
+        packed = packed_rows(input_ids, attention_mask, position_ids, cu_seqlens)
+        if packed is not None:  # sequences packed into rows: each attends to itself (transformers without a cache)
+            if labels is not None:
+                if labels.shape != input_ids.shape:
+                    raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape "
+                                     f"{tuple(input_ids.shape)}")
+                target = next_token_targets(labels, None).reshape(-1)  # (shifted along the row, as transformers)
+                labels = labels.reshape(-1)
+            rows = input_ids.shape
+            position_ids = position_ids.expand(rows).reshape(-1)
+            input_ids, cu_seqlens = input_ids.reshape(-1), packed
         batch = make_batch(input_ids, attention_mask, cu_seqlens)
         window = self.config.sliding_window
         if window is not None and (batch.max_seqlen if batch.packed else input_ids.shape[-1]) > window:
@@ -145,13 +157,15 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
         head_called = self.lm_head is not None and not plain_linear(self.lm_head)  # (hooked, an adapter)
 
         def logits() -> Tensor:
-            return self.lm_head(hidden) if head_called else nn.functional.linear(hidden, self.lm_head_weight)
+            scores = self.lm_head(hidden) if head_called else nn.functional.linear(hidden, self.lm_head_weight)
+            return scores if rows is None else scores.reshape(*rows, scores.shape[-1])
 
         if labels is None:
             return ModelOutput(None, logits())
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        target = next_token_targets(labels, batch.cu_seqlens if batch.packed else None)
+        if target is None:
+            target = next_token_targets(labels, batch.cu_seqlens if batch.packed else None)
         if head_called:  # the head's own forward, then the loss of its logits (as transformers computes it)
             scores = logits()
             loss = nn.functional.cross_entropy(

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from llmcore.models.checkpointing import LayerCheckpointing
 from llmcore.models.config import EncoderConfig, gelu_approximate
-from llmcore.models.output import ModelOutput, make_batch
+from llmcore.models.output import ModelOutput, make_batch, packed_rows
 from llmcore.nn.layers import (MLP, Attention, Batch, Dropout, Embedding, LayerNorm, hooks_see_layer_output,
                                 init_linear_, positions_of)
 
@@ -119,6 +119,16 @@ class EncoderForSequenceClassification(LayerCheckpointing, nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
+        packed = packed_rows(input_ids, attention_mask, position_ids, cu_seqlens)
+        if packed is not None:  # sequences packed into rows: each attends to itself; a row's logits are its first's
+            shape = input_ids.shape
+            out = self.forward(input_ids.reshape(-1), None,
+                               None if token_type_ids is None else token_type_ids.expand(shape).reshape(-1),
+                               position_ids.expand(shape).reshape(-1), packed)
+            row_first = torch.searchsorted(packed[:-1], torch.arange(0, input_ids.numel(), shape[1], dtype=torch.int32,
+                                                                     device=packed.device))
+            logits = out.logits[row_first]
+            return ModelOutput(None if labels is None else classification_loss(logits, labels, self.config), logits)
         batch = make_batch(input_ids, attention_mask, cu_seqlens)
         if (batch.min_seqlen == 0) if batch.packed else (input_ids.size(1) == 0 and input_ids.size(0) > 0):
             # (packed, the empty sequence's "first token" was the next one's: a silently wrong row)

@@ -57,3 +57,21 @@ def make_batch(input_ids: Tensor, attention_mask: Optional[Tensor], cu_seqlens: 
                              "it holds other values (an additive 0 / -inf mask?)")
         attention_mask = attention_mask.bool()
     return Batch(key_mask=attention_mask)
+
+
+def packed_rows(input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Optional[Tensor],
+                cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
+    """transformers 5's reading of a (B, L) batch without an attention_mask whose position_ids restart within a row
+    (DataCollatorWithFlattening's rows): sequences packed into each row, each attending to itself only
+    (``masking_utils.find_packed_sequence_indices``; llmcore had let them attend across the restart, a probe).
+    The cu_seqlens of those sequences over the flattened rows (int32), or None: one sequence a row."""
+    if (attention_mask is not None or cu_seqlens is not None or position_ids is None or input_ids.dim() != 2
+            or input_ids.numel() == 0):
+        return None
+    pos = position_ids.expand(input_ids.shape)
+    start = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    start[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if not bool(start[:, 1:].any()):  # (one device sync)
+        return None
+    first = start.flatten().nonzero().flatten()
+    return torch.cat([first, first.new_tensor([input_ids.numel()])]).to(torch.int32)
