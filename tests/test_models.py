@@ -492,6 +492,16 @@ def test_damaged_index_and_config_fields_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="pad_token_id null: RoBERTa counts positions"):  # (a probe: forward failed)
         EncoderConfig(family="roberta", vocab_size=9, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
                       pad_token_id=None)
+    # a null eps loaded and failed in the first forward naming no field; a string one ran (a probe)
+    bert = {"model_type": "bert", "vocab_size": 9, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 8}
+    for eps in (None, "1e-6", 0, float("inf"), True):
+        with pytest.raises(ValueError, match=f"layer_norm_eps must be a positive number, got {eps!r}"):
+            llmcore.models.loading.build_model({**bert, "layer_norm_eps": eps})
+    with pytest.raises(ValueError, match="rms_norm_eps must be a positive number, got '1e-6'"):
+        llmcore.models.loading.build_model({**DECODERS["llama"]().to_dict(), "rms_norm_eps": "1e-6"}, "causal-lm")
+    with pytest.raises(ValueError, match="layer_norm_epsilon must be a positive number, got None"):
+        llmcore.models.loading.build_model({**DECODERS["gpt2"]().to_dict(), "layer_norm_epsilon": None}, "causal-lm")
 
 
 def test_checkpoint_errors(tmp_path):

@@ -42,6 +42,14 @@ def _positive(**values) -> None:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
 
+def _small_positive(**values) -> None:
+    """ValueError naming the first value (a norm's eps) that is not a positive finite number (a null eps loaded and
+    failed in the first forward, naming no field, and a string one ran: a probe)."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+
+
 def _refuse(hf: dict, family: str, **supported) -> None:
     """UnsupportedModelError naming the first config field whose value changes what llmcore computes."""
     for key, value in supported.items():
@@ -90,6 +98,7 @@ class EncoderConfig:
             self.type_vocab_size = 0 if self.family == "distilbert" else 2
         _positive(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
                   num_heads=self.num_heads, intermediate_size=self.intermediate_size, num_labels=self.num_labels)
+        _small_positive(layer_norm_eps=self.layer_norm_eps)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.family == "roberta" and self.pad_token_id is None:  # (forward failed on None + 1)
@@ -196,6 +205,7 @@ class DecoderConfig:
         _positive(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
                   num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                   intermediate_size=self.intermediate_size)
+        _small_positive(**{"layer_norm_epsilon" if self.family == "gpt2" else "rms_norm_eps": self.norm_eps})
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.family != "gpt2" and not self.rope_theta > 0:  # (GPT-2 has no RoPE: its 0)
