@@ -111,6 +111,27 @@ def test_extreme_logits(dtype, logit_scale):
         check((23,), 16, V, dtype, chunk_size=8, label_smoothing=0.1, logit_scale=logit_scale)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_logits_with_a_large_common_offset(eps, backend):
+    """Logits near 1000 (each row's moved alike, which the softmax cancels), given exactly: the hidden states are
+    the logits, the weight the identity. The native kernel's smoothing term summed the logits themselves,
+    rounding at their magnitude: a float32 loss 60x torch's error (a probe); it now sums z - max."""
+    g = torch.Generator().manual_seed(0)
+    for V in (70, 1003):
+        logits = (torch.randn(8, V, dtype=torch.float64, generator=g) * 3 + 1000).float().double()
+        labels = torch.randint(0, V, (8,), generator=g)
+        eye = torch.eye(V, dtype=torch.float64)
+        kw = dict(reduction="sum", label_smoothing=eps)
+        ref, _ = run(composite, logits, eye, None, labels, torch.float64, 1.0, **kw)
+        theirs, _ = run(composite, logits, eye, None, labels, torch.float32, 1.0, **kw)
+        ours, _ = run(linear_cross_entropy, logits, eye, None, labels, torch.float32, 1.0, backend=backend, **kw)
+        for name, a, t, r in list(zip(NAMES, ours, theirs, ref))[:2]:  # (the loss and the logits' gradient)
+            err, torch_err = rel_err(a, r), rel_err(t, r)
+            bound = 2 * torch_err + rounding_floor(r, torch.float32)
+            assert err <= bound, f"V {V} {name}: relative error {err:.3e} > {bound:.3e} (torch's {torch_err:.3e})"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_native_kernel_every_isa(kernels, dtype, reduction):

@@ -35,32 +35,30 @@ void cross_entropy_rows_impl(const CrossEntropyRowsArgs& a) {
   const bool smoothing = a.eps != 0.f;
   for_each_row(a.rows, cols, a.num_threads, [&](int64_t r) {
     T* z = static_cast<T*>(a.logits) + r * a.stride;
-    // the max (and, for smoothing, the sum) of the row
-    V mv = vec::set1(-std::numeric_limits<float>::infinity()), sv = vec::zero();
+    // the max of the row
+    V mv = vec::set1(-std::numeric_limits<float>::infinity());
     int64_t j = 0;
-    for (; j + W <= cols; j += W) {
-      const V x = vec::load(z + j);
-      mv = vec::max(mv, x);
-      if (smoothing) sv = vec::add(sv, x);
-    }
-    float m = vec::reduce_max(mv), total = vec::reduce_add(sv);
+    for (; j + W <= cols; j += W) mv = vec::max(mv, vec::load(z + j));
+    float m = vec::reduce_max(mv);
     for (; j < cols; ++j) {
       const float x = vec::to_f32(z[j]);
       m = x > m ? x : m;
-      total += x;
     }
-    // log sum exp
+    // log sum exp (and, for smoothing, the sum of z - max: a sum of z itself rounds at the logits' magnitude, a
+    // float32 loss 60x torch's error with logits near 1000, a probe)
     const V mm = vec::set1(m);
-    V s = vec::zero();
+    V s = vec::zero(), d = vec::zero();
     vec::over_columns(0, cols, [&](int64_t c, int n) {
-      const V e = vec::exp(vec::sub(vec::ld(z + c, n), mm));
+      const V x = vec::sub(vec::ld(z + c, n), mm);
+      const V e = vec::exp(x);
       s = vec::add(s, n == W ? e : vec::keep_first(e, n));
+      if (smoothing) d = vec::add(d, n == W ? x : vec::keep_first(x, n));
     });
     // loss = log(sum) - (1 - eps) (z_y - max) - eps (mean(z) - max): the max cancels exactly, and the row's
     // scalars are combined in double and rounded once (torch's float32 log_softmax rounds -log p_y once too)
     const float sum = vec::reduce_add(s), zy = vec::to_f32(z[a.labels[r]]);
     double loss = std::log(double(sum)) - double(keep) * (double(zy) - m);
-    if (smoothing) loss -= double(a.eps) * (double(total) / double(cols) - m);
+    if (smoothing) loss -= double(a.eps) * (double(vec::reduce_add(d)) / double(cols));
     a.loss[r] = float(loss);
     if (!a.coef) return;
     const float c = a.coef[r];

@@ -10,6 +10,11 @@ eps and weight c (1 / #tokens, 1, the upstream gradient, or 0 for ignored rows):
 Two sweeps over the row: an online max / sum of exp (and sum of z for the smoothing),
 then the gradient, written over the logits so the chunk's buffer goes straight into the
 next matmuls. Loaded once per mode by :mod:`llmcore.ops.triton._loader`.
+
+In float32 the row's max m is kept apart from log(sum_j exp(z_j - m)) = lse - m: exp(z_j - lse) with lse rounded
+at m's magnitude put that rounding into every probability (float32 gradients 5x torch's error at logits ~70, 400x
+at ~1000: a probe), as would lse - z_y and lse - mean z in the loss. The smoothing's sum of z is taken relative to
+the row's first logit, for the same reason.
 """
 import os
 
@@ -32,7 +37,8 @@ def ce_rows(
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per-lane running max and sum
     acc = tl.zeros([BLOCK_V], tl.float32)
-    z_sum = tl.zeros([BLOCK_V], tl.float32)
+    z_sum = tl.zeros([BLOCK_V], tl.float32)  # (the smoothing's: of z - z0)
+    z0 = tl.load(Z).to(tl.float32)
     for v0 in range(0, n_classes, BLOCK_V):
         inside = v0 + cols < n_classes
         z = tl.load(Z + v0 + cols, mask=inside, other=float("-inf")).to(tl.float32)
@@ -41,13 +47,13 @@ def ce_rows(
         acc = acc * tl.exp(m - m_use) + tl.exp(z - m_use)
         m = m_new
         if SMOOTH:
-            z_sum += tl.where(inside, z, 0.0)
+            z_sum += tl.where(inside, z - z0, 0.0)
     m_row = tl.max(m, 0)
-    lse = m_row + tl.log(tl.sum(acc * tl.exp(m - m_row), 0))
+    log_s = tl.log(tl.sum(acc * tl.exp(m - m_row), 0))  # lse - m_row
     y = tl.load(Y + row)
-    loss = lse - tl.load(Z + y).to(tl.float32)
-    if SMOOTH:
-        loss = (1.0 - eps) * loss + eps * (lse - tl.sum(z_sum, 0) / n_classes)
+    loss = (m_row - tl.load(Z + y).to(tl.float32)) + log_s
+    if SMOOTH:  # lse - mean z = (m_row - z0) - mean(z - z0) + log_s
+        loss = (1.0 - eps) * loss + eps * (((m_row - z0) - tl.sum(z_sum, 0) / n_classes) + log_s)
     tl.store(LOSS + row, loss)
     if WRITE_GRAD:
         c = tl.load(COEF + row)
@@ -55,7 +61,7 @@ def ce_rows(
             idx = v0 + cols
             inside = idx < n_classes
             z = tl.load(Z + idx, mask=inside, other=0.0).to(tl.float32)
-            g = tl.exp(z - lse) - eps / n_classes
+            g = tl.exp((z - m_row) - log_s) - eps / n_classes
             g = tl.where(idx == y, g - (1.0 - eps), g)
             # (an ignored row, c == 0, gets exact zeros: its logits may overflow, and 0 * inf is NaN)
             tl.store(Z + idx, _cast(tl.where(c == 0.0, 0.0, c * g), Z.dtype.element_ty), mask=inside)
