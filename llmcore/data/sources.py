@@ -58,51 +58,37 @@ class DataLoadError(RuntimeError):
     """A data set that could not be loaded (a Hugging Face dataset name that did not resolve)."""
 
 
-def _blank(row: list) -> bool:
-    """A line pandas and datasets skip, read with quoting off (a row is its line): no fields, or one of spaces and
-    tabs only (pandas' whitespace; a line of U+3000 or U+2028 is a row of that text, as pandas reads it). A quoted
-    empty field (``""``, which the csv module reads as one empty field, an empty line as none) is a row: an empty
-    text, as pandas reads it (a one-column file lost its empty texts' rows, a probe)."""
-    return not row or (len(row) == 1 and row[0] != "" and not row[0].strip(" \t"))
+def _blank(row: list, last: Optional["_LastLine"] = None) -> bool:
+    """A line pandas and datasets skip: no fields, or one of spaces and tabs only (pandas' whitespace; a line of
+    U+3000 or U+2028 is a row of that text, as pandas reads it). Read with quoting on (``last``: the reader's
+    source), such a field is a blank line only if its line was (``" "``, a quoted space, is a row; a field that
+    spans lines ends on its closing quote's line). A quoted empty field (``""``, which the csv module reads as one
+    empty field, an empty line as none) is a row: an empty text, as pandas reads it (a one-column file lost its
+    empty texts' rows, a probe)."""
+    if not row:
+        return True
+    if len(row) > 1 or row[0] == "" or row[0].strip(" \t"):
+        return False
+    return last is None or not last.line.rstrip("\r\n").strip(" \t")
 
 
-class _Lines:
-    """The lines a csv reader takes from file ``f``, counted, the last kept: whether a row was a blank line is
-    decided on its line (``" "``, a quoted field of a space, is a row; a line of spaces is not)."""
+class _LastLine:
+    """File ``f``'s lines, as a csv reader takes them, the last one kept (``_blank`` reads it)."""
 
     def __init__(self, f):
-        self._f, self.count, self.last = f, 0, ""
+        self._f, self.line = f, ""
 
     def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        self.last = next(self._f)
-        self.count += 1
-        return self.last
+        for self.line in self._f:
+            yield self.line
 
 
-def _quoted_rows(f, **fmt):
-    """(reader, rows) of a csv reader with quoting on over file ``f``: ``rows`` yields (row, blank) pairs, a row
-    blank where it was one line of spaces and tabs only (or empty), as pandas' skip_blank_lines reads it; the
-    reader's ``line_num`` names a row in errors."""
-    lines = _Lines(f)
-    reader = csv.reader(lines, **fmt)
-
-    def rows():
-        seen = 0
-        for row in reader:
-            one_line, seen = lines.count - seen == 1, lines.count
-            yield row, not row or (one_line and not lines.last.rstrip("\r\n").strip(" \t"))
-    return reader, rows()
-
-
-def _rows_to_table(header: List[str], rows, first_line: int = 2) -> Table:
-    """Rows, (row, blank) pairs, as columns; a blank line is skipped, as pandas and datasets skip it. ``first_line``:
-    the line number of the first row, for errors."""
+def _rows_to_table(header: List[str], rows, first_line: int = 2, last: Optional[_LastLine] = None) -> Table:
+    """Rows as columns; a blank line is skipped, as pandas and datasets skip it (``last``: see ``_blank``).
+    ``first_line``: the line number of the first row, for errors."""
     cols: Table = {h: [] for h in header}
-    for i, (row, blank) in enumerate(rows):
-        if blank:
+    for i, row in enumerate(rows):
+        if len(row) <= 1 and _blank(row, last):
             continue
         if len(row) != len(header):
             # a short row (trailing empty fields) is padded; a long one is a format error worth naming
@@ -221,21 +207,23 @@ def _read_file(path: str) -> Table:
     if ext in (".csv", ".tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         with _open(path, newline="", encoding="utf-8-sig") as f:
-            reader = None  # (quoting off: the rows read already, each its line)
+            last = None  # (quoting off: a row is its line)
             if ext == ".tsv":
                 rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
                 lead = next((i for i, row in enumerate(rows) if not _blank(row)), len(rows))
                 if lead < len(rows) and _csv_quoted(rows[lead], rows[lead + 1:]):
                     f.seek(0)
-                    reader, pairs = _quoted_rows(f, delimiter="\t", strict=True)
+                    last = _LastLine(f)
+                    reader = csv.reader(last, delimiter="\t", strict=True)
                 else:
-                    pairs = ((row, _blank(row)) for row in rows)
+                    reader = iter(rows)
             else:  # (strict: an unclosed quote is an error, not the rest of the file)
-                reader, pairs = _quoted_rows(f, strict=True)
+                last = _LastLine(f)
+                reader = csv.reader(last, strict=True)
             try:
                 skipped = 0  # blank lines above the header (pandas skips them too)
-                for header, blank in pairs:
-                    if not blank:
+                for header in reader:
+                    if not _blank(header, last):
                         break
                     skipped += 1
                 else:
@@ -245,7 +233,7 @@ def _read_file(path: str) -> Table:
                 twice = sorted({h for h in header if header.count(h) > 1})
                 if twice:
                     raise ValueError(f"{path!r}: the header names column(s) {twice} more than once")
-                return _rows_to_table(header, pairs, first_line=skipped + 2)
+                return _rows_to_table(header, reader, first_line=skipped + 2, last=last)
             except UnicodeDecodeError:
                 raise
             except ValueError as e:
@@ -253,7 +241,7 @@ def _read_file(path: str) -> Table:
                     raise
                 raise ValueError(f"{path!r}: {e}") from None
             except csv.Error as e:  # (the header's too: a quote in a column name gave a traceback, a probe)
-                where = f" line {reader.line_num}" if reader is not None else ""
+                where = f" line {reader.line_num}" if last is not None else ""
                 # (pandas reads '"The Matrix" rocks' as 'The Matrix rocks'; llmcore refuses it, as it does a quote
                 # left open, which a lenient reader would take for a field running to the end of the file)
                 hint = ("text after a quoted field's closing quote: quote the whole field, doubling quotes inside it"
