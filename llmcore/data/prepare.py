@@ -395,7 +395,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     # as the label ids train on are its ids (else the first split's that has them; the last one's were taken: a
     # validation file with the classes in another order renamed train's, a test split class-encoded on its own left
     # train ids past the names, a probe). Another split's own names, when they differ, are mapped onto these
-    own_names = {s: (t.get("__label_names__") or {}).get(label_col) for s, t in tables.items()}
+    own_names = {s: (t.get(sources.LABEL_NAMES) or {}).get(label_col) for s, t in tables.items()}
     named = [s for s in [primary] + list(tables) if own_names[s]]
     hub_names = own_names[named[0]] if named else None
     all_labels = [v for s, t in tables.items() if cols[s][1] for v in t[cols[s][1]]]

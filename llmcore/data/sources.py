@@ -301,7 +301,7 @@ def _read_file(path: str) -> Table:
             raise _reserved_column(repr(path))
         label_names = _class_label_names(schema.metadata or {})
         if label_names:  # (datasets' to_parquet keeps them: its load_dataset reads them back, as the Hub's)
-            table["__label_names__"] = label_names
+            table[LABEL_NAMES] = label_names
         return table
     if ext == ".txt":
         with _open(path, encoding="utf-8-sig") as f:
@@ -495,19 +495,19 @@ def read_split(paths: List[str]) -> Table:
     tables = [read_file(p) for p in paths]
     if len(tables) == 1:
         return tables[0]
-    first, out = tables[0], {k: list(v) for k, v in tables[0].items() if k != "__label_names__"}
+    first, out = tables[0], {k: list(v) for k, v in tables[0].items() if k != LABEL_NAMES}
     for path, table in zip(paths[1:], tables[1:]):
-        cols, want = [c for c in table if c != "__label_names__"], [c for c in first if c != "__label_names__"]
+        cols, want = [c for c in table if c != LABEL_NAMES], [c for c in first if c != LABEL_NAMES]
         if set(cols) != set(want):
             raise ValueError(f"{path!r} has the columns {cols}, {paths[0]!r} {want}: the files of a split must have "
                              "the same columns")
-        if table.get("__label_names__") != first.get("__label_names__"):
-            raise ValueError(f"{path!r}: its ClassLabel names {table.get('__label_names__')} differ from "
-                             f"{paths[0]!r}'s, {first.get('__label_names__')}: the files of a split must agree")
+        if table.get(LABEL_NAMES) != first.get(LABEL_NAMES):
+            raise ValueError(f"{path!r}: its ClassLabel names {table.get(LABEL_NAMES)} differ from "
+                             f"{paths[0]!r}'s, {first.get(LABEL_NAMES)}: the files of a split must agree")
         for c in want:
             out[c].extend(table[c])
-    if "__label_names__" in first:
-        out["__label_names__"] = first["__label_names__"]
+    if LABEL_NAMES in first:
+        out[LABEL_NAMES] = first[LABEL_NAMES]
     return out
 
 
@@ -540,7 +540,7 @@ def apply_class_labels(table: Table, names: Dict[str, list], where: str) -> None
     file's metadata) that differ are refused, naming both."""
     from llmcore.data import clean
 
-    own = table.get("__label_names__") or {}
+    own = table.get(LABEL_NAMES) or {}
     for col, col_names in names.items():
         if col not in table:
             continue
@@ -550,7 +550,7 @@ def apply_class_labels(table: Table, names: Dict[str, list], where: str) -> None
                                  f"README.md's features, {col_names}")
             continue
         table[col] = clean.class_label_ids(table[col], col_names, where)
-        table.setdefault("__label_names__", {})[col] = list(col_names)
+        table.setdefault(LABEL_NAMES, {})[col] = list(col_names)
 
 
 def _front_matter(path: str) -> str:
@@ -702,7 +702,7 @@ def _tables(dd) -> Dict[str, Table]:
         for col, feat in ds.features.items():
             names = getattr(feat, "names", None)  # ClassLabel: keep the label names
             if names:
-                table.setdefault("__label_names__", {})[col] = list(names)
+                table.setdefault(LABEL_NAMES, {})[col] = list(names)
         name = SPLIT_NAMES.get(split, split)
         out[split if name in out else name] = table
     return out

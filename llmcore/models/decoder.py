@@ -121,13 +121,12 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
                 num_items_in_batch: Optional[Union[int, Tensor]] = None, label_smoothing: float = 0.0) -> ModelOutput:
         if token_type_ids is not None:
             raise ValueError(f"{self.config.family} takes no token_type_ids")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         rows, target = None, None
         packed = packed_rows(input_ids, attention_mask, position_ids, cu_seqlens)
         if packed is not None:  # sequences packed into rows: each attends to itself (transformers without a cache)
             if labels is not None:
-                if labels.shape != input_ids.shape:
-                    raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape "
-                                     f"{tuple(input_ids.shape)}")
                 target = next_token_targets(labels, None).reshape(-1)  # (shifted along the row, as transformers)
                 labels = labels.reshape(-1)
             rows = input_ids.shape
@@ -162,8 +161,6 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
 
         if labels is None:
             return ModelOutput(None, logits())
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if target is None:
             target = next_token_targets(labels, batch.cu_seqlens if batch.packed else None)
         if head_called:  # the head's own forward, then the loss of its logits (as transformers computes it)
