@@ -382,6 +382,48 @@ def test_finetune_flag_edge_cases(tmp_path, capsys):
     assert "llmcore consolidate: error:" in capsys.readouterr().err
 
 
+def test_final_is_published_whole_and_resume_true_needs_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """final/ was written in place: a resumed run killed while it saved left final/ half new, beside the earlier
+    results.json. It is written into .final.partial and renamed into place as a checkpoint is; a kill between the
+    two renames is put back by the next run. And --resume-from-checkpoint true into a folder without a checkpoint
+    said so only after preparing the data (a probe)."""
+    import llmcore.train.finetune as ft
+    from llmcore.train.checkpoint import restore_interrupted_swaps
+
+    rows = [(f"good film {i}", 1) for i in range(8)] + [(f"bad film {i}", 0) for i in range(8)]
+    data = _csv_dir(tmp_path, "d", train=rows, validation=rows[::4])
+    out = tmp_path / "run"
+    code, err = _finetune_err(capsys, data, out, "--resume-from-checkpoint", "true")
+    assert code == 2 and "has no checkpoint-* folder" in err and not out.exists()  # (nothing prepared)
+    args = ("--save-strategy", "steps", "--save-steps", "1", "--lr-scheduler-type", "constant")  # (resumed: learns)
+    assert _finetune_err(capsys, data, out, *args)[0] == 0
+    earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.parts[-2] in ("final", "run")}
+
+    def killed(staged, final):
+        assert sorted(os.listdir(staged)) == sorted(os.listdir(final))  # (all of it written: the model, tokenizer)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "publish_checkpoint", killed)
+    assert _finetune_err(capsys, data, out, *args, "--resume-from-checkpoint", "true", "--max-steps", "2")[0] == 130
+    assert {p: p.read_bytes() for p in earlier} == earlier  # the earlier final/ and results.json, untouched
+    assert (out / ".final.partial").is_dir() and (out / "checkpoint-2").is_dir()
+    monkeypatch.undo()
+    # killed between the two renames: the earlier final/ had been moved aside; the next run puts it back
+    os.rename(out / "final", out / ".final.partial.old")
+    code, err = _finetune_err(capsys, data, out, *args)
+    assert code == 2 and "holds an earlier run (checkpoint-1, checkpoint-2, .final.partial, final," in err
+    assert {p: p.read_bytes() for p in earlier} == earlier
+    os.rename(out / "final", out / ".final.partial.old")
+    restore_interrupted_swaps(str(out))
+    assert {p: p.read_bytes() for p in earlier} == earlier
+    assert _finetune_err(capsys, data, out, *args, "--resume-from-checkpoint", "true", "--max-steps", "3")[0] == 0
+    assert not (out / ".final.partial").exists() and not (out / ".final.partial.old").exists()
+    assert json.loads((out / "results.json").read_text())["global_step"] == 3
+    final, last = _weights(out / "final"), _weights(out / "checkpoint-3")  # (the new model, whole)
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    assert not torch.equal(final["classifier.weight"], _weights(out / "checkpoint-1")["classifier.weight"])
+
+
 def test_finetune_refuses_an_earlier_run_unless_resuming_or_overwriting(tmp_path, capsys):
     """A new run into a folder that holds an earlier one replaced its final/ and results.json and left its
     checkpoints for a later --resume-from-checkpoint true to pick up. It is refused (nothing touched), unless it

@@ -61,6 +61,7 @@ from llmcore.train.fsdp import (
 )
 
 PREFIX = "checkpoint-"
+FINAL = "final"  # a fine-tuning run's final model (llmcore.train.finetune), published as a checkpoint is
 SHARDED = "sharded"  # the folder of a sharded checkpoint's model and optimizer state
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
 
@@ -97,14 +98,14 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 
 def restore_interrupted_swaps(output_dir: str) -> None:
-    """Put back a checkpoint that ``publish_checkpoint`` had moved aside (``.checkpoint-N.partial.old``) when the
-    process died between its two renames (the new ``.checkpoint-N.partial`` still there): without it, checkpoint-N
-    was gone. A moved-aside one without that is the rest of a removal a kill cut short: removed. (Every rank may
-    try; one rename wins.)"""
+    """Put back a checkpoint (or ``final/``) that ``publish_checkpoint`` had moved aside (``.checkpoint-N.partial.old``)
+    when the process died between its two renames (the new ``.checkpoint-N.partial`` still there): without it,
+    checkpoint-N was gone. A moved-aside one without that is the rest of a removal a kill cut short: removed. (Every
+    rank may try; one rename wins.)"""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
-        m = re.fullmatch(rf"\.({PREFIX}\d+)\.partial\.old", name)
+        m = re.fullmatch(rf"\.({PREFIX}\d+|{FINAL})\.partial\.old", name)
         if not m or os.path.exists(os.path.join(output_dir, m.group(1))):
             continue
         old = os.path.join(output_dir, name)
@@ -123,6 +124,14 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     restore_interrupted_swaps(output_dir)
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def require_latest_checkpoint(output_dir: str) -> str:
+    """``latest_checkpoint``, which must exist (resume_from_checkpoint=True)."""
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        raise FileNotFoundError(f"resume_from_checkpoint=True but {output_dir!r} has no {PREFIX}* folder")
+    return path
 
 
 def inside_folder(path: str, folder: str) -> bool:

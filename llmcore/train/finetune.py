@@ -14,7 +14,15 @@ import numpy as np
 import torch
 
 from llmcore.ops.dispatch import BackendUnavailableError
-from llmcore.train.checkpoint import inside_folder, resumes_here
+from llmcore.train.checkpoint import (
+    FINAL,
+    inside_folder,
+    partial_path,
+    publish_checkpoint,
+    require_latest_checkpoint,
+    restore_interrupted_swaps,
+    resumes_here,
+)
 from llmcore.train.config import TrainConfig
 from llmcore.train.fsdp import check_process_group
 from llmcore.train.loop import IGNORE_INDEX, Trainer
@@ -216,11 +224,12 @@ def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
 
     found = [os.path.basename(p) for p in list_checkpoints(output_dir)]
     if os.path.isdir(output_dir):
-        found += sorted(n for n in os.listdir(output_dir) if n.startswith(f".{PREFIX}") and ".partial" in n)
+        found += sorted(n for n in os.listdir(output_dir)
+                        if n.startswith((f".{PREFIX}", f".{FINAL}.")) and ".partial" in n)
         if os.path.isdir(os.path.join(output_dir, HELD)):  # (a run killed while it replaced an earlier one)
             found.append(HELD)
     own_logs = inside_folder(logging_dir, output_dir)
-    for path in (os.path.join(output_dir, "final"), os.path.join(output_dir, "results.json"),
+    for path in (os.path.join(output_dir, FINAL), os.path.join(output_dir, "results.json"),
                  *([os.path.join(logging_dir, "train_log.jsonl")] if own_logs else [])):
         if os.path.exists(path):
             found.append(os.path.relpath(path, output_dir))
@@ -523,9 +532,12 @@ def _check_output_dir(output_dir: str, config: TrainConfig, overwrite_output_dir
     from llmcore.models.loading import checkpoint_dir
 
     if rank == 0:
+        restore_interrupted_swaps(output_dir)  # (a final/ or checkpoint a kill left moved aside)
         recover_held_run(output_dir, config.logging_dir)
     if world > 1:
         dist.barrier()  # (no rank reads the folder while rank 0 moves its files)
+    if config.resume_from_checkpoint is True:
+        require_latest_checkpoint(output_dir)  # (said before the data is prepared, not after)
     resuming = resumes_here(config.resume_from_checkpoint, output_dir)
     earlier = [] if resuming else earlier_run(output_dir, config.logging_dir)
     if earlier and not overwrite_output_dir:
@@ -711,17 +723,24 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
         results["peak_memory_mb"] = max(results["peak_memory_mb"], peak_memory_mb(dev))  # evaluation included
         results["world_size"] = world
         results["model_class"], results["packed"] = type(net).__name__, pack
-        final = os.path.join(output_dir, "final")
-        trainer.save_model(final)  # every rank: under FSDP the shards are gathered
+        # final/ is written whole into .final.partial and renamed into place as a checkpoint is, just before
+        # results.json: a run killed meanwhile leaves the earlier final/ (a resumed run's) as it was, never one
+        # half new
+        final = os.path.join(output_dir, FINAL)
+        staged = partial_path(final)
         if rank == 0:
-            _copy_tokenizer(tokenizer if tokenizer is not None else model, final, model)
-            given, kept = (os.path.join(folder, "generation_config.json") for folder in (model, final))
+            shutil.rmtree(staged, ignore_errors=True)  # (what a killed run left)
+        trainer.save_model(staged)  # every rank: under FSDP the shards are gathered
+        if rank == 0:
+            _copy_tokenizer(tokenizer if tokenizer is not None else model, staged, model)
+            given, kept = (os.path.join(folder, "generation_config.json") for folder in (model, staged))
             if causal_lm and os.path.isfile(given) and not os.path.exists(kept):  # (a decoder's generate() settings)
                 shutil.copyfile(given, kept)
             tmp = os.path.join(output_dir, "results.json.tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({**results, "config": dataclasses.asdict(config), "model": model, "data": data, "task": task,
                            "label_names": None if causal_lm else prepared.label_names}, f, indent=2, default=str)
+            publish_checkpoint(staged, final)
             os.replace(tmp, os.path.join(output_dir, "results.json"))
         if world > 1:
             dist.barrier()

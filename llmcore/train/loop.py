@@ -26,11 +26,11 @@ from llmcore.train.checkpoint import (
     PREFIX,
     inside_folder,
     keep_only_best,
-    latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     partial_path,
     publish_checkpoint,
+    require_latest_checkpoint,
     restore_interrupted_swaps,
     resumes_here,
     rotate_checkpoints,
@@ -820,11 +820,7 @@ class Trainer:
         if isinstance(r, (str, os.PathLike)):  # (a checkpoint an interrupted save moved aside is put back)
             restore_interrupted_swaps(os.path.dirname(os.path.normpath(os.fspath(r))) or ".")
         if r is True:
-            path = latest_checkpoint(self.config.output_dir)
-            if path is None:
-                raise FileNotFoundError(f"resume_from_checkpoint=True but {self.config.output_dir!r} has no "
-                                        f"{PREFIX}* folder")
-            return path
+            return require_latest_checkpoint(self.config.output_dir)
         return r
 
     def _resumed_best(self, recorded: Optional[str]) -> Optional[str]:
