@@ -492,6 +492,22 @@ def test_damaged_index_and_config_fields_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="pad_token_id null: RoBERTa counts positions"):  # (a probe: forward failed)
         EncoderConfig(family="roberta", vocab_size=9, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
                       pad_token_id=None)
+    # a pad_token_id past the vocabulary loaded with no padding row (transformers' embedding refuses it); a negative
+    # one was no padding row either, where transformers' (torch's padding_idx) counts it from the vocabulary's end
+    for pad in (9, -10, "0", True):
+        with pytest.raises(ValueError, match=f"pad_token_id {pad!r} is not an id of the vocabulary \\(9 ids"):
+            llmcore.models.loading.build_model({"model_type": "bert", "vocab_size": 9, "hidden_size": 8,
+                                                "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                "intermediate_size": 8, "pad_token_id": pad})
+    with pytest.raises(AssertionError, match="Padding_idx must be within num_embeddings"):  # (the reference refuses)
+        transformers.BertModel(transformers.BertConfig(vocab_size=9, hidden_size=8, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=8, pad_token_id=9))
+    ref = transformers.BertModel(transformers.BertConfig(vocab_size=9, hidden_size=8, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=8, pad_token_id=-1))
+    ours = llmcore.models.loading.build_model({"model_type": "bert", "vocab_size": 9, "hidden_size": 8,
+                                               "num_hidden_layers": 1, "num_attention_heads": 2,
+                                               "intermediate_size": 8, "pad_token_id": -1})
+    assert ours.embed.word.padding_idx == ref.embeddings.word_embeddings.padding_idx == 8
     # a null eps loaded and failed in the first forward naming no field; a string one ran (a probe)
     bert = {"model_type": "bert", "vocab_size": 9, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
             "intermediate_size": 8}

@@ -101,6 +101,12 @@ class EncoderConfig:
         _small_positive(layer_norm_eps=self.layer_norm_eps)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        pad = self.pad_token_id
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)
+                                or not -self.vocab_size <= pad < self.vocab_size):
+            # (transformers' embedding refuses it too; one past the vocabulary loaded here, with no padding row)
+            raise ValueError(f"pad_token_id {pad!r} is not an id of the vocabulary ({self.vocab_size} ids; a "
+                             "negative one counts from its end, as torch's padding_idx): fix it in config.json")
         if self.family == "roberta" and self.pad_token_id is None:  # (forward failed on None + 1)
             raise ValueError("pad_token_id null: RoBERTa counts positions from its padding id (transformers' RoBERTa "
                              "cannot run without one either); set pad_token_id (in config.json)")

@@ -19,7 +19,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.family = cfg.family
         self.pad_token_id = cfg.pad_token_id
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else None
+        pad = cfg.pad_token_id  # (an id of the vocabulary: the config checks it; a negative one counts from its end)
         self.word = Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad)  # as transformers: no pad-row gradient
         # RoBERTa's position table has a padding row too (its pad positions are padding_idx): no gradient there
         roberta_pad = cfg.family == "roberta" and pad is not None and pad < cfg.max_position_embeddings
