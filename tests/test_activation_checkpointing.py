@@ -174,8 +174,9 @@ def test_settings(tmp_path, capsys):
         Trainer(torch.nn.Linear(2, 2), TrainConfig(str(tmp_path), activation_checkpointing=True, save_strategy="no"),
                 [])
     # the loop passes every_n_layers and offload to the model as arguments
-    trainer = Trainer(tiny(), TrainConfig(str(tmp_path), activation_checkpointing=True, activation_checkpointing_kwargs={
-        "every_n_layers": 2, "offload": True, "use_reentrant": True}), [])
+    trainer = Trainer(tiny(), TrainConfig(str(tmp_path), activation_checkpointing=True,
+                                          activation_checkpointing_kwargs={"every_n_layers": 2, "offload": True,
+                                                                           "use_reentrant": True}), [])
     assert trainer.model._checkpointing == ({"use_reentrant": True}, 2, True)
     # a transformers model gets its own switch, with the same settings (every_n_layers: transformers >= 5)
     import transformers

@@ -33,8 +33,8 @@ def test_cpu_isa_can_be_lowered_but_not_raised(cpu_isa):
 
 def run_python(args, tmp_path, **env):
     """A fresh interpreter, started outside the source tree so it imports the installed package."""
-    out = subprocess.run([sys.executable, *args], check=False, env=dict(os.environ, **env), cwd=tmp_path, capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, *args], check=False, env=dict(os.environ, **env), cwd=tmp_path,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return out.stdout
 

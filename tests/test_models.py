@@ -529,7 +529,8 @@ def test_checkpoint_errors(tmp_path):
     save_file(missing, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing .*layers\.2\.mlp\.fc1"):
         from_pretrained(tmp_path)
-    save_file({**tensors, "encoder.layer.9.output.dense.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    save_file({**tensors, "encoder.layer.9.output.dense.weight": torch.zeros(2, 2)},
+              str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"unexpected .*encoder\.layer\.9"):
         from_pretrained(tmp_path)
     save_file({**tensors, "embeddings.word_embeddings.weight": torch.zeros(30522, 384, dtype=torch.int32)},

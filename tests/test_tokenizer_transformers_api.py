@@ -452,7 +452,8 @@ def test_transformers_features_llmcore_lacks_are_refused_by_name():
     assert theirs(texts, text_target=targets, max_length=8, truncation=True)["labels"] == ours(
         targets, max_length=8, truncation=True)["input_ids"]
     words = [["Hello", "world!", "It's", "New-York", "naïve", "中文"], ["a", "b,c"]]
-    with pytest.raises(NotImplementedError, match="is_split_into_words=True: llmcore does not .*join each text's words"):
+    with pytest.raises(NotImplementedError,
+                       match="is_split_into_words=True: llmcore does not .*join each text's words"):
         ours(words, is_split_into_words=True)
     assert theirs(words, is_split_into_words=True)["input_ids"] == ours([" ".join(w) for w in words])["input_ids"]
     enc = ours(texts)

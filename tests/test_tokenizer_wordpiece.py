@@ -46,7 +46,8 @@ def hf(path):
 def assert_same(tok, hf, texts, pairs=None, **kw):
     """Packed encode_batch vs HF encode_batch, text by text."""
     enc = tok.encode_batch(texts, pairs, return_offsets=True, **kw)
-    ref = hf.encode_batch(list(zip(texts, pairs)) if pairs else list(texts), add_special_tokens=kw.get("add_special_tokens", True))
+    ref = hf.encode_batch(list(zip(texts, pairs)) if pairs else list(texts),
+                          add_special_tokens=kw.get("add_special_tokens", True))
     assert len(enc) == len(ref)
     cu = enc.cu_seqlens
     for i, r in enumerate(ref):
@@ -127,7 +128,8 @@ piece = st.one_of([st.sampled_from(p) for p in POOLS.values()] + [word, st.text(
 texts = st.lists(piece, max_size=60).map("".join)
 
 
-@settings(max_examples=int(os.environ.get("LLMCORE_HYPOTHESIS_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("LLMCORE_HYPOTHESIS_EXAMPLES", 300)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(texts, min_size=1, max_size=8))
 def test_generated_unicode_matches_hf(tok, hf, batch):
     assert_same(tok, hf, batch)
@@ -319,7 +321,8 @@ def test_transformers_style_call(tok, path):
         for k in ("input_ids", "attention_mask", "token_type_ids"):
             assert got[k] == want[k], (kw, k)
     one = tok(texts[0], return_tensors="pt", truncation=True, max_length=8)
-    assert one["input_ids"].tolist() == ref(texts[0], return_tensors="pt", truncation=True, max_length=8)["input_ids"].tolist()
+    assert one["input_ids"].tolist() == ref(
+        texts[0], return_tensors="pt", truncation=True, max_length=8)["input_ids"].tolist()
     pair = tok(texts[:4], texts[4:8], truncation=True, max_length=20, padding=True, return_tensors="np")
     want = ref(texts[:4], texts[4:8], truncation=True, max_length=20, padding=True, return_tensors="np")
     assert all(np.array_equal(pair[k], want[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))

@@ -1378,8 +1378,9 @@ def test_label_smoothing_matches_transformers(tmp_path):
     smoothed = Trainer(model, config(tmp_path, label_smoothing_factor=0.2, report_to="none"), batches,
                        eval_batches=batches).evaluate()
     with torch.no_grad():
-        expected = sum(float(LabelSmoother(epsilon=0.2)({"logits": model(**{k: v for k, v in b.items() if k != "labels"})
-                                                       .logits.double()}, b["labels"])) * 4 for b in batches) / 12
+        expected = sum(float(LabelSmoother(epsilon=0.2)(
+            {"logits": model(**{k: v for k, v in b.items() if k != "labels"}).logits.double()}, b["labels"])) * 4
+            for b in batches) / 12
     assert smoothed["eval_loss"] == pytest.approx(expected, rel=1e-5)
     # the training step's loss (a mean over the window's examples) too
     model.train()

@@ -187,7 +187,8 @@ def test_dq_by_tma_reductions(arch, surveys):
     assert tma and {(k.name, k.tma) for k in tma} == {("attn_bwd_dkdv", "reduce")}
     assert tma[-1].fits  # sm_120: after the fallback
     assert [(c, k.label()) for c, k in _all(result) if k.tma != "none" and not k.constants.get("DQ_TMA")
-            and not k.constants.get("KV_DESC") and not k.constants.get("QD_DESC") and not k.name.startswith("ws_")] == []
+            and not k.constants.get("KV_DESC") and not k.constants.get("QD_DESC")
+            and not k.name.startswith("ws_")] == []
     if arch == "sm_90" and tma[-1].registers is not None:
         assert tma[-1].stack == 0, tma[-1]  # the table's default for D 128 on Hopper does not spill
 

@@ -56,7 +56,8 @@ def visible_fraction(len_q: int, len_k: int, causal: bool) -> float:
     return sum(min(i + 1, len_k) for i in range(len_q)) / (len_q * len_k)
 
 
-def dense_case(shape: tuple[int, int, int, int], dtype: torch.dtype, causal: bool, impls=("llmcore", "torch", "reference")) -> Case:
+def dense_case(shape: tuple[int, int, int, int], dtype: torch.dtype, causal: bool,
+               impls=("llmcore", "torch", "reference")) -> Case:
     B, H, L, D = shape
     flops = 4.0 * B * H * L * L * D * visible_fraction(L, L, causal)
     name = f"B{B} H{H} L{L} D{D} {str(dtype).split('.')[-1]} {'causal' if causal else 'full'}"
@@ -255,7 +256,8 @@ def format_table(results: list[Result]) -> str:
     lines = [f"{'case':44} {'mode':8} {'impl':10} {'median ms':>10} {'IQR ms':>8} {'GFLOP/s':>9} {'vs torch':>8}"]
     for r in results:
         sp = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch is not None else ""
-        lines.append(f"{r.case:44} {r.mode:8} {r.impl:10} {r.median_s * 1e3:10.3f} {r.iqr_s * 1e3:8.3f} {r.gflops:9.1f} {sp:>8}")
+        lines.append(f"{r.case:44} {r.mode:8} {r.impl:10} {r.median_s * 1e3:10.3f} {r.iqr_s * 1e3:8.3f} "
+                     f"{r.gflops:9.1f} {sp:>8}")
     return "\n".join(lines)
 
 
@@ -337,7 +339,8 @@ def summarize(results: list[Result], env: dict) -> dict:
     s = {
         "fwd+bwd geomean speedup vs torch (dense suite)": round(geomean(fb), 3) if fb else None,
         "fwd+bwd min speedup vs torch (dense suite)": round(min(fb), 3) if fb else None,
-        "fwd geomean speedup vs torch (dense suite)": round(geomean([r.speedup_vs_torch for r in dense if r.mode == "fwd"]), 3) if dense else None,
+        "fwd geomean speedup vs torch (dense suite)": (
+            round(geomean([r.speedup_vs_torch for r in dense if r.mode == "fwd"]), 3) if dense else None),
     }
     checked = [r.outputs_agree for r in results if r.outputs_agree is not None]
     s["outputs agree with torch (every checked case)"] = all(checked) if checked else None

@@ -247,7 +247,7 @@ def run_throughput_case(family: str, threads: int, texts: list[str], min_rounds:
             "times_s": wall[k],
         }
         if k != "llmcore":
-            row["llmcore_speedup"] = spread([r / l for r, l in zip(wall[k], wall["llmcore"])])
+            row["llmcore_speedup"] = spread([r / ours for r, ours in zip(wall[k], wall["llmcore"])])
             row["llmcore_speedup"]["of_medians"] = med / statistics.median(wall["llmcore"])
         results.append(row)
     return {"family": family, "threads": threads, "load_s": load_s, "os_threads_after": _os_threads(),

@@ -41,7 +41,8 @@ def _dropout_apply_impl(x: Tensor, rng: Tensor, p: float) -> Tensor:
     if x.dtype not in _CODES:
         raise TypeError(f"the CPU dropout kernel takes float32, bfloat16 or float16, got {x.dtype}")
     if rng.dtype != torch.int64 or rng.numel() != 2:
-        raise ValueError(f"rng must be an int64 tensor of 2 elements (seed, offset), got {rng.dtype} {tuple(rng.shape)}")
+        raise ValueError("rng must be an int64 tensor of 2 elements (seed, offset), "
+                         f"got {rng.dtype} {tuple(rng.shape)}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     out = torch.empty(x.shape, dtype=x.dtype)

@@ -370,15 +370,16 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
                     prefix=prefix, max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
                     bert=bert, cleanup=_flag(dec, "cleanup", True, path, "decoder"), added_tokens=added)
         if dec.get("type") != "WordPiece" or dec.get("prefix", "##") != prefix:
-            spec.decoder_issue = (f"{path}: decoder {cfg.get('decoder')!r:.120} (llmcore decodes as a WordPiece decoder "
-                                  f"with the model's prefix {prefix!r})")
+            spec.decoder_issue = (f"{path}: decoder {cfg.get('decoder')!r:.120} (llmcore decodes as a WordPiece "
+                                  f"decoder with the model's prefix {prefix!r})")
         strings = {i: s for s, i in vocab.items()}
     elif mtype == "BPE" or (mtype is None and "merges" in model):
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key):
                 _fail(path, f"BPE option {key}={model[key]!r} is not supported")
         if model.get("byte_fallback"):
-            _fail(path, "BPE byte_fallback (SentencePiece-style BPE) is not supported; llmcore implements byte-level BPE")
+            _fail(path, "BPE byte_fallback (SentencePiece-style BPE) is not supported; "
+                        "llmcore implements byte-level BPE")
         if _normalizer(cfg.get("normalizer"), path) is not None:
             _fail(path, "a normalizer on a byte-level BPE is not supported")
         pattern, add_prefix_space = _byte_level_pre_tokenizer(cfg.get("pre_tokenizer"), path)
