@@ -8,6 +8,8 @@ and the logits' gradient to ``dt`` once, so a correct chunked version lands near
 gradients are accumulated chunk by chunk in bf16 (one extra rounding per chunk), which the factor 2
 leaves room for.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,6 +202,22 @@ def test_all_tokens_ignored(reduction):
     assert ours[0].isnan().all() if reduction == "mean" else (ours[0] == 0).all()
     for name, a in zip(NAMES[1:], ours[1:]):
         assert (a == 0).all(), name
+
+
+@pytest.mark.parametrize("upstream", [float("inf"), float("nan")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_ignored_rows_keep_zero_gradients_whatever_grad_out(backend, reduction, upstream):
+    """A loss over no tokens divided by 0 (transformers' Trainer: num_items_in_batch 0 in a window whose labels are
+    all -100) sends an infinite grad_out: torch's gradients stay 0, the gradients finished in the forward times it
+    were 0 * inf = nan in every parameter (a probe: one SGD step made the whole model nan)."""
+    hidden, weight, b, labels = make_inputs((11,), 16, 101, ignore_every=1)
+    labels[:] = -100
+    fn = functools.partial(linear_cross_entropy, backend=backend, chunk_size=4)
+    ours, _ = run(fn, hidden, weight, b, labels, torch.float32, upstream, reduction=reduction)
+    theirs, _ = run(composite, hidden, weight, b, labels, torch.float32, upstream, reduction=reduction)
+    for name, a, t in zip(NAMES[1:], ours[1:], theirs[1:]):
+        assert (t == 0).all() and (a == 0).all(), name
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

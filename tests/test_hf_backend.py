@@ -1209,6 +1209,23 @@ def test_patched_lm_loss_follows_transformers(kind):
     torch.testing.assert_close(got.loss, want.loss, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_patched_lm_loss_without_loss_tokens_keeps_the_model(kind):
+    """A window whose labels are all -100 (a prompt-masked text truncated before its answer) gets
+    num_items_in_batch 0 from transformers' Trainer: the loss is nan and every gradient 0 there; the patched model's
+    gradients were nan, and one optimizer step made every weight nan (a probe)."""
+    ref, _ = _pair(kind)
+    model = hf.patch(copy.deepcopy(ref))
+    batch = _lm_batch("right")
+    labels = torch.full_like(batch["input_ids"], -100)
+    for m in (ref, model):
+        m.train()
+        out = m(**batch, labels=labels, num_items_in_batch=torch.tensor(0))
+        assert out.loss.isnan()
+        out.loss.backward()
+        assert all(p.grad is None or (p.grad == 0).all() for p in m.parameters()), type(m).__name__
+
+
 def test_patched_lm_loss_falls_back_for_a_custom_loss_or_wrapped_head():
     ref, _ = _pair("llama")
     model = hf.patch(copy.deepcopy(ref)).train()

@@ -127,6 +127,17 @@ def test_every_label_ignored_gives_nan_mean_and_zero_grads():
     assert torch.isnan(loss) and (hidden.grad == 0).all() and (weight.grad == 0).all()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_label_ignored_keeps_zero_grads_under_an_infinite_grad_out(reduction):
+    """(loss / 0).backward(), as transformers' Trainer does with num_items_in_batch 0: torch's gradients stay 0; the
+    saved gradients times inf were nan (a probe)."""
+    hidden = torch.randn(6, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(50, 8, device=DEVICE, requires_grad=True)
+    labels = torch.full((6,), -100, device=DEVICE)
+    (linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="triton").sum() / 0).backward()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_ignored_row_with_overflowing_logits_gives_finite_gradients(backend):
     """An ignored row (a padded token) whose fp16 logits overflow: its dlogits were 0 * NaN = NaN, which spread

@@ -237,7 +237,11 @@ def _saved_backward(ctx, grad_out):
     if ctx.reduction != "none":
         grads = ctx.saved_tensors
         g_out = grad_out.item()
-        if g_out != 1.0:
+        if not math.isfinite(g_out):
+            # as torch's loss: what no valid row reached stays zero whatever grad_out is (transformers' Trainer
+            # divides a window without loss tokens by num_items_in_batch 0); 0 * inf made every gradient nan
+            grads = tuple(None if g is None else torch.where(g == 0, g, g * g_out) for g in grads)
+        elif g_out != 1.0:
             grads = tuple(None if g is None else g.mul(g_out) for g in grads)
         return grads + _NONES
     return None
