@@ -1228,6 +1228,79 @@ def test_failure_while_publishing_keeps_the_previous_result(tmp_path, monkeypatc
     assert np.array_equal(PreparedDataset.load(out)["train"].ids, first["train"].ids)
 
 
+def _held_lock(folder, then):
+    """A child process that holds prepare's lock on ``folder`` until its stdin closes, then exits (``then`` "ok") or
+    fails as a prepare does (``then`` "fail": a folder it made is removed). Returned once the lock is held."""
+    code = ("import sys; from llmcore.data.prepare import _one_writer\n"
+            f"with _one_writer({str(folder)!r}):\n"
+            "    print('held', flush=True); sys.stdin.read()\n"
+            f"    assert {then!r} == 'ok', 'failed as asked'\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(llmcore.__file__)))
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=folder.parent)
+    assert child.stdout.readline() == "held\n", child.communicate()[1]
+    return child
+
+
+def _in_thread(fn):
+    import threading
+
+    got = []
+    thread = threading.Thread(target=lambda: got.append(fn()), daemon=True)
+    thread.start()
+    return thread, got
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the lock is flock's (POSIX)")
+def test_prepares_into_one_folder_take_turns(tmp_path, capfd):
+    """Two prepares into one folder at once shared the staging folder and interleaved their renames: one failed
+    with a bare OSError, or meta.json said max_length 64 over 256-token arrays and the next run took it for a cache
+    hit (a CLI probe). A second run now waits for the first (and says so), then replaces its result whole; a run
+    waiting on a folder the first made and removed (it failed) makes it again."""
+    src = _jsonl_rows(tmp_path / "train.jsonl", 30, [0, 1])
+    out = tmp_path / "o"
+    want8, want16 = prepare(src, MODEL, 8, tmp_path / "w8"), prepare(src, MODEL, 16, tmp_path / "w16")
+
+    holder = _held_lock(out, "fail")  # makes out, then fails: removes it
+    thread, got = _in_thread(lambda: prepare(src, MODEL, 8, out))
+    thread.join(1.5)
+    assert thread.is_alive() and not (out / "meta.json").exists()  # waiting, nothing written
+    holder.stdin.close()
+    assert holder.wait(60) == 1 and "failed as asked" in holder.stderr.read()
+    thread.join(60)
+    assert not thread.is_alive() and got, "the waiting prepare did not finish"
+    assert "waiting for another prepare into" in capfd.readouterr().err
+    assert not got[0].cache_hit and np.array_equal(got[0]["train"].ids, want8["train"].ids)
+
+    holder = _held_lock(out, "ok")  # a folder with a result: a waiter with other options replaces it whole
+    thread, got = _in_thread(lambda: prepare(src, MODEL, 16, out))
+    thread.join(1.5)
+    assert thread.is_alive()
+    holder.stdin.close()
+    assert holder.wait(60) == 0
+    thread.join(60)
+    assert got and not got[0].cache_hit
+    again = PreparedDataset.load(out)
+    assert again.meta["options"]["max_length"] == 16
+    for split in ("train", "validation"):
+        assert np.array_equal(again[split].ids, want16[split].ids)
+        assert np.array_equal(again[split].cu_seqlens, want16[split].cu_seqlens)
+
+    # the CLI, two runs at once with other options (the probe): the folder holds one of them whole
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(llmcore.__file__)))
+    runs = [subprocess.Popen([sys.executable, "-m", "llmcore.cli", "prepare", "--data", str(src), "--model", MODEL,
+                              "--max-length", n, "--output-dir", str(out)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for n in ("8", "32")]
+    for run in runs:
+        assert run.wait(120) == 0, run.stderr.read()
+    final = PreparedDataset.load(out)
+    length = final.meta["options"]["max_length"]
+    want = want8 if length == 8 else prepare(src, MODEL, length, tmp_path / "w")
+    assert sorted(os.listdir(out)) == sorted(os.listdir(want.directory))  # (no staging folder left)
+    for split in ("train", "validation"):
+        assert np.array_equal(final[split].ids, want[split].ids)
+
+
 def test_options_as_numpy_ints_and_bad_options(tmp_path):
     """NumPy integers for min_chars / max_chars / seed failed with "int64 is not JSON serializable" (max_length
     took them); a bad value is named."""

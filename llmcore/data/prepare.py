@@ -13,15 +13,23 @@ Output folder layout (every array memory-mappable with ``np.load(mmap_mode="r")`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no lock; one prepare into a folder at a time is the user's to keep)
+    fcntl = None
 
 from llmcore.data import clean, sources
 from llmcore.hub import checkpoint_folder
@@ -262,6 +270,63 @@ def eval_data_record(paths: Optional[List[str]]) -> Union[None, str, List[str]]:
     return os.path.abspath(paths[0]) if len(paths) == 1 else [os.path.abspath(f) for f in paths]
 
 
+@contextlib.contextmanager
+def _one_writer(output_dir: str):
+    """Holds an exclusive lock on ``output_dir`` (``flock`` on the folder itself: no lock file to leave behind)
+    while prepare reads its cache and writes its result: two runs into one folder at once shared the staging folder
+    and interleaved their renames (one failed with a bare OSError, or meta.json named options its arrays were not
+    made with, and the next run took that for a cache hit). The second run waits, then finds the first's result
+    (a cache hit on the same inputs) or replaces it whole. A folder that does not exist is made, and removed again
+    when the run that made it fails with the folder still empty of results; a waiter whose folder was removed so, or
+    replaced, while it waited locks the new one."""
+    while True:
+        try:
+            os.makedirs(output_dir)
+            made = True
+        except FileExistsError:
+            made = False
+        try:
+            fd = os.open(output_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except NotADirectoryError:
+            raise ValueError(f"output_dir {output_dir!r} is a file, not a folder") from None
+        except FileNotFoundError:
+            continue  # (removed between the two calls by a run that had made it and failed)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"llmcore prepare: waiting for another prepare into {output_dir!r} to finish",
+                          file=sys.stderr, flush=True)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(output_dir))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue  # (the finally closes fd, which drops the lock)
+            fresh = made and not os.listdir(output_dir)  # (made here, and no other run's result got in first)
+            try:
+                yield
+            except BaseException:
+                if fresh:  # a first run that fails leaves no empty folder behind
+                    shutil.rmtree(output_dir, ignore_errors=True)
+                raise
+            return
+        finally:
+            os.close(fd)
+
+
+def _locked(fn):
+    """``fn`` (prepare) under ``_one_writer(output_dir)``."""
+    @functools.wraps(fn)
+    def locked(data, tokenizer, max_length, output_dir, **options):
+        with _one_writer(os.fspath(output_dir)):
+            return fn(data, tokenizer, max_length, output_dir, **options)
+    return locked
+
+
+@_locked
 def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_dir: Union[str, os.PathLike],
             *, eval_data: Union[str, os.PathLike, None] = None, text_column: Optional[str] = None,
             label_column: Optional[str] = None, pack: bool = True,
@@ -445,10 +510,6 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     # --- tokenize and save -------------------------------------------------------------------------
     # into a staging folder, moved in once every split is written: a failure (a text the tokenizer refuses, a full
     # disk) leaves output_dir's previous result as it was
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"output_dir {output_dir!r} is a file, not a folder")
-    created = not os.path.exists(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
     stage = os.path.join(output_dir, STAGING)
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
@@ -485,8 +546,6 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             stats[split] = split_stats(lengths, max_length, len(r["texts"]) if split_rows else None)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
-        if created:  # (a first run leaves no empty folder behind)
-            shutil.rmtree(output_dir, ignore_errors=True)
         if isinstance(e, (ValueError, UnicodeError)) and not isinstance(e, UnicodeDecodeError):
             raise ValueError(f"the {split} split: {e} (an index counts the split's rows after cleaning, "
                              "de-duplication and the validation split, not the file's)") from e
