@@ -278,7 +278,7 @@ def _consolidate(args: argparse.Namespace) -> int:
     from llmcore.train.checkpoint import consolidate_checkpoint
 
     try:
-        consolidate_checkpoint(args.checkpoint, args.output_dir)
+        consolidate_checkpoint(args.checkpoint, args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
     except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"llmcore consolidate: error: {e}", file=sys.stderr)
         return 2
@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "config.json + model.safetensors, loadable by transformers")
     p.add_argument("checkpoint", help="a checkpoint-<step> folder with a sharded/ folder")
     p.add_argument("output_dir", help="where config.json and model.safetensors go")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="replace the model output_dir already holds (refused without it)")
     p.set_defaults(func=_consolidate)
     return parser
 

@@ -339,6 +339,7 @@ def test_fsdp_sharded_checkpoints(tmp_path, capsys, caplog):
         assert json.load(f) == json.load(g)
     assert main(["consolidate", str(out / "final"), str(tmp_path / "whole")]) == 2
     assert "is not a sharded checkpoint" in capsys.readouterr().err
+    _consolidate_keeps_or_replaces_a_model(out / f"checkpoint-{STEPS}", tmp_path / "whole", ours, capsys)
     # into a model with fewer layers, or consolidated by a config.json saying fewer: refused, naming the tensors
     # left over (a probe: DCP read the subset silently, and consolidate wrote a truncated model)
     one_layer = EncoderForSequenceClassification(dataclasses.replace(tiny().config, num_layers=1))
@@ -360,12 +361,12 @@ def test_fsdp_sharded_checkpoints(tmp_path, capsys, caplog):
     with pytest.raises(CheckpointError, match="does not hold this model's and optimizer's state"):
         Trainer(tiny(7, dropout=0.0), _config(tmp_path / "cross", resume_from_checkpoint=str(broken)),
                 _merged()).train()
-    assert main(["consolidate", str(broken), str(tmp_path / "whole")]) == 2
+    assert main(["consolidate", str(broken), str(tmp_path / "other")]) == 2
     assert "does not hold the model its config.json describes" in capsys.readouterr().err
     # a damaged index: the error names it; DCP's logged tracebacks of its fallbacks stay off stderr
     (broken / "sharded" / ".metadata").write_bytes(b"not a pickle")
     caplog.clear()
-    assert main(["consolidate", str(broken), str(tmp_path / "whole")]) == 2
+    assert main(["consolidate", str(broken), str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "does not hold the model its config.json describes" in err and "global metadata read failed" in err
     assert not [r for r in caplog.records if "metadata is not found" in r.getMessage()]
@@ -510,6 +511,53 @@ def test_fsdp_transformers_model(tmp_path):
     assert back.lm_head.weight.data_ptr() == back.transformer.wte.weight.data_ptr()  # still tied
     for name, t in single.model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _consolidate_keeps_or_replaces_a_model(checkpoint, folder, tensors, capsys):
+    """`llmcore consolidate` into ``folder``, which holds the model of ``checkpoint`` (``tensors``): it wrote over
+    a model already there without a word, in place (a probe). Refused now unless --overwrite-output-dir, and never
+    into the checkpoint itself; with it each file is replaced whole, the earlier model's weight files the new one
+    does not have are removed (transformers would load a stale shard index or .bin), other files are kept, and a
+    failure midway leaves the earlier model as it was."""
+    from safetensors.torch import load_file
+
+    from llmcore.cli import main
+
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    assert main(["consolidate", str(checkpoint), str(folder)]) == 2
+    assert "already holds a model (config.json, model.safetensors)" in capsys.readouterr().err
+    assert main(["consolidate", str(checkpoint), str(checkpoint)]) == 2
+    assert main(["consolidate", str(checkpoint), str(checkpoint / "sharded" / "x")]) == 2
+    assert capsys.readouterr().err.count("is inside the checkpoint") == 2
+    assert not (checkpoint / "model.safetensors").exists() and not (checkpoint / "sharded" / "x").exists()
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before
+    # a full disk while writing the new model: the earlier one is untouched, no staging folder left
+    (folder / "model.safetensors").write_bytes(b"an earlier model")
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    safetensors.torch.save_file = full_disk
+    try:
+        assert main(["consolidate", str(checkpoint), str(folder), "--overwrite-output-dir"]) == 2
+    finally:
+        safetensors.torch.save_file = real
+    assert "No space left on device" in capsys.readouterr().err
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before
+    # --overwrite-output-dir: replaced; the earlier model's other weight files removed, files not a model's kept
+    for stale in ("pytorch_model.bin", "model-00001-of-00002.safetensors", "model.safetensors.index.json"):
+        (folder / stale).write_bytes(b"stale")
+    (folder / "tokenizer.json").write_text("{}")
+    assert main(["consolidate", str(checkpoint), str(folder), "--overwrite-output-dir"]) == 0
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    whole = load_file(folder / "model.safetensors")
+    assert whole.keys() == tensors.keys() and all(torch.equal(whole[k], tensors[k]) for k in tensors)
 
 
 def test_fsdp_sharded_transformers_model_consolidates(tmp_path):

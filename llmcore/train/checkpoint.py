@@ -160,15 +160,7 @@ def partial_path(path: str) -> str:
 def publish_checkpoint(partial: str, path: str) -> None:
     """Flush the files of ``partial`` (and of its folders) to disk and rename it to ``path`` (replacing an older
     one)."""
-    for folder, _, files in os.walk(partial):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        if folder != partial:
-            _fsync_dir(folder)
+    _fsync_tree(partial)
     stale = None
     if os.path.exists(path):  # the same step saved again (a resumed run): swap, then delete the old one
         stale = f"{partial}.old"
@@ -178,6 +170,19 @@ def publish_checkpoint(partial: str, path: str) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
     if stale:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_tree(top: str) -> None:
+    """Flush the files under ``top``, and its folders below it, to disk."""
+    for folder, _, files in os.walk(top):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if folder != top:
+            _fsync_dir(folder)
 
 
 def _fsync_dir(path: str) -> None:
@@ -310,18 +315,36 @@ def load_model_weights(path: str, model: nn.Module) -> None:
         raise CheckpointError(f"{weights!r} lacks {fresh}")
 
 
-def consolidate_checkpoint(path: str, output_dir: str) -> str:
+# the files of a model transformers' save_pretrained writes (and loads): what consolidate will not silently replace
+_MODEL_FILE = re.compile(r"(generation_)?config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+                         r"(\.index\.json)?")
+_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
+def consolidate_checkpoint(path: str, output_dir: str, overwrite_output_dir: bool = False) -> str:
     """Writes the model of the sharded checkpoint ``path`` (``checkpoint-<step>`` with a ``sharded/`` folder) into
     ``output_dir`` as config.json + model.safetensors in transformers' names (what ``Trainer.save_model`` writes),
     in one process, reading only the model's part of the shards (not the optimizer's). Returns ``output_dir``. The
     checkpoint of a transformers model (``llmcore finetune``'s fallback) is read into transformers' model of its
-    config.json and written by its ``save_pretrained``."""
+    config.json and written by its ``save_pretrained``.
+
+    A folder that already holds a model (its config.json or weights) is refused unless ``overwrite_output_dir``:
+    then its files are replaced, each whole (written beside them first: a run that fails midway leaves the earlier
+    model), and weight files of the earlier model the new one does not have (other shards, a pytorch_model.bin) are
+    removed, as transformers' save_pretrained does, so that the folder loads as the new model only."""
     sharded = os.path.join(path, SHARDED)
     config_file = os.path.join(path, "config.json")
     if not os.path.isdir(sharded) or not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path!r} is not a sharded checkpoint (a folder with config.json and {SHARDED}/)")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):  # (before the shards are read)
         raise ValueError(f"output folder {output_dir!r} is a file: choose another")
+    if inside_folder(output_dir, path):
+        raise ValueError(f"output folder {output_dir!r} is inside the checkpoint {path!r}: its model files would "
+                         "be taken for the checkpoint's; choose another")
+    held = sorted(f for f in os.listdir(output_dir) if _MODEL_FILE.fullmatch(f)) if os.path.isdir(output_dir) else []
+    if held and not overwrite_output_dir:
+        raise ValueError(f"output folder {output_dir!r} already holds a model ({', '.join(held)}): choose another, "
+                         "or replace it with overwrite_output_dir=True (llmcore consolidate --overwrite-output-dir)")
     hf = read_config(path)
     causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in hf.get("architectures") or [])
     keys = sharded_keys(sharded)  # None if unreadable: read_sharded says why below
@@ -346,7 +369,25 @@ def consolidate_checkpoint(path: str, output_dir: str) -> str:
             raise refused
     # the model's own tensors, which DCP reads into in place; the optimizer's keys are left unread
     read_sharded({"model": model.state_dict()}, sharded, "the model its config.json describes")
-    save_pretrained(model, output_dir)
+    made = not os.path.exists(output_dir)
+    stage = os.path.join(output_dir, ".consolidate.partial")
+    shutil.rmtree(stage, ignore_errors=True)  # (a killed run's)
+    try:
+        save_pretrained(model, stage)
+        _fsync_tree(stage)
+        written = os.listdir(stage)
+        for name in written:
+            os.replace(os.path.join(stage, name), os.path.join(output_dir, name))
+        os.rmdir(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    for name in held:  # (after the new files are in: a kill before this leaves extra weights, not too few)
+        if _WEIGHTS_FILE.fullmatch(name) and name not in written:
+            os.remove(os.path.join(output_dir, name))
+    _fsync_dir(output_dir)
     return output_dir
 
 
