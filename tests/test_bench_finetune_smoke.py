@@ -57,6 +57,20 @@ def test_bench_finetune_quick(tmp_path):
     assert "| fp32 | Trainer + llmcore.hf.patch | 64 |" in text and "## Trainer + llmcore.hf.patch / Trainer" in text
 
 
+def test_a_slice_of_one_class_is_refused_up_front(tmp_path, capsys):
+    """--rows 1 (one class) ran both transformers sides (~30 s) before llmcore's side refused the data."""
+    _needs_data_and_reference()
+    from llmcore.bench import finetune
+    from llmcore.cli import main
+
+    with pytest.raises(ValueError, match=r"rows=1: the first 1 row\(s\) of SST-2 train hold one class only"):
+        finetune.write_slice(str(tmp_path / "one"), 1)
+    assert finetune.write_slice(str(tmp_path / "two"), 8)["train"] == 8
+    assert main(["bench", "finetune", "--rows", "1", "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "hold one class only" in err and "Traceback" not in err
+
+
 def test_bar_needs_both_clocks_and_the_accuracy():
     """The bar is >= 3x on both clocks and accuracy within the points: a run whose own metric is missing
     (reported samples/s None) does not pass on the harness clock alone (it did, a benchmark audit found)."""

@@ -75,6 +75,10 @@ def write_slice(folder: str, rows: int, validation_rows: int = 64, test_rows: in
         with open(os.path.join(folder, f"{split}.tsv"), "w", newline="", encoding="utf-8") as f:
             f.write("\n".join([lines[0]] + body) + "\n")
         written[split] = len(body)
+    classes = set(read_tsv(os.path.join(folder, "train.tsv"))[1])
+    if len(classes) < 2:  # (found only after both sides had run, ~30 s, as llmcore's error)
+        raise ValueError(f"rows={rows}: the first {rows} row(s) of SST-2 train hold one class only ({sorted(classes)})"
+                         "; fine-tuning a classifier needs both: pass more rows")
     return written
 
 
