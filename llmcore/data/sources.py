@@ -423,7 +423,16 @@ def local_files(path: str, config: Optional[str] = None) -> Dict[str, List[str]]
                                     f"({', '.join(EXTENSIONS)}) and is no datasets save_to_disk folder; found "
                                     f"{names[:10]}")
         return {split: [f] for split, f in found.items()}
-    raise FileNotFoundError(path)
+    raise _no_data("data", path)
+
+
+def _no_data(what: str, path: str) -> Exception:
+    """The error for a ``path`` that is neither a file nor a folder (a device, a FIFO, a socket: the error was the
+    bare path), or that does not exist."""
+    if os.path.exists(path):
+        return ValueError(f"{what} {path!r} is neither a regular file nor a folder (a device, pipe or socket): save "
+                          "the data to a file and pass that")
+    return FileNotFoundError(f"{what} {path!r}: no such file or folder")
 
 
 # the datasets packaged builders whose files llmcore's readers read, by the extensions they take
@@ -629,7 +638,7 @@ def eval_files(path: str) -> List[str]:
                                     "the file itself")
         return files["validation"]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"eval data {path!r}: no such file or folder")
+        raise _no_data("eval data", path)
     return [path]
 
 
