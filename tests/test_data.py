@@ -550,7 +550,11 @@ def test_probe_findings_refused_with_clear_errors(tmp_path):
         prepare(tmp_path / "prepared", MODEL, 16, tmp_path / "again")
     with pytest.raises(ValueError, match="is the data folder"):
         prepare(data, MODEL, 16, data)
+    # a file's own folder (a CLI probe: accepted, and `finetune --data d` then read the prepared result, not d)
+    with pytest.raises(ValueError, match="is the folder of data .*train.jsonl'.*among the raw files"):
+        prepare(data / "train.jsonl", MODEL, 16, data)
     assert sorted(os.listdir(data)) == ["train.jsonl"]  # (refused before writing anything)
+    assert prepare(data / "train.jsonl", MODEL, 16, data / "sub")["train"].ids is not None
 
 
 def test_label_values_and_text_values_every_row(tmp_path):
@@ -665,6 +669,14 @@ def test_errors(tmp_path):
         prepare(tmp_path / "empty", MODEL, 16, tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         PreparedDataset.load(tmp_path / "empty")
+    # a device or a FIFO: the error was the bare path
+    if sys.platform != "win32":
+        os.mkfifo(tmp_path / "fifo")
+        for path in ("/dev/null", str(tmp_path / "fifo")):
+            with pytest.raises(ValueError, match=r"data '.*' is neither a regular file nor a folder \(a device"):
+                prepare(path, MODEL, 16, tmp_path / "o")
+            with pytest.raises(ValueError, match=r"eval data '.*' is neither a regular file nor a folder"):
+                prepare(os.path.join(data_dir(), "sst2", "test.tsv"), MODEL, 16, tmp_path / "o", eval_data=path)
 
 
 @pytest.mark.parametrize("content,kwargs,message", [

@@ -383,6 +383,11 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
     if os.path.isdir(data) and os.path.isdir(output_dir) and os.path.samefile(data, output_dir):
         raise ValueError(f"output_dir {output_dir!r} is the data folder: the files prepare writes there would be read "
                          "as data by the next run; choose another output_dir (a subfolder of it is fine)")
+    if os.path.isfile(data) and os.path.isdir(output_dir) and os.path.samefile(os.path.dirname(os.path.abspath(data)),
+                                                                              output_dir):
+        raise ValueError(f"output_dir {output_dir!r} is the folder of data {data!r}: the files prepare writes would "
+                         "lie among the raw files (and the folder, passed as data, would be read as the prepared "
+                         "result); choose another output_dir (a subfolder is fine)")
     if os.path.exists(data):
         saved = os.path.isdir(data) and sources.saved_dataset(data)
         if hub_config is not None and (saved or not os.path.isdir(data) or not sources.readme_configs(data)):
