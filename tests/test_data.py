@@ -1298,6 +1298,21 @@ def test_prepares_into_one_folder_take_turns(tmp_path, capfd):
         assert np.array_equal(again[split].ids, want16[split].ids)
         assert np.array_equal(again[split].cu_seqlens, want16[split].cu_seqlens)
 
+    # a file system without locks (ENOLCK: some network mounts) prepares unlocked, as before
+    import errno
+
+    prepare_module = sys.modules["llmcore.data.prepare"]
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    real_flock = prepare_module.fcntl.flock
+    prepare_module.fcntl.flock = no_locks
+    try:
+        assert prepare(src, MODEL, 16, tmp_path / "unlocked").meta["options"]["max_length"] == 16
+    finally:
+        prepare_module.fcntl.flock = real_flock
+
     # the CLI, two runs at once with other options (the probe): the folder holds one of them whole
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(llmcore.__file__)))
     runs = [subprocess.Popen([sys.executable, "-m", "llmcore.cli", "prepare", "--data", str(src), "--model", MODEL,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -299,6 +300,9 @@ def _one_writer(output_dir: str):
                     print(f"llmcore prepare: waiting for another prepare into {output_dir!r} to finish",
                           file=sys.stderr, flush=True)
                     fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as e:  # a file system without locks (some network mounts): unlocked, as before
+                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(output_dir))
             except FileNotFoundError:
