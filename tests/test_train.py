@@ -1035,6 +1035,9 @@ def test_best_model_settings(tmp_path):
         TrainConfig("o", metric_for_best_model="")
     with pytest.raises(TypeError, match="greater_is_better must be a bool"):
         TrainConfig("o", metric_for_best_model="f1", greater_is_better="yes")
+    for name in ("bf16", "pack", "disable_tqdm"):  # (a probe: "false" was truthy, bf16 on or packed batches)
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got 'false'"):
+            TrainConfig("o", **{name: "false"})
     # a metric the evaluation does not report: named, with the ones it does
     with pytest.raises(ValueError, match=r"has no 'eval_bleu'; it has \['eval_accuracy'"):
         _best_run(tmp_path, [0.1], metric_for_best_model="bleu")

@@ -203,6 +203,9 @@ class TrainConfig:
             self.activation_checkpointing = False
         if not isinstance(self.activation_checkpointing, bool):
             raise TypeError(f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
+        for name in ("bf16", "pack", "disable_tqdm"):  # (a string "false" was on: truthy)
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         kwargs = _dict_option("activation_checkpointing_kwargs", self.activation_checkpointing_kwargs)
         self.activation_checkpointing_kwargs = check_checkpoint_kwargs(kwargs, layer_keys=True) if kwargs else None
         self.gradient_checkpointing = self.activation_checkpointing
