@@ -155,6 +155,40 @@ def test_huge_positive_additive_mask_like_torch(cpu_isa, dtype):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_infinite_or_nan_additive_mask_is_nan_like_torch(cpu_isa, dtype):
+    """A mask of +inf or NaN makes its row NaN in torch (inf - inf in the softmax), and through it every key's
+    gradient in that batch. The clamp meant for huge finite masks turned +inf into FLT_MAX and the row finite, and
+    the forward saved such rows' logsumexp as a fully masked row's -inf, so the gradients stayed finite (a probe).
+    Compared with torch's math backend and float64: torch's fused CPU kernel is itself inconsistent here (its dv is
+    NaN at one key in a batch and at every key in the other). Other rows, huge finite and -inf entries among them,
+    still match."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, Lq, Lk, D = 2, 2, 21, 37, 32  # odd lengths: rows and keys cross the kernels' tile edges
+    mask = torch.randn(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(3))
+    mask[0, :, 4, 30] = float("inf")
+    mask[0, :, 15, 2] = float("nan")
+    mask[1, :, 19, [0, 36]] = float("inf")
+    mask[:, :, 7, 11] = 3e38  # finite: key 11 takes the weight
+    mask[:, :, 9, :20] = float("-inf")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (Lq, Lk, Lk))
+    grad = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
+    ref = forward_backward(sdpa_reference, (q, k, v), grad, torch.float64, attn_mask=mask.double())
+    ours = forward_backward(llmcore.scaled_dot_product_attention, (q, k, v), grad, dtype, attn_mask=mask.to(dtype))
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = forward_backward(F.scaled_dot_product_attention, (q, k, v), grad, dtype, attn_mask=mask.to(dtype))
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    for name, a, b, r in zip(NAMES, ours, theirs, ref):
+        assert torch.equal(a.isnan(), r.isnan()), name
+        torch.testing.assert_close(a, b, equal_nan=True, **tol, msg=name)
+    nan_rows = ours[0].isnan().any(-1)
+    assert nan_rows[0, :, 4].all() and nan_rows[0, :, 15].all() and nan_rows[1, :, 19].all()
+    assert nan_rows.sum() == 3 * H and torch.equal(ours[1].isnan().any(-1), nan_rows)
+    assert ours[2].isnan().all() and ours[3].isnan().all()  # each batch has a NaN row, which reaches all its keys
+
+
 @pytest.mark.parametrize("heads, lq, lk", [(2, 3, 0), (2, 0, 4), (0, 3, 4), (2, 0, 0)])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_empty_scores_with_a_mask_like_torch(heads, lq, lk, kind):

@@ -400,16 +400,34 @@ def test_huge_positive_additive_mask(dtype):
     check(ours, theirs, ref, dtype)
 
 
-def test_nan_in_an_additive_mask_stays_nan():
-    """A NaN in an additive mask was dropped by the clamp at the float32 maximum (tl.minimum's default): the row
-    attended to that key alone, where torch's row is NaN (found by a probe)."""
-    q, k, v = (randn(1, 2, 4, 16, seed=s).to(DEVICE, torch.float32) for s in range(3))
-    mask = torch.zeros(1, 1, 4, 4, device=DEVICE)
-    mask[..., 0, 1] = float("nan")
-    out = triton_sdpa(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), equal_nan=True,
-                               atol=1e-5, rtol=1e-5)
-    assert out[:, :, 0].isnan().all() and not out[:, :, 1:].isnan().any()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_infinite_or_nan_in_an_additive_mask_is_nan(dtype):
+    """A NaN or +inf in an additive mask makes its row NaN in torch, and through it every key's gradient. Both were
+    lost to the clamp at the float32 maximum meant for huge finite masks (a NaN by tl.minimum's default, a probe;
+    then +inf, another probe): the row attended to that key alone. The comparator is torch's math backend and the
+    float64 reference (torch's fused kernels differ among themselves on such rows)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, Lq, Lk, D = 2, 2, 19, 23, 16
+    mask = torch.zeros(B, 1, Lq, Lk, dtype=torch.float64)
+    mask[0, :, 0, 1] = float("nan")
+    mask[0, :, 12, 22] = float("inf")
+    mask[1, :, 18, [0, 9]] = float("inf")
+    mask[:, :, 5, 3] = 3e38  # finite: key 3 takes the weight
+    q, g = randn(B, H, Lq, D, seed=0), randn(B, H, Lq, D, seed=3)
+    k, v = randn(B, H, Lk, D, seed=1), randn(B, H, Lk, D, seed=2)
+    ref = reference(sdpa_reference, (q, k, v), g, attn_mask=mask.to(DEVICE))
+    low = mask.to(dtype).to(DEVICE)
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = run(torch_sdpa, (q, k, v), g, dtype, attn_mask=low)
+    ours = run(triton_sdpa, (q, k, v), g, dtype, attn_mask=low)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
+        assert torch.equal(a.isnan(), r.isnan()), name
+        torch.testing.assert_close(a, b, equal_nan=True, **tol, msg=name)
+    nan_rows = ours[0].isnan().any(-1)
+    assert nan_rows[0, :, 0].all() and nan_rows[0, :, 12].all() and nan_rows[1, :, 18].all()
+    assert nan_rows.sum() == 3 * H and ours[2].isnan().all() and ours[3].isnan().all()
 
 
 @pytest.mark.parametrize("call, message", [

@@ -141,7 +141,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
   }
 
   for (int64_t r = 0; r < qb; ++r) {
-    const bool any = l[r] > 0.f;  // false on fully masked rows: output 0, lse -inf (as torch)
+    const bool any = l[r] != 0.f;  // false on fully masked rows: output 0, lse -inf (as torch); NaN stays NaN
     store_row(O + r * Dv, Dv, any ? 1.f / l[r] : 0.f, p.dtype, at_mut(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, q0 + r)));
   }
   row_lse(m, l, qb, a.lse + lse_index(p, b, h, s, q0));  // a tile's rows are adjacent in lse

@@ -176,7 +176,7 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
     if (!o_written[rb]) std::memset(O + rb * kTileRows * d.Dvp, 0, sizeof(float) * kTileRows * d.Dvp);
 
   for (int64_t r = 0; r < qb; ++r) {
-    const bool any = l[r] > 0.f;
+    const bool any = l[r] != 0.f;  // as in forward.cpp
     store_row(O + r * d.Dvp, d.Dv, any ? 1.f / l[r] : 0.f, p.dtype,
               at_mut(a.o, p.dtype, row_offset(p, a.o, b, h, s.q_row0, q0 + r)));
   }

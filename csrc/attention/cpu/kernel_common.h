@@ -136,15 +136,21 @@ inline void* at_mut(const TensorRef& t, DType dt, int64_t off) { return static_c
 
 // Adds the user mask to n scores s[t] whose mask entries sit `step` elements apart from
 // mask element `base`, the scores already scaled to base 2. Boolean false -> -inf; additive
-// adds log2(e) * m, at most FLT_MAX: a finite m past FLT_MAX / log2(e) (~2.36e38) would become
-// +inf, and the softmax's inf - inf NaN (torch gives that key all the weight).
+// adds log2(e) * m. A finite m past FLT_MAX / log2(e) (~2.36e38) overflows that product to +inf,
+// and the softmax's inf - inf to NaN, where torch gives that key all the weight: it is clamped
+// to FLT_MAX. An m of +inf itself stays +inf, so its row is NaN as in torch (clamping it too
+// gave a finite row); -inf and NaN pass through.
 inline void apply_user_mask_strided(const Problem& p, int64_t base, int64_t step, int64_t n, float* s) {
   if (p.mask_kind == MaskKind::boolean) {
     const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
     for (int64_t t = 0; t < n; ++t) s[t] = m[t * step] ? s[t] : -INFINITY;
   } else if (p.mask_kind == MaskKind::additive) {
     const float* m = static_cast<const float*>(p.mask) + base;
-    for (int64_t t = 0; t < n; ++t) s[t] += std::min(kLog2e * m[t * step], FLT_MAX);
+    for (int64_t t = 0; t < n; ++t) {
+      const float mt = m[t * step];
+      const float scaled = kLog2e * mt;
+      s[t] += scaled == INFINITY && mt != INFINITY ? FLT_MAX : scaled;
+    }
   }
 }
 

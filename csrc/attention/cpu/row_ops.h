@@ -54,7 +54,8 @@ inline void exp2_of_difference(const float* a, const float* b, float* out, int64
 }
 
 // The saved logsumexp (base 2) of n rows: lse[r] = m[r] + log2(l[r]), or -inf for a row that
-// saw no key (l[r] = 0).
+// saw no key (l[r] = 0). A NaN row sum (a NaN or +inf score) stays NaN, so the backward's P of
+// that row is NaN, as torch's gradients are (-inf there made P 0 and the gradients finite).
 inline void row_lse(const float* m, const float* l, int64_t n, float* lse) {
   namespace sv = simd;
   int64_t i = 0;
@@ -64,7 +65,7 @@ inline void row_lse(const float* m, const float* l, int64_t n, float* lse) {
     sv::store(lse + i, sv::add(sv::load(m + i, t), sv::log2(sv::load_or(l + i, t, 1.f))), t);
   }
   for (i = 0; i < n; ++i)
-    if (!(l[i] > 0.f)) lse[i] = -INFINITY;
+    if (!(l[i] > 0.f)) lse[i] = l[i] == 0.f ? -INFINITY : NAN;  // (the vector log2 maps NaN to a number)
 }
 
 // sum_i a[i] * b[i] in vector lanes (no particular rounding order).

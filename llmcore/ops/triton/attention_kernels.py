@@ -117,10 +117,12 @@ def _apply_attn_mask(s, MASK, offs_r, offs_c, len_r, len_c, stride_r, stride_c, 
         keep = tl.load(ptrs, mask=inside, other=0)
         s = tl.where(keep != 0, s, float("-inf"))
     elif MASK_KIND == 2:
-        # (at most the float32 maximum: a finite mask past it / log2(e) became +inf, and the softmax NaN; a NaN
-        # stays NaN, as in torch: minimum's default returns the other operand, the float32 maximum)
-        s = s + tl.minimum(tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * LOG2E, 3.4028234663852886e38,
-                           propagate_nan=tl.PropagateNan.ALL)
+        # A finite mask past the float32 maximum / log2(e) overflows to +inf in base 2, and the softmax to NaN
+        # where torch gives that key all the weight: it is clamped to the float32 maximum. A mask of +inf stays
+        # +inf, so its row is NaN as in torch (clamping it too gave a finite row); -inf and NaN pass through.
+        m = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+        scaled = m * LOG2E
+        s = s + tl.where((scaled == float("inf")) & (m != float("inf")), 3.4028234663852886e38, scaled)
     return s
 
 
