@@ -1097,6 +1097,32 @@ def test_the_last_step_is_evaluated_and_can_be_the_best(tmp_path):
     assert [(r["step"], r["epoch"]) for r in trainer.log_history if "eval_loss" in r] == [(6, 1), (9, 1.5)]
 
 
+def test_a_spent_one_shot_train_iterator_stops_the_run(tmp_path, capsys):
+    """A generator of training batches (max_steps set: it has no len) is spent after one pass. The run trained that
+    pass, then failed with "yielded no batches" (a probe), its end-of-run records lost; now it stops there, as
+    transformers' Trainer stops when an epoch of its data yields nothing, and the same steps as a list's run."""
+    gen = torch.Generator().manual_seed(13)
+    batches = [padded(gen, 3) for _ in range(5)]
+    cfg = config(tmp_path / "gen", max_steps=8, eval_strategy="epoch", report_to="none", disable_tqdm=True)
+    trainer = Trainer(tiny(0), cfg, (b for b in batches), eval_batches=batches[:2])
+    result = trainer.train()
+    out = capsys.readouterr().out
+    assert "one-shot iterator (generator)" in out and "stops at step 5 of 8" in out
+    assert result["global_step"] == 5 and result["epoch"] == 1
+    assert [r["step"] for r in trainer.log_history if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in trainer.log_history if "eval_loss" in r] == [5]
+    # the same 5 steps as a list over 8 steps (the learning rate planned for 8), stopped after 5
+    listed = Trainer(tiny(0), config(tmp_path / "list", max_steps=8, report_to="none", disable_tqdm=True), batches)
+    listed.train_batches = lambda epoch: batches if epoch == 0 else []
+    with pytest.raises(ValueError, match=r"train_batches\(1\) yielded no batches$"):
+        listed.train()
+    for a, b in zip(trainer.model.parameters(), listed.model.parameters()):
+        assert torch.equal(a, b)
+    # a train() again has nothing to train: refused, naming why
+    with pytest.raises(ValueError, match=r"yielded no batches: a one-shot iterator \(generator\) is spent"):
+        trainer.train()
+
+
 def test_one_shot_eval_batches_are_refused(tmp_path):
     """A generator of evaluation batches is spent after the first evaluation: the next ones saw no batches and
     reported a NaN loss silently (a probe), which no best-model comparison ever picks. Refused when the Trainer

@@ -444,7 +444,8 @@ class Trainer:
     transformers' *ForCausalLM) takes labels shaped as ``input_ids`` instead (-100: not predicted),
     and computes its loss itself (``accumulate_gradients``). Shuffling is the caller's and must depend only on
     (seed, epoch) -- not on the global RNG -- so a resumed run can skip the consumed batches and see
-    the same ones as an uninterrupted run. A non-callable iterable is reused for every epoch.
+    the same ones as an uninterrupted run. A non-callable iterable is reused for every epoch; a one-shot iterator
+    (a generator: ``max_steps`` then sets the run's length) is read once, and the run stops when it is spent.
     ``eval_batches`` is an iterable or a zero-argument callable returning one.
     ``compute_metrics`` is a zero-argument factory of objects with ``update(logits, labels)`` and
     ``compute() -> dict`` (streaming; values are reported as ``eval_<name>``, tensors and NumPy values as
@@ -503,6 +504,9 @@ class Trainer:
         self.model = model
         self.config = config
         self.train_batches = train_batches if callable(train_batches) else (lambda epoch: train_batches)
+        # (a generator's type name, else None: it is spent after one pass)
+        self._train_one_shot = type(train_batches).__name__ if not callable(train_batches) and _one_shot(
+            train_batches) else None
         self.eval_batches = eval_batches
         self.compute_metrics = compute_metrics
         self.device = next(model.parameters()).device
@@ -971,8 +975,19 @@ class Trainer:
                         saved_step = self.global_step
                     if stopped:
                         break
+                if consumed == 0 and self._train_one_shot and self.global_step > start_step:
+                    # A generator is spent after one pass: the run stops here, as transformers' Trainer stops when
+                    # an epoch of its data yields nothing (it trained a whole pass, then failed: a probe).
+                    if self.rank == 0:
+                        print(f"llmcore: train_batches is a one-shot iterator ({self._train_one_shot}), spent "
+                              f"after its first pass: training stops at step {self.global_step} of {total}; pass "
+                              "a list, or a callable epoch -> batches, to train further")
+                    stopped = True
+                    break
                 if consumed == 0:
-                    raise ValueError(f"train_batches({epoch}) yielded no batches")
+                    spent = f": a one-shot iterator ({self._train_one_shot}) is spent after one pass; pass a list, " \
+                        "or a callable epoch -> batches" if self._train_one_shot else ""
+                    raise ValueError(f"train_batches({epoch}) yielded no batches{spent}")
                 if stopped:
                     break
                 if exhausted or (n_batches is not None and consumed >= n_batches):
