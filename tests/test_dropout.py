@@ -206,3 +206,33 @@ def test_module_checks_p_when_made():
         with pytest.raises(ValueError, match="between 0 and 1"):
             Dropout(p)
     assert repr(Dropout(0.25)) == repr(torch.nn.Dropout(0.25)).replace(", inplace=False", "") == "Dropout(p=0.25)"
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_models_dropout_is_torch_dropout(family):
+    """Code that turns dropout off by type (``isinstance(m, torch.nn.Dropout)``: set p = 0) turns off all of an
+    llmcore model's: its dropout modules were not torch.nn.Dropout, and the attention's probability a bare float
+    (a probe), so a train-mode forward still dropped. Then it equals the eval-mode forward; and p still reaches the
+    attention kernels (a train-mode forward differs before)."""
+    from llmcore.models import DecoderConfig, DecoderForCausalLM, EncoderConfig, EncoderForSequenceClassification
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = EncoderForSequenceClassification(EncoderConfig(
+            vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+            max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.5))
+    else:
+        model = DecoderForCausalLM(DecoderConfig(
+            family=family, vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, head_dim=8,
+            num_kv_heads=4 if family == "gpt2" else 2, intermediate_size=48, max_position_embeddings=32,
+            dropout=0.0, attention_dropout=0.5))
+    ids = torch.randint(1, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    expected = model.eval()(**batch).logits
+    model.train()
+    assert not torch.equal(model(**batch).logits, expected)  # only the attention's dropout is on
+    found = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert sum(m.p == 0.5 for m in found) == 2  # one a layer
+    for m in found:
+        m.p = 0.0
+    assert torch.equal(model(**batch).logits, expected)

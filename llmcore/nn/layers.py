@@ -69,14 +69,12 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
-class Dropout(nn.Module):
-    """Dropout on llmcore's Philox kernel: the mask is regenerated in the backward, not stored."""
+class Dropout(nn.Dropout):
+    """Dropout on llmcore's Philox kernel: the mask is regenerated in the backward, not stored. A torch.nn.Dropout
+    (not in place), so code that finds dropout by that type (to set ``p``, or to count it) finds llmcore's too."""
 
     def __init__(self, p: float = 0.1):
-        super().__init__()
-        if not 0.0 <= p <= 1.0:  # (as torch.nn.Dropout: at construction, not at the first forward)
-            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-        self.p = p
+        super().__init__(p)  # (torch.nn.Dropout refuses a p outside [0, 1] when made)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.dropout(x, self.p, self.training)
@@ -284,7 +282,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o = nn.Linear(self.heads * self.head_dim, dim, bias=out_bias)
         self.causal = causal
-        self.dropout = dropout
+        self.dropout = Dropout(dropout)  # (its p, read by the attention kernels; a module, as transformers' is)
         self.scale = scale
         if qk_norm_eps is not None:
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, qk_norm_eps), RMSNorm(self.head_dim, qk_norm_eps)
@@ -319,7 +317,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if q.dtype != v.dtype:  # under autocast the norms' float32 weights promote q and k (as in transformers)
             q, k = q.to(v.dtype), k.to(v.dtype)  # autocast's SDPA would cast them to v's dtype
-        p = self.dropout if self.training else 0.0
+        p = self.dropout.p if self.training else 0.0
         if batch.packed:
             cu_q, max_q = batch.cu_seqlens, batch.max_seqlen
             if first_only:
