@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -44,11 +45,11 @@ def _ratios(slow: list, fast: list) -> list[float]:
 
 def _span(ratios: list[float]) -> str:
     ordered = sorted(ratios)
-    return f"{ordered[len(ordered) // 2]:.3f}x (min {ordered[0]:.3f}, max {ordered[-1]:.3f}, {len(ordered)} rounds)"
+    return f"{statistics.median(ordered):.3f}x (min {ordered[0]:.3f}, max {ordered[-1]:.3f}, {len(ordered)} rounds)"
 
 
 def _every_round(ratios: list[float]) -> bool:
-    return bool(ratios) and min(ratios) > 1.0 and sorted(ratios)[len(ratios) // 2] >= MIN_GAIN
+    return bool(ratios) and min(ratios) > 1.0 and statistics.median(ratios) >= MIN_GAIN
 
 
 def _backward_gain(fb: dict, fw: dict):
@@ -57,8 +58,7 @@ def _backward_gain(fb: dict, fw: dict):
     if "llmcore_tuned" not in fw or "llmcore_defaults" not in fw:
         return None
 
-    def median(x):
-        return sorted(x)[len(x) // 2]
+    median = statistics.median
     ours = median(fb["llmcore_defaults"]) - median(fw["llmcore_defaults"])
     theirs = median(fb["llmcore_tuned"]) - median(fw["llmcore_tuned"])
     return ours / theirs if ours > 0 and theirs > 0 else None
