@@ -44,3 +44,29 @@ def norm_inputs(shape, dtype, residual, seed=0):
     gy = torch.randn(shape, generator=g).to(dtype)  # the same upstream gradients for the truth
     gs = torch.randn(shape, generator=g).to(dtype)
     return x, r, w, b, gy, gs
+
+
+def overflowing_norm_rows(dtype, width, device="cpu"):
+    """Rows 1 and 3 of 4 whose sums fit float32 but whose squared deviations (~1e40) overflow it (rows 0 and 2
+    are ordinary), with a weight, a bias and an output gradient."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, width, generator=g)
+    x[1] *= 1e20
+    x[3, ::3] = 5e19
+    w, b, gy = torch.randn(width, generator=g), torch.randn(width, generator=g), torch.randn(4, width, generator=g)
+    return [t.to(device, dtype) for t in (x, w, b, gy)]
+
+
+def layer_norm_with_grads(fn, x, w, b, gy):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b)
+    y.backward(gy)
+    return [y.detach().float().cpu(), x.grad.float().cpu(), w.grad.float().cpu(), b.grad.float().cpu()]
+
+
+def check_norm_overflow_like_torch(ours, theirs, dtype):
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for name, a, t in zip(("y", "dx", "dw", "db"), ours, theirs):
+        assert torch.equal(a.isnan(), t.isnan()), name
+        torch.testing.assert_close(a, t, equal_nan=True, **tol, msg=name)
+    assert ours[0][[1, 3]].isnan().all() and not ours[0][[0, 2]].isnan().any()

@@ -8,7 +8,8 @@ at most twice torch's own error in the same dtype, plus a small floor.
 import pytest
 import torch
 import torch.nn.functional as F
-from accuracy import assert_close_to_truth, f64, norm_inputs, outputs_and_grads
+from accuracy import (assert_close_to_truth, check_norm_overflow_like_torch, f64, layer_norm_with_grads, norm_inputs,
+                      outputs_and_grads, overflowing_norm_rows)
 
 from llmcore.ops import layer_norm, rms_norm
 from llmcore.ops.norm import layer_norm_reference, rms_norm_reference
@@ -479,3 +480,14 @@ def test_first_derivatives_under_create_graph_and_checkpointing_and_no_kept_hidd
     assert alive() is None  # (nothing of the graph holds it: the fused loss saved its gradients)
     loss.backward()
     assert x.grad is not None and w.grad is not None
+
+
+def test_layer_norm_variance_overflow_is_nan_like_torch(kernels):
+    """A row whose variance overflows float32 gave rstd 0 and y the bias, silently, with finite gradients (a
+    probe); torch's float32 row and its gradients are NaN, and now llmcore's too; the other rows are untouched.
+    (In bfloat16 torch's CPU kernel returns float64's finite row; llmcore's is NaN there too, not the bias.)"""
+    dtype = torch.float32
+    x, w, b, gy = overflowing_norm_rows(dtype, 40)
+    ours = layer_norm_with_grads(lambda x, w, b: layer_norm(x, w, b, 1e-5), x, w, b, gy)
+    theirs = layer_norm_with_grads(lambda x, w, b: F.layer_norm(x, (40,), w, b, 1e-5), x, w, b, gy)
+    check_norm_overflow_like_torch(ours, theirs, dtype)

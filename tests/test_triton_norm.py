@@ -11,7 +11,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from accuracy import assert_close_to_truth, f64, norm_inputs, outputs_and_grads
+from accuracy import (assert_close_to_truth, check_norm_overflow_like_torch, f64, layer_norm_with_grads, norm_inputs,
+                      outputs_and_grads, overflowing_norm_rows)
 from aten_trace import zero_fills
 
 from llmcore.ops import layer_norm, rms_norm
@@ -372,3 +373,19 @@ def test_weight_and_bias_of_any_layout(params, rms, backward):
                 base.detach().double().requires_grad_())
     for a, t in zip(ours, truth):
         torch.testing.assert_close(a.double(), t, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_layer_norm_variance_overflow_is_nan_like_torch(chunked, backward, monkeypatch):
+    """A row whose variance overflows float32 gave rstd 0 and y the bias, silently, with finite gradients (a
+    probe), in both forward forms (whole rows; rows swept in chunks); torch's float32 row and its gradients are
+    NaN, and now llmcore's too; the other rows are untouched."""
+    from llmcore.ops.triton import norm as triton_norm
+
+    if chunked:
+        monkeypatch.setattr(triton_norm, "_FWD_WHOLE", 16)
+        monkeypatch.setattr(triton_norm, "_FWD_CHUNK", 16)
+    x, w, b, gy = overflowing_norm_rows(torch.float32, 40, DEVICE)
+    ours = layer_norm_with_grads(lambda x, w, b: layer_norm(x, w, b, 1e-5, backend="triton"), x, w, b, gy)
+    theirs = layer_norm_with_grads(lambda x, w, b: F.layer_norm(x, (40,), w, b, 1e-5), x, w, b, gy)
+    check_norm_overflow_like_torch(ours, theirs, torch.float32)

@@ -105,7 +105,9 @@ void forward_row(const NormForwardArgs& a, int64_t r) {
     }
   } else {
     const float mean = acc / float(n);
-    const float rstd = 1.f / std::sqrt(row_sq_dev(s, n, mean) / float(n) + a.eps);
+    // A variance past the float maximum gave rstd 0 and y the bias, silently; torch's row is NaN (a probe).
+    const float var = row_sq_dev(s, n, mean) / float(n) + a.eps;
+    const float rstd = std::isinf(var) ? NAN : 1.f / std::sqrt(var);
     a.mean[r] = mean;
     a.rstd[r] = rstd;
     const V m = vec::set1(mean), rs = vec::set1(rstd);

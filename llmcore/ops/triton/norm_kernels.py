@@ -57,6 +57,12 @@ def _residual_sum(X, R, S, r64, cols, inside, stride_x, stride_r, stride_s, HAS_
 
 
 @triton.jit
+def _layer_norm_rstd(var):
+    """1 / sqrt(var), NaN where the variance overflowed to inf (as torch's row; rstd 0 gave y the bias, silently)."""
+    return tl.where(var == float("inf"), float("nan"), 1.0 / tl.sqrt(var))
+
+
+@triton.jit
 def _normalized(xf, mean, rstd, w, B, cols, col_ok, inside, X_DTYPE: tl.constexpr, RMS: tl.constexpr,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """y of a tile of s (float32) from its rows' statistics (mean unused for RMS); w: the weight's columns, loaded
@@ -105,7 +111,7 @@ def norm_fwd(
                 xf = tl.load(S_ + r64 * stride + cols[None, :], mask=inside, other=0.0).to(tl.float32)
                 xc = tl.where(inside, xf - mean[:, None], 0.0)
                 acc += xc * xc
-            rstd = 1.0 / tl.sqrt(tl.sum(acc, 1) / n_cols + eps)
+            rstd = _layer_norm_rstd(tl.sum(acc, 1) / n_cols + eps)
         for c0 in range(0, n_cols, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             col_ok = cols < n_cols
@@ -126,7 +132,7 @@ def norm_fwd(
         else:
             mean = tl.sum(xf, 1) / n_cols
             xc = tl.where(inside, xf - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / n_cols + eps)
+            rstd = _layer_norm_rstd(tl.sum(xc * xc, 1) / n_cols + eps)
         y = _normalized(xf, mean, rstd, w, B, cols, col_ok, inside, X.dtype.element_ty, RMS, HAS_W, HAS_B)
         tl.store(Y + r64 * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=inside)
     if not RMS:
