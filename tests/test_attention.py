@@ -189,6 +189,38 @@ def test_infinite_or_nan_additive_mask_is_nan_like_torch(cpu_isa, dtype):
     assert ours[2].isnan().all() and ours[3].isnan().all()  # each batch has a NaN row, which reaches all its keys
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e2, 1e4, 1e10, 1e19])
+@pytest.mark.parametrize("kind", ["full", "causal", "additive"])
+def test_a_key_with_huge_scores_takes_its_rows_like_float64(cpu_isa, dtype, magnitude, kind):
+    """One key scaled by `magnitude` takes all the weight of the rows it scores high in and none of the others'.
+    The kernels' exp argument s * c - max, one FMA, left that key's P 2^(s c - round(s c)), not 1: the forward's
+    row became 0 at 1e19 (torch: that key's value), and the backward, whose P is 2^(s c - lse), was off by up to
+    ulp(lse), which the huge key multiplies into dQ (1e4: dq off by 1e-2 of its size; 1e10: NaN). Float64 is the
+    reference (torch's fused fp32 kernel is itself off by 1e-2 at 1e4 and NaN at 1e10). The key sits in the second
+    key tile, so rows meet it after their running max was set by ordinary scores."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, L, D = 2, 2, 150, 24
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad = (torch.randn(B, H, L, D, generator=g) for _ in range(4))
+    k[:, :, 100] *= magnitude
+    mask = torch.randn(L, L, generator=g) if kind == "additive" else None
+    inputs = [t.to(dtype).double() for t in (q, k, v)]  # the reference sees the same rounded inputs
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = forward_backward(F.scaled_dot_product_attention, inputs, grad.double(), torch.float64,
+                               attn_mask=None if mask is None else mask.to(dtype).double(), is_causal=kind == "causal")
+    ours = forward_backward(llmcore.scaled_dot_product_attention, inputs, grad, dtype,
+                            attn_mask=None if mask is None else mask.to(dtype), is_causal=kind == "causal")
+    took = (ref[0] - inputs[2][:, :, 100:101]).abs().amax(-1) < 1e-6  # rows the huge key took
+    assert took.float().mean().item() > 0.1  # the case is what it says: rows that are the key's value
+    tol = 3e-2 if dtype == torch.bfloat16 else 2e-5  # of each tensor's largest entry
+    for name, a, r in zip(NAMES, ours, ref):
+        assert torch.isfinite(a).all(), name
+        err = ((a - r).abs().max() / r.abs().max()).item()
+        assert err <= tol, f"{name}: max error {err:.2e} of its largest entry"
+
+
 @pytest.mark.parametrize("heads, lq, lk", [(2, 3, 0), (2, 0, 4), (0, 3, 4), (2, 0, 0)])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_empty_scores_with_a_mask_like_torch(heads, lq, lk, kind):

@@ -226,6 +226,7 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
         const int64_t qb = std::min(kBlockQ, s.len_q - q0), width = panel_width(s.len_q);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
+        const bool scaled = scale_first(sc, neg_lse + q0, qb);  // rows scaled before the exp
         if (dropout)  // keep[key * kBlockQ + query]
           dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, true, buf.keep, kBlockQ);
         // A diagonal tile runs as bands of kBand keys; each band starts at the first query its
@@ -250,11 +251,11 @@ void backward_tiles(const BackwardArgs& a, const GroupView& g, int64_t b, int64_
                kHeadDimChainK);
           for (int64_t j = r0; j < r1; ++j) {
             float* row = P + (j - r0) * kBlockQ;
-            if (sc.prescale) row_scale(row, n, sc.c);
+            if (scaled) row_scale(row, n, sc.c);
             if (p.mask_kind != MaskKind::none) apply_user_mask_to_key(p, b, h, q0 + c0, k0 + j, n, row);
             // On a diagonal tile the queries before key j's first viewer get P = 0.
             const int64_t hidden = diagonal ? std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, n) : 0;
-            row_exp2_fma(row, sc.row_c, neg_lse + q0 + c0, n, hidden);
+            row_exp2_fma(row, scaled ? 1.f : sc.row_c, neg_lse + q0 + c0, n, hidden);
           }
 
           const float* keep_scale = nullptr;

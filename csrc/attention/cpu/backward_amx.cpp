@@ -204,6 +204,7 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
       for (int64_t q0 = q_first / kBlockQ * kBlockQ; q0 < s.len_q; q0 += kBlockQ) {
         const int64_t qb = std::min(kBlockQ, s.len_q - q0), qb32 = round_up(qb, 32);
         const bool diagonal = p.causal && q0 + off < k0 + kb - 1;
+        const bool scaled = scale_first(sc, qp.neg_lse + q0, qb);  // rows scaled before the exp
         if (dropout)  // keep[key * kBlockQ + query]
           dropout_block(p.seed, p.offset, lse_index(p, b, h, s, q0), qb, k0, kb, p.dropout_p, true, buf.keep, kBlockQ);
         // Diagonal tiles run as bands of kBand keys; each band starts at the kTileCols-column
@@ -236,12 +237,12 @@ void backward_tiles(const BackwardArgs& a, const Dims& d, const KPack& kp, int64
               continue;
             }
             const int64_t valid = std::max<int64_t>(0, qb - c0);  // real queries in the band's columns
-            if (sc.prescale) row_scale(row, valid, sc.c);
+            if (scaled) row_scale(row, valid, sc.c);
             if (p.mask_kind != MaskKind::none) apply_user_mask_to_key(p, b, h, q0 + c0, k0 + j, valid, row);
             // Queries before the key's diagonal see P = 0. Padded queries have neg_lse = -inf,
             // so P = 0 there too.
             const int64_t hidden = diagonal ? std::clamp<int64_t>(k0 + j - off - q0 - c0, 0, valid) : 0;
-            row_exp2_fma(row, sc.row_c, qp.neg_lse + q0 + c0, n, hidden);
+            row_exp2_fma(row, scaled ? 1.f : sc.row_c, qp.neg_lse + q0 + c0, n, hidden);
           }
 
           const float* keep_scale = nullptr;

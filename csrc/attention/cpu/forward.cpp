@@ -126,7 +126,7 @@ void forward_tile(const ForwardArgs& a, const float* kt, const RowMajorB& vr, in
         std::memset(row, 0, sizeof(float) * width);
         continue;
       }
-      const float sum = row_exp2_sum(row, n, sc.row_c, m_new[r]);
+      const float sum = row_exp2_sum(row, n, exp_factor(sc, m_new[r]), m_new[r]);
       if (n < width) std::memset(row + n, 0, sizeof(float) * (width - n));
       if (l[r] > 0.f && alpha[r] != 1.f) row_scale(O + r * Dv, Dv, alpha[r]);
       l[r] = l[r] * alpha[r] + sum;

@@ -149,12 +149,12 @@ void forward_tile(const ForwardArgs& a, const Dims& d, const KVPack& kv, int64_t
       }
       float sum;
       if (p.dropout_p > 0.f) {  // the row sum takes P before dropout
-        sum = row_exp2_sum(row, n, sc.row_c, m_new[r]);
+        sum = row_exp2_sum(row, n, exp_factor(sc, m_new[r]), m_new[r]);
         if (n < width) std::memset(row + n, 0, sizeof(float) * (width - n));
         row_dropout(row, buf.keep + r * kBlockK, n, n, drop_scale, nullptr, row);
         to_bf16(row, prow, width);
       } else {
-        sum = exp2_to_bf16(row, n, width, sc.row_c, m_new[r], prow);
+        sum = exp2_to_bf16(row, n, width, exp_factor(sc, m_new[r]), m_new[r], prow);
       }
       if (l[r] > 0.f && alpha[r] != 1.f) row_scale(O + r * d.Dvp, d.Dv, alpha[r]);
       l[r] = l[r] * alpha[r] + sum;

@@ -182,9 +182,33 @@ inline SoftmaxScale softmax_scale(const Problem& p) {
   return {c, prescale, prescale ? 1.f : c};
 }
 
+// Rows whose softmax shift (running max, or -lse) is large are scaled first, as masked rows are,
+// and exponentiated with a factor of 1. The FMA s * c - shift rounds once, but leaves a row's
+// maximum 2^(s c - round(s c)), up to 2^(ulp(shift) / 2), not 2^0: the forward's common factor
+// cancels in the row sum until it under- or overflows (a score of 2.5e19 gave the row 0, where
+// torch gives v); the backward, whose P = 2^(s c - lse) has no sum to cancel it, was off by up to
+// ulp(lse), which a huge key multiplies into dQ (a key that takes its rows: dQ off by 1e-2 of its
+// size at score 1e4, NaN at 1e10; float64 and torch's math backend exact). Scaled first, that
+// maximum's argument is exactly 0 and its P exactly 1. The cost is the product's own rounding,
+// at most ulp(score) / 2, as much as the fp32 score GEMM's last rounding already put there:
+// random scores at temperature 64, every row scaled first, moved dQ's error of float64 from
+// 1.3e-5 to 1.6e-5 of its size and dK's from 1.7e-5 to 2.0e-5 (torch's fused kernel: 1.2e-5, 1.4e-5).
+// Below 2^6 (typical rows) nothing changes. Fully masked rows (-inf) are not large; NaN is.
+inline bool huge_shift(float shift) { return shift != -INFINITY && !(std::fabs(shift) < 0x1p6f); }
+// The factor the exp applies to row r's scores once pass 1 has run: 1 for rows scaled first.
+inline float exp_factor(const SoftmaxScale& sc, float shift) { return huge_shift(shift) ? 1.f : sc.row_c; }
+// Whether a backward tile's rows, whose shifts are the -lse of queries [0, n), are scaled first.
+inline bool scale_first(const SoftmaxScale& sc, const float* neg_lse, int64_t n) {
+  if (sc.prescale) return true;
+  for (int64_t i = 0; i < n; ++i)
+    if (huge_shift(-neg_lse[i])) return true;
+  return false;
+}
+
 // Pass 1 of the online softmax over a tile of scores S (row stride lds) for query rows
 // [q0, q0 + rows) and keys from k0, of which row r sees the first n_of(r): masks, the new
 // running maxima m_new[r] = max(m[r], scaled row max), and alpha[r] = 2^(m[r] - m_new[r]).
+// Pass 2 exponentiates row r with exp_factor(sc, m_new[r]).
 template <class VisibleCols>
 inline void online_softmax_maxima(const Problem& p, int64_t b, int64_t h, int64_t q0, int64_t k0, int64_t rows,
                                   float* S, int64_t lds, const VisibleCols& n_of, const SoftmaxScale& sc,
@@ -197,6 +221,7 @@ inline void online_softmax_maxima(const Problem& p, int64_t b, int64_t h, int64_
       apply_user_mask(p, b, h, q0 + r, k0, n, row);
     }
     m_new[r] = max_of(m[r], row_max(row, n) * sc.row_c);
+    if (!sc.prescale && huge_shift(m_new[r])) row_scale(row, n, sc.c);  // pass 2: exp_factor 1
   }
   exp2_of_difference(m, m_new, alpha, rows);
 }
