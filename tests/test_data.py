@@ -474,6 +474,30 @@ def test_tsv_quoting_is_told_by_how_a_field_opens(tmp_path):
         assert sources.read_file(str(tmp_path / name)) == {k: want[k].tolist() for k in want.columns}, name
 
 
+def test_tsv_quoted_line_breaks_with_tabs_read_as_pandas(tmp_path):
+    """pandas' to_csv(sep="\t") quotes a field holding a line break and a tab; read with quoting off, a last
+    column's "first line\nsecond\tpart" is two rows of full length, which no rule took for quoting: a 40-row file
+    read as 41 rows and a third class named after the text (a probe, 2026-12-05). A middle column's such field
+    split into rows of other lengths (fields shifted), and one column's "a\n\tb" was refused. Each reads as pandas
+    reads it now; an SST-2-style file's quote is still text (test_tsv_quoting_is_told_by_how_a_field_opens)."""
+    pd = pytest.importorskip("pandas")
+    frames = {"last.tsv": pd.DataFrame({"label": [1, 0, 1], "sentence": ["first line\nsecond\tpart", "plain", "ok"]}),
+              "middle.tsv": pd.DataFrame({"text": [" "], "label": ['\t  \nx"y'], "extra": [",b "]}),
+              "one.tsv": pd.DataFrame({"text": ["a\n\tb", "c"]}),
+              "lines.tsv": pd.DataFrame({"label": [0, 1], "text": ["one\ntwo\tthree\nfour\tfive", "six"]})}
+    for name, frame in frames.items():
+        frame.to_csv(tmp_path / name, sep="\t", index=False)
+        want = pd.read_csv(tmp_path / name, sep="\t", dtype=str, keep_default_na=False)
+        assert want.astype(str).equals(frame.astype(str)), name  # (the reference reads back what was written)
+        assert sources.read_file(str(tmp_path / name)) == {k: want[k].tolist() for k in want.columns}, name
+    rows = [{"label": i % 2, "sentence": f"review {i} is fine"} for i in range(40)]
+    rows[5]["sentence"] = "great movie\nverdict\tworth it"
+    pd.DataFrame(rows).to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    ds = prepare(tmp_path / "train.tsv", MODEL, 16, tmp_path / "o", validation_fraction=0)
+    labels = ds["train"].labels.tolist()  # (integer labels: no names; the misread file named 0, 1 and "verdict")
+    assert ds.label_names is None and len(labels) == 40 and labels.count(1) == 20 and set(labels) == {0, 1}
+
+
 def test_blank_lines_anywhere_and_unnamed_columns_read_as_pandas(tmp_path):
     """Blank lines above the header made the file unreadable ("row 2 has 2 fields but the header has 0"), a line
     of spaces was a row (an evaluation split's unlabeled empty text), and a spreadsheet's trailing empty columns

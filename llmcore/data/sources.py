@@ -142,6 +142,40 @@ def _csv_quoted(header: List[str], rows: List[list]) -> bool:
     return False
 
 
+def _quote_spans_lines(columns: int, rows: List[list]) -> bool:
+    """Whether, read with quoting off, a quoted field seems to continue past its line where ``_csv_quoted``'s rules
+    do not look: a row that ends inside a quote (a field opened it, none after it on the line closed it) followed
+    by a row short of ``columns`` fields (the quote opened in a middle column: ``" \ta\tb"``), or a row whose last
+    field opens a quote and a later row that closes it, whatever their lengths (a last column's ``"a\nb\tc"``
+    splits into two rows of full length). A row of full length whose first field opens a quote a later row closes
+    is the text of an SST-2-style file (``"Best purchase ever\t1``). The TSV reader takes either for quoting only
+    when the whole file then reads as CSV, each row the header's length."""
+    inside = crossed = from_last = False  # crossed: the previous row ended inside; from_last: its last field opened
+    for row in rows:
+        if _blank(row):
+            continue
+        if crossed and len(row) < columns:
+            return True
+        for i, field in enumerate(row):
+            if inside and _closes_quote(field):
+                if crossed and from_last:
+                    return True
+                inside = False
+            elif not inside and _opens_quote(field):
+                inside, crossed, from_last = True, False, i == len(row) - 1
+        crossed = inside
+    return False
+
+
+def _reads_as_csv(f, columns: int) -> bool:
+    """Whether TSV file ``f`` reads with CSV quoting, strictly, into rows of ``columns`` fields (blank ones aside)."""
+    try:
+        rows = list(csv.reader(f, delimiter="\t", strict=True))
+    except csv.Error:
+        return False
+    return all(len(row) == columns for row in rows if not _blank(row))
+
+
 def _first_bad_utf8(path: str) -> str:
     """Where ``path``'s first byte that is not UTF-8 is, as "line N, byte offset M" (a decode error's own position
     is one within the chunk the reader was decoding)."""
@@ -211,7 +245,11 @@ def _read_file(path: str) -> Table:
             if ext == ".tsv":
                 rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
                 lead = next((i for i, row in enumerate(rows) if not _blank(row)), len(rows))
-                if lead < len(rows) and _csv_quoted(rows[lead], rows[lead + 1:]):
+                quoted = lead < len(rows) and _csv_quoted(rows[lead], rows[lead + 1:])
+                if lead < len(rows) and not quoted and _quote_spans_lines(len(rows[lead]), rows[lead + 1:]):
+                    f.seek(0)
+                    quoted = _reads_as_csv(f, len(rows[lead]))
+                if quoted:
                     f.seek(0)
                     last = _LastLine(f)
                     reader = csv.reader(last, delimiter="\t", strict=True)
