@@ -266,7 +266,8 @@ def _finetune(args: argparse.Namespace) -> int:
                            tokenizer=args.tokenizer, text_column=args.text_column, label_column=args.label_column,
                            device=args.device, eval_data=args.eval_data, task=args.task, overflow=args.overflow,
                            overwrite_output_dir=args.overwrite_output_dir, data_config=args.data_config, **train)
-    except (OSError, ValueError, TypeError, ImportError, DataLoadError, BackendUnavailableError) as e:
+    except (OSError, ValueError, TypeError, ImportError, NotImplementedError, DataLoadError,
+            BackendUnavailableError) as e:  # (NotImplementedError: a setting llmcore refuses, e.g. left truncation)
         print(f"llmcore finetune: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # (under torchrun: once, not once per rank)

@@ -185,6 +185,20 @@ def test_finetune_cli_bad_data(tmp_path, capsys):
     assert "llmcore finetune: error:" in capsys.readouterr().err
 
 
+def test_finetune_cli_left_truncation_is_an_error(tmp_path, capsys):
+    """A tokenizer folder whose tokenizer_config.json truncates on the left, which llmcore refuses: prepare named it
+    in one line, finetune ended in a NotImplementedError traceback (a probe)."""
+    model = tmp_path / "model"
+    shutil.copytree(minilm_dir(), model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(dict(config, truncation_side="left")))
+    data = _csv_dir(tmp_path, "data", train=[("good film", 1), ("bad film", 0)] * 4, validation=[("fine", 1)])
+    assert main(["finetune", "--data", str(data), "--model", str(model), "--output-dir", str(tmp_path / "o"),
+                 "--max-steps", "1", "--report-to", "none"]) == 2
+    assert "llmcore finetune: error: truncation_side='left'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
 
 def _csv_dir(tmp_path, name, **splits):
     data = tmp_path / name
