@@ -153,6 +153,32 @@ def test_cache_hit_and_miss(tmp_path):
     assert not changed.cache_hit and len(changed["validation"]) == 3
 
 
+def test_config_model_type_is_part_of_the_cache_key(tmp_path):
+    """Without a tokenizer_class in tokenizer_config.json, config.json's model_type picks the tokenizer's class, and
+    with it the special tokens; the cache key hashed the tokenizer files only, so a changed model_type was a cache
+    hit with the earlier ids (a probe). Each run's ids must be the folder's tokenizer's, loaded afresh."""
+    import shutil
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("vocab.txt", "config.json"):
+        shutil.copy(os.path.join(MODEL, name), folder / name)
+    spec = json.loads(open(os.path.join(MODEL, "tokenizer.json"), encoding="utf-8").read())
+    spec.update(post_processor=None, padding=None, truncation=None)  # (no template: the class adds the tokens)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "small.csv").write_text("text,label\nhello world,0\ngood film,1\n")
+    config = json.loads((folder / "config.json").read_text())
+    firsts = []
+    for model_type in ("bert", "gpt2"):
+        (folder / "config.json").write_text(json.dumps(dict(config, model_type=model_type)))
+        ds = prepare(tmp_path / "small.csv", str(folder), 16, tmp_path / "o", validation_fraction=0)
+        want = llmcore.Tokenizer.from_pretrained(str(folder)).encode("hello world")
+        assert not ds.cache_hit and [int(i) for i in ds["train"][0]] == want, model_type
+        firsts.append(want)
+    assert firsts[0] != firsts[1]  # (the case is what it says: the two classes differ)
+    assert prepare(tmp_path / "small.csv", str(folder), 16, tmp_path / "o", validation_fraction=0).cache_hit
+
+
 def test_cache_hit_needs_every_file_of_the_result(tmp_path):
     """A file of the result removed since (labels, lengths) makes the next call a miss that rebuilds it: a hit
     returned the split without its labels, or failed to load at every call ("prepare it again")."""
