@@ -1503,3 +1503,9 @@ def test_file_reading_details_as_pandas_and_datasets(tmp_path):
     row = tmp_path / "row.json"
     row.write_text('{"text": "only row", "label": 1}\n')
     assert sources.read_file(str(row)) == {"text": ["only row"], "label": [1]}
+    # (one row with a list and a dict value, as datasets' to_json writes it, was refused: a later probe)
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["only row"], "label": [1], "tags": [["a", "b"]], "meta": [{"k": 2}]}) \
+        .to_json(str(row))
+    want = datasets.load_dataset("json", data_files=str(row), split="train", cache_dir=str(tmp_path / "hf")).to_dict()
+    assert sources.read_file(str(row)) == want

@@ -315,8 +315,10 @@ def _read_file(path: str) -> Table:
             return {k: list(v) for k, v in obj.items()}
         elif isinstance(obj, dict) and isinstance(records, list):
             obj = records
-        elif isinstance(obj, dict) and obj and not any(isinstance(v, (dict, list)) for v in obj.values()):
-            obj = [obj]  # one record: a one-row JSON Lines file named .json (datasets' to_json of one row)
+        elif isinstance(obj, dict) and obj and not all(isinstance(v, (dict, list)) for v in obj.values()):
+            # one record: a one-row JSON Lines file named .json (datasets' to_json of one row), its lists and dicts
+            # values of that row (a tags column), as datasets reads it (a probe: refused as "expected a list")
+            obj = [obj]
         if not isinstance(obj, list):
             raise ValueError(f"{path!r}: expected a list of records or a dict of columns")
         return _records_to_table(obj, path)
