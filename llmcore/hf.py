@@ -49,6 +49,11 @@ logger = logging.getLogger(__name__)
 NAME = "llmcore"
 _MIN_TRANSFORMERS = "4.53"  # the first release with masking_utils.AttentionMaskInterface
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Tensor arguments transformers passes an attention function that do not change what it computes; any other
+# tensor (a sinks parameter, a sparse-attention index set: Inkling2's ``sinks``, DeepSeek-V3.2's ``indices``) is
+# refused rather than dropped (a probe: both ran as dense attention, logits off by 0.05-0.5).
+_INERT_TENSOR_KWARGS = frozenset({*_VARLEN_KWARGS, "position_ids", "num_items_in_batch", "cache_position",
+                                  "token_type_ids"})
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,6 +133,11 @@ def attention_forward(
     if kwargs.get("s_aux") is not None:
         raise ValueError("llmcore attention does not support attention sinks (`s_aux`); "
                          "use attn_implementation='eager'")
+    unknown = sorted(n for n, v in kwargs.items() if isinstance(v, Tensor) and n not in _INERT_TENSOR_KWARGS)
+    if unknown:
+        raise ValueError(f"llmcore attention does not know the tensor argument(s) {unknown} that "
+                         f"{type(module).__name__} passes, which may change the attention (sinks, sparse indices): "
+                         "use attn_implementation='eager'")
     if kwargs.get("output_attentions", False):
         warnings.warn("llmcore attention does not return attention weights (output_attentions=True): the output's "
                       "attentions are empty. model.set_attn_implementation('eager') gives them.", stacklevel=2)
@@ -150,14 +160,39 @@ def attention_forward(
         if all(kwargs.get(k) is not None for k in _VARLEN_KWARGS):
             if position_bias is not None:
                 raise ValueError("llmcore attention does not support `position_bias` with packed (cu_seq_lens) inputs")
-            window = kwargs.get("sliding_window")
-            if window is not None and int(kwargs["max_length_k"]) > window:  # (shorter sequences: no key outside)
-                raise ValueError(f"llmcore attention does not support `sliding_window` ({window}) with packed "
-                                 f"(cu_seq_lens) sequences longer than it (max_length_k {int(kwargs['max_length_k'])})")
+            longest = int(kwargs["max_length_k"])
+            for name, window in _packed_windows(module, kwargs):
+                if longest > window:  # (shorter sequences: no key outside it)
+                    raise ValueError(f"llmcore attention does not support `{name}` ({window}) with packed "
+                                     f"(cu_seq_lens) sequences longer than it (max_length_k {longest}): pass padded "
+                                     "batches, or packed ones without the cu_seq_lens arguments, whose mask carries it")
             out = _packed_attention(query, key, value, dropout, scaling, bool(causal), kwargs)
         else:
             out = _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias)
     return out, None
+
+
+def _packed_windows(module: nn.Module, kwargs: dict) -> list:
+    """(name, size) of the windows a packed call may have to keep keys inside: the ``sliding_window`` argument where
+    transformers passes one (None: a full-attention layer); else the module's ``sliding_window``, or its config's
+    (layer_types and use_sliding_window respected), as Qwen2-MoE and PhiMoE apply theirs only through the mask,
+    which packed inputs drop; and chunked attention's ``attention_chunk_size`` (Llama 4). A probe: packed logits
+    off by 0.4 with the window lost."""
+    config = getattr(module, "config", None)
+    if "sliding_window" in kwargs:
+        found = [("sliding_window", kwargs["sliding_window"])]
+    elif hasattr(module, "sliding_window"):
+        found = [("sliding_window", module.sliding_window)]
+    else:
+        window = getattr(config, "sliding_window", None)
+        types, layer = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+        if getattr(config, "use_sliding_window", True) is False or (
+                isinstance(types, (list, tuple)) and isinstance(layer, int) and 0 <= layer < len(types)
+                and types[layer] != "sliding_attention"):
+            window = None
+        found = [("config.sliding_window", window)]
+    found.append(("attention_chunk_size", getattr(config, "attention_chunk_size", None)))
+    return [(n, w) for n, w in found if isinstance(w, int) and not isinstance(w, bool) and w > 0]
 
 
 def _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias) -> Tensor:

@@ -304,6 +304,69 @@ def test_packed_batch_with_a_sliding_window():
         ours(ids, position_ids=pos, use_cache=False, **fa)
 
 
+def _window_only_in_the_mask(kind, window):
+    """A tiny model that applies its sliding window (or Llama 4's chunks) only through the mask it builds: the
+    attention function gets no ``sliding_window`` argument."""
+    hf.register()
+    torch.manual_seed(0)
+    small = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64)
+    if kind == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                          shared_expert_intermediate_size=32, num_experts_per_tok=2,
+                                          use_sliding_window=True, sliding_window=window, max_window_layers=0,
+                                          layer_types=["sliding_attention"] * 2, **small)
+    elif kind == "phimoe":
+        cfg = transformers.PhimoeConfig(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                                        sliding_window=window, **small)
+    else:
+        cfg = transformers.Llama4TextConfig(intermediate_size=96, intermediate_size_mlp=96, num_local_experts=2,
+                                            num_experts_per_tok=1, head_dim=16, attention_chunk_size=window,
+                                            no_rope_layers=[1, 0], **small)
+    cfg._attn_implementation = "eager"
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind, name", [("qwen2_moe", "sliding_window"), ("phimoe", "config.sliding_window"),
+                                        ("llama4", "attention_chunk_size")])
+def test_packed_batch_where_the_window_is_only_in_the_mask(kind, name):
+    """Qwen2-MoE, PhiMoE and Llama 4 (chunks) apply their window only through the mask, which packed inputs drop,
+    and pass the attention function no sliding_window: packed, the window was silently lost (a probe: logits off by
+    0.4 from each sequence run alone). Longer sequences are refused now; shorter ones, which no window cuts, run."""
+    ids, pos, fa, lengths = _packed()
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    for window in (max(lengths) - 1, max(lengths)):
+        ref = _window_only_in_the_mask(kind, window)
+        ours = copy.deepcopy(ref)
+        ours.set_attn_implementation("llmcore")
+        with torch.no_grad():
+            each = torch.cat([ref(ids[:, s:e]).logits for s, e in zip(starts, starts[1:])], dim=1)
+            if window < max(lengths):
+                with pytest.raises(ValueError, match=rf"`{name}` \({window}\) with packed .* \(max_length_k 7\)"):
+                    ours(ids, position_ids=pos, use_cache=False, **fa)
+                # (without the cu_seq_lens arguments the mask carries the window, and llmcore follows it)
+                torch.testing.assert_close(ours(ids, position_ids=pos, use_cache=False).logits, each, **FP32)
+            else:
+                torch.testing.assert_close(ours(ids, position_ids=pos, use_cache=False, **fa).logits, each, **FP32)
+
+
+def test_unknown_tensor_arguments_are_refused():
+    """An attention function gets the attention module's keyword arguments; llmcore dropped those it did not know,
+    so Inkling2's sinks and DeepSeek-V3.2's sparse ``indices`` ran as dense attention (a probe: logits off by
+    0.05-0.5). A tensor argument llmcore does not know is refused, naming it; the inert ones transformers passes
+    (position_ids, num_items_in_batch, ...) are not."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 6, 16, generator=g) for _ in range(3))
+    module = nn.Module()
+    for name in ("sinks", "indices"):
+        with pytest.raises(ValueError, match=rf"tensor argument\(s\) \['{name}'\] that Module passes"):
+            hf.attention_forward(module, q, k, v, None, **{name: torch.zeros(4)})
+    out, _ = hf.attention_forward(module, q, k, v, None, scaling=0.25, position_ids=torch.arange(6)[None],
+                                  num_items_in_batch=torch.tensor(6), cache_position=torch.arange(6))
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, scale=0.25)
+    torch.testing.assert_close(out, want.transpose(1, 2).float(), **FP32)
+
+
 def test_packed_batch_rejects_batch_above_one():
     _, ours = _pair("llama")
     ids, pos, fa, _ = _packed()
