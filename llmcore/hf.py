@@ -168,7 +168,8 @@ def attention_forward(
                                      "batches, or packed ones without the cu_seq_lens arguments, whose mask carries it")
             out = _packed_attention(query, key, value, dropout, scaling, bool(causal), kwargs)
         else:
-            out = _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias)
+            out = _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias,
+                                   kwargs.get("position_ids"))
     return out, None
 
 
@@ -195,11 +196,20 @@ def _packed_windows(module: nn.Module, kwargs: dict) -> list:
     return [(n, w) for n, w in found if isinstance(w, int) and not isinstance(w, bool) and w > 0]
 
 
-def _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias) -> Tensor:
+def _dense_attention(query, key, value, attention_mask, dropout, scaling, causal, position_bias,
+                     position_ids=None) -> Tensor:
     q_length = query.shape[2]
     # As sdpa_attention_forward: is_causal only for prefill with no mask; a decode step sees every key.
     is_causal = bool(q_length > 1 and attention_mask is None and causal)
-    if is_causal and key.shape[2] > q_length:
+    if is_causal and isinstance(position_ids, Tensor) and position_ids.shape[-1] > q_length:
+        # The queries are the last q_length of a longer sequence (Gemma 4's KV-shared layers under logits_to_keep,
+        # which transformers slices for every attention but sdpa when no mask is built): query i sees the keys up to
+        # its own position, not the top-left triangle (a probe: logits off by 0.22).
+        positions = position_ids[..., -q_length:].to(query.device)
+        keys = torch.arange(key.shape[2], device=query.device)
+        attention_mask = (keys <= positions[..., None]).unsqueeze(-3)  # (B or 1, 1, Lq, Lk)
+        is_causal = False
+    elif is_causal and key.shape[2] > q_length:
         # Prefill into an empty StaticCache: the keys past q_length are empty slots, and the
         # top-left-aligned causal mask never reaches them.
         key, value = key[:, :, :q_length], value[:, :, :q_length]

@@ -350,6 +350,33 @@ def test_packed_batch_where_the_window_is_only_in_the_mask(kind, name):
                 torch.testing.assert_close(ours(ids, position_ids=pos, use_cache=False, **fa).logits, each, **FP32)
 
 
+def test_gemma4_kv_shared_layers_under_logits_to_keep():
+    """Gemma 4 slices the queries of its KV-shared layers to the last logits_to_keep tokens for every attention but
+    sdpa when no mask is built; llmcore's is_causal then took them for a StaticCache prefill's first queries and
+    cut the keys (a probe: logits_to_keep=3 off by 0.22 from eager). Each query sees the keys up to its position."""
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    hf.register()
+    torch.manual_seed(0)
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=16, sliding_window=4, vocab_size_per_layer_input=96,
+        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+        num_kv_shared_layers=2, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation("llmcore")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = ref(ids).logits
+        for keep in (1, 3, 12):
+            torch.testing.assert_close(ours(ids, logits_to_keep=keep).logits, full[:, -keep:], **FP32)
+    for cache in (None, "static"):  # (a StaticCache prefill's keys past the prompt stay out of reach)
+        kw = dict(max_new_tokens=4, do_sample=False, cache_implementation=cache)
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw)), cache
+
+
 def test_unknown_tensor_arguments_are_refused():
     """An attention function gets the attention module's keyword arguments; llmcore dropped those it did not know,
     so Inkling2's sinks and DeepSeek-V3.2's sparse ``indices`` ran as dense attention (a probe: logits off by
