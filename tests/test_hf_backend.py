@@ -269,14 +269,19 @@ def _packed(vocab=96, lengths=(5, 7, 4)):
     return ids, pos, fa, lengths
 
 
+def _each_alone(model, ids, lengths):
+    """The logits of each sequence packed in row ``ids`` run alone, concatenated as packed."""
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    return torch.cat([model(ids[:, s:e]).logits for s, e in zip(starts, starts[1:])], dim=1)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral"])
 def test_packed_batch_runs_varlen(kind, spy):
     ref, ours = _pair(kind)
     ids, pos, fa, lengths = _packed()
     with torch.no_grad():
         out = ours(ids, position_ids=pos, use_cache=False, **fa).logits
-        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-        each = torch.cat([ref(ids[:, s:e]).logits for s, e in zip(starts, starts[1:])], dim=1)
+        each = _each_alone(ref, ids, lengths)
     torch.testing.assert_close(out, each, **FP32)
     assert len(spy["varlen"]) == 2 and not spy["sdpa"]
     assert spy["varlen"][0]["q"] == (ids.shape[1], 4, 16) and spy["varlen"][0]["is_causal"]
@@ -294,9 +299,8 @@ def test_packed_batch_with_a_sliding_window():
     packed, they run; a longer one is refused, naming both (varlen attention takes no window)."""
     ids, pos, fa, lengths = _packed()
     ref, ours = _pair("mistral", sliding_window=max(lengths))
-    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     with torch.no_grad():
-        each = torch.cat([ref(ids[:, s:e]).logits for s, e in zip(starts, starts[1:])], dim=1)
+        each = _each_alone(ref, ids, lengths)
         torch.testing.assert_close(ours(ids, position_ids=pos, use_cache=False, **fa).logits, each, **FP32)
     ours.config.sliding_window = max(lengths) - 1
     with pytest.raises(ValueError, match=r"`sliding_window` \(6\) with packed \(cu_seq_lens\) sequences longer than "
@@ -334,13 +338,12 @@ def test_packed_batch_where_the_window_is_only_in_the_mask(kind, name):
     and pass the attention function no sliding_window: packed, the window was silently lost (a probe: logits off by
     0.4 from each sequence run alone). Longer sequences are refused now; shorter ones, which no window cuts, run."""
     ids, pos, fa, lengths = _packed()
-    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     for window in (max(lengths) - 1, max(lengths)):
         ref = _window_only_in_the_mask(kind, window)
         ours = copy.deepcopy(ref)
         ours.set_attn_implementation("llmcore")
         with torch.no_grad():
-            each = torch.cat([ref(ids[:, s:e]).logits for s, e in zip(starts, starts[1:])], dim=1)
+            each = _each_alone(ref, ids, lengths)
             if window < max(lengths):
                 with pytest.raises(ValueError, match=rf"`{name}` \({window}\) with packed .* \(max_length_k 7\)"):
                     ours(ids, position_ids=pos, use_cache=False, **fa)
