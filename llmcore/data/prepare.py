@@ -198,18 +198,11 @@ class PreparedDataset:
         return f"PreparedDataset({self.directory!r}, {list(self.splits.values())})"
 
 
-def _model_type(folder: str):
-    """config.json's ``model_type``, which picks the tokenizer's class where tokenizer_config.json names none (and
-    so its special tokens): part of the cache key, not the rest of config.json (a probe: a changed model_type was
-    a cache hit with the earlier ids)."""
-    from llmcore.tokenizer import _loaders
-
-    return _loaders.model_type(folder)
-
-
 def _tokenizer_and_fingerprint(tokenizer):
-    """(Tokenizer, fingerprint) from a Tokenizer, a model/tokenizer folder or a tokenizer.json path."""
-    from llmcore.tokenizer import Tokenizer
+    """(Tokenizer, fingerprint) from a Tokenizer, a model/tokenizer folder or a tokenizer.json path. A folder's key
+    holds its config.json's ``model_type``, which picks the tokenizer's class where tokenizer_config.json names none
+    (and so its special tokens), not the rest of config.json (a probe: a changed model_type was a cache hit)."""
+    from llmcore.tokenizer import Tokenizer, _loaders
 
     h = hashlib.sha256()
     if isinstance(tokenizer, Tokenizer):
@@ -227,7 +220,7 @@ def _tokenizer_and_fingerprint(tokenizer):
                     with open(p, "rb") as f:
                         h.update(f.read())
             if os.path.isdir(path):
-                h.update(repr(_model_type(path)).encode())
+                h.update(repr(_loaders.model_type(path)).encode())
         # (what the object was given beside its files: a tokenizer_config.json's pad token, or one set by hand)
         h.update(json.dumps([tokenizer.pad_token_id, tokenizer._config], sort_keys=True, default=str).encode())
         return tokenizer, h.hexdigest()
@@ -242,7 +235,7 @@ def _tokenizer_and_fingerprint(tokenizer):
                 h.update(n.encode())
                 with open(p, "rb") as f:
                     h.update(f.read())
-        h.update(repr(_model_type(path)).encode())
+        h.update(repr(_loaders.model_type(path)).encode())
         return tok, h.hexdigest()
     if os.path.isfile(path):
         return _tokenizer_and_fingerprint(Tokenizer.from_file(path))
