@@ -240,12 +240,13 @@ void bind_tokenizer(py::module_& m) {
         return tk::Tokenizer::byte_level_bpe(tk::BytePairEncoder::from_merges(std::move(v), std::move(mg), ignore_merges),
                                              parse_pattern(pattern), add_prefix_space);
       }, py::arg("vocab"), py::arg("merges"), py::arg("ignore_merges"), py::arg("pattern"), py::arg("add_prefix_space"))
-      .def("set_added_tokens", [](tk::Tokenizer& t, const std::vector<std::tuple<std::string, int32_t, bool, bool, bool, bool>>& tokens) {
+      .def("set_added_tokens", [](tk::Tokenizer& t,
+                                  const std::vector<std::tuple<std::string, int32_t, bool, bool, bool, bool, bool>>& tokens) {
         std::vector<tk::AddedToken> added;
-        for (const auto& [content, id, special, single_word, lstrip, rstrip] : tokens)
-          added.push_back({content, id, special, single_word, lstrip, rstrip});
+        for (const auto& [content, id, special, single_word, lstrip, rstrip, normalized] : tokens)
+          added.push_back({content, id, special, single_word, lstrip, rstrip, normalized});
         t.set_added_tokens(std::move(added));
-      }, py::arg("tokens"), "(content, id, special, single_word, lstrip, rstrip) tuples.")
+      }, py::arg("tokens"), "(content, id, special, single_word, lstrip, rstrip, normalized) tuples.")
       .def("set_template", [](tk::Tokenizer& t, const py::list& single, const py::list& pair) {
         t.set_template(parse_template(single), parse_template(pair));
       }, py::arg("single"), py::arg("pair"))

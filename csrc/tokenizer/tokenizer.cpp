@@ -74,7 +74,11 @@ void Tokenizer::set_added_tokens(std::vector<AddedToken> tokens) {
   for (const auto& t : tokens) set_token_text(t.id, t.content, t.special);
   added_ = std::move(tokens);
   added_first_.assign(256, 0);
-  for (const auto& t : added_) added_first_[uint8_t(t.content[0])] = 1;
+  added_normalized_ = false;
+  for (const auto& t : added_) {
+    added_first_[uint8_t(t.content[0])] |= uint8_t(1u << t.normalized);
+    added_normalized_ = added_normalized_ || t.normalized;
+  }
 }
 
 std::vector<uint8_t> Tokenizer::added_skip_mask(const std::vector<std::string>& contents) const {
@@ -96,21 +100,41 @@ size_t Tokenizer::num_special_tokens(bool pair) const {
   return n;
 }
 
-// Leftmost match, longest at that position; single_word / lstrip / rstrip as HF applies them: the matches are
-// found first (the next one searched from the end of the last, refused or not), then a single_word match next to
-// a word character is dropped, and lstrip / rstrip widen a kept one over the spaces beside it -- its rstrip can
-// overlap the next match, which is kept too (HF's offsets then overlap), unless that one is lstrip.
+// HF's two passes: the added tokens matched in the text as written (normalized=false) over the whole text, then
+// those matched after normalization (normalized=true) inside each span the first pass left. (llmcore loads
+// normalized=true tokens only where normalization leaves the text as it is.) A second-pass match sees its span's
+// ends as the text's: single_word takes them for word boundaries, lstrip / rstrip stop at them.
 void Tokenizer::split_added(std::string_view text, const std::vector<uint8_t>* skip, bool skip_restarts,
                             std::vector<Segment>& out) const {
   out.clear();
   const auto* s = reinterpret_cast<const uint8_t*>(text.data());
-  const size_t n = text.size();
-  size_t plain_begin = 0;
+  if (!added_normalized_) {
+    match_added(s, 0, text.size(), false, skip, skip_restarts, out);
+    return;
+  }
+  thread_local std::vector<Segment> first;  // (reused: no allocation per text)
+  first.clear();
+  match_added(s, 0, text.size(), false, skip, skip_restarts, first);
+  for (const Segment& g : first) {
+    if (g.added_id < 0) match_added(s, g.begin, g.end, true, skip, skip_restarts, out);
+    else out.push_back(g);
+  }
+}
+
+// The matches of one pass in s[begin, end), appended to out with the plain spans between them. Leftmost match,
+// longest at that position; single_word / lstrip / rstrip as HF applies them: the matches are found first (the
+// next one searched from the end of the last, refused or not), then a single_word match next to a word character
+// is dropped, and lstrip / rstrip widen a kept one over the spaces beside it -- its rstrip can overlap the next
+// match, which is kept too (HF's offsets then overlap), unless that one is lstrip.
+void Tokenizer::match_added(const uint8_t* s, size_t begin, size_t end, bool normalized,
+                            const std::vector<uint8_t>* skip, bool skip_restarts, std::vector<Segment>& out) const {
+  const uint8_t pass = uint8_t(1u << normalized);
+  size_t plain_begin = begin;
   if (!added_.empty()) {
-    for (size_t i = 0; i < n; ++i) {
-      if (!added_first_[s[i]]) continue;
+    for (size_t i = begin; i < end; ++i) {
+      if (!(added_first_[s[i]] & pass)) continue;
       size_t k = 0;
-      while (k < added_.size() && !(added_[k].content.size() <= n - i &&
+      while (k < added_.size() && !(added_[k].normalized == normalized && added_[k].content.size() <= end - i &&
                                     std::memcmp(s + i, added_[k].content.data(), added_[k].content.size()) == 0))
         ++k;
       if (k == added_.size()) continue;
@@ -124,9 +148,9 @@ void Tokenizer::split_added(std::string_view text, const std::vector<uint8_t>* s
       }
       size_t start = i, stop = match_end;
       if (hit->single_word) {
-        const bool word_before = start > 0 && is_word_char(last_codepoint(s, start));
+        const bool word_before = start > begin && is_word_char(last_codepoint(s, start));
         size_t j = stop;
-        const bool word_after = stop < n && is_word_char(decode_utf8(s, j));
+        const bool word_after = stop < end && is_word_char(decode_utf8(s, j));
         if (word_before || word_after) {
           i = match_end - 1;  // (the search goes on after the refused match)
           continue;
@@ -135,7 +159,7 @@ void Tokenizer::split_added(std::string_view text, const std::vector<uint8_t>* s
       if (hit->lstrip) {
         while (start > plain_begin) {
           size_t k = start - 1;
-          while (k > 0 && (s[k] & 0xC0) == 0x80) --k;
+          while (k > begin && (s[k] & 0xC0) == 0x80) --k;
           size_t j = k;
           if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
           start = k;
@@ -143,7 +167,7 @@ void Tokenizer::split_added(std::string_view text, const std::vector<uint8_t>* s
         start = std::max(start, plain_begin);  // (a match inside the last one's rstrip spaces: HF's max)
       }
       if (hit->rstrip)
-        while (stop < n) {
+        while (stop < end) {
           size_t j = stop;
           if (!(unicode_flags(decode_utf8(s, j)) & kSpace)) break;
           stop = j;
@@ -160,7 +184,7 @@ void Tokenizer::split_added(std::string_view text, const std::vector<uint8_t>* s
       i = match_end - 1;
     }
   }
-  if (plain_begin < n) out.push_back({uint32_t(plain_begin), uint32_t(n), -1});
+  if (plain_begin < end) out.push_back({uint32_t(plain_begin), uint32_t(end), -1});
 }
 
 void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out, Workspace& ws) const {
@@ -220,8 +244,16 @@ void Tokenizer::encode_plain(std::string_view text, uint32_t base, Encoding& out
         const bool first = k == 0 || start == 0;
         // HF trims in characters: the added prefix space is the first character (first_char_len bytes).
         const size_t skip = at < shift ? first_char_len + lead - 1 : lead;
-        if (lead > 0 && !(trim_keeps_first_ && first && lead == 1))
+        if (lead > 0 && !(trim_keeps_first_ && first && lead == 1)) {
           start = std::min<uint32_t>(start + uint32_t(skip), stop);
+          size_t e = at + bytes.size();
+          if (start == stop && e > shift && e < n && (s[e] & 0xC0) == 0x80) {
+            // trimmed to nothing at a stop inside a character (the prefix space and the first bytes of a
+            // multi-byte one): HF, trimming in characters, leaves it empty at that character's end
+            while (e < n && (s[e] & 0xC0) == 0x80) ++e;
+            start = stop = uint32_t(base + e - shift);
+          }
+        }
         // HF trims in characters: a token of the added prefix space alone spans the first character (one
         // character, first_char_len bytes), which its trailing space takes away whole.
         if (trail > 0 && at + bytes.size() <= shift) stop = start;

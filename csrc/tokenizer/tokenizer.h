@@ -26,6 +26,7 @@ struct AddedToken {
   bool single_word = false;
   bool lstrip = false;
   bool rstrip = false;
+  bool normalized = false;  // matched in HF's second pass, inside the spans the first pass left
 };
 
 // One element of a post-processing template: a special token (its ids) or sequence A/B.
@@ -115,6 +116,8 @@ class Tokenizer {
   Tokenizer() = default;
   void split_added(std::string_view text, const std::vector<uint8_t>* skip, bool skip_restarts,
                    std::vector<Segment>& out) const;
+  void match_added(const uint8_t* s, size_t begin, size_t end, bool normalized, const std::vector<uint8_t>* skip,
+                   bool skip_restarts, std::vector<Segment>& out) const;
   void encode_text(std::string_view text, Encoding& out, uint8_t from_pair, Workspace& ws) const;
   void encode_plain(std::string_view text, uint32_t base, Encoding& out, Workspace& ws) const;
   void trim_added(const uint8_t* s, bool first, uint32_t& start, uint32_t& stop) const;
@@ -129,7 +132,8 @@ class Tokenizer {
   bool trim_keeps_first_ = false;
 
   std::vector<AddedToken> added_;        // sorted by content for matching
-  std::vector<uint8_t> added_first_;     // 256 flags: bytes that can start an added token
+  std::vector<uint8_t> added_first_;     // 256 bit sets: bit p, the byte can start an added token of pass p
+  bool added_normalized_ = false;        // some added token is normalized=true (HF's second pass has work)
   // Decoding: the text (WordPiece) or bytes (BPE) of every id, and which are special.
   std::vector<std::string> decode_text_;
   std::vector<uint8_t> decode_special_;

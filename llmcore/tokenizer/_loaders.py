@@ -50,7 +50,7 @@ class AddedToken:
     single_word: bool = False
     lstrip: bool = False
     rstrip: bool = False
-    normalized: bool = False  # (tokenizer.json's flag; llmcore matches every added token in the raw text)
+    normalized: bool = False  # matched in HF's second pass (llmcore loads such tokens where normalizing is a no-op)
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Spec:
         else:
             native = _C.Tokenizer.bpe_merges(self.vocab, self.merges, self.ignore_merges, self.pattern,
                                              self.add_prefix_space)
-        native.set_added_tokens([(t.content, t.id, t.special, t.single_word, t.lstrip, t.rstrip)
+        native.set_added_tokens([(t.content, t.id, t.special, t.single_word, t.lstrip, t.rstrip, t.normalized)
                                  for t in self.added_tokens])
         if self.kind == "bpe_merges":  # HF's ByteLevel decoder reads an added token in the byte-level alphabet
             to_byte = {c: b for b, c in bytes_to_unicode().items()}
@@ -296,11 +296,9 @@ def _refuse_normalized(path, content: str) -> NoReturn:
                 "included)")
 
 
-def _check_added_tokens(entries: list, added: list, vocab: dict, path) -> None:
+def _check_added_tokens(added: list, vocab: dict, path) -> None:
     """Refuses added tokens HF tokenizers would read otherwise: an id other than the one it assigns as it loads
-    them (the vocab's id of a token already there; else the next after the vocab and the tokens before), and a
-    token matched after normalization (normalized=true: HF's second pass) that can overlap one matched before it
-    (normalized=false) in a text, which llmcore's one pass would split otherwise."""
+    them (the vocab's id of a token already there; else the next after the vocab and the tokens before)."""
     size, assigned = len(vocab), {}
     for t in added:
         if t.content in vocab:
@@ -316,14 +314,6 @@ def _check_added_tokens(entries: list, added: list, vocab: dict, path) -> None:
                         "file (the vocab's id, else the next free one), so llmcore refuses the file")
         if not t.content:
             _fail(path, f"added token with empty content (id {t.id}) is not supported")
-    later = [e["content"] for e in entries if e["normalized"]]
-    first = [e["content"] for e in entries if not e["normalized"]]
-    for a in later:
-        for b in first:
-            if a != b and (a in b or b in a or any(a.endswith(b[:k]) or b.endswith(a[:k])
-                                                   for k in range(1, min(len(a), len(b))))):
-                _fail(path, f"added tokens {a!r} (normalized=true) and {b!r} (normalized=false) can overlap: HF "
-                            "matches them in two passes, llmcore in one, which is not supported")
 
 
 def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
@@ -351,7 +341,7 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
     for name, value in vocab.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             _fail(path, f"model.vocab[{name!r}] must be a non-negative integer id, got {value!r}")
-    _check_added_tokens(entries, added, vocab, path)
+    _check_added_tokens(added, vocab, path)
 
     if mtype == "WordPiece" or (mtype is None and "continuing_subword_prefix" in model and "merges" not in model):
         pre = cfg.get("pre_tokenizer")
@@ -662,7 +652,7 @@ def load_bert_vocab(directory: str, cfg: dict) -> Spec:
     added += _config_added_tokens(cfg, vocab, {t.content for t in added}, config_path)
     # the ids transformers gives them (the vocab's, else the next free one), as a tokenizer.json's are checked: an
     # id taken as written replaced a vocab token ([unused4] by id 5) or left a gap
-    _check_added_tokens([], sorted(added, key=lambda t: t.id), vocab, config_path)
+    _check_added_tokens(sorted(added, key=lambda t: t.id), vocab, config_path)
     _refuse_added_tokens_json(directory, vocab, {t.content for t in added})
     single = [("special", [vocab[cls]], 0), ("A", 0), ("special", [vocab[sep]], 0)]
     strings = {i: t for t, i in vocab.items()}

@@ -417,10 +417,6 @@ class Tokenizer:
         named = [*self._named.values(), *([spec.pad_token] if spec.pad_token is not None else []), *self._extra_special]
         new = [t for t in dict.fromkeys(named) if t not in {a.content for a in spec.added_tokens}]
         if new:
-            # (HF matches added tokens in two passes, normalized=false ones first: one that can overlap a normalized
-            # one is refused, as in a tokenizer.json)
-            _loaders._check_added_tokens([{"content": t.content, "normalized": t.normalized} for t in spec.added_tokens]
-                                         + [{"content": t, "normalized": False} for t in new], [], {}, where)
             spec.added_tokens = spec.added_tokens + [_loaders.AddedToken(t, self.token_to_id(t)) for t in new]
             changed = True
         theirs = self._class
