@@ -334,6 +334,42 @@ def test_configs_llmcore_does_not_compute_are_refused_by_field(family, over, fie
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_encoder_drops_out_where_transformers_does(family, tmp_path):
+    """Hidden dropout sits where transformers' has it: BERT and RoBERTa on the attention and MLP outputs,
+    DistilBERT on the MLP's only (llmcore dropped its attention output too: more regularization than transformers
+    in training, silently). With the MLP's output zeroed and the embedding and head dropouts off, the training
+    forward equals the eval one exactly where no dropout is left (DistilBERT) and differs where one is."""
+    if family == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, hidden_dim=48, dropout=0.5,
+                                            attention_dropout=0.0)
+    else:
+        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+        cfg = cls(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                  max_position_embeddings=20, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    with torch.no_grad():
+        for layer in ours.layers:
+            layer.mlp.fc2.weight.zero_(), layer.mlp.fc2.bias.zero_()
+        for name, m in ref.named_modules():
+            if name.endswith(("ffn.lin2", "output.dense")) and "attention" not in name:
+                m.weight.zero_(), m.bias.zero_()
+    for model in (ours, ref):
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Dropout) and ("embed" in name or "layer" not in name):
+                m.p = 0.0  # embeddings' and the head's
+    ids = torch.randint(5, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def unchanged_in_training(model):
+        with torch.no_grad():
+            return torch.equal(model.train()(ids).logits, model.eval()(ids).logits)
+
+    assert unchanged_in_training(ours) == unchanged_in_training(ref) == (family == "distilbert")
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 @pytest.mark.parametrize("problem, labels", [
     ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])),
     ("regression", torch.tensor([[0.3, -1.2, 2.0], [2.0, 0.5, -0.1]])),

@@ -56,7 +56,9 @@ class Embeddings(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-LN block: norm(x + attn(x)), then norm(h + mlp(h)), residual adds fused into the norms."""
+    """Post-LN block: norm(x + attn(x)), then norm(h + mlp(h)), residual adds fused into the norms. BERT and
+    RoBERTa drop out both branches' outputs; DistilBERT the MLP's only (its attention output goes to the norm as
+    it is)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -65,6 +67,7 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, approximate=gelu_approximate(cfg.hidden_act, cfg.family))
         self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
+        self.attn_dropout = nn.Identity() if cfg.family == "distilbert" else self.dropout
 
     def forward(self, x: Tensor, batch: Batch, first_only: bool = False) -> Tensor:
         """(B, L, D) or (T, D) -> the same; with ``first_only`` only the rows of each sequence's
@@ -72,7 +75,7 @@ class EncoderLayer(nn.Module):
         h = self.attn(x, batch, first_only=first_only)
         if first_only:
             x = x[batch.cu_seqlens[:-1].long()] if batch.packed else x[:, :1]
-        x = self.attn_norm(self.dropout(h), residual=x)[0]
+        x = self.attn_norm(self.attn_dropout(h), residual=x)[0]
         return self.mlp_norm(self.dropout(self.mlp(x)), residual=x)[0]
 
 
