@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llmcore
-from llmcore.models import (CheckpointError, EncoderConfig, EncoderForSequenceClassification,
+from llmcore.models import (CheckpointError, DecoderConfig, EncoderConfig, EncoderForSequenceClassification,
                             UnsupportedModelError, from_pretrained, save_pretrained)
 from model_pairs import causal_lm_pair
 from tokenizer_refs import corpus, minilm_dir
@@ -412,6 +412,41 @@ def test_roberta_position_pad_row_gets_no_gradient(tmp_path):
     theirs = ref.roberta.embeddings.position_embeddings.weight.grad
     assert theirs[1].abs().max() == 0 and ours.embed.position.weight.grad[1].abs().max() == 0
     torch.testing.assert_close(ours.embed.position.weight.grad, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_decoder_pad_row_gradient_as_transformers(family, tied, tmp_path):
+    """The Llama-family classes build their word embedding with padding_idx = pad_token_id: that row gets no
+    gradient from the lookup (an untied one none at all) when the pad id is a real token (pad = eos) or the last
+    pad position of a left-padded row predicts the first real token. llmcore's had no padding row (a probe found
+    the row's gradient 2.05 where transformers' is 0). GPT-2's has none, in both."""
+    cfg = DECODERS[family]()
+    cfg.pad_token_id, cfg.tie_word_embeddings = 3, tied
+    ours, ref, _ = causal_lm_pair(cfg, tmp_path)
+    ours.eval(), ref.eval()
+    ids = torch.randint(4, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    ids[0, 5] = ids[1, :4] = 3  # a pad id inside a row (pad = eos), and a left-padded row
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    theirs = dict(ref.named_parameters())
+    theirs = theirs.get("transformer.wte.weight", theirs.get("model.embed_tokens.weight")).grad
+    if family != "gpt2" and not tied:
+        assert theirs[3].abs().max() == 0
+    torch.testing.assert_close(ours.embed.word.weight.grad, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_pad_token_id_checked():
+    small = dict(vocab_size=101, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=8,
+                 intermediate_size=48)
+    assert DecoderConfig(pad_token_id=-1, **small).pad_token_id == -1  # (torch's padding_idx: the last row)
+    with pytest.raises(ValueError, match="pad_token_id 101 is not an id of the vocabulary"):
+        DecoderConfig(pad_token_id=101, **small)
+    with pytest.raises(ValueError, match="GPT-2's word embedding has no padding row"):
+        DecoderConfig(family="gpt2", pad_token_id=0, **small)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])

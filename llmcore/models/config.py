@@ -206,11 +206,23 @@ class DecoderConfig:
     scale_attn_by_inverse_layer_idx: bool = False
     # GPT-2's embd_pdrop, on the embeddings' sum (None: ``dropout``, which is its resid_pdrop)
     embedding_dropout: Optional[float] = None
+    # the word embedding's padding row, which gets no gradient (transformers' padding_idx: the pad token id of the
+    # Llama-family classes; GPT-2's embedding has none); None: no such row
+    pad_token_id: Optional[int] = None
 
     def __post_init__(self):
         _positive(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
                   num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                   intermediate_size=self.intermediate_size)
+        pad = self.pad_token_id
+        if pad is not None and self.family == "gpt2":
+            raise ValueError("pad_token_id: GPT-2's word embedding has no padding row (transformers' neither); "
+                             "leave it None")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)
+                                or not -self.vocab_size <= pad < self.vocab_size):
+            raise ValueError(f"pad_token_id {pad!r} is not an id of the vocabulary ({self.vocab_size} ids; a "
+                             "negative one counts from its end, as torch's padding_idx; transformers' embedding "
+                             "refuses it too): fix it in config.json")
         _small_positive(**{"layer_norm_epsilon" if self.family == "gpt2" else "rms_norm_eps": self.norm_eps})
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
@@ -266,7 +278,8 @@ class DecoderConfig:
                    # attention_bias false in its config.json ignored too: a probe found such a checkpoint refused)
                    {"mistral": False, "qwen2": True}.get(family, hf.get("attention_bias", False)), "silu", 0.0,
                    hf.get("attention_dropout", 0.0),
-                   _sliding_window(hf, family), hf.get("initializer_range", 0.02), dict(hf))
+                   _sliding_window(hf, family), hf.get("initializer_range", 0.02), dict(hf),
+                   pad_token_id=hf.get("pad_token_id"))
 
     def to_hf(self) -> dict:
         out = dict(self.hf) or {"model_type": self.family}
@@ -293,7 +306,7 @@ class DecoderConfig:
                "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
                "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_word_embeddings,
                "hidden_act": self.hidden_act, "attention_dropout": self.attention_dropout,
-               "initializer_range": self.initializer_range}
+               "initializer_range": self.initializer_range, "pad_token_id": self.pad_token_id}
         if self.family != "qwen2":
             out["attention_bias"] = self.attention_bias
         if self.family == "mistral":

@@ -92,7 +92,7 @@ class DecoderForCausalLM(LayerCheckpointing, nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Module()
-        self.embed.word = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed.word = Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         if cfg.family == "gpt2":
             self.embed.position = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
             self.rotary = None
