@@ -340,6 +340,49 @@ def test_finetune_writes_class_names_into_the_model_config(tmp_path, capsys):
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "theirs")).id2label == {0: "a", 1: "b", 2: "c"}
 
 
+def test_a_trained_heads_classes_are_put_in_the_datas_order(tmp_path, capsys):
+    """A checkpoint whose id2label orders the data's classes otherwise ({0: pos, 1: neg}; llmcore numbers a
+    data set's classes sorted) had its head kept as it was and renamed: it started training with its classes
+    swapped (a probe: eval accuracy 1.0 -> 0.0 before any training). Its rows are now put in the data's order, as
+    transformers' run_glue maps labels to the checkpoint's label2id (case aside): the saved model scores each text
+    as the checkpoint did, class by name. Other names than the data's are said and left as they are."""
+    transformers = pytest.importorskip("transformers")
+    from llmcore.models import from_pretrained
+    from llmcore.train.finetune import _align_head
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, id2label={0: "pos", 1: "Neg", 2: "mid"})
+    ckpt = _tiny_checkpoint(tmp_path, "ckpt", transformers.BertForSequenceClassification(cfg))
+    ids = torch.randint(1000, 2000, (3, 9), generator=torch.Generator().manual_seed(1))
+    for load in (lambda: from_pretrained(ckpt),
+                 lambda: transformers.BertForSequenceClassification.from_pretrained(str(ckpt))):
+        before = load().eval()(ids).logits
+        model = load().eval()
+        _align_head(model, ["mid", "neg", "pos"], "data", quiet=False)
+        assert "in the order ['pos', 'Neg', 'mid']" in capsys.readouterr().err
+        torch.testing.assert_close(model(ids).logits, before[:, [2, 1, 0]], atol=1e-6, rtol=0)
+        model = load().eval()
+        _align_head(model, ["mid", "other", "pos"], "data", quiet=False)
+        assert "names its classes ['pos', 'Neg', 'mid'], the data's are ['mid', 'other', 'pos']" in \
+            capsys.readouterr().err
+        torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+
+    rows = [(f"good film {i}", "pos") for i in range(6)] + [(f"bad film {i}", "neg") for i in range(6)]
+    rows += [(f"a film {i}", "mid") for i in range(6)]
+    code, err = _finetune_err(capsys, _csv_dir(tmp_path, "named", train=rows, validation=rows[::3]),
+                              tmp_path / "o", "--model", str(ckpt), "--learning-rate", "1e-30")
+    assert code == 0 and "its rows are put in the data's" in err, err
+    final = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "o" / "final")).eval()
+    start = transformers.BertForSequenceClassification.from_pretrained(str(ckpt)).eval()
+    at = {name.lower(): i for i, name in start.config.id2label.items()}
+    order = [at[final.config.id2label[i]] for i in range(3)]
+    assert order == [2, 1, 0]  # (the data's classes sorted: mid, neg, pos)
+    with torch.no_grad():
+        torch.testing.assert_close(final(ids).logits, start(ids).logits[:, order], atol=1e-5, rtol=0)
+
+
 def test_finetune_flag_edge_cases(tmp_path, capsys):
     """Found by a CLI probe: final/ took the model's tokenizer files, not --tokenizer's; --max-length 0 trained at
     128 and --model "" (an unset variable) trained the default model; a resume from another folder's checkpoint

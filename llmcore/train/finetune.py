@@ -200,6 +200,64 @@ def _copy_tokenizer(source: str, final: str, model: Optional[str] = None) -> Non
               file=sys.stderr)
 
 
+def _checkpoint_classes(net: torch.nn.Module) -> Optional[list]:
+    """The class names of the checkpoint's head by id (its config.json id2label), None where it names none of
+    its own (transformers' LABEL_<i> defaults) or not one per output."""
+    from llmcore.models.loading import is_transformers_model
+
+    source = net.config.id2label if is_transformers_model(net) else net.config.hf.get("id2label")
+    try:
+        by_id = {int(i): str(name) for i, name in (source or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if sorted(by_id) != list(range(net.config.num_labels)) or all(by_id[i] == f"LABEL_{i}" for i in by_id):
+        return None
+    return [by_id[i] for i in range(len(by_id))]
+
+
+def _align_head(net: torch.nn.Module, names: list, data: str, quiet: bool) -> None:
+    """A trained head whose checkpoint names its classes in another order than the data's (``names``, by id):
+    its output rows are put in the data's order, so that class i is still the class its row was trained for (as
+    transformers' run_glue maps the data's labels to the checkpoint's label2id, case aside); kept as it was they
+    would start training swapped (a probe: accuracy 1.0 -> 0.0 with no training). Other names than the data's
+    are said on stderr, and the rows taken as the data's ids in order (run_glue ignores them too)."""
+    theirs = _checkpoint_classes(net)
+    if theirs is None or len(theirs) != len(names) or "head.out.weight" in getattr(net, "newly_initialized", ()):
+        return
+    at = {name.lower(): i for i, name in enumerate(theirs)}
+    wanted = [str(n).lower() for n in names]
+    if len(at) != len(theirs) or sorted(at) != sorted(wanted):
+        if not quiet:
+            print(f"llmcore: the checkpoint's head names its classes {theirs}, the data's are {list(names)}: its "
+                  "outputs are trained as the data's classes by id", file=sys.stderr)
+        return
+    order = [at[n] for n in wanted]
+    if order == list(range(len(order))):
+        return
+    out = _head_output(net)
+    with torch.no_grad():
+        index = torch.tensor(order, device=out.weight.device)
+        out.weight.copy_(out.weight[index])
+        if out.bias is not None:
+            out.bias.copy_(out.bias[index])
+    if not quiet:
+        print(f"llmcore: {data!r}: the checkpoint's head has its classes in the order {theirs}; its rows are put in "
+              f"the data's, {list(names)}", file=sys.stderr)
+
+
+def _head_output(net: torch.nn.Module) -> torch.nn.Linear:
+    """The classification head's output projection: llmcore's ``head.out``, else (transformers' classifier,
+    classifier.out_proj, score) the last linear layer of one output per class."""
+    out = getattr(getattr(net, "head", None), "out", None)
+    if isinstance(out, torch.nn.Linear):
+        return out
+    last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    if not last or last[0].out_features != net.config.num_labels:
+        raise ValueError(f"{type(net).__name__}: no output layer of {net.config.num_labels} classes found to put "
+                         "the checkpoint's classes in the data's order")
+    return last[0]
+
+
 def _name_classes(net: torch.nn.Module, names: list) -> None:
     """The data's class names into the model's config (config.json's id2label / label2id, which transformers'
     pipelines report), llmcore's model or transformers'; the id of a name is its position."""
@@ -684,6 +742,7 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
                       default=None)
         net = load_model(model, causal_lm, prepared.num_labels, longest).to(dev)
         if not causal_lm and prepared.label_names:
+            _align_head(net, prepared.label_names, data, quiet=rank != 0)
             _name_classes(net, prepared.label_names)
         check_model_reads(net, prepared, model)
         theirs = is_transformers_model(net)
