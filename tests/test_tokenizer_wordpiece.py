@@ -157,6 +157,24 @@ def test_vocab_txt_folder_matches_tokenizer_json(tok, tmp_path):
     assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.attention_mask, b.attention_mask)
 
 
+def test_vocab_txt_lines_end_at_line_feeds_only(tmp_path):
+    """A vocab.txt token holding a lone carriage return ("a\\rb"): HF's WordPiece reads lines to "\\n" (Rust's
+    lines(), a "\\r\\n" ending dropped), Python's universal newlines split it in two, shifting every later id."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import models
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a\rb", "hello", "world", "##s", "crlf"]
+    (tmp_path / "vocab.txt").write_bytes(("\n".join(tokens[:-1]) + "\n" + tokens[-1] + "\r\n").encode())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    wordpiece = models.WordPiece.from_file(str(tmp_path / "vocab.txt"), unk_token="[UNK]")
+    assert wordpiece.token_to_id("crlf") == 9
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_pretrained(tmp_path)
+    for text in ("hello worlds", "crlf hello"):
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
+    assert ours.token_to_id("crlf") == 9
+
+
 def test_vocab_txt_folder_added_tokens_from_config(tmp_path):
     """tokenizer_config.json's added_tokens_decoder and additional_special_tokens were ignored for vocab.txt
     folders ('[unused1]' split into pieces, where transformers' BertTokenizer keeps it one token)."""

@@ -614,8 +614,10 @@ def load_bert_vocab(directory: str, cfg: dict) -> Spec:
     """``vocab.txt`` (one token per line; id = line number) + ``tokenizer_config.json`` (read as ``cfg``)."""
     vocab_path = os.path.join(directory, "vocab.txt")
     try:
-        with open(vocab_path, encoding="utf-8") as f:
-            tokens = [line.rstrip(_WHITE_SPACE) for line in f]  # (HF's WordPiece reads it with trim_end)
+        # lines end at "\n" only, as Rust's lines() ends them (a lone "\r" is in its token), then HF's WordPiece
+        # trims their end
+        with open(vocab_path, encoding="utf-8", newline="\n") as f:
+            tokens = [line.rstrip(_WHITE_SPACE) for line in f]
     except UnicodeDecodeError as e:
         _fail(vocab_path, f"not UTF-8 text ({e})")
     vocab, blank = {}, []
