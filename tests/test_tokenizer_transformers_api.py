@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
+from llmcore import _C
 from llmcore.tokenizer import Tokenizer, TokenizerFileError
 from tokenizer_refs import cl100k_path, corpus, minilm_dir
 
@@ -842,10 +843,42 @@ def test_config_settings_transformers_rebuilds_from_are_warned_about(tmp_path):
         with pytest.warns(UserWarning, match=message):
             ours = Tokenizer.from_pretrained(path)
         assert ours(text)["input_ids"] != transformers.AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+    # what the classes fix whatever the config says (a second probe): BERT's clean_text and 100 characters a word
+    for name, edit, message, text in [
+            ("clean", lambda d: d["normalizer"].update(clean_text=False), "clean_text=True contradicts",
+             "hello\u200bworld foo\x00bar"),
+            ("chars", lambda d: d["model"].update(max_input_chars_per_word=8),
+             "max_input_chars_per_word=100 contradicts", "internationalization works")]:
+        path = _minilm_json(tmp_path, name, config, edit)
+        with pytest.warns(UserWarning, match=message):
+            ours = Tokenizer.from_pretrained(path)
+        assert ours(text)["input_ids"] != transformers.AutoTokenizer.from_pretrained(path)(text)["input_ids"]
     path = bpe_folder(tmp_path, {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True})
     with pytest.warns(UserWarning, match="add_prefix_space=True contradicts tokenizer.json's pre_tokenizer"):
         ours = Tokenizer.from_pretrained(path)
     assert ours("hello")["input_ids"] != transformers.AutoTokenizer.from_pretrained(path)("hello")["input_ids"]
+    # GPT-2's class over a Split regex (DBRX's layout: cl100k's) and ignore_merges: its ByteLevel regex, no ignoring
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_C.pattern_regex("cl100k")), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus("sst2-train")[:4000], trainer=trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    split = tmp_path / "split"
+    split.mkdir()
+    tok.save(str(split / "tokenizer.json"))
+    (split / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    with pytest.warns(UserWarning) as said:
+        ours = Tokenizer.from_pretrained(split)
+    said = " ".join(str(w.message) for w in said)
+    assert "ByteLevel pre-tokenizer (GPT-2's regex) contradicts tokenizer.json's pre_tokenizer (cl100k_hf's" in said
+    assert "ignore_merges=False contradicts tokenizer.json's model (ignore_merges=True)" in said
+    texts = list(corpus("imdb")[:100])
+    assert ours(texts)["input_ids"] != transformers.AutoTokenizer.from_pretrained(split)(texts)["input_ids"]
     # settings that agree with tokenizer.json: no warning
     (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
                                                             "add_prefix_space": False}))

@@ -223,33 +223,49 @@ _MODEL_NAMES = {"wordpiece": "WordPiece", "bpe_merges": "byte-level BPE", "bpe_r
 
 
 def _rebuilt_settings(cfg: dict, spec: Spec, cls: Optional[str]) -> list:
-    """The tokenizer_config.json settings transformers 5's BERT, GPT-2 and RoBERTa classes (``cls``, the folder's:
-    :func:`_loaders.tokenizer_class`) rebuild the pipeline from (their defaults where the config leaves them out) that
-    contradict what tokenizer.json does: [(setting=value, tokenizer.json's part, the class)]. llmcore follows
-    tokenizer.json, so each is warned about."""
+    """What transformers 5's BERT, GPT-2 and RoBERTa classes (``cls``, the folder's: :func:`_loaders.tokenizer_class`)
+    rebuild the pipeline with that contradicts tokenizer.json: tokenizer_config.json's settings (their defaults
+    where the config leaves them out), and what the classes fix (BERT's clean_text, a WordPiece of 100 characters a
+    word and "##" pieces; GPT-2's and RoBERTa's ByteLevel regex, merges never ignored):
+    [(the setting and where it comes from, tokenizer.json's part, the class)]. llmcore follows tokenizer.json, so
+    each is warned about."""
     out = []
     if spec.bert is not None and cls in ("BertTokenizer", "DistilBertTokenizer"):
-        _, chinese, strip, lower = spec.bert
+        clean, chinese, strip, lower = spec.bert
         theirs = "BERT tokenizer"
         want_lower = cfg.get("do_lower_case", True)
         if want_lower != lower:
-            out.append((f"do_lower_case={want_lower}", f"normalizer (lowercase={lower})", theirs))
+            out.append((f"tokenizer_config.json's do_lower_case={want_lower}", f"normalizer (lowercase={lower})",
+                        theirs))
         want_chinese = cfg.get("tokenize_chinese_chars", True)
         if want_chinese != chinese:
-            out.append((f"tokenize_chinese_chars={want_chinese}", f"normalizer (handle_chinese_chars={chinese})",
-                        theirs))
+            out.append((f"tokenizer_config.json's tokenize_chinese_chars={want_chinese}",
+                        f"normalizer (handle_chinese_chars={chinese})", theirs))
         # (strip_accents null strips where lowercasing, in both; a difference that only follows do_lower_case's is
         # said above)
         want_strip = cfg.get("strip_accents")
         if (want_lower if want_strip is None else want_strip) != strip and (want_strip is not None
                                                                             or want_lower == lower):
-            out.append((f"strip_accents={want_strip}", f"normalizer (accents {'stripped' if strip else 'kept'})",
-                        theirs))
+            out.append((f"tokenizer_config.json's strip_accents={want_strip}",
+                        f"normalizer (accents {'stripped' if strip else 'kept'})", theirs))
+        if not clean:
+            out.append((f"{cls}'s clean_text=True", "normalizer (clean_text=False)", theirs))
+        if spec.max_input_chars_per_word != 100:
+            out.append((f"{cls}'s max_input_chars_per_word=100",
+                        f"model (max_input_chars_per_word={spec.max_input_chars_per_word})", theirs))
+        if spec.prefix != "##":
+            out.append((f"{cls}'s continuing_subword_prefix='##'",
+                        f"model (continuing_subword_prefix={spec.prefix!r})", theirs))
     elif spec.kind == "bpe_merges" and cls in ("GPT2Tokenizer", "RobertaTokenizer"):
         want = cfg.get("add_prefix_space", False)
         if want != spec.add_prefix_space:
-            out.append((f"add_prefix_space={want}", f"pre_tokenizer (add_prefix_space={spec.add_prefix_space})",
+            out.append((f"tokenizer_config.json's add_prefix_space={want}",
+                        f"pre_tokenizer (add_prefix_space={spec.add_prefix_space})", cls))
+        if spec.pattern != "gpt2":
+            out.append((f"{cls}'s ByteLevel pre-tokenizer (GPT-2's regex)", f"pre_tokenizer ({spec.pattern}'s regex)",
                         cls))
+        if spec.ignore_merges:
+            out.append((f"{cls}'s ignore_merges=False", "model (ignore_merges=True)", cls))
     return out
 
 
@@ -521,9 +537,10 @@ class Tokenizer:
                               "its ids are not the file's; llmcore follows tokenizer.json, as HF tokenizers",
                               stacklevel=2)
             for setting, section, theirs in _rebuilt_settings(cfg, tok._spec, cls_name):
-                warnings.warn(f"{directory}: tokenizer_config.json's {setting} contradicts tokenizer.json's {section}: "
+                warnings.warn(f"{directory}: {setting} contradicts tokenizer.json's {section}: "
                               f"llmcore follows tokenizer.json, as HF tokenizers; transformers' {theirs} rebuilds the "
-                              f"{section.split()[0]} from the config and gives other ids", stacklevel=2)
+                              f"{section.split()[0]} from the config and its own defaults, and gives other ids",
+                              stacklevel=2)
         elif os.path.isfile(os.path.join(directory, "vocab.txt")):
             cfg, tok = _loaders.read_tokenizer_config(directory, strict=True), None  # (built below)
         else:
