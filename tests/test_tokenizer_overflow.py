@@ -22,19 +22,19 @@ def texts() -> list:
     return imdb[:150] + ["", " ", "one"] + list(corpus("sst2-test"))[:50]
 
 
-def hf_windows(hf, batch: list, max_length: int, stride: int) -> list:
+def hf_windows(hf, batch: list, max_length: int, stride: int, add_special_tokens: bool = True) -> list:
     hf.enable_truncation(max_length, stride=stride)
     hf.no_padding()
     out = []
-    for i, e in enumerate(hf.encode_batch(batch)):
+    for i, e in enumerate(hf.encode_batch(batch, add_special_tokens=add_special_tokens)):
         out += [(i, w) for w in [e] + e.overflowing]
     return out
 
 
-def assert_same_windows(tok, hf, batch: list, max_length: int, stride: int):
+def assert_same_windows(tok, hf, batch: list, max_length: int, stride: int, add_special_tokens: bool = True):
     enc = tok.encode_batch(batch, max_length=max_length, truncation=True, return_overflowing_tokens=True,
-                           stride=stride, return_offsets=True)
-    ref = hf_windows(hf, batch, max_length, stride)
+                           stride=stride, return_offsets=True, add_special_tokens=add_special_tokens)
+    ref = hf_windows(hf, batch, max_length, stride, add_special_tokens)
     assert len(enc) == len(ref), (max_length, stride)
     assert enc.overflow_to_sample_mapping.tolist() == [i for i, _ in ref]
     cu = enc.cu_seqlens
@@ -58,6 +58,22 @@ def minilm():
 def test_wordpiece_windows_match_hf(minilm, max_length, stride):
     tok, hf = minilm
     assert_same_windows(tok, hf, texts(), max_length, stride)
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_windows_type_ids_of_a_template_as_hf(minilm, add_special_tokens):
+    """A template whose sequence has a type id ("[CLS]:1 $A:1 [SEP]"): HF gives a text's first window that id,
+    specials or not, and its later windows' content 0. llmcore's windows without specials had 0 everywhere (its
+    unwindowed encoding had 1) and with specials the template's id on every window (a probe)."""
+    from tokenizers import processors
+
+    hf = tokenizers.Tokenizer.from_str(minilm[1].to_str())
+    hf.post_processor = processors.TemplateProcessing(single="[CLS]:1 $A:1 [SEP]:0", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                      special_tokens=[("[CLS]", 101), ("[SEP]", 102)])
+    tok = Tokenizer.from_str(hf.to_str())
+    tok.returns_type_ids = True
+    for max_length, stride in ((17, 4), (64, 0)):
+        assert_same_windows(tok, hf, texts()[:60], max_length, stride, add_special_tokens)
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama3"])  # no specials (ByteLevel post-processor); a BOS prefix

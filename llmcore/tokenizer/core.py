@@ -770,7 +770,9 @@ class Tokenizer:
         bare = self._native.encode_batch(texts, None, False, False, 0, "none", 0, False, 0, self._spec.pad_type_id,
                                          return_offsets, num_threads, skip_added=skip,
                                          skip_restarts=self._skip_restarts)
-        template = self._spec.template_single if add_special_tokens and self._spec.template_single else [("A", 0)]
+        template = self._spec.template_single or [("A", 0)]
+        if not add_special_tokens:  # (the sequence's type id stays: HF's template sets it without the specials too)
+            template = [item for item in template if item[0] == "A"]
         arrays = windows.overflow_windows(bare, template, max_length, stride)
         if not special_mask:
             del arrays["special_tokens_mask"]
