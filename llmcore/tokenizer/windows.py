@@ -42,7 +42,8 @@ def overflow_windows(bare: dict, template: list, max_length: int, stride: int) -
     Each text's content is cut into windows of ``max_length`` less the template's specials, the
     next starting ``stride`` tokens before the previous one ends; every window gets the specials. A text's first
     window has the template's type id on its content, the later ones 0 (HF's: the template's type ids go to the
-    encoding and its specials, the overflowing windows' content keeps the model's 0). Adds ``overflow_to_sample_mapping`` (int32, window -> text index) and ``special_tokens_mask`` (1 at the
+    encoding and its specials, the overflowing windows' content keeps the model's 0). Adds
+    ``overflow_to_sample_mapping`` (int32, window -> text index) and ``special_tokens_mask`` (1 at the
     template's specials)."""
     pre_ids, pre_types, suf_ids, suf_types, content_type = template_parts(template)
     n_pre, n_specials = len(pre_ids), len(pre_ids) + len(suf_ids)
