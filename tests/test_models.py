@@ -308,6 +308,20 @@ def test_gpt2_dropouts_and_biases_are_gpt2s(tmp_path):
     assert DecoderConfig(family="qwen2").attention_bias and not DecoderConfig(family="llama").attention_bias
 
 
+@pytest.mark.parametrize("family, over", [("qwen2", {"mlp_bias": True}), ("qwen3", {"mlp_bias": True}),
+                                          ("llama", {"hidden_act": "swish"})])
+def test_config_fields_transformers_ignores_or_aliases_load(family, over, tmp_path):
+    """mlp_bias=True in a Qwen2 / Qwen3 config (their transformers MLPs have no biases whatever it says) and
+    hidden_act "swish" (transformers' SiLU) were refused; they load, with transformers' logits."""
+    cfg = DECODERS[family]()
+    for key, value in over.items():
+        setattr(cfg, key, value)
+    ours, ref, _ = causal_lm_pair(cfg, tmp_path)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, ref.eval()(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("family, over, field", [
     ("gpt2", {"activation_function": "relu"}, "activation_function 'relu'"),
     ("bert", {"is_decoder": True}, "is_decoder=True"),

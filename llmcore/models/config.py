@@ -267,9 +267,10 @@ class DecoderConfig:
         theta = next((t for t in ((rope or {}).get("rope_theta"), hf.get("rope_theta")) if t is not None), 10000.0)
         heads = hf["num_attention_heads"]
         _positive(num_attention_heads=heads)
-        if hf.get("hidden_act", "silu") != "silu":
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # (transformers' "swish" is SiLU too)
             raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported for {family}")
-        _refuse(hf, family, mlp_bias=False)
+        if family == "llama":  # (Mistral's, Qwen2's and Qwen3's MLPs have no biases whatever the config says)
+            _refuse(hf, family, mlp_bias=False)
         return cls(family, hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], heads,
                    hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hf["hidden_size"] // heads,
                    hf["intermediate_size"], hf.get("max_position_embeddings", 4096), hf.get("rms_norm_eps", 1e-6),
