@@ -176,7 +176,11 @@ def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool =
     convert = _hf_to_internal(family, tied)
     ours = dict(model.state_dict())
     loaded: dict = {}
-    unexpected = []
+    unexpected, unused = [], []
+    # a checkpoint of the base model under its prefix (bert., model.) has its task head beside it: one llmcore
+    # does not build (another task's: qa_outputs, a token classifier, score) is left unused, as transformers does
+    prefix = _table(family)[0] + "."
+    headed = any(name.startswith(prefix) for name in tensors)
     for name, t in tensors.items():
         if family == "gpt2" and re.fullmatch(r"(transformer\.)?h\.\d+\.attn\.c_attn\.(weight|bias)", name):
             i = re.search(r"h\.(\d+)\.", name).group(1)
@@ -191,7 +195,7 @@ def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool =
         target, ignorable = convert(name)
         if target is None or target not in ours:
             if not ignorable:
-                unexpected.append(name)
+                (unused if headed and not name.startswith(prefix) else unexpected).append(name)
             continue
         if family == "gpt2" and target.endswith(".weight") and (".attn.o." in target or ".mlp." in target):
             t = t.t()  # Conv1D stores (in, out)
@@ -199,6 +203,11 @@ def load_state(model: nn.Module, family: str, tensors: dict, strict_head: bool =
     if unexpected:
         raise CheckpointError(f"unexpected tensors in the checkpoint for a {family} model: {sorted(unexpected)[:10]}"
                               + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    if unused:
+        print(f"llmcore: the {family} checkpoint's tensors {sorted(unused)[:10]}"
+              + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")
+              + f" are another task's head, not {type(model).__name__}'s: not used (as transformers leaves them)",
+              file=sys.stderr)
     head_prefixes = ("head.out.", "head.hidden.") if isinstance(model, EncoderForSequenceClassification) else ()
     missing = [k for k in ours if k not in loaded]
     fresh = [k for k in missing if k.startswith(head_prefixes)]
