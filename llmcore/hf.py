@@ -233,7 +233,7 @@ def _packed_attention(query, key, value, dropout, scaling, causal, kwargs) -> Te
     max_q, max_k = (int(kwargs[n]) for n in ("max_length_q", "max_length_k"))
     # (1, H, total, D) -> (total, H, D): a view; the kernels take strides.
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, is_causal=causal, scale=scaling)
+    out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, is_causal=bool(causal), scale=scaling)
     return out.unsqueeze(0)  # (1, total, Hq, Ev)
 
 

@@ -284,6 +284,9 @@ def test_one_key_value_head_broadcasts_as_in_torch(backend):
         (dict(dropout_p=-0.1), ValueError, "dropout_p"),
         (dict(scale=float("nan")), ValueError, "scale"),
         (dict(backend="nope"), ValueError, "backend='nope' is unknown"),
+        # (torch's TypeError too; llmcore ran causal for any truthy value)
+        (dict(is_causal=0.5), TypeError, "is_causal must be a bool, got float"),
+        (dict(is_causal="no"), TypeError, "is_causal must be a bool, got str"),
     ],
 )
 def test_sdpa_bad_options(kwargs, err, match):
@@ -432,6 +435,10 @@ def test_varlen_bad_shapes():
         llmcore.varlen_attention(torch.randn(1, 10, 2, 16), *qkv(10, 2, 16)[1:], cu, cu, 10, 10)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         llmcore.varlen_attention(torch.randn(10, 3, 16), *qkv(10, 2, 16)[1:], cu, cu, 10, 10)
+    # FlashAttention's order (dropout_p, softmax_scale, causal) ran causal with a scale of 0, silently (a probe)
+    for args, name in (((0.0, 0.125, False), "scale"), ((0.0, 0.125), "is_causal")):
+        with pytest.raises(TypeError, match=f"{name} must be a .*FlashAttention's order"):
+            llmcore.varlen_attention(*qkv(10, 2, 16), cu, cu, 10, 10, *args)
 
 
 def test_native_module_rejects_bad_problems_without_crashing():

@@ -18,6 +18,7 @@ import numbers
 from functools import partial
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -300,8 +301,14 @@ def _real(x):
     return float(x) if isinstance(x, numbers.Real) else x
 
 
-def _check_common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: Optional[float]) -> tuple:
-    """Checks what both attention entry points take; returns (dropout_p, scale) as Python floats."""
+def _check_common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: Optional[float],
+                  is_causal: bool) -> tuple:
+    """Checks what both attention entry points take; returns (dropout_p, scale) as Python floats. is_causal must
+    be a bool, as torch's SDPA has it (a float there, from FlashAttention's argument order ``dropout_p,
+    softmax_scale, causal``, ran causal, and the bool meant for it became the scale)."""
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r:.40} (arguments "
+                        "in FlashAttention's order? llmcore's are dropout_p, is_causal, scale)")
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} dtype {t.dtype} does not match query dtype {q.dtype}")
@@ -360,7 +367,7 @@ def scaled_dot_product_attention(
     _check_tensor("value", value, 2)
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
-    dropout_p, scale = _check_common(query, key, value, dropout_p, scale)
+    dropout_p, scale = _check_common(query, key, value, dropout_p, scale, is_causal)
     if key.size(-2) != value.size(-2):
         raise ValueError(f"key has {key.size(-2)} positions but value has {value.size(-2)}")
     nd = query.dim()
@@ -474,7 +481,10 @@ def varlen_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be (total, heads, head_dim), got shape {tuple(t.shape)}")
-    dropout_p, scale = _check_common(q, k, v, dropout_p, scale)
+    if isinstance(scale, (bool, np.bool_)):  # (torch's SDPA takes False as 0; FlashAttention's order put it here)
+        raise TypeError(f"scale must be a number or None, got {scale!r} (arguments in FlashAttention's order? "
+                        "llmcore's are dropout_p, is_causal, scale)")
+    dropout_p, scale = _check_common(q, k, v, dropout_p, scale, is_causal)
     if k.size(0) != v.size(0) or k.size(1) != v.size(1):
         raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must agree in tokens and heads")
     if q.size(1) != k.size(1) and (k.size(1) == 0 or q.size(1) % k.size(1) != 0):
