@@ -783,7 +783,7 @@ def _refuse_attention_configs(model: nn.Module) -> None:
     """Configs llmcore attention cannot serve, refused before anything is patched: one asking for attention
     weights (``output_attentions=True``: llmcore returns none, and GPT-2 drops the request without a word, as
     transformers refuses it for its own non-eager attention), a soft-capped one (Gemma 2's
-    ``attn_logit_softcapping``) and one with attention sinks (GPT-OSS's ``sinks``, passed as ``s_aux``): for both
+    ``attn_logit_softcapping``; Gemma 3 keeps the setting unused, ``_may_pass_softcap``) and one with attention sinks (GPT-OSS's ``sinks``, passed as ``s_aux``): for both
     the patch went through and then every forward failed."""
     from transformers import PreTrainedModel
 
@@ -797,9 +797,22 @@ def _refuse_attention_configs(model: nn.Module) -> None:
             raise ValueError(f"{type(m).__name__}'s config sets output_attentions=True, and llmcore attention returns "
                              "no attention weights: set it False to patch, or keep transformers' eager attention")
         cap = getattr(m.config, "attn_logit_softcapping", None)
-        if cap is not None:
+        if cap is not None and _may_pass_softcap(m):
             raise ValueError(f"{type(m).__name__}'s config sets attn_logit_softcapping={cap}, which llmcore attention "
                              "does not compute: keep transformers' eager attention for this model")
+
+
+def _may_pass_softcap(model: nn.Module) -> bool:
+    """Whether ``model``'s attention may pass its config's attn_logit_softcapping to the attention function: False
+    only where the modules holding it (``attn_logit_softcapping``) are found and none of their classes' forward
+    mentions softcap (Gemma 3 keeps the setting and never applies it; Gemma 2 passes it)."""
+    import inspect
+
+    holders = {type(m) for m in model.modules() if getattr(m, "attn_logit_softcapping", None) is not None}
+    try:
+        return not holders or any("softcap" in inspect.getsource(cls.forward) for cls in holders)
+    except (OSError, TypeError):  # (no source to read: refused, as before)
+        return True
 
 
 def _use_llmcore_attention(model: nn.Module) -> int:

@@ -855,6 +855,24 @@ def test_patch_refuses_soft_capped_attention():
     assert not any(hasattr(m, "_llmcore_fused") for m in model.modules())
 
 
+def test_gemma3_keeps_a_softcap_setting_it_never_applies():
+    """Gemma 3's config may carry attn_logit_softcapping, which its attention keeps and never passes (Gemma 2
+    passes it): patch() refused such a model; it patches now, with the eager logits."""
+    if not hasattr(transformers, "Gemma3TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 3")
+    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                        attn_logit_softcapping=50.0, sliding_window=8)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        hf.patch(model)
+        torch.testing.assert_close(model(ids).logits, want, **FP32)
+
+
 def test_patch_refuses_attention_sinks():
     """GPT-OSS's attention sinks (passed to the attention function as s_aux): patch() went through and every forward
     then raised (a probe); refused before anything is patched, naming them."""
