@@ -783,7 +783,8 @@ def _refuse_attention_configs(model: nn.Module) -> None:
     """Configs llmcore attention cannot serve, refused before anything is patched: one asking for attention
     weights (``output_attentions=True``: llmcore returns none, and GPT-2 drops the request without a word, as
     transformers refuses it for its own non-eager attention), a soft-capped one (Gemma 2's
-    ``attn_logit_softcapping``; Gemma 3 keeps the setting unused, ``_may_pass_softcap``) and one with attention sinks (GPT-OSS's ``sinks``, passed as ``s_aux``): for both
+    ``attn_logit_softcapping``; Gemma 3 keeps the setting unused, ``_may_pass_softcap``) and one with attention
+    sinks (GPT-OSS's ``sinks``, passed as ``s_aux``): for both
     the patch went through and then every forward failed."""
     from transformers import PreTrainedModel
 
