@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 
 
@@ -132,6 +133,10 @@ def _output_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {parent!r} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: no write permission in {parent!r}")
+    try:  # (os.access says yes to root everywhere, /proc too: a file is made there and removed)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no file can be made in {parent!r} ({e})") from None
     return text
 
 

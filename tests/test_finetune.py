@@ -429,7 +429,9 @@ def test_finetune_flag_edge_cases(tmp_path, capsys):
                           (["train-step", "--budget", "nan"], "argument --budget: must be a finite number"),
                           (["tokenizer", "--md", str(tmp_path)], "is a folder, not a file"),
                           (["tokenizer", "--json", str(tmp_path / "a_file" / "x.json")], "is not a folder"),
-                          (["prepare", "--json", str(tmp_path / "ro" / "new" / "x.json")], "no write permission")):
+                          (["prepare", "--json", str(tmp_path / "ro" / "new" / "x.json")], "no write permission"),
+                          # (root passes os.access everywhere; a file is tried: a run of minutes then failed to write)
+                          (["attention", "--json", "/proc/x.json"], "no file can be made in '/proc'")):
         if message == "no write permission" and os.access(tmp_path / "ro", os.W_OK):
             continue  # (root writes anywhere)
         with pytest.raises(SystemExit) as exit_:

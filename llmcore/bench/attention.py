@@ -334,7 +334,10 @@ def plot(results: list[Result], path: str) -> str:
 
 
 def summarize(results: list[Result], env: dict) -> dict:
-    dense = [r for r in results if r.impl == "llmcore" and not r.case.startswith("varlen")]
+    """The summary figures, over the cases whose outputs agree with torch (a case that disagrees times another
+    computation: its speed-up is no result, and the run exits 1)."""
+    dense = [r for r in results
+             if r.impl == "llmcore" and not r.case.startswith("varlen") and r.outputs_agree is not False]
     fb = [r.speedup_vs_torch for r in dense if r.mode == "fwd+bwd"]
     s = {
         "fwd+bwd geomean speedup vs torch (dense suite)": round(geomean(fb), 3) if fb else None,
@@ -349,12 +352,13 @@ def summarize(results: list[Result], env: dict) -> dict:
         s["fwd fp32 (1,32,2048,128) GFLOP/s"] = round(big[0].gflops, 1)
         s["... as a fraction of fp32 matmul GFLOP/s"] = round(big[0].gflops / env["matmul_fp32_gflops"], 3)
     for r in results:
-        if r.case.startswith("varlen") and r.impl == "llmcore":
+        if r.case.startswith("varlen") and r.impl == "llmcore" and r.outputs_agree is not False:
             s[f"{r.case} {r.mode} speedup vs padded torch"] = round(r.speedup_vs_torch, 2)
     ratios = []
     for r in dense:
         if "causal" in r.case and int(r.case.split(" L")[1].split()[0]) >= 512:
-            full = next(x for x in dense if x.mode == r.mode and x.case == r.case.replace("causal", "full"))
-            ratios.append(f"{r.case.replace(' causal', '')} {r.mode}: {r.median_s / full.median_s:.2f}")
+            full = next((x for x in dense if x.mode == r.mode and x.case == r.case.replace("causal", "full")), None)
+            if full is not None:
+                ratios.append(f"{r.case.replace(' causal', '')} {r.mode}: {r.median_s / full.median_s:.2f}")
     s["causal/full time, L>=512"] = ratios
     return s
