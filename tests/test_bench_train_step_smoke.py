@@ -43,6 +43,28 @@ def test_steps_agree(task):
     assert all(after[impl] != losses[impl] for impl in steps), (losses, after)
 
 
+@pytest.mark.parametrize("task", ["sequence-classification", "causal-lm"])
+def test_the_check_sees_a_side_that_computes_otherwise(task):
+    """Under bf16 the loss check passed a side whose attention output was halved (classification: loss moved
+    1.4e-3 of ln 2, within 2e-2) or dropped (causal LM: 1e-2 of ln V, within 0.2): a new random head's loss and a
+    random LM's barely depend on the layers (a probe). The logits are compared too: the sides agree, a side with
+    its attention output halved does not, in either dtype."""
+    from llmcore.bench import train_step
+
+    for dtype in ("fp32", "bf16"):
+        if task == "causal-lm":
+            steps, _ = train_step.make_lm_steps(batch_size=3, max_length=48, dtype=dtype)
+        else:
+            steps, _ = train_step.make_steps(batch_size=8, dtype=dtype)
+        check = train_step.loss_check(steps, dtype)
+        assert check["agree"] and set(check["logit_max_rel_diff"]) == set(steps), check
+        with torch.no_grad():
+            for layer in steps["llmcore packed"].model.layers:
+                layer.attn.o.weight.mul_(0.5)
+        check = train_step.loss_check(steps, dtype)
+        assert not check["agree"] and check["logit_max_rel_diff"]["llmcore padded"] > 0.1, check
+
+
 def test_memory_probe_reports_a_step(tmp_path, monkeypatch):
     """step_memory runs its child from anywhere, here from the repository's root, where `python -m` would import
     the source tree (without _C when the package is installed rather than linked) but for its care."""
