@@ -58,6 +58,14 @@ def _refuse(hf: dict, family: str, **supported) -> None:
                                         f"{key}={value!r})")
 
 
+def _check_pad_token_id(pad, vocab_size: int) -> None:
+    """A pad_token_id (the word embedding's padding row) must be an id of the vocabulary, or None."""
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not -vocab_size <= pad < vocab_size):
+        # (transformers' embedding refuses it too; one past the vocabulary loaded here, with no padding row)
+        raise ValueError(f"pad_token_id {pad!r} is not an id of the vocabulary ({vocab_size} ids; a negative one "
+                         "counts from its end, as torch's padding_idx): fix it in config.json")
+
+
 def _family(hf: dict) -> str:
     family = hf.get("model_type")
     if family not in ENCODER_FAMILIES + DECODER_FAMILIES:
@@ -101,12 +109,7 @@ class EncoderConfig:
         _small_positive(layer_norm_eps=self.layer_norm_eps)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-        pad = self.pad_token_id
-        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)
-                                or not -self.vocab_size <= pad < self.vocab_size):
-            # (transformers' embedding refuses it too; one past the vocabulary loaded here, with no padding row)
-            raise ValueError(f"pad_token_id {pad!r} is not an id of the vocabulary ({self.vocab_size} ids; a "
-                             "negative one counts from its end, as torch's padding_idx): fix it in config.json")
+        _check_pad_token_id(self.pad_token_id, self.vocab_size)
         if self.family == "roberta" and self.pad_token_id is None:  # (forward failed on None + 1)
             raise ValueError("pad_token_id null: RoBERTa counts positions from its padding id (transformers' RoBERTa "
                              "cannot run without one either); set pad_token_id (in config.json)")
@@ -218,11 +221,7 @@ class DecoderConfig:
         if pad is not None and self.family == "gpt2":
             raise ValueError("pad_token_id: GPT-2's word embedding has no padding row (transformers' neither); "
                              "leave it None")
-        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)
-                                or not -self.vocab_size <= pad < self.vocab_size):
-            raise ValueError(f"pad_token_id {pad!r} is not an id of the vocabulary ({self.vocab_size} ids; a "
-                             "negative one counts from its end, as torch's padding_idx; transformers' embedding "
-                             "refuses it too): fix it in config.json")
+        _check_pad_token_id(pad, self.vocab_size)
         _small_positive(**{"layer_norm_epsilon" if self.family == "gpt2" else "rms_norm_eps": self.norm_eps})
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
