@@ -222,12 +222,13 @@ def loss_check(steps: dict, dtype: str) -> dict:
             if hasattr(steps["transformers"], "outputs"):  # (one side's logits held at a time besides theirs)
                 theirs = steps["transformers"].outputs()
                 scale = float(theirs.abs().max()) or 1.0
+                rel["transformers"] = 0.0
                 for impl, step in steps.items():
-                    out = step.outputs() if hasattr(step, "outputs") else None
-                    if out is not None:
+                    if impl != "transformers" and hasattr(step, "outputs"):
+                        out = step.outputs()
                         rel[impl] = (float((out - theirs).abs().max()) / scale if out.shape == theirs.shape
                                      else float("inf"))
-                    del out
+                        del out
     finally:
         for step in steps.values():
             step.model.train()
