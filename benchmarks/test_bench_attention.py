@@ -5,7 +5,8 @@
 
 Each benchmark stores its FLOPs in extra_info; compare.py turns the medians into GFLOP/s and
 llmcore/torch ratios. Set LLMCORE_BENCH_REFERENCE=1 to include the (slow) eager reference. Before llmcore's
-timings, its output and gradients are checked against torch's (``llmcore bench attention``'s rule and tolerance;
+timings, its output and gradients are checked against torch's and, in bf16, float64 math's (``llmcore bench
+attention``'s rule and tolerances;
 ``outputs_max_rel_diff`` in extra_info): a case that disagrees fails instead of timing.
 """
 import functools
@@ -14,8 +15,7 @@ import os
 import pytest
 import torch
 
-from llmcore.bench.attention import (CHECK_TOLERANCE, DTYPES, SUITE, dense_case, max_rel_diff, varlen_case,
-                                     wordpiece_lengths)
+from llmcore.bench.attention import DTYPES, SUITE, check, dense_case, varlen_case, wordpiece_lengths
 
 IMPLS = ["llmcore", "torch"] + (["reference"] if os.environ.get("LLMCORE_BENCH_REFERENCE") else [])
 CASES = [(s, dt, c) for s in SUITE for dt in DTYPES.values() for c in (False, True)]
@@ -28,17 +28,16 @@ def _id(c):
 
 def checked(make_case, *key) -> float:
     """llmcore's output and gradients against torch's for one case: the largest difference relative to torch's
-    largest value, asserted within the tolerance of ``llmcore bench attention``'s check."""
+    largest value, asserted to pass ``llmcore bench attention``'s check (in bf16, float64 math's too)."""
     return _checked(make_case, key)
 
 
 @functools.lru_cache(maxsize=None)
 def _checked(make_case, key) -> float:
     c = make_case(*key, impls=("llmcore", "torch"))
-    runs = c.make()
-    diff = max_rel_diff(runs["llmcore"].outputs(), runs["torch"].outputs())
-    assert diff <= CHECK_TOLERANCE.get(c.dtype, 1e-4), f"{c.name}: llmcore differs from torch by {diff:.3g}"
-    return diff
+    result = check(c.make(), c.dtype)
+    assert result.agree, f"{c.name}: llmcore's outputs fail the check: {result}"
+    return result.vs_torch
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

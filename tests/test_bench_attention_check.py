@@ -32,6 +32,26 @@ def test_a_wrong_output_is_flagged(monkeypatch, capsys):
     assert summary["fwd geomean speedup vs torch (dense suite)"] is None
 
 
+def test_bf16_is_held_to_float64_math(monkeypatch, capsys):
+    """In bf16 torch's own rounding is ~1e-2 of the largest value, so the check against torch alone (tolerance 5e-2)
+    let a 3% systematic error pass; a low-precision case is also held to float64 math on the same inputs (llmcore's
+    within 2**-7 of it, or no further than torch's is)."""
+    case = attention.dense_case((2, 3, 40, 16), torch.bfloat16, True, ("llmcore", "torch"))
+    honest = _llmcore_row(attention.run_cases([case], modes=("fwd",), budget_s=0.0, min_rounds=1))
+    assert honest.outputs_agree is True
+    assert 0 < honest.max_rel_diff_vs_float64 < attention.EXACT_TOLERANCE
+
+    real = llmcore.scaled_dot_product_attention
+    monkeypatch.setattr(llmcore, "scaled_dot_product_attention", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.03)
+    results = attention.run_cases([case], modes=("fwd",), budget_s=0.0, min_rounds=1)
+    row = _llmcore_row(results)
+    assert row.max_rel_diff_vs_torch < attention.CHECK_TOLERANCE[torch.bfloat16]  # (what passed before)
+    assert row.outputs_agree is False and row.max_rel_diff_vs_float64 > 0.025
+    torch_row = next(r for r in results if r.impl == "torch")
+    assert torch_row.max_rel_diff_vs_float64 < attention.EXACT_TOLERANCE
+    assert "from float64 math" in capsys.readouterr().err
+
+
 def test_json_says_how_it_was_made(tmp_path, monkeypatch):
     """`llmcore bench attention --json` records the command, quick and the settings (budget, reference, varlen),
     so that a committed file says whether its timings came from a quick, zero-budget run (an audit found them
