@@ -524,6 +524,60 @@ def test_tsv_quoted_line_breaks_with_tabs_read_as_pandas(tmp_path):
     assert ds.label_names is None and len(labels) == 40 and labels.count(1) == 20 and set(labels) == {0, 1}
 
 
+def test_tsv_quoted_tab_then_line_break_read_as_pandas(tmp_path):
+    """pandas' to_csv(sep="\t") of a text with a tab, then a line break: quoting off, the quote opens in a row
+    short of fields (a third column) or in a full row with a doubled quote in the quote; neither was taken for
+    CSV quoting, and the row was read as two: garbage rows, a class named "fast" (a probe, 2026-12-05: 223 of
+    1,500 such files misread). A full row whose quote closes on a later line, no quote doubled, reads both ways
+    (an SST-2-style text starting with a quote, or pandas' quoted tab and line break): read with quoting off, as
+    before, with a warning naming the line."""
+    pd = pytest.importorskip("pandas")
+    frames = {"short.tsv": pd.DataFrame({"text": ["Pros:\tfast\nCons: pricey", "Great phone"], "label": [1, 0],
+                                         "id": [10, 11]}),
+              "doubled.tsv": pd.DataFrame({"text": ['a "good"\tone\nreally', "fine"], "label": [1, 0]}),
+              "doubled_later.tsv": pd.DataFrame({"text": ['a\tb\nsaid "hi"', "fine"], "label": [1, 0]})}
+    for name, frame in frames.items():
+        frame.to_csv(tmp_path / name, sep="\t", index=False)
+        want = pd.read_csv(tmp_path / name, sep="\t", dtype=str, keep_default_na=False)
+        assert want.astype(str).equals(frame.astype(str)), name  # (the reference reads back what was written)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert sources.read_file(str(tmp_path / name)) == {k: want[k].tolist() for k in want.columns}, name
+    sst = 'text\tlabel\n"Amazing"\t1\n"Best purchase ever\t1\nyou get what you pay for"\t0\nworks fine\t1\n'
+    (tmp_path / "sst.tsv").write_text(sst)
+    with pytest.warns(UserWarning, match=r"sst.tsv': the quote that opens line 3 closes on a later line"):
+        table = sources.read_file(str(tmp_path / "sst.tsv"))
+    assert table["text"] == ['"Amazing"', '"Best purchase ever', 'you get what you pay for"', "works fine"]
+
+
+def test_json_beyond_pythons_reader_is_named(tmp_path):
+    """A number of 5,000 digits or nesting 100,000 deep is JSON Python's json module does not read: the error named
+    neither the file nor the line, and advised sys.set_int_max_str_digits (a probe)."""
+    (tmp_path / "big.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": ' + "9" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=r"big.jsonl' line 2: a value Python's json module does not read "
+                                         r"\(Exceeds the limit \(4300 digits\)[^;]*\)$"):
+        sources.read_file(str(tmp_path / "big.jsonl"))
+    for name in ("deep.json", "deep.jsonl"):
+        (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000 + "\n")
+        with pytest.raises(ValueError, match=f"{name}'( line 1)?: JSON nested too deeply"):
+            sources.read_file(str(tmp_path / name))
+
+
+def test_many_columns_read_in_linear_time(tmp_path):
+    """The check for a column named twice counted each name over the header: 20,000 columns took 4-5 s, 50,000 half
+    a minute (a probe). A CSV, a JSON Lines file and pandas' split JSON of 50,000 columns read in well under that."""
+    import time
+
+    names = [f"c{i}" for i in range(50_000)]
+    (tmp_path / "wide.csv").write_text(",".join(names) + "\n" + ",".join("1" * len(names)) + "\n")
+    (tmp_path / "wide.jsonl").write_text(json.dumps(dict.fromkeys(names, 1)) + "\n")
+    (tmp_path / "wide.json").write_text(json.dumps({"columns": names, "data": [[1] * len(names)]}))
+    for name in ("wide.csv", "wide.jsonl", "wide.json"):
+        start = time.perf_counter()
+        assert len(sources.read_file(str(tmp_path / name))) == len(names)
+        assert time.perf_counter() - start < 10, name
+
+
 def test_blank_lines_anywhere_and_unnamed_columns_read_as_pandas(tmp_path):
     """Blank lines above the header made the file unreadable ("row 2 has 2 fields but the header has 0"), a line
     of spaces was a row (an evaluation split's unlabeled empty text), and a spreadsheet's trailing empty columns

@@ -7,6 +7,7 @@ datasets splits, shards or README configs: its ``load_dataset_builder`` names th
 from __future__ import annotations
 
 import bz2
+import collections
 import csv
 import dataclasses
 import gzip
@@ -142,29 +143,41 @@ def _csv_quoted(header: List[str], rows: List[list]) -> bool:
     return False
 
 
-def _quote_spans_lines(columns: int, rows: List[list]) -> bool:
+def _quote_spans_lines(columns: int, rows: List[list]) -> tuple[bool, Optional[int]]:
     """Whether, read with quoting off, a quoted field seems to continue past its line where ``_csv_quoted``'s rules
     do not look: a row that ends inside a quote (a field opened it, none after it on the line closed it) followed
-    by a row short of ``columns`` fields (the quote opened in a middle column: ``" \ta\tb"``), or a row whose last
-    field opens a quote and a later row that closes it, whatever their lengths (a last column's ``"a\nb\tc"``
-    splits into two rows of full length). A row of full length whose first field opens a quote a later row closes
-    is the text of an SST-2-style file (``"Best purchase ever\t1``). The TSV reader takes either for quoting only
-    when the whole file then reads as CSV, each row the header's length."""
-    inside = crossed = from_last = False  # crossed: the previous row ended inside; from_last: its last field opened
-    for row in rows:
+    by a row short of ``columns`` fields (the quote opened in a middle column: ``" \ta\tb"``), or a row that opens
+    a quote in its last field, or short of fields, or with a doubled quote (CSV's quote inside a quoted field) in
+    the quote, and a later row that closes it, whatever their lengths (a last column's ``"a\nb\tc"`` splits into
+    two rows of full length, pandas' ``"Pros:\tfast\nCons: pricey"`` into a short one and a full one). A row of
+    full length whose first field opens a quote a later row closes, no quote doubled between, is the text of an
+    SST-2-style file (``"Best purchase ever\t1``), or a quoted tab and line break: the second value is the index
+    of the first such row (for a warning), None if none. The TSV reader takes the first case for quoting only when
+    the whole file then reads as CSV, each row the header's length."""
+    # crossed: the previous row ended inside; from_last: its last field opened; doubled: a doubled quote since
+    inside = crossed = from_last = doubled = False
+    opened_at = ambiguous = None
+    for r, row in enumerate(rows):
         if _blank(row):
             continue
         if crossed and len(row) < columns:
-            return True
+            return True, None
         for i, field in enumerate(row):
             if inside and _closes_quote(field):
-                if crossed and from_last:
-                    return True
+                if crossed and (from_last or doubled or '""' in field):
+                    return True, None
+                if crossed and ambiguous is None:
+                    ambiguous = opened_at
                 inside = False
             elif not inside and _opens_quote(field):
-                inside, crossed, from_last = True, False, i == len(row) - 1
+                # (a row short of fields that ends inside the quote it opened: a quoted tab and line break, as
+                # pandas writes ``"Pros:\tfast\nCons: pricey"``; SST-2's text rows are of full length)
+                inside, crossed, from_last = True, False, i == len(row) - 1 or len(row) < columns
+                doubled, opened_at = '""' in field[1:], r
+            elif inside and '""' in field:
+                doubled = True  # (a quote inside a quoted field, doubled as CSV writers double it)
         crossed = inside
-    return False
+    return False, ambiguous
 
 
 def _reads_as_csv(f, columns: int) -> bool:
@@ -216,6 +229,19 @@ def read_file(path: str) -> Table:
     return table
 
 
+def _named_twice(names: List[str]) -> List[str]:
+    """The names that appear more than once, sorted (in linear time: a header of 20,000 columns took seconds)."""
+    return sorted(n for n, count in collections.Counter(names).items() if count > 1)
+
+
+def _json_unreadable(e: Exception) -> str:
+    """Why valid JSON is beyond Python's json module: a number of too many digits (its message's advice,
+    ``sys.set_int_max_str_digits``, is a programmer's) or nesting too deep."""
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply for Python's json module"
+    return f"a value Python's json module does not read ({str(e).split(';')[0]})"
+
+
 def _split_to_table(obj: dict, path: str) -> Table:
     """pandas' ``to_json(orient="split")``: ``{"columns": [names], "index": [...], "data": [rows]}``."""
     names, rows = obj["columns"], obj["data"]
@@ -225,7 +251,7 @@ def _split_to_table(obj: dict, path: str) -> Table:
     bad = next((i for i, r in enumerate(rows) if len(r) != len(names)), None)
     if bad is not None:
         raise ValueError(f"{path!r}: row {bad} has {len(rows[bad])} values but there are {len(names)} columns")
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = _named_twice(names)
     if twice:
         raise ValueError(f"{path!r}: the columns {twice} are named more than once")
     return {n: [r[i] for r in rows] for i, n in enumerate(names)}
@@ -246,9 +272,19 @@ def _read_file(path: str) -> Table:
                 rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
                 lead = next((i for i, row in enumerate(rows) if not _blank(row)), len(rows))
                 quoted = lead < len(rows) and _csv_quoted(rows[lead], rows[lead + 1:])
-                if lead < len(rows) and not quoted and _quote_spans_lines(len(rows[lead]), rows[lead + 1:]):
-                    f.seek(0)
-                    quoted = _reads_as_csv(f, len(rows[lead]))
+                if lead < len(rows) and not quoted:
+                    spans, ambiguous = _quote_spans_lines(len(rows[lead]), rows[lead + 1:])
+                    if spans or ambiguous is not None:
+                        f.seek(0)
+                        as_csv = _reads_as_csv(f, len(rows[lead]))
+                        quoted = spans and as_csv
+                        if ambiguous is not None and as_csv and not spans:
+                            warnings.warn(
+                                f"{path!r}: the quote that opens line {lead + ambiguous + 2} closes on a later "
+                                "line; read with quoting off, as SST-2's TSV files are, those lines are rows of "
+                                "their own, where pandas' and datasets' CSV quoting reads them as one quoted field; "
+                                "if the file was written with CSV quoting, save it as .csv or .jsonl instead",
+                                stacklevel=2)
                 if quoted:
                     f.seek(0)
                     last = _LastLine(f)
@@ -268,7 +304,7 @@ def _read_file(path: str) -> Table:
                     raise ValueError(f"{path!r} is empty (expected a header row)")
                 # a column without a name is pandas' "Unnamed: i" (a spreadsheet's trailing empty columns)
                 header = [h if h else f"Unnamed: {i}" for i, h in enumerate(header)]
-                twice = sorted({h for h in header if header.count(h) > 1})
+                twice = _named_twice(header)
                 if twice:
                     raise ValueError(f"{path!r}: the header names column(s) {twice} more than once")
                 return _rows_to_table(header, reader, first_line=skipped + 2, last=last)
@@ -296,6 +332,8 @@ def _read_file(path: str) -> Table:
             if not e.msg.startswith("Extra data"):
                 raise
             return _records_to_table(_json_lines(path), path)  # JSON Lines named .json (datasets' to_json writes it)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path!r}: {_json_unreadable(e)}") from None
         if isinstance(obj, dict) and {"columns", "data"} <= set(obj) <= {"columns", "index", "data"}:
             return _split_to_table(obj, path)  # pandas' to_json(orient="split")
         if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()) \
@@ -330,7 +368,7 @@ def _read_file(path: str) -> Table:
         try:
             schema = pq.read_schema(path)
             names = schema.names
-            twice = sorted({n for n in names if names.count(n) > 1})
+            twice = _named_twice(names)
             if not twice:
                 table = pq.read_table(path).to_pydict()
         except Exception as e:  # (pyarrow's errors -- a damaged file -- name no file)
@@ -404,19 +442,19 @@ def _json_lines(path: str) -> list:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path!r} line {i + 1} is not JSON: {e}") from None
+                except (ValueError, RecursionError) as e:
+                    raise ValueError(f"{path!r} line {i + 1}: {_json_unreadable(e)}") from None
     return records
 
 
 def _records_to_table(records: list, path: str) -> Table:
     if not records:
         raise ValueError(f"{path!r} has no data rows (no JSON records)")
-    header: List[str] = []
+    header: Dict[str, None] = {}  # (the keys in order of first appearance)
     for r in records:
         if not isinstance(r, dict):
             raise ValueError(f"{path!r}: expected JSON objects (records), got {type(r).__name__}")
-        for k in r:
-            if k not in header:
-                header.append(k)
+        header.update(dict.fromkeys(r))
     return {h: [r.get(h) for r in records] for h in header}
 
 
