@@ -892,6 +892,35 @@ def test_resume_of_a_finished_run_and_an_empty_resume_path(tmp_path):
         config(tmp_path, resume_from_checkpoint=" ")
 
 
+def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """Restarting a run from an earlier checkpoint of its folder (other settings): rotation ranks by step, so the
+    left run's later checkpoints outranked the new ones, and save_total_limit deleted the checkpoint just written
+    (an epoch evaluation then failed to update its trainer_state.json) or left only the old run's, which
+    resume_from_checkpoint=True then took for this run's (a probe). They are moved aside, said on stderr."""
+    gen = torch.Generator().manual_seed(5)
+    eval_set = [padded(gen, 3)]
+    Trainer(tiny(0), config(tmp_path, max_steps=6, save_strategy="steps", save_steps=1), factory(4)).train()
+    restart = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=2,
+                     eval_strategy="epoch", learning_rate=1e-4, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    out = Trainer(tiny(0), restart, factory(4), eval_batches=eval_set).train()
+    assert out["global_step"] == 4
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "out"))] == ["checkpoint-3", "checkpoint-4"]
+    with open(tmp_path / "out" / "checkpoint-4" / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["config"]["learning_rate"] == 1e-4 and any("eval_loss" in r for r in state["log_history"])
+    aside = tmp_path / "out" / ".superseded-after-step-2"
+    assert sorted(os.listdir(aside)) == [f"checkpoint-{i}" for i in (3, 4, 5, 6)]
+    assert f"moved to {str(aside)!r}" in capsys.readouterr().err
+    # resume_from_checkpoint=True now continues this run, not the one left
+    again = Trainer(tiny(0), config(tmp_path, max_steps=5, save_strategy="no", learning_rate=1e-4,
+                                    resume_from_checkpoint=True), factory(4))
+    again.train()
+    assert again.log_history[:len(state["log_history"])] == state["log_history"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer(tiny(0), config(tmp_path / "x", max_steps=1, resume_from_checkpoint=str(tmp_path / "nope")),
+                factory(4)).train()
+
+
 def test_resume_into_another_model_names_the_checkpoint(tmp_path):
     """Resuming with a model of another shape said which tensor did not fit, but not which file (a probe)."""
     Trainer(tiny(0), config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1), factory(4)).train()

@@ -64,6 +64,7 @@ PREFIX = "checkpoint-"
 FINAL = "final"  # a fine-tuning run's final model (llmcore.train.finetune), published as a checkpoint is
 SHARDED = "sharded"  # the folder of a sharded checkpoint's model and optimizer state
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
+SUPERSEDED = ".superseded-after-step-"  # (set_aside_later_checkpoints)
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +96,28 @@ def list_checkpoints(output_dir: str) -> list[str]:
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
              if (m := _STEP.match(name)) and os.path.isdir(os.path.join(output_dir, name))]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def set_aside_later_checkpoints(output_dir: str, step: int) -> Optional[str]:
+    """For a run resumed from ``checkpoint-<step>`` of its own ``output_dir``: the checkpoints past that step are
+    another trajectory's (the run it restarts from an earlier point), and stay so until this run overwrites them
+    one by one. Rotation, ranking by step, deleted this run's newer checkpoints (the one it had just written, the
+    one it resumed from) before those, and resume_from_checkpoint=True took their highest for this run's (a
+    probe). They are moved, with that run's ``final/``, into ``output_dir/.superseded-after-step-<step>`` (``-2``,
+    ... when there is one); returns that folder, None when there was nothing past ``step``."""
+    later = [p for p in list_checkpoints(output_dir) if int(_STEP.match(os.path.basename(p)).group(1)) > step]
+    if not later:
+        return None
+    dest, n = os.path.join(output_dir, f"{SUPERSEDED}{step}"), 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(output_dir, f"{SUPERSEDED}{step}-{n}")
+    os.makedirs(dest)
+    final = os.path.join(output_dir, FINAL)
+    for path in later + ([final] if os.path.isdir(final) else []):
+        os.rename(path, os.path.join(dest, os.path.basename(path)))
+    _fsync_dir(output_dir)
+    return dest
 
 
 def restore_interrupted_swaps(output_dir: str) -> None:
@@ -227,6 +250,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, scheduler, rank: int
     sharded checkpoint's ``sharded/`` folder when there is one (a collective under a process group: every rank
     calls this), else ``model.safetensors`` and ``optimizer.pt``."""
     state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"resume_from_checkpoint={path!r} does not exist")
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"resume_from_checkpoint={path!r} is not a checkpoint folder "
                                 "(no trainer_state.json)")

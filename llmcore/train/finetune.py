@@ -277,16 +277,17 @@ _SET_ASIDE_LOGS = ("events.out.tfevents.", "earlier-run-", "interrupted-run-")
 
 def earlier_run(output_dir: str, logging_dir: str) -> list[str]:
     """What an earlier run left in ``output_dir`` (paths relative to it): its checkpoint folders (and the hidden
-    ``.checkpoint-*.partial`` ones of an interrupted save), ``final/``, ``results.json``, the training log and
+    ``.checkpoint-*.partial`` ones of an interrupted save, and ``.superseded-after-step-*`` ones a resume from an
+    earlier checkpoint moved aside), ``final/``, ``results.json``, the training log and
     its TensorBoard event files (which TensorBoard would draw as one run with the new ones) when ``logging_dir`` is
     inside ``output_dir`` (a logging folder elsewhere, shared by several runs as TensorBoard folders are, is not
     this run's to refuse or remove)."""
-    from llmcore.train.checkpoint import PREFIX, list_checkpoints
+    from llmcore.train.checkpoint import PREFIX, SUPERSEDED, list_checkpoints
 
     found = [os.path.basename(p) for p in list_checkpoints(output_dir)]
     if os.path.isdir(output_dir):
         found += sorted(n for n in os.listdir(output_dir)
-                        if n.startswith((f".{PREFIX}", f".{FINAL}.")) and ".partial" in n)
+                        if (n.startswith((f".{PREFIX}", f".{FINAL}.")) and ".partial" in n) or n.startswith(SUPERSEDED))
         if os.path.isdir(os.path.join(output_dir, HELD)):  # (a run killed while it replaced an earlier one)
             found.append(HELD)
     own_logs = inside_folder(logging_dir, output_dir)

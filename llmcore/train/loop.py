@@ -36,6 +36,7 @@ from llmcore.train.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
     seed_everything,
+    set_aside_later_checkpoints,
     update_state,
 )
 from llmcore.train.config import LAYER_KEYS, TrainConfig
@@ -894,6 +895,13 @@ class Trainer:
             self._eval_best, self._patience_counter = stopping.get("best"), stopping.get("patience_counter", 0)
             # (the log's later records are dropped only when this continues the run whose log it is)
             self._resumed_step = self.global_step if self._continues_own_run() else None
+            if self._resumed_step is not None:
+                if self.rank == 0:
+                    moved = set_aside_later_checkpoints(cfg.output_dir, self.global_step)
+                    if moved:
+                        print(f"llmcore: resuming at step {self.global_step}: the checkpoints past it, of the run "
+                              f"this one restarts (and its final model), are moved to {moved!r}", file=sys.stderr)
+                self._barrier()
             if self.rank == 0:
                 _note_changed_batching(state.get("config"), state.get("world_size"), cfg, self.world_size, resume)
             if self.reporter is not None:  # (made by an evaluate() before train: again, at the resumed step)
