@@ -901,7 +901,8 @@ def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, c
     eval_set = [padded(gen, 3)]
     Trainer(tiny(0), config(tmp_path, max_steps=6, save_strategy="steps", save_steps=1), factory(4)).train()
     restart = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=2,
-                     eval_strategy="epoch", learning_rate=1e-4, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+                     eval_strategy="epoch", learning_rate=1e-4,
+                     resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     out = Trainer(tiny(0), restart, factory(4), eval_batches=eval_set).train()
     assert out["global_step"] == 4
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "out"))] == ["checkpoint-3", "checkpoint-4"]
