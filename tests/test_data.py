@@ -153,6 +153,69 @@ def test_cache_hit_and_miss(tmp_path):
     assert not changed.cache_hit and len(changed["validation"]) == 3
 
 
+def test_cache_key_holds_the_code_and_a_hub_data_sets_revision(tmp_path, monkeypatch):
+    """The cache key named a Hub data set by name alone (a rerun after the data set changed returned the earlier
+    revision's arrays), and held no trace of llmcore's own code (an upgrade that tokenizes otherwise kept the old
+    ids). A Hub data set is loaded first and its splits' fingerprints key the cache; the native module and the
+    Python of llmcore/data and llmcore/tokenizer do too (probes)."""
+    datasets = pytest.importorskip("datasets")
+    import importlib
+
+    prepare_module = importlib.import_module("llmcore.data.prepare")
+
+    versions = [datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"sentence": [f"text {i} of {n}" for i in range(12)], "label": [i % n for i in range(12)]})})
+        for n in (2, 3)]
+    monkeypatch.setattr(sources.hub, "reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: versions[0])
+    out = tmp_path / "hub"
+    first = prepare("someorg/someds", MODEL, 16, out, validation_fraction=0)
+    versions.pop(0)  # (the data set changed on the Hub)
+    second = prepare("someorg/someds", MODEL, 16, out, validation_fraction=0)
+    assert not second.cache_hit and set(second["train"].labels.tolist()) == {0, 1, 2}
+    assert set(first["train"].labels.tolist()) == {0, 1}
+
+    src = tmp_path / "d"
+    src.mkdir()
+    _jsonl_rows(src / "train.jsonl", 20, ["a", "b"])
+    assert not prepare(src, MODEL, 16, tmp_path / "o").cache_hit
+    assert prepare(src, MODEL, 16, tmp_path / "o").cache_hit
+    monkeypatch.setattr(prepare_module, "_code_fingerprint", lambda: "another build")
+    assert not prepare(src, MODEL, 16, tmp_path / "o").cache_hit
+
+
+def test_output_dir_a_dangling_link_is_refused(tmp_path):
+    """An output_dir that is a symbolic link to nothing: makedirs found it there and opening it found nothing, in a
+    loop that never ended (a probe: 100% CPU until killed)."""
+    src = tmp_path / "d"
+    src.mkdir()
+    _jsonl_rows(src / "train.jsonl", 20, ["a", "b"])
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="is a symbolic link to .*nowhere', which does not exist"):
+        prepare(src, MODEL, 16, tmp_path / "link")
+
+
+def test_a_folder_whose_config_changes_the_files_ids_is_another_tokenizer(tmp_path):
+    """A folder is the tokenizer its bare tokenizer.json prepared only when its config changes no id: one naming
+    [unused0]/[unused1] as cls/sep (transformers' ids 1 and 2, not 101 and 102) was accepted, trained on the file's
+    ids and shipped in final/ with its own (a probe)."""
+    import shutil
+
+    src = tmp_path / "d"
+    src.mkdir()
+    _jsonl_rows(src / "train.jsonl", 20, ["a", "b"])
+    prepared = prepare(src, os.path.join(MODEL, "tokenizer.json"), 16, tmp_path / "o")
+    assert prepared.made_with(MODEL)  # (the folder as it is: the same ids)
+    other = tmp_path / "model"
+    shutil.copytree(MODEL, other)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (other / name).is_file():
+            cfg = json.loads((other / name).read_text())
+            cfg.update(cls_token="[unused0]", sep_token="[unused1]")
+            (other / name).write_text(json.dumps(cfg))
+    assert not prepared.made_with(str(other))
+
+
 def test_config_model_type_is_part_of_the_cache_key(tmp_path):
     """Without a tokenizer_class in tokenizer_config.json, config.json's model_type picks the tokenizer's class, and
     with it the special tokens; the cache key hashed the tokenizer files only, so a changed model_type was a cache

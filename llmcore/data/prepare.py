@@ -177,9 +177,15 @@ class PreparedDataset:
         if fingerprint == made:
             return True
         if isinstance(tokenizer, (str, os.PathLike)) and os.path.isdir(os.fspath(tokenizer)):
+            if made == _tokenizer_and_fingerprint(tok)[1]:
+                return True
             alone = os.path.join(os.fspath(tokenizer), "tokenizer.json")
-            return made in (_tokenizer_and_fingerprint(tok)[1],
-                            _tokenizer_and_fingerprint(alone)[1] if os.path.isfile(alone) else None)
+            if not (os.path.isfile(alone) and made == _tokenizer_and_fingerprint(alone)[1]):
+                return False
+            # the bare file's ids, unless the folder's config changes them: its cls/sep rebuild the template, its
+            # added special tokens and split_special_tokens how a text's specials read (a probe: [unused0] as
+            # cls_token, ids 1 vs 101, trained and shipped in final/ without a word)
+            return _same_ids(tok, _tokenizer_and_fingerprint(alone)[0])
         return False
 
     def __getitem__(self, split: str) -> PreparedSplit:
@@ -196,6 +202,44 @@ class PreparedDataset:
 
     def __repr__(self) -> str:
         return f"PreparedDataset({self.directory!r}, {list(self.splits.values())})"
+
+
+@functools.lru_cache(maxsize=None)
+def _code_fingerprint() -> str:
+    """What decides prepare's output besides its inputs and options: the native module (the tokenizers and their
+    Unicode tables), the Python that reads, cleans and tokenizes (llmcore/data, llmcore/tokenizer) and the Unicode
+    database of clean_text's NFC. In the cache key, so that an upgrade that tokenizes otherwise prepares again (a
+    probe: three such changes shipped without a FORMAT_VERSION bump, and their results were cache hits)."""
+    import importlib.util
+    import unicodedata
+
+    h = hashlib.sha256(unicodedata.unidata_version.encode())
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    native = importlib.util.find_spec("llmcore._C")
+    files = [native.origin] if native is not None and native.origin else []
+    for sub in ("data", "tokenizer"):
+        folder = os.path.join(package, sub)
+        files += sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py"))
+    for path in files:
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _same_ids(a, b) -> bool:
+    """Whether Tokenizers ``a`` and ``b`` give the same ids (and type ids, where both give them: a bare
+    tokenizer.json's model_input_names have none) to a text and a pair holding every special token either names,
+    with the specials the template adds."""
+    specials = " ".join(dict.fromkeys([*a.all_special_tokens, *b.all_special_tokens]))
+    texts = ["A gripping film, isn't it? ¿Qué? 1234 " + specials, "and a second one " + specials]
+    for t in ((texts[0], None), tuple(texts)):
+        x, y = a(*t), b(*t)
+        if x["input_ids"] != y["input_ids"] or x.get("token_type_ids", y.get("token_type_ids")) != y.get(
+                "token_type_ids", x.get("token_type_ids")):
+            return False
+    return True
 
 
 def _tokenizer_and_fingerprint(tokenizer):
@@ -296,6 +340,9 @@ def _one_writer(output_dir: str):
         except NotADirectoryError:
             raise ValueError(f"output_dir {output_dir!r} is a file, not a folder") from None
         except FileNotFoundError:
+            if os.path.islink(output_dir):  # (makedirs found the link, open found no target: it looped forever)
+                raise ValueError(f"output_dir {output_dir!r} is a symbolic link to {os.readlink(output_dir)!r}, "
+                                 "which does not exist") from None
             continue  # (removed between the two calls by a run that had made it and failed)
         try:
             if fcntl is not None:
@@ -403,6 +450,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             raise ValueError(f"hub_config (--data-config) {hub_config!r} names a configuration of a Hugging Face "
                              f"data set, but data {data!r} is a local file or folder that declares none (in a "
                              "README.md's configs)")
+        hub_data = None
         files = None if saved else sources.local_files(data, hub_config)
         source_fp = sources.fingerprint_saved(data) if saved else sources.fingerprint_files(files)
         card = os.path.join(data, "README.md")
@@ -410,7 +458,10 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
             source_fp += sources.fingerprint_files({"card": card})
     elif sources.looks_like_hub_name(data):
         files = None
-        source_fp = ["hub", data, hub_config]
+        # loaded before the cache is looked at: datasets finds the Hub's revision (or its cache's, offline), whose
+        # fingerprint keys the cache (a name alone returned the arrays of an earlier revision, a probe)
+        hub_data = sources.load_hub_dataset(data, hub_config)
+        source_fp = ["hub", data, hub_config, json.dumps(sources.hub_fingerprint(hub_data), sort_keys=True)]
     else:
         raise FileNotFoundError(f"data {data!r}: no such file or folder (and not a Hugging Face dataset name)")
     eval_paths = None
@@ -419,7 +470,8 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         source_fp = [source_fp, sources.fingerprint_files({"validation": eval_paths})]
     tok, tok_fp = _tokenizer_and_fingerprint(tokenizer)
     tok.check_truncation_side()
-    key_src = json.dumps([FORMAT_VERSION, source_fp, tok_fp, dataclasses.asdict(opts)], sort_keys=True)
+    key_src = json.dumps([FORMAT_VERSION, _code_fingerprint(), source_fp, tok_fp, dataclasses.asdict(opts)],
+                         sort_keys=True)
     key = hashlib.sha256(key_src.encode("utf-8")).hexdigest()
 
     if os.path.isfile(os.path.join(output_dir, "meta.json")) and not holds_prepared(output_dir):
@@ -442,7 +494,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         for split, table in tables.items():  # (as datasets casts the files to the card's features)
             sources.apply_class_labels(table, card_labels, where[split])
     else:
-        tables = sources.load_saved(data) if os.path.isdir(data) else sources.load_hub(data, hub_config)
+        tables = sources.load_saved(data) if os.path.isdir(data) else sources.hub_tables(hub_data)
         where = {split: f"{data!r} split {split!r}" for split in tables}
     if eval_paths is not None:
         tables["validation"] = sources.read_split(eval_paths)

@@ -725,7 +725,23 @@ def looks_like_hub_name(data: str) -> bool:
 
 
 def load_hub(name: str, config: str = None) -> Dict[str, Table]:
-    """A Hugging Face dataset through ``datasets.load_dataset``. Without network access it runs in
+    """A Hugging Face dataset's splits as tables (``load_hub_dataset``)."""
+    return hub_tables(load_hub_dataset(name, config))
+
+
+def hub_tables(dd) -> Dict[str, Table]:
+    """The splits of a DatasetDict ``load_hub_dataset`` returned, as tables."""
+    return _tables(dd)
+
+
+def hub_fingerprint(dd) -> Dict[str, Optional[str]]:
+    """Each split's ``datasets`` fingerprint (from the builder's cache: the files of the revision loaded), so that a
+    data set changed on the Hub, or another cache's copy, is not taken for the one prepared before."""
+    return {split: getattr(ds, "_fingerprint", None) for split, ds in dd.items()}
+
+
+def load_hub_dataset(name: str, config: str = None):
+    """A Hugging Face dataset through ``datasets.load_dataset`` (its DatasetDict). Without network access it runs in
     offline mode (only the local cache), so a missing dataset fails at once instead of retrying."""
     offline = not hub.reachable()
     if offline:
@@ -750,7 +766,7 @@ def load_hub(name: str, config: str = None) -> Dict[str, Table]:
         why = " (no network: only the local Hugging Face cache was searched)" if offline else ""
         raise DataLoadError(f"no file or folder {name!r} exists (from {os.getcwd()!r}), and the Hugging Face dataset "
                            f"of that name could not be loaded{why}: {type(e).__name__}: {e}") from e
-    return _tables(dd)
+    return dd
 
 
 def saved_dataset(path: str) -> bool:

@@ -688,6 +688,10 @@ def finetune(data: str, model: str, output_dir: str, max_length: Optional[int] =
     if dev.type == "cpu":
         retain_freed_memory()  # per-step buffers reuse warm pages (see its docstring)
     try:
+        if max_length is not None:  # (checked here too: a prepared folder's "prepare it again with --max-length 0")
+            from llmcore.tokenizer.core import _count
+
+            max_length = _count("max_length", max_length, 1)
         if holds_prepared(data):  # (a raw folder's own meta.json is data's metadata: read as raw)
             prepared = PreparedDataset.load(data)
             _check_sources_unchanged(data, prepared)
