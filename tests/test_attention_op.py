@@ -555,6 +555,13 @@ def test_forward_mode_ad_raises_rather_than_dropping_the_tangent(name):
      "one entry per sequence each, got 3 and 2"),
     (lambda: torch.ops.llmcore.varlen_fwd(*[torch.randn(8, 2, 8)] * 3, *[torch.tensor([0, 3, 8, 9, 8],
                                           dtype=torch.int32)[::2]] * 2, 8, 8, 0.0, False, 1.0, None), "strided"),
+    # (a probe: a negative dropout_p ran, an empty cu_seqlens said "batch must be >= 0")
+    (lambda: torch.ops.llmcore.sdpa_fwd(*[torch.randn(1, 1, 4, 8)] * 3, None, -0.5, False, 1.0,
+                                        torch.tensor([1, 2])), r"dropout_p must be in \[0, 1\], got -0.5"),
+    (lambda: torch.ops.llmcore.varlen_fwd(*[torch.randn(8, 2, 8)] * 3, *[torch.zeros(0, dtype=torch.int32)] * 2, 8, 8,
+                                          0.0, False, 1.0, None), "cu_seqlens must start with 0 .* an empty tensor"),
+    (lambda: torch.ops.llmcore.rotary(torch.randn(8), torch.randn(8), torch.randn(8), False, False),
+     r"x must be \(\.\.\., heads, head_dim\)"),
 ])
 def test_direct_op_calls_check_their_arguments(call, message):
     """The custom ops called directly (torch.ops.llmcore.*, as torch.compile does) with tensors that do not fit
@@ -568,3 +575,36 @@ def test_direct_op_call_broadcasts_a_size_one_mask():
     q = torch.randn(1, 2, 32, 8)
     out, _ = torch.ops.llmcore.sdpa_fwd(q, q, q, torch.zeros(1, 1, 1, 1), 0.0, False, 8 ** -0.5, None)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_that_does_not_broadcast_is_a_value_error_under_compile():
+    """The shape checks caught torch.broadcast_shapes' RuntimeError; under torch.compile it fails inside a fake-tensor
+    call dynamo cannot catch, and came out as torch's TorchRuntimeError, not llmcore's ValueError (a probe)."""
+    q = torch.randn(2, 2, 9, 16)
+    compiled = torch.compile(lambda q, m: llmcore.scaled_dot_product_attention(q, q, q, attn_mask=m),
+                             backend="aot_eager")
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(2, 1, 9, 5\) does not broadcast"):
+        compiled(q, torch.zeros(2, 1, 9, 5))
+    with pytest.raises(ValueError, match="batch dims of query .* do not broadcast"):
+        torch.compile(lambda q, k: llmcore.scaled_dot_product_attention(q, k, k), backend="aot_eager")(
+            torch.randn(2, 3, 1, 4, 8), torch.randn(2, 2, 1, 4, 8))
+
+
+def test_shape_broadcasting_matches_torch():
+    from llmcore.ops._shapes import broadcast_shape, broadcasts_to
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        shapes = [tuple(int(d) for d in torch.randint(0, 4, (int(torch.randint(0, 4, (1,), generator=g)),),
+                                                      generator=g)) for _ in range(int(torch.randint(1, 4, (1,),
+                                                                                                     generator=g)))]
+        try:
+            want = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            want = None
+        assert broadcast_shape(*shapes) == want, shapes
+        try:
+            fits = tuple(torch.broadcast_shapes(shapes[0], shapes[-1])) == shapes[-1]
+        except RuntimeError:
+            fits = False
+        assert broadcasts_to(shapes[0], shapes[-1]) == fits, shapes

@@ -26,6 +26,7 @@ from llmcore import _C
 from llmcore.ops import _cpu
 from llmcore.ops.dispatch import AttentionCall, select
 from llmcore.ops._autograd import _eager_function, _run_op
+from llmcore.ops._shapes import broadcast_shape, broadcasts_to
 from llmcore.ops.reference import check_cu_seqlens, sdpa_reference, varlen_reference
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
@@ -96,12 +97,17 @@ def _check_op_args(q: Tensor, k: Tensor, v: Tensor, packed: bool, mask: Optional
         want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         if any(m not in (1, w) for m, w in zip(mask.shape, want)):
             raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to the scores {want}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if dropout_p > 0.0 and (rng is None or rng.numel() != 2):
         raise ValueError("dropout_p > 0 needs rng: the (seed, offset) tensor")
     for c in cu:
         if c.dtype != torch.int32 or c.dim() != 1 or not c.is_contiguous():
             raise TypeError(f"cu_seqlens must be contiguous 1-D int32, got {c.dim()}-D {c.dtype} "
                             f"{'' if c.is_contiguous() else '(strided)'}")
+    if any(c.numel() == 0 for c in cu):  # (it said "batch must be >= 0")
+        raise ValueError("cu_seqlens must start with 0 and hold one more entry than there are sequences, got an "
+                         "empty tensor")
     if len(cu) == 2 and cu[0].numel() != cu[1].numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one entry per sequence each, got "
                          f"{cu[0].numel()} and {cu[1].numel()}")
@@ -387,12 +393,12 @@ def scaled_dot_product_attention(
                              "grouped-query attention")
         enable_gqa = True
     batch = query.shape[:-3]
-    if not (key.shape[:-3] == batch == value.shape[:-3]):  # torch.broadcast_shapes costs ~9 us a call
-        try:
-            batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
-        except RuntimeError as e:
+    if not (key.shape[:-3] == batch == value.shape[:-3]):  # (broadcast_shape only where needed)
+        batch = broadcast_shape(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        if batch is None:
             raise ValueError(f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
-                             f"{tuple(value.shape)} do not broadcast") from e
+                             f"{tuple(value.shape)} do not broadcast")
+        batch = torch.Size(batch)
     lq, lk, e, ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
     full_scores = (*batch, hq, lq, lk)
     mask_kind = "none"
@@ -405,13 +411,9 @@ def scaled_dot_product_attention(
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-        try:
-            fits = torch.broadcast_shapes(attn_mask.shape, full_scores) == torch.Size(full_scores)
-        except RuntimeError:
-            fits = False
-        if not fits:
+        if not broadcasts_to(attn_mask.shape, full_scores):
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
-                             f"shape {full_scores}") from None
+                             f"shape {full_scores}")
         mask_kind = "bool" if attn_mask.dtype == torch.bool else "additive"
     if scale is None:
         scale = 1.0 / math.sqrt(e)

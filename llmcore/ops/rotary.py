@@ -21,6 +21,7 @@ from torch import Tensor
 from llmcore import _C, _fork
 from llmcore.ops import triton as triton_ops
 from llmcore.ops._autograd import _eager_function, _run_op
+from llmcore.ops._shapes import broadcasts_to
 from llmcore.ops.dispatch import BackendUnavailableError
 from llmcore.ops.norm import _CODES, _as_rows
 from llmcore.ops.triton import rotary as triton_rotary
@@ -40,11 +41,6 @@ def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # custom ops
 
 
-def _broadcasts(shape, to) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, to) == to
-    except RuntimeError:
-        return False
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool, triton: bool) -> Tensor:
@@ -55,9 +51,12 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool, triton: bool) 
                         f"{x.dtype}, {cos.dtype} and {sin.dtype}")
     if not triton and x.device.type != "cpu":
         raise ValueError(f"the native kernel takes CPU tensors, got {x.device.type}")
+    if x.dim() < 2 or cos.dim() < 1:  # (a 1-D x, called as torch.ops.llmcore.*, was a bare IndexError)
+        raise ValueError(f"x must be (..., heads, head_dim) and cos / sin (..., head_dim), got {tuple(x.shape)} and "
+                         f"{tuple(cos.shape)}")
     heads, dim = x.shape[-2], x.shape[-1]
     lead = x.shape[:-2]
-    if dim % 2 or cos.shape[-1] != dim or sin.shape != cos.shape or not _broadcasts(cos.shape[:-1], lead):
+    if dim % 2 or cos.shape[-1] != dim or sin.shape != cos.shape or not broadcasts_to(cos.shape[:-1], lead):
         raise ValueError(f"cos and sin must have one shape, broadcastable to {(*lead, dim)} with an even last dim; got "
                          f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -169,7 +168,7 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str]
         raise ValueError(f"the head dim must be even (rotate-half pairs its halves), got {dim}")
     if cos.shape != sin.shape or cos.dim() < 1 or cos.shape[-1] != dim:
         raise ValueError(f"cos and sin must have one shape (..., {dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if not _broadcasts(cos.shape[:-1], lead):
+    if not broadcasts_to(cos.shape[:-1], lead):
         raise ValueError(f"cos and sin {tuple(cos.shape)} do not broadcast over x {tuple(x.shape)}'s positions "
                          f"{tuple(lead)}")
     if cos.device != x.device or sin.device != x.device:
