@@ -18,17 +18,26 @@ def main(path: str) -> None:
             continue
         groups[(info["case"], info["mode"])][info["impl"]] = (b["stats"]["median"], b["stats"]["iqr"], info["flops"])
     print(f"{'case':52} {'mode':8} {'impl':10} {'median ms':>10} {'IQR ms':>8} {'GFLOP/s':>8} {'vs torch':>8}")
-    ratios = defaultdict(list)
+    ratios, missing = defaultdict(list), defaultdict(list)
     for (case, mode), impls in groups.items():
         torch_med = impls.get("torch", (None,))[0]
         for impl, (med, iqr, flops) in impls.items():
-            r = torch_med / med if torch_med else float("nan")
-            if impl == "llmcore" and not case.startswith("varlen"):
+            r = torch_med / med if torch_med else None
+            if impl == "llmcore" and not case.startswith("varlen") and r is not None:
                 ratios[mode].append(r)
-            print(f"{case:52} {mode:8} {impl:10} {med * 1e3:10.3f} {iqr * 1e3:8.3f} {flops / med / 1e9:8.1f} {r:7.2f}x")
-    for mode, rs in ratios.items():
-        g = math.exp(sum(map(math.log, rs)) / len(rs))
-        print(f"{mode}: geometric-mean speedup over torch {g:.2f}x, min {min(rs):.2f}x over {len(rs)} cases")
+            shown = f"{r:7.2f}x" if r is not None else "   (none)"
+            print(f"{case:52} {mode:8} {impl:10} {med * 1e3:10.3f} {iqr * 1e3:8.3f} {flops / med / 1e9:8.1f} {shown}")
+        # (a case without one side, a failed check's or a deselected one: said, and left out of the summary)
+        for side in ("llmcore", "torch"):
+            if side not in impls and not case.startswith("varlen"):
+                missing[mode].append(f"{case} (no {side} row)")
+    for mode in sorted(set(ratios) | set(missing)):
+        rs = ratios[mode]
+        if rs:
+            g = math.exp(sum(map(math.log, rs)) / len(rs))
+            print(f"{mode}: geometric-mean speedup over torch {g:.2f}x, min {min(rs):.2f}x over {len(rs)} cases")
+        for m in missing[mode]:
+            print(f"{mode}: left out of the summary: {m}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import functools
 import pytest
 
 from llmcore.bench.data import imdb_texts, missing_inputs
-from llmcore.bench.train_step import make_steps, saved_bytes
+from llmcore.bench.train_step import loss_check, make_steps, saved_bytes
 
 pytestmark = pytest.mark.skipif(missing_inputs() is not None, reason=str(missing_inputs()))
 
@@ -23,15 +23,18 @@ IMPLS = ("transformers", "llmcore padded", "llmcore packed")
 
 @functools.cache
 def steps(dtype, recompute):
-    return make_steps(batch_size=BATCH, dtype=dtype, texts=imdb_texts(), max_length=MAX_LENGTH,
-                      activation_checkpointing=recompute, impls=IMPLS)
+    """The steps, and ``loss_check`` of them before any step (each side's loss and logits against transformers')."""
+    fns, facts = make_steps(batch_size=BATCH, dtype=dtype, texts=imdb_texts(), max_length=MAX_LENGTH,
+                            activation_checkpointing=recompute, impls=IMPLS)
+    return fns, facts, loss_check(fns, dtype)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_train_step_long(benchmark, dtype, impl, recompute):
-    fns, facts = steps(dtype, recompute)
+    fns, facts, check = steps(dtype, recompute)
+    assert check["agree"], f"the sides do not compute the same step: {check}"  # (else a wrong side is timed)
     benchmark.group = f"MiniLM train step, {BATCH} x {MAX_LENGTH} IMDB, {dtype}"
     benchmark.extra_info.update(facts)
     benchmark.extra_info["saved_mib"] = round(saved_bytes(fns[impl].forward, fns[impl].model) / 2**20, 1)

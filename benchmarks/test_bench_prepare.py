@@ -32,8 +32,11 @@ def sst2_train(tmp_path_factory):
     return bench.write_rows(str(tmp_path_factory.mktemp("sst2")), ROWS)
 
 
-def _run(cmd, env):
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _run(cmd, env, first_lines=None):
+    """Runs a prepare; with ``first_lines`` (a list), appends its stdout's first line (llmcore's "cache hit ...")."""
+    done = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if first_lines is not None:
+        first_lines.append(done.stdout.split("\n", 1)[0])
 
 
 @pytest.mark.parametrize("impl", ["transformers", "llmcore", "llmcore cached"])
@@ -43,6 +46,7 @@ def test_prepare_process(benchmark, sst2_train, tmp_path, impl):
             pytest.importorskip(mod)
     model = minilm_dir()
     counter = iter(range(1000))
+    first_lines = []  # (the cached runs': each must be a cache hit, as `llmcore bench prepare` requires)
     cached_dir = str(tmp_path / "cached")
     if impl == "llmcore cached":
         _run(bench.llmcore_command(sst2_train, model, cached_dir), bench.child_env())
@@ -55,11 +59,14 @@ def test_prepare_process(benchmark, sst2_train, tmp_path, impl):
         if impl == "llmcore":
             return (bench.llmcore_command(sst2_train, model, str(tmp_path / "llmcore"), force=True),
                     bench.child_env()), {}
-        return (bench.llmcore_command(sst2_train, model, cached_dir, force=False), bench.child_env()), {}
+        return (bench.llmcore_command(sst2_train, model, cached_dir, force=False), bench.child_env(), first_lines), {}
 
     inp = bench.describe_input(sst2_train)
     benchmark.group = f"prepare SST-2 train ({inp['rows']} rows), whole process"
     benchmark.pedantic(_run, setup=setup, rounds=ROUNDS, iterations=1)
+    if impl == "llmcore cached":
+        assert first_lines and all(line.startswith("cache hit") for line in first_lines), \
+            f"a cached run prepared again: {first_lines}"
     benchmark.extra_info.update({"rows": inp["rows"], "text_bytes": inp["text_bytes"]})
     if benchmark.stats is not None:
         median = benchmark.stats.stats.median
