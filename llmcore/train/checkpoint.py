@@ -99,9 +99,9 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 
 def set_aside_later_checkpoints(output_dir: str, step: int) -> Optional[str]:
-    """For a run resumed from ``checkpoint-<step>`` of its own ``output_dir``: the checkpoints past that step are
-    another trajectory's (the run it restarts from an earlier point), and stay so until this run overwrites them
-    one by one. Rotation, ranking by step, deleted this run's newer checkpoints (the one it had just written, the
+    """For a run resumed from ``checkpoint-<step>`` of its own ``output_dir`` that writes checkpoints: the ones past
+    that step are another trajectory's (the run it restarts from an earlier point), and stay so until this run
+    overwrites them one by one. Rotation, ranking by step, deleted this run's newer checkpoints (the one it had just written, the
     one it resumed from) before those, and resume_from_checkpoint=True took their highest for this run's (a
     probe). They are moved, with that run's ``final/``, into ``output_dir/.superseded-after-step-<step>`` (``-2``,
     ... when there is one); returns that folder, None when there was nothing past ``step``."""

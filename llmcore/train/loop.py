@@ -895,7 +895,9 @@ class Trainer:
             self._eval_best, self._patience_counter = stopping.get("best"), stopping.get("patience_counter", 0)
             # (the log's later records are dropped only when this continues the run whose log it is)
             self._resumed_step = self.global_step if self._continues_own_run() else None
-            if self._resumed_step is not None:
+            # (only a run that writes checkpoints mixes trajectories: one that saves none leaves the folder the run
+            # it resumed)
+            if self._resumed_step is not None and cfg.save_strategy != "no":
                 if self.rank == 0:
                     moved = set_aside_later_checkpoints(cfg.output_dir, self.global_step)
                     if moved:
