@@ -41,8 +41,6 @@ def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # custom ops
 
 
-
-
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool, triton: bool) -> Tensor:
     """The rotation of x (..., H, D) by cos / sin (broadcastable to x.shape[:-2] + (D,)), or its transpose (the
     backward's: the gradient rotated back): the Triton kernel, or the native one (CPU tensors)."""

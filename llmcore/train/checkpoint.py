@@ -101,10 +101,11 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def set_aside_later_checkpoints(output_dir: str, step: int) -> Optional[str]:
     """For a run resumed from ``checkpoint-<step>`` of its own ``output_dir`` that writes checkpoints: the ones past
     that step are another trajectory's (the run it restarts from an earlier point), and stay so until this run
-    overwrites them one by one. Rotation, ranking by step, deleted this run's newer checkpoints (the one it had just written, the
-    one it resumed from) before those, and resume_from_checkpoint=True took their highest for this run's (a
-    probe). They are moved, with that run's ``final/``, into ``output_dir/.superseded-after-step-<step>`` (``-2``,
-    ... when there is one); returns that folder, None when there was nothing past ``step``."""
+    overwrites them one by one. Rotation, ranking by step, deleted this run's newer checkpoints (the one it had
+    just written, the one it resumed from) before those, and resume_from_checkpoint=True took their highest for
+    this run's (a probe). They are moved, with that run's ``final/``, into
+    ``output_dir/.superseded-after-step-<step>`` (``-2``, ... when there is one); returns that folder, None when
+    there was nothing past ``step``."""
     later = [p for p in list_checkpoints(output_dir) if int(_STEP.match(os.path.basename(p)).group(1)) > step]
     if not later:
         return None
