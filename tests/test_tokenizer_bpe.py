@@ -102,6 +102,9 @@ def test_special_token_id_among_the_ranks_is_refused():
         Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": 5})
     with pytest.raises(ValueError, match="'<x>' has id 100255, the rank of"):  # (the last rank)
         Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": 100257, "<x>": 100255})
+    for bad in (100300.7, "100300", True):  # (300.7 loaded as 300, silently: a probe)
+        with pytest.raises(TypeError, match="special_tokens maps strings to int ids"):
+            Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": bad})
     tok = Tokenizer.from_tiktoken(cl100k_path(), special_tokens={"<|endoftext|>": 100256})  # (the first free id)
     ref = tiktoken.Encoding("free", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 100256})
     text = "fish & chips<|endoftext|>&"
@@ -513,6 +516,27 @@ def test_malformed_rank_file(tmp_path, content, message):
     p.write_bytes(content)
     with pytest.raises((TokenizerFileError, ValueError), match=message):
         Tokenizer.from_tiktoken(p)
+
+
+def test_a_rank_file_with_a_long_token_loads_at_once(tmp_path):
+    """Loading looked up both halves of every split of every token, hashing each: a 1 MB token took ~8 minutes
+    (a probe; 64 kB took 1.9 s) with the GIL held. Only splits into lengths some token has are looked up now. The
+    ids still match tiktoken's, the long token's splits (and merges) included."""
+    import base64
+
+    import tiktoken
+
+    long = b"ab" * 100_000
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks.update({b"ab": 256, b"abab": 257, long: 258})
+    p = tmp_path / "long.tiktoken"
+    p.write_bytes(b"\n".join(base64.b64encode(t) + b" %d" % r for t, r in ranks.items()))
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_tiktoken(p, "cl100k_base")
+    assert time.perf_counter() - t0 < 3.0  # (the old loop: ~20 s at this length)
+    ref = tiktoken.Encoding("long", pat_str=_C.pattern_regex("cl100k"), mergeable_ranks=ranks, special_tokens={})
+    for text in ("ab" * 100_000, "ab" * 100_001, "ab" * 7 + "a", "x abab ab"):
+        assert tok.encode(text, add_special_tokens=False) == ref.encode_ordinary(text)
 
 
 def test_unknown_pattern_and_unsupported_json(tmp_path):
