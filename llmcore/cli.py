@@ -64,9 +64,21 @@ def _bench_finetune(args: argparse.Namespace) -> int:
 
     dtypes = (args.dtype,) if args.dtype else ("fp32", "bf16")
     out = finetune.main(rows=args.rows, dtypes=dtypes, json_path=args.json, md_path=args.md, plot_path=args.plot,
-                        quick=args.quick, reference_sampling=args.reference_sampling, command=_typed_command(args))
-    # a run that failed (its error is in the report) is a failed bench, as the other benches exit
-    return 1 if any("error" in r for r in out["runs"]) or any("error" in s for s in out["summary"].values()) else 0
+                        quick=args.quick, repeats=args.repeats, command=_typed_command(args))
+    # a run that failed (its error is in the report) is a failed bench, as the other benches exit; so are
+    # accuracies further apart than the bar's point (a side that trains wrongly must not pass for fast), but for
+    # --quick's, whose few steps leave both near chance
+    if any("error" in r for r in out["runs"]) or any("error" in s for s in out["summary"].values()):
+        return 1
+    if args.quick:
+        return 0
+    gaps = {dt: s.get("accuracy_diff_points") for dt, s in out["summary"].items()}
+    far = {dt: g for dt, g in gaps.items() if g is None or abs(g) > finetune.BAR_POINTS}
+    if far:
+        print(f"llmcore bench finetune: test accuracy llmcore - Trainer beyond {finetune.BAR_POINTS:g} point: "
+              + ", ".join(f"{dt} {'missing' if g is None else f'{g:+.2f}'}" for dt, g in far.items()), file=sys.stderr)
+        return 1
+    return 0
 
 
 def _typed_command(args: argparse.Namespace) -> str:
@@ -382,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "each in its own process; samples/s, memory, accuracy")
     p.add_argument("--rows", type=_positive_int, default=4000, help="SST-2 training rows (default 4000)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="one precision only (default: both)")
-    p.add_argument("--reference-sampling", choices=["random", "group_by_length"], default="random",
-                   help="Trainer's batches: random as by default (default) or its group_by_length option")
+    p.add_argument("--repeats", type=_positive_int, default=1,
+                   help="run the whole set this many times: ratios paired per repeat, median (min-max) (default 1)")
     p.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON here")
     p.add_argument("--md", metavar="PATH", type=_output_file, help="also write the Markdown report here")
     p.add_argument("--plot", metavar="PNG", type=_plot_file,

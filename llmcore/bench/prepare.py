@@ -334,12 +334,10 @@ def check_outputs(llmcore_dir: str, reference_dir: str) -> dict:
 
 
 # --- the harness ------------------------------------------------------------------------------------
-def _spread(xs: list) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
-
-
 def summarize(out: dict) -> dict:
     """Medians, spreads, throughput, the paired ratio and the bar from ``out["runs"]`` and ``out["cached_runs"]``."""
+    from llmcore.bench import spread  # (not at the top: the reference runs this file, and imports no llmcore)
+
     inp = out["settings"]["input"]
     timed = [r for r in out["runs"] if not r["warmup"]]
     ok = {impl: [r for r in timed if r["impl"] == impl and "error" not in r] for impl in IMPLS}
@@ -349,7 +347,7 @@ def summarize(out: dict) -> dict:
         walls = [r["wall_s"] for r in ok[impl]]
         if not walls:
             continue
-        s["wall_s"][impl] = _spread(walls)
+        s["wall_s"][impl] = spread(walls)
         med = s["wall_s"][impl]["median"]
         s["rows_per_s"][impl] = inp["rows"] / med
         s["mb_per_s"][impl] = inp["text_bytes"] / MB / med
@@ -360,17 +358,17 @@ def summarize(out: dict) -> dict:
         by = {r["impl"]: r for r in timed if r["round"] == rnd and "error" not in r}
         if len(by) == 2:
             per_round.append(by["transformers"]["wall_s"] / by["llmcore"]["wall_s"])
-    s["ratio"] = _spread(per_round)
+    s["ratio"] = spread(per_round)
     if s["ratio"] is not None:
         s["ratio"]["per_round"] = per_round
     # the same ratio inside the processes, imports and interpreter start-up left out: reference
     # (load .. save) / llmcore's meta.json seconds (tokenizer load, read, clean, tokenize, save)
     work = {impl: [sum(v for k, v in r["phases_s"].items() if k not in ("import", "total")) for r in ok[impl]
                    if r.get("phases_s")] for impl in IMPLS}
-    s["in_process_s"] = {impl: _spread(w) for impl, w in work.items()}
+    s["in_process_s"] = {impl: spread(w) for impl, w in work.items()}
     s["ratio_in_process"] = (statistics.median(work["transformers"]) / statistics.median(work["llmcore"])
                              if work["transformers"] and work["llmcore"] else None)
-    s["cached_s"] = _spread([r["wall_s"] for r in cached])
+    s["cached_s"] = spread([r["wall_s"] for r in cached])
     if s["cached_s"] is not None:
         s["rows_per_s"]["cached"] = inp["rows"] / s["cached_s"]["median"]
         s["peak_rss_mb"]["cached"] = max((r["peak_rss_mb"] or 0) for r in cached) or None
@@ -391,11 +389,9 @@ def _f(x, fmt: str = ".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _spread_text(d: dict | None, fmt: str = ".2f") -> str:
-    return "-" if d is None else f"{d['median']:{fmt}} ({d['min']:{fmt}}-{d['max']:{fmt}})"
-
-
 def format_markdown(out: dict) -> str:
+    from llmcore.bench import spread_text
+
     env, st, s, chk = out["env"], out["settings"], out["summary"], out["check"]
     inp = st["input"]
     what = "the full SST-2 train split" if st["rows"] is None else f"the first {st['rows']} rows of SST-2 train"
@@ -415,19 +411,19 @@ def format_markdown(out: dict) -> str:
     for impl in IMPLS + ("cached",):
         wall = s["cached_s"] if impl == "cached" else s["wall_s"].get(impl)
         mb = None if impl == "cached" else s["mb_per_s"].get(impl)
-        parts.append(f"| {LABELS[impl]} | {_spread_text(wall)} | {_f(s['rows_per_s'].get(impl), '.0f')} "
+        parts.append(f"| {LABELS[impl]} | {spread_text(wall)} | {_f(s['rows_per_s'].get(impl), '.0f')} "
                      f"| {_f(mb, '.2f')} | {_f(s['cpu_util'].get(impl))} | {_f(s['peak_rss_mb'].get(impl), '.0f')} |")
     b = s["bar_met"]
     parts += ["", f"## Bar: >= {BAR_RATIO:g}x the reference, cached rerun < {BAR_CACHED_S:g} s", "",
               "| ratio reference / llmcore, median (min-max) | cached rerun s, median / max | outputs agree "
               "| ratio met | cached met | bar met |", "|---" * 6 + "|",
-              f"| {_spread_text(s['ratio'])}x | {_f((s['cached_s'] or {}).get('median'))} / "
+              f"| {spread_text(s['ratio'])}x | {_f((s['cached_s'] or {}).get('median'))} / "
               f"{_f((s['cached_s'] or {}).get('max'))} | {str(b['outputs_agree']).lower()} "
               f"| {str(b['ratio']).lower()} | {str(b['cached']).lower()} | {str(b['all']).lower()} |"]
     ip = s.get("in_process_s", {})
     if s.get("ratio_in_process"):
         parts += ["", f"In-process work only (no interpreter start-up, no imports): reference "
-                  f"{_spread_text(ip.get('transformers'))} s, llmcore {_spread_text(ip.get('llmcore'))} s, ratio of "
+                  f"{spread_text(ip.get('transformers'))} s, llmcore {spread_text(ip.get('llmcore'))} s, ratio of "
                   f"the medians {s['ratio_in_process']:.2f}x."]
     ph_r, ph_o = out.get("phases", {}).get("transformers"), out.get("phases", {}).get("llmcore")
     if ph_r or ph_o:

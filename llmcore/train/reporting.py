@@ -12,9 +12,18 @@ import torch
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process in MiB: torch's peak allocation on a CUDA device, else the
-    process's peak resident set size (``ru_maxrss``, which on Linux is in KiB)."""
+    process's peak resident set size: VmHWM on Linux (not ``ru_maxrss``, which a process started by
+    vfork + exec, as subprocess starts it, inherits from its parent where the parent's is higher), else
+    ``ru_maxrss``."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:  # not Linux
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # macOS reports bytes
 
