@@ -3,10 +3,12 @@
 GNU OpenMP's thread pool does not survive fork(): a child whose parent ran an OpenMP region (torch's or
 llmcore's kernels) hangs in its first multi-thread region (datasets.map(num_proc=N), fork-started
 multiprocessing). llmcore's kernels then run on one thread in such a child, as HF tokenizers turns its own
-parallelism off after a fork; torch's own ops still need ``torch.set_num_threads(1)`` there.
+parallelism off after a fork, and so do the torch ops inside llmcore's (``torch_one_thread``: the fused
+cross-entropy's matmuls hung there); torch's own ops, called by the user, still need ``torch.set_num_threads(1)``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 forked = False
@@ -28,3 +30,22 @@ def num_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_one_thread():
+    """torch's ops run on one thread inside, in a forked child (see the module docstring); elsewhere a no-op. The
+    thread count is set back after, so the caller's setting stands."""
+    if not forked:
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)

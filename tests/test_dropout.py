@@ -125,6 +125,9 @@ def test_p_zero_eval_and_p_one():
         dropout(x, 1.5)
     with pytest.raises(ValueError, match="between 0 and 1"):
         dropout(x, -0.1)
+    for p in ("0.5", True):  # (float("0.5") took the string: a probe)
+        with pytest.raises(TypeError, match="dropout probability must be a number"):
+            dropout(x, p)
 
 
 @pytest.mark.parametrize("n", [1, 33, 1_000_003])

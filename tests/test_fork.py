@@ -1,6 +1,6 @@
 """A child forked after llmcore's kernels ran: GNU OpenMP's pool does not survive fork(), and a child's first
 multi-thread region hung (datasets.map(num_proc=N) running attention; found by a probe). llmcore's kernels run on
-one thread in a forked child, with the same results."""
+one thread in a forked child, with the same results, and so do the torch ops inside llmcore's."""
 import subprocess
 import sys
 
@@ -16,10 +16,18 @@ x = torch.randn(64, 384)
 want_ln = llmcore.ops.layer_norm(x, torch.ones(384), torch.zeros(384), 1e-5)
 pid = os.fork()
 if pid == 0:
+    import signal
+    signal.alarm(90)  # a hang ends the child (SIGALRM), not the test run
     got = llmcore.scaled_dot_product_attention(q, q, q, is_causal=True)
     got_ln = llmcore.ops.layer_norm(x, torch.ones(384), torch.zeros(384), 1e-5)
     same = torch.equal(got, want) and torch.equal(got_ln[0] if isinstance(got_ln, tuple) else got_ln,
                                                   want_ln[0] if isinstance(want_ln, tuple) else want_ln)
+    # the fused cross-entropy's torch.mm hung here (a probe); its torch ops run on one thread in the child too,
+    # and the thread count is the child's again after
+    w = torch.randn(50, 384, requires_grad=True)
+    loss = llmcore.ops.linear_cross_entropy(x, w, torch.arange(64) % 50)
+    loss.backward()
+    same = same and bool(torch.isfinite(loss)) and w.grad is not None and torch.get_num_threads() == 2
     os._exit(0 if same else 3)
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))

@@ -567,6 +567,15 @@ def test_batch_encoding_views(tok):
     tensors = packed.to_torch()
     assert tensors["cu_seqlens"].tolist() == packed.cu_seqlens.tolist()
     assert tensors["input_ids"].data_ptr() == packed.input_ids.ctypes.data  # no copy
+    # by name, as transformers' BatchEncoding (be["input_ids"] was numpy's IndexError; dict(be) failed too)
+    for enc in (packed, padded):
+        assert enc["input_ids"] is enc.input_ids and enc["attention_mask"] is enc.attention_mask
+        as_dict = dict(enc)
+        assert list(as_dict) == enc.keys() and all(as_dict[k] is getattr(enc, k) for k in enc.keys())
+        assert "input_ids" in enc and "offsets" not in enc and 0 not in enc
+        with pytest.raises(KeyError, match="'offsets': this BatchEncoding holds"):
+            enc["offsets"]
+    assert padded[1].tolist() == padded.input_ids[1].tolist()  # (an int still reads a text's row)
 
 
 # --- threads, processes, pickling -------------------------------------------------------------

@@ -291,6 +291,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @no_double_backward  # the saved gradients are constants to autograd
     def backward(ctx, grad_out):
+        with _fork.torch_one_thread():
+            return _LinearCrossEntropy._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         saved = _saved_backward(ctx, grad_out)
         if saved is not None:
             return saved + (None,)  # and native's
@@ -490,7 +495,8 @@ def linear_cross_entropy(
         if _use_triton(hidden.device, compute_dtype, backend):
             out = _apply_triton(*args)
         else:
-            out = _LinearCrossEntropy.apply(*args, backend != "torch")
+            with _fork.torch_one_thread():  # (its torch.mm hung in a forked child)
+                out = _LinearCrossEntropy.apply(*args, backend != "torch")
     if out.grad_fn is not None and not torch.compiler.is_compiling():
         # no_double_backward's links to the inputs (its saved gradients have no graph): the parameters, and for
         # hidden one element's copy, whose graph reaches hidden without holding its N x H storage until the backward

@@ -95,6 +95,8 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(p, (str, bytes)) or isinstance(p, bool):  # (float("0.5") took a string: a probe)
+        raise TypeError(f"dropout probability must be a number, got {p!r}")
     p = float(p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Optional
@@ -782,6 +783,9 @@ def load_tiktoken(path: str, pattern: str, special_tokens: Optional[dict] = None
         tokens.append(token)
     if not tokens:
         _fail(path, "no tokens")
+    for s, i in (special_tokens or {}).items():  # (int(300.7) loaded it as 300, silently: a probe)
+        if not isinstance(s, str) or isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"special_tokens maps strings to int ids, got {s!r}: {i!r}")
     added = [AddedToken(s, int(i), True) for s, i in (special_tokens or {}).items()]
     for t in added:  # (tiktoken takes it, and decodes the id as the rank's bytes; llmcore gave the special's text)
         if 0 <= t.id < len(tokens):

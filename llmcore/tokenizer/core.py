@@ -80,8 +80,10 @@ class BatchEncoding:
     (n, L), ``offsets`` (n, L, 2) and ``special_tokens_mask`` (n, L) when asked for. Packed (no
     padding): the texts back to back, shape (total,), with ``cu_seqlens`` (n + 1) marking where
     each starts; ``attention_mask`` is then all ones. ``lengths`` (n,) counts each text's tokens.
-    Iterating yields one id array per text. With ``return_overflowing_tokens`` the rows are windows
-    of the texts, and ``overflow_to_sample_mapping`` (n,) holds each row's text index.
+    Iterating yields one id array per text (``be[i]``); ``be["input_ids"]`` and ``keys()`` read the arrays by
+    name, so ``dict(be)`` and ``model(**be.to_torch())`` work as with transformers' BatchEncoding. With
+    ``return_overflowing_tokens`` the rows are windows of the texts, and ``overflow_to_sample_mapping`` (n,)
+    holds each row's text index.
     """
 
     def __init__(self, arrays: dict):
@@ -104,7 +106,11 @@ class BatchEncoding:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i) -> np.ndarray:
+        if isinstance(i, str):  # (numpy's "only integers, slices..." IndexError for be["input_ids"]: a probe)
+            if i not in self.keys():
+                raise KeyError(f"{i!r}: this BatchEncoding holds {self.keys()}")
+            return getattr(self, i)
         if self.is_padded:
             return self.input_ids[i]
         n = len(self)
@@ -115,6 +121,9 @@ class BatchEncoding:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key in self.keys()
 
     def keys(self):
         names = ["input_ids", "attention_mask", "token_type_ids"]
