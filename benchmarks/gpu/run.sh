@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, at most TOTAL_S (480) seconds on an H100/H200 machine:
 #   1. builds llmcore with CMake in place (the module lands in llmcore/; with the CUDA sources when
-#      nvcc is there, else, or if that fails, without them; a build that cannot succeed, no Unicode tables, or
-#      a module that does not import ends the run there, status 1), while
+#      nvcc is there, else, or if that fails, without them; no Unicode tables, a build that fails every way (a
+#      module an earlier build left in llmcore/ is not used) or a module that does not import ends the run
+#      there, status 1), while
 #      bench.py --warm-worker processes compile the Triton attention kernels the benchmark's block
 #      sweep will time (into Triton's cache; they need no llmcore build);
 #   2. runs the GPU tests: the Triton kernels' tests at full shapes and the CUDA backend's tests,
@@ -114,7 +115,12 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     tail -15 "$LOG_DIR/build.log"
     status=1  # (a source that needs the safety net, or CUDA sources that do not build, is a failure too)
   done
-  [ $built = 1 ] || note "BUILD FAILED (see build.log)"
+  if [ $built = 0 ]; then
+    # (not on with a llmcore/_C*.so an earlier build left: its results would be taken for this tree's)
+    note "BUILD FAILED (see build.log): no test or benchmark runs on a module from an earlier build. Stopped."
+    for pid in "${warm_pids[@]}"; do kill "$pid" 2>/dev/null; done
+    exit 1
+  fi
 fi
 # (no pip fallback: it would install, which the GPU check may not, and it needs build tools the machine lacks)
 if ! "$PY" -c "import llmcore, json; print(json.dumps(llmcore.info()['backends']))" >>"$NOTES" 2>&1; then

@@ -236,8 +236,9 @@ def _same_ids(a, b) -> bool:
     texts = ["A gripping film, isn't it? ¿Qué? 1234 " + specials, "and a second one " + specials]
     for t in ((texts[0], None), tuple(texts)):
         x, y = a(*t), b(*t)
-        if x["input_ids"] != y["input_ids"] or x.get("token_type_ids", y.get("token_type_ids")) != y.get(
-                "token_type_ids", x.get("token_type_ids")):
+        if x["input_ids"] != y["input_ids"]:
+            return False
+        if "token_type_ids" in x and "token_type_ids" in y and x["token_type_ids"] != y["token_type_ids"]:
             return False
     return True
 
@@ -494,7 +495,7 @@ def prepare(data: Union[str, os.PathLike], tokenizer, max_length: int, output_di
         for split, table in tables.items():  # (as datasets casts the files to the card's features)
             sources.apply_class_labels(table, card_labels, where[split])
     else:
-        tables = sources.load_saved(data) if os.path.isdir(data) else sources.hub_tables(hub_data)
+        tables = sources.load_saved(data) if os.path.isdir(data) else sources.dataset_tables(hub_data)
         where = {split: f"{data!r} split {split!r}" for split in tables}
     if eval_paths is not None:
         tables["validation"] = sources.read_split(eval_paths)

@@ -726,12 +726,7 @@ def looks_like_hub_name(data: str) -> bool:
 
 def load_hub(name: str, config: str = None) -> Dict[str, Table]:
     """A Hugging Face dataset's splits as tables (``load_hub_dataset``)."""
-    return hub_tables(load_hub_dataset(name, config))
-
-
-def hub_tables(dd) -> Dict[str, Table]:
-    """The splits of a DatasetDict ``load_hub_dataset`` returned, as tables."""
-    return _tables(dd)
+    return dataset_tables(load_hub_dataset(name, config))
 
 
 def hub_fingerprint(dd) -> Dict[str, Optional[str]]:
@@ -789,10 +784,10 @@ def load_saved(path: str) -> Dict[str, Table]:
     except Exception as e:  # (a damaged or partial folder: datasets' errors name no folder)
         raise ValueError(f"{path!r}: a datasets save_to_disk folder that datasets.load_from_disk could not read: "
                          f"{type(e).__name__}: {e}") from None
-    return _tables(loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded})
+    return dataset_tables(loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded})
 
 
-def _tables(dd) -> Dict[str, Table]:
+def dataset_tables(dd) -> Dict[str, Table]:
     """Split name -> table of a DatasetDict (or a dict of Datasets), ClassLabel names kept under
     ``__label_names__``."""
     out: Dict[str, Table] = {}
