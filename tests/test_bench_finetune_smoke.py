@@ -98,7 +98,7 @@ def test_repeats_pair_the_ratios_and_take_medians():
     assert "error" in finetune.compare(only_apart, ("fp32",))["fp32"]
 
 
-def test_peak_rss_is_the_process_own():
+def test_peak_rss_is_the_process_own(tmp_path):
     """A child started by subprocess (vfork + exec) inherits its parent's ru_maxrss when the parent's is higher
     (a probe: a child at 9 MB read the parent's 1,511 MiB); the bench reads VmHWM instead."""
     import subprocess
@@ -112,8 +112,8 @@ def test_peak_rss_is_the_process_own():
     big[::4096] = b"\x01" * len(range(0, len(big), 4096))  # touched: resident
     parent = finetune._status_mb("VmHWM")
     code = "from llmcore.bench.finetune import _process_peak_mb; print(_process_peak_mb({}))"
-    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True).stdout)
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 cwd=tmp_path).stdout)  # (outside the source tree: the installed package)
     del big
     assert parent >= 1536 and 0 < child < parent / 2
 
