@@ -739,7 +739,11 @@ def test_single_word_on_every_code_point(tmp_path):
         "padding", {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": -5,
                     "pad_type_id": 0, "pad_token": "[PAD]"}), "token id -5 in the padding"),
     (lambda c: c["model"]["vocab"].__setitem__("zzzq", 2**31), "token id 2147483648 in the vocabulary"),
-    (lambda c: c["model"]["vocab"].__setitem__("zzzq", 2**24), "token id 16777216 in the vocabulary")])
+    (lambda c: c["model"]["vocab"].__setitem__("zzzq", 2**24), "token id 16777216 in the vocabulary"),
+    # (pybind11's "incompatible function arguments", naming nothing, before: a probe)
+    (lambda c: c["model"].__setitem__("max_input_chars_per_word", -1), "max_input_chars_per_word must be an integer"),
+    (lambda c: c["model"].__setitem__("max_input_chars_per_word", 2**70), "max_input_chars_per_word must be an int"),
+    (lambda c: c["model"]["vocab"].__setitem__("\ud800", 30522), "cannot take .a token string with a lone surrogate")])
 def test_token_ids_out_of_range_are_refused(tmp_path, change, named):
     """A negative id in the post-processor or padding (HF refuses the file: u32) came out as a token id; a lone huge
     id (HF and tiktoken allow any u32) made the native tables, indexed by id, take memory in proportion (~68 GB for

@@ -102,6 +102,16 @@ class Spec:
 
     def build(self):
         self.check_ids()
+        try:
+            return self._build()
+        except TypeError as e:  # pybind11's refusal of an argument (a lone surrogate in a token, ...) named nothing
+            if "incompatible function arguments" not in str(e):
+                raise
+            raise TokenizerFileError(f"the tokenizer holds a value llmcore's native tokenizer cannot take (a token "
+                                     f"string with a lone surrogate, a number out of range, ...): "
+                                     f"{str(e).splitlines()[0]}") from None
+
+    def _build(self):
         if self.kind == "wordpiece":
             native = _C.Tokenizer.wordpiece(self.vocab, self.unk_token, self.prefix, self.max_input_chars_per_word,
                                             self.bert, self.cleanup)
@@ -356,9 +366,13 @@ def load_tokenizer_json(path: str, text: Optional[str] = None) -> Spec:
                     _refuse_normalized(path, e["content"])
         dec = cfg.get("decoder") or {}
         prefix = str(model.get("continuing_subword_prefix", "##"))
+        max_chars = model.get("max_input_chars_per_word", 100)
+        if isinstance(max_chars, bool) or not isinstance(max_chars, int) or not 0 <= max_chars < 2**63:
+            # (HF's is a usize; the native call's "incompatible function arguments" named nothing: a probe)
+            _fail(path, f"model.max_input_chars_per_word must be an integer in [0, 2**63), got {max_chars!r}")
         spec = Spec("wordpiece", vocab=list(vocab.items()),
                     unk_token=str(_get(model, "unk_token", path, "model", str)),
-                    prefix=prefix, max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
+                    prefix=prefix, max_input_chars_per_word=max_chars,
                     bert=bert, cleanup=_flag(dec, "cleanup", True, path, "decoder"), added_tokens=added)
         if dec.get("type") != "WordPiece" or dec.get("prefix", "##") != prefix:
             spec.decoder_issue = (f"{path}: decoder {cfg.get('decoder')!r:.120} (llmcore decodes as a WordPiece "

@@ -687,8 +687,10 @@ class Tokenizer:
         """Encode many texts on ``num_threads`` native threads (all cores by default).
 
         ``truncation`` cuts each text (pairs: longest first) so that with the special tokens it
-        fits ``max_length``. ``padding``: False (packed output), True/"longest", or "max_length".
-        Offsets are character offsets into the original strings, (0, 0) for added specials.
+        fits ``max_length``. ``padding``: False (packed output), True/"longest", or "max_length" (the
+        arrays are rectangular: without ``truncation`` a text longer than ``max_length`` widens them all,
+        where HF pads the shorter texts to ``max_length`` and leaves it as it is). Offsets are character
+        offsets into the original strings, (0, 0) for added specials.
         ``pad_id`` overrides the tokenizer's pad token (tiktoken files define none).
 
         ``return_overflowing_tokens`` (with ``truncation``; single texts only): instead of dropping
