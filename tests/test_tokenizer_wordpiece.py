@@ -785,8 +785,8 @@ def test_many_threads_under_a_memory_limit_do_not_abort(path, tmp_path):
     lambda c: c.__setitem__("padding", [1]), lambda c: c.__setitem__("pre_tokenizer", "x"),
     lambda c: c.__setitem__("decoder", "x"),
     lambda c: c.__setitem__("post_processor", {"type": "BertProcessing", "sep": "", "cls": ["[CLS]", 101]}),
-    lambda c: c["model"].__setitem__("max_input_chars_per_word", -1),
     lambda c: c["post_processor"]["special_tokens"]["[CLS]"].__setitem__("ids", 101)])
+# (max_input_chars_per_word -1 has a message of its own: test_token_ids_out_of_range_are_refused)
 def test_sections_of_another_json_type_name_the_file(tmp_path, change):
     """A section of another JSON type than HF writes (a list padding, a string decoder, a BertProcessing sep that is
     no [token, id] pair, a negative max_input_chars_per_word, template ids that are no list): Python's or pybind's raw
