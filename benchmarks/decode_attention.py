@@ -7,30 +7,16 @@ one; reported: each side's median microseconds a call and the paired ratio torch
 rounds (below 1: llmcore slower). Training shapes are there for contrast.
 """
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from llmcore.bench import alternating_rounds, spread, spread_text
 from llmcore.ops import scaled_dot_product_attention
 
 SHAPES = [  # (B, H, Lq, Lk, D, causal)
     (1, 12, 1, 128, 64, False), (1, 12, 1, 1024, 64, False), (8, 12, 1, 512, 64, False), (1, 2, 4, 4, 16, False),
     (16, 12, 64, 64, 64, False), (32, 12, 128, 128, 64, False), (32, 12, 128, 128, 64, True)]
-
-
-def rounds(fns: dict, n: int, count: int = 9) -> dict:
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        for _ in range(10):
-            f()
-    for r in range(count):
-        for k, f in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
-            t = time.perf_counter()
-            for _ in range(n):
-                f()
-            times[k].append((time.perf_counter() - t) / n * 1e6)
-    return times
 
 
 def main() -> None:
@@ -44,12 +30,12 @@ def main() -> None:
         got = scaled_dot_product_attention(q, k, v, is_causal=causal)
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (B, H, Lq, Lk, D, causal)
         n = max(3, int(2e6 / (B * H * Lq * Lk * D / 64 + 2000)))
-        ts = rounds({"llmcore": lambda: scaled_dot_product_attention(q, k, v, is_causal=causal),
-                     "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}, n)
+        ts = alternating_rounds({"llmcore": lambda: scaled_dot_product_attention(q, k, v, is_causal=causal),
+                                 "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}, n, 9,
+                                warmup=10)
         r = [b / a for a, b in zip(ts["llmcore"], ts["torch"])]
         print(f"| {(B, H, Lq, Lk, D, causal)} | {statistics.median(ts['llmcore']):.1f} "
-              f"| {statistics.median(ts['torch']):.1f} | {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f}) |",
-              flush=True)
+              f"| {statistics.median(ts['torch']):.1f} | {spread_text(spread(r))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Two entry points:
   registries, so ``from_pretrained(..., attn_implementation="llmcore")`` (or
   ``config._attn_implementation = "llmcore"`` before ``from_config``) runs
   :func:`llmcore.ops.scaled_dot_product_attention`, or :func:`llmcore.ops.varlen_attention`
-  for padding-free batches that carry FlashAttention's ``cu_seq_lens_*`` kwargs.
+  for padding-free batches that carry FlashAttention's ``cu_seq_lens_*`` kwargs; inference calls with fewer query
+  rows than ``TORCH_BELOW["attention"]`` (a decode step) run torch's SDPA, faster there.
 * :func:`patch` switches a built model to ``"llmcore"`` attention and swaps llmcore's fused
   ops into the norm, MLP, RoPE, dropout and embedding modules it recognises; for GPT-2 /
   Llama-family causal LMs in training with labels, the chunked LM-head loss (which holds no
@@ -41,8 +42,9 @@ from llmcore.nn.layers import Embedding as _Embedding
 from llmcore.nn.layers import hooks_see_layer_output, unwatched
 from llmcore.ops import scaled_dot_product_attention, varlen_attention
 from llmcore.ops.attention import autocast_enabled as _autocast_on
+from llmcore.ops.dispatch import _DEFAULT_BACKEND
 
-__all__ = ["NAME", "attention_forward", "patch", "register"]
+__all__ = ["NAME", "TORCH_BELOW", "attention_forward", "patch", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,32 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 # refused rather than dropped (a probe: both ran as dense attention, logits off by 0.05-0.5).
 _INERT_TENSOR_KWARGS = frozenset({*_VARLEN_KWARGS, "position_ids", "num_items_in_batch", "cache_position",
                                   "token_type_ids"})
+# Inference calls with fewer rows than these (tokens; attention: query rows per head) run transformers' own
+# computation (torch's ops, torch's SDPA) instead of llmcore's: llmcore's ops pay ~15-35 us of Python a call before
+# their kernels start, torch's ~4-7, which small calls never earn back; a decode step of generation has one row a
+# sequence. Measured with `python benchmarks/small_calls.py` (fp32, no gradient, the 2-core Xeon;
+# benchmarks/results/small-calls-cpu-xeon.md): the first row counts from which llmcore's op stayed faster, except
+# swiglu and attention, within noise of torch from 16 to ~64 rows, which hand over only their clear losses. layer_norm's
+# forward alone loses up to ~1,000 rows; its fused backward wins from ~1,000, and training keeps it. Calls in which a
+# tensor needs a gradient, CUDA tensors and torch.compile keep llmcore's ops at every size. Set a value to 0 to run
+# llmcore's op at every size (the tests of the ops inside models do).
+TORCH_BELOW = {"attention": 16, "layer_norm": 4096, "rms_norm": 64, "bias_gelu": 4, "swiglu": 16,
+               "rotary_embedding": 64}
+
+
+def _rows(x: Tensor) -> int:
+    """Rows of x (..., features): its tokens."""
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _torch_serves(op: str, rows: int, *tensors) -> bool:
+    """Whether transformers' own computation serves this call of ``op`` (see ``TORCH_BELOW``): fewer rows than
+    its threshold, CPU tensors (the first decides), and no gradient to compute."""
+    if rows >= TORCH_BELOW[op] or tensors[0].device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,8 +248,11 @@ def _dense_attention(query, key, value, attention_mask, dropout, scaling, causal
 
         attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
-    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                       is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    sdpa = scaled_dot_product_attention
+    if dropout == 0.0 and _DEFAULT_BACKEND is None and _torch_serves("attention", q_length, query, key, value):
+        sdpa = F.scaled_dot_product_attention  # (a decode step: one query row against the cache)
+    out = sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+               enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous()  # (B, Hq, Lq, Ev) -> (B, Lq, Hq, Ev)
 
 
@@ -246,18 +277,24 @@ def _packed_attention(query, key, value, dropout, scaling, causal, kwargs) -> Te
 
 
 def _layer_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
+    if _torch_serves("layer_norm", _rows(x), x, self.weight, self.bias):
+        return nn.LayerNorm.forward(self, x)
     if x.device.type == "cuda" and _autocast_on("cuda"):
         x = x.float()  # CUDA autocast runs layer_norm in float32 (CPU autocast keeps the input dtype)
     return _ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def _rms_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
-    # LlamaRMSNorm's dtype rules, but float64 input is normalized in float64 (LlamaRMSNorm's in float32: 4.8e-7 off)
+    # LlamaRMSNorm's dtype rules, but float64 input is normalized in float64 (LlamaRMSNorm's in float32: 4.8e-7 off),
+    # small or not
+    if x.dtype != torch.float64 and _torch_serves("rms_norm", _rows(x), x, self.weight):
+        return type(self).forward(self, x)
     return _ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 def _swiglu_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if not (_is_silu(self.act_fn) and unwatched(self.act_fn)):  # (swapped or hooked after patching: called)
+    if not (_is_silu(self.act_fn) and unwatched(self.act_fn)) or _torch_serves(  # (swapped or hooked after patching)
+            "swiglu", _rows(x), x, self.gate_proj.weight):
         return type(self).forward(self, x)
     return self.down_proj(_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
@@ -286,8 +323,8 @@ def _fused_rotary_pos_emb(original, q, k, cos, sin, *args, **kwargs):
     q and k: the (B, H, L, D) views transformers passes are (B, L, H, D) tensors in memory, which the kernel takes as
     they are. Any other call -- positional extras, another ``unsqueeze_dim``, dtypes :func:`_rope_fusable` refuses --
     runs ``original``."""
-    if args or set(kwargs) - {"unsqueeze_dim"} or kwargs.get("unsqueeze_dim", 1) != 1 or not _rope_fusable(q, k, cos,
-                                                                                                            sin):
+    if (args or set(kwargs) - {"unsqueeze_dim"} or kwargs.get("unsqueeze_dim", 1) != 1
+            or not _rope_fusable(q, k, cos, sin) or _torch_serves("rotary_embedding", q.shape[0] * q.shape[2], q, k)):
         return original(q, k, cos, sin, *args, **kwargs)
     return tuple(_ops.rotary_embedding(t.transpose(1, 2), cos, sin).transpose(1, 2) for t in (q, k))
 
@@ -414,7 +451,8 @@ def _linear_bias_gelu(x: Tensor, linear: nn.Linear, approximate: str) -> Tensor:
 
 def _bias_gelu_intermediate_forward(self: nn.Module, x: Tensor) -> Tensor:
     # e.g. an adapter wrapped `dense` after patching, or another activation swapped in
-    if not (_is_plain(self.dense, nn.Linear) and _same_gelu(self.intermediate_act_fn, self._llmcore_approximate)):
+    if not (_is_plain(self.dense, nn.Linear) and _same_gelu(self.intermediate_act_fn, self._llmcore_approximate)) or (
+            _torch_serves("bias_gelu", _rows(x), x, self.dense.weight)):
         return type(self).forward(self, x)
     return _linear_bias_gelu(x, self.dense, self._llmcore_approximate)
 
@@ -423,7 +461,8 @@ def _bias_gelu_distilbert_ffn_forward(self: nn.Module, x: Tensor) -> Tensor:
     """DistilBERT's ``FFN``: lin1, GELU, lin2, dropout. With ``chunk_size_feed_forward`` set (transformers then runs
     it in chunks of rows to save memory) it keeps its own forward."""
     if (not (_is_plain(self.lin1, nn.Linear) and _same_gelu(self.activation, self._llmcore_approximate))
-            or self.chunk_size_feed_forward):
+            or self.chunk_size_feed_forward
+            or _torch_serves("bias_gelu", _rows(x), x, self.lin1.weight)):
         return type(self).forward(self, x)
     return self.dropout(self.lin2(_linear_bias_gelu(x, self.lin1, self._llmcore_approximate)))
 
@@ -431,7 +470,8 @@ def _bias_gelu_distilbert_ffn_forward(self: nn.Module, x: Tensor) -> Tensor:
 def _bias_gelu_gpt2_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     from transformers.pytorch_utils import Conv1D
 
-    if not (_is_plain(self.c_fc, Conv1D) and _same_gelu(self.act, self._llmcore_approximate)):
+    if not (_is_plain(self.c_fc, Conv1D) and _same_gelu(self.act, self._llmcore_approximate)) or (
+            _torch_serves("bias_gelu", _rows(x), x, self.c_fc.weight)):
         return type(self).forward(self, x)
     y = torch.matmul(x, self.c_fc.weight)  # Conv1D stores (in, out)
     y = _ops.bias_gelu(y, self.c_fc.bias.to(y.dtype), approximate=self._llmcore_approximate)
@@ -877,6 +917,10 @@ def patch(model: nn.Module) -> nn.Module:
     transformers' own forward code: a copy of it whose ``apply_rotary_pos_emb`` is the fused
     one (``_with_global``); the modeling module's function, and every model not patched, stay
     as they were.
+
+    Inference calls (no tensor of the call needs a gradient) on CPU tensors with fewer rows than
+    :data:`TORCH_BELOW` gives the op -- a decode step of ``generate`` among them -- run transformers' own
+    computation (torch's SDPA for attention), which is faster there; set a value to 0 to keep llmcore's op.
 
     Anything else, including subclasses of the classes above, is left alone. Parameters,
     buffers and state_dict keys are unchanged. Fused ops missing from this build of

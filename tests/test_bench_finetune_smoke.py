@@ -189,3 +189,15 @@ def test_attention_and_tokenizer_plots(tmp_path):
                           {"error": "crashed", "results": []}]}
     with open(tokenizer.plot(out, str(tmp_path / "tokenizer.png")), "rb") as f:
         assert f.read(8) == PNG_MAGIC
+
+
+def test_alternating_rounds_reverse_the_order_every_other_round():
+    """llmcore.bench.alternating_rounds (benchmarks/small_calls.py, decode_attention.py): warm-up calls first, then
+    each round runs every function's n calls, the order reversed on odd rounds; one figure a round per function."""
+    from llmcore.bench import alternating_rounds
+
+    order = []
+    times = alternating_rounds({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, n=2, rounds=3,
+                               warmup=1)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+    assert sorted(times) == ["a", "b"] and all(len(v) == 3 and min(v) > 0 for v in times.values())

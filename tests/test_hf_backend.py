@@ -33,6 +33,13 @@ SENTENCES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def llmcore_at_every_size(monkeypatch):
+    """These tests check llmcore's ops inside the models on small inputs: small inference calls, which patch()
+    otherwise hands to transformers' own computation (hf.TORCH_BELOW; tested on its own below), run llmcore's."""
+    monkeypatch.setattr(hf, "TORCH_BELOW", dict.fromkeys(hf.TORCH_BELOW, 0))
+
+
 # ---------------------------------------------------------------------------------------
 # models
 
@@ -378,6 +385,36 @@ def test_gemma4_kv_shared_layers_under_logits_to_keep():
     for cache in (None, "static"):  # (a StaticCache prefill's keys past the prompt stay out of reach)
         kw = dict(max_new_tokens=4, do_sample=False, cache_implementation=cache)
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw)), cache
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_small_inference_calls_run_torch_and_the_rest_llmcore(kind, monkeypatch, spy):
+    """patch()'s rows thresholds (hf.TORCH_BELOW): a decode step under no_grad (one query row) runs torch's SDPA and
+    transformers' norm / MLP / RoPE code, with the unpatched model's logits and greedy tokens; the same step with a
+    gradient to compute, and a prompt at or above the thresholds, run llmcore's ops."""
+    monkeypatch.setattr(hf, "TORCH_BELOW", {"attention": 16, "layer_norm": 16, "rms_norm": 16, "bias_gelu": 16,
+                                            "swiglu": 16, "rotary_embedding": 16})
+    ref, ours = _pair(kind)
+    hf.patch(ours)
+    used = []
+    for name in FUSED_OPS[:-1]:  # (dropout: p = 0 in these configs, not part of the thresholds)
+        real = getattr(llmcore.ops, name)
+        monkeypatch.setattr(llmcore.ops, name, functools.partial(lambda real, name, *a, **k: used.append(name) or
+                                                                 real(*a, **k), real, name))
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = ours(ids[:, :16], use_cache=True)
+        assert len(spy["sdpa"]) == 2 and used, "a 16-token prompt runs llmcore's ops"
+        spy["sdpa"].clear(), used.clear()
+        step = ours(ids[:, 16:17], cache=out.past_key_values, use_cache=True).logits
+        assert spy["sdpa"] == [] and used == [], (spy["sdpa"], used)
+        want = ref(ids[:, :17]).logits[:, -1:]
+    torch.testing.assert_close(step, want, **FP32)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids[:, :5], **kw), ref.generate(ids[:, :5], **kw))
+    spy["sdpa"].clear(), used.clear()
+    ours(ids[:, :1]).logits.sum().backward()  # grad enabled, parameters need it: llmcore's ops at one row
+    assert len(spy["sdpa"]) == 2 and used
 
 
 def test_unknown_tensor_arguments_are_refused():
