@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 
+from llmcore._proc import status_kb
 from llmcore.bench.data import data_dir, minilm_dir
 
 IMPLS = ("transformers", "transformers_grouped", "transformers_patched", "llmcore")
@@ -105,14 +106,8 @@ def read_tsv(path: str) -> tuple[list, list]:
 
 # --- measuring one phase ------------------------------------------------------------------------
 def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return None
+    kb = status_kb(field)
+    return None if kb is None else kb / 1024
 
 
 class Probe:

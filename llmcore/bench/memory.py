@@ -1,14 +1,7 @@
 """Resident memory of this process, from /proc/self (Linux): the benchmarks' peak-memory probes."""
 from __future__ import annotations
 
-
-def status_kb(field: str) -> int:
-    """A kB field of /proc/self/status: VmRSS (resident now), VmHWM (its high-water mark), ..."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+from llmcore._proc import status_kb  # noqa: F401  (the benchmarks' import of it)
 
 
 def reset_high_water_mark() -> bool:

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from llmcore._proc import status_kb
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process in MiB: torch's peak allocation on a CUDA device, else the
@@ -17,13 +19,9 @@ def peak_memory_mb(device: torch.device) -> float:
     ``ru_maxrss``."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:  # not Linux
-        pass
+    hwm = status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 2**10
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # macOS reports bytes
 
