@@ -23,13 +23,20 @@ if hasattr(os, "register_at_fork"):  # (POSIX)
     os.register_at_fork(after_in_child=_in_child)
 
 
+# The most threads llmcore's kernels start: GNU OpenMP segfaults when it cannot create the threads a region asks for
+# (after torch.set_num_threads(100000) llmcore's first kernel crashed the process, as torch's own first parallel op
+# does), and past a few threads a CPU more of them only add switching.
+_MAX_THREADS = max(8, 4 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def num_threads() -> int:
-    """The thread count llmcore's CPU kernels take: torch's budget, or 1 in a forked child."""
+    """The thread count llmcore's CPU kernels take: torch's budget (at most ``_MAX_THREADS``), or 1 in a forked
+    child."""
     if forked:
         return 1
     import torch
 
-    return torch.get_num_threads()
+    return min(torch.get_num_threads(), _MAX_THREADS)
 
 
 @contextlib.contextmanager

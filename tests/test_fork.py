@@ -39,3 +39,20 @@ def test_kernels_run_in_a_forked_child(tmp_path):
     done = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)  # (outside the source tree: the installed package)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_huge_thread_budget_does_not_crash_the_kernels(tmp_path):
+    """torch.set_num_threads(100000): GNU OpenMP segfaulted creating that many threads in llmcore's first kernel (a
+    probe); the kernels take at most llmcore._fork._MAX_THREADS, with the results of two threads."""
+    script = """
+import sys, torch
+import llmcore
+q = torch.randn(2, 4, 64, 32, generator=torch.Generator().manual_seed(0))
+torch.set_num_threads(2)
+want = llmcore.scaled_dot_product_attention(q, q, q, is_causal=True)
+torch.set_num_threads(100000)
+got = llmcore.scaled_dot_product_attention(q, q, q, is_causal=True)
+sys.exit(0 if torch.equal(got, want) else 3)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
