@@ -1,4 +1,4 @@
-"""This process's figures from /proc/self (Linux): resident memory for the peak-memory reports and probes."""
+"""This process's resident memory from /proc/self (Linux): the peak-memory reports and the benchmarks' probes."""
 from __future__ import annotations
 
 
@@ -13,3 +13,13 @@ def status_kb(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def reset_high_water_mark() -> bool:
+    """Set VmHWM to the current VmRSS (``clear_refs`` 5); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

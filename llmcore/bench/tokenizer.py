@@ -49,7 +49,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from llmcore.bench.data import imdb_texts, minilm_dir, sst2_texts
-from llmcore.bench.memory import reset_high_water_mark, status_kb
+from llmcore._proc import reset_high_water_mark, status_kb
 
 MB = 1e6
 ADVERSARIAL = ("a", "space", "digits", "letters")

@@ -25,7 +25,7 @@ import torch
 import llmcore
 from llmcore.bench.attention import iqr, time_round_robin
 from llmcore.bench.data import data_dir, imdb_texts, minilm_dir, sst2_texts
-from llmcore.bench.memory import reset_high_water_mark, status_kb
+from llmcore._proc import reset_high_water_mark, status_kb
 
 TASKS = ("sequence-classification", "causal-lm")
 # the causal LM: a Llama the size of MiniLM-L6
