@@ -3,7 +3,8 @@ distilbert-base-uncased's shape (random weights: the speed does not depend on th
 offline) on the guide's batch size, 16 sequences of 128 tokens (half of them padded from token 64).
 
 Three models from one set of weights, timed in alternating rounds (one step each per round, as
-``llmcore bench train-step`` steps: fused AdamW on each):
+``llmcore bench train-step`` steps: fused AdamW on each), after their fp32 logits (eval mode, grad enabled, so the
+patched ops run as they do in training) are checked against transformers' to 1e-4:
 transformers' (sdpa), patched, and patched without the first-token last layer (the classifier's and that layer's
 forwards back to transformers'). Prints per precision the median and range of the per-round ratios.
 
@@ -37,6 +38,11 @@ def main(rounds: int = 8) -> None:
     mask = torch.ones_like(ids)
     mask[8:, 64:] = 0
     labels = torch.arange(16) % 2
+    for m in (whole, patched):  # the same logits before any timing (dropout off; grad on: llmcore's training path)
+        ref.eval(), m.eval()
+        torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).logits,
+                                   ref(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=1e-4)
+        ref.train(), m.train()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"{rounds} rounds")
     for bf16 in (False, True):
