@@ -18,6 +18,7 @@ import pytest
 
 from llmcore.bench import finetune as bench
 from llmcore.bench.data import minilm_dir, missing_inputs
+from llmcore.train.runtime import retain_freed_memory
 
 ROWS = int(os.environ.get("LLMCORE_BENCH_FINETUNE_ROWS", "1000"))
 ROUNDS = 3
@@ -28,6 +29,10 @@ def sst2_slice(tmp_path_factory):
     reason = missing_inputs()
     if reason:
         pytest.skip(reason)
+    # Both sides in this one process keep freed memory for reuse, as finetune() and `llmcore bench finetune`'s
+    # run_transformers set it in theirs; this suite calls the builders, which do not, so neither side had it here
+    # (a bench probe). mallopt is process-wide and stays.
+    retain_freed_memory()
     folder = str(tmp_path_factory.mktemp("sst2"))
     bench.write_slice(folder, ROWS, validation_rows=32, test_rows=32)
     return folder
