@@ -357,6 +357,7 @@ def test_int32_labels():
     (dict(chunk_size=0), ValueError, "chunk_size"),
     (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     (dict(hidden=torch.randn(5, 8).long()), TypeError, "hidden must be"),
+    (dict(ignore_index=2**70), ValueError, "ignore_index must fit in int64"),  # (was OverflowError: a probe)
 ])
 def test_bad_input_is_named(change, error, match):
     kw = dict(hidden=torch.randn(5, 8), weight=torch.randn(11, 8), labels=torch.tensor([0, 1, -100, 2, 3]),

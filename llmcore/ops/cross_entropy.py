@@ -442,6 +442,8 @@ def linear_cross_entropy(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     ignore_index = int(ignore_index)
+    if not -2**63 <= ignore_index < 2**63:  # (labels are int64: compared with it, a larger int overflowed)
+        raise ValueError(f"ignore_index must fit in int64 (labels' dtype), got {ignore_index}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
