@@ -23,10 +23,18 @@ if hasattr(os, "register_at_fork"):  # (POSIX)
     os.register_at_fork(after_in_child=_in_child)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity set where the OS has one, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 # The most threads llmcore's kernels start: GNU OpenMP segfaults when it cannot create the threads a region asks for
 # (after torch.set_num_threads(100000) llmcore's first kernel crashed the process, as torch's own first parallel op
 # does), and past a few threads a CPU more of them only add switching.
-_MAX_THREADS = max(8, 4 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+_MAX_THREADS = max(8, 4 * usable_cpus())
 
 
 def num_threads() -> int:

